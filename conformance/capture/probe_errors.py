@@ -120,6 +120,50 @@ def publish_method(ch=1, rk="q"):
 
 CASES = []
 
+# Observations written by hand after the 3.10.8 run (server log lines quoted are
+# what the node logged for that connection; re-check if re-run on another version).
+NOTES = """## Notes (from the 3.10.8 run)
+
+- Connection-level errors are always sent on channel 0 as connection.close; the server
+  then waits for connection.close-ok and closes the socket right after it.
+- Framing errors (bad frame-end 0xCD, frame larger than frame_max): the server sends
+  connection.close 501 with class/method 0/0, then **ignores all further input**
+  (our connection.close-ok gets no reaction) and closes the socket about 3 s later
+  (log: `fatal_frame_error`).  The size check happens on the 7-byte frame header:
+  `{frame_too_large,200000,131064}` i.e. the limit quoted is frame_max - 8 (payload limit).
+- Method payloads that do not decode (truncated, trailing bytes, table length past the
+  end) all give 501 `FRAME_ERROR - cannot decode <<payload after class/method ids>>` with
+  class/method of the offending method.  Trailing bytes after the last argument are an error.
+- Unknown class or method id (2a, 2a', 2b) and an unknown field-table type 'Z' (14): no
+  AMQP reply at all, the socket is just closed (the node logs a crash of the connection
+  process: `{unknown_method_id,{99,10}}` / `function_clause` in the table parser).
+- reply-text is cut to 255 bytes (case 6': shortstr length octet 0xff).
+- Frame-type problems on any channel -> 505 UNEXPECTED_FRAME (heartbeat on channel != 0,
+  header/body on channel 0, header with no method pending, body when header expected,
+  header/body on an idle channel), class/method 0/0 unless a content method is pending,
+  in which case class/method are those of the pending method (60/40).
+  A heartbeat frame with a non-empty payload is 501 FRAME_ERROR ... unknown_frame.
+- A body frame that overshoots the declared body size (13, 13') is NOT detected: no reply,
+  the message is never delivered and the channel keeps waiting for body; the next method
+  on that channel gets 505 `expected content body` (13g, 13g').
+- A zero-length body (body_size 0) takes no body frame: an empty body frame after it is
+  505 `expected method frame` (29).
+- Channel errors (unknown delivery tag 406, missing exchange 404) close only the channel.
+- Method on a never-opened channel: 504 CHANNEL_ERROR `expected 'channel.open'` (connection
+  level); second channel.open: 504 `second 'channel.open' seen`; a non-connection method
+  on channel 0: 504 `unexpected method in connection state running`;
+  channel.close-ok without channel.close: 503 COMMAND_INVALID `unimplemented method`.
+- Not enforced by 3.10.8: channel number above the negotiated channel_max (20), invalid
+  UTF-8 in basic.publish routing key (16'), header body_size 2^40 (23, at least not at
+  header time), property-flags continuation bit (24).  Invalid UTF-8 in the queue name of
+  queue.declare IS rejected: 501 `Malformed UTF-8 in shortstr` class/method 0/0.
+- Protocol header: any bad header gets `AMQP 0 0 9 1` back and the socket is closed
+  immediately, except `AMQP 1 1 8 0` (AMQP 0-8, which 3.10 still speaks: a 0-8
+  connection.start comes back) and an incomplete header (socket closed after the 10 s
+  handshake timeout with nothing sent).  AMQP 1.0 headers (`AMQP 0 1 0 0`, `AMQP 3 1 0 0`)
+  also get the 0-9-1 header since the AMQP 1.0 plugin is not enabled.
+"""
+
 
 def case(name, sent, setup_channel=True):
     def deco(fn):
@@ -415,7 +459,7 @@ def main():
         try:
             res = run_case(setup, lambda c: fn(c))
             s = summarize(res)
-            details.append((name, [fr.hex() if len(fr) < 200 else fr[:200].hex() + "..."
+            details.append((name, [fr.hex() if len(fr) < 1000 else fr[:1000].hex() + "..."
                                    for fr in res["frames"]]))
         except Exception as e:  # noqa: BLE001
             s = "probe failed: %r" % (e,)
@@ -448,6 +492,8 @@ def main():
     out.append("|---|---|---|")
     for name, sent, s in rows:
         out.append("| %s | %s | %s |" % (name, sent.replace("|", "\\|"), s.replace("|", "\\|")))
+    out.append("")
+    out.append(NOTES)
     out.append("")
     out.append("## Raw server frames (hex, whole frame)")
     out.append("")

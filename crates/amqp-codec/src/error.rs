@@ -70,9 +70,12 @@ pub enum CodecError {
     /// The frame type octet is not method, header, body or heartbeat.
     #[error("unknown frame type {0}")]
     UnknownFrameType(u8),
-    /// A heartbeat arrived on a channel other than 0.
+    /// A heartbeat arrived on a channel other than 0 (505, as RabbitMQ).
     #[error("heartbeat frame on channel {0}")]
     HeartbeatOnChannel(u16),
+    /// A heartbeat frame carried a payload.
+    #[error("heartbeat frame with a {0}-octet payload")]
+    HeartbeatWithPayload(usize),
     /// A method frame named a class/method pair the protocol does not have.
     #[error("unknown method {class_id}.{method_id}")]
     UnknownMethod {
@@ -155,12 +158,14 @@ impl CodecError {
             CodecError::FrameTooLarge { .. }
             | CodecError::BadFrameEnd(_)
             | CodecError::UnknownFrameType(_)
-            | CodecError::HeartbeatOnChannel(_) => reply_code::FRAME_ERROR,
+            | CodecError::HeartbeatWithPayload(_) => reply_code::FRAME_ERROR,
             CodecError::MalformedMethod { .. } | CodecError::MalformedContentHeader(_) => {
                 reply_code::SYNTAX_ERROR
             }
             CodecError::UnknownMethod { .. } => reply_code::NOT_IMPLEMENTED,
-            CodecError::UnexpectedFrame(_) => reply_code::UNEXPECTED_FRAME,
+            CodecError::UnexpectedFrame(_) | CodecError::HeartbeatOnChannel(_) => {
+                reply_code::UNEXPECTED_FRAME
+            }
             CodecError::BodyTooLarge { .. } => reply_code::PRECONDITION_FAILED,
             CodecError::TooLong { .. } => reply_code::INTERNAL_ERROR,
         }

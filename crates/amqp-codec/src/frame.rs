@@ -196,8 +196,13 @@ impl Frame {
                 channel,
                 body: payload,
             },
-            FrameType::Heartbeat if channel == 0 => Frame::Heartbeat,
-            FrameType::Heartbeat => return Err(CodecError::HeartbeatOnChannel(channel)),
+            FrameType::Heartbeat if channel != 0 => {
+                return Err(CodecError::HeartbeatOnChannel(channel));
+            }
+            FrameType::Heartbeat if !payload.is_empty() => {
+                return Err(CodecError::HeartbeatWithPayload(payload.len()));
+            }
+            FrameType::Heartbeat => Frame::Heartbeat,
         })
     }
 

@@ -15,6 +15,7 @@
 //! - [`table`]: field tables and arrays ([`FieldTable`], [`FieldValue`]).
 //! - [`assembler`]: frames of one channel → complete [`Command`]s.
 //! - [`error`]: [`CodecError`], which knows the reply code to close with.
+//! - [`fuzzing`]: entry points for the fuzz targets and no-panic tests.
 //!
 //! ## Reading
 //! ```
@@ -40,6 +41,7 @@ pub mod assembler;
 pub mod content;
 pub mod error;
 pub mod frame;
+pub mod fuzzing;
 pub mod methods;
 mod primitives;
 pub mod properties;
