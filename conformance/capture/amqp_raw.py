@@ -366,6 +366,15 @@ def describe(fr):
     if ftype == FRAME_METHOD and size >= 4:
         cls, mth = struct.unpack_from(">HH", payload, 0)
         name = method_name(cls, mth)
+        if (cls, mth) == (60, 50):
+            d = Decoder(payload, 4)
+            try:
+                code = d.u16()
+                text = d.shortstr()
+                name += " code=%d text=%r exchange=%r routing_key=%r" % (
+                    code, text, d.shortstr(), d.shortstr())
+            except ValueError:
+                pass
         if (cls, mth) in ((10, 50), (20, 40)):
             d = Decoder(payload, 4)
             try:

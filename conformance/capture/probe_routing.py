@@ -190,6 +190,14 @@ HEADERS_CASES = [
     ([("x-match", S("all")), ("a", I(1))], [("a", T("f", 1.0))], "I1 vs f 1.0"),
     ([("x-match", S("all")), ("a", I(1))], [("a", T("D", (0, 1)))], "I1 vs D 1"),
     ([("x-match", S("all")), ("a", I(1))], [("a", T("T", 1))], "I1 vs T 1"),
+    ([("x-match", S("all")), ("a", I(1))], [("a", I(2))], "I1 vs I2"),
+    ([("x-match", S("all")), ("a", I(-1))], [("a", T("i", 4294967295))], "I-1 vs i 4294967295"),
+    ([("x-match", S("all")), ("a", T("b", -1))], [("a", T("B", 255))], "b-1 vs B255"),
+    ([("x-match", S("all")), ("a", T("d", 1.5))], [("a", T("f", 1.5))], "d1.5 vs f1.5"),
+    ([("x-match", S("all")), ("a", T("d", 0.1))], [("a", T("f", 0.1))], "d0.1 vs f0.1 (float32 rounding)"),
+    ([("x-match", S("all")), ("a", T("l", 2 ** 40))], [("a", T("d", float(2 ** 40)))], "l 2^40 vs d 2^40"),
+    ([("x-match", S("all")), ("a", S(""))], [("a", V)], "S'' vs void"),
+    ([("x-match", S("all")), ("a", T("F", []))], [("a", T("A", []))], "empty table vs empty array"),
     ([("x-match", S("all")), ("a", T("l", 1))], [("a", T("l", 1))], "l1 vs l1"),
     ([("x-match", S("all")), ("a", T("l", 1))], [("a", I(1))], "l1 vs I1"),
     ([("x-match", S("all")), ("a", T("l", 1))], [("a", T("L", 1))], "l1 vs L1"),
@@ -277,6 +285,9 @@ def expect_ok(c, cls, mth):
                                                    fr and A.describe(fr)))
 
 
+BIND_ERRORS = []
+
+
 def run_headers(log):
     rows = []
     c = A.RawConn(port=PORT).handshake()
@@ -289,7 +300,20 @@ def run_headers(log):
         c.send(A.method_frame(1, 50, 10, A.queue_declare(q, exclusive=True)))
         expect_ok(c, 50, 11)
         c.send(A.method_frame(1, 50, 20, A.queue_bind(q, ex, "", arguments=bargs)))
-        expect_ok(c, 50, 21)
+        fr = recv_reply(c)
+        cl = fr and A.parse_close(fr)
+        if cl:
+            # binding refused: record it, reopen the channel, clean up, next case
+            c.send(A.method_frame(1, 20, 41))
+            c.open_channel(1)
+            c.send(A.method_frame(1, 40, 20, A.exchange_delete(ex)))
+            expect_ok(c, 40, 21)
+            BIND_ERRORS.append((table_json(bargs), comment, "%s %d `%s` (class-id %d, method-id %d)" % (
+                cl["kind"], cl["code"], cl["text"], cl["class_id"], cl["method_id"])))
+            log("headers bind error: %s" % (BIND_ERRORS[-1],))
+            continue
+        if fr is None or A.describe(fr) != "queue.bind-ok":
+            raise RuntimeError("unexpected %s" % (fr and A.describe(fr)))
         if hdrs is None:
             flags, props = 0, b""
         else:
@@ -376,6 +400,8 @@ def run_errors(log):
     add("exchange.declare 'amq.foo' type direct", send(40, 10, A.exchange_declare("amq.foo", "direct")))
     add("exchange.declare 'amq.foo' passive", send(40, 10, A.exchange_declare("amq.foo", "direct", passive=True)))
     add("exchange.declare 'amq.direct' type direct (same as existing)", send(40, 10, A.exchange_declare("amq.direct", "direct", durable=True)))
+    add("exchange.declare 'amq.direct' type topic (differs from existing)", send(40, 10, A.exchange_declare("amq.direct", "topic", durable=True)))
+    add("exchange.declare 'amq.direct' type direct non-durable (differs from existing)", send(40, 10, A.exchange_declare("amq.direct", "direct")))
     add("exchange.declare 'amq.direct' passive", send(40, 10, A.exchange_declare("amq.direct", "", passive=True)))
     add("exchange.declare '' (default exchange) type direct", send(40, 10, A.exchange_declare("", "direct", durable=True)))
     add("exchange.declare '' passive", send(40, 10, A.exchange_declare("", "direct", passive=True)))
@@ -541,6 +567,9 @@ def main():
                 "#   encoded in that key order. {\"__pairs__\": [[k, v], ...]} is used when a key repeats.\n"
                 "# message_headers = null: the content header had NO headers property (flag bit clear).\n"
                 "# Column 4 (comment) is free text describing the case.\n")
+            for b, comment, err in BIND_ERRORS:
+                f.write("# queue.bind REFUSED (no row): %s -- %s -> %s\n"
+                        % (json.dumps(b, ensure_ascii=False), comment, err))
             f.write("binding_args\tmessage_headers\tmatches\tcomment\n")
             for b, h, m, comment in rows:
                 f.write("%s\t%s\t%s\t%s\n" % (json.dumps(b, ensure_ascii=False),

@@ -66,6 +66,7 @@ enum Body {
 }
 
 impl Body {
+    #[inline]
     fn push(&mut self, fragment: Bytes) {
         *self = match std::mem::take(self) {
             Body::Empty => Body::One(fragment),
@@ -82,6 +83,7 @@ impl Body {
         };
     }
 
+    #[inline]
     fn into_bytes(self) -> Bytes {
         match self {
             Body::Empty => Bytes::new(),
@@ -121,8 +123,9 @@ impl CommandAssembler {
     ///
     /// Returns the command when this frame completed one. On error the
     /// assembler is reset; the caller closes the channel or connection as the
-    /// error's [`CodecError::is_connection_error`] says. Heartbeats are a
-    /// connection matter and must not be passed here.
+    /// error's [`CodecError::is_connection_error`] says. Heartbeats are
+    /// accepted in any state and ignored.
+    #[inline]
     pub fn push(&mut self, frame: Frame) -> Result<Option<Command>, CodecError> {
         let result = self.step(frame);
         if result.is_err() {
@@ -131,21 +134,26 @@ impl CommandAssembler {
         result
     }
 
+    // Matches on the state by reference and moves it only on a transition:
+    // states are a few hundred octets, and this runs for every frame.
+    #[inline]
     fn step(&mut self, frame: Frame) -> Result<Option<Command>, CodecError> {
-        match (std::mem::take(&mut self.state), frame) {
-            (State::Idle, Frame::Method { method, .. }) => {
+        match frame {
+            Frame::Method { method, .. } => {
+                self.expect_idle()?;
                 if method.has_content() {
                     self.state = State::AwaitingHeader(method);
-                    Ok(None)
-                } else {
-                    Ok(Some(Command {
-                        method,
-                        content: None,
-                    }))
+                    return Ok(None);
                 }
+                Ok(Some(Command {
+                    method,
+                    content: None,
+                }))
             }
-            (State::Idle, _) => Err(unexpected(UnexpectedFrame::ExpectedMethod)),
-            (State::AwaitingHeader(method), Frame::Header { header, .. }) => {
+            Frame::Header { header, .. } => {
+                let State::AwaitingHeader(method) = &self.state else {
+                    return Err(self.unexpected_here());
+                };
                 let expected = method.class_id();
                 if header.class_id != expected {
                     return Err(unexpected(UnexpectedFrame::HeaderClassMismatch {
@@ -159,6 +167,9 @@ impl CommandAssembler {
                         max: self.max_body_size,
                     });
                 }
+                let State::AwaitingHeader(method) = std::mem::take(&mut self.state) else {
+                    return Err(unexpected(UnexpectedFrame::ExpectedMethod));
+                };
                 if header.body_size == 0 {
                     return Ok(Some(Command {
                         method,
@@ -176,44 +187,58 @@ impl CommandAssembler {
                 };
                 Ok(None)
             }
-            (State::AwaitingHeader(method), _) => Err(unexpected(UnexpectedFrame::ExpectedHeader(
-                method.class_id(),
-            ))),
-            (
-                State::AwaitingBody {
-                    method,
-                    header,
-                    remaining,
-                    mut body,
-                },
-                Frame::Body { body: fragment, .. },
-            ) => {
+            Frame::Body { body: fragment, .. } => {
+                let State::AwaitingBody {
+                    remaining, body, ..
+                } = &mut self.state
+                else {
+                    return Err(self.unexpected_here());
+                };
                 let len = fragment.len() as u64;
-                if len > remaining {
-                    return Err(unexpected(UnexpectedFrame::BodyOverrun(len - remaining)));
+                if len > *remaining {
+                    return Err(unexpected(UnexpectedFrame::BodyOverrun(len - *remaining)));
                 }
                 body.push(fragment);
-                let remaining = remaining - len;
-                if remaining == 0 {
-                    Ok(Some(Command {
+                *remaining -= len;
+                if *remaining > 0 {
+                    return Ok(None);
+                }
+                match std::mem::take(&mut self.state) {
+                    State::AwaitingBody {
+                        method,
+                        header,
+                        body,
+                        ..
+                    } => Ok(Some(Command {
                         method,
                         content: Some(Content {
                             header,
                             body: body.into_bytes(),
                         }),
-                    }))
-                } else {
-                    self.state = State::AwaitingBody {
-                        method,
-                        header,
-                        remaining,
-                        body,
-                    };
-                    Ok(None)
+                    })),
+                    _ => Err(unexpected(UnexpectedFrame::ExpectedBody)),
                 }
             }
-            (State::AwaitingBody { .. }, _) => Err(unexpected(UnexpectedFrame::ExpectedBody)),
+            // Heartbeats may arrive between any two frames; they are the
+            // connection's business, not part of a command.
+            Frame::Heartbeat => Ok(None),
         }
+    }
+
+    fn expect_idle(&self) -> Result<(), CodecError> {
+        match self.state {
+            State::Idle => Ok(()),
+            _ => Err(self.unexpected_here()),
+        }
+    }
+
+    /// The error for a frame the current state does not accept.
+    fn unexpected_here(&self) -> CodecError {
+        unexpected(match &self.state {
+            State::Idle => UnexpectedFrame::ExpectedMethod,
+            State::AwaitingHeader(method) => UnexpectedFrame::ExpectedHeader(method.class_id()),
+            State::AwaitingBody { .. } => UnexpectedFrame::ExpectedBody,
+        })
     }
 }
 

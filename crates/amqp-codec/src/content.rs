@@ -21,10 +21,12 @@ pub struct ContentHeader {
 
 impl ContentHeader {
     /// Decodes a header frame's payload. Properties are validated but not decoded.
+    #[inline]
     pub fn decode(payload: &Bytes) -> Result<ContentHeader, CodecError> {
         Self::parse(payload).map_err(CodecError::MalformedContentHeader)
     }
 
+    #[inline]
     fn parse(payload: &Bytes) -> Result<ContentHeader, Malformed> {
         let (i, class_id) = be_u16::<_, Malformed>(payload.as_ref())?;
         let (i, weight) = be_u16::<_, Malformed>(i)?;

@@ -86,6 +86,7 @@ pub struct RawProperties {
 impl RawProperties {
     /// Parses the flags word(s) and validates the property list that follows,
     /// which must fill `i` exactly. Returns the properties as slices of `src`.
+    #[inline]
     pub(crate) fn parse(src: &Bytes, i: &[u8]) -> Result<RawProperties, Malformed> {
         let (mut i, flags) = nom::number::complete::be_u16::<_, Malformed>(i)?;
         // Continuation words: basic has only 14 properties, so any further word
