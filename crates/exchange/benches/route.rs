@@ -11,14 +11,15 @@ use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use exchange::{BindingDef, Destination, ExchangeDeclare, QueueId, Routed, Router};
 use std::hint::black_box;
 
-const WORDS: [&str; 16] = [
-    "stock", "fx", "bond", "nyse", "lse", "ibm", "msft", "usd", "eur", "gbp", "buy", "sell", "eu",
-    "us", "fast", "slow",
-];
+const REGIONS: [&str; 8] = ["eu", "us", "apac", "latam", "mea", "uk", "cn", "jp"];
 
-/// A small deterministic generator, so runs are comparable.
+/// A small deterministic generator, so runs are comparable. Keys are
+/// hierarchical, like most topic schemes (`region.service.entity.event[.detail]`):
+/// 3–5 words, each level drawn from its own vocabulary.
 struct Lcg(u64);
 impl Lcg {
+    const LEVELS: [usize; 5] = [20, 200, 200, 50, 10];
+
     fn next(&mut self) -> usize {
         self.0 = self
             .0
@@ -26,23 +27,30 @@ impl Lcg {
             .wrapping_add(1442695040888963407);
         (self.0 >> 33) as usize
     }
-    fn word(&mut self) -> &'static str {
-        WORDS[self.next() % WORDS.len()]
+    fn word(&mut self, level: usize) -> String {
+        format!("w{level}x{}", self.next() % Self::LEVELS[level])
     }
     fn key(&mut self) -> String {
         let n = 3 + self.next() % 3;
-        (0..n).map(|_| self.word()).collect::<Vec<_>>().join(".")
+        (0..n).map(|l| self.word(l)).collect::<Vec<_>>().join(".")
     }
+    /// A pattern: literal words with about one in six replaced by `*` and
+    /// one in ten patterns ending in `#`.
     fn pattern(&mut self) -> String {
         let n = 2 + self.next() % 4;
-        (0..n)
-            .map(|_| match self.next() % 10 {
-                0 => "#",
-                1 | 2 => "*",
-                _ => self.word(),
+        let mut words: Vec<String> = (0..n)
+            .map(|l| {
+                if self.next() % 6 == 0 {
+                    "*".to_owned()
+                } else {
+                    self.word(l)
+                }
             })
-            .collect::<Vec<_>>()
-            .join(".")
+            .collect();
+        if self.next() % 10 == 0 {
+            words.push("#".to_owned());
+        }
+        words.join(".")
     }
 }
 
@@ -100,6 +108,17 @@ fn topic(c: &mut Criterion) {
         }
         let keys: Vec<String> = (0..1024).map(|_| g.key()).collect();
         let mut out = Routed::default();
+        let matched: usize = keys
+            .iter()
+            .map(|k| {
+                r.route("x", k, None, &mut out).unwrap();
+                out.queues().len()
+            })
+            .sum();
+        eprintln!(
+            "topic {n}: {:.2} queues matched per key on average",
+            matched as f64 / keys.len() as f64
+        );
         let mut i = 0;
         c.bench_function(&format!("topic, {}k bindings", n / 1000), |b| {
             b.iter(|| {
@@ -135,7 +154,7 @@ fn headers(c: &mut Criterion) {
             ),
             (
                 ShortStr::from_static("region"),
-                FieldValue::from(WORDS[q as usize % 16]),
+                FieldValue::from(REGIONS[q as usize % 8]),
             ),
             (
                 ShortStr::from_static("level"),

@@ -1,7 +1,7 @@
 //! Per-exchange-type binding sets behind one enum: direct and fanout are small
 //! enough to live here; topic and headers have their own files.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
 
 use amqp_codec::{FieldTable, ShortStr};
 
@@ -24,7 +24,7 @@ pub(crate) enum Matcher {
 impl Matcher {
     pub(crate) fn new(kind: ExchangeKind) -> Matcher {
         match kind {
-            ExchangeKind::Direct => Matcher::Direct(HashMap::new()),
+            ExchangeKind::Direct => Matcher::Direct(HashMap::default()),
             ExchangeKind::Fanout => Matcher::Fanout(Targets::default()),
             ExchangeKind::Topic => Matcher::Topic(TopicTrie::default()),
             ExchangeKind::Headers => Matcher::Headers(HeadersMatcher::default()),

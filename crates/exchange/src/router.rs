@@ -12,7 +12,8 @@
 //! are reported once however many paths lead to them. All scratch space lives
 //! in the caller's [`Routed`], so steady-state routing does not allocate.
 
-use std::collections::{HashMap, HashSet};
+// Fx hashing: keys are names and ids; routing and binding are hot paths.
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 
 use amqp_codec::{FieldTable, FieldValue, ShortStr};
 use bytes::{Bytes, BytesMut};
@@ -89,10 +90,11 @@ pub struct Routed {
     work: Vec<ExchangeIdx>,
     seen: Vec<ExchangeIdx>,
     topic: TopicScratch,
+    marks: DedupMarks,
 }
 
 impl Routed {
-    /// The queues the message reaches, each once.
+    /// The queues the message reaches, each once, in the order first reached.
     pub fn queues(&self) -> &[QueueId] {
         &self.queues
     }
@@ -175,12 +177,12 @@ impl Router {
             vhost,
             exchanges: Vec::new(),
             free: Vec::new(),
-            by_name: HashMap::new(),
-            queues: HashMap::new(),
-            queue_names: HashMap::new(),
-            bindings: HashMap::new(),
-            by_source: HashMap::new(),
-            by_target: HashMap::new(),
+            by_name: HashMap::default(),
+            queues: HashMap::default(),
+            queue_names: HashMap::default(),
+            bindings: HashMap::default(),
+            by_source: HashMap::default(),
+            by_target: HashMap::default(),
         };
         for (name, kind) in SYSTEM_EXCHANGES {
             let def = ExchangeDef {
@@ -593,7 +595,7 @@ impl Router {
                 }
             }
             if many_keys {
-                dedup(&mut out.queues);
+                dedup(&mut out.queues, &mut out.marks);
             }
             return Ok(());
         }
@@ -614,6 +616,7 @@ impl Router {
             work,
             seen,
             topic,
+            marks,
             ..
         } = out;
         let mut may_duplicate = many_keys;
@@ -657,7 +660,7 @@ impl Router {
             }
         }
         if may_duplicate || seen.len() > 1 {
-            dedup(queues);
+            dedup(queues, marks);
         }
         Ok(())
     }
@@ -671,10 +674,55 @@ fn sender_selected<'a>(headers: Option<&'a FieldTable>, name: &str) -> Option<&'
     }
 }
 
-fn dedup(queues: &mut Vec<QueueId>) {
-    if queues.len() > 1 {
+/// Removes repeated queues, keeping first occurrences in order.
+///
+/// Servers hand out small, dense queue ids, so the common case is a pass over
+/// a generation-stamped mark array indexed by id (linear; far cheaper than
+/// sorting the hundreds of matches a busy topic exchange can produce). Ids
+/// beyond [`DENSE_IDS`] fall back to sorting.
+fn dedup(queues: &mut Vec<QueueId>, marks: &mut DedupMarks) {
+    if queues.len() < 2 {
+        return;
+    }
+    if queues.iter().any(|q| q.0 >= DENSE_IDS) {
         queues.sort_unstable();
         queues.dedup();
+        return;
+    }
+    let epoch = marks.next_epoch();
+    queues.retain(|q| {
+        let i = q.0 as usize;
+        if marks.stamps.len() <= i {
+            marks.stamps.resize(i + 1, 0);
+        }
+        match marks.stamps.get_mut(i) {
+            Some(stamp) if *stamp == epoch => false,
+            Some(stamp) => {
+                *stamp = epoch;
+                true
+            }
+            None => true,
+        }
+    });
+}
+
+/// Queue ids below this are deduplicated with a mark array (4 octets per id).
+const DENSE_IDS: u64 = 1 << 22;
+
+#[derive(Debug, Default)]
+struct DedupMarks {
+    stamps: Vec<u32>,
+    epoch: u32,
+}
+
+impl DedupMarks {
+    fn next_epoch(&mut self) -> u32 {
+        self.epoch = self.epoch.wrapping_add(1);
+        if self.epoch == 0 {
+            self.stamps.iter_mut().for_each(|s| *s = 0);
+            self.epoch = 1;
+        }
+        self.epoch
     }
 }
 
@@ -743,7 +791,9 @@ mod tests {
     fn route(r: &Router, x: &str, key: &str) -> Vec<u64> {
         let mut out = Routed::default();
         r.route(x, key, None, &mut out).unwrap();
-        out.queues().iter().map(|q| q.0).collect()
+        let mut queues: Vec<u64> = out.queues().iter().map(|q| q.0).collect();
+        queues.sort_unstable();
+        queues
     }
 
     fn router_with_queues(n: u64) -> Router {

@@ -14,7 +14,7 @@
 //! set on `#` nodes bounds the work by nodes × words even when patterns stack
 //! several `#` (`#.#.#`).
 
-use std::collections::{HashMap, HashSet};
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 
 use crate::binding::{Target, Targets};
 
@@ -42,7 +42,7 @@ struct Node {
 impl Node {
     fn new(parent: NodeId, edge: Edge) -> Node {
         Node {
-            words: HashMap::new(),
+            words: HashMap::default(),
             star: None,
             hash: None,
             targets: Targets::default(),
