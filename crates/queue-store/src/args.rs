@@ -1,0 +1,296 @@
+//! Queue arguments (`x-message-ttl`, `x-max-length`, ...): parsing with
+//! RabbitMQ's names, validation with its error wording, and the equivalence
+//! check a redeclare must pass.
+
+use amqp_codec::{FieldTable, FieldValue, ShortStr};
+
+use crate::error::{ArgError, ArgProblem};
+
+/// What a full queue does with one more message (`x-overflow`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Overflow {
+    /// Drop (dead-letter) messages from the head (the default).
+    #[default]
+    DropHead,
+    /// Refuse the publish (`basic.nack` to confirming publishers).
+    RejectPublish,
+    /// Refuse the publish and dead-letter the refused message.
+    RejectPublishDlx,
+}
+
+/// A queue's parsed arguments.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QueueArgs {
+    /// `x-message-ttl`, milliseconds.
+    pub message_ttl: Option<u64>,
+    /// `x-expires`: delete the queue after this many unused milliseconds.
+    pub expires: Option<u64>,
+    /// `x-max-length`: ready messages.
+    pub max_length: Option<u64>,
+    /// `x-max-length-bytes`: ready message body octets.
+    pub max_length_bytes: Option<u64>,
+    /// `x-overflow`.
+    pub overflow: Overflow,
+    /// `x-dead-letter-exchange`.
+    pub dead_letter_exchange: Option<ShortStr>,
+    /// `x-dead-letter-routing-key`.
+    pub dead_letter_routing_key: Option<ShortStr>,
+    /// `x-max-priority` (1–255): a priority queue.
+    pub max_priority: Option<u8>,
+    /// `x-delivery-limit`: deliveries after which a message is dead-lettered.
+    pub delivery_limit: Option<u64>,
+    /// `x-single-active-consumer`.
+    pub single_active_consumer: bool,
+    /// `x-consumer-timeout`, milliseconds.
+    pub consumer_timeout: Option<u64>,
+}
+
+/// RabbitMQ's name for a field type, as its error messages use it.
+pub fn type_name(v: &FieldValue) -> &'static str {
+    match v {
+        FieldValue::Bool(_) => "bool",
+        FieldValue::I8(_) => "byte",
+        FieldValue::U8(_) => "unsignedbyte",
+        FieldValue::I16(_) => "short",
+        FieldValue::U16(_) => "unsignedshort",
+        FieldValue::I32(_) => "signedint",
+        FieldValue::U32(_) => "unsignedint",
+        FieldValue::I64(_) => "long",
+        FieldValue::F32(_) => "float",
+        FieldValue::F64(_) => "double",
+        FieldValue::Decimal { .. } => "decimal",
+        FieldValue::LongStr(_) => "longstr",
+        FieldValue::Array(_) => "array",
+        FieldValue::Timestamp(_) => "timestamp",
+        FieldValue::Table(_) => "table",
+        FieldValue::Void => "void",
+        FieldValue::ByteArray(_) => "binary",
+    }
+}
+
+/// The arguments compared when a queue is redeclared, in RabbitMQ's order.
+pub const EQUIVALENCE_ARGS: [&str; 11] = [
+    "x-expires",
+    "x-message-ttl",
+    "x-dead-letter-exchange",
+    "x-dead-letter-routing-key",
+    "x-max-length",
+    "x-max-length-bytes",
+    "x-max-priority",
+    "x-overflow",
+    "x-queue-mode",
+    "x-single-active-consumer",
+    "x-delivery-limit",
+];
+
+struct Parser<'a> {
+    args: &'a FieldTable,
+    queue: &'a str,
+    vhost: &'a str,
+}
+
+impl Parser<'_> {
+    fn err(&self, arg: &'static str, problem: ArgProblem) -> ArgError {
+        ArgError {
+            arg,
+            queue: self.queue.to_owned(),
+            vhost: self.vhost.to_owned(),
+            problem,
+        }
+    }
+
+    fn int(&self, arg: &'static str) -> Result<Option<i64>, ArgError> {
+        match self.args.get(arg) {
+            None => Ok(None),
+            Some(v) => v
+                .as_i64()
+                .map(Some)
+                .ok_or_else(|| self.err(arg, ArgProblem::UnacceptableType(type_name(v)))),
+        }
+    }
+
+    fn non_negative(&self, arg: &'static str) -> Result<Option<u64>, ArgError> {
+        match self.int(arg)? {
+            Some(v) if v < 0 => Err(self.err(arg, ArgProblem::Negative(v))),
+            v => Ok(v.map(|v| v as u64)),
+        }
+    }
+
+    fn positive(&self, arg: &'static str) -> Result<Option<u64>, ArgError> {
+        match self.int(arg)? {
+            Some(v) if v <= 0 => Err(self.err(arg, ArgProblem::NotPositive(v))),
+            v => Ok(v.map(|v| v as u64)),
+        }
+    }
+
+    fn string(&self, arg: &'static str) -> Result<Option<ShortStr>, ArgError> {
+        match self.args.get(arg) {
+            None => Ok(None),
+            Some(FieldValue::LongStr(s)) => ShortStr::from_bytes(s.clone())
+                .map(Some)
+                .map_err(|_| self.err(arg, ArgProblem::UnacceptableType("longstr"))),
+            Some(v) => Err(self.err(arg, ArgProblem::UnacceptableType(type_name(v)))),
+        }
+    }
+
+    fn boolean(&self, arg: &'static str) -> Result<bool, ArgError> {
+        match self.args.get(arg) {
+            None => Ok(false),
+            Some(FieldValue::Bool(b)) => Ok(*b),
+            Some(v) => Err(self.err(arg, ArgProblem::UnacceptableType(type_name(v)))),
+        }
+    }
+}
+
+impl QueueArgs {
+    /// Parses and validates `x-` arguments of `queue.declare`. Unknown
+    /// arguments are ignored, as RabbitMQ does.
+    pub fn parse(args: &FieldTable, queue: &str, vhost: &str) -> Result<QueueArgs, ArgError> {
+        let p = Parser { args, queue, vhost };
+        let overflow = match p.string("x-overflow")? {
+            None => Overflow::DropHead,
+            Some(s) => match s.as_str() {
+                "drop-head" => Overflow::DropHead,
+                "reject-publish" => Overflow::RejectPublish,
+                "reject-publish-dlx" => Overflow::RejectPublishDlx,
+                other => {
+                    return Err(p.err("x-overflow", ArgProblem::UnknownValue(other.to_owned())));
+                }
+            },
+        };
+        let max_priority = match p.non_negative("x-max-priority")? {
+            Some(v) if v > 255 => {
+                return Err(p.err("x-max-priority", ArgProblem::TooLarge(v as i64)));
+            }
+            Some(0) | None => None,
+            Some(v) => Some(v as u8),
+        };
+        Ok(QueueArgs {
+            message_ttl: p.non_negative("x-message-ttl")?,
+            expires: p.positive("x-expires")?,
+            max_length: p.non_negative("x-max-length")?,
+            max_length_bytes: p.non_negative("x-max-length-bytes")?,
+            overflow,
+            dead_letter_exchange: p.string("x-dead-letter-exchange")?,
+            dead_letter_routing_key: p.string("x-dead-letter-routing-key")?,
+            max_priority,
+            delivery_limit: p.non_negative("x-delivery-limit")?,
+            single_active_consumer: p.boolean("x-single-active-consumer")?,
+            consumer_timeout: p.non_negative("x-consumer-timeout")?,
+        })
+    }
+}
+
+/// Describes a value as RabbitMQ's inequivalence messages do.
+fn describe(v: Option<&FieldValue>) -> String {
+    match v {
+        None => "none".to_owned(),
+        Some(v) => {
+            let shown = match v {
+                FieldValue::LongStr(s) => String::from_utf8_lossy(s).into_owned(),
+                FieldValue::Bool(b) => b.to_string(),
+                other => other
+                    .as_i64()
+                    .map_or_else(|| format!("{other:?}"), |n| n.to_string()),
+            };
+            format!("the value '{shown}' of type '{}'", type_name(v))
+        }
+    }
+}
+
+/// The first of [`EQUIVALENCE_ARGS`] whose value differs between an existing
+/// queue's arguments and a redeclare's, described as
+/// `(arg, received, current)` for the 406 message.
+pub fn first_difference(
+    current: &FieldTable,
+    received: &FieldTable,
+) -> Option<(&'static str, String, String)> {
+    EQUIVALENCE_ARGS.iter().find_map(|&arg| {
+        let (c, r) = (current.get(arg), received.get(arg));
+        let same = match (c, r) {
+            (Some(c), Some(r)) => c.as_i64().zip(r.as_i64()).map_or(c == r, |(a, b)| a == b),
+            (None, None) => true,
+            _ => false,
+        };
+        (!same).then(|| (arg, describe(r), describe(c)))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(entries: &[(&'static str, FieldValue)]) -> FieldTable {
+        entries
+            .iter()
+            .map(|(k, v)| (ShortStr::from_static(k), v.clone()))
+            .collect()
+    }
+
+    fn parse(entries: &[(&'static str, FieldValue)]) -> Result<QueueArgs, ArgError> {
+        QueueArgs::parse(&table(entries), "q", "/")
+    }
+
+    #[test]
+    fn parses_every_argument() {
+        let a = parse(&[
+            ("x-message-ttl", FieldValue::I32(1000)),
+            ("x-expires", FieldValue::I64(60_000)),
+            ("x-max-length", FieldValue::U8(10)),
+            ("x-max-length-bytes", FieldValue::I32(1 << 20)),
+            ("x-overflow", "reject-publish-dlx".into()),
+            ("x-dead-letter-exchange", "dlx".into()),
+            ("x-dead-letter-routing-key", "dead".into()),
+            ("x-max-priority", FieldValue::I32(10)),
+            ("x-delivery-limit", FieldValue::I32(3)),
+            ("x-single-active-consumer", FieldValue::Bool(true)),
+            ("x-unknown", "ignored".into()),
+        ])
+        .unwrap();
+        assert_eq!(a.message_ttl, Some(1000));
+        assert_eq!(a.expires, Some(60_000));
+        assert_eq!(a.max_length, Some(10));
+        assert_eq!(a.overflow, Overflow::RejectPublishDlx);
+        assert_eq!(a.dead_letter_exchange.unwrap(), "dlx");
+        assert_eq!(a.max_priority, Some(10));
+        assert_eq!(a.delivery_limit, Some(3));
+        assert!(a.single_active_consumer);
+    }
+
+    #[test]
+    fn invalid_values_have_rabbitmq_wording() {
+        let e = parse(&[("x-message-ttl", FieldValue::I32(-1))]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "invalid arg 'x-message-ttl' for queue 'q' in vhost '/': {value_negative,-1}"
+        );
+        assert_eq!(e.reply_code(), 406);
+        let e = parse(&[("x-message-ttl", "1000".into())]).unwrap_err();
+        assert_eq!(e.problem, ArgProblem::UnacceptableType("longstr"));
+        let e = parse(&[("x-expires", FieldValue::I32(0))]).unwrap_err();
+        assert_eq!(e.problem, ArgProblem::NotPositive(0));
+        let e = parse(&[("x-overflow", "bogus".into())]).unwrap_err();
+        assert_eq!(e.problem, ArgProblem::UnknownValue("bogus".into()));
+        let e = parse(&[("x-max-priority", FieldValue::I32(256))]).unwrap_err();
+        assert_eq!(e.problem, ArgProblem::TooLarge(256));
+    }
+
+    #[test]
+    fn equivalence_compares_integers_by_value() {
+        let a = table(&[("x-message-ttl", FieldValue::I32(1000))]);
+        let b = table(&[("x-message-ttl", FieldValue::I64(1000))]);
+        assert_eq!(first_difference(&a, &b), None);
+        let c = table(&[("x-message-ttl", FieldValue::I32(2000))]);
+        let (arg, received, current) = first_difference(&a, &c).unwrap();
+        assert_eq!(arg, "x-message-ttl");
+        assert_eq!(received, "the value '2000' of type 'signedint'");
+        assert_eq!(current, "the value '1000' of type 'signedint'");
+        assert!(first_difference(&a, &FieldTable::new()).is_some());
+        // Arguments outside the compared set may differ.
+        let d = table(&[
+            ("x-message-ttl", FieldValue::I32(1000)),
+            ("x-other", "x".into()),
+        ]);
+        assert_eq!(first_difference(&a, &d), None);
+    }
+}

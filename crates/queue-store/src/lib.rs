@@ -1,0 +1,39 @@
+//! # queue-store
+//!
+//! Queues and everything that must survive a restart. Two halves:
+//!
+//! - **Queue semantics** ([`queue`]): [`Queue`] is a pure state machine with
+//!   RabbitMQ's behaviour — FIFO with requeue to the original position,
+//!   `x-message-ttl` and per-message `expiration` (expiry at the head),
+//!   `x-max-length`/`x-max-length-bytes` with `x-overflow`, dead-lettering with
+//!   RabbitMQ's `x-death` header ([`dead_letter`]), `x-delivery-limit`,
+//!   priorities, and paging of bodies past a memory budget. Arguments are
+//!   parsed and validated in [`args`]. Time is an argument, never read from a clock.
+//! - **Durability** ([`store`], [`storage`]): [`Store`] persists definitions and
+//!   persistent messages of durable queues in sled (behind the [`Storage`]
+//!   trait) through one writer thread with group commit, and
+//!   [`Store::commit`] is the commit point: a future that resolves only after
+//!   fsync. Message bodies are stored once and reference-counted across queues.
+//!
+//! The durability contract, what is written when and what survives a crash,
+//! is spelled out in this crate's README.
+
+pub mod args;
+pub mod dead_letter;
+pub mod definitions;
+pub mod error;
+pub mod message;
+pub mod queue;
+pub mod storage;
+pub mod store;
+
+pub use args::{Overflow, QueueArgs};
+pub use dead_letter::{DeadLetter, DeadLetterReason};
+pub use definitions::{DefKind, scoped_name};
+pub use error::{ArgError, ArgProblem, StoreError};
+pub use message::{Message, MessageId};
+pub use queue::{
+    DeadLetterRequest, Delivery, Effects, Enqueued, MessageRef, Queue, parse_expiration,
+};
+pub use storage::{IndexEntry, SledStorage, Storage, Write};
+pub use store::{Recovered, Store, StoreStats};

@@ -1,0 +1,978 @@
+//! [`Queue`]: one queue's contents and RabbitMQ's queue semantics, as a pure
+//! state machine. Time comes in as an argument (milliseconds since the Unix
+//! epoch), so TTL, expiry and limits are tested with a controllable clock.
+//!
+//! Every operation that changes what must be on disk or what must happen next
+//! reports it in [`Effects`]: storage writes, message references released,
+//! and messages to dead-letter. The caller (the server) applies them in this
+//! order: build and route the dead letters (loading paged bodies first), then
+//! submit the writes, then release the references.
+//!
+//! Ready messages sit in one FIFO per priority level, ordered by sequence
+//! number; a requeued message goes back to its original position. Delivered
+//! messages wait in `unacked` until acknowledged, rejected or requeued.
+//! Bodies stay in memory up to a budget; past it, entries keep only the
+//! message id and the body is read back from the store when delivered.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use amqp_codec::{FieldTable, ShortStr};
+use rustc_hash::FxHashMap;
+
+use crate::args::{Overflow, QueueArgs};
+use crate::dead_letter::{DeadLetter, DeadLetterReason, dead_letter};
+use crate::message::{Message, MessageId};
+use crate::storage::{IndexEntry, Write};
+
+/// Default per-queue budget of message body octets kept in memory.
+pub const DEFAULT_MEMORY_BUDGET: u64 = 64 << 20;
+
+/// A message as a queue holds it: in memory, or only its id (paged out).
+#[derive(Debug, Clone, PartialEq)]
+pub enum MessageRef {
+    /// The message is in memory.
+    Loaded(Arc<Message>),
+    /// The body is in the store; load it with [`crate::Store::load`].
+    Paged(MessageId),
+}
+
+impl MessageRef {
+    /// The message's id.
+    pub fn id(&self) -> MessageId {
+        match self {
+            MessageRef::Loaded(m) => m.id,
+            MessageRef::Paged(id) => *id,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    seq: u64,
+    msg: MessageRef,
+    size: u32,
+    /// Expiry time in ms since the epoch; 0 = never.
+    expires_at: u64,
+    delivery_count: u32,
+    redelivered: bool,
+    priority: u8,
+    /// Has an index entry on disk (durable queue, persistent message).
+    indexed: bool,
+    /// Holds a reference on a stored body.
+    stored: bool,
+}
+
+impl Entry {
+    fn index_entry(&self) -> IndexEntry {
+        IndexEntry {
+            message: self.msg.id(),
+            expires_at: self.expires_at,
+            delivery_count: self.delivery_count,
+            size: self.size,
+            priority: self.priority,
+            delivered: self.redelivered,
+        }
+    }
+}
+
+/// A message handed to a consumer or `basic.get`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Delivery {
+    /// The queue's handle for it: pass it back to ack, reject or requeue.
+    pub seq: u64,
+    /// The message (load it if paged).
+    pub message: MessageRef,
+    /// Whether it was delivered before.
+    pub redelivered: bool,
+    /// How often it was returned unacknowledged (`x-delivery-count`).
+    pub delivery_count: u32,
+    /// Ready messages left in the queue (`basic.get-ok` message-count).
+    pub remaining: u64,
+}
+
+/// A message leaving the queue for its dead-letter exchange. Turn it into a
+/// [`DeadLetter`] with [`DeadLetterRequest::build`] once the body is at hand.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeadLetterRequest {
+    /// The message.
+    pub message: MessageRef,
+    /// Why.
+    pub reason: DeadLetterReason,
+    /// The queue it leaves.
+    pub queue: ShortStr,
+    /// The queue's `x-dead-letter-exchange`.
+    pub exchange: ShortStr,
+    /// The queue's `x-dead-letter-routing-key`.
+    pub routing_key: Option<ShortStr>,
+}
+
+impl DeadLetterRequest {
+    /// The copy to publish to the dead-letter exchange.
+    pub fn build(&self, message: &Message, now_ms: u64) -> DeadLetter {
+        dead_letter(
+            message,
+            &self.queue,
+            self.reason,
+            &self.exchange,
+            self.routing_key.as_ref(),
+            now_ms / 1000,
+        )
+    }
+}
+
+/// What an operation asks of the caller.
+#[derive(Debug, Default)]
+pub struct Effects {
+    /// Storage writes, in order.
+    pub writes: Vec<Write>,
+    /// Stored message references to release (after the writes).
+    pub releases: Vec<MessageId>,
+    /// Messages to dead-letter.
+    pub dead_letters: Vec<DeadLetterRequest>,
+    /// Messages discarded without dead-lettering (no DLX), by reason.
+    pub discarded: Vec<DeadLetterReason>,
+}
+
+impl Effects {
+    /// Whether there is nothing to do.
+    pub fn is_empty(&self) -> bool {
+        self.writes.is_empty()
+            && self.releases.is_empty()
+            && self.dead_letters.is_empty()
+            && self.discarded.is_empty()
+    }
+
+    /// Empties it for reuse.
+    pub fn clear(&mut self) {
+        self.writes.clear();
+        self.releases.clear();
+        self.dead_letters.clear();
+        self.discarded.clear();
+    }
+}
+
+/// What became of a publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Enqueued {
+    /// The queue took it.
+    Accepted,
+    /// `x-overflow: reject-publish(-dlx)` refused it: nack the publisher.
+    Rejected,
+}
+
+/// Parses the `expiration` property: a non-negative integer number of ms.
+pub fn parse_expiration(s: &str) -> Option<u64> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
+
+/// One queue's messages.
+#[derive(Debug)]
+pub struct Queue {
+    id: u64,
+    name: ShortStr,
+    durable: bool,
+    args: QueueArgs,
+    arguments: FieldTable,
+    buckets: Vec<VecDeque<Entry>>,
+    unacked: FxHashMap<u64, Entry>,
+    next_seq: u64,
+    ready_bytes: u64,
+    loaded_bytes: u64,
+    memory_budget: u64,
+    last_used_ms: u64,
+}
+
+impl Queue {
+    /// An empty queue. `id` is the queue's storage id (unique per store).
+    pub fn new(
+        id: u64,
+        name: ShortStr,
+        durable: bool,
+        args: QueueArgs,
+        arguments: FieldTable,
+        now_ms: u64,
+    ) -> Queue {
+        let levels = usize::from(args.max_priority.unwrap_or(0)) + 1;
+        Queue {
+            id,
+            name,
+            durable,
+            args,
+            arguments,
+            buckets: (0..levels).map(|_| VecDeque::new()).collect(),
+            unacked: FxHashMap::default(),
+            next_seq: 1,
+            ready_bytes: 0,
+            loaded_bytes: 0,
+            memory_budget: DEFAULT_MEMORY_BUDGET,
+            last_used_ms: now_ms,
+        }
+    }
+
+    /// A durable queue rebuilt from its index entries (in FIFO order). After
+    /// an unclean shutdown every message is marked redelivered: it may have
+    /// been delivered before the crash.
+    pub fn recover(
+        id: u64,
+        name: ShortStr,
+        args: QueueArgs,
+        arguments: FieldTable,
+        entries: Vec<(u64, IndexEntry)>,
+        clean_shutdown: bool,
+        now_ms: u64,
+    ) -> Queue {
+        let mut q = Queue::new(id, name, true, args, arguments, now_ms);
+        for (seq, e) in entries {
+            let entry = Entry {
+                seq,
+                msg: MessageRef::Paged(e.message),
+                size: e.size,
+                expires_at: e.expires_at,
+                delivery_count: e.delivery_count,
+                redelivered: e.delivered || !clean_shutdown,
+                priority: e.priority.min(q.max_level()),
+                indexed: true,
+                stored: true,
+            };
+            q.next_seq = q.next_seq.max(seq + 1);
+            q.ready_bytes += u64::from(e.size);
+            q.insert_ready(entry);
+        }
+        q
+    }
+
+    /// Storage id.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Name.
+    pub fn name(&self) -> &ShortStr {
+        &self.name
+    }
+
+    /// Whether the queue survives restarts.
+    pub fn is_durable(&self) -> bool {
+        self.durable
+    }
+
+    /// Parsed arguments.
+    pub fn args(&self) -> &QueueArgs {
+        &self.args
+    }
+
+    /// Arguments as declared.
+    pub fn arguments(&self) -> &FieldTable {
+        &self.arguments
+    }
+
+    /// Ready messages.
+    pub fn ready_count(&self) -> u64 {
+        self.buckets.iter().map(|b| b.len() as u64).sum()
+    }
+
+    /// Body octets of ready messages.
+    pub fn ready_bytes(&self) -> u64 {
+        self.ready_bytes
+    }
+
+    /// Delivered, unacknowledged messages.
+    pub fn unacked_count(&self) -> u64 {
+        self.unacked.len() as u64
+    }
+
+    /// Body octets of ready messages held in memory.
+    pub fn loaded_bytes(&self) -> u64 {
+        self.loaded_bytes
+    }
+
+    /// Sets how many body octets of ready messages stay in memory.
+    pub fn set_memory_budget(&mut self, bytes: u64) {
+        self.memory_budget = bytes;
+    }
+
+    /// Notes a use (consume, get, redeclare) for `x-expires`.
+    pub fn touch(&mut self, now_ms: u64) {
+        self.last_used_ms = now_ms;
+    }
+
+    /// When the queue is due for deletion by `x-expires` if it stays unused
+    /// (the caller knows whether it has consumers, which also count as use).
+    pub fn unused_deadline(&self) -> Option<u64> {
+        self.args
+            .expires
+            .map(|e| self.last_used_ms.saturating_add(e))
+    }
+
+    fn max_level(&self) -> u8 {
+        (self.buckets.len() - 1) as u8
+    }
+
+    fn level_of(&self, msg: &Message) -> u8 {
+        if self.buckets.len() == 1 {
+            return 0;
+        }
+        msg.header
+            .properties
+            .priority()
+            .unwrap_or(0)
+            .min(self.max_level())
+    }
+
+    fn insert_ready(&mut self, entry: Entry) {
+        let Some(bucket) = self.buckets.get_mut(usize::from(entry.priority)) else {
+            return;
+        };
+        // Appends are the rule; requeues find their original position.
+        match bucket.back() {
+            Some(last) if last.seq > entry.seq => {
+                let pos = bucket.partition_point(|e| e.seq < entry.seq);
+                bucket.insert(pos, entry);
+            }
+            _ => bucket.push_back(entry),
+        }
+    }
+
+    fn over_limit(&self) -> bool {
+        self.args
+            .max_length
+            .is_some_and(|max| self.ready_count() > max)
+            || self
+                .args
+                .max_length_bytes
+                .is_some_and(|max| self.ready_bytes > max)
+    }
+
+    fn would_exceed(&self, size: u64) -> bool {
+        self.args
+            .max_length
+            .is_some_and(|max| self.ready_count() >= max)
+            || self
+                .args
+                .max_length_bytes
+                .is_some_and(|max| self.ready_bytes + size > max)
+    }
+
+    fn dead_letter_or_discard(&self, msg: MessageRef, reason: DeadLetterReason, fx: &mut Effects) {
+        match &self.args.dead_letter_exchange {
+            Some(dlx) => fx.dead_letters.push(DeadLetterRequest {
+                message: msg,
+                reason,
+                queue: self.name.clone(),
+                exchange: dlx.clone(),
+                routing_key: self.args.dead_letter_routing_key.clone(),
+            }),
+            None => fx.discarded.push(reason),
+        }
+    }
+
+    /// Forgets an entry that left the queue for good.
+    fn finish(&self, entry: &Entry, fx: &mut Effects) {
+        if entry.indexed {
+            fx.writes.push(Write::DeleteIndex {
+                queue: self.id,
+                seq: entry.seq,
+            });
+        }
+        if entry.stored {
+            fx.releases.push(entry.msg.id());
+        }
+    }
+
+    /// Removes the next ready message (highest priority, oldest first).
+    fn pop_ready(&mut self) -> Option<Entry> {
+        let entry = self
+            .buckets
+            .iter_mut()
+            .rev()
+            .find_map(VecDeque::pop_front)?;
+        self.ready_bytes -= u64::from(entry.size);
+        if matches!(entry.msg, MessageRef::Loaded(_)) {
+            self.loaded_bytes -= u64::from(entry.size);
+        }
+        Some(entry)
+    }
+
+    /// Enqueues a published message.
+    pub fn publish(&mut self, msg: &Arc<Message>, now_ms: u64, fx: &mut Effects) -> Enqueued {
+        let size = msg.size();
+        if self.args.overflow != Overflow::DropHead && self.would_exceed(size) {
+            if self.args.overflow == Overflow::RejectPublishDlx {
+                self.dead_letter_or_discard(
+                    MessageRef::Loaded(msg.clone()),
+                    DeadLetterReason::MaxLen,
+                    fx,
+                );
+            }
+            return Enqueued::Rejected;
+        }
+        let ttl = [
+            self.args.message_ttl,
+            msg.header
+                .properties
+                .expiration()
+                .and_then(|e| parse_expiration(&e)),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        let indexed = self.durable && msg.is_persistent();
+        let paged = self.loaded_bytes + size > self.memory_budget;
+        let stored = indexed || paged;
+        if stored {
+            fx.writes.push(Write::PutMessage(msg.clone()));
+        }
+        let entry = Entry {
+            seq: self.next_seq,
+            msg: if paged {
+                MessageRef::Paged(msg.id)
+            } else {
+                MessageRef::Loaded(msg.clone())
+            },
+            size: u32::try_from(size).unwrap_or(u32::MAX),
+            expires_at: ttl.map_or(0, |t| now_ms.saturating_add(t)),
+            delivery_count: 0,
+            redelivered: false,
+            priority: self.level_of(msg),
+            indexed,
+            stored,
+        };
+        self.next_seq += 1;
+        if indexed {
+            fx.writes.push(Write::PutIndex {
+                queue: self.id,
+                seq: entry.seq,
+                entry: entry.index_entry(),
+            });
+        }
+        self.ready_bytes += u64::from(entry.size);
+        if !paged {
+            self.loaded_bytes += u64::from(entry.size);
+        }
+        self.insert_ready(entry);
+        while self.over_limit() {
+            let Some(head) = self.pop_ready() else { break };
+            self.dead_letter_or_discard(head.msg.clone(), DeadLetterReason::MaxLen, fx);
+            self.finish(&head, fx);
+        }
+        Enqueued::Accepted
+    }
+
+    /// Dead-letters (or discards) expired messages at the heads of the queue.
+    /// Like RabbitMQ, a message expires only once it reaches the head.
+    pub fn expire(&mut self, now_ms: u64, fx: &mut Effects) {
+        for level in 0..self.buckets.len() {
+            loop {
+                let expired = self
+                    .buckets
+                    .get(level)
+                    .and_then(VecDeque::front)
+                    .is_some_and(|e| e.expires_at != 0 && e.expires_at < now_ms);
+                if !expired {
+                    break;
+                }
+                let Some(entry) = self.buckets.get_mut(level).and_then(VecDeque::pop_front) else {
+                    break;
+                };
+                self.ready_bytes -= u64::from(entry.size);
+                if matches!(entry.msg, MessageRef::Loaded(_)) {
+                    self.loaded_bytes -= u64::from(entry.size);
+                }
+                self.dead_letter_or_discard(entry.msg.clone(), DeadLetterReason::Expired, fx);
+                self.finish(&entry, fx);
+            }
+        }
+    }
+
+    /// The next time [`Queue::expire`] has work (ms since the epoch).
+    pub fn next_expiry(&self) -> Option<u64> {
+        self.buckets
+            .iter()
+            .filter_map(|b| b.front())
+            .filter(|e| e.expires_at != 0)
+            .map(|e| e.expires_at + 1)
+            .min()
+    }
+
+    /// Takes the next ready message for delivery (expiring stale heads first).
+    /// With `ack` false (no-ack consumer, `basic.get` no-ack) the message is
+    /// settled at once; otherwise it waits in `unacked`.
+    pub fn deliver(&mut self, now_ms: u64, ack: bool, fx: &mut Effects) -> Option<Delivery> {
+        self.expire(now_ms, fx);
+        let entry = self.pop_ready()?;
+        let delivery = Delivery {
+            seq: entry.seq,
+            message: entry.msg.clone(),
+            redelivered: entry.redelivered,
+            delivery_count: entry.delivery_count,
+            remaining: self.ready_count(),
+        };
+        if ack {
+            self.unacked.insert(entry.seq, entry);
+        } else {
+            self.finish(&entry, fx);
+        }
+        Some(delivery)
+    }
+
+    /// Acknowledges a delivery. Returns false if `seq` is not unacked here.
+    pub fn ack(&mut self, seq: u64, fx: &mut Effects) -> bool {
+        match self.unacked.remove(&seq) {
+            Some(entry) => {
+                self.finish(&entry, fx);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Rejects a delivery without requeueing: dead-lettered (`rejected`) or discarded.
+    pub fn reject(&mut self, seq: u64, fx: &mut Effects) -> bool {
+        match self.unacked.remove(&seq) {
+            Some(entry) => {
+                self.dead_letter_or_discard(entry.msg.clone(), DeadLetterReason::Rejected, fx);
+                self.finish(&entry, fx);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Returns a delivery to its original position, marked redelivered. Over
+    /// `x-delivery-limit`, it is dead-lettered (`delivery_limit`) instead.
+    pub fn requeue(&mut self, seq: u64, fx: &mut Effects) -> bool {
+        let Some(mut entry) = self.unacked.remove(&seq) else {
+            return false;
+        };
+        entry.delivery_count = entry.delivery_count.saturating_add(1);
+        entry.redelivered = true;
+        if self
+            .args
+            .delivery_limit
+            .is_some_and(|limit| u64::from(entry.delivery_count) > limit)
+        {
+            self.dead_letter_or_discard(entry.msg.clone(), DeadLetterReason::DeliveryLimit, fx);
+            self.finish(&entry, fx);
+            return true;
+        }
+        if entry.indexed {
+            fx.writes.push(Write::PutIndex {
+                queue: self.id,
+                seq: entry.seq,
+                entry: entry.index_entry(),
+            });
+        }
+        self.ready_bytes += u64::from(entry.size);
+        if matches!(entry.msg, MessageRef::Loaded(_)) {
+            self.loaded_bytes += u64::from(entry.size);
+        }
+        self.insert_ready(entry);
+        true
+    }
+
+    /// Removes every ready message (`queue.purge`); returns how many.
+    pub fn purge(&mut self, fx: &mut Effects) -> u64 {
+        let mut n = 0;
+        while let Some(entry) = self.pop_ready() {
+            self.finish(&entry, fx);
+            n += 1;
+        }
+        n
+    }
+
+    /// Removes everything (`queue.delete`); returns the number of ready
+    /// messages, as `delete-ok` reports.
+    pub fn delete(&mut self, fx: &mut Effects) -> u64 {
+        let ready = self.ready_count();
+        let durable = self.durable;
+        let mut entries: Vec<Entry> = self.unacked.drain().map(|(_, e)| e).collect();
+        while let Some(e) = self.pop_ready() {
+            entries.push(e);
+        }
+        for e in &entries {
+            if e.stored {
+                fx.releases.push(e.msg.id());
+            }
+        }
+        if durable {
+            fx.writes.push(Write::DeleteQueueIndex { queue: self.id });
+        }
+        ready
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::args::QueueArgs;
+    use amqp_codec::{BasicProperties, ContentHeader, FieldValue, class_id};
+    use bytes::Bytes;
+
+    fn msg(id: u64, body: &'static str, props: BasicProperties) -> Arc<Message> {
+        Message::new(
+            MessageId(id),
+            ShortStr::from_static("ex"),
+            ShortStr::from_static("rk"),
+            ContentHeader {
+                class_id: class_id::BASIC,
+                weight: 0,
+                body_size: body.len() as u64,
+                properties: props.to_raw().unwrap(),
+            },
+            Bytes::from_static(body.as_bytes()),
+        )
+    }
+
+    fn plain(id: u64) -> Arc<Message> {
+        msg(id, "body", BasicProperties::default())
+    }
+
+    fn persistent(id: u64) -> Arc<Message> {
+        msg(
+            id,
+            "body",
+            BasicProperties {
+                delivery_mode: Some(2),
+                ..Default::default()
+            },
+        )
+    }
+
+    fn queue(args: &[(&'static str, FieldValue)]) -> Queue {
+        let table: FieldTable = args
+            .iter()
+            .map(|(k, v)| (ShortStr::from_static(k), v.clone()))
+            .collect();
+        let parsed = QueueArgs::parse(&table, "q", "/").unwrap();
+        Queue::new(1, ShortStr::from_static("q"), false, parsed, table, 0)
+    }
+
+    fn ids(q: &mut Queue, now: u64) -> Vec<u64> {
+        let mut fx = Effects::default();
+        std::iter::from_fn(|| q.deliver(now, false, &mut fx))
+            .map(|d| d.message.id().0)
+            .collect()
+    }
+
+    #[test]
+    fn fifo_and_requeue_to_original_position() {
+        let mut q = queue(&[]);
+        let mut fx = Effects::default();
+        for i in 1..=5 {
+            q.publish(&plain(i), 0, &mut fx);
+        }
+        let d: Vec<Delivery> = (0..5)
+            .map(|_| q.deliver(0, true, &mut fx).unwrap())
+            .collect();
+        assert_eq!(q.unacked_count(), 5);
+        assert!(q.requeue(d[3].seq, &mut fx));
+        assert!(q.requeue(d[1].seq, &mut fx));
+        assert!(q.ack(d[0].seq, &mut fx));
+        assert!(!q.ack(d[0].seq, &mut fx), "double ack is refused");
+        let again = q.deliver(0, true, &mut fx).unwrap();
+        assert_eq!(
+            (
+                again.message.id().0,
+                again.redelivered,
+                again.delivery_count
+            ),
+            (2, true, 1)
+        );
+        assert_eq!(q.deliver(0, true, &mut fx).unwrap().message.id().0, 4);
+        assert!(q.deliver(0, true, &mut fx).is_none());
+    }
+
+    #[test]
+    fn ttl_expires_at_the_head_and_dead_letters() {
+        let mut q = queue(&[
+            ("x-message-ttl", FieldValue::I32(1000)),
+            ("x-dead-letter-exchange", "dlx".into()),
+        ]);
+        let mut fx = Effects::default();
+        q.publish(&plain(1), 0, &mut fx);
+        q.publish(
+            &msg(
+                2,
+                "b",
+                BasicProperties {
+                    expiration: Some(ShortStr::from_static("10")),
+                    ..Default::default()
+                },
+            ),
+            500,
+            &mut fx,
+        );
+        assert_eq!(q.next_expiry(), Some(1001));
+        q.expire(1000, &mut fx);
+        assert_eq!(
+            q.ready_count(),
+            2,
+            "nothing expired yet: 2 waits behind 1 (head-only expiry)"
+        );
+        q.expire(1001, &mut fx);
+        assert_eq!(
+            q.ready_count(),
+            0,
+            "1 expired, then 2 (expired at 510) reached the head"
+        );
+        assert_eq!(fx.dead_letters.len(), 2);
+        assert!(
+            fx.dead_letters
+                .iter()
+                .all(|d| d.reason == DeadLetterReason::Expired)
+        );
+        assert_eq!(fx.dead_letters[0].exchange, "dlx");
+    }
+
+    #[test]
+    fn per_message_ttl_lower_than_queue_ttl_wins() {
+        let mut q = queue(&[("x-message-ttl", FieldValue::I32(60_000))]);
+        let mut fx = Effects::default();
+        q.publish(
+            &msg(
+                1,
+                "a",
+                BasicProperties {
+                    expiration: Some(ShortStr::from_static("5")),
+                    ..Default::default()
+                },
+            ),
+            100,
+            &mut fx,
+        );
+        assert_eq!(q.next_expiry(), Some(106));
+        assert!(q.deliver(106, true, &mut fx).is_none());
+        assert_eq!(fx.discarded, [DeadLetterReason::Expired]);
+    }
+
+    #[test]
+    fn max_length_drop_head_dead_letters_the_oldest() {
+        let mut q = queue(&[
+            ("x-max-length", FieldValue::I32(2)),
+            ("x-dead-letter-exchange", "dlx".into()),
+        ]);
+        let mut fx = Effects::default();
+        for i in 1..=3 {
+            assert_eq!(q.publish(&plain(i), 0, &mut fx), Enqueued::Accepted);
+        }
+        assert_eq!(fx.dead_letters.len(), 1);
+        assert_eq!(fx.dead_letters[0].message.id().0, 1);
+        assert_eq!(fx.dead_letters[0].reason, DeadLetterReason::MaxLen);
+        assert_eq!(ids(&mut q, 0), [2, 3]);
+    }
+
+    #[test]
+    fn max_length_bytes_and_reject_publish() {
+        let mut q = queue(&[
+            ("x-max-length-bytes", FieldValue::I32(8)),
+            ("x-overflow", "reject-publish".into()),
+        ]);
+        let mut fx = Effects::default();
+        assert_eq!(q.publish(&plain(1), 0, &mut fx), Enqueued::Accepted);
+        assert_eq!(q.publish(&plain(2), 0, &mut fx), Enqueued::Accepted);
+        assert_eq!(q.publish(&plain(3), 0, &mut fx), Enqueued::Rejected);
+        assert!(fx.dead_letters.is_empty());
+        let mut q = queue(&[
+            ("x-max-length", FieldValue::I32(0)),
+            ("x-overflow", "reject-publish-dlx".into()),
+            ("x-dead-letter-exchange", "dlx".into()),
+        ]);
+        assert_eq!(q.publish(&plain(4), 0, &mut fx), Enqueued::Rejected);
+        assert_eq!(fx.dead_letters.len(), 1);
+    }
+
+    #[test]
+    fn priorities_deliver_highest_first_fifo_within() {
+        let mut q = queue(&[("x-max-priority", FieldValue::I32(5))]);
+        let mut fx = Effects::default();
+        for (id, p) in [
+            (1, Some(0)),
+            (2, Some(3)),
+            (3, Some(5)),
+            (4, Some(9)),
+            (5, None),
+            (6, Some(3)),
+        ] {
+            q.publish(
+                &msg(
+                    id,
+                    "x",
+                    BasicProperties {
+                        priority: p,
+                        ..Default::default()
+                    },
+                ),
+                0,
+                &mut fx,
+            );
+        }
+        assert_eq!(ids(&mut q, 0), [3, 4, 2, 6, 1, 5]);
+    }
+
+    #[test]
+    fn delivery_limit_dead_letters_after_too_many_returns() {
+        let mut q = queue(&[
+            ("x-delivery-limit", FieldValue::I32(1)),
+            ("x-dead-letter-exchange", "dlx".into()),
+        ]);
+        let mut fx = Effects::default();
+        q.publish(&plain(1), 0, &mut fx);
+        let d = q.deliver(0, true, &mut fx).unwrap();
+        q.requeue(d.seq, &mut fx);
+        let d = q.deliver(0, true, &mut fx).unwrap();
+        assert_eq!(d.delivery_count, 1);
+        q.requeue(d.seq, &mut fx);
+        assert_eq!(q.ready_count(), 0);
+        assert_eq!(fx.dead_letters[0].reason, DeadLetterReason::DeliveryLimit);
+    }
+
+    #[test]
+    fn reject_dead_letters_and_purge_does_not() {
+        let mut q = queue(&[("x-dead-letter-exchange", "dlx".into())]);
+        let mut fx = Effects::default();
+        q.publish(&plain(1), 0, &mut fx);
+        q.publish(&plain(2), 0, &mut fx);
+        let d = q.deliver(0, true, &mut fx).unwrap();
+        assert!(q.reject(d.seq, &mut fx));
+        assert_eq!(fx.dead_letters[0].reason, DeadLetterReason::Rejected);
+        assert_eq!(q.purge(&mut fx), 1);
+        assert_eq!(fx.dead_letters.len(), 1);
+    }
+
+    #[test]
+    fn durable_persistent_messages_are_written_and_removed() {
+        let table = FieldTable::new();
+        let mut q = Queue::new(
+            7,
+            ShortStr::from_static("d"),
+            true,
+            QueueArgs::default(),
+            table,
+            0,
+        );
+        let mut fx = Effects::default();
+        q.publish(&persistent(1), 0, &mut fx);
+        q.publish(&plain(2), 0, &mut fx);
+        assert!(matches!(
+            fx.writes[..],
+            [
+                Write::PutMessage(_),
+                Write::PutIndex {
+                    queue: 7,
+                    seq: 1,
+                    ..
+                }
+            ]
+        ));
+        fx.clear();
+        let d = q.deliver(0, true, &mut fx).unwrap();
+        q.ack(d.seq, &mut fx);
+        assert!(matches!(
+            fx.writes[..],
+            [Write::DeleteIndex { queue: 7, seq: 1 }]
+        ));
+        assert_eq!(fx.releases, [MessageId(1)]);
+        fx.clear();
+        let d = q.deliver(0, true, &mut fx).unwrap();
+        q.ack(d.seq, &mut fx);
+        assert!(fx.is_empty(), "transient messages never touch the store");
+    }
+
+    #[test]
+    fn bodies_past_the_memory_budget_are_paged() {
+        let mut q = queue(&[]);
+        q.set_memory_budget(8);
+        let mut fx = Effects::default();
+        for i in 1..=3 {
+            q.publish(&plain(i), 0, &mut fx);
+        }
+        assert_eq!(q.loaded_bytes(), 8);
+        assert!(matches!(fx.writes[..], [Write::PutMessage(ref m)] if m.id == MessageId(3)));
+        let paged: Vec<bool> = (0..3)
+            .map(|_| {
+                matches!(
+                    q.deliver(0, false, &mut fx).unwrap().message,
+                    MessageRef::Paged(_)
+                )
+            })
+            .collect();
+        assert_eq!(paged, [false, false, true]);
+        assert_eq!(fx.releases, [MessageId(3)]);
+        assert_eq!(q.loaded_bytes(), 0);
+    }
+
+    #[test]
+    fn recovered_messages_after_a_crash_are_redelivered() {
+        let entries = vec![
+            (
+                5,
+                IndexEntry {
+                    message: MessageId(1),
+                    size: 4,
+                    ..Default::default()
+                },
+            ),
+            (
+                9,
+                IndexEntry {
+                    message: MessageId(2),
+                    size: 4,
+                    delivered: true,
+                    delivery_count: 1,
+                    ..Default::default()
+                },
+            ),
+        ];
+        let mut q = Queue::recover(
+            3,
+            ShortStr::from_static("d"),
+            QueueArgs::default(),
+            FieldTable::new(),
+            entries.clone(),
+            true,
+            0,
+        );
+        let mut fx = Effects::default();
+        let a = q.deliver(0, true, &mut fx).unwrap();
+        let b = q.deliver(0, true, &mut fx).unwrap();
+        assert_eq!((a.redelivered, b.redelivered), (false, true));
+        let mut fx2 = Effects::default();
+        q.publish(&persistent(3), 0, &mut fx2);
+        assert!(
+            matches!(fx2.writes[..], [_, Write::PutIndex { seq: 10, .. }]),
+            "sequence continues"
+        );
+        let mut crashed = Queue::recover(
+            3,
+            ShortStr::from_static("d"),
+            QueueArgs::default(),
+            FieldTable::new(),
+            entries,
+            false,
+            0,
+        );
+        assert!(crashed.deliver(0, true, &mut fx).unwrap().redelivered);
+    }
+
+    #[test]
+    fn unused_deadline_follows_x_expires() {
+        let mut q = queue(&[("x-expires", FieldValue::I32(1000))]);
+        assert_eq!(q.unused_deadline(), Some(1000));
+        q.touch(500);
+        assert_eq!(q.unused_deadline(), Some(1500));
+        assert_eq!(queue(&[]).unused_deadline(), None);
+    }
+
+    #[test]
+    fn expiration_property_parsing() {
+        assert_eq!(parse_expiration("60000"), Some(60000));
+        assert_eq!(parse_expiration("0"), Some(0));
+        assert_eq!(parse_expiration("-1"), None);
+        assert_eq!(parse_expiration("1.5"), None);
+        assert_eq!(parse_expiration(""), None);
+    }
+}

@@ -1,0 +1,345 @@
+//! [`Store`]: the durable store the broker talks to, with group commit.
+//!
+//! Writes are queued in memory by [`Store::submit`] (never blocking, never
+//! touching the disk on the caller's thread) and applied by one writer thread.
+//! [`Store::commit`] returns a future that resolves once everything submitted
+//! before it is fsync'd: the server sends publisher confirms, `tx.commit-ok`
+//! and durable `declare-ok`s only then. The writer takes whatever accumulated
+//! while it was busy as one batch and syncs once for all of it, so an idle
+//! broker syncs immediately (low latency) and a busy one shares each fsync
+//! among every publish that arrived during the previous one (group commit).
+//!
+//! ```text
+//!  callers ──submit(writes)──▶ pending ◀──commit()── callers (await)
+//!                                │ swap when the writer is free
+//!                                ▼
+//!                   writer thread: apply batch ─▶ fsync ─▶ wake committers
+//! ```
+//!
+//! Message bodies are reference-counted here ([`Write::PutMessage`] per queue
+//! that keeps it, [`Store::release`] when a queue lets go): the body is
+//! written once and deleted when the last reference goes.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+
+use amqp_codec::FieldTable;
+use bytes::Bytes;
+use dashmap::DashMap;
+use tokio::sync::oneshot;
+
+use crate::definitions::DefKind;
+use crate::error::StoreError;
+use crate::message::{Message, MessageId};
+use crate::storage::{IndexEntry, SCHEMA_VERSION, SledStorage, Storage, Write};
+
+/// What the store found on disk when it opened.
+#[derive(Debug, Default)]
+pub struct Recovered {
+    /// Every stored definition.
+    pub definitions: Vec<(DefKind, Bytes, FieldTable)>,
+    /// Each durable queue's index entries, in FIFO order, by queue id.
+    pub queues: HashMap<u64, Vec<(u64, IndexEntry)>>,
+    /// Whether the previous run shut down cleanly. After a crash, every
+    /// recovered message may have been delivered and is marked redelivered.
+    pub clean_shutdown: bool,
+    /// Messages deleted because no queue referenced them (a crash between
+    /// acknowledging and deleting, or a non-durable queue's paged messages).
+    pub orphans_removed: usize,
+}
+
+/// Counters an operator would look for.
+#[derive(Debug, Default)]
+pub struct StoreStats {
+    /// Batches written.
+    pub batches: AtomicU64,
+    /// Writes applied.
+    pub writes: AtomicU64,
+    /// fsyncs performed.
+    pub syncs: AtomicU64,
+    /// Commit waiters released (publishes confirmed, transactions committed...).
+    pub commits: AtomicU64,
+}
+
+type Waiter = oneshot::Sender<Result<(), StoreError>>;
+
+#[derive(Default)]
+struct Pending {
+    writes: Vec<Write>,
+    waiters: Vec<Waiter>,
+    closed: bool,
+    /// The writer failed; every later commit fails with this.
+    failed: Option<StoreError>,
+}
+
+struct Shared {
+    pending: Mutex<Pending>,
+    wake: Condvar,
+}
+
+/// The durable store.
+pub struct Store {
+    storage: Arc<dyn Storage>,
+    shared: Arc<Shared>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    /// Reference counts of stored message bodies.
+    refs: DashMap<MessageId, u32>,
+    next_message: AtomicU64,
+    stats: Arc<StoreStats>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("messages", &self.refs.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Opens the sled store in `dir` and recovers its contents.
+    pub fn open(dir: &Path) -> Result<(Store, Recovered), StoreError> {
+        Self::with_storage(Arc::new(SledStorage::open(dir)?))
+    }
+
+    /// Opens a store over any [`Storage`] and recovers its contents.
+    pub fn with_storage(storage: Arc<dyn Storage>) -> Result<(Store, Recovered), StoreError> {
+        match storage.meta("schema")? {
+            None => storage.set_meta("schema", Some(&SCHEMA_VERSION.to_be_bytes()))?,
+            Some(v) => {
+                let found = <[u8; 4]>::try_from(v.as_slice())
+                    .map(u32::from_be_bytes)
+                    .unwrap_or(0);
+                if found != SCHEMA_VERSION {
+                    return Err(StoreError::SchemaMismatch {
+                        found,
+                        expected: SCHEMA_VERSION,
+                    });
+                }
+            }
+        }
+        let clean_shutdown = storage.meta("clean")?.is_some();
+        storage.set_meta("clean", None)?;
+
+        let mut recovered = Recovered {
+            definitions: storage.definitions()?,
+            clean_shutdown,
+            ..Recovered::default()
+        };
+        let refs: DashMap<MessageId, u32> = DashMap::new();
+        for (queue, seq, entry) in storage.index()? {
+            *refs.entry(entry.message).or_insert(0) += 1;
+            recovered
+                .queues
+                .entry(queue)
+                .or_default()
+                .push((seq, entry));
+        }
+        let mut max_id = 0;
+        let mut orphans = Vec::new();
+        for id in storage.message_ids()? {
+            max_id = max_id.max(id.0);
+            if !refs.contains_key(&id) {
+                orphans.push(Write::DeleteMessage(id));
+            }
+        }
+        recovered.orphans_removed = orphans.len();
+        storage.apply(&orphans)?;
+        storage.sync()?;
+
+        let shared = Arc::new(Shared {
+            pending: Mutex::new(Pending::default()),
+            wake: Condvar::new(),
+        });
+        let stats = Arc::new(StoreStats::default());
+        let writer = {
+            let (storage, shared, stats) = (storage.clone(), shared.clone(), stats.clone());
+            std::thread::Builder::new()
+                .name("warren-store-writer".into())
+                .spawn(move || write_loop(storage.as_ref(), &shared, &stats))
+                .map_err(|e| StoreError::Engine(format!("cannot start writer thread: {e}")))?
+        };
+        let store = Store {
+            storage,
+            shared,
+            writer: Mutex::new(Some(writer)),
+            refs,
+            next_message: AtomicU64::new(max_id + 1),
+            stats,
+        };
+        tracing::info!(
+            queues = recovered.queues.len(),
+            messages = store.refs.len(),
+            orphans = recovered.orphans_removed,
+            clean_shutdown,
+            "store recovered"
+        );
+        Ok((store, recovered))
+    }
+
+    /// A fresh message id.
+    pub fn next_message_id(&self) -> MessageId {
+        MessageId(self.next_message.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &StoreStats {
+        &self.stats
+    }
+
+    /// Queues writes for the writer thread. Never blocks on I/O.
+    ///
+    /// [`Write::PutMessage`] takes a reference on the message: its body is
+    /// written only for the first. Use [`Store::release`] to drop one.
+    pub fn submit(&self, writes: impl IntoIterator<Item = Write>) {
+        let mut pending = lock(&self.shared.pending);
+        for w in writes {
+            if let Write::PutMessage(m) = &w {
+                let mut n = self.refs.entry(m.id).or_insert(0);
+                *n += 1;
+                if *n > 1 {
+                    continue;
+                }
+            }
+            pending.writes.push(w);
+        }
+        drop(pending);
+        self.shared.wake.notify_one();
+    }
+
+    /// Drops one reference to a stored message; the last one deletes it.
+    ///
+    /// Reference counts change only under the pending lock (here and in
+    /// [`Store::submit`]), so a delete can never overtake a new reference.
+    pub fn release(&self, id: MessageId) {
+        let mut pending = lock(&self.shared.pending);
+        let last = match self.refs.get_mut(&id) {
+            None => return,
+            Some(mut n) => {
+                *n = n.saturating_sub(1);
+                *n == 0
+            }
+        };
+        if last {
+            self.refs.remove(&id);
+            pending.writes.push(Write::DeleteMessage(id));
+            drop(pending);
+            self.shared.wake.notify_one();
+        }
+    }
+
+    /// Whether `id`'s body is stored.
+    pub fn is_stored(&self, id: MessageId) -> bool {
+        self.refs.contains_key(&id)
+    }
+
+    /// A future that resolves once every write submitted before this call is
+    /// on disk. The commit point for confirms, transactions and declares.
+    pub fn commit(&self) -> impl Future<Output = Result<(), StoreError>> + Send + 'static {
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut pending = lock(&self.shared.pending);
+            match (&pending.failed, pending.closed) {
+                (Some(e), _) => {
+                    let _ = tx.send(Err(e.clone()));
+                }
+                (None, true) => {
+                    let _ = tx.send(Err(StoreError::Closed));
+                }
+                (None, false) => pending.waiters.push(tx),
+            }
+        }
+        self.shared.wake.notify_one();
+        async move { rx.await.unwrap_or(Err(StoreError::Closed)) }
+    }
+
+    /// Reads a stored message (paging in, recovery). A sled read: usually
+    /// served from its cache, but it may touch the disk, so async callers
+    /// should not call it on a runtime worker for many messages in a row.
+    pub fn load(&self, id: MessageId) -> Result<Option<Arc<Message>>, StoreError> {
+        Ok(self.storage.message(id)?.map(Arc::new))
+    }
+
+    /// Flushes everything, marks the shutdown clean and stops the writer.
+    pub fn close(&self) -> Result<(), StoreError> {
+        {
+            let mut pending = lock(&self.shared.pending);
+            if pending.closed {
+                return Ok(());
+            }
+            pending.closed = true;
+        }
+        self.shared.wake.notify_one();
+        if let Some(handle) = lock(&self.writer).take() {
+            let _ = handle.join();
+        }
+        if let Some(e) = lock(&self.shared.pending).failed.clone() {
+            return Err(e);
+        }
+        self.storage.set_meta("clean", Some(&[1]))?;
+        self.storage.sync()
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        if let Err(e) = self.close() {
+            tracing::error!(error = %e, "store did not close cleanly");
+        }
+    }
+}
+
+/// Locks a mutex, recovering the data if a panicking thread poisoned it (the
+/// pending list stays consistent: every mutation is a push or a swap).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn write_loop(storage: &dyn Storage, shared: &Shared, stats: &StoreStats) {
+    let mut writes = Vec::new();
+    let mut waiters = Vec::new();
+    loop {
+        let closing;
+        {
+            let mut pending = lock(&shared.pending);
+            while pending.writes.is_empty() && pending.waiters.is_empty() && !pending.closed {
+                pending = shared
+                    .wake
+                    .wait(pending)
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+            }
+            std::mem::swap(&mut writes, &mut pending.writes);
+            std::mem::swap(&mut waiters, &mut pending.waiters);
+            closing = pending.closed;
+        }
+        let mut result = Ok(());
+        if !writes.is_empty() {
+            result = storage.apply(&writes);
+            stats.batches.fetch_add(1, Ordering::Relaxed);
+            stats
+                .writes
+                .fetch_add(writes.len() as u64, Ordering::Relaxed);
+            writes.clear();
+        }
+        if result.is_ok() && (!waiters.is_empty() || closing) {
+            result = storage.sync();
+            stats.syncs.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Err(e) = &result {
+            tracing::error!(error = %e, "store write failed; refusing further commits");
+            lock(&shared.pending).failed = Some(e.clone());
+        }
+        stats
+            .commits
+            .fetch_add(waiters.len() as u64, Ordering::Relaxed);
+        for w in waiters.drain(..) {
+            let _ = w.send(result.clone());
+        }
+        if closing && lock(&shared.pending).writes.is_empty() {
+            return;
+        }
+    }
+}
