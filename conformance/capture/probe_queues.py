@@ -137,8 +137,10 @@ class ServerClose(Exception):
 
     def describe(self):
         c = self.close
+        text = c["text"] if isinstance(c["text"], str) else repr(c["text"])
+        text = text.replace("\n", "\\n").replace("|", "\\|")
         return "%s %d `%s` (class %d, method %d = %s)" % (
-            c["kind"], c["code"], c["text"], c["class_id"], c["method_id"],
+            c["kind"], c["code"], text, c["class_id"], c["method_id"],
             method_name(c["class_id"], c["method_id"]))
 
 
@@ -496,7 +498,13 @@ def part1():
     w("with their field-table type letter (`I` signed 32, `l` signed 64, `B` unsigned")
     w("8, `b` signed 8, `s` signed 16, `u` unsigned 16, `i` unsigned 32, `d` double,")
     w("`f` float, `S` long string, `x` byte array, `t` boolean).  Error replies are")
-    w("`kind code \\`reply-text\\` (class, method)`.")
+    w("`kind code \\`reply-text\\` (class, method)`.  A newline inside a reply-text is shown as `\\n`.")
+    w("Queue names `qargs-N` are per-case names chosen by the script (they appear in the texts).")
+    w("")
+    w("Notes: the `x-queue-master-locator: S \"bogus\"` case is the only one where the server's")
+    w("channel crashed (its log shows an internal error), giving connection.close 541 instead of a")
+    w("channel.close.")
+    w("Of two invalid arguments, the reported one does not follow table order (section 2).")
     w("")
     w("## 1. Single arguments")
     w("")
@@ -735,7 +743,8 @@ def part1():
         c.sync()
         return "accepted (no error after round-trip)"
 
-    for exp in ("abc", "-1", "1.5", "", " 100", "0", "18446744073709551616"):
+    for exp in ("abc", "-1", "1.5", "", " 100", "0", "315360000000", "315360000001",
+                "18446744073709551616"):
         row("basic.publish with expiration property `%r`" % exp,
             fresh(lambda c: pub_exp(c, exp)))
     cleanup(queues=["ackq", "dq", "dq2"])
@@ -743,6 +752,33 @@ def part1():
 
 
 # ------------------------------------------------------------ part 2: dead letters
+SUMMARY = [
+    "- Dead-lettering adds `x-death` (A of F), `x-first-death-exchange`, `x-first-death-queue`,",
+    "  `x-first-death-reason` (all S) to `headers`; the whole top-level headers table comes out",
+    "  sorted by key (byte order, so `CC` < `aa-first` < `x-death` < `zz-last`).",
+    "- An x-death entry has `count` (l), `reason` (S: rejected / expired / maxlen), `queue` (S),",
+    "  `time` (T, seconds), `exchange` (S, the exchange the message was last published to, `\"\"`",
+    "  for the default exchange), `routing-keys` (A of S: routing key followed by the CC values;",
+    "  never BCC) and, only if the message had an `expiration` property, `original-expiration` (S).",
+    "  The dead-lettered message no longer has the `expiration` property.",
+    "- Key order inside an entry: the very first entry (message had no x-death yet) is",
+    "  count, reason, queue, time, exchange, routing-keys[, original-expiration]; every entry",
+    "  added to an existing x-death, and every updated entry, is sorted by key:",
+    "  count, exchange[, original-expiration], queue, reason, routing-keys, time.",
+    "- Entries are keyed by {queue, reason}: a repeat increments `count`, keeps the original",
+    "  `time`/`exchange`/`routing-keys`, and moves the entry to the front (most recent first);",
+    "  an update does not add `original-expiration`.  x-first-death-* never change.",
+    "- Routing of the dead-lettered message: without x-dead-letter-routing-key it is",
+    "  re-published with its original routing key plus the CC and BCC keys (the BCC header",
+    "  itself was already stripped at publish time); with x-dead-letter-routing-key it goes",
+    "  only to that key, and the CC header is removed from the message.",
+    "- Cycles: a message is dropped (for that queue) when it would re-enter a queue through a",
+    "  cycle containing only expiries; a cycle containing a rejection is allowed (see f1, f4).",
+    "- Queue `reject-publish[-dlx]`: publisher gets basic.nack for refused messages; only",
+    "  `reject-publish-dlx` dead-letters them (reason `maxlen`).",
+]
+
+
 def dump_msg(ev, title, hexdump=False):
     lines = ["**%s**" % title, "", "```"]
     lines.append("method: %s" % ev["name"])
@@ -785,6 +821,11 @@ def part2():
     w("Header tables are printed in wire order with the field type letter of every")
     w("value (`l` = signed 64-bit, `T` = timestamp (seconds), `S` = long string,")
     w("`A` = array, `F` = table).  Timestamps are those of the capture run.")
+    w("")
+    w("Summary of what the sections below show:")
+    w("")
+    for line in SUMMARY:
+        w(line)
     w("")
 
     # ---------------- a
@@ -887,6 +928,9 @@ def part2():
     g = c.get("dlq_a3_cc", no_ack=True)
     if g:
         out.extend(dump_msg(g, "copy in dlq_a3_cc"))
+    g = c.get("dlq_a3_bcc", no_ack=True)
+    if g:
+        out.extend(dump_msg(g, "copy in dlq_a3_bcc"))
     c.close()
     cleanup(["q1c", "dlq_a3_rk", "dlq_a3_cc", "dlq_a3_bcc"], ["dlx_a3"])
 
@@ -1048,6 +1092,10 @@ def part2():
 
     # ---------------- e
     w("## e. reject-publish / reject-publish-dlx with publisher confirms")
+    w("")
+    w("How acks/nacks are grouped (one nack with multiple=true covering tags 2-3, or one per tag) varied")
+    w("between runs; stable across runs: tag 1 acked, the refused publishes nacked, every server nack had")
+    w("both the multiple and the requeue bit set (octet 0x03), no basic.return.")
     w("")
     for qn, dlxn, dlqn, mode in (("q4", "dlx4", "dlq4", "reject-publish"),
                                  ("q5", "dlx5", "dlq5", "reject-publish-dlx")):

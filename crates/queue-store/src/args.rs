@@ -43,6 +43,8 @@ pub struct QueueArgs {
     pub single_active_consumer: bool,
     /// `x-consumer-timeout`, milliseconds.
     pub consumer_timeout: Option<u64>,
+    /// `x-queue-type`.
+    pub queue_type: QueueType,
 }
 
 /// RabbitMQ's name for a field type, as its error messages use it.
@@ -83,6 +85,21 @@ pub const EQUIVALENCE_ARGS: [&str; 11] = [
     "x-delivery-limit",
 ];
 
+/// RabbitMQ's longest accepted duration: ten years in milliseconds.
+const MAX_DURATION_MS: i64 = 315_360_000_000;
+
+/// The queue type asked for with `x-queue-type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum QueueType {
+    /// `classic` (the default).
+    #[default]
+    Classic,
+    /// `quorum`: accepted for compatibility and served by the same queue
+    /// implementation, with RabbitMQ's property rules (durable, not
+    /// exclusive, not auto-delete).
+    Quorum,
+}
+
 struct Parser<'a> {
     args: &'a FieldTable,
     queue: &'a str,
@@ -91,7 +108,7 @@ struct Parser<'a> {
 
 impl Parser<'_> {
     fn err(&self, arg: &'static str, problem: ArgProblem) -> ArgError {
-        ArgError {
+        ArgError::Invalid {
             arg,
             queue: self.queue.to_owned(),
             vhost: self.vhost.to_owned(),
@@ -105,7 +122,7 @@ impl Parser<'_> {
             Some(v) => v
                 .as_i64()
                 .map(Some)
-                .ok_or_else(|| self.err(arg, ArgProblem::UnacceptableType(type_name(v)))),
+                .ok_or_else(|| self.err(arg, ArgProblem::ExpectedInteger(type_name(v)))),
         }
     }
 
@@ -116,9 +133,11 @@ impl Parser<'_> {
         }
     }
 
-    fn positive(&self, arg: &'static str) -> Result<Option<u64>, ArgError> {
+    fn duration(&self, arg: &'static str, zero_allowed: bool) -> Result<Option<u64>, ArgError> {
         match self.int(arg)? {
-            Some(v) if v <= 0 => Err(self.err(arg, ArgProblem::NotPositive(v))),
+            Some(v) if v < 0 => Err(self.err(arg, ArgProblem::Negative(v))),
+            Some(0) if !zero_allowed => Err(self.err(arg, ArgProblem::Zero)),
+            Some(v) if v > MAX_DURATION_MS => Err(self.err(arg, ArgProblem::TooLarge(v))),
             v => Ok(v.map(|v| v as u64)),
         }
     }
@@ -153,30 +172,95 @@ impl QueueArgs {
                 "drop-head" => Overflow::DropHead,
                 "reject-publish" => Overflow::RejectPublish,
                 "reject-publish-dlx" => Overflow::RejectPublishDlx,
-                other => {
-                    return Err(p.err("x-overflow", ArgProblem::UnknownValue(other.to_owned())));
-                }
+                _ => return Err(p.err("x-overflow", ArgProblem::InvalidOverflow)),
             },
         };
         let max_priority = match p.non_negative("x-max-priority")? {
             Some(v) if v > 255 => {
-                return Err(p.err("x-max-priority", ArgProblem::TooLarge(v as i64)));
+                return Err(p.err("x-max-priority", ArgProblem::MaxValueExceeded(v as i64)));
             }
             Some(0) | None => None,
             Some(v) => Some(v as u8),
         };
+        let dead_letter_exchange = match args.get("x-dead-letter-exchange") {
+            None => None,
+            Some(FieldValue::LongStr(s)) => ShortStr::from_bytes(s.clone()).ok(),
+            Some(v) => {
+                return Err(ArgError::InvalidType {
+                    arg: "x-dead-letter-exchange",
+                    type_name: type_name(v),
+                    queue: queue.to_owned(),
+                    vhost: vhost.to_owned(),
+                });
+            }
+        };
+        let dead_letter_routing_key = p.string("x-dead-letter-routing-key")?;
+        if dead_letter_routing_key.is_some() && dead_letter_exchange.is_none() {
+            return Err(p.err("x-dead-letter-routing-key", ArgProblem::RoutingKeyButNoDlx));
+        }
+        if let Some(mode) = p.string("x-queue-mode")? {
+            if !matches!(mode.as_str(), "default" | "lazy") {
+                return Err(p.err(
+                    "x-queue-mode",
+                    ArgProblem::UnsupportedQueueMode(mode.to_string()),
+                ));
+            }
+        }
+        let queue_type = match p.string("x-queue-type")? {
+            None => QueueType::Classic,
+            Some(t) => match t.as_str() {
+                "classic" => QueueType::Classic,
+                "quorum" => QueueType::Quorum,
+                other => {
+                    return Err(p.err(
+                        "x-queue-type",
+                        ArgProblem::UnsupportedQueueType(other.to_owned()),
+                    ));
+                }
+            },
+        };
         Ok(QueueArgs {
-            message_ttl: p.non_negative("x-message-ttl")?,
-            expires: p.positive("x-expires")?,
+            message_ttl: p.duration("x-message-ttl", true)?,
+            expires: p.duration("x-expires", false)?,
             max_length: p.non_negative("x-max-length")?,
             max_length_bytes: p.non_negative("x-max-length-bytes")?,
             overflow,
-            dead_letter_exchange: p.string("x-dead-letter-exchange")?,
-            dead_letter_routing_key: p.string("x-dead-letter-routing-key")?,
+            dead_letter_exchange,
+            dead_letter_routing_key,
             max_priority,
             delivery_limit: p.non_negative("x-delivery-limit")?,
             single_active_consumer: p.boolean("x-single-active-consumer")?,
             consumer_timeout: p.non_negative("x-consumer-timeout")?,
+            queue_type,
+        })
+    }
+
+    /// Checks the declare's flags against the queue type: a quorum queue must
+    /// be durable, not exclusive and not auto-delete (RabbitMQ's rules).
+    pub fn check_properties(
+        &self,
+        durable: bool,
+        exclusive: bool,
+        auto_delete: bool,
+        queue: &str,
+        vhost: &str,
+    ) -> Result<(), ArgError> {
+        if self.queue_type != QueueType::Quorum {
+            return Ok(());
+        }
+        let property = if !durable {
+            "non-durable"
+        } else if exclusive {
+            "exclusive-owner"
+        } else if auto_delete {
+            "auto-delete"
+        } else {
+            return Ok(());
+        };
+        Err(ArgError::InvalidProperty {
+            property,
+            queue: queue.to_owned(),
+            vhost: vhost.to_owned(),
         })
     }
 }
@@ -259,20 +343,91 @@ mod tests {
 
     #[test]
     fn invalid_values_have_rabbitmq_wording() {
-        let e = parse(&[("x-message-ttl", FieldValue::I32(-1))]).unwrap_err();
+        // Texts as RabbitMQ 3.10.8 sent them (tests/data/rabbitmq_3_10_queue_args.md).
+        let cases: [(&[(&'static str, FieldValue)], &str); 12] = [
+            (
+                &[("x-message-ttl", FieldValue::I32(-1))],
+                "{value_negative,-1}",
+            ),
+            (
+                &[("x-message-ttl", "1000".into())],
+                "\"expected integer, got longstr\"",
+            ),
+            (
+                &[("x-message-ttl", FieldValue::F64(1.5))],
+                "\"expected integer, got double\"",
+            ),
+            (
+                &[("x-message-ttl", FieldValue::I64(315_360_000_001))],
+                "{value_too_large,315360000001}",
+            ),
+            (&[("x-expires", FieldValue::I32(0))], "{value_zero,0}"),
+            (&[("x-overflow", "bogus".into())], "invalid_overflow"),
+            (
+                &[("x-overflow", FieldValue::I32(1))],
+                "{unacceptable_type,signedint}",
+            ),
+            (
+                &[("x-max-priority", FieldValue::I32(256))],
+                "{max_value_exceeded,256}",
+            ),
+            (
+                &[("x-single-active-consumer", "yes".into())],
+                "{unacceptable_type,longstr}",
+            ),
+            (
+                &[("x-queue-mode", "bogus".into())],
+                "\"unsupported queue mode 'bogus'\"",
+            ),
+            (
+                &[("x-queue-type", "bogus".into())],
+                "\"unsupported queue type 'bogus'\"",
+            ),
+            (
+                &[("x-dead-letter-routing-key", "k".into())],
+                "routing_key_but_no_dlx_defined",
+            ),
+        ];
+        for (args, reason) in cases {
+            let e = parse(args).unwrap_err();
+            assert_eq!(e.reply_code(), 406);
+            assert_eq!(
+                e.to_string(),
+                format!(
+                    "invalid arg '{}' for queue 'q' in vhost '/': {reason}",
+                    args[0].0
+                )
+            );
+        }
+        let e = parse(&[("x-dead-letter-exchange", FieldValue::I32(1))]).unwrap_err();
         assert_eq!(
             e.to_string(),
-            "invalid arg 'x-message-ttl' for queue 'q' in vhost '/': {value_negative,-1}"
+            "invalid type 'signedint' for arg 'x-dead-letter-exchange' in queue 'q' in vhost '/'"
         );
-        assert_eq!(e.reply_code(), 406);
-        let e = parse(&[("x-message-ttl", "1000".into())]).unwrap_err();
-        assert_eq!(e.problem, ArgProblem::UnacceptableType("longstr"));
-        let e = parse(&[("x-expires", FieldValue::I32(0))]).unwrap_err();
-        assert_eq!(e.problem, ArgProblem::NotPositive(0));
-        let e = parse(&[("x-overflow", "bogus".into())]).unwrap_err();
-        assert_eq!(e.problem, ArgProblem::UnknownValue("bogus".into()));
-        let e = parse(&[("x-max-priority", FieldValue::I32(256))]).unwrap_err();
-        assert_eq!(e.problem, ArgProblem::TooLarge(256));
+        assert!(parse(&[("x-message-ttl", FieldValue::I64(315_360_000_000))]).is_ok());
+        assert!(parse(&[("x-max-priority", FieldValue::I32(255))]).is_ok());
+        assert!(parse(&[("x-queue-mode", "lazy".into())]).is_ok());
+    }
+
+    #[test]
+    fn quorum_queues_must_be_durable_shared_and_kept() {
+        let a = parse(&[("x-queue-type", "quorum".into())]).unwrap();
+        assert!(a.check_properties(true, false, false, "q", "/").is_ok());
+        let e = a
+            .check_properties(false, false, false, "q", "/")
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "invalid property 'non-durable' for queue 'q' in vhost '/'"
+        );
+        assert!(a.check_properties(true, true, false, "q", "/").is_err());
+        assert!(a.check_properties(true, false, true, "q", "/").is_err());
+        assert!(
+            parse(&[])
+                .unwrap()
+                .check_properties(false, true, true, "q", "/")
+                .is_ok()
+        );
     }
 
     #[test]

@@ -7,8 +7,11 @@
 //! (timestamp), `exchange`, `routing-keys` (array), and `original-expiration`
 //! when the message carried a per-message TTL. A repeat of the same pair
 //! increments its count and moves it to the front. `x-first-death-*` are set
-//! once, `x-last-death-*` every time. The `expiration` property is removed so
-//! the dead-lettered copy does not expire again.
+//! once; `x-last-death-*` every time (RabbitMQ 3.13 added these; 3.10 sends
+//! only the first-death ones). The `expiration` property is removed so the
+//! dead-lettered copy does not expire again, and with a dead-letter routing key
+//! the `CC` header goes too. All of this was checked against RabbitMQ 3.10.8
+//! (`tests/data/rabbitmq_3_10_dead_letter.md`).
 
 use amqp_codec::{BasicProperties, ContentHeader, FieldTable, FieldValue, ShortStr};
 use bytes::Bytes;
@@ -139,6 +142,10 @@ pub fn dead_letter(
     headers.insert(s("x-last-death-reason"), FieldValue::from(reason.as_str()));
     headers.insert(s("x-last-death-queue"), long_str(queue));
     headers.insert(s("x-last-death-exchange"), long_str(&msg.exchange));
+    if dl_routing_key.is_some() {
+        // Routed by the dead-letter routing key alone: RabbitMQ drops `CC`.
+        headers.remove("CC");
+    }
     props.headers = Some(headers);
     props.expiration = None;
 
@@ -181,4 +188,222 @@ pub fn is_cycle(headers: Option<&FieldTable>, queue: &str) -> bool {
         }
     }
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::MessageId;
+    use amqp_codec::class_id;
+
+    fn published(headers: FieldTable, expiration: Option<&'static str>) -> Message {
+        Message {
+            id: MessageId(1),
+            exchange: ShortStr::from_static("src"),
+            routing_key: ShortStr::from_static("rk"),
+            header: ContentHeader {
+                class_id: class_id::BASIC,
+                weight: 0,
+                body_size: 4,
+                properties: BasicProperties {
+                    headers: Some(headers),
+                    expiration: expiration.map(ShortStr::from_static),
+                    ..Default::default()
+                }
+                .to_raw()
+                .unwrap(),
+            },
+            body: Bytes::from_static(b"body"),
+        }
+    }
+
+    fn cc() -> FieldTable {
+        [(s("CC"), FieldValue::Array(vec![FieldValue::from("cc1")]))]
+            .into_iter()
+            .collect()
+    }
+
+    fn headers_of(d: &DeadLetter) -> FieldTable {
+        d.header.properties.decode().unwrap().headers.unwrap()
+    }
+
+    fn deaths(h: &FieldTable) -> Vec<FieldTable> {
+        match h.get("x-death") {
+            Some(FieldValue::Array(a)) => a
+                .iter()
+                .map(|v| match v {
+                    FieldValue::Table(t) => t.clone(),
+                    other => panic!("{other:?}"),
+                })
+                .collect(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn first_death_has_rabbitmq_fields_and_types() {
+        let m = published(cc(), Some("60000"));
+        let d = dead_letter(
+            &m,
+            &s("q1"),
+            DeadLetterReason::Rejected,
+            &s("dlx"),
+            None,
+            1_700_000_000,
+        );
+        assert_eq!(d.exchange, "dlx");
+        assert_eq!(d.routing_keys, [s("rk"), s("cc1")]);
+        let h = headers_of(&d);
+        let x = deaths(&h);
+        assert_eq!(x.len(), 1);
+        let keys: Vec<&str> = x[0].iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "count",
+                "reason",
+                "queue",
+                "time",
+                "exchange",
+                "routing-keys",
+                "original-expiration"
+            ]
+        );
+        assert_eq!(x[0].get("count"), Some(&FieldValue::I64(1)));
+        assert_eq!(
+            x[0].get("reason").and_then(FieldValue::as_str),
+            Some("rejected")
+        );
+        assert_eq!(
+            x[0].get("time"),
+            Some(&FieldValue::Timestamp(1_700_000_000))
+        );
+        assert_eq!(
+            x[0].get("exchange").and_then(FieldValue::as_str),
+            Some("src")
+        );
+        assert_eq!(
+            x[0].get("routing-keys"),
+            Some(&FieldValue::Array(vec![
+                FieldValue::from("rk"),
+                FieldValue::from("cc1")
+            ]))
+        );
+        assert_eq!(
+            x[0].get("original-expiration").and_then(FieldValue::as_str),
+            Some("60000")
+        );
+        assert_eq!(
+            h.get("x-first-death-reason").and_then(FieldValue::as_str),
+            Some("rejected")
+        );
+        assert_eq!(
+            h.get("x-first-death-queue").and_then(FieldValue::as_str),
+            Some("q1")
+        );
+        assert_eq!(
+            h.get("x-first-death-exchange").and_then(FieldValue::as_str),
+            Some("src")
+        );
+        assert!(h.get("CC").is_some());
+        assert_eq!(d.header.properties.expiration(), None, "expiration removed");
+        assert_eq!(d.body, m.body);
+    }
+
+    #[test]
+    fn repeats_count_up_and_move_to_the_front_keeping_time() {
+        let m = published(FieldTable::new(), None);
+        let first = dead_letter(
+            &m,
+            &s("q1"),
+            DeadLetterReason::Expired,
+            &s("dlx"),
+            None,
+            100,
+        );
+        let mut again = m.clone();
+        again.header = first.header.clone();
+        let second = dead_letter(
+            &again,
+            &s("q2"),
+            DeadLetterReason::Rejected,
+            &s("dlx"),
+            None,
+            200,
+        );
+        let mut third_in = m.clone();
+        third_in.header = second.header.clone();
+        let third = dead_letter(
+            &third_in,
+            &s("q1"),
+            DeadLetterReason::Expired,
+            &s("dlx"),
+            None,
+            300,
+        );
+        let h = headers_of(&third);
+        let x = deaths(&h);
+        assert_eq!(x.len(), 2);
+        assert_eq!(x[0].get("queue").and_then(FieldValue::as_str), Some("q1"));
+        assert_eq!(x[0].get("count"), Some(&FieldValue::I64(2)));
+        assert_eq!(
+            x[0].get("time"),
+            Some(&FieldValue::Timestamp(100)),
+            "time of the first death kept"
+        );
+        assert_eq!(x[1].get("queue").and_then(FieldValue::as_str), Some("q2"));
+        assert_eq!(
+            h.get("x-first-death-queue").and_then(FieldValue::as_str),
+            Some("q1")
+        );
+        assert_eq!(
+            h.get("x-last-death-queue").and_then(FieldValue::as_str),
+            Some("q1")
+        );
+        assert_eq!(
+            h.get("x-last-death-reason").and_then(FieldValue::as_str),
+            Some("expired")
+        );
+    }
+
+    #[test]
+    fn dead_letter_routing_key_replaces_keys_and_drops_cc() {
+        let m = published(cc(), None);
+        let d = dead_letter(
+            &m,
+            &s("q"),
+            DeadLetterReason::Expired,
+            &s("dlx2"),
+            Some(&s("newrk")),
+            0,
+        );
+        assert_eq!(d.routing_keys, [s("newrk")]);
+        let h = headers_of(&d);
+        assert!(h.get("CC").is_none());
+        assert_eq!(
+            deaths(&h)[0].get("routing-keys"),
+            Some(&FieldValue::Array(vec![
+                FieldValue::from("rk"),
+                FieldValue::from("cc1")
+            ]))
+        );
+    }
+
+    #[test]
+    fn cycles_without_a_rejection_are_detected() {
+        let m = published(FieldTable::new(), None);
+        let expired = dead_letter(&m, &s("qa"), DeadLetterReason::Expired, &s("dlx"), None, 0);
+        let h = headers_of(&expired);
+        assert!(
+            is_cycle(Some(&h), "qa"),
+            "expired out of qa, back into qa: dropped"
+        );
+        assert!(!is_cycle(Some(&h), "qb"));
+        let rejected = dead_letter(&m, &s("qa"), DeadLetterReason::Rejected, &s("dlx"), None, 0);
+        assert!(
+            !is_cycle(Some(&headers_of(&rejected)), "qa"),
+            "a rejection breaks the cycle"
+        );
+        assert!(!is_cycle(None, "qa"));
+    }
 }

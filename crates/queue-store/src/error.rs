@@ -45,50 +45,100 @@ impl StoreError {
     }
 }
 
-/// What was wrong with a queue argument.
+/// What was wrong with a queue argument, printed as RabbitMQ 3.10 prints it
+/// (recorded in `tests/data/rabbitmq_3_10_queue_args.md`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ArgProblem {
-    /// The value has a type the argument does not accept (RabbitMQ's type name).
+    /// A number was expected; RabbitMQ's name of the type received.
+    ExpectedInteger(&'static str),
+    /// The value has a type the argument does not accept.
     UnacceptableType(&'static str),
     /// A number that must not be negative was.
     Negative(i64),
-    /// A number that must be positive was zero or negative.
-    NotPositive(i64),
-    /// A number above the argument's maximum.
+    /// `x-expires` of 0.
+    Zero,
+    /// A duration over RabbitMQ's ten-year maximum.
     TooLarge(i64),
-    /// A string value the argument does not know.
-    UnknownValue(String),
+    /// `x-max-priority` over 255.
+    MaxValueExceeded(i64),
+    /// An `x-overflow` string that is not a known mode.
+    InvalidOverflow,
+    /// An unknown `x-queue-mode`.
+    UnsupportedQueueMode(String),
+    /// An unknown or unsupported `x-queue-type`.
+    UnsupportedQueueType(String),
+    /// `x-dead-letter-routing-key` without `x-dead-letter-exchange`.
+    RoutingKeyButNoDlx,
 }
 
 impl std::fmt::Display for ArgProblem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
+            ArgProblem::ExpectedInteger(t) => write!(f, "\"expected integer, got {t}\""),
             ArgProblem::UnacceptableType(t) => write!(f, "{{unacceptable_type,{t}}}"),
             ArgProblem::Negative(v) => write!(f, "{{value_negative,{v}}}"),
-            ArgProblem::NotPositive(v) => write!(f, "{{value_zero_or_less,{v}}}"),
+            ArgProblem::Zero => write!(f, "{{value_zero,0}}"),
             ArgProblem::TooLarge(v) => write!(f, "{{value_too_large,{v}}}"),
-            ArgProblem::UnknownValue(v) => write!(f, "{{unknown_value,<<\"{v}\">>}}"),
+            ArgProblem::MaxValueExceeded(v) => write!(f, "{{max_value_exceeded,{v}}}"),
+            ArgProblem::InvalidOverflow => write!(f, "invalid_overflow"),
+            ArgProblem::UnsupportedQueueMode(m) => write!(f, "\"unsupported queue mode '{m}'\""),
+            ArgProblem::UnsupportedQueueType(t) => write!(f, "\"unsupported queue type '{t}'\""),
+            ArgProblem::RoutingKeyButNoDlx => write!(f, "routing_key_but_no_dlx_defined"),
         }
     }
 }
 
-/// An invalid queue argument: 406 PRECONDITION_FAILED.
+/// An invalid queue declaration: 406 PRECONDITION_FAILED.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid arg '{arg}' for queue '{queue}' in vhost '{vhost}': {problem}")]
-pub struct ArgError {
-    /// The argument's name.
-    pub arg: &'static str,
-    /// Queue name.
-    pub queue: String,
-    /// Vhost name.
-    pub vhost: String,
-    /// What was wrong.
-    pub problem: ArgProblem,
+pub enum ArgError {
+    /// An argument's value is wrong.
+    #[error("invalid arg '{arg}' for queue '{queue}' in vhost '{vhost}': {problem}")]
+    Invalid {
+        /// The argument's name.
+        arg: &'static str,
+        /// Queue name.
+        queue: String,
+        /// Vhost name.
+        vhost: String,
+        /// What was wrong.
+        problem: ArgProblem,
+    },
+    /// `x-dead-letter-exchange` of a type other than long string.
+    #[error("invalid type '{type_name}' for arg '{arg}' in queue '{queue}' in vhost '{vhost}'")]
+    InvalidType {
+        /// The argument's name.
+        arg: &'static str,
+        /// RabbitMQ's name of the type received.
+        type_name: &'static str,
+        /// Queue name.
+        queue: String,
+        /// Vhost name.
+        vhost: String,
+    },
+    /// A queue property the queue type does not allow (`x-queue-type: quorum`
+    /// must be durable, not exclusive, not auto-delete).
+    #[error("invalid property '{property}' for queue '{queue}' in vhost '{vhost}'")]
+    InvalidProperty {
+        /// `non-durable`, `exclusive-owner` or `auto-delete`.
+        property: &'static str,
+        /// Queue name.
+        queue: String,
+        /// Vhost name.
+        vhost: String,
+    },
 }
 
 impl ArgError {
     /// Always 406.
     pub fn reply_code(&self) -> u16 {
         reply_code::PRECONDITION_FAILED
+    }
+
+    /// The problem with an argument's value, if that is what this is.
+    pub fn problem(&self) -> Option<&ArgProblem> {
+        match self {
+            ArgError::Invalid { problem, .. } => Some(problem),
+            _ => None,
+        }
     }
 }

@@ -27,7 +27,7 @@ pub mod queue;
 pub mod storage;
 pub mod store;
 
-pub use args::{Overflow, QueueArgs};
+pub use args::{Overflow, QueueArgs, QueueType};
 pub use dead_letter::{DeadLetter, DeadLetterReason};
 pub use definitions::{DefKind, scoped_name};
 pub use error::{ArgError, ArgProblem, StoreError};

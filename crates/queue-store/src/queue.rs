@@ -504,6 +504,9 @@ impl Queue {
     pub fn deliver(&mut self, now_ms: u64, ack: bool, fx: &mut Effects) -> Option<Delivery> {
         self.expire(now_ms, fx);
         let entry = self.pop_ready()?;
+        // Whatever expired behind it is now at the head: drop it now, as
+        // RabbitMQ does, so the reported count is right.
+        self.expire(now_ms, fx);
         let delivery = Delivery {
             seq: entry.seq,
             message: entry.msg.clone(),

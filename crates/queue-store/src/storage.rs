@@ -172,14 +172,29 @@ fn def_key(kind: DefKind, key: &[u8]) -> Vec<u8> {
 
 impl SledStorage {
     /// Opens (or creates) the database in `dir`.
+    ///
+    /// sled locks the directory; a previous instance in this process can hold
+    /// the lock for a moment after it was dropped (its I/O threads let go
+    /// last), so a held lock is retried for up to two seconds before giving up.
     pub fn open(dir: &Path) -> Result<SledStorage, StoreError> {
-        let db = sled::Config::new()
+        let config = sled::Config::new()
             .path(dir)
             // Warren decides when to fsync (group commit); sled's own timer
             // still bounds how long acks and other unsynced writes wait.
             .flush_every_ms(Some(500))
-            .cache_capacity(64 << 20)
-            .open()?;
+            .cache_capacity(64 << 20);
+        let mut attempts = 0;
+        let db = loop {
+            match config.open() {
+                Err(sled::Error::Io(e))
+                    if e.kind() == std::io::ErrorKind::WouldBlock && attempts < 100 =>
+                {
+                    attempts += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                other => break other?,
+            }
+        };
         Ok(SledStorage {
             meta: db.open_tree("meta")?,
             definitions: db.open_tree("definitions")?,

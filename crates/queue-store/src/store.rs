@@ -87,6 +87,9 @@ pub struct Store {
     writer: Mutex<Option<JoinHandle<()>>>,
     /// Reference counts of stored message bodies.
     refs: DashMap<MessageId, u32>,
+    /// Bodies submitted but not yet applied by the writer, so that a paged
+    /// message can be loaded the moment after it was paged out.
+    unwritten: Arc<DashMap<MessageId, Arc<Message>>>,
     next_message: AtomicU64,
     stats: Arc<StoreStats>,
 }
@@ -155,11 +158,13 @@ impl Store {
             wake: Condvar::new(),
         });
         let stats = Arc::new(StoreStats::default());
+        let unwritten = Arc::new(DashMap::new());
         let writer = {
             let (storage, shared, stats) = (storage.clone(), shared.clone(), stats.clone());
+            let unwritten = unwritten.clone();
             std::thread::Builder::new()
                 .name("warren-store-writer".into())
-                .spawn(move || write_loop(storage.as_ref(), &shared, &stats))
+                .spawn(move || write_loop(storage.as_ref(), &shared, &stats, &unwritten))
                 .map_err(|e| StoreError::Engine(format!("cannot start writer thread: {e}")))?
         };
         let store = Store {
@@ -167,6 +172,7 @@ impl Store {
             shared,
             writer: Mutex::new(Some(writer)),
             refs,
+            unwritten,
             next_message: AtomicU64::new(max_id + 1),
             stats,
         };
@@ -203,6 +209,7 @@ impl Store {
                 if *n > 1 {
                     continue;
                 }
+                self.unwritten.insert(m.id, m.clone());
             }
             pending.writes.push(w);
         }
@@ -225,6 +232,7 @@ impl Store {
         };
         if last {
             self.refs.remove(&id);
+            self.unwritten.remove(&id);
             pending.writes.push(Write::DeleteMessage(id));
             drop(pending);
             self.shared.wake.notify_one();
@@ -260,6 +268,9 @@ impl Store {
     /// served from its cache, but it may touch the disk, so async callers
     /// should not call it on a runtime worker for many messages in a row.
     pub fn load(&self, id: MessageId) -> Result<Option<Arc<Message>>, StoreError> {
+        if let Some(m) = self.unwritten.get(&id) {
+            return Ok(Some(m.clone()));
+        }
         Ok(self.storage.message(id)?.map(Arc::new))
     }
 
@@ -298,7 +309,12 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-fn write_loop(storage: &dyn Storage, shared: &Shared, stats: &StoreStats) {
+fn write_loop(
+    storage: &dyn Storage,
+    shared: &Shared,
+    stats: &StoreStats,
+    unwritten: &DashMap<MessageId, Arc<Message>>,
+) {
     let mut writes = Vec::new();
     let mut waiters = Vec::new();
     loop {
@@ -318,6 +334,12 @@ fn write_loop(storage: &dyn Storage, shared: &Shared, stats: &StoreStats) {
         let mut result = Ok(());
         if !writes.is_empty() {
             result = storage.apply(&writes);
+            // Written (or failed for good): readers now go to the storage.
+            for w in &writes {
+                if let Write::PutMessage(m) = w {
+                    unwritten.remove(&m.id);
+                }
+            }
             stats.batches.fetch_add(1, Ordering::Relaxed);
             stats
                 .writes
