@@ -29,24 +29,46 @@ fn rss_kib(field: &str) -> u64 {
 }
 
 fn main() {
-    let n: u64 = std::env::args().nth(1).map_or(1_000_000, |a| a.parse().expect("a count"));
+    let n: u64 = std::env::args()
+        .nth(1)
+        .map_or(1_000_000, |a| a.parse().expect("a count"));
     let dir = tempfile::tempdir().unwrap();
     let (store, _) = Store::open(dir.path()).unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
-    let mut q = Queue::new(1, ShortStr::from_static("backlog"), true, QueueArgs::default(), FieldTable::new(), 0);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let mut q = Queue::new(
+        1,
+        ShortStr::from_static("backlog"),
+        true,
+        QueueArgs::default(),
+        FieldTable::new(),
+        0,
+    );
     let mut fx = Effects::default();
     let header = ContentHeader {
         class_id: class_id::BASIC,
         weight: 0,
         body_size: 100,
-        properties: BasicProperties { delivery_mode: Some(2), ..Default::default() }.to_raw().unwrap(),
+        properties: BasicProperties {
+            delivery_mode: Some(2),
+            ..Default::default()
+        }
+        .to_raw()
+        .unwrap(),
     };
     let body = Bytes::from(vec![7u8; 100]);
     let rss_before = rss_kib("VmRSS:");
 
     let start = Instant::now();
     for i in 0..n {
-        let m = Message::new(store.next_message_id(), ShortStr::from_static(""), ShortStr::from_static("backlog"), header.clone(), body.clone());
+        let m = Message::new(
+            store.next_message_id(),
+            ShortStr::from_static(""),
+            ShortStr::from_static("backlog"),
+            header.clone(),
+            body.clone(),
+        );
         q.publish(&m, 0, &mut fx);
         if i % 1000 == 999 {
             store.submit(fx.writes.drain(..));

@@ -1,0 +1,266 @@
+//! [`Broker`]: the running broker — configuration, the store, vhosts, users —
+//! and [`start`], which opens the store, recovers, and accepts connections
+//! until shut down. Used by the `warren` binary and by the integration tests
+//! (which start brokers in-process on ephemeral ports).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use amqp_codec::ShortStr;
+use dashmap::DashMap;
+use queue_store::{Effects, Store, StoreError};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::queue::{QueueHandle, now_ms};
+use crate::vhost::Vhost;
+
+/// Broker settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where sled keeps its files.
+    pub data_dir: PathBuf,
+    /// AMQP listener address.
+    pub bind: SocketAddr,
+    /// Largest message body accepted.
+    pub max_message_size: u64,
+    /// `frame_max` offered in `connection.tune`.
+    pub frame_max: u32,
+    /// `channel_max` offered in `connection.tune`.
+    pub channel_max: u16,
+    /// Heartbeat offered in `connection.tune`, seconds.
+    pub heartbeat: u16,
+    /// Time allowed for the handshake.
+    pub handshake_timeout: Duration,
+    /// Default user created in an empty data directory.
+    pub default_user: String,
+    /// Its password.
+    pub default_pass: String,
+    /// Whether the default user may log in only from loopback (RabbitMQ's
+    /// `loopback_users`).
+    pub default_user_loopback_only: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("data"),
+            bind: SocketAddr::from(([0, 0, 0, 0], 5672)),
+            max_message_size: 128 << 20,
+            frame_max: 131_072,
+            channel_max: 2047,
+            heartbeat: 60,
+            handshake_timeout: Duration::from_secs(10),
+            default_user: "guest".into(),
+            default_pass: "guest".into(),
+            default_user_loopback_only: true,
+        }
+    }
+}
+
+/// The running broker.
+#[derive(Debug)]
+pub struct Broker {
+    /// Settings.
+    pub config: Config,
+    /// Durable storage.
+    pub store: Store,
+    vhosts: DashMap<String, Arc<Vhost>>,
+    next_queue: AtomicU64,
+    next_connection: AtomicU64,
+    /// Cancelled on shutdown.
+    pub shutdown: CancellationToken,
+    /// Every task the broker spawned.
+    pub tracker: TaskTracker,
+}
+
+impl Broker {
+    /// The vhost called `name`.
+    pub fn vhost(&self, name: &str) -> Option<Arc<Vhost>> {
+        self.vhosts.get(name).map(|v| v.value().clone())
+    }
+
+    /// A fresh queue storage id.
+    pub fn next_queue_id(&self) -> u64 {
+        self.next_queue.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Keeps fresh ids above a recovered one.
+    pub fn note_queue_id(&self, id: u64) {
+        self.next_queue.fetch_max(id + 1, Ordering::Relaxed);
+    }
+
+    /// A fresh connection id.
+    pub fn next_connection_id(&self) -> u64 {
+        self.next_connection.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Checks a login. Users and permissions beyond the default user arrive
+    /// with the security issue; until then the default user is the only one.
+    pub fn authenticate(&self, user: &str, pass: &str, peer: SocketAddr) -> Result<(), String> {
+        if user != self.config.default_user || pass != self.config.default_pass {
+            return Err(format!("invalid credentials for user '{user}'"));
+        }
+        if self.config.default_user_loopback_only && !peer.ip().is_loopback() {
+            return Err(format!("user '{user}' can only connect via localhost"));
+        }
+        Ok(())
+    }
+}
+
+/// A started broker: where it listens and how to stop it.
+#[derive(Debug)]
+pub struct BrokerHandle {
+    /// The broker.
+    pub broker: Arc<Broker>,
+    /// The bound AMQP address (useful with port 0).
+    pub addr: SocketAddr,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl BrokerHandle {
+    /// Graceful shutdown: stop accepting, close connections with 320, flush
+    /// the store, wait for every task.
+    pub async fn shutdown(self) -> Result<(), StoreError> {
+        self.broker.shutdown.cancel();
+        let _ = self.accept.await;
+        self.broker.tracker.close();
+        self.broker.tracker.wait().await;
+        self.broker.store.close()
+    }
+}
+
+/// Errors starting the broker.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The data directory could not be opened.
+    #[error("cannot open data directory: {0}")]
+    Store(#[from] StoreError),
+    /// The listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
+}
+
+/// Opens the store, recovers definitions and messages, and starts accepting
+/// AMQP connections.
+pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
+    let dir = config.data_dir.clone();
+    let (store, mut recovered) = tokio::task::spawn_blocking(move || Store::open(&dir))
+        .await
+        .map_err(|e| StoreError::Engine(e.to_string()))??;
+    let broker = Arc::new(Broker {
+        config,
+        store,
+        vhosts: DashMap::new(),
+        next_queue: AtomicU64::new(1),
+        next_connection: AtomicU64::new(1),
+        shutdown: CancellationToken::new(),
+        tracker: TaskTracker::new(),
+    });
+    let vhost = Arc::new(Vhost::new(ShortStr::from_static("/")));
+    broker.vhosts.insert("/".into(), vhost.clone());
+    let queues = vhost.recover(&broker, &mut recovered);
+    let listener = TcpListener::bind(broker.config.bind)
+        .await
+        .map_err(|source| StartError::Listen {
+            addr: broker.config.bind,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| StartError::Listen {
+        addr: broker.config.bind,
+        source,
+    })?;
+    tracing::info!(%addr, data_dir = %broker.config.data_dir.display(), queues, "warren listening");
+    let accept = tokio::spawn(accept_loop(broker.clone(), listener));
+    Ok(BrokerHandle {
+        broker,
+        addr,
+        accept,
+    })
+}
+
+async fn accept_loop(broker: Arc<Broker>, listener: TcpListener) {
+    loop {
+        tokio::select! {
+            _ = broker.shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((socket, peer)) => {
+                    let _ = socket.set_nodelay(true);
+                    let b = broker.clone();
+                    broker.tracker.spawn(crate::connection::serve(b, socket, peer));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+}
+
+/// A queue's timer: expires messages as their TTL runs out (so an idle queue
+/// dead-letters promptly) and deletes the queue when `x-expires` says it has
+/// been unused too long.
+pub fn spawn_housekeeping(broker: &Arc<Broker>, vhost: Arc<Vhost>, q: Arc<QueueHandle>) {
+    let broker = broker.clone();
+    let tracker = broker.tracker.clone();
+    tracker.spawn(async move {
+        loop {
+            let (deadline, unused_deadline) = {
+                let st = q.state.lock();
+                if st.deleted {
+                    return;
+                }
+                let unused = if st.consumers.is_empty() {
+                    st.queue.unused_deadline()
+                } else {
+                    None
+                };
+                (st.queue.next_expiry(), unused)
+            };
+            let next = [deadline, unused_deadline].into_iter().flatten().min();
+            let sleep = async {
+                match next {
+                    Some(at) => {
+                        let wait = at.saturating_sub(now_ms());
+                        tokio::time::sleep(Duration::from_millis(wait)).await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                _ = broker.shutdown.cancelled() => return,
+                _ = q.wake.notified() => continue,
+                _ = sleep => {}
+            }
+            let now = now_ms();
+            if unused_deadline.is_some_and(|d| d <= now) {
+                let still_unused = {
+                    let st = q.state.lock();
+                    st.consumers.is_empty() && st.queue.unused_deadline().is_some_and(|d| d <= now)
+                };
+                if still_unused {
+                    tracing::info!(queue = %q.name, "queue expired (x-expires)");
+                    let _ = vhost.delete_queue(&broker, &q).await;
+                    return;
+                }
+            }
+            let mut fx = Effects::default();
+            {
+                let mut st = q.state.lock();
+                st.queue.expire(now, &mut fx);
+                st.dispatch(&q, &broker.store, &mut fx);
+            }
+            vhost.apply(&broker, &mut fx);
+        }
+    });
+}

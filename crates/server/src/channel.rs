@@ -1,0 +1,1130 @@
+//! Channels: the per-channel state machine (`handle_<class>_<method>`), owned
+//! by its connection's task, and [`ChannelShared`], the part queues touch when
+//! they deliver (delivery tags, unacked messages, prefetch, flow).
+//!
+//! ```text
+//!   channel.open ──▶ Open ──(client channel.close)──▶ closed (close-ok sent)
+//!                     │
+//!                     └──(soft error: server channel.close)──▶ Closing
+//!                            └── only channel.close / close-ok accepted ──▶ closed
+//! ```
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+
+use amqp_codec::methods::*;
+use amqp_codec::{
+    Command, CommandAssembler, ContentHeader, FieldTable, Method, ShortStr, encode_method,
+    reply_code,
+};
+use bytes::Bytes;
+use exchange::{BindingDef, Destination, ExchangeDeclare as RouterDeclare, Routed};
+use parking_lot::Mutex;
+use queue_store::{
+    Effects, Enqueued, Message, QueueArgs, args::first_difference, parse_expiration,
+};
+
+use crate::broker::Broker;
+use crate::connection::ConnectionShared;
+use crate::error::AmqpError;
+use crate::queue::{Consumer, QueueHandle, encode_content, now_ms};
+use crate::vhost::Vhost;
+
+/// One unacknowledged delivery on a channel.
+#[derive(Debug, Clone)]
+pub struct Unacked {
+    /// Queue id.
+    pub queue: u64,
+    /// The queue's handle for the message.
+    pub seq: u64,
+    /// The consumer's unacked counter (none for `basic.get`).
+    pub consumer_unacked: Option<Arc<AtomicU32>>,
+}
+
+#[derive(Debug, Default)]
+struct Deliveries {
+    next_tag: u64,
+    unacked: BTreeMap<u64, Unacked>,
+    /// `basic.qos` with global=true: limit for the whole channel (0 = none).
+    global_prefetch: u16,
+    flow_active: bool,
+    closed: bool,
+    /// Consumer tag → queue id, for cancels.
+    consumers: HashMap<ShortStr, u64>,
+}
+
+/// The part of a channel that queues and other tasks touch.
+#[derive(Debug)]
+pub struct ChannelShared {
+    /// Channel number.
+    pub id: u16,
+    /// Its connection.
+    pub connection: Arc<ConnectionShared>,
+    deliveries: Mutex<Deliveries>,
+}
+
+impl ChannelShared {
+    fn new(id: u16, connection: Arc<ConnectionShared>) -> Arc<ChannelShared> {
+        Arc::new(ChannelShared {
+            id,
+            connection,
+            deliveries: Mutex::new(Deliveries {
+                next_tag: 1,
+                flow_active: true,
+                ..Deliveries::default()
+            }),
+        })
+    }
+
+    /// Whether a queue may deliver to this channel now.
+    pub fn can_deliver(&self) -> bool {
+        let d = self.deliveries.lock();
+        !d.closed
+            && d.flow_active
+            && (d.global_prefetch == 0 || d.unacked.len() < usize::from(d.global_prefetch))
+            && !self.connection.outbox.is_full()
+    }
+
+    /// Allocates a delivery tag, remembering the delivery if it needs an ack.
+    pub fn next_delivery(&self, unacked: Option<Unacked>) -> u64 {
+        let mut d = self.deliveries.lock();
+        let tag = d.next_tag;
+        d.next_tag += 1;
+        if let Some(u) = unacked {
+            d.unacked.insert(tag, u);
+        }
+        tag
+    }
+
+    /// Writes a method frame.
+    pub fn write_method(&self, method: &Method) {
+        self.connection.outbox.write(|buf| {
+            if let Err(e) = encode_method(buf, self.id, method) {
+                tracing::error!(error = %e, "cannot encode {}", method.name());
+            }
+        });
+    }
+
+    /// Writes a content-carrying method with header and body.
+    pub fn write_content(&self, method: &Method, header: &ContentHeader, body: &[u8]) {
+        let frame_max = self.connection.frame_max.load(Ordering::Relaxed);
+        self.connection
+            .outbox
+            .write(|buf| encode_content(buf, self.id, method, header, body, frame_max));
+    }
+
+    /// Forgets a consumer the broker cancelled.
+    pub fn forget_consumer(&self, tag: &ShortStr) {
+        self.deliveries.lock().consumers.remove(tag);
+    }
+
+    /// Removes the deliveries an ack/nack/reject names. `tag` 0 with
+    /// `multiple` means every outstanding delivery.
+    fn take(&self, tag: u64, multiple: bool) -> Result<Vec<Unacked>, AmqpError> {
+        let mut d = self.deliveries.lock();
+        if multiple {
+            let rest = d.unacked.split_off(&(tag.saturating_add(1)));
+            let taken = std::mem::replace(&mut d.unacked, rest);
+            if taken.is_empty() && tag != 0 {
+                return Err(AmqpError::precondition_failed(format!(
+                    "unknown delivery tag {tag}"
+                )));
+            }
+            return Ok(taken.into_values().collect());
+        }
+        d.unacked
+            .remove(&tag)
+            .map(|u| vec![u])
+            .ok_or_else(|| AmqpError::precondition_failed(format!("unknown delivery tag {tag}")))
+    }
+
+    /// Checks that `tag` names outstanding deliveries, without settling them.
+    fn check(&self, tag: u64, multiple: bool) -> Result<(), AmqpError> {
+        let d = self.deliveries.lock();
+        let known = if multiple {
+            tag == 0 || d.unacked.range(..=tag).next().is_some()
+        } else {
+            d.unacked.contains_key(&tag)
+        };
+        if known {
+            Ok(())
+        } else {
+            Err(AmqpError::precondition_failed(format!(
+                "unknown delivery tag {tag}"
+            )))
+        }
+    }
+
+    fn take_all(&self) -> Vec<Unacked> {
+        std::mem::take(&mut self.deliveries.lock().unacked)
+            .into_values()
+            .collect()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Open,
+    /// The broker sent `channel.close`; waiting for `close-ok`.
+    Closing,
+}
+
+/// Publisher-confirm bookkeeping.
+#[derive(Debug, Default)]
+struct Confirms {
+    /// Sequence number of the last publish.
+    published: u64,
+    /// Highest sequence number already acked or nacked.
+    confirmed: u64,
+    /// Publishes of the current batch that were refused (nack).
+    nacked: Vec<u64>,
+    /// Whether the current batch wrote to the store (ack after fsync).
+    needs_sync: bool,
+    /// Commits in flight for earlier batches (later acks must wait for them).
+    in_flight: Arc<AtomicUsize>,
+}
+
+/// A publish or an acknowledgement held back by a transaction.
+#[derive(Debug)]
+enum TxAction {
+    Publish(BasicPublish, ContentHeader, Bytes),
+    Ack(BasicAck),
+    Nack(BasicNack),
+    Reject(BasicReject),
+}
+
+/// A channel's state machine.
+#[derive(Debug)]
+pub struct Channel {
+    /// Shared part.
+    pub shared: Arc<ChannelShared>,
+    /// Frame → command.
+    pub assembler: CommandAssembler,
+    state: State,
+    confirms: Option<Confirms>,
+    tx: Option<Vec<TxAction>>,
+    /// Prefetch for consumers started from now on (`basic.qos` global=false).
+    prefetch: u16,
+    /// This channel's consumers: tag → queue.
+    consumers: Vec<(ShortStr, Arc<QueueHandle>)>,
+    routed: Routed,
+    fx: Effects,
+}
+
+fn server_name(prefix: &str) -> ShortStr {
+    use rand::Rng;
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut rng = rand::rng();
+    let suffix: String = (0..22)
+        .map(|_| char::from(ALPHABET[rng.random_range(0..ALPHABET.len())]))
+        .collect();
+    ShortStr::try_from(format!("{prefix}{suffix}")).unwrap_or_default()
+}
+
+impl Channel {
+    /// A newly opened channel.
+    pub fn new(id: u16, connection: Arc<ConnectionShared>, max_body: u64) -> Channel {
+        Channel {
+            shared: ChannelShared::new(id, connection),
+            assembler: CommandAssembler::new(max_body),
+            state: State::Open,
+            confirms: None,
+            tx: None,
+            prefetch: 0,
+            consumers: Vec::new(),
+            routed: Routed::default(),
+            fx: Effects::default(),
+        }
+    }
+
+    /// Lets the queues this channel consumes from deliver again.
+    pub fn redispatch(&self, broker: &Arc<Broker>, vhost: &Vhost) {
+        vhost.dispatch_channel(broker, &self.consumers);
+    }
+
+    /// Whether the broker closed this channel and awaits `close-ok`.
+    pub fn is_closing(&self) -> bool {
+        self.state == State::Closing
+    }
+
+    /// Sends `channel.close` for a soft error and stops processing until `close-ok`.
+    pub fn fail(&mut self, broker: &Arc<Broker>, vhost: &Vhost, e: &AmqpError) {
+        tracing::info!(channel = self.shared.id, error = %e, "closing channel");
+        self.release(broker, vhost);
+        self.state = State::Closing;
+        self.assembler.reset();
+        self.shared
+            .write_method(&Method::ChannelClose(ChannelClose {
+                reply_code: e.code,
+                reply_text: ShortStr::try_from(e.reply_text()).unwrap_or_default(),
+                class_id: e.class_id,
+                method_id: e.method_id,
+            }));
+    }
+
+    /// Cancels consumers and requeues unacknowledged messages (channel or
+    /// connection closing).
+    pub fn release(&mut self, broker: &Arc<Broker>, vhost: &Vhost) {
+        self.shared.deliveries.lock().closed = true;
+        for (tag, queue) in std::mem::take(&mut self.consumers) {
+            vhost.cancel_consumer(broker, &queue, &tag);
+        }
+        let unacked = self.shared.take_all();
+        vhost.settle(broker, unacked, Settle::Requeue);
+    }
+
+    /// Handles one complete command.
+    pub async fn handle(
+        &mut self,
+        broker: &Arc<Broker>,
+        vhost: &Arc<Vhost>,
+        cmd: Command,
+    ) -> Result<ChannelOutcome, AmqpError> {
+        let (class_id, method_id) = (cmd.method.class_id(), cmd.method.method_id());
+        if self.state == State::Closing {
+            return Ok(match cmd.method {
+                Method::ChannelCloseOk(_) => ChannelOutcome::Closed,
+                Method::ChannelClose(_) => {
+                    self.shared
+                        .write_method(&Method::ChannelCloseOk(ChannelCloseOk {}));
+                    ChannelOutcome::Closed
+                }
+                _ => ChannelOutcome::Open,
+            });
+        }
+        self.dispatch(broker, vhost, cmd).await.map_err(|e| {
+            if e.class_id == 0 {
+                e.on(class_id, method_id)
+            } else {
+                e
+            }
+        })
+    }
+
+    async fn dispatch(
+        &mut self,
+        broker: &Arc<Broker>,
+        vhost: &Arc<Vhost>,
+        cmd: Command,
+    ) -> Result<ChannelOutcome, AmqpError> {
+        let Command { method, content } = cmd;
+        match method {
+            Method::ChannelClose(_) => {
+                self.release(broker, vhost);
+                self.shared
+                    .write_method(&Method::ChannelCloseOk(ChannelCloseOk {}));
+                return Ok(ChannelOutcome::Closed);
+            }
+            Method::ChannelCloseOk(_) => {
+                return Err(AmqpError::command_invalid("unexpected channel.close-ok"));
+            }
+            Method::ChannelOpen(_) => {
+                return Err(AmqpError::channel_error("second 'channel.open' seen"));
+            }
+            Method::ChannelFlow(m) => self.handle_channel_flow(broker, vhost, m),
+            Method::ChannelFlowOk(_) => {}
+            Method::AccessRequest(_) => self
+                .shared
+                .write_method(&Method::AccessRequestOk(AccessRequestOk { ticket: 1 })),
+            Method::ExchangeDeclare(m) => self.handle_exchange_declare(broker, vhost, m).await?,
+            Method::ExchangeDelete(m) => self.handle_exchange_delete(broker, vhost, m).await?,
+            Method::ExchangeBind(m) => {
+                let def = BindingDef {
+                    source: m.source,
+                    destination: Destination::Exchange(m.destination),
+                    routing_key: m.routing_key,
+                    arguments: m.arguments,
+                };
+                vhost.bind(broker, &def).await?;
+                if !m.nowait {
+                    self.shared
+                        .write_method(&Method::ExchangeBindOk(ExchangeBindOk {}));
+                }
+            }
+            Method::ExchangeUnbind(m) => {
+                let def = BindingDef {
+                    source: m.source,
+                    destination: Destination::Exchange(m.destination),
+                    routing_key: m.routing_key,
+                    arguments: m.arguments,
+                };
+                vhost.unbind(broker, &def).await?;
+                if !m.nowait {
+                    self.shared
+                        .write_method(&Method::ExchangeUnbindOk(ExchangeUnbindOk {}));
+                }
+            }
+            Method::QueueDeclare(m) => self.handle_queue_declare(broker, vhost, m).await?,
+            Method::QueueBind(m) => {
+                let queue = vhost
+                    .queue_for(&m.queue, self.shared.connection.id)?
+                    .name
+                    .clone();
+                let def = BindingDef {
+                    source: m.exchange,
+                    destination: Destination::Queue(queue),
+                    routing_key: m.routing_key,
+                    arguments: m.arguments,
+                };
+                vhost.bind(broker, &def).await?;
+                if !m.nowait {
+                    self.shared
+                        .write_method(&Method::QueueBindOk(QueueBindOk {}));
+                }
+            }
+            Method::QueueUnbind(m) => {
+                let queue = m.queue;
+                let def = BindingDef {
+                    source: m.exchange,
+                    destination: Destination::Queue(queue),
+                    routing_key: m.routing_key,
+                    arguments: m.arguments,
+                };
+                vhost.unbind(broker, &def).await?;
+                self.shared
+                    .write_method(&Method::QueueUnbindOk(QueueUnbindOk {}));
+            }
+            Method::QueuePurge(m) => {
+                let queue = vhost.queue_for(&m.queue, self.shared.connection.id)?;
+                let count = vhost.purge(broker, &queue);
+                if !m.nowait {
+                    self.shared
+                        .write_method(&Method::QueuePurgeOk(QueuePurgeOk {
+                            message_count: count as u32,
+                        }));
+                }
+            }
+            Method::QueueDelete(m) => self.handle_queue_delete(broker, vhost, m).await?,
+            Method::BasicQos(m) => {
+                if m.global {
+                    self.shared.deliveries.lock().global_prefetch = m.prefetch_count;
+                } else {
+                    self.prefetch = m.prefetch_count;
+                }
+                self.shared.write_method(&Method::BasicQosOk(BasicQosOk {}));
+                vhost.dispatch_channel(broker, &self.consumers);
+            }
+            Method::BasicConsume(m) => self.handle_basic_consume(broker, vhost, m)?,
+            Method::BasicCancel(m) => {
+                if let Some(pos) = self
+                    .consumers
+                    .iter()
+                    .position(|(t, _)| *t == m.consumer_tag)
+                {
+                    let (tag, queue) = self.consumers.remove(pos);
+                    self.shared.forget_consumer(&tag);
+                    vhost.cancel_consumer(broker, &queue, &tag);
+                }
+                if !m.nowait {
+                    self.shared
+                        .write_method(&Method::BasicCancelOk(BasicCancelOk {
+                            consumer_tag: m.consumer_tag,
+                        }));
+                }
+            }
+            Method::BasicPublish(m) => {
+                let Some(content) = content else {
+                    return Err(AmqpError::unexpected_frame("basic.publish without content"));
+                };
+                if m.immediate {
+                    return Err(AmqpError::not_implemented("immediate=true"));
+                }
+                match &mut self.tx {
+                    Some(actions) => {
+                        actions.push(TxAction::Publish(m, content.header, content.body))
+                    }
+                    None => self.publish(broker, vhost, m, content.header, content.body)?,
+                }
+            }
+            Method::BasicGet(m) => self.handle_basic_get(broker, vhost, m)?,
+            Method::BasicAck(m) => match &mut self.tx {
+                Some(actions) => {
+                    self.shared.check(m.delivery_tag, m.multiple)?;
+                    actions.push(TxAction::Ack(m));
+                }
+                None => {
+                    let taken = self.shared.take(m.delivery_tag, m.multiple)?;
+                    vhost.settle(broker, taken, Settle::Ack);
+                }
+            },
+            Method::BasicNack(m) => match &mut self.tx {
+                Some(actions) => {
+                    self.shared.check(m.delivery_tag, m.multiple)?;
+                    actions.push(TxAction::Nack(m));
+                }
+                None => {
+                    let taken = self.shared.take(m.delivery_tag, m.multiple)?;
+                    vhost.settle(
+                        broker,
+                        taken,
+                        if m.requeue {
+                            Settle::Requeue
+                        } else {
+                            Settle::Reject
+                        },
+                    );
+                }
+            },
+            Method::BasicReject(m) => match &mut self.tx {
+                Some(actions) => {
+                    self.shared.check(m.delivery_tag, false)?;
+                    actions.push(TxAction::Reject(m));
+                }
+                None => {
+                    let taken = self.shared.take(m.delivery_tag, false)?;
+                    vhost.settle(
+                        broker,
+                        taken,
+                        if m.requeue {
+                            Settle::Requeue
+                        } else {
+                            Settle::Reject
+                        },
+                    );
+                }
+            },
+            Method::BasicRecover(m) => {
+                if !m.requeue {
+                    return Err(AmqpError::not_implemented("requeue=false"));
+                }
+                let unacked = self.shared.take_all();
+                vhost.settle(broker, unacked, Settle::Requeue);
+                self.shared
+                    .write_method(&Method::BasicRecoverOk(BasicRecoverOk {}));
+            }
+            Method::BasicRecoverAsync(m) => {
+                if m.requeue {
+                    let unacked = self.shared.take_all();
+                    vhost.settle(broker, unacked, Settle::Requeue);
+                }
+            }
+            Method::ConfirmSelect(m) => {
+                if self.tx.is_some() {
+                    return Err(AmqpError::precondition_failed(
+                        "cannot switch from tx to confirm mode",
+                    ));
+                }
+                self.confirms.get_or_insert_with(Confirms::default);
+                if !m.nowait {
+                    self.shared
+                        .write_method(&Method::ConfirmSelectOk(ConfirmSelectOk {}));
+                }
+            }
+            Method::TxSelect(_) => {
+                if self.confirms.is_some() {
+                    return Err(AmqpError::precondition_failed(
+                        "cannot switch from confirm to tx mode",
+                    ));
+                }
+                self.tx.get_or_insert_with(Vec::new);
+                self.shared.write_method(&Method::TxSelectOk(TxSelectOk {}));
+            }
+            Method::TxCommit(_) => {
+                let Some(actions) = self.tx.replace(Vec::new()) else {
+                    return Err(AmqpError::precondition_failed(
+                        "channel is not transactional",
+                    ));
+                };
+                self.commit(broker, vhost, actions)?;
+                broker.store.commit().await?;
+                self.shared.write_method(&Method::TxCommitOk(TxCommitOk {}));
+            }
+            Method::TxRollback(_) => {
+                // Publishes and acknowledgements of the transaction are
+                // dropped; the deliveries stay unacknowledged.
+                if self.tx.replace(Vec::new()).is_none() {
+                    return Err(AmqpError::precondition_failed(
+                        "channel is not transactional",
+                    ));
+                }
+                self.shared
+                    .write_method(&Method::TxRollbackOk(TxRollbackOk {}));
+            }
+            other => {
+                return Err(AmqpError::command_invalid(format!(
+                    "unexpected method {} on a channel",
+                    other.name()
+                )));
+            }
+        }
+        Ok(ChannelOutcome::Open)
+    }
+
+    fn handle_channel_flow(&mut self, broker: &Arc<Broker>, vhost: &Vhost, m: ChannelFlow) {
+        self.shared.deliveries.lock().flow_active = m.active;
+        self.shared
+            .write_method(&Method::ChannelFlowOk(ChannelFlowOk { active: m.active }));
+        if m.active {
+            vhost.dispatch_channel(broker, &self.consumers);
+        }
+    }
+
+    async fn handle_exchange_declare(
+        &mut self,
+        broker: &Arc<Broker>,
+        vhost: &Vhost,
+        m: ExchangeDeclare,
+    ) -> Result<(), AmqpError> {
+        let decl = RouterDeclare {
+            name: &m.exchange,
+            kind: &m.kind,
+            durable: m.durable,
+            auto_delete: m.auto_delete,
+            internal: m.internal,
+            arguments: &m.arguments,
+        };
+        vhost.declare_exchange(broker, decl, m.passive).await?;
+        if !m.nowait {
+            self.shared
+                .write_method(&Method::ExchangeDeclareOk(ExchangeDeclareOk {}));
+        }
+        Ok(())
+    }
+
+    async fn handle_exchange_delete(
+        &mut self,
+        broker: &Arc<Broker>,
+        vhost: &Vhost,
+        m: amqp_codec::methods::ExchangeDelete,
+    ) -> Result<(), AmqpError> {
+        vhost
+            .delete_exchange(broker, &m.exchange, m.if_unused)
+            .await?;
+        if !m.nowait {
+            self.shared
+                .write_method(&Method::ExchangeDeleteOk(ExchangeDeleteOk {}));
+        }
+        Ok(())
+    }
+
+    async fn handle_queue_declare(
+        &mut self,
+        broker: &Arc<Broker>,
+        vhost: &Arc<Vhost>,
+        m: QueueDeclare,
+    ) -> Result<(), AmqpError> {
+        let conn = self.shared.connection.id;
+        let name = if m.queue.is_empty() && !m.passive {
+            server_name("amq.gen-")
+        } else {
+            m.queue.clone()
+        };
+        let (queue, messages, consumers) = if m.passive {
+            let q = vhost.queue_for(&name, conn)?;
+            let st = q.state.lock();
+            (q.name.clone(), st.queue.ready_count(), st.consumers.len())
+        } else {
+            if name.starts_with("amq.") && !m.queue.is_empty() {
+                return Err(AmqpError::access_refused(format!(
+                    "queue name '{name}' contains reserved prefix 'amq.*'"
+                )));
+            }
+            let args = QueueArgs::parse(&m.arguments, &name, vhost.name())?;
+            args.check_properties(m.durable, m.exclusive, m.auto_delete, &name, vhost.name())?;
+            let q = match vhost.find_queue(&name) {
+                Some(existing) => {
+                    vhost.check_exclusive(&existing, conn)?;
+                    check_equivalent(&existing, &m, vhost.name())?;
+                    existing
+                }
+                None => {
+                    vhost
+                        .declare_queue(
+                            broker,
+                            name.clone(),
+                            m.durable,
+                            m.auto_delete,
+                            m.exclusive.then_some(conn),
+                            args,
+                            m.arguments.clone(),
+                        )
+                        .await?
+                }
+            };
+            let mut st = q.state.lock();
+            st.queue.touch(now_ms());
+            (q.name.clone(), st.queue.ready_count(), st.consumers.len())
+        };
+        if !m.nowait {
+            self.shared
+                .write_method(&Method::QueueDeclareOk(QueueDeclareOk {
+                    queue,
+                    message_count: messages as u32,
+                    consumer_count: consumers as u32,
+                }));
+        }
+        Ok(())
+    }
+
+    async fn handle_queue_delete(
+        &mut self,
+        broker: &Arc<Broker>,
+        vhost: &Vhost,
+        m: amqp_codec::methods::QueueDelete,
+    ) -> Result<(), AmqpError> {
+        let count = match vhost.find_queue(&m.queue) {
+            None => 0,
+            Some(q) => {
+                vhost.check_exclusive(&q, self.shared.connection.id)?;
+                {
+                    let st = q.state.lock();
+                    if m.if_unused && !st.consumers.is_empty() {
+                        return Err(AmqpError::precondition_failed(format!(
+                            "queue '{}' in vhost '{}' in use",
+                            q.name,
+                            vhost.name()
+                        )));
+                    }
+                    if m.if_empty && st.queue.ready_count() > 0 {
+                        return Err(AmqpError::precondition_failed(format!(
+                            "queue '{}' in vhost '{}' not empty",
+                            q.name,
+                            vhost.name()
+                        )));
+                    }
+                }
+                self.consumers.retain(|(_, cq)| cq.id != q.id);
+                vhost.delete_queue(broker, &q).await?
+            }
+        };
+        if !m.nowait {
+            self.shared
+                .write_method(&Method::QueueDeleteOk(QueueDeleteOk {
+                    message_count: count as u32,
+                }));
+        }
+        Ok(())
+    }
+
+    fn handle_basic_consume(
+        &mut self,
+        broker: &Arc<Broker>,
+        vhost: &Vhost,
+        m: BasicConsume,
+    ) -> Result<(), AmqpError> {
+        let queue = vhost.queue_for(&m.queue, self.shared.connection.id)?;
+        let tag = if m.consumer_tag.is_empty() {
+            server_name("amq.ctag-")
+        } else {
+            m.consumer_tag.clone()
+        };
+        if self.consumers.iter().any(|(t, _)| *t == tag) {
+            return Err(AmqpError::not_allowed(format!(
+                "attempt to reuse consumer tag '{tag}'"
+            )));
+        }
+        {
+            let mut st = queue.state.lock();
+            if st.consumers.iter().any(|c| c.exclusive) || (m.exclusive && !st.consumers.is_empty())
+            {
+                return Err(AmqpError::access_refused(format!(
+                    "queue '{}' in vhost '{}' in exclusive use",
+                    queue.name,
+                    vhost.name()
+                )));
+            }
+            if !m.nowait {
+                self.shared
+                    .write_method(&Method::BasicConsumeOk(BasicConsumeOk {
+                        consumer_tag: tag.clone(),
+                    }));
+            }
+            st.consumers.push(Consumer {
+                tag: tag.clone(),
+                channel: self.shared.clone(),
+                no_ack: m.no_ack,
+                prefetch: self.prefetch,
+                unacked: Arc::new(AtomicU32::new(0)),
+                exclusive: m.exclusive,
+            });
+            st.queue.touch(now_ms());
+        }
+        self.shared
+            .deliveries
+            .lock()
+            .consumers
+            .insert(tag.clone(), queue.id);
+        self.consumers.push((tag, queue.clone()));
+        vhost.dispatch(broker, &queue);
+        Ok(())
+    }
+
+    fn handle_basic_get(
+        &mut self,
+        broker: &Arc<Broker>,
+        vhost: &Vhost,
+        m: BasicGet,
+    ) -> Result<(), AmqpError> {
+        let queue = vhost.queue_for(&m.queue, self.shared.connection.id)?;
+        let mut fx = std::mem::take(&mut self.fx);
+        let got = {
+            let mut st = queue.state.lock();
+            st.queue.touch(now_ms());
+            st.queue.deliver(now_ms(), !m.no_ack, &mut fx)
+        };
+        match got {
+            None => self
+                .shared
+                .write_method(&Method::BasicGetEmpty(BasicGetEmpty {
+                    cluster_id: ShortStr::default(),
+                })),
+            Some(d) => match crate::queue::load(&d.message, &broker.store) {
+                Some(msg) => {
+                    let tag = self.shared.next_delivery((!m.no_ack).then(|| Unacked {
+                        queue: queue.id,
+                        seq: d.seq,
+                        consumer_unacked: None,
+                    }));
+                    let method = Method::BasicGetOk(BasicGetOk {
+                        delivery_tag: tag,
+                        redelivered: d.redelivered,
+                        exchange: msg.exchange.clone(),
+                        routing_key: msg.routing_key.clone(),
+                        message_count: d.remaining as u32,
+                    });
+                    let header = crate::queue::with_delivery_count(&msg.header, d.delivery_count);
+                    self.shared.write_content(&method, &header, &msg.body);
+                }
+                None => self
+                    .shared
+                    .write_method(&Method::BasicGetEmpty(BasicGetEmpty {
+                        cluster_id: ShortStr::default(),
+                    })),
+            },
+        }
+        vhost.apply(broker, &mut fx);
+        self.fx = fx;
+        Ok(())
+    }
+
+    /// Routes and enqueues one publish (outside a transaction, or at commit).
+    fn publish(
+        &mut self,
+        broker: &Arc<Broker>,
+        vhost: &Vhost,
+        m: BasicPublish,
+        header: ContentHeader,
+        body: Bytes,
+    ) -> Result<(), AmqpError> {
+        let seq = self.confirms.as_mut().map(|c| {
+            c.published += 1;
+            c.published
+        });
+        if let Some(exp) = header.properties.expiration() {
+            if parse_expiration(&exp).is_none() {
+                return Err(AmqpError::precondition_failed(format!(
+                    "invalid expiration '{exp}': {{value_negative,{exp}}}"
+                )));
+            }
+        }
+        if let Some(user) = header.properties.user_id() {
+            if user.as_str() != self.shared.connection.user {
+                return Err(AmqpError::precondition_failed(format!(
+                    "user_id property set to '{user}' but authenticated user was '{}'",
+                    self.shared.connection.user
+                )));
+            }
+        }
+        let headers = if header.properties.has(amqp_codec::Property::Headers) {
+            header.properties.headers().ok().flatten()
+        } else {
+            None
+        };
+        let routed = &mut self.routed;
+        vhost
+            .router
+            .read()
+            .route(&m.exchange, &m.routing_key, headers.as_ref(), routed)?;
+        let header = if routed.has_bcc() {
+            strip_bcc(header, headers)
+        } else {
+            header
+        };
+        let message = Message::new(
+            broker.store.next_message_id(),
+            m.exchange.clone(),
+            m.routing_key.clone(),
+            header,
+            body,
+        );
+        let mut refused = false;
+        let mut wrote = false;
+        let mut fx = std::mem::take(&mut self.fx);
+        for &qid in routed.queues() {
+            let Some(queue) = vhost.queue_by_id(qid.0) else {
+                continue;
+            };
+            let mut st = queue.state.lock();
+            if st.deleted {
+                continue;
+            }
+            let before = fx.writes.len();
+            if st.queue.publish(&message, now_ms(), &mut fx) == Enqueued::Rejected {
+                refused = true;
+            }
+            wrote |= fx.writes.len() > before;
+            st.dispatch(&queue, &broker.store, &mut fx);
+            drop(st);
+            queue.wake.notify_one();
+        }
+        let unroutable = routed.is_unroutable();
+        vhost.apply(broker, &mut fx);
+        self.fx = fx;
+        if unroutable && m.mandatory {
+            self.shared.write_content(
+                &Method::BasicReturn(BasicReturn {
+                    reply_code: reply_code::NO_ROUTE,
+                    reply_text: ShortStr::from_static("NO_ROUTE"),
+                    exchange: m.exchange,
+                    routing_key: m.routing_key,
+                }),
+                &message.header,
+                &message.body,
+            );
+        }
+        if let (Some(c), Some(seq)) = (self.confirms.as_mut(), seq) {
+            c.needs_sync |= wrote;
+            if refused {
+                c.nacked.push(seq);
+            }
+        }
+        Ok(())
+    }
+
+    fn commit(
+        &mut self,
+        broker: &Arc<Broker>,
+        vhost: &Vhost,
+        actions: Vec<TxAction>,
+    ) -> Result<(), AmqpError> {
+        for a in actions {
+            match a {
+                TxAction::Publish(m, header, body) => {
+                    self.publish(broker, vhost, m, header, body)?
+                }
+                // An earlier action of the same transaction may have settled
+                // these tags already (e.g. two multiple acks): nothing left to do.
+                TxAction::Ack(a) => {
+                    if let Ok(taken) = self.shared.take(a.delivery_tag, a.multiple) {
+                        vhost.settle(broker, taken, Settle::Ack);
+                    }
+                }
+                TxAction::Nack(n) => {
+                    if let Ok(taken) = self.shared.take(n.delivery_tag, n.multiple) {
+                        vhost.settle(
+                            broker,
+                            taken,
+                            if n.requeue {
+                                Settle::Requeue
+                            } else {
+                                Settle::Reject
+                            },
+                        );
+                    }
+                }
+                TxAction::Reject(r) => {
+                    if let Ok(taken) = self.shared.take(r.delivery_tag, false) {
+                        vhost.settle(
+                            broker,
+                            taken,
+                            if r.requeue {
+                                Settle::Requeue
+                            } else {
+                                Settle::Reject
+                            },
+                        );
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends the confirms for publishes handled since the last call: at once,
+    /// or after the store's commit point if any of them (or an earlier batch
+    /// still waiting) wrote to the store.
+    pub fn flush_confirms(&mut self, broker: &Arc<Broker>) {
+        let Some(c) = self.confirms.as_mut() else {
+            return;
+        };
+        if c.published == c.confirmed {
+            return;
+        }
+        let (from, to) = (c.confirmed, c.published);
+        c.confirmed = to;
+        let nacked = std::mem::take(&mut c.nacked);
+        let frames = confirm_frames(from, to, &nacked);
+        let wait = std::mem::take(&mut c.needs_sync) || c.in_flight.load(Ordering::Acquire) > 0;
+        if !wait {
+            for f in &frames {
+                self.shared.write_method(f);
+            }
+            return;
+        }
+        c.in_flight.fetch_add(1, Ordering::AcqRel);
+        let in_flight = c.in_flight.clone();
+        let commit = broker.store.commit();
+        let shared = self.shared.clone();
+        broker.tracker.spawn(async move {
+            let result = commit.await;
+            match result {
+                Ok(()) => frames.iter().for_each(|f| shared.write_method(f)),
+                Err(e) => {
+                    tracing::error!(error = %e, "commit failed: nacking publishes");
+                    shared.write_method(&Method::BasicNack(BasicNack {
+                        delivery_tag: to,
+                        multiple: true,
+                        requeue: false,
+                    }));
+                }
+            }
+            in_flight.fetch_sub(1, Ordering::AcqRel);
+        });
+    }
+}
+
+/// The frames confirming publishes `from+1 ..= to`, with `nacked` refused:
+/// multiple acks for the runs between refusals, a single nack for each.
+fn confirm_frames(from: u64, to: u64, nacked: &[u64]) -> Vec<Method> {
+    let mut frames = Vec::new();
+    let mut last = from;
+    for &n in nacked {
+        if n > last + 1 {
+            frames.push(Method::BasicAck(BasicAck {
+                delivery_tag: n - 1,
+                multiple: true,
+            }));
+        }
+        frames.push(Method::BasicNack(BasicNack {
+            delivery_tag: n,
+            multiple: false,
+            requeue: false,
+        }));
+        last = n;
+    }
+    if to > last {
+        frames.push(Method::BasicAck(BasicAck {
+            delivery_tag: to,
+            multiple: to - last > 1,
+        }));
+    }
+    frames
+}
+
+/// Removes the `BCC` header before delivery (sender-selected distribution).
+fn strip_bcc(header: ContentHeader, headers: Option<FieldTable>) -> ContentHeader {
+    let Ok(mut props) = header.properties.decode() else {
+        return header;
+    };
+    let mut h = headers.unwrap_or_default();
+    h.remove("BCC");
+    props.headers = Some(h);
+    match props.to_raw() {
+        Ok(properties) => ContentHeader {
+            properties,
+            ..header
+        },
+        Err(_) => header,
+    }
+}
+
+fn check_equivalent(q: &QueueHandle, m: &QueueDeclare, vhost: &str) -> Result<(), AmqpError> {
+    let ineq = |arg: &str, received: String, current: String| {
+        AmqpError::precondition_failed(format!(
+            "inequivalent arg '{arg}' for queue '{}' in vhost '{vhost}': received {received} but current is {current}",
+            q.name
+        ))
+    };
+    if q.durable != m.durable {
+        return Err(ineq(
+            "durable",
+            format!("'{}'", m.durable),
+            format!("'{}'", q.durable),
+        ));
+    }
+    if q.auto_delete != m.auto_delete {
+        return Err(ineq(
+            "auto_delete",
+            format!("'{}'", m.auto_delete),
+            format!("'{}'", q.auto_delete),
+        ));
+    }
+    if let Some((arg, received, current)) = first_difference(&q.arguments, &m.arguments) {
+        return Err(ineq(arg, received, current));
+    }
+    Ok(())
+}
+
+/// What to do with settled deliveries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settle {
+    /// Acknowledge.
+    Ack,
+    /// Return to the queue.
+    Requeue,
+    /// Reject without requeue (dead-letter or discard).
+    Reject,
+}
+
+/// What a handled command did to the channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChannelOutcome {
+    /// Still open.
+    Open,
+    /// Closed (close-ok sent or received): forget it.
+    Closed,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn confirm_frames_coalesce_runs_around_nacks() {
+        let f = confirm_frames(0, 5, &[]);
+        assert_eq!(
+            f,
+            [Method::BasicAck(BasicAck {
+                delivery_tag: 5,
+                multiple: true
+            })]
+        );
+        let f = confirm_frames(5, 6, &[]);
+        assert_eq!(
+            f,
+            [Method::BasicAck(BasicAck {
+                delivery_tag: 6,
+                multiple: false
+            })]
+        );
+        let f = confirm_frames(0, 6, &[3]);
+        assert_eq!(
+            f,
+            [
+                Method::BasicAck(BasicAck {
+                    delivery_tag: 2,
+                    multiple: true
+                }),
+                Method::BasicNack(BasicNack {
+                    delivery_tag: 3,
+                    multiple: false,
+                    requeue: false
+                }),
+                Method::BasicAck(BasicAck {
+                    delivery_tag: 6,
+                    multiple: true
+                }),
+            ]
+        );
+        let f = confirm_frames(2, 3, &[3]);
+        assert_eq!(
+            f,
+            [Method::BasicNack(BasicNack {
+                delivery_tag: 3,
+                multiple: false,
+                requeue: false
+            })]
+        );
+    }
+}

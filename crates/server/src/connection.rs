@@ -1,0 +1,520 @@
+//! One client connection: the handshake, then one task reading frames and
+//! driving its channels' state machines, with a separate writer draining the
+//! connection's [`Outbox`].
+//!
+//! ```text
+//!  header ─▶ start ─▶ start-ok (auth) ─▶ tune ─▶ tune-ok ─▶ open ─▶ open-ok ─▶ running
+//!  running: frames ─▶ channel 0 (connection.close, update-secret)
+//!                  └▶ channel N ─▶ CommandAssembler ─▶ Channel::handle
+//!  soft error ─▶ channel.close      hard error ─▶ connection.close ─▶ wait close-ok ─▶ done
+//! ```
+//!
+//! Publisher confirms are flushed after each batch of frames read from the
+//! socket, so one read of many publishes yields one coalesced `basic.ack`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use amqp_codec::methods::*;
+use amqp_codec::{
+    FieldTable, FieldValue, Frame, Method, PROTOCOL_HEADER, ProtocolHeaderCheck, ShortStr,
+    check_protocol_header, decode_frame, encode_heartbeat, encode_method, frame_constant,
+};
+use bytes::{BufMut, Bytes, BytesMut};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+use tokio::net::tcp::OwnedReadHalf;
+
+use crate::broker::Broker;
+use crate::channel::{Channel, ChannelOutcome};
+use crate::error::{AmqpError, Scope};
+use crate::outbox::Outbox;
+use crate::vhost::Vhost;
+
+/// What other tasks need of a connection.
+#[derive(Debug)]
+pub struct ConnectionShared {
+    /// Broker-unique id.
+    pub id: u64,
+    /// Outgoing frames (the same outbox the handshake wrote to).
+    pub outbox: Arc<Outbox>,
+    /// Negotiated `frame_max`.
+    pub frame_max: AtomicU32,
+    /// The client wants `basic.cancel` when the broker cancels its consumers.
+    pub cancel_notify: bool,
+    /// Authenticated user.
+    pub user: String,
+}
+
+fn server_properties() -> FieldTable {
+    let s = ShortStr::from_static;
+    let caps: FieldTable = [
+        "publisher_confirms",
+        "exchange_exchange_bindings",
+        "basic.nack",
+        "consumer_cancel_notify",
+        "connection.blocked",
+        "consumer_priorities",
+        "authentication_failure_close",
+        "per_consumer_qos",
+        "direct_reply_to",
+    ]
+    .into_iter()
+    .map(|c| (s(c), FieldValue::Bool(true)))
+    .collect();
+    [
+        (s("product"), FieldValue::from("Warren")),
+        (s("version"), FieldValue::from(env!("CARGO_PKG_VERSION"))),
+        (s("platform"), FieldValue::from("Rust")),
+        (s("copyright"), FieldValue::from("The Warren authors")),
+        (s("information"), FieldValue::from("An AMQP 0-9-1 broker")),
+        (s("cluster_name"), FieldValue::from("warren")),
+        (s("capabilities"), FieldValue::Table(caps)),
+    ]
+    .into_iter()
+    .collect()
+}
+
+struct Reader {
+    socket: OwnedReadHalf,
+    buf: BytesMut,
+}
+
+impl Reader {
+    /// Reads until one whole frame is buffered.
+    async fn frame(&mut self, frame_max: u32) -> Result<Option<Frame>, AmqpError> {
+        loop {
+            if let Some(frame) = decode_frame(&mut self.buf, frame_max)? {
+                return Ok(Some(frame));
+            }
+            match self.socket.read_buf(&mut self.buf).await {
+                Ok(0) | Err(_) => return Ok(None),
+                Ok(_) => {}
+            }
+        }
+    }
+}
+
+fn write_method(outbox: &Outbox, channel: u16, method: &Method) {
+    outbox.write(|buf| {
+        if let Err(e) = encode_method(buf, channel, method) {
+            tracing::error!(error = %e, "cannot encode {}", method.name());
+        }
+    });
+}
+
+fn close_method(e: &AmqpError) -> Method {
+    Method::ConnectionClose(ConnectionClose {
+        reply_code: e.code,
+        reply_text: ShortStr::try_from(e.reply_text()).unwrap_or_default(),
+        class_id: e.class_id,
+        method_id: e.method_id,
+    })
+}
+
+/// Serves one accepted socket to the end.
+pub async fn serve(broker: Arc<Broker>, socket: TcpStream, peer: SocketAddr) {
+    let (read, write) = socket.into_split();
+    let outbox = Arc::new(Outbox::default());
+    let writer = {
+        let outbox = outbox.clone();
+        tokio::spawn(async move { outbox.run_writer(write).await })
+    };
+    let mut reader = Reader {
+        socket: read,
+        buf: BytesMut::with_capacity(64 * 1024),
+    };
+    let timeout = broker.config.handshake_timeout;
+    let handshake =
+        tokio::time::timeout(timeout, handshake(&broker, &mut reader, &outbox, peer)).await;
+    match handshake {
+        Ok(Ok(Some((shared, vhost, heartbeat)))) => {
+            tracing::info!(connection = shared.id, %peer, user = %shared.user, "connection opened");
+            let mut conn = Connection {
+                broker: broker.clone(),
+                vhost,
+                shared: shared.clone(),
+                channels: HashMap::new(),
+                heartbeat,
+            };
+            conn.run(&mut reader).await;
+            conn.cleanup().await;
+            tracing::info!(connection = shared.id, %peer, "connection closed");
+        }
+        Ok(Ok(None)) => {}
+        Ok(Err(e)) => {
+            tracing::info!(%peer, error = %e, "handshake refused");
+            write_method(&outbox, 0, &close_method(&e));
+        }
+        Err(_) => tracing::info!(%peer, "handshake timed out"),
+    }
+    outbox.close();
+    let _ = writer.await;
+}
+
+/// Runs the handshake; `Ok(None)` when the peer went away or was refused
+/// without a close (wrong protocol header, failed login without
+/// `authentication_failure_close`).
+async fn handshake(
+    broker: &Arc<Broker>,
+    reader: &mut Reader,
+    outbox: &Arc<Outbox>,
+    peer: SocketAddr,
+) -> Result<Option<(Arc<ConnectionShared>, Arc<Vhost>, u16)>, AmqpError> {
+    loop {
+        match check_protocol_header(&reader.buf) {
+            ProtocolHeaderCheck::Valid => break,
+            ProtocolHeaderCheck::Invalid => {
+                outbox.write(|b| b.put_slice(&PROTOCOL_HEADER));
+                return Ok(None);
+            }
+            ProtocolHeaderCheck::Incomplete => {
+                match reader.socket.read_buf(&mut reader.buf).await {
+                    Ok(0) | Err(_) => return Ok(None),
+                    Ok(_) => {}
+                }
+            }
+        }
+    }
+    // `Valid` means the 8 octets are buffered.
+    let _ = reader.buf.split_to(PROTOCOL_HEADER.len());
+    write_method(
+        outbox,
+        0,
+        &Method::ConnectionStart(ConnectionStart {
+            version_major: 0,
+            version_minor: 9,
+            server_properties: server_properties(),
+            mechanisms: Bytes::from_static(b"PLAIN AMQPLAIN"),
+            locales: Bytes::from_static(b"en_US"),
+        }),
+    );
+    let min = frame_constant::MIN_SIZE;
+    let Some(Frame::Method {
+        method: Method::ConnectionStartOk(start_ok),
+        ..
+    }) = reader.frame(min).await?
+    else {
+        return Err(AmqpError::command_invalid("expected connection.start-ok"));
+    };
+    let caps = match start_ok.client_properties.get("capabilities") {
+        Some(FieldValue::Table(t)) => t.clone(),
+        _ => FieldTable::new(),
+    };
+    let cap = |name: &str| matches!(caps.get(name), Some(FieldValue::Bool(true)));
+    let (user, pass) = credentials(&start_ok.mechanism, &start_ok.response).ok_or_else(|| {
+        AmqpError::access_refused_connection(format!(
+            "Login was refused using authentication mechanism {}. For details see the broker logfile.",
+            start_ok.mechanism
+        ))
+    })?;
+    if let Err(reason) = broker.authenticate(&user, &pass, peer) {
+        tracing::warn!(%peer, user = %user, %reason, "authentication failed");
+        // A short delay against brute force.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if cap("authentication_failure_close") {
+            return Err(AmqpError::access_refused_connection(format!(
+                "Login was refused using authentication mechanism {}. For details see the broker logfile.",
+                start_ok.mechanism
+            )));
+        }
+        return Ok(None);
+    }
+    let config = &broker.config;
+    write_method(
+        outbox,
+        0,
+        &Method::ConnectionTune(ConnectionTune {
+            channel_max: config.channel_max,
+            frame_max: config.frame_max,
+            heartbeat: config.heartbeat,
+        }),
+    );
+    let Some(Frame::Method {
+        method: Method::ConnectionTuneOk(tune),
+        ..
+    }) = reader.frame(min).await?
+    else {
+        return Err(AmqpError::command_invalid("expected connection.tune-ok"));
+    };
+    if tune.frame_max != 0 && tune.frame_max < frame_constant::MIN_SIZE {
+        return Err(AmqpError::not_allowed(format!(
+            "frame_max={} < {} min size",
+            tune.frame_max,
+            frame_constant::MIN_SIZE
+        ))
+        .on(10, 31));
+    }
+    if tune.frame_max > config.frame_max || tune.frame_max == 0 {
+        return Err(AmqpError::not_allowed(format!(
+            "frame_max={} > {} max size",
+            tune.frame_max, config.frame_max
+        ))
+        .on(10, 31));
+    }
+    let Some(Frame::Method {
+        method: Method::ConnectionOpen(open),
+        ..
+    }) = reader.frame(tune.frame_max).await?
+    else {
+        return Err(AmqpError::command_invalid("expected connection.open"));
+    };
+    let vhost = broker.vhost(&open.virtual_host).ok_or_else(|| {
+        AmqpError::not_allowed(format!("vhost '{}' not found", open.virtual_host)).on(10, 40)
+    })?;
+    write_method(
+        outbox,
+        0,
+        &Method::ConnectionOpenOk(ConnectionOpenOk {
+            known_hosts: ShortStr::default(),
+        }),
+    );
+    let shared = Arc::new(ConnectionShared {
+        id: broker.next_connection_id(),
+        outbox: outbox.clone(),
+        frame_max: AtomicU32::new(tune.frame_max),
+        cancel_notify: cap("consumer_cancel_notify"),
+        user,
+    });
+    Ok(Some((shared, vhost, tune.heartbeat)))
+}
+
+/// User and password from a `start-ok` response.
+fn credentials(mechanism: &str, response: &[u8]) -> Option<(String, String)> {
+    match mechanism {
+        "PLAIN" => {
+            let mut parts = response.split(|b| *b == 0);
+            let _authzid = parts.next()?;
+            let user = std::str::from_utf8(parts.next()?).ok()?;
+            let pass = std::str::from_utf8(parts.next()?).ok()?;
+            Some((user.to_owned(), pass.to_owned()))
+        }
+        "AMQPLAIN" => {
+            let len = u32::try_from(response.len()).ok()?;
+            let mut buf = BytesMut::with_capacity(response.len() + 4);
+            buf.put_u32(len);
+            buf.put_slice(response);
+            let (table, _) = FieldTable::decode(&buf.freeze()).ok()?;
+            let user = table.get("LOGIN")?.as_str()?.to_owned();
+            let pass = table.get("PASSWORD")?.as_str()?.to_owned();
+            Some((user, pass))
+        }
+        _ => None,
+    }
+}
+
+struct Connection {
+    broker: Arc<Broker>,
+    vhost: Arc<Vhost>,
+    shared: Arc<ConnectionShared>,
+    channels: HashMap<u16, Channel>,
+    heartbeat: u16,
+}
+
+impl Connection {
+    async fn run(&mut self, reader: &mut Reader) {
+        let frame_max = self.shared.frame_max.load(Ordering::Relaxed);
+        let hb = Duration::from_secs(u64::from(self.heartbeat.max(1)));
+        let mut ticker = tokio::time::interval(hb / 2);
+        let mut last_read = Instant::now();
+        loop {
+            tokio::select! {
+                _ = self.broker.shutdown.cancelled() => {
+                    let e = AmqpError::connection_forced("broker forced connection closure with reason 'shutdown'");
+                    self.close_with(reader, &e).await;
+                    return;
+                }
+                read = reader.socket.read_buf(&mut reader.buf) => {
+                    match read {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) => last_read = Instant::now(),
+                    }
+                    match self.process(reader, frame_max).await {
+                        Ok(false) => {}
+                        Ok(true) => return,
+                        Err(e) => {
+                            self.close_with(reader, &e).await;
+                            return;
+                        }
+                    }
+                    for ch in self.channels.values_mut() {
+                        ch.flush_confirms(&self.broker);
+                    }
+                }
+                _ = ticker.tick(), if self.heartbeat > 0 => {
+                    if last_read.elapsed() > hb * 2 {
+                        tracing::info!(connection = self.shared.id, "missed heartbeats from client, timeout: {}s", self.heartbeat);
+                        return;
+                    }
+                    self.shared.outbox.write(encode_heartbeat);
+                }
+                _ = self.shared.outbox.drained() => {
+                    // Deliveries to this connection paused while its outbox was
+                    // full; let its consumers' queues deliver again.
+                    for ch in self.channels.values() {
+                        ch.redispatch(&self.broker, &self.vhost);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Handles every complete frame in the buffer. `Ok(true)`: the close
+    /// handshake completed and the connection ends.
+    async fn process(&mut self, reader: &mut Reader, frame_max: u32) -> Result<bool, AmqpError> {
+        while let Some(frame) = decode_frame(&mut reader.buf, frame_max)? {
+            if self.frame(frame).await? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    async fn frame(&mut self, frame: Frame) -> Result<bool, AmqpError> {
+        let channel = frame.channel();
+        if channel == 0 {
+            return self.connection_frame(frame);
+        }
+        let Some(ch) = self.channels.get_mut(&channel) else {
+            return match frame {
+                Frame::Method {
+                    method: Method::ChannelOpen(_),
+                    ..
+                } => {
+                    if channel > self.broker.config.channel_max {
+                        return Err(AmqpError::not_allowed(format!(
+                            "channel number {channel} is above the negotiated channel_max ({})",
+                            self.broker.config.channel_max
+                        ))
+                        .on(20, 10));
+                    }
+                    let ch = Channel::new(
+                        channel,
+                        self.shared.clone(),
+                        self.broker.config.max_message_size,
+                    );
+                    ch.shared
+                        .write_method(&Method::ChannelOpenOk(ChannelOpenOk {
+                            channel_id: Bytes::new(),
+                        }));
+                    self.channels.insert(channel, ch);
+                    Ok(false)
+                }
+                Frame::Method { method, .. } => {
+                    Err(AmqpError::channel_error("expected 'channel.open'")
+                        .on(method.class_id(), method.method_id()))
+                }
+                _ => Err(AmqpError::unexpected_frame(
+                    "expected method frame, got non method frame instead",
+                )),
+            };
+        };
+        if ch.is_closing() && !matches!(frame, Frame::Method { .. }) {
+            return Ok(false);
+        }
+        let cmd = match ch.assembler.push(frame) {
+            Ok(Some(cmd)) => cmd,
+            Ok(None) => return Ok(false),
+            Err(e) => {
+                let e = AmqpError::from(e);
+                return match e.scope {
+                    Scope::Connection => Err(e),
+                    Scope::Channel => {
+                        let e = e.on(60, 40);
+                        ch.fail(&self.broker, &self.vhost, &e);
+                        Ok(false)
+                    }
+                };
+            }
+        };
+        match ch.handle(&self.broker, &self.vhost, cmd).await {
+            Ok(ChannelOutcome::Open) => {}
+            Ok(ChannelOutcome::Closed) => {
+                if let Some(mut ch) = self.channels.remove(&channel) {
+                    ch.flush_confirms(&self.broker);
+                }
+            }
+            Err(e) if e.scope == Scope::Channel => ch.fail(&self.broker, &self.vhost, &e),
+            Err(e) => return Err(e),
+        }
+        Ok(false)
+    }
+
+    fn connection_frame(&mut self, frame: Frame) -> Result<bool, AmqpError> {
+        match frame {
+            Frame::Heartbeat => Ok(false),
+            Frame::Method {
+                method: Method::ConnectionClose(_),
+                ..
+            } => {
+                write_method(
+                    &self.shared.outbox,
+                    0,
+                    &Method::ConnectionCloseOk(ConnectionCloseOk {}),
+                );
+                Ok(true)
+            }
+            Frame::Method {
+                method: Method::ConnectionCloseOk(_),
+                ..
+            } => Ok(true),
+            Frame::Method {
+                method: Method::ConnectionUpdateSecret(_),
+                ..
+            } => {
+                write_method(
+                    &self.shared.outbox,
+                    0,
+                    &Method::ConnectionUpdateSecretOk(ConnectionUpdateSecretOk {}),
+                );
+                Ok(false)
+            }
+            Frame::Method {
+                method: Method::ConnectionBlocked(_) | Method::ConnectionUnblocked(_),
+                ..
+            } => Ok(false),
+            Frame::Method { method, .. } => Err(AmqpError::channel_error(
+                "unexpected method in connection state running",
+            )
+            .on(method.class_id(), method.method_id())),
+            Frame::Header { .. } | Frame::Body { .. } => {
+                Err(AmqpError::unexpected_frame("content frame on channel 0"))
+            }
+        }
+    }
+
+    /// Sends `connection.close` and waits (briefly) for `close-ok`.
+    async fn close_with(&mut self, reader: &mut Reader, e: &AmqpError) {
+        tracing::info!(connection = self.shared.id, error = %e, "closing connection");
+        write_method(&self.shared.outbox, 0, &close_method(e));
+        let wait = async {
+            loop {
+                match reader.frame(0).await {
+                    Ok(Some(Frame::Method {
+                        channel: 0,
+                        method: Method::ConnectionCloseOk(_),
+                    })) => return,
+                    Ok(Some(_)) => {}
+                    Ok(None) | Err(_) => return,
+                }
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(2), wait).await;
+    }
+
+    /// Releases channels (requeueing unacked messages) and deletes this
+    /// connection's exclusive queues.
+    async fn cleanup(&mut self) {
+        for (_, mut ch) in self.channels.drain() {
+            ch.release(&self.broker, &self.vhost);
+        }
+        for q in self.vhost.queues() {
+            if q.exclusive_owner == Some(self.shared.id) {
+                let _ = self.vhost.delete_queue(&self.broker, &q).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,23 @@
+//! # server
+//!
+//! Warren's broker: it turns the codec, the router and the queue store into a
+//! running AMQP 0-9-1 server.
+//!
+//! - [`broker`]: configuration, startup (store recovery, listener), shutdown.
+//! - [`connection`]: one task per connection: handshake, frame loop, heartbeats.
+//! - [`channel`]: the channel state machine and publisher confirms.
+//! - [`vhost`]: a vhost's router and queues; declare/bind/delete; persistence
+//!   of durable definitions; dead-letter routing.
+//! - [`queue`]: a queue with its consumers and the dispatch loop.
+//! - [`outbox`]: a connection's coalescing writer.
+//! - [`error`]: `AmqpError`, the one place errors become reply codes.
+
+pub mod broker;
+pub mod channel;
+pub mod connection;
+pub mod error;
+pub mod outbox;
+pub mod queue;
+pub mod vhost;
+
+pub use broker::{Broker, BrokerHandle, Config, StartError, start};

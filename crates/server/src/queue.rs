@@ -1,0 +1,255 @@
+//! A queue as the broker runs it: the store's [`Queue`] state machine plus its
+//! consumers, behind one short-held lock, and the dispatch loop that hands
+//! ready messages to consumers with credit.
+//!
+//! Whoever changes a queue (a publisher's connection task, an ack, the queue's
+//! housekeeping timer) locks it, makes the change, runs [`QueueState::dispatch`]
+//! (which encodes deliveries straight into consumers' outboxes), unlocks, and
+//! then applies the returned [`Effects`] (store writes, dead letters) outside
+//! the lock. Lock order: queue → channel deliveries → outbox; nothing takes a
+//! queue lock while holding a channel or outbox lock.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use amqp_codec::methods::{BasicCancel, BasicDeliver};
+use amqp_codec::{
+    ContentHeader, FieldTable, FieldValue, Method, ShortStr, encode_body, encode_content_header,
+    encode_method,
+};
+use parking_lot::Mutex;
+use queue_store::{Delivery, Effects, Message, MessageRef, Queue, Store};
+use tokio::sync::Notify;
+
+use crate::channel::{ChannelShared, Unacked};
+
+/// A consumer attached to a queue.
+#[derive(Debug)]
+pub struct Consumer {
+    /// Consumer tag.
+    pub tag: ShortStr,
+    /// The channel it consumes on.
+    pub channel: Arc<ChannelShared>,
+    /// Deliveries are settled on sending (`no-ack`).
+    pub no_ack: bool,
+    /// Per-consumer prefetch (0 = unlimited).
+    pub prefetch: u16,
+    /// Unacknowledged deliveries to this consumer.
+    pub unacked: Arc<AtomicU32>,
+    /// `exclusive` flag.
+    pub exclusive: bool,
+}
+
+impl Consumer {
+    fn has_credit(&self) -> bool {
+        self.no_ack
+            || self.prefetch == 0
+            || self.unacked.load(Ordering::Relaxed) < u32::from(self.prefetch)
+    }
+}
+
+/// Mutable state of a queue.
+#[derive(Debug)]
+pub struct QueueState {
+    /// Messages.
+    pub queue: Queue,
+    /// Consumers in registration order.
+    pub consumers: Vec<Consumer>,
+    next_consumer: usize,
+    /// Set once the queue is deleted; later operations are refused.
+    pub deleted: bool,
+}
+
+/// A queue and its identity.
+#[derive(Debug)]
+pub struct QueueHandle {
+    /// Storage id (also the router's queue id).
+    pub id: u64,
+    /// Name.
+    pub name: ShortStr,
+    /// Survives restarts.
+    pub durable: bool,
+    /// Deleted with the last consumer.
+    pub auto_delete: bool,
+    /// The owning connection of an exclusive queue.
+    pub exclusive_owner: Option<u64>,
+    /// Declare arguments.
+    pub arguments: FieldTable,
+    /// State.
+    pub state: Mutex<QueueState>,
+    /// Wakes the housekeeping task (expiry timer changed, queue deleted).
+    pub wake: Notify,
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl QueueHandle {
+    /// Wraps a queue.
+    pub fn new(queue: Queue, auto_delete: bool, exclusive_owner: Option<u64>) -> Arc<QueueHandle> {
+        Arc::new(QueueHandle {
+            id: queue.id(),
+            name: queue.name().clone(),
+            durable: queue.is_durable(),
+            auto_delete,
+            exclusive_owner,
+            arguments: queue.arguments().clone(),
+            state: Mutex::new(QueueState {
+                queue,
+                consumers: Vec::new(),
+                next_consumer: 0,
+                deleted: false,
+            }),
+            wake: Notify::new(),
+        })
+    }
+}
+
+impl QueueState {
+    /// Hands ready messages to consumers with credit, round-robin, until the
+    /// queue is empty or no consumer can take more.
+    pub fn dispatch(&mut self, handle: &QueueHandle, store: &Store, fx: &mut Effects) {
+        if self.consumers.is_empty() || self.deleted {
+            return;
+        }
+        let now = now_ms();
+        loop {
+            if self.queue.ready_count() == 0 {
+                return;
+            }
+            // Find the next consumer that can take a message.
+            let n = self.consumers.len();
+            let Some(idx) = (0..n).map(|i| (self.next_consumer + i) % n).find(|&i| {
+                self.consumers
+                    .get(i)
+                    .is_some_and(|c| c.has_credit() && c.channel.can_deliver())
+            }) else {
+                return;
+            };
+            self.next_consumer = (idx + 1) % n;
+            let Some(consumer) = self.consumers.get(idx) else {
+                return;
+            };
+            let ack = !consumer.no_ack;
+            let Some(delivery) = self.queue.deliver(now, ack, fx) else {
+                return;
+            };
+            let consumer = &self.consumers[idx];
+            deliver(handle, consumer, delivery, store, fx, &mut self.queue);
+        }
+    }
+}
+
+/// Loads a message that may be paged out.
+pub fn load(message: &MessageRef, store: &Store) -> Option<Arc<Message>> {
+    match message {
+        MessageRef::Loaded(m) => Some(m.clone()),
+        MessageRef::Paged(id) => match store.load(*id) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot load paged message");
+                None
+            }
+        },
+    }
+}
+
+/// Sends one delivery to a consumer: tag it on the channel, encode it into the
+/// connection's outbox.
+fn deliver(
+    handle: &QueueHandle,
+    consumer: &Consumer,
+    delivery: Delivery,
+    store: &Store,
+    fx: &mut Effects,
+    queue: &mut Queue,
+) {
+    let Some(message) = load(&delivery.message, store) else {
+        // The body is gone (storage failure): settle it rather than loop.
+        if !consumer.no_ack {
+            queue.ack(delivery.seq, fx);
+        }
+        return;
+    };
+    let tag = consumer.channel.next_delivery(if consumer.no_ack {
+        None
+    } else {
+        Some(Unacked {
+            queue: handle.id,
+            seq: delivery.seq,
+            consumer_unacked: Some(consumer.unacked.clone()),
+        })
+    });
+    if !consumer.no_ack {
+        consumer.unacked.fetch_add(1, Ordering::Relaxed);
+    }
+    let method = Method::BasicDeliver(BasicDeliver {
+        consumer_tag: consumer.tag.clone(),
+        delivery_tag: tag,
+        redelivered: delivery.redelivered,
+        exchange: message.exchange.clone(),
+        routing_key: message.routing_key.clone(),
+    });
+    let header = with_delivery_count(&message.header, delivery.delivery_count);
+    consumer
+        .channel
+        .write_content(&method, &header, &message.body);
+}
+
+/// The content header to deliver: with `x-delivery-count` set on redeliveries
+/// of messages that were returned before (as RabbitMQ quorum queues do).
+pub fn with_delivery_count(header: &ContentHeader, count: u32) -> ContentHeader {
+    if count == 0 {
+        return header.clone();
+    }
+    let Ok(mut props) = header.properties.decode() else {
+        return header.clone();
+    };
+    props.headers.get_or_insert_with(FieldTable::new).insert(
+        ShortStr::from_static("x-delivery-count"),
+        FieldValue::I64(i64::from(count)),
+    );
+    match props.to_raw() {
+        Ok(properties) => ContentHeader {
+            properties,
+            ..header.clone()
+        },
+        Err(_) => header.clone(),
+    }
+}
+
+/// Encodes a content-carrying method with its header and body.
+pub fn encode_content(
+    buf: &mut bytes::BytesMut,
+    channel: u16,
+    method: &Method,
+    header: &ContentHeader,
+    body: &[u8],
+    frame_max: u32,
+) {
+    let result = encode_method(buf, channel, method)
+        .and_then(|()| encode_content_header(buf, channel, header))
+        .and_then(|()| encode_body(buf, channel, body, frame_max));
+    if let Err(e) = result {
+        tracing::error!(error = %e, "cannot encode a delivery");
+    }
+}
+
+/// Tells a consumer's client that the broker cancelled it (queue deleted), if
+/// the client advertised `consumer_cancel_notify`.
+pub fn notify_cancel(consumer: &Consumer) {
+    if consumer.channel.connection.cancel_notify {
+        consumer
+            .channel
+            .write_method(&Method::BasicCancel(BasicCancel {
+                consumer_tag: consumer.tag.clone(),
+                nowait: true,
+            }));
+    }
+    consumer.channel.forget_consumer(&consumer.tag);
+}

@@ -1,0 +1,566 @@
+//! [`Vhost`]: one virtual host's routing table and queues, and every
+//! operation that changes them (declare, bind, delete, settle), including
+//! persisting durable definitions before the client is told they exist.
+//!
+//! Metadata changes go through these methods and nowhere else, so that they can
+//! become entries of a replicated log when Warren clusters.
+
+use std::sync::Arc;
+
+use amqp_codec::{FieldTable, FieldValue, ShortStr};
+use bytes::{BufMut, Bytes, BytesMut};
+use dashmap::DashMap;
+use exchange::{BindingDef, Destination, ExchangeDeclare, ExchangeDef, QueueId, Removed, Router};
+use parking_lot::RwLock;
+use queue_store::{
+    DefKind, Effects, Message, Queue, QueueArgs, Write, dead_letter::is_cycle, scoped_name,
+};
+
+use crate::broker::Broker;
+use crate::channel::{Settle, Unacked};
+use crate::error::AmqpError;
+use crate::queue::{QueueHandle, load, notify_cancel, now_ms};
+
+/// A virtual host.
+#[derive(Debug)]
+pub struct Vhost {
+    name: ShortStr,
+    /// Exchanges and bindings.
+    pub router: RwLock<Router>,
+    queues: DashMap<ShortStr, Arc<QueueHandle>>,
+    by_id: DashMap<u64, Arc<QueueHandle>>,
+}
+
+fn s(v: &'static str) -> ShortStr {
+    ShortStr::from_static(v)
+}
+
+fn field_str(t: &FieldTable, k: &str) -> Option<ShortStr> {
+    t.get(k)
+        .and_then(FieldValue::as_str)
+        .and_then(|v| ShortStr::try_from(v).ok())
+}
+
+fn field_bool(t: &FieldTable, k: &str) -> bool {
+    matches!(t.get(k), Some(FieldValue::Bool(true)))
+}
+
+fn field_table(t: &FieldTable, k: &str) -> FieldTable {
+    match t.get(k) {
+        Some(FieldValue::Table(v)) => v.clone(),
+        _ => FieldTable::new(),
+    }
+}
+
+fn exchange_record(def: &ExchangeDef) -> FieldTable {
+    [
+        (s("name"), FieldValue::from(def.name.as_str())),
+        (s("type"), FieldValue::from(def.kind.as_str())),
+        (s("durable"), FieldValue::Bool(def.durable)),
+        (s("auto_delete"), FieldValue::Bool(def.auto_delete)),
+        (s("internal"), FieldValue::Bool(def.internal)),
+        (s("arguments"), FieldValue::Table(def.arguments.clone())),
+    ]
+    .into_iter()
+    .collect()
+}
+
+fn binding_key(vhost: &str, b: &BindingDef) -> Bytes {
+    let (kind, dest) = match &b.destination {
+        Destination::Queue(q) => (&b"q"[..], q),
+        Destination::Exchange(x) => (&b"e"[..], x),
+    };
+    let mut args = BytesMut::new();
+    if b.arguments.encode(&mut args).is_err() {
+        args.clear();
+    }
+    let mut rk = BytesMut::new();
+    rk.put_slice(b.routing_key.as_bytes());
+    scoped_name(
+        vhost,
+        &[b.source.as_bytes(), kind, dest.as_bytes(), &rk, &args],
+    )
+}
+
+fn binding_record(b: &BindingDef) -> FieldTable {
+    let (kind, dest) = match &b.destination {
+        Destination::Queue(q) => ("queue", q),
+        Destination::Exchange(x) => ("exchange", x),
+    };
+    [
+        (s("source"), FieldValue::from(b.source.as_str())),
+        (s("destination"), FieldValue::from(dest.as_str())),
+        (s("destination_type"), FieldValue::from(kind)),
+        (s("routing_key"), FieldValue::from(b.routing_key.as_str())),
+        (s("arguments"), FieldValue::Table(b.arguments.clone())),
+    ]
+    .into_iter()
+    .collect()
+}
+
+impl Vhost {
+    /// An empty vhost with the system exchanges.
+    pub fn new(name: ShortStr) -> Vhost {
+        Vhost {
+            router: RwLock::new(Router::new(name.clone())),
+            name,
+            queues: DashMap::new(),
+            by_id: DashMap::new(),
+        }
+    }
+
+    /// Its name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Every queue.
+    pub fn queues(&self) -> Vec<Arc<QueueHandle>> {
+        self.queues.iter().map(|q| q.value().clone()).collect()
+    }
+
+    /// The queue called `name`, whoever owns it.
+    pub fn find_queue(&self, name: &str) -> Option<Arc<QueueHandle>> {
+        self.queues.get(name).map(|q| q.value().clone())
+    }
+
+    /// The queue with storage id `id`.
+    pub fn queue_by_id(&self, id: u64) -> Option<Arc<QueueHandle>> {
+        self.by_id.get(&id).map(|q| q.value().clone())
+    }
+
+    /// Refuses access to another connection's exclusive queue (405).
+    pub fn check_exclusive(&self, q: &QueueHandle, connection: u64) -> Result<(), AmqpError> {
+        match q.exclusive_owner {
+            Some(owner) if owner != connection => Err(AmqpError::resource_locked(format!(
+                "cannot obtain exclusive access to locked queue '{}' in vhost '{}'. It could be originally declared on another connection or the exclusive property value does not match that of the original declaration.",
+                q.name, self.name
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// The queue called `name`, usable by `connection` (404, 405).
+    pub fn queue_for(&self, name: &str, connection: u64) -> Result<Arc<QueueHandle>, AmqpError> {
+        let q = self.find_queue(name).ok_or_else(|| {
+            AmqpError::not_found(format!("no queue '{name}' in vhost '{}'", self.name))
+        })?;
+        self.check_exclusive(&q, connection)?;
+        Ok(q)
+    }
+
+    fn persist(&self, broker: &Arc<Broker>, writes: Vec<Write>) {
+        broker.store.submit(writes);
+    }
+
+    /// Persists the removal of whatever `removed` lists that was durable.
+    fn persist_removed(&self, broker: &Arc<Broker>, removed: &Removed) {
+        let mut writes = Vec::new();
+        for b in &removed.bindings {
+            writes.push(Write::DeleteDefinition {
+                kind: DefKind::Binding,
+                key: binding_key(&self.name, b),
+            });
+        }
+        for x in removed.exchanges.iter().filter(|x| x.durable) {
+            writes.push(Write::DeleteDefinition {
+                kind: DefKind::Exchange,
+                key: scoped_name(&self.name, &[x.name.as_bytes()]),
+            });
+        }
+        if !writes.is_empty() {
+            self.persist(broker, writes);
+        }
+    }
+
+    /// `exchange.declare`.
+    pub async fn declare_exchange(
+        &self,
+        broker: &Arc<Broker>,
+        decl: ExchangeDeclare<'_>,
+        passive: bool,
+    ) -> Result<(), AmqpError> {
+        let created = self.router.write().declare_exchange(decl, passive)?;
+        if created && decl.durable {
+            if let Some(def) = self.router.read().exchange(decl.name) {
+                self.persist(
+                    broker,
+                    vec![Write::PutDefinition {
+                        kind: DefKind::Exchange,
+                        key: scoped_name(&self.name, &[def.name.as_bytes()]),
+                        value: exchange_record(def),
+                    }],
+                );
+            }
+            broker.store.commit().await?;
+        }
+        Ok(())
+    }
+
+    /// `exchange.delete`.
+    pub async fn delete_exchange(
+        &self,
+        broker: &Arc<Broker>,
+        name: &str,
+        if_unused: bool,
+    ) -> Result<(), AmqpError> {
+        let removed = self.router.write().delete_exchange(name, if_unused)?;
+        self.persist_removed(broker, &removed);
+        Ok(())
+    }
+
+    fn is_durable_binding(&self, b: &BindingDef) -> bool {
+        let router = self.router.read();
+        let source = router.exchange(&b.source).is_some_and(|x| x.durable);
+        let dest = match &b.destination {
+            Destination::Queue(q) => self.find_queue(q).is_some_and(|q| q.durable),
+            Destination::Exchange(x) => router.exchange(x).is_some_and(|x| x.durable),
+        };
+        source && dest
+    }
+
+    /// `queue.bind` / `exchange.bind`.
+    pub async fn bind(&self, broker: &Arc<Broker>, b: &BindingDef) -> Result<(), AmqpError> {
+        let added = self.router.write().bind(b)?;
+        if added && self.is_durable_binding(b) {
+            self.persist(
+                broker,
+                vec![Write::PutDefinition {
+                    kind: DefKind::Binding,
+                    key: binding_key(&self.name, b),
+                    value: binding_record(b),
+                }],
+            );
+            broker.store.commit().await?;
+        }
+        Ok(())
+    }
+
+    /// `queue.unbind` / `exchange.unbind`.
+    pub async fn unbind(&self, broker: &Arc<Broker>, b: &BindingDef) -> Result<(), AmqpError> {
+        let removed = self.router.write().unbind(b)?;
+        self.persist_removed(broker, &removed);
+        Ok(())
+    }
+
+    /// Creates a queue (the caller checked it does not exist).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn declare_queue(
+        self: &Arc<Self>,
+        broker: &Arc<Broker>,
+        name: ShortStr,
+        durable: bool,
+        auto_delete: bool,
+        exclusive_owner: Option<u64>,
+        args: QueueArgs,
+        arguments: FieldTable,
+    ) -> Result<Arc<QueueHandle>, AmqpError> {
+        let id = broker.next_queue_id();
+        let queue = Queue::new(id, name.clone(), durable, args, arguments.clone(), now_ms());
+        let handle = QueueHandle::new(queue, auto_delete, exclusive_owner);
+        // Another connection may have created it meanwhile: first one wins.
+        let handle = self
+            .queues
+            .entry(name.clone())
+            .or_insert(handle)
+            .value()
+            .clone();
+        if handle.id != id {
+            return Ok(handle);
+        }
+        self.by_id.insert(id, handle.clone());
+        self.router.write().add_queue(name.clone(), QueueId(id));
+        if durable {
+            let record: FieldTable = [
+                (s("name"), FieldValue::from(name.as_str())),
+                (s("id"), FieldValue::I64(id as i64)),
+                (s("auto_delete"), FieldValue::Bool(auto_delete)),
+                (s("arguments"), FieldValue::Table(arguments)),
+            ]
+            .into_iter()
+            .collect();
+            self.persist(
+                broker,
+                vec![Write::PutDefinition {
+                    kind: DefKind::Queue,
+                    key: scoped_name(&self.name, &[name.as_bytes()]),
+                    value: record,
+                }],
+            );
+            broker.store.commit().await?;
+        }
+        crate::broker::spawn_housekeeping(broker, self.clone(), handle.clone());
+        Ok(handle)
+    }
+
+    /// Deletes a queue: its messages, bindings, consumers (who are told, if
+    /// they asked to be) and durable record. Returns its ready-message count.
+    pub async fn delete_queue(
+        &self,
+        broker: &Arc<Broker>,
+        q: &Arc<QueueHandle>,
+    ) -> Result<u64, AmqpError> {
+        let mut fx = Effects::default();
+        let (count, consumers) = {
+            let mut st = q.state.lock();
+            if st.deleted {
+                return Ok(0);
+            }
+            st.deleted = true;
+            (st.queue.delete(&mut fx), std::mem::take(&mut st.consumers))
+        };
+        q.wake.notify_one();
+        for c in &consumers {
+            notify_cancel(c);
+        }
+        self.queues.remove(&q.name);
+        self.by_id.remove(&q.id);
+        let removed = self.router.write().remove_queue(QueueId(q.id));
+        self.persist_removed(broker, &removed);
+        if q.durable {
+            fx.writes.push(Write::DeleteDefinition {
+                kind: DefKind::Queue,
+                key: scoped_name(&self.name, &[q.name.as_bytes()]),
+            });
+        }
+        self.apply(broker, &mut fx);
+        tracing::info!(queue = %q.name, vhost = %self.name, "queue deleted");
+        Ok(count)
+    }
+
+    /// `queue.purge`.
+    pub fn purge(&self, broker: &Arc<Broker>, q: &QueueHandle) -> u64 {
+        let mut fx = Effects::default();
+        let n = q.state.lock().queue.purge(&mut fx);
+        self.apply(broker, &mut fx);
+        n
+    }
+
+    /// Removes a consumer; an auto-delete queue goes with its last one.
+    pub fn cancel_consumer(&self, broker: &Arc<Broker>, q: &Arc<QueueHandle>, tag: &ShortStr) {
+        let now_unused = {
+            let mut st = q.state.lock();
+            let before = st.consumers.len();
+            st.consumers.retain(|c| c.tag != *tag);
+            st.queue.touch(now_ms());
+            before > 0 && st.consumers.is_empty()
+        };
+        q.wake.notify_one();
+        if now_unused && q.auto_delete {
+            let (q, broker2) = (q.clone(), broker.clone());
+            let name = self.name.clone();
+            broker.tracker.spawn(async move {
+                if let Some(v) = broker2.vhost(&name) {
+                    if let Err(e) = v.delete_queue(&broker2, &q).await {
+                        tracing::warn!(error = %e, "auto-delete failed");
+                    }
+                }
+            });
+        }
+    }
+
+    /// Settles deliveries (ack, requeue, reject), then lets the queues deliver
+    /// again (credit came back).
+    pub fn settle(&self, broker: &Arc<Broker>, unacked: Vec<Unacked>, how: Settle) {
+        let mut fx = Effects::default();
+        let mut i = 0;
+        // Group by queue so each queue is locked once.
+        let mut unacked = unacked;
+        unacked.sort_by_key(|u| u.queue);
+        while i < unacked.len() {
+            let qid = unacked[i].queue;
+            let j = unacked[i..]
+                .iter()
+                .position(|u| u.queue != qid)
+                .map_or(unacked.len(), |p| i + p);
+            if let Some(q) = self.queue_by_id(qid) {
+                let mut st = q.state.lock();
+                for u in &unacked[i..j] {
+                    if let Some(c) = &u.consumer_unacked {
+                        c.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    match how {
+                        Settle::Ack => st.queue.ack(u.seq, &mut fx),
+                        Settle::Requeue => st.queue.requeue(u.seq, &mut fx),
+                        Settle::Reject => st.queue.reject(u.seq, &mut fx),
+                    };
+                }
+                st.dispatch(&q, &broker.store, &mut fx);
+                drop(st);
+                q.wake.notify_one();
+            }
+            i = j;
+        }
+        self.apply(broker, &mut fx);
+    }
+
+    /// Lets one queue deliver to its consumers.
+    pub fn dispatch(&self, broker: &Arc<Broker>, q: &QueueHandle) {
+        let mut fx = Effects::default();
+        q.state.lock().dispatch(q, &broker.store, &mut fx);
+        self.apply(broker, &mut fx);
+    }
+
+    /// Lets every queue a channel consumes from deliver (credit came back).
+    pub fn dispatch_channel(
+        &self,
+        broker: &Arc<Broker>,
+        consumers: &[(ShortStr, Arc<QueueHandle>)],
+    ) {
+        for (_, q) in consumers {
+            self.dispatch(broker, q);
+        }
+    }
+
+    /// Applies a queue operation's effects: dead letters are routed and
+    /// published, then writes submitted, then references released.
+    pub fn apply(&self, broker: &Arc<Broker>, fx: &mut Effects) {
+        // Dead letters can produce more (a full DLX queue dropping its head):
+        // iterate until quiet, bounded so a pathological setup cannot spin.
+        for _ in 0..16 {
+            let requests = std::mem::take(&mut fx.dead_letters);
+            if requests.is_empty() {
+                break;
+            }
+            for r in requests {
+                let Some(original) = load(&r.message, &broker.store) else {
+                    continue;
+                };
+                let dl = r.build(&original, now_ms());
+                let headers = dl.header.properties.headers().ok().flatten();
+                let mut routed = exchange::Routed::default();
+                let mut targets = Vec::new();
+                for key in &dl.routing_keys {
+                    // A missing dead-letter exchange drops the message (RabbitMQ).
+                    if self
+                        .router
+                        .read()
+                        .route(&dl.exchange, key, None, &mut routed)
+                        .is_ok()
+                    {
+                        targets.extend_from_slice(routed.queues());
+                    }
+                }
+                targets.sort_unstable();
+                targets.dedup();
+                let message = Message::new(
+                    broker.store.next_message_id(),
+                    dl.exchange.clone(),
+                    dl.routing_keys.first().cloned().unwrap_or_default(),
+                    dl.header,
+                    dl.body,
+                );
+                for qid in targets {
+                    let Some(q) = self.queue_by_id(qid.0) else {
+                        continue;
+                    };
+                    if is_cycle(headers.as_ref(), &q.name) {
+                        continue;
+                    }
+                    let mut st = q.state.lock();
+                    if st.deleted {
+                        continue;
+                    }
+                    st.queue.publish(&message, now_ms(), fx);
+                    st.dispatch(&q, &broker.store, fx);
+                    drop(st);
+                    q.wake.notify_one();
+                }
+            }
+        }
+        fx.dead_letters.clear();
+        fx.discarded.clear();
+        if !fx.writes.is_empty() {
+            broker.store.submit(fx.writes.drain(..));
+        }
+        for id in fx.releases.drain(..) {
+            broker.store.release(id);
+        }
+    }
+
+    /// Rebuilds this vhost from stored definitions (at boot).
+    pub fn recover(
+        self: &Arc<Self>,
+        broker: &Arc<Broker>,
+        recovered: &mut queue_store::Recovered,
+    ) -> usize {
+        let prefix = scoped_name(&self.name, &[]);
+        let mine = |key: &Bytes| key.starts_with(&prefix) && key.get(prefix.len()) == Some(&0);
+        let defs: Vec<_> = recovered
+            .definitions
+            .iter()
+            .filter(|(_, k, _)| mine(k))
+            .cloned()
+            .collect();
+        for (kind, _, t) in defs.iter().filter(|(k, _, _)| *k == DefKind::Exchange) {
+            let _ = kind;
+            let (Some(name), Some(ty)) = (field_str(t, "name"), field_str(t, "type")) else {
+                continue;
+            };
+            let args = field_table(t, "arguments");
+            let decl = ExchangeDeclare {
+                name: &name,
+                kind: &ty,
+                durable: true,
+                auto_delete: field_bool(t, "auto_delete"),
+                internal: field_bool(t, "internal"),
+                arguments: &args,
+            };
+            if let Err(e) = self.router.write().declare_exchange(decl, false) {
+                tracing::warn!(exchange = %name, error = %e, "cannot recover exchange");
+            }
+        }
+        let mut queues = 0;
+        for (_, _, t) in defs.iter().filter(|(k, _, _)| *k == DefKind::Queue) {
+            let (Some(name), Some(FieldValue::I64(id))) = (field_str(t, "name"), t.get("id"))
+            else {
+                continue;
+            };
+            let id = *id as u64;
+            let arguments = field_table(t, "arguments");
+            let args = QueueArgs::parse(&arguments, &name, &self.name).unwrap_or_default();
+            let entries = recovered.queues.remove(&id).unwrap_or_default();
+            let queue = Queue::recover(
+                id,
+                name.clone(),
+                args,
+                arguments,
+                entries,
+                recovered.clean_shutdown,
+                now_ms(),
+            );
+            broker.note_queue_id(id);
+            let handle = QueueHandle::new(queue, field_bool(t, "auto_delete"), None);
+            self.queues.insert(name.clone(), handle.clone());
+            self.by_id.insert(id, handle.clone());
+            self.router.write().add_queue(name, QueueId(id));
+            crate::broker::spawn_housekeeping(broker, self.clone(), handle);
+            queues += 1;
+        }
+        for (_, _, t) in defs.iter().filter(|(k, _, _)| *k == DefKind::Binding) {
+            let (Some(source), Some(dest), Some(kind), Some(rk)) = (
+                field_str(t, "source"),
+                field_str(t, "destination"),
+                field_str(t, "destination_type"),
+                field_str(t, "routing_key"),
+            ) else {
+                continue;
+            };
+            let destination = if kind == "exchange" {
+                Destination::Exchange(dest)
+            } else {
+                Destination::Queue(dest)
+            };
+            let b = BindingDef {
+                source,
+                destination,
+                routing_key: rk,
+                arguments: field_table(t, "arguments"),
+            };
+            if let Err(e) = self.router.write().bind(&b) {
+                tracing::warn!(error = %e, "cannot recover binding");
+            }
+        }
+        queues
+    }
+}
