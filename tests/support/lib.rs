@@ -81,6 +81,11 @@ impl TestBroker {
             .unwrap()
     }
 
+    /// The broker itself (for assertions on its counters).
+    pub fn broker(&self) -> &std::sync::Arc<server::Broker> {
+        &self.handle.as_ref().unwrap().broker
+    }
+
     /// Graceful shutdown.
     pub async fn stop(mut self) {
         if let Some(h) = self.handle.take() {
@@ -193,4 +198,62 @@ impl RawClient {
         let _ = self.socket.read_to_end(&mut out).await;
         out
     }
+}
+
+/// The reply code and text of a channel or connection error lapin received.
+pub fn amqp_error(e: &lapin::Error) -> Option<(u16, String)> {
+    match e.kind() {
+        lapin::ErrorKind::ProtocolError(err) => Some((err.get_id(), err.get_message().to_string())),
+        _ => None,
+    }
+}
+
+/// Asserts that `result` failed with reply `code` and a text containing `text`.
+pub fn assert_amqp_error<T: std::fmt::Debug>(result: lapin::Result<T>, code: u16, text: &str) {
+    let e = result.expect_err("expected an AMQP error");
+    let (got, message) = amqp_error(&e).unwrap_or_else(|| panic!("not an AMQP error: {e:?}"));
+    assert_eq!(got, code, "{message}");
+    assert!(message.contains(text), "{message:?} does not contain {text:?}");
+}
+
+/// Declares a queue with default options on a fresh channel and returns both.
+pub async fn channel_with_queue(conn: &Connection, queue: &str) -> lapin::Channel {
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_declare(queue.into(), lapin::options::QueueDeclareOptions::default(), lapin::types::FieldTable::default())
+        .await
+        .unwrap();
+    ch
+}
+
+/// Publishes `body` to the default exchange for `queue`.
+pub async fn publish(ch: &lapin::Channel, queue: &str, body: &[u8]) {
+    ch.basic_publish(
+        "".into(),
+        queue.into(),
+        lapin::options::BasicPublishOptions::default(),
+        body,
+        lapin::BasicProperties::default(),
+    )
+    .await
+    .unwrap();
+}
+
+/// Takes the next `n` deliveries of a consumer, failing after ten seconds.
+pub async fn next_deliveries(consumer: &mut lapin::Consumer, n: usize) -> Vec<lapin::message::Delivery> {
+    use futures_util::StreamExt;
+    let mut out = Vec::new();
+    while out.len() < n {
+        let d = tokio::time::timeout(std::time::Duration::from_secs(10), consumer.next())
+            .await
+            .expect("timed out waiting for a delivery")
+            .expect("consumer ended")
+            .unwrap();
+        out.push(d);
+    }
+    out
+}
+
+/// fsyncs the broker's store has performed.
+pub fn store_syncs(broker: &TestBroker) -> u64 {
+    broker.broker().store.stats().syncs.load(std::sync::atomic::Ordering::Relaxed)
 }

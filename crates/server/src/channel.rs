@@ -183,6 +183,10 @@ struct Confirms {
     needs_sync: bool,
     /// Commits in flight for earlier batches (later acks must wait for them).
     in_flight: Arc<AtomicUsize>,
+    /// Resolves when the previous batch's confirms were written: each batch
+    /// waits for it, so confirms leave in order even though each batch's
+    /// task wakes independently.
+    previous: Option<tokio::sync::oneshot::Receiver<()>>,
 }
 
 /// A publish or an acknowledgement held back by a transaction.
@@ -966,8 +970,14 @@ impl Channel {
         let in_flight = c.in_flight.clone();
         let commit = broker.store.commit();
         let shared = self.shared.clone();
+        let previous = c.previous.take();
+        let (done, next) = tokio::sync::oneshot::channel();
+        c.previous = Some(next);
         broker.tracker.spawn(async move {
             let result = commit.await;
+            if let Some(previous) = previous {
+                let _ = previous.await;
+            }
             match result {
                 Ok(()) => frames.iter().for_each(|f| shared.write_method(f)),
                 Err(e) => {
@@ -980,6 +990,7 @@ impl Channel {
                 }
             }
             in_flight.fetch_sub(1, Ordering::AcqRel);
+            let _ = done.send(());
         });
     }
 }
