@@ -13,23 +13,58 @@ async fn every_publish_is_confirmed() {
     let broker = TestBroker::start().await;
     let conn = broker.connect().await;
     let ch = conn.create_channel().await.unwrap();
-    ch.queue_declare("durable".into(), QueueDeclareOptions { durable: true, ..Default::default() }, FieldTable::default())
+    ch.queue_declare(
+        "durable".into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
         .await
         .unwrap();
-    ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
     let mut pending = Vec::new();
     for i in 0..500u32 {
         let props = BasicProperties::default().with_delivery_mode(if i % 2 == 0 { 2 } else { 1 });
-        pending.push(ch.basic_publish("".into(), "durable".into(), BasicPublishOptions::default(), &i.to_be_bytes(), props).await.unwrap());
+        pending.push(
+            ch.basic_publish(
+                "".into(),
+                "durable".into(),
+                BasicPublishOptions::default(),
+                &i.to_be_bytes(),
+                props,
+            )
+            .await
+            .unwrap(),
+        );
     }
     // Unroutable ones are confirmed too.
-    pending.push(ch.basic_publish("amq.direct".into(), "nobody".into(), BasicPublishOptions::default(), b"x", BasicProperties::default()).await.unwrap());
+    pending.push(
+        ch.basic_publish(
+            "amq.direct".into(),
+            "nobody".into(),
+            BasicPublishOptions::default(),
+            b"x",
+            BasicProperties::default(),
+        )
+        .await
+        .unwrap(),
+    );
     for p in pending {
         assert!(matches!(p.await.unwrap(), Confirmation::Ack(None)));
     }
     let syncs = warren_tests::store_syncs(&broker);
-    assert!(syncs >= 1, "persistent messages were synced before their confirms");
-    assert!(syncs < 250, "group commit: {syncs} fsyncs for 250 persistent publishes");
+    assert!(
+        syncs >= 1,
+        "persistent messages were synced before their confirms"
+    );
+    assert!(
+        syncs < 250,
+        "group commit: {syncs} fsyncs for 250 persistent publishes"
+    );
     broker.stop().await;
 }
 
@@ -40,12 +75,28 @@ async fn refused_publishes_are_nacked() {
     let ch = conn.create_channel().await.unwrap();
     let mut args = FieldTable::default();
     args.insert("x-max-length".into(), AMQPValue::LongInt(2));
-    args.insert("x-overflow".into(), AMQPValue::LongString("reject-publish".into()));
-    ch.queue_declare("small".into(), QueueDeclareOptions::default(), args).await.unwrap();
-    ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    args.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+    ch.queue_declare("small".into(), QueueDeclareOptions::default(), args)
+        .await
+        .unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
     let mut results = Vec::new();
     for i in 0..4u8 {
-        let c = ch.basic_publish("".into(), "small".into(), BasicPublishOptions::default(), &[i], BasicProperties::default()).await.unwrap();
+        let c = ch
+            .basic_publish(
+                "".into(),
+                "small".into(),
+                BasicPublishOptions::default(),
+                &[i],
+                BasicProperties::default(),
+            )
+            .await
+            .unwrap();
         results.push(c.await.unwrap());
     }
     assert!(matches!(results[0], Confirmation::Ack(_)));
@@ -60,10 +111,20 @@ async fn confirm_and_tx_do_not_mix() {
     let broker = TestBroker::start().await;
     let conn = broker.connect().await;
     let ch = conn.create_channel().await.unwrap();
-    ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
-    warren_tests::assert_amqp_error(ch.tx_select().await, 406, "cannot switch from confirm to tx mode");
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    warren_tests::assert_amqp_error(
+        ch.tx_select().await,
+        406,
+        "cannot switch from confirm to tx mode",
+    );
     let ch = conn.create_channel().await.unwrap();
     ch.tx_select().await.unwrap();
-    warren_tests::assert_amqp_error(ch.confirm_select(ConfirmSelectOptions::default()).await, 406, "cannot switch from tx to confirm mode");
+    warren_tests::assert_amqp_error(
+        ch.confirm_select(ConfirmSelectOptions::default()).await,
+        406,
+        "cannot switch from tx to confirm mode",
+    );
     broker.stop().await;
 }

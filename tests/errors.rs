@@ -4,7 +4,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use amqp_codec::methods::*;
-use amqp_codec::{Method, ShortStr, encode_body, encode_content_header, BasicProperties, ContentHeader};
+use amqp_codec::{
+    BasicProperties, ContentHeader, Method, ShortStr, encode_body, encode_content_header,
+};
 use lapin::BasicProperties as LapinProperties;
 use lapin::options::*;
 use lapin::types::FieldTable;
@@ -20,22 +22,59 @@ async fn channel_errors_close_only_the_channel() {
     let conn = broker.connect().await;
 
     let ch = conn.create_channel().await.unwrap();
-    let r = ch.queue_declare("missing".into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default()).await;
+    let r = ch
+        .queue_declare(
+            "missing".into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await;
     assert_amqp_error(r, 404, "NOT_FOUND - no queue 'missing' in vhost '/'");
 
     let ch = conn.create_channel().await.unwrap();
-    ch.basic_publish("nope".into(), "k".into(), BasicPublishOptions::default(), b"x", LapinProperties::default()).await.unwrap();
+    ch.basic_publish(
+        "nope".into(),
+        "k".into(),
+        BasicPublishOptions::default(),
+        b"x",
+        LapinProperties::default(),
+    )
+    .await
+    .unwrap();
     // The error arrives asynchronously; the next synchronous call sees it.
     let r = ch.basic_qos(1, BasicQosOptions::default()).await;
     assert_amqp_error(r, 404, "no exchange 'nope' in vhost '/'");
 
     let ch = conn.create_channel().await.unwrap();
-    let r = ch.exchange_declare("amq.custom".into(), lapin::ExchangeKind::Direct, ExchangeDeclareOptions::default(), FieldTable::default()).await;
+    let r = ch
+        .exchange_declare(
+            "amq.custom".into(),
+            lapin::ExchangeKind::Direct,
+            ExchangeDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await;
     assert_amqp_error(r, 403, "contains reserved prefix 'amq.*'");
 
     let ch = channel_with_queue(&conn, "q").await;
-    let r = ch.queue_declare("q".into(), QueueDeclareOptions { durable: true, ..Default::default() }, FieldTable::default()).await;
-    assert_amqp_error(r, 406, "inequivalent arg 'durable' for queue 'q' in vhost '/': received 'true' but current is 'false'");
+    let r = ch
+        .queue_declare(
+            "q".into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await;
+    assert_amqp_error(
+        r,
+        406,
+        "inequivalent arg 'durable' for queue 'q' in vhost '/': received 'true' but current is 'false'",
+    );
 
     let ch = conn.create_channel().await.unwrap();
     let r = ch.basic_ack(99, BasicAckOptions::default()).await;
@@ -43,18 +82,33 @@ async fn channel_errors_close_only_the_channel() {
     assert!(r.is_err() || r2.is_err());
     if let Err(e) = r2 {
         let (code, text) = warren_tests::amqp_error(&e).unwrap();
-        assert_eq!((code, text.as_str()), (406, "PRECONDITION_FAILED - unknown delivery tag 99"));
+        assert_eq!(
+            (code, text.as_str()),
+            (406, "PRECONDITION_FAILED - unknown delivery tag 99")
+        );
     }
 
     let mut args = FieldTable::default();
     args.insert("x-message-ttl".into(), lapin::types::AMQPValue::LongInt(-1));
     let ch = conn.create_channel().await.unwrap();
-    let r = ch.queue_declare("ttl".into(), QueueDeclareOptions::default(), args).await;
-    assert_amqp_error(r, 406, "invalid arg 'x-message-ttl' for queue 'ttl' in vhost '/': {value_negative,-1}");
+    let r = ch
+        .queue_declare("ttl".into(), QueueDeclareOptions::default(), args)
+        .await;
+    assert_amqp_error(
+        r,
+        406,
+        "invalid arg 'x-message-ttl' for queue 'ttl' in vhost '/': {value_negative,-1}",
+    );
 
     // The connection survived all of that.
     let ch = conn.create_channel().await.unwrap();
-    ch.queue_declare("still-fine".into(), QueueDeclareOptions::default(), FieldTable::default()).await.unwrap();
+    ch.queue_declare(
+        "still-fine".into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
     broker.stop().await;
 }
 
@@ -62,11 +116,23 @@ async fn channel_errors_close_only_the_channel() {
 async fn unknown_exchange_type_closes_the_connection() {
     let broker = TestBroker::start().await;
     let mut c = RawClient::open(broker.addr).await;
-    c.send(1, ExchangeDeclare { exchange: s("x"), kind: s("x-foo"), ..Default::default() }.into()).await;
+    c.send(
+        1,
+        ExchangeDeclare {
+            exchange: s("x"),
+            kind: s("x-foo"),
+            ..Default::default()
+        }
+        .into(),
+    )
+    .await;
     match c.method().await {
         Some(Method::ConnectionClose(close)) => {
             assert_eq!(close.reply_code, 503);
-            assert_eq!(close.reply_text, "COMMAND_INVALID - unknown exchange type 'x-foo'");
+            assert_eq!(
+                close.reply_text,
+                "COMMAND_INVALID - unknown exchange type 'x-foo'"
+            );
             assert_eq!((close.class_id, close.method_id), (40, 10));
         }
         other => panic!("{other:?}"),
@@ -94,24 +160,55 @@ async fn frame_order_and_unopened_channels() {
 
     // A method on a channel that was never opened.
     let mut c = RawClient::open(broker.addr).await;
-    c.send(5, QueueDeclare { queue: s("q"), ..Default::default() }.into()).await;
+    c.send(
+        5,
+        QueueDeclare {
+            queue: s("q"),
+            ..Default::default()
+        }
+        .into(),
+    )
+    .await;
     expect_connection_close(&mut c, 504, "expected 'channel.open'").await;
 
     // A body frame where the content header belongs.
     let mut c = RawClient::open(broker.addr).await;
-    c.send(1, BasicPublish { routing_key: s("q"), ..Default::default() }.into()).await;
+    c.send(
+        1,
+        BasicPublish {
+            routing_key: s("q"),
+            ..Default::default()
+        }
+        .into(),
+    )
+    .await;
     let mut buf = bytes::BytesMut::new();
     encode_body(&mut buf, 1, b"body", 0).unwrap();
     c.send_raw(&buf).await;
-    expect_connection_close(&mut c, 505, "expected content header for class 60, got non content header frame instead").await;
+    expect_connection_close(
+        &mut c,
+        505,
+        "expected content header for class 60, got non content header frame instead",
+    )
+    .await;
 
     // A content header without a method.
     let mut c = RawClient::open(broker.addr).await;
     let mut buf = bytes::BytesMut::new();
-    let header = ContentHeader { class_id: 60, weight: 0, body_size: 1, properties: BasicProperties::default().to_raw().unwrap() };
+    let header = ContentHeader {
+        class_id: 60,
+        weight: 0,
+        body_size: 1,
+        properties: BasicProperties::default().to_raw().unwrap(),
+    };
     encode_content_header(&mut buf, 1, &header).unwrap();
     c.send_raw(&buf).await;
-    expect_connection_close(&mut c, 505, "expected method frame, got non method frame instead").await;
+    expect_connection_close(
+        &mut c,
+        505,
+        "expected method frame, got non method frame instead",
+    )
+    .await;
 
     // A frame larger than frame_max.
     let mut c = RawClient::open(broker.addr).await;
@@ -120,7 +217,8 @@ async fn frame_order_and_unopened_channels() {
 
     // A malformed method payload.
     let mut c = RawClient::open(broker.addr).await;
-    c.send_raw(&[1, 0, 1, 0, 0, 0, 7, 0, 60, 0, 40, 0, 0, 20, 0xce]).await;
+    c.send_raw(&[1, 0, 1, 0, 0, 0, 7, 0, 60, 0, 40, 0, 0, 20, 0xce])
+        .await;
     expect_connection_close(&mut c, 502, "cannot decode basic.publish").await;
 
     // An unknown method.
@@ -139,15 +237,34 @@ async fn oversized_body_is_refused_before_it_is_buffered() {
     let dir = tempfile::tempdir().unwrap();
     let broker = TestBroker::start_with(dir.path(), |c| c.max_message_size = 1000).await;
     let mut c = RawClient::open(broker.addr).await;
-    c.send(1, BasicPublish { routing_key: s("q"), ..Default::default() }.into()).await;
+    c.send(
+        1,
+        BasicPublish {
+            routing_key: s("q"),
+            ..Default::default()
+        }
+        .into(),
+    )
+    .await;
     let mut buf = bytes::BytesMut::new();
-    let header = ContentHeader { class_id: 60, weight: 0, body_size: 1 << 40, properties: BasicProperties::default().to_raw().unwrap() };
+    let header = ContentHeader {
+        class_id: 60,
+        weight: 0,
+        body_size: 1 << 40,
+        properties: BasicProperties::default().to_raw().unwrap(),
+    };
     encode_content_header(&mut buf, 1, &header).unwrap();
     c.send_raw(&buf).await;
     match c.method().await {
         Some(Method::ChannelClose(close)) => {
             assert_eq!(close.reply_code, 406);
-            assert!(close.reply_text.contains("larger than configured max size 1000"), "{:?}", close.reply_text);
+            assert!(
+                close
+                    .reply_text
+                    .contains("larger than configured max size 1000"),
+                "{:?}",
+                close.reply_text
+            );
         }
         other => panic!("{other:?}"),
     }
@@ -165,9 +282,23 @@ async fn oversized_body_is_refused_before_it_is_buffered() {
 async fn immediate_is_not_implemented() {
     let broker = TestBroker::start().await;
     let mut c = RawClient::open(broker.addr).await;
-    c.send(1, BasicPublish { routing_key: s("q"), immediate: true, ..Default::default() }.into()).await;
+    c.send(
+        1,
+        BasicPublish {
+            routing_key: s("q"),
+            immediate: true,
+            ..Default::default()
+        }
+        .into(),
+    )
+    .await;
     let mut buf = bytes::BytesMut::new();
-    let header = ContentHeader { class_id: 60, weight: 0, body_size: 0, properties: BasicProperties::default().to_raw().unwrap() };
+    let header = ContentHeader {
+        class_id: 60,
+        weight: 0,
+        body_size: 0,
+        properties: BasicProperties::default().to_raw().unwrap(),
+    };
     encode_content_header(&mut buf, 1, &header).unwrap();
     c.send_raw(&buf).await;
     expect_connection_close(&mut c, 540, "immediate=true").await;

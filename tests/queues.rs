@@ -1,0 +1,403 @@
+//! Queue behaviour through the broker: exclusive and auto-delete queues,
+//! server-named queues, purge and delete, TTL with dead-lettering to a DLX,
+//! max-length, priorities, `x-expires`.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use lapin::BasicProperties;
+use lapin::options::*;
+use lapin::types::{AMQPValue, FieldTable};
+use warren_tests::{TestBroker, assert_amqp_error, channel_with_queue, next_deliveries, publish};
+
+fn args(entries: &[(&str, AMQPValue)]) -> FieldTable {
+    let mut t = FieldTable::default();
+    for (k, v) in entries {
+        t.insert((*k).into(), v.clone());
+    }
+    t
+}
+
+async fn count(ch: &lapin::Channel, q: &str) -> u32 {
+    ch.queue_declare(
+        q.into(),
+        QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap()
+    .message_count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_named_exclusive_queues_belong_to_their_connection() {
+    let broker = TestBroker::start().await;
+    let owner = broker.connect().await;
+    let ch = owner.create_channel().await.unwrap();
+    let q = ch
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let name = q.name().to_string();
+    assert!(name.starts_with("amq.gen-"), "{name}");
+
+    let other = broker.connect().await;
+    let och = other.create_channel().await.unwrap();
+    let r = och
+        .basic_consume(
+            name.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await;
+    assert_amqp_error(r, 405, "cannot obtain exclusive access to locked queue");
+
+    owner.close(200, "bye".into()).await.unwrap();
+    let och = other.create_channel().await.unwrap();
+    let r = och
+        .queue_declare(
+            name.as_str().into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await;
+    assert_amqp_error(r, 404, "no queue");
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_delete_queue_goes_with_its_last_consumer() {
+    let broker = TestBroker::start().await;
+    let conn = broker.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_declare(
+        "ad".into(),
+        QueueDeclareOptions {
+            auto_delete: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let consumer = ch
+        .basic_consume(
+            "ad".into(),
+            "c".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    drop(consumer);
+    ch.basic_cancel("c".into(), BasicCancelOptions::default())
+        .await
+        .unwrap();
+    // Deletion is asynchronous; a passive declare eventually reports 404.
+    let mut gone = false;
+    for _ in 0..100 {
+        let probe = conn.create_channel().await.unwrap();
+        let r = probe
+            .queue_declare(
+                "ad".into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await;
+        if r.is_err() {
+            gone = true;
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert!(gone, "auto-delete queue survived its last consumer");
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_and_conditional_delete() {
+    let broker = TestBroker::start().await;
+    let conn = broker.connect().await;
+    let ch = channel_with_queue(&conn, "q").await;
+    for _ in 0..3 {
+        publish(&ch, "q", b"x").await;
+    }
+    let r = ch
+        .queue_delete(
+            "q".into(),
+            QueueDeleteOptions {
+                if_empty: true,
+                ..Default::default()
+            },
+        )
+        .await;
+    assert_amqp_error(r, 406, "queue 'q' in vhost '/' not empty");
+    let ch = conn.create_channel().await.unwrap();
+    assert_eq!(
+        ch.queue_purge("q".into(), QueuePurgeOptions::default())
+            .await
+            .unwrap(),
+        3
+    );
+    let _c = ch
+        .basic_consume(
+            "q".into(),
+            "c".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let ch2 = conn.create_channel().await.unwrap();
+    let r = ch2
+        .queue_delete(
+            "q".into(),
+            QueueDeleteOptions {
+                if_unused: true,
+                ..Default::default()
+            },
+        )
+        .await;
+    assert_amqp_error(r, 406, "queue 'q' in vhost '/' in use");
+    let ch3 = conn.create_channel().await.unwrap();
+    assert_eq!(
+        ch3.queue_delete("q".into(), QueueDeleteOptions::default())
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        ch3.queue_delete("never-existed".into(), QueueDeleteOptions::default())
+            .await
+            .unwrap(),
+        0
+    );
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_messages_are_dead_lettered_with_x_death() {
+    let broker = TestBroker::start().await;
+    let conn = broker.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.exchange_declare(
+        "dlx".into(),
+        lapin::ExchangeKind::Fanout,
+        ExchangeDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_declare(
+        "dead".into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_bind(
+        "dead".into(),
+        "dlx".into(),
+        "".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_declare(
+        "short".into(),
+        QueueDeclareOptions::default(),
+        args(&[
+            ("x-message-ttl", AMQPValue::LongInt(50)),
+            (
+                "x-dead-letter-exchange",
+                AMQPValue::LongString("dlx".into()),
+            ),
+        ]),
+    )
+    .await
+    .unwrap();
+    let mut consumer = ch
+        .basic_consume(
+            "dead".into(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    publish(&ch, "short", b"soon dead").await;
+    // No consumer on "short": the queue's timer expires it.
+    let d = next_deliveries(&mut consumer, 1).await.remove(0);
+    assert_eq!(d.data, b"soon dead");
+    assert_eq!(d.exchange.as_str(), "dlx");
+    assert_eq!(d.routing_key.as_str(), "short");
+    let headers = d.properties.headers().clone().unwrap();
+    let Some(AMQPValue::FieldArray(deaths)) = headers.inner().get("x-death") else {
+        panic!("{headers:?}")
+    };
+    let Some(AMQPValue::FieldTable(death)) = deaths.as_slice().first() else {
+        panic!()
+    };
+    let get = |k: &str| death.inner().get(k).cloned();
+    assert_eq!(get("reason"), Some(AMQPValue::LongString("expired".into())));
+    assert_eq!(get("queue"), Some(AMQPValue::LongString("short".into())));
+    assert_eq!(get("count"), Some(AMQPValue::LongLongInt(1)));
+    assert!(matches!(get("time"), Some(AMQPValue::Timestamp(_))));
+    assert_eq!(
+        headers.inner().get("x-first-death-reason"),
+        Some(&AMQPValue::LongString("expired".into()))
+    );
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejected_and_overflowing_messages_are_dead_lettered() {
+    let broker = TestBroker::start().await;
+    let conn = broker.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_declare(
+        "dlq".into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_declare(
+        "bounded".into(),
+        QueueDeclareOptions::default(),
+        args(&[
+            ("x-max-length", AMQPValue::LongInt(2)),
+            ("x-dead-letter-exchange", AMQPValue::LongString("".into())),
+            (
+                "x-dead-letter-routing-key",
+                AMQPValue::LongString("dlq".into()),
+            ),
+        ]),
+    )
+    .await
+    .unwrap();
+    for i in 1..=3u8 {
+        publish(&ch, "bounded", &[i]).await;
+    }
+    assert_eq!(count(&ch, "bounded").await, 2);
+    assert_eq!(
+        count(&ch, "dlq").await,
+        1,
+        "the head was dropped to the DLX"
+    );
+    let got = ch
+        .basic_get("bounded".into(), BasicGetOptions::default())
+        .await
+        .unwrap()
+        .unwrap();
+    got.delivery
+        .reject(BasicRejectOptions { requeue: false })
+        .await
+        .unwrap();
+    assert_eq!(count(&ch, "dlq").await, 2);
+    let first = ch
+        .basic_get("dlq".into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.delivery.data, [1]);
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn priority_queue_delivers_highest_first() {
+    let broker = TestBroker::start().await;
+    let conn = broker.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_declare(
+        "prio".into(),
+        QueueDeclareOptions::default(),
+        args(&[("x-max-priority", AMQPValue::LongInt(5))]),
+    )
+    .await
+    .unwrap();
+    for (body, p) in [(b"low", 1u8), (b"top", 5), (b"mid", 3)] {
+        ch.basic_publish(
+            "".into(),
+            "prio".into(),
+            BasicPublishOptions::default(),
+            body,
+            BasicProperties::default().with_priority(p),
+        )
+        .await
+        .unwrap();
+    }
+    let mut order = Vec::new();
+    while let Some(m) = ch
+        .basic_get("prio".into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+    {
+        order.push(String::from_utf8(m.delivery.data.clone()).unwrap());
+    }
+    assert_eq!(order, ["top", "mid", "low"]);
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unused_queue_expires() {
+    let broker = TestBroker::start().await;
+    let conn = broker.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_declare(
+        "fleeting".into(),
+        QueueDeclareOptions::default(),
+        args(&[("x-expires", AMQPValue::LongInt(100))]),
+    )
+    .await
+    .unwrap();
+    let mut gone = false;
+    for _ in 0..50 {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        let probe = conn.create_channel().await.unwrap();
+        if probe
+            .queue_declare(
+                "fleeting".into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .is_err()
+        {
+            gone = true;
+            break;
+        }
+    }
+    assert!(
+        gone,
+        "queue with x-expires 100 ms still exists after a second"
+    );
+    broker.stop().await;
+}

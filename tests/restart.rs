@@ -1,0 +1,241 @@
+//! Restart tests: durable definitions and confirmed persistent messages come
+//! back after a graceful restart and after the broker process is `kill -9`'d.
+//! The killed broker is this test binary re-run as a child process in broker
+//! mode, so the test needs nothing but itself.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
+use lapin::options::*;
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties};
+use warren_tests::TestBroker;
+
+const CHILD_ENV: &str = "WARREN_RESTART_CHILD_DIR";
+
+/// Broker mode: run a broker on the given data dir, print its address, serve until killed.
+#[test]
+fn broker_child() {
+    let Ok(dir) = std::env::var(CHILD_ENV) else {
+        return;
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let b = TestBroker::start_in(std::path::Path::new(&dir)).await;
+        println!("listening {}", b.addr);
+        std::future::pending::<()>().await;
+    });
+}
+
+fn spawn_broker(dir: &std::path::Path) -> (std::process::Child, String) {
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "broker_child", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines.next().expect("broker child exited").unwrap();
+        // libtest prints "test broker_child ... " on the same line first.
+        if let Some((_, a)) = line.split_once("listening ") {
+            break a.trim().to_owned();
+        }
+    };
+    (child, addr)
+}
+
+async fn declare_durable(ch: &lapin::Channel) {
+    ch.exchange_declare(
+        "orders".into(),
+        lapin::ExchangeKind::Topic,
+        ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_declare(
+        "durable-q".into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_bind(
+        "durable-q".into(),
+        "orders".into(),
+        "order.#".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn confirmed_messages_survive_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, addr) = spawn_broker(dir.path());
+    let uri = format!("amqp://guest:guest@{addr}/%2f");
+    let conn = Connection::connect(&uri, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    declare_durable(&ch).await;
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let mut confirmed = Vec::new();
+    for i in 0..200u32 {
+        let persistent = BasicProperties::default().with_delivery_mode(2);
+        let c = ch
+            .basic_publish(
+                "orders".into(),
+                "order.created".into(),
+                BasicPublishOptions::default(),
+                &i.to_be_bytes(),
+                persistent,
+            )
+            .await
+            .unwrap();
+        if let Confirmation::Ack(None) = c.await.unwrap() {
+            confirmed.push(i);
+        }
+    }
+    assert_eq!(confirmed.len(), 200);
+    // A transient message is not expected back.
+    ch.basic_publish(
+        "orders".into(),
+        "order.created".into(),
+        BasicPublishOptions::default(),
+        b"transient",
+        BasicProperties::default(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    drop(conn);
+
+    let (mut child, addr) = spawn_broker(dir.path());
+    let uri = format!("amqp://guest:guest@{addr}/%2f");
+    let conn = Connection::connect(&uri, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let mut got = Vec::new();
+    while let Some(m) = ch
+        .basic_get("durable-q".into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+    {
+        assert!(
+            m.delivery.redelivered,
+            "after a crash recovered messages are marked redelivered"
+        );
+        got.push(u32::from_be_bytes(
+            m.delivery.data.as_slice().try_into().unwrap(),
+        ));
+    }
+    assert_eq!(got, confirmed);
+    // The binding came back too: routing still works.
+    ch.basic_publish(
+        "orders".into(),
+        "order.paid".into(),
+        BasicPublishOptions::default(),
+        b"after",
+        BasicProperties::default(),
+    )
+    .await
+    .unwrap();
+    let after = ch
+        .basic_get("durable-q".into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(after.delivery.data, b"after");
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_restart_keeps_definitions_and_drops_non_durable_ones() {
+    let mut broker = TestBroker::start().await;
+    let dir = broker.keep_dir();
+    let conn = broker.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    declare_durable(&ch).await;
+    ch.queue_declare(
+        "transient-q".into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.basic_publish(
+        "".into(),
+        "durable-q".into(),
+        BasicPublishOptions::default(),
+        b"kept",
+        BasicProperties::default().with_delivery_mode(2),
+    )
+    .await
+    .unwrap();
+    let got = ch
+        .basic_get("durable-q".into(), BasicGetOptions::default())
+        .await
+        .unwrap()
+        .unwrap();
+    // Unacked at shutdown: it comes back, redelivered.
+    let _ = got;
+    drop(conn);
+    broker.stop().await;
+
+    let broker = TestBroker::start_in(dir.path()).await;
+    let conn = broker.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    let q = ch
+        .queue_declare(
+            "durable-q".into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(q.message_count(), 1);
+    let m = ch
+        .basic_get("durable-q".into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(m.delivery.data, b"kept");
+    assert!(m.delivery.redelivered);
+    let r = ch
+        .queue_declare(
+            "transient-q".into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await;
+    warren_tests::assert_amqp_error(r, 404, "no queue 'transient-q'");
+    broker.stop().await;
+}

@@ -213,15 +213,22 @@ pub fn assert_amqp_error<T: std::fmt::Debug>(result: lapin::Result<T>, code: u16
     let e = result.expect_err("expected an AMQP error");
     let (got, message) = amqp_error(&e).unwrap_or_else(|| panic!("not an AMQP error: {e:?}"));
     assert_eq!(got, code, "{message}");
-    assert!(message.contains(text), "{message:?} does not contain {text:?}");
+    assert!(
+        message.contains(text),
+        "{message:?} does not contain {text:?}"
+    );
 }
 
 /// Declares a queue with default options on a fresh channel and returns both.
 pub async fn channel_with_queue(conn: &Connection, queue: &str) -> lapin::Channel {
     let ch = conn.create_channel().await.unwrap();
-    ch.queue_declare(queue.into(), lapin::options::QueueDeclareOptions::default(), lapin::types::FieldTable::default())
-        .await
-        .unwrap();
+    ch.queue_declare(
+        queue.into(),
+        lapin::options::QueueDeclareOptions::default(),
+        lapin::types::FieldTable::default(),
+    )
+    .await
+    .unwrap();
     ch
 }
 
@@ -239,7 +246,10 @@ pub async fn publish(ch: &lapin::Channel, queue: &str, body: &[u8]) {
 }
 
 /// Takes the next `n` deliveries of a consumer, failing after ten seconds.
-pub async fn next_deliveries(consumer: &mut lapin::Consumer, n: usize) -> Vec<lapin::message::Delivery> {
+pub async fn next_deliveries(
+    consumer: &mut lapin::Consumer,
+    n: usize,
+) -> Vec<lapin::message::Delivery> {
     use futures_util::StreamExt;
     let mut out = Vec::new();
     while out.len() < n {
@@ -255,5 +265,10 @@ pub async fn next_deliveries(consumer: &mut lapin::Consumer, n: usize) -> Vec<la
 
 /// fsyncs the broker's store has performed.
 pub fn store_syncs(broker: &TestBroker) -> u64 {
-    broker.broker().store.stats().syncs.load(std::sync::atomic::Ordering::Relaxed)
+    broker
+        .broker()
+        .store
+        .stats()
+        .syncs
+        .load(std::sync::atomic::Ordering::Relaxed)
 }
