@@ -1,51 +1,108 @@
 //! `warren`: the broker binary. `cargo run --release` starts it on
 //! 0.0.0.0:5672 with its data in `./data`.
+//!
+//! Every setting comes, in order of precedence, from a command-line flag, its
+//! environment variable (`WARREN_*`), the TOML config file (`--config`), or
+//! the built-in default.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
 use clap::Parser;
+use serde::Deserialize;
 use tracing_subscriber::EnvFilter;
 
 /// Warren, an AMQP 0-9-1 message broker.
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
-    /// Data directory (sled database).
-    #[arg(long, env = "WARREN_DATA_DIR", default_value = "data")]
-    data_dir: PathBuf,
-    /// Address to listen on for AMQP.
-    #[arg(long, env = "WARREN_BIND", default_value = "0.0.0.0")]
-    bind: IpAddr,
-    /// AMQP port.
-    #[arg(long, env = "WARREN_PORT", default_value_t = 5672)]
-    port: u16,
-    /// Largest message body accepted, in octets.
-    #[arg(long, env = "WARREN_MAX_MESSAGE_SIZE", default_value_t = 128 << 20)]
-    max_message_size: u64,
-    /// Heartbeat interval offered to clients, in seconds (0 disables).
-    #[arg(long, env = "WARREN_HEARTBEAT", default_value_t = 60)]
-    heartbeat: u16,
+    /// TOML config file with any of the settings below (flags and env win).
+    #[arg(long, env = "WARREN_CONFIG")]
+    config: Option<PathBuf>,
+    /// Data directory (sled database) [default: data].
+    #[arg(long, env = "WARREN_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Address to listen on for AMQP [default: 0.0.0.0].
+    #[arg(long, env = "WARREN_BIND")]
+    bind: Option<IpAddr>,
+    /// AMQP port [default: 5672].
+    #[arg(long, env = "WARREN_PORT")]
+    port: Option<u16>,
+    /// Largest message body accepted, in octets [default: 134217728].
+    #[arg(long, env = "WARREN_MAX_MESSAGE_SIZE")]
+    max_message_size: Option<u64>,
+    /// Heartbeat interval offered to clients, in seconds; 0 disables [default: 60].
+    #[arg(long, env = "WARREN_HEARTBEAT")]
+    heartbeat: Option<u16>,
+    /// Default user, created on first boot [default: guest].
+    #[arg(long, env = "WARREN_DEFAULT_USER")]
+    default_user: Option<String>,
+    /// Default user's password [default: guest].
+    #[arg(long, env = "WARREN_DEFAULT_PASS")]
+    default_pass: Option<String>,
     /// Log as JSON lines instead of human-readable text.
     #[arg(long, env = "WARREN_LOG_JSON")]
     log_json: bool,
 }
 
+/// The config file: the same settings as the flags, all optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    data_dir: Option<PathBuf>,
+    bind: Option<IpAddr>,
+    port: Option<u16>,
+    max_message_size: Option<u64>,
+    heartbeat: Option<u16>,
+    default_user: Option<String>,
+    default_pass: Option<String>,
+    log_json: Option<bool>,
+}
+
+fn load_file(path: &Option<PathBuf>) -> Result<FileConfig, String> {
+    let Some(path) = path else {
+        return Ok(FileConfig::default());
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn config(args: Args, file: FileConfig) -> server::Config {
+    let d = server::Config::default();
+    server::Config {
+        data_dir: args.data_dir.or(file.data_dir).unwrap_or(d.data_dir),
+        bind: SocketAddr::new(
+            args.bind.or(file.bind).unwrap_or(d.bind.ip()),
+            args.port.or(file.port).unwrap_or(d.bind.port()),
+        ),
+        max_message_size: args
+            .max_message_size
+            .or(file.max_message_size)
+            .unwrap_or(d.max_message_size),
+        heartbeat: args.heartbeat.or(file.heartbeat).unwrap_or(d.heartbeat),
+        default_user: args.default_user.or(file.default_user).unwrap_or(d.default_user),
+        default_pass: args.default_pass.or(file.default_pass).unwrap_or(d.default_pass),
+        ..d
+    }
+}
+
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
+    let file = match load_file(&args.config) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("cannot read config file {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     let filter = EnvFilter::try_from_env("WARREN_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    if args.log_json {
-        tracing_subscriber::fmt()
-            .json()
-            .with_env_filter(filter)
-            .init();
+    if args.log_json || file.log_json == Some(true) {
+        tracing_subscriber::fmt().json().with_env_filter(filter).init();
     } else {
         tracing_subscriber::fmt().with_env_filter(filter).init();
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let config = config(args, file);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("cannot start the runtime: {e}");
@@ -53,13 +110,6 @@ fn main() -> std::process::ExitCode {
         }
     };
     runtime.block_on(async {
-        let config = server::Config {
-            data_dir: args.data_dir,
-            bind: SocketAddr::new(args.bind, args.port),
-            max_message_size: args.max_message_size,
-            heartbeat: args.heartbeat,
-            ..server::Config::default()
-        };
         let handle = match server::start(config).await {
             Ok(h) => h,
             Err(e) => {
@@ -98,5 +148,22 @@ async fn wait_for_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_beat_the_file_which_beats_defaults() {
+        let args = Args::parse_from(["warren", "--port", "5999"]);
+        let file: FileConfig = toml::from_str("port = 1234\ndata_dir = \"/var/lib/warren\"\nheartbeat = 30").unwrap();
+        let c = config(args, file);
+        assert_eq!(c.bind.port(), 5999);
+        assert_eq!(c.data_dir, PathBuf::from("/var/lib/warren"));
+        assert_eq!(c.heartbeat, 30);
+        assert_eq!(c.max_message_size, 128 << 20);
+        assert!(toml::from_str::<FileConfig>("bogus = 1").is_err(), "unknown keys are refused");
     }
 }
