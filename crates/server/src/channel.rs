@@ -242,6 +242,51 @@ impl Channel {
         }
     }
 
+    /// Settles deliveries now, or, in a transaction, checks the tags and holds
+    /// the action until commit.
+    fn settle_or_hold(
+        &mut self,
+        broker: &Arc<Broker>,
+        vhost: &Vhost,
+        tag: u64,
+        multiple: bool,
+        how: Settle,
+        action: TxAction,
+    ) -> Result<(), AmqpError> {
+        if let Some(actions) = &mut self.tx {
+            self.shared.check(tag, multiple)?;
+            actions.push(action);
+            return Ok(());
+        }
+        let taken = self.shared.take(tag, multiple)?;
+        vhost.settle(broker, taken, how);
+        self.after_settle(broker, vhost);
+        Ok(())
+    }
+
+    /// Settles what is still outstanding of `tag` (at transaction commit).
+    fn settle_now(
+        &self,
+        broker: &Arc<Broker>,
+        vhost: &Vhost,
+        tag: u64,
+        multiple: bool,
+        how: Settle,
+    ) {
+        if let Ok(taken) = self.shared.take(tag, multiple) {
+            vhost.settle(broker, taken, how);
+            self.after_settle(broker, vhost);
+        }
+    }
+
+    /// With a channel-wide prefetch, settling on one queue frees credit for
+    /// the channel's consumers on every queue: let them all deliver.
+    fn after_settle(&self, broker: &Arc<Broker>, vhost: &Vhost) {
+        if self.shared.deliveries.lock().global_prefetch > 0 {
+            vhost.dispatch_channel(broker, &self.consumers);
+        }
+    }
+
     /// Lets the queues this channel consumes from deliver again.
     pub fn redispatch(&self, broker: &Arc<Broker>, vhost: &Vhost) {
         vhost.dispatch_channel(broker, &self.consumers);
@@ -442,52 +487,38 @@ impl Channel {
                 }
             }
             Method::BasicGet(m) => self.handle_basic_get(broker, vhost, m)?,
-            Method::BasicAck(m) => match &mut self.tx {
-                Some(actions) => {
-                    self.shared.check(m.delivery_tag, m.multiple)?;
-                    actions.push(TxAction::Ack(m));
-                }
-                None => {
-                    let taken = self.shared.take(m.delivery_tag, m.multiple)?;
-                    vhost.settle(broker, taken, Settle::Ack);
-                }
-            },
-            Method::BasicNack(m) => match &mut self.tx {
-                Some(actions) => {
-                    self.shared.check(m.delivery_tag, m.multiple)?;
-                    actions.push(TxAction::Nack(m));
-                }
-                None => {
-                    let taken = self.shared.take(m.delivery_tag, m.multiple)?;
-                    vhost.settle(
-                        broker,
-                        taken,
-                        if m.requeue {
-                            Settle::Requeue
-                        } else {
-                            Settle::Reject
-                        },
-                    );
-                }
-            },
-            Method::BasicReject(m) => match &mut self.tx {
-                Some(actions) => {
-                    self.shared.check(m.delivery_tag, false)?;
-                    actions.push(TxAction::Reject(m));
-                }
-                None => {
-                    let taken = self.shared.take(m.delivery_tag, false)?;
-                    vhost.settle(
-                        broker,
-                        taken,
-                        if m.requeue {
-                            Settle::Requeue
-                        } else {
-                            Settle::Reject
-                        },
-                    );
-                }
-            },
+            Method::BasicAck(m) => {
+                self.settle_or_hold(
+                    broker,
+                    vhost,
+                    m.delivery_tag,
+                    m.multiple,
+                    Settle::Ack,
+                    TxAction::Ack(m),
+                )?;
+            }
+            Method::BasicNack(m) => {
+                let how = Settle::requeue_or_reject(m.requeue);
+                self.settle_or_hold(
+                    broker,
+                    vhost,
+                    m.delivery_tag,
+                    m.multiple,
+                    how,
+                    TxAction::Nack(m),
+                )?;
+            }
+            Method::BasicReject(m) => {
+                let how = Settle::requeue_or_reject(m.requeue);
+                self.settle_or_hold(
+                    broker,
+                    vhost,
+                    m.delivery_tag,
+                    false,
+                    how,
+                    TxAction::Reject(m),
+                )?;
+            }
             Method::BasicRecover(m) => {
                 if !m.requeue {
                     return Err(AmqpError::not_implemented("requeue=false"));
@@ -909,36 +940,19 @@ impl Channel {
                 }
                 // An earlier action of the same transaction may have settled
                 // these tags already (e.g. two multiple acks): nothing left to do.
-                TxAction::Ack(a) => {
-                    if let Ok(taken) = self.shared.take(a.delivery_tag, a.multiple) {
-                        vhost.settle(broker, taken, Settle::Ack);
-                    }
+                TxAction::Ack(BasicAck {
+                    delivery_tag,
+                    multiple,
+                }) => {
+                    self.settle_now(broker, vhost, delivery_tag, multiple, Settle::Ack);
                 }
                 TxAction::Nack(n) => {
-                    if let Ok(taken) = self.shared.take(n.delivery_tag, n.multiple) {
-                        vhost.settle(
-                            broker,
-                            taken,
-                            if n.requeue {
-                                Settle::Requeue
-                            } else {
-                                Settle::Reject
-                            },
-                        );
-                    }
+                    let how = Settle::requeue_or_reject(n.requeue);
+                    self.settle_now(broker, vhost, n.delivery_tag, n.multiple, how);
                 }
                 TxAction::Reject(r) => {
-                    if let Ok(taken) = self.shared.take(r.delivery_tag, false) {
-                        vhost.settle(
-                            broker,
-                            taken,
-                            if r.requeue {
-                                Settle::Requeue
-                            } else {
-                                Settle::Reject
-                            },
-                        );
-                    }
+                    let how = Settle::requeue_or_reject(r.requeue);
+                    self.settle_now(broker, vhost, r.delivery_tag, false, how);
                 }
             }
         }
@@ -1076,6 +1090,17 @@ pub enum Settle {
     Requeue,
     /// Reject without requeue (dead-letter or discard).
     Reject,
+}
+
+impl Settle {
+    /// `basic.nack` / `basic.reject`'s `requeue` flag.
+    fn requeue_or_reject(requeue: bool) -> Settle {
+        if requeue {
+            Settle::Requeue
+        } else {
+            Settle::Reject
+        }
+    }
 }
 
 /// What a handled command did to the channel.

@@ -80,8 +80,14 @@ fn config(args: Args, file: FileConfig) -> server::Config {
             .or(file.max_message_size)
             .unwrap_or(d.max_message_size),
         heartbeat: args.heartbeat.or(file.heartbeat).unwrap_or(d.heartbeat),
-        default_user: args.default_user.or(file.default_user).unwrap_or(d.default_user),
-        default_pass: args.default_pass.or(file.default_pass).unwrap_or(d.default_pass),
+        default_user: args
+            .default_user
+            .or(file.default_user)
+            .unwrap_or(d.default_user),
+        default_pass: args
+            .default_pass
+            .or(file.default_pass)
+            .unwrap_or(d.default_pass),
         ..d
     }
 }
@@ -97,12 +103,18 @@ fn main() -> std::process::ExitCode {
     };
     let filter = EnvFilter::try_from_env("WARREN_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     if args.log_json || file.log_json == Some(true) {
-        tracing_subscriber::fmt().json().with_env_filter(filter).init();
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .init();
     } else {
         tracing_subscriber::fmt().with_env_filter(filter).init();
     }
     let config = config(args, file);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("cannot start the runtime: {e}");
@@ -158,12 +170,16 @@ mod tests {
     #[test]
     fn flags_beat_the_file_which_beats_defaults() {
         let args = Args::parse_from(["warren", "--port", "5999"]);
-        let file: FileConfig = toml::from_str("port = 1234\ndata_dir = \"/var/lib/warren\"\nheartbeat = 30").unwrap();
+        let file: FileConfig =
+            toml::from_str("port = 1234\ndata_dir = \"/var/lib/warren\"\nheartbeat = 30").unwrap();
         let c = config(args, file);
         assert_eq!(c.bind.port(), 5999);
         assert_eq!(c.data_dir, PathBuf::from("/var/lib/warren"));
         assert_eq!(c.heartbeat, 30);
         assert_eq!(c.max_message_size, 128 << 20);
-        assert!(toml::from_str::<FileConfig>("bogus = 1").is_err(), "unknown keys are refused");
+        assert!(
+            toml::from_str::<FileConfig>("bogus = 1").is_err(),
+            "unknown keys are refused"
+        );
     }
 }

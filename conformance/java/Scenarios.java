@@ -1,0 +1,549 @@
+// Warren conformance scenarios driven through the RabbitMQ Java client.
+//
+// Usage: java -cp <amqp-client.jar:slf4j...:classes> Scenarios --port N [--host H] [--product Warren] [--only a,b]
+//
+// Every scenario opens its own connection(s), uses its own uniquely named entities
+// and prints exactly one line: `PASS java.<name>` or `FAIL java.<name>: reason`.
+// The expected behaviour is RabbitMQ 3.10's; a mismatch is a failure.
+// Exit status: 0 if all passed, 1 otherwise.
+
+import com.rabbitmq.client.AMQP;
+import com.rabbitmq.client.Channel;
+import com.rabbitmq.client.Connection;
+import com.rabbitmq.client.ConnectionFactory;
+import com.rabbitmq.client.DefaultConsumer;
+import com.rabbitmq.client.Envelope;
+import com.rabbitmq.client.GetResponse;
+import com.rabbitmq.client.LongString;
+import com.rabbitmq.client.MessageProperties;
+import com.rabbitmq.client.ShutdownSignalException;
+
+import java.io.IOException;
+import java.nio.charset.StandardCharsets;
+import java.util.ArrayList;
+import java.util.Arrays;
+import java.util.HashMap;
+import java.util.HashSet;
+import java.util.LinkedHashMap;
+import java.util.List;
+import java.util.Map;
+import java.util.Objects;
+import java.util.Set;
+import java.util.UUID;
+import java.util.concurrent.ConcurrentSkipListSet;
+import java.util.concurrent.CopyOnWriteArrayList;
+import java.util.concurrent.ExecutorService;
+import java.util.concurrent.Executors;
+import java.util.concurrent.Future;
+import java.util.concurrent.LinkedBlockingQueue;
+import java.util.concurrent.TimeUnit;
+import java.util.concurrent.TimeoutException;
+
+public final class Scenarios {
+    static final int SCENARIO_TIMEOUT_S = 30;
+    static final String RUN = UUID.randomUUID().toString().substring(0, 8);
+
+    static String host = "127.0.0.1";
+    static int port = -1;
+    static String product = "Warren";
+    static final List<Connection> open = new CopyOnWriteArrayList<>();
+
+    static final class Failure extends RuntimeException {
+        private static final long serialVersionUID = 1L;
+        Failure(String m) { super(m); }
+    }
+
+    interface Scenario { void run() throws Exception; }
+
+    // ------------------------------------------------------------------ helpers
+
+    static String name(String base) { return "java." + base + "." + RUN; }
+
+    static void check(boolean cond, String msg) { if (!cond) throw new Failure(msg); }
+
+    static void eq(Object actual, Object expected, String what) {
+        Object a = norm(actual), e = norm(expected);
+        if (!Objects.equals(a, e)) {
+            String msg = what + ": expected " + e + ", got " + a;
+            if (String.valueOf(a).equals(String.valueOf(e)) && a != null && e != null) {
+                msg += " (" + a.getClass().getSimpleName() + " instead of " + e.getClass().getSimpleName() + ")";
+            }
+            throw new Failure(msg);
+        }
+    }
+
+    /** LongString -> String and byte[] -> String, recursively, so values compare naturally. */
+    static Object norm(Object v) {
+        if (v instanceof LongString) return v.toString();
+        if (v instanceof byte[]) return new String((byte[]) v, StandardCharsets.UTF_8);
+        if (v instanceof List) {
+            List<Object> out = new ArrayList<>();
+            for (Object o : (List<?>) v) out.add(norm(o));
+            return out;
+        }
+        if (v instanceof Map) {
+            Map<String, Object> out = new LinkedHashMap<>();
+            for (Map.Entry<?, ?> en : ((Map<?, ?>) v).entrySet()) out.put(en.getKey().toString(), norm(en.getValue()));
+            return out;
+        }
+        return v;
+    }
+
+    static byte[] b(String s) { return s.getBytes(StandardCharsets.UTF_8); }
+
+    static String s(byte[] bs) { return new String(bs, StandardCharsets.UTF_8); }
+
+    static Connection connect() throws Exception {
+        ConnectionFactory f = new ConnectionFactory();
+        f.setHost(host);
+        f.setPort(port);
+        f.setUsername("guest");
+        f.setPassword("guest");
+        f.setVirtualHost("/");
+        f.setConnectionTimeout(5000);
+        f.setHandshakeTimeout(5000);
+        f.setAutomaticRecoveryEnabled(false);
+        f.setTopologyRecoveryEnabled(false);
+        Connection c = f.newConnection("warren-conformance");
+        open.add(c);
+        return c;
+    }
+
+    static final class Delivery {
+        final Envelope envelope;
+        final AMQP.BasicProperties props;
+        final byte[] body;
+        Delivery(Envelope e, AMQP.BasicProperties p, byte[] b) { envelope = e; props = p; body = b; }
+    }
+
+    /** A consumer that hands every delivery to a queue the scenario thread reads. */
+    static final class Collector extends DefaultConsumer {
+        final LinkedBlockingQueue<Delivery> q = new LinkedBlockingQueue<>();
+        Collector(Channel ch) { super(ch); }
+        @Override
+        public void handleDelivery(String tag, Envelope env, AMQP.BasicProperties props, byte[] body) {
+            q.add(new Delivery(env, props, body));
+        }
+        Delivery next(double timeoutS, String what) throws InterruptedException {
+            Delivery d = q.poll((long) (timeoutS * 1000), TimeUnit.MILLISECONDS);
+            if (d == null) throw new Failure("timed out after " + timeoutS + "s waiting for " + what);
+            return d;
+        }
+    }
+
+    static ShutdownSignalException shutdownCause(Throwable t) {
+        for (Throwable c = t; c != null; c = c.getCause()) {
+            if (c instanceof ShutdownSignalException) return (ShutdownSignalException) c;
+        }
+        return null;
+    }
+
+    static void expectChannelClose(Scenario op, int code, String text, String what) throws Exception {
+        try {
+            op.run();
+        } catch (IOException | ShutdownSignalException e) {
+            ShutdownSignalException sse = shutdownCause(e);
+            check(sse != null, what + ": unexpected exception " + e);
+            check(!sse.isHardError(), what + ": the broker closed the connection instead of the channel: " + sse.getReason());
+            check(sse.getReason() instanceof AMQP.Channel.Close, what + ": reason is " + sse.getReason());
+            AMQP.Channel.Close close = (AMQP.Channel.Close) sse.getReason();
+            eq(close.getReplyCode(), code, what + ": reply code");
+            eq(close.getReplyText(), text, what + ": reply text");
+            return;
+        }
+        throw new Failure(what + ": channel was not closed by the broker");
+    }
+
+    static int messageCount(Channel ch, String q) throws IOException {
+        return ch.queueDeclarePassive(q).getMessageCount();
+    }
+
+    // ---------------------------------------------------------------- scenarios
+
+    static void s01Handshake() throws Exception {
+        Connection c = connect();
+        Map<String, Object> props = c.getServerProperties();
+        eq(props.get("product"), product, "server_properties.product");
+        Object caps = props.get("capabilities");
+        check(caps instanceof Map, "capabilities is not a table: " + caps);
+        eq(((Map<?, ?>) caps).get("publisher_confirms"), true, "capabilities.publisher_confirms");
+        eq(((Map<?, ?>) caps).get("basic.nack"), true, "capabilities.basic.nack");
+        Channel ch = c.createChannel();
+        check(ch.isOpen(), "channel did not open");
+        ch.close();
+        c.close();
+    }
+
+    static void s02DeclareGetProperties() throws Exception {
+        Connection c = connect();
+        Channel ch = c.createChannel();
+        AMQP.Queue.DeclareOk ok = ch.queueDeclare("", false, true, false, null);
+        String anon = ok.getQueue();
+        check(anon.startsWith("amq.gen-"), "server-named queue " + anon + " does not start with amq.gen-");
+        eq(Arrays.asList(ok.getMessageCount(), ok.getConsumerCount()), Arrays.asList(0, 0), "counts of new queue");
+        String named = name("props");
+        eq(ch.queueDeclare(named, false, false, false, null).getQueue(), named, "declare-ok queue name");
+
+        Map<String, Object> headers = new HashMap<>();
+        headers.put("s", "str");
+        headers.put("i", 42);
+        headers.put("b", true);
+        AMQP.BasicProperties props = new AMQP.BasicProperties.Builder()
+                .contentType("application/json").headers(headers)
+                .correlationId("corr-1").deliveryMode(2).build();
+        for (String q : new String[] {anon, named}) {
+            ch.basicPublish("", q, props, b("{\"k\": 1}"));
+            ch.basicPublish("", q, null, b("second"));
+        }
+        for (String q : new String[] {anon, named}) {
+            GetResponse r = ch.basicGet(q, true);
+            check(r != null, "basic.get on " + q + " returned empty");
+            eq(s(r.getBody()), "{\"k\": 1}", "body");
+            eq(r.getEnvelope().getRoutingKey(), q, "get-ok routing key");
+            eq(r.getEnvelope().getExchange(), "", "get-ok exchange");
+            eq(r.getEnvelope().isRedeliver(), false, "get-ok redelivered");
+            eq(r.getMessageCount(), 1, "get-ok message_count");
+            AMQP.BasicProperties p = r.getProps();
+            eq(p.getContentType(), "application/json", "content_type");
+            Map<String, Object> h = p.getHeaders();
+            check(h != null, "headers missing");
+            eq(h, headers, "headers");
+            check(h.get("i") instanceof Integer, "header i decoded as " + h.get("i").getClass().getName() + ", expected Integer (type I)");
+            check(h.get("b") instanceof Boolean, "header b decoded as " + h.get("b").getClass().getName());
+            eq(p.getCorrelationId(), "corr-1", "correlation_id");
+            eq(p.getDeliveryMode(), 2, "delivery_mode");
+            r = ch.basicGet(q, true);
+            eq(s(r.getBody()), "second", "second body");
+            eq(Arrays.asList(r.getProps().getContentType(), r.getProps().getHeaders(), r.getProps().getDeliveryMode()),
+                    Arrays.asList(null, null, null), "properties of a bare message");
+            eq(ch.basicGet(q, false), null, "basic.get on an empty queue");
+        }
+        ch.queueDelete(named);
+        c.close();
+    }
+
+    static void s03ConsumePrefetchAck() throws Exception {
+        Connection c = connect();
+        Channel ch = c.createChannel();
+        String q = name("consume");
+        ch.queueDeclare(q, false, false, false, null);
+        int n = 1000;
+        for (int i = 0; i < n; i++) ch.basicPublish("", q, null, b("m" + i));
+        ch.basicQos(10);
+        Collector col = new Collector(ch);
+        String tag = ch.basicConsume(q, false, col);
+        List<Delivery> got = new ArrayList<>();
+        for (int i = 0; i < 10; i++) got.add(col.next(5, "the first 10 deliveries"));
+        // prefetch 10: nothing more may arrive while 10 are unacknowledged
+        Delivery extra = col.q.poll(300, TimeUnit.MILLISECONDS);
+        check(extra == null, "an 11th delivery arrived with prefetch 10 and no acks");
+        ch.basicAck(got.get(9).envelope.getDeliveryTag(), true);
+        for (int i = 10; i < n; i++) {
+            got.add(col.next(5, "delivery " + i + " of " + n));
+            if ((i + 1) % 10 == 0) ch.basicAck(got.get(i).envelope.getDeliveryTag(), true);
+        }
+        for (int i = 0; i < n; i++) {
+            Delivery d = got.get(i);
+            eq(s(d.body), "m" + i, "body of delivery " + i + " (publish order)");
+            eq(d.envelope.getDeliveryTag(), (long) (i + 1), "delivery tag " + i);
+            eq(d.envelope.isRedeliver(), false, "redelivered flag of a first delivery");
+        }
+        ch.basicCancel(tag);
+        eq(messageCount(ch, q), 0, "message_count after acking everything");
+        ch.queueDelete(q);
+        c.close();
+    }
+
+    static void s04PublisherConfirms() throws Exception {
+        Connection c = connect();
+        Channel ch = c.createChannel();
+        String q = name("confirms");
+        ch.queueDeclare(q, true, false, false, null);
+        ch.confirmSelect();
+        Set<Long> acked = new ConcurrentSkipListSet<>();
+        List<Long> nacked = new CopyOnWriteArrayList<>();
+        ch.addConfirmListener(new com.rabbitmq.client.ConfirmListener() {
+            public void handleAck(long tag, boolean multiple) {
+                if (multiple) { for (long t = 1; t <= tag; t++) acked.add(t); } else acked.add(tag);
+            }
+            public void handleNack(long tag, boolean multiple) { nacked.add(tag); }
+        });
+        for (int i = 0; i < 500; i++) {
+            ch.basicPublish("", q, true, MessageProperties.PERSISTENT_BASIC, b("c" + i));
+        }
+        eq(ch.getNextPublishSeqNo(), 501L, "next publish sequence number");
+        ch.waitForConfirmsOrDie(10_000);
+        check(nacked.isEmpty(), "broker nacked " + nacked);
+        eq(acked.size(), 500, "distinct delivery tags confirmed");
+        check(acked.contains(1L) && acked.contains(500L), "confirms do not cover tags 1..500");
+        eq(messageCount(ch, q), 500, "message_count after 500 confirmed publishes");
+        ch.queueDelete(q);
+        c.close();
+    }
+
+    static void s05MandatoryReturn() throws Exception {
+        Connection c = connect();
+        Channel ch = c.createChannel();
+        LinkedBlockingQueue<Object[]> returned = new LinkedBlockingQueue<>();
+        ch.addReturnListener((code, text, exchange, key, props, body) ->
+                returned.add(new Object[] {code, text, exchange, key, props, body}));
+        String key = name("nowhere");
+        ch.basicPublish("", key, true, new AMQP.BasicProperties.Builder().correlationId("r1").build(), b("lost"));
+        Object[] r = returned.poll(5, TimeUnit.SECONDS);
+        check(r != null, "no basic.return within 5s");
+        eq(r[0], 312, "basic.return reply_code");
+        eq(r[1], "NO_ROUTE", "basic.return reply_text");
+        eq(r[2], "", "basic.return exchange");
+        eq(r[3], key, "basic.return routing_key");
+        eq(((AMQP.BasicProperties) r[4]).getCorrelationId(), "r1", "returned correlation_id");
+        eq(s((byte[]) r[5]), "lost", "returned body");
+        // non-mandatory unroutable: silently dropped
+        ch.basicPublish("", key, false, null, b("dropped"));
+        check(returned.poll(200, TimeUnit.MILLISECONDS) == null, "a non-mandatory unroutable publish was returned");
+        // confirm mode: the return precedes the ack, and the message is still acked
+        Channel ch2 = c.createChannel();
+        LinkedBlockingQueue<Integer> returned2 = new LinkedBlockingQueue<>();
+        ch2.addReturnListener((code, text, exchange, k, props, body) -> returned2.add(code));
+        ch2.confirmSelect();
+        ch2.basicPublish("amq.direct", key, true, null, b("lost2"));
+        ch2.waitForConfirmsOrDie(5000);
+        eq(returned2.poll(), 312, "confirm-mode return received before the ack");
+        c.close();
+    }
+
+    static List<String> drain(Channel ch, String q, String ex) throws IOException {
+        List<String> out = new ArrayList<>();
+        for (GetResponse r; (r = ch.basicGet(q, true)) != null; ) {
+            eq(r.getEnvelope().getExchange(), ex, "get-ok exchange");
+            eq(r.getEnvelope().getRoutingKey(), s(r.getBody()), "get-ok routing key");
+            out.add(s(r.getBody()));
+        }
+        return out;
+    }
+
+    static void s06TopicRouting() throws Exception {
+        Connection c = connect();
+        Channel ch = c.createChannel();
+        String ex = name("topic"), qa = name("topic-a"), qb = name("topic-b");
+        ch.exchangeDeclare(ex, "topic");
+        ch.queueDeclare(qa, false, false, false, null);
+        ch.queueDeclare(qb, false, false, false, null);
+        ch.queueBind(qa, ex, "a.*.c");
+        ch.queueBind(qb, ex, "a.#");
+        for (String k : new String[] {"a.b.c", "a.x", "z"}) ch.basicPublish(ex, k, null, b(k));
+        eq(drain(ch, qa, ex), Arrays.asList("a.b.c"), "messages in queue bound with a.*.c");
+        eq(drain(ch, qb, ex), Arrays.asList("a.b.c", "a.x"), "messages in queue bound with a.#");
+        ch.queueDelete(qa);
+        ch.queueDelete(qb);
+        ch.exchangeDelete(ex);
+        c.close();
+    }
+
+    static void s07NackRejectDlx() throws Exception {
+        Connection c = connect();
+        Channel ch = c.createChannel();
+        String dlx = name("dlx"), dlq = name("dlq"), q = name("work");
+        ch.exchangeDeclare(dlx, "fanout");
+        ch.queueDeclare(dlq, false, false, false, null);
+        ch.queueBind(dlq, dlx, "");
+        Map<String, Object> args = new HashMap<>();
+        args.put("x-dead-letter-exchange", dlx);
+        ch.queueDeclare(q, false, false, false, args);
+        Map<String, Object> h0 = new HashMap<>();
+        h0.put("orig", "yes");
+        ch.basicPublish("", q, new AMQP.BasicProperties.Builder().headers(h0).build(), b("n1"));
+        Collector col = new Collector(ch);
+        String tag = ch.basicConsume(q, false, col);
+        Delivery d1 = col.next(5, "first delivery");
+        eq(d1.envelope.isRedeliver(), false, "first delivery redelivered flag");
+        ch.basicNack(d1.envelope.getDeliveryTag(), false, true);
+        Delivery d2 = col.next(5, "redelivery after nack requeue=true");
+        eq(s(d2.body), "n1", "redelivered body");
+        eq(d2.envelope.isRedeliver(), true, "redelivered flag after nack requeue=true");
+        ch.basicReject(d2.envelope.getDeliveryTag(), false);
+        Collector dead = new Collector(ch);
+        String dtag = ch.basicConsume(dlq, false, dead);
+        Delivery dd = dead.next(5, "dead-lettered message in the DLX queue");
+        check(col.q.poll(100, TimeUnit.MILLISECONDS) == null, "reject requeue=false requeued the message");
+        eq(s(dd.body), "n1", "dead-lettered body");
+        eq(dd.envelope.getExchange(), dlx, "dead-lettered message exchange");
+        eq(dd.envelope.getRoutingKey(), q, "dead-lettered message routing key");
+        Map<String, Object> h = dd.props.getHeaders();
+        check(h != null, "dead-lettered message has no headers");
+        eq(h.get("orig"), "yes", "original header kept");
+        Object xd = h.get("x-death");
+        check(xd instanceof List && ((List<?>) xd).size() == 1, "x-death should be a one-entry array, got " + norm(xd));
+        Map<?, ?> e = (Map<?, ?>) ((List<?>) xd).get(0);
+        eq(e.get("reason"), "rejected", "x-death reason");
+        eq(e.get("queue"), q, "x-death queue");
+        eq(e.get("count"), 1L, "x-death count");
+        eq(e.get("exchange"), "", "x-death exchange");
+        eq(e.get("routing-keys"), Arrays.asList(q), "x-death routing-keys");
+        eq(h.get("x-first-death-reason"), "rejected", "x-first-death-reason");
+        eq(h.get("x-first-death-queue"), q, "x-first-death-queue");
+        eq(h.get("x-first-death-exchange"), "", "x-first-death-exchange");
+        ch.basicAck(dd.envelope.getDeliveryTag(), false);
+        ch.basicCancel(tag);
+        ch.basicCancel(dtag);
+        eq(messageCount(ch, q), 0, "work queue left empty");
+        ch.queueDelete(q);
+        ch.queueDelete(dlq);
+        ch.exchangeDelete(dlx);
+        c.close();
+    }
+
+    static void s08Transactions() throws Exception {
+        Connection c = connect();
+        Channel ch = c.createChannel();
+        String q = name("tx");
+        ch.queueDeclare(q, false, false, false, null);
+        ch.txSelect();
+        ch.basicPublish("", q, null, b("t1"));
+        eq(messageCount(ch, q), 0, "message_count before commit");
+        ch.txRollback();
+        eq(messageCount(ch, q), 0, "message_count after rollback");
+        ch.basicPublish("", q, null, b("t2"));
+        ch.txCommit();
+        eq(messageCount(ch, q), 1, "message_count after commit");
+        GetResponse r = ch.basicGet(q, true);
+        check(r != null, "committed message missing");
+        eq(s(r.getBody()), "t2", "committed body");
+        eq(ch.basicGet(q, true), null, "a second message after rollback+commit");
+        ch.txCommit();
+        ch.queueDelete(q);
+        c.close();
+    }
+
+    static void s09Errors() throws Exception {
+        Connection c = connect();
+        String missing = name("missing");
+        Channel ch1 = c.createChannel();
+        expectChannelClose(() -> ch1.queueDeclarePassive(missing),
+                404, "NOT_FOUND - no queue '" + missing + "' in vhost '/'", "passive declare of a missing queue");
+        check(!ch1.isOpen(), "channel still open after 404");
+        check(c.isOpen(), "connection closed after a channel error");
+
+        Channel ch2 = c.createChannel();
+        ch2.basicPublish("nope", "rk", null, b("x"));
+        // the close is asynchronous; the next synchronous call observes it
+        expectChannelClose(() -> ch2.queueDeclare(name("after-publish"), false, false, false, null),
+                404, "NOT_FOUND - no exchange 'nope' in vhost '/'", "publish to missing exchange");
+
+        Channel ch3 = c.createChannel();
+        String q = name("durable-diff");
+        ch3.queueDeclare(q, false, false, false, null);
+        expectChannelClose(() -> ch3.queueDeclare(q, true, false, false, null),
+                406, "PRECONDITION_FAILED - inequivalent arg 'durable' for queue '" + q
+                        + "' in vhost '/': received 'true' but current is 'false'",
+                "redeclare with different durable");
+
+        Channel ch4 = c.createChannel();
+        eq(ch4.queueDeclarePassive(q).getQueue(), q, "connection usable after channel errors");
+        ch4.queueDelete(q);
+        c.close();
+    }
+
+    static void s10TtlDeadLetter() throws Exception {
+        Connection c = connect();
+        Channel ch = c.createChannel();
+        String q = name("ttl"), dlq = name("ttl-dlq");
+        ch.queueDeclare(dlq, false, false, false, null);
+        Map<String, Object> args = new HashMap<>();
+        args.put("x-message-ttl", 100);
+        args.put("x-dead-letter-exchange", "");
+        args.put("x-dead-letter-routing-key", dlq);
+        ch.queueDeclare(q, false, false, false, args);
+        long t0 = System.nanoTime();
+        ch.basicPublish("", q, null, b("ephemeral"));
+        Collector dead = new Collector(ch);
+        String tag = ch.basicConsume(dlq, false, dead);
+        Delivery d = dead.next(5, "expired message in the dead-letter queue");
+        double elapsed = (System.nanoTime() - t0) / 1e9;
+        check(elapsed >= 0.09, String.format("dead-lettered after %.3fs, before the 100 ms TTL", elapsed));
+        eq(s(d.body), "ephemeral", "expired body");
+        eq(d.envelope.getRoutingKey(), dlq, "dead-letter routing key");
+        Map<String, Object> h = d.props.getHeaders();
+        Object xd = h == null ? null : h.get("x-death");
+        check(xd instanceof List && ((List<?>) xd).size() == 1, "x-death should be a one-entry array, got " + norm(xd));
+        Map<?, ?> e = (Map<?, ?>) ((List<?>) xd).get(0);
+        eq(e.get("reason"), "expired", "x-death reason");
+        eq(e.get("queue"), q, "x-death queue");
+        eq(e.get("routing-keys"), Arrays.asList(q), "x-death routing-keys");
+        ch.basicAck(d.envelope.getDeliveryTag(), false);
+        ch.basicCancel(tag);
+        eq(messageCount(ch, q), 0, "TTL queue left empty");
+        ch.queueDelete(q);
+        ch.queueDelete(dlq);
+        c.close();
+    }
+
+    // --------------------------------------------------------------------- main
+
+    public static void main(String[] argv) throws Exception {
+        Set<String> only = null;
+        String envProduct = System.getenv("CONFORMANCE_PRODUCT");
+        if (envProduct != null && !envProduct.isEmpty()) product = envProduct;
+        for (int i = 0; i < argv.length; i++) {
+            switch (argv[i]) {
+                case "--host": host = argv[++i]; break;
+                case "--port": port = Integer.parseInt(argv[++i]); break;
+                case "--product": product = argv[++i]; break;
+                case "--only": only = new HashSet<>(Arrays.asList(argv[++i].split(","))); break;
+                default: System.err.println("unknown argument " + argv[i]); System.exit(2);
+            }
+        }
+        if (port < 0) { System.err.println("--port is required"); System.exit(2); }
+
+        Map<String, Scenario> scenarios = new LinkedHashMap<>();
+        scenarios.put("handshake", Scenarios::s01Handshake);
+        scenarios.put("declare_get_properties", Scenarios::s02DeclareGetProperties);
+        scenarios.put("consume_prefetch_ack", Scenarios::s03ConsumePrefetchAck);
+        scenarios.put("publisher_confirms", Scenarios::s04PublisherConfirms);
+        scenarios.put("mandatory_return", Scenarios::s05MandatoryReturn);
+        scenarios.put("topic_routing", Scenarios::s06TopicRouting);
+        scenarios.put("nack_reject_dlx", Scenarios::s07NackRejectDlx);
+        scenarios.put("transactions", Scenarios::s08Transactions);
+        scenarios.put("errors", Scenarios::s09Errors);
+        scenarios.put("ttl_dead_letter", Scenarios::s10TtlDeadLetter);
+
+        boolean verbose = System.getenv("CONFORMANCE_VERBOSE") != null;
+        int failed = 0;
+        for (Map.Entry<String, Scenario> en : scenarios.entrySet()) {
+            if (only != null && !only.contains(en.getKey())) continue;
+            String full = "java." + en.getKey();
+            ExecutorService ex = Executors.newSingleThreadExecutor(r -> {
+                Thread t = new Thread(r, full);
+                t.setDaemon(true);
+                return t;
+            });
+            long t0 = System.nanoTime();
+            Future<?> fut = ex.submit(() -> { en.getValue().run(); return null; });
+            String failure = null;
+            try {
+                fut.get(SCENARIO_TIMEOUT_S, TimeUnit.SECONDS);
+            } catch (TimeoutException e) {
+                fut.cancel(true);
+                failure = "scenario did not finish within " + SCENARIO_TIMEOUT_S + "s";
+            } catch (java.util.concurrent.ExecutionException e) {
+                Throwable t = e.getCause();
+                failure = t instanceof Failure ? t.getMessage() : t.toString();
+                ShutdownSignalException sse = shutdownCause(t);
+                if (sse != null && !(t instanceof Failure)) failure += " [reason: " + sse.getReason() + "]";
+                if (verbose) t.printStackTrace();
+            }
+            ex.shutdownNow();
+            for (Connection c : open) {
+                try { c.abort(1000); } catch (Exception ignored) { }
+            }
+            open.clear();
+            if (failure == null) {
+                System.out.printf("PASS %s (%.2fs)%n", full, (System.nanoTime() - t0) / 1e9);
+            } else {
+                failed++;
+                System.out.println("FAIL " + full + ": " + failure.replace('\n', ' '));
+            }
+            System.out.flush();
+        }
+        System.exit(failed == 0 ? 0 : 1);
+    }
+}

@@ -1,0 +1,480 @@
+#!/usr/bin/env python3
+"""Warren conformance scenarios driven through pika (BlockingConnection).
+
+Usage: pika_scenarios.py --port N [--host H] [--product Warren]
+
+Every scenario opens its own connection, uses its own uniquely named entities
+and prints exactly one line: `PASS pika.<name>` or `FAIL pika.<name>: reason`.
+The expected behaviour is RabbitMQ 3.10's; a mismatch is a failure, never
+something to be tolerated here.  Exit status: 0 if all passed, 1 otherwise.
+"""
+
+import argparse
+import os
+import signal
+import sys
+import time
+import traceback
+import uuid
+
+import pika
+from pika.exceptions import ChannelClosedByBroker, UnroutableError
+
+SCENARIO_TIMEOUT = 30  # seconds; a hung scenario fails instead of hanging the run
+RUN = uuid.uuid4().hex[:8]  # keeps names unique when pointed at a long-lived broker
+
+
+def name(base):
+    return f"pika.{base}.{RUN}"
+
+
+class Failure(Exception):
+    pass
+
+
+def check(cond, msg):
+    if not cond:
+        raise Failure(msg)
+
+
+def eq(actual, expected, what):
+    if actual != expected:
+        raise Failure(f"{what}: expected {expected!r}, got {actual!r}")
+
+
+class Timeout(Exception):
+    pass
+
+
+def _on_alarm(_sig, _frame):
+    raise Timeout(f"scenario did not finish within {SCENARIO_TIMEOUT}s")
+
+
+def wait_until(conn, pred, timeout, what):
+    """Drive the connection's I/O until pred() holds, for at most `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while not pred():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise Failure(f"timed out after {timeout}s waiting for {what}")
+        conn.process_data_events(time_limit=min(left, 0.05))
+
+
+def collector(ch, queue, auto_ack=False):
+    """Start a consumer that appends (method, properties, body) to a list."""
+    got = []
+
+    def on_message(_ch, method, props, body):
+        got.append((method, props, body))
+
+    tag = ch.basic_consume(queue, on_message, auto_ack=auto_ack)
+    return got, tag
+
+
+def expect_channel_close(fn, code, text, what):
+    try:
+        fn()
+    except ChannelClosedByBroker as e:
+        eq(e.reply_code, code, f"{what}: reply code")
+        eq(e.reply_text, text, f"{what}: reply text")
+        return
+    raise Failure(f"{what}: channel was not closed by the broker")
+
+
+# --------------------------------------------------------------------------
+# scenarios; each takes a connect() factory
+
+
+def s01_handshake(connect):
+    conn = connect()
+    try:
+        props = conn._impl.server_properties
+        check(props is not None, "no server properties")
+        product = props.get("product")
+        if isinstance(product, bytes):
+            product = product.decode()
+        eq(product, ARGS.product, "server_properties.product")
+        caps = props.get("capabilities")
+        check(isinstance(caps, dict), f"capabilities is not a table: {caps!r}")
+        eq(caps.get("publisher_confirms"), True, "capabilities.publisher_confirms")
+        eq(caps.get("basic.nack"), True, "capabilities.basic.nack")
+        ch = conn.channel()
+        check(ch.is_open, "channel did not open")
+        ch.close()
+    finally:
+        conn.close()
+
+
+def s02_declare_get_properties(connect):
+    conn = connect()
+    try:
+        ch = conn.channel()
+        ok = ch.queue_declare("", exclusive=True)
+        anon = ok.method.queue
+        check(anon.startswith("amq.gen-"), f"server-named queue {anon!r} does not start with amq.gen-")
+        eq((ok.method.message_count, ok.method.consumer_count), (0, 0), "counts of new queue")
+        named = name("props")
+        ok = ch.queue_declare(named)
+        eq(ok.method.queue, named, "declare-ok queue name")
+
+        props = pika.BasicProperties(
+            content_type="application/json",
+            headers={"s": "str", "i": 42, "b": True},
+            correlation_id="corr-1",
+            delivery_mode=2,
+        )
+        for q in (anon, named):
+            ch.basic_publish("", q, b'{"k": 1}', props)
+            ch.basic_publish("", q, b"second")
+        for q in (anon, named):
+            method, p, body = ch.basic_get(q, auto_ack=True)
+            check(method is not None, f"basic.get on {q} returned empty")
+            eq(body, b'{"k": 1}', "body")
+            eq(method.routing_key, q, "get-ok routing key")
+            eq(method.exchange, "", "get-ok exchange")
+            eq(method.redelivered, False, "get-ok redelivered")
+            eq(method.message_count, 1, "get-ok message_count")
+            eq(p.content_type, "application/json", "content_type")
+            eq(p.headers, {"s": "str", "i": 42, "b": True}, "headers")
+            eq(p.correlation_id, "corr-1", "correlation_id")
+            eq(p.delivery_mode, 2, "delivery_mode")
+            method, p, body = ch.basic_get(q, auto_ack=True)
+            eq(body, b"second", "second body")
+            eq((p.content_type, p.headers, p.delivery_mode), (None, None, None), "properties of a bare message")
+            method, _, _ = ch.basic_get(q)
+            eq(method, None, "basic.get on an empty queue")
+        ch.queue_delete(named)
+    finally:
+        conn.close()
+
+
+def s03_consume_prefetch_ack(connect):
+    conn = connect()
+    try:
+        ch = conn.channel()
+        q = name("consume")
+        ch.queue_declare(q)
+        n = 1000
+        for i in range(n):
+            ch.basic_publish("", q, f"m{i}".encode())
+        ch.basic_qos(prefetch_count=10)
+        got, tag = collector(ch, q)
+        wait_until(conn, lambda: len(got) >= 10, 5, "the first 10 deliveries")
+        # prefetch 10: nothing more may arrive while 10 are unacknowledged
+        conn.process_data_events(time_limit=0.3)
+        eq(len(got), 10, "deliveries outstanding with prefetch 10 and no acks")
+        acked = 0
+        deadline = time.monotonic() + 20
+        while acked < n:
+            check(time.monotonic() < deadline, f"only {len(got)} of {n} delivered")
+            # ack every 10th delivery with multiple=True
+            while acked + 10 <= len(got) or (len(got) == n and acked < n):
+                last = min(acked + 10, len(got)) - 1
+                ch.basic_ack(got[last][0].delivery_tag, multiple=True)
+                acked = last + 1
+            if acked < n:
+                conn.process_data_events(time_limit=0.05)
+        bodies = [b for _, _, b in got]
+        eq(len(bodies), n, "number delivered")
+        check(bodies == [f"m{i}".encode() for i in range(n)], "messages not delivered in publish order")
+        tags = [m.delivery_tag for m, _, _ in got]
+        check(tags == list(range(1, n + 1)), "delivery tags are not 1..1000")
+        check(not any(m.redelivered for m, _, _ in got), "a first delivery has redelivered=true")
+        ch.basic_cancel(tag)
+        ok = ch.queue_declare(q, passive=True)
+        eq(ok.method.message_count, 0, "message_count after acking everything")
+        ch.queue_delete(q)
+    finally:
+        conn.close()
+
+
+def s04_publisher_confirms(connect):
+    conn = connect()
+    try:
+        ch = conn.channel()
+        q = name("confirms")
+        ch.queue_declare(q, durable=True)
+        ch.confirm_delivery()
+        props = pika.BasicProperties(delivery_mode=2)
+        for i in range(500):
+            # blocks until basic.ack; raises NackError/UnroutableError otherwise
+            ch.basic_publish("", q, f"c{i}".encode(), props, mandatory=True)
+        ok = ch.queue_declare(q, durable=True, passive=True)
+        eq(ok.method.message_count, 500, "message_count after 500 confirmed publishes")
+        ch.queue_delete(q)
+    finally:
+        conn.close()
+
+
+def s05_mandatory_return(connect):
+    conn = connect()
+    try:
+        ch = conn.channel()
+        returned = []
+        ch.add_on_return_callback(lambda _c, m, p, b: returned.append((m, p, b)))
+        key = name("nowhere")
+        ch.basic_publish("", key, b"lost", pika.BasicProperties(correlation_id="r1"), mandatory=True)
+        wait_until(conn, lambda: returned, 5, "basic.return")
+        m, p, b = returned[0]
+        eq(m.reply_code, 312, "basic.return reply_code")
+        eq(m.reply_text, "NO_ROUTE", "basic.return reply_text")
+        eq(m.exchange, "", "basic.return exchange")
+        eq(m.routing_key, key, "basic.return routing_key")
+        eq(b, b"lost", "returned body")
+        eq(p.correlation_id, "r1", "returned correlation_id")
+        # non-mandatory unroutable: silently dropped, no return
+        ch.basic_publish("", key, b"dropped")
+        conn.process_data_events(time_limit=0.2)
+        eq(len(returned), 1, "returns after a non-mandatory unroutable publish")
+        # in confirm mode pika turns return-then-ack into UnroutableError
+        ch2 = conn.channel()
+        ch2.confirm_delivery()
+        try:
+            ch2.basic_publish("amq.direct", key, b"lost2", mandatory=True)
+            raise Failure("confirm-mode mandatory publish was not returned")
+        except UnroutableError as e:
+            eq(len(e.messages), 1, "returned messages in confirm mode")
+            eq(e.messages[0].method.reply_code, 312, "confirm-mode return reply_code")
+            eq(e.messages[0].method.exchange, "amq.direct", "confirm-mode return exchange")
+    finally:
+        conn.close()
+
+
+def s06_topic_routing(connect):
+    conn = connect()
+    try:
+        ch = conn.channel()
+        ex = name("topic")
+        qa, qb = name("topic-a"), name("topic-b")
+        ch.exchange_declare(ex, exchange_type="topic")
+        ch.queue_declare(qa)
+        ch.queue_declare(qb)
+        ch.queue_bind(qa, ex, "a.*.c")
+        ch.queue_bind(qb, ex, "a.#")
+        for key in ("a.b.c", "a.x", "z"):
+            ch.basic_publish(ex, key, key.encode())
+
+        def drain(q):
+            out = []
+            while True:
+                m, _, b = ch.basic_get(q, auto_ack=True)
+                if m is None:
+                    return out
+                eq(m.exchange, ex, "get-ok exchange")
+                eq(m.routing_key, b.decode(), "get-ok routing key")
+                out.append(b.decode())
+
+        eq(drain(qa), ["a.b.c"], "messages in queue bound with a.*.c")
+        eq(drain(qb), ["a.b.c", "a.x"], "messages in queue bound with a.#")
+        ch.queue_delete(qa)
+        ch.queue_delete(qb)
+        ch.exchange_delete(ex)
+    finally:
+        conn.close()
+
+
+def s07_nack_reject_dlx(connect):
+    conn = connect()
+    try:
+        ch = conn.channel()
+        dlx, dlq, q = name("dlx"), name("dlq"), name("work")
+        ch.exchange_declare(dlx, exchange_type="fanout")
+        ch.queue_declare(dlq)
+        ch.queue_bind(dlq, dlx)
+        ch.queue_declare(q, arguments={"x-dead-letter-exchange": dlx})
+        ch.basic_publish("", q, b"n1", pika.BasicProperties(headers={"orig": "yes"}))
+        got, tag = collector(ch, q)
+        wait_until(conn, lambda: len(got) >= 1, 5, "first delivery")
+        eq(got[0][0].redelivered, False, "first delivery redelivered flag")
+        ch.basic_nack(got[0][0].delivery_tag, requeue=True)
+        wait_until(conn, lambda: len(got) >= 2, 5, "redelivery after nack requeue=true")
+        m2, _, b2 = got[1]
+        eq(b2, b"n1", "redelivered body")
+        eq(m2.redelivered, True, "redelivered flag after nack requeue=true")
+        ch.basic_reject(m2.delivery_tag, requeue=False)
+        dead, dtag = collector(ch, dlq)
+        wait_until(conn, lambda: dead, 5, "dead-lettered message in the DLX queue")
+        conn.process_data_events(time_limit=0.1)
+        eq(len(got), 2, "deliveries from the work queue (reject requeue=false must not requeue)")
+        dm, dp, db = dead[0]
+        eq(db, b"n1", "dead-lettered body")
+        eq(dm.exchange, dlx, "dead-lettered message exchange")
+        eq(dm.routing_key, q, "dead-lettered message routing key")
+        h = dp.headers or {}
+        eq(h.get("orig"), "yes", "original header kept")
+        xd = h.get("x-death")
+        check(isinstance(xd, list) and len(xd) == 1, f"x-death should be a one-entry array, got {xd!r}")
+        e = xd[0]
+        eq(e.get("reason"), "rejected", "x-death reason")
+        eq(e.get("queue"), q, "x-death queue")
+        eq(e.get("count"), 1, "x-death count")
+        eq(e.get("exchange"), "", "x-death exchange")
+        eq(e.get("routing-keys"), [q], "x-death routing-keys")
+        eq(h.get("x-first-death-reason"), "rejected", "x-first-death-reason")
+        eq(h.get("x-first-death-queue"), q, "x-first-death-queue")
+        eq(h.get("x-first-death-exchange"), "", "x-first-death-exchange")
+        ch.basic_ack(dm.delivery_tag)
+        ch.basic_cancel(tag)
+        ch.basic_cancel(dtag)
+        eq(ch.queue_declare(q, passive=True).method.message_count, 0, "work queue left empty")
+        for x in (q, dlq):
+            ch.queue_delete(x)
+        ch.exchange_delete(dlx)
+    finally:
+        conn.close()
+
+
+def s08_transactions(connect):
+    conn = connect()
+    try:
+        ch = conn.channel()
+        q = name("tx")
+        ch.queue_declare(q)
+        ch.tx_select()
+        ch.basic_publish("", q, b"t1")
+        eq(ch.queue_declare(q, passive=True).method.message_count, 0, "message_count before commit")
+        ch.tx_rollback()
+        eq(ch.queue_declare(q, passive=True).method.message_count, 0, "message_count after rollback")
+        ch.basic_publish("", q, b"t2")
+        ch.tx_commit()
+        eq(ch.queue_declare(q, passive=True).method.message_count, 1, "message_count after commit")
+        m, _, b = ch.basic_get(q, auto_ack=True)
+        eq(b, b"t2", "committed body")
+        m, _, _ = ch.basic_get(q, auto_ack=True)
+        eq(m, None, "a second message after rollback+commit")
+        ch.tx_commit()
+        ch.queue_delete(q)
+    finally:
+        conn.close()
+
+
+def s09_errors(connect):
+    conn = connect()
+    try:
+        missing = name("missing")
+        ch = conn.channel()
+        expect_channel_close(
+            lambda: ch.queue_declare(missing, passive=True),
+            404, f"NOT_FOUND - no queue '{missing}' in vhost '/'", "passive declare of a missing queue")
+        check(not ch.is_open, "channel still open after 404")
+        check(conn.is_open, "connection closed after a channel error")
+
+        ch = conn.channel()
+        ch.basic_publish("nope", "rk", b"x")
+        # the close is asynchronous; the next synchronous call observes it
+        expect_channel_close(
+            lambda: ch.queue_declare(name("after-publish")),
+            404, "NOT_FOUND - no exchange 'nope' in vhost '/'", "publish to missing exchange")
+
+        ch = conn.channel()
+        q = name("durable-diff")
+        ch.queue_declare(q, durable=False)
+        expect_channel_close(
+            lambda: ch.queue_declare(q, durable=True),
+            406,
+            f"PRECONDITION_FAILED - inequivalent arg 'durable' for queue '{q}' in vhost '/': "
+            "received 'true' but current is 'false'",
+            "redeclare with different durable")
+
+        ch = conn.channel()
+        eq(ch.queue_declare(q, passive=True).method.queue, q, "connection usable after channel errors")
+        ch.queue_delete(q)
+    finally:
+        if conn.is_open:
+            conn.close()
+
+
+def s10_ttl_dead_letter(connect):
+    conn = connect()
+    try:
+        ch = conn.channel()
+        q, dlq = name("ttl"), name("ttl-dlq")
+        ch.queue_declare(dlq)
+        ch.queue_declare(q, arguments={
+            "x-message-ttl": 100,
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": dlq,
+        })
+        t0 = time.monotonic()
+        ch.basic_publish("", q, b"ephemeral")
+        dead, tag = collector(ch, dlq)
+        wait_until(conn, lambda: dead, 5, "expired message in the dead-letter queue")
+        elapsed = time.monotonic() - t0
+        check(elapsed >= 0.09, f"dead-lettered after {elapsed:.3f}s, before the 100 ms TTL")
+        dm, dp, db = dead[0]
+        eq(db, b"ephemeral", "expired body")
+        eq(dm.routing_key, dlq, "dead-letter routing key")
+        xd = (dp.headers or {}).get("x-death")
+        check(isinstance(xd, list) and len(xd) == 1, f"x-death should be a one-entry array, got {xd!r}")
+        eq(xd[0].get("reason"), "expired", "x-death reason")
+        eq(xd[0].get("queue"), q, "x-death queue")
+        eq(xd[0].get("routing-keys"), [q], "x-death routing-keys")
+        ch.basic_ack(dm.delivery_tag)
+        ch.basic_cancel(tag)
+        eq(ch.queue_declare(q, passive=True).method.message_count, 0, "TTL queue left empty")
+        ch.queue_delete(q)
+        ch.queue_delete(dlq)
+    finally:
+        conn.close()
+
+
+SCENARIOS = [
+    ("handshake", s01_handshake),
+    ("declare_get_properties", s02_declare_get_properties),
+    ("consume_prefetch_ack", s03_consume_prefetch_ack),
+    ("publisher_confirms", s04_publisher_confirms),
+    ("mandatory_return", s05_mandatory_return),
+    ("topic_routing", s06_topic_routing),
+    ("nack_reject_dlx", s07_nack_reject_dlx),
+    ("transactions", s08_transactions),
+    ("errors", s09_errors),
+    ("ttl_dead_letter", s10_ttl_dead_letter),
+]
+
+
+def main():
+    global ARGS
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--product", default=os.environ.get("CONFORMANCE_PRODUCT", "Warren"))
+    ap.add_argument("--only", help="comma-separated scenario names")
+    ARGS = ap.parse_args()
+    only = set(ARGS.only.split(",")) if ARGS.only else None
+
+    params = pika.ConnectionParameters(
+        host=ARGS.host, port=ARGS.port, virtual_host="/",
+        credentials=pika.PlainCredentials("guest", "guest"),
+        connection_attempts=1, socket_timeout=5, blocked_connection_timeout=10)
+
+    def connect():
+        return pika.BlockingConnection(params)
+
+    signal.signal(signal.SIGALRM, _on_alarm)
+    failed = 0
+    for sname, fn in SCENARIOS:
+        if only and sname not in only:
+            continue
+        full = f"pika.{sname}"
+        t0 = time.monotonic()
+        signal.alarm(SCENARIO_TIMEOUT)
+        try:
+            fn(connect)
+            signal.alarm(0)
+            print(f"PASS {full} ({time.monotonic() - t0:.2f}s)", flush=True)
+        except Failure as e:
+            signal.alarm(0)
+            failed += 1
+            print(f"FAIL {full}: {e}", flush=True)
+        except BaseException as e:  # noqa: BLE001 - any client error is a failure
+            signal.alarm(0)
+            failed += 1
+            detail = "".join(traceback.format_exception_only(type(e), e)).strip()
+            print(f"FAIL {full}: {detail}", flush=True)
+            if os.environ.get("CONFORMANCE_VERBOSE"):
+                traceback.print_exc()
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,299 @@
+//! Consumer-side protocol details: exclusive consumers, broker-initiated
+//! `basic.cancel` when a queue is deleted, `channel.flow`, channel-wide
+//! prefetch (`basic.qos` global), consumer tag reuse.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use amqp_codec::methods::*;
+use amqp_codec::{FieldTable as WireTable, FieldValue, Method, ShortStr};
+use lapin::options::*;
+use lapin::types::FieldTable;
+use warren_tests::{
+    RawClient, TestBroker, assert_amqp_error, channel_with_queue, next_deliveries, publish,
+};
+
+fn s(v: &'static str) -> ShortStr {
+    ShortStr::from_static(v)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exclusive_consumer_locks_out_others() {
+    let broker = TestBroker::start().await;
+    let conn = broker.connect().await;
+    let ch = channel_with_queue(&conn, "q").await;
+    let _first = ch
+        .basic_consume(
+            "q".into(),
+            "first".into(),
+            BasicConsumeOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let other = conn.create_channel().await.unwrap();
+    // lapin may hand back the consumer before it processes the channel.close
+    // that answers it; the next synchronous call on the channel surfaces it.
+    let r = match other
+        .basic_consume(
+            "q".into(),
+            "second".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+    {
+        Err(e) => Err(e),
+        Ok(_) => other.basic_qos(1, BasicQosOptions::default()).await,
+    };
+    assert_amqp_error(r, 403, "queue 'q' in vhost '/' in exclusive use");
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_queue_cancels_its_consumers() {
+    let broker = TestBroker::start().await;
+    let mut c = RawClient::connect(broker.addr).await;
+    c.send_raw(&amqp_codec::PROTOCOL_HEADER).await;
+    assert!(matches!(c.method().await, Some(Method::ConnectionStart(_))));
+    let mut caps = WireTable::new();
+    caps.insert(s("consumer_cancel_notify"), FieldValue::Bool(true));
+    let mut props = WireTable::new();
+    props.insert(s("capabilities"), FieldValue::Table(caps));
+    c.send(
+        0,
+        ConnectionStartOk {
+            client_properties: props,
+            mechanism: s("PLAIN"),
+            response: bytes::Bytes::from_static(b"\0guest\0guest"),
+            locale: s("en_US"),
+        }
+        .into(),
+    )
+    .await;
+    assert!(matches!(c.method().await, Some(Method::ConnectionTune(_))));
+    c.send(
+        0,
+        ConnectionTuneOk {
+            channel_max: 10,
+            frame_max: 131_072,
+            heartbeat: 0,
+        }
+        .into(),
+    )
+    .await;
+    c.send(
+        0,
+        ConnectionOpen {
+            virtual_host: s("/"),
+            ..Default::default()
+        }
+        .into(),
+    )
+    .await;
+    assert!(matches!(
+        c.method().await,
+        Some(Method::ConnectionOpenOk(_))
+    ));
+    c.send(1, ChannelOpen::default().into()).await;
+    assert!(matches!(c.method().await, Some(Method::ChannelOpenOk(_))));
+    c.send(
+        1,
+        QueueDeclare {
+            queue: s("doomed"),
+            ..Default::default()
+        }
+        .into(),
+    )
+    .await;
+    assert!(matches!(c.method().await, Some(Method::QueueDeclareOk(_))));
+    c.send(
+        1,
+        BasicConsume {
+            queue: s("doomed"),
+            consumer_tag: s("ctag"),
+            ..Default::default()
+        }
+        .into(),
+    )
+    .await;
+    assert!(matches!(c.method().await, Some(Method::BasicConsumeOk(_))));
+
+    let conn = broker.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_delete("doomed".into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
+    match c.method().await {
+        Some(Method::BasicCancel(cancel)) => assert_eq!(cancel.consumer_tag, "ctag"),
+        other => panic!("expected basic.cancel, got {other:?}"),
+    }
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channel_flow_pauses_deliveries() {
+    let broker = TestBroker::start().await;
+    let mut c = RawClient::open(broker.addr).await;
+    c.send(
+        1,
+        QueueDeclare {
+            queue: s("q"),
+            ..Default::default()
+        }
+        .into(),
+    )
+    .await;
+    assert!(matches!(c.method().await, Some(Method::QueueDeclareOk(_))));
+    c.send(1, ChannelFlow { active: false }.into()).await;
+    assert!(matches!(
+        c.method().await,
+        Some(Method::ChannelFlowOk(ChannelFlowOk { active: false }))
+    ));
+    c.send(
+        1,
+        BasicConsume {
+            queue: s("q"),
+            consumer_tag: s("c"),
+            no_ack: true,
+            ..Default::default()
+        }
+        .into(),
+    )
+    .await;
+    assert!(matches!(c.method().await, Some(Method::BasicConsumeOk(_))));
+    let conn = broker.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    publish(&ch, "q", b"held").await;
+    let q = ch
+        .queue_declare(
+            "q".into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        q.message_count(),
+        1,
+        "flow=false: the message waits in the queue"
+    );
+    c.send(1, ChannelFlow { active: true }.into()).await;
+    assert!(matches!(
+        c.method().await,
+        Some(Method::ChannelFlowOk(ChannelFlowOk { active: true }))
+    ));
+    assert!(matches!(c.method().await, Some(Method::BasicDeliver(_))));
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn global_prefetch_is_shared_by_the_channel() {
+    let broker = TestBroker::start().await;
+    let conn = broker.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    for q in ["a", "b"] {
+        ch.queue_declare(
+            q.into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+        for _ in 0..5 {
+            publish(&ch, q, b"m").await;
+        }
+    }
+    ch.basic_qos(4, BasicQosOptions { global: true })
+        .await
+        .unwrap();
+    let mut ca = ch
+        .basic_consume(
+            "a".into(),
+            "ca".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut cb = ch
+        .basic_consume(
+            "b".into(),
+            "cb".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let da = next_deliveries(&mut ca, 4).await;
+    let probe = conn.create_channel().await.unwrap();
+    let qb = probe
+        .queue_declare(
+            "b".into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        qb.message_count(),
+        5,
+        "the channel's 4 slots went to the first consumer"
+    );
+    da[3].ack(BasicAckOptions { multiple: true }).await.unwrap();
+    let db = next_deliveries(&mut cb, 1).await;
+    assert_eq!(db.len(), 1);
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frame_max_outside_the_offer_is_refused() {
+    let broker = TestBroker::start().await;
+    for frame_max in [1_000_000u32, 1024] {
+        let mut c = RawClient::connect(broker.addr).await;
+        c.send_raw(&amqp_codec::PROTOCOL_HEADER).await;
+        assert!(matches!(c.method().await, Some(Method::ConnectionStart(_))));
+        c.send(
+            0,
+            ConnectionStartOk {
+                client_properties: WireTable::new(),
+                mechanism: s("PLAIN"),
+                response: bytes::Bytes::from_static(b"\0guest\0guest"),
+                locale: s("en_US"),
+            }
+            .into(),
+        )
+        .await;
+        assert!(matches!(c.method().await, Some(Method::ConnectionTune(_))));
+        c.send(
+            0,
+            ConnectionTuneOk {
+                channel_max: 10,
+                frame_max,
+                heartbeat: 0,
+            }
+            .into(),
+        )
+        .await;
+        match c.method().await {
+            Some(Method::ConnectionClose(close)) => {
+                assert_eq!(close.reply_code, 530, "{}", close.reply_text);
+                assert!(close.reply_text.contains(&format!("frame_max={frame_max}")));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    broker.stop().await;
+}
