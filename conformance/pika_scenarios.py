@@ -10,6 +10,7 @@ something to be tolerated here.  Exit status: 0 if all passed, 1 otherwise.
 """
 
 import argparse
+import datetime
 import os
 import signal
 import sys
@@ -144,8 +145,30 @@ def s02_declare_get_properties(connect):
             method, _, _ = ch.basic_get(q)
             eq(method, None, "basic.get on an empty queue")
         ch.queue_delete(named)
+
+        # the exclusive queue belongs to this connection only ...
+        locked = (f"RESOURCE_LOCKED - cannot obtain exclusive access to locked queue '{anon}' in vhost '/'. "
+                  "It could be originally declared on another connection or the exclusive property value "
+                  "does not match that of the original declaration.")
+        other = connect()
+        try:
+            och = other.channel()
+            expect_channel_close(lambda: och.queue_declare(anon, passive=True), 405, locked,
+                                 "passive declare of another connection's exclusive queue")
+            och = other.channel()
+            expect_channel_close(lambda: och.basic_get(anon), 405, locked,
+                                 "basic.get from another connection's exclusive queue")
+            # ... and is deleted when that connection closes
+            conn.close()
+            och = other.channel()
+            expect_channel_close(lambda: och.queue_declare(anon, passive=True), 404,
+                                 f"NOT_FOUND - no queue '{anon}' in vhost '/'",
+                                 "exclusive queue after its connection closed")
+        finally:
+            other.close()
     finally:
-        conn.close()
+        if conn.is_open:
+            conn.close()
 
 
 def s03_consume_prefetch_ack(connect):
@@ -310,6 +333,7 @@ def s07_nack_reject_dlx(connect):
         eq(e.get("count"), 1, "x-death count")
         eq(e.get("exchange"), "", "x-death exchange")
         eq(e.get("routing-keys"), [q], "x-death routing-keys")
+        check(isinstance(e.get("time"), datetime.datetime), f"x-death time is not a timestamp: {e.get('time')!r}")
         eq(h.get("x-first-death-reason"), "rejected", "x-first-death-reason")
         eq(h.get("x-first-death-queue"), q, "x-first-death-queue")
         eq(h.get("x-first-death-exchange"), "", "x-first-death-exchange")
@@ -409,6 +433,9 @@ def s10_ttl_dead_letter(connect):
         eq(xd[0].get("reason"), "expired", "x-death reason")
         eq(xd[0].get("queue"), q, "x-death queue")
         eq(xd[0].get("routing-keys"), [q], "x-death routing-keys")
+        eq(xd[0].get("exchange"), "", "x-death exchange")
+        eq(xd[0].get("count"), 1, "x-death count")
+        eq(dp.headers.get("x-first-death-reason"), "expired", "x-first-death-reason")
         ch.basic_ack(dm.delivery_tag)
         ch.basic_cancel(tag)
         eq(ch.queue_declare(q, passive=True).method.message_count, 0, "TTL queue left empty")

@@ -219,7 +219,24 @@ public final class Scenarios {
             eq(ch.basicGet(q, false), null, "basic.get on an empty queue");
         }
         ch.queueDelete(named);
+
+        // the exclusive queue belongs to this connection only ...
+        String locked = "RESOURCE_LOCKED - cannot obtain exclusive access to locked queue '" + anon
+                + "' in vhost '/'. It could be originally declared on another connection or the exclusive"
+                + " property value does not match that of the original declaration.";
+        Connection other = connect();
+        Channel o1 = other.createChannel();
+        expectChannelClose(() -> o1.queueDeclarePassive(anon), 405, locked,
+                "passive declare of another connection's exclusive queue");
+        Channel o2 = other.createChannel();
+        expectChannelClose(() -> o2.basicGet(anon, false), 405, locked,
+                "basic.get from another connection's exclusive queue");
+        // ... and is deleted when that connection closes
         c.close();
+        Channel o3 = other.createChannel();
+        expectChannelClose(() -> o3.queueDeclarePassive(anon), 404,
+                "NOT_FOUND - no queue '" + anon + "' in vhost '/'", "exclusive queue after its connection closed");
+        other.close();
     }
 
     static void s03ConsumePrefetchAck() throws Exception {
@@ -379,6 +396,7 @@ public final class Scenarios {
         eq(e.get("count"), 1L, "x-death count");
         eq(e.get("exchange"), "", "x-death exchange");
         eq(e.get("routing-keys"), Arrays.asList(q), "x-death routing-keys");
+        check(e.get("time") instanceof java.util.Date, "x-death time is not a timestamp: " + norm(e.get("time")));
         eq(h.get("x-first-death-reason"), "rejected", "x-first-death-reason");
         eq(h.get("x-first-death-queue"), q, "x-first-death-queue");
         eq(h.get("x-first-death-exchange"), "", "x-first-death-exchange");
@@ -469,6 +487,9 @@ public final class Scenarios {
         eq(e.get("reason"), "expired", "x-death reason");
         eq(e.get("queue"), q, "x-death queue");
         eq(e.get("routing-keys"), Arrays.asList(q), "x-death routing-keys");
+        eq(e.get("exchange"), "", "x-death exchange");
+        eq(e.get("count"), 1L, "x-death count");
+        eq(h.get("x-first-death-reason"), "expired", "x-first-death-reason");
         ch.basicAck(d.envelope.getDeliveryTag(), false);
         ch.basicCancel(tag);
         eq(messageCount(ch, q), 0, "TTL queue left empty");

@@ -1,0 +1,563 @@
+//! `warren-perf`: a load generator for any AMQP 0-9-1 broker, in the spirit of
+//! RabbitMQ PerfTest. Producers and consumers speak the protocol through
+//! `amqp-codec` directly: publishes are encoded in batches into one buffer and
+//! written with one syscall, deliveries are parsed in place without per-message
+//! allocation, so the tool is not the bottleneck a general-purpose client is.
+//!
+//! Each message body starts with its send time (ns since the Unix epoch), from
+//! which consumers compute end-to-end latency. Progress goes to stderr once a
+//! second; the last line on stdout is a JSON summary for scripts.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use amqp_codec::methods::*;
+use amqp_codec::{
+    BasicProperties, ContentHeader, FieldTable, Frame, Method, PROTOCOL_HEADER, ShortStr,
+    decode_frame, encode_body, encode_content_header, encode_method,
+};
+use bytes::{Bytes, BytesMut};
+use clap::Parser;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+
+/// Load generator for AMQP 0-9-1 brokers.
+#[derive(Debug, Clone, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Broker URI.
+    #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    uri: String,
+    /// Producers (one connection each).
+    #[arg(long, default_value_t = 1)]
+    producers: usize,
+    /// Consumers (one connection each).
+    #[arg(long, default_value_t = 1)]
+    consumers: usize,
+    /// Queues; producers and consumers are spread over them round-robin.
+    #[arg(long, default_value_t = 1)]
+    queues: usize,
+    /// Queue name prefix.
+    #[arg(long, default_value = "perf")]
+    queue: String,
+    /// Message body size in octets (at least 8: the timestamp).
+    #[arg(long, default_value_t = 16)]
+    size: usize,
+    /// Seconds to run.
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    /// Messages per second per producer (0 = as fast as possible).
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+    /// Publisher confirms with at most this many outstanding (0 = no confirms).
+    #[arg(long, default_value_t = 0)]
+    confirm: u64,
+    /// Persistent messages to durable queues.
+    #[arg(long)]
+    persistent: bool,
+    /// Manual acks (instead of auto-ack) with this prefetch.
+    #[arg(long, default_value_t = 0)]
+    prefetch: u16,
+    /// With manual acks, ack every N messages (multiple=true).
+    #[arg(long, default_value_t = 1)]
+    multi_ack_every: u64,
+    /// Publishes per write in unconfirmed mode.
+    #[arg(long, default_value_t = 64)]
+    batch: u64,
+}
+
+#[derive(Debug, Default)]
+struct Stats {
+    published: AtomicU64,
+    confirmed: AtomicU64,
+    consumed: AtomicU64,
+}
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+struct Uri {
+    addr: String,
+    user: String,
+    pass: String,
+    vhost: String,
+}
+
+fn percent_decode(s: &str) -> String {
+    let mut out = Vec::new();
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            if let Some(v) = s
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+            {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn parse_uri(uri: &str) -> Result<Uri, Error> {
+    let rest = uri
+        .strip_prefix("amqp://")
+        .ok_or("URI must start with amqp://")?;
+    let (auth, rest) = rest.split_once('@').unwrap_or(("guest:guest", rest));
+    let (user, pass) = auth.split_once(':').unwrap_or((auth, ""));
+    let (hostport, vhost) = rest.split_once('/').unwrap_or((rest, ""));
+    let addr = if hostport.contains(':') {
+        hostport.to_owned()
+    } else {
+        format!("{hostport}:5672")
+    };
+    let vhost = if vhost.is_empty() {
+        "/".to_owned()
+    } else {
+        percent_decode(vhost)
+    };
+    Ok(Uri {
+        addr,
+        user: percent_decode(user),
+        pass: percent_decode(pass),
+        vhost,
+    })
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+fn s(v: &str) -> ShortStr {
+    ShortStr::try_from(v).unwrap_or_default()
+}
+
+/// A connection with channel 1 open.
+struct Client {
+    reader: OwnedReadHalf,
+    writer: OwnedWriteHalf,
+    buf: BytesMut,
+    frame_max: u32,
+}
+
+impl Client {
+    async fn connect(uri: &Uri) -> Result<Client, Error> {
+        let socket = TcpStream::connect(&uri.addr).await?;
+        socket.set_nodelay(true)?;
+        let (reader, writer) = socket.into_split();
+        let mut c = Client {
+            reader,
+            writer,
+            buf: BytesMut::with_capacity(1 << 20),
+            frame_max: 131_072,
+        };
+        c.writer.write_all(&PROTOCOL_HEADER).await?;
+        let Method::ConnectionStart(_) = c.method().await? else {
+            return Err("expected connection.start".into());
+        };
+        let response = Bytes::from(format!("\0{}\0{}", uri.user, uri.pass));
+        c.send(
+            0,
+            ConnectionStartOk {
+                client_properties: FieldTable::new(),
+                mechanism: s("PLAIN"),
+                response,
+                locale: s("en_US"),
+            }
+            .into(),
+        )
+        .await?;
+        let Method::ConnectionTune(tune) = c.method().await? else {
+            return Err("expected connection.tune".into());
+        };
+        c.frame_max = if tune.frame_max == 0 {
+            131_072
+        } else {
+            tune.frame_max
+        };
+        c.send(
+            0,
+            ConnectionTuneOk {
+                channel_max: 1,
+                frame_max: c.frame_max,
+                heartbeat: 0,
+            }
+            .into(),
+        )
+        .await?;
+        c.send(
+            0,
+            ConnectionOpen {
+                virtual_host: s(&uri.vhost),
+                ..Default::default()
+            }
+            .into(),
+        )
+        .await?;
+        let Method::ConnectionOpenOk(_) = c.method().await? else {
+            return Err("expected connection.open-ok".into());
+        };
+        c.send(1, ChannelOpen::default().into()).await?;
+        let Method::ChannelOpenOk(_) = c.method().await? else {
+            return Err("expected channel.open-ok".into());
+        };
+        Ok(c)
+    }
+
+    async fn send(&mut self, channel: u16, method: Method) -> Result<(), Error> {
+        let mut buf = BytesMut::new();
+        encode_method(&mut buf, channel, &method)?;
+        self.writer.write_all(&buf).await?;
+        Ok(())
+    }
+
+    async fn frame(&mut self) -> Result<Frame, Error> {
+        loop {
+            if let Some(f) = decode_frame(&mut self.buf, 0)? {
+                return Ok(f);
+            }
+            if self.reader.read_buf(&mut self.buf).await? == 0 {
+                return Err("broker closed the connection".into());
+            }
+        }
+    }
+
+    async fn method(&mut self) -> Result<Method, Error> {
+        loop {
+            match self.frame().await? {
+                Frame::Method {
+                    method: Method::ConnectionClose(c),
+                    ..
+                } => {
+                    return Err(
+                        format!("connection closed: {} {}", c.reply_code, c.reply_text).into(),
+                    );
+                }
+                Frame::Method {
+                    method: Method::ChannelClose(c),
+                    ..
+                } => {
+                    return Err(format!("channel closed: {} {}", c.reply_code, c.reply_text).into());
+                }
+                Frame::Method { method, .. } => return Ok(method),
+                _ => {}
+            }
+        }
+    }
+}
+
+async fn declare(uri: &Uri, args: &Args) -> Result<(), Error> {
+    let mut c = Client::connect(uri).await?;
+    for q in 0..args.queues {
+        c.send(
+            1,
+            QueueDeclare {
+                queue: s(&format!("{}-{q}", args.queue)),
+                durable: args.persistent,
+                ..Default::default()
+            }
+            .into(),
+        )
+        .await?;
+        let Method::QueueDeclareOk(_) = c.method().await? else {
+            return Err("expected queue.declare-ok".into());
+        };
+        c.send(
+            1,
+            QueuePurge {
+                queue: s(&format!("{}-{q}", args.queue)),
+                ..Default::default()
+            }
+            .into(),
+        )
+        .await?;
+        let Method::QueuePurgeOk(_) = c.method().await? else {
+            return Err("expected queue.purge-ok".into());
+        };
+    }
+    Ok(())
+}
+
+async fn produce(
+    uri: Arc<Uri>,
+    args: Arc<Args>,
+    queue: String,
+    stats: Arc<Stats>,
+    stop: Arc<AtomicBool>,
+) -> Result<(), Error> {
+    let mut c = Client::connect(&uri).await?;
+    let confirms = args.confirm > 0;
+    if confirms {
+        c.send(1, ConfirmSelect::default().into()).await?;
+        let Method::ConfirmSelectOk(_) = c.method().await? else {
+            return Err("expected confirm.select-ok".into());
+        };
+    }
+    let publish: Method = BasicPublish {
+        routing_key: s(&queue),
+        ..Default::default()
+    }
+    .into();
+    let header = ContentHeader {
+        class_id: 60,
+        weight: 0,
+        body_size: args.size as u64,
+        properties: BasicProperties {
+            delivery_mode: Some(if args.persistent { 2 } else { 1 }),
+            ..Default::default()
+        }
+        .to_raw()?,
+    };
+    let mut body = vec![0u8; args.size.max(8)];
+    let Client {
+        mut reader,
+        mut writer,
+        mut buf,
+        frame_max,
+    } = c;
+    // Confirms arrive on the read half: a task tracks the highest confirmed tag.
+    let confirmed = Arc::new(AtomicU64::new(0));
+    let notify = Arc::new(tokio::sync::Notify::new());
+    if confirms {
+        let (confirmed, notify, stats) = (confirmed.clone(), notify.clone(), stats.clone());
+        tokio::spawn(async move {
+            loop {
+                while let Ok(Some(f)) = decode_frame(&mut buf, 0) {
+                    if let Frame::Method {
+                        method:
+                            Method::BasicAck(BasicAck { delivery_tag, .. })
+                            | Method::BasicNack(BasicNack { delivery_tag, .. }),
+                        ..
+                    } = f
+                    {
+                        let before = confirmed.swap(delivery_tag, Ordering::AcqRel);
+                        stats
+                            .confirmed
+                            .fetch_add(delivery_tag.saturating_sub(before), Ordering::Relaxed);
+                        notify.notify_one();
+                    }
+                }
+                match reader.read_buf(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        });
+    }
+    let batch = if confirms {
+        args.confirm.clamp(1, args.batch.max(1))
+    } else {
+        args.batch.max(1)
+    };
+    let mut out = BytesMut::with_capacity((batch as usize) * (args.size + 128));
+    let mut sent: u64 = 0;
+    let start = Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        if args.rate > 0 {
+            let due = Duration::from_secs_f64(sent as f64 / args.rate as f64);
+            if let Some(wait) = due.checked_sub(start.elapsed()) {
+                tokio::time::sleep(wait).await;
+            }
+        }
+        if confirms {
+            while sent - confirmed.load(Ordering::Acquire) + batch > args.confirm {
+                notify.notified().await;
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+            }
+        }
+        let n = if args.rate > 0 { 1 } else { batch };
+        out.clear();
+        for _ in 0..n {
+            body[..8].copy_from_slice(&now_ns().to_be_bytes());
+            encode_method(&mut out, 1, &publish)?;
+            encode_content_header(&mut out, 1, &header)?;
+            encode_body(&mut out, 1, &body[..args.size.max(8)], frame_max)?;
+        }
+        writer.write_all(&out).await?;
+        sent += n;
+        stats.published.fetch_add(n, Ordering::Relaxed);
+    }
+    Ok(())
+}
+
+async fn consume(
+    uri: Arc<Uri>,
+    args: Arc<Args>,
+    queue: String,
+    stats: Arc<Stats>,
+    stop: Arc<AtomicBool>,
+    latencies: Arc<std::sync::Mutex<Vec<u64>>>,
+) -> Result<(), Error> {
+    let mut c = Client::connect(&uri).await?;
+    let manual = args.prefetch > 0;
+    if manual {
+        c.send(
+            1,
+            BasicQos {
+                prefetch_count: args.prefetch,
+                ..Default::default()
+            }
+            .into(),
+        )
+        .await?;
+        let Method::BasicQosOk(_) = c.method().await? else {
+            return Err("expected basic.qos-ok".into());
+        };
+    }
+    c.send(
+        1,
+        BasicConsume {
+            queue: s(&queue),
+            no_ack: !manual,
+            ..Default::default()
+        }
+        .into(),
+    )
+    .await?;
+    let Method::BasicConsumeOk(_) = c.method().await? else {
+        return Err("expected basic.consume-ok".into());
+    };
+    let mut samples = Vec::with_capacity(1 << 16);
+    let mut last_tag = 0u64;
+    let mut unacked = 0u64;
+    let mut ack_buf = BytesMut::new();
+    let mut n: u64 = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let read =
+            tokio::time::timeout(Duration::from_millis(200), c.reader.read_buf(&mut c.buf)).await;
+        match read {
+            Err(_) => continue,
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(_)) => {}
+        }
+        let mut got = 0;
+        while let Some(f) = decode_frame(&mut c.buf, 0)? {
+            match f {
+                Frame::Method {
+                    method: Method::BasicDeliver(d),
+                    ..
+                } => last_tag = d.delivery_tag,
+                Frame::Body { body, .. } => {
+                    got += 1;
+                    n += 1;
+                    // Sample one latency in 16 (enough for percentiles).
+                    if n % 16 == 0 {
+                        if let Some(ts) = body.get(..8).and_then(|b| <[u8; 8]>::try_from(b).ok()) {
+                            samples.push(now_ns().saturating_sub(u64::from_be_bytes(ts)));
+                        }
+                    }
+                    unacked += 1;
+                }
+                _ => {}
+            }
+        }
+        stats.consumed.fetch_add(got, Ordering::Relaxed);
+        if manual && unacked >= args.multi_ack_every.max(1) {
+            ack_buf.clear();
+            encode_method(
+                &mut ack_buf,
+                1,
+                &BasicAck {
+                    delivery_tag: last_tag,
+                    multiple: true,
+                }
+                .into(),
+            )?;
+            c.writer.write_all(&ack_buf).await?;
+            unacked = 0;
+        }
+    }
+    if let Ok(mut l) = latencies.lock() {
+        l.extend(samples);
+    }
+    Ok(())
+}
+
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted.get(i).copied().unwrap_or(0)
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Error> {
+    let args = Arc::new(Args::parse());
+    let uri = Arc::new(parse_uri(&args.uri)?);
+    declare(&uri, &args).await?;
+    let stats = Arc::new(Stats::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let latencies = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let queue = |i: usize| format!("{}-{}", args.queue, i % args.queues.max(1));
+    let mut tasks = Vec::new();
+    for i in 0..args.consumers {
+        tasks.push(tokio::spawn(consume(
+            uri.clone(),
+            args.clone(),
+            queue(i),
+            stats.clone(),
+            stop.clone(),
+            latencies.clone(),
+        )));
+    }
+    for i in 0..args.producers {
+        tasks.push(tokio::spawn(produce(
+            uri.clone(),
+            args.clone(),
+            queue(i),
+            stats.clone(),
+            stop.clone(),
+        )));
+    }
+    let start = Instant::now();
+    let (mut last_p, mut last_c) = (0, 0);
+    for sec in 1..=args.duration {
+        tokio::time::sleep_until((start + Duration::from_secs(sec)).into()).await;
+        let (p, c) = (
+            stats.published.load(Ordering::Relaxed),
+            stats.consumed.load(Ordering::Relaxed),
+        );
+        eprintln!(
+            "{sec:>4}s  published {:>9}/s  consumed {:>9}/s",
+            p - last_p,
+            c - last_c
+        );
+        (last_p, last_c) = (p, c);
+    }
+    stop.store(true, Ordering::Relaxed);
+    let elapsed = start.elapsed().as_secs_f64();
+    for t in tasks {
+        if let Ok(Err(e)) = t.await {
+            eprintln!("task failed: {e}");
+        }
+    }
+    let mut l = latencies.lock().map(|l| l.clone()).unwrap_or_default();
+    l.sort_unstable();
+    let us = |ns: u64| ns / 1000;
+    println!(
+        "{{\"published\":{},\"confirmed\":{},\"consumed\":{},\"seconds\":{:.2},\"publish_rate\":{:.0},\"consume_rate\":{:.0},\"latency_us\":{{\"p50\":{},\"p95\":{},\"p99\":{},\"max\":{}}}}}",
+        stats.published.load(Ordering::Relaxed),
+        stats.confirmed.load(Ordering::Relaxed),
+        stats.consumed.load(Ordering::Relaxed),
+        elapsed,
+        stats.published.load(Ordering::Relaxed) as f64 / elapsed,
+        stats.consumed.load(Ordering::Relaxed) as f64 / elapsed,
+        us(percentile(&l, 0.5)),
+        us(percentile(&l, 0.95)),
+        us(percentile(&l, 0.99)),
+        us(l.last().copied().unwrap_or(0)),
+    );
+    Ok(())
+}
