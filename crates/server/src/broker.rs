@@ -43,6 +43,17 @@ pub struct Config {
     /// Whether the default user may log in only from loopback (RabbitMQ's
     /// `loopback_users`).
     pub default_user_loopback_only: bool,
+    /// How long a delivery may stay unacknowledged before the consumer is
+    /// considered stuck (RabbitMQ's `consumer_timeout`; queues can set
+    /// `x-consumer-timeout`).
+    pub consumer_timeout: Duration,
+    /// On a consumer timeout, cancel only that consumer and requeue its
+    /// messages, instead of closing the whole channel as RabbitMQ does.
+    pub consumer_timeout_cancels_consumer: bool,
+    /// Most client connections at once (0 = no limit).
+    pub max_connections: usize,
+    /// Most consumers on one channel (0 = no limit).
+    pub max_consumers_per_channel: usize,
 }
 
 impl Default for Config {
@@ -58,6 +69,10 @@ impl Default for Config {
             default_user: "guest".into(),
             default_pass: "guest".into(),
             default_user_loopback_only: true,
+            consumer_timeout: Duration::from_secs(30 * 60),
+            consumer_timeout_cancels_consumer: false,
+            max_connections: 0,
+            max_consumers_per_channel: 0,
         }
     }
 }
@@ -72,6 +87,8 @@ pub struct Broker {
     vhosts: DashMap<String, Arc<Vhost>>,
     next_queue: AtomicU64,
     next_connection: AtomicU64,
+    /// Open client connections (after the handshake).
+    pub connections: std::sync::atomic::AtomicUsize,
     /// Cancelled on shutdown.
     pub shutdown: CancellationToken,
     /// Every task the broker spawned.
@@ -163,6 +180,7 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
         vhosts: DashMap::new(),
         next_queue: AtomicU64::new(1),
         next_connection: AtomicU64::new(1),
+        connections: std::sync::atomic::AtomicUsize::new(0),
         shutdown: CancellationToken::new(),
         tracker: TaskTracker::new(),
     });

@@ -40,6 +40,10 @@ pub struct Unacked {
     pub seq: u64,
     /// The consumer's unacked counter (none for `basic.get`).
     pub consumer_unacked: Option<Arc<AtomicU32>>,
+    /// The consumer's tag (none for `basic.get`).
+    pub consumer: Option<ShortStr>,
+    /// When it was delivered (ms since the epoch), for the consumer timeout.
+    pub delivered_at: u64,
 }
 
 #[derive(Debug, Default)]
@@ -154,6 +158,18 @@ impl ChannelShared {
                 "unknown delivery tag {tag}"
             )))
         }
+    }
+
+    /// Removes every outstanding delivery of one consumer.
+    fn take_consumer(&self, tag: &ShortStr) -> Vec<Unacked> {
+        let mut d = self.deliveries.lock();
+        let tags: Vec<u64> = d
+            .unacked
+            .iter()
+            .filter(|(_, u)| u.consumer.as_ref() == Some(tag))
+            .map(|(t, _)| *t)
+            .collect();
+        tags.iter().filter_map(|t| d.unacked.remove(t)).collect()
     }
 
     fn take_all(&self) -> Vec<Unacked> {
@@ -276,6 +292,57 @@ impl Channel {
         if let Ok(taken) = self.shared.take(tag, multiple) {
             vhost.settle(broker, taken, how);
             self.after_settle(broker, vhost);
+        }
+    }
+
+    /// Enforces the consumer (delivery acknowledgement) timeout: a delivery
+    /// unacknowledged for longer than its queue's `x-consumer-timeout` (or
+    /// the broker's default) closes the channel with RabbitMQ's 406, or, with
+    /// `consumer_timeout_cancels_consumer`, cancels only that consumer and
+    /// requeues its messages.
+    pub fn check_consumer_timeout(
+        &mut self,
+        broker: &Arc<Broker>,
+        vhost: &Vhost,
+        now: u64,
+    ) -> Result<(), AmqpError> {
+        let default = broker.config.consumer_timeout.as_millis() as u64;
+        let expired = {
+            let d = self.shared.deliveries.lock();
+            d.unacked.values().find_map(|u| {
+                let timeout = vhost
+                    .queue_by_id(u.queue)
+                    .and_then(|q| q.consumer_timeout)
+                    .unwrap_or(default);
+                (now.saturating_sub(u.delivered_at) > timeout)
+                    .then(|| (timeout, u.consumer.clone()))
+            })
+        };
+        let Some((timeout, consumer)) = expired else {
+            return Ok(());
+        };
+        match consumer {
+            Some(tag) if broker.config.consumer_timeout_cancels_consumer => {
+                tracing::warn!(channel = self.shared.id, consumer = %tag, timeout, "consumer timed out: cancelling it");
+                if let Some(pos) = self.consumers.iter().position(|(t, _)| *t == tag) {
+                    let (tag, queue) = self.consumers.remove(pos);
+                    vhost.cancel_consumer(broker, &queue, &tag);
+                }
+                self.shared.forget_consumer(&tag);
+                if self.shared.connection.cancel_notify {
+                    self.shared.write_method(&Method::BasicCancel(BasicCancel {
+                        consumer_tag: tag.clone(),
+                        nowait: true,
+                    }));
+                }
+                let theirs = self.shared.take_consumer(&tag);
+                vhost.settle(broker, theirs, Settle::Requeue);
+                Ok(())
+            }
+            _ => Err(AmqpError::precondition_failed(format!(
+                "delivery acknowledgement on channel {} timed out. Timeout value used: {timeout} ms. This timeout value can be configured, see consumers doc guide to learn more",
+                self.shared.id
+            ))),
         }
     }
 
@@ -749,6 +816,26 @@ impl Channel {
                 "attempt to reuse consumer tag '{tag}'"
             )));
         }
+        let max = broker.config.max_consumers_per_channel;
+        if max > 0 && self.consumers.len() >= max {
+            return Err(AmqpError::precondition_failed(format!(
+                "reached the limit of {max} consumers per channel"
+            )));
+        }
+        let priority = match m.arguments.get("x-priority") {
+            None => 0,
+            Some(v) => match v.as_i64() {
+                Some(p) => p.clamp(i64::from(i32::MIN), i64::from(i32::MAX)) as i32,
+                None => {
+                    return Err(AmqpError::precondition_failed(format!(
+                        "invalid arg 'x-priority' for queue '{}' in vhost '{}': {{unacceptable_type,{}}}",
+                        queue.name,
+                        vhost.name(),
+                        queue_store::args::type_name(v)
+                    )));
+                }
+            },
+        };
         {
             let mut st = queue.state.lock();
             if st.consumers.iter().any(|c| c.exclusive) || (m.exclusive && !st.consumers.is_empty())
@@ -772,6 +859,7 @@ impl Channel {
                 prefetch: self.prefetch,
                 unacked: Arc::new(AtomicU32::new(0)),
                 exclusive: m.exclusive,
+                priority,
             });
             st.queue.touch(now_ms());
         }
@@ -810,6 +898,8 @@ impl Channel {
                         queue: queue.id,
                         seq: d.seq,
                         consumer_unacked: None,
+                        consumer: None,
+                        delivered_at: now_ms(),
                     }));
                     let method = Method::BasicGetOk(BasicGetOk {
                         delivery_tag: tag,

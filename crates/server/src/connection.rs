@@ -142,6 +142,7 @@ pub async fn serve(broker: Arc<Broker>, socket: TcpStream, peer: SocketAddr) {
             };
             conn.run(&mut reader).await;
             conn.cleanup().await;
+            broker.connections.fetch_sub(1, Ordering::AcqRel);
             tracing::info!(connection = shared.id, %peer, "connection closed");
         }
         Ok(Ok(None)) => {}
@@ -265,6 +266,16 @@ async fn handshake(
     let vhost = broker.vhost(&open.virtual_host).ok_or_else(|| {
         AmqpError::not_allowed(format!("vhost '{}' not found", open.virtual_host)).on(10, 40)
     })?;
+    let max = broker.config.max_connections;
+    let open_now = broker.connections.fetch_add(1, Ordering::AcqRel) + 1;
+    if max > 0 && open_now > max {
+        broker.connections.fetch_sub(1, Ordering::AcqRel);
+        return Err(AmqpError::not_allowed(format!(
+            "access to vhost '{}' refused for user '{user}': connection limit ({max}) is reached",
+            open.virtual_host
+        ))
+        .on(10, 40));
+    }
     write_method(
         outbox,
         0,
@@ -319,6 +330,9 @@ impl Connection {
         let frame_max = self.shared.frame_max.load(Ordering::Relaxed);
         let hb = Duration::from_secs(u64::from(self.heartbeat.max(1)));
         let mut ticker = tokio::time::interval(hb / 2);
+        let timeout_check = (self.broker.config.consumer_timeout / 4)
+            .clamp(Duration::from_millis(10), Duration::from_secs(1));
+        let mut timeouts = tokio::time::interval(timeout_check);
         let mut last_read = Instant::now();
         loop {
             tokio::select! {
@@ -350,6 +364,17 @@ impl Connection {
                         return;
                     }
                     self.shared.outbox.write(encode_heartbeat);
+                }
+                _ = timeouts.tick() => {
+                    let now = crate::queue::now_ms();
+                    for ch in self.channels.values_mut() {
+                        if ch.is_closing() {
+                            continue;
+                        }
+                        if let Err(e) = ch.check_consumer_timeout(&self.broker, &self.vhost, now) {
+                            ch.fail(&self.broker, &self.vhost, &e);
+                        }
+                    }
                 }
                 _ = self.shared.outbox.drained() => {
                     // Deliveries to this connection paused while its outbox was

@@ -38,6 +38,9 @@ pub struct Consumer {
     pub unacked: Arc<AtomicU32>,
     /// `exclusive` flag.
     pub exclusive: bool,
+    /// `x-priority` (default 0): higher-priority consumers are served first
+    /// while they have credit.
+    pub priority: i32,
 }
 
 impl Consumer {
@@ -75,6 +78,8 @@ pub struct QueueHandle {
     pub exclusive_owner: Option<u64>,
     /// Declare arguments.
     pub arguments: FieldTable,
+    /// `x-consumer-timeout`, ms.
+    pub consumer_timeout: Option<u64>,
     /// State.
     pub state: Mutex<QueueState>,
     /// Wakes the housekeeping task (expiry timer changed, queue deleted).
@@ -99,6 +104,7 @@ impl QueueHandle {
             auto_delete,
             exclusive_owner,
             arguments: queue.arguments().clone(),
+            consumer_timeout: queue.args().consumer_timeout,
             state: Mutex::new(QueueState {
                 queue,
                 consumers: Vec::new(),
@@ -122,12 +128,29 @@ impl QueueState {
             if self.queue.ready_count() == 0 {
                 return;
             }
-            // Find the next consumer that can take a message.
-            let n = self.consumers.len();
+            // The consumer to serve: with a single active consumer only the
+            // first registered one; otherwise the highest priority among
+            // those with credit, round-robin within that priority.
+            let n = if self.queue.args().single_active_consumer {
+                1
+            } else {
+                self.consumers.len()
+            };
+            let ready = |c: &Consumer| c.has_credit() && c.channel.can_deliver();
+            let Some(best) = self
+                .consumers
+                .iter()
+                .take(n)
+                .filter(|c| ready(c))
+                .map(|c| c.priority)
+                .max()
+            else {
+                return;
+            };
             let Some(idx) = (0..n).map(|i| (self.next_consumer + i) % n).find(|&i| {
                 self.consumers
                     .get(i)
-                    .is_some_and(|c| c.has_credit() && c.channel.can_deliver())
+                    .is_some_and(|c| c.priority == best && ready(c))
             }) else {
                 return;
             };
@@ -183,6 +206,8 @@ fn deliver(
             queue: handle.id,
             seq: delivery.seq,
             consumer_unacked: Some(consumer.unacked.clone()),
+            consumer: Some(consumer.tag.clone()),
+            delivered_at: now_ms(),
         })
     });
     if !consumer.no_ack {

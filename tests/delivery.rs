@@ -1,0 +1,259 @@
+//! Delivery semantics beyond the basics (issue #6): consumer priorities,
+//! single active consumer, the consumer (acknowledgement) timeout in both its
+//! RabbitMQ form and Warren's cancel-only form, and broker limits.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use std::time::Duration;
+
+use lapin::options::*;
+use lapin::types::{AMQPValue, FieldTable};
+use warren_tests::{TestBroker, assert_amqp_error, channel_with_queue, next_deliveries, publish};
+
+fn priority(p: i32) -> FieldTable {
+    let mut t = FieldTable::default();
+    t.insert("x-priority".into(), AMQPValue::LongInt(p));
+    t
+}
+
+async fn ready(ch: &lapin::Channel, q: &str) -> u32 {
+    ch.queue_declare(
+        q.into(),
+        QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap()
+    .message_count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn higher_priority_consumers_are_served_first() {
+    let broker = TestBroker::start().await;
+    let conn = broker.connect().await;
+    let ch = channel_with_queue(&conn, "q").await;
+    let low_ch = conn.create_channel().await.unwrap();
+    let high_ch = conn.create_channel().await.unwrap();
+    high_ch
+        .basic_qos(2, BasicQosOptions::default())
+        .await
+        .unwrap();
+    let mut low = low_ch
+        .basic_consume(
+            "q".into(),
+            "low".into(),
+            BasicConsumeOptions::default(),
+            priority(1),
+        )
+        .await
+        .unwrap();
+    let mut high = high_ch
+        .basic_consume(
+            "q".into(),
+            "high".into(),
+            BasicConsumeOptions::default(),
+            priority(10),
+        )
+        .await
+        .unwrap();
+    for i in 0..5u8 {
+        publish(&ch, "q", &[i]).await;
+    }
+    // The high-priority consumer takes what its prefetch allows; the rest go low.
+    let h = next_deliveries(&mut high, 2).await;
+    let l = next_deliveries(&mut low, 3).await;
+    assert_eq!(h.iter().map(|d| d.data[0]).collect::<Vec<_>>(), [0, 1]);
+    assert_eq!(l.iter().map(|d| d.data[0]).collect::<Vec<_>>(), [2, 3, 4]);
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_active_consumer_hands_over_in_registration_order() {
+    let broker = TestBroker::start().await;
+    let conn = broker.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    let mut args = FieldTable::default();
+    args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+    ch.queue_declare("sac".into(), QueueDeclareOptions::default(), args)
+        .await
+        .unwrap();
+    let first_ch = conn.create_channel().await.unwrap();
+    let second_ch = conn.create_channel().await.unwrap();
+    let mut first = first_ch
+        .basic_consume(
+            "sac".into(),
+            "first".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut second = second_ch
+        .basic_consume(
+            "sac".into(),
+            "second".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    for i in 0..4u8 {
+        publish(&ch, "sac", &[i]).await;
+    }
+    let got = next_deliveries(&mut first, 4).await;
+    got[0].ack(BasicAckOptions::default()).await.unwrap();
+    // The active consumer's channel goes away: its unacked messages come back
+    // first, and the next consumer takes over.
+    first_ch.close(200, "bye".into()).await.unwrap();
+    let taken = next_deliveries(&mut second, 3).await;
+    assert_eq!(
+        taken.iter().map(|d| d.data[0]).collect::<Vec<_>>(),
+        [1, 2, 3]
+    );
+    assert!(taken.iter().all(|d| d.redelivered));
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_timeout_closes_the_channel_like_rabbitmq() {
+    use amqp_codec::methods::{BasicConsume, QueueDeclare};
+    use amqp_codec::{Method, ShortStr};
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start_with(dir.path(), |c| {
+        c.consumer_timeout = Duration::from_millis(200)
+    })
+    .await;
+    let mut c = warren_tests::RawClient::open(broker.addr).await;
+    c.send(
+        1,
+        QueueDeclare {
+            queue: ShortStr::from_static("slow"),
+            ..Default::default()
+        }
+        .into(),
+    )
+    .await;
+    assert!(matches!(c.method().await, Some(Method::QueueDeclareOk(_))));
+    let conn = broker.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    publish(&ch, "slow", b"never acked").await;
+    c.send(
+        1,
+        BasicConsume {
+            queue: ShortStr::from_static("slow"),
+            consumer_tag: ShortStr::from_static("c"),
+            ..Default::default()
+        }
+        .into(),
+    )
+    .await;
+    assert!(matches!(c.method().await, Some(Method::BasicConsumeOk(_))));
+    assert!(matches!(c.method().await, Some(Method::BasicDeliver(_))));
+    // Never ack: the broker closes the channel.
+    let close = tokio::time::timeout(Duration::from_secs(5), c.method())
+        .await
+        .expect("no channel.close within 5 s");
+    match close {
+        Some(Method::ChannelClose(close)) => {
+            assert_eq!(close.reply_code, 406);
+            assert_eq!(
+                close.reply_text,
+                "PRECONDITION_FAILED - delivery acknowledgement on channel 1 timed out. Timeout value used: 200 ms. This timeout value can be configured, see consumers doc guide to learn more"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        ready(&ch, "slow").await,
+        1,
+        "the message went back to the queue"
+    );
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_timeout_can_cancel_only_the_consumer() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start_with(dir.path(), |c| {
+        c.consumer_timeout = Duration::from_millis(200);
+        c.consumer_timeout_cancels_consumer = true;
+    })
+    .await;
+    let conn = broker.connect().await;
+    let ch = channel_with_queue(&conn, "slow").await;
+    publish(&ch, "slow", b"never acked").await;
+    let mut consumer = ch
+        .basic_consume(
+            "slow".into(),
+            "c".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    next_deliveries(&mut consumer, 1).await;
+    let mut requeued = false;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        if ready(&ch, "slow").await == 1 {
+            requeued = true;
+            break;
+        }
+    }
+    assert!(
+        requeued,
+        "the timed-out consumer's message was not requeued"
+    );
+    // The channel itself is still open and usable.
+    ch.basic_qos(5, BasicQosOptions::default()).await.unwrap();
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_give_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start_with(dir.path(), |c| {
+        c.max_connections = 1;
+        c.max_consumers_per_channel = 1;
+    })
+    .await;
+    let conn = broker.connect().await;
+    let second =
+        lapin::Connection::connect(&broker.uri(), lapin::ConnectionProperties::default()).await;
+    let e = second.expect_err("over the connection limit");
+    if let Some((code, text)) = warren_tests::amqp_error(&e) {
+        assert_eq!(code, 530);
+        assert!(text.contains("connection limit (1) is reached"), "{text}");
+    }
+    let ch = channel_with_queue(&conn, "q").await;
+    let _c1 = ch
+        .basic_consume(
+            "q".into(),
+            "one".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let r = match ch
+        .basic_consume(
+            "q".into(),
+            "two".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+    {
+        Err(e) => Err(e),
+        Ok(_) => ch.basic_qos(1, BasicQosOptions::default()).await,
+    };
+    assert_amqp_error(r, 406, "reached the limit of 1 consumers per channel");
+    broker.stop().await;
+}
