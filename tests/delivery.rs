@@ -257,3 +257,99 @@ async fn limits_give_clear_errors() {
     assert_amqp_error(r, 406, "reached the limit of 1 consumers per channel");
     broker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_reply_to_round_trip() {
+    let broker = TestBroker::start().await;
+    let client = broker.connect().await;
+    let server = broker.connect().await;
+    let cch = channel_with_queue(&client, "rpc").await;
+    let mut replies = cch
+        .basic_consume(
+            "amq.rabbitmq.reply-to".into(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    cch.basic_publish(
+        "".into(),
+        "rpc".into(),
+        BasicPublishOptions::default(),
+        b"ping",
+        lapin::BasicProperties::default()
+            .with_reply_to("amq.rabbitmq.reply-to".into())
+            .with_correlation_id("42".into()),
+    )
+    .await
+    .unwrap();
+    let sch = server.create_channel().await.unwrap();
+    let request = loop {
+        if let Some(m) = sch
+            .basic_get("rpc".into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+        {
+            break m;
+        }
+        tokio::task::yield_now().await;
+    };
+    let reply_to = request
+        .delivery
+        .properties
+        .reply_to()
+        .clone()
+        .unwrap()
+        .to_string();
+    assert!(reply_to.starts_with("amq.rabbitmq.reply-to."), "{reply_to}");
+    sch.basic_publish(
+        "".into(),
+        reply_to.as_str().into(),
+        BasicPublishOptions::default(),
+        b"pong",
+        lapin::BasicProperties::default().with_correlation_id("42".into()),
+    )
+    .await
+    .unwrap();
+    let reply = next_deliveries(&mut replies, 1).await.remove(0);
+    assert_eq!(reply.data, b"pong");
+    assert_eq!(reply.routing_key.as_str(), reply_to);
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_reply_to_errors() {
+    let broker = TestBroker::start().await;
+    let conn = broker.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    let r = match ch
+        .basic_consume(
+            "amq.rabbitmq.reply-to".into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+    {
+        Err(e) => Err(e),
+        Ok(_) => ch.basic_qos(1, BasicQosOptions::default()).await,
+    };
+    assert_amqp_error(r, 406, "reply consumer cannot acknowledge");
+    let ch = channel_with_queue(&conn, "rpc").await;
+    ch.basic_publish(
+        "".into(),
+        "rpc".into(),
+        BasicPublishOptions::default(),
+        b"x",
+        lapin::BasicProperties::default().with_reply_to("amq.rabbitmq.reply-to".into()),
+    )
+    .await
+    .unwrap();
+    let r = ch.basic_qos(1, BasicQosOptions::default()).await;
+    assert_amqp_error(r, 406, "fast reply consumer does not exist");
+    broker.stop().await;
+}

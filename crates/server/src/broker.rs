@@ -89,6 +89,8 @@ pub struct Broker {
     next_connection: AtomicU64,
     /// Open client connections (after the handshake).
     pub connections: std::sync::atomic::AtomicUsize,
+    /// Direct reply-to consumers.
+    pub reply_consumers: crate::reply_to::ReplyConsumers,
     /// Cancelled on shutdown.
     pub shutdown: CancellationToken,
     /// Every task the broker spawned.
@@ -181,6 +183,7 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
         next_queue: AtomicU64::new(1),
         next_connection: AtomicU64::new(1),
         connections: std::sync::atomic::AtomicUsize::new(0),
+        reply_consumers: crate::reply_to::ReplyConsumers::default(),
         shutdown: CancellationToken::new(),
         tracker: TaskTracker::new(),
     });

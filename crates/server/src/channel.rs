@@ -29,6 +29,7 @@ use crate::broker::Broker;
 use crate::connection::ConnectionShared;
 use crate::error::AmqpError;
 use crate::queue::{Consumer, QueueHandle, encode_content, now_ms};
+use crate::reply_to;
 use crate::vhost::Vhost;
 
 /// One unacknowledged delivery on a channel.
@@ -230,6 +231,8 @@ pub struct Channel {
     consumers: Vec<(ShortStr, Arc<QueueHandle>)>,
     routed: Routed,
     fx: Effects,
+    /// This channel's direct reply-to consumer: (token, consumer tag).
+    reply_consumer: Option<(String, ShortStr)>,
 }
 
 fn server_name(prefix: &str) -> ShortStr {
@@ -255,6 +258,7 @@ impl Channel {
             consumers: Vec::new(),
             routed: Routed::default(),
             fx: Effects::default(),
+            reply_consumer: None,
         }
     }
 
@@ -383,6 +387,9 @@ impl Channel {
     /// connection closing).
     pub fn release(&mut self, broker: &Arc<Broker>, vhost: &Vhost) {
         self.shared.deliveries.lock().closed = true;
+        if let Some((token, _)) = self.reply_consumer.take() {
+            broker.reply_consumers.unregister(&token);
+        }
         for (tag, queue) in std::mem::take(&mut self.consumers) {
             vhost.cancel_consumer(broker, &queue, &tag);
         }
@@ -523,6 +530,15 @@ impl Channel {
             }
             Method::BasicConsume(m) => self.handle_basic_consume(broker, vhost, m)?,
             Method::BasicCancel(m) => {
+                if self
+                    .reply_consumer
+                    .as_ref()
+                    .is_some_and(|(_, t)| *t == m.consumer_tag)
+                {
+                    if let Some((token, _)) = self.reply_consumer.take() {
+                        broker.reply_consumers.unregister(&token);
+                    }
+                }
                 if let Some(pos) = self
                     .consumers
                     .iter()
@@ -712,42 +728,45 @@ impl Channel {
         } else {
             m.queue.clone()
         };
-        let (queue, messages, consumers) = if m.passive {
-            let q = vhost.queue_for(&name, conn)?;
-            let st = q.state.lock();
-            (q.name.clone(), st.queue.ready_count(), st.consumers.len())
-        } else {
-            if name.starts_with("amq.") && !m.queue.is_empty() {
-                return Err(AmqpError::access_refused(format!(
-                    "queue name '{name}' contains reserved prefix 'amq.*'"
-                )));
-            }
-            let args = QueueArgs::parse(&m.arguments, &name, vhost.name())?;
-            args.check_properties(m.durable, m.exclusive, m.auto_delete, &name, vhost.name())?;
-            let q = match vhost.find_queue(&name) {
-                Some(existing) => {
-                    vhost.check_exclusive(&existing, conn)?;
-                    check_equivalent(&existing, &m, vhost.name())?;
-                    existing
+        let (queue, messages, consumers) =
+            if m.passive && m.queue.as_str() == reply_to::PSEUDO_QUEUE {
+                (m.queue.clone(), 0, 0)
+            } else if m.passive {
+                let q = vhost.queue_for(&name, conn)?;
+                let st = q.state.lock();
+                (q.name.clone(), st.queue.ready_count(), st.consumers.len())
+            } else {
+                if name.starts_with("amq.") && !m.queue.is_empty() {
+                    return Err(AmqpError::access_refused(format!(
+                        "queue name '{name}' contains reserved prefix 'amq.*'"
+                    )));
                 }
-                None => {
-                    vhost
-                        .declare_queue(
-                            broker,
-                            name.clone(),
-                            m.durable,
-                            m.auto_delete,
-                            m.exclusive.then_some(conn),
-                            args,
-                            m.arguments.clone(),
-                        )
-                        .await?
-                }
+                let args = QueueArgs::parse(&m.arguments, &name, vhost.name())?;
+                args.check_properties(m.durable, m.exclusive, m.auto_delete, &name, vhost.name())?;
+                let q = match vhost.find_queue(&name) {
+                    Some(existing) => {
+                        vhost.check_exclusive(&existing, conn)?;
+                        check_equivalent(&existing, &m, vhost.name())?;
+                        existing
+                    }
+                    None => {
+                        vhost
+                            .declare_queue(
+                                broker,
+                                name.clone(),
+                                m.durable,
+                                m.auto_delete,
+                                m.exclusive.then_some(conn),
+                                args,
+                                m.arguments.clone(),
+                            )
+                            .await?
+                    }
+                };
+                let mut st = q.state.lock();
+                st.queue.touch(now_ms());
+                (q.name.clone(), st.queue.ready_count(), st.consumers.len())
             };
-            let mut st = q.state.lock();
-            st.queue.touch(now_ms());
-            (q.name.clone(), st.queue.ready_count(), st.consumers.len())
-        };
         if !m.nowait {
             self.shared
                 .write_method(&Method::QueueDeclareOk(QueueDeclareOk {
@@ -805,6 +824,9 @@ impl Channel {
         vhost: &Vhost,
         m: BasicConsume,
     ) -> Result<(), AmqpError> {
+        if m.queue.as_str() == reply_to::PSEUDO_QUEUE {
+            return self.consume_replies(broker, m);
+        }
         let queue = vhost.queue_for(&m.queue, self.shared.connection.id)?;
         let tag = if m.consumer_tag.is_empty() {
             server_name("amq.ctag-")
@@ -870,6 +892,34 @@ impl Channel {
             .insert(tag.clone(), queue.id);
         self.consumers.push((tag, queue.clone()));
         vhost.dispatch(broker, &queue);
+        Ok(())
+    }
+
+    /// `basic.consume` from `amq.rabbitmq.reply-to`.
+    fn consume_replies(&mut self, broker: &Arc<Broker>, m: BasicConsume) -> Result<(), AmqpError> {
+        if !m.no_ack {
+            return Err(AmqpError::precondition_failed(
+                "reply consumer cannot acknowledge",
+            ));
+        }
+        if self.reply_consumer.is_some() {
+            return Err(AmqpError::precondition_failed("reply consumer already set"));
+        }
+        let tag = if m.consumer_tag.is_empty() {
+            server_name("amq.ctag-")
+        } else {
+            m.consumer_tag.clone()
+        };
+        let token = broker
+            .reply_consumers
+            .register(self.shared.clone(), tag.clone());
+        self.reply_consumer = Some((token, tag.clone()));
+        if !m.nowait {
+            self.shared
+                .write_method(&Method::BasicConsumeOk(BasicConsumeOk {
+                    consumer_tag: tag,
+                }));
+        }
         Ok(())
     }
 
@@ -950,6 +1000,35 @@ impl Channel {
                     self.shared.connection.user
                 )));
             }
+        }
+        let header = match header.properties.reply_to() {
+            Some(r) if r.as_str() == reply_to::PSEUDO_QUEUE => {
+                let Some((token, _)) = &self.reply_consumer else {
+                    return Err(AmqpError::precondition_failed(
+                        "fast reply consumer does not exist",
+                    ));
+                };
+                with_reply_to(header, reply_to::reply_address(token))
+            }
+            _ => header,
+        };
+        if m.exchange.is_empty() && m.routing_key.starts_with(reply_to::PSEUDO_QUEUE) {
+            let delivered = broker
+                .reply_consumers
+                .deliver(&m.routing_key, &header, &body);
+            if !delivered && m.mandatory {
+                self.shared.write_content(
+                    &Method::BasicReturn(BasicReturn {
+                        reply_code: reply_code::NO_ROUTE,
+                        reply_text: ShortStr::from_static("NO_ROUTE"),
+                        exchange: m.exchange,
+                        routing_key: m.routing_key,
+                    }),
+                    &header,
+                    &body,
+                );
+            }
+            return Ok(());
         }
         let headers = if header.properties.has(amqp_codec::Property::Headers) {
             header.properties.headers().ok().flatten()
@@ -1125,6 +1204,21 @@ fn confirm_frames(from: u64, to: u64, nacked: &[u64]) -> Vec<Method> {
         }));
     }
     frames
+}
+
+/// The header with its `reply-to` property replaced.
+fn with_reply_to(header: ContentHeader, reply_to: ShortStr) -> ContentHeader {
+    let Ok(mut props) = header.properties.decode() else {
+        return header;
+    };
+    props.reply_to = Some(reply_to);
+    match props.to_raw() {
+        Ok(properties) => ContentHeader {
+            properties,
+            ..header
+        },
+        Err(_) => header,
+    }
 }
 
 /// Removes the `BCC` header before delivery (sender-selected distribution).

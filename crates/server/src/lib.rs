@@ -10,6 +10,7 @@
 //!   of durable definitions; dead-letter routing.
 //! - [`queue`]: a queue with its consumers and the dispatch loop.
 //! - [`outbox`]: a connection's coalescing writer.
+//! - [`reply_to`]: direct reply-to (`amq.rabbitmq.reply-to`).
 //! - [`error`]: `AmqpError`, the one place errors become reply codes.
 
 pub mod broker;
@@ -18,6 +19,7 @@ pub mod connection;
 pub mod error;
 pub mod outbox;
 pub mod queue;
+pub mod reply_to;
 pub mod vhost;
 
 pub use broker::{Broker, BrokerHandle, Config, StartError, start};
