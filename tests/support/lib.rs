@@ -192,6 +192,19 @@ impl RawClient {
         }
     }
 
+    /// Splits into a reader and the write half, so a test can keep writing
+    /// while the broker has stopped reading (flow control).
+    pub fn split(self) -> (RawReader, tokio::net::tcp::OwnedWriteHalf) {
+        let (read, write) = self.socket.into_split();
+        (
+            RawReader {
+                socket: read,
+                buf: self.buf,
+            },
+            write,
+        )
+    }
+
     /// Octets the server sends until it closes the socket.
     pub async fn read_to_end(&mut self) -> Vec<u8> {
         let mut out = self.buf.split().to_vec();
@@ -271,4 +284,25 @@ pub fn store_syncs(broker: &TestBroker) -> u64 {
         .stats()
         .syncs
         .load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// The read half of a [`RawClient`].
+#[derive(Debug)]
+pub struct RawReader {
+    socket: tokio::net::tcp::OwnedReadHalf,
+    buf: BytesMut,
+}
+
+impl RawReader {
+    /// The next frame, or `None` once the server closed the socket.
+    pub async fn frame(&mut self) -> Option<Frame> {
+        loop {
+            if let Some(f) = decode_frame(&mut self.buf, 0).unwrap() {
+                return Some(f);
+            }
+            if self.socket.read_buf(&mut self.buf).await.unwrap_or(0) == 0 {
+                return None;
+            }
+        }
+    }
 }

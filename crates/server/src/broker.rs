@@ -54,6 +54,10 @@ pub struct Config {
     pub max_connections: usize,
     /// Most consumers on one channel (0 = no limit).
     pub max_consumers_per_channel: usize,
+    /// Memory (by the broker's accounting) above which publishers are blocked.
+    pub memory_high_watermark: u64,
+    /// Free disk space below which publishers are blocked.
+    pub disk_free_limit: u64,
 }
 
 impl Default for Config {
@@ -73,6 +77,8 @@ impl Default for Config {
             consumer_timeout_cancels_consumer: false,
             max_connections: 0,
             max_consumers_per_channel: 0,
+            memory_high_watermark: crate::alarm::total_memory().map_or(1 << 30, |m| m / 10 * 4),
+            disk_free_limit: 50 * 1000 * 1000,
         }
     }
 }
@@ -91,6 +97,8 @@ pub struct Broker {
     pub connections: std::sync::atomic::AtomicUsize,
     /// Direct reply-to consumers.
     pub reply_consumers: crate::reply_to::ReplyConsumers,
+    /// Memory and disk alarms.
+    pub alarms: crate::alarm::Alarms,
     /// Cancelled on shutdown.
     pub shutdown: CancellationToken,
     /// Every task the broker spawned.
@@ -101,6 +109,11 @@ impl Broker {
     /// The vhost called `name`.
     pub fn vhost(&self, name: &str) -> Option<Arc<Vhost>> {
         self.vhosts.get(name).map(|v| v.value().clone())
+    }
+
+    /// Every vhost.
+    pub fn vhost_list(&self) -> Vec<Arc<Vhost>> {
+        self.vhosts.iter().map(|v| v.value().clone()).collect()
     }
 
     /// A fresh queue storage id.
@@ -184,6 +197,7 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
         next_connection: AtomicU64::new(1),
         connections: std::sync::atomic::AtomicUsize::new(0),
         reply_consumers: crate::reply_to::ReplyConsumers::default(),
+        alarms: crate::alarm::Alarms::default(),
         shutdown: CancellationToken::new(),
         tracker: TaskTracker::new(),
     });
@@ -201,6 +215,7 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
         source,
     })?;
     tracing::info!(%addr, data_dir = %broker.config.data_dir.display(), queues, "warren listening");
+    crate::alarm::spawn_monitor(&broker);
     let accept = tokio::spawn(accept_loop(broker.clone(), listener));
     Ok(BrokerHandle {
         broker,

@@ -986,6 +986,10 @@ impl Channel {
             c.published += 1;
             c.published
         });
+        self.shared
+            .connection
+            .has_published
+            .store(true, Ordering::Relaxed);
         if let Some(exp) = header.properties.expiration() {
             if parse_expiration(&exp).is_none() {
                 return Err(AmqpError::precondition_failed(format!(
@@ -1073,6 +1077,11 @@ impl Channel {
             queue.wake.notify_one();
         }
         let unroutable = routed.is_unroutable();
+        broker.alarms.note_published(
+            message.size(),
+            routed.queues().len() as u64,
+            broker.config.memory_high_watermark,
+        );
         vhost.apply(broker, &mut fx);
         self.fx = fx;
         if unroutable && m.mandatory {

@@ -45,6 +45,10 @@ pub struct ConnectionShared {
     pub frame_max: AtomicU32,
     /// The client wants `basic.cancel` when the broker cancels its consumers.
     pub cancel_notify: bool,
+    /// The client understands `connection.blocked` / `unblocked`.
+    pub blocked_notify: bool,
+    /// The connection has published: it is blocked while an alarm is raised.
+    pub has_published: std::sync::atomic::AtomicBool,
     /// Authenticated user.
     pub user: String,
 }
@@ -288,6 +292,8 @@ async fn handshake(
         outbox: outbox.clone(),
         frame_max: AtomicU32::new(tune.frame_max),
         cancel_notify: cap("consumer_cancel_notify"),
+        blocked_notify: cap("connection.blocked"),
+        has_published: std::sync::atomic::AtomicBool::new(false),
         user,
     });
     Ok(Some((shared, vhost, tune.heartbeat)))
@@ -333,6 +339,8 @@ impl Connection {
         let timeout_check = (self.broker.config.consumer_timeout / 4)
             .clamp(Duration::from_millis(10), Duration::from_secs(1));
         let mut timeouts = tokio::time::interval(timeout_check);
+        let mut alarms = self.broker.alarms.subscribe();
+        let mut blocked = false;
         let mut last_read = Instant::now();
         loop {
             tokio::select! {
@@ -341,7 +349,14 @@ impl Connection {
                     self.close_with(reader, &e).await;
                     return;
                 }
-                read = reader.socket.read_buf(&mut reader.buf) => {
+                changed = alarms.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    let state = *alarms.borrow_and_update();
+                    blocked = self.update_blocked(blocked, state);
+                }
+                read = reader.socket.read_buf(&mut reader.buf), if !blocked => {
                     match read {
                         Ok(0) | Err(_) => return,
                         Ok(_) => last_read = Instant::now(),
@@ -357,6 +372,8 @@ impl Connection {
                     for ch in self.channels.values_mut() {
                         ch.flush_confirms(&self.broker);
                     }
+                    // A publisher that just started publishing under an alarm stops here.
+                    blocked = self.update_blocked(blocked, self.broker.alarms.current());
                 }
                 _ = ticker.tick(), if self.heartbeat > 0 => {
                     if last_read.elapsed() > hb * 2 {
@@ -385,6 +402,26 @@ impl Connection {
                 }
             }
         }
+    }
+
+    /// Whether to stop reading: only publishers are blocked, and they are told
+    /// (if they understand `connection.blocked`) when that changes.
+    fn update_blocked(&self, was: bool, state: crate::alarm::AlarmState) -> bool {
+        let now = state.any() && self.shared.has_published.load(Ordering::Relaxed);
+        if now != was && self.shared.blocked_notify {
+            let method = if now {
+                Method::ConnectionBlocked(ConnectionBlocked {
+                    reason: ShortStr::from_static(state.reason()),
+                })
+            } else {
+                Method::ConnectionUnblocked(ConnectionUnblocked {})
+            };
+            write_method(&self.shared.outbox, 0, &method);
+        }
+        if now != was {
+            tracing::info!(connection = self.shared.id, blocked = now, "publisher flow");
+        }
+        now
     }
 
     /// Handles every complete frame in the buffer. `Ok(true)`: the close

@@ -4,6 +4,7 @@
 //! running AMQP 0-9-1 server.
 //!
 //! - [`broker`]: configuration, startup (store recovery, listener), shutdown.
+//! - [`alarm`]: memory and disk alarms that block publishers.
 //! - [`connection`]: one task per connection: handshake, frame loop, heartbeats.
 //! - [`channel`]: the channel state machine and publisher confirms.
 //! - [`vhost`]: a vhost's router and queues; declare/bind/delete; persistence
@@ -13,6 +14,7 @@
 //! - [`reply_to`]: direct reply-to (`amq.rabbitmq.reply-to`).
 //! - [`error`]: `AmqpError`, the one place errors become reply codes.
 
+pub mod alarm;
 pub mod broker;
 pub mod channel;
 pub mod connection;

@@ -1,0 +1,164 @@
+//! Resource alarms: the memory high watermark and the disk free-space limit.
+//!
+//! A monitor task samples the broker's own memory accounting (message bodies
+//! held by queues plus a per-message overhead for entries) and the free space
+//! of the data directory's file system. While either alarm is raised,
+//! connections that publish are not read from (TCP pushes back on the
+//! publisher) and, if they advertise the `connection.blocked` capability, are
+//! told so with `connection.blocked`, and `connection.unblocked` when it
+//! clears. Consumers keep draining, which is what clears a memory alarm.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::broker::Broker;
+
+/// Estimated memory per queued message beyond its body: the queue entry and
+/// bookkeeping. Used so that many tiny messages still count.
+const ENTRY_OVERHEAD: u64 = 64;
+
+/// Which alarms are raised.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AlarmState {
+    /// Memory above the high watermark.
+    pub memory: bool,
+    /// Free disk below the limit.
+    pub disk: bool,
+}
+
+impl AlarmState {
+    /// Whether publishers must wait.
+    pub fn any(&self) -> bool {
+        self.memory || self.disk
+    }
+
+    /// The reason sent in `connection.blocked`.
+    pub fn reason(&self) -> &'static str {
+        match (self.memory, self.disk) {
+            (true, true) => "low on memory and disk",
+            (true, false) => "low on memory",
+            (false, true) => "low on disk",
+            (false, false) => "",
+        }
+    }
+}
+
+/// The broker's alarms: current state and a channel to watch changes.
+#[derive(Debug)]
+pub struct Alarms {
+    state: watch::Sender<AlarmState>,
+    /// Memory in use: recomputed exactly by the monitor, and raised by every
+    /// publish in between, so a flood trips the alarm within one socket read
+    /// rather than one sampling period.
+    estimate: AtomicU64,
+}
+
+impl Default for Alarms {
+    fn default() -> Self {
+        Alarms {
+            state: watch::channel(AlarmState::default()).0,
+            estimate: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Alarms {
+    /// Watches the alarm state.
+    pub fn subscribe(&self) -> watch::Receiver<AlarmState> {
+        self.state.subscribe()
+    }
+
+    /// Current state.
+    pub fn current(&self) -> AlarmState {
+        *self.state.borrow()
+    }
+
+    /// Accounts a published message enqueued `copies` times; raises the
+    /// memory alarm at once if that crosses `watermark`.
+    pub fn note_published(&self, size: u64, copies: u64, watermark: u64) {
+        let added = (size + ENTRY_OVERHEAD) * copies;
+        let now = self.estimate.fetch_add(added, Ordering::Relaxed) + added;
+        if now > watermark && !self.current().memory {
+            let mut s = self.current();
+            s.memory = true;
+            self.set(s);
+        }
+    }
+
+    fn set(&self, new: AlarmState) {
+        self.state.send_if_modified(|s| {
+            if *s == new {
+                return false;
+            }
+            tracing::warn!(
+                memory = new.memory,
+                disk = new.disk,
+                "resource alarm {}",
+                if new.any() { "raised" } else { "cleared" }
+            );
+            *s = new;
+            true
+        });
+    }
+}
+
+/// Memory the broker accounts for: bodies queues hold in memory plus an
+/// overhead per queued message.
+pub fn memory_in_use(broker: &Broker) -> u64 {
+    broker
+        .vhost_list()
+        .iter()
+        .flat_map(|v| v.queues())
+        .map(|q| {
+            let st = q.state.lock();
+            st.queue.loaded_bytes()
+                + (st.queue.ready_count() + st.queue.unacked_count()) * ENTRY_OVERHEAD
+        })
+        .sum()
+}
+
+/// Total RAM, for the default watermark (0.4 of it, as RabbitMQ).
+pub fn total_memory() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = meminfo
+        .lines()
+        .find(|l| l.starts_with("MemTotal:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
+}
+
+/// Samples memory every 100 ms and disk every second until shutdown.
+pub fn spawn_monitor(broker: &Arc<Broker>) {
+    let b = broker.clone();
+    broker.tracker.spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        let mut n: u64 = 0;
+        let mut disk = false;
+        loop {
+            tokio::select! {
+                _ = b.shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let used = memory_in_use(&b);
+            b.alarms.estimate.store(used, Ordering::Relaxed);
+            let memory = used > b.config.memory_high_watermark;
+            if n % 10 == 0 {
+                disk = match fs4::available_space(&b.config.data_dir) {
+                    Ok(free) => free < b.config.disk_free_limit,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot read free disk space");
+                        false
+                    }
+                };
+            }
+            n += 1;
+            b.alarms.set(AlarmState { memory, disk });
+        }
+    });
+}
