@@ -40,6 +40,25 @@ struct Args {
     /// Default user's password [default: guest].
     #[arg(long, env = "WARREN_DEFAULT_PASS")]
     default_pass: Option<String>,
+    /// Consumer (delivery acknowledgement) timeout in ms [default: 1800000].
+    #[arg(long, env = "WARREN_CONSUMER_TIMEOUT")]
+    consumer_timeout: Option<u64>,
+    /// On a consumer timeout, cancel only that consumer (and requeue its
+    /// messages) instead of closing the channel.
+    #[arg(long, env = "WARREN_CONSUMER_TIMEOUT_CANCELS_CONSUMER")]
+    consumer_timeout_cancels_consumer: bool,
+    /// Memory high watermark in octets [default: 0.4 of RAM].
+    #[arg(long, env = "WARREN_MEMORY_HIGH_WATERMARK")]
+    memory_high_watermark: Option<u64>,
+    /// Free disk space limit in octets [default: 50000000].
+    #[arg(long, env = "WARREN_DISK_FREE_LIMIT")]
+    disk_free_limit: Option<u64>,
+    /// Most client connections at once; 0 = no limit [default: 0].
+    #[arg(long, env = "WARREN_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
+    /// Most consumers per channel; 0 = no limit [default: 0].
+    #[arg(long, env = "WARREN_MAX_CONSUMERS_PER_CHANNEL")]
+    max_consumers_per_channel: Option<usize>,
     /// Log as JSON lines instead of human-readable text.
     #[arg(long, env = "WARREN_LOG_JSON")]
     log_json: bool,
@@ -56,6 +75,12 @@ struct FileConfig {
     heartbeat: Option<u16>,
     default_user: Option<String>,
     default_pass: Option<String>,
+    consumer_timeout: Option<u64>,
+    consumer_timeout_cancels_consumer: Option<bool>,
+    memory_high_watermark: Option<u64>,
+    disk_free_limit: Option<u64>,
+    max_connections: Option<usize>,
+    max_consumers_per_channel: Option<usize>,
     log_json: Option<bool>,
 }
 
@@ -88,6 +113,28 @@ fn config(args: Args, file: FileConfig) -> server::Config {
             .default_pass
             .or(file.default_pass)
             .unwrap_or(d.default_pass),
+        consumer_timeout: args
+            .consumer_timeout
+            .or(file.consumer_timeout)
+            .map_or(d.consumer_timeout, std::time::Duration::from_millis),
+        consumer_timeout_cancels_consumer: args.consumer_timeout_cancels_consumer
+            || file.consumer_timeout_cancels_consumer.unwrap_or(false),
+        memory_high_watermark: args
+            .memory_high_watermark
+            .or(file.memory_high_watermark)
+            .unwrap_or(d.memory_high_watermark),
+        disk_free_limit: args
+            .disk_free_limit
+            .or(file.disk_free_limit)
+            .unwrap_or(d.disk_free_limit),
+        max_connections: args
+            .max_connections
+            .or(file.max_connections)
+            .unwrap_or(d.max_connections),
+        max_consumers_per_channel: args
+            .max_consumers_per_channel
+            .or(file.max_consumers_per_channel)
+            .unwrap_or(d.max_consumers_per_channel),
         ..d
     }
 }
