@@ -2,9 +2,12 @@
 """Warren conformance scenarios driven through pika (BlockingConnection).
 
 Usage: pika_scenarios.py --port N [--host H] [--product Warren]
+                         [--alarm-port N] [--timeout-port N] [--only a,b]
 
 Every scenario opens its own connection, uses its own uniquely named entities
-and prints exactly one line: `PASS pika.<name>` or `FAIL pika.<name>: reason`.
+and prints exactly one line: `PASS pika.<name>` or `FAIL pika.<name>: reason`
+(`SKIP pika.<name>: reason` for connection_blocked / consumer_timeout when the
+broker they need, --alarm-port / --timeout-port, is not given).
 The expected behaviour is RabbitMQ 3.10's; a mismatch is a failure, never
 something to be tolerated here.  Exit status: 0 if all passed, 1 otherwise.
 """
@@ -14,6 +17,7 @@ import datetime
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 import uuid
@@ -61,15 +65,19 @@ def wait_until(conn, pred, timeout, what):
         conn.process_data_events(time_limit=min(left, 0.05))
 
 
-def collector(ch, queue, auto_ack=False):
+def collector(ch, queue, auto_ack=False, arguments=None):
     """Start a consumer that appends (method, properties, body) to a list."""
     got = []
 
     def on_message(_ch, method, props, body):
         got.append((method, props, body))
 
-    tag = ch.basic_consume(queue, on_message, auto_ack=auto_ack)
+    tag = ch.basic_consume(queue, on_message, auto_ack=auto_ack, arguments=arguments)
     return got, tag
+
+
+def bodies(got):
+    return [b for _, _, b in got]
 
 
 def expect_channel_close(fn, code, text, what):
@@ -445,6 +453,341 @@ def s10_ttl_dead_letter(connect):
         conn.close()
 
 
+def s11_consumer_priorities(connect):
+    conn = connect()
+    try:
+        ch = conn.channel()
+        q = name("priorities")
+        ch.queue_declare(q)
+        # the low-priority consumer registers first, so plain round-robin would
+        # hand it the first message
+        low_ch, high_ch = conn.channel(), conn.channel()
+        low, low_tag = collector(low_ch, q, arguments={"x-priority": 1})
+        high_ch.basic_qos(prefetch_count=2)  # global=false: per consumer
+        high, high_tag = collector(high_ch, q, arguments={"x-priority": 10})
+        for i in range(5):
+            ch.basic_publish("", q, f"p{i}".encode())
+        wait_until(conn, lambda: len(high) >= 2 and len(low) >= 3, 5,
+                   "2 deliveries to the x-priority 10 consumer and 3 to the x-priority 1 one")
+        conn.process_data_events(time_limit=0.2)  # nothing more may arrive
+        eq(bodies(high), [b"p0", b"p1"], "messages to the x-priority 10 consumer (prefetch 2, unacked)")
+        eq(bodies(low), [b"p2", b"p3", b"p4"], "messages to the x-priority 1 consumer")
+        low_ch.basic_ack(low[-1][0].delivery_tag, multiple=True)
+        high_ch.basic_ack(high[-1][0].delivery_tag, multiple=True)
+        low_ch.basic_cancel(low_tag)
+        high_ch.basic_cancel(high_tag)
+        eq(ch.queue_declare(q, passive=True).method.message_count, 0, "queue left empty")
+        ch.queue_delete(q)
+    finally:
+        conn.close()
+
+
+def s12_single_active_consumer(connect):
+    conn = connect()
+    try:
+        ch = conn.channel()
+        q = name("sac")
+        ch.queue_declare(q, arguments={"x-single-active-consumer": True})
+        ch1, ch2 = conn.channel(), conn.channel()
+        first, _ = collector(ch1, q)
+        second, tag2 = collector(ch2, q)
+        for i in range(4):
+            ch.basic_publish("", q, f"s{i}".encode())
+        wait_until(conn, lambda: len(first) >= 4, 5, "4 deliveries to the first (active) consumer")
+        conn.process_data_events(time_limit=0.2)
+        eq(bodies(first), [b"s0", b"s1", b"s2", b"s3"], "messages to the active consumer")
+        eq(len(second), 0, "deliveries to the second consumer while the first is active")
+        check(not any(m.redelivered for m, _, _ in first), "a first delivery has redelivered=true")
+        ch1.basic_ack(first[0][0].delivery_tag)
+        ch1.close()  # s1..s3 unacked: requeued, and the second consumer becomes active
+        wait_until(conn, lambda: len(second) >= 3, 5, "3 deliveries to the second consumer after the first's channel closed")
+        conn.process_data_events(time_limit=0.2)
+        eq(bodies(second), [b"s1", b"s2", b"s3"], "messages to the second consumer (the unacked ones, in order)")
+        eq([m.redelivered for m, _, _ in second], [True] * 3, "redelivered flags of the handed-over messages")
+        ch2.basic_ack(second[-1][0].delivery_tag, multiple=True)
+        ch2.basic_cancel(tag2)
+        eq(ch.queue_declare(q, passive=True).method.message_count, 0, "queue left empty")
+        ch.queue_delete(q)
+    finally:
+        conn.close()
+
+
+REPLY_TO = "amq.rabbitmq.reply-to"
+
+
+def s13_direct_reply_to(connect):
+    client = connect()
+    server = None
+    try:
+        ch = client.channel()
+        q = name("rpc")
+        ch.queue_declare(q)
+        replies, rtag = collector(ch, REPLY_TO, auto_ack=True)
+        ch.basic_publish("", q, b"request", pika.BasicProperties(reply_to=REPLY_TO, correlation_id="rpc-1"))
+        # a synchronous call on the publishing channel: the request is queued
+        eq(ch.queue_declare(q, passive=True).method.message_count, 1, "requests queued")
+
+        server = connect()
+        sch = server.channel()
+        m, p, body = sch.basic_get(q, auto_ack=True)
+        check(m is not None, "basic.get of the request returned empty")
+        eq(body, b"request", "request body")
+        eq(p.correlation_id, "rpc-1", "request correlation_id")
+        reply_to = p.reply_to
+        check(isinstance(reply_to, str) and reply_to.startswith(REPLY_TO + ".") and len(reply_to) > len(REPLY_TO) + 1,
+              f"reply_to was not rewritten to {REPLY_TO}.<token>: {reply_to!r}")
+        sch.basic_publish("", reply_to, b"reply", pika.BasicProperties(correlation_id="rpc-1"))
+        wait_until(client, lambda: replies, 5, "the reply on the direct reply-to consumer")
+        rm, rp, rb = replies[0]
+        eq(rb, b"reply", "reply body")
+        eq(rp.correlation_id, "rpc-1", "reply correlation_id")
+        eq(rm.consumer_tag, rtag, "reply consumer tag")
+        eq(rm.exchange, "", "reply exchange")
+        eq(rm.routing_key, reply_to, "reply routing key")
+        eq(rm.redelivered, False, "reply redelivered flag")
+        ch.queue_delete(q)
+
+        # the pseudo-queue only supports no-ack consumers
+        ch2 = client.channel()
+        expect_channel_close(lambda: ch2.basic_consume(REPLY_TO, lambda *a: None, auto_ack=False),
+                             406, "PRECONDITION_FAILED - reply consumer cannot acknowledge",
+                             "manual-ack consumer on amq.rabbitmq.reply-to")
+        check(client.is_open, "connection closed after the channel error")
+    finally:
+        for c in (client, server):
+            if c is not None and c.is_open:
+                c.close()
+
+
+def s14_delivery_count(connect):
+    conn = connect()
+    try:
+        ch = conn.channel()
+        q = name("delivery-count")
+        # RabbitMQ 3.10 sets x-delivery-count on quorum queues (not classic ones)
+        ch.queue_declare(q, durable=True, arguments={"x-queue-type": "quorum"})
+        ch.basic_publish("", q, b"d1", pika.BasicProperties(headers={"orig": "yes"}))
+        got, tag = collector(ch, q)
+        wait_until(conn, lambda: got, 5, "first delivery")
+        m1, p1, _ = got[0]
+        eq(m1.redelivered, False, "first delivery redelivered flag")
+        eq(p1.headers, {"orig": "yes"}, "headers of the first delivery (no x-delivery-count)")
+        ch.basic_nack(m1.delivery_tag, requeue=True)
+        wait_until(conn, lambda: len(got) >= 2, 5, "redelivery after nack requeue=true")
+        m2, p2, b2 = got[1]
+        eq(b2, b"d1", "redelivered body")
+        eq(m2.redelivered, True, "redelivered flag after nack requeue=true")
+        h = p2.headers or {}
+        dc = h.get("x-delivery-count")
+        check(isinstance(dc, int) and not isinstance(dc, bool), f"x-delivery-count is not an integer: {dc!r} (headers {h!r})")
+        eq(dc, 1, "x-delivery-count of the redelivery")
+        eq(h.get("orig"), "yes", "original header kept")
+        ch.basic_ack(m2.delivery_tag)
+        ch.basic_cancel(tag)
+        eq(ch.queue_declare(q, durable=True, passive=True, arguments={"x-queue-type": "quorum"}).method.message_count,
+           0, "queue left empty")
+        ch.queue_delete(q)
+    finally:
+        conn.close()
+
+
+BLOCKED_N = 2000          # messages published in connection_blocked
+BLOCKED_SIZE = 1024       # body size; the alarm broker's watermark is 256 KiB
+
+
+def blocked_body(i):
+    return f"{i:06d}".encode().ljust(BLOCKED_SIZE, b".")
+
+
+class AsyncPublisher(threading.Thread):
+    """Publishes BLOCKED_N messages with confirms on a SelectConnection in its
+    own thread (a BlockingConnection would sit inside basic_publish while the
+    broker is not reading, and dispatches connection.blocked only later).
+    Finishes once every publish is confirmed and the connection is unblocked,
+    or fails after `timeout` s."""
+
+    def __init__(self, params, queue, timeout):
+        super().__init__(daemon=True, name="pika-publisher")
+        self.params, self.queue, self.timeout = params, queue, timeout
+        self.outstanding = set(range(1, BLOCKED_N + 1))
+        self.duplicate_acks = []
+        self.nacked = []
+        self.events = []  # ("blocked", reason, confirmed) | ("unblocked", None, confirmed)
+        self.is_blocked = False
+        self.blocked = threading.Event()
+        self.error = None
+        self.closing = False
+        self.conn = None
+
+    def confirmed(self):
+        return BLOCKED_N - len(self.outstanding)
+
+    def run(self):
+        try:
+            self.conn = pika.SelectConnection(
+                self.params, on_open_callback=self._on_open,
+                on_open_error_callback=lambda _c, e: self._fail(f"publisher connection failed: {e!r}"),
+                on_close_callback=self._on_close)
+            self.conn.add_on_connection_blocked_callback(self._on_blocked)
+            self.conn.add_on_connection_unblocked_callback(self._on_unblocked)
+            self.conn.ioloop.call_later(self.timeout, self._on_deadline)
+            self.conn.ioloop.start()
+        except BaseException as e:  # noqa: BLE001
+            self.error = self.error or f"publisher crashed: {e!r}"
+
+    def _fail(self, msg):
+        if self.error is None:
+            self.error = msg
+        self.conn.ioloop.stop()
+
+    def _on_open(self, conn):
+        conn.channel(on_open_callback=self._on_channel)
+
+    def _on_channel(self, ch):
+        self.ch = ch
+        ch.add_on_close_callback(lambda _c, r: self.closing or self._fail(f"publisher channel closed: {r!r}"))
+        ch.confirm_delivery(self._on_confirm, callback=lambda _f: self._publish_all())
+
+    def _publish_all(self):
+        for i in range(BLOCKED_N):
+            self.ch.basic_publish("", self.queue, blocked_body(i))
+
+    def _on_confirm(self, frame):
+        m = frame.method
+        if m.multiple:
+            tags = {t for t in self.outstanding if t <= m.delivery_tag}
+        else:
+            tags = {m.delivery_tag} & self.outstanding
+        if not tags:
+            self.duplicate_acks.append(m.delivery_tag)
+        if isinstance(m, pika.spec.Basic.Nack):
+            self.nacked.extend(sorted(tags))
+        self.outstanding -= tags
+        self._maybe_finish()
+
+    def _on_blocked(self, _conn, frame):
+        self.is_blocked = True
+        self.events.append(("blocked", frame.method.reason, self.confirmed()))
+        self.blocked.set()
+
+    def _on_unblocked(self, _conn, _frame):
+        self.is_blocked = False
+        self.events.append(("unblocked", None, self.confirmed()))
+        self._maybe_finish()
+
+    def _maybe_finish(self):
+        if not self.outstanding and not self.is_blocked and not self.closing:
+            self.closing = True
+            self.conn.close()
+
+    def _on_close(self, conn, reason):
+        if not self.closing:
+            self.error = self.error or f"publisher connection closed: {reason!r}"
+        conn.ioloop.stop()
+
+    def _on_deadline(self):
+        self._fail(f"publisher not done after {self.timeout}s: {self.confirmed()} of {BLOCKED_N} confirmed, "
+                   f"blocked={self.is_blocked}, events {[e[:2] for e in self.events]}")
+
+
+def s15_connection_blocked(connect):
+    q = name("blocked")
+    conn = connect()
+    pub = None
+    done = False
+    try:
+        ch = conn.channel()
+        ch.queue_declare(q)
+        pub = AsyncPublisher(connect.params, q, timeout=20)
+        pub.start()
+        # nobody consumes yet: the broker must block the publishing connection
+        check(pub.blocked.wait(10) and pub.error is None,
+              pub.error or f"no connection.blocked within 10s ({pub.confirmed()} of {BLOCKED_N} confirmed)")
+        confirmed_at_block = pub.events[0][2]
+        # drain from another connection until every message has arrived
+        got, tag = collector(ch, q, auto_ack=True)
+        wait_until(conn, lambda: len(got) >= BLOCKED_N or not pub.is_alive(), 20,
+                   f"{BLOCKED_N} drained messages")
+        pub.join(10)
+        check(not pub.is_alive(), "publisher still running 10s after the queue was drained")
+        if pub.error:
+            raise Failure(pub.error)
+        conn.process_data_events(time_limit=0.1)
+        eq(pub.nacked, [], "nacked publishes")
+        eq(pub.duplicate_acks, [], "confirms for already-confirmed tags")
+        eq(pub.confirmed(), BLOCKED_N, "confirmed publishes")
+        kinds = [e[0] for e in pub.events]
+        check(kinds[0] == "blocked" and kinds[-1] == "unblocked"
+              and all(a != b for a, b in zip(kinds, kinds[1:])),
+              f"blocked/unblocked notifications do not alternate from blocked to unblocked: {kinds}")
+        eq({e[1] for e in pub.events if e[0] == "blocked"}, {"low on memory"}, "connection.blocked reason")
+        check(confirmed_at_block < BLOCKED_N, "the connection was blocked only after every publish was confirmed")
+        eq(len(got), BLOCKED_N, "messages drained (no loss, no duplicates)")
+        check(bodies(got) == [blocked_body(i) for i in range(BLOCKED_N)], "drained messages not in publish order")
+        ch.basic_cancel(tag)
+        eq(ch.queue_declare(q, passive=True).method.message_count, 0, "queue left empty")
+        ch.queue_delete(q)
+        done = True
+    finally:
+        if conn.is_open:
+            conn.close()
+        if not done:
+            # free the broker's memory so later scenarios are not blocked
+            try:
+                c = connect()
+                c.channel().queue_delete(q)
+                c.close()
+            except Exception:  # noqa: BLE001
+                pass
+
+
+CONSUMER_TIMEOUT_MS = 300  # the timeout broker's --consumer-timeout
+
+
+def s16_consumer_timeout(connect):
+    conn = connect()
+    try:
+        ch = conn.channel()
+        q = name("consumer-timeout")
+        ch.queue_declare(q)
+        ch.basic_publish("", q, b"slow")
+        closes = []
+        ch._impl.add_on_close_callback(lambda _c, reason: closes.append((time.monotonic(), reason)))
+        got = []
+        ch.basic_consume(q, lambda _c, m, p, b: got.append((time.monotonic(), m, b)), auto_ack=False)
+        wait_until(conn, lambda: got, 5, "the delivery")
+        eq(got[0][2], b"slow", "delivered body")
+        wait_until(conn, lambda: closes, 5, "the channel close for the unacknowledged delivery")
+        elapsed = closes[0][0] - got[0][0]
+        reason = closes[0][1]
+        check(isinstance(reason, ChannelClosedByBroker), f"channel closed by {reason!r}, not by the broker")
+        eq(reason.reply_code, 406, "consumer timeout reply code")
+        eq(reason.reply_text,
+           f"PRECONDITION_FAILED - delivery acknowledgement on channel {ch.channel_number} timed out. "
+           f"Timeout value used: {CONSUMER_TIMEOUT_MS} ms. This timeout value can be configured, "
+           "see consumers doc guide to learn more",
+           "consumer timeout reply text")
+        check(elapsed >= CONSUMER_TIMEOUT_MS / 1000 - 0.05,
+              f"channel closed {elapsed:.3f}s after the delivery, before the {CONSUMER_TIMEOUT_MS} ms timeout")
+        check(conn.is_open, "connection closed after the channel error")
+        # the unacknowledged message goes back to the queue
+        ch2 = conn.channel()
+        deadline = time.monotonic() + 5
+        while True:
+            count = ch2.queue_declare(q, passive=True).method.message_count
+            if count == 1 or time.monotonic() > deadline:
+                break
+            conn.process_data_events(time_limit=0.05)
+        eq(count, 1, "messages in the queue after the consumer timeout")
+        m, _, b = ch2.basic_get(q, auto_ack=True)
+        eq(b, b"slow", "requeued body")
+        eq(m.redelivered, True, "requeued message redelivered flag")
+        ch2.queue_delete(q)
+    finally:
+        if conn.is_open:
+            conn.close()
+
+
 SCENARIOS = [
     ("handshake", s01_handshake),
     ("declare_get_properties", s02_declare_get_properties),
@@ -456,6 +799,12 @@ SCENARIOS = [
     ("transactions", s08_transactions),
     ("errors", s09_errors),
     ("ttl_dead_letter", s10_ttl_dead_letter),
+    ("consumer_priorities", s11_consumer_priorities),
+    ("single_active_consumer", s12_single_active_consumer),
+    ("direct_reply_to", s13_direct_reply_to),
+    ("delivery_count", s14_delivery_count),
+    ("connection_blocked", s15_connection_blocked, "alarm"),
+    ("consumer_timeout", s16_consumer_timeout, "timeout"),
 ]
 
 
@@ -465,24 +814,38 @@ def main():
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--product", default=os.environ.get("CONFORMANCE_PRODUCT", "Warren"))
+    ap.add_argument("--alarm-port", type=int,
+                    help="broker with a 256 KiB memory high watermark (connection_blocked)")
+    ap.add_argument("--timeout-port", type=int,
+                    help=f"broker with a {CONSUMER_TIMEOUT_MS} ms consumer timeout (consumer_timeout)")
     ap.add_argument("--only", help="comma-separated scenario names")
     ARGS = ap.parse_args()
     only = set(ARGS.only.split(",")) if ARGS.only else None
+    ports = {"main": ARGS.port, "alarm": ARGS.alarm_port, "timeout": ARGS.timeout_port}
 
-    params = pika.ConnectionParameters(
-        host=ARGS.host, port=ARGS.port, virtual_host="/",
-        credentials=pika.PlainCredentials("guest", "guest"),
-        connection_attempts=1, socket_timeout=5, blocked_connection_timeout=10)
+    def connector(port):
+        params = pika.ConnectionParameters(
+            host=ARGS.host, port=port, virtual_host="/",
+            credentials=pika.PlainCredentials("guest", "guest"),
+            connection_attempts=1, socket_timeout=5, blocked_connection_timeout=10)
 
-    def connect():
-        return pika.BlockingConnection(params)
+        def connect():
+            return pika.BlockingConnection(params)
+
+        connect.params = params
+        return connect
 
     signal.signal(signal.SIGALRM, _on_alarm)
     failed = 0
-    for sname, fn in SCENARIOS:
+    for sname, fn, *broker in SCENARIOS:
         if only and sname not in only:
             continue
         full = f"pika.{sname}"
+        broker = broker[0] if broker else "main"
+        if ports[broker] is None:
+            print(f"SKIP {full}: no --{broker}-port broker given", flush=True)
+            continue
+        connect = connector(ports[broker])
         t0 = time.monotonic()
         signal.alarm(SCENARIO_TIMEOUT)
         try:

@@ -76,18 +76,6 @@ async fn channel_errors_close_only_the_channel() {
         "inequivalent arg 'durable' for queue 'q' in vhost '/': received 'true' but current is 'false'",
     );
 
-    let ch = conn.create_channel().await.unwrap();
-    let r = ch.basic_ack(99, BasicAckOptions::default()).await;
-    let r2 = ch.basic_qos(1, BasicQosOptions::default()).await;
-    assert!(r.is_err() || r2.is_err());
-    if let Err(e) = r2 {
-        let (code, text) = warren_tests::amqp_error(&e).unwrap();
-        assert_eq!(
-            (code, text.as_str()),
-            (406, "PRECONDITION_FAILED - unknown delivery tag 99")
-        );
-    }
-
     let mut args = FieldTable::default();
     args.insert("x-message-ttl".into(), lapin::types::AMQPValue::LongInt(-1));
     let ch = conn.create_channel().await.unwrap();
@@ -109,6 +97,33 @@ async fn channel_errors_close_only_the_channel() {
     )
     .await
     .unwrap();
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_delivery_tag_is_a_channel_error() {
+    let broker = TestBroker::start().await;
+    let mut c = RawClient::open(broker.addr).await;
+    c.send(
+        1,
+        BasicAck {
+            delivery_tag: 99,
+            multiple: false,
+        }
+        .into(),
+    )
+    .await;
+    match c.method().await {
+        Some(Method::ChannelClose(close)) => {
+            assert_eq!(close.reply_code, 406);
+            assert_eq!(
+                close.reply_text,
+                "PRECONDITION_FAILED - unknown delivery tag 99"
+            );
+            assert_eq!((close.class_id, close.method_id), (60, 80));
+        }
+        other => panic!("{other:?}"),
+    }
     broker.stop().await;
 }
 

@@ -99,6 +99,8 @@ pub struct Broker {
     pub reply_consumers: crate::reply_to::ReplyConsumers,
     /// Memory and disk alarms.
     pub alarms: crate::alarm::Alarms,
+    /// Users and permissions.
+    pub auth: crate::auth::Auth,
     /// Cancelled on shutdown.
     pub shutdown: CancellationToken,
     /// Every task the broker spawned.
@@ -131,15 +133,98 @@ impl Broker {
         self.next_connection.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Checks a login. Users and permissions beyond the default user arrive
-    /// with the security issue; until then the default user is the only one.
+    /// Checks a login: the user exists, has a password, the password
+    /// matches, and `guest` comes from loopback (RabbitMQ's `loopback_users`).
     pub fn authenticate(&self, user: &str, pass: &str, peer: SocketAddr) -> Result<(), String> {
-        if user != self.config.default_user || pass != self.config.default_pass {
+        let Some(u) = self.auth.user(user) else {
+            return Err(format!("user '{user}' does not exist"));
+        };
+        let Some(hash) = &u.password_hash else {
+            return Err(format!("user '{user}' has no password"));
+        };
+        if !crate::auth::verify_password(hash, pass) {
             return Err(format!("invalid credentials for user '{user}'"));
         }
-        if self.config.default_user_loopback_only && !peer.ip().is_loopback() {
+        if user == "guest" && self.config.default_user_loopback_only && !peer.ip().is_loopback() {
             return Err(format!("user '{user}' can only connect via localhost"));
         }
+        Ok(())
+    }
+
+    /// Adds or updates a user (the password is hashed as RabbitMQ does).
+    pub async fn add_user(
+        &self,
+        name: &str,
+        password: Option<&str>,
+        tags: &[&str],
+    ) -> Result<(), StoreError> {
+        let write = self.auth.put_user(crate::auth::User {
+            name: name.to_owned(),
+            password_hash: password.map(crate::auth::hash_password),
+            tags: tags.iter().map(|t| (*t).to_owned()).collect(),
+        });
+        self.store.submit([write]);
+        self.store.commit().await
+    }
+
+    /// Deletes a user and their permissions.
+    pub async fn delete_user(&self, name: &str) -> Result<(), StoreError> {
+        self.store.submit(self.auth.delete_user(name));
+        self.store.commit().await
+    }
+
+    /// Sets a user's permissions in a vhost (regular expressions).
+    pub async fn set_permissions(
+        &self,
+        user: &str,
+        vhost: &str,
+        configure: &str,
+        write: &str,
+        read: &str,
+    ) -> Result<(), String> {
+        let w = self
+            .auth
+            .set_permissions(user, vhost, configure, write, read)
+            .map_err(|e| e.to_string())?;
+        self.store.submit([w]);
+        self.store.commit().await.map_err(|e| e.to_string())
+    }
+
+    /// Creates a vhost (no-op if it exists).
+    pub async fn add_vhost(self: &Arc<Self>, name: &str) -> Result<Arc<Vhost>, StoreError> {
+        if let Some(v) = self.vhost(name) {
+            return Ok(v);
+        }
+        let short = ShortStr::try_from(name).map_err(|e| StoreError::Engine(e.to_string()))?;
+        let v = Arc::new(Vhost::new(short));
+        self.vhosts.insert(name.to_owned(), v.clone());
+        self.store.submit([queue_store::Write::PutDefinition {
+            kind: queue_store::DefKind::Vhost,
+            key: bytes::Bytes::from(name.to_owned().into_bytes()),
+            value: amqp_codec::FieldTable::new(),
+        }]);
+        self.store.commit().await?;
+        tracing::info!(vhost = name, "vhost created");
+        Ok(v)
+    }
+
+    /// Deletes a vhost: its connections are closed (320) and its queues,
+    /// exchanges and bindings removed, durable ones from the store too.
+    pub async fn delete_vhost(self: &Arc<Self>, name: &str) -> Result<(), StoreError> {
+        let Some((_, v)) = self.vhosts.remove(name) else {
+            return Ok(());
+        };
+        v.closed.cancel();
+        for q in v.queues() {
+            let _ = v.delete_queue(self, &q).await;
+        }
+        v.delete_exchanges(self);
+        self.store.submit([queue_store::Write::DeleteDefinition {
+            kind: queue_store::DefKind::Vhost,
+            key: bytes::Bytes::from(name.to_owned().into_bytes()),
+        }]);
+        self.store.commit().await?;
+        tracing::info!(vhost = name, "vhost deleted");
         Ok(())
     }
 }
@@ -198,12 +283,50 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
         connections: std::sync::atomic::AtomicUsize::new(0),
         reply_consumers: crate::reply_to::ReplyConsumers::default(),
         alarms: crate::alarm::Alarms::default(),
+        auth: crate::auth::Auth::default(),
         shutdown: CancellationToken::new(),
         tracker: TaskTracker::new(),
     });
-    let vhost = Arc::new(Vhost::new(ShortStr::from_static("/")));
-    broker.vhosts.insert("/".into(), vhost.clone());
-    let queues = vhost.recover(&broker, &mut recovered);
+    broker.auth.recover(&recovered.definitions);
+    let mut vhost_names: Vec<String> = recovered
+        .definitions
+        .iter()
+        .filter(|(k, _, _)| *k == queue_store::DefKind::Vhost)
+        .map(|(_, name, _)| String::from_utf8_lossy(name).into_owned())
+        .collect();
+    let first_boot = broker.auth.is_empty() && vhost_names.is_empty();
+    if first_boot {
+        // An empty data directory: RabbitMQ's defaults.
+        vhost_names.push("/".to_owned());
+    }
+    let mut queues = 0;
+    for name in &vhost_names {
+        let Ok(short) = ShortStr::try_from(name.as_str()) else {
+            continue;
+        };
+        let vhost = Arc::new(Vhost::new(short));
+        broker.vhosts.insert(name.clone(), vhost.clone());
+        queues += vhost.recover(&broker, &mut recovered);
+    }
+    if first_boot {
+        let (user, pass) = (
+            broker.config.default_user.clone(),
+            broker.config.default_pass.clone(),
+        );
+        broker.store.submit([queue_store::Write::PutDefinition {
+            kind: queue_store::DefKind::Vhost,
+            key: bytes::Bytes::from_static(b"/"),
+            value: amqp_codec::FieldTable::new(),
+        }]);
+        broker
+            .add_user(&user, Some(&pass), &["administrator"])
+            .await?;
+        broker
+            .set_permissions(&user, "/", ".*", ".*", ".*")
+            .await
+            .map_err(StoreError::Engine)?;
+        tracing::info!(user = %user, "first boot: created the default user and vhost '/'");
+    }
     let listener = TcpListener::bind(broker.config.bind)
         .await
         .map_err(|source| StartError::Listen {

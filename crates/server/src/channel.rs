@@ -25,6 +25,7 @@ use queue_store::{
     Effects, Enqueued, Message, QueueArgs, args::first_difference, parse_expiration,
 };
 
+use crate::auth::{Access, Resource};
 use crate::broker::Broker;
 use crate::connection::ConnectionShared;
 use crate::error::AmqpError;
@@ -358,6 +359,30 @@ impl Channel {
         }
     }
 
+    /// Checks the connection's user may do `access` on a resource (403 if not).
+    fn allow(
+        &self,
+        broker: &Broker,
+        vhost: &Vhost,
+        resource: Resource,
+        name: &str,
+        access: Access,
+    ) -> Result<(), AmqpError> {
+        // The default exchange is "amq.default" to permissions, as in RabbitMQ.
+        let name = if resource == Resource::Exchange && name.is_empty() {
+            "amq.default"
+        } else {
+            name
+        };
+        broker.auth.check(
+            &self.shared.connection.user,
+            vhost.name(),
+            resource,
+            name,
+            access,
+        )
+    }
+
     /// Lets the queues this channel consumes from deliver again.
     pub fn redispatch(&self, broker: &Arc<Broker>, vhost: &Vhost) {
         vhost.dispatch_channel(broker, &self.consumers);
@@ -453,6 +478,14 @@ impl Channel {
             Method::ExchangeDeclare(m) => self.handle_exchange_declare(broker, vhost, m).await?,
             Method::ExchangeDelete(m) => self.handle_exchange_delete(broker, vhost, m).await?,
             Method::ExchangeBind(m) => {
+                self.allow(
+                    broker,
+                    vhost,
+                    Resource::Exchange,
+                    &m.destination,
+                    Access::Write,
+                )?;
+                self.allow(broker, vhost, Resource::Exchange, &m.source, Access::Read)?;
                 let def = BindingDef {
                     source: m.source,
                     destination: Destination::Exchange(m.destination),
@@ -466,6 +499,14 @@ impl Channel {
                 }
             }
             Method::ExchangeUnbind(m) => {
+                self.allow(
+                    broker,
+                    vhost,
+                    Resource::Exchange,
+                    &m.destination,
+                    Access::Write,
+                )?;
+                self.allow(broker, vhost, Resource::Exchange, &m.source, Access::Read)?;
                 let def = BindingDef {
                     source: m.source,
                     destination: Destination::Exchange(m.destination),
@@ -480,6 +521,22 @@ impl Channel {
             }
             Method::QueueDeclare(m) => self.handle_queue_declare(broker, vhost, m).await?,
             Method::QueueBind(m) => {
+                self.allow(broker, vhost, Resource::Queue, &m.queue, Access::Write)?;
+                self.allow(broker, vhost, Resource::Exchange, &m.exchange, Access::Read)?;
+                if vhost
+                    .router
+                    .read()
+                    .exchange(&m.exchange)
+                    .is_some_and(|x| x.kind == exchange::ExchangeKind::Topic)
+                {
+                    broker.auth.check_topic(
+                        &self.shared.connection.user,
+                        vhost.name(),
+                        &m.exchange,
+                        &m.routing_key,
+                        Access::Read,
+                    )?;
+                }
                 let queue = vhost
                     .queue_for(&m.queue, self.shared.connection.id)?
                     .name
@@ -497,6 +554,8 @@ impl Channel {
                 }
             }
             Method::QueueUnbind(m) => {
+                self.allow(broker, vhost, Resource::Queue, &m.queue, Access::Write)?;
+                self.allow(broker, vhost, Resource::Exchange, &m.exchange, Access::Read)?;
                 let queue = m.queue;
                 let def = BindingDef {
                     source: m.exchange,
@@ -509,6 +568,7 @@ impl Channel {
                     .write_method(&Method::QueueUnbindOk(QueueUnbindOk {}));
             }
             Method::QueuePurge(m) => {
+                self.allow(broker, vhost, Resource::Queue, &m.queue, Access::Read)?;
                 let queue = vhost.queue_for(&m.queue, self.shared.connection.id)?;
                 let count = vhost.purge(broker, &queue);
                 if !m.nowait {
@@ -684,6 +744,15 @@ impl Channel {
         vhost: &Vhost,
         m: ExchangeDeclare,
     ) -> Result<(), AmqpError> {
+        if !m.passive && !m.exchange.is_empty() {
+            self.allow(
+                broker,
+                vhost,
+                Resource::Exchange,
+                &m.exchange,
+                Access::Configure,
+            )?;
+        }
         let decl = RouterDeclare {
             name: &m.exchange,
             kind: &m.kind,
@@ -706,6 +775,15 @@ impl Channel {
         vhost: &Vhost,
         m: amqp_codec::methods::ExchangeDelete,
     ) -> Result<(), AmqpError> {
+        if !m.exchange.is_empty() {
+            self.allow(
+                broker,
+                vhost,
+                Resource::Exchange,
+                &m.exchange,
+                Access::Configure,
+            )?;
+        }
         vhost
             .delete_exchange(broker, &m.exchange, m.if_unused)
             .await?;
@@ -741,6 +819,7 @@ impl Channel {
                         "queue name '{name}' contains reserved prefix 'amq.*'"
                     )));
                 }
+                self.allow(broker, vhost, Resource::Queue, &name, Access::Configure)?;
                 let args = QueueArgs::parse(&m.arguments, &name, vhost.name())?;
                 args.check_properties(m.durable, m.exclusive, m.auto_delete, &name, vhost.name())?;
                 let q = match vhost.find_queue(&name) {
@@ -784,6 +863,7 @@ impl Channel {
         vhost: &Vhost,
         m: amqp_codec::methods::QueueDelete,
     ) -> Result<(), AmqpError> {
+        self.allow(broker, vhost, Resource::Queue, &m.queue, Access::Configure)?;
         let count = match vhost.find_queue(&m.queue) {
             None => 0,
             Some(q) => {
@@ -827,6 +907,7 @@ impl Channel {
         if m.queue.as_str() == reply_to::PSEUDO_QUEUE {
             return self.consume_replies(broker, m);
         }
+        self.allow(broker, vhost, Resource::Queue, &m.queue, Access::Read)?;
         let queue = vhost.queue_for(&m.queue, self.shared.connection.id)?;
         let tag = if m.consumer_tag.is_empty() {
             server_name("amq.ctag-")
@@ -929,6 +1010,7 @@ impl Channel {
         vhost: &Vhost,
         m: BasicGet,
     ) -> Result<(), AmqpError> {
+        self.allow(broker, vhost, Resource::Queue, &m.queue, Access::Read)?;
         let queue = vhost.queue_for(&m.queue, self.shared.connection.id)?;
         let mut fx = std::mem::take(&mut self.fx);
         let got = {
@@ -1039,6 +1121,28 @@ impl Channel {
         } else {
             None
         };
+        self.allow(
+            broker,
+            vhost,
+            Resource::Exchange,
+            &m.exchange,
+            Access::Write,
+        )?;
+        if !m.exchange.is_empty()
+            && vhost
+                .router
+                .read()
+                .exchange(&m.exchange)
+                .is_some_and(|x| x.kind == exchange::ExchangeKind::Topic)
+        {
+            broker.auth.check_topic(
+                &self.shared.connection.user,
+                vhost.name(),
+                &m.exchange,
+                &m.routing_key,
+                Access::Write,
+            )?;
+        }
         let routed = &mut self.routed;
         vhost
             .router

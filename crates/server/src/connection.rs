@@ -270,6 +270,13 @@ async fn handshake(
     let vhost = broker.vhost(&open.virtual_host).ok_or_else(|| {
         AmqpError::not_allowed(format!("vhost '{}' not found", open.virtual_host)).on(10, 40)
     })?;
+    if !broker.auth.may_open(&user, &open.virtual_host) {
+        return Err(AmqpError::not_allowed(format!(
+            "access to vhost '{}' refused for user '{user}'",
+            open.virtual_host
+        ))
+        .on(10, 40));
+    }
     let max = broker.config.max_connections;
     let open_now = broker.connections.fetch_add(1, Ordering::AcqRel) + 1;
     if max > 0 && open_now > max {
@@ -344,6 +351,11 @@ impl Connection {
         let mut last_read = Instant::now();
         loop {
             tokio::select! {
+                _ = self.vhost.closed.cancelled() => {
+                    let e = AmqpError::connection_forced(format!("vhost '{}' is deleted", self.vhost.name()));
+                    self.close_with(reader, &e).await;
+                    return;
+                }
                 _ = self.broker.shutdown.cancelled() => {
                     let e = AmqpError::connection_forced("broker forced connection closure with reason 'shutdown'");
                     self.close_with(reader, &e).await;

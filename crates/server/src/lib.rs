@@ -5,6 +5,7 @@
 //!
 //! - [`broker`]: configuration, startup (store recovery, listener), shutdown.
 //! - [`alarm`]: memory and disk alarms that block publishers.
+//! - [`auth`]: users, password hashes, permissions.
 //! - [`connection`]: one task per connection: handshake, frame loop, heartbeats.
 //! - [`channel`]: the channel state machine and publisher confirms.
 //! - [`vhost`]: a vhost's router and queues; declare/bind/delete; persistence
@@ -15,6 +16,7 @@
 //! - [`error`]: `AmqpError`, the one place errors become reply codes.
 
 pub mod alarm;
+pub mod auth;
 pub mod broker;
 pub mod channel;
 pub mod connection;

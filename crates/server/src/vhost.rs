@@ -29,6 +29,8 @@ pub struct Vhost {
     pub router: RwLock<Router>,
     queues: DashMap<ShortStr, Arc<QueueHandle>>,
     by_id: DashMap<u64, Arc<QueueHandle>>,
+    /// Cancelled when the vhost is deleted: its connections close.
+    pub closed: tokio_util::sync::CancellationToken,
 }
 
 fn s(v: &'static str) -> ShortStr {
@@ -106,6 +108,7 @@ impl Vhost {
             name,
             queues: DashMap::new(),
             by_id: DashMap::new(),
+            closed: tokio_util::sync::CancellationToken::new(),
         }
     }
 
@@ -195,6 +198,22 @@ impl Vhost {
             broker.store.commit().await?;
         }
         Ok(())
+    }
+
+    /// Deletes every exchange the vhost's clients declared (vhost deletion).
+    pub fn delete_exchanges(&self, broker: &Arc<Broker>) {
+        let names: Vec<ShortStr> = self
+            .router
+            .read()
+            .exchanges()
+            .filter(|x| !x.name.starts_with("amq."))
+            .map(|x| x.name.clone())
+            .collect();
+        for name in names {
+            if let Ok(removed) = self.router.write().delete_exchange(&name, false) {
+                self.persist_removed(broker, &removed);
+            }
+        }
     }
 
     /// `exchange.delete`.

@@ -1,0 +1,390 @@
+//! Security and multi-tenancy: users with RabbitMQ-style password hashes,
+//! `guest` only from loopback, per-vhost configure/write/read permissions on
+//! every operation, topic permissions, vhost isolation, runtime changes to
+//! permissions and vhosts, and hostile login input.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use amqp_codec::methods::*;
+use amqp_codec::{Method, PROTOCOL_HEADER, ShortStr};
+use lapin::options::*;
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use warren_tests::{RawClient, TestBroker, assert_amqp_error, channel_with_queue};
+
+async fn connect_as(
+    broker: &TestBroker,
+    user: &str,
+    pass: &str,
+    vhost: &str,
+) -> lapin::Result<Connection> {
+    let vhost = if vhost == "/" {
+        "%2f".to_owned()
+    } else {
+        vhost.to_owned()
+    };
+    Connection::connect(
+        &format!("amqp://{user}:{pass}@{}/{vhost}", broker.addr),
+        ConnectionProperties::default(),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guest_only_from_loopback_and_passwords_are_checked() {
+    let broker = TestBroker::start().await;
+    let b = broker.broker();
+    // The same check the handshake runs, with a non-loopback peer.
+    assert!(
+        b.authenticate("guest", "guest", "127.0.0.1:40000".parse().unwrap())
+            .is_ok()
+    );
+    let refused = b
+        .authenticate("guest", "guest", "192.0.2.10:40000".parse().unwrap())
+        .unwrap_err();
+    assert!(
+        refused.contains("can only connect via localhost"),
+        "{refused}"
+    );
+    b.add_user("bob", Some("b0b"), &["management"])
+        .await
+        .unwrap();
+    assert!(
+        b.authenticate("bob", "b0b", "192.0.2.10:40000".parse().unwrap())
+            .is_ok(),
+        "other users may log in remotely"
+    );
+    assert!(
+        b.authenticate("bob", "wrong", "127.0.0.1:1".parse().unwrap())
+            .is_err()
+    );
+    b.add_user("nopass", None, &[]).await.unwrap();
+    assert!(
+        b.authenticate("nopass", "", "127.0.0.1:1".parse().unwrap())
+            .is_err(),
+        "no password: no PLAIN login"
+    );
+    // Stored as RabbitMQ's salted SHA-256: base64 of 4 + 32 octets.
+    let hash = b.auth.user("bob").unwrap().password_hash.unwrap();
+    assert_eq!(hash.len(), 48);
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_permission_class_allows_and_denies() {
+    let broker = TestBroker::start().await;
+    let b = broker.broker();
+    b.add_user("bob", Some("b0b"), &[]).await.unwrap();
+    b.set_permissions(
+        "bob",
+        "/",
+        "^bob-",
+        "^bob-|^amq\\.default$",
+        "^bob-|^amq\\.direct$",
+    )
+    .await
+    .unwrap();
+    let guest = broker.connect().await;
+    channel_with_queue(&guest, "shared").await;
+
+    let bob = connect_as(&broker, "bob", "b0b", "/").await.unwrap();
+    // configure
+    let ch = bob.create_channel().await.unwrap();
+    ch.queue_declare(
+        "bob-q".into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let r = ch
+        .queue_declare(
+            "alice-q".into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await;
+    assert_amqp_error(
+        r,
+        403,
+        "ACCESS_REFUSED - configure access to queue 'alice-q' in vhost '/' refused for user 'bob'",
+    );
+    // write (publish) on exchanges
+    let ch = bob.create_channel().await.unwrap();
+    ch.basic_publish(
+        "".into(),
+        "bob-q".into(),
+        BasicPublishOptions::default(),
+        b"ok",
+        BasicProperties::default(),
+    )
+    .await
+    .unwrap();
+    ch.basic_publish(
+        "amq.fanout".into(),
+        "".into(),
+        BasicPublishOptions::default(),
+        b"no",
+        BasicProperties::default(),
+    )
+    .await
+    .unwrap();
+    let r = ch.basic_qos(1, BasicQosOptions::default()).await;
+    assert_amqp_error(
+        r,
+        403,
+        "write access to exchange 'amq.fanout' in vhost '/' refused for user 'bob'",
+    );
+    // read (consume, get) on queues
+    let ch = bob.create_channel().await.unwrap();
+    assert!(
+        ch.basic_get("bob-q".into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+            .is_some()
+    );
+    let r = ch
+        .basic_get("shared".into(), BasicGetOptions::default())
+        .await;
+    assert_amqp_error(
+        r,
+        403,
+        "read access to queue 'shared' in vhost '/' refused for user 'bob'",
+    );
+    // bind: write on the queue and read on the exchange
+    let ch = bob.create_channel().await.unwrap();
+    ch.queue_bind(
+        "bob-q".into(),
+        "amq.direct".into(),
+        "k".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let r = ch
+        .queue_bind(
+            "bob-q".into(),
+            "amq.topic".into(),
+            "k".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await;
+    assert_amqp_error(
+        r,
+        403,
+        "read access to exchange 'amq.topic' in vhost '/' refused for user 'bob'",
+    );
+    // delete is configure
+    let ch = bob.create_channel().await.unwrap();
+    let r = ch
+        .queue_delete("shared".into(), QueueDeleteOptions::default())
+        .await;
+    assert_amqp_error(r, 403, "configure access to queue 'shared'");
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permission_changes_apply_to_live_connections() {
+    let broker = TestBroker::start().await;
+    let b = broker.broker();
+    b.add_user("bob", Some("b0b"), &[]).await.unwrap();
+    b.set_permissions("bob", "/", ".*", ".*", ".*")
+        .await
+        .unwrap();
+    let bob = connect_as(&broker, "bob", "b0b", "/").await.unwrap();
+    let ch = channel_with_queue(&bob, "q").await;
+    b.set_permissions("bob", "/", ".*", ".*", "^$")
+        .await
+        .unwrap();
+    let r = ch.basic_get("q".into(), BasicGetOptions::default()).await;
+    assert_amqp_error(r, 403, "read access to queue 'q'");
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topic_permissions_restrict_routing_keys() {
+    let broker = TestBroker::start().await;
+    let b = broker.broker();
+    b.add_user("bob", Some("b0b"), &[]).await.unwrap();
+    b.set_permissions("bob", "/", ".*", ".*", ".*")
+        .await
+        .unwrap();
+    b.auth
+        .set_topic_permissions("bob", "/", "amq.topic", "^{username}\\.", "^{username}\\.");
+    let bob = connect_as(&broker, "bob", "b0b", "/").await.unwrap();
+    let ch = bob.create_channel().await.unwrap();
+    ch.basic_publish(
+        "amq.topic".into(),
+        "bob.news".into(),
+        BasicPublishOptions::default(),
+        b"mine",
+        BasicProperties::default(),
+    )
+    .await
+    .unwrap();
+    ch.basic_publish(
+        "amq.topic".into(),
+        "alice.news".into(),
+        BasicPublishOptions::default(),
+        b"theirs",
+        BasicProperties::default(),
+    )
+    .await
+    .unwrap();
+    let r = ch.basic_qos(1, BasicQosOptions::default()).await;
+    assert_amqp_error(
+        r,
+        403,
+        "write access to topic 'alice.news' in exchange 'amq.topic' in vhost '/' refused for user 'bob'",
+    );
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vhosts_are_isolated_and_deleting_one_closes_its_connections() {
+    let broker = TestBroker::start().await;
+    let b = broker.broker();
+    b.add_vhost("tenant").await.unwrap();
+    // guest has no permissions in the new vhost.
+    let e = connect_as(&broker, "guest", "guest", "tenant")
+        .await
+        .expect_err("no access");
+    if let Some((code, text)) = warren_tests::amqp_error(&e) {
+        assert_eq!(code, 530);
+        assert!(
+            text.contains("access to vhost 'tenant' refused for user 'guest'"),
+            "{text}"
+        );
+    }
+    b.set_permissions("guest", "tenant", ".*", ".*", ".*")
+        .await
+        .unwrap();
+    let root = broker.connect().await;
+    channel_with_queue(&root, "only-in-root").await;
+    let tenant = connect_as(&broker, "guest", "guest", "tenant")
+        .await
+        .unwrap();
+    let ch = tenant.create_channel().await.unwrap();
+    let r = ch
+        .queue_declare(
+            "only-in-root".into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await;
+    assert_amqp_error(r, 404, "no queue 'only-in-root' in vhost 'tenant'");
+    drop(tenant);
+
+    // Deleting the vhost closes its connections with 320.
+    let mut c = RawClient::connect(broker.addr).await;
+    c.send_raw(&PROTOCOL_HEADER).await;
+    assert!(matches!(c.method().await, Some(Method::ConnectionStart(_))));
+    c.send(
+        0,
+        ConnectionStartOk {
+            client_properties: Default::default(),
+            mechanism: ShortStr::from_static("PLAIN"),
+            response: bytes::Bytes::from_static(b"\0guest\0guest"),
+            locale: ShortStr::from_static("en_US"),
+        }
+        .into(),
+    )
+    .await;
+    assert!(matches!(c.method().await, Some(Method::ConnectionTune(_))));
+    c.send(
+        0,
+        ConnectionTuneOk {
+            channel_max: 10,
+            frame_max: 131_072,
+            heartbeat: 0,
+        }
+        .into(),
+    )
+    .await;
+    c.send(
+        0,
+        ConnectionOpen {
+            virtual_host: ShortStr::from_static("tenant"),
+            ..Default::default()
+        }
+        .into(),
+    )
+    .await;
+    assert!(matches!(
+        c.method().await,
+        Some(Method::ConnectionOpenOk(_))
+    ));
+    b.delete_vhost("tenant").await.unwrap();
+    match c.method().await {
+        Some(Method::ConnectionClose(close)) => {
+            assert_eq!(close.reply_code, 320);
+            assert!(
+                close.reply_text.contains("vhost 'tenant' is deleted"),
+                "{}",
+                close.reply_text
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_logins_are_refused_cleanly() {
+    let broker = TestBroker::start().await;
+    // A 64 KiB user name: the start-ok frame is over the pre-tune frame limit.
+    let mut c = RawClient::connect(broker.addr).await;
+    c.send_raw(&PROTOCOL_HEADER).await;
+    assert!(matches!(c.method().await, Some(Method::ConnectionStart(_))));
+    let mut response = vec![0u8];
+    response.extend(std::iter::repeat_n(b'u', 64 * 1024));
+    response.extend_from_slice(b"\0pass");
+    c.send(
+        0,
+        ConnectionStartOk {
+            client_properties: Default::default(),
+            mechanism: ShortStr::from_static("PLAIN"),
+            response: response.into(),
+            locale: ShortStr::from_static("en_US"),
+        }
+        .into(),
+    )
+    .await;
+    match c.method().await {
+        Some(Method::ConnectionClose(close)) => {
+            assert_eq!(close.reply_code, 501, "{}", close.reply_text)
+        }
+        None => {}
+        other => panic!("{other:?}"),
+    }
+    // Invalid UTF-8 and garbage responses.
+    for response in [&b"\0\xff\xfe\0\xff"[..], b"garbage", b""] {
+        let mut c = RawClient::connect(broker.addr).await;
+        c.send_raw(&PROTOCOL_HEADER).await;
+        assert!(matches!(c.method().await, Some(Method::ConnectionStart(_))));
+        c.send(
+            0,
+            ConnectionStartOk {
+                client_properties: Default::default(),
+                mechanism: ShortStr::from_static("PLAIN"),
+                response: bytes::Bytes::copy_from_slice(response),
+                locale: ShortStr::from_static("en_US"),
+            }
+            .into(),
+        )
+        .await;
+        match c.method().await {
+            Some(Method::ConnectionClose(close)) => assert_eq!(close.reply_code, 403),
+            None => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    // The broker still serves.
+    let conn = broker.connect().await;
+    channel_with_queue(&conn, "alive").await;
+    broker.stop().await;
+}
