@@ -467,8 +467,7 @@ def s11_consumer_priorities(connect):
         high, high_tag = collector(high_ch, q, arguments={"x-priority": 10})
         for i in range(5):
             ch.basic_publish("", q, f"p{i}".encode())
-        wait_until(conn, lambda: len(high) >= 2 and len(low) >= 3, 5,
-                   "2 deliveries to the x-priority 10 consumer and 3 to the x-priority 1 one")
+        wait_until(conn, lambda: len(high) + len(low) >= 5, 5, "5 deliveries")
         conn.process_data_events(time_limit=0.2)  # nothing more may arrive
         eq(bodies(high), [b"p0", b"p1"], "messages to the x-priority 10 consumer (prefetch 2, unacked)")
         eq(bodies(low), [b"p2", b"p3", b"p4"], "messages to the x-priority 1 consumer")
@@ -493,7 +492,7 @@ def s12_single_active_consumer(connect):
         second, tag2 = collector(ch2, q)
         for i in range(4):
             ch.basic_publish("", q, f"s{i}".encode())
-        wait_until(conn, lambda: len(first) >= 4, 5, "4 deliveries to the first (active) consumer")
+        wait_until(conn, lambda: len(first) + len(second) >= 4, 5, "4 deliveries")
         conn.process_data_events(time_limit=0.2)
         eq(bodies(first), [b"s0", b"s1", b"s2", b"s3"], "messages to the active consumer")
         eq(len(second), 0, "deliveries to the second consumer while the first is active")
@@ -523,9 +522,8 @@ def s13_direct_reply_to(connect):
         q = name("rpc")
         ch.queue_declare(q)
         replies, rtag = collector(ch, REPLY_TO, auto_ack=True)
+        ch.confirm_delivery()  # the confirm tells when the request is in the queue
         ch.basic_publish("", q, b"request", pika.BasicProperties(reply_to=REPLY_TO, correlation_id="rpc-1"))
-        # a synchronous call on the publishing channel: the request is queued
-        eq(ch.queue_declare(q, passive=True).method.message_count, 1, "requests queued")
 
         server = connect()
         sch = server.channel()

@@ -1,13 +1,17 @@
 // Warren conformance scenarios driven through the RabbitMQ Java client.
 //
-// Usage: java -cp <amqp-client.jar:slf4j...:classes> Scenarios --port N [--host H] [--product Warren] [--only a,b]
+// Usage: java -cp <amqp-client.jar:slf4j...:classes> Scenarios --port N [--host H] [--product Warren]
+//            [--alarm-port N] [--timeout-port N] [--only a,b]
 //
 // Every scenario opens its own connection(s), uses its own uniquely named entities
-// and prints exactly one line: `PASS java.<name>` or `FAIL java.<name>: reason`.
+// and prints exactly one line: `PASS java.<name>` or `FAIL java.<name>: reason`
+// (`SKIP java.<name>: reason` for connection_blocked / consumer_timeout when the
+// broker they need, --alarm-port / --timeout-port, is not given).
 // The expected behaviour is RabbitMQ 3.10's; a mismatch is a failure.
 // Exit status: 0 if all passed, 1 otherwise.
 
 import com.rabbitmq.client.AMQP;
+import com.rabbitmq.client.BlockedListener;
 import com.rabbitmq.client.Channel;
 import com.rabbitmq.client.Connection;
 import com.rabbitmq.client.ConnectionFactory;
@@ -22,6 +26,7 @@ import java.io.IOException;
 import java.nio.charset.StandardCharsets;
 import java.util.ArrayList;
 import java.util.Arrays;
+import java.util.Collections;
 import java.util.HashMap;
 import java.util.HashSet;
 import java.util.LinkedHashMap;
@@ -31,6 +36,7 @@ import java.util.Objects;
 import java.util.Set;
 import java.util.UUID;
 import java.util.concurrent.ConcurrentSkipListSet;
+import java.util.concurrent.CountDownLatch;
 import java.util.concurrent.CopyOnWriteArrayList;
 import java.util.concurrent.ExecutorService;
 import java.util.concurrent.Executors;
@@ -45,6 +51,8 @@ public final class Scenarios {
 
     static String host = "127.0.0.1";
     static int port = -1;
+    static int alarmPort = -1;    // broker with a 256 KiB memory high watermark (connection_blocked)
+    static int timeoutPort = -1;  // broker with a 300 ms consumer timeout (consumer_timeout)
     static String product = "Warren";
     static final List<Connection> open = new CopyOnWriteArrayList<>();
 
@@ -93,10 +101,12 @@ public final class Scenarios {
 
     static String s(byte[] bs) { return new String(bs, StandardCharsets.UTF_8); }
 
-    static Connection connect() throws Exception {
+    static Connection connect() throws Exception { return connect(port); }
+
+    static Connection connect(int brokerPort) throws Exception {
         ConnectionFactory f = new ConnectionFactory();
         f.setHost(host);
-        f.setPort(port);
+        f.setPort(brokerPort);
         f.setUsername("guest");
         f.setPassword("guest");
         f.setVirtualHost("/");
@@ -110,19 +120,23 @@ public final class Scenarios {
     }
 
     static final class Delivery {
+        final String consumerTag;
         final Envelope envelope;
         final AMQP.BasicProperties props;
         final byte[] body;
-        Delivery(Envelope e, AMQP.BasicProperties p, byte[] b) { envelope = e; props = p; body = b; }
+        final long receivedNanos = System.nanoTime();
+        Delivery(String t, Envelope e, AMQP.BasicProperties p, byte[] b) { consumerTag = t; envelope = e; props = p; body = b; }
     }
 
-    /** A consumer that hands every delivery to a queue the scenario thread reads. */
+    /** A consumer that hands every delivery to a queue the scenario thread reads
+     *  (several consumers may share one queue; Delivery.consumerTag tells them apart). */
     static final class Collector extends DefaultConsumer {
-        final LinkedBlockingQueue<Delivery> q = new LinkedBlockingQueue<>();
-        Collector(Channel ch) { super(ch); }
+        final LinkedBlockingQueue<Delivery> q;
+        Collector(Channel ch) { this(ch, new LinkedBlockingQueue<>()); }
+        Collector(Channel ch, LinkedBlockingQueue<Delivery> shared) { super(ch); q = shared; }
         @Override
         public void handleDelivery(String tag, Envelope env, AMQP.BasicProperties props, byte[] body) {
-            q.add(new Delivery(env, props, body));
+            q.add(new Delivery(tag, env, props, body));
         }
         Delivery next(double timeoutS, String what) throws InterruptedException {
             Delivery d = q.poll((long) (timeoutS * 1000), TimeUnit.MILLISECONDS);
@@ -498,6 +512,315 @@ public final class Scenarios {
         c.close();
     }
 
+    static Map<String, Object> args(Object... kv) {
+        Map<String, Object> m = new HashMap<>();
+        for (int i = 0; i < kv.length; i += 2) m.put((String) kv[i], kv[i + 1]);
+        return m;
+    }
+
+    static List<String> bodiesOf(List<Delivery> ds) {
+        List<String> out = new ArrayList<>();
+        for (Delivery d : ds) out.add(s(d.body));
+        return out;
+    }
+
+    /** Takes `n` deliveries from `q` (bounded) and splits their bodies by consumer tag. */
+    static Map<String, List<Delivery>> byConsumer(LinkedBlockingQueue<Delivery> q, int n, String what) throws InterruptedException {
+        Map<String, List<Delivery>> out = new HashMap<>();
+        long deadline = System.nanoTime() + 5_000_000_000L;
+        for (int i = 0; i < n; i++) {
+            Delivery d = q.poll(Math.max(0, deadline - System.nanoTime()), TimeUnit.NANOSECONDS);
+            if (d == null) throw new Failure("timed out after 5s waiting for " + what + " (got " + i + " of " + n + ")");
+            out.computeIfAbsent(d.consumerTag, k -> new ArrayList<>()).add(d);
+        }
+        return out;
+    }
+
+    static void s11ConsumerPriorities() throws Exception {
+        Connection c = connect();
+        Channel ch = c.createChannel();
+        String q = name("priorities");
+        ch.queueDeclare(q, false, false, false, null);
+        // the low-priority consumer registers first, so plain round-robin would
+        // hand it the first message
+        LinkedBlockingQueue<Delivery> all = new LinkedBlockingQueue<>();
+        Channel lowCh = c.createChannel(), highCh = c.createChannel();
+        String lowTag = lowCh.basicConsume(q, false, args("x-priority", 1), new Collector(lowCh, all));
+        highCh.basicQos(2, false);  // per consumer
+        String highTag = highCh.basicConsume(q, false, args("x-priority", 10), new Collector(highCh, all));
+        for (int i = 0; i < 5; i++) ch.basicPublish("", q, null, b("p" + i));
+        Map<String, List<Delivery>> got = byConsumer(all, 5, "5 deliveries");
+        check(all.poll(200, TimeUnit.MILLISECONDS) == null, "a 6th delivery arrived for 5 messages");
+        List<Delivery> high = got.getOrDefault(highTag, new ArrayList<>()), low = got.getOrDefault(lowTag, new ArrayList<>());
+        eq(bodiesOf(high), Arrays.asList("p0", "p1"), "messages to the x-priority 10 consumer (prefetch 2, unacked)");
+        eq(bodiesOf(low), Arrays.asList("p2", "p3", "p4"), "messages to the x-priority 1 consumer");
+        lowCh.basicAck(low.get(2).envelope.getDeliveryTag(), true);
+        highCh.basicAck(high.get(1).envelope.getDeliveryTag(), true);
+        lowCh.basicCancel(lowTag);
+        highCh.basicCancel(highTag);
+        eq(messageCount(ch, q), 0, "queue left empty");
+        ch.queueDelete(q);
+        c.close();
+    }
+
+    static void s12SingleActiveConsumer() throws Exception {
+        Connection c = connect();
+        Channel ch = c.createChannel();
+        String q = name("sac");
+        ch.queueDeclare(q, false, false, false, args("x-single-active-consumer", true));
+        LinkedBlockingQueue<Delivery> all = new LinkedBlockingQueue<>();
+        Channel ch1 = c.createChannel(), ch2 = c.createChannel();
+        String tag1 = ch1.basicConsume(q, false, new Collector(ch1, all));
+        String tag2 = ch2.basicConsume(q, false, new Collector(ch2, all));
+        for (int i = 0; i < 4; i++) ch.basicPublish("", q, null, b("s" + i));
+        Map<String, List<Delivery>> got = byConsumer(all, 4, "4 deliveries");
+        check(all.poll(200, TimeUnit.MILLISECONDS) == null, "a 5th delivery arrived for 4 messages");
+        eq(bodiesOf(got.getOrDefault(tag2, new ArrayList<>())), Arrays.asList(), "messages to the second consumer while the first is active");
+        List<Delivery> first = got.get(tag1);
+        eq(bodiesOf(first), Arrays.asList("s0", "s1", "s2", "s3"), "messages to the active consumer");
+        for (Delivery d : first) eq(d.envelope.isRedeliver(), false, "redelivered flag of a first delivery");
+        ch1.basicAck(first.get(0).envelope.getDeliveryTag(), false);
+        ch1.close();  // s1..s3 unacked: requeued, and the second consumer becomes active
+        List<Delivery> second = byConsumer(all, 3, "3 deliveries after the first consumer's channel closed").get(tag2);
+        check(all.poll(200, TimeUnit.MILLISECONDS) == null, "more than 3 deliveries after the first consumer's channel closed");
+        eq(bodiesOf(second), Arrays.asList("s1", "s2", "s3"), "messages to the second consumer (the unacked ones, in order)");
+        for (Delivery d : second) eq(d.envelope.isRedeliver(), true, "redelivered flag of a handed-over message");
+        ch2.basicAck(second.get(2).envelope.getDeliveryTag(), true);
+        ch2.basicCancel(tag2);
+        eq(messageCount(ch, q), 0, "queue left empty");
+        ch.queueDelete(q);
+        c.close();
+    }
+
+    static final String REPLY_TO = "amq.rabbitmq.reply-to";
+
+    static void s13DirectReplyTo() throws Exception {
+        Connection client = connect();
+        Channel ch = client.createChannel();
+        String q = name("rpc");
+        ch.queueDeclare(q, false, false, false, null);
+        Collector replies = new Collector(ch);
+        String rtag = ch.basicConsume(REPLY_TO, true, replies);
+        ch.confirmSelect();  // the confirm tells when the request is in the queue
+        ch.basicPublish("", q, new AMQP.BasicProperties.Builder().replyTo(REPLY_TO).correlationId("rpc-1").build(), b("request"));
+        ch.waitForConfirmsOrDie(5000);
+
+        Connection server = connect();
+        Channel sch = server.createChannel();
+        GetResponse r = sch.basicGet(q, true);
+        check(r != null, "basic.get of the request returned empty");
+        eq(s(r.getBody()), "request", "request body");
+        eq(r.getProps().getCorrelationId(), "rpc-1", "request correlation_id");
+        String replyTo = r.getProps().getReplyTo();
+        check(replyTo != null && replyTo.startsWith(REPLY_TO + ".") && replyTo.length() > REPLY_TO.length() + 1,
+                "reply_to was not rewritten to " + REPLY_TO + ".<token>: " + replyTo);
+        sch.basicPublish("", replyTo, new AMQP.BasicProperties.Builder().correlationId("rpc-1").build(), b("reply"));
+        Delivery d = replies.next(5, "the reply on the direct reply-to consumer");
+        eq(s(d.body), "reply", "reply body");
+        eq(d.props.getCorrelationId(), "rpc-1", "reply correlation_id");
+        eq(d.consumerTag, rtag, "reply consumer tag");
+        eq(d.envelope.getExchange(), "", "reply exchange");
+        eq(d.envelope.getRoutingKey(), replyTo, "reply routing key");
+        eq(d.envelope.isRedeliver(), false, "reply redelivered flag");
+        ch.queueDelete(q);
+
+        // the pseudo-queue only supports no-ack consumers
+        Channel ch2 = client.createChannel();
+        expectChannelClose(() -> ch2.basicConsume(REPLY_TO, false, new DefaultConsumer(ch2)),
+                406, "PRECONDITION_FAILED - reply consumer cannot acknowledge",
+                "manual-ack consumer on amq.rabbitmq.reply-to");
+        check(client.isOpen(), "connection closed after the channel error");
+        server.close();
+        client.close();
+    }
+
+    static void s14DeliveryCount() throws Exception {
+        Connection c = connect();
+        Channel ch = c.createChannel();
+        String q = name("delivery-count");
+        // RabbitMQ 3.10 sets x-delivery-count on quorum queues (not classic ones)
+        ch.queueDeclare(q, true, false, false, args("x-queue-type", "quorum"));
+        ch.basicPublish("", q, new AMQP.BasicProperties.Builder().headers(args("orig", "yes")).build(), b("d1"));
+        Collector col = new Collector(ch);
+        String tag = ch.basicConsume(q, false, col);
+        Delivery d1 = col.next(5, "first delivery");
+        eq(d1.envelope.isRedeliver(), false, "first delivery redelivered flag");
+        eq(d1.props.getHeaders(), args("orig", "yes"), "headers of the first delivery (no x-delivery-count)");
+        ch.basicNack(d1.envelope.getDeliveryTag(), false, true);
+        Delivery d2 = col.next(5, "redelivery after nack requeue=true");
+        eq(s(d2.body), "d1", "redelivered body");
+        eq(d2.envelope.isRedeliver(), true, "redelivered flag after nack requeue=true");
+        Map<String, Object> h = d2.props.getHeaders();
+        check(h != null, "the redelivery has no headers");
+        eq(h.get("x-delivery-count"), 1L, "x-delivery-count of the redelivery");
+        eq(h.get("orig"), "yes", "original header kept");
+        ch.basicAck(d2.envelope.getDeliveryTag(), false);
+        ch.basicCancel(tag);
+        eq(messageCount(ch, q), 0, "queue left empty");
+        ch.queueDelete(q);
+        c.close();
+    }
+
+    static final int BLOCKED_N = 2000;       // messages published in connection_blocked
+    static final int BLOCKED_SIZE = 1024;    // body size; the alarm broker's watermark is 256 KiB
+
+    static byte[] blockedBody(int i) {
+        byte[] body = new byte[BLOCKED_SIZE];
+        Arrays.fill(body, (byte) '.');
+        byte[] head = b(String.format("%06d", i));
+        System.arraycopy(head, 0, body, 0, head.length);
+        return body;
+    }
+
+    static void s15ConnectionBlocked() throws Exception {
+        String q = name("blocked");
+        boolean done = false;
+        ExecutorService publisher = Executors.newSingleThreadExecutor(r -> {
+            Thread t = new Thread(r, "java-publisher");
+            t.setDaemon(true);
+            return t;
+        });
+        try {
+            Connection drainConn = connect(alarmPort);
+            Channel dch = drainConn.createChannel();
+            dch.queueDeclare(q, false, false, false, null);
+
+            Connection pubConn = connect(alarmPort);  // advertises connection.blocked by default
+            ConcurrentSkipListSet<Long> outstanding = new ConcurrentSkipListSet<>();
+            for (long t = 1; t <= BLOCKED_N; t++) outstanding.add(t);
+            List<Long> nacked = new CopyOnWriteArrayList<>();
+            List<Long> duplicates = new CopyOnWriteArrayList<>();
+            List<String> events = Collections.synchronizedList(new ArrayList<>());  // notified on change
+            List<String> reasons = new CopyOnWriteArrayList<>();
+            List<Integer> confirmedAtBlock = new CopyOnWriteArrayList<>();
+            CountDownLatch blocked = new CountDownLatch(1);
+            pubConn.addBlockedListener(new BlockedListener() {
+                public void handleBlocked(String reason) {
+                    reasons.add(reason);
+                    confirmedAtBlock.add(BLOCKED_N - outstanding.size());
+                    synchronized (events) { events.add("blocked"); events.notifyAll(); }
+                    blocked.countDown();
+                }
+                public void handleUnblocked() {
+                    synchronized (events) { events.add("unblocked"); events.notifyAll(); }
+                }
+            });
+            Channel pch = pubConn.createChannel();
+            pch.confirmSelect();
+            pch.addConfirmListener(new com.rabbitmq.client.ConfirmListener() {
+                void settle(long tag, boolean multiple, boolean nack) {
+                    List<Long> tags = new ArrayList<>();
+                    if (multiple) tags.addAll(outstanding.headSet(tag, true));
+                    else if (outstanding.contains(tag)) tags.add(tag);
+                    if (tags.isEmpty()) duplicates.add(tag);
+                    if (nack) nacked.addAll(tags);
+                    outstanding.removeAll(tags);
+                }
+                public void handleAck(long tag, boolean multiple) { settle(tag, multiple, false); }
+                public void handleNack(long tag, boolean multiple) { settle(tag, multiple, true); }
+            });
+            // publish from another thread: once the broker stops reading, writes block
+            Future<?> publishing = publisher.submit(() -> {
+                for (int i = 0; i < BLOCKED_N; i++) pch.basicPublish("", q, null, blockedBody(i));
+                return null;
+            });
+            // nobody consumes yet: the broker must block the publishing connection
+            check(blocked.await(10, TimeUnit.SECONDS), "no connection.blocked within 10s ("
+                    + (BLOCKED_N - outstanding.size()) + " of " + BLOCKED_N + " confirmed)");
+
+            // drain from another connection until every message has arrived
+            Collector col = new Collector(dch);
+            String tag = dch.basicConsume(q, true, col);
+            long deadline = System.nanoTime() + 20_000_000_000L;
+            for (int i = 0; i < BLOCKED_N; i++) {
+                Delivery d = col.q.poll(Math.max(0, deadline - System.nanoTime()), TimeUnit.NANOSECONDS);
+                if (d == null) {
+                    throw new Failure("drained only " + i + " of " + BLOCKED_N + " messages within 20s ("
+                            + (BLOCKED_N - outstanding.size()) + " confirmed, events " + events + ")");
+                }
+                check(Arrays.equals(d.body, blockedBody(i)), "drained message " + i + " is not the " + i + "th published");
+            }
+            publishing.get(10, TimeUnit.SECONDS);
+            check(pch.waitForConfirms(10_000), "broker nacked publishes " + nacked);
+            // the connection must end up unblocked
+            synchronized (events) {
+                long until = System.nanoTime() + 5_000_000_000L;
+                while (events.isEmpty() || !events.get(events.size() - 1).equals("unblocked")) {
+                    long left = until - System.nanoTime();
+                    if (left <= 0) throw new Failure("no connection.unblocked within 5s after draining; events " + events);
+                    TimeUnit.NANOSECONDS.timedWait(events, left);
+                }
+                for (int i = 0; i < events.size(); i++) {
+                    eq(events.get(i), i % 2 == 0 ? "blocked" : "unblocked", "notification " + i + " of " + events);
+                }
+            }
+            check(col.q.poll(100, TimeUnit.MILLISECONDS) == null, "more messages drained than published");
+            eq(nacked, Arrays.asList(), "nacked publishes");
+            eq(duplicates, Arrays.asList(), "confirms for already-confirmed tags");
+            eq(BLOCKED_N - outstanding.size(), BLOCKED_N, "confirmed publishes");
+            eq(new HashSet<>(reasons), new HashSet<>(Arrays.asList("low on memory")), "connection.blocked reason");
+            check(confirmedAtBlock.get(0) < BLOCKED_N, "the connection was blocked only after every publish was confirmed");
+            dch.basicCancel(tag);
+            eq(messageCount(dch, q), 0, "queue left empty");
+            dch.queueDelete(q);
+            pubConn.close();
+            drainConn.close();
+            done = true;
+        } finally {
+            publisher.shutdownNow();
+            if (!done) {
+                // free the broker's memory so later scenarios are not blocked
+                try {
+                    Connection c = connect(alarmPort);
+                    c.createChannel().queueDelete(q);
+                    c.close();
+                } catch (Exception ignored) { }
+            }
+        }
+    }
+
+    static final int CONSUMER_TIMEOUT_MS = 300;  // the timeout broker's --consumer-timeout
+
+    static void s16ConsumerTimeout() throws Exception {
+        Connection c = connect(timeoutPort);
+        Channel ch = c.createChannel();
+        String q = name("consumer-timeout");
+        ch.queueDeclare(q, false, false, false, null);
+        ch.basicPublish("", q, null, b("slow"));
+        LinkedBlockingQueue<Object[]> closes = new LinkedBlockingQueue<>();
+        ch.addShutdownListener(sse -> closes.add(new Object[] {System.nanoTime(), sse}));
+        Collector col = new Collector(ch);
+        ch.basicConsume(q, false, col);
+        Delivery d = col.next(5, "the delivery");
+        eq(s(d.body), "slow", "delivered body");
+        Object[] closed = closes.poll(5, TimeUnit.SECONDS);
+        check(closed != null, "timed out after 5s waiting for the channel close for the unacknowledged delivery");
+        double elapsed = ((Long) closed[0] - d.receivedNanos) / 1e9;
+        ShutdownSignalException sse = (ShutdownSignalException) closed[1];
+        check(!sse.isInitiatedByApplication(), "channel closed by the client: " + sse);
+        check(!sse.isHardError(), "the broker closed the connection instead of the channel: " + sse.getReason());
+        check(sse.getReason() instanceof AMQP.Channel.Close, "reason is " + sse.getReason());
+        AMQP.Channel.Close close = (AMQP.Channel.Close) sse.getReason();
+        eq(close.getReplyCode(), 406, "consumer timeout reply code");
+        eq(close.getReplyText(), "PRECONDITION_FAILED - delivery acknowledgement on channel " + ch.getChannelNumber()
+                + " timed out. Timeout value used: " + CONSUMER_TIMEOUT_MS + " ms. This timeout value can be configured,"
+                + " see consumers doc guide to learn more", "consumer timeout reply text");
+        check(elapsed >= CONSUMER_TIMEOUT_MS / 1000.0 - 0.05, String.format(
+                "channel closed %.3fs after the delivery, before the %d ms timeout", elapsed, CONSUMER_TIMEOUT_MS));
+        check(c.isOpen(), "connection closed after the channel error");
+        // the unacknowledged message goes back to the queue
+        Channel ch2 = c.createChannel();
+        long deadline = System.nanoTime() + 5_000_000_000L;
+        int count;
+        while ((count = messageCount(ch2, q)) != 1 && System.nanoTime() < deadline) Thread.sleep(20);
+        eq(count, 1, "messages in the queue after the consumer timeout");
+        GetResponse r = ch2.basicGet(q, true);
+        eq(s(r.getBody()), "slow", "requeued body");
+        eq(r.getEnvelope().isRedeliver(), true, "requeued message redelivered flag");
+        ch2.queueDelete(q);
+        c.close();
+    }
+
     // --------------------------------------------------------------------- main
 
     public static void main(String[] argv) throws Exception {
@@ -508,6 +831,8 @@ public final class Scenarios {
             switch (argv[i]) {
                 case "--host": host = argv[++i]; break;
                 case "--port": port = Integer.parseInt(argv[++i]); break;
+                case "--alarm-port": alarmPort = Integer.parseInt(argv[++i]); break;
+                case "--timeout-port": timeoutPort = Integer.parseInt(argv[++i]); break;
                 case "--product": product = argv[++i]; break;
                 case "--only": only = new HashSet<>(Arrays.asList(argv[++i].split(","))); break;
                 default: System.err.println("unknown argument " + argv[i]); System.exit(2);
@@ -526,12 +851,28 @@ public final class Scenarios {
         scenarios.put("transactions", Scenarios::s08Transactions);
         scenarios.put("errors", Scenarios::s09Errors);
         scenarios.put("ttl_dead_letter", Scenarios::s10TtlDeadLetter);
+        scenarios.put("consumer_priorities", Scenarios::s11ConsumerPriorities);
+        scenarios.put("single_active_consumer", Scenarios::s12SingleActiveConsumer);
+        scenarios.put("direct_reply_to", Scenarios::s13DirectReplyTo);
+        scenarios.put("delivery_count", Scenarios::s14DeliveryCount);
+        scenarios.put("connection_blocked", Scenarios::s15ConnectionBlocked);
+        scenarios.put("consumer_timeout", Scenarios::s16ConsumerTimeout);
+        // scenarios that need a differently configured broker: name -> {option, port}
+        Map<String, Object[]> needs = new HashMap<>();
+        needs.put("connection_blocked", new Object[] {"--alarm-port", alarmPort});
+        needs.put("consumer_timeout", new Object[] {"--timeout-port", timeoutPort});
 
         boolean verbose = System.getenv("CONFORMANCE_VERBOSE") != null;
         int failed = 0;
         for (Map.Entry<String, Scenario> en : scenarios.entrySet()) {
             if (only != null && !only.contains(en.getKey())) continue;
             String full = "java." + en.getKey();
+            Object[] need = needs.get(en.getKey());
+            if (need != null && (int) need[1] < 0) {
+                System.out.println("SKIP " + full + ": no " + need[0] + " broker given");
+                System.out.flush();
+                continue;
+            }
             ExecutorService ex = Executors.newSingleThreadExecutor(r -> {
                 Thread t = new Thread(r, full);
                 t.setDaemon(true);

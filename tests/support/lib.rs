@@ -59,9 +59,19 @@ impl TestBroker {
         }
     }
 
+    /// The AMQPS listener's address, if TLS is configured.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.handle.as_ref().and_then(|h| h.tls_addr)
+    }
+
     /// The data directory.
     pub fn data_dir(&self) -> &Path {
         &self.data_dir
+    }
+
+    /// Hands the broker a temporary directory to delete when it is dropped.
+    pub fn own_dir(&mut self, dir: tempfile::TempDir) {
+        self.dir = Some(dir);
     }
 
     /// Takes ownership of the temporary data directory (to restart on it).

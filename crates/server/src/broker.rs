@@ -58,6 +58,10 @@ pub struct Config {
     pub memory_high_watermark: u64,
     /// Free disk space below which publishers are blocked.
     pub disk_free_limit: u64,
+    /// Whether the plain AMQP listener (`bind`) runs.
+    pub plain_listener: bool,
+    /// The AMQPS listener address and its TLS settings (none: no TLS).
+    pub tls: Option<(SocketAddr, crate::tls::TlsSettings)>,
 }
 
 impl Default for Config {
@@ -79,6 +83,8 @@ impl Default for Config {
             max_consumers_per_channel: 0,
             memory_high_watermark: crate::alarm::total_memory().map_or(1 << 30, |m| m / 10 * 4),
             disk_free_limit: 50 * 1000 * 1000,
+            plain_listener: true,
+            tls: None,
         }
     }
 }
@@ -234,9 +240,12 @@ impl Broker {
 pub struct BrokerHandle {
     /// The broker.
     pub broker: Arc<Broker>,
-    /// The bound AMQP address (useful with port 0).
+    /// The bound AMQP address (useful with port 0); unspecified if the plain
+    /// listener is disabled.
     pub addr: SocketAddr,
-    accept: tokio::task::JoinHandle<()>,
+    /// The bound AMQPS address, if TLS is configured.
+    pub tls_addr: Option<SocketAddr>,
+    accept: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl BrokerHandle {
@@ -244,7 +253,9 @@ impl BrokerHandle {
     /// the store, wait for every task.
     pub async fn shutdown(self) -> Result<(), StoreError> {
         self.broker.shutdown.cancel();
-        let _ = self.accept.await;
+        for a in self.accept {
+            let _ = a.await;
+        }
         self.broker.tracker.close();
         self.broker.tracker.wait().await;
         self.broker.store.close()
@@ -257,6 +268,9 @@ pub enum StartError {
     /// The data directory could not be opened.
     #[error("cannot open data directory: {0}")]
     Store(#[from] StoreError),
+    /// The TLS settings are unusable.
+    #[error("TLS: {0}")]
+    Tls(String),
     /// The listener could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Listen {
@@ -327,27 +341,53 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
             .map_err(StoreError::Engine)?;
         tracing::info!(user = %user, "first boot: created the default user and vhost '/'");
     }
-    let listener = TcpListener::bind(broker.config.bind)
-        .await
-        .map_err(|source| StartError::Listen {
-            addr: broker.config.bind,
-            source,
-        })?;
-    let addr = listener.local_addr().map_err(|source| StartError::Listen {
-        addr: broker.config.bind,
-        source,
-    })?;
-    tracing::info!(%addr, data_dir = %broker.config.data_dir.display(), queues, "warren listening");
     crate::alarm::spawn_monitor(&broker);
-    let accept = tokio::spawn(accept_loop(broker.clone(), listener));
+    let mut accept = Vec::new();
+    let mut addr = SocketAddr::from(([0, 0, 0, 0], 0));
+    if broker.config.plain_listener {
+        let listener = bind(broker.config.bind).await?;
+        addr = local_addr(&listener, broker.config.bind)?;
+        tracing::info!(%addr, data_dir = %broker.config.data_dir.display(), queues, "warren listening (AMQP)");
+        accept.push(tokio::spawn(accept_loop(broker.clone(), listener, None)));
+    }
+    let mut tls_addr = None;
+    if let Some((tls_bind, settings)) = broker.config.tls.clone() {
+        let acceptor = crate::tls::acceptor(&settings).map_err(StartError::Tls)?;
+        let listener = bind(tls_bind).await?;
+        let a = local_addr(&listener, tls_bind)?;
+        tracing::info!(addr = %a, "warren listening (AMQPS)");
+        tls_addr = Some(a);
+        accept.push(tokio::spawn(accept_loop(
+            broker.clone(),
+            listener,
+            Some(acceptor),
+        )));
+    }
     Ok(BrokerHandle {
         broker,
         addr,
+        tls_addr,
         accept,
     })
 }
 
-async fn accept_loop(broker: Arc<Broker>, listener: TcpListener) {
+async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Listen { addr, source })
+}
+
+fn local_addr(listener: &TcpListener, addr: SocketAddr) -> Result<SocketAddr, StartError> {
+    listener
+        .local_addr()
+        .map_err(|source| StartError::Listen { addr, source })
+}
+
+async fn accept_loop(
+    broker: Arc<Broker>,
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
     loop {
         tokio::select! {
             _ = broker.shutdown.cancelled() => return,
@@ -355,7 +395,22 @@ async fn accept_loop(broker: Arc<Broker>, listener: TcpListener) {
                 Ok((socket, peer)) => {
                     let _ = socket.set_nodelay(true);
                     let b = broker.clone();
-                    broker.tracker.spawn(crate::connection::serve(b, socket, peer));
+                    match &tls {
+                        None => {
+                            broker.tracker.spawn(crate::connection::serve(b, socket, peer));
+                        }
+                        Some(acceptor) => {
+                            let acceptor = acceptor.clone();
+                            broker.tracker.spawn(async move {
+                                let timeout = b.config.handshake_timeout;
+                                match tokio::time::timeout(timeout, acceptor.accept(socket)).await {
+                                    Ok(Ok(stream)) => crate::connection::serve_tls(b, stream, peer).await,
+                                    Ok(Err(e)) => tracing::info!(%peer, error = %e, "TLS handshake failed"),
+                                    Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
+                                }
+                            });
+                        }
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");

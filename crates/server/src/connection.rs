@@ -24,9 +24,8 @@ use amqp_codec::{
     check_protocol_header, decode_frame, encode_heartbeat, encode_method, frame_constant,
 };
 use bytes::{BufMut, Bytes, BytesMut};
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
-use tokio::net::tcp::OwnedReadHalf;
 
 use crate::broker::Broker;
 use crate::channel::{Channel, ChannelOutcome};
@@ -83,7 +82,7 @@ fn server_properties() -> FieldTable {
 }
 
 struct Reader {
-    socket: OwnedReadHalf,
+    socket: Box<dyn AsyncRead + Send + Unpin>,
     buf: BytesMut,
 }
 
@@ -119,9 +118,36 @@ fn close_method(e: &AmqpError) -> Method {
     })
 }
 
-/// Serves one accepted socket to the end.
+/// Serves one accepted plain socket to the end.
 pub async fn serve(broker: Arc<Broker>, socket: TcpStream, peer: SocketAddr) {
     let (read, write) = socket.into_split();
+    serve_io(broker, Box::new(read), write, peer, None).await;
+}
+
+/// Serves one connection after its TLS handshake. A verified client
+/// certificate's identity is offered to SASL EXTERNAL.
+pub async fn serve_tls(
+    broker: Arc<Broker>,
+    stream: tokio_rustls::server::TlsStream<TcpStream>,
+    peer: SocketAddr,
+) {
+    let identity = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(crate::tls::peer_identity);
+    let (read, write) = tokio::io::split(stream);
+    serve_io(broker, Box::new(read), write, peer, identity).await;
+}
+
+async fn serve_io<W: AsyncWrite + Unpin + Send + 'static>(
+    broker: Arc<Broker>,
+    read: Box<dyn AsyncRead + Send + Unpin>,
+    write: W,
+    peer: SocketAddr,
+    identity: Option<String>,
+) {
     let outbox = Arc::new(Outbox::default());
     let writer = {
         let outbox = outbox.clone();
@@ -132,8 +158,11 @@ pub async fn serve(broker: Arc<Broker>, socket: TcpStream, peer: SocketAddr) {
         buf: BytesMut::with_capacity(64 * 1024),
     };
     let timeout = broker.config.handshake_timeout;
-    let handshake =
-        tokio::time::timeout(timeout, handshake(&broker, &mut reader, &outbox, peer)).await;
+    let handshake = tokio::time::timeout(
+        timeout,
+        handshake(&broker, &mut reader, &outbox, peer, identity.as_deref()),
+    )
+    .await;
     match handshake {
         Ok(Ok(Some((shared, vhost, heartbeat)))) => {
             tracing::info!(connection = shared.id, %peer, user = %shared.user, "connection opened");
@@ -168,6 +197,7 @@ async fn handshake(
     reader: &mut Reader,
     outbox: &Arc<Outbox>,
     peer: SocketAddr,
+    identity: Option<&str>,
 ) -> Result<Option<(Arc<ConnectionShared>, Arc<Vhost>, u16)>, AmqpError> {
     loop {
         match check_protocol_header(&reader.buf) {
@@ -193,7 +223,11 @@ async fn handshake(
             version_major: 0,
             version_minor: 9,
             server_properties: server_properties(),
-            mechanisms: Bytes::from_static(b"PLAIN AMQPLAIN"),
+            mechanisms: Bytes::from_static(if identity.is_some() {
+                b"EXTERNAL PLAIN AMQPLAIN"
+            } else {
+                b"PLAIN AMQPLAIN"
+            }),
             locales: Bytes::from_static(b"en_US"),
         }),
     );
@@ -210,13 +244,21 @@ async fn handshake(
         _ => FieldTable::new(),
     };
     let cap = |name: &str| matches!(caps.get(name), Some(FieldValue::Bool(true)));
-    let (user, pass) = credentials(&start_ok.mechanism, &start_ok.response).ok_or_else(|| {
+    let (user, pass) = credentials(&start_ok.mechanism, &start_ok.response, identity).ok_or_else(|| {
         AmqpError::access_refused_connection(format!(
             "Login was refused using authentication mechanism {}. For details see the broker logfile.",
             start_ok.mechanism
         ))
     })?;
-    if let Err(reason) = broker.authenticate(&user, &pass, peer) {
+    let checked = if start_ok.mechanism.as_str() == "EXTERNAL" {
+        match broker.auth.user(&user) {
+            Some(_) => Ok(()),
+            None => Err(format!("certificate user '{user}' does not exist")),
+        }
+    } else {
+        broker.authenticate(&user, &pass, peer)
+    };
+    if let Err(reason) = checked {
         tracing::warn!(%peer, user = %user, %reason, "authentication failed");
         // A short delay against brute force.
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -306,9 +348,15 @@ async fn handshake(
     Ok(Some((shared, vhost, tune.heartbeat)))
 }
 
-/// User and password from a `start-ok` response.
-fn credentials(mechanism: &str, response: &[u8]) -> Option<(String, String)> {
+/// User and password from a `start-ok` response. EXTERNAL takes the user from
+/// the verified client certificate (and no password).
+fn credentials(
+    mechanism: &str,
+    response: &[u8],
+    identity: Option<&str>,
+) -> Option<(String, String)> {
     match mechanism {
+        "EXTERNAL" => identity.map(|id| (id.to_owned(), String::new())),
         "PLAIN" => {
             let mut parts = response.split(|b| *b == 0);
             let _authzid = parts.next()?;

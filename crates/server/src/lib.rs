@@ -13,6 +13,7 @@
 //! - [`queue`]: a queue with its consumers and the dispatch loop.
 //! - [`outbox`]: a connection's coalescing writer.
 //! - [`reply_to`]: direct reply-to (`amq.rabbitmq.reply-to`).
+//! - [`tls`]: the AMQPS listener and client-certificate identities.
 //! - [`error`]: `AmqpError`, the one place errors become reply codes.
 
 pub mod alarm;
@@ -24,6 +25,7 @@ pub mod error;
 pub mod outbox;
 pub mod queue;
 pub mod reply_to;
+pub mod tls;
 pub mod vhost;
 
 pub use broker::{Broker, BrokerHandle, Config, StartError, start};

@@ -59,6 +59,27 @@ struct Args {
     /// Most consumers per channel; 0 = no limit [default: 0].
     #[arg(long, env = "WARREN_MAX_CONSUMERS_PER_CHANNEL")]
     max_consumers_per_channel: Option<usize>,
+    /// AMQPS port; the TLS listener runs when a certificate and key are given [default: 5671].
+    #[arg(long, env = "WARREN_TLS_PORT")]
+    tls_port: Option<u16>,
+    /// Server certificate chain (PEM) for AMQPS.
+    #[arg(long, env = "WARREN_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// Server private key (PEM) for AMQPS.
+    #[arg(long, env = "WARREN_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// CA certificates (PEM) that client certificates are verified against.
+    #[arg(long, env = "WARREN_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// Verify client certificates (enables SASL EXTERNAL).
+    #[arg(long, env = "WARREN_TLS_VERIFY_PEER")]
+    tls_verify_peer: bool,
+    /// Refuse TLS clients without a certificate.
+    #[arg(long, env = "WARREN_TLS_FAIL_IF_NO_PEER_CERT")]
+    tls_fail_if_no_peer_cert: bool,
+    /// Do not run the plain (non-TLS) AMQP listener.
+    #[arg(long, env = "WARREN_NO_PLAIN_LISTENER")]
+    no_plain_listener: bool,
     /// Log as JSON lines instead of human-readable text.
     #[arg(long, env = "WARREN_LOG_JSON")]
     log_json: bool,
@@ -81,6 +102,13 @@ struct FileConfig {
     disk_free_limit: Option<u64>,
     max_connections: Option<usize>,
     max_consumers_per_channel: Option<usize>,
+    tls_port: Option<u16>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_ca: Option<PathBuf>,
+    tls_verify_peer: Option<bool>,
+    tls_fail_if_no_peer_cert: Option<bool>,
+    no_plain_listener: Option<bool>,
     log_json: Option<bool>,
 }
 
@@ -94,12 +122,29 @@ fn load_file(path: &Option<PathBuf>) -> Result<FileConfig, String> {
 
 fn config(args: Args, file: FileConfig) -> server::Config {
     let d = server::Config::default();
+    let bind_ip = args.bind.or(file.bind).unwrap_or(d.bind.ip());
+    let tls = match (
+        args.tls_cert.or(file.tls_cert),
+        args.tls_key.or(file.tls_key),
+    ) {
+        (Some(cert), Some(key)) => Some((
+            SocketAddr::new(bind_ip, args.tls_port.or(file.tls_port).unwrap_or(5671)),
+            server::tls::TlsSettings {
+                cert,
+                key,
+                ca: args.tls_ca.or(file.tls_ca),
+                verify_peer: args.tls_verify_peer || file.tls_verify_peer.unwrap_or(false),
+                fail_if_no_peer_cert: args.tls_fail_if_no_peer_cert
+                    || file.tls_fail_if_no_peer_cert.unwrap_or(false),
+            },
+        )),
+        _ => None,
+    };
     server::Config {
+        tls,
+        plain_listener: !(args.no_plain_listener || file.no_plain_listener.unwrap_or(false)),
         data_dir: args.data_dir.or(file.data_dir).unwrap_or(d.data_dir),
-        bind: SocketAddr::new(
-            args.bind.or(file.bind).unwrap_or(d.bind.ip()),
-            args.port.or(file.port).unwrap_or(d.bind.port()),
-        ),
+        bind: SocketAddr::new(bind_ip, args.port.or(file.port).unwrap_or(d.bind.port())),
         max_message_size: args
             .max_message_size
             .or(file.max_message_size)
