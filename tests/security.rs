@@ -388,3 +388,65 @@ async fn hostile_logins_are_refused_cleanly() {
     channel_with_queue(&conn, "alive").await;
     broker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_vhosts_and_permissions_survive_a_restart() {
+    let mut broker = TestBroker::start().await;
+    let dir = broker.keep_dir();
+    let b = broker.broker();
+    b.add_vhost("tenant").await.unwrap();
+    b.add_user("bob", Some("b0b"), &["monitoring"])
+        .await
+        .unwrap();
+    b.set_permissions("bob", "tenant", "^bob-", ".*", ".*")
+        .await
+        .unwrap();
+    b.set_topic_permissions("bob", "tenant", "amq.topic", "^bob\\.", ".*")
+        .await
+        .unwrap();
+    broker.stop().await;
+
+    let broker = TestBroker::start_in(dir.path()).await;
+    let b = broker.broker();
+    assert_eq!(b.auth.user("bob").unwrap().tags, ["monitoring"]);
+    let bob = connect_as(&broker, "bob", "b0b", "tenant").await.unwrap();
+    let ch = bob.create_channel().await.unwrap();
+    ch.queue_declare(
+        "bob-q".into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let r = ch
+        .queue_declare(
+            "other".into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await;
+    assert_amqp_error(
+        r,
+        403,
+        "configure access to queue 'other' in vhost 'tenant'",
+    );
+    let ch = bob.create_channel().await.unwrap();
+    ch.basic_publish(
+        "amq.topic".into(),
+        "alice.x".into(),
+        BasicPublishOptions::default(),
+        b"x",
+        BasicProperties::default(),
+    )
+    .await
+    .unwrap();
+    let r = ch.basic_qos(1, BasicQosOptions::default()).await;
+    assert_amqp_error(r, 403, "write access to topic 'alice.x'");
+    // guest still has only '/'.
+    assert!(
+        connect_as(&broker, "guest", "guest", "tenant")
+            .await
+            .is_err()
+    );
+    broker.stop().await;
+}

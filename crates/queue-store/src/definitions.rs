@@ -26,6 +26,8 @@ pub enum DefKind {
     Binding = 6,
     /// A policy.
     Policy = 7,
+    /// A user's topic permissions on one exchange in a vhost.
+    TopicPermission = 8,
 }
 
 impl DefKind {
@@ -39,6 +41,7 @@ impl DefKind {
             5 => DefKind::Queue,
             6 => DefKind::Binding,
             7 => DefKind::Policy,
+            8 => DefKind::TopicPermission,
             _ => return None,
         })
     }

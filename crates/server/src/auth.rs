@@ -222,7 +222,7 @@ impl Auth {
         }]
     }
 
-    /// Sets topic permissions (not persisted yet: they live until restart).
+    /// Sets a user's topic permissions on an exchange; returns the write to persist.
     pub fn set_topic_permissions(
         &self,
         user: &str,
@@ -230,7 +230,7 @@ impl Auth {
         exchange: &str,
         write: &str,
         read: &str,
-    ) {
+    ) -> Write {
         self.topic.write().insert(
             (user.to_owned(), vhost.to_owned(), exchange.to_owned()),
             TopicPermission {
@@ -238,6 +238,20 @@ impl Auth {
                 read: read.to_owned(),
             },
         );
+        let record: FieldTable = [
+            (s("user"), FieldValue::from(user)),
+            (s("vhost"), FieldValue::from(vhost)),
+            (s("exchange"), FieldValue::from(exchange)),
+            (s("write"), FieldValue::from(write)),
+            (s("read"), FieldValue::from(read)),
+        ]
+        .into_iter()
+        .collect();
+        Write::PutDefinition {
+            kind: DefKind::TopicPermission,
+            key: scoped_name(vhost, &[user.as_bytes(), exchange.as_bytes()]),
+            value: record,
+        }
     }
 
     /// Whether the user has any permissions in the vhost (may open it).
@@ -360,6 +374,17 @@ impl Auth {
                         tracing::warn!(%user, %vhost, error = %e, "cannot recover permissions");
                     }
                 }
+                DefKind::TopicPermission => {
+                    if let (Some(user), Some(vhost), Some(exchange), Some(w), Some(r)) = (
+                        text(t, "user"),
+                        text(t, "vhost"),
+                        text(t, "exchange"),
+                        text(t, "write"),
+                        text(t, "read"),
+                    ) {
+                        let _ = self.set_topic_permissions(&user, &vhost, &exchange, &w, &r);
+                    }
+                }
                 _ => {}
             }
         }
@@ -428,7 +453,7 @@ mod tests {
     #[test]
     fn topic_permissions_expand_username_and_vhost() {
         let a = Auth::default();
-        a.set_topic_permissions("bob", "/", "amq.topic", "^{username}\\.", "^{vhost}");
+        let _ = a.set_topic_permissions("bob", "/", "amq.topic", "^{username}\\.", "^{vhost}");
         assert!(
             a.check_topic("bob", "/", "amq.topic", "bob.news", Access::Write)
                 .is_ok()

@@ -196,6 +196,22 @@ impl Broker {
         self.store.commit().await.map_err(|e| e.to_string())
     }
 
+    /// Sets a user's topic permissions on an exchange (regular expressions;
+    /// `{username}` and `{vhost}` are expanded when checked).
+    pub async fn set_topic_permissions(
+        &self,
+        user: &str,
+        vhost: &str,
+        exchange: &str,
+        write: &str,
+        read: &str,
+    ) -> Result<(), StoreError> {
+        self.store.submit([self
+            .auth
+            .set_topic_permissions(user, vhost, exchange, write, read)]);
+        self.store.commit().await
+    }
+
     /// Creates a vhost (no-op if it exists).
     pub async fn add_vhost(self: &Arc<Self>, name: &str) -> Result<Arc<Vhost>, StoreError> {
         if let Some(v) = self.vhost(name) {
