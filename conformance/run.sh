@@ -3,10 +3,17 @@
 # and the RabbitMQ Java client, and fails on any behaviour that differs from
 # RabbitMQ's.  See conformance/README.md.
 #
+# Three brokers are started: the main one (defaults), "alarm" with a 256 KiB
+# memory high watermark (connection_blocked) and "timeout" with a 300 ms
+# consumer timeout (consumer_timeout).
+#
 # Environment:
 #   WARREN_BIN          use this broker binary and skip `cargo build --release -p server`
-#   WARREN_AMQP_PORT    do not start a broker; run the scenarios against 127.0.0.1:PORT
+#   WARREN_AMQP_PORT    do not start brokers; run the scenarios against 127.0.0.1:PORT
 #                       (e.g. a RabbitMQ node, to check the suite itself; no shutdown check)
+#   WARREN_ALARM_AMQP_PORT, WARREN_TIMEOUT_AMQP_PORT
+#                       with WARREN_AMQP_PORT: the brokers for connection_blocked and
+#                       consumer_timeout (those scenarios are skipped without them)
 #   CONFORMANCE_PRODUCT expected server_properties.product (default "Warren")
 #   CONFORMANCE_ONLY    comma-separated scenario names to run (default: all)
 #   CONFORMANCE_VERBOSE print stack traces of failing scenarios
@@ -17,8 +24,10 @@ HERE=$ROOT/conformance
 TARGET=$ROOT/target
 VENV=$TARGET/conformance-venv
 JAVA_OUT=$TARGET/conformance-java
-LOG=$TARGET/conformance-warren.log
-SCENARIO_COUNT=10
+LOG=$TARGET/conformance-warren.log  # and conformance-warren-{alarm,timeout}.log
+SCENARIO_COUNT=16
+ALARM_WATERMARK=262144   # octets; connection_blocked publishes ~2 MiB
+CONSUMER_TIMEOUT_MS=300  # consumer_timeout expects exactly this value
 START=$SECONDS
 
 say() { echo "== $*" >&2; }
@@ -64,43 +73,68 @@ javac -nowarn -encoding UTF-8 -d "$JAVA_OUT" -cp "$AMQP_JAR" "$HERE/java/Scenari
 
 # ---------------------------------------------------------------------- broker
 
-BROKER_PID=
-DATA_DIR=
+BROKER_NAMES=()   # broker, broker-alarm, broker-timeout
+BROKER_PIDS=()
+BROKER_PORTS=()
+BROKER_LOGS=()
+DATA_DIRS=()
 cleanup() {
-    if [[ -n "$BROKER_PID" ]] && kill -0 "$BROKER_PID" 2>/dev/null; then
-        kill -KILL "$BROKER_PID" 2>/dev/null || true
-        wait "$BROKER_PID" 2>/dev/null || true
-    fi
-    [[ -n "$DATA_DIR" ]] && rm -rf "$DATA_DIR"
+    local pid
+    for pid in "${BROKER_PIDS[@]}"; do
+        if kill -0 "$pid" 2>/dev/null; then
+            kill -KILL "$pid" 2>/dev/null || true
+            wait "$pid" 2>/dev/null || true
+        fi
+    done
+    [[ ${#DATA_DIRS[@]} -gt 0 ]] && rm -rf "${DATA_DIRS[@]}"
     return 0
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-if [[ -n "${WARREN_AMQP_PORT:-}" ]]; then
-    PORT=$WARREN_AMQP_PORT
-    say "using the broker already listening on 127.0.0.1:$PORT"
-else
-    PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()')
-    DATA_DIR=$(mktemp -d "${TMPDIR:-/tmp}/warren-conformance.XXXXXX")
-    mkdir -p "$TARGET"
-    say "starting $BIN on 127.0.0.1:$PORT (data dir $DATA_DIR, log $LOG)"
+# start_broker NAME LOG [FLAGS...]: starts the broker on a free port in the background
+start_broker() {
+    local bname=$1 log=$2; shift 2
+    local port dir
+    port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()')
+    dir=$(mktemp -d "${TMPDIR:-/tmp}/warren-conformance.XXXXXX")
+    DATA_DIRS+=("$dir")
+    say "starting $bname: $BIN --port $port${*:+ $*} (data dir $dir, log $log)"
     # the broker reads WARREN_* settings (config file, default user, ...) from
     # the environment: start it from a clean slate so only the flags apply
-    unset_args=()
-    for v in $(compgen -e | grep '^WARREN_' || true); do unset_args+=(-u "$v"); done
-    env "${unset_args[@]}" NO_COLOR=1 "$BIN" --data-dir "$DATA_DIR" --bind 127.0.0.1 --port "$PORT" >"$LOG" 2>&1 &
-    BROKER_PID=$!
-    ready=
+    env "${unset_args[@]}" NO_COLOR=1 "$BIN" --data-dir "$dir" --bind 127.0.0.1 --port "$port" "$@" >"$log" 2>&1 &
+    BROKER_NAMES+=("$bname"); BROKER_PIDS+=("$!"); BROKER_PORTS+=("$port"); BROKER_LOGS+=("$log")
+}
+
+# wait_ready I: waits until broker number I accepts connections
+wait_ready() {
+    local i=$1
     for _ in $(seq 1 300); do  # up to 30 s
-        if ! kill -0 "$BROKER_PID" 2>/dev/null; then
-            tail -n 30 "$LOG" >&2 || true
-            die "broker exited before accepting connections"
+        if ! kill -0 "${BROKER_PIDS[$i]}" 2>/dev/null; then
+            tail -n 30 "${BROKER_LOGS[$i]}" >&2 || true
+            die "${BROKER_NAMES[$i]} exited before accepting connections"
         fi
-        if (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; then ready=1; break; fi
+        if (exec 3<>"/dev/tcp/127.0.0.1/${BROKER_PORTS[$i]}") 2>/dev/null; then return 0; fi
         sleep 0.1
     done
-    [[ -n "$ready" ]] || die "broker did not accept connections on port $PORT within 30 s"
+    die "${BROKER_NAMES[$i]} did not accept connections on port ${BROKER_PORTS[$i]} within 30 s"
+}
+
+if [[ -n "${WARREN_AMQP_PORT:-}" ]]; then
+    PORT=$WARREN_AMQP_PORT
+    ALARM_PORT=${WARREN_ALARM_AMQP_PORT:-}
+    TIMEOUT_PORT=${WARREN_TIMEOUT_AMQP_PORT:-}
+    say "using the broker already listening on 127.0.0.1:$PORT" \
+        "(alarm: ${ALARM_PORT:-none}, timeout: ${TIMEOUT_PORT:-none})"
+else
+    mkdir -p "$TARGET"
+    unset_args=()
+    for v in $(compgen -e | grep '^WARREN_' || true); do unset_args+=(-u "$v"); done
+    start_broker broker "$LOG"
+    start_broker broker-alarm "${LOG%.log}-alarm.log" --memory-high-watermark "$ALARM_WATERMARK"
+    start_broker broker-timeout "${LOG%.log}-timeout.log" --consumer-timeout "$CONSUMER_TIMEOUT_MS"
+    for i in "${!BROKER_PIDS[@]}"; do wait_ready "$i"; done
+    PORT=${BROKER_PORTS[0]} ALARM_PORT=${BROKER_PORTS[1]} TIMEOUT_PORT=${BROKER_PORTS[2]}
 fi
 
 # ------------------------------------------------------------------- scenarios
@@ -108,18 +142,21 @@ fi
 RESULTS=$(mktemp "${TMPDIR:-/tmp}/warren-conformance-results.XXXXXX")
 ONLY_ARGS=()
 [[ -n "${CONFORMANCE_ONLY:-}" ]] && ONLY_ARGS=(--only "$CONFORMANCE_ONLY")
+PORT_ARGS=(--port "$PORT")
+[[ -n "$ALARM_PORT" ]] && PORT_ARGS+=(--alarm-port "$ALARM_PORT")
+[[ -n "$TIMEOUT_PORT" ]] && PORT_ARGS+=(--timeout-port "$TIMEOUT_PORT")
 
 # run_client NAME CMD...: runs one client's scenarios, echoing and recording the
-# PASS/FAIL lines; a runner that dies or skips scenarios is itself a failure.
+# PASS/FAIL/SKIP lines; a runner that dies or leaves scenarios out is itself a failure.
 run_client() {
     local client=$1; shift
     local out rc=0
     out=$(mktemp "${TMPDIR:-/tmp}/warren-conformance-$client.XXXXXX")
     say "$client scenarios"
-    "$@" "${ONLY_ARGS[@]}" 2>&1 | tee "$out" || rc=${PIPESTATUS[0]}
-    grep -E '^(PASS|FAIL) ' "$out" >>"$RESULTS" || true
+    "$@" "${PORT_ARGS[@]}" "${ONLY_ARGS[@]}" 2>&1 | tee "$out" || rc=${PIPESTATUS[0]}
+    grep -E '^(PASS|FAIL|SKIP) ' "$out" >>"$RESULTS" || true
     local reported failed
-    reported=$(grep -cE '^(PASS|FAIL) ' "$out" || true)
+    reported=$(grep -cE '^(PASS|FAIL|SKIP) ' "$out" || true)
     failed=$(grep -cE '^FAIL ' "$out" || true)
     if [[ -z "${CONFORMANCE_ONLY:-}" && "$reported" -ne "$SCENARIO_COUNT" ]]; then
         echo "FAIL $client.runner: reported $reported of $SCENARIO_COUNT scenarios (exit $rc)" | tee -a "$RESULTS"
@@ -130,48 +167,65 @@ run_client() {
 }
 
 export CONFORMANCE_PRODUCT=${CONFORMANCE_PRODUCT:-Warren}
-run_client pika "$VENV/bin/python" "$HERE/pika_scenarios.py" --port "$PORT"
-run_client java java -cp "$CLASSPATH_JAVA" Scenarios --port "$PORT"
+run_client pika "$VENV/bin/python" "$HERE/pika_scenarios.py"
+run_client java java -cp "$CLASSPATH_JAVA" Scenarios
 
 # ------------------------------------------------------------ graceful shutdown
 
-if [[ -n "$BROKER_PID" ]]; then
-    say "stopping the broker (SIGTERM)"
-    if ! kill -0 "$BROKER_PID" 2>/dev/null; then
-        rc=0; wait "$BROKER_PID" || rc=$?
-        echo "FAIL broker.graceful_shutdown: broker died during the run (exit $rc)" | tee -a "$RESULTS"
-    else
-        kill -TERM "$BROKER_PID"
+if [[ ${#BROKER_PIDS[@]} -gt 0 ]]; then
+    say "stopping the brokers (SIGTERM)"
+    died=()
+    for i in "${!BROKER_PIDS[@]}"; do
+        if kill -0 "${BROKER_PIDS[$i]}" 2>/dev/null; then
+            kill -TERM "${BROKER_PIDS[$i]}"
+            died+=("")
+        else
+            died+=(1)
+        fi
+    done
+    for i in "${!BROKER_PIDS[@]}"; do
+        pid=${BROKER_PIDS[$i]} bname=${BROKER_NAMES[$i]}
+        if [[ -n "${died[$i]}" ]]; then
+            rc=0; wait "$pid" || rc=$?
+            echo "FAIL $bname.graceful_shutdown: broker died during the run (exit $rc)" | tee -a "$RESULTS"
+            continue
+        fi
         stopped=
         for _ in $(seq 1 150); do  # up to 15 s
-            if ! kill -0 "$BROKER_PID" 2>/dev/null; then stopped=1; break; fi
+            if ! kill -0 "$pid" 2>/dev/null; then stopped=1; break; fi
             sleep 0.1
         done
         if [[ -z "$stopped" ]]; then
-            echo "FAIL broker.graceful_shutdown: still running 15 s after SIGTERM" | tee -a "$RESULTS"
+            echo "FAIL $bname.graceful_shutdown: still running 15 s after SIGTERM" | tee -a "$RESULTS"
         else
-            rc=0; wait "$BROKER_PID" || rc=$?
+            rc=0; wait "$pid" || rc=$?
             if [[ "$rc" -eq 0 ]]; then
-                echo "PASS broker.graceful_shutdown" | tee -a "$RESULTS"
+                echo "PASS $bname.graceful_shutdown" | tee -a "$RESULTS"
             else
-                echo "FAIL broker.graceful_shutdown: exit status $rc after SIGTERM" | tee -a "$RESULTS"
+                echo "FAIL $bname.graceful_shutdown: exit status $rc after SIGTERM" | tee -a "$RESULTS"
             fi
         fi
-        BROKER_PID=
-    fi
+    done
 fi
 
 # --------------------------------------------------------------------- summary
 
 passed=$(grep -c '^PASS ' "$RESULTS" || true)
 failed=$(grep -c '^FAIL ' "$RESULTS" || true)
+skipped=$(grep -c '^SKIP ' "$RESULTS" || true)
 if [[ "$failed" -gt 0 ]]; then
     echo
     echo "failures:"
     grep '^FAIL ' "$RESULTS" | sed 's/^/  /'
-    [[ -f "$LOG" && -z "${WARREN_AMQP_PORT:-}" ]] && { echo "broker log tail ($LOG):"; tail -n 20 "$LOG" | sed 's/^/  /'; }
+    for log in "${BROKER_LOGS[@]}"; do
+        if [[ -s "$log" ]]; then echo "broker log tail ($log):"; tail -n 10 "$log" | sed 's/^/  /'; fi
+    done
 fi
 rm -f "$RESULTS"
 echo "conformance run took $((SECONDS - START)) s" >&2
-echo "$passed passed, $failed failed"
+if [[ "$skipped" -gt 0 ]]; then
+    echo "$passed passed, $failed failed, $skipped skipped"
+else
+    echo "$passed passed, $failed failed"
+fi
 [[ "$failed" -eq 0 ]]

@@ -27,6 +27,8 @@ use crate::primitives::{begin_length_prefix, end_length_prefix};
 /// Octets of frame envelope around the payload: type, channel, size, frame-end.
 pub const FRAME_OVERHEAD: u32 = 8;
 const HEADER_LEN: usize = 7;
+/// Most a partial frame makes [`split_frame`] reserve at once.
+const RESERVE_STEP: usize = 64 * 1024;
 
 /// The protocol header a 0-9-1 client sends first.
 pub const PROTOCOL_HEADER: [u8; 8] = *b"AMQP\x00\x00\x09\x01";
@@ -133,7 +135,9 @@ pub fn split_frame(buf: &mut BytesMut, frame_max: u32) -> Result<Option<RawFrame
         frame_max,
     })?;
     if buf.len() < total {
-        buf.reserve(total - buf.len());
+        // Reserve for what is missing, but at most 64 KiB at a time: a
+        // frame_max of 0 must not let a peer's size field allocate 4 GiB.
+        buf.reserve((total - buf.len()).min(RESERVE_STEP));
         return Ok(None);
     }
     let end = buf.get(total - 1).copied().unwrap_or_default();

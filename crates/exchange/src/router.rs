@@ -573,6 +573,29 @@ impl Router {
         headers: Option<&FieldTable>,
         out: &mut Routed,
     ) -> Result<(), ExchangeError> {
+        self.route_from(exchange, routing_key, headers, out, false)
+    }
+
+    /// Routes a dead-lettered message: like [`Router::route`], except that the
+    /// dead-letter exchange may be internal (RabbitMQ allows it).
+    pub fn route_dead_letter(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        headers: Option<&FieldTable>,
+        out: &mut Routed,
+    ) -> Result<(), ExchangeError> {
+        self.route_from(exchange, routing_key, headers, out, true)
+    }
+
+    fn route_from(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        headers: Option<&FieldTable>,
+        out: &mut Routed,
+        allow_internal: bool,
+    ) -> Result<(), ExchangeError> {
         out.queues.clear();
         out.targets.clear();
         out.work.clear();
@@ -604,7 +627,7 @@ impl Router {
             .by_name
             .get(exchange)
             .ok_or_else(|| self.not_found(exchange))?;
-        if self.get(start).is_some_and(|x| x.def.internal) {
+        if !allow_internal && self.get(start).is_some_and(|x| x.def.internal) {
             return Err(ExchangeError::Internal {
                 exchange: exchange.to_owned(),
                 vhost: self.vhost.to_string(),

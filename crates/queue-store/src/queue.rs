@@ -161,12 +161,16 @@ pub enum Enqueued {
     Rejected,
 }
 
-/// Parses the `expiration` property: a non-negative integer number of ms.
+/// The longest per-message TTL accepted: ten years in ms, as for `x-message-ttl`.
+pub const MAX_EXPIRATION_MS: u64 = 315_360_000_000;
+
+/// Parses the `expiration` property: a non-negative integer number of ms, at
+/// most [`MAX_EXPIRATION_MS`].
 pub fn parse_expiration(s: &str) -> Option<u64> {
     if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    s.parse().ok()
+    s.parse().ok().filter(|ms| *ms <= MAX_EXPIRATION_MS)
 }
 
 /// One queue's messages.
@@ -182,6 +186,7 @@ pub struct Queue {
     next_seq: u64,
     ready_bytes: u64,
     loaded_bytes: u64,
+    unacked_bytes: u64,
     memory_budget: u64,
     last_used_ms: u64,
 }
@@ -208,6 +213,7 @@ impl Queue {
             next_seq: 1,
             ready_bytes: 0,
             loaded_bytes: 0,
+            unacked_bytes: 0,
             memory_budget: DEFAULT_MEMORY_BUDGET,
             last_used_ms: now_ms,
         }
@@ -283,6 +289,11 @@ impl Queue {
     /// Delivered, unacknowledged messages.
     pub fn unacked_count(&self) -> u64 {
         self.unacked.len() as u64
+    }
+
+    /// Body octets of delivered, unacknowledged messages.
+    pub fn unacked_bytes(&self) -> u64 {
+        self.unacked_bytes
     }
 
     /// Body octets of ready messages held in memory.
@@ -494,7 +505,7 @@ impl Queue {
             .iter()
             .filter_map(|b| b.front())
             .filter(|e| e.expires_at != 0)
-            .map(|e| e.expires_at + 1)
+            .map(|e| e.expires_at.saturating_add(1))
             .min()
     }
 
@@ -515,6 +526,7 @@ impl Queue {
             remaining: self.ready_count(),
         };
         if ack {
+            self.unacked_bytes += u64::from(entry.size);
             self.unacked.insert(entry.seq, entry);
         } else {
             self.finish(&entry, fx);
@@ -526,6 +538,7 @@ impl Queue {
     pub fn ack(&mut self, seq: u64, fx: &mut Effects) -> bool {
         match self.unacked.remove(&seq) {
             Some(entry) => {
+                self.unacked_bytes -= u64::from(entry.size);
                 self.finish(&entry, fx);
                 true
             }
@@ -537,6 +550,7 @@ impl Queue {
     pub fn reject(&mut self, seq: u64, fx: &mut Effects) -> bool {
         match self.unacked.remove(&seq) {
             Some(entry) => {
+                self.unacked_bytes -= u64::from(entry.size);
                 self.dead_letter_or_discard(entry.msg.clone(), DeadLetterReason::Rejected, fx);
                 self.finish(&entry, fx);
                 true
@@ -551,6 +565,7 @@ impl Queue {
         let Some(mut entry) = self.unacked.remove(&seq) else {
             return false;
         };
+        self.unacked_bytes -= u64::from(entry.size);
         entry.delivery_count = entry.delivery_count.saturating_add(1);
         entry.redelivered = true;
         if self
@@ -593,6 +608,7 @@ impl Queue {
         let ready = self.ready_count();
         let durable = self.durable;
         let mut entries: Vec<Entry> = self.unacked.drain().map(|(_, e)| e).collect();
+        self.unacked_bytes = 0;
         while let Some(e) = self.pop_ready() {
             entries.push(e);
         }
@@ -977,5 +993,7 @@ mod tests {
         assert_eq!(parse_expiration("-1"), None);
         assert_eq!(parse_expiration("1.5"), None);
         assert_eq!(parse_expiration(""), None);
+        assert_eq!(parse_expiration("18446744073709551615"), None);
+        assert_eq!(parse_expiration("315360000001"), None);
     }
 }

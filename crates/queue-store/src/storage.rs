@@ -175,7 +175,7 @@ impl SledStorage {
     ///
     /// sled locks the directory; a previous instance in this process can hold
     /// the lock for a moment after it was dropped (its I/O threads let go
-    /// last), so a held lock is retried for up to two seconds before giving up.
+    /// last), so a held lock is retried for up to five seconds before giving up.
     pub fn open(dir: &Path) -> Result<SledStorage, StoreError> {
         let config = sled::Config::new()
             .path(dir)
@@ -187,7 +187,7 @@ impl SledStorage {
         let db = loop {
             match config.open() {
                 Err(sled::Error::Io(e))
-                    if e.kind() == std::io::ErrorKind::WouldBlock && attempts < 100 =>
+                    if e.kind() == std::io::ErrorKind::WouldBlock && attempts < 250 =>
                 {
                     attempts += 1;
                     std::thread::sleep(std::time::Duration::from_millis(20));

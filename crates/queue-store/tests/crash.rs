@@ -30,7 +30,19 @@ fn crash_child() {
     let Ok(dir) = std::env::var(CHILD_ENV) else {
         return;
     };
-    let (store, mut recovered) = Store::open(std::path::Path::new(&dir)).unwrap();
+    // The parent's previous store may still be letting go of the directory
+    // (sled's final flush in its drop can take seconds on a loaded machine).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let (store, mut recovered) = loop {
+        match Store::open(std::path::Path::new(&dir)) {
+            Ok(opened) => break opened,
+            Err(e) if std::time::Instant::now() < deadline => {
+                eprintln!("retrying open: {e}");
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            Err(e) => panic!("cannot open the store: {e}"),
+        }
+    };
     let mut q = recover_queue(&mut recovered, FieldTable::new());
     let mut fx = Effects::default();
     let out = std::io::stdout();
@@ -56,6 +68,14 @@ fn crash_child() {
         if i % 3 == 0 {
             let d: Vec<_> = (0..3).filter_map(|_| q.deliver(0, true, &mut fx)).collect();
             let acked: Vec<u64> = d.iter().take(2).map(|d| d.message.id().0).collect();
+            // Announce before committing: a kill after the commit but before
+            // "acked" is printed leaves the parent knowing they may be gone.
+            let mut o = out.lock();
+            for id in &acked {
+                writeln!(o, "acking {id}").unwrap();
+            }
+            o.flush().unwrap();
+            drop(o);
             for d in d.iter().take(2) {
                 q.ack(d.seq, &mut fx);
             }
@@ -75,36 +95,59 @@ fn crash_recovery_keeps_every_confirmed_message() {
     let dir = tempfile::tempdir().unwrap();
     let mut confirmed = BTreeSet::new();
     let mut acked = BTreeSet::new();
+    let mut acking = BTreeSet::new();
     let mut seed: u64 = 0x5eed;
     for round in 0..5 {
         let mut child = Command::new(std::env::current_exe().unwrap())
             .args(["--exact", "crash_child", "--nocapture", "--test-threads=1"])
             .env(CHILD_ENV, dir.path())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .unwrap();
         // Kill after a random number of confirmations (an event, not a sleep).
         seed = seed
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
-        let kill_after = 30 + (seed >> 33) % 300;
-        let reader = BufReader::new(child.stdout.take().unwrap());
+        let kill_after: u64 = 30 + (seed >> 33) % 300;
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
         let mut seen = 0;
-        for line in reader.lines() {
-            let line = line.unwrap();
+        let mut record = |line: &str, seen: &mut u64| {
             if let Some(id) = line.strip_prefix("confirmed ") {
                 confirmed.insert(id.parse::<u64>().unwrap());
-                seen += 1;
+                *seen += 1;
+            } else if let Some(id) = line.strip_prefix("acking ") {
+                acking.insert(id.parse::<u64>().unwrap());
             } else if let Some(id) = line.strip_prefix("acked ") {
                 acked.insert(id.parse::<u64>().unwrap());
             }
+        };
+        for line in lines.by_ref() {
+            record(&line.unwrap(), &mut seen);
             if seen >= kill_after {
                 break;
             }
         }
+        let mut errors = String::new();
+        if seen == 0 {
+            use std::io::Read as _;
+            if let Some(mut e) = child.stderr.take() {
+                let _ = e.read_to_string(&mut errors);
+            }
+        }
+        assert!(
+            seen > 0,
+            "round {round}: the child confirmed nothing: {errors}"
+        );
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
+        // The child kept running until the kill landed: what it announced
+        // meanwhile is still in the pipe.
+        for line in lines {
+            let Ok(line) = line else { break };
+            let mut ignored = 0;
+            record(&line, &mut ignored);
+        }
 
         let (store, mut recovered) = Store::open(dir.path()).unwrap();
         assert!(
@@ -129,7 +172,7 @@ fn crash_recovery_keeps_every_confirmed_message() {
         }
         let lost: Vec<_> = confirmed
             .difference(&present)
-            .filter(|id| !acked.contains(id))
+            .filter(|id| !acking.contains(id))
             .collect();
         assert!(
             lost.is_empty(),

@@ -105,8 +105,8 @@ impl Alarms {
     }
 }
 
-/// Memory the broker accounts for: bodies queues hold in memory plus an
-/// overhead per queued message.
+/// Memory the broker accounts for: bodies queues hold in memory (ready and
+/// delivered-but-unacknowledged) plus an overhead per queued message.
 pub fn memory_in_use(broker: &Broker) -> u64 {
     broker
         .vhost_list()
@@ -115,6 +115,7 @@ pub fn memory_in_use(broker: &Broker) -> u64 {
         .map(|q| {
             let st = q.state.lock();
             st.queue.loaded_bytes()
+                + st.queue.unacked_bytes()
                 + (st.queue.ready_count() + st.queue.unacked_count()) * ENTRY_OVERHEAD
         })
         .sum()

@@ -58,6 +58,9 @@ pub struct Config {
     pub memory_high_watermark: u64,
     /// Free disk space below which publishers are blocked.
     pub disk_free_limit: u64,
+    /// Body octets of ready messages each queue keeps in memory before paging
+    /// the rest out to the store.
+    pub queue_memory_budget: u64,
     /// Whether the plain AMQP listener (`bind`) runs.
     pub plain_listener: bool,
     /// The AMQPS listener address and its TLS settings (none: no TLS).
@@ -83,6 +86,7 @@ impl Default for Config {
             max_consumers_per_channel: 0,
             memory_high_watermark: crate::alarm::total_memory().map_or(1 << 30, |m| m / 10 * 4),
             disk_free_limit: 50 * 1000 * 1000,
+            queue_memory_budget: queue_store::queue::DEFAULT_MEMORY_BUDGET,
             plain_listener: true,
             tls: None,
         }
@@ -238,7 +242,7 @@ impl Broker {
         };
         v.closed.cancel();
         for q in v.queues() {
-            let _ = v.delete_queue(self, &q).await;
+            let _ = v.delete_queue(self, &q, false).await;
         }
         v.delete_exchanges(self);
         self.store.submit([queue_store::Write::DeleteDefinition {
@@ -480,7 +484,7 @@ pub fn spawn_housekeeping(broker: &Arc<Broker>, vhost: Arc<Vhost>, q: Arc<QueueH
                 };
                 if still_unused {
                     tracing::info!(queue = %q.name, "queue expired (x-expires)");
-                    let _ = vhost.delete_queue(&broker, &q).await;
+                    let _ = vhost.delete_queue(&broker, &q, true).await;
                     return;
                 }
             }

@@ -145,6 +145,17 @@ impl ChannelShared {
             .ok_or_else(|| AmqpError::precondition_failed(format!("unknown delivery tag {tag}")))
     }
 
+    /// Whether the channel was closed (released).
+    pub fn is_closed(&self) -> bool {
+        self.deliveries.lock().closed
+    }
+
+    /// Whether the broker still knows consumer `tag` on this channel (it
+    /// forgets consumers it cancelled, e.g. when their queue was deleted).
+    fn has_consumer(&self, tag: &ShortStr) -> bool {
+        self.deliveries.lock().consumers.contains_key(tag)
+    }
+
     /// Checks that `tag` names outstanding deliveries, without settling them.
     fn check(&self, tag: u64, multiple: bool) -> Result<(), AmqpError> {
         let d = self.deliveries.lock();
@@ -384,8 +395,43 @@ impl Channel {
     }
 
     /// Lets the queues this channel consumes from deliver again.
-    pub fn redispatch(&self, broker: &Arc<Broker>, vhost: &Vhost) {
+    pub fn redispatch(&mut self, broker: &Arc<Broker>, vhost: &Vhost) {
+        let shared = self.shared.clone();
+        self.consumers.retain(|(t, _)| shared.has_consumer(t));
         vhost.dispatch_channel(broker, &self.consumers);
+    }
+
+    /// What a publish inside a transaction must pass at once (RabbitMQ refuses
+    /// it then, not at commit): permission, an existing, non-internal exchange.
+    fn check_publish(
+        &self,
+        broker: &Broker,
+        vhost: &Vhost,
+        m: &BasicPublish,
+    ) -> Result<(), AmqpError> {
+        self.allow(
+            broker,
+            vhost,
+            Resource::Exchange,
+            &m.exchange,
+            Access::Write,
+        )?;
+        if m.exchange.is_empty() {
+            return Ok(());
+        }
+        match vhost.router.read().exchange(&m.exchange) {
+            None => Err(AmqpError::not_found(format!(
+                "no exchange '{}' in vhost '{}'",
+                m.exchange,
+                vhost.name()
+            ))),
+            Some(x) if x.internal => Err(AmqpError::access_refused(format!(
+                "cannot publish to internal exchange '{}' in vhost '{}'",
+                m.exchange,
+                vhost.name()
+            ))),
+            Some(_) => Ok(()),
+        }
     }
 
     /// Whether the broker closed this channel and awaits `close-ok`.
@@ -397,6 +443,8 @@ impl Channel {
     pub fn fail(&mut self, broker: &Arc<Broker>, vhost: &Vhost, e: &AmqpError) {
         tracing::info!(channel = self.shared.id, error = %e, "closing channel");
         self.release(broker, vhost);
+        // Nothing follows channel.close: unconfirmed publishes stay unconfirmed.
+        self.confirms = None;
         self.state = State::Closing;
         self.assembler.reset();
         self.shared
@@ -580,6 +628,12 @@ impl Channel {
             }
             Method::QueueDelete(m) => self.handle_queue_delete(broker, vhost, m).await?,
             Method::BasicQos(m) => {
+                if m.prefetch_size != 0 {
+                    return Err(AmqpError::not_implemented(format!(
+                        "prefetch_size!=0 ({})",
+                        m.prefetch_size
+                    )));
+                }
                 if m.global {
                     self.shared.deliveries.lock().global_prefetch = m.prefetch_count;
                 } else {
@@ -621,6 +675,13 @@ impl Channel {
                 };
                 if m.immediate {
                     return Err(AmqpError::not_implemented("immediate=true"));
+                }
+                self.shared
+                    .connection
+                    .has_published
+                    .store(true, Ordering::Relaxed);
+                if self.tx.is_some() {
+                    self.check_publish(broker, vhost, &m)?;
                 }
                 match &mut self.tx {
                     Some(actions) => {
@@ -886,7 +947,7 @@ impl Channel {
                     }
                 }
                 self.consumers.retain(|(_, cq)| cq.id != q.id);
-                vhost.delete_queue(broker, &q).await?
+                vhost.delete_queue(broker, &q, false).await?
             }
         };
         if !m.nowait {
@@ -908,6 +969,8 @@ impl Channel {
             return self.consume_replies(broker, m);
         }
         self.allow(broker, vhost, Resource::Queue, &m.queue, Access::Read)?;
+        let shared = self.shared.clone();
+        self.consumers.retain(|(t, _)| shared.has_consumer(t));
         let queue = vhost.queue_for(&m.queue, self.shared.connection.id)?;
         let tag = if m.consumer_tag.is_empty() {
             server_name("amq.ctag-")
@@ -941,6 +1004,13 @@ impl Channel {
         };
         {
             let mut st = queue.state.lock();
+            if st.deleted {
+                return Err(AmqpError::not_found(format!(
+                    "no queue '{}' in vhost '{}'",
+                    queue.name,
+                    vhost.name()
+                )));
+            }
             if st.consumers.iter().any(|c| c.exclusive) || (m.exclusive && !st.consumers.is_empty())
             {
                 return Err(AmqpError::access_refused(format!(
@@ -1074,8 +1144,15 @@ impl Channel {
             .store(true, Ordering::Relaxed);
         if let Some(exp) = header.properties.expiration() {
             if parse_expiration(&exp).is_none() {
+                let reason = if exp.starts_with('-') {
+                    format!("{{value_negative,{exp}}}")
+                } else if exp.bytes().all(|b| b.is_ascii_digit()) && !exp.is_empty() {
+                    format!("{{value_too_large,{exp}}}")
+                } else {
+                    "{error,{invalid_format}}".to_owned()
+                };
                 return Err(AmqpError::precondition_failed(format!(
-                    "invalid expiration '{exp}': {{value_negative,{exp}}}"
+                    "invalid expiration '{exp}': {reason}"
                 )));
             }
         }
@@ -1171,12 +1248,9 @@ impl Channel {
             if st.deleted {
                 continue;
             }
-            let before = fx.writes.len();
-            if st.queue.publish(&message, now_ms(), &mut fx) == Enqueued::Rejected {
-                refused = true;
-            }
-            wrote |= fx.writes.len() > before;
-            st.dispatch(&queue, &broker.store, &mut fx);
+            let (outcome, stored) = st.publish(&queue, &message, &broker.store, &mut fx);
+            refused |= outcome == Enqueued::Rejected;
+            wrote |= stored;
             drop(st);
             queue.wake.notify_one();
         }
@@ -1245,6 +1319,9 @@ impl Channel {
     /// or after the store's commit point if any of them (or an earlier batch
     /// still waiting) wrote to the store.
     pub fn flush_confirms(&mut self, broker: &Arc<Broker>) {
+        if self.state == State::Closing {
+            return;
+        }
         let Some(c) = self.confirms.as_mut() else {
             return;
         };
@@ -1273,6 +1350,12 @@ impl Channel {
             let result = commit.await;
             if let Some(previous) = previous {
                 let _ = previous.await;
+            }
+            // The channel closed meanwhile (its number may already be reused).
+            if shared.is_closed() {
+                in_flight.fetch_sub(1, Ordering::AcqRel);
+                let _ = done.send(());
+                return;
             }
             match result {
                 Ok(()) => frames.iter().for_each(|f| shared.write_method(f)),

@@ -44,6 +44,8 @@ pub struct ConnectionShared {
     pub frame_max: AtomicU32,
     /// The client wants `basic.cancel` when the broker cancels its consumers.
     pub cancel_notify: bool,
+    /// Negotiated `channel_max`.
+    pub channel_max: u16,
     /// The client understands `connection.blocked` / `unblocked`.
     pub blocked_notify: bool,
     /// The connection has published: it is blocked while an alarm is raised.
@@ -340,6 +342,10 @@ async fn handshake(
         id: broker.next_connection_id(),
         outbox: outbox.clone(),
         frame_max: AtomicU32::new(tune.frame_max),
+        channel_max: match tune.channel_max {
+            0 => config.channel_max,
+            n => n.min(config.channel_max),
+        },
         cancel_notify: cap("consumer_cancel_notify"),
         blocked_notify: cap("connection.blocked"),
         has_published: std::sync::atomic::AtomicBool::new(false),
@@ -416,7 +422,7 @@ impl Connection {
                     let state = *alarms.borrow_and_update();
                     blocked = self.update_blocked(blocked, state);
                 }
-                read = reader.socket.read_buf(&mut reader.buf), if !blocked => {
+                read = reader.socket.read_buf(&mut reader.buf), if !blocked && !self.shared.outbox.is_full() => {
                     match read {
                         Ok(0) | Err(_) => return,
                         Ok(_) => last_read = Instant::now(),
@@ -436,6 +442,10 @@ impl Connection {
                     blocked = self.update_blocked(blocked, self.broker.alarms.current());
                 }
                 _ = ticker.tick(), if self.heartbeat > 0 => {
+                    // A blocked publisher is not read, so its silence is ours.
+                    if blocked {
+                        last_read = Instant::now();
+                    }
                     if last_read.elapsed() > hb * 2 {
                         tracing::info!(connection = self.shared.id, "missed heartbeats from client, timeout: {}s", self.heartbeat);
                         return;
@@ -454,9 +464,10 @@ impl Connection {
                     }
                 }
                 _ = self.shared.outbox.drained() => {
+                    last_read = Instant::now();
                     // Deliveries to this connection paused while its outbox was
                     // full; let its consumers' queues deliver again.
-                    for ch in self.channels.values() {
+                    for ch in self.channels.values_mut() {
                         ch.redispatch(&self.broker, &self.vhost);
                     }
                 }
@@ -506,10 +517,10 @@ impl Connection {
                     method: Method::ChannelOpen(_),
                     ..
                 } => {
-                    if channel > self.broker.config.channel_max {
+                    if channel > self.shared.channel_max {
                         return Err(AmqpError::not_allowed(format!(
                             "channel number {channel} is above the negotiated channel_max ({})",
-                            self.broker.config.channel_max
+                            self.shared.channel_max
                         ))
                         .on(20, 10));
                     }
@@ -534,7 +545,19 @@ impl Connection {
                 )),
             };
         };
-        if ch.is_closing() && !matches!(frame, Frame::Method { .. }) {
+        if ch.is_closing() {
+            // Until close-ok only channel.close / close-ok matter; content of
+            // publishes the client had in flight is dropped unassembled.
+            let Frame::Method { method, .. } = frame else {
+                return Ok(false);
+            };
+            let cmd = amqp_codec::Command {
+                method,
+                content: None,
+            };
+            if let Ok(ChannelOutcome::Closed) = ch.handle(&self.broker, &self.vhost, cmd).await {
+                self.channels.remove(&channel);
+            }
             return Ok(false);
         }
         let cmd = match ch.assembler.push(frame) {
@@ -614,7 +637,10 @@ impl Connection {
         write_method(&self.shared.outbox, 0, &close_method(e));
         let wait = async {
             loop {
-                match reader.frame(0).await {
+                match reader
+                    .frame(self.shared.frame_max.load(Ordering::Relaxed))
+                    .await
+                {
                     Ok(Some(Frame::Method {
                         channel: 0,
                         method: Method::ConnectionCloseOk(_),
@@ -635,7 +661,7 @@ impl Connection {
         }
         for q in self.vhost.queues() {
             if q.exclusive_owner == Some(self.shared.id) {
-                let _ = self.vhost.delete_queue(&self.broker, &q).await;
+                let _ = self.vhost.delete_queue(&self.broker, &q, false).await;
             }
         }
     }

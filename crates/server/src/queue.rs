@@ -18,7 +18,7 @@ use amqp_codec::{
     encode_method,
 };
 use parking_lot::Mutex;
-use queue_store::{Delivery, Effects, Message, MessageRef, Queue, Store};
+use queue_store::{Delivery, Effects, Enqueued, Message, MessageRef, Queue, Store};
 use tokio::sync::Notify;
 
 use crate::channel::{ChannelShared, Unacked};
@@ -117,6 +117,26 @@ impl QueueHandle {
 }
 
 impl QueueState {
+    /// Enqueues a published message and delivers what it can; returns the
+    /// outcome and whether anything was written to the store (then a confirm
+    /// must wait for the commit point). The writes are submitted before
+    /// delivering, so that a body paged out on enqueue can already be loaded.
+    pub fn publish(
+        &mut self,
+        handle: &QueueHandle,
+        message: &Arc<Message>,
+        store: &Store,
+        fx: &mut Effects,
+    ) -> (Enqueued, bool) {
+        let outcome = self.queue.publish(message, now_ms(), fx);
+        let wrote = !fx.writes.is_empty();
+        if wrote {
+            store.submit(fx.writes.drain(..));
+        }
+        self.dispatch(handle, store, fx);
+        (outcome, wrote)
+    }
+
     /// Hands ready messages to consumers with credit, round-robin, until the
     /// queue is empty or no consumer can take more.
     pub fn dispatch(&mut self, handle: &QueueHandle, store: &Store, fx: &mut Effects) {

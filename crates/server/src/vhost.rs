@@ -157,7 +157,9 @@ impl Vhost {
     }
 
     /// Persists the removal of whatever `removed` lists that was durable.
-    fn persist_removed(&self, broker: &Arc<Broker>, removed: &Removed) {
+    /// Returns whether anything durable was removed (then the caller waits for
+    /// the commit point before answering).
+    fn persist_removed(&self, broker: &Arc<Broker>, removed: &Removed) -> bool {
         let mut writes = Vec::new();
         for b in &removed.bindings {
             writes.push(Write::DeleteDefinition {
@@ -171,9 +173,11 @@ impl Vhost {
                 key: scoped_name(&self.name, &[x.name.as_bytes()]),
             });
         }
-        if !writes.is_empty() {
-            self.persist(broker, writes);
+        if writes.is_empty() {
+            return false;
         }
+        self.persist(broker, writes);
+        true
     }
 
     /// `exchange.declare`.
@@ -224,7 +228,9 @@ impl Vhost {
         if_unused: bool,
     ) -> Result<(), AmqpError> {
         let removed = self.router.write().delete_exchange(name, if_unused)?;
-        self.persist_removed(broker, &removed);
+        if self.persist_removed(broker, &removed) {
+            broker.store.commit().await?;
+        }
         Ok(())
     }
 
@@ -258,7 +264,9 @@ impl Vhost {
     /// `queue.unbind` / `exchange.unbind`.
     pub async fn unbind(&self, broker: &Arc<Broker>, b: &BindingDef) -> Result<(), AmqpError> {
         let removed = self.router.write().unbind(b)?;
-        self.persist_removed(broker, &removed);
+        if self.persist_removed(broker, &removed) {
+            broker.store.commit().await?;
+        }
         Ok(())
     }
 
@@ -275,7 +283,8 @@ impl Vhost {
         arguments: FieldTable,
     ) -> Result<Arc<QueueHandle>, AmqpError> {
         let id = broker.next_queue_id();
-        let queue = Queue::new(id, name.clone(), durable, args, arguments.clone(), now_ms());
+        let mut queue = Queue::new(id, name.clone(), durable, args, arguments.clone(), now_ms());
+        queue.set_memory_budget(broker.config.queue_memory_budget);
         let handle = QueueHandle::new(queue, auto_delete, exclusive_owner);
         // Another connection may have created it meanwhile: first one wins.
         let handle = self
@@ -314,15 +323,20 @@ impl Vhost {
 
     /// Deletes a queue: its messages, bindings, consumers (who are told, if
     /// they asked to be) and durable record. Returns its ready-message count.
+    ///
+    /// With `only_if_unused` (auto-delete, `x-expires`), a queue that has
+    /// gained a consumer meanwhile is kept: the check and the deletion happen
+    /// under the queue's lock.
     pub async fn delete_queue(
         &self,
         broker: &Arc<Broker>,
         q: &Arc<QueueHandle>,
+        only_if_unused: bool,
     ) -> Result<u64, AmqpError> {
         let mut fx = Effects::default();
         let (count, consumers) = {
             let mut st = q.state.lock();
-            if st.deleted {
+            if st.deleted || (only_if_unused && !st.consumers.is_empty()) {
                 return Ok(0);
             }
             st.deleted = true;
@@ -343,6 +357,9 @@ impl Vhost {
             });
         }
         self.apply(broker, &mut fx);
+        if q.durable {
+            broker.store.commit().await?;
+        }
         tracing::info!(queue = %q.name, vhost = %self.name, "queue deleted");
         Ok(count)
     }
@@ -370,7 +387,7 @@ impl Vhost {
             let name = self.name.clone();
             broker.tracker.spawn(async move {
                 if let Some(v) = broker2.vhost(&name) {
-                    if let Err(e) = v.delete_queue(&broker2, &q).await {
+                    if let Err(e) = v.delete_queue(&broker2, &q, true).await {
                         tracing::warn!(error = %e, "auto-delete failed");
                     }
                 }
@@ -454,7 +471,7 @@ impl Vhost {
                     if self
                         .router
                         .read()
-                        .route(&dl.exchange, key, None, &mut routed)
+                        .route_dead_letter(&dl.exchange, key, headers.as_ref(), &mut routed)
                         .is_ok()
                     {
                         targets.extend_from_slice(routed.queues());
@@ -480,8 +497,7 @@ impl Vhost {
                     if st.deleted {
                         continue;
                     }
-                    st.queue.publish(&message, now_ms(), fx);
-                    st.dispatch(&q, &broker.store, fx);
+                    st.publish(&q, &message, &broker.store, fx);
                     drop(st);
                     q.wake.notify_one();
                 }
@@ -539,7 +555,7 @@ impl Vhost {
             let arguments = field_table(t, "arguments");
             let args = QueueArgs::parse(&arguments, &name, &self.name).unwrap_or_default();
             let entries = recovered.queues.remove(&id).unwrap_or_default();
-            let queue = Queue::recover(
+            let mut queue = Queue::recover(
                 id,
                 name.clone(),
                 args,
@@ -548,6 +564,7 @@ impl Vhost {
                 recovered.clean_shutdown,
                 now_ms(),
             );
+            queue.set_memory_budget(broker.config.queue_memory_budget);
             broker.note_queue_id(id);
             let handle = QueueHandle::new(queue, field_bool(t, "auto_delete"), None);
             self.queues.insert(name.clone(), handle.clone());
