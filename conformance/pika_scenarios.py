@@ -2,12 +2,14 @@
 """Warren conformance scenarios driven through pika (BlockingConnection).
 
 Usage: pika_scenarios.py --port N [--host H] [--product Warren]
-                         [--alarm-port N] [--timeout-port N] [--only a,b]
+                         [--alarm-port N] [--timeout-port N]
+                         [--tls-port N --tls-dir DIR] [--only a,b]
 
 Every scenario opens its own connection, uses its own uniquely named entities
 and prints exactly one line: `PASS pika.<name>` or `FAIL pika.<name>: reason`
-(`SKIP pika.<name>: reason` for connection_blocked / consumer_timeout when the
-broker they need, --alarm-port / --timeout-port, is not given).
+(`SKIP pika.<name>: reason` for connection_blocked / consumer_timeout / tls_* when
+the broker they need, --alarm-port / --timeout-port / --tls-port with --tls-dir,
+is not given).
 The expected behaviour is RabbitMQ 3.10's; a mismatch is a failure, never
 something to be tolerated here.  Exit status: 0 if all passed, 1 otherwise.
 """
@@ -16,6 +18,7 @@ import argparse
 import datetime
 import os
 import signal
+import ssl
 import sys
 import threading
 import time
@@ -790,6 +793,151 @@ def s16_consumer_timeout(connect):
             conn.close()
 
 
+# --------------------------------------------------------------------------
+# TLS (the tls broker: --tls-port, PKI from make_pki.sh in --tls-dir)
+
+EXTERNAL_REFUSED = ("ACCESS_REFUSED - Login was refused using authentication mechanism EXTERNAL. "
+                    "For details see the broker logfile.")
+
+
+class Recording:
+    """Mixin for pika credentials: remembers the mechanisms connection.start offered.
+
+    pika deep-copies the credentials into each connection; returning self from
+    __deepcopy__ keeps the record reachable from the scenario."""
+
+    offered = None
+
+    def response_for(self, start):
+        mechs = start.mechanisms
+        self.offered = (mechs.decode() if isinstance(mechs, bytes) else mechs).split()
+        return super().response_for(start)
+
+    def __deepcopy__(self, _memo):
+        return self
+
+
+class RecordingPlain(Recording, pika.PlainCredentials):
+    pass
+
+
+class RecordingExternal(Recording, pika.credentials.ExternalCredentials):
+    pass
+
+
+def tls_socket(conn):
+    sock = conn._impl._transport._sock  # pika internals: the transport's socket
+    check(isinstance(sock, ssl.SSLSocket), f"connection is not over TLS: {sock!r}")
+    return sock
+
+
+def tls_roundtrip(conn, what):
+    """Declare a queue, publish a small and a multi-frame (300 KiB) message and get both back."""
+    ch = conn.channel()
+    q = name(what)
+    ok = ch.queue_declare(q)
+    eq(ok.method.queue, q, f"{what}: declare-ok queue name")
+    big = bytes(range(256)) * 1200  # 307200 octets: 3 body frames at frame_max 131072, many TLS records
+    ch.basic_publish("", q, b"over tls", pika.BasicProperties(correlation_id="tls-1"))
+    ch.basic_publish("", q, big)
+    method, props, body = ch.basic_get(q, auto_ack=True)
+    check(method is not None, f"{what}: basic.get returned empty")
+    eq(body, b"over tls", f"{what}: first body")
+    eq(props.correlation_id, "tls-1", f"{what}: correlation_id")
+    eq(method.message_count, 1, f"{what}: message_count after the first get")
+    method, _, body = ch.basic_get(q, auto_ack=True)
+    check(method is not None, f"{what}: second basic.get returned empty")
+    check(body == big, f"{what}: 300 KiB body differs ({len(body)} octets back)")
+    eq(ch.basic_get(q, auto_ack=True)[0], None, f"{what}: get on the emptied queue")
+    ch.queue_delete(q)
+
+
+def expect_login_refused(connect, what, **kw):
+    """The connection attempt must fail like RabbitMQ's refused login: connection.close
+    403 ACCESS_REFUSED (pika reports ProbableAuthenticationError) with the exact text."""
+    try:
+        conn = connect(**kw)
+    except pika.exceptions.ProbableAuthenticationError as e:
+        expected = repr(pika.exceptions.ConnectionClosedByBroker(403, EXTERNAL_REFUSED))
+        eq(e.args[0] if e.args else None, expected, f"{what}: refusal")
+        return
+    except pika.exceptions.AuthenticationError as e:
+        creds = kw.get("credentials")
+        raise Failure(f"{what}: pika gave up before sending start-ok ({e!r}): the broker offered "
+                      f"mechanisms {getattr(creds, 'offered', None)}, expected EXTERNAL among them "
+                      f"and a 403 ACCESS_REFUSED connection.close after start-ok") from None
+    conn.close()
+    raise Failure(f"{what}: login succeeded")
+
+
+def s17_tls_plain_login(connect):
+    # TLS 1.3 (the default context's choice) and TLS 1.2; no client certificate,
+    # the server certificate verified against the test CA and for "localhost"
+    for version in (None, ssl.TLSVersion.TLSv1_2):
+        creds = RecordingPlain("guest", "guest")
+        conn = connect(credentials=creds, server_hostname="localhost", tls_max=version)
+        try:
+            sock = tls_socket(conn)
+            label = sock.version()
+            if version is not None:
+                eq(label, "TLSv1.2", "negotiated protocol with maximum_version TLSv1.2")
+            check(label in ("TLSv1.2", "TLSv1.3"), f"negotiated protocol {label}")
+            check("PLAIN" in creds.offered, f"{label}: PLAIN not offered: {creds.offered}")
+            eq(sock.getpeercert()["subject"], ((("commonName", "localhost"),),), f"{label}: server certificate subject")
+            product = conn._impl.server_properties.get("product")
+            if isinstance(product, bytes):
+                product = product.decode()
+            eq(product, ARGS.product, f"{label}: server_properties.product")
+            tls_roundtrip(conn, f"tls-plain-{label}")
+        finally:
+            if conn.is_open:
+                conn.close()
+
+
+def s18_tls_external_login(connect):
+    # client certificate CN=guest; the server certificate verified for IP 127.0.0.1
+    creds = RecordingExternal()
+    conn = connect(credentials=creds, client="client-guest", server_hostname="127.0.0.1")
+    try:
+        tls_socket(conn)
+        check("EXTERNAL" in creds.offered, f"EXTERNAL not offered with a client certificate: {creds.offered}")
+        check("PLAIN" in creds.offered, f"PLAIN not offered with a client certificate: {creds.offered}")
+        tls_roundtrip(conn, "tls-external")
+    finally:
+        if conn.is_open:
+            conn.close()
+    # PLAIN still works when a client certificate is presented
+    conn = connect(credentials=pika.PlainCredentials("guest", "guest"), client="client-guest")
+    try:
+        check(conn.channel().is_open, "PLAIN with a client certificate: channel did not open")
+    finally:
+        conn.close()
+
+
+def s19_tls_external_unknown_user_refused(connect):
+    # a valid certificate whose CN (tlsuser) is no user
+    creds = RecordingExternal()
+    expect_login_refused(connect, "EXTERNAL as CN=tlsuser", credentials=creds, client="client-tlsuser")
+
+
+def s20_tls_no_client_cert_external_refused(connect):
+    # RabbitMQ (rabbitmq_auth_mechanism_ssl) offers EXTERNAL on every TLS connection,
+    # with or without a client certificate, and refuses it after start-ok
+    creds = RecordingExternal()
+    expect_login_refused(connect, "EXTERNAL without a client certificate", credentials=creds)
+    # PLAIN over the same listener, still without a certificate
+    creds = RecordingPlain("guest", "guest")
+    conn = connect(credentials=creds)
+    try:
+        tls_socket(conn)
+        check("EXTERNAL" in creds.offered,
+              f"EXTERNAL not offered on a TLS connection without a client certificate: {creds.offered}")
+        tls_roundtrip(conn, "tls-nocert-plain")
+    finally:
+        if conn.is_open:
+            conn.close()
+
+
 SCENARIOS = [
     ("handshake", s01_handshake),
     ("declare_get_properties", s02_declare_get_properties),
@@ -807,6 +955,10 @@ SCENARIOS = [
     ("delivery_count", s14_delivery_count),
     ("connection_blocked", s15_connection_blocked, "alarm"),
     ("consumer_timeout", s16_consumer_timeout, "timeout"),
+    ("tls_plain_login", s17_tls_plain_login, "tls"),
+    ("tls_external_login", s18_tls_external_login, "tls"),
+    ("tls_external_unknown_user_refused", s19_tls_external_unknown_user_refused, "tls"),
+    ("tls_no_client_cert_external_refused", s20_tls_no_client_cert_external_refused, "tls"),
 ]
 
 
@@ -820,10 +972,15 @@ def main():
                     help="broker with a 256 KiB memory high watermark (connection_blocked)")
     ap.add_argument("--timeout-port", type=int,
                     help=f"broker with a {CONSUMER_TIMEOUT_MS} ms consumer timeout (consumer_timeout)")
+    ap.add_argument("--tls-port", type=int,
+                    help="AMQPS port of a broker using the --tls-dir PKI with client-certificate "
+                         "verification (tls_* scenarios)")
+    ap.add_argument("--tls-dir", help="directory written by make_pki.sh (ca.pem, client-*.pem/.key)")
     ap.add_argument("--only", help="comma-separated scenario names")
     ARGS = ap.parse_args()
     only = set(ARGS.only.split(",")) if ARGS.only else None
-    ports = {"main": ARGS.port, "alarm": ARGS.alarm_port, "timeout": ARGS.timeout_port}
+    ports = {"main": ARGS.port, "alarm": ARGS.alarm_port, "timeout": ARGS.timeout_port,
+             "tls": ARGS.tls_port if ARGS.tls_dir else None}
 
     def connector(port):
         params = pika.ConnectionParameters(
@@ -837,6 +994,26 @@ def main():
         connect.params = params
         return connect
 
+    def tls_connector(port):
+        def connect(credentials=None, client=None, server_hostname="localhost", tls_max=None):
+            """A TLS connection trusting the test CA (hostname checked), with the client
+            certificate `client` (make_pki.sh name) if given."""
+            ctx = ssl.create_default_context(cafile=os.path.join(ARGS.tls_dir, "ca.pem"))
+            if tls_max is not None:
+                ctx.maximum_version = tls_max
+            if client:
+                ctx.load_cert_chain(os.path.join(ARGS.tls_dir, f"{client}.pem"),
+                                    os.path.join(ARGS.tls_dir, f"{client}.key"))
+            params = pika.ConnectionParameters(
+                host=ARGS.host, port=port, virtual_host="/",
+                credentials=credentials or pika.PlainCredentials("guest", "guest"),
+                ssl_options=pika.SSLOptions(ctx, server_hostname),
+                connection_attempts=1, socket_timeout=5, stack_timeout=10,
+                blocked_connection_timeout=10)
+            return pika.BlockingConnection(params)
+
+        return connect
+
     signal.signal(signal.SIGALRM, _on_alarm)
     failed = 0
     for sname, fn, *broker in SCENARIOS:
@@ -845,9 +1022,10 @@ def main():
         full = f"pika.{sname}"
         broker = broker[0] if broker else "main"
         if ports[broker] is None:
-            print(f"SKIP {full}: no --{broker}-port broker given", flush=True)
+            given = "--tls-port/--tls-dir" if broker == "tls" else f"--{broker}-port"
+            print(f"SKIP {full}: no {given} broker given", flush=True)
             continue
-        connect = connector(ports[broker])
+        connect = (tls_connector if broker == "tls" else connector)(ports[broker])
         t0 = time.monotonic()
         signal.alarm(SCENARIO_TIMEOUT)
         try:

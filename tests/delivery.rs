@@ -353,3 +353,63 @@ async fn direct_reply_to_errors() {
     assert_amqp_error(r, 406, "fast reply consumer does not exist");
     broker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_id_must_match_the_connection_user() {
+    let broker = TestBroker::start().await;
+    let conn = broker.connect().await;
+    let ch = channel_with_queue(&conn, "q").await;
+    ch.basic_publish(
+        "".into(),
+        "q".into(),
+        BasicPublishOptions::default(),
+        b"mine",
+        lapin::BasicProperties::default().with_user_id("guest".into()),
+    )
+    .await
+    .unwrap();
+    ch.basic_publish(
+        "".into(),
+        "q".into(),
+        BasicPublishOptions::default(),
+        b"forged",
+        lapin::BasicProperties::default().with_user_id("admin".into()),
+    )
+    .await
+    .unwrap();
+    let r = ch.basic_qos(1, BasicQosOptions::default()).await;
+    assert_amqp_error(
+        r,
+        406,
+        "user_id property set to 'admin' but authenticated user was 'guest'",
+    );
+    let probe = conn.create_channel().await.unwrap();
+    assert_eq!(
+        ready(&probe, "q").await,
+        1,
+        "only the honest message was enqueued"
+    );
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn update_secret_is_acknowledged() {
+    use amqp_codec::Method;
+    use amqp_codec::methods::ConnectionUpdateSecret;
+    let broker = TestBroker::start().await;
+    let mut c = warren_tests::RawClient::open(broker.addr).await;
+    c.send(
+        0,
+        ConnectionUpdateSecret {
+            new_secret: bytes::Bytes::from_static(b"token"),
+            reason: amqp_codec::ShortStr::from_static("refresh"),
+        }
+        .into(),
+    )
+    .await;
+    assert!(matches!(
+        c.method().await,
+        Some(Method::ConnectionUpdateSecretOk(_))
+    ));
+    broker.stop().await;
+}

@@ -191,3 +191,87 @@ async fn publishers_are_blocked_under_the_memory_alarm_and_lose_nothing() {
     let _writer = flood.await.unwrap();
     broker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_disk_alarm_blocks_publishers_too() {
+    let dir = tempfile::tempdir().unwrap();
+    // A limit no disk satisfies: the alarm is raised at the first sample.
+    let broker = TestBroker::start_with(dir.path(), |c| c.disk_free_limit = u64::MAX).await;
+    let mut c = RawClient::connect(broker.addr).await;
+    c.send_raw(&amqp_codec::PROTOCOL_HEADER).await;
+    assert!(matches!(c.method().await, Some(Method::ConnectionStart(_))));
+    let mut caps = FieldTable::new();
+    caps.insert(s("connection.blocked"), FieldValue::Bool(true));
+    let mut props = FieldTable::new();
+    props.insert(s("capabilities"), FieldValue::Table(caps));
+    c.send(
+        0,
+        ConnectionStartOk {
+            client_properties: props,
+            mechanism: s("PLAIN"),
+            response: bytes::Bytes::from_static(b"\0guest\0guest"),
+            locale: s("en_US"),
+        }
+        .into(),
+    )
+    .await;
+    assert!(matches!(c.method().await, Some(Method::ConnectionTune(_))));
+    c.send(
+        0,
+        ConnectionTuneOk {
+            channel_max: 10,
+            frame_max: 131_072,
+            heartbeat: 0,
+        }
+        .into(),
+    )
+    .await;
+    c.send(
+        0,
+        ConnectionOpen {
+            virtual_host: s("/"),
+            ..Default::default()
+        }
+        .into(),
+    )
+    .await;
+    assert!(matches!(
+        c.method().await,
+        Some(Method::ConnectionOpenOk(_))
+    ));
+    c.send(1, ChannelOpen::default().into()).await;
+    assert!(matches!(c.method().await, Some(Method::ChannelOpenOk(_))));
+    let header = ContentHeader {
+        class_id: 60,
+        weight: 0,
+        body_size: 1,
+        properties: BasicProperties::default().to_raw().unwrap(),
+    };
+    let mut buf = bytes::BytesMut::new();
+    encode_method(
+        &mut buf,
+        1,
+        &BasicPublish {
+            routing_key: s("nowhere"),
+            ..Default::default()
+        }
+        .into(),
+    )
+    .unwrap();
+    encode_content_header(&mut buf, 1, &header).unwrap();
+    encode_body(&mut buf, 1, b"x", 131_072).unwrap();
+    c.send_raw(&buf).await;
+    let blocked = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match c.method().await {
+                Some(Method::ConnectionBlocked(b)) => return b.reason,
+                Some(_) => continue,
+                None => panic!("socket closed"),
+            }
+        }
+    })
+    .await
+    .expect("no connection.blocked under the disk alarm");
+    assert_eq!(blocked, "low on disk");
+    broker.stop().await;
+}

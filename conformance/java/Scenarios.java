@@ -1,31 +1,47 @@
 // Warren conformance scenarios driven through the RabbitMQ Java client.
 //
 // Usage: java -cp <amqp-client.jar:slf4j...:classes> Scenarios --port N [--host H] [--product Warren]
-//            [--alarm-port N] [--timeout-port N] [--only a,b]
+//            [--alarm-port N] [--timeout-port N] [--tls-port N --tls-dir DIR] [--only a,b]
 //
 // Every scenario opens its own connection(s), uses its own uniquely named entities
 // and prints exactly one line: `PASS java.<name>` or `FAIL java.<name>: reason`
-// (`SKIP java.<name>: reason` for connection_blocked / consumer_timeout when the
-// broker they need, --alarm-port / --timeout-port, is not given).
+// (`SKIP java.<name>: reason` for connection_blocked / consumer_timeout / tls_* when
+// the broker they need, --alarm-port / --timeout-port / --tls-port with --tls-dir,
+// is not given).
 // The expected behaviour is RabbitMQ 3.10's; a mismatch is a failure.
 // Exit status: 0 if all passed, 1 otherwise.
 
 import com.rabbitmq.client.AMQP;
+import com.rabbitmq.client.AuthenticationFailureException;
 import com.rabbitmq.client.BlockedListener;
 import com.rabbitmq.client.Channel;
 import com.rabbitmq.client.Connection;
 import com.rabbitmq.client.ConnectionFactory;
 import com.rabbitmq.client.DefaultConsumer;
+import com.rabbitmq.client.DefaultSaslConfig;
 import com.rabbitmq.client.Envelope;
 import com.rabbitmq.client.GetResponse;
 import com.rabbitmq.client.LongString;
 import com.rabbitmq.client.MessageProperties;
+import com.rabbitmq.client.SaslConfig;
+import com.rabbitmq.client.SaslMechanism;
 import com.rabbitmq.client.ShutdownSignalException;
 
 import java.io.IOException;
+import java.io.InputStream;
 import java.nio.charset.StandardCharsets;
+import java.nio.file.Files;
+import java.nio.file.Paths;
+import java.security.KeyFactory;
+import java.security.KeyStore;
+import java.security.PrivateKey;
+import java.security.cert.Certificate;
+import java.security.cert.CertificateFactory;
+import java.security.cert.X509Certificate;
+import java.security.spec.PKCS8EncodedKeySpec;
 import java.util.ArrayList;
 import java.util.Arrays;
+import java.util.Base64;
 import java.util.Collections;
 import java.util.HashMap;
 import java.util.HashSet;
@@ -45,6 +61,13 @@ import java.util.concurrent.LinkedBlockingQueue;
 import java.util.concurrent.TimeUnit;
 import java.util.concurrent.TimeoutException;
 
+import javax.net.ssl.KeyManager;
+import javax.net.ssl.KeyManagerFactory;
+import javax.net.ssl.SSLContext;
+import javax.net.ssl.SSLParameters;
+import javax.net.ssl.SSLSocket;
+import javax.net.ssl.TrustManagerFactory;
+
 public final class Scenarios {
     static final int SCENARIO_TIMEOUT_S = 30;
     static final String RUN = UUID.randomUUID().toString().substring(0, 8);
@@ -53,6 +76,8 @@ public final class Scenarios {
     static int port = -1;
     static int alarmPort = -1;    // broker with a 256 KiB memory high watermark (connection_blocked)
     static int timeoutPort = -1;  // broker with a 300 ms consumer timeout (consumer_timeout)
+    static int tlsPort = -1;      // AMQPS port of the broker using the --tls-dir PKI (tls_*)
+    static String tlsDir = null;  // written by make_pki.sh
     static String product = "Warren";
     static final List<Connection> open = new CopyOnWriteArrayList<>();
 
@@ -821,6 +846,174 @@ public final class Scenarios {
         c.close();
     }
 
+    // ---------------------------------------------------------------------- TLS
+    // The tls broker (--tls-port) uses the PKI make_pki.sh wrote to --tls-dir.
+
+    static final String EXTERNAL_REFUSED = "ACCESS_REFUSED - Login was refused using authentication mechanism EXTERNAL."
+            + " For details see the broker logfile.";
+
+    static X509Certificate pemCert(String file) throws Exception {
+        try (InputStream in = Files.newInputStream(Paths.get(tlsDir, file))) {
+            return (X509Certificate) CertificateFactory.getInstance("X.509").generateCertificate(in);
+        }
+    }
+
+    /** A TLS context trusting the test CA, presenting the client certificate `client`
+     *  (make_pki.sh name: PEM certificate, PKCS#8 PEM EC key) if not null. */
+    static SSLContext tlsContext(String client, String protocol) throws Exception {
+        KeyStore trust = KeyStore.getInstance("PKCS12");
+        trust.load(null, null);
+        trust.setCertificateEntry("ca", pemCert("ca.pem"));
+        TrustManagerFactory tmf = TrustManagerFactory.getInstance(TrustManagerFactory.getDefaultAlgorithm());
+        tmf.init(trust);
+        KeyManager[] kms = null;
+        if (client != null) {
+            String pem = new String(Files.readAllBytes(Paths.get(tlsDir, client + ".key")), StandardCharsets.US_ASCII);
+            byte[] der = Base64.getMimeDecoder().decode(
+                    pem.replace("-----BEGIN PRIVATE KEY-----", "").replace("-----END PRIVATE KEY-----", ""));
+            PrivateKey key = KeyFactory.getInstance("EC").generatePrivate(new PKCS8EncodedKeySpec(der));
+            char[] pw = "conformance".toCharArray();
+            KeyStore ks = KeyStore.getInstance("PKCS12");
+            ks.load(null, null);
+            ks.setKeyEntry("client", key, pw, new Certificate[] {pemCert(client + ".pem")});
+            KeyManagerFactory kmf = KeyManagerFactory.getInstance(KeyManagerFactory.getDefaultAlgorithm());
+            kmf.init(ks, pw);
+            kms = kmf.getKeyManagers();
+        }
+        SSLContext ctx = SSLContext.getInstance(protocol);
+        ctx.init(kms, tmf.getTrustManagers(), null);
+        return ctx;
+    }
+
+    /** Remembers the mechanisms connection.start offered, then picks like `inner`. */
+    static final class RecordingSasl implements SaslConfig {
+        final SaslConfig inner;
+        volatile List<String> offered;
+        RecordingSasl(SaslConfig inner) { this.inner = inner; }
+        @Override
+        public SaslMechanism getSaslMechanism(String[] mechanisms) {
+            offered = Arrays.asList(mechanisms);
+            return inner.getSaslMechanism(mechanisms);
+        }
+    }
+
+    /** What a TLS connection attempt produced: the connection (or null), the socket, the mechanisms offered. */
+    static final class TlsAttempt {
+        Connection conn;
+        SSLSocket socket;
+        RecordingSasl sasl;
+        String protocol() { return socket.getSession().getProtocol(); }
+    }
+
+    /** Connects to the tls broker with the server certificate verified for host 127.0.0.1
+     *  (IP SAN); `protocol` "TLSv1.2" caps the version, "TLS" lets both sides choose. */
+    static TlsAttempt connectTls(String client, SaslConfig sasl, String protocol) throws Exception {
+        TlsAttempt a = new TlsAttempt();
+        a.sasl = new RecordingSasl(sasl);
+        ConnectionFactory f = new ConnectionFactory();
+        f.setHost(host);
+        f.setPort(tlsPort);
+        f.setUsername("guest");
+        f.setPassword("guest");
+        f.setVirtualHost("/");
+        f.setConnectionTimeout(5000);
+        f.setHandshakeTimeout(5000);
+        f.setAutomaticRecoveryEnabled(false);
+        f.setTopologyRecoveryEnabled(false);
+        f.useSslProtocol(tlsContext(client, protocol));
+        f.setSaslConfig(a.sasl);
+        f.setSocketConfigurator(sock -> {
+            sock.setTcpNoDelay(true);
+            SSLSocket ssl = (SSLSocket) sock;
+            SSLParameters p = ssl.getSSLParameters();
+            p.setEndpointIdentificationAlgorithm("HTTPS");  // hostname (here: IP) verification
+            ssl.setSSLParameters(p);
+            a.socket = ssl;
+        });
+        a.conn = f.newConnection("warren-conformance-tls");
+        open.add(a.conn);
+        return a;
+    }
+
+    /** Declare a queue, publish a small and a multi-frame (300 KiB) message, get both back. */
+    static void tlsRoundtrip(Connection c, String what) throws Exception {
+        Channel ch = c.createChannel();
+        String q = name(what);
+        eq(ch.queueDeclare(q, false, false, false, null).getQueue(), q, what + ": declare-ok queue name");
+        byte[] big = new byte[307200];  // 3 body frames at frame_max 131072, many TLS records
+        for (int i = 0; i < big.length; i++) big[i] = (byte) i;
+        ch.basicPublish("", q, new AMQP.BasicProperties.Builder().correlationId("tls-1").build(), b("over tls"));
+        ch.basicPublish("", q, null, big);
+        GetResponse r = ch.basicGet(q, true);
+        check(r != null, what + ": basic.get returned empty");
+        eq(s(r.getBody()), "over tls", what + ": first body");
+        eq(r.getProps().getCorrelationId(), "tls-1", what + ": correlation_id");
+        eq(r.getMessageCount(), 1, what + ": message_count after the first get");
+        r = ch.basicGet(q, true);
+        check(r != null, what + ": second basic.get returned empty");
+        check(Arrays.equals(r.getBody(), big), what + ": 300 KiB body differs (" + r.getBody().length + " octets back)");
+        check(ch.basicGet(q, true) == null, what + ": get on the emptied queue returned a message");
+        ch.queueDelete(q);
+    }
+
+    /** The attempt must fail like RabbitMQ's refused login: connection.close 403 ACCESS_REFUSED
+     *  with the exact text (the client raises AuthenticationFailureException). */
+    static void expectLoginRefused(String client, String what) throws Exception {
+        RecordingSasl sasl = null;
+        try {
+            TlsAttempt a = connectTls(client, DefaultSaslConfig.EXTERNAL, "TLS");
+            a.conn.close();
+            throw new Failure(what + ": login succeeded");
+        } catch (AuthenticationFailureException e) {
+            eq(e.getMessage(), EXTERNAL_REFUSED, what + ": refusal");
+        } catch (IOException e) {
+            throw new Failure(what + ": expected AuthenticationFailureException (403 " + EXTERNAL_REFUSED
+                    + " after start-ok), got " + e);
+        }
+    }
+
+    static void s17TlsPlainLogin() throws Exception {
+        for (String protocol : new String[] {"TLS", "TLSv1.2"}) {
+            TlsAttempt a = connectTls(null, DefaultSaslConfig.PLAIN, protocol);
+            String label = a.protocol();
+            if (protocol.equals("TLSv1.2")) eq(label, "TLSv1.2", "negotiated protocol with a TLSv1.2 context");
+            check(label.equals("TLSv1.2") || label.equals("TLSv1.3"), "negotiated protocol " + label);
+            check(a.sasl.offered.contains("PLAIN"), label + ": PLAIN not offered: " + a.sasl.offered);
+            X509Certificate server = (X509Certificate) a.socket.getSession().getPeerCertificates()[0];
+            eq(server.getSubjectX500Principal().getName(), "CN=localhost", label + ": server certificate subject");
+            eq(a.conn.getServerProperties().get("product"), product, label + ": server_properties.product");
+            tlsRoundtrip(a.conn, "tls-plain-" + label);
+            a.conn.close();
+        }
+    }
+
+    static void s18TlsExternalLogin() throws Exception {
+        TlsAttempt a = connectTls("client-guest", DefaultSaslConfig.EXTERNAL, "TLS");
+        check(a.sasl.offered.contains("EXTERNAL"), "EXTERNAL not offered with a client certificate: " + a.sasl.offered);
+        check(a.sasl.offered.contains("PLAIN"), "PLAIN not offered with a client certificate: " + a.sasl.offered);
+        tlsRoundtrip(a.conn, "tls-external");
+        a.conn.close();
+        // PLAIN still works when a client certificate is presented
+        a = connectTls("client-guest", DefaultSaslConfig.PLAIN, "TLS");
+        check(a.conn.createChannel().isOpen(), "PLAIN with a client certificate: channel did not open");
+        a.conn.close();
+    }
+
+    static void s19TlsExternalUnknownUserRefused() throws Exception {
+        expectLoginRefused("client-tlsuser", "EXTERNAL as CN=tlsuser");
+    }
+
+    static void s20TlsNoClientCertExternalRefused() throws Exception {
+        // RabbitMQ (rabbitmq_auth_mechanism_ssl) offers EXTERNAL on every TLS connection,
+        // with or without a client certificate, and refuses it after start-ok
+        expectLoginRefused(null, "EXTERNAL without a client certificate");
+        TlsAttempt a = connectTls(null, DefaultSaslConfig.PLAIN, "TLS");
+        check(a.sasl.offered.contains("EXTERNAL"),
+                "EXTERNAL not offered on a TLS connection without a client certificate: " + a.sasl.offered);
+        tlsRoundtrip(a.conn, "tls-nocert-plain");
+        a.conn.close();
+    }
+
     // --------------------------------------------------------------------- main
 
     public static void main(String[] argv) throws Exception {
@@ -833,6 +1026,8 @@ public final class Scenarios {
                 case "--port": port = Integer.parseInt(argv[++i]); break;
                 case "--alarm-port": alarmPort = Integer.parseInt(argv[++i]); break;
                 case "--timeout-port": timeoutPort = Integer.parseInt(argv[++i]); break;
+                case "--tls-port": tlsPort = Integer.parseInt(argv[++i]); break;
+                case "--tls-dir": tlsDir = argv[++i]; break;
                 case "--product": product = argv[++i]; break;
                 case "--only": only = new HashSet<>(Arrays.asList(argv[++i].split(","))); break;
                 default: System.err.println("unknown argument " + argv[i]); System.exit(2);
@@ -857,10 +1052,19 @@ public final class Scenarios {
         scenarios.put("delivery_count", Scenarios::s14DeliveryCount);
         scenarios.put("connection_blocked", Scenarios::s15ConnectionBlocked);
         scenarios.put("consumer_timeout", Scenarios::s16ConsumerTimeout);
+        scenarios.put("tls_plain_login", Scenarios::s17TlsPlainLogin);
+        scenarios.put("tls_external_login", Scenarios::s18TlsExternalLogin);
+        scenarios.put("tls_external_unknown_user_refused", Scenarios::s19TlsExternalUnknownUserRefused);
+        scenarios.put("tls_no_client_cert_external_refused", Scenarios::s20TlsNoClientCertExternalRefused);
         // scenarios that need a differently configured broker: name -> {option, port}
         Map<String, Object[]> needs = new HashMap<>();
         needs.put("connection_blocked", new Object[] {"--alarm-port", alarmPort});
         needs.put("consumer_timeout", new Object[] {"--timeout-port", timeoutPort});
+        int tlsNeed = tlsDir != null ? tlsPort : -1;
+        for (String t : new String[] {"tls_plain_login", "tls_external_login",
+                "tls_external_unknown_user_refused", "tls_no_client_cert_external_refused"}) {
+            needs.put(t, new Object[] {"--tls-port/--tls-dir", tlsNeed});
+        }
 
         boolean verbose = System.getenv("CONFORMANCE_VERBOSE") != null;
         int failed = 0;
