@@ -3,9 +3,10 @@
 # and the RabbitMQ Java client, and fails on any behaviour that differs from
 # RabbitMQ's.  See conformance/README.md.
 #
-# Three brokers are started: the main one (defaults), "alarm" with a 256 KiB
-# memory high watermark (connection_blocked) and "timeout" with a 300 ms
-# consumer timeout (consumer_timeout).
+# Four brokers are started: the main one (defaults), "alarm" with a 256 KiB
+# memory high watermark (connection_blocked), "timeout" with a 300 ms
+# consumer timeout (consumer_timeout) and "tls" with an AMQPS listener using a
+# throwaway PKI made by make_pki.sh, verifying client certificates (tls_*).
 #
 # Environment:
 #   WARREN_BIN          use this broker binary and skip `cargo build --release -p server`
@@ -14,6 +15,9 @@
 #   WARREN_ALARM_AMQP_PORT, WARREN_TIMEOUT_AMQP_PORT
 #                       with WARREN_AMQP_PORT: the brokers for connection_blocked and
 #                       consumer_timeout (those scenarios are skipped without them)
+#   WARREN_TLS_AMQPS_PORT, WARREN_TLS_DIR
+#                       with WARREN_AMQP_PORT: the AMQPS port of a broker using the PKI that
+#                       make_pki.sh wrote to WARREN_TLS_DIR (tls_* are skipped without both)
 #   CONFORMANCE_PRODUCT expected server_properties.product (default "Warren")
 #   CONFORMANCE_ONLY    comma-separated scenario names to run (default: all)
 #   CONFORMANCE_VERBOSE print stack traces of failing scenarios
@@ -24,8 +28,8 @@ HERE=$ROOT/conformance
 TARGET=$ROOT/target
 VENV=$TARGET/conformance-venv
 JAVA_OUT=$TARGET/conformance-java
-LOG=$TARGET/conformance-warren.log  # and conformance-warren-{alarm,timeout}.log
-SCENARIO_COUNT=16
+LOG=$TARGET/conformance-warren.log  # and conformance-warren-{alarm,timeout,tls}.log
+SCENARIO_COUNT=20
 ALARM_WATERMARK=262144   # octets; connection_blocked publishes ~2 MiB
 CONSUMER_TIMEOUT_MS=300  # consumer_timeout expects exactly this value
 START=$SECONDS
@@ -46,6 +50,13 @@ if [[ -z "${WARREN_AMQP_PORT:-}" ]]; then
     fi
     [[ -x "$BIN" ]] || die "broker binary $BIN is missing or not executable"
 fi
+
+if ! command -v openssl >/dev/null 2>&1; then
+    say "installing openssl (apt)"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl >/dev/null
+fi
+command -v openssl >/dev/null 2>&1 || die "openssl not found after installing it"
 
 if ! "$VENV/bin/python" -c 'import pika' >/dev/null 2>&1; then
     say "creating $VENV with pika"
@@ -73,9 +84,10 @@ javac -nowarn -encoding UTF-8 -d "$JAVA_OUT" -cp "$AMQP_JAR" "$HERE/java/Scenari
 
 # ---------------------------------------------------------------------- broker
 
-BROKER_NAMES=()   # broker, broker-alarm, broker-timeout
+BROKER_NAMES=()   # broker, broker-alarm, broker-timeout, broker-tls
 BROKER_PIDS=()
 BROKER_PORTS=()
+BROKER_TLS_PORTS=()  # "" for brokers without a TLS listener
 BROKER_LOGS=()
 DATA_DIRS=()
 cleanup() {
@@ -92,11 +104,23 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# start_broker NAME LOG [FLAGS...]: starts the broker on a free port in the background
+USED_PORTS=" "
+# free_port: sets FREE_PORT to a free TCP port on 127.0.0.1 not handed out before
+# in this run (no subshell, so USED_PORTS keeps track)
+free_port() {
+    while :; do
+        FREE_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()')
+        [[ $USED_PORTS == *" $FREE_PORT "* ]] || break
+    done
+    USED_PORTS+="$FREE_PORT "
+}
+
+# start_broker NAME LOG TLS_PORT [FLAGS...]: starts the broker on a free port in the
+# background; TLS_PORT ("" if none) is its AMQPS port, set among FLAGS
 start_broker() {
-    local bname=$1 log=$2; shift 2
+    local bname=$1 log=$2 tls_port=$3; shift 3
     local port dir
-    port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()')
+    free_port; port=$FREE_PORT
     dir=$(mktemp -d "${TMPDIR:-/tmp}/warren-conformance.XXXXXX")
     DATA_DIRS+=("$dir")
     say "starting $bname: $BIN --port $port${*:+ $*} (data dir $dir, log $log)"
@@ -104,35 +128,53 @@ start_broker() {
     # the environment: start it from a clean slate so only the flags apply
     env "${unset_args[@]}" NO_COLOR=1 "$BIN" --data-dir "$dir" --bind 127.0.0.1 --port "$port" "$@" >"$log" 2>&1 &
     BROKER_NAMES+=("$bname"); BROKER_PIDS+=("$!"); BROKER_PORTS+=("$port"); BROKER_LOGS+=("$log")
+    BROKER_TLS_PORTS+=("$tls_port")
 }
 
-# wait_ready I: waits until broker number I accepts connections
+# wait_ready I: waits until broker number I accepts connections on its port(s);
+# all brokers share one 30 s budget
+READY_DEADLINE=$((SECONDS + 30))
 wait_ready() {
-    local i=$1
-    for _ in $(seq 1 300); do  # up to 30 s
-        if ! kill -0 "${BROKER_PIDS[$i]}" 2>/dev/null; then
-            tail -n 30 "${BROKER_LOGS[$i]}" >&2 || true
-            die "${BROKER_NAMES[$i]} exited before accepting connections"
-        fi
-        if (exec 3<>"/dev/tcp/127.0.0.1/${BROKER_PORTS[$i]}") 2>/dev/null; then return 0; fi
-        sleep 0.1
+    local i=$1 p
+    for p in ${BROKER_PORTS[$i]} ${BROKER_TLS_PORTS[$i]}; do
+        while ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; do
+            if ! kill -0 "${BROKER_PIDS[$i]}" 2>/dev/null; then
+                tail -n 30 "${BROKER_LOGS[$i]}" >&2 || true
+                die "${BROKER_NAMES[$i]} exited before accepting connections"
+            fi
+            [[ $SECONDS -lt $READY_DEADLINE ]] ||
+                die "${BROKER_NAMES[$i]} did not accept connections on port $p within 30 s"
+            sleep 0.1
+        done
     done
-    die "${BROKER_NAMES[$i]} did not accept connections on port ${BROKER_PORTS[$i]} within 30 s"
 }
 
 if [[ -n "${WARREN_AMQP_PORT:-}" ]]; then
     PORT=$WARREN_AMQP_PORT
     ALARM_PORT=${WARREN_ALARM_AMQP_PORT:-}
     TIMEOUT_PORT=${WARREN_TIMEOUT_AMQP_PORT:-}
+    TLS_PORT=${WARREN_TLS_AMQPS_PORT:-}
+    TLS_DIR=${WARREN_TLS_DIR:-}
+    if [[ -n "$TLS_PORT" && ! -f "$TLS_DIR/ca.pem" ]]; then
+        die "WARREN_TLS_AMQPS_PORT needs WARREN_TLS_DIR, a directory written by conformance/make_pki.sh"
+    fi
     say "using the broker already listening on 127.0.0.1:$PORT" \
-        "(alarm: ${ALARM_PORT:-none}, timeout: ${TIMEOUT_PORT:-none})"
+        "(alarm: ${ALARM_PORT:-none}, timeout: ${TIMEOUT_PORT:-none}, tls: ${TLS_PORT:-none})"
 else
     mkdir -p "$TARGET"
     unset_args=()
     for v in $(compgen -e | grep '^WARREN_' || true); do unset_args+=(-u "$v"); done
-    start_broker broker "$LOG"
-    start_broker broker-alarm "${LOG%.log}-alarm.log" --memory-high-watermark "$ALARM_WATERMARK"
-    start_broker broker-timeout "${LOG%.log}-timeout.log" --consumer-timeout "$CONSUMER_TIMEOUT_MS"
+    TLS_DIR=$(mktemp -d "${TMPDIR:-/tmp}/warren-conformance-pki.XXXXXX")
+    DATA_DIRS+=("$TLS_DIR")
+    say "test PKI (make_pki.sh) in $TLS_DIR"
+    "$HERE/make_pki.sh" "$TLS_DIR"
+    free_port; TLS_PORT=$FREE_PORT
+    start_broker broker "$LOG" ""
+    start_broker broker-alarm "${LOG%.log}-alarm.log" "" --memory-high-watermark "$ALARM_WATERMARK"
+    start_broker broker-timeout "${LOG%.log}-timeout.log" "" --consumer-timeout "$CONSUMER_TIMEOUT_MS"
+    start_broker broker-tls "${LOG%.log}-tls.log" "$TLS_PORT" --tls-port "$TLS_PORT" \
+        --tls-cert "$TLS_DIR/server.pem" --tls-key "$TLS_DIR/server.key" \
+        --tls-ca "$TLS_DIR/ca.pem" --tls-verify-peer
     for i in "${!BROKER_PIDS[@]}"; do wait_ready "$i"; done
     PORT=${BROKER_PORTS[0]} ALARM_PORT=${BROKER_PORTS[1]} TIMEOUT_PORT=${BROKER_PORTS[2]}
 fi
@@ -145,6 +187,7 @@ ONLY_ARGS=()
 PORT_ARGS=(--port "$PORT")
 [[ -n "$ALARM_PORT" ]] && PORT_ARGS+=(--alarm-port "$ALARM_PORT")
 [[ -n "$TIMEOUT_PORT" ]] && PORT_ARGS+=(--timeout-port "$TIMEOUT_PORT")
+[[ -n "$TLS_PORT" ]] && PORT_ARGS+=(--tls-port "$TLS_PORT" --tls-dir "$TLS_DIR")
 
 # run_client NAME CMD...: runs one client's scenarios, echoing and recording the
 # PASS/FAIL/SKIP lines; a runner that dies or leaves scenarios out is itself a failure.

@@ -450,3 +450,55 @@ async fn users_vhosts_and_permissions_survive_a_restart() {
     );
     broker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_vhost_limits_scope_one_tenant() {
+    let mut broker = TestBroker::start().await;
+    let dir = broker.keep_dir();
+    let b = broker.broker();
+    b.add_vhost("small").await.unwrap();
+    b.set_permissions("guest", "small", ".*", ".*", ".*")
+        .await
+        .unwrap();
+    let limits = server::vhost::VhostLimits {
+        max_connections: Some(1),
+        max_queues: Some(1),
+    };
+    b.set_vhost_limits("small", limits).await.unwrap();
+
+    let first = connect_as(&broker, "guest", "guest", "small")
+        .await
+        .unwrap();
+    let e = connect_as(&broker, "guest", "guest", "small")
+        .await
+        .expect_err("over the vhost's connection limit");
+    if let Some((code, text)) = warren_tests::amqp_error(&e) {
+        assert_eq!(code, 530);
+        assert!(text.contains("connection limit (1) is reached"), "{text}");
+    }
+    // Other vhosts are not affected.
+    let _root = broker.connect().await;
+    let ch = channel_with_queue(&first, "one").await;
+    let r = ch
+        .queue_declare(
+            "two".into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await;
+    assert_amqp_error(
+        r,
+        406,
+        "cannot declare queue 'two': queue limit in vhost 'small' (1) is reached",
+    );
+    drop(first);
+    broker.stop().await;
+
+    // Limits are kept across a restart.
+    let broker = TestBroker::start_in(dir.path()).await;
+    assert_eq!(
+        *broker.broker().vhost("small").unwrap().limits.lock(),
+        limits
+    );
+    broker.stop().await;
+}

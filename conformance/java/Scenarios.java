@@ -959,7 +959,6 @@ public final class Scenarios {
     /** The attempt must fail like RabbitMQ's refused login: connection.close 403 ACCESS_REFUSED
      *  with the exact text (the client raises AuthenticationFailureException). */
     static void expectLoginRefused(String client, String what) throws Exception {
-        RecordingSasl sasl = null;
         try {
             TlsAttempt a = connectTls(client, DefaultSaslConfig.EXTERNAL, "TLS");
             a.conn.close();

@@ -234,6 +234,24 @@ impl Broker {
         Ok(v)
     }
 
+    /// Sets a vhost's limits (persisted with the vhost).
+    pub async fn set_vhost_limits(
+        &self,
+        name: &str,
+        limits: crate::vhost::VhostLimits,
+    ) -> Result<(), StoreError> {
+        let Some(v) = self.vhost(name) else {
+            return Err(StoreError::Engine(format!("no vhost '{name}'")));
+        };
+        *v.limits.lock() = limits;
+        self.store.submit([queue_store::Write::PutDefinition {
+            kind: queue_store::DefKind::Vhost,
+            key: bytes::Bytes::from(name.to_owned().into_bytes()),
+            value: limits.record(),
+        }]);
+        self.store.commit().await
+    }
+
     /// Deletes a vhost: its connections are closed (320) and its queues,
     /// exchanges and bindings removed, durable ones from the store too.
     pub async fn delete_vhost(self: &Arc<Self>, name: &str) -> Result<(), StoreError> {
@@ -322,23 +340,29 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
         tracker: TaskTracker::new(),
     });
     broker.auth.recover(&recovered.definitions);
-    let mut vhost_names: Vec<String> = recovered
+    let mut vhost_names: Vec<(String, crate::vhost::VhostLimits)> = recovered
         .definitions
         .iter()
         .filter(|(k, _, _)| *k == queue_store::DefKind::Vhost)
-        .map(|(_, name, _)| String::from_utf8_lossy(name).into_owned())
+        .map(|(_, name, t)| {
+            (
+                String::from_utf8_lossy(name).into_owned(),
+                crate::vhost::VhostLimits::from_record(t),
+            )
+        })
         .collect();
     let first_boot = broker.auth.is_empty() && vhost_names.is_empty();
     if first_boot {
         // An empty data directory: RabbitMQ's defaults.
-        vhost_names.push("/".to_owned());
+        vhost_names.push(("/".to_owned(), crate::vhost::VhostLimits::default()));
     }
     let mut queues = 0;
-    for name in &vhost_names {
+    for (name, limits) in &vhost_names {
         let Ok(short) = ShortStr::try_from(name.as_str()) else {
             continue;
         };
         let vhost = Arc::new(Vhost::new(short));
+        *vhost.limits.lock() = *limits;
         broker.vhosts.insert(name.clone(), vhost.clone());
         queues += vhost.recover(&broker, &mut recovered);
     }

@@ -178,6 +178,7 @@ async fn serve_io<W: AsyncWrite + Unpin + Send + 'static>(
             conn.run(&mut reader).await;
             conn.cleanup().await;
             broker.connections.fetch_sub(1, Ordering::AcqRel);
+            conn.vhost.connections.fetch_sub(1, Ordering::AcqRel);
             tracing::info!(connection = shared.id, %peer, "connection closed");
         }
         Ok(Ok(None)) => {}
@@ -323,10 +324,18 @@ async fn handshake(
     }
     let max = broker.config.max_connections;
     let open_now = broker.connections.fetch_add(1, Ordering::AcqRel) + 1;
-    if max > 0 && open_now > max {
+    let vhost_max = vhost.limits.lock().max_connections;
+    let vhost_now = vhost.connections.fetch_add(1, Ordering::AcqRel) + 1;
+    let limit = match (max > 0 && open_now > max, vhost_max) {
+        (true, _) => Some(max),
+        (false, Some(m)) if vhost_now > m => Some(m),
+        _ => None,
+    };
+    if let Some(limit) = limit {
         broker.connections.fetch_sub(1, Ordering::AcqRel);
+        vhost.connections.fetch_sub(1, Ordering::AcqRel);
         return Err(AmqpError::not_allowed(format!(
-            "access to vhost '{}' refused for user '{user}': connection limit ({max}) is reached",
+            "access to vhost '{}' refused for user '{user}': connection limit ({limit}) is reached",
             open.virtual_host
         ))
         .on(10, 40));

@@ -31,6 +31,46 @@ pub struct Vhost {
     by_id: DashMap<u64, Arc<QueueHandle>>,
     /// Cancelled when the vhost is deleted: its connections close.
     pub closed: tokio_util::sync::CancellationToken,
+    /// Open connections to this vhost.
+    pub connections: std::sync::atomic::AtomicUsize,
+    /// Per-vhost limits (RabbitMQ's `max-connections`, `max-queues`).
+    pub limits: parking_lot::Mutex<VhostLimits>,
+}
+
+/// Per-vhost limits; `None` means unlimited.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VhostLimits {
+    /// Most connections to the vhost at once.
+    pub max_connections: Option<usize>,
+    /// Most queues in the vhost.
+    pub max_queues: Option<usize>,
+}
+
+impl VhostLimits {
+    /// The vhost definition record carrying these limits.
+    pub fn record(&self) -> FieldTable {
+        let mut t = FieldTable::new();
+        if let Some(n) = self.max_connections {
+            t.insert(s("max-connections"), FieldValue::I64(n as i64));
+        }
+        if let Some(n) = self.max_queues {
+            t.insert(s("max-queues"), FieldValue::I64(n as i64));
+        }
+        t
+    }
+
+    /// Limits from a vhost definition record.
+    pub fn from_record(t: &FieldTable) -> VhostLimits {
+        let get = |k: &str| {
+            t.get(k)
+                .and_then(FieldValue::as_i64)
+                .and_then(|n| usize::try_from(n).ok())
+        };
+        VhostLimits {
+            max_connections: get("max-connections"),
+            max_queues: get("max-queues"),
+        }
+    }
 }
 
 fn s(v: &'static str) -> ShortStr {
@@ -109,6 +149,8 @@ impl Vhost {
             queues: DashMap::new(),
             by_id: DashMap::new(),
             closed: tokio_util::sync::CancellationToken::new(),
+            connections: std::sync::atomic::AtomicUsize::new(0),
+            limits: parking_lot::Mutex::new(VhostLimits::default()),
         }
     }
 
@@ -282,6 +324,14 @@ impl Vhost {
         args: QueueArgs,
         arguments: FieldTable,
     ) -> Result<Arc<QueueHandle>, AmqpError> {
+        if let Some(max) = self.limits.lock().max_queues {
+            if self.queues.len() >= max {
+                return Err(AmqpError::precondition_failed(format!(
+                    "cannot declare queue '{name}': queue limit in vhost '{}' ({max}) is reached",
+                    self.name
+                )));
+            }
+        }
         let id = broker.next_queue_id();
         let mut queue = Queue::new(id, name.clone(), durable, args, arguments.clone(), now_ms());
         queue.set_memory_budget(broker.config.queue_memory_budget);
