@@ -181,7 +181,7 @@ async fn plain_login_over_tls_beside_the_plain_listener() {
     let tls_addr = broker.tls_addr().unwrap();
     let mut s = tls_connect(tls_addr, &pki, false).await.unwrap();
     let (mechanisms, opened) = handshake(&mut s, "PLAIN", b"\0guest\0guest").await;
-    assert_eq!(mechanisms, b"PLAIN AMQPLAIN");
+    assert_eq!(mechanisms, b"EXTERNAL PLAIN AMQPLAIN");
     assert!(
         matches!(opened, Some(Method::ConnectionOpenOk(_))),
         "{opened:?}"
@@ -213,16 +213,23 @@ async fn external_login_with_a_client_certificate() {
         matches!(opened, Some(Method::ConnectionOpenOk(_))),
         "{opened:?}"
     );
-    // Without a certificate, EXTERNAL is neither offered nor accepted.
+    // Without a certificate EXTERNAL is offered (as RabbitMQ does on TLS)
+    // but refused with 403.
     let mut s = tls_connect(broker.tls_addr().unwrap(), &pki, false)
         .await
         .unwrap();
     let (mechanisms, refused) = handshake(&mut s, "EXTERNAL", b"").await;
-    assert_eq!(mechanisms, b"PLAIN AMQPLAIN");
-    assert!(
-        !matches!(refused, Some(Method::ConnectionOpenOk(_))),
-        "{refused:?}"
-    );
+    assert!(mechanisms.starts_with(b"EXTERNAL"));
+    match refused {
+        Some(Method::ConnectionClose(close)) => {
+            assert_eq!(close.reply_code, 403);
+            assert_eq!(
+                close.reply_text,
+                "ACCESS_REFUSED - Login was refused using authentication mechanism EXTERNAL. For details see the broker logfile."
+            );
+        }
+        other => panic!("{other:?}"),
+    }
     broker.stop().await;
 }
 

@@ -123,7 +123,16 @@ fn close_method(e: &AmqpError) -> Method {
 /// Serves one accepted plain socket to the end.
 pub async fn serve(broker: Arc<Broker>, socket: TcpStream, peer: SocketAddr) {
     let (read, write) = socket.into_split();
-    serve_io(broker, Box::new(read), write, peer, None).await;
+    serve_io(broker, Box::new(read), write, peer, Tls::None).await;
+}
+
+/// What the transport says about the client.
+#[derive(Debug, Clone)]
+enum Tls {
+    /// A plain TCP connection.
+    None,
+    /// TLS, with the verified client certificate's identity if there is one.
+    Verified(Option<String>),
 }
 
 /// Serves one connection after its TLS handshake. A verified client
@@ -140,7 +149,7 @@ pub async fn serve_tls(
         .and_then(|c| c.first())
         .and_then(crate::tls::peer_identity);
     let (read, write) = tokio::io::split(stream);
-    serve_io(broker, Box::new(read), write, peer, identity).await;
+    serve_io(broker, Box::new(read), write, peer, Tls::Verified(identity)).await;
 }
 
 async fn serve_io<W: AsyncWrite + Unpin + Send + 'static>(
@@ -148,7 +157,7 @@ async fn serve_io<W: AsyncWrite + Unpin + Send + 'static>(
     read: Box<dyn AsyncRead + Send + Unpin>,
     write: W,
     peer: SocketAddr,
-    identity: Option<String>,
+    tls: Tls,
 ) {
     let outbox = Arc::new(Outbox::default());
     let writer = {
@@ -162,7 +171,7 @@ async fn serve_io<W: AsyncWrite + Unpin + Send + 'static>(
     let timeout = broker.config.handshake_timeout;
     let handshake = tokio::time::timeout(
         timeout,
-        handshake(&broker, &mut reader, &outbox, peer, identity.as_deref()),
+        handshake(&broker, &mut reader, &outbox, peer, &tls),
     )
     .await;
     match handshake {
@@ -200,8 +209,14 @@ async fn handshake(
     reader: &mut Reader,
     outbox: &Arc<Outbox>,
     peer: SocketAddr,
-    identity: Option<&str>,
+    tls: &Tls,
 ) -> Result<Option<(Arc<ConnectionShared>, Arc<Vhost>, u16)>, AmqpError> {
+    // EXTERNAL is offered on every TLS connection (as RabbitMQ with its SSL
+    // auth mechanism) and succeeds only with a verified client certificate.
+    let (offer_external, identity) = match tls {
+        Tls::None => (false, None),
+        Tls::Verified(id) => (true, id.as_deref()),
+    };
     loop {
         match check_protocol_header(&reader.buf) {
             ProtocolHeaderCheck::Valid => break,
@@ -226,7 +241,7 @@ async fn handshake(
             version_major: 0,
             version_minor: 9,
             server_properties: server_properties(),
-            mechanisms: Bytes::from_static(if identity.is_some() {
+            mechanisms: Bytes::from_static(if offer_external {
                 b"EXTERNAL PLAIN AMQPLAIN"
             } else {
                 b"PLAIN AMQPLAIN"
