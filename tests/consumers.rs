@@ -9,7 +9,7 @@
 )]
 
 use amqp_codec::methods::*;
-use amqp_codec::{FieldTable as WireTable, FieldValue, Method, ShortStr};
+use amqp_codec::{FieldTable as WireTable, Method, ShortStr};
 use lapin::options::*;
 use lapin::types::FieldTable;
 use warren_tests::{
@@ -59,50 +59,7 @@ async fn exclusive_consumer_locks_out_others() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_a_queue_cancels_its_consumers() {
     let broker = TestBroker::start().await;
-    let mut c = RawClient::connect(broker.addr).await;
-    c.send_raw(&amqp_codec::PROTOCOL_HEADER).await;
-    assert!(matches!(c.method().await, Some(Method::ConnectionStart(_))));
-    let mut caps = WireTable::new();
-    caps.insert(s("consumer_cancel_notify"), FieldValue::Bool(true));
-    let mut props = WireTable::new();
-    props.insert(s("capabilities"), FieldValue::Table(caps));
-    c.send(
-        0,
-        ConnectionStartOk {
-            client_properties: props,
-            mechanism: s("PLAIN"),
-            response: bytes::Bytes::from_static(b"\0guest\0guest"),
-            locale: s("en_US"),
-        }
-        .into(),
-    )
-    .await;
-    assert!(matches!(c.method().await, Some(Method::ConnectionTune(_))));
-    c.send(
-        0,
-        ConnectionTuneOk {
-            channel_max: 10,
-            frame_max: 131_072,
-            heartbeat: 0,
-        }
-        .into(),
-    )
-    .await;
-    c.send(
-        0,
-        ConnectionOpen {
-            virtual_host: s("/"),
-            ..Default::default()
-        }
-        .into(),
-    )
-    .await;
-    assert!(matches!(
-        c.method().await,
-        Some(Method::ConnectionOpenOk(_))
-    ));
-    c.send(1, ChannelOpen::default().into()).await;
-    assert!(matches!(c.method().await, Some(Method::ChannelOpenOk(_))));
+    let mut c = RawClient::open_with(broker.addr, &["consumer_cancel_notify"], "/").await;
     c.send(
         1,
         QueueDeclare {

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use amqp_codec::methods::*;
 use amqp_codec::{
-    BasicProperties, ContentHeader, FieldTable, FieldValue, Frame, Method, ShortStr, encode_body,
-    encode_content_header, encode_method,
+    BasicProperties, ContentHeader, Frame, Method, ShortStr, encode_body, encode_content_header,
+    encode_method,
 };
 use lapin::options::*;
 use tokio::io::AsyncWriteExt;
@@ -26,50 +26,7 @@ async fn publishers_are_blocked_under_the_memory_alarm_and_lose_nothing() {
     let broker = TestBroker::start_with(dir.path(), |c| c.memory_high_watermark = 256 * 1024).await;
 
     // A publisher that understands connection.blocked.
-    let mut c = RawClient::connect(broker.addr).await;
-    c.send_raw(&amqp_codec::PROTOCOL_HEADER).await;
-    assert!(matches!(c.method().await, Some(Method::ConnectionStart(_))));
-    let mut caps = FieldTable::new();
-    caps.insert(s("connection.blocked"), FieldValue::Bool(true));
-    let mut props = FieldTable::new();
-    props.insert(s("capabilities"), FieldValue::Table(caps));
-    c.send(
-        0,
-        ConnectionStartOk {
-            client_properties: props,
-            mechanism: s("PLAIN"),
-            response: bytes::Bytes::from_static(b"\0guest\0guest"),
-            locale: s("en_US"),
-        }
-        .into(),
-    )
-    .await;
-    assert!(matches!(c.method().await, Some(Method::ConnectionTune(_))));
-    c.send(
-        0,
-        ConnectionTuneOk {
-            channel_max: 10,
-            frame_max: 131_072,
-            heartbeat: 0,
-        }
-        .into(),
-    )
-    .await;
-    c.send(
-        0,
-        ConnectionOpen {
-            virtual_host: s("/"),
-            ..Default::default()
-        }
-        .into(),
-    )
-    .await;
-    assert!(matches!(
-        c.method().await,
-        Some(Method::ConnectionOpenOk(_))
-    ));
-    c.send(1, ChannelOpen::default().into()).await;
-    assert!(matches!(c.method().await, Some(Method::ChannelOpenOk(_))));
+    let mut c = RawClient::open_with(broker.addr, &["connection.blocked"], "/").await;
     c.send(
         1,
         QueueDeclare {
@@ -197,50 +154,7 @@ async fn the_disk_alarm_blocks_publishers_too() {
     let dir = tempfile::tempdir().unwrap();
     // A limit no disk satisfies: the alarm is raised at the first sample.
     let broker = TestBroker::start_with(dir.path(), |c| c.disk_free_limit = u64::MAX).await;
-    let mut c = RawClient::connect(broker.addr).await;
-    c.send_raw(&amqp_codec::PROTOCOL_HEADER).await;
-    assert!(matches!(c.method().await, Some(Method::ConnectionStart(_))));
-    let mut caps = FieldTable::new();
-    caps.insert(s("connection.blocked"), FieldValue::Bool(true));
-    let mut props = FieldTable::new();
-    props.insert(s("capabilities"), FieldValue::Table(caps));
-    c.send(
-        0,
-        ConnectionStartOk {
-            client_properties: props,
-            mechanism: s("PLAIN"),
-            response: bytes::Bytes::from_static(b"\0guest\0guest"),
-            locale: s("en_US"),
-        }
-        .into(),
-    )
-    .await;
-    assert!(matches!(c.method().await, Some(Method::ConnectionTune(_))));
-    c.send(
-        0,
-        ConnectionTuneOk {
-            channel_max: 10,
-            frame_max: 131_072,
-            heartbeat: 0,
-        }
-        .into(),
-    )
-    .await;
-    c.send(
-        0,
-        ConnectionOpen {
-            virtual_host: s("/"),
-            ..Default::default()
-        }
-        .into(),
-    )
-    .await;
-    assert!(matches!(
-        c.method().await,
-        Some(Method::ConnectionOpenOk(_))
-    ));
-    c.send(1, ChannelOpen::default().into()).await;
-    assert!(matches!(c.method().await, Some(Method::ChannelOpenOk(_))));
+    let mut c = RawClient::open_with(broker.addr, &["connection.blocked"], "/").await;
     let header = ContentHeader {
         class_id: 60,
         weight: 0,

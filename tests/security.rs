@@ -280,44 +280,7 @@ async fn vhosts_are_isolated_and_deleting_one_closes_its_connections() {
     drop(tenant);
 
     // Deleting the vhost closes its connections with 320.
-    let mut c = RawClient::connect(broker.addr).await;
-    c.send_raw(&PROTOCOL_HEADER).await;
-    assert!(matches!(c.method().await, Some(Method::ConnectionStart(_))));
-    c.send(
-        0,
-        ConnectionStartOk {
-            client_properties: Default::default(),
-            mechanism: ShortStr::from_static("PLAIN"),
-            response: bytes::Bytes::from_static(b"\0guest\0guest"),
-            locale: ShortStr::from_static("en_US"),
-        }
-        .into(),
-    )
-    .await;
-    assert!(matches!(c.method().await, Some(Method::ConnectionTune(_))));
-    c.send(
-        0,
-        ConnectionTuneOk {
-            channel_max: 10,
-            frame_max: 131_072,
-            heartbeat: 0,
-        }
-        .into(),
-    )
-    .await;
-    c.send(
-        0,
-        ConnectionOpen {
-            virtual_host: ShortStr::from_static("tenant"),
-            ..Default::default()
-        }
-        .into(),
-    )
-    .await;
-    assert!(matches!(
-        c.method().await,
-        Some(Method::ConnectionOpenOk(_))
-    ));
+    let mut c = RawClient::open_with(broker.addr, &[], "tenant").await;
     b.delete_vhost("tenant").await.unwrap();
     match c.method().await {
         Some(Method::ConnectionClose(close)) => {

@@ -122,19 +122,35 @@ impl RawClient {
     }
 
     /// Connects and completes the handshake as guest (frame_max 131072, no
-    /// heartbeats), then opens channel 1.
+    /// heartbeats) to vhost `/`, then opens channel 1.
     pub async fn open(addr: SocketAddr) -> RawClient {
+        Self::open_with(addr, &[], "/").await
+    }
+
+    /// Like [`RawClient::open`], advertising client `capabilities`
+    /// (`connection.blocked`, `consumer_cancel_notify`, ...) and opening `vhost`.
+    pub async fn open_with(addr: SocketAddr, capabilities: &[&str], vhost: &str) -> RawClient {
         use amqp_codec::methods::*;
+        use amqp_codec::{FieldTable, FieldValue, ShortStr};
         let mut c = Self::connect(addr).await;
         c.send_raw(&amqp_codec::PROTOCOL_HEADER).await;
         assert!(matches!(c.method().await, Some(Method::ConnectionStart(_))));
+        let caps: FieldTable = capabilities
+            .iter()
+            .map(|cap| (ShortStr::try_from(*cap).unwrap(), FieldValue::Bool(true)))
+            .collect();
+        let mut props = FieldTable::new();
+        props.insert(
+            ShortStr::from_static("capabilities"),
+            FieldValue::Table(caps),
+        );
         c.send(
             0,
             ConnectionStartOk {
-                client_properties: Default::default(),
-                mechanism: amqp_codec::ShortStr::from_static("PLAIN"),
+                client_properties: props,
+                mechanism: ShortStr::from_static("PLAIN"),
                 response: bytes::Bytes::from_static(b"\0guest\0guest"),
-                locale: amqp_codec::ShortStr::from_static("en_US"),
+                locale: ShortStr::from_static("en_US"),
             }
             .into(),
         )
@@ -153,7 +169,7 @@ impl RawClient {
         c.send(
             0,
             ConnectionOpen {
-                virtual_host: amqp_codec::ShortStr::from_static("/"),
+                virtual_host: ShortStr::try_from(vhost).unwrap(),
                 ..Default::default()
             }
             .into(),

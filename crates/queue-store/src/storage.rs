@@ -23,6 +23,9 @@ use crate::definitions::DefKind;
 use crate::error::StoreError;
 use crate::message::{Message, MessageId};
 
+/// How long [`SledStorage::open`] waits for a locked data directory.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(15);
+
 /// Version of the on-disk layout this build reads and writes.
 pub const SCHEMA_VERSION: u32 = 1;
 
@@ -171,11 +174,8 @@ fn def_key(kind: DefKind, key: &[u8]) -> Vec<u8> {
 }
 
 impl SledStorage {
-    /// Opens (or creates) the database in `dir`.
-    ///
-    /// sled locks the directory; a previous instance in this process can hold
-    /// the lock for a moment after it was dropped (its I/O threads let go
-    /// last), so a held lock is retried for up to five seconds before giving up.
+    /// Opens (or creates) the database in `dir`, waiting up to 15 s for a
+    /// directory lock still held by a store of this process that was just dropped.
     pub fn open(dir: &Path) -> Result<SledStorage, StoreError> {
         let config = sled::Config::new()
             .path(dir)
@@ -183,14 +183,23 @@ impl SledStorage {
             // still bounds how long acks and other unsynced writes wait.
             .flush_every_ms(Some(500))
             .cache_capacity(64 << 20);
-        let mut attempts = 0;
+        // sled locks the directory. Another process holding it is a real
+        // conflict; but a store this process just dropped can keep the lock for
+        // a while (sled's I/O threads let go of the file last, seconds later on
+        // a loaded machine), so a held lock is waited for before giving up.
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        let mut warned = false;
         let db = loop {
             match config.open() {
                 Err(sled::Error::Io(e))
-                    if e.kind() == std::io::ErrorKind::WouldBlock && attempts < 250 =>
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        && std::time::Instant::now() < deadline =>
                 {
-                    attempts += 1;
-                    std::thread::sleep(std::time::Duration::from_millis(20));
+                    if !warned {
+                        tracing::warn!(dir = %dir.display(), "data directory is locked; waiting for it");
+                        warned = true;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(50));
                 }
                 other => break other?,
             }
