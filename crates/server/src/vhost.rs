@@ -577,8 +577,7 @@ impl Vhost {
             .filter(|(_, k, _)| mine(k))
             .cloned()
             .collect();
-        for (kind, _, t) in defs.iter().filter(|(k, _, _)| *k == DefKind::Exchange) {
-            let _ = kind;
+        for (_, _, t) in defs.iter().filter(|(k, _, _)| *k == DefKind::Exchange) {
             let (Some(name), Some(ty)) = (field_str(t, "name"), field_str(t, "type")) else {
                 continue;
             };
