@@ -66,6 +66,23 @@ struct Args {
     /// Publishes per write in unconfirmed mode.
     #[arg(long, default_value_t = 64)]
     batch: u64,
+    /// Publish to this exchange (declared with `--exchange-type`, every queue
+    /// bound to it with its own name as key) instead of the default exchange.
+    #[arg(long, default_value = "")]
+    exchange: String,
+    /// Type of `--exchange`: direct, fanout or topic.
+    #[arg(long, default_value = "direct")]
+    exchange_type: String,
+    /// Do not purge the queues first (to drain a backlog built by an earlier run).
+    #[arg(long)]
+    no_purge: bool,
+    /// Consumers stop once nothing arrived for a second: drain a backlog and
+    /// report the rate up to the last message.
+    #[arg(long)]
+    drain: bool,
+    /// Idle connections (one channel each) held open for the duration.
+    #[arg(long, default_value_t = 0)]
+    idle_connections: usize,
 }
 
 #[derive(Debug, Default)]
@@ -73,6 +90,10 @@ struct Stats {
     published: AtomicU64,
     confirmed: AtomicU64,
     consumed: AtomicU64,
+    /// Wall-clock time (ns since the epoch) of the last delivery seen.
+    last_delivery_ns: AtomicU64,
+    /// Idle connections opened.
+    idle_open: AtomicU64,
 }
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -271,18 +292,53 @@ async fn declare(uri: &Uri, args: &Args) -> Result<(), Error> {
         let Method::QueueDeclareOk(_) = c.method().await? else {
             return Err("expected queue.declare-ok".into());
         };
-        c.send(
-            1,
-            QueuePurge {
-                queue: s(&format!("{}-{q}", args.queue)),
-                ..Default::default()
+        if !args.no_purge {
+            c.send(
+                1,
+                QueuePurge {
+                    queue: s(&format!("{}-{q}", args.queue)),
+                    ..Default::default()
+                }
+                .into(),
+            )
+            .await?;
+            let Method::QueuePurgeOk(_) = c.method().await? else {
+                return Err("expected queue.purge-ok".into());
+            };
+        }
+        if !args.exchange.is_empty() {
+            if q == 0 {
+                c.send(
+                    1,
+                    ExchangeDeclare {
+                        exchange: s(&args.exchange),
+                        kind: s(&args.exchange_type),
+                        durable: args.persistent,
+                        ..Default::default()
+                    }
+                    .into(),
+                )
+                .await?;
+                let Method::ExchangeDeclareOk(_) = c.method().await? else {
+                    return Err("expected exchange.declare-ok".into());
+                };
             }
-            .into(),
-        )
-        .await?;
-        let Method::QueuePurgeOk(_) = c.method().await? else {
-            return Err("expected queue.purge-ok".into());
-        };
+            let name = format!("{}-{q}", args.queue);
+            c.send(
+                1,
+                QueueBind {
+                    queue: s(&name),
+                    exchange: s(&args.exchange),
+                    routing_key: s(&name),
+                    ..Default::default()
+                }
+                .into(),
+            )
+            .await?;
+            let Method::QueueBindOk(_) = c.method().await? else {
+                return Err("expected queue.bind-ok".into());
+            };
+        }
     }
     Ok(())
 }
@@ -303,6 +359,7 @@ async fn produce(
         };
     }
     let publish: Method = BasicPublish {
+        exchange: s(&args.exchange),
         routing_key: s(&queue),
         ..Default::default()
     }
@@ -433,13 +490,21 @@ async fn consume(
     let mut unacked = 0u64;
     let mut ack_buf = BytesMut::new();
     let mut n: u64 = 0;
+    let mut quiet = 0;
     while !stop.load(Ordering::Relaxed) {
         let read =
             tokio::time::timeout(Duration::from_millis(200), c.reader.read_buf(&mut c.buf)).await;
         match read {
+            Err(_) if args.drain && n > 0 => {
+                quiet += 1;
+                if quiet >= 5 {
+                    break;
+                }
+                continue;
+            }
             Err(_) => continue,
             Ok(Ok(0)) | Ok(Err(_)) => break,
-            Ok(Ok(_)) => {}
+            Ok(Ok(_)) => quiet = 0,
         }
         let mut got = 0;
         while let Some(f) = decode_frame(&mut c.buf, 0)? {
@@ -463,6 +528,11 @@ async fn consume(
             }
         }
         stats.consumed.fetch_add(got, Ordering::Relaxed);
+        if got > 0 {
+            stats
+                .last_delivery_ns
+                .fetch_max(now_ns(), Ordering::Relaxed);
+        }
         if manual && unacked >= args.multi_ack_every.max(1) {
             ack_buf.clear();
             encode_method(
@@ -521,9 +591,33 @@ async fn main() -> Result<(), Error> {
             stop.clone(),
         )));
     }
+    if args.idle_connections > 0 {
+        let (uri, stats, stop, n) = (
+            uri.clone(),
+            stats.clone(),
+            stop.clone(),
+            args.idle_connections,
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut held = Vec::with_capacity(n);
+            for _ in 0..n {
+                held.push(Client::connect(&uri).await?);
+                stats.idle_open.fetch_add(1, Ordering::Relaxed);
+            }
+            while !stop.load(Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            drop(held);
+            Ok(())
+        }));
+    }
     let start = Instant::now();
+    let start_ns = now_ns();
     let (mut last_p, mut last_c) = (0, 0);
     for sec in 1..=args.duration {
+        if args.drain && tasks.iter().all(|t| t.is_finished()) {
+            break;
+        }
         tokio::time::sleep_until((start + Duration::from_secs(sec)).into()).await;
         let (p, c) = (
             stats.published.load(Ordering::Relaxed),
@@ -537,7 +631,13 @@ async fn main() -> Result<(), Error> {
         (last_p, last_c) = (p, c);
     }
     stop.store(true, Ordering::Relaxed);
-    let elapsed = start.elapsed().as_secs_f64();
+    let elapsed = if args.drain {
+        // Up to the last message, not the quiet second that ended the drain.
+        let last = stats.last_delivery_ns.load(Ordering::Relaxed);
+        (last.saturating_sub(start_ns) as f64 / 1e9).max(1e-3)
+    } else {
+        start.elapsed().as_secs_f64()
+    };
     for t in tasks {
         if let Ok(Err(e)) = t.await {
             eprintln!("task failed: {e}");
@@ -547,13 +647,14 @@ async fn main() -> Result<(), Error> {
     l.sort_unstable();
     let us = |ns: u64| ns / 1000;
     println!(
-        "{{\"published\":{},\"confirmed\":{},\"consumed\":{},\"seconds\":{:.2},\"publish_rate\":{:.0},\"consume_rate\":{:.0},\"latency_us\":{{\"p50\":{},\"p95\":{},\"p99\":{},\"max\":{}}}}}",
+        "{{\"published\":{},\"confirmed\":{},\"consumed\":{},\"seconds\":{:.2},\"publish_rate\":{:.0},\"consume_rate\":{:.0},\"idle_connections\":{},\"latency_us\":{{\"p50\":{},\"p95\":{},\"p99\":{},\"max\":{}}}}}",
         stats.published.load(Ordering::Relaxed),
         stats.confirmed.load(Ordering::Relaxed),
         stats.consumed.load(Ordering::Relaxed),
         elapsed,
         stats.published.load(Ordering::Relaxed) as f64 / elapsed,
         stats.consumed.load(Ordering::Relaxed) as f64 / elapsed,
+        stats.idle_open.load(Ordering::Relaxed),
         us(percentile(&l, 0.5)),
         us(percentile(&l, 0.95)),
         us(percentile(&l, 0.99)),

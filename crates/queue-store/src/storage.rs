@@ -191,8 +191,10 @@ impl SledStorage {
         let mut warned = false;
         let db = loop {
             match config.open() {
+                // sled reports a held lock as an `Other` I/O error that
+                // wraps the WouldBlock; only its text tells.
                 Err(sled::Error::Io(e))
-                    if e.kind() == std::io::ErrorKind::WouldBlock
+                    if e.to_string().contains("could not acquire lock")
                         && std::time::Instant::now() < deadline =>
                 {
                     if !warned {

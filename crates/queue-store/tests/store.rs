@@ -205,3 +205,19 @@ fn many_concurrent_commits_share_fsyncs() {
         "{syncs} fsyncs for 200 commits: no group commit"
     );
 }
+
+#[test]
+fn a_locked_directory_is_waited_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let (first, _) = Store::open(dir.path()).unwrap();
+    let path = dir.path().to_path_buf();
+    // Release the lock a little later, from another thread.
+    let releaser = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        first.close().unwrap();
+        drop(first);
+    });
+    let reopened = Store::open(&path);
+    releaser.join().unwrap();
+    assert!(reopened.is_ok(), "{:?}", reopened.err());
+}
