@@ -12,9 +12,7 @@ use amqp_codec::methods::*;
 use amqp_codec::{FieldTable as WireTable, Method, ShortStr};
 use lapin::options::*;
 use lapin::types::FieldTable;
-use warren_tests::{
-    RawClient, TestBroker, assert_amqp_error, channel_with_queue, next_deliveries, publish,
-};
+use warren_tests::{RawClient, TestBroker, channel_with_queue, next_deliveries, publish};
 
 fn s(v: &'static str) -> ShortStr {
     ShortStr::from_static(v)
@@ -40,19 +38,21 @@ async fn exclusive_consumer_locks_out_others() {
     let other = conn.create_channel().await.unwrap();
     // lapin may hand back the consumer before it processes the channel.close
     // that answers it; the next synchronous call on the channel surfaces it.
-    let r = match other
+    let r = other
         .basic_consume(
             "q".into(),
             "second".into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),
         )
-        .await
-    {
-        Err(e) => Err(e),
-        Ok(_) => other.basic_qos(1, BasicQosOptions::default()).await,
-    };
-    assert_amqp_error(r, 403, "queue 'q' in vhost '/' in exclusive use");
+        .await;
+    warren_tests::assert_closed_by_broker(
+        r,
+        &other,
+        403,
+        "queue 'q' in vhost '/' in exclusive use",
+    )
+    .await;
     broker.stop().await;
 }
 

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use lapin::options::*;
 use lapin::types::{AMQPValue, FieldTable};
-use warren_tests::{TestBroker, assert_amqp_error, channel_with_queue, next_deliveries, publish};
+use warren_tests::{TestBroker, channel_with_queue, next_deliveries, publish};
 
 fn priority(p: i32) -> FieldTable {
     let mut t = FieldTable::default();
@@ -242,19 +242,21 @@ async fn limits_give_clear_errors() {
         )
         .await
         .unwrap();
-    let r = match ch
+    let r = ch
         .basic_consume(
             "q".into(),
             "two".into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),
         )
-        .await
-    {
-        Err(e) => Err(e),
-        Ok(_) => ch.basic_qos(1, BasicQosOptions::default()).await,
-    };
-    assert_amqp_error(r, 406, "reached the limit of 1 consumers per channel");
+        .await;
+    warren_tests::assert_closed_by_broker(
+        r,
+        &ch,
+        406,
+        "reached the limit of 1 consumers per channel",
+    )
+    .await;
     broker.stop().await;
 }
 
@@ -326,19 +328,15 @@ async fn direct_reply_to_errors() {
     let broker = TestBroker::start().await;
     let conn = broker.connect().await;
     let ch = conn.create_channel().await.unwrap();
-    let r = match ch
+    let r = ch
         .basic_consume(
             "amq.rabbitmq.reply-to".into(),
             "".into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),
         )
-        .await
-    {
-        Err(e) => Err(e),
-        Ok(_) => ch.basic_qos(1, BasicQosOptions::default()).await,
-    };
-    assert_amqp_error(r, 406, "reply consumer cannot acknowledge");
+        .await;
+    warren_tests::assert_closed_by_broker(r, &ch, 406, "reply consumer cannot acknowledge").await;
     let ch = channel_with_queue(&conn, "rpc").await;
     ch.basic_publish(
         "".into(),
@@ -349,8 +347,8 @@ async fn direct_reply_to_errors() {
     )
     .await
     .unwrap();
-    let r = ch.basic_qos(1, BasicQosOptions::default()).await;
-    assert_amqp_error(r, 406, "fast reply consumer does not exist");
+    warren_tests::assert_closed_by_broker(Ok(()), &ch, 406, "fast reply consumer does not exist")
+        .await;
     broker.stop().await;
 }
 
@@ -377,12 +375,13 @@ async fn user_id_must_match_the_connection_user() {
     )
     .await
     .unwrap();
-    let r = ch.basic_qos(1, BasicQosOptions::default()).await;
-    assert_amqp_error(
-        r,
+    warren_tests::assert_closed_by_broker(
+        Ok(()),
+        &ch,
         406,
         "user_id property set to 'admin' but authenticated user was 'guest'",
-    );
+    )
+    .await;
     let probe = conn.create_channel().await.unwrap();
     assert_eq!(
         ready(&probe, "q").await,

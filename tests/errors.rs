@@ -45,8 +45,8 @@ async fn channel_errors_close_only_the_channel() {
     .await
     .unwrap();
     // The error arrives asynchronously; the next synchronous call sees it.
-    let r = ch.basic_qos(1, BasicQosOptions::default()).await;
-    assert_amqp_error(r, 404, "no exchange 'nope' in vhost '/'");
+    warren_tests::assert_closed_by_broker(Ok(()), &ch, 404, "no exchange 'nope' in vhost '/'")
+        .await;
 
     let ch = conn.create_channel().await.unwrap();
     let r = ch

@@ -128,12 +128,13 @@ async fn every_permission_class_allows_and_denies() {
     )
     .await
     .unwrap();
-    let r = ch.basic_qos(1, BasicQosOptions::default()).await;
-    assert_amqp_error(
-        r,
+    warren_tests::assert_closed_by_broker(
+        Ok(()),
+        &ch,
         403,
         "write access to exchange 'amq.fanout' in vhost '/' refused for user 'bob'",
-    );
+    )
+    .await;
     // read (consume, get) on queues
     let ch = bob.create_channel().await.unwrap();
     assert!(
@@ -232,12 +233,8 @@ async fn topic_permissions_restrict_routing_keys() {
     )
     .await
     .unwrap();
-    let r = ch.basic_qos(1, BasicQosOptions::default()).await;
-    assert_amqp_error(
-        r,
-        403,
-        "write access to topic 'alice.news' in exchange 'amq.topic' in vhost '/' refused for user 'bob'",
-    );
+    warren_tests::assert_closed_by_broker(Ok(()), &ch, 403,
+        "write access to topic 'alice.news' in exchange 'amq.topic' in vhost '/' refused for user 'bob'").await;
     broker.stop().await;
 }
 
@@ -403,8 +400,8 @@ async fn users_vhosts_and_permissions_survive_a_restart() {
     )
     .await
     .unwrap();
-    let r = ch.basic_qos(1, BasicQosOptions::default()).await;
-    assert_amqp_error(r, 403, "write access to topic 'alice.x'");
+    warren_tests::assert_closed_by_broker(Ok(()), &ch, 403, "write access to topic 'alice.x'")
+        .await;
     // guest still has only '/'.
     assert!(
         connect_as(&broker, "guest", "guest", "tenant")

@@ -332,3 +332,31 @@ impl RawReader {
         }
     }
 }
+
+/// Asserts that the broker closed `ch` with `code` and a text containing
+/// `text`, after a method whose refusal arrives asynchronously (a publish, or
+/// a consume lapin answered before the `channel.close` that refused it).
+///
+/// The check is the next synchronous call on the channel. lapin reports the
+/// broker's reply when that call is pending as the close arrives, but only
+/// "channel closed" when it had processed the close before the call: then the
+/// code and text are not available through lapin, and this asserts only that
+/// the channel was closed (the raw-client tests check the texts themselves).
+pub async fn assert_closed_by_broker<T: std::fmt::Debug>(
+    first: lapin::Result<T>,
+    ch: &lapin::Channel,
+    code: u16,
+    text: &str,
+) {
+    if first.is_err() {
+        return assert_amqp_error(first, code, text);
+    }
+    let e = ch
+        .basic_qos(1, lapin::options::BasicQosOptions::default())
+        .await
+        .expect_err("the channel is still open");
+    match e.kind() {
+        lapin::ErrorKind::InvalidChannelState(..) => {}
+        _ => assert_amqp_error::<()>(Err(e), code, text),
+    }
+}
