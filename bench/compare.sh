@@ -35,6 +35,12 @@ ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 NOFILE=$(ulimit -n)
 export ERL_MAX_PORTS=65536
 
+# Taken at the start: the tree may move on while the benchmark runs.
+GIT_REV=$(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo unknown)
+GIT_DIRTY=$(cd "$ROOT" && git status --porcelain -- . ':!bench' 2>/dev/null | grep -qv '^??' &&
+    echo ", with uncommitted changes outside bench/" || true)
+WARREN_BUILT=$(date -u -r "$WARREN_BIN" +%Y-%m-%dT%H:%M:%SZ 2>/dev/null || echo unknown)
+export GIT_REV GIT_DIRTY WARREN_BUILT
 START_EPOCH=$(date +%s)
 START_DATE=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 WORK=$(mktemp -d /tmp/warren-bench.XXXXXX)
@@ -324,8 +330,6 @@ export KERNEL=$(uname -sr)
 export OS_NAME=$(. /etc/os-release && echo "$PRETTY_NAME")
 export WARREN_VERSION=$("$WARREN_BIN" --version 2>/dev/null || echo unknown)
 export PERF_VERSION=$("$PERF_BIN" --version 2>/dev/null || echo unknown)
-export GIT_REV=$(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo unknown)
-export GIT_DIRTY=$(cd "$ROOT" && git status --porcelain 2>/dev/null | grep -qv '^??' && echo " (with uncommitted changes)" || true)
 export RABBITMQ_VERSION=$(dpkg-query -W -f '${Version}' rabbitmq-server 2>/dev/null || echo unknown)
 export ERLANG_VERSION=$(dpkg-query -W -f '${Version}' erlang-base 2>/dev/null || echo unknown)
 
@@ -479,7 +483,7 @@ w("")
 w("## Setup")
 w("")
 w(f"- Machine: {env['CPUS']} cores ({env['CPU_MODEL']}), {env['MEM_GB']} GiB RAM, {env['OS_NAME']}, {env['KERNEL']}. Broker and client share the machine; nothing is pinned.")
-w(f"- Warren: `{env['WARREN_VERSION']}` (release build, git {env['GIT_REV']}{env['GIT_DIRTY']}), default settings, `--bind 127.0.0.1`, fresh data directory.")
+w(f"- Warren: `{env['WARREN_VERSION']}` (release binary built {env['WARREN_BUILT']}; repository at git {env['GIT_REV']}{env['GIT_DIRTY']} when the run started), default settings, `--bind 127.0.0.1`, fresh data directory.")
 w(f"- RabbitMQ: {env['RABBITMQ_VERSION']} (Debian package) on Erlang/OTP {env['ERLANG_VERSION']}, default configuration, no plugins, bound to 127.0.0.1, fresh Mnesia directory.")
 w(f"- Client: `{env['PERF_VERSION']}` for both brokers, against `amqp://guest:guest@127.0.0.1:PORT/%2f`.")
 w(f"- Each scenario ran **{RUNS} times per broker**; tables give the **median** of the successful runs (a count below {RUNS}/{RUNS} is flagged). Runs last {env['DURATION']} s (the drain phase of scenario 6 up to {env['DRAIN_DURATION']} s, ending one second after the last delivery).")
@@ -490,10 +494,12 @@ w("- Ratios are Warren / RabbitMQ: above 1 is better for rates, below 1 is bette
 w("- Scenario 2: **Warren fsyncs before every publisher confirm; RabbitMQ does not** — it confirms a persistent message once it is written to its message store (or delivered and acked), and fsyncs periodically (batched), so RabbitMQ's confirms carry a weaker durability guarantee in this comparison.")
 w("- After each run the script waits (up to 30 s) until the broker has closed every client connection on its side, so a run does not start while the broker is still working through the previous run's buffered publishes; in scenario 6 it waits likewise after phase A, then 2 s more, before reading VmRSS. RSS per backlog message = (VmRSS after phase A − VmRSS before it) / messages published in phase A.")
 w(f"- Scenario 7: VmRSS is sampled every 0.5 s while the idle connections are open; per connection = (highest sample − VmRSS before the run) / connections opened.")
+w("- Client and broker share the 2 cores, so warren-perf's own CPU use is part of every number (for both brokers); the tool's ceiling against a trivial sink was not measured.")
 w("- Throughput goals are judged on the consume rate (messages delivered per second, i.e. end-to-end), except scenario 6A (publish rate of the publish-only phase) and 6B (drain rate).")
 w("")
 
 goals = []
+goals_at = len(L)  # the goals table goes here, ahead of the scenario sections
 for s in present:
     title, flags, rows = scen[s]
     w(f"## Scenario {s}: {title}".replace("DURATION", env["DURATION"]))
@@ -518,30 +524,38 @@ for s in present:
     pw, pr = peak("warren", s), peak("rabbitmq", s)
     w(f"| peak broker RSS (VmHWM) | {fmt(pw, ' MiB')} | {fmt(pr, ' MiB')} | {fr(ratio(pw, pr))} |")
     w("")
-    def goal(name, key, target, higher):
+    def goal(name, key, target, higher, per_run, unit=""):
         wv, rv = vals[key]
         x = ratio(wv, rv)
         met = None if x is None else (x >= target if higher else x <= target)
-        goals.append((s, name, ("≥ " if higher else "≤ ") + f"{target}×", x, met))
-    if s == 1: goal("throughput (consume rate)", "consume rate", 5, True)
-    if s == 2: goal("throughput (consume rate)", "consume rate", 3, True)
-    if s == 3: goal("throughput (consume rate)", "consume rate (deliveries over the 4 queues)", 3, True)
-    if s == 4: goal("p99 latency", "latency p99", 0.5, False)
-    if s == 5: goal("throughput (consume rate)", "consume rate", 3, True)
+        runs = {b: " / ".join(fmt(v) for v in per_run(b)) or "n/a" for b in ("warren", "rabbitmq")}
+        goals.append((s, name + unit, ("≥ " if higher else "≤ ") + f"{target}×", x, met, runs))
+    def each(phase, *key):
+        return lambda b: [perf(r, *key) for r in by(b, s, phase) if ok(r)]
+    if s in (1, 2, 3, 5):
+        goal("throughput (consume rate)", [k for k in vals if k.startswith("consume rate")][0],
+             {1: 5}.get(s, 3), True, each("main", "consume_rate"), ", msg/s")
+    if s == 4: goal("p99 latency", "latency p99", 0.5, False, each("main", "latency_us", "p99"), ", µs")
     if s == 6:
-        goal("A: publish rate", "A: publish rate", 3, True)
-        goal("B: drain rate", "B: drain rate", 3, True)
-        goal("RSS per backlog message", "broker RSS per backlog message", 0.25, False)
-    if s == 7: goal("RSS per idle connection", "broker RSS per connection", 0.25, False)
+        goal("A: publish rate", "A: publish rate", 3, True, each("publish", "publish_rate"), ", msg/s")
+        goal("B: drain rate", "B: drain rate", 3, True, each("drain", "consume_rate"), ", msg/s")
+        goal("RSS per backlog message", "broker RSS per backlog message", 0.25, False,
+             lambda b: [(r["rss_after_kb"] - r["rss_before_kb"]) * 1024 / perf(r, "published")
+                        for r in by(b, 6, "publish") if ok(r) and perf(r, "published")], ", B")
+    if s == 7:
+        goal("RSS per idle connection", "broker RSS per connection", 0.25, False,
+             lambda b: [(r["rss_open_kb"] - r["rss_before_kb"]) / perf(r, "idle_connections")
+                        for r in by(b, 7) if ok(r) and perf(r, "idle_connections")], ", KiB")
 
-w("## Goals (issue #9)")
-w("")
-w("| scenario | metric | goal (Warren/RabbitMQ) | measured | verdict |")
-w("|---|---|---|---:|---|")
-for s, name, target, x, met in goals:
+G = ["## Goals (issue #9)", "",
+     "Medians of the runs; the per-run values (in run order) show the spread.", "",
+     "| scenario | metric | goal (Warren/RabbitMQ) | measured | verdict | Warren runs | RabbitMQ runs |",
+     "|---|---|---|---:|---|---|---|"]
+for s, name, target, x, met, runs in goals:
     verdict = "no data" if met is None else ("**met**" if met else "**missed**")
-    w(f"| {s} | {name} | {target} | {fr(x)} | {verdict} |")
-w("")
+    G.append(f"| {s} | {name} | {target} | {fr(x)} | {verdict} | {runs['warren']} | {runs['rabbitmq']} |")
+G.append("")
+L[goals_at:goals_at] = G
 
 # Anomalies: failed runs, client-side errors, short opens, incomplete drains.
 w("## Run problems")
@@ -575,53 +589,73 @@ w("## Broker logs")
 w("")
 ansi = re.compile(r"\x1b\[[0-9;]*m")
 groups = {"warren": collections.Counter(), "rabbitmq": collections.Counter()}
-example = {}
+example, where = {}, collections.defaultdict(set)
 for line in open(env["LOGS"]):
     broker, path = line.split(maxsplit=1)
     path = path.strip()
+    m = re.search(r"-s(\d+)-\d+/", path)
+    scenario = m.group(1) if m else "?"
     try:
         text = open(path, errors="replace").read()
     except OSError:
         continue
-    entries = []  # (level, headline): RabbitMQ prefixes every line of a multi-line entry alike
+    # [level, headline, further lines, (timestamp, pid)]: RabbitMQ prefixes
+    # every line of a multi-line entry with the same timestamp and pid.
+    entries = []
     last = None
     for l in ansi.sub("", text).splitlines():
         if broker == "warren":
             m = re.search(r"\s(WARN|ERROR)\s+(.*)", l)
             if m:
-                entries.append(m.groups())
+                entries.append([m.group(1), m.group(2), [], None])
             continue
         m = re.match(r"(\S+ \S+) \[(\w+)\] (<[^>]*>)\s*(.*)", l)
         if not m:
             continue
         ts, level, pid, msg = m.groups()
         if (ts, pid) == last:
+            if entries and entries[-1][3] == (ts, pid):
+                entries[-1][2].append(msg.strip())
             continue
         last = (ts, pid)
         if level in ("warning", "error", "critical", "alert", "emergency"):
-            entries.append((level, msg))
-    for level, msg in entries:
+            entries.append([level, msg, [], (ts, pid)])
+    for level, msg, rest, _ in entries:
+        detail = ""
+        # A crash report's reason: the line after "** Reason for termination ==",
+        # a crasher's "exception exit: ...", a supervisor report's "reason: ...".
+        for i, l in enumerate(rest):
+            if l.startswith("** Reason for termination") and i + 1 < len(rest):
+                detail = rest[i + 1].lstrip("* ").strip()
+                break
+            if l.startswith("exception exit:") or l.startswith("reason:"):
+                detail = l.split(":", 1)[1].strip()
+                break
+        if rest and not detail and not msg.startswith(("**", "crasher", "supervisor")):
+            detail = rest[0]
         shape = re.sub(r"<[0-9.]+>", "<pid>", msg)
-        shape = re.sub(r"\d+", "N", shape)[:160]
+        shape = re.sub(r"\d+", "N", shape)[:160] + " | " + re.sub(r"\d+", "N", detail)[:80]
         key = (level.upper(), shape)
         groups[broker][key] += 1
-        example.setdefault((broker, key), msg[:240])
+        where[(broker, key)].add(scenario)
+        example.setdefault((broker, key), msg.strip()[:200] + (f" … {detail[:120]}" if detail else ""))
 for broker, name in (("warren", "Warren"), ("rabbitmq", "RabbitMQ")):
     c = groups[broker]
     if not c:
         w(f"- {name}: no warnings or errors logged.")
         continue
-    w(f"- {name}: {sum(c.values())} warning/error log entries (a multi-line entry counted once, by its first line); by kind:")
-    for key, n in c.most_common(10):
-        w(f"  - {n} × {key[0]}: `{example[(broker, key)]}`")
+    w(f"- {name}: {sum(c.values())} warning/error log entries (a multi-line entry counted once); by kind:")
+    for key, n in c.most_common(12):
+        sc = ", ".join(sorted(where[(broker, key)], key=lambda x: (len(x), x)))
+        w(f"  - {n} × {key[0]} (scenario {sc}): `{example[(broker, key)]}`")
 keys = {k[1] for c in groups.values() for k in c}
 notes = []
 if any("closing AMQP connection" in k for k in keys):
     notes.append("`closing AMQP connection ...: client unexpectedly closed TCP connection`: warren-perf drops its sockets at the end of a run without `connection.close`, and RabbitMQ logs that as a warning for every connection; this is the client's doing.")
 if any("connection_forced" in k for k in keys):
     notes.append("`Error on AMQP connection ... connection_forced ... 'shutdown'`: the node was stopped while a client connection was still open on its side.")
-if any(k.startswith("supervisor:") for k in keys):
-    notes.append("`supervisor: {..., rabbit_channel_sup...}` entries are supervisor reports (`errorContext: shutdown_error`, reason `shutdown` or `noproc`) from tearing down a channel whose connection was closed abruptly; see the raw logs (kept with `KEEP_WORK=1`) for the full reports.")
+if any(k.startswith(("supervisor:", "** Generic server", "crasher")) for k in keys):
+    notes.append("`supervisor: {..., rabbit_channel_sup...}`, `** Generic server ... terminating` and `crasher:` entries are Erlang supervisor and crash reports (their reason after the `…`), here from rabbit_channel processes torn down after warren-perf dropped their connection. Full reports are in the node logs (kept with `KEEP_WORK=1`).")
 if any("rebuilding indices from scratch" in k for k in keys):
     notes.append("`Message store ... rebuilding indices from scratch`: logged once per fresh node on first boot.")
 if notes:
