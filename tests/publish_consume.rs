@@ -370,3 +370,81 @@ async fn large_bodies_and_properties_pass_through() {
     assert_eq!(p.headers().as_ref(), Some(&headers));
     broker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exchange_to_exchange_bindings_route_until_unbound() {
+    let broker = TestBroker::start().await;
+    let conn = broker.connect().await;
+    let ch = channel_with_queue(&conn, "q").await;
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    for name in ["src", "dst"] {
+        ch.exchange_declare(
+            name.into(),
+            lapin::ExchangeKind::Fanout,
+            ExchangeDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    }
+    ch.queue_bind(
+        "q".into(),
+        "dst".into(),
+        "".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.exchange_bind(
+        "dst".into(),
+        "src".into(),
+        "".into(),
+        ExchangeBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let publish_to_src = |body: &'static [u8]| {
+        let ch = ch.clone();
+        async move {
+            ch.basic_publish(
+                "src".into(),
+                "".into(),
+                BasicPublishOptions::default(),
+                body,
+                BasicProperties::default(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        }
+    };
+    publish_to_src(b"bound").await;
+    let got = ch
+        .basic_get("q".into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+        .expect("message routed through the e2e binding");
+    assert_eq!(got.delivery.data, b"bound");
+
+    ch.exchange_unbind(
+        "dst".into(),
+        "src".into(),
+        "".into(),
+        ExchangeUnbindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    publish_to_src(b"unbound").await;
+    let got = ch
+        .basic_get("q".into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap();
+    assert!(got.is_none(), "unbound exchange still routed: {got:?}");
+    broker.stop().await;
+}

@@ -371,6 +371,33 @@ impl Channel {
     }
 
     /// Checks the connection's user may do `access` on a resource (403 if not).
+    /// The binding an `exchange.bind` or `exchange.unbind` names, once the
+    /// user may write the destination and read the source (RabbitMQ's rule).
+    fn exchange_binding(
+        &self,
+        broker: &Broker,
+        vhost: &Vhost,
+        source: ShortStr,
+        destination: ShortStr,
+        routing_key: ShortStr,
+        arguments: FieldTable,
+    ) -> Result<BindingDef, AmqpError> {
+        self.allow(
+            broker,
+            vhost,
+            Resource::Exchange,
+            &destination,
+            Access::Write,
+        )?;
+        self.allow(broker, vhost, Resource::Exchange, &source, Access::Read)?;
+        Ok(BindingDef {
+            source,
+            destination: Destination::Exchange(destination),
+            routing_key,
+            arguments,
+        })
+    }
+
     fn allow(
         &self,
         broker: &Broker,
@@ -526,20 +553,14 @@ impl Channel {
             Method::ExchangeDeclare(m) => self.handle_exchange_declare(broker, vhost, m).await?,
             Method::ExchangeDelete(m) => self.handle_exchange_delete(broker, vhost, m).await?,
             Method::ExchangeBind(m) => {
-                self.allow(
+                let def = self.exchange_binding(
                     broker,
                     vhost,
-                    Resource::Exchange,
-                    &m.destination,
-                    Access::Write,
+                    m.source,
+                    m.destination,
+                    m.routing_key,
+                    m.arguments,
                 )?;
-                self.allow(broker, vhost, Resource::Exchange, &m.source, Access::Read)?;
-                let def = BindingDef {
-                    source: m.source,
-                    destination: Destination::Exchange(m.destination),
-                    routing_key: m.routing_key,
-                    arguments: m.arguments,
-                };
                 vhost.bind(broker, &def).await?;
                 if !m.nowait {
                     self.shared
@@ -547,20 +568,14 @@ impl Channel {
                 }
             }
             Method::ExchangeUnbind(m) => {
-                self.allow(
+                let def = self.exchange_binding(
                     broker,
                     vhost,
-                    Resource::Exchange,
-                    &m.destination,
-                    Access::Write,
+                    m.source,
+                    m.destination,
+                    m.routing_key,
+                    m.arguments,
                 )?;
-                self.allow(broker, vhost, Resource::Exchange, &m.source, Access::Read)?;
-                let def = BindingDef {
-                    source: m.source,
-                    destination: Destination::Exchange(m.destination),
-                    routing_key: m.routing_key,
-                    arguments: m.arguments,
-                };
                 vhost.unbind(broker, &def).await?;
                 if !m.nowait {
                     self.shared
