@@ -24,6 +24,7 @@ pub mod definitions;
 pub mod error;
 pub mod message;
 pub mod queue;
+pub mod sled_log;
 pub mod storage;
 pub mod store;
 
@@ -35,5 +36,6 @@ pub use message::{Message, MessageId};
 pub use queue::{
     DeadLetterRequest, Delivery, Effects, Enqueued, MessageRef, Queue, parse_expiration,
 };
-pub use storage::{IndexEntry, SledStorage, Storage, Write};
+pub use sled_log::SledStorage;
+pub use storage::{IndexEntry, Storage, Write};
 pub use store::{Recovered, Store, StoreStats};

@@ -64,17 +64,28 @@ impl Message {
 
     /// The storage encoding.
     pub fn encode(&self) -> Bytes {
-        let mut header = BytesMut::new();
-        self.header.encode(&mut header);
-        let mut buf = BytesMut::with_capacity(
-            2 + self.exchange.len() + self.routing_key.len() + 4 + header.len() + self.body.len(),
-        );
-        put_short(&mut buf, &self.exchange);
-        put_short(&mut buf, &self.routing_key);
-        buf.put_u32(header.len() as u32);
-        buf.put_slice(&header);
-        buf.put_slice(&self.body);
+        let mut buf = BytesMut::with_capacity(self.encoded_len_hint());
+        self.encode_into(&mut buf);
         buf.freeze()
+    }
+
+    /// A size to reserve for [`Message::encode_into`] (exact unless the
+    /// properties are unusually large).
+    pub fn encoded_len_hint(&self) -> usize {
+        2 + self.exchange.len() + self.routing_key.len() + 4 + 14 + 64 + self.body.len()
+    }
+
+    /// Appends the storage encoding to `buf` (no intermediate allocation: the
+    /// header is encoded in place and its length patched in).
+    pub fn encode_into(&self, buf: &mut BytesMut) {
+        put_short(buf, &self.exchange);
+        put_short(buf, &self.routing_key);
+        let len_at = buf.len();
+        buf.put_u32(0);
+        self.header.encode(buf);
+        let header_len = (buf.len() - len_at - 4) as u32;
+        buf[len_at..len_at + 4].copy_from_slice(&header_len.to_be_bytes());
+        buf.put_slice(&self.body);
     }
 
     /// Decodes [`Message::encode`]'s output.

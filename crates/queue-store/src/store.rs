@@ -34,7 +34,8 @@ use tokio::sync::oneshot;
 use crate::definitions::DefKind;
 use crate::error::StoreError;
 use crate::message::{Message, MessageId};
-use crate::storage::{IndexEntry, SCHEMA_VERSION, SledStorage, Storage, Write};
+use crate::sled_log::SledStorage;
+use crate::storage::{IndexEntry, SCHEMA_VERSION, Storage, Write};
 
 /// What the store found on disk when it opened.
 #[derive(Debug, Default)]

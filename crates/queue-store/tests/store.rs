@@ -123,7 +123,7 @@ fn a_data_dir_from_another_schema_version_is_refused() {
     match Store::open(dir.path()) {
         Err(StoreError::SchemaMismatch {
             found: 99,
-            expected: 1,
+            expected: queue_store::storage::SCHEMA_VERSION,
         }) => {}
         other => panic!("{other:?}"),
     }

@@ -1,0 +1,1020 @@
+//! [`SledStorage`]: the [`Storage`] engine on sled. Definitions and metadata
+//! are small sled trees; messages and queue indexes are an append-only log of
+//! segments in a third tree, so a batch of thousands of publishes and acks
+//! costs a handful of sled inserts instead of four tree operations per message.
+//!
+//! | tree | key | value |
+//! |---|---|---|
+//! | `meta` | `schema`, `clean` | schema version; clean-shutdown marker |
+//! | `definitions` | kind octet ‖ name | a field table (see [`crate::definitions`]) |
+//! | `log` | segment number (u64 BE) | records, back to back |
+//!
+//! A record is a tag octet and its fields (integers big-endian):
+//!
+//! | tag | record | fields |
+//! |---|---|---|
+//! | 1 | put message | id u64, length u32, [`Message::encode`] |
+//! | 2 | delete message | id u64 |
+//! | 3 | put index entry | queue u64, seq u64, [`IndexEntry`] (26 octets) |
+//! | 4 | delete index entry | queue u64, seq u64 |
+//! | 5 | delete a queue's index | queue u64 |
+//!
+//! Replaying the segments in key order rebuilds every stored message and index
+//! entry: a later put of the same key supersedes an earlier one, a delete
+//! removes it.
+//!
+//! ## Reclaiming space
+//!
+//! Each segment counts its **live** records (puts that nothing later superseded
+//! or deleted) and its **pending** ones (deletes and superseding puts whose
+//! victim sits in an older segment that still exists). A segment with neither
+//! is removed: replay needs nothing from it. Removing it releases the records
+//! of newer segments that pointed into it, which may free those in turn.
+//! Removals are issued oldest first, and sled recovers a prefix of its
+//! operations, so a crash can never keep a delete's segment while losing it
+//! the put it cancels.
+//!
+//! A segment that keeps a few long-lived records would pin every segment that
+//! deleted something from it, so once its live bytes fall below a quarter of
+//! its size (and it is not among the newest) its live records are copied to
+//! the head of the log (compaction) and it goes.
+//!
+//! In memory the engine keeps where each stored message and index entry is
+//! (for reads and for the counts above) and the per-segment counts.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::Path;
+use std::sync::Mutex;
+
+use amqp_codec::FieldTable;
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::definitions::DefKind;
+use crate::error::StoreError;
+use crate::message::{Message, MessageId};
+use crate::storage::{IndexEntry, SCHEMA_VERSION, Storage, Write};
+
+/// How long [`SledStorage::open`] waits for a locked data directory.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// A segment is closed once it holds this many octets (a batch larger than
+/// this spans several segments, all synced together).
+const SEGMENT_TARGET: usize = 256 * 1024;
+
+/// A segment something cancelled a record in this recently (counted in
+/// segments) is not compacted: it is being consumed and will likely empty by
+/// itself.
+const COMPACT_MIN_AGE: u64 = 16;
+
+/// What a pinned, stripped newer segment is assumed to cost when deciding
+/// whether to compact the segment pinning it (octets).
+const PINNED_SEGMENT_COST: u64 = 256;
+
+const TAG_PUT_MESSAGE: u8 = 1;
+const TAG_DELETE_MESSAGE: u8 = 2;
+const TAG_PUT_INDEX: u8 = 3;
+const TAG_DELETE_INDEX: u8 = 4;
+const TAG_DELETE_QUEUE_INDEX: u8 = 5;
+
+/// Size of an index-entry record (tag, queue, seq, entry).
+const INDEX_RECORD_LEN: u32 = 1 + 16 + IndexEntry::LEN as u32;
+
+/// Where a stored message's encoding is.
+#[derive(Debug, Clone, Copy)]
+struct Loc {
+    seg: u64,
+    /// Offset of the encoding (after the record's tag, id and length).
+    off: u32,
+    len: u32,
+}
+
+/// A segment's bookkeeping.
+#[derive(Debug, Default)]
+struct Segment {
+    /// Octets in the segment.
+    size: u32,
+    /// Live records and their octets.
+    live: u32,
+    live_bytes: u32,
+    /// Records here that cancel a record in an older, still present segment.
+    pending: u32,
+    /// Newer segments holding records that cancel records here, with counts.
+    cancelled_by: HashMap<u64, u32>,
+    /// Holds only deletes (see [`SledStorage::strip`]).
+    stripped: bool,
+    /// The newest segment that cancelled a record here (its own number at
+    /// first): a segment still being consumed is not compacted.
+    touched: u64,
+}
+
+/// Everything the engine knows about the log.
+#[derive(Debug, Default)]
+struct LogState {
+    next_seg: u64,
+    messages: HashMap<MessageId, Loc>,
+    index: BTreeMap<(u64, u64), u64>,
+    segs: BTreeMap<u64, Segment>,
+    /// Segments worth compacting (see [`LogState::classify`]).
+    sparse: BTreeSet<u64>,
+}
+
+/// The segment being filled.
+struct Builder {
+    seg: u64,
+    buf: BytesMut,
+    live: u32,
+    live_bytes: u32,
+    /// Put records written (live or not).
+    puts: u32,
+    /// Older segments this one cancels records in, with counts.
+    cancels: HashMap<u64, u32>,
+}
+
+impl Builder {
+    fn new(seg: u64) -> Builder {
+        Builder {
+            seg,
+            buf: BytesMut::with_capacity(SEGMENT_TARGET + 4096),
+            live: 0,
+            live_bytes: 0,
+            puts: 0,
+            cancels: HashMap::new(),
+        }
+    }
+}
+
+impl LogState {
+    /// A record of `bytes` octets in segment `seg` is superseded or deleted by
+    /// a record of the segment being built.
+    fn kill(&mut self, b: &mut Builder, seg: u64, bytes: u32) {
+        if seg == b.seg {
+            b.live -= 1;
+            b.live_bytes -= bytes;
+            return;
+        }
+        if let Some(s) = self.segs.get_mut(&seg) {
+            s.live = s.live.saturating_sub(1);
+            s.live_bytes = s.live_bytes.saturating_sub(bytes);
+            s.touched = b.seg;
+            *b.cancels.entry(seg).or_insert(0) += 1;
+            self.classify(seg);
+        }
+    }
+
+    /// Keeps [`LogState::sparse`] up to date for `seg`: a segment with live
+    /// records is worth compacting once what keeping it costs (its dead octets,
+    /// plus an estimate for each newer segment it pins) exceeds its live octets.
+    fn classify(&mut self, seg: u64) {
+        let Some(s) = self.segs.get(&seg) else {
+            self.sparse.remove(&seg);
+            return;
+        };
+        let cost = u64::from(s.size - s.live_bytes.min(s.size))
+            + PINNED_SEGMENT_COST * s.cancelled_by.len() as u64;
+        if s.live > 0 && cost > u64::from(s.live_bytes) {
+            self.sparse.insert(seg);
+        } else {
+            self.sparse.remove(&seg);
+        }
+    }
+
+    fn put_message(&mut self, b: &mut Builder, id: MessageId, off: u32, len: u32) {
+        let bytes = 13 + len;
+        b.puts += 1;
+        b.live += 1;
+        b.live_bytes += bytes;
+        let loc = Loc {
+            seg: b.seg,
+            off,
+            len,
+        };
+        if let Some(old) = self.messages.insert(id, loc) {
+            self.kill(b, old.seg, 13 + old.len);
+        }
+    }
+
+    fn delete_message(&mut self, b: &mut Builder, id: MessageId) {
+        if let Some(old) = self.messages.remove(&id) {
+            self.kill(b, old.seg, 13 + old.len);
+        }
+    }
+
+    fn put_index(&mut self, b: &mut Builder, queue: u64, seq: u64) {
+        b.puts += 1;
+        b.live += 1;
+        b.live_bytes += INDEX_RECORD_LEN;
+        if let Some(old) = self.index.insert((queue, seq), b.seg) {
+            self.kill(b, old, INDEX_RECORD_LEN);
+        }
+    }
+
+    fn delete_index(&mut self, b: &mut Builder, queue: u64, seq: u64) {
+        if let Some(old) = self.index.remove(&(queue, seq)) {
+            self.kill(b, old, INDEX_RECORD_LEN);
+        }
+    }
+
+    fn delete_queue_index(&mut self, b: &mut Builder, queue: u64) {
+        let keys: Vec<(u64, u64)> = self
+            .index
+            .range((queue, 0)..=(queue, u64::MAX))
+            .map(|(k, _)| *k)
+            .collect();
+        for (q, s) in keys {
+            self.delete_index(b, q, s);
+        }
+    }
+
+    /// Registers a finished segment. Returns whether it is needed at all
+    /// (a segment whose every record cancelled out within it is not).
+    fn finish(&mut self, b: Builder, size: u32) -> bool {
+        let pending = b.cancels.values().sum();
+        for (&target, &n) in &b.cancels {
+            if let Some(t) = self.segs.get_mut(&target) {
+                *t.cancelled_by.entry(b.seg).or_insert(0) += n;
+                self.classify(target);
+            }
+        }
+        self.segs.insert(
+            b.seg,
+            Segment {
+                size,
+                live: b.live,
+                live_bytes: b.live_bytes,
+                pending,
+                cancelled_by: HashMap::new(),
+                stripped: b.puts == 0,
+                touched: b.seg,
+            },
+        );
+        self.classify(b.seg);
+        b.live > 0 || pending > 0
+    }
+
+    /// Removes every segment (among `candidates` and those they release) that
+    /// nothing needs any more, oldest first. Returns the removed segments in
+    /// the order their removal must be written, and the segments still
+    /// present that have no live records but are pinned (to be stripped).
+    fn reclaim(&mut self, candidates: impl IntoIterator<Item = u64>) -> (Vec<u64>, Vec<u64>) {
+        let mut ready = BTreeSet::new();
+        let mut pinned = Vec::new();
+        for seg in candidates {
+            match self.segs.get(&seg) {
+                Some(s) if s.live == 0 && s.pending == 0 => {
+                    ready.insert(seg);
+                }
+                Some(s) if s.live == 0 && !s.stripped => pinned.push(seg),
+                _ => {}
+            }
+        }
+        let mut removed = Vec::new();
+        while let Some(seg) = ready.pop_first() {
+            let Some(s) = self.segs.remove(&seg) else {
+                continue;
+            };
+            self.sparse.remove(&seg);
+            removed.push(seg);
+            for (newer, n) in s.cancelled_by {
+                if let Some(ns) = self.segs.get_mut(&newer) {
+                    ns.pending = ns.pending.saturating_sub(n);
+                    if ns.live == 0 && ns.pending == 0 {
+                        ready.insert(newer);
+                    }
+                }
+            }
+        }
+        pinned.retain(|s| self.segs.contains_key(s));
+        (removed, pinned)
+    }
+}
+
+/// sled-backed [`Storage`]: definitions in a tree, messages and indexes in a log.
+pub struct SledStorage {
+    db: sled::Db,
+    meta: sled::Tree,
+    definitions: sled::Tree,
+    log: sled::Tree,
+    state: Mutex<LogState>,
+    /// Index entries found at open, handed out once by [`Storage::index`].
+    recovered: Mutex<Option<Vec<(u64, u64, IndexEntry)>>>,
+    /// The segment last read for a message (drains read runs from one segment).
+    read_cache: Mutex<Option<(u64, sled::IVec)>>,
+}
+
+impl std::fmt::Debug for SledStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = lock(&self.state);
+        f.debug_struct("SledStorage")
+            .field("segments", &state.segs.len())
+            .field("messages", &state.messages.len())
+            .field("index_entries", &state.index.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn def_key(kind: DefKind, key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + key.len());
+    k.push(kind as u8);
+    k.extend_from_slice(key);
+    k
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Reads big-endian integers from a segment, failing on truncation.
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+    seg: u64,
+}
+
+impl<'a> Reader<'a> {
+    fn corrupt(&self) -> StoreError {
+        StoreError::Corrupt {
+            what: "log segment",
+            key: format!("{} at {}", self.seg, self.pos),
+        }
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8], StoreError> {
+        let end = self.pos.checked_add(n).ok_or_else(|| self.corrupt())?;
+        let s = self.buf.get(self.pos..end).ok_or_else(|| self.corrupt())?;
+        self.pos = end;
+        Ok(s)
+    }
+
+    fn u8(&mut self) -> Result<u8, StoreError> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn u32(&mut self) -> Result<u32, StoreError> {
+        let mut x = [0u8; 4];
+        x.copy_from_slice(self.take(4)?);
+        Ok(u32::from_be_bytes(x))
+    }
+
+    fn u64(&mut self) -> Result<u64, StoreError> {
+        let mut x = [0u8; 8];
+        x.copy_from_slice(self.take(8)?);
+        Ok(u64::from_be_bytes(x))
+    }
+}
+
+fn seg_key(seg: u64) -> [u8; 8] {
+    seg.to_be_bytes()
+}
+
+impl SledStorage {
+    /// Opens (or creates) the database in `dir` and replays the log, waiting
+    /// up to 15 s for a directory lock still held by a store of this process
+    /// that was just dropped.
+    pub fn open(dir: &Path) -> Result<SledStorage, StoreError> {
+        let config = sled::Config::new()
+            .path(dir)
+            // Warren decides when to fsync (group commit); sled's own timer
+            // still bounds how long acks and other unsynced writes wait.
+            .flush_every_ms(Some(500))
+            .cache_capacity(64 << 20);
+        // sled locks the directory. Another process holding it is a real
+        // conflict; but a store this process just dropped can keep the lock for
+        // a while (sled's I/O threads let go of the file last, seconds later on
+        // a loaded machine), so a held lock is waited for before giving up.
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        let mut warned = false;
+        let db = loop {
+            match config.open() {
+                // sled reports a held lock as an `Other` I/O error that
+                // wraps the WouldBlock; only its text tells.
+                Err(sled::Error::Io(e))
+                    if e.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    if !warned {
+                        tracing::warn!(dir = %dir.display(), "data directory is locked; waiting for it");
+                        warned = true;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                other => break other?,
+            }
+        };
+        let storage = SledStorage {
+            meta: db.open_tree("meta")?,
+            definitions: db.open_tree("definitions")?,
+            log: db.open_tree("log")?,
+            db,
+            state: Mutex::new(LogState::default()),
+            recovered: Mutex::new(None),
+            read_cache: Mutex::new(None),
+        };
+        // A layout this build does not know is refused before it is replayed.
+        if let Some(v) = storage.meta.get("schema")? {
+            let found = <[u8; 4]>::try_from(v.as_ref())
+                .map(u32::from_be_bytes)
+                .unwrap_or(0);
+            if found != SCHEMA_VERSION {
+                return Err(StoreError::SchemaMismatch {
+                    found,
+                    expected: SCHEMA_VERSION,
+                });
+            }
+        }
+        storage.replay()?;
+        Ok(storage)
+    }
+
+    /// Log segments currently stored (an operator metric; tests use it to
+    /// check that space is reclaimed).
+    pub fn segments(&self) -> usize {
+        lock(&self.state).segs.len()
+    }
+
+    /// Rebuilds the in-memory state from the log and removes segments nothing
+    /// needs (left over when a crash interrupted a removal).
+    fn replay(&self) -> Result<(), StoreError> {
+        let mut state = LogState::default();
+        let mut entries: BTreeMap<(u64, u64), IndexEntry> = BTreeMap::new();
+        for kv in self.log.iter() {
+            let (k, v) = kv?;
+            let seg = <[u8; 8]>::try_from(k.as_ref())
+                .map(u64::from_be_bytes)
+                .map_err(|_| StoreError::Corrupt {
+                    what: "log segment key",
+                    key: format!("{k:?}"),
+                })?;
+            let mut b = Builder::new(seg);
+            let mut r = Reader {
+                buf: &v,
+                pos: 0,
+                seg,
+            };
+            while r.pos < r.buf.len() {
+                match r.u8()? {
+                    TAG_PUT_MESSAGE => {
+                        let id = MessageId(r.u64()?);
+                        let len = r.u32()?;
+                        let off = r.pos as u32;
+                        r.take(len as usize)?;
+                        state.put_message(&mut b, id, off, len);
+                    }
+                    TAG_DELETE_MESSAGE => {
+                        let id = MessageId(r.u64()?);
+                        state.delete_message(&mut b, id);
+                    }
+                    TAG_PUT_INDEX => {
+                        let (queue, seq) = (r.u64()?, r.u64()?);
+                        let entry = IndexEntry::decode(r.take(IndexEntry::LEN)?)
+                            .ok_or_else(|| r.corrupt())?;
+                        state.put_index(&mut b, queue, seq);
+                        entries.insert((queue, seq), entry);
+                    }
+                    TAG_DELETE_INDEX => {
+                        let (queue, seq) = (r.u64()?, r.u64()?);
+                        state.delete_index(&mut b, queue, seq);
+                        entries.remove(&(queue, seq));
+                    }
+                    TAG_DELETE_QUEUE_INDEX => {
+                        let queue = r.u64()?;
+                        state.delete_queue_index(&mut b, queue);
+                        let keys: Vec<_> = entries
+                            .range((queue, 0)..=(queue, u64::MAX))
+                            .map(|(k, _)| *k)
+                            .collect();
+                        for k in keys {
+                            entries.remove(&k);
+                        }
+                    }
+                    _ => return Err(r.corrupt()),
+                }
+            }
+            state.next_seg = seg + 1;
+            state.finish(b, v.len() as u32);
+        }
+        let all: Vec<u64> = state.segs.keys().copied().collect();
+        self.settle(&mut state, all, None)?;
+        tracing::debug!(
+            segments = state.segs.len(),
+            messages = state.messages.len(),
+            index_entries = entries.len(),
+            "log replayed"
+        );
+        *lock(&self.recovered) = Some(entries.into_iter().map(|((q, s), e)| (q, s, e)).collect());
+        *lock(&self.state) = state;
+        Ok(())
+    }
+
+    /// Writes a finished segment and removes what it freed.
+    fn seal(&self, state: &mut LogState, mut b: Builder) -> Result<(), StoreError> {
+        let seg = b.seg;
+        let targets: Vec<u64> = b.cancels.keys().copied().collect();
+        let size = b.buf.len() as u32;
+        let data = b.buf.split().freeze();
+        let inserted = state.finish(b, size);
+        if inserted {
+            self.log.insert(seg_key(seg), data.as_ref())?;
+        }
+        let mut candidates = targets;
+        candidates.push(seg);
+        self.settle(state, candidates, (!inserted).then_some(seg))
+    }
+
+    /// Removes the segments among `candidates` (and those they release) that
+    /// nothing needs, and strips the ones that are dead but pinned, until no
+    /// more can go. `unwritten` is a segment that was never inserted.
+    fn settle(
+        &self,
+        state: &mut LogState,
+        mut candidates: Vec<u64>,
+        unwritten: Option<u64>,
+    ) -> Result<(), StoreError> {
+        while !candidates.is_empty() {
+            let (removed, pinned) = state.reclaim(candidates.drain(..));
+            for seg in removed {
+                if Some(seg) != unwritten {
+                    self.log.remove(seg_key(seg))?;
+                }
+                self.forget_cached(seg);
+            }
+            for seg in pinned {
+                candidates.extend(self.strip(state, seg)?);
+            }
+        }
+        Ok(())
+    }
+
+    fn forget_cached(&self, seg: u64) {
+        let mut cache = lock(&self.read_cache);
+        if cache.as_ref().is_some_and(|(s, _)| *s == seg) {
+            *cache = None;
+        }
+    }
+
+    /// Rewrites a segment that has no live records but must stay (its deletes
+    /// still cancel records in older segments) to hold deletes only: every put
+    /// becomes a delete of the same key, which cancels whatever it superseded
+    /// just the same. Newer segments that only had to stay to cancel those puts
+    /// are released; they are returned as candidates for removal.
+    fn strip(&self, state: &mut LogState, seg: u64) -> Result<Vec<u64>, StoreError> {
+        let Some(data) = self.log.get(seg_key(seg))? else {
+            return Ok(Vec::new());
+        };
+        let mut out = BytesMut::with_capacity(data.len() / 4);
+        let mut r = Reader {
+            buf: &data,
+            pos: 0,
+            seg,
+        };
+        while r.pos < r.buf.len() {
+            match r.u8()? {
+                TAG_PUT_MESSAGE => {
+                    let id = r.u64()?;
+                    let len = r.u32()?;
+                    r.take(len as usize)?;
+                    out.put_u8(TAG_DELETE_MESSAGE);
+                    out.put_u64(id);
+                }
+                TAG_DELETE_MESSAGE => {
+                    out.put_u8(TAG_DELETE_MESSAGE);
+                    out.put_u64(r.u64()?);
+                }
+                tag @ (TAG_PUT_INDEX | TAG_DELETE_INDEX) => {
+                    out.put_u8(TAG_DELETE_INDEX);
+                    out.put_slice(r.take(16)?);
+                    if tag == TAG_PUT_INDEX {
+                        r.take(IndexEntry::LEN)?;
+                    }
+                }
+                TAG_DELETE_QUEUE_INDEX => {
+                    out.put_u8(TAG_DELETE_QUEUE_INDEX);
+                    out.put_u64(r.u64()?);
+                }
+                _ => return Err(r.corrupt()),
+            }
+        }
+        self.log.insert(seg_key(seg), out.as_ref())?;
+        self.forget_cached(seg);
+        let Some(s) = state.segs.get_mut(&seg) else {
+            return Ok(Vec::new());
+        };
+        s.size = out.len() as u32;
+        s.stripped = true;
+        let released = std::mem::take(&mut s.cancelled_by);
+        let mut candidates = Vec::new();
+        for (newer, n) in released {
+            if let Some(ns) = state.segs.get_mut(&newer) {
+                ns.pending = ns.pending.saturating_sub(n);
+                candidates.push(newer);
+            }
+        }
+        tracing::trace!(segment = seg, "log segment stripped to its deletes");
+        Ok(candidates)
+    }
+
+    /// Copies the live records of the oldest sparse segment that nothing has
+    /// consumed from lately into `b`, so that the segment (and whatever it
+    /// pinned) can go.
+    fn compact_one(&self, state: &mut LogState, b: &mut Builder) -> Result<(), StoreError> {
+        let cold = |s: &Segment| s.touched + COMPACT_MIN_AGE < b.seg;
+        let Some(&seg) = state
+            .sparse
+            .iter()
+            .find(|&&s| state.segs.get(&s).is_some_and(|s| s.live > 0 && cold(s)))
+        else {
+            return Ok(());
+        };
+        state.sparse.remove(&seg);
+        let Some(data) = self.log.get(seg_key(seg))? else {
+            return Ok(());
+        };
+        let mut r = Reader {
+            buf: &data,
+            pos: 0,
+            seg,
+        };
+        let mut moved = 0u32;
+        let mut index: BTreeMap<(u64, u64), &[u8]> = BTreeMap::new();
+        while r.pos < r.buf.len() {
+            match r.u8()? {
+                TAG_PUT_MESSAGE => {
+                    let id = MessageId(r.u64()?);
+                    let len = r.u32()?;
+                    let off = r.pos;
+                    let body = r.take(len as usize)?;
+                    if state
+                        .messages
+                        .get(&id)
+                        .is_some_and(|l| l.seg == seg && l.off as usize == off)
+                    {
+                        b.buf.put_u8(TAG_PUT_MESSAGE);
+                        b.buf.put_u64(id.0);
+                        b.buf.put_u32(len);
+                        let new_off = b.buf.len() as u32;
+                        b.buf.put_slice(body);
+                        state.put_message(b, id, new_off, len);
+                        moved += 1;
+                    }
+                }
+                TAG_DELETE_MESSAGE => {
+                    r.u64()?;
+                }
+                TAG_PUT_INDEX => {
+                    let (queue, seq) = (r.u64()?, r.u64()?);
+                    let entry = r.take(IndexEntry::LEN)?;
+                    // The segment may hold several puts of one entry (a
+                    // requeue in the same batch); the last one is current.
+                    if state.index.get(&(queue, seq)) == Some(&seg) {
+                        index.insert((queue, seq), entry);
+                    }
+                }
+                TAG_DELETE_INDEX => {
+                    r.take(16)?;
+                }
+                TAG_DELETE_QUEUE_INDEX => {
+                    r.u64()?;
+                }
+                _ => return Err(r.corrupt()),
+            }
+        }
+        for ((queue, seq), entry) in index {
+            b.buf.put_u8(TAG_PUT_INDEX);
+            b.buf.put_u64(queue);
+            b.buf.put_u64(seq);
+            b.buf.put_slice(entry);
+            state.put_index(b, queue, seq);
+            moved += 1;
+        }
+        tracing::debug!(segment = seg, records = moved, "log segment compacted");
+        Ok(())
+    }
+}
+
+impl Storage for SledStorage {
+    fn apply(&self, writes: &[Write]) -> Result<(), StoreError> {
+        let mut state = lock(&self.state);
+        let mut b = Builder::new(state.next_seg);
+        state.next_seg += 1;
+        for w in writes {
+            if b.buf.len() >= SEGMENT_TARGET {
+                let next = Builder::new(state.next_seg);
+                state.next_seg += 1;
+                self.seal(&mut state, std::mem::replace(&mut b, next))?;
+            }
+            match w {
+                Write::PutMessage(m) => {
+                    b.buf.reserve(13 + m.encoded_len_hint());
+                    b.buf.put_u8(TAG_PUT_MESSAGE);
+                    b.buf.put_u64(m.id.0);
+                    let len_at = b.buf.len();
+                    b.buf.put_u32(0);
+                    let off = b.buf.len();
+                    m.encode_into(&mut b.buf);
+                    let len = (b.buf.len() - off) as u32;
+                    b.buf[len_at..len_at + 4].copy_from_slice(&len.to_be_bytes());
+                    state.put_message(&mut b, m.id, off as u32, len);
+                }
+                Write::DeleteMessage(id) => {
+                    b.buf.put_u8(TAG_DELETE_MESSAGE);
+                    b.buf.put_u64(id.0);
+                    state.delete_message(&mut b, *id);
+                }
+                Write::PutIndex { queue, seq, entry } => {
+                    b.buf.put_u8(TAG_PUT_INDEX);
+                    b.buf.put_u64(*queue);
+                    b.buf.put_u64(*seq);
+                    b.buf.put_slice(&entry.encode());
+                    state.put_index(&mut b, *queue, *seq);
+                }
+                Write::DeleteIndex { queue, seq } => {
+                    b.buf.put_u8(TAG_DELETE_INDEX);
+                    b.buf.put_u64(*queue);
+                    b.buf.put_u64(*seq);
+                    state.delete_index(&mut b, *queue, *seq);
+                }
+                Write::DeleteQueueIndex { queue } => {
+                    b.buf.put_u8(TAG_DELETE_QUEUE_INDEX);
+                    b.buf.put_u64(*queue);
+                    state.delete_queue_index(&mut b, *queue);
+                }
+                Write::PutDefinition { kind, key, value } => {
+                    let mut buf = BytesMut::new();
+                    value
+                        .encode(&mut buf)
+                        .map_err(|e| StoreError::Engine(format!("definition too large: {e}")))?;
+                    self.definitions.insert(def_key(*kind, key), buf.as_ref())?;
+                }
+                Write::DeleteDefinition { kind, key } => {
+                    self.definitions.remove(def_key(*kind, key))?;
+                }
+            }
+        }
+        if !b.buf.is_empty() {
+            self.compact_one(&mut state, &mut b)?;
+            self.seal(&mut state, b)?;
+        }
+        Ok(())
+    }
+
+    fn sync(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    fn message(&self, id: MessageId) -> Result<Option<Message>, StoreError> {
+        let Some(loc) = lock(&self.state).messages.get(&id).copied() else {
+            return Ok(None);
+        };
+        let cached = lock(&self.read_cache)
+            .as_ref()
+            .filter(|(s, _)| *s == loc.seg)
+            .map(|(_, v)| v.clone());
+        let data = match cached {
+            Some(v) => v,
+            None => match self.log.get(seg_key(loc.seg))? {
+                // Deleted meanwhile: so was the message.
+                None => return Ok(None),
+                Some(v) => {
+                    *lock(&self.read_cache) = Some((loc.seg, v.clone()));
+                    v
+                }
+            },
+        };
+        let raw = data
+            .get(loc.off as usize..(loc.off as usize + loc.len as usize))
+            .ok_or_else(|| StoreError::Corrupt {
+                what: "message location",
+                key: id.0.to_string(),
+            })?;
+        Message::decode(id, Bytes::copy_from_slice(raw)).map(Some)
+    }
+
+    fn message_ids(&self) -> Result<Vec<MessageId>, StoreError> {
+        Ok(lock(&self.state).messages.keys().copied().collect())
+    }
+
+    fn index(&self) -> Result<Vec<(u64, u64, IndexEntry)>, StoreError> {
+        if let Some(entries) = lock(&self.recovered).take() {
+            return Ok(entries);
+        }
+        // Asked again: replay once more (rare; only at open in practice).
+        self.replay()?;
+        Ok(lock(&self.recovered).take().unwrap_or_default())
+    }
+
+    fn definitions(&self) -> Result<Vec<(DefKind, Bytes, FieldTable)>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.definitions.iter() {
+            let (k, v) = kv?;
+            let corrupt = || StoreError::Corrupt {
+                what: "definition",
+                key: String::from_utf8_lossy(&k).into_owned(),
+            };
+            let (&kind, name) = k.split_first().ok_or_else(corrupt)?;
+            let kind = DefKind::from_octet(kind).ok_or_else(corrupt)?;
+            let (table, _) =
+                FieldTable::decode(&Bytes::copy_from_slice(&v)).map_err(|_| corrupt())?;
+            out.push((kind, Bytes::copy_from_slice(name), table));
+        }
+        Ok(out)
+    }
+
+    fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.meta.get(key)?.map(|v| v.to_vec()))
+    }
+
+    fn set_meta(&self, key: &str, value: Option<&[u8]>) -> Result<(), StoreError> {
+        match value {
+            Some(v) => self.meta.insert(key, v)?,
+            None => self.meta.remove(key)?,
+        };
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
+
+    use std::sync::Arc;
+
+    use amqp_codec::{BasicProperties, ContentHeader, ShortStr, class_id};
+
+    use super::*;
+
+    fn message(id: u64) -> Arc<Message> {
+        let body = Bytes::from(format!("message {id}"));
+        Message::new(
+            MessageId(id),
+            ShortStr::from_static("x"),
+            ShortStr::from_static("k"),
+            ContentHeader {
+                class_id: class_id::BASIC,
+                weight: 0,
+                body_size: body.len() as u64,
+                properties: BasicProperties {
+                    delivery_mode: Some(2),
+                    ..Default::default()
+                }
+                .to_raw()
+                .unwrap(),
+            },
+            body,
+        )
+    }
+
+    fn put(id: u64) -> [Write; 2] {
+        [
+            Write::PutMessage(message(id)),
+            Write::PutIndex {
+                queue: 1,
+                seq: id,
+                entry: IndexEntry {
+                    message: MessageId(id),
+                    size: 10,
+                    ..IndexEntry::default()
+                },
+            },
+        ]
+    }
+
+    fn delete(id: u64) -> [Write; 2] {
+        [
+            Write::DeleteIndex { queue: 1, seq: id },
+            Write::DeleteMessage(MessageId(id)),
+        ]
+    }
+
+    fn stored_segments(s: &SledStorage) -> usize {
+        let n = s.segments();
+        assert_eq!(n, s.log.len(), "bookkeeping and sled disagree");
+        n
+    }
+
+    #[test]
+    fn acknowledged_batches_leave_no_segments() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStorage::open(dir.path()).unwrap();
+        s.apply(&(1..=100).flat_map(put).collect::<Vec<_>>())
+            .unwrap();
+        assert_eq!(stored_segments(&s), 1);
+        s.apply(&(1..=100).flat_map(delete).collect::<Vec<_>>())
+            .unwrap();
+        assert_eq!(stored_segments(&s), 0);
+        // Put and delete in one batch cancel out without a segment.
+        s.apply(&[put(101), delete(101)].concat()).unwrap();
+        assert_eq!(stored_segments(&s), 0);
+        drop(s);
+        let s = SledStorage::open(dir.path()).unwrap();
+        assert!(s.message_ids().unwrap().is_empty());
+        assert!(s.index().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_delete_keeps_its_segment_until_the_put_it_cancels_is_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStorage::open(dir.path()).unwrap();
+        s.apply(&[put(1), put(2)].concat()).unwrap(); // segment A
+        s.apply(&[delete(1), put(3)].concat()).unwrap(); // segment B cancels into A
+        s.apply(&delete(3)).unwrap(); // C cancels 3 in B
+        // B has no live records but its delete of 1 must stay while A holds
+        // 1's put: B is stripped to its deletes. So C, which only cancelled
+        // the put of 3 in B, can go.
+        assert_eq!(stored_segments(&s), 2);
+        assert!(lock(&s.state).segs.values().any(|seg| seg.stripped));
+        drop(s);
+        let s = SledStorage::open(dir.path()).unwrap();
+        assert_eq!(s.message_ids().unwrap(), vec![MessageId(2)]);
+        s.apply(&delete(2)).unwrap();
+        assert_eq!(
+            stored_segments(&s),
+            0,
+            "A goes, releasing B, then C and the new one"
+        );
+    }
+
+    #[test]
+    fn a_long_lived_message_is_compacted_and_the_log_stays_short() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStorage::open(dir.path()).unwrap();
+        s.apply(&(1..=100).flat_map(put).collect::<Vec<_>>())
+            .unwrap();
+        s.apply(&(2..=100).flat_map(delete).collect::<Vec<_>>())
+            .unwrap();
+        // Traffic that each next batch acknowledges.
+        for id in 1000..1100 {
+            s.apply(&[delete(id - 1), put(id)].concat()).unwrap();
+        }
+        assert!(
+            stored_segments(&s) <= 4,
+            "{} segments: message 1 pins the log",
+            s.segments()
+        );
+        assert_eq!(s.message(MessageId(1)).unwrap().unwrap().body, "message 1");
+        drop(s);
+        let s = SledStorage::open(dir.path()).unwrap();
+        let mut ids = s.message_ids().unwrap();
+        ids.sort();
+        assert_eq!(ids, vec![MessageId(1), MessageId(1099)]);
+        let index: Vec<u64> = s.index().unwrap().iter().map(|e| e.1).collect();
+        assert_eq!(index, vec![1, 1099]);
+        assert_eq!(s.message(MessageId(1)).unwrap().unwrap().body, "message 1");
+    }
+
+    #[test]
+    fn a_superseded_index_entry_does_not_come_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStorage::open(dir.path()).unwrap();
+        s.apply(&[put(1), put(2)].concat()).unwrap(); // A
+        let redelivered = IndexEntry {
+            message: MessageId(1),
+            size: 10,
+            delivered: true,
+            delivery_count: 1,
+            ..IndexEntry::default()
+        };
+        s.apply(&[Write::PutIndex {
+            queue: 1,
+            seq: 1,
+            entry: redelivered,
+        }])
+        .unwrap(); // B supersedes 1's entry in A
+        s.apply(&[Write::DeleteIndex { queue: 1, seq: 1 }]).unwrap(); // C deletes B's entry; B could go, but it cancels into A
+        drop(s);
+        let s = SledStorage::open(dir.path()).unwrap();
+        let index: Vec<u64> = s.index().unwrap().iter().map(|e| e.1).collect();
+        assert_eq!(index, vec![2]);
+    }
+
+    #[test]
+    fn deleting_a_queue_index_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStorage::open(dir.path()).unwrap();
+        s.apply(&(1..=10).flat_map(put).collect::<Vec<_>>())
+            .unwrap();
+        s.apply(&[Write::DeleteQueueIndex { queue: 1 }]).unwrap();
+        drop(s);
+        let s = SledStorage::open(dir.path()).unwrap();
+        assert!(s.index().unwrap().is_empty());
+        assert_eq!(
+            s.message_ids().unwrap().len(),
+            10,
+            "bodies go with their own deletes"
+        );
+    }
+
+    #[test]
+    fn a_truncated_segment_is_reported_as_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = SledStorage::open(dir.path()).unwrap();
+            s.log
+                .insert(seg_key(7), &[TAG_PUT_MESSAGE, 0, 0][..])
+                .unwrap();
+        }
+        match SledStorage::open(dir.path()) {
+            Err(StoreError::Corrupt { what, .. }) => assert_eq!(what, "log segment"),
+            other => panic!("expected a corrupt segment, got {other:?}"),
+        }
+    }
+}
