@@ -4,50 +4,19 @@
 //! mode, so the test needs nothing but itself.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
-
 use lapin::options::*;
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties};
-use warren_tests::TestBroker;
-
-const CHILD_ENV: &str = "WARREN_RESTART_CHILD_DIR";
+use warren_tests::{ChildBroker, TestBroker};
 
 /// Broker mode: run a broker on the given data dir, print its address, serve until killed.
 #[test]
 fn broker_child() {
-    let Ok(dir) = std::env::var(CHILD_ENV) else {
-        return;
-    };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let b = TestBroker::start_in(std::path::Path::new(&dir)).await;
-        println!("listening {}", b.addr);
-        std::future::pending::<()>().await;
-    });
+    warren_tests::serve_if_child();
 }
 
-fn spawn_broker(dir: &std::path::Path) -> (std::process::Child, String) {
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "broker_child", "--nocapture", "--test-threads=1"])
-        .env(CHILD_ENV, dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let addr = loop {
-        let line = lines.next().expect("broker child exited").unwrap();
-        // libtest prints "test broker_child ... " on the same line first.
-        if let Some((_, a)) = line.split_once("listening ") {
-            break a.trim().to_owned();
-        }
-    };
-    (child, addr)
+fn spawn_broker(dir: &std::path::Path) -> ChildBroker {
+    ChildBroker::spawn("broker_child", dir, None)
 }
 
 async fn declare_durable(ch: &lapin::Channel) {
@@ -86,9 +55,8 @@ async fn declare_durable(ch: &lapin::Channel) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn confirmed_messages_survive_kill_9() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut child, addr) = spawn_broker(dir.path());
-    let uri = format!("amqp://guest:guest@{addr}/%2f");
-    let conn = Connection::connect(&uri, ConnectionProperties::default())
+    let child = spawn_broker(dir.path());
+    let conn = Connection::connect(&child.uri(), ConnectionProperties::default())
         .await
         .unwrap();
     let ch = conn.create_channel().await.unwrap();
@@ -126,13 +94,11 @@ async fn confirmed_messages_survive_kill_9() {
     .unwrap()
     .await
     .unwrap();
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
+    child.kill(); // SIGKILL
     drop(conn);
 
-    let (mut child, addr) = spawn_broker(dir.path());
-    let uri = format!("amqp://guest:guest@{addr}/%2f");
-    let conn = Connection::connect(&uri, ConnectionProperties::default())
+    let child = spawn_broker(dir.path());
+    let conn = Connection::connect(&child.uri(), ConnectionProperties::default())
         .await
         .unwrap();
     let ch = conn.create_channel().await.unwrap();
@@ -167,8 +133,7 @@ async fn confirmed_messages_survive_kill_9() {
         .unwrap()
         .unwrap();
     assert_eq!(after.delivery.data, b"after");
-    child.kill().unwrap();
-    child.wait().unwrap();
+    child.kill();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

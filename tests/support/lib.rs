@@ -360,3 +360,209 @@ pub async fn assert_closed_by_broker<T: std::fmt::Debug>(
         _ => assert_amqp_error::<()>(Err(e), code, text),
     }
 }
+
+/// A raw client on channel 1 with `queue` declared (durable if asked) and
+/// publisher confirms on, split for a flood: the writer goes to [`flood`],
+/// the reader collects the confirms.
+pub async fn confirming_publisher(
+    addr: SocketAddr,
+    queue: &'static str,
+    durable: bool,
+    capabilities: &[&str],
+) -> (RawReader, tokio::net::tcp::OwnedWriteHalf) {
+    use amqp_codec::ShortStr;
+    use amqp_codec::methods::{ConfirmSelect, QueueDeclare};
+    let mut c = RawClient::open_with(addr, capabilities, "/").await;
+    c.send(
+        1,
+        QueueDeclare {
+            queue: ShortStr::from_static(queue),
+            durable,
+            ..Default::default()
+        }
+        .into(),
+    )
+    .await;
+    assert!(matches!(c.method().await, Some(Method::QueueDeclareOk(_))));
+    c.send(1, ConfirmSelect::default().into()).await;
+    assert!(matches!(c.method().await, Some(Method::ConfirmSelectOk(_))));
+    c.split()
+}
+
+/// Publishes `n` messages of `size` octets to `queue` on channel 1, in
+/// writes of 100 messages, from a task: when the broker stops reading, the
+/// task waits on TCP. Persistent messages if asked. Returns the writer.
+pub fn flood(
+    mut writer: tokio::net::tcp::OwnedWriteHalf,
+    queue: &'static str,
+    n: u64,
+    size: usize,
+    persistent: bool,
+) -> tokio::task::JoinHandle<tokio::net::tcp::OwnedWriteHalf> {
+    use amqp_codec::methods::BasicPublish;
+    use amqp_codec::{
+        BasicProperties, ContentHeader, ShortStr, encode_body, encode_content_header,
+    };
+    tokio::spawn(async move {
+        let header = ContentHeader {
+            class_id: 60,
+            weight: 0,
+            body_size: size as u64,
+            properties: BasicProperties {
+                delivery_mode: persistent.then_some(2),
+                ..Default::default()
+            }
+            .to_raw()
+            .unwrap(),
+        };
+        let body = vec![7u8; size];
+        let mut sent = 0;
+        while sent < n {
+            let mut buf = BytesMut::new();
+            for _ in 0..(n - sent).min(100) {
+                encode_method(
+                    &mut buf,
+                    1,
+                    &BasicPublish {
+                        routing_key: ShortStr::from_static(queue),
+                        ..Default::default()
+                    }
+                    .into(),
+                )
+                .unwrap();
+                encode_content_header(&mut buf, 1, &header).unwrap();
+                encode_body(&mut buf, 1, &body, 131_072).unwrap();
+                sent += 1;
+            }
+            writer.write_all(&buf).await.unwrap();
+        }
+        writer
+    })
+}
+
+/// What a confirming publisher's reader saw.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Confirms {
+    /// Highest delivery tag acknowledged (confirms are in order here).
+    pub acked: u64,
+    /// `connection.blocked` received.
+    pub blocked: bool,
+    /// `connection.unblocked` received.
+    pub unblocked: bool,
+}
+
+impl RawReader {
+    /// Reads confirms (and blocked/unblocked notices) until `done` says so,
+    /// failing on a nack, a closed socket, or ten seconds without a frame.
+    pub async fn confirms_until(
+        &mut self,
+        seen: &mut Confirms,
+        mut done: impl FnMut(&Confirms) -> bool,
+    ) {
+        while !done(seen) {
+            let frame = tokio::time::timeout(std::time::Duration::from_secs(10), self.frame())
+                .await
+                .unwrap_or_else(|_| panic!("no progress from the broker; so far {seen:?}"));
+            match frame {
+                Some(Frame::Method { method, .. }) => match method {
+                    Method::BasicAck(a) => seen.acked = seen.acked.max(a.delivery_tag),
+                    Method::BasicNack(n) => panic!("nacked {}", n.delivery_tag),
+                    Method::ConnectionBlocked(_) => seen.blocked = true,
+                    Method::ConnectionUnblocked(_) => seen.unblocked = true,
+                    _ => {}
+                },
+                Some(_) => {}
+                None => panic!("socket closed; so far {seen:?}"),
+            }
+        }
+    }
+}
+
+/// A broker in a child process, for what needs a process of its own: a
+/// `kill -9`, or measuring its memory. The child is the calling test binary
+/// re-run in broker mode: the binary must have a test named as given that
+/// calls [`serve_if_child`] (it returns at once in a normal run).
+#[derive(Debug)]
+pub struct ChildBroker {
+    /// The process.
+    pub child: std::process::Child,
+    /// Its AMQP address, `host:port`.
+    pub addr: String,
+}
+
+const CHILD_DIR_ENV: &str = "WARREN_TEST_CHILD_DIR";
+const CHILD_WATERMARK_ENV: &str = "WARREN_TEST_CHILD_WATERMARK";
+
+impl ChildBroker {
+    /// Starts the child on `dir` (a memory watermark if given) and waits
+    /// until it listens.
+    pub fn spawn(child_test: &str, dir: &Path, memory_high_watermark: Option<u64>) -> ChildBroker {
+        use std::io::BufRead;
+        let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+        cmd.args(["--exact", child_test, "--nocapture", "--test-threads=1"])
+            .env(CHILD_DIR_ENV, dir)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null());
+        if let Some(w) = memory_high_watermark {
+            cmd.env(CHILD_WATERMARK_ENV, w.to_string());
+        }
+        let mut child = cmd.spawn().unwrap();
+        let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let addr = loop {
+            let line = lines.next().expect("broker child exited").unwrap();
+            // libtest prints "test <name> ... " on the same line first.
+            if let Some((_, a)) = line.split_once("listening ") {
+                break a.trim().to_owned();
+            }
+        };
+        ChildBroker { child, addr }
+    }
+
+    /// `amqp://guest:guest@addr/%2f`
+    pub fn uri(&self) -> String {
+        format!("amqp://guest:guest@{}/%2f", self.addr)
+    }
+
+    /// A field of `/proc/<pid>/status` in KiB (`VmRSS:`, `VmHWM:`).
+    pub fn memory_kib(&self, field: &str) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap()
+            .lines()
+            .find(|l| l.starts_with(field))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap()
+    }
+
+    /// `kill -9` and reap.
+    pub fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+/// Broker mode of a test binary (see [`ChildBroker`]): when this process was
+/// started by [`ChildBroker::spawn`], runs a broker on the given directory,
+/// prints its address and serves until killed. Otherwise returns at once.
+pub fn serve_if_child() {
+    let Ok(dir) = std::env::var(CHILD_DIR_ENV) else {
+        return;
+    };
+    let watermark = std::env::var(CHILD_WATERMARK_ENV)
+        .ok()
+        .map(|w| w.parse::<u64>().unwrap());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let b = TestBroker::start_with(Path::new(&dir), |c| {
+            if let Some(w) = watermark {
+                c.memory_high_watermark = w;
+            }
+        })
+        .await;
+        println!("listening {}", b.addr);
+        std::future::pending::<()>().await;
+    });
+}

@@ -22,6 +22,7 @@ pub mod args;
 pub mod dead_letter;
 pub mod definitions;
 pub mod error;
+pub mod flow;
 pub mod message;
 pub mod queue;
 pub mod sled_log;
@@ -32,10 +33,11 @@ pub use args::{Overflow, QueueArgs, QueueType};
 pub use dead_letter::{DeadLetter, DeadLetterReason};
 pub use definitions::{DefKind, scoped_name};
 pub use error::{ArgError, ArgProblem, StoreError};
+pub use flow::FlowGate;
 pub use message::{Message, MessageId};
 pub use queue::{
     DeadLetterRequest, Delivery, Effects, Enqueued, MessageRef, Queue, parse_expiration,
 };
 pub use sled_log::SledStorage;
 pub use storage::{IndexEntry, Storage, Write};
-pub use store::{Recovered, Store, StoreStats};
+pub use store::{DEFAULT_BACKLOG_LIMIT, Recovered, Store, StoreStats};

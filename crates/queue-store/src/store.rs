@@ -33,6 +33,7 @@ use tokio::sync::oneshot;
 
 use crate::definitions::DefKind;
 use crate::error::StoreError;
+use crate::flow::FlowGate;
 use crate::message::{Message, MessageId};
 use crate::sled_log::SledStorage;
 use crate::storage::{IndexEntry, SCHEMA_VERSION, Storage, Write};
@@ -67,9 +68,17 @@ pub struct StoreStats {
 
 type Waiter = oneshot::Sender<Result<(), StoreError>>;
 
+/// Default for [`Store::set_backlog_limit`].
+pub const DEFAULT_BACKLOG_LIMIT: u64 = 64 << 20;
+
+/// Counted per message in the backlog besides its body (record, bookkeeping).
+const MESSAGE_OVERHEAD: u64 = 64;
+
 #[derive(Default)]
 struct Pending {
     writes: Vec<Write>,
+    /// Message octets in `writes` (bodies to be written).
+    bytes: u64,
     waiters: Vec<Waiter>,
     closed: bool,
     /// The writer failed; every later commit fails with this.
@@ -79,6 +88,10 @@ struct Pending {
 struct Shared {
     pending: Mutex<Pending>,
     wake: Condvar,
+    /// Raised while more than `backlog_limit` message octets wait for the
+    /// writer; publishers that wrote to the store then pause.
+    flow: Arc<FlowGate>,
+    backlog_limit: AtomicU64,
 }
 
 /// The durable store.
@@ -157,6 +170,8 @@ impl Store {
         let shared = Arc::new(Shared {
             pending: Mutex::new(Pending::default()),
             wake: Condvar::new(),
+            flow: Arc::default(),
+            backlog_limit: AtomicU64::new(DEFAULT_BACKLOG_LIMIT),
         });
         let stats = Arc::new(StoreStats::default());
         let unwritten = Arc::new(DashMap::new());
@@ -197,6 +212,21 @@ impl Store {
         &self.stats
     }
 
+    /// The gate raised while the writer is behind by more than the backlog
+    /// limit: publishers whose messages were written should stop reading
+    /// from their sockets until it lowers (at half the limit).
+    pub fn flow(&self) -> &Arc<FlowGate> {
+        &self.shared.flow
+    }
+
+    /// Sets the backlog limit: message octets submitted but not yet written
+    /// (default 64 MiB).
+    pub fn set_backlog_limit(&self, bytes: u64) {
+        self.shared
+            .backlog_limit
+            .store(bytes.max(1), Ordering::Relaxed);
+    }
+
     /// Queues writes for the writer thread. Never blocks on I/O.
     ///
     /// [`Write::PutMessage`] takes a reference on the message: its body is
@@ -211,8 +241,12 @@ impl Store {
                     continue;
                 }
                 self.unwritten.insert(m.id, m.clone());
+                pending.bytes += m.size() + MESSAGE_OVERHEAD;
             }
             pending.writes.push(w);
+        }
+        if pending.bytes > self.shared.backlog_limit.load(Ordering::Relaxed) {
+            self.shared.flow.raise();
         }
         drop(pending);
         self.shared.wake.notify_one();
@@ -285,6 +319,8 @@ impl Store {
             pending.closed = true;
         }
         self.shared.wake.notify_one();
+        // Nobody may wait on a store that is gone.
+        self.shared.flow.lower();
         if let Some(handle) = lock(&self.writer).take() {
             let _ = handle.join();
         }
@@ -320,6 +356,7 @@ fn write_loop(
     let mut waiters = Vec::new();
     loop {
         let closing;
+        let batch_bytes;
         {
             let mut pending = lock(&shared.pending);
             while pending.writes.is_empty() && pending.waiters.is_empty() && !pending.closed {
@@ -330,6 +367,7 @@ fn write_loop(
             }
             std::mem::swap(&mut writes, &mut pending.writes);
             std::mem::swap(&mut waiters, &mut pending.waiters);
+            batch_bytes = std::mem::take(&mut pending.bytes);
             closing = pending.closed;
         }
         let mut result = Ok(());
@@ -354,6 +392,14 @@ fn write_loop(
         if let Err(e) = &result {
             tracing::error!(error = %e, "store write failed; refusing further commits");
             lock(&shared.pending).failed = Some(e.clone());
+        }
+        // What accumulated while this batch was written is the backlog now.
+        if shared.flow.is_raised() {
+            let behind = lock(&shared.pending).bytes;
+            if behind <= shared.backlog_limit.load(Ordering::Relaxed) / 2 {
+                shared.flow.lower();
+                tracing::debug!(batch_bytes, behind, "store caught up; publishers resume");
+            }
         }
         stats
             .commits

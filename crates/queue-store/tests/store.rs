@@ -221,3 +221,27 @@ fn a_locked_directory_is_waited_for() {
     releaser.join().unwrap();
     assert!(reopened.is_ok(), "{:?}", reopened.err());
 }
+
+#[test]
+fn the_flow_gate_rises_past_the_backlog_limit_and_lowers_when_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(dir.path()).unwrap();
+    store.set_backlog_limit(1000);
+    let mut q = durable_queue(FieldTable::new());
+    let mut fx = Effects::default();
+    q.publish(&message(&store, true, None), 0, &mut fx);
+    apply(&store, &mut fx);
+    // One small message is within the limit (unless the writer took it already).
+    let before = store.flow().raises();
+    for _ in 0..100 {
+        q.publish(&message(&store, true, None), 0, &mut fx);
+    }
+    // 100 messages at once: 100 × (body + 64) > 1000 octets behind.
+    apply(&store, &mut fx);
+    assert_eq!(store.flow().raises(), before + 1, "raised by the submit");
+    block_on(store.commit()).unwrap();
+    assert!(
+        !store.flow().is_raised(),
+        "lowered once the writer caught up"
+    );
+}

@@ -16,9 +16,7 @@ use tokio::sync::watch;
 
 use crate::broker::Broker;
 
-/// Estimated memory per queued message beyond its body: the queue entry and
-/// bookkeeping. Used so that many tiny messages still count.
-const ENTRY_OVERHEAD: u64 = 64;
+use crate::queue::ENTRY_OVERHEAD;
 
 /// Which alarms are raised.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -114,9 +112,10 @@ pub fn memory_in_use(broker: &Broker) -> u64 {
         .flat_map(|v| v.queues())
         .map(|q| {
             let st = q.state.lock();
-            st.queue.loaded_bytes()
-                + st.queue.unacked_bytes()
-                + (st.queue.ready_count() + st.queue.unacked_count()) * ENTRY_OVERHEAD
+            // Queues shrink in ways that do not dispatch (expiry, purge):
+            // their flow gates are checked here too.
+            q.relieve_flow(&st);
+            st.memory_in_use()
         })
         .sum()
 }

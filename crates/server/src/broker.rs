@@ -61,6 +61,12 @@ pub struct Config {
     /// Body octets of ready messages each queue keeps in memory before paging
     /// the rest out to the store.
     pub queue_memory_budget: u64,
+    /// Memory one queue may hold (by the alarm's accounting) before the
+    /// connections publishing to it stop being read, until it drains to half.
+    pub queue_flow_limit: u64,
+    /// Message octets submitted to the store but not yet written, above which
+    /// connections whose publishes were written stop being read.
+    pub store_backlog_limit: u64,
     /// Whether the plain AMQP listener (`bind`) runs.
     pub plain_listener: bool,
     /// The AMQPS listener address and its TLS settings (none: no TLS).
@@ -84,13 +90,20 @@ impl Default for Config {
             consumer_timeout_cancels_consumer: false,
             max_connections: 0,
             max_consumers_per_channel: 0,
-            memory_high_watermark: crate::alarm::total_memory().map_or(1 << 30, |m| m / 10 * 4),
+            memory_high_watermark: default_watermark(),
+            queue_flow_limit: default_watermark() / 4,
+            store_backlog_limit: queue_store::DEFAULT_BACKLOG_LIMIT,
             disk_free_limit: 50 * 1000 * 1000,
             queue_memory_budget: queue_store::queue::DEFAULT_MEMORY_BUDGET,
             plain_listener: true,
             tls: None,
         }
     }
+}
+
+/// 0.4 of RAM, as RabbitMQ.
+fn default_watermark() -> u64 {
+    crate::alarm::total_memory().map_or(1 << 30, |m| m / 10 * 4)
 }
 
 /// The running broker.
@@ -326,6 +339,7 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
     let (store, mut recovered) = tokio::task::spawn_blocking(move || Store::open(&dir))
         .await
         .map_err(|e| StoreError::Engine(e.to_string()))??;
+    store.set_backlog_limit(config.store_backlog_limit);
     let broker = Arc::new(Broker {
         config,
         store,

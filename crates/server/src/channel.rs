@@ -1266,8 +1266,15 @@ impl Channel {
             let (outcome, stored) = st.publish(&queue, &message, &broker.store, &mut fx);
             refused |= outcome == Enqueued::Rejected;
             wrote |= stored;
+            let congested = queue.check_flow(&st);
             drop(st);
             queue.wake.notify_one();
+            if congested {
+                self.shared.connection.note_congested(&queue.flow);
+            }
+        }
+        if wrote && broker.store.flow().is_raised() {
+            self.shared.connection.note_congested(broker.store.flow());
         }
         let unroutable = routed.is_unroutable();
         broker.alarms.note_published(

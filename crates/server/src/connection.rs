@@ -32,6 +32,7 @@ use crate::channel::{Channel, ChannelOutcome};
 use crate::error::{AmqpError, Scope};
 use crate::outbox::Outbox;
 use crate::vhost::Vhost;
+use queue_store::FlowGate;
 
 /// What other tasks need of a connection.
 #[derive(Debug)]
@@ -50,8 +51,22 @@ pub struct ConnectionShared {
     pub blocked_notify: bool,
     /// The connection has published: it is blocked while an alarm is raised.
     pub has_published: std::sync::atomic::AtomicBool,
+    /// Flow gates of the queues (or the store) this connection's publishes
+    /// found congested: it is not read until they are all lowered.
+    pub congested: parking_lot::Mutex<Vec<Arc<FlowGate>>>,
     /// Authenticated user.
     pub user: String,
+}
+
+impl ConnectionShared {
+    /// Records that a publish found `gate` raised: the connection stops
+    /// being read after the current batch of frames, until it lowers.
+    pub fn note_congested(&self, gate: &Arc<FlowGate>) {
+        let mut gates = self.congested.lock();
+        if !gates.iter().any(|g| Arc::ptr_eq(g, gate)) {
+            gates.push(gate.clone());
+        }
+    }
 }
 
 fn server_properties() -> FieldTable {
@@ -373,6 +388,7 @@ async fn handshake(
         cancel_notify: cap("consumer_cancel_notify"),
         blocked_notify: cap("connection.blocked"),
         has_published: std::sync::atomic::AtomicBool::new(false),
+        congested: parking_lot::Mutex::new(Vec::new()),
         user,
     });
     Ok(Some((shared, vhost, tune.heartbeat)))
@@ -426,6 +442,8 @@ impl Connection {
         let mut timeouts = tokio::time::interval(timeout_check);
         let mut alarms = self.broker.alarms.subscribe();
         let mut blocked = false;
+        // Waiting for congested queues or the store (per-resource flow).
+        let mut paused = false;
         let mut last_read = Instant::now();
         loop {
             tokio::select! {
@@ -446,7 +464,10 @@ impl Connection {
                     let state = *alarms.borrow_and_update();
                     blocked = self.update_blocked(blocked, state);
                 }
-                read = reader.socket.read_buf(&mut reader.buf), if !blocked && !self.shared.outbox.is_full() => {
+                () = wait_lowered(self.congested_gates(paused)), if paused => {
+                    paused = self.still_congested();
+                }
+                read = reader.socket.read_buf(&mut reader.buf), if !blocked && !paused && !self.shared.outbox.is_full() => {
                     match read {
                         Ok(0) | Err(_) => return,
                         Ok(_) => last_read = Instant::now(),
@@ -464,10 +485,12 @@ impl Connection {
                     }
                     // A publisher that just started publishing under an alarm stops here.
                     blocked = self.update_blocked(blocked, self.broker.alarms.current());
+                    // So does one whose publishes hit a congested queue or store.
+                    paused = self.still_congested();
                 }
                 _ = ticker.tick(), if self.heartbeat > 0 => {
                     // A blocked publisher is not read, so its silence is ours.
-                    if blocked {
+                    if blocked || paused {
                         last_read = Instant::now();
                     }
                     if last_read.elapsed() > hb * 2 {
@@ -497,6 +520,32 @@ impl Connection {
                 }
             }
         }
+    }
+
+    /// The gates to wait for while paused (none otherwise: no allocation on
+    /// the read path).
+    fn congested_gates(&self, paused: bool) -> Vec<Arc<FlowGate>> {
+        if paused {
+            self.shared.congested.lock().clone()
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// Forgets gates that were lowered; whether any is still raised.
+    fn still_congested(&self) -> bool {
+        let mut gates = self.shared.congested.lock();
+        if gates.is_empty() {
+            return false;
+        }
+        gates.retain(|g| g.is_raised());
+        let paused = !gates.is_empty();
+        tracing::trace!(
+            connection = self.shared.id,
+            paused,
+            "publisher flow (queue or store)"
+        );
+        paused
     }
 
     /// Whether to stop reading: only publishers are blocked, and they are told
@@ -688,5 +737,12 @@ impl Connection {
                 let _ = self.vhost.delete_queue(&self.broker, &q, false).await;
             }
         }
+    }
+}
+
+/// Resolves once every gate is lowered.
+async fn wait_lowered(gates: Vec<Arc<FlowGate>>) {
+    for g in gates {
+        g.wait_lowered().await;
     }
 }

@@ -53,6 +53,14 @@ struct Args {
     /// Free disk space limit in octets [default: 50000000].
     #[arg(long, env = "WARREN_DISK_FREE_LIMIT")]
     disk_free_limit: Option<u64>,
+    /// Memory one queue may hold (by the broker's accounting) before its
+    /// publishers are paused, in octets [default: a quarter of the watermark].
+    #[arg(long, env = "WARREN_QUEUE_FLOW_LIMIT")]
+    queue_flow_limit: Option<u64>,
+    /// Message octets waiting for the store's writer before publishers that
+    /// write to disk are paused [default: 67108864].
+    #[arg(long, env = "WARREN_STORE_BACKLOG_LIMIT")]
+    store_backlog_limit: Option<u64>,
     /// Most client connections at once; 0 = no limit [default: 0].
     #[arg(long, env = "WARREN_MAX_CONNECTIONS")]
     max_connections: Option<usize>,
@@ -100,6 +108,8 @@ struct FileConfig {
     consumer_timeout_cancels_consumer: Option<bool>,
     memory_high_watermark: Option<u64>,
     disk_free_limit: Option<u64>,
+    queue_flow_limit: Option<u64>,
+    store_backlog_limit: Option<u64>,
     max_connections: Option<usize>,
     max_consumers_per_channel: Option<usize>,
     tls_port: Option<u16>,
@@ -122,6 +132,10 @@ fn load_file(path: &Option<PathBuf>) -> Result<FileConfig, String> {
 
 fn config(args: Args, file: FileConfig) -> server::Config {
     let d = server::Config::default();
+    let memory_high_watermark = args
+        .memory_high_watermark
+        .or(file.memory_high_watermark)
+        .unwrap_or(d.memory_high_watermark);
     let bind_ip = args.bind.or(file.bind).unwrap_or(d.bind.ip());
     let tls = match (
         args.tls_cert.or(file.tls_cert),
@@ -164,10 +178,15 @@ fn config(args: Args, file: FileConfig) -> server::Config {
             .map_or(d.consumer_timeout, std::time::Duration::from_millis),
         consumer_timeout_cancels_consumer: args.consumer_timeout_cancels_consumer
             || file.consumer_timeout_cancels_consumer.unwrap_or(false),
-        memory_high_watermark: args
-            .memory_high_watermark
-            .or(file.memory_high_watermark)
-            .unwrap_or(d.memory_high_watermark),
+        memory_high_watermark,
+        queue_flow_limit: args
+            .queue_flow_limit
+            .or(file.queue_flow_limit)
+            .unwrap_or(memory_high_watermark / 4),
+        store_backlog_limit: args
+            .store_backlog_limit
+            .or(file.store_backlog_limit)
+            .unwrap_or(d.store_backlog_limit),
         disk_free_limit: args
             .disk_free_limit
             .or(file.disk_free_limit)

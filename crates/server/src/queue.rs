@@ -18,7 +18,7 @@ use amqp_codec::{
     encode_method,
 };
 use parking_lot::Mutex;
-use queue_store::{Delivery, Effects, Enqueued, Message, MessageRef, Queue, Store};
+use queue_store::{Delivery, Effects, Enqueued, FlowGate, Message, MessageRef, Queue, Store};
 use tokio::sync::Notify;
 
 use crate::channel::{ChannelShared, Unacked};
@@ -84,6 +84,12 @@ pub struct QueueHandle {
     pub state: Mutex<QueueState>,
     /// Wakes the housekeeping task (expiry timer changed, queue deleted).
     pub wake: Notify,
+    /// Raised while the queue holds more than `flow_limit` (see
+    /// [`QueueState::memory_in_use`]): connections publishing to it stop
+    /// being read until it drains to half.
+    pub flow: Arc<FlowGate>,
+    /// The memory this queue may hold before its publishers are paused.
+    pub flow_limit: u64,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -96,7 +102,12 @@ pub fn now_ms() -> u64 {
 
 impl QueueHandle {
     /// Wraps a queue.
-    pub fn new(queue: Queue, auto_delete: bool, exclusive_owner: Option<u64>) -> Arc<QueueHandle> {
+    pub fn new(
+        queue: Queue,
+        auto_delete: bool,
+        exclusive_owner: Option<u64>,
+        flow_limit: u64,
+    ) -> Arc<QueueHandle> {
         Arc::new(QueueHandle {
             id: queue.id(),
             name: queue.name().clone(),
@@ -112,9 +123,35 @@ impl QueueHandle {
                 deleted: false,
             }),
             wake: Notify::new(),
+            flow: Arc::default(),
+            flow_limit,
         })
     }
+
+    /// After a publish into this queue: raises its flow gate if the queue is
+    /// over its limit. Returns whether the publisher must pause.
+    pub fn check_flow(&self, st: &QueueState) -> bool {
+        if st.memory_in_use() > self.flow_limit {
+            if self.flow.raise() {
+                tracing::info!(queue = %self.name, limit = self.flow_limit, "queue over its flow limit; pausing its publishers");
+            }
+            true
+        } else {
+            self.flow.is_raised()
+        }
+    }
+
+    /// Lowers the flow gate once the queue has drained to half its limit.
+    pub fn relieve_flow(&self, st: &QueueState) {
+        if self.flow.is_raised() && st.memory_in_use() <= self.flow_limit / 2 && self.flow.lower() {
+            tracing::info!(queue = %self.name, "queue drained; its publishers resume");
+        }
+    }
 }
+
+/// Estimated memory per queued message beyond its body: the queue entry and
+/// bookkeeping. Used so that many tiny messages still count.
+pub const ENTRY_OVERHEAD: u64 = 64;
 
 impl QueueState {
     /// Enqueues a published message and delivers what it can; returns the
@@ -137,9 +174,25 @@ impl QueueState {
         (outcome, wrote)
     }
 
+    /// Memory this queue accounts for: bodies it holds in memory (ready and
+    /// delivered-but-unacknowledged) plus [`ENTRY_OVERHEAD`] per message.
+    pub fn memory_in_use(&self) -> u64 {
+        self.queue.loaded_bytes()
+            + self.queue.unacked_bytes()
+            + (self.queue.ready_count() + self.queue.unacked_count()) * ENTRY_OVERHEAD
+    }
+
+    /// Hands ready messages to consumers with credit (see
+    /// [`QueueState::dispatch_ready`]), then lowers the queue's flow gate if
+    /// that drained it enough.
+    pub fn dispatch(&mut self, handle: &QueueHandle, store: &Store, fx: &mut Effects) {
+        self.dispatch_ready(handle, store, fx);
+        handle.relieve_flow(self);
+    }
+
     /// Hands ready messages to consumers with credit, round-robin, until the
     /// queue is empty or no consumer can take more.
-    pub fn dispatch(&mut self, handle: &QueueHandle, store: &Store, fx: &mut Effects) {
+    fn dispatch_ready(&mut self, handle: &QueueHandle, store: &Store, fx: &mut Effects) {
         if self.consumers.is_empty() || self.deleted {
             return;
         }

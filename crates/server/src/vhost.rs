@@ -335,7 +335,12 @@ impl Vhost {
         let id = broker.next_queue_id();
         let mut queue = Queue::new(id, name.clone(), durable, args, arguments.clone(), now_ms());
         queue.set_memory_budget(broker.config.queue_memory_budget);
-        let handle = QueueHandle::new(queue, auto_delete, exclusive_owner);
+        let handle = QueueHandle::new(
+            queue,
+            auto_delete,
+            exclusive_owner,
+            broker.config.queue_flow_limit,
+        );
         // Another connection may have created it meanwhile: first one wins.
         let handle = self
             .queues
@@ -393,6 +398,8 @@ impl Vhost {
             (st.queue.delete(&mut fx), std::mem::take(&mut st.consumers))
         };
         q.wake.notify_one();
+        // Its publishers must not wait for a queue that is gone.
+        q.flow.lower();
         for c in &consumers {
             notify_cancel(c);
         }
@@ -615,7 +622,12 @@ impl Vhost {
             );
             queue.set_memory_budget(broker.config.queue_memory_budget);
             broker.note_queue_id(id);
-            let handle = QueueHandle::new(queue, field_bool(t, "auto_delete"), None);
+            let handle = QueueHandle::new(
+                queue,
+                field_bool(t, "auto_delete"),
+                None,
+                broker.config.queue_flow_limit,
+            );
             self.queues.insert(name.clone(), handle.clone());
             self.by_id.insert(id, handle.clone());
             self.router.write().add_queue(name, QueueId(id));
