@@ -59,7 +59,7 @@ async fn drain(ch: &lapin::Channel, queue: &str, n: usize) -> tokio::task::JoinH
     let mut consumer = ch
         .basic_consume(
             queue.into(),
-            "drain".into(),
+            format!("drain-{queue}").as_str().into(),
             BasicConsumeOptions {
                 no_ack: true,
                 ..Default::default()

@@ -47,6 +47,7 @@ impl TestBroker {
         let mut config = server::Config {
             data_dir: data_dir.to_path_buf(),
             bind: SocketAddr::from(([127, 0, 0, 1], 0)),
+            management: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
             ..server::Config::default()
         };
         adjust(&mut config);
@@ -89,6 +90,12 @@ impl TestBroker {
         Connection::connect(&self.uri(), ConnectionProperties::default())
             .await
             .unwrap()
+    }
+
+    /// `http://127.0.0.1:port` of the management API.
+    pub fn management_url(&self) -> String {
+        let addr = self.handle.as_ref().unwrap().management_addr.unwrap();
+        format!("http://{addr}")
     }
 
     /// The broker itself (for assertions on its counters).

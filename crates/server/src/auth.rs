@@ -43,6 +43,21 @@ pub struct Permission {
     pub read: Regex,
 }
 
+/// A user's permissions in one vhost, as listed (patterns as text).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PermissionView {
+    /// User.
+    pub user: String,
+    /// Vhost.
+    pub vhost: String,
+    /// Configure pattern.
+    pub configure: String,
+    /// Write pattern.
+    pub write: String,
+    /// Read pattern.
+    pub read: String,
+}
+
 /// Topic permissions of a user on one exchange in one vhost.
 #[derive(Debug, Clone)]
 pub struct TopicPermission {
@@ -110,8 +125,20 @@ pub fn verify_password(hash: &str, password: &str) -> bool {
 
 /// Compiles a permission pattern. Like RabbitMQ's, it matches anywhere in
 /// the name unless it anchors itself (`^...$`).
+/// Compiles a permission pattern. As in RabbitMQ, patterns match anywhere in
+/// the name (use `^...$` to anchor), and the empty pattern is a synonym for
+/// `^$`: it matches no name at all.
 fn anchored(pattern: &str) -> Result<Regex, regex::Error> {
-    Regex::new(pattern)
+    Regex::new(if pattern.is_empty() { "^$" } else { pattern })
+}
+
+/// A compiled permission pattern as the user gave it (`^$` lists as the
+/// empty pattern it is a synonym for).
+fn pattern_text(r: &Regex) -> String {
+    match r.as_str() {
+        "^$" => String::new(),
+        p => p.to_owned(),
+    }
 }
 
 /// The registry of users and permissions.
@@ -146,6 +173,24 @@ impl Auth {
             key,
             value: record,
         }
+    }
+
+    /// Every user's permissions, by vhost then user (the patterns as given).
+    pub fn permissions(&self) -> Vec<PermissionView> {
+        let mut out: Vec<PermissionView> = self
+            .permissions
+            .read()
+            .iter()
+            .map(|((user, vhost), p)| PermissionView {
+                user: user.clone(),
+                vhost: vhost.clone(),
+                configure: pattern_text(&p.configure),
+                write: pattern_text(&p.write),
+                read: pattern_text(&p.read),
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.vhost, &a.user).cmp(&(&b.vhost, &b.user)));
+        out
     }
 
     /// Removes a user and their permissions; returns the writes to persist.

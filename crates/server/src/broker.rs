@@ -69,6 +69,8 @@ pub struct Config {
     pub store_backlog_limit: u64,
     /// Whether the plain AMQP listener (`bind`) runs.
     pub plain_listener: bool,
+    /// The management HTTP API's address (none: not served).
+    pub management: Option<SocketAddr>,
     /// The AMQPS listener address and its TLS settings (none: no TLS).
     pub tls: Option<(SocketAddr, crate::tls::TlsSettings)>,
 }
@@ -96,6 +98,7 @@ impl Default for Config {
             disk_free_limit: 50 * 1000 * 1000,
             queue_memory_budget: queue_store::queue::DEFAULT_MEMORY_BUDGET,
             plain_listener: true,
+            management: Some(SocketAddr::from(([0, 0, 0, 0], 15672))),
             tls: None,
         }
     }
@@ -296,6 +299,8 @@ pub struct BrokerHandle {
     pub addr: SocketAddr,
     /// The bound AMQPS address, if TLS is configured.
     pub tls_addr: Option<SocketAddr>,
+    /// The bound management API address, if it is served.
+    pub management_addr: Option<SocketAddr>,
     accept: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -421,10 +426,19 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
             Some(acceptor),
         )));
     }
+    let mut management_addr = None;
+    if let Some(http) = broker.config.management {
+        let listener = bind(http).await?;
+        let a = local_addr(&listener, http)?;
+        tracing::info!(addr = %a, "management API listening (HTTP)");
+        management_addr = Some(a);
+        crate::management::spawn(&broker, listener);
+    }
     Ok(BrokerHandle {
         broker,
         addr,
         tls_addr,
+        management_addr,
         accept,
     })
 }

@@ -1456,7 +1456,12 @@ fn strip_bcc(header: ContentHeader, headers: Option<FieldTable>) -> ContentHeade
     }
 }
 
-fn check_equivalent(q: &QueueHandle, m: &QueueDeclare, vhost: &str) -> Result<(), AmqpError> {
+/// The 406 for redeclaring `q` with different properties or arguments.
+pub(crate) fn check_equivalent(
+    q: &QueueHandle,
+    m: &QueueDeclare,
+    vhost: &str,
+) -> Result<(), AmqpError> {
     let ineq = |arg: &str, received: String, current: String| {
         AmqpError::precondition_failed(format!(
             "inequivalent arg '{arg}' for queue '{}' in vhost '{vhost}': received {received} but current is {current}",

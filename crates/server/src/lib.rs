@@ -15,6 +15,7 @@
 //! - [`reply_to`]: direct reply-to (`amq.rabbitmq.reply-to`).
 //! - [`tls`]: the AMQPS listener and client-certificate identities.
 //! - [`error`]: `AmqpError`, the one place errors become reply codes.
+//! - [`management`]: the management HTTP API (RabbitMQ's paths and JSON).
 
 pub mod alarm;
 pub mod auth;
@@ -22,6 +23,7 @@ pub mod broker;
 pub mod channel;
 pub mod connection;
 pub mod error;
+pub mod management;
 pub mod outbox;
 pub mod queue;
 pub mod reply_to;

@@ -88,6 +88,12 @@ struct Args {
     /// Do not run the plain (non-TLS) AMQP listener.
     #[arg(long, env = "WARREN_NO_PLAIN_LISTENER")]
     no_plain_listener: bool,
+    /// Management HTTP API port (0: any free port) [default: 15672].
+    #[arg(long, env = "WARREN_MANAGEMENT_PORT")]
+    management_port: Option<u16>,
+    /// Do not serve the management HTTP API.
+    #[arg(long, env = "WARREN_NO_MANAGEMENT")]
+    no_management: bool,
     /// Log as JSON lines instead of human-readable text.
     #[arg(long, env = "WARREN_LOG_JSON")]
     log_json: bool,
@@ -119,6 +125,8 @@ struct FileConfig {
     tls_verify_peer: Option<bool>,
     tls_fail_if_no_peer_cert: Option<bool>,
     no_plain_listener: Option<bool>,
+    management_port: Option<u16>,
+    no_management: Option<bool>,
     log_json: Option<bool>,
 }
 
@@ -157,6 +165,13 @@ fn config(args: Args, file: FileConfig) -> server::Config {
     server::Config {
         tls,
         plain_listener: !(args.no_plain_listener || file.no_plain_listener.unwrap_or(false)),
+        management: (!(args.no_management || file.no_management.unwrap_or(false))).then(|| {
+            let port = args
+                .management_port
+                .or(file.management_port)
+                .unwrap_or(d.management.map_or(15672, |a| a.port()));
+            SocketAddr::new(bind_ip, port)
+        }),
         data_dir: args.data_dir.or(file.data_dir).unwrap_or(d.data_dir),
         bind: SocketAddr::new(bind_ip, args.port.or(file.port).unwrap_or(d.bind.port())),
         max_message_size: args

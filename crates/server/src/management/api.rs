@@ -1,0 +1,722 @@
+//! The management API's routes and handlers, in RabbitMQ's shapes: GET lists
+//! and single objects, PUT creates (201) or leaves an existing equivalent
+//! object alone (204), DELETE answers 204, a missing object 404.
+
+use std::sync::Arc;
+
+use amqp_codec::ShortStr;
+use amqp_codec::methods::QueueDeclare;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use queue_store::QueueArgs;
+use serde_json::{Map, Value, json};
+
+use super::json::{binding, exchange, flag, json_to_table, queue};
+use super::{ApiError, Caller};
+use crate::broker::Broker;
+use crate::error::AmqpError;
+use crate::vhost::Vhost;
+
+/// The node name reported in objects (single-node broker).
+pub(super) const NODE: &str = "warren@localhost";
+
+type Shared = State<Arc<Broker>>;
+type ApiResult = Result<Response, ApiError>;
+type Body = Option<Json<Map<String, Value>>>;
+
+/// Every route of the API.
+pub(super) fn router(broker: Arc<Broker>) -> Router {
+    Router::new()
+        .route("/api/overview", get(overview))
+        .route("/api/whoami", get(whoami))
+        .route("/api/vhosts", get(list_vhosts))
+        .route(
+            "/api/vhosts/{vhost}",
+            get(get_vhost).put(put_vhost).delete(delete_vhost),
+        )
+        .route("/api/users", get(list_users))
+        .route(
+            "/api/users/{user}",
+            get(get_user).put(put_user).delete(delete_user),
+        )
+        .route("/api/permissions", get(list_permissions))
+        .route(
+            "/api/permissions/{vhost}/{user}",
+            get(get_permission)
+                .put(put_permission)
+                .delete(delete_permission),
+        )
+        .route("/api/queues", get(list_all_queues))
+        .route("/api/queues/{vhost}", get(list_queues))
+        .route(
+            "/api/queues/{vhost}/{name}",
+            get(get_queue).put(put_queue).delete(delete_queue),
+        )
+        .route("/api/queues/{vhost}/{name}/contents", delete(purge_queue))
+        .route("/api/exchanges", get(list_all_exchanges))
+        .route("/api/exchanges/{vhost}", get(list_exchanges))
+        .route(
+            "/api/exchanges/{vhost}/{name}",
+            get(get_exchange).put(put_exchange).delete(delete_exchange),
+        )
+        .route("/api/bindings", get(list_all_bindings))
+        .route("/api/bindings/{vhost}", get(list_bindings))
+        .route(
+            "/api/bindings/{vhost}/e/{source}/q/{destination}",
+            post(bind_queue).get(list_queue_bindings),
+        )
+        .route("/api/health/checks/alarms", get(alarms))
+        .route("/api/health/checks/local-alarms", get(alarms))
+        .with_state(broker)
+}
+
+fn ok(v: Value) -> ApiResult {
+    Ok(Json(v).into_response())
+}
+
+fn created(was_new: bool) -> ApiResult {
+    Ok(if was_new {
+        StatusCode::CREATED
+    } else {
+        StatusCode::NO_CONTENT
+    }
+    .into_response())
+}
+
+fn no_content() -> ApiResult {
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+fn visible_vhost(broker: &Broker, caller: &Caller, name: &str) -> Result<Arc<Vhost>, ApiError> {
+    match broker.vhost(name) {
+        Some(v) if caller.may_see(broker, name) => Ok(v),
+        _ => Err(ApiError::not_found()),
+    }
+}
+
+fn visible_vhosts(broker: &Broker, caller: &Caller) -> Vec<Arc<Vhost>> {
+    let mut v: Vec<_> = broker
+        .vhost_list()
+        .into_iter()
+        .filter(|v| caller.may_see(broker, v.name()))
+        .collect();
+    v.sort_by(|a, b| a.name().cmp(b.name()));
+    v
+}
+
+fn body_map(body: Body) -> Map<String, Value> {
+    body.map(|Json(m)| m).unwrap_or_default()
+}
+
+fn short(s: &str) -> Result<ShortStr, ApiError> {
+    ShortStr::try_from(s).map_err(|_| ApiError::bad_request(format!("name too long: {s}")))
+}
+
+async fn overview(State(b): Shared, caller: Caller) -> ApiResult {
+    let vhosts = visible_vhosts(&b, &caller);
+    let (mut queues, mut ready, mut unacked, mut consumers, mut exchanges) = (0, 0, 0, 0, 0);
+    for v in &vhosts {
+        exchanges += v.router.read().exchanges().count();
+        for q in v.queues() {
+            let st = q.state.lock();
+            queues += 1;
+            ready += st.queue.ready_count();
+            unacked += st.queue.unacked_count();
+            consumers += st.consumers.len();
+        }
+    }
+    ok(json!({
+        "management_version": env!("CARGO_PKG_VERSION"),
+        "rabbitmq_version": "3.10.0",
+        "product_name": "Warren",
+        "product_version": env!("CARGO_PKG_VERSION"),
+        "cluster_name": NODE,
+        "node": NODE,
+        "object_totals": {
+            "connections": b.connections.load(std::sync::atomic::Ordering::Relaxed),
+            "queues": queues,
+            "exchanges": exchanges,
+            "consumers": consumers,
+        },
+        "queue_totals": {
+            "messages": ready + unacked,
+            "messages_ready": ready,
+            "messages_unacknowledged": unacked,
+        },
+        "listeners": [{"node": NODE, "protocol": "amqp", "ip_address": b.config.bind.ip().to_string(), "port": b.config.bind.port()}],
+    }))
+}
+
+async fn whoami(caller: Caller, State(b): Shared) -> ApiResult {
+    let tags = b
+        .auth
+        .user(&caller.name)
+        .map(|u| u.tags)
+        .unwrap_or_default();
+    ok(json!({"name": caller.name, "tags": tags}))
+}
+
+fn vhost_json(v: &Vhost) -> Value {
+    let (mut ready, mut unacked) = (0, 0);
+    for q in v.queues() {
+        let st = q.state.lock();
+        ready += st.queue.ready_count();
+        unacked += st.queue.unacked_count();
+    }
+    json!({
+        "name": v.name(),
+        "description": "",
+        "tags": [],
+        "tracing": false,
+        "messages": ready + unacked,
+        "messages_ready": ready,
+        "messages_unacknowledged": unacked,
+    })
+}
+
+async fn list_vhosts(State(b): Shared, caller: Caller) -> ApiResult {
+    ok(Value::Array(
+        visible_vhosts(&b, &caller)
+            .iter()
+            .map(|v| vhost_json(v))
+            .collect(),
+    ))
+}
+
+async fn get_vhost(State(b): Shared, caller: Caller, Path(name): Path<String>) -> ApiResult {
+    let v = visible_vhost(&b, &caller, &name)?;
+    ok(vhost_json(&v))
+}
+
+async fn put_vhost(State(b): Shared, caller: Caller, Path(name): Path<String>) -> ApiResult {
+    caller.require_admin()?;
+    let was_new = b.vhost(&name).is_none();
+    b.add_vhost(&name).await?;
+    created(was_new)
+}
+
+async fn delete_vhost(State(b): Shared, caller: Caller, Path(name): Path<String>) -> ApiResult {
+    caller.require_admin()?;
+    if b.vhost(&name).is_none() {
+        return Err(ApiError::not_found());
+    }
+    b.delete_vhost(&name).await?;
+    no_content()
+}
+
+fn user_json(u: &crate::auth::User) -> Value {
+    json!({
+        "name": u.name,
+        "password_hash": u.password_hash.clone().unwrap_or_default(),
+        "hashing_algorithm": "rabbit_password_hashing_sha256",
+        "tags": u.tags,
+        "limits": {},
+    })
+}
+
+async fn list_users(State(b): Shared, caller: Caller) -> ApiResult {
+    caller.require_admin()?;
+    let mut users = b.auth.users();
+    users.sort_by(|a, c| a.name.cmp(&c.name));
+    ok(Value::Array(users.iter().map(user_json).collect()))
+}
+
+async fn get_user(State(b): Shared, caller: Caller, Path(name): Path<String>) -> ApiResult {
+    caller.require_admin()?;
+    let u = b.auth.user(&name).ok_or_else(ApiError::not_found)?;
+    ok(user_json(&u))
+}
+
+/// `tags` as RabbitMQ accepts it: a comma-separated string or a list.
+fn tags_of(body: &Map<String, Value>) -> Result<Vec<String>, ApiError> {
+    match body.get("tags") {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::String(s)) => Ok(s
+            .split(',')
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(str::to_owned)
+            .collect()),
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|t| {
+                t.as_str()
+                    .map(str::to_owned)
+                    .ok_or_else(|| ApiError::bad_request("tags must be strings"))
+            })
+            .collect(),
+        Some(_) => Err(ApiError::bad_request("tags must be a string or a list")),
+    }
+}
+
+async fn put_user(
+    State(b): Shared,
+    caller: Caller,
+    Path(name): Path<String>,
+    body: Body,
+) -> ApiResult {
+    caller.require_admin()?;
+    let body = body_map(body);
+    let tags = tags_of(&body)?;
+    let existing = b.auth.user(&name);
+    let password_hash = match (body.get("password"), body.get("password_hash")) {
+        (Some(Value::String(p)), _) => Some(crate::auth::hash_password(p)),
+        (_, Some(Value::String(h))) if h.is_empty() => None,
+        (_, Some(Value::String(h))) => Some(h.clone()),
+        (None, None) => match &existing {
+            Some(u) => u.password_hash.clone(),
+            None => {
+                return Err(ApiError::bad_request(
+                    "Mandatory fields missing: password or password_hash",
+                ));
+            }
+        },
+        _ => return Err(ApiError::bad_request("password must be a string")),
+    };
+    let write = b.auth.put_user(crate::auth::User {
+        name: name.clone(),
+        password_hash,
+        tags,
+    });
+    b.store.submit([write]);
+    b.store.commit().await?;
+    created(existing.is_none())
+}
+
+async fn delete_user(State(b): Shared, caller: Caller, Path(name): Path<String>) -> ApiResult {
+    caller.require_admin()?;
+    if b.auth.user(&name).is_none() {
+        return Err(ApiError::not_found());
+    }
+    b.delete_user(&name).await?;
+    no_content()
+}
+
+fn permission_json(p: &crate::auth::PermissionView) -> Value {
+    json!({
+        "user": p.user,
+        "vhost": p.vhost,
+        "configure": p.configure,
+        "write": p.write,
+        "read": p.read,
+    })
+}
+
+async fn list_permissions(State(b): Shared, caller: Caller) -> ApiResult {
+    caller.require_admin()?;
+    ok(Value::Array(
+        b.auth.permissions().iter().map(permission_json).collect(),
+    ))
+}
+
+async fn get_permission(
+    State(b): Shared,
+    caller: Caller,
+    Path((vhost, user)): Path<(String, String)>,
+) -> ApiResult {
+    caller.require_admin()?;
+    let p = b
+        .auth
+        .permissions()
+        .into_iter()
+        .find(|p| p.vhost == vhost && p.user == user)
+        .ok_or_else(ApiError::not_found)?;
+    ok(permission_json(&p))
+}
+
+async fn put_permission(
+    State(b): Shared,
+    caller: Caller,
+    Path((vhost, user)): Path<(String, String)>,
+    body: Body,
+) -> ApiResult {
+    caller.require_admin()?;
+    if b.vhost(&vhost).is_none() || b.auth.user(&user).is_none() {
+        return Err(ApiError::not_found());
+    }
+    let body = body_map(body);
+    let field = |k: &str| -> Result<String, ApiError> {
+        match body.get(k) {
+            Some(Value::String(s)) => Ok(s.clone()),
+            _ => Err(ApiError::bad_request(format!(
+                "Mandatory fields missing: {k}"
+            ))),
+        }
+    };
+    let (c, w, r) = (field("configure")?, field("write")?, field("read")?);
+    let was_new = !b
+        .auth
+        .permissions()
+        .iter()
+        .any(|p| p.vhost == vhost && p.user == user);
+    b.set_permissions(&user, &vhost, &c, &w, &r)
+        .await
+        .map_err(ApiError::bad_request)?;
+    created(was_new)
+}
+
+async fn delete_permission(
+    State(b): Shared,
+    caller: Caller,
+    Path((vhost, user)): Path<(String, String)>,
+) -> ApiResult {
+    caller.require_admin()?;
+    if !b
+        .auth
+        .permissions()
+        .iter()
+        .any(|p| p.vhost == vhost && p.user == user)
+    {
+        return Err(ApiError::not_found());
+    }
+    b.store.submit(b.auth.clear_permissions(&user, &vhost));
+    b.store.commit().await?;
+    no_content()
+}
+
+fn queues_of(v: &Vhost) -> Vec<Value> {
+    let mut qs = v.queues();
+    qs.sort_by(|a, b| a.name.cmp(&b.name));
+    qs.iter().map(|q| queue(v.name(), q)).collect()
+}
+
+async fn list_all_queues(State(b): Shared, caller: Caller) -> ApiResult {
+    ok(Value::Array(
+        visible_vhosts(&b, &caller)
+            .iter()
+            .flat_map(|v| queues_of(v))
+            .collect(),
+    ))
+}
+
+async fn list_queues(State(b): Shared, caller: Caller, Path(vhost): Path<String>) -> ApiResult {
+    let v = visible_vhost(&b, &caller, &vhost)?;
+    ok(Value::Array(queues_of(&v)))
+}
+
+async fn get_queue(
+    State(b): Shared,
+    caller: Caller,
+    Path((vhost, name)): Path<(String, String)>,
+) -> ApiResult {
+    let v = visible_vhost(&b, &caller, &vhost)?;
+    let q = v.find_queue(&name).ok_or_else(ApiError::not_found)?;
+    ok(queue(v.name(), &q))
+}
+
+async fn put_queue(
+    State(b): Shared,
+    caller: Caller,
+    Path((vhost, name)): Path<(String, String)>,
+    body: Body,
+) -> ApiResult {
+    caller.require_admin()?;
+    let v = b.vhost(&vhost).ok_or_else(ApiError::not_found)?;
+    let body = body_map(body);
+    let m = QueueDeclare {
+        queue: short(&name)?,
+        durable: flag(&body, "durable", true).map_err(ApiError::bad_request)?,
+        auto_delete: flag(&body, "auto_delete", false).map_err(ApiError::bad_request)?,
+        arguments: json_to_table(body.get("arguments").unwrap_or(&Value::Null))
+            .map_err(ApiError::bad_request)?,
+        ..Default::default()
+    };
+    if name.starts_with("amq.") {
+        return Err(ApiError::bad_request(format!(
+            "queue name '{name}' contains reserved prefix 'amq.*'"
+        )));
+    }
+    if let Some(existing) = v.find_queue(&name) {
+        crate::channel::check_equivalent(&existing, &m, v.name())?;
+        return created(false);
+    }
+    let args = QueueArgs::parse(&m.arguments, &name, v.name()).map_err(AmqpError::from)?;
+    args.check_properties(m.durable, false, m.auto_delete, &name, v.name())
+        .map_err(AmqpError::from)?;
+    v.declare_queue(
+        &b,
+        m.queue,
+        m.durable,
+        m.auto_delete,
+        None,
+        args,
+        m.arguments,
+    )
+    .await?;
+    created(true)
+}
+
+async fn delete_queue(
+    State(b): Shared,
+    caller: Caller,
+    Path((vhost, name)): Path<(String, String)>,
+) -> ApiResult {
+    caller.require_admin()?;
+    let v = b.vhost(&vhost).ok_or_else(ApiError::not_found)?;
+    let q = v.find_queue(&name).ok_or_else(ApiError::not_found)?;
+    v.delete_queue(&b, &q, false).await?;
+    no_content()
+}
+
+async fn purge_queue(
+    State(b): Shared,
+    caller: Caller,
+    Path((vhost, name)): Path<(String, String)>,
+) -> ApiResult {
+    caller.require_admin()?;
+    let v = b.vhost(&vhost).ok_or_else(ApiError::not_found)?;
+    let q = v.find_queue(&name).ok_or_else(ApiError::not_found)?;
+    v.purge(&b, &q);
+    no_content()
+}
+
+/// The default exchange, which the router keeps implicit but RabbitMQ lists.
+fn default_exchange() -> exchange::ExchangeDef {
+    exchange::ExchangeDef {
+        name: ShortStr::from_static(""),
+        kind: exchange::ExchangeKind::Direct,
+        durable: true,
+        auto_delete: false,
+        internal: false,
+        arguments: amqp_codec::FieldTable::new(),
+    }
+}
+
+fn exchanges_of(v: &Vhost) -> Vec<Value> {
+    let router = v.router.read();
+    let default = default_exchange();
+    let mut xs: Vec<_> = std::iter::once(&default)
+        .chain(router.exchanges())
+        .collect();
+    xs.sort_by(|a, b| a.name.cmp(&b.name));
+    xs.iter().map(|x| exchange(v.name(), x)).collect()
+}
+
+async fn list_all_exchanges(State(b): Shared, caller: Caller) -> ApiResult {
+    ok(Value::Array(
+        visible_vhosts(&b, &caller)
+            .iter()
+            .flat_map(|v| exchanges_of(v))
+            .collect(),
+    ))
+}
+
+async fn list_exchanges(State(b): Shared, caller: Caller, Path(vhost): Path<String>) -> ApiResult {
+    let v = visible_vhost(&b, &caller, &vhost)?;
+    ok(Value::Array(exchanges_of(&v)))
+}
+
+/// RabbitMQ names the default exchange `amq.default` in API paths.
+fn exchange_name(name: &str) -> &str {
+    if name == "amq.default" { "" } else { name }
+}
+
+async fn get_exchange(
+    State(b): Shared,
+    caller: Caller,
+    Path((vhost, name)): Path<(String, String)>,
+) -> ApiResult {
+    let v = visible_vhost(&b, &caller, &vhost)?;
+    let name = exchange_name(&name);
+    if name.is_empty() {
+        return ok(exchange(v.name(), &default_exchange()));
+    }
+    let router = v.router.read();
+    let x = router.exchange(name).ok_or_else(ApiError::not_found)?;
+    ok(exchange(v.name(), x))
+}
+
+async fn put_exchange(
+    State(b): Shared,
+    caller: Caller,
+    Path((vhost, name)): Path<(String, String)>,
+    body: Body,
+) -> ApiResult {
+    caller.require_admin()?;
+    let v = b.vhost(&vhost).ok_or_else(ApiError::not_found)?;
+    let body = body_map(body);
+    let kind = match body.get("type") {
+        Some(Value::String(t)) => t.clone(),
+        _ => return Err(ApiError::bad_request("Mandatory fields missing: type")),
+    };
+    let arguments = json_to_table(body.get("arguments").unwrap_or(&Value::Null))
+        .map_err(ApiError::bad_request)?;
+    if name.starts_with("amq.") {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "access_refused",
+            format!("exchange name '{name}' contains reserved prefix 'amq.*'"),
+        ));
+    }
+    let was_new = v.router.read().exchange(&name).is_none();
+    let decl = exchange::ExchangeDeclare {
+        name: &name,
+        kind: &kind,
+        durable: flag(&body, "durable", true).map_err(ApiError::bad_request)?,
+        auto_delete: flag(&body, "auto_delete", false).map_err(ApiError::bad_request)?,
+        internal: flag(&body, "internal", false).map_err(ApiError::bad_request)?,
+        arguments: &arguments,
+    };
+    v.declare_exchange(&b, decl, false).await?;
+    created(was_new)
+}
+
+async fn delete_exchange(
+    State(b): Shared,
+    caller: Caller,
+    Path((vhost, name)): Path<(String, String)>,
+) -> ApiResult {
+    caller.require_admin()?;
+    let v = b.vhost(&vhost).ok_or_else(ApiError::not_found)?;
+    if name.starts_with("amq.") || v.router.read().exchange(&name).is_none() {
+        return Err(ApiError::not_found());
+    }
+    v.delete_exchange(&b, &name, false).await?;
+    no_content()
+}
+
+/// Every binding of a vhost, starting with the default exchange's implicit
+/// one to each queue (RabbitMQ lists those too).
+fn all_bindings(v: &Vhost) -> Vec<exchange::BindingDef> {
+    let mut queues = v.queues();
+    queues.sort_by(|a, b| a.name.cmp(&b.name));
+    let implicit = queues.into_iter().map(|q| exchange::BindingDef {
+        source: ShortStr::from_static(""),
+        destination: exchange::Destination::Queue(q.name.clone()),
+        routing_key: q.name.clone(),
+        arguments: amqp_codec::FieldTable::new(),
+    });
+    let router = v.router.read();
+    implicit.chain(router.bindings()).collect()
+}
+
+fn bindings_of(v: &Vhost) -> Vec<Value> {
+    all_bindings(v)
+        .iter()
+        .map(|bd| binding(v.name(), bd))
+        .collect()
+}
+
+async fn list_all_bindings(State(b): Shared, caller: Caller) -> ApiResult {
+    ok(Value::Array(
+        visible_vhosts(&b, &caller)
+            .iter()
+            .flat_map(|v| bindings_of(v))
+            .collect(),
+    ))
+}
+
+async fn list_bindings(State(b): Shared, caller: Caller, Path(vhost): Path<String>) -> ApiResult {
+    let v = visible_vhost(&b, &caller, &vhost)?;
+    ok(Value::Array(bindings_of(&v)))
+}
+
+async fn list_queue_bindings(
+    State(b): Shared,
+    caller: Caller,
+    Path((vhost, source, destination)): Path<(String, String, String)>,
+) -> ApiResult {
+    let v = visible_vhost(&b, &caller, &vhost)?;
+    let source = exchange_name(&source).to_owned();
+    ok(Value::Array(
+        all_bindings(&v)
+            .into_iter()
+            .filter(|bd| {
+                bd.source.as_str() == source
+                    && matches!(&bd.destination, exchange::Destination::Queue(q) if q.as_str() == destination)
+            })
+            .map(|bd| binding(v.name(), &bd))
+            .collect(),
+    ))
+}
+
+async fn bind_queue(
+    State(b): Shared,
+    caller: Caller,
+    Path((vhost, source, destination)): Path<(String, String, String)>,
+    body: Body,
+) -> ApiResult {
+    caller.require_admin()?;
+    let v = b.vhost(&vhost).ok_or_else(ApiError::not_found)?;
+    if exchange_name(&source).is_empty() {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "access_refused",
+            "operation not permitted on the default exchange",
+        ));
+    }
+    if v.router.read().exchange(&source).is_none() || v.find_queue(&destination).is_none() {
+        return Err(ApiError::not_found());
+    }
+    let body = body_map(body);
+    let routing_key = match body.get("routing_key") {
+        None | Some(Value::Null) => String::new(),
+        Some(Value::String(k)) => k.clone(),
+        Some(_) => return Err(ApiError::bad_request("routing_key must be a string")),
+    };
+    let def = exchange::BindingDef {
+        source: short(exchange_name(&source))?,
+        destination: exchange::Destination::Queue(short(&destination)?),
+        routing_key: short(&routing_key)?,
+        arguments: json_to_table(body.get("arguments").unwrap_or(&Value::Null))
+            .map_err(ApiError::bad_request)?,
+    };
+    v.bind(&b, &def).await?;
+    let props = if routing_key.is_empty() {
+        "~".to_owned()
+    } else {
+        routing_key
+    };
+    let location = format!(
+        "/api/bindings/{}/e/{}/q/{}/{}",
+        percent(&vhost),
+        percent(&source),
+        percent(&destination),
+        percent(&props)
+    );
+    Ok((
+        StatusCode::CREATED,
+        [(axum::http::header::LOCATION, location)],
+    )
+        .into_response())
+}
+
+/// Percent-encodes a path segment.
+fn percent(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+async fn alarms(State(b): Shared, _caller: Caller) -> ApiResult {
+    let a = b.alarms.current();
+    if a.any() {
+        let mut resource = Vec::new();
+        if a.memory {
+            resource.push("memory");
+        }
+        if a.disk {
+            resource.push("disk");
+        }
+        Ok((
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({
+                "status": "failed",
+                "reason": format!("resource alarm(s) in effect: {}", resource.join(", ")),
+                "alarms": resource.iter().map(|r| json!({"node": NODE, "resource": r})).collect::<Vec<_>>(),
+            })),
+        )
+            .into_response())
+    } else {
+        ok(json!({"status": "ok"}))
+    }
+}

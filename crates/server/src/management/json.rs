@@ -1,0 +1,169 @@
+//! JSON shapes of the management API's objects, field for field as
+//! RabbitMQ's management plugin writes them, and the conversion between JSON
+//! and AMQP field tables (queue and exchange arguments, binding arguments).
+
+use amqp_codec::{FieldTable, FieldValue, ShortStr};
+use bytes::Bytes;
+use serde_json::{Map, Value, json};
+
+use crate::queue::QueueHandle;
+
+/// A field table as JSON: numbers, strings, booleans, arrays, nested tables.
+pub(super) fn table_to_json(t: &FieldTable) -> Value {
+    Value::Object(
+        t.iter()
+            .map(|(k, v)| (k.as_str().to_owned(), value_to_json(v)))
+            .collect(),
+    )
+}
+
+fn value_to_json(v: &FieldValue) -> Value {
+    match v {
+        FieldValue::Bool(b) => json!(b),
+        FieldValue::I8(x) => json!(x),
+        FieldValue::U8(x) => json!(x),
+        FieldValue::I16(x) => json!(x),
+        FieldValue::U16(x) => json!(x),
+        FieldValue::I32(x) => json!(x),
+        FieldValue::U32(x) => json!(x),
+        FieldValue::I64(x) => json!(x),
+        FieldValue::F32(x) => json!(x),
+        FieldValue::F64(x) => json!(x),
+        FieldValue::Decimal { scale, value } => {
+            json!(f64::from(*value) / 10f64.powi(i32::from(*scale)))
+        }
+        FieldValue::LongStr(b) | FieldValue::ByteArray(b) => {
+            json!(String::from_utf8_lossy(b))
+        }
+        FieldValue::Array(a) => Value::Array(a.iter().map(value_to_json).collect()),
+        FieldValue::Timestamp(t) => json!(t),
+        FieldValue::Table(t) => table_to_json(t),
+        FieldValue::Void => Value::Null,
+    }
+}
+
+/// JSON arguments as a field table, typed as RabbitMQ's API types them:
+/// integers as `long`, other numbers as `double`, strings as `longstr`.
+pub(super) fn json_to_table(v: &Value) -> Result<FieldTable, String> {
+    let mut t = FieldTable::new();
+    match v {
+        Value::Null => {}
+        Value::Object(map) => {
+            for (k, v) in map {
+                let key = ShortStr::try_from(k.as_str())
+                    .map_err(|_| format!("argument name too long: {k}"))?;
+                t.insert(key, json_to_value(v)?);
+            }
+        }
+        _ => return Err("arguments must be an object".into()),
+    }
+    Ok(t)
+}
+
+fn json_to_value(v: &Value) -> Result<FieldValue, String> {
+    Ok(match v {
+        Value::Null => FieldValue::Void,
+        Value::Bool(b) => FieldValue::Bool(*b),
+        Value::Number(n) => match n.as_i64() {
+            Some(i) => FieldValue::I64(i),
+            None => FieldValue::F64(n.as_f64().ok_or("number out of range")?),
+        },
+        Value::String(s) => FieldValue::LongStr(Bytes::from(s.clone().into_bytes())),
+        Value::Array(a) => {
+            FieldValue::Array(a.iter().map(json_to_value).collect::<Result<_, _>>()?)
+        }
+        Value::Object(_) => FieldValue::Table(json_to_table(v)?),
+    })
+}
+
+/// A queue as `/api/queues` lists it.
+pub(super) fn queue(vhost: &str, q: &QueueHandle) -> Value {
+    let st = q.state.lock();
+    let ready = st.queue.ready_count();
+    let unacked = st.queue.unacked_count();
+    json!({
+        "name": q.name.as_str(),
+        "vhost": vhost,
+        "durable": q.durable,
+        "auto_delete": q.auto_delete,
+        "exclusive": q.exclusive_owner.is_some(),
+        "arguments": table_to_json(&q.arguments),
+        "type": "classic",
+        "state": "running",
+        "node": super::api::NODE,
+        "messages": ready + unacked,
+        "messages_ready": ready,
+        "messages_unacknowledged": unacked,
+        "message_bytes": st.queue.ready_bytes() + st.queue.unacked_bytes(),
+        "message_bytes_ready": st.queue.ready_bytes(),
+        "message_bytes_unacknowledged": st.queue.unacked_bytes(),
+        "consumers": st.consumers.len(),
+        "memory": st.memory_in_use(),
+        "flow": q.flow.is_raised(),
+    })
+}
+
+/// An exchange as `/api/exchanges` lists it.
+pub(super) fn exchange(vhost: &str, x: &exchange::ExchangeDef) -> Value {
+    json!({
+        "name": x.name.as_str(),
+        "vhost": vhost,
+        "type": x.kind.as_str(),
+        "durable": x.durable,
+        "auto_delete": x.auto_delete,
+        "internal": x.internal,
+        "arguments": table_to_json(&x.arguments),
+        "user_who_performed_action": "",
+    })
+}
+
+/// A binding as `/api/bindings` lists it; `properties_key` is what
+/// RabbitMQ uses to address it (the routing key, `~` if empty).
+pub(super) fn binding(vhost: &str, b: &exchange::BindingDef) -> Value {
+    let (destination, kind) = match &b.destination {
+        exchange::Destination::Queue(q) => (q.as_str(), "queue"),
+        exchange::Destination::Exchange(x) => (x.as_str(), "exchange"),
+    };
+    let properties_key = if b.routing_key.is_empty() {
+        "~".to_owned()
+    } else {
+        b.routing_key.as_str().to_owned()
+    };
+    json!({
+        "source": b.source.as_str(),
+        "vhost": vhost,
+        "destination": destination,
+        "destination_type": kind,
+        "routing_key": b.routing_key.as_str(),
+        "arguments": table_to_json(&b.arguments),
+        "properties_key": properties_key,
+    })
+}
+
+/// Reads an optional boolean field of a request body.
+pub(super) fn flag(body: &Map<String, Value>, key: &str, default: bool) -> Result<bool, String> {
+    match body.get(key) {
+        None | Some(Value::Null) => Ok(default),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(Value::String(s)) if s == "true" || s == "false" => Ok(s == "true"),
+        Some(_) => Err(format!("{key} must be a boolean")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arguments_round_trip_through_json() {
+        let v = json!({"x-message-ttl": 60000, "x-dead-letter-exchange": "dlx", "x-ratio": 0.5, "x-flag": true, "x-list": [1, "a"]});
+        let t = json_to_table(&v).unwrap_or_default();
+        assert_eq!(t.get("x-message-ttl"), Some(&FieldValue::I64(60000)));
+        assert_eq!(
+            t.get("x-dead-letter-exchange").and_then(FieldValue::as_str),
+            Some("dlx")
+        );
+        assert_eq!(table_to_json(&t), v);
+        assert!(json_to_table(&json!([1])).is_err());
+    }
+}

@@ -1,0 +1,213 @@
+//! The management HTTP API: RabbitMQ's paths, JSON field names, status codes
+//! and error bodies, so that scripts written against RabbitMQ's management
+//! plugin keep working. axum serves it on its own listener (default port
+//! 15672); every request authenticates with HTTP basic auth against Warren's
+//! users and is authorised by their tags:
+//!
+//! | tag | may |
+//! |---|---|
+//! | `administrator` | everything |
+//! | `monitoring` | read everything |
+//! | `management` | read the vhosts it has permissions in |
+//!
+//! The handlers live in [`api`]; JSON shapes of the objects in [`json`].
+
+mod api;
+mod json;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{ConnectInfo, FromRequestParts};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
+use serde_json::json;
+use tokio::net::TcpListener;
+
+use crate::broker::Broker;
+
+/// Starts serving the API on `listener` until the broker shuts down.
+pub fn spawn(broker: &Arc<Broker>, listener: TcpListener) {
+    let app = api::router(broker.clone()).into_make_service_with_connect_info::<SocketAddr>();
+    let shutdown = broker.shutdown.clone();
+    broker.tracker.spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "management API stopped");
+        }
+    });
+}
+
+/// An API error: a status and RabbitMQ's `{"error": ..., "reason": ...}`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    error: &'static str,
+    reason: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, error: &'static str, reason: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            error,
+            reason: reason.into(),
+        }
+    }
+
+    /// 404 as RabbitMQ words it.
+    pub fn not_found() -> ApiError {
+        Self::new(StatusCode::NOT_FOUND, "Object Not Found", "Not Found")
+    }
+
+    /// 400 with a reason.
+    pub fn bad_request(reason: impl Into<String>) -> ApiError {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", reason)
+    }
+
+    fn unauthorized(reason: &str) -> ApiError {
+        Self::new(StatusCode::UNAUTHORIZED, "not_authorised", reason)
+    }
+
+    /// 500 for a store failure.
+    pub fn internal(reason: impl std::fmt::Display) -> ApiError {
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal_server_error",
+            reason.to_string(),
+        )
+    }
+}
+
+impl From<crate::error::AmqpError> for ApiError {
+    /// A refusal of the AMQP layer: its text, with the status RabbitMQ's API
+    /// gives for it (precondition failures and bad arguments are 400).
+    fn from(e: crate::error::AmqpError) -> ApiError {
+        let status = match e.code {
+            404 => StatusCode::NOT_FOUND,
+            403 => StatusCode::FORBIDDEN,
+            405 => StatusCode::METHOD_NOT_ALLOWED,
+            406 | 530 | 503 | 502 | 501 | 540 => StatusCode::BAD_REQUEST,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError::new(status, "bad_request", format!("{} - {}", e.name, e.text))
+    }
+}
+
+impl From<queue_store::StoreError> for ApiError {
+    fn from(e: queue_store::StoreError) -> ApiError {
+        ApiError::internal(e)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (
+            self.status,
+            Json(json!({"error": self.error, "reason": self.reason})),
+        )
+            .into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"RabbitMQ Management\""),
+            );
+        }
+        response
+    }
+}
+
+/// The authenticated user of a request and what its tags allow.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// User name.
+    pub name: String,
+    administrator: bool,
+    monitoring: bool,
+}
+
+impl Caller {
+    /// Refuses unless the caller is an administrator.
+    pub fn require_admin(&self) -> Result<(), ApiError> {
+        if self.administrator {
+            Ok(())
+        } else {
+            Err(ApiError::unauthorized("Not administrator user"))
+        }
+    }
+
+    /// Whether the caller may see objects of `vhost`.
+    pub fn may_see(&self, broker: &Broker, vhost: &str) -> bool {
+        self.administrator || self.monitoring || broker.auth.may_open(&self.name, vhost)
+    }
+}
+
+impl FromRequestParts<Arc<Broker>> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        broker: &Arc<Broker>,
+    ) -> Result<Self, Self::Rejection> {
+        let peer = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map_or(SocketAddr::from(([127, 0, 0, 1], 0)), |c| c.0);
+        let (user, pass) = basic_credentials(&parts.headers)
+            .ok_or_else(|| ApiError::unauthorized("Login failed"))?;
+        if let Err(why) = broker.authenticate(&user, &pass, peer) {
+            tracing::info!(%peer, user = %user, reason = %why, "management login refused");
+            return Err(ApiError::unauthorized("Login failed"));
+        }
+        let tags = broker.auth.user(&user).map(|u| u.tags).unwrap_or_default();
+        let has = |t: &str| tags.iter().any(|x| x == t);
+        let caller = Caller {
+            administrator: has("administrator"),
+            monitoring: has("administrator") || has("monitoring"),
+            name: user,
+        };
+        if !(caller.monitoring || has("management") || has("policymaker")) {
+            return Err(ApiError::unauthorized("Not management user"));
+        }
+        Ok(caller)
+    }
+}
+
+/// `Authorization: Basic base64(user:pass)`.
+fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let encoded = value
+        .strip_prefix("Basic ")
+        .or_else(|| value.strip_prefix("basic "))?;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .ok()?;
+    let text = String::from_utf8(decoded).ok()?;
+    let (user, pass) = text.split_once(':')?;
+    Some((user.to_owned(), pass.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn basic_credentials_are_decoded() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Basic Z3Vlc3Q6Z3Vlc3Q="),
+        );
+        assert_eq!(
+            basic_credentials(&h),
+            Some(("guest".to_owned(), "guest".to_owned()))
+        );
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer x"));
+        assert_eq!(basic_credentials(&h), None);
+    }
+}

@@ -1,0 +1,424 @@
+//! The management HTTP API against a running broker: RabbitMQ's paths, JSON
+//! fields, status codes and error bodies; basic auth and tags; objects made
+//! through the API used by AMQP clients (and the other way round); durable
+//! ones surviving a restart; the alarm health check.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use lapin::options::*;
+use lapin::types::FieldTable;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use warren_tests::{TestBroker, channel_with_queue, next_deliveries, publish};
+
+/// A client of `broker`'s management API as `user`.
+struct Api {
+    base: String,
+    user: String,
+    pass: String,
+    http: reqwest::Client,
+}
+
+impl Api {
+    fn new(broker: &TestBroker, user: &str, pass: &str) -> Api {
+        Api {
+            base: broker.management_url(),
+            user: user.into(),
+            pass: pass.into(),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    fn guest(broker: &TestBroker) -> Api {
+        Self::new(broker, "guest", "guest")
+    }
+
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .basic_auth(&self.user, Some(&self.pass));
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status();
+        let text = resp.text().await.unwrap();
+        let json = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}"))
+        };
+        (status, json)
+    }
+
+    async fn get(&self, path: &str) -> (StatusCode, Value) {
+        self.send(reqwest::Method::GET, path, None).await
+    }
+
+    async fn put(&self, path: &str, body: Value) -> StatusCode {
+        self.send(reqwest::Method::PUT, path, Some(body)).await.0
+    }
+
+    async fn delete(&self, path: &str) -> StatusCode {
+        self.send(reqwest::Method::DELETE, path, None).await.0
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listings_have_rabbitmq_shapes_and_counts() {
+    let broker = TestBroker::start().await;
+    let conn = broker.connect().await;
+    let ch = channel_with_queue(&conn, "orders").await;
+    for _ in 0..3 {
+        publish(&ch, "orders", b"x").await;
+    }
+    let mut consumer = ch
+        .basic_consume(
+            "orders".into(),
+            "c1".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    // Three delivered, none acknowledged yet.
+    next_deliveries(&mut consumer, 3).await;
+    publish(&ch, "orders", b"y").await;
+    let api = Api::guest(&broker);
+
+    let (status, q) = api.get("/api/queues/%2F/orders").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(q["name"], "orders");
+    assert_eq!(q["vhost"], "/");
+    assert_eq!(q["durable"], false);
+    assert_eq!(q["consumers"], 1);
+    // The fourth message went to the consumer too (no prefetch limit).
+    assert_eq!(q["messages"], 4);
+    assert_eq!(q["messages_unacknowledged"], 4);
+    assert_eq!(q["messages_ready"], 0);
+
+    let (status, overview) = api.get("/api/overview").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(overview["product_name"], "Warren");
+    assert_eq!(overview["object_totals"]["queues"], 1);
+    assert_eq!(overview["object_totals"]["consumers"], 1);
+    assert_eq!(overview["queue_totals"]["messages"], 4);
+    assert!(overview["object_totals"]["connections"].as_u64().unwrap() >= 1);
+
+    let (_, vhosts) = api.get("/api/vhosts").await;
+    assert_eq!(vhosts[0]["name"], "/");
+    assert_eq!(vhosts[0]["messages"], 4);
+
+    let (_, exchanges) = api.get("/api/exchanges/%2F").await;
+    let direct = exchanges
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["name"] == "amq.direct")
+        .expect("amq.direct listed");
+    assert_eq!(direct["type"], "direct");
+    assert_eq!(direct["durable"], true);
+    let (status, default) = api.get("/api/exchanges/%2F/amq.default").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(default["name"], "");
+
+    ch.queue_bind(
+        "orders".into(),
+        "amq.topic".into(),
+        "order.*".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let (_, bindings) = api.get("/api/bindings/%2F").await;
+    assert!(
+        bindings
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|b| b["source"] == "amq.topic"
+                && b["destination"] == "orders"
+                && b["destination_type"] == "queue"
+                && b["routing_key"] == "order.*"),
+        "{bindings}"
+    );
+
+    let (_, users) = api.get("/api/users").await;
+    assert_eq!(users[0]["name"], "guest");
+    assert_eq!(users[0]["tags"], json!(["administrator"]));
+    assert_eq!(
+        users[0]["hashing_algorithm"],
+        "rabbit_password_hashing_sha256"
+    );
+    let (_, perms) = api.get("/api/permissions").await;
+    assert_eq!(
+        perms,
+        json!([{"user": "guest", "vhost": "/", "configure": ".*", "write": ".*", "read": ".*"}])
+    );
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_are_authenticated_and_tags_enforced() {
+    let broker = TestBroker::start().await;
+    let anonymous = reqwest::get(format!("{}/api/overview", broker.management_url()))
+        .await
+        .unwrap();
+    assert_eq!(anonymous.status(), StatusCode::UNAUTHORIZED);
+    assert!(anonymous.headers().contains_key("www-authenticate"));
+    let body: Value = anonymous.json().await.unwrap();
+    assert_eq!(body["error"], "not_authorised");
+
+    let (status, _) = Api::new(&broker, "guest", "wrong")
+        .get("/api/overview")
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+
+    let admin = Api::guest(&broker);
+    assert_eq!(
+        admin
+            .put(
+                "/api/users/watcher",
+                json!({"password": "w", "tags": "monitoring"})
+            )
+            .await,
+        StatusCode::CREATED
+    );
+    assert_eq!(
+        admin
+            .put("/api/users/plain", json!({"password": "p", "tags": ""}))
+            .await,
+        StatusCode::CREATED
+    );
+    let (status, body) = Api::new(&broker, "plain", "p").get("/api/overview").await;
+    assert_eq!(
+        status,
+        StatusCode::UNAUTHORIZED,
+        "no management tag: {body}"
+    );
+
+    let watcher = Api::new(&broker, "watcher", "w");
+    assert_eq!(watcher.get("/api/queues").await.0, StatusCode::OK);
+    assert_eq!(
+        watcher.put("/api/vhosts/nope", json!({})).await,
+        StatusCode::UNAUTHORIZED,
+        "monitoring may only read"
+    );
+    assert!(broker.broker().vhost("nope").is_none());
+    assert_eq!(watcher.get("/api/users").await.0, StatusCode::UNAUTHORIZED);
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn objects_made_through_the_api_serve_amqp_clients() {
+    let broker = TestBroker::start().await;
+    let api = Api::guest(&broker);
+    assert_eq!(
+        api.put("/api/vhosts/shop", json!({})).await,
+        StatusCode::CREATED
+    );
+    assert_eq!(
+        api.put("/api/vhosts/shop", json!({})).await,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        api.put(
+            "/api/users/alice",
+            json!({"password": "s3cret", "tags": ["management"]})
+        )
+        .await,
+        StatusCode::CREATED
+    );
+    assert_eq!(
+        api.put(
+            "/api/permissions/shop/alice",
+            json!({"configure": "", "write": "orders", "read": "paid"})
+        )
+        .await,
+        StatusCode::CREATED
+    );
+    assert_eq!(
+        api.put(
+            "/api/exchanges/shop/orders",
+            json!({"type": "topic", "durable": true})
+        )
+        .await,
+        StatusCode::CREATED
+    );
+    assert_eq!(
+        api.put(
+            "/api/queues/shop/paid",
+            json!({"durable": true, "arguments": {"x-max-length": 10}})
+        )
+        .await,
+        StatusCode::CREATED
+    );
+    let resp = api
+        .http
+        .post(format!("{}/api/bindings/shop/e/orders/q/paid", api.base))
+        .basic_auth("guest", Some("guest"))
+        .json(&json!({"routing_key": "order.paid"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    assert_eq!(
+        resp.headers()["location"],
+        "/api/bindings/shop/e/orders/q/paid/order.paid"
+    );
+
+    // alice, who exists only through the API, publishes through the API's
+    // exchange and binding and reads from the API's queue.
+    let conn = lapin::Connection::connect(
+        &format!("amqp://alice:s3cret@{}/shop", broker.addr),
+        lapin::ConnectionProperties::default(),
+    )
+    .await
+    .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.basic_publish(
+        "orders".into(),
+        "order.paid".into(),
+        BasicPublishOptions::default(),
+        b"order 17",
+        lapin::BasicProperties::default(),
+    )
+    .await
+    .unwrap();
+    let got = ch
+        .basic_get("paid".into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+        .expect("routed through the API's binding");
+    assert_eq!(got.delivery.data, b"order 17");
+    // Her permissions apply: she may not configure.
+    let refused = ch
+        .queue_declare(
+            "mine".into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await;
+    warren_tests::assert_amqp_error(
+        refused,
+        403,
+        "access to queue 'mine' in vhost 'shop' refused",
+    );
+
+    // Purge, equivalence, delete, 404s.
+    publish(&conn.create_channel().await.unwrap(), "paid", b"more").await;
+    let (_, q) = api.get("/api/queues/shop/paid").await;
+    assert_eq!(q["arguments"], json!({"x-max-length": 10}));
+    assert_eq!(
+        api.delete("/api/queues/shop/paid/contents").await,
+        StatusCode::NO_CONTENT
+    );
+    let (_, q) = api.get("/api/queues/shop/paid").await;
+    assert_eq!(q["messages"], 0);
+    let (status, err) = api
+        .send(
+            reqwest::Method::PUT,
+            "/api/queues/shop/paid",
+            Some(json!({"durable": false})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        err["reason"]
+            .as_str()
+            .unwrap()
+            .contains("inequivalent arg 'durable'"),
+        "{err}"
+    );
+    assert_eq!(
+        api.delete("/api/queues/shop/paid").await,
+        StatusCode::NO_CONTENT
+    );
+    let (status, err) = api.get("/api/queues/shop/paid").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        err,
+        json!({"error": "Object Not Found", "reason": "Not Found"})
+    );
+    assert_eq!(
+        api.delete("/api/exchanges/shop/orders").await,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        api.delete("/api/permissions/shop/alice").await,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        api.delete("/api/permissions/shop/alice").await,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(api.delete("/api/users/alice").await, StatusCode::NO_CONTENT);
+    assert_eq!(api.delete("/api/vhosts/shop").await, StatusCode::NO_CONTENT);
+    assert_eq!(api.get("/api/vhosts/shop").await.0, StatusCode::NOT_FOUND);
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_objects_made_through_the_api_survive_a_restart() {
+    let mut broker = TestBroker::start().await;
+    let api = Api::guest(&broker);
+    assert_eq!(
+        api.put("/api/exchanges/%2F/events", json!({"type": "fanout"}))
+            .await,
+        StatusCode::CREATED
+    );
+    assert_eq!(
+        api.put("/api/queues/%2F/audit", json!({"durable": true}))
+            .await,
+        StatusCode::CREATED
+    );
+    let resp = api
+        .http
+        .post(format!("{}/api/bindings/%2F/e/events/q/audit", api.base))
+        .basic_auth("guest", Some("guest"))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let dir = broker.keep_dir();
+    broker.stop().await;
+
+    let mut broker = TestBroker::start_in(dir.path()).await;
+    broker.own_dir(dir);
+    let api = Api::guest(&broker);
+    let (_, x) = api.get("/api/exchanges/%2F/events").await;
+    assert_eq!(x["type"], "fanout");
+    assert_eq!(api.get("/api/queues/%2F/audit").await.1["durable"], true);
+    let (_, bindings) = api.get("/api/bindings/%2F/e/events/q/audit").await;
+    assert_eq!(bindings.as_array().unwrap().len(), 1);
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_alarm_health_check_reports_a_raised_alarm() {
+    let broker = TestBroker::start().await;
+    let (status, body) = Api::guest(&broker).get("/api/health/checks/alarms").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body, json!({"status": "ok"}));
+    broker.stop().await;
+
+    let dir = tempfile::tempdir().unwrap();
+    // A limit no disk satisfies: the disk alarm is raised at the first sample.
+    let broker = TestBroker::start_with(dir.path(), |c| c.disk_free_limit = u64::MAX).await;
+    let mut alarms = broker.broker().alarms.subscribe();
+    alarms.wait_for(|a| a.disk).await.unwrap();
+    let (status, body) = Api::guest(&broker)
+        .get("/api/health/checks/local-alarms")
+        .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(body["status"], "failed");
+    assert_eq!(body["alarms"][0]["resource"], "disk");
+    broker.stop().await;
+}
