@@ -422,3 +422,224 @@ async fn the_alarm_health_check_reports_a_raised_alarm() {
     assert_eq!(body["alarms"][0]["resource"], "disk");
     broker.stop().await;
 }
+
+/// Sorts every list so that two exports compare regardless of order.
+fn normalized(mut v: Value) -> Value {
+    if let Some(map) = v.as_object_mut() {
+        for (_, section) in map.iter_mut() {
+            if let Some(list) = section.as_array_mut() {
+                list.sort_by_key(|e| e.to_string());
+            }
+        }
+    }
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn definitions_round_trip_through_an_empty_broker() {
+    let source = TestBroker::start().await;
+    let api = Api::guest(&source);
+    assert_eq!(
+        api.put("/api/vhosts/shop", json!({})).await,
+        StatusCode::CREATED
+    );
+    assert_eq!(
+        api.put(
+            "/api/users/alice",
+            json!({"password": "s3cret", "tags": "management,monitoring"})
+        )
+        .await,
+        StatusCode::CREATED
+    );
+    assert_eq!(
+        api.put(
+            "/api/permissions/shop/alice",
+            json!({"configure": "^orders", "write": "^orders", "read": ".*"})
+        )
+        .await,
+        StatusCode::CREATED
+    );
+    source
+        .broker()
+        .set_topic_permissions("alice", "shop", "orders", "^order\\.", "^order\\.")
+        .await
+        .unwrap();
+    assert_eq!(
+        api.put("/api/exchanges/shop/unrouted", json!({"type": "fanout"}))
+            .await,
+        StatusCode::CREATED
+    );
+    assert_eq!(
+        api.put(
+            "/api/exchanges/shop/orders",
+            json!({"type": "topic", "arguments": {"alternate-exchange": "unrouted"}})
+        )
+        .await,
+        StatusCode::CREATED
+    );
+    assert_eq!(
+        api.put(
+            "/api/queues/shop/orders.paid",
+            json!({"arguments": {"x-message-ttl": 60000, "x-dead-letter-exchange": "dlx"}})
+        )
+        .await,
+        StatusCode::CREATED
+    );
+    for (path, key) in [
+        ("/api/bindings/shop/e/orders/q/orders.paid", "order.paid"),
+        ("/api/bindings/shop/e/unrouted/q/orders.paid", ""),
+    ] {
+        let resp = api
+            .http
+            .post(format!("{}{path}", api.base))
+            .basic_auth("guest", Some("guest"))
+            .json(&json!({"routing_key": key}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::CREATED);
+    }
+    let (status, exported) = api.get("/api/definitions").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(exported["queues"].as_array().unwrap().len(), 1);
+    assert_eq!(exported["bindings"].as_array().unwrap().len(), 2);
+    assert_eq!(exported["topic_permissions"][0]["exchange"], "orders");
+
+    let target = TestBroker::start().await;
+    let target_api = Api::guest(&target);
+    let (status, body) = target_api
+        .send(
+            reqwest::Method::POST,
+            "/api/definitions",
+            Some(exported.clone()),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+    let (_, again) = target_api.get("/api/definitions").await;
+    assert_eq!(normalized(again), normalized(exported));
+
+    // The imported user logs in with the password set on the source broker.
+    let conn = lapin::Connection::connect(
+        &format!("amqp://alice:s3cret@{}/shop", target.addr),
+        lapin::ConnectionProperties::default(),
+    )
+    .await
+    .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.basic_publish(
+        "orders".into(),
+        "order.paid".into(),
+        BasicPublishOptions::default(),
+        b"routed",
+        lapin::BasicProperties::default(),
+    )
+    .await
+    .unwrap();
+    let got = ch
+        .basic_get("orders.paid".into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+        .expect("the imported binding routes");
+    assert_eq!(got.delivery.data, b"routed");
+    source.stop().await;
+    target.stop().await;
+}
+
+/// `rabbitmqctl export_definitions` output of RabbitMQ 3.10.8, recorded by
+/// `conformance/capture/capture_definitions.sh`.
+const RABBITMQ_EXPORT: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../crates/server/tests/data/rabbitmq_3_10_definitions.json"
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rabbitmq_export_loads_at_boot_and_serves_its_clients() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start_with(dir.path(), |c| {
+        c.load_definitions = Some(RABBITMQ_EXPORT.into());
+    })
+    .await;
+    let api = Api::guest(&broker);
+    let (_, q) = api.get("/api/queues/%2F/orders.paid").await;
+    assert_eq!(
+        q["arguments"],
+        json!({"x-dead-letter-exchange": "dlx", "x-max-length": 1000, "x-message-ttl": 60000, "x-queue-mode": "lazy"})
+    );
+    let (_, x) = api.get("/api/exchanges/%2F/orders.topic").await;
+    assert_eq!(x["arguments"], json!({"alternate-exchange": "unrouted"}));
+
+    // alice's RabbitMQ password hash works here.
+    let alice = lapin::Connection::connect(
+        &format!("amqp://alice:s3cret@{}/shop", broker.addr),
+        lapin::ConnectionProperties::default(),
+    )
+    .await
+    .unwrap();
+    let ch = alice.create_channel().await.unwrap();
+    ch.basic_publish(
+        "orders.direct".into(),
+        "new".into(),
+        BasicPublishOptions::default(),
+        b"in shop",
+        lapin::BasicProperties::default(),
+    )
+    .await
+    .unwrap();
+    let got = ch
+        .basic_get("orders".into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+        .expect("routed by the imported binding");
+    assert_eq!(got.delivery.data, b"in shop");
+
+    // In "/", a topic publish reaches its queue and, through the
+    // exchange-to-exchange binding and the fanout, the audit queue; the
+    // headers binding routes by its arguments.
+    let conn = broker.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.basic_publish(
+        "orders.topic".into(),
+        "order.paid".into(),
+        BasicPublishOptions::default(),
+        b"paid",
+        lapin::BasicProperties::default(),
+    )
+    .await
+    .unwrap();
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "region".into(),
+        lapin::types::AMQPValue::LongString("eu".into()),
+    );
+    ch.basic_publish(
+        "by-region".into(),
+        "".into(),
+        BasicPublishOptions::default(),
+        b"eu",
+        lapin::BasicProperties::default().with_headers(headers),
+    )
+    .await
+    .unwrap();
+    let mut bodies = Vec::new();
+    for queue in ["orders.paid", "audit", "audit"] {
+        let m = ch
+            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("nothing in {queue}"));
+        bodies.push(String::from_utf8(m.delivery.data).unwrap());
+    }
+    assert_eq!(bodies, ["paid", "paid", "eu"]);
+    broker.stop().await;
+
+    // Posted to the API instead, the same file is accepted too.
+    let broker = TestBroker::start().await;
+    let defs: Value =
+        serde_json::from_str(&std::fs::read_to_string(RABBITMQ_EXPORT).unwrap()).unwrap();
+    let (status, body) = Api::guest(&broker)
+        .send(reqwest::Method::POST, "/api/definitions", Some(defs))
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+    assert!(broker.broker().vhost("shop").is_some());
+    broker.stop().await;
+}

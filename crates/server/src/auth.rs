@@ -193,6 +193,26 @@ impl Auth {
         out
     }
 
+    /// Every topic permission as (user, vhost, exchange, write, read).
+    pub fn topic_permissions(&self) -> Vec<(String, String, String, String, String)> {
+        let mut out: Vec<_> = self
+            .topic
+            .read()
+            .iter()
+            .map(|((u, v, x), p)| {
+                (
+                    u.clone(),
+                    v.clone(),
+                    x.clone(),
+                    p.write.clone(),
+                    p.read.clone(),
+                )
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
     /// Removes a user and their permissions; returns the writes to persist.
     pub fn delete_user(&self, name: &str) -> Vec<Write> {
         self.users.write().remove(name);

@@ -71,6 +71,8 @@ pub struct Config {
     pub plain_listener: bool,
     /// The management HTTP API's address (none: not served).
     pub management: Option<SocketAddr>,
+    /// A definitions file (RabbitMQ's JSON format) imported at boot.
+    pub load_definitions: Option<PathBuf>,
     /// The AMQPS listener address and its TLS settings (none: no TLS).
     pub tls: Option<(SocketAddr, crate::tls::TlsSettings)>,
 }
@@ -99,6 +101,7 @@ impl Default for Config {
             queue_memory_budget: queue_store::queue::DEFAULT_MEMORY_BUDGET,
             plain_listener: true,
             management: Some(SocketAddr::from(([0, 0, 0, 0], 15672))),
+            load_definitions: None,
             tls: None,
         }
     }
@@ -327,6 +330,9 @@ pub enum StartError {
     /// The TLS settings are unusable.
     #[error("TLS: {0}")]
     Tls(String),
+    /// The definitions file given to load at boot could not be applied.
+    #[error("cannot load definitions: {0}")]
+    Definitions(String),
     /// The listener could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Listen {
@@ -403,6 +409,16 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
             .await
             .map_err(StoreError::Engine)?;
         tracing::info!(user = %user, "first boot: created the default user and vhost '/'");
+    }
+    if let Some(path) = broker.config.load_definitions.clone() {
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| StartError::Definitions(format!("{}: {e}", path.display())))?;
+        let defs: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| StartError::Definitions(format!("{}: {e}", path.display())))?;
+        let imported = crate::definitions::import(&broker, &defs)
+            .await
+            .map_err(|e| StartError::Definitions(format!("{}: {e}", path.display())))?;
+        tracing::info!(file = %path.display(), applied = imported.applied, skipped = imported.skipped.len(), "definitions loaded");
     }
     crate::alarm::spawn_monitor(&broker);
     let mut accept = Vec::new();

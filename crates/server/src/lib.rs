@@ -15,6 +15,7 @@
 //! - [`reply_to`]: direct reply-to (`amq.rabbitmq.reply-to`).
 //! - [`tls`]: the AMQPS listener and client-certificate identities.
 //! - [`error`]: `AmqpError`, the one place errors become reply codes.
+//! - [`definitions`]: export/import in RabbitMQ's definitions JSON.
 //! - [`management`]: the management HTTP API (RabbitMQ's paths and JSON).
 
 pub mod alarm;
@@ -22,6 +23,7 @@ pub mod auth;
 pub mod broker;
 pub mod channel;
 pub mod connection;
+pub mod definitions;
 pub mod error;
 pub mod management;
 pub mod outbox;

@@ -94,6 +94,9 @@ struct Args {
     /// Do not serve the management HTTP API.
     #[arg(long, env = "WARREN_NO_MANAGEMENT")]
     no_management: bool,
+    /// Definitions file (RabbitMQ's JSON format) to import at boot.
+    #[arg(long, env = "WARREN_LOAD_DEFINITIONS")]
+    load_definitions: Option<PathBuf>,
     /// Log as JSON lines instead of human-readable text.
     #[arg(long, env = "WARREN_LOG_JSON")]
     log_json: bool,
@@ -127,6 +130,7 @@ struct FileConfig {
     no_plain_listener: Option<bool>,
     management_port: Option<u16>,
     no_management: Option<bool>,
+    load_definitions: Option<PathBuf>,
     log_json: Option<bool>,
 }
 
@@ -165,6 +169,7 @@ fn config(args: Args, file: FileConfig) -> server::Config {
     server::Config {
         tls,
         plain_listener: !(args.no_plain_listener || file.no_plain_listener.unwrap_or(false)),
+        load_definitions: args.load_definitions.or(file.load_definitions),
         management: (!(args.no_management || file.no_management.unwrap_or(false))).then(|| {
             let port = args
                 .management_port

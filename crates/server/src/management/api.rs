@@ -68,6 +68,10 @@ pub(super) fn router(broker: Arc<Broker>) -> Router {
             "/api/bindings/{vhost}/e/{source}/q/{destination}",
             post(bind_queue).get(list_queue_bindings),
         )
+        .route(
+            "/api/definitions",
+            get(export_definitions).post(import_definitions),
+        )
         .route("/api/health/checks/alarms", get(alarms))
         .route("/api/health/checks/local-alarms", get(alarms))
         .with_state(broker)
@@ -718,5 +722,23 @@ async fn alarms(State(b): Shared, _caller: Caller) -> ApiResult {
             .into_response())
     } else {
         ok(json!({"status": "ok"}))
+    }
+}
+
+async fn export_definitions(State(b): Shared, caller: Caller) -> ApiResult {
+    caller.require_admin()?;
+    ok(crate::definitions::export(&b))
+}
+
+async fn import_definitions(
+    State(b): Shared,
+    caller: Caller,
+    Json(defs): Json<Value>,
+) -> ApiResult {
+    caller.require_admin()?;
+    match crate::definitions::import(&b, &defs).await {
+        Ok(_) => no_content(),
+        Err(crate::definitions::ImportError::Store(e)) => Err(ApiError::internal(e)),
+        Err(e) => Err(ApiError::bad_request(e.to_string())),
     }
 }

@@ -9,7 +9,7 @@ use serde_json::{Map, Value, json};
 use crate::queue::QueueHandle;
 
 /// A field table as JSON: numbers, strings, booleans, arrays, nested tables.
-pub(super) fn table_to_json(t: &FieldTable) -> Value {
+pub(crate) fn table_to_json(t: &FieldTable) -> Value {
     Value::Object(
         t.iter()
             .map(|(k, v)| (k.as_str().to_owned(), value_to_json(v)))
@@ -44,7 +44,7 @@ fn value_to_json(v: &FieldValue) -> Value {
 
 /// JSON arguments as a field table, typed as RabbitMQ's API types them:
 /// integers as `long`, other numbers as `double`, strings as `longstr`.
-pub(super) fn json_to_table(v: &Value) -> Result<FieldTable, String> {
+pub(crate) fn json_to_table(v: &Value) -> Result<FieldTable, String> {
     let mut t = FieldTable::new();
     match v {
         Value::Null => {}

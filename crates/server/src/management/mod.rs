@@ -13,7 +13,7 @@
 //! The handlers live in [`api`]; JSON shapes of the objects in [`json`].
 
 mod api;
-mod json;
+pub(crate) mod json;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
