@@ -126,7 +126,7 @@ start_broker() {
     say "starting $bname: $BIN --port $port${*:+ $*} (data dir $dir, log $log)"
     # the broker reads WARREN_* settings (config file, default user, ...) from
     # the environment: start it from a clean slate so only the flags apply
-    env "${unset_args[@]}" NO_COLOR=1 "$BIN" --data-dir "$dir" --bind 127.0.0.1 --port "$port" --management-port 0 "$@" >"$log" 2>&1 &
+    env "${unset_args[@]}" NO_COLOR=1 "$BIN" --data-dir "$dir" --bind 127.0.0.1 --port "$port" --management-port 0 --prometheus-port 0 "$@" >"$log" 2>&1 &
     BROKER_NAMES+=("$bname"); BROKER_PIDS+=("$!"); BROKER_PORTS+=("$port"); BROKER_LOGS+=("$log")
     BROKER_TLS_PORTS+=("$tls_port")
 }

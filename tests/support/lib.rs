@@ -48,6 +48,7 @@ impl TestBroker {
             data_dir: data_dir.to_path_buf(),
             bind: SocketAddr::from(([127, 0, 0, 1], 0)),
             management: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+            prometheus: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
             ..server::Config::default()
         };
         adjust(&mut config);
@@ -95,6 +96,12 @@ impl TestBroker {
     /// `http://127.0.0.1:port` of the management API.
     pub fn management_url(&self) -> String {
         let addr = self.handle.as_ref().unwrap().management_addr.unwrap();
+        format!("http://{addr}")
+    }
+
+    /// `http://127.0.0.1:port` of the Prometheus endpoint.
+    pub fn prometheus_url(&self) -> String {
+        let addr = self.handle.as_ref().unwrap().prometheus_addr.unwrap();
         format!("http://{addr}")
     }
 

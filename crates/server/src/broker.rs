@@ -62,7 +62,8 @@ pub struct Config {
     /// the rest out to the store.
     pub queue_memory_budget: u64,
     /// Memory one queue may hold (by the alarm's accounting) before the
-    /// connections publishing to it stop being read, until it drains to half.
+    /// connections publishing to it stop being read, until it drains to half;
+    /// 0 = no per-queue limit (the default, as RabbitMQ: only the memory alarm).
     pub queue_flow_limit: u64,
     /// Message octets submitted to the store but not yet written, above which
     /// connections whose publishes were written stop being read.
@@ -71,6 +72,8 @@ pub struct Config {
     pub plain_listener: bool,
     /// The management HTTP API's address (none: not served).
     pub management: Option<SocketAddr>,
+    /// The Prometheus endpoint's address (none: not served).
+    pub prometheus: Option<SocketAddr>,
     /// A definitions file (RabbitMQ's JSON format) imported at boot.
     pub load_definitions: Option<PathBuf>,
     /// The AMQPS listener address and its TLS settings (none: no TLS).
@@ -95,13 +98,14 @@ impl Default for Config {
             max_connections: 0,
             max_consumers_per_channel: 0,
             memory_high_watermark: default_watermark(),
-            queue_flow_limit: default_watermark() / 4,
+            queue_flow_limit: 0,
             store_backlog_limit: queue_store::DEFAULT_BACKLOG_LIMIT,
             disk_free_limit: 50 * 1000 * 1000,
             queue_memory_budget: queue_store::queue::DEFAULT_MEMORY_BUDGET,
             plain_listener: true,
             management: Some(SocketAddr::from(([0, 0, 0, 0], 15672))),
             load_definitions: None,
+            prometheus: Some(SocketAddr::from(([0, 0, 0, 0], 15692))),
             tls: None,
         }
     }
@@ -128,6 +132,8 @@ pub struct Broker {
     pub reply_consumers: crate::reply_to::ReplyConsumers,
     /// Memory and disk alarms.
     pub alarms: crate::alarm::Alarms,
+    /// Prometheus counters and gauges.
+    pub metrics: Arc<crate::metrics::Metrics>,
     /// Users and permissions.
     pub auth: crate::auth::Auth,
     /// Cancelled on shutdown.
@@ -304,6 +310,8 @@ pub struct BrokerHandle {
     pub tls_addr: Option<SocketAddr>,
     /// The bound management API address, if it is served.
     pub management_addr: Option<SocketAddr>,
+    /// The bound Prometheus endpoint address, if it is served.
+    pub prometheus_addr: Option<SocketAddr>,
     accept: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -360,6 +368,7 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
         connections: std::sync::atomic::AtomicUsize::new(0),
         reply_consumers: crate::reply_to::ReplyConsumers::default(),
         alarms: crate::alarm::Alarms::default(),
+        metrics: Arc::default(),
         auth: crate::auth::Auth::default(),
         shutdown: CancellationToken::new(),
         tracker: TaskTracker::new(),
@@ -450,11 +459,20 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
         management_addr = Some(a);
         crate::management::spawn(&broker, listener);
     }
+    let mut prometheus_addr = None;
+    if let Some(http) = broker.config.prometheus {
+        let listener = bind(http).await?;
+        let a = local_addr(&listener, http)?;
+        tracing::info!(addr = %a, "Prometheus metrics listening (HTTP)");
+        prometheus_addr = Some(a);
+        crate::metrics::spawn(&broker, listener);
+    }
     Ok(BrokerHandle {
         broker,
         addr,
         tls_addr,
         management_addr,
+        prometheus_addr,
         accept,
     })
 }

@@ -94,6 +94,7 @@ impl ChannelShared {
 
     /// Allocates a delivery tag, remembering the delivery if it needs an ack.
     pub fn next_delivery(&self, unacked: Option<Unacked>) -> u64 {
+        self.connection.metrics.delivered.inc();
         let mut d = self.deliveries.lock();
         let tag = d.next_tag;
         d.next_tag += 1;
@@ -1277,6 +1278,12 @@ impl Channel {
             self.shared.connection.note_congested(broker.store.flow());
         }
         let unroutable = routed.is_unroutable();
+        broker.metrics.received.inc();
+        match (unroutable, m.mandatory) {
+            (false, _) => broker.metrics.routed.inc(),
+            (true, true) => broker.metrics.unroutable_returned.inc(),
+            (true, false) => broker.metrics.unroutable_dropped.inc(),
+        };
         broker.alarms.note_published(
             message.size(),
             routed.queues().len() as u64,
@@ -1355,12 +1362,15 @@ impl Channel {
         let nacked = std::mem::take(&mut c.nacked);
         let frames = confirm_frames(from, to, &nacked);
         let wait = std::mem::take(&mut c.needs_sync) || c.in_flight.load(Ordering::Acquire) > 0;
+        let confirmed = (to - from).saturating_sub(nacked.len() as u64);
         if !wait {
             for f in &frames {
                 self.shared.write_method(f);
             }
+            broker.metrics.confirmed.inc_by(confirmed);
             return;
         }
+        let metrics = broker.metrics.clone();
         c.in_flight.fetch_add(1, Ordering::AcqRel);
         let in_flight = c.in_flight.clone();
         let commit = broker.store.commit();
@@ -1380,7 +1390,10 @@ impl Channel {
                 return;
             }
             match result {
-                Ok(()) => frames.iter().for_each(|f| shared.write_method(f)),
+                Ok(()) => {
+                    frames.iter().for_each(|f| shared.write_method(f));
+                    metrics.confirmed.inc_by(confirmed);
+                }
                 Err(e) => {
                     tracing::error!(error = %e, "commit failed: nacking publishes");
                     shared.write_method(&Method::BasicNack(BasicNack {

@@ -56,6 +56,8 @@ pub struct ConnectionShared {
     pub congested: parking_lot::Mutex<Vec<Arc<FlowGate>>>,
     /// Authenticated user.
     pub user: String,
+    /// The broker's counters (deliveries are counted per channel).
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl ConnectionShared {
@@ -390,6 +392,7 @@ async fn handshake(
         has_published: std::sync::atomic::AtomicBool::new(false),
         congested: parking_lot::Mutex::new(Vec::new()),
         user,
+        metrics: broker.metrics.clone(),
     });
     Ok(Some((shared, vhost, tune.heartbeat)))
 }
@@ -607,6 +610,7 @@ impl Connection {
                             channel_id: Bytes::new(),
                         }));
                     self.channels.insert(channel, ch);
+                    self.broker.metrics.channels.inc();
                     Ok(false)
                 }
                 Frame::Method { method, .. } => {
@@ -629,7 +633,9 @@ impl Connection {
                 content: None,
             };
             if let Ok(ChannelOutcome::Closed) = ch.handle(&self.broker, &self.vhost, cmd).await {
-                self.channels.remove(&channel);
+                if self.channels.remove(&channel).is_some() {
+                    self.broker.metrics.channels.dec();
+                }
             }
             return Ok(false);
         }
@@ -652,6 +658,7 @@ impl Connection {
             Ok(ChannelOutcome::Open) => {}
             Ok(ChannelOutcome::Closed) => {
                 if let Some(mut ch) = self.channels.remove(&channel) {
+                    self.broker.metrics.channels.dec();
                     ch.flush_confirms(&self.broker);
                 }
             }
@@ -730,6 +737,7 @@ impl Connection {
     /// connection's exclusive queues.
     async fn cleanup(&mut self) {
         for (_, mut ch) in self.channels.drain() {
+            self.broker.metrics.channels.dec();
             ch.release(&self.broker, &self.vhost);
         }
         for q in self.vhost.queues() {

@@ -16,6 +16,7 @@
 //! - [`tls`]: the AMQPS listener and client-certificate identities.
 //! - [`error`]: `AmqpError`, the one place errors become reply codes.
 //! - [`definitions`]: export/import in RabbitMQ's definitions JSON.
+//! - [`metrics`]: Prometheus metrics with RabbitMQ's names.
 //! - [`management`]: the management HTTP API (RabbitMQ's paths and JSON).
 
 pub mod alarm;
@@ -26,6 +27,7 @@ pub mod connection;
 pub mod definitions;
 pub mod error;
 pub mod management;
+pub mod metrics;
 pub mod outbox;
 pub mod queue;
 pub mod reply_to;

@@ -54,7 +54,9 @@ struct Args {
     #[arg(long, env = "WARREN_DISK_FREE_LIMIT")]
     disk_free_limit: Option<u64>,
     /// Memory one queue may hold (by the broker's accounting) before its
-    /// publishers are paused, in octets [default: a quarter of the watermark].
+    /// publishers are paused, in octets; 0 = no per-queue limit [default: 0].
+    /// Set it below the watermark to keep one queue's flood from blocking
+    /// every publisher.
     #[arg(long, env = "WARREN_QUEUE_FLOW_LIMIT")]
     queue_flow_limit: Option<u64>,
     /// Message octets waiting for the store's writer before publishers that
@@ -94,6 +96,12 @@ struct Args {
     /// Do not serve the management HTTP API.
     #[arg(long, env = "WARREN_NO_MANAGEMENT")]
     no_management: bool,
+    /// Prometheus metrics port (0: any free port) [default: 15692].
+    #[arg(long, env = "WARREN_PROMETHEUS_PORT")]
+    prometheus_port: Option<u16>,
+    /// Do not serve Prometheus metrics.
+    #[arg(long, env = "WARREN_NO_PROMETHEUS")]
+    no_prometheus: bool,
     /// Definitions file (RabbitMQ's JSON format) to import at boot.
     #[arg(long, env = "WARREN_LOAD_DEFINITIONS")]
     load_definitions: Option<PathBuf>,
@@ -131,6 +139,8 @@ struct FileConfig {
     management_port: Option<u16>,
     no_management: Option<bool>,
     load_definitions: Option<PathBuf>,
+    prometheus_port: Option<u16>,
+    no_prometheus: Option<bool>,
     log_json: Option<bool>,
 }
 
@@ -170,6 +180,13 @@ fn config(args: Args, file: FileConfig) -> server::Config {
         tls,
         plain_listener: !(args.no_plain_listener || file.no_plain_listener.unwrap_or(false)),
         load_definitions: args.load_definitions.or(file.load_definitions),
+        prometheus: (!(args.no_prometheus || file.no_prometheus.unwrap_or(false))).then(|| {
+            let port = args
+                .prometheus_port
+                .or(file.prometheus_port)
+                .unwrap_or(d.prometheus.map_or(15692, |a| a.port()));
+            SocketAddr::new(bind_ip, port)
+        }),
         management: (!(args.no_management || file.no_management.unwrap_or(false))).then(|| {
             let port = args
                 .management_port
@@ -202,7 +219,7 @@ fn config(args: Args, file: FileConfig) -> server::Config {
         queue_flow_limit: args
             .queue_flow_limit
             .or(file.queue_flow_limit)
-            .unwrap_or(memory_high_watermark / 4),
+            .unwrap_or(d.queue_flow_limit),
         store_backlog_limit: args
             .store_backlog_limit
             .or(file.store_backlog_limit)

@@ -131,6 +131,9 @@ impl QueueHandle {
     /// After a publish into this queue: raises its flow gate if the queue is
     /// over its limit. Returns whether the publisher must pause.
     pub fn check_flow(&self, st: &QueueState) -> bool {
+        if self.flow_limit == 0 {
+            return false;
+        }
         if st.memory_in_use() > self.flow_limit {
             if self.flow.raise() {
                 tracing::info!(queue = %self.name, limit = self.flow_limit, "queue over its flow limit; pausing its publishers");

@@ -468,6 +468,9 @@ impl Vhost {
                 .map_or(unacked.len(), |p| i + p);
             if let Some(q) = self.queue_by_id(qid) {
                 let mut st = q.state.lock();
+                if how == Settle::Ack {
+                    broker.metrics.acknowledged.inc_by((j - i) as u64);
+                }
                 for u in &unacked[i..j] {
                     if let Some(c) = &u.consumer_unacked {
                         c.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
@@ -515,6 +518,9 @@ impl Vhost {
             if requests.is_empty() {
                 break;
             }
+            for r in &requests {
+                broker.metrics.dead_letter(r.reason, true);
+            }
             for r in requests {
                 let Some(original) = load(&r.message, &broker.store) else {
                     continue;
@@ -561,7 +567,9 @@ impl Vhost {
             }
         }
         fx.dead_letters.clear();
-        fx.discarded.clear();
+        for reason in fx.discarded.drain(..) {
+            broker.metrics.dead_letter(reason, false);
+        }
         if !fx.writes.is_empty() {
             broker.store.submit(fx.writes.drain(..));
         }

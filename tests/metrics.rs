@@ -1,0 +1,146 @@
+//! The Prometheus endpoint: RabbitMQ's metric names, counters that move with
+//! traffic (published, routed, returned, delivered, acknowledged, confirmed,
+//! dropped by reason), node totals, and per-queue series.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use lapin::options::*;
+use lapin::types::FieldTable;
+use warren_tests::{TestBroker, channel_with_queue, next_deliveries};
+
+async fn scrape(broker: &TestBroker, path: &str) -> String {
+    let resp = reqwest::get(format!("{}{path}", broker.prometheus_url()))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), reqwest::StatusCode::OK);
+    assert!(
+        resp.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/openmetrics-text")
+    );
+    resp.text().await.unwrap()
+}
+
+/// The value of the sample `series` (name with its labels, as exposed).
+fn value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no sample {series} in:\n{text}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counters_move_with_traffic() {
+    let broker = TestBroker::start().await;
+    let before = scrape(&broker, "/metrics").await;
+    assert_eq!(
+        value(&before, "rabbitmq_global_messages_received_total"),
+        0.0
+    );
+    assert!(value(&before, "rabbitmq_process_resident_memory_bytes") > 0.0);
+    assert_eq!(value(&before, "rabbitmq_alarms_memory_used_watermark"), 0.0);
+
+    let conn = broker.connect().await;
+    let ch = channel_with_queue(&conn, "work").await;
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    for i in 0..10u8 {
+        ch.basic_publish(
+            "".into(),
+            "work".into(),
+            BasicPublishOptions::default(),
+            &[i],
+            lapin::BasicProperties::default(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    }
+    // One unroutable mandatory publish comes back.
+    ch.basic_publish(
+        "".into(),
+        "nowhere".into(),
+        BasicPublishOptions {
+            mandatory: true,
+            ..Default::default()
+        },
+        b"lost",
+        lapin::BasicProperties::default(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    let mid = scrape(&broker, "/metrics").await;
+    assert_eq!(value(&mid, "rabbitmq_queue_messages_ready"), 10.0);
+    assert_eq!(value(&mid, "rabbitmq_queues"), 1.0);
+    assert!(value(&mid, "rabbitmq_channels") >= 1.0);
+    assert!(value(&mid, "rabbitmq_connections") >= 1.0);
+    let per_queue = scrape(&broker, "/metrics/per-object").await;
+    assert_eq!(
+        value(
+            &per_queue,
+            "rabbitmq_queue_messages_ready{vhost=\"/\",queue=\"work\"}"
+        ),
+        10.0
+    );
+
+    let mut consumer = ch
+        .basic_consume(
+            "work".into(),
+            "c".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let deliveries = next_deliveries(&mut consumer, 10).await;
+    for d in &deliveries[..9] {
+        d.ack(BasicAckOptions::default()).await.unwrap();
+    }
+    // The last is rejected without requeue: no DLX, so it is dropped.
+    deliveries[9]
+        .reject(BasicRejectOptions { requeue: false })
+        .await
+        .unwrap();
+    // A synchronous round trip on the channel: the acks were processed.
+    ch.basic_qos(1, BasicQosOptions::default()).await.unwrap();
+
+    let after = scrape(&broker, "/metrics").await;
+    assert_eq!(
+        value(&after, "rabbitmq_global_messages_received_total"),
+        11.0
+    );
+    assert_eq!(value(&after, "rabbitmq_global_messages_routed_total"), 10.0);
+    assert_eq!(
+        value(&after, "rabbitmq_global_messages_unroutable_returned_total"),
+        1.0
+    );
+    assert_eq!(
+        value(&after, "rabbitmq_global_messages_confirmed_total"),
+        11.0
+    );
+    assert_eq!(
+        value(&after, "rabbitmq_global_messages_delivered_total"),
+        10.0
+    );
+    assert_eq!(
+        value(&after, "rabbitmq_global_messages_acknowledged_total"),
+        9.0
+    );
+    assert_eq!(
+        value(
+            &after,
+            "rabbitmq_global_messages_dead_lettered_rejected_total{queue_type=\"rabbit_classic_queue\",dead_letter_strategy=\"disabled\"}"
+        ),
+        1.0
+    );
+    assert_eq!(value(&after, "rabbitmq_queue_messages_ready"), 0.0);
+    assert_eq!(value(&after, "rabbitmq_queue_messages_unacked"), 0.0);
+    assert_eq!(value(&after, "rabbitmq_consumers"), 1.0);
+    broker.stop().await;
+}
