@@ -643,3 +643,86 @@ async fn a_rabbitmq_export_loads_at_boot_and_serves_its_clients() {
     assert!(broker.broker().vhost("shop").is_some());
     broker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_channels_and_consumers_are_listed_and_a_connection_closed() {
+    let broker = TestBroker::start().await;
+    let conn = broker.connect().await;
+    let ch = channel_with_queue(&conn, "jobs").await;
+    let _second = conn.create_channel().await.unwrap();
+    ch.basic_qos(5, BasicQosOptions::default()).await.unwrap();
+    let _consumer = ch
+        .basic_consume(
+            "jobs".into(),
+            "worker-1".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let api = Api::guest(&broker);
+
+    let (_, conns) = api.get("/api/connections").await;
+    let conns = conns.as_array().unwrap();
+    assert_eq!(conns.len(), 1);
+    assert_eq!(conns[0]["user"], "guest");
+    assert_eq!(conns[0]["vhost"], "/");
+    assert_eq!(conns[0]["protocol"], "AMQP 0-9-1");
+    assert_eq!(conns[0]["channels"], 2);
+    let name = conns[0]["name"].as_str().unwrap().to_owned();
+    assert!(name.contains(" -> "), "{name}");
+
+    let (_, channels) = api.get("/api/channels").await;
+    assert_eq!(channels.as_array().unwrap().len(), 2);
+    assert_eq!(channels[0]["connection_details"]["name"], name.as_str());
+    assert_eq!(channels[0]["consumer_count"], 1);
+
+    let (_, consumers) = api.get("/api/consumers").await;
+    assert_eq!(consumers[0]["consumer_tag"], "worker-1");
+    assert_eq!(consumers[0]["queue"]["name"], "jobs");
+    assert_eq!(consumers[0]["ack_required"], true);
+    assert_eq!(consumers[0]["prefetch_count"], 5);
+    assert_eq!(
+        consumers[0]["channel_details"]["connection_name"],
+        name.as_str()
+    );
+
+    // An operator closes a (raw) client's connection, with a reason.
+    let mut raw = warren_tests::RawClient::open(broker.addr).await;
+    let port = raw.socket.local_addr().unwrap().port();
+    let (_, conns) = api.get("/api/connections").await;
+    let name = conns
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap().to_owned())
+        .find(|n| n.starts_with(&format!("127.0.0.1:{port} ")))
+        .expect("the raw client is listed");
+    let encoded: String = name
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b == b'.' {
+                char::from(b).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect();
+    let resp = api
+        .http
+        .delete(format!("{}/api/connections/{encoded}", api.base))
+        .basic_auth("guest", Some("guest"))
+        .header("X-Reason", "maintenance window")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+    match raw.method().await {
+        Some(amqp_codec::Method::ConnectionClose(close)) => {
+            assert_eq!(close.reply_code, 320);
+            assert_eq!(close.reply_text, "CONNECTION_FORCED - maintenance window");
+        }
+        other => panic!("{other:?}"),
+    }
+    broker.stop().await;
+}

@@ -134,6 +134,8 @@ pub struct Broker {
     pub alarms: crate::alarm::Alarms,
     /// Prometheus counters and gauges.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Open client connections by id (management listings, forced close).
+    pub live_connections: DashMap<u64, Arc<crate::connection::ConnectionShared>>,
     /// Users and permissions.
     pub auth: crate::auth::Auth,
     /// Cancelled on shutdown.
@@ -369,6 +371,7 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
         reply_consumers: crate::reply_to::ReplyConsumers::default(),
         alarms: crate::alarm::Alarms::default(),
         metrics: Arc::default(),
+        live_connections: DashMap::new(),
         auth: crate::auth::Auth::default(),
         shutdown: CancellationToken::new(),
         tracker: TaskTracker::new(),

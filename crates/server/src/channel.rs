@@ -83,6 +83,12 @@ impl ChannelShared {
         })
     }
 
+    /// For listings: (unacknowledged deliveries, channel-wide prefetch, consumers).
+    pub fn stats(&self) -> (usize, u16, usize) {
+        let d = self.deliveries.lock();
+        (d.unacked.len(), d.global_prefetch, d.consumers.len())
+    }
+
     /// Whether a queue may deliver to this channel now.
     pub fn can_deliver(&self) -> bool {
         let d = self.deliveries.lock();

@@ -58,6 +58,23 @@ pub struct ConnectionShared {
     pub user: String,
     /// The broker's counters (deliveries are counted per channel).
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// RabbitMQ-style name, `peer -> local`.
+    pub name: String,
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// The vhost it opened.
+    pub vhost: String,
+    /// Over TLS.
+    pub tls: bool,
+    /// When the handshake completed (ms since the epoch).
+    pub connected_at: u64,
+    /// Open channels (weak: the connection task owns them).
+    pub channels: parking_lot::Mutex<HashMap<u16, std::sync::Weak<crate::channel::ChannelShared>>>,
+    /// Cancelled to close the connection from outside (management API),
+    /// with `close_reason` as the `connection.close` text.
+    pub force_close: tokio_util::sync::CancellationToken,
+    /// See `force_close`.
+    pub close_reason: parking_lot::Mutex<String>,
 }
 
 impl ConnectionShared {
@@ -139,8 +156,9 @@ fn close_method(e: &AmqpError) -> Method {
 
 /// Serves one accepted plain socket to the end.
 pub async fn serve(broker: Arc<Broker>, socket: TcpStream, peer: SocketAddr) {
+    let local = socket.local_addr().unwrap_or(broker.config.bind);
     let (read, write) = socket.into_split();
-    serve_io(broker, Box::new(read), write, peer, Tls::None).await;
+    serve_io(broker, Box::new(read), write, (peer, local), Tls::None).await;
 }
 
 /// What the transport says about the client.
@@ -165,15 +183,27 @@ pub async fn serve_tls(
         .peer_certificates()
         .and_then(|c| c.first())
         .and_then(crate::tls::peer_identity);
+    let local = stream
+        .get_ref()
+        .0
+        .local_addr()
+        .unwrap_or(broker.config.bind);
     let (read, write) = tokio::io::split(stream);
-    serve_io(broker, Box::new(read), write, peer, Tls::Verified(identity)).await;
+    serve_io(
+        broker,
+        Box::new(read),
+        write,
+        (peer, local),
+        Tls::Verified(identity),
+    )
+    .await;
 }
 
 async fn serve_io<W: AsyncWrite + Unpin + Send + 'static>(
     broker: Arc<Broker>,
     read: Box<dyn AsyncRead + Send + Unpin>,
     write: W,
-    peer: SocketAddr,
+    (peer, local): (SocketAddr, SocketAddr),
     tls: Tls,
 ) {
     let outbox = Arc::new(Outbox::default());
@@ -188,12 +218,13 @@ async fn serve_io<W: AsyncWrite + Unpin + Send + 'static>(
     let timeout = broker.config.handshake_timeout;
     let handshake = tokio::time::timeout(
         timeout,
-        handshake(&broker, &mut reader, &outbox, peer, &tls),
+        handshake(&broker, &mut reader, &outbox, (peer, local), &tls),
     )
     .await;
     match handshake {
         Ok(Ok(Some((shared, vhost, heartbeat)))) => {
             tracing::info!(connection = shared.id, %peer, user = %shared.user, "connection opened");
+            broker.live_connections.insert(shared.id, shared.clone());
             let mut conn = Connection {
                 broker: broker.clone(),
                 vhost,
@@ -203,6 +234,7 @@ async fn serve_io<W: AsyncWrite + Unpin + Send + 'static>(
             };
             conn.run(&mut reader).await;
             conn.cleanup().await;
+            broker.live_connections.remove(&shared.id);
             broker.connections.fetch_sub(1, Ordering::AcqRel);
             conn.vhost.connections.fetch_sub(1, Ordering::AcqRel);
             tracing::info!(connection = shared.id, %peer, "connection closed");
@@ -225,7 +257,7 @@ async fn handshake(
     broker: &Arc<Broker>,
     reader: &mut Reader,
     outbox: &Arc<Outbox>,
-    peer: SocketAddr,
+    (peer, local): (SocketAddr, SocketAddr),
     tls: &Tls,
 ) -> Result<Option<(Arc<ConnectionShared>, Arc<Vhost>, u16)>, AmqpError> {
     // EXTERNAL is offered on every TLS connection (as RabbitMQ with its SSL
@@ -393,6 +425,14 @@ async fn handshake(
         congested: parking_lot::Mutex::new(Vec::new()),
         user,
         metrics: broker.metrics.clone(),
+        name: format!("{peer} -> {local}"),
+        peer,
+        vhost: vhost.name().to_owned(),
+        tls: matches!(tls, Tls::Verified(_)),
+        connected_at: crate::queue::now_ms(),
+        channels: parking_lot::Mutex::new(HashMap::new()),
+        force_close: tokio_util::sync::CancellationToken::new(),
+        close_reason: parking_lot::Mutex::new(String::new()),
     });
     Ok(Some((shared, vhost, tune.heartbeat)))
 }
@@ -453,6 +493,12 @@ impl Connection {
                 _ = self.vhost.closed.cancelled() => {
                     let e = AmqpError::connection_forced(format!("vhost '{}' is deleted", self.vhost.name()));
                     self.close_with(reader, &e).await;
+                    return;
+                }
+                _ = self.shared.force_close.cancelled() => {
+                    let reason = self.shared.close_reason.lock().clone();
+                    tracing::info!(connection = self.shared.id, %reason, "connection closed by an operator");
+                    self.close_with(reader, &AmqpError::connection_forced(reason)).await;
                     return;
                 }
                 _ = self.broker.shutdown.cancelled() => {
@@ -609,6 +655,10 @@ impl Connection {
                         .write_method(&Method::ChannelOpenOk(ChannelOpenOk {
                             channel_id: Bytes::new(),
                         }));
+                    self.shared
+                        .channels
+                        .lock()
+                        .insert(channel, Arc::downgrade(&ch.shared));
                     self.channels.insert(channel, ch);
                     self.broker.metrics.channels.inc();
                     Ok(false)
@@ -634,6 +684,7 @@ impl Connection {
             };
             if let Ok(ChannelOutcome::Closed) = ch.handle(&self.broker, &self.vhost, cmd).await {
                 if self.channels.remove(&channel).is_some() {
+                    self.shared.channels.lock().remove(&channel);
                     self.broker.metrics.channels.dec();
                 }
             }
@@ -658,6 +709,7 @@ impl Connection {
             Ok(ChannelOutcome::Open) => {}
             Ok(ChannelOutcome::Closed) => {
                 if let Some(mut ch) = self.channels.remove(&channel) {
+                    self.shared.channels.lock().remove(&channel);
                     self.broker.metrics.channels.dec();
                     ch.flush_confirms(&self.broker);
                 }
@@ -736,6 +788,7 @@ impl Connection {
     /// Releases channels (requeueing unacked messages) and deletes this
     /// connection's exclusive queues.
     async fn cleanup(&mut self) {
+        self.shared.channels.lock().clear();
         for (_, mut ch) in self.channels.drain() {
             self.broker.metrics.channels.dec();
             ch.release(&self.broker, &self.vhost);

@@ -68,6 +68,13 @@ pub(super) fn router(broker: Arc<Broker>) -> Router {
             "/api/bindings/{vhost}/e/{source}/q/{destination}",
             post(bind_queue).get(list_queue_bindings),
         )
+        .route("/api/connections", get(list_connections))
+        .route(
+            "/api/connections/{name}",
+            get(get_connection).delete(close_connection),
+        )
+        .route("/api/channels", get(list_channels))
+        .route("/api/consumers", get(list_consumers))
         .route(
             "/api/definitions",
             get(export_definitions).post(import_definitions),
@@ -741,4 +748,145 @@ async fn import_definitions(
         Err(crate::definitions::ImportError::Store(e)) => Err(ApiError::internal(e)),
         Err(e) => Err(ApiError::bad_request(e.to_string())),
     }
+}
+
+fn visible_connections(
+    b: &Broker,
+    caller: &Caller,
+) -> Vec<Arc<crate::connection::ConnectionShared>> {
+    let mut conns: Vec<_> = b
+        .live_connections
+        .iter()
+        .map(|c| c.value().clone())
+        .filter(|c| caller.may_see_all() || c.user == caller.name)
+        .collect();
+    conns.sort_by_key(|c| c.id);
+    conns
+}
+
+fn connection_json(c: &crate::connection::ConnectionShared) -> Value {
+    json!({
+        "name": c.name,
+        "node": NODE,
+        "type": "network",
+        "protocol": "AMQP 0-9-1",
+        "user": c.user,
+        "vhost": c.vhost,
+        "peer_host": c.peer.ip().to_string(),
+        "peer_port": c.peer.port(),
+        "ssl": c.tls,
+        "channels": c.channels.lock().len(),
+        "frame_max": c.frame_max.load(std::sync::atomic::Ordering::Relaxed),
+        "channel_max": c.channel_max,
+        "connected_at": c.connected_at,
+        "state": if c.congested.lock().is_empty() { "running" } else { "flow" },
+    })
+}
+
+async fn list_connections(State(b): Shared, caller: Caller) -> ApiResult {
+    ok(Value::Array(
+        visible_connections(&b, &caller)
+            .iter()
+            .map(|c| connection_json(c))
+            .collect(),
+    ))
+}
+
+async fn get_connection(State(b): Shared, caller: Caller, Path(name): Path<String>) -> ApiResult {
+    let c = visible_connections(&b, &caller)
+        .into_iter()
+        .find(|c| c.name == name)
+        .ok_or_else(ApiError::not_found)?;
+    ok(connection_json(&c))
+}
+
+/// Closes a connection with 320 CONNECTION_FORCED and the `X-Reason` header
+/// as its text (RabbitMQ's default text without one). Administrators may
+/// close any connection, other users their own.
+async fn close_connection(
+    State(b): Shared,
+    caller: Caller,
+    Path(name): Path<String>,
+    headers: axum::http::HeaderMap,
+) -> ApiResult {
+    let c = visible_connections(&b, &caller)
+        .into_iter()
+        .find(|c| c.name == name)
+        .ok_or_else(ApiError::not_found)?;
+    if c.user != caller.name {
+        caller.require_admin()?;
+    }
+    let reason = headers
+        .get("x-reason")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("Closed via management plugin");
+    *c.close_reason.lock() = reason.to_owned();
+    c.force_close.cancel();
+    no_content()
+}
+
+async fn list_channels(State(b): Shared, caller: Caller) -> ApiResult {
+    let mut out = Vec::new();
+    for c in visible_connections(&b, &caller) {
+        let mut channels: Vec<_> = c
+            .channels
+            .lock()
+            .iter()
+            .filter_map(|(n, ch)| Some((*n, ch.upgrade()?)))
+            .collect();
+        channels.sort_by_key(|(n, _)| *n);
+        for (number, ch) in channels {
+            let (unacked, prefetch, consumers) = ch.stats();
+            out.push(json!({
+                "name": format!("{} ({number})", c.name),
+                "number": number,
+                "node": NODE,
+                "user": c.user,
+                "vhost": c.vhost,
+                "connection_details": {
+                    "name": c.name,
+                    "peer_host": c.peer.ip().to_string(),
+                    "peer_port": c.peer.port(),
+                },
+                "consumer_count": consumers,
+                "messages_unacknowledged": unacked,
+                "global_prefetch_count": prefetch,
+                "state": "running",
+            }));
+        }
+    }
+    ok(Value::Array(out))
+}
+
+async fn list_consumers(State(b): Shared, caller: Caller) -> ApiResult {
+    let mut out = Vec::new();
+    for v in visible_vhosts(&b, &caller) {
+        let mut queues = v.queues();
+        queues.sort_by(|a, c| a.name.cmp(&c.name));
+        for q in queues {
+            let st = q.state.lock();
+            for c in &st.consumers {
+                let conn = &c.channel.connection;
+                out.push(json!({
+                    "consumer_tag": c.tag.as_str(),
+                    "queue": {"name": q.name.as_str(), "vhost": v.name()},
+                    "channel_details": {
+                        "name": format!("{} ({})", conn.name, c.channel.id),
+                        "number": c.channel.id,
+                        "connection_name": conn.name,
+                        "peer_host": conn.peer.ip().to_string(),
+                        "peer_port": conn.peer.port(),
+                        "user": conn.user,
+                    },
+                    "ack_required": !c.no_ack,
+                    "exclusive": c.exclusive,
+                    "prefetch_count": c.prefetch,
+                    "priority": c.priority,
+                    "active": true,
+                    "arguments": {},
+                }));
+            }
+        }
+    }
+    ok(Value::Array(out))
 }

@@ -141,6 +141,11 @@ impl Caller {
         }
     }
 
+    /// Whether the caller may see every vhost's objects and connections.
+    pub fn may_see_all(&self) -> bool {
+        self.monitoring
+    }
+
     /// Whether the caller may see objects of `vhost`.
     pub fn may_see(&self, broker: &Broker, vhost: &str) -> bool {
         self.administrator || self.monitoring || broker.auth.may_open(&self.name, vhost)
