@@ -1,0 +1,521 @@
+//! `warrenctl`: operate a Warren broker the way `rabbitmqctl` operates
+//! RabbitMQ — list queues, exchanges, bindings, connections, consumers, users,
+//! vhosts and permissions (with column selection), manage users, vhosts and
+//! permissions, purge and delete queues, close connections, export and import
+//! definitions — by talking to the broker's management HTTP API.
+//!
+//! Output is tab-separated with a header line (as `rabbitmqctl`), or JSON
+//! with `--formatter json`. Exit codes: 0 success, 1 the broker refused
+//! (the API's reason is printed), 2 bad usage, 69 the broker cannot be reached.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use serde_json::{Value, json};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "warrenctl",
+    version,
+    about = "Operate a Warren broker through its management API"
+)]
+struct Cli {
+    /// Management API base URL.
+    #[arg(
+        long,
+        env = "WARRENCTL_URL",
+        default_value = "http://localhost:15672",
+        global = true
+    )]
+    url: String,
+    /// User to authenticate as (needs the administrator tag to change things).
+    #[arg(
+        long,
+        env = "WARRENCTL_USERNAME",
+        default_value = "guest",
+        global = true
+    )]
+    username: String,
+    /// Its password.
+    #[arg(
+        long,
+        env = "WARRENCTL_PASSWORD",
+        default_value = "guest",
+        global = true
+    )]
+    password: String,
+    /// Virtual host for commands that act in one.
+    #[arg(short = 'p', long = "vhost", default_value = "/", global = true)]
+    vhost: String,
+    /// Output format.
+    #[arg(long, value_parser = ["table", "json"], default_value = "table", global = true)]
+    formatter: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+#[command(rename_all = "snake_case")]
+enum Command {
+    /// Queues of the vhost [default columns: name messages].
+    ListQueues { columns: Vec<String> },
+    /// Exchanges of the vhost [name type].
+    ListExchanges { columns: Vec<String> },
+    /// Bindings of the vhost [source_name source_kind destination_name destination_kind routing_key arguments].
+    ListBindings { columns: Vec<String> },
+    /// Client connections [user peer_host peer_port state].
+    ListConnections { columns: Vec<String> },
+    /// Consumers of the vhost [queue_name channel_pid consumer_tag ack_required prefetch_count active arguments].
+    ListConsumers { columns: Vec<String> },
+    /// Users [user tags].
+    ListUsers,
+    /// Virtual hosts [name].
+    ListVhosts,
+    /// Permissions in the vhost [user configure write read].
+    ListPermissions,
+    /// Adds a user.
+    AddUser {
+        name: String,
+        #[arg(value_name = "PASSWORD")]
+        new_password: String,
+    },
+    /// Deletes a user.
+    DeleteUser { name: String },
+    /// Changes a user's password.
+    ChangePassword {
+        name: String,
+        #[arg(value_name = "PASSWORD")]
+        new_password: String,
+    },
+    /// Replaces a user's tags.
+    SetUserTags { name: String, tags: Vec<String> },
+    /// Sets a user's permissions in the vhost (regular expressions).
+    SetPermissions {
+        user: String,
+        configure: String,
+        write: String,
+        read: String,
+    },
+    /// Removes a user's permissions in the vhost.
+    ClearPermissions { user: String },
+    /// Adds a virtual host.
+    AddVhost { name: String },
+    /// Deletes a virtual host and everything in it.
+    DeleteVhost { name: String },
+    /// Removes every ready message of a queue.
+    PurgeQueue { name: String },
+    /// Deletes a queue.
+    DeleteQueue { name: String },
+    /// Closes a connection (by the name `list_connections name` shows).
+    CloseConnection {
+        name: String,
+        reason: Option<String>,
+    },
+    /// Writes the broker's definitions (RabbitMQ's JSON format) to a file, `-` for stdout.
+    ExportDefinitions { file: String },
+    /// Imports definitions from a file (RabbitMQ's JSON format), `-` for stdin.
+    ImportDefinitions { file: String },
+    /// Broker overview: version, object totals, alarms.
+    Status,
+}
+
+/// Why a command failed, and its exit code.
+#[derive(Debug)]
+enum Failure {
+    /// The broker refused: status and reason.
+    Refused(u16, String),
+    /// The broker cannot be reached.
+    Unreachable(String),
+    /// A local problem (a file).
+    Local(String),
+}
+
+impl Failure {
+    fn exit(&self) -> ExitCode {
+        match self {
+            Failure::Refused(..) => ExitCode::from(1),
+            Failure::Local(_) => ExitCode::from(1),
+            Failure::Unreachable(_) => ExitCode::from(69),
+        }
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Refused(status, reason) => write!(f, "Error ({status}): {reason}"),
+            Failure::Unreachable(e) => write!(f, "Error: unable to reach the management API: {e}"),
+            Failure::Local(e) => write!(f, "Error: {e}"),
+        }
+    }
+}
+
+struct Api {
+    base: String,
+    user: String,
+    pass: String,
+    http: reqwest::Client,
+}
+
+/// Percent-encodes one path segment (vhost `/` becomes `%2F`).
+fn seg(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+impl Api {
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+        reason: Option<&str>,
+    ) -> Result<Value, Failure> {
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}", self.base.trim_end_matches('/')))
+            .basic_auth(&self.user, Some(&self.pass));
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        if let Some(r) = reason {
+            req = req.header("X-Reason", r);
+        }
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| Failure::Unreachable(e.to_string()))?;
+        let status = resp.status();
+        let text = resp
+            .text()
+            .await
+            .map_err(|e| Failure::Unreachable(e.to_string()))?;
+        let json: Value = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
+        if status.is_success() {
+            Ok(json)
+        } else {
+            let reason = json
+                .get("reason")
+                .and_then(Value::as_str)
+                .map_or_else(|| json.to_string(), str::to_owned);
+            Err(Failure::Refused(status.as_u16(), reason))
+        }
+    }
+
+    async fn get(&self, path: &str) -> Result<Value, Failure> {
+        self.call(reqwest::Method::GET, path, None, None).await
+    }
+
+    async fn put(&self, path: &str, body: Value) -> Result<Value, Failure> {
+        self.call(reqwest::Method::PUT, path, Some(body), None)
+            .await
+    }
+
+    async fn delete(&self, path: &str) -> Result<Value, Failure> {
+        self.call(reqwest::Method::DELETE, path, None, None).await
+    }
+}
+
+/// A column of a listing: rabbitmqctl's name and where it is in the JSON.
+fn column(row: &Value, name: &str) -> String {
+    let v = match name {
+        "source_name" => &row["source"],
+        "source_kind" => return "exchange".into(),
+        "destination_name" => &row["destination"],
+        "destination_kind" => &row["destination_type"],
+        "queue_name" => &row["queue"]["name"],
+        "channel_pid" => &row["channel_details"]["name"],
+        "user" if row.get("user").is_none() => &row["name"],
+        other => &row[other],
+    };
+    match v {
+        Value::Null => String::new(),
+        Value::String(s) => s.clone(),
+        Value::Array(a) => {
+            let items: Vec<String> = a
+                .iter()
+                .map(|x| x.as_str().map_or_else(|| x.to_string(), str::to_owned))
+                .collect();
+            format!("[{}]", items.join(", "))
+        }
+        other => other.to_string(),
+    }
+}
+
+fn print_rows(rows: &Value, columns: &[String], defaults: &[&str], json_out: bool) {
+    let columns: Vec<String> = if columns.is_empty() {
+        defaults.iter().map(|c| (*c).to_owned()).collect()
+    } else {
+        columns.to_vec()
+    };
+    let rows = rows.as_array().cloned().unwrap_or_default();
+    if json_out {
+        let out: Vec<Value> = rows
+            .iter()
+            .map(|r| {
+                Value::Object(
+                    columns
+                        .iter()
+                        .map(|c| (c.clone(), Value::String(column(r, c))))
+                        .collect(),
+                )
+            })
+            .collect();
+        println!("{}", Value::Array(out));
+        return;
+    }
+    println!("{}", columns.join("\t"));
+    for r in &rows {
+        let cells: Vec<String> = columns.iter().map(|c| column(r, c)).collect();
+        println!("{}", cells.join("\t"));
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), Failure> {
+    let api = Api {
+        base: cli.url.clone(),
+        user: cli.username.clone(),
+        pass: cli.password.clone(),
+        http: reqwest::Client::new(),
+    };
+    let vh = seg(&cli.vhost);
+    let json_out = cli.formatter == "json";
+    match cli.command {
+        Command::ListQueues { columns } => {
+            let rows = api.get(&format!("/api/queues/{vh}")).await?;
+            print_rows(&rows, &columns, &["name", "messages"], json_out);
+        }
+        Command::ListExchanges { columns } => {
+            let rows = api.get(&format!("/api/exchanges/{vh}")).await?;
+            print_rows(&rows, &columns, &["name", "type"], json_out);
+        }
+        Command::ListBindings { columns } => {
+            let rows = api.get(&format!("/api/bindings/{vh}")).await?;
+            let defaults = [
+                "source_name",
+                "source_kind",
+                "destination_name",
+                "destination_kind",
+                "routing_key",
+                "arguments",
+            ];
+            print_rows(&rows, &columns, &defaults, json_out);
+        }
+        Command::ListConnections { columns } => {
+            let rows = api.get("/api/connections").await?;
+            let defaults = ["user", "peer_host", "peer_port", "state"];
+            print_rows(&rows, &columns, &defaults, json_out);
+        }
+        Command::ListConsumers { columns } => {
+            let all = api.get("/api/consumers").await?;
+            let rows: Vec<Value> = all
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|c| c["queue"]["vhost"] == cli.vhost.as_str())
+                .collect();
+            let defaults = [
+                "queue_name",
+                "channel_pid",
+                "consumer_tag",
+                "ack_required",
+                "prefetch_count",
+                "active",
+                "arguments",
+            ];
+            print_rows(&Value::Array(rows), &columns, &defaults, json_out);
+        }
+        Command::ListUsers => {
+            let rows = api.get("/api/users").await?;
+            print_rows(&rows, &[], &["user", "tags"], json_out);
+        }
+        Command::ListVhosts => {
+            let rows = api.get("/api/vhosts").await?;
+            print_rows(&rows, &[], &["name"], json_out);
+        }
+        Command::ListPermissions => {
+            let all = api.get("/api/permissions").await?;
+            let rows: Vec<Value> = all
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|p| p["vhost"] == cli.vhost.as_str())
+                .collect();
+            let defaults = ["user", "configure", "write", "read"];
+            print_rows(&Value::Array(rows), &[], &defaults, json_out);
+        }
+        Command::AddUser { name, new_password } => {
+            let path = format!("/api/users/{}", seg(&name));
+            if api.get(&path).await.is_ok() {
+                return Err(Failure::Refused(
+                    409,
+                    format!("user '{name}' already exists"),
+                ));
+            }
+            api.put(&path, json!({"password": new_password, "tags": ""}))
+                .await?;
+            eprintln!("Adding user \"{name}\" ...");
+        }
+        Command::DeleteUser { name } => {
+            api.delete(&format!("/api/users/{}", seg(&name))).await?;
+            eprintln!("Deleting user \"{name}\" ...");
+        }
+        Command::ChangePassword { name, new_password } => {
+            let path = format!("/api/users/{}", seg(&name));
+            let user = api.get(&path).await?;
+            api.put(
+                &path,
+                json!({"password": new_password, "tags": user["tags"]}),
+            )
+            .await?;
+            eprintln!("Changing password for user \"{name}\" ...");
+        }
+        Command::SetUserTags { name, tags } => {
+            let path = format!("/api/users/{}", seg(&name));
+            let user = api.get(&path).await?;
+            let hash = user["password_hash"].clone();
+            api.put(&path, json!({"password_hash": hash, "tags": tags}))
+                .await?;
+            eprintln!("Setting tags for user \"{name}\" to {tags:?} ...");
+        }
+        Command::SetPermissions {
+            user,
+            configure,
+            write,
+            read,
+        } => {
+            api.put(
+                &format!("/api/permissions/{vh}/{}", seg(&user)),
+                json!({"configure": configure, "write": write, "read": read}),
+            )
+            .await?;
+            eprintln!(
+                "Setting permissions for user \"{user}\" in vhost \"{}\" ...",
+                cli.vhost
+            );
+        }
+        Command::ClearPermissions { user } => {
+            api.delete(&format!("/api/permissions/{vh}/{}", seg(&user)))
+                .await?;
+            eprintln!(
+                "Clearing permissions for user \"{user}\" in vhost \"{}\" ...",
+                cli.vhost
+            );
+        }
+        Command::AddVhost { name } => {
+            api.put(&format!("/api/vhosts/{}", seg(&name)), json!({}))
+                .await?;
+            eprintln!("Adding vhost \"{name}\" ...");
+        }
+        Command::DeleteVhost { name } => {
+            api.delete(&format!("/api/vhosts/{}", seg(&name))).await?;
+            eprintln!("Deleting vhost \"{name}\" ...");
+        }
+        Command::PurgeQueue { name } => {
+            api.delete(&format!("/api/queues/{vh}/{}/contents", seg(&name)))
+                .await?;
+            eprintln!("Purging queue '{name}' in vhost '{}' ...", cli.vhost);
+        }
+        Command::DeleteQueue { name } => {
+            api.delete(&format!("/api/queues/{vh}/{}", seg(&name)))
+                .await?;
+            eprintln!("Deleting queue '{name}' on vhost '{}' ...", cli.vhost);
+        }
+        Command::CloseConnection { name, reason } => {
+            api.call(
+                reqwest::Method::DELETE,
+                &format!("/api/connections/{}", seg(&name)),
+                None,
+                reason.as_deref(),
+            )
+            .await?;
+            eprintln!("Closing connection {name} ...");
+        }
+        Command::ExportDefinitions { file } => {
+            let defs = api.get("/api/definitions").await?;
+            let text =
+                serde_json::to_string_pretty(&defs).map_err(|e| Failure::Local(e.to_string()))?;
+            if file == "-" {
+                println!("{text}");
+            } else {
+                std::fs::write(&file, text + "\n")
+                    .map_err(|e| Failure::Local(format!("{file}: {e}")))?;
+                eprintln!("Exported definitions to {file}");
+            }
+        }
+        Command::ImportDefinitions { file } => {
+            let text = if file == "-" {
+                std::io::read_to_string(std::io::stdin())
+                    .map_err(|e| Failure::Local(format!("stdin: {e}")))?
+            } else {
+                std::fs::read_to_string(&file)
+                    .map_err(|e| Failure::Local(format!("{file}: {e}")))?
+            };
+            let defs: Value =
+                serde_json::from_str(&text).map_err(|e| Failure::Local(format!("{file}: {e}")))?;
+            api.call(reqwest::Method::POST, "/api/definitions", Some(defs), None)
+                .await?;
+            eprintln!("Imported definitions from {file}");
+        }
+        Command::Status => {
+            let overview = api.get("/api/overview").await?;
+            let alarms = api.get("/api/health/checks/alarms").await;
+            if json_out {
+                println!("{overview}");
+            } else {
+                println!(
+                    "product\t{} {}",
+                    column(&overview, "product_name"),
+                    column(&overview, "product_version")
+                );
+                println!("node\t{}", column(&overview, "node"));
+                for key in ["connections", "queues", "exchanges", "consumers"] {
+                    println!("{key}\t{}", column(&overview["object_totals"], key));
+                }
+                for key in ["messages", "messages_ready", "messages_unacknowledged"] {
+                    println!("{key}\t{}", column(&overview["queue_totals"], key));
+                }
+                match alarms {
+                    Ok(_) => println!("alarms\tnone"),
+                    Err(Failure::Refused(_, reason)) => println!("alarms\t{reason}"),
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("Error: {e}");
+            return ExitCode::from(70);
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("{f}");
+            f.exit()
+        }
+    }
+}

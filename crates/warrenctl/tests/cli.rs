@@ -1,0 +1,199 @@
+//! `warrenctl` against a running broker: listings with column selection and
+//! JSON output, user/vhost/permission management used by a real AMQP login,
+//! purge and delete, definitions export/import between two brokers, and exit
+//! codes for refusals and an unreachable broker.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::process::Output;
+
+use warren_tests::{TestBroker, channel_with_queue, publish};
+
+/// Runs `warrenctl` against `broker` (as guest) with `args`.
+async fn ctl(broker: &TestBroker, args: &[&str]) -> Output {
+    let url = broker.management_url();
+    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    tokio::task::spawn_blocking(move || {
+        let mut out = std::process::Command::new(env!("CARGO_BIN_EXE_warrenctl"))
+            .arg("--url")
+            .arg(url)
+            .args(&args)
+            .output()
+            .unwrap();
+        // Failures name the command that failed.
+        out.stderr
+            .extend(format!(" [warrenctl {}]", args.join(" ")).bytes());
+        out
+    })
+    .await
+    .unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    assert!(
+        o.status.success(),
+        "warrenctl failed ({:?}): {}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout.clone()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listings_show_what_amqp_clients_made() {
+    let broker = TestBroker::start().await;
+    let conn = broker.connect().await;
+    let ch = channel_with_queue(&conn, "orders").await;
+    for _ in 0..3 {
+        publish(&ch, "orders", b"o").await;
+    }
+    assert_eq!(
+        stdout(&ctl(&broker, &["list_queues"]).await),
+        "name\tmessages\norders\t3\n"
+    );
+    assert_eq!(
+        stdout(&ctl(&broker, &["list_queues", "name", "durable", "consumers"]).await),
+        "name\tdurable\tconsumers\norders\tfalse\t0\n"
+    );
+    let json: serde_json::Value = serde_json::from_str(&stdout(
+        &ctl(
+            &broker,
+            &[
+                "--formatter",
+                "json",
+                "list_queues",
+                "name",
+                "messages_ready",
+            ],
+        )
+        .await,
+    ))
+    .unwrap();
+    assert_eq!(
+        json,
+        serde_json::json!([{"name": "orders", "messages_ready": "3"}])
+    );
+    let exchanges = stdout(&ctl(&broker, &["list_exchanges"]).await);
+    assert!(exchanges.contains("amq.topic\ttopic\n"), "{exchanges}");
+    let bindings = stdout(&ctl(&broker, &["list_bindings"]).await);
+    assert!(
+        bindings.contains("\texchange\torders\tqueue\torders\t"),
+        "{bindings}"
+    );
+    let connections = stdout(&ctl(&broker, &["list_connections"]).await);
+    assert!(connections.contains("guest\t127.0.0.1\t"), "{connections}");
+    let status = stdout(&ctl(&broker, &["status"]).await);
+    assert!(status.contains("queues\t1\n"), "{status}");
+    assert!(status.contains("alarms\tnone"), "{status}");
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_vhosts_and_permissions_are_managed() {
+    let broker = TestBroker::start().await;
+    stdout(&ctl(&broker, &["add_vhost", "shop"]).await);
+    stdout(&ctl(&broker, &["add_user", "bob", "pw1"]).await);
+    stdout(&ctl(&broker, &["change_password", "bob", "pw2"]).await);
+    stdout(
+        &ctl(
+            &broker,
+            &["set_user_tags", "bob", "monitoring", "management"],
+        )
+        .await,
+    );
+    stdout(
+        &ctl(
+            &broker,
+            &["-p", "shop", "set_permissions", "bob", ".*", ".*", ".*"],
+        )
+        .await,
+    );
+    assert_eq!(
+        stdout(&ctl(&broker, &["-p", "shop", "list_permissions"]).await),
+        "user\tconfigure\twrite\tread\nbob\t.*\t.*\t.*\n"
+    );
+    let users = stdout(&ctl(&broker, &["list_users"]).await);
+    assert!(users.contains("bob\t[monitoring, management]\n"), "{users}");
+    let vhosts = stdout(&ctl(&broker, &["list_vhosts"]).await);
+    assert_eq!(vhosts, "name\n/\nshop\n");
+
+    // bob logs in over AMQP with the changed password.
+    let bob = lapin::Connection::connect(
+        &format!("amqp://bob:pw2@{}/shop", broker.addr),
+        lapin::ConnectionProperties::default(),
+    )
+    .await
+    .unwrap();
+    let ch = channel_with_queue(&bob, "bobs").await;
+    publish(&ch, "bobs", b"x").await;
+    assert_eq!(
+        stdout(&ctl(&broker, &["-p", "shop", "list_queues"]).await),
+        "name\tmessages\nbobs\t1\n"
+    );
+    stdout(&ctl(&broker, &["-p", "shop", "purge_queue", "bobs"]).await);
+    assert_eq!(
+        stdout(&ctl(&broker, &["-p", "shop", "list_queues"]).await),
+        "name\tmessages\nbobs\t0\n"
+    );
+    stdout(&ctl(&broker, &["-p", "shop", "delete_queue", "bobs"]).await);
+    assert_eq!(
+        stdout(&ctl(&broker, &["-p", "shop", "list_queues"]).await),
+        "name\tmessages\n"
+    );
+    drop(bob);
+    stdout(&ctl(&broker, &["-p", "shop", "clear_permissions", "bob"]).await);
+    stdout(&ctl(&broker, &["delete_user", "bob"]).await);
+    stdout(&ctl(&broker, &["delete_vhost", "shop"]).await);
+    assert_eq!(stdout(&ctl(&broker, &["list_vhosts"]).await), "name\n/\n");
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn definitions_move_between_brokers_and_errors_have_exit_codes() {
+    let source = TestBroker::start().await;
+    let conn = source.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_declare(
+        "kept".into(),
+        lapin::options::QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        lapin::types::FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("defs.json");
+    stdout(&ctl(&source, &["export_definitions", file.to_str().unwrap()]).await);
+
+    let target = TestBroker::start().await;
+    stdout(&ctl(&target, &["import_definitions", file.to_str().unwrap()]).await);
+    assert_eq!(
+        stdout(&ctl(&target, &["list_queues"]).await),
+        "name\tmessages\nkept\t0\n"
+    );
+
+    // A refusal: exit code 1 and the API's reason.
+    let missing = ctl(&target, &["delete_user", "nobody"]).await;
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("Error (404): Not Found"));
+    let wrong = ctl(&target, &["--password", "nope", "list_queues"]).await;
+    assert_eq!(wrong.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&wrong.stderr).contains("Error (401)"));
+
+    // Nobody listening: exit code 69.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let closed = format!("http://{}", listener.local_addr().unwrap());
+    drop(listener);
+    let unreachable = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_warrenctl"))
+            .args(["--url", &closed, "list_queues"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(unreachable.status.code(), Some(69));
+    source.stop().await;
+    target.stop().await;
+}
