@@ -89,6 +89,7 @@ async fn listings_have_rabbitmq_shapes_and_counts() {
     // Three delivered, none acknowledged yet.
     next_deliveries(&mut consumer, 3).await;
     publish(&ch, "orders", b"y").await;
+    flushed(&ch).await;
     let api = Api::guest(&broker);
 
     let (status, q) = api.get("/api/queues/%2F/orders").await;
@@ -567,6 +568,8 @@ async fn a_rabbitmq_export_loads_at_boot_and_serves_its_clients() {
     );
     let (_, x) = api.get("/api/exchanges/%2F/orders.topic").await;
     assert_eq!(x["arguments"], json!({"alternate-exchange": "unrouted"}));
+    // Its policy came along and applies to the matching queue.
+    assert_eq!(q["policy"], "ttl-policy");
 
     // alice's RabbitMQ password hash works here.
     let alice = lapin::Connection::connect(
@@ -725,4 +728,161 @@ async fn connections_channels_and_consumers_are_listed_and_a_connection_closed()
         other => panic!("{other:?}"),
     }
     broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policies_apply_to_live_queues_at_once_and_survive_a_restart() {
+    let mut broker = TestBroker::start().await;
+    let conn = broker.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_declare(
+        "orders.a".into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    for _ in 0..5 {
+        publish(&ch, "orders.a", b"m").await;
+    }
+    flushed(&ch).await;
+    let api = Api::guest(&broker);
+    let messages = |v: &Value| v["messages"].as_u64().unwrap();
+    assert_eq!(messages(&api.get("/api/queues/%2F/orders.a").await.1), 5);
+
+    // A policy lowering the length limit applies at once: the oldest go.
+    assert_eq!(
+        api.put(
+            "/api/policies/%2F/cap",
+            json!({"pattern": "^orders\\.", "definition": {"max-length": 2}, "apply-to": "queues", "priority": 1})
+        )
+        .await,
+        StatusCode::CREATED
+    );
+    let (_, q) = api.get("/api/queues/%2F/orders.a").await;
+    assert_eq!(messages(&q), 2);
+    assert_eq!(q["policy"], "cap");
+    publish(&ch, "orders.a", b"m").await;
+    flushed(&ch).await;
+    assert_eq!(messages(&api.get("/api/queues/%2F/orders.a").await.1), 2);
+
+    // A queue's own lower limit wins over the policy's (the lower applies);
+    // a queue the pattern does not match is untouched.
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), lapin::types::AMQPValue::LongInt(1));
+    ch.queue_declare("orders.b".into(), QueueDeclareOptions::default(), args)
+        .await
+        .unwrap();
+    ch.queue_declare(
+        "audit".into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    for _ in 0..3 {
+        publish(&ch, "orders.b", b"m").await;
+        publish(&ch, "audit", b"m").await;
+    }
+    flushed(&ch).await;
+    assert_eq!(messages(&api.get("/api/queues/%2F/orders.b").await.1), 1);
+    let (_, audit) = api.get("/api/queues/%2F/audit").await;
+    assert_eq!(messages(&audit), 3);
+    assert_eq!(audit["policy"], Value::Null);
+
+    // A higher-priority policy takes over.
+    assert_eq!(
+        api.put(
+            "/api/policies/%2F/wider",
+            json!({"pattern": "^orders\\.a$", "definition": {"max-length": 4}, "priority": 5})
+        )
+        .await,
+        StatusCode::CREATED
+    );
+    for _ in 0..3 {
+        publish(&ch, "orders.a", b"m").await;
+    }
+    flushed(&ch).await;
+    let (_, q) = api.get("/api/queues/%2F/orders.a").await;
+    assert_eq!((messages(&q), q["policy"].as_str()), (4, Some("wider")));
+    let (_, policies) = api.get("/api/policies/%2F").await;
+    assert_eq!(policies.as_array().unwrap().len(), 2);
+
+    // Validation, as RabbitMQ: unknown keys and bad values are refused.
+    assert_eq!(
+        api.put(
+            "/api/policies/%2F/bad",
+            json!({"pattern": ".*", "definition": {"max-length": "many"}})
+        )
+        .await,
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(
+        api.put(
+            "/api/policies/%2F/bad",
+            json!({"pattern": ".*", "definition": {"ha-mode": "all"}})
+        )
+        .await,
+        StatusCode::BAD_REQUEST
+    );
+
+    // Policies are durable definitions and apply again after a restart.
+    drop(ch);
+    drop(conn);
+    let dir = broker.keep_dir();
+    broker.stop().await;
+    let mut broker = TestBroker::start_in(dir.path()).await;
+    broker.own_dir(dir);
+    let api = Api::guest(&broker);
+    let (_, q) = api.get("/api/queues/%2F/orders.a").await;
+    // (The messages were transient: the durable queue comes back empty.)
+    assert_eq!((messages(&q), q["policy"].as_str()), (0, Some("wider")));
+    let conn = broker.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    for _ in 0..6 {
+        publish(&ch, "orders.a", b"m").await;
+    }
+    flushed(&ch).await;
+    assert_eq!(messages(&api.get("/api/queues/%2F/orders.a").await.1), 4);
+
+    // Removing policies lifts their limits at once. (Removing "wider" first
+    // hands the queue back to "cap", which trims it to 2 on the spot.)
+    assert_eq!(
+        api.delete("/api/policies/%2F/wider").await,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        api.delete("/api/policies/%2F/cap").await,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        api.delete("/api/policies/%2F/cap").await,
+        StatusCode::NOT_FOUND
+    );
+    for _ in 0..3 {
+        publish(&ch, "orders.a", b"m").await;
+    }
+    flushed(&ch).await;
+    let (_, q) = api.get("/api/queues/%2F/orders.a").await;
+    assert_eq!((messages(&q), &q["policy"]), (5, &Value::Null));
+    broker.stop().await;
+}
+
+/// Returns once the broker has processed everything sent on `ch` before
+/// (a synchronous method's reply follows them on the same connection).
+async fn flushed(ch: &lapin::Channel) {
+    ch.exchange_declare(
+        "amq.direct".into(),
+        lapin::ExchangeKind::Direct,
+        ExchangeDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
 }

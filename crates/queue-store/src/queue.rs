@@ -473,6 +473,26 @@ impl Queue {
         Enqueued::Accepted
     }
 
+    /// Replaces the arguments in effect (a policy changed): the TTL applies to
+    /// messages published from now on, limits at once — with `drop-head` the
+    /// oldest ready messages over a new length limit are dead-lettered (or
+    /// dropped), as RabbitMQ does when a policy lowers a limit. Properties
+    /// fixed at declaration (priorities, single active consumer, queue type)
+    /// are kept.
+    pub fn set_effective_args(&mut self, mut args: QueueArgs, fx: &mut Effects) {
+        args.max_priority = self.args.max_priority;
+        args.single_active_consumer = self.args.single_active_consumer;
+        args.queue_type = self.args.queue_type;
+        self.args = args;
+        if self.args.overflow == Overflow::DropHead {
+            while self.over_limit() {
+                let Some(head) = self.pop_ready() else { break };
+                self.dead_letter_or_discard(head.msg.clone(), DeadLetterReason::MaxLen, fx);
+                self.finish(&head, fx);
+            }
+        }
+    }
+
     /// Dead-letters (or discards) expired messages at the heads of the queue.
     /// Like RabbitMQ, a message expires only once it reaches the head.
     pub fn expire(&mut self, now_ms: u64, fx: &mut Effects) {
@@ -975,6 +995,27 @@ mod tests {
             0,
         );
         assert!(crashed.deliver(0, true, &mut fx).unwrap().redelivered);
+    }
+
+    #[test]
+    fn a_lower_length_limit_drops_the_oldest_at_once() {
+        let mut q = queue(&[]);
+        let mut fx = Effects::default();
+        for i in 1..=5 {
+            q.publish(&plain(i), 0, &mut fx);
+        }
+        let args = QueueArgs::parse(
+            &[(ShortStr::from_static("x-max-length"), FieldValue::I64(2))]
+                .into_iter()
+                .collect(),
+            "q",
+            "/",
+        )
+        .unwrap();
+        q.set_effective_args(args, &mut fx);
+        assert_eq!(ids(&mut q, 0), vec![4, 5]);
+        assert_eq!(fx.discarded.len(), 3);
+        assert_eq!(q.args().max_length, Some(2));
     }
 
     #[test]

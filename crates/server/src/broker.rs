@@ -279,6 +279,66 @@ impl Broker {
         self.store.commit().await
     }
 
+    /// Adds or replaces a policy in its vhost and applies it to live queues at
+    /// once. Returns whether it is new; `Ok(None)` if the vhost does not exist.
+    pub async fn set_policy(
+        self: &Arc<Self>,
+        policy: crate::policy::Policy,
+    ) -> Result<Option<bool>, StoreError> {
+        let Some(v) = self.vhost(&policy.vhost) else {
+            return Ok(None);
+        };
+        let write = queue_store::Write::PutDefinition {
+            kind: queue_store::DefKind::Policy,
+            key: queue_store::scoped_name(&policy.vhost, &[policy.name.as_bytes()]),
+            value: policy.record(),
+        };
+        let created = {
+            let mut policies = v.policies.write();
+            match policies.iter_mut().find(|p| p.name == policy.name) {
+                Some(existing) => {
+                    *existing = policy;
+                    false
+                }
+                None => {
+                    policies.push(policy);
+                    true
+                }
+            }
+        };
+        self.store.submit([write]);
+        self.store.commit().await?;
+        v.apply_policies(self);
+        Ok(Some(created))
+    }
+
+    /// Removes a policy; queues fall back to their own arguments (or the next
+    /// matching policy) at once. Returns whether it existed.
+    pub async fn clear_policy(
+        self: &Arc<Self>,
+        vhost: &str,
+        name: &str,
+    ) -> Result<bool, StoreError> {
+        let Some(v) = self.vhost(vhost) else {
+            return Ok(false);
+        };
+        let existed = {
+            let mut policies = v.policies.write();
+            let before = policies.len();
+            policies.retain(|p| p.name != name);
+            policies.len() != before
+        };
+        if existed {
+            self.store.submit([queue_store::Write::DeleteDefinition {
+                kind: queue_store::DefKind::Policy,
+                key: queue_store::scoped_name(vhost, &[name.as_bytes()]),
+            }]);
+            self.store.commit().await?;
+            v.apply_policies(self);
+        }
+        Ok(existed)
+    }
+
     /// Deletes a vhost: its connections are closed (320) and its queues,
     /// exchanges and bindings removed, durable ones from the store too.
     pub async fn delete_vhost(self: &Arc<Self>, name: &str) -> Result<(), StoreError> {

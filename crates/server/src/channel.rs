@@ -335,7 +335,7 @@ impl Channel {
             d.unacked.values().find_map(|u| {
                 let timeout = vhost
                     .queue_by_id(u.queue)
-                    .and_then(|q| q.consumer_timeout)
+                    .and_then(|q| q.consumer_timeout())
                     .unwrap_or(default);
                 (now.saturating_sub(u.delivered_at) > timeout)
                     .then(|| (timeout, u.consumer.clone()))

@@ -8,9 +8,10 @@
 //!
 //! Import applies vhosts, users, permissions, exchanges, queues and bindings
 //! in that order, like RabbitMQ; an object that exists already must be
-//! equivalent (else the import stops with the 406 text). Policies and
-//! runtime parameters are not supported yet: they are skipped, and each
-//! skipped one is logged and counted in [`Imported::skipped`].
+//! equivalent (else the import stops with the 406 text). Policies are
+//! applied last (to the queues just made too). Runtime parameters are not
+//! supported yet: they are skipped, and each skipped one is logged and
+//! counted in [`Imported::skipped`].
 
 use std::sync::Arc;
 
@@ -27,7 +28,7 @@ use crate::management::json::{json_to_table, table_to_json};
 pub struct Imported {
     /// Objects created or updated.
     pub applied: usize,
-    /// Entries skipped because Warren does not support them yet (policies,
+    /// Entries skipped because Warren does not support them yet (runtime
     /// parameters), by section.
     pub skipped: Vec<String>,
 }
@@ -87,7 +88,9 @@ pub fn export(broker: &Broker) -> Value {
         })
         .collect();
     let (mut queues, mut exchanges, mut bindings) = (Vec::new(), Vec::new(), Vec::new());
+    let mut policies = Vec::new();
     for v in &vhosts {
+        policies.extend(v.policies.read().iter().map(crate::policy::Policy::to_json));
         let mut qs: Vec<_> = v
             .queues()
             .into_iter()
@@ -157,7 +160,7 @@ pub fn export(broker: &Broker) -> Value {
         "topic_permissions": topic_permissions,
         "parameters": [],
         "global_parameters": [],
-        "policies": [],
+        "policies": policies,
         "queues": queues,
         "exchanges": exchanges,
         "bindings": bindings,
@@ -215,7 +218,7 @@ pub async fn import(broker: &Arc<Broker>, defs: &Value) -> Result<Imported, Impo
         .as_object()
         .ok_or_else(|| ImportError::Malformed("not a JSON object".into()))?;
     let mut done = Imported::default();
-    for key in ["policies", "parameters"] {
+    for key in ["parameters"] {
         for entry in section(defs, key)? {
             let name = entry.get("name").and_then(Value::as_str).unwrap_or("?");
             tracing::warn!(
@@ -351,6 +354,35 @@ pub async fn import(broker: &Arc<Broker>, defs: &Value) -> Result<Imported, Impo
             continue; // the default exchange's bindings are implicit
         }
         vhost.bind(broker, &def).await?;
+        done.applied += 1;
+    }
+    for p in section(defs, "policies")? {
+        let definition = match p.get("definition") {
+            Some(Value::Object(d)) => d.clone(),
+            _ => {
+                return Err(ImportError::Malformed(
+                    "policy: missing 'definition'".into(),
+                ));
+            }
+        };
+        let name = text(p, "name", "policy")?;
+        let apply_to = p.get("apply-to").and_then(Value::as_str).unwrap_or("all");
+        let policy = crate::policy::Policy::new(
+            text(p, "vhost", "policy")?,
+            name,
+            text(p, "pattern", "policy")?,
+            crate::policy::ApplyTo::parse(apply_to).ok_or_else(|| {
+                ImportError::Malformed(format!("policy '{name}': apply-to '{apply_to}'"))
+            })?,
+            p.get("priority").and_then(Value::as_i64).unwrap_or(0),
+            definition,
+        )
+        .map_err(|e| ImportError::Malformed(format!("policy '{name}': {e}")))?;
+        if broker.set_policy(policy).await?.is_none() {
+            return Err(ImportError::Malformed(format!(
+                "policy '{name}': no such vhost"
+            )));
+        }
         done.applied += 1;
     }
     broker.store.commit().await?;

@@ -16,6 +16,7 @@
 //! - [`tls`]: the AMQPS listener and client-certificate identities.
 //! - [`error`]: `AmqpError`, the one place errors become reply codes.
 //! - [`definitions`]: export/import in RabbitMQ's definitions JSON.
+//! - [`policy`]: policies (`set_policy`) merged into queue arguments.
 //! - [`metrics`]: Prometheus metrics with RabbitMQ's names.
 //! - [`management`]: the management HTTP API (RabbitMQ's paths and JSON).
 
@@ -29,6 +30,7 @@ pub mod error;
 pub mod management;
 pub mod metrics;
 pub mod outbox;
+pub mod policy;
 pub mod queue;
 pub mod reply_to;
 pub mod tls;

@@ -78,8 +78,11 @@ pub struct QueueHandle {
     pub exclusive_owner: Option<u64>,
     /// Declare arguments.
     pub arguments: FieldTable,
-    /// `x-consumer-timeout`, ms.
-    pub consumer_timeout: Option<u64>,
+    /// `x-consumer-timeout` in effect (argument or policy), ms; `u64::MAX`
+    /// for none (the broker's default applies).
+    consumer_timeout: std::sync::atomic::AtomicU64,
+    /// The policy in effect, by name.
+    pub policy: parking_lot::Mutex<Option<String>>,
     /// State.
     pub state: Mutex<QueueState>,
     /// Wakes the housekeeping task (expiry timer changed, queue deleted).
@@ -115,7 +118,10 @@ impl QueueHandle {
             auto_delete,
             exclusive_owner,
             arguments: queue.arguments().clone(),
-            consumer_timeout: queue.args().consumer_timeout,
+            consumer_timeout: std::sync::atomic::AtomicU64::new(
+                queue.args().consumer_timeout.unwrap_or(u64::MAX),
+            ),
+            policy: parking_lot::Mutex::new(None),
             state: Mutex::new(QueueState {
                 queue,
                 consumers: Vec::new(),
@@ -126,6 +132,20 @@ impl QueueHandle {
             flow: Arc::default(),
             flow_limit,
         })
+    }
+
+    /// The consumer timeout in effect (ms), if the queue sets one.
+    pub fn consumer_timeout(&self) -> Option<u64> {
+        match self.consumer_timeout.load(Ordering::Relaxed) {
+            u64::MAX => None,
+            t => Some(t),
+        }
+    }
+
+    /// Sets the consumer timeout in effect (a policy changed).
+    pub fn set_consumer_timeout(&self, ms: Option<u64>) {
+        self.consumer_timeout
+            .store(ms.unwrap_or(u64::MAX), Ordering::Relaxed);
     }
 
     /// After a publish into this queue: raises its flow gate if the queue is

@@ -35,6 +35,8 @@ pub struct Vhost {
     pub connections: std::sync::atomic::AtomicUsize,
     /// Per-vhost limits (RabbitMQ's `max-connections`, `max-queues`).
     pub limits: parking_lot::Mutex<VhostLimits>,
+    /// Policies of this vhost.
+    pub policies: RwLock<Vec<crate::policy::Policy>>,
 }
 
 /// Per-vhost limits; `None` means unlimited.
@@ -151,6 +153,44 @@ impl Vhost {
             closed: tokio_util::sync::CancellationToken::new(),
             connections: std::sync::atomic::AtomicUsize::new(0),
             limits: parking_lot::Mutex::new(VhostLimits::default()),
+            policies: RwLock::new(Vec::new()),
+        }
+    }
+
+    /// Puts the arguments in effect for `q` — its own merged with the policy
+    /// that applies to it, if any — and records which policy that is.
+    pub fn apply_policy(&self, broker: &Arc<Broker>, q: &QueueHandle) {
+        let policies = self.policies.read();
+        let policy = crate::policy::for_queue(&policies, &q.name);
+        let merged = policy.map_or_else(|| q.arguments.clone(), |p| p.merge_into(&q.arguments));
+        let name = policy.map(|p| p.name.clone());
+        drop(policies);
+        let args = match QueueArgs::parse(&merged, &q.name, &self.name) {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(queue = %q.name, error = %e, "policy not applicable; keeping the queue's own arguments");
+                return;
+            }
+        };
+        q.set_consumer_timeout(args.consumer_timeout);
+        let mut fx = Effects::default();
+        {
+            let mut st = q.state.lock();
+            if st.deleted {
+                return;
+            }
+            st.queue.set_effective_args(args, &mut fx);
+            st.dispatch(q, &broker.store, &mut fx);
+        }
+        *q.policy.lock() = name;
+        q.wake.notify_one();
+        self.apply(broker, &mut fx);
+    }
+
+    /// Re-applies policies to every queue (a policy changed).
+    pub fn apply_policies(&self, broker: &Arc<Broker>) {
+        for q in self.queues() {
+            self.apply_policy(broker, &q);
         }
     }
 
@@ -353,6 +393,9 @@ impl Vhost {
         }
         self.by_id.insert(id, handle.clone());
         self.router.write().add_queue(name.clone(), QueueId(id));
+        if !self.policies.read().is_empty() {
+            self.apply_policy(broker, &handle);
+        }
         if durable {
             let record: FieldTable = [
                 (s("name"), FieldValue::from(name.as_str())),
@@ -592,6 +635,12 @@ impl Vhost {
             .filter(|(_, k, _)| mine(k))
             .cloned()
             .collect();
+        for (_, _, t) in defs.iter().filter(|(k, _, _)| *k == DefKind::Policy) {
+            match crate::policy::Policy::from_record(t) {
+                Some(p) => self.policies.write().push(p),
+                None => tracing::warn!("cannot recover a policy record; skipped"),
+            }
+        }
         for (_, _, t) in defs.iter().filter(|(k, _, _)| *k == DefKind::Exchange) {
             let (Some(name), Some(ty)) = (field_str(t, "name"), field_str(t, "type")) else {
                 continue;
@@ -639,6 +688,9 @@ impl Vhost {
             self.queues.insert(name.clone(), handle.clone());
             self.by_id.insert(id, handle.clone());
             self.router.write().add_queue(name, QueueId(id));
+            if !self.policies.read().is_empty() {
+                self.apply_policy(broker, &handle);
+            }
             crate::broker::spawn_housekeeping(broker, self.clone(), handle);
             queues += 1;
         }

@@ -1,8 +1,9 @@
 //! `warrenctl`: operate a Warren broker the way `rabbitmqctl` operates
 //! RabbitMQ — list queues, exchanges, bindings, connections, consumers, users,
 //! vhosts and permissions (with column selection), manage users, vhosts and
-//! permissions, purge and delete queues, close connections, export and import
-//! definitions — by talking to the broker's management HTTP API.
+//! permissions, set and clear policies, purge and delete queues, close
+//! connections, export and import definitions — by talking to the broker's
+//! management HTTP API.
 //!
 //! Output is tab-separated with a header line (as `rabbitmqctl`), or JSON
 //! with `--formatter json`. Exit codes: 0 success, 1 the broker refused
@@ -102,6 +103,23 @@ enum Command {
     AddVhost { name: String },
     /// Deletes a virtual host and everything in it.
     DeleteVhost { name: String },
+    /// Sets a policy in the vhost: a regular expression on names and a JSON
+    /// definition, e.g. `set_policy cap '^orders\.' '{"max-length":1000}'`.
+    SetPolicy {
+        name: String,
+        pattern: String,
+        definition: String,
+        /// Higher wins when several policies match.
+        #[arg(long, default_value_t = 0)]
+        priority: i64,
+        /// queues, exchanges or all.
+        #[arg(long = "apply-to", default_value = "all")]
+        apply_to: String,
+    },
+    /// Removes a policy from the vhost.
+    ClearPolicy { name: String },
+    /// Policies of the vhost [vhost name pattern apply-to definition priority].
+    ListPolicies,
     /// Removes every ready message of a queue.
     PurgeQueue { name: String },
     /// Deletes a queue.
@@ -423,6 +441,39 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::DeleteVhost { name } => {
             api.delete(&format!("/api/vhosts/{}", seg(&name))).await?;
             eprintln!("Deleting vhost \"{name}\" ...");
+        }
+        Command::SetPolicy {
+            name,
+            pattern,
+            definition,
+            priority,
+            apply_to,
+        } => {
+            let definition: Value = serde_json::from_str(&definition)
+                .map_err(|e| Failure::Local(format!("definition is not JSON: {e}")))?;
+            api.put(
+                &format!("/api/policies/{vh}/{}", seg(&name)),
+                json!({"pattern": pattern, "definition": definition, "priority": priority, "apply-to": apply_to}),
+            )
+            .await?;
+            eprintln!("Setting policy \"{name}\" for pattern \"{pattern}\" ...");
+        }
+        Command::ClearPolicy { name } => {
+            api.delete(&format!("/api/policies/{vh}/{}", seg(&name)))
+                .await?;
+            eprintln!("Clearing policy \"{name}\" ...");
+        }
+        Command::ListPolicies => {
+            let rows = api.get(&format!("/api/policies/{vh}")).await?;
+            let defaults = [
+                "vhost",
+                "name",
+                "pattern",
+                "apply-to",
+                "definition",
+                "priority",
+            ];
+            print_rows(&rows, &[], &defaults, json_out);
         }
         Command::PurgeQueue { name } => {
             api.delete(&format!("/api/queues/{vh}/{}/contents", seg(&name)))

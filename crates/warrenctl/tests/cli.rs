@@ -139,6 +139,51 @@ async fn users_vhosts_and_permissions_are_managed() {
         stdout(&ctl(&broker, &["-p", "shop", "list_queues"]).await),
         "name\tmessages\n"
     );
+    // A policy set from the command line limits bob's queue at once.
+    stdout(
+        &ctl(
+            &broker,
+            &[
+                "-p",
+                "shop",
+                "set_policy",
+                "cap",
+                "^capped$",
+                r#"{"max-length": 1}"#,
+                "--priority",
+                "3",
+                "--apply-to",
+                "queues",
+            ],
+        )
+        .await,
+    );
+    let ch = channel_with_queue(&bob, "capped").await;
+    publish(&ch, "capped", b"1").await;
+    publish(&ch, "capped", b"2").await;
+    ch.basic_qos(0, lapin::options::BasicQosOptions::default())
+        .await
+        .unwrap(); // a round trip: both publishes were processed
+    assert_eq!(
+        stdout(
+            &ctl(
+                &broker,
+                &["-p", "shop", "list_queues", "name", "messages", "policy"]
+            )
+            .await
+        ),
+        "name\tmessages\tpolicy\ncapped\t1\tcap\n"
+    );
+    let policies = stdout(&ctl(&broker, &["-p", "shop", "list_policies"]).await);
+    assert!(
+        policies.contains("shop\tcap\t^capped$\tqueues\t{\"max-length\":1}\t3\n"),
+        "{policies}"
+    );
+    stdout(&ctl(&broker, &["-p", "shop", "clear_policy", "cap"]).await);
+    assert_eq!(
+        stdout(&ctl(&broker, &["-p", "shop", "list_policies"]).await),
+        "vhost\tname\tpattern\tapply-to\tdefinition\tpriority\n"
+    );
     drop(bob);
     stdout(&ctl(&broker, &["-p", "shop", "clear_permissions", "bob"]).await);
     stdout(&ctl(&broker, &["delete_user", "bob"]).await);

@@ -68,6 +68,12 @@ pub(super) fn router(broker: Arc<Broker>) -> Router {
             "/api/bindings/{vhost}/e/{source}/q/{destination}",
             post(bind_queue).get(list_queue_bindings),
         )
+        .route("/api/policies", get(list_all_policies))
+        .route("/api/policies/{vhost}", get(list_policies))
+        .route(
+            "/api/policies/{vhost}/{name}",
+            get(get_policy).put(put_policy).delete(delete_policy),
+        )
         .route("/api/connections", get(list_connections))
         .route(
             "/api/connections/{name}",
@@ -889,4 +895,91 @@ async fn list_consumers(State(b): Shared, caller: Caller) -> ApiResult {
         }
     }
     ok(Value::Array(out))
+}
+
+async fn list_all_policies(State(b): Shared, caller: Caller) -> ApiResult {
+    let mut out = Vec::new();
+    for v in visible_vhosts(&b, &caller) {
+        out.extend(v.policies.read().iter().map(crate::policy::Policy::to_json));
+    }
+    ok(Value::Array(out))
+}
+
+async fn list_policies(State(b): Shared, caller: Caller, Path(vhost): Path<String>) -> ApiResult {
+    let v = visible_vhost(&b, &caller, &vhost)?;
+    let out = v
+        .policies
+        .read()
+        .iter()
+        .map(crate::policy::Policy::to_json)
+        .collect();
+    ok(Value::Array(out))
+}
+
+async fn get_policy(
+    State(b): Shared,
+    caller: Caller,
+    Path((vhost, name)): Path<(String, String)>,
+) -> ApiResult {
+    let v = visible_vhost(&b, &caller, &vhost)?;
+    let policies = v.policies.read();
+    let p = policies
+        .iter()
+        .find(|p| p.name == name)
+        .ok_or_else(ApiError::not_found)?;
+    ok(p.to_json())
+}
+
+/// `PUT /api/policies/{vhost}/{name}` with `pattern`, `definition`, and
+/// optionally `priority` (0) and `apply-to` (`all`).
+async fn put_policy(
+    State(b): Shared,
+    caller: Caller,
+    Path((vhost, name)): Path<(String, String)>,
+    body: Body,
+) -> ApiResult {
+    caller.require_policymaker()?;
+    let body = body_map(body);
+    let pattern = body
+        .get("pattern")
+        .and_then(Value::as_str)
+        .ok_or_else(|| ApiError::bad_request("Mandatory fields missing: pattern"))?;
+    let definition = match body.get("definition") {
+        Some(Value::Object(d)) => d.clone(),
+        _ => {
+            return Err(ApiError::bad_request(
+                "Mandatory fields missing: definition",
+            ));
+        }
+    };
+    let priority = match body.get("priority") {
+        None | Some(Value::Null) => 0,
+        Some(v) => v
+            .as_i64()
+            .ok_or_else(|| ApiError::bad_request("priority must be an integer"))?,
+    };
+    let apply_to = match body.get("apply-to").and_then(Value::as_str) {
+        None => crate::policy::ApplyTo::All,
+        Some(a) => crate::policy::ApplyTo::parse(a)
+            .ok_or_else(|| ApiError::bad_request(format!("invalid apply-to '{a}'")))?,
+    };
+    let policy = crate::policy::Policy::new(&vhost, &name, pattern, apply_to, priority, definition)
+        .map_err(ApiError::bad_request)?;
+    match b.set_policy(policy).await? {
+        None => Err(ApiError::not_found()),
+        Some(created) => self::created(created),
+    }
+}
+
+async fn delete_policy(
+    State(b): Shared,
+    caller: Caller,
+    Path((vhost, name)): Path<(String, String)>,
+) -> ApiResult {
+    caller.require_policymaker()?;
+    if b.clear_policy(&vhost, &name).await? {
+        no_content()
+    } else {
+        Err(ApiError::not_found())
+    }
 }

@@ -100,6 +100,7 @@ pub(super) fn queue(vhost: &str, q: &QueueHandle) -> Value {
         "consumers": st.consumers.len(),
         "memory": st.memory_in_use(),
         "flow": q.flow.is_raised(),
+        "policy": *q.policy.lock(),
     })
 }
 

@@ -129,6 +129,7 @@ pub struct Caller {
     pub name: String,
     administrator: bool,
     monitoring: bool,
+    policymaker: bool,
 }
 
 impl Caller {
@@ -138,6 +139,16 @@ impl Caller {
             Ok(())
         } else {
             Err(ApiError::unauthorized("Not administrator user"))
+        }
+    }
+
+    /// Refuses unless the caller may change policies (`administrator` or
+    /// `policymaker`).
+    pub fn require_policymaker(&self) -> Result<(), ApiError> {
+        if self.administrator || self.policymaker {
+            Ok(())
+        } else {
+            Err(ApiError::unauthorized("Not policymaker user"))
         }
     }
 
@@ -174,6 +185,7 @@ impl FromRequestParts<Arc<Broker>> for Caller {
         let caller = Caller {
             administrator: has("administrator"),
             monitoring: has("administrator") || has("monitoring"),
+            policymaker: has("policymaker"),
             name: user,
         };
         if !(caller.monitoring || has("management") || has("policymaker")) {

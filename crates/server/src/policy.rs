@@ -1,0 +1,308 @@
+//! Policies, as RabbitMQ's `set_policy`: a name, a regular expression on
+//! queue names, what it applies to, a priority and a definition of optional
+//! arguments. The highest-priority matching policy applies to a queue; its
+//! keys merge with the queue's own arguments the way RabbitMQ merges them —
+//! limits and TTLs take the lower of the two, the other keys yield to the
+//! queue's argument. Changing a policy re-applies it to live queues at once.
+//!
+//! Supported keys: `message-ttl`, `expires`, `max-length`,
+//! `max-length-bytes`, `delivery-limit` (the lower value wins), `overflow`,
+//! `dead-letter-exchange`, `dead-letter-routing-key`, `consumer-timeout`
+//! (the queue's argument wins), and `queue-mode` (accepted, no effect).
+//! Exchange keys (`alternate-exchange`) are refused for now.
+
+use amqp_codec::{FieldTable, FieldValue, ShortStr};
+use bytes::Bytes;
+use regex::Regex;
+use serde_json::{Map, Value};
+
+/// What a policy applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApplyTo {
+    /// Queues only.
+    Queues,
+    /// Exchanges only.
+    Exchanges,
+    /// Both.
+    All,
+}
+
+impl ApplyTo {
+    /// Parses RabbitMQ's `apply-to` value.
+    pub fn parse(s: &str) -> Option<ApplyTo> {
+        match s {
+            "queues" => Some(ApplyTo::Queues),
+            "exchanges" => Some(ApplyTo::Exchanges),
+            "all" => Some(ApplyTo::All),
+            _ => None,
+        }
+    }
+
+    /// RabbitMQ's name for it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ApplyTo::Queues => "queues",
+            ApplyTo::Exchanges => "exchanges",
+            ApplyTo::All => "all",
+        }
+    }
+}
+
+/// One policy.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// Name (unique in its vhost).
+    pub name: String,
+    /// Its vhost.
+    pub vhost: String,
+    /// The pattern as given.
+    pub pattern: String,
+    regex: Regex,
+    /// What it applies to.
+    pub apply_to: ApplyTo,
+    /// Higher wins.
+    pub priority: i64,
+    /// The definition as given.
+    pub definition: Map<String, Value>,
+}
+
+/// Keys whose policy value and queue argument combine by taking the lower.
+const MIN_KEYS: [&str; 5] = [
+    "message-ttl",
+    "expires",
+    "max-length",
+    "max-length-bytes",
+    "delivery-limit",
+];
+/// Keys where the queue's own argument wins.
+const ARG_KEYS: [&str; 4] = [
+    "overflow",
+    "dead-letter-exchange",
+    "dead-letter-routing-key",
+    "consumer-timeout",
+];
+
+impl Policy {
+    /// Validates and builds a policy (RabbitMQ's validation wording where it
+    /// has one).
+    pub fn new(
+        vhost: &str,
+        name: &str,
+        pattern: &str,
+        apply_to: ApplyTo,
+        priority: i64,
+        definition: Map<String, Value>,
+    ) -> Result<Policy, String> {
+        let regex = Regex::new(pattern).map_err(|e| format!("invalid pattern {pattern:?}: {e}"))?;
+        if definition.is_empty() {
+            return Err("Validation failed\n\nno policy definition provided".into());
+        }
+        for (key, value) in &definition {
+            let ok = match key.as_str() {
+                k if MIN_KEYS.contains(&k) || k == "consumer-timeout" => {
+                    value.as_u64().is_some() && (k != "expires" || value.as_u64() != Some(0))
+                }
+                "overflow" => matches!(
+                    value.as_str(),
+                    Some("drop-head" | "reject-publish" | "reject-publish-dlx")
+                ),
+                "dead-letter-exchange" | "dead-letter-routing-key" => value.is_string(),
+                "queue-mode" => matches!(value.as_str(), Some("default" | "lazy")),
+                "alternate-exchange" => {
+                    return Err(format!(
+                        "Validation failed\n\n{key} in policies is not supported by Warren yet"
+                    ));
+                }
+                other => {
+                    return Err(format!(
+                        "Validation failed\n\n[{{<<\"{other}\">>,{value}}}] are not recognised policy settings"
+                    ));
+                }
+            };
+            if !ok {
+                return Err(format!("Validation failed\n\n{value} is not a valid {key}"));
+            }
+        }
+        if apply_to == ApplyTo::Exchanges {
+            return Err("Validation failed\n\nthese keys apply to queues, not exchanges".into());
+        }
+        Ok(Policy {
+            name: name.to_owned(),
+            vhost: vhost.to_owned(),
+            pattern: pattern.to_owned(),
+            regex,
+            apply_to,
+            priority,
+            definition,
+        })
+    }
+
+    /// Whether it applies to the queue called `queue`.
+    pub fn matches_queue(&self, queue: &str) -> bool {
+        self.apply_to != ApplyTo::Exchanges && self.regex.is_match(queue)
+    }
+
+    /// The queue's arguments with this policy merged in.
+    pub fn merge_into(&self, declared: &FieldTable) -> FieldTable {
+        let mut merged = declared.clone();
+        for (key, value) in &self.definition {
+            let Ok(arg) = ShortStr::try_from(format!("x-{key}")) else {
+                continue;
+            };
+            if MIN_KEYS.contains(&key.as_str()) {
+                let Some(p) = value.as_u64().and_then(|v| i64::try_from(v).ok()) else {
+                    continue;
+                };
+                let own = declared.get(arg.as_str()).and_then(int_of);
+                let v = own.map_or(p, |o| o.min(p));
+                merged.insert(arg, FieldValue::I64(v));
+            } else if ARG_KEYS.contains(&key.as_str()) && declared.get(arg.as_str()).is_none() {
+                let v = match value {
+                    Value::String(s) => FieldValue::LongStr(Bytes::from(s.clone().into_bytes())),
+                    Value::Number(n) => match n.as_i64() {
+                        Some(i) => FieldValue::I64(i),
+                        None => continue,
+                    },
+                    _ => continue,
+                };
+                merged.insert(arg, v);
+            }
+        }
+        merged
+    }
+
+    /// The definition record persisted for it.
+    pub fn record(&self) -> FieldTable {
+        let s = ShortStr::from_static;
+        [
+            (s("vhost"), FieldValue::from(self.vhost.as_str())),
+            (s("name"), FieldValue::from(self.name.as_str())),
+            (s("pattern"), FieldValue::from(self.pattern.as_str())),
+            (s("apply-to"), FieldValue::from(self.apply_to.as_str())),
+            (s("priority"), FieldValue::I64(self.priority)),
+            (
+                s("definition"),
+                FieldValue::from(Value::Object(self.definition.clone()).to_string().as_str()),
+            ),
+        ]
+        .into_iter()
+        .collect()
+    }
+
+    /// Rebuilds a policy from its record.
+    pub fn from_record(t: &FieldTable) -> Option<Policy> {
+        let text = |k: &str| t.get(k).and_then(FieldValue::as_str);
+        let definition = match serde_json::from_str(text("definition")?).ok()? {
+            Value::Object(m) => m,
+            _ => return None,
+        };
+        Policy::new(
+            text("vhost")?,
+            text("name")?,
+            text("pattern")?,
+            ApplyTo::parse(text("apply-to")?)?,
+            t.get("priority").and_then(int_of).unwrap_or(0),
+            definition,
+        )
+        .ok()
+    }
+
+    /// As the API and definitions files show it.
+    pub fn to_json(&self) -> Value {
+        serde_json::json!({
+            "vhost": self.vhost,
+            "name": self.name,
+            "pattern": self.pattern,
+            "apply-to": self.apply_to.as_str(),
+            "priority": self.priority,
+            "definition": self.definition,
+        })
+    }
+}
+
+fn int_of(v: &FieldValue) -> Option<i64> {
+    match v {
+        FieldValue::I8(x) => Some(i64::from(*x)),
+        FieldValue::U8(x) => Some(i64::from(*x)),
+        FieldValue::I16(x) => Some(i64::from(*x)),
+        FieldValue::U16(x) => Some(i64::from(*x)),
+        FieldValue::I32(x) => Some(i64::from(*x)),
+        FieldValue::U32(x) => Some(i64::from(*x)),
+        FieldValue::I64(x) => Some(*x),
+        _ => None,
+    }
+}
+
+/// The policy that applies to `queue` among `policies`: the highest priority,
+/// then the first by name.
+pub fn for_queue<'a>(policies: &'a [Policy], queue: &str) -> Option<&'a Policy> {
+    policies
+        .iter()
+        .filter(|p| p.matches_queue(queue))
+        .max_by(|a, b| a.priority.cmp(&b.priority).then(b.name.cmp(&a.name)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(def: Value, priority: i64) -> Result<Policy, String> {
+        let Value::Object(m) = def else {
+            return Err("not an object".into());
+        };
+        Policy::new("/", "p", "^orders\\.", ApplyTo::Queues, priority, m)
+    }
+
+    #[test]
+    fn limits_take_the_lower_value_and_arguments_win_the_rest() {
+        let p = policy(
+            serde_json::json!({"max-length": 10, "message-ttl": 5000, "dead-letter-exchange": "pol-dlx"}),
+            0,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let declared: FieldTable = [
+            (ShortStr::from_static("x-max-length"), FieldValue::I32(3)),
+            (
+                ShortStr::from_static("x-dead-letter-exchange"),
+                FieldValue::from("own"),
+            ),
+        ]
+        .into_iter()
+        .collect();
+        let merged = p.merge_into(&declared);
+        assert_eq!(merged.get("x-max-length"), Some(&FieldValue::I64(3)));
+        assert_eq!(merged.get("x-message-ttl"), Some(&FieldValue::I64(5000)));
+        assert_eq!(
+            merged
+                .get("x-dead-letter-exchange")
+                .and_then(FieldValue::as_str),
+            Some("own")
+        );
+        assert!(p.matches_queue("orders.paid") && !p.matches_queue("audit"));
+        let back = Policy::from_record(&p.record()).map(|q| q.to_json());
+        assert_eq!(back, Some(p.to_json()));
+    }
+
+    #[test]
+    fn bad_definitions_are_refused() {
+        assert!(policy(serde_json::json!({"max-length": -1}), 0).is_err());
+        assert!(policy(serde_json::json!({"overflow": "sideways"}), 0).is_err());
+        assert!(policy(serde_json::json!({"ha-mode": "all"}), 0).is_err());
+        assert!(policy(serde_json::json!({}), 0).is_err());
+        assert!(policy(serde_json::json!({"queue-mode": "lazy"}), 0).is_ok());
+    }
+
+    #[test]
+    fn the_highest_priority_applies() {
+        let a = policy(serde_json::json!({"max-length": 1}), 1).unwrap_or_else(|e| panic!("{e}"));
+        let mut b =
+            policy(serde_json::json!({"max-length": 2}), 5).unwrap_or_else(|e| panic!("{e}"));
+        b.name = "b".into();
+        let all = [a, b];
+        assert_eq!(
+            for_queue(&all, "orders.x").map(|p| p.name.as_str()),
+            Some("b")
+        );
+        assert!(for_queue(&all, "other").is_none());
+    }
+}
