@@ -886,3 +886,71 @@ async fn flushed(ch: &lapin::Channel) {
     .await
     .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_are_published_and_fetched_through_the_api() {
+    let broker = TestBroker::start().await;
+    let api = Api::guest(&broker);
+    assert_eq!(
+        api.put("/api/queues/%2F/inbox", json!({"durable": false}))
+            .await,
+        StatusCode::CREATED
+    );
+    let post = |path: &'static str, body: Value| {
+        let api = &api;
+        async move { api.send(reqwest::Method::POST, path, Some(body)).await }
+    };
+    let (status, routed) = post(
+        "/api/exchanges/%2F/amq.default/publish",
+        json!({
+            "routing_key": "inbox",
+            "payload": "hello",
+            "payload_encoding": "string",
+            "properties": {"delivery_mode": 2, "headers": {"tenant": "a"}, "message_id": "m-1"}
+        }),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(routed, json!({"routed": true}));
+    let (_, routed) = post(
+        "/api/exchanges/%2F/amq.direct/publish",
+        json!({"routing_key": "nowhere", "payload": "x", "payload_encoding": "string", "properties": {}}),
+    )
+    .await;
+    assert_eq!(routed, json!({"routed": false}));
+    let (_, _) = post(
+        "/api/exchanges/%2F/amq.default/publish",
+        json!({"routing_key": "inbox", "payload": "//4=", "payload_encoding": "base64", "properties": {}}),
+    )
+    .await;
+
+    // Peek (requeue): nothing is consumed, the message comes back redelivered.
+    let (status, got) = post(
+        "/api/queues/%2F/inbox/get",
+        json!({"count": 1, "ackmode": "ack_requeue_true", "encoding": "auto"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(got[0]["payload"], "hello");
+    assert_eq!(got[0]["payload_encoding"], "string");
+    assert_eq!(got[0]["redelivered"], false);
+    assert_eq!(got[0]["message_count"], 1);
+    assert_eq!(got[0]["properties"]["headers"], json!({"tenant": "a"}));
+    assert_eq!(got[0]["properties"]["message_id"], "m-1");
+    assert_eq!(got[0]["properties"]["delivery_mode"], 2);
+    let (_, got) = post(
+        "/api/queues/%2F/inbox/get",
+        json!({"count": 5, "ackmode": "ack_requeue_false", "encoding": "auto"}),
+    )
+    .await;
+    assert_eq!(got.as_array().unwrap().len(), 2);
+    assert_eq!(got[0]["redelivered"], true);
+    assert_eq!(got[1]["payload"], "//4=");
+    assert_eq!(got[1]["payload_encoding"], "base64", "not UTF-8: base64");
+    let (_, q) = api.get("/api/queues/%2F/inbox").await;
+    assert_eq!(q["messages"], 0);
+
+    let (status, body) = api.get("/api/aliveness-test/%2F").await;
+    assert_eq!((status, body), (StatusCode::OK, json!({"status": "ok"})));
+    broker.stop().await;
+}

@@ -21,9 +21,7 @@ use amqp_codec::{
 use bytes::Bytes;
 use exchange::{BindingDef, Destination, ExchangeDeclare as RouterDeclare, Routed};
 use parking_lot::Mutex;
-use queue_store::{
-    Effects, Enqueued, Message, QueueArgs, args::first_difference, parse_expiration,
-};
+use queue_store::{Effects, QueueArgs, args::first_difference, parse_expiration};
 
 use crate::auth::{Access, Resource};
 use crate::broker::Broker;
@@ -31,7 +29,7 @@ use crate::connection::ConnectionShared;
 use crate::error::AmqpError;
 use crate::queue::{Consumer, QueueHandle, encode_content, now_ms};
 use crate::reply_to;
-use crate::vhost::Vhost;
+use crate::vhost::{Enqueue, Publish, Vhost};
 
 /// One unacknowledged delivery on a channel.
 #[derive(Debug, Clone)]
@@ -1242,61 +1240,31 @@ impl Channel {
                 Access::Write,
             )?;
         }
-        let routed = &mut self.routed;
-        vhost
-            .router
-            .read()
-            .route(&m.exchange, &m.routing_key, headers.as_ref(), routed)?;
-        let header = if routed.has_bcc() {
-            strip_bcc(header, headers)
-        } else {
-            header
-        };
-        let message = Message::new(
-            broker.store.next_message_id(),
-            m.exchange.clone(),
-            m.routing_key.clone(),
-            header,
-            body,
-        );
-        let mut refused = false;
-        let mut wrote = false;
         let mut fx = std::mem::take(&mut self.fx);
-        for &qid in routed.queues() {
-            let Some(queue) = vhost.queue_by_id(qid.0) else {
-                continue;
-            };
-            let mut st = queue.state.lock();
-            if st.deleted {
-                continue;
-            }
-            let (outcome, stored) = st.publish(&queue, &message, &broker.store, &mut fx);
-            refused |= outcome == Enqueued::Rejected;
-            wrote |= stored;
-            let congested = queue.check_flow(&st);
-            drop(st);
-            queue.wake.notify_one();
-            if congested {
-                self.shared.connection.note_congested(&queue.flow);
-            }
-        }
-        if wrote && broker.store.flow().is_raised() {
-            self.shared.connection.note_congested(broker.store.flow());
-        }
-        let unroutable = routed.is_unroutable();
-        broker.metrics.received.inc();
-        match (unroutable, m.mandatory) {
-            (false, _) => broker.metrics.routed.inc(),
-            (true, true) => broker.metrics.unroutable_returned.inc(),
-            (true, false) => broker.metrics.unroutable_dropped.inc(),
-        };
-        broker.alarms.note_published(
-            message.size(),
-            routed.queues().len() as u64,
-            broker.config.memory_high_watermark,
+        let published = vhost.enqueue(
+            broker,
+            Publish {
+                exchange: &m.exchange,
+                routing_key: &m.routing_key,
+                mandatory: m.mandatory,
+                header,
+                headers,
+                body,
+            },
+            &mut self.routed,
+            &mut fx,
         );
-        vhost.apply(broker, &mut fx);
         self.fx = fx;
+        let Enqueue {
+            message,
+            refused,
+            wrote,
+            unroutable,
+            congested,
+        } = published?;
+        for gate in &congested {
+            self.shared.connection.note_congested(gate);
+        }
         if unroutable && m.mandatory {
             self.shared.write_content(
                 &Method::BasicReturn(BasicReturn {
@@ -1449,23 +1417,6 @@ fn with_reply_to(header: ContentHeader, reply_to: ShortStr) -> ContentHeader {
         return header;
     };
     props.reply_to = Some(reply_to);
-    match props.to_raw() {
-        Ok(properties) => ContentHeader {
-            properties,
-            ..header
-        },
-        Err(_) => header,
-    }
-}
-
-/// Removes the `BCC` header before delivery (sender-selected distribution).
-fn strip_bcc(header: ContentHeader, headers: Option<FieldTable>) -> ContentHeader {
-    let Ok(mut props) = header.properties.decode() else {
-        return header;
-    };
-    let mut h = headers.unwrap_or_default();
-    h.remove("BCC");
-    props.headers = Some(h);
     match props.to_raw() {
         Ok(properties) => ContentHeader {
             properties,

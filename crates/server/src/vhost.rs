@@ -21,6 +21,38 @@ use crate::channel::{Settle, Unacked};
 use crate::error::AmqpError;
 use crate::queue::{QueueHandle, load, notify_cancel, now_ms};
 
+/// A message to publish (see [`Vhost::enqueue`]).
+#[derive(Debug)]
+pub struct Publish<'a> {
+    /// Exchange name (empty: the default exchange).
+    pub exchange: &'a ShortStr,
+    /// Routing key.
+    pub routing_key: &'a ShortStr,
+    /// Return it if unroutable (counted as returned rather than dropped).
+    pub mandatory: bool,
+    /// Content header.
+    pub header: amqp_codec::ContentHeader,
+    /// Its `headers` property, decoded (headers exchanges, CC/BCC).
+    pub headers: Option<FieldTable>,
+    /// Body.
+    pub body: bytes::Bytes,
+}
+
+/// What publishing one message did.
+#[derive(Debug)]
+pub struct Enqueue {
+    /// The message as queued.
+    pub message: Arc<Message>,
+    /// A queue refused it (`x-overflow` reject-publish): nack it.
+    pub refused: bool,
+    /// It was written to the store: a confirm waits for the commit.
+    pub wrote: bool,
+    /// No queue took it.
+    pub unroutable: bool,
+    /// Flow gates found raised: the publisher should pause.
+    pub congested: Vec<Arc<queue_store::FlowGate>>,
+}
+
 /// A virtual host.
 #[derive(Debug)]
 pub struct Vhost {
@@ -621,6 +653,75 @@ impl Vhost {
         }
     }
 
+    /// Routes a published message and enqueues it on every queue it reached:
+    /// the one path for `basic.publish` and the management API's publish.
+    /// Counts it in the metrics and the memory accounting; store writes and
+    /// dead letters are applied before returning.
+    pub fn enqueue(
+        &self,
+        broker: &Arc<Broker>,
+        p: Publish<'_>,
+        routed: &mut exchange::Routed,
+        fx: &mut Effects,
+    ) -> Result<Enqueue, AmqpError> {
+        self.router
+            .read()
+            .route(p.exchange, p.routing_key, p.headers.as_ref(), routed)?;
+        let header = if routed.has_bcc() {
+            strip_bcc(p.header, p.headers)
+        } else {
+            p.header
+        };
+        let message = Message::new(
+            broker.store.next_message_id(),
+            p.exchange.clone(),
+            p.routing_key.clone(),
+            header,
+            p.body,
+        );
+        let mut out = Enqueue {
+            message,
+            refused: false,
+            wrote: false,
+            unroutable: routed.is_unroutable(),
+            congested: Vec::new(),
+        };
+        for &qid in routed.queues() {
+            let Some(queue) = self.queue_by_id(qid.0) else {
+                continue;
+            };
+            let mut st = queue.state.lock();
+            if st.deleted {
+                continue;
+            }
+            let (outcome, stored) = st.publish(&queue, &out.message, &broker.store, fx);
+            out.refused |= outcome == queue_store::Enqueued::Rejected;
+            out.wrote |= stored;
+            let congested = queue.check_flow(&st);
+            drop(st);
+            queue.wake.notify_one();
+            if congested {
+                out.congested.push(queue.flow.clone());
+            }
+        }
+        if out.wrote && broker.store.flow().is_raised() {
+            out.congested.push(broker.store.flow().clone());
+        }
+        broker.metrics.received.inc();
+        match (out.unroutable, p.mandatory) {
+            (false, _) => broker.metrics.routed.inc(),
+            (true, true) => broker.metrics.unroutable_returned.inc(),
+            (true, false) => broker.metrics.unroutable_dropped.inc(),
+        };
+        broker.alarms.note_published(
+            out.message.size(),
+            routed.queues().len() as u64,
+            broker.config.memory_high_watermark,
+        );
+        self.apply(broker, fx);
+        Ok(out)
+    }
+
     /// Rebuilds this vhost from stored definitions (at boot).
     pub fn recover(
         self: &Arc<Self>,
@@ -719,5 +820,25 @@ impl Vhost {
             }
         }
         queues
+    }
+}
+
+/// Removes the `BCC` header before delivery (sender-selected distribution).
+fn strip_bcc(
+    header: amqp_codec::ContentHeader,
+    headers: Option<FieldTable>,
+) -> amqp_codec::ContentHeader {
+    let Ok(mut props) = header.properties.decode() else {
+        return header;
+    };
+    let mut h = headers.unwrap_or_default();
+    h.remove("BCC");
+    props.headers = Some(h);
+    match props.to_raw() {
+        Ok(properties) => amqp_codec::ContentHeader {
+            properties,
+            ..header
+        },
+        Err(_) => header,
     }
 }

@@ -56,6 +56,12 @@ pub(super) fn router(broker: Arc<Broker>) -> Router {
             get(get_queue).put(put_queue).delete(delete_queue),
         )
         .route("/api/queues/{vhost}/{name}/contents", delete(purge_queue))
+        .route("/api/queues/{vhost}/{name}/get", post(get_messages))
+        .route(
+            "/api/exchanges/{vhost}/{name}/publish",
+            post(publish_message),
+        )
+        .route("/api/aliveness-test/{vhost}", get(aliveness_test))
         .route("/api/exchanges", get(list_all_exchanges))
         .route("/api/exchanges/{vhost}", get(list_exchanges))
         .route(
@@ -981,5 +987,286 @@ async fn delete_policy(
         no_content()
     } else {
         Err(ApiError::not_found())
+    }
+}
+
+/// Message properties from the API's JSON (RabbitMQ's field names).
+fn properties_from_json(v: &Value) -> Result<amqp_codec::BasicProperties, ApiError> {
+    let Some(map) = v.as_object() else {
+        return Ok(amqp_codec::BasicProperties::default());
+    };
+    let text = |k: &str| -> Result<Option<ShortStr>, ApiError> {
+        map.get(k).and_then(Value::as_str).map(short).transpose()
+    };
+    let small = |k: &str| map.get(k).and_then(Value::as_u64).map(|n| n.min(255) as u8);
+    Ok(amqp_codec::BasicProperties {
+        content_type: text("content_type")?,
+        content_encoding: text("content_encoding")?,
+        headers: match map.get("headers") {
+            None | Some(Value::Null) => None,
+            Some(h) => Some(json_to_table(h).map_err(ApiError::bad_request)?),
+        },
+        delivery_mode: small("delivery_mode"),
+        priority: small("priority"),
+        correlation_id: text("correlation_id")?,
+        reply_to: text("reply_to")?,
+        expiration: text("expiration")?,
+        message_id: text("message_id")?,
+        timestamp: map.get("timestamp").and_then(Value::as_u64),
+        kind: text("type")?,
+        user_id: text("user_id")?,
+        app_id: text("app_id")?,
+        cluster_id: None,
+    })
+}
+
+fn properties_to_json(p: &amqp_codec::BasicProperties) -> Value {
+    let mut m = Map::new();
+    let mut put = |k: &str, v: Option<Value>| {
+        if let Some(v) = v {
+            m.insert(k.to_owned(), v);
+        }
+    };
+    let s = |x: &Option<ShortStr>| x.as_ref().map(|v| json!(v.as_str()));
+    put("content_type", s(&p.content_type));
+    put("content_encoding", s(&p.content_encoding));
+    put(
+        "headers",
+        p.headers.as_ref().map(super::json::table_to_json),
+    );
+    put("delivery_mode", p.delivery_mode.map(|v| json!(v)));
+    put("priority", p.priority.map(|v| json!(v)));
+    put("correlation_id", s(&p.correlation_id));
+    put("reply_to", s(&p.reply_to));
+    put("expiration", s(&p.expiration));
+    put("message_id", s(&p.message_id));
+    put("timestamp", p.timestamp.map(|v| json!(v)));
+    put("type", s(&p.kind));
+    put("user_id", s(&p.user_id));
+    put("app_id", s(&p.app_id));
+    Value::Object(m)
+}
+
+/// `POST /api/exchanges/{vhost}/{name}/publish`: publishes as the caller
+/// (who needs write permission on the exchange); answers whether it was routed.
+async fn publish_message(
+    State(b): Shared,
+    caller: Caller,
+    Path((vhost, name)): Path<(String, String)>,
+    body: Body,
+) -> ApiResult {
+    let v = visible_vhost(&b, &caller, &vhost)?;
+    let name = exchange_name(&name).to_owned();
+    b.auth.check(
+        &caller.name,
+        v.name(),
+        crate::auth::Resource::Exchange,
+        &name,
+        crate::auth::Access::Write,
+    )?;
+    let body = body_map(body);
+    let routing_key = body
+        .get("routing_key")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    let payload = body.get("payload").and_then(Value::as_str).unwrap_or("");
+    let payload = match body.get("payload_encoding").and_then(Value::as_str) {
+        None | Some("string") => bytes::Bytes::from(payload.to_owned().into_bytes()),
+        Some("base64") => {
+            use base64::Engine as _;
+            base64::engine::general_purpose::STANDARD
+                .decode(payload)
+                .map(bytes::Bytes::from)
+                .map_err(|e| ApiError::bad_request(format!("payload is not base64: {e}")))?
+        }
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "payload_encoding '{other}' (string or base64)"
+            )));
+        }
+    };
+    let props = properties_from_json(body.get("properties").unwrap_or(&Value::Null))?;
+    let headers = props.headers.clone();
+    let header = amqp_codec::ContentHeader {
+        class_id: amqp_codec::class_id::BASIC,
+        weight: 0,
+        body_size: payload.len() as u64,
+        properties: props
+            .to_raw()
+            .map_err(|e| ApiError::bad_request(e.to_string()))?,
+    };
+    let (exchange, routing_key) = (short(&name)?, short(routing_key)?);
+    let mut routed = exchange::Routed::default();
+    let mut fx = queue_store::Effects::default();
+    let published = v.enqueue(
+        &b,
+        crate::vhost::Publish {
+            exchange: &exchange,
+            routing_key: &routing_key,
+            mandatory: false,
+            header,
+            headers,
+            body: payload,
+        },
+        &mut routed,
+        &mut fx,
+    )?;
+    if published.wrote {
+        b.store.commit().await?;
+    }
+    ok(json!({"routed": !published.unroutable}))
+}
+
+/// `POST /api/queues/{vhost}/{name}/get`: takes up to `count` messages with
+/// RabbitMQ's `ackmode` (`ack_requeue_true` puts them back, redelivered;
+/// `ack_requeue_false` removes them; `reject_requeue_false` dead-letters).
+async fn get_messages(
+    State(b): Shared,
+    caller: Caller,
+    Path((vhost, name)): Path<(String, String)>,
+    body: Body,
+) -> ApiResult {
+    let v = visible_vhost(&b, &caller, &vhost)?;
+    b.auth.check(
+        &caller.name,
+        v.name(),
+        crate::auth::Resource::Queue,
+        &name,
+        crate::auth::Access::Read,
+    )?;
+    let q = v.find_queue(&name).ok_or_else(ApiError::not_found)?;
+    let body = body_map(body);
+    let count = body.get("count").and_then(Value::as_u64).unwrap_or(1);
+    let ackmode = body
+        .get("ackmode")
+        .and_then(Value::as_str)
+        .ok_or_else(|| ApiError::bad_request("Mandatory fields missing: ackmode"))?;
+    let requeue = match ackmode {
+        "ack_requeue_true" | "reject_requeue_true" => true,
+        "ack_requeue_false" | "reject_requeue_false" => false,
+        other => return Err(ApiError::bad_request(format!("invalid ackmode '{other}'"))),
+    };
+    let reject = ackmode.starts_with("reject");
+    let encoding = body
+        .get("encoding")
+        .and_then(Value::as_str)
+        .unwrap_or("auto");
+    let mut fx = queue_store::Effects::default();
+    let mut taken = Vec::new();
+    {
+        let mut st = q.state.lock();
+        let now = crate::queue::now_ms();
+        for _ in 0..count {
+            match st.queue.deliver(now, true, &mut fx) {
+                Some(d) => taken.push(d),
+                None => break,
+            }
+        }
+        for d in &taken {
+            if requeue {
+                st.queue.requeue(d.seq, &mut fx);
+            } else if reject {
+                st.queue.reject(d.seq, &mut fx);
+            } else {
+                st.queue.ack(d.seq, &mut fx);
+            }
+        }
+        if requeue {
+            st.dispatch(&q, &b.store, &mut fx);
+        }
+    }
+    let mut out = Vec::new();
+    for d in &taken {
+        let Some(m) = crate::queue::load(&d.message, &b.store) else {
+            continue;
+        };
+        let props = m
+            .header
+            .properties
+            .decode()
+            .map(|p| properties_to_json(&p))
+            .unwrap_or(Value::Null);
+        let (payload, payload_encoding) = match (encoding, std::str::from_utf8(&m.body)) {
+            ("auto", Ok(text)) => (text.to_owned(), "string"),
+            _ => {
+                use base64::Engine as _;
+                (
+                    base64::engine::general_purpose::STANDARD.encode(&m.body),
+                    "base64",
+                )
+            }
+        };
+        out.push(json!({
+            "payload_bytes": m.body.len(),
+            "redelivered": d.redelivered,
+            "exchange": m.exchange.as_str(),
+            "routing_key": m.routing_key.as_str(),
+            "message_count": d.remaining,
+            "properties": props,
+            "payload": payload,
+            "payload_encoding": payload_encoding,
+        }));
+    }
+    q.wake.notify_one();
+    v.apply(&b, &mut fx);
+    ok(Value::Array(out))
+}
+
+/// `GET /api/aliveness-test/{vhost}`: declares `aliveness-test`, publishes
+/// to it and gets the message back, as RabbitMQ does.
+async fn aliveness_test(State(b): Shared, caller: Caller, Path(vhost): Path<String>) -> ApiResult {
+    caller.require_monitoring()?;
+    let v = visible_vhost(&b, &caller, &vhost)?;
+    let name = ShortStr::from_static("aliveness-test");
+    let q = match v.find_queue(&name) {
+        Some(q) => q,
+        None => {
+            v.declare_queue(
+                &b,
+                name.clone(),
+                false,
+                false,
+                None,
+                QueueArgs::default(),
+                amqp_codec::FieldTable::new(),
+            )
+            .await?
+        }
+    };
+    let header = amqp_codec::ContentHeader {
+        class_id: amqp_codec::class_id::BASIC,
+        weight: 0,
+        body_size: 15,
+        properties: amqp_codec::BasicProperties::default()
+            .to_raw()
+            .map_err(ApiError::internal)?,
+    };
+    let mut routed = exchange::Routed::default();
+    let mut fx = queue_store::Effects::default();
+    let empty = ShortStr::from_static("");
+    v.enqueue(
+        &b,
+        crate::vhost::Publish {
+            exchange: &empty,
+            routing_key: &name,
+            mandatory: false,
+            header,
+            headers: None,
+            body: bytes::Bytes::from_static(b"aliveness-test!"),
+        },
+        &mut routed,
+        &mut fx,
+    )?;
+    let got = q
+        .state
+        .lock()
+        .queue
+        .deliver(crate::queue::now_ms(), false, &mut fx);
+    v.apply(&b, &mut fx);
+    match got {
+        Some(_) => ok(json!({"status": "ok"})),
+        None => Err(ApiError::internal(
+            "the aliveness-test message did not come back",
+        )),
     }
 }

@@ -142,6 +142,16 @@ impl Caller {
         }
     }
 
+    /// Refuses unless the caller may read everything (`monitoring`,
+    /// `administrator`).
+    pub fn require_monitoring(&self) -> Result<(), ApiError> {
+        if self.monitoring {
+            Ok(())
+        } else {
+            Err(ApiError::unauthorized("Not monitor user"))
+        }
+    }
+
     /// Refuses unless the caller may change policies (`administrator` or
     /// `policymaker`).
     pub fn require_policymaker(&self) -> Result<(), ApiError> {
