@@ -102,6 +102,9 @@ async fn listings_have_rabbitmq_shapes_and_counts() {
     assert_eq!(q["messages"], 4);
     assert_eq!(q["messages_unacknowledged"], 4);
     assert_eq!(q["messages_ready"], 0);
+    assert_eq!(q["message_stats"]["publish"], 4);
+    assert_eq!(q["message_stats"]["deliver_get"], 4);
+    assert!(q["message_stats"]["publish_details"]["rate"].is_number());
 
     let (status, overview) = api.get("/api/overview").await;
     assert_eq!(status, StatusCode::OK);

@@ -142,5 +142,16 @@ async fn counters_move_with_traffic() {
     assert_eq!(value(&after, "rabbitmq_queue_messages_ready"), 0.0);
     assert_eq!(value(&after, "rabbitmq_queue_messages_unacked"), 0.0);
     assert_eq!(value(&after, "rabbitmq_consumers"), 1.0);
+    let per_queue = scrape(&broker, "/metrics/per-object").await;
+    for (name, expected) in [("published", 10.0), ("delivered", 10.0), ("acked", 9.0)] {
+        assert_eq!(
+            value(
+                &per_queue,
+                &format!("rabbitmq_queue_messages_{name}_total{{vhost=\"/\",queue=\"work\"}}")
+            ),
+            expected,
+            "{name}"
+        );
+    }
     broker.stop().await;
 }

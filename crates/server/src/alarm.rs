@@ -106,6 +106,11 @@ impl Alarms {
 /// Memory the broker accounts for: bodies queues hold in memory (ready and
 /// delivered-but-unacknowledged) plus an overhead per queued message.
 pub fn memory_in_use(broker: &Broker) -> u64 {
+    memory_and_stats(broker, false)
+}
+
+/// [`memory_in_use`], also sampling each queue's message rates if asked.
+fn memory_and_stats(broker: &Broker, sample: bool) -> u64 {
     broker
         .vhost_list()
         .iter()
@@ -115,6 +120,9 @@ pub fn memory_in_use(broker: &Broker) -> u64 {
             // Queues shrink in ways that do not dispatch (expiry, purge):
             // their flow gates are checked here too.
             q.relieve_flow(&st);
+            if sample {
+                q.stats.sample();
+            }
             st.memory_in_use()
         })
         .sum()
@@ -145,7 +153,8 @@ pub fn spawn_monitor(broker: &Arc<Broker>) {
                 _ = b.shutdown.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            let used = memory_in_use(&b);
+            // Message rates are sampled every 5 s (50 ticks).
+            let used = memory_and_stats(&b, n % 50 == 0);
             b.alarms.estimate.store(used, Ordering::Relaxed);
             let memory = used > b.config.memory_high_watermark;
             if n % 10 == 0 {

@@ -1106,7 +1106,11 @@ impl Channel {
         let got = {
             let mut st = queue.state.lock();
             st.queue.touch(now_ms());
-            st.queue.deliver(now_ms(), !m.no_ack, &mut fx)
+            let got = st.queue.deliver(now_ms(), !m.no_ack, &mut fx);
+            if got.is_some() {
+                queue.stats.delivered.fetch_add(1, Ordering::Relaxed);
+            }
+            got
         };
         match got {
             None => self

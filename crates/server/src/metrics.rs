@@ -275,12 +275,36 @@ fn render_per_object(broker: &Broker) -> String {
         "rabbitmq_queue_process_memory_bytes",
         "Memory a queue accounts for (bodies held in memory and entries)",
     );
+    let counter = |registry: &mut Registry, name: &str, help: &str| {
+        let f = Family::<QueueLabels, Counter>::default();
+        registry.register(name, help, f.clone());
+        f
+    };
+    let published = counter(
+        &mut registry,
+        "rabbitmq_queue_messages_published",
+        "Messages published into a queue",
+    );
+    let delivered = counter(
+        &mut registry,
+        "rabbitmq_queue_messages_delivered",
+        "Messages delivered from a queue to consumers or gets",
+    );
+    let acked = counter(
+        &mut registry,
+        "rabbitmq_queue_messages_acked",
+        "Messages acknowledged from a queue",
+    );
     for v in broker.vhost_list() {
         for q in v.queues() {
             let labels = QueueLabels {
                 vhost: v.name().to_owned(),
                 queue: q.name.as_str().to_owned(),
             };
+            let ([p, d, a], _) = q.stats.snapshot();
+            published.get_or_create(&labels).inc_by(p);
+            delivered.get_or_create(&labels).inc_by(d);
+            acked.get_or_create(&labels).inc_by(a);
             let st = q.state.lock();
             ready
                 .get_or_create(&labels)

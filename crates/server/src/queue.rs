@@ -10,7 +10,7 @@
 //! queue lock while holding a channel or outbox lock.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use amqp_codec::methods::{BasicCancel, BasicDeliver};
 use amqp_codec::{
@@ -83,6 +83,8 @@ pub struct QueueHandle {
     consumer_timeout: std::sync::atomic::AtomicU64,
     /// The policy in effect, by name.
     pub policy: parking_lot::Mutex<Option<String>>,
+    /// Message counters and their rates (management `message_stats`).
+    pub stats: QueueStats,
     /// State.
     pub state: Mutex<QueueState>,
     /// Wakes the housekeeping task (expiry timer changed, queue deleted).
@@ -122,6 +124,7 @@ impl QueueHandle {
                 queue.args().consumer_timeout.unwrap_or(u64::MAX),
             ),
             policy: parking_lot::Mutex::new(None),
+            stats: QueueStats::default(),
             state: Mutex::new(QueueState {
                 queue,
                 consumers: Vec::new(),
@@ -172,6 +175,66 @@ impl QueueHandle {
     }
 }
 
+/// A queue's message counters, and their rates over the last sampling
+/// period (RabbitMQ's `message_stats`: publish, deliver_get, ack).
+#[derive(Debug, Default)]
+pub struct QueueStats {
+    /// Messages enqueued.
+    pub published: AtomicU64,
+    /// Deliveries to consumers and gets.
+    pub delivered: AtomicU64,
+    /// Acknowledgements.
+    pub acked: AtomicU64,
+    last: parking_lot::Mutex<Option<StatsSample>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct StatsSample {
+    at: std::time::Instant,
+    counts: [u64; 3],
+    rates: [f64; 3],
+}
+
+impl QueueStats {
+    fn counts(&self) -> [u64; 3] {
+        [
+            self.published.load(Ordering::Relaxed),
+            self.delivered.load(Ordering::Relaxed),
+            self.acked.load(Ordering::Relaxed),
+        ]
+    }
+
+    /// Takes a sample: rates become the change since the previous one per
+    /// second. Called periodically (every 5 s) by the broker's monitor.
+    pub fn sample(&self) {
+        let now = std::time::Instant::now();
+        let counts = self.counts();
+        let mut last = self.last.lock();
+        let rates = match *last {
+            Some(prev) => {
+                let secs = now.duration_since(prev.at).as_secs_f64().max(1e-3);
+                [0, 1, 2].map(|i| {
+                    counts[i].saturating_sub(prev.counts.get(i).copied().unwrap_or(0)) as f64 / secs
+                })
+            }
+            None => [0.0; 3],
+        };
+        *last = Some(StatsSample {
+            at: now,
+            counts,
+            rates,
+        });
+    }
+
+    /// Counts (publish, deliver_get, ack) and their last sampled rates.
+    pub fn snapshot(&self) -> ([u64; 3], [f64; 3]) {
+        (
+            self.counts(),
+            self.last.lock().map_or([0.0; 3], |s| s.rates),
+        )
+    }
+}
+
 /// Estimated memory per queued message beyond its body: the queue entry and
 /// bookkeeping. Used so that many tiny messages still count.
 pub const ENTRY_OVERHEAD: u64 = 64;
@@ -189,6 +252,9 @@ impl QueueState {
         fx: &mut Effects,
     ) -> (Enqueued, bool) {
         let outcome = self.queue.publish(message, now_ms(), fx);
+        if outcome == Enqueued::Accepted {
+            handle.stats.published.fetch_add(1, Ordering::Relaxed);
+        }
         let wrote = !fx.writes.is_empty();
         if wrote {
             store.submit(fx.writes.drain(..));
@@ -258,6 +324,7 @@ impl QueueState {
             let Some(delivery) = self.queue.deliver(now, ack, fx) else {
                 return;
             };
+            handle.stats.delivered.fetch_add(1, Ordering::Relaxed);
             let consumer = &self.consumers[idx];
             deliver(handle, consumer, delivery, store, fx, &mut self.queue);
         }

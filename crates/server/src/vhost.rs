@@ -545,6 +545,9 @@ impl Vhost {
                 let mut st = q.state.lock();
                 if how == Settle::Ack {
                     broker.metrics.acknowledged.inc_by((j - i) as u64);
+                    q.stats
+                        .acked
+                        .fetch_add((j - i) as u64, std::sync::atomic::Ordering::Relaxed);
                 }
                 for u in &unacked[i..j] {
                     if let Some(c) = &u.consumer_unacked {

@@ -141,9 +141,15 @@ fn short(s: &str) -> Result<ShortStr, ApiError> {
 async fn overview(State(b): Shared, caller: Caller) -> ApiResult {
     let vhosts = visible_vhosts(&b, &caller);
     let (mut queues, mut ready, mut unacked, mut consumers, mut exchanges) = (0, 0, 0, 0, 0);
+    let (mut counts, mut rates) = ([0u64; 3], [0f64; 3]);
     for v in &vhosts {
         exchanges += v.router.read().exchanges().count();
         for q in v.queues() {
+            let (c, r) = q.stats.snapshot();
+            for i in 0..3 {
+                counts[i] += c[i];
+                rates[i] += r[i];
+            }
             let st = q.state.lock();
             queues += 1;
             ready += st.queue.ready_count();
@@ -169,6 +175,7 @@ async fn overview(State(b): Shared, caller: Caller) -> ApiResult {
             "messages_ready": ready,
             "messages_unacknowledged": unacked,
         },
+        "message_stats": super::json::message_stats((counts, rates)),
         "listeners": [{"node": NODE, "protocol": "amqp", "ip_address": b.config.bind.ip().to_string(), "port": b.config.bind.port()}],
     }))
 }
@@ -1162,6 +1169,9 @@ async fn get_messages(
                 None => break,
             }
         }
+        q.stats
+            .delivered
+            .fetch_add(taken.len() as u64, std::sync::atomic::Ordering::Relaxed);
         for d in &taken {
             if requeue {
                 st.queue.requeue(d.seq, &mut fx);

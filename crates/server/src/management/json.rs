@@ -101,7 +101,23 @@ pub(super) fn queue(vhost: &str, q: &QueueHandle) -> Value {
         "memory": st.memory_in_use(),
         "flow": q.flow.is_raised(),
         "policy": *q.policy.lock(),
+        "message_stats": message_stats(q.stats.snapshot()),
     })
+}
+
+/// RabbitMQ's `message_stats` object from counts and rates of
+/// (publish, deliver_get, ack).
+pub(crate) fn message_stats((counts, rates): ([u64; 3], [f64; 3])) -> Value {
+    let mut m = serde_json::Map::new();
+    for (i, key) in ["publish", "deliver_get", "ack"].iter().enumerate() {
+        let (count, rate) = (
+            counts.get(i).copied().unwrap_or(0),
+            rates.get(i).copied().unwrap_or(0.0),
+        );
+        m.insert((*key).to_owned(), json!(count));
+        m.insert(format!("{key}_details"), json!({"rate": rate}));
+    }
+    Value::Object(m)
 }
 
 /// An exchange as `/api/exchanges` lists it.
