@@ -114,6 +114,11 @@ async fn listings_have_rabbitmq_shapes_and_counts() {
     assert_eq!(overview["queue_totals"]["messages"], 4);
     assert!(overview["object_totals"]["connections"].as_u64().unwrap() >= 1);
 
+    let (_, nodes) = api.get("/api/nodes").await;
+    assert_eq!(nodes[0]["name"], "warren@localhost");
+    assert_eq!(nodes[0]["mem_alarm"], false);
+    assert!(nodes[0]["mem_used"].as_u64().unwrap() > 0);
+
     let (_, vhosts) = api.get("/api/vhosts").await;
     assert_eq!(vhosts[0]["name"], "/");
     assert_eq!(vhosts[0]["messages"], 4);
@@ -314,6 +319,51 @@ async fn objects_made_through_the_api_serve_amqp_clients() {
         403,
         "access to queue 'mine' in vhost 'shop' refused",
     );
+
+    // Bindings are addressed as RabbitMQ addresses them; an
+    // exchange-to-exchange binding is made and removed the same way.
+    let (status, bound) = api
+        .get("/api/bindings/shop/e/orders/q/paid/order.paid")
+        .await;
+    assert_eq!(
+        (status, &bound["routing_key"]),
+        (StatusCode::OK, &json!("order.paid"))
+    );
+    assert_eq!(
+        api.put("/api/exchanges/shop/fan", json!({"type": "fanout"}))
+            .await,
+        StatusCode::CREATED
+    );
+    let resp = api
+        .http
+        .post(format!("{}/api/bindings/shop/e/orders/e/fan", api.base))
+        .basic_auth("guest", Some("guest"))
+        .json(&json!({"routing_key": "order.#"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    assert_eq!(
+        resp.headers()["location"],
+        "/api/bindings/shop/e/orders/e/fan/order.%23"
+    );
+    let (_, pair) = api.get("/api/bindings/shop/e/orders/e/fan").await;
+    assert_eq!(pair[0]["destination_type"], "exchange");
+    assert_eq!(
+        api.delete("/api/bindings/shop/e/orders/e/fan/order.%23")
+            .await,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        api.get("/api/bindings/shop/e/orders/e/fan/order.%23")
+            .await
+            .0,
+        StatusCode::NOT_FOUND
+    );
+    let (_, vperms) = api.get("/api/vhosts/shop/permissions").await;
+    assert_eq!(vperms[0]["user"], "alice");
+    let (_, uperms) = api.get("/api/users/alice/permissions").await;
+    assert_eq!(uperms[0]["vhost"], "shop");
 
     // Purge, equivalence, delete, 404s.
     publish(&conn.create_channel().await.unwrap(), "paid", b"more").await;

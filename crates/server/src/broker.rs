@@ -136,6 +136,8 @@ pub struct Broker {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Open client connections by id (management listings, forced close).
     pub live_connections: DashMap<u64, Arc<crate::connection::ConnectionShared>>,
+    /// When the broker started (uptime).
+    pub started: std::time::Instant,
     /// Users and permissions.
     pub auth: crate::auth::Auth,
     /// Cancelled on shutdown.
@@ -432,6 +434,7 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
         alarms: crate::alarm::Alarms::default(),
         metrics: Arc::default(),
         live_connections: DashMap::new(),
+        started: std::time::Instant::now(),
         auth: crate::auth::Auth::default(),
         shutdown: CancellationToken::new(),
         tracker: TaskTracker::new(),

@@ -71,9 +71,17 @@ pub(super) fn router(broker: Arc<Broker>) -> Router {
         .route("/api/bindings", get(list_all_bindings))
         .route("/api/bindings/{vhost}", get(list_bindings))
         .route(
-            "/api/bindings/{vhost}/e/{source}/q/{destination}",
-            post(bind_queue).get(list_queue_bindings),
+            "/api/bindings/{vhost}/e/{source}/{kind}/{destination}",
+            post(bind).get(list_pair_bindings),
         )
+        .route(
+            "/api/bindings/{vhost}/e/{source}/{kind}/{destination}/{props}",
+            get(get_binding).delete(unbind),
+        )
+        .route("/api/nodes", get(list_nodes))
+        .route("/api/nodes/{name}", get(get_node))
+        .route("/api/vhosts/{vhost}/permissions", get(vhost_permissions))
+        .route("/api/users/{user}/permissions", get(user_permissions))
         .route("/api/policies", get(list_all_policies))
         .route("/api/policies/{vhost}", get(list_policies))
         .route(
@@ -644,29 +652,93 @@ async fn list_bindings(State(b): Shared, caller: Caller, Path(vhost): Path<Strin
     ok(Value::Array(bindings_of(&v)))
 }
 
-async fn list_queue_bindings(
+/// The destination a binding path names: `q` for a queue, `e` for an exchange.
+fn destination(kind: &str, name: &str) -> Result<exchange::Destination, ApiError> {
+    match kind {
+        "q" => Ok(exchange::Destination::Queue(short(name)?)),
+        "e" => Ok(exchange::Destination::Exchange(short(name)?)),
+        _ => Err(ApiError::not_found()),
+    }
+}
+
+/// The bindings from `source` to the destination, as their definitions.
+fn pair_bindings(
+    v: &Vhost,
+    source: &str,
+    dest: &exchange::Destination,
+) -> Vec<exchange::BindingDef> {
+    let source = exchange_name(source);
+    all_bindings(v)
+        .into_iter()
+        .filter(|bd| bd.source.as_str() == source && bd.destination == *dest)
+        .collect()
+}
+
+/// RabbitMQ's `properties_key` of a binding: its routing key, `~` if empty.
+fn properties_key(bd: &exchange::BindingDef) -> String {
+    if bd.routing_key.is_empty() {
+        "~".to_owned()
+    } else {
+        bd.routing_key.as_str().to_owned()
+    }
+}
+
+async fn list_pair_bindings(
     State(b): Shared,
     caller: Caller,
-    Path((vhost, source, destination)): Path<(String, String, String)>,
+    Path((vhost, source, kind, dest)): Path<(String, String, String, String)>,
 ) -> ApiResult {
     let v = visible_vhost(&b, &caller, &vhost)?;
-    let source = exchange_name(&source).to_owned();
+    let dest = destination(&kind, &dest)?;
     ok(Value::Array(
-        all_bindings(&v)
-            .into_iter()
-            .filter(|bd| {
-                bd.source.as_str() == source
-                    && matches!(&bd.destination, exchange::Destination::Queue(q) if q.as_str() == destination)
-            })
-            .map(|bd| binding(v.name(), &bd))
+        pair_bindings(&v, &source, &dest)
+            .iter()
+            .map(|bd| binding(v.name(), bd))
             .collect(),
     ))
 }
 
-async fn bind_queue(
+async fn get_binding(
     State(b): Shared,
     caller: Caller,
-    Path((vhost, source, destination)): Path<(String, String, String)>,
+    Path((vhost, source, kind, dest, props)): Path<(String, String, String, String, String)>,
+) -> ApiResult {
+    let v = visible_vhost(&b, &caller, &vhost)?;
+    let dest = destination(&kind, &dest)?;
+    let bd = pair_bindings(&v, &source, &dest)
+        .into_iter()
+        .find(|bd| properties_key(bd) == props)
+        .ok_or_else(ApiError::not_found)?;
+    ok(binding(v.name(), &bd))
+}
+
+/// `DELETE /api/bindings/{vhost}/e/{source}/{q|e}/{destination}/{props}`:
+/// removes the bindings with that routing key (whatever their arguments).
+async fn unbind(
+    State(b): Shared,
+    caller: Caller,
+    Path((vhost, source, kind, dest, props)): Path<(String, String, String, String, String)>,
+) -> ApiResult {
+    caller.require_admin()?;
+    let v = b.vhost(&vhost).ok_or_else(ApiError::not_found)?;
+    let dest = destination(&kind, &dest)?;
+    let matching: Vec<_> = pair_bindings(&v, &source, &dest)
+        .into_iter()
+        .filter(|bd| properties_key(bd) == props && !bd.source.is_empty())
+        .collect();
+    if matching.is_empty() {
+        return Err(ApiError::not_found());
+    }
+    for bd in &matching {
+        v.unbind(&b, bd).await?;
+    }
+    no_content()
+}
+
+async fn bind(
+    State(b): Shared,
+    caller: Caller,
+    Path((vhost, source, kind, dest)): Path<(String, String, String, String)>,
     body: Body,
 ) -> ApiResult {
     caller.require_admin()?;
@@ -678,7 +750,12 @@ async fn bind_queue(
             "operation not permitted on the default exchange",
         ));
     }
-    if v.router.read().exchange(&source).is_none() || v.find_queue(&destination).is_none() {
+    let target = destination(&kind, &dest)?;
+    let exists = match &target {
+        exchange::Destination::Queue(q) => v.find_queue(q).is_some(),
+        exchange::Destination::Exchange(x) => v.router.read().exchange(x).is_some(),
+    };
+    if v.router.read().exchange(&source).is_none() || !exists {
         return Err(ApiError::not_found());
     }
     let body = body_map(body);
@@ -688,30 +765,92 @@ async fn bind_queue(
         Some(_) => return Err(ApiError::bad_request("routing_key must be a string")),
     };
     let def = exchange::BindingDef {
-        source: short(exchange_name(&source))?,
-        destination: exchange::Destination::Queue(short(&destination)?),
+        source: short(&source)?,
+        destination: target,
         routing_key: short(&routing_key)?,
         arguments: json_to_table(body.get("arguments").unwrap_or(&Value::Null))
             .map_err(ApiError::bad_request)?,
     };
     v.bind(&b, &def).await?;
-    let props = if routing_key.is_empty() {
-        "~".to_owned()
-    } else {
-        routing_key
-    };
     let location = format!(
-        "/api/bindings/{}/e/{}/q/{}/{}",
+        "/api/bindings/{}/e/{}/{kind}/{}/{}",
         percent(&vhost),
         percent(&source),
-        percent(&destination),
-        percent(&props)
+        percent(&dest),
+        percent(&properties_key(&def))
     );
     Ok((
         StatusCode::CREATED,
         [(axum::http::header::LOCATION, location)],
     )
         .into_response())
+}
+
+fn node_json(b: &Broker) -> Value {
+    let alarms = b.alarms.current();
+    let rss = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * 4096);
+    json!({
+        "name": NODE,
+        "type": "disc",
+        "running": true,
+        "mem_used": rss,
+        "mem_limit": b.config.memory_high_watermark,
+        "mem_alarm": alarms.memory,
+        "disk_free_limit": b.config.disk_free_limit,
+        "disk_free_alarm": alarms.disk,
+        "processors": std::thread::available_parallelism().map_or(1, |n| n.get()),
+        "uptime": b.started.elapsed().as_millis() as u64,
+    })
+}
+
+async fn list_nodes(State(b): Shared, caller: Caller) -> ApiResult {
+    caller.require_monitoring()?;
+    ok(json!([node_json(&b)]))
+}
+
+async fn get_node(State(b): Shared, caller: Caller, Path(name): Path<String>) -> ApiResult {
+    caller.require_monitoring()?;
+    if name != NODE {
+        return Err(ApiError::not_found());
+    }
+    ok(node_json(&b))
+}
+
+async fn vhost_permissions(
+    State(b): Shared,
+    caller: Caller,
+    Path(vhost): Path<String>,
+) -> ApiResult {
+    caller.require_admin()?;
+    if b.vhost(&vhost).is_none() {
+        return Err(ApiError::not_found());
+    }
+    ok(Value::Array(
+        b.auth
+            .permissions()
+            .iter()
+            .filter(|p| p.vhost == vhost)
+            .map(permission_json)
+            .collect(),
+    ))
+}
+
+async fn user_permissions(State(b): Shared, caller: Caller, Path(user): Path<String>) -> ApiResult {
+    caller.require_admin()?;
+    if b.auth.user(&user).is_none() {
+        return Err(ApiError::not_found());
+    }
+    ok(Value::Array(
+        b.auth
+            .permissions()
+            .iter()
+            .filter(|p| p.user == user)
+            .map(permission_json)
+            .collect(),
+    ))
 }
 
 /// Percent-encodes a path segment.
