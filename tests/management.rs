@@ -1007,3 +1007,75 @@ async fn messages_are_published_and_fetched_through_the_api() {
     assert_eq!((status, body), (StatusCode::OK, json!({"status": "ok"})));
     broker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exchange_policy_gives_an_alternate_exchange() {
+    let broker = TestBroker::start().await;
+    let api = Api::guest(&broker);
+    assert_eq!(
+        api.put("/api/exchanges/%2F/orders", json!({"type": "direct"}))
+            .await,
+        StatusCode::CREATED
+    );
+    assert_eq!(
+        api.put("/api/exchanges/%2F/unrouted", json!({"type": "fanout"}))
+            .await,
+        StatusCode::CREATED
+    );
+    assert_eq!(
+        api.put("/api/queues/%2F/lost", json!({})).await,
+        StatusCode::CREATED
+    );
+    let resp = api
+        .http
+        .post(format!("{}/api/bindings/%2F/e/unrouted/q/lost", api.base))
+        .basic_auth("guest", Some("guest"))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    assert_eq!(
+        api.put(
+            "/api/policies/%2F/ae",
+            json!({"pattern": "^orders$", "definition": {"alternate-exchange": "unrouted"}, "apply-to": "exchanges"})
+        )
+        .await,
+        StatusCode::CREATED
+    );
+    let conn = broker.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    let unroutable = |ch: lapin::Channel| async move {
+        ch.basic_publish(
+            "orders".into(),
+            "no-such-key".into(),
+            BasicPublishOptions::default(),
+            b"stray",
+            lapin::BasicProperties::default(),
+        )
+        .await
+        .unwrap();
+        flushed(&ch).await;
+    };
+    unroutable(ch.clone()).await;
+    let got = ch
+        .basic_get("lost".into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+        .expect("the policy's alternate exchange took it");
+    assert_eq!(got.delivery.data, b"stray");
+
+    // Without the policy the message is simply dropped.
+    assert_eq!(
+        api.delete("/api/policies/%2F/ae").await,
+        StatusCode::NO_CONTENT
+    );
+    unroutable(ch.clone()).await;
+    assert!(
+        ch.basic_get("lost".into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+            .is_none()
+    );
+    broker.stop().await;
+}

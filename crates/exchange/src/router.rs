@@ -253,6 +253,22 @@ impl Router {
         self.get(idx).map(|x| &x.def)
     }
 
+    /// Sets the alternate exchange a policy gives exchange `name`: it applies
+    /// unless the exchange's own `alternate-exchange` argument names one (the
+    /// argument wins, as in RabbitMQ). `None` removes the policy's.
+    pub fn set_policy_alternate(&mut self, name: &str, alternate: Option<ShortStr>) {
+        let Some(&idx) = self.by_name.get(name) else {
+            return;
+        };
+        if let Some(x) = self.get_mut(idx) {
+            let own = match x.def.arguments.get("alternate-exchange") {
+                Some(FieldValue::LongStr(s)) => ShortStr::from_bytes(s.clone()).ok(),
+                _ => None,
+            };
+            x.alternate = own.or(alternate);
+        }
+    }
+
     /// Every declared exchange (the default exchange is implicit and not listed).
     pub fn exchanges(&self) -> impl Iterator<Item = &ExchangeDef> {
         self.exchanges.iter().flatten().map(|x| &x.def)

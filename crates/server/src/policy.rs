@@ -8,8 +8,8 @@
 //! Supported keys: `message-ttl`, `expires`, `max-length`,
 //! `max-length-bytes`, `delivery-limit` (the lower value wins), `overflow`,
 //! `dead-letter-exchange`, `dead-letter-routing-key`, `consumer-timeout`
-//! (the queue's argument wins), and `queue-mode` (accepted, no effect).
-//! Exchange keys (`alternate-exchange`) are refused for now.
+//! (the queue's argument wins), and `queue-mode` (accepted, no effect); for
+//! exchanges, `alternate-exchange` (the exchange's own argument wins).
 
 use amqp_codec::{FieldTable, FieldValue, ShortStr};
 use bytes::Bytes;
@@ -108,11 +108,7 @@ impl Policy {
                 ),
                 "dead-letter-exchange" | "dead-letter-routing-key" => value.is_string(),
                 "queue-mode" => matches!(value.as_str(), Some("default" | "lazy")),
-                "alternate-exchange" => {
-                    return Err(format!(
-                        "Validation failed\n\n{key} in policies is not supported by Warren yet"
-                    ));
-                }
+                "alternate-exchange" => value.is_string(),
                 other => {
                     return Err(format!(
                         "Validation failed\n\n[{{<<\"{other}\">>,{value}}}] are not recognised policy settings"
@@ -123,9 +119,6 @@ impl Policy {
                 return Err(format!("Validation failed\n\n{value} is not a valid {key}"));
             }
         }
-        if apply_to == ApplyTo::Exchanges {
-            return Err("Validation failed\n\nthese keys apply to queues, not exchanges".into());
-        }
         Ok(Policy {
             name: name.to_owned(),
             vhost: vhost.to_owned(),
@@ -135,6 +128,19 @@ impl Policy {
             priority,
             definition,
         })
+    }
+
+    /// Whether it applies to the exchange called `exchange`.
+    pub fn matches_exchange(&self, exchange: &str) -> bool {
+        self.apply_to != ApplyTo::Queues && self.regex.is_match(exchange)
+    }
+
+    /// The alternate exchange it gives exchanges, if any.
+    pub fn alternate_exchange(&self) -> Option<ShortStr> {
+        self.definition
+            .get("alternate-exchange")
+            .and_then(Value::as_str)
+            .and_then(|s| ShortStr::try_from(s).ok())
     }
 
     /// Whether it applies to the queue called `queue`.
@@ -231,6 +237,14 @@ fn int_of(v: &FieldValue) -> Option<i64> {
         FieldValue::I64(x) => Some(*x),
         _ => None,
     }
+}
+
+/// The policy that applies to `exchange` among `policies` (as [`for_queue`]).
+pub fn for_exchange<'a>(policies: &'a [Policy], exchange: &str) -> Option<&'a Policy> {
+    policies
+        .iter()
+        .filter(|p| p.matches_exchange(exchange))
+        .max_by(|a, b| a.priority.cmp(&b.priority).then(b.name.cmp(&a.name)))
 }
 
 /// The policy that applies to `queue` among `policies`: the highest priority,

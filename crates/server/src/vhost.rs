@@ -219,10 +219,24 @@ impl Vhost {
         self.apply(broker, &mut fx);
     }
 
-    /// Re-applies policies to every queue (a policy changed).
+    /// Re-applies policies to every queue and exchange (a policy changed).
     pub fn apply_policies(&self, broker: &Arc<Broker>) {
         for q in self.queues() {
             self.apply_policy(broker, &q);
+        }
+        self.apply_exchange_policies();
+    }
+
+    /// Gives every exchange the alternate exchange of the policy that applies
+    /// to it (its own `alternate-exchange` argument wins).
+    pub fn apply_exchange_policies(&self) {
+        let policies = self.policies.read();
+        let mut router = self.router.write();
+        let names: Vec<ShortStr> = router.exchanges().map(|x| x.name.clone()).collect();
+        for name in names {
+            let ae = crate::policy::for_exchange(&policies, &name)
+                .and_then(crate::policy::Policy::alternate_exchange);
+            router.set_policy_alternate(&name, ae);
         }
     }
 
@@ -302,6 +316,9 @@ impl Vhost {
         passive: bool,
     ) -> Result<(), AmqpError> {
         let created = self.router.write().declare_exchange(decl, passive)?;
+        if created && !self.policies.read().is_empty() {
+            self.apply_exchange_policies();
+        }
         if created && decl.durable {
             if let Some(def) = self.router.read().exchange(decl.name) {
                 self.persist(
@@ -762,6 +779,7 @@ impl Vhost {
                 tracing::warn!(exchange = %name, error = %e, "cannot recover exchange");
             }
         }
+        self.apply_exchange_policies();
         let mut queues = 0;
         for (_, _, t) in defs.iter().filter(|(k, _, _)| *k == DefKind::Queue) {
             let (Some(name), Some(FieldValue::I64(id))) = (field_str(t, "name"), t.get("id"))
