@@ -13,16 +13,7 @@ async fn every_publish_is_confirmed() {
     let broker = TestBroker::start().await;
     let conn = broker.connect().await;
     let ch = conn.create_channel().await.unwrap();
-    ch.queue_declare(
-        "durable".into(),
-        QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
+    warren_tests::declare_durable_queue(&ch, "durable").await;
     ch.confirm_select(ConfirmSelectOptions::default())
         .await
         .unwrap();

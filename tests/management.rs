@@ -8,7 +8,9 @@ use lapin::options::*;
 use lapin::types::FieldTable;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use warren_tests::{TestBroker, channel_with_queue, next_deliveries, publish};
+use warren_tests::{
+    TestBroker, channel_with_queue, declare_durable_queue, flushed, next_deliveries, publish,
+};
 
 /// A client of `broker`'s management API as `user`.
 struct Api {
@@ -54,6 +56,17 @@ impl Api {
             serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}"))
         };
         (status, json)
+    }
+
+    /// A POST whose response headers matter (bindings answer with a Location).
+    async fn post(&self, path: &str, body: Value) -> reqwest::Response {
+        self.http
+            .post(format!("{}{path}", self.base))
+            .basic_auth(&self.user, Some(&self.pass))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
     }
 
     async fn get(&self, path: &str) -> (StatusCode, Value) {
@@ -269,13 +282,11 @@ async fn objects_made_through_the_api_serve_amqp_clients() {
         StatusCode::CREATED
     );
     let resp = api
-        .http
-        .post(format!("{}/api/bindings/shop/e/orders/q/paid", api.base))
-        .basic_auth("guest", Some("guest"))
-        .json(&json!({"routing_key": "order.paid"}))
-        .send()
-        .await
-        .unwrap();
+        .post(
+            "/api/bindings/shop/e/orders/q/paid",
+            json!({"routing_key": "order.paid"}),
+        )
+        .await;
     assert_eq!(resp.status(), StatusCode::CREATED);
     assert_eq!(
         resp.headers()["location"],
@@ -291,21 +302,11 @@ async fn objects_made_through_the_api_serve_amqp_clients() {
     .await
     .unwrap();
     let ch = conn.create_channel().await.unwrap();
-    ch.basic_publish(
-        "orders".into(),
-        "order.paid".into(),
-        BasicPublishOptions::default(),
+    assert_eq!(
+        round_trip(&ch, "orders", "order.paid", b"order 17", "paid").await,
         b"order 17",
-        lapin::BasicProperties::default(),
-    )
-    .await
-    .unwrap();
-    let got = ch
-        .basic_get("paid".into(), BasicGetOptions { no_ack: true })
-        .await
-        .unwrap()
-        .expect("routed through the API's binding");
-    assert_eq!(got.delivery.data, b"order 17");
+        "routed through the API's binding"
+    );
     // Her permissions apply: she may not configure.
     let refused = ch
         .queue_declare(
@@ -335,13 +336,11 @@ async fn objects_made_through_the_api_serve_amqp_clients() {
         StatusCode::CREATED
     );
     let resp = api
-        .http
-        .post(format!("{}/api/bindings/shop/e/orders/e/fan", api.base))
-        .basic_auth("guest", Some("guest"))
-        .json(&json!({"routing_key": "order.#"}))
-        .send()
-        .await
-        .unwrap();
+        .post(
+            "/api/bindings/shop/e/orders/e/fan",
+            json!({"routing_key": "order.#"}),
+        )
+        .await;
     assert_eq!(resp.status(), StatusCode::CREATED);
     assert_eq!(
         resp.headers()["location"],
@@ -433,13 +432,8 @@ async fn durable_objects_made_through_the_api_survive_a_restart() {
         StatusCode::CREATED
     );
     let resp = api
-        .http
-        .post(format!("{}/api/bindings/%2F/e/events/q/audit", api.base))
-        .basic_auth("guest", Some("guest"))
-        .json(&json!({}))
-        .send()
-        .await
-        .unwrap();
+        .post("/api/bindings/%2F/e/events/q/audit", json!({}))
+        .await;
     assert_eq!(resp.status(), StatusCode::CREATED);
     let dir = broker.keep_dir();
     broker.stop().await;
@@ -543,14 +537,7 @@ async fn definitions_round_trip_through_an_empty_broker() {
         ("/api/bindings/shop/e/orders/q/orders.paid", "order.paid"),
         ("/api/bindings/shop/e/unrouted/q/orders.paid", ""),
     ] {
-        let resp = api
-            .http
-            .post(format!("{}{path}", api.base))
-            .basic_auth("guest", Some("guest"))
-            .json(&json!({"routing_key": key}))
-            .send()
-            .await
-            .unwrap();
+        let resp = api.post(path, json!({"routing_key": key})).await;
         assert_eq!(resp.status(), StatusCode::CREATED);
     }
     let (status, exported) = api.get("/api/definitions").await;
@@ -580,21 +567,11 @@ async fn definitions_round_trip_through_an_empty_broker() {
     .await
     .unwrap();
     let ch = conn.create_channel().await.unwrap();
-    ch.basic_publish(
-        "orders".into(),
-        "order.paid".into(),
-        BasicPublishOptions::default(),
+    assert_eq!(
+        round_trip(&ch, "orders", "order.paid", b"routed", "orders.paid").await,
         b"routed",
-        lapin::BasicProperties::default(),
-    )
-    .await
-    .unwrap();
-    let got = ch
-        .basic_get("orders.paid".into(), BasicGetOptions { no_ack: true })
-        .await
-        .unwrap()
-        .expect("the imported binding routes");
-    assert_eq!(got.delivery.data, b"routed");
+        "the imported binding routes"
+    );
     source.stop().await;
     target.stop().await;
 }
@@ -632,21 +609,11 @@ async fn a_rabbitmq_export_loads_at_boot_and_serves_its_clients() {
     .await
     .unwrap();
     let ch = alice.create_channel().await.unwrap();
-    ch.basic_publish(
-        "orders.direct".into(),
-        "new".into(),
-        BasicPublishOptions::default(),
+    assert_eq!(
+        round_trip(&ch, "orders.direct", "new", b"in shop", "orders").await,
         b"in shop",
-        lapin::BasicProperties::default(),
-    )
-    .await
-    .unwrap();
-    let got = ch
-        .basic_get("orders".into(), BasicGetOptions { no_ack: true })
-        .await
-        .unwrap()
-        .expect("routed by the imported binding");
-    assert_eq!(got.delivery.data, b"in shop");
+        "routed by the imported binding"
+    );
 
     // In "/", a topic publish reaches its queue and, through the
     // exchange-to-exchange binding and the fanout, the audit queue; the
@@ -788,16 +755,7 @@ async fn policies_apply_to_live_queues_at_once_and_survive_a_restart() {
     let mut broker = TestBroker::start().await;
     let conn = broker.connect().await;
     let ch = conn.create_channel().await.unwrap();
-    ch.queue_declare(
-        "orders.a".into(),
-        QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
+    declare_durable_queue(&ch, "orders.a").await;
     for _ in 0..5 {
         publish(&ch, "orders.a", b"m").await;
     }
@@ -924,22 +882,6 @@ async fn policies_apply_to_live_queues_at_once_and_survive_a_restart() {
     broker.stop().await;
 }
 
-/// Returns once the broker has processed everything sent on `ch` before
-/// (a synchronous method's reply follows them on the same connection).
-async fn flushed(ch: &lapin::Channel) {
-    ch.exchange_declare(
-        "amq.direct".into(),
-        lapin::ExchangeKind::Direct,
-        ExchangeDeclareOptions {
-            passive: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_are_published_and_fetched_through_the_api() {
     let broker = TestBroker::start().await;
@@ -1027,13 +969,8 @@ async fn an_exchange_policy_gives_an_alternate_exchange() {
         StatusCode::CREATED
     );
     let resp = api
-        .http
-        .post(format!("{}/api/bindings/%2F/e/unrouted/q/lost", api.base))
-        .basic_auth("guest", Some("guest"))
-        .json(&json!({}))
-        .send()
-        .await
-        .unwrap();
+        .post("/api/bindings/%2F/e/unrouted/q/lost", json!({}))
+        .await;
     assert_eq!(resp.status(), StatusCode::CREATED);
     assert_eq!(
         api.put(
@@ -1078,4 +1015,29 @@ async fn an_exchange_policy_gives_an_alternate_exchange() {
             .is_none()
     );
     broker.stop().await;
+}
+
+/// Publishes `body` to `exchange` with `key` and gets the next message of
+/// `queue` (empty if there is none).
+async fn round_trip(
+    ch: &lapin::Channel,
+    exchange: &str,
+    key: &str,
+    body: &[u8],
+    queue: &str,
+) -> Vec<u8> {
+    ch.basic_publish(
+        exchange.into(),
+        key.into(),
+        BasicPublishOptions::default(),
+        body,
+        lapin::BasicProperties::default(),
+    )
+    .await
+    .unwrap();
+    ch.basic_get(queue.into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+        .map(|m| m.delivery.data)
+        .unwrap_or_default()
 }

@@ -285,6 +285,36 @@ pub async fn channel_with_queue(conn: &Connection, queue: &str) -> lapin::Channe
     ch
 }
 
+/// Declares a durable queue with no arguments.
+pub async fn declare_durable_queue(ch: &lapin::Channel, queue: &str) {
+    ch.queue_declare(
+        queue.into(),
+        lapin::options::QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        lapin::types::FieldTable::default(),
+    )
+    .await
+    .unwrap();
+}
+
+/// Returns once the broker has processed everything sent on `ch` before
+/// (a synchronous method's reply follows them on the same connection).
+pub async fn flushed(ch: &lapin::Channel) {
+    ch.exchange_declare(
+        "amq.direct".into(),
+        lapin::ExchangeKind::Direct,
+        lapin::options::ExchangeDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        lapin::types::FieldTable::default(),
+    )
+    .await
+    .unwrap();
+}
+
 /// Publishes `body` to the default exchange for `queue`.
 pub async fn publish(ch: &lapin::Channel, queue: &str, body: &[u8]) {
     ch.basic_publish(

@@ -141,11 +141,13 @@ fn take_short(raw: &Bytes, at: usize) -> Option<(ShortStr, usize)> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use amqp_codec::BasicProperties;
 
-    pub(crate) fn sample(id: u64, body: &'static [u8]) -> Arc<Message> {
+    /// A persistent message with body `body`, for unit tests of this crate.
+    pub(crate) fn sample(id: u64, body: impl Into<Bytes>) -> Arc<Message> {
+        let body: Bytes = body.into();
         Message::new(
             MessageId(id),
             ShortStr::from_static("amq.direct"),
@@ -161,13 +163,13 @@ mod tests {
                 .to_raw()
                 .unwrap(),
             },
-            Bytes::from_static(body),
+            body,
         )
     }
 
     #[test]
     fn storage_encoding_round_trips() {
-        let m = sample(9, b"hello");
+        let m = sample(9, &b"hello"[..]);
         let back = Message::decode(MessageId(9), m.encode()).unwrap();
         assert_eq!(&back, m.as_ref());
         assert!(back.is_persistent());
@@ -175,7 +177,7 @@ mod tests {
 
     #[test]
     fn corrupt_records_are_errors() {
-        let raw = sample(1, b"x").encode();
+        let raw = sample(1, &b"x"[..]).encode();
         for cut in 0..raw.len() - 1 {
             assert!(
                 Message::decode(MessageId(1), raw.slice(..cut)).is_err(),

@@ -838,29 +838,10 @@ mod tests {
 
     use std::sync::Arc;
 
-    use amqp_codec::{BasicProperties, ContentHeader, ShortStr, class_id};
-
     use super::*;
 
     fn message(id: u64) -> Arc<Message> {
-        let body = Bytes::from(format!("message {id}"));
-        Message::new(
-            MessageId(id),
-            ShortStr::from_static("x"),
-            ShortStr::from_static("k"),
-            ContentHeader {
-                class_id: class_id::BASIC,
-                weight: 0,
-                body_size: body.len() as u64,
-                properties: BasicProperties {
-                    delivery_mode: Some(2),
-                    ..Default::default()
-                }
-                .to_raw()
-                .unwrap(),
-            },
-            body,
-        )
+        crate::message::tests::sample(id, format!("message {id}"))
     }
 
     fn put(id: u64) -> [Write; 2] {

@@ -14,29 +14,18 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use amqp_codec::{BasicProperties, ContentHeader, ShortStr, class_id};
+mod common;
+
 use bytes::Bytes;
 use proptest::prelude::*;
 use queue_store::{IndexEntry, Message, MessageId, SledStorage, Storage, Write};
 
 fn message(id: u64) -> Arc<Message> {
-    let body = Bytes::from(format!("body of {id}"));
-    Message::new(
+    common::build(
         MessageId(id),
-        ShortStr::from_static("x"),
-        ShortStr::from_static("k"),
-        ContentHeader {
-            class_id: class_id::BASIC,
-            weight: 0,
-            body_size: body.len() as u64,
-            properties: BasicProperties {
-                delivery_mode: Some(2),
-                ..Default::default()
-            }
-            .to_raw()
-            .unwrap(),
-        },
-        body,
+        Bytes::from(format!("body of {id}")),
+        true,
+        None,
     )
 }
 

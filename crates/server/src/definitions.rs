@@ -16,7 +16,6 @@
 use std::sync::Arc;
 
 use amqp_codec::ShortStr;
-use amqp_codec::methods::QueueDeclare;
 use serde_json::{Map, Value, json};
 
 use crate::broker::Broker;
@@ -57,18 +56,7 @@ impl From<AmqpError> for ImportError {
 pub fn export(broker: &Broker) -> Value {
     let mut users = broker.auth.users();
     users.sort_by(|a, b| a.name.cmp(&b.name));
-    let users: Vec<Value> = users
-        .iter()
-        .map(|u| {
-            json!({
-                "name": u.name,
-                "password_hash": u.password_hash.clone().unwrap_or_default(),
-                "hashing_algorithm": "rabbit_password_hashing_sha256",
-                "tags": u.tags,
-                "limits": {},
-            })
-        })
-        .collect();
+    let users: Vec<Value> = users.iter().map(crate::management::json::user).collect();
     let mut vhosts = broker.vhost_list();
     vhosts.sort_by(|a, b| a.name().cmp(b.name()));
     let permissions: Vec<Value> = broker
@@ -305,31 +293,15 @@ pub async fn import(broker: &Arc<Broker>, defs: &Value) -> Result<Imported, Impo
     for q in section(defs, "queues")? {
         let vhost = vhost_of(broker, q, "queue")?;
         let name = text(q, "name", "queue")?;
-        let m = QueueDeclare {
-            queue: short(name)?,
-            durable: flag(q, "durable", true),
-            auto_delete: flag(q, "auto_delete", false),
-            arguments: arguments(q)?,
-            ..Default::default()
-        };
-        match vhost.find_queue(name) {
-            Some(existing) => crate::channel::check_equivalent(&existing, &m, vhost.name())?,
-            None => {
-                let args = queue_store::QueueArgs::parse(&m.arguments, name, vhost.name())
-                    .map_err(AmqpError::from)?;
-                vhost
-                    .declare_queue(
-                        broker,
-                        m.queue,
-                        m.durable,
-                        m.auto_delete,
-                        None,
-                        args,
-                        m.arguments,
-                    )
-                    .await?;
-            }
-        }
+        vhost
+            .declare_or_check_queue(
+                broker,
+                short(name)?,
+                flag(q, "durable", true),
+                flag(q, "auto_delete", false),
+                arguments(q)?,
+            )
+            .await?;
         done.applied += 1;
     }
     for b in section(defs, "bindings")? {

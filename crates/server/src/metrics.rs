@@ -8,7 +8,6 @@
 //! Counters are atomics bumped where the event happens; totals are read from
 //! the broker's state at scrape time.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -351,15 +350,6 @@ pub fn spawn(broker: &Arc<Broker>, listener: TcpListener) {
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/metrics/per-object", get(per_object))
-        .with_state(broker.clone())
-        .into_make_service_with_connect_info::<SocketAddr>();
-    let shutdown = broker.shutdown.clone();
-    broker.tracker.spawn(async move {
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { shutdown.cancelled().await })
-            .await;
-        if let Err(e) = served {
-            tracing::error!(error = %e, "metrics endpoint stopped");
-        }
-    });
+        .with_state(broker.clone());
+    crate::management::serve_http(broker, listener, app, "metrics endpoint");
 }

@@ -468,6 +468,43 @@ impl Vhost {
         Ok(handle)
     }
 
+    /// Declares a queue as the management API and definitions import do
+    /// (never exclusive): an existing queue must be equivalent (RabbitMQ's
+    /// 406 otherwise). Returns whether it was created.
+    pub async fn declare_or_check_queue(
+        self: &Arc<Self>,
+        broker: &Arc<Broker>,
+        name: ShortStr,
+        durable: bool,
+        auto_delete: bool,
+        arguments: FieldTable,
+    ) -> Result<bool, AmqpError> {
+        let m = amqp_codec::methods::QueueDeclare {
+            queue: name,
+            durable,
+            auto_delete,
+            arguments,
+            ..Default::default()
+        };
+        if let Some(existing) = self.find_queue(&m.queue) {
+            crate::channel::check_equivalent(&existing, &m, &self.name)?;
+            return Ok(false);
+        }
+        let args = QueueArgs::parse(&m.arguments, &m.queue, &self.name)?;
+        args.check_properties(durable, false, auto_delete, &m.queue, &self.name)?;
+        self.declare_queue(
+            broker,
+            m.queue,
+            durable,
+            auto_delete,
+            None,
+            args,
+            m.arguments,
+        )
+        .await?;
+        Ok(true)
+    }
+
     /// Deletes a queue: its messages, bindings, consumers (who are told, if
     /// they asked to be) and durable record. Returns its ready-message count.
     ///

@@ -197,16 +197,7 @@ async fn definitions_move_between_brokers_and_errors_have_exit_codes() {
     let source = TestBroker::start().await;
     let conn = source.connect().await;
     let ch = conn.create_channel().await.unwrap();
-    ch.queue_declare(
-        "kept".into(),
-        lapin::options::QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        lapin::types::FieldTable::default(),
-    )
-    .await
-    .unwrap();
+    warren_tests::declare_durable_queue(&ch, "kept").await;
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("defs.json");
     stdout(&ctl(&source, &["export_definitions", file.to_str().unwrap()]).await);

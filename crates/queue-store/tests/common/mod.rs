@@ -12,7 +12,21 @@ use queue_store::{Effects, Message, MessageId, Queue, QueueArgs, Store};
 /// A message whose body names its id, so recovery can check it.
 pub(crate) fn message(store: &Store, persistent: bool, expiration: Option<u64>) -> Arc<Message> {
     let id = store.next_message_id();
-    let body = Bytes::from(format!("message {}", id.0));
+    build(
+        id,
+        Bytes::from(format!("message {}", id.0)),
+        persistent,
+        expiration,
+    )
+}
+
+/// A message with the given id and body.
+pub(crate) fn build(
+    id: MessageId,
+    body: Bytes,
+    persistent: bool,
+    expiration: Option<u64>,
+) -> Arc<Message> {
     Message::new(
         id,
         ShortStr::from_static("amq.direct"),

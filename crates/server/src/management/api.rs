@@ -5,7 +5,6 @@
 use std::sync::Arc;
 
 use amqp_codec::ShortStr;
-use amqp_codec::methods::QueueDeclare;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -17,7 +16,6 @@ use serde_json::{Map, Value, json};
 use super::json::{binding, exchange, flag, json_to_table, queue};
 use super::{ApiError, Caller};
 use crate::broker::Broker;
-use crate::error::AmqpError;
 use crate::vhost::Vhost;
 
 /// The node name reported in objects (single-node broker).
@@ -245,27 +243,17 @@ async fn delete_vhost(State(b): Shared, caller: Caller, Path(name): Path<String>
     no_content()
 }
 
-fn user_json(u: &crate::auth::User) -> Value {
-    json!({
-        "name": u.name,
-        "password_hash": u.password_hash.clone().unwrap_or_default(),
-        "hashing_algorithm": "rabbit_password_hashing_sha256",
-        "tags": u.tags,
-        "limits": {},
-    })
-}
-
 async fn list_users(State(b): Shared, caller: Caller) -> ApiResult {
     caller.require_admin()?;
     let mut users = b.auth.users();
     users.sort_by(|a, c| a.name.cmp(&c.name));
-    ok(Value::Array(users.iter().map(user_json).collect()))
+    ok(Value::Array(users.iter().map(super::json::user).collect()))
 }
 
 async fn get_user(State(b): Shared, caller: Caller, Path(name): Path<String>) -> ApiResult {
     caller.require_admin()?;
     let u = b.auth.user(&name).ok_or_else(ApiError::not_found)?;
-    ok(user_json(&u))
+    ok(super::json::user(&u))
 }
 
 /// `tags` as RabbitMQ accepts it: a comma-separated string or a list.
@@ -454,37 +442,22 @@ async fn put_queue(
     caller.require_admin()?;
     let v = b.vhost(&vhost).ok_or_else(ApiError::not_found)?;
     let body = body_map(body);
-    let m = QueueDeclare {
-        queue: short(&name)?,
-        durable: flag(&body, "durable", true).map_err(ApiError::bad_request)?,
-        auto_delete: flag(&body, "auto_delete", false).map_err(ApiError::bad_request)?,
-        arguments: json_to_table(body.get("arguments").unwrap_or(&Value::Null))
-            .map_err(ApiError::bad_request)?,
-        ..Default::default()
-    };
     if name.starts_with("amq.") {
         return Err(ApiError::bad_request(format!(
             "queue name '{name}' contains reserved prefix 'amq.*'"
         )));
     }
-    if let Some(existing) = v.find_queue(&name) {
-        crate::channel::check_equivalent(&existing, &m, v.name())?;
-        return created(false);
-    }
-    let args = QueueArgs::parse(&m.arguments, &name, v.name()).map_err(AmqpError::from)?;
-    args.check_properties(m.durable, false, m.auto_delete, &name, v.name())
-        .map_err(AmqpError::from)?;
-    v.declare_queue(
-        &b,
-        m.queue,
-        m.durable,
-        m.auto_delete,
-        None,
-        args,
-        m.arguments,
-    )
-    .await?;
-    created(true)
+    let created = v
+        .declare_or_check_queue(
+            &b,
+            short(&name)?,
+            flag(&body, "durable", true).map_err(ApiError::bad_request)?,
+            flag(&body, "auto_delete", false).map_err(ApiError::bad_request)?,
+            json_to_table(body.get("arguments").unwrap_or(&Value::Null))
+                .map_err(ApiError::bad_request)?,
+        )
+        .await?;
+    self::created(created)
 }
 
 async fn delete_queue(
@@ -853,17 +826,14 @@ async fn user_permissions(State(b): Shared, caller: Caller, Path(user): Path<Str
     ))
 }
 
-/// Percent-encodes a path segment.
+/// Percent-encodes a path segment (RFC 3986 unreserved characters stay).
 fn percent(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'_')
+        .remove(b'.')
+        .remove(b'~');
+    percent_encoding::utf8_percent_encode(s, SEGMENT).to_string()
 }
 
 async fn alarms(State(b): Shared, _caller: Caller) -> ApiResult {

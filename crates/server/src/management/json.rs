@@ -76,6 +76,17 @@ fn json_to_value(v: &Value) -> Result<FieldValue, String> {
     })
 }
 
+/// A user as `/api/users` lists it and definitions files hold it.
+pub(crate) fn user(u: &crate::auth::User) -> Value {
+    json!({
+        "name": u.name,
+        "password_hash": u.password_hash.clone().unwrap_or_default(),
+        "hashing_algorithm": "rabbit_password_hashing_sha256",
+        "tags": u.tags,
+        "limits": {},
+    })
+}
+
 /// A queue as `/api/queues` lists it.
 pub(super) fn queue(vhost: &str, q: &QueueHandle) -> Value {
     let st = q.state.lock();

@@ -31,14 +31,31 @@ use crate::broker::Broker;
 
 /// Starts serving the API on `listener` until the broker shuts down.
 pub fn spawn(broker: &Arc<Broker>, listener: TcpListener) {
-    let app = api::router(broker.clone()).into_make_service_with_connect_info::<SocketAddr>();
+    serve_http(
+        broker,
+        listener,
+        api::router(broker.clone()),
+        "management API",
+    );
+}
+
+/// Serves `app` on `listener` (peer addresses available to handlers) until
+/// the broker shuts down; shared by the management API and the metrics
+/// endpoint.
+pub(crate) fn serve_http(
+    broker: &Arc<Broker>,
+    listener: TcpListener,
+    app: axum::Router,
+    what: &'static str,
+) {
+    let app = app.into_make_service_with_connect_info::<SocketAddr>();
     let shutdown = broker.shutdown.clone();
     broker.tracker.spawn(async move {
         let served = axum::serve(listener, app)
             .with_graceful_shutdown(async move { shutdown.cancelled().await })
             .await;
         if let Err(e) = served {
-            tracing::error!(error = %e, "management API stopped");
+            tracing::error!(error = %e, "{what} stopped");
         }
     });
 }
