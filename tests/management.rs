@@ -1041,3 +1041,86 @@ async fn round_trip(
         .map(|m| m.delivery.data)
         .unwrap_or_default()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_read_endpoint_answers_in_shape() {
+    let broker = TestBroker::start().await;
+    let conn = broker.connect().await;
+    let ch = channel_with_queue(&conn, "q1").await;
+    flushed(&ch).await;
+    let api = Api::guest(&broker);
+    assert_eq!(
+        api.put(
+            "/api/policies/%2F/p1",
+            json!({"pattern": "^q", "definition": {"max-length": 9}})
+        )
+        .await,
+        StatusCode::CREATED
+    );
+    let (_, conns) = api.get("/api/connections").await;
+    let conn_name: String = conns[0]["name"]
+        .as_str()
+        .unwrap()
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b == b'.' {
+                char::from(b).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect();
+    // (path, a field every answer has: in the object, or in each element)
+    let checks: Vec<(String, &str)> = vec![
+        ("/api/whoami".into(), "name"),
+        ("/api/users/guest".into(), "hashing_algorithm"),
+        ("/api/vhosts/%2F".into(), "messages_ready"),
+        ("/api/nodes/warren@localhost".into(), "mem_limit"),
+        (format!("/api/connections/{conn_name}"), "peer_port"),
+        ("/api/policies".into(), "apply-to"),
+        ("/api/policies/%2F/p1".into(), "definition"),
+        ("/api/permissions/%2F/guest".into(), "configure"),
+        ("/api/exchanges".into(), "type"),
+        ("/api/exchanges/%2F/amq.fanout".into(), "internal"),
+        ("/api/queues".into(), "messages_unacknowledged"),
+        ("/api/queues/%2F".into(), "consumers"),
+        ("/api/bindings".into(), "properties_key"),
+        (
+            "/api/bindings/%2F/e/amq.default/q/q1".into(),
+            "destination_type",
+        ),
+        (
+            "/api/bindings/%2F/e/amq.default/q/q1/q1".into(),
+            "routing_key",
+        ),
+        ("/api/channels".into(), "connection_details"),
+        ("/api/definitions".into(), "rabbit_version"),
+    ];
+    for (path, field) in checks {
+        let (status, body) = api.get(&path).await;
+        assert_eq!(status, StatusCode::OK, "{path}: {body}");
+        let has = |v: &Value| v.get(field).is_some();
+        let ok = match &body {
+            Value::Array(items) => !items.is_empty() && items.iter().all(has),
+            other => has(other),
+        };
+        assert!(ok, "{path} lacks '{field}': {body}");
+    }
+    let (_, q) = api.get("/api/queues/%2F/q1").await;
+    assert_eq!(q["policy"], "p1");
+    // Missing objects are 404 with RabbitMQ's body everywhere.
+    for path in [
+        "/api/users/nobody",
+        "/api/vhosts/nowhere",
+        "/api/nodes/rabbit@elsewhere",
+        "/api/connections/nope",
+        "/api/policies/%2F/none",
+        "/api/exchanges/%2F/none",
+        "/api/queues/nowhere",
+    ] {
+        let (status, body) = api.get(path).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{path}");
+        assert_eq!(body["error"], "Object Not Found", "{path}");
+    }
+    broker.stop().await;
+}
