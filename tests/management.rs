@@ -234,6 +234,49 @@ async fn requests_are_authenticated_and_tags_enforced() {
     );
     assert!(broker.broker().vhost("nope").is_none());
     assert_eq!(watcher.get("/api/users").await.0, StatusCode::UNAUTHORIZED);
+
+    // A policymaker may set policies only in vhosts it has permissions in.
+    assert_eq!(
+        admin.put("/api/vhosts/other", json!({})).await,
+        StatusCode::CREATED
+    );
+    assert_eq!(
+        admin
+            .put(
+                "/api/users/pm",
+                json!({"password": "p", "tags": "policymaker"})
+            )
+            .await,
+        StatusCode::CREATED
+    );
+    assert_eq!(
+        admin
+            .put(
+                "/api/permissions/%2F/pm",
+                json!({"configure": ".*", "write": ".*", "read": ".*"})
+            )
+            .await,
+        StatusCode::CREATED
+    );
+    let pm = Api::new(&broker, "pm", "p");
+    let policy = json!({"pattern": ".*", "definition": {"max-length": 1}});
+    assert_eq!(
+        pm.put("/api/policies/%2F/mine", policy.clone()).await,
+        StatusCode::CREATED
+    );
+    assert_eq!(
+        pm.put("/api/policies/other/theirs", policy).await,
+        StatusCode::NOT_FOUND
+    );
+    assert!(
+        broker
+            .broker()
+            .vhost("other")
+            .unwrap()
+            .policies
+            .read()
+            .is_empty()
+    );
     broker.stop().await;
 }
 
@@ -412,8 +455,31 @@ async fn objects_made_through_the_api_serve_amqp_clients() {
         StatusCode::NOT_FOUND
     );
     assert_eq!(api.delete("/api/users/alice").await, StatusCode::NO_CONTENT);
+    // Deleting a vhost takes its permissions and policies with it.
+    assert_eq!(
+        api.put(
+            "/api/permissions/shop/guest",
+            json!({"configure": ".*", "write": ".*", "read": ".*"})
+        )
+        .await,
+        StatusCode::CREATED
+    );
+    assert_eq!(
+        api.put(
+            "/api/policies/shop/p",
+            json!({"pattern": ".*", "definition": {"max-length": 5}})
+        )
+        .await,
+        StatusCode::CREATED
+    );
     assert_eq!(api.delete("/api/vhosts/shop").await, StatusCode::NO_CONTENT);
     assert_eq!(api.get("/api/vhosts/shop").await.0, StatusCode::NOT_FOUND);
+    assert_eq!(
+        api.put("/api/vhosts/shop", json!({})).await,
+        StatusCode::CREATED
+    );
+    assert_eq!(api.get("/api/vhosts/shop/permissions").await.1, json!([]));
+    assert_eq!(api.get("/api/policies/shop").await.1, json!([]));
     broker.stop().await;
 }
 
@@ -839,6 +905,15 @@ async fn policies_apply_to_live_queues_at_once_and_survive_a_restart() {
         .await,
         StatusCode::BAD_REQUEST
     );
+    assert_eq!(
+        api.put(
+            "/api/policies/%2F/bad",
+            json!({"pattern": ".*", "definition": {"dead-letter-routing-key": "k"}})
+        )
+        .await,
+        StatusCode::BAD_REQUEST,
+        "a dead-letter routing key needs a dead-letter exchange, as for arguments"
+    );
 
     // Policies are durable definitions and apply again after a restart.
     drop(ch);
@@ -944,6 +1019,14 @@ async fn messages_are_published_and_fetched_through_the_api() {
     assert_eq!(got[1]["payload_encoding"], "base64", "not UTF-8: base64");
     let (_, q) = api.get("/api/queues/%2F/inbox").await;
     assert_eq!(q["messages"], 0);
+
+    // A forged user-id is refused, as basic.publish refuses it.
+    let (status, _) = post(
+        "/api/exchanges/%2F/amq.default/publish",
+        json!({"routing_key": "inbox", "payload": "x", "payload_encoding": "string", "properties": {"user_id": "mallory"}}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
 
     let (status, body) = api.get("/api/aliveness-test/%2F").await;
     assert_eq!((status, body), (StatusCode::OK, json!({"status": "ok"})));

@@ -695,6 +695,7 @@ impl Storage for SledStorage {
         let mut state = lock(&self.state);
         let mut b = Builder::new(state.next_seg);
         state.next_seg += 1;
+        let mut definitions = Vec::new();
         for w in writes {
             if b.buf.len() >= SEGMENT_TARGET {
                 let next = Builder::new(state.next_seg);
@@ -737,6 +738,18 @@ impl Storage for SledStorage {
                     b.buf.put_u64(*queue);
                     state.delete_queue_index(&mut b, *queue);
                 }
+                Write::PutDefinition { .. } | Write::DeleteDefinition { .. } => definitions.push(w),
+            }
+        }
+        if !b.buf.is_empty() {
+            self.compact_one(&mut state, &mut b)?;
+            self.seal(&mut state, b)?;
+        }
+        // Definitions after the log: a crash that keeps a prefix of sled's
+        // operations may lose a queue's deletion, never keep its definition's
+        // deletion while losing the deletion of its index.
+        for w in definitions {
+            match w {
                 Write::PutDefinition { kind, key, value } => {
                     let mut buf = BytesMut::new();
                     value
@@ -747,11 +760,8 @@ impl Storage for SledStorage {
                 Write::DeleteDefinition { kind, key } => {
                     self.definitions.remove(def_key(*kind, key))?;
                 }
+                _ => {}
             }
-        }
-        if !b.buf.is_empty() {
-            self.compact_one(&mut state, &mut b)?;
-            self.seal(&mut state, b)?;
         }
         Ok(())
     }
@@ -762,31 +772,43 @@ impl Storage for SledStorage {
     }
 
     fn message(&self, id: MessageId) -> Result<Option<Message>, StoreError> {
-        let Some(loc) = lock(&self.state).messages.get(&id).copied() else {
-            return Ok(None);
-        };
-        let cached = lock(&self.read_cache)
-            .as_ref()
-            .filter(|(s, _)| *s == loc.seg)
-            .map(|(_, v)| v.clone());
-        let data = match cached {
-            Some(v) => v,
-            None => match self.log.get(seg_key(loc.seg))? {
-                // Deleted meanwhile: so was the message.
-                None => return Ok(None),
-                Some(v) => {
-                    *lock(&self.read_cache) = Some((loc.seg, v.clone()));
-                    v
-                }
-            },
-        };
-        let raw = data
-            .get(loc.off as usize..(loc.off as usize + loc.len as usize))
-            .ok_or_else(|| StoreError::Corrupt {
-                what: "message location",
-                key: id.0.to_string(),
-            })?;
-        Message::decode(id, Bytes::copy_from_slice(raw)).map(Some)
+        // The location is read under the lock and the segment without it, so
+        // the writer may move the message (compaction) and remove its old
+        // segment in between: then look again. The last attempt keeps the
+        // lock across the read, so it cannot miss.
+        for attempt in 0..3 {
+            let state = lock(&self.state);
+            let Some(loc) = state.messages.get(&id).copied() else {
+                return Ok(None);
+            };
+            let held = (attempt == 2).then_some(state);
+            let cached = lock(&self.read_cache)
+                .as_ref()
+                .filter(|(s, _)| *s == loc.seg)
+                .map(|(_, v)| v.clone());
+            let data = match cached {
+                Some(v) => v,
+                None => match self.log.get(seg_key(loc.seg))? {
+                    None => continue,
+                    Some(v) => {
+                        *lock(&self.read_cache) = Some((loc.seg, v.clone()));
+                        v
+                    }
+                },
+            };
+            drop(held);
+            let raw = data
+                .get(loc.off as usize..(loc.off as usize + loc.len as usize))
+                .ok_or_else(|| StoreError::Corrupt {
+                    what: "message location",
+                    key: id.0.to_string(),
+                })?;
+            return Message::decode(id, Bytes::copy_from_slice(raw)).map(Some);
+        }
+        Err(StoreError::Corrupt {
+            what: "message location (segment missing)",
+            key: id.0.to_string(),
+        })
     }
 
     fn message_ids(&self) -> Result<Vec<MessageId>, StoreError> {

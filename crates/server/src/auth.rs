@@ -276,6 +276,39 @@ impl Auth {
         })
     }
 
+    /// Removes every permission and topic permission in a vhost (the vhost is
+    /// deleted); returns the writes to persist.
+    pub fn clear_vhost(&self, vhost: &str) -> Vec<Write> {
+        let users: Vec<String> = self
+            .permissions
+            .read()
+            .keys()
+            .filter(|(_, v)| v == vhost)
+            .map(|(u, _)| u.clone())
+            .collect();
+        let mut writes: Vec<Write> = users
+            .iter()
+            .flat_map(|u| self.clear_permissions(u, vhost))
+            .collect();
+        let topics: Vec<(String, String, String)> = self
+            .topic
+            .read()
+            .keys()
+            .filter(|(_, v, _)| v == vhost)
+            .cloned()
+            .collect();
+        for (u, v, x) in topics {
+            self.topic
+                .write()
+                .remove(&(u.clone(), v.clone(), x.clone()));
+            writes.push(Write::DeleteDefinition {
+                kind: DefKind::TopicPermission,
+                key: scoped_name(&v, &[u.as_bytes(), x.as_bytes()]),
+            });
+        }
+        writes
+    }
+
     /// Removes a user's permissions in a vhost.
     pub fn clear_permissions(&self, user: &str, vhost: &str) -> Vec<Write> {
         self.permissions

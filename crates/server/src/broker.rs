@@ -352,10 +352,20 @@ impl Broker {
             let _ = v.delete_queue(self, &q, false).await;
         }
         v.delete_exchanges(self);
-        self.store.submit([queue_store::Write::DeleteDefinition {
+        // Its permissions and policies go with it (a vhost created later
+        // under the same name starts clean, as in RabbitMQ).
+        let mut writes = self.auth.clear_vhost(name);
+        for p in v.policies.write().drain(..) {
+            writes.push(queue_store::Write::DeleteDefinition {
+                kind: queue_store::DefKind::Policy,
+                key: queue_store::scoped_name(name, &[p.name.as_bytes()]),
+            });
+        }
+        writes.push(queue_store::Write::DeleteDefinition {
             kind: queue_store::DefKind::Vhost,
             key: bytes::Bytes::from(name.to_owned().into_bytes()),
-        }]);
+        });
+        self.store.submit(writes);
         self.store.commit().await?;
         tracing::info!(vhost = name, "vhost deleted");
         Ok(())
@@ -465,6 +475,23 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
         *vhost.limits.lock() = *limits;
         broker.vhosts.insert(name.clone(), vhost.clone());
         queues += vhost.recover(&broker, &mut recovered);
+    }
+    // Index entries of queues without a definition (a crash between writing
+    // them and the queue's definition, or between deleting the definition and
+    // the index): drop them and their bodies, and never reuse their ids.
+    for (id, entries) in std::mem::take(&mut recovered.queues) {
+        tracing::warn!(
+            queue_id = id,
+            messages = entries.len(),
+            "dropping the index of an undefined queue"
+        );
+        broker.note_queue_id(id);
+        broker
+            .store
+            .submit([queue_store::Write::DeleteQueueIndex { queue: id }]);
+        for (_, entry) in entries {
+            broker.store.release(entry.message);
+        }
     }
     if first_boot {
         let (user, pass) = (

@@ -119,7 +119,7 @@ impl Policy {
                 return Err(format!("Validation failed\n\n{value} is not a valid {key}"));
             }
         }
-        Ok(Policy {
+        let policy = Policy {
             name: name.to_owned(),
             vhost: vhost.to_owned(),
             pattern: pattern.to_owned(),
@@ -127,7 +127,12 @@ impl Policy {
             apply_to,
             priority,
             definition,
-        })
+        };
+        // What the queue arguments would refuse (a TTL too large, a
+        // dead-letter routing key without an exchange) is refused here too.
+        queue_store::QueueArgs::parse(&policy.merge_into(&FieldTable::new()), name, vhost)
+            .map_err(|e| format!("Validation failed\n\n{e}"))?;
+        Ok(policy)
     }
 
     /// Whether it applies to the exchange called `exchange`.

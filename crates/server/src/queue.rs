@@ -157,7 +157,7 @@ impl QueueHandle {
         if self.flow_limit == 0 {
             return false;
         }
-        if st.memory_in_use() > self.flow_limit {
+        if st.ready_memory() > self.flow_limit {
             if self.flow.raise() {
                 tracing::info!(queue = %self.name, limit = self.flow_limit, "queue over its flow limit; pausing its publishers");
             }
@@ -169,7 +169,7 @@ impl QueueHandle {
 
     /// Lowers the flow gate once the queue has drained to half its limit.
     pub fn relieve_flow(&self, st: &QueueState) {
-        if self.flow.is_raised() && st.memory_in_use() <= self.flow_limit / 2 && self.flow.lower() {
+        if self.flow.is_raised() && st.ready_memory() <= self.flow_limit / 2 && self.flow.lower() {
             tracing::info!(queue = %self.name, "queue drained; its publishers resume");
         }
     }
@@ -261,6 +261,13 @@ impl QueueState {
         }
         self.dispatch(handle, store, fx);
         (outcome, wrote)
+    }
+
+    /// Memory of the ready messages only: what publishers are paused for.
+    /// (Unacknowledged ones wait for consumers; counting them could pause a
+    /// connection whose own acks would relieve the queue.)
+    pub fn ready_memory(&self) -> u64 {
+        self.queue.loaded_bytes() + self.queue.ready_count() * ENTRY_OVERHEAD
     }
 
     /// Memory this queue accounts for: bodies it holds in memory (ready and

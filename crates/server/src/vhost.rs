@@ -192,29 +192,32 @@ impl Vhost {
     /// Puts the arguments in effect for `q` — its own merged with the policy
     /// that applies to it, if any — and records which policy that is.
     pub fn apply_policy(&self, broker: &Arc<Broker>, q: &QueueHandle) {
-        let policies = self.policies.read();
-        let policy = crate::policy::for_queue(&policies, &q.name);
-        let merged = policy.map_or_else(|| q.arguments.clone(), |p| p.merge_into(&q.arguments));
-        let name = policy.map(|p| p.name.clone());
-        drop(policies);
-        let args = match QueueArgs::parse(&merged, &q.name, &self.name) {
-            Ok(a) => a,
-            Err(e) => {
-                tracing::warn!(queue = %q.name, error = %e, "policy not applicable; keeping the queue's own arguments");
-                return;
-            }
-        };
-        q.set_consumer_timeout(args.consumer_timeout);
         let mut fx = Effects::default();
         {
+            // Policies are held until the queue has its arguments, so that
+            // two policy changes cannot apply out of order (lock order:
+            // policies, then the queue's state).
+            let policies = self.policies.read();
+            let policy = crate::policy::for_queue(&policies, &q.name);
+            let merged = policy.map(|p| p.merge_into(&q.arguments));
+            let own = || QueueArgs::parse(&q.arguments, &q.name, &self.name).unwrap_or_default();
+            let (args, name) = match merged.map(|m| QueueArgs::parse(&m, &q.name, &self.name)) {
+                Some(Ok(args)) => (args, policy.map(|p| p.name.clone())),
+                Some(Err(e)) => {
+                    tracing::warn!(queue = %q.name, error = %e, "policy not applicable; the queue's own arguments apply");
+                    (own(), None)
+                }
+                None => (own(), None),
+            };
+            q.set_consumer_timeout(args.consumer_timeout);
             let mut st = q.state.lock();
             if st.deleted {
                 return;
             }
             st.queue.set_effective_args(args, &mut fx);
             st.dispatch(q, &broker.store, &mut fx);
+            *q.policy.lock() = name;
         }
-        *q.policy.lock() = name;
         q.wake.notify_one();
         self.apply(broker, &mut fx);
     }

@@ -99,6 +99,7 @@ pub(super) fn router(broker: Arc<Broker>) -> Router {
         )
         .route("/api/health/checks/alarms", get(alarms))
         .route("/api/health/checks/local-alarms", get(alarms))
+        .layer(axum::extract::DefaultBodyLimit::max(20 << 20))
         .with_state(broker)
 }
 
@@ -1061,6 +1062,9 @@ async fn put_policy(
     body: Body,
 ) -> ApiResult {
     caller.require_policymaker()?;
+    if !caller.may_see(&b, &vhost) {
+        return Err(ApiError::not_found());
+    }
     let body = body_map(body);
     let pattern = body
         .get("pattern")
@@ -1099,7 +1103,7 @@ async fn delete_policy(
     Path((vhost, name)): Path<(String, String)>,
 ) -> ApiResult {
     caller.require_policymaker()?;
-    if b.clear_policy(&vhost, &name).await? {
+    if caller.may_see(&b, &vhost) && b.clear_policy(&vhost, &name).await? {
         no_content()
     } else {
         Err(ApiError::not_found())
@@ -1202,6 +1206,28 @@ async fn publish_message(
         }
     };
     let props = properties_from_json(body.get("properties").unwrap_or(&Value::Null))?;
+    // The checks basic.publish makes: a validated user-id, topic permissions.
+    if let Some(user) = &props.user_id {
+        if user.as_str() != caller.name {
+            return Err(ApiError::bad_request(format!(
+                "user_id property set to '{user}' but authenticated user was '{}'",
+                caller.name
+            )));
+        }
+    }
+    if v.router
+        .read()
+        .exchange(&name)
+        .is_some_and(|x| x.kind == exchange::ExchangeKind::Topic)
+    {
+        b.auth.check_topic(
+            &caller.name,
+            v.name(),
+            &name,
+            routing_key,
+            crate::auth::Access::Write,
+        )?;
+    }
     let headers = props.headers.clone();
     let header = amqp_codec::ContentHeader {
         class_id: amqp_codec::class_id::BASIC,
@@ -1251,6 +1277,13 @@ async fn get_messages(
         crate::auth::Access::Read,
     )?;
     let q = v.find_queue(&name).ok_or_else(ApiError::not_found)?;
+    if q.exclusive_owner.is_some() {
+        return Err(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "resource_locked",
+            format!("cannot obtain exclusive access to locked queue '{name}' in vhost '{vhost}'"),
+        ));
+    }
     let body = body_map(body);
     let count = body.get("count").and_then(Value::as_u64).unwrap_or(1);
     let ackmode = body
