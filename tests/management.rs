@@ -888,32 +888,23 @@ async fn policies_apply_to_live_queues_at_once_and_survive_a_restart() {
     let (_, policies) = api.get("/api/policies/%2F").await;
     assert_eq!(policies.as_array().unwrap().len(), 2);
 
-    // Validation, as RabbitMQ: unknown keys and bad values are refused.
-    assert_eq!(
-        api.put(
-            "/api/policies/%2F/bad",
-            json!({"pattern": ".*", "definition": {"max-length": "many"}})
-        )
-        .await,
-        StatusCode::BAD_REQUEST
-    );
-    assert_eq!(
-        api.put(
-            "/api/policies/%2F/bad",
-            json!({"pattern": ".*", "definition": {"ha-mode": "all"}})
-        )
-        .await,
-        StatusCode::BAD_REQUEST
-    );
-    assert_eq!(
-        api.put(
-            "/api/policies/%2F/bad",
-            json!({"pattern": ".*", "definition": {"dead-letter-routing-key": "k"}})
-        )
-        .await,
-        StatusCode::BAD_REQUEST,
-        "a dead-letter routing key needs a dead-letter exchange, as for arguments"
-    );
+    // Validation, as RabbitMQ: unknown keys and bad values are refused (a
+    // dead-letter routing key needs a dead-letter exchange, as for arguments).
+    for definition in [
+        json!({"max-length": "many"}),
+        json!({"ha-mode": "all"}),
+        json!({"dead-letter-routing-key": "k"}),
+    ] {
+        assert_eq!(
+            api.put(
+                "/api/policies/%2F/bad",
+                json!({"pattern": ".*", "definition": definition.clone()})
+            )
+            .await,
+            StatusCode::BAD_REQUEST,
+            "{definition}"
+        );
+    }
 
     // Policies are durable definitions and apply again after a restart.
     drop(ch);

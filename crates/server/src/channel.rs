@@ -591,20 +591,13 @@ impl Channel {
             Method::QueueBind(m) => {
                 self.allow(broker, vhost, Resource::Queue, &m.queue, Access::Write)?;
                 self.allow(broker, vhost, Resource::Exchange, &m.exchange, Access::Read)?;
-                if vhost
-                    .router
-                    .read()
-                    .exchange(&m.exchange)
-                    .is_some_and(|x| x.kind == exchange::ExchangeKind::Topic)
-                {
-                    broker.auth.check_topic(
-                        &self.shared.connection.user,
-                        vhost.name(),
-                        &m.exchange,
-                        &m.routing_key,
-                        Access::Read,
-                    )?;
-                }
+                vhost.check_topic(
+                    &broker.auth,
+                    &self.shared.connection.user,
+                    &m.exchange,
+                    &m.routing_key,
+                    Access::Read,
+                )?;
                 let queue = vhost
                     .queue_for(&m.queue, self.shared.connection.id)?
                     .name
@@ -1180,14 +1173,10 @@ impl Channel {
                 )));
             }
         }
-        if let Some(user) = header.properties.user_id() {
-            if user.as_str() != self.shared.connection.user {
-                return Err(AmqpError::precondition_failed(format!(
-                    "user_id property set to '{user}' but authenticated user was '{}'",
-                    self.shared.connection.user
-                )));
-            }
-        }
+        crate::vhost::check_user_id(
+            header.properties.user_id().as_ref().map(ShortStr::as_str),
+            &self.shared.connection.user,
+        )?;
         let header = match header.properties.reply_to() {
             Some(r) if r.as_str() == reply_to::PSEUDO_QUEUE => {
                 let Some((token, _)) = &self.reply_consumer else {
@@ -1229,21 +1218,13 @@ impl Channel {
             &m.exchange,
             Access::Write,
         )?;
-        if !m.exchange.is_empty()
-            && vhost
-                .router
-                .read()
-                .exchange(&m.exchange)
-                .is_some_and(|x| x.kind == exchange::ExchangeKind::Topic)
-        {
-            broker.auth.check_topic(
-                &self.shared.connection.user,
-                vhost.name(),
-                &m.exchange,
-                &m.routing_key,
-                Access::Write,
-            )?;
-        }
+        vhost.check_topic(
+            &broker.auth,
+            &self.shared.connection.user,
+            &m.exchange,
+            &m.routing_key,
+            Access::Write,
+        )?;
         let mut fx = std::mem::take(&mut self.fx);
         let published = vhost.enqueue(
             broker,

@@ -206,16 +206,13 @@ pub async fn import(broker: &Arc<Broker>, defs: &Value) -> Result<Imported, Impo
         .as_object()
         .ok_or_else(|| ImportError::Malformed("not a JSON object".into()))?;
     let mut done = Imported::default();
-    for key in ["parameters"] {
-        for entry in section(defs, key)? {
-            let name = entry.get("name").and_then(Value::as_str).unwrap_or("?");
-            tracing::warn!(
-                section = key,
-                name,
-                "definitions: not supported yet, skipped"
-            );
-            done.skipped.push(format!("{key}: {name}"));
-        }
+    for entry in section(defs, "parameters")? {
+        let name = entry.get("name").and_then(Value::as_str).unwrap_or("?");
+        tracing::warn!(
+            name,
+            "definitions: runtime parameters are not supported yet, skipped"
+        );
+        done.skipped.push(format!("parameters: {name}"));
     }
     for v in section(defs, "vhosts")? {
         broker.add_vhost(text(v, "name", "vhost")?).await?;

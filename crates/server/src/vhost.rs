@@ -713,6 +713,28 @@ impl Vhost {
         }
     }
 
+    /// Topic permissions, which apply to topic exchanges only: `access` to
+    /// `routing_key` on `exchange` for `user`.
+    pub fn check_topic(
+        &self,
+        auth: &crate::auth::Auth,
+        user: &str,
+        exchange: &str,
+        routing_key: &str,
+        access: crate::auth::Access,
+    ) -> Result<(), AmqpError> {
+        let topic = self
+            .router
+            .read()
+            .exchange(exchange)
+            .is_some_and(|x| x.kind == exchange::ExchangeKind::Topic);
+        if topic {
+            auth.check_topic(user, &self.name, exchange, routing_key, access)
+        } else {
+            Ok(())
+        }
+    }
+
     /// Routes a published message and enqueues it on every queue it reached:
     /// the one path for `basic.publish` and the management API's publish.
     /// Counts it in the metrics and the memory accounting; store writes and
@@ -901,5 +923,16 @@ fn strip_bcc(
             ..header
         },
         Err(_) => header,
+    }
+}
+
+/// RabbitMQ's validated user-id: a published `user-id` must be the
+/// publisher's own user name.
+pub fn check_user_id(claimed: Option<&str>, user: &str) -> Result<(), AmqpError> {
+    match claimed {
+        Some(claimed) if claimed != user => Err(AmqpError::precondition_failed(format!(
+            "user_id property set to '{claimed}' but authenticated user was '{user}'"
+        ))),
+        _ => Ok(()),
     }
 }

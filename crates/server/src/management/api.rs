@@ -1207,27 +1207,14 @@ async fn publish_message(
     };
     let props = properties_from_json(body.get("properties").unwrap_or(&Value::Null))?;
     // The checks basic.publish makes: a validated user-id, topic permissions.
-    if let Some(user) = &props.user_id {
-        if user.as_str() != caller.name {
-            return Err(ApiError::bad_request(format!(
-                "user_id property set to '{user}' but authenticated user was '{}'",
-                caller.name
-            )));
-        }
-    }
-    if v.router
-        .read()
-        .exchange(&name)
-        .is_some_and(|x| x.kind == exchange::ExchangeKind::Topic)
-    {
-        b.auth.check_topic(
-            &caller.name,
-            v.name(),
-            &name,
-            routing_key,
-            crate::auth::Access::Write,
-        )?;
-    }
+    crate::vhost::check_user_id(props.user_id.as_ref().map(ShortStr::as_str), &caller.name)?;
+    v.check_topic(
+        &b.auth,
+        &caller.name,
+        &name,
+        routing_key,
+        crate::auth::Access::Write,
+    )?;
     let headers = props.headers.clone();
     let header = amqp_codec::ContentHeader {
         class_id: amqp_codec::class_id::BASIC,
