@@ -12,26 +12,12 @@ use std::time::Duration;
 
 use lapin::options::*;
 use lapin::types::{AMQPValue, FieldTable};
-use warren_tests::{TestBroker, channel_with_queue, next_deliveries, publish};
+use warren_tests::{TestBroker, channel_with_queue, next_deliveries, publish, ready_count};
 
 fn priority(p: i32) -> FieldTable {
     let mut t = FieldTable::default();
     t.insert("x-priority".into(), AMQPValue::LongInt(p));
     t
-}
-
-async fn ready(ch: &lapin::Channel, q: &str) -> u32 {
-    ch.queue_declare(
-        q.into(),
-        QueueDeclareOptions {
-            passive: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .unwrap()
-    .message_count()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -171,7 +157,7 @@ async fn consumer_timeout_closes_the_channel_like_rabbitmq() {
         other => panic!("{other:?}"),
     }
     assert_eq!(
-        ready(&ch, "slow").await,
+        ready_count(&ch, "slow").await,
         1,
         "the message went back to the queue"
     );
@@ -202,7 +188,7 @@ async fn consumer_timeout_can_cancel_only_the_consumer() {
     let mut requeued = false;
     for _ in 0..100 {
         tokio::time::sleep(Duration::from_millis(20)).await;
-        if ready(&ch, "slow").await == 1 {
+        if ready_count(&ch, "slow").await == 1 {
             requeued = true;
             break;
         }
@@ -384,7 +370,7 @@ async fn user_id_must_match_the_connection_user() {
     .await;
     let probe = conn.create_channel().await.unwrap();
     assert_eq!(
-        ready(&probe, "q").await,
+        ready_count(&probe, "q").await,
         1,
         "only the honest message was enqueued"
     );

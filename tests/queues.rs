@@ -11,7 +11,9 @@
 use lapin::BasicProperties;
 use lapin::options::*;
 use lapin::types::{AMQPValue, FieldTable};
-use warren_tests::{TestBroker, assert_amqp_error, channel_with_queue, next_deliveries, publish};
+use warren_tests::{
+    TestBroker, assert_amqp_error, channel_with_queue, next_deliveries, publish, ready_count,
+};
 
 fn args(entries: &[(&str, AMQPValue)]) -> FieldTable {
     let mut t = FieldTable::default();
@@ -19,20 +21,6 @@ fn args(entries: &[(&str, AMQPValue)]) -> FieldTable {
         t.insert((*k).into(), v.clone());
     }
     t
-}
-
-async fn count(ch: &lapin::Channel, q: &str) -> u32 {
-    ch.queue_declare(
-        q.into(),
-        QueueDeclareOptions {
-            passive: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .unwrap()
-    .message_count()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -303,9 +291,9 @@ async fn rejected_and_overflowing_messages_are_dead_lettered() {
     for i in 1..=3u8 {
         publish(&ch, "bounded", &[i]).await;
     }
-    assert_eq!(count(&ch, "bounded").await, 2);
+    assert_eq!(ready_count(&ch, "bounded").await, 2);
     assert_eq!(
-        count(&ch, "dlq").await,
+        ready_count(&ch, "dlq").await,
         1,
         "the head was dropped to the DLX"
     );
@@ -318,7 +306,7 @@ async fn rejected_and_overflowing_messages_are_dead_lettered() {
         .reject(BasicRejectOptions { requeue: false })
         .await
         .unwrap();
-    assert_eq!(count(&ch, "dlq").await, 2);
+    assert_eq!(ready_count(&ch, "dlq").await, 2);
     let first = ch
         .basic_get("dlq".into(), BasicGetOptions { no_ack: true })
         .await

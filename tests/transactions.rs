@@ -3,22 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use lapin::options::*;
-use lapin::types::FieldTable;
-use warren_tests::{TestBroker, channel_with_queue, publish};
-
-async fn count(ch: &lapin::Channel, q: &str) -> u32 {
-    ch.queue_declare(
-        q.into(),
-        QueueDeclareOptions {
-            passive: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .unwrap()
-    .message_count()
-}
+use warren_tests::{TestBroker, channel_with_queue, publish, ready_count};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishes_appear_at_commit_and_vanish_at_rollback() {
@@ -29,14 +14,18 @@ async fn publishes_appear_at_commit_and_vanish_at_rollback() {
     tx.tx_select().await.unwrap();
     publish(&tx, "q", b"a").await;
     publish(&tx, "q", b"b").await;
-    assert_eq!(count(&observer, "q").await, 0, "nothing before commit");
+    assert_eq!(
+        ready_count(&observer, "q").await,
+        0,
+        "nothing before commit"
+    );
     tx.tx_commit().await.unwrap();
-    assert_eq!(count(&observer, "q").await, 2);
+    assert_eq!(ready_count(&observer, "q").await, 2);
     publish(&tx, "q", b"c").await;
     tx.tx_rollback().await.unwrap();
     tx.tx_commit().await.unwrap();
     assert_eq!(
-        count(&observer, "q").await,
+        ready_count(&observer, "q").await,
         2,
         "rolled-back publish never arrives"
     );
@@ -68,7 +57,7 @@ async fn acks_take_effect_at_commit() {
     tx.tx_commit().await.unwrap();
     // b is gone; a is still unacked and returns when the channel closes.
     tx.close(200, "done".into()).await.unwrap();
-    assert_eq!(count(&ch, "q").await, 1);
+    assert_eq!(ready_count(&ch, "q").await, 1);
     let left = ch
         .basic_get("q".into(), BasicGetOptions { no_ack: true })
         .await

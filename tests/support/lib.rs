@@ -285,6 +285,21 @@ pub async fn channel_with_queue(conn: &Connection, queue: &str) -> lapin::Channe
     ch
 }
 
+/// Ready messages in `queue` (a passive declare's message count).
+pub async fn ready_count(ch: &lapin::Channel, queue: &str) -> u32 {
+    ch.queue_declare(
+        queue.into(),
+        lapin::options::QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        lapin::types::FieldTable::default(),
+    )
+    .await
+    .unwrap()
+    .message_count()
+}
+
 /// Declares a durable queue with no arguments.
 pub async fn declare_durable_queue(ch: &lapin::Channel, queue: &str) {
     ch.queue_declare(
