@@ -25,6 +25,7 @@ pub mod error;
 pub mod flow;
 pub mod message;
 pub mod queue;
+mod segment_file;
 pub mod sled_log;
 pub mod storage;
 pub mod store;

@@ -1,13 +1,14 @@
-//! [`SledStorage`]: the [`Storage`] engine on sled. Definitions and metadata
-//! are small sled trees; messages and queue indexes are an append-only log of
-//! segments in a third tree, so a batch of thousands of publishes and acks
-//! costs a handful of sled inserts instead of four tree operations per message.
+//! [`SledStorage`]: the [`Storage`] engine. Definitions and metadata are
+//! small sled trees; messages and queue indexes are an append-only log of
+//! segment files next to them (`log/`, see [`crate::segment_file`]), so a
+//! batch of thousands of publishes and acks costs a few file writes, and what
+//! was written is held by the page cache, not by the broker.
 //!
-//! | tree | key | value |
+//! | where | key | value |
 //! |---|---|---|
-//! | `meta` | `schema`, `clean` | schema version; clean-shutdown marker |
-//! | `definitions` | kind octet ‖ name | a field table (see [`crate::definitions`]) |
-//! | `log` | segment number (u64 BE) | records, back to back |
+//! | sled tree `meta` | `schema`, `clean` | schema version; clean-shutdown marker |
+//! | sled tree `definitions` | kind octet ‖ name | a field table (see [`crate::definitions`]) |
+//! | `log/<segment>.seg` | segment number | records, back to back |
 //!
 //! A record is a tag octet and its fields (integers big-endian):
 //!
@@ -30,9 +31,10 @@
 //! victim sits in an older segment that still exists). A segment with neither
 //! is removed: replay needs nothing from it. Removing it releases the records
 //! of newer segments that pointed into it, which may free those in turn.
-//! Removals are issued oldest first, and sled recovers a prefix of its
-//! operations, so a crash can never keep a delete's segment while losing it
-//! the put it cancels.
+//! A removal waits until the records that made the segment unneeded are
+//! synced, and a removal made possible by another waits one sync longer (see
+//! [`crate::segment_file`]), so a crash can never keep a delete's segment gone
+//! while the put it cancels comes back.
 //!
 //! A segment that keeps a few long-lived records would pin every segment that
 //! deleted something from it, so once its live bytes fall below a quarter of
@@ -52,6 +54,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use crate::definitions::DefKind;
 use crate::error::StoreError;
 use crate::message::{Message, MessageId};
+use crate::segment_file::SegmentFiles;
 use crate::storage::{IndexEntry, SCHEMA_VERSION, Storage, Write};
 
 /// How long [`SledStorage::open`] waits for a locked data directory.
@@ -65,6 +68,10 @@ const SEGMENT_TARGET: usize = 256 * 1024;
 /// segments) is not compacted: it is being consumed and will likely empty by
 /// itself.
 const COMPACT_MIN_AGE: u64 = 16;
+
+/// How long written segments wait for a sync when no commit asks for one
+/// (until then each holds an open file, and removals wait).
+const MAX_UNSYNCED_AGE: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// What a pinned, stripped newer segment is assumed to cost when deciding
 /// whether to compact the segment pinning it (octets).
@@ -105,6 +112,9 @@ struct Segment {
     /// The newest segment that cancelled a record here (its own number at
     /// first): a segment still being consumed is not compacted.
     touched: u64,
+    /// The sync its removal must wait for at least: one after the removal of
+    /// an older segment it cancelled records in (0: none).
+    unlink_after: u64,
 }
 
 /// Everything the engine knows about the log.
@@ -245,6 +255,7 @@ impl LogState {
                 cancelled_by: HashMap::new(),
                 stripped: b.puts == 0,
                 touched: b.seg,
+                unlink_after: 0,
             },
         );
         self.classify(b.seg);
@@ -252,10 +263,15 @@ impl LogState {
     }
 
     /// Removes every segment (among `candidates` and those they release) that
-    /// nothing needs any more, oldest first. Returns the removed segments in
-    /// the order their removal must be written, and the segments still
-    /// present that have no live records but are pinned (to be stripped).
-    fn reclaim(&mut self, candidates: impl IntoIterator<Item = u64>) -> (Vec<u64>, Vec<u64>) {
+    /// nothing needs any more. Returns the removed segments, each with the
+    /// sync its file's removal must wait for (`base`, the next sync, at least),
+    /// and the segments still present that have no live records but are
+    /// pinned (to be stripped).
+    fn reclaim(
+        &mut self,
+        candidates: impl IntoIterator<Item = u64>,
+        base: u64,
+    ) -> (Vec<(u64, u64)>, Vec<u64>) {
         let mut ready = BTreeSet::new();
         let mut pinned = Vec::new();
         for seg in candidates {
@@ -273,10 +289,12 @@ impl LogState {
                 continue;
             };
             self.sparse.remove(&seg);
-            removed.push(seg);
+            let after = base.max(s.unlink_after);
+            removed.push((seg, after));
             for (newer, n) in s.cancelled_by {
                 if let Some(ns) = self.segs.get_mut(&newer) {
                     ns.pending = ns.pending.saturating_sub(n);
+                    ns.unlink_after = ns.unlink_after.max(after + 1);
                     if ns.live == 0 && ns.pending == 0 {
                         ready.insert(newer);
                     }
@@ -288,17 +306,21 @@ impl LogState {
     }
 }
 
-/// sled-backed [`Storage`]: definitions in a tree, messages and indexes in a log.
+/// The [`Storage`] engine: definitions in sled, messages and indexes in a log
+/// of segment files.
 pub struct SledStorage {
     db: sled::Db,
     meta: sled::Tree,
     definitions: sled::Tree,
-    log: sled::Tree,
+    files: SegmentFiles,
+    /// Segment numbers found at open, replayed once.
+    found: Mutex<Vec<u64>>,
+    last_sync: Mutex<std::time::Instant>,
     state: Mutex<LogState>,
     /// Index entries found at open, handed out once by [`Storage::index`].
     recovered: Mutex<Option<Vec<(u64, u64, IndexEntry)>>>,
     /// The segment last read for a message (drains read runs from one segment).
-    read_cache: Mutex<Option<(u64, sled::IVec)>>,
+    read_cache: Mutex<Option<(u64, Bytes)>>,
 }
 
 impl std::fmt::Debug for SledStorage {
@@ -362,10 +384,6 @@ impl<'a> Reader<'a> {
     }
 }
 
-fn seg_key(seg: u64) -> [u8; 8] {
-    seg.to_be_bytes()
-}
-
 impl SledStorage {
     /// Opens (or creates) the database in `dir` and replays the log, waiting
     /// up to 15 s for a directory lock still held by a store of this process
@@ -400,17 +418,9 @@ impl SledStorage {
                 other => break other?,
             }
         };
-        let storage = SledStorage {
-            meta: db.open_tree("meta")?,
-            definitions: db.open_tree("definitions")?,
-            log: db.open_tree("log")?,
-            db,
-            state: Mutex::new(LogState::default()),
-            recovered: Mutex::new(None),
-            read_cache: Mutex::new(None),
-        };
+        let meta = db.open_tree("meta")?;
         // A layout this build does not know is refused before it is replayed.
-        if let Some(v) = storage.meta.get("schema")? {
+        if let Some(v) = meta.get("schema")? {
             let found = <[u8; 4]>::try_from(v.as_ref())
                 .map(u32::from_be_bytes)
                 .unwrap_or(0);
@@ -421,8 +431,25 @@ impl SledStorage {
                 });
             }
         }
+        let (files, found) = SegmentFiles::open(&dir.join("log"))?;
+        let storage = SledStorage {
+            meta,
+            definitions: db.open_tree("definitions")?,
+            files,
+            found: Mutex::new(found),
+            last_sync: Mutex::new(std::time::Instant::now()),
+            db,
+            state: Mutex::new(LogState::default()),
+            recovered: Mutex::new(None),
+            read_cache: Mutex::new(None),
+        };
         storage.replay()?;
         Ok(storage)
+    }
+
+    #[cfg(test)]
+    fn files_dir(&self) -> std::path::PathBuf {
+        self.files.dir().to_path_buf()
     }
 
     /// Log segments currently stored (an operator metric; tests use it to
@@ -436,14 +463,11 @@ impl SledStorage {
     fn replay(&self) -> Result<(), StoreError> {
         let mut state = LogState::default();
         let mut entries: BTreeMap<(u64, u64), IndexEntry> = BTreeMap::new();
-        for kv in self.log.iter() {
-            let (k, v) = kv?;
-            let seg = <[u8; 8]>::try_from(k.as_ref())
-                .map(u64::from_be_bytes)
-                .map_err(|_| StoreError::Corrupt {
-                    what: "log segment key",
-                    key: format!("{k:?}"),
-                })?;
+        let found = std::mem::take(&mut *lock(&self.found));
+        for seg in found {
+            let Some(v) = self.files.read(seg)? else {
+                continue;
+            };
             let mut b = Builder::new(seg);
             let mut r = Reader {
                 buf: &v,
@@ -494,6 +518,10 @@ impl SledStorage {
         }
         let all: Vec<u64> = state.segs.keys().copied().collect();
         self.settle(&mut state, all, None)?;
+        // Leftovers a crash kept are removed now, one sync per wave.
+        while self.files.has_unsynced() {
+            self.files.sync()?;
+        }
         tracing::debug!(
             segments = state.segs.len(),
             messages = state.messages.len(),
@@ -513,7 +541,7 @@ impl SledStorage {
         let data = b.buf.split().freeze();
         let inserted = state.finish(b, size);
         if inserted {
-            self.log.insert(seg_key(seg), data.as_ref())?;
+            self.files.write(seg, &data)?;
         }
         let mut candidates = targets;
         candidates.push(seg);
@@ -530,10 +558,10 @@ impl SledStorage {
         unwritten: Option<u64>,
     ) -> Result<(), StoreError> {
         while !candidates.is_empty() {
-            let (removed, pinned) = state.reclaim(candidates.drain(..));
-            for seg in removed {
+            let (removed, pinned) = state.reclaim(candidates.drain(..), self.files.next_sync());
+            for (seg, after) in removed {
                 if Some(seg) != unwritten {
-                    self.log.remove(seg_key(seg))?;
+                    self.files.remove(seg, after);
                 }
                 self.forget_cached(seg);
             }
@@ -557,7 +585,7 @@ impl SledStorage {
     /// just the same. Newer segments that only had to stay to cancel those puts
     /// are released; they are returned as candidates for removal.
     fn strip(&self, state: &mut LogState, seg: u64) -> Result<Vec<u64>, StoreError> {
-        let Some(data) = self.log.get(seg_key(seg))? else {
+        let Some(data) = self.files.read(seg)? else {
             return Ok(Vec::new());
         };
         let mut out = BytesMut::with_capacity(data.len() / 4);
@@ -593,7 +621,7 @@ impl SledStorage {
                 _ => return Err(r.corrupt()),
             }
         }
-        self.log.insert(seg_key(seg), out.as_ref())?;
+        self.files.rewrite(seg, &out)?;
         self.forget_cached(seg);
         let Some(s) = state.segs.get_mut(&seg) else {
             return Ok(Vec::new());
@@ -602,9 +630,12 @@ impl SledStorage {
         s.stripped = true;
         let released = std::mem::take(&mut s.cancelled_by);
         let mut candidates = Vec::new();
+        // The rewrite is durable once the next sync has synced the directory.
+        let after = self.files.next_sync();
         for (newer, n) in released {
             if let Some(ns) = state.segs.get_mut(&newer) {
                 ns.pending = ns.pending.saturating_sub(n);
+                ns.unlink_after = ns.unlink_after.max(after);
                 candidates.push(newer);
             }
         }
@@ -625,7 +656,7 @@ impl SledStorage {
             return Ok(());
         };
         state.sparse.remove(&seg);
-        let Some(data) = self.log.get(seg_key(seg))? else {
+        let Some(data) = self.files.read(seg)? else {
             return Ok(());
         };
         let mut r = Reader {
@@ -745,9 +776,10 @@ impl Storage for SledStorage {
             self.compact_one(&mut state, &mut b)?;
             self.seal(&mut state, b)?;
         }
-        // Definitions after the log: a crash that keeps a prefix of sled's
-        // operations may lose a queue's deletion, never keep its definition's
-        // deletion while losing the deletion of its index.
+        // Definitions are in sled, which may persist them before the log is
+        // synced: a queue's definition can be gone after a crash while its
+        // index is not (recovery drops index entries of undefined queues), or
+        // the other way round (the queue comes back empty).
         for w in definitions {
             match w {
                 Write::PutDefinition { kind, key, value } => {
@@ -763,10 +795,16 @@ impl Storage for SledStorage {
                 _ => {}
             }
         }
+        drop(state);
+        if self.files.has_unsynced() && lock(&self.last_sync).elapsed() >= MAX_UNSYNCED_AGE {
+            self.sync()?;
+        }
         Ok(())
     }
 
     fn sync(&self) -> Result<(), StoreError> {
+        *lock(&self.last_sync) = std::time::Instant::now();
+        self.files.sync()?;
         self.db.flush()?;
         Ok(())
     }
@@ -788,7 +826,7 @@ impl Storage for SledStorage {
                 .map(|(_, v)| v.clone());
             let data = match cached {
                 Some(v) => v,
-                None => match self.log.get(seg_key(loc.seg))? {
+                None => match self.files.read(loc.seg)? {
                     None => continue,
                     Some(v) => {
                         *lock(&self.read_cache) = Some((loc.seg, v.clone()));
@@ -888,9 +926,18 @@ mod tests {
         ]
     }
 
+    /// Segments the bookkeeping holds, checked against the files once every
+    /// removal waiting for a sync has been carried out.
     fn stored_segments(s: &SledStorage) -> usize {
+        for _ in 0..1000 {
+            s.sync().unwrap();
+            if !s.files.has_unsynced() {
+                break;
+            }
+        }
         let n = s.segments();
-        assert_eq!(n, s.log.len(), "bookkeeping and sled disagree");
+        let files = std::fs::read_dir(s.files_dir()).unwrap().count();
+        assert_eq!(n, files, "bookkeeping and files disagree");
         n
     }
 
@@ -1010,10 +1057,11 @@ mod tests {
     fn a_truncated_segment_is_reported_as_corrupt() {
         let dir = tempfile::tempdir().unwrap();
         {
+            // Intact as a file (its checksum matches), but the record in it
+            // is cut short.
             let s = SledStorage::open(dir.path()).unwrap();
-            s.log
-                .insert(seg_key(7), &[TAG_PUT_MESSAGE, 0, 0][..])
-                .unwrap();
+            s.files.write(7, &[TAG_PUT_MESSAGE, 0, 0]).unwrap();
+            s.sync().unwrap();
         }
         match SledStorage::open(dir.path()) {
             Err(StoreError::Corrupt { what, .. }) => assert_eq!(what, "log segment"),

@@ -14,7 +14,7 @@ use crate::error::StoreError;
 use crate::message::{Message, MessageId};
 
 /// Version of the on-disk layout this build reads and writes.
-pub const SCHEMA_VERSION: u32 = 2;
+pub const SCHEMA_VERSION: u32 = 3;
 
 /// One queue's record of one message: where it is and its per-queue state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
