@@ -23,6 +23,7 @@ pub mod dead_letter;
 pub mod definitions;
 pub mod error;
 pub mod flow;
+mod index_runs;
 pub mod message;
 pub mod queue;
 mod segment_file;

@@ -53,6 +53,9 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::definitions::DefKind;
 use crate::error::StoreError;
+use rustc_hash::FxHashMap;
+
+use crate::index_runs::QueueIndex;
 use crate::message::{Message, MessageId};
 use crate::segment_file::SegmentFiles;
 use crate::storage::{IndexEntry, SCHEMA_VERSION, Storage, Write};
@@ -83,16 +86,31 @@ const TAG_PUT_INDEX: u8 = 3;
 const TAG_DELETE_INDEX: u8 = 4;
 const TAG_DELETE_QUEUE_INDEX: u8 = 5;
 
-/// Size of an index-entry record (tag, queue, seq, entry).
-const INDEX_RECORD_LEN: u32 = 1 + 16 + IndexEntry::LEN as u32;
+/// A stored message body: the segment holding its record and how many queue
+/// entries reference it, packed into one word (the map of stored messages is
+/// the engine's only per-message memory, so it is kept small).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Body(u64);
 
-/// Where a stored message's encoding is.
-#[derive(Debug, Clone, Copy)]
-struct Loc {
-    seg: u64,
-    /// Offset of the encoding (after the record's tag, id and length).
-    off: u32,
-    len: u32,
+impl Body {
+    const REF_BITS: u32 = 24;
+    const MAX_REFS: u64 = (1 << Self::REF_BITS) - 1;
+
+    fn new(seg: u64, refs: u64) -> Body {
+        Body(seg << Self::REF_BITS | refs.min(Self::MAX_REFS))
+    }
+
+    fn seg(self) -> u64 {
+        self.0 >> Self::REF_BITS
+    }
+
+    fn refs(self) -> u64 {
+        self.0 & Self::MAX_REFS
+    }
+
+    fn with_refs(self, refs: u64) -> Body {
+        Body::new(self.seg(), refs)
+    }
 }
 
 /// A segment's bookkeeping.
@@ -100,9 +118,9 @@ struct Loc {
 struct Segment {
     /// Octets in the segment.
     size: u32,
-    /// Live records and their octets.
+    /// Put records in it, and how many of them are live.
+    records: u32,
     live: u32,
-    live_bytes: u32,
     /// Records here that cancel a record in an older, still present segment.
     pending: u32,
     /// Newer segments holding records that cancel records here, with counts.
@@ -117,12 +135,21 @@ struct Segment {
     unlink_after: u64,
 }
 
+impl Segment {
+    /// Live octets, estimated from the share of live records.
+    fn live_bytes(&self) -> u64 {
+        u64::from(self.size) * u64::from(self.live) / u64::from(self.records.max(1))
+    }
+}
+
 /// Everything the engine knows about the log.
 #[derive(Debug, Default)]
 struct LogState {
     next_seg: u64,
-    messages: HashMap<MessageId, Loc>,
-    index: BTreeMap<(u64, u64), u64>,
+    /// Stored message bodies.
+    messages: FxHashMap<MessageId, Body>,
+    /// Where each queue's index-entry records are.
+    index: FxHashMap<u64, QueueIndex>,
     segs: BTreeMap<u64, Segment>,
     /// Segments worth compacting (see [`LogState::classify`]).
     sparse: BTreeSet<u64>,
@@ -133,7 +160,6 @@ struct Builder {
     seg: u64,
     buf: BytesMut,
     live: u32,
-    live_bytes: u32,
     /// Put records written (live or not).
     puts: u32,
     /// Older segments this one cancels records in, with counts.
@@ -146,7 +172,6 @@ impl Builder {
             seg,
             buf: BytesMut::with_capacity(SEGMENT_TARGET + 4096),
             live: 0,
-            live_bytes: 0,
             puts: 0,
             cancels: HashMap::new(),
         }
@@ -154,19 +179,17 @@ impl Builder {
 }
 
 impl LogState {
-    /// A record of `bytes` octets in segment `seg` is superseded or deleted by
-    /// a record of the segment being built.
-    fn kill(&mut self, b: &mut Builder, seg: u64, bytes: u32) {
+    /// `n` records in segment `seg` are superseded or deleted by records of
+    /// the segment being built.
+    fn kill(&mut self, b: &mut Builder, seg: u64, n: u32) {
         if seg == b.seg {
-            b.live -= 1;
-            b.live_bytes -= bytes;
+            b.live -= n;
             return;
         }
         if let Some(s) = self.segs.get_mut(&seg) {
-            s.live = s.live.saturating_sub(1);
-            s.live_bytes = s.live_bytes.saturating_sub(bytes);
+            s.live = s.live.saturating_sub(n);
             s.touched = b.seg;
-            *b.cancels.entry(seg).or_insert(0) += 1;
+            *b.cancels.entry(seg).or_insert(0) += n;
             self.classify(seg);
         }
     }
@@ -179,59 +202,90 @@ impl LogState {
             self.sparse.remove(&seg);
             return;
         };
-        let cost = u64::from(s.size - s.live_bytes.min(s.size))
+        let live = s.live_bytes();
+        let cost = u64::from(s.size).saturating_sub(live)
             + PINNED_SEGMENT_COST * s.cancelled_by.len() as u64;
-        if s.live > 0 && cost > u64::from(s.live_bytes) {
+        if s.live > 0 && cost > live {
             self.sparse.insert(seg);
         } else {
             self.sparse.remove(&seg);
         }
     }
 
-    fn put_message(&mut self, b: &mut Builder, id: MessageId, off: u32, len: u32) {
-        let bytes = 13 + len;
-        b.puts += 1;
-        b.live += 1;
-        b.live_bytes += bytes;
-        let loc = Loc {
-            seg: b.seg,
-            off,
-            len,
-        };
-        if let Some(old) = self.messages.insert(id, loc) {
-            self.kill(b, old.seg, 13 + old.len);
+    /// A queue entry takes a reference on a message: true if its body is
+    /// already stored (then no record is written).
+    fn add_ref(&mut self, id: MessageId) -> bool {
+        match self.messages.get_mut(&id) {
+            Some(body) => {
+                *body = body.with_refs(body.refs() + 1);
+                true
+            }
+            None => false,
         }
     }
 
-    fn delete_message(&mut self, b: &mut Builder, id: MessageId) {
+    /// A message record was written to the segment being built, holding
+    /// `refs` references (a put supersedes an earlier record of the id: replay
+    /// and compaction).
+    fn place_message(&mut self, b: &mut Builder, id: MessageId, refs: u64) {
+        b.puts += 1;
+        b.live += 1;
+        if let Some(old) = self.messages.insert(id, Body::new(b.seg, refs)) {
+            self.kill(b, old.seg(), 1);
+        }
+    }
+
+    /// A queue entry drops its reference on a message: true if that was the
+    /// last (or it had none: an orphan), so its delete record must be written.
+    fn drop_ref(&mut self, id: MessageId) -> bool {
+        match self.messages.get_mut(&id) {
+            Some(body) if body.refs() > 1 => {
+                *body = body.with_refs(body.refs() - 1);
+                false
+            }
+            Some(_) => true,
+            None => false,
+        }
+    }
+
+    /// A message's delete record was written.
+    fn remove_message(&mut self, b: &mut Builder, id: MessageId) {
         if let Some(old) = self.messages.remove(&id) {
-            self.kill(b, old.seg, 13 + old.len);
+            self.kill(b, old.seg(), 1);
         }
     }
 
     fn put_index(&mut self, b: &mut Builder, queue: u64, seq: u64) {
         b.puts += 1;
         b.live += 1;
-        b.live_bytes += INDEX_RECORD_LEN;
-        if let Some(old) = self.index.insert((queue, seq), b.seg) {
-            self.kill(b, old, INDEX_RECORD_LEN);
+        if let Some(old) = self.index.entry(queue).or_default().put(seq, b.seg) {
+            self.kill(b, old, 1);
         }
     }
 
     fn delete_index(&mut self, b: &mut Builder, queue: u64, seq: u64) {
-        if let Some(old) = self.index.remove(&(queue, seq)) {
-            self.kill(b, old, INDEX_RECORD_LEN);
+        let Some(q) = self.index.get_mut(&queue) else {
+            return;
+        };
+        let old = q.remove(seq);
+        if q.is_empty() {
+            self.index.remove(&queue);
+        }
+        if let Some(old) = old {
+            self.kill(b, old, 1);
         }
     }
 
     fn delete_queue_index(&mut self, b: &mut Builder, queue: u64) {
-        let keys: Vec<(u64, u64)> = self
-            .index
-            .range((queue, 0)..=(queue, u64::MAX))
-            .map(|(k, _)| *k)
-            .collect();
-        for (q, s) in keys {
-            self.delete_index(b, q, s);
+        let Some(q) = self.index.remove(&queue) else {
+            return;
+        };
+        let mut counts: BTreeMap<u64, u32> = BTreeMap::new();
+        for (seg, n) in q.segments() {
+            *counts.entry(seg).or_insert(0) += n;
+        }
+        for (seg, n) in counts {
+            self.kill(b, seg, n);
         }
     }
 
@@ -249,8 +303,8 @@ impl LogState {
             b.seg,
             Segment {
                 size,
+                records: b.puts,
                 live: b.live,
-                live_bytes: b.live_bytes,
                 pending,
                 cancelled_by: HashMap::new(),
                 stripped: b.puts == 0,
@@ -320,7 +374,7 @@ pub struct SledStorage {
     /// Index entries found at open, handed out once by [`Storage::index`].
     recovered: Mutex<Option<Vec<(u64, u64, IndexEntry)>>>,
     /// The segment last read for a message (drains read runs from one segment).
-    read_cache: Mutex<Option<(u64, Bytes)>>,
+    read_cache: Mutex<Option<CachedSegment>>,
 }
 
 impl std::fmt::Debug for SledStorage {
@@ -329,7 +383,7 @@ impl std::fmt::Debug for SledStorage {
         f.debug_struct("SledStorage")
             .field("segments", &state.segs.len())
             .field("messages", &state.messages.len())
-            .field("index_entries", &state.index.len())
+            .field("queues", &state.index.len())
             .finish_non_exhaustive()
     }
 }
@@ -343,6 +397,59 @@ fn def_key(kind: DefKind, key: &[u8]) -> Vec<u8> {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A segment read for paging messages in, with where each message is in it
+/// (the engine keeps only each message's segment, not its offset).
+struct CachedSegment {
+    seg: u64,
+    data: Bytes,
+    messages: FxHashMap<MessageId, (u32, u32)>,
+}
+
+impl CachedSegment {
+    fn parse(seg: u64, data: Bytes) -> Result<CachedSegment, StoreError> {
+        let mut messages = FxHashMap::default();
+        let mut r = Reader {
+            buf: &data,
+            pos: 0,
+            seg,
+        };
+        while r.pos < r.buf.len() {
+            match r.u8()? {
+                TAG_PUT_MESSAGE => {
+                    let id = MessageId(r.u64()?);
+                    let len = r.u32()?;
+                    // A later record of the same id supersedes.
+                    messages.insert(id, (r.pos as u32, len));
+                    r.take(len as usize)?;
+                }
+                TAG_DELETE_MESSAGE | TAG_DELETE_QUEUE_INDEX => {
+                    r.u64()?;
+                }
+                TAG_PUT_INDEX => {
+                    r.take(16 + IndexEntry::LEN)?;
+                }
+                TAG_DELETE_INDEX => {
+                    r.take(16)?;
+                }
+                _ => return Err(r.corrupt()),
+            }
+        }
+        Ok(CachedSegment {
+            seg,
+            data,
+            messages,
+        })
+    }
+
+    /// A copy of a message's encoding (a copy, so that a paged-in message
+    /// does not keep the whole segment in memory).
+    fn message(&self, id: MessageId) -> Option<Bytes> {
+        let &(off, len) = self.messages.get(&id)?;
+        let raw = self.data.get(off as usize..off as usize + len as usize)?;
+        Some(Bytes::copy_from_slice(raw))
+    }
 }
 
 /// Reads big-endian integers from a segment, failing on truncation.
@@ -479,13 +586,12 @@ impl SledStorage {
                     TAG_PUT_MESSAGE => {
                         let id = MessageId(r.u64()?);
                         let len = r.u32()?;
-                        let off = r.pos as u32;
                         r.take(len as usize)?;
-                        state.put_message(&mut b, id, off, len);
+                        state.place_message(&mut b, id, 0);
                     }
                     TAG_DELETE_MESSAGE => {
                         let id = MessageId(r.u64()?);
-                        state.delete_message(&mut b, id);
+                        state.remove_message(&mut b, id);
                     }
                     TAG_PUT_INDEX => {
                         let (queue, seq) = (r.u64()?, r.u64()?);
@@ -515,6 +621,13 @@ impl SledStorage {
             }
             state.next_seg = seg + 1;
             state.finish(b, v.len() as u32);
+        }
+        // References are the index entries that name a message; a body with
+        // none is an orphan, deleted by the store after open.
+        for e in entries.values() {
+            if let Some(body) = state.messages.get_mut(&e.message) {
+                *body = body.with_refs(body.refs() + 1);
+            }
         }
         let all: Vec<u64> = state.segs.keys().copied().collect();
         self.settle(&mut state, all, None)?;
@@ -574,7 +687,7 @@ impl SledStorage {
 
     fn forget_cached(&self, seg: u64) {
         let mut cache = lock(&self.read_cache);
-        if cache.as_ref().is_some_and(|(s, _)| *s == seg) {
+        if cache.as_ref().is_some_and(|c| c.seg == seg) {
             *cache = None;
         }
     }
@@ -671,19 +784,16 @@ impl SledStorage {
                 TAG_PUT_MESSAGE => {
                     let id = MessageId(r.u64()?);
                     let len = r.u32()?;
-                    let off = r.pos;
                     let body = r.take(len as usize)?;
-                    if state
-                        .messages
-                        .get(&id)
-                        .is_some_and(|l| l.seg == seg && l.off as usize == off)
-                    {
+                    // (Two records of one id here — put, delete, put again in
+                    // one batch — are both copied; the second supersedes.)
+                    if let Some(old) = state.messages.get(&id).filter(|b| b.seg() == seg) {
+                        let refs = old.refs();
                         b.buf.put_u8(TAG_PUT_MESSAGE);
                         b.buf.put_u64(id.0);
                         b.buf.put_u32(len);
-                        let new_off = b.buf.len() as u32;
                         b.buf.put_slice(body);
-                        state.put_message(b, id, new_off, len);
+                        state.place_message(b, id, refs);
                         moved += 1;
                     }
                 }
@@ -695,7 +805,7 @@ impl SledStorage {
                     let entry = r.take(IndexEntry::LEN)?;
                     // The segment may hold several puts of one entry (a
                     // requeue in the same batch); the last one is current.
-                    if state.index.get(&(queue, seq)) == Some(&seg) {
+                    if state.index.get(&queue).and_then(|q| q.get(seq)) == Some(seg) {
                         index.insert((queue, seq), entry);
                     }
                 }
@@ -734,6 +844,8 @@ impl Storage for SledStorage {
                 self.seal(&mut state, std::mem::replace(&mut b, next))?;
             }
             match w {
+                // Another queue's reference to a stored body writes nothing.
+                Write::PutMessage(m) if state.add_ref(m.id) => {}
                 Write::PutMessage(m) => {
                     b.buf.reserve(13 + m.encoded_len_hint());
                     b.buf.put_u8(TAG_PUT_MESSAGE);
@@ -744,12 +856,14 @@ impl Storage for SledStorage {
                     m.encode_into(&mut b.buf);
                     let len = (b.buf.len() - off) as u32;
                     b.buf[len_at..len_at + 4].copy_from_slice(&len.to_be_bytes());
-                    state.put_message(&mut b, m.id, off as u32, len);
+                    state.place_message(&mut b, m.id, 1);
                 }
+                // Only the last reference's release deletes the body.
+                Write::DeleteMessage(id) if !state.drop_ref(*id) => {}
                 Write::DeleteMessage(id) => {
                     b.buf.put_u8(TAG_DELETE_MESSAGE);
                     b.buf.put_u64(id.0);
-                    state.delete_message(&mut b, *id);
+                    state.remove_message(&mut b, *id);
                 }
                 Write::PutIndex { queue, seq, entry } => {
                     b.buf.put_u8(TAG_PUT_INDEX);
@@ -810,38 +924,29 @@ impl Storage for SledStorage {
     }
 
     fn message(&self, id: MessageId) -> Result<Option<Message>, StoreError> {
-        // The location is read under the lock and the segment without it, so
-        // the writer may move the message (compaction) and remove its old
-        // segment in between: then look again. The last attempt keeps the
-        // lock across the read, so it cannot miss.
+        // The segment is looked up under the lock and read without it, so the
+        // writer may move the message (compaction) and remove its old segment
+        // in between: then look again. The last attempt keeps the lock across
+        // the read, so it cannot miss.
         for attempt in 0..3 {
             let state = lock(&self.state);
-            let Some(loc) = state.messages.get(&id).copied() else {
+            let Some(seg) = state.messages.get(&id).map(|b| b.seg()) else {
                 return Ok(None);
             };
             let held = (attempt == 2).then_some(state);
-            let cached = lock(&self.read_cache)
-                .as_ref()
-                .filter(|(s, _)| *s == loc.seg)
-                .map(|(_, v)| v.clone());
-            let data = match cached {
-                Some(v) => v,
-                None => match self.files.read(loc.seg)? {
-                    None => continue,
-                    Some(v) => {
-                        *lock(&self.read_cache) = Some((loc.seg, v.clone()));
-                        v
-                    }
-                },
-            };
+            let mut cache = lock(&self.read_cache);
+            if cache.as_ref().is_none_or(|c| c.seg != seg) {
+                let Some(data) = self.files.read(seg)? else {
+                    continue;
+                };
+                *cache = Some(CachedSegment::parse(seg, data)?);
+            }
             drop(held);
-            let raw = data
-                .get(loc.off as usize..(loc.off as usize + loc.len as usize))
-                .ok_or_else(|| StoreError::Corrupt {
-                    what: "message location",
-                    key: id.0.to_string(),
-                })?;
-            return Message::decode(id, Bytes::copy_from_slice(raw)).map(Some);
+            let Some(raw) = cache.as_ref().and_then(|c| c.message(id)) else {
+                continue;
+            };
+            drop(cache);
+            return Message::decode(id, raw).map(Some);
         }
         Err(StoreError::Corrupt {
             what: "message location (segment missing)",

@@ -73,9 +73,11 @@ impl IndexEntry {
 /// One write in a batch.
 #[derive(Debug, Clone)]
 pub enum Write {
-    /// Store a message body (once, however many queues hold it).
+    /// Take a reference on a message for a queue entry: its body is stored
+    /// with the first, later ones only count.
     PutMessage(std::sync::Arc<Message>),
-    /// Delete a message no queue references any more.
+    /// Drop a reference: the last one deletes the body (as does dropping the
+    /// reference of a body nothing references: an orphan found at open).
     DeleteMessage(MessageId),
     /// Add or update a queue's index entry.
     PutIndex {

@@ -16,11 +16,12 @@
 //!                   writer thread: apply batch ─▶ fsync ─▶ wake committers
 //! ```
 //!
-//! Message bodies are reference-counted here ([`Write::PutMessage`] per queue
-//! that keeps it, [`Store::release`] when a queue lets go): the body is
-//! written once and deleted when the last reference goes.
+//! Message bodies are reference-counted by the storage engine, in the order
+//! the writer applies them ([`Write::PutMessage`] per queue that keeps it,
+//! [`Store::release`] when a queue lets go): the body is written once and
+//! deleted when the last reference goes.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -99,8 +100,6 @@ pub struct Store {
     storage: Arc<dyn Storage>,
     shared: Arc<Shared>,
     writer: Mutex<Option<JoinHandle<()>>>,
-    /// Reference counts of stored message bodies.
-    refs: DashMap<MessageId, u32>,
     /// Bodies submitted but not yet applied by the writer, so that a paged
     /// message can be loaded the moment after it was paged out.
     unwritten: Arc<DashMap<MessageId, Arc<Message>>>,
@@ -111,7 +110,7 @@ pub struct Store {
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Store")
-            .field("messages", &self.refs.len())
+            .field("unwritten", &self.unwritten.len())
             .finish_non_exhaustive()
     }
 }
@@ -146,9 +145,9 @@ impl Store {
             clean_shutdown,
             ..Recovered::default()
         };
-        let refs: DashMap<MessageId, u32> = DashMap::new();
+        let mut referenced: HashSet<MessageId> = HashSet::new();
         for (queue, seq, entry) in storage.index()? {
-            *refs.entry(entry.message).or_insert(0) += 1;
+            referenced.insert(entry.message);
             recovered
                 .queues
                 .entry(queue)
@@ -157,12 +156,16 @@ impl Store {
         }
         let mut max_id = 0;
         let mut orphans = Vec::new();
+        let mut messages = 0usize;
         for id in storage.message_ids()? {
             max_id = max_id.max(id.0);
-            if !refs.contains_key(&id) {
+            if referenced.contains(&id) {
+                messages += 1;
+            } else {
                 orphans.push(Write::DeleteMessage(id));
             }
         }
+        drop(referenced);
         recovered.orphans_removed = orphans.len();
         storage.apply(&orphans)?;
         storage.sync()?;
@@ -187,14 +190,13 @@ impl Store {
             storage,
             shared,
             writer: Mutex::new(Some(writer)),
-            refs,
             unwritten,
             next_message: AtomicU64::new(max_id + 1),
             stats,
         };
         tracing::info!(
             queues = recovered.queues.len(),
-            messages = store.refs.len(),
+            messages,
             orphans = recovered.orphans_removed,
             clean_shutdown,
             "store recovered"
@@ -235,13 +237,9 @@ impl Store {
         let mut pending = lock(&self.shared.pending);
         for w in writes {
             if let Write::PutMessage(m) = &w {
-                let mut n = self.refs.entry(m.id).or_insert(0);
-                *n += 1;
-                if *n > 1 {
-                    continue;
+                if self.unwritten.insert(m.id, m.clone()).is_none() {
+                    pending.bytes += m.size() + MESSAGE_OVERHEAD;
                 }
-                self.unwritten.insert(m.id, m.clone());
-                pending.bytes += m.size() + MESSAGE_OVERHEAD;
             }
             pending.writes.push(w);
         }
@@ -254,29 +252,14 @@ impl Store {
 
     /// Drops one reference to a stored message; the last one deletes it.
     ///
-    /// Reference counts change only under the pending lock (here and in
-    /// [`Store::submit`]), so a delete can never overtake a new reference.
+    /// The writer counts references in the order it applies writes, so a
+    /// release can never overtake the reference it drops, nor a delete a new
+    /// reference submitted after it.
     pub fn release(&self, id: MessageId) {
-        let mut pending = lock(&self.shared.pending);
-        let last = match self.refs.get_mut(&id) {
-            None => return,
-            Some(mut n) => {
-                *n = n.saturating_sub(1);
-                *n == 0
-            }
-        };
-        if last {
-            self.refs.remove(&id);
-            self.unwritten.remove(&id);
-            pending.writes.push(Write::DeleteMessage(id));
-            drop(pending);
-            self.shared.wake.notify_one();
-        }
-    }
-
-    /// Whether `id`'s body is stored.
-    pub fn is_stored(&self, id: MessageId) -> bool {
-        self.refs.contains_key(&id)
+        lock(&self.shared.pending)
+            .writes
+            .push(Write::DeleteMessage(id));
+        self.shared.wake.notify_one();
     }
 
     /// A future that resolves once every write submitted before this call is

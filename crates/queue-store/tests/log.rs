@@ -1,6 +1,7 @@
 //! Model-based test of the log engine itself ([`SledStorage`]): random batches
-//! of message and index-entry puts, supersedes, deletes and whole-queue index
-//! deletes, with reopens, checked against a map. Long runs with a few records
+//! of message and index-entry puts, supersedes, messages shared by several
+//! queues (reference counts), deletes and whole-queue index deletes, with
+//! reopens, checked against a map. Long runs with a few records
 //! that live for ever make segments get removed, stripped and compacted; what
 //! replay rebuilds must always equal the model, and the log must not grow
 //! with traffic that was acknowledged.
@@ -37,6 +38,8 @@ enum Op {
     Ack(usize),
     /// Requeue it (rewrite its index entry).
     Requeue(usize),
+    /// Route its message to the next queue as well (a second reference).
+    Share(usize),
     /// Delete queue `q % 2 + 1`'s whole index, and its messages.
     DeleteQueue(u8),
     /// End the batch (apply it).
@@ -50,6 +53,7 @@ fn op() -> impl Strategy<Value = Op> {
         6 => any::<u8>().prop_map(Op::Put),
         5 => any::<usize>().prop_map(Op::Ack),
         2 => any::<usize>().prop_map(Op::Requeue),
+        2 => any::<usize>().prop_map(Op::Share),
         1 => any::<u8>().prop_map(Op::DeleteQueue),
         6 => Just(Op::Commit),
         1 => Just(Op::Reopen),
@@ -60,9 +64,18 @@ fn op() -> impl Strategy<Value = Op> {
 struct Model {
     /// (queue, seq) -> entry.
     index: BTreeMap<(u64, u64), IndexEntry>,
-    /// Stored message ids.
-    messages: BTreeMap<u64, ()>,
+    /// Stored message ids, with the index entries referencing each.
+    messages: BTreeMap<u64, u32>,
     next: u64,
+}
+
+/// Drops a reference; the last one removes the message.
+fn release(model: &mut Model, id: u64) {
+    let refs = model.messages.get_mut(&id).unwrap();
+    *refs -= 1;
+    if *refs == 0 {
+        model.messages.remove(&id);
+    }
 }
 
 fn check(s: &SledStorage, model: &Model) {
@@ -115,8 +128,28 @@ fn run(ops: Vec<Op>) {
                     entry,
                 });
                 model.index.insert((u64::from(q % 3), id), entry);
-                model.messages.insert(id, ());
+                model.messages.insert(id, 1);
             }
+            Op::Share(n) if model.index.len() > 2 => {
+                let k = *model
+                    .index
+                    .keys()
+                    .nth(2 + n % (model.index.len() - 2))
+                    .unwrap();
+                let message_id = model.index[&k].message;
+                model.next += 1;
+                let (queue, seq) = ((k.0 + 1) % 3, model.next);
+                let entry = IndexEntry {
+                    message: message_id,
+                    size: 7,
+                    ..IndexEntry::default()
+                };
+                batch.push(Write::PutMessage(message(message_id.0)));
+                batch.push(Write::PutIndex { queue, seq, entry });
+                model.index.insert((queue, seq), entry);
+                *model.messages.get_mut(&message_id.0).unwrap() += 1;
+            }
+            Op::Share(_) => {}
             Op::Ack(n) | Op::Requeue(n) if model.index.len() > 2 => {
                 // The two oldest, (0, 1) and (0, 2), stay for ever.
                 let k = *model
@@ -130,7 +163,7 @@ fn run(ops: Vec<Op>) {
                         queue: k.0,
                         seq: k.1,
                     });
-                    model.messages.remove(&e.message.0);
+                    release(&mut model, e.message.0);
                     batch.push(Write::DeleteMessage(e.message));
                 } else {
                     let e = model.index.get_mut(&k).unwrap();
@@ -151,7 +184,7 @@ fn run(ops: Vec<Op>) {
                     model.index.keys().filter(|k| k.0 == q).copied().collect();
                 for k in gone {
                     let e = model.index.remove(&k).unwrap();
-                    model.messages.remove(&e.message.0);
+                    release(&mut model, e.message.0);
                     batch.push(Write::DeleteMessage(e.message));
                 }
             }
@@ -177,7 +210,7 @@ fn run(ops: Vec<Op>) {
     let rest: Vec<(u64, u64)> = model.index.keys().skip(2).copied().collect();
     for k in rest {
         let e = model.index.remove(&k).unwrap();
-        model.messages.remove(&e.message.0);
+        release(&mut model, e.message.0);
         s.apply(&[
             Write::DeleteIndex {
                 queue: k.0,
