@@ -45,6 +45,10 @@ fn main() {
         FieldTable::new(),
         0,
     );
+    // Entries behind the in-memory window go to spill files, as in the broker.
+    let spill = dir.path().join("spill");
+    std::fs::create_dir_all(&spill).unwrap();
+    q.set_spill_dir(Some(std::sync::Arc::from(spill.as_path())));
     let mut fx = Effects::default();
     let header = ContentHeader {
         class_id: class_id::BASIC,

@@ -149,7 +149,10 @@ mod tests {
             assert_eq!(q.put(seq, 8), None);
         }
         assert_eq!(q.runs.len(), 2);
-        assert_eq!((q.get(50), q.get(120), q.get(151)), (Some(7), Some(8), None));
+        assert_eq!(
+            (q.get(50), q.get(120), q.get(151)),
+            (Some(7), Some(8), None)
+        );
         // A requeue rewrites 50's entry in segment 9.
         assert_eq!(q.put(50, 9), Some(7));
         assert_eq!(q.get(50), Some(9));

@@ -28,6 +28,7 @@ pub mod message;
 pub mod queue;
 mod segment_file;
 pub mod sled_log;
+mod spill;
 pub mod storage;
 pub mod store;
 

@@ -13,8 +13,16 @@
 //! messages wait in `unacked` until acknowledged, rejected or requeued.
 //! Bodies stay in memory up to a budget; past it, entries keep only the
 //! message id and the body is read back from the store when delivered.
+//!
+//! Entries themselves stay in memory up to a window per priority level: with
+//! a spill directory set ([`Queue::set_spill_dir`]), the entries behind the
+//! window go to spill files in chunks ([`crate::spill`]) and come back a chunk
+//! at a time as the head drains, so a deep backlog costs memory for its window
+//! only. A bucket is `front` (in memory) ‖ spilled chunks ‖ `back` (in memory,
+//! filling up to the next chunk).
 
 use std::collections::VecDeque;
+use std::path::Path;
 use std::sync::Arc;
 
 use amqp_codec::{FieldTable, ShortStr};
@@ -23,10 +31,21 @@ use rustc_hash::FxHashMap;
 use crate::args::{Overflow, QueueArgs};
 use crate::dead_letter::{DeadLetter, DeadLetterReason, dead_letter};
 use crate::message::{Message, MessageId};
+use crate::spill::{Spill, SpilledChunk};
 use crate::storage::{IndexEntry, Write};
 
 /// Default per-queue budget of message body octets kept in memory.
 pub const DEFAULT_MEMORY_BUDGET: u64 = 64 << 20;
+
+/// Entries a priority level keeps at its head before new ones queue behind
+/// (to be spilled).
+const WINDOW: usize = 8192;
+
+/// Entries per spilled chunk.
+const CHUNK: usize = 4096;
+
+/// Octets of one entry in a spilled chunk.
+const SPILLED_ENTRY_LEN: usize = 34;
 
 /// A message as a queue holds it: in memory, or only its id (paged out).
 #[derive(Debug, Clone, PartialEq)]
@@ -64,6 +83,45 @@ struct Entry {
 }
 
 impl Entry {
+    /// Appends the spill encoding of a paged-out entry: seq, message id,
+    /// expiry (u64 each), size, delivery count (u32 each), priority, flags.
+    fn encode_spilled(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.seq.to_be_bytes());
+        out.extend_from_slice(&self.msg.id().0.to_be_bytes());
+        out.extend_from_slice(&self.expires_at.to_be_bytes());
+        out.extend_from_slice(&self.size.to_be_bytes());
+        out.extend_from_slice(&self.delivery_count.to_be_bytes());
+        out.push(self.priority);
+        out.push(
+            u8::from(self.redelivered) | u8::from(self.indexed) << 1 | u8::from(self.stored) << 2,
+        );
+    }
+
+    fn decode_spilled(b: &[u8]) -> Option<Entry> {
+        let b: &[u8; SPILLED_ENTRY_LEN] = b.try_into().ok()?;
+        let u64_at = |i: usize| {
+            let mut x = [0u8; 8];
+            x.copy_from_slice(&b[i..i + 8]);
+            u64::from_be_bytes(x)
+        };
+        let u32_at = |i: usize| {
+            let mut x = [0u8; 4];
+            x.copy_from_slice(&b[i..i + 4]);
+            u32::from_be_bytes(x)
+        };
+        Some(Entry {
+            seq: u64_at(0),
+            msg: MessageRef::Paged(MessageId(u64_at(8))),
+            expires_at: u64_at(16),
+            size: u32_at(24),
+            delivery_count: u32_at(28),
+            priority: b[32],
+            redelivered: b[33] & 1 != 0,
+            indexed: b[33] & 2 != 0,
+            stored: b[33] & 4 != 0,
+        })
+    }
+
     fn index_entry(&self) -> IndexEntry {
         IndexEntry {
             message: self.msg.id(),
@@ -173,6 +231,24 @@ pub fn parse_expiration(s: &str) -> Option<u64> {
     s.parse().ok().filter(|ms| *ms <= MAX_EXPIRATION_MS)
 }
 
+/// One priority level's ready entries, oldest first: `front`, then the
+/// spilled chunks, then `back`. When `front` is empty, so are the others (it
+/// is refilled as it empties).
+#[derive(Debug, Default)]
+struct Bucket {
+    front: VecDeque<Entry>,
+    /// Spilled chunks and their entry counts.
+    spilled: VecDeque<(SpilledChunk, u32)>,
+    spilled_count: u64,
+    back: VecDeque<Entry>,
+}
+
+impl Bucket {
+    fn len(&self) -> u64 {
+        (self.front.len() + self.back.len()) as u64 + self.spilled_count
+    }
+}
+
 /// One queue's messages.
 #[derive(Debug)]
 pub struct Queue {
@@ -181,7 +257,13 @@ pub struct Queue {
     durable: bool,
     args: QueueArgs,
     arguments: FieldTable,
-    buckets: Vec<VecDeque<Entry>>,
+    buckets: Vec<Bucket>,
+    /// Where entries behind the window go (none: all stay in memory).
+    spill_dir: Option<Arc<Path>>,
+    spill: Option<Spill>,
+    /// Entries a level keeps at its head, and per spilled chunk.
+    window: usize,
+    chunk: usize,
     unacked: FxHashMap<u64, Entry>,
     next_seq: u64,
     ready_bytes: u64,
@@ -208,7 +290,11 @@ impl Queue {
             durable,
             args,
             arguments,
-            buckets: (0..levels).map(|_| VecDeque::new()).collect(),
+            buckets: (0..levels).map(|_| Bucket::default()).collect(),
+            spill_dir: None,
+            spill: None,
+            window: WINDOW,
+            chunk: CHUNK,
             unacked: FxHashMap::default(),
             next_seq: 1,
             ready_bytes: 0,
@@ -251,6 +337,60 @@ impl Queue {
         q
     }
 
+    /// Lets entries behind the in-memory window go to spill files in `dir`
+    /// (the broker's data directory's `spill/`). Entries already queued past
+    /// the window (a recovered queue) are spilled now.
+    pub fn set_spill_dir(&mut self, dir: Option<Arc<Path>>) {
+        self.spill_dir = dir;
+        if self.spill_dir.is_none() {
+            return;
+        }
+        let mut writes = Vec::new();
+        for level in 0..self.buckets.len() {
+            let Some(bucket) = self.buckets.get_mut(level) else {
+                continue;
+            };
+            // Only entries whose bodies are in the store (all of a recovered
+            // queue's) can go without writing anything.
+            if !bucket.spilled.is_empty()
+                || !bucket.back.is_empty()
+                || bucket.front.len() <= self.window + self.chunk
+                || bucket.front.iter().any(|e| !e.stored)
+            {
+                continue;
+            }
+            let mut rest = bucket.front.split_off(self.window);
+            while !rest.is_empty() {
+                let mut tail = rest.split_off(rest.len().min(self.chunk));
+                if let Some(bucket) = self.buckets.get_mut(level) {
+                    bucket.back = rest;
+                }
+                self.spill_back(level, &mut writes);
+                if self.spill_dir.is_none() {
+                    // Spilling failed: the rest stays in memory, in order.
+                    if let Some(bucket) = self.buckets.get_mut(level) {
+                        bucket.back.append(&mut tail);
+                    }
+                    break;
+                }
+                rest = tail;
+            }
+        }
+        debug_assert!(writes.is_empty(), "stored entries need no writes");
+    }
+
+    /// Sets the in-memory window and the chunk size, in entries (defaults
+    /// 8192 and 4096; tests use tiny ones to spill a handful of messages).
+    pub fn set_spill_window(&mut self, window: usize, chunk: usize) {
+        self.window = window;
+        self.chunk = chunk.max(1);
+    }
+
+    /// Entries held in spill files (an operator metric; tests use it).
+    pub fn spilled_count(&self) -> u64 {
+        self.buckets.iter().map(|b| b.spilled_count).sum()
+    }
+
     /// Storage id.
     pub fn id(&self) -> u64 {
         self.id
@@ -278,7 +418,7 @@ impl Queue {
 
     /// Ready messages.
     pub fn ready_count(&self) -> u64 {
-        self.buckets.iter().map(|b| b.len() as u64).sum()
+        self.buckets.iter().map(Bucket::len).sum()
     }
 
     /// Body octets of ready messages.
@@ -334,18 +474,125 @@ impl Queue {
             .min(self.max_level())
     }
 
+    /// Puts a ready entry back at its original position (a requeue; also
+    /// recovery, in order). That is always ahead of anything spilled:
+    /// everything spilled was queued behind it when it was delivered.
     fn insert_ready(&mut self, entry: Entry) {
         let Some(bucket) = self.buckets.get_mut(usize::from(entry.priority)) else {
             return;
         };
-        // Appends are the rule; requeues find their original position.
-        match bucket.back() {
+        let part = if bucket.back.front().is_some_and(|b| b.seq < entry.seq) {
+            &mut bucket.back
+        } else {
+            &mut bucket.front
+        };
+        match part.back() {
             Some(last) if last.seq > entry.seq => {
-                let pos = bucket.partition_point(|e| e.seq < entry.seq);
-                bucket.insert(pos, entry);
+                let pos = part.partition_point(|e| e.seq < entry.seq);
+                part.insert(pos, entry);
             }
-            _ => bucket.push_back(entry),
+            _ => part.push_back(entry),
         }
+    }
+
+    /// Appends a published entry: at the head's window while it has room and
+    /// nothing is queued behind it, otherwise behind, where a full chunk is
+    /// spilled (`writes` gets the bodies that chunk pages out).
+    fn push_new(&mut self, entry: Entry, writes: &mut Vec<Write>) {
+        let level = usize::from(entry.priority);
+        let spilling = self.spill_dir.is_some();
+        let (window, chunk) = (self.window, self.chunk);
+        let Some(bucket) = self.buckets.get_mut(level) else {
+            return;
+        };
+        if bucket.spilled.is_empty()
+            && bucket.back.is_empty()
+            && (!spilling || bucket.front.len() < window)
+        {
+            bucket.front.push_back(entry);
+            return;
+        }
+        bucket.back.push_back(entry);
+        if spilling && bucket.back.len() >= chunk {
+            self.spill_back(level, writes);
+        }
+    }
+
+    /// Writes a level's `back` to the spill files as one chunk. Entries with
+    /// their body in memory are paged out first (`writes` gets the body of
+    /// any not yet in the store). On failure the entries stay in memory and
+    /// the queue stops spilling.
+    fn spill_back(&mut self, level: usize, writes: &mut Vec<Write>) {
+        let Some(dir) = self.spill_dir.clone() else {
+            return;
+        };
+        let Some(bucket) = self.buckets.get_mut(level) else {
+            return;
+        };
+        let mut data = Vec::with_capacity(bucket.back.len() * SPILLED_ENTRY_LEN);
+        for e in &mut bucket.back {
+            if let MessageRef::Loaded(m) = &e.msg {
+                if !e.stored {
+                    writes.push(Write::PutMessage(m.clone()));
+                    e.stored = true;
+                }
+                self.loaded_bytes -= u64::from(e.size);
+                e.msg = MessageRef::Paged(m.id);
+            }
+            e.encode_spilled(&mut data);
+        }
+        let spill = self.spill.get_or_insert_with(|| Spill::new(dir));
+        match spill.write(&data) {
+            Ok(chunk) => {
+                let n = bucket.back.len();
+                bucket.back.clear();
+                bucket.spilled.push_back((chunk, n as u32));
+                bucket.spilled_count += n as u64;
+            }
+            Err(e) => {
+                tracing::warn!(queue = %self.name, error = %e, "cannot spill queue entries; keeping them in memory");
+                self.spill_dir = None;
+            }
+        }
+    }
+
+    /// Refills a level's empty `front`: the next spilled chunk, or `back`.
+    fn refill(&mut self, level: usize) {
+        let Some(bucket) = self.buckets.get_mut(level) else {
+            return;
+        };
+        if !bucket.front.is_empty() {
+            return;
+        }
+        let Some((chunk, n)) = bucket.spilled.pop_front() else {
+            std::mem::swap(&mut bucket.front, &mut bucket.back);
+            return;
+        };
+        let read = match self.spill.as_mut() {
+            Some(spill) => spill.read(&chunk),
+            None => Err(std::io::Error::other("no spill files")),
+        };
+        match read {
+            Ok(data) => {
+                bucket.spilled_count -= u64::from(n);
+                bucket.front.extend(
+                    data.chunks_exact(SPILLED_ENTRY_LEN)
+                        .filter_map(Entry::decode_spilled),
+                );
+            }
+            Err(e) => {
+                // Left in place: the next refill tries again.
+                tracing::error!(queue = %self.name, error = %e, "cannot read spilled queue entries");
+                bucket.spilled.push_front((chunk, n));
+            }
+        }
+    }
+
+    /// Removes the head of a level, refilling it from behind.
+    fn pop_level(&mut self, level: usize) -> Option<Entry> {
+        let entry = self.buckets.get_mut(level)?.front.pop_front()?;
+        self.refill(level);
+        Some(entry)
     }
 
     fn over_limit(&self) -> bool {
@@ -396,11 +643,10 @@ impl Queue {
 
     /// Removes the next ready message (highest priority, oldest first).
     fn pop_ready(&mut self) -> Option<Entry> {
-        let entry = self
-            .buckets
-            .iter_mut()
+        let level = (0..self.buckets.len())
             .rev()
-            .find_map(VecDeque::pop_front)?;
+            .find(|&l| self.buckets.get(l).is_some_and(|b| !b.front.is_empty()))?;
+        let entry = self.pop_level(level)?;
         self.ready_bytes -= u64::from(entry.size);
         if matches!(entry.msg, MessageRef::Loaded(_)) {
             self.loaded_bytes -= u64::from(entry.size);
@@ -464,7 +710,7 @@ impl Queue {
         if !paged {
             self.loaded_bytes += u64::from(entry.size);
         }
-        self.insert_ready(entry);
+        self.push_new(entry, &mut fx.writes);
         while self.over_limit() {
             let Some(head) = self.pop_ready() else { break };
             self.dead_letter_or_discard(head.msg.clone(), DeadLetterReason::MaxLen, fx);
@@ -501,12 +747,12 @@ impl Queue {
                 let expired = self
                     .buckets
                     .get(level)
-                    .and_then(VecDeque::front)
+                    .and_then(|b| b.front.front())
                     .is_some_and(|e| e.expires_at != 0 && e.expires_at < now_ms);
                 if !expired {
                     break;
                 }
-                let Some(entry) = self.buckets.get_mut(level).and_then(VecDeque::pop_front) else {
+                let Some(entry) = self.pop_level(level) else {
                     break;
                 };
                 self.ready_bytes -= u64::from(entry.size);
@@ -523,7 +769,7 @@ impl Queue {
     pub fn next_expiry(&self) -> Option<u64> {
         self.buckets
             .iter()
-            .filter_map(|b| b.front())
+            .filter_map(|b| b.front.front())
             .filter(|e| e.expires_at != 0)
             .map(|e| e.expires_at.saturating_add(1))
             .min()
@@ -1025,6 +1271,103 @@ mod tests {
         q.touch(500);
         assert_eq!(q.unused_deadline(), Some(1500));
         assert_eq!(queue(&[]).unused_deadline(), None);
+    }
+
+    fn spilling(q: &mut Queue, dir: &std::path::Path) {
+        q.set_spill_window(3, 2);
+        q.set_spill_dir(Some(Arc::from(dir)));
+    }
+
+    #[test]
+    fn entries_behind_the_window_spill_and_come_back_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut q = queue(&[("x-max-priority", FieldValue::I32(2))]);
+        spilling(&mut q, dir.path());
+        let mut fx = Effects::default();
+        for id in 1..=20 {
+            let priority = Some((id % 3) as u8);
+            q.publish(
+                &msg(
+                    id,
+                    "x",
+                    BasicProperties {
+                        priority,
+                        ..Default::default()
+                    },
+                ),
+                0,
+                &mut fx,
+            );
+        }
+        assert!(q.spilled_count() > 0);
+        assert_eq!(q.ready_count(), 20);
+        // Spilling paged the bodies out: their writes are in the effects.
+        let paged = fx
+            .writes
+            .iter()
+            .filter(|w| matches!(w, Write::PutMessage(_)))
+            .count() as u64;
+        assert_eq!(paged, q.spilled_count());
+        let first = q.deliver(0, true, &mut fx).unwrap();
+        assert_eq!(first.message.id().0, 2, "highest priority first");
+        assert!(q.requeue(first.seq, &mut fx));
+        let order: Vec<u64> = ids(&mut q, 0);
+        let expected: Vec<u64> = [2, 1, 0]
+            .iter()
+            .flat_map(|p| (1..=20).filter(move |id| id % 3 == *p))
+            .collect();
+        assert_eq!(order, expected);
+        assert_eq!(q.spilled_count(), 0);
+        assert_eq!(q.loaded_bytes(), 0);
+    }
+
+    #[test]
+    fn purging_a_spilled_queue_releases_every_stored_body() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut q = queue(&[]);
+        spilling(&mut q, dir.path());
+        let mut fx = Effects::default();
+        for id in 1..=50 {
+            q.publish(&plain(id), 0, &mut fx);
+        }
+        let stored = fx
+            .writes
+            .iter()
+            .filter(|w| matches!(w, Write::PutMessage(_)))
+            .count();
+        assert!(stored > 0);
+        assert_eq!(q.purge(&mut fx), 50);
+        assert_eq!(fx.releases.len(), stored);
+        assert_eq!((q.ready_count(), q.spilled_count()), (0, 0));
+    }
+
+    #[test]
+    fn a_recovered_queue_spills_past_its_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let entries: Vec<(u64, IndexEntry)> = (1..=30)
+            .map(|seq| {
+                (
+                    seq,
+                    IndexEntry {
+                        message: MessageId(seq),
+                        size: 4,
+                        ..Default::default()
+                    },
+                )
+            })
+            .collect();
+        let mut q = Queue::recover(
+            3,
+            ShortStr::from_static("d"),
+            QueueArgs::default(),
+            FieldTable::new(),
+            entries,
+            true,
+            0,
+        );
+        spilling(&mut q, dir.path());
+        assert_eq!(q.spilled_count(), 27);
+        assert_eq!(ids(&mut q, 0), (1..=30).collect::<Vec<_>>());
     }
 
     #[test]

@@ -83,97 +83,136 @@ fn reopen(store: Store, dir: &std::path::Path) -> (Store, Queue) {
     (store, q)
 }
 
+/// Spill settings for the queue under test: none, or a spill directory with
+/// a two-entry window and chunks of two, so a handful of messages spill.
+fn configure(q: &mut Queue, spill: Option<&std::path::Path>) {
+    q.set_memory_budget(MEMORY_BUDGET);
+    if let Some(dir) = spill {
+        q.set_spill_window(2, 2);
+        q.set_spill_dir(Some(std::sync::Arc::from(dir)));
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(48))]
 
     #[test]
     fn queue_and_store_match_the_model(ops in prop::collection::vec(op(), 1..60)) {
-        let dir = tempfile::tempdir().unwrap();
-        let (mut store, _) = Store::open(dir.path()).unwrap();
-        let mut q = durable_queue(FieldTable::new());
-        q.set_memory_budget(MEMORY_BUDGET);
-        let mut model = Model::default();
-        let mut fx = Effects::default();
-        let mut next_seq = 1;
+        check_model(ops, false)?;
+    }
 
-        for op in ops {
-            match op {
-                Op::Publish { persistent, ttl } => {
-                    let m = message(&store, persistent, ttl);
-                    q.publish(&m, model.now, &mut fx);
-                    model.ready.insert(next_seq, Expected {
+    #[test]
+    fn a_queue_spilling_its_entries_matches_the_model(ops in prop::collection::vec(op(), 1..80)) {
+        check_model(ops, true)?;
+    }
+}
+
+fn check_model(ops: Vec<Op>, spill: bool) -> Result<(), TestCaseError> {
+    let dir = tempfile::tempdir().unwrap();
+    let spill_dir = tempfile::tempdir().unwrap();
+    let spill = spill.then(|| spill_dir.path());
+    let (mut store, _) = Store::open(dir.path()).unwrap();
+    let mut q = durable_queue(FieldTable::new());
+    configure(&mut q, spill);
+    let mut model = Model::default();
+    let mut fx = Effects::default();
+    let mut next_seq = 1;
+    let (mut saw_spill, mut most_ready) = (false, 0);
+
+    for op in ops {
+        match op {
+            Op::Publish { persistent, ttl } => {
+                let m = message(&store, persistent, ttl);
+                q.publish(&m, model.now, &mut fx);
+                model.ready.insert(
+                    next_seq,
+                    Expected {
                         id: m.id,
                         persistent,
                         expires_at: ttl.map_or(0, |t| model.now + t),
                         redelivered: false,
-                    });
-                    next_seq += 1;
-                }
-                Op::Deliver => {
-                    model.expire_heads();
-                    let got = q.deliver(model.now, true, &mut fx);
-                    let want = model.ready.pop_first();
-                    // What expired behind the delivered message goes at once.
-                    model.expire_heads();
-                    match (got, want) {
-                        (None, None) => {}
-                        (Some(d), Some((seq, m))) => {
-                            prop_assert_eq!(d.seq, seq);
-                            prop_assert_eq!(d.message.id(), m.id);
-                            prop_assert_eq!(d.redelivered, m.redelivered);
-                            // Persistent and paged-out bodies are in the store.
-                            if m.persistent || matches!(d.message, MessageRef::Paged(_)) {
-                                assert_intact(&store, m.id);
-                            }
-                            model.unacked.push((seq, m));
+                    },
+                );
+                next_seq += 1;
+            }
+            Op::Deliver => {
+                model.expire_heads();
+                let got = q.deliver(model.now, true, &mut fx);
+                let want = model.ready.pop_first();
+                // What expired behind the delivered message goes at once.
+                model.expire_heads();
+                match (got, want) {
+                    (None, None) => {}
+                    (Some(d), Some((seq, m))) => {
+                        prop_assert_eq!(d.seq, seq);
+                        prop_assert_eq!(d.message.id(), m.id);
+                        prop_assert_eq!(d.redelivered, m.redelivered);
+                        // Persistent and paged-out bodies are in the store.
+                        if m.persistent || matches!(d.message, MessageRef::Paged(_)) {
+                            assert_intact(&store, m.id);
                         }
-                        (got, want) => prop_assert!(false, "queue gave {:?}, model {:?}", got, want),
+                        model.unacked.push((seq, m));
                     }
+                    (got, want) => prop_assert!(false, "queue gave {:?}, model {:?}", got, want),
                 }
-                Op::Ack(i) | Op::Requeue(i) | Op::Reject(i) if !model.unacked.is_empty() => {
-                    let (seq, mut m) = model.unacked.remove(i % model.unacked.len());
-                    match op {
-                        Op::Ack(_) => prop_assert!(q.ack(seq, &mut fx)),
-                        Op::Reject(_) => prop_assert!(q.reject(seq, &mut fx)),
-                        _ => {
-                            prop_assert!(q.requeue(seq, &mut fx));
-                            m.redelivered = true;
-                            model.ready.insert(seq, m);
-                        }
-                    }
-                }
-                Op::Ack(_) | Op::Requeue(_) | Op::Reject(_) => {}
-                Op::Advance(ms) => model.now += ms,
-                Op::Reopen => {
-                    // A clean shutdown: channels close, unacked messages return.
-                    for (seq, mut m) in model.unacked.drain(..) {
+            }
+            Op::Ack(i) | Op::Requeue(i) | Op::Reject(i) if !model.unacked.is_empty() => {
+                let (seq, mut m) = model.unacked.remove(i % model.unacked.len());
+                match op {
+                    Op::Ack(_) => prop_assert!(q.ack(seq, &mut fx)),
+                    Op::Reject(_) => prop_assert!(q.reject(seq, &mut fx)),
+                    _ => {
                         prop_assert!(q.requeue(seq, &mut fx));
                         m.redelivered = true;
                         model.ready.insert(seq, m);
                     }
-                    apply(&store, &mut fx);
-                    (store, q) = reopen(store, dir.path());
-                    q.set_memory_budget(MEMORY_BUDGET);
-                    // Only persistent messages survive a restart; sequence
-                    // numbers continue after the last survivor.
-                    model.ready.retain(|_, m| m.persistent);
-                    next_seq = model.ready.keys().next_back().map_or(1, |s| s + 1);
                 }
             }
-            apply(&store, &mut fx);
-            prop_assert_eq!(q.ready_count(), model.ready.len() as u64);
-            prop_assert_eq!(q.unacked_count(), model.unacked.len() as u64);
+            Op::Ack(_) | Op::Requeue(_) | Op::Reject(_) => {}
+            Op::Advance(ms) => model.now += ms,
+            Op::Reopen => {
+                // A clean shutdown: channels close, unacked messages return.
+                for (seq, mut m) in model.unacked.drain(..) {
+                    prop_assert!(q.requeue(seq, &mut fx));
+                    m.redelivered = true;
+                    model.ready.insert(seq, m);
+                }
+                apply(&store, &mut fx);
+                (store, q) = reopen(store, dir.path());
+                configure(&mut q, spill);
+                // Only persistent messages survive a restart; sequence
+                // numbers continue after the last survivor.
+                model.ready.retain(|_, m| m.persistent);
+                next_seq = model.ready.keys().next_back().map_or(1, |s| s + 1);
+            }
         }
-        // Finally everything left comes out in the model's order.
-        block_on(store.commit()).unwrap();
+        apply(&store, &mut fx);
+        prop_assert_eq!(q.ready_count(), model.ready.len() as u64);
+        saw_spill |= q.spilled_count() > 0;
+        most_ready = most_ready.max(model.ready.len());
+        prop_assert_eq!(q.unacked_count(), model.unacked.len() as u64);
+    }
+    // Finally everything left comes out in the model's order.
+    block_on(store.commit()).unwrap();
+    model.expire_heads();
+    loop {
         model.expire_heads();
-        loop {
-            model.expire_heads();
-            let got = q.deliver(model.now, false, &mut fx).map(|d| (d.message.id(), d.redelivered));
-            let want = model.ready.pop_first().map(|(_, m)| (m.id, m.redelivered));
-            model.expire_heads();
-            prop_assert_eq!(got, want);
-            if got.is_none() { break; }
+        let got = q
+            .deliver(model.now, false, &mut fx)
+            .map(|d| (d.message.id(), d.redelivered));
+        let want = model.ready.pop_first().map(|(_, m)| (m.id, m.redelivered));
+        model.expire_heads();
+        prop_assert_eq!(got, want);
+        if got.is_none() {
+            break;
         }
     }
+    if spill.is_some() && most_ready >= 6 {
+        prop_assert!(
+            saw_spill,
+            "{} ready messages and nothing spilled",
+            most_ready
+        );
+    }
+    Ok(())
 }

@@ -86,7 +86,10 @@ fn a_body_shared_by_two_queues_is_stored_once_and_deleted_with_the_last_referenc
         .stats()
         .writes
         .load(std::sync::atomic::Ordering::Relaxed);
-    assert_eq!(writes_after_publish, 4, "a reference and two index entries each");
+    assert_eq!(
+        writes_after_publish, 4,
+        "a reference and two index entries each"
+    );
     let log_octets: u64 = std::fs::read_dir(dir.path().join("log"))
         .unwrap()
         .map(|e| e.unwrap().metadata().unwrap().len())

@@ -123,6 +123,10 @@ pub struct Broker {
     pub config: Config,
     /// Durable storage.
     pub store: Store,
+    /// Where deep queues spill the entries behind their in-memory window
+    /// (`<data dir>/spill`; the files in it are anonymous). `None` if it
+    /// could not be created: queues then keep every entry in memory.
+    pub spill_dir: Option<Arc<std::path::Path>>,
     vhosts: DashMap<String, Arc<Vhost>>,
     next_queue: AtomicU64,
     next_connection: AtomicU64,
@@ -433,9 +437,18 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
         .await
         .map_err(|e| StoreError::Engine(e.to_string()))??;
     store.set_backlog_limit(config.store_backlog_limit);
+    let spill = config.data_dir.join("spill");
+    let spill_dir = match std::fs::create_dir_all(&spill) {
+        Ok(()) => Some(Arc::from(spill.as_path())),
+        Err(e) => {
+            tracing::warn!(dir = %spill.display(), error = %e, "cannot create the spill directory; deep queues stay in memory");
+            None
+        }
+    };
     let broker = Arc::new(Broker {
         config,
         store,
+        spill_dir,
         vhosts: DashMap::new(),
         next_queue: AtomicU64::new(1),
         next_connection: AtomicU64::new(1),

@@ -239,6 +239,10 @@ impl QueueStats {
 /// bookkeeping. Used so that many tiny messages still count.
 pub const ENTRY_OVERHEAD: u64 = 64;
 
+/// Estimated memory per message whose queue entry is spilled to disk: the
+/// store's word for its body and that map's slack.
+pub const SPILLED_ENTRY_OVERHEAD: u64 = 24;
+
 impl QueueState {
     /// Enqueues a published message and delivers what it can; returns the
     /// outcome and whether anything was written to the store (then a confirm
@@ -267,15 +271,19 @@ impl QueueState {
     /// (Unacknowledged ones wait for consumers; counting them could pause a
     /// connection whose own acks would relieve the queue.)
     pub fn ready_memory(&self) -> u64 {
-        self.queue.loaded_bytes() + self.queue.ready_count() * ENTRY_OVERHEAD
+        let spilled = self.queue.spilled_count();
+        self.queue.loaded_bytes()
+            + (self.queue.ready_count() - spilled) * ENTRY_OVERHEAD
+            + spilled * SPILLED_ENTRY_OVERHEAD
     }
 
     /// Memory this queue accounts for: bodies it holds in memory (ready and
-    /// delivered-but-unacknowledged) plus [`ENTRY_OVERHEAD`] per message.
+    /// delivered-but-unacknowledged) plus [`ENTRY_OVERHEAD`] per message in
+    /// memory and [`SPILLED_ENTRY_OVERHEAD`] per spilled one.
     pub fn memory_in_use(&self) -> u64 {
-        self.queue.loaded_bytes()
+        self.ready_memory()
             + self.queue.unacked_bytes()
-            + (self.queue.ready_count() + self.queue.unacked_count()) * ENTRY_OVERHEAD
+            + self.queue.unacked_count() * ENTRY_OVERHEAD
     }
 
     /// Hands ready messages to consumers with credit (see

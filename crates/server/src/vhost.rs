@@ -427,6 +427,7 @@ impl Vhost {
         let id = broker.next_queue_id();
         let mut queue = Queue::new(id, name.clone(), durable, args, arguments.clone(), now_ms());
         queue.set_memory_budget(broker.config.queue_memory_budget);
+        queue.set_spill_dir(broker.spill_dir.clone());
         let handle = QueueHandle::new(
             queue,
             auto_delete,
@@ -862,6 +863,7 @@ impl Vhost {
                 now_ms(),
             );
             queue.set_memory_budget(broker.config.queue_memory_budget);
+            queue.set_spill_dir(broker.spill_dir.clone());
             broker.note_queue_id(id);
             let handle = QueueHandle::new(
                 queue,
