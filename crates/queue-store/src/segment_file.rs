@@ -4,18 +4,21 @@
 //! written: sled keeps every value it was given in memory, which for a deep
 //! backlog was most of the broker's resident memory.
 //!
-//! A file is `<segment number, 16 hex digits>.seg`: a 16-octet header
-//! (`WRNSEG01`, data length u32 BE, CRC-32 of the data u32 BE) and the data.
+//! A file is `<segment number, 16 hex digits>.seg`: the magic `WRNSEG02`, then
+//! frames, each a length (u32 BE), a CRC-32 of its data (u32 BE) and the data.
+//! The segment being filled gets a frame per batch the writer applies (so a
+//! file holds ~256 KiB however small the batches); its data is the frames'
+//! data back to back.
 //!
 //! ## Crash safety
 //!
 //! - Writes are not synced one by one: [`SegmentFiles::sync`] fsyncs every file
 //!   written since the last sync, in order, then the directory. Nothing a
 //!   caller was promised durable is newer than the last sync.
-//! - So after a crash the only segments that can be torn are newer than every
-//!   synced one. At open the first segment whose header or checksum does not
-//!   match ends the log: it and every later segment are removed (none of them
-//!   was synced, so no commit point covered them).
+//! - So after a crash only frames newer than every synced one can be torn. At
+//!   open the first frame that is short or fails its checksum ends the log:
+//!   its file is cut there and every later file removed (none of it was
+//!   synced, so no commit point covered it).
 //! - A segment is removed only after the records that made it unneeded are on
 //!   disk: a removal names the sync it must wait for ([`SegmentFiles::remove`]).
 //!   A removal that another one made possible (a delete whose target just
@@ -28,8 +31,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
-use std::io::{ErrorKind, Write as _};
-use std::os::unix::fs::FileExt;
+use std::io::{ErrorKind, Read as _, Write as _};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -37,8 +39,8 @@ use bytes::{Bytes, BytesMut};
 
 use crate::error::StoreError;
 
-const MAGIC: &[u8; 8] = b"WRNSEG01";
-const HEADER_LEN: usize = 16;
+const MAGIC: &[u8; 8] = b"WRNSEG02";
+const FRAME_HEADER: usize = 8;
 
 fn io(what: &str, path: &Path, e: std::io::Error) -> StoreError {
     StoreError::Engine(format!("{what} {}: {e}", path.display()))
@@ -50,7 +52,11 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 #[derive(Default)]
 struct Unsynced {
-    /// Files written since the last sync, oldest first.
+    /// The segment being appended to.
+    open: Option<(u64, File)>,
+    /// Whether it has frames not yet synced.
+    open_dirty: bool,
+    /// Files finished since the last sync, not yet synced.
     files: Vec<File>,
     /// Whether the directory changed (created, renamed, removed) since then.
     dir_changed: bool,
@@ -99,9 +105,26 @@ impl SegmentFiles {
         let mut valid = segs.len();
         for (i, &seg) in segs.iter().enumerate() {
             let path = files.path(seg);
-            let file = File::open(&path).map_err(|e| io("cannot open", &path, e))?;
-            if files.check(seg, &file)?.is_none() {
-                valid = i;
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .map_err(|e| io("cannot open", &path, e))?;
+            let (_, good, complete) = files.frames(seg, &file)?;
+            if !complete {
+                tracing::warn!(
+                    segment = seg,
+                    valid_octets = good,
+                    "log segment torn by a crash; cutting it there"
+                );
+                if good > MAGIC.len() as u64 {
+                    file.set_len(good)
+                        .map_err(|e| io("cannot truncate", &path, e))?;
+                    file.sync_all().map_err(|e| io("cannot sync", &path, e))?;
+                    valid = i + 1;
+                } else {
+                    valid = i;
+                }
                 break;
             }
             file.sync_all().map_err(|e| io("cannot sync", &path, e))?;
@@ -110,7 +133,7 @@ impl SegmentFiles {
             tracing::warn!(
                 first = torn.first().copied().unwrap_or_default(),
                 segments = torn.len(),
-                "log ends in segments that were never synced (torn by a crash); discarding them"
+                "log ends in segments written after the last sync; discarding them"
             );
             for &seg in torn {
                 let path = files.path(seg);
@@ -137,40 +160,45 @@ impl SegmentFiles {
             .map_err(|e| io("cannot sync directory", &self.dir, e))
     }
 
-    /// Reads and verifies a whole segment: `None` if its header or checksum
-    /// does not match (torn).
-    fn check(&self, seg: u64, file: &File) -> Result<Option<Bytes>, StoreError> {
+    /// Reads a segment's frames: their data back to back, the octets of the
+    /// file up to the end of the last good frame, and whether the file ended
+    /// there (false: a short or corrupt frame follows, or a bad magic).
+    fn frames(&self, seg: u64, file: &File) -> Result<(BytesMut, u64, bool), StoreError> {
         let path = self.path(seg);
-        let mut header = [0u8; HEADER_LEN];
-        match file.read_exact_at(&mut header, 0) {
-            Ok(()) => {}
-            Err(e) if e.kind() == ErrorKind::UnexpectedEof => return Ok(None),
-            Err(e) => return Err(io("cannot read", &path, e)),
-        }
-        let field = |i: usize| {
-            let mut x = [0u8; 4];
-            x.copy_from_slice(&header[i..i + 4]);
-            u32::from_be_bytes(x)
-        };
-        let (len, crc) = (field(8) as usize, field(12));
-        let size = file
-            .metadata()
-            .map_err(|e| io("cannot stat", &path, e))?
-            .len();
-        if &header[..8] != MAGIC || size != (HEADER_LEN + len) as u64 {
-            return Ok(None);
-        }
-        let mut data = BytesMut::zeroed(len);
-        file.read_exact_at(&mut data, HEADER_LEN as u64)
+        let mut raw = Vec::new();
+        let mut f = file;
+        f.read_to_end(&mut raw)
             .map_err(|e| io("cannot read", &path, e))?;
-        if crc32fast::hash(&data) != crc {
-            return Ok(None);
+        let mut data = BytesMut::with_capacity(raw.len());
+        if raw.get(..MAGIC.len()) != Some(MAGIC.as_slice()) {
+            return Ok((data, 0, false));
         }
-        Ok(Some(data.freeze()))
+        let mut pos = MAGIC.len();
+        while pos < raw.len() {
+            let Some(header) = raw.get(pos..pos + FRAME_HEADER) else {
+                return Ok((data, pos as u64, false));
+            };
+            let field = |i: usize| {
+                let mut x = [0u8; 4];
+                x.copy_from_slice(&header[i..i + 4]);
+                u32::from_be_bytes(x)
+            };
+            let (len, crc) = (field(0) as usize, field(4));
+            let start = pos + FRAME_HEADER;
+            match raw.get(start..start.saturating_add(len)) {
+                Some(frame) if crc32fast::hash(frame) == crc => {
+                    data.extend_from_slice(frame);
+                    pos = start + len;
+                }
+                _ => return Ok((data, pos as u64, false)),
+            }
+        }
+        Ok((data, pos as u64, true))
     }
 
-    /// Reads a whole segment. A segment the log knows of that is missing or
-    /// torn is corruption.
+    /// Reads a segment's data. A frame being appended while this reads may
+    /// be seen incomplete: the data then ends before it. `None` if the file
+    /// is gone.
     pub(crate) fn read(&self, seg: u64) -> Result<Option<Bytes>, StoreError> {
         let path = self.path(seg);
         let file = match File::open(&path) {
@@ -178,47 +206,65 @@ impl SegmentFiles {
             Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io("cannot open", &path, e)),
         };
-        match self.check(seg, &file)? {
-            Some(data) => Ok(Some(data)),
-            None => Err(StoreError::Corrupt {
+        let (data, good, _) = self.frames(seg, &file)?;
+        if good == 0 {
+            return Err(StoreError::Corrupt {
                 what: "log segment",
-                key: format!("{seg} (header or checksum)"),
-            }),
+                key: format!("{seg} (not a segment file)"),
+            });
         }
+        Ok(Some(data.freeze()))
     }
 
-    fn write_file(&self, path: &Path, data: &[u8]) -> Result<File, StoreError> {
+    fn frame(data: &[u8]) -> Result<Vec<u8>, StoreError> {
         let len = u32::try_from(data.len())
-            .map_err(|_| StoreError::Engine(format!("segment of {} octets", data.len())))?;
-        let mut buf = Vec::with_capacity(HEADER_LEN + data.len());
-        buf.extend_from_slice(MAGIC);
+            .map_err(|_| StoreError::Engine(format!("log frame of {} octets", data.len())))?;
+        let mut buf = Vec::with_capacity(FRAME_HEADER + data.len());
         buf.extend_from_slice(&len.to_be_bytes());
         buf.extend_from_slice(&crc32fast::hash(data).to_be_bytes());
         buf.extend_from_slice(data);
+        Ok(buf)
+    }
+
+    fn create(&self, path: &Path) -> Result<File, StoreError> {
         let mut file = OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
             .open(path)
             .map_err(|e| io("cannot create", path, e))?;
-        file.write_all(&buf)
+        file.write_all(MAGIC)
             .map_err(|e| io("cannot write", path, e))?;
         Ok(file)
     }
 
-    /// Writes a new segment (durable at the next [`SegmentFiles::sync`]).
-    pub(crate) fn write(&self, seg: u64, data: &[u8]) -> Result<(), StoreError> {
-        let file = self.write_file(&self.path(seg), data)?;
+    /// Appends a frame to segment `seg`, creating its file if it is new
+    /// (durable at the next [`SegmentFiles::sync`]). Segments are appended
+    /// to one at a time, in increasing order.
+    pub(crate) fn append(&self, seg: u64, data: &[u8]) -> Result<(), StoreError> {
+        let frame = Self::frame(data)?;
         let mut u = lock(&self.unsynced);
-        u.files.push(file);
-        u.dir_changed = true;
+        if u.open.as_ref().is_none_or(|(s, _)| *s != seg) {
+            let file = self.create(&self.path(seg))?;
+            if let Some((_, old)) = u.open.replace((seg, file)) {
+                u.files.push(old);
+            }
+            u.dir_changed = true;
+        }
+        if let Some((_, file)) = u.open.as_mut() {
+            file.write_all(&frame)
+                .map_err(|e| io("cannot write", &self.path(seg), e))?;
+        }
+        u.open_dirty = true;
         Ok(())
     }
 
     /// Replaces a segment's contents atomically (temporary file, fsync, rename).
     pub(crate) fn rewrite(&self, seg: u64, data: &[u8]) -> Result<(), StoreError> {
         let tmp = self.dir.join(format!("{seg:016x}.tmp"));
-        let file = self.write_file(&tmp, data)?;
+        let mut file = self.create(&tmp)?;
+        file.write_all(&Self::frame(data)?)
+            .map_err(|e| io("cannot write", &tmp, e))?;
         file.sync_all().map_err(|e| io("cannot sync", &tmp, e))?;
         let path = self.path(seg);
         std::fs::rename(&tmp, &path).map_err(|e| io("cannot rename", &path, e))?;
@@ -256,20 +302,29 @@ impl SegmentFiles {
     /// Files written or removals waiting since the last sync.
     pub(crate) fn has_unsynced(&self) -> bool {
         let u = lock(&self.unsynced);
-        !u.files.is_empty() || u.dir_changed || !u.removals.is_empty()
+        !u.files.is_empty() || u.open_dirty || u.dir_changed || !u.removals.is_empty()
     }
 
     /// Makes everything written so far durable, then carries out the removals
     /// that were waiting for it.
     pub(crate) fn sync(&self) -> Result<(), StoreError> {
-        let (files, dir_changed) = {
+        let (files, open, dir_changed) = {
             let mut u = lock(&self.unsynced);
+            let dirty = std::mem::take(&mut u.open_dirty);
+            let open = match (&u.open, dirty) {
+                (Some((_, f)), true) => Some(
+                    f.try_clone()
+                        .map_err(|e| io("cannot sync a segment in", &self.dir, e))?,
+                ),
+                _ => None,
+            };
             (
                 std::mem::take(&mut u.files),
+                open,
                 std::mem::take(&mut u.dir_changed),
             )
         };
-        for f in &files {
+        for f in files.iter().chain(&open) {
             f.sync_data()
                 .map_err(|e| io("cannot sync a segment in", &self.dir, e))?;
         }
@@ -297,44 +352,69 @@ mod tests {
 
     use super::*;
 
-    #[test]
-    fn torn_tail_segments_are_discarded_at_open() {
-        let dir = tempfile::tempdir().unwrap();
-        let (files, segs) = SegmentFiles::open(dir.path()).unwrap();
-        assert!(segs.is_empty());
-        for seg in 1..=4 {
-            files
-                .write(seg, format!("segment {seg}").as_bytes())
-                .unwrap();
-        }
-        files.sync().unwrap();
-        // Segment 3 torn mid-write: short by one octet.
-        let path = files.path(3);
-        let len = std::fs::metadata(&path).unwrap().len();
-        OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .unwrap()
-            .set_len(len - 1)
-            .unwrap();
-        drop(files);
-        let (files, segs) = SegmentFiles::open(dir.path()).unwrap();
-        assert_eq!(segs, vec![1, 2], "3 is torn, and 4 came after it");
-        assert!(!files.path(4).exists());
-        assert_eq!(files.read(2).unwrap().unwrap(), "segment 2");
+    fn len(files: &SegmentFiles, seg: u64) -> u64 {
+        std::fs::metadata(files.path(seg)).unwrap().len()
     }
 
     #[test]
-    fn a_flipped_bit_fails_the_checksum() {
+    fn frames_append_and_read_back_as_one_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        let (files, segs) = SegmentFiles::open(dir.path()).unwrap();
+        assert!(segs.is_empty());
+        files.append(1, b"first batch, ").unwrap();
+        files.append(1, b"second batch").unwrap();
+        files.append(2, b"next segment").unwrap();
+        assert_eq!(files.read(1).unwrap().unwrap(), "first batch, second batch");
+        files.sync().unwrap();
+        drop(files);
+        let (files, segs) = SegmentFiles::open(dir.path()).unwrap();
+        assert_eq!(segs, vec![1, 2]);
+        assert_eq!(files.read(2).unwrap().unwrap(), "next segment");
+    }
+
+    #[test]
+    fn a_torn_frame_ends_the_log_at_open() {
         let dir = tempfile::tempdir().unwrap();
         let (files, _) = SegmentFiles::open(dir.path()).unwrap();
-        files.write(1, b"hello").unwrap();
+        files.append(1, b"kept").unwrap();
+        files.append(2, b"whole").unwrap();
+        let whole = len(&files, 2);
+        files.append(2, b"torn by the crash").unwrap();
+        files.append(3, b"written after it").unwrap();
+        files.sync().unwrap();
+        // The second frame of segment 2 lost its last octet.
+        let torn = len(&files, 2) - 1;
+        OpenOptions::new()
+            .write(true)
+            .open(files.path(2))
+            .unwrap()
+            .set_len(torn)
+            .unwrap();
+        drop(files);
+        let (files, segs) = SegmentFiles::open(dir.path()).unwrap();
+        assert_eq!(segs, vec![1, 2], "3 came after the torn frame");
+        assert!(!files.path(3).exists());
+        assert_eq!(len(&files, 2), whole, "2 is cut after its last whole frame");
+        assert_eq!(files.read(2).unwrap().unwrap(), "whole");
+    }
+
+    #[test]
+    fn a_flipped_bit_fails_the_frame_checksum() {
+        let dir = tempfile::tempdir().unwrap();
+        let (files, _) = SegmentFiles::open(dir.path()).unwrap();
+        files.append(1, b"hello").unwrap();
+        files.append(2, b"later").unwrap();
         files.sync().unwrap();
         let path = files.path(1);
         let mut raw = std::fs::read(&path).unwrap();
-        raw[HEADER_LEN] ^= 1;
+        raw[MAGIC.len() + FRAME_HEADER] ^= 1;
         std::fs::write(&path, raw).unwrap();
-        assert!(matches!(files.read(1), Err(StoreError::Corrupt { .. })));
+        drop(files);
+        let (_, segs) = SegmentFiles::open(dir.path()).unwrap();
+        assert!(
+            segs.is_empty(),
+            "nothing valid is left before the bad frame"
+        );
     }
 
     #[test]
@@ -342,7 +422,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (files, _) = SegmentFiles::open(dir.path()).unwrap();
         for seg in 1..=3 {
-            files.write(seg, b"x").unwrap();
+            files.append(seg, b"x").unwrap();
         }
         let next = files.next_sync();
         files.remove(1, next);

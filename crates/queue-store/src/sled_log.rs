@@ -153,12 +153,18 @@ struct LogState {
     segs: BTreeMap<u64, Segment>,
     /// Segments worth compacting (see [`LogState::classify`]).
     sparse: BTreeSet<u64>,
+    /// The segment being filled (not in `segs` until it is sealed).
+    open: Option<Builder>,
 }
 
-/// The segment being filled.
+/// The segment being filled: each batch appends a frame to its file.
+#[derive(Debug)]
 struct Builder {
     seg: u64,
+    /// This batch's records, not yet appended.
     buf: BytesMut,
+    /// Octets appended to the file so far.
+    size: u32,
     live: u32,
     /// Put records written (live or not).
     puts: u32,
@@ -170,7 +176,8 @@ impl Builder {
     fn new(seg: u64) -> Builder {
         Builder {
             seg,
-            buf: BytesMut::with_capacity(SEGMENT_TARGET + 4096),
+            buf: BytesMut::new(),
+            size: 0,
             live: 0,
             puts: 0,
             cancels: HashMap::new(),
@@ -292,10 +299,13 @@ impl LogState {
     /// Registers a finished segment. Returns whether it is needed at all
     /// (a segment whose every record cancelled out within it is not).
     fn finish(&mut self, b: Builder, size: u32) -> bool {
-        let pending = b.cancels.values().sum();
+        // A target removed while this segment was open (its other records
+        // went) needs no cancelling any more.
+        let mut pending = 0;
         for (&target, &n) in &b.cancels {
             if let Some(t) = self.segs.get_mut(&target) {
                 *t.cancelled_by.entry(b.seg).or_insert(0) += n;
+                pending += n;
                 self.classify(target);
             }
         }
@@ -367,6 +377,8 @@ pub struct SledStorage {
     meta: sled::Tree,
     definitions: sled::Tree,
     files: SegmentFiles,
+    /// Octets after which the segment being filled is sealed.
+    segment_target: std::sync::atomic::AtomicUsize,
     /// Segment numbers found at open, replayed once.
     found: Mutex<Vec<u64>>,
     last_sync: Mutex<std::time::Instant>,
@@ -543,6 +555,7 @@ impl SledStorage {
             meta,
             definitions: db.open_tree("definitions")?,
             files,
+            segment_target: std::sync::atomic::AtomicUsize::new(SEGMENT_TARGET),
             found: Mutex::new(found),
             last_sync: Mutex::new(std::time::Instant::now()),
             db,
@@ -559,10 +572,19 @@ impl SledStorage {
         self.files.dir().to_path_buf()
     }
 
+    /// Sets the size at which the segment being filled is sealed at the end
+    /// of a batch (default 256 KiB; a batch is split at 256 KiB whatever the
+    /// target). Tests use tiny ones so that a few records fill many segments.
+    pub fn set_segment_target(&self, octets: usize) {
+        self.segment_target
+            .store(octets.max(1), std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Log segments currently stored (an operator metric; tests use it to
     /// check that space is reclaimed).
     pub fn segments(&self) -> usize {
-        lock(&self.state).segs.len()
+        let state = lock(&self.state);
+        state.segs.len() + usize::from(state.open.as_ref().is_some_and(|b| b.size > 0))
     }
 
     /// Rebuilds the in-memory state from the log and removes segments nothing
@@ -646,19 +668,25 @@ impl SledStorage {
         Ok(())
     }
 
-    /// Writes a finished segment and removes what it freed.
-    fn seal(&self, state: &mut LogState, mut b: Builder) -> Result<(), StoreError> {
-        let seg = b.seg;
-        let targets: Vec<u64> = b.cancels.keys().copied().collect();
-        let size = b.buf.len() as u32;
-        let data = b.buf.split().freeze();
-        let inserted = state.finish(b, size);
-        if inserted {
-            self.files.write(seg, &data)?;
+    /// Appends what a segment's batch added as a frame of its file.
+    fn flush(&self, b: &mut Builder) -> Result<(), StoreError> {
+        if !b.buf.is_empty() {
+            self.files.append(b.seg, &b.buf)?;
+            b.size = b.size.saturating_add(b.buf.len() as u32);
+            b.buf.clear();
         }
-        let mut candidates = targets;
+        Ok(())
+    }
+
+    /// Registers a full (flushed) segment and removes what it freed (itself,
+    /// if all its records cancelled out).
+    fn seal(&self, state: &mut LogState, b: Builder) -> Result<(), StoreError> {
+        let seg = b.seg;
+        let mut candidates: Vec<u64> = b.cancels.keys().copied().collect();
+        let size = b.size;
+        state.finish(b, size);
         candidates.push(seg);
-        self.settle(state, candidates, (!inserted).then_some(seg))
+        self.settle(state, candidates, None)
     }
 
     /// Removes the segments among `candidates` (and those they release) that
@@ -834,11 +862,21 @@ impl SledStorage {
 impl Storage for SledStorage {
     fn apply(&self, writes: &[Write]) -> Result<(), StoreError> {
         let mut state = lock(&self.state);
-        let mut b = Builder::new(state.next_seg);
-        state.next_seg += 1;
+        let mut b = match state.open.take() {
+            Some(b) => b,
+            None => {
+                state.next_seg += 1;
+                Builder::new(state.next_seg - 1)
+            }
+        };
         let mut definitions = Vec::new();
+        let target = self
+            .segment_target
+            .load(std::sync::atomic::Ordering::Relaxed);
         for w in writes {
-            if b.buf.len() >= SEGMENT_TARGET {
+            // A large batch is split however small the target.
+            if b.size as usize + b.buf.len() >= target.max(SEGMENT_TARGET) {
+                self.flush(&mut b)?;
                 let next = Builder::new(state.next_seg);
                 state.next_seg += 1;
                 self.seal(&mut state, std::mem::replace(&mut b, next))?;
@@ -888,7 +926,12 @@ impl Storage for SledStorage {
         }
         if !b.buf.is_empty() {
             self.compact_one(&mut state, &mut b)?;
+        }
+        self.flush(&mut b)?;
+        if b.size as usize >= target {
             self.seal(&mut state, b)?;
+        } else {
+            state.open = Some(b);
         }
         // Definitions are in sled, which may persist them before the log is
         // synced: a queue's definition can be gone after a crash while its
@@ -935,17 +978,29 @@ impl Storage for SledStorage {
             };
             let held = (attempt == 2).then_some(state);
             let mut cache = lock(&self.read_cache);
-            if cache.as_ref().is_none_or(|c| c.seg != seg) {
-                let Some(data) = self.files.read(seg)? else {
-                    continue;
-                };
-                *cache = Some(CachedSegment::parse(seg, data)?);
-            }
+            let cached = cache
+                .as_ref()
+                .filter(|c| c.seg == seg)
+                .and_then(|c| c.message(id));
+            let raw = match cached {
+                Some(raw) => Some(raw),
+                // Not read yet, or read before the message's frame was
+                // appended (the segment being filled).
+                None => {
+                    let Some(data) = self.files.read(seg)? else {
+                        continue;
+                    };
+                    let parsed = CachedSegment::parse(seg, data)?;
+                    let raw = parsed.message(id);
+                    *cache = Some(parsed);
+                    raw
+                }
+            };
             drop(held);
-            let Some(raw) = cache.as_ref().and_then(|c| c.message(id)) else {
+            drop(cache);
+            let Some(raw) = raw else {
                 continue;
             };
-            drop(cache);
             return Message::decode(id, raw).map(Some);
         }
         Err(StoreError::Corrupt {
@@ -1009,6 +1064,13 @@ mod tests {
         crate::message::tests::sample(id, format!("message {id}"))
     }
 
+    /// Opens the engine with every batch sealing its own segment.
+    fn open(dir: &Path) -> SledStorage {
+        let s = SledStorage::open(dir).unwrap();
+        s.set_segment_target(1);
+        s
+    }
+
     fn put(id: u64) -> [Write; 2] {
         [
             Write::PutMessage(message(id)),
@@ -1049,7 +1111,7 @@ mod tests {
     #[test]
     fn acknowledged_batches_leave_no_segments() {
         let dir = tempfile::tempdir().unwrap();
-        let s = SledStorage::open(dir.path()).unwrap();
+        let s = open(dir.path());
         s.apply(&(1..=100).flat_map(put).collect::<Vec<_>>())
             .unwrap();
         assert_eq!(stored_segments(&s), 1);
@@ -1060,7 +1122,7 @@ mod tests {
         s.apply(&[put(101), delete(101)].concat()).unwrap();
         assert_eq!(stored_segments(&s), 0);
         drop(s);
-        let s = SledStorage::open(dir.path()).unwrap();
+        let s = open(dir.path());
         assert!(s.message_ids().unwrap().is_empty());
         assert!(s.index().unwrap().is_empty());
     }
@@ -1068,7 +1130,7 @@ mod tests {
     #[test]
     fn a_delete_keeps_its_segment_until_the_put_it_cancels_is_gone() {
         let dir = tempfile::tempdir().unwrap();
-        let s = SledStorage::open(dir.path()).unwrap();
+        let s = open(dir.path());
         s.apply(&[put(1), put(2)].concat()).unwrap(); // segment A
         s.apply(&[delete(1), put(3)].concat()).unwrap(); // segment B cancels into A
         s.apply(&delete(3)).unwrap(); // C cancels 3 in B
@@ -1078,7 +1140,7 @@ mod tests {
         assert_eq!(stored_segments(&s), 2);
         assert!(lock(&s.state).segs.values().any(|seg| seg.stripped));
         drop(s);
-        let s = SledStorage::open(dir.path()).unwrap();
+        let s = open(dir.path());
         assert_eq!(s.message_ids().unwrap(), vec![MessageId(2)]);
         s.apply(&delete(2)).unwrap();
         assert_eq!(
@@ -1091,7 +1153,7 @@ mod tests {
     #[test]
     fn a_long_lived_message_is_compacted_and_the_log_stays_short() {
         let dir = tempfile::tempdir().unwrap();
-        let s = SledStorage::open(dir.path()).unwrap();
+        let s = open(dir.path());
         s.apply(&(1..=100).flat_map(put).collect::<Vec<_>>())
             .unwrap();
         s.apply(&(2..=100).flat_map(delete).collect::<Vec<_>>())
@@ -1107,7 +1169,7 @@ mod tests {
         );
         assert_eq!(s.message(MessageId(1)).unwrap().unwrap().body, "message 1");
         drop(s);
-        let s = SledStorage::open(dir.path()).unwrap();
+        let s = open(dir.path());
         let mut ids = s.message_ids().unwrap();
         ids.sort();
         assert_eq!(ids, vec![MessageId(1), MessageId(1099)]);
@@ -1119,7 +1181,7 @@ mod tests {
     #[test]
     fn a_superseded_index_entry_does_not_come_back() {
         let dir = tempfile::tempdir().unwrap();
-        let s = SledStorage::open(dir.path()).unwrap();
+        let s = open(dir.path());
         s.apply(&[put(1), put(2)].concat()).unwrap(); // A
         let redelivered = IndexEntry {
             message: MessageId(1),
@@ -1136,7 +1198,7 @@ mod tests {
         .unwrap(); // B supersedes 1's entry in A
         s.apply(&[Write::DeleteIndex { queue: 1, seq: 1 }]).unwrap(); // C deletes B's entry; B could go, but it cancels into A
         drop(s);
-        let s = SledStorage::open(dir.path()).unwrap();
+        let s = open(dir.path());
         let index: Vec<u64> = s.index().unwrap().iter().map(|e| e.1).collect();
         assert_eq!(index, vec![2]);
     }
@@ -1144,12 +1206,12 @@ mod tests {
     #[test]
     fn deleting_a_queue_index_survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
-        let s = SledStorage::open(dir.path()).unwrap();
+        let s = open(dir.path());
         s.apply(&(1..=10).flat_map(put).collect::<Vec<_>>())
             .unwrap();
         s.apply(&[Write::DeleteQueueIndex { queue: 1 }]).unwrap();
         drop(s);
-        let s = SledStorage::open(dir.path()).unwrap();
+        let s = open(dir.path());
         assert!(s.index().unwrap().is_empty());
         assert_eq!(
             s.message_ids().unwrap().len(),
@@ -1164,8 +1226,8 @@ mod tests {
         {
             // Intact as a file (its checksum matches), but the record in it
             // is cut short.
-            let s = SledStorage::open(dir.path()).unwrap();
-            s.files.write(7, &[TAG_PUT_MESSAGE, 0, 0]).unwrap();
+            let s = open(dir.path());
+            s.files.append(7, &[TAG_PUT_MESSAGE, 0, 0]).unwrap();
             s.sync().unwrap();
         }
         match SledStorage::open(dir.path()) {

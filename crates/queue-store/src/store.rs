@@ -72,6 +72,9 @@ type Waiter = oneshot::Sender<Result<(), StoreError>>;
 /// Default for [`Store::set_backlog_limit`].
 pub const DEFAULT_BACKLOG_LIMIT: u64 = 64 << 20;
 
+/// How long the writer waits idle before syncing writes no commit asked for.
+const IDLE_SYNC: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// Counted per message in the backlog besides its body (record, bookkeeping).
 const MESSAGE_OVERHEAD: u64 = 64;
 
@@ -337,16 +340,38 @@ fn write_loop(
 ) {
     let mut writes = Vec::new();
     let mut waiters = Vec::new();
+    // Applied writes no commit asked to sync yet: synced once the writer has
+    // been idle a while, so that an idle broker's removals and acks reach
+    // the disk too.
+    let mut unsynced = false;
     loop {
         let closing;
         let batch_bytes;
         {
             let mut pending = lock(&shared.pending);
             while pending.writes.is_empty() && pending.waiters.is_empty() && !pending.closed {
-                pending = shared
+                if !unsynced {
+                    pending = shared
+                        .wake
+                        .wait(pending)
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    continue;
+                }
+                let (guard, timeout) = shared
                     .wake
-                    .wait(pending)
+                    .wait_timeout(pending, IDLE_SYNC)
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
+                pending = guard;
+                if timeout.timed_out() && pending.writes.is_empty() && pending.waiters.is_empty() {
+                    drop(pending);
+                    if let Err(e) = storage.sync() {
+                        tracing::error!(error = %e, "store sync failed; refusing further commits");
+                        lock(&shared.pending).failed = Some(e);
+                    }
+                    stats.syncs.fetch_add(1, Ordering::Relaxed);
+                    unsynced = false;
+                    pending = lock(&shared.pending);
+                }
             }
             std::mem::swap(&mut writes, &mut pending.writes);
             std::mem::swap(&mut waiters, &mut pending.waiters);
@@ -354,6 +379,7 @@ fn write_loop(
             closing = pending.closed;
         }
         let mut result = Ok(());
+        let writes_were_empty = writes.is_empty();
         if !writes.is_empty() {
             result = storage.apply(&writes);
             // Written (or failed for good): readers now go to the storage.
@@ -371,6 +397,9 @@ fn write_loop(
         if result.is_ok() && (!waiters.is_empty() || closing) {
             result = storage.sync();
             stats.syncs.fetch_add(1, Ordering::Relaxed);
+            unsynced = false;
+        } else if !writes_were_empty {
+            unsynced = true;
         }
         if let Err(e) = &result {
             tracing::error!(error = %e, "store write failed; refusing further commits");

@@ -19,7 +19,7 @@ struct Args {
     /// TOML config file with any of the settings below (flags and env win).
     #[arg(long, env = "WARREN_CONFIG")]
     config: Option<PathBuf>,
-    /// Data directory (sled database) [default: data].
+    /// Data directory (sled database and message log) [default: data].
     #[arg(long, env = "WARREN_DATA_DIR")]
     data_dir: Option<PathBuf>,
     /// Address to listen on for AMQP [default: 0.0.0.0].
