@@ -129,6 +129,11 @@ impl QueueIndex {
             .chain(self.moved.values().map(|&s| (s, 1)))
     }
 
+    /// Live records.
+    pub(crate) fn len(&self) -> usize {
+        self.runs.values().map(|r| r.live as usize).sum::<usize>() + self.moved.len()
+    }
+
     /// Whether no live record is left.
     pub(crate) fn is_empty(&self) -> bool {
         self.runs.is_empty() && self.moved.is_empty()

@@ -42,5 +42,5 @@ pub use queue::{
     DeadLetterRequest, Delivery, Effects, Enqueued, MessageRef, Queue, parse_expiration,
 };
 pub use sled_log::SledStorage;
-pub use storage::{IndexEntry, Storage, Write};
+pub use storage::{IndexEntry, MessageCensus, Storage, Write};
 pub use store::{DEFAULT_BACKLOG_LIMIT, Recovered, Store, StoreStats};

@@ -318,6 +318,20 @@ impl Queue {
         now_ms: u64,
     ) -> Queue {
         let mut q = Queue::new(id, name, true, args, arguments, now_ms);
+        q.restore(entries, clean_shutdown);
+        q
+    }
+
+    /// Adds a durable queue's recovered index entries (in FIFO order) to a
+    /// new queue. With a spill directory set first, a deep queue spills as it
+    /// is rebuilt instead of holding every entry in memory at once. After an
+    /// unclean shutdown every message is marked redelivered.
+    pub fn restore(
+        &mut self,
+        entries: impl IntoIterator<Item = (u64, IndexEntry)>,
+        clean_shutdown: bool,
+    ) {
+        let mut writes = Vec::new();
         for (seq, e) in entries {
             let entry = Entry {
                 seq,
@@ -326,15 +340,19 @@ impl Queue {
                 expires_at: e.expires_at,
                 delivery_count: e.delivery_count,
                 redelivered: e.delivered || !clean_shutdown,
-                priority: e.priority.min(q.max_level()),
+                priority: e.priority.min(self.max_level()),
                 indexed: true,
                 stored: true,
             };
-            q.next_seq = q.next_seq.max(seq + 1);
-            q.ready_bytes += u64::from(e.size);
-            q.insert_ready(entry);
+            self.ready_bytes += u64::from(e.size);
+            if seq >= self.next_seq {
+                self.next_seq = seq + 1;
+                self.push_new(entry, &mut writes);
+            } else {
+                self.insert_ready(entry);
+            }
         }
-        q
+        debug_assert!(writes.is_empty(), "stored entries need no writes");
     }
 
     /// Lets entries behind the in-memory window go to spill files in `dir`
@@ -361,19 +379,18 @@ impl Queue {
             }
             let mut rest = bucket.front.split_off(self.window);
             while !rest.is_empty() {
-                let mut tail = rest.split_off(rest.len().min(self.chunk));
+                let chunk: VecDeque<Entry> = rest.drain(..rest.len().min(self.chunk)).collect();
                 if let Some(bucket) = self.buckets.get_mut(level) {
-                    bucket.back = rest;
+                    bucket.back = chunk;
                 }
                 self.spill_back(level, &mut writes);
                 if self.spill_dir.is_none() {
                     // Spilling failed: the rest stays in memory, in order.
                     if let Some(bucket) = self.buckets.get_mut(level) {
-                        bucket.back.append(&mut tail);
+                        bucket.back.append(&mut rest);
                     }
                     break;
                 }
-                rest = tail;
             }
         }
         debug_assert!(writes.is_empty(), "stored entries need no writes");

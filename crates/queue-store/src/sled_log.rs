@@ -58,7 +58,7 @@ use rustc_hash::FxHashMap;
 use crate::index_runs::QueueIndex;
 use crate::message::{Message, MessageId};
 use crate::segment_file::SegmentFiles;
-use crate::storage::{IndexEntry, SCHEMA_VERSION, Storage, Write};
+use crate::storage::{IndexEntry, MessageCensus, SCHEMA_VERSION, Storage, Write};
 
 /// How long [`SledStorage::open`] waits for a locked data directory.
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(15);
@@ -156,6 +156,9 @@ struct LogState {
     /// The segment being filled (not in `segs` until it is sealed).
     open: Option<Builder>,
 }
+
+/// Each queue's live index entries found by replay, in sequence order.
+type RecoveredIndex = FxHashMap<u64, Vec<(u64, IndexEntry)>>;
 
 /// The segment being filled: each batch appends a frame to its file.
 #[derive(Debug)]
@@ -384,7 +387,7 @@ pub struct SledStorage {
     last_sync: Mutex<std::time::Instant>,
     state: Mutex<LogState>,
     /// Index entries found at open, handed out once by [`Storage::index`].
-    recovered: Mutex<Option<Vec<(u64, u64, IndexEntry)>>>,
+    recovered: Mutex<Option<RecoveredIndex>>,
     /// The segment last read for a message (drains read runs from one segment).
     read_cache: Mutex<Option<CachedSegment>>,
 }
@@ -591,7 +594,6 @@ impl SledStorage {
     /// needs (left over when a crash interrupted a removal).
     fn replay(&self) -> Result<(), StoreError> {
         let mut state = LogState::default();
-        let mut entries: BTreeMap<(u64, u64), IndexEntry> = BTreeMap::new();
         let found = std::mem::take(&mut *lock(&self.found));
         for seg in found {
             let Some(v) = self.files.read(seg)? else {
@@ -617,26 +619,16 @@ impl SledStorage {
                     }
                     TAG_PUT_INDEX => {
                         let (queue, seq) = (r.u64()?, r.u64()?);
-                        let entry = IndexEntry::decode(r.take(IndexEntry::LEN)?)
-                            .ok_or_else(|| r.corrupt())?;
+                        IndexEntry::decode(r.take(IndexEntry::LEN)?).ok_or_else(|| r.corrupt())?;
                         state.put_index(&mut b, queue, seq);
-                        entries.insert((queue, seq), entry);
                     }
                     TAG_DELETE_INDEX => {
                         let (queue, seq) = (r.u64()?, r.u64()?);
                         state.delete_index(&mut b, queue, seq);
-                        entries.remove(&(queue, seq));
                     }
                     TAG_DELETE_QUEUE_INDEX => {
                         let queue = r.u64()?;
                         state.delete_queue_index(&mut b, queue);
-                        let keys: Vec<_> = entries
-                            .range((queue, 0)..=(queue, u64::MAX))
-                            .map(|(k, _)| *k)
-                            .collect();
-                        for k in keys {
-                            entries.remove(&k);
-                        }
                     }
                     _ => return Err(r.corrupt()),
                 }
@@ -644,28 +636,86 @@ impl SledStorage {
             state.next_seg = seg + 1;
             state.finish(b, v.len() as u32);
         }
-        // References are the index entries that name a message; a body with
-        // none is an orphan, deleted by the store after open.
-        for e in entries.values() {
-            if let Some(body) = state.messages.get_mut(&e.message) {
-                *body = body.with_refs(body.refs() + 1);
-            }
-        }
         let all: Vec<u64> = state.segs.keys().copied().collect();
         self.settle(&mut state, all, None)?;
         // Leftovers a crash kept are removed now, one sync per wave.
         while self.files.has_unsynced() {
             self.files.sync()?;
         }
+        let entries = self.live_index_entries(&mut state)?;
         tracing::debug!(
             segments = state.segs.len(),
             messages = state.messages.len(),
-            index_entries = entries.len(),
+            index_entries = entries.values().map(Vec::len).sum::<usize>(),
             "log replayed"
         );
-        *lock(&self.recovered) = Some(entries.into_iter().map(|((q, s), e)| (q, s, e)).collect());
+        *lock(&self.recovered) = Some(entries);
         *lock(&self.state) = state;
         Ok(())
+    }
+
+    /// The second pass of replay: now that the bookkeeping knows where every
+    /// live index entry is, reads them (and only them) back, in sequence
+    /// order per queue, and counts the references they hold on messages (a
+    /// body with none is an orphan, deleted by the store after open). Two
+    /// passes instead of a map of every entry seen: a deep queue's recovery
+    /// holds one vector of its live entries.
+    fn live_index_entries(&self, state: &mut LogState) -> Result<RecoveredIndex, StoreError> {
+        let mut entries: RecoveredIndex = state
+            .index
+            .iter()
+            .map(|(&q, qi)| (q, Vec::with_capacity(qi.len())))
+            .collect();
+        let segs: Vec<u64> = state.segs.keys().copied().collect();
+        // A segment can hold several puts of one entry (a requeue in the same
+        // batch): the last is the live one.
+        let mut in_segment: FxHashMap<(u64, u64), IndexEntry> = FxHashMap::default();
+        for seg in segs {
+            let Some(data) = self.files.read(seg)? else {
+                continue;
+            };
+            let mut r = Reader {
+                buf: &data,
+                pos: 0,
+                seg,
+            };
+            while r.pos < r.buf.len() {
+                match r.u8()? {
+                    TAG_PUT_MESSAGE => {
+                        r.u64()?;
+                        let len = r.u32()?;
+                        r.take(len as usize)?;
+                    }
+                    TAG_DELETE_MESSAGE | TAG_DELETE_QUEUE_INDEX => {
+                        r.u64()?;
+                    }
+                    TAG_PUT_INDEX => {
+                        let (queue, seq) = (r.u64()?, r.u64()?);
+                        let entry = IndexEntry::decode(r.take(IndexEntry::LEN)?)
+                            .ok_or_else(|| r.corrupt())?;
+                        if state.index.get(&queue).and_then(|q| q.get(seq)) == Some(seg) {
+                            in_segment.insert((queue, seq), entry);
+                        }
+                    }
+                    TAG_DELETE_INDEX => {
+                        r.take(16)?;
+                    }
+                    _ => return Err(r.corrupt()),
+                }
+            }
+            for ((queue, seq), entry) in in_segment.drain() {
+                if let Some(body) = state.messages.get_mut(&entry.message) {
+                    *body = body.with_refs(body.refs() + 1);
+                }
+                entries.entry(queue).or_default().push((seq, entry));
+            }
+        }
+        for v in entries.values_mut() {
+            // First puts arrive in order; moved entries do not.
+            v.sort_unstable_by_key(|(seq, _)| *seq);
+        }
+        entries.retain(|_, v| !v.is_empty());
+        Ok(entries)
     }
 
     /// Appends what a segment's batch added as a frame of its file.
@@ -1014,12 +1064,40 @@ impl Storage for SledStorage {
     }
 
     fn index(&self) -> Result<Vec<(u64, u64, IndexEntry)>, StoreError> {
-        if let Some(entries) = lock(&self.recovered).take() {
-            return Ok(entries);
+        let mut queues: Vec<(u64, Vec<(u64, IndexEntry)>)> =
+            self.queue_indexes()?.into_iter().collect();
+        queues.sort_unstable_by_key(|(q, _)| *q);
+        Ok(queues
+            .into_iter()
+            .flat_map(|(q, entries)| entries.into_iter().map(move |(s, e)| (q, s, e)))
+            .collect())
+    }
+
+    fn queue_indexes(&self) -> Result<HashMap<u64, Vec<(u64, IndexEntry)>>, StoreError> {
+        let recovered = lock(&self.recovered).take();
+        let entries = match recovered {
+            Some(entries) => entries,
+            None => {
+                // Asked again: replay once more (rare; only at open in practice).
+                self.replay()?;
+                lock(&self.recovered).take().unwrap_or_default()
+            }
+        };
+        Ok(entries.into_iter().collect())
+    }
+
+    fn message_census(&self) -> Result<MessageCensus, StoreError> {
+        let state = lock(&self.state);
+        let mut census = MessageCensus::default();
+        for (id, body) in &state.messages {
+            census.max_id = census.max_id.max(id.0);
+            if body.refs() == 0 {
+                census.orphans.push(*id);
+            } else {
+                census.referenced += 1;
+            }
         }
-        // Asked again: replay once more (rare; only at open in practice).
-        self.replay()?;
-        Ok(lock(&self.recovered).take().unwrap_or_default())
+        Ok(census)
     }
 
     fn definitions(&self) -> Result<Vec<(DefKind, Bytes, FieldTable)>, StoreError> {

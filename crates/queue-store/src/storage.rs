@@ -70,6 +70,17 @@ impl IndexEntry {
     }
 }
 
+/// The stored messages as recovery sees them.
+#[derive(Debug, Default)]
+pub struct MessageCensus {
+    /// Messages no index entry references (to delete).
+    pub orphans: Vec<MessageId>,
+    /// Messages some index entry references.
+    pub referenced: usize,
+    /// The highest stored message id (0: none).
+    pub max_id: u64,
+}
+
 /// One write in a batch.
 #[derive(Debug, Clone)]
 pub enum Write {
@@ -130,6 +141,12 @@ pub trait Storage: Send + Sync + 'static {
     fn message_ids(&self) -> Result<Vec<MessageId>, StoreError>;
     /// Every index entry of every queue, in (queue, seq) order.
     fn index(&self) -> Result<Vec<(u64, u64, IndexEntry)>, StoreError>;
+    /// The same, by queue id, each queue's in seq order (what recovery uses).
+    fn queue_indexes(
+        &self,
+    ) -> Result<std::collections::HashMap<u64, Vec<(u64, IndexEntry)>>, StoreError>;
+    /// What recovery needs to know of the stored messages.
+    fn message_census(&self) -> Result<MessageCensus, StoreError>;
     /// Every definition.
     fn definitions(&self) -> Result<Vec<(DefKind, Bytes, FieldTable)>, StoreError>;
     /// Reads a metadata value.

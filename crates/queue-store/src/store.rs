@@ -21,7 +21,7 @@
 //! [`Store::release`] when a queue lets go): the body is written once and
 //! deleted when the last reference goes.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -148,27 +148,14 @@ impl Store {
             clean_shutdown,
             ..Recovered::default()
         };
-        let mut referenced: HashSet<MessageId> = HashSet::new();
-        for (queue, seq, entry) in storage.index()? {
-            referenced.insert(entry.message);
-            recovered
-                .queues
-                .entry(queue)
-                .or_default()
-                .push((seq, entry));
-        }
-        let mut max_id = 0;
-        let mut orphans = Vec::new();
-        let mut messages = 0usize;
-        for id in storage.message_ids()? {
-            max_id = max_id.max(id.0);
-            if referenced.contains(&id) {
-                messages += 1;
-            } else {
-                orphans.push(Write::DeleteMessage(id));
-            }
-        }
-        drop(referenced);
+        recovered.queues = storage.queue_indexes()?;
+        let census = storage.message_census()?;
+        let (max_id, messages) = (census.max_id, census.referenced);
+        let orphans: Vec<Write> = census
+            .orphans
+            .into_iter()
+            .map(Write::DeleteMessage)
+            .collect();
         recovered.orphans_removed = orphans.len();
         storage.apply(&orphans)?;
         storage.sync()?;

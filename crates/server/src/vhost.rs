@@ -853,17 +853,12 @@ impl Vhost {
             let arguments = field_table(t, "arguments");
             let args = QueueArgs::parse(&arguments, &name, &self.name).unwrap_or_default();
             let entries = recovered.queues.remove(&id).unwrap_or_default();
-            let mut queue = Queue::recover(
-                id,
-                name.clone(),
-                args,
-                arguments,
-                entries,
-                recovered.clean_shutdown,
-                now_ms(),
-            );
+            // Spilling is set up first, so a deep queue is rebuilt a window
+            // at a time.
+            let mut queue = Queue::new(id, name.clone(), true, args, arguments, now_ms());
             queue.set_memory_budget(broker.config.queue_memory_budget);
             queue.set_spill_dir(broker.spill_dir.clone());
+            queue.restore(entries, recovered.clean_shutdown);
             broker.note_queue_id(id);
             let handle = QueueHandle::new(
                 queue,
