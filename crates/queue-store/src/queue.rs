@@ -241,11 +241,19 @@ struct Bucket {
     spilled: VecDeque<(SpilledChunk, u32)>,
     spilled_count: u64,
     back: VecDeque<Entry>,
+    /// This level's spill files (one set per level, so a level nobody
+    /// consumes cannot pin the files of one that drains).
+    spill: Option<Spill>,
 }
 
 impl Bucket {
     fn len(&self) -> u64 {
         (self.front.len() + self.back.len()) as u64 + self.spilled_count
+    }
+
+    /// `front` is empty but entries wait behind it (a refill failed).
+    fn stalled(&self) -> bool {
+        self.front.is_empty() && !(self.back.is_empty() && self.spilled.is_empty())
     }
 }
 
@@ -260,7 +268,6 @@ pub struct Queue {
     buckets: Vec<Bucket>,
     /// Where entries behind the window go (none: all stay in memory).
     spill_dir: Option<Arc<Path>>,
-    spill: Option<Spill>,
     /// Entries a level keeps at its head, and per spilled chunk.
     window: usize,
     chunk: usize,
@@ -292,7 +299,6 @@ impl Queue {
             arguments,
             buckets: (0..levels).map(|_| Bucket::default()).collect(),
             spill_dir: None,
-            spill: None,
             window: WINDOW,
             chunk: CHUNK,
             unacked: FxHashMap::default(),
@@ -558,7 +564,7 @@ impl Queue {
             }
             e.encode_spilled(&mut data);
         }
-        let spill = self.spill.get_or_insert_with(|| Spill::new(dir));
+        let spill = bucket.spill.get_or_insert_with(|| Spill::new(dir));
         match spill.write(&data) {
             Ok(chunk) => {
                 let n = bucket.back.len();
@@ -574,6 +580,7 @@ impl Queue {
     }
 
     /// Refills a level's empty `front`: the next spilled chunk, or `back`.
+    #[cold]
     fn refill(&mut self, level: usize) {
         let Some(bucket) = self.buckets.get_mut(level) else {
             return;
@@ -585,7 +592,7 @@ impl Queue {
             std::mem::swap(&mut bucket.front, &mut bucket.back);
             return;
         };
-        let read = match self.spill.as_mut() {
+        let read = match bucket.spill.as_mut() {
             Some(spill) => spill.read(&chunk),
             None => Err(std::io::Error::other("no spill files")),
         };
@@ -598,7 +605,7 @@ impl Queue {
                 );
             }
             Err(e) => {
-                // Left in place: the next refill tries again.
+                // Left in place: the next look at this level tries again.
                 tracing::error!(queue = %self.name, error = %e, "cannot read spilled queue entries");
                 bucket.spilled.push_front((chunk, n));
             }
@@ -607,8 +614,11 @@ impl Queue {
 
     /// Removes the head of a level, refilling it from behind.
     fn pop_level(&mut self, level: usize) -> Option<Entry> {
-        let entry = self.buckets.get_mut(level)?.front.pop_front()?;
-        self.refill(level);
+        let bucket = self.buckets.get_mut(level)?;
+        let entry = bucket.front.pop_front()?;
+        if bucket.front.is_empty() && !(bucket.back.is_empty() && bucket.spilled.is_empty()) {
+            self.refill(level);
+        }
         Some(entry)
     }
 
@@ -660,10 +670,17 @@ impl Queue {
 
     /// Removes the next ready message (highest priority, oldest first).
     fn pop_ready(&mut self) -> Option<Entry> {
-        let level = (0..self.buckets.len())
-            .rev()
-            .find(|&l| self.buckets.get(l).is_some_and(|b| !b.front.is_empty()))?;
-        let entry = self.pop_level(level)?;
+        let mut level = None;
+        for l in (0..self.buckets.len()).rev() {
+            if self.buckets.get(l).is_some_and(Bucket::stalled) {
+                self.refill(l);
+            }
+            if self.buckets.get(l).is_some_and(|b| !b.front.is_empty()) {
+                level = Some(l);
+                break;
+            }
+        }
+        let entry = self.pop_level(level?)?;
         self.ready_bytes -= u64::from(entry.size);
         if matches!(entry.msg, MessageRef::Loaded(_)) {
             self.loaded_bytes -= u64::from(entry.size);
@@ -760,6 +777,9 @@ impl Queue {
     /// Like RabbitMQ, a message expires only once it reaches the head.
     pub fn expire(&mut self, now_ms: u64, fx: &mut Effects) {
         for level in 0..self.buckets.len() {
+            if self.buckets.get(level).is_some_and(Bucket::stalled) {
+                self.refill(level);
+            }
             loop {
                 let expired = self
                     .buckets

@@ -42,6 +42,12 @@ use crate::error::StoreError;
 const MAGIC: &[u8; 8] = b"WRNSEG02";
 const FRAME_HEADER: usize = 8;
 
+/// Most finished files that may wait for a sync ([`SegmentFiles::append`]
+/// callers sync past it). So a crash can tear at most this many files and the
+/// open one: a bad frame followed by more files than that is not a torn
+/// tail but corruption, and open refuses the log instead of cutting it.
+pub(crate) const MAX_UNSYNCED_FILES: usize = 32;
+
 fn io(what: &str, path: &Path, e: std::io::Error) -> StoreError {
     StoreError::Engine(format!("{what} {}: {e}", path.display()))
 }
@@ -64,6 +70,9 @@ struct Unsynced {
     removals: BTreeMap<u64, Vec<u64>>,
     /// Syncs completed.
     synced: u64,
+    /// A write or sync failed: nothing more is written, synced or removed
+    /// (what is on disk may be incomplete; the next open sorts it out).
+    failed: Option<String>,
 }
 
 /// The log's segment files.
@@ -129,6 +138,18 @@ impl SegmentFiles {
             }
             file.sync_all().map_err(|e| io("cannot sync", &path, e))?;
         }
+        if segs.len().saturating_sub(valid) > MAX_UNSYNCED_FILES + 1 {
+            return Err(StoreError::Corrupt {
+                what: "log segment",
+                key: format!(
+                    "{} (a bad frame with {} segments after it: not a torn tail)",
+                    segs.get(valid.saturating_sub(1))
+                        .copied()
+                        .unwrap_or_default(),
+                    segs.len() - valid
+                ),
+            });
+        }
         if let Some(torn) = segs.get(valid..).filter(|t| !t.is_empty()) {
             tracing::warn!(
                 first = torn.first().copied().unwrap_or_default(),
@@ -185,8 +206,9 @@ impl SegmentFiles {
             };
             let (len, crc) = (field(0) as usize, field(4));
             let start = pos + FRAME_HEADER;
+            // (An empty frame is never written: zeros are not a frame.)
             match raw.get(start..start.saturating_add(len)) {
-                Some(frame) if crc32fast::hash(frame) == crc => {
+                Some(frame) if len > 0 && crc32fast::hash(frame) == crc => {
                     data.extend_from_slice(frame);
                     pos = start + len;
                 }
@@ -242,6 +264,26 @@ impl SegmentFiles {
     /// (durable at the next [`SegmentFiles::sync`]). Segments are appended
     /// to one at a time, in increasing order.
     pub(crate) fn append(&self, seg: u64, data: &[u8]) -> Result<(), StoreError> {
+        self.guarded(|| self.append_frame(seg, data))
+    }
+
+    /// Runs a write or sync unless one failed before; a failure stops all
+    /// later ones (a half-written frame must stay the end of the log, and a
+    /// sync that failed must not be followed by removals).
+    fn guarded<T>(&self, f: impl FnOnce() -> Result<T, StoreError>) -> Result<T, StoreError> {
+        if let Some(e) = lock(&self.unsynced).failed.clone() {
+            return Err(StoreError::Engine(format!(
+                "the log stopped after an earlier failure: {e}"
+            )));
+        }
+        let result = f();
+        if let Err(e) = &result {
+            lock(&self.unsynced).failed = Some(e.to_string());
+        }
+        result
+    }
+
+    fn append_frame(&self, seg: u64, data: &[u8]) -> Result<(), StoreError> {
         let frame = Self::frame(data)?;
         let mut u = lock(&self.unsynced);
         if u.open.as_ref().is_none_or(|(s, _)| *s != seg) {
@@ -261,6 +303,10 @@ impl SegmentFiles {
 
     /// Replaces a segment's contents atomically (temporary file, fsync, rename).
     pub(crate) fn rewrite(&self, seg: u64, data: &[u8]) -> Result<(), StoreError> {
+        self.guarded(|| self.rewrite_file(seg, data))
+    }
+
+    fn rewrite_file(&self, seg: u64, data: &[u8]) -> Result<(), StoreError> {
         let tmp = self.dir.join(format!("{seg:016x}.tmp"));
         let mut file = self.create(&tmp)?;
         file.write_all(&Self::frame(data)?)
@@ -305,9 +351,18 @@ impl SegmentFiles {
         !u.files.is_empty() || u.open_dirty || u.dir_changed || !u.removals.is_empty()
     }
 
+    /// Finished files waiting for a sync.
+    pub(crate) fn unsynced_files(&self) -> usize {
+        lock(&self.unsynced).files.len()
+    }
+
     /// Makes everything written so far durable, then carries out the removals
     /// that were waiting for it.
     pub(crate) fn sync(&self) -> Result<(), StoreError> {
+        self.guarded(|| self.sync_all())
+    }
+
+    fn sync_all(&self) -> Result<(), StoreError> {
         let (files, open, dir_changed) = {
             let mut u = lock(&self.unsynced);
             let dirty = std::mem::take(&mut u.open_dirty);
@@ -415,6 +470,43 @@ mod tests {
             segs.is_empty(),
             "nothing valid is left before the bad frame"
         );
+    }
+
+    #[test]
+    fn a_bad_frame_deep_in_the_log_is_corruption_not_a_torn_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let (files, _) = SegmentFiles::open(dir.path()).unwrap();
+        let last = MAX_UNSYNCED_FILES as u64 + 3;
+        for seg in 1..=last {
+            files.append(seg, b"data").unwrap();
+            files.sync().unwrap();
+        }
+        let path = files.path(1);
+        let mut raw = std::fs::read(&path).unwrap();
+        raw[MAGIC.len() + FRAME_HEADER] ^= 1;
+        std::fs::write(&path, raw).unwrap();
+        drop(files);
+        assert!(matches!(
+            SegmentFiles::open(dir.path()),
+            Err(StoreError::Corrupt { .. })
+        ));
+        assert!(
+            dir.path().join(format!("{last:016x}.seg")).exists(),
+            "nothing discarded"
+        );
+    }
+
+    #[test]
+    fn a_failure_stops_every_later_write_sync_and_removal() {
+        let dir = tempfile::tempdir().unwrap();
+        let (files, _) = SegmentFiles::open(dir.path()).unwrap();
+        files.append(1, b"x").unwrap();
+        files.remove(1, files.next_sync());
+        // As if a write had failed (a full disk).
+        lock(&files.unsynced).failed = Some("disk full".into());
+        assert!(files.append(2, b"y").is_err());
+        assert!(files.sync().is_err());
+        assert!(files.path(1).exists(), "no removal after a failure");
     }
 
     #[test]

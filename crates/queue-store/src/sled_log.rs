@@ -57,7 +57,7 @@ use rustc_hash::FxHashMap;
 
 use crate::index_runs::QueueIndex;
 use crate::message::{Message, MessageId};
-use crate::segment_file::SegmentFiles;
+use crate::segment_file::{MAX_UNSYNCED_FILES, SegmentFiles};
 use crate::storage::{IndexEntry, MessageCensus, SCHEMA_VERSION, Storage, Write};
 
 /// How long [`SledStorage::open`] waits for a locked data directory.
@@ -642,7 +642,14 @@ impl SledStorage {
         while self.files.has_unsynced() {
             self.files.sync()?;
         }
-        let entries = self.live_index_entries(&mut state)?;
+        let entries = self.live_index_entries(&state)?;
+        // References are the index entries that name a message; a body with
+        // none is an orphan, deleted by the store after open.
+        for (_, e) in entries.values().flatten() {
+            if let Some(body) = state.messages.get_mut(&e.message) {
+                *body = body.with_refs(body.refs() + 1);
+            }
+        }
         tracing::debug!(
             segments = state.segs.len(),
             messages = state.messages.len(),
@@ -656,17 +663,16 @@ impl SledStorage {
 
     /// The second pass of replay: now that the bookkeeping knows where every
     /// live index entry is, reads them (and only them) back, in sequence
-    /// order per queue, and counts the references they hold on messages (a
-    /// body with none is an orphan, deleted by the store after open). Two
-    /// passes instead of a map of every entry seen: a deep queue's recovery
-    /// holds one vector of its live entries.
-    fn live_index_entries(&self, state: &mut LogState) -> Result<RecoveredIndex, StoreError> {
+    /// order per queue. Two passes instead of a map of every entry seen: a
+    /// deep queue's recovery holds one vector of its live entries.
+    fn live_index_entries(&self, state: &LogState) -> Result<RecoveredIndex, StoreError> {
         let mut entries: RecoveredIndex = state
             .index
             .iter()
             .map(|(&q, qi)| (q, Vec::with_capacity(qi.len())))
             .collect();
-        let segs: Vec<u64> = state.segs.keys().copied().collect();
+        let mut segs: Vec<u64> = state.segs.keys().copied().collect();
+        segs.extend(state.open.as_ref().map(|b| b.seg));
         // A segment can hold several puts of one entry (a requeue in the same
         // batch): the last is the live one.
         let mut in_segment: FxHashMap<(u64, u64), IndexEntry> = FxHashMap::default();
@@ -704,9 +710,6 @@ impl SledStorage {
                 }
             }
             for ((queue, seq), entry) in in_segment.drain() {
-                if let Some(body) = state.messages.get_mut(&entry.message) {
-                    *body = body.with_refs(body.refs() + 1);
-                }
                 entries.entry(queue).or_default().push((seq, entry));
             }
         }
@@ -724,6 +727,10 @@ impl SledStorage {
             self.files.append(b.seg, &b.buf)?;
             b.size = b.size.saturating_add(b.buf.len() as u32);
             b.buf.clear();
+        }
+        // Bounds what a crash can tear (see `MAX_UNSYNCED_FILES`).
+        if self.files.unsynced_files() >= MAX_UNSYNCED_FILES {
+            self.sync()?;
         }
         Ok(())
     }
@@ -1009,6 +1016,10 @@ impl Storage for SledStorage {
         Ok(())
     }
 
+    fn needs_sync(&self) -> bool {
+        self.files.has_unsynced()
+    }
+
     fn sync(&self) -> Result<(), StoreError> {
         *lock(&self.last_sync) = std::time::Instant::now();
         self.files.sync()?;
@@ -1077,10 +1088,10 @@ impl Storage for SledStorage {
         let recovered = lock(&self.recovered).take();
         let entries = match recovered {
             Some(entries) => entries,
+            // Asked again: read them back from the log as it is now.
             None => {
-                // Asked again: replay once more (rare; only at open in practice).
-                self.replay()?;
-                lock(&self.recovered).take().unwrap_or_default()
+                let state = lock(&self.state);
+                self.live_index_entries(&state)?
             }
         };
         Ok(entries.into_iter().collect())
@@ -1254,6 +1265,22 @@ mod tests {
         let index: Vec<u64> = s.index().unwrap().iter().map(|e| e.1).collect();
         assert_eq!(index, vec![1, 1099]);
         assert_eq!(s.message(MessageId(1)).unwrap().unwrap().body, "message 1");
+    }
+
+    #[test]
+    fn the_index_can_be_read_again_from_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path());
+        s.apply(&(1..=3).flat_map(put).collect::<Vec<_>>()).unwrap();
+        drop(s);
+        let s = open(dir.path());
+        let first = s.index().unwrap();
+        assert_eq!(first.len(), 3);
+        assert_eq!(s.index().unwrap(), first, "a second read finds the same");
+        s.apply(&[delete(2), put(4)].concat()).unwrap();
+        let seqs: Vec<u64> = s.index().unwrap().iter().map(|e| e.1).collect();
+        assert_eq!(seqs, vec![1, 3, 4]);
+        assert_eq!(s.message(MessageId(4)).unwrap().unwrap().body, "message 4");
     }
 
     #[test]

@@ -135,6 +135,12 @@ pub trait Storage: Send + Sync + 'static {
     fn apply(&self, writes: &[Write]) -> Result<(), StoreError>;
     /// Returns once everything applied so far is on disk (fsync).
     fn sync(&self) -> Result<(), StoreError>;
+    /// Whether another [`Storage::sync`] has work even with nothing new
+    /// applied (an engine whose removals take several syncs says so, and the
+    /// store's writer syncs again once idle).
+    fn needs_sync(&self) -> bool {
+        false
+    }
     /// Reads one message.
     fn message(&self, id: MessageId) -> Result<Option<Message>, StoreError>;
     /// Every stored message id.

@@ -69,6 +69,10 @@ pub struct StoreStats {
 
 type Waiter = oneshot::Sender<Result<(), StoreError>>;
 
+/// Bodies submitted but not yet applied, with how many of their puts (one per
+/// queue taking a reference) are still pending.
+type Unwritten = DashMap<MessageId, (Arc<Message>, u32)>;
+
 /// Default for [`Store::set_backlog_limit`].
 pub const DEFAULT_BACKLOG_LIMIT: u64 = 64 << 20;
 
@@ -105,7 +109,7 @@ pub struct Store {
     writer: Mutex<Option<JoinHandle<()>>>,
     /// Bodies submitted but not yet applied by the writer, so that a paged
     /// message can be loaded the moment after it was paged out.
-    unwritten: Arc<DashMap<MessageId, Arc<Message>>>,
+    unwritten: Arc<Unwritten>,
     next_message: AtomicU64,
     stats: Arc<StoreStats>,
 }
@@ -227,9 +231,11 @@ impl Store {
         let mut pending = lock(&self.shared.pending);
         for w in writes {
             if let Write::PutMessage(m) = &w {
-                if self.unwritten.insert(m.id, m.clone()).is_none() {
+                let mut e = self.unwritten.entry(m.id).or_insert_with(|| {
                     pending.bytes += m.size() + MESSAGE_OVERHEAD;
-                }
+                    (m.clone(), 0)
+                });
+                e.1 += 1;
             }
             pending.writes.push(w);
         }
@@ -277,7 +283,7 @@ impl Store {
     /// should not call it on a runtime worker for many messages in a row.
     pub fn load(&self, id: MessageId) -> Result<Option<Arc<Message>>, StoreError> {
         if let Some(m) = self.unwritten.get(&id) {
-            return Ok(Some(m.clone()));
+            return Ok(Some(m.0.clone()));
         }
         Ok(self.storage.message(id)?.map(Arc::new))
     }
@@ -319,12 +325,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-fn write_loop(
-    storage: &dyn Storage,
-    shared: &Shared,
-    stats: &StoreStats,
-    unwritten: &DashMap<MessageId, Arc<Message>>,
-) {
+fn write_loop(storage: &dyn Storage, shared: &Shared, stats: &StoreStats, unwritten: &Unwritten) {
     let mut writes = Vec::new();
     let mut waiters = Vec::new();
     // Applied writes no commit asked to sync yet: synced once the writer has
@@ -334,6 +335,7 @@ fn write_loop(
     loop {
         let closing;
         let batch_bytes;
+        let failed;
         {
             let mut pending = lock(&shared.pending);
             while pending.writes.is_empty() && pending.waiters.is_empty() && !pending.closed {
@@ -349,14 +351,22 @@ fn write_loop(
                     .wait_timeout(pending, IDLE_SYNC)
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
                 pending = guard;
-                if timeout.timed_out() && pending.writes.is_empty() && pending.waiters.is_empty() {
+                if timeout.timed_out()
+                    && pending.writes.is_empty()
+                    && pending.waiters.is_empty()
+                    && pending.failed.is_none()
+                {
                     drop(pending);
-                    if let Err(e) = storage.sync() {
-                        tracing::error!(error = %e, "store sync failed; refusing further commits");
-                        lock(&shared.pending).failed = Some(e);
-                    }
+                    // Removals can take a few syncs (see `Storage::needs_sync`).
+                    unsynced = match storage.sync() {
+                        Ok(()) => storage.needs_sync(),
+                        Err(e) => {
+                            tracing::error!(error = %e, "store sync failed; refusing further commits");
+                            lock(&shared.pending).failed = Some(e);
+                            false
+                        }
+                    };
                     stats.syncs.fetch_add(1, Ordering::Relaxed);
-                    unsynced = false;
                     pending = lock(&shared.pending);
                 }
             }
@@ -364,15 +374,26 @@ fn write_loop(
             std::mem::swap(&mut waiters, &mut pending.waiters);
             batch_bytes = std::mem::take(&mut pending.bytes);
             closing = pending.closed;
+            failed = pending.failed.clone();
         }
-        let mut result = Ok(());
+        // After a failure nothing more is written: what is on disk stays as
+        // it was, for the next open to recover.
+        let mut result = failed.map_or(Ok(()), Err);
         let writes_were_empty = writes.is_empty();
         if !writes.is_empty() {
-            result = storage.apply(&writes);
-            // Written (or failed for good): readers now go to the storage.
+            if result.is_ok() {
+                result = storage.apply(&writes);
+            }
+            // Written (or failed for good): readers now go to the storage
+            // once no other reference's put of the body is still pending.
             for w in &writes {
                 if let Write::PutMessage(m) = w {
-                    unwritten.remove(&m.id);
+                    if let dashmap::Entry::Occupied(mut e) = unwritten.entry(m.id) {
+                        e.get_mut().1 -= 1;
+                        if e.get().1 == 0 {
+                            e.remove();
+                        }
+                    }
                 }
             }
             stats.batches.fetch_add(1, Ordering::Relaxed);
@@ -384,8 +405,8 @@ fn write_loop(
         if result.is_ok() && (!waiters.is_empty() || closing) {
             result = storage.sync();
             stats.syncs.fetch_add(1, Ordering::Relaxed);
-            unsynced = false;
-        } else if !writes_were_empty {
+            unsynced = result.is_ok() && storage.needs_sync();
+        } else if !writes_were_empty && result.is_ok() {
             unsynced = true;
         }
         if let Err(e) = &result {
