@@ -9,11 +9,15 @@
 //!   RabbitMQ's `x-death` header ([`dead_letter`]), `x-delivery-limit`,
 //!   priorities, and paging of bodies past a memory budget. Arguments are
 //!   parsed and validated in [`args`]. Time is an argument, never read from a clock.
-//! - **Durability** ([`store`], [`storage`]): [`Store`] persists definitions and
-//!   persistent messages of durable queues in sled (behind the [`Storage`]
-//!   trait) through one writer thread with group commit, and
-//!   [`Store::commit`] is the commit point: a future that resolves only after
-//!   fsync. Message bodies are stored once and reference-counted across queues.
+//! - **Durability** ([`store`], [`storage`]): [`Store`] persists definitions
+//!   (in sled) and persistent messages of durable queues (in a log of segment
+//!   files), behind the [`Storage`] trait, through one writer thread with
+//!   group commit, and [`Store::commit`] is the commit point: a future that
+//!   resolves only after fsync. Message bodies are stored once and
+//!   reference-counted across queues by the engine.
+//! - **Memory**: a deep queue keeps a window of entries in memory and spills
+//!   the rest to anonymous files ([`Queue::set_spill_dir`]); the engine keeps
+//!   a word per stored body and about a bit per index entry.
 //!
 //! The durability contract, what is written when and what survives a crash,
 //! is spelled out in this crate's README.
