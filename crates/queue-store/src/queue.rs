@@ -45,7 +45,7 @@ const WINDOW: usize = 8192;
 const CHUNK: usize = 4096;
 
 /// Octets of one entry in a spilled chunk.
-const SPILLED_ENTRY_LEN: usize = 34;
+const SPILLED_ENTRY_LEN: usize = 8 + IndexEntry::LEN + 1;
 
 /// A message as a queue holds it: in memory, or only its id (paged out).
 #[derive(Debug, Clone, PartialEq)]
@@ -83,42 +83,29 @@ struct Entry {
 }
 
 impl Entry {
-    /// Appends the spill encoding of a paged-out entry: seq, message id,
-    /// expiry (u64 each), size, delivery count (u32 each), priority, flags.
+    /// Appends the spill encoding of a paged-out entry: its sequence number
+    /// (u64 BE), its [`IndexEntry`] encoding, and whether it has an index
+    /// entry on disk and a reference on a stored body (flags).
     fn encode_spilled(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(&self.seq.to_be_bytes());
-        out.extend_from_slice(&self.msg.id().0.to_be_bytes());
-        out.extend_from_slice(&self.expires_at.to_be_bytes());
-        out.extend_from_slice(&self.size.to_be_bytes());
-        out.extend_from_slice(&self.delivery_count.to_be_bytes());
-        out.push(self.priority);
-        out.push(
-            u8::from(self.redelivered) | u8::from(self.indexed) << 1 | u8::from(self.stored) << 2,
-        );
+        out.extend_from_slice(&self.index_entry().encode());
+        out.push(u8::from(self.indexed) | u8::from(self.stored) << 1);
     }
 
     fn decode_spilled(b: &[u8]) -> Option<Entry> {
-        let b: &[u8; SPILLED_ENTRY_LEN] = b.try_into().ok()?;
-        let u64_at = |i: usize| {
-            let mut x = [0u8; 8];
-            x.copy_from_slice(&b[i..i + 8]);
-            u64::from_be_bytes(x)
-        };
-        let u32_at = |i: usize| {
-            let mut x = [0u8; 4];
-            x.copy_from_slice(&b[i..i + 4]);
-            u32::from_be_bytes(x)
-        };
+        let (seq, rest) = b.split_first_chunk::<8>()?;
+        let (flags, index) = rest.split_last()?;
+        let e = IndexEntry::decode(index)?;
         Some(Entry {
-            seq: u64_at(0),
-            msg: MessageRef::Paged(MessageId(u64_at(8))),
-            expires_at: u64_at(16),
-            size: u32_at(24),
-            delivery_count: u32_at(28),
-            priority: b[32],
-            redelivered: b[33] & 1 != 0,
-            indexed: b[33] & 2 != 0,
-            stored: b[33] & 4 != 0,
+            seq: u64::from_be_bytes(*seq),
+            msg: MessageRef::Paged(e.message),
+            size: e.size,
+            expires_at: e.expires_at,
+            delivery_count: e.delivery_count,
+            redelivered: e.delivered,
+            priority: e.priority,
+            indexed: flags & 1 != 0,
+            stored: flags & 2 != 0,
         })
     }
 

@@ -430,25 +430,10 @@ impl CachedSegment {
             pos: 0,
             seg,
         };
-        while r.pos < r.buf.len() {
-            match r.u8()? {
-                TAG_PUT_MESSAGE => {
-                    let id = MessageId(r.u64()?);
-                    let len = r.u32()?;
-                    // A later record of the same id supersedes.
-                    messages.insert(id, (r.pos as u32, len));
-                    r.take(len as usize)?;
-                }
-                TAG_DELETE_MESSAGE | TAG_DELETE_QUEUE_INDEX => {
-                    r.u64()?;
-                }
-                TAG_PUT_INDEX => {
-                    r.take(16 + IndexEntry::LEN)?;
-                }
-                TAG_DELETE_INDEX => {
-                    r.take(16)?;
-                }
-                _ => return Err(r.corrupt()),
+        while let Some(record) = r.record()? {
+            if let Record::PutMessage { id, off, encoding } = record {
+                // A later record of the same id supersedes.
+                messages.insert(id, (off as u32, encoding.len() as u32));
             }
         }
         Ok(CachedSegment {
@@ -504,6 +489,61 @@ impl<'a> Reader<'a> {
         x.copy_from_slice(self.take(8)?);
         Ok(u64::from_be_bytes(x))
     }
+
+    /// The next record, `None` at the end of the segment. Every pass over a
+    /// segment (replay, stripping, compaction, reads) goes through here.
+    fn record(&mut self) -> Result<Option<Record<'a>>, StoreError> {
+        if self.pos >= self.buf.len() {
+            return Ok(None);
+        }
+        Ok(Some(match self.u8()? {
+            TAG_PUT_MESSAGE => {
+                let id = MessageId(self.u64()?);
+                let len = self.u32()? as usize;
+                let off = self.pos;
+                Record::PutMessage {
+                    id,
+                    off,
+                    encoding: self.take(len)?,
+                }
+            }
+            TAG_DELETE_MESSAGE => Record::DeleteMessage(MessageId(self.u64()?)),
+            TAG_PUT_INDEX => Record::PutIndex {
+                queue: self.u64()?,
+                seq: self.u64()?,
+                entry: self.take(IndexEntry::LEN)?,
+            },
+            TAG_DELETE_INDEX => Record::DeleteIndex {
+                queue: self.u64()?,
+                seq: self.u64()?,
+            },
+            TAG_DELETE_QUEUE_INDEX => Record::DeleteQueueIndex(self.u64()?),
+            _ => return Err(self.corrupt()),
+        }))
+    }
+}
+
+/// One record of a segment, borrowing from its data.
+enum Record<'a> {
+    PutMessage {
+        id: MessageId,
+        /// Offset of the encoding in the segment.
+        off: usize,
+        /// [`Message::encode`]'s output.
+        encoding: &'a [u8],
+    },
+    DeleteMessage(MessageId),
+    PutIndex {
+        queue: u64,
+        seq: u64,
+        /// An [`IndexEntry`]'s encoding.
+        entry: &'a [u8],
+    },
+    DeleteIndex {
+        queue: u64,
+        seq: u64,
+    },
+    DeleteQueueIndex(u64),
 }
 
 impl SledStorage {
@@ -605,32 +645,16 @@ impl SledStorage {
                 pos: 0,
                 seg,
             };
-            while r.pos < r.buf.len() {
-                match r.u8()? {
-                    TAG_PUT_MESSAGE => {
-                        let id = MessageId(r.u64()?);
-                        let len = r.u32()?;
-                        r.take(len as usize)?;
-                        state.place_message(&mut b, id, 0);
-                    }
-                    TAG_DELETE_MESSAGE => {
-                        let id = MessageId(r.u64()?);
-                        state.remove_message(&mut b, id);
-                    }
-                    TAG_PUT_INDEX => {
-                        let (queue, seq) = (r.u64()?, r.u64()?);
-                        IndexEntry::decode(r.take(IndexEntry::LEN)?).ok_or_else(|| r.corrupt())?;
+            while let Some(record) = r.record()? {
+                match record {
+                    Record::PutMessage { id, .. } => state.place_message(&mut b, id, 0),
+                    Record::DeleteMessage(id) => state.remove_message(&mut b, id),
+                    Record::PutIndex { queue, seq, entry } => {
+                        IndexEntry::decode(entry).ok_or_else(|| r.corrupt())?;
                         state.put_index(&mut b, queue, seq);
                     }
-                    TAG_DELETE_INDEX => {
-                        let (queue, seq) = (r.u64()?, r.u64()?);
-                        state.delete_index(&mut b, queue, seq);
-                    }
-                    TAG_DELETE_QUEUE_INDEX => {
-                        let queue = r.u64()?;
-                        state.delete_queue_index(&mut b, queue);
-                    }
-                    _ => return Err(r.corrupt()),
+                    Record::DeleteIndex { queue, seq } => state.delete_index(&mut b, queue, seq),
+                    Record::DeleteQueueIndex(queue) => state.delete_queue_index(&mut b, queue),
                 }
             }
             state.next_seg = seg + 1;
@@ -685,28 +709,12 @@ impl SledStorage {
                 pos: 0,
                 seg,
             };
-            while r.pos < r.buf.len() {
-                match r.u8()? {
-                    TAG_PUT_MESSAGE => {
-                        r.u64()?;
-                        let len = r.u32()?;
-                        r.take(len as usize)?;
+            while let Some(record) = r.record()? {
+                if let Record::PutIndex { queue, seq, entry } = record {
+                    let entry = IndexEntry::decode(entry).ok_or_else(|| r.corrupt())?;
+                    if state.index.get(&queue).and_then(|q| q.get(seq)) == Some(seg) {
+                        in_segment.insert((queue, seq), entry);
                     }
-                    TAG_DELETE_MESSAGE | TAG_DELETE_QUEUE_INDEX => {
-                        r.u64()?;
-                    }
-                    TAG_PUT_INDEX => {
-                        let (queue, seq) = (r.u64()?, r.u64()?);
-                        let entry = IndexEntry::decode(r.take(IndexEntry::LEN)?)
-                            .ok_or_else(|| r.corrupt())?;
-                        if state.index.get(&queue).and_then(|q| q.get(seq)) == Some(seg) {
-                            in_segment.insert((queue, seq), entry);
-                        }
-                    }
-                    TAG_DELETE_INDEX => {
-                        r.take(16)?;
-                    }
-                    _ => return Err(r.corrupt()),
                 }
             }
             for ((queue, seq), entry) in in_segment.drain() {
@@ -792,31 +800,21 @@ impl SledStorage {
             pos: 0,
             seg,
         };
-        while r.pos < r.buf.len() {
-            match r.u8()? {
-                TAG_PUT_MESSAGE => {
-                    let id = r.u64()?;
-                    let len = r.u32()?;
-                    r.take(len as usize)?;
+        while let Some(record) = r.record()? {
+            match record {
+                Record::PutMessage { id, .. } | Record::DeleteMessage(id) => {
                     out.put_u8(TAG_DELETE_MESSAGE);
-                    out.put_u64(id);
+                    out.put_u64(id.0);
                 }
-                TAG_DELETE_MESSAGE => {
-                    out.put_u8(TAG_DELETE_MESSAGE);
-                    out.put_u64(r.u64()?);
-                }
-                tag @ (TAG_PUT_INDEX | TAG_DELETE_INDEX) => {
+                Record::PutIndex { queue, seq, .. } | Record::DeleteIndex { queue, seq } => {
                     out.put_u8(TAG_DELETE_INDEX);
-                    out.put_slice(r.take(16)?);
-                    if tag == TAG_PUT_INDEX {
-                        r.take(IndexEntry::LEN)?;
-                    }
+                    out.put_u64(queue);
+                    out.put_u64(seq);
                 }
-                TAG_DELETE_QUEUE_INDEX => {
+                Record::DeleteQueueIndex(queue) => {
                     out.put_u8(TAG_DELETE_QUEUE_INDEX);
-                    out.put_u64(r.u64()?);
+                    out.put_u64(queue);
                 }
-                _ => return Err(r.corrupt()),
             }
         }
         self.files.rewrite(seg, &out)?;
@@ -864,43 +862,31 @@ impl SledStorage {
         };
         let mut moved = 0u32;
         let mut index: BTreeMap<(u64, u64), &[u8]> = BTreeMap::new();
-        while r.pos < r.buf.len() {
-            match r.u8()? {
-                TAG_PUT_MESSAGE => {
-                    let id = MessageId(r.u64()?);
-                    let len = r.u32()?;
-                    let body = r.take(len as usize)?;
-                    // (Two records of one id here — put, delete, put again in
-                    // one batch — are both copied; the second supersedes.)
+        while let Some(record) = r.record()? {
+            match record {
+                // (Two records of one id here — put, delete, put again in
+                // one batch — are both copied; the second supersedes.)
+                Record::PutMessage { id, encoding, .. } => {
                     if let Some(old) = state.messages.get(&id).filter(|b| b.seg() == seg) {
                         let refs = old.refs();
                         b.buf.put_u8(TAG_PUT_MESSAGE);
                         b.buf.put_u64(id.0);
-                        b.buf.put_u32(len);
-                        b.buf.put_slice(body);
+                        b.buf.put_u32(encoding.len() as u32);
+                        b.buf.put_slice(encoding);
                         state.place_message(b, id, refs);
                         moved += 1;
                     }
                 }
-                TAG_DELETE_MESSAGE => {
-                    r.u64()?;
-                }
-                TAG_PUT_INDEX => {
-                    let (queue, seq) = (r.u64()?, r.u64()?);
-                    let entry = r.take(IndexEntry::LEN)?;
-                    // The segment may hold several puts of one entry (a
-                    // requeue in the same batch); the last one is current.
+                // The segment may hold several puts of one entry (a requeue
+                // in the same batch); the last one is current.
+                Record::PutIndex { queue, seq, entry } => {
                     if state.index.get(&queue).and_then(|q| q.get(seq)) == Some(seg) {
                         index.insert((queue, seq), entry);
                     }
                 }
-                TAG_DELETE_INDEX => {
-                    r.take(16)?;
-                }
-                TAG_DELETE_QUEUE_INDEX => {
-                    r.u64()?;
-                }
-                _ => return Err(r.corrupt()),
+                Record::DeleteMessage(_)
+                | Record::DeleteIndex { .. }
+                | Record::DeleteQueueIndex(_) => {}
             }
         }
         for ((queue, seq), entry) in index {

@@ -61,7 +61,7 @@ pub struct StoreStats {
     pub batches: AtomicU64,
     /// Writes applied.
     pub writes: AtomicU64,
-    /// fsyncs performed.
+    /// fsyncs performed (a commit with nothing new to sync performs none).
     pub syncs: AtomicU64,
     /// Commit waiters released (publishes confirmed, transactions committed...).
     pub commits: AtomicU64,
@@ -403,8 +403,12 @@ fn write_loop(storage: &dyn Storage, shared: &Shared, stats: &StoreStats, unwrit
             writes.clear();
         }
         if result.is_ok() && (!waiters.is_empty() || closing) {
-            result = storage.sync();
-            stats.syncs.fetch_add(1, Ordering::Relaxed);
+            // With nothing applied since the last sync, what the waiters wait
+            // for is on disk already (a confirm for transient messages).
+            if unsynced || !writes_were_empty || closing || storage.needs_sync() {
+                result = storage.sync();
+                stats.syncs.fetch_add(1, Ordering::Relaxed);
+            }
             unsynced = result.is_ok() && storage.needs_sync();
         } else if !writes_were_empty && result.is_ok() {
             unsynced = true;
