@@ -370,21 +370,13 @@ impl Queue {
             {
                 continue;
             }
-            let mut rest = bucket.front.split_off(self.window);
-            while !rest.is_empty() {
-                let chunk: VecDeque<Entry> = rest.drain(..rest.len().min(self.chunk)).collect();
-                if let Some(bucket) = self.buckets.get_mut(level) {
-                    bucket.back = chunk;
-                }
-                self.spill_back(level, &mut writes);
-                if self.spill_dir.is_none() {
-                    // Spilling failed: the rest stays in memory, in order.
-                    if let Some(bucket) = self.buckets.get_mut(level) {
-                        bucket.back.append(&mut rest);
-                    }
-                    break;
-                }
+            // Queued again behind the window, as if just published: spilled a
+            // chunk at a time, the last partial chunk too.
+            let rest = bucket.front.split_off(self.window);
+            for entry in rest {
+                self.push_new(entry, &mut writes);
             }
+            self.spill_back(level, &mut writes);
         }
         debug_assert!(writes.is_empty(), "stored entries need no writes");
     }
@@ -536,7 +528,7 @@ impl Queue {
         let Some(dir) = self.spill_dir.clone() else {
             return;
         };
-        let Some(bucket) = self.buckets.get_mut(level) else {
+        let Some(bucket) = self.buckets.get_mut(level).filter(|b| !b.back.is_empty()) else {
             return;
         };
         let mut data = Vec::with_capacity(bucket.back.len() * SPILLED_ENTRY_LEN);

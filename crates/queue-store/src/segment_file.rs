@@ -407,6 +407,13 @@ mod tests {
 
     use super::*;
 
+    /// Corrupts the first octet of a segment file's first frame.
+    fn flip_first_data_bit(path: &Path) {
+        let mut raw = std::fs::read(path).unwrap();
+        raw[MAGIC.len() + FRAME_HEADER] ^= 1;
+        std::fs::write(path, raw).unwrap();
+    }
+
     fn len(files: &SegmentFiles, seg: u64) -> u64 {
         std::fs::metadata(files.path(seg)).unwrap().len()
     }
@@ -460,10 +467,7 @@ mod tests {
         files.append(1, b"hello").unwrap();
         files.append(2, b"later").unwrap();
         files.sync().unwrap();
-        let path = files.path(1);
-        let mut raw = std::fs::read(&path).unwrap();
-        raw[MAGIC.len() + FRAME_HEADER] ^= 1;
-        std::fs::write(&path, raw).unwrap();
+        flip_first_data_bit(&files.path(1));
         drop(files);
         let (_, segs) = SegmentFiles::open(dir.path()).unwrap();
         assert!(
@@ -481,10 +485,7 @@ mod tests {
             files.append(seg, b"data").unwrap();
             files.sync().unwrap();
         }
-        let path = files.path(1);
-        let mut raw = std::fs::read(&path).unwrap();
-        raw[MAGIC.len() + FRAME_HEADER] ^= 1;
-        std::fs::write(&path, raw).unwrap();
+        flip_first_data_bit(&files.path(1));
         drop(files);
         assert!(matches!(
             SegmentFiles::open(dir.path()),

@@ -404,6 +404,16 @@ async fn delete_permission(
     no_content()
 }
 
+/// One listing over every vhost the caller may see, in vhost order.
+fn across_vhosts(b: &Broker, caller: &Caller, each: fn(&Vhost) -> Vec<Value>) -> ApiResult {
+    ok(Value::Array(
+        visible_vhosts(b, caller)
+            .iter()
+            .flat_map(|v| each(v))
+            .collect(),
+    ))
+}
+
 fn queues_of(v: &Vhost) -> Vec<Value> {
     let mut qs = v.queues();
     qs.sort_by(|a, b| a.name.cmp(&b.name));
@@ -411,12 +421,7 @@ fn queues_of(v: &Vhost) -> Vec<Value> {
 }
 
 async fn list_all_queues(State(b): Shared, caller: Caller) -> ApiResult {
-    ok(Value::Array(
-        visible_vhosts(&b, &caller)
-            .iter()
-            .flat_map(|v| queues_of(v))
-            .collect(),
-    ))
+    across_vhosts(&b, &caller, queues_of)
 }
 
 async fn list_queues(State(b): Shared, caller: Caller, Path(vhost): Path<String>) -> ApiResult {
@@ -508,12 +513,7 @@ fn exchanges_of(v: &Vhost) -> Vec<Value> {
 }
 
 async fn list_all_exchanges(State(b): Shared, caller: Caller) -> ApiResult {
-    ok(Value::Array(
-        visible_vhosts(&b, &caller)
-            .iter()
-            .flat_map(|v| exchanges_of(v))
-            .collect(),
-    ))
+    across_vhosts(&b, &caller, exchanges_of)
 }
 
 async fn list_exchanges(State(b): Shared, caller: Caller, Path(vhost): Path<String>) -> ApiResult {
@@ -613,12 +613,7 @@ fn bindings_of(v: &Vhost) -> Vec<Value> {
 }
 
 async fn list_all_bindings(State(b): Shared, caller: Caller) -> ApiResult {
-    ok(Value::Array(
-        visible_vhosts(&b, &caller)
-            .iter()
-            .flat_map(|v| bindings_of(v))
-            .collect(),
-    ))
+    across_vhosts(&b, &caller, bindings_of)
 }
 
 async fn list_bindings(State(b): Shared, caller: Caller, Path(vhost): Path<String>) -> ApiResult {
