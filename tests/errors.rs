@@ -294,6 +294,26 @@ async fn oversized_body_is_refused_before_it_is_buffered() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recover_without_requeue_is_not_implemented() {
+    let broker = TestBroker::start().await;
+    let mut c = RawClient::open(broker.addr).await;
+    c.send(1, BasicRecover { requeue: false }.into()).await;
+    expect_connection_close(&mut c, 540, "requeue=false").await;
+
+    let mut c = RawClient::open(broker.addr).await;
+    c.send(1, BasicRecoverAsync { requeue: false }.into()).await;
+    expect_connection_close(&mut c, 540, "requeue=false").await;
+
+    // With requeue the asynchronous form is accepted silently; the channel
+    // still answers afterwards.
+    let mut c = RawClient::open(broker.addr).await;
+    c.send(1, BasicRecoverAsync { requeue: true }.into()).await;
+    c.send(1, BasicRecover { requeue: true }.into()).await;
+    assert!(matches!(c.method().await, Some(Method::BasicRecoverOk(_))));
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn immediate_is_not_implemented() {
     let broker = TestBroker::start().await;
     let mut c = RawClient::open(broker.addr).await;

@@ -54,6 +54,57 @@ async fn server_named_exclusive_queues_belong_to_their_connection() {
         .await;
     assert_amqp_error(r, 405, "cannot obtain exclusive access to locked queue");
 
+    // Nor may another connection bind or unbind it; its owner may.
+    ch.queue_bind(
+        name.as_str().into(),
+        "amq.direct".into(),
+        "k".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let och = other.create_channel().await.unwrap();
+    let r = och
+        .queue_bind(
+            name.as_str().into(),
+            "amq.direct".into(),
+            "k2".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await;
+    assert_amqp_error(r, 405, "cannot obtain exclusive access to locked queue");
+    let och = other.create_channel().await.unwrap();
+    let r = och
+        .queue_unbind(
+            name.as_str().into(),
+            "amq.direct".into(),
+            "k".into(),
+            FieldTable::default(),
+        )
+        .await;
+    assert_amqp_error(r, 405, "cannot obtain exclusive access to locked queue");
+    // The binding survived the attempt: a message routed through it arrives.
+    ch.basic_publish(
+        "amq.direct".into(),
+        "k".into(),
+        BasicPublishOptions::default(),
+        b"still bound",
+        BasicProperties::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(ready_count(&ch, &name).await, 1);
+    ch.queue_unbind(
+        name.as_str().into(),
+        "amq.direct".into(),
+        "k".into(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+
     owner.close(200, "bye".into()).await.unwrap();
     let och = other.create_channel().await.unwrap();
     let r = och

@@ -210,13 +210,21 @@ impl RawClient {
         self.send_raw(&buf).await;
     }
 
-    /// The next frame, or `None` once the server closed the socket.
+    /// The next frame, or `None` once the server closed the socket. Fails the
+    /// test if the broker sends nothing for 30 seconds, so a missing reply is
+    /// a failure rather than a hung test run.
     pub async fn frame(&mut self) -> Option<Frame> {
         loop {
             if let Some(f) = decode_frame(&mut self.buf, 0).unwrap() {
                 return Some(f);
             }
-            if self.socket.read_buf(&mut self.buf).await.unwrap_or(0) == 0 {
+            let read = tokio::time::timeout(
+                std::time::Duration::from_secs(30),
+                self.socket.read_buf(&mut self.buf),
+            )
+            .await
+            .expect("no frame from the broker within 30 s");
+            if read.unwrap_or(0) == 0 {
                 return None;
             }
         }
@@ -379,13 +387,21 @@ pub struct RawReader {
 }
 
 impl RawReader {
-    /// The next frame, or `None` once the server closed the socket.
+    /// The next frame, or `None` once the server closed the socket. Fails the
+    /// test if the broker sends nothing for 30 seconds, so a missing reply is
+    /// a failure rather than a hung test run.
     pub async fn frame(&mut self) -> Option<Frame> {
         loop {
             if let Some(f) = decode_frame(&mut self.buf, 0).unwrap() {
                 return Some(f);
             }
-            if self.socket.read_buf(&mut self.buf).await.unwrap_or(0) == 0 {
+            let read = tokio::time::timeout(
+                std::time::Duration::from_secs(30),
+                self.socket.read_buf(&mut self.buf),
+            )
+            .await
+            .expect("no frame from the broker within 30 s");
+            if read.unwrap_or(0) == 0 {
                 return None;
             }
         }

@@ -617,6 +617,11 @@ impl Channel {
             Method::QueueUnbind(m) => {
                 self.allow(broker, vhost, Resource::Queue, &m.queue, Access::Write)?;
                 self.allow(broker, vhost, Resource::Exchange, &m.exchange, Access::Read)?;
+                // Unbinding is idempotent (a missing queue or binding is fine), but
+                // another connection's exclusive queue is off limits (405).
+                if let Some(q) = vhost.find_queue(&m.queue) {
+                    vhost.check_exclusive(&q, self.shared.connection.id)?;
+                }
                 let queue = m.queue;
                 let def = BindingDef {
                     source: m.exchange,
@@ -746,10 +751,12 @@ impl Channel {
                     .write_method(&Method::BasicRecoverOk(BasicRecoverOk {}));
             }
             Method::BasicRecoverAsync(m) => {
-                if m.requeue {
-                    let unacked = self.shared.take_all();
-                    vhost.settle(broker, unacked, Settle::Requeue);
+                // As RabbitMQ: redelivering to the same consumer is not offered.
+                if !m.requeue {
+                    return Err(AmqpError::not_implemented("requeue=false"));
                 }
+                let unacked = self.shared.take_all();
+                vhost.settle(broker, unacked, Settle::Requeue);
             }
             Method::ConfirmSelect(m) => {
                 if self.tx.is_some() {
