@@ -204,6 +204,59 @@ async fn permission_changes_apply_to_live_connections() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_replies_need_write_access_to_the_default_exchange() {
+    let broker = TestBroker::start().await;
+    let b = broker.broker();
+    b.add_user("bob", Some("b0b"), &[]).await.unwrap();
+    b.set_permissions("bob", "/", ".*", "^$", ".*")
+        .await
+        .unwrap();
+    // guest waits for a reply; bob, who may not write anywhere, tries to send it.
+    let guest = broker.connect().await;
+    let gch = guest.create_channel().await.unwrap();
+    let _replies = gch
+        .basic_consume(
+            "amq.rabbitmq.reply-to".into(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    gch.basic_publish(
+        "".into(),
+        "nowhere".into(),
+        BasicPublishOptions::default(),
+        b"request",
+        BasicProperties::default().with_reply_to("amq.rabbitmq.reply-to".into()),
+    )
+    .await
+    .unwrap();
+    let bob = connect_as(&broker, "bob", "b0b", "/").await.unwrap();
+    let ch = bob.create_channel().await.unwrap();
+    let r = ch
+        .basic_publish(
+            "".into(),
+            "amq.rabbitmq.reply-to.anything".into(),
+            BasicPublishOptions::default(),
+            b"reply",
+            BasicProperties::default(),
+        )
+        .await;
+    warren_tests::assert_closed_by_broker(
+        r,
+        &ch,
+        403,
+        "write access to exchange 'amq.default' in vhost '/' refused for user 'bob'",
+    )
+    .await;
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn topic_permissions_restrict_routing_keys() {
     let broker = TestBroker::start().await;
     let b = broker.broker();

@@ -1166,6 +1166,22 @@ impl Channel {
             .connection
             .has_published
             .store(true, Ordering::Relaxed);
+        // Permissions first, as RabbitMQ checks them: replies through direct
+        // reply-to go via the default exchange too and need write access to it.
+        self.allow(
+            broker,
+            vhost,
+            Resource::Exchange,
+            &m.exchange,
+            Access::Write,
+        )?;
+        vhost.check_topic(
+            &broker.auth,
+            &self.shared.connection.user,
+            &m.exchange,
+            &m.routing_key,
+            Access::Write,
+        )?;
         if let Some(exp) = header.properties.expiration() {
             if parse_expiration(&exp).is_none() {
                 let reason = if exp.starts_with('-') {
@@ -1218,20 +1234,6 @@ impl Channel {
         } else {
             None
         };
-        self.allow(
-            broker,
-            vhost,
-            Resource::Exchange,
-            &m.exchange,
-            Access::Write,
-        )?;
-        vhost.check_topic(
-            &broker.auth,
-            &self.shared.connection.user,
-            &m.exchange,
-            &m.routing_key,
-            Access::Write,
-        )?;
         let mut fx = std::mem::take(&mut self.fx);
         let published = vhost.enqueue(
             broker,
