@@ -500,6 +500,7 @@ impl Queue {
     /// Appends a published entry: at the head's window while it has room and
     /// nothing is queued behind it, otherwise behind, where a full chunk is
     /// spilled (`writes` gets the bodies that chunk pages out).
+    #[inline]
     fn push_new(&mut self, entry: Entry, writes: &mut Vec<Write>) {
         let level = usize::from(entry.priority);
         let spilling = self.spill_dir.is_some();
@@ -507,8 +508,9 @@ impl Queue {
         let Some(bucket) = self.buckets.get_mut(level) else {
             return;
         };
-        if bucket.spilled.is_empty()
-            && bucket.back.is_empty()
+        // Hot path: nothing queued behind the head and room in its window.
+        if bucket.back.is_empty()
+            && bucket.spilled.is_empty()
             && (!spilling || bucket.front.len() < window)
         {
             bucket.front.push_back(entry);
@@ -592,10 +594,11 @@ impl Queue {
     }
 
     /// Removes the head of a level, refilling it from behind.
+    #[inline]
     fn pop_level(&mut self, level: usize) -> Option<Entry> {
         let bucket = self.buckets.get_mut(level)?;
         let entry = bucket.front.pop_front()?;
-        if bucket.front.is_empty() && !(bucket.back.is_empty() && bucket.spilled.is_empty()) {
+        if bucket.front.is_empty() && bucket.stalled() {
             self.refill(level);
         }
         Some(entry)
@@ -648,16 +651,26 @@ impl Queue {
     }
 
     /// Removes the next ready message (highest priority, oldest first).
+    #[inline]
     fn pop_ready(&mut self) -> Option<Entry> {
+        // The highest level with a head; a level whose head is empty has
+        // nothing behind it either, unless a refill failed (stalled).
         let mut level = None;
         for l in (0..self.buckets.len()).rev() {
-            if self.buckets.get(l).is_some_and(Bucket::stalled) {
+            let Some(bucket) = self.buckets.get(l) else {
+                continue;
+            };
+            if bucket.front.is_empty() {
+                if !bucket.stalled() {
+                    continue;
+                }
                 self.refill(l);
+                if self.buckets.get(l).is_none_or(|b| b.front.is_empty()) {
+                    continue;
+                }
             }
-            if self.buckets.get(l).is_some_and(|b| !b.front.is_empty()) {
-                level = Some(l);
-                break;
-            }
+            level = Some(l);
+            break;
         }
         let entry = self.pop_level(level?)?;
         self.ready_bytes -= u64::from(entry.size);
