@@ -760,6 +760,30 @@ async fn connections_channels_and_consumers_are_listed_and_a_connection_closed()
     assert_eq!(conns[0]["channels"], 2);
     let name = conns[0]["name"].as_str().unwrap().to_owned();
     assert!(name.contains(" -> "), "{name}");
+    // What the client said of itself at the handshake.
+    assert_eq!(conns[0]["client_properties"]["product"], "lapin");
+    assert_eq!(
+        conns[0]["client_properties"]["capabilities"]["publisher_confirms"],
+        true
+    );
+    assert!(conns[0].get("user_provided_name").is_none());
+    let named = lapin::Connection::connect(
+        &broker.uri(),
+        lapin::ConnectionProperties::default().with_connection_name("billing-worker".into()),
+    )
+    .await
+    .unwrap();
+    let (_, conns) = api.get("/api/connections").await;
+    assert!(
+        conns
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["user_provided_name"] == "billing-worker"
+                && c["client_properties"]["connection_name"] == "billing-worker"),
+        "{conns}"
+    );
+    named.close(200, "bye".into()).await.unwrap();
 
     let (_, channels) = api.get("/api/channels").await;
     assert_eq!(channels.as_array().unwrap().len(), 2);

@@ -75,6 +75,9 @@ pub struct ConnectionShared {
     pub force_close: tokio_util::sync::CancellationToken,
     /// See `force_close`.
     pub close_reason: parking_lot::Mutex<String>,
+    /// What the client said of itself in `connection.start-ok` (product,
+    /// version, capabilities, `connection_name`), for the management API.
+    pub client_properties: FieldTable,
 }
 
 impl ConnectionShared {
@@ -433,8 +436,19 @@ async fn handshake(
         channels: parking_lot::Mutex::new(HashMap::new()),
         force_close: tokio_util::sync::CancellationToken::new(),
         close_reason: parking_lot::Mutex::new(String::new()),
+        client_properties: compact_table(&start_ok.client_properties),
     });
     Ok(Some((shared, vhost, tune.heartbeat)))
+}
+
+/// A copy of `table` in an allocation of its own: decoded tables share the
+/// frame's read buffer, which a long-lived copy would otherwise keep alive.
+fn compact_table(table: &FieldTable) -> FieldTable {
+    let mut buf = bytes::BytesMut::new();
+    if table.encode(&mut buf).is_err() {
+        return FieldTable::new();
+    }
+    FieldTable::decode(&buf.freeze()).map_or_else(|_| FieldTable::new(), |(t, _)| t)
 }
 
 /// User and password from a `start-ok` response. EXTERNAL takes the user from

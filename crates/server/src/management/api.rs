@@ -889,7 +889,7 @@ fn visible_connections(
 }
 
 fn connection_json(c: &crate::connection::ConnectionShared) -> Value {
-    json!({
+    let mut out = json!({
         "name": c.name,
         "node": NODE,
         "type": "network",
@@ -904,7 +904,14 @@ fn connection_json(c: &crate::connection::ConnectionShared) -> Value {
         "channel_max": c.channel_max,
         "connected_at": c.connected_at,
         "state": if c.congested.lock().is_empty() { "running" } else { "flow" },
-    })
+        "client_properties": super::json::table_to_json(&c.client_properties),
+    });
+    // As RabbitMQ: the name a client gave its connection, when it gave one.
+    if let Some(amqp_codec::FieldValue::LongStr(name)) = c.client_properties.get("connection_name")
+    {
+        out["user_provided_name"] = Value::String(String::from_utf8_lossy(name).into_owned());
+    }
+    out
 }
 
 async fn list_connections(State(b): Shared, caller: Caller) -> ApiResult {
