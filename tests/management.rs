@@ -385,12 +385,32 @@ async fn objects_made_through_the_api_serve_amqp_clients() {
         )
         .await;
     assert_eq!(resp.status(), StatusCode::CREATED);
+    // The properties key is the quoted routing key ("order.%23"), which the
+    // Location header percent-encodes once more.
     assert_eq!(
         resp.headers()["location"],
-        "/api/bindings/shop/e/orders/e/fan/order.%23"
+        "/api/bindings/shop/e/orders/e/fan/order.%2523"
     );
     let (_, pair) = api.get("/api/bindings/shop/e/orders/e/fan").await;
     assert_eq!(pair[0]["destination_type"], "exchange");
+    assert_eq!(pair[0]["properties_key"], "order.%23");
+    // A second binding with the same key but arguments has a key of its own,
+    // and deleting one leaves the other.
+    let resp = api
+        .post(
+            "/api/bindings/shop/e/orders/e/fan",
+            json!({"routing_key": "order.#", "arguments": {"x-note": "second"}}),
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let second = resp.headers()["location"].to_str().unwrap().to_owned();
+    let (_, pair) = api.get("/api/bindings/shop/e/orders/e/fan").await;
+    assert_eq!(pair.as_array().unwrap().len(), 2);
+    assert_ne!(pair[0]["properties_key"], pair[1]["properties_key"]);
+    assert_eq!(api.delete(&second).await, StatusCode::NO_CONTENT);
+    let (_, pair) = api.get("/api/bindings/shop/e/orders/e/fan").await;
+    assert_eq!(pair.as_array().unwrap().len(), 1);
+    assert_eq!(pair[0]["arguments"], json!({}));
     assert_eq!(
         api.delete("/api/bindings/shop/e/orders/e/fan/order.%23")
             .await,

@@ -13,7 +13,7 @@ use axum::{Json, Router};
 use queue_store::QueueArgs;
 use serde_json::{Map, Value, json};
 
-use super::json::{binding, exchange, flag, json_to_table, queue};
+use super::json::{binding, exchange, flag, json_to_table, names_binding, properties_key, queue};
 use super::{ApiError, Caller};
 use crate::broker::Broker;
 use crate::vhost::Vhost;
@@ -643,15 +643,6 @@ fn pair_bindings(
         .collect()
 }
 
-/// RabbitMQ's `properties_key` of a binding: its routing key, `~` if empty.
-fn properties_key(bd: &exchange::BindingDef) -> String {
-    if bd.routing_key.is_empty() {
-        "~".to_owned()
-    } else {
-        bd.routing_key.as_str().to_owned()
-    }
-}
-
 async fn list_pair_bindings(
     State(b): Shared,
     caller: Caller,
@@ -676,13 +667,13 @@ async fn get_binding(
     let dest = destination(&kind, &dest)?;
     let bd = pair_bindings(&v, &source, &dest)
         .into_iter()
-        .find(|bd| properties_key(bd) == props)
+        .find(|bd| names_binding(&props, bd))
         .ok_or_else(ApiError::not_found)?;
     ok(binding(v.name(), &bd))
 }
 
 /// `DELETE /api/bindings/{vhost}/e/{source}/{q|e}/{destination}/{props}`:
-/// removes the bindings with that routing key (whatever their arguments).
+/// removes the binding that `props` (its `properties_key`) names.
 async fn unbind(
     State(b): Shared,
     caller: Caller,
@@ -693,7 +684,7 @@ async fn unbind(
     let dest = destination(&kind, &dest)?;
     let matching: Vec<_> = pair_bindings(&v, &source, &dest)
         .into_iter()
-        .filter(|bd| properties_key(bd) == props && !bd.source.is_empty())
+        .filter(|bd| names_binding(&props, bd) && !bd.source.is_empty())
         .collect();
     if matching.is_empty() {
         return Err(ApiError::not_found());

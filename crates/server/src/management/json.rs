@@ -145,18 +145,14 @@ pub(super) fn exchange(vhost: &str, x: &exchange::ExchangeDef) -> Value {
     })
 }
 
-/// A binding as `/api/bindings` lists it; `properties_key` is what
-/// RabbitMQ uses to address it (the routing key, `~` if empty).
+/// A binding as `/api/bindings` lists it, with the `properties_key` that
+/// addresses it.
 pub(super) fn binding(vhost: &str, b: &exchange::BindingDef) -> Value {
     let (destination, kind) = match &b.destination {
         exchange::Destination::Queue(q) => (q.as_str(), "queue"),
         exchange::Destination::Exchange(x) => (x.as_str(), "exchange"),
     };
-    let properties_key = if b.routing_key.is_empty() {
-        "~".to_owned()
-    } else {
-        b.routing_key.as_str().to_owned()
-    };
+    let properties_key = properties_key(b);
     json!({
         "source": b.source.as_str(),
         "vhost": vhost,
@@ -166,6 +162,61 @@ pub(super) fn binding(vhost: &str, b: &exchange::BindingDef) -> Value {
         "arguments": table_to_json(&b.arguments),
         "properties_key": properties_key,
     })
+}
+
+/// RabbitMQ's `properties_key` of a binding, the last segment of its URL:
+/// the routing key quoted as a form value (`~` and `%` escaped; `~` alone
+/// for an empty key without arguments), then, when the binding has
+/// arguments, `~` and a hash of them. Two bindings between the same pair
+/// differ in routing key or arguments, so they differ here.
+pub(super) fn properties_key(b: &exchange::BindingDef) -> String {
+    let key = quote_plus(b.routing_key.as_str());
+    match arguments_hash(&b.arguments) {
+        None if key.is_empty() => "~".to_owned(),
+        None => key,
+        Some(hash) => format!("{key}~{hash}"),
+    }
+}
+
+/// Whether `props` (a binding URL's last segment, percent-decoded once by
+/// the router) names `b`. Parsed as RabbitMQ parses it, so both the listed
+/// `properties_key` and the same key percent-encoded once more work.
+pub(super) fn names_binding(props: &str, b: &exchange::BindingDef) -> bool {
+    let (key, hash) = match props.split_once('~') {
+        Some((key, hash)) => (key, (!hash.is_empty()).then_some(hash)),
+        None => (props, None),
+    };
+    let key = key.replace('+', " ");
+    let key = percent_encoding::percent_decode_str(&key).decode_utf8_lossy();
+    key == b.routing_key.as_str() && hash.map(str::to_owned) == arguments_hash(&b.arguments)
+}
+
+/// `application/x-www-form-urlencoded` quoting: letters, digits and `-_.`
+/// stay, a space becomes `+`, every other byte `%XX`.
+fn quote_plus(s: &str) -> String {
+    const FORM: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'_')
+        .remove(b'.');
+    percent_encoding::utf8_percent_encode(s, FORM)
+        .to_string()
+        .replace("%20", "+")
+}
+
+/// A short stable digest of binding arguments (FNV-1a over their wire
+/// encoding), or `None` without arguments. RabbitMQ hashes the Erlang term;
+/// only distinctness matters, as clients take the key from the listing.
+fn arguments_hash(args: &FieldTable) -> Option<String> {
+    if args.is_empty() {
+        return None;
+    }
+    let mut buf = bytes::BytesMut::new();
+    // An unencodable table cannot have come off the wire; hash what there is.
+    let _ = args.encode(&mut buf);
+    let hash = buf.iter().fold(0x811c_9dc5_u32, |h, &b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    });
+    Some(format!("{hash:08x}"))
 }
 
 /// Reads an optional boolean field of a request body.
@@ -181,6 +232,45 @@ pub(super) fn flag(body: &Map<String, Value>, key: &str, default: bool) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn bound(key: &'static str, args: FieldTable) -> exchange::BindingDef {
+        exchange::BindingDef {
+            source: ShortStr::from_static("x"),
+            destination: exchange::Destination::Queue(ShortStr::from_static("q")),
+            routing_key: ShortStr::from_static(key),
+            arguments: args,
+        }
+    }
+
+    #[test]
+    fn properties_keys_quote_the_routing_key_and_tell_arguments_apart() {
+        let plain = bound("order.#", FieldTable::new());
+        assert_eq!(properties_key(&plain), "order.%23");
+        assert_eq!(properties_key(&bound("", FieldTable::new())), "~");
+        assert_eq!(
+            properties_key(&bound("a b~c", FieldTable::new())),
+            "a+b%7Ec"
+        );
+
+        let mut args = FieldTable::new();
+        args.insert(ShortStr::from_static("x-match"), FieldValue::from("all"));
+        let with_args = bound("order.#", args.clone());
+        let key = properties_key(&with_args);
+        assert!(key.starts_with("order.%23~"), "{key}");
+        assert_ne!(key, properties_key(&plain));
+        assert_eq!(key, properties_key(&bound("order.#", args)), "stable");
+
+        // The key names its binding only, as listed or decoded once more.
+        for (props, b) in [(&key, &with_args), (&properties_key(&plain), &plain)] {
+            assert!(names_binding(props, b), "{props}");
+            let decoded = percent_encoding::percent_decode_str(props).decode_utf8_lossy();
+            assert!(names_binding(&decoded, b), "{decoded}");
+        }
+        assert!(!names_binding(&key, &plain));
+        assert!(!names_binding("order.%23", &with_args));
+        assert!(names_binding("~", &bound("", FieldTable::new())));
+        assert!(names_binding("a+b%7Ec", &bound("a b~c", FieldTable::new())));
+    }
 
     #[test]
     fn arguments_round_trip_through_json() {
