@@ -9,9 +9,10 @@
 //! Import applies vhosts, users, permissions, exchanges, queues and bindings
 //! in that order, like RabbitMQ; an object that exists already must be
 //! equivalent (else the import stops with the 406 text). Policies are
-//! applied last (to the queues just made too). Runtime parameters are not
-//! supported yet: they are skipped, and each skipped one is logged and
-//! counted in [`Imported::skipped`].
+//! applied last (to the queues just made too). Vhost limits travel as
+//! RabbitMQ keeps them, as `vhost-limits` runtime parameters; other runtime
+//! parameters are not supported yet: they are skipped, and each skipped one
+//! is logged and counted in [`Imported::skipped`].
 
 use std::sync::Arc;
 
@@ -20,7 +21,10 @@ use serde_json::{Map, Value, json};
 
 use crate::broker::Broker;
 use crate::error::AmqpError;
-use crate::management::json::{json_to_table, table_to_json};
+use crate::management::json::{json_to_table, limits_from_json, limits_json, table_to_json};
+
+/// The runtime-parameter component RabbitMQ keeps vhost limits in.
+const VHOST_LIMITS: &str = "vhost-limits";
 
 /// What an import did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -146,7 +150,18 @@ pub fn export(broker: &Broker) -> Value {
         "vhosts": vhosts.iter().map(|v| json!({"name": v.name(), "limits": [], "metadata": {"description": "", "tags": []}})).collect::<Vec<_>>(),
         "permissions": permissions,
         "topic_permissions": topic_permissions,
-        "parameters": [],
+        "parameters": vhosts
+            .iter()
+            .filter_map(|v| {
+                let limits = limits_json(&v.limits.lock());
+                (!limits.is_empty()).then(|| json!({
+                    "vhost": v.name(),
+                    "component": VHOST_LIMITS,
+                    "name": "limits",
+                    "value": limits,
+                }))
+            })
+            .collect::<Vec<_>>(),
         "global_parameters": [],
         "policies": policies,
         "queues": queues,
@@ -206,16 +221,27 @@ pub async fn import(broker: &Arc<Broker>, defs: &Value) -> Result<Imported, Impo
         .as_object()
         .ok_or_else(|| ImportError::Malformed("not a JSON object".into()))?;
     let mut done = Imported::default();
-    for entry in section(defs, "parameters")? {
-        let name = entry.get("name").and_then(Value::as_str).unwrap_or("?");
-        tracing::warn!(
-            name,
-            "definitions: runtime parameters are not supported yet, skipped"
-        );
-        done.skipped.push(format!("parameters: {name}"));
-    }
     for v in section(defs, "vhosts")? {
         broker.add_vhost(text(v, "name", "vhost")?).await?;
+        done.applied += 1;
+    }
+    for entry in section(defs, "parameters")? {
+        let name = entry.get("name").and_then(Value::as_str).unwrap_or("?");
+        if entry.get("component").and_then(Value::as_str) != Some(VHOST_LIMITS) {
+            tracing::warn!(
+                name,
+                "definitions: runtime parameters other than vhost limits are not supported yet, skipped"
+            );
+            done.skipped.push(format!("parameters: {name}"));
+            continue;
+        }
+        let vhost = text(entry, "vhost", "vhost limits")?;
+        let limits = limits_from_json(entry.get("value").unwrap_or(&Value::Null))
+            .map_err(|e| ImportError::Malformed(format!("vhost '{vhost}': {e}")))?;
+        if broker.vhost(vhost).is_none() {
+            broker.add_vhost(vhost).await?;
+        }
+        broker.set_vhost_limits(vhost, limits).await?;
         done.applied += 1;
     }
     for u in section(defs, "users")? {

@@ -120,6 +120,14 @@ enum Command {
     ClearPolicy { name: String },
     /// Policies of the vhost [vhost name pattern apply-to definition priority].
     ListPolicies,
+    /// Sets the vhost's limits from a JSON object, replacing any others, e.g.
+    /// `set_vhost_limits '{"max-connections": 64, "max-queues": 256}'`
+    /// (a negative value means no limit).
+    SetVhostLimits { definition: String },
+    /// Lifts every limit of the vhost.
+    ClearVhostLimits,
+    /// The vhost's limits, as JSON [vhost value].
+    ListVhostLimits,
     /// Removes every ready message of a queue.
     PurgeQueue { name: String },
     /// Deletes a queue.
@@ -174,6 +182,9 @@ struct Api {
     pass: String,
     http: reqwest::Client,
 }
+
+/// The limits a vhost can have (RabbitMQ's names).
+const VHOST_LIMITS: [&str; 2] = ["max-connections", "max-queues"];
 
 /// Percent-encodes one path segment (vhost `/` becomes `%2F`).
 fn seg(s: &str) -> String {
@@ -459,6 +470,39 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             api.delete(&format!("/api/policies/{vh}/{}", seg(&name)))
                 .await?;
             eprintln!("Clearing policy \"{name}\" ...");
+        }
+        Command::SetVhostLimits { definition } => {
+            let limits: Value = serde_json::from_str(&definition)
+                .map_err(|e| Failure::Local(format!("limits are not JSON: {e}")))?;
+            let Some(limits) = limits.as_object() else {
+                return Err(Failure::Local("limits must be a JSON object".into()));
+            };
+            eprintln!(
+                "Applying limits to vhost \"{}\": {definition} ...",
+                cli.vhost
+            );
+            for (name, value) in limits {
+                api.put(
+                    &format!("/api/vhost-limits/{vh}/{}", seg(name)),
+                    json!({ "value": value }),
+                )
+                .await?;
+            }
+            for name in VHOST_LIMITS.iter().filter(|n| !limits.contains_key(**n)) {
+                api.delete(&format!("/api/vhost-limits/{vh}/{name}"))
+                    .await?;
+            }
+        }
+        Command::ClearVhostLimits => {
+            eprintln!("Clearing limits of vhost \"{}\" ...", cli.vhost);
+            for name in VHOST_LIMITS {
+                api.delete(&format!("/api/vhost-limits/{vh}/{name}"))
+                    .await?;
+            }
+        }
+        Command::ListVhostLimits => {
+            let rows = api.get(&format!("/api/vhost-limits/{vh}")).await?;
+            print_rows(&rows, &[], &["vhost", "value"], json_out);
         }
         Command::ListPolicies => {
             let rows = api.get(&format!("/api/policies/{vh}")).await?;

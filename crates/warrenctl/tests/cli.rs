@@ -184,6 +184,41 @@ async fn users_vhosts_and_permissions_are_managed() {
         stdout(&ctl(&broker, &["-p", "shop", "list_policies"]).await),
         "vhost\tname\tpattern\tapply-to\tdefinition\tpriority\n"
     );
+    // Vhost limits: "capped" is the vhost's one queue, so a second is refused
+    // until the limit is lifted.
+    stdout(
+        &ctl(
+            &broker,
+            &["-p", "shop", "set_vhost_limits", r#"{"max-queues": 1}"#],
+        )
+        .await,
+    );
+    assert_eq!(
+        stdout(&ctl(&broker, &["-p", "shop", "list_vhost_limits"]).await),
+        "vhost\tvalue\nshop\t{\"max-queues\":1}\n"
+    );
+    let ch = bob.create_channel().await.unwrap();
+    let refused = ch
+        .queue_declare(
+            "second".into(),
+            lapin::options::QueueDeclareOptions::default(),
+            lapin::types::FieldTable::default(),
+        )
+        .await;
+    warren_tests::assert_amqp_error(refused, 406, "queue limit in vhost 'shop' (1) is reached");
+    let unknown = ctl(
+        &broker,
+        &["-p", "shop", "set_vhost_limits", r#"{"max-widgets": 1}"#],
+    )
+    .await;
+    assert_eq!(unknown.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("unknown vhost limit 'max-widgets'"));
+    stdout(&ctl(&broker, &["-p", "shop", "clear_vhost_limits"]).await);
+    assert_eq!(
+        stdout(&ctl(&broker, &["-p", "shop", "list_vhost_limits"]).await),
+        "vhost\tvalue\n"
+    );
+    channel_with_queue(&bob, "second").await;
     drop(bob);
     stdout(&ctl(&broker, &["-p", "shop", "clear_permissions", "bob"]).await);
     stdout(&ctl(&broker, &["delete_user", "bob"]).await);
@@ -198,6 +233,16 @@ async fn definitions_move_between_brokers_and_errors_have_exit_codes() {
     let conn = source.connect().await;
     let ch = conn.create_channel().await.unwrap();
     warren_tests::declare_durable_queue(&ch, "kept").await;
+    stdout(
+        &ctl(
+            &source,
+            &[
+                "set_vhost_limits",
+                r#"{"max-connections": 50, "max-queues": 9}"#,
+            ],
+        )
+        .await,
+    );
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("defs.json");
     stdout(&ctl(&source, &["export_definitions", file.to_str().unwrap()]).await);
@@ -207,6 +252,11 @@ async fn definitions_move_between_brokers_and_errors_have_exit_codes() {
     assert_eq!(
         stdout(&ctl(&target, &["list_queues"]).await),
         "name\tmessages\nkept\t0\n"
+    );
+    // Vhost limits travel as RabbitMQ's `vhost-limits` runtime parameters.
+    assert_eq!(
+        stdout(&ctl(&target, &["list_vhost_limits"]).await),
+        "vhost\tvalue\n/\t{\"max-connections\":50,\"max-queues\":9}\n"
     );
 
     // A refusal: exit code 1 and the API's reason.

@@ -86,6 +86,12 @@ pub(super) fn router(broker: Arc<Broker>) -> Router {
             "/api/policies/{vhost}/{name}",
             get(get_policy).put(put_policy).delete(delete_policy),
         )
+        .route("/api/vhost-limits", get(list_all_vhost_limits))
+        .route("/api/vhost-limits/{vhost}", get(list_vhost_limits))
+        .route(
+            "/api/vhost-limits/{vhost}/{name}",
+            axum::routing::put(put_vhost_limit).delete(delete_vhost_limit),
+        )
         .route("/api/connections", get(list_connections))
         .route(
             "/api/connections/{name}",
@@ -1044,6 +1050,63 @@ async fn get_policy(
         .find(|p| p.name == name)
         .ok_or_else(ApiError::not_found)?;
     ok(p.to_json())
+}
+
+/// A vhost's limits as `/api/vhost-limits` lists them; none if it has none.
+fn vhost_limits_json(v: &Vhost) -> Option<Value> {
+    let limits = super::json::limits_json(&v.limits.lock());
+    (!limits.is_empty()).then(|| json!({"vhost": v.name(), "value": limits}))
+}
+
+async fn list_all_vhost_limits(State(b): Shared, caller: Caller) -> ApiResult {
+    let out = visible_vhosts(&b, &caller)
+        .iter()
+        .filter_map(|v| vhost_limits_json(v))
+        .collect();
+    ok(Value::Array(out))
+}
+
+async fn list_vhost_limits(
+    State(b): Shared,
+    caller: Caller,
+    Path(vhost): Path<String>,
+) -> ApiResult {
+    let v = visible_vhost(&b, &caller, &vhost)?;
+    ok(Value::Array(vhost_limits_json(&v).into_iter().collect()))
+}
+
+/// `PUT /api/vhost-limits/{vhost}/{max-connections|max-queues}` with
+/// `{"value": N}`; a negative value lifts the limit. Administrators only.
+async fn put_vhost_limit(
+    State(b): Shared,
+    caller: Caller,
+    Path((vhost, name)): Path<(String, String)>,
+    body: Body,
+) -> ApiResult {
+    caller.require_admin()?;
+    let v = b.vhost(&vhost).ok_or_else(ApiError::not_found)?;
+    let body = body_map(body);
+    let value = body
+        .get("value")
+        .ok_or_else(|| ApiError::bad_request("Mandatory fields missing: value"))?;
+    let mut limits = *v.limits.lock();
+    super::json::set_limit(&mut limits, &name, value).map_err(ApiError::bad_request)?;
+    b.set_vhost_limits(&vhost, limits).await?;
+    no_content()
+}
+
+/// `DELETE /api/vhost-limits/{vhost}/{name}`: lifts that limit.
+async fn delete_vhost_limit(
+    State(b): Shared,
+    caller: Caller,
+    Path((vhost, name)): Path<(String, String)>,
+) -> ApiResult {
+    caller.require_admin()?;
+    let v = b.vhost(&vhost).ok_or_else(ApiError::not_found)?;
+    let mut limits = *v.limits.lock();
+    super::json::set_limit(&mut limits, &name, &json!(-1)).map_err(ApiError::bad_request)?;
+    b.set_vhost_limits(&vhost, limits).await?;
+    no_content()
 }
 
 /// `PUT /api/policies/{vhost}/{name}` with `pattern`, `definition`, and
