@@ -277,6 +277,88 @@ async fn requests_are_authenticated_and_tags_enforced() {
             .read()
             .is_empty()
     );
+
+    // A `management` user changes objects as its AMQP permissions allow:
+    // configure on ^dev-, write and read on everything, in `/` only.
+    assert_eq!(
+        admin
+            .put(
+                "/api/users/dev",
+                json!({"password": "d", "tags": "management"})
+            )
+            .await,
+        StatusCode::CREATED
+    );
+    assert_eq!(
+        admin
+            .put(
+                "/api/permissions/%2F/dev",
+                json!({"configure": "^dev-", "write": ".*", "read": ".*"})
+            )
+            .await,
+        StatusCode::CREATED
+    );
+    let dev = Api::new(&broker, "dev", "d");
+    assert_eq!(
+        dev.put("/api/queues/%2F/dev-q", json!({})).await,
+        StatusCode::CREATED
+    );
+    assert_eq!(
+        dev.put("/api/exchanges/%2F/dev-x", json!({"type": "fanout"}))
+            .await,
+        StatusCode::CREATED
+    );
+    assert_eq!(
+        dev.post("/api/bindings/%2F/e/dev-x/q/dev-q", json!({}))
+            .await
+            .status(),
+        StatusCode::CREATED
+    );
+    let (status, body) = dev
+        .send(
+            reqwest::Method::PUT,
+            "/api/queues/%2F/ops-q",
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    assert!(
+        body["reason"]
+            .as_str()
+            .unwrap()
+            .contains("access to queue 'ops-q' in vhost '/' refused for user 'dev'"),
+        "{body}"
+    );
+    assert!(
+        broker
+            .broker()
+            .vhost("/")
+            .unwrap()
+            .find_queue("ops-q")
+            .is_none()
+    );
+    assert_eq!(
+        dev.put("/api/queues/other/dev-q", json!({})).await,
+        StatusCode::NOT_FOUND,
+        "no permissions in that vhost: it is not shown"
+    );
+    assert_eq!(
+        dev.delete("/api/bindings/%2F/e/dev-x/q/dev-q/~").await,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        dev.delete("/api/queues/%2F/dev-q").await,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        dev.delete("/api/exchanges/%2F/dev-x").await,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        dev.put("/api/users/dev2", json!({"password": "x"})).await,
+        StatusCode::UNAUTHORIZED,
+        "users remain for administrators"
+    );
     broker.stop().await;
 }
 

@@ -15,6 +15,7 @@ use serde_json::{Map, Value, json};
 
 use super::json::{binding, exchange, flag, json_to_table, names_binding, properties_key, queue};
 use super::{ApiError, Caller};
+use crate::auth::{Access, Resource};
 use crate::broker::Broker;
 use crate::vhost::Vhost;
 
@@ -451,8 +452,8 @@ async fn put_queue(
     Path((vhost, name)): Path<(String, String)>,
     body: Body,
 ) -> ApiResult {
-    caller.require_admin()?;
-    let v = b.vhost(&vhost).ok_or_else(ApiError::not_found)?;
+    let v = visible_vhost(&b, &caller, &vhost)?;
+    caller.require_access(&b, &vhost, Resource::Queue, &name, Access::Configure)?;
     let body = body_map(body);
     if name.starts_with("amq.") {
         return Err(ApiError::bad_request(format!(
@@ -477,8 +478,8 @@ async fn delete_queue(
     caller: Caller,
     Path((vhost, name)): Path<(String, String)>,
 ) -> ApiResult {
-    caller.require_admin()?;
-    let v = b.vhost(&vhost).ok_or_else(ApiError::not_found)?;
+    let v = visible_vhost(&b, &caller, &vhost)?;
+    caller.require_access(&b, &vhost, Resource::Queue, &name, Access::Configure)?;
     let q = v.find_queue(&name).ok_or_else(ApiError::not_found)?;
     v.delete_queue(&b, &q, false).await?;
     no_content()
@@ -489,8 +490,8 @@ async fn purge_queue(
     caller: Caller,
     Path((vhost, name)): Path<(String, String)>,
 ) -> ApiResult {
-    caller.require_admin()?;
-    let v = b.vhost(&vhost).ok_or_else(ApiError::not_found)?;
+    let v = visible_vhost(&b, &caller, &vhost)?;
+    caller.require_access(&b, &vhost, Resource::Queue, &name, Access::Read)?;
     let q = v.find_queue(&name).ok_or_else(ApiError::not_found)?;
     v.purge(&b, &q);
     no_content()
@@ -553,8 +554,8 @@ async fn put_exchange(
     Path((vhost, name)): Path<(String, String)>,
     body: Body,
 ) -> ApiResult {
-    caller.require_admin()?;
-    let v = b.vhost(&vhost).ok_or_else(ApiError::not_found)?;
+    let v = visible_vhost(&b, &caller, &vhost)?;
+    caller.require_access(&b, &vhost, Resource::Exchange, &name, Access::Configure)?;
     let body = body_map(body);
     let kind = match body.get("type") {
         Some(Value::String(t)) => t.clone(),
@@ -587,8 +588,8 @@ async fn delete_exchange(
     caller: Caller,
     Path((vhost, name)): Path<(String, String)>,
 ) -> ApiResult {
-    caller.require_admin()?;
-    let v = b.vhost(&vhost).ok_or_else(ApiError::not_found)?;
+    let v = visible_vhost(&b, &caller, &vhost)?;
+    caller.require_access(&b, &vhost, Resource::Exchange, &name, Access::Configure)?;
     if name.starts_with("amq.") || v.router.read().exchange(&name).is_none() {
         return Err(ApiError::not_found());
     }
@@ -628,6 +629,27 @@ async fn list_bindings(State(b): Shared, caller: Caller, Path(vhost): Path<Strin
 }
 
 /// The destination a binding path names: `q` for a queue, `e` for an exchange.
+/// Binding and unbinding need what `queue.bind` / `exchange.bind` need:
+/// write access to the destination and read access to the source.
+fn require_bind_access(
+    b: &Broker,
+    caller: &Caller,
+    vhost: &str,
+    source: &str,
+    dest: &exchange::Destination,
+) -> Result<(), ApiError> {
+    match dest {
+        exchange::Destination::Queue(q) => {
+            caller.require_access(b, vhost, Resource::Queue, q, Access::Write)?;
+        }
+        exchange::Destination::Exchange(x) => {
+            caller.require_access(b, vhost, Resource::Exchange, x, Access::Write)?;
+        }
+    }
+    let source = exchange_name(source);
+    caller.require_access(b, vhost, Resource::Exchange, source, Access::Read)
+}
+
 fn destination(kind: &str, name: &str) -> Result<exchange::Destination, ApiError> {
     match kind {
         "q" => Ok(exchange::Destination::Queue(short(name)?)),
@@ -685,9 +707,9 @@ async fn unbind(
     caller: Caller,
     Path((vhost, source, kind, dest, props)): Path<(String, String, String, String, String)>,
 ) -> ApiResult {
-    caller.require_admin()?;
-    let v = b.vhost(&vhost).ok_or_else(ApiError::not_found)?;
+    let v = visible_vhost(&b, &caller, &vhost)?;
     let dest = destination(&kind, &dest)?;
+    require_bind_access(&b, &caller, &vhost, &source, &dest)?;
     let matching: Vec<_> = pair_bindings(&v, &source, &dest)
         .into_iter()
         .filter(|bd| names_binding(&props, bd) && !bd.source.is_empty())
@@ -707,8 +729,8 @@ async fn bind(
     Path((vhost, source, kind, dest)): Path<(String, String, String, String)>,
     body: Body,
 ) -> ApiResult {
-    caller.require_admin()?;
-    let v = b.vhost(&vhost).ok_or_else(ApiError::not_found)?;
+    let v = visible_vhost(&b, &caller, &vhost)?;
+    require_bind_access(&b, &caller, &vhost, &source, &destination(&kind, &dest)?)?;
     if exchange_name(&source).is_empty() {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,

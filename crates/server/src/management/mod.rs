@@ -7,8 +7,14 @@
 //! | tag | may |
 //! |---|---|
 //! | `administrator` | everything |
-//! | `monitoring` | read everything |
-//! | `management` | read the vhosts it has permissions in |
+//! | `monitoring` | read everything, and what `management` may |
+//! | `policymaker` | change policies in the vhosts it has permissions in, and what `management` may |
+//! | `management` | read the vhosts it has permissions in; declare, delete, bind, unbind, purge, publish and get there as its AMQP permissions allow |
+//!
+//! Users, vhosts, permissions, limits and definitions are for administrators.
+//! Unlike RabbitMQ, administrators are not held to their AMQP permissions
+//! when declaring, deleting or binding through the API (they are for publish
+//! and get).
 //!
 //! The handlers live in [`api`]; JSON shapes of the objects in [`json`].
 
@@ -177,6 +183,27 @@ impl Caller {
         } else {
             Err(ApiError::unauthorized("Not policymaker user"))
         }
+    }
+
+    /// Lets the caller do to `name` in `vhost` what an AMQP client with its
+    /// permissions may, as RabbitMQ's API does for `management` users:
+    /// administrators always, others when their permissions in the vhost
+    /// grant `access` (401 with the AMQP refusal's text otherwise).
+    pub fn require_access(
+        &self,
+        broker: &Broker,
+        vhost: &str,
+        resource: crate::auth::Resource,
+        name: &str,
+        access: crate::auth::Access,
+    ) -> Result<(), ApiError> {
+        if self.administrator {
+            return Ok(());
+        }
+        broker
+            .auth
+            .check(&self.name, vhost, resource, name, access)
+            .map_err(|e| ApiError::new(StatusCode::UNAUTHORIZED, "not_authorised", e.text))
     }
 
     /// Whether the caller may see every vhost's objects and connections.
