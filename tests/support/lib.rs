@@ -210,24 +210,10 @@ impl RawClient {
         self.send_raw(&buf).await;
     }
 
-    /// The next frame, or `None` once the server closed the socket. Fails the
-    /// test if the broker sends nothing for 30 seconds, so a missing reply is
-    /// a failure rather than a hung test run.
+    /// The next frame, or `None` once the server closed the socket (see
+    /// [`read_frame`]).
     pub async fn frame(&mut self) -> Option<Frame> {
-        loop {
-            if let Some(f) = decode_frame(&mut self.buf, 0).unwrap() {
-                return Some(f);
-            }
-            let read = tokio::time::timeout(
-                std::time::Duration::from_secs(30),
-                self.socket.read_buf(&mut self.buf),
-            )
-            .await
-            .expect("no frame from the broker within 30 s");
-            if read.unwrap_or(0) == 0 {
-                return None;
-            }
-        }
+        read_frame(&mut self.socket, &mut self.buf).await
     }
 
     /// The next method, skipping heartbeats and content frames.
@@ -379,6 +365,27 @@ pub fn store_syncs(broker: &TestBroker) -> u64 {
         .load(std::sync::atomic::Ordering::Relaxed)
 }
 
+/// The next frame from `socket` (bytes already read wait in `buf`), or
+/// `None` once the server closed it. Fails the test if the broker sends
+/// nothing for 30 seconds, so a missing reply is a failure rather than a
+/// hung test run.
+async fn read_frame(
+    socket: &mut (impl tokio::io::AsyncRead + Unpin),
+    buf: &mut BytesMut,
+) -> Option<Frame> {
+    loop {
+        if let Some(f) = decode_frame(buf, 0).unwrap() {
+            return Some(f);
+        }
+        let read = tokio::time::timeout(std::time::Duration::from_secs(30), socket.read_buf(buf))
+            .await
+            .expect("no frame from the broker within 30 s");
+        if read.unwrap_or(0) == 0 {
+            return None;
+        }
+    }
+}
+
 /// The read half of a [`RawClient`].
 #[derive(Debug)]
 pub struct RawReader {
@@ -387,24 +394,10 @@ pub struct RawReader {
 }
 
 impl RawReader {
-    /// The next frame, or `None` once the server closed the socket. Fails the
-    /// test if the broker sends nothing for 30 seconds, so a missing reply is
-    /// a failure rather than a hung test run.
+    /// The next frame, or `None` once the server closed the socket (see
+    /// [`read_frame`]).
     pub async fn frame(&mut self) -> Option<Frame> {
-        loop {
-            if let Some(f) = decode_frame(&mut self.buf, 0).unwrap() {
-                return Some(f);
-            }
-            let read = tokio::time::timeout(
-                std::time::Duration::from_secs(30),
-                self.socket.read_buf(&mut self.buf),
-            )
-            .await
-            .expect("no frame from the broker within 30 s");
-            if read.unwrap_or(0) == 0 {
-                return None;
-            }
-        }
+        read_frame(&mut self.socket, &mut self.buf).await
     }
 }
 
