@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Client conformance suite: drives the real `warren` binary with pika (Python)
-# and the RabbitMQ Java client, and fails on any behaviour that differs from
-# RabbitMQ's.  See conformance/README.md.
+# Client conformance suite: drives the real `warren` binary with pika (Python),
+# the RabbitMQ Java client, and kombu (py-amqp) with a real Celery worker, and
+# fails on any behaviour that differs from RabbitMQ's.  See conformance/README.md.
 #
 # Four brokers are started: the main one (defaults), "alarm" with a 256 KiB
 # memory high watermark (connection_blocked), "timeout" with a 300 ms
@@ -29,7 +29,8 @@ TARGET=$ROOT/target
 VENV=$TARGET/conformance-venv
 JAVA_OUT=$TARGET/conformance-java
 LOG=$TARGET/conformance-warren.log  # and conformance-warren-{alarm,timeout,tls}.log
-SCENARIO_COUNT=20
+SCENARIO_COUNT=20        # pika and Java each run the same 20 scenarios
+KOMBU_SCENARIO_COUNT=5   # kombu_scenarios.py
 ALARM_WATERMARK=262144   # octets; connection_blocked publishes ~2 MiB
 CONSUMER_TIMEOUT_MS=300  # consumer_timeout expects exactly this value
 START=$SECONDS
@@ -58,10 +59,10 @@ if ! command -v openssl >/dev/null 2>&1; then
 fi
 command -v openssl >/dev/null 2>&1 || die "openssl not found after installing it"
 
-if ! "$VENV/bin/python" -c 'import pika' >/dev/null 2>&1; then
-    say "creating $VENV with pika"
+if ! "$VENV/bin/python" -c 'import pika, kombu, celery' >/dev/null 2>&1; then
+    say "creating $VENV with pika, kombu and celery"
     python3 -m venv "$VENV"
-    "$VENV/bin/pip" install -q --disable-pip-version-check 'pika>=1.3,<2'
+    "$VENV/bin/pip" install -q --disable-pip-version-check 'pika>=1.3,<2' 'kombu>=5.3,<6' 'celery>=5.3,<6'
 fi
 
 AMQP_JAR=/usr/share/java/amqp-client.jar
@@ -189,10 +190,10 @@ PORT_ARGS=(--port "$PORT")
 [[ -n "$TIMEOUT_PORT" ]] && PORT_ARGS+=(--timeout-port "$TIMEOUT_PORT")
 [[ -n "$TLS_PORT" ]] && PORT_ARGS+=(--tls-port "$TLS_PORT" --tls-dir "$TLS_DIR")
 
-# run_client NAME CMD...: runs one client's scenarios, echoing and recording the
-# PASS/FAIL/SKIP lines; a runner that dies or leaves scenarios out is itself a failure.
+# run_client NAME COUNT CMD...: runs one client's COUNT scenarios, echoing and recording
+# the PASS/FAIL/SKIP lines; a runner that dies or leaves scenarios out is itself a failure.
 run_client() {
-    local client=$1; shift
+    local client=$1 count=$2; shift 2
     local out rc=0
     out=$(mktemp "${TMPDIR:-/tmp}/warren-conformance-$client.XXXXXX")
     say "$client scenarios"
@@ -201,8 +202,8 @@ run_client() {
     local reported failed
     reported=$(grep -cE '^(PASS|FAIL|SKIP) ' "$out" || true)
     failed=$(grep -cE '^FAIL ' "$out" || true)
-    if [[ -z "${CONFORMANCE_ONLY:-}" && "$reported" -ne "$SCENARIO_COUNT" ]]; then
-        echo "FAIL $client.runner: reported $reported of $SCENARIO_COUNT scenarios (exit $rc)" | tee -a "$RESULTS"
+    if [[ -z "${CONFORMANCE_ONLY:-}" && "$reported" -ne "$count" ]]; then
+        echo "FAIL $client.runner: reported $reported of $count scenarios (exit $rc)" | tee -a "$RESULTS"
     elif [[ "$rc" -ne 0 && "$failed" -eq 0 ]]; then
         echo "FAIL $client.runner: exited $rc without reporting a failed scenario" | tee -a "$RESULTS"
     fi
@@ -210,8 +211,9 @@ run_client() {
 }
 
 export CONFORMANCE_PRODUCT=${CONFORMANCE_PRODUCT:-Warren}
-run_client pika "$VENV/bin/python" "$HERE/pika_scenarios.py"
-run_client java java -cp "$CLASSPATH_JAVA" Scenarios
+run_client pika "$SCENARIO_COUNT" "$VENV/bin/python" "$HERE/pika_scenarios.py"
+run_client java "$SCENARIO_COUNT" java -cp "$CLASSPATH_JAVA" Scenarios
+run_client kombu "$KOMBU_SCENARIO_COUNT" "$VENV/bin/python" "$HERE/kombu_scenarios.py"
 
 # ------------------------------------------------------------ graceful shutdown
 
