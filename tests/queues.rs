@@ -122,6 +122,32 @@ async fn server_named_exclusive_queues_belong_to_their_connection() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exclusive_queues_are_never_durable() {
+    let broker = TestBroker::start().await;
+    let conn = broker.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    let declare = |durable| QueueDeclareOptions {
+        durable,
+        exclusive: true,
+        ..Default::default()
+    };
+    ch.queue_declare("mine".into(), declare(true), FieldTable::default())
+        .await
+        .unwrap();
+    // RabbitMQ 3.10 ignores `durable` on exclusive queues: either redeclare
+    // is equivalent, and the queue is not durable.
+    ch.queue_declare("mine".into(), declare(false), FieldTable::default())
+        .await
+        .unwrap();
+    ch.queue_declare("mine".into(), declare(true), FieldTable::default())
+        .await
+        .unwrap();
+    let vhost = broker.broker().vhost("/").unwrap();
+    assert!(!vhost.find_queue("mine").unwrap().durable);
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auto_delete_queue_goes_with_its_last_consumer() {
     let broker = TestBroker::start().await;
     let conn = broker.connect().await;

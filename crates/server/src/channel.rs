@@ -911,6 +911,12 @@ impl Channel {
                 self.allow(broker, vhost, Resource::Queue, &name, Access::Configure)?;
                 let args = QueueArgs::parse(&m.arguments, &name, vhost.name())?;
                 args.check_properties(m.durable, m.exclusive, m.auto_delete, &name, vhost.name())?;
+                // As RabbitMQ: an exclusive queue is never durable, whatever the
+                // declare says (so redeclaring it either way is equivalent).
+                let m = QueueDeclare {
+                    durable: m.durable && !m.exclusive,
+                    ..m
+                };
                 let q = match vhost.find_queue(&name) {
                     Some(existing) => {
                         vhost.check_exclusive(&existing, conn)?;
