@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Client conformance suite: drives the real `warren` binary with pika (Python),
-# the RabbitMQ Java client, and kombu (py-amqp) with a real Celery worker, and
-# fails on any behaviour that differs from RabbitMQ's.  See conformance/README.md.
+# the RabbitMQ Java client, kombu (py-amqp) with a real Celery worker, and
+# amqplib (Node.js), and fails on any behaviour that differs from RabbitMQ's.
+# See conformance/README.md.
 #
 # Four brokers are started: the main one (defaults), "alarm" with a 256 KiB
 # memory high watermark (connection_blocked), "timeout" with a 300 ms
@@ -31,6 +32,9 @@ JAVA_OUT=$TARGET/conformance-java
 LOG=$TARGET/conformance-warren.log  # and conformance-warren-{alarm,timeout,tls}.log
 SCENARIO_COUNT=20        # pika and Java each run the same 20 scenarios
 KOMBU_SCENARIO_COUNT=5   # kombu_scenarios.py
+AMQPLIB_SCENARIO_COUNT=5 # amqplib/scenarios.js
+AMQPLIB_VERSION=0.10.9
+NODE_DIR=$TARGET/conformance-node
 ALARM_WATERMARK=262144   # octets; connection_blocked publishes ~2 MiB
 CONSUMER_TIMEOUT_MS=300  # consumer_timeout expects exactly this value
 START=$SECONDS
@@ -63,6 +67,17 @@ if ! "$VENV/bin/python" -c 'import pika, kombu, celery' >/dev/null 2>&1; then
     say "creating $VENV with pika, kombu and celery"
     python3 -m venv "$VENV"
     "$VENV/bin/pip" install -q --disable-pip-version-check 'pika>=1.3,<2' 'kombu>=5.3,<6' 'celery>=5.3,<6'
+fi
+
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+    say "installing Node.js and npm (apt)"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null
+fi
+if [[ "$(node -p "require('$NODE_DIR/node_modules/amqplib/package.json').version" 2>/dev/null)" != "$AMQPLIB_VERSION" ]]; then
+    say "installing amqplib $AMQPLIB_VERSION into $NODE_DIR"
+    mkdir -p "$NODE_DIR"
+    npm install --prefix "$NODE_DIR" --no-audit --no-fund --no-save --silent "amqplib@$AMQPLIB_VERSION"
 fi
 
 AMQP_JAR=/usr/share/java/amqp-client.jar
@@ -214,6 +229,7 @@ export CONFORMANCE_PRODUCT=${CONFORMANCE_PRODUCT:-Warren}
 run_client pika "$SCENARIO_COUNT" "$VENV/bin/python" "$HERE/pika_scenarios.py"
 run_client java "$SCENARIO_COUNT" java -cp "$CLASSPATH_JAVA" Scenarios
 run_client kombu "$KOMBU_SCENARIO_COUNT" "$VENV/bin/python" "$HERE/kombu_scenarios.py"
+run_client amqplib "$AMQPLIB_SCENARIO_COUNT" env NODE_PATH="$NODE_DIR/node_modules" node "$HERE/amqplib/scenarios.js"
 
 # ------------------------------------------------------------ graceful shutdown
 
