@@ -110,8 +110,10 @@ def k02_durable_round_trip(url):
         eq(msg.content_type, "application/json", "content_type")
         eq(msg.delivery_info.get("redelivered"), False, "redelivered")
         msg.ack()
+    # Had the ack been lost, closing the connection would have requeued it.
+    with Connection(url) as conn:
         _, count, _ = queue(conn.default_channel).queue_declare(passive=True)
-        eq(count, 0, "messages left after the ack")
+        eq(count, 0, "messages left after the ack and a reconnect")
         queue(conn.default_channel).delete()
         exchange(conn.default_channel).delete()
 
@@ -213,12 +215,16 @@ def k05_celery_task_round_trip(url):
 
             result = warren_tasks.add.delay(2, 3)
             try:
-                eq(result.get(timeout=30), 5, "add(2, 3) through a Celery worker")
-            except Exception:
+                value = result.get(timeout=30)
+            except Exception as e:
                 log.seek(0)
-                raise Failure(f"no result; worker log:\n{log.read()[-2000:]}")
+                raise Failure(f"no result ({type(e).__name__}: {e}); worker log:\n{log.read()[-2000:]}")
+            eq(value, 5, "add(2, 3) through a Celery worker")
             eq(result.state, "SUCCESS", "task state")
         finally:
+            # The scenario's alarm must not cut the cleanup short and leave
+            # the worker running.
+            signal.alarm(0)
             worker.send_signal(signal.SIGTERM)
             try:
                 worker.wait(timeout=20)

@@ -342,6 +342,64 @@ async fn requests_are_authenticated_and_tags_enforced() {
         StatusCode::NOT_FOUND,
         "no permissions in that vhost: it is not shown"
     );
+    // Topic permissions apply to bindings made through the API too.
+    broker
+        .broker()
+        .set_topic_permissions("dev", "/", "amq.topic", ".*", "^public\\.")
+        .await
+        .unwrap();
+    let everything = dev
+        .post(
+            "/api/bindings/%2F/e/amq.topic/q/dev-q",
+            json!({"routing_key": "#"}),
+        )
+        .await;
+    assert_eq!(everything.status(), StatusCode::UNAUTHORIZED);
+    let public = dev
+        .post(
+            "/api/bindings/%2F/e/amq.topic/q/dev-q",
+            json!({"routing_key": "public.news"}),
+        )
+        .await;
+    assert_eq!(public.status(), StatusCode::CREATED);
+    // An exclusive queue belongs to its connection, not to the API.
+    let owner = broker.connect().await;
+    let och = owner.create_channel().await.unwrap();
+    och.queue_declare(
+        "dev-excl".into(),
+        QueueDeclareOptions {
+            exclusive: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    for api in [&dev, &admin] {
+        assert_eq!(
+            api.delete("/api/queues/%2F/dev-excl").await,
+            StatusCode::METHOD_NOT_ALLOWED
+        );
+        assert_eq!(
+            api.delete("/api/queues/%2F/dev-excl/contents").await,
+            StatusCode::METHOD_NOT_ALLOWED
+        );
+        assert_eq!(
+            api.post("/api/bindings/%2F/e/dev-x/q/dev-excl", json!({}))
+                .await
+                .status(),
+            StatusCode::METHOD_NOT_ALLOWED
+        );
+    }
+    assert!(
+        broker
+            .broker()
+            .vhost("/")
+            .unwrap()
+            .find_queue("dev-excl")
+            .is_some()
+    );
+    owner.close(200, "bye".into()).await.unwrap();
     assert_eq!(
         dev.delete("/api/bindings/%2F/e/dev-x/q/dev-q/~").await,
         StatusCode::NO_CONTENT

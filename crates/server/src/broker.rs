@@ -285,6 +285,32 @@ impl Broker {
         self.store.commit().await
     }
 
+    /// Changes one vhost's limits with `change` and persists the result; the
+    /// read, change and write happen under the vhost's limits lock, so two
+    /// concurrent changes of different limits both stick. `change`'s own
+    /// refusal comes back as the inner error, with nothing changed.
+    pub async fn update_vhost_limits<E>(
+        &self,
+        vhost: &crate::vhost::Vhost,
+        change: impl FnOnce(&mut crate::vhost::VhostLimits) -> Result<(), E>,
+    ) -> Result<Result<(), E>, StoreError> {
+        {
+            let mut limits = vhost.limits.lock();
+            let mut updated = *limits;
+            if let Err(e) = change(&mut updated) {
+                return Ok(Err(e));
+            }
+            *limits = updated;
+            // Submitted under the lock: the store applies writes in order.
+            self.store.submit([queue_store::Write::PutDefinition {
+                kind: queue_store::DefKind::Vhost,
+                key: bytes::Bytes::from(vhost.name().to_owned().into_bytes()),
+                value: updated.record(),
+            }]);
+        }
+        self.store.commit().await.map(Ok)
+    }
+
     /// Adds or replaces a policy in its vhost and applies it to live queues at
     /// once. Returns whether it is new; `Ok(None)` if the vhost does not exist.
     pub async fn set_policy(

@@ -225,6 +225,9 @@ pub async fn import(broker: &Arc<Broker>, defs: &Value) -> Result<Imported, Impo
         broker.add_vhost(text(v, "name", "vhost")?).await?;
         done.applied += 1;
     }
+    // Vhost limits are applied last, so that a limit below what the file
+    // itself declares (an export may hold one) does not stop the import.
+    let mut vhost_limits = Vec::new();
     for entry in section(defs, "parameters")? {
         let name = entry.get("name").and_then(Value::as_str).unwrap_or("?");
         if entry.get("component").and_then(Value::as_str) != Some(VHOST_LIMITS) {
@@ -238,11 +241,7 @@ pub async fn import(broker: &Arc<Broker>, defs: &Value) -> Result<Imported, Impo
         let vhost = text(entry, "vhost", "vhost limits")?;
         let limits = limits_from_json(entry.get("value").unwrap_or(&Value::Null))
             .map_err(|e| ImportError::Malformed(format!("vhost '{vhost}': {e}")))?;
-        if broker.vhost(vhost).is_none() {
-            broker.add_vhost(vhost).await?;
-        }
-        broker.set_vhost_limits(vhost, limits).await?;
-        done.applied += 1;
+        vhost_limits.push((vhost, limits));
     }
     for u in section(defs, "users")? {
         let name = text(u, "name", "user")?;
@@ -378,6 +377,13 @@ pub async fn import(broker: &Arc<Broker>, defs: &Value) -> Result<Imported, Impo
                 "policy '{name}': no such vhost"
             )));
         }
+        done.applied += 1;
+    }
+    for (vhost, limits) in vhost_limits {
+        if broker.vhost(vhost).is_none() {
+            broker.add_vhost(vhost).await?;
+        }
+        broker.set_vhost_limits(vhost, limits).await?;
         done.applied += 1;
     }
     broker.store.commit().await?;

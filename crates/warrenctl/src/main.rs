@@ -477,6 +477,20 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let Some(limits) = limits.as_object() else {
                 return Err(Failure::Local("limits must be a JSON object".into()));
             };
+            // Checked whole before anything is applied, as rabbitmqctl does.
+            for (name, value) in limits {
+                if !VHOST_LIMITS.contains(&name.as_str()) {
+                    return Err(Failure::Local(format!(
+                        "unknown vhost limit '{name}' (known: {})",
+                        VHOST_LIMITS.join(", ")
+                    )));
+                }
+                if value.as_i64().is_none() {
+                    return Err(Failure::Local(format!(
+                        "limit '{name}' must be an integer, not {value}"
+                    )));
+                }
+            }
             eprintln!(
                 "Applying limits to vhost \"{}\": {definition} ...",
                 cli.vhost

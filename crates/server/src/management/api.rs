@@ -481,6 +481,7 @@ async fn delete_queue(
     let v = visible_vhost(&b, &caller, &vhost)?;
     caller.require_access(&b, &vhost, Resource::Queue, &name, Access::Configure)?;
     let q = v.find_queue(&name).ok_or_else(ApiError::not_found)?;
+    not_exclusive(&q, &vhost)?;
     v.delete_queue(&b, &q, false).await?;
     no_content()
 }
@@ -493,6 +494,7 @@ async fn purge_queue(
     let v = visible_vhost(&b, &caller, &vhost)?;
     caller.require_access(&b, &vhost, Resource::Queue, &name, Access::Read)?;
     let q = v.find_queue(&name).ok_or_else(ApiError::not_found)?;
+    not_exclusive(&q, &vhost)?;
     v.purge(&b, &q);
     no_content()
 }
@@ -629,6 +631,33 @@ async fn list_bindings(State(b): Shared, caller: Caller, Path(vhost): Path<Strin
 }
 
 /// The destination a binding path names: `q` for a queue, `e` for an exchange.
+/// An exclusive queue belongs to its connection: the API, which is no
+/// connection, may not delete, purge, bind, unbind or read it (405).
+fn not_exclusive(q: &crate::queue::QueueHandle, vhost: &str) -> Result<(), ApiError> {
+    if q.exclusive_owner.is_some() {
+        return Err(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "resource_locked",
+            format!(
+                "cannot obtain exclusive access to locked queue '{}' in vhost '{vhost}'",
+                q.name
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A binding's destination queue, if it is one, must not be exclusive.
+fn destination_not_exclusive(v: &Vhost, dest: &exchange::Destination) -> Result<(), ApiError> {
+    match dest {
+        exchange::Destination::Queue(q) => match v.find_queue(q) {
+            Some(q) => not_exclusive(&q, v.name()),
+            None => Ok(()),
+        },
+        exchange::Destination::Exchange(_) => Ok(()),
+    }
+}
+
 /// Binding and unbinding need what `queue.bind` / `exchange.bind` need:
 /// write access to the destination and read access to the source.
 fn require_bind_access(
@@ -710,12 +739,16 @@ async fn unbind(
     let v = visible_vhost(&b, &caller, &vhost)?;
     let dest = destination(&kind, &dest)?;
     require_bind_access(&b, &caller, &vhost, &source, &dest)?;
+    destination_not_exclusive(&v, &dest)?;
     let matching: Vec<_> = pair_bindings(&v, &source, &dest)
         .into_iter()
         .filter(|bd| names_binding(&props, bd) && !bd.source.is_empty())
         .collect();
     if matching.is_empty() {
         return Err(ApiError::not_found());
+    }
+    for bd in &matching {
+        caller.require_topic_access(&b, &v, &bd.source, &bd.routing_key, Access::Read)?;
     }
     for bd in &matching {
         v.unbind(&b, bd).await?;
@@ -759,6 +792,8 @@ async fn bind(
         arguments: json_to_table(body.get("arguments").unwrap_or(&Value::Null))
             .map_err(ApiError::bad_request)?,
     };
+    destination_not_exclusive(&v, &def.destination)?;
+    caller.require_topic_access(&b, &v, &def.source, &def.routing_key, Access::Read)?;
     v.bind(&b, &def).await?;
     let location = format!(
         "/api/bindings/{}/e/{}/{kind}/{}/{}",
@@ -1111,9 +1146,9 @@ async fn put_vhost_limit(
     let value = body
         .get("value")
         .ok_or_else(|| ApiError::bad_request("Mandatory fields missing: value"))?;
-    let mut limits = *v.limits.lock();
-    super::json::set_limit(&mut limits, &name, value).map_err(ApiError::bad_request)?;
-    b.set_vhost_limits(&vhost, limits).await?;
+    b.update_vhost_limits(&v, |limits| super::json::set_limit(limits, &name, value))
+        .await?
+        .map_err(ApiError::bad_request)?;
     no_content()
 }
 
@@ -1125,9 +1160,11 @@ async fn delete_vhost_limit(
 ) -> ApiResult {
     caller.require_admin()?;
     let v = b.vhost(&vhost).ok_or_else(ApiError::not_found)?;
-    let mut limits = *v.limits.lock();
-    super::json::set_limit(&mut limits, &name, &json!(-1)).map_err(ApiError::bad_request)?;
-    b.set_vhost_limits(&vhost, limits).await?;
+    b.update_vhost_limits(&v, |limits| {
+        super::json::set_limit(limits, &name, &json!(-1))
+    })
+    .await?
+    .map_err(ApiError::bad_request)?;
     no_content()
 }
 
@@ -1342,13 +1379,7 @@ async fn get_messages(
         crate::auth::Access::Read,
     )?;
     let q = v.find_queue(&name).ok_or_else(ApiError::not_found)?;
-    if q.exclusive_owner.is_some() {
-        return Err(ApiError::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "resource_locked",
-            format!("cannot obtain exclusive access to locked queue '{name}' in vhost '{vhost}'"),
-        ));
-    }
+    not_exclusive(&q, &vhost)?;
     let body = body_map(body);
     let count = body.get("count").and_then(Value::as_u64).unwrap_or(1);
     let ackmode = body

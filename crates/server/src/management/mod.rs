@@ -206,6 +206,24 @@ impl Caller {
             .map_err(|e| ApiError::new(StatusCode::UNAUTHORIZED, "not_authorised", e.text))
     }
 
+    /// Topic permission for `routing_key` on `exchange`, as `queue.bind`
+    /// checks it (administrators are not held to it, as above).
+    pub fn require_topic_access(
+        &self,
+        broker: &Broker,
+        vhost: &crate::vhost::Vhost,
+        exchange: &str,
+        routing_key: &str,
+        access: crate::auth::Access,
+    ) -> Result<(), ApiError> {
+        if self.administrator {
+            return Ok(());
+        }
+        vhost
+            .check_topic(&broker.auth, &self.name, exchange, routing_key, access)
+            .map_err(|e| ApiError::new(StatusCode::UNAUTHORIZED, "not_authorised", e.text))
+    }
+
     /// Whether the caller may see every vhost's objects and connections.
     pub fn may_see_all(&self) -> bool {
         self.monitoring
