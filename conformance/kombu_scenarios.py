@@ -24,39 +24,15 @@ import tempfile
 import textwrap
 import time
 import traceback
-import uuid
 
 import amqp.exceptions
 from kombu import Connection, Consumer, Exchange, Producer, Queue
+from scenario_common import RUN, Failure, check, eq, install_timeout, namer
 
 SCENARIO_TIMEOUT = 60  # seconds; the Celery scenario starts a worker process
-RUN = uuid.uuid4().hex[:8]
 
 
-def name(base):
-    return f"kombu.{base}.{RUN}"
-
-
-class Failure(Exception):
-    pass
-
-
-def check(cond, msg):
-    if not cond:
-        raise Failure(msg)
-
-
-def eq(actual, expected, what):
-    if actual != expected:
-        raise Failure(f"{what}: expected {expected!r}, got {actual!r}")
-
-
-class Timeout(Exception):
-    pass
-
-
-def _on_alarm(_sig, _frame):
-    raise Timeout(f"scenario did not finish within {SCENARIO_TIMEOUT}s")
+name = namer("kombu")
 
 
 def take(conn, queue, n, accept=("json",)):
@@ -257,7 +233,7 @@ def main():
     args = p.parse_args()
     url = f"amqp://guest:guest@{args.host}:{args.port}//"
     only = {s for s in args.only.split(",") if s}
-    signal.signal(signal.SIGALRM, _on_alarm)
+    install_timeout(SCENARIO_TIMEOUT)
     failed = 0
     for scenario in SCENARIOS:
         short = scenario.__name__.split("_", 1)[1]

@@ -23,39 +23,15 @@ import sys
 import threading
 import time
 import traceback
-import uuid
 
 import pika
 from pika.exceptions import ChannelClosedByBroker, UnroutableError
+from scenario_common import Failure, check, eq, install_timeout, namer
 
 SCENARIO_TIMEOUT = 30  # seconds; a hung scenario fails instead of hanging the run
-RUN = uuid.uuid4().hex[:8]  # keeps names unique when pointed at a long-lived broker
 
 
-def name(base):
-    return f"pika.{base}.{RUN}"
-
-
-class Failure(Exception):
-    pass
-
-
-def check(cond, msg):
-    if not cond:
-        raise Failure(msg)
-
-
-def eq(actual, expected, what):
-    if actual != expected:
-        raise Failure(f"{what}: expected {expected!r}, got {actual!r}")
-
-
-class Timeout(Exception):
-    pass
-
-
-def _on_alarm(_sig, _frame):
-    raise Timeout(f"scenario did not finish within {SCENARIO_TIMEOUT}s")
+name = namer("pika")
 
 
 def wait_until(conn, pred, timeout, what):
@@ -1014,7 +990,7 @@ def main():
 
         return connect
 
-    signal.signal(signal.SIGALRM, _on_alarm)
+    install_timeout(SCENARIO_TIMEOUT)
     failed = 0
     for sname, fn, *broker in SCENARIOS:
         if only and sname not in only:
