@@ -204,6 +204,74 @@ async fn permission_changes_apply_to_live_connections() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letter_and_alternate_exchanges_need_write_access() {
+    let broker = TestBroker::start().await;
+    let b = broker.broker();
+    b.add_user("bob", Some("b0b"), &[]).await.unwrap();
+    b.set_permissions("bob", "/", ".*", "^bob-", ".*")
+        .await
+        .unwrap();
+    let bob = connect_as(&broker, "bob", "b0b", "/").await.unwrap();
+    let with = |key: &str, value: &str| {
+        let mut t = FieldTable::default();
+        t.insert(
+            key.into(),
+            lapin::types::AMQPValue::LongString(value.into()),
+        );
+        t
+    };
+
+    // Dead-lettering into an exchange bob may not publish to is refused.
+    let ch = bob.create_channel().await.unwrap();
+    let r = ch
+        .queue_declare(
+            "q1".into(),
+            QueueDeclareOptions::default(),
+            with("x-dead-letter-exchange", "amq.fanout"),
+        )
+        .await;
+    assert_amqp_error(
+        r,
+        403,
+        "write access to exchange 'amq.fanout' in vhost '/' refused for user 'bob'",
+    );
+    let ch = bob.create_channel().await.unwrap();
+    ch.queue_declare(
+        "q2".into(),
+        QueueDeclareOptions::default(),
+        with("x-dead-letter-exchange", "bob-dlx"),
+    )
+    .await
+    .unwrap();
+
+    // So is an alternate exchange bob may not publish to.
+    let r = ch
+        .exchange_declare(
+            "bob-x".into(),
+            lapin::ExchangeKind::Direct,
+            ExchangeDeclareOptions::default(),
+            with("alternate-exchange", "amq.direct"),
+        )
+        .await;
+    assert_amqp_error(
+        r,
+        403,
+        "write access to exchange 'amq.direct' in vhost '/' refused for user 'bob'",
+    );
+    let ch = bob.create_channel().await.unwrap();
+    ch.exchange_declare(
+        "bob-x".into(),
+        lapin::ExchangeKind::Direct,
+        ExchangeDeclareOptions::default(),
+        with("alternate-exchange", "bob-ae"),
+    )
+    .await
+    .unwrap();
+    assert!(b.vhost("/").unwrap().find_queue("q1").is_none());
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn direct_replies_need_write_access_to_the_default_exchange() {
     let broker = TestBroker::start().await;
     let b = broker.broker();

@@ -841,6 +841,16 @@ impl Channel {
                 &m.exchange,
                 Access::Configure,
             )?;
+            // As RabbitMQ: naming an alternate exchange needs read access to
+            // this exchange and write access to the alternate.
+            if let Some(ae) = m
+                .arguments
+                .get("alternate-exchange")
+                .and_then(amqp_codec::FieldValue::as_str)
+            {
+                self.allow(broker, vhost, Resource::Exchange, &m.exchange, Access::Read)?;
+                self.allow(broker, vhost, Resource::Exchange, ae, Access::Write)?;
+            }
         }
         let decl = RouterDeclare {
             name: &m.exchange,
@@ -910,6 +920,12 @@ impl Channel {
                 }
                 self.allow(broker, vhost, Resource::Queue, &name, Access::Configure)?;
                 let args = QueueArgs::parse(&m.arguments, &name, vhost.name())?;
+                // As RabbitMQ: naming a dead-letter exchange needs read access
+                // to the queue and write access to the exchange.
+                if let Some(dlx) = &args.dead_letter_exchange {
+                    self.allow(broker, vhost, Resource::Queue, &name, Access::Read)?;
+                    self.allow(broker, vhost, Resource::Exchange, dlx, Access::Write)?;
+                }
                 args.check_properties(m.durable, m.exclusive, m.auto_delete, &name, vhost.name())?;
                 // As RabbitMQ: an exclusive queue is never durable, whatever the
                 // declare says (so redeclaring it either way is equivalent).
