@@ -276,13 +276,12 @@ impl Broker {
         let Some(v) = self.vhost(name) else {
             return Err(StoreError::Engine(format!("no vhost '{name}'")));
         };
-        *v.limits.lock() = limits;
-        self.store.submit([queue_store::Write::PutDefinition {
-            kind: queue_store::DefKind::Vhost,
-            key: bytes::Bytes::from(name.to_owned().into_bytes()),
-            value: limits.record(),
-        }]);
-        self.store.commit().await
+        self.update_vhost_limits(&v, |l| {
+            *l = limits;
+            Ok::<(), std::convert::Infallible>(())
+        })
+        .await
+        .map(|_| ())
     }
 
     /// Changes one vhost's limits with `change` and persists the result; the

@@ -81,14 +81,19 @@ pub struct VhostLimits {
 }
 
 impl VhostLimits {
+    /// RabbitMQ's name of the connection limit.
+    pub const CONNECTIONS: &'static str = "max-connections";
+    /// RabbitMQ's name of the queue limit.
+    pub const QUEUES: &'static str = "max-queues";
+
     /// The vhost definition record carrying these limits.
     pub fn record(&self) -> FieldTable {
         let mut t = FieldTable::new();
         if let Some(n) = self.max_connections {
-            t.insert(s("max-connections"), FieldValue::I64(n as i64));
+            t.insert(s(Self::CONNECTIONS), FieldValue::I64(n as i64));
         }
         if let Some(n) = self.max_queues {
-            t.insert(s("max-queues"), FieldValue::I64(n as i64));
+            t.insert(s(Self::QUEUES), FieldValue::I64(n as i64));
         }
         t
     }
@@ -101,8 +106,8 @@ impl VhostLimits {
                 .and_then(|n| usize::try_from(n).ok())
         };
         VhostLimits {
-            max_connections: get("max-connections"),
-            max_queues: get("max-queues"),
+            max_connections: get(Self::CONNECTIONS),
+            max_queues: get(Self::QUEUES),
         }
     }
 }

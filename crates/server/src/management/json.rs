@@ -7,6 +7,7 @@ use bytes::Bytes;
 use serde_json::{Map, Value, json};
 
 use crate::queue::QueueHandle;
+use crate::vhost::VhostLimits;
 
 /// A field table as JSON: numbers, strings, booleans, arrays, nested tables.
 pub(crate) fn table_to_json(t: &FieldTable) -> Value {
@@ -221,39 +222,32 @@ fn arguments_hash(args: &FieldTable) -> Option<String> {
 
 /// A vhost's limits as RabbitMQ writes them (`{"max-connections": 10}`);
 /// only the limits that are set appear.
-pub(crate) fn limits_json(l: &crate::vhost::VhostLimits) -> Map<String, Value> {
+pub(crate) fn limits_json(l: &VhostLimits) -> Map<String, Value> {
     let mut out = Map::new();
     if let Some(n) = l.max_connections {
-        out.insert(LIMIT_CONNECTIONS.into(), json!(n));
+        out.insert(VhostLimits::CONNECTIONS.into(), json!(n));
     }
     if let Some(n) = l.max_queues {
-        out.insert(LIMIT_QUEUES.into(), json!(n));
+        out.insert(VhostLimits::QUEUES.into(), json!(n));
     }
     out
 }
 
-/// The limit names RabbitMQ knows for a vhost.
-pub(crate) const LIMIT_CONNECTIONS: &str = "max-connections";
-/// See [`LIMIT_CONNECTIONS`].
-pub(crate) const LIMIT_QUEUES: &str = "max-queues";
-
 /// Applies one limit to `limits`, validated as RabbitMQ validates it: a
 /// known name and an integer; a negative value lifts the limit.
-pub(crate) fn set_limit(
-    limits: &mut crate::vhost::VhostLimits,
-    name: &str,
-    value: &Value,
-) -> Result<(), String> {
+pub(crate) fn set_limit(limits: &mut VhostLimits, name: &str, value: &Value) -> Result<(), String> {
     let n = value
         .as_i64()
         .ok_or_else(|| format!("limit '{name}' must be an integer, not {value}"))?;
     let n = usize::try_from(n).ok();
     match name {
-        LIMIT_CONNECTIONS => limits.max_connections = n,
-        LIMIT_QUEUES => limits.max_queues = n,
+        VhostLimits::CONNECTIONS => limits.max_connections = n,
+        VhostLimits::QUEUES => limits.max_queues = n,
         _ => {
             return Err(format!(
-                "unknown vhost limit '{name}' (known: {LIMIT_CONNECTIONS}, {LIMIT_QUEUES})"
+                "unknown vhost limit '{name}' (known: {}, {})",
+                VhostLimits::CONNECTIONS,
+                VhostLimits::QUEUES
             ));
         }
     }
@@ -262,11 +256,11 @@ pub(crate) fn set_limit(
 
 /// Limits from a whole JSON object (`rabbitmqctl set_vhost_limits`, a
 /// `vhost-limits` runtime parameter): the ones it does not name are lifted.
-pub(crate) fn limits_from_json(v: &Value) -> Result<crate::vhost::VhostLimits, String> {
+pub(crate) fn limits_from_json(v: &Value) -> Result<VhostLimits, String> {
     let obj = v
         .as_object()
         .ok_or_else(|| format!("vhost limits must be a JSON object, not {v}"))?;
-    let mut limits = crate::vhost::VhostLimits::default();
+    let mut limits = VhostLimits::default();
     for (name, value) in obj {
         set_limit(&mut limits, name, value)?;
     }
