@@ -30,6 +30,19 @@ pub enum StoreError {
     /// The store was closed (broker shutting down).
     #[error("store is closed")]
     Closed,
+    /// Part of the data directory is damaged or missing in a way a crash
+    /// cannot explain: the store refuses to open rather than lose data
+    /// silently (a repair moves the damage to quarantine).
+    #[error("data directory damaged: {0}")]
+    Damaged(crate::damage::Damage),
+    /// Another process holds the data directory.
+    #[error("data directory {dir} is in use by another Warren{}", .pid.map(|p| format!(" (pid {p})")).unwrap_or_default())]
+    Locked {
+        /// The data directory.
+        dir: std::path::PathBuf,
+        /// The process holding it, if it wrote its pid.
+        pid: Option<u32>,
+    },
 }
 
 impl From<sled::Error> for StoreError {

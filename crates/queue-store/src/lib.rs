@@ -23,6 +23,7 @@
 //! is spelled out in this crate's README.
 
 pub mod args;
+pub mod damage;
 pub mod dead_letter;
 pub mod definitions;
 pub mod error;
@@ -30,6 +31,7 @@ pub mod flow;
 mod index_runs;
 pub mod message;
 pub mod queue;
+mod removal_journal;
 mod segment_file;
 pub mod sled_log;
 mod spill;
@@ -37,6 +39,7 @@ pub mod storage;
 pub mod store;
 
 pub use args::{Overflow, QueueArgs, QueueType};
+pub use damage::{Damage, RepairReport};
 pub use dead_letter::{DeadLetter, DeadLetterReason};
 pub use definitions::{DefKind, scoped_name};
 pub use error::{ArgError, ArgProblem, StoreError};

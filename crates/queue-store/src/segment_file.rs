@@ -29,7 +29,7 @@
 //!   temporary file, fsync'd and renamed over the old one: either version is
 //!   complete.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, OpenOptions};
 use std::io::{ErrorKind, Read as _, Write as _};
 use std::path::{Path, PathBuf};
@@ -37,9 +37,47 @@ use std::sync::Mutex;
 
 use bytes::{Bytes, BytesMut};
 
+use crate::damage::{Damage, Quarantine};
 use crate::error::StoreError;
+use crate::removal_journal::RemovalJournal;
 
-const MAGIC: &[u8; 8] = b"WRNSEG02";
+/// A segment's header: the magic, its own number (u64 BE) and a CRC-32 of
+/// both, so that a segment file copied over another is told apart.
+const MAGIC: &[u8; 8] = b"WRNSEG03";
+const HEADER: usize = 20;
+/// Segments from builds before the header named the segment: magic only.
+const MAGIC_V2: &[u8; 8] = b"WRNSEG02";
+
+fn header(seg: u64) -> [u8; HEADER] {
+    let mut h = [0u8; HEADER];
+    h[..8].copy_from_slice(MAGIC);
+    h[8..16].copy_from_slice(&seg.to_be_bytes());
+    let crc = crc32fast::hash(&h[..16]);
+    h[16..].copy_from_slice(&crc.to_be_bytes());
+    h
+}
+
+/// The header's length, or what is wrong with it.
+fn check_header(raw: &[u8], seg: u64) -> Result<usize, String> {
+    if raw.starts_with(MAGIC_V2) {
+        return Ok(MAGIC_V2.len());
+    }
+    if !raw.starts_with(MAGIC) {
+        return Err("not a log segment (bad magic)".into());
+    }
+    let Some(h) = raw.get(..HEADER) else {
+        return Err("the segment header is cut short".into());
+    };
+    if h != header(seg) {
+        let mut n = [0u8; 8];
+        n.copy_from_slice(&h[8..16]);
+        return Err(format!(
+            "the header names segment {:016x}, not this one (a copy of another segment?), or is damaged",
+            u64::from_be_bytes(n)
+        ));
+    }
+    Ok(HEADER)
+}
 const FRAME_HEADER: usize = 8;
 
 /// Most finished files that may wait for a sync ([`SegmentFiles::append`]
@@ -54,6 +92,168 @@ fn io(what: &str, path: &Path, e: std::io::Error) -> StoreError {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// What open needs to know about the previous run, and what to do with damage.
+pub(crate) struct LogOpen<'a> {
+    /// The previous run shut down cleanly: nothing can be torn.
+    pub(crate) clean: bool,
+    /// The segment number a clean shutdown recorded as the next to be used
+    /// (every lower one is present or journaled); `None` after a crash or
+    /// from an older build.
+    pub(crate) clean_next: Option<u64>,
+    /// Whether the removal journal must exist (the directory was written by
+    /// a build that keeps one).
+    pub(crate) journal_required: bool,
+    /// Repair damage (quarantine it) instead of refusing to open.
+    pub(crate) repair: bool,
+    /// Where cut or damaged parts are moved.
+    pub(crate) quarantine: &'a mut Quarantine,
+    /// What was cut or repaired, one line each (for the repair report).
+    pub(crate) actions: &'a mut Vec<String>,
+}
+
+/// Why a segment's frames stop being trustworthy, and where.
+struct BadFrame {
+    at: u64,
+    why: String,
+}
+
+/// A segment file's frames as open checks them.
+struct Scan {
+    /// The header's length (0: the header is bad).
+    header: usize,
+    /// The good frames' data ranges (in file offsets), in order.
+    frames: Vec<std::ops::Range<usize>>,
+    /// Each damaged stretch: its range and what is wrong. Without `resync`
+    /// at most one, running to the end of the file.
+    bad: Vec<(std::ops::Range<usize>, BadFrame)>,
+}
+
+fn frame_at(raw: &[u8], pos: usize) -> Result<std::ops::Range<usize>, String> {
+    let Some(header) = raw.get(pos..pos + FRAME_HEADER) else {
+        return Err(format!(
+            "a frame header cut short at offset {pos} ({} of {FRAME_HEADER} octets)",
+            raw.len().saturating_sub(pos)
+        ));
+    };
+    let field = |i: usize| {
+        let mut x = [0u8; 4];
+        x.copy_from_slice(&header[i..i + 4]);
+        u32::from_be_bytes(x)
+    };
+    let (len, crc) = (field(0) as usize, field(4));
+    let start = pos + FRAME_HEADER;
+    // (An empty frame is never written: zeros are not a frame.)
+    if len == 0 {
+        return Err(format!("an empty frame at offset {pos}"));
+    }
+    let Some(data) = raw.get(start..start.saturating_add(len)) else {
+        return Err(format!(
+            "a frame at offset {pos} claims {len} octets, the file has {} after its header",
+            raw.len() - start
+        ));
+    };
+    if crc32fast::hash(data) != crc {
+        return Err(format!(
+            "the frame at offset {pos} ({len} octets) fails its checksum"
+        ));
+    }
+    Ok(start..start + len)
+}
+
+/// Scans a segment file. With `resync`, a bad frame whose length still leads
+/// to a good frame (or to the end) is skipped and scanning goes on after it;
+/// otherwise the first bad frame ends the scan.
+fn scan(raw: &[u8], seg: u64, resync: bool) -> Scan {
+    let mut out = Scan {
+        header: 0,
+        frames: Vec::new(),
+        bad: Vec::new(),
+    };
+    let mut pos = match check_header(raw, seg) {
+        Ok(len) => len,
+        Err(why) => {
+            out.bad.push((0..raw.len(), BadFrame { at: 0, why }));
+            return out;
+        }
+    };
+    out.header = pos;
+    while pos < raw.len() {
+        match frame_at(raw, pos) {
+            Ok(r) => {
+                pos = r.end;
+                out.frames.push(r);
+            }
+            Err(why) => {
+                let bad = BadFrame {
+                    at: pos as u64,
+                    why,
+                };
+                // The length field may have survived a flip in the data.
+                let skip_to = raw
+                    .get(pos..pos + 4)
+                    .map(|l| {
+                        let mut x = [0u8; 4];
+                        x.copy_from_slice(l);
+                        pos + FRAME_HEADER + u32::from_be_bytes(x) as usize
+                    })
+                    .filter(|&next| {
+                        resync
+                            && next > pos + FRAME_HEADER
+                            && (next == raw.len() || frame_at(raw, next).is_ok())
+                    });
+                match skip_to {
+                    Some(next) => {
+                        out.bad.push((pos..next, bad));
+                        pos = next;
+                    }
+                    None => {
+                        out.bad.push((pos..raw.len(), bad));
+                        return out;
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Counts the numbers in `[floor, next)` neither present nor journaled, and
+/// names the first few.
+fn missing_segments(
+    floor: u64,
+    next: u64,
+    present: &[u64],
+    removed: &BTreeSet<u64>,
+) -> (u64, Vec<u64>) {
+    let known: BTreeSet<u64> = present
+        .iter()
+        .copied()
+        .chain(removed.iter().copied())
+        .filter(|s| (floor..next).contains(s))
+        .collect();
+    let missing = next.saturating_sub(floor) - known.len() as u64;
+    let mut first = Vec::new();
+    let mut expect = floor;
+    for &k in known.iter().chain(std::iter::once(&next)) {
+        while expect < k && first.len() < 5 {
+            first.push(expect);
+            expect += 1;
+        }
+        expect = k + 1;
+        if first.len() >= 5 {
+            break;
+        }
+    }
+    (missing, first)
+}
+
+/// Writes a file and fsyncs it (a quarantined copy).
+fn write_synced(path: &Path, data: &[u8]) -> Result<(), StoreError> {
+    let mut f = File::create(path).map_err(|e| io("cannot create", path, e))?;
+    f.write_all(data).map_err(|e| io("cannot write", path, e))?;
+    f.sync_all().map_err(|e| io("cannot sync", path, e))
 }
 
 #[derive(Default)]
@@ -73,19 +273,28 @@ struct Unsynced {
     /// A write or sync failed: nothing more is written, synced or removed
     /// (what is on disk may be incomplete; the next open sorts it out).
     failed: Option<String>,
+    /// Segment files that exist (for the journal's floor).
+    present: BTreeSet<u64>,
 }
 
 /// The log's segment files.
 pub(crate) struct SegmentFiles {
     dir: PathBuf,
     unsynced: Mutex<Unsynced>,
+    /// Removals are journaled before their files go (set by open).
+    journal: Mutex<Option<RemovalJournal>>,
 }
 
 impl SegmentFiles {
     /// Opens (creating it if needed) the directory and returns the segments
-    /// that make up the log, in order. Torn segments past the last sync and
-    /// leftover temporary files are removed.
-    pub(crate) fn open(dir: &Path) -> Result<(SegmentFiles, Vec<u64>), StoreError> {
+    /// that make up the log, in order, and the first segment number not used
+    /// yet. Checks that no segment is missing and that every frame is whole:
+    /// a torn tail after a crash is cut (moved to quarantine); any other
+    /// damage is refused, or quarantined when repairing.
+    pub(crate) fn open(
+        dir: &Path,
+        opts: LogOpen<'_>,
+    ) -> Result<(SegmentFiles, Vec<u64>, u64), StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| io("cannot create", dir, e))?;
         let mut segs = Vec::new();
         for entry in std::fs::read_dir(dir).map_err(|e| io("cannot list", dir, e))? {
@@ -97,6 +306,8 @@ impl SegmentFiles {
                 .map(|n| u64::from_str_radix(n, 16))
             {
                 Some(Ok(seg)) => segs.push(seg),
+                // A rewrite's or a journal compaction's temporary file: the
+                // file it was to replace is still there.
                 _ if name.ends_with(".tmp") => {
                     let path = entry.path();
                     std::fs::remove_file(&path).map_err(|e| io("cannot remove", &path, e))?;
@@ -105,70 +316,250 @@ impl SegmentFiles {
             }
         }
         segs.sort_unstable();
+        let journal_path = RemovalJournal::path_in(dir);
+        let damaged =
+            |path: &Path, problem: String| StoreError::Damaged(Damage::new(path, problem));
+        let journal = match RemovalJournal::read(dir) {
+            Err(StoreError::Damaged(d)) if opts.repair => {
+                opts.actions.push(format!(
+                    "{d}; rebuilt it from the segments present (a segment missing before this repair cannot be detected)"
+                ));
+                None
+            }
+            other => other?,
+        };
+        let (floor, mut removed, rebuilt) = match journal {
+            Some((floor, removed)) => (floor, removed, false),
+            None if opts.journal_required && !opts.repair => {
+                return Err(damaged(
+                    &journal_path,
+                    "the log's removal journal is missing: a missing segment could not be told from a removed one".into(),
+                ));
+            }
+            // A directory from a build without the journal (or a repair):
+            // every gap between the segments present is taken as removed.
+            None => {
+                let floor = segs.first().copied().unwrap_or(0);
+                let present: BTreeSet<u64> = segs.iter().copied().collect();
+                let last = segs.last().copied().unwrap_or(0);
+                let gaps = (floor..last).filter(|s| !present.contains(s)).collect();
+                (floor, gaps, true)
+            }
+        };
         let files = SegmentFiles {
             dir: dir.to_path_buf(),
             unsynced: Mutex::new(Unsynced::default()),
+            journal: Mutex::new(None),
         };
-        // Everything found is made durable before anything is removed on its
-        // account (a previous run may have written it without syncing).
+        let mut emptied = Vec::new();
+        // Files nothing explains after a clean shutdown: a segment the log
+        // removed, or one numbered past the last the log used.
+        if opts.clean {
+            let mut unexplained = Vec::new();
+            for &seg in &segs {
+                let why = if removed.contains(&seg) {
+                    "the log removed this segment, yet it is present"
+                } else if opts.clean_next.is_some_and(|next| seg >= next) {
+                    "this segment is numbered past the last one the log wrote before its clean shutdown"
+                } else {
+                    continue;
+                };
+                if !opts.repair {
+                    return Err(damaged(&files.path(seg), why.into()));
+                }
+                unexplained.push(seg);
+                opts.actions.push(format!(
+                    "{}: {why}; moved to quarantine",
+                    files.path(seg).display()
+                ));
+            }
+            for &seg in &unexplained {
+                files.quarantine_file(seg, opts.quarantine)?;
+            }
+            segs.retain(|s| !unexplained.contains(s));
+        }
+        let next = [
+            segs.last().map(|s| s + 1),
+            removed.last().map(|s| s + 1),
+            opts.clean_next,
+            Some(floor),
+        ]
+        .into_iter()
+        .flatten()
+        .max()
+        .unwrap_or(0);
+        // Every number in [floor, next) must be present or journaled.
+        let (missing, first_missing) = missing_segments(floor, next, &segs, &removed);
+        if missing > 0 {
+            let list = first_missing
+                .iter()
+                .map(|s| format!("{s:016x}.seg"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let problem = format!(
+                "{missing} log segment(s) missing that the log never removed: {list}{}",
+                if missing > first_missing.len() as u64 {
+                    ", ..."
+                } else {
+                    ""
+                }
+            );
+            if !opts.repair {
+                return Err(damaged(dir, problem));
+            }
+            opts.actions.push(format!(
+                "{}: {problem}; their messages are lost (listed below where their queue entries survive)",
+                dir.display()
+            ));
+            let present: BTreeSet<u64> = segs.iter().copied().collect();
+            for s in floor..next {
+                if !present.contains(&s) && !removed.contains(&s) {
+                    removed.insert(s);
+                }
+            }
+        }
+        // Rewritten at every open: a torn last append goes, and the floor
+        // rises to the lowest segment present (everything below is gone).
+        let _ = rebuilt;
+        let floor = segs.first().copied().unwrap_or(next).max(floor);
+        let mut journal = RemovalJournal::create(dir, floor, removed)?;
+        // Everything found is checked and made durable before anything is
+        // removed on its account (a previous run may have written it
+        // without syncing).
         let mut valid = segs.len();
         for (i, &seg) in segs.iter().enumerate() {
             let path = files.path(seg);
+            let mut raw = Vec::new();
             let file = OpenOptions::new()
                 .read(true)
                 .write(true)
                 .open(&path)
                 .map_err(|e| io("cannot open", &path, e))?;
-            let (_, good, complete) = files.frames(seg, &file)?;
-            if !complete {
-                tracing::warn!(
-                    segment = seg,
-                    valid_octets = good,
-                    "log segment torn by a crash; cutting it there"
-                );
-                if good > MAGIC.len() as u64 {
-                    file.set_len(good)
+            (&file)
+                .read_to_end(&mut raw)
+                .map_err(|e| io("cannot read", &path, e))?;
+            let later = segs.len() - i - 1;
+            // Only frames newer than the last sync can be torn, and at most
+            // this file and MAX_UNSYNCED_FILES before it can hold them.
+            let torn = !opts.clean && later <= MAX_UNSYNCED_FILES;
+            let found = scan(&raw, seg, opts.repair && !torn);
+            let Some((_, first_bad)) = found.bad.first() else {
+                file.sync_all().map_err(|e| io("cannot sync", &path, e))?;
+                continue;
+            };
+            let good_end = found.frames.last().map_or(0, |r| r.end);
+            if torn {
+                // A crash cut the log here: nobody was promised anything
+                // from here on. Move it to quarantine, never delete it.
+                let good_end = good_end.max(found.header);
+                let cut = raw.len() - good_end.min(raw.len());
+                let moved_later: Vec<u64> = segs.get(i + 1..).unwrap_or_default().to_vec();
+                let keep_file = !found.frames.is_empty();
+                let mut gone = moved_later.clone();
+                if !keep_file {
+                    gone.insert(0, seg);
+                }
+                journal.append(&gone)?;
+                let q = opts
+                    .quarantine
+                    .dir()
+                    .map_err(|e| io("cannot create quarantine in", dir, e))?
+                    .to_path_buf();
+                if keep_file {
+                    let tail = q.join(format!("{seg:016x}.seg.torn-at-{good_end}"));
+                    write_synced(&tail, raw.get(good_end..).unwrap_or_default())?;
+                    file.set_len(good_end as u64)
                         .map_err(|e| io("cannot truncate", &path, e))?;
                     file.sync_all().map_err(|e| io("cannot sync", &path, e))?;
                     valid = i + 1;
                 } else {
+                    files.quarantine_file(seg, opts.quarantine)?;
                     valid = i;
                 }
+                for &s in &moved_later {
+                    files.quarantine_file(s, opts.quarantine)?;
+                }
+                tracing::warn!(
+                    segment = %path.display(),
+                    at = first_bad.at,
+                    problem = %first_bad.why,
+                    octets_cut = cut,
+                    later_segments_cut = moved_later.len(),
+                    quarantine = %q.display(),
+                    "the log ends in a frame torn by a crash (written after the last sync, never confirmed); cut there and moved to quarantine"
+                );
+                opts.actions.push(format!(
+                    "{}: torn by a crash at offset {} ({}); {cut} octets and {} later segment(s) moved to quarantine",
+                    path.display(),
+                    first_bad.at,
+                    first_bad.why,
+                    moved_later.len()
+                ));
                 break;
             }
-            file.sync_all().map_err(|e| io("cannot sync", &path, e))?;
-        }
-        if segs.len().saturating_sub(valid) > MAX_UNSYNCED_FILES + 1 {
-            return Err(StoreError::Corrupt {
-                what: "log segment",
-                key: format!(
-                    "{} (a bad frame with {} segments after it: not a torn tail)",
-                    segs.get(valid.saturating_sub(1))
-                        .copied()
-                        .unwrap_or_default(),
-                    segs.len() - valid
-                ),
-            });
-        }
-        if let Some(torn) = segs.get(valid..).filter(|t| !t.is_empty()) {
-            tracing::warn!(
-                first = torn.first().copied().unwrap_or_default(),
-                segments = torn.len(),
-                "log ends in segments written after the last sync; discarding them"
-            );
-            for &seg in torn {
-                let path = files.path(seg);
-                std::fs::remove_file(&path).map_err(|e| io("cannot remove", &path, e))?;
+            if !opts.repair {
+                let context = if opts.clean {
+                    "after a clean shutdown, so not a torn write".to_owned()
+                } else {
+                    format!(
+                        "with {later} segments after it, more than a crash can leave unsynced, so not a torn write"
+                    )
+                };
+                return Err(damaged(&path, format!("{} ({context})", first_bad.why)));
             }
-            segs.truncate(valid);
+            // Repair: the damaged stretches go to quarantine, the good frames
+            // stay (a frame holds whole records).
+            let q = opts
+                .quarantine
+                .dir()
+                .map_err(|e| io("cannot create quarantine in", dir, e))?
+                .to_path_buf();
+            for (range, bad) in &found.bad {
+                let copy = q.join(format!("{seg:016x}.seg.damaged-at-{}", bad.at));
+                write_synced(&copy, raw.get(range.clone()).unwrap_or_default())?;
+                opts.actions.push(format!(
+                    "{}: {}; {} octets moved to quarantine",
+                    path.display(),
+                    bad.why,
+                    range.len()
+                ));
+            }
+            if found.frames.is_empty() {
+                journal.append(&[seg])?;
+                std::fs::remove_file(&path).map_err(|e| io("cannot remove", &path, e))?;
+                emptied.push(seg);
+            } else {
+                let mut data = Vec::new();
+                for r in &found.frames {
+                    data.extend_from_slice(raw.get(r.clone()).unwrap_or_default());
+                }
+                files.rewrite_file(seg, &data)?;
+            }
         }
+        segs.truncate(valid);
+        segs.retain(|s| !emptied.contains(s));
         files.sync_dir()?;
-        Ok((files, segs))
+        {
+            let mut u = lock(&files.unsynced);
+            u.present = segs.iter().copied().collect();
+        }
+        *lock(&files.journal) = Some(journal);
+        Ok((files, segs, next))
     }
 
-    #[cfg(test)]
-    pub(crate) fn dir(&self) -> &Path {
-        &self.dir
+    /// Moves a whole segment file into quarantine (renamed: same file system).
+    fn quarantine_file(&self, seg: u64, quarantine: &mut Quarantine) -> Result<(), StoreError> {
+        let path = self.path(seg);
+        let q = quarantine
+            .dir()
+            .map_err(|e| io("cannot create quarantine in", &self.dir, e))?;
+        let to = q.join(format!("{seg:016x}.seg"));
+        std::fs::rename(&path, &to).map_err(|e| io("cannot move to quarantine", &path, e))
+    }
+
+    /// The log's directory.
+    pub(crate) fn dir_path(&self) -> PathBuf {
+        self.dir.clone()
     }
 
     fn path(&self, seg: u64) -> PathBuf {
@@ -181,43 +572,6 @@ impl SegmentFiles {
             .map_err(|e| io("cannot sync directory", &self.dir, e))
     }
 
-    /// Reads a segment's frames: their data back to back, the octets of the
-    /// file up to the end of the last good frame, and whether the file ended
-    /// there (false: a short or corrupt frame follows, or a bad magic).
-    fn frames(&self, seg: u64, file: &File) -> Result<(BytesMut, u64, bool), StoreError> {
-        let path = self.path(seg);
-        let mut raw = Vec::new();
-        let mut f = file;
-        f.read_to_end(&mut raw)
-            .map_err(|e| io("cannot read", &path, e))?;
-        let mut data = BytesMut::with_capacity(raw.len());
-        if raw.get(..MAGIC.len()) != Some(MAGIC.as_slice()) {
-            return Ok((data, 0, false));
-        }
-        let mut pos = MAGIC.len();
-        while pos < raw.len() {
-            let Some(header) = raw.get(pos..pos + FRAME_HEADER) else {
-                return Ok((data, pos as u64, false));
-            };
-            let field = |i: usize| {
-                let mut x = [0u8; 4];
-                x.copy_from_slice(&header[i..i + 4]);
-                u32::from_be_bytes(x)
-            };
-            let (len, crc) = (field(0) as usize, field(4));
-            let start = pos + FRAME_HEADER;
-            // (An empty frame is never written: zeros are not a frame.)
-            match raw.get(start..start.saturating_add(len)) {
-                Some(frame) if len > 0 && crc32fast::hash(frame) == crc => {
-                    data.extend_from_slice(frame);
-                    pos = start + len;
-                }
-                _ => return Ok((data, pos as u64, false)),
-            }
-        }
-        Ok((data, pos as u64, true))
-    }
-
     /// Reads a segment's data. A frame being appended while this reads may
     /// be seen incomplete: the data then ends before it. `None` if the file
     /// is gone.
@@ -228,12 +582,22 @@ impl SegmentFiles {
             Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io("cannot open", &path, e)),
         };
-        let (data, good, _) = self.frames(seg, &file)?;
-        if good == 0 {
-            return Err(StoreError::Corrupt {
-                what: "log segment",
-                key: format!("{seg} (not a segment file)"),
-            });
+        let mut raw = Vec::new();
+        (&file)
+            .read_to_end(&mut raw)
+            .map_err(|e| io("cannot read", &path, e))?;
+        let found = scan(&raw, seg, false);
+        if found.header == 0 {
+            let why = found
+                .bad
+                .first()
+                .map(|(_, b)| b.why.clone())
+                .unwrap_or_default();
+            return Err(StoreError::Damaged(Damage::new(&path, why)));
+        }
+        let mut data = BytesMut::with_capacity(raw.len());
+        for r in found.frames {
+            data.extend_from_slice(raw.get(r).unwrap_or_default());
         }
         Ok(Some(data.freeze()))
     }
@@ -248,14 +612,14 @@ impl SegmentFiles {
         Ok(buf)
     }
 
-    fn create(&self, path: &Path) -> Result<File, StoreError> {
+    fn create(&self, path: &Path, seg: u64) -> Result<File, StoreError> {
         let mut file = OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
             .open(path)
             .map_err(|e| io("cannot create", path, e))?;
-        file.write_all(MAGIC)
+        file.write_all(&header(seg))
             .map_err(|e| io("cannot write", path, e))?;
         Ok(file)
     }
@@ -287,7 +651,8 @@ impl SegmentFiles {
         let frame = Self::frame(data)?;
         let mut u = lock(&self.unsynced);
         if u.open.as_ref().is_none_or(|(s, _)| *s != seg) {
-            let file = self.create(&self.path(seg))?;
+            let file = self.create(&self.path(seg), seg)?;
+            u.present.insert(seg);
             if let Some((_, old)) = u.open.replace((seg, file)) {
                 u.files.push(old);
             }
@@ -308,7 +673,7 @@ impl SegmentFiles {
 
     fn rewrite_file(&self, seg: u64, data: &[u8]) -> Result<(), StoreError> {
         let tmp = self.dir.join(format!("{seg:016x}.tmp"));
-        let mut file = self.create(&tmp)?;
+        let mut file = self.create(&tmp, seg)?;
         file.write_all(&Self::frame(data)?)
             .map_err(|e| io("cannot write", &tmp, e))?;
         file.sync_all().map_err(|e| io("cannot sync", &tmp, e))?;
@@ -393,9 +758,29 @@ impl SegmentFiles {
             let later = u.removals.split_off(&first_later);
             std::mem::replace(&mut u.removals, later)
         };
-        for seg in due.into_values().flatten() {
+        let due: Vec<u64> = due.into_values().flatten().collect();
+        if due.is_empty() {
+            return Ok(());
+        }
+        // Journaled (and synced) before the files go, so that open can tell
+        // them from segments that went missing.
+        let mut journal = lock(&self.journal);
+        if let Some(j) = journal.as_mut() {
+            j.append(&due)?;
+        }
+        for &seg in &due {
             self.discard(seg)?;
-            lock(&self.unsynced).dir_changed = true;
+        }
+        let lowest = {
+            let mut u = lock(&self.unsynced);
+            u.dir_changed = true;
+            for seg in &due {
+                u.present.remove(seg);
+            }
+            u.present.first().copied()
+        };
+        if let (Some(j), Some(lowest)) = (journal.as_mut(), lowest) {
+            j.compact(&self.dir, lowest)?;
         }
         Ok(())
     }
@@ -407,10 +792,56 @@ mod tests {
 
     use super::*;
 
+    /// Opens as after a crash (`clean` false) or a clean shutdown, refusing
+    /// damage or repairing it; returns what a repair or cut did.
+    fn open_as(
+        dir: &Path,
+        clean: bool,
+        repair: bool,
+    ) -> Result<(SegmentFiles, Vec<u64>, Vec<String>), StoreError> {
+        // These tests number segments from 1; a new log starts at 0.
+        if RemovalJournal::read(dir)?.is_none() {
+            RemovalJournal::create(dir, 1, BTreeSet::new())?;
+        }
+        let mut quarantine = Quarantine::new(dir);
+        let mut actions = Vec::new();
+        let (files, segs, _) = SegmentFiles::open(
+            dir,
+            LogOpen {
+                clean,
+                clean_next: None,
+                journal_required: false,
+                repair,
+                quarantine: &mut quarantine,
+                actions: &mut actions,
+            },
+        )?;
+        Ok((files, segs, actions))
+    }
+
+    fn open(dir: &Path) -> Result<(SegmentFiles, Vec<u64>), StoreError> {
+        open_as(dir, false, false).map(|(f, s, _)| (f, s))
+    }
+
+    /// The files moved to quarantine, by name.
+    fn quarantined(dir: &Path) -> Vec<String> {
+        let mut names = Vec::new();
+        for d in std::fs::read_dir(dir.join("quarantine"))
+            .into_iter()
+            .flatten()
+        {
+            for f in std::fs::read_dir(d.unwrap().path()).unwrap() {
+                names.push(f.unwrap().file_name().to_string_lossy().into_owned());
+            }
+        }
+        names.sort();
+        names
+    }
+
     /// Corrupts the first octet of a segment file's first frame.
     fn flip_first_data_bit(path: &Path) {
         let mut raw = std::fs::read(path).unwrap();
-        raw[MAGIC.len() + FRAME_HEADER] ^= 1;
+        raw[HEADER + FRAME_HEADER] ^= 1;
         std::fs::write(path, raw).unwrap();
     }
 
@@ -421,7 +852,7 @@ mod tests {
     #[test]
     fn frames_append_and_read_back_as_one_segment() {
         let dir = tempfile::tempdir().unwrap();
-        let (files, segs) = SegmentFiles::open(dir.path()).unwrap();
+        let (files, segs) = open(dir.path()).unwrap();
         assert!(segs.is_empty());
         files.append(1, b"first batch, ").unwrap();
         files.append(1, b"second batch").unwrap();
@@ -429,7 +860,7 @@ mod tests {
         assert_eq!(files.read(1).unwrap().unwrap(), "first batch, second batch");
         files.sync().unwrap();
         drop(files);
-        let (files, segs) = SegmentFiles::open(dir.path()).unwrap();
+        let (files, segs) = open(dir.path()).unwrap();
         assert_eq!(segs, vec![1, 2]);
         assert_eq!(files.read(2).unwrap().unwrap(), "next segment");
     }
@@ -437,7 +868,7 @@ mod tests {
     #[test]
     fn a_torn_frame_ends_the_log_at_open() {
         let dir = tempfile::tempdir().unwrap();
-        let (files, _) = SegmentFiles::open(dir.path()).unwrap();
+        let (files, _) = open(dir.path()).unwrap();
         files.append(1, b"kept").unwrap();
         files.append(2, b"whole").unwrap();
         let whole = len(&files, 2);
@@ -453,9 +884,18 @@ mod tests {
             .set_len(torn)
             .unwrap();
         drop(files);
-        let (files, segs) = SegmentFiles::open(dir.path()).unwrap();
+        let (files, segs) = open(dir.path()).unwrap();
         assert_eq!(segs, vec![1, 2], "3 came after the torn frame");
         assert!(!files.path(3).exists());
+        let torn_at = whole;
+        assert_eq!(
+            quarantined(dir.path()),
+            [
+                format!("{:016x}.seg.torn-at-{torn_at}", 2),
+                format!("{:016x}.seg", 3),
+            ],
+            "what was cut is kept in quarantine"
+        );
         assert_eq!(len(&files, 2), whole, "2 is cut after its last whole frame");
         assert_eq!(files.read(2).unwrap().unwrap(), "whole");
     }
@@ -463,23 +903,118 @@ mod tests {
     #[test]
     fn a_flipped_bit_fails_the_frame_checksum() {
         let dir = tempfile::tempdir().unwrap();
-        let (files, _) = SegmentFiles::open(dir.path()).unwrap();
+        let (files, _) = open(dir.path()).unwrap();
         files.append(1, b"hello").unwrap();
         files.append(2, b"later").unwrap();
         files.sync().unwrap();
         flip_first_data_bit(&files.path(1));
         drop(files);
-        let (_, segs) = SegmentFiles::open(dir.path()).unwrap();
+        // After a clean shutdown nothing can be torn: refused, nothing cut.
+        match open_as(dir.path(), true, false) {
+            Err(StoreError::Damaged(d)) => {
+                assert!(d.problem.contains("fails its checksum"), "{d}");
+                assert!(d.path.ends_with(format!("{:016x}.seg", 1)), "{d}");
+            }
+            other => panic!("{:?}", other.map(|(_, s, _)| s)),
+        }
+        assert!(dir.path().join(format!("{:016x}.seg", 2)).exists());
+        // After a crash it is the torn tail.
+        let (_, segs) = open(dir.path()).unwrap();
         assert!(
             segs.is_empty(),
             "nothing valid is left before the bad frame"
         );
+        assert_eq!(
+            quarantined(dir.path()).len(),
+            2,
+            "both files kept in quarantine"
+        );
+    }
+
+    #[test]
+    fn a_repair_quarantines_only_the_bad_frame() {
+        let dir = tempfile::tempdir().unwrap();
+        let (files, _) = open(dir.path()).unwrap();
+        files.append(1, b"one").unwrap();
+        files.append(1, b"two").unwrap();
+        files.append(1, b"three").unwrap();
+        files.append(2, b"later").unwrap();
+        files.sync().unwrap();
+        // Damage the middle frame's data.
+        let path = files.path(1);
+        let mut raw = std::fs::read(&path).unwrap();
+        let second = HEADER + FRAME_HEADER + 3;
+        raw[second + FRAME_HEADER] ^= 0xff;
+        std::fs::write(&path, raw).unwrap();
+        drop(files);
+        assert!(matches!(
+            open_as(dir.path(), true, false),
+            Err(StoreError::Damaged(_))
+        ));
+        let (files, segs, actions) = open_as(dir.path(), true, true).unwrap();
+        assert_eq!(segs, vec![1, 2]);
+        assert_eq!(files.read(1).unwrap().unwrap(), "onethree");
+        assert_eq!(files.read(2).unwrap().unwrap(), "later");
+        assert_eq!(actions.len(), 1, "{actions:?}");
+        assert_eq!(
+            quarantined(dir.path()),
+            [format!("{:016x}.seg.damaged-at-{second}", 1)]
+        );
+        drop(files);
+        assert!(open_as(dir.path(), true, false).is_ok(), "repaired");
+    }
+
+    #[test]
+    fn a_missing_segment_is_refused_and_a_removed_one_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let (files, _) = open(dir.path()).unwrap();
+        for seg in 1..=4 {
+            files.append(seg, b"x").unwrap();
+        }
+        files.sync().unwrap();
+        // Segment 2 is removed by the log, 3 by hand.
+        files.remove(2, files.next_sync());
+        files.sync().unwrap();
+        std::fs::remove_file(files.path(3)).unwrap();
+        drop(files);
+        match open(dir.path()) {
+            Err(StoreError::Damaged(d)) => {
+                assert!(d.problem.contains("1 log segment(s) missing"), "{d}");
+                assert!(d.problem.contains(&format!("{:016x}.seg", 3)), "{d}");
+            }
+            other => panic!("{:?}", other.map(|(_, s)| s)),
+        }
+        let (_, segs, actions) = open_as(dir.path(), false, true).unwrap();
+        assert_eq!(segs, vec![1, 4]);
+        assert_eq!(actions.len(), 1);
+        assert_eq!(open(dir.path()).unwrap().1, vec![1, 4], "repaired");
+    }
+
+    #[test]
+    fn after_a_clean_shutdown_an_unexplained_segment_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (files, _) = open(dir.path()).unwrap();
+        files.append(1, b"x").unwrap();
+        files.append(2, b"y").unwrap();
+        files.remove(1, files.next_sync());
+        files.sync().unwrap();
+        drop(files);
+        // A copy of 2 put back as the removed 1.
+        std::fs::copy(
+            dir.path().join(format!("{:016x}.seg", 2)),
+            dir.path().join(format!("{:016x}.seg", 1)),
+        )
+        .unwrap();
+        assert!(matches!(
+            open_as(dir.path(), true, false),
+            Err(StoreError::Damaged(_))
+        ));
     }
 
     #[test]
     fn a_bad_frame_deep_in_the_log_is_corruption_not_a_torn_tail() {
         let dir = tempfile::tempdir().unwrap();
-        let (files, _) = SegmentFiles::open(dir.path()).unwrap();
+        let (files, _) = open(dir.path()).unwrap();
         let last = MAX_UNSYNCED_FILES as u64 + 3;
         for seg in 1..=last {
             files.append(seg, b"data").unwrap();
@@ -487,10 +1022,7 @@ mod tests {
         }
         flip_first_data_bit(&files.path(1));
         drop(files);
-        assert!(matches!(
-            SegmentFiles::open(dir.path()),
-            Err(StoreError::Corrupt { .. })
-        ));
+        assert!(matches!(open(dir.path()), Err(StoreError::Damaged(_))));
         assert!(
             dir.path().join(format!("{last:016x}.seg")).exists(),
             "nothing discarded"
@@ -500,7 +1032,7 @@ mod tests {
     #[test]
     fn a_failure_stops_every_later_write_sync_and_removal() {
         let dir = tempfile::tempdir().unwrap();
-        let (files, _) = SegmentFiles::open(dir.path()).unwrap();
+        let (files, _) = open(dir.path()).unwrap();
         files.append(1, b"x").unwrap();
         files.remove(1, files.next_sync());
         // As if a write had failed (a full disk).
@@ -513,7 +1045,7 @@ mod tests {
     #[test]
     fn removals_wait_for_syncs_in_waves() {
         let dir = tempfile::tempdir().unwrap();
-        let (files, _) = SegmentFiles::open(dir.path()).unwrap();
+        let (files, _) = open(dir.path()).unwrap();
         for seg in 1..=3 {
             files.append(seg, b"x").unwrap();
         }

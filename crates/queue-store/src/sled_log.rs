@@ -6,7 +6,10 @@
 //!
 //! | where | key | value |
 //! |---|---|---|
-//! | sled tree `meta` | `schema`, `clean` | schema version; clean-shutdown marker |
+//! | sled tree `meta` | `schema` | schema version |
+//! | `clean-shutdown` | | written at a clean shutdown, removed at open: next segment number, definitions' count and CRC |
+//! | `warren-store` | | marks the directory as a store (an empty sled next to it is damage) |
+//! | `log/removed` | | the segments the log removed on purpose ([`crate::removal_journal`]) |
 //! | sled tree `definitions` | kind octet ‖ name | a field table (see [`crate::definitions`]) |
 //! | `log/<segment>.seg` | segment number | records, back to back |
 //!
@@ -51,16 +54,18 @@ use std::sync::Mutex;
 use amqp_codec::FieldTable;
 use bytes::{BufMut, Bytes, BytesMut};
 
+use crate::damage::{Damage, Quarantine, RepairReport};
 use crate::definitions::DefKind;
 use crate::error::StoreError;
 use rustc_hash::FxHashMap;
 
 use crate::index_runs::QueueIndex;
 use crate::message::{Message, MessageId};
-use crate::segment_file::{MAX_UNSYNCED_FILES, SegmentFiles};
+use crate::segment_file::{LogOpen, MAX_UNSYNCED_FILES, SegmentFiles};
 use crate::storage::{IndexEntry, MessageCensus, SCHEMA_VERSION, Storage, Write};
 
-/// How long [`SledStorage::open`] waits for a locked data directory.
+/// How long [`SledStorage::open`] waits for a data directory that a store of
+/// this process still holds.
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(15);
 
 /// A segment is closed once it holds this many octets (a batch larger than
@@ -390,6 +395,12 @@ pub struct SledStorage {
     recovered: Mutex<Option<RecoveredIndex>>,
     /// The segment last read for a message (drains read runs from one segment).
     read_cache: Mutex<Option<CachedSegment>>,
+    /// Held while the store is open: no other process opens the directory.
+    _dir_lock: DirLock,
+    /// The previous run shut down cleanly (taken once by the store).
+    clean_shutdown: std::sync::atomic::AtomicBool,
+    /// The data directory.
+    dir: std::path::PathBuf,
 }
 
 impl std::fmt::Debug for SledStorage {
@@ -400,6 +411,179 @@ impl std::fmt::Debug for SledStorage {
             .field("messages", &state.messages.len())
             .field("queues", &state.index.len())
             .finish_non_exhaustive()
+    }
+}
+
+/// The file whose presence says a directory holds a Warren store (so an
+/// empty metadata database next to it is damage, not a first boot).
+const STORE_MARKER: &str = "warren-store";
+
+fn write_marker(dir: &Path) -> Result<(), StoreError> {
+    let path = dir.join(STORE_MARKER);
+    let text = format!(
+        "A Warren data directory (store schema {SCHEMA_VERSION}). Keep this file: without it an empty\nmetadata database would look like a first boot.\n"
+    );
+    std::fs::File::create(&path)
+        .and_then(|mut f| {
+            std::io::Write::write_all(&mut f, text.as_bytes())?;
+            f.sync_all()
+        })
+        .and_then(|()| std::fs::File::open(dir)?.sync_all())
+        .map_err(|e| StoreError::Engine(format!("cannot write {}: {e}", path.display())))
+}
+
+/// What a clean shutdown records (`<dir>/clean-shutdown`, removed at the
+/// next open): the next segment number and the definitions' count and
+/// CRC-32, so that open can tell a clean directory that lost a segment, or
+/// whose metadata database lost definitions, from an intact one.
+#[derive(Debug)]
+struct CleanShutdown {
+    next_segment: u64,
+    definitions: u64,
+    digest: u32,
+}
+
+impl CleanShutdown {
+    const MAGIC: &'static [u8; 8] = b"WRNCLN01";
+    const FILE: &'static str = "clean-shutdown";
+
+    fn encode(&self) -> Vec<u8> {
+        let mut v = Self::MAGIC.to_vec();
+        v.extend_from_slice(&self.next_segment.to_be_bytes());
+        v.extend_from_slice(&self.definitions.to_be_bytes());
+        v.extend_from_slice(&self.digest.to_be_bytes());
+        let crc = crc32fast::hash(&v);
+        v.extend_from_slice(&crc.to_be_bytes());
+        v
+    }
+
+    fn write(&self, dir: &Path) -> Result<(), StoreError> {
+        let path = dir.join(Self::FILE);
+        std::fs::File::create(&path)
+            .and_then(|mut f| {
+                std::io::Write::write_all(&mut f, &self.encode())?;
+                f.sync_all()
+            })
+            .and_then(|()| std::fs::File::open(dir)?.sync_all())
+            .map_err(|e| StoreError::Engine(format!("cannot write {}: {e}", path.display())))
+    }
+
+    /// The record, if the previous run left one. A damaged record is damage.
+    fn read(dir: &Path) -> Result<Option<CleanShutdown>, StoreError> {
+        let path = dir.join(Self::FILE);
+        let raw = match std::fs::read(&path) {
+            Ok(raw) => raw,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => {
+                return Err(StoreError::Engine(format!(
+                    "cannot read {}: {e}",
+                    path.display()
+                )));
+            }
+        };
+        let field = |at: usize| {
+            raw.get(at..at + 8)
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .map(u64::from_be_bytes)
+        };
+        let r = (raw.len() == 32 && raw.starts_with(Self::MAGIC))
+            .then(|| {
+                let digest = u32::try_from(field(24)? >> 32).ok()?;
+                Some(CleanShutdown {
+                    next_segment: field(8)?,
+                    definitions: field(16)?,
+                    digest,
+                })
+            })
+            .flatten()
+            .filter(|r| r.encode() == raw);
+        match r {
+            Some(r) => Ok(Some(r)),
+            None => Err(StoreError::Damaged(Damage::new(
+                &path,
+                "the clean-shutdown record is damaged",
+            ))),
+        }
+    }
+
+    fn remove(dir: &Path) -> Result<(), StoreError> {
+        let path = dir.join(Self::FILE);
+        match std::fs::remove_file(&path) {
+            Ok(()) => std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| StoreError::Engine(format!("cannot sync {}: {e}", dir.display()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(StoreError::Engine(format!(
+                "cannot remove {}: {e}",
+                path.display()
+            ))),
+        }
+    }
+}
+
+/// The number of definitions and a CRC-32 over them in key order.
+fn definitions_digest(tree: &sled::Tree) -> Result<(u64, u32), StoreError> {
+    let mut crc = crc32fast::Hasher::new();
+    let mut n = 0u64;
+    for kv in tree.iter() {
+        let (k, v) = kv?;
+        crc.update(&(k.len() as u64).to_be_bytes());
+        crc.update(&k);
+        crc.update(&(v.len() as u64).to_be_bytes());
+        crc.update(&v);
+        n += 1;
+    }
+    Ok((n, crc.finalize()))
+}
+
+/// The data directory's lock (`warren.lock`, holding the owner's pid),
+/// released when dropped.
+#[derive(Debug)]
+struct DirLock {
+    _file: std::fs::File,
+}
+
+impl DirLock {
+    fn acquire(dir: &Path) -> Result<DirLock, StoreError> {
+        let path = dir.join("warren.lock");
+        let fail =
+            |e: std::io::Error| StoreError::Engine(format!("cannot lock {}: {e}", path.display()));
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        loop {
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)
+                .map_err(fail)?;
+            match fs4::FileExt::try_lock(&file) {
+                Ok(()) => {
+                    file.set_len(0).map_err(fail)?;
+                    std::io::Write::write_all(
+                        &mut &file,
+                        format!("{}\n", std::process::id()).as_bytes(),
+                    )
+                    .map_err(fail)?;
+                    return Ok(DirLock { _file: file });
+                }
+                Err(fs4::TryLockError::WouldBlock) => {
+                    let pid = std::fs::read_to_string(&path)
+                        .ok()
+                        .and_then(|p| p.trim().parse::<u32>().ok());
+                    // A store of this very process that is being dropped
+                    // lets go in a moment; another process is a conflict.
+                    if pid != Some(std::process::id()) || std::time::Instant::now() >= deadline {
+                        return Err(StoreError::Locked {
+                            dir: dir.to_path_buf(),
+                            pid,
+                        });
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Err(fs4::TryLockError::Error(e)) => return Err(fail(e)),
+            }
+        }
     }
 }
 
@@ -547,56 +731,139 @@ enum Record<'a> {
 }
 
 impl SledStorage {
-    /// Opens (or creates) the database in `dir` and replays the log, waiting
-    /// up to 15 s for a directory lock still held by a store of this process
-    /// that was just dropped.
+    /// Opens (or creates) the store in `dir` and replays the log. Refuses a
+    /// directory another process holds, and one with damage a crash cannot
+    /// explain ([`StoreError::Damaged`]).
     pub fn open(dir: &Path) -> Result<SledStorage, StoreError> {
-        let config = sled::Config::new()
-            .path(dir)
-            // Warren decides when to fsync (group commit); sled's own timer
-            // still bounds how long acks and other unsynced writes wait.
-            .flush_every_ms(Some(500))
-            .cache_capacity(64 << 20);
-        // sled locks the directory. Another process holding it is a real
-        // conflict; but a store this process just dropped can keep the lock for
-        // a while (sled's I/O threads let go of the file last, seconds later on
-        // a loaded machine), so a held lock is waited for before giving up.
-        let deadline = std::time::Instant::now() + LOCK_WAIT;
-        let mut warned = false;
-        let db = loop {
-            match config.open() {
-                // sled reports a held lock as an `Other` I/O error that
-                // wraps the WouldBlock; only its text tells.
-                Err(sled::Error::Io(e))
-                    if e.to_string().contains("could not acquire lock")
-                        && std::time::Instant::now() < deadline =>
-                {
-                    if !warned {
-                        tracing::warn!(dir = %dir.display(), "data directory is locked; waiting for it");
-                        warned = true;
-                    }
-                    std::thread::sleep(std::time::Duration::from_millis(50));
+        Self::open_with(dir, false).map(|(s, _)| s)
+    }
+
+    /// [`SledStorage::open`], or with `repair` a repair: damaged parts are
+    /// moved to `<dir>/quarantine/` instead of refused, and the report says
+    /// what was moved and which queue entries lost their messages.
+    pub fn open_with(dir: &Path, repair: bool) -> Result<(SledStorage, RepairReport), StoreError> {
+        let named = |what: &str, path: &Path, e: &dyn std::fmt::Display| {
+            StoreError::Engine(format!("{what} {}: {e}", path.display()))
+        };
+        std::fs::create_dir_all(dir).map_err(|e| named("cannot create data directory", dir, &e))?;
+        if !dir.is_dir() {
+            return Err(named("data directory", dir, &"not a directory"));
+        }
+        let dir_lock = DirLock::acquire(dir)?;
+        let log_dir = dir.join("log");
+        let has_segments = std::fs::read_dir(&log_dir).is_ok_and(|mut entries| {
+            entries.any(|e| e.is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".seg")))
+        });
+        let marker = dir.join(STORE_MARKER);
+        let marked = marker.exists();
+        let mut report = RepairReport::default();
+        let mut quarantine = Quarantine::new(dir);
+        let (db, meta) = Self::open_sled(dir)?;
+        let schema = meta.get("schema")?;
+        let (db, meta) = match schema {
+            // A layout this build does not know is refused before it is replayed.
+            Some(v) => {
+                let found = <[u8; 4]>::try_from(v.as_ref())
+                    .map(u32::from_be_bytes)
+                    .unwrap_or(0);
+                if found != SCHEMA_VERSION {
+                    return Err(StoreError::SchemaMismatch {
+                        found,
+                        expected: SCHEMA_VERSION,
+                    });
                 }
-                other => break other?,
+                (db, meta)
+            }
+            // Nothing in sled, yet the directory was a store: its metadata
+            // (definitions, schema) is gone, not new.
+            None if marked || has_segments => {
+                let problem = format!(
+                    "the metadata database holds nothing (empty, unreadable or replaced) while {}",
+                    if has_segments {
+                        "the message log holds segments"
+                    } else {
+                        "the store marker says this directory was initialised"
+                    }
+                );
+                let db_path = dir.join("db");
+                if !repair {
+                    return Err(StoreError::Damaged(Damage::new(&db_path, problem)));
+                }
+                // Messages cannot be tied to queues without the definitions:
+                // the whole store goes to quarantine and starts afresh.
+                drop(meta);
+                drop(db);
+                let q = quarantine
+                    .dir()
+                    .map_err(|e| named("cannot create quarantine in", dir, &e))?
+                    .to_path_buf();
+                for entry in std::fs::read_dir(dir).map_err(|e| named("cannot list", dir, &e))? {
+                    let entry = entry.map_err(|e| named("cannot list", dir, &e))?;
+                    let name = entry.file_name();
+                    let keep = ["quarantine", "warren.lock", "spill"];
+                    if keep.iter().any(|k| name == *k) {
+                        continue;
+                    }
+                    std::fs::rename(entry.path(), q.join(&name))
+                        .map_err(|e| named("cannot move to quarantine", &entry.path(), &e))?;
+                }
+                report.actions.push(format!(
+                    "{}: {problem}; the whole store (metadata and message log) moved to quarantine, the broker starts empty",
+                    db_path.display()
+                ));
+                let (db, meta) = Self::open_sled(dir)?;
+                Self::initialise(dir, &db, &meta)?;
+                (db, meta)
+            }
+            None => {
+                Self::initialise(dir, &db, &meta)?;
+                (db, meta)
             }
         };
-        let meta = db.open_tree("meta")?;
-        // A layout this build does not know is refused before it is replayed.
-        if let Some(v) = meta.get("schema")? {
-            let found = <[u8; 4]>::try_from(v.as_ref())
-                .map(u32::from_be_bytes)
-                .unwrap_or(0);
-            if found != SCHEMA_VERSION {
-                return Err(StoreError::SchemaMismatch {
-                    found,
-                    expected: SCHEMA_VERSION,
-                });
+        if !marker.exists() {
+            // A directory from a build without the marker.
+            write_marker(dir)?;
+        }
+        // The clean-shutdown record is a file of the store's own, not a sled
+        // key: damage in sled's files must not pass for a crash. A directory
+        // from a build without it has sled's old `clean` key.
+        let record = CleanShutdown::read(dir)?;
+        let legacy_clean = !marked && meta.get("clean")?.is_some();
+        let definitions = db.open_tree("definitions")?;
+        if let Some(r) = &record {
+            let (count, digest) = definitions_digest(&definitions)?;
+            if (count, digest) != (r.definitions, r.digest) {
+                let problem = format!(
+                    "the metadata database holds {count} definitions (digest {digest:08x}) where the clean shutdown recorded {} (digest {:08x}): sled lost or changed some",
+                    r.definitions, r.digest
+                );
+                let db_path = dir.join("db");
+                if !repair {
+                    return Err(StoreError::Damaged(Damage::new(&db_path, problem)));
+                }
+                report.actions.push(format!(
+                    "{}: {problem}; kept what sled still holds (restore lost definitions from an export)",
+                    db_path.display()
+                ));
             }
         }
-        let (files, found) = SegmentFiles::open(&dir.join("log"))?;
+        let clean = record.is_some() || legacy_clean;
+        let clean_next = record.as_ref().map(|r| r.next_segment);
+        let (files, found, next) = SegmentFiles::open(
+            &log_dir,
+            LogOpen {
+                clean,
+                clean_next,
+                journal_required: marked,
+                repair,
+                quarantine: &mut quarantine,
+                actions: &mut report.actions,
+            },
+        )?;
         let storage = SledStorage {
             meta,
-            definitions: db.open_tree("definitions")?,
+            definitions,
+            clean_shutdown: std::sync::atomic::AtomicBool::new(clean),
             files,
             segment_target: std::sync::atomic::AtomicUsize::new(SEGMENT_TARGET),
             found: Mutex::new(found),
@@ -605,14 +872,62 @@ impl SledStorage {
             state: Mutex::new(LogState::default()),
             recovered: Mutex::new(None),
             read_cache: Mutex::new(None),
+            _dir_lock: dir_lock,
+            dir: dir.to_path_buf(),
         };
-        storage.replay()?;
-        Ok(storage)
+        storage.replay(next, repair.then_some(&mut report))?;
+        // Checked: from now on a crash is a crash.
+        CleanShutdown::remove(dir)?;
+        report.quarantine = quarantine.used().map(Path::to_path_buf);
+        Ok((storage, report))
+    }
+
+    /// Opens sled's database, waiting up to 15 s for sled's own lock: the
+    /// directory lock is already ours, so a held sled lock is a store of
+    /// this process that was just dropped (sled's I/O threads let go of the
+    /// file last, seconds later on a loaded machine).
+    fn open_sled(dir: &Path) -> Result<(sled::Db, sled::Tree), StoreError> {
+        let config = sled::Config::new()
+            .path(dir)
+            // Warren decides when to fsync (group commit); sled's own timer
+            // still bounds how long acks and other unsynced writes wait.
+            .flush_every_ms(Some(500))
+            .cache_capacity(64 << 20);
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        let db = loop {
+            match config.open() {
+                // sled reports a held lock as an `Other` I/O error that
+                // wraps the WouldBlock; only its text tells.
+                Err(sled::Error::Io(e))
+                    if e.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Ok(db) => break db,
+                Err(e) => {
+                    return Err(StoreError::Engine(format!(
+                        "cannot open the metadata database in {}: {e}",
+                        dir.display()
+                    )));
+                }
+            }
+        };
+        let meta = db.open_tree("meta")?;
+        Ok((db, meta))
+    }
+
+    /// Marks a new directory as a store: schema version (synced), then the
+    /// marker file.
+    fn initialise(dir: &Path, db: &sled::Db, meta: &sled::Tree) -> Result<(), StoreError> {
+        meta.insert("schema", &SCHEMA_VERSION.to_be_bytes())?;
+        db.flush()?;
+        write_marker(dir)
     }
 
     #[cfg(test)]
     fn files_dir(&self) -> std::path::PathBuf {
-        self.files.dir().to_path_buf()
+        self.files.dir_path()
     }
 
     /// Sets the size at which the segment being filled is sealed at the end
@@ -632,7 +947,11 @@ impl SledStorage {
 
     /// Rebuilds the in-memory state from the log and removes segments nothing
     /// needs (left over when a crash interrupted a removal).
-    fn replay(&self) -> Result<(), StoreError> {
+    ///
+    /// Every live queue entry must find its message's body: one that does
+    /// not lost it to damage. That refuses the open, or when repairing
+    /// (`report`) the entry is dropped and listed.
+    fn replay(&self, next: u64, mut report: Option<&mut RepairReport>) -> Result<(), StoreError> {
         let mut state = LogState::default();
         let found = std::mem::take(&mut *lock(&self.found));
         for seg in found {
@@ -660,13 +979,47 @@ impl SledStorage {
             state.next_seg = seg + 1;
             state.finish(b, v.len() as u32);
         }
+        // Numbers the log used before (journaled removals) are never reused.
+        state.next_seg = state.next_seg.max(next);
         let all: Vec<u64> = state.segs.keys().copied().collect();
         self.settle(&mut state, all, None)?;
         // Leftovers a crash kept are removed now, one sync per wave.
         while self.files.has_unsynced() {
             self.files.sync()?;
         }
-        let entries = self.live_index_entries(&state)?;
+        let mut entries = self.live_index_entries(&state)?;
+        let mut lost = Vec::new();
+        for (&queue, list) in entries.iter_mut() {
+            list.retain(|(seq, e)| {
+                let found = state.messages.contains_key(&e.message);
+                if !found {
+                    lost.push((queue, *seq, e.message));
+                }
+                found
+            });
+        }
+        if let Some(&(queue, seq, message)) = lost.first() {
+            match report.as_deref_mut() {
+                None => {
+                    return Err(StoreError::Damaged(Damage::new(
+                        &self.files.dir_path(),
+                        format!(
+                            "{} queue entries refer to message bodies the log does not hold (the first: queue {queue}, entry {seq}, message {})",
+                            lost.len(),
+                            message.0
+                        ),
+                    )));
+                }
+                Some(report) => {
+                    report.actions.push(format!(
+                        "{}: {} queue entries refer to message bodies the log does not hold; dropped",
+                        self.files.dir_path().display(),
+                        lost.len()
+                    ));
+                    report.lost_entries = lost;
+                }
+            }
+        }
         // References are the index entries that name a message; a body with
         // none is an orphan, deleted by the store after open.
         for (_, e) in entries.values().flatten() {
@@ -682,6 +1035,15 @@ impl SledStorage {
         );
         *lock(&self.recovered) = Some(entries);
         *lock(&self.state) = state;
+        if let Some(report) = report {
+            let drops: Vec<Write> = report
+                .lost_entries
+                .iter()
+                .map(|&(queue, seq, _)| Write::DeleteIndex { queue, seq })
+                .collect();
+            self.apply(&drops)?;
+            self.sync()?;
+        }
         Ok(())
     }
 
@@ -1118,6 +1480,35 @@ impl Storage for SledStorage {
         Ok(self.meta.get(key)?.map(|v| v.to_vec()))
     }
 
+    fn mark_clean(&self) -> Result<(), StoreError> {
+        // The next segment number: open checks that every lower one is
+        // present or journaled, and that none past it appeared.
+        let next_segment = {
+            let state = lock(&self.state);
+            match &state.open {
+                // Numbered but never written: no file.
+                Some(b) if b.size == 0 => b.seg,
+                _ => state.next_seg,
+            }
+        };
+        // Definitions must be on disk before the record vouches for them.
+        self.db.flush()?;
+        let (definitions, digest) = definitions_digest(&self.definitions)?;
+        CleanShutdown {
+            next_segment,
+            definitions,
+            digest,
+        }
+        .write(&self.dir)
+    }
+
+    fn take_clean_shutdown(&self) -> Result<bool, StoreError> {
+        self.set_meta("clean", None)?;
+        Ok(self
+            .clean_shutdown
+            .swap(false, std::sync::atomic::Ordering::Relaxed))
+    }
+
     fn set_meta(&self, key: &str, value: Option<&[u8]>) -> Result<(), StoreError> {
         match value {
             Some(v) => self.meta.insert(key, v)?,
@@ -1178,7 +1569,16 @@ mod tests {
             }
         }
         let n = s.segments();
-        let files = std::fs::read_dir(s.files_dir()).unwrap().count();
+        let files = std::fs::read_dir(s.files_dir())
+            .unwrap()
+            .filter(|f| {
+                f.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .ends_with(".seg")
+            })
+            .count();
         assert_eq!(n, files, "bookkeeping and files disagree");
         n
     }
@@ -1318,7 +1718,8 @@ mod tests {
             // Intact as a file (its checksum matches), but the record in it
             // is cut short.
             let s = open(dir.path());
-            s.files.append(7, &[TAG_PUT_MESSAGE, 0, 0]).unwrap();
+            // (Segment 0: the first number a new log uses.)
+            s.files.append(0, &[TAG_PUT_MESSAGE, 0, 0]).unwrap();
             s.sync().unwrap();
         }
         match SledStorage::open(dir.path()) {

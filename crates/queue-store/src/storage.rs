@@ -159,6 +159,18 @@ pub trait Storage: Send + Sync + 'static {
     fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
     /// Writes (or with `None` deletes) a metadata value.
     fn set_meta(&self, key: &str, value: Option<&[u8]>) -> Result<(), StoreError>;
+    /// Records a clean shutdown (everything is synced; nothing is written
+    /// after this). An engine may record what the next open should find.
+    fn mark_clean(&self) -> Result<(), StoreError> {
+        self.set_meta("clean", Some(&[1]))
+    }
+    /// Whether the previous run shut down cleanly; forgets it, so that a
+    /// crash from now on is seen as one.
+    fn take_clean_shutdown(&self) -> Result<bool, StoreError> {
+        let clean = self.meta("clean")?.is_some();
+        self.set_meta("clean", None)?;
+        Ok(clean)
+    }
 }
 
 #[cfg(test)]

@@ -32,6 +32,7 @@ use bytes::Bytes;
 use dashmap::DashMap;
 use tokio::sync::oneshot;
 
+use crate::damage::RepairReport;
 use crate::definitions::DefKind;
 use crate::error::StoreError;
 use crate::flow::FlowGate;
@@ -123,9 +124,22 @@ impl std::fmt::Debug for Store {
 }
 
 impl Store {
-    /// Opens the sled store in `dir` and recovers its contents.
+    /// Opens the store in `dir` and recovers its contents. A directory with
+    /// damage a crash cannot explain is refused ([`StoreError::Damaged`]).
     pub fn open(dir: &Path) -> Result<(Store, Recovered), StoreError> {
         Self::with_storage(Arc::new(SledStorage::open(dir)?))
+    }
+
+    /// Opens the store in `dir`, moving whatever is damaged to
+    /// `<dir>/quarantine/` instead of refusing it, and recovers what is
+    /// left. The report says what was moved and which queue entries and
+    /// bodies that cost.
+    pub fn repair(dir: &Path) -> Result<(Store, Recovered, RepairReport), StoreError> {
+        let (storage, mut report) = SledStorage::open_with(dir, true)?;
+        let census = storage.message_census()?;
+        report.orphaned_bodies = census.orphans;
+        let (store, recovered) = Self::with_storage(Arc::new(storage))?;
+        Ok((store, recovered, report))
     }
 
     /// Opens a store over any [`Storage`] and recovers its contents.
@@ -144,8 +158,7 @@ impl Store {
                 }
             }
         }
-        let clean_shutdown = storage.meta("clean")?.is_some();
-        storage.set_meta("clean", None)?;
+        let clean_shutdown = storage.take_clean_shutdown()?;
 
         let mut recovered = Recovered {
             definitions: storage.definitions()?,
@@ -188,13 +201,18 @@ impl Store {
             next_message: AtomicU64::new(max_id + 1),
             stats,
         };
-        tracing::info!(
-            queues = recovered.queues.len(),
-            messages,
-            orphans = recovered.orphans_removed,
-            clean_shutdown,
-            "store recovered"
-        );
+        if !clean_shutdown && recovered.definitions.is_empty() && recovered.queues.is_empty() {
+            // A new (or never stopped) empty store: nothing to recover.
+            tracing::info!("store opened (empty)");
+        } else {
+            tracing::info!(
+                queues = recovered.queues.len(),
+                messages,
+                orphans = recovered.orphans_removed,
+                clean_shutdown,
+                "store recovered"
+            );
+        }
         Ok((store, recovered))
     }
 
@@ -306,7 +324,7 @@ impl Store {
         if let Some(e) = lock(&self.shared.pending).failed.clone() {
             return Err(e);
         }
-        self.storage.set_meta("clean", Some(&[1]))?;
+        self.storage.mark_clean()?;
         self.storage.sync()
     }
 }
