@@ -111,6 +111,35 @@ pub(crate) struct LogOpen<'a> {
     pub(crate) quarantine: &'a mut Quarantine,
     /// What was cut or repaired, one line each (for the repair report).
     pub(crate) actions: &'a mut Vec<String>,
+    /// When repairing: the data of each damaged frame, read as well as it
+    /// can be (checksum ignored), so the caller can tell which records the
+    /// damage held.
+    pub(crate) damaged_frames: &'a mut Vec<Vec<u8>>,
+}
+
+/// Walks a damaged stretch's frames ignoring their checksums, as long as
+/// their lengths hold together: the best reading of what the damage held.
+fn lenient_frames(stretch: &[u8], out: &mut Vec<Vec<u8>>) {
+    let mut pos = if stretch.starts_with(MAGIC) {
+        HEADER
+    } else if stretch.starts_with(MAGIC_V2) {
+        MAGIC_V2.len()
+    } else {
+        0
+    };
+    while let Some(len) = stretch.get(pos..pos + 4) {
+        let mut x = [0u8; 4];
+        x.copy_from_slice(len);
+        let len = u32::from_be_bytes(x) as usize;
+        let start = pos + FRAME_HEADER;
+        match stretch.get(start..start.saturating_add(len)) {
+            Some(data) if len > 0 => {
+                out.push(data.to_vec());
+                pos = start + len;
+            }
+            _ => break,
+        }
+    }
 }
 
 /// Why a segment's frames stop being trustworthy, and where.
@@ -516,7 +545,9 @@ impl SegmentFiles {
                 .to_path_buf();
             for (range, bad) in &found.bad {
                 let copy = q.join(format!("{seg:016x}.seg.damaged-at-{}", bad.at));
-                write_synced(&copy, raw.get(range.clone()).unwrap_or_default())?;
+                let stretch = raw.get(range.clone()).unwrap_or_default();
+                write_synced(&copy, stretch)?;
+                lenient_frames(stretch, opts.damaged_frames);
                 opts.actions.push(format!(
                     "{}: {}; {} octets moved to quarantine",
                     path.display(),
@@ -805,6 +836,7 @@ mod tests {
         }
         let mut quarantine = Quarantine::new(dir);
         let mut actions = Vec::new();
+        let mut damaged_frames = Vec::new();
         let (files, segs, _) = SegmentFiles::open(
             dir,
             LogOpen {
@@ -814,6 +846,7 @@ mod tests {
                 repair,
                 quarantine: &mut quarantine,
                 actions: &mut actions,
+                damaged_frames: &mut damaged_frames,
             },
         )?;
         Ok((files, segs, actions))

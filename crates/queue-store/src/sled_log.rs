@@ -745,10 +745,14 @@ impl SledStorage {
         let named = |what: &str, path: &Path, e: &dyn std::fmt::Display| {
             StoreError::Engine(format!("{what} {}: {e}", path.display()))
         };
-        std::fs::create_dir_all(dir).map_err(|e| named("cannot create data directory", dir, &e))?;
-        if !dir.is_dir() {
-            return Err(named("data directory", dir, &"not a directory"));
+        if dir.exists() && !dir.is_dir() {
+            return Err(named(
+                "data directory",
+                dir,
+                &"exists and is not a directory",
+            ));
         }
+        std::fs::create_dir_all(dir).map_err(|e| named("cannot create data directory", dir, &e))?;
         let dir_lock = DirLock::acquire(dir)?;
         let log_dir = dir.join("log");
         let has_segments = std::fs::read_dir(&log_dir).is_ok_and(|mut entries| {
@@ -849,6 +853,7 @@ impl SledStorage {
         }
         let clean = record.is_some() || legacy_clean;
         let clean_next = record.as_ref().map(|r| r.next_segment);
+        let mut damaged_frames = Vec::new();
         let (files, found, next) = SegmentFiles::open(
             &log_dir,
             LogOpen {
@@ -858,6 +863,7 @@ impl SledStorage {
                 repair,
                 quarantine: &mut quarantine,
                 actions: &mut report.actions,
+                damaged_frames: &mut damaged_frames,
             },
         )?;
         let storage = SledStorage {
@@ -875,7 +881,7 @@ impl SledStorage {
             _dir_lock: dir_lock,
             dir: dir.to_path_buf(),
         };
-        storage.replay(next, repair.then_some(&mut report))?;
+        storage.replay(next, repair.then_some(&mut report), &damaged_frames)?;
         // Checked: from now on a crash is a crash.
         CleanShutdown::remove(dir)?;
         report.quarantine = quarantine.used().map(Path::to_path_buf);
@@ -951,8 +957,21 @@ impl SledStorage {
     /// Every live queue entry must find its message's body: one that does
     /// not lost it to damage. That refuses the open, or when repairing
     /// (`report`) the entry is dropped and listed.
-    fn replay(&self, next: u64, mut report: Option<&mut RepairReport>) -> Result<(), StoreError> {
+    ///
+    /// `damaged` holds the data of frames a repair quarantined: the queue
+    /// entries they put that nothing later deleted are reported lost.
+    fn replay(
+        &self,
+        next: u64,
+        mut report: Option<&mut RepairReport>,
+        damaged: &[Vec<u8>],
+    ) -> Result<(), StoreError> {
         let mut state = LogState::default();
+        // Index entries deleted by a later record although no put of them
+        // was found (their put was in damaged frames, or in a segment the
+        // log removed since).
+        let mut deleted_unseen: std::collections::HashSet<(u64, u64)> = Default::default();
+        let track = report.is_some() && !damaged.is_empty();
         let found = std::mem::take(&mut *lock(&self.found));
         for seg in found {
             let Some(v) = self.files.read(seg)? else {
@@ -972,8 +991,19 @@ impl SledStorage {
                         IndexEntry::decode(entry).ok_or_else(|| r.corrupt())?;
                         state.put_index(&mut b, queue, seq);
                     }
-                    Record::DeleteIndex { queue, seq } => state.delete_index(&mut b, queue, seq),
-                    Record::DeleteQueueIndex(queue) => state.delete_queue_index(&mut b, queue),
+                    Record::DeleteIndex { queue, seq } => {
+                        if track && state.index.get(&queue).and_then(|q| q.get(seq)).is_none() {
+                            deleted_unseen.insert((queue, seq));
+                        }
+                        state.delete_index(&mut b, queue, seq);
+                    }
+                    Record::DeleteQueueIndex(queue) => {
+                        if track {
+                            // Every entry of the queue, seen or not, is gone.
+                            deleted_unseen.insert((queue, u64::MAX));
+                        }
+                        state.delete_queue_index(&mut b, queue);
+                    }
                 }
             }
             state.next_seg = seg + 1;
@@ -997,6 +1027,37 @@ impl SledStorage {
                 }
                 found
             });
+        }
+        // Entries the damaged frames put that are not live and that no later
+        // record deleted: lost with the damage.
+        if track {
+            let live: std::collections::HashSet<(u64, u64)> = entries
+                .iter()
+                .flat_map(|(&q, list)| list.iter().map(move |(s, _)| (q, *s)))
+                .collect();
+            for data in damaged {
+                let mut r = Reader {
+                    buf: data,
+                    pos: 0,
+                    seg: 0,
+                };
+                // As far as the records still parse.
+                while let Ok(Some(record)) = r.record() {
+                    let Record::PutIndex { queue, seq, entry } = record else {
+                        continue;
+                    };
+                    let Some(e) = IndexEntry::decode(entry) else {
+                        continue;
+                    };
+                    let gone = deleted_unseen.contains(&(queue, seq))
+                        || deleted_unseen.contains(&(queue, u64::MAX));
+                    if !gone && !live.contains(&(queue, seq)) {
+                        lost.push((queue, seq, e.message));
+                    }
+                }
+            }
+            lost.sort_unstable();
+            lost.dedup_by_key(|(q, s, _)| (*q, *s));
         }
         if let Some(&(queue, seq, message)) = lost.first() {
             match report.as_deref_mut() {

@@ -32,6 +32,7 @@ pub mod metrics;
 pub mod outbox;
 pub mod policy;
 pub mod queue;
+pub mod repair;
 pub mod reply_to;
 pub mod tls;
 pub mod vhost;

@@ -14,7 +14,7 @@ use tracing_subscriber::EnvFilter;
 
 /// Warren, an AMQP 0-9-1 message broker.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(name = "warren", version, about)]
 struct Args {
     /// TOML config file with any of the settings below (flags and env win).
     #[arg(long, env = "WARREN_CONFIG")]
@@ -45,14 +45,18 @@ struct Args {
     consumer_timeout: Option<u64>,
     /// On a consumer timeout, cancel only that consumer (and requeue its
     /// messages) instead of closing the channel.
-    #[arg(long, env = "WARREN_CONSUMER_TIMEOUT_CANCELS_CONSUMER")]
+    #[arg(long, env = "WARREN_CONSUMER_TIMEOUT_CANCELS_CONSUMER", value_parser = clap::builder::BoolishValueParser::new())]
     consumer_timeout_cancels_consumer: bool,
-    /// Memory high watermark in octets [default: 0.4 of RAM].
-    #[arg(long, env = "WARREN_MEMORY_HIGH_WATERMARK")]
-    memory_high_watermark: Option<u64>,
-    /// Free disk space limit in octets [default: 50000000].
-    #[arg(long, env = "WARREN_DISK_FREE_LIMIT")]
-    disk_free_limit: Option<u64>,
+    /// Memory high watermark: a fraction of RAM (`0.4`) or an amount
+    /// (`2GB`, `512MiB`, `1073741824`), as RabbitMQ's
+    /// `vm_memory_high_watermark` [default: 0.4].
+    #[arg(long, env = "WARREN_MEMORY_HIGH_WATERMARK", value_parser = parse_amount)]
+    memory_high_watermark: Option<Amount>,
+    /// Free disk space limit: an amount (`50MB`, `1GiB`, octets) or a
+    /// multiple of RAM (`1.5`), as RabbitMQ's `disk_free_limit`
+    /// [default: 50MB].
+    #[arg(long, env = "WARREN_DISK_FREE_LIMIT", value_parser = parse_amount)]
+    disk_free_limit: Option<Amount>,
     /// Memory one queue may hold (by the broker's accounting) before its
     /// publishers are paused, in octets; 0 = no per-queue limit [default: 0].
     /// Set it below the watermark to keep one queue's flood from blocking
@@ -82,32 +86,37 @@ struct Args {
     #[arg(long, env = "WARREN_TLS_CA")]
     tls_ca: Option<PathBuf>,
     /// Verify client certificates (enables SASL EXTERNAL).
-    #[arg(long, env = "WARREN_TLS_VERIFY_PEER")]
+    #[arg(long, env = "WARREN_TLS_VERIFY_PEER", value_parser = clap::builder::BoolishValueParser::new())]
     tls_verify_peer: bool,
     /// Refuse TLS clients without a certificate.
-    #[arg(long, env = "WARREN_TLS_FAIL_IF_NO_PEER_CERT")]
+    #[arg(long, env = "WARREN_TLS_FAIL_IF_NO_PEER_CERT", value_parser = clap::builder::BoolishValueParser::new())]
     tls_fail_if_no_peer_cert: bool,
     /// Do not run the plain (non-TLS) AMQP listener.
-    #[arg(long, env = "WARREN_NO_PLAIN_LISTENER")]
+    #[arg(long, env = "WARREN_NO_PLAIN_LISTENER", value_parser = clap::builder::BoolishValueParser::new())]
     no_plain_listener: bool,
     /// Management HTTP API port (0: any free port) [default: 15672].
     #[arg(long, env = "WARREN_MANAGEMENT_PORT")]
     management_port: Option<u16>,
     /// Do not serve the management HTTP API.
-    #[arg(long, env = "WARREN_NO_MANAGEMENT")]
+    #[arg(long, env = "WARREN_NO_MANAGEMENT", value_parser = clap::builder::BoolishValueParser::new())]
     no_management: bool,
     /// Prometheus metrics port (0: any free port) [default: 15692].
     #[arg(long, env = "WARREN_PROMETHEUS_PORT")]
     prometheus_port: Option<u16>,
     /// Do not serve Prometheus metrics.
-    #[arg(long, env = "WARREN_NO_PROMETHEUS")]
+    #[arg(long, env = "WARREN_NO_PROMETHEUS", value_parser = clap::builder::BoolishValueParser::new())]
     no_prometheus: bool,
     /// Definitions file (RabbitMQ's JSON format) to import at boot.
     #[arg(long, env = "WARREN_LOAD_DEFINITIONS")]
     load_definitions: Option<PathBuf>,
     /// Log as JSON lines instead of human-readable text.
-    #[arg(long, env = "WARREN_LOG_JSON")]
+    #[arg(long, env = "WARREN_LOG_JSON", value_parser = clap::builder::BoolishValueParser::new())]
     log_json: bool,
+    /// Repair a damaged data directory instead of starting: damaged parts
+    /// are moved to `<data dir>/quarantine/` and the messages they cost are
+    /// listed. Run it with the broker stopped, then start as usual.
+    #[arg(long)]
+    repair_store: bool,
 }
 
 /// The config file: the same settings as the flags, all optional.
@@ -123,8 +132,8 @@ struct FileConfig {
     default_pass: Option<String>,
     consumer_timeout: Option<u64>,
     consumer_timeout_cancels_consumer: Option<bool>,
-    memory_high_watermark: Option<u64>,
-    disk_free_limit: Option<u64>,
+    memory_high_watermark: Option<FileAmount>,
+    disk_free_limit: Option<FileAmount>,
     queue_flow_limit: Option<u64>,
     store_backlog_limit: Option<u64>,
     max_connections: Option<usize>,
@@ -144,6 +153,82 @@ struct FileConfig {
     log_json: Option<bool>,
 }
 
+/// A memory or disk amount: octets, or a multiple of the machine's RAM.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Amount {
+    Octets(u64),
+    OfRam(f64),
+}
+
+impl Amount {
+    fn octets(self) -> u64 {
+        match self {
+            Amount::Octets(n) => n,
+            Amount::OfRam(f) => {
+                let ram = server::alarm::total_memory().unwrap_or(1 << 30);
+                (ram as f64 * f) as u64
+            }
+        }
+    }
+}
+
+/// Parses RabbitMQ's forms: `0.4` (a multiple of RAM: has a decimal point),
+/// `1073741824` (octets), or a number with a unit: `k`/`KiB`, `M`/`MiB`,
+/// `G`/`GiB` (powers of 2), `kB`/`KB`, `MB`, `GB` (powers of 10), as
+/// RabbitMQ reads `vm_memory_high_watermark.absolute` and `disk_free_limit`.
+fn parse_amount(s: &str) -> Result<Amount, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let unit = unit.trim();
+    let bad = || {
+        format!(
+            "'{s}' is not an amount: give octets (1073741824), a unit (2GB, 512MiB) or a fraction of RAM (0.4)"
+        )
+    };
+    if unit.is_empty() && number.contains('.') {
+        let f: f64 = number.parse().map_err(|_| bad())?;
+        if !(f.is_finite() && f > 0.0) {
+            return Err(bad());
+        }
+        return Ok(Amount::OfRam(f));
+    }
+    let n: u64 = number.parse().map_err(|_| bad())?;
+    let scale: u64 = match unit {
+        "" => 1,
+        "k" | "K" | "kiB" | "KiB" => 1 << 10,
+        "M" | "m" | "MiB" => 1 << 20,
+        "G" | "g" | "GiB" => 1 << 30,
+        "kB" | "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(scale).map(Amount::Octets).ok_or_else(bad)
+}
+
+/// An amount in the config file: a number (octets, or with a decimal point
+/// a multiple of RAM) or a string in [`parse_amount`]'s forms.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum FileAmount {
+    Octets(u64),
+    OfRam(f64),
+    Text(String),
+}
+
+impl FileAmount {
+    fn amount(&self) -> Result<Amount, String> {
+        match self {
+            FileAmount::Octets(n) => Ok(Amount::Octets(*n)),
+            FileAmount::OfRam(f) => Ok(Amount::OfRam(*f)),
+            FileAmount::Text(t) => parse_amount(t),
+        }
+    }
+}
+
 fn load_file(path: &Option<PathBuf>) -> Result<FileConfig, String> {
     let Some(path) = path else {
         return Ok(FileConfig::default());
@@ -152,12 +237,24 @@ fn load_file(path: &Option<PathBuf>) -> Result<FileConfig, String> {
     toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
 }
 
-fn config(args: Args, file: FileConfig) -> server::Config {
+fn config(args: Args, file: FileConfig) -> Result<server::Config, String> {
     let d = server::Config::default();
+    let from_file = |a: &Option<FileAmount>, key: &str| {
+        a.as_ref()
+            .map(|a| a.amount().map_err(|e| format!("{key}: {e}")))
+            .transpose()
+    };
     let memory_high_watermark = args
         .memory_high_watermark
-        .or(file.memory_high_watermark)
-        .unwrap_or(d.memory_high_watermark);
+        .or(from_file(
+            &file.memory_high_watermark,
+            "memory_high_watermark",
+        )?)
+        .map_or(d.memory_high_watermark, Amount::octets);
+    let disk_free_limit = args
+        .disk_free_limit
+        .or(from_file(&file.disk_free_limit, "disk_free_limit")?)
+        .map_or(d.disk_free_limit, Amount::octets);
     let bind_ip = args.bind.or(file.bind).unwrap_or(d.bind.ip());
     let tls = match (
         args.tls_cert.or(file.tls_cert),
@@ -176,7 +273,7 @@ fn config(args: Args, file: FileConfig) -> server::Config {
         )),
         _ => None,
     };
-    server::Config {
+    Ok(server::Config {
         tls,
         plain_listener: !(args.no_plain_listener || file.no_plain_listener.unwrap_or(false)),
         load_definitions: args.load_definitions.or(file.load_definitions),
@@ -224,10 +321,7 @@ fn config(args: Args, file: FileConfig) -> server::Config {
             .store_backlog_limit
             .or(file.store_backlog_limit)
             .unwrap_or(d.store_backlog_limit),
-        disk_free_limit: args
-            .disk_free_limit
-            .or(file.disk_free_limit)
-            .unwrap_or(d.disk_free_limit),
+        disk_free_limit,
         max_connections: args
             .max_connections
             .or(file.max_connections)
@@ -237,7 +331,7 @@ fn config(args: Args, file: FileConfig) -> server::Config {
             .or(file.max_consumers_per_channel)
             .unwrap_or(d.max_consumers_per_channel),
         ..d
-    }
+    })
 }
 
 fn main() -> std::process::ExitCode {
@@ -256,9 +350,36 @@ fn main() -> std::process::ExitCode {
             .with_env_filter(filter)
             .init();
     } else {
-        tracing_subscriber::fmt().with_env_filter(filter).init();
+        // Colour codes only for a terminal, not for a file or a journal.
+        let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+        tracing_subscriber::fmt()
+            .with_ansi(ansi)
+            .with_env_filter(filter)
+            .init();
     }
-    let config = config(args, file);
+    let repair = args.repair_store;
+    let config = match config(args, file) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("invalid setting: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    if repair {
+        return match server::repair::repair_store(&config.data_dir) {
+            Ok(lines) => {
+                for l in lines {
+                    println!("{l}");
+                }
+                std::process::ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("cannot repair {}: {e}", config.data_dir.display());
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
+    let data_dir = config.data_dir.clone();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -274,6 +395,13 @@ fn main() -> std::process::ExitCode {
             Ok(h) => h,
             Err(e) => {
                 tracing::error!(error = %e, "cannot start");
+                if matches!(e, server::StartError::Store(queue_store::StoreError::Damaged(_))) {
+                    tracing::error!(
+                        "nothing was changed. To move the damaged parts to {}/quarantine and start with what is intact, stop nothing else and run: warren --repair-store --data-dir {}",
+                        data_dir.display(),
+                        data_dir.display()
+                    );
+                }
                 return std::process::ExitCode::FAILURE;
             }
         };
@@ -320,7 +448,7 @@ mod tests {
         let args = Args::parse_from(["warren", "--port", "5999"]);
         let file: FileConfig =
             toml::from_str("port = 1234\ndata_dir = \"/var/lib/warren\"\nheartbeat = 30").unwrap();
-        let c = config(args, file);
+        let c = config(args, file).unwrap();
         assert_eq!(c.bind.port(), 5999);
         assert_eq!(c.data_dir, PathBuf::from("/var/lib/warren"));
         assert_eq!(c.heartbeat, 30);
@@ -329,5 +457,28 @@ mod tests {
             toml::from_str::<FileConfig>("bogus = 1").is_err(),
             "unknown keys are refused"
         );
+    }
+
+    #[test]
+    fn amounts_read_as_rabbitmq_reads_them() {
+        assert_eq!(parse_amount("0.4"), Ok(Amount::OfRam(0.4)));
+        assert_eq!(parse_amount("1073741824"), Ok(Amount::Octets(1 << 30)));
+        assert_eq!(parse_amount("2GB"), Ok(Amount::Octets(2_000_000_000)));
+        assert_eq!(parse_amount("512MiB"), Ok(Amount::Octets(512 << 20)));
+        assert_eq!(parse_amount("50MB"), Ok(Amount::Octets(50_000_000)));
+        assert_eq!(parse_amount("1 GiB"), Ok(Amount::Octets(1 << 30)));
+        for bad in ["", "lots", "2TB", "-1", "0.0", "1.5GB"] {
+            assert!(parse_amount(bad).is_err(), "{bad}");
+        }
+        let args = Args::parse_from(["warren", "--memory-high-watermark", "512MiB"]);
+        let c = config(args, FileConfig::default()).unwrap();
+        assert_eq!(c.memory_high_watermark, 512 << 20);
+        let file: FileConfig =
+            toml::from_str("memory_high_watermark = \"2GB\"\ndisk_free_limit = 1000").unwrap();
+        let c = config(Args::parse_from(["warren"]), file).unwrap();
+        assert_eq!(c.memory_high_watermark, 2_000_000_000);
+        assert_eq!(c.disk_free_limit, 1000);
+        let file: FileConfig = toml::from_str("memory_high_watermark = \"much\"").unwrap();
+        assert!(config(Args::parse_from(["warren"]), file).is_err());
     }
 }

@@ -1,0 +1,74 @@
+//! The offline store repair behind `warren --repair-store`: opens the data
+//! directory with [`Store::repair`] (damaged parts go to
+//! `<data dir>/quarantine/`), and turns the report into lines an operator
+//! reads, with queue names instead of the store's queue ids. The broker is
+//! not started; the next ordinary start opens the repaired directory.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use amqp_codec::FieldValue;
+use queue_store::{DefKind, Store, StoreError};
+
+/// Repairs the store in `dir` and returns the report, one line each.
+pub fn repair_store(dir: &Path) -> Result<Vec<String>, StoreError> {
+    let (store, recovered, report) = Store::repair(dir)?;
+    let mut names: HashMap<u64, String> = HashMap::new();
+    for (kind, key, t) in &recovered.definitions {
+        if *kind != DefKind::Queue {
+            continue;
+        }
+        if let Some(FieldValue::I64(id)) = t.get("id") {
+            // The key is `vhost NUL name`.
+            let key = String::from_utf8_lossy(key);
+            let (vhost, name) = key.split_once('\0').unwrap_or(("?", &key));
+            names.insert(*id as u64, format!("queue '{name}' in vhost '{vhost}'"));
+        }
+    }
+    let queue = |id: u64| {
+        names
+            .get(&id)
+            .cloned()
+            .unwrap_or_else(|| format!("undefined queue #{id}"))
+    };
+    let mut lines = Vec::new();
+    if report.is_clean() {
+        lines.push(format!("{}: no damage found", dir.display()));
+    }
+    lines.extend(report.actions.iter().cloned());
+    if let Some(q) = &report.quarantine {
+        lines.push(format!("damaged parts kept in {}", q.display()));
+    }
+    let mut lost: HashMap<u64, Vec<u64>> = HashMap::new();
+    for &(q, seq, _) in &report.lost_entries {
+        lost.entry(q).or_default().push(seq);
+    }
+    let mut lost: Vec<_> = lost.into_iter().collect();
+    lost.sort_unstable();
+    for (q, mut seqs) in lost {
+        seqs.sort_unstable();
+        lines.push(format!(
+            "lost {} message(s) of {} (their bodies were in the damaged parts): entries {}",
+            seqs.len(),
+            queue(q),
+            seqs.iter()
+                .map(u64::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    if !report.orphaned_bodies.is_empty() {
+        lines.push(format!(
+            "{} stored message(s) no queue refers to any more (their queue entries were in the damaged parts, or a crash left them) were removed: ids {}",
+            report.orphaned_bodies.len(),
+            report
+                .orphaned_bodies
+                .iter()
+                .map(|m| m.0.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    store.close()?;
+    Ok(lines)
+}
