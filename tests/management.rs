@@ -1382,3 +1382,36 @@ async fn every_read_endpoint_answers_in_shape() {
     }
     broker.stop().await;
 }
+
+/// Names over 255 octets (AMQP's short string) are a 400 with the reason,
+/// not a 500 with a storage error, for every kind of named object.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_over_255_octets_are_refused_with_a_reason() {
+    let broker = TestBroker::start().await;
+    let api = Api::guest(&broker);
+    let long = "n".repeat(256);
+    let cases = [
+        (format!("/api/vhosts/{long}"), json!({})),
+        (format!("/api/users/{long}"), json!({"password": "p", "tags": ""})),
+        (format!("/api/queues/%2f/{long}"), json!({"durable": true})),
+        (format!("/api/exchanges/%2f/{long}"), json!({"type": "direct", "durable": true})),
+        (
+            format!("/api/policies/%2f/{long}"),
+            json!({"pattern": ".*", "definition": {"max-length": 1}}),
+        ),
+    ];
+    for (path, body) in cases {
+        let (status, reply) = api.send(reqwest::Method::PUT, &path, Some(body)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{path}: {reply}");
+        assert!(
+            reply["reason"].as_str().is_some_and(|r| r.contains("too long")),
+            "{path}: {reply}"
+        );
+    }
+    // 255 octets are fine.
+    let ok = "n".repeat(255);
+    assert_eq!(
+        api.put(&format!("/api/queues/%2f/{ok}"), json!({"durable": true})).await,
+        StatusCode::CREATED
+    );
+}

@@ -11,6 +11,13 @@
 
 use std::process::ExitCode;
 
+/// `println!` that survives a closed pipe (see [`print_line`]).
+macro_rules! out {
+    ($($arg:tt)*) => {
+        print_line(format_args!($($arg)*))
+    };
+}
+
 use clap::{Parser, Subcommand};
 use serde_json::{Value, json};
 
@@ -298,13 +305,13 @@ fn print_rows(rows: &Value, columns: &[String], defaults: &[&str], json_out: boo
                 )
             })
             .collect();
-        println!("{}", Value::Array(out));
+        out!("{}", Value::Array(out));
         return;
     }
-    println!("{}", columns.join("\t"));
+    out!("{}", columns.join("\t"));
     for r in &rows {
         let cells: Vec<String> = columns.iter().map(|c| column(r, c)).collect();
-        println!("{}", cells.join("\t"));
+        out!("{}", cells.join("\t"));
     }
 }
 
@@ -555,7 +562,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let text =
                 serde_json::to_string_pretty(&defs).map_err(|e| Failure::Local(e.to_string()))?;
             if file == "-" {
-                println!("{text}");
+                out!("{text}");
             } else {
                 std::fs::write(&file, text + "\n")
                     .map_err(|e| Failure::Local(format!("{file}: {e}")))?;
@@ -580,29 +587,43 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let overview = api.get("/api/overview").await?;
             let alarms = api.get("/api/health/checks/alarms").await;
             if json_out {
-                println!("{overview}");
+                out!("{overview}");
             } else {
-                println!(
+                out!(
                     "product\t{} {}",
                     column(&overview, "product_name"),
                     column(&overview, "product_version")
                 );
-                println!("node\t{}", column(&overview, "node"));
+                out!("node\t{}", column(&overview, "node"));
                 for key in ["connections", "queues", "exchanges", "consumers"] {
-                    println!("{key}\t{}", column(&overview["object_totals"], key));
+                    out!("{key}\t{}", column(&overview["object_totals"], key));
                 }
                 for key in ["messages", "messages_ready", "messages_unacknowledged"] {
-                    println!("{key}\t{}", column(&overview["queue_totals"], key));
+                    out!("{key}\t{}", column(&overview["queue_totals"], key));
                 }
                 match alarms {
-                    Ok(_) => println!("alarms\tnone"),
-                    Err(Failure::Refused(_, reason)) => println!("alarms\t{reason}"),
+                    Ok(_) => out!("alarms\tnone"),
+                    Err(Failure::Refused(_, reason)) => out!("alarms\t{reason}"),
                     Err(e) => return Err(e),
                 }
             }
         }
     }
     Ok(())
+}
+
+/// Writes one line to standard output. A reader that went away (`| head`)
+/// ends the program quietly instead of panicking as `println!` does.
+fn print_line(args: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = writeln!(stdout, "{args}").and_then(|()| stdout.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("cannot write to standard output: {e}");
+        std::process::exit(74);
+    }
 }
 
 fn main() -> ExitCode {

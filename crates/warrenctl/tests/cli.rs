@@ -283,3 +283,31 @@ async fn definitions_move_between_brokers_and_errors_have_exit_codes() {
     source.stop().await;
     target.stop().await;
 }
+
+/// `warrenctl list_queues | head -1`: the reader goes away; warrenctl ends
+/// quietly instead of panicking on the broken pipe.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_pipe_ends_warrenctl_quietly() {
+    let broker = TestBroker::start().await;
+    let conn = broker.connect().await;
+    for i in 0..50 {
+        channel_with_queue(&conn, &format!("q{i}")).await;
+    }
+    let url = broker.management_url();
+    let out = tokio::task::spawn_blocking(move || {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_warrenctl"))
+            .args(["--url", &url, "list_queues"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Close the read end before warrenctl writes anything.
+        drop(child.stdout.take());
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(out.status.success(), "{:?}: {stderr}", out.status);
+}

@@ -148,8 +148,16 @@ fn body_map(body: Body) -> Map<String, Value> {
     body.map(|Json(m)| m).unwrap_or_default()
 }
 
+/// A name as AMQP carries it: at most 255 octets (400 otherwise, with the
+/// name cut short in the reason).
 fn short(s: &str) -> Result<ShortStr, ApiError> {
-    ShortStr::try_from(s).map_err(|_| ApiError::bad_request(format!("name too long: {s}")))
+    ShortStr::try_from(s).map_err(|_| {
+        let head: String = s.chars().take(32).collect();
+        ApiError::bad_request(format!(
+            "name too long: {} octets, at most 255 ('{head}...')",
+            s.len()
+        ))
+    })
 }
 
 async fn overview(State(b): Shared, caller: Caller) -> ApiResult {
@@ -237,6 +245,7 @@ async fn get_vhost(State(b): Shared, caller: Caller, Path(name): Path<String>) -
 
 async fn put_vhost(State(b): Shared, caller: Caller, Path(name): Path<String>) -> ApiResult {
     caller.require_admin()?;
+    short(&name)?;
     let was_new = b.vhost(&name).is_none();
     b.add_vhost(&name).await?;
     created(was_new)
@@ -293,6 +302,7 @@ async fn put_user(
     body: Body,
 ) -> ApiResult {
     caller.require_admin()?;
+    short(&name)?;
     let body = body_map(body);
     let tags = tags_of(&body)?;
     let existing = b.auth.user(&name);
@@ -453,6 +463,7 @@ async fn put_queue(
     body: Body,
 ) -> ApiResult {
     let v = visible_vhost(&b, &caller, &vhost)?;
+    short(&name)?;
     caller.require_access(&b, &vhost, Resource::Queue, &name, Access::Configure)?;
     let body = body_map(body);
     if name.starts_with("amq.") {
@@ -557,6 +568,7 @@ async fn put_exchange(
     body: Body,
 ) -> ApiResult {
     let v = visible_vhost(&b, &caller, &vhost)?;
+    short(&name)?;
     caller.require_access(&b, &vhost, Resource::Exchange, &name, Access::Configure)?;
     let body = body_map(body);
     let kind = match body.get("type") {
@@ -1180,6 +1192,7 @@ async fn put_policy(
     if !caller.may_see(&b, &vhost) {
         return Err(ApiError::not_found());
     }
+    short(&name)?;
     let body = body_map(body);
     let pattern = body
         .get("pattern")
