@@ -27,6 +27,7 @@ pub mod channel;
 pub mod connection;
 pub mod definitions;
 pub mod error;
+pub mod logging;
 pub mod management;
 pub mod metrics;
 pub mod outbox;

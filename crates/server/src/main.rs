@@ -10,7 +10,6 @@ use std::path::PathBuf;
 
 use clap::Parser;
 use serde::Deserialize;
-use tracing_subscriber::EnvFilter;
 
 /// Warren, an AMQP 0-9-1 message broker.
 #[derive(Debug, Parser)]
@@ -343,20 +342,7 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    let filter = EnvFilter::try_from_env("WARREN_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    if args.log_json || file.log_json == Some(true) {
-        tracing_subscriber::fmt()
-            .json()
-            .with_env_filter(filter)
-            .init();
-    } else {
-        // Colour codes only for a terminal, not for a file or a journal.
-        let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
-        tracing_subscriber::fmt()
-            .with_ansi(ansi)
-            .with_env_filter(filter)
-            .init();
-    }
+    server::logging::init(args.log_json || file.log_json == Some(true));
     let repair = args.repair_store;
     let config = match config(args, file) {
         Ok(c) => c,
