@@ -271,3 +271,106 @@ async fn the_disk_alarm_blocks_publishers_too() {
     assert_eq!(blocked, "low on disk");
     broker.stop().await;
 }
+
+/// Large messages still arriving count against the memory watermark, and a
+/// publisher is stopped in the middle of one: four publishers each send a
+/// 20 MiB message to a broker whose watermark is 30 MiB. Bodies being
+/// assembled used to be invisible to the alarm and never paused, so all four
+/// were held at once (80 MiB, RabbitMQ stays near its watermark). Now the
+/// alarm rises while they arrive, and one connection at a time may finish
+/// its message while the queues are under the watermark: bodies arriving
+/// never hold more than the watermark plus one message, and nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_bodies_still_arriving_count_against_the_watermark() {
+    use tokio::io::AsyncWriteExt as _;
+    const PUBLISHERS: usize = 4;
+    const BODY: usize = 20 << 20;
+    const WATERMARK: u64 = 30 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start_with(dir.path(), |c| c.memory_high_watermark = WATERMARK).await;
+    let conn = broker.connect().await;
+    let ch = channel_with_queue(&conn, "big").await;
+    let mut alarms = broker.broker().alarms.subscribe();
+    let alarm_seen = tokio::spawn(async move {
+        loop {
+            if alarms.borrow_and_update().memory {
+                return true;
+            }
+            if alarms.changed().await.is_err() {
+                return false;
+            }
+        }
+    });
+
+    let mut writers = Vec::new();
+    let mut ready = Vec::new();
+    let (go_tx, go_rx) = tokio::sync::watch::channel(false);
+    for _ in 0..PUBLISHERS {
+        let c = RawClient::open_with(broker.addr, &["connection.blocked"], "/").await;
+        let (_reader, mut writer) = c.split();
+        let mut buf = bytes::BytesMut::new();
+        encode_method(
+            &mut buf,
+            1,
+            &BasicPublish {
+                routing_key: s("big"),
+                ..Default::default()
+            }
+            .into(),
+        )
+        .unwrap();
+        encode_content_header(
+            &mut buf,
+            1,
+            &ContentHeader {
+                class_id: 60,
+                weight: 0,
+                body_size: BODY as u64,
+                properties: BasicProperties::default().to_raw().unwrap(),
+            },
+        )
+        .unwrap();
+        encode_body(&mut buf, 1, &vec![7u8; BODY], 131_072).unwrap();
+        // Every publisher sends the start of its message (6 MiB each, under
+        // the watermark together), then all send the rest at once: four
+        // bodies are arriving together. The broker stops reading mid-message,
+        // so the second write waits on TCP.
+        let rest = buf.split_off(6 << 20);
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let mut go = go_rx.clone();
+        writers.push(tokio::spawn(async move {
+            writer.write_all(&buf).await.unwrap();
+            ready_tx.send(()).unwrap();
+            go.wait_for(|go| *go).await.unwrap();
+            writer.write_all(&rest).await.unwrap();
+            (_reader, writer)
+        }));
+        ready.push(ready_rx);
+    }
+    for r in ready {
+        r.await.unwrap();
+    }
+    go_tx.send(true).unwrap();
+    assert!(
+        alarm_seen.await.unwrap(),
+        "the alarm rose while bodies arrived"
+    );
+    let drained = drain(&ch, "big", PUBLISHERS).await;
+    assert_eq!(drained.await.unwrap(), PUBLISHERS, "every message arrived");
+    for w in writers {
+        let _ = w.await.unwrap();
+    }
+    let alarms = &broker.broker().alarms;
+    assert_eq!(alarms.partial_bodies(), 0, "nothing is left half received");
+    // Without the pause mid-message all four bodies arrive at once (80 MiB).
+    let peak = alarms.partial_bodies_peak();
+    let bound = WATERMARK + BODY as u64 + (4 << 20);
+    assert!(
+        peak <= bound,
+        "{} MiB of bodies arriving at once, more than the watermark plus one message ({} MiB)",
+        peak >> 20,
+        bound >> 20
+    );
+    drop(conn);
+    broker.stop().await;
+}

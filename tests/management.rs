@@ -1392,9 +1392,15 @@ async fn names_over_255_octets_are_refused_with_a_reason() {
     let long = "n".repeat(256);
     let cases = [
         (format!("/api/vhosts/{long}"), json!({})),
-        (format!("/api/users/{long}"), json!({"password": "p", "tags": ""})),
+        (
+            format!("/api/users/{long}"),
+            json!({"password": "p", "tags": ""}),
+        ),
         (format!("/api/queues/%2f/{long}"), json!({"durable": true})),
-        (format!("/api/exchanges/%2f/{long}"), json!({"type": "direct", "durable": true})),
+        (
+            format!("/api/exchanges/%2f/{long}"),
+            json!({"type": "direct", "durable": true}),
+        ),
         (
             format!("/api/policies/%2f/{long}"),
             json!({"pattern": ".*", "definition": {"max-length": 1}}),
@@ -1404,14 +1410,17 @@ async fn names_over_255_octets_are_refused_with_a_reason() {
         let (status, reply) = api.send(reqwest::Method::PUT, &path, Some(body)).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{path}: {reply}");
         assert!(
-            reply["reason"].as_str().is_some_and(|r| r.contains("too long")),
+            reply["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("too long")),
             "{path}: {reply}"
         );
     }
     // 255 octets are fine.
     let ok = "n".repeat(255);
     assert_eq!(
-        api.put(&format!("/api/queues/%2f/{ok}"), json!({"durable": true})).await,
+        api.put(&format!("/api/queues/%2f/{ok}"), json!({"durable": true}))
+            .await,
         StatusCode::CREATED
     );
 }

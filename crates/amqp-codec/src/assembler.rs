@@ -56,13 +56,16 @@ enum State {
 }
 
 /// Body fragments received so far: one frame is kept as it is (no copy);
-/// only a second frame makes us concatenate.
+/// several are kept as they came (slices of the read buffer, no copy) and
+/// joined once, into one allocation of the exact size, when the last one
+/// arrives. (Growing one buffer as fragments arrive doubled its capacity
+/// and copied it over and over: up to three times the body at once.)
 #[derive(Debug, Default)]
 enum Body {
     #[default]
     Empty,
     One(Bytes),
-    Many(BytesMut),
+    Many(Vec<Bytes>),
 }
 
 impl Body {
@@ -70,15 +73,10 @@ impl Body {
     fn push(&mut self, fragment: Bytes) {
         *self = match std::mem::take(self) {
             Body::Empty => Body::One(fragment),
-            Body::One(first) => {
-                let mut joined = BytesMut::with_capacity(first.len() + fragment.len());
-                joined.extend_from_slice(&first);
-                joined.extend_from_slice(&fragment);
-                Body::Many(joined)
-            }
-            Body::Many(mut joined) => {
-                joined.extend_from_slice(&fragment);
-                Body::Many(joined)
+            Body::One(first) => Body::Many(vec![first, fragment]),
+            Body::Many(mut parts) => {
+                parts.push(fragment);
+                Body::Many(parts)
             }
         };
     }
@@ -88,7 +86,13 @@ impl Body {
         match self {
             Body::Empty => Bytes::new(),
             Body::One(b) => b,
-            Body::Many(b) => b.freeze(),
+            Body::Many(parts) => {
+                let mut joined = BytesMut::with_capacity(parts.iter().map(Bytes::len).sum());
+                for p in parts {
+                    joined.extend_from_slice(&p);
+                }
+                joined.freeze()
+            }
         }
     }
 }
@@ -112,6 +116,17 @@ impl CommandAssembler {
     /// Whether the assembler is between commands.
     pub fn is_idle(&self) -> bool {
         matches!(self.state, State::Idle)
+    }
+
+    /// Body octets received so far for the command being assembled (0
+    /// between commands): what a half-received message holds in memory.
+    pub fn buffered(&self) -> u64 {
+        match &self.state {
+            State::AwaitingBody {
+                header, remaining, ..
+            } => header.body_size - remaining,
+            _ => 0,
+        }
     }
 
     /// Drops any partly assembled command (e.g. when the channel closes).
@@ -298,7 +313,9 @@ mod tests {
         assert_eq!(a.push(publish()).unwrap(), None);
         assert_eq!(a.push(header(class_id::BASIC, 5)).unwrap(), None);
         assert_eq!(a.push(body(b"he")).unwrap(), None);
+        assert_eq!(a.buffered(), 2);
         let cmd = a.push(body(b"llo")).unwrap().unwrap();
+        assert_eq!(a.buffered(), 0);
         assert_eq!(cmd.content.unwrap().body, Bytes::from_static(b"hello"));
     }
 

@@ -52,6 +52,16 @@ pub struct Alarms {
     /// publish in between, so a flood trips the alarm within one socket read
     /// rather than one sampling period.
     estimate: AtomicU64,
+    /// Body octets of messages still arriving (partly received), over every
+    /// connection: they count against the watermark too.
+    partial_bodies: AtomicU64,
+    /// The highest `estimate + partial_bodies` seen (for tests and operators).
+    peak: AtomicU64,
+    /// The highest `partial_bodies` seen.
+    partial_peak: AtomicU64,
+    /// The connection allowed to go on receiving a message body while the
+    /// memory alarm is raised (0: none); see [`Alarms::may_finish_body`].
+    body_permit: watch::Sender<u64>,
 }
 
 impl Default for Alarms {
@@ -59,6 +69,10 @@ impl Default for Alarms {
         Alarms {
             state: watch::channel(AlarmState::default()).0,
             estimate: AtomicU64::new(0),
+            partial_bodies: AtomicU64::new(0),
+            peak: AtomicU64::new(0),
+            partial_peak: AtomicU64::new(0),
+            body_permit: watch::channel(0).0,
         }
     }
 }
@@ -79,11 +93,97 @@ impl Alarms {
     pub fn note_published(&self, size: u64, copies: u64, watermark: u64) {
         let added = (size + ENTRY_OVERHEAD) * copies;
         let now = self.estimate.fetch_add(added, Ordering::Relaxed) + added;
-        if now > watermark && !self.current().memory {
+        self.check(now + self.partial_bodies.load(Ordering::Relaxed), watermark);
+    }
+
+    /// Accounts body octets of messages still arriving (`delta` may be
+    /// negative: a body completed or was dropped); raises the memory alarm at
+    /// once if that crosses `watermark`, so that a publisher is stopped in
+    /// the middle of a large message rather than after it.
+    pub fn note_partial_bodies(&self, delta: i64, watermark: u64) {
+        let now = if delta >= 0 {
+            let d = delta.unsigned_abs();
+            self.partial_bodies.fetch_add(d, Ordering::Relaxed) + d
+        } else {
+            let d = delta.unsigned_abs();
+            self.partial_bodies.fetch_sub(d, Ordering::Relaxed) - d
+        };
+        if delta > 0 {
+            self.partial_peak.fetch_max(now, Ordering::Relaxed);
+            self.check(now + self.estimate.load(Ordering::Relaxed), watermark);
+        }
+    }
+
+    /// The most body octets of messages still arriving held at once.
+    pub fn partial_bodies_peak(&self) -> u64 {
+        self.partial_peak.load(Ordering::Relaxed)
+    }
+
+    /// Body octets of messages still arriving, over every connection.
+    pub fn partial_bodies(&self) -> u64 {
+        self.partial_bodies.load(Ordering::Relaxed)
+    }
+
+    /// The highest accounted memory (queues plus bodies still arriving) seen
+    /// (queues' memory as last sampled or raised by publishes: it may be
+    /// stale by up to one 100 ms sampling period).
+    pub fn peak(&self) -> u64 {
+        self.peak.load(Ordering::Relaxed)
+    }
+
+    fn check(&self, used: u64, watermark: u64) {
+        self.peak.fetch_max(used, Ordering::Relaxed);
+        if used > watermark && !self.current().memory {
             let mut s = self.current();
             s.memory = true;
             self.set(s);
         }
+    }
+
+    /// Whether connection `id`, blocked by an alarm with `partial` body
+    /// octets of a message half received, may go on reading to finish it.
+    ///
+    /// Without this, bodies still arriving could hold the memory over the
+    /// watermark with every publisher blocked mid-message and nothing
+    /// draining: a deadlock. So while the queues alone are under the
+    /// watermark (finishing a body only moves its octets from "arriving" to
+    /// "queued"), one connection at a time holds a permit to finish its
+    /// message. The worst case is the watermark plus one message.
+    pub fn may_finish_body(&self, id: u64, partial: u64, watermark: u64) -> bool {
+        if partial == 0 || self.current().disk {
+            self.release_body_permit(id);
+            return false;
+        }
+        if self.estimate.load(Ordering::Relaxed) > watermark {
+            return *self.body_permit.borrow() == id;
+        }
+        self.body_permit.send_if_modified(|holder| {
+            if *holder == 0 {
+                *holder = id;
+                true
+            } else {
+                false
+            }
+        });
+        *self.body_permit.borrow() == id
+    }
+
+    /// Gives up the body permit if `id` holds it (its body completed, or it
+    /// is no longer blocked, or it closed).
+    pub fn release_body_permit(&self, id: u64) {
+        self.body_permit.send_if_modified(|holder| {
+            if *holder == id {
+                *holder = 0;
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    /// Watches the body permit's holder (connections waiting for it).
+    pub fn watch_body_permit(&self) -> watch::Receiver<u64> {
+        self.body_permit.subscribe()
     }
 
     fn set(&self, new: AlarmState) {
@@ -156,6 +256,8 @@ pub fn spawn_monitor(broker: &Arc<Broker>) {
             // Message rates are sampled every 5 s (50 ticks).
             let used = memory_and_stats(&b, n % 50 == 0);
             b.alarms.estimate.store(used, Ordering::Relaxed);
+            let used = used + b.alarms.partial_bodies();
+            b.alarms.peak.fetch_max(used, Ordering::Relaxed);
             let memory = used > b.config.memory_high_watermark;
             if n % 10 == 0 {
                 disk = match fs4::available_space(&b.config.data_dir) {

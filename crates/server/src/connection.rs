@@ -234,6 +234,11 @@ async fn serve_io<W: AsyncWrite + Unpin + Send + 'static>(
                 shared: shared.clone(),
                 channels: HashMap::new(),
                 heartbeat,
+                partial: PartialBodies {
+                    broker: broker.clone(),
+                    id: shared.id,
+                    held: 0,
+                },
             };
             conn.run(&mut reader).await;
             conn.cleanup().await;
@@ -487,6 +492,39 @@ struct Connection {
     shared: Arc<ConnectionShared>,
     channels: HashMap<u16, Channel>,
     heartbeat: u16,
+    partial: PartialBodies,
+}
+
+/// Body octets of this connection's messages still arriving, as accounted
+/// in the broker's alarms (given back when the connection ends, however it
+/// ends).
+#[derive(Debug)]
+struct PartialBodies {
+    broker: Arc<Broker>,
+    id: u64,
+    held: u64,
+}
+
+impl PartialBodies {
+    /// Accounts the channels' current partial bodies.
+    fn update(&mut self, now: u64) {
+        if now != self.held {
+            let delta = now as i64 - self.held as i64;
+            self.held = now;
+            self.broker
+                .alarms
+                .note_partial_bodies(delta, self.broker.config.memory_high_watermark);
+        }
+        if now == 0 {
+            self.broker.alarms.release_body_permit(self.id);
+        }
+    }
+}
+
+impl Drop for PartialBodies {
+    fn drop(&mut self) {
+        self.update(0);
+    }
 }
 
 impl Connection {
@@ -499,6 +537,9 @@ impl Connection {
         let mut timeouts = tokio::time::interval(timeout_check);
         let mut alarms = self.broker.alarms.subscribe();
         let mut blocked = false;
+        // Blocked, but allowed to finish the message body it is receiving.
+        let mut finishing = false;
+        let mut body_permit = self.broker.alarms.watch_body_permit();
         // Waiting for congested queues or the store (per-resource flow).
         let mut paused = false;
         let mut last_read = Instant::now();
@@ -526,11 +567,19 @@ impl Connection {
                     }
                     let state = *alarms.borrow_and_update();
                     blocked = self.update_blocked(blocked, state);
+                    finishing = self.may_finish_body(blocked);
+                }
+                changed = body_permit.changed(), if blocked && !finishing && self.partial.held > 0 => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    body_permit.borrow_and_update();
+                    finishing = self.may_finish_body(blocked);
                 }
                 () = wait_lowered(self.congested_gates(paused)), if paused => {
                     paused = self.still_congested();
                 }
-                read = reader.socket.read_buf(&mut reader.buf), if !blocked && !paused && !self.shared.outbox.is_full() => {
+                read = reader.socket.read_buf(&mut reader.buf), if (!blocked || finishing) && !paused && !self.shared.outbox.is_full() => {
                     match read {
                         Ok(0) | Err(_) => return,
                         Ok(_) => last_read = Instant::now(),
@@ -546,8 +595,13 @@ impl Connection {
                     for ch in self.channels.values_mut() {
                         ch.flush_confirms(&self.broker);
                     }
-                    // A publisher that just started publishing under an alarm stops here.
+                    // Bodies still arriving count against the memory watermark.
+                    let partial = self.channels.values().map(|c| c.assembler.buffered()).sum();
+                    self.partial.update(partial);
+                    // A publisher that just started publishing under an alarm
+                    // stops here, in the middle of a message if need be.
                     blocked = self.update_blocked(blocked, self.broker.alarms.current());
+                    finishing = self.may_finish_body(blocked);
                     // So does one whose publishes hit a congested queue or store.
                     paused = self.still_congested();
                 }
@@ -611,6 +665,20 @@ impl Connection {
         paused
     }
 
+    /// Whether a blocked connection may go on reading to finish the message
+    /// body it is receiving (see [`crate::alarm::Alarms::may_finish_body`]).
+    fn may_finish_body(&self, blocked: bool) -> bool {
+        if !blocked {
+            self.broker.alarms.release_body_permit(self.shared.id);
+            return false;
+        }
+        self.broker.alarms.may_finish_body(
+            self.shared.id,
+            self.partial.held,
+            self.broker.config.memory_high_watermark,
+        )
+    }
+
     /// Whether to stop reading: only publishers are blocked, and they are told
     /// (if they understand `connection.blocked`) when that changes.
     fn update_blocked(&self, was: bool, state: crate::alarm::AlarmState) -> bool {
@@ -646,6 +714,13 @@ impl Connection {
         let channel = frame.channel();
         if channel == 0 {
             return self.connection_frame(frame);
+        }
+        // A message being received makes this a publisher now, not once the
+        // message is complete: a large body must not escape an alarm.
+        if matches!(frame, Frame::Header { .. } | Frame::Body { .. })
+            && !self.shared.has_published.load(Ordering::Relaxed)
+        {
+            self.shared.has_published.store(true, Ordering::Relaxed);
         }
         let Some(ch) = self.channels.get_mut(&channel) else {
             return match frame {
@@ -704,7 +779,16 @@ impl Connection {
             }
             return Ok(false);
         }
-        let cmd = match ch.assembler.push(frame) {
+        let before = ch.assembler.buffered();
+        let pushed = ch.assembler.push(frame);
+        let after = ch.assembler.buffered();
+        if before != after {
+            // A completed body stops counting as arriving before it is
+            // enqueued (and counted as queued): never both at once.
+            let held = self.partial.held + after - before;
+            self.partial.update(held);
+        }
+        let cmd = match pushed {
             Ok(Some(cmd)) => cmd,
             Ok(None) => return Ok(false),
             Err(e) => {

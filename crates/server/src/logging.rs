@@ -31,8 +31,8 @@ pub fn init(json: bool) {
 
 /// The text format's fields: `message` bare, the others `name=value`, every
 /// value with control characters escaped.
-pub fn text_fields() -> impl for<'w> tracing_subscriber::fmt::FormatFields<'w> + Send + Sync + 'static
-{
+pub fn text_fields()
+-> impl for<'w> tracing_subscriber::fmt::FormatFields<'w> + Send + Sync + 'static {
     tracing_subscriber::fmt::format::debug_fn(|w, field, value| {
         let raw = format!("{value:?}");
         let mut escaped = String::with_capacity(raw.len());
