@@ -1424,3 +1424,80 @@ async fn names_over_255_octets_are_refused_with_a_reason() {
         StatusCode::CREATED
     );
 }
+
+/// Listings honour RabbitMQ's pagination, filtering, sorting and column
+/// parameters: a page of a long list comes in RabbitMQ's envelope.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listings_are_paginated_filtered_and_sorted_as_rabbitmq_does() {
+    let broker = TestBroker::start().await;
+    let api = Api::guest(&broker);
+    for i in 0..120 {
+        assert_eq!(
+            api.put(
+                &format!("/api/queues/%2f/p{i:03}"),
+                json!({"durable": false})
+            )
+            .await,
+            StatusCode::CREATED
+        );
+    }
+    api.put("/api/queues/%2f/other", json!({"durable": false}))
+        .await;
+
+    let (status, page) = api.get("/api/queues?page=2&page_size=50").await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert_eq!(page["page"], 2);
+    assert_eq!(page["page_size"], 50);
+    assert_eq!(page["page_count"], 3);
+    assert_eq!(page["total_count"], 121);
+    assert_eq!(page["filtered_count"], 121);
+    assert_eq!(page["item_count"], 50);
+    let items = page["items"].as_array().unwrap();
+    assert_eq!(items.len(), 50);
+    assert_eq!(items[0]["name"], "p049", "pages follow the name order");
+
+    // A substring of the name, ignoring case; the last page is short.
+    let (_, page) = api
+        .get("/api/queues/%2f?page=1&page_size=500&name=P11")
+        .await;
+    assert_eq!(page["filtered_count"], 10);
+    assert_eq!(page["total_count"], 121);
+    // A regular expression, sorted in reverse, some columns only.
+    let (_, page) = api
+        .get("/api/queues?page=1&page_size=3&name=%5Ep0%5B0-1%5D&use_regex=true&sort=name&sort_reverse=true&columns=name,vhost")
+        .await;
+    assert_eq!(page["filtered_count"], 20, "{page}");
+    assert_eq!(
+        page["items"],
+        json!([
+            {"name": "p019", "vhost": "/"},
+            {"name": "p018", "vhost": "/"},
+            {"name": "p017", "vhost": "/"}
+        ])
+    );
+    // Without `page`, the whole list, as before (filters still apply).
+    let (_, all) = api.get("/api/queues?name=other").await;
+    assert_eq!(all.as_array().unwrap().len(), 1);
+    let (_, all) = api.get("/api/queues").await;
+    assert_eq!(all.as_array().unwrap().len(), 121);
+    // Other listings take the same parameters: exchanges sorted by type.
+    let (_, page) = api
+        .get("/api/exchanges/%2f?page=1&page_size=2&sort=type&columns=name,type")
+        .await;
+    assert_eq!(
+        page["items"],
+        json!([{"name": "", "type": "direct"}, {"name": "amq.direct", "type": "direct"}]),
+        "{page}"
+    );
+
+    for bad in [
+        "/api/queues?page=0",
+        "/api/queues?page=1&page_size=501",
+        "/api/queues?page=4&page_size=50",
+        "/api/queues?page=x",
+        "/api/queues?page=1&name=(&use_regex=true",
+    ] {
+        let (status, reply) = api.get(bad).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {reply}");
+    }
+}

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use amqp_codec::ShortStr;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
@@ -14,6 +14,7 @@ use queue_store::QueueArgs;
 use serde_json::{Map, Value, json};
 
 use super::json::{binding, exchange, flag, json_to_table, names_binding, properties_key, queue};
+use super::listing::{ListQuery, respond};
 use super::{ApiError, Caller};
 use crate::auth::{Access, Resource};
 use crate::broker::Broker;
@@ -25,6 +26,17 @@ pub(super) const NODE: &str = "warren@localhost";
 type Shared = State<Arc<Broker>>;
 type ApiResult = Result<Response, ApiError>;
 type Body = Option<Json<Map<String, Value>>>;
+type Listing = Query<ListQuery>;
+
+/// A listing of already rendered objects, filtered by their `name`.
+fn listing(query: &ListQuery, items: Vec<Value>) -> ApiResult {
+    respond(
+        query,
+        items,
+        |v| std::borrow::Cow::Borrowed(v.get("name").and_then(Value::as_str).unwrap_or("")),
+        Value::clone,
+    )
+}
 
 /// Every route of the API.
 pub(super) fn router(broker: Arc<Broker>) -> Router {
@@ -229,13 +241,14 @@ fn vhost_json(v: &Vhost) -> Value {
     })
 }
 
-async fn list_vhosts(State(b): Shared, caller: Caller) -> ApiResult {
-    ok(Value::Array(
-        visible_vhosts(&b, &caller)
-            .iter()
-            .map(|v| vhost_json(v))
-            .collect(),
-    ))
+async fn list_vhosts(State(b): Shared, caller: Caller, Query(q): Listing) -> ApiResult {
+    let vhosts = visible_vhosts(&b, &caller);
+    respond(
+        &q,
+        vhosts,
+        |v| std::borrow::Cow::Borrowed(v.name()),
+        |v| vhost_json(v),
+    )
 }
 
 async fn get_vhost(State(b): Shared, caller: Caller, Path(name): Path<String>) -> ApiResult {
@@ -260,11 +273,16 @@ async fn delete_vhost(State(b): Shared, caller: Caller, Path(name): Path<String>
     no_content()
 }
 
-async fn list_users(State(b): Shared, caller: Caller) -> ApiResult {
+async fn list_users(State(b): Shared, caller: Caller, Query(q): Listing) -> ApiResult {
     caller.require_admin()?;
     let mut users = b.auth.users();
     users.sort_by(|a, c| a.name.cmp(&c.name));
-    ok(Value::Array(users.iter().map(super::json::user).collect()))
+    respond(
+        &q,
+        users,
+        |u| std::borrow::Cow::Borrowed(u.name.as_str()),
+        super::json::user,
+    )
 }
 
 async fn get_user(State(b): Shared, caller: Caller, Path(name): Path<String>) -> ApiResult {
@@ -422,28 +440,50 @@ async fn delete_permission(
 }
 
 /// One listing over every vhost the caller may see, in vhost order.
-fn across_vhosts(b: &Broker, caller: &Caller, each: fn(&Vhost) -> Vec<Value>) -> ApiResult {
-    ok(Value::Array(
+fn across_vhosts(
+    b: &Broker,
+    caller: &Caller,
+    query: &ListQuery,
+    each: fn(&Vhost) -> Vec<Value>,
+) -> ApiResult {
+    listing(
+        query,
         visible_vhosts(b, caller)
             .iter()
             .flat_map(|v| each(v))
             .collect(),
-    ))
+    )
 }
 
-fn queues_of(v: &Vhost) -> Vec<Value> {
-    let mut qs = v.queues();
-    qs.sort_by(|a, b| a.name.cmp(&b.name));
-    qs.iter().map(|q| queue(v.name(), q)).collect()
+/// Queues are listed from their handles, each rendered only if the answer
+/// holds it (a page of a 50,000-queue broker renders one page).
+fn queue_listing(query: &ListQuery, vhosts: &[Arc<Vhost>]) -> ApiResult {
+    let mut items = Vec::new();
+    for v in vhosts {
+        let mut qs = v.queues();
+        qs.sort_by(|a, b| a.name.cmp(&b.name));
+        items.extend(qs.into_iter().map(|q| (v.clone(), q)));
+    }
+    respond(
+        query,
+        items,
+        |(_, q)| std::borrow::Cow::Borrowed(q.name.as_str()),
+        |(v, q)| queue(v.name(), q),
+    )
 }
 
-async fn list_all_queues(State(b): Shared, caller: Caller) -> ApiResult {
-    across_vhosts(&b, &caller, queues_of)
+async fn list_all_queues(State(b): Shared, caller: Caller, Query(q): Listing) -> ApiResult {
+    queue_listing(&q, &visible_vhosts(&b, &caller))
 }
 
-async fn list_queues(State(b): Shared, caller: Caller, Path(vhost): Path<String>) -> ApiResult {
+async fn list_queues(
+    State(b): Shared,
+    caller: Caller,
+    Path(vhost): Path<String>,
+    Query(q): Listing,
+) -> ApiResult {
     let v = visible_vhost(&b, &caller, &vhost)?;
-    ok(Value::Array(queues_of(&v)))
+    queue_listing(&q, &[v])
 }
 
 async fn get_queue(
@@ -532,13 +572,18 @@ fn exchanges_of(v: &Vhost) -> Vec<Value> {
     xs.iter().map(|x| exchange(v.name(), x)).collect()
 }
 
-async fn list_all_exchanges(State(b): Shared, caller: Caller) -> ApiResult {
-    across_vhosts(&b, &caller, exchanges_of)
+async fn list_all_exchanges(State(b): Shared, caller: Caller, Query(q): Listing) -> ApiResult {
+    across_vhosts(&b, &caller, &q, exchanges_of)
 }
 
-async fn list_exchanges(State(b): Shared, caller: Caller, Path(vhost): Path<String>) -> ApiResult {
+async fn list_exchanges(
+    State(b): Shared,
+    caller: Caller,
+    Path(vhost): Path<String>,
+    Query(q): Listing,
+) -> ApiResult {
     let v = visible_vhost(&b, &caller, &vhost)?;
-    ok(Value::Array(exchanges_of(&v)))
+    listing(&q, exchanges_of(&v))
 }
 
 /// RabbitMQ names the default exchange `amq.default` in API paths.
@@ -633,13 +678,18 @@ fn bindings_of(v: &Vhost) -> Vec<Value> {
         .collect()
 }
 
-async fn list_all_bindings(State(b): Shared, caller: Caller) -> ApiResult {
-    across_vhosts(&b, &caller, bindings_of)
+async fn list_all_bindings(State(b): Shared, caller: Caller, Query(q): Listing) -> ApiResult {
+    across_vhosts(&b, &caller, &q, bindings_of)
 }
 
-async fn list_bindings(State(b): Shared, caller: Caller, Path(vhost): Path<String>) -> ApiResult {
+async fn list_bindings(
+    State(b): Shared,
+    caller: Caller,
+    Path(vhost): Path<String>,
+    Query(q): Listing,
+) -> ApiResult {
     let v = visible_vhost(&b, &caller, &vhost)?;
-    ok(Value::Array(bindings_of(&v)))
+    listing(&q, bindings_of(&v))
 }
 
 /// The destination a binding path names: `q` for a queue, `e` for an exchange.
@@ -980,13 +1030,13 @@ fn connection_json(c: &crate::connection::ConnectionShared) -> Value {
     out
 }
 
-async fn list_connections(State(b): Shared, caller: Caller) -> ApiResult {
-    ok(Value::Array(
-        visible_connections(&b, &caller)
-            .iter()
-            .map(|c| connection_json(c))
-            .collect(),
-    ))
+async fn list_connections(State(b): Shared, caller: Caller, Query(q): Listing) -> ApiResult {
+    respond(
+        &q,
+        visible_connections(&b, &caller),
+        |c| std::borrow::Cow::Borrowed(c.name.as_str()),
+        |c| connection_json(c),
+    )
 }
 
 async fn get_connection(State(b): Shared, caller: Caller, Path(name): Path<String>) -> ApiResult {
@@ -1022,7 +1072,7 @@ async fn close_connection(
     no_content()
 }
 
-async fn list_channels(State(b): Shared, caller: Caller) -> ApiResult {
+async fn list_channels(State(b): Shared, caller: Caller, Query(q): Listing) -> ApiResult {
     let mut out = Vec::new();
     for c in visible_connections(&b, &caller) {
         let mut channels: Vec<_> = c
@@ -1052,7 +1102,7 @@ async fn list_channels(State(b): Shared, caller: Caller) -> ApiResult {
             }));
         }
     }
-    ok(Value::Array(out))
+    listing(&q, out)
 }
 
 async fn list_consumers(State(b): Shared, caller: Caller) -> ApiResult {

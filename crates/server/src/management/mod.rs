@@ -20,6 +20,7 @@
 
 mod api;
 pub(crate) mod json;
+mod listing;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
