@@ -1,12 +1,16 @@
 //! Resource alarms: the memory high watermark and the disk free-space limit.
 //!
 //! A monitor task samples the broker's own memory accounting (message bodies
-//! held by queues plus a per-message overhead for entries) and the free space
-//! of the data directory's file system. While either alarm is raised,
-//! connections that publish are not read from (TCP pushes back on the
-//! publisher) and, if they advertise the `connection.blocked` capability, are
-//! told so with `connection.blocked`, and `connection.unblocked` when it
-//! clears. Consumers keep draining, which is what clears a memory alarm.
+//! held by queues plus a per-message overhead for entries, plus the body
+//! octets of messages still arriving) and the free space of the data
+//! directory's file system. While either alarm is raised, connections that
+//! publish are not read from, even in the middle of a message (TCP pushes
+//! back on the publisher) and, if they advertise the `connection.blocked`
+//! capability, are told so with `connection.blocked`, and
+//! `connection.unblocked` when it clears. Consumers keep draining, which is
+//! what clears a memory alarm; one publisher at a time may finish a message
+//! it is halfway through while the queues alone are under the watermark, so
+//! half-received bodies cannot hold the alarm up forever.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -123,18 +123,52 @@ fn server_properties() -> FieldTable {
 struct Reader {
     socket: Box<dyn AsyncRead + Send + Unpin>,
     buf: BytesMut,
+    /// Room made before each read: small for a quiet connection, doubled
+    /// (up to [`READ_MAX`]) each time a read fills it.
+    read_size: usize,
 }
 
+/// First read buffer of a connection: an idle connection holds no more.
+const READ_MIN: usize = 2 * 1024;
+/// Largest room made for one read (a busy publisher's).
+const READ_MAX: usize = 64 * 1024;
+
 impl Reader {
+    fn new(socket: Box<dyn AsyncRead + Send + Unpin>) -> Reader {
+        Reader {
+            socket,
+            buf: BytesMut::with_capacity(READ_MIN),
+            read_size: READ_MIN,
+        }
+    }
+
+    /// Makes room for the next read once the buffer is (nearly) full. (Its
+    /// frames are shared with the messages cut from it, so the room usually
+    /// comes as a new allocation: one per `read_size` octets read.)
+    fn prepare(&mut self) {
+        if self.buf.capacity() - self.buf.len() < READ_MIN / 4 {
+            self.buf.reserve(self.read_size);
+        }
+    }
+
+    /// Notes that a read returned `n` octets: a read that filled the room
+    /// asks for more next time.
+    fn note_read(&mut self, n: usize) {
+        if self.buf.capacity() == self.buf.len() && n > 0 {
+            self.read_size = (self.read_size * 2).min(READ_MAX);
+        }
+    }
+
     /// Reads until one whole frame is buffered.
     async fn frame(&mut self, frame_max: u32) -> Result<Option<Frame>, AmqpError> {
         loop {
             if let Some(frame) = decode_frame(&mut self.buf, frame_max)? {
                 return Ok(Some(frame));
             }
+            self.prepare();
             match self.socket.read_buf(&mut self.buf).await {
                 Ok(0) | Err(_) => return Ok(None),
-                Ok(_) => {}
+                Ok(n) => self.note_read(n),
             }
         }
     }
@@ -214,10 +248,7 @@ async fn serve_io<W: AsyncWrite + Unpin + Send + 'static>(
         let outbox = outbox.clone();
         tokio::spawn(async move { outbox.run_writer(write).await })
     };
-    let mut reader = Reader {
-        socket: read,
-        buf: BytesMut::with_capacity(64 * 1024),
-    };
+    let mut reader = Reader::new(read);
     let timeout = broker.config.handshake_timeout;
     let handshake = tokio::time::timeout(
         timeout,
@@ -544,6 +575,7 @@ impl Connection {
         let mut paused = false;
         let mut last_read = Instant::now();
         loop {
+            reader.prepare();
             tokio::select! {
                 _ = self.vhost.closed.cancelled() => {
                     let e = AmqpError::connection_forced(format!("vhost '{}' is deleted", self.vhost.name()));
@@ -582,7 +614,10 @@ impl Connection {
                 read = reader.socket.read_buf(&mut reader.buf), if (!blocked || finishing) && !paused && !self.shared.outbox.is_full() => {
                     match read {
                         Ok(0) | Err(_) => return,
-                        Ok(_) => last_read = Instant::now(),
+                        Ok(n) => {
+                            reader.note_read(n);
+                            last_read = Instant::now();
+                        }
                     }
                     match self.process(reader, frame_max).await {
                         Ok(false) => {}

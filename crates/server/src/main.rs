@@ -9,6 +9,10 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
 use clap::Parser;
+
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 use serde::Deserialize;
 
 /// Warren, an AMQP 0-9-1 message broker.
@@ -343,6 +347,13 @@ fn main() -> std::process::ExitCode {
         }
     };
     server::logging::init(args.log_json || file.log_json == Some(true));
+    // jemalloc purges freed memory from a thread of its own (after its
+    // default 10 s decay), so memory comes back after a burst even when the
+    // broker goes quiet.
+    #[cfg(feature = "jemalloc")]
+    if let Err(e) = tikv_jemalloc_ctl::background_thread::write(true) {
+        tracing::warn!(error = %e, "cannot start jemalloc's background purging thread");
+    }
     let repair = args.repair_store;
     let config = match config(args, file) {
         Ok(c) => c,
