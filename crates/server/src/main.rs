@@ -394,7 +394,7 @@ fn main() -> std::process::ExitCode {
                 tracing::error!(error = %e, "cannot start");
                 if matches!(e, server::StartError::Store(queue_store::StoreError::Damaged(_))) {
                     tracing::error!(
-                        "nothing was changed. To move the damaged parts to {}/quarantine and start with what is intact, stop nothing else and run: warren --repair-store --data-dir {}",
+                        "nothing was changed. To move the damaged parts to {}/quarantine and keep what is intact, run with the broker stopped: warren --repair-store --data-dir {}",
                         data_dir.display(),
                         data_dir.display()
                     );

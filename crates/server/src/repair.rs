@@ -51,10 +51,7 @@ pub fn repair_store(dir: &Path) -> Result<Vec<String>, StoreError> {
             "lost {} message(s) of {} (their bodies were in the damaged parts): entries {}",
             seqs.len(),
             queue(q),
-            seqs.iter()
-                .map(u64::to_string)
-                .collect::<Vec<_>>()
-                .join(", ")
+            ranges(&seqs)
         ));
     }
     if !report.orphaned_bodies.is_empty() {
@@ -71,4 +68,35 @@ pub fn repair_store(dir: &Path) -> Result<Vec<String>, StoreError> {
     }
     store.close()?;
     Ok(lines)
+}
+
+/// Sorted numbers as ranges: `1-3, 7, 9-10`.
+fn ranges(sorted: &[u64]) -> String {
+    let mut out: Vec<String> = Vec::new();
+    let mut i = 0;
+    while let Some(&start) = sorted.get(i) {
+        let mut end = start;
+        while sorted.get(i + 1) == Some(&(end + 1)) {
+            end += 1;
+            i += 1;
+        }
+        out.push(if start == end {
+            start.to_string()
+        } else {
+            format!("{start}-{end}")
+        });
+        i += 1;
+    }
+    out.join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ranges;
+
+    #[test]
+    fn entries_are_listed_as_ranges() {
+        assert_eq!(ranges(&[1, 2, 3, 7, 9, 10]), "1-3, 7, 9-10");
+        assert_eq!(ranges(&[]), "");
+    }
 }
