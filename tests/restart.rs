@@ -287,6 +287,18 @@ async fn a_deep_queue_spills_and_comes_back_whole_and_in_order_after_a_restart()
     broker.stop().await;
 }
 
+/// A broker's settings on `dir` with only its AMQP listener (for starts
+/// that are expected to be refused).
+fn amqp_only(dir: &std::path::Path) -> server::Config {
+    server::Config {
+        data_dir: dir.to_path_buf(),
+        bind: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+        management: None,
+        prometheus: None,
+        ..server::Config::default()
+    }
+}
+
 /// The log segment files of a data directory, oldest first.
 fn log_segments(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut v: Vec<_> = std::fs::read_dir(dir.join("log"))
@@ -346,13 +358,7 @@ async fn a_damaged_segment_is_refused_and_the_repair_names_what_it_lost() {
     }
     std::fs::write(&segs[0], raw).unwrap();
 
-    let config = server::Config {
-        data_dir: dir.path().to_path_buf(),
-        bind: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
-        management: None,
-        prometheus: None,
-        ..server::Config::default()
-    };
+    let config = amqp_only(dir.path());
     match server::start(config).await {
         Err(e) => {
             let text = e.to_string();
@@ -405,13 +411,7 @@ async fn an_emptied_metadata_database_is_not_a_first_boot() {
     let dir = tempfile::tempdir().unwrap();
     stopped_with_confirmed_messages(dir.path()).await;
     std::fs::write(dir.path().join("db"), b"").unwrap();
-    let config = server::Config {
-        data_dir: dir.path().to_path_buf(),
-        bind: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
-        management: None,
-        prometheus: None,
-        ..server::Config::default()
-    };
+    let config = amqp_only(dir.path());
     let Err(err) = server::start(config).await else {
         panic!("started");
     };
@@ -426,13 +426,7 @@ async fn a_second_broker_on_the_same_data_directory_is_refused_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let child = spawn_broker(dir.path());
     let pid = child.child.id();
-    let config = server::Config {
-        data_dir: dir.path().to_path_buf(),
-        bind: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
-        management: None,
-        prometheus: None,
-        ..server::Config::default()
-    };
+    let config = amqp_only(dir.path());
     let started = std::time::Instant::now();
     let Err(err) = server::start(config).await else {
         panic!("started");
