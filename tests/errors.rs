@@ -339,3 +339,65 @@ async fn immediate_is_not_implemented() {
     expect_connection_close(&mut c, 540, "immediate=true").await;
     broker.stop().await;
 }
+
+/// `basic.ack` with `multiple` as RabbitMQ 3.10 reads it: delivery tag 0
+/// acks every outstanding delivery of the channel (Warren used to settle
+/// none), and a tag that was never delivered is 406 even when lower tags are
+/// outstanding (Warren used to ack those and say nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multiple_acks_follow_rabbitmq() {
+    use lapin::options::{BasicAckOptions, BasicGetOptions};
+    let broker = TestBroker::start().await;
+    let conn = broker.connect().await;
+    let ch = warren_tests::channel_with_queue(&conn, "acks").await;
+    for _ in 0..3 {
+        warren_tests::publish(&ch, "acks", b"m").await;
+    }
+    for _ in 0..3 {
+        ch.basic_get("acks".into(), BasicGetOptions { no_ack: false })
+            .await
+            .unwrap()
+            .expect("a message");
+    }
+    ch.basic_ack(0, BasicAckOptions { multiple: true })
+        .await
+        .unwrap();
+    ch.close(200, "bye".into()).await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    assert_eq!(
+        warren_tests::ready_count(&ch, "acks").await,
+        0,
+        "tag 0 with multiple acked all three (none came back on close)"
+    );
+
+    for _ in 0..2 {
+        warren_tests::publish(&ch, "acks", b"m").await;
+    }
+    for _ in 0..2 {
+        ch.basic_get("acks".into(), BasicGetOptions { no_ack: false })
+            .await
+            .unwrap()
+            .expect("a message");
+    }
+    ch.basic_ack(5, BasicAckOptions { multiple: true })
+        .await
+        .unwrap();
+    let err = ch
+        .basic_get("acks".into(), BasicGetOptions { no_ack: false })
+        .await
+        .expect_err("the channel was closed");
+    assert_eq!(
+        warren_tests::amqp_error(&err),
+        Some((
+            406,
+            "PRECONDITION_FAILED - unknown delivery tag 5".to_owned()
+        ))
+    );
+    let ch = conn.create_channel().await.unwrap();
+    assert_eq!(
+        warren_tests::ready_count(&ch, "acks").await,
+        2,
+        "nothing was acked; both came back when the channel closed"
+    );
+    broker.stop().await;
+}

@@ -130,24 +130,26 @@ impl ChannelShared {
         self.deliveries.lock().consumers.remove(tag);
     }
 
-    /// Removes the deliveries an ack/nack/reject names. `tag` 0 with
-    /// `multiple` means every outstanding delivery.
+    /// Removes the deliveries an ack/nack/reject names. As RabbitMQ 3.10
+    /// does: `tag` 0 with `multiple` means every outstanding delivery (none
+    /// is fine); otherwise `tag` itself must be outstanding, with `multiple`
+    /// too (a lower outstanding tag does not make an unknown one valid).
     fn take(&self, tag: u64, multiple: bool) -> Result<Vec<Unacked>, AmqpError> {
         let mut d = self.deliveries.lock();
+        if multiple && tag == 0 {
+            return Ok(std::mem::take(&mut d.unacked).into_values().collect());
+        }
+        if !d.unacked.contains_key(&tag) {
+            return Err(AmqpError::precondition_failed(format!(
+                "unknown delivery tag {tag}"
+            )));
+        }
         if multiple {
             let rest = d.unacked.split_off(&(tag.saturating_add(1)));
             let taken = std::mem::replace(&mut d.unacked, rest);
-            if taken.is_empty() && tag != 0 {
-                return Err(AmqpError::precondition_failed(format!(
-                    "unknown delivery tag {tag}"
-                )));
-            }
             return Ok(taken.into_values().collect());
         }
-        d.unacked
-            .remove(&tag)
-            .map(|u| vec![u])
-            .ok_or_else(|| AmqpError::precondition_failed(format!("unknown delivery tag {tag}")))
+        Ok(d.unacked.remove(&tag).into_iter().collect())
     }
 
     /// Whether the channel was closed (released).
@@ -164,11 +166,8 @@ impl ChannelShared {
     /// Checks that `tag` names outstanding deliveries, without settling them.
     fn check(&self, tag: u64, multiple: bool) -> Result<(), AmqpError> {
         let d = self.deliveries.lock();
-        let known = if multiple {
-            tag == 0 || d.unacked.range(..=tag).next().is_some()
-        } else {
-            d.unacked.contains_key(&tag)
-        };
+        // (The same rule as `take`.)
+        let known = (multiple && tag == 0) || d.unacked.contains_key(&tag);
         if known {
             Ok(())
         } else {
