@@ -357,8 +357,8 @@ impl SegmentFiles {
             }
             other => other?,
         };
-        let (floor, mut removed, rebuilt) = match journal {
-            Some((floor, removed)) => (floor, removed, false),
+        let (floor, mut removed) = match journal {
+            Some((floor, removed)) => (floor, removed),
             None if opts.journal_required && !opts.repair => {
                 return Err(damaged(
                     &journal_path,
@@ -372,7 +372,7 @@ impl SegmentFiles {
                 let present: BTreeSet<u64> = segs.iter().copied().collect();
                 let last = segs.last().copied().unwrap_or(0);
                 let gaps = (floor..last).filter(|s| !present.contains(s)).collect();
-                (floor, gaps, true)
+                (floor, gaps)
             }
         };
         let files = SegmentFiles {
@@ -449,7 +449,6 @@ impl SegmentFiles {
         }
         // Rewritten at every open: a torn last append goes, and the floor
         // rises to the lowest segment present (everything below is gone).
-        let _ = rebuilt;
         let floor = segs.first().copied().unwrap_or(next).max(floor);
         let mut journal = RemovalJournal::create(dir, floor, removed)?;
         // Everything found is checked and made durable before anything is
@@ -730,9 +729,8 @@ impl SegmentFiles {
             .push(seg);
     }
 
-    /// Removes a segment at once: only for segments that were never synced
-    /// and are not needed (nothing can depend on them).
-    pub(crate) fn discard(&self, seg: u64) -> Result<(), StoreError> {
+    /// Unlinks a segment whose removal is due (journaled, its sync done).
+    fn discard(&self, seg: u64) -> Result<(), StoreError> {
         let path = self.path(seg);
         match std::fs::remove_file(&path) {
             Ok(()) => Ok(()),
