@@ -1,5 +1,6 @@
 //! Consumer-side protocol details: exclusive consumers, broker-initiated
-//! `basic.cancel` when a queue is deleted, `channel.flow`, channel-wide
+//! `basic.cancel` when a queue is deleted, `channel.flow` (refused as RabbitMQ
+//! does), channel-wide
 //! prefetch (`basic.qos` global), consumer tag reuse.
 #![allow(
     clippy::unwrap_used,
@@ -94,62 +95,27 @@ async fn deleting_a_queue_cancels_its_consumers() {
     broker.stop().await;
 }
 
+/// RabbitMQ 3.x answers a client's `channel.flow(active=false)` with 540
+/// NOT_IMPLEMENTED, closing the connection (the spec's pause is not
+/// offered); `active=true` is acknowledged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn channel_flow_pauses_deliveries() {
+async fn channel_flow_inactive_is_not_implemented() {
     let broker = TestBroker::start().await;
     let mut c = RawClient::open(broker.addr).await;
-    c.send(
-        1,
-        QueueDeclare {
-            queue: s("q"),
-            ..Default::default()
-        }
-        .into(),
-    )
-    .await;
-    assert!(matches!(c.method().await, Some(Method::QueueDeclareOk(_))));
-    c.send(1, ChannelFlow { active: false }.into()).await;
-    assert!(matches!(
-        c.method().await,
-        Some(Method::ChannelFlowOk(ChannelFlowOk { active: false }))
-    ));
-    c.send(
-        1,
-        BasicConsume {
-            queue: s("q"),
-            consumer_tag: s("c"),
-            no_ack: true,
-            ..Default::default()
-        }
-        .into(),
-    )
-    .await;
-    assert!(matches!(c.method().await, Some(Method::BasicConsumeOk(_))));
-    let conn = broker.connect().await;
-    let ch = conn.create_channel().await.unwrap();
-    publish(&ch, "q", b"held").await;
-    let q = ch
-        .queue_declare(
-            "q".into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(
-        q.message_count(),
-        1,
-        "flow=false: the message waits in the queue"
-    );
     c.send(1, ChannelFlow { active: true }.into()).await;
     assert!(matches!(
         c.method().await,
         Some(Method::ChannelFlowOk(ChannelFlowOk { active: true }))
     ));
-    assert!(matches!(c.method().await, Some(Method::BasicDeliver(_))));
+    c.send(1, ChannelFlow { active: false }.into()).await;
+    match c.method().await {
+        Some(Method::ConnectionClose(close)) => {
+            assert_eq!(close.reply_code, 540);
+            assert_eq!(close.reply_text.as_str(), "NOT_IMPLEMENTED - active=false");
+            assert_eq!((close.class_id, close.method_id), (20, 20));
+        }
+        other => panic!("expected connection.close 540, got {other:?}"),
+    }
     broker.stop().await;
 }
 

@@ -144,6 +144,17 @@ impl RawClient {
     /// Like [`RawClient::open`], advertising client `capabilities`
     /// (`connection.blocked`, `consumer_cancel_notify`, ...) and opening `vhost`.
     pub async fn open_with(addr: SocketAddr, capabilities: &[&str], vhost: &str) -> RawClient {
+        Self::open_tuned(addr, capabilities, vhost, 2047).await
+    }
+
+    /// Like [`RawClient::open_with`], answering `connection.tune` with
+    /// `channel_max`.
+    pub async fn open_tuned(
+        addr: SocketAddr,
+        capabilities: &[&str],
+        vhost: &str,
+        channel_max: u16,
+    ) -> RawClient {
         use amqp_codec::methods::*;
         use amqp_codec::{FieldTable, FieldValue, ShortStr};
         let mut c = Self::connect(addr).await;
@@ -173,7 +184,7 @@ impl RawClient {
         c.send(
             0,
             ConnectionTuneOk {
-                channel_max: 2047,
+                channel_max,
                 frame_max: 131_072,
                 heartbeat: 0,
             }

@@ -129,6 +129,18 @@ impl CommandAssembler {
         }
     }
 
+    /// Class and method ids of the content method whose header or body is
+    /// awaited, if any: a frame out of order names it in the 505 (as
+    /// RabbitMQ does).
+    pub fn pending_method_ids(&self) -> Option<(u16, u16)> {
+        match &self.state {
+            State::Idle => None,
+            State::AwaitingHeader(method) | State::AwaitingBody { method, .. } => {
+                Some((method.class_id(), method.method_id()))
+            }
+        }
+    }
+
     /// Drops any partly assembled command (e.g. when the channel closes).
     pub fn reset(&mut self) {
         self.state = State::Idle;

@@ -89,6 +89,9 @@ pub enum CodecError {
     MalformedMethod {
         /// `class.method`, or `method frame` when even the ids were missing.
         method: &'static str,
+        /// The method's class and method ids ((0, 0) when unknown, or for a
+        /// short string that is not UTF-8, as RabbitMQ reports it).
+        ids: (u16, u16),
         /// What was wrong.
         reason: Malformed,
     },
@@ -148,6 +151,7 @@ impl CodecError {
     pub(crate) fn malformed_method(method: &'static str, e: nom::Err<Malformed>) -> Self {
         CodecError::MalformedMethod {
             method,
+            ids: (0, 0),
             reason: e.into(),
         }
     }
@@ -159,8 +163,11 @@ impl CodecError {
             | CodecError::BadFrameEnd(_)
             | CodecError::UnknownFrameType(_)
             | CodecError::HeartbeatWithPayload(_) => reply_code::FRAME_ERROR,
+            // RabbitMQ closes with 501 FRAME_ERROR ("cannot decode ...") for
+            // arguments that do not decode; the spec's 502 SYNTAX_ERROR is
+            // not what clients see from it.
             CodecError::MalformedMethod { .. } | CodecError::MalformedContentHeader(_) => {
-                reply_code::SYNTAX_ERROR
+                reply_code::FRAME_ERROR
             }
             CodecError::UnknownMethod { .. } => reply_code::NOT_IMPLEMENTED,
             CodecError::UnexpectedFrame(_) | CodecError::HeartbeatOnChannel(_) => {
@@ -176,6 +183,15 @@ impl CodecError {
     /// Only an over-size message body is channel-scoped, as in RabbitMQ.
     pub fn is_connection_error(&self) -> bool {
         !matches!(self, CodecError::BodyTooLarge { .. })
+    }
+
+    /// The class and method ids of the method an error is about, if any:
+    /// RabbitMQ names them in its `connection.close`.
+    pub fn method_ids(&self) -> Option<(u16, u16)> {
+        match self {
+            CodecError::MalformedMethod { ids, .. } if *ids != (0, 0) => Some(*ids),
+            _ => None,
+        }
     }
 
     pub(crate) fn too_long(what: &'static str, len: usize, max: u64) -> Self {

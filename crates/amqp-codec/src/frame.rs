@@ -268,10 +268,23 @@ pub fn decode_method(payload: &Bytes) -> Result<Method, CodecError> {
     let (fields, (class_id, method_id)) = (be_u16::<&[u8], Malformed>, be_u16)
         .parse(payload.as_ref())
         .map_err(|e| CodecError::malformed_method("method frame", e))?;
-    let (rest, method) = Method::decode_fields(class_id, method_id, payload, fields)?;
+    let (rest, method) =
+        Method::decode_fields(class_id, method_id, payload, fields).map_err(|e| match e {
+            CodecError::MalformedMethod { method, reason, .. }
+                if reason != Malformed::InvalidUtf8 =>
+            {
+                CodecError::MalformedMethod {
+                    method,
+                    ids: (class_id, method_id),
+                    reason,
+                }
+            }
+            other => other,
+        })?;
     if !rest.is_empty() {
         return Err(CodecError::MalformedMethod {
             method: method.name(),
+            ids: (class_id, method_id),
             reason: Malformed::TrailingBytes(rest.len()),
         });
     }
@@ -450,19 +463,21 @@ mod tests {
     }
 
     #[test]
-    fn trailing_octets_after_method_fields_are_a_syntax_error() {
+    fn trailing_octets_after_method_fields_are_a_frame_error_naming_the_method() {
         let mut buf = BytesMut::new();
         encode_method(&mut buf, 1, &Method::from(ChannelOpen::default())).unwrap();
         let payload = buf.freeze().slice(7..12);
         let mut longer = BytesMut::from(&payload[..]);
         longer.extend_from_slice(b"xx");
         let err = decode_method(&longer.freeze()).unwrap_err();
-        assert_eq!(err.reply_code(), 502);
+        assert_eq!(err.reply_code(), 501);
+        assert_eq!(err.method_ids(), Some((20, 10)));
         assert!(matches!(
             err,
             CodecError::MalformedMethod {
                 method: "channel.open",
-                reason: Malformed::TrailingBytes(2)
+                reason: Malformed::TrailingBytes(2),
+                ..
             }
         ));
     }
@@ -478,7 +493,8 @@ mod tests {
             }
         );
         let err = decode_method(&Bytes::from_static(&[0, 60])).unwrap_err();
-        assert_eq!(err.reply_code(), 502);
+        assert_eq!(err.reply_code(), 501);
+        assert_eq!(err.method_ids(), None);
     }
 
     #[test]

@@ -44,6 +44,7 @@ impl ShortStr {
         if std::str::from_utf8(&bytes).is_err() {
             return Err(CodecError::MalformedMethod {
                 method: "short string",
+                ids: (0, 0),
                 reason: crate::error::Malformed::InvalidUtf8,
             });
         }

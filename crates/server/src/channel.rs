@@ -52,7 +52,6 @@ struct Deliveries {
     unacked: BTreeMap<u64, Unacked>,
     /// `basic.qos` with global=true: limit for the whole channel (0 = none).
     global_prefetch: u16,
-    flow_active: bool,
     closed: bool,
     /// Consumer tag → queue id, for cancels.
     consumers: HashMap<ShortStr, u64>,
@@ -75,7 +74,6 @@ impl ChannelShared {
             connection,
             deliveries: Mutex::new(Deliveries {
                 next_tag: 1,
-                flow_active: true,
                 ..Deliveries::default()
             }),
         })
@@ -91,7 +89,6 @@ impl ChannelShared {
     pub fn can_deliver(&self) -> bool {
         let d = self.deliveries.lock();
         !d.closed
-            && d.flow_active
             && (d.global_prefetch == 0 || d.unacked.len() < usize::from(d.global_prefetch))
             && !self.connection.outbox.is_full()
     }
@@ -115,6 +112,39 @@ impl ChannelShared {
                 tracing::error!(error = %e, "cannot encode {}", method.name());
             }
         });
+    }
+
+    /// Writes method frames unless the channel was closed (released): no
+    /// frame may follow the `channel.close-ok` (sent once the channel is
+    /// released), so tasks other than the connection's write through here.
+    /// Returns whether they were written.
+    pub fn write_methods_if_open(&self, methods: &[Method]) -> bool {
+        let d = self.deliveries.lock();
+        if d.closed {
+            return false;
+        }
+        for m in methods {
+            self.write_method(m);
+        }
+        drop(d);
+        true
+    }
+
+    /// Writes a content-carrying message unless the channel was closed (see
+    /// [`ChannelShared::write_methods_if_open`]).
+    pub fn write_content_if_open(
+        &self,
+        method: &Method,
+        header: &ContentHeader,
+        body: &[u8],
+    ) -> bool {
+        let d = self.deliveries.lock();
+        if d.closed {
+            return false;
+        }
+        self.write_content(method, header, body);
+        drop(d);
+        true
     }
 
     /// Writes a content-carrying method with header and body.
@@ -518,12 +548,17 @@ impl Channel {
     ) -> Result<ChannelOutcome, AmqpError> {
         let (class_id, method_id) = (cmd.method.class_id(), cmd.method.method_id());
         if self.state == State::Closing {
+            // The broker sent channel.close. A client channel.close that
+            // crossed it is answered, and the channel stays known until the
+            // client's close-ok for ours arrives (as RabbitMQ's reader does),
+            // so that close-ok is not mistaken for a stray one (504).
+            // Everything else is dropped.
             return Ok(match cmd.method {
                 Method::ChannelCloseOk(_) => ChannelOutcome::Closed,
                 Method::ChannelClose(_) => {
                     self.shared
                         .write_method(&Method::ChannelCloseOk(ChannelCloseOk {}));
-                    ChannelOutcome::Closed
+                    ChannelOutcome::Open
                 }
                 _ => ChannelOutcome::Open,
             });
@@ -546,6 +581,8 @@ impl Channel {
         let Command { method, content } = cmd;
         match method {
             Method::ChannelClose(_) => {
+                // Confirms already due go out before the close-ok; none after.
+                self.flush_confirms(broker);
                 self.release(broker, vhost);
                 self.shared
                     .write_method(&Method::ChannelCloseOk(ChannelCloseOk {}));
@@ -557,7 +594,7 @@ impl Channel {
             Method::ChannelOpen(_) => {
                 return Err(AmqpError::channel_error("second 'channel.open' seen"));
             }
-            Method::ChannelFlow(m) => self.handle_channel_flow(broker, vhost, m),
+            Method::ChannelFlow(m) => self.handle_channel_flow(m)?,
             Method::ChannelFlowOk(_) => {}
             Method::AccessRequest(_) => self
                 .shared
@@ -817,13 +854,17 @@ impl Channel {
         Ok(ChannelOutcome::Open)
     }
 
-    fn handle_channel_flow(&mut self, broker: &Arc<Broker>, vhost: &Vhost, m: ChannelFlow) {
-        self.shared.deliveries.lock().flow_active = m.active;
-        self.shared
-            .write_method(&Method::ChannelFlowOk(ChannelFlowOk { active: m.active }));
-        if m.active {
-            vhost.dispatch_channel(broker, &self.consumers);
+    /// `channel.flow` from the client. RabbitMQ 3.x refuses `active=false`
+    /// with 540 (a connection error) rather than pausing deliveries as the
+    /// spec describes; clients rely on RabbitMQ, so Warren does the same
+    /// (consumers pause with `basic.qos` or `basic.cancel` instead).
+    fn handle_channel_flow(&mut self, m: ChannelFlow) -> Result<(), AmqpError> {
+        if !m.active {
+            return Err(AmqpError::not_implemented("active=false"));
         }
+        self.shared
+            .write_method(&Method::ChannelFlowOk(ChannelFlowOk { active: true }));
+        Ok(())
     }
 
     async fn handle_exchange_declare(
@@ -1380,24 +1421,21 @@ impl Channel {
             if let Some(previous) = previous {
                 let _ = previous.await;
             }
-            // The channel closed meanwhile (its number may already be reused).
-            if shared.is_closed() {
-                in_flight.fetch_sub(1, Ordering::AcqRel);
-                let _ = done.send(());
-                return;
-            }
+            // Nothing is written once the channel closed (its close-ok went
+            // out, and its number may already be reused).
             match result {
                 Ok(()) => {
-                    frames.iter().for_each(|f| shared.write_method(f));
-                    metrics.confirmed.inc_by(confirmed);
+                    if shared.write_methods_if_open(&frames) {
+                        metrics.confirmed.inc_by(confirmed);
+                    }
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "commit failed: nacking publishes");
-                    shared.write_method(&Method::BasicNack(BasicNack {
+                    shared.write_methods_if_open(&[Method::BasicNack(BasicNack {
                         delivery_tag: to,
                         multiple: true,
                         requeue: false,
-                    }));
+                    })]);
                 }
             }
             in_flight.fetch_sub(1, Ordering::AcqRel);

@@ -265,6 +265,7 @@ async fn serve_io<W: AsyncWrite + Unpin + Send + 'static>(
                 shared: shared.clone(),
                 channels: HashMap::new(),
                 heartbeat,
+                client_closed: false,
                 partial: PartialBodies {
                     broker: broker.clone(),
                     id: shared.id,
@@ -277,6 +278,15 @@ async fn serve_io<W: AsyncWrite + Unpin + Send + 'static>(
             broker.connections.fetch_sub(1, Ordering::AcqRel);
             conn.vhost.connections.fetch_sub(1, Ordering::AcqRel);
             tracing::info!(connection = shared.id, %peer, "connection closed");
+            if conn.client_closed {
+                // As RabbitMQ: after close-ok, go on reading (and dropping)
+                // until the client closes its side, so frames it sent before
+                // seeing the close-ok do not meet a reset socket.
+                outbox.close();
+                let _ = writer.await;
+                drain_until_closed(&broker, &mut reader).await;
+                return;
+            }
         }
         Ok(Ok(None)) => {}
         Ok(Err(e)) => {
@@ -287,6 +297,29 @@ async fn serve_io<W: AsyncWrite + Unpin + Send + 'static>(
     }
     outbox.close();
     let _ = writer.await;
+}
+
+/// How long a client has to close its side after the broker's close-ok
+/// (RabbitMQ's closing timeout).
+const CLOSING_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Reads and drops whatever the client still sends until it closes the
+/// socket, the closing timeout passes or the broker shuts down.
+async fn drain_until_closed(broker: &Broker, reader: &mut Reader) {
+    let drain = async {
+        loop {
+            reader.buf.clear();
+            reader.prepare();
+            match reader.socket.read_buf(&mut reader.buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::time::timeout(CLOSING_TIMEOUT, drain) => {}
+        _ = broker.shutdown.cancelled() => {}
+    }
 }
 
 /// Runs the handshake; `Ok(None)` when the peer went away or was refused
@@ -523,6 +556,8 @@ struct Connection {
     shared: Arc<ConnectionShared>,
     channels: HashMap<u16, Channel>,
     heartbeat: u16,
+    /// The client closed the connection (its `connection.close` was answered).
+    client_closed: bool,
     partial: PartialBodies,
 }
 
@@ -763,12 +798,15 @@ impl Connection {
                     method: Method::ChannelOpen(_),
                     ..
                 } => {
-                    if channel > self.shared.channel_max {
+                    // As RabbitMQ 3.10 (against the spec's reading of
+                    // channel_max as the highest channel number): any number
+                    // may be opened, and the limit is on how many are open.
+                    let max = self.shared.channel_max;
+                    if max > 0 && self.channels.len() >= usize::from(max) {
                         return Err(AmqpError::not_allowed(format!(
-                            "channel number {channel} is above the negotiated channel_max ({})",
-                            self.shared.channel_max
-                        ))
-                        .on(20, 10));
+                            "number of channels opened ({}) has reached the negotiated channel_max ({max})",
+                            self.channels.len()
+                        )));
                     }
                     let ch = Channel::new(
                         channel,
@@ -815,6 +853,7 @@ impl Connection {
             return Ok(false);
         }
         let before = ch.assembler.buffered();
+        let pending = ch.assembler.pending_method_ids();
         let pushed = ch.assembler.push(frame);
         let after = ch.assembler.buffered();
         if before != after {
@@ -827,11 +866,16 @@ impl Connection {
             Ok(Some(cmd)) => cmd,
             Ok(None) => return Ok(false),
             Err(e) => {
+                // A frame out of order names the content method it
+                // interrupted (RabbitMQ's class/method ids), 0/0 otherwise.
                 let e = AmqpError::from(e);
+                let e = match pending {
+                    Some((class_id, method_id)) => e.on(class_id, method_id),
+                    None => e,
+                };
                 return match e.scope {
                     Scope::Connection => Err(e),
                     Scope::Channel => {
-                        let e = e.on(60, 40);
                         ch.fail(&self.broker, &self.vhost, &e);
                         Ok(false)
                     }
@@ -841,10 +885,9 @@ impl Connection {
         match ch.handle(&self.broker, &self.vhost, cmd).await {
             Ok(ChannelOutcome::Open) => {}
             Ok(ChannelOutcome::Closed) => {
-                if let Some(mut ch) = self.channels.remove(&channel) {
+                if self.channels.remove(&channel).is_some() {
                     self.shared.channels.lock().remove(&channel);
                     self.broker.metrics.channels.dec();
-                    ch.flush_confirms(&self.broker);
                 }
             }
             Err(e) if e.scope == Scope::Channel => ch.fail(&self.broker, &self.vhost, &e),
@@ -865,6 +908,7 @@ impl Connection {
                     0,
                     &Method::ConnectionCloseOk(ConnectionCloseOk {}),
                 );
+                self.client_closed = true;
                 Ok(true)
             }
             Frame::Method {

@@ -162,7 +162,11 @@ impl From<CodecError> for AmqpError {
         } else {
             Scope::Channel
         };
-        Self::new(scope, e.reply_code(), e.to_string())
+        let error = Self::new(scope, e.reply_code(), e.to_string());
+        match e.method_ids() {
+            Some((class_id, method_id)) => error.on(class_id, method_id),
+            None => error,
+        }
     }
 }
 

@@ -57,7 +57,8 @@ impl ReplyConsumers {
         };
         let (channel, tag) = entry.value();
         let delivery_tag = channel.next_delivery(None);
-        channel.write_content(
+        // (A channel closing right now takes no more frames.)
+        channel.write_content_if_open(
             &Method::BasicDeliver(BasicDeliver {
                 consumer_tag: tag.clone(),
                 delivery_tag,
@@ -67,8 +68,7 @@ impl ReplyConsumers {
             }),
             header,
             body,
-        );
-        true
+        )
     }
 }
 
