@@ -181,6 +181,62 @@ async fn global_prefetch_is_shared_by_the_channel() {
     broker.stop().await;
 }
 
+/// One channel, a channel-wide prefetch of 1, consumers on two queues that
+/// both hold plenty: acking each delivery must not hand the credit back to
+/// the same queue every time (the other queue would starve).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn global_prefetch_serves_every_queue_in_turn() {
+    use futures_util::StreamExt;
+    let broker = TestBroker::start().await;
+    let conn = broker.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    for q in ["a", "b"] {
+        ch.queue_declare(
+            q.into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+        for _ in 0..20 {
+            publish(&ch, q, b"m").await;
+        }
+    }
+    ch.basic_qos(1, BasicQosOptions { global: true })
+        .await
+        .unwrap();
+    let mut consumers = Vec::new();
+    for q in ["a", "b"] {
+        consumers.push(
+            ch.basic_consume(
+                q.into(),
+                format!("c-{q}").as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap(),
+        );
+    }
+    let mut merged = futures_util::stream::select_all(consumers);
+    let mut from = std::collections::HashMap::<String, usize>::new();
+    for _ in 0..20 {
+        let d = tokio::time::timeout(std::time::Duration::from_secs(10), merged.next())
+            .await
+            .expect("a delivery")
+            .expect("consumers open")
+            .unwrap();
+        *from.entry(d.routing_key.to_string()).or_default() += 1;
+        d.ack(BasicAckOptions::default()).await.unwrap();
+    }
+    let (a, b) = (from.get("a").copied(), from.get("b").copied());
+    assert!(
+        a.unwrap_or(0) >= 5 && b.unwrap_or(0) >= 5,
+        "each queue gets a fair share of 20 deliveries: a {a:?}, b {b:?}"
+    );
+    broker.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frame_max_outside_the_offer_is_refused() {
     let broker = TestBroker::start().await;

@@ -50,6 +50,10 @@ pub struct Unacked {
 struct Deliveries {
     next_tag: u64,
     unacked: BTreeMap<u64, Unacked>,
+    /// Deliveries acknowledged (or rejected) inside a transaction not yet
+    /// committed: no longer outstanding for the channel (a second ack is
+    /// 406, `basic.recover` leaves them), still unsettled at their queues.
+    held: BTreeMap<u64, Unacked>,
     /// `basic.qos` with global=true: limit for the whole channel (0 = none).
     global_prefetch: u16,
     closed: bool,
@@ -82,14 +86,19 @@ impl ChannelShared {
     /// For listings: (unacknowledged deliveries, channel-wide prefetch, consumers).
     pub fn stats(&self) -> (usize, u16, usize) {
         let d = self.deliveries.lock();
-        (d.unacked.len(), d.global_prefetch, d.consumers.len())
+        (
+            d.unacked.len() + d.held.len(),
+            d.global_prefetch,
+            d.consumers.len(),
+        )
     }
 
     /// Whether a queue may deliver to this channel now.
     pub fn can_deliver(&self) -> bool {
         let d = self.deliveries.lock();
         !d.closed
-            && (d.global_prefetch == 0 || d.unacked.len() < usize::from(d.global_prefetch))
+            && (d.global_prefetch == 0
+                || d.unacked.len() + d.held.len() < usize::from(d.global_prefetch))
             && !self.connection.outbox.is_full()
     }
 
@@ -165,21 +174,31 @@ impl ChannelShared {
     /// is fine); otherwise `tag` itself must be outstanding, with `multiple`
     /// too (a lower outstanding tag does not make an unknown one valid).
     fn take(&self, tag: u64, multiple: bool) -> Result<Vec<Unacked>, AmqpError> {
+        Ok(self
+            .take_tagged(tag, multiple)?
+            .into_iter()
+            .map(|(_, u)| u)
+            .collect())
+    }
+
+    /// [`ChannelShared::take`], with the delivery tags.
+    fn take_tagged(&self, tag: u64, multiple: bool) -> Result<Vec<(u64, Unacked)>, AmqpError> {
         let mut d = self.deliveries.lock();
         if multiple && tag == 0 {
-            return Ok(std::mem::take(&mut d.unacked).into_values().collect());
+            return Ok(std::mem::take(&mut d.unacked).into_iter().collect());
         }
-        if !d.unacked.contains_key(&tag) {
+        let Some(one) = d.unacked.remove(&tag) else {
             return Err(AmqpError::precondition_failed(format!(
                 "unknown delivery tag {tag}"
             )));
-        }
+        };
+        let mut taken = Vec::new();
         if multiple {
-            let rest = d.unacked.split_off(&(tag.saturating_add(1)));
-            let taken = std::mem::replace(&mut d.unacked, rest);
-            return Ok(taken.into_values().collect());
+            let rest = d.unacked.split_off(&tag);
+            taken.extend(std::mem::replace(&mut d.unacked, rest));
         }
-        Ok(d.unacked.remove(&tag).into_iter().collect())
+        taken.push((tag, one));
+        Ok(taken)
     }
 
     /// Whether the channel was closed (released).
@@ -193,18 +212,28 @@ impl ChannelShared {
         self.deliveries.lock().consumers.contains_key(tag)
     }
 
-    /// Checks that `tag` names outstanding deliveries, without settling them.
-    fn check(&self, tag: u64, multiple: bool) -> Result<(), AmqpError> {
-        let d = self.deliveries.lock();
-        // (The same rule as `take`.)
-        let known = (multiple && tag == 0) || d.unacked.contains_key(&tag);
-        if known {
-            Ok(())
-        } else {
-            Err(AmqpError::precondition_failed(format!(
-                "unknown delivery tag {tag}"
-            )))
-        }
+    /// Moves the deliveries an ack/nack/reject inside a transaction names
+    /// (by [`ChannelShared::take`]'s rule) from outstanding to held until
+    /// the commit; returns their tags.
+    fn hold(&self, tag: u64, multiple: bool) -> Result<Vec<u64>, AmqpError> {
+        let taken = self.take_tagged(tag, multiple)?;
+        let mut d = self.deliveries.lock();
+        let tags = taken.iter().map(|(t, _)| *t).collect();
+        d.held.extend(taken);
+        Ok(tags)
+    }
+
+    /// The held deliveries `tags` names, at commit.
+    fn take_held(&self, tags: &[u64]) -> Vec<Unacked> {
+        let mut d = self.deliveries.lock();
+        tags.iter().filter_map(|t| d.held.remove(t)).collect()
+    }
+
+    /// Makes held deliveries outstanding again (`tx.rollback`, as RabbitMQ).
+    fn restore_held(&self) {
+        let mut d = self.deliveries.lock();
+        let held = std::mem::take(&mut d.held);
+        d.unacked.extend(held);
     }
 
     /// Removes every outstanding delivery of one consumer.
@@ -219,10 +248,20 @@ impl ChannelShared {
         tags.iter().filter_map(|t| d.unacked.remove(t)).collect()
     }
 
-    fn take_all(&self) -> Vec<Unacked> {
+    /// Every outstanding delivery (`basic.recover`); held ones stay held.
+    fn take_outstanding(&self) -> Vec<Unacked> {
         std::mem::take(&mut self.deliveries.lock().unacked)
             .into_values()
             .collect()
+    }
+
+    /// Every unsettled delivery, outstanding or held (the channel closes).
+    fn take_all(&self) -> Vec<Unacked> {
+        let mut d = self.deliveries.lock();
+        let held = std::mem::take(&mut d.held);
+        let mut all: Vec<Unacked> = std::mem::take(&mut d.unacked).into_values().collect();
+        all.extend(held.into_values());
+        all
     }
 }
 
@@ -252,13 +291,12 @@ struct Confirms {
     previous: Option<tokio::sync::oneshot::Receiver<()>>,
 }
 
-/// A publish or an acknowledgement held back by a transaction.
+/// A publish or a settlement held back by a transaction.
 #[derive(Debug)]
 enum TxAction {
     Publish(BasicPublish, ContentHeader, Bytes),
-    Ack(BasicAck),
-    Nack(BasicNack),
-    Reject(BasicReject),
+    /// An ack, nack or reject: the deliveries (held on the channel) it settles.
+    Settle(Vec<u64>, Settle),
 }
 
 /// A channel's state machine.
@@ -279,6 +317,9 @@ pub struct Channel {
     fx: Effects,
     /// This channel's direct reply-to consumer: (token, consumer tag).
     reply_consumer: Option<(String, ShortStr)>,
+    /// Which consumer's queue dispatches first next time the channel's
+    /// credit comes back (see [`Vhost::dispatch_channel`]).
+    dispatch_turn: AtomicUsize,
 }
 
 fn server_name(prefix: &str) -> ShortStr {
@@ -305,11 +346,12 @@ impl Channel {
             routed: Routed::default(),
             fx: Effects::default(),
             reply_consumer: None,
+            dispatch_turn: AtomicUsize::new(0),
         }
     }
 
-    /// Settles deliveries now, or, in a transaction, checks the tags and holds
-    /// the action until commit.
+    /// Settles deliveries now, or, in a transaction, holds them (no longer
+    /// outstanding for the channel, as in RabbitMQ) until commit.
     fn settle_or_hold(
         &mut self,
         broker: &Arc<Broker>,
@@ -317,32 +359,44 @@ impl Channel {
         tag: u64,
         multiple: bool,
         how: Settle,
-        action: TxAction,
     ) -> Result<(), AmqpError> {
         if let Some(actions) = &mut self.tx {
-            self.shared.check(tag, multiple)?;
-            actions.push(action);
+            let tags = self.shared.hold(tag, multiple)?;
+            actions.push(TxAction::Settle(tags, how));
             return Ok(());
         }
         let taken = self.shared.take(tag, multiple)?;
-        vhost.settle(broker, taken, how);
-        self.after_settle(broker, vhost);
+        self.settle(broker, vhost, taken, how);
         Ok(())
     }
 
-    /// Settles what is still outstanding of `tag` (at transaction commit).
-    fn settle_now(
-        &self,
-        broker: &Arc<Broker>,
-        vhost: &Vhost,
-        tag: u64,
-        multiple: bool,
-        how: Settle,
-    ) {
-        if let Ok(taken) = self.shared.take(tag, multiple) {
+    /// Settles deliveries of this channel and lets queues deliver again.
+    /// With a channel-wide prefetch, the credit that came back is offered to
+    /// the channel's queues in turn, not first to the queues just settled
+    /// (which would starve the others); those are dispatched after, for
+    /// their consumers on other channels.
+    fn settle(&self, broker: &Arc<Broker>, vhost: &Vhost, taken: Vec<Unacked>, how: Settle) {
+        if self.shared.deliveries.lock().global_prefetch == 0 {
             vhost.settle(broker, taken, how);
-            self.after_settle(broker, vhost);
+            return;
         }
+        let mut settled: Vec<u64> = taken.iter().map(|u| u.queue).collect();
+        settled.sort_unstable();
+        settled.dedup();
+        vhost.settle_then(broker, taken, how, false);
+        self.dispatch_all(broker, vhost);
+        for id in settled {
+            if let Some(q) = vhost.queue_by_id(id) {
+                vhost.dispatch(broker, &q);
+            }
+        }
+    }
+
+    /// Lets every queue this channel consumes from deliver, starting with
+    /// the next in turn.
+    fn dispatch_all(&self, broker: &Arc<Broker>, vhost: &Vhost) {
+        let start = self.dispatch_turn.fetch_add(1, Ordering::Relaxed);
+        vhost.dispatch_channel(broker, &self.consumers, start);
     }
 
     /// Enforces the consumer (delivery acknowledgement) timeout: a delivery
@@ -404,14 +458,6 @@ impl Channel {
         }
     }
 
-    /// With a channel-wide prefetch, settling on one queue frees credit for
-    /// the channel's consumers on every queue: let them all deliver.
-    fn after_settle(&self, broker: &Arc<Broker>, vhost: &Vhost) {
-        if self.shared.deliveries.lock().global_prefetch > 0 {
-            vhost.dispatch_channel(broker, &self.consumers);
-        }
-    }
-
     /// Checks the connection's user may do `access` on a resource (403 if not).
     /// The binding an `exchange.bind` or `exchange.unbind` names, once the
     /// user may write the destination and read the source (RabbitMQ's rule).
@@ -467,7 +513,7 @@ impl Channel {
     pub fn redispatch(&mut self, broker: &Arc<Broker>, vhost: &Vhost) {
         let shared = self.shared.clone();
         self.consumers.retain(|(t, _)| shared.has_consumer(t));
-        vhost.dispatch_channel(broker, &self.consumers);
+        self.dispatch_all(broker, vhost);
     }
 
     /// What a publish inside a transaction must pass at once (RabbitMQ refuses
@@ -702,7 +748,7 @@ impl Channel {
                     self.prefetch = m.prefetch_count;
                 }
                 self.shared.write_method(&Method::BasicQosOk(BasicQosOk {}));
-                vhost.dispatch_channel(broker, &self.consumers);
+                self.dispatch_all(broker, vhost);
             }
             Method::BasicConsume(m) => self.handle_basic_consume(broker, vhost, m)?,
             Method::BasicCancel(m) => {
@@ -754,42 +800,21 @@ impl Channel {
             }
             Method::BasicGet(m) => self.handle_basic_get(broker, vhost, m)?,
             Method::BasicAck(m) => {
-                self.settle_or_hold(
-                    broker,
-                    vhost,
-                    m.delivery_tag,
-                    m.multiple,
-                    Settle::Ack,
-                    TxAction::Ack(m),
-                )?;
+                self.settle_or_hold(broker, vhost, m.delivery_tag, m.multiple, Settle::Ack)?;
             }
             Method::BasicNack(m) => {
                 let how = Settle::requeue_or_reject(m.requeue);
-                self.settle_or_hold(
-                    broker,
-                    vhost,
-                    m.delivery_tag,
-                    m.multiple,
-                    how,
-                    TxAction::Nack(m),
-                )?;
+                self.settle_or_hold(broker, vhost, m.delivery_tag, m.multiple, how)?;
             }
             Method::BasicReject(m) => {
                 let how = Settle::requeue_or_reject(m.requeue);
-                self.settle_or_hold(
-                    broker,
-                    vhost,
-                    m.delivery_tag,
-                    false,
-                    how,
-                    TxAction::Reject(m),
-                )?;
+                self.settle_or_hold(broker, vhost, m.delivery_tag, false, how)?;
             }
             Method::BasicRecover(m) => {
                 if !m.requeue {
                     return Err(AmqpError::not_implemented("requeue=false"));
                 }
-                let unacked = self.shared.take_all();
+                let unacked = self.shared.take_outstanding();
                 vhost.settle(broker, unacked, Settle::Requeue);
                 self.shared
                     .write_method(&Method::BasicRecoverOk(BasicRecoverOk {}));
@@ -799,7 +824,7 @@ impl Channel {
                 if !m.requeue {
                     return Err(AmqpError::not_implemented("requeue=false"));
                 }
-                let unacked = self.shared.take_all();
+                let unacked = self.shared.take_outstanding();
                 vhost.settle(broker, unacked, Settle::Requeue);
             }
             Method::ConfirmSelect(m) => {
@@ -834,13 +859,14 @@ impl Channel {
                 self.shared.write_method(&Method::TxCommitOk(TxCommitOk {}));
             }
             Method::TxRollback(_) => {
-                // Publishes and acknowledgements of the transaction are
-                // dropped; the deliveries stay unacknowledged.
+                // Publishes of the transaction are dropped; deliveries it
+                // acknowledged are outstanding again (RabbitMQ).
                 if self.tx.replace(Vec::new()).is_none() {
                     return Err(AmqpError::precondition_failed(
                         "channel is not transactional",
                     ));
                 }
+                self.shared.restore_held();
                 self.shared
                     .write_method(&Method::TxRollbackOk(TxRollbackOk {}));
             }
@@ -1361,21 +1387,9 @@ impl Channel {
                 TxAction::Publish(m, header, body) => {
                     self.publish(broker, vhost, m, header, body)?
                 }
-                // An earlier action of the same transaction may have settled
-                // these tags already (e.g. two multiple acks): nothing left to do.
-                TxAction::Ack(BasicAck {
-                    delivery_tag,
-                    multiple,
-                }) => {
-                    self.settle_now(broker, vhost, delivery_tag, multiple, Settle::Ack);
-                }
-                TxAction::Nack(n) => {
-                    let how = Settle::requeue_or_reject(n.requeue);
-                    self.settle_now(broker, vhost, n.delivery_tag, n.multiple, how);
-                }
-                TxAction::Reject(r) => {
-                    let how = Settle::requeue_or_reject(r.requeue);
-                    self.settle_now(broker, vhost, r.delivery_tag, false, how);
+                TxAction::Settle(tags, how) => {
+                    let taken = self.shared.take_held(&tags);
+                    self.settle(broker, vhost, taken, how);
                 }
             }
         }

@@ -593,6 +593,19 @@ impl Vhost {
     /// Settles deliveries (ack, requeue, reject), then lets the queues deliver
     /// again (credit came back).
     pub fn settle(&self, broker: &Arc<Broker>, unacked: Vec<Unacked>, how: Settle) {
+        self.settle_then(broker, unacked, how, true);
+    }
+
+    /// Settles deliveries; lets their queues deliver again only if `dispatch`
+    /// (a channel with a channel-wide prefetch dispatches its own queues in
+    /// turn instead, see [`Vhost::dispatch_channel`]).
+    pub fn settle_then(
+        &self,
+        broker: &Arc<Broker>,
+        unacked: Vec<Unacked>,
+        how: Settle,
+        dispatch: bool,
+    ) {
         let mut fx = Effects::default();
         let mut i = 0;
         // Group by queue so each queue is locked once.
@@ -622,7 +635,9 @@ impl Vhost {
                         Settle::Reject => st.queue.reject(u.seq, &mut fx),
                     };
                 }
-                st.dispatch(&q, &broker.store, &mut fx);
+                if dispatch {
+                    st.dispatch(&q, &broker.store, &mut fx);
+                }
                 drop(st);
                 q.wake.notify_one();
             }
@@ -638,14 +653,22 @@ impl Vhost {
         self.apply(broker, &mut fx);
     }
 
-    /// Lets every queue a channel consumes from deliver (credit came back).
+    /// Lets every queue a channel consumes from deliver (credit came back),
+    /// starting with the consumer at `start` (mod their number): callers
+    /// rotate it, so that credit shared by the channel (a global prefetch,
+    /// room in the connection's outbox) goes to each queue in turn rather
+    /// than always to the first (RabbitMQ's limiter varies the order too).
     pub fn dispatch_channel(
         &self,
         broker: &Arc<Broker>,
         consumers: &[(ShortStr, Arc<QueueHandle>)],
+        start: usize,
     ) {
-        for (_, q) in consumers {
-            self.dispatch(broker, q);
+        let n = consumers.len();
+        for i in 0..n {
+            if let Some((_, q)) = consumers.get((start + i) % n) {
+                self.dispatch(broker, q);
+            }
         }
     }
 
