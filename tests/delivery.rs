@@ -306,6 +306,25 @@ async fn direct_reply_to_round_trip() {
     let reply = next_deliveries(&mut replies, 1).await.remove(0);
     assert_eq!(reply.data, b"pong");
     assert_eq!(reply.routing_key.as_str(), reply_to);
+
+    // Passive declares, as RabbitMQ answers them: the pseudo-queue and a
+    // live reply address each have one consumer; a dead address is 404.
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    for name in ["amq.rabbitmq.reply-to", reply_to.as_str()] {
+        let q = sch
+            .queue_declare(name.into(), passive, FieldTable::default())
+            .await
+            .unwrap();
+        assert_eq!((q.message_count(), q.consumer_count()), (0, 1), "{name}");
+    }
+    cch.close(200, "done".into()).await.unwrap();
+    let r = sch
+        .queue_declare(reply_to.as_str().into(), passive, FieldTable::default())
+        .await;
+    warren_tests::assert_amqp_error(r, 404, "NOT_FOUND");
     broker.stop().await;
 }
 

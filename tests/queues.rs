@@ -440,29 +440,113 @@ async fn unused_queue_expires() {
     )
     .await
     .unwrap();
-    let mut gone = false;
-    for _ in 0..50 {
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        let probe = conn.create_channel().await.unwrap();
-        if probe
-            .queue_declare(
-                "fleeting".into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .is_err()
-        {
-            gone = true;
-            break;
-        }
-    }
+    // (Looked at from inside: a passive declare would renew the lease.)
     assert!(
-        gone,
+        queue_goes_within(&broker, "fleeting", 1000).await,
         "queue with x-expires 100 ms still exists after a second"
     );
+    broker.stop().await;
+}
+
+/// Whether queue `name` of vhost `/` is deleted within `ms` milliseconds.
+async fn queue_goes_within(broker: &TestBroker, name: &str, ms: u64) -> bool {
+    let vhost = broker.broker().vhost("/").unwrap();
+    for _ in 0..ms / 20 {
+        if vhost.find_queue(name).is_none() {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    vhost.find_queue(name).is_none()
+}
+
+/// A passive `queue.declare` is a use of the queue: it renews the
+/// `x-expires` lease (as in RabbitMQ).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passive_declare_renews_the_expiry_lease() {
+    let broker = TestBroker::start().await;
+    let conn = broker.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_declare(
+        "leased".into(),
+        QueueDeclareOptions::default(),
+        args(&[("x-expires", AMQPValue::LongInt(400))]),
+    )
+    .await
+    .unwrap();
+    // Three lease lengths of passive declares, one every 100 ms.
+    for _ in 0..12 {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        ch.queue_declare(
+            "leased".into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("the lease was renewed by the last passive declare");
+    }
+    assert!(
+        queue_goes_within(&broker, "leased", 2000).await,
+        "unused again, the queue expires"
+    );
+    broker.stop().await;
+}
+
+/// Redeclaring a queue with a different `exclusive` flag, on its own
+/// connection or another, is RabbitMQ's 405 RESOURCE_LOCKED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exclusive_flag_must_match_on_redeclare() {
+    let broker = TestBroker::start().await;
+    let conn = broker.connect().await;
+    let other = broker.connect().await;
+    let exclusive = QueueDeclareOptions {
+        exclusive: true,
+        ..Default::default()
+    };
+    let locked = |q: &str| {
+        format!(
+            "RESOURCE_LOCKED - cannot obtain exclusive access to locked queue '{q}' in vhost '/'. It could be originally declared on another connection or the exclusive property value does not match that of the original declaration."
+        )
+    };
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_declare("ex".into(), exclusive, FieldTable::default())
+        .await
+        .unwrap();
+    // Same connection, not exclusive now.
+    let r = ch
+        .queue_declare(
+            "ex".into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await;
+    assert_amqp_error(r, 405, &locked("ex"));
+    // Another connection, exclusive too.
+    let ch = other.create_channel().await.unwrap();
+    let r = ch
+        .queue_declare("ex".into(), exclusive, FieldTable::default())
+        .await;
+    assert_amqp_error(r, 405, &locked("ex"));
+    // A shared queue redeclared exclusive.
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_declare(
+        "shared".into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let r = ch
+        .queue_declare("shared".into(), exclusive, FieldTable::default())
+        .await;
+    assert_amqp_error(r, 405, &locked("shared"));
+    // The same flags again are fine.
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_declare("ex".into(), exclusive, FieldTable::default())
+        .await
+        .unwrap();
     broker.stop().await;
 }

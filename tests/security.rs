@@ -583,3 +583,49 @@ async fn per_vhost_limits_scope_one_tenant() {
     );
     broker.stop().await;
 }
+
+/// The `impersonator` tag lets a user publish with another `user-id`
+/// (RabbitMQ's validated user-id makes that exception); without it, 406.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn impersonators_may_publish_with_another_user_id() {
+    let broker = TestBroker::start().await;
+    let b = broker.broker();
+    b.add_user("imp", Some("imp"), &["impersonator"])
+        .await
+        .unwrap();
+    b.set_permissions("imp", "/", ".*", ".*", ".*")
+        .await
+        .unwrap();
+    let imp = connect_as(&broker, "imp", "imp", "/").await.unwrap();
+    let ch = channel_with_queue(&imp, "q").await;
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let confirm = ch
+        .basic_publish(
+            "".into(),
+            "q".into(),
+            BasicPublishOptions::default(),
+            b"on behalf of bob",
+            lapin::BasicProperties::default().with_user_id("bob".into()),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(confirm.is_ack());
+    let got = ch
+        .basic_get("q".into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+        .expect("the message was enqueued");
+    assert_eq!(
+        got.delivery
+            .properties
+            .user_id()
+            .as_ref()
+            .map(|u| u.as_str()),
+        Some("bob")
+    );
+    broker.stop().await;
+}

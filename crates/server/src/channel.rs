@@ -971,58 +971,64 @@ impl Channel {
         } else {
             m.queue.clone()
         };
-        let (queue, messages, consumers) =
-            if m.passive && m.queue.as_str() == reply_to::PSEUDO_QUEUE {
-                (m.queue.clone(), 0, 0)
-            } else if m.passive {
-                let q = vhost.queue_for(&name, conn)?;
-                let st = q.state.lock();
-                (q.name.clone(), st.queue.ready_count(), st.consumers.len())
-            } else {
-                if name.starts_with("amq.") && !m.queue.is_empty() {
-                    return Err(AmqpError::access_refused(format!(
-                        "queue name '{name}' contains reserved prefix 'amq.*'"
-                    )));
-                }
-                self.allow(broker, vhost, Resource::Queue, &name, Access::Configure)?;
-                let args = QueueArgs::parse(&m.arguments, &name, vhost.name())?;
-                // As RabbitMQ: naming a dead-letter exchange needs read access
-                // to the queue and write access to the exchange.
-                if let Some(dlx) = &args.dead_letter_exchange {
-                    self.allow(broker, vhost, Resource::Queue, &name, Access::Read)?;
-                    self.allow(broker, vhost, Resource::Exchange, dlx, Access::Write)?;
-                }
-                args.check_properties(m.durable, m.exclusive, m.auto_delete, &name, vhost.name())?;
-                // As RabbitMQ: an exclusive queue is never durable, whatever the
-                // declare says (so redeclaring it either way is equivalent).
-                let m = QueueDeclare {
-                    durable: m.durable && !m.exclusive,
-                    ..m
-                };
-                let q = match vhost.find_queue(&name) {
-                    Some(existing) => {
-                        vhost.check_exclusive(&existing, conn)?;
-                        check_equivalent(&existing, &m, vhost.name())?;
-                        existing
-                    }
-                    None => {
-                        vhost
-                            .declare_queue(
-                                broker,
-                                name.clone(),
-                                m.durable,
-                                m.auto_delete,
-                                m.exclusive.then_some(conn),
-                                args,
-                                m.arguments.clone(),
-                            )
-                            .await?
-                    }
-                };
-                let mut st = q.state.lock();
-                st.queue.touch(now_ms());
-                (q.name.clone(), st.queue.ready_count(), st.consumers.len())
+        let (queue, messages, consumers) = if m.passive
+            && (m.queue.as_str() == reply_to::PSEUDO_QUEUE
+                || broker.reply_consumers.is_live_address(&m.queue))
+        {
+            // Direct reply-to, as RabbitMQ: the pseudo-queue, or a reply
+            // address whose consumer is alive, has one consumer.
+            (m.queue.clone(), 0, 1)
+        } else if m.passive {
+            let q = vhost.queue_for(&name, conn)?;
+            let mut st = q.state.lock();
+            // Any use renews an x-expires lease; a passive declare too.
+            st.queue.touch(now_ms());
+            (q.name.clone(), st.queue.ready_count(), st.consumers.len())
+        } else {
+            if name.starts_with("amq.") && !m.queue.is_empty() {
+                return Err(AmqpError::access_refused(format!(
+                    "queue name '{name}' contains reserved prefix 'amq.*'"
+                )));
+            }
+            self.allow(broker, vhost, Resource::Queue, &name, Access::Configure)?;
+            let args = QueueArgs::parse(&m.arguments, &name, vhost.name())?;
+            // As RabbitMQ: naming a dead-letter exchange needs read access
+            // to the queue and write access to the exchange.
+            if let Some(dlx) = &args.dead_letter_exchange {
+                self.allow(broker, vhost, Resource::Queue, &name, Access::Read)?;
+                self.allow(broker, vhost, Resource::Exchange, dlx, Access::Write)?;
+            }
+            args.check_properties(m.durable, m.exclusive, m.auto_delete, &name, vhost.name())?;
+            // As RabbitMQ: an exclusive queue is never durable, whatever the
+            // declare says (so redeclaring it either way is equivalent).
+            let m = QueueDeclare {
+                durable: m.durable && !m.exclusive,
+                ..m
             };
+            let q = match vhost.find_queue(&name) {
+                Some(existing) => {
+                    vhost.check_same_owner(&existing, m.exclusive.then_some(conn))?;
+                    check_equivalent(&existing, &m, vhost.name())?;
+                    existing
+                }
+                None => {
+                    vhost
+                        .declare_queue(
+                            broker,
+                            name.clone(),
+                            m.durable,
+                            m.auto_delete,
+                            m.exclusive.then_some(conn),
+                            args,
+                            m.arguments.clone(),
+                        )
+                        .await?
+                }
+            };
+            let mut st = q.state.lock();
+            st.queue.touch(now_ms());
+            (q.name.clone(), st.queue.ready_count(), st.consumers.len())
+        };
         if !m.nowait {
             self.shared
                 .write_method(&Method::QueueDeclareOk(QueueDeclareOk {
@@ -1295,6 +1301,7 @@ impl Channel {
         crate::vhost::check_user_id(
             header.properties.user_id().as_ref().map(ShortStr::as_str),
             &self.shared.connection.user,
+            &broker.auth,
         )?;
         let header = match header.properties.reply_to() {
             Some(r) if r.as_str() == reply_to::PSEUDO_QUEUE => {

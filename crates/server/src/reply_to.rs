@@ -38,6 +38,14 @@ impl ReplyConsumers {
         token
     }
 
+    /// Whether `name` is the full reply address of a live reply consumer
+    /// (`amq.rabbitmq.reply-to.<token>`): a passive declare of it succeeds.
+    pub fn is_live_address(&self, name: &str) -> bool {
+        name.strip_prefix(PSEUDO_QUEUE)
+            .and_then(|t| t.strip_prefix('.'))
+            .is_some_and(|token| self.by_token.contains_key(token))
+    }
+
     /// Forgets a token (consumer cancelled, channel closed).
     pub fn unregister(&self, token: &str) {
         self.by_token.remove(token);

@@ -271,12 +271,28 @@ impl Vhost {
     /// Refuses access to another connection's exclusive queue (405).
     pub fn check_exclusive(&self, q: &QueueHandle, connection: u64) -> Result<(), AmqpError> {
         match q.exclusive_owner {
-            Some(owner) if owner != connection => Err(AmqpError::resource_locked(format!(
-                "cannot obtain exclusive access to locked queue '{}' in vhost '{}'. It could be originally declared on another connection or the exclusive property value does not match that of the original declaration.",
-                q.name, self.name
-            ))),
+            Some(owner) if owner != connection => Err(self.locked(q)),
             _ => Ok(()),
         }
+    }
+
+    /// A redeclare must name the same exclusive owner as the queue has
+    /// (`owner`: the declaring connection if the declare is exclusive), so
+    /// an exclusive flag that differs is refused like another connection's
+    /// queue (405, RabbitMQ's strict check).
+    pub fn check_same_owner(&self, q: &QueueHandle, owner: Option<u64>) -> Result<(), AmqpError> {
+        if q.exclusive_owner == owner {
+            Ok(())
+        } else {
+            Err(self.locked(q))
+        }
+    }
+
+    fn locked(&self, q: &QueueHandle) -> AmqpError {
+        AmqpError::resource_locked(format!(
+            "cannot obtain exclusive access to locked queue '{}' in vhost '{}'. It could be originally declared on another connection or the exclusive property value does not match that of the original declaration.",
+            q.name, self.name
+        ))
     }
 
     /// The queue called `name`, usable by `connection` (404, 405).
@@ -952,12 +968,26 @@ fn strip_bcc(
 }
 
 /// RabbitMQ's validated user-id: a published `user-id` must be the
-/// publisher's own user name.
-pub fn check_user_id(claimed: Option<&str>, user: &str) -> Result<(), AmqpError> {
+/// publisher's own user name, unless the publisher has the `impersonator`
+/// tag (looked up only when the names differ).
+pub fn check_user_id(
+    claimed: Option<&str>,
+    user: &str,
+    auth: &crate::auth::Auth,
+) -> Result<(), AmqpError> {
     match claimed {
-        Some(claimed) if claimed != user => Err(AmqpError::precondition_failed(format!(
-            "user_id property set to '{claimed}' but authenticated user was '{user}'"
-        ))),
+        Some(claimed) if claimed != user => {
+            let impersonator = auth
+                .user(user)
+                .is_some_and(|u| u.tags.iter().any(|t| t == "impersonator"));
+            if impersonator {
+                Ok(())
+            } else {
+                Err(AmqpError::precondition_failed(format!(
+                    "user_id property set to '{claimed}' but authenticated user was '{user}'"
+                )))
+            }
+        }
         _ => Ok(()),
     }
 }

@@ -1385,7 +1385,11 @@ async fn publish_message(
     };
     let props = properties_from_json(body.get("properties").unwrap_or(&Value::Null))?;
     // The checks basic.publish makes: a validated user-id, topic permissions.
-    crate::vhost::check_user_id(props.user_id.as_ref().map(ShortStr::as_str), &caller.name)?;
+    crate::vhost::check_user_id(
+        props.user_id.as_ref().map(ShortStr::as_str),
+        &caller.name,
+        &b.auth,
+    )?;
     v.check_topic(
         &b.auth,
         &caller.name,
