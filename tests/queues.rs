@@ -393,6 +393,143 @@ async fn rejected_and_overflowing_messages_are_dead_lettered() {
     broker.stop().await;
 }
 
+/// `x-max-length` holds when deliveries are requeued too: with drop-head,
+/// the oldest messages over the limit go (to the DLX), as RabbitMQ drops
+/// heads after a requeue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn length_limit_holds_when_messages_are_requeued() {
+    let broker = TestBroker::start().await;
+    let conn = broker.connect().await;
+    let ch = channel_with_queue(&conn, "dlq").await;
+    ch.queue_declare(
+        "bounded".into(),
+        QueueDeclareOptions::default(),
+        args(&[
+            ("x-max-length", AMQPValue::LongInt(2)),
+            ("x-dead-letter-exchange", AMQPValue::LongString("".into())),
+            (
+                "x-dead-letter-routing-key",
+                AMQPValue::LongString("dlq".into()),
+            ),
+        ]),
+    )
+    .await
+    .unwrap();
+    publish(&ch, "bounded", b"1").await;
+    publish(&ch, "bounded", b"2").await;
+    let consumer = conn.create_channel().await.unwrap();
+    for _ in 0..2 {
+        consumer
+            .basic_get("bounded".into(), BasicGetOptions::default())
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    publish(&ch, "bounded", b"3").await;
+    publish(&ch, "bounded", b"4").await;
+    assert_eq!(ready_count(&ch, "bounded").await, 2);
+    consumer
+        .basic_nack(
+            0,
+            BasicNackOptions {
+                multiple: true,
+                requeue: true,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        ready_count(&ch, "bounded").await,
+        2,
+        "still at most x-max-length after the requeue"
+    );
+    assert_eq!(
+        ready_count(&ch, "dlq").await,
+        2,
+        "the two oldest were dropped to the DLX"
+    );
+    let mut left = Vec::new();
+    while let Some(m) = ch
+        .basic_get("bounded".into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+    {
+        left.push(m.delivery.data);
+    }
+    assert_eq!(left, [b"3".to_vec(), b"4".to_vec()]);
+    broker.stop().await;
+}
+
+/// A TTL of 0 (the queue's or the message's): a message no consumer takes
+/// at once expires (and is dead-lettered) right away; one a consumer is
+/// waiting for is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ttl_zero_expires_what_cannot_be_delivered_at_once() {
+    let broker = TestBroker::start().await;
+    let conn = broker.connect().await;
+    let ch = channel_with_queue(&conn, "dlq").await;
+    ch.queue_declare(
+        "instant".into(),
+        QueueDeclareOptions::default(),
+        args(&[
+            ("x-message-ttl", AMQPValue::LongInt(0)),
+            ("x-dead-letter-exchange", AMQPValue::LongString("".into())),
+            (
+                "x-dead-letter-routing-key",
+                AMQPValue::LongString("dlq".into()),
+            ),
+        ]),
+    )
+    .await
+    .unwrap();
+    publish(&ch, "instant", b"nobody waits").await;
+    assert_eq!(ready_count(&ch, "instant").await, 0);
+    assert_eq!(ready_count(&ch, "dlq").await, 1, "dead-lettered at once");
+
+    // Per-message expiration "0" on a queue without a TTL.
+    ch.queue_declare(
+        "plain".into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.basic_publish(
+        "".into(),
+        "plain".into(),
+        BasicPublishOptions::default(),
+        b"gone",
+        BasicProperties::default().with_expiration("0".into()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(ready_count(&ch, "plain").await, 0);
+
+    // With a consumer ready, it is delivered.
+    let sub = conn.create_channel().await.unwrap();
+    let mut consumer = sub
+        .basic_consume(
+            "instant".into(),
+            "c".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    publish(&ch, "instant", b"taken").await;
+    let got = next_deliveries(&mut consumer, 1).await;
+    assert_eq!(got[0].data, b"taken");
+    assert_eq!(
+        ready_count(&ch, "dlq").await,
+        1,
+        "nothing more dead-lettered"
+    );
+    broker.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn priority_queue_delivers_highest_first() {
     let broker = TestBroker::start().await;

@@ -99,7 +99,7 @@ pub fn dead_letter(
     let routing_keys = original_routing_keys(msg, &headers);
 
     let mut deaths = match headers.remove("x-death") {
-        Some(FieldValue::Array(d)) => d,
+        Some(FieldValue::Array(d)) => group_by_queue_and_reason(d),
         _ => Vec::new(),
     };
     let same = |d: &FieldValue| match d {
@@ -113,8 +113,8 @@ pub fn dead_letter(
         Some(pos) => {
             let mut old = deaths.remove(pos);
             if let FieldValue::Table(t) = &mut old {
-                let count = t.get("count").and_then(FieldValue::as_i64).unwrap_or(0);
-                t.insert(s("count"), FieldValue::I64(count + 1));
+                let count = t.get("count").and_then(FieldValue::as_i64).unwrap_or(1);
+                t.insert(s("count"), FieldValue::I64(count.saturating_add(1)));
             }
             old
         }
@@ -170,6 +170,59 @@ pub fn dead_letter(
         },
         body: msg.body.clone(),
     }
+}
+
+/// Merges `x-death` entries for the same `{queue, reason}` into one (the
+/// first, most recent, keeps its place and fields) whose `count` is the sum
+/// of theirs, an entry without a `count` counting once. Headers written by
+/// RabbitMQ before it kept one entry per pair (rabbitmq-server#78), or by
+/// other brokers and clients, would otherwise grow by an entry on every
+/// trip through a dead-letter cycle. Entries that are not tables are kept.
+fn group_by_queue_and_reason(deaths: Vec<FieldValue>) -> Vec<FieldValue> {
+    let key = |d: &FieldValue| match d {
+        FieldValue::Table(t) => Some((
+            str_of(t.get("queue")).map(str::to_owned),
+            str_of(t.get("reason")).map(str::to_owned),
+        )),
+        _ => None,
+    };
+    let count = |d: &FieldValue| match d {
+        FieldValue::Table(t) => t.get("count").and_then(FieldValue::as_i64).unwrap_or(1),
+        _ => 0,
+    };
+    let mut grouped: Vec<FieldValue> = Vec::with_capacity(deaths.len());
+    let mut keys: Vec<Option<(Option<String>, Option<String>)>> = Vec::with_capacity(deaths.len());
+    for d in deaths {
+        let k = key(&d);
+        let earlier = k
+            .as_ref()
+            .and_then(|k| keys.iter().position(|seen| seen.as_ref() == Some(k)));
+        match earlier.and_then(|i| grouped.get_mut(i)) {
+            Some(FieldValue::Table(first)) => {
+                let total = first
+                    .get("count")
+                    .and_then(FieldValue::as_i64)
+                    .unwrap_or(1)
+                    .saturating_add(count(&d));
+                first.insert(s("count"), FieldValue::I64(total));
+            }
+            _ => {
+                if let FieldValue::Table(t) = &d {
+                    if t.get("count").is_none() {
+                        // An entry without a count stands for one death.
+                        let mut t = t.clone();
+                        t.insert(s("count"), FieldValue::I64(1));
+                        grouped.push(FieldValue::Table(t));
+                        keys.push(k);
+                        continue;
+                    }
+                }
+                grouped.push(d);
+                keys.push(k);
+            }
+        }
+    }
+    grouped
 }
 
 /// Whether dead-lettering a message with these headers into `queue` would
@@ -364,6 +417,52 @@ mod tests {
             h.get("x-last-death-reason").and_then(FieldValue::as_str),
             Some("expired")
         );
+    }
+
+    /// Old-style `x-death` (one entry per death, no `count`) is merged into
+    /// one entry per `{queue, reason}`, so a dead-letter cycle does not grow
+    /// the header without bound.
+    #[test]
+    fn old_style_entries_are_merged_not_appended() {
+        let old = |queue: &'static str, reason: &'static str| {
+            let t: FieldTable = [
+                (s("queue"), FieldValue::from(queue)),
+                (s("reason"), FieldValue::from(reason)),
+                (s("exchange"), FieldValue::from("")),
+                (s("time"), FieldValue::Timestamp(50)),
+            ]
+            .into_iter()
+            .collect();
+            FieldValue::Table(t)
+        };
+        let headers: FieldTable = [(
+            s("x-death"),
+            FieldValue::Array(vec![
+                old("q1", "rejected"),
+                old("q2", "expired"),
+                old("q1", "rejected"),
+            ]),
+        )]
+        .into_iter()
+        .collect();
+        let mut m = published(headers, None);
+        for trip in 1..=3_i64 {
+            let d = dead_letter(
+                &m,
+                &s("q1"),
+                DeadLetterReason::Rejected,
+                &s("dlx"),
+                None,
+                100,
+            );
+            let x = deaths(&headers_of(&d));
+            assert_eq!(x.len(), 2, "one entry per queue and reason");
+            assert_eq!(x[0].get("queue").and_then(FieldValue::as_str), Some("q1"));
+            assert_eq!(x[0].get("count"), Some(&FieldValue::I64(2 + trip)));
+            assert_eq!(x[1].get("queue").and_then(FieldValue::as_str), Some("q2"));
+            assert_eq!(x[1].get("count"), Some(&FieldValue::I64(1)));
+            m.header = d.header;
+        }
     }
 
     #[test]

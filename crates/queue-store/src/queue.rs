@@ -737,12 +737,20 @@ impl Queue {
             self.loaded_bytes += u64::from(entry.size);
         }
         self.push_new(entry, &mut fx.writes);
+        self.drop_heads_over_limit(fx);
+        Enqueued::Accepted
+    }
+
+    /// Dead-letters (or drops) the oldest ready messages while the queue is
+    /// over its length limits: for `drop-head` on publish, and on requeue
+    /// for `drop-head` only (RabbitMQ drops heads there too; the
+    /// reject-publish modes refuse only new publishes).
+    fn drop_heads_over_limit(&mut self, fx: &mut Effects) {
         while self.over_limit() {
             let Some(head) = self.pop_ready() else { break };
             self.dead_letter_or_discard(head.msg.clone(), DeadLetterReason::MaxLen, fx);
             self.finish(&head, fx);
         }
-        Enqueued::Accepted
     }
 
     /// Replaces the arguments in effect (a policy changed): the TTL applies to
@@ -757,17 +765,25 @@ impl Queue {
         args.queue_type = self.args.queue_type;
         self.args = args;
         if self.args.overflow == Overflow::DropHead {
-            while self.over_limit() {
-                let Some(head) = self.pop_ready() else { break };
-                self.dead_letter_or_discard(head.msg.clone(), DeadLetterReason::MaxLen, fx);
-                self.finish(&head, fx);
-            }
+            self.drop_heads_over_limit(fx);
         }
     }
 
     /// Dead-letters (or discards) expired messages at the heads of the queue.
     /// Like RabbitMQ, a message expires only once it reaches the head.
     pub fn expire(&mut self, now_ms: u64, fx: &mut Effects) {
+        self.expire_before(now_ms, fx);
+    }
+
+    /// [`Queue::expire`], counting messages that expire at `now_ms` as
+    /// expired: run after a publish was offered to the consumers, so that a
+    /// message with a TTL of 0 that none could take goes at once (RabbitMQ
+    /// delivers such a message only if a consumer takes it right away).
+    pub fn expire_undelivered(&mut self, now_ms: u64, fx: &mut Effects) {
+        self.expire_before(now_ms.saturating_add(1), fx);
+    }
+
+    fn expire_before(&mut self, now_ms: u64, fx: &mut Effects) {
         for level in 0..self.buckets.len() {
             if self.buckets.get(level).is_some_and(Bucket::stalled) {
                 self.refill(level);
@@ -884,6 +900,9 @@ impl Queue {
             self.loaded_bytes += u64::from(entry.size);
         }
         self.insert_ready(entry);
+        if self.args.overflow == Overflow::DropHead {
+            self.drop_heads_over_limit(fx);
+        }
         true
     }
 

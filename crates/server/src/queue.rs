@@ -264,6 +264,10 @@ impl QueueState {
             store.submit(fx.writes.drain(..));
         }
         self.dispatch(handle, store, fx);
+        // A message with a TTL of 0 that no consumer took expires now.
+        if outcome == Enqueued::Accepted {
+            self.queue.expire_undelivered(now_ms(), fx);
+        }
         (outcome, wrote)
     }
 
