@@ -24,13 +24,16 @@ use crate::headers::type_name;
 use crate::matcher::Matcher;
 use crate::topic::TopicScratch;
 
-/// The exchanges every vhost has, which clients cannot declare or delete.
-pub const SYSTEM_EXCHANGES: [(&str, ExchangeKind); 5] = [
-    ("amq.direct", ExchangeKind::Direct),
-    ("amq.fanout", ExchangeKind::Fanout),
-    ("amq.topic", ExchangeKind::Topic),
-    ("amq.headers", ExchangeKind::Headers),
-    ("amq.match", ExchangeKind::Headers),
+/// The exchanges every vhost has, which clients cannot declare or delete,
+/// with their type and whether they are internal. `amq.rabbitmq.trace` is
+/// the firehose's exchange (internal: only the broker publishes to it).
+pub const SYSTEM_EXCHANGES: [(&str, ExchangeKind, bool); 6] = [
+    ("amq.direct", ExchangeKind::Direct, false),
+    ("amq.fanout", ExchangeKind::Fanout, false),
+    ("amq.topic", ExchangeKind::Topic, false),
+    ("amq.headers", ExchangeKind::Headers, false),
+    ("amq.match", ExchangeKind::Headers, false),
+    ("amq.rabbitmq.trace", ExchangeKind::Topic, true),
 ];
 
 /// An exchange's declared properties.
@@ -184,13 +187,13 @@ impl Router {
             by_source: HashMap::default(),
             by_target: HashMap::default(),
         };
-        for (name, kind) in SYSTEM_EXCHANGES {
+        for (name, kind, internal) in SYSTEM_EXCHANGES {
             let def = ExchangeDef {
                 name: ShortStr::from_static(name),
                 kind,
                 durable: true,
                 auto_delete: false,
-                internal: false,
+                internal,
                 arguments: FieldTable::new(),
             };
             router.insert_exchange(def, true);
@@ -875,8 +878,12 @@ mod tests {
     #[test]
     fn system_exchanges_exist_and_are_protected() {
         let mut r = router_with_queues(1);
-        for (name, _) in SYSTEM_EXCHANGES {
-            assert!(r.exchange(name).is_some(), "{name}");
+        for (name, _, internal) in SYSTEM_EXCHANGES {
+            assert_eq!(
+                r.exchange(name).map(|x| x.internal),
+                Some(internal),
+                "{name}"
+            );
         }
         let e = r.delete_exchange("amq.direct", false).unwrap_err();
         assert_eq!(e.reply_code(), 403);

@@ -11,6 +11,11 @@
 //! what clears a memory alarm; one publisher at a time may finish a message
 //! it is halfway through while the queues alone are under the watermark, so
 //! half-received bodies cannot hold the alarm up forever.
+//!
+//! Both limits start from the configuration and can be changed while the
+//! broker runs (`warrenctl set_vm_memory_high_watermark` /
+//! `set_disk_free_limit`, as with rabbitmqctl): the alarms are re-evaluated
+//! at once, which also makes them a switch for drills and tests.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -66,10 +71,20 @@ pub struct Alarms {
     /// The connection allowed to go on receiving a message body while the
     /// memory alarm is raised (0: none); see [`Alarms::may_finish_body`].
     body_permit: watch::Sender<u64>,
+    /// The memory high watermark in effect, in octets.
+    memory_limit: AtomicU64,
+    /// The free disk space limit in effect, in octets.
+    disk_limit: AtomicU64,
+    /// Wakes the monitor to re-evaluate at once (a limit changed).
+    recheck: tokio::sync::Notify,
+    /// Whether any alarm is raised: `state` mirrored for the publish path,
+    /// which looks at it for every message.
+    raised: std::sync::atomic::AtomicBool,
 }
 
-impl Default for Alarms {
-    fn default() -> Self {
+impl Alarms {
+    /// Alarms with the configured memory watermark and disk limit (octets).
+    pub fn new(memory_limit: u64, disk_limit: u64) -> Alarms {
         Alarms {
             state: watch::channel(AlarmState::default()).0,
             estimate: AtomicU64::new(0),
@@ -77,11 +92,43 @@ impl Default for Alarms {
             peak: AtomicU64::new(0),
             partial_peak: AtomicU64::new(0),
             body_permit: watch::channel(0).0,
+            memory_limit: AtomicU64::new(memory_limit),
+            disk_limit: AtomicU64::new(disk_limit),
+            recheck: tokio::sync::Notify::new(),
+            raised: std::sync::atomic::AtomicBool::new(false),
         }
     }
-}
 
-impl Alarms {
+    /// Whether any alarm is raised (cheap: one atomic load).
+    #[inline]
+    pub fn any_raised(&self) -> bool {
+        self.raised.load(Ordering::Relaxed)
+    }
+
+    /// The memory high watermark in effect (octets).
+    pub fn memory_limit(&self) -> u64 {
+        self.memory_limit.load(Ordering::Relaxed)
+    }
+
+    /// The free disk space limit in effect (octets).
+    pub fn disk_limit(&self) -> u64 {
+        self.disk_limit.load(Ordering::Relaxed)
+    }
+
+    /// Changes the memory high watermark; the alarm follows at once.
+    pub fn set_memory_limit(&self, octets: u64) {
+        tracing::warn!(octets, "memory high watermark set");
+        self.memory_limit.store(octets, Ordering::Relaxed);
+        self.recheck.notify_one();
+    }
+
+    /// Changes the free disk space limit; the alarm follows at once.
+    pub fn set_disk_limit(&self, octets: u64) {
+        tracing::warn!(octets, "disk free limit set");
+        self.disk_limit.store(octets, Ordering::Relaxed);
+        self.recheck.notify_one();
+    }
+
     /// Watches the alarm state.
     pub fn subscribe(&self) -> watch::Receiver<AlarmState> {
         self.state.subscribe()
@@ -93,18 +140,18 @@ impl Alarms {
     }
 
     /// Accounts a published message enqueued `copies` times; raises the
-    /// memory alarm at once if that crosses `watermark`.
-    pub fn note_published(&self, size: u64, copies: u64, watermark: u64) {
+    /// memory alarm at once if that crosses the watermark.
+    pub fn note_published(&self, size: u64, copies: u64) {
         let added = (size + ENTRY_OVERHEAD) * copies;
         let now = self.estimate.fetch_add(added, Ordering::Relaxed) + added;
-        self.check(now + self.partial_bodies.load(Ordering::Relaxed), watermark);
+        self.check(now + self.partial_bodies.load(Ordering::Relaxed));
     }
 
     /// Accounts body octets of messages still arriving (`delta` may be
     /// negative: a body completed or was dropped); raises the memory alarm at
-    /// once if that crosses `watermark`, so that a publisher is stopped in
+    /// once if that crosses the watermark, so that a publisher is stopped in
     /// the middle of a large message rather than after it.
-    pub fn note_partial_bodies(&self, delta: i64, watermark: u64) {
+    pub fn note_partial_bodies(&self, delta: i64) {
         let now = if delta >= 0 {
             let d = delta.unsigned_abs();
             self.partial_bodies.fetch_add(d, Ordering::Relaxed) + d
@@ -114,7 +161,7 @@ impl Alarms {
         };
         if delta > 0 {
             self.partial_peak.fetch_max(now, Ordering::Relaxed);
-            self.check(now + self.estimate.load(Ordering::Relaxed), watermark);
+            self.check(now + self.estimate.load(Ordering::Relaxed));
         }
     }
 
@@ -135,9 +182,9 @@ impl Alarms {
         self.peak.load(Ordering::Relaxed)
     }
 
-    fn check(&self, used: u64, watermark: u64) {
+    fn check(&self, used: u64) {
         self.peak.fetch_max(used, Ordering::Relaxed);
-        if used > watermark && !self.current().memory {
+        if over(used, self.memory_limit()) && !self.current().memory {
             let mut s = self.current();
             s.memory = true;
             self.set(s);
@@ -153,12 +200,12 @@ impl Alarms {
     /// watermark (finishing a body only moves its octets from "arriving" to
     /// "queued"), one connection at a time holds a permit to finish its
     /// message. The worst case is the watermark plus one message.
-    pub fn may_finish_body(&self, id: u64, partial: u64, watermark: u64) -> bool {
+    pub fn may_finish_body(&self, id: u64, partial: u64) -> bool {
         if partial == 0 || self.current().disk {
             self.release_body_permit(id);
             return false;
         }
-        if self.estimate.load(Ordering::Relaxed) > watermark {
+        if self.estimate.load(Ordering::Relaxed) > self.memory_limit() {
             return *self.body_permit.borrow() == id;
         }
         self.body_permit.send_if_modified(|holder| {
@@ -202,9 +249,17 @@ impl Alarms {
                 if new.any() { "raised" } else { "cleared" }
             );
             *s = new;
+            self.raised.store(new.any(), Ordering::Relaxed);
             true
         });
     }
+}
+
+/// Whether `used` octets are over the memory watermark `limit`. A limit of
+/// 0 is always exceeded (as `rabbitmqctl set_vm_memory_high_watermark 0`
+/// blocks every publisher), even with nothing queued.
+fn over(used: u64, limit: u64) -> bool {
+    used > limit || limit == 0
 }
 
 /// Memory the broker accounts for: bodies queues hold in memory (ready and
@@ -232,6 +287,65 @@ fn memory_and_stats(broker: &Broker, sample: bool) -> u64 {
         .sum()
 }
 
+/// A memory or disk amount: octets, or a multiple of the machine's RAM.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Amount {
+    /// Octets.
+    Octets(u64),
+    /// A multiple of the machine's RAM.
+    OfRam(f64),
+}
+
+impl Amount {
+    /// The octets it stands for (RAM taken as 1 GiB if unknown).
+    pub fn octets(self) -> u64 {
+        match self {
+            Amount::Octets(n) => n,
+            Amount::OfRam(f) => {
+                let ram = total_memory().unwrap_or(1 << 30);
+                (ram as f64 * f) as u64
+            }
+        }
+    }
+}
+
+/// Parses RabbitMQ's forms: `0.4` (a multiple of RAM: has a decimal point),
+/// `1073741824` (octets), or a number with a unit: `k`/`KiB`, `M`/`MiB`,
+/// `G`/`GiB` (powers of 2), `kB`/`KB`, `MB`, `GB` (powers of 10), as
+/// RabbitMQ reads `vm_memory_high_watermark.absolute` and `disk_free_limit`.
+pub fn parse_amount(s: &str) -> Result<Amount, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let unit = unit.trim();
+    let bad = || {
+        format!(
+            "'{s}' is not an amount: give octets (1073741824), a unit (2GB, 512MiB) or a fraction of RAM (0.4)"
+        )
+    };
+    if unit.is_empty() && number.contains('.') {
+        let f: f64 = number.parse().map_err(|_| bad())?;
+        if !(f.is_finite() && f > 0.0) {
+            return Err(bad());
+        }
+        return Ok(Amount::OfRam(f));
+    }
+    let n: u64 = number.parse().map_err(|_| bad())?;
+    let scale: u64 = match unit {
+        "" => 1,
+        "k" | "K" | "kiB" | "KiB" => 1 << 10,
+        "M" | "m" | "MiB" => 1 << 20,
+        "G" | "g" | "GiB" => 1 << 30,
+        "kB" | "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(scale).map(Amount::Octets).ok_or_else(bad)
+}
+
 /// Total RAM, for the default watermark (0.4 of it, as RabbitMQ).
 pub fn total_memory() -> Option<u64> {
     let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
@@ -256,16 +370,18 @@ pub fn spawn_monitor(broker: &Arc<Broker>) {
             tokio::select! {
                 _ = b.shutdown.cancelled() => return,
                 _ = tick.tick() => {}
+                // A limit changed: look at memory and disk now.
+                () = b.alarms.recheck.notified() => n = 0,
             }
             // Message rates are sampled every 5 s (50 ticks).
             let used = memory_and_stats(&b, n % 50 == 0);
             b.alarms.estimate.store(used, Ordering::Relaxed);
             let used = used + b.alarms.partial_bodies();
             b.alarms.peak.fetch_max(used, Ordering::Relaxed);
-            let memory = used > b.config.memory_high_watermark;
+            let memory = over(used, b.alarms.memory_limit());
             if n % 10 == 0 {
                 disk = match fs4::available_space(&b.config.data_dir) {
-                    Ok(free) => free < b.config.disk_free_limit,
+                    Ok(free) => free < b.alarms.disk_limit(),
                     Err(e) => {
                         tracing::warn!(error = %e, "cannot read free disk space");
                         false
@@ -276,4 +392,33 @@ pub fn spawn_monitor(broker: &Arc<Broker>) {
             b.alarms.set(AlarmState { memory, disk });
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn amounts_read_as_rabbitmq_reads_them() {
+        assert_eq!(parse_amount("0.4"), Ok(Amount::OfRam(0.4)));
+        assert_eq!(parse_amount("1073741824"), Ok(Amount::Octets(1 << 30)));
+        assert_eq!(parse_amount("2GB"), Ok(Amount::Octets(2_000_000_000)));
+        assert_eq!(parse_amount("512MiB"), Ok(Amount::Octets(512 << 20)));
+        assert_eq!(parse_amount("50MB"), Ok(Amount::Octets(50_000_000)));
+        assert_eq!(parse_amount("1 GiB"), Ok(Amount::Octets(1 << 30)));
+        for bad in ["", "lots", "2TB", "-1", "0.0", "1.5GB"] {
+            assert!(parse_amount(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn limits_change_at_run_time() {
+        let alarms = Alarms::new(1000, 10);
+        alarms.note_published(100, 1);
+        assert!(!alarms.current().memory);
+        alarms.set_memory_limit(10);
+        alarms.note_published(1, 1);
+        assert!(alarms.current().memory, "over the new watermark");
+        assert_eq!((alarms.memory_limit(), alarms.disk_limit()), (10, 10));
+    }
 }

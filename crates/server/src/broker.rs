@@ -112,6 +112,10 @@ impl Default for Config {
 }
 
 /// 0.4 of RAM, as RabbitMQ.
+/// The node name reported in the management API and trace headers (one
+/// node until Warren clusters).
+pub const NODE_NAME: &str = "warren@localhost";
+
 fn default_watermark() -> u64 {
     crate::alarm::total_memory().map_or(1 << 30, |m| m / 10 * 4)
 }
@@ -470,6 +474,7 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
             None
         }
     };
+    let alarms = crate::alarm::Alarms::new(config.memory_high_watermark, config.disk_free_limit);
     let broker = Arc::new(Broker {
         config,
         store,
@@ -479,7 +484,7 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
         next_connection: AtomicU64::new(1),
         connections: std::sync::atomic::AtomicUsize::new(0),
         reply_consumers: crate::reply_to::ReplyConsumers::default(),
-        alarms: crate::alarm::Alarms::default(),
+        alarms,
         metrics: Arc::default(),
         live_connections: DashMap::new(),
         started: std::time::Instant::now(),

@@ -21,7 +21,7 @@ use amqp_codec::{
 use bytes::Bytes;
 use exchange::{BindingDef, Destination, ExchangeDeclare as RouterDeclare, Routed};
 use parking_lot::Mutex;
-use queue_store::{Effects, QueueArgs, args::first_difference, parse_expiration};
+use queue_store::{Effects, Message, QueueArgs, args::first_difference, parse_expiration};
 
 use crate::auth::{Access, Resource};
 use crate::broker::Broker;
@@ -154,6 +154,22 @@ impl ChannelShared {
         self.write_content(method, header, body);
         drop(d);
         true
+    }
+
+    /// Records a `deliver.<queue>` firehose copy of a delivery on this channel.
+    pub fn trace_delivery(&self, queue: &QueueHandle, message: &Message, redelivered: bool) {
+        let conn = &self.connection;
+        queue.tracer.delivered(
+            &conn.vhost,
+            &queue.name,
+            message,
+            redelivered,
+            crate::trace::Party {
+                connection: &conn.name,
+                channel: self.id,
+                user: &conn.user,
+            },
+        );
     }
 
     /// Writes a content-carrying method with header and body.
@@ -1238,6 +1254,9 @@ impl Channel {
                     });
                     let header = crate::queue::with_delivery_count(&msg.header, d.delivery_count);
                     self.shared.write_content(&method, &header, &msg.body);
+                    if queue.tracer.is_on() {
+                        self.shared.trace_delivery(&queue, &msg, d.redelivered);
+                    }
                 }
                 None => self
                     .shared
@@ -1347,6 +1366,11 @@ impl Channel {
                 header,
                 headers,
                 body,
+                publisher: crate::trace::Party {
+                    connection: &self.shared.connection.name,
+                    channel: self.shared.id,
+                    user: &self.shared.connection.user,
+                },
             },
             &mut self.routed,
             &mut fx,

@@ -561,6 +561,18 @@ struct Connection {
     partial: PartialBodies,
 }
 
+/// How far [`Connection::process`] got through the read buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Processed {
+    /// Every complete frame was handled.
+    All,
+    /// A resource alarm stopped it at a frame boundary: the frames after it
+    /// stay in the buffer until the connection may go on.
+    Stopped,
+    /// The close handshake completed: the connection ends.
+    Closed,
+}
+
 /// Body octets of this connection's messages still arriving, as accounted
 /// in the broker's alarms (given back when the connection ends, however it
 /// ends).
@@ -577,9 +589,7 @@ impl PartialBodies {
         if now != self.held {
             let delta = now as i64 - self.held as i64;
             self.held = now;
-            self.broker
-                .alarms
-                .note_partial_bodies(delta, self.broker.config.memory_high_watermark);
+            self.broker.alarms.note_partial_bodies(delta);
         }
         if now == 0 {
             self.broker.alarms.release_body_permit(self.id);
@@ -609,7 +619,27 @@ impl Connection {
         // Waiting for congested queues or the store (per-resource flow).
         let mut paused = false;
         let mut last_read = Instant::now();
+        // Frames left in the buffer by an alarm (see `Processed::Stopped`).
+        let mut stopped = false;
         loop {
+            if stopped && (!blocked || finishing) && !paused {
+                // The connection may go on: the frames already read first.
+                stopped = false;
+                match self.process(reader, frame_max).await {
+                    Ok(Processed::All) => {}
+                    Ok(Processed::Stopped) => stopped = true,
+                    Ok(Processed::Closed) => return,
+                    Err(e) => {
+                        self.close_with(reader, &e).await;
+                        return;
+                    }
+                }
+                self.after_frames();
+                blocked = self.update_blocked(blocked, self.broker.alarms.current());
+                finishing = self.may_finish_body(blocked);
+                paused = self.still_congested();
+                continue;
+            }
             reader.prepare();
             tokio::select! {
                 _ = self.vhost.closed.cancelled() => {
@@ -646,7 +676,7 @@ impl Connection {
                 () = wait_lowered(self.congested_gates(paused)), if paused => {
                     paused = self.still_congested();
                 }
-                read = reader.socket.read_buf(&mut reader.buf), if (!blocked || finishing) && !paused && !self.shared.outbox.is_full() => {
+                read = reader.socket.read_buf(&mut reader.buf), if (!blocked || finishing) && !paused && !stopped && !self.shared.outbox.is_full() => {
                     match read {
                         Ok(0) | Err(_) => return,
                         Ok(n) => {
@@ -655,19 +685,15 @@ impl Connection {
                         }
                     }
                     match self.process(reader, frame_max).await {
-                        Ok(false) => {}
-                        Ok(true) => return,
+                        Ok(Processed::All) => {}
+                        Ok(Processed::Stopped) => stopped = true,
+                        Ok(Processed::Closed) => return,
                         Err(e) => {
                             self.close_with(reader, &e).await;
                             return;
                         }
                     }
-                    for ch in self.channels.values_mut() {
-                        ch.flush_confirms(&self.broker);
-                    }
-                    // Bodies still arriving count against the memory watermark.
-                    let partial = self.channels.values().map(|c| c.assembler.buffered()).sum();
-                    self.partial.update(partial);
+                    self.after_frames();
                     // A publisher that just started publishing under an alarm
                     // stops here, in the middle of a message if need be.
                     blocked = self.update_blocked(blocked, self.broker.alarms.current());
@@ -709,6 +735,16 @@ impl Connection {
         }
     }
 
+    /// After a batch of frames: confirms go out, and bodies still arriving
+    /// are accounted against the memory watermark.
+    fn after_frames(&mut self) {
+        for ch in self.channels.values_mut() {
+            ch.flush_confirms(&self.broker);
+        }
+        let partial = self.channels.values().map(|c| c.assembler.buffered()).sum();
+        self.partial.update(partial);
+    }
+
     /// The gates to wait for while paused (none otherwise: no allocation on
     /// the read path).
     fn congested_gates(&self, paused: bool) -> Vec<Arc<FlowGate>> {
@@ -742,11 +778,9 @@ impl Connection {
             self.broker.alarms.release_body_permit(self.shared.id);
             return false;
         }
-        self.broker.alarms.may_finish_body(
-            self.shared.id,
-            self.partial.held,
-            self.broker.config.memory_high_watermark,
-        )
+        self.broker
+            .alarms
+            .may_finish_body(self.shared.id, self.partial.held)
     }
 
     /// Whether to stop reading: only publishers are blocked, and they are told
@@ -769,15 +803,34 @@ impl Connection {
         now
     }
 
-    /// Handles every complete frame in the buffer. `Ok(true)`: the close
-    /// handshake completed and the connection ends.
-    async fn process(&mut self, reader: &mut Reader, frame_max: u32) -> Result<bool, AmqpError> {
+    /// Handles the complete frames in the buffer, one at a time.
+    ///
+    /// As RabbitMQ's reader does, a publisher is blocked at the frame
+    /// boundary once a resource alarm is raised: a publish arriving after
+    /// the alarm stops at its content header and is not routed until the
+    /// alarm clears (the frames behind it wait in the buffer). Only a body
+    /// already arriving may be finished, under the body permit (see
+    /// [`crate::alarm::Alarms::may_finish_body`]).
+    async fn process(
+        &mut self,
+        reader: &mut Reader,
+        frame_max: u32,
+    ) -> Result<Processed, AmqpError> {
         while let Some(frame) = decode_frame(&mut reader.buf, frame_max)? {
             if self.frame(frame).await? {
-                return Ok(true);
+                return Ok(Processed::Closed);
+            }
+            if self.broker.alarms.any_raised()
+                && self.shared.has_published.load(Ordering::Relaxed)
+                && !self
+                    .broker
+                    .alarms
+                    .may_finish_body(self.shared.id, self.partial.held)
+            {
+                return Ok(Processed::Stopped);
             }
         }
-        Ok(false)
+        Ok(Processed::All)
     }
 
     async fn frame(&mut self, frame: Frame) -> Result<bool, AmqpError> {
@@ -882,6 +935,19 @@ impl Connection {
                 };
             }
         };
+        self.handle_command(channel, cmd).await?;
+        Ok(false)
+    }
+
+    /// Hands a complete command to its channel.
+    async fn handle_command(
+        &mut self,
+        channel: u16,
+        cmd: amqp_codec::Command,
+    ) -> Result<(), AmqpError> {
+        let Some(ch) = self.channels.get_mut(&channel) else {
+            return Ok(());
+        };
         match ch.handle(&self.broker, &self.vhost, cmd).await {
             Ok(ChannelOutcome::Open) => {}
             Ok(ChannelOutcome::Closed) => {
@@ -893,7 +959,7 @@ impl Connection {
             Err(e) if e.scope == Scope::Channel => ch.fail(&self.broker, &self.vhost, &e),
             Err(e) => return Err(e),
         }
-        Ok(false)
+        Ok(())
     }
 
     fn connection_frame(&mut self, frame: Frame) -> Result<bool, AmqpError> {

@@ -36,6 +36,7 @@ pub mod queue;
 pub mod repair;
 pub mod reply_to;
 pub mod tls;
+pub mod trace;
 pub mod vhost;
 
 pub use broker::{Broker, BrokerHandle, Config, StartError, start};

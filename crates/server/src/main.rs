@@ -14,6 +14,7 @@ use clap::Parser;
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 use serde::Deserialize;
+use server::alarm::{Amount, parse_amount};
 
 /// Warren, an AMQP 0-9-1 message broker.
 #[derive(Debug, Parser)]
@@ -154,62 +155,6 @@ struct FileConfig {
     prometheus_port: Option<u16>,
     no_prometheus: Option<bool>,
     log_json: Option<bool>,
-}
-
-/// A memory or disk amount: octets, or a multiple of the machine's RAM.
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Amount {
-    Octets(u64),
-    OfRam(f64),
-}
-
-impl Amount {
-    fn octets(self) -> u64 {
-        match self {
-            Amount::Octets(n) => n,
-            Amount::OfRam(f) => {
-                let ram = server::alarm::total_memory().unwrap_or(1 << 30);
-                (ram as f64 * f) as u64
-            }
-        }
-    }
-}
-
-/// Parses RabbitMQ's forms: `0.4` (a multiple of RAM: has a decimal point),
-/// `1073741824` (octets), or a number with a unit: `k`/`KiB`, `M`/`MiB`,
-/// `G`/`GiB` (powers of 2), `kB`/`KB`, `MB`, `GB` (powers of 10), as
-/// RabbitMQ reads `vm_memory_high_watermark.absolute` and `disk_free_limit`.
-fn parse_amount(s: &str) -> Result<Amount, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let (number, unit) = s.split_at(split);
-    let unit = unit.trim();
-    let bad = || {
-        format!(
-            "'{s}' is not an amount: give octets (1073741824), a unit (2GB, 512MiB) or a fraction of RAM (0.4)"
-        )
-    };
-    if unit.is_empty() && number.contains('.') {
-        let f: f64 = number.parse().map_err(|_| bad())?;
-        if !(f.is_finite() && f > 0.0) {
-            return Err(bad());
-        }
-        return Ok(Amount::OfRam(f));
-    }
-    let n: u64 = number.parse().map_err(|_| bad())?;
-    let scale: u64 = match unit {
-        "" => 1,
-        "k" | "K" | "kiB" | "KiB" => 1 << 10,
-        "M" | "m" | "MiB" => 1 << 20,
-        "G" | "g" | "GiB" => 1 << 30,
-        "kB" | "KB" => 1_000,
-        "MB" => 1_000_000,
-        "GB" => 1_000_000_000,
-        _ => return Err(bad()),
-    };
-    n.checked_mul(scale).map(Amount::Octets).ok_or_else(bad)
 }
 
 /// An amount in the config file: a number (octets, or with a decimal point
@@ -457,16 +402,7 @@ mod tests {
     }
 
     #[test]
-    fn amounts_read_as_rabbitmq_reads_them() {
-        assert_eq!(parse_amount("0.4"), Ok(Amount::OfRam(0.4)));
-        assert_eq!(parse_amount("1073741824"), Ok(Amount::Octets(1 << 30)));
-        assert_eq!(parse_amount("2GB"), Ok(Amount::Octets(2_000_000_000)));
-        assert_eq!(parse_amount("512MiB"), Ok(Amount::Octets(512 << 20)));
-        assert_eq!(parse_amount("50MB"), Ok(Amount::Octets(50_000_000)));
-        assert_eq!(parse_amount("1 GiB"), Ok(Amount::Octets(1 << 30)));
-        for bad in ["", "lots", "2TB", "-1", "0.0", "1.5GB"] {
-            assert!(parse_amount(bad).is_err(), "{bad}");
-        }
+    fn amounts_from_flags_and_file() {
         let args = Args::parse_from(["warren", "--memory-high-watermark", "512MiB"]);
         let c = config(args, FileConfig::default()).unwrap();
         assert_eq!(c.memory_high_watermark, 512 << 20);

@@ -228,8 +228,7 @@ impl Metrics {
         self.connections
             .set(broker.connections.load(Ordering::Relaxed) as i64);
         self.resident_memory.set(resident_memory() as i64);
-        self.memory_limit
-            .set(broker.config.memory_high_watermark as i64);
+        self.memory_limit.set(broker.alarms.memory_limit() as i64);
         let alarms = broker.alarms.current();
         self.memory_alarm.set(i64::from(alarms.memory));
         self.disk_alarm.set(i64::from(alarms.disk));

@@ -95,6 +95,8 @@ pub struct QueueHandle {
     pub flow: Arc<FlowGate>,
     /// The memory this queue may hold before its publishers are paused.
     pub flow_limit: u64,
+    /// Its vhost's firehose.
+    pub tracer: Arc<crate::trace::Tracer>,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -112,6 +114,7 @@ impl QueueHandle {
         auto_delete: bool,
         exclusive_owner: Option<u64>,
         flow_limit: u64,
+        tracer: Arc<crate::trace::Tracer>,
     ) -> Arc<QueueHandle> {
         Arc::new(QueueHandle {
             id: queue.id(),
@@ -134,6 +137,7 @@ impl QueueHandle {
             wake: Notify::new(),
             flow: Arc::default(),
             flow_limit,
+            tracer,
         })
     }
 
@@ -406,6 +410,11 @@ fn deliver(
     consumer
         .channel
         .write_content(&method, &header, &message.body);
+    if handle.tracer.is_on() {
+        consumer
+            .channel
+            .trace_delivery(handle, &message, delivery.redelivered);
+    }
 }
 
 /// The content header to deliver: with `x-delivery-count` set on redeliveries

@@ -36,6 +36,8 @@ pub struct Publish<'a> {
     pub headers: Option<FieldTable>,
     /// Body.
     pub body: bytes::Bytes,
+    /// Who publishes it (for the firehose).
+    pub publisher: crate::trace::Party<'a>,
 }
 
 /// What publishing one message did.
@@ -69,6 +71,8 @@ pub struct Vhost {
     pub limits: parking_lot::Mutex<VhostLimits>,
     /// Policies of this vhost.
     pub policies: RwLock<Vec<crate::policy::Policy>>,
+    /// The firehose switch and its pending copies (shared with the queues).
+    pub tracer: Arc<crate::trace::Tracer>,
 }
 
 /// Per-vhost limits; `None` means unlimited.
@@ -191,6 +195,7 @@ impl Vhost {
             connections: std::sync::atomic::AtomicUsize::new(0),
             limits: parking_lot::Mutex::new(VhostLimits::default()),
             policies: RwLock::new(Vec::new()),
+            tracer: Arc::default(),
         }
     }
 
@@ -454,6 +459,7 @@ impl Vhost {
             auto_delete,
             exclusive_owner,
             broker.config.queue_flow_limit,
+            self.tracer.clone(),
         );
         // Another connection may have created it meanwhile: first one wins.
         let handle = self
@@ -688,9 +694,13 @@ impl Vhost {
         }
     }
 
-    /// Applies a queue operation's effects: dead letters are routed and
-    /// published, then writes submitted, then references released.
+    /// Applies a queue operation's effects: trace copies and dead letters
+    /// are routed and published, then writes submitted, then references
+    /// released.
     pub fn apply(&self, broker: &Arc<Broker>, fx: &mut Effects) {
+        if self.tracer.is_on() {
+            self.publish_traces(broker, fx);
+        }
         // Dead letters can produce more (a full DLX queue dropping its head):
         // iterate until quiet, bounded so a pathological setup cannot spin.
         for _ in 0..16 {
@@ -758,6 +768,43 @@ impl Vhost {
         }
     }
 
+    /// Routes the firehose's pending copies through `amq.rabbitmq.trace`
+    /// (copies of its own messages are never made, so this ends).
+    fn publish_traces(&self, broker: &Arc<Broker>, fx: &mut Effects) {
+        let exchange = ShortStr::from_static(crate::trace::TRACE_EXCHANGE);
+        let mut routed = exchange::Routed::default();
+        for copy in self.tracer.take() {
+            // (The trace exchange is internal: routed like a dead letter.)
+            if self
+                .router
+                .read()
+                .route_dead_letter(&exchange, &copy.routing_key, None, &mut routed)
+                .is_err()
+            {
+                continue;
+            }
+            let message = Message::new(
+                broker.store.next_message_id(),
+                exchange.clone(),
+                copy.routing_key,
+                copy.header,
+                copy.body,
+            );
+            for &qid in routed.queues() {
+                let Some(q) = self.queue_by_id(qid.0) else {
+                    continue;
+                };
+                let mut st = q.state.lock();
+                if st.deleted {
+                    continue;
+                }
+                st.publish(&q, &message, &broker.store, fx);
+                drop(st);
+                q.wake.notify_one();
+            }
+        }
+    }
+
     /// Topic permissions, which apply to topic exchanges only: `access` to
     /// `routing_key` on `exchange` for `user`.
     pub fn check_topic(
@@ -791,9 +838,14 @@ impl Vhost {
         routed: &mut exchange::Routed,
         fx: &mut Effects,
     ) -> Result<Enqueue, AmqpError> {
+        check_sender_selected(p.headers.as_ref())?;
         self.router
             .read()
             .route(p.exchange, p.routing_key, p.headers.as_ref(), routed)?;
+        let trace_keys = self
+            .tracer
+            .is_on()
+            .then(|| crate::trace::routing_keys(p.routing_key, p.headers.as_ref()));
         let header = if routed.has_bcc() {
             strip_bcc(p.header, p.headers)
         } else {
@@ -806,6 +858,16 @@ impl Vhost {
             header,
             p.body,
         );
+        if let Some(keys) = trace_keys {
+            let queues = routed
+                .queues()
+                .iter()
+                .filter_map(|q| self.queue_by_id(q.0))
+                .map(|q| FieldValue::LongStr(q.name.clone().into_bytes()))
+                .collect();
+            self.tracer
+                .published(&self.name, &message, keys, queues, p.publisher);
+        }
         let mut out = Enqueue {
             message,
             refused: false,
@@ -840,11 +902,9 @@ impl Vhost {
             (true, true) => broker.metrics.unroutable_returned.inc(),
             (true, false) => broker.metrics.unroutable_dropped.inc(),
         };
-        broker.alarms.note_published(
-            out.message.size(),
-            routed.queues().len() as u64,
-            broker.config.memory_high_watermark,
-        );
+        broker
+            .alarms
+            .note_published(out.message.size(), routed.queues().len() as u64);
         self.apply(broker, fx);
         Ok(out)
     }
@@ -909,6 +969,7 @@ impl Vhost {
                 field_bool(t, "auto_delete"),
                 None,
                 broker.config.queue_flow_limit,
+                self.tracer.clone(),
             );
             self.queues.insert(name.clone(), handle.clone());
             self.by_id.insert(id, handle.clone());
@@ -945,6 +1006,26 @@ impl Vhost {
         }
         queues
     }
+}
+
+/// `CC` and `BCC` must be arrays (of routing keys): anything else is 406,
+/// naming the type as RabbitMQ does.
+fn check_sender_selected(headers: Option<&FieldTable>) -> Result<(), AmqpError> {
+    let Some(headers) = headers else {
+        return Ok(());
+    };
+    for name in ["CC", "BCC"] {
+        match headers.get(name) {
+            None | Some(FieldValue::Array(_)) => {}
+            Some(other) => {
+                return Err(AmqpError::precondition_failed(format!(
+                    "invalid message: {{unacceptable_type_in_header,\"{name}\",{}}}",
+                    queue_store::args::type_name(other)
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Removes the `BCC` header before delivery (sender-selected distribution).

@@ -150,6 +150,62 @@ enum Command {
     ImportDefinitions { file: String },
     /// Broker overview: version, object totals, alarms.
     Status,
+    /// Turns the vhost's firehose on: copies of every message published and
+    /// delivered go to its `amq.rabbitmq.trace` exchange (until trace_off or
+    /// a restart).
+    TraceOn,
+    /// Turns the vhost's firehose off.
+    TraceOff,
+    /// Sets the memory high watermark now (until a restart): a fraction of
+    /// RAM (`0.4`), or `absolute <amount>` (`absolute 2GB`). `0` raises the
+    /// memory alarm at once, for drills.
+    SetVmMemoryHighWatermark {
+        /// A fraction of RAM, or the word `absolute`.
+        #[arg(value_name = "FRACTION|absolute")]
+        value: String,
+        /// The amount after `absolute` (octets or with a unit: 2GB, 512MiB).
+        #[arg(value_name = "AMOUNT")]
+        amount: Option<String>,
+    },
+    /// Sets the free disk space limit now (until a restart): an amount
+    /// (`50MB`, `2GB`) or `mem_relative <fraction>` of RAM.
+    SetDiskFreeLimit {
+        /// An amount, or the word `mem_relative`.
+        #[arg(value_name = "AMOUNT|mem_relative")]
+        value: String,
+        /// The fraction of RAM after `mem_relative`.
+        #[arg(value_name = "FRACTION")]
+        fraction: Option<String>,
+    },
+}
+
+/// The JSON body of a limit: `{"absolute": amount}` or `{relative: f}`
+/// when the first word is `keyword` (rabbitmqctl's forms).
+fn limit_body(
+    first: &str,
+    second: Option<&str>,
+    keyword: &str,
+    relative: &str,
+) -> Result<Value, Failure> {
+    let number = |s: &str| {
+        s.parse::<f64>()
+            .map_err(|_| Failure::Local(format!("'{s}' is not a number")))
+    };
+    match (first, second) {
+        (word, Some(value)) if word == keyword => Ok(if keyword == "absolute" {
+            json!({ "absolute": value })
+        } else {
+            json!({ relative: number(value)? })
+        }),
+        (word, None) if word == keyword => Err(Failure::Local(format!(
+            "'{keyword}' needs a value after it"
+        ))),
+        (value, None) if keyword == "absolute" => Ok(json!({ relative: number(value)? })),
+        (value, None) => Ok(json!({ "absolute": value })),
+        (value, Some(extra)) => Err(Failure::Local(format!(
+            "unexpected '{extra}' after '{value}'"
+        ))),
+    }
 }
 
 /// Why a command failed, and its exit code.
@@ -582,6 +638,34 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             api.call(reqwest::Method::POST, "/api/definitions", Some(defs), None)
                 .await?;
             eprintln!("Imported definitions from {file}");
+        }
+        Command::TraceOn | Command::TraceOff => {
+            let on = matches!(cli.command, Command::TraceOn);
+            // (The vhost must exist: PUT alone would create it.)
+            api.get(&format!("/api/vhosts/{vh}")).await?;
+            api.put(&format!("/api/vhosts/{vh}"), json!({ "tracing": on }))
+                .await?;
+            eprintln!(
+                "{} tracing for vhost \"{}\" ...",
+                if on { "Starting" } else { "Stopping" },
+                cli.vhost
+            );
+        }
+        Command::SetVmMemoryHighWatermark { value, amount } => {
+            let body = limit_body(&value, amount.as_deref(), "absolute", "fraction")?;
+            let node = api.get("/api/overview").await?;
+            let node = seg(&column(&node, "node"));
+            api.put(&format!("/api/nodes/{node}/vm_memory_high_watermark"), body)
+                .await?;
+            eprintln!("Setting memory threshold on {} to {value} ...", cli.url);
+        }
+        Command::SetDiskFreeLimit { value, fraction } => {
+            let body = limit_body(&value, fraction.as_deref(), "mem_relative", "mem_relative")?;
+            let node = api.get("/api/overview").await?;
+            let node = seg(&column(&node, "node"));
+            api.put(&format!("/api/nodes/{node}/disk_free_limit"), body)
+                .await?;
+            eprintln!("Setting disk free limit on {} to {value} ...", cli.url);
         }
         Command::Status => {
             let overview = api.get("/api/overview").await?;

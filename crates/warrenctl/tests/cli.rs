@@ -311,3 +311,171 @@ async fn a_closed_pipe_ends_warrenctl_quietly() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert!(out.status.success(), "{:?}: {stderr}", out.status);
 }
+
+/// `set_vm_memory_high_watermark` raises and clears the memory alarm at run
+/// time. A publish that arrives while it is raised is not routed (the
+/// connection is blocked at its content header) until it clears.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_watermark_switch_holds_publishes_until_the_alarm_clears() {
+    use amqp_codec::methods::{BasicPublish, QueueDeclare};
+    use amqp_codec::{
+        BasicProperties, ContentHeader, Method, ShortStr, encode_body, encode_content_header,
+        encode_method,
+    };
+    let broker = TestBroker::start().await;
+    let mut publisher =
+        warren_tests::RawClient::open_with(broker.addr, &["connection.blocked"], "/").await;
+    let declare = |passive| QueueDeclare {
+        queue: ShortStr::from_static("held"),
+        passive,
+        ..Default::default()
+    };
+    publisher.send(1, declare(false).into()).await;
+    assert!(matches!(
+        publisher.method().await,
+        Some(Method::QueueDeclareOk(_))
+    ));
+
+    let mut alarms = broker.broker().alarms.subscribe();
+    stdout(&ctl(&broker, &["set_vm_memory_high_watermark", "absolute", "0"]).await);
+    alarms.wait_for(|a| a.memory).await.unwrap();
+
+    let mut frames = bytes::BytesMut::new();
+    encode_method(
+        &mut frames,
+        1,
+        &BasicPublish {
+            routing_key: ShortStr::from_static("held"),
+            ..Default::default()
+        }
+        .into(),
+    )
+    .unwrap();
+    let header = ContentHeader {
+        class_id: 60,
+        weight: 0,
+        body_size: 4,
+        properties: BasicProperties::default().to_raw().unwrap(),
+    };
+    encode_content_header(&mut frames, 1, &header).unwrap();
+    encode_body(&mut frames, 1, b"late", 131_072).unwrap();
+    publisher.send_raw(&frames).await;
+    assert!(matches!(
+        publisher.method().await,
+        Some(Method::ConnectionBlocked(_))
+    ));
+    let conn = broker.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    assert_eq!(
+        warren_tests::ready_count(&ch, "held").await,
+        0,
+        "not routed under the alarm"
+    );
+
+    stdout(&ctl(&broker, &["set_vm_memory_high_watermark", "0.4"]).await);
+    assert!(matches!(
+        publisher.method().await,
+        Some(Method::ConnectionUnblocked(_))
+    ));
+    // (On the publisher's connection, after its held publish.)
+    publisher.send(1, declare(true).into()).await;
+    match publisher.method().await {
+        Some(Method::QueueDeclareOk(ok)) => assert_eq!(ok.message_count, 1),
+        other => panic!("expected queue.declare-ok, got {other:?}"),
+    }
+
+    // The disk limit switch, likewise.
+    stdout(&ctl(&broker, &["set_disk_free_limit", "1000000GB"]).await);
+    alarms.wait_for(|a| a.disk).await.unwrap();
+    stdout(&ctl(&broker, &["set_disk_free_limit", "1MB"]).await);
+    alarms.wait_for(|a| !a.disk).await.unwrap();
+    let refused = ctl(&broker, &["set_vm_memory_high_watermark", "absolute"]).await;
+    assert_eq!(refused.status.code(), Some(1));
+    broker.stop().await;
+}
+
+/// `trace_on -p <vhost>` turns on the firehose: a publish and its delivery
+/// are copied to `amq.rabbitmq.trace` as `publish.<exchange>` and
+/// `deliver.<queue>` with RabbitMQ's headers; `trace_off` stops it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trace_on_copies_publishes_and_deliveries_to_the_trace_exchange() {
+    use lapin::options::{BasicGetOptions, QueueBindOptions, QueueDeclareOptions};
+    use lapin::types::{AMQPValue, FieldTable};
+    let broker = TestBroker::start().await;
+    let conn = broker.connect().await;
+    let ch = channel_with_queue(&conn, "work").await;
+    ch.queue_declare(
+        "firehose".into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_bind(
+        "firehose".into(),
+        "amq.rabbitmq.trace".into(),
+        "#".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    publish(&ch, "work", b"untraced").await;
+    assert_eq!(warren_tests::ready_count(&ch, "firehose").await, 0);
+
+    stdout(&ctl(&broker, &["trace_on", "-p", "/"]).await);
+    assert!(broker.broker().vhost("/").unwrap().tracer.is_on());
+    publish(&ch, "work", b"traced").await;
+    let get = |q: &'static str| {
+        let ch = ch.clone();
+        async move {
+            ch.basic_get(q.into(), BasicGetOptions { no_ack: true })
+                .await
+                .unwrap()
+                .expect("a message")
+                .delivery
+        }
+    };
+    let _untraced = get("work").await; // delivers "untraced": traced too
+    let _traced = get("work").await;
+    stdout(&ctl(&broker, &["trace_off", "-p", "/"]).await);
+    publish(&ch, "work", b"after").await;
+    let _after = get("work").await;
+
+    // publish.<exchange> for "traced", deliver.work for both gets.
+    let mut copies = Vec::new();
+    while let Some(m) = ch
+        .basic_get("firehose".into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+    {
+        copies.push(m.delivery);
+    }
+    let keys: Vec<String> = copies.iter().map(|d| d.routing_key.to_string()).collect();
+    assert_eq!(keys, ["publish.", "deliver.work", "deliver.work"]);
+    let published = &copies[0];
+    assert_eq!(published.data, b"traced");
+    let headers = published.properties.headers().clone().unwrap();
+    let text = |k: &str| match headers.inner().get(k) {
+        Some(AMQPValue::LongString(s)) => s.to_string(),
+        other => panic!("{k}: {other:?}"),
+    };
+    assert_eq!(text("exchange_name"), "");
+    assert_eq!(text("user"), "guest");
+    assert_eq!(text("vhost"), "/");
+    assert!(matches!(
+        headers.inner().get("routed_queues"),
+        Some(AMQPValue::FieldArray(a)) if a.as_slice() == [AMQPValue::LongString("work".into())]
+    ));
+    assert!(matches!(
+        headers.inner().get("channel"),
+        Some(AMQPValue::LongInt(_))
+    ));
+    let delivered = copies[2].properties.headers().clone().unwrap();
+    assert_eq!(
+        delivered.inner().get("redelivered"),
+        Some(&AMQPValue::LongInt(0))
+    );
+    assert_eq!(copies[2].data, b"traced");
+    broker.stop().await;
+}

@@ -8,7 +8,7 @@ use amqp_codec::ShortStr;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use queue_store::QueueArgs;
 use serde_json::{Map, Value, json};
@@ -21,7 +21,7 @@ use crate::broker::Broker;
 use crate::vhost::Vhost;
 
 /// The node name reported in objects (single-node broker).
-pub(super) const NODE: &str = "warren@localhost";
+pub(super) const NODE: &str = crate::broker::NODE_NAME;
 
 type Shared = State<Arc<Broker>>;
 type ApiResult = Result<Response, ApiError>;
@@ -91,6 +91,14 @@ pub(super) fn router(broker: Arc<Broker>) -> Router {
         )
         .route("/api/nodes", get(list_nodes))
         .route("/api/nodes/{name}", get(get_node))
+        .route(
+            "/api/nodes/{name}/vm_memory_high_watermark",
+            put(put_memory_watermark),
+        )
+        .route(
+            "/api/nodes/{name}/disk_free_limit",
+            put(put_disk_free_limit),
+        )
         .route("/api/vhosts/{vhost}/permissions", get(vhost_permissions))
         .route("/api/users/{user}/permissions", get(user_permissions))
         .route("/api/policies", get(list_all_policies))
@@ -234,7 +242,7 @@ fn vhost_json(v: &Vhost) -> Value {
         "name": v.name(),
         "description": "",
         "tags": [],
-        "tracing": false,
+        "tracing": v.tracer.is_on(),
         "messages": ready + unacked,
         "messages_ready": ready,
         "messages_unacknowledged": unacked,
@@ -256,11 +264,33 @@ async fn get_vhost(State(b): Shared, caller: Caller, Path(name): Path<String>) -
     ok(vhost_json(&v))
 }
 
-async fn put_vhost(State(b): Shared, caller: Caller, Path(name): Path<String>) -> ApiResult {
+/// Creates a vhost; `{"tracing": true|false}` turns its firehose on or off
+/// (as RabbitMQ's API, and `warrenctl trace_on/trace_off`). Tracing is not
+/// persisted: a restart turns it off, as in RabbitMQ.
+async fn put_vhost(
+    State(b): Shared,
+    caller: Caller,
+    Path(name): Path<String>,
+    body: Body,
+) -> ApiResult {
     caller.require_admin()?;
     short(&name)?;
+    let body = body_map(body);
+    let tracing = match body.get("tracing") {
+        None => None,
+        Some(Value::Bool(on)) => Some(*on),
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "tracing must be true or false, not {other}"
+            )));
+        }
+    };
     let was_new = b.vhost(&name).is_none();
-    b.add_vhost(&name).await?;
+    let v = b.add_vhost(&name).await?;
+    if let Some(on) = tracing {
+        v.tracer.set(on);
+        tracing::info!(vhost = %name, on, "tracing");
+    }
     created(was_new)
 }
 
@@ -882,9 +912,9 @@ fn node_json(b: &Broker) -> Value {
         "type": "disc",
         "running": true,
         "mem_used": rss,
-        "mem_limit": b.config.memory_high_watermark,
+        "mem_limit": b.alarms.memory_limit(),
         "mem_alarm": alarms.memory,
-        "disk_free_limit": b.config.disk_free_limit,
+        "disk_free_limit": b.alarms.disk_limit(),
         "disk_free_alarm": alarms.disk,
         "processors": std::thread::available_parallelism().map_or(1, |n| n.get()),
         "uptime": b.started.elapsed().as_millis() as u64,
@@ -894,6 +924,75 @@ fn node_json(b: &Broker) -> Value {
 async fn list_nodes(State(b): Shared, caller: Caller) -> ApiResult {
     caller.require_monitoring()?;
     ok(json!([node_json(&b)]))
+}
+
+/// The octets a limit body names: `{"absolute": octets}`, or a fraction of
+/// the machine's memory as `{"fraction": f}` (memory watermark) or
+/// `{"mem_relative": f}` (disk limit), as rabbitmqctl takes them.
+fn limit_octets(body: &Map<String, Value>, relative: &str) -> Result<u64, ApiError> {
+    if let Some(v) = body.get("absolute") {
+        // Octets, or a string with a unit ("2GB", "512MiB") as in the
+        // configuration.
+        let octets = match v {
+            Value::String(text) => match crate::alarm::parse_amount(text) {
+                Ok(crate::alarm::Amount::Octets(n)) => Some(n),
+                _ => None,
+            },
+            other => other.as_u64(),
+        };
+        return octets.ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "absolute must be octets or an amount like \"2GB\", not {v}"
+            ))
+        });
+    }
+    let Some(f) = body.get(relative) else {
+        return Err(ApiError::bad_request(format!(
+            "expected {{\"absolute\": octets}} or {{\"{relative}\": number}}"
+        )));
+    };
+    let f = f
+        .as_f64()
+        .filter(|f| f.is_finite() && *f >= 0.0)
+        .ok_or_else(|| ApiError::bad_request(format!("{relative} must be a number >= 0")))?;
+    let total = crate::alarm::total_memory()
+        .ok_or_else(|| ApiError::internal("cannot read the machine's memory size"))?;
+    Ok((total as f64 * f) as u64)
+}
+
+/// Changes the memory high watermark at run time (Warren's endpoint for
+/// `warrenctl set_vm_memory_high_watermark`; RabbitMQ does this through
+/// rabbitmqctl). Not persisted: the configuration applies after a restart.
+async fn put_memory_watermark(
+    State(b): Shared,
+    caller: Caller,
+    Path(name): Path<String>,
+    body: Body,
+) -> ApiResult {
+    caller.require_admin()?;
+    if name != NODE {
+        return Err(ApiError::not_found());
+    }
+    let octets = limit_octets(&body_map(body), "fraction")?;
+    b.alarms.set_memory_limit(octets);
+    no_content()
+}
+
+/// Changes the free disk space limit at run time (`warrenctl
+/// set_disk_free_limit`). Not persisted.
+async fn put_disk_free_limit(
+    State(b): Shared,
+    caller: Caller,
+    Path(name): Path<String>,
+    body: Body,
+) -> ApiResult {
+    caller.require_admin()?;
+    if name != NODE {
+        return Err(ApiError::not_found());
+    }
+    let octets = limit_octets(&body_map(body), "mem_relative")?;
+    b.alarms.set_disk_limit(octets);
+    no_content()
 }
 
 async fn get_node(State(b): Shared, caller: Caller, Path(name): Path<String>) -> ApiResult {
@@ -1418,6 +1517,11 @@ async fn publish_message(
             header,
             headers,
             body: payload,
+            publisher: crate::trace::Party {
+                connection: "management API",
+                channel: 0,
+                user: &caller.name,
+            },
         },
         &mut routed,
         &mut fx,
@@ -1568,6 +1672,11 @@ async fn aliveness_test(State(b): Shared, caller: Caller, Path(vhost): Path<Stri
             header,
             headers: None,
             body: bytes::Bytes::from_static(b"aliveness-test!"),
+            publisher: crate::trace::Party {
+                connection: "management API",
+                channel: 0,
+                user: "",
+            },
         },
         &mut routed,
         &mut fx,
