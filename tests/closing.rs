@@ -191,3 +191,28 @@ async fn broker_reads_on_after_connection_close_ok() {
     writer.shutdown().await.unwrap();
     broker.stop().await;
 }
+
+/// Reopening a channel the broker closed, before sending its close-ok: the
+/// channel is still open as far as the broker knows (504, as RabbitMQ).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reopening_before_the_close_ok_is_a_channel_error() {
+    let broker = TestBroker::start().await;
+    let mut c = RawClient::open(broker.addr).await;
+    let mut buf = bytes::BytesMut::new();
+    publish_frames(&mut buf, 1, "missing", b"x");
+    c.send_raw(&buf).await;
+    assert!(matches!(c.method().await, Some(Method::ChannelClose(_))));
+    c.send(1, ChannelOpen::default().into()).await;
+    match c.method().await {
+        Some(Method::ConnectionClose(close)) => {
+            assert_eq!(close.reply_code, 504);
+            assert_eq!(
+                close.reply_text.as_str(),
+                "CHANNEL_ERROR - second 'channel.open' seen"
+            );
+            assert_eq!((close.class_id, close.method_id), (20, 10));
+        }
+        other => panic!("expected connection.close 504, got {other:?}"),
+    }
+    broker.stop().await;
+}

@@ -184,3 +184,44 @@ async fn heartbeats_are_sent_at_half_the_interval() {
     assert!(dropped.is_ok(), "silent client not disconnected");
     broker.stop().await;
 }
+
+/// A `tune-ok` outside the server's offer (frame_max above it or below the
+/// 4096 minimum, channel_max above it) gets the socket closed, without a
+/// `connection.close`: the spec's rule, and RabbitMQ 3.10's behaviour.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tune_ok_outside_the_offer_closes_the_socket() {
+    let broker = TestBroker::start().await;
+    for (channel_max, frame_max) in [(10, 1_000_000u32), (10, 1024), (10, 0), (4000, 131_072)] {
+        let mut c = RawClient::connect(broker.addr).await;
+        c.send_raw(&PROTOCOL_HEADER).await;
+        assert!(matches!(c.method().await, Some(Method::ConnectionStart(_))));
+        c.send(
+            0,
+            ConnectionStartOk {
+                client_properties: amqp_codec::FieldTable::new(),
+                mechanism: ShortStr::from_static("PLAIN"),
+                response: bytes::Bytes::from_static(b"\0guest\0guest"),
+                locale: ShortStr::from_static("en_US"),
+            }
+            .into(),
+        )
+        .await;
+        assert!(matches!(c.method().await, Some(Method::ConnectionTune(_))));
+        c.send(
+            0,
+            ConnectionTuneOk {
+                channel_max,
+                frame_max,
+                heartbeat: 0,
+            }
+            .into(),
+        )
+        .await;
+        assert_eq!(
+            c.read_to_end().await,
+            b"",
+            "channel_max {channel_max}, frame_max {frame_max}: closed without a reply"
+        );
+    }
+    broker.stop().await;
+}

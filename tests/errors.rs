@@ -435,3 +435,41 @@ async fn multiple_acks_follow_rabbitmq() {
     );
     broker.stop().await;
 }
+
+/// `CC` / `BCC` headers must be arrays: another type is 406 naming it as
+/// RabbitMQ does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sender_selected_headers_must_be_arrays() {
+    use lapin::types::{AMQPValue, FieldTable};
+    let broker = TestBroker::start().await;
+    let conn = broker.connect().await;
+    for (name, value, type_name) in [
+        ("CC", AMQPValue::LongString("q".into()), "longstr"),
+        ("BCC", AMQPValue::LongInt(5), "signedint"),
+    ] {
+        let ch = channel_with_queue(&conn, "q").await;
+        let mut headers = FieldTable::default();
+        headers.insert(name.into(), value);
+        ch.basic_publish(
+            "".into(),
+            "q".into(),
+            lapin::options::BasicPublishOptions::default(),
+            b"x",
+            lapin::BasicProperties::default().with_headers(headers),
+        )
+        .await
+        .unwrap();
+        warren_tests::assert_closed_by_broker(
+            Ok(()),
+            &ch,
+            406,
+            &format!(
+                "PRECONDITION_FAILED - invalid message: {{unacceptable_type_in_header,\"{name}\",{type_name}}}"
+            ),
+        )
+        .await;
+    }
+    let ch = conn.create_channel().await.unwrap();
+    assert_eq!(warren_tests::ready_count(&ch, "q").await, 0);
+    broker.stop().await;
+}

@@ -687,3 +687,272 @@ async fn exclusive_flag_must_match_on_redeclare() {
         .unwrap();
     broker.stop().await;
 }
+
+/// A raw client's next method on `channel`, skipping content frames.
+async fn next_on(c: &mut warren_tests::RawClient, channel: u16) -> amqp_codec::Method {
+    loop {
+        match c.frame().await.expect("connection open") {
+            amqp_codec::Frame::Method {
+                channel: ch,
+                method,
+            } if ch == channel => return method,
+            _ => continue,
+        }
+    }
+}
+
+/// An empty queue name means the channel's last declared queue (the spec's
+/// rule, as RabbitMQ implements it): bind (with the queue's name as the
+/// routing key when that is empty too), get, consume, purge and delete.
+/// Without a declared queue it is 404.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_queue_name_is_the_last_declared_queue() {
+    use amqp_codec::methods::*;
+    use amqp_codec::{Method, ShortStr};
+    let e = ShortStr::default;
+    let broker = TestBroker::start().await;
+    let mut c = warren_tests::RawClient::open(broker.addr).await;
+    c.send(
+        1,
+        QueuePurge {
+            queue: e(),
+            ..Default::default()
+        }
+        .into(),
+    )
+    .await;
+    match next_on(&mut c, 1).await {
+        Method::ChannelClose(close) => {
+            assert_eq!(close.reply_code, 404);
+            assert_eq!(
+                close.reply_text.as_str(),
+                "NOT_FOUND - no previously declared queue"
+            );
+            assert_eq!((close.class_id, close.method_id), (50, 30));
+        }
+        other => panic!("{other:?}"),
+    }
+    c.send(1, ChannelCloseOk {}.into()).await;
+
+    c.send(2, ChannelOpen::default().into()).await;
+    assert!(matches!(next_on(&mut c, 2).await, Method::ChannelOpenOk(_)));
+    c.send(
+        2,
+        QueueDeclare {
+            queue: ShortStr::from_static("latest"),
+            ..Default::default()
+        }
+        .into(),
+    )
+    .await;
+    assert!(matches!(
+        next_on(&mut c, 2).await,
+        Method::QueueDeclareOk(_)
+    ));
+    c.send(
+        2,
+        QueueBind {
+            queue: e(),
+            exchange: ShortStr::from_static("amq.direct"),
+            routing_key: e(),
+            ..Default::default()
+        }
+        .into(),
+    )
+    .await;
+    assert!(matches!(next_on(&mut c, 2).await, Method::QueueBindOk(_)));
+    // Bound with routing key "latest".
+    let conn = broker.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.basic_publish(
+        "amq.direct".into(),
+        "latest".into(),
+        BasicPublishOptions::default(),
+        b"via the shortcut",
+        BasicProperties::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(ready_count(&ch, "latest").await, 1);
+    c.send(
+        2,
+        BasicGet {
+            queue: e(),
+            no_ack: true,
+            ..Default::default()
+        }
+        .into(),
+    )
+    .await;
+    assert!(matches!(next_on(&mut c, 2).await, Method::BasicGetOk(_)));
+    c.send(
+        2,
+        BasicConsume {
+            queue: e(),
+            consumer_tag: ShortStr::from_static("c"),
+            ..Default::default()
+        }
+        .into(),
+    )
+    .await;
+    assert!(matches!(
+        next_on(&mut c, 2).await,
+        Method::BasicConsumeOk(_)
+    ));
+    c.send(
+        2,
+        BasicCancel {
+            consumer_tag: ShortStr::from_static("c"),
+            ..Default::default()
+        }
+        .into(),
+    )
+    .await;
+    assert!(matches!(next_on(&mut c, 2).await, Method::BasicCancelOk(_)));
+    c.send(
+        2,
+        QueueDelete {
+            queue: e(),
+            ..Default::default()
+        }
+        .into(),
+    )
+    .await;
+    assert!(matches!(next_on(&mut c, 2).await, Method::QueueDeleteOk(_)));
+    let vhost = broker.broker().vhost("/").unwrap();
+    assert!(
+        vhost.find_queue("latest").is_none(),
+        "deleted by the shortcut"
+    );
+    broker.stop().await;
+}
+
+/// `\r` and `\n` are stripped from the names of declares, binds and deletes
+/// (RabbitMQ's rule), not from those of publishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cr_and_lf_are_stripped_from_declared_names() {
+    use amqp_codec::methods::*;
+    use amqp_codec::{Method, ShortStr};
+    let broker = TestBroker::start().await;
+    let mut c = warren_tests::RawClient::open(broker.addr).await;
+    c.send(
+        1,
+        QueueDeclare {
+            queue: ShortStr::from_static("a\r\nb"),
+            ..Default::default()
+        }
+        .into(),
+    )
+    .await;
+    match next_on(&mut c, 1).await {
+        Method::QueueDeclareOk(ok) => assert_eq!(ok.queue.as_str(), "ab"),
+        other => panic!("{other:?}"),
+    }
+    c.send(
+        1,
+        ExchangeDeclare {
+            exchange: ShortStr::from_static("x\ny"),
+            kind: ShortStr::from_static("fanout"),
+            ..Default::default()
+        }
+        .into(),
+    )
+    .await;
+    assert!(matches!(
+        next_on(&mut c, 1).await,
+        Method::ExchangeDeclareOk(_)
+    ));
+    c.send(
+        1,
+        QueueBind {
+            queue: ShortStr::from_static("a\nb"),
+            exchange: ShortStr::from_static("x\ry"),
+            ..Default::default()
+        }
+        .into(),
+    )
+    .await;
+    assert!(matches!(next_on(&mut c, 1).await, Method::QueueBindOk(_)));
+    let vhost = broker.broker().vhost("/").unwrap();
+    assert!(vhost.router.read().exchange("xy").is_some());
+    c.send(
+        1,
+        QueueDelete {
+            queue: ShortStr::from_static("a\nb"),
+            ..Default::default()
+        }
+        .into(),
+    )
+    .await;
+    assert!(matches!(next_on(&mut c, 1).await, Method::QueueDeleteOk(_)));
+    assert!(vhost.find_queue("ab").is_none());
+    broker.stop().await;
+}
+
+/// An old-style `x-death` (an entry per death, without `count`) is merged
+/// into one entry for the queue and reason: a dead-letter cycle does not
+/// grow the header.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn old_style_x_death_entries_are_merged() {
+    let broker = TestBroker::start().await;
+    let conn = broker.connect().await;
+    let ch = channel_with_queue(&conn, "dlq").await;
+    ch.queue_declare(
+        "src".into(),
+        QueueDeclareOptions::default(),
+        args(&[
+            ("x-dead-letter-exchange", AMQPValue::LongString("".into())),
+            (
+                "x-dead-letter-routing-key",
+                AMQPValue::LongString("dlq".into()),
+            ),
+        ]),
+    )
+    .await
+    .unwrap();
+    let old = || {
+        let mut t = FieldTable::default();
+        t.insert("queue".into(), AMQPValue::LongString("src".into()));
+        t.insert("reason".into(), AMQPValue::LongString("rejected".into()));
+        AMQPValue::FieldTable(t)
+    };
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "x-death".into(),
+        AMQPValue::FieldArray(vec![old(), old()].into()),
+    );
+    ch.basic_publish(
+        "".into(),
+        "src".into(),
+        BasicPublishOptions::default(),
+        b"again",
+        BasicProperties::default().with_headers(headers),
+    )
+    .await
+    .unwrap();
+    let got = ch
+        .basic_get("src".into(), BasicGetOptions::default())
+        .await
+        .unwrap()
+        .unwrap();
+    got.delivery
+        .reject(BasicRejectOptions { requeue: false })
+        .await
+        .unwrap();
+    assert_eq!(ready_count(&ch, "dlq").await, 1);
+    let dead = ch
+        .basic_get("dlq".into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+        .unwrap();
+    let headers = dead.delivery.properties.headers().clone().unwrap();
+    let Some(AMQPValue::FieldArray(deaths)) = headers.inner().get("x-death") else {
+        panic!("no x-death")
+    };
+    assert_eq!(deaths.as_slice().len(), 1, "{deaths:?}");
+    let AMQPValue::FieldTable(entry) = &deaths.as_slice()[0] else {
+        panic!()
+    };
+    assert_eq!(entry.inner().get("count"), Some(&AMQPValue::LongLongInt(3)));
+    broker.stop().await;
+}

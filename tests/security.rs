@@ -629,3 +629,28 @@ async fn impersonators_may_publish_with_another_user_id() {
     );
     broker.stop().await;
 }
+
+/// Listening on the IPv6 wildcard (the default, as RabbitMQ) takes IPv4
+/// clients too, which arrive as `::ffff:127.0.0.1`: that is loopback for
+/// guest, as is `::1`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guest_over_ipv4_on_a_dual_stack_listener_is_loopback() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start_with(dir.path(), |c| {
+        c.bind = std::net::SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0));
+    })
+    .await;
+    let port = broker.addr.port();
+    let mut urls = vec![format!("amqp://guest:guest@127.0.0.1:{port}/%2f")];
+    // (A host without IPv6 listens on IPv4 alone.)
+    if broker.addr.is_ipv6() {
+        urls.push(format!("amqp://guest:guest@[::1]:{port}/%2f"));
+    }
+    for url in urls {
+        let conn = Connection::connect(&url, ConnectionProperties::default())
+            .await
+            .unwrap_or_else(|e| panic!("{url}: {e}"));
+        channel_with_queue(&conn, "q").await;
+    }
+    broker.stop().await;
+}

@@ -98,6 +98,7 @@ pub fn dead_letter(
     let mut headers = props.headers.take().unwrap_or_default();
     let routing_keys = original_routing_keys(msg, &headers);
 
+    let had_deaths = headers.get("x-death").is_some();
     let mut deaths = match headers.remove("x-death") {
         Some(FieldValue::Array(d)) => group_by_queue_and_reason(d),
         _ => Vec::new(),
@@ -113,7 +114,8 @@ pub fn dead_letter(
         Some(pos) => {
             let mut old = deaths.remove(pos);
             if let FieldValue::Table(t) = &mut old {
-                let count = t.get("count").and_then(FieldValue::as_i64).unwrap_or(1);
+                // (A missing count counts as none yet, as in RabbitMQ.)
+                let count = t.get("count").and_then(FieldValue::as_i64).unwrap_or(0);
                 t.insert(s("count"), FieldValue::I64(count.saturating_add(1)));
             }
             old
@@ -134,7 +136,9 @@ pub fn dead_letter(
     };
     deaths.insert(0, entry);
     headers.insert(s("x-death"), FieldValue::Array(deaths));
-    if headers.get("x-first-death-reason").is_none() {
+    // RabbitMQ 3.10 sets x-first-death-* only when the message had no
+    // x-death yet (and never overwrites them).
+    if !had_deaths && headers.get("x-first-death-reason").is_none() {
         headers.insert(s("x-first-death-reason"), FieldValue::from(reason.as_str()));
         headers.insert(s("x-first-death-queue"), long_str(queue));
         headers.insert(s("x-first-death-exchange"), long_str(&msg.exchange));
@@ -177,8 +181,12 @@ pub fn dead_letter(
 /// of theirs, an entry without a `count` counting once. Headers written by
 /// RabbitMQ before it kept one entry per pair (rabbitmq-server#78), or by
 /// other brokers and clients, would otherwise grow by an entry on every
-/// trip through a dead-letter cycle. Entries that are not tables are kept.
+/// trip through a dead-letter cycle. A lone entry is left as it is (as
+/// RabbitMQ does); entries that are not tables are kept.
 fn group_by_queue_and_reason(deaths: Vec<FieldValue>) -> Vec<FieldValue> {
+    if deaths.len() < 2 {
+        return deaths;
+    }
     let key = |d: &FieldValue| match d {
         FieldValue::Table(t) => Some((
             str_of(t.get("queue")).map(str::to_owned),
@@ -445,6 +453,25 @@ mod tests {
         )]
         .into_iter()
         .collect();
+        // A lone old-style entry: its missing count counts as none yet.
+        let lone: FieldTable = [(s("x-death"), FieldValue::Array(vec![old("q1", "rejected")]))]
+            .into_iter()
+            .collect();
+        let d = dead_letter(
+            &published(lone, None),
+            &s("q1"),
+            DeadLetterReason::Rejected,
+            &s("dlx"),
+            None,
+            100,
+        );
+        let h = headers_of(&d);
+        assert_eq!(deaths(&h)[0].get("count"), Some(&FieldValue::I64(1)));
+        assert!(
+            h.get("x-first-death-queue").is_none(),
+            "x-first-death-* only for a first death (RabbitMQ 3.10)"
+        );
+
         let mut m = published(headers, None);
         for trip in 1..=3_i64 {
             let d = dead_letter(

@@ -24,7 +24,8 @@ use crate::vhost::Vhost;
 pub struct Config {
     /// Where sled keeps its files.
     pub data_dir: PathBuf,
-    /// AMQP listener address.
+    /// AMQP listener address. The IPv6 wildcard `[::]` (the default, as
+    /// RabbitMQ's) listens on IPv4 too, dual-stack.
     pub bind: SocketAddr,
     /// Largest message body accepted.
     pub max_message_size: u64,
@@ -84,7 +85,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             data_dir: PathBuf::from("data"),
-            bind: SocketAddr::from(([0, 0, 0, 0], 5672)),
+            bind: SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 5672)),
             max_message_size: 128 << 20,
             frame_max: 131_072,
             channel_max: 2047,
@@ -192,7 +193,12 @@ impl Broker {
         if !crate::auth::verify_password(hash, pass) {
             return Err(format!("invalid credentials for user '{user}'"));
         }
-        if user == "guest" && self.config.default_user_loopback_only && !peer.ip().is_loopback() {
+        // (An IPv4 client of a dual-stack listener arrives as ::ffff:a.b.c.d:
+        // canonical, 127.0.0.1 is loopback.)
+        if user == "guest"
+            && self.config.default_user_loopback_only
+            && !peer.ip().to_canonical().is_loopback()
+        {
             return Err(format!("user '{user}' can only connect via localhost"));
         }
         Ok(())
@@ -613,10 +619,37 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
     })
 }
 
+/// Listens on `addr`. The IPv6 wildcard listens dual-stack (IPv4 clients
+/// too), as RabbitMQ does by default; on a host without IPv6 it falls back
+/// to the IPv4 wildcard.
 async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
+    if addr.ip() == std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED) {
+        match dual_stack(addr) {
+            Ok(listener) => return Ok(listener),
+            Err(e) => {
+                let v4 = SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, addr.port()));
+                tracing::warn!(%addr, error = %e, "cannot listen on IPv6: listening on {v4}");
+                return TcpListener::bind(v4)
+                    .await
+                    .map_err(|source| StartError::Listen { addr: v4, source });
+            }
+        }
+    }
     TcpListener::bind(addr)
         .await
         .map_err(|source| StartError::Listen { addr, source })
+}
+
+/// An IPv6 listener that takes IPv4 connections too (`IPV6_V6ONLY` off).
+fn dual_stack(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::IPV6, Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_only_v6(false)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    socket.set_nonblocking(true)?;
+    TcpListener::from_std(socket.into())
 }
 
 fn local_addr(listener: &TcpListener, addr: SocketAddr) -> Result<SocketAddr, StartError> {

@@ -336,6 +336,9 @@ pub struct Channel {
     /// Which consumer's queue dispatches first next time the channel's
     /// credit comes back (see [`Vhost::dispatch_channel`]).
     dispatch_turn: AtomicUsize,
+    /// The queue this channel declared last (empty: none yet), which an
+    /// empty queue name stands for.
+    last_queue: ShortStr,
 }
 
 fn server_name(prefix: &str) -> ShortStr {
@@ -363,7 +366,84 @@ impl Channel {
             fx: Effects::default(),
             reply_consumer: None,
             dispatch_turn: AtomicUsize::new(0),
+            last_queue: ShortStr::default(),
         }
+    }
+
+    /// The queue an empty name stands for: the channel's last declared one
+    /// (the spec's rule, which RabbitMQ implements), 404 if there is none.
+    fn queue_name(&self, name: ShortStr) -> Result<ShortStr, AmqpError> {
+        if !name.is_empty() {
+            return Ok(name);
+        }
+        if self.last_queue.is_empty() {
+            return Err(AmqpError::not_found("no previously declared queue"));
+        }
+        Ok(self.last_queue.clone())
+    }
+
+    /// Resolves the names a method carries as RabbitMQ does before acting on
+    /// them: `\r` and `\n` are stripped from the queue and exchange names of
+    /// declares, binds, unbinds and deletes (not of publishes, gets,
+    /// consumes or purges); an empty queue name is the last declared queue,
+    /// and `queue.bind` with an empty queue and routing key binds with that
+    /// queue's name as the key.
+    fn resolve_names(&self, method: Method) -> Result<Method, AmqpError> {
+        Ok(match method {
+            Method::QueueDeclare(mut m) => {
+                m.queue = strip_cr_lf(m.queue);
+                Method::QueueDeclare(m)
+            }
+            Method::ExchangeDeclare(mut m) => {
+                m.exchange = strip_cr_lf(m.exchange);
+                Method::ExchangeDeclare(m)
+            }
+            Method::ExchangeDelete(mut m) => {
+                m.exchange = strip_cr_lf(m.exchange);
+                Method::ExchangeDelete(m)
+            }
+            Method::ExchangeBind(mut m) => {
+                m.source = strip_cr_lf(m.source);
+                m.destination = strip_cr_lf(m.destination);
+                Method::ExchangeBind(m)
+            }
+            Method::ExchangeUnbind(mut m) => {
+                m.source = strip_cr_lf(m.source);
+                m.destination = strip_cr_lf(m.destination);
+                Method::ExchangeUnbind(m)
+            }
+            Method::QueueBind(mut m) => {
+                let shortcut = m.queue.is_empty();
+                m.queue = self.queue_name(strip_cr_lf(m.queue))?;
+                m.exchange = strip_cr_lf(m.exchange);
+                if shortcut && m.routing_key.is_empty() {
+                    m.routing_key = m.queue.clone();
+                }
+                Method::QueueBind(m)
+            }
+            Method::QueueUnbind(mut m) => {
+                m.queue = self.queue_name(strip_cr_lf(m.queue))?;
+                m.exchange = strip_cr_lf(m.exchange);
+                Method::QueueUnbind(m)
+            }
+            Method::QueueDelete(mut m) => {
+                m.queue = self.queue_name(strip_cr_lf(m.queue))?;
+                Method::QueueDelete(m)
+            }
+            Method::QueuePurge(mut m) => {
+                m.queue = self.queue_name(m.queue)?;
+                Method::QueuePurge(m)
+            }
+            Method::BasicConsume(mut m) => {
+                m.queue = self.queue_name(m.queue)?;
+                Method::BasicConsume(m)
+            }
+            Method::BasicGet(mut m) => {
+                m.queue = self.queue_name(m.queue)?;
+                Method::BasicGet(m)
+            }
+            other => other,
+        })
     }
 
     /// Settles deliveries now, or, in a transaction, holds them (no longer
@@ -622,6 +702,11 @@ impl Channel {
                         .write_method(&Method::ChannelCloseOk(ChannelCloseOk {}));
                     ChannelOutcome::Open
                 }
+                // Reopening before the close-ok: the channel is still open
+                // as far as the broker knows (RabbitMQ's 504).
+                Method::ChannelOpen(_) => {
+                    return Err(AmqpError::channel_error("second 'channel.open' seen").on(20, 10));
+                }
                 _ => ChannelOutcome::Open,
             });
         }
@@ -641,6 +726,7 @@ impl Channel {
         cmd: Command,
     ) -> Result<ChannelOutcome, AmqpError> {
         let Command { method, content } = cmd;
+        let method = self.resolve_names(method)?;
         match method {
             Method::ChannelClose(_) => {
                 // Confirms already due go out before the close-ok; none after.
@@ -987,9 +1073,8 @@ impl Channel {
         } else {
             m.queue.clone()
         };
-        let (queue, messages, consumers) = if m.passive
-            && (m.queue.as_str() == reply_to::PSEUDO_QUEUE
-                || broker.reply_consumers.is_live_address(&m.queue))
+        let (queue, messages, consumers) = if m.queue.as_str() == reply_to::PSEUDO_QUEUE
+            || broker.reply_consumers.is_live_address(&m.queue)
         {
             // Direct reply-to, as RabbitMQ: the pseudo-queue, or a reply
             // address whose consumer is alive, has one consumer.
@@ -1045,6 +1130,7 @@ impl Channel {
             st.queue.touch(now_ms());
             (q.name.clone(), st.queue.ready_count(), st.consumers.len())
         };
+        self.last_queue = queue.clone();
         if !m.nowait {
             self.shared
                 .write_method(&Method::QueueDeclareOk(QueueDeclareOk {
@@ -1515,6 +1601,16 @@ fn confirm_frames(from: u64, to: u64, nacked: &[u64]) -> Vec<Method> {
         }));
     }
     frames
+}
+
+/// A name without `\r` and `\n` (RabbitMQ strips them from declared
+/// names, so they never reach a log line either). No copy when there are none.
+fn strip_cr_lf(name: ShortStr) -> ShortStr {
+    if !name.bytes().any(|b| b == b'\r' || b == b'\n') {
+        return name;
+    }
+    let kept: String = name.chars().filter(|c| *c != '\r' && *c != '\n').collect();
+    ShortStr::try_from(kept).unwrap_or_default()
 }
 
 /// The header with its `reply-to` property replaced.

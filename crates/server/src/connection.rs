@@ -426,20 +426,31 @@ async fn handshake(
     else {
         return Err(AmqpError::command_invalid("expected connection.tune-ok"));
     };
-    if tune.frame_max != 0 && tune.frame_max < frame_constant::MIN_SIZE {
-        return Err(AmqpError::not_allowed(format!(
+    // Values outside the offer: the spec says to close the socket without
+    // a connection.close, and RabbitMQ 3.10 does (frame_max 0, "no limit",
+    // included: it is above any offer).
+    let refusal = if tune.frame_max == 0 || tune.frame_max > config.frame_max {
+        Some(format!(
+            "frame_max={} > {} max size",
+            tune.frame_max, config.frame_max
+        ))
+    } else if tune.frame_max < frame_constant::MIN_SIZE {
+        Some(format!(
             "frame_max={} < {} min size",
             tune.frame_max,
             frame_constant::MIN_SIZE
         ))
-        .on(10, 31));
-    }
-    if tune.frame_max > config.frame_max || tune.frame_max == 0 {
-        return Err(AmqpError::not_allowed(format!(
-            "frame_max={} > {} max size",
-            tune.frame_max, config.frame_max
+    } else if tune.channel_max > config.channel_max {
+        Some(format!(
+            "channel_max={} > {} max channels",
+            tune.channel_max, config.channel_max
         ))
-        .on(10, 31));
+    } else {
+        None
+    };
+    if let Some(reason) = refusal {
+        tracing::info!(%peer, %reason, "tune-ok outside the offer: closing the socket");
+        return Ok(None);
     }
     let Some(Frame::Method {
         method: Method::ConnectionOpen(open),
@@ -897,11 +908,14 @@ impl Connection {
                 method,
                 content: None,
             };
-            if let Ok(ChannelOutcome::Closed) = ch.handle(&self.broker, &self.vhost, cmd).await {
-                if self.channels.remove(&channel).is_some() {
-                    self.shared.channels.lock().remove(&channel);
-                    self.broker.metrics.channels.dec();
+            match ch.handle(&self.broker, &self.vhost, cmd).await? {
+                ChannelOutcome::Closed => {
+                    if self.channels.remove(&channel).is_some() {
+                        self.shared.channels.lock().remove(&channel);
+                        self.broker.metrics.channels.dec();
+                    }
                 }
+                ChannelOutcome::Open => {}
             }
             return Ok(false);
         }

@@ -1,5 +1,5 @@
 //! `warren`: the broker binary. `cargo run --release` starts it on
-//! 0.0.0.0:5672 with its data in `./data`.
+//! [::]:5672 (IPv6 and IPv4) with its data in `./data`.
 //!
 //! Every setting comes, in order of precedence, from a command-line flag, its
 //! environment variable (`WARREN_*`), the TOML config file (`--config`), or
@@ -26,7 +26,8 @@ struct Args {
     /// Data directory (sled database and message log) [default: data].
     #[arg(long, env = "WARREN_DATA_DIR")]
     data_dir: Option<PathBuf>,
-    /// Address to listen on for AMQP [default: 0.0.0.0].
+    /// Address to listen on for AMQP, TLS, management and Prometheus
+    /// [default: `::`, IPv6 and IPv4 (dual-stack)].
     #[arg(long, env = "WARREN_BIND")]
     bind: Option<IpAddr>,
     /// AMQP port [default: 5672].
