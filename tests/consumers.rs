@@ -10,7 +10,7 @@
 )]
 
 use amqp_codec::methods::*;
-use amqp_codec::{FieldTable as WireTable, Method, ShortStr};
+use amqp_codec::{Method, ShortStr};
 use lapin::options::*;
 use lapin::types::FieldTable;
 use warren_tests::{RawClient, TestBroker, channel_with_queue, next_deliveries, publish};
