@@ -42,6 +42,26 @@ async fn start_advertises_rabbitmq_capabilities() {
     ] {
         assert_eq!(caps.get(cap), Some(&FieldValue::Bool(true)), "{cap}");
     }
+    assert_eq!(caps.len(), 9, "RabbitMQ 3.10's capabilities, no more");
+    // What clients read of the rest (docs/rabbitmq-compatibility.md): the
+    // product is Warren, the version numeric and dotted.
+    let text = |k: &str| {
+        start
+            .server_properties
+            .get(k)
+            .and_then(FieldValue::as_str)
+            .unwrap_or_else(|| panic!("{k} is not a long string"))
+            .to_owned()
+    };
+    assert_eq!(text("product"), "Warren");
+    let version = text("version");
+    assert!(
+        version.split('.').count() == 3 && version.split('.').all(|n| n.parse::<u32>().is_ok()),
+        "{version}"
+    );
+    for k in ["platform", "copyright", "information", "cluster_name"] {
+        assert!(!text(k).is_empty(), "{k}");
+    }
     broker.stop().await;
 }
 

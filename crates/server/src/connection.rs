@@ -250,11 +250,14 @@ async fn serve_io<W: AsyncWrite + Unpin + Send + 'static>(
     };
     let mut reader = Reader::new(read);
     let timeout = broker.config.handshake_timeout;
-    let handshake = tokio::time::timeout(
-        timeout,
-        handshake(&broker, &mut reader, &outbox, (peer, local), &tls),
-    )
-    .await;
+    // (A broker shutting down does not wait out a handshake in progress.)
+    let handshake = tokio::select! {
+        done = tokio::time::timeout(
+            timeout,
+            handshake(&broker, &mut reader, &outbox, (peer, local), &tls),
+        ) => done,
+        () = broker.shutdown.cancelled() => Ok(Ok(None)),
+    };
     match handshake {
         Ok(Ok(Some((shared, vhost, heartbeat)))) => {
             tracing::info!(connection = shared.id, %peer, user = %shared.user, "connection opened");
