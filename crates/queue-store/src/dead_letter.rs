@@ -176,61 +176,50 @@ pub fn dead_letter(
     }
 }
 
-/// Merges `x-death` entries for the same `{queue, reason}` into one (the
-/// first, most recent, keeps its place and fields) whose `count` is the sum
-/// of theirs, an entry without a `count` counting once. Headers written by
-/// RabbitMQ before it kept one entry per pair (rabbitmq-server#78), or by
-/// other brokers and clients, would otherwise grow by an entry on every
-/// trip through a dead-letter cycle. A lone entry is left as it is (as
-/// RabbitMQ does); entries that are not tables are kept.
+/// Merges `x-death` entries for the same `{queue, reason}` into one: the
+/// first (most recent) keeps its place and fields, and its `count`; if it
+/// has none, the count is the number of entries merged (RabbitMQ's rule for
+/// headers written before it kept one entry per pair, rabbitmq-server#78).
+/// Without this an old-style header would grow by an entry on every trip
+/// through a dead-letter cycle. A lone entry is left as it is (as RabbitMQ
+/// does); entries that are not tables are kept.
 fn group_by_queue_and_reason(deaths: Vec<FieldValue>) -> Vec<FieldValue> {
     if deaths.len() < 2 {
         return deaths;
     }
-    let key = |d: &FieldValue| match d {
-        FieldValue::Table(t) => Some((
-            str_of(t.get("queue")).map(str::to_owned),
-            str_of(t.get("reason")).map(str::to_owned),
-        )),
-        _ => None,
+    /// An entry's `{queue, reason}` (none for an entry that is not a table).
+    type Key = Option<(Option<String>, Option<String>)>;
+    let key = |d: &FieldValue| -> Key {
+        match d {
+            FieldValue::Table(t) => Some((
+                str_of(t.get("queue")).map(str::to_owned),
+                str_of(t.get("reason")).map(str::to_owned),
+            )),
+            _ => None,
+        }
     };
-    let count = |d: &FieldValue| match d {
-        FieldValue::Table(t) => t.get("count").and_then(FieldValue::as_i64).unwrap_or(1),
-        _ => 0,
-    };
-    let mut grouped: Vec<FieldValue> = Vec::with_capacity(deaths.len());
-    let mut keys: Vec<Option<(Option<String>, Option<String>)>> = Vec::with_capacity(deaths.len());
+    // Each kept entry, its key, and how many entries it stands for.
+    let mut grouped: Vec<(FieldValue, Key, i64)> = Vec::with_capacity(deaths.len());
     for d in deaths {
         let k = key(&d);
-        let earlier = k
-            .as_ref()
-            .and_then(|k| keys.iter().position(|seen| seen.as_ref() == Some(k)));
-        match earlier.and_then(|i| grouped.get_mut(i)) {
-            Some(FieldValue::Table(first)) => {
-                let total = first
-                    .get("count")
-                    .and_then(FieldValue::as_i64)
-                    .unwrap_or(1)
-                    .saturating_add(count(&d));
-                first.insert(s("count"), FieldValue::I64(total));
-            }
-            _ => {
-                if let FieldValue::Table(t) = &d {
-                    if t.get("count").is_none() {
-                        // An entry without a count stands for one death.
-                        let mut t = t.clone();
-                        t.insert(s("count"), FieldValue::I64(1));
-                        grouped.push(FieldValue::Table(t));
-                        keys.push(k);
-                        continue;
-                    }
-                }
-                grouped.push(d);
-                keys.push(k);
-            }
+        match grouped
+            .iter_mut()
+            .find(|(_, seen, _)| k.is_some() && *seen == k)
+        {
+            Some((_, _, n)) => *n = n.saturating_add(1),
+            None => grouped.push((d, k, 1)),
         }
     }
     grouped
+        .into_iter()
+        .map(|(d, _, n)| match d {
+            FieldValue::Table(mut t) if t.get("count").is_none() => {
+                t.insert(s("count"), FieldValue::I64(n));
+                FieldValue::Table(t)
+            }
+            other => other,
+        })
+        .collect()
 }
 
 /// Whether dead-lettering a message with these headers into `queue` would

@@ -205,7 +205,7 @@ impl Alarms {
             self.release_body_permit(id);
             return false;
         }
-        if self.estimate.load(Ordering::Relaxed) > self.memory_limit() {
+        if over(self.estimate.load(Ordering::Relaxed), self.memory_limit()) {
             return *self.body_permit.borrow() == id;
         }
         self.body_permit.send_if_modified(|holder| {

@@ -104,19 +104,19 @@ impl Default for Config {
             disk_free_limit: 50 * 1000 * 1000,
             queue_memory_budget: queue_store::queue::DEFAULT_MEMORY_BUDGET,
             plain_listener: true,
-            management: Some(SocketAddr::from(([0, 0, 0, 0], 15672))),
+            management: Some(SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 15672))),
             load_definitions: None,
-            prometheus: Some(SocketAddr::from(([0, 0, 0, 0], 15692))),
+            prometheus: Some(SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 15692))),
             tls: None,
         }
     }
 }
 
-/// 0.4 of RAM, as RabbitMQ.
 /// The node name reported in the management API and trace headers (one
 /// node until Warren clusters).
 pub const NODE_NAME: &str = "warren@localhost";
 
+/// 0.4 of RAM, as RabbitMQ.
 fn default_watermark() -> u64 {
     crate::alarm::total_memory().map_or(1 << 30, |m| m / 10 * 4)
 }

@@ -199,22 +199,7 @@ impl ChannelShared {
 
     /// [`ChannelShared::take`], with the delivery tags.
     fn take_tagged(&self, tag: u64, multiple: bool) -> Result<Vec<(u64, Unacked)>, AmqpError> {
-        let mut d = self.deliveries.lock();
-        if multiple && tag == 0 {
-            return Ok(std::mem::take(&mut d.unacked).into_iter().collect());
-        }
-        let Some(one) = d.unacked.remove(&tag) else {
-            return Err(AmqpError::precondition_failed(format!(
-                "unknown delivery tag {tag}"
-            )));
-        };
-        let mut taken = Vec::new();
-        if multiple {
-            let rest = d.unacked.split_off(&tag);
-            taken.extend(std::mem::replace(&mut d.unacked, rest));
-        }
-        taken.push((tag, one));
-        Ok(taken)
+        take_tagged(&mut self.deliveries.lock(), tag, multiple)
     }
 
     /// Whether the channel was closed (released).
@@ -232,8 +217,10 @@ impl ChannelShared {
     /// (by [`ChannelShared::take`]'s rule) from outstanding to held until
     /// the commit; returns their tags.
     fn hold(&self, tag: u64, multiple: bool) -> Result<Vec<u64>, AmqpError> {
-        let taken = self.take_tagged(tag, multiple)?;
+        // One lock section: the deliveries are never in neither map (a
+        // channel-wide prefetch counts both).
         let mut d = self.deliveries.lock();
+        let taken = take_tagged(&mut d, tag, multiple)?;
         let tags = taken.iter().map(|(t, _)| *t).collect();
         d.held.extend(taken);
         Ok(tags)
@@ -279,6 +266,30 @@ impl ChannelShared {
         all.extend(held.into_values());
         all
     }
+}
+
+/// The outstanding deliveries an ack/nack/reject names, removed, with their
+/// tags (see [`ChannelShared::take`] for the rule).
+fn take_tagged(
+    d: &mut Deliveries,
+    tag: u64,
+    multiple: bool,
+) -> Result<Vec<(u64, Unacked)>, AmqpError> {
+    if multiple && tag == 0 {
+        return Ok(std::mem::take(&mut d.unacked).into_iter().collect());
+    }
+    let Some(one) = d.unacked.remove(&tag) else {
+        return Err(AmqpError::precondition_failed(format!(
+            "unknown delivery tag {tag}"
+        )));
+    };
+    let mut taken = Vec::new();
+    if multiple {
+        let rest = d.unacked.split_off(&tag);
+        taken.extend(std::mem::replace(&mut d.unacked, rest));
+    }
+    taken.push((tag, one));
+    Ok(taken)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -386,8 +397,8 @@ impl Channel {
     /// them: `\r` and `\n` are stripped from the queue and exchange names of
     /// declares, binds, unbinds and deletes (not of publishes, gets,
     /// consumes or purges); an empty queue name is the last declared queue,
-    /// and `queue.bind` with an empty queue and routing key binds with that
-    /// queue's name as the key.
+    /// and `queue.bind` / `queue.unbind` with an empty queue and routing key
+    /// use that queue's name as the key.
     fn resolve_names(&self, method: Method) -> Result<Method, AmqpError> {
         Ok(match method {
             Method::QueueDeclare(mut m) => {
@@ -422,8 +433,12 @@ impl Channel {
                 Method::QueueBind(m)
             }
             Method::QueueUnbind(mut m) => {
+                let shortcut = m.queue.is_empty();
                 m.queue = self.queue_name(strip_cr_lf(m.queue))?;
                 m.exchange = strip_cr_lf(m.exchange);
+                if shortcut && m.routing_key.is_empty() {
+                    m.routing_key = m.queue.clone();
+                }
                 Method::QueueUnbind(m)
             }
             Method::QueueDelete(mut m) => {

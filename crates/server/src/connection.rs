@@ -281,6 +281,9 @@ async fn serve_io<W: AsyncWrite + Unpin + Send + 'static>(
             broker.connections.fetch_sub(1, Ordering::AcqRel);
             conn.vhost.connections.fetch_sub(1, Ordering::AcqRel);
             tracing::info!(connection = shared.id, %peer, "connection closed");
+            // Bodies it was receiving no longer count against the watermark
+            // (nor hold the body permit) while the socket drains.
+            conn.partial.update(0);
             if conn.client_closed {
                 // As RabbitMQ: after close-ok, go on reading (and dropping)
                 // until the client closes its side, so frames it sent before
@@ -443,7 +446,7 @@ async fn handshake(
             tune.frame_max,
             frame_constant::MIN_SIZE
         ))
-    } else if tune.channel_max > config.channel_max {
+    } else if config.channel_max != 0 && tune.channel_max > config.channel_max {
         Some(format!(
             "channel_max={} > {} max channels",
             tune.channel_max, config.channel_max
@@ -727,6 +730,12 @@ impl Connection {
                     self.shared.outbox.write(encode_heartbeat);
                 }
                 _ = timeouts.tick() => {
+                    // The queues may have drained under the watermark while
+                    // bodies still arriving keep the alarm up: look again
+                    // whether this one may be finished.
+                    if blocked && !finishing && self.partial.held > 0 {
+                        finishing = self.may_finish_body(blocked);
+                    }
                     let now = crate::queue::now_ms();
                     for ch in self.channels.values_mut() {
                         if ch.is_closing() {
@@ -831,11 +840,14 @@ impl Connection {
         frame_max: u32,
     ) -> Result<Processed, AmqpError> {
         while let Some(frame) = decode_frame(&mut reader.buf, frame_max)? {
+            // (RabbitMQ's reader blocks on a content frame, not on methods:
+            // acks and the like already read still go through.)
+            let content = matches!(frame, Frame::Header { .. } | Frame::Body { .. });
             if self.frame(frame).await? {
                 return Ok(Processed::Closed);
             }
-            if self.broker.alarms.any_raised()
-                && self.shared.has_published.load(Ordering::Relaxed)
+            if content
+                && self.broker.alarms.any_raised()
                 && !self
                     .broker
                     .alarms

@@ -460,12 +460,13 @@ pub fn encode_content(
 /// the client advertised `consumer_cancel_notify`.
 pub fn notify_cancel(consumer: &Consumer) {
     if consumer.channel.connection.cancel_notify {
+        // (Not on a channel that closed meanwhile: nothing after close-ok.)
         consumer
             .channel
-            .write_method(&Method::BasicCancel(BasicCancel {
+            .write_methods_if_open(&[Method::BasicCancel(BasicCancel {
                 consumer_tag: consumer.tag.clone(),
                 nowait: true,
-            }));
+            })]);
     }
     consumer.channel.forget_consumer(&consumer.tag);
 }

@@ -757,6 +757,10 @@ impl Vhost {
             }
         }
         fx.dead_letters.clear();
+        // Deliveries of dead letters made trace copies too.
+        if self.tracer.is_on() {
+            self.publish_traces(broker, fx);
+        }
         for reason in fx.discarded.drain(..) {
             broker.metrics.dead_letter(reason, false);
         }
