@@ -51,12 +51,18 @@ pub struct RepairReport {
     /// Stored bodies no queue entry refers to any more (their entries were in
     /// the damaged parts); removed like any orphan.
     pub orphaned_bodies: Vec<MessageId>,
+    /// Messages whose body was in the damaged parts and whose queue entry
+    /// was the damaged record itself: lost, their queue unknown.
+    pub lost_unattributed: Vec<MessageId>,
 }
 
 impl RepairReport {
     /// Whether the directory needed no repair.
     pub fn is_clean(&self) -> bool {
-        self.actions.is_empty() && self.lost_entries.is_empty() && self.orphaned_bodies.is_empty()
+        self.actions.is_empty()
+            && self.lost_entries.is_empty()
+            && self.orphaned_bodies.is_empty()
+            && self.lost_unattributed.is_empty()
     }
 }
 

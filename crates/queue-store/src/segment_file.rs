@@ -119,6 +119,9 @@ pub(crate) struct LogOpen<'a> {
 
 /// Walks a damaged stretch's frames ignoring their checksums, as long as
 /// their lengths hold together: the best reading of what the damage held.
+/// A length that runs past the stretch was itself hit: that frame is taken
+/// to run to the stretch's end (which is where a good frame resumes, or the
+/// file ends).
 fn lenient_frames(stretch: &[u8], out: &mut Vec<Vec<u8>>) {
     let mut pos = if stretch.starts_with(MAGIC) {
         HEADER
@@ -137,7 +140,12 @@ fn lenient_frames(stretch: &[u8], out: &mut Vec<Vec<u8>>) {
                 out.push(data.to_vec());
                 pos = start + len;
             }
-            _ => break,
+            _ => {
+                if let Some(rest) = stretch.get(start..).filter(|r| !r.is_empty()) {
+                    out.push(rest.to_vec());
+                }
+                break;
+            }
         }
     }
 }
@@ -219,7 +227,9 @@ fn scan(raw: &[u8], seg: u64, resync: bool) -> Scan {
                     at: pos as u64,
                     why,
                 };
-                // The length field may have survived a flip in the data.
+                // The length field may have survived a flip in the data;
+                // if not (or the next frame's header was hit too), the next
+                // frame whose checksum holds is where good data resumes.
                 let skip_to = raw
                     .get(pos..pos + 4)
                     .map(|l| {
@@ -231,6 +241,14 @@ fn scan(raw: &[u8], seg: u64, resync: bool) -> Scan {
                         resync
                             && next > pos + FRAME_HEADER
                             && (next == raw.len() || frame_at(raw, next).is_ok())
+                    })
+                    .or_else(|| {
+                        resync
+                            .then(|| {
+                                (pos + FRAME_HEADER + 1..raw.len())
+                                    .find(|&q| frame_at(raw, q).is_ok())
+                            })
+                            .flatten()
                     });
                 match skip_to {
                     Some(next) => {

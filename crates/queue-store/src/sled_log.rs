@@ -707,6 +707,59 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// The records of a damaged frame's data, read as well as they can be:
+/// after a record that does not parse, reading resumes at the first later
+/// offset from which every record parses and the last one ends exactly at
+/// the end of the data (so only the record the damage hit is skipped).
+fn lenient_records(data: &[u8]) -> Vec<Record<'_>> {
+    let parses_to_end = |from: usize| {
+        let mut r = Reader {
+            buf: data,
+            pos: from,
+            seg: 0,
+        };
+        loop {
+            match r.record() {
+                Ok(None) => return true,
+                Ok(Some(Record::PutIndex { entry, .. })) if IndexEntry::decode(entry).is_none() => {
+                    return false;
+                }
+                Ok(Some(_)) => {}
+                Err(_) => return false,
+            }
+        }
+    };
+    let mut out = Vec::new();
+    let mut pos = 0;
+    while pos < data.len() {
+        let mut r = Reader {
+            buf: data,
+            pos,
+            seg: 0,
+        };
+        let mut failed_at = None;
+        loop {
+            let start = r.pos;
+            match r.record() {
+                Ok(Some(record)) => out.push(record),
+                Ok(None) => break,
+                Err(_) => {
+                    failed_at = Some(start);
+                    break;
+                }
+            }
+        }
+        let Some(start) = failed_at else {
+            break;
+        };
+        match (start + 1..data.len()).find(|&p| parses_to_end(p)) {
+            Some(p) => pos = p,
+            None => break,
+        }
+    }
+    out
+}
+
 /// One record of a segment, borrowing from its data.
 enum Record<'a> {
     PutMessage {
@@ -971,6 +1024,8 @@ impl SledStorage {
         // was found (their put was in damaged frames, or in a segment the
         // log removed since).
         let mut deleted_unseen: std::collections::HashSet<(u64, u64)> = Default::default();
+        // Bodies deleted by a later record although no put of them was found.
+        let mut bodies_deleted_unseen: std::collections::HashSet<MessageId> = Default::default();
         let track = report.is_some() && !damaged.is_empty();
         let found = std::mem::take(&mut *lock(&self.found));
         for seg in found {
@@ -986,7 +1041,12 @@ impl SledStorage {
             while let Some(record) = r.record()? {
                 match record {
                     Record::PutMessage { id, .. } => state.place_message(&mut b, id, 0),
-                    Record::DeleteMessage(id) => state.remove_message(&mut b, id),
+                    Record::DeleteMessage(id) => {
+                        if track && !state.messages.contains_key(&id) {
+                            bodies_deleted_unseen.insert(id);
+                        }
+                        state.remove_message(&mut b, id);
+                    }
                     Record::PutIndex { queue, seq, entry } => {
                         IndexEntry::decode(entry).ok_or_else(|| r.corrupt())?;
                         state.put_index(&mut b, queue, seq);
@@ -1035,29 +1095,71 @@ impl SledStorage {
                 .iter()
                 .flat_map(|(&q, list)| list.iter().map(move |(s, _)| (q, *s)))
                 .collect();
+            let mut damaged_bodies = std::collections::HashSet::new();
+            let mut from_damage = Vec::new();
             for data in damaged {
-                let mut r = Reader {
-                    buf: data,
-                    pos: 0,
-                    seg: 0,
-                };
-                // As far as the records still parse.
-                while let Ok(Some(record)) = r.record() {
-                    let Record::PutIndex { queue, seq, entry } = record else {
-                        continue;
-                    };
-                    let Some(e) = IndexEntry::decode(entry) else {
-                        continue;
-                    };
-                    let gone = deleted_unseen.contains(&(queue, seq))
-                        || deleted_unseen.contains(&(queue, u64::MAX));
-                    if !gone && !live.contains(&(queue, seq)) {
-                        lost.push((queue, seq, e.message));
+                for record in lenient_records(data) {
+                    match record {
+                        Record::PutIndex { queue, seq, entry } => {
+                            let Some(e) = IndexEntry::decode(entry) else {
+                                continue;
+                            };
+                            let gone = deleted_unseen.contains(&(queue, seq))
+                                || deleted_unseen.contains(&(queue, u64::MAX));
+                            if !gone && !live.contains(&(queue, seq)) {
+                                from_damage.push((queue, seq, e.message));
+                            }
+                        }
+                        Record::PutMessage { id, .. } => {
+                            damaged_bodies.insert(id);
+                        }
+                        _ => {}
                     }
                 }
             }
+            // An entry of the damage whose message id is far from every
+            // body the damage held (and known nowhere else) was hit itself:
+            // its fields are noise, and its message is found below as a body
+            // no entry names. (Ids are allocated in order, so the bodies of
+            // a frame hold a narrow range; the body of an entry whose own
+            // record was skipped lies inside it.)
+            let range = damaged_bodies
+                .iter()
+                .map(|m| m.0)
+                .min()
+                .zip(damaged_bodies.iter().map(|m| m.0).max());
+            from_damage.retain(|(_, _, m)| {
+                let known = damaged_bodies.contains(m) || state.messages.contains_key(m);
+                known
+                    || range.is_none_or(|(lo, hi)| {
+                        (lo.saturating_sub(8)..=hi.saturating_add(8)).contains(&m.0)
+                    })
+            });
+            // Bodies the damage held that nothing deleted later and that no
+            // entry names: their queue entry was the damaged record itself.
+            // Lost too, with their queue unknown.
+            let named: std::collections::HashSet<MessageId> = lost
+                .iter()
+                .chain(&from_damage)
+                .map(|(_, _, m)| *m)
+                .chain(entries.values().flatten().map(|(_, e)| e.message))
+                .collect();
+            let mut unattributed: Vec<MessageId> = damaged_bodies
+                .iter()
+                .copied()
+                .filter(|id| {
+                    !state.messages.contains_key(id)
+                        && !bodies_deleted_unseen.contains(id)
+                        && !named.contains(id)
+                })
+                .collect();
+            unattributed.sort_unstable();
+            lost.extend(from_damage);
             lost.sort_unstable();
             lost.dedup_by_key(|(q, s, _)| (*q, *s));
+            if let Some(report) = report.as_deref_mut() {
+                report.lost_unattributed = unattributed;
+            }
         }
         if let Some(&(queue, seq, message)) = lost.first() {
             match report.as_deref_mut() {
@@ -1589,6 +1691,56 @@ mod tests {
 
     fn message(id: u64) -> Arc<Message> {
         crate::message::tests::sample(id, format!("message {id}"))
+    }
+
+    /// A damaged frame's records are read past the record the damage hit:
+    /// reading resumes where every later record parses to the end.
+    #[test]
+    fn lenient_records_resume_after_the_damaged_record() {
+        use bytes::BufMut;
+        let mut data = bytes::BytesMut::new();
+        let mut index_at = Vec::new();
+        for id in 1..=3u64 {
+            data.put_u8(TAG_PUT_MESSAGE);
+            data.put_u64(id);
+            data.put_u32(16);
+            data.put_slice(&[id as u8; 16]);
+            index_at.push(data.len());
+            data.put_u8(TAG_PUT_INDEX);
+            data.put_u64(7);
+            data.put_u64(id);
+            let entry = IndexEntry {
+                message: MessageId(id),
+                expires_at: 0,
+                delivery_count: 0,
+                size: 16,
+                priority: 0,
+                delivered: false,
+            };
+            data.put_slice(&entry.encode());
+        }
+        // The second index record's tag and queue id are hit.
+        let at = index_at[1];
+        for b in &mut data[at..at + 4] {
+            *b ^= 0xff;
+        }
+        let records = lenient_records(&data);
+        let entries: Vec<u64> = records
+            .iter()
+            .filter_map(|r| match r {
+                Record::PutIndex { seq, .. } => Some(*seq),
+                _ => None,
+            })
+            .collect();
+        let bodies: Vec<u64> = records
+            .iter()
+            .filter_map(|r| match r {
+                Record::PutMessage { id, .. } => Some(id.0),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(entries, [1, 3], "only the hit record is lost");
+        assert_eq!(bodies, [1, 2, 3]);
     }
 
     /// Opens the engine with every batch sealing its own segment.

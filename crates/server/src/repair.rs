@@ -54,6 +54,18 @@ pub fn repair_store(dir: &Path) -> Result<Vec<String>, StoreError> {
             ranges(&seqs)
         ));
     }
+    if !report.lost_unattributed.is_empty() {
+        lines.push(format!(
+            "lost {} message(s) of a queue the damage does not tell (their queue entries were the damaged records): message ids {}",
+            report.lost_unattributed.len(),
+            report
+                .lost_unattributed
+                .iter()
+                .map(|m| m.0.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
     if !report.orphaned_bodies.is_empty() {
         lines.push(format!(
             "{} stored message(s) no queue refers to any more (their queue entries were in the damaged parts, or a crash left them) were removed: ids {}",

@@ -1,0 +1,311 @@
+//! [`ChannelShared`]: the part of a channel that queues and other tasks
+//! touch when they deliver or confirm — delivery tags, unacknowledged and
+//! transaction-held deliveries, the channel-wide prefetch, and writing
+//! frames (never after the channel's close-ok).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use amqp_codec::{ContentHeader, Method, ShortStr, encode_method};
+use parking_lot::Mutex;
+use queue_store::Message;
+
+use crate::connection::ConnectionShared;
+use crate::error::AmqpError;
+use crate::queue::{QueueHandle, encode_content};
+
+/// One unacknowledged delivery on a channel.
+#[derive(Debug, Clone)]
+pub struct Unacked {
+    /// Queue id.
+    pub queue: u64,
+    /// The queue's handle for the message.
+    pub seq: u64,
+    /// The consumer's unacked counter (none for `basic.get`).
+    pub consumer_unacked: Option<Arc<AtomicU32>>,
+    /// The consumer's tag (none for `basic.get`).
+    pub consumer: Option<ShortStr>,
+    /// When it was delivered (ms since the epoch), for the consumer timeout.
+    pub delivered_at: u64,
+}
+
+#[derive(Debug, Default)]
+struct Deliveries {
+    next_tag: u64,
+    unacked: BTreeMap<u64, Unacked>,
+    /// Deliveries acknowledged (or rejected) inside a transaction not yet
+    /// committed: no longer outstanding for the channel (a second ack is
+    /// 406, `basic.recover` leaves them), still unsettled at their queues.
+    held: BTreeMap<u64, Unacked>,
+    /// `basic.qos` with global=true: limit for the whole channel (0 = none).
+    global_prefetch: u16,
+    closed: bool,
+    /// Consumer tag → queue id, for cancels.
+    consumers: HashMap<ShortStr, u64>,
+}
+
+/// The part of a channel that queues and other tasks touch.
+#[derive(Debug)]
+pub struct ChannelShared {
+    /// Channel number.
+    pub id: u16,
+    /// Its connection.
+    pub connection: Arc<ConnectionShared>,
+    deliveries: Mutex<Deliveries>,
+}
+
+impl ChannelShared {
+    pub(super) fn new(id: u16, connection: Arc<ConnectionShared>) -> Arc<ChannelShared> {
+        Arc::new(ChannelShared {
+            id,
+            connection,
+            deliveries: Mutex::new(Deliveries {
+                next_tag: 1,
+                ..Deliveries::default()
+            }),
+        })
+    }
+
+    /// For listings: (unacknowledged deliveries, channel-wide prefetch, consumers).
+    pub fn stats(&self) -> (usize, u16, usize) {
+        let d = self.deliveries.lock();
+        (
+            d.unacked.len() + d.held.len(),
+            d.global_prefetch,
+            d.consumers.len(),
+        )
+    }
+
+    /// Whether a queue may deliver to this channel now.
+    pub fn can_deliver(&self) -> bool {
+        let d = self.deliveries.lock();
+        !d.closed
+            && (d.global_prefetch == 0
+                || d.unacked.len() + d.held.len() < usize::from(d.global_prefetch))
+            && !self.connection.outbox.is_full()
+    }
+
+    /// Allocates a delivery tag, remembering the delivery if it needs an ack.
+    pub fn next_delivery(&self, unacked: Option<Unacked>) -> u64 {
+        self.connection.metrics.delivered.inc();
+        let mut d = self.deliveries.lock();
+        let tag = d.next_tag;
+        d.next_tag += 1;
+        if let Some(u) = unacked {
+            d.unacked.insert(tag, u);
+        }
+        tag
+    }
+
+    /// Writes a method frame.
+    pub fn write_method(&self, method: &Method) {
+        self.connection.outbox.write(|buf| {
+            if let Err(e) = encode_method(buf, self.id, method) {
+                tracing::error!(error = %e, "cannot encode {}", method.name());
+            }
+        });
+    }
+
+    /// Writes method frames unless the channel was closed (released): no
+    /// frame may follow the `channel.close-ok` (sent once the channel is
+    /// released), so tasks other than the connection's write through here.
+    /// Returns whether they were written.
+    pub fn write_methods_if_open(&self, methods: &[Method]) -> bool {
+        let d = self.deliveries.lock();
+        if d.closed {
+            return false;
+        }
+        for m in methods {
+            self.write_method(m);
+        }
+        drop(d);
+        true
+    }
+
+    /// Writes a content-carrying message unless the channel was closed (see
+    /// [`ChannelShared::write_methods_if_open`]).
+    pub fn write_content_if_open(
+        &self,
+        method: &Method,
+        header: &ContentHeader,
+        body: &[u8],
+    ) -> bool {
+        let d = self.deliveries.lock();
+        if d.closed {
+            return false;
+        }
+        self.write_content(method, header, body);
+        drop(d);
+        true
+    }
+
+    /// Records a `deliver.<queue>` firehose copy of a delivery on this channel.
+    pub fn trace_delivery(&self, queue: &QueueHandle, message: &Message, redelivered: bool) {
+        let conn = &self.connection;
+        queue.tracer.delivered(
+            &conn.vhost,
+            &queue.name,
+            message,
+            redelivered,
+            crate::trace::Party {
+                connection: &conn.name,
+                channel: self.id,
+                user: &conn.user,
+            },
+        );
+    }
+
+    /// Writes a content-carrying method with header and body.
+    pub fn write_content(&self, method: &Method, header: &ContentHeader, body: &[u8]) {
+        let frame_max = self.connection.frame_max.load(Ordering::Relaxed);
+        self.connection
+            .outbox
+            .write(|buf| encode_content(buf, self.id, method, header, body, frame_max));
+    }
+
+    /// Forgets a consumer the broker cancelled.
+    pub fn forget_consumer(&self, tag: &ShortStr) {
+        self.deliveries.lock().consumers.remove(tag);
+    }
+
+    /// Removes the deliveries an ack/nack/reject names. As RabbitMQ 3.10
+    /// does: `tag` 0 with `multiple` means every outstanding delivery (none
+    /// is fine); otherwise `tag` itself must be outstanding, with `multiple`
+    /// too (a lower outstanding tag does not make an unknown one valid).
+    pub(super) fn take(&self, tag: u64, multiple: bool) -> Result<Vec<Unacked>, AmqpError> {
+        Ok(self
+            .take_tagged(tag, multiple)?
+            .into_iter()
+            .map(|(_, u)| u)
+            .collect())
+    }
+
+    /// [`ChannelShared::take`], with the delivery tags.
+    pub(super) fn take_tagged(
+        &self,
+        tag: u64,
+        multiple: bool,
+    ) -> Result<Vec<(u64, Unacked)>, AmqpError> {
+        take_tagged(&mut self.deliveries.lock(), tag, multiple)
+    }
+
+    /// Marks the channel closed: queues stop delivering to it and nothing
+    /// more is written (its close-ok follows).
+    pub(super) fn mark_closed(&self) {
+        self.deliveries.lock().closed = true;
+    }
+
+    /// The channel-wide prefetch (`basic.qos` global=true; 0 = none).
+    pub(super) fn global_prefetch(&self) -> u16 {
+        self.deliveries.lock().global_prefetch
+    }
+
+    /// Sets the channel-wide prefetch.
+    pub(super) fn set_global_prefetch(&self, count: u16) {
+        self.deliveries.lock().global_prefetch = count;
+    }
+
+    /// Remembers which queue a consumer of this channel consumes from.
+    pub(super) fn add_consumer(&self, tag: ShortStr, queue: u64) {
+        self.deliveries.lock().consumers.insert(tag, queue);
+    }
+
+    /// The oldest outstanding delivery: (queue, delivered at, consumer tag).
+    pub(super) fn oldest_unacked(&self) -> Option<(u64, u64, Option<ShortStr>)> {
+        self.deliveries
+            .lock()
+            .unacked
+            .first_key_value()
+            .map(|(_, u)| (u.queue, u.delivered_at, u.consumer.clone()))
+    }
+
+    /// Whether the channel was closed (released).
+    pub fn is_closed(&self) -> bool {
+        self.deliveries.lock().closed
+    }
+
+    /// Whether the broker still knows consumer `tag` on this channel (it
+    /// forgets consumers it cancelled, e.g. when their queue was deleted).
+    pub(super) fn has_consumer(&self, tag: &ShortStr) -> bool {
+        self.deliveries.lock().consumers.contains_key(tag)
+    }
+
+    /// Moves the deliveries an ack/nack/reject inside a transaction names
+    /// (by [`ChannelShared::take`]'s rule) from outstanding to held until
+    /// the commit; returns their tags.
+    pub(super) fn hold(&self, tag: u64, multiple: bool) -> Result<Vec<u64>, AmqpError> {
+        // One lock section: the deliveries are never in neither map (a
+        // channel-wide prefetch counts both).
+        let mut d = self.deliveries.lock();
+        let taken = take_tagged(&mut d, tag, multiple)?;
+        let tags = taken.iter().map(|(t, _)| *t).collect();
+        d.held.extend(taken);
+        Ok(tags)
+    }
+
+    /// The held deliveries `tags` names, at commit.
+    pub(super) fn take_held(&self, tags: &[u64]) -> Vec<Unacked> {
+        let mut d = self.deliveries.lock();
+        tags.iter().filter_map(|t| d.held.remove(t)).collect()
+    }
+
+    /// Makes held deliveries outstanding again (`tx.rollback`, as RabbitMQ).
+    pub(super) fn restore_held(&self) {
+        let mut d = self.deliveries.lock();
+        let held = std::mem::take(&mut d.held);
+        d.unacked.extend(held);
+    }
+
+    /// Removes every outstanding delivery of one consumer.
+    pub(super) fn take_consumer(&self, tag: &ShortStr) -> Vec<Unacked> {
+        let mut d = self.deliveries.lock();
+        let tags: Vec<u64> = d
+            .unacked
+            .iter()
+            .filter(|(_, u)| u.consumer.as_ref() == Some(tag))
+            .map(|(t, _)| *t)
+            .collect();
+        tags.iter().filter_map(|t| d.unacked.remove(t)).collect()
+    }
+
+    /// Every outstanding delivery (`basic.recover`); held ones stay held.
+    pub(super) fn take_outstanding(&self) -> Vec<Unacked> {
+        std::mem::take(&mut self.deliveries.lock().unacked)
+            .into_values()
+            .collect()
+    }
+
+    /// Every unsettled delivery, outstanding or held (the channel closes).
+    pub(super) fn take_all(&self) -> Vec<Unacked> {
+        let mut d = self.deliveries.lock();
+        let held = std::mem::take(&mut d.held);
+        let mut all: Vec<Unacked> = std::mem::take(&mut d.unacked).into_values().collect();
+        all.extend(held.into_values());
+        all
+    }
+}
+
+/// The outstanding deliveries an ack/nack/reject names, removed, with their
+/// tags (see [`ChannelShared::take`] for the rule).
+fn take_tagged(
+    d: &mut Deliveries,
+    tag: u64,
+    multiple: bool,
+) -> Result<Vec<(u64, Unacked)>, AmqpError> {
+    if multiple && tag == 0 {
+        return Ok(std::mem::take(&mut d.unacked).into_iter().collect());
+    }
+    let Some(one) = d.unacked.remove(&tag) else {
+        return Err(AmqpError::precondition_failed(format!(
+            "unknown delivery tag {tag}"
+        )));
+    };
+    let mut taken = Vec::new();
+    if multiple {
+        let rest = d.unacked.split_off(&tag);
+        taken.extend(std::mem::replace(&mut d.unacked, rest));
+    }
+    taken.push((tag, one));
+    Ok(taken)
+}

@@ -1,0 +1,91 @@
+//! Transactions: `tx.select`, `tx.commit`, `tx.rollback`. Publishes wait in
+//! the channel's mode until the commit; acknowledgements take their
+//! deliveries out of the channel's outstanding set at once (held in
+//! [`super::ChannelShared`]) and settle them at the commit.
+
+use std::sync::Arc;
+
+use amqp_codec::methods::*;
+use amqp_codec::{ContentHeader, Method};
+use bytes::Bytes;
+
+use super::{Channel, Mode, Settle};
+use crate::broker::Broker;
+use crate::error::AmqpError;
+use crate::vhost::Vhost;
+
+/// A publish or a settlement held back by a transaction.
+#[derive(Debug)]
+pub(super) enum TxAction {
+    Publish(BasicPublish, ContentHeader, Bytes),
+    /// An ack, nack or reject: the deliveries (held on the channel) it settles.
+    Settle(Vec<u64>, Settle),
+}
+
+impl Channel {
+    pub(super) fn handle_tx_select(&mut self) -> Result<(), AmqpError> {
+        match self.mode {
+            Mode::Confirm(_) => {
+                return Err(AmqpError::precondition_failed(
+                    "cannot switch from confirm to tx mode",
+                ));
+            }
+            Mode::Plain => self.mode = Mode::Transactional(Vec::new()),
+            Mode::Transactional(_) => {}
+        }
+        self.shared.write_method(&Method::TxSelectOk(TxSelectOk {}));
+        Ok(())
+    }
+
+    pub(super) async fn handle_tx_commit(
+        &mut self,
+        broker: &Arc<Broker>,
+        vhost: &Vhost,
+    ) -> Result<(), AmqpError> {
+        let Mode::Transactional(actions) = &mut self.mode else {
+            return Err(AmqpError::precondition_failed(
+                "channel is not transactional",
+            ));
+        };
+        let actions = std::mem::take(actions);
+        self.commit(broker, vhost, actions)?;
+        broker.store.commit().await?;
+        self.shared.write_method(&Method::TxCommitOk(TxCommitOk {}));
+        Ok(())
+    }
+
+    /// Publishes of the transaction are dropped; deliveries it acknowledged
+    /// are outstanding again (RabbitMQ).
+    pub(super) fn handle_tx_rollback(&mut self) -> Result<(), AmqpError> {
+        let Mode::Transactional(actions) = &mut self.mode else {
+            return Err(AmqpError::precondition_failed(
+                "channel is not transactional",
+            ));
+        };
+        actions.clear();
+        self.shared.restore_held();
+        self.shared
+            .write_method(&Method::TxRollbackOk(TxRollbackOk {}));
+        Ok(())
+    }
+
+    pub(super) fn commit(
+        &mut self,
+        broker: &Arc<Broker>,
+        vhost: &Vhost,
+        actions: Vec<TxAction>,
+    ) -> Result<(), AmqpError> {
+        for a in actions {
+            match a {
+                TxAction::Publish(m, header, body) => {
+                    self.publish(broker, vhost, m, header, body)?
+                }
+                TxAction::Settle(tags, how) => {
+                    let taken = self.shared.take_held(&tags);
+                    self.settle(broker, vhost, taken, how);
+                }
+            }
+        }
+        Ok(())
+    }
+}
