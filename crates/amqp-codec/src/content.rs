@@ -4,7 +4,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use nom::number::complete::{be_u16, be_u64};
 
 use crate::error::{CodecError, Malformed};
-use crate::properties::RawProperties;
+use crate::properties::{BasicProperties, RawProperties};
 
 /// A decoded content header. Properties stay encoded ([`RawProperties`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -38,6 +38,21 @@ impl ContentHeader {
             body_size,
             properties,
         })
+    }
+
+    /// This header with its properties changed by `change` (decoded,
+    /// changed, encoded again): how a broker rewrites a message's
+    /// properties (reply-to, BCC, x-delivery-count, ...). If they do not
+    /// decode or no longer encode, the header is returned unchanged.
+    pub fn with_properties(self, change: impl FnOnce(&mut BasicProperties)) -> ContentHeader {
+        let Ok(mut props) = self.properties.decode() else {
+            return self;
+        };
+        change(&mut props);
+        match props.to_raw() {
+            Ok(properties) => ContentHeader { properties, ..self },
+            Err(_) => self,
+        }
     }
 
     /// Encodes the payload (without the frame envelope).

@@ -33,7 +33,7 @@ pub mod message;
 pub mod queue;
 mod removal_journal;
 mod segment_file;
-pub mod sled_log;
+pub mod segment_log;
 mod spill;
 pub mod storage;
 pub mod store;
@@ -48,6 +48,6 @@ pub use message::{Message, MessageId};
 pub use queue::{
     DeadLetterRequest, Delivery, Effects, Enqueued, MessageRef, Queue, parse_expiration,
 };
-pub use sled_log::SledStorage;
+pub use segment_log::SegmentLogStorage;
 pub use storage::{IndexEntry, MessageCensus, Storage, Write};
 pub use store::{DEFAULT_BACKLOG_LIMIT, Recovered, Store, StoreStats};

@@ -3,7 +3,7 @@
 //!
 //! Everything Warren persists goes through [`Storage`]: a batch of [`Write`]s
 //! applied together, a `sync` that returns only when they are on disk, and the
-//! reads recovery and paging need. [`crate::SledStorage`] (in `sled_log.rs`)
+//! reads recovery and paging need. [`crate::SegmentLogStorage`] (in `segment_log.rs`)
 //! implements it on sled; another engine can be swapped in behind the trait.
 
 use amqp_codec::FieldTable;

@@ -37,7 +37,7 @@ use crate::definitions::DefKind;
 use crate::error::StoreError;
 use crate::flow::FlowGate;
 use crate::message::{Message, MessageId};
-use crate::sled_log::SledStorage;
+use crate::segment_log::SegmentLogStorage;
 use crate::storage::{IndexEntry, SCHEMA_VERSION, Storage, Write};
 
 /// What the store found on disk when it opened.
@@ -127,7 +127,7 @@ impl Store {
     /// Opens the store in `dir` and recovers its contents. A directory with
     /// damage a crash cannot explain is refused ([`StoreError::Damaged`]).
     pub fn open(dir: &Path) -> Result<(Store, Recovered), StoreError> {
-        Self::with_storage(Arc::new(SledStorage::open(dir)?))
+        Self::with_storage(Arc::new(SegmentLogStorage::open(dir)?))
     }
 
     /// Opens the store in `dir`, moving whatever is damaged to
@@ -135,7 +135,7 @@ impl Store {
     /// left. The report says what was moved and which queue entries and
     /// bodies that cost.
     pub fn repair(dir: &Path) -> Result<(Store, Recovered, RepairReport), StoreError> {
-        let (storage, mut report) = SledStorage::open_with(dir, true)?;
+        let (storage, mut report) = SegmentLogStorage::open_with(dir, true)?;
         let census = storage.message_census()?;
         report.orphaned_bodies = census.orphans;
         let (store, recovered) = Self::with_storage(Arc::new(storage))?;

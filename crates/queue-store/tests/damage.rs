@@ -21,7 +21,7 @@ use amqp_codec::FieldTable;
 use bytes::Bytes;
 use common::{apply, block_on, durable_queue};
 use proptest::prelude::*;
-use queue_store::{DefKind, Effects, MessageId, SledStorage, Store, StoreError, Write};
+use queue_store::{DefKind, Effects, MessageId, SegmentLogStorage, Store, StoreError, Write};
 
 /// Messages published by [`stopped_store`].
 const PUBLISHED: u64 = 300;
@@ -36,7 +36,7 @@ fn stopped_store(dir: &Path) -> BTreeSet<MessageId> {
 /// [`stopped_store`], acking the oldest third only if `ack` (without acks
 /// every frame holds live messages).
 fn stopped_store_acking(dir: &Path, ack: bool) -> BTreeSet<MessageId> {
-    let storage = Arc::new(SledStorage::open(dir).unwrap());
+    let storage = Arc::new(SegmentLogStorage::open(dir).unwrap());
     storage.set_segment_target(2048);
     let (store, _) = Store::with_storage(storage).unwrap();
     store.submit([Write::PutDefinition {

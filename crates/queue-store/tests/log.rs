@@ -1,4 +1,4 @@
-//! Model-based test of the log engine itself ([`SledStorage`]): random batches
+//! Model-based test of the log engine itself ([`SegmentLogStorage`]): random batches
 //! of message and index-entry puts, supersedes, messages shared by several
 //! queues (reference counts), deletes and whole-queue index deletes, with
 //! reopens, checked against a map. Long runs with a few records
@@ -19,7 +19,7 @@ mod common;
 
 use bytes::Bytes;
 use proptest::prelude::*;
-use queue_store::{IndexEntry, Message, MessageId, SledStorage, Storage, Write};
+use queue_store::{IndexEntry, Message, MessageId, SegmentLogStorage, Storage, Write};
 
 fn message(id: u64) -> Arc<Message> {
     common::build(
@@ -71,8 +71,8 @@ struct Model {
 
 /// Opens the engine with small segments: a few batches fill one, so records
 /// are removed, stripped and compacted within a short run.
-fn open(dir: &std::path::Path) -> SledStorage {
-    let s = SledStorage::open(dir).unwrap();
+fn open(dir: &std::path::Path) -> SegmentLogStorage {
+    let s = SegmentLogStorage::open(dir).unwrap();
     s.set_segment_target(400);
     s
 }
@@ -86,7 +86,7 @@ fn release(model: &mut Model, id: u64) {
     }
 }
 
-fn check(s: &SledStorage, model: &Model) {
+fn check(s: &SegmentLogStorage, model: &Model) {
     let mut ids = s.message_ids().unwrap();
     ids.sort();
     let expected: Vec<MessageId> = model.messages.keys().map(|&i| MessageId(i)).collect();
@@ -100,7 +100,7 @@ fn check(s: &SledStorage, model: &Model) {
     }
 }
 
-fn check_index(s: &SledStorage, model: &Model) {
+fn check_index(s: &SegmentLogStorage, model: &Model) {
     let index: Vec<(u64, u64, IndexEntry)> = s.index().unwrap();
     let expected: Vec<(u64, u64, IndexEntry)> = model
         .index

@@ -14,7 +14,9 @@ use std::sync::Arc;
 use amqp_codec::{FieldTable, FieldValue, ShortStr};
 use bytes::Bytes;
 use common::{apply, assert_intact, block_on, durable_queue, message, recover_queue};
-use queue_store::{DefKind, Effects, SledStorage, Storage, Store, StoreError, Write, scoped_name};
+use queue_store::{
+    DefKind, Effects, SegmentLogStorage, Storage, Store, StoreError, Write, scoped_name,
+};
 
 #[test]
 fn committed_messages_survive_reopen_and_acked_ones_do_not() {
@@ -131,7 +133,7 @@ fn unreferenced_messages_are_removed_at_open() {
 fn a_data_dir_from_another_schema_version_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     {
-        let storage = SledStorage::open(dir.path()).unwrap();
+        let storage = SegmentLogStorage::open(dir.path()).unwrap();
         storage
             .set_meta("schema", Some(&99u32.to_be_bytes()))
             .unwrap();

@@ -259,7 +259,12 @@ async fn serve_io<W: AsyncWrite + Unpin + Send + 'static>(
         () = broker.shutdown.cancelled() => Ok(Ok(None)),
     };
     match handshake {
-        Ok(Ok(Some((shared, vhost, heartbeat)))) => {
+        Ok(Ok(Some(Opened {
+            shared,
+            vhost,
+            heartbeat,
+            slot,
+        }))) => {
             tracing::info!(connection = shared.id, %peer, user = %shared.user, "connection opened");
             broker.live_connections.insert(shared.id, shared.clone());
             let mut conn = Connection {
@@ -269,6 +274,7 @@ async fn serve_io<W: AsyncWrite + Unpin + Send + 'static>(
                 channels: HashMap::new(),
                 heartbeat,
                 client_closed: false,
+                _slot: slot,
                 partial: PartialBodies {
                     broker: broker.clone(),
                     id: shared.id,
@@ -278,13 +284,12 @@ async fn serve_io<W: AsyncWrite + Unpin + Send + 'static>(
             conn.run(&mut reader).await;
             conn.cleanup().await;
             broker.live_connections.remove(&shared.id);
-            broker.connections.fetch_sub(1, Ordering::AcqRel);
-            conn.vhost.connections.fetch_sub(1, Ordering::AcqRel);
             tracing::info!(connection = shared.id, %peer, "connection closed");
-            // Bodies it was receiving no longer count against the watermark
-            // (nor hold the body permit) while the socket drains.
-            conn.partial.update(0);
-            if conn.client_closed {
+            let client_closed = conn.client_closed;
+            // Its place among the open connections and the bodies it was
+            // receiving are given back now, not after the socket drains.
+            drop(conn);
+            if client_closed {
                 // As RabbitMQ: after close-ok, go on reading (and dropping)
                 // until the client closes its side, so frames it sent before
                 // seeing the close-ok do not meet a reset socket.
@@ -328,6 +333,43 @@ async fn drain_until_closed(broker: &Broker, reader: &mut Reader) {
     }
 }
 
+/// A place among the broker's and its vhost's open connections (what the
+/// connection limits count), given back when dropped, however the
+/// connection ends.
+#[derive(Debug)]
+struct ConnectionSlot {
+    broker: Arc<Broker>,
+    vhost: Arc<Vhost>,
+}
+
+impl ConnectionSlot {
+    /// Takes a place; also returns how many the broker and the vhost now have.
+    fn take(broker: &Arc<Broker>, vhost: &Arc<Vhost>) -> (ConnectionSlot, usize, usize) {
+        let open = broker.connections.fetch_add(1, Ordering::AcqRel) + 1;
+        let in_vhost = vhost.connections.fetch_add(1, Ordering::AcqRel) + 1;
+        let slot = ConnectionSlot {
+            broker: broker.clone(),
+            vhost: vhost.clone(),
+        };
+        (slot, open, in_vhost)
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.broker.connections.fetch_sub(1, Ordering::AcqRel);
+        self.vhost.connections.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A connection the handshake opened.
+struct Opened {
+    shared: Arc<ConnectionShared>,
+    vhost: Arc<Vhost>,
+    heartbeat: u16,
+    slot: ConnectionSlot,
+}
+
 /// Runs the handshake; `Ok(None)` when the peer went away or was refused
 /// without a close (wrong protocol header, failed login without
 /// `authentication_failure_close`).
@@ -337,7 +379,7 @@ async fn handshake(
     outbox: &Arc<Outbox>,
     (peer, local): (SocketAddr, SocketAddr),
     tls: &Tls,
-) -> Result<Option<(Arc<ConnectionShared>, Arc<Vhost>, u16)>, AmqpError> {
+) -> Result<Option<Opened>, AmqpError> {
     // EXTERNAL is offered on every TLS connection (as RabbitMQ with its SSL
     // auth mechanism) and succeeds only with a verified client certificate.
     let (offer_external, identity) = match tls {
@@ -476,17 +518,15 @@ async fn handshake(
         .on(10, 40));
     }
     let max = broker.config.max_connections;
-    let open_now = broker.connections.fetch_add(1, Ordering::AcqRel) + 1;
     let vhost_max = vhost.limits.lock().max_connections;
-    let vhost_now = vhost.connections.fetch_add(1, Ordering::AcqRel) + 1;
+    let (slot, open_now, vhost_now) = ConnectionSlot::take(broker, &vhost);
     let limit = match (max > 0 && open_now > max, vhost_max) {
         (true, _) => Some(max),
         (false, Some(m)) if vhost_now > m => Some(m),
         _ => None,
     };
     if let Some(limit) = limit {
-        broker.connections.fetch_sub(1, Ordering::AcqRel);
-        vhost.connections.fetch_sub(1, Ordering::AcqRel);
+        // (The slot is given back as it drops.)
         return Err(AmqpError::not_allowed(format!(
             "access to vhost '{}' refused for user '{user}': connection limit ({limit}) is reached",
             open.virtual_host
@@ -524,7 +564,12 @@ async fn handshake(
         close_reason: parking_lot::Mutex::new(String::new()),
         client_properties: compact_table(&start_ok.client_properties),
     });
-    Ok(Some((shared, vhost, tune.heartbeat)))
+    Ok(Some(Opened {
+        shared,
+        vhost,
+        heartbeat: tune.heartbeat,
+        slot,
+    }))
 }
 
 /// A copy of `table` in an allocation of its own: decoded tables share the
@@ -575,6 +620,8 @@ struct Connection {
     heartbeat: u16,
     /// The client closed the connection (its `connection.close` was answered).
     client_closed: bool,
+    /// Its place among the open connections (given back on drop).
+    _slot: ConnectionSlot,
     partial: PartialBodies,
 }
 

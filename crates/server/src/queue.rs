@@ -423,20 +423,12 @@ pub fn with_delivery_count(header: &ContentHeader, count: u32) -> ContentHeader 
     if count == 0 {
         return header.clone();
     }
-    let Ok(mut props) = header.properties.decode() else {
-        return header.clone();
-    };
-    props.headers.get_or_insert_with(FieldTable::new).insert(
-        ShortStr::from_static("x-delivery-count"),
-        FieldValue::I64(i64::from(count)),
-    );
-    match props.to_raw() {
-        Ok(properties) => ContentHeader {
-            properties,
-            ..header.clone()
-        },
-        Err(_) => header.clone(),
-    }
+    header.clone().with_properties(|p| {
+        p.headers.get_or_insert_with(FieldTable::new).insert(
+            ShortStr::from_static("x-delivery-count"),
+            FieldValue::I64(i64::from(count)),
+        );
+    })
 }
 
 /// Encodes a content-carrying method with its header and body.

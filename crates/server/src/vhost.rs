@@ -2,8 +2,11 @@
 //! operation that changes them (declare, bind, delete, settle), including
 //! persisting durable definitions before the client is told they exist.
 //!
-//! Metadata changes go through these methods and nowhere else, so that they can
-//! become entries of a replicated log when Warren clusters.
+//! A vhost's exchanges, queues and bindings change through these methods
+//! (AMQP methods, the management API, definitions import and boot recovery
+//! all call them); users, permissions, policies and limits change through
+//! `Broker` and `Auth`. Before Warren clusters, both become one command
+//! path that a replicated log can carry.
 
 use std::sync::Arc;
 
@@ -1037,19 +1040,11 @@ fn strip_bcc(
     header: amqp_codec::ContentHeader,
     headers: Option<FieldTable>,
 ) -> amqp_codec::ContentHeader {
-    let Ok(mut props) = header.properties.decode() else {
-        return header;
-    };
-    let mut h = headers.unwrap_or_default();
-    h.remove("BCC");
-    props.headers = Some(h);
-    match props.to_raw() {
-        Ok(properties) => amqp_codec::ContentHeader {
-            properties,
-            ..header
-        },
-        Err(_) => header,
-    }
+    header.with_properties(|p| {
+        let mut h = headers.unwrap_or_default();
+        h.remove("BCC");
+        p.headers = Some(h);
+    })
 }
 
 /// RabbitMQ's validated user-id: a published `user-id` must be the

@@ -614,15 +614,5 @@ impl Channel {
 
 /// The header with its `reply-to` property replaced.
 fn with_reply_to(header: ContentHeader, reply_to: ShortStr) -> ContentHeader {
-    let Ok(mut props) = header.properties.decode() else {
-        return header;
-    };
-    props.reply_to = Some(reply_to);
-    match props.to_raw() {
-        Ok(properties) => ContentHeader {
-            properties,
-            ..header
-        },
-        Err(_) => header,
-    }
+    header.with_properties(|p| p.reply_to = Some(reply_to))
 }

@@ -1,4 +1,4 @@
-//! [`SledStorage`]: the [`Storage`] engine. Definitions and metadata are
+//! [`SegmentLogStorage`]: the [`Storage`] engine. Definitions and metadata are
 //! small sled trees; messages and queue indexes are an append-only log of
 //! segment files next to them (`log/`, see [`crate::segment_file`]), so a
 //! batch of thousands of publishes and acks costs a few file writes, and what
@@ -64,7 +64,7 @@ use crate::message::{Message, MessageId};
 use crate::segment_file::{LogOpen, MAX_UNSYNCED_FILES, SegmentFiles};
 use crate::storage::{IndexEntry, MessageCensus, SCHEMA_VERSION, Storage, Write};
 
-/// How long [`SledStorage::open`] waits for a data directory that a store of
+/// How long [`SegmentLogStorage::open`] waits for a data directory that a store of
 /// this process still holds.
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(15);
 
@@ -130,7 +130,7 @@ struct Segment {
     pending: u32,
     /// Newer segments holding records that cancel records here, with counts.
     cancelled_by: HashMap<u64, u32>,
-    /// Holds only deletes (see [`SledStorage::strip`]).
+    /// Holds only deletes (see [`SegmentLogStorage::strip`]).
     stripped: bool,
     /// The newest segment that cancelled a record here (its own number at
     /// first): a segment still being consumed is not compacted.
@@ -380,7 +380,7 @@ impl LogState {
 
 /// The [`Storage`] engine: definitions in sled, messages and indexes in a log
 /// of segment files.
-pub struct SledStorage {
+pub struct SegmentLogStorage {
     db: sled::Db,
     meta: sled::Tree,
     definitions: sled::Tree,
@@ -403,10 +403,10 @@ pub struct SledStorage {
     dir: std::path::PathBuf,
 }
 
-impl std::fmt::Debug for SledStorage {
+impl std::fmt::Debug for SegmentLogStorage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let state = lock(&self.state);
-        f.debug_struct("SledStorage")
+        f.debug_struct("SegmentLogStorage")
             .field("segments", &state.segs.len())
             .field("messages", &state.messages.len())
             .field("queues", &state.index.len())
@@ -783,18 +783,21 @@ enum Record<'a> {
     DeleteQueueIndex(u64),
 }
 
-impl SledStorage {
+impl SegmentLogStorage {
     /// Opens (or creates) the store in `dir` and replays the log. Refuses a
     /// directory another process holds, and one with damage a crash cannot
     /// explain ([`StoreError::Damaged`]).
-    pub fn open(dir: &Path) -> Result<SledStorage, StoreError> {
+    pub fn open(dir: &Path) -> Result<SegmentLogStorage, StoreError> {
         Self::open_with(dir, false).map(|(s, _)| s)
     }
 
-    /// [`SledStorage::open`], or with `repair` a repair: damaged parts are
+    /// [`SegmentLogStorage::open`], or with `repair` a repair: damaged parts are
     /// moved to `<dir>/quarantine/` instead of refused, and the report says
     /// what was moved and which queue entries lost their messages.
-    pub fn open_with(dir: &Path, repair: bool) -> Result<(SledStorage, RepairReport), StoreError> {
+    pub fn open_with(
+        dir: &Path,
+        repair: bool,
+    ) -> Result<(SegmentLogStorage, RepairReport), StoreError> {
         let named = |what: &str, path: &Path, e: &dyn std::fmt::Display| {
             StoreError::Engine(format!("{what} {}: {e}", path.display()))
         };
@@ -919,7 +922,7 @@ impl SledStorage {
                 damaged_frames: &mut damaged_frames,
             },
         )?;
-        let storage = SledStorage {
+        let storage = SegmentLogStorage {
             meta,
             definitions,
             clean_shutdown: std::sync::atomic::AtomicBool::new(clean),
@@ -1427,7 +1430,7 @@ impl SledStorage {
     }
 }
 
-impl Storage for SledStorage {
+impl Storage for SegmentLogStorage {
     fn apply(&self, writes: &[Write]) -> Result<(), StoreError> {
         let mut state = lock(&self.state);
         let mut b = match state.open.take() {
@@ -1744,8 +1747,8 @@ mod tests {
     }
 
     /// Opens the engine with every batch sealing its own segment.
-    fn open(dir: &Path) -> SledStorage {
-        let s = SledStorage::open(dir).unwrap();
+    fn open(dir: &Path) -> SegmentLogStorage {
+        let s = SegmentLogStorage::open(dir).unwrap();
         s.set_segment_target(1);
         s
     }
@@ -1774,7 +1777,7 @@ mod tests {
 
     /// Segments the bookkeeping holds, checked against the files once every
     /// removal waiting for a sync has been carried out.
-    fn stored_segments(s: &SledStorage) -> usize {
+    fn stored_segments(s: &SegmentLogStorage) -> usize {
         for _ in 0..1000 {
             s.sync().unwrap();
             if !s.files.has_unsynced() {
@@ -1935,7 +1938,7 @@ mod tests {
             s.files.append(0, &[TAG_PUT_MESSAGE, 0, 0]).unwrap();
             s.sync().unwrap();
         }
-        match SledStorage::open(dir.path()) {
+        match SegmentLogStorage::open(dir.path()) {
             Err(StoreError::Corrupt { what, .. }) => assert_eq!(what, "log segment"),
             other => panic!("expected a corrupt segment, got {other:?}"),
         }
