@@ -15,9 +15,36 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::error::StoreError;
 
-/// Identity of a stored message, unique across restarts.
+/// Identity of a stored message, unique across restarts and across nodes:
+/// the store's node tag in the top 16 bits (see [`crate::Store::node_tag`])
+/// and a counter of that store below.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct MessageId(pub u64);
+
+impl MessageId {
+    /// Bits of the counter below the node tag.
+    pub const COUNTER_BITS: u32 = 48;
+
+    /// The id of a store's `counter`th message.
+    pub fn new(node_tag: u16, counter: u64) -> MessageId {
+        MessageId(u64::from(node_tag) << Self::COUNTER_BITS | counter & Self::counter_mask())
+    }
+
+    /// The tag of the node whose store allocated it (0: a store from before
+    /// tags).
+    pub fn node_tag(self) -> u16 {
+        (self.0 >> Self::COUNTER_BITS) as u16
+    }
+
+    /// Its place in that store's sequence.
+    pub fn counter(self) -> u64 {
+        self.0 & Self::counter_mask()
+    }
+
+    const fn counter_mask() -> u64 {
+        (1 << Self::COUNTER_BITS) - 1
+    }
+}
 
 /// A published message.
 #[derive(Debug, Clone, PartialEq)]

@@ -7,6 +7,7 @@
 //! | where | key | value |
 //! |---|---|---|
 //! | sled tree `meta` | `schema` | schema version |
+//! | sled tree `meta` | `node-tag` | the store's node tag, the top 16 bits of its message ids ([`crate::Store::node_tag`]) |
 //! | `clean-shutdown` | | written at a clean shutdown, removed at open: next segment number, definitions' count and CRC |
 //! | `warren-store` | | marks the directory as a store (an empty sled next to it is damage) |
 //! | `log/removed` | | the segments the log removed on purpose ([`crate::removal_journal`]) |
@@ -1126,17 +1127,20 @@ impl SegmentLogStorage {
             // no entry names. (Ids are allocated in order, so the bodies of
             // a frame hold a narrow range; the body of an entry whose own
             // record was skipped lies inside it.)
-            let range = damaged_bodies
-                .iter()
-                .map(|m| m.0)
-                .min()
-                .zip(damaged_bodies.iter().map(|m| m.0).max());
+            // (Per node tag: a compacted frame may mix ids of two tags.)
+            let mut ranges: std::collections::HashMap<u16, (u64, u64)> = Default::default();
+            for m in &damaged_bodies {
+                let r = ranges
+                    .entry(m.node_tag())
+                    .or_insert((m.counter(), m.counter()));
+                *r = (r.0.min(m.counter()), r.1.max(m.counter()));
+            }
             from_damage.retain(|(_, _, m)| {
                 let known = damaged_bodies.contains(m) || state.messages.contains_key(m);
-                known
-                    || range.is_none_or(|(lo, hi)| {
-                        (lo.saturating_sub(8)..=hi.saturating_add(8)).contains(&m.0)
-                    })
+                let near = ranges.get(&m.node_tag()).is_some_and(|&(lo, hi)| {
+                    (lo.saturating_sub(8)..=hi.saturating_add(8)).contains(&m.counter())
+                });
+                known || near || damaged_bodies.is_empty()
             });
             // Bodies the damage held that nothing deleted later and that no
             // entry names: their queue entry was the damaged record itself.
@@ -1616,6 +1620,8 @@ impl Storage for SegmentLogStorage {
         let mut census = MessageCensus::default();
         for (id, body) in &state.messages {
             census.max_id = census.max_id.max(id.0);
+            let max = census.max_counters.entry(id.node_tag()).or_default();
+            *max = (*max).max(id.counter());
             if body.refs() == 0 {
                 census.orphans.push(*id);
             } else {

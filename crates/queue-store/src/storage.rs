@@ -79,6 +79,8 @@ pub struct MessageCensus {
     pub referenced: usize,
     /// The highest stored message id (0: none).
     pub max_id: u64,
+    /// The highest counter stored, by node tag (see [`MessageId`]).
+    pub max_counters: std::collections::HashMap<u16, u64>,
 }
 
 /// One write in a batch.

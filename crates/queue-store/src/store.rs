@@ -111,7 +111,10 @@ pub struct Store {
     /// Bodies submitted but not yet applied by the writer, so that a paged
     /// message can be loaded the moment after it was paged out.
     unwritten: Arc<Unwritten>,
+    /// The next counter of [`MessageId::new`].
     next_message: AtomicU64,
+    /// See [`Store::node_tag`].
+    node_tag: u16,
     stats: Arc<StoreStats>,
 }
 
@@ -167,7 +170,9 @@ impl Store {
         };
         recovered.queues = storage.queue_indexes()?;
         let census = storage.message_census()?;
-        let (max_id, messages) = (census.max_id, census.referenced);
+        let messages = census.referenced;
+        let node_tag = node_tag(storage.as_ref())?;
+        let next_counter = census.max_counters.get(&node_tag).copied().unwrap_or(0) + 1;
         let orphans: Vec<Write> = census
             .orphans
             .into_iter()
@@ -198,7 +203,8 @@ impl Store {
             shared,
             writer: Mutex::new(Some(writer)),
             unwritten,
-            next_message: AtomicU64::new(max_id + 1),
+            next_message: AtomicU64::new(next_counter),
+            node_tag,
             stats,
         };
         if !clean_shutdown && recovered.definitions.is_empty() && recovered.queues.is_empty() {
@@ -218,7 +224,18 @@ impl Store {
 
     /// A fresh message id.
     pub fn next_message_id(&self) -> MessageId {
-        MessageId(self.next_message.fetch_add(1, Ordering::Relaxed))
+        MessageId::new(
+            self.node_tag,
+            self.next_message.fetch_add(1, Ordering::Relaxed),
+        )
+    }
+
+    /// This store's node tag: random (1..=65535) when the store was first
+    /// opened by a build that tags, and kept in its metadata. Message ids
+    /// carry it, so ids from different nodes' stores do not collide (a
+    /// cluster may later assign tags instead of drawing them).
+    pub fn node_tag(&self) -> u16 {
+        self.node_tag
     }
 
     /// Counters.
@@ -453,4 +470,19 @@ fn write_loop(storage: &dyn Storage, shared: &Shared, stats: &StoreStats, unwrit
             return;
         }
     }
+}
+
+/// The store's node tag, drawn and kept in its metadata on first use.
+fn node_tag(storage: &dyn Storage) -> Result<u16, StoreError> {
+    if let Some(v) = storage.meta("node-tag")? {
+        if let Ok(b) = <[u8; 2]>::try_from(v.as_slice()) {
+            let tag = u16::from_be_bytes(b);
+            if tag != 0 {
+                return Ok(tag);
+            }
+        }
+    }
+    let tag: u16 = rand::random_range(1..=u16::MAX);
+    storage.set_meta("node-tag", Some(&tag.to_be_bytes()))?;
+    Ok(tag)
 }

@@ -264,3 +264,30 @@ fn the_flow_gate_rises_past_the_backlog_limit_and_lowers_when_written() {
         "lowered once the writer caught up"
     );
 }
+
+/// Message ids carry the store's node tag (so two nodes' stores never hand
+/// out the same id); the tag is kept across reopens, and ids go on after
+/// the highest stored one.
+#[test]
+fn message_ids_carry_the_stores_node_tag() {
+    let dir = tempfile::tempdir().unwrap();
+    let (tag, last) = {
+        let (store, _) = Store::open(dir.path()).unwrap();
+        let tag = store.node_tag();
+        assert_ne!(tag, 0);
+        let mut q = durable_queue(FieldTable::new());
+        let mut fx = Effects::default();
+        let m = message(&store, true, None);
+        assert_eq!(m.id.node_tag(), tag);
+        q.publish(&m, 0, &mut fx);
+        apply(&store, &mut fx);
+        block_on(store.commit()).unwrap();
+        store.close().unwrap();
+        (tag, m.id)
+    };
+    let (store, _) = Store::open(dir.path()).unwrap();
+    assert_eq!(store.node_tag(), tag, "kept across a reopen");
+    let next = store.next_message_id();
+    assert_eq!(next.node_tag(), tag);
+    assert!(next.counter() > last.counter(), "ids are not reused");
+}
