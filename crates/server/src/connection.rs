@@ -508,14 +508,15 @@ async fn handshake(
         return Err(AmqpError::command_invalid("expected connection.open"));
     };
     let vhost = broker.vhost(&open.virtual_host).ok_or_else(|| {
-        AmqpError::not_allowed(format!("vhost '{}' not found", open.virtual_host)).on(10, 40)
+        AmqpError::not_allowed(format!("vhost '{}' not found", open.virtual_host))
+            .on(ConnectionOpen::CLASS_ID, ConnectionOpen::METHOD_ID)
     })?;
     if !broker.auth.may_open(&user, &open.virtual_host) {
         return Err(AmqpError::not_allowed(format!(
             "access to vhost '{}' refused for user '{user}'",
             open.virtual_host
         ))
-        .on(10, 40));
+        .on(ConnectionOpen::CLASS_ID, ConnectionOpen::METHOD_ID));
     }
     let max = broker.config.max_connections;
     let vhost_max = vhost.limits.lock().max_connections;
@@ -531,7 +532,7 @@ async fn handshake(
             "access to vhost '{}' refused for user '{user}': connection limit ({limit}) is reached",
             open.virtual_host
         ))
-        .on(10, 40));
+        .on(ConnectionOpen::CLASS_ID, ConnectionOpen::METHOD_ID));
     }
     write_method(
         outbox,

@@ -225,7 +225,7 @@ mod tests {
             exchange: s(exchange),
             routing_key: s("rk"),
             header: ContentHeader {
-                class_id: 60,
+                class_id: amqp_codec::class_id::BASIC,
                 weight: 0,
                 body_size: 4,
                 properties: BasicProperties {

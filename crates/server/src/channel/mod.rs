@@ -300,7 +300,8 @@ impl Channel {
                 // Reopening before the close-ok: the channel is still open
                 // as far as the broker knows (RabbitMQ's 504).
                 Method::ChannelOpen(_) => {
-                    return Err(AmqpError::channel_error("second 'channel.open' seen").on(20, 10));
+                    return Err(AmqpError::channel_error("second 'channel.open' seen")
+                        .on(ChannelOpen::CLASS_ID, ChannelOpen::METHOD_ID));
                 }
                 _ => ChannelOutcome::Open,
             });
