@@ -265,6 +265,8 @@ pub struct Queue {
     unacked_bytes: u64,
     memory_budget: u64,
     last_used_ms: u64,
+    /// See [`Queue::take_zero_ttl_published`].
+    zero_ttl_published: bool,
 }
 
 impl Queue {
@@ -295,6 +297,7 @@ impl Queue {
             unacked_bytes: 0,
             memory_budget: DEFAULT_MEMORY_BUDGET,
             last_used_ms: now_ms,
+            zero_ttl_published: false,
         }
     }
 
@@ -738,7 +741,15 @@ impl Queue {
         }
         self.push_new(entry, &mut fx.writes);
         self.drop_heads_over_limit(fx);
+        self.zero_ttl_published |= ttl == Some(0);
         Enqueued::Accepted
+    }
+
+    /// Whether a message with a TTL of 0 was published since the last call:
+    /// then [`Queue::expire_undelivered`] has work once the consumers had
+    /// their chance (no clock read per publish otherwise).
+    pub fn take_zero_ttl_published(&mut self) -> bool {
+        std::mem::take(&mut self.zero_ttl_published)
     }
 
     /// Dead-letters (or drops) the oldest ready messages while the queue is

@@ -269,7 +269,7 @@ impl QueueState {
         }
         self.dispatch(handle, store, fx);
         // A message with a TTL of 0 that no consumer took expires now.
-        if outcome == Enqueued::Accepted {
+        if self.queue.take_zero_ttl_published() {
             self.queue.expire_undelivered(now_ms(), fx);
         }
         (outcome, wrote)

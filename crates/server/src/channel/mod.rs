@@ -139,66 +139,53 @@ impl Channel {
     /// consumes or purges); an empty queue name is the last declared queue,
     /// and `queue.bind` / `queue.unbind` with an empty queue and routing key
     /// use that queue's name as the key.
-    fn resolve_names(&self, method: Method) -> Result<Method, AmqpError> {
-        Ok(match method {
-            Method::QueueDeclare(mut m) => {
-                m.queue = strip_cr_lf(m.queue);
-                Method::QueueDeclare(m)
+    fn resolve_names(&self, method: &mut Method) -> Result<(), AmqpError> {
+        // (In place: a publish, the hot path, passes through untouched.)
+        let strip = |name: &mut ShortStr| *name = strip_cr_lf(std::mem::take(name));
+        let expand = |name: &mut ShortStr| -> Result<(), AmqpError> {
+            *name = self.queue_name(std::mem::take(name))?;
+            Ok(())
+        };
+        match method {
+            Method::QueueDeclare(m) => strip(&mut m.queue),
+            Method::ExchangeDeclare(m) => strip(&mut m.exchange),
+            Method::ExchangeDelete(m) => strip(&mut m.exchange),
+            Method::ExchangeBind(m) => {
+                strip(&mut m.source);
+                strip(&mut m.destination);
             }
-            Method::ExchangeDeclare(mut m) => {
-                m.exchange = strip_cr_lf(m.exchange);
-                Method::ExchangeDeclare(m)
+            Method::ExchangeUnbind(m) => {
+                strip(&mut m.source);
+                strip(&mut m.destination);
             }
-            Method::ExchangeDelete(mut m) => {
-                m.exchange = strip_cr_lf(m.exchange);
-                Method::ExchangeDelete(m)
-            }
-            Method::ExchangeBind(mut m) => {
-                m.source = strip_cr_lf(m.source);
-                m.destination = strip_cr_lf(m.destination);
-                Method::ExchangeBind(m)
-            }
-            Method::ExchangeUnbind(mut m) => {
-                m.source = strip_cr_lf(m.source);
-                m.destination = strip_cr_lf(m.destination);
-                Method::ExchangeUnbind(m)
-            }
-            Method::QueueBind(mut m) => {
+            Method::QueueBind(m) => {
                 let shortcut = m.queue.is_empty();
-                m.queue = self.queue_name(strip_cr_lf(m.queue))?;
-                m.exchange = strip_cr_lf(m.exchange);
+                strip(&mut m.queue);
+                expand(&mut m.queue)?;
+                strip(&mut m.exchange);
                 if shortcut && m.routing_key.is_empty() {
                     m.routing_key = m.queue.clone();
                 }
-                Method::QueueBind(m)
             }
-            Method::QueueUnbind(mut m) => {
+            Method::QueueUnbind(m) => {
                 let shortcut = m.queue.is_empty();
-                m.queue = self.queue_name(strip_cr_lf(m.queue))?;
-                m.exchange = strip_cr_lf(m.exchange);
+                strip(&mut m.queue);
+                expand(&mut m.queue)?;
+                strip(&mut m.exchange);
                 if shortcut && m.routing_key.is_empty() {
                     m.routing_key = m.queue.clone();
                 }
-                Method::QueueUnbind(m)
             }
-            Method::QueueDelete(mut m) => {
-                m.queue = self.queue_name(strip_cr_lf(m.queue))?;
-                Method::QueueDelete(m)
+            Method::QueueDelete(m) => {
+                strip(&mut m.queue);
+                expand(&mut m.queue)?;
             }
-            Method::QueuePurge(mut m) => {
-                m.queue = self.queue_name(m.queue)?;
-                Method::QueuePurge(m)
-            }
-            Method::BasicConsume(mut m) => {
-                m.queue = self.queue_name(m.queue)?;
-                Method::BasicConsume(m)
-            }
-            Method::BasicGet(mut m) => {
-                m.queue = self.queue_name(m.queue)?;
-                Method::BasicGet(m)
-            }
-            other => other,
-        })
+            Method::QueuePurge(m) => expand(&mut m.queue)?,
+            Method::BasicConsume(m) => expand(&mut m.queue)?,
+            Method::BasicGet(m) => expand(&mut m.queue)?,
+            _ => {}
+        }
+        Ok(())
     }
 
     /// Lets every queue this channel consumes from deliver, starting with
@@ -323,8 +310,12 @@ impl Channel {
         vhost: &Arc<Vhost>,
         cmd: Command,
     ) -> Result<ChannelOutcome, AmqpError> {
-        let Command { method, content } = cmd;
-        match self.resolve_names(method)? {
+        let Command {
+            mut method,
+            content,
+        } = cmd;
+        self.resolve_names(&mut method)?;
+        match method {
             Method::ChannelClose(_) => return Ok(self.handle_channel_close(broker, vhost)),
             Method::ChannelCloseOk(_) => {
                 return Err(AmqpError::command_invalid("unexpected channel.close-ok"));
