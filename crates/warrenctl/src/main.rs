@@ -2,8 +2,10 @@
 //! RabbitMQ — list queues, exchanges, bindings, connections, consumers, users,
 //! vhosts and permissions (with column selection), manage users, vhosts and
 //! permissions, set and clear policies, purge and delete queues, close
-//! connections, export and import definitions — by talking to the broker's
-//! management HTTP API.
+//! connections, export and import definitions, turn a vhost's firehose on
+//! and off (`trace_on` / `trace_off`), and move the alarm limits at run time
+//! (`set_vm_memory_high_watermark`, `set_disk_free_limit`) — by talking to
+//! the broker's management HTTP API.
 //!
 //! Output is tab-separated with a header line (as `rabbitmqctl`), or JSON
 //! with `--formatter json`. Exit codes: 0 success, 1 the broker refused
