@@ -690,19 +690,10 @@ impl Connection {
             if stopped && (!blocked || finishing) && !paused {
                 // The connection may go on: the frames already read first.
                 stopped = false;
-                match self.process(reader, frame_max).await {
-                    Ok(Processed::All) => {}
-                    Ok(Processed::Stopped) => stopped = true,
-                    Ok(Processed::Closed) => return,
-                    Err(e) => {
-                        self.close_with(reader, &e).await;
-                        return;
-                    }
+                if !self.take_frames(reader, frame_max, &mut stopped).await {
+                    return;
                 }
-                self.after_frames();
-                blocked = self.update_blocked(blocked, self.broker.alarms.current());
-                finishing = self.may_finish_body(blocked);
-                paused = self.still_congested();
+                (blocked, finishing, paused) = self.gates(blocked);
                 continue;
             }
             reader.prepare();
@@ -749,22 +740,10 @@ impl Connection {
                             last_read = Instant::now();
                         }
                     }
-                    match self.process(reader, frame_max).await {
-                        Ok(Processed::All) => {}
-                        Ok(Processed::Stopped) => stopped = true,
-                        Ok(Processed::Closed) => return,
-                        Err(e) => {
-                            self.close_with(reader, &e).await;
-                            return;
-                        }
+                    if !self.take_frames(reader, frame_max, &mut stopped).await {
+                        return;
                     }
-                    self.after_frames();
-                    // A publisher that just started publishing under an alarm
-                    // stops here, in the middle of a message if need be.
-                    blocked = self.update_blocked(blocked, self.broker.alarms.current());
-                    finishing = self.may_finish_body(blocked);
-                    // So does one whose publishes hit a congested queue or store.
-                    paused = self.still_congested();
+                    (blocked, finishing, paused) = self.gates(blocked);
                 }
                 _ = ticker.tick(), if self.heartbeat > 0 => {
                     // A blocked publisher is not read, so its silence is ours.
@@ -804,6 +783,39 @@ impl Connection {
                 }
             }
         }
+    }
+
+    /// Handles the frames buffered so far and what they leave behind
+    /// ([`Connection::after_frames`]); sets `stopped` if an alarm stopped it
+    /// at a frame boundary. `false`: the connection ends (closed, or closed
+    /// for an error).
+    async fn take_frames(
+        &mut self,
+        reader: &mut Reader,
+        frame_max: u32,
+        stopped: &mut bool,
+    ) -> bool {
+        match self.process(reader, frame_max).await {
+            Ok(Processed::All) => {}
+            Ok(Processed::Stopped) => *stopped = true,
+            Ok(Processed::Closed) => return false,
+            Err(e) => {
+                self.close_with(reader, &e).await;
+                return false;
+            }
+        }
+        self.after_frames();
+        true
+    }
+
+    /// What may be read after a batch of frames: (blocked, finishing,
+    /// paused). A publisher that just started publishing under an alarm
+    /// stops, in the middle of a message if need be; so does one whose
+    /// publishes hit a congested queue or store.
+    fn gates(&mut self, was_blocked: bool) -> (bool, bool, bool) {
+        let blocked = self.update_blocked(was_blocked, self.broker.alarms.current());
+        let finishing = self.may_finish_body(blocked);
+        (blocked, finishing, self.still_congested())
     }
 
     /// After a batch of frames: confirms go out, and bodies still arriving

@@ -969,12 +969,8 @@ async fn put_memory_watermark(
     Path(name): Path<String>,
     body: Body,
 ) -> ApiResult {
-    caller.require_admin()?;
-    if name != NODE {
-        return Err(ApiError::not_found());
-    }
-    let octets = limit_octets(&body_map(body), "fraction")?;
-    b.alarms.set_memory_limit(octets);
+    b.alarms
+        .set_memory_limit(node_limit(&caller, &name, body, "fraction")?);
     no_content()
 }
 
@@ -986,13 +982,19 @@ async fn put_disk_free_limit(
     Path(name): Path<String>,
     body: Body,
 ) -> ApiResult {
+    b.alarms
+        .set_disk_limit(node_limit(&caller, &name, body, "mem_relative")?);
+    no_content()
+}
+
+/// A limit PUT on node `name`: administrators only, this node only, the
+/// octets the body names (see [`limit_octets`]).
+fn node_limit(caller: &Caller, name: &str, body: Body, relative: &str) -> Result<u64, ApiError> {
     caller.require_admin()?;
     if name != NODE {
         return Err(ApiError::not_found());
     }
-    let octets = limit_octets(&body_map(body), "mem_relative")?;
-    b.alarms.set_disk_limit(octets);
-    no_content()
+    limit_octets(&body_map(body), relative)
 }
 
 async fn get_node(State(b): Shared, caller: Caller, Path(name): Path<String>) -> ApiResult {
