@@ -332,8 +332,9 @@ async fn topic_permissions_restrict_routing_keys() {
     b.set_permissions("bob", "/", ".*", ".*", ".*")
         .await
         .unwrap();
-    b.auth
-        .set_topic_permissions("bob", "/", "amq.topic", "^{username}\\.", "^{username}\\.");
+    b.set_topic_permissions("bob", "/", "amq.topic", "^{username}\\.", "^{username}\\.")
+        .await
+        .unwrap();
     let bob = connect_as(&broker, "bob", "b0b", "/").await.unwrap();
     let ch = bob.create_channel().await.unwrap();
     ch.basic_publish(

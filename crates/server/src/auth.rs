@@ -7,19 +7,18 @@
 //!   expressions and optional per-exchange topic permissions (routing-key
 //!   patterns, with `{username}` and `{vhost}` expanded). They are looked up
 //!   on every operation, so changes apply to live connections at once.
-//! - Everything here is persisted as definitions through the store.
+//! - `Auth` is the runtime view the checks read; changes are committed as
+//!   metadata commands first (`crate::meta`) and applied here after.
 
 use std::collections::HashMap;
 
-use amqp_codec::{FieldTable, FieldValue, ShortStr};
 use base64::Engine as _;
-use bytes::Bytes;
 use parking_lot::RwLock;
-use queue_store::{DefKind, Write, scoped_name};
 use regex::Regex;
 use sha2::{Digest, Sha256};
 
 use crate::error::AmqpError;
+use crate::meta::{PermissionDef, TopicPermissionDef};
 
 /// A user.
 #[derive(Debug, Clone)]
@@ -123,11 +122,13 @@ pub fn verify_password(hash: &str, password: &str) -> bool {
             == 0
 }
 
-/// Compiles a permission pattern. Like RabbitMQ's, it matches anywhere in
-/// the name unless it anchors itself (`^...$`).
 /// Compiles a permission pattern. As in RabbitMQ, patterns match anywhere in
 /// the name (use `^...$` to anchor), and the empty pattern is a synonym for
 /// `^$`: it matches no name at all.
+pub fn compile_pattern(pattern: &str) -> Result<Regex, regex::Error> {
+    anchored(pattern)
+}
+
 fn anchored(pattern: &str) -> Result<Regex, regex::Error> {
     Regex::new(if pattern.is_empty() { "^$" } else { pattern })
 }
@@ -149,30 +150,10 @@ pub struct Auth {
     topic: RwLock<HashMap<(String, String, String), TopicPermission>>,
 }
 
-fn s(v: &'static str) -> ShortStr {
-    ShortStr::from_static(v)
-}
-
-fn text(t: &FieldTable, k: &str) -> Option<String> {
-    t.get(k).and_then(FieldValue::as_str).map(str::to_owned)
-}
-
 impl Auth {
-    /// Adds or replaces a user; returns the definition write to persist.
-    pub fn put_user(&self, user: User) -> Write {
-        let mut record = FieldTable::new();
-        record.insert(s("name"), FieldValue::from(user.name.as_str()));
-        if let Some(h) = &user.password_hash {
-            record.insert(s("password_hash"), FieldValue::from(h.as_str()));
-        }
-        record.insert(s("tags"), FieldValue::from(user.tags.join(",").as_str()));
-        let key = Bytes::from(user.name.clone().into_bytes());
+    /// Adds or replaces a user.
+    pub fn put_user(&self, user: User) {
         self.users.write().insert(user.name.clone(), user);
-        Write::PutDefinition {
-            kind: DefKind::User,
-            key,
-            value: record,
-        }
     }
 
     /// Every user's permissions, by vhost then user (the patterns as given).
@@ -213,24 +194,11 @@ impl Auth {
         out
     }
 
-    /// Removes a user and their permissions; returns the writes to persist.
-    pub fn delete_user(&self, name: &str) -> Vec<Write> {
+    /// Removes a user and their permissions and topic permissions.
+    pub fn delete_user(&self, name: &str) {
         self.users.write().remove(name);
-        let mut writes = vec![Write::DeleteDefinition {
-            kind: DefKind::User,
-            key: Bytes::from(name.to_owned().into_bytes()),
-        }];
-        let gone: Vec<(String, String)> = self
-            .permissions
-            .read()
-            .keys()
-            .filter(|(u, _)| u == name)
-            .cloned()
-            .collect();
-        for (u, v) in gone {
-            writes.extend(self.clear_permissions(&u, &v));
-        }
-        writes
+        self.permissions.write().retain(|(u, _), _| u != name);
+        self.topic.write().retain(|(u, _, _), _| u != name);
     }
 
     /// A user by name.
@@ -243,113 +211,49 @@ impl Auth {
         self.users.read().values().cloned().collect()
     }
 
-    /// Sets a user's permissions in a vhost; returns the write to persist.
-    pub fn set_permissions(
-        &self,
-        user: &str,
-        vhost: &str,
-        configure: &str,
-        write: &str,
-        read: &str,
-    ) -> Result<Write, regex::Error> {
-        let p = Permission {
-            configure: anchored(configure)?,
-            write: anchored(write)?,
-            read: anchored(read)?,
+    /// Sets a user's permissions in a vhost.
+    pub fn set_permissions(&self, p: &PermissionDef) -> Result<(), regex::Error> {
+        let compiled = Permission {
+            configure: anchored(&p.configure)?,
+            write: anchored(&p.write)?,
+            read: anchored(&p.read)?,
         };
         self.permissions
             .write()
-            .insert((user.to_owned(), vhost.to_owned()), p);
-        let record: FieldTable = [
-            (s("user"), FieldValue::from(user)),
-            (s("vhost"), FieldValue::from(vhost)),
-            (s("configure"), FieldValue::from(configure)),
-            (s("write"), FieldValue::from(write)),
-            (s("read"), FieldValue::from(read)),
-        ]
-        .into_iter()
-        .collect();
-        Ok(Write::PutDefinition {
-            kind: DefKind::Permission,
-            key: scoped_name(vhost, &[user.as_bytes()]),
-            value: record,
-        })
+            .insert((p.user.clone(), p.vhost.clone()), compiled);
+        Ok(())
     }
 
     /// Removes every permission and topic permission in a vhost (the vhost is
-    /// deleted); returns the writes to persist.
-    pub fn clear_vhost(&self, vhost: &str) -> Vec<Write> {
-        let users: Vec<String> = self
-            .permissions
-            .read()
-            .keys()
-            .filter(|(_, v)| v == vhost)
-            .map(|(u, _)| u.clone())
-            .collect();
-        let mut writes: Vec<Write> = users
-            .iter()
-            .flat_map(|u| self.clear_permissions(u, vhost))
-            .collect();
-        let topics: Vec<(String, String, String)> = self
-            .topic
-            .read()
-            .keys()
-            .filter(|(_, v, _)| v == vhost)
-            .cloned()
-            .collect();
-        for (u, v, x) in topics {
-            self.topic
-                .write()
-                .remove(&(u.clone(), v.clone(), x.clone()));
-            writes.push(Write::DeleteDefinition {
-                kind: DefKind::TopicPermission,
-                key: scoped_name(&v, &[u.as_bytes(), x.as_bytes()]),
-            });
-        }
-        writes
+    /// deleted).
+    pub fn clear_vhost(&self, vhost: &str) {
+        self.permissions.write().retain(|(_, v), _| v != vhost);
+        self.topic.write().retain(|(_, v, _), _| v != vhost);
     }
 
     /// Removes a user's permissions in a vhost.
-    pub fn clear_permissions(&self, user: &str, vhost: &str) -> Vec<Write> {
+    pub fn clear_permissions(&self, user: &str, vhost: &str) {
         self.permissions
             .write()
             .remove(&(user.to_owned(), vhost.to_owned()));
-        vec![Write::DeleteDefinition {
-            kind: DefKind::Permission,
-            key: scoped_name(vhost, &[user.as_bytes()]),
-        }]
     }
 
-    /// Sets a user's topic permissions on an exchange; returns the write to persist.
-    pub fn set_topic_permissions(
-        &self,
-        user: &str,
-        vhost: &str,
-        exchange: &str,
-        write: &str,
-        read: &str,
-    ) -> Write {
+    /// Sets a user's topic permissions on an exchange.
+    pub fn set_topic_permissions(&self, p: &TopicPermissionDef) {
         self.topic.write().insert(
-            (user.to_owned(), vhost.to_owned(), exchange.to_owned()),
+            (p.user.clone(), p.vhost.clone(), p.exchange.clone()),
             TopicPermission {
-                write: write.to_owned(),
-                read: read.to_owned(),
+                write: p.write.clone(),
+                read: p.read.clone(),
             },
         );
-        let record: FieldTable = [
-            (s("user"), FieldValue::from(user)),
-            (s("vhost"), FieldValue::from(vhost)),
-            (s("exchange"), FieldValue::from(exchange)),
-            (s("write"), FieldValue::from(write)),
-            (s("read"), FieldValue::from(read)),
-        ]
-        .into_iter()
-        .collect();
-        Write::PutDefinition {
-            kind: DefKind::TopicPermission,
-            key: scoped_name(vhost, &[user.as_bytes(), exchange.as_bytes()]),
-            value: record,
-        }
+    }
+
+    /// Removes a user's topic permissions on an exchange.
+    pub fn clear_topic_permissions(&self, user: &str, vhost: &str, exchange: &str) {
+        self.topic
+            .write()
+            .remove(&(user.to_owned(), vhost.to_owned(), exchange.to_owned()));
     }
 
     /// Whether the user has any permissions in the vhost (may open it).
@@ -433,61 +337,6 @@ impl Auth {
         )))
     }
 
-    /// Loads users and permissions from stored definitions.
-    pub fn recover(&self, defs: &[(DefKind, Bytes, FieldTable)]) {
-        for (kind, _, t) in defs {
-            match kind {
-                DefKind::User => {
-                    let Some(name) = text(t, "name") else {
-                        continue;
-                    };
-                    let tags = text(t, "tags")
-                        .map(|t| {
-                            t.split(',')
-                                .filter(|s| !s.is_empty())
-                                .map(str::to_owned)
-                                .collect()
-                        })
-                        .unwrap_or_default();
-                    self.users.write().insert(
-                        name.clone(),
-                        User {
-                            name,
-                            password_hash: text(t, "password_hash"),
-                            tags,
-                        },
-                    );
-                }
-                DefKind::Permission => {
-                    let (Some(user), Some(vhost), Some(c), Some(w), Some(r)) = (
-                        text(t, "user"),
-                        text(t, "vhost"),
-                        text(t, "configure"),
-                        text(t, "write"),
-                        text(t, "read"),
-                    ) else {
-                        continue;
-                    };
-                    if let Err(e) = self.set_permissions(&user, &vhost, &c, &w, &r) {
-                        tracing::warn!(%user, %vhost, error = %e, "cannot recover permissions");
-                    }
-                }
-                DefKind::TopicPermission => {
-                    if let (Some(user), Some(vhost), Some(exchange), Some(w), Some(r)) = (
-                        text(t, "user"),
-                        text(t, "vhost"),
-                        text(t, "exchange"),
-                        text(t, "write"),
-                        text(t, "read"),
-                    ) {
-                        let _ = self.set_topic_permissions(&user, &vhost, &exchange, &w, &r);
-                    }
-                }
-                _ => {}
-            }
-        }
-    }
-
     /// Whether no user exists (first boot).
     pub fn is_empty(&self) -> bool {
         self.users.read().is_empty()
@@ -519,8 +368,14 @@ mod tests {
     #[test]
     fn permissions_are_checked_per_access_kind() {
         let a = Auth::default();
-        a.set_permissions("bob", "/", "^bob-", "^amq\\.topic$|^bob-", ".*")
-            .unwrap();
+        a.set_permissions(&PermissionDef {
+            user: "bob".into(),
+            vhost: "/".into(),
+            configure: "^bob-".into(),
+            write: "^amq\\.topic$|^bob-".into(),
+            read: ".*".into(),
+        })
+        .unwrap();
         assert!(
             a.check("bob", "/", Resource::Queue, "bob-q", Access::Configure)
                 .is_ok()
@@ -551,7 +406,13 @@ mod tests {
     #[test]
     fn topic_permissions_expand_username_and_vhost() {
         let a = Auth::default();
-        let _ = a.set_topic_permissions("bob", "/", "amq.topic", "^{username}\\.", "^{vhost}");
+        a.set_topic_permissions(&TopicPermissionDef {
+            user: "bob".into(),
+            vhost: "/".into(),
+            exchange: "amq.topic".into(),
+            write: "^{username}\\.".into(),
+            read: "^{vhost}".into(),
+        });
         assert!(
             a.check_topic("bob", "/", "amq.topic", "bob.news", Access::Write)
                 .is_ok()

@@ -12,6 +12,8 @@ use std::time::Duration;
 use amqp_codec::ShortStr;
 use dashmap::DashMap;
 use queue_store::{Effects, Store, StoreError};
+
+use crate::meta::{Applied, MetaCommand, MetaError, MetaLog, PermissionDef, TopicPermissionDef};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -127,7 +129,9 @@ pub struct Broker {
     /// Settings.
     pub config: Config,
     /// Durable storage.
-    pub store: Store,
+    pub store: Arc<Store>,
+    /// Where metadata changes are committed (the only writer of definitions).
+    pub meta: Box<dyn MetaLog>,
     /// Where deep queues spill the entries behind their in-memory window
     /// (`<data dir>/spill`; the files in it are anonymous). `None` if it
     /// could not be created: queues then keep every entry in memory.
@@ -204,29 +208,138 @@ impl Broker {
         Ok(())
     }
 
+    /// Commits a metadata command through the broker's [`MetaLog`] and then
+    /// applies it to the runtime view it concerns (users and permissions,
+    /// policies, vhost limits). Exchanges, queues and bindings are applied
+    /// to their vhost's router by `Vhost`, which also holds transient ones.
+    pub async fn commit_meta(&self, command: MetaCommand) -> Result<Applied, MetaError> {
+        let applied = self.meta.commit(command.clone()).await?;
+        self.project(&command);
+        Ok(applied)
+    }
+
+    /// Applies a committed command to the runtime view of users,
+    /// permissions, policies and limits.
+    fn project(&self, command: &MetaCommand) {
+        match command {
+            MetaCommand::PutUser(u) => self.auth.put_user(u.clone()),
+            MetaCommand::DeleteUser { name } => self.auth.delete_user(name),
+            MetaCommand::SetPermission(p) => {
+                // The state checked the patterns compile.
+                if let Err(e) = self.auth.set_permissions(p) {
+                    tracing::error!(user = %p.user, vhost = %p.vhost, error = %e, "permission patterns");
+                }
+            }
+            MetaCommand::ClearPermission { user, vhost } => {
+                self.auth.clear_permissions(user, vhost)
+            }
+            MetaCommand::SetTopicPermission(p) => self.auth.set_topic_permissions(p),
+            MetaCommand::ClearTopicPermission {
+                user,
+                vhost,
+                exchange,
+            } => self.auth.clear_topic_permissions(user, vhost, exchange),
+            MetaCommand::PutVhost { name, limits } => {
+                if let Some(v) = self.vhost(name) {
+                    *v.limits.lock() = *limits;
+                }
+            }
+            MetaCommand::PutPolicy(policy) => {
+                if let Some(v) = self.vhost(&policy.vhost) {
+                    let mut policies = v.policies.write();
+                    match policies.iter_mut().find(|p| p.name == policy.name) {
+                        Some(existing) => *existing = policy.clone(),
+                        None => policies.push(policy.clone()),
+                    }
+                }
+            }
+            MetaCommand::DeletePolicy { vhost, name } => {
+                if let Some(v) = self.vhost(vhost) {
+                    v.policies.write().retain(|p| p.name != *name);
+                }
+            }
+            MetaCommand::DeleteVhost { name } => self.auth.clear_vhost(name),
+            MetaCommand::DeclareExchange { .. }
+            | MetaCommand::DeleteExchange { .. }
+            | MetaCommand::DeclareQueue { .. }
+            | MetaCommand::DeleteQueue { .. }
+            | MetaCommand::Bind { .. }
+            | MetaCommand::Unbind { .. } => {}
+        }
+    }
+
+    /// Builds the runtime object a recovered command describes (at boot).
+    /// Returns how many queues it recovered.
+    fn recover(
+        self: &Arc<Self>,
+        command: MetaCommand,
+        recovered: &mut queue_store::Recovered,
+    ) -> usize {
+        match &command {
+            MetaCommand::PutVhost { name, limits } => match ShortStr::try_from(name.as_str()) {
+                Ok(short) => {
+                    let v = Arc::new(Vhost::new(short));
+                    *v.limits.lock() = *limits;
+                    self.vhosts.insert(name.clone(), v);
+                }
+                Err(e) => tracing::warn!(vhost = %name, error = %e, "cannot recover vhost"),
+            },
+            MetaCommand::DeclareExchange { vhost, exchange } => {
+                if let Some(v) = self.vhost(vhost) {
+                    v.recover_exchange(exchange);
+                }
+            }
+            MetaCommand::DeclareQueue { vhost, queue } => {
+                if let Some(v) = self.vhost(vhost) {
+                    v.recover_queue(self, queue, recovered);
+                    return 1;
+                }
+            }
+            MetaCommand::Bind { vhost, binding } => {
+                if let Some(v) = self.vhost(vhost) {
+                    v.recover_binding(binding);
+                }
+            }
+            _ => self.project(&command),
+        }
+        0
+    }
+
+    /// Adds or replaces a user as given (a hash, not a password).
+    pub async fn put_user(&self, user: crate::auth::User) -> Result<bool, MetaError> {
+        Ok(self
+            .commit_meta(MetaCommand::PutUser(user))
+            .await?
+            .changed_existence)
+    }
+
     /// Adds or updates a user (the password is hashed as RabbitMQ does).
     pub async fn add_user(
         &self,
         name: &str,
         password: Option<&str>,
         tags: &[&str],
-    ) -> Result<(), StoreError> {
-        let write = self.auth.put_user(crate::auth::User {
+    ) -> Result<(), MetaError> {
+        self.put_user(crate::auth::User {
             name: name.to_owned(),
             password_hash: password.map(crate::auth::hash_password),
             tags: tags.iter().map(|t| (*t).to_owned()).collect(),
-        });
-        self.store.submit([write]);
-        self.store.commit().await
+        })
+        .await
+        .map(|_| ())
     }
 
     /// Deletes a user and their permissions.
-    pub async fn delete_user(&self, name: &str) -> Result<(), StoreError> {
-        self.store.submit(self.auth.delete_user(name));
-        self.store.commit().await
+    pub async fn delete_user(&self, name: &str) -> Result<(), MetaError> {
+        self.commit_meta(MetaCommand::DeleteUser {
+            name: name.to_owned(),
+        })
+        .await
+        .map(|_| ())
     }
 
-    /// Sets a user's permissions in a vhost (regular expressions).
+    /// Sets a user's permissions in a vhost (regular expressions). Returns
+    /// whether they are new.
     pub async fn set_permissions(
         &self,
         user: &str,
@@ -234,13 +347,27 @@ impl Broker {
         configure: &str,
         write: &str,
         read: &str,
-    ) -> Result<(), String> {
-        let w = self
-            .auth
-            .set_permissions(user, vhost, configure, write, read)
-            .map_err(|e| e.to_string())?;
-        self.store.submit([w]);
-        self.store.commit().await.map_err(|e| e.to_string())
+    ) -> Result<bool, MetaError> {
+        Ok(self
+            .commit_meta(MetaCommand::SetPermission(PermissionDef {
+                user: user.to_owned(),
+                vhost: vhost.to_owned(),
+                configure: configure.to_owned(),
+                write: write.to_owned(),
+                read: read.to_owned(),
+            }))
+            .await?
+            .changed_existence)
+    }
+
+    /// Clears a user's permissions in a vhost.
+    pub async fn clear_permissions(&self, user: &str, vhost: &str) -> Result<(), MetaError> {
+        self.commit_meta(MetaCommand::ClearPermission {
+            user: user.to_owned(),
+            vhost: vhost.to_owned(),
+        })
+        .await
+        .map(|_| ())
     }
 
     /// Sets a user's topic permissions on an exchange (regular expressions;
@@ -252,27 +379,51 @@ impl Broker {
         exchange: &str,
         write: &str,
         read: &str,
-    ) -> Result<(), StoreError> {
-        self.store.submit([self
-            .auth
-            .set_topic_permissions(user, vhost, exchange, write, read)]);
-        self.store.commit().await
+    ) -> Result<(), MetaError> {
+        self.commit_meta(MetaCommand::SetTopicPermission(TopicPermissionDef {
+            user: user.to_owned(),
+            vhost: vhost.to_owned(),
+            exchange: exchange.to_owned(),
+            write: write.to_owned(),
+            read: read.to_owned(),
+        }))
+        .await
+        .map(|_| ())
+    }
+
+    /// Clears a user's topic permissions on an exchange.
+    pub async fn clear_topic_permissions(
+        &self,
+        user: &str,
+        vhost: &str,
+        exchange: &str,
+    ) -> Result<(), MetaError> {
+        self.commit_meta(MetaCommand::ClearTopicPermission {
+            user: user.to_owned(),
+            vhost: vhost.to_owned(),
+            exchange: exchange.to_owned(),
+        })
+        .await
+        .map(|_| ())
     }
 
     /// Creates a vhost (no-op if it exists).
-    pub async fn add_vhost(self: &Arc<Self>, name: &str) -> Result<Arc<Vhost>, StoreError> {
+    pub async fn add_vhost(self: &Arc<Self>, name: &str) -> Result<Arc<Vhost>, MetaError> {
         if let Some(v) = self.vhost(name) {
             return Ok(v);
         }
-        let short = ShortStr::try_from(name).map_err(|e| StoreError::Engine(e.to_string()))?;
-        let v = Arc::new(Vhost::new(short));
-        self.vhosts.insert(name.to_owned(), v.clone());
-        self.store.submit([queue_store::Write::PutDefinition {
-            kind: queue_store::DefKind::Vhost,
-            key: bytes::Bytes::from(name.to_owned().into_bytes()),
-            value: amqp_codec::FieldTable::new(),
-        }]);
-        self.store.commit().await?;
+        let short = ShortStr::try_from(name).map_err(|e| MetaError::Invalid(e.to_string()))?;
+        let v = self
+            .vhosts
+            .entry(name.to_owned())
+            .or_insert_with(|| Arc::new(Vhost::new(short)))
+            .clone();
+        let limits = *v.limits.lock();
+        self.commit_meta(MetaCommand::PutVhost {
+            name: name.to_owned(),
+            limits,
+        })
+        .await?;
         tracing::info!(vhost = name, "vhost created");
         Ok(v)
     }
@@ -282,9 +433,9 @@ impl Broker {
         &self,
         name: &str,
         limits: crate::vhost::VhostLimits,
-    ) -> Result<(), StoreError> {
+    ) -> Result<(), MetaError> {
         let Some(v) = self.vhost(name) else {
-            return Err(StoreError::Engine(format!("no vhost '{name}'")));
+            return Err(MetaError::NotFound(format!("no vhost '{name}'")));
         };
         self.update_vhost_limits(&v, |l| {
             *l = limits;
@@ -294,30 +445,30 @@ impl Broker {
         .map(|_| ())
     }
 
-    /// Changes one vhost's limits with `change` and persists the result; the
-    /// read, change and write happen under the vhost's limits lock, so two
+    /// Changes one vhost's limits with `change` and commits the result; the
+    /// read, change and commit happen under the vhost's limits lock, so two
     /// concurrent changes of different limits both stick. `change`'s own
     /// refusal comes back as the inner error, with nothing changed.
     pub async fn update_vhost_limits<E>(
         &self,
         vhost: &crate::vhost::Vhost,
         change: impl FnOnce(&mut crate::vhost::VhostLimits) -> Result<(), E>,
-    ) -> Result<Result<(), E>, StoreError> {
-        {
+    ) -> Result<Result<(), E>, MetaError> {
+        let commit = {
             let mut limits = vhost.limits.lock();
             let mut updated = *limits;
             if let Err(e) = change(&mut updated) {
                 return Ok(Err(e));
             }
             *limits = updated;
-            // Submitted under the lock: the store applies writes in order.
-            self.store.submit([queue_store::Write::PutDefinition {
-                kind: queue_store::DefKind::Vhost,
-                key: bytes::Bytes::from(vhost.name().to_owned().into_bytes()),
-                value: updated.record(),
-            }]);
-        }
-        self.store.commit().await.map(Ok)
+            // Committed under the lock: the command's place in the log is
+            // taken when `commit` is called.
+            self.meta.commit(MetaCommand::PutVhost {
+                name: vhost.name().to_owned(),
+                limits: updated,
+            })
+        };
+        commit.await.map(|_| Ok(()))
     }
 
     /// Adds or replaces a policy in its vhost and applies it to live queues at
@@ -325,30 +476,14 @@ impl Broker {
     pub async fn set_policy(
         self: &Arc<Self>,
         policy: crate::policy::Policy,
-    ) -> Result<Option<bool>, StoreError> {
+    ) -> Result<Option<bool>, MetaError> {
         let Some(v) = self.vhost(&policy.vhost) else {
             return Ok(None);
         };
-        let write = queue_store::Write::PutDefinition {
-            kind: queue_store::DefKind::Policy,
-            key: queue_store::scoped_name(&policy.vhost, &[policy.name.as_bytes()]),
-            value: policy.record(),
-        };
-        let created = {
-            let mut policies = v.policies.write();
-            match policies.iter_mut().find(|p| p.name == policy.name) {
-                Some(existing) => {
-                    *existing = policy;
-                    false
-                }
-                None => {
-                    policies.push(policy);
-                    true
-                }
-            }
-        };
-        self.store.submit([write]);
-        self.store.commit().await?;
+        let created = self
+            .commit_meta(MetaCommand::PutPolicy(policy))
+            .await?
+            .changed_existence;
         v.apply_policies(self);
         Ok(Some(created))
     }
@@ -359,30 +494,31 @@ impl Broker {
         self: &Arc<Self>,
         vhost: &str,
         name: &str,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<bool, MetaError> {
         let Some(v) = self.vhost(vhost) else {
             return Ok(false);
         };
-        let existed = {
-            let mut policies = v.policies.write();
-            let before = policies.len();
-            policies.retain(|p| p.name != name);
-            policies.len() != before
-        };
-        if existed {
-            self.store.submit([queue_store::Write::DeleteDefinition {
-                kind: queue_store::DefKind::Policy,
-                key: queue_store::scoped_name(vhost, &[name.as_bytes()]),
-            }]);
-            self.store.commit().await?;
-            v.apply_policies(self);
+        match self
+            .commit_meta(MetaCommand::DeletePolicy {
+                vhost: vhost.to_owned(),
+                name: name.to_owned(),
+            })
+            .await
+        {
+            Ok(_) => {
+                v.apply_policies(self);
+                Ok(true)
+            }
+            Err(MetaError::NotFound(_)) => Ok(false),
+            Err(e) => Err(e),
         }
-        Ok(existed)
     }
 
     /// Deletes a vhost: its connections are closed (320) and its queues,
-    /// exchanges and bindings removed, durable ones from the store too.
-    pub async fn delete_vhost(self: &Arc<Self>, name: &str) -> Result<(), StoreError> {
+    /// exchanges and bindings removed, durable ones from the store too; its
+    /// permissions and policies go with it (a vhost created later under the
+    /// same name starts clean, as in RabbitMQ).
+    pub async fn delete_vhost(self: &Arc<Self>, name: &str) -> Result<(), MetaError> {
         let Some((_, v)) = self.vhosts.remove(name) else {
             return Ok(());
         };
@@ -390,22 +526,12 @@ impl Broker {
         for q in v.queues() {
             let _ = v.delete_queue(self, &q, false).await;
         }
-        v.delete_exchanges(self);
-        // Its permissions and policies go with it (a vhost created later
-        // under the same name starts clean, as in RabbitMQ).
-        let mut writes = self.auth.clear_vhost(name);
-        for p in v.policies.write().drain(..) {
-            writes.push(queue_store::Write::DeleteDefinition {
-                kind: queue_store::DefKind::Policy,
-                key: queue_store::scoped_name(name, &[p.name.as_bytes()]),
-            });
-        }
-        writes.push(queue_store::Write::DeleteDefinition {
-            kind: queue_store::DefKind::Vhost,
-            key: bytes::Bytes::from(name.to_owned().into_bytes()),
-        });
-        self.store.submit(writes);
-        self.store.commit().await?;
+        v.delete_exchanges(self).await;
+        v.policies.write().clear();
+        self.commit_meta(MetaCommand::DeleteVhost {
+            name: name.to_owned(),
+        })
+        .await?;
         tracing::info!(vhost = name, "vhost deleted");
         Ok(())
     }
@@ -448,6 +574,9 @@ pub enum StartError {
     /// The data directory could not be opened.
     #[error("cannot open data directory: {0}")]
     Store(#[from] StoreError),
+    /// The first boot's defaults could not be committed.
+    #[error("cannot create the defaults: {0}")]
+    Defaults(#[from] MetaError),
     /// The TLS settings are unusable.
     #[error("TLS: {0}")]
     Tls(String),
@@ -481,9 +610,18 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
         }
     };
     let alarms = crate::alarm::Alarms::new(config.memory_high_watermark, config.disk_free_limit);
+    // The metadata is rebuilt by applying each stored definition's command.
+    let (meta_state, commands, problems) = crate::meta::MetaState::recover(&recovered.definitions);
+    for problem in &problems {
+        tracing::warn!(definition = %problem, "cannot recover a definition; skipped");
+    }
+    let first_boot = meta_state.is_empty();
+    let store = Arc::new(store);
+    let meta = Box::new(crate::meta::LocalMetaLog::new(meta_state, store.clone()));
     let broker = Arc::new(Broker {
         config,
         store,
+        meta,
         spill_dir,
         vhosts: DashMap::new(),
         next_queue: AtomicU64::new(1),
@@ -498,32 +636,13 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
         shutdown: CancellationToken::new(),
         tracker: TaskTracker::new(),
     });
-    broker.auth.recover(&recovered.definitions);
-    let mut vhost_names: Vec<(String, crate::vhost::VhostLimits)> = recovered
-        .definitions
-        .iter()
-        .filter(|(k, _, _)| *k == queue_store::DefKind::Vhost)
-        .map(|(_, name, t)| {
-            (
-                String::from_utf8_lossy(name).into_owned(),
-                crate::vhost::VhostLimits::from_record(t),
-            )
-        })
-        .collect();
-    let first_boot = broker.auth.is_empty() && vhost_names.is_empty();
-    if first_boot {
-        // An empty data directory: RabbitMQ's defaults.
-        vhost_names.push(("/".to_owned(), crate::vhost::VhostLimits::default()));
-    }
     let mut queues = 0;
-    for (name, limits) in &vhost_names {
-        let Ok(short) = ShortStr::try_from(name.as_str()) else {
-            continue;
-        };
-        let vhost = Arc::new(Vhost::new(short));
-        *vhost.limits.lock() = *limits;
-        broker.vhosts.insert(name.clone(), vhost.clone());
-        queues += vhost.recover(&broker, &mut recovered);
+    for command in commands {
+        queues += broker.recover(command, &mut recovered);
+    }
+    for v in broker.vhost_list() {
+        v.apply_exchange_policies();
+        v.apply_policies(&broker);
     }
     // Index entries of queues without a definition (a crash between writing
     // them and the queue's definition, or between deleting the definition and
@@ -543,22 +662,16 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
         }
     }
     if first_boot {
+        // An empty data directory: RabbitMQ's defaults.
         let (user, pass) = (
             broker.config.default_user.clone(),
             broker.config.default_pass.clone(),
         );
-        broker.store.submit([queue_store::Write::PutDefinition {
-            kind: queue_store::DefKind::Vhost,
-            key: bytes::Bytes::from_static(b"/"),
-            value: amqp_codec::FieldTable::new(),
-        }]);
+        broker.add_vhost("/").await?;
         broker
             .add_user(&user, Some(&pass), &["administrator"])
             .await?;
-        broker
-            .set_permissions(&user, "/", ".*", ".*", ".*")
-            .await
-            .map_err(StoreError::Engine)?;
+        broker.set_permissions(&user, "/", ".*", ".*", ".*").await?;
         tracing::info!(user = %user, "first boot: created the default user and vhost '/'");
     }
     if let Some(path) = broker.config.load_definitions.clone() {

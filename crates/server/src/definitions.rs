@@ -50,6 +50,15 @@ pub enum ImportError {
     Store(#[from] queue_store::StoreError),
 }
 
+impl From<crate::meta::MetaError> for ImportError {
+    fn from(e: crate::meta::MetaError) -> Self {
+        match e {
+            crate::meta::MetaError::Store(e) => ImportError::Store(e),
+            other => ImportError::Refused(other.into()),
+        }
+    }
+}
+
 impl From<AmqpError> for ImportError {
     fn from(e: AmqpError) -> Self {
         ImportError::Refused(e)
@@ -259,12 +268,13 @@ pub async fn import(broker: &Arc<Broker>, defs: &Value) -> Result<Imported, Impo
             .and_then(Value::as_str)
             .filter(|h| !h.is_empty())
             .map(str::to_owned);
-        let write = broker.auth.put_user(crate::auth::User {
-            name: name.to_owned(),
-            password_hash: hash,
-            tags: tags(u),
-        });
-        broker.store.submit([write]);
+        broker
+            .put_user(crate::auth::User {
+                name: name.to_owned(),
+                password_hash: hash,
+                tags: tags(u),
+            })
+            .await?;
         done.applied += 1;
     }
     for p in section(defs, "permissions")? {
@@ -386,7 +396,6 @@ pub async fn import(broker: &Arc<Broker>, defs: &Value) -> Result<Imported, Impo
         broker.set_vhost_limits(vhost, limits).await?;
         done.applied += 1;
     }
-    broker.store.commit().await?;
     tracing::info!(
         applied = done.applied,
         skipped = done.skipped.len(),

@@ -194,6 +194,21 @@ impl From<StoreError> for AmqpError {
     }
 }
 
+impl From<crate::meta::MetaError> for AmqpError {
+    /// A refused metadata command: what it names is missing (404) or it
+    /// contradicts what exists (406); a store failure closes the connection.
+    fn from(e: crate::meta::MetaError) -> Self {
+        use crate::meta::MetaError;
+        match e {
+            MetaError::NotFound(text) => AmqpError::not_found(text),
+            MetaError::Conflict(text) | MetaError::Invalid(text) => {
+                AmqpError::precondition_failed(text)
+            }
+            MetaError::Store(e) => e.into(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -29,6 +29,7 @@ pub mod definitions;
 pub mod error;
 pub mod logging;
 pub mod management;
+pub mod meta;
 pub mod metrics;
 pub mod outbox;
 pub mod policy;

@@ -7,8 +7,9 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use amqp_codec::FieldValue;
 use queue_store::{DefKind, Store, StoreError};
+
+use crate::meta::MetaCommand;
 
 /// Repairs the store in `dir` and returns the report, one line each.
 pub fn repair_store(dir: &Path) -> Result<Vec<String>, StoreError> {
@@ -18,11 +19,13 @@ pub fn repair_store(dir: &Path) -> Result<Vec<String>, StoreError> {
         if *kind != DefKind::Queue {
             continue;
         }
-        if let Some(FieldValue::I64(id)) = t.get("id") {
-            // The key is `vhost NUL name`.
-            let key = String::from_utf8_lossy(key);
-            let (vhost, name) = key.split_once('\0').unwrap_or(("?", &key));
-            names.insert(*id as u64, format!("queue '{name}' in vhost '{vhost}'"));
+        if let Ok(MetaCommand::DeclareQueue { vhost, queue }) =
+            MetaCommand::from_definition(*kind, key, t)
+        {
+            names.insert(
+                queue.id,
+                format!("queue '{}' in vhost '{vhost}'", queue.name),
+            );
         }
     }
     let queue = |id: u64| {

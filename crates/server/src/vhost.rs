@@ -1,27 +1,26 @@
 //! [`Vhost`]: one virtual host's routing table and queues, and every
 //! operation that changes them (declare, bind, delete, settle), including
-//! persisting durable definitions before the client is told they exist.
+//! committing durable definitions (as `crate::meta` commands) before the
+//! client is told they exist.
 //!
 //! A vhost's exchanges, queues and bindings change through these methods
-//! (AMQP methods, the management API, definitions import and boot recovery
-//! all call them); users, permissions, policies and limits change through
-//! `Broker` and `Auth`. Before Warren clusters, both become one command
-//! path that a replicated log can carry.
+//! (AMQP methods, the management API and definitions import call them; boot
+//! recovery calls the `recover_*` ones with the recovered commands). The
+//! router here validates against everything, transient objects included,
+//! and the durable part is then committed through the broker's `MetaLog`.
 
 use std::sync::Arc;
 
 use amqp_codec::{FieldTable, FieldValue, ShortStr};
-use bytes::{BufMut, Bytes, BytesMut};
 use dashmap::DashMap;
 use exchange::{BindingDef, Destination, ExchangeDeclare, ExchangeDef, QueueId, Removed, Router};
 use parking_lot::RwLock;
-use queue_store::{
-    DefKind, Effects, Message, Queue, QueueArgs, Write, dead_letter::is_cycle, scoped_name,
-};
+use queue_store::{Effects, Message, Queue, QueueArgs, dead_letter::is_cycle};
 
 use crate::broker::Broker;
 use crate::channel::{Settle, Unacked};
 use crate::error::AmqpError;
+use crate::meta::{MetaCommand, QueueDef};
 use crate::queue::{QueueHandle, load, notify_cancel, now_ms};
 
 /// A message to publish (see [`Vhost::enqueue`]).
@@ -78,113 +77,7 @@ pub struct Vhost {
     pub tracer: Arc<crate::trace::Tracer>,
 }
 
-/// Per-vhost limits; `None` means unlimited.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct VhostLimits {
-    /// Most connections to the vhost at once.
-    pub max_connections: Option<usize>,
-    /// Most queues in the vhost.
-    pub max_queues: Option<usize>,
-}
-
-impl VhostLimits {
-    /// RabbitMQ's name of the connection limit.
-    pub const CONNECTIONS: &'static str = "max-connections";
-    /// RabbitMQ's name of the queue limit.
-    pub const QUEUES: &'static str = "max-queues";
-
-    /// The vhost definition record carrying these limits.
-    pub fn record(&self) -> FieldTable {
-        let mut t = FieldTable::new();
-        if let Some(n) = self.max_connections {
-            t.insert(s(Self::CONNECTIONS), FieldValue::I64(n as i64));
-        }
-        if let Some(n) = self.max_queues {
-            t.insert(s(Self::QUEUES), FieldValue::I64(n as i64));
-        }
-        t
-    }
-
-    /// Limits from a vhost definition record.
-    pub fn from_record(t: &FieldTable) -> VhostLimits {
-        let get = |k: &str| {
-            t.get(k)
-                .and_then(FieldValue::as_i64)
-                .and_then(|n| usize::try_from(n).ok())
-        };
-        VhostLimits {
-            max_connections: get(Self::CONNECTIONS),
-            max_queues: get(Self::QUEUES),
-        }
-    }
-}
-
-fn s(v: &'static str) -> ShortStr {
-    ShortStr::from_static(v)
-}
-
-fn field_str(t: &FieldTable, k: &str) -> Option<ShortStr> {
-    t.get(k)
-        .and_then(FieldValue::as_str)
-        .and_then(|v| ShortStr::try_from(v).ok())
-}
-
-fn field_bool(t: &FieldTable, k: &str) -> bool {
-    matches!(t.get(k), Some(FieldValue::Bool(true)))
-}
-
-fn field_table(t: &FieldTable, k: &str) -> FieldTable {
-    match t.get(k) {
-        Some(FieldValue::Table(v)) => v.clone(),
-        _ => FieldTable::new(),
-    }
-}
-
-fn exchange_record(def: &ExchangeDef) -> FieldTable {
-    [
-        (s("name"), FieldValue::from(def.name.as_str())),
-        (s("type"), FieldValue::from(def.kind.as_str())),
-        (s("durable"), FieldValue::Bool(def.durable)),
-        (s("auto_delete"), FieldValue::Bool(def.auto_delete)),
-        (s("internal"), FieldValue::Bool(def.internal)),
-        (s("arguments"), FieldValue::Table(def.arguments.clone())),
-    ]
-    .into_iter()
-    .collect()
-}
-
-fn binding_key(vhost: &str, b: &BindingDef) -> Bytes {
-    let (kind, dest) = match &b.destination {
-        Destination::Queue(q) => (&b"q"[..], q),
-        Destination::Exchange(x) => (&b"e"[..], x),
-    };
-    let mut args = BytesMut::new();
-    if b.arguments.encode(&mut args).is_err() {
-        args.clear();
-    }
-    let mut rk = BytesMut::new();
-    rk.put_slice(b.routing_key.as_bytes());
-    scoped_name(
-        vhost,
-        &[b.source.as_bytes(), kind, dest.as_bytes(), &rk, &args],
-    )
-}
-
-fn binding_record(b: &BindingDef) -> FieldTable {
-    let (kind, dest) = match &b.destination {
-        Destination::Queue(q) => ("queue", q),
-        Destination::Exchange(x) => ("exchange", x),
-    };
-    [
-        (s("source"), FieldValue::from(b.source.as_str())),
-        (s("destination"), FieldValue::from(dest.as_str())),
-        (s("destination_type"), FieldValue::from(kind)),
-        (s("routing_key"), FieldValue::from(b.routing_key.as_str())),
-        (s("arguments"), FieldValue::Table(b.arguments.clone())),
-    ]
-    .into_iter()
-    .collect()
-}
+pub use crate::meta::VhostLimits;
 
 impl Vhost {
     /// An empty vhost with the system exchanges.
@@ -312,32 +205,42 @@ impl Vhost {
         Ok(q)
     }
 
-    fn persist(&self, broker: &Arc<Broker>, writes: Vec<Write>) {
-        broker.store.submit(writes);
+    /// The metadata commands that make what the router `removed` durable:
+    /// each binding unbound (a no-op for transient ones) and each durable
+    /// exchange deleted.
+    fn removed_commands(&self, removed: &Removed) -> Vec<MetaCommand> {
+        let vhost = self.name.as_str();
+        let unbinds = removed.bindings.iter().map(|b| MetaCommand::Unbind {
+            vhost: vhost.to_owned(),
+            binding: b.clone(),
+        });
+        let deletes =
+            removed
+                .exchanges
+                .iter()
+                .filter(|x| x.durable)
+                .map(|x| MetaCommand::DeleteExchange {
+                    vhost: vhost.to_owned(),
+                    name: x.name.clone(),
+                });
+        unbinds.chain(deletes).collect()
     }
 
-    /// Persists the removal of whatever `removed` lists that was durable.
-    /// Returns whether anything durable was removed (then the caller waits for
-    /// the commit point before answering).
-    fn persist_removed(&self, broker: &Arc<Broker>, removed: &Removed) -> bool {
-        let mut writes = Vec::new();
-        for b in &removed.bindings {
-            writes.push(Write::DeleteDefinition {
-                kind: DefKind::Binding,
-                key: binding_key(&self.name, b),
-            });
+    /// Commits `commands` in order (each takes its place in the log when
+    /// submitted) and waits until all are durable. Something already gone
+    /// from the metadata (a cascade got there first) is not an error.
+    async fn commit_all(broker: &Broker, commands: Vec<MetaCommand>) -> Result<(), AmqpError> {
+        let commits: Vec<_> = commands
+            .into_iter()
+            .map(|c| broker.meta.commit(c))
+            .collect();
+        for commit in commits {
+            match commit.await {
+                Ok(_) | Err(crate::meta::MetaError::NotFound(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
         }
-        for x in removed.exchanges.iter().filter(|x| x.durable) {
-            writes.push(Write::DeleteDefinition {
-                kind: DefKind::Exchange,
-                key: scoped_name(&self.name, &[x.name.as_bytes()]),
-            });
-        }
-        if writes.is_empty() {
-            return false;
-        }
-        self.persist(broker, writes);
-        true
+        Ok(())
     }
 
     /// `exchange.declare`.
@@ -352,23 +255,22 @@ impl Vhost {
             self.apply_exchange_policies();
         }
         if created && decl.durable {
-            if let Some(def) = self.router.read().exchange(decl.name) {
-                self.persist(
-                    broker,
-                    vec![Write::PutDefinition {
-                        kind: DefKind::Exchange,
-                        key: scoped_name(&self.name, &[def.name.as_bytes()]),
-                        value: exchange_record(def),
-                    }],
-                );
+            let def = self.router.read().exchange(decl.name).cloned();
+            if let Some(exchange) = def {
+                broker
+                    .meta
+                    .commit(MetaCommand::DeclareExchange {
+                        vhost: self.name.to_string(),
+                        exchange,
+                    })
+                    .await?;
             }
-            broker.store.commit().await?;
         }
         Ok(())
     }
 
     /// Deletes every exchange the vhost's clients declared (vhost deletion).
-    pub fn delete_exchanges(&self, broker: &Arc<Broker>) {
+    pub async fn delete_exchanges(&self, broker: &Arc<Broker>) {
         let names: Vec<ShortStr> = self
             .router
             .read()
@@ -376,10 +278,15 @@ impl Vhost {
             .filter(|x| !x.name.starts_with("amq."))
             .map(|x| x.name.clone())
             .collect();
+        let mut commands = Vec::new();
         for name in names {
-            if let Ok(removed) = self.router.write().delete_exchange(&name, false) {
-                self.persist_removed(broker, &removed);
+            let removed = self.router.write().delete_exchange(&name, false);
+            if let Ok(removed) = removed {
+                commands.extend(self.removed_commands(&removed));
             }
+        }
+        if let Err(e) = Self::commit_all(broker, commands).await {
+            tracing::warn!(vhost = %self.name, error = %e.text, "deleting the vhost's exchanges");
         }
     }
 
@@ -391,10 +298,7 @@ impl Vhost {
         if_unused: bool,
     ) -> Result<(), AmqpError> {
         let removed = self.router.write().delete_exchange(name, if_unused)?;
-        if self.persist_removed(broker, &removed) {
-            broker.store.commit().await?;
-        }
-        Ok(())
+        Self::commit_all(broker, self.removed_commands(&removed)).await
     }
 
     fn is_durable_binding(&self, b: &BindingDef) -> bool {
@@ -411,15 +315,13 @@ impl Vhost {
     pub async fn bind(&self, broker: &Arc<Broker>, b: &BindingDef) -> Result<(), AmqpError> {
         let added = self.router.write().bind(b)?;
         if added && self.is_durable_binding(b) {
-            self.persist(
-                broker,
-                vec![Write::PutDefinition {
-                    kind: DefKind::Binding,
-                    key: binding_key(&self.name, b),
-                    value: binding_record(b),
-                }],
-            );
-            broker.store.commit().await?;
+            broker
+                .meta
+                .commit(MetaCommand::Bind {
+                    vhost: self.name.to_string(),
+                    binding: b.clone(),
+                })
+                .await?;
         }
         Ok(())
     }
@@ -427,10 +329,7 @@ impl Vhost {
     /// `queue.unbind` / `exchange.unbind`.
     pub async fn unbind(&self, broker: &Arc<Broker>, b: &BindingDef) -> Result<(), AmqpError> {
         let removed = self.router.write().unbind(b)?;
-        if self.persist_removed(broker, &removed) {
-            broker.store.commit().await?;
-        }
-        Ok(())
+        Self::commit_all(broker, self.removed_commands(&removed)).await
     }
 
     /// Creates a queue (the caller checked it does not exist).
@@ -480,23 +379,18 @@ impl Vhost {
             self.apply_policy(broker, &handle);
         }
         if durable {
-            let record: FieldTable = [
-                (s("name"), FieldValue::from(name.as_str())),
-                (s("id"), FieldValue::I64(id as i64)),
-                (s("auto_delete"), FieldValue::Bool(auto_delete)),
-                (s("arguments"), FieldValue::Table(arguments)),
-            ]
-            .into_iter()
-            .collect();
-            self.persist(
-                broker,
-                vec![Write::PutDefinition {
-                    kind: DefKind::Queue,
-                    key: scoped_name(&self.name, &[name.as_bytes()]),
-                    value: record,
-                }],
-            );
-            broker.store.commit().await?;
+            broker
+                .meta
+                .commit(MetaCommand::DeclareQueue {
+                    vhost: self.name.to_string(),
+                    queue: QueueDef {
+                        name,
+                        id,
+                        auto_delete,
+                        arguments,
+                    },
+                })
+                .await?;
         }
         crate::broker::spawn_housekeeping(broker, self.clone(), handle.clone());
         Ok(handle)
@@ -569,16 +463,27 @@ impl Vhost {
         self.queues.remove(&q.name);
         self.by_id.remove(&q.id);
         let removed = self.router.write().remove_queue(QueueId(q.id));
-        self.persist_removed(broker, &removed);
+        // The definition goes before the queue's index (submitted by
+        // `apply`): a crash between the two leaves an index without a
+        // definition, which boot drops.
+        let mut commands = Vec::new();
         if q.durable {
-            fx.writes.push(Write::DeleteDefinition {
-                kind: DefKind::Queue,
-                key: scoped_name(&self.name, &[q.name.as_bytes()]),
+            commands.push(MetaCommand::DeleteQueue {
+                vhost: self.name.to_string(),
+                name: q.name.clone(),
             });
         }
+        commands.extend(self.removed_commands(&removed));
+        let commits: Vec<_> = commands
+            .into_iter()
+            .map(|c| broker.meta.commit(c))
+            .collect();
         self.apply(broker, &mut fx);
-        if q.durable {
-            broker.store.commit().await?;
+        for commit in commits {
+            match commit.await {
+                Ok(_) | Err(crate::meta::MetaError::NotFound(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
         }
         tracing::info!(queue = %q.name, vhost = %self.name, "queue deleted");
         Ok(count)
@@ -916,102 +821,65 @@ impl Vhost {
         Ok(out)
     }
 
-    /// Rebuilds this vhost from stored definitions (at boot).
-    pub fn recover(
+    /// Rebuilds a durable exchange (at boot).
+    pub fn recover_exchange(&self, x: &ExchangeDef) {
+        let decl = ExchangeDeclare {
+            name: &x.name,
+            kind: x.kind.as_str(),
+            durable: true,
+            auto_delete: x.auto_delete,
+            internal: x.internal,
+            arguments: &x.arguments,
+        };
+        if let Err(e) = self.router.write().declare_exchange(decl, false) {
+            tracing::warn!(exchange = %x.name, error = %e, "cannot recover exchange");
+        }
+    }
+
+    /// Rebuilds a durable queue and its messages (at boot). Policies are
+    /// applied once everything is recovered.
+    pub fn recover_queue(
         self: &Arc<Self>,
         broker: &Arc<Broker>,
+        def: &QueueDef,
         recovered: &mut queue_store::Recovered,
-    ) -> usize {
-        let prefix = scoped_name(&self.name, &[]);
-        let mine = |key: &Bytes| key.starts_with(&prefix) && key.get(prefix.len()) == Some(&0);
-        let defs: Vec<_> = recovered
-            .definitions
-            .iter()
-            .filter(|(_, k, _)| mine(k))
-            .cloned()
-            .collect();
-        for (_, _, t) in defs.iter().filter(|(k, _, _)| *k == DefKind::Policy) {
-            match crate::policy::Policy::from_record(t) {
-                Some(p) => self.policies.write().push(p),
-                None => tracing::warn!("cannot recover a policy record; skipped"),
-            }
+    ) {
+        let args = QueueArgs::parse(&def.arguments, &def.name, &self.name).unwrap_or_default();
+        let entries = recovered.queues.remove(&def.id).unwrap_or_default();
+        // Spilling is set up first, so a deep queue is rebuilt a window at a
+        // time.
+        let mut queue = Queue::new(
+            def.id,
+            def.name.clone(),
+            true,
+            args,
+            def.arguments.clone(),
+            now_ms(),
+        );
+        queue.set_memory_budget(broker.config.queue_memory_budget);
+        queue.set_spill_dir(broker.spill_dir.clone());
+        queue.restore(entries, recovered.clean_shutdown);
+        broker.note_queue_id(def.id);
+        let handle = QueueHandle::new(
+            queue,
+            def.auto_delete,
+            None,
+            broker.config.queue_flow_limit,
+            self.tracer.clone(),
+        );
+        self.queues.insert(def.name.clone(), handle.clone());
+        self.by_id.insert(def.id, handle.clone());
+        self.router
+            .write()
+            .add_queue(def.name.clone(), QueueId(def.id));
+        crate::broker::spawn_housekeeping(broker, self.clone(), handle);
+    }
+
+    /// Rebuilds a durable binding (at boot).
+    pub fn recover_binding(&self, b: &BindingDef) {
+        if let Err(e) = self.router.write().bind(b) {
+            tracing::warn!(error = %e, "cannot recover binding");
         }
-        for (_, _, t) in defs.iter().filter(|(k, _, _)| *k == DefKind::Exchange) {
-            let (Some(name), Some(ty)) = (field_str(t, "name"), field_str(t, "type")) else {
-                continue;
-            };
-            let args = field_table(t, "arguments");
-            let decl = ExchangeDeclare {
-                name: &name,
-                kind: &ty,
-                durable: true,
-                auto_delete: field_bool(t, "auto_delete"),
-                internal: field_bool(t, "internal"),
-                arguments: &args,
-            };
-            if let Err(e) = self.router.write().declare_exchange(decl, false) {
-                tracing::warn!(exchange = %name, error = %e, "cannot recover exchange");
-            }
-        }
-        self.apply_exchange_policies();
-        let mut queues = 0;
-        for (_, _, t) in defs.iter().filter(|(k, _, _)| *k == DefKind::Queue) {
-            let (Some(name), Some(FieldValue::I64(id))) = (field_str(t, "name"), t.get("id"))
-            else {
-                continue;
-            };
-            let id = *id as u64;
-            let arguments = field_table(t, "arguments");
-            let args = QueueArgs::parse(&arguments, &name, &self.name).unwrap_or_default();
-            let entries = recovered.queues.remove(&id).unwrap_or_default();
-            // Spilling is set up first, so a deep queue is rebuilt a window
-            // at a time.
-            let mut queue = Queue::new(id, name.clone(), true, args, arguments, now_ms());
-            queue.set_memory_budget(broker.config.queue_memory_budget);
-            queue.set_spill_dir(broker.spill_dir.clone());
-            queue.restore(entries, recovered.clean_shutdown);
-            broker.note_queue_id(id);
-            let handle = QueueHandle::new(
-                queue,
-                field_bool(t, "auto_delete"),
-                None,
-                broker.config.queue_flow_limit,
-                self.tracer.clone(),
-            );
-            self.queues.insert(name.clone(), handle.clone());
-            self.by_id.insert(id, handle.clone());
-            self.router.write().add_queue(name, QueueId(id));
-            if !self.policies.read().is_empty() {
-                self.apply_policy(broker, &handle);
-            }
-            crate::broker::spawn_housekeeping(broker, self.clone(), handle);
-            queues += 1;
-        }
-        for (_, _, t) in defs.iter().filter(|(k, _, _)| *k == DefKind::Binding) {
-            let (Some(source), Some(dest), Some(kind), Some(rk)) = (
-                field_str(t, "source"),
-                field_str(t, "destination"),
-                field_str(t, "destination_type"),
-                field_str(t, "routing_key"),
-            ) else {
-                continue;
-            };
-            let destination = if kind == "exchange" {
-                Destination::Exchange(dest)
-            } else {
-                Destination::Queue(dest)
-            };
-            let b = BindingDef {
-                source,
-                destination,
-                routing_key: rk,
-                arguments: field_table(t, "arguments"),
-            };
-            if let Err(e) = self.router.write().bind(&b) {
-                tracing::warn!(error = %e, "cannot recover binding");
-            }
-        }
-        queues
     }
 }
 

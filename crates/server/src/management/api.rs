@@ -368,13 +368,12 @@ async fn put_user(
         },
         _ => return Err(ApiError::bad_request("password must be a string")),
     };
-    let write = b.auth.put_user(crate::auth::User {
+    b.put_user(crate::auth::User {
         name: name.clone(),
         password_hash,
         tags,
-    });
-    b.store.submit([write]);
-    b.store.commit().await?;
+    })
+    .await?;
     created(existing.is_none())
 }
 
@@ -439,15 +438,7 @@ async fn put_permission(
         }
     };
     let (c, w, r) = (field("configure")?, field("write")?, field("read")?);
-    let was_new = !b
-        .auth
-        .permissions()
-        .iter()
-        .any(|p| p.vhost == vhost && p.user == user);
-    b.set_permissions(&user, &vhost, &c, &w, &r)
-        .await
-        .map_err(ApiError::bad_request)?;
-    created(was_new)
+    created(b.set_permissions(&user, &vhost, &c, &w, &r).await?)
 }
 
 async fn delete_permission(
@@ -464,8 +455,7 @@ async fn delete_permission(
     {
         return Err(ApiError::not_found());
     }
-    b.store.submit(b.auth.clear_permissions(&user, &vhost));
-    b.store.commit().await?;
+    b.clear_permissions(&user, &vhost).await?;
     no_content()
 }
 

@@ -129,6 +129,21 @@ impl From<queue_store::StoreError> for ApiError {
     }
 }
 
+impl From<crate::meta::MetaError> for ApiError {
+    fn from(e: crate::meta::MetaError) -> ApiError {
+        use crate::meta::MetaError;
+        match e {
+            MetaError::NotFound(reason) => {
+                ApiError::new(StatusCode::NOT_FOUND, "Object Not Found", reason)
+            }
+            MetaError::Conflict(reason) | MetaError::Invalid(reason) => {
+                ApiError::bad_request(reason)
+            }
+            MetaError::Store(e) => ApiError::internal(e),
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (

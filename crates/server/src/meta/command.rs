@@ -1,0 +1,580 @@
+//! [`MetaCommand`]: every change to the broker's metadata (vhosts, users,
+//! permissions, topic permissions, policies, vhost limits, durable
+//! exchanges, queues and bindings) as one value, and the one encoding of
+//! each definition as the store keeps it.
+//!
+//! A stored definition is the record of the command that creates it, so
+//! recovery turns each stored definition back into that command
+//! ([`MetaCommand::from_definition`]) and applies it like any other: there is
+//! no second parser. The replicated metadata log will carry these commands
+//! as they are.
+
+use amqp_codec::{FieldTable, FieldValue, ShortStr};
+use bytes::{BufMut, Bytes, BytesMut};
+use exchange::{BindingDef, Destination, ExchangeDef, ExchangeKind};
+use queue_store::{DefKind, scoped_name};
+
+use crate::auth::User;
+use crate::policy::Policy;
+
+/// Per-vhost limits; `None` means unlimited.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VhostLimits {
+    /// Most connections to the vhost at once.
+    pub max_connections: Option<usize>,
+    /// Most queues in the vhost.
+    pub max_queues: Option<usize>,
+}
+
+impl VhostLimits {
+    /// RabbitMQ's name of the connection limit.
+    pub const CONNECTIONS: &'static str = "max-connections";
+    /// RabbitMQ's name of the queue limit.
+    pub const QUEUES: &'static str = "max-queues";
+
+    fn record(&self) -> FieldTable {
+        let mut t = FieldTable::new();
+        if let Some(n) = self.max_connections {
+            t.insert(s(Self::CONNECTIONS), FieldValue::I64(n as i64));
+        }
+        if let Some(n) = self.max_queues {
+            t.insert(s(Self::QUEUES), FieldValue::I64(n as i64));
+        }
+        t
+    }
+
+    fn from_record(t: &FieldTable) -> VhostLimits {
+        let get = |k: &str| {
+            t.get(k)
+                .and_then(FieldValue::as_i64)
+                .and_then(|n| usize::try_from(n).ok())
+        };
+        VhostLimits {
+            max_connections: get(Self::CONNECTIONS),
+            max_queues: get(Self::QUEUES),
+        }
+    }
+}
+
+/// A user's permissions in one vhost, as given (regular expressions).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PermissionDef {
+    /// User.
+    pub user: String,
+    /// Vhost.
+    pub vhost: String,
+    /// Pattern for declare/delete.
+    pub configure: String,
+    /// Pattern for publish/bind-to.
+    pub write: String,
+    /// Pattern for consume/get/purge/bind-from.
+    pub read: String,
+}
+
+/// A user's topic permissions on one exchange in one vhost.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicPermissionDef {
+    /// User.
+    pub user: String,
+    /// Vhost.
+    pub vhost: String,
+    /// Exchange.
+    pub exchange: String,
+    /// Pattern routing keys must match to publish.
+    pub write: String,
+    /// Pattern binding keys must match to bind for consuming.
+    pub read: String,
+}
+
+/// A durable queue as its definition records it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueueDef {
+    /// Name.
+    pub name: ShortStr,
+    /// The store's id for its messages.
+    pub id: u64,
+    /// Deleted with its last consumer.
+    pub auto_delete: bool,
+    /// Declare arguments as given.
+    pub arguments: FieldTable,
+}
+
+/// One change to the metadata.
+#[derive(Debug, Clone)]
+pub enum MetaCommand {
+    /// Creates a vhost, or changes its limits.
+    PutVhost {
+        /// Name.
+        name: String,
+        /// Its limits.
+        limits: VhostLimits,
+    },
+    /// Deletes a vhost and everything in it (permissions and policies too).
+    DeleteVhost {
+        /// Name.
+        name: String,
+    },
+    /// Creates or replaces a user.
+    PutUser(User),
+    /// Deletes a user and their permissions.
+    DeleteUser {
+        /// Name.
+        name: String,
+    },
+    /// Sets a user's permissions in a vhost.
+    SetPermission(PermissionDef),
+    /// Clears a user's permissions in a vhost.
+    ClearPermission {
+        /// User.
+        user: String,
+        /// Vhost.
+        vhost: String,
+    },
+    /// Sets a user's topic permissions on an exchange.
+    SetTopicPermission(TopicPermissionDef),
+    /// Clears a user's topic permissions on an exchange.
+    ClearTopicPermission {
+        /// User.
+        user: String,
+        /// Vhost.
+        vhost: String,
+        /// Exchange.
+        exchange: String,
+    },
+    /// Adds or replaces a policy.
+    PutPolicy(Policy),
+    /// Removes a policy.
+    DeletePolicy {
+        /// Vhost.
+        vhost: String,
+        /// Name.
+        name: String,
+    },
+    /// Declares a durable exchange.
+    DeclareExchange {
+        /// Vhost.
+        vhost: String,
+        /// The exchange.
+        exchange: ExchangeDef,
+    },
+    /// Deletes a durable exchange and the bindings naming it.
+    DeleteExchange {
+        /// Vhost.
+        vhost: String,
+        /// Name.
+        name: ShortStr,
+    },
+    /// Declares a durable queue.
+    DeclareQueue {
+        /// Vhost.
+        vhost: String,
+        /// The queue.
+        queue: QueueDef,
+    },
+    /// Deletes a durable queue and the bindings to it.
+    DeleteQueue {
+        /// Vhost.
+        vhost: String,
+        /// Name.
+        name: ShortStr,
+    },
+    /// Adds a binding between durable ends.
+    Bind {
+        /// Vhost.
+        vhost: String,
+        /// The binding.
+        binding: BindingDef,
+    },
+    /// Removes a binding.
+    Unbind {
+        /// Vhost.
+        vhost: String,
+        /// The binding.
+        binding: BindingDef,
+    },
+}
+
+/// A definition as stored: its kind, key and record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Definition {
+    /// What it defines.
+    pub kind: DefKind,
+    /// Its key ([`scoped_name`] for objects inside a vhost).
+    pub key: Bytes,
+    /// Its record.
+    pub record: FieldTable,
+}
+
+fn s(v: &'static str) -> ShortStr {
+    ShortStr::from_static(v)
+}
+
+fn text(t: &FieldTable, k: &str) -> Result<String, String> {
+    t.get(k)
+        .and_then(FieldValue::as_str)
+        .map(str::to_owned)
+        .ok_or_else(|| format!("no text field '{k}'"))
+}
+
+fn short(t: &FieldTable, k: &str) -> Result<ShortStr, String> {
+    ShortStr::try_from(text(t, k)?.as_str()).map_err(|e| format!("field '{k}': {e}"))
+}
+
+fn flag(t: &FieldTable, k: &str) -> bool {
+    matches!(t.get(k), Some(FieldValue::Bool(true)))
+}
+
+fn table(t: &FieldTable, k: &str) -> FieldTable {
+    match t.get(k) {
+        Some(FieldValue::Table(v)) => v.clone(),
+        _ => FieldTable::new(),
+    }
+}
+
+fn record<const N: usize>(fields: [(&'static str, FieldValue); N]) -> FieldTable {
+    fields.into_iter().map(|(k, v)| (s(k), v)).collect()
+}
+
+/// The key of a binding's definition: its vhost, source, destination,
+/// routing key and encoded arguments.
+pub fn binding_key(vhost: &str, b: &BindingDef) -> Bytes {
+    let (kind, dest) = match &b.destination {
+        Destination::Queue(q) => (&b"q"[..], q),
+        Destination::Exchange(x) => (&b"e"[..], x),
+    };
+    let mut args = BytesMut::new();
+    if b.arguments.encode(&mut args).is_err() {
+        args.clear();
+    }
+    let mut rk = BytesMut::new();
+    rk.put_slice(b.routing_key.as_bytes());
+    scoped_name(
+        vhost,
+        &[b.source.as_bytes(), kind, dest.as_bytes(), &rk, &args],
+    )
+}
+
+fn user_record(u: &User) -> FieldTable {
+    let mut t = FieldTable::new();
+    t.insert(s("name"), FieldValue::from(u.name.as_str()));
+    if let Some(h) = &u.password_hash {
+        t.insert(s("password_hash"), FieldValue::from(h.as_str()));
+    }
+    t.insert(s("tags"), FieldValue::from(u.tags.join(",").as_str()));
+    t
+}
+
+fn exchange_record(x: &ExchangeDef) -> FieldTable {
+    record([
+        ("name", FieldValue::from(x.name.as_str())),
+        ("type", FieldValue::from(x.kind.as_str())),
+        ("durable", FieldValue::Bool(x.durable)),
+        ("auto_delete", FieldValue::Bool(x.auto_delete)),
+        ("internal", FieldValue::Bool(x.internal)),
+        ("arguments", FieldValue::Table(x.arguments.clone())),
+    ])
+}
+
+fn binding_record(b: &BindingDef) -> FieldTable {
+    let (kind, dest) = match &b.destination {
+        Destination::Queue(q) => ("queue", q),
+        Destination::Exchange(x) => ("exchange", x),
+    };
+    record([
+        ("source", FieldValue::from(b.source.as_str())),
+        ("destination", FieldValue::from(dest.as_str())),
+        ("destination_type", FieldValue::from(kind)),
+        ("routing_key", FieldValue::from(b.routing_key.as_str())),
+        ("arguments", FieldValue::Table(b.arguments.clone())),
+    ])
+}
+
+fn name_key(name: &str) -> Bytes {
+    Bytes::copy_from_slice(name.as_bytes())
+}
+
+impl MetaCommand {
+    /// The definition this command puts, if it puts one (the deleting
+    /// commands and their cascades are worked out by `MetaState`).
+    pub fn definition(&self) -> Option<Definition> {
+        let (kind, key, record) = match self {
+            MetaCommand::PutVhost { name, limits } => {
+                (DefKind::Vhost, name_key(name), limits.record())
+            }
+            MetaCommand::PutUser(u) => (DefKind::User, name_key(&u.name), user_record(u)),
+            MetaCommand::SetPermission(p) => (
+                DefKind::Permission,
+                scoped_name(&p.vhost, &[p.user.as_bytes()]),
+                record([
+                    ("user", FieldValue::from(p.user.as_str())),
+                    ("vhost", FieldValue::from(p.vhost.as_str())),
+                    ("configure", FieldValue::from(p.configure.as_str())),
+                    ("write", FieldValue::from(p.write.as_str())),
+                    ("read", FieldValue::from(p.read.as_str())),
+                ]),
+            ),
+            MetaCommand::SetTopicPermission(p) => (
+                DefKind::TopicPermission,
+                scoped_name(&p.vhost, &[p.user.as_bytes(), p.exchange.as_bytes()]),
+                record([
+                    ("user", FieldValue::from(p.user.as_str())),
+                    ("vhost", FieldValue::from(p.vhost.as_str())),
+                    ("exchange", FieldValue::from(p.exchange.as_str())),
+                    ("write", FieldValue::from(p.write.as_str())),
+                    ("read", FieldValue::from(p.read.as_str())),
+                ]),
+            ),
+            MetaCommand::PutPolicy(p) => (
+                DefKind::Policy,
+                scoped_name(&p.vhost, &[p.name.as_bytes()]),
+                p.record(),
+            ),
+            MetaCommand::DeclareExchange { vhost, exchange } => (
+                DefKind::Exchange,
+                scoped_name(vhost, &[exchange.name.as_bytes()]),
+                exchange_record(exchange),
+            ),
+            MetaCommand::DeclareQueue { vhost, queue } => (
+                DefKind::Queue,
+                scoped_name(vhost, &[queue.name.as_bytes()]),
+                record([
+                    ("name", FieldValue::from(queue.name.as_str())),
+                    ("id", FieldValue::I64(queue.id as i64)),
+                    ("auto_delete", FieldValue::Bool(queue.auto_delete)),
+                    ("arguments", FieldValue::Table(queue.arguments.clone())),
+                ]),
+            ),
+            MetaCommand::Bind { vhost, binding } => (
+                DefKind::Binding,
+                binding_key(vhost, binding),
+                binding_record(binding),
+            ),
+            _ => return None,
+        };
+        Some(Definition { kind, key, record })
+    }
+
+    /// The command that recreates a stored definition (at boot). An error
+    /// says what the record lacks.
+    pub fn from_definition(
+        kind: DefKind,
+        key: &[u8],
+        t: &FieldTable,
+    ) -> Result<MetaCommand, String> {
+        // Objects inside a vhost are keyed `vhost ‖ 0 ‖ ...`.
+        let vhost = || -> Result<String, String> {
+            let end = key
+                .iter()
+                .position(|&b| b == 0)
+                .ok_or("key names no vhost")?;
+            String::from_utf8(key[..end].to_vec()).map_err(|e| e.to_string())
+        };
+        Ok(match kind {
+            DefKind::Vhost => MetaCommand::PutVhost {
+                name: String::from_utf8(key.to_vec()).map_err(|e| e.to_string())?,
+                limits: VhostLimits::from_record(t),
+            },
+            DefKind::User => MetaCommand::PutUser(User {
+                name: text(t, "name")?,
+                password_hash: text(t, "password_hash").ok(),
+                tags: text(t, "tags")
+                    .unwrap_or_default()
+                    .split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned)
+                    .collect(),
+            }),
+            DefKind::Permission => MetaCommand::SetPermission(PermissionDef {
+                user: text(t, "user")?,
+                vhost: text(t, "vhost")?,
+                configure: text(t, "configure")?,
+                write: text(t, "write")?,
+                read: text(t, "read")?,
+            }),
+            DefKind::TopicPermission => MetaCommand::SetTopicPermission(TopicPermissionDef {
+                user: text(t, "user")?,
+                vhost: text(t, "vhost")?,
+                exchange: text(t, "exchange")?,
+                write: text(t, "write")?,
+                read: text(t, "read")?,
+            }),
+            DefKind::Policy => {
+                MetaCommand::PutPolicy(Policy::from_record(t).ok_or("not a valid policy record")?)
+            }
+            DefKind::Exchange => {
+                let kind = text(t, "type")?;
+                MetaCommand::DeclareExchange {
+                    vhost: vhost()?,
+                    exchange: ExchangeDef {
+                        name: short(t, "name")?,
+                        kind: ExchangeKind::parse(&kind).map_err(|e| e.to_string())?,
+                        durable: true,
+                        auto_delete: flag(t, "auto_delete"),
+                        internal: flag(t, "internal"),
+                        arguments: table(t, "arguments"),
+                    },
+                }
+            }
+            DefKind::Queue => {
+                let Some(FieldValue::I64(id)) = t.get("id") else {
+                    return Err("no queue id".into());
+                };
+                MetaCommand::DeclareQueue {
+                    vhost: vhost()?,
+                    queue: QueueDef {
+                        name: short(t, "name")?,
+                        id: u64::try_from(*id).map_err(|e| e.to_string())?,
+                        auto_delete: flag(t, "auto_delete"),
+                        arguments: table(t, "arguments"),
+                    },
+                }
+            }
+            DefKind::Binding => {
+                let dest = short(t, "destination")?;
+                let destination = match text(t, "destination_type")?.as_str() {
+                    "exchange" => Destination::Exchange(dest),
+                    "queue" => Destination::Queue(dest),
+                    other => return Err(format!("destination type '{other}'")),
+                };
+                MetaCommand::Bind {
+                    vhost: vhost()?,
+                    binding: BindingDef {
+                        source: short(t, "source")?,
+                        destination,
+                        routing_key: short(t, "routing_key")?,
+                        arguments: table(t, "arguments"),
+                    },
+                }
+            }
+        })
+    }
+
+    /// What it names, for logs.
+    pub fn describe(&self) -> String {
+        match self {
+            MetaCommand::PutVhost { name, .. } => format!("put vhost '{name}'"),
+            MetaCommand::DeleteVhost { name } => format!("delete vhost '{name}'"),
+            MetaCommand::PutUser(u) => format!("put user '{}'", u.name),
+            MetaCommand::DeleteUser { name } => format!("delete user '{name}'"),
+            MetaCommand::SetPermission(p) => {
+                format!("set permissions of '{}' in vhost '{}'", p.user, p.vhost)
+            }
+            MetaCommand::ClearPermission { user, vhost } => {
+                format!("clear permissions of '{user}' in vhost '{vhost}'")
+            }
+            MetaCommand::SetTopicPermission(p) => format!(
+                "set topic permissions of '{}' on '{}' in vhost '{}'",
+                p.user, p.exchange, p.vhost
+            ),
+            MetaCommand::ClearTopicPermission {
+                user,
+                vhost,
+                exchange,
+            } => format!("clear topic permissions of '{user}' on '{exchange}' in vhost '{vhost}'"),
+            MetaCommand::PutPolicy(p) => format!("put policy '{}' in vhost '{}'", p.name, p.vhost),
+            MetaCommand::DeletePolicy { vhost, name } => {
+                format!("delete policy '{name}' in vhost '{vhost}'")
+            }
+            MetaCommand::DeclareExchange { vhost, exchange } => {
+                format!("declare exchange '{}' in vhost '{vhost}'", exchange.name)
+            }
+            MetaCommand::DeleteExchange { vhost, name } => {
+                format!("delete exchange '{name}' in vhost '{vhost}'")
+            }
+            MetaCommand::DeclareQueue { vhost, queue } => {
+                format!("declare queue '{}' in vhost '{vhost}'", queue.name)
+            }
+            MetaCommand::DeleteQueue { vhost, name } => {
+                format!("delete queue '{name}' in vhost '{vhost}'")
+            }
+            MetaCommand::Bind { vhost, binding } => {
+                format!("bind from '{}' in vhost '{vhost}'", binding.source)
+            }
+            MetaCommand::Unbind { vhost, binding } => {
+                format!("unbind from '{}' in vhost '{vhost}'", binding.source)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round_trip(cmd: MetaCommand) {
+        let d = cmd.definition().expect("a putting command");
+        let back = MetaCommand::from_definition(d.kind, &d.key, &d.record).expect("decodes");
+        assert_eq!(back.definition(), Some(d), "{}", cmd.describe());
+    }
+
+    #[test]
+    fn every_stored_definition_decodes_to_the_command_that_stored_it() {
+        round_trip(MetaCommand::PutVhost {
+            name: "v".into(),
+            limits: VhostLimits {
+                max_connections: Some(3),
+                max_queues: None,
+            },
+        });
+        round_trip(MetaCommand::PutUser(User {
+            name: "u".into(),
+            password_hash: Some("h".into()),
+            tags: vec!["administrator".into(), "impersonator".into()],
+        }));
+        round_trip(MetaCommand::SetPermission(PermissionDef {
+            user: "u".into(),
+            vhost: "v".into(),
+            configure: ".*".into(),
+            write: "".into(),
+            read: "^a".into(),
+        }));
+        round_trip(MetaCommand::SetTopicPermission(TopicPermissionDef {
+            user: "u".into(),
+            vhost: "v".into(),
+            exchange: "amq.topic".into(),
+            write: "^x".into(),
+            read: ".*".into(),
+        }));
+        let mut args = FieldTable::new();
+        args.insert(s("x-max-length"), FieldValue::I64(5));
+        round_trip(MetaCommand::DeclareExchange {
+            vhost: "v".into(),
+            exchange: ExchangeDef {
+                name: s("x"),
+                kind: ExchangeKind::Topic,
+                durable: true,
+                auto_delete: true,
+                internal: false,
+                arguments: args.clone(),
+            },
+        });
+        round_trip(MetaCommand::DeclareQueue {
+            vhost: "v".into(),
+            queue: QueueDef {
+                name: s("q"),
+                id: 42,
+                auto_delete: false,
+                arguments: args.clone(),
+            },
+        });
+        round_trip(MetaCommand::Bind {
+            vhost: "v".into(),
+            binding: BindingDef {
+                source: s("x"),
+                destination: Destination::Exchange(s("y")),
+                routing_key: s("a.#"),
+                arguments: args,
+            },
+        });
+    }
+
+    #[test]
+    fn a_damaged_record_is_an_error_naming_what_is_missing() {
+        let err = MetaCommand::from_definition(DefKind::Queue, b"v\0q", &FieldTable::new())
+            .expect_err("no id");
+        assert!(err.contains("id"), "{err}");
+        let err = MetaCommand::from_definition(DefKind::Exchange, b"novhost", &FieldTable::new())
+            .expect_err("no type");
+        assert!(err.contains("type"), "{err}");
+    }
+}

@@ -1,0 +1,22 @@
+//! [`MetaError`]: why a metadata command was refused or not made durable.
+//! It becomes a reply code or an HTTP status in one place each
+//! (`crate::error`, `crate::management`).
+
+use queue_store::StoreError;
+
+/// Why a command was not committed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum MetaError {
+    /// Something it names does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// It contradicts what exists (a redeclare with other properties).
+    #[error("{0}")]
+    Conflict(String),
+    /// It is not valid on its own (a bad pattern, a transient object).
+    #[error("{0}")]
+    Invalid(String),
+    /// The store could not make it durable.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}

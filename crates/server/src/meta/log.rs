@@ -1,0 +1,77 @@
+//! [`MetaLog`]: where metadata commands are committed, and
+//! [`LocalMetaLog`], the single-node one.
+//!
+//! `commit` completes once the command is durable and applied to the
+//! [`MetaState`]. The local log validates and applies under one lock and
+//! submits the definitions to the store under that same lock (so the store
+//! sees changes in the order the state took them), then waits for the
+//! store's group commit outside it. The cluster's metadata Raft group will
+//! be a second implementation: commit = append to the replicated log, wait
+//! for a majority, apply the same `MetaState` on every node.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use queue_store::Store;
+
+use super::command::MetaCommand;
+use super::error::MetaError;
+use super::state::{Applied, MetaState};
+
+/// A commit in flight.
+pub type Commit<'a> = Pin<Box<dyn Future<Output = Result<Applied, MetaError>> + Send + 'a>>;
+
+/// Where metadata commands are committed.
+pub trait MetaLog: Send + Sync + std::fmt::Debug {
+    /// Validates, persists and applies `command`; completes when it is
+    /// durable. A refused command changes nothing.
+    fn commit(&self, command: MetaCommand) -> Commit<'_>;
+
+    /// Runs `f` on the current state (short: it holds the state's lock).
+    fn with_state(&self, f: &mut dyn FnMut(&MetaState));
+}
+
+/// The single-node log: the state in memory, the definitions in the store.
+#[derive(Debug)]
+pub struct LocalMetaLog {
+    state: Mutex<MetaState>,
+    store: Arc<Store>,
+}
+
+impl LocalMetaLog {
+    /// A log over `state` (recovered from `store`'s definitions).
+    pub fn new(state: MetaState, store: Arc<Store>) -> LocalMetaLog {
+        LocalMetaLog {
+            state: Mutex::new(state),
+            store,
+        }
+    }
+}
+
+impl MetaLog for LocalMetaLog {
+    fn commit(&self, command: MetaCommand) -> Commit<'_> {
+        let applied = {
+            let mut state = self.state.lock();
+            state.apply(&command).inspect(|applied| {
+                if !applied.is_empty() {
+                    self.store.submit(applied.writes());
+                }
+            })
+        };
+        let durable = self.store.commit();
+        Box::pin(async move {
+            let applied = applied?;
+            if !applied.is_empty() {
+                durable.await?;
+                tracing::debug!(command = %command.describe(), "metadata committed");
+            }
+            Ok(applied)
+        })
+    }
+
+    fn with_state(&self, f: &mut dyn FnMut(&MetaState)) {
+        f(&self.state.lock());
+    }
+}

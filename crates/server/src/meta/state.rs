@@ -1,0 +1,810 @@
+//! [`MetaState`]: the broker's durable metadata as plain data, and the one
+//! pure function that changes it, [`MetaState::apply`].
+//!
+//! `apply` validates a [`MetaCommand`] against the state (the vhost and the
+//! user a permission names exist, a binding's ends exist, a redeclared
+//! exchange or queue is the same one), applies it, and returns the
+//! definitions to put and delete, cascades included (a deleted queue takes
+//! its bindings, a deleted vhost everything in it). It does no I/O and
+//! reads no clock, so every node of a cluster that applies the same
+//! commands in the same order holds the same state; [`MetaState::recover`]
+//! rebuilds the state at boot by applying the stored definitions' commands.
+//!
+//! Transient exchanges and queues are not here: they live and die with the
+//! vhost's router on one node.
+
+use std::collections::BTreeMap;
+
+use amqp_codec::ShortStr;
+use bytes::Bytes;
+use exchange::{BindingDef, Destination, ExchangeDef, SYSTEM_EXCHANGES};
+use queue_store::{DefKind, scoped_name};
+
+use super::command::{
+    Definition, MetaCommand, PermissionDef, QueueDef, TopicPermissionDef, VhostLimits, binding_key,
+};
+use super::error::MetaError;
+use crate::auth::User;
+use crate::policy::Policy;
+
+/// What one command changed.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Applied {
+    /// Definitions to store, in order.
+    pub puts: Vec<Definition>,
+    /// Definitions to remove (kind and key).
+    pub deletes: Vec<(DefKind, Bytes)>,
+    /// The command created something that did not exist before (a put that
+    /// was not a replacement, or a delete that removed something).
+    pub changed_existence: bool,
+}
+
+impl Applied {
+    /// Whether it changed nothing.
+    pub fn is_empty(&self) -> bool {
+        self.puts.is_empty() && self.deletes.is_empty()
+    }
+
+    /// The store writes that make it durable.
+    pub fn writes(&self) -> Vec<queue_store::Write> {
+        let mut out = Vec::with_capacity(self.puts.len() + self.deletes.len());
+        for (kind, key) in &self.deletes {
+            out.push(queue_store::Write::DeleteDefinition {
+                kind: *kind,
+                key: key.clone(),
+            });
+        }
+        for d in &self.puts {
+            out.push(queue_store::Write::PutDefinition {
+                kind: d.kind,
+                key: d.key.clone(),
+                value: d.record.clone(),
+            });
+        }
+        out
+    }
+}
+
+/// One vhost's metadata.
+#[derive(Debug, Clone, Default)]
+struct VhostMeta {
+    limits: VhostLimits,
+    /// By user.
+    permissions: BTreeMap<String, PermissionDef>,
+    /// By (user, exchange).
+    topic_permissions: BTreeMap<(String, String), TopicPermissionDef>,
+    /// By name.
+    policies: BTreeMap<String, Policy>,
+    /// Durable exchanges by name, the system ones included (never stored).
+    exchanges: BTreeMap<ShortStr, ExchangeDef>,
+    /// Durable queues by name.
+    queues: BTreeMap<ShortStr, QueueDef>,
+    /// Durable bindings by their definition key.
+    bindings: BTreeMap<Bytes, BindingDef>,
+}
+
+impl VhostMeta {
+    fn new(limits: VhostLimits) -> VhostMeta {
+        let exchanges = SYSTEM_EXCHANGES
+            .iter()
+            .map(|(name, kind, internal)| {
+                let name = ShortStr::from_static(name);
+                let def = ExchangeDef {
+                    name: name.clone(),
+                    kind: *kind,
+                    durable: true,
+                    auto_delete: false,
+                    internal: *internal,
+                    arguments: Default::default(),
+                };
+                (name, def)
+            })
+            .collect();
+        VhostMeta {
+            limits,
+            exchanges,
+            ..Default::default()
+        }
+    }
+
+    fn is_system_exchange(name: &str) -> bool {
+        SYSTEM_EXCHANGES.iter().any(|(n, _, _)| *n == name)
+    }
+
+    /// Removes the bindings `doomed` selects; their deletes go to `out`.
+    fn drop_bindings(&mut self, out: &mut Applied, doomed: impl Fn(&BindingDef) -> bool) {
+        let keys: Vec<Bytes> = self
+            .bindings
+            .iter()
+            .filter(|(_, b)| doomed(b))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in keys {
+            self.bindings.remove(&key);
+            out.deletes.push((DefKind::Binding, key));
+        }
+    }
+}
+
+/// The broker's durable metadata.
+#[derive(Debug, Clone, Default)]
+pub struct MetaState {
+    vhosts: BTreeMap<String, VhostMeta>,
+    users: BTreeMap<String, User>,
+}
+
+fn not_found(what: String) -> MetaError {
+    MetaError::NotFound(what)
+}
+
+/// The order definitions are recovered in: what others name comes first.
+fn recovery_rank(kind: DefKind) -> u8 {
+    match kind {
+        DefKind::Vhost => 0,
+        DefKind::User => 1,
+        DefKind::Permission => 2,
+        DefKind::TopicPermission => 3,
+        DefKind::Policy => 4,
+        DefKind::Exchange => 5,
+        DefKind::Queue => 6,
+        DefKind::Binding => 7,
+    }
+}
+
+impl MetaState {
+    /// Rebuilds the state from stored definitions by applying each one's
+    /// command, in dependency order. Returns the state, the commands that
+    /// applied (in order, for the broker to build its runtime objects from),
+    /// and a line per definition that could not be decoded or applied.
+    pub fn recover(
+        definitions: &[(DefKind, Bytes, amqp_codec::FieldTable)],
+    ) -> (MetaState, Vec<MetaCommand>, Vec<String>) {
+        let mut sorted: Vec<&(DefKind, Bytes, amqp_codec::FieldTable)> =
+            definitions.iter().collect();
+        sorted.sort_by_key(|(kind, key, _)| (recovery_rank(*kind), key.clone()));
+        let mut state = MetaState::default();
+        let mut commands = Vec::with_capacity(sorted.len());
+        let mut problems = Vec::new();
+        for (kind, key, record) in sorted {
+            let printable = String::from_utf8_lossy(key).replace('\0', "/");
+            match MetaCommand::from_definition(*kind, key, record) {
+                Err(e) => problems.push(format!("{kind:?} '{printable}': {e}")),
+                Ok(cmd) => match state.apply(&cmd) {
+                    Ok(_) => commands.push(cmd),
+                    Err(e) => problems.push(format!("{kind:?} '{printable}': {e}")),
+                },
+            }
+        }
+        (state, commands, problems)
+    }
+
+    /// Every stored definition the state holds (what a fresh store would
+    /// need to rebuild it), in recovery order.
+    pub fn definitions(&self) -> Vec<Definition> {
+        let mut out = Vec::new();
+        let mut put = |c: MetaCommand| out.extend(c.definition());
+        for (name, v) in &self.vhosts {
+            put(MetaCommand::PutVhost {
+                name: name.clone(),
+                limits: v.limits,
+            });
+        }
+        for u in self.users.values() {
+            put(MetaCommand::PutUser(u.clone()));
+        }
+        for (vhost, v) in &self.vhosts {
+            v.permissions
+                .values()
+                .for_each(|p| put(MetaCommand::SetPermission(p.clone())));
+            v.topic_permissions
+                .values()
+                .for_each(|p| put(MetaCommand::SetTopicPermission(p.clone())));
+            v.policies
+                .values()
+                .for_each(|p| put(MetaCommand::PutPolicy(p.clone())));
+            for x in v.exchanges.values() {
+                if !VhostMeta::is_system_exchange(&x.name) {
+                    put(MetaCommand::DeclareExchange {
+                        vhost: vhost.clone(),
+                        exchange: x.clone(),
+                    });
+                }
+            }
+            for q in v.queues.values() {
+                put(MetaCommand::DeclareQueue {
+                    vhost: vhost.clone(),
+                    queue: q.clone(),
+                });
+            }
+            for b in v.bindings.values() {
+                put(MetaCommand::Bind {
+                    vhost: vhost.clone(),
+                    binding: b.clone(),
+                });
+            }
+        }
+        out.sort_by_key(|d| (recovery_rank(d.kind), d.key.clone()));
+        out
+    }
+
+    /// Whether a vhost exists.
+    pub fn has_vhost(&self, name: &str) -> bool {
+        self.vhosts.contains_key(name)
+    }
+
+    /// Whether any user or vhost exists (an empty data directory has none).
+    pub fn is_empty(&self) -> bool {
+        self.vhosts.is_empty() && self.users.is_empty()
+    }
+
+    fn vhost_mut(&mut self, name: &str) -> Result<&mut VhostMeta, MetaError> {
+        self.vhosts
+            .get_mut(name)
+            .ok_or_else(|| not_found(format!("no vhost '{name}'")))
+    }
+
+    /// Validates `command` and applies it. On error nothing changed.
+    pub fn apply(&mut self, command: &MetaCommand) -> Result<Applied, MetaError> {
+        let mut out = Applied::default();
+        match command {
+            MetaCommand::PutVhost { name, limits } => {
+                match self.vhosts.get_mut(name) {
+                    Some(v) => v.limits = *limits,
+                    None => {
+                        self.vhosts.insert(name.clone(), VhostMeta::new(*limits));
+                        out.changed_existence = true;
+                    }
+                }
+                out.puts.extend(command.definition());
+            }
+            MetaCommand::DeleteVhost { name } => {
+                let v = self
+                    .vhosts
+                    .remove(name)
+                    .ok_or_else(|| not_found(format!("no vhost '{name}'")))?;
+                for key in v.bindings.into_keys() {
+                    out.deletes.push((DefKind::Binding, key));
+                }
+                for q in v.queues.keys() {
+                    out.deletes
+                        .push((DefKind::Queue, scoped_name(name, &[q.as_bytes()])));
+                }
+                for x in v.exchanges.keys() {
+                    if !VhostMeta::is_system_exchange(x) {
+                        out.deletes
+                            .push((DefKind::Exchange, scoped_name(name, &[x.as_bytes()])));
+                    }
+                }
+                for p in v.policies.keys() {
+                    out.deletes
+                        .push((DefKind::Policy, scoped_name(name, &[p.as_bytes()])));
+                }
+                for (user, exchange) in v.topic_permissions.keys() {
+                    out.deletes.push((
+                        DefKind::TopicPermission,
+                        scoped_name(name, &[user.as_bytes(), exchange.as_bytes()]),
+                    ));
+                }
+                for user in v.permissions.keys() {
+                    out.deletes
+                        .push((DefKind::Permission, scoped_name(name, &[user.as_bytes()])));
+                }
+                out.deletes
+                    .push((DefKind::Vhost, Bytes::copy_from_slice(name.as_bytes())));
+                out.changed_existence = true;
+            }
+            MetaCommand::PutUser(u) => {
+                out.changed_existence = self.users.insert(u.name.clone(), u.clone()).is_none();
+                out.puts.extend(command.definition());
+            }
+            MetaCommand::DeleteUser { name } => {
+                self.users
+                    .remove(name)
+                    .ok_or_else(|| not_found(format!("no user '{name}'")))?;
+                for (vhost, v) in &mut self.vhosts {
+                    if v.permissions.remove(name).is_some() {
+                        out.deletes
+                            .push((DefKind::Permission, scoped_name(vhost, &[name.as_bytes()])));
+                    }
+                    let topics: Vec<(String, String)> = v
+                        .topic_permissions
+                        .keys()
+                        .filter(|(u, _)| u == name)
+                        .cloned()
+                        .collect();
+                    for key in topics {
+                        v.topic_permissions.remove(&key);
+                        out.deletes.push((
+                            DefKind::TopicPermission,
+                            scoped_name(vhost, &[key.0.as_bytes(), key.1.as_bytes()]),
+                        ));
+                    }
+                }
+                out.deletes
+                    .push((DefKind::User, Bytes::copy_from_slice(name.as_bytes())));
+                out.changed_existence = true;
+            }
+            MetaCommand::SetPermission(p) => {
+                if !self.users.contains_key(&p.user) {
+                    return Err(not_found(format!("no user '{}'", p.user)));
+                }
+                for pattern in [&p.configure, &p.write, &p.read] {
+                    crate::auth::compile_pattern(pattern)
+                        .map_err(|e| MetaError::Invalid(format!("{pattern:?}: {e}")))?;
+                }
+                let v = self.vhost_mut(&p.vhost)?;
+                out.changed_existence = v.permissions.insert(p.user.clone(), p.clone()).is_none();
+                out.puts.extend(command.definition());
+            }
+            MetaCommand::ClearPermission { user, vhost } => {
+                self.vhost_mut(vhost)?
+                    .permissions
+                    .remove(user)
+                    .ok_or_else(|| not_found(format!("no permissions of '{user}' in '{vhost}'")))?;
+                out.deletes
+                    .push((DefKind::Permission, scoped_name(vhost, &[user.as_bytes()])));
+                out.changed_existence = true;
+            }
+            MetaCommand::SetTopicPermission(p) => {
+                if !self.users.contains_key(&p.user) {
+                    return Err(not_found(format!("no user '{}'", p.user)));
+                }
+                let v = self.vhost_mut(&p.vhost)?;
+                out.changed_existence = v
+                    .topic_permissions
+                    .insert((p.user.clone(), p.exchange.clone()), p.clone())
+                    .is_none();
+                out.puts.extend(command.definition());
+            }
+            MetaCommand::ClearTopicPermission {
+                user,
+                vhost,
+                exchange,
+            } => {
+                self.vhost_mut(vhost)?
+                    .topic_permissions
+                    .remove(&(user.clone(), exchange.clone()))
+                    .ok_or_else(|| {
+                        not_found(format!(
+                            "no topic permissions of '{user}' on '{exchange}' in '{vhost}'"
+                        ))
+                    })?;
+                out.deletes.push((
+                    DefKind::TopicPermission,
+                    scoped_name(vhost, &[user.as_bytes(), exchange.as_bytes()]),
+                ));
+                out.changed_existence = true;
+            }
+            MetaCommand::PutPolicy(p) => {
+                let v = self.vhost_mut(&p.vhost)?;
+                out.changed_existence = v.policies.insert(p.name.clone(), p.clone()).is_none();
+                out.puts.extend(command.definition());
+            }
+            MetaCommand::DeletePolicy { vhost, name } => {
+                self.vhost_mut(vhost)?
+                    .policies
+                    .remove(name)
+                    .ok_or_else(|| not_found(format!("no policy '{name}' in '{vhost}'")))?;
+                out.deletes
+                    .push((DefKind::Policy, scoped_name(vhost, &[name.as_bytes()])));
+                out.changed_existence = true;
+            }
+            MetaCommand::DeclareExchange { vhost, exchange } => {
+                if !exchange.durable {
+                    return Err(MetaError::Invalid(format!(
+                        "exchange '{}' is not durable",
+                        exchange.name
+                    )));
+                }
+                let v = self.vhost_mut(vhost)?;
+                match v.exchanges.get(&exchange.name) {
+                    Some(existing) if existing == exchange => {}
+                    Some(_) => {
+                        return Err(MetaError::Conflict(format!(
+                            "exchange '{}' in vhost '{vhost}' exists with other properties",
+                            exchange.name
+                        )));
+                    }
+                    None => {
+                        v.exchanges.insert(exchange.name.clone(), exchange.clone());
+                        out.changed_existence = true;
+                        out.puts.extend(command.definition());
+                    }
+                }
+            }
+            MetaCommand::DeleteExchange { vhost, name } => {
+                if VhostMeta::is_system_exchange(name) {
+                    return Err(MetaError::Invalid(format!("exchange '{name}' is built in")));
+                }
+                let v = self.vhost_mut(vhost)?;
+                v.exchanges
+                    .remove(name)
+                    .ok_or_else(|| not_found(format!("no exchange '{name}' in '{vhost}'")))?;
+                v.drop_bindings(&mut out, |b| {
+                    b.source == *name || b.destination == Destination::Exchange(name.clone())
+                });
+                out.deletes
+                    .push((DefKind::Exchange, scoped_name(vhost, &[name.as_bytes()])));
+                out.changed_existence = true;
+            }
+            MetaCommand::DeclareQueue { vhost, queue } => {
+                let v = self.vhost_mut(vhost)?;
+                match v.queues.get(&queue.name) {
+                    Some(existing) if existing.id == queue.id => {}
+                    Some(_) => {
+                        return Err(MetaError::Conflict(format!(
+                            "queue '{}' in vhost '{vhost}' exists",
+                            queue.name
+                        )));
+                    }
+                    None => {
+                        v.queues.insert(queue.name.clone(), queue.clone());
+                        out.changed_existence = true;
+                        out.puts.extend(command.definition());
+                    }
+                }
+            }
+            MetaCommand::DeleteQueue { vhost, name } => {
+                let v = self.vhost_mut(vhost)?;
+                v.queues
+                    .remove(name)
+                    .ok_or_else(|| not_found(format!("no queue '{name}' in '{vhost}'")))?;
+                v.drop_bindings(&mut out, |b| {
+                    b.destination == Destination::Queue(name.clone())
+                });
+                out.deletes
+                    .push((DefKind::Queue, scoped_name(vhost, &[name.as_bytes()])));
+                out.changed_existence = true;
+            }
+            MetaCommand::Bind { vhost, binding } => {
+                let v = self.vhost_mut(vhost)?;
+                if !v.exchanges.contains_key(&binding.source) {
+                    return Err(not_found(format!(
+                        "no durable exchange '{}' in '{vhost}'",
+                        binding.source
+                    )));
+                }
+                let dest_known = match &binding.destination {
+                    Destination::Queue(q) => v.queues.contains_key(q),
+                    Destination::Exchange(x) => v.exchanges.contains_key(x),
+                };
+                if !dest_known {
+                    return Err(not_found(format!(
+                        "no durable destination {:?} in '{vhost}'",
+                        binding.destination
+                    )));
+                }
+                let key = binding_key(vhost, binding);
+                if let std::collections::btree_map::Entry::Vacant(slot) = v.bindings.entry(key) {
+                    slot.insert(binding.clone());
+                    out.changed_existence = true;
+                    out.puts.extend(command.definition());
+                }
+            }
+            MetaCommand::Unbind { vhost, binding } => {
+                let v = self.vhost_mut(vhost)?;
+                let key = binding_key(vhost, binding);
+                if v.bindings.remove(&key).is_some() {
+                    out.deletes.push((DefKind::Binding, key));
+                    out.changed_existence = true;
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use amqp_codec::FieldTable;
+    use exchange::ExchangeKind;
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn user(name: &str) -> User {
+        User {
+            name: name.into(),
+            password_hash: None,
+            tags: vec![],
+        }
+    }
+
+    fn exchange(name: &str, kind: ExchangeKind) -> ExchangeDef {
+        ExchangeDef {
+            name: ShortStr::try_from(name).expect("short"),
+            kind,
+            durable: true,
+            auto_delete: false,
+            internal: false,
+            arguments: FieldTable::new(),
+        }
+    }
+
+    fn binding(source: &str, dest: Destination) -> BindingDef {
+        BindingDef {
+            source: ShortStr::try_from(source).expect("short"),
+            destination: dest,
+            routing_key: ShortStr::from_static("k"),
+            arguments: FieldTable::new(),
+        }
+    }
+
+    fn q(name: &str) -> Destination {
+        Destination::Queue(ShortStr::try_from(name).expect("short"))
+    }
+
+    #[test]
+    fn objects_need_their_vhost_and_permissions_their_user() {
+        let mut st = MetaState::default();
+        let perm = MetaCommand::SetPermission(PermissionDef {
+            user: "u".into(),
+            vhost: "v".into(),
+            configure: ".*".into(),
+            write: ".*".into(),
+            read: ".*".into(),
+        });
+        assert!(matches!(st.apply(&perm), Err(MetaError::NotFound(_))));
+        st.apply(&MetaCommand::PutUser(user("u"))).expect("user");
+        assert!(matches!(st.apply(&perm), Err(MetaError::NotFound(_))));
+        st.apply(&MetaCommand::PutVhost {
+            name: "v".into(),
+            limits: VhostLimits::default(),
+        })
+        .expect("vhost");
+        assert!(st.apply(&perm).expect("permission").changed_existence);
+        let bad = MetaCommand::SetPermission(PermissionDef {
+            user: "u".into(),
+            vhost: "v".into(),
+            configure: "(".into(),
+            write: ".*".into(),
+            read: ".*".into(),
+        });
+        assert!(matches!(st.apply(&bad), Err(MetaError::Invalid(_))));
+    }
+
+    #[test]
+    fn deleting_a_queue_takes_its_bindings_and_a_vhost_everything() {
+        let mut st = MetaState::default();
+        let v = || "v".to_owned();
+        st.apply(&MetaCommand::PutVhost {
+            name: v(),
+            limits: VhostLimits::default(),
+        })
+        .expect("vhost");
+        st.apply(&MetaCommand::DeclareExchange {
+            vhost: v(),
+            exchange: exchange("x", ExchangeKind::Topic),
+        })
+        .expect("exchange");
+        st.apply(&MetaCommand::DeclareQueue {
+            vhost: v(),
+            queue: QueueDef {
+                name: ShortStr::from_static("q"),
+                id: 1,
+                auto_delete: false,
+                arguments: FieldTable::new(),
+            },
+        })
+        .expect("queue");
+        st.apply(&MetaCommand::Bind {
+            vhost: v(),
+            binding: binding("x", q("q")),
+        })
+        .expect("bind");
+        st.apply(&MetaCommand::Bind {
+            vhost: v(),
+            binding: binding("amq.topic", q("q")),
+        })
+        .expect("bind from a built-in exchange");
+        // A binding to a queue the metadata does not hold (transient) is refused.
+        assert!(
+            st.apply(&MetaCommand::Bind {
+                vhost: v(),
+                binding: binding("x", q("transient")),
+            })
+            .is_err()
+        );
+        let gone = st
+            .apply(&MetaCommand::DeleteQueue {
+                vhost: v(),
+                name: ShortStr::from_static("q"),
+            })
+            .expect("delete");
+        let bindings = gone
+            .deletes
+            .iter()
+            .filter(|(k, _)| *k == DefKind::Binding)
+            .count();
+        assert_eq!(bindings, 2);
+        let all = st
+            .apply(&MetaCommand::DeleteVhost { name: v() })
+            .expect("delete vhost");
+        assert!(
+            all.deletes
+                .contains(&(DefKind::Exchange, scoped_name("v", &[b"x"])))
+        );
+        assert!(st.definitions().is_empty());
+    }
+
+    #[test]
+    fn a_redeclare_with_other_properties_is_a_conflict_and_changes_nothing() {
+        let mut st = MetaState::default();
+        st.apply(&MetaCommand::PutVhost {
+            name: "v".into(),
+            limits: VhostLimits::default(),
+        })
+        .expect("vhost");
+        let declare = |kind| MetaCommand::DeclareExchange {
+            vhost: "v".into(),
+            exchange: exchange("x", kind),
+        };
+        assert!(
+            st.apply(&declare(ExchangeKind::Direct))
+                .expect("new")
+                .changed_existence
+        );
+        assert!(
+            st.apply(&declare(ExchangeKind::Direct))
+                .expect("same")
+                .is_empty()
+        );
+        assert!(matches!(
+            st.apply(&declare(ExchangeKind::Fanout)),
+            Err(MetaError::Conflict(_))
+        ));
+    }
+
+    /// A command over a small universe of names, so that sequences collide.
+    fn command() -> impl Strategy<Value = MetaCommand> {
+        let vhost = prop::sample::select(vec!["v1", "v2"]).prop_map(str::to_owned);
+        let name = prop::sample::select(vec!["a", "b", "c"]);
+        let user_name = prop::sample::select(vec!["u1", "u2"]).prop_map(str::to_owned);
+        let dest = (any::<bool>(), name.clone()).prop_map(|(to_queue, n)| {
+            let n = ShortStr::try_from(n).expect("short");
+            if to_queue {
+                Destination::Queue(n)
+            } else {
+                Destination::Exchange(n)
+            }
+        });
+        let source = prop::sample::select(vec!["a", "b", "c", "amq.topic"]);
+        prop_oneof![
+            (vhost.clone(), 0..3usize).prop_map(|(name, n)| MetaCommand::PutVhost {
+                name,
+                limits: VhostLimits {
+                    max_connections: (n > 0).then_some(n),
+                    max_queues: None,
+                },
+            }),
+            vhost
+                .clone()
+                .prop_map(|name| MetaCommand::DeleteVhost { name }),
+            user_name
+                .clone()
+                .prop_map(|n| MetaCommand::PutUser(user(&n))),
+            user_name
+                .clone()
+                .prop_map(|name| MetaCommand::DeleteUser { name }),
+            (user_name.clone(), vhost.clone()).prop_map(|(user, vhost)| {
+                MetaCommand::SetPermission(PermissionDef {
+                    user,
+                    vhost,
+                    configure: ".*".into(),
+                    write: "".into(),
+                    read: "^r".into(),
+                })
+            }),
+            (user_name.clone(), vhost.clone())
+                .prop_map(|(user, vhost)| MetaCommand::ClearPermission { user, vhost }),
+            (user_name, vhost.clone(), name.clone()).prop_map(|(user, vhost, x)| {
+                MetaCommand::SetTopicPermission(TopicPermissionDef {
+                    user,
+                    vhost,
+                    exchange: x.to_owned(),
+                    write: ".*".into(),
+                    read: ".*".into(),
+                })
+            }),
+            (vhost.clone(), name.clone(), any::<bool>()).prop_map(|(vhost, n, topic)| {
+                MetaCommand::DeclareExchange {
+                    vhost,
+                    exchange: exchange(
+                        n,
+                        if topic {
+                            ExchangeKind::Topic
+                        } else {
+                            ExchangeKind::Direct
+                        },
+                    ),
+                }
+            }),
+            (vhost.clone(), name.clone()).prop_map(|(vhost, n)| MetaCommand::DeleteExchange {
+                vhost,
+                name: ShortStr::try_from(n).expect("short"),
+            }),
+            (vhost.clone(), name.clone(), 1..3u64).prop_map(|(vhost, n, id)| {
+                MetaCommand::DeclareQueue {
+                    vhost,
+                    queue: QueueDef {
+                        name: ShortStr::try_from(n).expect("short"),
+                        id,
+                        auto_delete: false,
+                        arguments: FieldTable::new(),
+                    },
+                }
+            }),
+            (vhost.clone(), name).prop_map(|(vhost, n)| MetaCommand::DeleteQueue {
+                vhost,
+                name: ShortStr::try_from(n).expect("short"),
+            }),
+            (vhost.clone(), source.clone(), dest.clone()).prop_map(|(vhost, s, d)| {
+                MetaCommand::Bind {
+                    vhost,
+                    binding: binding(s, d),
+                }
+            }),
+            (vhost, source, dest).prop_map(|(vhost, s, d)| MetaCommand::Unbind {
+                vhost,
+                binding: binding(s, d),
+            }),
+        ]
+    }
+
+    proptest! {
+        /// Whatever the commands, what `apply` asked to store rebuilds the
+        /// same state at boot, a refused command changes nothing, and every
+        /// binding and permission names things that exist.
+        #[test]
+        fn the_stored_definitions_recover_the_same_state(
+            commands in prop::collection::vec(command(), 0..60)
+        ) {
+            let mut st = MetaState::default();
+            let mut disk: BTreeMap<(DefKind, Bytes), FieldTable> = BTreeMap::new();
+            for c in &commands {
+                let before = st.definitions();
+                match st.apply(c) {
+                    Ok(applied) => {
+                        for (kind, key) in &applied.deletes {
+                            disk.remove(&(*kind, key.clone()));
+                        }
+                        for d in applied.puts {
+                            disk.insert((d.kind, d.key), d.record);
+                        }
+                    }
+                    Err(_) => prop_assert_eq!(st.definitions(), before),
+                }
+                let stored: Vec<Definition> = disk
+                    .iter()
+                    .map(|((kind, key), record)| Definition {
+                        kind: *kind,
+                        key: key.clone(),
+                        record: record.clone(),
+                    })
+                    .collect();
+                let mut live = st.definitions();
+                let mut stored_sorted = stored.clone();
+                live.sort_by(|a, b| (a.kind, &a.key).cmp(&(b.kind, &b.key)));
+                stored_sorted.sort_by(|a, b| (a.kind, &a.key).cmp(&(b.kind, &b.key)));
+                prop_assert_eq!(&live, &stored_sorted);
+            }
+            let flat: Vec<(DefKind, Bytes, FieldTable)> = disk
+                .into_iter()
+                .map(|((kind, key), record)| (kind, key, record))
+                .collect();
+            let (recovered, _, problems) = MetaState::recover(&flat);
+            prop_assert!(problems.is_empty(), "{:?}", problems);
+            prop_assert_eq!(recovered.definitions(), st.definitions());
+            for (vhost, v) in &st.vhosts {
+                for b in v.bindings.values() {
+                    prop_assert!(v.exchanges.contains_key(&b.source), "{vhost}: {b:?}");
+                }
+                for p in v.permissions.values() {
+                    prop_assert!(st.users.contains_key(&p.user));
+                }
+            }
+        }
+    }
+}
