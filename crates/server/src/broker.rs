@@ -81,6 +81,11 @@ pub struct Config {
     pub load_definitions: Option<PathBuf>,
     /// The AMQPS listener address and its TLS settings (none: no TLS).
     pub tls: Option<(SocketAddr, crate::tls::TlsSettings)>,
+    /// Added to every metadata commit after it is durable: shows how the
+    /// broker behaves when a commit takes a network round trip, as it will
+    /// under a replicated log (tests and benchmarks). Zero by default; not
+    /// a command-line setting.
+    pub metadata_commit_delay: Duration,
 }
 
 impl Default for Config {
@@ -110,6 +115,7 @@ impl Default for Config {
             load_definitions: None,
             prometheus: Some(SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 15692))),
             tls: None,
+            metadata_commit_delay: Duration::ZERO,
         }
     }
 }
@@ -617,7 +623,11 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
     }
     let first_boot = meta_state.is_empty();
     let store = Arc::new(store);
-    let meta = Box::new(crate::meta::LocalMetaLog::new(meta_state, store.clone()));
+    let meta = Box::new(crate::meta::LocalMetaLog::new(
+        meta_state,
+        store.clone(),
+        config.metadata_commit_delay,
+    ));
     let broker = Arc::new(Broker {
         config,
         store,

@@ -11,9 +11,17 @@
 //!
 //! Publisher confirms are flushed after each batch of frames read from the
 //! socket, so one read of many publishes yields one coalesced `basic.ack`.
+//!
+//! A command that waits for a commit (a durable declare, bind, unbind or
+//! delete, `tx.commit`; under a cluster a network round trip) is handled
+//! off the read loop: its channel leaves `channels` for the wait, the frames
+//! that arrive for it meanwhile are held in order and handled when it is
+//! back, and every other channel goes on.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -24,6 +32,8 @@ use amqp_codec::{
     check_protocol_header, decode_frame, encode_heartbeat, encode_method, frame_constant,
 };
 use bytes::{BufMut, Bytes, BytesMut};
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
 
@@ -272,6 +282,9 @@ async fn serve_io<W: AsyncWrite + Unpin + Send + 'static>(
                 vhost,
                 shared: shared.clone(),
                 channels: HashMap::new(),
+                waiting: HashMap::new(),
+                in_flight: FuturesUnordered::new(),
+                held: 0,
                 heartbeat,
                 client_closed: false,
                 _slot: slot,
@@ -613,11 +626,27 @@ fn credentials(
     }
 }
 
+/// A channel handling a command that waits for a commit; it yields the
+/// channel back with the outcome.
+type ChannelWait =
+    Pin<Box<dyn Future<Output = (u16, Channel, Result<ChannelOutcome, AmqpError>)> + Send>>;
+
+/// Octets of frames held for waiting channels beyond which the socket is
+/// not read until a wait completes.
+const HELD_FRAMES_LIMIT: usize = 1 << 20;
+
 struct Connection {
     broker: Arc<Broker>,
     vhost: Arc<Vhost>,
     shared: Arc<ConnectionShared>,
     channels: HashMap<u16, Channel>,
+    /// Channels out of `channels` while a command waits for its commit, with
+    /// the frames that arrived for them since, in order.
+    waiting: HashMap<u16, VecDeque<Frame>>,
+    /// The waits in flight (polled by the read loop).
+    in_flight: FuturesUnordered<ChannelWait>,
+    /// Octets held in `waiting`.
+    held: usize,
     heartbeat: u16,
     /// The client closed the connection (its `connection.close` was answered).
     client_closed: bool,
@@ -732,7 +761,15 @@ impl Connection {
                 () = wait_lowered(self.congested_gates(paused)), if paused => {
                     paused = self.still_congested();
                 }
-                read = reader.socket.read_buf(&mut reader.buf), if (!blocked || finishing) && !paused && !stopped && !self.shared.outbox.is_full() => {
+                Some((id, ch, outcome)) = self.in_flight.next(), if !self.in_flight.is_empty() => {
+                    if let Err(e) = self.finish_wait(id, ch, outcome).await {
+                        self.close_with(reader, &e).await;
+                        return;
+                    }
+                    self.after_frames();
+                    (blocked, finishing, paused) = self.gates(blocked);
+                }
+                read = reader.socket.read_buf(&mut reader.buf), if (!blocked || finishing) && !paused && !stopped && !self.shared.outbox.is_full() && self.held < HELD_FRAMES_LIMIT => {
                     match read {
                         Ok(0) | Err(_) => return,
                         Ok(n) => {
@@ -931,6 +968,15 @@ impl Connection {
         {
             self.shared.has_published.store(true, Ordering::Relaxed);
         }
+        if let Some(held) = self
+            .waiting
+            .get_mut(&channel)
+            .filter(|_| !self.in_flight.is_empty())
+        {
+            self.held += held_size(&frame);
+            held.push_back(frame);
+            return Ok(false);
+        }
         let Some(ch) = self.channels.get_mut(&channel) else {
             return match frame {
                 Frame::Method {
@@ -941,10 +987,10 @@ impl Connection {
                     // channel_max as the highest channel number): any number
                     // may be opened, and the limit is on how many are open.
                     let max = self.shared.channel_max;
-                    if max > 0 && self.channels.len() >= usize::from(max) {
+                    let open = self.channels.len() + self.waiting.len();
+                    if max > 0 && open >= usize::from(max) {
                         return Err(AmqpError::not_allowed(format!(
-                            "number of channels opened ({}) has reached the negotiated channel_max ({max})",
-                            self.channels.len()
+                            "number of channels opened ({open}) has reached the negotiated channel_max ({max})"
                         )));
                     }
                     let ch = Channel::new(
@@ -1028,16 +1074,71 @@ impl Connection {
         Ok(false)
     }
 
-    /// Hands a complete command to its channel.
+    /// Hands a complete command to its channel; one that may wait for a
+    /// commit is handled off the read loop (see the module comment).
     async fn handle_command(
         &mut self,
         channel: u16,
         cmd: amqp_codec::Command,
     ) -> Result<(), AmqpError> {
+        if may_wait(&cmd.method) {
+            let Some(mut ch) = self.channels.remove(&channel) else {
+                return Ok(());
+            };
+            self.waiting.insert(channel, VecDeque::new());
+            let (broker, vhost) = (self.broker.clone(), self.vhost.clone());
+            self.in_flight.push(Box::pin(async move {
+                let outcome = ch.handle(&broker, &vhost, cmd).await;
+                (channel, ch, outcome)
+            }));
+            return Ok(());
+        }
         let Some(ch) = self.channels.get_mut(&channel) else {
             return Ok(());
         };
-        match ch.handle(&self.broker, &self.vhost, cmd).await {
+        let outcome = ch.handle(&self.broker, &self.vhost, cmd).await;
+        self.settle_outcome(channel, outcome)
+    }
+
+    /// A waiting channel is back: its outcome is settled and the frames
+    /// held for it are handled in order (until it waits again).
+    async fn finish_wait(
+        &mut self,
+        channel: u16,
+        ch: Channel,
+        outcome: Result<ChannelOutcome, AmqpError>,
+    ) -> Result<(), AmqpError> {
+        let held = self.waiting.remove(&channel).unwrap_or_default();
+        self.channels.insert(channel, ch);
+        self.settle_outcome(channel, outcome)?;
+        for frame in held {
+            self.held -= held_size(&frame);
+            // (`frame` holds it again, in order, if it waits anew.)
+            self.frame(frame).await?;
+        }
+        Ok(())
+    }
+
+    /// Waits for every channel still waiting and takes it back.
+    async fn finish_waits(&mut self) {
+        while let Some((channel, ch, outcome)) = self.in_flight.next().await {
+            self.waiting.remove(&channel);
+            self.channels.insert(channel, ch);
+            let _ = self.settle_outcome(channel, outcome);
+        }
+        self.held = 0;
+    }
+
+    /// What a command's outcome does to its channel.
+    fn settle_outcome(
+        &mut self,
+        channel: u16,
+        outcome: Result<ChannelOutcome, AmqpError>,
+    ) -> Result<(), AmqpError> {
+        let Some(ch) = self.channels.get_mut(&channel) else {
+            return Ok(());
+        };
+        match outcome {
             Ok(ChannelOutcome::Open) => {}
             Ok(ChannelOutcome::Closed) => {
                 if self.channels.remove(&channel).is_some() {
@@ -1120,6 +1221,7 @@ impl Connection {
     /// Releases channels (requeueing unacked messages) and deletes this
     /// connection's exclusive queues.
     async fn cleanup(&mut self) {
+        self.finish_waits().await;
         self.shared.channels.lock().clear();
         for (_, mut ch) in self.channels.drain() {
             self.broker.metrics.channels.dec();
@@ -1130,6 +1232,32 @@ impl Connection {
                 let _ = self.vhost.delete_queue(&self.broker, &q, false).await;
             }
         }
+    }
+}
+
+/// Whether a command may wait for a commit (the store's today, a replicated
+/// log's in a cluster): durable declares, binds, unbinds and deletes, and
+/// `tx.commit`. Passive and transient ones complete at once on the same path.
+fn may_wait(method: &Method) -> bool {
+    match method {
+        Method::ExchangeDeclare(m) => m.durable && !m.passive,
+        Method::QueueDeclare(m) => m.durable && !m.passive,
+        Method::ExchangeDelete(_)
+        | Method::ExchangeBind(_)
+        | Method::ExchangeUnbind(_)
+        | Method::QueueBind(_)
+        | Method::QueueUnbind(_)
+        | Method::QueueDelete(_)
+        | Method::TxCommit(_) => true,
+        _ => false,
+    }
+}
+
+/// What a held frame counts against [`HELD_FRAMES_LIMIT`].
+fn held_size(frame: &Frame) -> usize {
+    match frame {
+        Frame::Body { body, .. } => body.len() + 8,
+        _ => 64,
     }
 }
 

@@ -12,6 +12,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use parking_lot::Mutex;
 use queue_store::Store;
@@ -26,7 +27,9 @@ pub type Commit<'a> = Pin<Box<dyn Future<Output = Result<Applied, MetaError>> + 
 /// Where metadata commands are committed.
 pub trait MetaLog: Send + Sync + std::fmt::Debug {
     /// Validates, persists and applies `command`; completes when it is
-    /// durable. A refused command changes nothing.
+    /// durable. A refused command changes nothing. The command takes its
+    /// place in the order when `commit` is called, not when the future is
+    /// first polled.
     fn commit(&self, command: MetaCommand) -> Commit<'_>;
 
     /// Runs `f` on the current state (short: it holds the state's lock).
@@ -38,14 +41,18 @@ pub trait MetaLog: Send + Sync + std::fmt::Debug {
 pub struct LocalMetaLog {
     state: Mutex<MetaState>,
     store: Arc<Store>,
+    /// Added to each commit that changed something (see
+    /// `Config::metadata_commit_delay`).
+    delay: Duration,
 }
 
 impl LocalMetaLog {
     /// A log over `state` (recovered from `store`'s definitions).
-    pub fn new(state: MetaState, store: Arc<Store>) -> LocalMetaLog {
+    pub fn new(state: MetaState, store: Arc<Store>, delay: Duration) -> LocalMetaLog {
         LocalMetaLog {
             state: Mutex::new(state),
             store,
+            delay,
         }
     }
 }
@@ -61,10 +68,14 @@ impl MetaLog for LocalMetaLog {
             })
         };
         let durable = self.store.commit();
+        let delay = self.delay;
         Box::pin(async move {
             let applied = applied?;
             if !applied.is_empty() {
                 durable.await?;
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
                 tracing::debug!(command = %command.describe(), "metadata committed");
             }
             Ok(applied)
