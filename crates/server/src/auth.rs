@@ -18,18 +18,8 @@ use regex::Regex;
 use sha2::{Digest, Sha256};
 
 use crate::error::AmqpError;
-use crate::meta::{PermissionDef, TopicPermissionDef};
-
-/// A user.
-#[derive(Debug, Clone)]
-pub struct User {
-    /// Name.
-    pub name: String,
-    /// RabbitMQ-format SHA-256 hash; `None` means the user cannot log in with a password.
-    pub password_hash: Option<String>,
-    /// Tags (`administrator`, `monitoring`, `management`, `policymaker`, `impersonator`).
-    pub tags: Vec<String>,
-}
+pub use crate::meta::User;
+use crate::meta::{PermissionDef, TopicPermissionDef, compile_pattern};
 
 /// A user's permissions in one vhost.
 #[derive(Debug, Clone)]
@@ -122,17 +112,6 @@ pub fn verify_password(hash: &str, password: &str) -> bool {
             == 0
 }
 
-/// Compiles a permission pattern. As in RabbitMQ, patterns match anywhere in
-/// the name (use `^...$` to anchor), and the empty pattern is a synonym for
-/// `^$`: it matches no name at all.
-pub fn compile_pattern(pattern: &str) -> Result<Regex, regex::Error> {
-    anchored(pattern)
-}
-
-fn anchored(pattern: &str) -> Result<Regex, regex::Error> {
-    Regex::new(if pattern.is_empty() { "^$" } else { pattern })
-}
-
 /// A compiled permission pattern as the user gave it (`^$` lists as the
 /// empty pattern it is a synonym for).
 fn pattern_text(r: &Regex) -> String {
@@ -214,9 +193,9 @@ impl Auth {
     /// Sets a user's permissions in a vhost.
     pub fn set_permissions(&self, p: &PermissionDef) -> Result<(), regex::Error> {
         let compiled = Permission {
-            configure: anchored(&p.configure)?,
-            write: anchored(&p.write)?,
-            read: anchored(&p.read)?,
+            configure: compile_pattern(&p.configure)?,
+            write: compile_pattern(&p.write)?,
+            read: compile_pattern(&p.read)?,
         };
         self.permissions
             .write()

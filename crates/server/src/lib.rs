@@ -8,8 +8,10 @@
 //! - [`auth`]: users, password hashes, permissions.
 //! - [`connection`]: one task per connection: handshake, frame loop, heartbeats.
 //! - [`channel`]: the channel state machine and publisher confirms.
-//! - [`vhost`]: a vhost's router and queues; declare/bind/delete; persistence
-//!   of durable definitions; dead-letter routing.
+//! - [`meta`]: metadata as commands (`MetaCommand`, `MetaState`, `MetaLog`):
+//!   the one path by which definitions change and are persisted.
+//! - [`vhost`]: a vhost's router and queues; declare/bind/delete (durable
+//!   parts committed through `meta`); dead-letter routing.
 //! - [`queue`]: a queue with its consumers and the dispatch loop.
 //! - [`outbox`]: a connection's coalescing writer.
 //! - [`reply_to`]: direct reply-to (`amq.rabbitmq.reply-to`).

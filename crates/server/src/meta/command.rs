@@ -14,8 +14,27 @@ use bytes::{BufMut, Bytes, BytesMut};
 use exchange::{BindingDef, Destination, ExchangeDef, ExchangeKind};
 use queue_store::{DefKind, scoped_name};
 
-use crate::auth::User;
+use regex::Regex;
+
 use crate::policy::Policy;
+
+/// A user.
+#[derive(Debug, Clone)]
+pub struct User {
+    /// Name.
+    pub name: String,
+    /// RabbitMQ-format SHA-256 hash; `None` means the user cannot log in with a password.
+    pub password_hash: Option<String>,
+    /// Tags (`administrator`, `monitoring`, `management`, `policymaker`, `impersonator`).
+    pub tags: Vec<String>,
+}
+
+/// Compiles a permission pattern. As in RabbitMQ, patterns match anywhere in
+/// the name (use `^...$` to anchor), and the empty pattern is a synonym for
+/// `^$`: it matches no name at all.
+pub fn compile_pattern(pattern: &str) -> Result<Regex, regex::Error> {
+    Regex::new(if pattern.is_empty() { "^$" } else { pattern })
+}
 
 /// Per-vhost limits; `None` means unlimited.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -1,6 +1,6 @@
 //! [`MetaError`]: why a metadata command was refused or not made durable.
-//! It becomes a reply code or an HTTP status in one place each
-//! (`crate::error`, `crate::management`).
+//! It becomes a reply code or an HTTP status in one place each (the
+//! server's error module and the management API's error type).
 
 use queue_store::StoreError;
 

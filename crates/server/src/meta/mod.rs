@@ -11,7 +11,8 @@
 //! Inside: `command` (the commands and the one record encoding) and `error`
 //! <- `state`
 //! (validation, cascades, recovery) <- `log` (commit). Nothing here knows
-//! connections, channels or queues' messages.
+//! connections, channels or queues' messages; it imports only `policy` (the
+//! policy type and its validation) from the rest of the crate.
 
 mod command;
 mod error;
@@ -19,7 +20,8 @@ mod log;
 mod state;
 
 pub use command::{
-    Definition, MetaCommand, PermissionDef, QueueDef, TopicPermissionDef, VhostLimits, binding_key,
+    Definition, MetaCommand, PermissionDef, QueueDef, TopicPermissionDef, User, VhostLimits,
+    binding_key, compile_pattern,
 };
 pub use error::MetaError;
 pub use log::{Commit, LocalMetaLog, MetaLog};

@@ -21,10 +21,10 @@ use exchange::{BindingDef, Destination, ExchangeDef, SYSTEM_EXCHANGES};
 use queue_store::{DefKind, scoped_name};
 
 use super::command::{
-    Definition, MetaCommand, PermissionDef, QueueDef, TopicPermissionDef, VhostLimits, binding_key,
+    Definition, MetaCommand, PermissionDef, QueueDef, TopicPermissionDef, User, VhostLimits,
+    binding_key, compile_pattern,
 };
 use super::error::MetaError;
-use crate::auth::User;
 use crate::policy::Policy;
 
 /// What one command changed.
@@ -329,7 +329,7 @@ impl MetaState {
                     return Err(not_found(format!("no user '{}'", p.user)));
                 }
                 for pattern in [&p.configure, &p.write, &p.read] {
-                    crate::auth::compile_pattern(pattern)
+                    compile_pattern(pattern)
                         .map_err(|e| MetaError::Invalid(format!("{pattern:?}: {e}")))?;
                 }
                 let v = self.vhost_mut(&p.vhost)?;
