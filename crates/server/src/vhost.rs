@@ -226,14 +226,22 @@ impl Vhost {
         unbinds.chain(deletes).collect()
     }
 
-    /// Commits `commands` in order (each takes its place in the log when
-    /// submitted) and waits until all are durable. Something already gone
-    /// from the metadata (a cascade got there first) is not an error.
+    /// Commits `commands` in order and waits until all are durable.
     async fn commit_all(broker: &Broker, commands: Vec<MetaCommand>) -> Result<(), AmqpError> {
-        let commits: Vec<_> = commands
+        Self::durable(Self::submit_all(broker, commands)).await
+    }
+
+    /// Submits `commands` in order: each takes its place in the log now.
+    fn submit_all(broker: &Broker, commands: Vec<MetaCommand>) -> Vec<crate::meta::Commit<'_>> {
+        commands
             .into_iter()
             .map(|c| broker.meta.commit(c))
-            .collect();
+            .collect()
+    }
+
+    /// Waits for submitted commands to be durable. Something already gone
+    /// from the metadata (a cascade got there first) is not an error.
+    async fn durable(commits: Vec<crate::meta::Commit<'_>>) -> Result<(), AmqpError> {
         for commit in commits {
             match commit.await {
                 Ok(_) | Err(crate::meta::MetaError::NotFound(_)) => {}
@@ -474,17 +482,9 @@ impl Vhost {
             });
         }
         commands.extend(self.removed_commands(&removed));
-        let commits: Vec<_> = commands
-            .into_iter()
-            .map(|c| broker.meta.commit(c))
-            .collect();
+        let commits = Self::submit_all(broker, commands);
         self.apply(broker, &mut fx);
-        for commit in commits {
-            match commit.await {
-                Ok(_) | Err(crate::meta::MetaError::NotFound(_)) => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
+        Self::durable(commits).await?;
         tracing::info!(queue = %q.name, vhost = %self.name, "queue deleted");
         Ok(count)
     }
