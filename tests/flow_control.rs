@@ -122,7 +122,7 @@ async fn a_congested_queue_pauses_only_its_own_publishers() {
     // The noisy publisher is still paused: its queue stopped growing about
     // one socket read past the limit, far short of the flood.
     assert!(noisy.flow.is_raised());
-    let depth = noisy.state.lock().queue.ready_count();
+    let depth = noisy.counters().ready;
     assert!(
         depth * PER_MESSAGE <= LIMIT + 256 * 1024,
         "{depth} messages queued: the publisher was not paused"

@@ -212,7 +212,7 @@ fn spilled(broker: &TestBroker, name: &str) -> u64 {
         .vhost("/")
         .and_then(|v| v.find_queue(name))
         .expect("the queue exists");
-    q.state.lock().queue.spilled_count()
+    q.counters().spilled
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

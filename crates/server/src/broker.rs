@@ -827,17 +827,8 @@ pub fn spawn_housekeeping(broker: &Arc<Broker>, vhost: Arc<Vhost>, q: Arc<QueueH
     let tracker = broker.tracker.clone();
     tracker.spawn(async move {
         loop {
-            let (deadline, unused_deadline) = {
-                let st = q.state.lock();
-                if st.deleted {
-                    return;
-                }
-                let unused = if st.consumers.is_empty() {
-                    st.queue.unused_deadline()
-                } else {
-                    None
-                };
-                (st.queue.next_expiry(), unused)
+            let Some((deadline, unused_deadline)) = q.kind().deadlines() else {
+                return;
             };
             let next = [deadline, unused_deadline].into_iter().flatten().min();
             let sleep = async {
@@ -856,10 +847,7 @@ pub fn spawn_housekeeping(broker: &Arc<Broker>, vhost: Arc<Vhost>, q: Arc<QueueH
             }
             let now = now_ms();
             if unused_deadline.is_some_and(|d| d <= now) {
-                let still_unused = {
-                    let st = q.state.lock();
-                    st.consumers.is_empty() && st.queue.unused_deadline().is_some_and(|d| d <= now)
-                };
+                let still_unused = q.kind().unused_since_deadline(now);
                 if still_unused {
                     tracing::info!(queue = %q.name, "queue expired (x-expires)");
                     let _ = vhost.delete_queue(&broker, &q, true).await;
@@ -867,11 +855,7 @@ pub fn spawn_housekeeping(broker: &Arc<Broker>, vhost: Arc<Vhost>, q: Arc<QueueH
                 }
             }
             let mut fx = Effects::default();
-            {
-                let mut st = q.state.lock();
-                st.queue.expire(now, &mut fx);
-                st.dispatch(&q, &broker.store, &mut fx);
-            }
+            q.expire(now, &broker.store, &mut fx);
             vhost.apply(&broker, &mut fx);
         }
     });

@@ -214,11 +214,11 @@ impl Metrics {
         let (mut queues, mut consumers, mut ready, mut unacked) = (0, 0, 0, 0);
         for v in broker.vhost_list() {
             for q in v.queues() {
-                let st = q.state.lock();
+                let counts = q.counters();
                 queues += 1;
-                consumers += st.consumers.len() as i64;
-                ready += st.queue.ready_count() as i64;
-                unacked += st.queue.unacked_count() as i64;
+                consumers += counts.consumers as i64;
+                ready += counts.ready as i64;
+                unacked += counts.unacked as i64;
             }
         }
         self.queues.set(queues);
@@ -303,17 +303,13 @@ fn render_per_object(broker: &Broker) -> String {
             published.get_or_create(&labels).inc_by(p);
             delivered.get_or_create(&labels).inc_by(d);
             acked.get_or_create(&labels).inc_by(a);
-            let st = q.state.lock();
-            ready
-                .get_or_create(&labels)
-                .set(st.queue.ready_count() as i64);
-            unacked
-                .get_or_create(&labels)
-                .set(st.queue.unacked_count() as i64);
+            let counts = q.counters();
+            ready.get_or_create(&labels).set(counts.ready as i64);
+            unacked.get_or_create(&labels).set(counts.unacked as i64);
             consumers
                 .get_or_create(&labels)
-                .set(st.consumers.len() as i64);
-            memory.get_or_create(&labels).set(st.memory_in_use() as i64);
+                .set(counts.consumers as i64);
+            memory.get_or_create(&labels).set(counts.memory as i64);
         }
     }
     let mut out = String::new();

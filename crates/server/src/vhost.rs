@@ -116,12 +116,9 @@ impl Vhost {
                 None => (own(), None),
             };
             q.set_consumer_timeout(args.consumer_timeout);
-            let mut st = q.state.lock();
-            if st.deleted {
+            if !q.set_effective_args(args, &broker.store, &mut fx) {
                 return;
             }
-            st.queue.set_effective_args(args, &mut fx);
-            st.dispatch(q, &broker.store, &mut fx);
             *q.policy.lock() = name;
         }
         q.wake.notify_one();
@@ -454,13 +451,8 @@ impl Vhost {
         only_if_unused: bool,
     ) -> Result<u64, AmqpError> {
         let mut fx = Effects::default();
-        let (count, consumers) = {
-            let mut st = q.state.lock();
-            if st.deleted || (only_if_unused && !st.consumers.is_empty()) {
-                return Ok(0);
-            }
-            st.deleted = true;
-            (st.queue.delete(&mut fx), std::mem::take(&mut st.consumers))
+        let Some((count, consumers)) = q.kind().delete(only_if_unused, &mut fx) else {
+            return Ok(0);
         };
         q.wake.notify_one();
         // Its publishers must not wait for a queue that is gone.
@@ -492,20 +484,14 @@ impl Vhost {
     /// `queue.purge`.
     pub fn purge(&self, broker: &Arc<Broker>, q: &QueueHandle) -> u64 {
         let mut fx = Effects::default();
-        let n = q.state.lock().queue.purge(&mut fx);
+        let n = q.kind().purge(&mut fx);
         self.apply(broker, &mut fx);
         n
     }
 
     /// Removes a consumer; an auto-delete queue goes with its last one.
     pub fn cancel_consumer(&self, broker: &Arc<Broker>, q: &Arc<QueueHandle>, tag: &ShortStr) {
-        let now_unused = {
-            let mut st = q.state.lock();
-            let before = st.consumers.len();
-            st.consumers.retain(|c| c.tag != *tag);
-            st.queue.touch(now_ms());
-            before > 0 && st.consumers.is_empty()
-        };
+        let now_unused = q.kind().cancel(tag);
         q.wake.notify_one();
         if now_unused && q.auto_delete {
             let (q, broker2) = (q.clone(), broker.clone());
@@ -548,7 +534,6 @@ impl Vhost {
                 .position(|u| u.queue != qid)
                 .map_or(unacked.len(), |p| i + p);
             if let Some(q) = self.queue_by_id(qid) {
-                let mut st = q.state.lock();
                 if how == Settle::Ack {
                     broker.metrics.acknowledged.inc_by((j - i) as u64);
                     q.stats
@@ -559,17 +544,9 @@ impl Vhost {
                     if let Some(c) = &u.consumer_unacked {
                         c.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
                     }
-                    match how {
-                        Settle::Ack => st.queue.ack(u.seq, &mut fx),
-                        Settle::Requeue => st.queue.requeue(u.seq, &mut fx),
-                        Settle::Reject => st.queue.reject(u.seq, &mut fx),
-                    };
                 }
-                if dispatch {
-                    st.dispatch(&q, &broker.store, &mut fx);
-                }
-                drop(st);
-                q.wake.notify_one();
+                let mut seqs = unacked[i..j].iter().map(|u| u.seq);
+                q.settle(how, &mut seqs, dispatch, &broker.store, &mut fx);
             }
             i = j;
         }
@@ -579,7 +556,7 @@ impl Vhost {
     /// Lets one queue deliver to its consumers.
     pub fn dispatch(&self, broker: &Arc<Broker>, q: &QueueHandle) {
         let mut fx = Effects::default();
-        q.state.lock().dispatch(q, &broker.store, &mut fx);
+        q.dispatch(&broker.store, &mut fx);
         self.apply(broker, &mut fx);
     }
 
@@ -654,13 +631,7 @@ impl Vhost {
                     if is_cycle(headers.as_ref(), &q.name) {
                         continue;
                     }
-                    let mut st = q.state.lock();
-                    if st.deleted {
-                        continue;
-                    }
-                    st.publish(&q, &message, &broker.store, fx);
-                    drop(st);
-                    q.wake.notify_one();
+                    q.publish(&message, &broker.store, fx);
                 }
             }
         }
@@ -706,13 +677,7 @@ impl Vhost {
                 let Some(q) = self.queue_by_id(qid.0) else {
                     continue;
                 };
-                let mut st = q.state.lock();
-                if st.deleted {
-                    continue;
-                }
-                st.publish(&q, &message, &broker.store, fx);
-                drop(st);
-                q.wake.notify_one();
+                q.publish(&message, &broker.store, fx);
             }
         }
     }
@@ -791,17 +756,12 @@ impl Vhost {
             let Some(queue) = self.queue_by_id(qid.0) else {
                 continue;
             };
-            let mut st = queue.state.lock();
-            if st.deleted {
+            let Some(published) = queue.publish(&out.message, &broker.store, fx) else {
                 continue;
-            }
-            let (outcome, stored) = st.publish(&queue, &out.message, &broker.store, fx);
-            out.refused |= outcome == queue_store::Enqueued::Rejected;
-            out.wrote |= stored;
-            let congested = queue.check_flow(&st);
-            drop(st);
-            queue.wake.notify_one();
-            if congested {
+            };
+            out.refused |= published.refused;
+            out.wrote |= published.wrote;
+            if published.congested {
                 out.congested.push(queue.flow.clone());
             }
         }

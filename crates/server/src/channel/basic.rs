@@ -14,7 +14,7 @@ use super::{Channel, Mode, Settle, TxAction, Unacked, server_name};
 use crate::auth::{Access, Resource};
 use crate::broker::Broker;
 use crate::error::AmqpError;
-use crate::queue::{Consumer, now_ms};
+use crate::queue::{ConsumeRefused, Consumer, now_ms};
 use crate::reply_to;
 use crate::vhost::{Enqueue, Publish, Vhost};
 
@@ -206,39 +206,39 @@ impl Channel {
                 }
             },
         };
-        {
-            let mut st = queue.state.lock();
-            if st.deleted {
+        let consumer = Consumer {
+            tag: tag.clone(),
+            channel: self.shared.clone(),
+            no_ack: m.no_ack,
+            prefetch: self.prefetch,
+            unacked: Arc::new(AtomicU32::new(0)),
+            exclusive: m.exclusive,
+            priority,
+        };
+        let shared = &self.shared;
+        let attached = queue.kind().consume(consumer, &mut || {
+            if !m.nowait {
+                shared.write_method(&Method::BasicConsumeOk(BasicConsumeOk {
+                    consumer_tag: tag.clone(),
+                }));
+            }
+        });
+        match attached {
+            Ok(()) => {}
+            Err(ConsumeRefused::Deleted) => {
                 return Err(AmqpError::not_found(format!(
                     "no queue '{}' in vhost '{}'",
                     queue.name,
                     vhost.name()
                 )));
             }
-            if st.consumers.iter().any(|c| c.exclusive) || (m.exclusive && !st.consumers.is_empty())
-            {
+            Err(ConsumeRefused::InExclusiveUse) => {
                 return Err(AmqpError::access_refused(format!(
                     "queue '{}' in vhost '{}' in exclusive use",
                     queue.name,
                     vhost.name()
                 )));
             }
-            if !m.nowait {
-                self.shared
-                    .write_method(&Method::BasicConsumeOk(BasicConsumeOk {
-                        consumer_tag: tag.clone(),
-                    }));
-            }
-            st.consumers.push(Consumer {
-                tag: tag.clone(),
-                channel: self.shared.clone(),
-                no_ack: m.no_ack,
-                prefetch: self.prefetch,
-                unacked: Arc::new(AtomicU32::new(0)),
-                exclusive: m.exclusive,
-                priority,
-            });
-            st.queue.touch(now_ms());
         }
         self.shared.add_consumer(tag.clone(), queue.id);
         self.consumers.push((tag, queue.clone()));
@@ -287,15 +287,7 @@ impl Channel {
         self.allow(broker, vhost, Resource::Queue, &m.queue, Access::Read)?;
         let queue = vhost.queue_for(&m.queue, self.shared.connection.id)?;
         let mut fx = std::mem::take(&mut self.fx);
-        let got = {
-            let mut st = queue.state.lock();
-            st.queue.touch(now_ms());
-            let got = st.queue.deliver(now_ms(), !m.no_ack, &mut fx);
-            if got.is_some() {
-                queue.stats.delivered.fetch_add(1, Ordering::Relaxed);
-            }
-            got
-        };
+        let got = queue.get(!m.no_ack, &mut fx);
         match got {
             None => self
                 .shared

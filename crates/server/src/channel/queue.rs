@@ -12,7 +12,7 @@ use super::{Channel, server_name};
 use crate::auth::{Access, Resource};
 use crate::broker::Broker;
 use crate::error::AmqpError;
-use crate::queue::{QueueHandle, now_ms};
+use crate::queue::QueueHandle;
 use crate::reply_to;
 use crate::vhost::Vhost;
 
@@ -37,10 +37,9 @@ impl Channel {
             (m.queue.clone(), 0, 1)
         } else if m.passive {
             let q = vhost.queue_for(&name, conn)?;
-            let mut st = q.state.lock();
             // Any use renews an x-expires lease; a passive declare too.
-            st.queue.touch(now_ms());
-            (q.name.clone(), st.queue.ready_count(), st.consumers.len())
+            let counts = q.kind().touch().unwrap_or_default();
+            (q.name.clone(), counts.ready, counts.consumers)
         } else {
             if name.starts_with("amq.") && !m.queue.is_empty() {
                 return Err(AmqpError::access_refused(format!(
@@ -82,9 +81,8 @@ impl Channel {
                         .await?
                 }
             };
-            let mut st = q.state.lock();
-            st.queue.touch(now_ms());
-            (q.name.clone(), st.queue.ready_count(), st.consumers.len())
+            let counts = q.kind().touch().unwrap_or_default();
+            (q.name.clone(), counts.ready, counts.consumers)
         };
         self.last_queue = queue.clone();
         if !m.nowait {
@@ -186,15 +184,15 @@ impl Channel {
             Some(q) => {
                 vhost.check_exclusive(&q, self.shared.connection.id)?;
                 {
-                    let st = q.state.lock();
-                    if m.if_unused && !st.consumers.is_empty() {
+                    let counts = q.counters();
+                    if m.if_unused && counts.consumers > 0 {
                         return Err(AmqpError::precondition_failed(format!(
                             "queue '{}' in vhost '{}' in use",
                             q.name,
                             vhost.name()
                         )));
                     }
-                    if m.if_empty && st.queue.ready_count() > 0 {
+                    if m.if_empty && counts.ready > 0 {
                         return Err(AmqpError::precondition_failed(format!(
                             "queue '{}' in vhost '{}' not empty",
                             q.name,

@@ -192,11 +192,11 @@ async fn overview(State(b): Shared, caller: Caller) -> ApiResult {
                 counts[i] += c[i];
                 rates[i] += r[i];
             }
-            let st = q.state.lock();
+            let counts = q.counters();
             queues += 1;
-            ready += st.queue.ready_count();
-            unacked += st.queue.unacked_count();
-            consumers += st.consumers.len();
+            ready += counts.ready;
+            unacked += counts.unacked;
+            consumers += counts.consumers;
         }
     }
     ok(json!({
@@ -234,9 +234,9 @@ async fn whoami(caller: Caller, State(b): Shared) -> ApiResult {
 fn vhost_json(v: &Vhost) -> Value {
     let (mut ready, mut unacked) = (0, 0);
     for q in v.queues() {
-        let st = q.state.lock();
-        ready += st.queue.ready_count();
-        unacked += st.queue.unacked_count();
+        let counts = q.counters();
+        ready += counts.ready;
+        unacked += counts.unacked;
     }
     json!({
         "name": v.name(),
@@ -1202,8 +1202,7 @@ async fn list_consumers(State(b): Shared, caller: Caller) -> ApiResult {
         let mut queues = v.queues();
         queues.sort_by(|a, c| a.name.cmp(&c.name));
         for q in queues {
-            let st = q.state.lock();
-            for c in &st.consumers {
+            q.kind().for_each_consumer(&mut |c| {
                 let conn = &c.channel.connection;
                 out.push(json!({
                     "consumer_tag": c.tag.as_str(),
@@ -1223,7 +1222,7 @@ async fn list_consumers(State(b): Shared, caller: Caller) -> ApiResult {
                     "active": true,
                     "arguments": {},
                 }));
-            }
+            });
         }
     }
     ok(Value::Array(out))
@@ -1561,31 +1560,26 @@ async fn get_messages(
         .unwrap_or("auto");
     let mut fx = queue_store::Effects::default();
     let mut taken = Vec::new();
-    {
-        let mut st = q.state.lock();
-        let now = crate::queue::now_ms();
-        for _ in 0..count {
-            match st.queue.deliver(now, true, &mut fx) {
-                Some(d) => taken.push(d),
-                None => break,
-            }
-        }
-        q.stats
-            .delivered
-            .fetch_add(taken.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        for d in &taken {
-            if requeue {
-                st.queue.requeue(d.seq, &mut fx);
-            } else if reject {
-                st.queue.reject(d.seq, &mut fx);
-            } else {
-                st.queue.ack(d.seq, &mut fx);
-            }
-        }
-        if requeue {
-            st.dispatch(&q, &b.store, &mut fx);
+    for _ in 0..count {
+        match q.get(true, &mut fx) {
+            Some(d) => taken.push(d),
+            None => break,
         }
     }
+    let how = if requeue {
+        crate::queue::Settle::Requeue
+    } else if reject {
+        crate::queue::Settle::Reject
+    } else {
+        crate::queue::Settle::Ack
+    };
+    q.settle(
+        how,
+        &mut taken.iter().map(|d| d.seq),
+        requeue,
+        &b.store,
+        &mut fx,
+    );
     let mut out = Vec::new();
     for d in &taken {
         let Some(m) = crate::queue::load(&d.message, &b.store) else {
@@ -1618,7 +1612,6 @@ async fn get_messages(
             "payload_encoding": payload_encoding,
         }));
     }
-    q.wake.notify_one();
     v.apply(&b, &mut fx);
     ok(Value::Array(out))
 }
@@ -1673,11 +1666,7 @@ async fn aliveness_test(State(b): Shared, caller: Caller, Path(vhost): Path<Stri
         &mut routed,
         &mut fx,
     )?;
-    let got = q
-        .state
-        .lock()
-        .queue
-        .deliver(crate::queue::now_ms(), false, &mut fx);
+    let got = q.get(false, &mut fx);
     v.apply(&b, &mut fx);
     match got {
         Some(_) => ok(json!({"status": "ok"})),

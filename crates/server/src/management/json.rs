@@ -90,9 +90,8 @@ pub(crate) fn user(u: &crate::auth::User) -> Value {
 
 /// A queue as `/api/queues` lists it.
 pub(super) fn queue(vhost: &str, q: &QueueHandle) -> Value {
-    let st = q.state.lock();
-    let ready = st.queue.ready_count();
-    let unacked = st.queue.unacked_count();
+    let counts = q.counters();
+    let (ready, unacked) = (counts.ready, counts.unacked);
     json!({
         "name": q.name.as_str(),
         "vhost": vhost,
@@ -100,17 +99,17 @@ pub(super) fn queue(vhost: &str, q: &QueueHandle) -> Value {
         "auto_delete": q.auto_delete,
         "exclusive": q.exclusive_owner.is_some(),
         "arguments": table_to_json(&q.arguments),
-        "type": "classic",
+        "type": q.kind().type_name(),
         "state": "running",
         "node": super::api::NODE,
         "messages": ready + unacked,
         "messages_ready": ready,
         "messages_unacknowledged": unacked,
-        "message_bytes": st.queue.ready_bytes() + st.queue.unacked_bytes(),
-        "message_bytes_ready": st.queue.ready_bytes(),
-        "message_bytes_unacknowledged": st.queue.unacked_bytes(),
-        "consumers": st.consumers.len(),
-        "memory": st.memory_in_use(),
+        "message_bytes": counts.ready_bytes + counts.unacked_bytes,
+        "message_bytes_ready": counts.ready_bytes,
+        "message_bytes_unacknowledged": counts.unacked_bytes,
+        "consumers": counts.consumers,
+        "memory": counts.memory,
         "flow": q.flow.is_raised(),
         "policy": *q.policy.lock(),
         "message_stats": message_stats(q.stats.snapshot()),

@@ -1,27 +1,34 @@
-//! A queue as the broker runs it: the store's [`Queue`] state machine plus its
-//! consumers, behind one short-held lock, and the dispatch loop that hands
-//! ready messages to consumers with credit.
+//! A queue as the broker sees it: [`QueueHandle`] (its identity, counters,
+//! flow gate and housekeeping wake-up) and [`QueueType`], the interface every
+//! kind of queue implements and the channel, the vhost and the management
+//! API are written against: publish, consume, cancel, get, settle (ack,
+//! requeue, reject), dispatch, purge, delete, counters, housekeeping.
+//! `x-queue-type` picks the implementation: `classic` (and, until the
+//! replicated one exists, `quorum`) is [`classic::ClassicQueue`].
 //!
-//! Whoever changes a queue (a publisher's connection task, an ack, the queue's
-//! housekeeping timer) locks it, makes the change, runs [`QueueState::dispatch`]
-//! (which encodes deliveries straight into consumers' outboxes), unlocks, and
-//! then applies the returned [`Effects`] (store writes, dead letters) outside
-//! the lock. Lock order: queue → channel deliveries → outbox; nothing takes a
-//! queue lock while holding a channel or outbox lock.
+//! Deliveries leave through the consumer's channel (`Consumer::channel`),
+//! encoded straight into its connection's outbox. Whoever changes a queue (a
+//! publisher's connection task, an ack, the housekeeping timer) calls the
+//! interface, which locks, changes, dispatches and unlocks; the returned
+//! [`Effects`] (store writes, dead letters) are applied outside the lock.
+//! Lock order: queue → channel deliveries → outbox; nothing takes a queue
+//! lock while holding a channel or outbox lock.
+
+pub mod classic;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
-use amqp_codec::methods::{BasicCancel, BasicDeliver};
+use amqp_codec::methods::BasicCancel;
 use amqp_codec::{
     ContentHeader, FieldTable, FieldValue, Method, ShortStr, encode_body, encode_content_header,
     encode_method,
 };
-use parking_lot::Mutex;
-use queue_store::{Delivery, Effects, Enqueued, FlowGate, Message, MessageRef, Queue, Store};
+use queue_store::{Delivery, Effects, FlowGate, Message, MessageRef, Queue, QueueArgs, Store};
 use tokio::sync::Notify;
 
-use crate::channel::{ChannelShared, Unacked};
+use crate::channel::ChannelShared;
+pub use crate::channel::Settle;
 
 /// A consumer attached to a queue.
 #[derive(Debug)]
@@ -51,18 +58,6 @@ impl Consumer {
     }
 }
 
-/// Mutable state of a queue.
-#[derive(Debug)]
-pub struct QueueState {
-    /// Messages.
-    pub queue: Queue,
-    /// Consumers in registration order.
-    pub consumers: Vec<Consumer>,
-    next_consumer: usize,
-    /// Set once the queue is deleted; later operations are refused.
-    pub deleted: bool,
-}
-
 /// A queue and its identity.
 #[derive(Debug)]
 pub struct QueueHandle {
@@ -85,18 +80,122 @@ pub struct QueueHandle {
     pub policy: parking_lot::Mutex<Option<String>>,
     /// Message counters and their rates (management `message_stats`).
     pub stats: QueueStats,
-    /// State.
-    pub state: Mutex<QueueState>,
+    /// The queue itself (its type's state behind the interface).
+    kind: Box<dyn QueueType>,
     /// Wakes the housekeeping task (expiry timer changed, queue deleted).
     pub wake: Notify,
-    /// Raised while the queue holds more than `flow_limit` (see
-    /// [`QueueState::memory_in_use`]): connections publishing to it stop
+    /// Raised while the queue's ready messages take more than `flow_limit`:
+    /// connections publishing to it stop
     /// being read until it drains to half.
     pub flow: Arc<FlowGate>,
     /// The memory this queue may hold before its publishers are paused.
     pub flow_limit: u64,
     /// Its vhost's firehose.
     pub tracer: Arc<crate::trace::Tracer>,
+}
+
+/// A queue's counts at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueCounters {
+    /// Ready messages.
+    pub ready: u64,
+    /// Delivered, not yet acknowledged.
+    pub unacked: u64,
+    /// Body octets of the ready messages.
+    pub ready_bytes: u64,
+    /// Body octets of the unacknowledged ones.
+    pub unacked_bytes: u64,
+    /// Consumers.
+    pub consumers: usize,
+    /// Memory the queue accounts for.
+    pub memory: u64,
+    /// Ready messages whose queue entries are spilled to disk.
+    pub spilled: u64,
+}
+
+/// What a publish into one queue did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Published {
+    /// Refused (`x-overflow` reject-publish): nack it.
+    pub refused: bool,
+    /// Written to the store: a confirm waits for the commit.
+    pub wrote: bool,
+    /// The queue is over its flow limit: the publisher should pause.
+    pub congested: bool,
+}
+
+/// Why a consumer was not attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConsumeRefused {
+    /// The queue is deleted.
+    Deleted,
+    /// An exclusive consumer holds it, or an exclusive one was asked for
+    /// while others consume.
+    InExclusiveUse,
+}
+
+/// What every kind of queue does. Methods that deliver take the handle (its
+/// id, counters, flow gate, firehose) and the store (paged bodies, writes).
+pub trait QueueType: Send + Sync + std::fmt::Debug {
+    /// Its `x-queue-type` as listed (`classic`).
+    fn type_name(&self) -> &'static str;
+    /// Counts now.
+    fn counters(&self) -> QueueCounters;
+    /// Renews its `x-expires` lease (a declare); `None` if it is deleted.
+    fn touch(&self) -> Option<QueueCounters>;
+    /// Enqueues and delivers; `None` if it is deleted.
+    fn publish(
+        &self,
+        q: &QueueHandle,
+        message: &Arc<Message>,
+        store: &Store,
+        fx: &mut Effects,
+    ) -> Option<Published>;
+    /// Attaches a consumer; `accepted` runs first, under the queue's lock
+    /// (consume-ok precedes every delivery).
+    fn consume(&self, consumer: Consumer, accepted: &mut dyn FnMut())
+    -> Result<(), ConsumeRefused>;
+    /// Detaches a consumer; whether that left the queue without consumers.
+    fn cancel(&self, tag: &ShortStr) -> bool;
+    /// Whether anyone consumes.
+    fn in_use(&self) -> bool;
+    /// Looks at each consumer (listings).
+    fn for_each_consumer(&self, f: &mut dyn FnMut(&Consumer));
+    /// Takes one message, to be acknowledged if `ack`.
+    fn get(&self, q: &QueueHandle, ack: bool, fx: &mut Effects) -> Option<Delivery>;
+    /// Settles deliveries by sequence number; delivers again if `dispatch`.
+    fn settle(
+        &self,
+        q: &QueueHandle,
+        how: Settle,
+        seqs: &mut dyn Iterator<Item = u64>,
+        dispatch: bool,
+        store: &Store,
+        fx: &mut Effects,
+    );
+    /// Delivers to consumers with credit.
+    fn dispatch(&self, q: &QueueHandle, store: &Store, fx: &mut Effects);
+    /// Drops the ready messages; how many.
+    fn purge(&self, fx: &mut Effects) -> u64;
+    /// Marks it deleted (unless `only_if_unused` and it has consumers):
+    /// its ready count and its consumers, to be told.
+    fn delete(&self, only_if_unused: bool, fx: &mut Effects) -> Option<(u64, Vec<Consumer>)>;
+    /// Applies the arguments in effect; `false` if deleted.
+    fn set_effective_args(
+        &self,
+        q: &QueueHandle,
+        args: QueueArgs,
+        store: &Store,
+        fx: &mut Effects,
+    ) -> bool;
+    /// The next TTL expiry and `x-expires` deadline; `None` once deleted.
+    fn deadlines(&self) -> Option<(Option<u64>, Option<u64>)>;
+    /// Whether it has had no consumer since its `x-expires` deadline.
+    fn unused_since_deadline(&self, now: u64) -> bool;
+    /// Expires what is due and delivers again.
+    fn expire(&self, q: &QueueHandle, now: u64, store: &Store, fx: &mut Effects);
+    /// Memory it accounts for, lowering its flow gate if it drained.
+    fn memory_in_use(&self, q: &QueueHandle) -> u64;
 }
 
 /// Milliseconds since the Unix epoch.
@@ -128,12 +227,7 @@ impl QueueHandle {
             ),
             policy: parking_lot::Mutex::new(None),
             stats: QueueStats::default(),
-            state: Mutex::new(QueueState {
-                queue,
-                consumers: Vec::new(),
-                next_consumer: 0,
-                deleted: false,
-            }),
+            kind: Box::new(classic::ClassicQueue::new(queue)),
             wake: Notify::new(),
             flow: Arc::default(),
             flow_limit,
@@ -157,11 +251,11 @@ impl QueueHandle {
 
     /// After a publish into this queue: raises its flow gate if the queue is
     /// over its limit. Returns whether the publisher must pause.
-    pub fn check_flow(&self, st: &QueueState) -> bool {
+    pub fn check_flow(&self, ready_memory: u64) -> bool {
         if self.flow_limit == 0 {
             return false;
         }
-        if st.ready_memory() > self.flow_limit {
+        if ready_memory > self.flow_limit {
             if self.flow.raise() {
                 tracing::info!(queue = %self.name, limit = self.flow_limit, "queue over its flow limit; pausing its publishers");
             }
@@ -172,10 +266,73 @@ impl QueueHandle {
     }
 
     /// Lowers the flow gate once the queue has drained to half its limit.
-    pub fn relieve_flow(&self, st: &QueueState) {
-        if self.flow.is_raised() && st.ready_memory() <= self.flow_limit / 2 && self.flow.lower() {
+    pub fn relieve_flow(&self, ready_memory: u64) {
+        if self.flow.is_raised() && ready_memory <= self.flow_limit / 2 && self.flow.lower() {
             tracing::info!(queue = %self.name, "queue drained; its publishers resume");
         }
+    }
+
+    /// The queue's interface.
+    pub fn kind(&self) -> &dyn QueueType {
+        &*self.kind
+    }
+
+    /// Counters (listings, metrics).
+    pub fn counters(&self) -> QueueCounters {
+        self.kind.counters()
+    }
+
+    /// Enqueues a message and delivers what it can; `None` if the queue is
+    /// deleted.
+    pub fn publish(
+        &self,
+        message: &Arc<Message>,
+        store: &Store,
+        fx: &mut Effects,
+    ) -> Option<Published> {
+        let published = self.kind.publish(self, message, store, fx);
+        self.wake.notify_one();
+        published
+    }
+
+    /// Takes one message (`basic.get`, the management API's get).
+    pub fn get(&self, ack: bool, fx: &mut Effects) -> Option<Delivery> {
+        self.kind.get(self, ack, fx)
+    }
+
+    /// Settles deliveries by sequence number; delivers again if `dispatch`.
+    pub fn settle(
+        &self,
+        how: Settle,
+        seqs: &mut dyn Iterator<Item = u64>,
+        dispatch: bool,
+        store: &Store,
+        fx: &mut Effects,
+    ) {
+        self.kind.settle(self, how, seqs, dispatch, store, fx);
+        self.wake.notify_one();
+    }
+
+    /// Lets the queue deliver to its consumers.
+    pub fn dispatch(&self, store: &Store, fx: &mut Effects) {
+        self.kind.dispatch(self, store, fx);
+    }
+
+    /// Applies the arguments in effect (a policy changed); `false` if the
+    /// queue is deleted.
+    pub fn set_effective_args(&self, args: QueueArgs, store: &Store, fx: &mut Effects) -> bool {
+        self.kind.set_effective_args(self, args, store, fx)
+    }
+
+    /// Expires messages whose TTL ran out and delivers again.
+    pub fn expire(&self, now: u64, store: &Store, fx: &mut Effects) {
+        self.kind.expire(self, now, store, fx);
+    }
+
+    /// Memory the queue accounts for (and its flow gate lowered if it
+    /// drained).
+    pub fn memory_in_use(&self) -> u64 {
+        self.kind.memory_in_use(self)
     }
 }
 
@@ -247,113 +404,6 @@ pub const ENTRY_OVERHEAD: u64 = 64;
 /// store's word for its body and that map's slack.
 pub const SPILLED_ENTRY_OVERHEAD: u64 = 24;
 
-impl QueueState {
-    /// Enqueues a published message and delivers what it can; returns the
-    /// outcome and whether anything was written to the store (then a confirm
-    /// must wait for the commit point). The writes are submitted before
-    /// delivering, so that a body paged out on enqueue can already be loaded.
-    pub fn publish(
-        &mut self,
-        handle: &QueueHandle,
-        message: &Arc<Message>,
-        store: &Store,
-        fx: &mut Effects,
-    ) -> (Enqueued, bool) {
-        let outcome = self.queue.publish(message, now_ms(), fx);
-        if outcome == Enqueued::Accepted {
-            handle.stats.published.fetch_add(1, Ordering::Relaxed);
-        }
-        let wrote = !fx.writes.is_empty();
-        if wrote {
-            store.submit(fx.writes.drain(..));
-        }
-        self.dispatch(handle, store, fx);
-        // A message with a TTL of 0 that no consumer took expires now.
-        if self.queue.take_zero_ttl_published() {
-            self.queue.expire_undelivered(now_ms(), fx);
-        }
-        (outcome, wrote)
-    }
-
-    /// Memory of the ready messages only: what publishers are paused for.
-    /// (Unacknowledged ones wait for consumers; counting them could pause a
-    /// connection whose own acks would relieve the queue.)
-    pub fn ready_memory(&self) -> u64 {
-        let spilled = self.queue.spilled_count();
-        self.queue.loaded_bytes()
-            + (self.queue.ready_count() - spilled) * ENTRY_OVERHEAD
-            + spilled * SPILLED_ENTRY_OVERHEAD
-    }
-
-    /// Memory this queue accounts for: bodies it holds in memory (ready and
-    /// delivered-but-unacknowledged) plus [`ENTRY_OVERHEAD`] per message in
-    /// memory and [`SPILLED_ENTRY_OVERHEAD`] per spilled one.
-    pub fn memory_in_use(&self) -> u64 {
-        self.ready_memory()
-            + self.queue.unacked_bytes()
-            + self.queue.unacked_count() * ENTRY_OVERHEAD
-    }
-
-    /// Hands ready messages to consumers with credit (see
-    /// [`QueueState::dispatch_ready`]), then lowers the queue's flow gate if
-    /// that drained it enough.
-    pub fn dispatch(&mut self, handle: &QueueHandle, store: &Store, fx: &mut Effects) {
-        self.dispatch_ready(handle, store, fx);
-        handle.relieve_flow(self);
-    }
-
-    /// Hands ready messages to consumers with credit, round-robin, until the
-    /// queue is empty or no consumer can take more.
-    fn dispatch_ready(&mut self, handle: &QueueHandle, store: &Store, fx: &mut Effects) {
-        if self.consumers.is_empty() || self.deleted {
-            return;
-        }
-        let now = now_ms();
-        loop {
-            if self.queue.ready_count() == 0 {
-                return;
-            }
-            // The consumer to serve: with a single active consumer only the
-            // first registered one; otherwise the highest priority among
-            // those with credit, round-robin within that priority.
-            let n = if self.queue.args().single_active_consumer {
-                1
-            } else {
-                self.consumers.len()
-            };
-            let ready = |c: &Consumer| c.has_credit() && c.channel.can_deliver();
-            let Some(best) = self
-                .consumers
-                .iter()
-                .take(n)
-                .filter(|c| ready(c))
-                .map(|c| c.priority)
-                .max()
-            else {
-                return;
-            };
-            let Some(idx) = (0..n).map(|i| (self.next_consumer + i) % n).find(|&i| {
-                self.consumers
-                    .get(i)
-                    .is_some_and(|c| c.priority == best && ready(c))
-            }) else {
-                return;
-            };
-            self.next_consumer = (idx + 1) % n;
-            let Some(consumer) = self.consumers.get(idx) else {
-                return;
-            };
-            let ack = !consumer.no_ack;
-            let Some(delivery) = self.queue.deliver(now, ack, fx) else {
-                return;
-            };
-            handle.stats.delivered.fetch_add(1, Ordering::Relaxed);
-            let consumer = &self.consumers[idx];
-            deliver(handle, consumer, delivery, store, fx, &mut self.queue);
-        }
-    }
-}
-
 /// Loads a message that may be paged out.
 pub fn load(message: &MessageRef, store: &Store) -> Option<Arc<Message>> {
     match message {
@@ -365,55 +415,6 @@ pub fn load(message: &MessageRef, store: &Store) -> Option<Arc<Message>> {
                 None
             }
         },
-    }
-}
-
-/// Sends one delivery to a consumer: tag it on the channel, encode it into the
-/// connection's outbox.
-fn deliver(
-    handle: &QueueHandle,
-    consumer: &Consumer,
-    delivery: Delivery,
-    store: &Store,
-    fx: &mut Effects,
-    queue: &mut Queue,
-) {
-    let Some(message) = load(&delivery.message, store) else {
-        // The body is gone (storage failure): settle it rather than loop.
-        if !consumer.no_ack {
-            queue.ack(delivery.seq, fx);
-        }
-        return;
-    };
-    let tag = consumer.channel.next_delivery(if consumer.no_ack {
-        None
-    } else {
-        Some(Unacked {
-            queue: handle.id,
-            seq: delivery.seq,
-            consumer_unacked: Some(consumer.unacked.clone()),
-            consumer: Some(consumer.tag.clone()),
-            delivered_at: now_ms(),
-        })
-    });
-    if !consumer.no_ack {
-        consumer.unacked.fetch_add(1, Ordering::Relaxed);
-    }
-    let method = Method::BasicDeliver(BasicDeliver {
-        consumer_tag: consumer.tag.clone(),
-        delivery_tag: tag,
-        redelivered: delivery.redelivered,
-        exchange: message.exchange.clone(),
-        routing_key: message.routing_key.clone(),
-    });
-    let header = with_delivery_count(&message.header, delivery.delivery_count);
-    consumer
-        .channel
-        .write_content(&method, &header, &message.body);
-    if handle.tracer.is_on() {
-        consumer
-            .channel
-            .trace_delivery(handle, &message, delivery.redelivered);
     }
 }
 

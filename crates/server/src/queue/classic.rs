@@ -1,0 +1,395 @@
+//! The classic queue type: the store's [`Queue`] state machine and the
+//! consumers behind one short-held lock, and the dispatch loop that hands
+//! ready messages to consumers with credit, encoding each delivery straight
+//! into the consuming connection's outbox.
+//!
+//! Nothing outside this file sees the lock or the state: the broker reaches
+//! a classic queue through [`QueueType`].
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use amqp_codec::Method;
+use amqp_codec::ShortStr;
+use amqp_codec::methods::BasicDeliver;
+use parking_lot::Mutex;
+use queue_store::{Delivery, Effects, Enqueued, Message, Queue, QueueArgs, Store};
+
+use super::{
+    ConsumeRefused, Consumer, ENTRY_OVERHEAD, Published, QueueCounters, QueueHandle, QueueType,
+    SPILLED_ENTRY_OVERHEAD, Settle, load, now_ms, with_delivery_count,
+};
+use crate::channel::Unacked;
+
+/// Mutable state of a queue.
+#[derive(Debug)]
+struct QueueState {
+    /// Messages.
+    queue: Queue,
+    /// Consumers in registration order.
+    consumers: Vec<Consumer>,
+    next_consumer: usize,
+    /// Set once the queue is deleted; later operations are refused.
+    deleted: bool,
+}
+
+/// A classic queue.
+#[derive(Debug)]
+pub struct ClassicQueue {
+    state: Mutex<QueueState>,
+}
+
+impl ClassicQueue {
+    /// Wraps the store's queue state machine.
+    pub fn new(queue: Queue) -> ClassicQueue {
+        ClassicQueue {
+            state: Mutex::new(QueueState {
+                queue,
+                consumers: Vec::new(),
+                next_consumer: 0,
+                deleted: false,
+            }),
+        }
+    }
+}
+
+impl QueueType for ClassicQueue {
+    fn type_name(&self) -> &'static str {
+        "classic"
+    }
+
+    fn counters(&self) -> QueueCounters {
+        let st = self.state.lock();
+        QueueCounters {
+            ready: st.queue.ready_count(),
+            unacked: st.queue.unacked_count(),
+            ready_bytes: st.queue.ready_bytes(),
+            unacked_bytes: st.queue.unacked_bytes(),
+            consumers: st.consumers.len(),
+            memory: st.memory_in_use(),
+            spilled: st.queue.spilled_count(),
+        }
+    }
+
+    fn touch(&self) -> Option<QueueCounters> {
+        {
+            let mut st = self.state.lock();
+            if st.deleted {
+                return None;
+            }
+            st.queue.touch(now_ms());
+        }
+        Some(self.counters())
+    }
+
+    fn publish(
+        &self,
+        q: &QueueHandle,
+        message: &Arc<Message>,
+        store: &Store,
+        fx: &mut Effects,
+    ) -> Option<Published> {
+        let mut st = self.state.lock();
+        if st.deleted {
+            return None;
+        }
+        let (outcome, wrote) = st.publish(q, message, store, fx);
+        let congested = q.check_flow(st.ready_memory());
+        Some(Published {
+            refused: outcome == Enqueued::Rejected,
+            wrote,
+            congested,
+        })
+    }
+
+    fn consume(
+        &self,
+        consumer: Consumer,
+        accepted: &mut dyn FnMut(),
+    ) -> Result<(), ConsumeRefused> {
+        let mut st = self.state.lock();
+        if st.deleted {
+            return Err(ConsumeRefused::Deleted);
+        }
+        if st.consumers.iter().any(|c| c.exclusive)
+            || (consumer.exclusive && !st.consumers.is_empty())
+        {
+            return Err(ConsumeRefused::InExclusiveUse);
+        }
+        // Under the lock: consume-ok goes out before any delivery.
+        accepted();
+        st.consumers.push(consumer);
+        st.queue.touch(now_ms());
+        Ok(())
+    }
+
+    fn cancel(&self, tag: &ShortStr) -> bool {
+        let mut st = self.state.lock();
+        let before = st.consumers.len();
+        st.consumers.retain(|c| c.tag != *tag);
+        st.queue.touch(now_ms());
+        before > 0 && st.consumers.is_empty()
+    }
+
+    fn in_use(&self) -> bool {
+        !self.state.lock().consumers.is_empty()
+    }
+
+    fn for_each_consumer(&self, f: &mut dyn FnMut(&Consumer)) {
+        self.state.lock().consumers.iter().for_each(f);
+    }
+
+    fn get(&self, q: &QueueHandle, ack: bool, fx: &mut Effects) -> Option<Delivery> {
+        let mut st = self.state.lock();
+        let now = now_ms();
+        st.queue.touch(now);
+        let got = st.queue.deliver(now, ack, fx);
+        if got.is_some() {
+            q.stats.delivered.fetch_add(1, Ordering::Relaxed);
+        }
+        got
+    }
+
+    fn settle(
+        &self,
+        q: &QueueHandle,
+        how: Settle,
+        seqs: &mut dyn Iterator<Item = u64>,
+        dispatch: bool,
+        store: &Store,
+        fx: &mut Effects,
+    ) {
+        let mut st = self.state.lock();
+        for seq in seqs {
+            match how {
+                Settle::Ack => st.queue.ack(seq, fx),
+                Settle::Requeue => st.queue.requeue(seq, fx),
+                Settle::Reject => st.queue.reject(seq, fx),
+            };
+        }
+        if dispatch {
+            st.dispatch(q, store, fx);
+        }
+    }
+
+    fn dispatch(&self, q: &QueueHandle, store: &Store, fx: &mut Effects) {
+        self.state.lock().dispatch(q, store, fx);
+    }
+
+    fn purge(&self, fx: &mut Effects) -> u64 {
+        self.state.lock().queue.purge(fx)
+    }
+
+    fn delete(&self, only_if_unused: bool, fx: &mut Effects) -> Option<(u64, Vec<Consumer>)> {
+        let mut st = self.state.lock();
+        if st.deleted || (only_if_unused && !st.consumers.is_empty()) {
+            return None;
+        }
+        st.deleted = true;
+        Some((st.queue.delete(fx), std::mem::take(&mut st.consumers)))
+    }
+
+    fn set_effective_args(
+        &self,
+        q: &QueueHandle,
+        args: QueueArgs,
+        store: &Store,
+        fx: &mut Effects,
+    ) -> bool {
+        let mut st = self.state.lock();
+        if st.deleted {
+            return false;
+        }
+        st.queue.set_effective_args(args, fx);
+        st.dispatch(q, store, fx);
+        true
+    }
+
+    fn deadlines(&self) -> Option<(Option<u64>, Option<u64>)> {
+        let st = self.state.lock();
+        if st.deleted {
+            return None;
+        }
+        let unused = if st.consumers.is_empty() {
+            st.queue.unused_deadline()
+        } else {
+            None
+        };
+        Some((st.queue.next_expiry(), unused))
+    }
+
+    fn unused_since_deadline(&self, now: u64) -> bool {
+        let st = self.state.lock();
+        st.consumers.is_empty() && st.queue.unused_deadline().is_some_and(|d| d <= now)
+    }
+
+    fn expire(&self, q: &QueueHandle, now: u64, store: &Store, fx: &mut Effects) {
+        let mut st = self.state.lock();
+        st.queue.expire(now, fx);
+        st.dispatch(q, store, fx);
+    }
+
+    fn memory_in_use(&self, q: &QueueHandle) -> u64 {
+        let st = self.state.lock();
+        // Queues shrink in ways that do not dispatch (expiry, purge): their
+        // flow gates are checked here too.
+        q.relieve_flow(st.ready_memory());
+        st.memory_in_use()
+    }
+}
+
+impl QueueState {
+    /// Enqueues a published message and delivers what it can; returns the
+    /// outcome and whether anything was written to the store (then a confirm
+    /// must wait for the commit point). The writes are submitted before
+    /// delivering, so that a body paged out on enqueue can already be loaded.
+    fn publish(
+        &mut self,
+        handle: &QueueHandle,
+        message: &Arc<Message>,
+        store: &Store,
+        fx: &mut Effects,
+    ) -> (Enqueued, bool) {
+        let outcome = self.queue.publish(message, now_ms(), fx);
+        if outcome == Enqueued::Accepted {
+            handle.stats.published.fetch_add(1, Ordering::Relaxed);
+        }
+        let wrote = !fx.writes.is_empty();
+        if wrote {
+            store.submit(fx.writes.drain(..));
+        }
+        self.dispatch(handle, store, fx);
+        // A message with a TTL of 0 that no consumer took expires now.
+        if self.queue.take_zero_ttl_published() {
+            self.queue.expire_undelivered(now_ms(), fx);
+        }
+        (outcome, wrote)
+    }
+
+    /// Memory of the ready messages only: what publishers are paused for.
+    /// (Unacknowledged ones wait for consumers; counting them could pause a
+    /// connection whose own acks would relieve the queue.)
+    fn ready_memory(&self) -> u64 {
+        let spilled = self.queue.spilled_count();
+        self.queue.loaded_bytes()
+            + (self.queue.ready_count() - spilled) * ENTRY_OVERHEAD
+            + spilled * SPILLED_ENTRY_OVERHEAD
+    }
+
+    /// Memory this queue accounts for: bodies it holds in memory (ready and
+    /// delivered-but-unacknowledged) plus [`ENTRY_OVERHEAD`] per message in
+    /// memory and [`SPILLED_ENTRY_OVERHEAD`] per spilled one.
+    fn memory_in_use(&self) -> u64 {
+        self.ready_memory()
+            + self.queue.unacked_bytes()
+            + self.queue.unacked_count() * ENTRY_OVERHEAD
+    }
+
+    /// Hands ready messages to consumers with credit (see
+    /// [`QueueState::dispatch_ready`]), then lowers the queue's flow gate if
+    /// that drained it enough.
+    fn dispatch(&mut self, handle: &QueueHandle, store: &Store, fx: &mut Effects) {
+        self.dispatch_ready(handle, store, fx);
+        handle.relieve_flow(self.ready_memory());
+    }
+
+    /// Hands ready messages to consumers with credit, round-robin, until the
+    /// queue is empty or no consumer can take more.
+    fn dispatch_ready(&mut self, handle: &QueueHandle, store: &Store, fx: &mut Effects) {
+        if self.consumers.is_empty() || self.deleted {
+            return;
+        }
+        let now = now_ms();
+        loop {
+            if self.queue.ready_count() == 0 {
+                return;
+            }
+            // The consumer to serve: with a single active consumer only the
+            // first registered one; otherwise the highest priority among
+            // those with credit, round-robin within that priority.
+            let n = if self.queue.args().single_active_consumer {
+                1
+            } else {
+                self.consumers.len()
+            };
+            let ready = |c: &Consumer| c.has_credit() && c.channel.can_deliver();
+            let Some(best) = self
+                .consumers
+                .iter()
+                .take(n)
+                .filter(|c| ready(c))
+                .map(|c| c.priority)
+                .max()
+            else {
+                return;
+            };
+            let Some(idx) = (0..n).map(|i| (self.next_consumer + i) % n).find(|&i| {
+                self.consumers
+                    .get(i)
+                    .is_some_and(|c| c.priority == best && ready(c))
+            }) else {
+                return;
+            };
+            self.next_consumer = (idx + 1) % n;
+            let Some(consumer) = self.consumers.get(idx) else {
+                return;
+            };
+            let ack = !consumer.no_ack;
+            let Some(delivery) = self.queue.deliver(now, ack, fx) else {
+                return;
+            };
+            handle.stats.delivered.fetch_add(1, Ordering::Relaxed);
+            let consumer = &self.consumers[idx];
+            deliver(handle, consumer, delivery, store, fx, &mut self.queue);
+        }
+    }
+}
+
+/// Sends one delivery to a consumer: tag it on the channel, encode it into the
+/// connection's outbox.
+fn deliver(
+    handle: &QueueHandle,
+    consumer: &Consumer,
+    delivery: Delivery,
+    store: &Store,
+    fx: &mut Effects,
+    queue: &mut Queue,
+) {
+    let Some(message) = load(&delivery.message, store) else {
+        // The body is gone (storage failure): settle it rather than loop.
+        if !consumer.no_ack {
+            queue.ack(delivery.seq, fx);
+        }
+        return;
+    };
+    let tag = consumer.channel.next_delivery(if consumer.no_ack {
+        None
+    } else {
+        Some(Unacked {
+            queue: handle.id,
+            seq: delivery.seq,
+            consumer_unacked: Some(consumer.unacked.clone()),
+            consumer: Some(consumer.tag.clone()),
+            delivered_at: now_ms(),
+        })
+    });
+    if !consumer.no_ack {
+        consumer.unacked.fetch_add(1, Ordering::Relaxed);
+    }
+    let method = Method::BasicDeliver(BasicDeliver {
+        consumer_tag: consumer.tag.clone(),
+        delivery_tag: tag,
+        redelivered: delivery.redelivered,
+        exchange: message.exchange.clone(),
+        routing_key: message.routing_key.clone(),
+    });
+    let header = with_delivery_count(&message.header, delivery.delivery_count);
+    consumer
+        .channel
+        .write_content(&method, &header, &message.body);
+    if handle.tracer.is_on() {
+        consumer
+            .channel
+            .trace_delivery(handle, &message, delivery.redelivered);
+    }
+}
