@@ -683,6 +683,62 @@ impl Queue {
         Some(entry)
     }
 
+    /// The level `pop_ready` takes from next: the highest with a head
+    /// (without refilling a stalled one).
+    fn next_level(&self) -> Option<usize> {
+        (0..self.buckets.len())
+            .rev()
+            .find(|&l| self.buckets.get(l).is_some_and(|b| !b.front.is_empty()))
+    }
+
+    /// Whether the next message [`Queue::deliver`] would hand out has its
+    /// body paged out: the broker loads it off the lock first
+    /// ([`Queue::paged_heads`], [`Queue::page_in`]).
+    pub fn head_is_paged(&self) -> bool {
+        self.next_level()
+            .and_then(|l| self.buckets.get(l))
+            .and_then(|b| b.front.front())
+            .is_some_and(|e| matches!(e.msg, MessageRef::Paged(_)))
+    }
+
+    /// The ids of paged-out bodies among the next `limit` ready messages of
+    /// each level's in-memory head, highest level first (delivery order).
+    pub fn paged_heads(&self, limit: usize) -> Vec<MessageId> {
+        let mut out = Vec::new();
+        for bucket in self.buckets.iter().rev() {
+            for e in bucket.front.iter().take(limit) {
+                if let MessageRef::Paged(id) = e.msg {
+                    out.push(id);
+                }
+            }
+            if out.len() >= limit {
+                break;
+            }
+        }
+        out.truncate(limit);
+        out
+    }
+
+    /// Gives a ready message at a level's head its loaded body back (loaded
+    /// off the lock after [`Queue::paged_heads`]). Returns whether a ready
+    /// message took it (it may have been delivered, expired or purged
+    /// meanwhile).
+    pub fn page_in(&mut self, msg: &Arc<Message>, limit: usize) -> bool {
+        for bucket in self.buckets.iter_mut().rev() {
+            let found = bucket
+                .front
+                .iter_mut()
+                .take(limit)
+                .find(|e| matches!(e.msg, MessageRef::Paged(id) if id == msg.id));
+            if let Some(e) = found {
+                e.msg = MessageRef::Loaded(msg.clone());
+                self.loaded_bytes += u64::from(e.size);
+                return true;
+            }
+        }
+        false
+    }
+
     /// Enqueues a published message.
     pub fn publish(&mut self, msg: &Arc<Message>, now_ms: u64, fx: &mut Effects) -> Enqueued {
         let size = msg.size();
@@ -1247,6 +1303,34 @@ mod tests {
         assert_eq!(paged, [false, false, true]);
         assert_eq!(fx.releases, [MessageId(3)]);
         assert_eq!(q.loaded_bytes(), 0);
+    }
+
+    #[test]
+    fn a_paged_head_is_reported_and_takes_its_body_back() {
+        let mut q = queue(&[]);
+        q.set_memory_budget(8);
+        let mut fx = Effects::default();
+        for i in 1..=3 {
+            q.publish(&plain(i), 0, &mut fx);
+        }
+        assert!(!q.head_is_paged(), "message 1 is in memory");
+        assert_eq!(q.paged_heads(10), [MessageId(3)]);
+        q.deliver(0, false, &mut fx);
+        q.deliver(0, false, &mut fx);
+        assert!(q.head_is_paged());
+        assert!(q.page_in(&plain(3), 10), "the paged head takes its body");
+        assert!(!q.head_is_paged());
+        assert!(q.paged_heads(10).is_empty());
+        assert!(!q.page_in(&plain(9), 10), "no ready message has that id");
+        match q.deliver(0, false, &mut fx).expect("message 3").message {
+            MessageRef::Loaded(m) => assert_eq!(m.id, MessageId(3)),
+            MessageRef::Paged(_) => panic!("still paged"),
+        }
+        assert_eq!(
+            q.loaded_bytes(),
+            0,
+            "its memory is accounted and given back"
+        );
     }
 
     #[test]

@@ -827,6 +827,13 @@ pub fn spawn_housekeeping(broker: &Arc<Broker>, vhost: Arc<Vhost>, q: Arc<QueueH
     let tracker = broker.tracker.clone();
     tracker.spawn(async move {
         loop {
+            // Bodies a consumer waits for that are paged out are read here,
+            // off the queue's lock and the runtime's workers.
+            let mut fx = Effects::default();
+            if q.page_in(&broker.store, &mut fx).await {
+                vhost.apply(&broker, &mut fx);
+                continue;
+            }
             let Some((deadline, unused_deadline)) = q.kind().deadlines() else {
                 return;
             };

@@ -208,7 +208,7 @@ impl Channel {
         };
         let consumer = Consumer {
             tag: tag.clone(),
-            channel: self.shared.clone(),
+            sink: self.shared.clone(),
             no_ack: m.no_ack,
             prefetch: self.prefetch,
             unacked: Arc::new(AtomicU32::new(0)),
@@ -278,7 +278,7 @@ impl Channel {
         Ok(())
     }
 
-    pub(super) fn handle_basic_get(
+    pub(super) async fn handle_basic_get(
         &mut self,
         broker: &Arc<Broker>,
         vhost: &Vhost,
@@ -294,7 +294,7 @@ impl Channel {
                 .write_method(&Method::BasicGetEmpty(BasicGetEmpty {
                     cluster_id: ShortStr::default(),
                 })),
-            Some(d) => match crate::queue::load(&d.message, &broker.store) {
+            Some(d) => match crate::queue::load_off_worker(&d.message, &broker.store).await {
                 Some(msg) => {
                     let tag = self.shared.next_delivery((!m.no_ack).then(|| Unacked {
                         queue: queue.id,

@@ -41,6 +41,7 @@ mod queue;
 mod shared;
 mod tx;
 
+pub use crate::queue::Settle;
 pub(crate) use queue::check_equivalent;
 pub use shared::{ChannelShared, Unacked};
 
@@ -341,7 +342,7 @@ impl Channel {
             Method::BasicConsume(m) => self.handle_basic_consume(broker, vhost, m)?,
             Method::BasicCancel(m) => self.handle_basic_cancel(broker, vhost, m),
             Method::BasicPublish(m) => self.handle_basic_publish(broker, vhost, m, content)?,
-            Method::BasicGet(m) => self.handle_basic_get(broker, vhost, m)?,
+            Method::BasicGet(m) => self.handle_basic_get(broker, vhost, m).await?,
             Method::BasicAck(m) => self.handle_basic_ack(broker, vhost, m)?,
             Method::BasicNack(m) => self.handle_basic_nack(broker, vhost, m)?,
             Method::BasicReject(m) => self.handle_basic_reject(broker, vhost, m)?,
@@ -393,17 +394,6 @@ fn strip_cr_lf(name: ShortStr) -> ShortStr {
     }
     let kept: String = name.chars().filter(|c| *c != '\r' && *c != '\n').collect();
     ShortStr::try_from(kept).unwrap_or_default()
-}
-
-/// What to do with settled deliveries.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Settle {
-    /// Acknowledge.
-    Ack,
-    /// Return to the queue.
-    Requeue,
-    /// Reject without requeue (dead-letter or discard).
-    Reject,
 }
 
 impl Settle {

@@ -7,13 +7,16 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use amqp_codec::methods::{BasicCancel, BasicDeliver};
 use amqp_codec::{ContentHeader, Method, ShortStr, encode_method};
 use parking_lot::Mutex;
 use queue_store::Message;
 
 use crate::connection::ConnectionShared;
 use crate::error::AmqpError;
-use crate::queue::{QueueHandle, encode_content};
+use crate::queue::{
+    DeliverySink, Outgoing, QueueHandle, SinkInfo, encode_content, now_ms, with_delivery_count,
+};
 
 /// One unacknowledged delivery on a channel.
 #[derive(Debug, Clone)]
@@ -308,4 +311,59 @@ fn take_tagged(
     }
     taken.push((tag, one));
     Ok(taken)
+}
+
+/// The local delivery sink: a delivery is tagged on this channel (and kept
+/// for its ack), encoded straight into the connection's outbox (the body's
+/// `Bytes` are not copied before that), and traced if the firehose is on.
+impl DeliverySink for ChannelShared {
+    fn can_deliver(&self) -> bool {
+        ChannelShared::can_deliver(self)
+    }
+
+    fn deliver(&self, out: Outgoing<'_>) {
+        let tag = self.next_delivery(out.consumer_unacked.map(|unacked| Unacked {
+            queue: out.queue.id,
+            seq: out.seq,
+            consumer_unacked: Some(unacked.clone()),
+            consumer: Some(out.consumer_tag.clone()),
+            delivered_at: now_ms(),
+        }));
+        if let Some(unacked) = out.consumer_unacked {
+            unacked.fetch_add(1, Ordering::Relaxed);
+        }
+        let message = out.message;
+        let method = Method::BasicDeliver(BasicDeliver {
+            consumer_tag: out.consumer_tag.clone(),
+            delivery_tag: tag,
+            redelivered: out.redelivered,
+            exchange: message.exchange.clone(),
+            routing_key: message.routing_key.clone(),
+        });
+        let header = with_delivery_count(&message.header, out.delivery_count);
+        self.write_content(&method, &header, &message.body);
+        if out.queue.tracer.is_on() {
+            self.trace_delivery(out.queue, message, out.redelivered);
+        }
+    }
+
+    fn cancelled_by_broker(&self, consumer_tag: &ShortStr) {
+        if self.connection.cancel_notify {
+            // (Not on a channel that closed meanwhile: nothing after close-ok.)
+            self.write_methods_if_open(&[Method::BasicCancel(BasicCancel {
+                consumer_tag: consumer_tag.clone(),
+                nowait: true,
+            })]);
+        }
+        self.forget_consumer(consumer_tag);
+    }
+
+    fn describe(&self) -> SinkInfo {
+        SinkInfo {
+            connection_name: self.connection.name.clone(),
+            channel: self.id,
+            peer: self.connection.peer,
+            user: self.connection.user.clone(),
+        }
+    }
 }

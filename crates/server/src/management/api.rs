@@ -1203,17 +1203,17 @@ async fn list_consumers(State(b): Shared, caller: Caller) -> ApiResult {
         queues.sort_by(|a, c| a.name.cmp(&c.name));
         for q in queues {
             q.kind().for_each_consumer(&mut |c| {
-                let conn = &c.channel.connection;
+                let sink = c.sink.describe();
                 out.push(json!({
                     "consumer_tag": c.tag.as_str(),
                     "queue": {"name": q.name.as_str(), "vhost": v.name()},
                     "channel_details": {
-                        "name": format!("{} ({})", conn.name, c.channel.id),
-                        "number": c.channel.id,
-                        "connection_name": conn.name,
-                        "peer_host": conn.peer.ip().to_string(),
-                        "peer_port": conn.peer.port(),
-                        "user": conn.user,
+                        "name": format!("{} ({})", sink.connection_name, sink.channel),
+                        "number": sink.channel,
+                        "connection_name": sink.connection_name,
+                        "peer_host": sink.peer.ip().to_string(),
+                        "peer_port": sink.peer.port(),
+                        "user": sink.user,
                     },
                     "ack_required": !c.no_ack,
                     "exclusive": c.exclusive,
@@ -1582,7 +1582,7 @@ async fn get_messages(
     );
     let mut out = Vec::new();
     for d in &taken {
-        let Some(m) = crate::queue::load(&d.message, &b.store) else {
+        let Some(m) = crate::queue::load_off_worker(&d.message, &b.store).await else {
             continue;
         };
         let props = m

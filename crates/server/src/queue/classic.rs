@@ -9,17 +9,14 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use amqp_codec::Method;
 use amqp_codec::ShortStr;
-use amqp_codec::methods::BasicDeliver;
 use parking_lot::Mutex;
-use queue_store::{Delivery, Effects, Enqueued, Message, Queue, QueueArgs, Store};
+use queue_store::{Delivery, Effects, Enqueued, Message, MessageId, Queue, QueueArgs, Store};
 
 use super::{
-    ConsumeRefused, Consumer, ENTRY_OVERHEAD, Published, QueueCounters, QueueHandle, QueueType,
-    SPILLED_ENTRY_OVERHEAD, Settle, load, now_ms, with_delivery_count,
+    ConsumeRefused, Consumer, ENTRY_OVERHEAD, Outgoing, Published, QueueCounters, QueueHandle,
+    QueueType, SPILLED_ENTRY_OVERHEAD, Settle, load, now_ms,
 };
-use crate::channel::Unacked;
 
 /// Mutable state of a queue.
 #[derive(Debug)]
@@ -31,7 +28,16 @@ struct QueueState {
     next_consumer: usize,
     /// Set once the queue is deleted; later operations are refused.
     deleted: bool,
+    /// Dispatch stopped at a paged-out body: the housekeeping task loads the
+    /// next ones off the lock ([`QueueType::wanted_page_in`]).
+    page_in_wanted: bool,
+    /// Paged bodies that could not be loaded: delivered (settled) in place
+    /// rather than asked for again.
+    unloadable: Vec<MessageId>,
 }
+
+/// How many paged bodies at the head are loaded at a time.
+const PAGE_IN_BATCH: usize = 64;
 
 /// A classic queue.
 #[derive(Debug)]
@@ -48,6 +54,8 @@ impl ClassicQueue {
                 consumers: Vec::new(),
                 next_consumer: 0,
                 deleted: false,
+                page_in_wanted: false,
+                unloadable: Vec::new(),
             }),
         }
     }
@@ -229,6 +237,38 @@ impl QueueType for ClassicQueue {
         st.dispatch(q, store, fx);
     }
 
+    fn wanted_page_in(&self) -> Vec<MessageId> {
+        let mut st = self.state.lock();
+        if !std::mem::take(&mut st.page_in_wanted) || st.deleted {
+            return Vec::new();
+        }
+        let unloadable = std::mem::take(&mut st.unloadable);
+        let ids = st
+            .queue
+            .paged_heads(PAGE_IN_BATCH)
+            .into_iter()
+            .filter(|id| !unloadable.contains(id))
+            .collect();
+        st.unloadable = unloadable;
+        ids
+    }
+
+    fn page_in(
+        &self,
+        q: &QueueHandle,
+        loaded: Vec<Arc<Message>>,
+        failed: Vec<MessageId>,
+        store: &Store,
+        fx: &mut Effects,
+    ) {
+        let mut st = self.state.lock();
+        for m in &loaded {
+            st.queue.page_in(m, PAGE_IN_BATCH);
+        }
+        st.unloadable.extend(failed);
+        st.dispatch(q, store, fx);
+    }
+
     fn memory_in_use(&self, q: &QueueHandle) -> u64 {
         let st = self.state.lock();
         // Queues shrink in ways that do not dispatch (expiry, purge): their
@@ -312,7 +352,7 @@ impl QueueState {
             } else {
                 self.consumers.len()
             };
-            let ready = |c: &Consumer| c.has_credit() && c.channel.can_deliver();
+            let ready = |c: &Consumer| c.has_credit() && c.sink.can_deliver();
             let Some(best) = self
                 .consumers
                 .iter()
@@ -335,6 +375,22 @@ impl QueueState {
                 return;
             };
             let ack = !consumer.no_ack;
+            if self.queue.head_is_paged() {
+                let head = self.queue.paged_heads(1);
+                match head.first() {
+                    Some(id) if self.unloadable.contains(id) => {
+                        self.unloadable.retain(|u| u != id);
+                    }
+                    _ => {
+                        // Not read here, under the lock, on a runtime worker.
+                        if !self.page_in_wanted {
+                            self.page_in_wanted = true;
+                            handle.wake.notify_one();
+                        }
+                        return;
+                    }
+                }
+            }
             let Some(delivery) = self.queue.deliver(now, ack, fx) else {
                 return;
             };
@@ -362,34 +418,13 @@ fn deliver(
         }
         return;
     };
-    let tag = consumer.channel.next_delivery(if consumer.no_ack {
-        None
-    } else {
-        Some(Unacked {
-            queue: handle.id,
-            seq: delivery.seq,
-            consumer_unacked: Some(consumer.unacked.clone()),
-            consumer: Some(consumer.tag.clone()),
-            delivered_at: now_ms(),
-        })
-    });
-    if !consumer.no_ack {
-        consumer.unacked.fetch_add(1, Ordering::Relaxed);
-    }
-    let method = Method::BasicDeliver(BasicDeliver {
-        consumer_tag: consumer.tag.clone(),
-        delivery_tag: tag,
+    consumer.sink.deliver(Outgoing {
+        queue: handle,
+        consumer_tag: &consumer.tag,
+        seq: delivery.seq,
         redelivered: delivery.redelivered,
-        exchange: message.exchange.clone(),
-        routing_key: message.routing_key.clone(),
+        delivery_count: delivery.delivery_count,
+        message: &message,
+        consumer_unacked: (!consumer.no_ack).then_some(&consumer.unacked),
     });
-    let header = with_delivery_count(&message.header, delivery.delivery_count);
-    consumer
-        .channel
-        .write_content(&method, &header, &message.body);
-    if handle.tracer.is_on() {
-        consumer
-            .channel
-            .trace_delivery(handle, &message, delivery.redelivered);
-    }
 }

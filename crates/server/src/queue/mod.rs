@@ -19,24 +19,22 @@ pub mod classic;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
-use amqp_codec::methods::BasicCancel;
 use amqp_codec::{
     ContentHeader, FieldTable, FieldValue, Method, ShortStr, encode_body, encode_content_header,
     encode_method,
 };
-use queue_store::{Delivery, Effects, FlowGate, Message, MessageRef, Queue, QueueArgs, Store};
+use queue_store::{
+    Delivery, Effects, FlowGate, Message, MessageId, MessageRef, Queue, QueueArgs, Store,
+};
 use tokio::sync::Notify;
-
-use crate::channel::ChannelShared;
-pub use crate::channel::Settle;
 
 /// A consumer attached to a queue.
 #[derive(Debug)]
 pub struct Consumer {
     /// Consumer tag.
     pub tag: ShortStr,
-    /// The channel it consumes on.
-    pub channel: Arc<ChannelShared>,
+    /// Where its deliveries go (the channel it consumes on).
+    pub sink: Arc<dyn DeliverySink>,
     /// Deliveries are settled on sending (`no-ack`).
     pub no_ack: bool,
     /// Per-consumer prefetch (0 = unlimited).
@@ -92,6 +90,65 @@ pub struct QueueHandle {
     pub flow_limit: u64,
     /// Its vhost's firehose.
     pub tracer: Arc<crate::trace::Tracer>,
+}
+
+/// What to do with settled deliveries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settle {
+    /// Acknowledge.
+    Ack,
+    /// Return to the queue.
+    Requeue,
+    /// Reject without requeue (dead-letter or discard).
+    Reject,
+}
+
+/// One delivery a queue hands to a consumer's sink.
+#[derive(Debug)]
+pub struct Outgoing<'a> {
+    /// The queue it comes from.
+    pub queue: &'a QueueHandle,
+    /// The consumer.
+    pub consumer_tag: &'a ShortStr,
+    /// Its place in the queue (what settling it names).
+    pub seq: u64,
+    /// Delivered before.
+    pub redelivered: bool,
+    /// Times it was returned before (`x-delivery-count`).
+    pub delivery_count: u32,
+    /// The message.
+    pub message: &'a Message,
+    /// To be acknowledged: the consumer's count of unacknowledged deliveries
+    /// (`None` for a no-ack consumer).
+    pub consumer_unacked: Option<&'a Arc<AtomicU32>>,
+}
+
+/// Who consumes through a sink, for listings.
+#[derive(Debug, Clone)]
+pub struct SinkInfo {
+    /// The connection's name.
+    pub connection_name: String,
+    /// The channel number.
+    pub channel: u16,
+    /// The client's address.
+    pub peer: std::net::SocketAddr,
+    /// The connection's user.
+    pub user: String,
+}
+
+/// Where a consumer's deliveries go: the consuming channel provides it. The
+/// local sink (`ChannelShared`) tags a delivery and encodes it straight into
+/// its connection's outbox; a remote one will forward it to another node.
+pub trait DeliverySink: Send + Sync + std::fmt::Debug {
+    /// Whether it can take a delivery now (channel-wide prefetch, room in
+    /// the outbox, not closed).
+    fn can_deliver(&self) -> bool;
+    /// Takes one delivery.
+    fn deliver(&self, out: Outgoing<'_>);
+    /// The broker cancelled this consumer (its queue is gone).
+    fn cancelled_by_broker(&self, consumer_tag: &ShortStr);
+    /// Who it is, for listings.
+    fn describe(&self) -> SinkInfo;
 }
 
 /// A queue's counts at one moment.
@@ -196,6 +253,20 @@ pub trait QueueType: Send + Sync + std::fmt::Debug {
     fn expire(&self, q: &QueueHandle, now: u64, store: &Store, fx: &mut Effects);
     /// Memory it accounts for, lowering its flow gate if it drained.
     fn memory_in_use(&self, q: &QueueHandle) -> u64;
+    /// The paged-out bodies it stopped delivering at, to be loaded off the
+    /// runtime's workers and handed back through [`QueueType::page_in`]
+    /// (empty unless it asked, by waking its housekeeping task).
+    fn wanted_page_in(&self) -> Vec<MessageId>;
+    /// Takes back loaded bodies (and the ids that could not be loaded) and
+    /// delivers again.
+    fn page_in(
+        &self,
+        q: &QueueHandle,
+        loaded: Vec<Arc<Message>>,
+        failed: Vec<MessageId>,
+        store: &Store,
+        fx: &mut Effects,
+    );
 }
 
 /// Milliseconds since the Unix epoch.
@@ -329,6 +400,19 @@ impl QueueHandle {
         self.kind.expire(self, now, store, fx);
     }
 
+    /// Loads the paged bodies the queue stopped at, off the runtime's
+    /// workers and off its lock, and delivers again. Returns whether it
+    /// wanted any (the housekeeping task calls it when woken).
+    pub async fn page_in(&self, store: &Arc<Store>, fx: &mut Effects) -> bool {
+        let wanted = self.kind.wanted_page_in();
+        if wanted.is_empty() {
+            return false;
+        }
+        let (loaded, failed) = load_all_off_worker(wanted, store).await;
+        self.kind.page_in(self, loaded, failed, store, fx);
+        true
+    }
+
     /// Memory the queue accounts for (and its flow gate lowered if it
     /// drained).
     pub fn memory_in_use(&self) -> u64 {
@@ -404,7 +488,57 @@ pub const ENTRY_OVERHEAD: u64 = 64;
 /// store's word for its body and that map's slack.
 pub const SPILLED_ENTRY_OVERHEAD: u64 = 24;
 
-/// Loads a message that may be paged out.
+/// Loads a message that may be paged out, reading a paged body on the
+/// runtime's blocking pool (never on an async worker).
+pub async fn load_off_worker(message: &MessageRef, store: &Arc<Store>) -> Option<Arc<Message>> {
+    match message {
+        MessageRef::Loaded(m) => Some(m.clone()),
+        MessageRef::Paged(id) => {
+            let (id, store) = (*id, store.clone());
+            match tokio::task::spawn_blocking(move || store.load(id)).await {
+                Ok(Ok(m)) => m,
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "cannot load paged message");
+                    None
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "paged message load did not finish");
+                    None
+                }
+            }
+        }
+    }
+}
+
+/// Loads the paged bodies `ids` on the runtime's blocking pool: those
+/// loaded, and the ids that could not be.
+pub async fn load_all_off_worker(
+    ids: Vec<MessageId>,
+    store: &Arc<Store>,
+) -> (Vec<Arc<Message>>, Vec<MessageId>) {
+    let store = store.clone();
+    let all = ids.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut loaded = Vec::with_capacity(ids.len());
+        let mut failed = Vec::new();
+        for id in ids {
+            match store.load(id) {
+                Ok(Some(m)) => loaded.push(m),
+                Ok(None) => failed.push(id),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot load paged message");
+                    failed.push(id);
+                }
+            }
+        }
+        (loaded, failed)
+    })
+    .await
+    .unwrap_or((Vec::new(), all))
+}
+
+/// Loads a message that may be paged out, in place (a body whose load
+/// failed before, being settled).
 pub fn load(message: &MessageRef, store: &Store) -> Option<Arc<Message>> {
     match message {
         MessageRef::Loaded(m) => Some(m.clone()),
@@ -449,17 +583,7 @@ pub fn encode_content(
     }
 }
 
-/// Tells a consumer's client that the broker cancelled it (queue deleted), if
-/// the client advertised `consumer_cancel_notify`.
+/// Tells a consumer's sink that the broker cancelled it (queue deleted).
 pub fn notify_cancel(consumer: &Consumer) {
-    if consumer.channel.connection.cancel_notify {
-        // (Not on a channel that closed meanwhile: nothing after close-ok.)
-        consumer
-            .channel
-            .write_methods_if_open(&[Method::BasicCancel(BasicCancel {
-                consumer_tag: consumer.tag.clone(),
-                nowait: true,
-            })]);
-    }
-    consumer.channel.forget_consumer(&consumer.tag);
+    consumer.sink.cancelled_by_broker(&consumer.tag);
 }
