@@ -701,42 +701,55 @@ impl Queue {
             .is_some_and(|e| matches!(e.msg, MessageRef::Paged(_)))
     }
 
-    /// The ids of paged-out bodies among the next `limit` ready messages of
-    /// each level's in-memory head, highest level first (delivery order).
-    pub fn paged_heads(&self, limit: usize) -> Vec<MessageId> {
+    /// The ids of paged-out bodies among the first `scan` ready messages of
+    /// each level's in-memory head, highest level first (delivery order):
+    /// at most `max_count` of them, stopping once they add up to `max_bytes`.
+    pub fn paged_heads(&self, scan: usize, max_count: usize, max_bytes: u64) -> Vec<MessageId> {
         let mut out = Vec::new();
+        let mut bytes = 0u64;
         for bucket in self.buckets.iter().rev() {
-            for e in bucket.front.iter().take(limit) {
+            for e in bucket.front.iter().take(scan) {
+                if out.len() >= max_count || bytes >= max_bytes {
+                    return out;
+                }
                 if let MessageRef::Paged(id) = e.msg {
                     out.push(id);
+                    bytes += u64::from(e.size);
                 }
             }
-            if out.len() >= limit {
-                break;
-            }
         }
-        out.truncate(limit);
         out
     }
 
-    /// Gives a ready message at a level's head its loaded body back (loaded
-    /// off the lock after [`Queue::paged_heads`]). Returns whether a ready
-    /// message took it (it may have been delivered, expired or purged
-    /// meanwhile).
-    pub fn page_in(&mut self, msg: &Arc<Message>, limit: usize) -> bool {
+    /// Whether some ready message has its body paged out (or its entry
+    /// spilled).
+    pub fn has_paged(&self) -> bool {
+        self.loaded_bytes < self.ready_bytes
+    }
+
+    /// Gives ready messages among the first `scan` of each level's head
+    /// their loaded bodies back (loaded off the lock after
+    /// [`Queue::paged_heads`]). Returns how many took one (a message may
+    /// have been delivered, expired or purged meanwhile).
+    pub fn page_in(&mut self, loaded: Vec<Arc<Message>>, scan: usize) -> usize {
+        let mut by_id: FxHashMap<MessageId, Arc<Message>> =
+            loaded.into_iter().map(|m| (m.id, m)).collect();
+        let mut taken = 0;
         for bucket in self.buckets.iter_mut().rev() {
-            let found = bucket
-                .front
-                .iter_mut()
-                .take(limit)
-                .find(|e| matches!(e.msg, MessageRef::Paged(id) if id == msg.id));
-            if let Some(e) = found {
-                e.msg = MessageRef::Loaded(msg.clone());
-                self.loaded_bytes += u64::from(e.size);
-                return true;
+            for e in bucket.front.iter_mut().take(scan) {
+                if by_id.is_empty() {
+                    break;
+                }
+                if let MessageRef::Paged(id) = e.msg {
+                    if let Some(m) = by_id.remove(&id) {
+                        e.msg = MessageRef::Loaded(m);
+                        self.loaded_bytes += u64::from(e.size);
+                        taken += 1;
+                    }
+                }
             }
         }
-        false
+        taken
     }
 
     /// Enqueues a published message.
@@ -1310,21 +1323,37 @@ mod tests {
         let mut q = queue(&[]);
         q.set_memory_budget(8);
         let mut fx = Effects::default();
-        for i in 1..=3 {
+        for i in 1..=4 {
             q.publish(&plain(i), 0, &mut fx);
         }
         assert!(!q.head_is_paged(), "message 1 is in memory");
-        assert_eq!(q.paged_heads(10), [MessageId(3)]);
+        assert!(q.has_paged());
+        assert_eq!(
+            q.paged_heads(10, 10, u64::MAX),
+            [MessageId(3), MessageId(4)]
+        );
+        assert_eq!(
+            q.paged_heads(10, 1, u64::MAX),
+            [MessageId(3)],
+            "at most max_count"
+        );
+        assert_eq!(q.paged_heads(10, 10, 1), [MessageId(3)], "up to max_bytes");
         q.deliver(0, false, &mut fx);
         q.deliver(0, false, &mut fx);
         assert!(q.head_is_paged());
-        assert!(q.page_in(&plain(3), 10), "the paged head takes its body");
+        assert_eq!(
+            q.page_in(vec![plain(3), plain(4), plain(9)], 10),
+            2,
+            "9 is not here"
+        );
         assert!(!q.head_is_paged());
-        assert!(q.paged_heads(10).is_empty());
-        assert!(!q.page_in(&plain(9), 10), "no ready message has that id");
-        match q.deliver(0, false, &mut fx).expect("message 3").message {
-            MessageRef::Loaded(m) => assert_eq!(m.id, MessageId(3)),
-            MessageRef::Paged(_) => panic!("still paged"),
+        assert!(!q.has_paged());
+        assert!(q.paged_heads(10, 10, u64::MAX).is_empty());
+        for id in [3, 4] {
+            match q.deliver(0, false, &mut fx).expect("a message").message {
+                MessageRef::Loaded(m) => assert_eq!(m.id, MessageId(id)),
+                MessageRef::Paged(_) => panic!("still paged"),
+            }
         }
         assert_eq!(
             q.loaded_bytes(),

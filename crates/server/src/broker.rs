@@ -11,14 +11,12 @@ use std::time::Duration;
 
 use amqp_codec::ShortStr;
 use dashmap::DashMap;
-use queue_store::{Effects, Store, StoreError};
+use queue_store::{Store, StoreError};
 
-use crate::meta::{Applied, MetaCommand, MetaError, MetaLog, PermissionDef, TopicPermissionDef};
+use crate::meta::{Applied, MetaCommand, MetaError, PermissionDef, TopicPermissionDef};
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
-use crate::queue::{QueueHandle, now_ms};
+use crate::node::Node;
 use crate::vhost::Vhost;
 
 /// Broker settings.
@@ -129,40 +127,33 @@ fn default_watermark() -> u64 {
     crate::alarm::total_memory().map_or(1 << 30, |m| m / 10 * 4)
 }
 
-/// The running broker.
+/// The running broker: the node's shared parts, and the vhosts, users and
+/// connections on top of them.
 #[derive(Debug)]
 pub struct Broker {
-    /// Settings.
-    pub config: Config,
-    /// Durable storage.
-    pub store: Arc<Store>,
-    /// Where metadata changes are committed (the only writer of definitions).
-    pub meta: Box<dyn MetaLog>,
-    /// Where deep queues spill the entries behind their in-memory window
-    /// (`<data dir>/spill`; the files in it are anonymous). `None` if it
-    /// could not be created: queues then keep every entry in memory.
-    pub spill_dir: Option<Arc<std::path::Path>>,
+    /// What the vhosts and queues share (settings, store, metadata log,
+    /// metrics, alarms, tasks).
+    pub node: Arc<Node>,
     vhosts: DashMap<String, Arc<Vhost>>,
-    next_queue: AtomicU64,
     next_connection: AtomicU64,
     /// Open client connections (after the handshake).
     pub connections: std::sync::atomic::AtomicUsize,
     /// Direct reply-to consumers.
     pub reply_consumers: crate::reply_to::ReplyConsumers,
-    /// Memory and disk alarms.
-    pub alarms: crate::alarm::Alarms,
-    /// Prometheus counters and gauges.
-    pub metrics: Arc<crate::metrics::Metrics>,
     /// Open client connections by id (management listings, forced close).
     pub live_connections: DashMap<u64, Arc<crate::connection::ConnectionShared>>,
     /// When the broker started (uptime).
     pub started: std::time::Instant,
     /// Users and permissions.
     pub auth: crate::auth::Auth,
-    /// Cancelled on shutdown.
-    pub shutdown: CancellationToken,
-    /// Every task the broker spawned.
-    pub tracker: TaskTracker,
+}
+
+impl std::ops::Deref for Broker {
+    type Target = Node;
+
+    fn deref(&self) -> &Node {
+        &self.node
+    }
 }
 
 impl Broker {
@@ -174,16 +165,6 @@ impl Broker {
     /// Every vhost.
     pub fn vhost_list(&self) -> Vec<Arc<Vhost>> {
         self.vhosts.iter().map(|v| v.value().clone()).collect()
-    }
-
-    /// A fresh queue storage id.
-    pub fn next_queue_id(&self) -> u64 {
-        self.next_queue.fetch_add(1, Ordering::Relaxed)
-    }
-
-    /// Keeps fresh ids above a recovered one.
-    pub fn note_queue_id(&self, id: u64) {
-        self.next_queue.fetch_max(id + 1, Ordering::Relaxed);
     }
 
     /// A fresh connection id.
@@ -284,7 +265,7 @@ impl Broker {
         match &command {
             MetaCommand::PutVhost { name, limits } => match ShortStr::try_from(name.as_str()) {
                 Ok(short) => {
-                    let v = Arc::new(Vhost::new(short));
+                    let v = Vhost::new(short, self.node.clone());
                     *v.limits.lock() = *limits;
                     self.vhosts.insert(name.clone(), v);
                 }
@@ -297,7 +278,7 @@ impl Broker {
             }
             MetaCommand::DeclareQueue { vhost, queue } => {
                 if let Some(v) = self.vhost(vhost) {
-                    v.recover_queue(self, queue, recovered);
+                    v.recover_queue(queue, recovered);
                     return 1;
                 }
             }
@@ -422,7 +403,7 @@ impl Broker {
         let v = self
             .vhosts
             .entry(name.to_owned())
-            .or_insert_with(|| Arc::new(Vhost::new(short)))
+            .or_insert_with(|| Vhost::new(short, self.node.clone()))
             .clone();
         let limits = *v.limits.lock();
         self.commit_meta(MetaCommand::PutVhost {
@@ -490,7 +471,7 @@ impl Broker {
             .commit_meta(MetaCommand::PutPolicy(policy))
             .await?
             .changed_existence;
-        v.apply_policies(self);
+        v.apply_policies();
         Ok(Some(created))
     }
 
@@ -512,7 +493,7 @@ impl Broker {
             .await
         {
             Ok(_) => {
-                v.apply_policies(self);
+                v.apply_policies();
                 Ok(true)
             }
             Err(MetaError::NotFound(_)) => Ok(false),
@@ -530,9 +511,9 @@ impl Broker {
         };
         v.closed.cancel();
         for q in v.queues() {
-            let _ = v.delete_queue(self, &q, false).await;
+            let _ = v.delete_queue(&q, false).await;
         }
-        v.delete_exchanges(self).await;
+        v.delete_exchanges().await;
         v.policies.write().clear();
         self.commit_meta(MetaCommand::DeleteVhost {
             name: name.to_owned(),
@@ -629,22 +610,14 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
         config.metadata_commit_delay,
     ));
     let broker = Arc::new(Broker {
-        config,
-        store,
-        meta,
-        spill_dir,
+        node: Arc::new(Node::new(config, store, meta, spill_dir, alarms)),
         vhosts: DashMap::new(),
-        next_queue: AtomicU64::new(1),
         next_connection: AtomicU64::new(1),
         connections: std::sync::atomic::AtomicUsize::new(0),
         reply_consumers: crate::reply_to::ReplyConsumers::default(),
-        alarms,
-        metrics: Arc::default(),
         live_connections: DashMap::new(),
         started: std::time::Instant::now(),
         auth: crate::auth::Auth::default(),
-        shutdown: CancellationToken::new(),
-        tracker: TaskTracker::new(),
     });
     let mut queues = 0;
     for command in commands {
@@ -652,7 +625,7 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
     }
     for v in broker.vhost_list() {
         v.apply_exchange_policies();
-        v.apply_policies(&broker);
+        v.apply_policies();
     }
     // Index entries of queues without a definition (a crash between writing
     // them and the queue's definition, or between deleting the definition and
@@ -817,53 +790,4 @@ async fn accept_loop(
             }
         }
     }
-}
-
-/// A queue's timer: expires messages as their TTL runs out (so an idle queue
-/// dead-letters promptly) and deletes the queue when `x-expires` says it has
-/// been unused too long.
-pub fn spawn_housekeeping(broker: &Arc<Broker>, vhost: Arc<Vhost>, q: Arc<QueueHandle>) {
-    let broker = broker.clone();
-    let tracker = broker.tracker.clone();
-    tracker.spawn(async move {
-        loop {
-            // Bodies a consumer waits for that are paged out are read here,
-            // off the queue's lock and the runtime's workers.
-            let mut fx = Effects::default();
-            if q.page_in(&broker.store, &mut fx).await {
-                vhost.apply(&broker, &mut fx);
-                continue;
-            }
-            let Some((deadline, unused_deadline)) = q.kind().deadlines() else {
-                return;
-            };
-            let next = [deadline, unused_deadline].into_iter().flatten().min();
-            let sleep = async {
-                match next {
-                    Some(at) => {
-                        let wait = at.saturating_sub(now_ms());
-                        tokio::time::sleep(Duration::from_millis(wait)).await;
-                    }
-                    None => std::future::pending::<()>().await,
-                }
-            };
-            tokio::select! {
-                _ = broker.shutdown.cancelled() => return,
-                _ = q.wake.notified() => continue,
-                _ = sleep => {}
-            }
-            let now = now_ms();
-            if unused_deadline.is_some_and(|d| d <= now) {
-                let still_unused = q.kind().unused_since_deadline(now);
-                if still_unused {
-                    tracing::info!(queue = %q.name, "queue expired (x-expires)");
-                    let _ = vhost.delete_queue(&broker, &q, true).await;
-                    return;
-                }
-            }
-            let mut fx = Effects::default();
-            q.expire(now, &broker.store, &mut fx);
-            vhost.apply(&broker, &mut fx);
-        }
-    });
 }

@@ -815,7 +815,7 @@ impl Connection {
                     // Deliveries to this connection paused while its outbox was
                     // full; let its consumers' queues deliver again.
                     for ch in self.channels.values_mut() {
-                        ch.redispatch(&self.broker, &self.vhost);
+                        ch.redispatch(&self.vhost);
                     }
                 }
             }
@@ -968,14 +968,13 @@ impl Connection {
         {
             self.shared.has_published.store(true, Ordering::Relaxed);
         }
-        if let Some(held) = self
-            .waiting
-            .get_mut(&channel)
-            .filter(|_| !self.in_flight.is_empty())
-        {
-            self.held += held_size(&frame);
-            held.push_back(frame);
-            return Ok(false);
+        // (No lookup unless some channel waits: this is every frame's path.)
+        if !self.in_flight.is_empty() {
+            if let Some(held) = self.waiting.get_mut(&channel) {
+                self.held += held_size(&frame);
+                held.push_back(frame);
+                return Ok(false);
+            }
         }
         let Some(ch) = self.channels.get_mut(&channel) else {
             return match frame {
@@ -1229,7 +1228,7 @@ impl Connection {
         }
         for q in self.vhost.queues() {
             if q.exclusive_owner == Some(self.shared.id) {
-                let _ = self.vhost.delete_queue(&self.broker, &q, false).await;
+                let _ = self.vhost.delete_queue(&q, false).await;
             }
         }
     }

@@ -319,7 +319,7 @@ pub async fn import(broker: &Arc<Broker>, defs: &Value) -> Result<Imported, Impo
             internal: flag(x, "internal", false),
             arguments: &args,
         };
-        vhost.declare_exchange(broker, decl, false).await?;
+        vhost.declare_exchange(decl, false).await?;
         done.applied += 1;
     }
     for q in section(defs, "queues")? {
@@ -327,7 +327,6 @@ pub async fn import(broker: &Arc<Broker>, defs: &Value) -> Result<Imported, Impo
         let name = text(q, "name", "queue")?;
         vhost
             .declare_or_check_queue(
-                broker,
                 short(name)?,
                 flag(q, "durable", true),
                 flag(q, "auto_delete", false),
@@ -357,7 +356,7 @@ pub async fn import(broker: &Arc<Broker>, defs: &Value) -> Result<Imported, Impo
         if def.source.is_empty() {
             continue; // the default exchange's bindings are implicit
         }
-        vhost.bind(broker, &def).await?;
+        vhost.bind(&def).await?;
         done.applied += 1;
     }
     for p in section(defs, "policies")? {

@@ -4,6 +4,8 @@
 //! running AMQP 0-9-1 server.
 //!
 //! - [`broker`]: configuration, startup (store recovery, listener), shutdown.
+//! - [`node`]: what the vhosts and queues share (store, metadata log,
+//!   metrics, alarms, settings, tasks), handed to each vhost.
 //! - [`alarm`]: memory and disk alarms that block publishers.
 //! - [`auth`]: users, password hashes, permissions.
 //! - [`connection`]: one task per connection: handshake, frame loop, heartbeats.
@@ -33,6 +35,7 @@ pub mod logging;
 pub mod management;
 pub mod meta;
 pub mod metrics;
+pub mod node;
 pub mod outbox;
 pub mod policy;
 pub mod queue;

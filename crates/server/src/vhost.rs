@@ -10,6 +10,7 @@
 //! and the durable part is then committed through the broker's `MetaLog`.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use amqp_codec::{FieldTable, FieldValue, ShortStr};
 use dashmap::DashMap;
@@ -17,10 +18,10 @@ use exchange::{BindingDef, Destination, ExchangeDeclare, ExchangeDef, QueueId, R
 use parking_lot::RwLock;
 use queue_store::{Effects, Message, Queue, QueueArgs, dead_letter::is_cycle};
 
-use crate::broker::Broker;
 use crate::channel::{Settle, Unacked};
 use crate::error::AmqpError;
 use crate::meta::{MetaCommand, QueueDef};
+use crate::node::Node;
 use crate::queue::{QueueHandle, load, notify_cancel, now_ms};
 
 /// A message to publish (see [`Vhost::enqueue`]).
@@ -75,14 +76,21 @@ pub struct Vhost {
     pub policies: RwLock<Vec<crate::policy::Policy>>,
     /// The firehose switch and its pending copies (shared with the queues).
     pub tracer: Arc<crate::trace::Tracer>,
+    /// What it shares with the node's other vhosts (store, metadata log,
+    /// metrics, settings, tasks).
+    node: Arc<Node>,
+    /// Itself, for the tasks it spawns (queue housekeeping, auto-delete).
+    me: std::sync::Weak<Vhost>,
 }
 
 pub use crate::meta::VhostLimits;
 
 impl Vhost {
     /// An empty vhost with the system exchanges.
-    pub fn new(name: ShortStr) -> Vhost {
-        Vhost {
+    pub fn new(name: ShortStr, node: Arc<Node>) -> Arc<Vhost> {
+        Arc::new_cyclic(|me| Vhost {
+            node,
+            me: me.clone(),
             router: RwLock::new(Router::new(name.clone())),
             name,
             queues: DashMap::new(),
@@ -92,12 +100,12 @@ impl Vhost {
             limits: parking_lot::Mutex::new(VhostLimits::default()),
             policies: RwLock::new(Vec::new()),
             tracer: Arc::default(),
-        }
+        })
     }
 
     /// Puts the arguments in effect for `q` — its own merged with the policy
     /// that applies to it, if any — and records which policy that is.
-    pub fn apply_policy(&self, broker: &Arc<Broker>, q: &QueueHandle) {
+    pub fn apply_policy(&self, q: &QueueHandle) {
         let mut fx = Effects::default();
         {
             // Policies are held until the queue has its arguments, so that
@@ -116,19 +124,19 @@ impl Vhost {
                 None => (own(), None),
             };
             q.set_consumer_timeout(args.consumer_timeout);
-            if !q.set_effective_args(args, &broker.store, &mut fx) {
+            if !q.set_effective_args(args, &self.node.store, &mut fx) {
                 return;
             }
             *q.policy.lock() = name;
         }
         q.wake.notify_one();
-        self.apply(broker, &mut fx);
+        self.apply(&mut fx);
     }
 
     /// Re-applies policies to every queue and exchange (a policy changed).
-    pub fn apply_policies(&self, broker: &Arc<Broker>) {
+    pub fn apply_policies(&self) {
         for q in self.queues() {
-            self.apply_policy(broker, &q);
+            self.apply_policy(&q);
         }
         self.apply_exchange_policies();
     }
@@ -224,15 +232,15 @@ impl Vhost {
     }
 
     /// Commits `commands` in order and waits until all are durable.
-    async fn commit_all(broker: &Broker, commands: Vec<MetaCommand>) -> Result<(), AmqpError> {
-        Self::durable(Self::submit_all(broker, commands)).await
+    async fn commit_all(&self, commands: Vec<MetaCommand>) -> Result<(), AmqpError> {
+        Self::durable(self.submit_all(commands)).await
     }
 
     /// Submits `commands` in order: each takes its place in the log now.
-    fn submit_all(broker: &Broker, commands: Vec<MetaCommand>) -> Vec<crate::meta::Commit<'_>> {
+    fn submit_all(&self, commands: Vec<MetaCommand>) -> Vec<crate::meta::Commit<'_>> {
         commands
             .into_iter()
-            .map(|c| broker.meta.commit(c))
+            .map(|c| self.node.meta.commit(c))
             .collect()
     }
 
@@ -251,7 +259,6 @@ impl Vhost {
     /// `exchange.declare`.
     pub async fn declare_exchange(
         &self,
-        broker: &Arc<Broker>,
         decl: ExchangeDeclare<'_>,
         passive: bool,
     ) -> Result<(), AmqpError> {
@@ -262,7 +269,7 @@ impl Vhost {
         if created && decl.durable {
             let def = self.router.read().exchange(decl.name).cloned();
             if let Some(exchange) = def {
-                broker
+                self.node
                     .meta
                     .commit(MetaCommand::DeclareExchange {
                         vhost: self.name.to_string(),
@@ -275,7 +282,7 @@ impl Vhost {
     }
 
     /// Deletes every exchange the vhost's clients declared (vhost deletion).
-    pub async fn delete_exchanges(&self, broker: &Arc<Broker>) {
+    pub async fn delete_exchanges(&self) {
         let names: Vec<ShortStr> = self
             .router
             .read()
@@ -290,20 +297,15 @@ impl Vhost {
                 commands.extend(self.removed_commands(&removed));
             }
         }
-        if let Err(e) = Self::commit_all(broker, commands).await {
+        if let Err(e) = self.commit_all(commands).await {
             tracing::warn!(vhost = %self.name, error = %e.text, "deleting the vhost's exchanges");
         }
     }
 
     /// `exchange.delete`.
-    pub async fn delete_exchange(
-        &self,
-        broker: &Arc<Broker>,
-        name: &str,
-        if_unused: bool,
-    ) -> Result<(), AmqpError> {
+    pub async fn delete_exchange(&self, name: &str, if_unused: bool) -> Result<(), AmqpError> {
         let removed = self.router.write().delete_exchange(name, if_unused)?;
-        Self::commit_all(broker, self.removed_commands(&removed)).await
+        self.commit_all(self.removed_commands(&removed)).await
     }
 
     fn is_durable_binding(&self, b: &BindingDef) -> bool {
@@ -317,10 +319,10 @@ impl Vhost {
     }
 
     /// `queue.bind` / `exchange.bind`.
-    pub async fn bind(&self, broker: &Arc<Broker>, b: &BindingDef) -> Result<(), AmqpError> {
+    pub async fn bind(&self, b: &BindingDef) -> Result<(), AmqpError> {
         let added = self.router.write().bind(b)?;
         if added && self.is_durable_binding(b) {
-            broker
+            self.node
                 .meta
                 .commit(MetaCommand::Bind {
                     vhost: self.name.to_string(),
@@ -332,16 +334,15 @@ impl Vhost {
     }
 
     /// `queue.unbind` / `exchange.unbind`.
-    pub async fn unbind(&self, broker: &Arc<Broker>, b: &BindingDef) -> Result<(), AmqpError> {
+    pub async fn unbind(&self, b: &BindingDef) -> Result<(), AmqpError> {
         let removed = self.router.write().unbind(b)?;
-        Self::commit_all(broker, self.removed_commands(&removed)).await
+        self.commit_all(self.removed_commands(&removed)).await
     }
 
     /// Creates a queue (the caller checked it does not exist).
     #[allow(clippy::too_many_arguments)]
     pub async fn declare_queue(
         self: &Arc<Self>,
-        broker: &Arc<Broker>,
         name: ShortStr,
         durable: bool,
         auto_delete: bool,
@@ -357,15 +358,15 @@ impl Vhost {
                 )));
             }
         }
-        let id = broker.next_queue_id();
+        let id = self.node.next_queue_id();
         let mut queue = Queue::new(id, name.clone(), durable, args, arguments.clone(), now_ms());
-        queue.set_memory_budget(broker.config.queue_memory_budget);
-        queue.set_spill_dir(broker.spill_dir.clone());
+        queue.set_memory_budget(self.node.config.queue_memory_budget);
+        queue.set_spill_dir(self.node.spill_dir.clone());
         let handle = QueueHandle::new(
             queue,
             auto_delete,
             exclusive_owner,
-            broker.config.queue_flow_limit,
+            self.node.config.queue_flow_limit,
             self.tracer.clone(),
         );
         // Another connection may have created it meanwhile: first one wins.
@@ -381,10 +382,10 @@ impl Vhost {
         self.by_id.insert(id, handle.clone());
         self.router.write().add_queue(name.clone(), QueueId(id));
         if !self.policies.read().is_empty() {
-            self.apply_policy(broker, &handle);
+            self.apply_policy(&handle);
         }
         if durable {
-            broker
+            self.node
                 .meta
                 .commit(MetaCommand::DeclareQueue {
                     vhost: self.name.to_string(),
@@ -397,7 +398,7 @@ impl Vhost {
                 })
                 .await?;
         }
-        crate::broker::spawn_housekeeping(broker, self.clone(), handle.clone());
+        self.spawn_housekeeping(handle.clone());
         Ok(handle)
     }
 
@@ -406,7 +407,6 @@ impl Vhost {
     /// 406 otherwise). Returns whether it was created.
     pub async fn declare_or_check_queue(
         self: &Arc<Self>,
-        broker: &Arc<Broker>,
         name: ShortStr,
         durable: bool,
         auto_delete: bool,
@@ -425,16 +425,8 @@ impl Vhost {
         }
         let args = QueueArgs::parse(&m.arguments, &m.queue, &self.name)?;
         args.check_properties(durable, false, auto_delete, &m.queue, &self.name)?;
-        self.declare_queue(
-            broker,
-            m.queue,
-            durable,
-            auto_delete,
-            None,
-            args,
-            m.arguments,
-        )
-        .await?;
+        self.declare_queue(m.queue, durable, auto_delete, None, args, m.arguments)
+            .await?;
         Ok(true)
     }
 
@@ -446,7 +438,6 @@ impl Vhost {
     /// under the queue's lock.
     pub async fn delete_queue(
         &self,
-        broker: &Arc<Broker>,
         q: &Arc<QueueHandle>,
         only_if_unused: bool,
     ) -> Result<u64, AmqpError> {
@@ -474,31 +465,30 @@ impl Vhost {
             });
         }
         commands.extend(self.removed_commands(&removed));
-        let commits = Self::submit_all(broker, commands);
-        self.apply(broker, &mut fx);
+        let commits = self.submit_all(commands);
+        self.apply(&mut fx);
         Self::durable(commits).await?;
         tracing::info!(queue = %q.name, vhost = %self.name, "queue deleted");
         Ok(count)
     }
 
     /// `queue.purge`.
-    pub fn purge(&self, broker: &Arc<Broker>, q: &QueueHandle) -> u64 {
+    pub fn purge(&self, q: &QueueHandle) -> u64 {
         let mut fx = Effects::default();
         let n = q.kind().purge(&mut fx);
-        self.apply(broker, &mut fx);
+        self.apply(&mut fx);
         n
     }
 
     /// Removes a consumer; an auto-delete queue goes with its last one.
-    pub fn cancel_consumer(&self, broker: &Arc<Broker>, q: &Arc<QueueHandle>, tag: &ShortStr) {
+    pub fn cancel_consumer(&self, q: &Arc<QueueHandle>, tag: &ShortStr) {
         let now_unused = q.kind().cancel(tag);
         q.wake.notify_one();
         if now_unused && q.auto_delete {
-            let (q, broker2) = (q.clone(), broker.clone());
-            let name = self.name.clone();
-            broker.tracker.spawn(async move {
-                if let Some(v) = broker2.vhost(&name) {
-                    if let Err(e) = v.delete_queue(&broker2, &q, true).await {
+            let (q, me) = (q.clone(), self.me.clone());
+            self.node.tracker.spawn(async move {
+                if let Some(v) = me.upgrade() {
+                    if let Err(e) = v.delete_queue(&q, true).await {
                         tracing::warn!(error = %e, "auto-delete failed");
                     }
                 }
@@ -508,20 +498,14 @@ impl Vhost {
 
     /// Settles deliveries (ack, requeue, reject), then lets the queues deliver
     /// again (credit came back).
-    pub fn settle(&self, broker: &Arc<Broker>, unacked: Vec<Unacked>, how: Settle) {
-        self.settle_then(broker, unacked, how, true);
+    pub fn settle(&self, unacked: Vec<Unacked>, how: Settle) {
+        self.settle_then(unacked, how, true);
     }
 
     /// Settles deliveries; lets their queues deliver again only if `dispatch`
     /// (a channel with a channel-wide prefetch dispatches its own queues in
     /// turn instead, see [`Vhost::dispatch_channel`]).
-    pub fn settle_then(
-        &self,
-        broker: &Arc<Broker>,
-        unacked: Vec<Unacked>,
-        how: Settle,
-        dispatch: bool,
-    ) {
+    pub fn settle_then(&self, unacked: Vec<Unacked>, how: Settle, dispatch: bool) {
         let mut fx = Effects::default();
         let mut i = 0;
         // Group by queue so each queue is locked once.
@@ -535,7 +519,7 @@ impl Vhost {
                 .map_or(unacked.len(), |p| i + p);
             if let Some(q) = self.queue_by_id(qid) {
                 if how == Settle::Ack {
-                    broker.metrics.acknowledged.inc_by((j - i) as u64);
+                    self.node.metrics.acknowledged.inc_by((j - i) as u64);
                     q.stats
                         .acked
                         .fetch_add((j - i) as u64, std::sync::atomic::Ordering::Relaxed);
@@ -546,18 +530,18 @@ impl Vhost {
                     }
                 }
                 let mut seqs = unacked[i..j].iter().map(|u| u.seq);
-                q.settle(how, &mut seqs, dispatch, &broker.store, &mut fx);
+                q.settle(how, &mut seqs, dispatch, &self.node.store, &mut fx);
             }
             i = j;
         }
-        self.apply(broker, &mut fx);
+        self.apply(&mut fx);
     }
 
     /// Lets one queue deliver to its consumers.
-    pub fn dispatch(&self, broker: &Arc<Broker>, q: &QueueHandle) {
+    pub fn dispatch(&self, q: &QueueHandle) {
         let mut fx = Effects::default();
-        q.dispatch(&broker.store, &mut fx);
-        self.apply(broker, &mut fx);
+        q.dispatch(&self.node.store, &mut fx);
+        self.apply(&mut fx);
     }
 
     /// Lets every queue a channel consumes from deliver (credit came back),
@@ -565,16 +549,11 @@ impl Vhost {
     /// rotate it, so that credit shared by the channel (a global prefetch,
     /// room in the connection's outbox) goes to each queue in turn rather
     /// than always to the first (RabbitMQ's limiter varies the order too).
-    pub fn dispatch_channel(
-        &self,
-        broker: &Arc<Broker>,
-        consumers: &[(ShortStr, Arc<QueueHandle>)],
-        start: usize,
-    ) {
+    pub fn dispatch_channel(&self, consumers: &[(ShortStr, Arc<QueueHandle>)], start: usize) {
         let n = consumers.len();
         for i in 0..n {
             if let Some((_, q)) = consumers.get((start + i) % n) {
-                self.dispatch(broker, q);
+                self.dispatch(q);
             }
         }
     }
@@ -582,9 +561,9 @@ impl Vhost {
     /// Applies a queue operation's effects: trace copies and dead letters
     /// are routed and published, then writes submitted, then references
     /// released.
-    pub fn apply(&self, broker: &Arc<Broker>, fx: &mut Effects) {
+    pub fn apply(&self, fx: &mut Effects) {
         if self.tracer.is_on() {
-            self.publish_traces(broker, fx);
+            self.publish_traces(fx);
         }
         // Dead letters can produce more (a full DLX queue dropping its head):
         // iterate until quiet, bounded so a pathological setup cannot spin.
@@ -594,10 +573,10 @@ impl Vhost {
                 break;
             }
             for r in &requests {
-                broker.metrics.dead_letter(r.reason, true);
+                self.node.metrics.dead_letter(r.reason, true);
             }
             for r in requests {
-                let Some(original) = load(&r.message, &broker.store) else {
+                let Some(original) = load(&r.message, &self.node.store) else {
                     continue;
                 };
                 let dl = r.build(&original, now_ms());
@@ -618,7 +597,7 @@ impl Vhost {
                 targets.sort_unstable();
                 targets.dedup();
                 let message = Message::new(
-                    broker.store.next_message_id(),
+                    self.node.store.next_message_id(),
                     dl.exchange.clone(),
                     dl.routing_keys.first().cloned().unwrap_or_default(),
                     dl.header,
@@ -631,29 +610,29 @@ impl Vhost {
                     if is_cycle(headers.as_ref(), &q.name) {
                         continue;
                     }
-                    q.publish(&message, &broker.store, fx);
+                    q.publish(&message, &self.node.store, fx);
                 }
             }
         }
         fx.dead_letters.clear();
         // Deliveries of dead letters made trace copies too.
         if self.tracer.is_on() {
-            self.publish_traces(broker, fx);
+            self.publish_traces(fx);
         }
         for reason in fx.discarded.drain(..) {
-            broker.metrics.dead_letter(reason, false);
+            self.node.metrics.dead_letter(reason, false);
         }
         if !fx.writes.is_empty() {
-            broker.store.submit(fx.writes.drain(..));
+            self.node.store.submit(fx.writes.drain(..));
         }
         for id in fx.releases.drain(..) {
-            broker.store.release(id);
+            self.node.store.release(id);
         }
     }
 
     /// Routes the firehose's pending copies through `amq.rabbitmq.trace`
     /// (copies of its own messages are never made, so this ends).
-    fn publish_traces(&self, broker: &Arc<Broker>, fx: &mut Effects) {
+    fn publish_traces(&self, fx: &mut Effects) {
         let exchange = ShortStr::from_static(crate::trace::TRACE_EXCHANGE);
         let mut routed = exchange::Routed::default();
         for copy in self.tracer.take() {
@@ -667,7 +646,7 @@ impl Vhost {
                 continue;
             }
             let message = Message::new(
-                broker.store.next_message_id(),
+                self.node.store.next_message_id(),
                 exchange.clone(),
                 copy.routing_key,
                 copy.header,
@@ -677,7 +656,7 @@ impl Vhost {
                 let Some(q) = self.queue_by_id(qid.0) else {
                     continue;
                 };
-                q.publish(&message, &broker.store, fx);
+                q.publish(&message, &self.node.store, fx);
             }
         }
     }
@@ -710,7 +689,6 @@ impl Vhost {
     /// dead letters are applied before returning.
     pub fn enqueue(
         &self,
-        broker: &Arc<Broker>,
         p: Publish<'_>,
         routed: &mut exchange::Routed,
         fx: &mut Effects,
@@ -729,7 +707,7 @@ impl Vhost {
             p.header
         };
         let message = Message::new(
-            broker.store.next_message_id(),
+            self.node.store.next_message_id(),
             p.exchange.clone(),
             p.routing_key.clone(),
             header,
@@ -756,7 +734,7 @@ impl Vhost {
             let Some(queue) = self.queue_by_id(qid.0) else {
                 continue;
             };
-            let Some(published) = queue.publish(&out.message, &broker.store, fx) else {
+            let Some(published) = queue.publish(&out.message, &self.node.store, fx) else {
                 continue;
             };
             out.refused |= published.refused;
@@ -765,20 +743,71 @@ impl Vhost {
                 out.congested.push(queue.flow.clone());
             }
         }
-        if out.wrote && broker.store.flow().is_raised() {
-            out.congested.push(broker.store.flow().clone());
+        if out.wrote && self.node.store.flow().is_raised() {
+            out.congested.push(self.node.store.flow().clone());
         }
-        broker.metrics.received.inc();
+        self.node.metrics.received.inc();
         match (out.unroutable, p.mandatory) {
-            (false, _) => broker.metrics.routed.inc(),
-            (true, true) => broker.metrics.unroutable_returned.inc(),
-            (true, false) => broker.metrics.unroutable_dropped.inc(),
+            (false, _) => self.node.metrics.routed.inc(),
+            (true, true) => self.node.metrics.unroutable_returned.inc(),
+            (true, false) => self.node.metrics.unroutable_dropped.inc(),
         };
-        broker
+        self.node
             .alarms
             .note_published(out.message.size(), routed.queues().len() as u64);
-        self.apply(broker, fx);
+        self.apply(fx);
         Ok(out)
+    }
+
+    /// A queue's timer: expires messages as their TTL runs out (so an idle queue
+    /// dead-letters promptly) and deletes the queue when `x-expires` says it has
+    /// been unused too long.
+    fn spawn_housekeeping(&self, q: Arc<QueueHandle>) {
+        let Some(vhost) = self.me.upgrade() else {
+            return;
+        };
+        let node = self.node.clone();
+        self.node.tracker.spawn(async move {
+            loop {
+                // Bodies a consumer waits for that are paged out are read here,
+                // off the queue's lock and the runtime's workers.
+                let mut fx = Effects::default();
+                if q.page_in(&node.store, &mut fx).await {
+                    vhost.apply(&mut fx);
+                    continue;
+                }
+                let Some((deadline, unused_deadline)) = q.kind().deadlines() else {
+                    return;
+                };
+                let next = [deadline, unused_deadline].into_iter().flatten().min();
+                let sleep = async {
+                    match next {
+                        Some(at) => {
+                            let wait = at.saturating_sub(now_ms());
+                            tokio::time::sleep(Duration::from_millis(wait)).await;
+                        }
+                        None => std::future::pending::<()>().await,
+                    }
+                };
+                tokio::select! {
+                    _ = node.shutdown.cancelled() => return,
+                    _ = q.wake.notified() => continue,
+                    _ = sleep => {}
+                }
+                let now = now_ms();
+                if unused_deadline.is_some_and(|d| d <= now) {
+                    let still_unused = q.kind().unused_since_deadline(now);
+                    if still_unused {
+                        tracing::info!(queue = %q.name, "queue expired (x-expires)");
+                        let _ = vhost.delete_queue(&q, true).await;
+                        return;
+                    }
+                }
+                let mut fx = Effects::default();
+                q.expire(now, &node.store, &mut fx);
+                vhost.apply(&mut fx);
+            }
+        });
     }
 
     /// Rebuilds a durable exchange (at boot).
@@ -798,12 +827,7 @@ impl Vhost {
 
     /// Rebuilds a durable queue and its messages (at boot). Policies are
     /// applied once everything is recovered.
-    pub fn recover_queue(
-        self: &Arc<Self>,
-        broker: &Arc<Broker>,
-        def: &QueueDef,
-        recovered: &mut queue_store::Recovered,
-    ) {
+    pub fn recover_queue(self: &Arc<Self>, def: &QueueDef, recovered: &mut queue_store::Recovered) {
         let args = QueueArgs::parse(&def.arguments, &def.name, &self.name).unwrap_or_default();
         let entries = recovered.queues.remove(&def.id).unwrap_or_default();
         // Spilling is set up first, so a deep queue is rebuilt a window at a
@@ -816,15 +840,15 @@ impl Vhost {
             def.arguments.clone(),
             now_ms(),
         );
-        queue.set_memory_budget(broker.config.queue_memory_budget);
-        queue.set_spill_dir(broker.spill_dir.clone());
+        queue.set_memory_budget(self.node.config.queue_memory_budget);
+        queue.set_spill_dir(self.node.spill_dir.clone());
         queue.restore(entries, recovered.clean_shutdown);
-        broker.note_queue_id(def.id);
+        self.node.note_queue_id(def.id);
         let handle = QueueHandle::new(
             queue,
             def.auto_delete,
             None,
-            broker.config.queue_flow_limit,
+            self.node.config.queue_flow_limit,
             self.tracer.clone(),
         );
         self.queues.insert(def.name.clone(), handle.clone());
@@ -832,7 +856,7 @@ impl Vhost {
         self.router
             .write()
             .add_queue(def.name.clone(), QueueId(def.id));
-        crate::broker::spawn_housekeeping(broker, self.clone(), handle);
+        self.spawn_housekeeping(handle);
     }
 
     /// Rebuilds a durable binding (at boot).

@@ -21,7 +21,7 @@ use crate::vhost::{Enqueue, Publish, Vhost};
 impl Channel {
     pub(super) fn handle_basic_qos(
         &mut self,
-        broker: &Arc<Broker>,
+        _broker: &Arc<Broker>,
         vhost: &Vhost,
         m: BasicQos,
     ) -> Result<(), AmqpError> {
@@ -37,7 +37,7 @@ impl Channel {
             self.prefetch = m.prefetch_count;
         }
         self.shared.write_method(&Method::BasicQosOk(BasicQosOk {}));
-        self.dispatch_all(broker, vhost);
+        self.dispatch_all(vhost);
         Ok(())
     }
 
@@ -63,7 +63,7 @@ impl Channel {
         {
             let (tag, queue) = self.consumers.remove(pos);
             self.shared.forget_consumer(&tag);
-            vhost.cancel_consumer(broker, &queue, &tag);
+            vhost.cancel_consumer(&queue, &tag);
         }
         if !m.nowait {
             self.shared
@@ -105,36 +105,36 @@ impl Channel {
 
     pub(super) fn handle_basic_ack(
         &mut self,
-        broker: &Arc<Broker>,
+        _broker: &Arc<Broker>,
         vhost: &Vhost,
         m: BasicAck,
     ) -> Result<(), AmqpError> {
-        self.settle_or_hold(broker, vhost, m.delivery_tag, m.multiple, Settle::Ack)
+        self.settle_or_hold(vhost, m.delivery_tag, m.multiple, Settle::Ack)
     }
 
     pub(super) fn handle_basic_nack(
         &mut self,
-        broker: &Arc<Broker>,
+        _broker: &Arc<Broker>,
         vhost: &Vhost,
         m: BasicNack,
     ) -> Result<(), AmqpError> {
         let how = Settle::requeue_or_reject(m.requeue);
-        self.settle_or_hold(broker, vhost, m.delivery_tag, m.multiple, how)
+        self.settle_or_hold(vhost, m.delivery_tag, m.multiple, how)
     }
 
     pub(super) fn handle_basic_reject(
         &mut self,
-        broker: &Arc<Broker>,
+        _broker: &Arc<Broker>,
         vhost: &Vhost,
         m: BasicReject,
     ) -> Result<(), AmqpError> {
         let how = Settle::requeue_or_reject(m.requeue);
-        self.settle_or_hold(broker, vhost, m.delivery_tag, false, how)
+        self.settle_or_hold(vhost, m.delivery_tag, false, how)
     }
 
     pub(super) fn handle_basic_recover(
         &mut self,
-        broker: &Arc<Broker>,
+        _broker: &Arc<Broker>,
         vhost: &Vhost,
         m: BasicRecover,
     ) -> Result<(), AmqpError> {
@@ -142,7 +142,7 @@ impl Channel {
             return Err(AmqpError::not_implemented("requeue=false"));
         }
         let unacked = self.shared.take_outstanding();
-        vhost.settle(broker, unacked, Settle::Requeue);
+        vhost.settle(unacked, Settle::Requeue);
         self.shared
             .write_method(&Method::BasicRecoverOk(BasicRecoverOk {}));
         Ok(())
@@ -151,7 +151,7 @@ impl Channel {
     /// As RabbitMQ: redelivering to the same consumer is not offered.
     pub(super) fn handle_basic_recover_async(
         &mut self,
-        broker: &Arc<Broker>,
+        _broker: &Arc<Broker>,
         vhost: &Vhost,
         m: BasicRecoverAsync,
     ) -> Result<(), AmqpError> {
@@ -159,7 +159,7 @@ impl Channel {
             return Err(AmqpError::not_implemented("requeue=false"));
         }
         let unacked = self.shared.take_outstanding();
-        vhost.settle(broker, unacked, Settle::Requeue);
+        vhost.settle(unacked, Settle::Requeue);
         Ok(())
     }
 
@@ -242,7 +242,7 @@ impl Channel {
         }
         self.shared.add_consumer(tag.clone(), queue.id);
         self.consumers.push((tag, queue.clone()));
-        vhost.dispatch(broker, &queue);
+        vhost.dispatch(&queue);
         Ok(())
     }
 
@@ -323,7 +323,7 @@ impl Channel {
                     })),
             },
         }
-        vhost.apply(broker, &mut fx);
+        vhost.apply(&mut fx);
         self.fx = fx;
         Ok(())
     }
@@ -419,7 +419,6 @@ impl Channel {
         };
         let mut fx = std::mem::take(&mut self.fx);
         let published = vhost.enqueue(
-            broker,
             Publish {
                 exchange: &m.exchange,
                 routing_key: &m.routing_key,
@@ -505,7 +504,6 @@ impl Channel {
     /// outstanding for the channel, as in RabbitMQ) until commit.
     pub(super) fn settle_or_hold(
         &mut self,
-        broker: &Arc<Broker>,
         vhost: &Vhost,
         tag: u64,
         multiple: bool,
@@ -517,7 +515,7 @@ impl Channel {
             return Ok(());
         }
         let taken = self.shared.take(tag, multiple)?;
-        self.settle(broker, vhost, taken, how);
+        self.settle(vhost, taken, how);
         Ok(())
     }
 
@@ -526,25 +524,19 @@ impl Channel {
     /// the channel's queues in turn, not first to the queues just settled
     /// (which would starve the others); those are dispatched after, for
     /// their consumers on other channels.
-    pub(super) fn settle(
-        &self,
-        broker: &Arc<Broker>,
-        vhost: &Vhost,
-        taken: Vec<Unacked>,
-        how: Settle,
-    ) {
+    pub(super) fn settle(&self, vhost: &Vhost, taken: Vec<Unacked>, how: Settle) {
         if self.shared.global_prefetch() == 0 {
-            vhost.settle(broker, taken, how);
+            vhost.settle(taken, how);
             return;
         }
         let mut settled: Vec<u64> = taken.iter().map(|u| u.queue).collect();
         settled.sort_unstable();
         settled.dedup();
-        vhost.settle_then(broker, taken, how, false);
-        self.dispatch_all(broker, vhost);
+        vhost.settle_then(taken, how, false);
+        self.dispatch_all(vhost);
         for id in settled {
             if let Some(q) = vhost.queue_by_id(id) {
-                vhost.dispatch(broker, &q);
+                vhost.dispatch(&q);
             }
         }
     }
@@ -583,7 +575,7 @@ impl Channel {
                 tracing::warn!(channel = self.shared.id, consumer = %tag, timeout, "consumer timed out: cancelling it");
                 if let Some(pos) = self.consumers.iter().position(|(t, _)| *t == tag) {
                     let (tag, queue) = self.consumers.remove(pos);
-                    vhost.cancel_consumer(broker, &queue, &tag);
+                    vhost.cancel_consumer(&queue, &tag);
                 }
                 self.shared.forget_consumer(&tag);
                 if self.shared.connection.cancel_notify {
@@ -593,7 +585,7 @@ impl Channel {
                     }));
                 }
                 let theirs = self.shared.take_consumer(&tag);
-                vhost.settle(broker, theirs, Settle::Requeue);
+                vhost.settle(theirs, Settle::Requeue);
                 Ok(())
             }
             _ => Err(AmqpError::precondition_failed(format!(

@@ -47,7 +47,7 @@ impl Channel {
             internal: m.internal,
             arguments: &m.arguments,
         };
-        vhost.declare_exchange(broker, decl, m.passive).await?;
+        vhost.declare_exchange(decl, m.passive).await?;
         if !m.nowait {
             self.shared
                 .write_method(&Method::ExchangeDeclareOk(ExchangeDeclareOk {}));
@@ -70,9 +70,7 @@ impl Channel {
                 Access::Configure,
             )?;
         }
-        vhost
-            .delete_exchange(broker, &m.exchange, m.if_unused)
-            .await?;
+        vhost.delete_exchange(&m.exchange, m.if_unused).await?;
         if !m.nowait {
             self.shared
                 .write_method(&Method::ExchangeDeleteOk(ExchangeDeleteOk {}));
@@ -94,7 +92,7 @@ impl Channel {
             m.routing_key,
             m.arguments,
         )?;
-        vhost.bind(broker, &def).await?;
+        vhost.bind(&def).await?;
         if !m.nowait {
             self.shared
                 .write_method(&Method::ExchangeBindOk(ExchangeBindOk {}));
@@ -116,7 +114,7 @@ impl Channel {
             m.routing_key,
             m.arguments,
         )?;
-        vhost.unbind(broker, &def).await?;
+        vhost.unbind(&def).await?;
         if !m.nowait {
             self.shared
                 .write_method(&Method::ExchangeUnbindOk(ExchangeUnbindOk {}));

@@ -191,9 +191,9 @@ impl Channel {
 
     /// Lets every queue this channel consumes from deliver, starting with
     /// the next in turn.
-    fn dispatch_all(&self, broker: &Arc<Broker>, vhost: &Vhost) {
+    fn dispatch_all(&self, vhost: &Vhost) {
         let start = self.dispatch_turn.fetch_add(1, Ordering::Relaxed);
-        vhost.dispatch_channel(broker, &self.consumers, start);
+        vhost.dispatch_channel(&self.consumers, start);
     }
 
     /// Checks the connection's user may do `access` on a resource (403 if not).
@@ -221,10 +221,10 @@ impl Channel {
     }
 
     /// Lets the queues this channel consumes from deliver again.
-    pub fn redispatch(&mut self, broker: &Arc<Broker>, vhost: &Vhost) {
+    pub fn redispatch(&mut self, vhost: &Vhost) {
         let shared = self.shared.clone();
         self.consumers.retain(|(t, _)| shared.has_consumer(t));
-        self.dispatch_all(broker, vhost);
+        self.dispatch_all(vhost);
     }
 
     /// Whether the broker closed this channel and awaits `close-ok`.
@@ -258,10 +258,10 @@ impl Channel {
             broker.reply_consumers.unregister(&token);
         }
         for (tag, queue) in std::mem::take(&mut self.consumers) {
-            vhost.cancel_consumer(broker, &queue, &tag);
+            vhost.cancel_consumer(&queue, &tag);
         }
         let unacked = self.shared.take_all();
-        vhost.settle(broker, unacked, Settle::Requeue);
+        vhost.settle(unacked, Settle::Requeue);
     }
 
     /// Handles one complete command.

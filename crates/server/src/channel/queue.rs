@@ -70,7 +70,6 @@ impl Channel {
                 None => {
                     vhost
                         .declare_queue(
-                            broker,
                             name.clone(),
                             m.durable,
                             m.auto_delete,
@@ -121,7 +120,7 @@ impl Channel {
             routing_key: m.routing_key,
             arguments: m.arguments,
         };
-        vhost.bind(broker, &def).await?;
+        vhost.bind(&def).await?;
         if !m.nowait {
             self.shared
                 .write_method(&Method::QueueBindOk(QueueBindOk {}));
@@ -148,7 +147,7 @@ impl Channel {
             routing_key: m.routing_key,
             arguments: m.arguments,
         };
-        vhost.unbind(broker, &def).await?;
+        vhost.unbind(&def).await?;
         self.shared
             .write_method(&Method::QueueUnbindOk(QueueUnbindOk {}));
         Ok(())
@@ -162,7 +161,7 @@ impl Channel {
     ) -> Result<(), AmqpError> {
         self.allow(broker, vhost, Resource::Queue, &m.queue, Access::Read)?;
         let queue = vhost.queue_for(&m.queue, self.shared.connection.id)?;
-        let count = vhost.purge(broker, &queue);
+        let count = vhost.purge(&queue);
         if !m.nowait {
             self.shared
                 .write_method(&Method::QueuePurgeOk(QueuePurgeOk {
@@ -201,7 +200,7 @@ impl Channel {
                     }
                 }
                 self.consumers.retain(|(_, cq)| cq.id != q.id);
-                vhost.delete_queue(broker, &q, false).await?
+                vhost.delete_queue(&q, false).await?
             }
         };
         if !m.nowait {

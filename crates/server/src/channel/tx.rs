@@ -82,7 +82,7 @@ impl Channel {
                 }
                 TxAction::Settle(tags, how) => {
                     let taken = self.shared.take_held(&tags);
-                    self.settle(broker, vhost, taken, how);
+                    self.settle(vhost, taken, how);
                 }
             }
         }

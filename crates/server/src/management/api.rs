@@ -533,7 +533,6 @@ async fn put_queue(
     }
     let created = v
         .declare_or_check_queue(
-            &b,
             short(&name)?,
             flag(&body, "durable", true).map_err(ApiError::bad_request)?,
             flag(&body, "auto_delete", false).map_err(ApiError::bad_request)?,
@@ -553,7 +552,7 @@ async fn delete_queue(
     caller.require_access(&b, &vhost, Resource::Queue, &name, Access::Configure)?;
     let q = v.find_queue(&name).ok_or_else(ApiError::not_found)?;
     not_exclusive(&q, &vhost)?;
-    v.delete_queue(&b, &q, false).await?;
+    v.delete_queue(&q, false).await?;
     no_content()
 }
 
@@ -566,7 +565,7 @@ async fn purge_queue(
     caller.require_access(&b, &vhost, Resource::Queue, &name, Access::Read)?;
     let q = v.find_queue(&name).ok_or_else(ApiError::not_found)?;
     not_exclusive(&q, &vhost)?;
-    v.purge(&b, &q);
+    v.purge(&q);
     no_content()
 }
 
@@ -658,7 +657,7 @@ async fn put_exchange(
         internal: flag(&body, "internal", false).map_err(ApiError::bad_request)?,
         arguments: &arguments,
     };
-    v.declare_exchange(&b, decl, false).await?;
+    v.declare_exchange(decl, false).await?;
     created(was_new)
 }
 
@@ -672,7 +671,7 @@ async fn delete_exchange(
     if name.starts_with("amq.") || v.router.read().exchange(&name).is_none() {
         return Err(ApiError::not_found());
     }
-    v.delete_exchange(&b, &name, false).await?;
+    v.delete_exchange(&name, false).await?;
     no_content()
 }
 
@@ -833,7 +832,7 @@ async fn unbind(
         caller.require_topic_access(&b, &v, &bd.source, &bd.routing_key, Access::Read)?;
     }
     for bd in &matching {
-        v.unbind(&b, bd).await?;
+        v.unbind(bd).await?;
     }
     no_content()
 }
@@ -876,7 +875,7 @@ async fn bind(
     };
     destination_not_exclusive(&v, &def.destination)?;
     caller.require_topic_access(&b, &v, &def.source, &def.routing_key, Access::Read)?;
-    v.bind(&b, &def).await?;
+    v.bind(&def).await?;
     let location = format!(
         "/api/bindings/{}/e/{}/{kind}/{}/{}",
         percent(&vhost),
@@ -1500,7 +1499,6 @@ async fn publish_message(
     let mut routed = exchange::Routed::default();
     let mut fx = queue_store::Effects::default();
     let published = v.enqueue(
-        &b,
         crate::vhost::Publish {
             exchange: &exchange,
             routing_key: &routing_key,
@@ -1612,7 +1610,7 @@ async fn get_messages(
             "payload_encoding": payload_encoding,
         }));
     }
-    v.apply(&b, &mut fx);
+    v.apply(&mut fx);
     ok(Value::Array(out))
 }
 
@@ -1626,7 +1624,6 @@ async fn aliveness_test(State(b): Shared, caller: Caller, Path(vhost): Path<Stri
         Some(q) => q,
         None => {
             v.declare_queue(
-                &b,
                 name.clone(),
                 false,
                 false,
@@ -1649,7 +1646,6 @@ async fn aliveness_test(State(b): Shared, caller: Caller, Path(vhost): Path<Stri
     let mut fx = queue_store::Effects::default();
     let empty = ShortStr::from_static("");
     v.enqueue(
-        &b,
         crate::vhost::Publish {
             exchange: &empty,
             routing_key: &name,
@@ -1667,7 +1663,7 @@ async fn aliveness_test(State(b): Shared, caller: Caller, Path(vhost): Path<Stri
         &mut fx,
     )?;
     let got = q.get(false, &mut fx);
-    v.apply(&b, &mut fx);
+    v.apply(&mut fx);
     match got {
         Some(_) => ok(json!({"status": "ok"})),
         None => Err(ApiError::internal(

@@ -34,10 +34,18 @@ struct QueueState {
     /// Paged bodies that could not be loaded: delivered (settled) in place
     /// rather than asked for again.
     unloadable: Vec<MessageId>,
+    /// Deliveries left before the next page-in is asked for ahead of the
+    /// head (while the queue has paged bodies).
+    until_prefetch: usize,
 }
 
-/// How many paged bodies at the head are loaded at a time.
-const PAGE_IN_BATCH: usize = 64;
+/// How many paged bodies at the head are loaded at a time, and how many
+/// octets of them at most.
+const PAGE_IN_BATCH: usize = 1024;
+const PAGE_IN_BYTES: u64 = 4 << 20;
+/// How far past the head paged bodies are looked for: a batch is loaded
+/// while the one before it is being delivered.
+const PAGE_IN_SCAN: usize = 2 * PAGE_IN_BATCH;
 
 /// A classic queue.
 #[derive(Debug)]
@@ -56,6 +64,7 @@ impl ClassicQueue {
                 deleted: false,
                 page_in_wanted: false,
                 unloadable: Vec::new(),
+                until_prefetch: 0,
             }),
         }
     }
@@ -102,7 +111,8 @@ impl QueueType for ClassicQueue {
             return None;
         }
         let (outcome, wrote) = st.publish(q, message, store, fx);
-        let congested = q.check_flow(st.ready_memory());
+        // (Measured only where a flow limit is set: not on every publish.)
+        let congested = q.flow_limit > 0 && q.check_flow(st.ready_memory());
         Some(Published {
             refused: outcome == Enqueued::Rejected,
             wrote,
@@ -245,7 +255,7 @@ impl QueueType for ClassicQueue {
         let unloadable = std::mem::take(&mut st.unloadable);
         let ids = st
             .queue
-            .paged_heads(PAGE_IN_BATCH)
+            .paged_heads(PAGE_IN_SCAN, PAGE_IN_BATCH, PAGE_IN_BYTES)
             .into_iter()
             .filter(|id| !unloadable.contains(id))
             .collect();
@@ -262,10 +272,9 @@ impl QueueType for ClassicQueue {
         fx: &mut Effects,
     ) {
         let mut st = self.state.lock();
-        for m in &loaded {
-            st.queue.page_in(m, PAGE_IN_BATCH);
-        }
+        st.queue.page_in(loaded, PAGE_IN_SCAN);
         st.unloadable.extend(failed);
+        st.until_prefetch = PAGE_IN_BATCH / 2;
         st.dispatch(q, store, fx);
     }
 
@@ -279,6 +288,14 @@ impl QueueType for ClassicQueue {
 }
 
 impl QueueState {
+    /// Asks the housekeeping task to load paged bodies at the head.
+    fn want_page_in(&mut self, handle: &QueueHandle) {
+        if !self.page_in_wanted {
+            self.page_in_wanted = true;
+            handle.wake.notify_one();
+        }
+    }
+
     /// Enqueues a published message and delivers what it can; returns the
     /// outcome and whether anything was written to the store (then a confirm
     /// must wait for the commit point). The writes are submitted before
@@ -330,7 +347,9 @@ impl QueueState {
     /// that drained it enough.
     fn dispatch(&mut self, handle: &QueueHandle, store: &Store, fx: &mut Effects) {
         self.dispatch_ready(handle, store, fx);
-        handle.relieve_flow(self.ready_memory());
+        if handle.flow.is_raised() {
+            handle.relieve_flow(self.ready_memory());
+        }
     }
 
     /// Hands ready messages to consumers with credit, round-robin, until the
@@ -376,17 +395,14 @@ impl QueueState {
             };
             let ack = !consumer.no_ack;
             if self.queue.head_is_paged() {
-                let head = self.queue.paged_heads(1);
+                let head = self.queue.paged_heads(1, 1, u64::MAX);
                 match head.first() {
                     Some(id) if self.unloadable.contains(id) => {
                         self.unloadable.retain(|u| u != id);
                     }
                     _ => {
                         // Not read here, under the lock, on a runtime worker.
-                        if !self.page_in_wanted {
-                            self.page_in_wanted = true;
-                            handle.wake.notify_one();
-                        }
+                        self.want_page_in(handle);
                         return;
                     }
                 }
@@ -395,6 +411,13 @@ impl QueueState {
                 return;
             };
             handle.stats.delivered.fetch_add(1, Ordering::Relaxed);
+            if self.until_prefetch > 0 {
+                self.until_prefetch -= 1;
+            } else if self.queue.has_paged() {
+                // Ask for the next batch while this one is delivered.
+                self.until_prefetch = PAGE_IN_BATCH / 2;
+                self.want_page_in(handle);
+            }
             let consumer = &self.consumers[idx];
             deliver(handle, consumer, delivery, store, fx, &mut self.queue);
         }
