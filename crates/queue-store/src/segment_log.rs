@@ -93,78 +93,29 @@ const TAG_DELETE_INDEX: u8 = 4;
 const TAG_DELETE_QUEUE_INDEX: u8 = 5;
 
 /// A stored message body: the segment holding its record and how many queue
-/// entries reference it, packed into one word, and where its encoding is in
-/// the segment's file (so that one paged body is read alone). The map of
-/// stored messages is the engine's only per-message memory, so it is kept
-/// small: 16 octets.
+/// entries reference it, packed into one word (the map of stored messages is
+/// the engine's only per-message memory, so it is kept small).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Body {
-    word: u64,
-    /// File offset of the encoding (`u32::MAX`: not known).
-    at: u32,
-    /// Length of the encoding.
-    len: u32,
-}
+struct Body(u64);
 
 impl Body {
     const REF_BITS: u32 = 24;
     const MAX_REFS: u64 = (1 << Self::REF_BITS) - 1;
 
-    fn new(seg: u64, refs: u64, at: u64, len: usize) -> Body {
-        Body {
-            word: seg << Self::REF_BITS | refs.min(Self::MAX_REFS),
-            at: u32::try_from(at).unwrap_or(u32::MAX),
-            len: u32::try_from(len).unwrap_or(u32::MAX),
-        }
+    fn new(seg: u64, refs: u64) -> Body {
+        Body(seg << Self::REF_BITS | refs.min(Self::MAX_REFS))
     }
 
     fn seg(self) -> u64 {
-        self.word >> Self::REF_BITS
+        self.0 >> Self::REF_BITS
     }
 
     fn refs(self) -> u64 {
-        self.word & Self::MAX_REFS
+        self.0 & Self::MAX_REFS
     }
 
     fn with_refs(self, refs: u64) -> Body {
-        Body {
-            word: self.seg() << Self::REF_BITS | refs.min(Self::MAX_REFS),
-            ..self
-        }
-    }
-
-    /// Where to read the record alone: (offset of its header, its length
-    /// with the header), if known.
-    fn record_span(self) -> Option<(u64, usize)> {
-        let at = u64::from(self.at).checked_sub(RECORD_HEADER as u64)?;
-        (self.at != u32::MAX && self.len != u32::MAX)
-            .then_some((at, RECORD_HEADER + self.len as usize))
-    }
-}
-
-/// A put-message record's header: tag, id, encoding length.
-const RECORD_HEADER: usize = 13;
-
-/// The encoding in a put-message record read alone, if the record is one
-/// and names `id` (anything else: the segment changed since it was placed).
-fn put_record_encoding(raw: &[u8], id: MessageId) -> Option<&[u8]> {
-    let (header, encoding) = raw.split_at_checked(RECORD_HEADER)?;
-    let (tag, rest) = header.split_first()?;
-    let (rid, len) = rest.split_at_checked(8)?;
-    let names_it = *tag == TAG_PUT_MESSAGE
-        && rid == id.0.to_be_bytes()
-        && len == (encoding.len() as u32).to_be_bytes();
-    names_it.then_some(encoding)
-}
-
-/// The file offset of `off` in a segment's data, given where each frame's
-/// data starts (see `SegmentFiles::read_with_layout`); `u64::MAX` if it is
-/// not in any frame.
-fn file_offset(layout: &[(usize, u64)], off: usize) -> u64 {
-    let i = layout.partition_point(|&(data, _)| data <= off);
-    match i.checked_sub(1).and_then(|i| layout.get(i)) {
-        Some(&(data, file)) => file + (off - data) as u64,
-        None => u64::MAX,
+        Body::new(self.seg(), refs)
     }
 }
 
@@ -221,9 +172,6 @@ struct Builder {
     seg: u64,
     /// This batch's records, not yet appended.
     buf: BytesMut,
-    /// Where `buf` will start in the segment's file once appended as a
-    /// frame (a new file's header, then the frames before it).
-    file_pos: u64,
     /// Octets appended to the file so far.
     size: u32,
     live: u32,
@@ -238,7 +186,6 @@ impl Builder {
         Builder {
             seg,
             buf: BytesMut::new(),
-            file_pos: (crate::segment_file::HEADER + crate::segment_file::FRAME_HEADER) as u64,
             size: 0,
             live: 0,
             puts: 0,
@@ -296,11 +243,10 @@ impl LogState {
     /// A message record was written to the segment being built, holding
     /// `refs` references (a put supersedes an earlier record of the id: replay
     /// and compaction).
-    /// `at` is the file offset of its encoding (of `len` octets).
-    fn place_message(&mut self, b: &mut Builder, id: MessageId, refs: u64, at: u64, len: usize) {
+    fn place_message(&mut self, b: &mut Builder, id: MessageId, refs: u64) {
         b.puts += 1;
         b.live += 1;
-        if let Some(old) = self.messages.insert(id, Body::new(b.seg, refs, at, len)) {
+        if let Some(old) = self.messages.insert(id, Body::new(b.seg, refs)) {
             self.kill(b, old.seg(), 1);
         }
     }
@@ -839,51 +785,6 @@ enum Record<'a> {
 }
 
 impl SegmentLogStorage {
-    /// Reads a message through its whole segment (kept as the read cache:
-    /// the next bodies of a queue are usually in the same one).
-    fn message_from_segment(&self, id: MessageId) -> Result<Option<Message>, StoreError> {
-        // The segment is looked up under the lock and read without it, so the
-        // writer may move the message (compaction) and remove its old segment
-        // in between: then look again. The last attempt keeps the lock across
-        // the read, so it cannot miss.
-        for attempt in 0..3 {
-            let state = lock(&self.state);
-            let Some(seg) = state.messages.get(&id).map(|b| b.seg()) else {
-                return Ok(None);
-            };
-            let held = (attempt == 2).then_some(state);
-            let mut cache = lock(&self.read_cache);
-            let cached = cache
-                .as_ref()
-                .filter(|c| c.seg == seg)
-                .and_then(|c| c.message(id));
-            let raw = match cached {
-                Some(raw) => Some(raw),
-                // Not read yet, or read before the message's frame was
-                // appended (the segment being filled).
-                None => {
-                    let Some(data) = self.files.read(seg)? else {
-                        continue;
-                    };
-                    let parsed = CachedSegment::parse(seg, data)?;
-                    let raw = parsed.message(id);
-                    *cache = Some(parsed);
-                    raw
-                }
-            };
-            drop(held);
-            drop(cache);
-            let Some(raw) = raw else {
-                continue;
-            };
-            return Message::decode(id, raw).map(Some);
-        }
-        Err(StoreError::Corrupt {
-            what: "message location (segment missing)",
-            key: id.0.to_string(),
-        })
-    }
-
     /// Opens (or creates) the store in `dir` and replays the log. Refuses a
     /// directory another process holds, and one with damage a crash cannot
     /// explain ([`StoreError::Damaged`]).
@@ -1132,7 +1033,7 @@ impl SegmentLogStorage {
         let track = report.is_some() && !damaged.is_empty();
         let found = std::mem::take(&mut *lock(&self.found));
         for seg in found {
-            let Some((v, layout)) = self.files.read_with_layout(seg)? else {
+            let Some(v) = self.files.read(seg)? else {
                 continue;
             };
             let mut b = Builder::new(seg);
@@ -1143,10 +1044,7 @@ impl SegmentLogStorage {
             };
             while let Some(record) = r.record()? {
                 match record {
-                    Record::PutMessage { id, off, encoding } => {
-                        let at = file_offset(&layout, off);
-                        state.place_message(&mut b, id, 0, at, encoding.len());
-                    }
+                    Record::PutMessage { id, .. } => state.place_message(&mut b, id, 0),
                     Record::DeleteMessage(id) => {
                         if track && !state.messages.contains_key(&id) {
                             bodies_deleted_unseen.insert(id);
@@ -1368,7 +1266,6 @@ impl SegmentLogStorage {
         if !b.buf.is_empty() {
             self.files.append(b.seg, &b.buf)?;
             b.size = b.size.saturating_add(b.buf.len() as u32);
-            b.file_pos += (b.buf.len() + crate::segment_file::FRAME_HEADER) as u64;
             b.buf.clear();
         }
         // Bounds what a crash can tear (see `MAX_UNSYNCED_FILES`).
@@ -1507,9 +1404,8 @@ impl SegmentLogStorage {
                         b.buf.put_u8(TAG_PUT_MESSAGE);
                         b.buf.put_u64(id.0);
                         b.buf.put_u32(encoding.len() as u32);
-                        let at = b.file_pos + b.buf.len() as u64;
                         b.buf.put_slice(encoding);
-                        state.place_message(b, id, refs, at, encoding.len());
+                        state.place_message(b, id, refs);
                         moved += 1;
                     }
                 }
@@ -1571,10 +1467,9 @@ impl Storage for SegmentLogStorage {
                     b.buf.put_u32(0);
                     let off = b.buf.len();
                     m.encode_into(&mut b.buf);
-                    let len = b.buf.len() - off;
-                    b.buf[len_at..len_at + 4].copy_from_slice(&(len as u32).to_be_bytes());
-                    let at = b.file_pos + off as u64;
-                    state.place_message(&mut b, m.id, 1, at, len);
+                    let len = (b.buf.len() - off) as u32;
+                    b.buf[len_at..len_at + 4].copy_from_slice(&len.to_be_bytes());
+                    state.place_message(&mut b, m.id, 1);
                 }
                 // Only the last reference's release deletes the body.
                 Write::DeleteMessage(id) if !state.drop_ref(*id) => {}
@@ -1651,31 +1546,46 @@ impl Storage for SegmentLogStorage {
     }
 
     fn message(&self, id: MessageId) -> Result<Option<Message>, StoreError> {
-        // A body in the segment read last comes from it; any other is read
-        // alone, at its offset: its record's header must name it, or the
-        // segment changed under us (compaction) and it is looked up again.
-        let Some(body) = lock(&self.state).messages.get(&id).copied() else {
-            return Ok(None);
-        };
-        let cached = lock(&self.read_cache)
-            .as_ref()
-            .is_some_and(|c| c.seg == body.seg());
-        if !cached {
-            if let Some((at, len)) = body.record_span() {
-                if let Some(raw) = self.files.read_at(body.seg(), at, len)? {
-                    if let Some(encoding) = put_record_encoding(&raw, id) {
-                        return Message::decode(id, Bytes::copy_from_slice(encoding)).map(Some);
-                    }
+        // The segment is looked up under the lock and read without it, so the
+        // writer may move the message (compaction) and remove its old segment
+        // in between: then look again. The last attempt keeps the lock across
+        // the read, so it cannot miss.
+        for attempt in 0..3 {
+            let state = lock(&self.state);
+            let Some(seg) = state.messages.get(&id).map(|b| b.seg()) else {
+                return Ok(None);
+            };
+            let held = (attempt == 2).then_some(state);
+            let mut cache = lock(&self.read_cache);
+            let cached = cache
+                .as_ref()
+                .filter(|c| c.seg == seg)
+                .and_then(|c| c.message(id));
+            let raw = match cached {
+                Some(raw) => Some(raw),
+                // Not read yet, or read before the message's frame was
+                // appended (the segment being filled).
+                None => {
+                    let Some(data) = self.files.read(seg)? else {
+                        continue;
+                    };
+                    let parsed = CachedSegment::parse(seg, data)?;
+                    let raw = parsed.message(id);
+                    *cache = Some(parsed);
+                    raw
                 }
-            }
+            };
+            drop(held);
+            drop(cache);
+            let Some(raw) = raw else {
+                continue;
+            };
+            return Message::decode(id, raw).map(Some);
         }
-        self.message_from_segment(id)
-    }
-
-    fn messages_in_order(&self, ids: &[MessageId]) -> Vec<Result<Option<Message>, StoreError>> {
-        ids.iter()
-            .map(|id| self.message_from_segment(*id))
-            .collect()
+        Err(StoreError::Corrupt {
+            what: "message location (segment missing)",
+            key: id.0.to_string(),
+        })
     }
 
     fn message_ids(&self) -> Result<Vec<MessageId>, StoreError> {
@@ -1963,42 +1873,6 @@ mod tests {
         let index: Vec<u64> = s.index().unwrap().iter().map(|e| e.1).collect();
         assert_eq!(index, vec![1, 1099]);
         assert_eq!(s.message(MessageId(1)).unwrap().unwrap().body, "message 1");
-    }
-
-    /// A body outside the segment read last is read alone, at the offset
-    /// the log keeps for it: right after writing (one frame per batch, a
-    /// large batch spanning segments), after reopening (offsets from the
-    /// files' frames) and after compaction moved it; reading a queue's next
-    /// bodies in order goes through whole segments.
-    #[test]
-    fn a_random_read_reads_the_record_alone_at_its_offset() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = open(dir.path());
-        for chunk in (1..=4000u64).collect::<Vec<_>>().chunks(100) {
-            s.apply(&chunk.iter().flat_map(|&id| put(id)).collect::<Vec<_>>())
-                .unwrap();
-        }
-        s.apply(&(4001..=12000).flat_map(put).collect::<Vec<_>>())
-            .unwrap();
-        assert!(stored_segments(&s) > 3, "the bodies span segments");
-        let check = |s: &SegmentLogStorage| {
-            for id in [1, 77, 2500, 4000, 4001, 9999, 12000, 3] {
-                let m = s.message(MessageId(id)).unwrap().unwrap();
-                assert_eq!(m.body, format!("message {id}"), "message {id}");
-            }
-            assert!(lock(&s.read_cache).is_none(), "no segment was read whole");
-        };
-        check(&s);
-        drop(s);
-        let s = open(dir.path());
-        check(&s);
-        let in_order = s.messages_in_order(&[MessageId(10), MessageId(11)]);
-        assert_eq!(
-            in_order[1].as_ref().unwrap().as_ref().unwrap().body,
-            "message 11"
-        );
-        assert!(lock(&s.read_cache).is_some(), "read through its segment");
-        assert!(put_record_encoding(&[TAG_PUT_MESSAGE; 20], MessageId(1)).is_none());
     }
 
     #[test]
