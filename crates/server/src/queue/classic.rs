@@ -54,6 +54,19 @@ pub struct ClassicQueue {
 }
 
 impl ClassicQueue {
+    /// Runs `f` under the queue's lock; wakes the housekeeping task if that
+    /// moved the next TTL deadline (a new or requeued head, or a delivery
+    /// that uncovered one), and only then: not on every publish.
+    fn locked<R>(&self, q: &QueueHandle, f: impl FnOnce(&mut QueueState) -> R) -> R {
+        let mut st = self.state.lock();
+        let before = st.queue.next_expiry();
+        let r = f(&mut st);
+        if st.queue.next_expiry() != before {
+            q.wake.notify_one();
+        }
+        r
+    }
+
     /// Wraps the store's queue state machine.
     pub fn new(queue: Queue) -> ClassicQueue {
         ClassicQueue {
@@ -106,17 +119,18 @@ impl QueueType for ClassicQueue {
         store: &Store,
         fx: &mut Effects,
     ) -> Option<Published> {
-        let mut st = self.state.lock();
-        if st.deleted {
-            return None;
-        }
-        let (outcome, wrote) = st.publish(q, message, store, fx);
-        // (Measured only where a flow limit is set: not on every publish.)
-        let congested = q.flow_limit > 0 && q.check_flow(st.ready_memory());
-        Some(Published {
-            refused: outcome == Enqueued::Rejected,
-            wrote,
-            congested,
+        self.locked(q, |st| {
+            if st.deleted {
+                return None;
+            }
+            let (outcome, wrote) = st.publish(q, message, store, fx);
+            // (Measured only where a flow limit is set: not on every publish.)
+            let congested = q.flow_limit > 0 && q.check_flow(st.ready_memory());
+            Some(Published {
+                refused: outcome == Enqueued::Rejected,
+                wrote,
+                congested,
+            })
         })
     }
 
@@ -158,14 +172,15 @@ impl QueueType for ClassicQueue {
     }
 
     fn get(&self, q: &QueueHandle, ack: bool, fx: &mut Effects) -> Option<Delivery> {
-        let mut st = self.state.lock();
-        let now = now_ms();
-        st.queue.touch(now);
-        let got = st.queue.deliver(now, ack, fx);
-        if got.is_some() {
-            q.stats.delivered.fetch_add(1, Ordering::Relaxed);
-        }
-        got
+        self.locked(q, |st| {
+            let now = now_ms();
+            st.queue.touch(now);
+            let got = st.queue.deliver(now, ack, fx);
+            if got.is_some() {
+                q.stats.delivered.fetch_add(1, Ordering::Relaxed);
+            }
+            got
+        })
     }
 
     fn settle(
@@ -177,21 +192,22 @@ impl QueueType for ClassicQueue {
         store: &Store,
         fx: &mut Effects,
     ) {
-        let mut st = self.state.lock();
-        for seq in seqs {
-            match how {
-                Settle::Ack => st.queue.ack(seq, fx),
-                Settle::Requeue => st.queue.requeue(seq, fx),
-                Settle::Reject => st.queue.reject(seq, fx),
-            };
-        }
-        if dispatch {
-            st.dispatch(q, store, fx);
-        }
+        self.locked(q, |st| {
+            for seq in seqs {
+                match how {
+                    Settle::Ack => st.queue.ack(seq, fx),
+                    Settle::Requeue => st.queue.requeue(seq, fx),
+                    Settle::Reject => st.queue.reject(seq, fx),
+                };
+            }
+            if dispatch {
+                st.dispatch(q, store, fx);
+            }
+        });
     }
 
     fn dispatch(&self, q: &QueueHandle, store: &Store, fx: &mut Effects) {
-        self.state.lock().dispatch(q, store, fx);
+        self.locked(q, |st| st.dispatch(q, store, fx));
     }
 
     fn purge(&self, fx: &mut Effects) -> u64 {

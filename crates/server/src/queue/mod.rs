@@ -361,9 +361,7 @@ impl QueueHandle {
         store: &Store,
         fx: &mut Effects,
     ) -> Option<Published> {
-        let published = self.kind.publish(self, message, store, fx);
-        self.wake.notify_one();
-        published
+        self.kind.publish(self, message, store, fx)
     }
 
     /// Takes one message (`basic.get`, the management API's get).
@@ -381,7 +379,6 @@ impl QueueHandle {
         fx: &mut Effects,
     ) {
         self.kind.settle(self, how, seqs, dispatch, store, fx);
-        self.wake.notify_one();
     }
 
     /// Lets the queue deliver to its consumers.
