@@ -691,14 +691,15 @@ impl Queue {
             .find(|&l| self.buckets.get(l).is_some_and(|b| !b.front.is_empty()))
     }
 
-    /// Whether the next message [`Queue::deliver`] would hand out has its
-    /// body paged out: the broker loads it off the lock first
+    /// The id of the next message [`Queue::deliver`] would hand out, if its
+    /// body is paged out: the broker loads it off the lock first
     /// ([`Queue::paged_heads`], [`Queue::page_in`]).
-    pub fn head_is_paged(&self) -> bool {
-        self.next_level()
-            .and_then(|l| self.buckets.get(l))
-            .and_then(|b| b.front.front())
-            .is_some_and(|e| matches!(e.msg, MessageRef::Paged(_)))
+    pub fn paged_head(&self) -> Option<MessageId> {
+        let head = self.buckets.get(self.next_level()?)?.front.front()?;
+        match head.msg {
+            MessageRef::Paged(id) => Some(id),
+            MessageRef::Loaded(_) => None,
+        }
     }
 
     /// The ids of paged-out bodies among the first `scan` ready messages of
@@ -1326,7 +1327,7 @@ mod tests {
         for i in 1..=4 {
             q.publish(&plain(i), 0, &mut fx);
         }
-        assert!(!q.head_is_paged(), "message 1 is in memory");
+        assert!(q.paged_head().is_none(), "message 1 is in memory");
         assert!(q.has_paged());
         assert_eq!(
             q.paged_heads(10, 10, u64::MAX),
@@ -1340,13 +1341,13 @@ mod tests {
         assert_eq!(q.paged_heads(10, 10, 1), [MessageId(3)], "up to max_bytes");
         q.deliver(0, false, &mut fx);
         q.deliver(0, false, &mut fx);
-        assert!(q.head_is_paged());
+        assert_eq!(q.paged_head(), Some(MessageId(3)));
         assert_eq!(
             q.page_in(vec![plain(3), plain(4), plain(9)], 10),
             2,
             "9 is not here"
         );
-        assert!(!q.head_is_paged());
+        assert!(q.paged_head().is_none());
         assert!(!q.has_paged());
         assert!(q.paged_heads(10, 10, u64::MAX).is_empty());
         for id in [3, 4] {

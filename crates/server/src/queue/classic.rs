@@ -89,27 +89,16 @@ impl QueueType for ClassicQueue {
     }
 
     fn counters(&self) -> QueueCounters {
-        let st = self.state.lock();
-        QueueCounters {
-            ready: st.queue.ready_count(),
-            unacked: st.queue.unacked_count(),
-            ready_bytes: st.queue.ready_bytes(),
-            unacked_bytes: st.queue.unacked_bytes(),
-            consumers: st.consumers.len(),
-            memory: st.memory_in_use(),
-            spilled: st.queue.spilled_count(),
-        }
+        self.state.lock().counters()
     }
 
     fn touch(&self) -> Option<QueueCounters> {
-        {
-            let mut st = self.state.lock();
-            if st.deleted {
-                return None;
-            }
-            st.queue.touch(now_ms());
+        let mut st = self.state.lock();
+        if st.deleted {
+            return None;
         }
-        Some(self.counters())
+        st.queue.touch(now_ms());
+        Some(st.counters())
     }
 
     fn publish(
@@ -161,10 +150,6 @@ impl QueueType for ClassicQueue {
         st.consumers.retain(|c| c.tag != *tag);
         st.queue.touch(now_ms());
         before > 0 && st.consumers.is_empty()
-    }
-
-    fn in_use(&self) -> bool {
-        !self.state.lock().consumers.is_empty()
     }
 
     fn for_each_consumer(&self, f: &mut dyn FnMut(&Consumer)) {
@@ -268,15 +253,14 @@ impl QueueType for ClassicQueue {
         if !std::mem::take(&mut st.page_in_wanted) || st.deleted {
             return Vec::new();
         }
-        let unloadable = std::mem::take(&mut st.unloadable);
-        let ids = st
-            .queue
+        let QueueState {
+            queue, unloadable, ..
+        } = &mut *st;
+        queue
             .paged_heads(PAGE_IN_SCAN, PAGE_IN_BATCH, PAGE_IN_BYTES)
             .into_iter()
             .filter(|id| !unloadable.contains(id))
-            .collect();
-        st.unloadable = unloadable;
-        ids
+            .collect()
     }
 
     fn page_in(
@@ -304,6 +288,18 @@ impl QueueType for ClassicQueue {
 }
 
 impl QueueState {
+    fn counters(&self) -> QueueCounters {
+        QueueCounters {
+            ready: self.queue.ready_count(),
+            unacked: self.queue.unacked_count(),
+            ready_bytes: self.queue.ready_bytes(),
+            unacked_bytes: self.queue.unacked_bytes(),
+            consumers: self.consumers.len(),
+            memory: self.memory_in_use(),
+            spilled: self.queue.spilled_count(),
+        }
+    }
+
     /// Asks the housekeeping task to load paged bodies at the head.
     fn want_page_in(&mut self, handle: &QueueHandle) {
         if !self.page_in_wanted {
@@ -410,17 +406,14 @@ impl QueueState {
                 return;
             };
             let ack = !consumer.no_ack;
-            if self.queue.head_is_paged() {
-                let head = self.queue.paged_heads(1, 1, u64::MAX);
-                match head.first() {
-                    Some(id) if self.unloadable.contains(id) => {
-                        self.unloadable.retain(|u| u != id);
-                    }
-                    _ => {
-                        // Not read here, under the lock, on a runtime worker.
-                        self.want_page_in(handle);
-                        return;
-                    }
+            if let Some(id) = self.queue.paged_head() {
+                if self.unloadable.contains(&id) {
+                    // Delivered (settled) in place: its load failed.
+                    self.unloadable.retain(|u| *u != id);
+                } else {
+                    // Not read here, under the lock, on a runtime worker.
+                    self.want_page_in(handle);
+                    return;
                 }
             }
             let Some(delivery) = self.queue.deliver(now, ack, fx) else {

@@ -214,8 +214,6 @@ pub trait QueueType: Send + Sync + std::fmt::Debug {
     -> Result<(), ConsumeRefused>;
     /// Detaches a consumer; whether that left the queue without consumers.
     fn cancel(&self, tag: &ShortStr) -> bool;
-    /// Whether anyone consumes.
-    fn in_use(&self) -> bool;
     /// Looks at each consumer (listings).
     fn for_each_consumer(&self, f: &mut dyn FnMut(&Consumer));
     /// Takes one message, to be acknowledged if `ack`.
