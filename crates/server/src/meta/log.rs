@@ -31,9 +31,6 @@ pub trait MetaLog: Send + Sync + std::fmt::Debug {
     /// place in the order when `commit` is called, not when the future is
     /// first polled.
     fn commit(&self, command: MetaCommand) -> Commit<'_>;
-
-    /// Runs `f` on the current state (short: it holds the state's lock).
-    fn with_state(&self, f: &mut dyn FnMut(&MetaState));
 }
 
 /// The single-node log: the state in memory, the definitions in the store.
@@ -80,9 +77,5 @@ impl MetaLog for LocalMetaLog {
             }
             Ok(applied)
         })
-    }
-
-    fn with_state(&self, f: &mut dyn FnMut(&MetaState)) {
-        f(&self.state.lock());
     }
 }

@@ -227,11 +227,6 @@ impl MetaState {
         out
     }
 
-    /// Whether a vhost exists.
-    pub fn has_vhost(&self, name: &str) -> bool {
-        self.vhosts.contains_key(name)
-    }
-
     /// Whether any user or vhost exists (an empty data directory has none).
     pub fn is_empty(&self) -> bool {
         self.vhosts.is_empty() && self.users.is_empty()
