@@ -175,6 +175,57 @@ async fn a_paged_backlog_comes_back_whole_and_in_order() {
     broker.stop().await;
 }
 
+/// Dead letters whose bodies are paged out (the queue keeps 1 KiB in
+/// memory) are read off the runtime's workers and published whole, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paged_out_messages_are_dead_lettered_whole() {
+    const N: u32 = 60;
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start_with(dir.path(), |c| c.queue_memory_budget = 1024).await;
+    let conn = broker.connect().await;
+    let ch = channel_with_queue(&conn, "dead").await;
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString("".into()),
+    );
+    args.insert(
+        "x-dead-letter-routing-key".into(),
+        AMQPValue::LongString("dead".into()),
+    );
+    args.insert("x-message-ttl".into(), AMQPValue::LongInt(300));
+    ch.queue_declare("expiring".into(), QueueDeclareOptions::default(), args)
+        .await
+        .unwrap();
+    let body = |i: u32| [&i.to_be_bytes()[..], &[(i % 251) as u8; 996]].concat();
+    for i in 0..N {
+        publish(&ch, "expiring", &body(i)).await;
+    }
+    let mut consumer = ch
+        .basic_consume(
+            "dead".into(),
+            "c".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let got = next_deliveries(&mut consumer, N as usize).await;
+    for (i, d) in got.iter().enumerate() {
+        assert_eq!(d.data, body(i as u32), "dead letter {i}");
+        let headers = d.properties.headers().as_ref().expect("headers");
+        assert!(
+            headers.inner().contains_key("x-death"),
+            "dead letter {i} has x-death"
+        );
+    }
+    assert_eq!(warren_tests::ready_count(&ch, "expiring").await, 0);
+    broker.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letters_reach_a_headers_exchange_by_their_headers() {
     let broker = TestBroker::start().await;

@@ -16,13 +16,16 @@ use amqp_codec::{FieldTable, FieldValue, ShortStr};
 use dashmap::DashMap;
 use exchange::{BindingDef, Destination, ExchangeDeclare, ExchangeDef, QueueId, Removed, Router};
 use parking_lot::RwLock;
-use queue_store::{Effects, Message, Queue, QueueArgs, dead_letter::is_cycle};
+use queue_store::{
+    DeadLetterRequest, Effects, Message, MessageId, MessageRef, Queue, QueueArgs,
+    dead_letter::is_cycle,
+};
 
 use crate::channel::{Settle, Unacked};
 use crate::error::AmqpError;
 use crate::meta::{MetaCommand, QueueDef};
 use crate::node::Node;
-use crate::queue::{QueueHandle, load, notify_cancel, now_ms};
+use crate::queue::{QueueHandle, notify_cancel, now_ms};
 
 /// A message to publish (see [`Vhost::enqueue`]).
 #[derive(Debug)]
@@ -124,7 +127,7 @@ impl Vhost {
                 None => (own(), None),
             };
             q.set_consumer_timeout(args.consumer_timeout);
-            if !q.set_effective_args(args, &self.node.store, &mut fx) {
+            if !q.set_effective_args(args, &mut fx) {
                 return;
             }
             *q.policy.lock() = name;
@@ -530,7 +533,7 @@ impl Vhost {
                     }
                 }
                 let mut seqs = unacked[i..j].iter().map(|u| u.seq);
-                q.settle(how, &mut seqs, dispatch, &self.node.store, &mut fx);
+                q.settle(how, &mut seqs, dispatch, &mut fx);
             }
             i = j;
         }
@@ -540,7 +543,7 @@ impl Vhost {
     /// Lets one queue deliver to its consumers.
     pub fn dispatch(&self, q: &QueueHandle) {
         let mut fx = Effects::default();
-        q.dispatch(&self.node.store, &mut fx);
+        q.dispatch(&mut fx);
         self.apply(&mut fx);
     }
 
@@ -567,6 +570,9 @@ impl Vhost {
         }
         // Dead letters can produce more (a full DLX queue dropping its head):
         // iterate until quiet, bounded so a pathological setup cannot spin.
+        // Those whose body is paged out are read on the blocking pool by a
+        // task of their own, which publishes them after.
+        let mut paged = Vec::new();
         for _ in 0..16 {
             let requests = std::mem::take(&mut fx.dead_letters);
             if requests.is_empty() {
@@ -576,45 +582,25 @@ impl Vhost {
                 self.node.metrics.dead_letter(r.reason, true);
             }
             for r in requests {
-                let Some(original) = load(&r.message, &self.node.store) else {
-                    continue;
-                };
-                let dl = r.build(&original, now_ms());
-                let headers = dl.header.properties.headers().ok().flatten();
-                let mut routed = exchange::Routed::default();
-                let mut targets = Vec::new();
-                for key in &dl.routing_keys {
-                    // A missing dead-letter exchange drops the message (RabbitMQ).
-                    if self
-                        .router
-                        .read()
-                        .route_dead_letter(&dl.exchange, key, headers.as_ref(), &mut routed)
-                        .is_ok()
-                    {
-                        targets.extend_from_slice(routed.queues());
+                match &r.message {
+                    MessageRef::Loaded(original) => {
+                        let original = original.clone();
+                        self.publish_dead_letter(&r, &original, fx);
                     }
-                }
-                targets.sort_unstable();
-                targets.dedup();
-                let message = Message::new(
-                    self.node.store.next_message_id(),
-                    dl.exchange.clone(),
-                    dl.routing_keys.first().cloned().unwrap_or_default(),
-                    dl.header,
-                    dl.body,
-                );
-                for qid in targets {
-                    let Some(q) = self.queue_by_id(qid.0) else {
-                        continue;
-                    };
-                    if is_cycle(headers.as_ref(), &q.name) {
-                        continue;
+                    MessageRef::Paged(id) => {
+                        // Its reference is released once the body is read.
+                        if let Some(i) = fx.releases.iter().position(|x| x == id) {
+                            fx.releases.swap_remove(i);
+                        }
+                        paged.push(r);
                     }
-                    q.publish(&message, &self.node.store, fx);
                 }
             }
         }
         fx.dead_letters.clear();
+        if !paged.is_empty() {
+            self.dead_letter_paged(paged);
+        }
         // Deliveries of dead letters made trace copies too.
         if self.tracer.is_on() {
             self.publish_traces(fx);
@@ -627,6 +613,73 @@ impl Vhost {
         }
         for id in fx.releases.drain(..) {
             self.node.store.release(id);
+        }
+    }
+
+    /// Publishes dead letters whose body is paged out: read on the blocking
+    /// pool (never on an async worker or under a queue's lock), then routed
+    /// as the others were; their references are released after.
+    fn dead_letter_paged(&self, requests: Vec<DeadLetterRequest>) {
+        let Some(vhost) = self.me.upgrade() else {
+            return;
+        };
+        let ids: Vec<MessageId> = requests.iter().map(|r| r.message.id()).collect();
+        self.node.tracker.spawn(async move {
+            let (loaded, failed) =
+                crate::queue::load_all_off_worker(ids.clone(), &vhost.node.store).await;
+            for id in &failed {
+                tracing::error!(vhost = %vhost.name, message = id.0, "cannot read a paged message to dead-letter it; it is dropped");
+            }
+            let bodies: std::collections::HashMap<MessageId, Arc<Message>> =
+                loaded.into_iter().map(|m| (m.id, m)).collect();
+            let mut fx = Effects::default();
+            for r in &requests {
+                if let Some(original) = bodies.get(&r.message.id()) {
+                    vhost.publish_dead_letter(r, original, &mut fx);
+                }
+            }
+            vhost.apply(&mut fx);
+            for id in ids {
+                vhost.node.store.release(id);
+            }
+        });
+    }
+
+    /// Routes one dead letter through its dead-letter exchange and publishes
+    /// it to the queues it reaches (never back to a queue it already died in).
+    fn publish_dead_letter(&self, r: &DeadLetterRequest, original: &Message, fx: &mut Effects) {
+        let dl = r.build(original, now_ms());
+        let headers = dl.header.properties.headers().ok().flatten();
+        let mut routed = exchange::Routed::default();
+        let mut targets = Vec::new();
+        for key in &dl.routing_keys {
+            // A missing dead-letter exchange drops the message (RabbitMQ).
+            if self
+                .router
+                .read()
+                .route_dead_letter(&dl.exchange, key, headers.as_ref(), &mut routed)
+                .is_ok()
+            {
+                targets.extend_from_slice(routed.queues());
+            }
+        }
+        targets.sort_unstable();
+        targets.dedup();
+        let message = Message::new(
+            self.node.store.next_message_id(),
+            dl.exchange.clone(),
+            dl.routing_keys.first().cloned().unwrap_or_default(),
+            dl.header,
+            dl.body,
+        );
+        for qid in targets {
+            let Some(q) = self.queue_by_id(qid.0) else {
+                continue;
+            };
+            if is_cycle(headers.as_ref(), &q.name) {
+                continue;
+            }
+            q.publish(&message, &self.node.store, fx);
         }
     }
 
@@ -804,7 +857,7 @@ impl Vhost {
                     }
                 }
                 let mut fx = Effects::default();
-                q.expire(now, &node.store, &mut fx);
+                q.expire(now, &mut fx);
                 vhost.apply(&mut fx);
             }
         });

@@ -1571,13 +1571,7 @@ async fn get_messages(
     } else {
         crate::queue::Settle::Ack
     };
-    q.settle(
-        how,
-        &mut taken.iter().map(|d| d.seq),
-        requeue,
-        &b.store,
-        &mut fx,
-    );
+    q.settle(how, &mut taken.iter().map(|d| d.seq), requeue, &mut fx);
     let mut out = Vec::new();
     for d in &taken {
         let Some(m) = crate::queue::load_off_worker(&d.message, &b.store).await else {

@@ -11,11 +11,13 @@ use std::sync::atomic::Ordering;
 
 use amqp_codec::ShortStr;
 use parking_lot::Mutex;
-use queue_store::{Delivery, Effects, Enqueued, Message, MessageId, Queue, QueueArgs, Store};
+use queue_store::{
+    Delivery, Effects, Enqueued, Message, MessageId, MessageRef, Queue, QueueArgs, Store,
+};
 
 use super::{
     ConsumeRefused, Consumer, ENTRY_OVERHEAD, Outgoing, Published, QueueCounters, QueueHandle,
-    QueueType, SPILLED_ENTRY_OVERHEAD, Settle, load, now_ms,
+    QueueType, SPILLED_ENTRY_OVERHEAD, Settle, now_ms,
 };
 
 /// Mutable state of a queue.
@@ -174,7 +176,6 @@ impl QueueType for ClassicQueue {
         how: Settle,
         seqs: &mut dyn Iterator<Item = u64>,
         dispatch: bool,
-        store: &Store,
         fx: &mut Effects,
     ) {
         self.locked(q, |st| {
@@ -186,13 +187,13 @@ impl QueueType for ClassicQueue {
                 };
             }
             if dispatch {
-                st.dispatch(q, store, fx);
+                st.dispatch(q, fx);
             }
         });
     }
 
-    fn dispatch(&self, q: &QueueHandle, store: &Store, fx: &mut Effects) {
-        self.locked(q, |st| st.dispatch(q, store, fx));
+    fn dispatch(&self, q: &QueueHandle, fx: &mut Effects) {
+        self.locked(q, |st| st.dispatch(q, fx));
     }
 
     fn purge(&self, fx: &mut Effects) -> u64 {
@@ -208,19 +209,13 @@ impl QueueType for ClassicQueue {
         Some((st.queue.delete(fx), std::mem::take(&mut st.consumers)))
     }
 
-    fn set_effective_args(
-        &self,
-        q: &QueueHandle,
-        args: QueueArgs,
-        store: &Store,
-        fx: &mut Effects,
-    ) -> bool {
+    fn set_effective_args(&self, q: &QueueHandle, args: QueueArgs, fx: &mut Effects) -> bool {
         let mut st = self.state.lock();
         if st.deleted {
             return false;
         }
         st.queue.set_effective_args(args, fx);
-        st.dispatch(q, store, fx);
+        st.dispatch(q, fx);
         true
     }
 
@@ -242,10 +237,10 @@ impl QueueType for ClassicQueue {
         st.consumers.is_empty() && st.queue.unused_deadline().is_some_and(|d| d <= now)
     }
 
-    fn expire(&self, q: &QueueHandle, now: u64, store: &Store, fx: &mut Effects) {
+    fn expire(&self, q: &QueueHandle, now: u64, fx: &mut Effects) {
         let mut st = self.state.lock();
         st.queue.expire(now, fx);
-        st.dispatch(q, store, fx);
+        st.dispatch(q, fx);
     }
 
     fn wanted_page_in(&self) -> Vec<MessageId> {
@@ -268,14 +263,13 @@ impl QueueType for ClassicQueue {
         q: &QueueHandle,
         loaded: Vec<Arc<Message>>,
         failed: Vec<MessageId>,
-        store: &Store,
         fx: &mut Effects,
     ) {
         let mut st = self.state.lock();
         st.queue.page_in(loaded, PAGE_IN_SCAN);
         st.unloadable.extend(failed);
         st.until_prefetch = PAGE_IN_BATCH / 2;
-        st.dispatch(q, store, fx);
+        st.dispatch(q, fx);
     }
 
     fn memory_in_use(&self, q: &QueueHandle) -> u64 {
@@ -327,7 +321,7 @@ impl QueueState {
         if wrote {
             store.submit(fx.writes.drain(..));
         }
-        self.dispatch(handle, store, fx);
+        self.dispatch(handle, fx);
         // A message with a TTL of 0 that no consumer took expires now.
         if self.queue.take_zero_ttl_published() {
             self.queue.expire_undelivered(now_ms(), fx);
@@ -357,8 +351,8 @@ impl QueueState {
     /// Hands ready messages to consumers with credit (see
     /// [`QueueState::dispatch_ready`]), then lowers the queue's flow gate if
     /// that drained it enough.
-    fn dispatch(&mut self, handle: &QueueHandle, store: &Store, fx: &mut Effects) {
-        self.dispatch_ready(handle, store, fx);
+    fn dispatch(&mut self, handle: &QueueHandle, fx: &mut Effects) {
+        self.dispatch_ready(handle, fx);
         if handle.flow.is_raised() {
             handle.relieve_flow(self.ready_memory());
         }
@@ -366,7 +360,7 @@ impl QueueState {
 
     /// Hands ready messages to consumers with credit, round-robin, until the
     /// queue is empty or no consumer can take more.
-    fn dispatch_ready(&mut self, handle: &QueueHandle, store: &Store, fx: &mut Effects) {
+    fn dispatch_ready(&mut self, handle: &QueueHandle, fx: &mut Effects) {
         if self.consumers.is_empty() || self.deleted {
             return;
         }
@@ -428,7 +422,7 @@ impl QueueState {
                 self.want_page_in(handle);
             }
             let consumer = &self.consumers[idx];
-            deliver(handle, consumer, delivery, store, fx, &mut self.queue);
+            deliver(handle, consumer, delivery, fx, &mut self.queue);
         }
     }
 }
@@ -439,12 +433,13 @@ fn deliver(
     handle: &QueueHandle,
     consumer: &Consumer,
     delivery: Delivery,
-    store: &Store,
     fx: &mut Effects,
     queue: &mut Queue,
 ) {
-    let Some(message) = load(&delivery.message, store) else {
-        // The body is gone (storage failure): settle it rather than loop.
+    let MessageRef::Loaded(message) = &delivery.message else {
+        // Only a head whose page-in failed gets here paged (it is not read
+        // again under the lock): the body is gone (storage failure), so it
+        // is settled rather than looped on.
         if !consumer.no_ack {
             queue.ack(delivery.seq, fx);
         }
@@ -456,7 +451,7 @@ fn deliver(
         seq: delivery.seq,
         redelivered: delivery.redelivered,
         delivery_count: delivery.delivery_count,
-        message: &message,
+        message,
         consumer_unacked: (!consumer.no_ack).then_some(&consumer.unacked),
     });
 }

@@ -225,30 +225,23 @@ pub trait QueueType: Send + Sync + std::fmt::Debug {
         how: Settle,
         seqs: &mut dyn Iterator<Item = u64>,
         dispatch: bool,
-        store: &Store,
         fx: &mut Effects,
     );
     /// Delivers to consumers with credit.
-    fn dispatch(&self, q: &QueueHandle, store: &Store, fx: &mut Effects);
+    fn dispatch(&self, q: &QueueHandle, fx: &mut Effects);
     /// Drops the ready messages; how many.
     fn purge(&self, fx: &mut Effects) -> u64;
     /// Marks it deleted (unless `only_if_unused` and it has consumers):
     /// its ready count and its consumers, to be told.
     fn delete(&self, only_if_unused: bool, fx: &mut Effects) -> Option<(u64, Vec<Consumer>)>;
     /// Applies the arguments in effect; `false` if deleted.
-    fn set_effective_args(
-        &self,
-        q: &QueueHandle,
-        args: QueueArgs,
-        store: &Store,
-        fx: &mut Effects,
-    ) -> bool;
+    fn set_effective_args(&self, q: &QueueHandle, args: QueueArgs, fx: &mut Effects) -> bool;
     /// The next TTL expiry and `x-expires` deadline; `None` once deleted.
     fn deadlines(&self) -> Option<(Option<u64>, Option<u64>)>;
     /// Whether it has had no consumer since its `x-expires` deadline.
     fn unused_since_deadline(&self, now: u64) -> bool;
     /// Expires what is due and delivers again.
-    fn expire(&self, q: &QueueHandle, now: u64, store: &Store, fx: &mut Effects);
+    fn expire(&self, q: &QueueHandle, now: u64, fx: &mut Effects);
     /// Memory it accounts for, lowering its flow gate if it drained.
     fn memory_in_use(&self, q: &QueueHandle) -> u64;
     /// The paged-out bodies it stopped delivering at, to be loaded off the
@@ -262,7 +255,6 @@ pub trait QueueType: Send + Sync + std::fmt::Debug {
         q: &QueueHandle,
         loaded: Vec<Arc<Message>>,
         failed: Vec<MessageId>,
-        store: &Store,
         fx: &mut Effects,
     );
 }
@@ -373,26 +365,25 @@ impl QueueHandle {
         how: Settle,
         seqs: &mut dyn Iterator<Item = u64>,
         dispatch: bool,
-        store: &Store,
         fx: &mut Effects,
     ) {
-        self.kind.settle(self, how, seqs, dispatch, store, fx);
+        self.kind.settle(self, how, seqs, dispatch, fx);
     }
 
     /// Lets the queue deliver to its consumers.
-    pub fn dispatch(&self, store: &Store, fx: &mut Effects) {
-        self.kind.dispatch(self, store, fx);
+    pub fn dispatch(&self, fx: &mut Effects) {
+        self.kind.dispatch(self, fx);
     }
 
     /// Applies the arguments in effect (a policy changed); `false` if the
     /// queue is deleted.
-    pub fn set_effective_args(&self, args: QueueArgs, store: &Store, fx: &mut Effects) -> bool {
-        self.kind.set_effective_args(self, args, store, fx)
+    pub fn set_effective_args(&self, args: QueueArgs, fx: &mut Effects) -> bool {
+        self.kind.set_effective_args(self, args, fx)
     }
 
     /// Expires messages whose TTL ran out and delivers again.
-    pub fn expire(&self, now: u64, store: &Store, fx: &mut Effects) {
-        self.kind.expire(self, now, store, fx);
+    pub fn expire(&self, now: u64, fx: &mut Effects) {
+        self.kind.expire(self, now, fx);
     }
 
     /// Loads the paged bodies the queue stopped at, off the runtime's
@@ -404,7 +395,7 @@ impl QueueHandle {
             return false;
         }
         let (loaded, failed) = load_all_off_worker(wanted, store).await;
-        self.kind.page_in(self, loaded, failed, store, fx);
+        self.kind.page_in(self, loaded, failed, fx);
         true
     }
 
@@ -530,21 +521,6 @@ pub async fn load_all_off_worker(
     })
     .await
     .unwrap_or((Vec::new(), all))
-}
-
-/// Loads a message that may be paged out, in place (a body whose load
-/// failed before, being settled).
-pub fn load(message: &MessageRef, store: &Store) -> Option<Arc<Message>> {
-    match message {
-        MessageRef::Loaded(m) => Some(m.clone()),
-        MessageRef::Paged(id) => match store.load(*id) {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot load paged message");
-                None
-            }
-        },
-    }
 }
 
 /// The content header to deliver: with `x-delivery-count` set on redeliveries
