@@ -287,6 +287,57 @@ async fn a_deep_queue_spills_and_comes_back_whole_and_in_order_after_a_restart()
     broker.stop().await;
 }
 
+/// Purging a deep queue whose spilled entries are on disk (a recovered
+/// queue's are) reads them off the lock to delete their index entries and
+/// release their bodies: after another restart nothing comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purged_deep_queue_stays_empty_after_a_restart() {
+    const N: u32 = 20_000;
+    let mut broker = TestBroker::start().await;
+    let dir = broker.keep_dir();
+    let conn = broker.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    warren_tests::declare_durable_queue(&ch, "deep").await;
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    for i in 0..N {
+        ch.basic_publish(
+            "".into(),
+            "deep".into(),
+            BasicPublishOptions::default(),
+            &i.to_be_bytes(),
+            BasicProperties::default().with_delivery_mode(2),
+        )
+        .await
+        .unwrap();
+    }
+    assert!(ch.wait_for_confirms().await.unwrap().is_empty());
+    drop(conn);
+    broker.stop().await;
+
+    let broker = TestBroker::start_in(dir.path()).await;
+    assert!(spilled(&broker, "deep") > 0, "recovered into spill files");
+    let conn = broker.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    let purged = ch
+        .queue_purge("deep".into(), QueuePurgeOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(purged, N);
+    assert_eq!(spilled(&broker, "deep"), 0);
+    // The removals are submitted by a task the broker waits for when it
+    // stops.
+    drop(conn);
+    broker.stop().await;
+
+    let broker = TestBroker::start_in(dir.path()).await;
+    let conn = broker.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    assert_eq!(warren_tests::ready_count(&ch, "deep").await, 0);
+    broker.stop().await;
+}
+
 /// A broker's settings on `dir` with only its AMQP listener (for starts
 /// that are expected to be refused).
 fn amqp_only(dir: &std::path::Path) -> server::Config {

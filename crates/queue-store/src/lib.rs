@@ -46,7 +46,8 @@ pub use error::{ArgError, ArgProblem, StoreError};
 pub use flow::FlowGate;
 pub use message::{Message, MessageId};
 pub use queue::{
-    DeadLetterRequest, Delivery, Effects, Enqueued, MessageRef, Queue, parse_expiration,
+    DeadLetterRequest, Delivery, Effects, Enqueued, MessageRef, Queue, SpillIo, SpillIoDone,
+    SpilledRemoval, parse_expiration,
 };
 pub use segment_log::SegmentLogStorage;
 pub use storage::{IndexEntry, MessageCensus, Storage, Write};

@@ -20,6 +20,15 @@
 //! at a time as the head drains, so a deep backlog costs memory for its window
 //! only. A bucket is `front` (in memory) ‖ spilled chunks ‖ `back` (in memory,
 //! filling up to the next chunk).
+//!
+//! No spill I/O happens here, under the caller's lock: a chunk is encoded
+//! and placed, and [`Queue::spill_io`] hands the caller the writes (new
+//! chunks), the reads (the next chunk of a level whose head runs low) and
+//! the files to close, to run elsewhere ([`SpillIo::run`]) and report back
+//! ([`Queue::spill_io_done`]). A chunk not yet written is read from memory;
+//! a level whose next chunk is still on disk when its head runs dry waits
+//! for the read (`stalled`); purging or deleting hands chunks still on disk
+//! to the caller to release ([`Effects::spilled_removals`]).
 
 use std::collections::VecDeque;
 use std::path::Path;
@@ -31,7 +40,7 @@ use rustc_hash::FxHashMap;
 use crate::args::{Overflow, QueueArgs};
 use crate::dead_letter::{DeadLetter, DeadLetterReason, dead_letter};
 use crate::message::{Message, MessageId};
-use crate::spill::{Spill, SpilledChunk};
+use crate::spill::{ChunkPlace, Spill, SpillFile};
 use crate::storage::{IndexEntry, Write};
 
 /// Default per-queue budget of message body octets kept in memory.
@@ -177,6 +186,9 @@ pub struct Effects {
     pub dead_letters: Vec<DeadLetterRequest>,
     /// Messages discarded without dead-lettering (no DLX), by reason.
     pub discarded: Vec<DeadLetterReason>,
+    /// Spilled chunks of removed entries still on disk: read them off the
+    /// lock ([`SpilledRemoval::run`]) for the writes and releases they owe.
+    pub spilled_removals: Vec<SpilledRemoval>,
 }
 
 impl Effects {
@@ -186,6 +198,7 @@ impl Effects {
             && self.releases.is_empty()
             && self.dead_letters.is_empty()
             && self.discarded.is_empty()
+            && self.spilled_removals.is_empty()
     }
 
     /// Empties it for reuse.
@@ -194,6 +207,7 @@ impl Effects {
         self.releases.clear();
         self.dead_letters.clear();
         self.discarded.clear();
+        self.spilled_removals.clear();
     }
 }
 
@@ -224,13 +238,47 @@ pub fn parse_expiration(s: &str) -> Option<u64> {
 #[derive(Debug, Default)]
 struct Bucket {
     front: VecDeque<Entry>,
-    /// Spilled chunks and their entry counts.
-    spilled: VecDeque<(SpilledChunk, u32)>,
+    /// Spilled chunks, oldest first.
+    spilled: VecDeque<Chunk>,
     spilled_count: u64,
     back: VecDeque<Entry>,
     /// This level's spill files (one set per level, so a level nobody
     /// consumes cannot pin the files of one that drains).
     spill: Option<Spill>,
+    next_chunk: u64,
+}
+
+/// A spilled chunk of entries.
+#[derive(Debug)]
+struct Chunk {
+    id: u64,
+    /// Entries in it, and their message octets (ready bytes).
+    entries: u32,
+    bytes: u64,
+    place: ChunkPlace,
+    data: ChunkData,
+}
+
+/// Where a spilled chunk's encoding is.
+#[derive(Debug)]
+enum ChunkData {
+    /// In memory only, its write pending or in flight (`writing`).
+    Unwritten { data: Arc<Vec<u8>>, writing: bool },
+    /// On disk only.
+    OnDisk,
+    /// On disk, being read back.
+    Reading,
+    /// On disk and read back: ready to become the head.
+    Read(Arc<Vec<u8>>),
+}
+
+impl Chunk {
+    fn in_memory(&self) -> Option<&Arc<Vec<u8>>> {
+        match &self.data {
+            ChunkData::Unwritten { data, .. } | ChunkData::Read(data) => Some(data),
+            ChunkData::OnDisk | ChunkData::Reading => None,
+        }
+    }
 }
 
 impl Bucket {
@@ -238,7 +286,8 @@ impl Bucket {
         (self.front.len() + self.back.len()) as u64 + self.spilled_count
     }
 
-    /// `front` is empty but entries wait behind it (a refill failed).
+    /// `front` is empty but entries wait behind it (its next chunk is being
+    /// read, or a refill failed).
     fn stalled(&self) -> bool {
         self.front.is_empty() && !(self.back.is_empty() && self.spilled.is_empty())
     }
@@ -267,6 +316,8 @@ pub struct Queue {
     last_used_ms: u64,
     /// See [`Queue::take_zero_ttl_published`].
     zero_ttl_published: bool,
+    /// Spill I/O waits to be taken ([`Queue::take_spill_io_wanted`]).
+    spill_io_wanted: bool,
 }
 
 impl Queue {
@@ -298,6 +349,7 @@ impl Queue {
             memory_budget: DEFAULT_MEMORY_BUDGET,
             last_used_ms: now_ms,
             zero_ttl_published: false,
+            spill_io_wanted: false,
         }
     }
 
@@ -344,6 +396,9 @@ impl Queue {
             if seq >= self.next_seq {
                 self.next_seq = seq + 1;
                 self.push_new(entry, &mut writes);
+                if self.spill_io_wanted {
+                    self.spill_io_inline();
+                }
             } else {
                 self.insert_ready(entry);
             }
@@ -378,10 +433,26 @@ impl Queue {
             let rest = bucket.front.split_off(self.window);
             for entry in rest {
                 self.push_new(entry, &mut writes);
+                if self.spill_io_wanted {
+                    self.spill_io_inline();
+                }
             }
             self.spill_back(level, &mut writes);
         }
+        self.spill_io_inline();
         debug_assert!(writes.is_empty(), "stored entries need no writes");
+    }
+
+    /// Runs the pending spill I/O right here: only for a queue nobody else
+    /// sees yet (rebuilt at boot), so that a deep one streams to its spill
+    /// files instead of holding every chunk in memory.
+    fn spill_io_inline(&mut self) {
+        self.spill_io_wanted = false;
+        let io = self.spill_io();
+        if !io.is_empty() {
+            let done = io.run();
+            self.spill_io_done(done);
+        }
     }
 
     /// Sets the in-memory window and the chunk size, in entries (defaults
@@ -525,10 +596,9 @@ impl Queue {
         }
     }
 
-    /// Writes a level's `back` to the spill files as one chunk. Entries with
-    /// their body in memory are paged out first (`writes` gets the body of
-    /// any not yet in the store). On failure the entries stay in memory and
-    /// the queue stops spilling.
+    /// Encodes a level's `back` as one spilled chunk, to be written off the
+    /// lock ([`Queue::spill_io`]). Entries with their body in memory are
+    /// paged out first (`writes` gets the body of any not yet in the store).
     fn spill_back(&mut self, level: usize, writes: &mut Vec<Write>) {
         let Some(dir) = self.spill_dir.clone() else {
             return;
@@ -537,6 +607,7 @@ impl Queue {
             return;
         };
         let mut data = Vec::with_capacity(bucket.back.len() * SPILLED_ENTRY_LEN);
+        let mut bytes = 0u64;
         for e in &mut bucket.back {
             if let MessageRef::Loaded(m) = &e.msg {
                 if !e.stored {
@@ -546,24 +617,36 @@ impl Queue {
                 self.loaded_bytes -= u64::from(e.size);
                 e.msg = MessageRef::Paged(m.id);
             }
+            bytes += u64::from(e.size);
             e.encode_spilled(&mut data);
         }
-        let spill = bucket.spill.get_or_insert_with(|| Spill::new(dir));
-        match spill.write(&data) {
-            Ok(chunk) => {
-                let n = bucket.back.len();
-                bucket.back.clear();
-                bucket.spilled.push_back((chunk, n as u32));
-                bucket.spilled_count += n as u64;
-            }
-            Err(e) => {
-                tracing::warn!(queue = %self.name, error = %e, "cannot spill queue entries; keeping them in memory");
-                self.spill_dir = None;
-            }
-        }
+        let Ok(len) = u32::try_from(data.len()) else {
+            return;
+        };
+        let place = bucket
+            .spill
+            .get_or_insert_with(|| Spill::new(dir))
+            .place(len);
+        let entries = bucket.back.len() as u32;
+        bucket.back.clear();
+        bucket.spilled.push_back(Chunk {
+            id: bucket.next_chunk,
+            entries,
+            bytes,
+            place,
+            data: ChunkData::Unwritten {
+                data: Arc::new(data),
+                writing: false,
+            },
+        });
+        bucket.next_chunk += 1;
+        bucket.spilled_count += u64::from(entries);
+        self.spill_io_wanted = true;
     }
 
-    /// Refills a level's empty `front`: the next spilled chunk, or `back`.
+    /// Refills a level's empty `front`: the next spilled chunk if it is in
+    /// memory, or `back`. A chunk still on disk is asked for (the level
+    /// stalls until it is read).
     #[cold]
     fn refill(&mut self, level: usize) {
         let Some(bucket) = self.buckets.get_mut(level) else {
@@ -572,28 +655,168 @@ impl Queue {
         if !bucket.front.is_empty() {
             return;
         }
-        let Some((chunk, n)) = bucket.spilled.pop_front() else {
+        let Some(chunk) = bucket.spilled.front() else {
             std::mem::swap(&mut bucket.front, &mut bucket.back);
             return;
         };
-        let read = match bucket.spill.as_mut() {
-            Some(spill) => spill.read(&chunk),
-            None => Err(std::io::Error::other("no spill files")),
+        let Some(data) = chunk.in_memory().cloned() else {
+            self.spill_io_wanted = true;
+            return;
         };
-        match read {
-            Ok(data) => {
-                bucket.spilled_count -= u64::from(n);
-                bucket.front.extend(
-                    data.chunks_exact(SPILLED_ENTRY_LEN)
-                        .filter_map(Entry::decode_spilled),
-                );
+        let Some(chunk) = bucket.spilled.pop_front() else {
+            return;
+        };
+        bucket.spilled_count -= u64::from(chunk.entries);
+        bucket.front.extend(
+            data.chunks_exact(SPILLED_ENTRY_LEN)
+                .filter_map(Entry::decode_spilled),
+        );
+        if let Some(spill) = bucket.spill.as_mut() {
+            spill.consumed(&chunk.place);
+        }
+    }
+
+    /// Whether spill I/O waits to be taken with [`Queue::spill_io`]; clears
+    /// the flag. The caller runs it soon after (its housekeeping task).
+    pub fn take_spill_io_wanted(&mut self) -> bool {
+        std::mem::take(&mut self.spill_io_wanted)
+    }
+
+    /// The spill I/O to run off the lock: every chunk not yet written, the
+    /// next chunk of each level whose head is down to half its window, and
+    /// the files to close. Each is marked in flight until
+    /// [`Queue::spill_io_done`].
+    pub fn spill_io(&mut self) -> SpillIo {
+        let mut io = SpillIo {
+            queue: self.name.clone(),
+            writes: Vec::new(),
+            reads: Vec::new(),
+            released: Vec::new(),
+        };
+        let writing = self.spill_dir.is_some();
+        let low = self.window / 2;
+        for (level, bucket) in self.buckets.iter_mut().enumerate() {
+            if let Some(spill) = bucket.spill.as_mut() {
+                io.released.extend(spill.take_released());
             }
-            Err(e) => {
-                // Left in place: the next look at this level tries again.
-                tracing::error!(queue = %self.name, error = %e, "cannot read spilled queue entries");
-                bucket.spilled.push_front((chunk, n));
+            let head_low = bucket.front.len() <= low;
+            for (i, chunk) in bucket.spilled.iter_mut().enumerate() {
+                match &mut chunk.data {
+                    ChunkData::Unwritten { data, writing: w } if writing && !*w => {
+                        *w = true;
+                        io.writes.push(SpillWrite {
+                            level,
+                            id: chunk.id,
+                            place: chunk.place.clone(),
+                            data: data.clone(),
+                        });
+                    }
+                    ChunkData::OnDisk if i == 0 && head_low => {
+                        chunk.data = ChunkData::Reading;
+                        io.reads.push(SpillRead {
+                            level,
+                            id: chunk.id,
+                            place: chunk.place.clone(),
+                        });
+                    }
+                    _ => {}
+                }
             }
         }
+        io
+    }
+
+    /// Takes back what [`SpillIo::run`] did: written chunks leave memory
+    /// (unless next in line), read ones wait to become the head, and a
+    /// stalled level is refilled. A failed write stops the queue spilling
+    /// (its chunks stay in memory); a failed read is tried again later.
+    pub fn spill_io_done(&mut self, done: SpillIoDone) {
+        let low = self.window / 2;
+        for (level, id, result) in done.writes {
+            let Some(bucket) = self.buckets.get_mut(level) else {
+                continue;
+            };
+            let head_low = bucket.front.len() <= low;
+            let Some((i, chunk)) = bucket
+                .spilled
+                .iter_mut()
+                .enumerate()
+                .find(|(_, c)| c.id == id)
+            else {
+                continue; // consumed from memory meanwhile
+            };
+            let ChunkData::Unwritten { data, writing } = &mut chunk.data else {
+                continue;
+            };
+            match result {
+                Ok(()) if i == 0 && head_low => chunk.data = ChunkData::Read(data.clone()),
+                Ok(()) => chunk.data = ChunkData::OnDisk,
+                Err(e) => {
+                    *writing = false;
+                    if self.spill_dir.take().is_some() {
+                        tracing::warn!(queue = %self.name, error = %e, "cannot spill queue entries; keeping them in memory");
+                    }
+                }
+            }
+        }
+        for (level, id, result) in done.reads {
+            let Some(chunk) = self
+                .buckets
+                .get_mut(level)
+                .and_then(|b| b.spilled.iter_mut().find(|c| c.id == id))
+            else {
+                continue;
+            };
+            if !matches!(chunk.data, ChunkData::Reading) {
+                continue;
+            }
+            match result {
+                Ok(data) => chunk.data = ChunkData::Read(Arc::new(data)),
+                Err(e) => {
+                    // Tried again the next time the level asks for it.
+                    tracing::error!(queue = %self.name, error = %e, "cannot read spilled queue entries");
+                    chunk.data = ChunkData::OnDisk;
+                }
+            }
+        }
+        for level in 0..self.buckets.len() {
+            if self.buckets.get(level).is_some_and(Bucket::stalled) {
+                self.refill(level);
+            }
+        }
+    }
+
+    /// Takes every spilled chunk out of the queue, as for a purge: those in
+    /// memory are decoded into `out`; those on disk are handed to the caller
+    /// in `fx` (read off the lock for their writes and releases; index
+    /// deletions only if `delete_index`: a deleted queue drops its index
+    /// whole). Returns the number of entries handed over.
+    fn drain_spilled(&mut self, out: &mut Vec<Entry>, delete_index: bool, fx: &mut Effects) -> u64 {
+        let mut handed = 0;
+        for bucket in &mut self.buckets {
+            for chunk in std::mem::take(&mut bucket.spilled) {
+                bucket.spilled_count -= u64::from(chunk.entries);
+                if let Some(spill) = bucket.spill.as_mut() {
+                    spill.consumed(&chunk.place);
+                }
+                match chunk.in_memory() {
+                    Some(data) => out.extend(
+                        data.chunks_exact(SPILLED_ENTRY_LEN)
+                            .filter_map(Entry::decode_spilled),
+                    ),
+                    None => {
+                        self.ready_bytes -= chunk.bytes;
+                        handed += u64::from(chunk.entries);
+                        fx.spilled_removals.push(SpilledRemoval {
+                            queue: self.id,
+                            delete_index,
+                            place: chunk.place,
+                        });
+                    }
+                }
+            }
+        }
+        handed
     }
 
     /// Removes the head of a level, refilling it from behind.
@@ -603,6 +826,15 @@ impl Queue {
         let entry = bucket.front.pop_front()?;
         if bucket.front.is_empty() && bucket.stalled() {
             self.refill(level);
+        } else if bucket.front.len() <= self.window / 2
+            && bucket
+                .spilled
+                .front()
+                .is_some_and(|c| matches!(c.data, ChunkData::OnDisk))
+        {
+            // Read the next chunk while the rest of the head drains (asked
+            // once: it is `Reading` from then on).
+            self.spill_io_wanted = true;
         }
         Some(entry)
     }
@@ -669,7 +901,9 @@ impl Queue {
                 }
                 self.refill(l);
                 if self.buckets.get(l).is_none_or(|b| b.front.is_empty()) {
-                    continue;
+                    // Its next chunk is being read: nothing of a lower
+                    // priority overtakes it meanwhile.
+                    return None;
                 }
             }
             level = Some(l);
@@ -989,7 +1223,13 @@ impl Queue {
 
     /// Removes every ready message (`queue.purge`); returns how many.
     pub fn purge(&mut self, fx: &mut Effects) -> u64 {
-        let mut n = 0;
+        let mut entries = Vec::new();
+        let mut n = self.drain_spilled(&mut entries, true, fx);
+        for entry in entries {
+            self.ready_bytes -= u64::from(entry.size);
+            self.finish(&entry, fx);
+            n += 1;
+        }
         while let Some(entry) = self.pop_ready() {
             self.finish(&entry, fx);
             n += 1;
@@ -1004,6 +1244,7 @@ impl Queue {
         let durable = self.durable;
         let mut entries: Vec<Entry> = self.unacked.drain().map(|(_, e)| e).collect();
         self.unacked_bytes = 0;
+        self.drain_spilled(&mut entries, false, fx);
         while let Some(e) = self.pop_ready() {
             entries.push(e);
         }
@@ -1016,6 +1257,106 @@ impl Queue {
             fx.writes.push(Write::DeleteQueueIndex { queue: self.id });
         }
         ready
+    }
+}
+
+/// Spill I/O taken from a queue ([`Queue::spill_io`]), to run off its lock.
+#[derive(Debug)]
+pub struct SpillIo {
+    queue: ShortStr,
+    writes: Vec<SpillWrite>,
+    reads: Vec<SpillRead>,
+    released: Vec<Arc<SpillFile>>,
+}
+
+#[derive(Debug)]
+struct SpillWrite {
+    level: usize,
+    id: u64,
+    place: ChunkPlace,
+    data: Arc<Vec<u8>>,
+}
+
+#[derive(Debug)]
+struct SpillRead {
+    level: usize,
+    id: u64,
+    place: ChunkPlace,
+}
+
+/// What [`SpillIo::run`] did, for [`Queue::spill_io_done`].
+#[derive(Debug)]
+pub struct SpillIoDone {
+    writes: Vec<(usize, u64, std::io::Result<()>)>,
+    reads: Vec<(usize, u64, std::io::Result<Vec<u8>>)>,
+}
+
+impl SpillIo {
+    /// Whether there is nothing to do.
+    pub fn is_empty(&self) -> bool {
+        self.writes.is_empty() && self.reads.is_empty() && self.released.is_empty()
+    }
+
+    /// Does the I/O (blocking: call it on a blocking thread): writes the
+    /// new chunks, reads the asked-for ones, closes the released files.
+    pub fn run(self) -> SpillIoDone {
+        let _span = tracing::debug_span!("spill_io", queue = %self.queue).entered();
+        let writes = self
+            .writes
+            .into_iter()
+            .map(|w| {
+                let r = w.place.file.write_at(&w.data, w.place.off);
+                (w.level, w.id, r)
+            })
+            .collect();
+        let reads = self
+            .reads
+            .into_iter()
+            .map(|r| {
+                (
+                    r.level,
+                    r.id,
+                    r.place.file.read_at(r.place.off, r.place.len),
+                )
+            })
+            .collect();
+        drop(self.released);
+        SpillIoDone { writes, reads }
+    }
+}
+
+/// A spilled chunk of removed (purged or deleted) entries still on disk:
+/// its entries owe the store their index deletions and body releases.
+#[derive(Debug)]
+pub struct SpilledRemoval {
+    queue: u64,
+    delete_index: bool,
+    place: ChunkPlace,
+}
+
+impl SpilledRemoval {
+    /// Reads the chunk (blocking: call it on a blocking thread) and returns
+    /// the writes and the releases its entries owe, as
+    /// [`Queue::purge`] would have made them.
+    pub fn run(self) -> std::io::Result<(Vec<Write>, Vec<MessageId>)> {
+        let data = self.place.file.read_at(self.place.off, self.place.len)?;
+        let mut writes = Vec::new();
+        let mut releases = Vec::new();
+        for e in data
+            .chunks_exact(SPILLED_ENTRY_LEN)
+            .filter_map(Entry::decode_spilled)
+        {
+            if e.indexed && self.delete_index {
+                writes.push(Write::DeleteIndex {
+                    queue: self.queue,
+                    seq: e.seq,
+                });
+            }
+            if e.stored {
+                releases.push(e.msg.id());
+            }
+        }
+        Ok((writes, releases))
     }
 }
 
@@ -1065,11 +1406,25 @@ mod tests {
         Queue::new(1, ShortStr::from_static("q"), false, parsed, table, 0)
     }
 
+    /// Delivers everything, running the spill I/O the queue asks for as
+    /// its owner would (between operations, not under them).
     fn ids(q: &mut Queue, now: u64) -> Vec<u64> {
         let mut fx = Effects::default();
-        std::iter::from_fn(|| q.deliver(now, false, &mut fx))
-            .map(|d| d.message.id().0)
-            .collect()
+        let mut out = Vec::new();
+        loop {
+            if q.take_spill_io_wanted() {
+                let io = q.spill_io();
+                q.spill_io_done(io.run());
+            }
+            match q.deliver(now, false, &mut fx) {
+                Some(d) => out.push(d.message.id().0),
+                None if q.take_spill_io_wanted() => {
+                    let io = q.spill_io();
+                    q.spill_io_done(io.run());
+                }
+                None => return out,
+            }
+        }
     }
 
     #[test]
@@ -1541,6 +1896,72 @@ mod tests {
         spilling(&mut q, dir.path());
         assert_eq!(q.spilled_count(), 27);
         assert_eq!(ids(&mut q, 0), (1..=30).collect::<Vec<_>>());
+    }
+
+    /// Publishes `n` plain messages to a spilling queue and writes its
+    /// chunks out, as its housekeeping task would.
+    fn spilled_to_disk(dir: &std::path::Path, n: u64) -> (Queue, Effects) {
+        let mut q = queue(&[]);
+        spilling(&mut q, dir);
+        let mut fx = Effects::default();
+        for id in 1..=n {
+            q.publish(&plain(id), 0, &mut fx);
+        }
+        assert!(q.take_spill_io_wanted(), "new chunks ask to be written");
+        let io = q.spill_io();
+        assert!(!io.is_empty());
+        q.spill_io_done(io.run());
+        (q, fx)
+    }
+
+    #[test]
+    fn a_head_waits_for_its_next_chunk_to_be_read_off_the_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut q, mut fx) = spilled_to_disk(dir.path(), 20);
+        // The head drains without the chunk behind it being read here.
+        let mut got = Vec::new();
+        while let Some(d) = q.deliver(0, false, &mut fx) {
+            got.push(d.message.id().0);
+        }
+        assert_eq!(got, vec![1, 2, 3], "the window, then a stall");
+        assert_eq!(q.ready_count(), 17);
+        assert!(
+            q.take_spill_io_wanted(),
+            "the stalled level asks for a read"
+        );
+        let io = q.spill_io();
+        q.spill_io_done(io.run());
+        got.extend(ids(&mut q, 0));
+        assert_eq!(got, (1..=20).collect::<Vec<_>>());
+        assert_eq!(q.spilled_count(), 0);
+    }
+
+    #[test]
+    fn purging_hands_chunks_on_disk_to_the_caller_with_what_they_owe() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut q, fx) = spilled_to_disk(dir.path(), 50);
+        let stored = fx
+            .writes
+            .iter()
+            .filter(|w| matches!(w, Write::PutMessage(_)))
+            .count();
+        let mut fx = Effects::default();
+        assert_eq!(q.purge(&mut fx), 50);
+        assert_eq!(
+            (q.ready_count(), q.spilled_count(), q.ready_bytes()),
+            (0, 0, 0)
+        );
+        assert!(!fx.spilled_removals.is_empty());
+        let mut releases = fx.releases.clone();
+        for removal in std::mem::take(&mut fx.spilled_removals) {
+            let (writes, ids) = removal.run().unwrap();
+            assert!(writes.is_empty(), "a transient queue has no index");
+            releases.extend(ids);
+        }
+        assert_eq!(releases.len(), stored, "every stored body is released once");
+        releases.sort_unstable();
+        releases.dedup();
+        assert_eq!(releases.len(), stored);
     }
 
     #[test]

@@ -614,6 +614,43 @@ impl Vhost {
         for id in fx.releases.drain(..) {
             self.node.store.release(id);
         }
+        if !fx.spilled_removals.is_empty() {
+            self.release_spilled(std::mem::take(&mut fx.spilled_removals));
+        }
+    }
+
+    /// Removed entries whose spilled chunk is on disk (a purged or deleted
+    /// deep queue): the chunks are read on the blocking pool, then their
+    /// index deletions and body releases are submitted.
+    fn release_spilled(&self, removals: Vec<queue_store::SpilledRemoval>) {
+        let store = self.node.store.clone();
+        let vhost = self.name.clone();
+        self.node.tracker.spawn(async move {
+            let read = tokio::task::spawn_blocking(move || {
+                removals
+                    .into_iter()
+                    .map(queue_store::SpilledRemoval::run)
+                    .collect::<Vec<_>>()
+            })
+            .await;
+            let Ok(read) = read else {
+                tracing::error!(vhost = %vhost, "reading removed spilled entries did not finish; their bodies stay stored");
+                return;
+            };
+            for r in read {
+                match r {
+                    Ok((writes, releases)) => {
+                        store.submit(writes);
+                        for id in releases {
+                            store.release(id);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(vhost = %vhost, error = %e, "cannot read removed spilled entries; their bodies stay stored");
+                    }
+                }
+            }
+        });
     }
 
     /// Publishes dead letters whose body is paged out: read on the blocking
@@ -822,10 +859,11 @@ impl Vhost {
         let node = self.node.clone();
         self.node.tracker.spawn(async move {
             loop {
-                // Bodies a consumer waits for that are paged out are read here,
-                // off the queue's lock and the runtime's workers.
+                // Spill files are written and read here, and bodies a
+                // consumer waits for that are paged out are read here, off
+                // the queue's lock and the runtime's workers.
                 let mut fx = Effects::default();
-                if q.page_in(&node.store, &mut fx).await {
+                if q.spill_io(&mut fx).await || q.page_in(&node.store, &mut fx).await {
                     vhost.apply(&mut fx);
                     continue;
                 }

@@ -12,7 +12,8 @@ use std::sync::atomic::Ordering;
 use amqp_codec::ShortStr;
 use parking_lot::Mutex;
 use queue_store::{
-    Delivery, Effects, Enqueued, Message, MessageId, MessageRef, Queue, QueueArgs, Store,
+    Delivery, Effects, Enqueued, Message, MessageId, MessageRef, Queue, QueueArgs, SpillIo,
+    SpillIoDone, Store,
 };
 
 use super::{
@@ -39,6 +40,9 @@ struct QueueState {
     /// Deliveries left before the next page-in is asked for ahead of the
     /// head (while the queue has paged bodies).
     until_prefetch: usize,
+    /// The housekeeping task was woken for spill I/O and has not taken it
+    /// yet ([`QueueType::wanted_spill_io`]).
+    spill_io_asked: bool,
 }
 
 /// How many paged bodies at the head are loaded at a time, and how many
@@ -58,12 +62,15 @@ pub struct ClassicQueue {
 impl ClassicQueue {
     /// Runs `f` under the queue's lock; wakes the housekeeping task if that
     /// moved the next TTL deadline (a new or requeued head, or a delivery
-    /// that uncovered one), and only then: not on every publish.
+    /// that uncovered one) or left spill I/O to do, and only then: not on
+    /// every publish.
     fn locked<R>(&self, q: &QueueHandle, f: impl FnOnce(&mut QueueState) -> R) -> R {
         let mut st = self.state.lock();
         let before = st.queue.next_expiry();
         let r = f(&mut st);
-        if st.queue.next_expiry() != before {
+        let spill_io = !st.spill_io_asked && st.queue.take_spill_io_wanted();
+        st.spill_io_asked |= spill_io;
+        if spill_io || st.queue.next_expiry() != before {
             q.wake.notify_one();
         }
         r
@@ -80,6 +87,7 @@ impl ClassicQueue {
                 page_in_wanted: false,
                 unloadable: Vec::new(),
                 until_prefetch: 0,
+                spill_io_asked: false,
             }),
         }
     }
@@ -210,13 +218,14 @@ impl QueueType for ClassicQueue {
     }
 
     fn set_effective_args(&self, q: &QueueHandle, args: QueueArgs, fx: &mut Effects) -> bool {
-        let mut st = self.state.lock();
-        if st.deleted {
-            return false;
-        }
-        st.queue.set_effective_args(args, fx);
-        st.dispatch(q, fx);
-        true
+        self.locked(q, |st| {
+            if st.deleted {
+                return false;
+            }
+            st.queue.set_effective_args(args, fx);
+            st.dispatch(q, fx);
+            true
+        })
     }
 
     fn deadlines(&self) -> Option<(Option<u64>, Option<u64>)> {
@@ -270,6 +279,22 @@ impl QueueType for ClassicQueue {
         st.unloadable.extend(failed);
         st.until_prefetch = PAGE_IN_BATCH / 2;
         st.dispatch(q, fx);
+    }
+
+    fn wanted_spill_io(&self) -> Option<SpillIo> {
+        let mut st = self.state.lock();
+        let asked = std::mem::take(&mut st.spill_io_asked);
+        if !(st.queue.take_spill_io_wanted() || asked) || st.deleted {
+            return None;
+        }
+        Some(st.queue.spill_io()).filter(|io| !io.is_empty())
+    }
+
+    fn spill_io_done(&self, q: &QueueHandle, done: SpillIoDone, fx: &mut Effects) {
+        self.locked(q, |st| {
+            st.queue.spill_io_done(done);
+            st.dispatch(q, fx);
+        });
     }
 
     fn memory_in_use(&self, q: &QueueHandle) -> u64 {

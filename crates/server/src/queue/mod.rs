@@ -24,7 +24,8 @@ use amqp_codec::{
     encode_method,
 };
 use queue_store::{
-    Delivery, Effects, FlowGate, Message, MessageId, MessageRef, Queue, QueueArgs, Store,
+    Delivery, Effects, FlowGate, Message, MessageId, MessageRef, Queue, QueueArgs, SpillIo,
+    SpillIoDone, Store,
 };
 use tokio::sync::Notify;
 
@@ -248,6 +249,12 @@ pub trait QueueType: Send + Sync + std::fmt::Debug {
     /// runtime's workers and handed back through [`QueueType::page_in`]
     /// (empty unless it asked, by waking its housekeeping task).
     fn wanted_page_in(&self) -> Vec<MessageId>;
+    /// The spill-file I/O it asked for (by waking its housekeeping task),
+    /// to run off its lock and the runtime's workers and hand back through
+    /// [`QueueType::spill_io_done`].
+    fn wanted_spill_io(&self) -> Option<SpillIo>;
+    /// Takes back what its spill I/O did and delivers again.
+    fn spill_io_done(&self, q: &QueueHandle, done: SpillIoDone, fx: &mut Effects);
     /// Takes back loaded bodies (and the ids that could not be loaded) and
     /// delivers again.
     fn page_in(
@@ -396,6 +403,21 @@ impl QueueHandle {
         }
         let (loaded, failed) = load_all_off_worker(wanted, store).await;
         self.kind.page_in(self, loaded, failed, fx);
+        true
+    }
+
+    /// Runs the spill-file I/O the queue asked for (writing chunks of
+    /// entries behind its window, reading the next one back) on the
+    /// blocking pool, and delivers again. Returns whether it wanted any (the
+    /// housekeeping task calls it when woken).
+    pub async fn spill_io(&self, fx: &mut Effects) -> bool {
+        let Some(io) = self.kind.wanted_spill_io() else {
+            return false;
+        };
+        match tokio::task::spawn_blocking(move || io.run()).await {
+            Ok(done) => self.kind.spill_io_done(self, done, fx),
+            Err(e) => tracing::error!(queue = %self.name, error = %e, "spill I/O did not finish"),
+        }
         true
     }
 
