@@ -805,8 +805,8 @@ impl Connection {
                         if ch.is_closing() {
                             continue;
                         }
-                        if let Err(e) = ch.check_consumer_timeout(&self.broker, &self.vhost, now) {
-                            ch.fail(&self.broker, &self.vhost, &e);
+                        if let Err(e) = ch.check_consumer_timeout(&self.broker.node, &self.vhost, now) {
+                            ch.fail(&self.broker.node, &self.vhost, &e);
                         }
                     }
                 }
@@ -859,7 +859,7 @@ impl Connection {
     /// are accounted against the memory watermark.
     fn after_frames(&mut self) {
         for ch in self.channels.values_mut() {
-            ch.flush_confirms(&self.broker);
+            ch.flush_confirms(&self.broker.node);
         }
         let partial = self.channels.values().map(|c| c.assembler.buffered()).sum();
         self.partial.update(partial);
@@ -1028,7 +1028,7 @@ impl Connection {
                 method,
                 content: None,
             };
-            match ch.handle(&self.broker, &self.vhost, cmd).await? {
+            match ch.handle(&self.broker.node, &self.vhost, cmd).await? {
                 ChannelOutcome::Closed => {
                     if self.channels.remove(&channel).is_some() {
                         self.shared.channels.lock().remove(&channel);
@@ -1063,7 +1063,7 @@ impl Connection {
                 return match e.scope {
                     Scope::Connection => Err(e),
                     Scope::Channel => {
-                        ch.fail(&self.broker, &self.vhost, &e);
+                        ch.fail(&self.broker.node, &self.vhost, &e);
                         Ok(false)
                     }
                 };
@@ -1087,7 +1087,7 @@ impl Connection {
             self.waiting.insert(channel, VecDeque::new());
             let (broker, vhost) = (self.broker.clone(), self.vhost.clone());
             self.in_flight.push(Box::pin(async move {
-                let outcome = ch.handle(&broker, &vhost, cmd).await;
+                let outcome = ch.handle(&broker.node, &vhost, cmd).await;
                 (channel, ch, outcome)
             }));
             return Ok(());
@@ -1095,7 +1095,7 @@ impl Connection {
         let Some(ch) = self.channels.get_mut(&channel) else {
             return Ok(());
         };
-        let outcome = ch.handle(&self.broker, &self.vhost, cmd).await;
+        let outcome = ch.handle(&self.broker.node, &self.vhost, cmd).await;
         self.settle_outcome(channel, outcome)
     }
 
@@ -1145,7 +1145,7 @@ impl Connection {
                     self.broker.metrics.channels.dec();
                 }
             }
-            Err(e) if e.scope == Scope::Channel => ch.fail(&self.broker, &self.vhost, &e),
+            Err(e) if e.scope == Scope::Channel => ch.fail(&self.broker.node, &self.vhost, &e),
             Err(e) => return Err(e),
         }
         Ok(())
@@ -1224,7 +1224,7 @@ impl Connection {
         self.shared.channels.lock().clear();
         for (_, mut ch) in self.channels.drain() {
             self.broker.metrics.channels.dec();
-            ch.release(&self.broker, &self.vhost);
+            ch.release(&self.broker.node, &self.vhost);
         }
         for q in self.vhost.queues() {
             if q.exclusive_owner == Some(self.shared.id) {

@@ -28,6 +28,7 @@ pub mod alarm;
 pub mod auth;
 pub mod broker;
 pub mod channel;
+pub mod config;
 pub mod connection;
 pub mod definitions;
 pub mod error;

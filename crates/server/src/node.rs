@@ -1,8 +1,9 @@
-//! [`Node`]: what the vhosts and queues of this node share — the settings,
-//! the store, the metadata log, the metrics, the alarms, the task tracker
-//! and shutdown signal, the queue id counter — handed to each vhost when it
-//! is made, instead of the whole `Broker` (which holds the vhosts, the
-//! users and the connections on top of it).
+//! [`Node`]: what the vhosts, queues and channels of this node share — the
+//! settings, the store, the metadata log, the metrics, the alarms, users and
+//! permissions, the direct reply-to registry, the task tracker and shutdown
+//! signal, the queue id counter — handed to each vhost when it is made and
+//! to each channel with every command, instead of the whole `Broker` (which
+//! holds the vhosts and the connections on top of it).
 //!
 //! `Broker` dereferences to its `Node`, so code that has a broker reads
 //! these fields as before.
@@ -15,8 +16,12 @@ use queue_store::Store;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::broker::Config;
+use crate::config::Config;
 use crate::meta::MetaLog;
+
+/// The node name reported in the management API and trace headers (one
+/// node until Warren clusters).
+pub const NODE_NAME: &str = "warren@localhost";
 
 /// What every vhost and queue of this node uses.
 #[derive(Debug)]
@@ -35,6 +40,11 @@ pub struct Node {
     pub alarms: crate::alarm::Alarms,
     /// Prometheus counters and gauges.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Users and permissions (the view of the metadata a connection and a
+    /// channel check against).
+    pub auth: crate::auth::Auth,
+    /// Direct reply-to consumers (`amq.rabbitmq.reply-to`), by address.
+    pub reply_consumers: crate::reply_to::ReplyConsumers,
     /// Cancelled on shutdown.
     pub shutdown: CancellationToken,
     /// Every task the broker spawned.
@@ -58,6 +68,8 @@ impl Node {
             spill_dir,
             alarms,
             metrics: Arc::default(),
+            auth: crate::auth::Auth::default(),
+            reply_consumers: crate::reply_to::ReplyConsumers::default(),
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
             next_queue: AtomicU64::new(1),

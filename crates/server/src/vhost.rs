@@ -21,11 +21,10 @@ use queue_store::{
     dead_letter::is_cycle,
 };
 
-use crate::channel::{Settle, Unacked};
 use crate::error::AmqpError;
 use crate::meta::{MetaCommand, QueueDef};
 use crate::node::Node;
-use crate::queue::{QueueHandle, notify_cancel, now_ms};
+use crate::queue::{QueueHandle, Settle, Unacked, notify_cancel, now_ms};
 
 /// A message to publish (see [`Vhost::enqueue`]).
 #[derive(Debug)]
@@ -423,7 +422,7 @@ impl Vhost {
             ..Default::default()
         };
         if let Some(existing) = self.find_queue(&m.queue) {
-            crate::channel::check_equivalent(&existing, &m, &self.name)?;
+            existing.check_equivalent(&m, &self.name)?;
             return Ok(false);
         }
         let args = QueueArgs::parse(&m.arguments, &m.queue, &self.name)?;

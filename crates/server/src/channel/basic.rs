@@ -12,8 +12,8 @@ use queue_store::parse_expiration;
 
 use super::{Channel, Mode, Settle, TxAction, Unacked, server_name};
 use crate::auth::{Access, Resource};
-use crate::broker::Broker;
 use crate::error::AmqpError;
+use crate::node::Node;
 use crate::queue::{ConsumeRefused, Consumer, now_ms};
 use crate::reply_to;
 use crate::vhost::{Enqueue, Publish, Vhost};
@@ -21,7 +21,7 @@ use crate::vhost::{Enqueue, Publish, Vhost};
 impl Channel {
     pub(super) fn handle_basic_qos(
         &mut self,
-        _broker: &Arc<Broker>,
+        _node: &Arc<Node>,
         vhost: &Vhost,
         m: BasicQos,
     ) -> Result<(), AmqpError> {
@@ -41,19 +41,14 @@ impl Channel {
         Ok(())
     }
 
-    pub(super) fn handle_basic_cancel(
-        &mut self,
-        broker: &Arc<Broker>,
-        vhost: &Vhost,
-        m: BasicCancel,
-    ) {
+    pub(super) fn handle_basic_cancel(&mut self, node: &Arc<Node>, vhost: &Vhost, m: BasicCancel) {
         if self
             .reply_consumer
             .as_ref()
             .is_some_and(|(_, t)| *t == m.consumer_tag)
         {
             if let Some((token, _)) = self.reply_consumer.take() {
-                broker.reply_consumers.unregister(&token);
+                node.reply_consumers.unregister(&token);
             }
         }
         if let Some(pos) = self
@@ -75,7 +70,7 @@ impl Channel {
 
     pub(super) fn handle_basic_publish(
         &mut self,
-        broker: &Arc<Broker>,
+        node: &Arc<Node>,
         vhost: &Vhost,
         m: BasicPublish,
         content: Option<Content>,
@@ -92,20 +87,20 @@ impl Channel {
             .store(true, Ordering::Relaxed);
         if matches!(self.mode, Mode::Transactional(_)) {
             // RabbitMQ refuses these at once, not at commit.
-            self.check_publish(broker, vhost, &m)?;
+            self.check_publish(node, vhost, &m)?;
         }
         match &mut self.mode {
             Mode::Transactional(actions) => {
                 actions.push(TxAction::Publish(m, content.header, content.body));
                 Ok(())
             }
-            _ => self.publish(broker, vhost, m, content.header, content.body),
+            _ => self.publish(node, vhost, m, content.header, content.body),
         }
     }
 
     pub(super) fn handle_basic_ack(
         &mut self,
-        _broker: &Arc<Broker>,
+        _node: &Arc<Node>,
         vhost: &Vhost,
         m: BasicAck,
     ) -> Result<(), AmqpError> {
@@ -114,7 +109,7 @@ impl Channel {
 
     pub(super) fn handle_basic_nack(
         &mut self,
-        _broker: &Arc<Broker>,
+        _node: &Arc<Node>,
         vhost: &Vhost,
         m: BasicNack,
     ) -> Result<(), AmqpError> {
@@ -124,7 +119,7 @@ impl Channel {
 
     pub(super) fn handle_basic_reject(
         &mut self,
-        _broker: &Arc<Broker>,
+        _node: &Arc<Node>,
         vhost: &Vhost,
         m: BasicReject,
     ) -> Result<(), AmqpError> {
@@ -134,7 +129,7 @@ impl Channel {
 
     pub(super) fn handle_basic_recover(
         &mut self,
-        _broker: &Arc<Broker>,
+        _node: &Arc<Node>,
         vhost: &Vhost,
         m: BasicRecover,
     ) -> Result<(), AmqpError> {
@@ -151,7 +146,7 @@ impl Channel {
     /// As RabbitMQ: redelivering to the same consumer is not offered.
     pub(super) fn handle_basic_recover_async(
         &mut self,
-        _broker: &Arc<Broker>,
+        _node: &Arc<Node>,
         vhost: &Vhost,
         m: BasicRecoverAsync,
     ) -> Result<(), AmqpError> {
@@ -165,14 +160,14 @@ impl Channel {
 
     pub(super) fn handle_basic_consume(
         &mut self,
-        broker: &Arc<Broker>,
+        node: &Arc<Node>,
         vhost: &Vhost,
         m: BasicConsume,
     ) -> Result<(), AmqpError> {
         if m.queue.as_str() == reply_to::PSEUDO_QUEUE {
-            return self.consume_replies(broker, m);
+            return self.consume_replies(node, m);
         }
-        self.allow(broker, vhost, Resource::Queue, &m.queue, Access::Read)?;
+        self.allow(node, vhost, Resource::Queue, &m.queue, Access::Read)?;
         let shared = self.shared.clone();
         self.consumers.retain(|(t, _)| shared.has_consumer(t));
         let queue = vhost.queue_for(&m.queue, self.shared.connection.id)?;
@@ -186,7 +181,7 @@ impl Channel {
                 "attempt to reuse consumer tag '{tag}'"
             )));
         }
-        let max = broker.config.max_consumers_per_channel;
+        let max = node.config.max_consumers_per_channel;
         if max > 0 && self.consumers.len() >= max {
             return Err(AmqpError::precondition_failed(format!(
                 "reached the limit of {max} consumers per channel"
@@ -249,7 +244,7 @@ impl Channel {
     /// `basic.consume` from `amq.rabbitmq.reply-to`.
     pub(super) fn consume_replies(
         &mut self,
-        broker: &Arc<Broker>,
+        node: &Arc<Node>,
         m: BasicConsume,
     ) -> Result<(), AmqpError> {
         if !m.no_ack {
@@ -265,7 +260,7 @@ impl Channel {
         } else {
             m.consumer_tag.clone()
         };
-        let token = broker
+        let token = node
             .reply_consumers
             .register(self.shared.clone(), tag.clone());
         self.reply_consumer = Some((token, tag.clone()));
@@ -280,11 +275,11 @@ impl Channel {
 
     pub(super) async fn handle_basic_get(
         &mut self,
-        broker: &Arc<Broker>,
+        node: &Arc<Node>,
         vhost: &Vhost,
         m: BasicGet,
     ) -> Result<(), AmqpError> {
-        self.allow(broker, vhost, Resource::Queue, &m.queue, Access::Read)?;
+        self.allow(node, vhost, Resource::Queue, &m.queue, Access::Read)?;
         let queue = vhost.queue_for(&m.queue, self.shared.connection.id)?;
         let mut fx = std::mem::take(&mut self.fx);
         let got = queue.get(!m.no_ack, &mut fx);
@@ -294,7 +289,7 @@ impl Channel {
                 .write_method(&Method::BasicGetEmpty(BasicGetEmpty {
                     cluster_id: ShortStr::default(),
                 })),
-            Some(d) => match crate::queue::load_off_worker(&d.message, &broker.store).await {
+            Some(d) => match crate::queue::load_off_worker(&d.message, &node.store).await {
                 Some(msg) => {
                     let tag = self.shared.next_delivery((!m.no_ack).then(|| Unacked {
                         queue: queue.id,
@@ -331,7 +326,7 @@ impl Channel {
     /// Routes and enqueues one publish (outside a transaction, or at commit).
     pub(super) fn publish(
         &mut self,
-        broker: &Arc<Broker>,
+        node: &Arc<Node>,
         vhost: &Vhost,
         m: BasicPublish,
         header: ContentHeader,
@@ -350,15 +345,9 @@ impl Channel {
             .store(true, Ordering::Relaxed);
         // Permissions first, as RabbitMQ checks them: replies through direct
         // reply-to go via the default exchange too and need write access to it.
-        self.allow(
-            broker,
-            vhost,
-            Resource::Exchange,
-            &m.exchange,
-            Access::Write,
-        )?;
+        self.allow(node, vhost, Resource::Exchange, &m.exchange, Access::Write)?;
         vhost.check_topic(
-            &broker.auth,
+            &node.auth,
             &self.shared.connection.user,
             &m.exchange,
             &m.routing_key,
@@ -381,7 +370,7 @@ impl Channel {
         crate::vhost::check_user_id(
             header.properties.user_id().as_ref().map(ShortStr::as_str),
             &self.shared.connection.user,
-            &broker.auth,
+            &node.auth,
         )?;
         let header = match header.properties.reply_to() {
             Some(r) if r.as_str() == reply_to::PSEUDO_QUEUE => {
@@ -395,9 +384,7 @@ impl Channel {
             _ => header,
         };
         if m.exchange.is_empty() && m.routing_key.starts_with(reply_to::PSEUDO_QUEUE) {
-            let delivered = broker
-                .reply_consumers
-                .deliver(&m.routing_key, &header, &body);
+            let delivered = node.reply_consumers.deliver(&m.routing_key, &header, &body);
             if !delivered && m.mandatory {
                 self.shared.write_content(
                     &Method::BasicReturn(BasicReturn {
@@ -471,17 +458,11 @@ impl Channel {
     /// it then, not at commit): permission, an existing, non-internal exchange.
     pub(super) fn check_publish(
         &self,
-        broker: &Broker,
+        node: &Node,
         vhost: &Vhost,
         m: &BasicPublish,
     ) -> Result<(), AmqpError> {
-        self.allow(
-            broker,
-            vhost,
-            Resource::Exchange,
-            &m.exchange,
-            Access::Write,
-        )?;
+        self.allow(node, vhost, Resource::Exchange, &m.exchange, Access::Write)?;
         if m.exchange.is_empty() {
             return Ok(());
         }
@@ -554,11 +535,11 @@ impl Channel {
     /// shorter timeout is caught once the older ones are settled.
     pub fn check_consumer_timeout(
         &mut self,
-        broker: &Arc<Broker>,
+        node: &Arc<Node>,
         vhost: &Vhost,
         now: u64,
     ) -> Result<(), AmqpError> {
-        let default = broker.config.consumer_timeout.as_millis() as u64;
+        let default = node.config.consumer_timeout.as_millis() as u64;
         let oldest = self.shared.oldest_unacked();
         let expired = oldest.and_then(|(queue, delivered_at, consumer)| {
             let timeout = vhost
@@ -571,7 +552,7 @@ impl Channel {
             return Ok(());
         };
         match consumer {
-            Some(tag) if broker.config.consumer_timeout_cancels_consumer => {
+            Some(tag) if node.config.consumer_timeout_cancels_consumer => {
                 tracing::warn!(channel = self.shared.id, consumer = %tag, timeout, "consumer timed out: cancelling it");
                 if let Some(pos) = self.consumers.iter().position(|(t, _)| *t == tag) {
                     let (tag, queue) = self.consumers.remove(pos);

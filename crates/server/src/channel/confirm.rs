@@ -9,8 +9,8 @@ use amqp_codec::Method;
 use amqp_codec::methods::*;
 
 use super::{Channel, Mode, State};
-use crate::broker::Broker;
 use crate::error::AmqpError;
+use crate::node::Node;
 
 /// Publisher-confirm bookkeeping.
 #[derive(Debug, Default)]
@@ -52,7 +52,7 @@ impl Channel {
     /// Sends the confirms for publishes handled since the last call: at once,
     /// or after the store's commit point if any of them (or an earlier batch
     /// still waiting) wrote to the store.
-    pub fn flush_confirms(&mut self, broker: &Arc<Broker>) {
+    pub fn flush_confirms(&mut self, node: &Arc<Node>) {
         if self.state == State::Closing {
             return;
         }
@@ -72,18 +72,18 @@ impl Channel {
             for f in &frames {
                 self.shared.write_method(f);
             }
-            broker.metrics.confirmed.inc_by(confirmed);
+            node.metrics.confirmed.inc_by(confirmed);
             return;
         }
-        let metrics = broker.metrics.clone();
+        let metrics = node.metrics.clone();
         c.in_flight.fetch_add(1, Ordering::AcqRel);
         let in_flight = c.in_flight.clone();
-        let commit = broker.store.commit();
+        let commit = node.store.commit();
         let shared = self.shared.clone();
         let previous = c.previous.take();
         let (done, next) = tokio::sync::oneshot::channel();
         c.previous = Some(next);
-        broker.tracker.spawn(async move {
+        node.tracker.spawn(async move {
             let result = commit.await;
             if let Some(previous) = previous {
                 let _ = previous.await;

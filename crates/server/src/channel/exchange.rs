@@ -9,20 +9,20 @@ use amqp_codec::{FieldTable, Method, ShortStr};
 
 use super::Channel;
 use crate::auth::{Access, Resource};
-use crate::broker::Broker;
 use crate::error::AmqpError;
+use crate::node::Node;
 use crate::vhost::Vhost;
 
 impl Channel {
     pub(super) async fn handle_exchange_declare(
         &mut self,
-        broker: &Arc<Broker>,
+        node: &Arc<Node>,
         vhost: &Vhost,
         m: ExchangeDeclare,
     ) -> Result<(), AmqpError> {
         if !m.passive && !m.exchange.is_empty() {
             self.allow(
-                broker,
+                node,
                 vhost,
                 Resource::Exchange,
                 &m.exchange,
@@ -35,8 +35,8 @@ impl Channel {
                 .get("alternate-exchange")
                 .and_then(amqp_codec::FieldValue::as_str)
             {
-                self.allow(broker, vhost, Resource::Exchange, &m.exchange, Access::Read)?;
-                self.allow(broker, vhost, Resource::Exchange, ae, Access::Write)?;
+                self.allow(node, vhost, Resource::Exchange, &m.exchange, Access::Read)?;
+                self.allow(node, vhost, Resource::Exchange, ae, Access::Write)?;
             }
         }
         let decl = RouterDeclare {
@@ -57,13 +57,13 @@ impl Channel {
 
     pub(super) async fn handle_exchange_delete(
         &mut self,
-        broker: &Arc<Broker>,
+        node: &Arc<Node>,
         vhost: &Vhost,
         m: amqp_codec::methods::ExchangeDelete,
     ) -> Result<(), AmqpError> {
         if !m.exchange.is_empty() {
             self.allow(
-                broker,
+                node,
                 vhost,
                 Resource::Exchange,
                 &m.exchange,
@@ -80,12 +80,12 @@ impl Channel {
 
     pub(super) async fn handle_exchange_bind(
         &mut self,
-        broker: &Arc<Broker>,
+        node: &Arc<Node>,
         vhost: &Vhost,
         m: ExchangeBind,
     ) -> Result<(), AmqpError> {
         let def = self.exchange_binding(
-            broker,
+            node,
             vhost,
             m.source,
             m.destination,
@@ -102,12 +102,12 @@ impl Channel {
 
     pub(super) async fn handle_exchange_unbind(
         &mut self,
-        broker: &Arc<Broker>,
+        node: &Arc<Node>,
         vhost: &Vhost,
         m: ExchangeUnbind,
     ) -> Result<(), AmqpError> {
         let def = self.exchange_binding(
-            broker,
+            node,
             vhost,
             m.source,
             m.destination,
@@ -126,21 +126,15 @@ impl Channel {
     /// user may write the destination and read the source (RabbitMQ's rule).
     pub(super) fn exchange_binding(
         &self,
-        broker: &Broker,
+        node: &Node,
         vhost: &Vhost,
         source: ShortStr,
         destination: ShortStr,
         routing_key: ShortStr,
         arguments: FieldTable,
     ) -> Result<BindingDef, AmqpError> {
-        self.allow(
-            broker,
-            vhost,
-            Resource::Exchange,
-            &destination,
-            Access::Write,
-        )?;
-        self.allow(broker, vhost, Resource::Exchange, &source, Access::Read)?;
+        self.allow(node, vhost, Resource::Exchange, &destination, Access::Write)?;
+        self.allow(node, vhost, Resource::Exchange, &source, Access::Read)?;
         Ok(BindingDef {
             source,
             destination: Destination::Exchange(destination),

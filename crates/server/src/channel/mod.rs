@@ -28,9 +28,9 @@ use amqp_codec::{Command, CommandAssembler, Method, ShortStr};
 use queue_store::Effects;
 
 use crate::auth::{Access, Resource};
-use crate::broker::Broker;
 use crate::connection::ConnectionShared;
 use crate::error::AmqpError;
+use crate::node::Node;
 use crate::queue::QueueHandle;
 use crate::vhost::Vhost;
 
@@ -41,9 +41,8 @@ mod queue;
 mod shared;
 mod tx;
 
-pub use crate::queue::Settle;
-pub(crate) use queue::check_equivalent;
-pub use shared::{ChannelShared, Unacked};
+pub use crate::queue::{Settle, Unacked};
+pub use shared::ChannelShared;
 
 use confirm::Confirms;
 use tx::TxAction;
@@ -199,7 +198,7 @@ impl Channel {
     /// Checks the connection's user may do `access` on a resource (403 if not).
     fn allow(
         &self,
-        broker: &Broker,
+        node: &Node,
         vhost: &Vhost,
         resource: Resource,
         name: &str,
@@ -211,7 +210,7 @@ impl Channel {
         } else {
             name
         };
-        broker.auth.check(
+        node.auth.check(
             &self.shared.connection.user,
             vhost.name(),
             resource,
@@ -233,9 +232,9 @@ impl Channel {
     }
 
     /// Sends `channel.close` for a soft error and stops processing until `close-ok`.
-    pub fn fail(&mut self, broker: &Arc<Broker>, vhost: &Vhost, e: &AmqpError) {
+    pub fn fail(&mut self, node: &Arc<Node>, vhost: &Vhost, e: &AmqpError) {
         tracing::info!(channel = self.shared.id, error = %e, "closing channel");
-        self.release(broker, vhost);
+        self.release(node, vhost);
         // Nothing follows channel.close: unconfirmed publishes stay
         // unconfirmed, a transaction is gone.
         self.mode = Mode::Plain;
@@ -252,10 +251,10 @@ impl Channel {
 
     /// Cancels consumers and requeues unacknowledged messages (channel or
     /// connection closing).
-    pub fn release(&mut self, broker: &Arc<Broker>, vhost: &Vhost) {
+    pub fn release(&mut self, node: &Arc<Node>, vhost: &Vhost) {
         self.shared.mark_closed();
         if let Some((token, _)) = self.reply_consumer.take() {
-            broker.reply_consumers.unregister(&token);
+            node.reply_consumers.unregister(&token);
         }
         for (tag, queue) in std::mem::take(&mut self.consumers) {
             vhost.cancel_consumer(&queue, &tag);
@@ -267,7 +266,7 @@ impl Channel {
     /// Handles one complete command.
     pub async fn handle(
         &mut self,
-        broker: &Arc<Broker>,
+        node: &Arc<Node>,
         vhost: &Arc<Vhost>,
         cmd: Command,
     ) -> Result<ChannelOutcome, AmqpError> {
@@ -294,7 +293,7 @@ impl Channel {
                 _ => ChannelOutcome::Open,
             });
         }
-        self.dispatch(broker, vhost, cmd).await.map_err(|e| {
+        self.dispatch(node, vhost, cmd).await.map_err(|e| {
             if e.class_id == 0 {
                 e.on(class_id, method_id)
             } else {
@@ -307,7 +306,7 @@ impl Channel {
     /// of its class).
     async fn dispatch(
         &mut self,
-        broker: &Arc<Broker>,
+        node: &Arc<Node>,
         vhost: &Arc<Vhost>,
         cmd: Command,
     ) -> Result<ChannelOutcome, AmqpError> {
@@ -317,7 +316,7 @@ impl Channel {
         } = cmd;
         self.resolve_names(&mut method)?;
         match method {
-            Method::ChannelClose(_) => return Ok(self.handle_channel_close(broker, vhost)),
+            Method::ChannelClose(_) => return Ok(self.handle_channel_close(node, vhost)),
             Method::ChannelCloseOk(_) => {
                 return Err(AmqpError::command_invalid("unexpected channel.close-ok"));
             }
@@ -329,28 +328,28 @@ impl Channel {
             Method::AccessRequest(_) => self
                 .shared
                 .write_method(&Method::AccessRequestOk(AccessRequestOk { ticket: 1 })),
-            Method::ExchangeDeclare(m) => self.handle_exchange_declare(broker, vhost, m).await?,
-            Method::ExchangeDelete(m) => self.handle_exchange_delete(broker, vhost, m).await?,
-            Method::ExchangeBind(m) => self.handle_exchange_bind(broker, vhost, m).await?,
-            Method::ExchangeUnbind(m) => self.handle_exchange_unbind(broker, vhost, m).await?,
-            Method::QueueDeclare(m) => self.handle_queue_declare(broker, vhost, m).await?,
-            Method::QueueBind(m) => self.handle_queue_bind(broker, vhost, m).await?,
-            Method::QueueUnbind(m) => self.handle_queue_unbind(broker, vhost, m).await?,
-            Method::QueuePurge(m) => self.handle_queue_purge(broker, vhost, m)?,
-            Method::QueueDelete(m) => self.handle_queue_delete(broker, vhost, m).await?,
-            Method::BasicQos(m) => self.handle_basic_qos(broker, vhost, m)?,
-            Method::BasicConsume(m) => self.handle_basic_consume(broker, vhost, m)?,
-            Method::BasicCancel(m) => self.handle_basic_cancel(broker, vhost, m),
-            Method::BasicPublish(m) => self.handle_basic_publish(broker, vhost, m, content)?,
-            Method::BasicGet(m) => self.handle_basic_get(broker, vhost, m).await?,
-            Method::BasicAck(m) => self.handle_basic_ack(broker, vhost, m)?,
-            Method::BasicNack(m) => self.handle_basic_nack(broker, vhost, m)?,
-            Method::BasicReject(m) => self.handle_basic_reject(broker, vhost, m)?,
-            Method::BasicRecover(m) => self.handle_basic_recover(broker, vhost, m)?,
-            Method::BasicRecoverAsync(m) => self.handle_basic_recover_async(broker, vhost, m)?,
+            Method::ExchangeDeclare(m) => self.handle_exchange_declare(node, vhost, m).await?,
+            Method::ExchangeDelete(m) => self.handle_exchange_delete(node, vhost, m).await?,
+            Method::ExchangeBind(m) => self.handle_exchange_bind(node, vhost, m).await?,
+            Method::ExchangeUnbind(m) => self.handle_exchange_unbind(node, vhost, m).await?,
+            Method::QueueDeclare(m) => self.handle_queue_declare(node, vhost, m).await?,
+            Method::QueueBind(m) => self.handle_queue_bind(node, vhost, m).await?,
+            Method::QueueUnbind(m) => self.handle_queue_unbind(node, vhost, m).await?,
+            Method::QueuePurge(m) => self.handle_queue_purge(node, vhost, m)?,
+            Method::QueueDelete(m) => self.handle_queue_delete(node, vhost, m).await?,
+            Method::BasicQos(m) => self.handle_basic_qos(node, vhost, m)?,
+            Method::BasicConsume(m) => self.handle_basic_consume(node, vhost, m)?,
+            Method::BasicCancel(m) => self.handle_basic_cancel(node, vhost, m),
+            Method::BasicPublish(m) => self.handle_basic_publish(node, vhost, m, content)?,
+            Method::BasicGet(m) => self.handle_basic_get(node, vhost, m).await?,
+            Method::BasicAck(m) => self.handle_basic_ack(node, vhost, m)?,
+            Method::BasicNack(m) => self.handle_basic_nack(node, vhost, m)?,
+            Method::BasicReject(m) => self.handle_basic_reject(node, vhost, m)?,
+            Method::BasicRecover(m) => self.handle_basic_recover(node, vhost, m)?,
+            Method::BasicRecoverAsync(m) => self.handle_basic_recover_async(node, vhost, m)?,
             Method::ConfirmSelect(m) => self.handle_confirm_select(m)?,
             Method::TxSelect(_) => self.handle_tx_select()?,
-            Method::TxCommit(_) => self.handle_tx_commit(broker, vhost).await?,
+            Method::TxCommit(_) => self.handle_tx_commit(node, vhost).await?,
             Method::TxRollback(_) => self.handle_tx_rollback()?,
             other => {
                 return Err(AmqpError::command_invalid(format!(
@@ -364,9 +363,9 @@ impl Channel {
 
     /// `channel.close` from the client: confirms already due go out before
     /// the close-ok; nothing after it.
-    fn handle_channel_close(&mut self, broker: &Arc<Broker>, vhost: &Vhost) -> ChannelOutcome {
-        self.flush_confirms(broker);
-        self.release(broker, vhost);
+    fn handle_channel_close(&mut self, node: &Arc<Node>, vhost: &Vhost) -> ChannelOutcome {
+        self.flush_confirms(node);
+        self.release(node, vhost);
         self.shared
             .write_method(&Method::ChannelCloseOk(ChannelCloseOk {}));
         ChannelOutcome::Closed

@@ -6,20 +6,20 @@ use std::sync::Arc;
 use ::exchange::{BindingDef, Destination};
 use amqp_codec::Method;
 use amqp_codec::methods::*;
-use queue_store::{QueueArgs, args::first_difference};
+use queue_store::QueueArgs;
 
 use super::{Channel, server_name};
 use crate::auth::{Access, Resource};
-use crate::broker::Broker;
 use crate::error::AmqpError;
-use crate::queue::QueueHandle;
+use crate::node::Node;
+
 use crate::reply_to;
 use crate::vhost::Vhost;
 
 impl Channel {
     pub(super) async fn handle_queue_declare(
         &mut self,
-        broker: &Arc<Broker>,
+        node: &Arc<Node>,
         vhost: &Arc<Vhost>,
         m: QueueDeclare,
     ) -> Result<(), AmqpError> {
@@ -30,7 +30,7 @@ impl Channel {
             m.queue.clone()
         };
         let (queue, messages, consumers) = if m.queue.as_str() == reply_to::PSEUDO_QUEUE
-            || broker.reply_consumers.is_live_address(&m.queue)
+            || node.reply_consumers.is_live_address(&m.queue)
         {
             // Direct reply-to, as RabbitMQ: the pseudo-queue, or a reply
             // address whose consumer is alive, has one consumer.
@@ -46,13 +46,13 @@ impl Channel {
                     "queue name '{name}' contains reserved prefix 'amq.*'"
                 )));
             }
-            self.allow(broker, vhost, Resource::Queue, &name, Access::Configure)?;
+            self.allow(node, vhost, Resource::Queue, &name, Access::Configure)?;
             let args = QueueArgs::parse(&m.arguments, &name, vhost.name())?;
             // As RabbitMQ: naming a dead-letter exchange needs read access
             // to the queue and write access to the exchange.
             if let Some(dlx) = &args.dead_letter_exchange {
-                self.allow(broker, vhost, Resource::Queue, &name, Access::Read)?;
-                self.allow(broker, vhost, Resource::Exchange, dlx, Access::Write)?;
+                self.allow(node, vhost, Resource::Queue, &name, Access::Read)?;
+                self.allow(node, vhost, Resource::Exchange, dlx, Access::Write)?;
             }
             args.check_properties(m.durable, m.exclusive, m.auto_delete, &name, vhost.name())?;
             // As RabbitMQ: an exclusive queue is never durable, whatever the
@@ -64,7 +64,7 @@ impl Channel {
             let q = match vhost.find_queue(&name) {
                 Some(existing) => {
                     vhost.check_same_owner(&existing, m.exclusive.then_some(conn))?;
-                    check_equivalent(&existing, &m, vhost.name())?;
+                    existing.check_equivalent(&m, vhost.name())?;
                     existing
                 }
                 None => {
@@ -97,14 +97,14 @@ impl Channel {
 
     pub(super) async fn handle_queue_bind(
         &mut self,
-        broker: &Arc<Broker>,
+        node: &Arc<Node>,
         vhost: &Vhost,
         m: QueueBind,
     ) -> Result<(), AmqpError> {
-        self.allow(broker, vhost, Resource::Queue, &m.queue, Access::Write)?;
-        self.allow(broker, vhost, Resource::Exchange, &m.exchange, Access::Read)?;
+        self.allow(node, vhost, Resource::Queue, &m.queue, Access::Write)?;
+        self.allow(node, vhost, Resource::Exchange, &m.exchange, Access::Read)?;
         vhost.check_topic(
-            &broker.auth,
+            &node.auth,
             &self.shared.connection.user,
             &m.exchange,
             &m.routing_key,
@@ -130,12 +130,12 @@ impl Channel {
 
     pub(super) async fn handle_queue_unbind(
         &mut self,
-        broker: &Arc<Broker>,
+        node: &Arc<Node>,
         vhost: &Vhost,
         m: QueueUnbind,
     ) -> Result<(), AmqpError> {
-        self.allow(broker, vhost, Resource::Queue, &m.queue, Access::Write)?;
-        self.allow(broker, vhost, Resource::Exchange, &m.exchange, Access::Read)?;
+        self.allow(node, vhost, Resource::Queue, &m.queue, Access::Write)?;
+        self.allow(node, vhost, Resource::Exchange, &m.exchange, Access::Read)?;
         // Unbinding is idempotent (a missing queue or binding is fine), but
         // another connection's exclusive queue is off limits (405).
         if let Some(q) = vhost.find_queue(&m.queue) {
@@ -155,11 +155,11 @@ impl Channel {
 
     pub(super) fn handle_queue_purge(
         &mut self,
-        broker: &Arc<Broker>,
+        node: &Arc<Node>,
         vhost: &Vhost,
         m: QueuePurge,
     ) -> Result<(), AmqpError> {
-        self.allow(broker, vhost, Resource::Queue, &m.queue, Access::Read)?;
+        self.allow(node, vhost, Resource::Queue, &m.queue, Access::Read)?;
         let queue = vhost.queue_for(&m.queue, self.shared.connection.id)?;
         let count = vhost.purge(&queue);
         if !m.nowait {
@@ -173,11 +173,11 @@ impl Channel {
 
     pub(super) async fn handle_queue_delete(
         &mut self,
-        broker: &Arc<Broker>,
+        node: &Arc<Node>,
         vhost: &Vhost,
         m: amqp_codec::methods::QueueDelete,
     ) -> Result<(), AmqpError> {
-        self.allow(broker, vhost, Resource::Queue, &m.queue, Access::Configure)?;
+        self.allow(node, vhost, Resource::Queue, &m.queue, Access::Configure)?;
         let count = match vhost.find_queue(&m.queue) {
             None => 0,
             Some(q) => {
@@ -211,36 +211,4 @@ impl Channel {
         }
         Ok(())
     }
-}
-
-/// The 406 for redeclaring `q` with different properties or arguments.
-pub(crate) fn check_equivalent(
-    q: &QueueHandle,
-    m: &QueueDeclare,
-    vhost: &str,
-) -> Result<(), AmqpError> {
-    let ineq = |arg: &str, received: String, current: String| {
-        AmqpError::precondition_failed(format!(
-            "inequivalent arg '{arg}' for queue '{}' in vhost '{vhost}': received {received} but current is {current}",
-            q.name
-        ))
-    };
-    if q.durable != m.durable {
-        return Err(ineq(
-            "durable",
-            format!("'{}'", m.durable),
-            format!("'{}'", q.durable),
-        ));
-    }
-    if q.auto_delete != m.auto_delete {
-        return Err(ineq(
-            "auto_delete",
-            format!("'{}'", m.auto_delete),
-            format!("'{}'", q.auto_delete),
-        ));
-    }
-    if let Some((arg, received, current)) = first_difference(&q.arguments, &m.arguments) {
-        return Err(ineq(arg, received, current));
-    }
-    Ok(())
 }

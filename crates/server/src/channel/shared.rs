@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::Ordering;
 
 use amqp_codec::methods::{BasicCancel, BasicDeliver};
 use amqp_codec::{ContentHeader, Method, ShortStr, encode_method};
@@ -15,23 +15,9 @@ use queue_store::Message;
 use crate::connection::ConnectionShared;
 use crate::error::AmqpError;
 use crate::queue::{
-    DeliverySink, Outgoing, QueueHandle, SinkInfo, encode_content, now_ms, with_delivery_count,
+    DeliverySink, Outgoing, QueueHandle, SinkInfo, Unacked, encode_content, now_ms,
+    with_delivery_count,
 };
-
-/// One unacknowledged delivery on a channel.
-#[derive(Debug, Clone)]
-pub struct Unacked {
-    /// Queue id.
-    pub queue: u64,
-    /// The queue's handle for the message.
-    pub seq: u64,
-    /// The consumer's unacked counter (none for `basic.get`).
-    pub consumer_unacked: Option<Arc<AtomicU32>>,
-    /// The consumer's tag (none for `basic.get`).
-    pub consumer: Option<ShortStr>,
-    /// When it was delivered (ms since the epoch), for the consumer timeout.
-    pub delivered_at: u64,
-}
 
 #[derive(Debug, Default)]
 struct Deliveries {

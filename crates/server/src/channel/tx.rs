@@ -10,8 +10,8 @@ use amqp_codec::{ContentHeader, Method};
 use bytes::Bytes;
 
 use super::{Channel, Mode, Settle};
-use crate::broker::Broker;
 use crate::error::AmqpError;
+use crate::node::Node;
 use crate::vhost::Vhost;
 
 /// A publish or a settlement held back by a transaction.
@@ -39,7 +39,7 @@ impl Channel {
 
     pub(super) async fn handle_tx_commit(
         &mut self,
-        broker: &Arc<Broker>,
+        node: &Arc<Node>,
         vhost: &Vhost,
     ) -> Result<(), AmqpError> {
         let Mode::Transactional(actions) = &mut self.mode else {
@@ -48,8 +48,8 @@ impl Channel {
             ));
         };
         let actions = std::mem::take(actions);
-        self.commit(broker, vhost, actions)?;
-        broker.store.commit().await?;
+        self.commit(node, vhost, actions)?;
+        node.store.commit().await?;
         self.shared.write_method(&Method::TxCommitOk(TxCommitOk {}));
         Ok(())
     }
@@ -71,15 +71,13 @@ impl Channel {
 
     pub(super) fn commit(
         &mut self,
-        broker: &Arc<Broker>,
+        node: &Arc<Node>,
         vhost: &Vhost,
         actions: Vec<TxAction>,
     ) -> Result<(), AmqpError> {
         for a in actions {
             match a {
-                TxAction::Publish(m, header, body) => {
-                    self.publish(broker, vhost, m, header, body)?
-                }
+                TxAction::Publish(m, header, body) => self.publish(node, vhost, m, header, body)?,
                 TxAction::Settle(tags, how) => {
                     let taken = self.shared.take_held(&tags);
                     self.settle(vhost, taken, how);

@@ -21,7 +21,7 @@ use crate::broker::Broker;
 use crate::vhost::Vhost;
 
 /// The node name reported in objects (single-node broker).
-pub(super) const NODE: &str = crate::broker::NODE_NAME;
+pub(super) const NODE: &str = crate::node::NODE_NAME;
 
 type Shared = State<Arc<Broker>>;
 type ApiResult = Result<Response, ApiError>;

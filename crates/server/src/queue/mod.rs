@@ -29,6 +29,8 @@ use queue_store::{
 };
 use tokio::sync::Notify;
 
+use crate::error::AmqpError;
+
 /// A consumer attached to a queue.
 #[derive(Debug)]
 pub struct Consumer {
@@ -350,6 +352,42 @@ impl QueueHandle {
         self.kind.counters()
     }
 
+    /// The 406 for redeclaring it with different properties or arguments
+    /// (`queue.declare`, the management API, definitions import).
+    pub fn check_equivalent(
+        &self,
+        m: &amqp_codec::methods::QueueDeclare,
+        vhost: &str,
+    ) -> Result<(), AmqpError> {
+        let q = self;
+        let ineq = |arg: &str, received: String, current: String| {
+            AmqpError::precondition_failed(format!(
+                "inequivalent arg '{arg}' for queue '{}' in vhost '{vhost}': received {received} but current is {current}",
+                q.name
+            ))
+        };
+        if q.durable != m.durable {
+            return Err(ineq(
+                "durable",
+                format!("'{}'", m.durable),
+                format!("'{}'", q.durable),
+            ));
+        }
+        if q.auto_delete != m.auto_delete {
+            return Err(ineq(
+                "auto_delete",
+                format!("'{}'", m.auto_delete),
+                format!("'{}'", q.auto_delete),
+            ));
+        }
+        if let Some((arg, received, current)) =
+            queue_store::args::first_difference(&q.arguments, &m.arguments)
+        {
+            return Err(ineq(arg, received, current));
+        }
+        Ok(())
+    }
+
     /// Enqueues a message and delivers what it can; `None` if the queue is
     /// deleted.
     pub fn publish(
@@ -426,6 +464,22 @@ impl QueueHandle {
     pub fn memory_in_use(&self) -> u64 {
         self.kind.memory_in_use(self)
     }
+}
+
+/// One unacknowledged delivery: which queue's message, for which consumer
+/// (kept by the channel that received it until it is settled).
+#[derive(Debug, Clone)]
+pub struct Unacked {
+    /// Queue id.
+    pub queue: u64,
+    /// The queue's handle for the message.
+    pub seq: u64,
+    /// The consumer's unacked counter (none for `basic.get`).
+    pub consumer_unacked: Option<Arc<AtomicU32>>,
+    /// The consumer's tag (none for `basic.get`).
+    pub consumer: Option<ShortStr>,
+    /// When it was delivered (ms since the epoch), for the consumer timeout.
+    pub delivered_at: u64,
 }
 
 /// A queue's message counters, and their rates over the last sampling
