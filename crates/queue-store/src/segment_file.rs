@@ -44,7 +44,7 @@ use crate::removal_journal::RemovalJournal;
 /// A segment's header: the magic, its own number (u64 BE) and a CRC-32 of
 /// both, so that a segment file copied over another is told apart.
 const MAGIC: &[u8; 8] = b"WRNSEG03";
-const HEADER: usize = 20;
+pub(crate) const HEADER: usize = 20;
 /// Segments from builds before the header named the segment: magic only.
 const MAGIC_V2: &[u8; 8] = b"WRNSEG02";
 
@@ -78,7 +78,11 @@ fn check_header(raw: &[u8], seg: u64) -> Result<usize, String> {
     }
     Ok(HEADER)
 }
-const FRAME_HEADER: usize = 8;
+pub(crate) const FRAME_HEADER: usize = 8;
+
+/// Where each frame's data starts: (offset in the segment's data, offset in
+/// its file), in order.
+pub(crate) type FrameLayout = Vec<(usize, u64)>;
 
 /// Most finished files that may wait for a sync ([`SegmentFiles::append`]
 /// callers sync past it). So a crash can tear at most this many files and the
@@ -624,6 +628,15 @@ impl SegmentFiles {
     /// be seen incomplete: the data then ends before it. `None` if the file
     /// is gone.
     pub(crate) fn read(&self, seg: u64) -> Result<Option<Bytes>, StoreError> {
+        Ok(self.read_with_layout(seg)?.map(|(data, _)| data))
+    }
+
+    /// Like [`SegmentFiles::read`], with where each frame's data starts:
+    /// (offset in the returned data, offset in the file), in order.
+    pub(crate) fn read_with_layout(
+        &self,
+        seg: u64,
+    ) -> Result<Option<(Bytes, FrameLayout)>, StoreError> {
         let path = self.path(seg);
         let file = match File::open(&path) {
             Ok(f) => f,
@@ -644,10 +657,45 @@ impl SegmentFiles {
             return Err(StoreError::Damaged(Damage::new(&path, why)));
         }
         let mut data = BytesMut::with_capacity(raw.len());
+        let mut layout = Vec::with_capacity(found.frames.len());
         for r in found.frames {
+            layout.push((data.len(), r.start as u64));
             data.extend_from_slice(raw.get(r).unwrap_or_default());
         }
-        Ok(Some(data.freeze()))
+        Ok(Some((data.freeze(), layout)))
+    }
+
+    /// Reads `len` octets at `offset` of segment `seg`'s file: one record,
+    /// not the whole segment. `None` if the file is gone or shorter (the
+    /// segment was compacted away meanwhile).
+    pub(crate) fn read_at(
+        &self,
+        seg: u64,
+        offset: u64,
+        len: usize,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        use std::os::unix::fs::FileExt as _;
+        let path = self.path(seg);
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io("cannot open", &path, e)),
+        };
+        // The length may come from the file itself (a record's header):
+        // nothing past the file's end is allocated for.
+        let size = file
+            .metadata()
+            .map_err(|e| io("cannot stat", &path, e))?
+            .len();
+        if offset.saturating_add(len as u64) > size {
+            return Ok(None);
+        }
+        let mut buf = vec![0u8; len];
+        match file.read_exact_at(&mut buf, offset) {
+            Ok(()) => Ok(Some(buf)),
+            Err(e) if e.kind() == ErrorKind::UnexpectedEof => Ok(None),
+            Err(e) => Err(io("cannot read", &path, e)),
+        }
     }
 
     fn frame(data: &[u8]) -> Result<Vec<u8>, StoreError> {

@@ -143,8 +143,13 @@ pub trait Storage: Send + Sync + 'static {
     fn needs_sync(&self) -> bool {
         false
     }
-    /// Reads one message.
+    /// Reads one message (a random read: the engine reads that record).
     fn message(&self, id: MessageId) -> Result<Option<Message>, StoreError>;
+    /// Reads messages that are likely stored together (a queue's next
+    /// paged bodies, in order): the engine may read whole segments.
+    fn messages_in_order(&self, ids: &[MessageId]) -> Vec<Result<Option<Message>, StoreError>> {
+        ids.iter().map(|id| self.message(*id)).collect()
+    }
     /// Every stored message id.
     fn message_ids(&self) -> Result<Vec<MessageId>, StoreError>;
     /// Every index entry of every queue, in (queue, seq) order.

@@ -323,6 +323,38 @@ impl Store {
         Ok(self.storage.message(id)?.map(Arc::new))
     }
 
+    /// Loads messages likely stored together (a queue's next paged bodies,
+    /// in order), each as [`Store::load`] would: the engine may read whole
+    /// segments rather than each record alone.
+    pub fn load_in_order(
+        &self,
+        ids: &[MessageId],
+    ) -> Vec<Result<Option<Arc<Message>>, StoreError>> {
+        // Each id is looked up in the unwritten ones once: one that is
+        // written meanwhile is still read from there (its `Arc` is kept).
+        let unwritten: Vec<Option<Arc<Message>>> = ids
+            .iter()
+            .map(|id| self.unwritten.get(id).map(|m| m.0.clone()))
+            .collect();
+        let stored: Vec<MessageId> = ids
+            .iter()
+            .zip(&unwritten)
+            .filter(|(_, m)| m.is_none())
+            .map(|(id, _)| *id)
+            .collect();
+        let mut from_storage = self.storage.messages_in_order(&stored).into_iter();
+        unwritten
+            .into_iter()
+            .map(|m| match m {
+                Some(m) => Ok(Some(m)),
+                None => from_storage
+                    .next()
+                    .unwrap_or(Ok(None))
+                    .map(|m| m.map(Arc::new)),
+            })
+            .collect()
+    }
+
     /// Flushes everything, marks the shutdown clean and stops the writer.
     pub fn close(&self) -> Result<(), StoreError> {
         {

@@ -583,8 +583,8 @@ pub async fn load_all_off_worker(
     tokio::task::spawn_blocking(move || {
         let mut loaded = Vec::with_capacity(ids.len());
         let mut failed = Vec::new();
-        for id in ids {
-            match store.load(id) {
+        for (id, result) in ids.iter().copied().zip(store.load_in_order(&ids)) {
+            match result {
                 Ok(Some(m)) => loaded.push(m),
                 Ok(None) => failed.push(id),
                 Err(e) => {
