@@ -116,7 +116,9 @@ impl Body {
     fn new(seg: u64, encoding_at: u64, refs_field: u64) -> Body {
         let at = encoding_at
             .checked_sub(RECORD_HEADER as u64)
-            .map_or(Self::AT_UNKNOWN, |h| (h / Self::AT_UNIT).min(Self::AT_UNKNOWN));
+            .map_or(Self::AT_UNKNOWN, |h| {
+                (h / Self::AT_UNIT).min(Self::AT_UNKNOWN)
+            });
         Body(
             seg << (Self::AT_BITS + Self::REF_BITS)
                 | at << Self::REF_BITS

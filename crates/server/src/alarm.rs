@@ -1,6 +1,6 @@
 //! Resource alarms: the memory high watermark and the disk free-space limit.
 //!
-//! A monitor task samples the broker's own memory accounting (message bodies
+//! A monitor task (`monitor.rs`) samples the broker's own memory accounting (message bodies
 //! held by queues plus a per-message overhead for entries, plus the body
 //! octets of messages still arriving) and the free space of the data
 //! directory's file system. While either alarm is raised, connections that
@@ -17,15 +17,13 @@
 //! `set_disk_free_limit`, as with rabbitmqctl): the alarms are re-evaluated
 //! at once, which also makes them a switch for drills and tests.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::broker::Broker;
-
-use crate::queue::ENTRY_OVERHEAD;
+/// Estimated memory per queued message beyond its body: the queue entry and
+/// bookkeeping. Used so that many tiny messages still count.
+pub const ENTRY_OVERHEAD: u64 = 64;
 
 /// Which alarms are raised.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -83,6 +81,22 @@ pub struct Alarms {
 }
 
 impl Alarms {
+    /// Takes a sample of the monitor's (`monitor.rs`): `queued` octets the
+    /// queues account for, and whether the disk is under its free-space
+    /// limit; raises or clears the alarms accordingly.
+    pub fn record_sample(&self, queued: u64, disk: bool) {
+        self.estimate.store(queued, Ordering::Relaxed);
+        let used = queued + self.partial_bodies();
+        self.peak.fetch_max(used, Ordering::Relaxed);
+        let memory = over(used, self.memory_limit());
+        self.set(AlarmState { memory, disk });
+    }
+
+    /// Completes when a limit changed (the monitor then samples at once).
+    pub async fn limits_changed(&self) {
+        self.recheck.notified().await;
+    }
+
     /// Alarms with the configured memory watermark and disk limit (octets).
     pub fn new(memory_limit: u64, disk_limit: u64) -> Alarms {
         Alarms {
@@ -262,27 +276,6 @@ fn over(used: u64, limit: u64) -> bool {
     used > limit || limit == 0
 }
 
-/// Memory the broker accounts for: bodies queues hold in memory (ready and
-/// delivered-but-unacknowledged) plus an overhead per queued message.
-pub fn memory_in_use(broker: &Broker) -> u64 {
-    memory_and_stats(broker, false)
-}
-
-/// [`memory_in_use`], also sampling each queue's message rates if asked.
-fn memory_and_stats(broker: &Broker, sample: bool) -> u64 {
-    broker
-        .vhost_list()
-        .iter()
-        .flat_map(|v| v.queues())
-        .map(|q| {
-            if sample {
-                q.stats.sample();
-            }
-            q.memory_in_use()
-        })
-        .sum()
-}
-
 /// A memory or disk amount: octets, or a multiple of the machine's RAM.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Amount {
@@ -353,41 +346,6 @@ pub fn total_memory() -> Option<u64> {
         .parse()
         .ok()?;
     Some(kib * 1024)
-}
-
-/// Samples memory every 100 ms and disk every second until shutdown.
-pub fn spawn_monitor(broker: &Arc<Broker>) {
-    let b = broker.clone();
-    broker.tracker.spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_millis(100));
-        let mut n: u64 = 0;
-        let mut disk = false;
-        loop {
-            tokio::select! {
-                _ = b.shutdown.cancelled() => return,
-                _ = tick.tick() => {}
-                // A limit changed: look at memory and disk now.
-                () = b.alarms.recheck.notified() => n = 0,
-            }
-            // Message rates are sampled every 5 s (50 ticks).
-            let used = memory_and_stats(&b, n % 50 == 0);
-            b.alarms.estimate.store(used, Ordering::Relaxed);
-            let used = used + b.alarms.partial_bodies();
-            b.alarms.peak.fetch_max(used, Ordering::Relaxed);
-            let memory = over(used, b.alarms.memory_limit());
-            if n % 10 == 0 {
-                disk = match fs4::available_space(&b.config.data_dir) {
-                    Ok(free) => free < b.alarms.disk_limit(),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot read free disk space");
-                        false
-                    }
-                };
-            }
-            n += 1;
-            b.alarms.set(AlarmState { memory, disk });
-        }
-    });
 }
 
 #[cfg(test)]

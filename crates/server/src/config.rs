@@ -7,6 +7,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// The node name reported in the management API and trace headers (one
+/// node until Warren clusters; then it becomes the `--node-name` setting).
+pub const NODE_NAME: &str = "warren@localhost";
+
 /// Broker settings.
 #[derive(Debug, Clone)]
 pub struct Config {

@@ -41,65 +41,9 @@ use crate::broker::Broker;
 use crate::channel::{Channel, ChannelOutcome};
 use crate::error::{AmqpError, Scope};
 use crate::outbox::Outbox;
+pub use crate::session::ConnectionShared;
 use crate::vhost::Vhost;
 use queue_store::FlowGate;
-
-/// What other tasks need of a connection.
-#[derive(Debug)]
-pub struct ConnectionShared {
-    /// Broker-unique id.
-    pub id: u64,
-    /// Outgoing frames (the same outbox the handshake wrote to).
-    pub outbox: Arc<Outbox>,
-    /// Negotiated `frame_max`.
-    pub frame_max: AtomicU32,
-    /// The client wants `basic.cancel` when the broker cancels its consumers.
-    pub cancel_notify: bool,
-    /// Negotiated `channel_max`.
-    pub channel_max: u16,
-    /// The client understands `connection.blocked` / `unblocked`.
-    pub blocked_notify: bool,
-    /// The connection has published: it is blocked while an alarm is raised.
-    pub has_published: std::sync::atomic::AtomicBool,
-    /// Flow gates of the queues (or the store) this connection's publishes
-    /// found congested: it is not read until they are all lowered.
-    pub congested: parking_lot::Mutex<Vec<Arc<FlowGate>>>,
-    /// Authenticated user.
-    pub user: String,
-    /// The broker's counters (deliveries are counted per channel).
-    pub metrics: Arc<crate::metrics::Metrics>,
-    /// RabbitMQ-style name, `peer -> local`.
-    pub name: String,
-    /// The client's address.
-    pub peer: SocketAddr,
-    /// The vhost it opened.
-    pub vhost: String,
-    /// Over TLS.
-    pub tls: bool,
-    /// When the handshake completed (ms since the epoch).
-    pub connected_at: u64,
-    /// Open channels (weak: the connection task owns them).
-    pub channels: parking_lot::Mutex<HashMap<u16, std::sync::Weak<crate::channel::ChannelShared>>>,
-    /// Cancelled to close the connection from outside (management API),
-    /// with `close_reason` as the `connection.close` text.
-    pub force_close: tokio_util::sync::CancellationToken,
-    /// See `force_close`.
-    pub close_reason: parking_lot::Mutex<String>,
-    /// What the client said of itself in `connection.start-ok` (product,
-    /// version, capabilities, `connection_name`), for the management API.
-    pub client_properties: FieldTable,
-}
-
-impl ConnectionShared {
-    /// Records that a publish found `gate` raised: the connection stops
-    /// being read after the current batch of frames, until it lowers.
-    pub fn note_congested(&self, gate: &Arc<FlowGate>) {
-        let mut gates = self.congested.lock();
-        if !gates.iter().any(|g| Arc::ptr_eq(g, gate)) {
-            gates.push(gate.clone());
-        }
-    }
-}
 
 fn server_properties() -> FieldTable {
     let s = ShortStr::from_static;

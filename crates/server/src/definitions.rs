@@ -21,7 +21,7 @@ use serde_json::{Map, Value, json};
 
 use crate::broker::Broker;
 use crate::error::AmqpError;
-use crate::management::json::{json_to_table, limits_from_json, limits_json, table_to_json};
+use crate::json::{json_to_table, limits_from_json, limits_json, table_to_json};
 
 /// The runtime-parameter component RabbitMQ keeps vhost limits in.
 const VHOST_LIMITS: &str = "vhost-limits";
@@ -69,7 +69,7 @@ impl From<AmqpError> for ImportError {
 pub fn export(broker: &Broker) -> Value {
     let mut users = broker.auth.users();
     users.sort_by(|a, b| a.name.cmp(&b.name));
-    let users: Vec<Value> = users.iter().map(crate::management::json::user).collect();
+    let users: Vec<Value> = users.iter().map(crate::json::user).collect();
     let mut vhosts = broker.vhost_list();
     vhosts.sort_by(|a, b| a.name().cmp(b.name()));
     let permissions: Vec<Value> = broker

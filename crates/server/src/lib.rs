@@ -32,18 +32,105 @@ pub mod config;
 pub mod connection;
 pub mod definitions;
 pub mod error;
+pub mod json;
 pub mod logging;
 pub mod management;
 pub mod meta;
 pub mod metrics;
+pub mod monitor;
 pub mod node;
 pub mod outbox;
 pub mod policy;
+pub mod prometheus;
 pub mod queue;
 pub mod repair;
 pub mod reply_to;
+pub mod session;
+pub mod start;
 pub mod tls;
 pub mod trace;
 pub mod vhost;
 
-pub use broker::{Broker, BrokerHandle, Config, StartError, start};
+pub use broker::{Broker, Config};
+pub use start::{BrokerHandle, StartError, start};
+
+/// The module graph inside the crate is one-way (ARCHITECTURE.md, "Layers
+/// inside `server`"): no module reaches, through `crate::` paths, a module
+/// that reaches it back.
+#[cfg(test)]
+mod layering {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::path::Path;
+
+    /// Every `.rs` file under `path` (a module's file or directory).
+    fn sources(path: &Path, out: &mut String) {
+        if path.is_dir() {
+            for entry in std::fs::read_dir(path).unwrap() {
+                sources(&entry.unwrap().path(), out);
+            }
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push_str(&std::fs::read_to_string(path).unwrap());
+        }
+    }
+
+    #[test]
+    fn the_module_graph_is_one_way() {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut modules = BTreeMap::new();
+        for entry in std::fs::read_dir(&src).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_stem().unwrap().to_string_lossy().into_owned();
+            if name == "lib" || name == "main" {
+                continue;
+            }
+            let mut text = String::new();
+            sources(&path, &mut text);
+            modules.insert(name, text);
+        }
+        let names: BTreeSet<&str> = modules.keys().map(String::as_str).collect();
+        let imports: BTreeMap<&str, BTreeSet<&str>> = modules
+            .iter()
+            .map(|(name, text)| {
+                let deps = text
+                    .match_indices("crate::")
+                    .filter_map(|(i, _)| {
+                        let rest = &text[i + 7..];
+                        let end = rest
+                            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                            .unwrap_or(rest.len());
+                        names.get(&rest[..end]).copied()
+                    })
+                    .filter(|d| d != name)
+                    .collect();
+                (name.as_str(), deps)
+            })
+            .collect();
+        // Depth-first search for a back edge.
+        fn visit<'a>(
+            m: &'a str,
+            imports: &BTreeMap<&'a str, BTreeSet<&'a str>>,
+            done: &mut BTreeSet<&'a str>,
+            path: &mut Vec<&'a str>,
+        ) {
+            if done.contains(m) {
+                return;
+            }
+            if let Some(i) = path.iter().position(|p| *p == m) {
+                panic!("import cycle: {} -> {m}", path[i..].join(" -> "));
+            }
+            path.push(m);
+            for d in &imports[m] {
+                visit(d, imports, done, path);
+            }
+            path.pop();
+            done.insert(m);
+        }
+        let mut done = BTreeSet::new();
+        for m in imports.keys() {
+            visit(m, &imports, &mut done, &mut Vec::new());
+        }
+        assert!(done.len() > 20, "found the crate's modules");
+    }
+}

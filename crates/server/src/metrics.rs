@@ -6,25 +6,15 @@
 //! own port (default 15692) without authentication, as RabbitMQ does.
 //!
 //! Counters are atomics bumped where the event happens; totals are read from
-//! the broker's state at scrape time.
+//! the broker's state at scrape time by the endpoint (`prometheus.rs`), which
+//! also builds the per-object series.
 
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
-
-use axum::Router;
-use axum::extract::State;
-use axum::http::header;
-use axum::response::IntoResponse;
-use axum::routing::get;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use queue_store::DeadLetterReason;
-use tokio::net::TcpListener;
-
-use crate::broker::Broker;
 
 /// Labels of RabbitMQ's dead-letter counters.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -32,13 +22,6 @@ struct DeadLetterLabels {
     queue_type: &'static str,
     /// `at_most_once` when dead-lettered, `disabled` when dropped (no DLX).
     dead_letter_strategy: &'static str,
-}
-
-/// Labels of a per-queue series.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct QueueLabels {
-    vhost: String,
-    queue: String,
 }
 
 /// The broker's counters and the gauges filled in at scrape time.
@@ -209,34 +192,20 @@ impl Metrics {
         }
     }
 
-    /// The node-wide exposition (`/metrics`).
-    fn render(&self, broker: &Broker) -> String {
-        let (mut queues, mut consumers, mut ready, mut unacked) = (0, 0, 0, 0);
-        for v in broker.vhost_list() {
-            for q in v.queues() {
-                let counts = q.counters();
-                queues += 1;
-                consumers += counts.consumers as i64;
-                ready += counts.ready as i64;
-                unacked += counts.unacked as i64;
-            }
-        }
-        self.queues.set(queues);
-        self.consumers.set(consumers);
-        self.ready.set(ready);
-        self.unacked.set(unacked);
-        self.connections
-            .set(broker.connections.load(Ordering::Relaxed) as i64);
+    /// The node-wide exposition (`/metrics`), with the totals read from the
+    /// broker at scrape time.
+    pub fn render(&self, totals: &NodeTotals) -> String {
+        self.queues.set(totals.queues);
+        self.consumers.set(totals.consumers);
+        self.ready.set(totals.ready);
+        self.unacked.set(totals.unacked);
+        self.connections.set(totals.connections);
         self.resident_memory.set(resident_memory() as i64);
-        self.memory_limit.set(broker.alarms.memory_limit() as i64);
-        let alarms = broker.alarms.current();
-        self.memory_alarm.set(i64::from(alarms.memory));
-        self.disk_alarm.set(i64::from(alarms.disk));
-        let stats = broker.store.stats();
-        self.store_fsyncs
-            .set(stats.syncs.load(Ordering::Relaxed) as i64);
-        self.store_batches
-            .set(stats.batches.load(Ordering::Relaxed) as i64);
+        self.memory_limit.set(totals.memory_limit);
+        self.memory_alarm.set(i64::from(totals.memory_alarm));
+        self.disk_alarm.set(i64::from(totals.disk_alarm));
+        self.store_fsyncs.set(totals.store_fsyncs);
+        self.store_batches.set(totals.store_batches);
         let mut out = String::new();
         if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
             tracing::error!(error = %e, "metrics encoding failed");
@@ -245,78 +214,29 @@ impl Metrics {
     }
 }
 
-/// Per-queue series (`/metrics/per-object`), built at scrape time.
-fn render_per_object(broker: &Broker) -> String {
-    let mut registry = Registry::default();
-    let family = |registry: &mut Registry, name: &str, help: &str| {
-        let f = Family::<QueueLabels, Gauge>::default();
-        registry.register(name, help, f.clone());
-        f
-    };
-    let ready = family(
-        &mut registry,
-        "rabbitmq_queue_messages_ready",
-        "Messages ready to be delivered to consumers",
-    );
-    let unacked = family(
-        &mut registry,
-        "rabbitmq_queue_messages_unacked",
-        "Messages delivered to consumers but not yet acknowledged",
-    );
-    let consumers = family(
-        &mut registry,
-        "rabbitmq_queue_consumers",
-        "Consumers on a queue",
-    );
-    let memory = family(
-        &mut registry,
-        "rabbitmq_queue_process_memory_bytes",
-        "Memory a queue accounts for (bodies held in memory and entries)",
-    );
-    let counter = |registry: &mut Registry, name: &str, help: &str| {
-        let f = Family::<QueueLabels, Counter>::default();
-        registry.register(name, help, f.clone());
-        f
-    };
-    let published = counter(
-        &mut registry,
-        "rabbitmq_queue_messages_published",
-        "Messages published into a queue",
-    );
-    let delivered = counter(
-        &mut registry,
-        "rabbitmq_queue_messages_delivered",
-        "Messages delivered from a queue to consumers or gets",
-    );
-    let acked = counter(
-        &mut registry,
-        "rabbitmq_queue_messages_acked",
-        "Messages acknowledged from a queue",
-    );
-    for v in broker.vhost_list() {
-        for q in v.queues() {
-            let labels = QueueLabels {
-                vhost: v.name().to_owned(),
-                queue: q.name.as_str().to_owned(),
-            };
-            let ([p, d, a], _) = q.stats.snapshot();
-            published.get_or_create(&labels).inc_by(p);
-            delivered.get_or_create(&labels).inc_by(d);
-            acked.get_or_create(&labels).inc_by(a);
-            let counts = q.counters();
-            ready.get_or_create(&labels).set(counts.ready as i64);
-            unacked.get_or_create(&labels).set(counts.unacked as i64);
-            consumers
-                .get_or_create(&labels)
-                .set(counts.consumers as i64);
-            memory.get_or_create(&labels).set(counts.memory as i64);
-        }
-    }
-    let mut out = String::new();
-    if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &registry) {
-        tracing::error!(error = %e, "metrics encoding failed");
-    }
-    out
+/// The node totals a scrape reports, read from the broker's state.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NodeTotals {
+    /// Queues.
+    pub queues: i64,
+    /// Consumers.
+    pub consumers: i64,
+    /// Ready messages.
+    pub ready: i64,
+    /// Unacknowledged messages.
+    pub unacked: i64,
+    /// Open connections.
+    pub connections: i64,
+    /// The memory watermark (octets).
+    pub memory_limit: i64,
+    /// The memory alarm is raised.
+    pub memory_alarm: bool,
+    /// The disk alarm is raised.
+    pub disk_alarm: bool,
+    /// The store's fsyncs so far.
+    pub store_fsyncs: i64,
+    /// The store's write batches so far.
+    pub store_batches: i64,
 }
 
 /// This process's resident set in bytes (Linux; 0 elsewhere).
@@ -325,26 +245,4 @@ fn resident_memory() -> u64 {
         .ok()
         .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
         .map_or(0, |pages| pages * 4096)
-}
-
-const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
-
-async fn metrics(State(b): State<Arc<Broker>>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, CONTENT_TYPE)], b.metrics.render(&b))
-}
-
-async fn per_object(State(b): State<Arc<Broker>>) -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, CONTENT_TYPE)],
-        render_per_object(&b),
-    )
-}
-
-/// Serves `/metrics` and `/metrics/per-object` on `listener` until shutdown.
-pub fn spawn(broker: &Arc<Broker>, listener: TcpListener) {
-    let app = Router::new()
-        .route("/metrics", get(metrics))
-        .route("/metrics/per-object", get(per_object))
-        .with_state(broker.clone());
-    crate::management::serve_http(broker, listener, app, "metrics endpoint");
 }

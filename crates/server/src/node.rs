@@ -19,10 +19,6 @@ use tokio_util::task::TaskTracker;
 use crate::config::Config;
 use crate::meta::MetaLog;
 
-/// The node name reported in the management API and trace headers (one
-/// node until Warren clusters).
-pub const NODE_NAME: &str = "warren@localhost";
-
 /// What every vhost and queue of this node uses.
 #[derive(Debug)]
 pub struct Node {

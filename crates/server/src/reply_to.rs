@@ -14,7 +14,7 @@ use amqp_codec::methods::BasicDeliver;
 use amqp_codec::{ContentHeader, Method, ShortStr};
 use dashmap::DashMap;
 
-use crate::channel::ChannelShared;
+use crate::session::ChannelShared;
 
 /// The pseudo-queue clients consume from.
 pub const PSEUDO_QUEUE: &str = "amq.rabbitmq.reply-to";

@@ -210,7 +210,7 @@ fn message_table(message: &Message, routing_keys: Vec<FieldValue>) -> FieldTable
     t.insert(s("exchange_name"), long(&message.exchange));
     t.insert(s("routing_keys"), FieldValue::Array(routing_keys));
     t.insert(s("properties"), FieldValue::Table(p));
-    t.insert(s("node"), long(crate::node::NODE_NAME));
+    t.insert(s("node"), long(crate::config::NODE_NAME));
     t
 }
 

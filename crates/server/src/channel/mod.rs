@@ -28,21 +28,20 @@ use amqp_codec::{Command, CommandAssembler, Method, ShortStr};
 use queue_store::Effects;
 
 use crate::auth::{Access, Resource};
-use crate::connection::ConnectionShared;
 use crate::error::AmqpError;
 use crate::node::Node;
 use crate::queue::QueueHandle;
+use crate::session::ConnectionShared;
 use crate::vhost::Vhost;
 
 mod basic;
 mod confirm;
 mod exchange;
 mod queue;
-mod shared;
 mod tx;
 
 pub use crate::queue::{Settle, Unacked};
-pub use shared::ChannelShared;
+pub use crate::session::ChannelShared;
 
 use confirm::Confirms;
 use tx::TxAction;

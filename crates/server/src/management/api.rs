@@ -13,15 +13,15 @@ use axum::{Json, Router};
 use queue_store::QueueArgs;
 use serde_json::{Map, Value, json};
 
-use super::json::{binding, exchange, flag, json_to_table, names_binding, properties_key, queue};
 use super::listing::{ListQuery, respond};
 use super::{ApiError, Caller};
 use crate::auth::{Access, Resource};
 use crate::broker::Broker;
+use crate::json::{binding, exchange, flag, json_to_table, names_binding, properties_key, queue};
 use crate::vhost::Vhost;
 
 /// The node name reported in objects (single-node broker).
-pub(super) const NODE: &str = crate::node::NODE_NAME;
+pub(super) const NODE: &str = crate::config::NODE_NAME;
 
 type Shared = State<Arc<Broker>>;
 type ApiResult = Result<Response, ApiError>;
@@ -217,7 +217,7 @@ async fn overview(State(b): Shared, caller: Caller) -> ApiResult {
             "messages_ready": ready,
             "messages_unacknowledged": unacked,
         },
-        "message_stats": super::json::message_stats((counts, rates)),
+        "message_stats": crate::json::message_stats((counts, rates)),
         "listeners": [{"node": NODE, "protocol": "amqp", "ip_address": b.config.bind.ip().to_string(), "port": b.config.bind.port()}],
     }))
 }
@@ -311,14 +311,14 @@ async fn list_users(State(b): Shared, caller: Caller, Query(q): Listing) -> ApiR
         &q,
         users,
         |u| std::borrow::Cow::Borrowed(u.name.as_str()),
-        super::json::user,
+        crate::json::user,
     )
 }
 
 async fn get_user(State(b): Shared, caller: Caller, Path(name): Path<String>) -> ApiResult {
     caller.require_admin()?;
     let u = b.auth.user(&name).ok_or_else(ApiError::not_found)?;
-    ok(super::json::user(&u))
+    ok(crate::json::user(&u))
 }
 
 /// `tags` as RabbitMQ accepts it: a comma-separated string or a list.
@@ -1080,10 +1080,7 @@ async fn import_definitions(
     }
 }
 
-fn visible_connections(
-    b: &Broker,
-    caller: &Caller,
-) -> Vec<Arc<crate::connection::ConnectionShared>> {
+fn visible_connections(b: &Broker, caller: &Caller) -> Vec<Arc<crate::session::ConnectionShared>> {
     let mut conns: Vec<_> = b
         .live_connections
         .iter()
@@ -1094,7 +1091,7 @@ fn visible_connections(
     conns
 }
 
-fn connection_json(c: &crate::connection::ConnectionShared) -> Value {
+fn connection_json(c: &crate::session::ConnectionShared) -> Value {
     let mut out = json!({
         "name": c.name,
         "node": NODE,
@@ -1110,7 +1107,7 @@ fn connection_json(c: &crate::connection::ConnectionShared) -> Value {
         "channel_max": c.channel_max,
         "connected_at": c.connected_at,
         "state": if c.congested.lock().is_empty() { "running" } else { "flow" },
-        "client_properties": super::json::table_to_json(&c.client_properties),
+        "client_properties": crate::json::table_to_json(&c.client_properties),
     });
     // As RabbitMQ: the name a client gave its connection, when it gave one.
     if let Some(amqp_codec::FieldValue::LongStr(name)) = c.client_properties.get("connection_name")
@@ -1262,7 +1259,7 @@ async fn get_policy(
 
 /// A vhost's limits as `/api/vhost-limits` lists them; none if it has none.
 fn vhost_limits_json(v: &Vhost) -> Option<Value> {
-    let limits = super::json::limits_json(&v.limits.lock());
+    let limits = crate::json::limits_json(&v.limits.lock());
     (!limits.is_empty()).then(|| json!({"vhost": v.name(), "value": limits}))
 }
 
@@ -1297,7 +1294,7 @@ async fn put_vhost_limit(
     let value = body
         .get("value")
         .ok_or_else(|| ApiError::bad_request("Mandatory fields missing: value"))?;
-    b.update_vhost_limits(&v, |limits| super::json::set_limit(limits, &name, value))
+    b.update_vhost_limits(&v, |limits| crate::json::set_limit(limits, &name, value))
         .await?
         .map_err(ApiError::bad_request)?;
     no_content()
@@ -1312,7 +1309,7 @@ async fn delete_vhost_limit(
     caller.require_admin()?;
     let v = b.vhost(&vhost).ok_or_else(ApiError::not_found)?;
     b.update_vhost_limits(&v, |limits| {
-        super::json::set_limit(limits, &name, &json!(-1))
+        crate::json::set_limit(limits, &name, &json!(-1))
     })
     .await?
     .map_err(ApiError::bad_request)?;
@@ -1419,7 +1416,7 @@ fn properties_to_json(p: &amqp_codec::BasicProperties) -> Value {
     put("content_encoding", s(&p.content_encoding));
     put(
         "headers",
-        p.headers.as_ref().map(super::json::table_to_json),
+        p.headers.as_ref().map(crate::json::table_to_json),
     );
     put("delivery_mode", p.delivery_mode.map(|v| json!(v)));
     put("priority", p.priority.map(|v| json!(v)));

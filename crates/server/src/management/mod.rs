@@ -19,7 +19,7 @@
 //! The handlers live in [`api`]; JSON shapes of the objects in [`json`].
 
 mod api;
-pub(crate) mod json;
+
 mod listing;
 
 use std::net::SocketAddr;

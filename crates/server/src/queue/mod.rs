@@ -542,9 +542,7 @@ impl QueueStats {
     }
 }
 
-/// Estimated memory per queued message beyond its body: the queue entry and
-/// bookkeeping. Used so that many tiny messages still count.
-pub const ENTRY_OVERHEAD: u64 = 64;
+pub use crate::alarm::ENTRY_OVERHEAD;
 
 /// Estimated memory per message whose queue entry is spilled to disk: the
 /// store's word for its body and that map's slack.

@@ -12,7 +12,7 @@ use amqp_codec::{ContentHeader, Method, ShortStr, encode_method};
 use parking_lot::Mutex;
 use queue_store::Message;
 
-use crate::connection::ConnectionShared;
+use super::ConnectionShared;
 use crate::error::AmqpError;
 use crate::queue::{
     DeliverySink, Outgoing, QueueHandle, SinkInfo, Unacked, encode_content, now_ms,
@@ -45,7 +45,7 @@ pub struct ChannelShared {
 }
 
 impl ChannelShared {
-    pub(super) fn new(id: u16, connection: Arc<ConnectionShared>) -> Arc<ChannelShared> {
+    pub(crate) fn new(id: u16, connection: Arc<ConnectionShared>) -> Arc<ChannelShared> {
         Arc::new(ChannelShared {
             id,
             connection,
@@ -162,7 +162,7 @@ impl ChannelShared {
     /// does: `tag` 0 with `multiple` means every outstanding delivery (none
     /// is fine); otherwise `tag` itself must be outstanding, with `multiple`
     /// too (a lower outstanding tag does not make an unknown one valid).
-    pub(super) fn take(&self, tag: u64, multiple: bool) -> Result<Vec<Unacked>, AmqpError> {
+    pub(crate) fn take(&self, tag: u64, multiple: bool) -> Result<Vec<Unacked>, AmqpError> {
         Ok(self
             .take_tagged(tag, multiple)?
             .into_iter()
@@ -171,7 +171,7 @@ impl ChannelShared {
     }
 
     /// [`ChannelShared::take`], with the delivery tags.
-    pub(super) fn take_tagged(
+    pub(crate) fn take_tagged(
         &self,
         tag: u64,
         multiple: bool,
@@ -181,27 +181,27 @@ impl ChannelShared {
 
     /// Marks the channel closed: queues stop delivering to it and nothing
     /// more is written (its close-ok follows).
-    pub(super) fn mark_closed(&self) {
+    pub(crate) fn mark_closed(&self) {
         self.deliveries.lock().closed = true;
     }
 
     /// The channel-wide prefetch (`basic.qos` global=true; 0 = none).
-    pub(super) fn global_prefetch(&self) -> u16 {
+    pub(crate) fn global_prefetch(&self) -> u16 {
         self.deliveries.lock().global_prefetch
     }
 
     /// Sets the channel-wide prefetch.
-    pub(super) fn set_global_prefetch(&self, count: u16) {
+    pub(crate) fn set_global_prefetch(&self, count: u16) {
         self.deliveries.lock().global_prefetch = count;
     }
 
     /// Remembers which queue a consumer of this channel consumes from.
-    pub(super) fn add_consumer(&self, tag: ShortStr, queue: u64) {
+    pub(crate) fn add_consumer(&self, tag: ShortStr, queue: u64) {
         self.deliveries.lock().consumers.insert(tag, queue);
     }
 
     /// The oldest outstanding delivery: (queue, delivered at, consumer tag).
-    pub(super) fn oldest_unacked(&self) -> Option<(u64, u64, Option<ShortStr>)> {
+    pub(crate) fn oldest_unacked(&self) -> Option<(u64, u64, Option<ShortStr>)> {
         self.deliveries
             .lock()
             .unacked
@@ -216,14 +216,14 @@ impl ChannelShared {
 
     /// Whether the broker still knows consumer `tag` on this channel (it
     /// forgets consumers it cancelled, e.g. when their queue was deleted).
-    pub(super) fn has_consumer(&self, tag: &ShortStr) -> bool {
+    pub(crate) fn has_consumer(&self, tag: &ShortStr) -> bool {
         self.deliveries.lock().consumers.contains_key(tag)
     }
 
     /// Moves the deliveries an ack/nack/reject inside a transaction names
     /// (by [`ChannelShared::take`]'s rule) from outstanding to held until
     /// the commit; returns their tags.
-    pub(super) fn hold(&self, tag: u64, multiple: bool) -> Result<Vec<u64>, AmqpError> {
+    pub(crate) fn hold(&self, tag: u64, multiple: bool) -> Result<Vec<u64>, AmqpError> {
         // One lock section: the deliveries are never in neither map (a
         // channel-wide prefetch counts both).
         let mut d = self.deliveries.lock();
@@ -234,20 +234,20 @@ impl ChannelShared {
     }
 
     /// The held deliveries `tags` names, at commit.
-    pub(super) fn take_held(&self, tags: &[u64]) -> Vec<Unacked> {
+    pub(crate) fn take_held(&self, tags: &[u64]) -> Vec<Unacked> {
         let mut d = self.deliveries.lock();
         tags.iter().filter_map(|t| d.held.remove(t)).collect()
     }
 
     /// Makes held deliveries outstanding again (`tx.rollback`, as RabbitMQ).
-    pub(super) fn restore_held(&self) {
+    pub(crate) fn restore_held(&self) {
         let mut d = self.deliveries.lock();
         let held = std::mem::take(&mut d.held);
         d.unacked.extend(held);
     }
 
     /// Removes every outstanding delivery of one consumer.
-    pub(super) fn take_consumer(&self, tag: &ShortStr) -> Vec<Unacked> {
+    pub(crate) fn take_consumer(&self, tag: &ShortStr) -> Vec<Unacked> {
         let mut d = self.deliveries.lock();
         let tags: Vec<u64> = d
             .unacked
@@ -259,14 +259,14 @@ impl ChannelShared {
     }
 
     /// Every outstanding delivery (`basic.recover`); held ones stay held.
-    pub(super) fn take_outstanding(&self) -> Vec<Unacked> {
+    pub(crate) fn take_outstanding(&self) -> Vec<Unacked> {
         std::mem::take(&mut self.deliveries.lock().unacked)
             .into_values()
             .collect()
     }
 
     /// Every unsettled delivery, outstanding or held (the channel closes).
-    pub(super) fn take_all(&self) -> Vec<Unacked> {
+    pub(crate) fn take_all(&self) -> Vec<Unacked> {
         let mut d = self.deliveries.lock();
         let held = std::mem::take(&mut d.held);
         let mut all: Vec<Unacked> = std::mem::take(&mut d.unacked).into_values().collect();

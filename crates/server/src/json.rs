@@ -101,7 +101,7 @@ pub(super) fn queue(vhost: &str, q: &QueueHandle) -> Value {
         "arguments": table_to_json(&q.arguments),
         "type": q.kind().type_name(),
         "state": "running",
-        "node": super::api::NODE,
+        "node": crate::config::NODE_NAME,
         "messages": ready + unacked,
         "messages_ready": ready,
         "messages_unacknowledged": unacked,
