@@ -10,7 +10,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use amqp_codec::ShortStr;
 use dashmap::DashMap;
 
-use crate::meta::{Applied, MetaCommand, MetaError, PermissionDef, TopicPermissionDef};
+use crate::meta::{
+    Applied, MetaCommand, MetaError, MetaProjection, PermissionDef, TopicPermissionDef,
+};
 
 pub use crate::config::{Config, NODE_NAME};
 use crate::node::Node;
@@ -93,19 +95,18 @@ impl Broker {
         Ok(())
     }
 
-    /// Commits a metadata command through the broker's [`MetaLog`] and then
-    /// applies it to the runtime view it concerns (users and permissions,
-    /// policies, vhost limits). Exchanges, queues and bindings are applied
-    /// to their vhost's router by `Vhost`, which also holds transient ones.
+    /// Commits a metadata command through the node's [`MetaLog`], which
+    /// projects it (see [`MetaProjection`] below) before this completes.
+    /// Exchanges, queues and bindings are applied to their vhost's router by
+    /// `Vhost`, which also holds transient ones.
     pub async fn commit_meta(&self, command: MetaCommand) -> Result<Applied, MetaError> {
-        let applied = self.meta.commit(command.clone()).await?;
-        self.project(&command);
-        Ok(applied)
+        self.meta.commit(command).await
     }
 
     /// Applies a committed command to the runtime view of users,
-    /// permissions, policies and limits.
-    fn project(&self, command: &MetaCommand) {
+    /// permissions, policies and limits (the log's projection, and boot
+    /// recovery).
+    fn project_command(&self, command: &MetaCommand) {
         match command {
             MetaCommand::PutUser(u) => self.auth.put_user(u.clone()),
             MetaCommand::DeleteUser { name } => self.auth.delete_user(name),
@@ -185,7 +186,7 @@ impl Broker {
                     v.recover_binding(binding);
                 }
             }
-            _ => self.project(&command),
+            _ => self.project_command(&command),
         }
         0
     }
@@ -419,5 +420,15 @@ impl Broker {
         .await?;
         tracing::info!(vhost = name, "vhost deleted");
         Ok(())
+    }
+}
+
+impl MetaProjection for Broker {
+    /// Users and permissions, vhost limits and policies follow the log.
+    /// (A vhost is created and deleted here, on the node that runs the
+    /// operation; a node applying another's commands, in a cluster, will
+    /// need `PutVhost`/`DeleteVhost` to build and tear down the vhost too.)
+    fn project(&self, command: &MetaCommand) {
+        self.project_command(command);
     }
 }

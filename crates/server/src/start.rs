@@ -105,6 +105,9 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
     let broker = Arc::new(Broker::new(Arc::new(Node::new(
         config, store, meta, spill_dir, alarms,
     ))));
+    let weak = Arc::downgrade(&broker);
+    let projection: std::sync::Weak<dyn crate::meta::MetaProjection> = weak;
+    broker.meta.set_projection(projection);
     let mut queues = 0;
     for command in commands {
         queues += broker.recover(command, &mut recovered);

@@ -24,5 +24,5 @@ pub use command::{
     binding_key, compile_pattern,
 };
 pub use error::MetaError;
-pub use log::{Commit, LocalMetaLog, MetaLog};
+pub use log::{Commit, LocalMetaLog, MetaLog, MetaProjection};
 pub use state::{Applied, MetaState};
