@@ -42,12 +42,16 @@ pub fn spawn_monitor(broker: &Arc<Broker>) {
             // Message rates are sampled every 5 s (50 ticks).
             let queued = memory_and_stats(&b, n % 50 == 0);
             if n % 10 == 0 {
-                disk = match fs4::available_space(&b.config.data_dir) {
-                    Ok(free) => free < b.alarms.disk_limit(),
-                    Err(e) => {
+                // (statvfs, on the blocking pool.)
+                let dir = b.config.data_dir.clone();
+                let free = tokio::task::spawn_blocking(move || fs4::available_space(&dir)).await;
+                disk = match free {
+                    Ok(Ok(free)) => free < b.alarms.disk_limit(),
+                    Ok(Err(e)) => {
                         tracing::warn!(error = %e, "cannot read free disk space");
                         false
                     }
+                    Err(_) => false,
                 };
             }
             n += 1;

@@ -108,10 +108,18 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
     let weak = Arc::downgrade(&broker);
     let projection: std::sync::Weak<dyn crate::meta::MetaProjection> = weak;
     broker.meta.set_projection(projection);
-    let mut queues = 0;
-    for command in commands {
-        queues += broker.recover(command, &mut recovered);
-    }
+    // Rebuilding the queues reads and writes spill files (a deep queue
+    // streams to them): on the blocking pool, not on a runtime worker.
+    let rebuilding = broker.clone();
+    let (queues, mut recovered) = tokio::task::spawn_blocking(move || {
+        let mut queues = 0;
+        for command in commands {
+            queues += rebuilding.recover(command, &mut recovered);
+        }
+        (queues, recovered)
+    })
+    .await
+    .map_err(|e| StoreError::Engine(format!("recovery did not finish: {e}")))?;
     for v in broker.vhost_list() {
         v.apply_exchange_policies();
         v.apply_policies();
