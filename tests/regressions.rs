@@ -8,7 +8,9 @@ use amqp_codec::{
 };
 use lapin::options::*;
 use lapin::types::{AMQPValue, FieldTable};
-use warren_tests::{RawClient, TestBroker, channel_with_queue, next_deliveries, publish};
+use warren_tests::{
+    RawClient, TestBroker, channel_with_queue, consume_no_ack, next_deliveries, publish,
+};
 
 fn s(v: &'static str) -> ShortStr {
     ShortStr::from_static(v)
@@ -112,18 +114,7 @@ async fn paged_out_messages_reach_a_waiting_consumer() {
     let broker = TestBroker::start_with(dir.path(), |c| c.queue_memory_budget = 1024).await;
     let conn = broker.connect().await;
     let ch = channel_with_queue(&conn, "paged").await;
-    let mut consumer = ch
-        .basic_consume(
-            "paged".into(),
-            "c".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let mut consumer = consume_no_ack(&ch, "paged").await;
     for i in 0..20u8 {
         publish(&ch, "paged", &[i; 1000]).await;
     }
@@ -201,18 +192,7 @@ async fn paged_out_messages_are_dead_lettered_whole() {
     for i in 0..N {
         publish(&ch, "expiring", &body(i)).await;
     }
-    let mut consumer = ch
-        .basic_consume(
-            "dead".into(),
-            "c".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let mut consumer = consume_no_ack(&ch, "dead").await;
     let got = next_deliveries(&mut consumer, N as usize).await;
     for (i, d) in got.iter().enumerate() {
         assert_eq!(d.data, body(i as u32), "dead letter {i}");

@@ -215,21 +215,17 @@ fn spilled(broker: &TestBroker, name: &str) -> u64 {
     q.counters().spilled
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_deep_queue_spills_and_comes_back_whole_and_in_order_after_a_restart() {
-    const N: u32 = 30_000;
-    let mut broker = TestBroker::start().await;
-    let dir = broker.keep_dir();
-    let conn = broker.connect().await;
-    let ch = conn.create_channel().await.unwrap();
-    warren_tests::declare_durable_queue(&ch, "deep").await;
+/// Declares durable queue `name` and publishes `n` persistent messages to
+/// it (bodies: their index, 4 octets big-endian), every one confirmed.
+async fn fill_durable_queue(ch: &lapin::Channel, name: &str, n: u32) {
+    warren_tests::declare_durable_queue(ch, name).await;
     ch.confirm_select(ConfirmSelectOptions::default())
         .await
         .unwrap();
-    for i in 0..N {
+    for i in 0..n {
         ch.basic_publish(
             "".into(),
-            "deep".into(),
+            name.into(),
             BasicPublishOptions::default(),
             &i.to_be_bytes(),
             BasicProperties::default().with_delivery_mode(2),
@@ -241,6 +237,16 @@ async fn a_deep_queue_spills_and_comes_back_whole_and_in_order_after_a_restart()
         ch.wait_for_confirms().await.unwrap().is_empty(),
         "all acked"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deep_queue_spills_and_comes_back_whole_and_in_order_after_a_restart() {
+    const N: u32 = 30_000;
+    let mut broker = TestBroker::start().await;
+    let dir = broker.keep_dir();
+    let conn = broker.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    fill_durable_queue(&ch, "deep", N).await;
     assert!(
         spilled(&broker, "deep") > 0,
         "entries behind the window went to spill files"
@@ -297,22 +303,7 @@ async fn a_purged_deep_queue_stays_empty_after_a_restart() {
     let dir = broker.keep_dir();
     let conn = broker.connect().await;
     let ch = conn.create_channel().await.unwrap();
-    warren_tests::declare_durable_queue(&ch, "deep").await;
-    ch.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
-    for i in 0..N {
-        ch.basic_publish(
-            "".into(),
-            "deep".into(),
-            BasicPublishOptions::default(),
-            &i.to_be_bytes(),
-            BasicProperties::default().with_delivery_mode(2),
-        )
-        .await
-        .unwrap();
-    }
-    assert!(ch.wait_for_confirms().await.unwrap().is_empty());
+    fill_durable_queue(&ch, "deep", N).await;
     drop(conn);
     broker.stop().await;
 

@@ -348,6 +348,21 @@ pub async fn publish(ch: &lapin::Channel, queue: &str, body: &[u8]) {
     .unwrap();
 }
 
+/// A no-ack consumer (tag `c`) on `queue`.
+pub async fn consume_no_ack(ch: &lapin::Channel, queue: &str) -> lapin::Consumer {
+    ch.basic_consume(
+        queue.into(),
+        "c".into(),
+        lapin::options::BasicConsumeOptions {
+            no_ack: true,
+            ..Default::default()
+        },
+        lapin::types::FieldTable::default(),
+    )
+    .await
+    .unwrap()
+}
+
 /// Takes the next `n` deliveries of a consumer, failing after ten seconds.
 pub async fn next_deliveries(
     consumer: &mut lapin::Consumer,

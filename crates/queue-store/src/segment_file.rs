@@ -267,6 +267,18 @@ fn scan(raw: &[u8], seg: u64, resync: bool) -> Scan {
             }
         }
     }
+    // A file is created with its first frame (an append or a rewrite), so
+    // a header with nothing after it was cut short — a crash between the
+    // two writes, or damage: never a segment that held nothing.
+    if out.frames.is_empty() && out.bad.is_empty() {
+        out.bad.push((
+            pos..raw.len(),
+            BadFrame {
+                at: pos as u64,
+                why: "no frame after the header (every segment is written with at least one): cut short".into(),
+            },
+        ));
+    }
     out
 }
 
