@@ -4,11 +4,14 @@
 //! written: sled keeps every value it was given in memory, which for a deep
 //! backlog was most of the broker's resident memory.
 //!
-//! A file is `<segment number, 16 hex digits>.seg`: the magic `WRNSEG02`, then
-//! frames, each a length (u32 BE), a CRC-32 of its data (u32 BE) and the data.
-//! The segment being filled gets a frame per batch the writer applies (so a
-//! file holds ~256 KiB however small the batches); its data is the frames'
-//! data back to back.
+//! A file is `<segment number, 16 hex digits>.seg`: a header (the magic
+//! `WRNSEG04`, the segment's number and a CRC-32 of both), then frames, each
+//! a length (u32 BE), a CRC-32 of its data (u32 BE) and the data. The
+//! segment being filled gets a frame per batch the writer applies (so a file
+//! holds ~256 KiB however small the batches); its data is the frames' data
+//! back to back. When appends move on to the next segment, the last one gets
+//! a seal frame ([`SEAL_RECORD`]), so that every segment but the newest ends
+//! with one and a cut at a frame boundary is noticed.
 //!
 //! ## Crash safety
 //!
@@ -43,10 +46,19 @@ use crate::removal_journal::RemovalJournal;
 
 /// A segment's header: the magic, its own number (u64 BE) and a CRC-32 of
 /// both, so that a segment file copied over another is told apart.
-const MAGIC: &[u8; 8] = b"WRNSEG03";
+const MAGIC: &[u8; 8] = b"WRNSEG04";
 pub(crate) const HEADER: usize = 20;
+/// Segments from builds before segments were sealed: the same header.
+const MAGIC_V3: &[u8; 8] = b"WRNSEG03";
 /// Segments from builds before the header named the segment: magic only.
 const MAGIC_V2: &[u8; 8] = b"WRNSEG02";
+
+/// The seal: a frame holding this one octet, written when appends move on
+/// to the next segment (and to the newest one at open, since new writes go
+/// to a new segment). Every segment but the newest must end with it, so a
+/// segment cut at a frame boundary is told from a shorter one. Reads leave
+/// it out of a segment's data.
+pub(crate) const SEAL_RECORD: u8 = 6;
 
 fn header(seg: u64) -> [u8; HEADER] {
     let mut h = [0u8; HEADER];
@@ -57,18 +69,26 @@ fn header(seg: u64) -> [u8; HEADER] {
     h
 }
 
-/// The header's length, or what is wrong with it.
-fn check_header(raw: &[u8], seg: u64) -> Result<usize, String> {
+/// The header's length and whether the file's format seals segments, or
+/// what is wrong with it.
+fn check_header(raw: &[u8], seg: u64) -> Result<(usize, bool), String> {
     if raw.starts_with(MAGIC_V2) {
-        return Ok(MAGIC_V2.len());
+        return Ok((MAGIC_V2.len(), false));
     }
-    if !raw.starts_with(MAGIC) {
+    let sealed_format = raw.starts_with(MAGIC);
+    if !sealed_format && !raw.starts_with(MAGIC_V3) {
         return Err("not a log segment (bad magic)".into());
     }
     let Some(h) = raw.get(..HEADER) else {
         return Err("the segment header is cut short".into());
     };
-    if h != header(seg) {
+    let mut expected = header(seg);
+    if !sealed_format {
+        expected[..8].copy_from_slice(MAGIC_V3);
+        let crc = crc32fast::hash(&expected[..16]);
+        expected[16..].copy_from_slice(&crc.to_be_bytes());
+    }
+    if h != expected {
         let mut n = [0u8; 8];
         n.copy_from_slice(&h[8..16]);
         return Err(format!(
@@ -76,7 +96,7 @@ fn check_header(raw: &[u8], seg: u64) -> Result<usize, String> {
             u64::from_be_bytes(n)
         ));
     }
-    Ok(HEADER)
+    Ok((HEADER, sealed_format))
 }
 pub(crate) const FRAME_HEADER: usize = 8;
 
@@ -169,6 +189,10 @@ struct Scan {
     /// Each damaged stretch: its range and what is wrong. Without `resync`
     /// at most one, running to the end of the file.
     bad: Vec<(std::ops::Range<usize>, BadFrame)>,
+    /// The file's format seals segments.
+    sealed_format: bool,
+    /// Its last good frame is the seal.
+    sealed: bool,
 }
 
 fn frame_at(raw: &[u8], pos: usize) -> Result<std::ops::Range<usize>, String> {
@@ -211,9 +235,14 @@ fn scan(raw: &[u8], seg: u64, resync: bool) -> Scan {
         header: 0,
         frames: Vec::new(),
         bad: Vec::new(),
+        sealed_format: false,
+        sealed: false,
     };
     let mut pos = match check_header(raw, seg) {
-        Ok(len) => len,
+        Ok((len, sealed_format)) => {
+            out.sealed_format = sealed_format;
+            len
+        }
         Err(why) => {
             out.bad.push((0..raw.len(), BadFrame { at: 0, why }));
             return out;
@@ -267,6 +296,10 @@ fn scan(raw: &[u8], seg: u64, resync: bool) -> Scan {
             }
         }
     }
+    out.sealed = out
+        .frames
+        .last()
+        .is_some_and(|r| raw.get(r.clone()) == Some(&[SEAL_RECORD][..]));
     // A file is created with its first frame (an append or a rewrite), so
     // a header with nothing after it was cut short — a crash between the
     // two writes, or damage: never a segment that held nothing.
@@ -504,7 +537,27 @@ impl SegmentFiles {
             // Only frames newer than the last sync can be torn, and at most
             // this file and MAX_UNSYNCED_FILES before it can hold them.
             let torn = !opts.clean && later <= MAX_UNSYNCED_FILES;
-            let found = scan(&raw, seg, opts.repair && !torn);
+            let mut found = scan(&raw, seg, opts.repair && !torn);
+            // Every segment but the newest is sealed, and after a clean
+            // shutdown the newest too.
+            if (later > 0 || opts.clean)
+                && found.sealed_format
+                && !found.sealed
+                && found.bad.is_empty()
+            {
+                let why = if later > 0 {
+                    "the segment does not end with its seal though later ones follow: cut short at a frame boundary"
+                } else {
+                    "the newest segment does not end with the seal a clean shutdown writes: cut short at a frame boundary"
+                };
+                found.bad.push((
+                    raw.len()..raw.len(),
+                    BadFrame {
+                        at: raw.len() as u64,
+                        why: why.into(),
+                    },
+                ));
+            }
             let Some((_, first_bad)) = found.bad.first() else {
                 file.sync_all().map_err(|e| io("cannot sync", &path, e))?;
                 continue;
@@ -595,13 +648,21 @@ impl SegmentFiles {
             } else {
                 let mut data = Vec::new();
                 for r in &found.frames {
-                    data.extend_from_slice(raw.get(r.clone()).unwrap_or_default());
+                    let frame = raw.get(r.clone()).unwrap_or_default();
+                    if frame != [SEAL_RECORD] {
+                        data.extend_from_slice(frame);
+                    }
                 }
                 files.rewrite_file(seg, &data)?;
             }
         }
         segs.truncate(valid);
         segs.retain(|s| !emptied.contains(s));
+        // New writes go to a new segment: the newest one found is sealed
+        // now, so that it is not taken for one cut short later.
+        if let Some(&last) = segs.last() {
+            files.seal_file(last)?;
+        }
         files.sync_dir()?;
         {
             let mut u = lock(&files.unsynced);
@@ -609,6 +670,23 @@ impl SegmentFiles {
         }
         *lock(&files.journal) = Some(journal);
         Ok((files, segs, next))
+    }
+
+    /// Appends the seal to a closed segment's file unless it ends with it
+    /// already, and syncs it.
+    fn seal_file(&self, seg: u64) -> Result<(), StoreError> {
+        let path = self.path(seg);
+        let raw = std::fs::read(&path).map_err(|e| io("cannot read", &path, e))?;
+        if scan(&raw, seg, false).sealed {
+            return Ok(());
+        }
+        let mut file = OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(|e| io("cannot open", &path, e))?;
+        file.write_all(&Self::frame(&[SEAL_RECORD])?)
+            .map_err(|e| io("cannot write", &path, e))?;
+        file.sync_all().map_err(|e| io("cannot sync", &path, e))
     }
 
     /// Moves a whole segment file into quarantine (renamed: same file system).
@@ -671,8 +749,12 @@ impl SegmentFiles {
         let mut data = BytesMut::with_capacity(raw.len());
         let mut layout = Vec::with_capacity(found.frames.len());
         for r in found.frames {
+            let frame = raw.get(r.clone()).unwrap_or_default();
+            if frame == [SEAL_RECORD] {
+                continue;
+            }
             layout.push((data.len(), r.start as u64));
-            data.extend_from_slice(raw.get(r).unwrap_or_default());
+            data.extend_from_slice(frame);
         }
         Ok(Some((data.freeze(), layout)))
     }
@@ -739,6 +821,20 @@ impl SegmentFiles {
         self.guarded(|| self.append_frame(seg, data))
     }
 
+    /// Seals the segment being appended to (a clean shutdown: after it the
+    /// newest segment ends with its seal too). Durable at the next sync.
+    pub(crate) fn seal_open(&self) -> Result<(), StoreError> {
+        self.guarded(|| {
+            let mut u = lock(&self.unsynced);
+            if let Some((seg, file)) = u.open.as_mut() {
+                file.write_all(&Self::frame(&[SEAL_RECORD])?)
+                    .map_err(|e| io("cannot write", &self.path(*seg), e))?;
+                u.open_dirty = true;
+            }
+            Ok(())
+        })
+    }
+
     /// Runs a write or sync unless one failed before; a failure stops all
     /// later ones (a half-written frame must stay the end of the log, and a
     /// sync that failed must not be followed by removals).
@@ -759,6 +855,12 @@ impl SegmentFiles {
         let frame = Self::frame(data)?;
         let mut u = lock(&self.unsynced);
         if u.open.as_ref().is_none_or(|(s, _)| *s != seg) {
+            // Moving on: the segment appended to so far is sealed first
+            // (so a sync orders its seal before the new segment's frames).
+            if let Some((old, file)) = u.open.as_mut() {
+                file.write_all(&Self::frame(&[SEAL_RECORD])?)
+                    .map_err(|e| io("cannot write", &self.path(*old), e))?;
+            }
             let file = self.create(&self.path(seg), seg)?;
             u.present.insert(seg);
             if let Some((_, old)) = u.open.replace((seg, file)) {
@@ -783,6 +885,9 @@ impl SegmentFiles {
         let tmp = self.dir.join(format!("{seg:016x}.tmp"));
         let mut file = self.create(&tmp, seg)?;
         file.write_all(&Self::frame(data)?)
+            .map_err(|e| io("cannot write", &tmp, e))?;
+        // A rewritten segment is an old one: sealed.
+        file.write_all(&Self::frame(&[SEAL_RECORD])?)
             .map_err(|e| io("cannot write", &tmp, e))?;
         file.sync_all().map_err(|e| io("cannot sync", &tmp, e))?;
         let path = self.path(seg);
@@ -984,8 +1089,9 @@ mod tests {
         files.append(2, b"torn by the crash").unwrap();
         files.append(3, b"written after it").unwrap();
         files.sync().unwrap();
-        // The second frame of segment 2 lost its last octet.
-        let torn = len(&files, 2) - 1;
+        // The second frame of segment 2 lost its last octet (and the seal
+        // written after it when 3 began).
+        let torn = len(&files, 2) - (FRAME_HEADER as u64 + 1) - 1;
         OpenOptions::new()
             .write(true)
             .open(files.path(2))
@@ -1005,7 +1111,11 @@ mod tests {
             ],
             "what was cut is kept in quarantine"
         );
-        assert_eq!(len(&files, 2), whole, "2 is cut after its last whole frame");
+        assert_eq!(
+            len(&files, 2),
+            whole + FRAME_HEADER as u64 + 1,
+            "2 is cut after its last whole frame, then sealed as the newest"
+        );
         assert_eq!(files.read(2).unwrap().unwrap(), "whole");
     }
 
@@ -1048,6 +1158,8 @@ mod tests {
         files.append(1, b"two").unwrap();
         files.append(1, b"three").unwrap();
         files.append(2, b"later").unwrap();
+        // As a clean shutdown leaves it: the newest segment sealed too.
+        files.seal_open().unwrap();
         files.sync().unwrap();
         // Damage the middle frame's data.
         let path = files.path(1);

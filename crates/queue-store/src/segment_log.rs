@@ -779,6 +779,10 @@ impl<'a> Reader<'a> {
     /// The next record, `None` at the end of the segment. Every pass over a
     /// segment (replay, stripping, compaction, reads) goes through here.
     fn record(&mut self) -> Result<Option<Record<'a>>, StoreError> {
+        // The seal (the segment's last frame) holds no record of its own.
+        while self.buf.get(self.pos) == Some(&crate::segment_file::SEAL_RECORD) {
+            self.pos += 1;
+        }
         if self.pos >= self.buf.len() {
             return Ok(None);
         }
@@ -1795,6 +1799,10 @@ impl Storage for SegmentLogStorage {
     }
 
     fn mark_clean(&self) -> Result<(), StoreError> {
+        // The newest segment is sealed, so that a cut at one of its frame
+        // boundaries is noticed at the next open.
+        self.files.seal_open()?;
+        self.sync()?;
         // The next segment number: open checks that every lower one is
         // present or journaled, and that none past it appeared.
         let next_segment = {

@@ -239,6 +239,12 @@ enum Mutation {
         file: usize,
         at: f64,
     },
+    /// Cut a segment where one of its frames starts (or right after its
+    /// header): what is left parses as a whole, shorter segment.
+    CutAtFrame {
+        file: usize,
+        frame: usize,
+    },
     Delete {
         file: usize,
     },
@@ -265,6 +271,8 @@ fn mutation() -> impl Strategy<Value = Mutation> {
             }
         }),
         (any::<usize>(), 0.0..1.0f64).prop_map(|(file, at)| Mutation::Truncate { file, at }),
+        (any::<usize>(), any::<usize>())
+            .prop_map(|(file, frame)| Mutation::CutAtFrame { file, frame }),
         any::<usize>().prop_map(|file| Mutation::Delete { file }),
         (any::<usize>(), -40..40i64)
             .prop_map(|(file, offset)| Mutation::Duplicate { file, offset }),
@@ -311,6 +319,26 @@ fn mutate(dir: &Path, m: &Mutation) {
             let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
             f.set_len((len as f64 * at) as u64).unwrap();
         }
+        Mutation::CutAtFrame { file, frame } => {
+            let segs = segments(dir);
+            let p = &segs[file % segs.len()];
+            let raw = std::fs::read(p).unwrap();
+            // Frame starts: after the 20-octet header, each frame is its
+            // length (u32 BE), a CRC-32 and the data.
+            let mut starts = vec![20usize];
+            while let Some(l) = raw.get(starts[starts.len() - 1]..starts[starts.len() - 1] + 4) {
+                let next = starts[starts.len() - 1]
+                    + 8
+                    + u32::from_be_bytes(l.try_into().unwrap()) as usize;
+                if next >= raw.len() {
+                    break;
+                }
+                starts.push(next);
+            }
+            let at = starts[frame % starts.len()];
+            let f = std::fs::OpenOptions::new().write(true).open(p).unwrap();
+            f.set_len(at as u64).unwrap();
+        }
         Mutation::Delete { file } => std::fs::remove_file(pick(file)).unwrap(),
         Mutation::Duplicate { file, offset } => {
             let segs = segments(dir);
@@ -352,6 +380,31 @@ proptest! {
             prop_assert!(reopened.is_ok(), "{:?}: refused after repair: {:?}", ms, reopened.err());
         }
     }
+}
+
+/// A middle segment cut at a frame boundary (here: right after its first
+/// frame) reads as a shorter segment; its missing seal tells it apart, and
+/// open refuses it. The repair keeps the frames that are left.
+#[test]
+fn a_segment_cut_at_a_frame_boundary_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    stopped_store(dir.path());
+    let segs = segments(dir.path());
+    let victim = &segs[segs.len() / 2];
+    let raw = std::fs::read(victim).unwrap();
+    let first_len = u32::from_be_bytes(raw[20..24].try_into().unwrap()) as u64;
+    let cut = 20 + 8 + first_len;
+    assert!(cut < raw.len() as u64, "something follows the first frame");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(victim)
+        .unwrap();
+    f.set_len(cut).unwrap();
+    let d = damage_of(Store::open(dir.path()));
+    assert_eq!(&d.path, victim, "{d}");
+    assert!(d.problem.contains("does not end with its seal"), "{d}");
+    drop(Store::repair(dir.path()).unwrap());
+    assert!(Store::open(dir.path()).is_ok());
 }
 
 /// A middle segment cut back to its header (20 octets: a valid header and
