@@ -394,8 +394,17 @@ async fn a_damaged_segment_is_refused_and_the_repair_names_what_it_lost() {
     let segs = log_segments(dir.path());
     assert!(segs.len() >= 3, "{} segments", segs.len());
     let mut raw = std::fs::read(&segs[0]).unwrap();
+    // Inside a message body past the middle (its filler octets), so that
+    // what is lost is whole messages the repair can name: damage that
+    // garbles a record's own fields is the store fuzzer's business
+    // (crates/queue-store/tests/damage.rs).
     let mid = raw.len() / 2;
-    for b in &mut raw[mid..mid + 8] {
+    let at = raw[mid..]
+        .windows(16)
+        .position(|w| w.iter().all(|&b| b == 7))
+        .map(|p| mid + p + 4)
+        .expect("a body's filler past the middle");
+    for b in &mut raw[at..at + 8] {
         *b ^= 0xff;
     }
     std::fs::write(&segs[0], raw).unwrap();

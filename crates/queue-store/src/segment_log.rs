@@ -1304,6 +1304,41 @@ impl SegmentLogStorage {
                 .map(|(_, _, m)| *m)
                 .chain(entries.values().flatten().map(|(_, e)| e.message))
                 .collect();
+            // A body record the damage hit in its id has noise for an id:
+            // it is the body of an entry named above (whose body is then
+            // missing), not one more lost message. Ids are allocated in
+            // order per node tag, so a real one lies near some other id of
+            // its tag (surviving or damaged); one whose tag no other id has,
+            // or that is far from every id of its tag, is taken for noise
+            // when some entry lost its body (else it is still named).
+            let mut counters: std::collections::HashMap<u16, Vec<u64>> = Default::default();
+            for id in state
+                .messages
+                .keys()
+                .chain(damaged_bodies.iter())
+                .chain(entries.values().flatten().map(|(_, e)| &e.message))
+            {
+                counters
+                    .entry(id.node_tag())
+                    .or_default()
+                    .push(id.counter());
+            }
+            for v in counters.values_mut() {
+                v.sort_unstable();
+                v.dedup();
+            }
+            let slack = damaged_bodies.len() as u64 + 8;
+            let plausible = |id: &MessageId| {
+                let Some(v) = counters.get(&id.node_tag()) else {
+                    return false;
+                };
+                let c = id.counter();
+                let i = v.partition_point(|&x| x < c);
+                let below = i.checked_sub(1).and_then(|j| v.get(j)).copied();
+                // (The id itself is in the list: its neighbours are others.)
+                let above = v.get(i + 1).copied();
+                below.is_some_and(|b| c - b <= slack) || above.is_some_and(|a| a - c <= slack)
+            };
             let mut unattributed: Vec<MessageId> = damaged_bodies
                 .iter()
                 .copied()
@@ -1311,6 +1346,7 @@ impl SegmentLogStorage {
                     !state.messages.contains_key(id)
                         && !bodies_deleted_unseen.contains(id)
                         && !named.contains(id)
+                        && ((lost.is_empty() && from_damage.is_empty()) || plausible(id))
                 })
                 .collect();
             unattributed.sort_unstable();
