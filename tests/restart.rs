@@ -433,9 +433,8 @@ async fn a_damaged_segment_is_refused_and_the_repair_names_what_it_lost() {
             .any(|l| l.starts_with("lost ") && l.contains("queue 'kept' in vhost '/'")),
         "no lost messages of 'kept' named: {text}"
     );
-    // Every "lost N message(s) of ..." line: 8 flipped octets that land in
-    // an index record's queue id make it an entry of an undefined queue,
-    // named on a line of its own.
+    // Every "lost N message(s) of ..." line counts (the damaged frame's
+    // bodies are lost, their entries named under the queue).
     let lost: usize = report
         .iter()
         .filter(|l| l.starts_with("lost "))
