@@ -304,13 +304,22 @@ impl LogState {
     /// A queue entry takes a reference on a message: true if its body is
     /// already stored (then no record is written).
     fn add_ref(&mut self, id: MessageId) -> bool {
-        match self.refs(id) {
-            Some(refs) => {
-                self.set_refs(id, refs + 1);
-                true
-            }
-            None => false,
+        let Some(body) = self.messages.get_mut(&id) else {
+            return false;
+        };
+        let field = body.refs_field();
+        if field + 1 < Body::REFS_ELSEWHERE {
+            *body = body.with_refs_field(field + 1);
+            return true;
         }
+        // From 255 on, the count is kept aside.
+        let refs = match field {
+            Body::REFS_ELSEWHERE => self.many_refs.get(&id).copied().unwrap_or(0),
+            refs => refs,
+        };
+        *body = body.with_refs_field(Body::REFS_ELSEWHERE);
+        self.many_refs.insert(id, refs + 1);
+        true
     }
 
     /// How many queue entries reference a stored message.
@@ -322,20 +331,6 @@ impl LogState {
         })
     }
 
-    /// Sets a stored message's reference count (in its word, or past 254 in
-    /// `many_refs`).
-    fn set_refs(&mut self, id: MessageId, refs: u64) {
-        let Some(body) = self.messages.get_mut(&id) else {
-            return;
-        };
-        *body = body.with_refs_field(refs);
-        if refs >= Body::REFS_ELSEWHERE {
-            self.many_refs.insert(id, refs);
-        } else if !self.many_refs.is_empty() {
-            self.many_refs.remove(&id);
-        }
-    }
-
     /// A message record was written to the segment being built, holding
     /// `refs` references (a put supersedes an earlier record of the id: replay
     /// and compaction).
@@ -343,23 +338,39 @@ impl LogState {
     fn place_message(&mut self, b: &mut Builder, id: MessageId, refs: u64, at: u64) {
         b.puts += 1;
         b.live += 1;
-        if let Some(old) = self.messages.insert(id, Body::new(b.seg, at, 0)) {
+        let old = self.messages.insert(id, Body::new(b.seg, at, refs));
+        if refs >= Body::REFS_ELSEWHERE {
+            self.many_refs.insert(id, refs);
+        } else if old.is_some_and(|o| o.refs_field() == Body::REFS_ELSEWHERE) {
+            self.many_refs.remove(&id);
+        }
+        if let Some(old) = old {
             self.kill(b, old.seg(), 1);
         }
-        self.set_refs(id, refs);
     }
 
     /// A queue entry drops its reference on a message: true if that was the
     /// last (or it had none: an orphan), so its delete record must be written.
     fn drop_ref(&mut self, id: MessageId) -> bool {
-        match self.refs(id) {
-            Some(refs) if refs > 1 => {
-                self.set_refs(id, refs - 1);
-                false
-            }
-            Some(_) => true,
-            None => false,
+        let Some(body) = self.messages.get_mut(&id) else {
+            return false;
+        };
+        let refs = match body.refs_field() {
+            Body::REFS_ELSEWHERE => self.many_refs.get(&id).copied().unwrap_or(0),
+            refs => refs,
+        };
+        if refs <= 1 {
+            return true;
         }
+        if refs - 1 < Body::REFS_ELSEWHERE {
+            *body = body.with_refs_field(refs - 1);
+            if refs == Body::REFS_ELSEWHERE {
+                self.many_refs.remove(&id);
+            }
+        } else {
+            self.many_refs.insert(id, refs - 1);
+        }
+        false
     }
 
     /// A message's delete record was written.
