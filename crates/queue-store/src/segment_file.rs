@@ -522,6 +522,8 @@ impl SegmentFiles {
         // removed on its account (a previous run may have written it
         // without syncing).
         let mut valid = segs.len();
+        // Segments whose last good frame is the seal (see below).
+        let mut sealed = BTreeSet::new();
         for (i, &seg) in segs.iter().enumerate() {
             let path = files.path(seg);
             let mut raw = Vec::new();
@@ -538,6 +540,9 @@ impl SegmentFiles {
             // this file and MAX_UNSYNCED_FILES before it can hold them.
             let torn = !opts.clean && later <= MAX_UNSYNCED_FILES;
             let mut found = scan(&raw, seg, opts.repair && !torn);
+            if found.sealed {
+                sealed.insert(seg);
+            }
             // Every segment but the newest is sealed, and after a clean
             // shutdown the newest too.
             if (later > 0 || opts.clean)
@@ -654,13 +659,14 @@ impl SegmentFiles {
                     }
                 }
                 files.rewrite_file(seg, &data)?;
+                sealed.insert(seg);
             }
         }
         segs.truncate(valid);
         segs.retain(|s| !emptied.contains(s));
         // New writes go to a new segment: the newest one found is sealed
         // now, so that it is not taken for one cut short later.
-        if let Some(&last) = segs.last() {
+        if let Some(&last) = segs.last().filter(|s| !sealed.contains(s)) {
             files.seal_file(last)?;
         }
         files.sync_dir()?;
@@ -672,14 +678,9 @@ impl SegmentFiles {
         Ok((files, segs, next))
     }
 
-    /// Appends the seal to a closed segment's file unless it ends with it
-    /// already, and syncs it.
+    /// Appends the seal to a closed segment's file and syncs it.
     fn seal_file(&self, seg: u64) -> Result<(), StoreError> {
         let path = self.path(seg);
-        let raw = std::fs::read(&path).map_err(|e| io("cannot read", &path, e))?;
-        if scan(&raw, seg, false).sealed {
-            return Ok(());
-        }
         let mut file = OpenOptions::new()
             .append(true)
             .open(&path)
