@@ -41,7 +41,7 @@ SCENARIOS=${SCENARIOS:-"1 2 3 4 5 6 7"}
 RABBITMQ_LIB=${RABBITMQ_LIB:-/usr/lib/rabbitmq/bin}
 
 if [[ -z ${WARREN_BIN:-} || -z ${PERF_BIN:-} ]]; then
-    (cd "$ROOT" && cargo build --release -p server -p warren-perf)
+    (cd "$ROOT" && cargo build --release -p warren -p warren-perf)
     WARREN_BIN=${WARREN_BIN:-$ROOT/target/release/warren}
     PERF_BIN=${PERF_BIN:-$ROOT/target/release/warren-perf}
 fi

@@ -208,8 +208,8 @@ def final_values(name):
 
 
 runs = [i["value"] for i in instrs if i["instruction"] == "RUN"]
-check(any("cargo build --release --locked -p server -p warrenctl" in r for r in runs),
-      "Dockerfile: cargo build --release --locked -p server -p warrenctl")
+check(any("cargo build --release --locked -p warren -p warrenctl" in r for r in runs),
+      "Dockerfile: cargo build --release --locked -p warren -p warrenctl")
 check(not any(re.search(r"\b(curl|wget)\b|\|\s*(ba)?sh\b", r) for r in runs),
       "Dockerfile: no curl/wget or piped installers (registries only)")
 installs = re.findall(r"apt-get install[^&;]*", " ".join(i["value"] for i in final if i["instruction"] == "RUN"))

@@ -660,3 +660,209 @@ pub fn serve_if_child() {
         std::future::pending::<()>().await;
     });
 }
+
+const CLUSTER_NODE_ENV: &str = "WARREN_TEST_CLUSTER_NODE";
+
+/// A free TCP port on loopback (bound and released: a test's cluster
+/// ports must be known before the nodes start, since each is the others'
+/// seed).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One node of a [`TestCluster`]: a child process running the broker and
+/// its cluster side (see [`serve_cluster_node_if_child`]).
+#[derive(Debug)]
+pub struct ClusterChild {
+    /// The process.
+    pub child: std::process::Child,
+    /// Its AMQP address, `host:port`.
+    pub amqp: String,
+    /// Its management API's base URL.
+    pub api: String,
+}
+
+impl ClusterChild {
+    /// `amqp://user:pass@addr/vhost` (vhost percent-encoded by the caller).
+    pub fn uri(&self, user: &str, pass: &str, vhost: &str) -> String {
+        format!("amqp://{user}:{pass}@{}/{vhost}", self.amqp)
+    }
+}
+
+/// Nodes started as child processes on loopback, each with its own data
+/// directory, cluster port and the others as seeds; killed (and their
+/// directories removed) on drop.
+#[derive(Debug)]
+pub struct TestCluster {
+    child_test: String,
+    dir: tempfile::TempDir,
+    secret_file: PathBuf,
+    ports: Vec<u16>,
+    /// The nodes (None while stopped).
+    pub nodes: Vec<Option<ClusterChild>>,
+}
+
+impl TestCluster {
+    /// Starts `n` nodes, named `n1@127.0.0.1` ..., through the test binary's
+    /// `child_test` (which calls [`serve_cluster_node_if_child`]).
+    pub fn start(child_test: &str, n: usize) -> TestCluster {
+        let dir = tempfile::tempdir().unwrap();
+        let secret_file = dir.path().join("secret");
+        std::fs::write(&secret_file, "a-test-cluster-secret-of-some-length").unwrap();
+        let ports = (0..n).map(|_| free_port()).collect();
+        let mut c = TestCluster {
+            child_test: child_test.to_owned(),
+            dir,
+            secret_file,
+            ports,
+            nodes: (0..n).map(|_| None).collect(),
+        };
+        for i in 0..n {
+            c.spawn(i, None);
+        }
+        c
+    }
+
+    /// Node `i`'s data directory.
+    pub fn data_dir(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("n{}", i + 1))
+    }
+
+    /// Node `i`'s cluster address.
+    pub fn cluster_addr(&self, i: usize) -> String {
+        format!("127.0.0.1:{}", self.ports[i])
+    }
+
+    /// Node `i` (running).
+    pub fn node(&self, i: usize) -> &ClusterChild {
+        self.nodes[i].as_ref().expect("node is running")
+    }
+
+    /// Starts node `i` (with another secret file if given) and waits until
+    /// its AMQP listener is up (formation goes on in the background).
+    pub fn spawn(&mut self, i: usize, secret_file: Option<&Path>) {
+        use std::io::BufRead;
+        let peers: Vec<String> = (0..self.ports.len())
+            .map(|j| self.cluster_addr(j))
+            .collect();
+        let spec = serde_json::json!({
+            "dir": self.data_dir(i),
+            "name": format!("n{}@127.0.0.1", i + 1),
+            "cluster_port": self.ports[i],
+            "peers": peers,
+            "secret_file": secret_file.unwrap_or(&self.secret_file),
+        });
+        let log = std::fs::File::create(self.dir.path().join(format!("n{}.log", i + 1))).unwrap();
+        let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+        cmd.args([
+            "--exact",
+            &self.child_test,
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CLUSTER_NODE_ENV, spec.to_string())
+        .env("RUST_LOG", "info,openraft=warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(log);
+        let mut child = cmd.spawn().unwrap();
+        let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let (amqp, api) = loop {
+            let line = lines.next().expect("cluster node exited").unwrap();
+            if let Some((_, rest)) = line.split_once("listening ") {
+                let mut parts = rest.split_whitespace();
+                break (
+                    parts.next().unwrap().to_owned(),
+                    format!("http://{}", parts.next().unwrap()),
+                );
+            }
+        };
+        self.nodes[i] = Some(ClusterChild { child, amqp, api });
+    }
+
+    /// `kill -9` node `i` and reap it.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut n) = self.nodes[i].take() {
+            let _ = n.child.kill();
+            let _ = n.child.wait();
+        }
+    }
+
+    /// Node `i`'s log so far (for assertion messages).
+    pub fn log(&self, i: usize) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("n{}.log", i + 1))).unwrap_or_default()
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.kill(i);
+        }
+    }
+}
+
+/// Cluster-node mode of a test binary (see [`TestCluster`]): when started
+/// by it, runs a broker with its cluster side, prints `listening <amqp>
+/// <management>` and serves until killed. Otherwise returns at once.
+pub fn serve_cluster_node_if_child() {
+    let Ok(spec) = std::env::var(CLUSTER_NODE_ENV) else {
+        return;
+    };
+    let spec: serde_json::Value = serde_json::from_str(&spec).unwrap();
+    let text = |k: &str| spec[k].as_str().unwrap().to_owned();
+    let dir = PathBuf::from(text("dir"));
+    let name = text("name");
+    let secret: Vec<u8> = std::fs::read(text("secret_file")).unwrap();
+    let peers: Vec<String> = spec["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap().to_owned())
+        .collect();
+    let cluster_port = spec["cluster_port"].as_u64().unwrap() as u16;
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .try_init();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        // The AMQP port is bound first so the cluster can advertise it.
+        let amqp_port = free_port();
+        let settings = cluster::ClusterSettings {
+            node_name: name,
+            cluster_name: "test".into(),
+            bind: SocketAddr::from(([127, 0, 0, 1], cluster_port)),
+            advertise: None,
+            peers,
+            peer_dns: Vec::new(),
+            secret: secret.into(),
+            data_dir: dir.clone(),
+            amqp_addr: format!("127.0.0.1:{amqp_port}"),
+            default_user: ("guest".into(), "guest".into()),
+        };
+        let cluster = cluster::start(settings).await.unwrap();
+        let config = server::Config {
+            data_dir: dir,
+            bind: SocketAddr::from(([127, 0, 0, 1], amqp_port)),
+            management: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+            prometheus: None,
+            ..server::Config::default()
+        };
+        let handle = server::start_with(config, Some(cluster.meta_log()))
+            .await
+            .unwrap();
+        println!(
+            "listening {} {}",
+            handle.addr,
+            handle.management_addr.unwrap()
+        );
+        std::future::pending::<()>().await;
+    });
+}

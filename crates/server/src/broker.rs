@@ -126,9 +126,35 @@ impl Broker {
                 exchange,
             } => self.auth.clear_topic_permissions(user, vhost, exchange),
             MetaCommand::PutVhost { name, limits } => {
-                if let Some(v) = self.vhost(name) {
-                    *v.limits.lock() = *limits;
+                // The node that ran the operation made the vhost before
+                // committing; any other node (in a cluster) makes it here.
+                let v = match self.vhost(name) {
+                    Some(v) => v,
+                    None => match ShortStr::try_from(name.as_str()) {
+                        Ok(short) => self
+                            .vhosts
+                            .entry(name.clone())
+                            .or_insert_with(|| Vhost::new(short, self.node.clone()))
+                            .clone(),
+                        Err(e) => {
+                            tracing::warn!(vhost = %name, error = %e, "cannot make vhost");
+                            return;
+                        }
+                    },
+                };
+                *v.limits.lock() = *limits;
+            }
+            MetaCommand::DeleteVhost { name } => {
+                // The node that ran the operation removed it first; any other
+                // node (in a cluster) closes its connections to it here. Its
+                // durable queues' definitions went with the command; their
+                // index entries here are dropped at the next boot.
+                if let Some((_, v)) = self.vhosts.remove(name) {
+                    v.closed.cancel();
+                    v.policies.write().clear();
+                    tracing::info!(vhost = %name, "vhost deleted (by another node)");
                 }
+                self.auth.clear_vhost(name);
             }
             MetaCommand::PutPolicy(policy) => {
                 if let Some(v) = self.vhost(&policy.vhost) {
@@ -144,7 +170,6 @@ impl Broker {
                     v.policies.write().retain(|p| p.name != *name);
                 }
             }
-            MetaCommand::DeleteVhost { name } => self.auth.clear_vhost(name),
             MetaCommand::DeclareExchange { .. }
             | MetaCommand::DeleteExchange { .. }
             | MetaCommand::DeclareQueue { .. }
@@ -164,9 +189,13 @@ impl Broker {
         match &command {
             MetaCommand::PutVhost { name, limits } => match ShortStr::try_from(name.as_str()) {
                 Ok(short) => {
-                    let v = Vhost::new(short, self.node.clone());
+                    // (A cluster's projection may have made it already.)
+                    let v = self
+                        .vhosts
+                        .entry(name.clone())
+                        .or_insert_with(|| Vhost::new(short, self.node.clone()))
+                        .clone();
                     *v.limits.lock() = *limits;
-                    self.vhosts.insert(name.clone(), v);
                 }
                 Err(e) => tracing::warn!(vhost = %name, error = %e, "cannot recover vhost"),
             },
@@ -305,11 +334,22 @@ impl Broker {
             .or_insert_with(|| Vhost::new(short, self.node.clone()))
             .clone();
         let limits = *v.limits.lock();
-        self.commit_meta(MetaCommand::PutVhost {
-            name: name.to_owned(),
-            limits,
-        })
-        .await?;
+        if let Err(e) = self
+            .commit_meta(MetaCommand::PutVhost {
+                name: name.to_owned(),
+                limits,
+            })
+            .await
+        {
+            // Not committed: it does not exist (unless a commit of the same
+            // vhost by another node made it meanwhile).
+            if !matches!(e, MetaError::Conflict(_)) {
+                self.vhosts.remove_if(name, |_, made| {
+                    Arc::ptr_eq(made, &v) && made.queues().is_empty()
+                });
+            }
+            return Err(e);
+        }
         tracing::info!(vhost = name, "vhost created");
         Ok(v)
     }

@@ -99,6 +99,11 @@ impl AmqpError {
         Self::new(Scope::Channel, reply_code::ACCESS_REFUSED, text)
     }
 
+    /// 506, channel.
+    pub fn resource_error(text: impl Into<String>) -> Self {
+        Self::new(Scope::Channel, reply_code::RESOURCE_ERROR, text)
+    }
+
     /// 405, channel.
     pub fn resource_locked(text: impl Into<String>) -> Self {
         Self::new(Scope::Channel, reply_code::RESOURCE_LOCKED, text)
@@ -205,6 +210,12 @@ impl From<crate::meta::MetaError> for AmqpError {
                 AmqpError::precondition_failed(text)
             }
             MetaError::Store(e) => e.into(),
+            // A cluster node cut off from the majority refuses metadata
+            // changes with a channel error, so its connections go on serving
+            // the queues it hosts. (RabbitMQ's minority nodes pause or time
+            // out instead; 506 is the spec's channel-level "resources
+            // unavailable" code.)
+            MetaError::Unavailable(text) => AmqpError::resource_error(text),
         }
     }
 }

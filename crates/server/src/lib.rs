@@ -52,7 +52,7 @@ pub mod trace;
 pub mod vhost;
 
 pub use broker::{Broker, Config};
-pub use start::{BrokerHandle, StartError, start};
+pub use start::{BrokerHandle, StartError, start, start_with};
 
 /// The module graph inside the crate is one-way (ARCHITECTURE.md, "Layers
 /// inside `server`"): no module reaches, through `crate::` paths, a module

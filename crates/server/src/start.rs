@@ -76,6 +76,17 @@ pub enum StartError {
 /// Opens the store, recovers definitions and messages, and starts accepting
 /// AMQP connections.
 pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
+    start_with(config, None).await
+}
+
+/// [`start`] with the metadata committed through `meta` (a cluster's log)
+/// instead of the node's local log: the metadata comes from that log's
+/// state, not from the store's definitions, and a first boot creates no
+/// defaults here (the cluster creates them once, when it forms).
+pub async fn start_with(
+    config: Config,
+    meta: Option<Box<dyn crate::meta::MetaLog>>,
+) -> Result<BrokerHandle, StartError> {
     let dir = config.data_dir.clone();
     let (store, mut recovered) = tokio::task::spawn_blocking(move || Store::open(&dir))
         .await
@@ -95,19 +106,35 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
     for problem in &problems {
         tracing::warn!(definition = %problem, "cannot recover a definition; skipped");
     }
-    let first_boot = meta_state.is_empty();
+    let external = meta.is_some();
+    let first_boot = meta_state.is_empty() && !external;
     let store = Arc::new(store);
-    let meta = Box::new(crate::meta::LocalMetaLog::new(
-        meta_state,
-        store.clone(),
-        config.metadata_commit_delay,
-    ));
+    let meta = match meta {
+        Some(log) => log,
+        None => Box::new(crate::meta::LocalMetaLog::new(
+            meta_state,
+            store.clone(),
+            config.metadata_commit_delay,
+        )),
+    };
     let broker = Arc::new(Broker::new(Arc::new(Node::new(
         config, store, meta, spill_dir, alarms,
     ))));
     let weak = Arc::downgrade(&broker);
     let projection: std::sync::Weak<dyn crate::meta::MetaProjection> = weak;
-    broker.meta.set_projection(projection);
+    let mut commands = commands;
+    if let Some(state) = broker.meta.attach(projection) {
+        let definitions: Vec<_> = state
+            .definitions()
+            .into_iter()
+            .map(|d| (d.kind, d.key, d.record))
+            .collect();
+        let (_, from_log, problems) = crate::meta::MetaState::recover(&definitions);
+        for problem in &problems {
+            tracing::warn!(definition = %problem, "cannot rebuild a definition from the metadata log; skipped");
+        }
+        commands = from_log;
+    }
     // Rebuilding the queues reads and writes spill files (a deep queue
     // streams to them): on the blocking pool, not on a runtime worker.
     let rebuilding = broker.clone();

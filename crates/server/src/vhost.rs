@@ -271,13 +271,21 @@ impl Vhost {
         if created && decl.durable {
             let def = self.router.read().exchange(decl.name).cloned();
             if let Some(exchange) = def {
-                self.node
+                let committed = self
+                    .node
                     .meta
                     .commit(MetaCommand::DeclareExchange {
                         vhost: self.name.to_string(),
                         exchange,
                     })
-                    .await?;
+                    .await;
+                if let Err(e) = committed {
+                    // Not committed (a cluster without a majority): it does
+                    // not exist. (Until the router follows the log, it was
+                    // made first and is taken back here.)
+                    let _ = self.router.write().delete_exchange(decl.name, false);
+                    return Err(e.into());
+                }
             }
         }
         Ok(())
@@ -324,13 +332,19 @@ impl Vhost {
     pub async fn bind(&self, b: &BindingDef) -> Result<(), AmqpError> {
         let added = self.router.write().bind(b)?;
         if added && self.is_durable_binding(b) {
-            self.node
+            let committed = self
+                .node
                 .meta
                 .commit(MetaCommand::Bind {
                     vhost: self.name.to_string(),
                     binding: b.clone(),
                 })
-                .await?;
+                .await;
+            if let Err(e) = committed {
+                // Not committed: taken back (see `declare_exchange`).
+                let _ = self.router.write().unbind(b);
+                return Err(e.into());
+            }
         }
         Ok(())
     }
@@ -387,18 +401,27 @@ impl Vhost {
             self.apply_policy(&handle);
         }
         if durable {
-            self.node
+            let committed = self
+                .node
                 .meta
                 .commit(MetaCommand::DeclareQueue {
                     vhost: self.name.to_string(),
                     queue: QueueDef {
-                        name,
+                        name: name.clone(),
                         id,
                         auto_delete,
                         arguments,
                     },
                 })
-                .await?;
+                .await;
+            if let Err(e) = committed {
+                // Not committed: taken back (see `declare_exchange`); it
+                // holds no message yet that was confirmed.
+                self.router.write().remove_queue(QueueId(id));
+                self.by_id.remove(&id);
+                self.queues.remove_if(&name, |_, q| q.id == id);
+                return Err(e.into());
+            }
         }
         self.spawn_housekeeping(handle.clone());
         Ok(handle)

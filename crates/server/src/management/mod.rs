@@ -140,6 +140,11 @@ impl From<crate::meta::MetaError> for ApiError {
                 ApiError::bad_request(reason)
             }
             MetaError::Store(e) => ApiError::internal(e),
+            MetaError::Unavailable(reason) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Service Unavailable",
+                reason,
+            ),
         }
     }
 }

@@ -468,6 +468,169 @@ impl MetaCommand {
         })
     }
 
+    /// The command as it travels between nodes (a cluster's metadata log):
+    /// a field table with an `op` and, for a put, the definition it puts
+    /// (kind, key, record); for a delete, what it names.
+    pub fn to_wire(&self) -> Vec<u8> {
+        let mut t = FieldTable::new();
+        let mut put = |k: &'static str, v: FieldValue| t.insert(s(k), v);
+        if let Some(d) = self.definition() {
+            put("op", FieldValue::from("put"));
+            put("kind", FieldValue::U8(d.kind as u8));
+            put("key", FieldValue::ByteArray(d.key));
+            put("record", FieldValue::Table(d.record));
+        } else {
+            match self {
+                MetaCommand::DeleteVhost { name } | MetaCommand::DeleteUser { name } => {
+                    let op = if matches!(self, MetaCommand::DeleteVhost { .. }) {
+                        "delete_vhost"
+                    } else {
+                        "delete_user"
+                    };
+                    put("op", FieldValue::from(op));
+                    put("name", FieldValue::from(name.as_str()));
+                }
+                MetaCommand::ClearPermission { user, vhost } => {
+                    put("op", FieldValue::from("clear_permission"));
+                    put("user", FieldValue::from(user.as_str()));
+                    put("vhost", FieldValue::from(vhost.as_str()));
+                }
+                MetaCommand::ClearTopicPermission {
+                    user,
+                    vhost,
+                    exchange,
+                } => {
+                    put("op", FieldValue::from("clear_topic_permission"));
+                    put("user", FieldValue::from(user.as_str()));
+                    put("vhost", FieldValue::from(vhost.as_str()));
+                    put("exchange", FieldValue::from(exchange.as_str()));
+                }
+                MetaCommand::DeletePolicy { vhost, name } => {
+                    put("op", FieldValue::from("delete_policy"));
+                    put("vhost", FieldValue::from(vhost.as_str()));
+                    put("name", FieldValue::from(name.as_str()));
+                }
+                MetaCommand::DeleteExchange { vhost, name } => {
+                    put("op", FieldValue::from("delete_exchange"));
+                    put("vhost", FieldValue::from(vhost.as_str()));
+                    put("name", FieldValue::from(name.as_str()));
+                }
+                MetaCommand::DeleteQueue { vhost, name } => {
+                    put("op", FieldValue::from("delete_queue"));
+                    put("vhost", FieldValue::from(vhost.as_str()));
+                    put("name", FieldValue::from(name.as_str()));
+                }
+                MetaCommand::Unbind { vhost, binding } => {
+                    put("op", FieldValue::from("unbind"));
+                    put("vhost", FieldValue::from(vhost.as_str()));
+                    put("binding", FieldValue::Table(binding_record(binding)));
+                }
+                // Puts have a definition (above).
+                _ => put("op", FieldValue::from("none")),
+            }
+        }
+        let mut buf = BytesMut::new();
+        // Definitions are stored as field tables already; a table too large
+        // to encode cannot have been made.
+        if t.encode(&mut buf).is_err() {
+            buf.clear();
+        }
+        buf.to_vec()
+    }
+
+    /// Decodes [`to_wire`](Self::to_wire)'s form; an error says what is wrong.
+    pub fn from_wire(bytes: &[u8]) -> Result<MetaCommand, String> {
+        let (t, _) = FieldTable::decode(&Bytes::copy_from_slice(bytes))
+            .map_err(|e| format!("not a field table: {e:?}"))?;
+        let op = text(&t, "op")?;
+        Ok(match op.as_str() {
+            "put" => {
+                let kind = match t.get("kind") {
+                    Some(FieldValue::U8(k)) => DefKind::from_octet(*k),
+                    _ => None,
+                }
+                .ok_or("no known definition kind")?;
+                let Some(FieldValue::ByteArray(key)) = t.get("key") else {
+                    return Err("no key".into());
+                };
+                MetaCommand::from_definition(kind, key, &table(&t, "record"))?
+            }
+            "delete_vhost" => MetaCommand::DeleteVhost {
+                name: text(&t, "name")?,
+            },
+            "delete_user" => MetaCommand::DeleteUser {
+                name: text(&t, "name")?,
+            },
+            "clear_permission" => MetaCommand::ClearPermission {
+                user: text(&t, "user")?,
+                vhost: text(&t, "vhost")?,
+            },
+            "clear_topic_permission" => MetaCommand::ClearTopicPermission {
+                user: text(&t, "user")?,
+                vhost: text(&t, "vhost")?,
+                exchange: text(&t, "exchange")?,
+            },
+            "delete_policy" => MetaCommand::DeletePolicy {
+                vhost: text(&t, "vhost")?,
+                name: text(&t, "name")?,
+            },
+            "delete_exchange" => MetaCommand::DeleteExchange {
+                vhost: text(&t, "vhost")?,
+                name: short(&t, "name")?,
+            },
+            "delete_queue" => MetaCommand::DeleteQueue {
+                vhost: text(&t, "vhost")?,
+                name: short(&t, "name")?,
+            },
+            "unbind" => {
+                let vhost = text(&t, "vhost")?;
+                let key = scoped_name(&vhost, &[b""]);
+                match MetaCommand::from_definition(DefKind::Binding, &key, &table(&t, "binding"))? {
+                    MetaCommand::Bind { vhost, binding } => MetaCommand::Unbind { vhost, binding },
+                    _ => return Err("not a binding".into()),
+                }
+            }
+            other => return Err(format!("unknown operation '{other}'")),
+        })
+    }
+
+    /// The command that removes what this put command puts (`None` for a
+    /// command that puts nothing).
+    pub fn inverse(&self) -> Option<MetaCommand> {
+        Some(match self {
+            MetaCommand::PutVhost { name, .. } => MetaCommand::DeleteVhost { name: name.clone() },
+            MetaCommand::PutUser(u) => MetaCommand::DeleteUser {
+                name: u.name.clone(),
+            },
+            MetaCommand::SetPermission(p) => MetaCommand::ClearPermission {
+                user: p.user.clone(),
+                vhost: p.vhost.clone(),
+            },
+            MetaCommand::SetTopicPermission(p) => MetaCommand::ClearTopicPermission {
+                user: p.user.clone(),
+                vhost: p.vhost.clone(),
+                exchange: p.exchange.clone(),
+            },
+            MetaCommand::PutPolicy(p) => MetaCommand::DeletePolicy {
+                vhost: p.vhost.clone(),
+                name: p.name.clone(),
+            },
+            MetaCommand::DeclareExchange { vhost, exchange } => MetaCommand::DeleteExchange {
+                vhost: vhost.clone(),
+                name: exchange.name.clone(),
+            },
+            MetaCommand::DeclareQueue { vhost, queue } => MetaCommand::DeleteQueue {
+                vhost: vhost.clone(),
+                name: queue.name.clone(),
+            },
+            MetaCommand::Bind { vhost, binding } => MetaCommand::Unbind {
+                vhost: vhost.clone(),
+                binding: binding.clone(),
+            },
+            _ => return None,
+        })
+    }
+
     /// What it names, for logs.
     pub fn describe(&self) -> String {
         match self {
@@ -523,7 +686,14 @@ mod tests {
     fn round_trip(cmd: MetaCommand) {
         let d = cmd.definition().expect("a putting command");
         let back = MetaCommand::from_definition(d.kind, &d.key, &d.record).expect("decodes");
-        assert_eq!(back.definition(), Some(d), "{}", cmd.describe());
+        assert_eq!(back.definition(), Some(d.clone()), "{}", cmd.describe());
+        // The wire form carries it whole, and so does its inverse's.
+        let wired = MetaCommand::from_wire(&cmd.to_wire()).expect("wire decodes");
+        assert_eq!(wired.definition(), Some(d), "{}", cmd.describe());
+        let inverse = cmd.inverse().expect("a put has an inverse");
+        let back = MetaCommand::from_wire(&inverse.to_wire()).expect("inverse decodes");
+        assert_eq!(back.describe(), inverse.describe());
+        assert_eq!(back.to_wire(), inverse.to_wire());
     }
 
     #[test]

@@ -19,4 +19,9 @@ pub enum MetaError {
     /// The store could not make it durable.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The metadata log cannot commit now: in a cluster, this node is not
+    /// in contact with a majority of the voting nodes. Nothing was applied
+    /// anywhere.
+    #[error("{0}")]
+    Unavailable(String),
 }

@@ -45,6 +45,17 @@ pub trait MetaLog: Send + Sync + std::fmt::Debug {
     /// Where committed commands are projected from now on (set once, at
     /// start, before the first commit that must be projected).
     fn set_projection(&self, projection: Weak<dyn MetaProjection>);
+
+    /// For a log that keeps its own state (a cluster's): sets the
+    /// projection and returns the state as of that moment, atomically, so
+    /// that every command not in the returned state is projected. The
+    /// broker then rebuilds its vhosts and queues from that state instead
+    /// of the store's definitions. `None` (the local log): the store's
+    /// definitions are the state.
+    fn attach(&self, projection: Weak<dyn MetaProjection>) -> Option<super::MetaState> {
+        self.set_projection(projection);
+        None
+    }
 }
 
 /// A node's runtime views of the metadata, kept up to date from the log:

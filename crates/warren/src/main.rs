@@ -1,5 +1,7 @@
 //! `warren`: the broker binary. `cargo run --release` starts it on
-//! [::]:5672 (IPv6 and IPv4) with its data in `./data`.
+//! [::]:5672 (IPv6 and IPv4) with its data in `./data`. With `--peer` or
+//! `--peer-dns` it is a cluster node (the `cluster` crate): its metadata is
+//! committed through the cluster's Raft group.
 //!
 //! Every setting comes, in order of precedence, from a command-line flag, its
 //! environment variable (`WARREN_*`), the TOML config file (`--config`), or
@@ -17,7 +19,7 @@ use serde::Deserialize;
 use server::alarm::{Amount, parse_amount};
 
 /// Warren, an AMQP 0-9-1 message broker.
-#[derive(Debug, Parser)]
+#[derive(Debug, Clone, Parser)]
 #[command(name = "warren", version, about)]
 struct Args {
     /// TOML config file with any of the settings below (flags and env win).
@@ -122,10 +124,32 @@ struct Args {
     /// listed. Run it with the broker stopped, then start as usual.
     #[arg(long)]
     repair_store: bool,
+    /// This node's name, `name@host`; `host` is where other nodes reach it
+    /// (stored in the data directory on first start) [default: warren@<hostname>].
+    #[arg(long, env = "WARREN_NODE_NAME")]
+    node_name: Option<String>,
+    /// The cluster's name [default: warren].
+    #[arg(long, env = "WARREN_CLUSTER_NAME")]
+    cluster_name: Option<String>,
+    /// Inter-node port (RabbitMQ's 25672) [default: 25672].
+    #[arg(long, env = "WARREN_CLUSTER_PORT")]
+    cluster_port: Option<u16>,
+    /// A seed node's cluster address, `host:port` (repeatable; RabbitMQ's
+    /// `classic_config`). With any seed, the node runs as a cluster node.
+    #[arg(long = "peer", env = "WARREN_PEERS", value_delimiter = ',')]
+    peers: Vec<String>,
+    /// A DNS name whose every A/AAAA record is a seed node (repeatable:
+    /// docker-compose services, Kubernetes headless services).
+    #[arg(long = "peer-dns", env = "WARREN_PEER_DNS", value_delimiter = ',')]
+    peer_dns: Vec<String>,
+    /// File holding the secret every node of the cluster shares (like
+    /// RabbitMQ's Erlang cookie); required for a cluster node.
+    #[arg(long, env = "WARREN_CLUSTER_SECRET_FILE")]
+    cluster_secret_file: Option<PathBuf>,
 }
 
 /// The config file: the same settings as the flags, all optional.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     data_dir: Option<PathBuf>,
@@ -156,6 +180,12 @@ struct FileConfig {
     prometheus_port: Option<u16>,
     no_prometheus: Option<bool>,
     log_json: Option<bool>,
+    node_name: Option<String>,
+    cluster_name: Option<String>,
+    cluster_port: Option<u16>,
+    peers: Option<Vec<String>>,
+    peer_dns: Option<Vec<String>>,
+    cluster_secret_file: Option<PathBuf>,
 }
 
 /// An amount in the config file: a number (octets, or with a decimal point
@@ -184,6 +214,81 @@ fn load_file(path: &Option<PathBuf>) -> Result<FileConfig, String> {
     };
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
     toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// The cluster side's settings, if this is a cluster node.
+fn cluster_settings(
+    args: &Args,
+    file: &FileConfig,
+    config: &server::Config,
+) -> Result<Option<cluster::ClusterSettings>, String> {
+    let peers = if args.peers.is_empty() {
+        file.peers.clone().unwrap_or_default()
+    } else {
+        args.peers.clone()
+    };
+    let peer_dns = if args.peer_dns.is_empty() {
+        file.peer_dns.clone().unwrap_or_default()
+    } else {
+        args.peer_dns.clone()
+    };
+    if peers.is_empty() && peer_dns.is_empty() {
+        return Ok(None);
+    }
+    let secret_file = args
+        .cluster_secret_file
+        .clone()
+        .or(file.cluster_secret_file.clone())
+        .ok_or("a cluster node needs --cluster-secret-file (the secret every node shares)")?;
+    let secret = std::fs::read(&secret_file)
+        .map_err(|e| format!("cluster secret file {}: {e}", secret_file.display()))?;
+    let secret: Vec<u8> = secret.trim_ascii().to_vec();
+    if secret.len() < 16 {
+        return Err(format!(
+            "cluster secret file {}: the secret must be at least 16 octets",
+            secret_file.display()
+        ));
+    }
+    let node_name = args
+        .node_name
+        .clone()
+        .or(file.node_name.clone())
+        .unwrap_or_else(default_node_name);
+    let host = node_name
+        .split_once('@')
+        .map(|(_, h)| h.to_owned())
+        .unwrap_or_default();
+    let port = args
+        .cluster_port
+        .or(file.cluster_port)
+        .unwrap_or(cluster::DEFAULT_CLUSTER_PORT);
+    Ok(Some(cluster::ClusterSettings {
+        node_name,
+        cluster_name: args
+            .cluster_name
+            .clone()
+            .or(file.cluster_name.clone())
+            .unwrap_or_else(|| "warren".into()),
+        bind: SocketAddr::new(config.bind.ip(), port),
+        advertise: None,
+        peers,
+        peer_dns,
+        secret: secret.into(),
+        data_dir: config.data_dir.clone(),
+        amqp_addr: format!("{host}:{}", config.bind.port()),
+        default_user: (config.default_user.clone(), config.default_pass.clone()),
+    }))
+}
+
+/// `warren@<hostname>`, as RabbitMQ's `rabbit@<hostname>`.
+fn default_node_name() -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "localhost".into());
+    format!("warren@{host}")
 }
 
 fn config(args: Args, file: FileConfig) -> Result<server::Config, String> {
@@ -301,7 +406,14 @@ fn main() -> std::process::ExitCode {
         tracing::warn!(error = %e, "cannot start jemalloc's background purging thread");
     }
     let repair = args.repair_store;
-    let config = match config(args, file) {
+    let config = match config(args.clone(), file.clone()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("invalid setting: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let cluster = match cluster_settings(&args, &file, &config) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("invalid setting: {e}");
@@ -334,7 +446,18 @@ fn main() -> std::process::ExitCode {
         }
     };
     runtime.block_on(async {
-        let handle = match server::start(config).await {
+        let cluster = match cluster {
+            None => None,
+            Some(settings) => match cluster::start(settings).await {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start the cluster node");
+                    return std::process::ExitCode::FAILURE;
+                }
+            },
+        };
+        let meta = cluster.as_ref().map(cluster::ClusterHandle::meta_log);
+        let handle = match server::start_with(config, meta).await {
             Ok(h) => h,
             Err(e) => {
                 tracing::error!(error = %e, "cannot start");
@@ -350,7 +473,11 @@ fn main() -> std::process::ExitCode {
         };
         wait_for_signal().await;
         tracing::info!("shutting down");
-        match handle.shutdown().await {
+        let closed = handle.shutdown().await;
+        if let Some(c) = cluster {
+            c.shutdown().await;
+        }
+        match closed {
             Ok(()) => std::process::ExitCode::SUCCESS,
             Err(e) => {
                 tracing::error!(error = %e, "store did not close cleanly");

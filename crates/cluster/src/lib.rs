@@ -1,0 +1,261 @@
+//! Warren's cluster: several nodes as one broker.
+//!
+//! What is here now: each node's identity (`identity`), the authenticated
+//! links between nodes (`link`, `rpc`), the node's durable Raft log
+//! (`raft_wal`), the metadata Raft group (`meta_group`: openraft over that
+//! log and those links, with the server's `MetaState` as its state
+//! machine), the node's part in it (`node`), formation (`formation`), and
+//! [`RaftMetaLog`], the server's `MetaLog` that commits through the group.
+//! A node started with [`start`] hands that log to `server::start_with`;
+//! every node then applies every metadata command and projects it.
+//!
+//! Module order (each imports only those before it): `identity`,
+//! `raft_wal` <- `meta_group` <- `rpc` <- `link` <- `node` <- `formation`
+//! <- `lib` (`meta_group` names `link::Links` and `rpc` for its network,
+//! the one cycle, between the group's types and the wire that carries them).
+
+mod formation;
+pub mod identity;
+pub mod link;
+pub mod meta_group;
+pub mod node;
+pub mod raft_wal;
+pub mod rpc;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use server::meta::{Applied, Commit, MetaCommand, MetaError, MetaLog, MetaProjection, MetaState};
+
+pub use identity::{Identity, NodeInfo};
+pub use node::ClusterNode;
+
+/// The default inter-node port (RabbitMQ's).
+pub const DEFAULT_CLUSTER_PORT: u16 = 25672;
+
+/// How a node takes part in a cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterSettings {
+    /// Stable node name, `name@host`; `host` is where peers reach it.
+    pub node_name: String,
+    /// The cluster's name (nodes of another name are refused).
+    pub cluster_name: String,
+    /// Where the cluster port listens.
+    pub bind: SocketAddr,
+    /// The address peers dial (`host:port`); by default the node name's
+    /// host and the cluster port.
+    pub advertise: Option<String>,
+    /// Static seed nodes' cluster addresses (`host:port`).
+    pub peers: Vec<String>,
+    /// Names whose every A/AAAA record is a seed (on the cluster port).
+    pub peer_dns: Vec<String>,
+    /// The shared secret.
+    pub secret: Arc<[u8]>,
+    /// The data directory (identity and Raft log live under it).
+    pub data_dir: PathBuf,
+    /// This node's AMQP address, as clients reach it (for listings).
+    pub amqp_addr: String,
+    /// Created when the cluster first forms: the default user and password.
+    pub default_user: (String, String),
+}
+
+/// Errors starting the cluster side of a node.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// The settings are unusable.
+    #[error("cluster settings: {0}")]
+    Settings(String),
+    /// The data directory's cluster state cannot be used.
+    #[error("cluster state in the data directory: {0}")]
+    State(String),
+    /// The cluster port cannot be bound.
+    #[error("cannot listen on the cluster port {addr}: {source}")]
+    Listen {
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// Raft could not start.
+    #[error("metadata Raft group: {0}")]
+    Raft(String),
+}
+
+/// A started cluster node.
+#[derive(Debug)]
+pub struct ClusterHandle {
+    /// The node.
+    pub node: Arc<ClusterNode>,
+    /// Where the cluster port listens.
+    pub cluster_addr: SocketAddr,
+    wal: raft_wal::RaftWal,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl ClusterHandle {
+    /// The server's metadata log for this node.
+    pub fn meta_log(&self) -> Box<dyn MetaLog> {
+        Box::new(RaftMetaLog {
+            node: self.node.clone(),
+        })
+    }
+
+    /// Stops Raft, the links and formation; the log is flushed.
+    pub async fn shutdown(self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        let _ = self.node.raft.shutdown().await;
+        self.node.links.shutdown();
+        self.wal.close();
+    }
+}
+
+/// The node's advertised cluster address.
+fn advertised(settings: &ClusterSettings, port: u16) -> Result<String, ClusterError> {
+    if let Some(a) = &settings.advertise {
+        return Ok(a.clone());
+    }
+    let host = settings
+        .node_name
+        .split_once('@')
+        .map(|(_, h)| h)
+        .filter(|h| !h.is_empty())
+        .ok_or_else(|| {
+            ClusterError::Settings(format!(
+                "node name '{}' has no host part (name@host): peers need it to reach this node",
+                settings.node_name
+            ))
+        })?;
+    Ok(if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    })
+}
+
+/// Starts this node's cluster side: opens its identity and Raft log, binds
+/// the cluster port, starts the metadata group and formation. Metadata
+/// commits can be made once the cluster has formed (they wait until then).
+pub async fn start(settings: ClusterSettings) -> Result<ClusterHandle, ClusterError> {
+    if settings.secret.is_empty() {
+        return Err(ClusterError::Settings(
+            "the cluster secret is empty (--cluster-secret-file)".into(),
+        ));
+    }
+    let identity = Identity::load_or_create(&settings.data_dir, &settings.node_name)
+        .map_err(ClusterError::State)?;
+    let listener = tokio::net::TcpListener::bind(settings.bind)
+        .await
+        .map_err(|source| ClusterError::Listen {
+            addr: settings.bind,
+            source,
+        })?;
+    let cluster_addr = listener
+        .local_addr()
+        .map_err(|source| ClusterError::Listen {
+            addr: settings.bind,
+            source,
+        })?;
+    let me = NodeInfo {
+        id: identity.id,
+        name: identity.name.clone(),
+        cluster_addr: advertised(&settings, cluster_addr.port())?,
+        amqp_addr: settings.amqp_addr.clone(),
+    };
+    let raft_dir = settings.data_dir.join("raft");
+    let (wal, opened) =
+        raft_wal::RaftWal::open(&raft_dir).map_err(|e| ClusterError::State(e.to_string()))?;
+    if opened.torn_tail > 0 {
+        tracing::warn!(
+            octets = opened.torn_tail,
+            "the Raft log had an unsynced tail; cut"
+        );
+    }
+    let machine = meta_group::MetaMachine::open(&raft_dir).map_err(ClusterError::State)?;
+    let links = link::Links::new(
+        me.clone(),
+        settings.cluster_name.clone(),
+        settings.secret.clone(),
+    );
+    let handler = Arc::new(node::Handler {
+        node: std::sync::OnceLock::new(),
+        machine: machine.clone(),
+    });
+    links.set_handler(handler.clone());
+    let config = openraft::Config {
+        cluster_name: settings.cluster_name.clone(),
+        heartbeat_interval: 150,
+        election_timeout_min: 600,
+        election_timeout_max: 1200,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(5_000),
+        max_in_snapshot_log_to_keep: 1_000,
+        ..Default::default()
+    }
+    .validate()
+    .map_err(|e| ClusterError::Raft(e.to_string()))?;
+    let raft = openraft::Raft::new(
+        identity.id,
+        Arc::new(config),
+        meta_group::MetaNetworkFactory {
+            links: links.clone(),
+        },
+        meta_group::GroupLog::new(wal.clone(), meta_group::META_GROUP),
+        machine.clone(),
+    )
+    .await
+    .map_err(|e| ClusterError::Raft(e.to_string()))?;
+    let node = Arc::new(ClusterNode::new(me.clone(), links.clone(), raft, machine));
+    let _ = handler.node.set(Arc::downgrade(&node));
+    let mut tasks = vec![tokio::spawn(links.clone().serve(listener))];
+    tasks.push(tokio::spawn(formation::run(node.clone(), settings)));
+    tracing::info!(node = %me.name, id = me.id, cluster_addr = %me.cluster_addr, "cluster node started");
+    Ok(ClusterHandle {
+        node,
+        cluster_addr,
+        wal,
+        tasks,
+    })
+}
+
+/// The server's [`MetaLog`] in a cluster: commands are committed through
+/// the metadata Raft group and applied on every node.
+#[derive(Debug)]
+pub struct RaftMetaLog {
+    node: Arc<ClusterNode>,
+}
+
+impl MetaLog for RaftMetaLog {
+    fn commit(&self, command: MetaCommand) -> Commit<'_> {
+        let request = meta_group::MetaRequest::Command(command.to_wire());
+        Box::pin(async move {
+            let response = self.node.commit(request).await?;
+            match response.result {
+                Some(Ok(changed_existence)) => {
+                    tracing::debug!(command = %command.describe(), "metadata committed (cluster)");
+                    Ok(Applied {
+                        changed_existence,
+                        ..Applied::default()
+                    })
+                }
+                Some(Err(e)) => Err(MetaError::from(e)),
+                None => Err(MetaError::Unavailable(
+                    "the metadata log gave no outcome".into(),
+                )),
+            }
+        })
+    }
+
+    fn set_projection(&self, projection: Weak<dyn MetaProjection>) {
+        self.node.machine.set_projection(projection);
+    }
+
+    fn attach(&self, projection: Weak<dyn MetaProjection>) -> Option<MetaState> {
+        Some(self.node.machine.attach(projection))
+    }
+}
+
+/// How long formation waits between rounds.
+pub(crate) const FORMATION_ROUND: Duration = Duration::from_millis(500);

@@ -1,0 +1,688 @@
+//! [`Links`]: the authenticated TCP connections between nodes (the cluster
+//! port, 25672 by default) and the requests that travel on them.
+//!
+//! One connection per node pair, used both ways: either side sends requests
+//! and answers the other's, each request carrying an id its response echoes,
+//! so many are in flight at once. If both nodes dial each other at the same
+//! moment, the connection dialed by the smaller node id is kept.
+//!
+//! **Authentication** (the role of RabbitMQ's Erlang cookie): both nodes
+//! hold the cluster secret (`--cluster-secret-file`) and never send it.
+//! The dialer sends its identity and a random nonce; the acceptor answers
+//! with its identity, its own nonce and an HMAC-SHA256 over both nonces and
+//! both ids keyed with the secret; the dialer checks it and proves itself
+//! the same way. Only then is anything acted upon. Every later frame
+//! carries an HMAC (truncated to 16 octets) keyed with a session key derived
+//! from both nonces, over a per-direction sequence number and the frame,
+//! so nothing injected into or replayed on the stream is accepted; a bad
+//! tag closes the connection. (Frames are authenticated, not encrypted.)
+//!
+//! Frame: `len u32 | tag [16] | kind u8 | id u64 | payload (JSON)`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use hmac::{Hmac, Mac};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::identity::NodeInfo;
+use crate::rpc::{Request, Response};
+
+type HmacSha256 = Hmac<Sha256>;
+
+const MAGIC: &[u8; 16] = b"WARREN-CLUSTER/1";
+/// Largest frame accepted from a peer (a Raft snapshot chunk fits).
+const MAX_FRAME: usize = 64 << 20;
+/// Largest handshake message (identities and nonces).
+const MAX_HELLO: usize = 64 << 10;
+const TAG_LEN: usize = 16;
+const KIND_REQUEST: u8 = 1;
+const KIND_RESPONSE: u8 = 2;
+
+/// Why a request got no response.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LinkError {
+    /// The peer could not be reached or the connection dropped.
+    #[error("node at {addr} unreachable: {reason}")]
+    Unreachable {
+        /// Where.
+        addr: String,
+        /// Why.
+        reason: String,
+    },
+    /// The peer refused us, or we it (secret, cluster name, forgotten).
+    #[error("node at {addr} refused: {reason}")]
+    Refused {
+        /// Where.
+        addr: String,
+        /// Why.
+        reason: String,
+    },
+    /// No response in time.
+    #[error("no response from {0} in time")]
+    Timeout(String),
+}
+
+/// Answers requests from peers.
+pub trait RequestHandler: Send + Sync + 'static {
+    /// The response to `request` from `from`.
+    fn handle(
+        &self,
+        from: NodeInfo,
+        request: Request,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Response> + Send>>;
+
+    /// Whether a node with this id may talk to us (a forgotten node may not).
+    fn admits(&self, id: u64) -> Result<(), String>;
+}
+
+#[derive(Serialize, Deserialize)]
+struct Hello {
+    cluster: String,
+    node: NodeInfo,
+    nonce: [u8; 32],
+}
+
+#[derive(Serialize, Deserialize)]
+enum Reply {
+    Challenge {
+        node: NodeInfo,
+        nonce: [u8; 32],
+        proof: Vec<u8>,
+    },
+    Refused(String),
+}
+
+#[derive(Serialize, Deserialize)]
+enum Finish {
+    Proof(Vec<u8>),
+    Refused(String),
+}
+
+#[derive(Serialize, Deserialize)]
+enum Verdict {
+    Welcome,
+    Refused(String),
+}
+
+fn proof(
+    secret: &[u8],
+    role: &str,
+    cluster: &str,
+    a: &Hello,
+    b_id: u64,
+    b_nonce: &[u8],
+) -> Vec<u8> {
+    let mut mac = HmacSha256::new_from_slice(secret).unwrap_or_else(|_| unreachable_key());
+    mac.update(MAGIC);
+    mac.update(role.as_bytes());
+    mac.update(cluster.as_bytes());
+    mac.update(&a.nonce);
+    mac.update(b_nonce);
+    mac.update(&a.node.id.to_be_bytes());
+    mac.update(&b_id.to_be_bytes());
+    mac.finalize().into_bytes().to_vec()
+}
+
+/// HMAC takes keys of any length; this is never reached.
+fn unreachable_key() -> HmacSha256 {
+    // An empty key is valid for HMAC as well.
+    #[allow(clippy::expect_used)]
+    HmacSha256::new_from_slice(&[0u8; 32]).expect("HMAC accepts any key length")
+}
+
+fn verify(expected: &[u8], got: &[u8]) -> bool {
+    // Constant-time comparison through the MAC type.
+    expected.len() == got.len()
+        && expected
+            .iter()
+            .zip(got)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
+async fn write_msg<T: Serialize>(s: &mut TcpStream, msg: &T) -> std::io::Result<()> {
+    let body = serde_json::to_vec(msg).map_err(std::io::Error::other)?;
+    let mut out = BytesMut::with_capacity(4 + body.len());
+    out.put_u32(body.len() as u32);
+    out.put_slice(&body);
+    s.write_all(&out).await
+}
+
+async fn read_msg<T: for<'de> Deserialize<'de>>(s: &mut TcpStream) -> std::io::Result<T> {
+    let len = s.read_u32().await? as usize;
+    if len > MAX_HELLO {
+        return Err(std::io::Error::other(format!(
+            "handshake message of {len} octets (at most {MAX_HELLO})"
+        )));
+    }
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).await?;
+    serde_json::from_slice(&body).map_err(std::io::Error::other)
+}
+
+/// A session's keys: one per direction.
+struct Keys {
+    send: HmacSha256,
+    recv: HmacSha256,
+}
+
+fn session_keys(secret: &[u8], dialer_nonce: &[u8], acceptor_nonce: &[u8], dialer: bool) -> Keys {
+    let derive = |label: &str| {
+        let mut mac = HmacSha256::new_from_slice(secret).unwrap_or_else(|_| unreachable_key());
+        mac.update(MAGIC);
+        mac.update(label.as_bytes());
+        mac.update(dialer_nonce);
+        mac.update(acceptor_nonce);
+        let key = mac.finalize().into_bytes();
+        HmacSha256::new_from_slice(&key).unwrap_or_else(|_| unreachable_key())
+    };
+    let (to_acceptor, to_dialer) = (derive("dialer->acceptor"), derive("acceptor->dialer"));
+    if dialer {
+        Keys {
+            send: to_acceptor,
+            recv: to_dialer,
+        }
+    } else {
+        Keys {
+            send: to_dialer,
+            recv: to_acceptor,
+        }
+    }
+}
+
+fn frame_tag(key: &HmacSha256, seq: u64, body: &[u8]) -> [u8; TAG_LEN] {
+    let mut mac = key.clone();
+    mac.update(&seq.to_be_bytes());
+    mac.update(body);
+    let full = mac.finalize().into_bytes();
+    let mut tag = [0u8; TAG_LEN];
+    tag.copy_from_slice(&full[..TAG_LEN]);
+    tag
+}
+
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Response>>>>;
+
+/// One live, authenticated connection.
+struct Conn {
+    peer: NodeInfo,
+    /// Whether we dialed it.
+    dialed: bool,
+    out: mpsc::UnboundedSender<(u8, u64, Bytes)>,
+    pending: Pending,
+    closed: tokio_util::sync::CancellationToken,
+}
+
+/// The node's connections to its peers.
+pub struct Links {
+    me: NodeInfo,
+    cluster: String,
+    secret: Arc<[u8]>,
+    conns: Mutex<HashMap<u64, Arc<Conn>>>,
+    next_id: AtomicU64,
+    handler: std::sync::OnceLock<Arc<dyn RequestHandler>>,
+    shutdown: tokio_util::sync::CancellationToken,
+}
+
+impl std::fmt::Debug for Links {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Links")
+            .field("me", &self.me)
+            .field("peers", &self.conns.lock().keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl Links {
+    /// Links for `me` in `cluster`, authenticated with `secret`.
+    pub fn new(me: NodeInfo, cluster: String, secret: Arc<[u8]>) -> Arc<Links> {
+        Arc::new(Links {
+            me,
+            cluster,
+            secret,
+            conns: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            handler: std::sync::OnceLock::new(),
+            shutdown: tokio_util::sync::CancellationToken::new(),
+        })
+    }
+
+    /// Who answers peers' requests (set once, before `serve`).
+    pub fn set_handler(&self, handler: Arc<dyn RequestHandler>) {
+        let _ = self.handler.set(handler);
+    }
+
+    /// This node.
+    pub fn me(&self) -> &NodeInfo {
+        &self.me
+    }
+
+    /// Ids of the nodes connected now.
+    pub fn connected(&self) -> Vec<u64> {
+        self.conns
+            .lock()
+            .iter()
+            .filter(|(_, c)| !c.closed.is_cancelled())
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Closes every connection and stops accepting.
+    pub fn shutdown(&self) {
+        self.shutdown.cancel();
+        for (_, c) in self.conns.lock().drain() {
+            c.closed.cancel();
+        }
+    }
+
+    /// Closes the connection to node `id` (a forgotten node).
+    pub fn disconnect(&self, id: u64) {
+        if let Some(c) = self.conns.lock().remove(&id) {
+            c.closed.cancel();
+        }
+    }
+
+    /// Accepts peers on `listener` until shutdown.
+    pub async fn serve(self: Arc<Self>, listener: tokio::net::TcpListener) {
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok((socket, addr)) => {
+                        let links = self.clone();
+                        tokio::spawn(async move {
+                            let handshake = tokio::time::timeout(Duration::from_secs(10), links.clone().accept(socket));
+                            match handshake.await {
+                                Ok(Ok(())) => {}
+                                Ok(Err(e)) => tracing::warn!(%addr, error = %e, "cluster connection refused"),
+                                Err(_) => tracing::warn!(%addr, "cluster handshake timed out"),
+                            }
+                        });
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cluster accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn accept(self: Arc<Self>, mut s: TcpStream) -> Result<(), String> {
+        let _ = s.set_nodelay(true);
+        let mut magic = [0u8; 16];
+        s.read_exact(&mut magic).await.map_err(|e| e.to_string())?;
+        if &magic != MAGIC {
+            return Err("not a Warren cluster peer (bad protocol header)".into());
+        }
+        let hello: Hello = read_msg(&mut s).await.map_err(|e| e.to_string())?;
+        let refusal = if hello.cluster != self.cluster {
+            Some(format!(
+                "cluster name '{}' is not this cluster's ('{}')",
+                hello.cluster, self.cluster
+            ))
+        } else if hello.node.id == self.me.id {
+            Some("it has this node's own id".to_owned())
+        } else {
+            None
+        };
+        if let Some(reason) = refusal {
+            let _ = write_msg(&mut s, &Reply::Refused(reason.clone())).await;
+            return Err(format!(
+                "node '{}' ({}): {reason}",
+                hello.node.name, hello.node.id
+            ));
+        }
+        let nonce: [u8; 32] = rand::random();
+        let mine = proof(
+            &self.secret,
+            "acceptor",
+            &self.cluster,
+            &hello,
+            self.me.id,
+            &nonce,
+        );
+        let reply = Reply::Challenge {
+            node: self.me.clone(),
+            nonce,
+            proof: mine,
+        };
+        write_msg(&mut s, &reply).await.map_err(|e| e.to_string())?;
+        let finish: Finish = read_msg(&mut s).await.map_err(|e| e.to_string())?;
+        let theirs = match finish {
+            Finish::Proof(p) => p,
+            Finish::Refused(r) => return Err(format!("the dialer refused us: {r}")),
+        };
+        let expected = proof(
+            &self.secret,
+            "dialer",
+            &self.cluster,
+            &hello,
+            self.me.id,
+            &nonce,
+        );
+        if !verify(&expected, &theirs) {
+            let _ = write_msg(
+                &mut s,
+                &Verdict::Refused("invalid challenge reply: the cluster secrets differ".into()),
+            )
+            .await;
+            return Err(format!(
+                "node '{}' at {} gave an invalid challenge reply: its cluster secret differs",
+                hello.node.name, hello.node.cluster_addr
+            ));
+        }
+        if let Some(handler) = self.handler.get() {
+            if let Err(reason) = handler.admits(hello.node.id) {
+                let _ = write_msg(&mut s, &Verdict::Refused(reason.clone())).await;
+                return Err(reason);
+            }
+        }
+        write_msg(&mut s, &Verdict::Welcome)
+            .await
+            .map_err(|e| e.to_string())?;
+        let keys = session_keys(&self.secret, &hello.nonce, &nonce, false);
+        tracing::info!(peer = %hello.node.name, id = hello.node.id, addr = %hello.node.cluster_addr, "cluster peer connected (inbound)");
+        self.install(s, hello.node, false, keys);
+        Ok(())
+    }
+
+    async fn dial(self: &Arc<Self>, addr: &str) -> Result<Arc<Conn>, LinkError> {
+        let unreachable = |reason: String| LinkError::Unreachable {
+            addr: addr.to_owned(),
+            reason,
+        };
+        let refused = |reason: String| LinkError::Refused {
+            addr: addr.to_owned(),
+            reason,
+        };
+        let mut s = tokio::time::timeout(Duration::from_secs(3), TcpStream::connect(addr))
+            .await
+            .map_err(|_| unreachable("connect timed out".into()))?
+            .map_err(|e| unreachable(e.to_string()))?;
+        let _ = s.set_nodelay(true);
+        let hello = Hello {
+            cluster: self.cluster.clone(),
+            node: self.me.clone(),
+            nonce: rand::random(),
+        };
+        let handshake = async {
+            s.write_all(MAGIC)
+                .await
+                .map_err(|e| unreachable(e.to_string()))?;
+            write_msg(&mut s, &hello)
+                .await
+                .map_err(|e| unreachable(e.to_string()))?;
+            let reply: Reply = read_msg(&mut s)
+                .await
+                .map_err(|e| unreachable(e.to_string()))?;
+            let (peer, nonce, theirs) = match reply {
+                Reply::Challenge { node, nonce, proof } => (node, nonce, proof),
+                Reply::Refused(r) => return Err(refused(r)),
+            };
+            let expected = proof(
+                &self.secret,
+                "acceptor",
+                &self.cluster,
+                &hello,
+                peer.id,
+                &nonce,
+            );
+            if !verify(&expected, &theirs) {
+                let _ = write_msg(&mut s, &Finish::Refused("invalid challenge reply".into())).await;
+                return Err(refused(format!(
+                    "node '{}' gave an invalid challenge reply: its cluster secret differs",
+                    peer.name
+                )));
+            }
+            if let Some(handler) = self.handler.get() {
+                if let Err(reason) = handler.admits(peer.id) {
+                    let _ = write_msg(&mut s, &Finish::Refused(reason.clone())).await;
+                    return Err(refused(reason));
+                }
+            }
+            let mine = proof(
+                &self.secret,
+                "dialer",
+                &self.cluster,
+                &hello,
+                peer.id,
+                &nonce,
+            );
+            write_msg(&mut s, &Finish::Proof(mine))
+                .await
+                .map_err(|e| unreachable(e.to_string()))?;
+            match read_msg::<Verdict>(&mut s).await {
+                Ok(Verdict::Welcome) => Ok((peer, nonce)),
+                Ok(Verdict::Refused(r)) => Err(refused(r)),
+                Err(e) => Err(unreachable(e.to_string())),
+            }
+        };
+        let (peer, nonce) = tokio::time::timeout(Duration::from_secs(10), handshake)
+            .await
+            .map_err(|_| unreachable("handshake timed out".into()))??;
+        let keys = session_keys(&self.secret, &hello.nonce, &nonce, true);
+        tracing::info!(peer = %peer.name, id = peer.id, %addr, "cluster peer connected (outbound)");
+        Ok(self.install(s, peer, true, keys))
+    }
+
+    /// Registers a connection and starts its reader and writer.
+    fn install(
+        self: &Arc<Self>,
+        s: TcpStream,
+        peer: NodeInfo,
+        dialed: bool,
+        keys: Keys,
+    ) -> Arc<Conn> {
+        let (out, rx) = mpsc::unbounded_channel();
+        let conn = Arc::new(Conn {
+            peer: peer.clone(),
+            dialed,
+            out,
+            pending: Arc::default(),
+            closed: self.shutdown.child_token(),
+        });
+        {
+            let mut conns = self.conns.lock();
+            let keep_new = match conns.get(&peer.id) {
+                Some(old) if !old.closed.is_cancelled() => {
+                    // Both dialed at once: keep the one the smaller id dialed.
+                    let dialer_of = |c: &Conn| if c.dialed { self.me.id } else { c.peer.id };
+                    dialer_of(&conn) <= dialer_of(old)
+                }
+                _ => true,
+            };
+            if keep_new {
+                if let Some(old) = conns.insert(peer.id, conn.clone()) {
+                    old.closed.cancel();
+                }
+            }
+        }
+        let (read, write) = s.into_split();
+        let Keys { send, recv } = keys;
+        tokio::spawn(write_loop(write, rx, send, conn.closed.clone()));
+        tokio::spawn(read_loop(self.clone(), read, recv, conn.clone()));
+        conn
+    }
+
+    /// The connection to `addr` (an existing one to `id` if known).
+    async fn conn(self: &Arc<Self>, id: Option<u64>, addr: &str) -> Result<Arc<Conn>, LinkError> {
+        if let Some(id) = id {
+            if let Some(c) = self.conns.lock().get(&id) {
+                if !c.closed.is_cancelled() {
+                    return Ok(c.clone());
+                }
+            }
+        }
+        let c = self.dial(addr).await?;
+        if let Some(id) = id {
+            if c.peer.id != id {
+                c.closed.cancel();
+                return Err(LinkError::Refused {
+                    addr: addr.to_owned(),
+                    reason: format!(
+                        "expected node {id}, found node {} ('{}')",
+                        c.peer.id, c.peer.name
+                    ),
+                });
+            }
+        }
+        Ok(c)
+    }
+
+    /// Sends `request` to the node at `addr` (id `id` if known) and waits
+    /// for its response.
+    pub async fn request(
+        self: &Arc<Self>,
+        id: Option<u64>,
+        addr: &str,
+        request: &Request,
+        timeout: Duration,
+    ) -> Result<(NodeInfo, Response), LinkError> {
+        let attempt = async {
+            let conn = self.conn(id, addr).await?;
+            let rid = self.next_id.fetch_add(1, Ordering::Relaxed);
+            let (tx, rx) = oneshot::channel();
+            conn.pending.lock().insert(rid, tx);
+            let body = serde_json::to_vec(request).map_err(|e| LinkError::Unreachable {
+                addr: addr.to_owned(),
+                reason: format!("cannot encode the request: {e}"),
+            })?;
+            if conn
+                .out
+                .send((KIND_REQUEST, rid, Bytes::from(body)))
+                .is_err()
+            {
+                conn.pending.lock().remove(&rid);
+                return Err(LinkError::Unreachable {
+                    addr: addr.to_owned(),
+                    reason: "connection closed".into(),
+                });
+            }
+            let response = rx.await.map_err(|_| LinkError::Unreachable {
+                addr: addr.to_owned(),
+                reason: "connection closed".into(),
+            })?;
+            Ok((conn.peer.clone(), response))
+        };
+        tokio::time::timeout(timeout, attempt)
+            .await
+            .map_err(|_| LinkError::Timeout(addr.to_owned()))?
+    }
+}
+
+async fn write_loop(
+    mut w: tokio::net::tcp::OwnedWriteHalf,
+    mut rx: mpsc::UnboundedReceiver<(u8, u64, Bytes)>,
+    key: HmacSha256,
+    closed: tokio_util::sync::CancellationToken,
+) {
+    let mut seq = 0u64;
+    let mut buf = BytesMut::new();
+    loop {
+        let first = tokio::select! {
+            _ = closed.cancelled() => break,
+            m = rx.recv() => match m { Some(m) => m, None => break },
+        };
+        let mut next = Some(first);
+        while let Some((kind, id, payload)) = next.take() {
+            let mut body = BytesMut::with_capacity(9 + payload.len());
+            body.put_u8(kind);
+            body.put_u64(id);
+            body.put_slice(&payload);
+            let tag = frame_tag(&key, seq, &body);
+            seq += 1;
+            buf.put_u32((TAG_LEN + body.len()) as u32);
+            buf.put_slice(&tag);
+            buf.put_slice(&body);
+            next = rx.try_recv().ok();
+        }
+        if w.write_all(&buf).await.is_err() {
+            break;
+        }
+        buf.clear();
+    }
+    closed.cancel();
+    let _ = w.shutdown().await;
+}
+
+async fn read_loop(
+    links: Arc<Links>,
+    mut r: tokio::net::tcp::OwnedReadHalf,
+    key: HmacSha256,
+    conn: Arc<Conn>,
+) {
+    let mut seq = 0u64;
+    let peer = conn.peer.clone();
+    let result: Result<(), String> = async {
+        loop {
+            let len = tokio::select! {
+                _ = conn.closed.cancelled() => return Ok(()),
+                l = r.read_u32() => l.map_err(|e| e.to_string())? as usize,
+            };
+            if !(TAG_LEN + 9..=MAX_FRAME).contains(&len) {
+                return Err(format!("frame of {len} octets"));
+            }
+            let mut frame = vec![0u8; len];
+            r.read_exact(&mut frame).await.map_err(|e| e.to_string())?;
+            let mut frame = Bytes::from(frame);
+            let tag = frame.split_to(TAG_LEN);
+            if !verify(&frame_tag(&key, seq, &frame), &tag) {
+                return Err("a frame failed its authentication tag".into());
+            }
+            seq += 1;
+            // (The length check above covers these 9 octets.)
+            let kind = frame.try_get_u8().map_err(|e| e.to_string())?;
+            let id = frame.try_get_u64().map_err(|e| e.to_string())?;
+            match kind {
+                KIND_RESPONSE => {
+                    let Some(tx) = conn.pending.lock().remove(&id) else {
+                        continue;
+                    };
+                    match serde_json::from_slice::<Response>(&frame) {
+                        Ok(resp) => {
+                            let _ = tx.send(resp);
+                        }
+                        Err(e) => return Err(format!("undecodable response: {e}")),
+                    }
+                }
+                KIND_REQUEST => {
+                    let request: Request = serde_json::from_slice(&frame)
+                        .map_err(|e| format!("undecodable request: {e}"))?;
+                    let Some(handler) = links.handler.get().cloned() else {
+                        continue;
+                    };
+                    let out = conn.out.clone();
+                    let from = peer.clone();
+                    tokio::spawn(async move {
+                        let response = handler.handle(from, request).await;
+                        if let Ok(body) = serde_json::to_vec(&response) {
+                            let _ = out.send((KIND_RESPONSE, id, Bytes::from(body)));
+                        }
+                    });
+                }
+                other => return Err(format!("unknown frame kind {other}")),
+            }
+        }
+    }
+    .await;
+    if let Err(e) = result {
+        if !conn.closed.is_cancelled() {
+            tracing::info!(peer = %peer.name, id = peer.id, reason = %e, "cluster connection closed");
+        }
+    }
+    conn.closed.cancel();
+    conn.pending.lock().clear();
+    let mut conns = links.conns.lock();
+    if conns.get(&peer.id).is_some_and(|c| Arc::ptr_eq(c, &conn)) {
+        conns.remove(&peer.id);
+    }
+}

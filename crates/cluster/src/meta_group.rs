@@ -1,0 +1,680 @@
+//! The metadata Raft group: its openraft types ([`MetaTypes`]), its log on
+//! the node's [`RaftWal`] ([`GroupLog`]), its state machine
+//! ([`MetaMachine`]: the server's `MetaState`, applied on every node and
+//! handed to the node's projection), and its network ([`MetaNetwork`], over
+//! the cluster [`Links`]).
+//!
+//! The state machine is in memory; what makes it durable is the log (every
+//! entry fsync'd before it is acknowledged) and snapshots
+//! (`<data dir>/raft/meta.snapshot`, written durably before openraft purges
+//! the entries they cover). At boot the snapshot is loaded and openraft
+//! re-applies the committed entries after it, before the server rebuilds
+//! its vhosts and queues from the result.
+//!
+//! A refused command (say, a permission for a vhost that does not exist) is
+//! still a log entry: every node refuses it the same way, since
+//! `MetaState::apply` is deterministic.
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::io::Cursor;
+use std::ops::RangeBounds;
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock, Weak};
+
+use amqp_codec::FieldTable;
+use bytes::{Bytes, BytesMut};
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
+use openraft::network::RPCOption;
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
+use openraft::{
+    Entry, EntryPayload, LogId, RaftLogReader, RaftSnapshotBuilder, SnapshotMeta, StorageError,
+    StorageIOError, StoredMembership, Vote,
+};
+use parking_lot::Mutex;
+use queue_store::DefKind;
+use serde::{Deserialize, Serialize};
+use server::meta::{MetaCommand, MetaError, MetaProjection, MetaState};
+
+use crate::identity::NodeInfo;
+use crate::link::Links;
+use crate::raft_wal::RaftWal;
+use crate::rpc::{Request, Response};
+
+/// The metadata group's id on the links and in the WAL.
+pub const META_GROUP: u64 = 0;
+
+openraft::declare_raft_types!(
+    /// The metadata group's types.
+    pub MetaTypes:
+        D = MetaRequest,
+        R = MetaResponse,
+        NodeId = u64,
+        Node = NodeInfo,
+        Entry = Entry<MetaTypes>,
+        SnapshotData = Cursor<Vec<u8>>,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+/// What the metadata log holds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum MetaRequest {
+    /// A metadata command, in the server's wire form.
+    Command(Vec<u8>),
+    /// A node removed from the cluster: it may never talk to it again.
+    Forget {
+        /// Its Raft id.
+        id: u64,
+        /// Its name.
+        name: String,
+    },
+}
+
+/// A command's outcome, as every node computed it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct MetaResponse {
+    /// `Ok(created)`: whether it created or removed something; or why it
+    /// was refused.
+    pub result: Option<Result<bool, WireError>>,
+}
+
+/// A [`MetaError`] as it travels.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum WireError {
+    /// `MetaError::NotFound`.
+    NotFound(String),
+    /// `MetaError::Conflict`.
+    Conflict(String),
+    /// `MetaError::Invalid`.
+    Invalid(String),
+    /// Anything else (store, availability).
+    Other(String),
+}
+
+impl From<&MetaError> for WireError {
+    fn from(e: &MetaError) -> WireError {
+        match e {
+            MetaError::NotFound(t) => WireError::NotFound(t.clone()),
+            MetaError::Conflict(t) => WireError::Conflict(t.clone()),
+            MetaError::Invalid(t) => WireError::Invalid(t.clone()),
+            other => WireError::Other(other.to_string()),
+        }
+    }
+}
+
+impl From<WireError> for MetaError {
+    fn from(e: WireError) -> MetaError {
+        match e {
+            WireError::NotFound(t) => MetaError::NotFound(t),
+            WireError::Conflict(t) => MetaError::Conflict(t),
+            WireError::Invalid(t) => MetaError::Invalid(t),
+            WireError::Other(t) => MetaError::Unavailable(t),
+        }
+    }
+}
+
+fn io_err<E: std::fmt::Display>(e: E) -> std::io::Error {
+    std::io::Error::other(e.to_string())
+}
+
+// ---- the log ----
+
+/// The metadata group's log: group [`META_GROUP`] of the node's WAL, each
+/// entry encoded as JSON.
+#[derive(Debug, Clone)]
+pub struct GroupLog {
+    wal: RaftWal,
+    group: u64,
+}
+
+impl GroupLog {
+    /// Group `group` of `wal`.
+    pub fn new(wal: RaftWal, group: u64) -> GroupLog {
+        GroupLog { wal, group }
+    }
+}
+
+// openraft's error type is large; it is what the trait returns.
+#[allow(clippy::result_large_err)]
+fn decode<T: for<'de> Deserialize<'de>>(b: &[u8]) -> Result<T, StorageError<u64>> {
+    serde_json::from_slice(b).map_err(|e| StorageIOError::read_logs(&e).into())
+}
+
+impl RaftLogReader<MetaTypes> for GroupLog {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry<MetaTypes>>, StorageError<u64>> {
+        let mut out = Vec::new();
+        for b in self.wal.entries(self.group, range) {
+            out.push(decode::<Entry<MetaTypes>>(&b)?);
+        }
+        Ok(out)
+    }
+}
+
+impl RaftLogStorage<MetaTypes> for GroupLog {
+    type LogReader = GroupLog;
+
+    async fn get_log_state(&mut self) -> Result<LogState<MetaTypes>, StorageError<u64>> {
+        let g = self.wal.group(self.group);
+        let last_purged_log_id: Option<LogId<u64>> = match &g.purged {
+            Some((_, id)) => Some(decode(id)?),
+            None => None,
+        };
+        let last_log_id = match g.entries.last_key_value() {
+            Some((_, e)) => Some(decode::<Entry<MetaTypes>>(e)?.log_id),
+            None => last_purged_log_id,
+        };
+        Ok(LogState {
+            last_purged_log_id,
+            last_log_id,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<u64>) -> Result<(), StorageError<u64>> {
+        let b = serde_json::to_vec(vote).map_err(|e| StorageIOError::write_vote(&e))?;
+        self.wal
+            .save_vote(self.group, Bytes::from(b))
+            .await
+            .map_err(|e| StorageIOError::write_vote(&e).into())
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<u64>>, StorageError<u64>> {
+        match self.wal.group(self.group).vote {
+            Some(v) => Ok(Some(
+                serde_json::from_slice(&v).map_err(|e| StorageIOError::read_vote(&e))?,
+            )),
+            None => Ok(None),
+        }
+    }
+
+    async fn save_committed(
+        &mut self,
+        committed: Option<LogId<u64>>,
+    ) -> Result<(), StorageError<u64>> {
+        let b = serde_json::to_vec(&committed).map_err(|e| StorageIOError::write(&e))?;
+        self.wal.save_committed(self.group, Bytes::from(b));
+        Ok(())
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId<u64>>, StorageError<u64>> {
+        match self.wal.group(self.group).committed {
+            Some(c) => Ok(serde_json::from_slice(&c).map_err(|e| StorageIOError::read(&e))?),
+            None => Ok(None),
+        }
+    }
+
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<MetaTypes>,
+    ) -> Result<(), StorageError<u64>>
+    where
+        I: IntoIterator<Item = Entry<MetaTypes>> + Send,
+        I::IntoIter: Send,
+    {
+        let mut encoded = Vec::new();
+        for e in entries {
+            let b = serde_json::to_vec(&e)
+                .map_err(|err| StorageIOError::write_log_entry(e.log_id, &err))?;
+            encoded.push((e.log_id.index, Bytes::from(b)));
+        }
+        self.wal.append(
+            self.group,
+            &encoded,
+            Box::new(move |r| callback.log_io_completed(r)),
+        );
+        Ok(())
+    }
+
+    async fn truncate(&mut self, log_id: LogId<u64>) -> Result<(), StorageError<u64>> {
+        self.wal
+            .truncate(self.group, log_id.index)
+            .await
+            .map_err(|e| StorageIOError::write_logs(&e).into())
+    }
+
+    async fn purge(&mut self, log_id: LogId<u64>) -> Result<(), StorageError<u64>> {
+        let b = serde_json::to_vec(&log_id).map_err(|e| StorageIOError::write_logs(&e))?;
+        self.wal
+            .purge(self.group, log_id.index, Bytes::from(b))
+            .await
+            .map_err(|e| StorageIOError::write_logs(&e).into())
+    }
+}
+
+// ---- the state machine ----
+
+/// What the state machine holds.
+#[derive(Debug, Default, Clone)]
+struct Machine {
+    state: MetaState,
+    last_applied: Option<LogId<u64>>,
+    membership: StoredMembership<u64, NodeInfo>,
+    /// Forgotten nodes, by id (never readmitted).
+    forgotten: BTreeMap<u64, String>,
+}
+
+/// A snapshot's contents.
+#[derive(Debug, Serialize, Deserialize)]
+struct SnapshotBody {
+    meta: SnapshotMeta<u64, NodeInfo>,
+    /// Definitions: kind octet, key, encoded record.
+    definitions: Vec<(u8, Vec<u8>, Vec<u8>)>,
+    forgotten: BTreeMap<u64, String>,
+}
+
+#[derive(Default)]
+struct MachineShared {
+    machine: Mutex<Machine>,
+    projection: OnceLock<Weak<dyn MetaProjection>>,
+    snapshot_path: PathBuf,
+}
+
+impl Debug for MachineShared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MachineShared").finish_non_exhaustive()
+    }
+}
+
+/// The metadata state machine (cheap to clone: a handle).
+#[derive(Debug, Clone)]
+pub struct MetaMachine {
+    shared: Arc<MachineShared>,
+}
+
+impl MetaMachine {
+    /// Loads the last snapshot from `dir` (if any).
+    pub fn open(dir: &std::path::Path) -> Result<MetaMachine, String> {
+        let snapshot_path = dir.join("meta.snapshot");
+        let mut machine = Machine::default();
+        match std::fs::read(&snapshot_path) {
+            Ok(bytes) => {
+                let body: SnapshotBody = serde_json::from_slice(&bytes)
+                    .map_err(|e| format!("{}: {e}", snapshot_path.display()))?;
+                machine = machine_from(&body)?;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("{}: {e}", snapshot_path.display())),
+        }
+        Ok(MetaMachine {
+            shared: Arc::new(MachineShared {
+                machine: Mutex::new(machine),
+                projection: OnceLock::new(),
+                snapshot_path,
+            }),
+        })
+    }
+
+    /// Where applied commands are projected from now on.
+    pub fn set_projection(&self, projection: Weak<dyn MetaProjection>) {
+        let _ = self.shared.projection.set(projection);
+    }
+
+    /// Sets the projection and returns the state as of that moment: every
+    /// command applied after it is projected.
+    pub fn attach(&self, projection: Weak<dyn MetaProjection>) -> MetaState {
+        let m = self.shared.machine.lock();
+        let _ = self.shared.projection.set(projection);
+        m.state.clone()
+    }
+
+    /// A copy of the current state.
+    pub fn state(&self) -> MetaState {
+        self.shared.machine.lock().state.clone()
+    }
+
+    /// The last applied index.
+    pub fn applied_index(&self) -> u64 {
+        self.shared
+            .machine
+            .lock()
+            .last_applied
+            .map_or(0, |l| l.index)
+    }
+
+    /// Whether node `id` was forgotten.
+    pub fn forgotten(&self, id: u64) -> Option<String> {
+        self.shared.machine.lock().forgotten.get(&id).cloned()
+    }
+
+    fn project(&self, command: &MetaCommand) {
+        if let Some(p) = self.shared.projection.get().and_then(Weak::upgrade) {
+            p.project(command);
+        }
+    }
+}
+
+fn machine_from(body: &SnapshotBody) -> Result<Machine, String> {
+    let mut defs = Vec::with_capacity(body.definitions.len());
+    for (kind, key, record) in &body.definitions {
+        let kind =
+            DefKind::from_octet(*kind).ok_or_else(|| format!("unknown definition kind {kind}"))?;
+        let (table, _) = FieldTable::decode(&Bytes::copy_from_slice(record))
+            .map_err(|e| format!("a definition's record: {e:?}"))?;
+        defs.push((kind, Bytes::copy_from_slice(key), table));
+    }
+    let (state, _, problems) = MetaState::recover(&defs);
+    if let Some(p) = problems.first() {
+        return Err(format!("snapshot definition: {p}"));
+    }
+    Ok(Machine {
+        state,
+        last_applied: body.meta.last_log_id,
+        membership: body.meta.last_membership.clone(),
+        forgotten: body.forgotten.clone(),
+    })
+}
+
+fn snapshot_of(m: &Machine) -> SnapshotBody {
+    let definitions = m
+        .state
+        .definitions()
+        .into_iter()
+        .map(|d| {
+            let mut buf = BytesMut::new();
+            // A stored record encoded once already; it encodes again.
+            let _ = d.record.encode(&mut buf);
+            (d.kind as u8, d.key.to_vec(), buf.to_vec())
+        })
+        .collect();
+    let id = m.last_applied.map_or_else(
+        || "empty".to_owned(),
+        |l| format!("{}-{}", l.leader_id, l.index),
+    );
+    SnapshotBody {
+        meta: SnapshotMeta {
+            last_log_id: m.last_applied,
+            last_membership: m.membership.clone(),
+            snapshot_id: id,
+        },
+        definitions,
+        forgotten: m.forgotten.clone(),
+    }
+}
+
+impl RaftSnapshotBuilder<MetaTypes> for MetaMachine {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<MetaTypes>, StorageError<u64>> {
+        let body = snapshot_of(&self.shared.machine.lock());
+        let bytes =
+            serde_json::to_vec(&body).map_err(|e| StorageIOError::write_snapshot(None, &e))?;
+        let path = self.shared.snapshot_path.clone();
+        let tmp = path.with_extension("snapshot.tmp");
+        let data = bytes.clone();
+        tokio::task::spawn_blocking(move || crate::identity::write_durably(&tmp, &path, &data))
+            .await
+            .map_err(|e| StorageIOError::write_snapshot(None, &io_err(e)))?
+            .map_err(|e| StorageIOError::write_snapshot(None, &e))?;
+        Ok(Snapshot {
+            meta: body.meta,
+            snapshot: Box::new(Cursor::new(bytes)),
+        })
+    }
+}
+
+impl RaftStateMachine<MetaTypes> for MetaMachine {
+    type SnapshotBuilder = MetaMachine;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId<u64>>, StoredMembership<u64, NodeInfo>), StorageError<u64>> {
+        let m = self.shared.machine.lock();
+        Ok((m.last_applied, m.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<MetaResponse>, StorageError<u64>>
+    where
+        I: IntoIterator<Item = Entry<MetaTypes>> + Send,
+        I::IntoIter: Send,
+    {
+        let mut out = Vec::new();
+        for entry in entries {
+            let mut projected = None;
+            let response = {
+                let mut m = self.shared.machine.lock();
+                m.last_applied = Some(entry.log_id);
+                match entry.payload {
+                    EntryPayload::Blank => MetaResponse::default(),
+                    EntryPayload::Membership(mem) => {
+                        m.membership = StoredMembership::new(Some(entry.log_id), mem);
+                        MetaResponse::default()
+                    }
+                    EntryPayload::Normal(MetaRequest::Forget { id, name }) => {
+                        m.forgotten.insert(id, name);
+                        MetaResponse {
+                            result: Some(Ok(true)),
+                        }
+                    }
+                    EntryPayload::Normal(MetaRequest::Command(bytes)) => {
+                        let result = match MetaCommand::from_wire(&bytes) {
+                            Ok(command) => match m.state.apply(&command) {
+                                Ok(applied) => {
+                                    if !applied.is_empty() {
+                                        projected = Some(command);
+                                    }
+                                    Ok(applied.changed_existence)
+                                }
+                                Err(e) => Err(WireError::from(&e)),
+                            },
+                            Err(e) => Err(WireError::Invalid(format!("undecodable command: {e}"))),
+                        };
+                        MetaResponse {
+                            result: Some(result),
+                        }
+                    }
+                }
+            };
+            if let Some(command) = projected {
+                self.project(&command);
+            }
+            out.push(response);
+        }
+        Ok(out)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(
+        &mut self,
+    ) -> Result<Box<Cursor<Vec<u8>>>, StorageError<u64>> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<u64, NodeInfo>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError<u64>> {
+        let bytes = snapshot.into_inner();
+        let mut body: SnapshotBody = serde_json::from_slice(&bytes)
+            .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
+        body.meta = meta.clone();
+        let fresh = machine_from(&body)
+            .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &io_err(e)))?;
+        let path = self.shared.snapshot_path.clone();
+        let tmp = path.with_extension("snapshot.tmp");
+        let data =
+            serde_json::to_vec(&body).map_err(|e| StorageIOError::write_snapshot(None, &e))?;
+        tokio::task::spawn_blocking(move || crate::identity::write_durably(&tmp, &path, &data))
+            .await
+            .map_err(|e| StorageIOError::write_snapshot(None, &io_err(e)))?
+            .map_err(|e| StorageIOError::write_snapshot(None, &e))?;
+        // The runtime views follow: what the snapshot removes is deleted,
+        // what it holds is put (puts of what exists change nothing).
+        let old = std::mem::replace(&mut *self.shared.machine.lock(), fresh.clone());
+        let new_defs = fresh.state.definitions();
+        for d in old.state.definitions() {
+            if !new_defs.iter().any(|n| n.kind == d.kind && n.key == d.key) {
+                if let Ok(put) = MetaCommand::from_definition(d.kind, &d.key, &d.record) {
+                    if let Some(delete) = put.inverse() {
+                        self.project(&delete);
+                    }
+                }
+            }
+        }
+        let defs: Vec<_> = new_defs
+            .into_iter()
+            .map(|d| (d.kind, d.key, d.record))
+            .collect();
+        for command in MetaState::recover(&defs).1 {
+            self.project(&command);
+        }
+        Ok(())
+    }
+
+    async fn get_current_snapshot(
+        &mut self,
+    ) -> Result<Option<Snapshot<MetaTypes>>, StorageError<u64>> {
+        match std::fs::read(&self.shared.snapshot_path) {
+            Ok(bytes) => {
+                let body: SnapshotBody = serde_json::from_slice(&bytes)
+                    .map_err(|e| StorageIOError::read_snapshot(None, &e))?;
+                Ok(Some(Snapshot {
+                    meta: body.meta,
+                    snapshot: Box::new(Cursor::new(bytes)),
+                }))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(StorageIOError::read_snapshot(None, &e).into()),
+        }
+    }
+}
+
+// ---- the network ----
+
+/// Makes [`MetaNetwork`]s over the node's links.
+#[derive(Debug, Clone)]
+pub struct MetaNetworkFactory {
+    /// The links.
+    pub links: Arc<Links>,
+}
+
+/// Raft RPCs to one peer.
+#[derive(Debug)]
+pub struct MetaNetwork {
+    links: Arc<Links>,
+    target: u64,
+    node: NodeInfo,
+}
+
+impl openraft::RaftNetworkFactory<MetaTypes> for MetaNetworkFactory {
+    type Network = MetaNetwork;
+
+    async fn new_client(&mut self, target: u64, node: &NodeInfo) -> MetaNetwork {
+        MetaNetwork {
+            links: self.links.clone(),
+            target,
+            node: node.clone(),
+        }
+    }
+}
+
+impl MetaNetwork {
+    async fn call<E: std::error::Error>(
+        &self,
+        request: Request,
+        option: &RPCOption,
+    ) -> Result<Response, RPCError<u64, NodeInfo, E>> {
+        self.links
+            .request(
+                Some(self.target),
+                &self.node.cluster_addr,
+                &request,
+                option.hard_ttl(),
+            )
+            .await
+            .map(|(_, r)| r)
+            .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))
+    }
+
+    fn unexpected<E: std::error::Error>(r: Response) -> RPCError<u64, NodeInfo, E> {
+        RPCError::Network(NetworkError::new(&io_err(format!(
+            "unexpected response {r:?}"
+        ))))
+    }
+}
+
+impl openraft::RaftNetwork<MetaTypes> for MetaNetwork {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<MetaTypes>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<u64>, RPCError<u64, NodeInfo, RaftError<u64>>> {
+        match self
+            .call(
+                Request::Append {
+                    group: META_GROUP,
+                    rpc,
+                },
+                &option,
+            )
+            .await?
+        {
+            Response::Append(Ok(r)) => Ok(r),
+            Response::Append(Err(e)) => {
+                Err(RPCError::RemoteError(RemoteError::new(self.target, e)))
+            }
+            other => Err(Self::unexpected(other)),
+        }
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<MetaTypes>,
+        option: RPCOption,
+    ) -> Result<
+        InstallSnapshotResponse<u64>,
+        RPCError<u64, NodeInfo, RaftError<u64, InstallSnapshotError>>,
+    > {
+        match self
+            .call(
+                Request::Snapshot {
+                    group: META_GROUP,
+                    rpc,
+                },
+                &option,
+            )
+            .await?
+        {
+            Response::Snapshot(Ok(r)) => Ok(r),
+            Response::Snapshot(Err(e)) => {
+                Err(RPCError::RemoteError(RemoteError::new(self.target, e)))
+            }
+            other => Err(Self::unexpected(other)),
+        }
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<u64>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<u64>, RPCError<u64, NodeInfo, RaftError<u64>>> {
+        match self
+            .call(
+                Request::Vote {
+                    group: META_GROUP,
+                    rpc,
+                },
+                &option,
+            )
+            .await?
+        {
+            Response::Vote(Ok(r)) => Ok(r),
+            Response::Vote(Err(e)) => Err(RPCError::RemoteError(RemoteError::new(self.target, e))),
+            other => Err(Self::unexpected(other)),
+        }
+    }
+}

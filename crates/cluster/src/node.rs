@@ -1,0 +1,381 @@
+//! [`ClusterNode`]: one node's part of the cluster — its identity, its
+//! links, the metadata Raft group — and the answers it gives peers
+//! ([`RequestHandler`]): Raft RPCs, commits forwarded to the leader, joins
+//! and status.
+//!
+//! Writes go to the leader: a node that is not the leader forwards the
+//! command over its link, then waits until it has applied the entry itself,
+//! so a client that got `declare-ok` from a node reads its own change there.
+//! A leader that has not heard from a majority within
+//! [`QUORUM_SILENCE`] refuses new commands at once
+//! (`MetaError::Unavailable`) rather than appending what it could not
+//! commit.
+
+use std::collections::BTreeSet;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{ChangeMembers, Raft, ServerState};
+use server::meta::MetaError;
+
+use crate::identity::NodeInfo;
+use crate::link::{Links, RequestHandler};
+use crate::meta_group::{META_GROUP, MetaMachine, MetaRequest, MetaResponse, MetaTypes};
+use crate::rpc::{Request, Response, Status};
+
+/// How long a leader may go without a majority's acknowledgement before it
+/// refuses new commands.
+pub const QUORUM_SILENCE: Duration = Duration::from_millis(600);
+/// How long a commit may take before it is reported unavailable.
+pub const COMMIT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most voting members; more nodes join as learners.
+pub const MAX_VOTERS: usize = 5;
+
+/// This node's part of the cluster.
+pub struct ClusterNode {
+    /// Who we are.
+    pub me: NodeInfo,
+    /// Links to peers.
+    pub links: Arc<Links>,
+    /// The metadata group.
+    pub raft: Raft<MetaTypes>,
+    /// Its state machine.
+    pub machine: MetaMachine,
+    /// Commits go through here one at a time, in call order.
+    commits: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for ClusterNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterNode")
+            .field("me", &self.me)
+            .finish_non_exhaustive()
+    }
+}
+
+fn unavailable(text: impl Into<String>) -> MetaError {
+    MetaError::Unavailable(text.into())
+}
+
+impl ClusterNode {
+    pub(crate) fn new(
+        me: NodeInfo,
+        links: Arc<Links>,
+        raft: Raft<MetaTypes>,
+        machine: MetaMachine,
+    ) -> ClusterNode {
+        ClusterNode {
+            me,
+            links,
+            raft,
+            machine,
+            commits: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// The metadata leader, if known.
+    pub fn leader(&self) -> Option<NodeInfo> {
+        let m = self.raft.metrics().borrow().clone();
+        let id = m.current_leader?;
+        m.membership_config.membership().get_node(&id).cloned()
+    }
+
+    /// This node's view of the cluster.
+    pub fn status(&self) -> Status {
+        let m = self.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let voters: BTreeSet<u64> = membership.voter_ids().collect();
+        let mut status = Status {
+            node: self.me.clone(),
+            leader: m.current_leader,
+            term: m.current_term,
+            applied: m.last_applied.map_or(0, |l| l.index),
+            majority: self.has_majority(),
+            ..Status::default()
+        };
+        for (id, node) in membership.nodes() {
+            if voters.contains(id) {
+                status.voters.push(node.clone());
+            } else {
+                status.learners.push(node.clone());
+            }
+        }
+        status
+    }
+
+    /// Whether this node belongs to a formed cluster (has a membership).
+    pub fn is_member(&self) -> bool {
+        let m = self.raft.metrics().borrow().clone();
+        m.membership_config
+            .membership()
+            .get_node(&self.me.id)
+            .is_some()
+    }
+
+    /// Commits `request` through the leader and waits until this node has
+    /// applied it.
+    pub async fn commit(&self, request: MetaRequest) -> Result<MetaResponse, MetaError> {
+        let _order = self.commits.lock().await;
+        let (response, index) = tokio::time::timeout(COMMIT_TIMEOUT, self.commit_at_leader(request))
+            .await
+            .map_err(|_| {
+                unavailable(format!(
+                    "metadata commit timed out after {} s: this node ({}) cannot reach a majority of the cluster; the change may or may not take effect",
+                    COMMIT_TIMEOUT.as_secs(),
+                    self.me.name
+                ))
+            })??;
+        self.raft
+            .wait(Some(COMMIT_TIMEOUT))
+            .applied_index_at_least(Some(index), "a forwarded commit applied here")
+            .await
+            .map_err(|e| unavailable(format!("committed but not applied here in time: {e}")))?;
+        Ok(response)
+    }
+
+    async fn commit_at_leader(
+        &self,
+        request: MetaRequest,
+    ) -> Result<(MetaResponse, u64), MetaError> {
+        let mut request = Some(request);
+        for _ in 0..5 {
+            let Some(leader) = self.leader() else {
+                return Err(unavailable(format!(
+                    "metadata changes are unavailable: node {} knows no leader (no majority of the cluster reachable)",
+                    self.me.name
+                )));
+            };
+            let Some(req) = request.take() else {
+                break;
+            };
+            if leader.id == self.me.id {
+                return self.write_as_leader(req).await;
+            }
+            let (_, response) = self
+                .links
+                .request(
+                    Some(leader.id),
+                    &leader.cluster_addr,
+                    &Request::Commit(req.clone()),
+                    COMMIT_TIMEOUT,
+                )
+                .await
+                .map_err(|e| {
+                    unavailable(format!("metadata leader {} unreachable: {e}", leader.name))
+                })?;
+            match response {
+                Response::Committed { outcome, index } => return Ok((outcome, index)),
+                Response::NotLeader(_) => {
+                    // Leadership moved: wait for the new leader and retry.
+                    request = Some(req);
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Response::Unavailable(text) => return Err(unavailable(text)),
+                other => {
+                    return Err(unavailable(format!(
+                        "unexpected answer from the leader: {other:?}"
+                    )));
+                }
+            }
+        }
+        Err(unavailable("metadata leadership keeps moving; try again"))
+    }
+
+    /// Whether this node is in contact with a majority: as the leader, a
+    /// majority acknowledged it within [`QUORUM_SILENCE`]; otherwise it
+    /// knows a leader.
+    pub fn has_majority(&self) -> bool {
+        let m = self.raft.metrics().borrow().clone();
+        if m.state != ServerState::Leader {
+            return m.current_leader.is_some();
+        }
+        let voters = m.membership_config.membership().voter_ids().count();
+        voters <= 1
+            || m.millis_since_quorum_ack
+                .is_some_and(|ms| ms <= QUORUM_SILENCE.as_millis() as u64)
+    }
+
+    /// Appends as the leader, if it still has a majority. (A command
+    /// refused here was appended nowhere. One appended just before the
+    /// majority was lost may still commit once it returns: its caller times
+    /// out with "may or may not take effect", as with RabbitMQ's Khepri.)
+    async fn write_as_leader(
+        &self,
+        request: MetaRequest,
+    ) -> Result<(MetaResponse, u64), MetaError> {
+        if !self.has_majority() {
+            let voters = self.status().voters.len();
+            return Err(unavailable(format!(
+                "metadata changes are refused: node {} has not heard from a majority of the cluster's {voters} voting nodes",
+                self.me.name
+            )));
+        }
+        match self.raft.client_write(request).await {
+            Ok(r) => Ok((r.data, r.log_id.index)),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
+                Err(unavailable("metadata leadership moved; try again"))
+            }
+            Err(e) => Err(unavailable(format!("metadata commit failed: {e}"))),
+        }
+    }
+
+    /// As the leader: adds `node` as a learner, then makes voters of
+    /// learners until there are as many as the cluster should have.
+    pub async fn add_member(&self, node: NodeInfo) -> Result<(), String> {
+        if let Some(name) = self.machine.forgotten(node.id) {
+            return Err(format!(
+                "node '{name}' ({}) was forgotten by the cluster",
+                node.id
+            ));
+        }
+        self.raft
+            .add_learner(node.id, node.clone(), true)
+            .await
+            .map_err(|e| e.to_string())?;
+        let m = self.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let voters: BTreeSet<u64> = membership.voter_ids().collect();
+        let all = membership.nodes().count();
+        let want = if all >= 5 {
+            5
+        } else if all >= 3 {
+            3
+        } else {
+            all
+        }
+        .min(MAX_VOTERS);
+        if voters.len() < want {
+            let promote: BTreeSet<u64> =
+                membership.learner_ids().take(want - voters.len()).collect();
+            if !promote.is_empty() {
+                self.raft
+                    .change_membership(ChangeMembers::AddVoterIds(promote), false)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+        tracing::info!(node = %node, "node joined the cluster");
+        Ok(())
+    }
+
+    /// As the leader: removes node `name` for good.
+    pub async fn forget(&self, name: &str) -> Result<(), MetaError> {
+        let status = self.status();
+        let Some(node) = status
+            .voters
+            .iter()
+            .chain(status.learners.iter())
+            .find(|n| n.name == name)
+            .cloned()
+        else {
+            return Err(MetaError::NotFound(format!(
+                "no node '{name}' in the cluster"
+            )));
+        };
+        if node.id == self.me.id {
+            return Err(MetaError::Invalid("a node cannot forget itself".into()));
+        }
+        self.commit(MetaRequest::Forget {
+            id: node.id,
+            name: node.name.clone(),
+        })
+        .await?;
+        let ids: BTreeSet<u64> = [node.id].into();
+        let change = if status.voters.iter().any(|v| v.id == node.id) {
+            ChangeMembers::RemoveVoters(ids.clone())
+        } else {
+            ChangeMembers::RemoveNodes(ids.clone())
+        };
+        self.raft
+            .change_membership(change, false)
+            .await
+            .map_err(|e| unavailable(e.to_string()))?;
+        if status.voters.iter().any(|v| v.id == node.id) {
+            let _ = self
+                .raft
+                .change_membership(ChangeMembers::RemoveNodes(ids), false)
+                .await;
+        }
+        self.links.disconnect(node.id);
+        tracing::info!(node = %node, "node forgotten");
+        Ok(())
+    }
+
+    /// Whether this node is the metadata leader now.
+    pub fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow().state == ServerState::Leader
+    }
+}
+
+/// Answers peers.
+pub(crate) struct Handler {
+    pub(crate) node: std::sync::OnceLock<std::sync::Weak<ClusterNode>>,
+    pub(crate) machine: MetaMachine,
+}
+
+impl Handler {
+    fn node(&self) -> Option<Arc<ClusterNode>> {
+        self.node.get().and_then(std::sync::Weak::upgrade)
+    }
+}
+
+impl RequestHandler for Handler {
+    fn admits(&self, id: u64) -> Result<(), String> {
+        match self.machine.forgotten(id) {
+            Some(name) => Err(format!(
+                "node '{name}' ({id}) was removed from the cluster (forget_cluster_node); reset its data directory to join again as a new node"
+            )),
+            None => Ok(()),
+        }
+    }
+
+    fn handle(
+        &self,
+        from: NodeInfo,
+        request: Request,
+    ) -> Pin<Box<dyn std::future::Future<Output = Response> + Send>> {
+        let node = self.node();
+        Box::pin(async move {
+            let Some(node) = node else {
+                return Response::Unavailable("the node is starting or stopping".into());
+            };
+            match request {
+                Request::Append { group, rpc } if group == META_GROUP => {
+                    Response::Append(node.raft.append_entries(rpc).await)
+                }
+                Request::Vote { group, rpc } if group == META_GROUP => {
+                    Response::Vote(node.raft.vote(rpc).await)
+                }
+                Request::Snapshot { group, rpc } if group == META_GROUP => {
+                    Response::Snapshot(node.raft.install_snapshot(rpc).await)
+                }
+                Request::Append { group, .. }
+                | Request::Vote { group, .. }
+                | Request::Snapshot { group, .. } => Response::NoSuchGroup(group),
+                Request::Commit(req) => {
+                    if !node.is_leader() {
+                        return Response::NotLeader(node.leader());
+                    }
+                    match node.write_as_leader(req).await {
+                        Ok((outcome, index)) => Response::Committed { outcome, index },
+                        Err(e) => Response::Unavailable(e.to_string()),
+                    }
+                }
+                Request::Join(info) => {
+                    if info.id != from.id {
+                        return Response::Joined(Err(
+                            "a node may only ask to join for itself".into()
+                        ));
+                    }
+                    if !node.is_leader() {
+                        return Response::NotLeader(node.leader());
+                    }
+                    Response::Joined(node.add_member(info).await)
+                }
+                Request::Status => Response::Status(node.status()),
+            }
+        })
+    }
+}

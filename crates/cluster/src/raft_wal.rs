@@ -1,0 +1,563 @@
+//! [`RaftWal`]: the node's one durable log for Raft — every group's entries,
+//! votes, committed marks, truncations and purges — in one append-only file
+//! (`<data dir>/raft/raft.wal`), written by one thread that batches whatever
+//! is queued from every group into one write and one `fdatasync`.
+//!
+//! The metadata group uses it now; the per-queue groups of replicated queues
+//! will share it (each record carries its group id), so many groups share
+//! each fsync. What Raft needs from it:
+//! - an append is readable at once and reported durable (its callback)
+//!   only after the fsync that covers it;
+//! - a vote is durable before `save_vote` returns;
+//! - truncations and purges are records too, so a restart sees the log as
+//!   it was acknowledged.
+//!
+//! Frames are `len u32 | crc32 u32 | payload`. At open, the first frame that
+//! is short or fails its checksum ends the log: it can only be the last
+//! batch, which no fsync completed, so nothing acknowledged is cut (the cut
+//! is logged with its size). When the file has grown past [`REWRITE_AT`] and
+//! is mostly dead records, the writer rewrites it from the live state
+//! (temporary file, fsync, rename, directory fsync).
+//!
+//! The in-memory state (every live record, by group) is what readers read;
+//! entries stay in memory until purged, which snapshots bound.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::mpsc;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use parking_lot::Mutex;
+
+const TAG_ENTRY: u8 = 1;
+const TAG_VOTE: u8 = 2;
+const TAG_COMMITTED: u8 = 3;
+const TAG_TRUNCATE: u8 = 4;
+const TAG_PURGE: u8 = 5;
+
+/// Largest frame accepted at open (a larger length is damage).
+const MAX_FRAME: usize = 256 << 20;
+/// The file is rewritten from the live state once it is this large and at
+/// least twice the live records.
+const REWRITE_AT: u64 = 64 << 20;
+
+/// Called once the records it was queued with are on disk (or not).
+pub type Flushed = Box<dyn FnOnce(io::Result<()>) + Send>;
+
+/// One group's live records, encoded as the group's storage adapter chose.
+#[derive(Debug, Default, Clone)]
+pub struct GroupState {
+    /// Entries by index.
+    pub entries: BTreeMap<u64, Bytes>,
+    /// The last vote saved.
+    pub vote: Option<Bytes>,
+    /// The last committed mark saved.
+    pub committed: Option<Bytes>,
+    /// The last purge: up to which index, and the purged log id.
+    pub purged: Option<(u64, Bytes)>,
+}
+
+impl GroupState {
+    fn live_bytes(&self) -> u64 {
+        let entries: usize = self.entries.values().map(|e| e.len() + 32).sum();
+        (entries
+            + self.vote.as_ref().map_or(0, |v| v.len() + 32)
+            + self.committed.as_ref().map_or(0, |v| v.len() + 32)
+            + self.purged.as_ref().map_or(0, |(_, v)| v.len() + 40)) as u64
+    }
+}
+
+/// One change, in memory and on disk.
+enum Change<'a> {
+    Entry(u64, &'a Bytes),
+    Vote(&'a Bytes),
+    Committed(&'a Bytes),
+    Truncate(u64),
+    Purge(u64, &'a Bytes),
+}
+
+fn encode(group: u64, change: &Change<'_>, out: &mut BytesMut) {
+    let mut payload = BytesMut::new();
+    let (tag, body): (u8, &[u8]) = match change {
+        Change::Entry(i, b) => {
+            payload.put_u64(*i);
+            (TAG_ENTRY, b)
+        }
+        Change::Vote(b) => (TAG_VOTE, b),
+        Change::Committed(b) => (TAG_COMMITTED, b),
+        Change::Truncate(i) => {
+            payload.put_u64(*i);
+            (TAG_TRUNCATE, &[])
+        }
+        Change::Purge(i, b) => {
+            payload.put_u64(*i);
+            (TAG_PURGE, b)
+        }
+    };
+    let mut frame = BytesMut::with_capacity(9 + payload.len() + body.len());
+    frame.put_u8(tag);
+    frame.put_u64(group);
+    frame.put_slice(&payload);
+    frame.put_slice(body);
+    out.put_u32(frame.len() as u32);
+    out.put_u32(crc32fast::hash(&frame));
+    out.put_slice(&frame);
+}
+
+fn apply(groups: &mut HashMap<u64, GroupState>, group: u64, change: &Change<'_>) {
+    let g = groups.entry(group).or_default();
+    match change {
+        Change::Entry(i, b) => {
+            g.entries.insert(*i, (*b).clone());
+        }
+        Change::Vote(b) => g.vote = Some((*b).clone()),
+        Change::Committed(b) => g.committed = Some((*b).clone()),
+        Change::Truncate(from) => {
+            g.entries.split_off(from);
+        }
+        Change::Purge(upto, b) => {
+            g.entries = g.entries.split_off(&(upto + 1));
+            g.purged = Some((*upto, (*b).clone()));
+        }
+    }
+}
+
+/// Decodes one frame's payload back into a change and applies it.
+fn replay(groups: &mut HashMap<u64, GroupState>, mut frame: Bytes) -> Result<(), String> {
+    let short = |_| "record shorter than its header".to_owned();
+    let tag = frame.try_get_u8().map_err(short)?;
+    let group = frame.try_get_u64().map_err(short)?;
+    let index = |f: &mut Bytes| -> Result<u64, String> {
+        f.try_get_u64()
+            .map_err(|_| "record lacks its index".to_owned())
+    };
+    match tag {
+        TAG_ENTRY => {
+            let i = index(&mut frame)?;
+            apply(groups, group, &Change::Entry(i, &frame));
+        }
+        TAG_VOTE => apply(groups, group, &Change::Vote(&frame)),
+        TAG_COMMITTED => apply(groups, group, &Change::Committed(&frame)),
+        TAG_TRUNCATE => {
+            let i = index(&mut frame)?;
+            apply(groups, group, &Change::Truncate(i));
+        }
+        TAG_PURGE => {
+            let i = index(&mut frame)?;
+            apply(groups, group, &Change::Purge(i, &frame));
+        }
+        other => return Err(format!("unknown record tag {other}")),
+    }
+    Ok(())
+}
+
+struct Job {
+    frames: BytesMut,
+    done: Option<Flushed>,
+}
+
+struct Shared {
+    groups: Mutex<HashMap<u64, GroupState>>,
+    /// Jobs go to the writer under the `groups` lock, so the file's order is
+    /// the memory's order.
+    jobs: Mutex<Option<mpsc::Sender<Job>>>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// The node's Raft log file and its live state.
+#[derive(Clone)]
+pub struct RaftWal {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for RaftWal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RaftWal").finish_non_exhaustive()
+    }
+}
+
+/// What `RaftWal::open` found.
+#[derive(Debug, Default)]
+pub struct Opened {
+    /// Octets cut from the end: a last batch no fsync completed.
+    pub torn_tail: u64,
+}
+
+impl RaftWal {
+    /// Opens (or creates) the log in `dir` and starts its writer thread.
+    pub fn open(dir: &Path) -> io::Result<(RaftWal, Opened)> {
+        std::fs::create_dir_all(dir)?;
+        let path = dir.join("raft.wal");
+        let mut groups = HashMap::new();
+        let mut opened = Opened::default();
+        let mut file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .open(&path)?;
+        let mut data = Vec::new();
+        file.read_to_end(&mut data)?;
+        let data = Bytes::from(data);
+        let mut at = 0usize;
+        while at < data.len() {
+            let rest = &data[at..];
+            if rest.len() < 8 {
+                break;
+            }
+            let len = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+            let crc = u32::from_be_bytes([rest[4], rest[5], rest[6], rest[7]]);
+            if len > MAX_FRAME || rest.len() < 8 + len {
+                break;
+            }
+            let frame = data.slice(at + 8..at + 8 + len);
+            if crc32fast::hash(&frame) != crc {
+                break;
+            }
+            if let Err(e) = replay(&mut groups, frame) {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{}: record at octet {at}: {e}", path.display()),
+                ));
+            }
+            at += 8 + len;
+        }
+        if at < data.len() {
+            opened.torn_tail = (data.len() - at) as u64;
+            tracing::warn!(
+                file = %path.display(),
+                octets = opened.torn_tail,
+                "cutting an unsynced tail from the Raft log"
+            );
+            file.set_len(at as u64)?;
+            file.sync_all()?;
+        }
+        let (tx, rx) = mpsc::channel();
+        let shared = Arc::new(Shared {
+            groups: Mutex::new(groups),
+            jobs: Mutex::new(Some(tx)),
+            writer: Mutex::new(None),
+        });
+        let writer = Writer {
+            path,
+            file,
+            len: at as u64,
+            shared: Arc::downgrade(&shared),
+        };
+        let thread = std::thread::Builder::new()
+            .name("raft-wal".into())
+            .spawn(move || writer.run(rx))?;
+        *shared.writer.lock() = Some(thread);
+        Ok((RaftWal { shared }, opened))
+    }
+
+    /// A copy of one group's live state.
+    pub fn group(&self, group: u64) -> GroupState {
+        self.shared
+            .groups
+            .lock()
+            .get(&group)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Reads entries of `group` in `range` (their encoded bytes).
+    pub fn entries(&self, group: u64, range: impl std::ops::RangeBounds<u64>) -> Vec<Bytes> {
+        let groups = self.shared.groups.lock();
+        groups
+            .get(&group)
+            .map(|g| g.entries.range(range).map(|(_, e)| e.clone()).collect())
+            .unwrap_or_default()
+    }
+
+    /// The last entry of `group`, if any.
+    pub fn last_entry(&self, group: u64) -> Option<Bytes> {
+        let groups = self.shared.groups.lock();
+        groups
+            .get(&group)
+            .and_then(|g| g.entries.last_key_value().map(|(_, e)| e.clone()))
+    }
+
+    fn submit(&self, group: u64, changes: &[Change<'_>], done: Option<Flushed>) {
+        let mut frames = BytesMut::new();
+        for c in changes {
+            encode(group, c, &mut frames);
+        }
+        let mut groups = self.shared.groups.lock();
+        for c in changes {
+            apply(&mut groups, group, c);
+        }
+        let jobs = self.shared.jobs.lock();
+        let failed = match jobs.as_ref() {
+            Some(tx) => tx.send(Job { frames, done }).err().and_then(|e| e.0.done),
+            None => done,
+        };
+        drop(jobs);
+        drop(groups);
+        if let Some(done) = failed {
+            done(Err(io::Error::other("the Raft log's writer has stopped")));
+        }
+    }
+
+    /// Appends entries (index, encoded); readable at once, `done` once
+    /// on disk.
+    pub fn append(&self, group: u64, entries: &[(u64, Bytes)], done: Flushed) {
+        let changes: Vec<Change<'_>> = entries.iter().map(|(i, b)| Change::Entry(*i, b)).collect();
+        self.submit(group, &changes, Some(done));
+    }
+
+    /// Saves a vote; completes once on disk.
+    pub async fn save_vote(&self, group: u64, vote: Bytes) -> io::Result<()> {
+        self.durable(group, &[Change::Vote(&vote)]).await
+    }
+
+    /// Saves the committed mark (not waited for: Raft can re-learn it).
+    pub fn save_committed(&self, group: u64, committed: Bytes) {
+        self.submit(group, &[Change::Committed(&committed)], None);
+    }
+
+    /// Drops entries from index `from` on; completes once on disk.
+    pub async fn truncate(&self, group: u64, from: u64) -> io::Result<()> {
+        self.durable(group, &[Change::Truncate(from)]).await
+    }
+
+    /// Drops entries up to `upto` (inclusive), remembering the purged id;
+    /// completes once on disk.
+    pub async fn purge(&self, group: u64, upto: u64, purged: Bytes) -> io::Result<()> {
+        self.durable(group, &[Change::Purge(upto, &purged)]).await
+    }
+
+    async fn durable(&self, group: u64, changes: &[Change<'_>]) -> io::Result<()> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.submit(
+            group,
+            changes,
+            Some(Box::new(move |r| {
+                let _ = tx.send(r);
+            })),
+        );
+        rx.await
+            .unwrap_or_else(|_| Err(io::Error::other("the Raft log's writer has stopped")))
+    }
+
+    /// Stops the writer once what is queued is on disk, and waits for it.
+    pub fn close(&self) {
+        self.shared.jobs.lock().take();
+        if let Some(thread) = self.shared.writer.lock().take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+struct Writer {
+    path: PathBuf,
+    file: File,
+    len: u64,
+    shared: std::sync::Weak<Shared>,
+}
+
+impl Writer {
+    fn run(mut self, rx: mpsc::Receiver<Job>) {
+        let mut failed: Option<String> = None;
+        while let Ok(first) = rx.recv() {
+            let mut batch = vec![first];
+            while let Ok(more) = rx.try_recv() {
+                batch.push(more);
+            }
+            let result = match &failed {
+                Some(e) => Err(io::Error::other(e.clone())),
+                None => self.write(&batch),
+            };
+            if let Err(e) = &result {
+                if failed.is_none() {
+                    tracing::error!(file = %self.path.display(), error = %e, "the Raft log cannot be written; refusing further writes");
+                    failed = Some(e.to_string());
+                }
+            }
+            for job in batch {
+                if let Some(done) = job.done {
+                    done(match &result {
+                        Ok(()) => Ok(()),
+                        Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
+                    });
+                }
+            }
+            if failed.is_none() {
+                if let Err(e) = self.maybe_rewrite() {
+                    tracing::warn!(file = %self.path.display(), error = %e, "cannot rewrite the Raft log; it keeps growing");
+                }
+            }
+        }
+    }
+
+    fn write(&mut self, batch: &[Job]) -> io::Result<()> {
+        let mut all = BytesMut::new();
+        for job in batch {
+            all.put_slice(&job.frames);
+        }
+        self.file.write_all(&all)?;
+        self.file.sync_data()?;
+        self.len += all.len() as u64;
+        Ok(())
+    }
+
+    /// Rewrites the file from the live state when it is mostly dead.
+    fn maybe_rewrite(&mut self) -> io::Result<()> {
+        if self.len < REWRITE_AT {
+            return Ok(());
+        }
+        let Some(shared) = self.shared.upgrade() else {
+            return Ok(());
+        };
+        // Under the groups lock no job can be queued, so the snapshot and the
+        // file agree: everything queued before is already written.
+        let groups = shared.groups.lock();
+        let live: u64 = groups.values().map(GroupState::live_bytes).sum();
+        if self.len < live * 2 {
+            return Ok(());
+        }
+        let mut out = BytesMut::new();
+        for (&group, g) in groups.iter() {
+            if let Some((upto, purged)) = &g.purged {
+                encode(group, &Change::Purge(*upto, purged), &mut out);
+            }
+            if let Some(v) = &g.vote {
+                encode(group, &Change::Vote(v), &mut out);
+            }
+            if let Some(c) = &g.committed {
+                encode(group, &Change::Committed(c), &mut out);
+            }
+            for (i, e) in &g.entries {
+                encode(group, &Change::Entry(*i, e), &mut out);
+            }
+        }
+        let tmp = self.path.with_extension("wal.tmp");
+        {
+            let mut f = File::create(&tmp)?;
+            f.write_all(&out)?;
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp, &self.path)?;
+        if let Some(dir) = self.path.parent() {
+            File::open(dir)?.sync_all()?;
+        }
+        self.file = OpenOptions::new().append(true).open(&self.path)?;
+        tracing::info!(file = %self.path.display(), from = self.len, to = out.len(), "Raft log rewritten");
+        self.len = out.len() as u64;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    fn flushed() -> (Flushed, std::sync::mpsc::Receiver<io::Result<()>>) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        (
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+            rx,
+        )
+    }
+
+    /// Appends, votes, truncations and purges of two groups come back after
+    /// a reopen exactly as they were left.
+    #[tokio::test]
+    async fn records_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (wal, _) = RaftWal::open(dir.path()).unwrap();
+            let entries: Vec<(u64, Bytes)> = (1..=10)
+                .map(|i| (i, Bytes::from(format!("e{i}"))))
+                .collect();
+            let (done, rx) = flushed();
+            wal.append(0, &entries, done);
+            rx.recv().unwrap().unwrap();
+            let (done, rx) = flushed();
+            wal.append(7, &[(1, Bytes::from_static(b"other"))], done);
+            rx.recv().unwrap().unwrap();
+            wal.save_vote(0, Bytes::from_static(b"vote-1"))
+                .await
+                .unwrap();
+            wal.truncate(0, 8).await.unwrap();
+            wal.purge(0, 3, Bytes::from_static(b"id-3")).await.unwrap();
+            wal.save_vote(0, Bytes::from_static(b"vote-2"))
+                .await
+                .unwrap();
+            wal.close();
+        }
+        let (wal, opened) = RaftWal::open(dir.path()).unwrap();
+        assert_eq!(opened.torn_tail, 0);
+        let g = wal.group(0);
+        assert_eq!(
+            g.entries.keys().copied().collect::<Vec<_>>(),
+            vec![4, 5, 6, 7]
+        );
+        assert_eq!(g.vote.as_deref(), Some(&b"vote-2"[..]));
+        assert_eq!(g.purged, Some((3, Bytes::from_static(b"id-3"))));
+        assert_eq!(wal.entries(7, ..), vec![Bytes::from_static(b"other")]);
+    }
+
+    /// A torn last frame is cut; everything before it stays.
+    #[tokio::test]
+    async fn a_torn_tail_is_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (wal, _) = RaftWal::open(dir.path()).unwrap();
+            let (done, rx) = flushed();
+            wal.append(
+                0,
+                &[
+                    (1, Bytes::from_static(b"one")),
+                    (2, Bytes::from_static(b"two")),
+                ],
+                done,
+            );
+            rx.recv().unwrap().unwrap();
+            wal.close();
+        }
+        let path = dir.path().join("raft.wal");
+        let len = std::fs::metadata(&path).unwrap().len();
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        f.set_len(len - 2).unwrap();
+        let (wal, opened) = RaftWal::open(dir.path()).unwrap();
+        assert!(opened.torn_tail > 0);
+        assert_eq!(wal.entries(0, ..), vec![Bytes::from_static(b"one")]);
+    }
+
+    /// A rewrite keeps exactly the live records.
+    #[test]
+    fn a_rewrite_keeps_the_live_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let (wal, _) = RaftWal::open(dir.path()).unwrap();
+        let big = Bytes::from(vec![7u8; 1 << 20]);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        for round in 0..80u64 {
+            let (done, rx) = flushed();
+            wal.append(0, &[(round + 1, big.clone())], done);
+            rx.recv().unwrap().unwrap();
+            if round > 0 {
+                rt.block_on(wal.purge(0, round, Bytes::from(format!("p{round}"))))
+                    .unwrap();
+            }
+        }
+        wal.close();
+        drop(wal);
+        let len = std::fs::metadata(dir.path().join("raft.wal"))
+            .unwrap()
+            .len();
+        assert!(len < 40 << 20, "not rewritten: {len} octets");
+        let (wal, _) = RaftWal::open(dir.path()).unwrap();
+        let g = wal.group(0);
+        assert_eq!(g.entries.keys().copied().collect::<Vec<_>>(), vec![80]);
+        assert_eq!(g.purged.map(|p| p.0), Some(79));
+    }
+}

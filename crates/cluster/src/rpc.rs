@@ -1,0 +1,95 @@
+//! What nodes ask each other on the cluster links ([`Request`]) and what
+//! they answer ([`Response`]): Raft's RPCs for a group (0 is the metadata
+//! group; replicated queues will add theirs), metadata commits forwarded to
+//! the leader, joins, and status.
+
+use openraft::error::{InstallSnapshotError, RaftError};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::identity::NodeInfo;
+use crate::meta_group::{MetaRequest, MetaResponse, MetaTypes};
+
+/// A request from a peer.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Request {
+    /// Raft: append entries (or heartbeat) to group `group`.
+    Append {
+        /// Raft group.
+        group: u64,
+        /// The RPC.
+        rpc: AppendEntriesRequest<MetaTypes>,
+    },
+    /// Raft: a vote request in group `group`.
+    Vote {
+        /// Raft group.
+        group: u64,
+        /// The RPC.
+        rpc: VoteRequest<u64>,
+    },
+    /// Raft: a snapshot chunk for group `group`.
+    Snapshot {
+        /// Raft group.
+        group: u64,
+        /// The RPC.
+        rpc: InstallSnapshotRequest<MetaTypes>,
+    },
+    /// Commit a metadata request (sent to the metadata leader).
+    Commit(MetaRequest),
+    /// Add this node to the cluster (sent to the metadata leader).
+    Join(NodeInfo),
+    /// What the node knows of the cluster.
+    Status,
+}
+
+/// The answer to a [`Request`].
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Response {
+    /// To `Append`.
+    Append(Result<AppendEntriesResponse<u64>, RaftError<u64>>),
+    /// To `Vote`.
+    Vote(Result<VoteResponse<u64>, RaftError<u64>>),
+    /// To `Snapshot`.
+    Snapshot(Result<InstallSnapshotResponse<u64>, RaftError<u64, InstallSnapshotError>>),
+    /// To `Commit`: the outcome, and the log index it was applied at (the
+    /// forwarding node waits until it applied that index itself).
+    Committed {
+        /// The outcome.
+        outcome: MetaResponse,
+        /// Its log index.
+        index: u64,
+    },
+    /// To `Join`.
+    Joined(Result<(), String>),
+    /// To `Status`.
+    Status(Status),
+    /// This node is not the leader; try this one (if known).
+    NotLeader(Option<NodeInfo>),
+    /// The request cannot be served now (no quorum, shutting down).
+    Unavailable(String),
+    /// The group named does not exist here.
+    NoSuchGroup(u64),
+}
+
+/// A node's view of the cluster.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Status {
+    /// This node.
+    pub node: NodeInfo,
+    /// The metadata leader it knows of.
+    pub leader: Option<u64>,
+    /// Raft term.
+    pub term: u64,
+    /// Last applied metadata index.
+    pub applied: u64,
+    /// Whether it is in contact with a majority (metadata changes can be
+    /// made through it).
+    pub majority: bool,
+    /// Voting members.
+    pub voters: Vec<NodeInfo>,
+    /// Non-voting members.
+    pub learners: Vec<NodeInfo>,
+}

@@ -1,0 +1,388 @@
+//! Three-node clusters as child processes on loopback: formation, metadata
+//! committed on one node and visible on every node (API and AMQP), a change
+//! refused while the majority is down and applied nowhere, nodes that
+//! rejoin with their data after `kill -9`, and a peer without the secret
+//! refused.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use warren_tests::{TestCluster, serve_cluster_node_if_child};
+
+/// What every node of a `TestCluster` runs.
+#[test]
+fn cluster_node() {
+    serve_cluster_node_if_child();
+}
+
+const CHILD: &str = "cluster_node";
+/// Bound on anything that waits for the cluster (formation, a restart).
+const PATIENCE: Duration = Duration::from_secs(60);
+
+async fn call(method: reqwest::Method, url: String, body: Option<Value>) -> (u16, Value) {
+    let mut req = reqwest::Client::new()
+        .request(method, url)
+        .basic_auth("guest", Some("guest"));
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap();
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+async fn get(api: &str, path: &str) -> Value {
+    let (status, body) = call(reqwest::Method::GET, format!("{api}{path}"), None).await;
+    assert_eq!(status, 200, "GET {path}: {body}");
+    body
+}
+
+async fn put(api: &str, path: &str, body: Value) -> (u16, Value) {
+    call(reqwest::Method::PUT, format!("{api}{path}"), Some(body)).await
+}
+
+/// The `name` fields of a listing.
+async fn names(api: &str, path: &str) -> Vec<String> {
+    let mut out: Vec<String> = get(api, path)
+        .await
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["name"].as_str().unwrap().to_owned())
+        .collect();
+    out.sort();
+    out
+}
+
+/// Polls `check` until it holds or `PATIENCE` runs out (the cluster
+/// applies asynchronously on the other nodes; there is no event to wait
+/// for from outside).
+async fn eventually<F, Fut>(what: &str, cluster: &TestCluster, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + PATIENCE;
+    while !check().await {
+        if Instant::now() > deadline {
+            let logs: Vec<String> = (0..cluster.nodes.len()).map(|i| cluster.log(i)).collect();
+            panic!(
+                "{what}: not within {PATIENCE:?}\n{}",
+                logs.join("\n-----\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+const SECRET: &[u8] = b"a-test-cluster-secret-of-some-length";
+
+/// A node's status, asked over an authenticated link as a peer would.
+async fn status_of(cluster_addr: &str) -> cluster::rpc::Status {
+    let me = cluster::NodeInfo {
+        id: 78,
+        name: "observer@127.0.0.1".into(),
+        cluster_addr: "127.0.0.1:1".into(),
+        amqp_addr: "127.0.0.1:2".into(),
+    };
+    let links = cluster::link::Links::new(me, "test".into(), SECRET.to_vec().into());
+    let (_, answer) = links
+        .request(
+            None,
+            cluster_addr,
+            &cluster::rpc::Request::Status,
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+    links.shutdown();
+    match answer {
+        cluster::rpc::Response::Status(s) => s,
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Waits until every running node has the cluster's defaults (it formed).
+async fn formed(cluster: &TestCluster) {
+    for i in 0..cluster.nodes.len() {
+        if cluster.nodes[i].is_none() {
+            continue;
+        }
+        let api = cluster.node(i).api.clone();
+        eventually(&format!("node {} has the defaults", i + 1), cluster, || {
+            let api = api.clone();
+            async move {
+                let (status, body) =
+                    call(reqwest::Method::GET, format!("{api}/api/users"), None).await;
+                status == 200
+                    && body
+                        .as_array()
+                        .is_some_and(|u| u.iter().any(|u| u["name"] == "guest"))
+            }
+        })
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_form_one_cluster_and_share_their_metadata() {
+    let cluster = TestCluster::start(CHILD, 3);
+    formed(&cluster).await;
+    let api: Vec<String> = (0..3).map(|i| cluster.node(i).api.clone()).collect();
+
+    // A user made on node 2 is there at once on node 2 (the API answered
+    // after this node applied it) ...
+    let (status, body) = put(
+        &api[1],
+        "/api/users/alice",
+        json!({"password": "wonderland", "tags": "management"}),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    assert!(
+        names(&api[1], "/api/users")
+            .await
+            .contains(&"alice".to_owned())
+    );
+    // ... a vhost made on node 3, and permissions and a policy set on node
+    // 1 once it sees both.
+    let (status, body) = put(&api[2], "/api/vhosts/v2", json!({})).await;
+    assert_eq!(status, 201, "{body}");
+    eventually("node 1 sees alice and v2", &cluster, || {
+        let api = api[0].clone();
+        async move {
+            names(&api, "/api/users")
+                .await
+                .contains(&"alice".to_owned())
+                && names(&api, "/api/vhosts").await.contains(&"v2".to_owned())
+        }
+    })
+    .await;
+    let (status, body) = put(
+        &api[0],
+        "/api/permissions/v2/alice",
+        json!({"configure": ".*", "write": ".*", "read": ".*"}),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = put(
+        &api[0],
+        "/api/policies/v2/lengths",
+        json!({"pattern": "^q", "definition": {"max-length": 5}, "apply-to": "queues"}),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+
+    // Every node ends up with the same metadata.
+    for (i, a) in api.iter().enumerate() {
+        eventually(&format!("node {} has it all", i + 1), &cluster, || {
+            let a = a.clone();
+            async move {
+                names(&a, "/api/users").await == ["alice", "guest"]
+                    && names(&a, "/api/vhosts").await == ["/", "v2"]
+                    && names(&a, "/api/policies/v2").await == ["lengths"]
+                    && get(&a, "/api/permissions")
+                        .await
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .any(|p| p["user"] == "alice" && p["vhost"] == "v2")
+            }
+        })
+        .await;
+    }
+
+    // And a client logs in on node 3 with what was made on nodes 1 and 2.
+    let conn = lapin::Connection::connect(
+        &cluster.node(2).uri("alice", "wonderland", "v2"),
+        lapin::ConnectionProperties::default(),
+    )
+    .await
+    .expect("alice logs in to v2 on node 3");
+    conn.close(200, "bye".into()).await.unwrap();
+
+    // A user deleted on node 3 is gone everywhere.
+    let (status, _) = call(
+        reqwest::Method::DELETE,
+        format!("{}/api/users/alice", api[2]),
+        None,
+    )
+    .await;
+    assert_eq!(status, 204);
+    for (i, a) in api.iter().enumerate() {
+        eventually(&format!("node {} lost alice", i + 1), &cluster, || {
+            let a = a.clone();
+            async move { names(&a, "/api/users").await == ["guest"] }
+        })
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_without_a_majority_is_refused_applied_nowhere_and_nodes_rejoin_with_their_data() {
+    let mut cluster = TestCluster::start(CHILD, 3);
+    formed(&cluster).await;
+    let (status, body) = put(&cluster.node(0).api, "/api/vhosts/before", json!({})).await;
+    assert_eq!(status, 201, "{body}");
+
+    cluster.kill(1);
+    cluster.kill(2);
+    // Once node 1 knows it lost the majority, a change is refused at once
+    // (not appended: a change made in the moment before it knew would time
+    // out as "may or may not take effect").
+    let addr1 = cluster.cluster_addr(0);
+    eventually("node 1 knows it lost the majority", &cluster, || {
+        let addr1 = addr1.clone();
+        async move { !status_of(&addr1).await.majority }
+    })
+    .await;
+    let api1 = cluster.node(0).api.clone();
+    let asked = Instant::now();
+    let (status, body) = put(&api1, "/api/vhosts/lost", json!({})).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body["reason"].as_str().unwrap().contains("refused"),
+        "{body}"
+    );
+    assert!(
+        asked.elapsed() < cluster::node::COMMIT_TIMEOUT,
+        "refused, not timed out"
+    );
+    assert!(
+        !names(&api1, "/api/vhosts")
+            .await
+            .contains(&"lost".to_owned())
+    );
+
+    // Over AMQP: a durable declare is refused with a channel error (506),
+    // and the connection goes on.
+    let conn = lapin::Connection::connect(
+        &cluster.node(0).uri("guest", "guest", "%2f"),
+        lapin::ConnectionProperties::default(),
+    )
+    .await
+    .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let refused = ch
+        .exchange_declare(
+            "x.lost".into(),
+            lapin::ExchangeKind::Fanout,
+            lapin::options::ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await;
+    warren_tests::assert_amqp_error(refused, 506, "majority");
+    let ch = conn.create_channel().await.unwrap();
+    let passive = ch
+        .exchange_declare(
+            "x.lost".into(),
+            lapin::ExchangeKind::Fanout,
+            lapin::options::ExchangeDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await;
+    warren_tests::assert_amqp_error(passive, 404, "x.lost");
+    conn.close(200, "bye".into()).await.unwrap();
+
+    // The killed nodes come back with their data and the cluster goes on.
+    cluster.spawn(1, None);
+    cluster.spawn(2, None);
+    // (A restarted node applies what its log holds up to the commit point
+    // it knows, then learns the rest from the leader.)
+    for i in 1..3 {
+        let api = cluster.node(i).api.clone();
+        eventually(
+            &format!("node {} has its metadata back", i + 1),
+            &cluster,
+            || {
+                let api = api.clone();
+                async move { names(&api, "/api/vhosts").await == ["/", "before"] }
+            },
+        )
+        .await;
+    }
+    let api2 = cluster.node(1).api.clone();
+    eventually("a change is accepted again", &cluster, || {
+        let api2 = api2.clone();
+        async move { put(&api2, "/api/vhosts/after", json!({})).await.0 == 201 }
+    })
+    .await;
+    for i in 0..3 {
+        let api = cluster.node(i).api.clone();
+        eventually(&format!("node {} converged", i + 1), &cluster, || {
+            let api = api.clone();
+            async move { names(&api, "/api/vhosts").await == ["/", "after", "before"] }
+        })
+        .await;
+    }
+
+    // Every node killed at once: all of it is still there after a restart.
+    for i in 0..3 {
+        cluster.kill(i);
+    }
+    for i in 0..3 {
+        cluster.spawn(i, None);
+    }
+    for i in 0..3 {
+        let api = cluster.node(i).api.clone();
+        eventually(
+            &format!("node {} after kill -9 of the whole cluster", i + 1),
+            &cluster,
+            || {
+                let api = api.clone();
+                async move { names(&api, "/api/vhosts").await == ["/", "after", "before"] }
+            },
+        )
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_without_the_secret_is_refused() {
+    let cluster = TestCluster::start(CHILD, 3);
+    formed(&cluster).await;
+    let me = cluster::NodeInfo {
+        id: 77,
+        name: "intruder@127.0.0.1".into(),
+        cluster_addr: "127.0.0.1:1".into(),
+        amqp_addr: "127.0.0.1:2".into(),
+    };
+    let wrong = cluster::link::Links::new(
+        me.clone(),
+        "test".into(),
+        b"not-the-cluster-secret-at-all".to_vec().into(),
+    );
+    let refused = wrong
+        .request(
+            None,
+            &cluster.cluster_addr(0),
+            &cluster::rpc::Request::Status,
+            Duration::from_secs(5),
+        )
+        .await
+        .expect_err("a wrong secret is refused");
+    assert!(refused.to_string().contains("secret"), "{refused}");
+    // A node that may not join cannot join: its Join never reaches a leader.
+    let join = wrong
+        .request(
+            None,
+            &cluster.cluster_addr(0),
+            &cluster::rpc::Request::Join(me.clone()),
+            Duration::from_secs(5),
+        )
+        .await;
+    assert!(join.is_err(), "{join:?}");
+
+    // With the secret, the same request is answered: three voters.
+    let s = status_of(&cluster.cluster_addr(0)).await;
+    assert_eq!(s.voters.len(), 3, "{s:?}");
+    assert!(s.learners.is_empty() && s.majority, "{s:?}");
+}
