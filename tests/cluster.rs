@@ -386,3 +386,192 @@ async fn a_peer_without_the_secret_is_refused() {
     assert_eq!(s.voters.len(), 3, "{s:?}");
     assert!(s.learners.is_empty() && s.majority, "{s:?}");
 }
+
+async fn amqp(cluster: &TestCluster, i: usize) -> lapin::Connection {
+    lapin::Connection::connect(
+        &cluster.node(i).uri("guest", "guest", "%2f"),
+        lapin::ConnectionProperties::default(),
+    )
+    .await
+    .unwrap()
+}
+
+/// Waits until node `i` knows queue `name` (a passive declare succeeds).
+async fn sees_queue(cluster: &TestCluster, conn: &lapin::Connection, i: usize, name: &str) {
+    eventually(
+        &format!("node {} sees queue {name}", i + 1),
+        cluster,
+        || async {
+            let ch = conn.create_channel().await.unwrap();
+            let seen = ch
+                .queue_declare(
+                    name.into(),
+                    lapin::options::QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    lapin::types::FieldTable::default(),
+                )
+                .await
+                .is_ok();
+            if seen {
+                let _ = ch.close(200, "ok".into()).await;
+            }
+            seen
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_published_on_one_node_is_confirmed_into_a_queue_on_another() {
+    let mut cluster = TestCluster::start(CHILD, 3);
+    formed(&cluster).await;
+    // The queue lives on node 2; a durable topic exchange is declared on
+    // node 3 and bound there to it.
+    let home = amqp(&cluster, 1).await;
+    let ch2 = home.create_channel().await.unwrap();
+    ch2.queue_declare(
+        "q.cross".into(),
+        lapin::options::QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        lapin::types::FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let third = amqp(&cluster, 2).await;
+    sees_queue(&cluster, &third, 2, "q.cross").await;
+    let ch3 = third.create_channel().await.unwrap();
+    ch3.exchange_declare(
+        "x.cross".into(),
+        lapin::ExchangeKind::Topic,
+        lapin::options::ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        lapin::types::FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch3.queue_bind(
+        "q.cross".into(),
+        "x.cross".into(),
+        "a.#".into(),
+        lapin::options::QueueBindOptions::default(),
+        lapin::types::FieldTable::default(),
+    )
+    .await
+    .unwrap();
+
+    // Node 1 publishes with confirms: 100 to the queue by name, 100 through
+    // the exchange (once it sees the binding), all persistent.
+    let first = amqp(&cluster, 0).await;
+    sees_queue(&cluster, &first, 0, "q.cross").await;
+    let ch1 = first.create_channel().await.unwrap();
+    ch1.confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let persistent = lapin::BasicProperties::default().with_delivery_mode(2);
+    let mut confirms = Vec::new();
+    for i in 0..100 {
+        confirms.push(
+            ch1.basic_publish(
+                "".into(),
+                "q.cross".into(),
+                lapin::options::BasicPublishOptions::default(),
+                format!("direct {i}").as_bytes(),
+                persistent.clone(),
+            )
+            .await
+            .unwrap(),
+        );
+    }
+    for c in confirms.drain(..) {
+        assert!(c.await.unwrap().is_ack());
+    }
+    eventually("node 1 routes through x.cross", &cluster, || async {
+        // A mandatory publish comes back while the binding is not there yet.
+        let ch = first.create_channel().await.unwrap();
+        ch.confirm_select(lapin::options::ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        let confirm = ch
+            .basic_publish(
+                "x.cross".into(),
+                "a.probe".into(),
+                lapin::options::BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                b"probe",
+                persistent.clone(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        let _ = ch.close(200, "ok".into()).await;
+        confirm.take_message().is_none()
+    })
+    .await;
+    for i in 0..100 {
+        confirms.push(
+            ch1.basic_publish(
+                "x.cross".into(),
+                "a.b".into(),
+                lapin::options::BasicPublishOptions::default(),
+                format!("routed {i}").as_bytes(),
+                persistent.clone(),
+            )
+            .await
+            .unwrap(),
+        );
+    }
+    for c in confirms.drain(..) {
+        assert!(c.await.unwrap().is_ack());
+    }
+
+    // On node 2 the queue holds them, in publish order.
+    let mut got = Vec::new();
+    while let Some(m) = ch2
+        .basic_get(
+            "q.cross".into(),
+            lapin::options::BasicGetOptions { no_ack: true },
+        )
+        .await
+        .unwrap()
+    {
+        got.push(String::from_utf8(m.delivery.data.clone()).unwrap());
+    }
+    let direct: Vec<&String> = got.iter().filter(|m| m.starts_with("direct")).collect();
+    let routed: Vec<&String> = got.iter().filter(|m| m.starts_with("routed")).collect();
+    assert_eq!(direct.len(), 100, "{got:?}");
+    assert_eq!(routed.len(), 100, "{got:?}");
+    for (i, m) in direct.iter().enumerate() {
+        assert_eq!(**m, format!("direct {i}"));
+    }
+    for (i, m) in routed.iter().enumerate() {
+        assert_eq!(**m, format!("routed {i}"));
+    }
+
+    // With the queue's home down, a publish to it is nacked, not lost
+    // silently.
+    drop(ch2);
+    let _ = home.close(200, "bye".into()).await;
+    cluster.kill(1);
+    let confirm = ch1
+        .basic_publish(
+            "".into(),
+            "q.cross".into(),
+            lapin::options::BasicPublishOptions::default(),
+            b"home is down",
+            persistent.clone(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(confirm.is_nack(), "{confirm:?}");
+}

@@ -835,6 +835,7 @@ pub fn serve_cluster_node_if_child() {
     rt.block_on(async {
         // The AMQP port is bound first so the cluster can advertise it.
         let amqp_port = free_port();
+        let settings_name = name.clone();
         let settings = cluster::ClusterSettings {
             node_name: name,
             cluster_name: "test".into(),
@@ -850,14 +851,16 @@ pub fn serve_cluster_node_if_child() {
         let cluster = cluster::start(settings).await.unwrap();
         let config = server::Config {
             data_dir: dir,
+            node_name: settings_name,
             bind: SocketAddr::from(([127, 0, 0, 1], amqp_port)),
             management: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
             prometheus: None,
             ..server::Config::default()
         };
-        let handle = server::start_with(config, Some(cluster.meta_log()))
+        let handle = server::start_with(config, Some(cluster.parts()))
             .await
             .unwrap();
+        cluster.serve(&handle.broker);
         println!(
             "listening {} {}",
             handle.addr,

@@ -91,15 +91,28 @@ pub struct ClusterHandle {
     /// Where the cluster port listens.
     pub cluster_addr: SocketAddr,
     wal: raft_wal::RaftWal,
+    handler: Arc<node::Handler>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl ClusterHandle {
-    /// The server's metadata log for this node.
-    pub fn meta_log(&self) -> Box<dyn MetaLog> {
-        Box::new(RaftMetaLog {
-            node: self.node.clone(),
-        })
+    /// What the server takes from the cluster: the metadata log for this
+    /// node and the way to queues on other nodes.
+    pub fn parts(&self) -> server::ClusterParts {
+        server::ClusterParts {
+            meta: Box::new(RaftMetaLog {
+                node: self.node.clone(),
+            }),
+            peers: Arc::new(node::ClusterPeers {
+                node: self.node.clone(),
+            }),
+        }
+    }
+
+    /// Hands the started broker to the cluster side: peers' requests for
+    /// queues homed here reach it from now on.
+    pub fn serve(&self, broker: &Arc<server::broker::Broker>) {
+        let _ = self.handler.broker.set(Arc::downgrade(broker));
     }
 
     /// Stops Raft, the links and formation; the log is flushed.
@@ -183,6 +196,7 @@ pub async fn start(settings: ClusterSettings) -> Result<ClusterHandle, ClusterEr
     let handler = Arc::new(node::Handler {
         node: std::sync::OnceLock::new(),
         machine: machine.clone(),
+        broker: std::sync::OnceLock::new(),
     });
     links.set_handler(handler.clone());
     let config = openraft::Config {
@@ -216,6 +230,7 @@ pub async fn start(settings: ClusterSettings) -> Result<ClusterHandle, ClusterEr
         node,
         cluster_addr,
         wal,
+        handler,
         tasks,
     })
 }

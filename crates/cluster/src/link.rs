@@ -230,7 +230,12 @@ pub struct Links {
     next_id: AtomicU64,
     handler: std::sync::OnceLock<Arc<dyn RequestHandler>>,
     shutdown: tokio_util::sync::CancellationToken,
+    /// Ordered senders, by peer address (see `send_ordered`).
+    outboxes: Mutex<HashMap<String, mpsc::UnboundedSender<Queued>>>,
 }
+
+/// A request waiting in a peer's outbox, and where its answer goes.
+type Queued = (Request, oneshot::Sender<Result<Response, LinkError>>);
 
 impl std::fmt::Debug for Links {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -252,6 +257,7 @@ impl Links {
             next_id: AtomicU64::new(1),
             handler: std::sync::OnceLock::new(),
             shutdown: tokio_util::sync::CancellationToken::new(),
+            outboxes: Mutex::new(HashMap::new()),
         })
     }
 
@@ -513,10 +519,16 @@ impl Links {
         conn
     }
 
-    /// The connection to `addr` (an existing one to `id` if known).
+    /// The connection to `addr` (an existing one to `id`, or to a node at
+    /// `addr`, if there is one).
     async fn conn(self: &Arc<Self>, id: Option<u64>, addr: &str) -> Result<Arc<Conn>, LinkError> {
-        if let Some(id) = id {
-            if let Some(c) = self.conns.lock().get(&id) {
+        {
+            let conns = self.conns.lock();
+            let existing = match id {
+                Some(id) => conns.get(&id),
+                None => conns.values().find(|c| c.peer.cluster_addr == addr),
+            };
+            if let Some(c) = existing {
                 if !c.closed.is_cancelled() {
                     return Ok(c.clone());
                 }
@@ -536,6 +548,85 @@ impl Links {
             }
         }
         Ok(c)
+    }
+
+    /// Queues `request` for the node at `addr`: requests queued for one
+    /// node are sent in the order of these calls (and the receiving node
+    /// handles each in that order before answering); the answer comes on
+    /// the returned channel.
+    pub fn send_ordered(
+        self: &Arc<Self>,
+        addr: &str,
+        request: Request,
+    ) -> oneshot::Receiver<Result<Response, LinkError>> {
+        let (tx, rx) = oneshot::channel();
+        let mut outboxes = self.outboxes.lock();
+        let outbox = outboxes.entry(addr.to_owned()).or_insert_with(|| {
+            let (out, queue) = mpsc::unbounded_channel();
+            tokio::spawn(self.clone().drain_outbox(addr.to_owned(), queue));
+            out
+        });
+        if let Err(mpsc::error::SendError((_, tx))) = outbox.send((request, tx)) {
+            let _ = tx.send(Err(LinkError::Unreachable {
+                addr: addr.to_owned(),
+                reason: "shutting down".into(),
+            }));
+        }
+        rx
+    }
+
+    /// Sends one peer's queued requests in order, connecting as needed.
+    async fn drain_outbox(
+        self: Arc<Self>,
+        addr: String,
+        mut queue: mpsc::UnboundedReceiver<Queued>,
+    ) {
+        loop {
+            let (request, answer) = tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                next = queue.recv() => match next { Some(n) => n, None => return },
+            };
+            let conn = match self.conn(None, &addr).await {
+                Ok(c) => c,
+                Err(e) => {
+                    let _ = answer.send(Err(e));
+                    continue;
+                }
+            };
+            let body = match serde_json::to_vec(&request) {
+                Ok(b) => b,
+                Err(e) => {
+                    let _ = answer.send(Err(LinkError::Unreachable {
+                        addr: addr.clone(),
+                        reason: format!("cannot encode the request: {e}"),
+                    }));
+                    continue;
+                }
+            };
+            let rid = self.next_id.fetch_add(1, Ordering::Relaxed);
+            let (tx, rx) = oneshot::channel();
+            conn.pending.lock().insert(rid, tx);
+            if conn
+                .out
+                .send((KIND_REQUEST, rid, Bytes::from(body)))
+                .is_err()
+            {
+                conn.pending.lock().remove(&rid);
+                let _ = answer.send(Err(LinkError::Unreachable {
+                    addr: addr.clone(),
+                    reason: "connection closed".into(),
+                }));
+                continue;
+            }
+            let addr = addr.clone();
+            tokio::spawn(async move {
+                let response = rx.await.map_err(|_| LinkError::Unreachable {
+                    addr,
+                    reason: "connection closed before the answer".into(),
+                });
+                let _ = answer.send(response);
+            });
+        }
     }
 
     /// Sends `request` to the node at `addr` (id `id` if known) and waits
@@ -661,9 +752,12 @@ async fn read_loop(
                         continue;
                     };
                     let out = conn.out.clone();
-                    let from = peer.clone();
+                    // Called here, in the connection's order: what a handler
+                    // does before its future's first await happens in the
+                    // order requests arrived (an enqueue's ordering).
+                    let answer = handler.handle(peer.clone(), request);
                     tokio::spawn(async move {
-                        let response = handler.handle(from, request).await;
+                        let response = answer.await;
                         if let Ok(body) = serde_json::to_vec(&response) {
                             let _ = out.send((KIND_RESPONSE, id, Bytes::from(body)));
                         }

@@ -303,16 +303,121 @@ impl ClusterNode {
         Ok(())
     }
 
+    /// The cluster address of the member called `name`.
+    pub fn address_of(&self, name: &str) -> Option<String> {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow();
+        m.membership_config
+            .membership()
+            .nodes()
+            .find(|(_, n)| n.name == name)
+            .map(|(_, n)| n.cluster_addr.clone())
+    }
+
     /// Whether this node is the metadata leader now.
     pub fn is_leader(&self) -> bool {
         self.raft.metrics().borrow().state == ServerState::Leader
     }
 }
 
+/// The server's way to queues on other nodes: an enqueue goes in order on
+/// the link to the queue's home node.
+#[derive(Debug)]
+pub struct ClusterPeers {
+    pub(crate) node: Arc<ClusterNode>,
+}
+
+impl server::peers::Peers for ClusterPeers {
+    fn enqueue(&self, home: &str, p: server::peers::RemotePublish) -> server::peers::RemoteOutcome {
+        use base64::Engine;
+        let Some(addr) = self.node.address_of(home) else {
+            let text = format!("node '{home}' is not a member of the cluster");
+            return Box::pin(std::future::ready(Err(text)));
+        };
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let request = Request::Enqueue(crate::rpc::EnqueueRequest {
+            vhost: p.vhost,
+            queue: p.queue.to_string(),
+            exchange: p.exchange.to_string(),
+            routing_key: p.routing_key.to_string(),
+            header: b64.encode(&p.header),
+            body: b64.encode(&p.body),
+        });
+        let answer = self.node.links.send_ordered(&addr, request);
+        let home = home.to_owned();
+        Box::pin(async move {
+            match answer.await {
+                Ok(Ok(Response::Enqueued(Ok(refused)))) => {
+                    Ok(server::peers::RemoteEnqueued { refused })
+                }
+                Ok(Ok(Response::Enqueued(Err(e)))) => Err(format!("node '{home}': {e}")),
+                Ok(Ok(other)) => Err(format!("node '{home}' answered {other:?}")),
+                Ok(Err(e)) => Err(format!("node '{home}': {e}")),
+                Err(_) => Err(format!("node '{home}': no answer")),
+            }
+        })
+    }
+}
+
 /// Answers peers.
+#[derive(Debug)]
 pub(crate) struct Handler {
     pub(crate) node: std::sync::OnceLock<std::sync::Weak<ClusterNode>>,
     pub(crate) machine: MetaMachine,
+    /// The broker, once started (queues homed here are reached through it).
+    pub(crate) broker: std::sync::OnceLock<std::sync::Weak<server::broker::Broker>>,
+}
+
+/// Decodes a peer's enqueue for the server.
+fn remote_publish(e: crate::rpc::EnqueueRequest) -> Result<server::peers::RemotePublish, String> {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let short = |s: String, what: &str| {
+        amqp_codec::ShortStr::try_from(s.as_str()).map_err(|e| format!("{what}: {e}"))
+    };
+    Ok(server::peers::RemotePublish {
+        vhost: e.vhost,
+        queue: short(e.queue, "queue")?,
+        exchange: short(e.exchange, "exchange")?,
+        routing_key: short(e.routing_key, "routing key")?,
+        header: b64
+            .decode(e.header)
+            .map_err(|e| format!("header: {e}"))?
+            .into(),
+        body: b64.decode(e.body).map_err(|e| format!("body: {e}"))?.into(),
+    })
+}
+
+impl Handler {
+    /// Enqueues into a local queue now (in the link's order); the future
+    /// answers once it is durable.
+    fn enqueue(
+        &self,
+        e: crate::rpc::EnqueueRequest,
+    ) -> Pin<Box<dyn std::future::Future<Output = Response> + Send>> {
+        let now = || -> Result<_, String> {
+            let broker = self
+                .broker
+                .get()
+                .and_then(std::sync::Weak::upgrade)
+                .ok_or("the broker is not running on this node")?;
+            let vhost = broker
+                .vhost(&e.vhost)
+                .ok_or_else(|| format!("no vhost '{}' on this node", e.vhost))?;
+            vhost.enqueue_from_peer(remote_publish(e.clone())?)
+        };
+        match now() {
+            Err(text) => Box::pin(std::future::ready(Response::Enqueued(Err(text)))),
+            Ok((published, commit)) => Box::pin(async move {
+                if let Some(commit) = commit {
+                    if let Err(e) = commit.await {
+                        return Response::Enqueued(Err(format!("store: {e}")));
+                    }
+                }
+                Response::Enqueued(Ok(published.refused))
+            }),
+        }
+    }
 }
 
 impl Handler {
@@ -336,6 +441,10 @@ impl RequestHandler for Handler {
         from: NodeInfo,
         request: Request,
     ) -> Pin<Box<dyn std::future::Future<Output = Response> + Send>> {
+        let request = match request {
+            Request::Enqueue(e) => return self.enqueue(e),
+            other => other,
+        };
         let node = self.node();
         Box::pin(async move {
             let Some(node) = node else {
@@ -375,6 +484,7 @@ impl RequestHandler for Handler {
                     Response::Joined(node.add_member(info).await)
                 }
                 Request::Status => Response::Status(node.status()),
+                Request::Enqueue(_) => Response::Unavailable("handled above".into()),
             }
         })
     }

@@ -43,6 +43,25 @@ pub enum Request {
     Join(NodeInfo),
     /// What the node knows of the cluster.
     Status,
+    /// Enqueue a message into a queue homed on the receiving node.
+    Enqueue(EnqueueRequest),
+}
+
+/// A published message for a queue on the receiving node.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EnqueueRequest {
+    /// Vhost.
+    pub vhost: String,
+    /// Queue.
+    pub queue: String,
+    /// Exchange it was published to.
+    pub exchange: String,
+    /// Routing key.
+    pub routing_key: String,
+    /// Content header as on the AMQP wire (base64).
+    pub header: String,
+    /// Body (base64).
+    pub body: String,
 }
 
 /// The answer to a [`Request`].
@@ -66,6 +85,9 @@ pub enum Response {
     Joined(Result<(), String>),
     /// To `Status`.
     Status(Status),
+    /// To `Enqueue`: queued (durably, if persistent), or refused by the
+    /// queue (`x-overflow` reject-publish); `Err`: it could not be queued.
+    Enqueued(Result<bool, String>),
     /// This node is not the leader; try this one (if known).
     NotLeader(Option<NodeInfo>),
     /// The request cannot be served now (no quorum, shutting down).

@@ -170,12 +170,40 @@ impl Broker {
                     v.policies.write().retain(|p| p.name != *name);
                 }
             }
-            MetaCommand::DeclareExchange { .. }
-            | MetaCommand::DeleteExchange { .. }
-            | MetaCommand::DeclareQueue { .. }
-            | MetaCommand::DeleteQueue { .. }
-            | MetaCommand::Bind { .. }
-            | MetaCommand::Unbind { .. } => {}
+            // Router objects: the node that ran the operation changed its
+            // router first, so these are no-ops there; any other node (in a
+            // cluster) follows here. A queue homed on another node becomes
+            // routable by name; its messages are sent to its home.
+            MetaCommand::DeclareExchange { vhost, exchange } => {
+                if let Some(v) = self.vhost(vhost) {
+                    v.project_exchange(exchange);
+                }
+            }
+            MetaCommand::DeleteExchange { vhost, name } => {
+                if let Some(v) = self.vhost(vhost) {
+                    v.project_exchange_deleted(name);
+                }
+            }
+            MetaCommand::DeclareQueue { vhost, queue } => {
+                if let Some(v) = self.vhost(vhost) {
+                    v.project_queue(queue);
+                }
+            }
+            MetaCommand::DeleteQueue { vhost, name } => {
+                if let Some(v) = self.vhost(vhost) {
+                    v.project_queue_deleted(name);
+                }
+            }
+            MetaCommand::Bind { vhost, binding } => {
+                if let Some(v) = self.vhost(vhost) {
+                    v.project_bind(binding);
+                }
+            }
+            MetaCommand::Unbind { vhost, binding } => {
+                if let Some(v) = self.vhost(vhost) {
+                    v.project_unbind(binding);
+                }
+            }
         }
     }
 
@@ -206,6 +234,10 @@ impl Broker {
             }
             MetaCommand::DeclareQueue { vhost, queue } => {
                 if let Some(v) = self.vhost(vhost) {
+                    if !self.node.is_home(&queue.home) {
+                        v.project_queue(queue);
+                        return 0;
+                    }
                     v.recover_queue(queue, recovered);
                     return 1;
                 }

@@ -76,6 +76,9 @@ pub struct Config {
     /// under a replicated log (tests and benchmarks). Zero by default; not
     /// a command-line setting.
     pub metadata_commit_delay: Duration,
+    /// This node's name (`--node-name`): the home recorded for the queues
+    /// it declares in a cluster.
+    pub node_name: String,
 }
 
 impl Default for Config {
@@ -106,6 +109,7 @@ impl Default for Config {
             prometheus: Some(SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 15692))),
             tls: None,
             metadata_commit_delay: Duration::ZERO,
+            node_name: NODE_NAME.to_owned(),
         }
     }
 }

@@ -40,6 +40,7 @@ pub mod metrics;
 pub mod monitor;
 pub mod node;
 pub mod outbox;
+pub mod peers;
 pub mod policy;
 pub mod prometheus;
 pub mod queue;
@@ -52,7 +53,7 @@ pub mod trace;
 pub mod vhost;
 
 pub use broker::{Broker, Config};
-pub use start::{BrokerHandle, StartError, start, start_with};
+pub use start::{BrokerHandle, ClusterParts, StartError, start, start_with};
 
 /// The module graph inside the crate is one-way (ARCHITECTURE.md, "Layers
 /// inside `server`"): no module reaches, through `crate::` paths, a module

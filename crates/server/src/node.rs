@@ -45,6 +45,8 @@ pub struct Node {
     pub shutdown: CancellationToken,
     /// Every task the broker spawned.
     pub tracker: TaskTracker,
+    /// The cluster's way to queues on other nodes (unset: a node alone).
+    pub peers: std::sync::OnceLock<Arc<dyn crate::peers::Peers>>,
     next_queue: AtomicU64,
 }
 
@@ -68,17 +70,41 @@ impl Node {
             reply_consumers: crate::reply_to::ReplyConsumers::default(),
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
+            peers: std::sync::OnceLock::new(),
             next_queue: AtomicU64::new(1),
         }
     }
 
-    /// A fresh queue storage id.
+    /// A fresh queue storage id. In a cluster, ids carry 20 bits of the
+    /// node's name's hash above a 40-bit counter, so queues declared on
+    /// different nodes do not share an id in any node's router.
     pub fn next_queue_id(&self) -> u64 {
-        self.next_queue.fetch_add(1, Ordering::Relaxed)
+        let n = self.next_queue.fetch_add(1, Ordering::Relaxed);
+        match self.peers.get() {
+            None => n,
+            Some(_) => {
+                use std::hash::{Hash, Hasher};
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                self.config.node_name.hash(&mut h);
+                ((h.finish() & 0xF_FFFF) << 40) | (n & ((1 << 40) - 1))
+            }
+        }
+    }
+
+    /// The home to record for a queue declared here: this node's name in a
+    /// cluster, none for a node alone (whose records stay as they were).
+    pub fn queue_home(&self) -> Option<String> {
+        self.peers.get().map(|_| self.config.node_name.clone())
+    }
+
+    /// Whether a queue whose definition names `home` lives on this node.
+    pub fn is_home(&self, home: &Option<String>) -> bool {
+        home.as_ref().is_none_or(|h| *h == self.config.node_name)
     }
 
     /// Keeps fresh ids above a recovered one.
     pub fn note_queue_id(&self, id: u64) {
-        self.next_queue.fetch_max(id + 1, Ordering::Relaxed);
+        self.next_queue
+            .fetch_max((id & ((1 << 40) - 1)) + 1, Ordering::Relaxed);
     }
 }

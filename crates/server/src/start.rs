@@ -48,6 +48,16 @@ impl BrokerHandle {
     }
 }
 
+/// What a cluster node's broker gets from the cluster: the metadata log
+/// and the way to queues on other nodes.
+#[derive(Debug)]
+pub struct ClusterParts {
+    /// The cluster's metadata log.
+    pub meta: Box<dyn crate::meta::MetaLog>,
+    /// Queues on other nodes.
+    pub peers: Arc<dyn crate::peers::Peers>,
+}
+
 /// Errors starting the broker.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -85,8 +95,12 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
 /// defaults here (the cluster creates them once, when it forms).
 pub async fn start_with(
     config: Config,
-    meta: Option<Box<dyn crate::meta::MetaLog>>,
+    cluster: Option<ClusterParts>,
 ) -> Result<BrokerHandle, StartError> {
+    let (meta, peers) = match cluster {
+        Some(c) => (Some(c.meta), Some(c.peers)),
+        None => (None, None),
+    };
     let dir = config.data_dir.clone();
     let (store, mut recovered) = tokio::task::spawn_blocking(move || Store::open(&dir))
         .await
@@ -117,9 +131,11 @@ pub async fn start_with(
             config.metadata_commit_delay,
         )),
     };
-    let broker = Arc::new(Broker::new(Arc::new(Node::new(
-        config, store, meta, spill_dir, alarms,
-    ))));
+    let node = Node::new(config, store, meta, spill_dir, alarms);
+    if let Some(peers) = peers {
+        let _ = node.peers.set(peers);
+    }
+    let broker = Arc::new(Broker::new(Arc::new(node)));
     let weak = Arc::downgrade(&broker);
     let projection: std::sync::Weak<dyn crate::meta::MetaProjection> = weak;
     let mut commands = commands;

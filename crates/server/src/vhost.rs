@@ -58,7 +58,14 @@ pub struct Enqueue {
     pub unroutable: bool,
     /// Flow gates found raised: the publisher should pause.
     pub congested: Vec<Arc<queue_store::FlowGate>>,
+    /// Enqueues into queues on other nodes, sent; a confirm waits for them.
+    pub remote: Vec<crate::peers::Pending>,
 }
+
+/// A store commit to wait for.
+pub type StoreCommit = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<(), queue_store::StoreError>> + Send + 'static>,
+>;
 
 /// A virtual host.
 #[derive(Debug)]
@@ -68,6 +75,11 @@ pub struct Vhost {
     pub router: RwLock<Router>,
     queues: DashMap<ShortStr, Arc<QueueHandle>>,
     by_id: DashMap<u64, Arc<QueueHandle>>,
+    /// Queues that live on other nodes of the cluster, by name; the router
+    /// knows them by their ids.
+    remote: DashMap<ShortStr, crate::peers::RemoteQueue>,
+    /// The same, by id.
+    remote_ids: DashMap<u64, ShortStr>,
     /// Cancelled when the vhost is deleted: its connections close.
     pub closed: tokio_util::sync::CancellationToken,
     /// Open connections to this vhost.
@@ -97,6 +109,8 @@ impl Vhost {
             name,
             queues: DashMap::new(),
             by_id: DashMap::new(),
+            remote: DashMap::new(),
+            remote_ids: DashMap::new(),
             closed: tokio_util::sync::CancellationToken::new(),
             connections: std::sync::atomic::AtomicUsize::new(0),
             limits: parking_lot::Mutex::new(VhostLimits::default()),
@@ -174,6 +188,70 @@ impl Vhost {
     /// The queue with storage id `id`.
     pub fn queue_by_id(&self, id: u64) -> Option<Arc<QueueHandle>> {
         self.by_id.get(&id).map(|q| q.value().clone())
+    }
+
+    /// The queue called `name` on another node, if the metadata has one.
+    pub fn find_remote_queue(&self, name: &str) -> Option<crate::peers::RemoteQueue> {
+        self.remote.get(name).map(|q| q.value().clone())
+    }
+
+    /// Every queue on other nodes.
+    pub fn remote_queues(&self) -> Vec<crate::peers::RemoteQueue> {
+        self.remote.iter().map(|q| q.value().clone()).collect()
+    }
+
+    /// Projects a durable queue's declaration made on another node: one
+    /// homed elsewhere becomes routable here by name.
+    pub fn project_queue(&self, def: &QueueDef) {
+        let Some(home) = def.home.clone() else {
+            return;
+        };
+        if self.node.is_home(&def.home) || self.remote.contains_key(&def.name) {
+            return;
+        }
+        self.router
+            .write()
+            .add_queue(def.name.clone(), QueueId(def.id));
+        self.remote_ids.insert(def.id, def.name.clone());
+        self.remote.insert(
+            def.name.clone(),
+            crate::peers::RemoteQueue {
+                id: def.id,
+                name: def.name.clone(),
+                home,
+            },
+        );
+    }
+
+    /// Projects a queue's deletion made on another node (a queue homed
+    /// elsewhere; one homed here is deleted by the node that ran it, here).
+    pub fn project_queue_deleted(&self, name: &str) {
+        if let Some((_, q)) = self.remote.remove(name) {
+            self.remote_ids.remove(&q.id);
+            self.router.write().remove_queue(QueueId(q.id));
+        }
+    }
+
+    /// Projects a durable exchange declared on another node.
+    pub fn project_exchange(&self, x: &ExchangeDef) {
+        if self.router.read().exchange(&x.name).is_none() {
+            self.recover_exchange(x);
+        }
+    }
+
+    /// Projects an exchange's deletion made on another node.
+    pub fn project_exchange_deleted(&self, name: &str) {
+        let _ = self.router.write().delete_exchange(name, false);
+    }
+
+    /// Projects a binding made on another node (idempotent).
+    pub fn project_bind(&self, b: &BindingDef) {
+        let _ = self.router.write().bind(b);
+    }
+
+    /// Projects a binding removed on another node (idempotent).
+    pub fn project_unbind(&self, b: &BindingDef) {
+        let _ = self.router.write().unbind(b);
     }
 
     /// Refuses access to another connection's exclusive queue (405).
@@ -322,7 +400,9 @@ impl Vhost {
         let router = self.router.read();
         let source = router.exchange(&b.source).is_some_and(|x| x.durable);
         let dest = match &b.destination {
-            Destination::Queue(q) => self.find_queue(q).is_some_and(|q| q.durable),
+            Destination::Queue(q) => {
+                self.find_queue(q).is_some_and(|q| q.durable) || self.remote.contains_key(q)
+            }
             Destination::Exchange(x) => router.exchange(x).is_some_and(|x| x.durable),
         };
         source && dest
@@ -411,6 +491,7 @@ impl Vhost {
                         id,
                         auto_delete,
                         arguments,
+                        home: self.node.queue_home(),
                     },
                 })
                 .await;
@@ -841,9 +922,11 @@ impl Vhost {
             wrote: false,
             unroutable: routed.is_unroutable(),
             congested: Vec::new(),
+            remote: Vec::new(),
         };
         for &qid in routed.queues() {
             let Some(queue) = self.queue_by_id(qid.0) else {
+                self.enqueue_remote(qid.0, &out.message, &mut out.remote);
                 continue;
             };
             let Some(published) = queue.publish(&out.message, &self.node.store, fx) else {
@@ -869,6 +952,76 @@ impl Vhost {
             .note_published(out.message.size(), routed.queues().len() as u64);
         self.apply(fx);
         Ok(out)
+    }
+
+    /// Sends `message` to the queue with id `id` on its home node, if it is
+    /// a queue on another node.
+    fn enqueue_remote(&self, id: u64, message: &Message, out: &mut Vec<crate::peers::Pending>) {
+        let Some(peers) = self.node.peers.get() else {
+            return;
+        };
+        let Some(name) = self.remote_ids.get(&id).map(|n| n.value().clone()) else {
+            return;
+        };
+        let Some(q) = self.find_remote_queue(&name) else {
+            return;
+        };
+        let mut header = bytes::BytesMut::new();
+        message.header.encode(&mut header);
+        out.push(crate::peers::Pending(peers.enqueue(
+            &q.home,
+            crate::peers::RemotePublish {
+                vhost: self.name.to_string(),
+                queue: name,
+                exchange: message.exchange.clone(),
+                routing_key: message.routing_key.clone(),
+                header: header.freeze(),
+                body: message.body.clone(),
+            },
+        )));
+    }
+
+    /// Enqueues a message sent by another node into local queue `queue`
+    /// (its home is here). Returns what the queue did and, if it wrote to
+    /// the store, the commit to wait for before answering.
+    pub fn enqueue_from_peer(
+        &self,
+        p: crate::peers::RemotePublish,
+    ) -> Result<(crate::queue::Published, Option<StoreCommit>), String> {
+        let queue = self.find_queue(&p.queue).ok_or_else(|| {
+            format!(
+                "no queue '{}' in vhost '{}' on this node",
+                p.queue, self.name
+            )
+        })?;
+        let header = amqp_codec::ContentHeader::decode(&p.header)
+            .map_err(|e| format!("content header: {e}"))?;
+        let message = Message::new(
+            self.node.store.next_message_id(),
+            p.exchange,
+            p.routing_key,
+            header,
+            p.body,
+        );
+        let mut fx = Effects::default();
+        let published = queue.publish(&message, &self.node.store, &mut fx);
+        self.node.metrics.received.inc();
+        self.node.alarms.note_published(message.size(), 1);
+        self.apply(&mut fx);
+        let Some(published) = published else {
+            return Ok((
+                crate::queue::Published {
+                    refused: false,
+                    wrote: false,
+                    congested: false,
+                },
+                None,
+            ));
+        };
+        let commit = published
+            .wrote
+            .then(|| -> StoreCommit { Box::pin(self.node.store.commit()) });
+        Ok((published, commit))
     }
 
     /// A queue's timer: expires messages as their TTL runs out (so an idle queue

@@ -406,7 +406,7 @@ fn main() -> std::process::ExitCode {
         tracing::warn!(error = %e, "cannot start jemalloc's background purging thread");
     }
     let repair = args.repair_store;
-    let config = match config(args.clone(), file.clone()) {
+    let mut config = match config(args.clone(), file.clone()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("invalid setting: {e}");
@@ -420,6 +420,9 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    if let Some(c) = &cluster {
+        config.node_name = c.node_name.clone();
+    }
     if repair {
         return match server::repair::repair_store(&config.data_dir) {
             Ok(lines) => {
@@ -456,8 +459,8 @@ fn main() -> std::process::ExitCode {
                 }
             },
         };
-        let meta = cluster.as_ref().map(cluster::ClusterHandle::meta_log);
-        let handle = match server::start_with(config, meta).await {
+        let parts = cluster.as_ref().map(cluster::ClusterHandle::parts);
+        let handle = match server::start_with(config, parts).await {
             Ok(h) => h,
             Err(e) => {
                 tracing::error!(error = %e, "cannot start");
@@ -471,6 +474,9 @@ fn main() -> std::process::ExitCode {
                 return std::process::ExitCode::FAILURE;
             }
         };
+        if let Some(c) = &cluster {
+            c.serve(&handle.broker);
+        }
         wait_for_signal().await;
         tracing::info!("shutting down");
         let closed = handle.shutdown().await;

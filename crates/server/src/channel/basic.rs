@@ -429,6 +429,7 @@ impl Channel {
             wrote,
             unroutable,
             congested,
+            remote,
         } = published?;
         for gate in &congested {
             self.shared.connection.note_congested(gate);
@@ -450,6 +451,17 @@ impl Channel {
             if refused {
                 c.nacked.push(seq);
             }
+            c.remote.extend(remote.into_iter().map(|r| (seq, r)));
+        } else if !remote.is_empty() {
+            // No confirm waits for them: their outcome is only logged. (A
+            // transaction's commit does not wait for them either yet.)
+            node.tracker.spawn(async move {
+                for r in remote {
+                    if let Err(e) = r.0.await {
+                        tracing::warn!(error = %e, "a message for a queue on another node was lost");
+                    }
+                }
+            });
         }
         Ok(())
     }

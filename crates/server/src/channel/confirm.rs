@@ -23,6 +23,10 @@ pub(super) struct Confirms {
     pub(super) nacked: Vec<u64>,
     /// Whether the current batch wrote to the store (ack after fsync).
     pub(super) needs_sync: bool,
+    /// The current batch's enqueues into queues on other nodes, by
+    /// sequence number: acked once the home node has them, nacked if it
+    /// refused or could not be reached.
+    pub(super) remote: Vec<(u64, crate::peers::Pending)>,
     /// Commits in flight for earlier batches (later acks must wait for them).
     in_flight: Arc<AtomicUsize>,
     /// Resolves when the previous batch's confirms were written: each batch
@@ -64,9 +68,12 @@ impl Channel {
         }
         let (from, to) = (c.confirmed, c.published);
         c.confirmed = to;
-        let nacked = std::mem::take(&mut c.nacked);
+        let mut nacked = std::mem::take(&mut c.nacked);
+        let remote = std::mem::take(&mut c.remote);
         let frames = confirm_frames(from, to, &nacked);
-        let wait = std::mem::take(&mut c.needs_sync) || c.in_flight.load(Ordering::Acquire) > 0;
+        let wait = std::mem::take(&mut c.needs_sync)
+            || !remote.is_empty()
+            || c.in_flight.load(Ordering::Acquire) > 0;
         let confirmed = (to - from).saturating_sub(nacked.len() as u64);
         if !wait {
             for f in &frames {
@@ -85,6 +92,24 @@ impl Channel {
         c.previous = Some(next);
         node.tracker.spawn(async move {
             let result = commit.await;
+            let mut frames = frames;
+            let mut confirmed = confirmed;
+            if !remote.is_empty() {
+                for (seq, pending) in remote {
+                    match pending.0.await {
+                        Ok(r) if !r.refused => {}
+                        Ok(_) => nacked.push(seq),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "enqueue on another node failed: nacking");
+                            nacked.push(seq);
+                        }
+                    }
+                }
+                nacked.sort_unstable();
+                nacked.dedup();
+                frames = confirm_frames(from, to, &nacked);
+                confirmed = (to - from).saturating_sub(nacked.len() as u64);
+            }
             if let Some(previous) = previous {
                 let _ = previous.await;
             }

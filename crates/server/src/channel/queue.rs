@@ -35,6 +35,17 @@ impl Channel {
             // Direct reply-to, as RabbitMQ: the pseudo-queue, or a reply
             // address whose consumer is alive, has one consumer.
             (m.queue.clone(), 0, 1)
+        } else if let Some(remote) = vhost
+            .find_queue(&name)
+            .is_none()
+            .then(|| vhost.find_remote_queue(&name))
+            .flatten()
+        {
+            // A queue homed on another node of the cluster. (Its counts
+            // live there; they are not asked for yet, nor its arguments
+            // compared.)
+            self.allow(node, vhost, Resource::Queue, &name, Access::Configure)?;
+            (remote.name, 0, 0)
         } else if m.passive {
             let q = vhost.queue_for(&name, conn)?;
             // Any use renews an x-expires lease; a passive declare too.
@@ -110,10 +121,13 @@ impl Channel {
             &m.routing_key,
             Access::Read,
         )?;
-        let queue = vhost
-            .queue_for(&m.queue, self.shared.connection.id)?
-            .name
-            .clone();
+        let queue = match vhost.queue_for(&m.queue, self.shared.connection.id) {
+            Ok(q) => q.name.clone(),
+            Err(e) => match vhost.find_remote_queue(&m.queue) {
+                Some(remote) => remote.name,
+                None => return Err(e),
+            },
+        };
         let def = BindingDef {
             source: m.exchange,
             destination: Destination::Queue(queue),

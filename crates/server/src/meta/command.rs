@@ -116,6 +116,8 @@ pub struct QueueDef {
     pub auto_delete: bool,
     /// Declare arguments as given.
     pub arguments: FieldTable,
+    /// The node it lives on, in a cluster (`None`: this node, alone).
+    pub home: Option<String>,
 }
 
 /// One change to the metadata.
@@ -356,12 +358,18 @@ impl MetaCommand {
             MetaCommand::DeclareQueue { vhost, queue } => (
                 DefKind::Queue,
                 scoped_name(vhost, &[queue.name.as_bytes()]),
-                record([
-                    ("name", FieldValue::from(queue.name.as_str())),
-                    ("id", FieldValue::I64(queue.id as i64)),
-                    ("auto_delete", FieldValue::Bool(queue.auto_delete)),
-                    ("arguments", FieldValue::Table(queue.arguments.clone())),
-                ]),
+                {
+                    let mut r = record([
+                        ("name", FieldValue::from(queue.name.as_str())),
+                        ("id", FieldValue::I64(queue.id as i64)),
+                        ("auto_delete", FieldValue::Bool(queue.auto_delete)),
+                        ("arguments", FieldValue::Table(queue.arguments.clone())),
+                    ]);
+                    if let Some(home) = &queue.home {
+                        r.insert(s("node"), FieldValue::from(home.as_str()));
+                    }
+                    r
+                },
             ),
             MetaCommand::Bind { vhost, binding } => (
                 DefKind::Binding,
@@ -445,6 +453,7 @@ impl MetaCommand {
                         id: u64::try_from(*id).map_err(|e| e.to_string())?,
                         auto_delete: flag(t, "auto_delete"),
                         arguments: table(t, "arguments"),
+                        home: text(t, "node").ok(),
                     },
                 }
             }
@@ -744,6 +753,7 @@ mod tests {
                 id: 42,
                 auto_delete: false,
                 arguments: args.clone(),
+                home: None,
             },
         });
         round_trip(MetaCommand::Bind {

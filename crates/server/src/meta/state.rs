@@ -581,6 +581,7 @@ mod tests {
                 id: 1,
                 auto_delete: false,
                 arguments: FieldTable::new(),
+                home: None,
             },
         })
         .expect("queue");
@@ -728,6 +729,7 @@ mod tests {
                         id,
                         auto_delete: false,
                         arguments: FieldTable::new(),
+                        home: None,
                     },
                 }
             }),

@@ -1,0 +1,68 @@
+//! [`Peers`]: what a node needs from its cluster to reach queues that live
+//! on other nodes — today, enqueueing a published message into a queue on
+//! its home node. The `cluster` crate implements it over its links; a node
+//! alone has none (`Node::peers` unset) and every queue is local.
+//!
+//! [`RemoteQueue`]: a queue the metadata says lives on another node, as a
+//! vhost's router knows it (by name and id) so that publishes route to it.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use amqp_codec::ShortStr;
+use bytes::Bytes;
+
+/// A message to enqueue on another node.
+#[derive(Debug, Clone)]
+pub struct RemotePublish {
+    /// Vhost.
+    pub vhost: String,
+    /// Queue name.
+    pub queue: ShortStr,
+    /// Exchange it was published to.
+    pub exchange: ShortStr,
+    /// Its routing key.
+    pub routing_key: ShortStr,
+    /// The content header, encoded as on the wire.
+    pub header: Bytes,
+    /// The body.
+    pub body: Bytes,
+}
+
+/// What the home node did with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RemoteEnqueued {
+    /// Refused (`x-overflow` reject-publish): nack it.
+    pub refused: bool,
+}
+
+/// The answer to a remote enqueue, once the home node has the message
+/// (durably, if it is persistent and the queue durable).
+pub type RemoteOutcome = Pin<Box<dyn Future<Output = Result<RemoteEnqueued, String>> + Send>>;
+
+/// A remote enqueue in flight.
+pub struct Pending(pub RemoteOutcome);
+
+impl std::fmt::Debug for Pending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Pending")
+    }
+}
+
+/// Reaches queues on other nodes.
+pub trait Peers: Send + Sync + std::fmt::Debug {
+    /// Sends `publish` to node `home` now (messages sent to one node arrive
+    /// in the order of these calls); the outcome resolves later.
+    fn enqueue(&self, home: &str, publish: RemotePublish) -> RemoteOutcome;
+}
+
+/// A queue that lives on another node.
+#[derive(Debug, Clone)]
+pub struct RemoteQueue {
+    /// Its id in this vhost's router (unique in the cluster).
+    pub id: u64,
+    /// Name.
+    pub name: ShortStr,
+    /// The node it lives on.
+    pub home: String,
+}
