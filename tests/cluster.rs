@@ -575,3 +575,95 @@ async fn a_message_published_on_one_node_is_confirmed_into_a_queue_on_another() 
         .unwrap();
     assert!(confirm.is_nack(), "{confirm:?}");
 }
+
+async fn durable_queue(ch: &lapin::Channel, name: &str) {
+    ch.queue_declare(
+        name.into(),
+        lapin::options::QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        lapin::types::FieldTable::default(),
+    )
+    .await
+    .unwrap();
+}
+
+async fn get_one(
+    ch: &lapin::Channel,
+    queue: &str,
+    no_ack: bool,
+) -> Option<lapin::message::BasicGetMessage> {
+    ch.basic_get(queue.into(), lapin::options::BasicGetOptions { no_ack })
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn basic_get_on_one_node_takes_acks_and_requeues_from_a_queue_on_another() {
+    let mut cluster = TestCluster::start(CHILD, 3);
+    formed(&cluster).await;
+    let home = amqp(&cluster, 1).await;
+    let ch2 = home.create_channel().await.unwrap();
+    durable_queue(&ch2, "q.get").await;
+    for i in 0..3 {
+        warren_tests::publish(&ch2, "q.get", format!("m{i}").as_bytes()).await;
+    }
+    let third = amqp(&cluster, 2).await;
+    sees_queue(&cluster, &third, 2, "q.get").await;
+    let ch3 = third.create_channel().await.unwrap();
+
+    // Taken on node 3, nacked with requeue: it comes back, redelivered.
+    let m = get_one(&ch3, "q.get", false).await.expect("a message");
+    assert_eq!(m.delivery.data, b"m0");
+    assert!(!m.delivery.redelivered);
+    assert_eq!(m.message_count, 2);
+    m.delivery
+        .nack(lapin::options::BasicNackOptions {
+            requeue: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let m = get_one(&ch3, "q.get", false).await.expect("requeued");
+    assert_eq!(m.delivery.data, b"m0");
+    assert!(m.delivery.redelivered);
+    m.delivery
+        .ack(lapin::options::BasicAckOptions::default())
+        .await
+        .unwrap();
+    // A no-ack get, then one left unacknowledged when node 3 dies.
+    let m = get_one(&ch3, "q.get", true).await.expect("m1");
+    assert_eq!(m.delivery.data, b"m1");
+    let m = get_one(&ch3, "q.get", false).await.expect("m2");
+    assert_eq!(m.delivery.data, b"m2");
+    assert!(
+        get_one(&ch2, "q.get", true).await.is_none(),
+        "m2 is out, unacknowledged"
+    );
+    drop(ch3);
+    drop(third);
+    cluster.kill(2);
+    // The home node returns what node 3 held to the queue.
+    let got = std::sync::Arc::new(tokio::sync::Mutex::new(None));
+    eventually("m2 is back on node 2", &cluster, || {
+        let (ch2, got) = (ch2.clone(), got.clone());
+        async move {
+            match get_one(&ch2, "q.get", true).await {
+                Some(m) => {
+                    *got.lock().await = Some(m);
+                    true
+                }
+                None => false,
+            }
+        }
+    })
+    .await;
+    let m = got.lock().await.take().unwrap();
+    assert_eq!(m.delivery.data, b"m2");
+    assert!(m.delivery.redelivered);
+    assert!(
+        get_one(&ch2, "q.get", true).await.is_none(),
+        "m0 acked, m1 taken"
+    );
+}

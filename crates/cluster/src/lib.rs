@@ -197,7 +197,10 @@ pub async fn start(settings: ClusterSettings) -> Result<ClusterHandle, ClusterEr
         node: std::sync::OnceLock::new(),
         machine: machine.clone(),
         broker: std::sync::OnceLock::new(),
+        me: std::sync::OnceLock::new(),
+        outstanding: parking_lot::Mutex::default(),
     });
+    let _ = handler.me.set(Arc::downgrade(&handler));
     links.set_handler(handler.clone());
     let config = openraft::Config {
         cluster_name: settings.cluster_name.clone(),

@@ -82,6 +82,9 @@ pub trait RequestHandler: Send + Sync + 'static {
 
     /// Whether a node with this id may talk to us (a forgotten node may not).
     fn admits(&self, id: u64) -> Result<(), String>;
+
+    /// The connection to node `id` closed (what it held here is released).
+    fn peer_gone(&self, id: u64);
 }
 
 #[derive(Serialize, Deserialize)]
@@ -775,8 +778,17 @@ async fn read_loop(
     }
     conn.closed.cancel();
     conn.pending.lock().clear();
-    let mut conns = links.conns.lock();
-    if conns.get(&peer.id).is_some_and(|c| Arc::ptr_eq(c, &conn)) {
-        conns.remove(&peer.id);
+    let gone = {
+        let mut conns = links.conns.lock();
+        let current = conns.get(&peer.id).is_some_and(|c| Arc::ptr_eq(c, &conn));
+        if current {
+            conns.remove(&peer.id);
+        }
+        current
+    };
+    if gone {
+        if let Some(handler) = links.handler.get() {
+            handler.peer_gone(peer.id);
+        }
     }
 }

@@ -328,6 +328,72 @@ pub struct ClusterPeers {
 }
 
 impl server::peers::Peers for ClusterPeers {
+    fn get(
+        &self,
+        home: &str,
+        vhost: &str,
+        queue: &amqp_codec::ShortStr,
+        ack: bool,
+    ) -> server::peers::RemoteGet {
+        use base64::Engine;
+        let Some(addr) = self.node.address_of(home) else {
+            let text = format!("node '{home}' is not a member of the cluster");
+            return Box::pin(std::future::ready(Err(text)));
+        };
+        let request = Request::Get {
+            vhost: vhost.to_owned(),
+            queue: queue.to_string(),
+            ack,
+        };
+        let answer = self.node.links.send_ordered(&addr, request);
+        let home = home.to_owned();
+        Box::pin(async move {
+            let d = match answer.await {
+                Ok(Ok(Response::Got(Ok(Some(d))))) => d,
+                Ok(Ok(Response::Got(Ok(None)))) => return Ok(None),
+                Ok(Ok(Response::Got(Err(e)))) => return Err(format!("node '{home}': {e}")),
+                Ok(Ok(other)) => return Err(format!("node '{home}' answered {other:?}")),
+                Ok(Err(e)) => return Err(format!("node '{home}': {e}")),
+                Err(_) => return Err(format!("node '{home}': no answer")),
+            };
+            let b64 = base64::engine::general_purpose::STANDARD;
+            let short = |s: &str| amqp_codec::ShortStr::try_from(s).map_err(|e| e.to_string());
+            Ok(Some(server::peers::RemoteDelivery {
+                seq: d.seq,
+                redelivered: d.redelivered,
+                delivery_count: d.delivery_count,
+                remaining: d.remaining,
+                exchange: short(&d.exchange)?,
+                routing_key: short(&d.routing_key)?,
+                header: b64.decode(d.header).map_err(|e| e.to_string())?.into(),
+                body: b64.decode(d.body).map_err(|e| e.to_string())?.into(),
+            }))
+        })
+    }
+
+    fn settle(
+        &self,
+        home: &str,
+        vhost: &str,
+        queue: &amqp_codec::ShortStr,
+        seqs: Vec<u64>,
+        how: server::queue::Settle,
+    ) {
+        let Some(addr) = self.node.address_of(home) else {
+            tracing::warn!(node = %home, "settling deliveries of a node that is not a member");
+            return;
+        };
+        let request = Request::Settle {
+            vhost: vhost.to_owned(),
+            queue: queue.to_string(),
+            seqs,
+            how: settle_octet(how),
+        };
+        // Not waited for: if the link is down, the home node returned them
+        // to the queue already.
+        drop(self.node.links.send_ordered(&addr, request));
+    }
+
     fn enqueue(&self, home: &str, p: server::peers::RemotePublish) -> server::peers::RemoteOutcome {
         use base64::Engine;
         let Some(addr) = self.node.address_of(home) else {
@@ -366,6 +432,31 @@ pub(crate) struct Handler {
     pub(crate) machine: MetaMachine,
     /// The broker, once started (queues homed here are reached through it).
     pub(crate) broker: std::sync::OnceLock<std::sync::Weak<server::broker::Broker>>,
+    /// Itself (for the tasks it spawns).
+    pub(crate) me: std::sync::OnceLock<std::sync::Weak<Handler>>,
+    /// Deliveries peers took with `basic.get` and have not settled, by peer,
+    /// vhost and queue: returned to their queues if the peer goes away.
+    pub(crate) outstanding: parking_lot::Mutex<Outstanding>,
+}
+
+/// Unsettled deliveries by peer id, then (vhost, queue).
+pub(crate) type Outstanding =
+    std::collections::HashMap<u64, std::collections::HashMap<(String, String), BTreeSet<u64>>>;
+
+fn settle_from_octet(how: u8) -> server::queue::Settle {
+    match how {
+        0 => server::queue::Settle::Ack,
+        1 => server::queue::Settle::Requeue,
+        _ => server::queue::Settle::Reject,
+    }
+}
+
+fn settle_octet(how: server::queue::Settle) -> u8 {
+    match how {
+        server::queue::Settle::Ack => 0,
+        server::queue::Settle::Requeue => 1,
+        server::queue::Settle::Reject => 2,
+    }
 }
 
 /// Decodes a peer's enqueue for the server.
@@ -389,6 +480,78 @@ fn remote_publish(e: crate::rpc::EnqueueRequest) -> Result<server::peers::Remote
 }
 
 impl Handler {
+    fn broker(&self) -> Option<Arc<server::broker::Broker>> {
+        self.broker.get().and_then(std::sync::Weak::upgrade)
+    }
+
+    /// `basic.get` for a peer.
+    fn get(
+        &self,
+        from: u64,
+        vhost: String,
+        queue: String,
+        ack: bool,
+    ) -> Pin<Box<dyn std::future::Future<Output = Response> + Send>> {
+        let broker = self.broker();
+        let outstanding = self.outstanding_handle();
+        Box::pin(async move {
+            use base64::Engine;
+            let Some(v) = broker.and_then(|b| b.vhost(&vhost)) else {
+                return Response::Got(Err(format!("no vhost '{vhost}' on this node")));
+            };
+            match v.get_from_peer(&queue, ack).await {
+                Ok(Some(d)) => {
+                    if ack {
+                        if let Some(o) = outstanding.upgrade() {
+                            o.outstanding
+                                .lock()
+                                .entry(from)
+                                .or_default()
+                                .entry((vhost.clone(), queue.clone()))
+                                .or_default()
+                                .insert(d.seq);
+                        }
+                    }
+                    let b64 = base64::engine::general_purpose::STANDARD;
+                    Response::Got(Ok(Some(crate::rpc::WireDelivery {
+                        seq: d.seq,
+                        redelivered: d.redelivered,
+                        delivery_count: d.delivery_count,
+                        remaining: d.remaining,
+                        exchange: d.exchange.to_string(),
+                        routing_key: d.routing_key.to_string(),
+                        header: b64.encode(&d.header),
+                        body: b64.encode(&d.body),
+                    })))
+                }
+                Ok(None) => Response::Got(Ok(None)),
+                Err(e) => Response::Got(Err(e)),
+            }
+        })
+    }
+
+    /// Settles a peer's deliveries, now (in the link's order).
+    fn settle(&self, from: u64, vhost: String, queue: String, seqs: Vec<u64>, how: u8) -> Response {
+        {
+            let mut o = self.outstanding.lock();
+            if let Some(by_queue) = o.get_mut(&from) {
+                if let Some(set) = by_queue.get_mut(&(vhost.clone(), queue.clone())) {
+                    for s in &seqs {
+                        set.remove(s);
+                    }
+                }
+            }
+        }
+        if let Some(v) = self.broker().and_then(|b| b.vhost(&vhost)) {
+            v.settle_from_peer(&queue, &seqs, settle_from_octet(how));
+        }
+        Response::Settled
+    }
+
+    fn outstanding_handle(&self) -> std::sync::Weak<Handler> {
+        self.me.get().cloned().unwrap_or_default()
+    }
+
     /// Enqueues into a local queue now (in the link's order); the future
     /// answers once it is durable.
     fn enqueue(
@@ -427,6 +590,25 @@ impl Handler {
 }
 
 impl RequestHandler for Handler {
+    fn peer_gone(&self, id: u64) {
+        let Some(by_queue) = self.outstanding.lock().remove(&id) else {
+            return;
+        };
+        let Some(broker) = self.broker() else {
+            return;
+        };
+        for ((vhost, queue), seqs) in by_queue {
+            if seqs.is_empty() {
+                continue;
+            }
+            tracing::info!(peer = id, %vhost, %queue, messages = seqs.len(), "a node went away: returning its unsettled deliveries to the queue");
+            if let Some(v) = broker.vhost(&vhost) {
+                let seqs: Vec<u64> = seqs.into_iter().collect();
+                v.settle_from_peer(&queue, &seqs, server::queue::Settle::Requeue);
+            }
+        }
+    }
+
     fn admits(&self, id: u64) -> Result<(), String> {
         match self.machine.forgotten(id) {
             Some(name) => Err(format!(
@@ -443,6 +625,16 @@ impl RequestHandler for Handler {
     ) -> Pin<Box<dyn std::future::Future<Output = Response> + Send>> {
         let request = match request {
             Request::Enqueue(e) => return self.enqueue(e),
+            Request::Get { vhost, queue, ack } => return self.get(from.id, vhost, queue, ack),
+            Request::Settle {
+                vhost,
+                queue,
+                seqs,
+                how,
+            } => {
+                let done = self.settle(from.id, vhost, queue, seqs, how);
+                return Box::pin(std::future::ready(done));
+            }
             other => other,
         };
         let node = self.node();
@@ -484,7 +676,9 @@ impl RequestHandler for Handler {
                     Response::Joined(node.add_member(info).await)
                 }
                 Request::Status => Response::Status(node.status()),
-                Request::Enqueue(_) => Response::Unavailable("handled above".into()),
+                Request::Enqueue(_) | Request::Get { .. } | Request::Settle { .. } => {
+                    Response::Unavailable("handled above".into())
+                }
             }
         })
     }

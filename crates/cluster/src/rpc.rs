@@ -45,6 +45,47 @@ pub enum Request {
     Status,
     /// Enqueue a message into a queue homed on the receiving node.
     Enqueue(EnqueueRequest),
+    /// `basic.get` from a queue homed on the receiving node.
+    Get {
+        /// Vhost.
+        vhost: String,
+        /// Queue.
+        queue: String,
+        /// Kept unacknowledged until settled.
+        ack: bool,
+    },
+    /// Settle deliveries of a queue homed on the receiving node.
+    Settle {
+        /// Vhost.
+        vhost: String,
+        /// Queue.
+        queue: String,
+        /// Their places in the queue.
+        seqs: Vec<u64>,
+        /// 0 ack, 1 requeue, 2 reject.
+        how: u8,
+    },
+}
+
+/// A message taken by a peer's `basic.get`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WireDelivery {
+    /// Its place in its queue.
+    pub seq: u64,
+    /// Delivered before.
+    pub redelivered: bool,
+    /// `x-delivery-count`.
+    pub delivery_count: u32,
+    /// Messages left.
+    pub remaining: u32,
+    /// Exchange.
+    pub exchange: String,
+    /// Routing key.
+    pub routing_key: String,
+    /// Content header (base64).
+    pub header: String,
+    /// Body (base64).
+    pub body: String,
 }
 
 /// A published message for a queue on the receiving node.
@@ -85,6 +126,10 @@ pub enum Response {
     Joined(Result<(), String>),
     /// To `Status`.
     Status(Status),
+    /// To `Get`: a message, none, or why not.
+    Got(Result<Option<WireDelivery>, String>),
+    /// To `Settle`.
+    Settled,
     /// To `Enqueue`: queued (durably, if persistent), or refused by the
     /// queue (`x-overflow` reject-publish); `Err`: it could not be queued.
     Enqueued(Result<bool, String>),

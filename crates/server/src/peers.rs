@@ -49,11 +49,51 @@ impl std::fmt::Debug for Pending {
     }
 }
 
+/// A message taken from a queue on another node (`basic.get`).
+#[derive(Debug, Clone)]
+pub struct RemoteDelivery {
+    /// Its place in its queue (what settling it names there).
+    pub seq: u64,
+    /// Delivered before.
+    pub redelivered: bool,
+    /// Times it was returned before (`x-delivery-count`).
+    pub delivery_count: u32,
+    /// Messages left in the queue.
+    pub remaining: u32,
+    /// Exchange it was published to.
+    pub exchange: ShortStr,
+    /// Its routing key.
+    pub routing_key: ShortStr,
+    /// The content header, encoded as on the wire.
+    pub header: Bytes,
+    /// The body.
+    pub body: Bytes,
+}
+
+/// The answer to a remote `basic.get`: a message, or none (empty queue).
+pub type RemoteGet = Pin<Box<dyn Future<Output = Result<Option<RemoteDelivery>, String>> + Send>>;
+
 /// Reaches queues on other nodes.
 pub trait Peers: Send + Sync + std::fmt::Debug {
     /// Sends `publish` to node `home` now (messages sent to one node arrive
     /// in the order of these calls); the outcome resolves later.
     fn enqueue(&self, home: &str, publish: RemotePublish) -> RemoteOutcome;
+
+    /// Takes one message from queue `queue` of `vhost` on node `home`; with
+    /// `ack`, it stays unacknowledged there until settled (and is returned
+    /// to the queue if this node goes away first).
+    fn get(&self, home: &str, vhost: &str, queue: &ShortStr, ack: bool) -> RemoteGet;
+
+    /// Settles deliveries of queue `queue` on node `home` (in order with
+    /// this node's other requests to it; not waited for).
+    fn settle(
+        &self,
+        home: &str,
+        vhost: &str,
+        queue: &ShortStr,
+        seqs: Vec<u64>,
+        how: crate::queue::Settle,
+    );
 }
 
 /// A queue that lives on another node.

@@ -623,6 +623,9 @@ impl Vhost {
                 .iter()
                 .position(|u| u.queue != qid)
                 .map_or(unacked.len(), |p| i + p);
+            if self.queue_by_id(qid).is_none() {
+                self.settle_remote(qid, &unacked[i..j], how);
+            }
             if let Some(q) = self.queue_by_id(qid) {
                 if how == Settle::Ack {
                     self.node.metrics.acknowledged.inc_by((j - i) as u64);
@@ -952,6 +955,73 @@ impl Vhost {
             .note_published(out.message.size(), routed.queues().len() as u64);
         self.apply(fx);
         Ok(out)
+    }
+
+    /// Settles deliveries of the queue with id `id`, if it lives on another
+    /// node: the settlement goes to its home.
+    fn settle_remote(&self, id: u64, unacked: &[Unacked], how: Settle) {
+        let (Some(peers), Some(name)) = (
+            self.node.peers.get(),
+            self.remote_ids.get(&id).map(|n| n.value().clone()),
+        ) else {
+            return;
+        };
+        let Some(q) = self.find_remote_queue(&name) else {
+            return;
+        };
+        if how == Settle::Ack {
+            self.node.metrics.acknowledged.inc_by(unacked.len() as u64);
+        }
+        let seqs = unacked.iter().map(|u| u.seq).collect();
+        peers.settle(&q.home, &self.name, &name, seqs, how);
+    }
+
+    /// `basic.get` for another node, on a queue homed here.
+    pub async fn get_from_peer(
+        &self,
+        queue: &str,
+        ack: bool,
+    ) -> Result<Option<crate::peers::RemoteDelivery>, String> {
+        let q = self
+            .find_queue(queue)
+            .ok_or_else(|| format!("no queue '{queue}' in vhost '{}' on this node", self.name))?;
+        let mut fx = Effects::default();
+        let got = q.get(ack, &mut fx);
+        self.apply(&mut fx);
+        let Some(d) = got else {
+            return Ok(None);
+        };
+        let Some(msg) = crate::queue::load_off_worker(&d.message, &self.node.store).await else {
+            // Its body could not be read: as for a local get, nothing.
+            return Ok(None);
+        };
+        let mut header = bytes::BytesMut::new();
+        msg.header.encode(&mut header);
+        Ok(Some(crate::peers::RemoteDelivery {
+            seq: d.seq,
+            redelivered: d.redelivered,
+            delivery_count: d.delivery_count,
+            remaining: d.remaining as u32,
+            exchange: msg.exchange.clone(),
+            routing_key: msg.routing_key.clone(),
+            header: header.freeze(),
+            body: msg.body.clone(),
+        }))
+    }
+
+    /// Settles deliveries another node took from queue `queue` (homed here).
+    pub fn settle_from_peer(&self, queue: &str, seqs: &[u64], how: Settle) {
+        let Some(q) = self.find_queue(queue) else {
+            return;
+        };
+        let mut fx = Effects::default();
+        if how == Settle::Ack {
+            q.stats
+                .acked
+                .fetch_add(seqs.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        q.settle(how, &mut seqs.iter().copied(), true, &mut fx);
+        self.apply(&mut fx);
     }
 
     /// Sends `message` to the queue with id `id` on its home node, if it is

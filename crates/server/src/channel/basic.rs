@@ -280,7 +280,17 @@ impl Channel {
         m: BasicGet,
     ) -> Result<(), AmqpError> {
         self.allow(node, vhost, Resource::Queue, &m.queue, Access::Read)?;
-        let queue = vhost.queue_for(&m.queue, self.shared.connection.id)?;
+        let queue = match vhost.queue_for(&m.queue, self.shared.connection.id) {
+            Ok(q) => q,
+            Err(e) => match (vhost.find_remote_queue(&m.queue), node.peers.get()) {
+                (Some(remote), Some(peers)) => {
+                    return self
+                        .get_remote(peers.as_ref(), vhost, remote, m.no_ack)
+                        .await;
+                }
+                _ => return Err(e),
+            },
+        };
         let mut fx = std::mem::take(&mut self.fx);
         let got = queue.get(!m.no_ack, &mut fx);
         match got {
@@ -463,6 +473,54 @@ impl Channel {
                 }
             });
         }
+        Ok(())
+    }
+
+    /// `basic.get` from a queue on another node.
+    async fn get_remote(
+        &mut self,
+        peers: &dyn crate::peers::Peers,
+        vhost: &Vhost,
+        remote: crate::peers::RemoteQueue,
+        no_ack: bool,
+    ) -> Result<(), AmqpError> {
+        let got = peers
+            .get(&remote.home, vhost.name(), &remote.name, !no_ack)
+            .await
+            .map_err(|e| {
+                AmqpError::not_found(format!(
+                    "home node '{}' of queue '{}' in vhost '{}' is down or inaccessible: {e}",
+                    remote.home,
+                    remote.name,
+                    vhost.name()
+                ))
+            })?;
+        let Some(d) = got else {
+            self.shared
+                .write_method(&Method::BasicGetEmpty(BasicGetEmpty {
+                    cluster_id: ShortStr::default(),
+                }));
+            return Ok(());
+        };
+        let header = amqp_codec::ContentHeader::decode(&d.header).map_err(|e| {
+            AmqpError::internal(format!("a message from node '{}': {e}", remote.home))
+        })?;
+        let tag = self.shared.next_delivery((!no_ack).then(|| Unacked {
+            queue: remote.id,
+            seq: d.seq,
+            consumer_unacked: None,
+            consumer: None,
+            delivered_at: now_ms(),
+        }));
+        let method = Method::BasicGetOk(BasicGetOk {
+            delivery_tag: tag,
+            redelivered: d.redelivered,
+            exchange: d.exchange,
+            routing_key: d.routing_key,
+            message_count: d.remaining,
+        });
+        let header = crate::queue::with_delivery_count(&header, d.delivery_count);
+        self.shared.write_content(&method, &header, &d.body);
         Ok(())
     }
 
