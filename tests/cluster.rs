@@ -114,12 +114,13 @@ async fn formed(cluster: &TestCluster) {
         eventually(&format!("node {} has the defaults", i + 1), cluster, || {
             let api = api.clone();
             async move {
+                // The last of the defaults: guest's permissions on '/'.
                 let (status, body) =
-                    call(reqwest::Method::GET, format!("{api}/api/users"), None).await;
+                    call(reqwest::Method::GET, format!("{api}/api/permissions"), None).await;
                 status == 200
-                    && body
-                        .as_array()
-                        .is_some_and(|u| u.iter().any(|u| u["name"] == "guest"))
+                    && body.as_array().is_some_and(|p| {
+                        p.iter().any(|p| p["user"] == "guest" && p["vhost"] == "/")
+                    })
             }
         })
         .await;
@@ -665,5 +666,157 @@ async fn basic_get_on_one_node_takes_acks_and_requeues_from_a_queue_on_another()
     assert!(
         get_one(&ch2, "q.get", true).await.is_none(),
         "m0 acked, m1 taken"
+    );
+}
+
+/// The ready count of `queue`, by a passive declare on `conn`'s node.
+async fn ready(conn: &lapin::Connection, queue: &str) -> u32 {
+    let ch = conn.create_channel().await.unwrap();
+    let q = ch
+        .queue_declare(
+            queue.into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let _ = ch.close(200, "ok".into()).await;
+    q.message_count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_on_one_node_consumes_a_queue_on_another_with_prefetch_acks_and_requeues() {
+    let mut cluster = TestCluster::start(CHILD, 3);
+    formed(&cluster).await;
+    let home = amqp(&cluster, 1).await;
+    let ch2 = home.create_channel().await.unwrap();
+    durable_queue(&ch2, "q.consume").await;
+    for i in 0..20 {
+        warren_tests::publish(&ch2, "q.consume", format!("m{i}").as_bytes()).await;
+    }
+    let third = amqp(&cluster, 2).await;
+    sees_queue(&cluster, &third, 2, "q.consume").await;
+    let ch3 = third.create_channel().await.unwrap();
+    ch3.basic_qos(5, lapin::options::BasicQosOptions::default())
+        .await
+        .unwrap();
+    let mut consumer = ch3
+        .basic_consume(
+            "q.consume".into(),
+            "remote".into(),
+            lapin::options::BasicConsumeOptions::default(),
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    // The prefetch holds on the home node: 5 out, 15 ready.
+    let first = warren_tests::next_deliveries(&mut consumer, 5).await;
+    let bodies: Vec<_> = first.iter().map(|d| d.data.clone()).collect();
+    assert_eq!(
+        bodies,
+        (0..5)
+            .map(|i| format!("m{i}").into_bytes())
+            .collect::<Vec<_>>()
+    );
+    eventually("15 ready on node 2", &cluster, || async {
+        ready(&home, "q.consume").await == 15
+    })
+    .await;
+    // A nack with requeue comes back redelivered; acks make room for more.
+    first[0]
+        .nack(lapin::options::BasicNackOptions {
+            requeue: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let again = warren_tests::next_deliveries(&mut consumer, 1).await;
+    assert_eq!(again[0].data, b"m0");
+    assert!(again[0].redelivered);
+    again[0]
+        .ack(lapin::options::BasicAckOptions::default())
+        .await
+        .unwrap();
+    first[4]
+        .ack(lapin::options::BasicAckOptions { multiple: true })
+        .await
+        .unwrap();
+    let next = warren_tests::next_deliveries(&mut consumer, 5).await;
+    let bodies: Vec<_> = next.iter().map(|d| d.data.clone()).collect();
+    assert_eq!(
+        bodies,
+        (5..10)
+            .map(|i| format!("m{i}").into_bytes())
+            .collect::<Vec<_>>()
+    );
+    eventually("10 ready on node 2", &cluster, || async {
+        ready(&home, "q.consume").await == 10
+    })
+    .await;
+
+    // Node 3 dies with 5 unacknowledged: they return to the queue.
+    drop(consumer);
+    drop(ch3);
+    drop(third);
+    cluster.kill(2);
+    eventually("15 ready again on node 2", &cluster, || async {
+        ready(&home, "q.consume").await == 15
+    })
+    .await;
+    let m = get_one(&ch2, "q.consume", true).await.expect("m5 is back");
+    assert_eq!(m.delivery.data, b"m5");
+    assert!(m.delivery.redelivered);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_no_ack_consumer_on_another_node_drains_the_queue_in_order_and_is_told_when_it_is_deleted()
+ {
+    let cluster = TestCluster::start(CHILD, 3);
+    formed(&cluster).await;
+    let home = amqp(&cluster, 1).await;
+    let ch2 = home.create_channel().await.unwrap();
+    durable_queue(&ch2, "q.drain").await;
+    let first = amqp(&cluster, 0).await;
+    sees_queue(&cluster, &first, 0, "q.drain").await;
+    let ch1 = first.create_channel().await.unwrap();
+    let mut consumer = ch1
+        .basic_consume(
+            "q.drain".into(),
+            "drain".into(),
+            lapin::options::BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    // More than the home node's window for a no-ack consumer (256).
+    for i in 0..1000 {
+        warren_tests::publish(&ch2, "q.drain", format!("m{i}").as_bytes()).await;
+    }
+    let got = warren_tests::next_deliveries(&mut consumer, 1000).await;
+    for (i, d) in got.iter().enumerate() {
+        assert_eq!(d.data, format!("m{i}").into_bytes());
+    }
+    eventually("the queue drained", &cluster, || async {
+        ready(&home, "q.drain").await == 0
+    })
+    .await;
+    // Deleting the queue on its home cancels the consumer on node 1.
+    ch2.queue_delete(
+        "q.drain".into(),
+        lapin::options::QueueDeleteOptions::default(),
+    )
+    .await
+    .unwrap();
+    use futures_util::StreamExt;
+    let end = tokio::time::timeout(PATIENCE, consumer.next()).await;
+    assert!(
+        matches!(end, Ok(None)),
+        "the consumer was cancelled: {end:?}"
     );
 }

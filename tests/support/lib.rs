@@ -674,6 +674,31 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A free port for a test node's cluster listener, outside Linux's
+/// ephemeral range (32768-60999): it is chosen here and bound later by the
+/// child, and in between no other test's `bind(0)` can be handed it.
+pub fn free_cluster_port() -> u16 {
+    loop {
+        let port = 20_000 + rand_below(10_000) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// A pseudo-random number below `n` (no extra dependency for tests).
+fn rand_below(n: u64) -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.finish() % n
+}
+
 /// One node of a [`TestCluster`]: a child process running the broker and
 /// its cluster side (see [`serve_cluster_node_if_child`]).
 #[derive(Debug)]
@@ -713,7 +738,7 @@ impl TestCluster {
         let dir = tempfile::tempdir().unwrap();
         let secret_file = dir.path().join("secret");
         std::fs::write(&secret_file, "a-test-cluster-secret-of-some-length").unwrap();
-        let ports = (0..n).map(|_| free_port()).collect();
+        let ports = (0..n).map(|_| free_cluster_port()).collect();
         let mut c = TestCluster {
             child_test: child_test.to_owned(),
             dir,
@@ -833,8 +858,10 @@ pub fn serve_cluster_node_if_child() {
         .build()
         .unwrap();
     rt.block_on(async {
-        // The AMQP port is bound first so the cluster can advertise it.
-        let amqp_port = free_port();
+        // The AMQP port is chosen first so the cluster can advertise it;
+        // it stays bound until the broker takes it.
+        let amqp_hold = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let amqp_port = amqp_hold.local_addr().unwrap().port();
         let settings_name = name.clone();
         let settings = cluster::ClusterSettings {
             node_name: name,
@@ -857,6 +884,7 @@ pub fn serve_cluster_node_if_child() {
             prometheus: None,
             ..server::Config::default()
         };
+        drop(amqp_hold);
         let handle = server::start_with(config, Some(cluster.parts()))
             .await
             .unwrap();

@@ -199,6 +199,7 @@ pub async fn start(settings: ClusterSettings) -> Result<ClusterHandle, ClusterEr
         broker: std::sync::OnceLock::new(),
         me: std::sync::OnceLock::new(),
         outstanding: parking_lot::Mutex::default(),
+        consumers: parking_lot::Mutex::default(),
     });
     let _ = handler.me.set(Arc::downgrade(&handler));
     links.set_handler(handler.clone());

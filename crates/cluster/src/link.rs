@@ -46,6 +46,8 @@ const MAX_HELLO: usize = 64 << 10;
 const TAG_LEN: usize = 16;
 const KIND_REQUEST: u8 = 1;
 const KIND_RESPONSE: u8 = 2;
+/// A request that gets no response.
+const KIND_ONEWAY: u8 = 3;
 
 /// Why a request got no response.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -237,8 +239,12 @@ pub struct Links {
     outboxes: Mutex<HashMap<String, mpsc::UnboundedSender<Queued>>>,
 }
 
-/// A request waiting in a peer's outbox, and where its answer goes.
-type Queued = (Request, oneshot::Sender<Result<Response, LinkError>>);
+/// A request waiting in a peer's outbox, and where its answer goes (none:
+/// one-way).
+type Queued = (
+    Request,
+    Option<oneshot::Sender<Result<Response, LinkError>>>,
+);
 
 impl std::fmt::Debug for Links {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -563,19 +569,43 @@ impl Links {
         request: Request,
     ) -> oneshot::Receiver<Result<Response, LinkError>> {
         let (tx, rx) = oneshot::channel();
+        self.queue_for(addr, request, Some(tx));
+        rx
+    }
+
+    /// Queues a one-way `request` for the node at `addr`, in order with
+    /// [`send_ordered`](Self::send_ordered)'s; no answer comes (if the link
+    /// is down it is dropped).
+    pub fn send_oneway(self: &Arc<Self>, addr: &str, request: Request) {
+        self.queue_for(addr, request, None);
+    }
+
+    fn queue_for(
+        self: &Arc<Self>,
+        addr: &str,
+        request: Request,
+        tx: Option<oneshot::Sender<Result<Response, LinkError>>>,
+    ) {
         let mut outboxes = self.outboxes.lock();
         let outbox = outboxes.entry(addr.to_owned()).or_insert_with(|| {
             let (out, queue) = mpsc::unbounded_channel();
             tokio::spawn(self.clone().drain_outbox(addr.to_owned(), queue));
             out
         });
-        if let Err(mpsc::error::SendError((_, tx))) = outbox.send((request, tx)) {
+        if let Err(mpsc::error::SendError((_, Some(tx)))) = outbox.send((request, tx)) {
             let _ = tx.send(Err(LinkError::Unreachable {
                 addr: addr.to_owned(),
                 reason: "shutting down".into(),
             }));
         }
-        rx
+    }
+
+    /// Whether a connection to node `id` is up.
+    pub fn is_connected(&self, id: u64) -> bool {
+        self.conns
+            .lock()
+            .get(&id)
+            .is_some_and(|c| !c.closed.is_cancelled())
     }
 
     /// Sends one peer's queued requests in order, connecting as needed.
@@ -592,19 +622,27 @@ impl Links {
             let conn = match self.conn(None, &addr).await {
                 Ok(c) => c,
                 Err(e) => {
-                    let _ = answer.send(Err(e));
+                    if let Some(answer) = answer {
+                        let _ = answer.send(Err(e));
+                    }
                     continue;
                 }
             };
             let body = match serde_json::to_vec(&request) {
                 Ok(b) => b,
                 Err(e) => {
-                    let _ = answer.send(Err(LinkError::Unreachable {
-                        addr: addr.clone(),
-                        reason: format!("cannot encode the request: {e}"),
-                    }));
+                    if let Some(answer) = answer {
+                        let _ = answer.send(Err(LinkError::Unreachable {
+                            addr: addr.clone(),
+                            reason: format!("cannot encode the request: {e}"),
+                        }));
+                    }
                     continue;
                 }
+            };
+            let Some(answer) = answer else {
+                let _ = conn.out.send((KIND_ONEWAY, 0, Bytes::from(body)));
+                continue;
             };
             let rid = self.next_id.fetch_add(1, Ordering::Relaxed);
             let (tx, rx) = oneshot::channel();
@@ -746,6 +784,15 @@ async fn read_loop(
                             let _ = tx.send(resp);
                         }
                         Err(e) => return Err(format!("undecodable response: {e}")),
+                    }
+                }
+                KIND_ONEWAY => {
+                    let request: Request = serde_json::from_slice(&frame)
+                        .map_err(|e| format!("undecodable request: {e}"))?;
+                    if let Some(handler) = links.handler.get() {
+                        // Handled in the connection's order; nothing answers.
+                        let done = handler.handle(peer.clone(), request);
+                        tokio::spawn(done);
                     }
                 }
                 KIND_REQUEST => {

@@ -14,6 +14,7 @@
 use std::collections::BTreeSet;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU32;
 use std::time::Duration;
 
 use openraft::error::{ClientWriteError, RaftError};
@@ -24,6 +25,10 @@ use crate::identity::NodeInfo;
 use crate::link::{Links, RequestHandler};
 use crate::meta_group::{META_GROUP, MetaMachine, MetaRequest, MetaResponse, MetaTypes};
 use crate::rpc::{Request, Response, Status};
+
+/// This node's consumers of queues elsewhere: key -> (home, sink).
+pub(crate) type RemoteSinks =
+    std::collections::HashMap<u64, (String, Arc<dyn server::peers::RemoteSink>)>;
 
 /// How long a leader may go without a majority's acknowledgement before it
 /// refuses new commands.
@@ -45,6 +50,10 @@ pub struct ClusterNode {
     pub machine: MetaMachine,
     /// Commits go through here one at a time, in call order.
     commits: tokio::sync::Mutex<()>,
+    /// This node's consumers of queues on other nodes: key -> (home node,
+    /// where their deliveries go).
+    pub(crate) sinks: parking_lot::Mutex<RemoteSinks>,
+    next_key: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for ClusterNode {
@@ -72,6 +81,8 @@ impl ClusterNode {
             raft,
             machine,
             commits: tokio::sync::Mutex::new(()),
+            sinks: parking_lot::Mutex::default(),
+            next_key: std::sync::atomic::AtomicU64::new(1),
         }
     }
 
@@ -303,6 +314,16 @@ impl ClusterNode {
         Ok(())
     }
 
+    /// The name of member `id`.
+    pub fn name_of(&self, id: u64) -> Option<String> {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow();
+        m.membership_config
+            .membership()
+            .get_node(&id)
+            .map(|n| n.name.clone())
+    }
+
     /// The cluster address of the member called `name`.
     pub fn address_of(&self, name: &str) -> Option<String> {
         let metrics = self.raft.metrics();
@@ -391,7 +412,55 @@ impl server::peers::Peers for ClusterPeers {
         };
         // Not waited for: if the link is down, the home node returned them
         // to the queue already.
-        drop(self.node.links.send_ordered(&addr, request));
+        self.node.links.send_oneway(&addr, request);
+    }
+
+    fn consume(
+        &self,
+        home: &str,
+        c: server::peers::RemoteConsume,
+        sink: Arc<dyn server::peers::RemoteSink>,
+    ) -> server::peers::RemoteConsumeOk {
+        let Some(addr) = self.node.address_of(home) else {
+            let text = format!("node '{home}' is not a member of the cluster");
+            return Box::pin(std::future::ready(Err(text)));
+        };
+        let key = self
+            .node
+            .next_key
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.node.sinks.lock().insert(key, (home.to_owned(), sink));
+        let request = Request::Consume {
+            vhost: c.vhost,
+            queue: c.queue.to_string(),
+            key,
+            prefetch: c.prefetch,
+            exclusive: c.exclusive,
+            priority: c.priority,
+        };
+        let answer = self.node.links.send_ordered(&addr, request);
+        let node = self.node.clone();
+        let home = home.to_owned();
+        Box::pin(async move {
+            let result = match answer.await {
+                Ok(Ok(Response::Consumed(Ok(())))) => Ok(key),
+                Ok(Ok(Response::Consumed(Err(e)))) => Err(e),
+                Ok(Ok(other)) => Err(format!("node '{home}' answered {other:?}")),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err(format!("node '{home}': no answer")),
+            };
+            if result.is_err() {
+                node.sinks.lock().remove(&key);
+            }
+            result
+        })
+    }
+
+    fn cancel(&self, home: &str, key: u64) {
+        self.node.sinks.lock().remove(&key);
+        if let Some(addr) = self.node.address_of(home) {
+            self.node.links.send_oneway(&addr, Request::Cancel { key });
+        }
     }
 
     fn enqueue(&self, home: &str, p: server::peers::RemotePublish) -> server::peers::RemoteOutcome {
@@ -434,14 +503,145 @@ pub(crate) struct Handler {
     pub(crate) broker: std::sync::OnceLock<std::sync::Weak<server::broker::Broker>>,
     /// Itself (for the tasks it spawns).
     pub(crate) me: std::sync::OnceLock<std::sync::Weak<Handler>>,
+    /// Peers' consumers of queues homed here.
+    pub(crate) consumers: parking_lot::Mutex<PeerConsumers>,
     /// Deliveries peers took with `basic.get` and have not settled, by peer,
     /// vhost and queue: returned to their queues if the peer goes away.
     pub(crate) outstanding: parking_lot::Mutex<Outstanding>,
 }
 
 /// Unsettled deliveries by peer id, then (vhost, queue).
-pub(crate) type Outstanding =
-    std::collections::HashMap<u64, std::collections::HashMap<(String, String), BTreeSet<u64>>>;
+pub(crate) type Outstanding = std::collections::HashMap<
+    u64,
+    std::collections::HashMap<
+        (String, String),
+        std::collections::BTreeMap<u64, Option<Arc<AtomicU32>>>,
+    >,
+>;
+
+/// A peer's consumers here: (peer, key) -> (vhost, queue, tag on the queue).
+pub(crate) type PeerConsumers =
+    std::collections::HashMap<(u64, u64), (String, String, amqp_codec::ShortStr)>;
+
+/// Most deliveries a peer's consumer without a prefetch may have unsettled.
+const PEER_CONSUMER_WINDOW: u32 = 2048;
+
+fn wire_delivery(d: &server::peers::RemoteDelivery) -> crate::rpc::WireDelivery {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    crate::rpc::WireDelivery {
+        seq: d.seq,
+        redelivered: d.redelivered,
+        delivery_count: d.delivery_count,
+        remaining: d.remaining,
+        exchange: d.exchange.to_string(),
+        routing_key: d.routing_key.to_string(),
+        header: b64.encode(&d.header),
+        body: b64.encode(&d.body),
+    }
+}
+
+fn remote_delivery(d: crate::rpc::WireDelivery) -> Result<server::peers::RemoteDelivery, String> {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let short = |s: &str| amqp_codec::ShortStr::try_from(s).map_err(|e| e.to_string());
+    Ok(server::peers::RemoteDelivery {
+        seq: d.seq,
+        redelivered: d.redelivered,
+        delivery_count: d.delivery_count,
+        remaining: d.remaining,
+        exchange: short(&d.exchange)?,
+        routing_key: short(&d.routing_key)?,
+        header: b64.decode(d.header).map_err(|e| e.to_string())?.into(),
+        body: b64.decode(d.body).map_err(|e| e.to_string())?.into(),
+    })
+}
+
+/// A peer's consumer of a queue homed here: the queue delivers to it as to
+/// a local channel, and each delivery goes over the link.
+struct PeerSink {
+    links: Arc<Links>,
+    handler: std::sync::Weak<Handler>,
+    peer: NodeInfo,
+    key: u64,
+    vhost: String,
+    queue: String,
+    unacked: Arc<AtomicU32>,
+    prefetch: u16,
+}
+
+impl std::fmt::Debug for PeerSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerSink")
+            .field("peer", &self.peer.name)
+            .field("key", &self.key)
+            .finish()
+    }
+}
+
+impl server::queue::DeliverySink for PeerSink {
+    fn can_deliver(&self) -> bool {
+        self.links.is_connected(self.peer.id)
+            && (self.prefetch > 0
+                || self.unacked.load(std::sync::atomic::Ordering::Relaxed) < PEER_CONSUMER_WINDOW)
+    }
+
+    fn deliver(&self, out: server::queue::Outgoing<'_>) {
+        let counter = out.consumer_unacked.cloned();
+        if let Some(c) = &counter {
+            c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        if let Some(h) = self.handler.upgrade() {
+            h.outstanding
+                .lock()
+                .entry(self.peer.id)
+                .or_default()
+                .entry((self.vhost.clone(), self.queue.clone()))
+                .or_default()
+                .insert(out.seq, counter);
+        }
+        let mut header = bytes::BytesMut::new();
+        out.message.header.encode(&mut header);
+        let d = server::peers::RemoteDelivery {
+            seq: out.seq,
+            redelivered: out.redelivered,
+            delivery_count: out.delivery_count,
+            remaining: 0,
+            exchange: out.message.exchange.clone(),
+            routing_key: out.message.routing_key.clone(),
+            header: header.freeze(),
+            body: out.message.body.clone(),
+        };
+        self.links.send_oneway(
+            &self.peer.cluster_addr,
+            Request::Deliver {
+                key: self.key,
+                vhost: self.vhost.clone(),
+                queue: self.queue.clone(),
+                delivery: wire_delivery(&d),
+            },
+        );
+    }
+
+    fn cancelled_by_broker(&self, _consumer_tag: &amqp_codec::ShortStr) {
+        if let Some(h) = self.handler.upgrade() {
+            h.consumers.lock().remove(&(self.peer.id, self.key));
+        }
+        self.links.send_oneway(
+            &self.peer.cluster_addr,
+            Request::ConsumerCancelled { key: self.key },
+        );
+    }
+
+    fn describe(&self) -> server::queue::SinkInfo {
+        server::queue::SinkInfo {
+            connection_name: format!("node {} (cluster link)", self.peer.name),
+            channel: 0,
+            peer: std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
+            user: "cluster".into(),
+        }
+    }
+}
 
 fn settle_from_octet(how: u8) -> server::queue::Settle {
     match how {
@@ -495,7 +695,6 @@ impl Handler {
         let broker = self.broker();
         let outstanding = self.outstanding_handle();
         Box::pin(async move {
-            use base64::Engine;
             let Some(v) = broker.and_then(|b| b.vhost(&vhost)) else {
                 return Response::Got(Err(format!("no vhost '{vhost}' on this node")));
             };
@@ -509,20 +708,10 @@ impl Handler {
                                 .or_default()
                                 .entry((vhost.clone(), queue.clone()))
                                 .or_default()
-                                .insert(d.seq);
+                                .insert(d.seq, None);
                         }
                     }
-                    let b64 = base64::engine::general_purpose::STANDARD;
-                    Response::Got(Ok(Some(crate::rpc::WireDelivery {
-                        seq: d.seq,
-                        redelivered: d.redelivered,
-                        delivery_count: d.delivery_count,
-                        remaining: d.remaining,
-                        exchange: d.exchange.to_string(),
-                        routing_key: d.routing_key.to_string(),
-                        header: b64.encode(&d.header),
-                        body: b64.encode(&d.body),
-                    })))
+                    Response::Got(Ok(Some(wire_delivery(&d))))
                 }
                 Ok(None) => Response::Got(Ok(None)),
                 Err(e) => Response::Got(Err(e)),
@@ -537,7 +726,9 @@ impl Handler {
             if let Some(by_queue) = o.get_mut(&from) {
                 if let Some(set) = by_queue.get_mut(&(vhost.clone(), queue.clone())) {
                     for s in &seqs {
-                        set.remove(s);
+                        if let Some(Some(counter)) = set.remove(s) {
+                            counter.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                        }
                     }
                 }
             }
@@ -546,6 +737,83 @@ impl Handler {
             v.settle_from_peer(&queue, &seqs, settle_from_octet(how));
         }
         Response::Settled
+    }
+
+    /// Starts a peer's consumer on a queue homed here.
+    #[allow(clippy::too_many_arguments)]
+    fn consume(
+        &self,
+        from: &NodeInfo,
+        vhost: String,
+        queue: String,
+        key: u64,
+        prefetch: u16,
+        exclusive: bool,
+        priority: i32,
+    ) -> Response {
+        let Some(links) = self.node().map(|n| n.links.clone()) else {
+            return Response::Consumed(Err("the node is starting or stopping".into()));
+        };
+        let Some(v) = self.broker().and_then(|b| b.vhost(&vhost)) else {
+            return Response::Consumed(Err(format!("no vhost '{vhost}' on this node")));
+        };
+        let Some(q) = v.find_queue(&queue) else {
+            return Response::Consumed(Err(format!(
+                "no queue '{queue}' in vhost '{vhost}' on this node"
+            )));
+        };
+        let Ok(tag) = amqp_codec::ShortStr::try_from(format!("peer.{}.{key}", from.id).as_str())
+        else {
+            return Response::Consumed(Err("consumer tag".into()));
+        };
+        let unacked = Arc::new(AtomicU32::new(0));
+        let sink = Arc::new(PeerSink {
+            links,
+            handler: self.outstanding_handle(),
+            peer: from.clone(),
+            key,
+            vhost: vhost.clone(),
+            queue: queue.clone(),
+            unacked: unacked.clone(),
+            prefetch,
+        });
+        let consumer = server::queue::Consumer {
+            tag: tag.clone(),
+            sink,
+            no_ack: false,
+            prefetch,
+            unacked,
+            exclusive,
+            priority,
+        };
+        match q.kind().consume(consumer, &mut || {}) {
+            Ok(()) => {}
+            Err(server::queue::ConsumeRefused::Deleted) => {
+                return Response::Consumed(Err(format!("no queue '{queue}' in vhost '{vhost}'")));
+            }
+            Err(server::queue::ConsumeRefused::InExclusiveUse) => {
+                return Response::Consumed(Err(format!(
+                    "queue '{queue}' in vhost '{vhost}' in exclusive use"
+                )));
+            }
+        }
+        self.consumers
+            .lock()
+            .insert((from.id, key), (vhost, queue, tag));
+        v.dispatch(&q);
+        Response::Consumed(Ok(()))
+    }
+
+    /// Cancels a peer's consumer.
+    fn cancel(&self, from: u64, key: u64) {
+        let Some((vhost, queue, tag)) = self.consumers.lock().remove(&(from, key)) else {
+            return;
+        };
+        if let Some(v) = self.broker().and_then(|b| b.vhost(&vhost)) {
+            if let Some(q) = v.find_queue(&queue) {
+                v.cancel_consumer(&q, &tag);
+            }
+        }
     }
 
     fn outstanding_handle(&self) -> std::sync::Weak<Handler> {
@@ -591,6 +859,35 @@ impl Handler {
 
 impl RequestHandler for Handler {
     fn peer_gone(&self, id: u64) {
+        // Its consumers here go; so do this node's consumers of queues homed
+        // there (their clients are told, as when a queue's node goes down).
+        let theirs: Vec<u64> = self
+            .consumers
+            .lock()
+            .keys()
+            .filter(|(peer, _)| *peer == id)
+            .map(|(_, key)| *key)
+            .collect();
+        for key in theirs {
+            self.cancel(id, key);
+        }
+        if let Some(node) = self.node() {
+            let name = node.name_of(id);
+            let ours: Vec<Arc<dyn server::peers::RemoteSink>> = {
+                let mut sinks = node.sinks.lock();
+                let keys: Vec<u64> = sinks
+                    .iter()
+                    .filter(|(_, (home, _))| Some(home) == name.as_ref())
+                    .map(|(k, _)| *k)
+                    .collect();
+                keys.into_iter()
+                    .filter_map(|k| sinks.remove(&k).map(|(_, s)| s))
+                    .collect()
+            };
+            for sink in ours {
+                sink.cancelled();
+            }
+        }
         let Some(by_queue) = self.outstanding.lock().remove(&id) else {
             return;
         };
@@ -603,7 +900,7 @@ impl RequestHandler for Handler {
             }
             tracing::info!(peer = id, %vhost, %queue, messages = seqs.len(), "a node went away: returning its unsettled deliveries to the queue");
             if let Some(v) = broker.vhost(&vhost) {
-                let seqs: Vec<u64> = seqs.into_iter().collect();
+                let seqs: Vec<u64> = seqs.into_keys().collect();
                 v.settle_from_peer(&queue, &seqs, server::queue::Settle::Requeue);
             }
         }
@@ -634,6 +931,61 @@ impl RequestHandler for Handler {
             } => {
                 let done = self.settle(from.id, vhost, queue, seqs, how);
                 return Box::pin(std::future::ready(done));
+            }
+            Request::Consume {
+                vhost,
+                queue,
+                key,
+                prefetch,
+                exclusive,
+                priority,
+            } => {
+                let done = self.consume(&from, vhost, queue, key, prefetch, exclusive, priority);
+                return Box::pin(std::future::ready(done));
+            }
+            Request::Cancel { key } => {
+                self.cancel(from.id, key);
+                return Box::pin(std::future::ready(Response::Settled));
+            }
+            Request::Deliver {
+                key,
+                vhost,
+                queue,
+                delivery,
+            } => {
+                let seq = delivery.seq;
+                let sink = self
+                    .node()
+                    .and_then(|n| n.sinks.lock().get(&key).map(|(_, s)| s.clone()));
+                match (sink, remote_delivery(delivery)) {
+                    (Some(sink), Ok(d)) => sink.deliver(d),
+                    (None, Ok(_)) => {
+                        // The consumer is gone here: back to the queue.
+                        tracing::debug!(key, "a delivery for a consumer that is gone: requeued");
+                        if let Some(n) = self.node() {
+                            n.links.send_oneway(
+                                &from.cluster_addr,
+                                Request::Settle {
+                                    vhost,
+                                    queue,
+                                    seqs: vec![seq],
+                                    how: settle_octet(server::queue::Settle::Requeue),
+                                },
+                            );
+                        }
+                    }
+                    (_, Err(e)) => {
+                        tracing::warn!(error = %e, "an undecodable delivery from node {}", from.name)
+                    }
+                }
+                return Box::pin(std::future::ready(Response::Settled));
+            }
+            Request::ConsumerCancelled { key } => {
+                let sink = self.node().and_then(|n| n.sinks.lock().remove(&key));
+                if let Some((_, sink)) = sink {
+                    sink.cancelled();
+                }
+                return Box::pin(std::future::ready(Response::Settled));
             }
             other => other,
         };
@@ -676,7 +1028,13 @@ impl RequestHandler for Handler {
                     Response::Joined(node.add_member(info).await)
                 }
                 Request::Status => Response::Status(node.status()),
-                Request::Enqueue(_) | Request::Get { .. } | Request::Settle { .. } => {
+                Request::Enqueue(_)
+                | Request::Get { .. }
+                | Request::Settle { .. }
+                | Request::Consume { .. }
+                | Request::Cancel { .. }
+                | Request::Deliver { .. }
+                | Request::ConsumerCancelled { .. } => {
                     Response::Unavailable("handled above".into())
                 }
             }

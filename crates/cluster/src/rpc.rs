@@ -54,7 +54,44 @@ pub enum Request {
         /// Kept unacknowledged until settled.
         ack: bool,
     },
-    /// Settle deliveries of a queue homed on the receiving node.
+    /// Start a consumer on a queue homed on the receiving node; its
+    /// deliveries come back as `Deliver` under `key`.
+    Consume {
+        /// Vhost.
+        vhost: String,
+        /// Queue.
+        queue: String,
+        /// The consumer's key on this link (chosen by the consuming node).
+        key: u64,
+        /// Per-consumer prefetch (0 = none).
+        prefetch: u16,
+        /// `exclusive` flag.
+        exclusive: bool,
+        /// `x-priority`.
+        priority: i32,
+    },
+    /// Cancel the consumer `key` (one-way).
+    Cancel {
+        /// Its key.
+        key: u64,
+    },
+    /// A delivery to the consumer `key` on the receiving node (one-way).
+    Deliver {
+        /// The consumer's key.
+        key: u64,
+        /// Vhost (to give it back if the consumer is gone).
+        vhost: String,
+        /// Queue.
+        queue: String,
+        /// The delivery.
+        delivery: WireDelivery,
+    },
+    /// The home node cancelled the consumer `key` (one-way).
+    ConsumerCancelled {
+        /// Its key.
+        key: u64,
+    },
+    /// Settle deliveries of a queue homed on the receiving node (one-way).
     Settle {
         /// Vhost.
         vhost: String,
@@ -128,8 +165,10 @@ pub enum Response {
     Status(Status),
     /// To `Get`: a message, none, or why not.
     Got(Result<Option<WireDelivery>, String>),
-    /// To `Settle`.
+    /// To one-way requests (never sent).
     Settled,
+    /// To `Consume`: started, or why not.
+    Consumed(Result<(), String>),
     /// To `Enqueue`: queued (durably, if persistent), or refused by the
     /// queue (`x-overflow` reject-publish); `Err`: it could not be queued.
     Enqueued(Result<bool, String>),

@@ -73,6 +73,33 @@ pub struct RemoteDelivery {
 /// The answer to a remote `basic.get`: a message, or none (empty queue).
 pub type RemoteGet = Pin<Box<dyn Future<Output = Result<Option<RemoteDelivery>, String>> + Send>>;
 
+/// A consumer to start on a queue on another node.
+#[derive(Debug, Clone)]
+pub struct RemoteConsume {
+    /// Vhost.
+    pub vhost: String,
+    /// Queue.
+    pub queue: ShortStr,
+    /// Per-consumer prefetch on the home node (0 = none).
+    pub prefetch: u16,
+    /// `exclusive` flag.
+    pub exclusive: bool,
+    /// `x-priority`.
+    pub priority: i32,
+}
+
+/// Where a remote consumer's deliveries arrive, on the consuming node.
+pub trait RemoteSink: Send + Sync {
+    /// One delivery (always to be settled: a no-ack consumer's sink acks
+    /// it itself once written).
+    fn deliver(&self, delivery: RemoteDelivery);
+    /// The home node cancelled the consumer (its queue is gone).
+    fn cancelled(&self);
+}
+
+/// The answer to a remote `basic.consume`: the consumer's key on the link.
+pub type RemoteConsumeOk = Pin<Box<dyn Future<Output = Result<u64, String>> + Send>>;
+
 /// Reaches queues on other nodes.
 pub trait Peers: Send + Sync + std::fmt::Debug {
     /// Sends `publish` to node `home` now (messages sent to one node arrive
@@ -94,6 +121,18 @@ pub trait Peers: Send + Sync + std::fmt::Debug {
         seqs: Vec<u64>,
         how: crate::queue::Settle,
     );
+
+    /// Starts a consumer on node `home`; its deliveries go to `sink`.
+    fn consume(
+        &self,
+        home: &str,
+        consume: RemoteConsume,
+        sink: std::sync::Arc<dyn RemoteSink>,
+    ) -> RemoteConsumeOk;
+
+    /// Cancels the consumer `key` on node `home` (its unsettled deliveries
+    /// stay until settled).
+    fn cancel(&self, home: &str, key: u64);
 }
 
 /// A queue that lives on another node.

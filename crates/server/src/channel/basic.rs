@@ -60,6 +60,17 @@ impl Channel {
             self.shared.forget_consumer(&tag);
             vhost.cancel_consumer(&queue, &tag);
         }
+        if let Some(pos) = self
+            .remote_consumers
+            .iter()
+            .position(|(t, _, _)| *t == m.consumer_tag)
+        {
+            let (tag, home, key) = self.remote_consumers.remove(pos);
+            self.shared.forget_consumer(&tag);
+            if let Some(peers) = node.peers.get() {
+                peers.cancel(&home, key);
+            }
+        }
         if !m.nowait {
             self.shared
                 .write_method(&Method::BasicCancelOk(BasicCancelOk {
@@ -158,7 +169,7 @@ impl Channel {
         Ok(())
     }
 
-    pub(super) fn handle_basic_consume(
+    pub(super) async fn handle_basic_consume(
         &mut self,
         node: &Arc<Node>,
         vhost: &Vhost,
@@ -170,19 +181,33 @@ impl Channel {
         self.allow(node, vhost, Resource::Queue, &m.queue, Access::Read)?;
         let shared = self.shared.clone();
         self.consumers.retain(|(t, _)| shared.has_consumer(t));
-        let queue = vhost.queue_for(&m.queue, self.shared.connection.id)?;
+        self.remote_consumers
+            .retain(|(t, _, _)| shared.has_consumer(t));
+        let queue = match vhost.queue_for(&m.queue, self.shared.connection.id) {
+            Ok(q) => Ok(q),
+            Err(e) => match vhost.find_remote_queue(&m.queue) {
+                Some(remote) => Err(remote),
+                None => return Err(e),
+            },
+        };
+        let queue_name = match &queue {
+            Ok(q) => q.name.clone(),
+            Err(remote) => remote.name.clone(),
+        };
         let tag = if m.consumer_tag.is_empty() {
             server_name("amq.ctag-")
         } else {
             m.consumer_tag.clone()
         };
-        if self.consumers.iter().any(|(t, _)| *t == tag) {
+        if self.consumers.iter().any(|(t, _)| *t == tag)
+            || self.remote_consumers.iter().any(|(t, _, _)| *t == tag)
+        {
             return Err(AmqpError::not_allowed(format!(
                 "attempt to reuse consumer tag '{tag}'"
             )));
         }
         let max = node.config.max_consumers_per_channel;
-        if max > 0 && self.consumers.len() >= max {
+        if max > 0 && self.consumers.len() + self.remote_consumers.len() >= max {
             return Err(AmqpError::precondition_failed(format!(
                 "reached the limit of {max} consumers per channel"
             )));
@@ -194,12 +219,20 @@ impl Channel {
                 None => {
                     return Err(AmqpError::precondition_failed(format!(
                         "invalid arg 'x-priority' for queue '{}' in vhost '{}': {{unacceptable_type,{}}}",
-                        queue.name,
+                        queue_name,
                         vhost.name(),
                         queue_store::args::type_name(v)
                     )));
                 }
             },
+        };
+        let queue = match queue {
+            Ok(q) => q,
+            Err(remote) => {
+                return self
+                    .consume_remote(node, vhost, m, remote, tag, priority)
+                    .await;
+            }
         };
         let consumer = Consumer {
             tag: tag.clone(),
@@ -238,6 +271,77 @@ impl Channel {
         self.shared.add_consumer(tag.clone(), queue.id);
         self.consumers.push((tag, queue.clone()));
         vhost.dispatch(&queue);
+        Ok(())
+    }
+
+    /// `basic.consume` of a queue on another node.
+    async fn consume_remote(
+        &mut self,
+        node: &Arc<Node>,
+        vhost: &Vhost,
+        m: BasicConsume,
+        remote: crate::peers::RemoteQueue,
+        tag: ShortStr,
+        priority: i32,
+    ) -> Result<(), AmqpError> {
+        let Some(peers) = node.peers.get().cloned() else {
+            return Err(AmqpError::not_found(format!(
+                "no queue '{}' in vhost '{}'",
+                remote.name,
+                vhost.name()
+            )));
+        };
+        let sink = Arc::new(super::remote::RemoteConsumer {
+            channel: Arc::downgrade(&self.shared),
+            tag: tag.clone(),
+            queue_id: remote.id,
+            queue: remote.name.clone(),
+            vhost: vhost.name().to_owned(),
+            home: remote.home.clone(),
+            no_ack: m.no_ack,
+            peers: peers.clone(),
+            unacked: Arc::new(AtomicU32::new(0)),
+            early: parking_lot::Mutex::new(Some(Vec::new())),
+        });
+        // Known to the channel first: deliveries may arrive before the
+        // answer (they wait for consume-ok in the sink).
+        self.shared.add_consumer(tag.clone(), remote.id);
+        let consume = crate::peers::RemoteConsume {
+            vhost: vhost.name().to_owned(),
+            queue: remote.name.clone(),
+            prefetch: if m.no_ack {
+                super::remote::NO_ACK_WINDOW
+            } else {
+                self.prefetch
+            },
+            exclusive: m.exclusive,
+            priority,
+        };
+        let as_sink: Arc<dyn crate::peers::RemoteSink> = sink.clone();
+        let key = match peers.consume(&remote.home, consume, as_sink).await {
+            Ok(key) => key,
+            Err(e) => {
+                self.shared.forget_consumer(&tag);
+                return Err(if e.contains("exclusive use") {
+                    AmqpError::access_refused(e)
+                } else {
+                    AmqpError::not_found(format!(
+                        "home node '{}' of queue '{}' in vhost '{}' is down or inaccessible: {e}",
+                        remote.home,
+                        remote.name,
+                        vhost.name()
+                    ))
+                });
+            }
+        };
+        if !m.nowait {
+            self.shared
+                .write_method(&Method::BasicConsumeOk(BasicConsumeOk {
+                    consumer_tag: tag.clone(),
+                }));
+        }
+        self.remote_consumers.push((tag, remote.home, key));
+        sink.activate();
         Ok(())
     }
 

@@ -38,6 +38,7 @@ mod basic;
 mod confirm;
 mod exchange;
 mod queue;
+mod remote;
 mod tx;
 
 pub use crate::queue::{Settle, Unacked};
@@ -78,6 +79,8 @@ pub struct Channel {
     prefetch: u16,
     /// This channel's consumers: tag → queue.
     consumers: Vec<(ShortStr, Arc<QueueHandle>)>,
+    /// Its consumers of queues on other nodes: tag → (home node, key).
+    remote_consumers: Vec<(ShortStr, String, u64)>,
     routed: Routed,
     fx: Effects,
     /// This channel's direct reply-to consumer: (token, consumer tag).
@@ -112,6 +115,7 @@ impl Channel {
             mode: Mode::Plain,
             prefetch: 0,
             consumers: Vec::new(),
+            remote_consumers: Vec::new(),
             routed: Routed::default(),
             fx: Effects::default(),
             reply_consumer: None,
@@ -258,6 +262,11 @@ impl Channel {
         for (tag, queue) in std::mem::take(&mut self.consumers) {
             vhost.cancel_consumer(&queue, &tag);
         }
+        if let Some(peers) = node.peers.get() {
+            for (_, home, key) in std::mem::take(&mut self.remote_consumers) {
+                peers.cancel(&home, key);
+            }
+        }
         let unacked = self.shared.take_all();
         vhost.settle(unacked, Settle::Requeue);
     }
@@ -337,7 +346,7 @@ impl Channel {
             Method::QueuePurge(m) => self.handle_queue_purge(node, vhost, m)?,
             Method::QueueDelete(m) => self.handle_queue_delete(node, vhost, m).await?,
             Method::BasicQos(m) => self.handle_basic_qos(node, vhost, m)?,
-            Method::BasicConsume(m) => self.handle_basic_consume(node, vhost, m)?,
+            Method::BasicConsume(m) => self.handle_basic_consume(node, vhost, m).await?,
             Method::BasicCancel(m) => self.handle_basic_cancel(node, vhost, m),
             Method::BasicPublish(m) => self.handle_basic_publish(node, vhost, m, content)?,
             Method::BasicGet(m) => self.handle_basic_get(node, vhost, m).await?,

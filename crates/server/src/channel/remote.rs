@@ -1,0 +1,132 @@
+//! Consumers on this node's channels of queues that live on other nodes of
+//! the cluster: [`RemoteConsumer`] is where the home node's deliveries
+//! arrive (over the cluster link) and become `basic.deliver`s of the
+//! channel, and how they are settled back.
+//!
+//! The home node runs the consumer with acknowledgements and the channel's
+//! per-consumer prefetch; for a `no-ack` consumer this node acknowledges
+//! each delivery once it is written to the client, and the home node's
+//! prefetch is [`NO_ACK_WINDOW`], so a fast producer cannot flood the link.
+//! Deliveries that arrive before `basic.consume-ok` is written wait for it;
+//! ones that arrive after the consumer is gone go back to the queue.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use amqp_codec::ShortStr;
+use amqp_codec::methods::*;
+use amqp_codec::{ContentHeader, Method};
+use parking_lot::Mutex;
+
+use crate::peers::{Peers, RemoteDelivery, RemoteSink};
+use crate::queue::{Settle, Unacked};
+use crate::session::ChannelShared;
+
+/// The home node's prefetch for a remote `no-ack` consumer.
+pub(super) const NO_ACK_WINDOW: u16 = 256;
+
+/// A consumer of a queue on another node, as its channel here sees it.
+pub(super) struct RemoteConsumer {
+    pub(super) channel: std::sync::Weak<ChannelShared>,
+    pub(super) tag: ShortStr,
+    /// The remote queue's id in this vhost's router (what deliveries are
+    /// recorded under, so their settlement goes to the home node).
+    pub(super) queue_id: u64,
+    pub(super) queue: ShortStr,
+    pub(super) vhost: String,
+    pub(super) home: String,
+    pub(super) no_ack: bool,
+    pub(super) peers: Arc<dyn Peers>,
+    pub(super) unacked: Arc<AtomicU32>,
+    /// Deliveries waiting for `basic.consume-ok`; `None` once it is out.
+    pub(super) early: Mutex<Option<Vec<RemoteDelivery>>>,
+}
+
+impl RemoteConsumer {
+    /// `basic.consume-ok` is out: what arrived before it goes now.
+    pub(super) fn activate(&self) {
+        let early = self.early.lock().take().unwrap_or_default();
+        for d in early {
+            self.write(d);
+        }
+    }
+
+    fn give_back(&self, d: &RemoteDelivery) {
+        self.peers.settle(
+            &self.home,
+            &self.vhost,
+            &self.queue,
+            vec![d.seq],
+            Settle::Requeue,
+        );
+    }
+
+    fn write(&self, d: RemoteDelivery) {
+        let Some(channel) = self.channel.upgrade() else {
+            self.give_back(&d);
+            return;
+        };
+        if !channel.has_consumer(&self.tag) {
+            self.give_back(&d);
+            return;
+        }
+        let Ok(header) = ContentHeader::decode(&d.header) else {
+            tracing::warn!(queue = %self.queue, home = %self.home, "a delivery with an undecodable header: rejected");
+            self.peers.settle(
+                &self.home,
+                &self.vhost,
+                &self.queue,
+                vec![d.seq],
+                Settle::Reject,
+            );
+            return;
+        };
+        let tag = channel.next_delivery((!self.no_ack).then(|| Unacked {
+            queue: self.queue_id,
+            seq: d.seq,
+            consumer_unacked: Some(self.unacked.clone()),
+            consumer: Some(self.tag.clone()),
+            delivered_at: crate::queue::now_ms(),
+        }));
+        if !self.no_ack {
+            self.unacked.fetch_add(1, Ordering::Relaxed);
+        }
+        let method = Method::BasicDeliver(BasicDeliver {
+            consumer_tag: self.tag.clone(),
+            delivery_tag: tag,
+            redelivered: d.redelivered,
+            exchange: d.exchange.clone(),
+            routing_key: d.routing_key.clone(),
+        });
+        let header = crate::queue::with_delivery_count(&header, d.delivery_count);
+        channel.write_content(&method, &header, &d.body);
+        if self.no_ack {
+            self.peers.settle(
+                &self.home,
+                &self.vhost,
+                &self.queue,
+                vec![d.seq],
+                Settle::Ack,
+            );
+        }
+    }
+}
+
+impl RemoteSink for RemoteConsumer {
+    fn deliver(&self, d: RemoteDelivery) {
+        {
+            let mut early = self.early.lock();
+            if let Some(waiting) = early.as_mut() {
+                waiting.push(d);
+                return;
+            }
+        }
+        self.write(d);
+    }
+
+    fn cancelled(&self) {
+        if let Some(channel) = self.channel.upgrade() {
+            crate::queue::DeliverySink::cancelled_by_broker(channel.as_ref(), &self.tag);
+        }
+    }
+}
