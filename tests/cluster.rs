@@ -820,3 +820,75 @@ async fn a_no_ack_consumer_on_another_node_drains_the_queue_in_order_and_is_told
         "the consumer was cancelled: {end:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forgotten_node_is_refused_when_it_comes_back() {
+    let mut cluster = TestCluster::start(CHILD, 3);
+    formed(&cluster).await;
+    let api1 = cluster.node(0).api.clone();
+    let nodes = get(&api1, "/api/nodes").await;
+    assert_eq!(nodes.as_array().unwrap().len(), 3, "{nodes}");
+    assert_eq!(get(&api1, "/api/cluster-name").await["name"], "test");
+
+    cluster.kill(2);
+    eventually("node 1 sees node 3 down", &cluster, || {
+        let api1 = api1.clone();
+        async move {
+            get(&api1, "/api/nodes")
+                .await
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|n| n["name"] == "n3@127.0.0.1" && n["running"] == false)
+        }
+    })
+    .await;
+    let (status, body) = call(
+        reqwest::Method::DELETE,
+        format!("{api1}/api/cluster/nodes/n3@127.0.0.1"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 204, "{body}");
+    let (status, _) = call(
+        reqwest::Method::DELETE,
+        format!("{api1}/api/cluster/nodes/nobody@nowhere"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 404);
+    let names: Vec<String> = get(&api1, "/api/nodes")
+        .await
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(names, ["n1@127.0.0.1", "n2@127.0.0.1"]);
+    // Two voters left, both up: changes go on.
+    let (status, body) = put(&api1, "/api/vhosts/two", json!({})).await;
+    assert_eq!(status, 201, "{body}");
+
+    // Node 3 restarted with its data is refused by both: it takes no part
+    // (a change made through it is refused), and the cluster does not
+    // change.
+    cluster.spawn(2, None);
+    let api3 = cluster.node(2).api.clone();
+    eventually("node 3 is refused", &cluster, || {
+        let api3 = api3.clone();
+        async move { put(&api3, "/api/vhosts/three", json!({})).await.0 == 503 }
+    })
+    .await;
+    assert!(!names_now(&api1).await.contains(&"three".to_owned()));
+    eventually("node 1 refused node 3's link", &cluster, || async {
+        cluster.log(0).contains("was removed from the cluster")
+            || cluster.log(1).contains("was removed from the cluster")
+    })
+    .await;
+    let nodes = get(&api1, "/api/nodes").await;
+    assert_eq!(nodes.as_array().unwrap().len(), 2, "{nodes}");
+}
+
+async fn names_now(api: &str) -> Vec<String> {
+    names(api, "/api/vhosts").await
+}

@@ -225,7 +225,13 @@ pub async fn start(settings: ClusterSettings) -> Result<ClusterHandle, ClusterEr
     )
     .await
     .map_err(|e| ClusterError::Raft(e.to_string()))?;
-    let node = Arc::new(ClusterNode::new(me.clone(), links.clone(), raft, machine));
+    let node = Arc::new(ClusterNode::new(
+        me.clone(),
+        settings.cluster_name.clone(),
+        links.clone(),
+        raft,
+        machine,
+    ));
     let _ = handler.node.set(Arc::downgrade(&node));
     let mut tasks = vec![tokio::spawn(links.clone().serve(listener))];
     tasks.push(tokio::spawn(formation::run(node.clone(), settings)));

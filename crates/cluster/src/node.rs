@@ -48,6 +48,8 @@ pub struct ClusterNode {
     pub raft: Raft<MetaTypes>,
     /// Its state machine.
     pub machine: MetaMachine,
+    /// The cluster's name.
+    pub cluster_name: String,
     /// Commits go through here one at a time, in call order.
     commits: tokio::sync::Mutex<()>,
     /// This node's consumers of queues on other nodes: key -> (home node,
@@ -71,12 +73,14 @@ fn unavailable(text: impl Into<String>) -> MetaError {
 impl ClusterNode {
     pub(crate) fn new(
         me: NodeInfo,
+        cluster_name: String,
         links: Arc<Links>,
         raft: Raft<MetaTypes>,
         machine: MetaMachine,
     ) -> ClusterNode {
         ClusterNode {
             me,
+            cluster_name,
             links,
             raft,
             machine,
@@ -349,6 +353,66 @@ pub struct ClusterPeers {
 }
 
 impl server::peers::Peers for ClusterPeers {
+    fn cluster_name(&self) -> String {
+        self.node.cluster_name.clone()
+    }
+
+    fn members(&self) -> Vec<server::peers::Member> {
+        let status = self.node.status();
+        let member = |n: &NodeInfo, voter: bool| server::peers::Member {
+            name: n.name.clone(),
+            amqp_addr: n.amqp_addr.clone(),
+            cluster_addr: n.cluster_addr.clone(),
+            running: n.id == self.node.me.id || self.node.links.is_connected(n.id),
+            voter,
+            leader: status.leader == Some(n.id),
+        };
+        let mut out: Vec<server::peers::Member> = status
+            .voters
+            .iter()
+            .map(|n| member(n, true))
+            .chain(status.learners.iter().map(|n| member(n, false)))
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    fn forget(
+        &self,
+        name: &str,
+    ) -> Pin<Box<dyn std::future::Future<Output = Result<(), MetaError>> + Send>> {
+        let node = self.node.clone();
+        let name = name.to_owned();
+        Box::pin(async move {
+            if node.is_leader() {
+                return node.forget(&name).await;
+            }
+            let Some(leader) = node.leader() else {
+                return Err(unavailable(
+                    "no metadata leader: the cluster has no majority",
+                ));
+            };
+            let asked = node
+                .links
+                .request(
+                    Some(leader.id),
+                    &leader.cluster_addr,
+                    &Request::Forget { name },
+                    COMMIT_TIMEOUT,
+                )
+                .await
+                .map_err(|e| unavailable(e.to_string()))?;
+            match asked.1 {
+                Response::Forgotten(Ok(())) => Ok(()),
+                Response::Forgotten(Err(e)) => Err(match e.strip_prefix("NotFound:") {
+                    Some(t) => MetaError::NotFound(t.trim().to_owned()),
+                    None => unavailable(e),
+                }),
+                other => Err(unavailable(format!("the leader answered {other:?}"))),
+            }
+        })
+    }
+
     fn get(
         &self,
         home: &str,
@@ -1028,6 +1092,15 @@ impl RequestHandler for Handler {
                     Response::Joined(node.add_member(info).await)
                 }
                 Request::Status => Response::Status(node.status()),
+                Request::Forget { name } => {
+                    if !node.is_leader() {
+                        return Response::NotLeader(node.leader());
+                    }
+                    Response::Forgotten(node.forget(&name).await.map_err(|e| match e {
+                        MetaError::NotFound(t) => format!("NotFound: {t}"),
+                        other => other.to_string(),
+                    }))
+                }
                 Request::Enqueue(_)
                 | Request::Get { .. }
                 | Request::Settle { .. }

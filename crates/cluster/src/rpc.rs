@@ -41,6 +41,11 @@ pub enum Request {
     Commit(MetaRequest),
     /// Add this node to the cluster (sent to the metadata leader).
     Join(NodeInfo),
+    /// Remove node `name` from the cluster for good (sent to the leader).
+    Forget {
+        /// Its name.
+        name: String,
+    },
     /// What the node knows of the cluster.
     Status,
     /// Enqueue a message into a queue homed on the receiving node.
@@ -161,6 +166,8 @@ pub enum Response {
     },
     /// To `Join`.
     Joined(Result<(), String>),
+    /// To `Forget`: done, or why not (`NotFound:`-prefixed if no such node).
+    Forgotten(Result<(), String>),
     /// To `Status`.
     Status(Status),
     /// To `Get`: a message, none, or why not.

@@ -100,8 +100,38 @@ pub trait RemoteSink: Send + Sync {
 /// The answer to a remote `basic.consume`: the consumer's key on the link.
 pub type RemoteConsumeOk = Pin<Box<dyn Future<Output = Result<u64, String>> + Send>>;
 
-/// Reaches queues on other nodes.
+/// A member of the cluster, as this node sees it.
+#[derive(Debug, Clone)]
+pub struct Member {
+    /// Node name.
+    pub name: String,
+    /// Its AMQP address.
+    pub amqp_addr: String,
+    /// Its cluster address.
+    pub cluster_addr: String,
+    /// Reachable from here (always, for this node itself).
+    pub running: bool,
+    /// A voting member of the metadata group.
+    pub voter: bool,
+    /// The metadata leader.
+    pub leader: bool,
+}
+
+/// Reaches queues on other nodes, and tells the management API about the
+/// cluster.
 pub trait Peers: Send + Sync + std::fmt::Debug {
+    /// The cluster's name.
+    fn cluster_name(&self) -> String;
+
+    /// Every member of the cluster, this node included.
+    fn members(&self) -> Vec<Member>;
+
+    /// Removes node `name` from the cluster for good (`forget_cluster_node`).
+    fn forget(
+        &self,
+        name: &str,
+    ) -> Pin<Box<dyn Future<Output = Result<(), crate::meta::MetaError>> + Send>>;
+
     /// Sends `publish` to node `home` now (messages sent to one node arrive
     /// in the order of these calls); the outcome resolves later.
     fn enqueue(&self, home: &str, publish: RemotePublish) -> RemoteOutcome;

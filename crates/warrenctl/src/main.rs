@@ -152,6 +152,12 @@ enum Command {
     ImportDefinitions { file: String },
     /// Broker overview: version, object totals, alarms.
     Status,
+    /// The cluster's name and nodes: running or not, and each one's part in
+    /// the metadata group (leader, voter, learner).
+    ClusterStatus,
+    /// Removes a node from the cluster for good; it cannot rejoin under the
+    /// same identity (reset its data directory to join again as new).
+    ForgetClusterNode { node: String },
     /// Turns the vhost's firehose on: copies of every message published and
     /// delivered go to its `amq.rabbitmq.trace` exchange (until trace_off or
     /// a restart).
@@ -668,6 +674,29 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             api.put(&format!("/api/nodes/{node}/disk_free_limit"), body)
                 .await?;
             eprintln!("Setting disk free limit on {} to {value} ...", cli.url);
+        }
+        Command::ClusterStatus => {
+            let name = api.get("/api/cluster-name").await?;
+            let nodes = api.get("/api/nodes").await?;
+            if json_out {
+                out!("{}", json!({"cluster_name": name["name"], "nodes": nodes}));
+            } else {
+                out!("cluster\t{}", column(&name, "name"));
+                for n in nodes.as_array().map(Vec::as_slice).unwrap_or_default() {
+                    let running = if n["running"] == json!(true) {
+                        "running"
+                    } else {
+                        "down"
+                    };
+                    let role = n["metadata_role"].as_str().unwrap_or("single");
+                    out!("node\t{}\t{running}\t{role}", column(n, "name"));
+                }
+            }
+        }
+        Command::ForgetClusterNode { node } => {
+            api.delete(&format!("/api/cluster/nodes/{}", seg(&node)))
+                .await?;
+            out!("forgot node {node}");
         }
         Command::Status => {
             let overview = api.get("/api/overview").await?;

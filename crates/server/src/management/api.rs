@@ -90,6 +90,8 @@ pub(super) fn router(broker: Arc<Broker>) -> Router {
             get(get_binding).delete(unbind),
         )
         .route("/api/nodes", get(list_nodes))
+        .route("/api/cluster-name", get(cluster_name))
+        .route("/api/cluster/nodes/{name}", delete(forget_node))
         .route("/api/nodes/{name}", get(get_node))
         .route(
             "/api/nodes/{name}/vm_memory_high_watermark",
@@ -204,8 +206,8 @@ async fn overview(State(b): Shared, caller: Caller) -> ApiResult {
         "rabbitmq_version": "3.10.0",
         "product_name": "Warren",
         "product_version": env!("CARGO_PKG_VERSION"),
-        "cluster_name": NODE,
-        "node": NODE,
+        "cluster_name": b.peers.get().map_or_else(|| b.config.node_name.clone(), |p| p.cluster_name()),
+        "node": b.config.node_name,
         "object_totals": {
             "connections": b.connections.load(std::sync::atomic::Ordering::Relaxed),
             "queues": queues,
@@ -218,8 +220,23 @@ async fn overview(State(b): Shared, caller: Caller) -> ApiResult {
             "messages_unacknowledged": unacked,
         },
         "message_stats": crate::json::message_stats((counts, rates)),
-        "listeners": [{"node": NODE, "protocol": "amqp", "ip_address": b.config.bind.ip().to_string(), "port": b.config.bind.port()}],
+        "listeners": listeners(&b),
     }))
+}
+
+/// Every node's AMQP listener (this node's, alone).
+fn listeners(b: &Broker) -> Value {
+    let Some(peers) = b.peers.get() else {
+        return json!([{"node": b.config.node_name, "protocol": "amqp", "ip_address": b.config.bind.ip().to_string(), "port": b.config.bind.port()}]);
+    };
+    peers
+        .members()
+        .iter()
+        .map(|m| {
+            let (ip, port) = m.amqp_addr.rsplit_once(':').unwrap_or((&m.amqp_addr, "5672"));
+            json!({"node": m.name, "protocol": "amqp", "ip_address": ip, "port": port.parse::<u16>().unwrap_or(5672)})
+        })
+        .collect()
 }
 
 async fn whoami(caller: Caller, State(b): Shared) -> ApiResult {
@@ -897,7 +914,7 @@ fn node_json(b: &Broker) -> Value {
         .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
         .map_or(0, |pages| pages * 4096);
     json!({
-        "name": NODE,
+        "name": b.config.node_name,
         "type": "disc",
         "running": true,
         "mem_used": rss,
@@ -912,7 +929,61 @@ fn node_json(b: &Broker) -> Value {
 
 async fn list_nodes(State(b): Shared, caller: Caller) -> ApiResult {
     caller.require_monitoring()?;
-    ok(json!([node_json(&b)]))
+    let Some(peers) = b.peers.get() else {
+        return ok(json!([node_json(&b)]));
+    };
+    // This node's figures in full; the others' as this node sees them.
+    // (Their own figures are on their own APIs, not gathered yet.)
+    let nodes: Vec<Value> = peers
+        .members()
+        .iter()
+        .map(|m| {
+            if m.name == b.config.node_name {
+                let mut me = node_json(&b);
+                me["cluster_links"] = json!(m.cluster_addr);
+                me["metadata_role"] = json!(role(m));
+                me
+            } else {
+                json!({
+                    "name": m.name,
+                    "type": "disc",
+                    "running": m.running,
+                    "cluster_links": m.cluster_addr,
+                    "metadata_role": role(m),
+                })
+            }
+        })
+        .collect();
+    ok(json!(nodes))
+}
+
+fn role(m: &crate::peers::Member) -> &'static str {
+    match (m.leader, m.voter) {
+        (true, _) => "leader",
+        (false, true) => "voter",
+        (false, false) => "learner",
+    }
+}
+
+/// `GET /api/cluster-name`, as RabbitMQ's.
+async fn cluster_name(State(b): Shared, caller: Caller) -> ApiResult {
+    caller.require_monitoring()?;
+    let name = b
+        .peers
+        .get()
+        .map_or_else(|| b.config.node_name.clone(), |p| p.cluster_name());
+    ok(json!({"name": name}))
+}
+
+/// `DELETE /api/cluster/nodes/{name}`: forgets a node (Warren's
+/// `forget_cluster_node`); 404 if it is not a member, 400 on a node alone.
+async fn forget_node(State(b): Shared, caller: Caller, Path(name): Path<String>) -> ApiResult {
+    caller.require_admin()?;
+    let Some(peers) = b.peers.get() else {
+        return Err(ApiError::bad_request("this node is not clustered"));
+    };
+    peers.forget(&name).await?;
+    no_content()
 }
 
 /// The octets a limit body names: `{"absolute": octets}`, or a fraction of
@@ -959,7 +1030,7 @@ async fn put_memory_watermark(
     body: Body,
 ) -> ApiResult {
     b.alarms
-        .set_memory_limit(node_limit(&caller, &name, body, "fraction")?);
+        .set_memory_limit(node_limit(&b, &caller, &name, body, "fraction")?);
     no_content()
 }
 
@@ -972,15 +1043,21 @@ async fn put_disk_free_limit(
     body: Body,
 ) -> ApiResult {
     b.alarms
-        .set_disk_limit(node_limit(&caller, &name, body, "mem_relative")?);
+        .set_disk_limit(node_limit(&b, &caller, &name, body, "mem_relative")?);
     no_content()
 }
 
 /// A limit PUT on node `name`: administrators only, this node only, the
 /// octets the body names (see [`limit_octets`]).
-fn node_limit(caller: &Caller, name: &str, body: Body, relative: &str) -> Result<u64, ApiError> {
+fn node_limit(
+    b: &Broker,
+    caller: &Caller,
+    name: &str,
+    body: Body,
+    relative: &str,
+) -> Result<u64, ApiError> {
     caller.require_admin()?;
-    if name != NODE {
+    if name != b.config.node_name {
         return Err(ApiError::not_found());
     }
     limit_octets(&body_map(body), relative)
@@ -988,7 +1065,7 @@ fn node_limit(caller: &Caller, name: &str, body: Body, relative: &str) -> Result
 
 async fn get_node(State(b): Shared, caller: Caller, Path(name): Path<String>) -> ApiResult {
     caller.require_monitoring()?;
-    if name != NODE {
+    if name != b.config.node_name {
         return Err(ApiError::not_found());
     }
     ok(node_json(&b))
