@@ -121,6 +121,45 @@ if ! "$VENV/bin/check-jsonschema" --builtin-schema vendor.compose-spec "$DOCKER_
     fail "docker/docker-compose.yml does not match the Compose Specification schema"
 fi
 
+# --- 1b/2b. the three-node compose file ---------------------------------------
+CLUSTER_FILE="$DOCKER_DIR/docker-compose.cluster.yml"
+if [ -x "$COMPOSE_BIN" ]; then
+    say "docker compose config: docker/docker-compose.cluster.yml"
+    if resolved="$(env -i PATH=/usr/bin:/bin HOME="$VENV" WARREN_CLUSTER_SECRET=x \
+        "$COMPOSE_BIN" -f "$CLUSTER_FILE" config --format json)"; then
+        if "$VENV/bin/python" -c '
+import json, sys
+c = json.load(sys.stdin)
+svcs = c["services"]
+assert sorted(svcs) == ["warren-1", "warren-2", "warren-3"], sorted(svcs)
+assert {s["image"] for s in svcs.values()} == {"warren:latest"}, "one image"
+names = set()
+for name, s in svcs.items():
+    env = s["environment"]
+    assert env["WARREN_PEER_DNS"] == "warren-peers", name + ": peers by DNS"
+    assert "warren-peers" in s["networks"]["cluster"]["aliases"], name + ": alias warren-peers"
+    assert env["WARREN_NODE_NAME"] == "warren@" + s["hostname"], name + ": node name from its hostname"
+    assert env["WARREN_CLUSTER_SECRET_FILE"] == "/run/secrets/cluster_secret", name + ": secret file"
+    assert env["WARRENCTL_USERNAME"] == env["WARREN_DEFAULT_USER"], name + ": healthcheck user"
+    assert "warrenctl" in json.dumps(s["healthcheck"]["test"]), name + ": healthcheck"
+    vols = [v["source"] for v in s["volumes"] if v["type"] == "volume"]
+    assert vols == [name + "-data"], name + ": its own named volume"
+    names.add(env["WARREN_NODE_NAME"])
+assert len(names) == 3, "distinct node names"
+' <<< "$resolved"; then
+            echo "ok: valid; three nodes, one image, peers by DNS, own volumes, health checks, the secret"
+        else
+            fail "docker compose config: docker/docker-compose.cluster.yml requirements"
+        fi
+    else
+        fail "docker compose config rejected docker/docker-compose.cluster.yml"
+    fi
+fi
+say "check-jsonschema --builtin-schema vendor.compose-spec: docker/docker-compose.cluster.yml"
+if ! "$VENV/bin/check-jsonschema" --builtin-schema vendor.compose-spec "$CLUSTER_FILE"; then
+    fail "docker/docker-compose.cluster.yml does not match the Compose Specification schema"
+fi
+
 # --- 3. hadolint -------------------------------------------------------------
 say "hadolint $("$VENV/bin/hadolint" --version | awk '{print $NF}') --failure-threshold style: docker/Dockerfile"
 if (cd "$DOCKER_DIR" && env -i PATH=/usr/bin:/bin HOME="$VENV" XDG_CONFIG_HOME="$VENV" \
