@@ -21,9 +21,15 @@ const CHILD: &str = "cluster_node";
 const PATIENCE: Duration = Duration::from_secs(60);
 
 async fn call(method: reqwest::Method, url: String, body: Option<Value>) -> (u16, Value) {
+    // guest on loopback; a lab cluster's nodes (own addresses) made admin.
+    let user = if url.starts_with("http://127.0.0.1") {
+        "guest"
+    } else {
+        "admin"
+    };
     let mut req = reqwest::Client::new()
         .request(method, url)
-        .basic_auth("guest", Some("guest"));
+        .basic_auth(user, Some(user));
     if let Some(b) = body {
         req = req.json(&b);
     }
@@ -119,7 +125,8 @@ async fn formed(cluster: &TestCluster) {
                     call(reqwest::Method::GET, format!("{api}/api/permissions"), None).await;
                 status == 200
                     && body.as_array().is_some_and(|p| {
-                        p.iter().any(|p| p["user"] == "guest" && p["vhost"] == "/")
+                        p.iter()
+                            .any(|p| p["user"] == "guest" || p["user"] == "admin")
                     })
             }
         })
@@ -390,7 +397,7 @@ async fn a_peer_without_the_secret_is_refused() {
 
 async fn amqp(cluster: &TestCluster, i: usize) -> lapin::Connection {
     lapin::Connection::connect(
-        &cluster.node(i).uri("guest", "guest", "%2f"),
+        &cluster.node(i).uri(&cluster.user.0, &cluster.user.1, "%2f"),
         lapin::ConnectionProperties::default(),
     )
     .await
@@ -534,6 +541,12 @@ async fn a_message_published_on_one_node_is_confirmed_into_a_queue_on_another() 
         assert!(c.await.unwrap().is_ack());
     }
 
+    // A declare on node 1 answers the counts node 2 has (ordered after
+    // node 1's enqueues, so they are all in).
+    let on_home = ready(&home, "q.cross").await;
+    assert!(on_home >= 200, "{on_home}");
+    assert_eq!(ready(&first, "q.cross").await, on_home);
+
     // On node 2 the queue holds them, in publish order.
     let mut got = Vec::new();
     while let Some(m) = ch2
@@ -575,6 +588,21 @@ async fn a_message_published_on_one_node_is_confirmed_into_a_queue_on_another() 
         .await
         .unwrap();
     assert!(confirm.is_nack(), "{confirm:?}");
+    // And a declare of it is refused as RabbitMQ refuses it.
+    let ch = first.create_channel().await.unwrap();
+    warren_tests::assert_amqp_error(
+        ch.queue_declare(
+            "q.cross".into(),
+            lapin::options::QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await,
+        404,
+        "NOT_FOUND - home node 'n2@127.0.0.1' of durable queue 'q.cross' in vhost '/' is down or inaccessible",
+    );
 }
 
 async fn durable_queue(ch: &lapin::Channel, name: &str) {
@@ -828,6 +856,22 @@ async fn a_forgotten_node_is_refused_when_it_comes_back() {
     let api1 = cluster.node(0).api.clone();
     let nodes = get(&api1, "/api/nodes").await;
     assert_eq!(nodes.as_array().unwrap().len(), 3, "{nodes}");
+    // Every node's figures reach node 1 by gossip.
+    eventually("node 1 has every node's figures", &cluster, || {
+        let api1 = api1.clone();
+        async move {
+            let nodes = get(&api1, "/api/nodes").await;
+            nodes.as_array().unwrap().iter().all(|n| {
+                n["running"] == true
+                    && n["mem_used"].as_u64().is_some_and(|m| m > 0)
+                    && n["fd_used"].as_u64().is_some_and(|f| f > 0)
+                    && n["fd_total"].as_u64().is_some_and(|f| f > 0)
+                    && n["uptime"].as_u64().is_some_and(|u| u > 0)
+                    && n["partitions"] == json!([])
+            })
+        }
+    })
+    .await;
     assert_eq!(get(&api1, "/api/cluster-name").await["name"], "test");
 
     cluster.kill(2);
@@ -891,4 +935,171 @@ async fn a_forgotten_node_is_refused_when_it_comes_back() {
 
 async fn names_now(api: &str) -> Vec<String> {
     names(api, "/api/vhosts").await
+}
+
+/// Publishes `n` persistent messages `"{prefix} {k}"` to `queue` on `ch`
+/// (in confirm mode) and asserts every one is confirmed.
+async fn publish_confirmed(ch: &lapin::Channel, queue: &str, prefix: &str, n: usize) {
+    let mut confirms = Vec::new();
+    for k in 0..n {
+        confirms.push(
+            ch.basic_publish(
+                "".into(),
+                queue.into(),
+                lapin::options::BasicPublishOptions::default(),
+                format!("{prefix} {k}").as_bytes(),
+                lapin::BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .unwrap(),
+        );
+    }
+    for c in confirms {
+        assert!(c.await.unwrap().is_ack(), "{prefix}: a confirm was a nack");
+    }
+}
+
+/// Node `i`'s entry for node `name` in node `i`'s `/api/nodes`.
+async fn node_entry(cluster: &TestCluster, i: usize, name: &str) -> Value {
+    get(&cluster.node(i).api, "/api/nodes")
+        .await
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == name)
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_node_refuses_changes_and_the_healed_cluster_converges_with_every_confirmed_message()
+ {
+    let lab = match warren_tests::NetLab::new(3) {
+        Ok(lab) => lab,
+        // CI runs as root; elsewhere this test needs it.
+        Err(e) if std::env::var_os("CI").is_none() => {
+            eprintln!("skipped: network namespaces need root: {e}");
+            return;
+        }
+        Err(e) => panic!("{e}"),
+    };
+    let cluster = TestCluster::start_in_lab(CHILD, lab);
+    formed(&cluster).await;
+    let lab = cluster.lab.as_ref().unwrap();
+    let n3 = format!("n3@{}", lab.hosts[2]);
+    let api = |i: usize| cluster.node(i).api.clone();
+
+    // A durable queue on node 1; 50 confirmed messages from node 1.
+    let first = amqp(&cluster, 0).await;
+    let ch1 = first.create_channel().await.unwrap();
+    durable_queue(&ch1, "q.part").await;
+    ch1.confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    publish_confirmed(&ch1, "q.part", "before", 50).await;
+    let third = amqp(&cluster, 2).await;
+    sees_queue(&cluster, &third, 2, "q.part").await;
+    drop(third);
+
+    // Node 3 is cut off from both others (the test still reaches it).
+    lab.cut(0, 2);
+    lab.cut(1, 2);
+    // Node 3 refuses metadata changes once it notices; what it refused
+    // is applied nowhere, ever. (A change it made before noticing is
+    // simply committed: each attempt has its own name.)
+    let mut refused = Vec::new();
+    let deadline = Instant::now() + PATIENCE;
+    for attempt in 0.. {
+        assert!(Instant::now() < deadline, "node 3 never refused a change");
+        let name = format!("minority-{attempt}");
+        let (status, body) = put(&api(2), &format!("/api/vhosts/{name}"), json!({})).await;
+        match status {
+            // Refused at once (not "timed out ... may or may not take
+            // effect", whose outcome is unknown).
+            503 if !body.to_string().contains("may or may not") => {
+                refused.push(name);
+                if refused.len() == 3 {
+                    break;
+                }
+            }
+            // Made before node 3 noticed, or timed out with an unknown
+            // outcome: neither counts as refused.
+            201 | 204 | 500..=599 => tokio::time::sleep(Duration::from_millis(200)).await,
+            other => panic!("PUT on node 3: {other} {body}"),
+        }
+    }
+    // The majority goes on: a change on node 1 (once it has a leader, if
+    // node 3 led), and 50 more confirmed messages, some through node 2.
+    eventually("node 1 commits a change", &cluster, || async {
+        put(&api(0), "/api/vhosts/majority", json!({})).await.0 == 201
+            || names(&api(0), "/api/vhosts")
+                .await
+                .contains(&"majority".to_owned())
+    })
+    .await;
+    publish_confirmed(&ch1, "q.part", "during", 25).await;
+    let second = amqp(&cluster, 1).await;
+    let ch2 = second.create_channel().await.unwrap();
+    ch2.confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    publish_confirmed(&ch2, "q.part", "via 2", 25).await;
+    eventually("node 1 sees node 3 down", &cluster, || async {
+        node_entry(&cluster, 0, &n3).await["running"] == false
+    })
+    .await;
+
+    // Healed: node 3 catches up, and no refused change appears anywhere.
+    lab.heal(0, 2);
+    lab.heal(1, 2);
+    for i in 0..3 {
+        eventually(&format!("node {} converged", i + 1), &cluster, || async {
+            let vhosts = names(&api(i), "/api/vhosts").await;
+            vhosts.contains(&"majority".to_owned())
+                && node_entry(&cluster, i, &n3).await["running"] == true
+        })
+        .await;
+    }
+    for i in 0..3 {
+        let vhosts = names(&api(i), "/api/vhosts").await;
+        for r in &refused {
+            assert!(!vhosts.contains(r), "node {}: refused {r} is there", i + 1);
+        }
+    }
+    // Every confirmed message is there, read through node 3.
+    let third = amqp(&cluster, 2).await;
+    let ch3 = third.create_channel().await.unwrap();
+    let mut got = Vec::new();
+    while let Some(m) = get_one(&ch3, "q.part", true).await {
+        got.push(String::from_utf8(m.delivery.data.clone()).unwrap());
+    }
+    for prefix in ["before", "during"] {
+        let mine: Vec<&String> = got.iter().filter(|m| m.starts_with(prefix)).collect();
+        let want: Vec<String> = (0..if prefix == "before" { 50 } else { 25 })
+            .map(|k| format!("{prefix} {k}"))
+            .collect();
+        assert_eq!(mine, want.iter().collect::<Vec<_>>(), "{got:?}");
+    }
+    assert_eq!(got.iter().filter(|m| m.starts_with("via 2")).count(), 25);
+    assert_eq!(got.len(), 100, "{got:?}");
+
+    // Cut only nodes 1 and 3: node 2 still hears node 3, so node 1 sees
+    // it running (by gossip) but partitioned from it, as RabbitMQ lists.
+    lab.cut(0, 2);
+    eventually(
+        "node 1 lists node 3 in its partitions",
+        &cluster,
+        || async {
+            let me = node_entry(&cluster, 0, &format!("n1@{}", lab.hosts[0])).await;
+            me["partitions"] == json!([n3.clone()])
+                && node_entry(&cluster, 0, &n3).await["running"] == true
+        },
+    )
+    .await;
+    lab.heal(0, 2);
+    eventually("the partition is gone", &cluster, || async {
+        let me = node_entry(&cluster, 0, &format!("n1@{}", lab.hosts[0])).await;
+        me["partitions"] == json!([])
+    })
+    .await;
 }

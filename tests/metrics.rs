@@ -41,6 +41,15 @@ async fn counters_move_with_traffic() {
     );
     assert!(value(&before, "rabbitmq_process_resident_memory_bytes") > 0.0);
     assert_eq!(value(&before, "rabbitmq_alarms_memory_used_watermark"), 0.0);
+    // The node's identity, as RabbitMQ labels it (a node alone: the
+    // cluster is named after the node).
+    assert_eq!(
+        value(
+            &before,
+            "rabbitmq_identity_info{rabbitmq_node=\"warren@localhost\",rabbitmq_cluster=\"warren@localhost\"}"
+        ),
+        1.0
+    );
 
     let conn = broker.connect().await;
     let ch = channel_with_queue(&conn, "work").await;

@@ -663,6 +663,126 @@ pub fn serve_if_child() {
 
 const CLUSTER_NODE_ENV: &str = "WARREN_TEST_CLUSTER_NODE";
 
+/// A private network for a test cluster: a bridge with an address in the
+/// root namespace (where the test runs) and one network namespace per node,
+/// each with one address on the bridge. Links between nodes are cut with
+/// blackhole routes inside their namespaces; the test keeps reaching every
+/// node. Everything is removed on drop. Needs root (CI runs as root).
+#[derive(Debug)]
+pub struct NetLab {
+    tag: String,
+    /// Node `i`'s address.
+    pub hosts: Vec<String>,
+}
+
+fn ip(args: &[&str]) -> Result<(), String> {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("ip {}: {e}", args.join(" ")))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+impl NetLab {
+    /// A bridge and `n` namespaces, or why not (not root, no `ip`).
+    pub fn new(n: usize) -> Result<NetLab, String> {
+        let tag = format!("{:04x}", rand_below(0x10000));
+        let subnet = format!("10.231.{}", rand_below(250) + 1);
+        let lab = NetLab {
+            tag,
+            hosts: (0..n).map(|i| format!("{subnet}.{}", 11 + i)).collect(),
+        };
+        let br = lab.bridge();
+        ip(&["link", "add", &br, "type", "bridge"])?;
+        ip(&["addr", "add", &format!("{subnet}.1/24"), "dev", &br])?;
+        ip(&["link", "set", &br, "up"])?;
+        for i in 0..n {
+            let (ns, outer, inner) = (lab.namespace(i), lab.outer(i), lab.inner(i));
+            ip(&["netns", "add", &ns])?;
+            ip(&[
+                "link", "add", &outer, "type", "veth", "peer", "name", &inner,
+            ])?;
+            ip(&["link", "set", &inner, "netns", &ns])?;
+            ip(&["link", "set", &outer, "master", &br, "up"])?;
+            let host = format!("{}/24", lab.hosts[i]);
+            ip(&["-n", &ns, "addr", "add", &host, "dev", &inner])?;
+            ip(&["-n", &ns, "link", "set", &inner, "up"])?;
+            ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+        }
+        Ok(lab)
+    }
+
+    fn bridge(&self) -> String {
+        format!("wb{}", self.tag)
+    }
+
+    /// Node `i`'s namespace.
+    pub fn namespace(&self, i: usize) -> String {
+        format!("warren-{}-{i}", self.tag)
+    }
+
+    fn outer(&self, i: usize) -> String {
+        format!("wv{}{i}", self.tag)
+    }
+
+    fn inner(&self, i: usize) -> String {
+        format!("wp{}{i}", self.tag)
+    }
+
+    /// Cuts the link between nodes `a` and `b` (both ways).
+    pub fn cut(&self, a: usize, b: usize) {
+        for (from, to) in [(a, b), (b, a)] {
+            let route = format!("{}/32", self.hosts[to]);
+            ip(&[
+                "-n",
+                &self.namespace(from),
+                "route",
+                "add",
+                "blackhole",
+                &route,
+            ])
+            .unwrap();
+        }
+    }
+
+    /// Heals the link between nodes `a` and `b`.
+    pub fn heal(&self, a: usize, b: usize) {
+        for (from, to) in [(a, b), (b, a)] {
+            let route = format!("{}/32", self.hosts[to]);
+            ip(&[
+                "-n",
+                &self.namespace(from),
+                "route",
+                "del",
+                "blackhole",
+                &route,
+            ])
+            .unwrap();
+        }
+    }
+}
+
+impl Drop for NetLab {
+    fn drop(&mut self) {
+        // Each pair goes with its outer end: the namespace may outlive its
+        // name for minutes (the kernel's orphaned sockets still retrying
+        // towards a peer that was cut), and the pair with it.
+        for i in 0..self.hosts.len() {
+            let _ = ip(&["link", "del", &self.outer(i)]);
+            let _ = ip(&["netns", "del", &self.namespace(i)]);
+        }
+        let _ = ip(&["link", "del", &self.bridge()]);
+    }
+}
+
 /// A free TCP port on loopback (bound and released: a test's cluster
 /// ports must be known before the nodes start, since each is the others'
 /// seed).
@@ -727,6 +847,12 @@ pub struct TestCluster {
     dir: tempfile::TempDir,
     secret_file: PathBuf,
     ports: Vec<u16>,
+    /// Each node's address (its node name's host).
+    hosts: Vec<String>,
+    /// The private network the nodes run in, if any.
+    pub lab: Option<NetLab>,
+    /// The user the cluster creates when it forms.
+    pub user: (String, String),
     /// The nodes (None while stopped).
     pub nodes: Vec<Option<ClusterChild>>,
 }
@@ -735,15 +861,34 @@ impl TestCluster {
     /// Starts `n` nodes, named `n1@127.0.0.1` ..., through the test binary's
     /// `child_test` (which calls [`serve_cluster_node_if_child`]).
     pub fn start(child_test: &str, n: usize) -> TestCluster {
+        Self::start_on(child_test, n, None)
+    }
+
+    /// Starts `n` nodes, node `i` in network namespace `i` of `lab` (named
+    /// `n1@<its address>` ...); the cluster's user is `admin`, since guest
+    /// may log in from loopback only.
+    pub fn start_in_lab(child_test: &str, lab: NetLab) -> TestCluster {
+        let n = lab.hosts.len();
+        Self::start_on(child_test, n, Some(lab))
+    }
+
+    fn start_on(child_test: &str, n: usize, lab: Option<NetLab>) -> TestCluster {
         let dir = tempfile::tempdir().unwrap();
         let secret_file = dir.path().join("secret");
         std::fs::write(&secret_file, "a-test-cluster-secret-of-some-length").unwrap();
         let ports = (0..n).map(|_| free_cluster_port()).collect();
+        let (hosts, user) = match &lab {
+            Some(lab) => (lab.hosts.clone(), ("admin", "admin")),
+            None => (vec!["127.0.0.1".to_owned(); n], ("guest", "guest")),
+        };
         let mut c = TestCluster {
             child_test: child_test.to_owned(),
             dir,
             secret_file,
             ports,
+            hosts,
+            lab,
+            user: (user.0.to_owned(), user.1.to_owned()),
             nodes: (0..n).map(|_| None).collect(),
         };
         for i in 0..n {
@@ -759,7 +904,7 @@ impl TestCluster {
 
     /// Node `i`'s cluster address.
     pub fn cluster_addr(&self, i: usize) -> String {
-        format!("127.0.0.1:{}", self.ports[i])
+        format!("{}:{}", self.hosts[i], self.ports[i])
     }
 
     /// Node `i` (running).
@@ -776,13 +921,24 @@ impl TestCluster {
             .collect();
         let spec = serde_json::json!({
             "dir": self.data_dir(i),
-            "name": format!("n{}@127.0.0.1", i + 1),
+            "name": format!("n{}@{}", i + 1, self.hosts[i]),
+            "host": self.hosts[i],
+            "user": [self.user.0, self.user.1],
             "cluster_port": self.ports[i],
             "peers": peers,
             "secret_file": secret_file.unwrap_or(&self.secret_file),
         });
         let log = std::fs::File::create(self.dir.path().join(format!("n{}.log", i + 1))).unwrap();
-        let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+        let exe = std::env::current_exe().unwrap();
+        let mut cmd = match &self.lab {
+            // `ip netns exec` execs the binary: the child is the node.
+            Some(lab) => {
+                let mut c = std::process::Command::new("ip");
+                c.args(["netns", "exec", &lab.namespace(i)]).arg(exe);
+                c
+            }
+            None => std::process::Command::new(exe),
+        };
         cmd.args([
             "--exact",
             &self.child_test,
@@ -849,6 +1005,11 @@ pub fn serve_cluster_node_if_child() {
         .map(|p| p.as_str().unwrap().to_owned())
         .collect();
     let cluster_port = spec["cluster_port"].as_u64().unwrap() as u16;
+    let host: std::net::IpAddr = spec["host"].as_str().unwrap().parse().unwrap();
+    let user = (
+        spec["user"][0].as_str().unwrap().to_owned(),
+        spec["user"][1].as_str().unwrap().to_owned(),
+    );
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_writer(std::io::stderr)
@@ -860,27 +1021,27 @@ pub fn serve_cluster_node_if_child() {
     rt.block_on(async {
         // The AMQP port is chosen first so the cluster can advertise it;
         // it stays bound until the broker takes it.
-        let amqp_hold = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let amqp_hold = std::net::TcpListener::bind((host, 0)).unwrap();
         let amqp_port = amqp_hold.local_addr().unwrap().port();
         let settings_name = name.clone();
         let settings = cluster::ClusterSettings {
             node_name: name,
             cluster_name: "test".into(),
-            bind: SocketAddr::from(([127, 0, 0, 1], cluster_port)),
+            bind: SocketAddr::from((host, cluster_port)),
             advertise: None,
             peers,
             peer_dns: Vec::new(),
             secret: secret.into(),
             data_dir: dir.clone(),
-            amqp_addr: format!("127.0.0.1:{amqp_port}"),
-            default_user: ("guest".into(), "guest".into()),
+            amqp_addr: format!("{host}:{amqp_port}"),
+            default_user: user,
         };
         let cluster = cluster::start(settings).await.unwrap();
         let config = server::Config {
             data_dir: dir,
             node_name: settings_name,
-            bind: SocketAddr::from(([127, 0, 0, 1], amqp_port)),
-            management: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+            bind: SocketAddr::from((host, amqp_port)),
+            management: Some(SocketAddr::from((host, 0))),
             prometheus: None,
             ..server::Config::default()
         };

@@ -1,7 +1,9 @@
 //! Warren's cluster: several nodes as one broker.
 //!
-//! What is here now: each node's identity (`identity`), the authenticated
-//! links between nodes (`link`, `rpc`), the node's durable Raft log
+//! What is here now: each node's identity (`identity`), membership by
+//! gossip (`gossip`: chitchat, an address book and liveness hint for
+//! `/api/nodes`), the authenticated links between nodes (`link`, `rpc`),
+//! the node's durable Raft log
 //! (`raft_wal`), the metadata Raft group (`meta_group`: openraft over that
 //! log and those links, with the server's `MetaState` as its state
 //! machine), the node's part in it (`node`), formation (`formation`), and
@@ -9,12 +11,13 @@
 //! A node started with [`start`] hands that log to `server::start_with`;
 //! every node then applies every metadata command and projects it.
 //!
-//! Module order (each imports only those before it): `identity`,
+//! Module order (each imports only those before it): `identity`, `gossip`,
 //! `raft_wal` <- `meta_group` <- `rpc` <- `link` <- `node` <- `formation`
 //! <- `lib` (`meta_group` names `link::Links` and `rpc` for its network,
 //! the one cycle, between the group's types and the wire that carries them).
 
 mod formation;
+pub mod gossip;
 pub mod identity;
 pub mod link;
 pub mod meta_group;
@@ -92,6 +95,7 @@ pub struct ClusterHandle {
     pub cluster_addr: SocketAddr,
     wal: raft_wal::RaftWal,
     handler: Arc<node::Handler>,
+    gossip: Arc<gossip::Gossip>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -122,6 +126,9 @@ impl ClusterHandle {
         }
         let _ = self.node.raft.shutdown().await;
         self.node.links.shutdown();
+        if let Ok(g) = Arc::try_unwrap(self.gossip) {
+            g.shutdown().await;
+        }
         self.wal.close();
     }
 }
@@ -178,6 +185,7 @@ pub async fn start(settings: ClusterSettings) -> Result<ClusterHandle, ClusterEr
         cluster_addr: advertised(&settings, cluster_addr.port())?,
         amqp_addr: settings.amqp_addr.clone(),
     };
+    let gossip = Arc::new(start_gossip(&settings, &me, cluster_addr).await?);
     let raft_dir = settings.data_dir.join("raft");
     let (wal, opened) =
         raft_wal::RaftWal::open(&raft_dir).map_err(|e| ClusterError::State(e.to_string()))?;
@@ -231,9 +239,15 @@ pub async fn start(settings: ClusterSettings) -> Result<ClusterHandle, ClusterEr
         links.clone(),
         raft,
         machine,
+        gossip.view(),
     ));
     let _ = handler.node.set(Arc::downgrade(&node));
     let mut tasks = vec![tokio::spawn(links.clone().serve(listener))];
+    tasks.push(tokio::spawn(gossip_rounds(
+        gossip.clone(),
+        node.clone(),
+        handler.clone(),
+    )));
     tasks.push(tokio::spawn(formation::run(node.clone(), settings)));
     tracing::info!(node = %me.name, id = me.id, cluster_addr = %me.cluster_addr, "cluster node started");
     Ok(ClusterHandle {
@@ -241,8 +255,125 @@ pub async fn start(settings: ClusterSettings) -> Result<ClusterHandle, ClusterEr
         cluster_addr,
         wal,
         handler,
+        gossip,
         tasks,
     })
+}
+
+/// Starts gossip on the cluster port's number, over UDP, with the same
+/// seeds as formation (peer DNS names on this node's cluster port).
+async fn start_gossip(
+    settings: &ClusterSettings,
+    me: &NodeInfo,
+    cluster_addr: SocketAddr,
+) -> Result<gossip::Gossip, ClusterError> {
+    let advertise = match tokio::net::lookup_host(me.cluster_addr.as_str()).await {
+        Ok(mut addrs) => addrs.next(),
+        Err(_) => None,
+    }
+    .or((!cluster_addr.ip().is_unspecified()).then_some(cluster_addr))
+    .ok_or_else(|| {
+        ClusterError::Settings(format!(
+            "cannot resolve this node's cluster address {} for gossip",
+            me.cluster_addr
+        ))
+    })?;
+    let seeds = settings
+        .peers
+        .iter()
+        .cloned()
+        .chain(
+            settings
+                .peer_dns
+                .iter()
+                .map(|n| format!("{n}:{}", cluster_addr.port())),
+        )
+        .collect();
+    gossip::Gossip::start(gossip::GossipSettings {
+        node_name: me.name.clone(),
+        cluster_name: settings.cluster_name.clone(),
+        bind: cluster_addr,
+        advertise,
+        seeds,
+        secret: settings.secret.clone(),
+        initial: vec![
+            (gossip::keys::AMQP.into(), me.amqp_addr.clone()),
+            (gossip::keys::CLUSTER.into(), me.cluster_addr.clone()),
+            (
+                gossip::keys::VERSION.into(),
+                env!("CARGO_PKG_VERSION").into(),
+            ),
+        ],
+    })
+    .await
+    .map_err(|e| ClusterError::Settings(format!("{e:#}")))
+}
+
+/// Every gossip interval: publishes this node's figures, the members it
+/// has links to and those it is partitioned from (gossip deems them live,
+/// yet this node cannot reach them), and refreshes the view. Every 2 s it
+/// also tries a link to each member it has none to, so that "no link"
+/// means "cannot reach".
+async fn gossip_rounds(
+    gossip: Arc<gossip::Gossip>,
+    node: Arc<ClusterNode>,
+    handler: Arc<node::Handler>,
+) {
+    let mut tick = tokio::time::interval(gossip::GOSSIP_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let probing: Arc<parking_lot::Mutex<std::collections::HashSet<u64>>> = Arc::default();
+    let mut round: u64 = 0;
+    loop {
+        tick.tick().await;
+        round += 1;
+        let status = node.status();
+        let others = status
+            .voters
+            .iter()
+            .chain(&status.learners)
+            .filter(|n| n.id != node.me.id);
+        let view = node.gossip.read().clone();
+        let (mut linked, mut partitions) = (vec![node.me.name.as_str()], Vec::new());
+        for n in others {
+            if node.links.is_connected(n.id) {
+                linked.push(&n.name);
+                continue;
+            }
+            if view.live.contains_key(&n.name) {
+                partitions.push(n.name.as_str());
+            }
+            if round % 8 == 0 && probing.lock().insert(n.id) {
+                let (links, probing, n) = (node.links.clone(), probing.clone(), n.clone());
+                tokio::spawn(async move {
+                    let probe = links
+                        .request(
+                            Some(n.id),
+                            &n.cluster_addr,
+                            &rpc::Request::Status,
+                            Duration::from_secs(2),
+                        )
+                        .await;
+                    if let Err(e) = probe {
+                        tracing::debug!(peer = %n.name, error = %e, "cluster link probe");
+                    }
+                    probing.lock().remove(&n.id);
+                });
+            }
+        }
+        let mut keys = vec![
+            (gossip::keys::SEES, linked.join(",")),
+            (gossip::keys::PARTITIONS, partitions.join(",")),
+        ];
+        // Figures every second (reading /proc costs a little).
+        if round % 4 == 1 {
+            if let Some(b) = handler.broker.get().and_then(Weak::upgrade) {
+                if let Ok(stats) = serde_json::to_string(&b.node_stats()) {
+                    keys.push((gossip::keys::STATS, stats));
+                }
+            }
+        }
+        gossip.publish_and_refresh(&keys).await;
+    }
 }
 
 /// The server's [`MetaLog`] in a cluster: commands are committed through

@@ -48,6 +48,14 @@ const KIND_REQUEST: u8 = 1;
 const KIND_RESPONSE: u8 = 2;
 /// A request that gets no response.
 const KIND_ONEWAY: u8 = 3;
+/// Sent on a link idle for [`PING_INTERVAL`]; read and ignored.
+const KIND_PING: u8 = 4;
+/// An idle link sends a ping this often ...
+pub const PING_INTERVAL: Duration = Duration::from_secs(1);
+/// ... and a link that hears nothing for this long is closed: a peer cut
+/// off without a reset (a partition, a blackhole) is gone within it, as a
+/// dead one is (RabbitMQ's `net_ticktime`, much shorter).
+pub const LINK_SILENCE: Duration = Duration::from_secs(5);
 
 /// Why a request got no response.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -722,7 +730,11 @@ async fn write_loop(
     loop {
         let first = tokio::select! {
             _ = closed.cancelled() => break,
-            m = rx.recv() => match m { Some(m) => m, None => break },
+            m = tokio::time::timeout(PING_INTERVAL, rx.recv()) => match m {
+                Ok(Some(m)) => m,
+                Ok(None) => break,
+                Err(_) => (KIND_PING, 0, Bytes::new()),
+            },
         };
         let mut next = Some(first);
         while let Some((kind, id, payload)) = next.take() {
@@ -758,7 +770,10 @@ async fn read_loop(
         loop {
             let len = tokio::select! {
                 _ = conn.closed.cancelled() => return Ok(()),
-                l = r.read_u32() => l.map_err(|e| e.to_string())? as usize,
+                l = tokio::time::timeout(LINK_SILENCE, r.read_u32()) => match l {
+                    Ok(l) => l.map_err(|e| e.to_string())? as usize,
+                    Err(_) => return Err(format!("nothing heard for {LINK_SILENCE:?}")),
+                },
             };
             if !(TAG_LEN + 9..=MAX_FRAME).contains(&len) {
                 return Err(format!("frame of {len} octets"));
@@ -775,6 +790,7 @@ async fn read_loop(
             let kind = frame.try_get_u8().map_err(|e| e.to_string())?;
             let id = frame.try_get_u64().map_err(|e| e.to_string())?;
             match kind {
+                KIND_PING => {}
                 KIND_RESPONSE => {
                     let Some(tx) = conn.pending.lock().remove(&id) else {
                         continue;

@@ -21,6 +21,7 @@ use openraft::error::{ClientWriteError, RaftError};
 use openraft::{ChangeMembers, Raft, ServerState};
 use server::meta::MetaError;
 
+use crate::gossip::{GossipView, SharedView};
 use crate::identity::NodeInfo;
 use crate::link::{Links, RequestHandler};
 use crate::meta_group::{META_GROUP, MetaMachine, MetaRequest, MetaResponse, MetaTypes};
@@ -50,6 +51,8 @@ pub struct ClusterNode {
     pub machine: MetaMachine,
     /// The cluster's name.
     pub cluster_name: String,
+    /// What gossip last said of the live nodes.
+    pub gossip: SharedView,
     /// Commits go through here one at a time, in call order.
     commits: tokio::sync::Mutex<()>,
     /// This node's consumers of queues on other nodes: key -> (home node,
@@ -77,6 +80,7 @@ impl ClusterNode {
         links: Arc<Links>,
         raft: Raft<MetaTypes>,
         machine: MetaMachine,
+        gossip: SharedView,
     ) -> ClusterNode {
         ClusterNode {
             me,
@@ -84,6 +88,7 @@ impl ClusterNode {
             links,
             raft,
             machine,
+            gossip,
             commits: tokio::sync::Mutex::new(()),
             sinks: parking_lot::Mutex::default(),
             next_key: std::sync::atomic::AtomicU64::new(1),
@@ -118,6 +123,13 @@ impl ClusterNode {
             }
         }
         status
+    }
+
+    /// Whether member `n` is running as this node sees it: itself, a live
+    /// link to it, or gossip's failure detector deems it live (another node
+    /// hears from it: a partition from here).
+    pub fn running(&self, n: &NodeInfo, view: &GossipView) -> bool {
+        n.id == self.me.id || self.links.is_connected(n.id) || view.live.contains_key(&n.name)
     }
 
     /// Whether this node belongs to a formed cluster (has a membership).
@@ -359,13 +371,19 @@ impl server::peers::Peers for ClusterPeers {
 
     fn members(&self) -> Vec<server::peers::Member> {
         let status = self.node.status();
-        let member = |n: &NodeInfo, voter: bool| server::peers::Member {
-            name: n.name.clone(),
-            amqp_addr: n.amqp_addr.clone(),
-            cluster_addr: n.cluster_addr.clone(),
-            running: n.id == self.node.me.id || self.node.links.is_connected(n.id),
-            voter,
-            leader: status.leader == Some(n.id),
+        let view = self.node.gossip.read().clone();
+        let member = |n: &NodeInfo, voter: bool| {
+            let heard = view.live.get(&n.name);
+            server::peers::Member {
+                name: n.name.clone(),
+                amqp_addr: n.amqp_addr.clone(),
+                cluster_addr: n.cluster_addr.clone(),
+                running: self.node.running(n, &view),
+                voter,
+                leader: status.leader == Some(n.id),
+                stats: heard.and_then(|h| h.stats.clone()),
+                partitions: heard.map(|h| h.partitions.clone()).unwrap_or_default(),
+            }
         };
         let mut out: Vec<server::peers::Member> = status
             .voters
@@ -453,6 +471,33 @@ impl server::peers::Peers for ClusterPeers {
                 header: b64.decode(d.header).map_err(|e| e.to_string())?.into(),
                 body: b64.decode(d.body).map_err(|e| e.to_string())?.into(),
             }))
+        })
+    }
+
+    fn counts(
+        &self,
+        home: &str,
+        vhost: &str,
+        queue: &amqp_codec::ShortStr,
+    ) -> server::peers::RemoteCounts {
+        let Some(addr) = self.node.address_of(home) else {
+            let text = format!("node '{home}' is not a member of the cluster");
+            return Box::pin(std::future::ready(Err(text)));
+        };
+        let request = Request::QueueInfo {
+            vhost: vhost.to_owned(),
+            queue: queue.to_string(),
+        };
+        // Ordered with this node's enqueues to it: the counts include them.
+        let answer = self.node.links.send_ordered(&addr, request);
+        let home = home.to_owned();
+        Box::pin(async move {
+            match answer.await {
+                Ok(Ok(Response::QueueInfo(counts))) => Ok(counts),
+                Ok(Ok(other)) => Err(format!("node '{home}' answered {other:?}")),
+                Ok(Err(e)) => Err(format!("node '{home}': {e}")),
+                Err(_) => Err(format!("node '{home}': no answer")),
+            }
         })
     }
 
@@ -987,6 +1032,20 @@ impl RequestHandler for Handler {
         let request = match request {
             Request::Enqueue(e) => return self.enqueue(e),
             Request::Get { vhost, queue, ack } => return self.get(from.id, vhost, queue, ack),
+            Request::QueueInfo { vhost, queue } => {
+                let counts = self
+                    .broker()
+                    .and_then(|b| b.vhost(&vhost))
+                    .and_then(|v| v.find_queue(&queue))
+                    .map(|q| {
+                        let c = q.counters();
+                        (
+                            u32::try_from(c.ready).unwrap_or(u32::MAX),
+                            u32::try_from(c.consumers).unwrap_or(u32::MAX),
+                        )
+                    });
+                return Box::pin(std::future::ready(Response::QueueInfo(counts)));
+            }
             Request::Settle {
                 vhost,
                 queue,
@@ -1102,6 +1161,7 @@ impl RequestHandler for Handler {
                     }))
                 }
                 Request::Enqueue(_)
+                | Request::QueueInfo { .. }
                 | Request::Get { .. }
                 | Request::Settle { .. }
                 | Request::Consume { .. }

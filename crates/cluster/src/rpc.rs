@@ -50,6 +50,13 @@ pub enum Request {
     Status,
     /// Enqueue a message into a queue homed on the receiving node.
     Enqueue(EnqueueRequest),
+    /// A queue's counts (`queue.declare` on another node).
+    QueueInfo {
+        /// Vhost.
+        vhost: String,
+        /// Queue.
+        queue: String,
+    },
     /// `basic.get` from a queue homed on the receiving node.
     Get {
         /// Vhost.
@@ -170,6 +177,8 @@ pub enum Response {
     Forgotten(Result<(), String>),
     /// To `Status`.
     Status(Status),
+    /// To `QueueInfo`: ready messages and consumers; `None`: no such queue.
+    QueueInfo(Option<(u32, u32)>),
     /// To `Get`: a message, none, or why not.
     Got(Result<Option<WireDelivery>, String>),
     /// To one-way requests (never sent).

@@ -67,6 +67,40 @@ impl Broker {
         self.vhosts.iter().map(|v| v.value().clone()).collect()
     }
 
+    /// This node's figures now (`/api/nodes`, and what it gossips).
+    pub fn node_stats(&self) -> crate::peers::NodeStats {
+        let alarms = self.alarms.current();
+        let rss = std::fs::read_to_string("/proc/self/statm")
+            .ok()
+            .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .map_or(0, |pages| pages * 4096);
+        let fd_used = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as u64);
+        // "Max open files  <soft>  <hard>  files"
+        let fd_total = std::fs::read_to_string("/proc/self/limits")
+            .ok()
+            .and_then(|s| {
+                let line = s.lines().find(|l| l.starts_with("Max open files"))?;
+                line["Max open files".len()..]
+                    .split_whitespace()
+                    .next()?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .unwrap_or(0);
+        crate::peers::NodeStats {
+            mem_used: rss,
+            mem_limit: self.alarms.memory_limit(),
+            mem_alarm: alarms.memory,
+            disk_free_limit: self.alarms.disk_limit(),
+            disk_free_alarm: alarms.disk,
+            fd_used,
+            fd_total,
+            sockets_used: self.connections.load(Ordering::Relaxed) as u64,
+            processors: std::thread::available_parallelism().map_or(1, |n| n.get() as u64),
+            uptime: self.started.elapsed().as_millis() as u64,
+        }
+    }
+
     /// A fresh connection id.
     pub fn next_connection_id(&self) -> u64 {
         self.next_connection.fetch_add(1, Ordering::Relaxed)

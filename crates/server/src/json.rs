@@ -89,7 +89,7 @@ pub(crate) fn user(u: &crate::auth::User) -> Value {
 }
 
 /// A queue as `/api/queues` lists it.
-pub(super) fn queue(vhost: &str, q: &QueueHandle) -> Value {
+pub(super) fn queue(vhost: &str, q: &QueueHandle, node: &str) -> Value {
     let counts = q.counters();
     let (ready, unacked) = (counts.ready, counts.unacked);
     json!({
@@ -101,7 +101,7 @@ pub(super) fn queue(vhost: &str, q: &QueueHandle) -> Value {
         "arguments": table_to_json(&q.arguments),
         "type": q.kind().type_name(),
         "state": "running",
-        "node": crate::config::NODE_NAME,
+        "node": node,
         "messages": ready + unacked,
         "messages_ready": ready,
         "messages_unacknowledged": unacked,

@@ -24,6 +24,16 @@ struct DeadLetterLabels {
     dead_letter_strategy: &'static str,
 }
 
+/// Labels of `rabbitmq_identity_info`, RabbitMQ's per-node identity
+/// series (dashboards join the others to it on `instance`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IdentityLabels {
+    /// The node's name.
+    pub rabbitmq_node: String,
+    /// The cluster's name (a node alone: its own name, as RabbitMQ's).
+    pub rabbitmq_cluster: String,
+}
+
 /// The broker's counters and the gauges filled in at scrape time.
 #[derive(Debug)]
 pub struct Metrics {
@@ -56,6 +66,7 @@ pub struct Metrics {
     disk_alarm: Gauge,
     store_fsyncs: Gauge,
     store_batches: Gauge,
+    identity: Family<IdentityLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -165,6 +176,15 @@ impl Default for Metrics {
                 "warren_store_batches",
                 "Batches written by the message store since start",
             ),
+            identity: {
+                let f = Family::<IdentityLabels, Gauge>::default();
+                registry.register(
+                    "rabbitmq_identity_info",
+                    "RabbitMQ node & cluster identity info",
+                    f.clone(),
+                );
+                f
+            },
             registry,
         }
     }
@@ -194,7 +214,13 @@ impl Metrics {
 
     /// The node-wide exposition (`/metrics`), with the totals read from the
     /// broker at scrape time.
-    pub fn render(&self, totals: &NodeTotals) -> String {
+    pub fn render(&self, totals: &NodeTotals, identity: &IdentityLabels) -> String {
+        if self.identity.get(identity).is_none() {
+            // One series: the names are fixed for the process's life, but
+            // a cluster's name may only be known once it formed.
+            self.identity.clear();
+            self.identity.get_or_create(identity).set(1);
+        }
         self.queues.set(totals.queues);
         self.consumers.set(totals.consumers);
         self.ready.set(totals.ready);

@@ -70,6 +70,10 @@ pub struct RemoteDelivery {
     pub body: Bytes,
 }
 
+/// A queue's ready messages and consumers on its home node (`None`: it has
+/// no such queue), or why the home node could not be asked.
+pub type RemoteCounts = Pin<Box<dyn Future<Output = Result<Option<(u32, u32)>, String>> + Send>>;
+
 /// The answer to a remote `basic.get`: a message, or none (empty queue).
 pub type RemoteGet = Pin<Box<dyn Future<Output = Result<Option<RemoteDelivery>, String>> + Send>>;
 
@@ -115,6 +119,37 @@ pub struct Member {
     pub voter: bool,
     /// The metadata leader.
     pub leader: bool,
+    /// Its figures as it last gossiped them (this node's own: now).
+    pub stats: Option<NodeStats>,
+    /// Running nodes it cannot reach (RabbitMQ's `partitions`), as it last
+    /// gossiped them.
+    pub partitions: Vec<String>,
+}
+
+/// A node's figures for `/api/nodes`, under RabbitMQ's field names; also
+/// what each node gossips about itself.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct NodeStats {
+    /// Resident memory, octets.
+    pub mem_used: u64,
+    /// The memory high watermark, octets.
+    pub mem_limit: u64,
+    /// The memory alarm is raised.
+    pub mem_alarm: bool,
+    /// The free disk limit, octets.
+    pub disk_free_limit: u64,
+    /// The disk alarm is raised.
+    pub disk_free_alarm: bool,
+    /// Open file descriptors.
+    pub fd_used: u64,
+    /// The file descriptor limit (soft).
+    pub fd_total: u64,
+    /// Open client connections.
+    pub sockets_used: u64,
+    /// Cores.
+    pub processors: u64,
+    /// Milliseconds since the broker started.
+    pub uptime: u64,
 }
 
 /// Reaches queues on other nodes, and tells the management API about the
@@ -140,6 +175,9 @@ pub trait Peers: Send + Sync + std::fmt::Debug {
     /// `ack`, it stays unacknowledged there until settled (and is returned
     /// to the queue if this node goes away first).
     fn get(&self, home: &str, vhost: &str, queue: &ShortStr, ack: bool) -> RemoteGet;
+
+    /// Queue `queue`'s counts on node `home` (`queue.declare`).
+    fn counts(&self, home: &str, vhost: &str, queue: &ShortStr) -> RemoteCounts;
 
     /// Settles deliveries of queue `queue` on node `home` (in order with
     /// this node's other requests to it; not waited for).

@@ -131,7 +131,16 @@ const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset
 async fn metrics(State(b): State<Arc<Broker>>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, CONTENT_TYPE)],
-        b.metrics.render(&node_totals(&b)),
+        b.metrics.render(
+            &node_totals(&b),
+            &crate::metrics::IdentityLabels {
+                rabbitmq_node: b.config.node_name.clone(),
+                rabbitmq_cluster: b
+                    .peers
+                    .get()
+                    .map_or_else(|| b.config.node_name.clone(), |p| p.cluster_name()),
+            },
+        ),
     )
 }
 

@@ -325,8 +325,9 @@ impl Channel {
                 return Err(if e.contains("exclusive use") {
                     AmqpError::access_refused(e)
                 } else {
+                    tracing::debug!(queue = %remote.name, home = %remote.home, error = %e, "remote consume");
                     AmqpError::not_found(format!(
-                        "home node '{}' of queue '{}' in vhost '{}' is down or inaccessible: {e}",
+                        "home node '{}' of durable queue '{}' in vhost '{}' is down or inaccessible",
                         remote.home,
                         remote.name,
                         vhost.name()
@@ -592,8 +593,9 @@ impl Channel {
             .get(&remote.home, vhost.name(), &remote.name, !no_ack)
             .await
             .map_err(|e| {
+                tracing::debug!(queue = %remote.name, home = %remote.home, error = %e, "remote get");
                 AmqpError::not_found(format!(
-                    "home node '{}' of queue '{}' in vhost '{}' is down or inaccessible: {e}",
+                    "home node '{}' of durable queue '{}' in vhost '{}' is down or inaccessible",
                     remote.home,
                     remote.name,
                     vhost.name()

@@ -41,11 +41,35 @@ impl Channel {
             .then(|| vhost.find_remote_queue(&name))
             .flatten()
         {
-            // A queue homed on another node of the cluster. (Its counts
-            // live there; they are not asked for yet, nor its arguments
-            // compared.)
-            self.allow(node, vhost, Resource::Queue, &name, Access::Configure)?;
-            (remote.name, 0, 0)
+            // A queue homed on another node of the cluster: its counts
+            // come from there (its arguments are not compared yet). Home
+            // down: RabbitMQ's 404 for a durable queue on a node that is
+            // down.
+            if !m.passive {
+                self.allow(node, vhost, Resource::Queue, &name, Access::Configure)?;
+            }
+            let counts = match node.peers.get() {
+                Some(peers) => peers.counts(&remote.home, vhost.name(), &name).await,
+                None => Err("this node is not in a cluster".to_owned()),
+            };
+            match counts {
+                Ok(Some((ready, consumers))) => (remote.name, u64::from(ready), consumers as usize),
+                // Deleted there, the deletion not yet applied here.
+                Ok(None) => {
+                    return Err(AmqpError::not_found(format!(
+                        "no queue '{name}' in vhost '{}'",
+                        vhost.name()
+                    )));
+                }
+                Err(e) => {
+                    tracing::debug!(queue = %name, home = %remote.home, error = %e, "remote declare");
+                    return Err(AmqpError::not_found(format!(
+                        "home node '{}' of durable queue '{name}' in vhost '{}' is down or inaccessible",
+                        remote.home,
+                        vhost.name()
+                    )));
+                }
+            }
         } else if m.passive {
             let q = vhost.queue_for(&name, conn)?;
             // Any use renews an x-expires lease; a passive declare too.

@@ -20,9 +20,6 @@ use crate::broker::Broker;
 use crate::json::{binding, exchange, flag, json_to_table, names_binding, properties_key, queue};
 use crate::vhost::Vhost;
 
-/// The node name reported in objects (single-node broker).
-pub(super) const NODE: &str = crate::config::NODE_NAME;
-
 type Shared = State<Arc<Broker>>;
 type ApiResult = Result<Response, ApiError>;
 type Body = Option<Json<Map<String, Value>>>;
@@ -494,7 +491,7 @@ fn across_vhosts(
 
 /// Queues are listed from their handles, each rendered only if the answer
 /// holds it (a page of a 50,000-queue broker renders one page).
-fn queue_listing(query: &ListQuery, vhosts: &[Arc<Vhost>]) -> ApiResult {
+fn queue_listing(query: &ListQuery, vhosts: &[Arc<Vhost>], node: &str) -> ApiResult {
     let mut items = Vec::new();
     for v in vhosts {
         let mut qs = v.queues();
@@ -505,12 +502,12 @@ fn queue_listing(query: &ListQuery, vhosts: &[Arc<Vhost>]) -> ApiResult {
         query,
         items,
         |(_, q)| std::borrow::Cow::Borrowed(q.name.as_str()),
-        |(v, q)| queue(v.name(), q),
+        |(v, q)| queue(v.name(), q, node),
     )
 }
 
 async fn list_all_queues(State(b): Shared, caller: Caller, Query(q): Listing) -> ApiResult {
-    queue_listing(&q, &visible_vhosts(&b, &caller))
+    queue_listing(&q, &visible_vhosts(&b, &caller), &b.config.node_name)
 }
 
 async fn list_queues(
@@ -520,7 +517,7 @@ async fn list_queues(
     Query(q): Listing,
 ) -> ApiResult {
     let v = visible_vhost(&b, &caller, &vhost)?;
-    queue_listing(&q, &[v])
+    queue_listing(&q, &[v], &b.config.node_name)
 }
 
 async fn get_queue(
@@ -530,7 +527,7 @@ async fn get_queue(
 ) -> ApiResult {
     let v = visible_vhost(&b, &caller, &vhost)?;
     let q = v.find_queue(&name).ok_or_else(ApiError::not_found)?;
-    ok(queue(v.name(), &q))
+    ok(queue(v.name(), &q, &b.config.node_name))
 }
 
 async fn put_queue(
@@ -908,23 +905,18 @@ async fn bind(
 }
 
 fn node_json(b: &Broker) -> Value {
-    let alarms = b.alarms.current();
-    let rss = std::fs::read_to_string("/proc/self/statm")
-        .ok()
-        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
-        .map_or(0, |pages| pages * 4096);
-    json!({
-        "name": b.config.node_name,
-        "type": "disc",
-        "running": true,
-        "mem_used": rss,
-        "mem_limit": b.alarms.memory_limit(),
-        "mem_alarm": alarms.memory,
-        "disk_free_limit": b.alarms.disk_limit(),
-        "disk_free_alarm": alarms.disk,
-        "processors": std::thread::available_parallelism().map_or(1, |n| n.get()),
-        "uptime": b.started.elapsed().as_millis() as u64,
-    })
+    let mut v = stats_json(&b.config.node_name, true, &b.node_stats());
+    v["partitions"] = json!([]);
+    v
+}
+
+/// A node's entry of `/api/nodes` from its figures.
+fn stats_json(name: &str, running: bool, stats: &crate::peers::NodeStats) -> Value {
+    let mut v = serde_json::to_value(stats).unwrap_or_else(|_| json!({}));
+    v["name"] = json!(name);
+    v["type"] = json!("disc");
+    v["running"] = json!(running);
+    v
 }
 
 async fn list_nodes(State(b): Shared, caller: Caller) -> ApiResult {
@@ -932,26 +924,24 @@ async fn list_nodes(State(b): Shared, caller: Caller) -> ApiResult {
     let Some(peers) = b.peers.get() else {
         return ok(json!([node_json(&b)]));
     };
-    // This node's figures in full; the others' as this node sees them.
-    // (Their own figures are on their own APIs, not gathered yet.)
+    // This node's figures now; the others' as they last gossiped them
+    // (none for a node not heard from).
     let nodes: Vec<Value> = peers
         .members()
         .iter()
         .map(|m| {
-            if m.name == b.config.node_name {
-                let mut me = node_json(&b);
-                me["cluster_links"] = json!(m.cluster_addr);
-                me["metadata_role"] = json!(role(m));
-                me
+            let mut v = if m.name == b.config.node_name {
+                node_json(&b)
+            } else if let Some(stats) = &m.stats {
+                stats_json(&m.name, m.running, stats)
             } else {
-                json!({
-                    "name": m.name,
-                    "type": "disc",
-                    "running": m.running,
-                    "cluster_links": m.cluster_addr,
-                    "metadata_role": role(m),
-                })
-            }
+                json!({"name": m.name, "type": "disc", "running": m.running})
+            };
+            v["running"] = json!(m.running);
+            v["cluster_links"] = json!(m.cluster_addr);
+            v["metadata_role"] = json!(role(m));
+            v["partitions"] = json!(m.partitions);
+            v
         })
         .collect();
     ok(json!(nodes))
@@ -1130,7 +1120,7 @@ async fn alarms(State(b): Shared, _caller: Caller) -> ApiResult {
             Json(json!({
                 "status": "failed",
                 "reason": format!("resource alarm(s) in effect: {}", resource.join(", ")),
-                "alarms": resource.iter().map(|r| json!({"node": NODE, "resource": r})).collect::<Vec<_>>(),
+                "alarms": resource.iter().map(|r| json!({"node": b.config.node_name, "resource": r})).collect::<Vec<_>>(),
             })),
         )
             .into_response())
@@ -1168,10 +1158,10 @@ fn visible_connections(b: &Broker, caller: &Caller) -> Vec<Arc<crate::session::C
     conns
 }
 
-fn connection_json(c: &crate::session::ConnectionShared) -> Value {
+fn connection_json(c: &crate::session::ConnectionShared, node: &str) -> Value {
     let mut out = json!({
         "name": c.name,
-        "node": NODE,
+        "node": node,
         "type": "network",
         "protocol": "AMQP 0-9-1",
         "user": c.user,
@@ -1199,7 +1189,7 @@ async fn list_connections(State(b): Shared, caller: Caller, Query(q): Listing) -
         &q,
         visible_connections(&b, &caller),
         |c| std::borrow::Cow::Borrowed(c.name.as_str()),
-        |c| connection_json(c),
+        |c| connection_json(c, &b.config.node_name),
     )
 }
 
@@ -1208,7 +1198,7 @@ async fn get_connection(State(b): Shared, caller: Caller, Path(name): Path<Strin
         .into_iter()
         .find(|c| c.name == name)
         .ok_or_else(ApiError::not_found)?;
-    ok(connection_json(&c))
+    ok(connection_json(&c, &b.config.node_name))
 }
 
 /// Closes a connection with 320 CONNECTION_FORCED and the `X-Reason` header
@@ -1251,7 +1241,7 @@ async fn list_channels(State(b): Shared, caller: Caller, Query(q): Listing) -> A
             out.push(json!({
                 "name": format!("{} ({number})", c.name),
                 "number": number,
-                "node": NODE,
+                "node": b.config.node_name,
                 "user": c.user,
                 "vhost": c.vhost,
                 "connection_details": {
