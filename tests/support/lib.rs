@@ -739,29 +739,23 @@ impl NetLab {
 
     /// Cuts the link between nodes `a` and `b` (both ways).
     pub fn cut(&self, a: usize, b: usize) {
-        for (from, to) in [(a, b), (b, a)] {
-            let route = format!("{}/32", self.hosts[to]);
-            ip(&[
-                "-n",
-                &self.namespace(from),
-                "route",
-                "add",
-                "blackhole",
-                &route,
-            ])
-            .unwrap();
-        }
+        self.blackholes("add", a, b);
     }
 
     /// Heals the link between nodes `a` and `b`.
     pub fn heal(&self, a: usize, b: usize) {
+        self.blackholes("del", a, b);
+    }
+
+    /// Adds or deletes the blackhole routes between `a` and `b`.
+    fn blackholes(&self, op: &str, a: usize, b: usize) {
         for (from, to) in [(a, b), (b, a)] {
             let route = format!("{}/32", self.hosts[to]);
             ip(&[
                 "-n",
                 &self.namespace(from),
                 "route",
-                "del",
+                op,
                 "blackhole",
                 &route,
             ])
