@@ -937,6 +937,78 @@ async fn names_now(api: &str) -> Vec<String> {
     names(api, "/api/vhosts").await
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_on_another_node_is_purged_and_deleted_from_any_node() {
+    let cluster = TestCluster::start(CHILD, 3);
+    formed(&cluster).await;
+    let home = amqp(&cluster, 1).await;
+    let ch2 = home.create_channel().await.unwrap();
+    durable_queue(&ch2, "q.del").await;
+    ch2.confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    publish_confirmed(&ch2, "q.del", "m", 10).await;
+    let first = amqp(&cluster, 0).await;
+    sees_queue(&cluster, &first, 0, "q.del").await;
+
+    // The home node checks the conditions; its refusal comes back as is.
+    let ch1 = first.create_channel().await.unwrap();
+    warren_tests::assert_amqp_error(
+        ch1.queue_delete(
+            "q.del".into(),
+            lapin::options::QueueDeleteOptions {
+                if_empty: true,
+                ..Default::default()
+            },
+        )
+        .await,
+        406,
+        "PRECONDITION_FAILED - queue 'q.del' in vhost '/' not empty",
+    );
+    // Purged from node 1: the count is node 2's.
+    let ch1 = first.create_channel().await.unwrap();
+    let purged = ch1
+        .queue_purge("q.del".into(), lapin::options::QueuePurgeOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(purged, 10);
+    assert_eq!(ready(&home, "q.del").await, 0);
+
+    // Deleted from node 3, with what it held, and gone on every node.
+    publish_confirmed(&ch2, "q.del", "n", 3).await;
+    let third = amqp(&cluster, 2).await;
+    sees_queue(&cluster, &third, 2, "q.del").await;
+    let ch3 = third.create_channel().await.unwrap();
+    let deleted = ch3
+        .queue_delete(
+            "q.del".into(),
+            lapin::options::QueueDeleteOptions::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(deleted, 3);
+    for (i, conn) in [&first, &home, &third].into_iter().enumerate() {
+        eventually(
+            &format!("q.del is gone on node {}", i + 1),
+            &cluster,
+            || async {
+                let ch = conn.create_channel().await.unwrap();
+                ch.queue_declare(
+                    "q.del".into(),
+                    lapin::options::QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    lapin::types::FieldTable::default(),
+                )
+                .await
+                .is_err()
+            },
+        )
+        .await;
+    }
+}
+
 /// Publishes `n` persistent messages `"{prefix} {k}"` to `queue` on `ch`
 /// (in confirm mode) and asserts every one is confirmed.
 async fn publish_confirmed(ch: &lapin::Channel, queue: &str, prefix: &str, n: usize) {

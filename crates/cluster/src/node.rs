@@ -364,6 +364,30 @@ pub struct ClusterPeers {
     pub(crate) node: Arc<ClusterNode>,
 }
 
+impl ClusterPeers {
+    /// Sends `request` (a purge or a delete) to node `home`, in order with
+    /// this node's other requests to it; its answer as a count.
+    fn count_request(&self, home: &str, request: Request) -> server::peers::RemoteCount {
+        use server::peers::Refusal;
+        let unreachable = |text: String| Refusal { code: 0, text };
+        let Some(addr) = self.node.address_of(home) else {
+            let text = format!("node '{home}' is not a member of the cluster");
+            return Box::pin(std::future::ready(Err(unreachable(text))));
+        };
+        let answer = self.node.links.send_ordered(&addr, request);
+        let home = home.to_owned();
+        Box::pin(async move {
+            match answer.await {
+                Ok(Ok(Response::Count(Ok(n)))) => Ok(n),
+                Ok(Ok(Response::Count(Err((code, text))))) => Err(Refusal { code, text }),
+                Ok(Ok(other)) => Err(unreachable(format!("node '{home}' answered {other:?}"))),
+                Ok(Err(e)) => Err(unreachable(format!("node '{home}': {e}"))),
+                Err(_) => Err(unreachable(format!("node '{home}': no answer"))),
+            }
+        })
+    }
+}
+
 impl server::peers::Peers for ClusterPeers {
     fn cluster_name(&self) -> String {
         self.node.cluster_name.clone()
@@ -472,6 +496,36 @@ impl server::peers::Peers for ClusterPeers {
                 body: b64.decode(d.body).map_err(|e| e.to_string())?.into(),
             }))
         })
+    }
+
+    fn purge(
+        &self,
+        home: &str,
+        vhost: &str,
+        queue: &amqp_codec::ShortStr,
+    ) -> server::peers::RemoteCount {
+        let request = Request::Purge {
+            vhost: vhost.to_owned(),
+            queue: queue.to_string(),
+        };
+        self.count_request(home, request)
+    }
+
+    fn delete(
+        &self,
+        home: &str,
+        vhost: &str,
+        queue: &amqp_codec::ShortStr,
+        if_unused: bool,
+        if_empty: bool,
+    ) -> server::peers::RemoteCount {
+        let request = Request::DeleteQueue {
+            vhost: vhost.to_owned(),
+            queue: queue.to_string(),
+            if_unused,
+            if_empty,
+        };
+        self.count_request(home, request)
     }
 
     fn counts(
@@ -1032,6 +1086,35 @@ impl RequestHandler for Handler {
         let request = match request {
             Request::Enqueue(e) => return self.enqueue(e),
             Request::Get { vhost, queue, ack } => return self.get(from.id, vhost, queue, ack),
+            Request::Purge { vhost, queue } => {
+                let v = self.broker().and_then(|b| b.vhost(&vhost));
+                let done = match v.as_ref().and_then(|v| Some((v, v.find_queue(&queue)?))) {
+                    Some((v, q)) => Ok(u32::try_from(v.purge(&q)).unwrap_or(u32::MAX)),
+                    None => Err((404, format!("no queue '{queue}' in vhost '{vhost}'"))),
+                };
+                return Box::pin(std::future::ready(Response::Count(done)));
+            }
+            Request::DeleteQueue {
+                vhost,
+                queue,
+                if_unused,
+                if_empty,
+            } => {
+                let v = self.broker().and_then(|b| b.vhost(&vhost));
+                return Box::pin(async move {
+                    // Gone already: deleting it is done (as for a local one).
+                    let Some((v, q)) = v.as_ref().and_then(|v| Some((v, v.find_queue(&queue)?)))
+                    else {
+                        return Response::Count(Ok(0));
+                    };
+                    let done = v
+                        .delete_queue_if(&q, if_unused, if_empty)
+                        .await
+                        .map(|n| u32::try_from(n).unwrap_or(u32::MAX))
+                        .map_err(|e| (e.code, e.text));
+                    Response::Count(done)
+                });
+            }
             Request::QueueInfo { vhost, queue } => {
                 let counts = self
                     .broker()
@@ -1161,6 +1244,8 @@ impl RequestHandler for Handler {
                     }))
                 }
                 Request::Enqueue(_)
+                | Request::Purge { .. }
+                | Request::DeleteQueue { .. }
                 | Request::QueueInfo { .. }
                 | Request::Get { .. }
                 | Request::Settle { .. }

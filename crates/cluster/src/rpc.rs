@@ -50,6 +50,25 @@ pub enum Request {
     Status,
     /// Enqueue a message into a queue homed on the receiving node.
     Enqueue(EnqueueRequest),
+    /// Purge a queue homed on the receiving node.
+    Purge {
+        /// Vhost.
+        vhost: String,
+        /// Queue.
+        queue: String,
+    },
+    /// Delete a queue homed on the receiving node (it checks the
+    /// conditions and commits the deletion).
+    DeleteQueue {
+        /// Vhost.
+        vhost: String,
+        /// Queue.
+        queue: String,
+        /// Only if it has no consumers.
+        if_unused: bool,
+        /// Only if it has no messages.
+        if_empty: bool,
+    },
     /// A queue's counts (`queue.declare` on another node).
     QueueInfo {
         /// Vhost.
@@ -177,6 +196,9 @@ pub enum Response {
     Forgotten(Result<(), String>),
     /// To `Status`.
     Status(Status),
+    /// To `Purge` and `DeleteQueue`: messages removed, or the reply code
+    /// and text of the refusal.
+    Count(Result<u32, (u16, String)>),
     /// To `QueueInfo`: ready messages and consumers; `None`: no such queue.
     QueueInfo(Option<(u32, u32)>),
     /// To `Get`: a message, none, or why not.

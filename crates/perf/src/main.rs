@@ -30,6 +30,17 @@ struct Args {
     /// Broker URI.
     #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
     uri: String,
+    /// Consumers connect here instead (another node of a cluster).
+    #[arg(long)]
+    consumer_uri: Option<String>,
+    /// Queues are declared (and purged) here instead: in a cluster, the
+    /// node they live on.
+    #[arg(long)]
+    declare_uri: Option<String>,
+    /// Durable queues even without `--persistent` (a cluster replicates
+    /// only durable queues so far).
+    #[arg(long)]
+    durable: bool,
     /// Producers (one connection each).
     #[arg(long, default_value_t = 1)]
     producers: usize,
@@ -276,6 +287,36 @@ impl Client {
     }
 }
 
+/// Waits (up to 10 s) until every queue is known at `uri` (a passive
+/// declare succeeds): in a cluster, the consumers' node learns of queues
+/// declared on another node a moment later.
+async fn wait_visible(uri: &Uri, args: &Args) -> Result<(), Error> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for q in 0..args.queues {
+        loop {
+            let mut c = Client::connect(uri).await?;
+            let passive = QueueDeclare {
+                queue: s(&format!("{}-{q}", args.queue)),
+                passive: true,
+                ..Default::default()
+            };
+            c.send(1, passive.into()).await?;
+            if let Ok(Method::QueueDeclareOk(_)) = c.method().await {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "queue {}-{q} not visible at the consumers' node",
+                    args.queue
+                )
+                .into());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    Ok(())
+}
+
 async fn declare(uri: &Uri, args: &Args) -> Result<(), Error> {
     let mut c = Client::connect(uri).await?;
     for q in 0..args.queues {
@@ -283,7 +324,7 @@ async fn declare(uri: &Uri, args: &Args) -> Result<(), Error> {
             1,
             QueueDeclare {
                 queue: s(&format!("{}-{q}", args.queue)),
-                durable: args.persistent,
+                durable: args.persistent || args.durable,
                 ..Default::default()
             }
             .into(),
@@ -566,7 +607,18 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
 async fn main() -> Result<(), Error> {
     let args = Arc::new(Args::parse());
     let uri = Arc::new(parse_uri(&args.uri)?);
-    declare(&uri, &args).await?;
+    let consumer_uri = match &args.consumer_uri {
+        Some(u) => Arc::new(parse_uri(u)?),
+        None => uri.clone(),
+    };
+    match &args.declare_uri {
+        Some(u) => declare(&parse_uri(u)?, &args).await?,
+        None => declare(&uri, &args).await?,
+    }
+    if args.declare_uri.is_some() || args.consumer_uri.is_some() {
+        wait_visible(&consumer_uri, &args).await?;
+        wait_visible(&uri, &args).await?;
+    }
     let stats = Arc::new(Stats::default());
     let stop = Arc::new(AtomicBool::new(false));
     let latencies = Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -574,7 +626,7 @@ async fn main() -> Result<(), Error> {
     let mut tasks = Vec::new();
     for i in 0..args.consumers {
         tasks.push(tokio::spawn(consume(
-            uri.clone(),
+            consumer_uri.clone(),
             args.clone(),
             queue(i),
             stats.clone(),

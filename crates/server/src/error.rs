@@ -89,6 +89,12 @@ impl AmqpError {
         t
     }
 
+    /// A channel error with `code` (as another node of the cluster
+    /// answered it).
+    pub fn channel(code: u16, text: impl Into<String>) -> Self {
+        Self::new(Scope::Channel, code, text)
+    }
+
     /// 404, channel.
     pub fn not_found(text: impl Into<String>) -> Self {
         Self::new(Scope::Channel, reply_code::NOT_FOUND, text)

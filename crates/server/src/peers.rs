@@ -74,6 +74,20 @@ pub struct RemoteDelivery {
 /// no such queue), or why the home node could not be asked.
 pub type RemoteCounts = Pin<Box<dyn Future<Output = Result<Option<(u32, u32)>, String>> + Send>>;
 
+/// Why the home node did not do it: the AMQP reply code it answered with
+/// (`0`: it could not be asked) and the text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// Reply code; 0 when the home node could not be reached.
+    pub code: u16,
+    /// Reply text (or why it could not be reached).
+    pub text: String,
+}
+
+/// The answer to a remote `queue.purge` or `queue.delete`: the messages it
+/// removed, or why not.
+pub type RemoteCount = Pin<Box<dyn Future<Output = Result<u32, Refusal>> + Send>>;
+
 /// The answer to a remote `basic.get`: a message, or none (empty queue).
 pub type RemoteGet = Pin<Box<dyn Future<Output = Result<Option<RemoteDelivery>, String>> + Send>>;
 
@@ -175,6 +189,20 @@ pub trait Peers: Send + Sync + std::fmt::Debug {
     /// `ack`, it stays unacknowledged there until settled (and is returned
     /// to the queue if this node goes away first).
     fn get(&self, home: &str, vhost: &str, queue: &ShortStr, ack: bool) -> RemoteGet;
+
+    /// Purges queue `queue` on node `home`.
+    fn purge(&self, home: &str, vhost: &str, queue: &ShortStr) -> RemoteCount;
+
+    /// Deletes queue `queue` on node `home` (which checks `if_unused` and
+    /// `if_empty` there, and commits the deletion for every node).
+    fn delete(
+        &self,
+        home: &str,
+        vhost: &str,
+        queue: &ShortStr,
+        if_unused: bool,
+        if_empty: bool,
+    ) -> RemoteCount;
 
     /// Queue `queue`'s counts on node `home` (`queue.declare`).
     fn counts(&self, home: &str, vhost: &str, queue: &ShortStr) -> RemoteCounts;

@@ -542,6 +542,30 @@ impl Vhost {
     /// With `only_if_unused` (auto-delete, `x-expires`), a queue that has
     /// gained a consumer meanwhile is kept: the check and the deletion happen
     /// under the queue's lock.
+    /// `queue.delete` with its conditions: refused (406) if `if_unused`
+    /// and it has consumers, or `if_empty` and it has messages.
+    pub async fn delete_queue_if(
+        &self,
+        q: &Arc<QueueHandle>,
+        if_unused: bool,
+        if_empty: bool,
+    ) -> Result<u64, AmqpError> {
+        let counts = q.counters();
+        if if_unused && counts.consumers > 0 {
+            return Err(AmqpError::precondition_failed(format!(
+                "queue '{}' in vhost '{}' in use",
+                q.name, self.name
+            )));
+        }
+        if if_empty && counts.ready > 0 {
+            return Err(AmqpError::precondition_failed(format!(
+                "queue '{}' in vhost '{}' not empty",
+                q.name, self.name
+            )));
+        }
+        self.delete_queue(q, false).await
+    }
+
     pub async fn delete_queue(
         &self,
         q: &Arc<QueueHandle>,

@@ -343,7 +343,7 @@ impl Channel {
             Method::QueueDeclare(m) => self.handle_queue_declare(node, vhost, m).await?,
             Method::QueueBind(m) => self.handle_queue_bind(node, vhost, m).await?,
             Method::QueueUnbind(m) => self.handle_queue_unbind(node, vhost, m).await?,
-            Method::QueuePurge(m) => self.handle_queue_purge(node, vhost, m)?,
+            Method::QueuePurge(m) => self.handle_queue_purge(node, vhost, m).await?,
             Method::QueueDelete(m) => self.handle_queue_delete(node, vhost, m).await?,
             Method::BasicQos(m) => self.handle_basic_qos(node, vhost, m)?,
             Method::BasicConsume(m) => self.handle_basic_consume(node, vhost, m).await?,

@@ -191,15 +191,23 @@ impl Channel {
         Ok(())
     }
 
-    pub(super) fn handle_queue_purge(
+    pub(super) async fn handle_queue_purge(
         &mut self,
         node: &Arc<Node>,
         vhost: &Vhost,
         m: QueuePurge,
     ) -> Result<(), AmqpError> {
         self.allow(node, vhost, Resource::Queue, &m.queue, Access::Read)?;
-        let queue = vhost.queue_for(&m.queue, self.shared.connection.id)?;
-        let count = vhost.purge(&queue);
+        let count = match vhost.queue_for(&m.queue, self.shared.connection.id) {
+            Ok(queue) => vhost.purge(&queue),
+            Err(e) => match (vhost.find_remote_queue(&m.queue), node.peers.get()) {
+                (Some(remote), Some(peers)) => {
+                    let done = peers.purge(&remote.home, vhost.name(), &remote.name).await;
+                    u64::from(on_home(done, &remote, vhost)?)
+                }
+                _ => return Err(e),
+            },
+        };
         if !m.nowait {
             self.shared
                 .write_method(&Method::QueuePurgeOk(QueuePurgeOk {
@@ -217,29 +225,28 @@ impl Channel {
     ) -> Result<(), AmqpError> {
         self.allow(node, vhost, Resource::Queue, &m.queue, Access::Configure)?;
         let count = match vhost.find_queue(&m.queue) {
-            None => 0,
             Some(q) => {
                 vhost.check_exclusive(&q, self.shared.connection.id)?;
-                {
-                    let counts = q.counters();
-                    if m.if_unused && counts.consumers > 0 {
-                        return Err(AmqpError::precondition_failed(format!(
-                            "queue '{}' in vhost '{}' in use",
-                            q.name,
-                            vhost.name()
-                        )));
-                    }
-                    if m.if_empty && counts.ready > 0 {
-                        return Err(AmqpError::precondition_failed(format!(
-                            "queue '{}' in vhost '{}' not empty",
-                            q.name,
-                            vhost.name()
-                        )));
-                    }
-                }
+                let count = vhost.delete_queue_if(&q, m.if_unused, m.if_empty).await?;
                 self.consumers.retain(|(_, cq)| cq.id != q.id);
-                vhost.delete_queue(&q, false).await?
+                count
             }
+            // On its home node, which commits the deletion for every node.
+            None => match (vhost.find_remote_queue(&m.queue), node.peers.get()) {
+                (Some(remote), Some(peers)) => {
+                    let done = peers
+                        .delete(
+                            &remote.home,
+                            vhost.name(),
+                            &remote.name,
+                            m.if_unused,
+                            m.if_empty,
+                        )
+                        .await;
+                    u64::from(on_home(done, &remote, vhost)?)
+                }
+                _ => 0,
+            },
         };
         if !m.nowait {
             self.shared
@@ -248,5 +255,28 @@ impl Channel {
                 }));
         }
         Ok(())
+    }
+}
+
+/// What the home node of `remote` answered, as this channel answers it: its
+/// refusal as is; no answer as RabbitMQ's 404 for a queue whose home node
+/// is down.
+fn on_home(
+    done: Result<u32, crate::peers::Refusal>,
+    remote: &crate::peers::RemoteQueue,
+    vhost: &Vhost,
+) -> Result<u32, AmqpError> {
+    match done {
+        Ok(n) => Ok(n),
+        Err(r) if r.code != 0 => Err(AmqpError::channel(r.code, r.text)),
+        Err(r) => {
+            tracing::debug!(queue = %remote.name, home = %remote.home, error = %r.text, "remote queue operation");
+            Err(AmqpError::not_found(format!(
+                "home node '{}' of durable queue '{}' in vhost '{}' is down or inaccessible",
+                remote.home,
+                remote.name,
+                vhost.name()
+            )))
+        }
     }
 }
