@@ -22,6 +22,7 @@ BROKERS=${BROKERS:-"warren rabbitmq"}
 SCENARIOS=${SCENARIOS:-"1 2 3 4"}
 RABBITMQ_LIB=${RABBITMQ_LIB:-/usr/lib/rabbitmq/bin}
 WORK=$(mktemp -d /tmp/warren-cluster-bench.XXXXXX)
+chmod 755 "$WORK" # RabbitMQ runs as user rabbitmq
 RAW=$ROOT/bench/cluster-results-raw.jsonl
 PERF=$ROOT/target/release/warren-perf
 HOST=$(hostname -s)
@@ -37,7 +38,7 @@ start_warren() { (cd "$ROOT" && scripts/cluster.sh clean >/dev/null && scripts/c
 stop_warren() { (cd "$ROOT" && scripts/cluster.sh clean >/dev/null); }
 
 # --- RabbitMQ: three nodes rabbit-bench-N@host (AMQP 5772-5774) -----------
-rabbit_uri() { echo "amqp://bench:bench@127.0.0.1:$((5771 + $1))/%2f"; }
+rabbitmq_uri() { echo "amqp://bench:bench@127.0.0.1:$((5771 + $1))/%2f"; }
 rnode() { echo "warrenbench-$1@$HOST"; }
 rmqctl() { local n=$1; shift; timeout 120 rabbitmqctl -n "$(rnode "$n")" "$@"; }
 start_rabbitmq() {
@@ -56,8 +57,15 @@ start_rabbitmq() {
             RABBITMQ_MNESIA_BASE="$dir/mnesia" RABBITMQ_LOG_BASE="$dir/log" \
             RABBITMQ_ENABLED_PLUGINS_FILE="$dir/enabled_plugins" \
             "$RABBITMQ_LIB/rabbitmq-server" -detached) >"$dir/start.log" 2>&1
+        # One at a time: the first start writes the Erlang cookie the
+        # others read. Up once its AMQP port answers.
+        local deadline=$((SECONDS + 120))
+        until (exec 3<>"/dev/tcp/127.0.0.1/$((5771 + i))") 2>/dev/null; do
+            ((SECONDS < deadline)) || { log "RabbitMQ node $i did not start; see $dir"; exit 1; }
+            sleep 0.5
+        done
+        rmqctl "$i" await_startup >/dev/null
     done
-    for i in 1 2 3; do rmqctl "$i" await_startup >/dev/null; done
     for i in 2 3; do
         rmqctl "$i" stop_app >/dev/null
         rmqctl "$i" join_cluster "$(rnode 1)" >/dev/null
@@ -72,7 +80,7 @@ stop_rabbitmq() {
     local i
     for i in 3 2 1; do rmqctl "$i" stop >/dev/null 2>&1 || true; done
     # Each node's beam, if stop did not end it.
-    pkill -f -- "-sname warrenbench-" 2>/dev/null || true
+    pkill -f "warrenbench-" 2>/dev/null || true
     rm -rf "$WORK"/rabbit-*
 }
 
@@ -86,6 +94,8 @@ scenario_args() { # scenario broker
     esac
 }
 
+# Whatever happens, no broker outlives the script.
+trap 'stop_warren >/dev/null 2>&1 || true; stop_rabbitmq >/dev/null 2>&1 || true' EXIT
 : >"$RAW.tmp"
 for run in $(seq 1 "$RUNS"); do
     for broker in $BROKERS; do

@@ -48,6 +48,27 @@ const KIND_REQUEST: u8 = 1;
 const KIND_RESPONSE: u8 = 2;
 /// A request that gets no response.
 const KIND_ONEWAY: u8 = 3;
+/// A request's or response's payload on the wire: bincode (bodies as raw
+/// octets), within the frame limit.
+fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, String> {
+    use bincode::Options as _;
+    wire_options().serialize(value).map_err(|e| e.to_string())
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(payload: &[u8]) -> Result<T, String> {
+    use bincode::Options as _;
+    wire_options()
+        .deserialize(payload)
+        .map_err(|e| e.to_string())
+}
+
+fn wire_options() -> impl bincode::Options {
+    use bincode::Options as _;
+    bincode::DefaultOptions::new().with_limit(MAX_FRAME as u64)
+}
+
+/// The most a connection's writer gathers into one write.
+const WRITE_BATCH: usize = 256 << 10;
 /// Sent on a link idle for [`PING_INTERVAL`]; read and ignored.
 const KIND_PING: u8 = 4;
 /// An idle link sends a ping this often ...
@@ -222,7 +243,55 @@ fn frame_tag(key: &HmacSha256, seq: u64, body: &[u8]) -> [u8; TAG_LEN] {
     tag
 }
 
-type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Response>>>>;
+/// Requests sent on a connection and waiting for their answers: where the
+/// answer goes, and the outbox backlog it counts against (if any).
+type Pending = Arc<Mutex<HashMap<u64, Waiting>>>;
+
+/// A request waiting for its answer.
+struct Waiting {
+    answer: oneshot::Sender<Result<Response, LinkError>>,
+    backlog: Option<Arc<Backlog>>,
+}
+
+impl Waiting {
+    fn answer(self, response: Result<Response, LinkError>) {
+        let _ = self.answer.send(response);
+        if let Some(b) = self.backlog {
+            b.done();
+        }
+    }
+}
+
+/// A peer's outbox backlog: requests queued for it or waiting for its
+/// answer. Over [`BACKLOG_HIGH`] its gate is raised (publishers whose
+/// messages go there pause, as for a congested local queue); it is lowered
+/// at [`BACKLOG_LOW`].
+#[derive(Debug, Default)]
+pub struct Backlog {
+    count: AtomicU64,
+    /// The gate publishers wait on.
+    pub gate: Arc<queue_store::FlowGate>,
+}
+
+/// Requests to one peer in flight before its publishers pause ...
+pub const BACKLOG_HIGH: u64 = 16_384;
+/// ... and when they resume.
+pub const BACKLOG_LOW: u64 = 8_192;
+
+impl Backlog {
+    fn add(&self) {
+        if self.count.fetch_add(1, Ordering::AcqRel) + 1 >= BACKLOG_HIGH {
+            self.gate.raise();
+        }
+    }
+
+    fn done(&self) {
+        let before = self.count.fetch_sub(1, Ordering::AcqRel);
+        if before <= BACKLOG_LOW && self.gate.is_raised() {
+            self.gate.lower();
+        }
+    }
+}
 
 /// One live, authenticated connection.
 struct Conn {
@@ -243,9 +312,13 @@ pub struct Links {
     next_id: AtomicU64,
     handler: std::sync::OnceLock<Arc<dyn RequestHandler>>,
     shutdown: tokio_util::sync::CancellationToken,
-    /// Ordered senders, by peer address (see `send_ordered`).
-    outboxes: Mutex<HashMap<String, mpsc::UnboundedSender<Queued>>>,
+    /// Ordered senders, by peer address (see `send_ordered`), and their
+    /// backlogs.
+    outboxes: Mutex<HashMap<String, Outbox>>,
 }
+
+/// A peer's outbox: where its requests are queued, and their backlog.
+type Outbox = (mpsc::UnboundedSender<Queued>, Arc<Backlog>);
 
 /// A request waiting in a peer's outbox, and where its answer goes (none:
 /// one-way).
@@ -595,17 +668,41 @@ impl Links {
         tx: Option<oneshot::Sender<Result<Response, LinkError>>>,
     ) {
         let mut outboxes = self.outboxes.lock();
-        let outbox = outboxes.entry(addr.to_owned()).or_insert_with(|| {
-            let (out, queue) = mpsc::unbounded_channel();
-            tokio::spawn(self.clone().drain_outbox(addr.to_owned(), queue));
-            out
-        });
-        if let Err(mpsc::error::SendError((_, Some(tx)))) = outbox.send((request, tx)) {
-            let _ = tx.send(Err(LinkError::Unreachable {
-                addr: addr.to_owned(),
-                reason: "shutting down".into(),
-            }));
+        let (outbox, backlog) = self.outbox(&mut outboxes, addr);
+        backlog.add();
+        if let Err(mpsc::error::SendError((_, tx))) = outbox.send((request, tx)) {
+            backlog.done();
+            if let Some(tx) = tx {
+                let _ = tx.send(Err(LinkError::Unreachable {
+                    addr: addr.to_owned(),
+                    reason: "shutting down".into(),
+                }));
+            }
         }
+    }
+
+    /// The outbox for `addr` (started on first use).
+    fn outbox<'a>(
+        self: &Arc<Self>,
+        outboxes: &'a mut HashMap<String, Outbox>,
+        addr: &str,
+    ) -> &'a Outbox {
+        outboxes.entry(addr.to_owned()).or_insert_with(|| {
+            let (out, queue) = mpsc::unbounded_channel();
+            let backlog = Arc::new(Backlog::default());
+            tokio::spawn(
+                self.clone()
+                    .drain_outbox(addr.to_owned(), queue, backlog.clone()),
+            );
+            (out, backlog)
+        })
+    }
+
+    /// The backlog of the peer at `addr`, whose gate publishers of messages
+    /// for it wait on.
+    pub fn backlog(self: &Arc<Self>, addr: &str) -> Arc<Backlog> {
+        let mut outboxes = self.outboxes.lock();
+        self.outbox(&mut outboxes, addr).1.clone()
     }
 
     /// Whether a connection to node `id` is up.
@@ -621,60 +718,61 @@ impl Links {
         self: Arc<Self>,
         addr: String,
         mut queue: mpsc::UnboundedReceiver<Queued>,
+        backlog: Arc<Backlog>,
     ) {
         loop {
             let (request, answer) = tokio::select! {
                 _ = self.shutdown.cancelled() => return,
                 next = queue.recv() => match next { Some(n) => n, None => return },
             };
+            let waiting = answer.map(|answer| Waiting {
+                answer,
+                backlog: Some(backlog.clone()),
+            });
             let conn = match self.conn(None, &addr).await {
                 Ok(c) => c,
                 Err(e) => {
-                    if let Some(answer) = answer {
-                        let _ = answer.send(Err(e));
+                    match waiting {
+                        Some(w) => w.answer(Err(e)),
+                        None => backlog.done(),
                     }
                     continue;
                 }
             };
-            let body = match serde_json::to_vec(&request) {
+            let body = match encode(&request) {
                 Ok(b) => b,
                 Err(e) => {
-                    if let Some(answer) = answer {
-                        let _ = answer.send(Err(LinkError::Unreachable {
-                            addr: addr.clone(),
-                            reason: format!("cannot encode the request: {e}"),
-                        }));
+                    let e = LinkError::Unreachable {
+                        addr: addr.clone(),
+                        reason: format!("cannot encode the request: {e}"),
+                    };
+                    match waiting {
+                        Some(w) => w.answer(Err(e)),
+                        None => backlog.done(),
                     }
                     continue;
                 }
             };
-            let Some(answer) = answer else {
+            let Some(waiting) = waiting else {
                 let _ = conn.out.send((KIND_ONEWAY, 0, Bytes::from(body)));
+                backlog.done();
                 continue;
             };
+            // The answer goes straight to its caller from the read loop.
             let rid = self.next_id.fetch_add(1, Ordering::Relaxed);
-            let (tx, rx) = oneshot::channel();
-            conn.pending.lock().insert(rid, tx);
+            conn.pending.lock().insert(rid, waiting);
             if conn
                 .out
                 .send((KIND_REQUEST, rid, Bytes::from(body)))
                 .is_err()
             {
-                conn.pending.lock().remove(&rid);
-                let _ = answer.send(Err(LinkError::Unreachable {
-                    addr: addr.clone(),
-                    reason: "connection closed".into(),
-                }));
-                continue;
+                if let Some(w) = conn.pending.lock().remove(&rid) {
+                    w.answer(Err(LinkError::Unreachable {
+                        addr: addr.clone(),
+                        reason: "connection closed".into(),
+                    }));
+                }
             }
-            let addr = addr.clone();
-            tokio::spawn(async move {
-                let response = rx.await.map_err(|_| LinkError::Unreachable {
-                    addr,
-                    reason: "connection closed before the answer".into(),
-                });
-                let _ = answer.send(response);
-            });
         }
     }
 
@@ -691,8 +789,14 @@ impl Links {
             let conn = self.conn(id, addr).await?;
             let rid = self.next_id.fetch_add(1, Ordering::Relaxed);
             let (tx, rx) = oneshot::channel();
-            conn.pending.lock().insert(rid, tx);
-            let body = serde_json::to_vec(request).map_err(|e| LinkError::Unreachable {
+            conn.pending.lock().insert(
+                rid,
+                Waiting {
+                    answer: tx,
+                    backlog: None,
+                },
+            );
+            let body = encode(request).map_err(|e| LinkError::Unreachable {
                 addr: addr.to_owned(),
                 reason: format!("cannot encode the request: {e}"),
             })?;
@@ -710,7 +814,7 @@ impl Links {
             let response = rx.await.map_err(|_| LinkError::Unreachable {
                 addr: addr.to_owned(),
                 reason: "connection closed".into(),
-            })?;
+            })??;
             Ok((conn.peer.clone(), response))
         };
         tokio::time::timeout(timeout, attempt)
@@ -747,7 +851,11 @@ async fn write_loop(
             buf.put_u32((TAG_LEN + body.len()) as u32);
             buf.put_slice(&tag);
             buf.put_slice(&body);
-            next = rx.try_recv().ok();
+            // One write per batch, of at most WRITE_BATCH octets: a deep
+            // queue is not copied into one ever-growing buffer first.
+            if buf.len() < WRITE_BATCH {
+                next = rx.try_recv().ok();
+            }
         }
         if w.write_all(&buf).await.is_err() {
             break;
@@ -792,19 +900,17 @@ async fn read_loop(
             match kind {
                 KIND_PING => {}
                 KIND_RESPONSE => {
-                    let Some(tx) = conn.pending.lock().remove(&id) else {
+                    let Some(waiting) = conn.pending.lock().remove(&id) else {
                         continue;
                     };
-                    match serde_json::from_slice::<Response>(&frame) {
-                        Ok(resp) => {
-                            let _ = tx.send(resp);
-                        }
+                    match decode::<Response>(&frame) {
+                        Ok(resp) => waiting.answer(Ok(resp)),
                         Err(e) => return Err(format!("undecodable response: {e}")),
                     }
                 }
                 KIND_ONEWAY => {
-                    let request: Request = serde_json::from_slice(&frame)
-                        .map_err(|e| format!("undecodable request: {e}"))?;
+                    let request: Request =
+                        decode(&frame).map_err(|e| format!("undecodable request: {e}"))?;
                     if let Some(handler) = links.handler.get() {
                         // Handled in the connection's order; nothing answers.
                         let done = handler.handle(peer.clone(), request);
@@ -812,8 +918,8 @@ async fn read_loop(
                     }
                 }
                 KIND_REQUEST => {
-                    let request: Request = serde_json::from_slice(&frame)
-                        .map_err(|e| format!("undecodable request: {e}"))?;
+                    let request: Request =
+                        decode(&frame).map_err(|e| format!("undecodable request: {e}"))?;
                     let Some(handler) = links.handler.get().cloned() else {
                         continue;
                     };
@@ -824,7 +930,7 @@ async fn read_loop(
                     let answer = handler.handle(peer.clone(), request);
                     tokio::spawn(async move {
                         let response = answer.await;
-                        if let Ok(body) = serde_json::to_vec(&response) {
+                        if let Ok(body) = encode(&response) {
                             let _ = out.send((KIND_RESPONSE, id, Bytes::from(body)));
                         }
                     });
@@ -840,7 +946,13 @@ async fn read_loop(
         }
     }
     conn.closed.cancel();
-    conn.pending.lock().clear();
+    let waiting: Vec<Waiting> = conn.pending.lock().drain().map(|(_, w)| w).collect();
+    for w in waiting {
+        w.answer(Err(LinkError::Unreachable {
+            addr: peer.cluster_addr.clone(),
+            reason: "connection closed before the answer".into(),
+        }));
+    }
     let gone = {
         let mut conns = links.conns.lock();
         let current = conns.get(&peer.id).is_some_and(|c| Arc::ptr_eq(c, &conn));

@@ -462,7 +462,6 @@ impl server::peers::Peers for ClusterPeers {
         queue: &amqp_codec::ShortStr,
         ack: bool,
     ) -> server::peers::RemoteGet {
-        use base64::Engine;
         let Some(addr) = self.node.address_of(home) else {
             let text = format!("node '{home}' is not a member of the cluster");
             return Box::pin(std::future::ready(Err(text)));
@@ -483,19 +482,13 @@ impl server::peers::Peers for ClusterPeers {
                 Ok(Err(e)) => return Err(format!("node '{home}': {e}")),
                 Err(_) => return Err(format!("node '{home}': no answer")),
             };
-            let b64 = base64::engine::general_purpose::STANDARD;
-            let short = |s: &str| amqp_codec::ShortStr::try_from(s).map_err(|e| e.to_string());
-            Ok(Some(server::peers::RemoteDelivery {
-                seq: d.seq,
-                redelivered: d.redelivered,
-                delivery_count: d.delivery_count,
-                remaining: d.remaining,
-                exchange: short(&d.exchange)?,
-                routing_key: short(&d.routing_key)?,
-                header: b64.decode(d.header).map_err(|e| e.to_string())?.into(),
-                body: b64.decode(d.body).map_err(|e| e.to_string())?.into(),
-            }))
+            remote_delivery(d).map(Some)
         })
+    }
+
+    fn flow(&self, home: &str) -> Option<Arc<queue_store::FlowGate>> {
+        let addr = self.node.address_of(home)?;
+        Some(self.node.links.backlog(&addr).gate.clone())
     }
 
     fn purge(
@@ -627,19 +620,17 @@ impl server::peers::Peers for ClusterPeers {
     }
 
     fn enqueue(&self, home: &str, p: server::peers::RemotePublish) -> server::peers::RemoteOutcome {
-        use base64::Engine;
         let Some(addr) = self.node.address_of(home) else {
             let text = format!("node '{home}' is not a member of the cluster");
             return Box::pin(std::future::ready(Err(text)));
         };
-        let b64 = base64::engine::general_purpose::STANDARD;
         let request = Request::Enqueue(crate::rpc::EnqueueRequest {
             vhost: p.vhost,
             queue: p.queue.to_string(),
             exchange: p.exchange.to_string(),
             routing_key: p.routing_key.to_string(),
-            header: b64.encode(&p.header),
-            body: b64.encode(&p.body),
+            header: p.header,
+            body: p.body,
         });
         let answer = self.node.links.send_ordered(&addr, request);
         let home = home.to_owned();
@@ -690,8 +681,6 @@ pub(crate) type PeerConsumers =
 const PEER_CONSUMER_WINDOW: u32 = 2048;
 
 fn wire_delivery(d: &server::peers::RemoteDelivery) -> crate::rpc::WireDelivery {
-    use base64::Engine;
-    let b64 = base64::engine::general_purpose::STANDARD;
     crate::rpc::WireDelivery {
         seq: d.seq,
         redelivered: d.redelivered,
@@ -699,14 +688,12 @@ fn wire_delivery(d: &server::peers::RemoteDelivery) -> crate::rpc::WireDelivery 
         remaining: d.remaining,
         exchange: d.exchange.to_string(),
         routing_key: d.routing_key.to_string(),
-        header: b64.encode(&d.header),
-        body: b64.encode(&d.body),
+        header: d.header.clone(),
+        body: d.body.clone(),
     }
 }
 
 fn remote_delivery(d: crate::rpc::WireDelivery) -> Result<server::peers::RemoteDelivery, String> {
-    use base64::Engine;
-    let b64 = base64::engine::general_purpose::STANDARD;
     let short = |s: &str| amqp_codec::ShortStr::try_from(s).map_err(|e| e.to_string());
     Ok(server::peers::RemoteDelivery {
         seq: d.seq,
@@ -715,8 +702,8 @@ fn remote_delivery(d: crate::rpc::WireDelivery) -> Result<server::peers::RemoteD
         remaining: d.remaining,
         exchange: short(&d.exchange)?,
         routing_key: short(&d.routing_key)?,
-        header: b64.decode(d.header).map_err(|e| e.to_string())?.into(),
-        body: b64.decode(d.body).map_err(|e| e.to_string())?.into(),
+        header: d.header,
+        body: d.body,
     })
 }
 
@@ -824,8 +811,6 @@ fn settle_octet(how: server::queue::Settle) -> u8 {
 
 /// Decodes a peer's enqueue for the server.
 fn remote_publish(e: crate::rpc::EnqueueRequest) -> Result<server::peers::RemotePublish, String> {
-    use base64::Engine;
-    let b64 = base64::engine::general_purpose::STANDARD;
     let short = |s: String, what: &str| {
         amqp_codec::ShortStr::try_from(s.as_str()).map_err(|e| format!("{what}: {e}"))
     };
@@ -834,11 +819,8 @@ fn remote_publish(e: crate::rpc::EnqueueRequest) -> Result<server::peers::Remote
         queue: short(e.queue, "queue")?,
         exchange: short(e.exchange, "exchange")?,
         routing_key: short(e.routing_key, "routing key")?,
-        header: b64
-            .decode(e.header)
-            .map_err(|e| format!("header: {e}"))?
-            .into(),
-        body: b64.decode(e.body).map_err(|e| format!("body: {e}"))?.into(),
+        header: e.header,
+        body: e.body,
     })
 }
 

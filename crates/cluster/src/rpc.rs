@@ -150,10 +150,10 @@ pub struct WireDelivery {
     pub exchange: String,
     /// Routing key.
     pub routing_key: String,
-    /// Content header (base64).
-    pub header: String,
-    /// Body (base64).
-    pub body: String,
+    /// Content header as on the AMQP wire.
+    pub header: bytes::Bytes,
+    /// Body.
+    pub body: bytes::Bytes,
 }
 
 /// A published message for a queue on the receiving node.
@@ -167,10 +167,10 @@ pub struct EnqueueRequest {
     pub exchange: String,
     /// Routing key.
     pub routing_key: String,
-    /// Content header as on the AMQP wire (base64).
-    pub header: String,
-    /// Body (base64).
-    pub body: String,
+    /// Content header as on the AMQP wire.
+    pub header: bytes::Bytes,
+    /// Body.
+    pub body: bytes::Bytes,
 }
 
 /// The answer to a [`Request`].

@@ -190,6 +190,10 @@ pub trait Peers: Send + Sync + std::fmt::Debug {
     /// to the queue if this node goes away first).
     fn get(&self, home: &str, vhost: &str, queue: &ShortStr, ack: bool) -> RemoteGet;
 
+    /// The gate raised while too many messages for node `home` are in
+    /// flight: publishers routing there pause until it is lowered.
+    fn flow(&self, home: &str) -> Option<std::sync::Arc<queue_store::FlowGate>>;
+
     /// Purges queue `queue` on node `home`.
     fn purge(&self, home: &str, vhost: &str, queue: &ShortStr) -> RemoteCount;
 

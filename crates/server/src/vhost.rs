@@ -95,7 +95,16 @@ pub struct Vhost {
     node: Arc<Node>,
     /// Itself, for the tasks it spawns (queue housekeeping, auto-delete).
     me: std::sync::Weak<Vhost>,
+    /// Dead letters that wait for earlier ones whose bodies are paged out,
+    /// in batches, for the task that publishes them in order (started on
+    /// first use).
+    dead_letters_later: parking_lot::Mutex<Option<DeadLetterQueue>>,
+    /// Batches handed to that task and not yet published.
+    dead_letters_behind: std::sync::atomic::AtomicUsize,
 }
+
+/// Where dead letters go to be published after the paged ones before them.
+type DeadLetterQueue = tokio::sync::mpsc::UnboundedSender<Vec<DeadLetterRequest>>;
 
 pub use crate::meta::VhostLimits;
 
@@ -116,6 +125,8 @@ impl Vhost {
             limits: parking_lot::Mutex::new(VhostLimits::default()),
             policies: RwLock::new(Vec::new()),
             tracer: Arc::default(),
+            dead_letters_later: parking_lot::Mutex::new(None),
+            dead_letters_behind: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
@@ -700,9 +711,11 @@ impl Vhost {
         }
         // Dead letters can produce more (a full DLX queue dropping its head):
         // iterate until quiet, bounded so a pathological setup cannot spin.
-        // Those whose body is paged out are read on the blocking pool by a
-        // task of their own, which publishes them after.
-        let mut paged = Vec::new();
+        // Those whose body is paged out are read on the blocking pool by the
+        // vhost's dead-letter task, which publishes them after; so are all
+        // that come after them (here or in a later call), so the order
+        // holds.
+        let mut later = Vec::new();
         for _ in 0..16 {
             let requests = std::mem::take(&mut fx.dead_letters);
             if requests.is_empty() {
@@ -712,24 +725,30 @@ impl Vhost {
                 self.node.metrics.dead_letter(r.reason, true);
             }
             for r in requests {
+                let behind = !later.is_empty()
+                    || self
+                        .dead_letters_behind
+                        .load(std::sync::atomic::Ordering::Acquire)
+                        > 0;
                 match &r.message {
-                    MessageRef::Loaded(original) => {
+                    MessageRef::Loaded(original) if !behind => {
                         let original = original.clone();
                         self.publish_dead_letter(&r, &original, fx);
                     }
+                    MessageRef::Loaded(_) => later.push(r),
                     MessageRef::Paged(id) => {
                         // Its reference is released once the body is read.
                         if let Some(i) = fx.releases.iter().position(|x| x == id) {
                             fx.releases.swap_remove(i);
                         }
-                        paged.push(r);
+                        later.push(r);
                     }
                 }
             }
         }
         fx.dead_letters.clear();
-        if !paged.is_empty() {
-            self.dead_letter_paged(paged);
+        if !later.is_empty() {
+            self.dead_letter_later(later);
         }
         // Deliveries of dead letters made trace copies too.
         if self.tracer.is_on() {
@@ -783,33 +802,23 @@ impl Vhost {
         });
     }
 
-    /// Publishes dead letters whose body is paged out: read on the blocking
-    /// pool (never on an async worker or under a queue's lock), then routed
-    /// as the others were; their references are released after.
-    fn dead_letter_paged(&self, requests: Vec<DeadLetterRequest>) {
-        let Some(vhost) = self.me.upgrade() else {
-            return;
-        };
-        let ids: Vec<MessageId> = requests.iter().map(|r| r.message.id()).collect();
-        self.node.tracker.spawn(async move {
-            let (loaded, failed) =
-                crate::queue::load_all_off_worker(ids.clone(), &vhost.node.store).await;
-            for id in &failed {
-                tracing::error!(vhost = %vhost.name, message = id.0, "cannot read a paged message to dead-letter it; it is dropped");
-            }
-            let bodies: std::collections::HashMap<MessageId, Arc<Message>> =
-                loaded.into_iter().map(|m| (m.id, m)).collect();
-            let mut fx = Effects::default();
-            for r in &requests {
-                if let Some(original) = bodies.get(&r.message.id()) {
-                    vhost.publish_dead_letter(r, original, &mut fx);
-                }
-            }
-            vhost.apply(&mut fx);
-            for id in ids {
-                vhost.node.store.release(id);
-            }
+    /// Hands dead letters to the vhost's dead-letter task, behind those
+    /// already there.
+    fn dead_letter_later(&self, batch: Vec<DeadLetterRequest>) {
+        self.dead_letters_behind
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        let mut later = self.dead_letters_later.lock();
+        let queue = later.get_or_insert_with(|| {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            self.node
+                .tracker
+                .spawn(publish_dead_letters_later(self.me.clone(), rx));
+            tx
         });
+        if queue.send(batch).is_err() {
+            self.dead_letters_behind
+                .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        }
     }
 
     /// Routes one dead letter through its dead-letter exchange and publishes
@@ -953,7 +962,7 @@ impl Vhost {
         };
         for &qid in routed.queues() {
             let Some(queue) = self.queue_by_id(qid.0) else {
-                self.enqueue_remote(qid.0, &out.message, &mut out.remote);
+                self.enqueue_remote(qid.0, &mut out);
                 continue;
             };
             let Some(published) = queue.publish(&out.message, &self.node.store, fx) else {
@@ -1050,7 +1059,7 @@ impl Vhost {
 
     /// Sends `message` to the queue with id `id` on its home node, if it is
     /// a queue on another node.
-    fn enqueue_remote(&self, id: u64, message: &Message, out: &mut Vec<crate::peers::Pending>) {
+    fn enqueue_remote(&self, id: u64, out: &mut Enqueue) {
         let Some(peers) = self.node.peers.get() else {
             return;
         };
@@ -1060,9 +1069,10 @@ impl Vhost {
         let Some(q) = self.find_remote_queue(&name) else {
             return;
         };
+        let message = &out.message;
         let mut header = bytes::BytesMut::new();
         message.header.encode(&mut header);
-        out.push(crate::peers::Pending(peers.enqueue(
+        let pending = crate::peers::Pending(peers.enqueue(
             &q.home,
             crate::peers::RemotePublish {
                 vhost: self.name.to_string(),
@@ -1072,7 +1082,13 @@ impl Vhost {
                 header: header.freeze(),
                 body: message.body.clone(),
             },
-        )));
+        ));
+        out.remote.push(pending);
+        if let Some(gate) = peers.flow(&q.home) {
+            if gate.is_raised() {
+                out.congested.push(gate);
+            }
+        }
     }
 
     /// Enqueues a message sent by another node into local queue `queue`
@@ -1281,5 +1297,59 @@ pub fn check_user_id(
             }
         }
         _ => Ok(()),
+    }
+}
+
+/// A vhost's dead-letter task: publishes each batch in order, reading the
+/// paged-out bodies on the blocking pool (never on an async worker or under
+/// a queue's lock) first; their references are released after. Ends with
+/// the node's shutdown or the vhost.
+async fn publish_dead_letters_later(
+    vhost: std::sync::Weak<Vhost>,
+    mut batches: tokio::sync::mpsc::UnboundedReceiver<Vec<DeadLetterRequest>>,
+) {
+    loop {
+        let Some(shutdown) = vhost.upgrade().map(|v| v.node.shutdown.clone()) else {
+            return;
+        };
+        let batch = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            b = batches.recv() => match b { Some(b) => b, None => return },
+        };
+        let Some(vhost) = vhost.upgrade() else {
+            return;
+        };
+        let paged: Vec<MessageId> = batch
+            .iter()
+            .filter(|r| matches!(r.message, MessageRef::Paged(_)))
+            .map(|r| r.message.id())
+            .collect();
+        let bodies: std::collections::HashMap<MessageId, Arc<Message>> = if paged.is_empty() {
+            std::collections::HashMap::new()
+        } else {
+            let (loaded, failed) =
+                crate::queue::load_all_off_worker(paged.clone(), &vhost.node.store).await;
+            for id in &failed {
+                tracing::error!(vhost = %vhost.name, message = id.0, "cannot read a paged message to dead-letter it; it is dropped");
+            }
+            loaded.into_iter().map(|m| (m.id, m)).collect()
+        };
+        let mut fx = Effects::default();
+        for r in &batch {
+            let original = match &r.message {
+                MessageRef::Loaded(m) => Some(m),
+                MessageRef::Paged(id) => bodies.get(id),
+            };
+            if let Some(original) = original {
+                vhost.publish_dead_letter(r, original, &mut fx);
+            }
+        }
+        vhost.apply(&mut fx);
+        for id in paged {
+            vhost.node.store.release(id);
+        }
+        vhost
+            .dead_letters_behind
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }

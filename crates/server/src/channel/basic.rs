@@ -291,7 +291,9 @@ impl Channel {
                 vhost.name()
             )));
         };
-        let sink = Arc::new(super::remote::RemoteConsumer {
+        let sink = Arc::new_cyclic(|me| super::remote::RemoteConsumer {
+            me: me.clone(),
+            acks: parking_lot::Mutex::default(),
             channel: Arc::downgrade(&self.shared),
             tag: tag.clone(),
             queue_id: remote.id,

@@ -5,8 +5,9 @@
 //!
 //! The home node runs the consumer with acknowledgements and the channel's
 //! per-consumer prefetch; for a `no-ack` consumer this node acknowledges
-//! each delivery once it is written to the client, and the home node's
-//! prefetch is [`NO_ACK_WINDOW`], so a fast producer cannot flood the link.
+//! each delivery once it is written to the client (the acknowledgements
+//! of a burst go back together), and the home node's prefetch is
+//! [`NO_ACK_WINDOW`], so a fast producer cannot flood the link.
 //! Deliveries that arrive before `basic.consume-ok` is written wait for it;
 //! ones that arrive after the consumer is gone go back to the queue.
 
@@ -23,10 +24,15 @@ use crate::queue::{Settle, Unacked};
 use crate::session::ChannelShared;
 
 /// The home node's prefetch for a remote `no-ack` consumer.
-pub(super) const NO_ACK_WINDOW: u16 = 256;
+pub(super) const NO_ACK_WINDOW: u16 = 1024;
 
 /// A consumer of a queue on another node, as its channel here sees it.
 pub(super) struct RemoteConsumer {
+    /// Itself (the task that sends a burst's acknowledgements holds it).
+    pub(super) me: std::sync::Weak<RemoteConsumer>,
+    /// A `no-ack` consumer's deliveries written and not yet acknowledged
+    /// to the home node.
+    pub(super) acks: Mutex<Vec<u64>>,
     pub(super) channel: std::sync::Weak<ChannelShared>,
     pub(super) tag: ShortStr,
     /// The remote queue's id in this vhost's router (what deliveries are
@@ -101,13 +107,41 @@ impl RemoteConsumer {
         let header = crate::queue::with_delivery_count(&header, d.delivery_count);
         channel.write_content(&method, &header, &d.body);
         if self.no_ack {
-            self.peers.settle(
-                &self.home,
-                &self.vhost,
-                &self.queue,
-                vec![d.seq],
-                Settle::Ack,
-            );
+            self.ack_soon(d.seq);
+        }
+    }
+
+    /// Acknowledges `seq` to the home node together with the rest of the
+    /// burst it arrived in: the first of a burst schedules one send, which
+    /// runs once the deliveries already received have been written.
+    fn ack_soon(&self, seq: u64) {
+        let first = {
+            let mut acks = self.acks.lock();
+            acks.push(seq);
+            acks.len() == 1
+        };
+        if !first {
+            return;
+        }
+        // The task holds the consumer, so a burst is always acknowledged
+        // (the home node keeps a cancelled consumer's deliveries until
+        // they are settled).
+        match self.me.upgrade() {
+            Some(me) => {
+                tokio::spawn(async move {
+                    tokio::task::yield_now().await;
+                    me.flush_acks();
+                });
+            }
+            None => self.flush_acks(),
+        }
+    }
+
+    fn flush_acks(&self) {
+        let seqs = std::mem::take(&mut *self.acks.lock());
+        if !seqs.is_empty() {
+            self.peers
+                .settle(&self.home, &self.vhost, &self.queue, seqs, Settle::Ack);
         }
     }
 }
