@@ -951,6 +951,25 @@ async fn a_queue_on_another_node_is_purged_and_deleted_from_any_node() {
     let first = amqp(&cluster, 0).await;
     sees_queue(&cluster, &first, 0, "q.del").await;
 
+    // Node 1's management API lists it with its node and node 2's counts,
+    // alone and in listings.
+    let listed = get(&cluster.node(0).api, "/api/queues").await;
+    let q = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|q| q["name"] == "q.del")
+        .cloned()
+        .unwrap_or_else(|| panic!("q.del not listed on node 1: {listed}"));
+    assert_eq!(q["node"], "n2@127.0.0.1", "{q}");
+    assert_eq!(q["messages"], 10, "{q}");
+    assert_eq!(q["vhost"], "/", "{q}");
+    let one = get(&cluster.node(0).api, "/api/queues/%2F/q.del").await;
+    assert_eq!(
+        (one["node"].clone(), one["messages"].clone()),
+        (json!("n2@127.0.0.1"), json!(10))
+    );
+
     // The home node checks the conditions; its refusal comes back as is.
     let ch1 = first.create_channel().await.unwrap();
     warren_tests::assert_amqp_error(

@@ -486,6 +486,23 @@ impl server::peers::Peers for ClusterPeers {
         })
     }
 
+    fn queues_on(&self, node: &str) -> server::peers::RemoteListing {
+        let Some(addr) = self.node.address_of(node) else {
+            let text = format!("node '{node}' is not a member of the cluster");
+            return Box::pin(std::future::ready(Err(text)));
+        };
+        let answer = self.node.links.send_ordered(&addr, Request::ListQueues);
+        let node = node.to_owned();
+        Box::pin(async move {
+            match answer.await {
+                Ok(Ok(Response::Queues(listing))) => listing,
+                Ok(Ok(other)) => Err(format!("node '{node}' answered {other:?}")),
+                Ok(Err(e)) => Err(format!("node '{node}': {e}")),
+                Err(_) => Err(format!("node '{node}': no answer")),
+            }
+        })
+    }
+
     fn flow(&self, home: &str) -> Option<Arc<queue_store::FlowGate>> {
         let addr = self.node.address_of(home)?;
         Some(self.node.links.backlog(&addr).gate.clone())
@@ -1068,6 +1085,14 @@ impl RequestHandler for Handler {
         let request = match request {
             Request::Enqueue(e) => return self.enqueue(e),
             Request::Get { vhost, queue, ack } => return self.get(from.id, vhost, queue, ack),
+            Request::ListQueues => {
+                let listing = match self.broker() {
+                    Some(b) => serde_json::to_string(&server::management::local_queues(&b))
+                        .map_err(|e| e.to_string()),
+                    None => Err("the broker is not running on this node".to_owned()),
+                };
+                return Box::pin(std::future::ready(Response::Queues(listing)));
+            }
             Request::Purge { vhost, queue } => {
                 let v = self.broker().and_then(|b| b.vhost(&vhost));
                 let done = match v.as_ref().and_then(|v| Some((v, v.find_queue(&queue)?))) {
@@ -1226,6 +1251,7 @@ impl RequestHandler for Handler {
                     }))
                 }
                 Request::Enqueue(_)
+                | Request::ListQueues
                 | Request::Purge { .. }
                 | Request::DeleteQueue { .. }
                 | Request::QueueInfo { .. }

@@ -50,6 +50,8 @@ pub enum Request {
     Status,
     /// Enqueue a message into a queue homed on the receiving node.
     Enqueue(EnqueueRequest),
+    /// The receiving node's own queues, as its `/api/queues` lists them.
+    ListQueues,
     /// Purge a queue homed on the receiving node.
     Purge {
         /// Vhost.
@@ -196,6 +198,8 @@ pub enum Response {
     Forgotten(Result<(), String>),
     /// To `Status`.
     Status(Status),
+    /// To `ListQueues`: a JSON array (text), or why not.
+    Queues(Result<String, String>),
     /// To `Purge` and `DeleteQueue`: messages removed, or the reply code
     /// and text of the refusal.
     Count(Result<u32, (u16, String)>),

@@ -88,6 +88,9 @@ pub struct Refusal {
 /// removed, or why not.
 pub type RemoteCount = Pin<Box<dyn Future<Output = Result<u32, Refusal>> + Send>>;
 
+/// Node `n`'s own queues as `/api/queues` lists them: a JSON array (text).
+pub type RemoteListing = Pin<Box<dyn Future<Output = Result<String, String>> + Send>>;
+
 /// The answer to a remote `basic.get`: a message, or none (empty queue).
 pub type RemoteGet = Pin<Box<dyn Future<Output = Result<Option<RemoteDelivery>, String>> + Send>>;
 
@@ -193,6 +196,9 @@ pub trait Peers: Send + Sync + std::fmt::Debug {
     /// The gate raised while too many messages for node `home` are in
     /// flight: publishers routing there pause until it is lowered.
     fn flow(&self, home: &str) -> Option<std::sync::Arc<queue_store::FlowGate>>;
+
+    /// The queues node `node` hosts, as its `/api/queues` lists them.
+    fn queues_on(&self, node: &str) -> RemoteListing;
 
     /// Purges queue `queue` on node `home`.
     fn purge(&self, home: &str, vhost: &str, queue: &ShortStr) -> RemoteCount;

@@ -491,23 +491,128 @@ fn across_vhosts(
 
 /// Queues are listed from their handles, each rendered only if the answer
 /// holds it (a page of a 50,000-queue broker renders one page).
-fn queue_listing(query: &ListQuery, vhosts: &[Arc<Vhost>], node: &str) -> ApiResult {
+/// A queue in a listing: this node's, or another node's as it answered.
+enum Listed {
+    Local(Arc<Vhost>, Arc<crate::queue::QueueHandle>),
+    Remote(Value),
+}
+
+/// This node's own queues, in every vhost.
+pub(super) fn local_queues(b: &Broker) -> Vec<Value> {
+    b.vhost_list()
+        .iter()
+        .flat_map(|v| {
+            v.queues()
+                .into_iter()
+                .map(|q| queue(v.name(), &q, &b.config.node_name))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// How long a listing waits for another node's queues.
+const PEER_LISTING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// The queues of `vhosts` that live on other nodes, as their nodes list
+/// them; a queue whose node does not answer is listed with state `down`,
+/// as RabbitMQ lists it.
+async fn remote_queues(b: &Broker, vhosts: &[Arc<Vhost>]) -> Vec<Value> {
+    let Some(peers) = b.peers.get() else {
+        return Vec::new();
+    };
+    let wanted: Vec<(String, crate::peers::RemoteQueue)> = vhosts
+        .iter()
+        .flat_map(|v| {
+            v.remote_queues()
+                .into_iter()
+                .map(|q| (v.name().to_owned(), q))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let mut homes: Vec<String> = wanted.iter().map(|(_, q)| q.home.clone()).collect();
+    homes.sort();
+    homes.dedup();
+    let answers = futures_util::future::join_all(homes.iter().map(|h| {
+        let listing = peers.queues_on(h);
+        async move {
+            tokio::time::timeout(PEER_LISTING_TIMEOUT, listing)
+                .await
+                .map_err(|_| "timed out".to_owned())
+                .and_then(|r| r)
+                .and_then(|text| {
+                    serde_json::from_str::<Vec<Value>>(&text).map_err(|e| e.to_string())
+                })
+        }
+    }))
+    .await;
+    let mut known: std::collections::HashMap<(String, String), Value> = Default::default();
+    for (home, answer) in homes.iter().zip(answers) {
+        match answer {
+            Ok(list) => {
+                for q in list {
+                    let key = (
+                        q["vhost"].as_str().unwrap_or_default().to_owned(),
+                        q["name"].as_str().unwrap_or_default().to_owned(),
+                    );
+                    known.insert(key, q);
+                }
+            }
+            Err(e) => tracing::debug!(node = %home, error = %e, "listing another node's queues"),
+        }
+    }
+    wanted
+        .into_iter()
+        .map(|(vhost, q)| {
+            known
+                .remove(&(vhost.clone(), q.name.to_string()))
+                .unwrap_or_else(|| {
+                    json!({"name": q.name.as_str(), "vhost": vhost, "durable": true,
+                        "auto_delete": false, "exclusive": false, "type": "classic",
+                        "node": q.home, "state": "down", "arguments": {}})
+                })
+        })
+        .collect()
+}
+
+async fn queue_listing(query: &ListQuery, b: &Broker, vhosts: &[Arc<Vhost>]) -> ApiResult {
     let mut items = Vec::new();
     for v in vhosts {
-        let mut qs = v.queues();
-        qs.sort_by(|a, b| a.name.cmp(&b.name));
-        items.extend(qs.into_iter().map(|q| (v.clone(), q)));
+        items.extend(v.queues().into_iter().map(|q| Listed::Local(v.clone(), q)));
     }
+    items.extend(
+        remote_queues(b, vhosts)
+            .await
+            .into_iter()
+            .map(Listed::Remote),
+    );
+    // RabbitMQ's default order: by vhost, then name.
+    let key = |i: &Listed| match i {
+        Listed::Local(v, q) => (v.name().to_owned(), q.name.to_string()),
+        Listed::Remote(j) => (
+            j["vhost"].as_str().unwrap_or_default().to_owned(),
+            j["name"].as_str().unwrap_or_default().to_owned(),
+        ),
+    };
+    items.sort_by_cached_key(key);
+    let node = &b.config.node_name;
     respond(
         query,
         items,
-        |(_, q)| std::borrow::Cow::Borrowed(q.name.as_str()),
-        |(v, q)| queue(v.name(), q, node),
+        |i| match i {
+            Listed::Local(_, q) => std::borrow::Cow::Borrowed(q.name.as_str()),
+            Listed::Remote(j) => {
+                std::borrow::Cow::Owned(j["name"].as_str().unwrap_or_default().to_owned())
+            }
+        },
+        |i| match i {
+            Listed::Local(v, q) => queue(v.name(), q, node),
+            Listed::Remote(j) => j.clone(),
+        },
     )
 }
 
 async fn list_all_queues(State(b): Shared, caller: Caller, Query(q): Listing) -> ApiResult {
-    queue_listing(&q, &visible_vhosts(&b, &caller), &b.config.node_name)
+    queue_listing(&q, &b, &visible_vhosts(&b, &caller)).await
 }
 
 async fn list_queues(
@@ -517,7 +622,7 @@ async fn list_queues(
     Query(q): Listing,
 ) -> ApiResult {
     let v = visible_vhost(&b, &caller, &vhost)?;
-    queue_listing(&q, &[v], &b.config.node_name)
+    queue_listing(&q, &b, &[v]).await
 }
 
 async fn get_queue(
@@ -526,8 +631,17 @@ async fn get_queue(
     Path((vhost, name)): Path<(String, String)>,
 ) -> ApiResult {
     let v = visible_vhost(&b, &caller, &vhost)?;
-    let q = v.find_queue(&name).ok_or_else(ApiError::not_found)?;
-    ok(queue(v.name(), &q, &b.config.node_name))
+    if let Some(q) = v.find_queue(&name) {
+        return ok(queue(v.name(), &q, &b.config.node_name));
+    }
+    // A queue on another node, as its node lists it.
+    let remote = v.find_remote_queue(&name).ok_or_else(ApiError::not_found)?;
+    let mut listed = remote_queues(&b, &[v]).await;
+    let i = listed
+        .iter()
+        .position(|j| j["name"] == remote.name.as_str())
+        .ok_or_else(ApiError::not_found)?;
+    ok(listed.swap_remove(i))
 }
 
 async fn put_queue(

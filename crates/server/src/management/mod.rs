@@ -37,6 +37,12 @@ use tokio::net::TcpListener;
 use crate::broker::Broker;
 
 /// Starts serving the API on `listener` until the broker shuts down.
+/// This node's own queues, in every vhost, as `/api/queues` lists them
+/// (what a peer asks for to list the cluster's queues).
+pub fn local_queues(broker: &Broker) -> Vec<serde_json::Value> {
+    api::local_queues(broker)
+}
+
 pub fn spawn(broker: &Arc<Broker>, listener: TcpListener) {
     serve_http(
         broker,
