@@ -8,7 +8,7 @@
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use warren_tests::{TestCluster, serve_cluster_node_if_child};
+use warren_tests::{TestCluster, declare_durable_queue, ready_count, serve_cluster_node_if_child};
 
 /// What every node of a `TestCluster` runs.
 #[test]
@@ -404,29 +404,33 @@ async fn amqp(cluster: &TestCluster, i: usize) -> lapin::Connection {
     .unwrap()
 }
 
-/// Waits until node `i` knows queue `name` (a passive declare succeeds).
+/// Whether `conn`'s node knows queue `name` (a passive declare succeeds,
+/// on a channel of its own).
+async fn queue_known(conn: &lapin::Connection, name: &str) -> bool {
+    let ch = conn.create_channel().await.unwrap();
+    let known = ch
+        .queue_declare(
+            name.into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .is_ok();
+    if known {
+        let _ = ch.close(200, "ok".into()).await;
+    }
+    known
+}
+
+/// Waits until node `i` knows queue `name`.
 async fn sees_queue(cluster: &TestCluster, conn: &lapin::Connection, i: usize, name: &str) {
     eventually(
         &format!("node {} sees queue {name}", i + 1),
         cluster,
-        || async {
-            let ch = conn.create_channel().await.unwrap();
-            let seen = ch
-                .queue_declare(
-                    name.into(),
-                    lapin::options::QueueDeclareOptions {
-                        passive: true,
-                        ..Default::default()
-                    },
-                    lapin::types::FieldTable::default(),
-                )
-                .await
-                .is_ok();
-            if seen {
-                let _ = ch.close(200, "ok".into()).await;
-            }
-            seen
-        },
+        || queue_known(conn, name),
     )
     .await;
 }
@@ -439,16 +443,7 @@ async fn a_message_published_on_one_node_is_confirmed_into_a_queue_on_another() 
     // node 3 and bound there to it.
     let home = amqp(&cluster, 1).await;
     let ch2 = home.create_channel().await.unwrap();
-    ch2.queue_declare(
-        "q.cross".into(),
-        lapin::options::QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        lapin::types::FieldTable::default(),
-    )
-    .await
-    .unwrap();
+    declare_durable_queue(&ch2, "q.cross").await;
     let third = amqp(&cluster, 2).await;
     sees_queue(&cluster, &third, 2, "q.cross").await;
     let ch3 = third.create_channel().await.unwrap();
@@ -605,19 +600,6 @@ async fn a_message_published_on_one_node_is_confirmed_into_a_queue_on_another() 
     );
 }
 
-async fn durable_queue(ch: &lapin::Channel, name: &str) {
-    ch.queue_declare(
-        name.into(),
-        lapin::options::QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        lapin::types::FieldTable::default(),
-    )
-    .await
-    .unwrap();
-}
-
 async fn get_one(
     ch: &lapin::Channel,
     queue: &str,
@@ -634,7 +616,7 @@ async fn basic_get_on_one_node_takes_acks_and_requeues_from_a_queue_on_another()
     formed(&cluster).await;
     let home = amqp(&cluster, 1).await;
     let ch2 = home.create_channel().await.unwrap();
-    durable_queue(&ch2, "q.get").await;
+    declare_durable_queue(&ch2, "q.get").await;
     for i in 0..3 {
         warren_tests::publish(&ch2, "q.get", format!("m{i}").as_bytes()).await;
     }
@@ -697,22 +679,13 @@ async fn basic_get_on_one_node_takes_acks_and_requeues_from_a_queue_on_another()
     );
 }
 
-/// The ready count of `queue`, by a passive declare on `conn`'s node.
+/// The ready count of `queue`, by a passive declare on a channel of its
+/// own on `conn`'s node.
 async fn ready(conn: &lapin::Connection, queue: &str) -> u32 {
     let ch = conn.create_channel().await.unwrap();
-    let q = ch
-        .queue_declare(
-            queue.into(),
-            lapin::options::QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            lapin::types::FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let n = ready_count(&ch, queue).await;
     let _ = ch.close(200, "ok".into()).await;
-    q.message_count()
+    n
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -721,7 +694,7 @@ async fn a_consumer_on_one_node_consumes_a_queue_on_another_with_prefetch_acks_a
     formed(&cluster).await;
     let home = amqp(&cluster, 1).await;
     let ch2 = home.create_channel().await.unwrap();
-    durable_queue(&ch2, "q.consume").await;
+    declare_durable_queue(&ch2, "q.consume").await;
     for i in 0..20 {
         warren_tests::publish(&ch2, "q.consume", format!("m{i}").as_bytes()).await;
     }
@@ -806,7 +779,7 @@ async fn a_no_ack_consumer_on_another_node_drains_the_queue_in_order_and_is_told
     formed(&cluster).await;
     let home = amqp(&cluster, 1).await;
     let ch2 = home.create_channel().await.unwrap();
-    durable_queue(&ch2, "q.drain").await;
+    declare_durable_queue(&ch2, "q.drain").await;
     let first = amqp(&cluster, 0).await;
     sees_queue(&cluster, &first, 0, "q.drain").await;
     let ch1 = first.create_channel().await.unwrap();
@@ -943,7 +916,7 @@ async fn a_queue_on_another_node_is_purged_and_deleted_from_any_node() {
     formed(&cluster).await;
     let home = amqp(&cluster, 1).await;
     let ch2 = home.create_channel().await.unwrap();
-    durable_queue(&ch2, "q.del").await;
+    declare_durable_queue(&ch2, "q.del").await;
     ch2.confirm_select(lapin::options::ConfirmSelectOptions::default())
         .await
         .unwrap();
@@ -1010,19 +983,7 @@ async fn a_queue_on_another_node_is_purged_and_deleted_from_any_node() {
         eventually(
             &format!("q.del is gone on node {}", i + 1),
             &cluster,
-            || async {
-                let ch = conn.create_channel().await.unwrap();
-                ch.queue_declare(
-                    "q.del".into(),
-                    lapin::options::QueueDeclareOptions {
-                        passive: true,
-                        ..Default::default()
-                    },
-                    lapin::types::FieldTable::default(),
-                )
-                .await
-                .is_err()
-            },
+            || async { !queue_known(conn, "q.del").await },
         )
         .await;
     }
@@ -1083,7 +1044,7 @@ async fn a_partitioned_node_refuses_changes_and_the_healed_cluster_converges_wit
     // A durable queue on node 1; 50 confirmed messages from node 1.
     let first = amqp(&cluster, 0).await;
     let ch1 = first.create_channel().await.unwrap();
-    durable_queue(&ch1, "q.part").await;
+    declare_durable_queue(&ch1, "q.part").await;
     ch1.confirm_select(lapin::options::ConfirmSelectOptions::default())
         .await
         .unwrap();

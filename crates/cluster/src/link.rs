@@ -251,11 +251,23 @@ type Pending = Arc<Mutex<HashMap<u64, Waiting>>>;
 struct Waiting {
     answer: oneshot::Sender<Result<Response, LinkError>>,
     backlog: Option<Arc<Backlog>>,
+    /// An enqueue: if it failed and its caller no longer waits (a publish
+    /// without confirms), the loss is logged here.
+    enqueue: bool,
 }
 
 impl Waiting {
     fn answer(self, response: Result<Response, LinkError>) {
-        let _ = self.answer.send(response);
+        if let Err(unheard) = self.answer.send(response) {
+            let failure = match &unheard {
+                Err(e) => Some(e.to_string()),
+                Ok(Response::Enqueued(Err(e))) => Some(e.clone()),
+                Ok(_) => None,
+            };
+            if let Some(e) = failure.filter(|_| self.enqueue) {
+                tracing::warn!(error = %e, "a message for a queue on another node was lost");
+            }
+        }
         if let Some(b) = self.backlog {
             b.done();
         }
@@ -725,9 +737,11 @@ impl Links {
                 _ = self.shutdown.cancelled() => return,
                 next = queue.recv() => match next { Some(n) => n, None => return },
             };
+            let enqueue = matches!(request, Request::Enqueue(_));
             let waiting = answer.map(|answer| Waiting {
                 answer,
                 backlog: Some(backlog.clone()),
+                enqueue,
             });
             let conn = match self.conn(None, &addr).await {
                 Ok(c) => c,
@@ -794,6 +808,7 @@ impl Links {
                 Waiting {
                     answer: tx,
                     backlog: None,
+                    enqueue: false,
                 },
             );
             let body = encode(request).map_err(|e| LinkError::Unreachable {

@@ -70,10 +70,6 @@ impl Broker {
     /// This node's figures now (`/api/nodes`, and what it gossips).
     pub fn node_stats(&self) -> crate::peers::NodeStats {
         let alarms = self.alarms.current();
-        let rss = std::fs::read_to_string("/proc/self/statm")
-            .ok()
-            .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
-            .map_or(0, |pages| pages * 4096);
         let fd_used = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as u64);
         // "Max open files  <soft>  <hard>  files"
         let fd_total = std::fs::read_to_string("/proc/self/limits")
@@ -88,7 +84,7 @@ impl Broker {
             })
             .unwrap_or(0);
         crate::peers::NodeStats {
-            mem_used: rss,
+            mem_used: crate::metrics::resident_memory(),
             mem_limit: self.alarms.memory_limit(),
             mem_alarm: alarms.memory,
             disk_free_limit: self.alarms.disk_limit(),

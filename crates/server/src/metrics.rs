@@ -266,7 +266,7 @@ pub struct NodeTotals {
 }
 
 /// This process's resident set in bytes (Linux; 0 elsewhere).
-fn resident_memory() -> u64 {
+pub fn resident_memory() -> u64 {
     std::fs::read_to_string("/proc/self/statm")
         .ok()
         .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())

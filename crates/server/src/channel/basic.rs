@@ -327,13 +327,7 @@ impl Channel {
                 return Err(if e.contains("exclusive use") {
                     AmqpError::access_refused(e)
                 } else {
-                    tracing::debug!(queue = %remote.name, home = %remote.home, error = %e, "remote consume");
-                    AmqpError::not_found(format!(
-                        "home node '{}' of durable queue '{}' in vhost '{}' is down or inaccessible",
-                        remote.home,
-                        remote.name,
-                        vhost.name()
-                    ))
+                    super::remote::home_down(&remote, vhost.name(), "consume", &e)
                 });
             }
         };
@@ -569,17 +563,11 @@ impl Channel {
                 c.nacked.push(seq);
             }
             c.remote.extend(remote.into_iter().map(|r| (seq, r)));
-        } else if !remote.is_empty() {
-            // No confirm waits for them: their outcome is only logged. (A
-            // transaction's commit does not wait for them either yet.)
-            node.tracker.spawn(async move {
-                for r in remote {
-                    if let Err(e) = r.0.await {
-                        tracing::warn!(error = %e, "a message for a queue on another node was lost");
-                    }
-                }
-            });
         }
+        // Otherwise no confirm waits for the remote enqueues: they are
+        // dropped, and a failed one is logged by the cluster's link when its
+        // answer comes. (A transaction's commit does not wait for them
+        // either yet.)
         Ok(())
     }
 
@@ -594,15 +582,7 @@ impl Channel {
         let got = peers
             .get(&remote.home, vhost.name(), &remote.name, !no_ack)
             .await
-            .map_err(|e| {
-                tracing::debug!(queue = %remote.name, home = %remote.home, error = %e, "remote get");
-                AmqpError::not_found(format!(
-                    "home node '{}' of durable queue '{}' in vhost '{}' is down or inaccessible",
-                    remote.home,
-                    remote.name,
-                    vhost.name()
-                ))
-            })?;
+            .map_err(|e| super::remote::home_down(&remote, vhost.name(), "get", &e))?;
         let Some(d) = got else {
             self.shared
                 .write_method(&Method::BasicGetEmpty(BasicGetEmpty {

@@ -62,12 +62,12 @@ impl Channel {
                     )));
                 }
                 Err(e) => {
-                    tracing::debug!(queue = %name, home = %remote.home, error = %e, "remote declare");
-                    return Err(AmqpError::not_found(format!(
-                        "home node '{}' of durable queue '{name}' in vhost '{}' is down or inaccessible",
-                        remote.home,
-                        vhost.name()
-                    )));
+                    return Err(super::remote::home_down(
+                        &remote,
+                        vhost.name(),
+                        "declare",
+                        &e,
+                    ));
                 }
             }
         } else if m.passive {
@@ -269,14 +269,11 @@ fn on_home(
     match done {
         Ok(n) => Ok(n),
         Err(r) if r.code != 0 => Err(AmqpError::channel(r.code, r.text)),
-        Err(r) => {
-            tracing::debug!(queue = %remote.name, home = %remote.home, error = %r.text, "remote queue operation");
-            Err(AmqpError::not_found(format!(
-                "home node '{}' of durable queue '{}' in vhost '{}' is down or inaccessible",
-                remote.home,
-                remote.name,
-                vhost.name()
-            )))
-        }
+        Err(r) => Err(super::remote::home_down(
+            remote,
+            vhost.name(),
+            "purge or delete",
+            &r.text,
+        )),
     }
 }
