@@ -1,8 +1,10 @@
 //! Three-node clusters as child processes on loopback: formation, metadata
 //! committed on one node and visible on every node (API and AMQP), a change
 //! refused while the majority is down and applied nowhere, nodes that
-//! rejoin with their data after `kill -9`, and a peer without the secret
-//! refused.
+//! rejoin with their data after `kill -9`, a peer without the secret
+//! refused; publishing, consuming, getting, purging and deleting across
+//! nodes; transient and exclusive objects cluster-wide; transactions that
+//! commit only once other nodes have their messages; partitions.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::time::{Duration, Instant};
@@ -1154,4 +1156,274 @@ async fn a_partitioned_node_refuses_changes_and_the_healed_cluster_converges_wit
         me["partitions"] == json!([])
     })
     .await;
+}
+
+/// What a passive declare of queue `name` on `conn`'s node answers: `None`
+/// if it exists and may be used, else the reply code (404, 405).
+async fn passive_queue(conn: &lapin::Connection, name: &str) -> Option<u16> {
+    let ch = conn.create_channel().await.unwrap();
+    let outcome = ch
+        .queue_declare(
+            name.into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await;
+    match outcome {
+        Ok(_) => {
+            let _ = ch.close(200, "ok".into()).await;
+            None
+        }
+        Err(e) => Some(warren_tests::amqp_error(&e).expect("an AMQP error").0),
+    }
+}
+
+/// Whether exchange `name` exists on `conn`'s node.
+async fn exchange_known(conn: &lapin::Connection, name: &str) -> bool {
+    let ch = conn.create_channel().await.unwrap();
+    let known = ch
+        .exchange_declare(
+            name.into(),
+            lapin::ExchangeKind::Fanout,
+            lapin::options::ExchangeDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .is_ok();
+    if known {
+        let _ = ch.close(200, "ok".into()).await;
+    }
+    known
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_exchanges_and_queues_are_cluster_wide_and_exclusive_ones_go_with_their_owner() {
+    let mut cluster = TestCluster::start(CHILD, 3);
+    formed(&cluster).await;
+    let conn1 = amqp(&cluster, 0).await;
+    let conn2 = amqp(&cluster, 1).await;
+    let conn3 = amqp(&cluster, 2).await;
+
+    // On node 1: a transient fanout exchange, an RPC client's exclusive
+    // server-named reply queue bound to it, and a transient shared queue.
+    let ch1 = conn1.create_channel().await.unwrap();
+    ch1.exchange_declare(
+        "t.fan".into(),
+        lapin::ExchangeKind::Fanout,
+        lapin::options::ExchangeDeclareOptions::default(),
+        lapin::types::FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let reply = ch1
+        .queue_declare(
+            "".into(),
+            lapin::options::QueueDeclareOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap()
+        .name()
+        .to_string();
+    ch1.queue_bind(
+        reply.as_str().into(),
+        "t.fan".into(),
+        "".into(),
+        lapin::options::QueueBindOptions::default(),
+        lapin::types::FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch1.queue_declare(
+        "t.shared".into(),
+        lapin::options::QueueDeclareOptions::default(),
+        lapin::types::FieldTable::default(),
+    )
+    .await
+    .unwrap();
+
+    // Node 2 knows them: the exchange exists, the exclusive queue is
+    // another connection's (405, not 404).
+    let (c2, r) = (&conn2, reply.as_str());
+    eventually("node 2 sees the transient exchange", &cluster, || {
+        exchange_known(c2, "t.fan")
+    })
+    .await;
+    eventually("node 2 sees the exclusive queue", &cluster, || async move {
+        passive_queue(c2, r).await == Some(405)
+    })
+    .await;
+    eventually("node 2 sees the transient queue", &cluster, || async move {
+        passive_queue(c2, "t.shared").await.is_none()
+    })
+    .await;
+
+    // A server on node 2 answers through the exchange and straight to the
+    // reply queue; both are confirmed and reach the client on node 1.
+    let ch2 = conn2.create_channel().await.unwrap();
+    ch2.confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    for (exchange, key, body) in [
+        ("t.fan", "", "through the exchange"),
+        ("", reply.as_str(), "straight"),
+        ("", "t.shared", "shared"),
+    ] {
+        let confirm = ch2
+            .basic_publish(
+                exchange.into(),
+                key.into(),
+                lapin::options::BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                body.as_bytes(),
+                lapin::BasicProperties::default(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(confirm.is_ack(), "{body}: {confirm:?}");
+        assert!(
+            confirm.take_message().is_none(),
+            "{body}: returned unroutable"
+        );
+    }
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        let m = get_one(&ch1, &reply, true).await.expect("a reply");
+        got.push(String::from_utf8(m.delivery.data.clone()).unwrap());
+    }
+    got.sort();
+    assert_eq!(got, ["straight", "through the exchange"]);
+    // Node 3 takes from the transient shared queue on node 1.
+    let ch3 = conn3.create_channel().await.unwrap();
+    let m = get_one(&ch3, "t.shared", true).await.expect("shared");
+    assert_eq!(m.delivery.data, b"shared");
+
+    // Another node may publish to the exclusive queue, nothing else.
+    warren_tests::assert_amqp_error(
+        ch3.basic_consume(
+            reply.as_str().into(),
+            "".into(),
+            lapin::options::BasicConsumeOptions::default(),
+            lapin::types::FieldTable::default(),
+        )
+        .await,
+        405,
+        "RESOURCE_LOCKED - cannot obtain exclusive access to locked queue",
+    );
+
+    // The owner's connection closes: its exclusive queue is gone everywhere.
+    conn1.close(200, "bye".into()).await.unwrap();
+    eventually(
+        "node 2 forgets the exclusive queue",
+        &cluster,
+        || async move { passive_queue(c2, r).await == Some(404) },
+    )
+    .await;
+
+    // Node 1 dies and comes back: its transient queue died with it (gone
+    // everywhere, and node 1 may declare the name afresh); the transient
+    // exchange is the cluster's and stays.
+    drop((conn2, conn3));
+    cluster.kill(0);
+    cluster.spawn(0, None);
+    formed(&cluster).await;
+    let conn2 = amqp(&cluster, 1).await;
+    let c2 = &conn2;
+    eventually(
+        "node 2 forgets node 1's transient queue",
+        &cluster,
+        || async move { passive_queue(c2, "t.shared").await == Some(404) },
+    )
+    .await;
+    assert!(exchange_known(&conn2, "t.fan").await);
+    let conn1 = amqp(&cluster, 0).await;
+    assert!(exchange_known(&conn1, "t.fan").await);
+    let ch1 = conn1.create_channel().await.unwrap();
+    let fresh = ch1
+        .queue_declare(
+            "t.shared".into(),
+            lapin::options::QueueDeclareOptions::default(),
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(fresh.message_count(), 0);
+    eventually(
+        "node 2 sees the new transient queue",
+        &cluster,
+        || async move { passive_queue(c2, "t.shared").await.is_none() },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_commits_only_once_another_node_has_its_messages() {
+    let mut cluster = TestCluster::start(CHILD, 3);
+    formed(&cluster).await;
+    let home = amqp(&cluster, 1).await;
+    declare_durable_queue(&home.create_channel().await.unwrap(), "q.tx").await;
+    let first = amqp(&cluster, 0).await;
+    sees_queue(&cluster, &first, 0, "q.tx").await;
+
+    let ch1 = first.create_channel().await.unwrap();
+    ch1.tx_select().await.unwrap();
+    for k in 0..50 {
+        ch1.basic_publish(
+            "".into(),
+            "q.tx".into(),
+            lapin::options::BasicPublishOptions::default(),
+            format!("tx {k}").as_bytes(),
+            lapin::BasicProperties::default().with_delivery_mode(2),
+        )
+        .await
+        .unwrap();
+    }
+    ch1.tx_commit().await.unwrap();
+    // commit-ok went out once node 2 had every message: its count says so
+    // at once, and a kill -9 of node 2 loses none of them.
+    let ch2 = home.create_channel().await.unwrap();
+    assert_eq!(ready_count(&ch2, "q.tx").await, 50);
+    drop(home);
+    cluster.kill(1);
+    cluster.spawn(1, None);
+    let home = amqp(&cluster, 1).await;
+    assert_eq!(
+        ready_count(&home.create_channel().await.unwrap(), "q.tx").await,
+        50
+    );
+
+    // With node 2 down, a transaction routed there cannot complete: 406
+    // "partial tx completion", as RabbitMQ fails a transaction a queue
+    // did not take.
+    drop(home);
+    cluster.kill(1);
+    let ch = first.create_channel().await.unwrap();
+    ch.tx_select().await.unwrap();
+    ch.basic_publish(
+        "".into(),
+        "q.tx".into(),
+        lapin::options::BasicPublishOptions::default(),
+        b"lost",
+        lapin::BasicProperties::default().with_delivery_mode(2),
+    )
+    .await
+    .unwrap();
+    warren_tests::assert_amqp_error(
+        ch.tx_commit().await,
+        406,
+        "PRECONDITION_FAILED - partial tx completion",
+    );
 }

@@ -234,6 +234,11 @@ impl Broker {
                     v.project_unbind(binding);
                 }
             }
+            MetaCommand::DropTransient { home, before } => {
+                for v in self.vhost_list() {
+                    v.project_transient_dropped(home, *before);
+                }
+            }
         }
     }
 
@@ -266,6 +271,13 @@ impl Broker {
                 if let Some(v) = self.vhost(vhost) {
                     if !self.node.is_home(&queue.home) {
                         v.project_queue(queue);
+                        return 0;
+                    }
+                    if !queue.durable || queue.exclusive {
+                        // A cluster's transient queue of this node's
+                        // earlier run: gone with it (this run drops it
+                        // from the metadata), its id not to be reused.
+                        self.node.note_queue_id(queue.id);
                         return 0;
                     }
                     v.recover_queue(queue, recovered);

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
-use crate::meta::MetaLog;
+use crate::meta::{MetaLog, queue_counter};
 
 /// What every vhost and queue of this node uses.
 #[derive(Debug)]
@@ -48,6 +48,11 @@ pub struct Node {
     /// The cluster's way to queues on other nodes (unset: a node alone).
     pub peers: std::sync::OnceLock<Arc<dyn crate::peers::Peers>>,
     next_queue: AtomicU64,
+    /// The queue counter this run started at (a cluster only): a
+    /// transient queue homed here with a lower one died with an earlier run.
+    run_start: AtomicU64,
+    /// Set once this run's [`MetaCommand::DropTransient`] is committed.
+    transient_dropped: tokio::sync::OnceCell<()>,
 }
 
 impl Node {
@@ -72,7 +77,47 @@ impl Node {
             tracker: TaskTracker::new(),
             peers: std::sync::OnceLock::new(),
             next_queue: AtomicU64::new(1),
+            run_start: AtomicU64::new(0),
+            transient_dropped: tokio::sync::OnceCell::new(),
         }
+    }
+
+    /// Starts this run's queue ids, once recovery has noted every id it
+    /// found. In a cluster the counter also starts no lower than the
+    /// milliseconds since 2025 began, so that it is above the ids of an
+    /// earlier run that this node has not applied yet (unless that run
+    /// declared more than one queue per millisecond of its life).
+    pub fn begin_run(&self) {
+        if self.peers.get().is_some() {
+            const EPOCH_2025_MS: u64 = 1_735_689_600_000;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            let floor = queue_counter(now.saturating_sub(EPOCH_2025_MS));
+            self.next_queue.fetch_max(floor, Ordering::Relaxed);
+        }
+        self.run_start
+            .store(self.next_queue.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+
+    /// Commits, once per run, that the transient and exclusive queues this
+    /// node held in an earlier run are gone ([`MetaCommand::DropTransient`]);
+    /// a transient declare waits for it, so that a stale queue of the same
+    /// name is gone first. Nothing to do on a node alone.
+    pub async fn drop_earlier_transient(&self) -> Result<(), crate::meta::MetaError> {
+        if self.peers.get().is_none() {
+            return Ok(());
+        }
+        self.transient_dropped
+            .get_or_try_init(|| async {
+                let command = crate::meta::MetaCommand::DropTransient {
+                    home: self.config.node_name.clone(),
+                    before: self.run_start.load(Ordering::Relaxed),
+                };
+                self.meta.commit(command).await.map(|_| ())
+            })
+            .await
+            .map(|_| ())
     }
 
     /// A fresh queue storage id. In a cluster, ids carry 20 bits of the
@@ -86,7 +131,7 @@ impl Node {
                 use std::hash::{Hash, Hasher};
                 let mut h = std::collections::hash_map::DefaultHasher::new();
                 self.config.node_name.hash(&mut h);
-                ((h.finish() & 0xF_FFFF) << 40) | (n & ((1 << 40) - 1))
+                ((h.finish() & 0xF_FFFF) << 40) | queue_counter(n)
             }
         }
     }
@@ -105,6 +150,6 @@ impl Node {
     /// Keeps fresh ids above a recovered one.
     pub fn note_queue_id(&self, id: u64) {
         self.next_queue
-            .fetch_max((id & ((1 << 40) - 1)) + 1, Ordering::Relaxed);
+            .fetch_max(queue_counter(id) + 1, Ordering::Relaxed);
     }
 }

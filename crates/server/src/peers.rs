@@ -250,4 +250,9 @@ pub struct RemoteQueue {
     pub name: ShortStr,
     /// The node it lives on.
     pub home: String,
+    /// Survives its home node's restart.
+    pub durable: bool,
+    /// Owned by a connection on its home node: others may publish to it,
+    /// nothing else (RabbitMQ's 405).
+    pub exclusive: bool,
 }

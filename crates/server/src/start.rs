@@ -167,6 +167,10 @@ pub async fn start_with(
         v.apply_exchange_policies();
         v.apply_policies();
     }
+    broker.node.begin_run();
+    if broker.peers.get().is_some() {
+        spawn_drop_earlier_transient(&broker);
+    }
     // Index entries of queues without a definition (a crash between writing
     // them and the queue's definition, or between deleting the definition and
     // the index): drop them and their bodies, and never reuse their ids.
@@ -258,6 +262,29 @@ pub async fn start_with(
 /// Listens on `addr`. The IPv6 wildcard listens dual-stack (IPv4 clients
 /// too), as RabbitMQ does by default; on a host without IPv6 it falls back
 /// to the IPv4 wildcard.
+/// In a cluster, commits once the metadata group answers that this node's
+/// transient queues of its earlier run are gone (they died with it), trying
+/// again every second until it is committed or the broker stops. A
+/// transient declare meanwhile commits it itself (`Node::drop_earlier_transient`).
+fn spawn_drop_earlier_transient(broker: &Arc<Broker>) {
+    let node = broker.node.clone();
+    broker.tracker.spawn(async move {
+        loop {
+            match node.drop_earlier_transient().await {
+                Ok(()) => {
+                    tracing::debug!("the transient queues of this node's earlier run are dropped");
+                    return;
+                }
+                Err(e) => tracing::debug!(error = %e, "cannot drop earlier transient queues yet"),
+            }
+            tokio::select! {
+                _ = node.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+            }
+        }
+    });
+}
+
 async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
     if addr.ip() == std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED) {
         match dual_stack(addr) {

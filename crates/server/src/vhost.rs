@@ -206,18 +206,37 @@ impl Vhost {
         self.remote.get(name).map(|q| q.value().clone())
     }
 
+    /// The queue called `name` on another node, for anything but
+    /// publishing: another connection's exclusive queue is off limits
+    /// (405, as a local one).
+    pub fn usable_remote_queue(
+        &self,
+        name: &str,
+    ) -> Result<Option<crate::peers::RemoteQueue>, AmqpError> {
+        match self.find_remote_queue(name) {
+            Some(q) if q.exclusive => Err(self.locked(&q.name)),
+            found => Ok(found),
+        }
+    }
+
     /// Every queue on other nodes.
     pub fn remote_queues(&self) -> Vec<crate::peers::RemoteQueue> {
         self.remote.iter().map(|q| q.value().clone()).collect()
     }
 
-    /// Projects a durable queue's declaration made on another node: one
-    /// homed elsewhere becomes routable here by name.
+    /// Projects a queue's declaration made on another node: one homed
+    /// elsewhere becomes routable here by name.
     pub fn project_queue(&self, def: &QueueDef) {
         let Some(home) = def.home.clone() else {
             return;
         };
-        if self.node.is_home(&def.home) || self.remote.contains_key(&def.name) {
+        if self.node.is_home(&def.home) {
+            // Declared here; or, if transient, by an earlier run whose ids
+            // the new ones must stay above.
+            self.node.note_queue_id(def.id);
+            return;
+        }
+        if self.remote.contains_key(&def.name) {
             return;
         }
         self.router
@@ -230,8 +249,36 @@ impl Vhost {
                 id: def.id,
                 name: def.name.clone(),
                 home,
+                durable: def.durable,
+                exclusive: def.exclusive,
             },
         );
+    }
+
+    /// Projects [`MetaCommand::DropTransient`]: the transient and exclusive
+    /// queues an earlier run of node `home` held are no longer routable.
+    pub fn project_transient_dropped(&self, home: &str, before: u64) {
+        let doomed: Vec<ShortStr> = self
+            .remote
+            .iter()
+            .filter(|q| {
+                (!q.durable || q.exclusive)
+                    && q.home == home
+                    && crate::meta::queue_counter(q.id) < before
+            })
+            .map(|q| q.name.clone())
+            .collect();
+        for name in doomed {
+            self.project_queue_deleted(&name);
+        }
+    }
+
+    /// In a cluster every exchange, queue and binding goes through the
+    /// metadata log, transient ones too (RabbitMQ's transient objects are
+    /// cluster-wide): every node's router follows the log. A node alone
+    /// commits only the durable ones.
+    fn logs_transient(&self) -> bool {
+        self.node.peers.get().is_some()
     }
 
     /// Projects a queue's deletion made on another node (a queue homed
@@ -268,7 +315,7 @@ impl Vhost {
     /// Refuses access to another connection's exclusive queue (405).
     pub fn check_exclusive(&self, q: &QueueHandle, connection: u64) -> Result<(), AmqpError> {
         match q.exclusive_owner {
-            Some(owner) if owner != connection => Err(self.locked(q)),
+            Some(owner) if owner != connection => Err(self.locked(&q.name)),
             _ => Ok(()),
         }
     }
@@ -281,14 +328,14 @@ impl Vhost {
         if q.exclusive_owner == owner {
             Ok(())
         } else {
-            Err(self.locked(q))
+            Err(self.locked(&q.name))
         }
     }
 
-    fn locked(&self, q: &QueueHandle) -> AmqpError {
+    fn locked(&self, queue: &str) -> AmqpError {
         AmqpError::resource_locked(format!(
-            "cannot obtain exclusive access to locked queue '{}' in vhost '{}'. It could be originally declared on another connection or the exclusive property value does not match that of the original declaration.",
-            q.name, self.name
+            "cannot obtain exclusive access to locked queue '{queue}' in vhost '{}'. It could be originally declared on another connection or the exclusive property value does not match that of the original declaration.",
+            self.name
         ))
     }
 
@@ -302,23 +349,22 @@ impl Vhost {
     }
 
     /// The metadata commands that make what the router `removed` durable:
-    /// each binding unbound (a no-op for transient ones) and each durable
-    /// exchange deleted.
+    /// each binding unbound (a no-op for transient ones on a node alone)
+    /// and each durable exchange deleted (every one, in a cluster).
     fn removed_commands(&self, removed: &Removed) -> Vec<MetaCommand> {
         let vhost = self.name.as_str();
         let unbinds = removed.bindings.iter().map(|b| MetaCommand::Unbind {
             vhost: vhost.to_owned(),
             binding: b.clone(),
         });
-        let deletes =
-            removed
-                .exchanges
-                .iter()
-                .filter(|x| x.durable)
-                .map(|x| MetaCommand::DeleteExchange {
-                    vhost: vhost.to_owned(),
-                    name: x.name.clone(),
-                });
+        let deletes = removed
+            .exchanges
+            .iter()
+            .filter(|x| x.durable || self.logs_transient())
+            .map(|x| MetaCommand::DeleteExchange {
+                vhost: vhost.to_owned(),
+                name: x.name.clone(),
+            });
         unbinds.chain(deletes).collect()
     }
 
@@ -357,7 +403,7 @@ impl Vhost {
         if created && !self.policies.read().is_empty() {
             self.apply_exchange_policies();
         }
-        if created && decl.durable {
+        if created && (decl.durable || self.logs_transient()) {
             let def = self.router.read().exchange(decl.name).cloned();
             if let Some(exchange) = def {
                 let committed = self
@@ -422,7 +468,7 @@ impl Vhost {
     /// `queue.bind` / `exchange.bind`.
     pub async fn bind(&self, b: &BindingDef) -> Result<(), AmqpError> {
         let added = self.router.write().bind(b)?;
-        if added && self.is_durable_binding(b) {
+        if added && (self.logs_transient() || self.is_durable_binding(b)) {
             let committed = self
                 .node
                 .meta
@@ -465,6 +511,12 @@ impl Vhost {
                 )));
             }
         }
+        let logged = durable || self.logs_transient();
+        if logged && !durable {
+            // A stale transient queue of the same name from this node's
+            // earlier run goes first.
+            self.node.drop_earlier_transient().await?;
+        }
         let id = self.node.next_queue_id();
         let mut queue = Queue::new(id, name.clone(), durable, args, arguments.clone(), now_ms());
         queue.set_memory_budget(self.node.config.queue_memory_budget);
@@ -491,7 +543,7 @@ impl Vhost {
         if !self.policies.read().is_empty() {
             self.apply_policy(&handle);
         }
-        if durable {
+        if logged {
             let committed = self
                 .node
                 .meta
@@ -500,6 +552,8 @@ impl Vhost {
                     queue: QueueDef {
                         name: name.clone(),
                         id,
+                        durable,
+                        exclusive: exclusive_owner.is_some(),
                         auto_delete,
                         arguments,
                         home: self.node.queue_home(),
@@ -599,7 +653,7 @@ impl Vhost {
         // `apply`): a crash between the two leaves an index without a
         // definition, which boot drops.
         let mut commands = Vec::new();
-        if q.durable {
+        if q.durable || self.logs_transient() {
             commands.push(MetaCommand::DeleteQueue {
                 vhost: self.name.to_string(),
                 name: q.name.clone(),
@@ -1186,12 +1240,13 @@ impl Vhost {
         });
     }
 
-    /// Rebuilds a durable exchange (at boot).
+    /// Rebuilds a durable exchange (at boot), or in a cluster any exchange
+    /// the metadata log holds.
     pub fn recover_exchange(&self, x: &ExchangeDef) {
         let decl = ExchangeDeclare {
             name: &x.name,
             kind: x.kind.as_str(),
-            durable: true,
+            durable: x.durable,
             auto_delete: x.auto_delete,
             internal: x.internal,
             arguments: &x.arguments,

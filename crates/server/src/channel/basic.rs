@@ -185,7 +185,7 @@ impl Channel {
             .retain(|(t, _, _)| shared.has_consumer(t));
         let queue = match vhost.queue_for(&m.queue, self.shared.connection.id) {
             Ok(q) => Ok(q),
-            Err(e) => match vhost.find_remote_queue(&m.queue) {
+            Err(e) => match vhost.usable_remote_queue(&m.queue)? {
                 Some(remote) => Err(remote),
                 None => return Err(e),
             },
@@ -383,7 +383,7 @@ impl Channel {
         self.allow(node, vhost, Resource::Queue, &m.queue, Access::Read)?;
         let queue = match vhost.queue_for(&m.queue, self.shared.connection.id) {
             Ok(q) => q,
-            Err(e) => match (vhost.find_remote_queue(&m.queue), node.peers.get()) {
+            Err(e) => match (vhost.usable_remote_queue(&m.queue)?, node.peers.get()) {
                 (Some(remote), Some(peers)) => {
                     return self
                         .get_remote(peers.as_ref(), vhost, remote, m.no_ack)
@@ -557,17 +557,20 @@ impl Channel {
                 &message.body,
             );
         }
-        if let (Mode::Confirm(c), Some(seq)) = (&mut self.mode, seq) {
-            c.needs_sync |= wrote;
-            if refused {
-                c.nacked.push(seq);
+        match (&mut self.mode, seq) {
+            (Mode::Confirm(c), Some(seq)) => {
+                c.needs_sync |= wrote;
+                if refused {
+                    c.nacked.push(seq);
+                }
+                c.remote.extend(remote.into_iter().map(|r| (seq, r)));
             }
-            c.remote.extend(remote.into_iter().map(|r| (seq, r)));
+            // Published by `tx.commit`, whose commit-ok waits for them.
+            (Mode::Transactional(_), _) => self.tx_remote.extend(remote),
+            // Otherwise nothing waits for the remote enqueues: a failed one
+            // is logged by the cluster's link when its answer comes.
+            _ => {}
         }
-        // Otherwise no confirm waits for the remote enqueues: they are
-        // dropped, and a failed one is logged by the cluster's link when its
-        // answer comes. (A transaction's commit does not wait for them
-        // either yet.)
         Ok(())
     }
 

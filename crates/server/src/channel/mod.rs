@@ -81,6 +81,9 @@ pub struct Channel {
     consumers: Vec<(ShortStr, Arc<QueueHandle>)>,
     /// Its consumers of queues on other nodes: tag → (home node, key).
     remote_consumers: Vec<(ShortStr, String, u64)>,
+    /// Enqueues on other nodes made by the transaction being committed:
+    /// `tx.commit-ok` waits for them.
+    tx_remote: Vec<crate::peers::Pending>,
     routed: Routed,
     fx: Effects,
     /// This channel's direct reply-to consumer: (token, consumer tag).
@@ -116,6 +119,7 @@ impl Channel {
             prefetch: 0,
             consumers: Vec::new(),
             remote_consumers: Vec::new(),
+            tx_remote: Vec::new(),
             routed: Routed::default(),
             fx: Effects::default(),
             reply_consumer: None,

@@ -35,12 +35,10 @@ impl Channel {
             // Direct reply-to, as RabbitMQ: the pseudo-queue, or a reply
             // address whose consumer is alive, has one consumer.
             (m.queue.clone(), 0, 1)
-        } else if let Some(remote) = vhost
-            .find_queue(&name)
-            .is_none()
-            .then(|| vhost.find_remote_queue(&name))
-            .flatten()
-        {
+        } else if let Some(remote) = match vhost.find_queue(&name) {
+            None => vhost.usable_remote_queue(&name)?,
+            Some(_) => None,
+        } {
             // A queue homed on another node of the cluster: its counts
             // come from there (its arguments are not compared yet). Home
             // down: RabbitMQ's 404 for a durable queue on a node that is
@@ -147,7 +145,7 @@ impl Channel {
         )?;
         let queue = match vhost.queue_for(&m.queue, self.shared.connection.id) {
             Ok(q) => q.name.clone(),
-            Err(e) => match vhost.find_remote_queue(&m.queue) {
+            Err(e) => match vhost.usable_remote_queue(&m.queue)? {
                 Some(remote) => remote.name,
                 None => return Err(e),
             },
@@ -176,8 +174,11 @@ impl Channel {
         self.allow(node, vhost, Resource::Exchange, &m.exchange, Access::Read)?;
         // Unbinding is idempotent (a missing queue or binding is fine), but
         // another connection's exclusive queue is off limits (405).
-        if let Some(q) = vhost.find_queue(&m.queue) {
-            vhost.check_exclusive(&q, self.shared.connection.id)?;
+        match vhost.find_queue(&m.queue) {
+            Some(q) => vhost.check_exclusive(&q, self.shared.connection.id)?,
+            None => {
+                vhost.usable_remote_queue(&m.queue)?;
+            }
         }
         let def = BindingDef {
             source: m.exchange,
@@ -200,7 +201,7 @@ impl Channel {
         self.allow(node, vhost, Resource::Queue, &m.queue, Access::Read)?;
         let count = match vhost.queue_for(&m.queue, self.shared.connection.id) {
             Ok(queue) => vhost.purge(&queue),
-            Err(e) => match (vhost.find_remote_queue(&m.queue), node.peers.get()) {
+            Err(e) => match (vhost.usable_remote_queue(&m.queue)?, node.peers.get()) {
                 (Some(remote), Some(peers)) => {
                     let done = peers.purge(&remote.home, vhost.name(), &remote.name).await;
                     u64::from(on_home(done, &remote, vhost)?)
@@ -232,7 +233,7 @@ impl Channel {
                 count
             }
             // On its home node, which commits the deletion for every node.
-            None => match (vhost.find_remote_queue(&m.queue), node.peers.get()) {
+            None => match (vhost.usable_remote_queue(&m.queue)?, node.peers.get()) {
                 (Some(remote), Some(peers)) => {
                     let done = peers
                         .delete(

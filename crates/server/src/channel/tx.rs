@@ -50,6 +50,20 @@ impl Channel {
         let actions = std::mem::take(actions);
         self.commit(node, vhost, actions)?;
         node.store.commit().await?;
+        // Messages routed to queues on other nodes: commit-ok once their
+        // home nodes have them (on disk, if persistent to a durable queue).
+        // One that did not arrive fails the commit as RabbitMQ fails a
+        // transaction a queue rejected: 406 "partial tx completion".
+        let mut failed = None;
+        for pending in std::mem::take(&mut self.tx_remote) {
+            if let Err(e) = pending.0.await {
+                failed = Some(e);
+            }
+        }
+        if let Some(e) = failed {
+            tracing::warn!(error = %e, "tx.commit: an enqueue on another node failed");
+            return Err(AmqpError::precondition_failed("partial tx completion"));
+        }
         self.shared.write_method(&Method::TxCommitOk(TxCommitOk {}));
         Ok(())
     }

@@ -566,8 +566,8 @@ async fn remote_queues(b: &Broker, vhosts: &[Arc<Vhost>]) -> Vec<Value> {
             known
                 .remove(&(vhost.clone(), q.name.to_string()))
                 .unwrap_or_else(|| {
-                    json!({"name": q.name.as_str(), "vhost": vhost, "durable": true,
-                        "auto_delete": false, "exclusive": false, "type": "classic",
+                    json!({"name": q.name.as_str(), "vhost": vhost, "durable": q.durable,
+                        "auto_delete": false, "exclusive": q.exclusive, "type": "classic",
                         "node": q.home, "state": "down", "arguments": {}})
                 })
         })

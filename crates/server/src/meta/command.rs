@@ -105,13 +105,20 @@ pub struct TopicPermissionDef {
     pub read: String,
 }
 
-/// A durable queue as its definition records it.
+/// A queue as its definition records it: a durable one (stored), or in a
+/// cluster a transient one too (in the metadata log only, so that every
+/// node can route to it).
 #[derive(Debug, Clone, PartialEq)]
 pub struct QueueDef {
     /// Name.
     pub name: ShortStr,
     /// The store's id for its messages.
     pub id: u64,
+    /// Survives a restart of its home node (only durable queues are stored).
+    pub durable: bool,
+    /// Owned by one connection on its home node; gone when its home node
+    /// restarts.
+    pub exclusive: bool,
     /// Deleted with its last consumer.
     pub auto_delete: bool,
     /// Declare arguments as given.
@@ -171,7 +178,7 @@ pub enum MetaCommand {
         /// Name.
         name: String,
     },
-    /// Declares a durable exchange.
+    /// Declares a durable exchange (or, in a cluster, a transient one).
     DeclareExchange {
         /// Vhost.
         vhost: String,
@@ -185,7 +192,7 @@ pub enum MetaCommand {
         /// Name.
         name: ShortStr,
     },
-    /// Declares a durable queue.
+    /// Declares a durable queue (or, in a cluster, a transient one).
     DeclareQueue {
         /// Vhost.
         vhost: String,
@@ -199,7 +206,19 @@ pub enum MetaCommand {
         /// Name.
         name: ShortStr,
     },
-    /// Adds a binding between durable ends.
+    /// Removes every transient (or exclusive) queue homed on `home`
+    /// whose id was issued before `before` (the first id of the node's
+    /// current run), with the bindings to them: a node that restarted
+    /// commits it, since those queues died with its previous run (a
+    /// cluster only).
+    DropTransient {
+        /// The node that restarted.
+        home: String,
+        /// The lowest queue id (its counter part) of the node's new run.
+        before: u64,
+    },
+    /// Adds a binding (between durable ends on a node alone; any binding
+    /// in a cluster, whose routers all follow the log).
     Bind {
         /// Vhost.
         vhost: String,
@@ -368,6 +387,15 @@ impl MetaCommand {
                     if let Some(home) = &queue.home {
                         r.insert(s("node"), FieldValue::from(home.as_str()));
                     }
+                    // Written only when they differ from a stored queue's
+                    // (durable, not exclusive), so stored records keep
+                    // their form.
+                    if !queue.durable {
+                        r.insert(s("durable"), FieldValue::Bool(false));
+                    }
+                    if queue.exclusive {
+                        r.insert(s("exclusive"), FieldValue::Bool(true));
+                    }
                     r
                 },
             ),
@@ -435,7 +463,9 @@ impl MetaCommand {
                     exchange: ExchangeDef {
                         name: short(t, "name")?,
                         kind: ExchangeKind::parse(&kind).map_err(|e| e.to_string())?,
-                        durable: true,
+                        // Stored records are durable; a cluster's log also
+                        // carries transient ones.
+                        durable: !matches!(t.get("durable"), Some(FieldValue::Bool(false))),
                         auto_delete: flag(t, "auto_delete"),
                         internal: flag(t, "internal"),
                         arguments: table(t, "arguments"),
@@ -451,6 +481,8 @@ impl MetaCommand {
                     queue: QueueDef {
                         name: short(t, "name")?,
                         id: u64::try_from(*id).map_err(|e| e.to_string())?,
+                        durable: !matches!(t.get("durable"), Some(FieldValue::Bool(false))),
+                        exclusive: flag(t, "exclusive"),
                         auto_delete: flag(t, "auto_delete"),
                         arguments: table(t, "arguments"),
                         home: text(t, "node").ok(),
@@ -529,6 +561,11 @@ impl MetaCommand {
                     put("vhost", FieldValue::from(vhost.as_str()));
                     put("name", FieldValue::from(name.as_str()));
                 }
+                MetaCommand::DropTransient { home, before } => {
+                    put("op", FieldValue::from("drop_transient"));
+                    put("home", FieldValue::from(home.as_str()));
+                    put("before", FieldValue::I64(*before as i64));
+                }
                 MetaCommand::Unbind { vhost, binding } => {
                     put("op", FieldValue::from("unbind"));
                     put("vhost", FieldValue::from(vhost.as_str()));
@@ -590,6 +627,13 @@ impl MetaCommand {
             "delete_queue" => MetaCommand::DeleteQueue {
                 vhost: text(&t, "vhost")?,
                 name: short(&t, "name")?,
+            },
+            "drop_transient" => MetaCommand::DropTransient {
+                home: text(&t, "home")?,
+                before: match t.get("before") {
+                    Some(FieldValue::I64(n)) => u64::try_from(*n).map_err(|e| e.to_string())?,
+                    _ => return Err("no field 'before'".into()),
+                },
             },
             "unbind" => {
                 let vhost = text(&t, "vhost")?;
@@ -678,6 +722,9 @@ impl MetaCommand {
             MetaCommand::DeleteQueue { vhost, name } => {
                 format!("delete queue '{name}' in vhost '{vhost}'")
             }
+            MetaCommand::DropTransient { home, .. } => {
+                format!("drop the transient queues of node '{home}'")
+            }
             MetaCommand::Bind { vhost, binding } => {
                 format!("bind from '{}' in vhost '{vhost}'", binding.source)
             }
@@ -751,9 +798,35 @@ mod tests {
             queue: QueueDef {
                 name: s("q"),
                 id: 42,
+                durable: true,
+                exclusive: false,
                 auto_delete: false,
                 arguments: args.clone(),
                 home: None,
+            },
+        });
+        // A cluster's log carries transient objects too.
+        round_trip(MetaCommand::DeclareQueue {
+            vhost: "v".into(),
+            queue: QueueDef {
+                name: s("amq.gen-1"),
+                id: 43,
+                durable: false,
+                exclusive: true,
+                auto_delete: true,
+                arguments: args.clone(),
+                home: Some("n1".into()),
+            },
+        });
+        round_trip(MetaCommand::DeclareExchange {
+            vhost: "v".into(),
+            exchange: ExchangeDef {
+                name: s("t"),
+                kind: ExchangeKind::Fanout,
+                durable: false,
+                auto_delete: false,
+                internal: false,
+                arguments: FieldTable::new(),
             },
         });
         round_trip(MetaCommand::Bind {
@@ -765,6 +838,19 @@ mod tests {
                 arguments: args,
             },
         });
+    }
+
+    #[test]
+    fn drop_transient_travels_whole() {
+        let cmd = MetaCommand::DropTransient {
+            home: "n2".into(),
+            before: 1 << 39,
+        };
+        let back = MetaCommand::from_wire(&cmd.to_wire()).expect("decodes");
+        assert!(
+            matches!(&back, MetaCommand::DropTransient { home, before } if home == "n2" && *before == 1 << 39),
+            "{back:?}"
+        );
     }
 
     #[test]

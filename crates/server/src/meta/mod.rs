@@ -25,4 +25,4 @@ pub use command::{
 };
 pub use error::MetaError;
 pub use log::{Commit, LocalMetaLog, MetaLog, MetaProjection};
-pub use state::{Applied, MetaState};
+pub use state::{Applied, MetaState, queue_counter};

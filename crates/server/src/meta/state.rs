@@ -10,8 +10,12 @@
 //! commands in the same order holds the same state; [`MetaState::recover`]
 //! rebuilds the state at boot by applying the stored definitions' commands.
 //!
-//! Transient exchanges and queues are not here: they live and die with the
-//! vhost's router on one node.
+//! On a node alone, transient exchanges, queues and bindings are not here:
+//! they live and die with the vhost's router. In a cluster every node's
+//! router follows the log, so the log carries them too, each with its
+//! durability: they are held here like the rest but never stored (no put or
+//! delete of a definition), and a node's transient queues are dropped when
+//! it restarts ([`MetaCommand::DropTransient`]).
 
 use std::collections::BTreeMap;
 
@@ -40,9 +44,10 @@ pub struct Applied {
 }
 
 impl Applied {
-    /// Whether it changed nothing.
+    /// Whether it changed nothing (a transient object's creation or
+    /// removal stores nothing, but changes the state).
     pub fn is_empty(&self) -> bool {
-        self.puts.is_empty() && self.deletes.is_empty()
+        self.puts.is_empty() && self.deletes.is_empty() && !self.changed_existence
     }
 
     /// The store writes that make it durable.
@@ -75,12 +80,13 @@ struct VhostMeta {
     topic_permissions: BTreeMap<(String, String), TopicPermissionDef>,
     /// By name.
     policies: BTreeMap<String, Policy>,
-    /// Durable exchanges by name, the system ones included (never stored).
+    /// Exchanges by name, the system ones included (never stored).
     exchanges: BTreeMap<ShortStr, ExchangeDef>,
-    /// Durable queues by name.
+    /// Queues by name.
     queues: BTreeMap<ShortStr, QueueDef>,
-    /// Durable bindings by their definition key.
-    bindings: BTreeMap<Bytes, BindingDef>,
+    /// Bindings by their definition key, each with whether it is durable
+    /// (both ends are: only then is it stored).
+    bindings: BTreeMap<Bytes, (BindingDef, bool)>,
 }
 
 impl VhostMeta {
@@ -111,17 +117,27 @@ impl VhostMeta {
         SYSTEM_EXCHANGES.iter().any(|(n, _, _)| *n == name)
     }
 
-    /// Removes the bindings `doomed` selects; their deletes go to `out`.
+    /// Removes the bindings `doomed` selects; the deletes of the stored
+    /// (durable) ones go to `out`.
     fn drop_bindings(&mut self, out: &mut Applied, doomed: impl Fn(&BindingDef) -> bool) {
         let keys: Vec<Bytes> = self
             .bindings
             .iter()
-            .filter(|(_, b)| doomed(b))
+            .filter(|(_, (b, _))| doomed(b))
             .map(|(k, _)| k.clone())
             .collect();
         for key in keys {
-            self.bindings.remove(&key);
-            out.deletes.push((DefKind::Binding, key));
+            if let Some((_, true)) = self.bindings.remove(&key) {
+                out.deletes.push((DefKind::Binding, key));
+            }
+        }
+    }
+
+    /// Whether the exchange or queue a binding names at `end` is durable.
+    fn durable_end(&self, end: &Destination) -> bool {
+        match end {
+            Destination::Queue(q) => self.queues.get(q).is_some_and(|q| q.durable),
+            Destination::Exchange(x) => self.exchanges.get(x).is_some_and(|x| x.durable),
         }
     }
 }
@@ -135,6 +151,12 @@ pub struct MetaState {
 
 fn not_found(what: String) -> MetaError {
     MetaError::NotFound(what)
+}
+
+/// The counter part of a queue id (a cluster's ids carry the home node's
+/// tag above it; see `Node::next_queue_id`).
+pub fn queue_counter(id: u64) -> u64 {
+    id & ((1 << 40) - 1)
 }
 
 /// The order definitions are recovered in: what others name comes first.
@@ -178,8 +200,9 @@ impl MetaState {
         (state, commands, problems)
     }
 
-    /// Every stored definition the state holds (what a fresh store would
-    /// need to rebuild it), in recovery order.
+    /// Every definition the state holds (what a fresh store would need to
+    /// rebuild it, and in a cluster the transient objects too: a snapshot
+    /// carries them), in recovery order.
     pub fn definitions(&self) -> Vec<Definition> {
         let mut out = Vec::new();
         let mut put = |c: MetaCommand| out.extend(c.definition());
@@ -216,7 +239,7 @@ impl MetaState {
                     queue: q.clone(),
                 });
             }
-            for b in v.bindings.values() {
+            for (b, _) in v.bindings.values() {
                 put(MetaCommand::Bind {
                     vhost: vhost.clone(),
                     binding: b.clone(),
@@ -257,15 +280,17 @@ impl MetaState {
                     .vhosts
                     .remove(name)
                     .ok_or_else(|| not_found(format!("no vhost '{name}'")))?;
-                for key in v.bindings.into_keys() {
-                    out.deletes.push((DefKind::Binding, key));
+                for (key, (_, durable)) in v.bindings {
+                    if durable {
+                        out.deletes.push((DefKind::Binding, key));
+                    }
                 }
-                for q in v.queues.keys() {
+                for q in v.queues.values().filter(|q| q.durable) {
                     out.deletes
-                        .push((DefKind::Queue, scoped_name(name, &[q.as_bytes()])));
+                        .push((DefKind::Queue, scoped_name(name, &[q.name.as_bytes()])));
                 }
-                for x in v.exchanges.keys() {
-                    if !VhostMeta::is_system_exchange(x) {
+                for (x, def) in &v.exchanges {
+                    if def.durable && !VhostMeta::is_system_exchange(x) {
                         out.deletes
                             .push((DefKind::Exchange, scoped_name(name, &[x.as_bytes()])));
                     }
@@ -385,12 +410,6 @@ impl MetaState {
                 out.changed_existence = true;
             }
             MetaCommand::DeclareExchange { vhost, exchange } => {
-                if !exchange.durable {
-                    return Err(MetaError::Invalid(format!(
-                        "exchange '{}' is not durable",
-                        exchange.name
-                    )));
-                }
                 let v = self.vhost_mut(vhost)?;
                 match v.exchanges.get(&exchange.name) {
                     Some(existing) if existing == exchange => {}
@@ -403,7 +422,9 @@ impl MetaState {
                     None => {
                         v.exchanges.insert(exchange.name.clone(), exchange.clone());
                         out.changed_existence = true;
-                        out.puts.extend(command.definition());
+                        if exchange.durable {
+                            out.puts.extend(command.definition());
+                        }
                     }
                 }
             }
@@ -412,14 +433,17 @@ impl MetaState {
                     return Err(MetaError::Invalid(format!("exchange '{name}' is built in")));
                 }
                 let v = self.vhost_mut(vhost)?;
-                v.exchanges
+                let gone = v
+                    .exchanges
                     .remove(name)
                     .ok_or_else(|| not_found(format!("no exchange '{name}' in '{vhost}'")))?;
                 v.drop_bindings(&mut out, |b| {
                     b.source == *name || b.destination == Destination::Exchange(name.clone())
                 });
-                out.deletes
-                    .push((DefKind::Exchange, scoped_name(vhost, &[name.as_bytes()])));
+                if gone.durable {
+                    out.deletes
+                        .push((DefKind::Exchange, scoped_name(vhost, &[name.as_bytes()])));
+                }
                 out.changed_existence = true;
             }
             MetaCommand::DeclareQueue { vhost, queue } => {
@@ -435,21 +459,54 @@ impl MetaState {
                     None => {
                         v.queues.insert(queue.name.clone(), queue.clone());
                         out.changed_existence = true;
-                        out.puts.extend(command.definition());
+                        if queue.durable {
+                            out.puts.extend(command.definition());
+                        }
                     }
                 }
             }
             MetaCommand::DeleteQueue { vhost, name } => {
                 let v = self.vhost_mut(vhost)?;
-                v.queues
+                let gone = v
+                    .queues
                     .remove(name)
                     .ok_or_else(|| not_found(format!("no queue '{name}' in '{vhost}'")))?;
                 v.drop_bindings(&mut out, |b| {
                     b.destination == Destination::Queue(name.clone())
                 });
-                out.deletes
-                    .push((DefKind::Queue, scoped_name(vhost, &[name.as_bytes()])));
+                if gone.durable {
+                    out.deletes
+                        .push((DefKind::Queue, scoped_name(vhost, &[name.as_bytes()])));
+                }
                 out.changed_existence = true;
+            }
+            MetaCommand::DropTransient { home, before } => {
+                for (vhost, v) in self.vhosts.iter_mut() {
+                    let doomed: Vec<ShortStr> = v
+                        .queues
+                        .values()
+                        .filter(|q| {
+                            (!q.durable || q.exclusive)
+                                && q.home.as_deref() == Some(home.as_str())
+                                && queue_counter(q.id) < *before
+                        })
+                        .map(|q| q.name.clone())
+                        .collect();
+                    for name in doomed {
+                        if let Some(gone) = v.queues.remove(&name) {
+                            v.drop_bindings(&mut out, |b| {
+                                b.destination == Destination::Queue(name.clone())
+                            });
+                            if gone.durable {
+                                // A durable exclusive queue: RabbitMQ
+                                // deletes it with its connection too.
+                                out.deletes
+                                    .push((DefKind::Queue, scoped_name(vhost, &[name.as_bytes()])));
+                            }
+                            out.changed_existence = true;
+                        }
+                    }
+                }
             }
             MetaCommand::Bind { vhost, binding } => {
                 let v = self.vhost_mut(vhost)?;
@@ -469,18 +526,24 @@ impl MetaState {
                         binding.destination
                     )));
                 }
+                let durable = v.durable_end(&Destination::Exchange(binding.source.clone()))
+                    && v.durable_end(&binding.destination);
                 let key = binding_key(vhost, binding);
                 if let std::collections::btree_map::Entry::Vacant(slot) = v.bindings.entry(key) {
-                    slot.insert(binding.clone());
+                    slot.insert((binding.clone(), durable));
                     out.changed_existence = true;
-                    out.puts.extend(command.definition());
+                    if durable {
+                        out.puts.extend(command.definition());
+                    }
                 }
             }
             MetaCommand::Unbind { vhost, binding } => {
                 let v = self.vhost_mut(vhost)?;
                 let key = binding_key(vhost, binding);
-                if v.bindings.remove(&key).is_some() {
-                    out.deletes.push((DefKind::Binding, key));
+                if let Some((_, durable)) = v.bindings.remove(&key) {
+                    if durable {
+                        out.deletes.push((DefKind::Binding, key));
+                    }
                     out.changed_existence = true;
                 }
             }
@@ -560,6 +623,105 @@ mod tests {
         assert!(matches!(st.apply(&bad), Err(MetaError::Invalid(_))));
     }
 
+    fn cluster_queue(name: &str, id: u64, durable: bool, exclusive: bool, home: &str) -> QueueDef {
+        QueueDef {
+            name: ShortStr::try_from(name).expect("short"),
+            id,
+            durable,
+            exclusive,
+            auto_delete: false,
+            arguments: FieldTable::new(),
+            home: Some(home.into()),
+        }
+    }
+
+    #[test]
+    fn transient_objects_are_held_but_never_stored_and_go_with_their_node_s_run() {
+        let mut st = MetaState::default();
+        let v = || "v".to_owned();
+        st.apply(&MetaCommand::PutVhost {
+            name: v(),
+            limits: VhostLimits::default(),
+        })
+        .expect("vhost");
+        let mut transient_x = exchange("tx", ExchangeKind::Fanout);
+        transient_x.durable = false;
+        let applied = st
+            .apply(&MetaCommand::DeclareExchange {
+                vhost: v(),
+                exchange: transient_x,
+            })
+            .expect("transient exchange");
+        assert!(
+            applied.puts.is_empty() && !applied.is_empty(),
+            "{applied:?}"
+        );
+        // Node n1's queues: one transient from its previous run (id 5),
+        // one exclusive from its current run (id 9), one durable (id 6);
+        // and node n2's transient queue (id 2).
+        for (name, id, durable, exclusive, home) in [
+            ("old", 5, false, false, "n1"),
+            ("new", 9, false, true, "n1"),
+            ("kept", 6, true, false, "n1"),
+            ("other", 2, false, false, "n2"),
+        ] {
+            let applied = st
+                .apply(&MetaCommand::DeclareQueue {
+                    vhost: v(),
+                    queue: cluster_queue(name, id, durable, exclusive, home),
+                })
+                .expect("queue");
+            assert_eq!(applied.puts.len(), usize::from(durable), "{name}");
+        }
+        for (source, dest) in [("tx", "old"), ("amq.fanout", "kept"), ("amq.fanout", "old")] {
+            let applied = st
+                .apply(&MetaCommand::Bind {
+                    vhost: v(),
+                    binding: binding(source, q(dest)),
+                })
+                .expect("bind");
+            // Only a binding between durable ends is stored.
+            assert_eq!(
+                applied.puts.len(),
+                usize::from(dest == "kept" && source != "tx")
+            );
+        }
+        let applied = st
+            .apply(&MetaCommand::DropTransient {
+                home: "n1".into(),
+                before: 7,
+            })
+            .expect("drop");
+        // Nothing stored goes; the old run's queue and its bindings do.
+        assert!(applied.deletes.is_empty(), "{applied:?}");
+        assert!(applied.changed_existence);
+        let names: Vec<String> = st.vhosts["v"]
+            .queues
+            .keys()
+            .map(|n| n.to_string())
+            .collect();
+        assert_eq!(names, ["kept", "new", "other"]);
+        assert_eq!(st.vhosts["v"].bindings.len(), 1);
+        // The snapshot form carries the transient objects and rebuilds them.
+        let defs: Vec<_> = st
+            .definitions()
+            .into_iter()
+            .map(|d| (d.kind, d.key, d.record))
+            .collect();
+        let (recovered, _, problems) = MetaState::recover(&defs);
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(recovered.definitions(), st.definitions());
+        assert!(!recovered.vhosts["v"].exchanges["tx"].durable);
+        // Deleting the transient exchange stores nothing either.
+        let applied = st
+            .apply(&MetaCommand::DeleteExchange {
+                vhost: v(),
+                name: ShortStr::from_static("tx"),
+            })
+            .expect("delete");
+        assert!(applied.deletes.is_empty() && applied.changed_existence);
+    }
+
     #[test]
     fn deleting_a_queue_takes_its_bindings_and_a_vhost_everything() {
         let mut st = MetaState::default();
@@ -579,6 +741,8 @@ mod tests {
             queue: QueueDef {
                 name: ShortStr::from_static("q"),
                 id: 1,
+                durable: true,
+                exclusive: false,
                 auto_delete: false,
                 arguments: FieldTable::new(),
                 home: None,
@@ -727,6 +891,8 @@ mod tests {
                     queue: QueueDef {
                         name: ShortStr::try_from(n).expect("short"),
                         id,
+                        durable: true,
+                        exclusive: false,
                         auto_delete: false,
                         arguments: FieldTable::new(),
                         home: None,
@@ -795,7 +961,7 @@ mod tests {
             prop_assert!(problems.is_empty(), "{:?}", problems);
             prop_assert_eq!(recovered.definitions(), st.definitions());
             for (vhost, v) in &st.vhosts {
-                for b in v.bindings.values() {
+                for (b, _) in v.bindings.values() {
                     prop_assert!(v.exchanges.contains_key(&b.source), "{vhost}: {b:?}");
                 }
                 for p in v.permissions.values() {
