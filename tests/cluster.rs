@@ -926,6 +926,37 @@ async fn a_queue_on_another_node_is_purged_and_deleted_from_any_node() {
     let first = amqp(&cluster, 0).await;
     sees_queue(&cluster, &first, 0, "q.del").await;
 
+    // A redeclare on node 1 is compared with node 2's queue (RabbitMQ's
+    // 406 naming the first difference); an equivalent one is fine.
+    let ch = first.create_channel().await.unwrap();
+    warren_tests::assert_amqp_error(
+        ch.queue_declare(
+            "q.del".into(),
+            lapin::options::QueueDeclareOptions::default(),
+            lapin::types::FieldTable::default(),
+        )
+        .await,
+        406,
+        "PRECONDITION_FAILED - inequivalent arg 'durable' for queue 'q.del' in vhost '/': received 'false' but current is 'true'",
+    );
+    let ch = first.create_channel().await.unwrap();
+    let mut args = lapin::types::FieldTable::default();
+    args.insert("x-max-length".into(), lapin::types::AMQPValue::LongInt(5));
+    warren_tests::assert_amqp_error(
+        ch.queue_declare(
+            "q.del".into(),
+            lapin::options::QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            args,
+        )
+        .await,
+        406,
+        "inequivalent arg 'x-max-length'",
+    );
+    declare_durable_queue(&first.create_channel().await.unwrap(), "q.del").await;
+
     // Node 1's management API lists it with its node and node 2's counts,
     // alone and in listings.
     let listed = get(&cluster.node(0).api, "/api/queues").await;

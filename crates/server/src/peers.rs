@@ -8,8 +8,9 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 
-use amqp_codec::ShortStr;
+use amqp_codec::{FieldTable, ShortStr};
 use bytes::Bytes;
 
 /// A message to enqueue on another node.
@@ -255,4 +256,8 @@ pub struct RemoteQueue {
     /// Owned by a connection on its home node: others may publish to it,
     /// nothing else (RabbitMQ's 405).
     pub exclusive: bool,
+    /// Deleted with its last consumer.
+    pub auto_delete: bool,
+    /// Declare arguments as given (what a redeclare is compared with).
+    pub arguments: Arc<FieldTable>,
 }

@@ -251,6 +251,8 @@ impl Vhost {
                 home,
                 durable: def.durable,
                 exclusive: def.exclusive,
+                auto_delete: def.auto_delete,
+                arguments: Arc::new(def.arguments.clone()),
             },
         );
     }
@@ -332,7 +334,9 @@ impl Vhost {
         }
     }
 
-    fn locked(&self, queue: &str) -> AmqpError {
+    /// RabbitMQ's 405 for a queue that is another connection's, or whose
+    /// exclusive flag a redeclare does not match.
+    pub fn locked(&self, queue: &str) -> AmqpError {
         AmqpError::resource_locked(format!(
             "cannot obtain exclusive access to locked queue '{queue}' in vhost '{}'. It could be originally declared on another connection or the exclusive property value does not match that of the original declaration.",
             self.name

@@ -39,12 +39,22 @@ impl Channel {
             None => vhost.usable_remote_queue(&name)?,
             Some(_) => None,
         } {
-            // A queue homed on another node of the cluster: its counts
-            // come from there (its arguments are not compared yet). Home
+            // A queue homed on another node of the cluster: a redeclare
+            // must be equivalent; its counts come from there. Home
             // down: RabbitMQ's 404 for a durable queue on a node that is
             // down.
             if !m.passive {
                 self.allow(node, vhost, Resource::Queue, &name, Access::Configure)?;
+                if m.exclusive {
+                    // Not this connection's (it lives on another node).
+                    return Err(vhost.locked(&remote.name));
+                }
+                crate::queue::check_equivalent(
+                    &remote.name,
+                    vhost.name(),
+                    (remote.durable, remote.auto_delete, &remote.arguments),
+                    &m,
+                )?;
             }
             let counts = match node.peers.get() {
                 Some(peers) => peers.counts(&remote.home, vhost.name(), &name).await,

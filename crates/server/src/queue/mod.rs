@@ -359,33 +359,12 @@ impl QueueHandle {
         m: &amqp_codec::methods::QueueDeclare,
         vhost: &str,
     ) -> Result<(), AmqpError> {
-        let q = self;
-        let ineq = |arg: &str, received: String, current: String| {
-            AmqpError::precondition_failed(format!(
-                "inequivalent arg '{arg}' for queue '{}' in vhost '{vhost}': received {received} but current is {current}",
-                q.name
-            ))
-        };
-        if q.durable != m.durable {
-            return Err(ineq(
-                "durable",
-                format!("'{}'", m.durable),
-                format!("'{}'", q.durable),
-            ));
-        }
-        if q.auto_delete != m.auto_delete {
-            return Err(ineq(
-                "auto_delete",
-                format!("'{}'", m.auto_delete),
-                format!("'{}'", q.auto_delete),
-            ));
-        }
-        if let Some((arg, received, current)) =
-            queue_store::args::first_difference(&q.arguments, &m.arguments)
-        {
-            return Err(ineq(arg, received, current));
-        }
-        Ok(())
+        check_equivalent(
+            &self.name,
+            vhost,
+            (self.durable, self.auto_delete, &self.arguments),
+            m,
+        )
     }
 
     /// Enqueues a message and delivers what it can; `None` if the queue is
@@ -631,4 +610,42 @@ pub fn encode_content(
 /// Tells a consumer's sink that the broker cancelled it (queue deleted).
 pub fn notify_cancel(consumer: &Consumer) {
     consumer.sink.cancelled_by_broker(&consumer.tag);
+}
+
+/// RabbitMQ's redeclare check: a declare of an existing queue `name` whose
+/// (durable, auto-delete, arguments) are `current` must ask for the same
+/// (406 naming the first difference otherwise). Used for queues on this
+/// node and on others alike.
+pub fn check_equivalent(
+    name: &str,
+    vhost: &str,
+    current: (bool, bool, &amqp_codec::FieldTable),
+    m: &amqp_codec::methods::QueueDeclare,
+) -> Result<(), AmqpError> {
+    let (durable, auto_delete, arguments) = current;
+    let ineq = |arg: &str, received: String, current: String| {
+        AmqpError::precondition_failed(format!(
+            "inequivalent arg '{arg}' for queue '{name}' in vhost '{vhost}': received {received} but current is {current}"
+        ))
+    };
+    if durable != m.durable {
+        return Err(ineq(
+            "durable",
+            format!("'{}'", m.durable),
+            format!("'{durable}'"),
+        ));
+    }
+    if auto_delete != m.auto_delete {
+        return Err(ineq(
+            "auto_delete",
+            format!("'{}'", m.auto_delete),
+            format!("'{auto_delete}'"),
+        ));
+    }
+    if let Some((arg, received, current)) =
+        queue_store::args::first_difference(arguments, &m.arguments)
+    {
+        return Err(ineq(arg, received, current));
+    }
+    Ok(())
 }
