@@ -1458,3 +1458,80 @@ async fn a_transaction_commits_only_once_another_node_has_its_messages() {
         "PRECONDITION_FAILED - partial tx completion",
     );
 }
+
+/// The node `api`'s `/api/queues` names as queue `name`'s node.
+async fn home_of(api: &str, name: &str) -> String {
+    let one = get(api, &format!("/api/queues/%2F/{name}")).await;
+    one["node"].as_str().unwrap_or_default().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn balanced_queues_are_spread_over_the_nodes_and_client_local_ones_stay() {
+    let cluster = TestCluster::start(CHILD, 3);
+    formed(&cluster).await;
+    let api1 = cluster.node(0).api.clone();
+    // Every node running as node 1 sees it (placement counts running nodes).
+    eventually("node 1 sees every node running", &cluster, || {
+        let api1 = api1.clone();
+        async move {
+            let nodes = get(&api1, "/api/nodes").await;
+            nodes
+                .as_array()
+                .is_some_and(|n| n.len() == 3 && n.iter().all(|n| n["running"] == true))
+        }
+    })
+    .await;
+    let conn = amqp(&cluster, 0).await;
+    let ch = conn.create_channel().await.unwrap();
+    let mut balanced = lapin::types::FieldTable::default();
+    balanced.insert(
+        "x-queue-leader-locator".into(),
+        lapin::types::AMQPValue::LongString("balanced".into()),
+    );
+    let mut homes = Vec::new();
+    for name in ["lb.1", "lb.2", "lb.3"] {
+        ch.queue_declare(
+            name.into(),
+            lapin::options::QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            balanced.clone(),
+        )
+        .await
+        .unwrap();
+        homes.push(home_of(&api1, name).await);
+    }
+    homes.sort();
+    assert_eq!(
+        homes,
+        ["n1@127.0.0.1", "n2@127.0.0.1", "n3@127.0.0.1"],
+        "one queue per node"
+    );
+    // A placed queue is usable at once through the declaring node.
+    ch.confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    for name in ["lb.1", "lb.2", "lb.3"] {
+        publish_confirmed(&ch, name, name, 3).await;
+        assert_eq!(ready_count(&ch, name).await, 3, "{name}");
+    }
+    // The same through a policy (RabbitMQ 3.x's key, too); without one, a
+    // queue stays on the declaring node.
+    let (status, body) = put(
+        &api1,
+        "/api/policies/%2F/spread",
+        json!({"pattern": "^pol\\.", "definition": {"queue-master-locator": "min-masters"}}),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let mut pol_homes = Vec::new();
+    for name in ["pol.1", "pol.2", "pol.3", "local.1"] {
+        declare_durable_queue(&ch, name).await;
+        pol_homes.push(home_of(&api1, name).await);
+    }
+    assert_eq!(pol_homes[3], "n1@127.0.0.1", "client-local by default");
+    let mut spread = pol_homes[..3].to_vec();
+    spread.sort();
+    assert_eq!(spread, ["n1@127.0.0.1", "n2@127.0.0.1", "n3@127.0.0.1"]);
+}

@@ -538,6 +538,45 @@ impl server::peers::Peers for ClusterPeers {
         self.count_request(home, request)
     }
 
+    fn declare(
+        &self,
+        home: &str,
+        declare: server::peers::RemoteDeclare,
+    ) -> server::peers::RemoteDeclared {
+        use server::peers::Refusal;
+        let unreachable = |text: String| Refusal { code: 0, text };
+        let Some(addr) = self.node.address_of(home) else {
+            let text = format!("node '{home}' is not a member of the cluster");
+            return Box::pin(std::future::ready(Err(unreachable(text))));
+        };
+        let mut arguments = bytes::BytesMut::new();
+        if let Err(e) = declare.arguments.encode(&mut arguments) {
+            let refusal = Refusal {
+                code: 406,
+                text: format!("PRECONDITION_FAILED - arguments: {e}"),
+            };
+            return Box::pin(std::future::ready(Err(refusal)));
+        }
+        let request = Request::DeclareQueue {
+            vhost: declare.vhost,
+            queue: declare.queue.to_string(),
+            durable: declare.durable,
+            auto_delete: declare.auto_delete,
+            arguments: arguments.to_vec(),
+        };
+        let answer = self.node.links.send_ordered(&addr, request);
+        let home = home.to_owned();
+        Box::pin(async move {
+            match answer.await {
+                Ok(Ok(Response::Declared(Ok(done)))) => Ok(done),
+                Ok(Ok(Response::Declared(Err((code, text))))) => Err(Refusal { code, text }),
+                Ok(Ok(other)) => Err(unreachable(format!("node '{home}' answered {other:?}"))),
+                Ok(Err(e)) => Err(unreachable(format!("node '{home}': {e}"))),
+                Err(_) => Err(unreachable(format!("node '{home}': no answer"))),
+            }
+        })
+    }
+
     fn counts(
         &self,
         home: &str,
@@ -696,6 +735,39 @@ pub(crate) type PeerConsumers =
 
 /// Most deliveries a peer's consumer without a prefetch may have unsettled.
 const PEER_CONSUMER_WINDOW: u32 = 2048;
+
+/// A peer's `queue.declare` placed here by `queue-leader-locator`:
+/// declares the queue (committed for every node) or checks that the one
+/// here is equivalent; answers its id and counts.
+async fn declare_here(
+    v: &Arc<server::vhost::Vhost>,
+    queue: &str,
+    durable: bool,
+    auto_delete: bool,
+    arguments: &[u8],
+) -> Result<(u64, u32, u32), server::error::AmqpError> {
+    use server::error::AmqpError;
+    let name = amqp_codec::ShortStr::try_from(queue)
+        .map_err(|e| AmqpError::precondition_failed(format!("queue name: {e}")))?;
+    let (arguments, _) = amqp_codec::FieldTable::decode(&bytes::Bytes::copy_from_slice(arguments))
+        .map_err(|e| AmqpError::precondition_failed(format!("arguments: {e:?}")))?;
+    if v.find_queue(&name)
+        .is_some_and(|q| q.exclusive_owner.is_some())
+    {
+        return Err(v.locked(&name));
+    }
+    v.declare_or_check_queue(name.clone(), durable, auto_delete, arguments)
+        .await?;
+    let q = v.find_queue(&name).ok_or_else(|| {
+        AmqpError::not_found(format!("no queue '{name}' in vhost '{}'", v.name()))
+    })?;
+    let c = q.counters();
+    Ok((
+        q.id,
+        u32::try_from(c.ready).unwrap_or(u32::MAX),
+        u32::try_from(c.consumers).unwrap_or(u32::MAX),
+    ))
+}
 
 fn wire_delivery(d: &server::peers::RemoteDelivery) -> crate::rpc::WireDelivery {
     crate::rpc::WireDelivery {
@@ -1122,6 +1194,25 @@ impl RequestHandler for Handler {
                     Response::Count(done)
                 });
             }
+            Request::DeclareQueue {
+                vhost,
+                queue,
+                durable,
+                auto_delete,
+                arguments,
+            } => {
+                let v = self.broker().and_then(|b| b.vhost(&vhost));
+                return Box::pin(async move {
+                    let Some(v) = v else {
+                        return Response::Declared(Err((
+                            404,
+                            format!("no vhost '{vhost}' on this node"),
+                        )));
+                    };
+                    let declared = declare_here(&v, &queue, durable, auto_delete, &arguments).await;
+                    Response::Declared(declared.map_err(|e| (e.code, e.text)))
+                });
+            }
             Request::QueueInfo { vhost, queue } => {
                 let counts = self
                     .broker()
@@ -1255,6 +1346,7 @@ impl RequestHandler for Handler {
                 | Request::Purge { .. }
                 | Request::DeleteQueue { .. }
                 | Request::QueueInfo { .. }
+                | Request::DeclareQueue { .. }
                 | Request::Get { .. }
                 | Request::Settle { .. }
                 | Request::Consume { .. }

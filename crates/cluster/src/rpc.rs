@@ -71,6 +71,20 @@ pub enum Request {
         /// Only if it has no messages.
         if_empty: bool,
     },
+    /// Declare a queue on the receiving node (placed there by
+    /// `queue-leader-locator`), or check the one there.
+    DeclareQueue {
+        /// Vhost.
+        vhost: String,
+        /// Queue.
+        queue: String,
+        /// Survives restarts.
+        durable: bool,
+        /// Deleted with its last consumer.
+        auto_delete: bool,
+        /// Declare arguments, encoded as an AMQP field table.
+        arguments: Vec<u8>,
+    },
     /// A queue's counts (`queue.declare` on another node).
     QueueInfo {
         /// Vhost.
@@ -203,6 +217,9 @@ pub enum Response {
     /// To `Purge` and `DeleteQueue`: messages removed, or the reply code
     /// and text of the refusal.
     Count(Result<u32, (u16, String)>),
+    /// To `DeclareQueue`: the queue's id, ready messages and consumers, or
+    /// the reply code and text of the refusal.
+    Declared(Result<(u64, u32, u32), (u16, String)>),
     /// To `QueueInfo`: ready messages and consumers; `None`: no such queue.
     QueueInfo(Option<(u32, u32)>),
     /// To `Get`: a message, none, or why not.

@@ -89,6 +89,25 @@ pub struct Refusal {
 /// removed, or why not.
 pub type RemoteCount = Pin<Box<dyn Future<Output = Result<u32, Refusal>> + Send>>;
 
+/// A queue to declare on another node (`queue-leader-locator`).
+#[derive(Debug, Clone)]
+pub struct RemoteDeclare {
+    /// Vhost.
+    pub vhost: String,
+    /// Queue name.
+    pub queue: ShortStr,
+    /// Survives restarts.
+    pub durable: bool,
+    /// Deleted with its last consumer.
+    pub auto_delete: bool,
+    /// Declare arguments as given.
+    pub arguments: FieldTable,
+}
+
+/// The answer to a remote declare: the queue's id and its ready-message and
+/// consumer counts (0 and 0 unless it existed), or why not.
+pub type RemoteDeclared = Pin<Box<dyn Future<Output = Result<(u64, u32, u32), Refusal>> + Send>>;
+
 /// Node `n`'s own queues as `/api/queues` lists them: a JSON array (text).
 pub type RemoteListing = Pin<Box<dyn Future<Output = Result<String, String>> + Send>>;
 
@@ -214,6 +233,10 @@ pub trait Peers: Send + Sync + std::fmt::Debug {
         if_unused: bool,
         if_empty: bool,
     ) -> RemoteCount;
+
+    /// Declares a queue on node `home` (which commits it for every node),
+    /// or checks that the one there is equivalent.
+    fn declare(&self, home: &str, declare: RemoteDeclare) -> RemoteDeclared;
 
     /// Queue `queue`'s counts on node `home` (`queue.declare`).
     fn counts(&self, home: &str, vhost: &str, queue: &ShortStr) -> RemoteCounts;

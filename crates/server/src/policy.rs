@@ -109,6 +109,14 @@ impl Policy {
                 "dead-letter-exchange" | "dead-letter-routing-key" => value.is_string(),
                 "queue-mode" => matches!(value.as_str(), Some("default" | "lazy")),
                 "alternate-exchange" => value.is_string(),
+                // Where a new queue goes in a cluster (`Vhost::placement`).
+                "queue-leader-locator" => {
+                    matches!(value.as_str(), Some("client-local" | "balanced"))
+                }
+                "queue-master-locator" => matches!(
+                    value.as_str(),
+                    Some("client-local" | "min-masters" | "random")
+                ),
                 other => {
                     return Err(format!(
                         "Validation failed\n\n[{{<<\"{other}\">>,{value}}}] are not recognised policy settings"

@@ -275,6 +275,58 @@ impl Vhost {
         }
     }
 
+    /// Where a new, not exclusive queue `name` declared through this node
+    /// goes: `None` here, else the name of another node. As RabbitMQ: the
+    /// declare's `x-queue-leader-locator` (or 3.x's
+    /// `x-queue-master-locator`), else the matching policy's
+    /// `queue-leader-locator` (`queue-master-locator`); `client-local` (the
+    /// default) keeps it here, `balanced` (`min-masters`; and `random`,
+    /// which Warren treats alike) puts it on the running node that hosts
+    /// the fewest of this vhost's queues, this node on a tie.
+    pub fn placement(&self, name: &str, arguments: &FieldTable) -> Option<String> {
+        let peers = self.node.peers.get()?;
+        let from_args = ["x-queue-leader-locator", "x-queue-master-locator"]
+            .iter()
+            .find_map(|k| {
+                arguments
+                    .get(k)
+                    .and_then(FieldValue::as_str)
+                    .map(str::to_owned)
+            });
+        let locator = from_args.or_else(|| {
+            let policies = self.policies.read();
+            let p = crate::policy::for_queue(&policies, name)?;
+            ["queue-leader-locator", "queue-master-locator"]
+                .iter()
+                .find_map(|k| p.definition.get(*k)?.as_str().map(str::to_owned))
+        })?;
+        if !matches!(locator.as_str(), "balanced" | "min-masters" | "random") {
+            return None;
+        }
+        let me = self.node.config.node_name.as_str();
+        let mut hosted: std::collections::HashMap<String, usize> = peers
+            .members()
+            .into_iter()
+            .filter(|m| m.running)
+            .map(|m| (m.name, 0))
+            .collect();
+        hosted.insert(me.to_owned(), self.queues.len());
+        for q in self.remote.iter() {
+            if let Some(n) = hosted.get_mut(&q.home) {
+                *n += 1;
+            }
+        }
+        let least = hosted.values().copied().min()?;
+        if hosted.get(me) == Some(&least) {
+            return None;
+        }
+        hosted
+            .into_iter()
+            .filter(|(_, n)| *n == least)
+            .map(|(name, _)| name)
+            .min()
+    }
+
     /// In a cluster every exchange, queue and binding goes through the
     /// metadata log, transient ones too (RabbitMQ's transient objects are
     /// cluster-wide): every node's router follows the log. A node alone

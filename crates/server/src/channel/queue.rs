@@ -104,27 +104,44 @@ impl Channel {
                 durable: m.durable && !m.exclusive,
                 ..m
             };
-            let q = match vhost.find_queue(&name) {
-                Some(existing) => {
-                    vhost.check_same_owner(&existing, m.exclusive.then_some(conn))?;
-                    existing.check_equivalent(&m, vhost.name())?;
-                    existing
-                }
-                None => {
-                    vhost
-                        .declare_queue(
-                            name.clone(),
-                            m.durable,
-                            m.auto_delete,
-                            m.exclusive.then_some(conn),
-                            args,
-                            m.arguments.clone(),
-                        )
-                        .await?
-                }
+            let existing = vhost.find_queue(&name);
+            // A new queue may belong on another node (queue-leader-locator).
+            let placed = match (&existing, node.peers.get()) {
+                (None, Some(peers)) if !m.exclusive => vhost
+                    .placement(&name, &m.arguments)
+                    .map(|home| (home, peers.clone())),
+                _ => None,
             };
-            let counts = q.kind().touch().unwrap_or_default();
-            (q.name.clone(), counts.ready, counts.consumers)
+            let elsewhere = match placed {
+                Some((home, peers)) => declare_on(peers.as_ref(), vhost, home, &name, &m).await?,
+                None => None,
+            };
+            match elsewhere {
+                Some(done) => done,
+                None => {
+                    let q = match existing {
+                        Some(existing) => {
+                            vhost.check_same_owner(&existing, m.exclusive.then_some(conn))?;
+                            existing.check_equivalent(&m, vhost.name())?;
+                            existing
+                        }
+                        None => {
+                            vhost
+                                .declare_queue(
+                                    name.clone(),
+                                    m.durable,
+                                    m.auto_delete,
+                                    m.exclusive.then_some(conn),
+                                    args,
+                                    m.arguments.clone(),
+                                )
+                                .await?
+                        }
+                    };
+                    let counts = q.kind().touch().unwrap_or_default();
+                    (q.name.clone(), counts.ready, counts.consumers)
+                }
+            }
         };
         self.last_queue = queue.clone();
         if !m.nowait {
@@ -266,6 +283,45 @@ impl Channel {
                 }));
         }
         Ok(())
+    }
+}
+
+/// Declares queue `name` on node `home` (chosen by `queue-leader-locator`),
+/// which commits it for every node, and makes it routable here at once.
+/// Answers its name and counts; `None` if `home` could not be asked (the
+/// queue is then declared here, as `client-local` would).
+async fn declare_on(
+    peers: &dyn crate::peers::Peers,
+    vhost: &Vhost,
+    home: String,
+    name: &amqp_codec::ShortStr,
+    m: &QueueDeclare,
+) -> Result<Option<(amqp_codec::ShortStr, u64, usize)>, AmqpError> {
+    let declare = crate::peers::RemoteDeclare {
+        vhost: vhost.name().to_owned(),
+        queue: name.clone(),
+        durable: m.durable,
+        auto_delete: m.auto_delete,
+        arguments: m.arguments.clone(),
+    };
+    match peers.declare(&home, declare).await {
+        Ok((id, ready, consumers)) => {
+            vhost.project_queue(&crate::meta::QueueDef {
+                name: name.clone(),
+                id,
+                durable: m.durable,
+                exclusive: false,
+                auto_delete: m.auto_delete,
+                arguments: m.arguments.clone(),
+                home: Some(home),
+            });
+            Ok(Some((name.clone(), u64::from(ready), consumers as usize)))
+        }
+        Err(r) if r.code != 0 => Err(AmqpError::channel(r.code, r.text)),
+        Err(r) => {
+            tracing::warn!(node = %home, queue = %name, error = %r.text, "cannot place the queue on that node; declaring it here");
+            Ok(None)
+        }
     }
 }
 
