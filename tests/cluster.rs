@@ -772,6 +772,36 @@ async fn a_consumer_on_one_node_consumes_a_queue_on_another_with_prefetch_acks_a
     let m = get_one(&ch2, "q.consume", true).await.expect("m5 is back");
     assert_eq!(m.delivery.data, b"m5");
     assert!(m.delivery.redelivered);
+
+    // A channel-wide (global) prefetch bounds a remote consumer too.
+    let first_node = amqp(&cluster, 0).await;
+    let ch1 = first_node.create_channel().await.unwrap();
+    ch1.basic_qos(3, lapin::options::BasicQosOptions { global: true })
+        .await
+        .unwrap();
+    let mut consumer = ch1
+        .basic_consume(
+            "q.consume".into(),
+            "global".into(),
+            lapin::options::BasicConsumeOptions::default(),
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let held = warren_tests::next_deliveries(&mut consumer, 3).await;
+    eventually("11 ready on node 2", &cluster, || async {
+        ready(&home, "q.consume").await == 11
+    })
+    .await;
+    held[0]
+        .ack(lapin::options::BasicAckOptions::default())
+        .await
+        .unwrap();
+    warren_tests::next_deliveries(&mut consumer, 1).await;
+    eventually("10 ready on node 2", &cluster, || async {
+        ready(&home, "q.consume").await == 10
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

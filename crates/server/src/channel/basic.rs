@@ -314,7 +314,14 @@ impl Channel {
             prefetch: if m.no_ack {
                 super::remote::NO_ACK_WINDOW
             } else {
-                self.prefetch
+                // A channel-wide (global) limit bounds each remote consumer
+                // on its own: its home node knows no other consumer of this
+                // channel. (RabbitMQ bounds them together.)
+                match (self.prefetch, self.shared.global_prefetch()) {
+                    (own, 0) => own,
+                    (0, global) => global,
+                    (own, global) => own.min(global),
+                }
             },
             exclusive: m.exclusive,
             priority,
