@@ -1000,6 +1000,16 @@ async fn a_queue_on_another_node_is_purged_and_deleted_from_any_node() {
     assert_eq!(q["node"], "n2@127.0.0.1", "{q}");
     assert_eq!(q["messages"], 10, "{q}");
     assert_eq!(q["vhost"], "/", "{q}");
+    // Its definition is exported from any node.
+    let defs = get(&cluster.node(0).api, "/api/definitions").await;
+    assert!(
+        defs["queues"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|q| q["name"] == "q.del" && q["durable"] == true),
+        "{defs}"
+    );
     let one = get(&cluster.node(0).api, "/api/queues/%2F/q.del").await;
     assert_eq!(
         (one["node"].clone(), one["messages"].clone()),

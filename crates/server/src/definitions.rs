@@ -16,7 +16,7 @@
 
 use std::sync::Arc;
 
-use amqp_codec::ShortStr;
+use amqp_codec::{FieldTable, ShortStr};
 use serde_json::{Map, Value, json};
 
 use crate::broker::Broker;
@@ -92,19 +92,35 @@ pub fn export(broker: &Broker) -> Value {
     let mut policies = Vec::new();
     for v in &vhosts {
         policies.extend(v.policies.read().iter().map(crate::policy::Policy::to_json));
-        let mut qs: Vec<_> = v
+        let qs: Vec<_> = v
             .queues()
             .into_iter()
             .filter(|q| q.durable && q.exclusive_owner.is_none())
             .collect();
-        qs.sort_by(|a, b| a.name.cmp(&b.name));
-        for q in &qs {
+        // In a cluster, the durable queues other nodes host too (every
+        // node exports the same definitions).
+        let remote: Vec<_> = v
+            .remote_queues()
+            .into_iter()
+            .filter(|q| q.durable && !q.exclusive)
+            .collect();
+        let mut listed: Vec<(&ShortStr, bool, &FieldTable)> = qs
+            .iter()
+            .map(|q| (&q.name, q.auto_delete, &q.arguments))
+            .chain(
+                remote
+                    .iter()
+                    .map(|q| (&q.name, q.auto_delete, &*q.arguments)),
+            )
+            .collect();
+        listed.sort_by(|a, b| a.0.cmp(b.0));
+        for (name, auto_delete, arguments) in &listed {
             queues.push(json!({
-                "name": q.name.as_str(),
+                "name": name.as_str(),
                 "vhost": v.name(),
                 "durable": true,
-                "auto_delete": q.auto_delete,
-                "arguments": table_to_json(&q.arguments),
+                "auto_delete": auto_delete,
+                "arguments": table_to_json(arguments),
             }));
         }
         let router = v.router.read();
@@ -132,7 +148,7 @@ pub fn export(broker: &Broker) -> Value {
                 exchange::Destination::Queue(q) => (
                     q.as_str().to_owned(),
                     "queue",
-                    qs.iter().any(|h| h.name == *q),
+                    listed.iter().any(|(name, _, _)| *name == q),
                 ),
                 exchange::Destination::Exchange(x) => {
                     (x.as_str().to_owned(), "exchange", exported_exchange(x))

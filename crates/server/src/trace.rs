@@ -44,10 +44,18 @@ pub struct Party<'a> {
 }
 
 /// A vhost's tracing switch and the copies waiting to be routed.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Tracer {
     on: AtomicBool,
     pending: Mutex<Vec<TraceCopy>>,
+    /// This node's name, which every copy's `node` header carries.
+    node: String,
+}
+
+impl Default for Tracer {
+    fn default() -> Tracer {
+        Tracer::new(crate::config::NODE_NAME)
+    }
 }
 
 fn s(v: &'static str) -> ShortStr {
@@ -59,6 +67,15 @@ fn long(v: &str) -> FieldValue {
 }
 
 impl Tracer {
+    /// Off, on node `node`.
+    pub fn new(node: &str) -> Tracer {
+        Tracer {
+            on: AtomicBool::new(false),
+            pending: Mutex::default(),
+            node: node.to_owned(),
+        }
+    }
+
     /// Whether tracing is on.
     #[inline]
     pub fn is_on(&self) -> bool {
@@ -87,7 +104,7 @@ impl Tracer {
         if message.exchange.as_str() == TRACE_EXCHANGE {
             return;
         }
-        let mut headers = message_table(message, routing_keys);
+        let mut headers = message_table(message, routing_keys, &self.node);
         headers.insert(s("vhost"), long(vhost));
         headers.insert(s("connection"), long(party.connection));
         headers.insert(s("channel"), FieldValue::I32(i32::from(party.channel)));
@@ -108,7 +125,7 @@ impl Tracer {
         if message.exchange.as_str() == TRACE_EXCHANGE {
             return;
         }
-        let mut headers = message_table(message, routing_keys_of(message));
+        let mut headers = message_table(message, routing_keys_of(message), &self.node);
         headers.insert(s("redelivered"), FieldValue::I32(i32::from(redelivered)));
         headers.insert(s("vhost"), long(vhost));
         headers.insert(s("connection"), long(party.connection));
@@ -173,7 +190,7 @@ pub fn routing_keys(routing_key: &ShortStr, headers: Option<&FieldTable>) -> Vec
 /// RabbitMQ's trace headers common to both kinds of copy: `exchange_name`,
 /// `routing_keys`, `properties` (the message's properties, integers as
 /// signed ints) and `node`.
-fn message_table(message: &Message, routing_keys: Vec<FieldValue>) -> FieldTable {
+fn message_table(message: &Message, routing_keys: Vec<FieldValue>, node: &str) -> FieldTable {
     let props = message.header.properties.decode().unwrap_or_default();
     let mut p = FieldTable::new();
     let mut text = |name: &'static str, v: &Option<ShortStr>| {
@@ -210,7 +227,7 @@ fn message_table(message: &Message, routing_keys: Vec<FieldValue>) -> FieldTable
     t.insert(s("exchange_name"), long(&message.exchange));
     t.insert(s("routing_keys"), FieldValue::Array(routing_keys));
     t.insert(s("properties"), FieldValue::Table(p));
-    t.insert(s("node"), long(crate::config::NODE_NAME));
+    t.insert(s("node"), long(node));
     t
 }
 
@@ -245,6 +262,22 @@ mod tests {
         channel: 1,
         user: "guest",
     };
+
+    #[test]
+    fn a_copy_names_the_node_that_made_it() {
+        let t = Tracer::new("n2@host");
+        t.set(true);
+        t.delivered("/", "q", &message("amq.direct"), false, PARTY);
+        let copies = t.take();
+        let headers = copies[0].header.properties.headers().ok().flatten();
+        assert_eq!(
+            headers
+                .unwrap_or_default()
+                .get("node")
+                .and_then(FieldValue::as_str),
+            Some("n2@host")
+        );
+    }
 
     #[test]
     fn copies_only_while_on_and_never_of_copies() {

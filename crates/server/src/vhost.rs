@@ -111,6 +111,7 @@ pub use crate::meta::VhostLimits;
 impl Vhost {
     /// An empty vhost with the system exchanges.
     pub fn new(name: ShortStr, node: Arc<Node>) -> Arc<Vhost> {
+        let tracer = Arc::new(crate::trace::Tracer::new(&node.config.node_name));
         Arc::new_cyclic(|me| Vhost {
             node,
             me: me.clone(),
@@ -124,7 +125,7 @@ impl Vhost {
             connections: std::sync::atomic::AtomicUsize::new(0),
             limits: parking_lot::Mutex::new(VhostLimits::default()),
             policies: RwLock::new(Vec::new()),
-            tracer: Arc::default(),
+            tracer,
             dead_letters_later: parking_lot::Mutex::new(None),
             dead_letters_behind: std::sync::atomic::AtomicUsize::new(0),
         })
