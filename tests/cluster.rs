@@ -789,6 +789,16 @@ async fn a_consumer_on_one_node_consumes_a_queue_on_another_with_prefetch_acks_a
         .await
         .unwrap();
     let held = warren_tests::next_deliveries(&mut consumer, 3).await;
+    // Listed by any node, with its queue's vhost.
+    let consumers = get(&cluster.node(0).api, "/api/consumers").await;
+    assert!(
+        consumers
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["consumer_tag"] == "global" && c["queue"]["name"] == "q.consume"),
+        "{consumers}"
+    );
     eventually("11 ready on node 2", &cluster, || async {
         ready(&home, "q.consume").await == 11
     })
@@ -1379,6 +1389,23 @@ async fn transient_exchanges_and_queues_are_cluster_wide_and_exclusive_ones_go_w
     assert_eq!(got, ["straight", "through the exchange"]);
     // Node 3 takes from the transient shared queue on node 1.
     let ch3 = conn3.create_channel().await.unwrap();
+
+    // Node 1's management API lists every node's connections and channels.
+    let api1 = cluster.node(0).api.clone();
+    let nodes_of = |listed: Value| {
+        let mut nodes: Vec<String> = listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["node"].as_str().unwrap().to_owned())
+            .collect();
+        nodes.sort();
+        nodes.dedup();
+        nodes
+    };
+    let all = ["n1@127.0.0.1", "n2@127.0.0.1", "n3@127.0.0.1"];
+    assert_eq!(nodes_of(get(&api1, "/api/connections").await), all);
+    assert_eq!(nodes_of(get(&api1, "/api/channels").await), all);
     let m = get_one(&ch3, "t.shared", true).await.expect("shared");
     assert_eq!(m.delivery.data, b"shared");
 

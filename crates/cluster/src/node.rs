@@ -486,16 +486,16 @@ impl server::peers::Peers for ClusterPeers {
         })
     }
 
-    fn queues_on(&self, node: &str) -> server::peers::RemoteListing {
+    fn list_on(&self, node: &str, what: server::peers::Listing) -> server::peers::RemoteListing {
         let Some(addr) = self.node.address_of(node) else {
             let text = format!("node '{node}' is not a member of the cluster");
             return Box::pin(std::future::ready(Err(text)));
         };
-        let answer = self.node.links.send_ordered(&addr, Request::ListQueues);
+        let answer = self.node.links.send_ordered(&addr, Request::List(what));
         let node = node.to_owned();
         Box::pin(async move {
             match answer.await {
-                Ok(Ok(Response::Queues(listing))) => listing,
+                Ok(Ok(Response::Listing(listing))) => listing,
                 Ok(Ok(other)) => Err(format!("node '{node}' answered {other:?}")),
                 Ok(Err(e)) => Err(format!("node '{node}': {e}")),
                 Err(_) => Err(format!("node '{node}': no answer")),
@@ -649,6 +649,7 @@ impl server::peers::Peers for ClusterPeers {
             prefetch: c.prefetch,
             exclusive: c.exclusive,
             priority: c.priority,
+            client: c.client,
         };
         let answer = self.node.links.send_ordered(&addr, request);
         let node = self.node.clone();
@@ -807,6 +808,8 @@ struct PeerSink {
     queue: String,
     unacked: Arc<AtomicU32>,
     prefetch: u16,
+    /// Who consumes, on the peer.
+    client: server::peers::RemoteClient,
 }
 
 impl std::fmt::Debug for PeerSink {
@@ -873,11 +876,16 @@ impl server::queue::DeliverySink for PeerSink {
     }
 
     fn describe(&self) -> server::queue::SinkInfo {
+        let c = &self.client;
         server::queue::SinkInfo {
-            connection_name: format!("node {} (cluster link)", self.peer.name),
-            channel: 0,
-            peer: std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
-            user: "cluster".into(),
+            tag: Some(c.tag.clone()),
+            connection_name: c.connection_name.clone(),
+            channel: c.channel,
+            peer: c
+                .peer
+                .parse()
+                .unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0))),
+            user: c.user.clone(),
         }
     }
 }
@@ -984,6 +992,7 @@ impl Handler {
         prefetch: u16,
         exclusive: bool,
         priority: i32,
+        client: server::peers::RemoteClient,
     ) -> Response {
         let Some(links) = self.node().map(|n| n.links.clone()) else {
             return Response::Consumed(Err("the node is starting or stopping".into()));
@@ -1010,6 +1019,7 @@ impl Handler {
             queue: queue.clone(),
             unacked: unacked.clone(),
             prefetch,
+            client,
         });
         let consumer = server::queue::Consumer {
             tag: tag.clone(),
@@ -1157,13 +1167,13 @@ impl RequestHandler for Handler {
         let request = match request {
             Request::Enqueue(e) => return self.enqueue(e),
             Request::Get { vhost, queue, ack } => return self.get(from.id, vhost, queue, ack),
-            Request::ListQueues => {
+            Request::List(what) => {
                 let listing = match self.broker() {
-                    Some(b) => serde_json::to_string(&server::management::local_queues(&b))
+                    Some(b) => serde_json::to_string(&server::management::local_listing(&b, what))
                         .map_err(|e| e.to_string()),
                     None => Err("the broker is not running on this node".to_owned()),
                 };
-                return Box::pin(std::future::ready(Response::Queues(listing)));
+                return Box::pin(std::future::ready(Response::Listing(listing)));
             }
             Request::Purge { vhost, queue } => {
                 let v = self.broker().and_then(|b| b.vhost(&vhost));
@@ -1243,8 +1253,11 @@ impl RequestHandler for Handler {
                 prefetch,
                 exclusive,
                 priority,
+                client,
             } => {
-                let done = self.consume(&from, vhost, queue, key, prefetch, exclusive, priority);
+                let done = self.consume(
+                    &from, vhost, queue, key, prefetch, exclusive, priority, client,
+                );
                 return Box::pin(std::future::ready(done));
             }
             Request::Cancel { key } => {
@@ -1342,7 +1355,7 @@ impl RequestHandler for Handler {
                     }))
                 }
                 Request::Enqueue(_)
-                | Request::ListQueues
+                | Request::List(_)
                 | Request::Purge { .. }
                 | Request::DeleteQueue { .. }
                 | Request::QueueInfo { .. }

@@ -50,8 +50,9 @@ pub enum Request {
     Status,
     /// Enqueue a message into a queue homed on the receiving node.
     Enqueue(EnqueueRequest),
-    /// The receiving node's own queues, as its `/api/queues` lists them.
-    ListQueues,
+    /// The receiving node's own queues, connections, channels or
+    /// consumers, as its management API lists them.
+    List(server::peers::Listing),
     /// Purge a queue homed on the receiving node.
     Purge {
         /// Vhost.
@@ -116,6 +117,8 @@ pub enum Request {
         exclusive: bool,
         /// `x-priority`.
         priority: i32,
+        /// Who consumes (for the management API).
+        client: server::peers::RemoteClient,
     },
     /// Cancel the consumer `key` (one-way).
     Cancel {
@@ -212,8 +215,8 @@ pub enum Response {
     Forgotten(Result<(), String>),
     /// To `Status`.
     Status(Status),
-    /// To `ListQueues`: a JSON array (text), or why not.
-    Queues(Result<String, String>),
+    /// To `List`: a JSON array (text), or why not.
+    Listing(Result<String, String>),
     /// To `Purge` and `DeleteQueue`: messages removed, or the reply code
     /// and text of the refusal.
     Count(Result<u32, (u16, String)>),

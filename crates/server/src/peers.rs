@@ -89,6 +89,20 @@ pub struct Refusal {
 /// removed, or why not.
 pub type RemoteCount = Pin<Box<dyn Future<Output = Result<u32, Refusal>> + Send>>;
 
+/// What a node lists of its own for another's management API (each as its
+/// `/api/...` lists it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Listing {
+    /// `/api/queues`.
+    Queues,
+    /// `/api/connections`.
+    Connections,
+    /// `/api/channels`.
+    Channels,
+    /// `/api/consumers`.
+    Consumers,
+}
+
 /// A queue to declare on another node (`queue-leader-locator`).
 #[derive(Debug, Clone)]
 pub struct RemoteDeclare {
@@ -127,6 +141,23 @@ pub struct RemoteConsume {
     pub exclusive: bool,
     /// `x-priority`.
     pub priority: i32,
+    /// Who consumes, for the home node's `/api/consumers`.
+    pub client: RemoteClient,
+}
+
+/// A consumer on another node as the management API describes it.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct RemoteClient {
+    /// Its consumer tag.
+    pub tag: String,
+    /// Its connection's name.
+    pub connection_name: String,
+    /// Its channel's number.
+    pub channel: u16,
+    /// Its client's address.
+    pub peer: String,
+    /// Its connection's user.
+    pub user: String,
 }
 
 /// Where a remote consumer's deliveries arrive, on the consuming node.
@@ -217,8 +248,9 @@ pub trait Peers: Send + Sync + std::fmt::Debug {
     /// flight: publishers routing there pause until it is lowered.
     fn flow(&self, home: &str) -> Option<std::sync::Arc<queue_store::FlowGate>>;
 
-    /// The queues node `node` hosts, as its `/api/queues` lists them.
-    fn queues_on(&self, node: &str) -> RemoteListing;
+    /// What node `node` holds of `what` (its queues, connections, channels
+    /// or consumers), as its management API lists them.
+    fn list_on(&self, node: &str, what: Listing) -> RemoteListing;
 
     /// Purges queue `queue` on node `home`.
     fn purge(&self, home: &str, vhost: &str, queue: &ShortStr) -> RemoteCount;

@@ -325,6 +325,13 @@ impl Channel {
             },
             exclusive: m.exclusive,
             priority,
+            client: crate::peers::RemoteClient {
+                tag: tag.to_string(),
+                connection_name: self.shared.connection.name.clone(),
+                channel: self.shared.id,
+                peer: self.shared.connection.peer.to_string(),
+                user: self.shared.connection.user.clone(),
+            },
         };
         let as_sink: Arc<dyn crate::peers::RemoteSink> = sink.clone();
         let key = match peers.consume(&remote.home, consume, as_sink).await {

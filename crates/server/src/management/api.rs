@@ -533,7 +533,7 @@ async fn remote_queues(b: &Broker, vhosts: &[Arc<Vhost>]) -> Vec<Value> {
     homes.sort();
     homes.dedup();
     let answers = futures_util::future::join_all(homes.iter().map(|h| {
-        let listing = peers.queues_on(h);
+        let listing = peers.list_on(h, crate::peers::Listing::Queues);
         async move {
             tokio::time::timeout(PEER_LISTING_TIMEOUT, listing)
                 .await
@@ -1298,13 +1298,65 @@ fn connection_json(c: &crate::session::ConnectionShared, node: &str) -> Value {
     out
 }
 
+/// This node's connections, all of them, as `/api/connections` lists them.
+pub(super) fn local_connections(b: &Broker) -> Vec<Value> {
+    let mut conns: Vec<_> = b
+        .live_connections
+        .iter()
+        .map(|c| c.value().clone())
+        .collect();
+    conns.sort_by_key(|c| c.id);
+    conns
+        .iter()
+        .map(|c| connection_json(c, &b.config.node_name))
+        .collect()
+}
+
+/// This node's `what` and, in a cluster, every other running node's (a node
+/// that does not answer in time is left out, and logged).
+async fn cluster_listing(b: &Broker, what: crate::peers::Listing) -> Vec<Value> {
+    let mut out = super::local_listing(b, what);
+    let Some(peers) = b.peers.get() else {
+        return out;
+    };
+    let others: Vec<String> = peers
+        .members()
+        .into_iter()
+        .filter(|m| m.running && m.name != b.config.node_name)
+        .map(|m| m.name)
+        .collect();
+    let answers = futures_util::future::join_all(others.iter().map(|n| {
+        let listing = peers.list_on(n, what);
+        async move {
+            tokio::time::timeout(PEER_LISTING_TIMEOUT, listing)
+                .await
+                .map_err(|_| "timed out".to_owned())
+                .and_then(|r| r)
+                .and_then(|text| {
+                    serde_json::from_str::<Vec<Value>>(&text).map_err(|e| e.to_string())
+                })
+        }
+    }))
+    .await;
+    for (node, answer) in others.iter().zip(answers) {
+        match answer {
+            Ok(items) => out.extend(items),
+            Err(e) => tracing::debug!(node = %node, error = %e, ?what, "listing another node's"),
+        }
+    }
+    out
+}
+
+/// Whether `caller` may see an item of user `user`'s (its own, or all of
+/// them with the `monitoring` or `administrator` tag).
+fn may_see_user(caller: &Caller, item: &Value) -> bool {
+    caller.may_see_all() || item["user"].as_str() == Some(caller.name.as_str())
+}
+
 async fn list_connections(State(b): Shared, caller: Caller, Query(q): Listing) -> ApiResult {
-    respond(
-        &q,
-        visible_connections(&b, &caller),
-        |c| std::borrow::Cow::Borrowed(c.name.as_str()),
-        |c| connection_json(c, &b.config.node_name),
-    )
+    let mut items = cluster_listing(&b, crate::peers::Listing::Connections).await;
+    items.retain(|c| may_see_user(&caller, c));
+    listing(&q, items)
 }
 
 async fn get_connection(State(b): Shared, caller: Caller, Path(name): Path<String>) -> ApiResult {
@@ -1340,9 +1392,16 @@ async fn close_connection(
     no_content()
 }
 
-async fn list_channels(State(b): Shared, caller: Caller, Query(q): Listing) -> ApiResult {
+/// This node's channels, all of them, as `/api/channels` lists them.
+pub(super) fn local_channels(b: &Broker) -> Vec<Value> {
     let mut out = Vec::new();
-    for c in visible_connections(&b, &caller) {
+    let mut conns: Vec<_> = b
+        .live_connections
+        .iter()
+        .map(|c| c.value().clone())
+        .collect();
+    conns.sort_by_key(|c| c.id);
+    for c in conns {
         let mut channels: Vec<_> = c
             .channels
             .lock()
@@ -1370,19 +1429,27 @@ async fn list_channels(State(b): Shared, caller: Caller, Query(q): Listing) -> A
             }));
         }
     }
-    listing(&q, out)
+    out
 }
 
-async fn list_consumers(State(b): Shared, caller: Caller) -> ApiResult {
+async fn list_channels(State(b): Shared, caller: Caller, Query(q): Listing) -> ApiResult {
+    let mut items = cluster_listing(&b, crate::peers::Listing::Channels).await;
+    items.retain(|c| may_see_user(&caller, c));
+    listing(&q, items)
+}
+
+/// This node's consumers (of the queues it hosts, wherever the consumer's
+/// connection is), all of them, as `/api/consumers` lists them.
+pub(super) fn local_consumers(b: &Broker) -> Vec<Value> {
     let mut out = Vec::new();
-    for v in visible_vhosts(&b, &caller) {
+    for v in b.vhost_list() {
         let mut queues = v.queues();
         queues.sort_by(|a, c| a.name.cmp(&c.name));
         for q in queues {
             q.kind().for_each_consumer(&mut |c| {
                 let sink = c.sink.describe();
                 out.push(json!({
-                    "consumer_tag": c.tag.as_str(),
+                    "consumer_tag": sink.tag.as_deref().unwrap_or(c.tag.as_str()),
                     "queue": {"name": q.name.as_str(), "vhost": v.name()},
                     "channel_details": {
                         "name": format!("{} ({})", sink.connection_name, sink.channel),
@@ -1402,7 +1469,21 @@ async fn list_consumers(State(b): Shared, caller: Caller) -> ApiResult {
             });
         }
     }
-    ok(Value::Array(out))
+    out
+}
+
+async fn list_consumers(State(b): Shared, caller: Caller) -> ApiResult {
+    let visible: Vec<String> = visible_vhosts(&b, &caller)
+        .iter()
+        .map(|v| v.name().to_owned())
+        .collect();
+    let mut items = cluster_listing(&b, crate::peers::Listing::Consumers).await;
+    items.retain(|c| {
+        c["queue"]["vhost"]
+            .as_str()
+            .is_some_and(|v| visible.iter().any(|n| n == v))
+    });
+    ok(Value::Array(items))
 }
 
 async fn list_all_policies(State(b): Shared, caller: Caller) -> ApiResult {

@@ -37,10 +37,17 @@ use tokio::net::TcpListener;
 use crate::broker::Broker;
 
 /// Starts serving the API on `listener` until the broker shuts down.
-/// This node's own queues, in every vhost, as `/api/queues` lists them
-/// (what a peer asks for to list the cluster's queues).
-pub fn local_queues(broker: &Broker) -> Vec<serde_json::Value> {
-    api::local_queues(broker)
+/// This node's own queues (in every vhost), connections, channels or
+/// consumers, all of them, as the API lists them (what a peer asks for to
+/// list the cluster's).
+pub fn local_listing(broker: &Broker, what: crate::peers::Listing) -> Vec<serde_json::Value> {
+    use crate::peers::Listing;
+    match what {
+        Listing::Queues => api::local_queues(broker),
+        Listing::Connections => api::local_connections(broker),
+        Listing::Channels => api::local_channels(broker),
+        Listing::Consumers => api::local_consumers(broker),
+    }
 }
 
 pub fn spawn(broker: &Arc<Broker>, listener: TcpListener) {

@@ -129,6 +129,9 @@ pub struct Outgoing<'a> {
 /// Who consumes through a sink, for listings.
 #[derive(Debug, Clone)]
 pub struct SinkInfo {
+    /// The consumer's tag as its client knows it, when the queue knows it
+    /// under another (a consumer on another node).
+    pub tag: Option<String>,
     /// The connection's name.
     pub connection_name: String,
     /// The channel number.

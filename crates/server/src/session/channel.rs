@@ -346,6 +346,7 @@ impl DeliverySink for ChannelShared {
 
     fn describe(&self) -> SinkInfo {
         SinkInfo {
+            tag: None,
             connection_name: self.connection.name.clone(),
             channel: self.id,
             peer: self.connection.peer,
