@@ -1242,6 +1242,11 @@ async fn a_partitioned_node_refuses_changes_and_the_healed_cluster_converges_wit
 /// What a passive declare of queue `name` on `conn`'s node answers: `None`
 /// if it exists and may be used, else the reply code (404, 405).
 async fn passive_queue(conn: &lapin::Connection, name: &str) -> Option<u16> {
+    passive_queue_error(conn, name).await.map(|(code, _)| code)
+}
+
+/// The same, with the reply text.
+async fn passive_queue_error(conn: &lapin::Connection, name: &str) -> Option<(u16, String)> {
     let ch = conn.create_channel().await.unwrap();
     let outcome = ch
         .queue_declare(
@@ -1258,7 +1263,7 @@ async fn passive_queue(conn: &lapin::Connection, name: &str) -> Option<u16> {
             let _ = ch.close(200, "ok".into()).await;
             None
         }
-        Err(e) => Some(warren_tests::amqp_error(&e).expect("an AMQP error").0),
+        Err(e) => Some(warren_tests::amqp_error(&e).expect("an AMQP error")),
     }
 }
 
@@ -1465,6 +1470,46 @@ async fn transient_exchanges_and_queues_are_cluster_wide_and_exclusive_ones_go_w
         || async move { passive_queue(c2, "t.shared").await.is_none() },
     )
     .await;
+
+    // Node 3 goes down and stays down: once it has been unreachable for
+    // NODE_DOWN_GRACE, its transient queue is gone for every node (no
+    // longer "home node down", but no such queue), as RabbitMQ drops a
+    // down node's transient queues.
+    let conn3 = amqp(&cluster, 2).await;
+    conn3
+        .create_channel()
+        .await
+        .unwrap()
+        .queue_declare(
+            "t.three".into(),
+            lapin::options::QueueDeclareOptions::default(),
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    eventually(
+        "node 2 sees node 3's transient queue",
+        &cluster,
+        || async move { passive_queue(c2, "t.three").await.is_none() },
+    )
+    .await;
+    drop(conn3);
+    cluster.kill(2);
+    let down_at = Instant::now();
+    eventually(
+        "node 2 drops the down node's transient queue",
+        &cluster,
+        || async move {
+            passive_queue_error(c2, "t.three")
+                .await
+                .is_some_and(|(code, text)| code == 404 && text.contains("no queue 't.three'"))
+        },
+    )
+    .await;
+    assert!(
+        down_at.elapsed() >= cluster::NODE_DOWN_GRACE,
+        "not before the grace"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

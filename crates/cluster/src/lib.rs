@@ -38,6 +38,13 @@ pub use node::ClusterNode;
 /// The default inter-node port (RabbitMQ's).
 pub const DEFAULT_CLUSTER_PORT: u16 = 25672;
 
+/// How long a member must be unreachable (no link, and gossip does not
+/// hear it through others) before the metadata leader drops its transient
+/// and exclusive queues for every node, as RabbitMQ does when a node goes
+/// down. The node itself drops them on applying the command when it comes
+/// back.
+pub const NODE_DOWN_GRACE: Duration = Duration::from_secs(10);
+
 /// How a node takes part in a cluster.
 #[derive(Debug, Clone)]
 pub struct ClusterSettings {
@@ -322,6 +329,10 @@ async fn gossip_rounds(
     let mut tick = tokio::time::interval(gossip::GOSSIP_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let probing: Arc<parking_lot::Mutex<std::collections::HashSet<u64>>> = Arc::default();
+    // Members unreachable since, and those whose transient queues this
+    // node (as leader) dropped for this absence.
+    let mut down_since: std::collections::HashMap<u64, std::time::Instant> = Default::default();
+    let dropped: Arc<parking_lot::Mutex<std::collections::HashSet<u64>>> = Arc::default();
     let mut round: u64 = 0;
     loop {
         tick.tick().await;
@@ -335,6 +346,20 @@ async fn gossip_rounds(
         let view = node.gossip.read().clone();
         let (mut linked, mut partitions) = (vec![node.me.name.as_str()], Vec::new());
         for n in others {
+            if node.running(n, &view) {
+                down_since.remove(&n.id);
+                dropped.lock().remove(&n.id);
+            } else {
+                let since = *down_since
+                    .entry(n.id)
+                    .or_insert_with(std::time::Instant::now);
+                if since.elapsed() >= NODE_DOWN_GRACE
+                    && node.is_leader()
+                    && dropped.lock().insert(n.id)
+                {
+                    drop_transient_of(&node, n, &dropped);
+                }
+            }
             if node.links.is_connected(n.id) {
                 linked.push(&n.name);
                 continue;
@@ -374,6 +399,38 @@ async fn gossip_rounds(
         }
         gossip.publish_and_refresh(&keys).await;
     }
+}
+
+/// Commits (as the metadata leader) that the transient and exclusive queues
+/// of member `n`, down for [`NODE_DOWN_GRACE`], are gone; tried again on a
+/// later round if the commit fails.
+fn drop_transient_of(
+    node: &Arc<ClusterNode>,
+    n: &NodeInfo,
+    dropped: &Arc<parking_lot::Mutex<std::collections::HashSet<u64>>>,
+) {
+    let command = MetaCommand::DropTransient {
+        home: n.name.clone(),
+        before: u64::MAX,
+    };
+    let request = meta_group::MetaRequest::Command(command.to_wire());
+    let (node, dropped, n) = (node.clone(), dropped.clone(), n.clone());
+    tokio::spawn(async move {
+        let outcome = node.commit(request).await.and_then(|r| match r.result {
+            Some(Ok(_)) => Ok(()),
+            Some(Err(e)) => Err(MetaError::from(e)),
+            None => Err(MetaError::Unavailable("no outcome".into())),
+        });
+        match outcome {
+            Ok(()) => {
+                tracing::info!(node = %n.name, "node down: its transient and exclusive queues are dropped")
+            }
+            Err(e) => {
+                tracing::warn!(node = %n.name, error = %e, "node down: cannot drop its transient queues yet");
+                dropped.lock().remove(&n.id);
+            }
+        }
+    });
 }
 
 /// The server's [`MetaLog`] in a cluster: commands are committed through

@@ -259,8 +259,30 @@ impl Vhost {
     }
 
     /// Projects [`MetaCommand::DropTransient`]: the transient and exclusive
-    /// queues an earlier run of node `home` held are no longer routable.
+    /// queues an earlier run of node `home` held (or, dropped while it was
+    /// down, all of them) are no longer routable. On `home` itself, its own
+    /// such queues are deleted: the cluster dropped them while this node
+    /// was cut off (its clients' consumers are cancelled).
     pub fn project_transient_dropped(&self, home: &str, before: u64) {
+        if self.node.config.node_name == home {
+            let doomed: Vec<Arc<QueueHandle>> = self
+                .queues()
+                .into_iter()
+                .filter(|q| {
+                    (!q.durable || q.exclusive_owner.is_some())
+                        && crate::meta::queue_counter(q.id) < before
+                })
+                .collect();
+            if let (false, Some(me)) = (doomed.is_empty(), self.me.upgrade()) {
+                self.node.tracker.spawn(async move {
+                    for q in doomed {
+                        tracing::warn!(queue = %q.name, vhost = %me.name, "the cluster dropped this node's transient queue while it was cut off: deleting it");
+                        let _ = me.delete_queue(&q, false).await;
+                    }
+                });
+            }
+            return;
+        }
         let doomed: Vec<ShortStr> = self
             .remote
             .iter()

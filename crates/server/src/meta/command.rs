@@ -564,7 +564,12 @@ impl MetaCommand {
                 MetaCommand::DropTransient { home, before } => {
                     put("op", FieldValue::from("drop_transient"));
                     put("home", FieldValue::from(home.as_str()));
-                    put("before", FieldValue::I64(*before as i64));
+                    // (Queue counters are below 2^40: "every queue",
+                    // u64::MAX, travels as i64::MAX, which means the same.)
+                    put(
+                        "before",
+                        FieldValue::I64(i64::try_from(*before).unwrap_or(i64::MAX)),
+                    );
                 }
                 MetaCommand::Unbind { vhost, binding } => {
                     put("op", FieldValue::from("unbind"));
@@ -838,6 +843,19 @@ mod tests {
                 arguments: args,
             },
         });
+    }
+
+    #[test]
+    fn drop_transient_of_every_queue_travels_too() {
+        let cmd = MetaCommand::DropTransient {
+            home: "n3".into(),
+            before: u64::MAX,
+        };
+        let back = MetaCommand::from_wire(&cmd.to_wire()).expect("decodes");
+        assert!(
+            matches!(&back, MetaCommand::DropTransient { before, .. } if *before >= 1 << 40),
+            "{back:?}"
+        );
     }
 
     #[test]
