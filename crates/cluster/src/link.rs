@@ -25,6 +25,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
+use futures_util::FutureExt;
 use hmac::{Hmac, Mac};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
@@ -41,6 +42,8 @@ type HmacSha256 = Hmac<Sha256>;
 const MAGIC: &[u8; 16] = b"WARREN-CLUSTER/1";
 /// Largest frame accepted from a peer (a Raft snapshot chunk fits).
 const MAX_FRAME: usize = 64 << 20;
+/// How much a link's read asks the socket for at a time.
+const READ_CHUNK: usize = 64 << 10;
 /// Largest handshake message (identities and nonces).
 const MAX_HELLO: usize = 64 << 10;
 const TAG_LEN: usize = 16;
@@ -857,15 +860,18 @@ async fn write_loop(
         };
         let mut next = Some(first);
         while let Some((kind, id, payload)) = next.take() {
-            let mut body = BytesMut::with_capacity(9 + payload.len());
-            body.put_u8(kind);
-            body.put_u64(id);
-            body.put_slice(&payload);
-            let tag = frame_tag(&key, seq, &body);
+            // Written in place: length, tag (filled in below), body.
+            let start = buf.len();
+            buf.reserve(4 + TAG_LEN + 9 + payload.len());
+            buf.put_u32((TAG_LEN + 9 + payload.len()) as u32);
+            buf.put_bytes(0, TAG_LEN);
+            buf.put_u8(kind);
+            buf.put_u64(id);
+            buf.put_slice(&payload);
+            let body_at = start + 4 + TAG_LEN;
+            let tag = frame_tag(&key, seq, &buf[body_at..]);
+            buf[start + 4..body_at].copy_from_slice(&tag);
             seq += 1;
-            buf.put_u32((TAG_LEN + body.len()) as u32);
-            buf.put_slice(&tag);
-            buf.put_slice(&body);
             // One write per batch, of at most WRITE_BATCH octets: a deep
             // queue is not copied into one ever-growing buffer first.
             if buf.len() < WRITE_BATCH {
@@ -889,21 +895,39 @@ async fn read_loop(
 ) {
     let mut seq = 0u64;
     let peer = conn.peer.clone();
+    // Frames are cut out of one buffer that each read fills as far as the
+    // socket has data: a read covers many frames, and a frame is a slice
+    // of it, not a copy.
+    let mut buf = BytesMut::with_capacity(READ_CHUNK);
     let result: Result<(), String> = async {
         loop {
-            let len = tokio::select! {
-                _ = conn.closed.cancelled() => return Ok(()),
-                l = tokio::time::timeout(LINK_SILENCE, r.read_u32()) => match l {
-                    Ok(l) => l.map_err(|e| e.to_string())? as usize,
-                    Err(_) => return Err(format!("nothing heard for {LINK_SILENCE:?}")),
-                },
+            let mut frame = loop {
+                let mut want = READ_CHUNK;
+                if buf.len() >= 4 {
+                    let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+                    if !(TAG_LEN + 9..=MAX_FRAME).contains(&len) {
+                        return Err(format!("frame of {len} octets"));
+                    }
+                    if buf.len() >= 4 + len {
+                        let _length = buf.split_to(4);
+                        break buf.split_to(len).freeze();
+                    }
+                    // Room for the rest of it, but no more than a chunk
+                    // ahead of what has arrived (a length is only a claim).
+                    want = want.max((4 + len - buf.len()).min(READ_CHUNK * 4));
+                }
+                buf.reserve(want);
+                let n = tokio::select! {
+                    _ = conn.closed.cancelled() => return Ok(()),
+                    n = tokio::time::timeout(LINK_SILENCE, r.read_buf(&mut buf)) => match n {
+                        Ok(n) => n.map_err(|e| e.to_string())?,
+                        Err(_) => return Err(format!("nothing heard for {LINK_SILENCE:?}")),
+                    },
+                };
+                if n == 0 {
+                    return Err("closed by the peer".into());
+                }
             };
-            if !(TAG_LEN + 9..=MAX_FRAME).contains(&len) {
-                return Err(format!("frame of {len} octets"));
-            }
-            let mut frame = vec![0u8; len];
-            r.read_exact(&mut frame).await.map_err(|e| e.to_string())?;
-            let mut frame = Bytes::from(frame);
             let tag = frame.split_to(TAG_LEN);
             if !verify(&frame_tag(&key, seq, &frame), &tag) {
                 return Err("a frame failed its authentication tag".into());
@@ -928,8 +952,11 @@ async fn read_loop(
                         decode(&frame).map_err(|e| format!("undecodable request: {e}"))?;
                     if let Some(handler) = links.handler.get() {
                         // Handled in the connection's order; nothing answers.
-                        let done = handler.handle(peer.clone(), request);
-                        tokio::spawn(done);
+                        // Most are done at once: a task only for the rest.
+                        let mut done = handler.handle(peer.clone(), request);
+                        if (&mut done).now_or_never().is_none() {
+                            tokio::spawn(done);
+                        }
                     }
                 }
                 KIND_REQUEST => {
@@ -942,13 +969,20 @@ async fn read_loop(
                     // Called here, in the connection's order: what a handler
                     // does before its future's first await happens in the
                     // order requests arrived (an enqueue's ordering).
-                    let answer = handler.handle(peer.clone(), request);
-                    tokio::spawn(async move {
-                        let response = answer.await;
+                    let mut answer = handler.handle(peer.clone(), request);
+                    // An answer ready at once (an enqueue of a transient
+                    // message) goes out without a task of its own.
+                    let respond = move |response: Response| {
                         if let Ok(body) = encode(&response) {
                             let _ = out.send((KIND_RESPONSE, id, Bytes::from(body)));
                         }
-                    });
+                    };
+                    match (&mut answer).now_or_never() {
+                        Some(response) => respond(response),
+                        None => {
+                            tokio::spawn(async move { respond(answer.await) });
+                        }
+                    }
                 }
                 other => return Err(format!("unknown frame kind {other}")),
             }

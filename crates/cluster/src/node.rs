@@ -1070,7 +1070,7 @@ impl Handler {
         &self,
         e: crate::rpc::EnqueueRequest,
     ) -> Pin<Box<dyn std::future::Future<Output = Response> + Send>> {
-        let now = || -> Result<_, String> {
+        let now = move || -> Result<_, String> {
             let broker = self
                 .broker
                 .get()
@@ -1079,7 +1079,7 @@ impl Handler {
             let vhost = broker
                 .vhost(&e.vhost)
                 .ok_or_else(|| format!("no vhost '{}' on this node", e.vhost))?;
-            vhost.enqueue_from_peer(remote_publish(e.clone())?)
+            vhost.enqueue_from_peer(remote_publish(e)?)
         };
         match now() {
             Err(text) => Box::pin(std::future::ready(Response::Enqueued(Err(text)))),

@@ -1199,7 +1199,8 @@ impl Vhost {
         let Some(name) = self.remote_ids.get(&id).map(|n| n.value().clone()) else {
             return;
         };
-        let Some(q) = self.find_remote_queue(&name) else {
+        // (Read in place: nothing of the entry is copied per message.)
+        let Some(q) = self.remote.get(&name) else {
             return;
         };
         let message = &out.message;

@@ -343,10 +343,16 @@ impl Channel {
             Method::AccessRequest(_) => self
                 .shared
                 .write_method(&Method::AccessRequestOk(AccessRequestOk { ticket: 1 })),
-            Method::ExchangeDeclare(m) => Box::pin(self.handle_exchange_declare(node, vhost, m)).await?,
-            Method::ExchangeDelete(m) => Box::pin(self.handle_exchange_delete(node, vhost, m)).await?,
+            Method::ExchangeDeclare(m) => {
+                Box::pin(self.handle_exchange_declare(node, vhost, m)).await?
+            }
+            Method::ExchangeDelete(m) => {
+                Box::pin(self.handle_exchange_delete(node, vhost, m)).await?
+            }
             Method::ExchangeBind(m) => Box::pin(self.handle_exchange_bind(node, vhost, m)).await?,
-            Method::ExchangeUnbind(m) => Box::pin(self.handle_exchange_unbind(node, vhost, m)).await?,
+            Method::ExchangeUnbind(m) => {
+                Box::pin(self.handle_exchange_unbind(node, vhost, m)).await?
+            }
             Method::QueueDeclare(m) => Box::pin(self.handle_queue_declare(node, vhost, m)).await?,
             Method::QueueBind(m) => Box::pin(self.handle_queue_bind(node, vhost, m)).await?,
             Method::QueueUnbind(m) => Box::pin(self.handle_queue_unbind(node, vhost, m)).await?,
