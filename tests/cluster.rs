@@ -409,22 +409,7 @@ async fn amqp(cluster: &TestCluster, i: usize) -> lapin::Connection {
 /// Whether `conn`'s node knows queue `name` (a passive declare succeeds,
 /// on a channel of its own).
 async fn queue_known(conn: &lapin::Connection, name: &str) -> bool {
-    let ch = conn.create_channel().await.unwrap();
-    let known = ch
-        .queue_declare(
-            name.into(),
-            lapin::options::QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            lapin::types::FieldTable::default(),
-        )
-        .await
-        .is_ok();
-    if known {
-        let _ = ch.close(200, "ok".into()).await;
-    }
-    known
+    passive_queue(conn, name).await.is_none()
 }
 
 /// Waits until node `i` knows queue `name`.

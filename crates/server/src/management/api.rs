@@ -513,6 +513,28 @@ pub(super) fn local_queues(b: &Broker) -> Vec<Value> {
 /// How long a listing waits for another node's queues.
 const PEER_LISTING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 
+/// What each of `nodes` lists of its own `what`, asked at once, each
+/// answer within `PEER_LISTING_TIMEOUT`; in the order of `nodes`.
+async fn ask_nodes(
+    peers: &dyn crate::peers::Peers,
+    nodes: &[String],
+    what: crate::peers::Listing,
+) -> Vec<Result<Vec<Value>, String>> {
+    futures_util::future::join_all(nodes.iter().map(|n| {
+        let listing = peers.list_on(n, what);
+        async move {
+            tokio::time::timeout(PEER_LISTING_TIMEOUT, listing)
+                .await
+                .map_err(|_| "timed out".to_owned())
+                .and_then(|r| r)
+                .and_then(|text| {
+                    serde_json::from_str::<Vec<Value>>(&text).map_err(|e| e.to_string())
+                })
+        }
+    }))
+    .await
+}
+
 /// The queues of `vhosts` that live on other nodes, as their nodes list
 /// them; a queue whose node does not answer is listed with state `down`,
 /// as RabbitMQ lists it.
@@ -532,19 +554,7 @@ async fn remote_queues(b: &Broker, vhosts: &[Arc<Vhost>]) -> Vec<Value> {
     let mut homes: Vec<String> = wanted.iter().map(|(_, q)| q.home.clone()).collect();
     homes.sort();
     homes.dedup();
-    let answers = futures_util::future::join_all(homes.iter().map(|h| {
-        let listing = peers.list_on(h, crate::peers::Listing::Queues);
-        async move {
-            tokio::time::timeout(PEER_LISTING_TIMEOUT, listing)
-                .await
-                .map_err(|_| "timed out".to_owned())
-                .and_then(|r| r)
-                .and_then(|text| {
-                    serde_json::from_str::<Vec<Value>>(&text).map_err(|e| e.to_string())
-                })
-        }
-    }))
-    .await;
+    let answers = ask_nodes(peers.as_ref(), &homes, crate::peers::Listing::Queues).await;
     let mut known: std::collections::HashMap<(String, String), Value> = Default::default();
     for (home, answer) in homes.iter().zip(answers) {
         match answer {
@@ -1325,19 +1335,7 @@ async fn cluster_listing(b: &Broker, what: crate::peers::Listing) -> Vec<Value> 
         .filter(|m| m.running && m.name != b.config.node_name)
         .map(|m| m.name)
         .collect();
-    let answers = futures_util::future::join_all(others.iter().map(|n| {
-        let listing = peers.list_on(n, what);
-        async move {
-            tokio::time::timeout(PEER_LISTING_TIMEOUT, listing)
-                .await
-                .map_err(|_| "timed out".to_owned())
-                .and_then(|r| r)
-                .and_then(|text| {
-                    serde_json::from_str::<Vec<Value>>(&text).map_err(|e| e.to_string())
-                })
-        }
-    }))
-    .await;
+    let answers = ask_nodes(peers.as_ref(), &others, what).await;
     for (node, answer) in others.iter().zip(answers) {
         match answer {
             Ok(items) => out.extend(items),
