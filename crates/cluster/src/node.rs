@@ -364,10 +364,20 @@ pub struct ClusterPeers {
     pub(crate) node: Arc<ClusterNode>,
 }
 
+/// What a home node did with a request: done, or its reply code and text.
+type HomeOutcome<T> = Result<T, (u16, String)>;
+
 impl ClusterPeers {
-    /// Sends `request` (a purge or a delete) to node `home`, in order with
-    /// this node's other requests to it; its answer as a count.
-    fn count_request(&self, home: &str, request: Request) -> server::peers::RemoteCount {
+    /// Sends `request` (a purge, a delete, a declare) to node `home`, in
+    /// order with this node's other requests to it; `answer_of` takes its
+    /// outcome out of the response (or describes another response). A
+    /// refusal keeps the home node's reply code; not reaching it is code 0.
+    fn refusable_request<T: Send + 'static>(
+        &self,
+        home: &str,
+        request: Request,
+        answer_of: fn(Response) -> Result<HomeOutcome<T>, String>,
+    ) -> Pin<Box<dyn std::future::Future<Output = Result<T, server::peers::Refusal>> + Send>> {
         use server::peers::Refusal;
         let unreachable = |text: String| Refusal { code: 0, text };
         let Some(addr) = self.node.address_of(home) else {
@@ -378,12 +388,22 @@ impl ClusterPeers {
         let home = home.to_owned();
         Box::pin(async move {
             match answer.await {
-                Ok(Ok(Response::Count(Ok(n)))) => Ok(n),
-                Ok(Ok(Response::Count(Err((code, text))))) => Err(Refusal { code, text }),
-                Ok(Ok(other)) => Err(unreachable(format!("node '{home}' answered {other:?}"))),
+                Ok(Ok(response)) => match answer_of(response) {
+                    Ok(Ok(done)) => Ok(done),
+                    Ok(Err((code, text))) => Err(Refusal { code, text }),
+                    Err(other) => Err(unreachable(format!("node '{home}' answered {other}"))),
+                },
                 Ok(Err(e)) => Err(unreachable(format!("node '{home}': {e}"))),
                 Err(_) => Err(unreachable(format!("node '{home}': no answer"))),
             }
+        })
+    }
+
+    /// [`refusable_request`](Self::refusable_request) answered by a count.
+    fn count_request(&self, home: &str, request: Request) -> server::peers::RemoteCount {
+        self.refusable_request(home, request, |r| match r {
+            Response::Count(done) => Ok(done),
+            other => Err(format!("{other:?}")),
         })
     }
 }
@@ -543,15 +563,9 @@ impl server::peers::Peers for ClusterPeers {
         home: &str,
         declare: server::peers::RemoteDeclare,
     ) -> server::peers::RemoteDeclared {
-        use server::peers::Refusal;
-        let unreachable = |text: String| Refusal { code: 0, text };
-        let Some(addr) = self.node.address_of(home) else {
-            let text = format!("node '{home}' is not a member of the cluster");
-            return Box::pin(std::future::ready(Err(unreachable(text))));
-        };
         let mut arguments = bytes::BytesMut::new();
         if let Err(e) = declare.arguments.encode(&mut arguments) {
-            let refusal = Refusal {
+            let refusal = server::peers::Refusal {
                 code: 406,
                 text: format!("PRECONDITION_FAILED - arguments: {e}"),
             };
@@ -564,16 +578,9 @@ impl server::peers::Peers for ClusterPeers {
             auto_delete: declare.auto_delete,
             arguments: arguments.to_vec(),
         };
-        let answer = self.node.links.send_ordered(&addr, request);
-        let home = home.to_owned();
-        Box::pin(async move {
-            match answer.await {
-                Ok(Ok(Response::Declared(Ok(done)))) => Ok(done),
-                Ok(Ok(Response::Declared(Err((code, text))))) => Err(Refusal { code, text }),
-                Ok(Ok(other)) => Err(unreachable(format!("node '{home}' answered {other:?}"))),
-                Ok(Err(e)) => Err(unreachable(format!("node '{home}': {e}"))),
-                Err(_) => Err(unreachable(format!("node '{home}': no answer"))),
-            }
+        self.refusable_request(home, request, |r| match r {
+            Response::Declared(done) => Ok(done),
+            other => Err(format!("{other:?}")),
         })
     }
 

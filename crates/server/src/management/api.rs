@@ -1271,14 +1271,20 @@ async fn import_definitions(
     }
 }
 
-fn visible_connections(b: &Broker, caller: &Caller) -> Vec<Arc<crate::session::ConnectionShared>> {
+/// This node's connections, oldest first.
+fn connections_by_id(b: &Broker) -> Vec<Arc<crate::session::ConnectionShared>> {
     let mut conns: Vec<_> = b
         .live_connections
         .iter()
         .map(|c| c.value().clone())
-        .filter(|c| caller.may_see_all() || c.user == caller.name)
         .collect();
     conns.sort_by_key(|c| c.id);
+    conns
+}
+
+fn visible_connections(b: &Broker, caller: &Caller) -> Vec<Arc<crate::session::ConnectionShared>> {
+    let mut conns = connections_by_id(b);
+    conns.retain(|c| caller.may_see_all() || c.user == caller.name);
     conns
 }
 
@@ -1310,13 +1316,7 @@ fn connection_json(c: &crate::session::ConnectionShared, node: &str) -> Value {
 
 /// This node's connections, all of them, as `/api/connections` lists them.
 pub(super) fn local_connections(b: &Broker) -> Vec<Value> {
-    let mut conns: Vec<_> = b
-        .live_connections
-        .iter()
-        .map(|c| c.value().clone())
-        .collect();
-    conns.sort_by_key(|c| c.id);
-    conns
+    connections_by_id(b)
         .iter()
         .map(|c| connection_json(c, &b.config.node_name))
         .collect()
@@ -1393,13 +1393,7 @@ async fn close_connection(
 /// This node's channels, all of them, as `/api/channels` lists them.
 pub(super) fn local_channels(b: &Broker) -> Vec<Value> {
     let mut out = Vec::new();
-    let mut conns: Vec<_> = b
-        .live_connections
-        .iter()
-        .map(|c| c.value().clone())
-        .collect();
-    conns.sort_by_key(|c| c.id);
-    for c in conns {
+    for c in connections_by_id(b) {
         let mut channels: Vec<_> = c
             .channels
             .lock()

@@ -133,6 +133,24 @@ impl VhostMeta {
         }
     }
 
+    /// Removes queue `name` of vhost `vhost` and the bindings to it; the
+    /// deletes of what was stored go to `out`. Returns it, if it existed.
+    fn remove_queue(
+        &mut self,
+        vhost: &str,
+        name: &ShortStr,
+        out: &mut Applied,
+    ) -> Option<QueueDef> {
+        let gone = self.queues.remove(name)?;
+        self.drop_bindings(out, |b| b.destination == Destination::Queue(name.clone()));
+        if gone.durable {
+            out.deletes
+                .push((DefKind::Queue, scoped_name(vhost, &[name.as_bytes()])));
+        }
+        out.changed_existence = true;
+        Some(gone)
+    }
+
     /// Whether the exchange or queue a binding names at `end` is durable.
     fn durable_end(&self, end: &Destination) -> bool {
         match end {
@@ -466,19 +484,9 @@ impl MetaState {
                 }
             }
             MetaCommand::DeleteQueue { vhost, name } => {
-                let v = self.vhost_mut(vhost)?;
-                let gone = v
-                    .queues
-                    .remove(name)
+                self.vhost_mut(vhost)?
+                    .remove_queue(vhost, name, &mut out)
                     .ok_or_else(|| not_found(format!("no queue '{name}' in '{vhost}'")))?;
-                v.drop_bindings(&mut out, |b| {
-                    b.destination == Destination::Queue(name.clone())
-                });
-                if gone.durable {
-                    out.deletes
-                        .push((DefKind::Queue, scoped_name(vhost, &[name.as_bytes()])));
-                }
-                out.changed_existence = true;
             }
             MetaCommand::DropTransient { home, before } => {
                 for (vhost, v) in self.vhosts.iter_mut() {
@@ -493,18 +501,10 @@ impl MetaState {
                         .map(|q| q.name.clone())
                         .collect();
                     for name in doomed {
-                        if let Some(gone) = v.queues.remove(&name) {
-                            v.drop_bindings(&mut out, |b| {
-                                b.destination == Destination::Queue(name.clone())
-                            });
-                            if gone.durable {
-                                // A durable exclusive queue: RabbitMQ
-                                // deletes it with its connection too.
-                                out.deletes
-                                    .push((DefKind::Queue, scoped_name(vhost, &[name.as_bytes()])));
-                            }
-                            out.changed_existence = true;
-                        }
+                        // (A durable exclusive one is deleted from the
+                        // store too: RabbitMQ deletes it with its
+                        // connection.)
+                        v.remove_queue(vhost, &name, &mut out);
                     }
                 }
             }
