@@ -1634,3 +1634,209 @@ async fn balanced_queues_are_spread_over_the_nodes_and_client_local_ones_stay() 
     spread.sort();
     assert_eq!(spread, ["n1@127.0.0.1", "n2@127.0.0.1", "n3@127.0.0.1"]);
 }
+
+/// `call` that tolerates a node that is not answering (restarting).
+async fn try_call(
+    method: reqwest::Method,
+    url: String,
+    body: Option<Value>,
+) -> Option<(u16, Value)> {
+    let mut req = reqwest::Client::new()
+        .request(method, url)
+        .basic_auth("guest", Some("guest"))
+        .timeout(Duration::from_secs(5));
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = req.send().await.ok()?;
+    let status = resp.status().as_u16();
+    let text = resp.text().await.ok()?;
+    Some((status, serde_json::from_str(&text).unwrap_or(Value::Null)))
+}
+
+async fn join(api: &str, target: &str) -> (u16, Value) {
+    call(
+        reqwest::Method::POST,
+        format!("{api}/api/cluster/join"),
+        Some(json!({ "node": target })),
+    )
+    .await
+}
+
+/// Waits until node 1 lists `name` as a running member among `n` nodes.
+async fn member_running(cluster: &TestCluster, name: &str, n: usize) {
+    let api1 = cluster.node(0).api.clone();
+    eventually(&format!("{name} is a running member"), cluster, || {
+        let api1 = api1.clone();
+        async move {
+            let nodes = get(&api1, "/api/nodes").await;
+            let nodes = nodes.as_array().unwrap();
+            nodes.len() == n
+                && nodes
+                    .iter()
+                    .any(|m| m["name"] == name && m["running"] == true)
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_started_alone_joins_with_join_cluster_and_a_forgotten_node_joins_again() {
+    let mut cluster = TestCluster::start(CHILD, 2);
+    formed(&cluster).await;
+    let api1 = cluster.node(0).api.clone();
+    let target = cluster.cluster_addr(0);
+    let three = cluster.add_alone();
+    let api3 = cluster.node(three).api.clone();
+    // Alone, node 3 has definitions of its own and is no cluster's member.
+    let (status, body) = put(
+        &api3,
+        "/api/users/local-only",
+        json!({"password": "x", "tags": ""}),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(get(&api3, "/api/nodes").await.as_array().unwrap().len(), 1);
+
+    // A durable queue holds the join back: the reset would lose it.
+    let conn = amqp(&cluster, three).await;
+    let ch = conn.create_channel().await.unwrap();
+    declare_durable_queue(&ch, "keep-me").await;
+    let (status, body) = join(&api3, &target).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["reason"]
+            .as_str()
+            .unwrap()
+            .contains("'keep-me' in vhost '/'"),
+        "{body}"
+    );
+    ch.queue_delete("keep-me".into(), Default::default())
+        .await
+        .unwrap();
+    conn.close(200, "bye".into()).await.unwrap();
+    // A target that cannot be asked is refused with the reason.
+    let (status, body) = join(&api3, "127.0.0.1:1").await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["reason"].as_str().unwrap().contains("cannot ask"),
+        "{body}"
+    );
+    assert_eq!(get(&api3, "/api/nodes").await.as_array().unwrap().len(), 1);
+    let (status, body) = join(&api3, &target).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["node"], "n1@127.0.0.1");
+    assert_eq!(body["restarting"], true);
+
+    // The node restarts itself (the same process, its same ports) and
+    // joins: every node lists it, and it serves the cluster's definitions
+    // in place of its own.
+    member_running(&cluster, "n3@127.0.0.1", 3).await;
+    assert!(
+        cluster.nodes[three]
+            .as_mut()
+            .unwrap()
+            .child
+            .try_wait()
+            .unwrap()
+            .is_none(),
+        "the node restarted in place"
+    );
+    eventually("node 3 has the cluster's users only", &cluster, || {
+        let api3 = api3.clone();
+        async move {
+            match try_call(reqwest::Method::GET, format!("{api3}/api/users"), None).await {
+                Some((200, users)) => {
+                    let users = users.as_array().unwrap();
+                    users.iter().any(|u| u["name"] == "guest")
+                        && !users.iter().any(|u| u["name"] == "local-only")
+                }
+                _ => false,
+            }
+        }
+    })
+    .await;
+    let (status, body) = put(&api1, "/api/vhosts/after-join", json!({})).await;
+    assert_eq!(status, 201, "{body}");
+    eventually("node 3 sees a vhost made on node 1", &cluster, || {
+        let api3 = api3.clone();
+        async move {
+            names(&api3, "/api/vhosts")
+                .await
+                .contains(&"after-join".to_owned())
+        }
+    })
+    .await;
+    let conn3 = amqp(&cluster, three).await;
+    let ch3 = conn3.create_channel().await.unwrap();
+    declare_durable_queue(&ch3, "on-three").await;
+    let conn1 = amqp(&cluster, 0).await;
+    sees_queue(&cluster, &conn1, 0, "on-three").await;
+    let (status, body) = join(&api3, &target).await;
+    assert_eq!(status, 400, "{body}");
+    ch3.queue_delete("on-three".into(), Default::default())
+        .await
+        .unwrap();
+    let (status, body) = join(&api3, &target).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["reason"]
+            .as_str()
+            .unwrap()
+            .contains("already a member"),
+        "{body}"
+    );
+
+    // Forgotten, the node is refused when it comes back; join_cluster
+    // makes it a member again, as a new one.
+    drop(conn3);
+    cluster.kill(three);
+    eventually("node 1 sees node 3 down", &cluster, || {
+        let api1 = api1.clone();
+        async move {
+            get(&api1, "/api/nodes")
+                .await
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|n| n["name"] == "n3@127.0.0.1" && n["running"] == false)
+        }
+    })
+    .await;
+    let (status, body) = call(
+        reqwest::Method::DELETE,
+        format!("{api1}/api/cluster/nodes/n3@127.0.0.1"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 204, "{body}");
+    cluster.spawn(three, None);
+    eventually("node 3 is refused", &cluster, || {
+        let api3 = api3.clone();
+        async move { put(&api3, "/api/vhosts/refused", json!({})).await.0 == 503 }
+    })
+    .await;
+    let (status, body) = join(&api3, &target).await;
+    assert_eq!(status, 200, "{body}");
+    member_running(&cluster, "n3@127.0.0.1", 3).await;
+    eventually("node 3 takes changes again", &cluster, || {
+        let api3 = api3.clone();
+        async move {
+            matches!(
+                try_call(
+                    reqwest::Method::PUT,
+                    format!("{api3}/api/vhosts/rejoined"),
+                    Some(json!({}))
+                )
+                .await,
+                Some((201 | 204, _))
+            )
+        }
+    })
+    .await;
+    assert!(
+        names(&api1, "/api/vhosts")
+            .await
+            .contains(&"rejoined".to_owned())
+    );
+}

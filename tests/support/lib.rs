@@ -849,6 +849,9 @@ pub struct TestCluster {
     pub user: (String, String),
     /// The nodes (None while stopped).
     pub nodes: Vec<Option<ClusterChild>>,
+    /// Nodes started alone (no seeds, not a cluster node until they join
+    /// one), with the AMQP and management ports they keep across restarts.
+    alone: Vec<Option<(u16, u16)>>,
 }
 
 impl TestCluster {
@@ -884,11 +887,27 @@ impl TestCluster {
             lab,
             user: (user.0.to_owned(), user.1.to_owned()),
             nodes: (0..n).map(|_| None).collect(),
+            alone: vec![None; n],
         };
         for i in 0..n {
             c.spawn(i, None);
         }
         c
+    }
+
+    /// Starts one more node on loopback, alone: no seeds, so not a cluster
+    /// node (it has the cluster's secret, so `join_cluster` can make it
+    /// one). Its AMQP and management ports stay the same when it restarts
+    /// itself to join. Returns its index.
+    pub fn add_alone(&mut self) -> usize {
+        let i = self.nodes.len();
+        self.ports.push(free_cluster_port());
+        self.hosts.push("127.0.0.1".into());
+        self.nodes.push(None);
+        self.alone
+            .push(Some((free_cluster_port(), free_cluster_port())));
+        self.spawn(i, None);
+        i
     }
 
     /// Node `i`'s data directory.
@@ -910,10 +929,15 @@ impl TestCluster {
     /// its AMQP listener is up (formation goes on in the background).
     pub fn spawn(&mut self, i: usize, secret_file: Option<&Path>) {
         use std::io::BufRead;
-        let peers: Vec<String> = (0..self.ports.len())
-            .map(|j| self.cluster_addr(j))
-            .collect();
+        let peers: Vec<String> = match self.alone[i] {
+            Some(_) => Vec::new(),
+            None => (0..self.ports.len())
+                .filter(|&j| self.alone[j].is_none())
+                .map(|j| self.cluster_addr(j))
+                .collect(),
+        };
         let spec = serde_json::json!({
+            "ports": self.alone[i].map(|(amqp, api)| [amqp, api]),
             "dir": self.data_dir(i),
             "name": format!("n{}@{}", i + 1, self.hosts[i]),
             "host": self.hosts[i],
@@ -955,6 +979,9 @@ impl TestCluster {
                 );
             }
         };
+        // The node prints again when it restarts itself (join_cluster): the
+        // pipe stays read so that it can.
+        std::thread::spawn(move || lines.for_each(drop));
         self.nodes[i] = Some(ClusterChild { child, amqp, api });
     }
 
@@ -1015,40 +1042,68 @@ pub fn serve_cluster_node_if_child() {
     rt.block_on(async {
         // The AMQP port is chosen first so the cluster can advertise it;
         // it stays bound until the broker takes it.
-        let amqp_hold = std::net::TcpListener::bind((host, 0)).unwrap();
+        let fixed = spec["ports"]
+            .as_array()
+            .map(|p| (p[0].as_u64().unwrap() as u16, p[1].as_u64().unwrap() as u16));
+        let amqp_hold = std::net::TcpListener::bind((host, fixed.map_or(0, |f| f.0))).unwrap();
         let amqp_port = amqp_hold.local_addr().unwrap().port();
         let settings_name = name.clone();
+        let secret: std::sync::Arc<[u8]> = secret.into();
+        let joined = cluster::joining::stored_seeds(&dir).unwrap().is_some();
         let settings = cluster::ClusterSettings {
-            node_name: name,
+            node_name: name.clone(),
             cluster_name: "test".into(),
             bind: SocketAddr::from((host, cluster_port)),
             advertise: None,
             peers,
             peer_dns: Vec::new(),
-            secret: secret.into(),
+            secret: secret.clone(),
             data_dir: dir.clone(),
             amqp_addr: format!("{host}:{amqp_port}"),
             default_user: user,
         };
-        let cluster = cluster::start(settings).await.unwrap();
+        let joiner = cluster::Joiner::new(
+            dir.clone(),
+            name,
+            "test".into(),
+            Some(secret),
+            cluster::DEFAULT_CLUSTER_PORT,
+        );
+        // A node started alone is not a cluster node until it joins one.
+        let cluster = if settings.peers.is_empty() && !joined {
+            None
+        } else {
+            Some(cluster::start(settings).await.unwrap())
+        };
         let config = server::Config {
             data_dir: dir,
             node_name: settings_name,
             bind: SocketAddr::from((host, amqp_port)),
-            management: Some(SocketAddr::from((host, 0))),
+            management: Some(SocketAddr::from((host, fixed.map_or(0, |f| f.1)))),
             prometheus: None,
             ..server::Config::default()
         };
         drop(amqp_hold);
-        let handle = server::start_with(config, Some(cluster.parts()))
+        let handle = server::start_with(config, cluster.as_ref().map(|c| c.parts()))
             .await
             .unwrap();
-        cluster.serve(&handle.broker);
+        if let Some(c) = &cluster {
+            c.serve(&handle.broker);
+            joiner.attach(&c.node);
+        }
+        let _ = handle.broker.cluster_join.set(std::sync::Arc::new(joiner));
         println!(
             "listening {} {}",
             handle.addr,
             handle.management_addr.unwrap()
         );
-        std::future::pending::<()>().await;
+        // Serves until killed, or restarts itself as the broker binary does
+        // after a join_cluster.
+        handle.broker.restart_requested().await;
+        handle.shutdown().await.unwrap();
+        if let Some(c) = cluster {
+            c.shutdown().await;
+        }
+        panic!("cannot restart: {}", cluster::joining::restart_process());
     });
 }

@@ -11,14 +11,18 @@
 //! A node started with [`start`] hands that log to `server::start_with`;
 //! every node then applies every metadata command and projects it.
 //!
+//! `joining` is `join_cluster`: a node records the cluster it joins and
+//! restarts into it.
+//!
 //! Module order (each imports only those before it): `identity`, `gossip`,
-//! `raft_wal` <- `meta_group` <- `rpc` <- `link` <- `node` <- `formation`
-//! <- `lib` (`meta_group` names `link::Links` and `rpc` for its network,
+//! `raft_wal` <- `meta_group` <- `rpc` <- `link` <- `node` <- `formation`,
+//! `joining` <- `lib` (`meta_group` names `link::Links` and `rpc` for its network,
 //! the one cycle, between the group's types and the wire that carries them).
 
 mod formation;
 pub mod gossip;
 pub mod identity;
+pub mod joining;
 pub mod link;
 pub mod meta_group;
 pub mod node;
@@ -33,6 +37,7 @@ use std::time::Duration;
 use server::meta::{Applied, Commit, MetaCommand, MetaError, MetaLog, MetaProjection, MetaState};
 
 pub use identity::{Identity, NodeInfo};
+pub use joining::Joiner;
 pub use node::ClusterNode;
 
 /// The default inter-node port (RabbitMQ's).
@@ -166,11 +171,30 @@ fn advertised(settings: &ClusterSettings, port: u16) -> Result<String, ClusterEr
 /// Starts this node's cluster side: opens its identity and Raft log, binds
 /// the cluster port, starts the metadata group and formation. Metadata
 /// commits can be made once the cluster has formed (they wait until then).
-pub async fn start(settings: ClusterSettings) -> Result<ClusterHandle, ClusterError> {
+///
+/// A join recorded by `join_cluster` ([`joining`]) is carried out first:
+/// the node's Raft state is wiped once, and the recorded seeds replace the
+/// configured ones.
+pub async fn start(mut settings: ClusterSettings) -> Result<ClusterHandle, ClusterError> {
     if settings.secret.is_empty() {
         return Err(ClusterError::Settings(
             "the cluster secret is empty (--cluster-secret-file)".into(),
         ));
+    }
+    if joining::apply_pending_reset(&settings.data_dir).map_err(ClusterError::State)? {
+        tracing::warn!(
+            "join_cluster: this node's Raft state and id were reset; it joins as a new member"
+        );
+    }
+    if let Some(seeds) = joining::stored_seeds(&settings.data_dir).map_err(ClusterError::State)? {
+        if seeds != settings.peers || !settings.peer_dns.is_empty() {
+            tracing::info!(
+                ?seeds,
+                "seeds recorded by join_cluster replace the configured ones"
+            );
+        }
+        settings.peers = seeds;
+        settings.peer_dns.clear();
     }
     let identity = Identity::load_or_create(&settings.data_dir, &settings.node_name)
         .map_err(ClusterError::State)?;

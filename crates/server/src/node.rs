@@ -47,6 +47,11 @@ pub struct Node {
     pub tracker: TaskTracker,
     /// The cluster's way to queues on other nodes (unset: a node alone).
     pub peers: std::sync::OnceLock<Arc<dyn crate::peers::Peers>>,
+    /// How this node joins a cluster (`join_cluster`); unset: it cannot
+    /// (started without a cluster secret).
+    pub cluster_join: std::sync::OnceLock<Arc<dyn crate::peers::ClusterJoin>>,
+    /// Notified when the node must restart (it joined another cluster).
+    restart: tokio::sync::Notify,
     next_queue: AtomicU64,
     /// The queue counter this run started at (a cluster only): a
     /// transient queue homed here with a lower one died with an earlier run.
@@ -76,10 +81,23 @@ impl Node {
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
             peers: std::sync::OnceLock::new(),
+            cluster_join: std::sync::OnceLock::new(),
+            restart: tokio::sync::Notify::new(),
             next_queue: AtomicU64::new(1),
             run_start: AtomicU64::new(0),
             transient_dropped: tokio::sync::OnceCell::new(),
         }
+    }
+
+    /// Asks whoever runs the node to shut it down and start it again (a
+    /// `join_cluster` takes effect on the restart).
+    pub fn request_restart(&self) {
+        self.restart.notify_one();
+    }
+
+    /// Resolves once a restart was asked for.
+    pub async fn restart_requested(&self) {
+        self.restart.notified().await;
     }
 
     /// Starts this run's queue ids, once recovery has noted every id it

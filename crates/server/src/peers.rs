@@ -297,6 +297,31 @@ pub trait Peers: Send + Sync + std::fmt::Debug {
     fn cancel(&self, home: &str, key: u64);
 }
 
+/// The node a `join_cluster` reached, and its cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JoinTarget {
+    /// The node asked (its name).
+    pub node: String,
+    /// Its cluster's name.
+    pub cluster: String,
+}
+
+/// Makes this node a member of another node's cluster
+/// (`rabbitmqctl join_cluster`). The `cluster` crate implements it: it
+/// checks that the target belongs to a formed cluster this node may join
+/// and records the join in the data directory; the node then restarts
+/// ([`crate::node::Node::request_restart`]), leaves whatever cluster it was
+/// in and joins the target's with none of its own definitions, as
+/// RabbitMQ's `join_cluster` resets a node first.
+pub trait ClusterJoin: Send + Sync + std::fmt::Debug {
+    /// Checks `target` (`host:port` or a node name `name@host`, on the
+    /// default cluster port) and records the join.
+    fn join(
+        &self,
+        target: &str,
+    ) -> Pin<Box<dyn Future<Output = Result<JoinTarget, String>> + Send + '_>>;
+}
+
 /// A queue that lives on another node.
 #[derive(Debug, Clone)]
 pub struct RemoteQueue {

@@ -216,12 +216,14 @@ fn load_file(path: &Option<PathBuf>) -> Result<FileConfig, String> {
     toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
 }
 
-/// The cluster side's settings, if this is a cluster node.
+/// The cluster side's settings, if this is a cluster node (it has seeds,
+/// configured or recorded by `join_cluster`), and the node's way to join a
+/// cluster (which needs the secret).
 fn cluster_settings(
     args: &Args,
     file: &FileConfig,
     config: &server::Config,
-) -> Result<Option<cluster::ClusterSettings>, String> {
+) -> Result<(Option<cluster::ClusterSettings>, cluster::Joiner), String> {
     let peers = if args.peers.is_empty() {
         file.peers.clone().unwrap_or_default()
     } else {
@@ -232,23 +234,21 @@ fn cluster_settings(
     } else {
         args.peer_dns.clone()
     };
-    if peers.is_empty() && peer_dns.is_empty() {
-        return Ok(None);
-    }
-    let secret_file = args
+    let joined = cluster::joining::stored_seeds(&config.data_dir)?.is_some();
+    let clustered = !peers.is_empty() || !peer_dns.is_empty() || joined;
+    let secret = match args
         .cluster_secret_file
         .clone()
         .or(file.cluster_secret_file.clone())
-        .ok_or("a cluster node needs --cluster-secret-file (the secret every node shares)")?;
-    let secret = std::fs::read(&secret_file)
-        .map_err(|e| format!("cluster secret file {}: {e}", secret_file.display()))?;
-    let secret: Vec<u8> = secret.trim_ascii().to_vec();
-    if secret.len() < 16 {
-        return Err(format!(
-            "cluster secret file {}: the secret must be at least 16 octets",
-            secret_file.display()
-        ));
-    }
+    {
+        Some(path) => Some(read_secret(&path)?),
+        None if clustered => {
+            return Err(
+                "a cluster node needs --cluster-secret-file (the secret every node shares)".into(),
+            );
+        }
+        None => None,
+    };
     let node_name = args
         .node_name
         .clone()
@@ -262,22 +262,50 @@ fn cluster_settings(
         .cluster_port
         .or(file.cluster_port)
         .unwrap_or(cluster::DEFAULT_CLUSTER_PORT);
-    Ok(Some(cluster::ClusterSettings {
-        node_name,
-        cluster_name: args
-            .cluster_name
-            .clone()
-            .or(file.cluster_name.clone())
-            .unwrap_or_else(|| "warren".into()),
-        bind: SocketAddr::new(config.bind.ip(), port),
-        advertise: None,
-        peers,
-        peer_dns,
-        secret: secret.into(),
-        data_dir: config.data_dir.clone(),
-        amqp_addr: format!("{host}:{}", config.bind.port()),
-        default_user: (config.default_user.clone(), config.default_pass.clone()),
-    }))
+    let cluster_name = args
+        .cluster_name
+        .clone()
+        .or(file.cluster_name.clone())
+        .unwrap_or_else(|| "warren".into());
+    let joiner = cluster::Joiner::new(
+        config.data_dir.clone(),
+        node_name.clone(),
+        cluster_name.clone(),
+        secret.clone(),
+        cluster::DEFAULT_CLUSTER_PORT,
+    );
+    let Some(secret) = secret.filter(|_| clustered) else {
+        return Ok((None, joiner));
+    };
+    Ok((
+        Some(cluster::ClusterSettings {
+            node_name,
+            cluster_name,
+            bind: SocketAddr::new(config.bind.ip(), port),
+            advertise: None,
+            peers,
+            peer_dns,
+            secret,
+            data_dir: config.data_dir.clone(),
+            amqp_addr: format!("{host}:{}", config.bind.port()),
+            default_user: (config.default_user.clone(), config.default_pass.clone()),
+        }),
+        joiner,
+    ))
+}
+
+/// The cluster secret in `path` (surrounding whitespace trimmed).
+fn read_secret(path: &std::path::Path) -> Result<std::sync::Arc<[u8]>, String> {
+    let secret =
+        std::fs::read(path).map_err(|e| format!("cluster secret file {}: {e}", path.display()))?;
+    let secret: Vec<u8> = secret.trim_ascii().to_vec();
+    if secret.len() < 16 {
+        return Err(format!(
+            "cluster secret file {}: the secret must be at least 16 octets",
+            path.display()
+        ));
+    }
+    Ok(secret.into())
 }
 
 /// `warren@<hostname>`, as RabbitMQ's `rabbit@<hostname>`.
@@ -413,7 +441,7 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    let cluster = match cluster_settings(&args, &file, &config) {
+    let (cluster, joiner) = match cluster_settings(&args, &file, &config) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("invalid setting: {e}");
@@ -422,6 +450,8 @@ fn main() -> std::process::ExitCode {
     };
     if let Some(c) = &cluster {
         config.node_name = c.node_name.clone();
+    } else if let Some(name) = args.node_name.clone().or(file.node_name.clone()) {
+        config.node_name = name;
     }
     if repair {
         return match server::repair::repair_store(&config.data_dir) {
@@ -476,14 +506,26 @@ fn main() -> std::process::ExitCode {
         };
         if let Some(c) = &cluster {
             c.serve(&handle.broker);
+            joiner.attach(&c.node);
         }
-        wait_for_signal().await;
-        tracing::info!("shutting down");
+        let _ = handle.broker.cluster_join.set(std::sync::Arc::new(joiner));
+        let restart = tokio::select! {
+            _ = wait_for_signal() => false,
+            _ = handle.broker.restart_requested() => true,
+        };
+        tracing::info!(restart, "shutting down");
         let closed = handle.shutdown().await;
         if let Some(c) = cluster {
             c.shutdown().await;
         }
         match closed {
+            Ok(()) if restart => {
+                // join_cluster: the same program again, which carries out the
+                // recorded join as it starts.
+                let e = cluster::joining::restart_process();
+                tracing::error!(error = %e, "cannot restart to join the cluster; start the node again");
+                std::process::ExitCode::FAILURE
+            }
             Ok(()) => std::process::ExitCode::SUCCESS,
             Err(e) => {
                 tracing::error!(error = %e, "store did not close cleanly");

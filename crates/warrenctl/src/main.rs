@@ -158,6 +158,12 @@ enum Command {
     /// Removes a node from the cluster for good; it cannot rejoin under the
     /// same identity (reset its data directory to join again as new).
     ForgetClusterNode { node: String },
+    /// Makes this node a member of NODE's cluster (its cluster address
+    /// host:port, or its name name@host on the default cluster port 25672).
+    /// The node is reset first, as by rabbitmqctl reset: it keeps none of
+    /// its definitions (refused while it holds a durable queue), restarts
+    /// and joins; waits until it serves as a member.
+    JoinCluster { node: String },
     /// Turns the vhost's firehose on: copies of every message published and
     /// delivered go to its `amq.rabbitmq.trace` exchange (until trace_off or
     /// a restart).
@@ -316,6 +322,11 @@ impl Api {
 
     async fn put(&self, path: &str, body: Value) -> Result<Value, Failure> {
         self.call(reqwest::Method::PUT, path, Some(body), None)
+            .await
+    }
+
+    async fn post(&self, path: &str, body: Value) -> Result<Value, Failure> {
+        self.call(reqwest::Method::POST, path, Some(body), None)
             .await
     }
 
@@ -697,6 +708,50 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             api.delete(&format!("/api/cluster/nodes/{}", seg(&node)))
                 .await?;
             out!("forgot node {node}");
+        }
+        Command::JoinCluster { node } => {
+            let me = column(&api.get("/api/overview").await?, "node");
+            let joined = api
+                .post("/api/cluster/join", json!({ "node": node }))
+                .await?;
+            eprintln!(
+                "Clustering node {me} with {} (it restarts to join) ...",
+                column(&joined, "node")
+            );
+            // The node answers again once it has restarted, and lists
+            // itself among the running members once it has joined (with
+            // the cluster's users: these credentials must be valid there).
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            loop {
+                if std::time::Instant::now() > deadline {
+                    return Err(Failure::Local(format!(
+                        "node {me} restarted to join but is not serving as a member after 60 s: see its log"
+                    )));
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                // Its name as it now runs (a node alone may have run
+                // under another).
+                let me = match api.get("/api/overview").await {
+                    Ok(o) => column(&o, "node"),
+                    Err(_) => continue,
+                };
+                if let Ok(nodes) = api.get("/api/nodes").await {
+                    let nodes = nodes.as_array().cloned().unwrap_or_default();
+                    let running = |n: &Value| n["running"] == json!(true);
+                    if nodes.len() > 1
+                        && nodes
+                            .iter()
+                            .any(|n| n["name"] == json!(me.as_str()) && running(n))
+                    {
+                        out!(
+                            "joined cluster {} with {} nodes",
+                            column(&joined, "cluster"),
+                            nodes.len()
+                        );
+                        break;
+                    }
+                }
+            }
         }
         Command::Status => {
             let overview = api.get("/api/overview").await?;

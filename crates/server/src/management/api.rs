@@ -89,6 +89,7 @@ pub(super) fn router(broker: Arc<Broker>) -> Router {
         .route("/api/nodes", get(list_nodes))
         .route("/api/cluster-name", get(cluster_name))
         .route("/api/cluster/nodes/{name}", delete(forget_node))
+        .route("/api/cluster/join", post(join_cluster))
         .route("/api/nodes/{name}", get(get_node))
         .route(
             "/api/nodes/{name}/vm_memory_high_watermark",
@@ -1098,6 +1099,51 @@ async fn forget_node(State(b): Shared, caller: Caller, Path(name): Path<String>)
     };
     peers.forget(&name).await?;
     no_content()
+}
+
+/// `POST /api/cluster/join` with `{"node": "host:port"}` (or a node name
+/// `name@host`, on the default cluster port): Warren's `join_cluster`.
+/// This node leaves whatever cluster it is in and joins that node's, with
+/// none of its own definitions (as `rabbitmqctl reset` then `join_cluster`):
+/// it is refused while the node holds a durable queue, whose messages the
+/// reset would lose. On success the answer goes out and the node restarts
+/// at once; it serves again once it has joined.
+async fn join_cluster(State(b): Shared, caller: Caller, body: Body) -> ApiResult {
+    caller.require_admin()?;
+    let body = body_map(body);
+    let Some(target) = body.get("node").and_then(Value::as_str) else {
+        return Err(ApiError::bad_request(
+            "the body names the node to join: {\"node\": \"host:port\"}",
+        ));
+    };
+    let Some(joiner) = b.cluster_join.get() else {
+        return Err(ApiError::bad_request(
+            "this node cannot join a cluster: start it with --cluster-secret-file (the secret the cluster's nodes share)",
+        ));
+    };
+    let held: Vec<String> = b
+        .vhost_list()
+        .iter()
+        .flat_map(|v| {
+            v.queues()
+                .into_iter()
+                .filter(|q| q.durable)
+                .map(|q| format!("'{}' in vhost '{}'", q.name, v.name()))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    if !held.is_empty() {
+        return Err(ApiError::bad_request(format!(
+            "this node holds {} durable queue(s) ({}{}); joining a cluster resets the node and would lose them: delete them first",
+            held.len(),
+            held.iter().take(3).cloned().collect::<Vec<_>>().join(", "),
+            if held.len() > 3 { ", ..." } else { "" }
+        )));
+    }
+    let joined = joiner.join(target).await.map_err(ApiError::bad_request)?;
+    tracing::warn!(node = %joined.node, cluster = %joined.cluster, "join_cluster: restarting to join the cluster");
+    b.request_restart();
+    ok(json!({"node": joined.node, "cluster": joined.cluster, "restarting": true}))
 }
 
 /// The octets a limit body names: `{"absolute": octets}`, or a fraction of
