@@ -136,7 +136,18 @@ for s in sorted({r["scenario"] for r in rows}):
     ratio = f"{w / q:.2f}×" if w and q else "n/a"
     fmt = lambda m, v: "n/a" if m is None else f"{m:,.0f} {unit} ({', '.join(f'{x:,.0f}' for x in v)})"
     L.append(f"| {names[s]} | {metric} | {fmt(w, wv)} | {fmt(q, qv)} | {ratio} |")
+    if s == 4:
+        f = lambda r: r.get("latency_us", {}).get("p50")
+        (w, wv), (q, qv) = med("warren", s, f), med("rabbitmq", s, f)
+        ratio = f"{w / q:.2f}×" if w and q else "n/a"
+        L.append(f"| {names[s]} | p50 latency | {fmt(w, wv)} | {fmt(q, qv)} | {ratio} |")
 L += ["", "Reproduce: `bash bench/cluster.sh` as root with Debian's rabbitmq-server installed. Queues are durable classic queues declared through node 2 (so they live there); RabbitMQ's nodes run with Debian's defaults (no plugins), the client as user `bench` that the script makes. Unconfirmed publishers (X1, X2) run ahead of the consumers on both brokers (Warren pauses them by flow control when a peer's backlog passes 16,384 messages), so their latencies are backlog, not transit; X4 measures transit."]
-open(out, "w").write("\n".join(L) + "\n")
+# Sections measured by other scripts (bench/cluster-meta.py) are kept.
+try:
+    old = open(out).read()
+    kept = old[old.index("\n## "):] if "\n## " in old else ""
+except FileNotFoundError:
+    kept = ""
+open(out, "w").write("\n".join(L) + "\n" + kept)
 print("\n".join(L))
 EOF

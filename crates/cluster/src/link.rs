@@ -70,8 +70,11 @@ fn wire_options() -> impl bincode::Options {
     bincode::DefaultOptions::new().with_limit(MAX_FRAME as u64)
 }
 
-/// The most a connection's writer gathers into one write.
-const WRITE_BATCH: usize = 256 << 10;
+/// A frame sent after the connection has written nothing for this long is
+/// written by its sender at once (the low-latency path); one sent sooner
+/// after another waits, with whatever else comes, for the connection's
+/// writer task (one write for many frames when the link is busy).
+const WRITE_THROUGH_IDLE: Duration = Duration::from_micros(50);
 /// Sent on a link idle for [`PING_INTERVAL`]; read and ignored.
 const KIND_PING: u8 = 4;
 /// An idle link sends a ping this often ...
@@ -313,7 +316,7 @@ struct Conn {
     peer: NodeInfo,
     /// Whether we dialed it.
     dialed: bool,
-    out: mpsc::UnboundedSender<(u8, u64, Bytes)>,
+    out: Arc<Wire>,
     pending: Pending,
     closed: tokio_util::sync::CancellationToken,
 }
@@ -605,11 +608,24 @@ impl Links {
         dialed: bool,
         keys: Keys,
     ) -> Arc<Conn> {
-        let (out, rx) = mpsc::unbounded_channel();
+        let (read, write) = s.into_split();
+        let Keys { send, recv } = keys;
+        let out = Arc::new(Wire {
+            state: Mutex::new(WireState {
+                buf: BytesMut::new(),
+                seq: 0,
+                flushing: false,
+                closed: false,
+                last_write: std::time::Instant::now(),
+            }),
+            sock: write,
+            key: send,
+            wake: tokio::sync::Notify::new(),
+        });
         let conn = Arc::new(Conn {
             peer: peer.clone(),
             dialed,
-            out,
+            out: out.clone(),
             pending: Arc::default(),
             closed: self.shutdown.child_token(),
         });
@@ -629,9 +645,7 @@ impl Links {
                 }
             }
         }
-        let (read, write) = s.into_split();
-        let Keys { send, recv } = keys;
-        tokio::spawn(write_loop(write, rx, send, conn.closed.clone()));
+        tokio::spawn(write_loop(out, conn.closed.clone()));
         tokio::spawn(read_loop(self.clone(), read, recv, conn.clone()));
         conn
     }
@@ -884,50 +898,125 @@ impl Links {
     }
 }
 
-async fn write_loop(
-    mut w: tokio::net::tcp::OwnedWriteHalf,
-    mut rx: mpsc::UnboundedReceiver<(u8, u64, Bytes)>,
+/// The sending side of a connection: frames are authenticated and
+/// appended to `state.buf` in the order they are sent; a sender writes them
+/// itself when the connection has been idle (see [`WRITE_THROUGH_IDLE`]),
+/// otherwise the writer task ([`write_loop`]) writes what has gathered.
+/// Only one of the two writes at a time (`flushing`), so frames go out in
+/// order.
+struct Wire {
+    state: Mutex<WireState>,
+    sock: tokio::net::tcp::OwnedWriteHalf,
     key: HmacSha256,
-    closed: tokio_util::sync::CancellationToken,
-) {
-    let mut seq = 0u64;
-    let mut buf = BytesMut::new();
-    loop {
-        let first = tokio::select! {
-            _ = closed.cancelled() => break,
-            m = tokio::time::timeout(PING_INTERVAL, rx.recv()) => match m {
-                Ok(Some(m)) => m,
-                Ok(None) => break,
-                Err(_) => (KIND_PING, 0, Bytes::new()),
-            },
-        };
-        let mut next = Some(first);
-        while let Some((kind, id, payload)) = next.take() {
-            // Written in place: length, tag (filled in below), body.
-            let start = buf.len();
-            buf.reserve(4 + TAG_LEN + 9 + payload.len());
-            buf.put_u32((TAG_LEN + 9 + payload.len()) as u32);
-            buf.put_bytes(0, TAG_LEN);
-            buf.put_u8(kind);
-            buf.put_u64(id);
-            buf.put_slice(&payload);
-            let body_at = start + 4 + TAG_LEN;
-            let tag = frame_tag(&key, seq, &buf[body_at..]);
-            buf[start + 4..body_at].copy_from_slice(&tag);
-            seq += 1;
-            // One write per batch, of at most WRITE_BATCH octets: a deep
-            // queue is not copied into one ever-growing buffer first.
-            if buf.len() < WRITE_BATCH {
-                next = rx.try_recv().ok();
+    /// Wakes the writer task.
+    wake: tokio::sync::Notify,
+}
+
+struct WireState {
+    buf: BytesMut,
+    seq: u64,
+    /// The writer task owns the writing until `buf` is empty.
+    flushing: bool,
+    closed: bool,
+    last_write: std::time::Instant,
+}
+
+/// The connection is closed.
+#[derive(Debug)]
+struct WireClosed;
+
+impl Wire {
+    /// Sends a frame: written now if the link was idle and the socket
+    /// takes it, else by the writer task.
+    fn send(&self, (kind, id, payload): (u8, u64, Bytes)) -> Result<(), WireClosed> {
+        let mut st = self.state.lock();
+        if st.closed {
+            return Err(WireClosed);
+        }
+        // Written in place: length, tag (filled in below), body.
+        let start = st.buf.len();
+        st.buf.reserve(4 + TAG_LEN + 9 + payload.len());
+        st.buf.put_u32((TAG_LEN + 9 + payload.len()) as u32);
+        st.buf.put_bytes(0, TAG_LEN);
+        st.buf.put_u8(kind);
+        st.buf.put_u64(id);
+        st.buf.put_slice(&payload);
+        let body_at = start + 4 + TAG_LEN;
+        let tag = frame_tag(&self.key, st.seq, &st.buf[body_at..]);
+        st.buf[start + 4..body_at].copy_from_slice(&tag);
+        st.seq += 1;
+        if st.flushing {
+            return Ok(());
+        }
+        let now = std::time::Instant::now();
+        if start == 0 && now.duration_since(st.last_write) >= WRITE_THROUGH_IDLE {
+            match self.sock.try_write(&st.buf) {
+                Ok(n) => {
+                    let len = st.buf.len();
+                    let _ = st.buf.split_to(n.min(len));
+                    st.last_write = now;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                // The writer task finds the error too and closes.
+                Err(_) => {}
+            }
+            if st.buf.is_empty() {
+                st.buf.clear();
+                return Ok(());
             }
         }
-        if w.write_all(&buf).await.is_err() {
-            break;
-        }
-        buf.clear();
+        st.flushing = true;
+        drop(st);
+        self.wake.notify_one();
+        Ok(())
     }
+}
+
+/// The writer task of a connection: writes what senders left in its
+/// buffer, pings an idle link, and closes the connection on a write error.
+async fn write_loop(wire: Arc<Wire>, closed: tokio_util::sync::CancellationToken) {
+    let mut out = BytesMut::new();
+    'serve: loop {
+        let woken = tokio::select! {
+            _ = closed.cancelled() => break,
+            w = tokio::time::timeout(PING_INTERVAL, wire.wake.notified()) => w.is_ok(),
+        };
+        if !woken {
+            if wire.send((KIND_PING, 0, Bytes::new())).is_err() {
+                break;
+            }
+            continue;
+        }
+        loop {
+            {
+                let mut st = wire.state.lock();
+                if st.buf.is_empty() {
+                    st.flushing = false;
+                    st.last_write = std::time::Instant::now();
+                    break;
+                }
+                std::mem::swap(&mut st.buf, &mut out);
+            }
+            while !out.is_empty() {
+                let ready = tokio::select! {
+                    _ = closed.cancelled() => break 'serve,
+                    r = wire.sock.writable() => r,
+                };
+                if ready.is_err() {
+                    break 'serve;
+                }
+                match wire.sock.try_write(&out) {
+                    Ok(n) => drop(out.split_to(n.min(out.len()))),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => break 'serve,
+                }
+            }
+            out.clear();
+        }
+    }
+    wire.state.lock().closed = true;
     closed.cancel();
-    let _ = w.shutdown().await;
+    let _ = socket2::SockRef::from(wire.sock.as_ref()).shutdown(std::net::Shutdown::Write);
 }
 
 async fn read_loop(
