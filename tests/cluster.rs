@@ -1840,3 +1840,82 @@ async fn a_node_started_alone_joins_with_join_cluster_and_a_forgotten_node_joins
             .contains(&"rejoined".to_owned())
     );
 }
+
+/// Asks `addr` for its status as an observer, over TLS with `tls` files or
+/// over plain TCP: the error if it refuses.
+async fn status_over(addr: &str, tls: Option<&[std::path::PathBuf; 3]>) -> Result<u64, String> {
+    let me = cluster::NodeInfo {
+        id: 79,
+        name: "observer@127.0.0.1".into(),
+        cluster_addr: "127.0.0.1:1".into(),
+        amqp_addr: "127.0.0.1:2".into(),
+    };
+    let links = cluster::link::Links::new(me, "test".into(), SECRET.to_vec().into());
+    if let Some([cert, key, ca]) = tls {
+        links.set_tls(cluster::link::LinkTls::new(cert, key, ca).unwrap());
+    }
+    let answer = links
+        .request(
+            None,
+            addr,
+            &cluster::rpc::Request::Status,
+            Duration::from_secs(5),
+        )
+        .await;
+    links.shutdown();
+    match answer {
+        Ok((_, cluster::rpc::Response::Status(s))) => Ok(s.applied),
+        Ok((_, other)) => Err(format!("{other:?}")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn links_over_mutual_tls_carry_the_cluster_and_refuse_peers_without_a_trusted_certificate() {
+    let mut cluster = TestCluster::start_tls(CHILD, 3);
+    formed(&cluster).await;
+    // Messages cross the TLS links both ways: published on node 1 into a
+    // queue on node 2, consumed on node 3.
+    let conn2 = amqp(&cluster, 1).await;
+    declare_durable_queue(&conn2.create_channel().await.unwrap(), "over-tls").await;
+    let conn1 = amqp(&cluster, 0).await;
+    let conn3 = amqp(&cluster, 2).await;
+    sees_queue(&cluster, &conn1, 0, "over-tls").await;
+    sees_queue(&cluster, &conn3, 2, "over-tls").await;
+    let ch1 = conn1.create_channel().await.unwrap();
+    ch1.confirm_select(Default::default()).await.unwrap();
+    publish_confirmed(&ch1, "over-tls", "m", 50).await;
+    let ch3 = conn3.create_channel().await.unwrap();
+    let mut consumer = warren_tests::consume_no_ack(&ch3, "over-tls").await;
+    let got = warren_tests::next_deliveries(&mut consumer, 50).await;
+    assert_eq!(got.len(), 50);
+
+    // A peer that speaks plain TCP, or TLS with a certificate from another
+    // CA, is refused even with the secret; one with a certificate of the
+    // cluster's CA is answered.
+    let addr = cluster.cluster_addr(0);
+    let plain = status_over(&addr, None).await;
+    assert!(plain.is_err(), "{plain:?}");
+    let rogue = cluster.untrusted_tls();
+    let refused = status_over(&addr, Some(&rogue)).await;
+    assert!(refused.is_err(), "{refused:?}");
+    let trusted = cluster.tls[1].clone().unwrap();
+    assert!(status_over(&addr, Some(&trusted)).await.is_ok());
+
+    // A node restarted with an untrusted certificate cannot rejoin: the
+    // others refuse its links, and changes through it are refused.
+    cluster.kill(2);
+    cluster.tls[2] = Some(rogue);
+    cluster.spawn(2, None);
+    let api3 = cluster.node(2).api.clone();
+    eventually("node 3 is refused", &cluster, || {
+        let api3 = api3.clone();
+        async move { put(&api3, "/api/vhosts/rogue", json!({})).await.0 == 503 }
+    })
+    .await;
+    assert!(
+        !names(&cluster.node(0).api, "/api/vhosts")
+            .await
+            .contains(&"rogue".to_owned())
+    );
+}

@@ -852,6 +852,9 @@ pub struct TestCluster {
     /// Nodes started alone (no seeds, not a cluster node until they join
     /// one), with the AMQP and management ports they keep across restarts.
     alone: Vec<Option<(u16, u16)>>,
+    /// Each node's TLS files for its links (certificate, key, CA), if the
+    /// cluster uses TLS.
+    pub tls: Vec<Option<[PathBuf; 3]>>,
 }
 
 impl TestCluster {
@@ -888,11 +891,40 @@ impl TestCluster {
             user: (user.0.to_owned(), user.1.to_owned()),
             nodes: (0..n).map(|_| None).collect(),
             alone: vec![None; n],
+            tls: vec![None; n],
         };
         for i in 0..n {
             c.spawn(i, None);
         }
         c
+    }
+
+    /// Starts `n` nodes on loopback whose links are mutual TLS: a CA made
+    /// here signs each node's certificate (for 127.0.0.1).
+    pub fn start_tls(child_test: &str, n: usize) -> TestCluster {
+        let mut c = Self::start_on(child_test, 0, None);
+        let (ca, issuer) = test_ca(c.dir.path(), "ca");
+        for i in 0..n {
+            let (cert, key) = node_cert(c.dir.path(), &format!("n{}", i + 1), &issuer);
+            c.ports.push(free_cluster_port());
+            c.hosts.push("127.0.0.1".into());
+            c.nodes.push(None);
+            c.alone.push(None);
+            c.tls.push(Some([cert, key, ca.clone()]));
+        }
+        for i in 0..n {
+            c.spawn(i, None);
+        }
+        c
+    }
+
+    /// A certificate and key for 127.0.0.1 signed by a CA of its own (one
+    /// the cluster does not trust), and that CA: a would-be node with them
+    /// is refused.
+    pub fn untrusted_tls(&self) -> [PathBuf; 3] {
+        let (ca, issuer) = test_ca(self.dir.path(), "rogue-ca");
+        let (cert, key) = node_cert(self.dir.path(), "rogue", &issuer);
+        [cert, key, ca]
     }
 
     /// Starts one more node on loopback, alone: no seeds, so not a cluster
@@ -906,6 +938,7 @@ impl TestCluster {
         self.nodes.push(None);
         self.alone
             .push(Some((free_cluster_port(), free_cluster_port())));
+        self.tls.push(None);
         self.spawn(i, None);
         i
     }
@@ -938,6 +971,7 @@ impl TestCluster {
         };
         let spec = serde_json::json!({
             "ports": self.alone[i].map(|(amqp, api)| [amqp, api]),
+            "tls": self.tls[i],
             "dir": self.data_dir(i),
             "name": format!("n{}@{}", i + 1, self.hosts[i]),
             "host": self.hosts[i],
@@ -1061,6 +1095,10 @@ pub fn serve_cluster_node_if_child() {
             data_dir: dir.clone(),
             amqp_addr: format!("{host}:{amqp_port}"),
             default_user: user,
+            tls: spec["tls"].as_array().map(|f| {
+                let path = |i: usize| PathBuf::from(f[i].as_str().unwrap());
+                cluster::link::LinkTls::new(&path(0), &path(1), &path(2)).unwrap()
+            }),
         };
         let joiner = cluster::Joiner::new(
             dir.clone(),
@@ -1068,7 +1106,8 @@ pub fn serve_cluster_node_if_child() {
             "test".into(),
             Some(secret),
             cluster::DEFAULT_CLUSTER_PORT,
-        );
+        )
+        .with_tls(settings.tls.clone());
         // A node started alone is not a cluster node until it joins one.
         let cluster = if settings.peers.is_empty() && !joined {
             None
@@ -1106,4 +1145,37 @@ pub fn serve_cluster_node_if_child() {
         }
         panic!("cannot restart: {}", cluster::joining::restart_process());
     });
+}
+
+/// A CA (its PEM written to `<dir>/<name>.pem`) and its issuer.
+fn test_ca(dir: &Path, name: &str) -> (PathBuf, rcgen::Issuer<'static, rcgen::KeyPair>) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, format!("Warren test {name}"));
+    let cert = params.self_signed(&key).unwrap();
+    let path = dir.join(format!("{name}.pem"));
+    std::fs::write(&path, cert.pem()).unwrap();
+    (path, rcgen::Issuer::new(params, key))
+}
+
+/// A certificate for 127.0.0.1 signed by `issuer`: `<dir>/<name>.pem` and
+/// `<dir>/<name>.key`.
+fn node_cert(
+    dir: &Path,
+    name: &str,
+    issuer: &rcgen::Issuer<'static, rcgen::KeyPair>,
+) -> (PathBuf, PathBuf) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap();
+    let cert = params.signed_by(&key, issuer).unwrap();
+    let (cert_path, key_path) = (
+        dir.join(format!("{name}.pem")),
+        dir.join(format!("{name}.key")),
+    );
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    (cert_path, key_path)
 }

@@ -136,6 +136,7 @@ pub struct Joiner {
     cluster_name: String,
     secret: Option<Arc<[u8]>>,
     default_port: u16,
+    tls: Option<crate::link::LinkTls>,
     node: OnceLock<Weak<ClusterNode>>,
 }
 
@@ -156,8 +157,15 @@ impl Joiner {
             cluster_name,
             secret,
             default_port,
+            tls: None,
             node: OnceLock::new(),
         }
+    }
+
+    /// Asks the target over TLS (a cluster whose links use it).
+    pub fn with_tls(mut self, tls: Option<crate::link::LinkTls>) -> Joiner {
+        self.tls = tls;
+        self
     }
 
     /// The cluster side this node runs, if it is a cluster node (a join to
@@ -180,6 +188,9 @@ impl Joiner {
             amqp_addr: String::new(),
         };
         let links = Links::new(observer, self.cluster_name.clone(), secret);
+        if let Some(tls) = &self.tls {
+            links.set_tls(tls.clone());
+        }
         let answer = links
             .request(None, &addr, &Request::Status, Duration::from_secs(5))
             .await;

@@ -74,6 +74,8 @@ pub struct ClusterSettings {
     pub amqp_addr: String,
     /// Created when the cluster first forms: the default user and password.
     pub default_user: (String, String),
+    /// Mutual TLS on every link (`--cluster-tls-*`), or none.
+    pub tls: Option<link::LinkTls>,
 }
 
 /// Errors starting the cluster side of a node.
@@ -242,6 +244,9 @@ pub async fn start(mut settings: ClusterSettings) -> Result<ClusterHandle, Clust
     });
     let _ = handler.me.set(Arc::downgrade(&handler));
     links.set_handler(handler.clone());
+    if let Some(tls) = &settings.tls {
+        links.set_tls(tls.clone());
+    }
     let config = openraft::Config {
         cluster_name: settings.cluster_name.clone(),
         heartbeat_interval: 150,

@@ -15,7 +15,12 @@
 //! carries an HMAC (truncated to 16 octets) keyed with a session key derived
 //! from both nonces, over a per-direction sequence number and the frame,
 //! so nothing injected into or replayed on the stream is accepted; a bad
-//! tag closes the connection. (Frames are authenticated, not encrypted.)
+//! tag closes the connection. Frames are authenticated, not encrypted,
+//! unless the cluster runs with TLS ([`LinkTls`], `--cluster-tls-*`): then
+//! every connection is mutual TLS (both nodes present a certificate the
+//! cluster's CA signed; the dialer checks the certificate names the host it
+//! dialled) and the handshake above runs inside it, so a node still needs
+//! the secret as well as a certificate.
 //!
 //! Frame: `len u32 | tag [16] | kind u8 | id u64 | payload (JSON)`.
 
@@ -30,7 +35,7 @@ use hmac::{Hmac, Mac};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
@@ -189,7 +194,7 @@ fn verify(expected: &[u8], got: &[u8]) -> bool {
             == 0
 }
 
-async fn write_msg<T: Serialize>(s: &mut TcpStream, msg: &T) -> std::io::Result<()> {
+async fn write_msg<T: Serialize, S: AsyncWrite + Unpin>(s: &mut S, msg: &T) -> std::io::Result<()> {
     let body = serde_json::to_vec(msg).map_err(std::io::Error::other)?;
     let mut out = BytesMut::with_capacity(4 + body.len());
     out.put_u32(body.len() as u32);
@@ -197,7 +202,9 @@ async fn write_msg<T: Serialize>(s: &mut TcpStream, msg: &T) -> std::io::Result<
     s.write_all(&out).await
 }
 
-async fn read_msg<T: for<'de> Deserialize<'de>>(s: &mut TcpStream) -> std::io::Result<T> {
+async fn read_msg<T: for<'de> Deserialize<'de>, S: AsyncRead + Unpin>(
+    s: &mut S,
+) -> std::io::Result<T> {
     let len = s.read_u32().await? as usize;
     if len > MAX_HELLO {
         return Err(std::io::Error::other(format!(
@@ -207,6 +214,128 @@ async fn read_msg<T: for<'de> Deserialize<'de>>(s: &mut TcpStream) -> std::io::R
     let mut body = vec![0u8; len];
     s.read_exact(&mut body).await?;
     serde_json::from_slice(&body).map_err(std::io::Error::other)
+}
+
+/// TLS for the links: every node presents its certificate and key and
+/// accepts only peers whose certificate the cluster's CA signed.
+#[derive(Clone)]
+pub struct LinkTls {
+    acceptor: tokio_rustls::TlsAcceptor,
+    connector: tokio_rustls::TlsConnector,
+}
+
+impl std::fmt::Debug for LinkTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LinkTls")
+    }
+}
+
+impl LinkTls {
+    /// Mutual TLS (1.2 and 1.3) with this node's certificate chain `cert`
+    /// and key `key` (PEM), trusting the CA certificates in `ca` (PEM) for
+    /// peers both ways.
+    pub fn new(
+        cert: &std::path::Path,
+        key: &std::path::Path,
+        ca: &std::path::Path,
+    ) -> Result<LinkTls, String> {
+        use rustls_pki_types::PrivateKeyDer;
+        use rustls_pki_types::pem::PemObject;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let versions = [&rustls::version::TLS12, &rustls::version::TLS13];
+        let mut roots = rustls::RootCertStore::empty();
+        for c in server::tls::load_certs(ca)? {
+            roots.add(c).map_err(|e| format!("{}: {e}", ca.display()))?;
+        }
+        let roots = Arc::new(roots);
+        let chain = server::tls::load_certs(cert)?;
+        let private = |what: &str| {
+            PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{what} {}: {e}", key.display()))
+        };
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            roots.clone(),
+            provider.clone(),
+        )
+        .build()
+        .map_err(|e| e.to_string())?;
+        let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&versions)
+            .map_err(|e| e.to_string())?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain.clone(), private("key")?)
+            .map_err(|e| format!("{}: {e}", cert.display()))?;
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&versions)
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, private("key")?)
+            .map_err(|e| format!("{}: {e}", cert.display()))?;
+        Ok(LinkTls {
+            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(server)),
+            connector: tokio_rustls::TlsConnector::from(Arc::new(client)),
+        })
+    }
+}
+
+/// The name a dialled address's certificate must carry: its host (a DNS
+/// name or an IP address).
+fn server_name(addr: &str) -> Result<rustls_pki_types::ServerName<'static>, String> {
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    rustls_pki_types::ServerName::try_from(host.to_owned())
+        .map_err(|e| format!("'{host}' is not a host name for TLS: {e}"))
+}
+
+/// A link's byte stream: TCP, or TLS over it.
+enum LinkStream {
+    Tcp(TcpStream),
+    Tls(Box<tokio_rustls::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for LinkStream {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            LinkStream::Tcp(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            LinkStream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for LinkStream {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            LinkStream::Tcp(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            LinkStream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            LinkStream::Tcp(s) => std::pin::Pin::new(s).poll_flush(cx),
+            LinkStream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            LinkStream::Tcp(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            LinkStream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
 }
 
 /// A session's keys: one per direction.
@@ -333,6 +462,8 @@ pub struct Links {
     /// Ordered senders, by peer address (see `send_ordered`), and their
     /// backlogs.
     outboxes: Mutex<HashMap<String, Arc<Outbox>>>,
+    /// TLS for every connection, if the cluster uses it.
+    tls: std::sync::OnceLock<LinkTls>,
 }
 
 /// A peer's outbox. While its connection is up and nothing waits in its
@@ -378,12 +509,18 @@ impl Links {
             handler: std::sync::OnceLock::new(),
             shutdown: tokio_util::sync::CancellationToken::new(),
             outboxes: Mutex::new(HashMap::new()),
+            tls: std::sync::OnceLock::new(),
         })
     }
 
     /// Who answers peers' requests (set once, before `serve`).
     pub fn set_handler(&self, handler: Arc<dyn RequestHandler>) {
         let _ = self.handler.set(handler);
+    }
+
+    /// Runs every connection (made or accepted from now on) over TLS.
+    pub fn set_tls(&self, tls: LinkTls) {
+        let _ = self.tls.set(tls);
     }
 
     /// This node.
@@ -442,8 +579,18 @@ impl Links {
         }
     }
 
-    async fn accept(self: Arc<Self>, mut s: TcpStream) -> Result<(), String> {
+    async fn accept(self: Arc<Self>, s: TcpStream) -> Result<(), String> {
         let _ = s.set_nodelay(true);
+        let mut s = match self.tls.get() {
+            Some(tls) => LinkStream::Tls(Box::new(
+                tls.acceptor
+                    .accept(s)
+                    .await
+                    .map_err(|e| format!("TLS: {e}"))?
+                    .into(),
+            )),
+            None => LinkStream::Tcp(s),
+        };
         let mut magic = [0u8; 16];
         s.read_exact(&mut magic).await.map_err(|e| e.to_string())?;
         if &magic != MAGIC {
@@ -530,11 +677,23 @@ impl Links {
             addr: addr.to_owned(),
             reason,
         };
-        let mut s = tokio::time::timeout(Duration::from_secs(3), TcpStream::connect(addr))
+        let s = tokio::time::timeout(Duration::from_secs(3), TcpStream::connect(addr))
             .await
             .map_err(|_| unreachable("connect timed out".into()))?
             .map_err(|e| unreachable(e.to_string()))?;
         let _ = s.set_nodelay(true);
+        let mut s = match self.tls.get() {
+            Some(tls) => {
+                let name = server_name(addr).map_err(refused)?;
+                let tls =
+                    tokio::time::timeout(Duration::from_secs(10), tls.connector.connect(name, s))
+                        .await
+                        .map_err(|_| unreachable("TLS handshake timed out".into()))?
+                        .map_err(|e| refused(format!("TLS: {e}")))?;
+                LinkStream::Tls(Box::new(tls.into()))
+            }
+            None => LinkStream::Tcp(s),
+        };
         let hello = Hello {
             cluster: self.cluster.clone(),
             node: self.me.clone(),
@@ -586,7 +745,7 @@ impl Links {
             write_msg(&mut s, &Finish::Proof(mine))
                 .await
                 .map_err(|e| unreachable(e.to_string()))?;
-            match read_msg::<Verdict>(&mut s).await {
+            match read_msg::<Verdict, _>(&mut s).await {
                 Ok(Verdict::Welcome) => Ok((peer, nonce)),
                 Ok(Verdict::Refused(r)) => Err(refused(r)),
                 Err(e) => Err(unreachable(e.to_string())),
@@ -603,12 +762,25 @@ impl Links {
     /// Registers a connection and starts its reader and writer.
     fn install(
         self: &Arc<Self>,
-        s: TcpStream,
+        s: LinkStream,
         peer: NodeInfo,
         dialed: bool,
         keys: Keys,
     ) -> Arc<Conn> {
-        let (read, write) = s.into_split();
+        // Plain TCP: senders may write the socket themselves (see `Wire`).
+        // TLS: its writer task writes every frame.
+        type Reader = Box<dyn AsyncRead + Send + Unpin>;
+        type Writer = Box<dyn AsyncWrite + Send + Unpin>;
+        let (read, write, stream): (Reader, _, Option<Writer>) = match s {
+            LinkStream::Tcp(s) => {
+                let (r, w) = s.into_split();
+                (Box::new(r), Some(w), None)
+            }
+            LinkStream::Tls(s) => {
+                let (r, w) = tokio::io::split(*s);
+                (Box::new(r), None, Some(Box::new(w)))
+            }
+        };
         let Keys { send, recv } = keys;
         let out = Arc::new(Wire {
             state: Mutex::new(WireState {
@@ -645,7 +817,7 @@ impl Links {
                 }
             }
         }
-        tokio::spawn(write_loop(out, conn.closed.clone()));
+        tokio::spawn(write_loop(out, stream, conn.closed.clone()));
         tokio::spawn(read_loop(self.clone(), read, recv, conn.clone()));
         conn
     }
@@ -906,7 +1078,8 @@ impl Links {
 /// order.
 struct Wire {
     state: Mutex<WireState>,
-    sock: tokio::net::tcp::OwnedWriteHalf,
+    /// The socket, if senders may write it (plain TCP).
+    sock: Option<tokio::net::tcp::OwnedWriteHalf>,
     key: HmacSha256,
     /// Wakes the writer task.
     wake: tokio::sync::Notify,
@@ -949,8 +1122,12 @@ impl Wire {
             return Ok(());
         }
         let now = std::time::Instant::now();
-        if start == 0 && now.duration_since(st.last_write) >= WRITE_THROUGH_IDLE {
-            match self.sock.try_write(&st.buf) {
+        let through = self
+            .sock
+            .as_ref()
+            .filter(|_| start == 0 && now.duration_since(st.last_write) >= WRITE_THROUGH_IDLE);
+        if let Some(sock) = through {
+            match sock.try_write(&st.buf) {
                 Ok(n) => {
                     let len = st.buf.len();
                     let _ = st.buf.split_to(n.min(len));
@@ -974,7 +1151,11 @@ impl Wire {
 
 /// The writer task of a connection: writes what senders left in its
 /// buffer, pings an idle link, and closes the connection on a write error.
-async fn write_loop(wire: Arc<Wire>, closed: tokio_util::sync::CancellationToken) {
+async fn write_loop(
+    wire: Arc<Wire>,
+    mut stream: Option<Box<dyn AsyncWrite + Send + Unpin>>,
+    closed: tokio_util::sync::CancellationToken,
+) {
     let mut out = BytesMut::new();
     'serve: loop {
         let woken = tokio::select! {
@@ -997,31 +1178,50 @@ async fn write_loop(wire: Arc<Wire>, closed: tokio_util::sync::CancellationToken
                 }
                 std::mem::swap(&mut st.buf, &mut out);
             }
-            while !out.is_empty() {
-                let ready = tokio::select! {
-                    _ = closed.cancelled() => break 'serve,
-                    r = wire.sock.writable() => r,
-                };
-                if ready.is_err() {
-                    break 'serve;
+            match (&mut stream, &wire.sock) {
+                (Some(w), _) => {
+                    let written = tokio::select! {
+                        _ = closed.cancelled() => break 'serve,
+                        r = async { w.write_all(&out).await?; w.flush().await } => r,
+                    };
+                    if written.is_err() {
+                        break 'serve;
+                    }
                 }
-                match wire.sock.try_write(&out) {
-                    Ok(n) => drop(out.split_to(n.min(out.len()))),
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                    Err(_) => break 'serve,
+                (None, Some(sock)) => {
+                    while !out.is_empty() {
+                        let ready = tokio::select! {
+                            _ = closed.cancelled() => break 'serve,
+                            r = sock.writable() => r,
+                        };
+                        if ready.is_err() {
+                            break 'serve;
+                        }
+                        match sock.try_write(&out) {
+                            Ok(n) => drop(out.split_to(n.min(out.len()))),
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                            Err(_) => break 'serve,
+                        }
+                    }
                 }
+                (None, None) => break 'serve,
             }
             out.clear();
         }
     }
     wire.state.lock().closed = true;
     closed.cancel();
-    let _ = socket2::SockRef::from(wire.sock.as_ref()).shutdown(std::net::Shutdown::Write);
+    if let Some(w) = &mut stream {
+        let _ = tokio::time::timeout(Duration::from_secs(1), w.shutdown()).await;
+    }
+    if let Some(sock) = &wire.sock {
+        let _ = socket2::SockRef::from(sock.as_ref()).shutdown(std::net::Shutdown::Write);
+    }
 }
 
 async fn read_loop(
     links: Arc<Links>,
-    mut r: tokio::net::tcp::OwnedReadHalf,
+    mut r: Box<dyn AsyncRead + Send + Unpin>,
     key: HmacSha256,
     conn: Arc<Conn>,
 ) {

@@ -31,7 +31,8 @@ pub struct TlsSettings {
     pub fail_if_no_peer_cert: bool,
 }
 
-fn certs(path: &PathBuf) -> Result<Vec<CertificateDer<'static>>, String> {
+/// The certificates in PEM file `path` (also the cluster links' loader).
+pub fn load_certs(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, String> {
     CertificateDer::pem_file_iter(path)
         .map_err(|e| format!("{}: {e}", path.display()))?
         .collect::<Result<Vec<_>, _>>()
@@ -47,7 +48,7 @@ pub fn acceptor(settings: &TlsSettings) -> Result<TlsAcceptor, String> {
     let builder = match (&settings.ca, settings.verify_peer) {
         (Some(ca), true) => {
             let mut roots = rustls::RootCertStore::empty();
-            for c in certs(ca)? {
+            for c in load_certs(ca)? {
                 roots.add(c).map_err(|e| format!("{}: {e}", ca.display()))?;
             }
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
@@ -63,7 +64,7 @@ pub fn acceptor(settings: &TlsSettings) -> Result<TlsAcceptor, String> {
     let key = PrivateKeyDer::from_pem_file(&settings.key)
         .map_err(|e| format!("{}: {e}", settings.key.display()))?;
     let config = builder
-        .with_single_cert(certs(&settings.cert)?, key)
+        .with_single_cert(load_certs(&settings.cert)?, key)
         .map_err(|e| e.to_string())?;
     Ok(TlsAcceptor::from(Arc::new(config)))
 }

@@ -146,6 +146,17 @@ struct Args {
     /// RabbitMQ's Erlang cookie); required for a cluster node.
     #[arg(long, env = "WARREN_CLUSTER_SECRET_FILE")]
     cluster_secret_file: Option<PathBuf>,
+    /// This node's certificate chain (PEM) for TLS between nodes; with
+    /// --cluster-tls-key and --cluster-tls-ca every link is mutual TLS
+    /// (RabbitMQ's inter-node TLS). Every node of the cluster must use it.
+    #[arg(long, env = "WARREN_CLUSTER_TLS_CERT")]
+    cluster_tls_cert: Option<PathBuf>,
+    /// This node's private key (PEM) for TLS between nodes.
+    #[arg(long, env = "WARREN_CLUSTER_TLS_KEY")]
+    cluster_tls_key: Option<PathBuf>,
+    /// The CA certificates (PEM) that sign every node's certificate.
+    #[arg(long, env = "WARREN_CLUSTER_TLS_CA")]
+    cluster_tls_ca: Option<PathBuf>,
 }
 
 /// The config file: the same settings as the flags, all optional.
@@ -186,6 +197,9 @@ struct FileConfig {
     peers: Option<Vec<String>>,
     peer_dns: Option<Vec<String>>,
     cluster_secret_file: Option<PathBuf>,
+    cluster_tls_cert: Option<PathBuf>,
+    cluster_tls_key: Option<PathBuf>,
+    cluster_tls_ca: Option<PathBuf>,
 }
 
 /// An amount in the config file: a number (octets, or with a decimal point
@@ -267,13 +281,38 @@ fn cluster_settings(
         .clone()
         .or(file.cluster_name.clone())
         .unwrap_or_else(|| "warren".into());
+    let tls = {
+        let cert = args
+            .cluster_tls_cert
+            .clone()
+            .or(file.cluster_tls_cert.clone());
+        let key = args
+            .cluster_tls_key
+            .clone()
+            .or(file.cluster_tls_key.clone());
+        let ca = args.cluster_tls_ca.clone().or(file.cluster_tls_ca.clone());
+        match (cert, key, ca) {
+            (None, None, None) => None,
+            (Some(cert), Some(key), Some(ca)) => Some(
+                cluster::link::LinkTls::new(&cert, &key, &ca)
+                    .map_err(|e| format!("cluster TLS: {e}"))?,
+            ),
+            _ => {
+                return Err(
+                    "cluster TLS needs all of --cluster-tls-cert, --cluster-tls-key and --cluster-tls-ca"
+                        .into(),
+                );
+            }
+        }
+    };
     let joiner = cluster::Joiner::new(
         config.data_dir.clone(),
         node_name.clone(),
         cluster_name.clone(),
         secret.clone(),
         cluster::DEFAULT_CLUSTER_PORT,
-    );
+    )
+    .with_tls(tls.clone());
     let Some(secret) = secret.filter(|_| clustered) else {
         return Ok((None, joiner));
     };
@@ -289,6 +328,7 @@ fn cluster_settings(
             data_dir: config.data_dir.clone(),
             amqp_addr: format!("{host}:{}", config.bind.port()),
             default_user: (config.default_user.clone(), config.default_pass.clone()),
+            tls,
         }),
         joiner,
     ))
