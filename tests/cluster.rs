@@ -1919,3 +1919,49 @@ async fn links_over_mutual_tls_carry_the_cluster_and_refuse_peers_without_a_trus
             .contains(&"rogue".to_owned())
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_on_another_node_is_shown_and_closed_through_any_node() {
+    let cluster = TestCluster::start(CHILD, 3);
+    formed(&cluster).await;
+    let far = lapin::Connection::connect(
+        &cluster.node(1).uri("guest", "guest", "%2f"),
+        lapin::ConnectionProperties::default().with_connection_name("far-away".into()),
+    )
+    .await
+    .unwrap();
+    let listed = get(&cluster.node(1).api, "/api/connections").await;
+    let name = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["user_provided_name"] == "far-away")
+        .map(|c| c["name"].as_str().unwrap().to_owned())
+        .expect("node 2 lists its connection");
+    let path = format!(
+        "/api/connections/{}",
+        name.replace(' ', "%20").replace('>', "%3E")
+    );
+    let api1 = cluster.node(0).api.clone();
+    let shown = get(&api1, &path).await;
+    assert_eq!(shown["node"], "n2@127.0.0.1", "{shown}");
+    assert_eq!(shown["user_provided_name"], "far-away");
+
+    let closing = reqwest::Client::new()
+        .delete(format!("{api1}{path}"))
+        .basic_auth("guest", Some("guest"))
+        .header("X-Reason", "moved elsewhere")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(closing.status().as_u16(), 204);
+    eventually("the client's connection is closed", &cluster, || {
+        let connected = far.status().connected();
+        async move { !connected }
+    })
+    .await;
+    let (status, _) = call(reqwest::Method::GET, format!("{api1}{path}"), None).await;
+    assert_eq!(status, 404);
+    let (status, _) = call(reqwest::Method::DELETE, format!("{api1}{path}"), None).await;
+    assert_eq!(status, 404);
+}

@@ -523,6 +523,29 @@ impl server::peers::Peers for ClusterPeers {
         })
     }
 
+    fn close_connection(&self, node: &str, name: &str, reason: &str) -> server::peers::RemoteClose {
+        let Some(addr) = self.node.address_of(node) else {
+            let text = format!("node '{node}' is not a member of the cluster");
+            return Box::pin(std::future::ready(Err(text)));
+        };
+        let answer = self.node.links.send_ordered(
+            &addr,
+            Request::CloseConnection {
+                name: name.to_owned(),
+                reason: reason.to_owned(),
+            },
+        );
+        let node = node.to_owned();
+        Box::pin(async move {
+            match answer.await {
+                Ok(Ok(Response::ConnectionClosed(closed))) => Ok(closed),
+                Ok(Ok(other)) => Err(format!("node '{node}' answered {other:?}")),
+                Ok(Err(e)) => Err(format!("node '{node}': {e}")),
+                Err(_) => Err(format!("node '{node}': no answer")),
+            }
+        })
+    }
+
     fn flow(&self, home: &str) -> Option<Arc<queue_store::FlowGate>> {
         let addr = self.node.address_of(home)?;
         Some(self.node.links.backlog(&addr).gate.clone())
@@ -1182,6 +1205,12 @@ impl RequestHandler for Handler {
                 };
                 return Box::pin(std::future::ready(Response::Listing(listing)));
             }
+            Request::CloseConnection { name, reason } => {
+                let closed = self.broker().is_some_and(|b| {
+                    server::management::close_local_connection(&b, &name, &reason)
+                });
+                return Box::pin(std::future::ready(Response::ConnectionClosed(closed)));
+            }
             Request::Purge { vhost, queue } => {
                 let v = self.broker().and_then(|b| b.vhost(&vhost));
                 let done = match v.as_ref().and_then(|v| Some((v, v.find_queue(&queue)?))) {
@@ -1363,6 +1392,7 @@ impl RequestHandler for Handler {
                 }
                 Request::Enqueue(_)
                 | Request::List(_)
+                | Request::CloseConnection { .. }
                 | Request::Purge { .. }
                 | Request::DeleteQueue { .. }
                 | Request::QueueInfo { .. }

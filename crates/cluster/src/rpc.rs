@@ -53,6 +53,13 @@ pub enum Request {
     /// The receiving node's own queues, connections, channels or
     /// consumers, as its management API lists them.
     List(server::peers::Listing),
+    /// Close a client connection on the receiving node (320, `reason`).
+    CloseConnection {
+        /// Its name, as the management API lists it.
+        name: String,
+        /// The close text.
+        reason: String,
+    },
     /// Purge a queue homed on the receiving node.
     Purge {
         /// Vhost.
@@ -217,6 +224,8 @@ pub enum Response {
     Status(Status),
     /// To `List`: a JSON array (text), or why not.
     Listing(Result<String, String>),
+    /// To `CloseConnection`: whether the node had it.
+    ConnectionClosed(bool),
     /// To `Purge` and `DeleteQueue`: messages removed, or the reply code
     /// and text of the refusal.
     Count(Result<u32, (u16, String)>),

@@ -125,6 +125,9 @@ pub type RemoteDeclared = Pin<Box<dyn Future<Output = Result<(u64, u32, u32), Re
 /// Node `n`'s own queues as `/api/queues` lists them: a JSON array (text).
 pub type RemoteListing = Pin<Box<dyn Future<Output = Result<String, String>> + Send>>;
 
+/// Whether node `n` had the connection it was asked to close.
+pub type RemoteClose = Pin<Box<dyn Future<Output = Result<bool, String>> + Send>>;
+
 /// The answer to a remote `basic.get`: a message, or none (empty queue).
 pub type RemoteGet = Pin<Box<dyn Future<Output = Result<Option<RemoteDelivery>, String>> + Send>>;
 
@@ -251,6 +254,10 @@ pub trait Peers: Send + Sync + std::fmt::Debug {
     /// What node `node` holds of `what` (its queues, connections, channels
     /// or consumers), as its management API lists them.
     fn list_on(&self, node: &str, what: Listing) -> RemoteListing;
+
+    /// Closes connection `name` on node `node` with 320 CONNECTION_FORCED
+    /// and `reason` (the management API's `DELETE /api/connections/{name}`).
+    fn close_connection(&self, node: &str, name: &str, reason: &str) -> RemoteClose;
 
     /// Purges queue `queue` on node `home`.
     fn purge(&self, home: &str, vhost: &str, queue: &ShortStr) -> RemoteCount;

@@ -1403,12 +1403,24 @@ async fn list_connections(State(b): Shared, caller: Caller, Query(q): Listing) -
     listing(&q, items)
 }
 
-async fn get_connection(State(b): Shared, caller: Caller, Path(name): Path<String>) -> ApiResult {
-    let c = visible_connections(&b, &caller)
+/// Connection `name` as `/api/connections` lists it, on whichever node it
+/// is (this one first).
+async fn find_connection(b: &Broker, caller: &Caller, name: &str) -> Result<Value, ApiError> {
+    if let Some(c) = visible_connections(b, caller)
         .into_iter()
         .find(|c| c.name == name)
-        .ok_or_else(ApiError::not_found)?;
-    ok(connection_json(&c, &b.config.node_name))
+    {
+        return Ok(connection_json(&c, &b.config.node_name));
+    }
+    cluster_listing(b, crate::peers::Listing::Connections)
+        .await
+        .into_iter()
+        .find(|c| c["name"] == name && may_see_user(caller, c))
+        .ok_or_else(ApiError::not_found)
+}
+
+async fn get_connection(State(b): Shared, caller: Caller, Path(name): Path<String>) -> ApiResult {
+    ok(find_connection(&b, &caller, &name).await?)
 }
 
 /// Closes a connection with 320 CONNECTION_FORCED and the `X-Reason` header
@@ -1420,20 +1432,37 @@ async fn close_connection(
     Path(name): Path<String>,
     headers: axum::http::HeaderMap,
 ) -> ApiResult {
-    let c = visible_connections(&b, &caller)
-        .into_iter()
-        .find(|c| c.name == name)
-        .ok_or_else(ApiError::not_found)?;
-    if c.user != caller.name {
+    let c = find_connection(&b, &caller, &name).await?;
+    if c["user"].as_str() != Some(caller.name.as_str()) {
         caller.require_admin()?;
     }
     let reason = headers
         .get("x-reason")
         .and_then(|v| v.to_str().ok())
         .unwrap_or("Closed via management plugin");
+    let node = c["node"].as_str().unwrap_or_default();
+    let closed = match b.peers.get() {
+        Some(peers) if node != b.config.node_name => peers
+            .close_connection(node, &name, reason)
+            .await
+            .map_err(|e| ApiError::internal(format!("cannot close it on node '{node}': {e}")))?,
+        _ => close_local(&b, &name, reason),
+    };
+    if !closed {
+        // It closed in the meantime.
+        return Err(ApiError::not_found());
+    }
+    no_content()
+}
+
+/// Closes this node's connection `name` (320 CONNECTION_FORCED, `reason`).
+pub(super) fn close_local(b: &Broker, name: &str, reason: &str) -> bool {
+    let Some(c) = connections_by_id(b).into_iter().find(|c| c.name == name) else {
+        return false;
+    };
     *c.close_reason.lock() = reason.to_owned();
     c.force_close.cancel();
-    no_content()
+    true
 }
 
 /// This node's channels, all of them, as `/api/channels` lists them.

@@ -36,7 +36,6 @@ use tokio::net::TcpListener;
 
 use crate::broker::Broker;
 
-/// Starts serving the API on `listener` until the broker shuts down.
 /// This node's own queues (in every vhost), connections, channels or
 /// consumers, all of them, as the API lists them (what a peer asks for to
 /// list the cluster's).
@@ -50,6 +49,14 @@ pub fn local_listing(broker: &Broker, what: crate::peers::Listing) -> Vec<serde_
     }
 }
 
+/// Closes this node's connection `name` with 320 CONNECTION_FORCED and
+/// `reason`; whether there was one (what a peer asks for when the API of
+/// another node closes it).
+pub fn close_local_connection(broker: &Broker, name: &str, reason: &str) -> bool {
+    api::close_local(broker, name, reason)
+}
+
+/// Starts serving the API on `listener` until the broker shuts down.
 pub fn spawn(broker: &Arc<Broker>, listener: TcpListener) {
     serve_http(
         broker,
