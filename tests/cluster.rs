@@ -874,26 +874,7 @@ async fn a_forgotten_node_is_refused_when_it_comes_back() {
     .await;
     assert_eq!(get(&api1, "/api/cluster-name").await["name"], "test");
 
-    cluster.kill(2);
-    eventually("node 1 sees node 3 down", &cluster, || {
-        let api1 = api1.clone();
-        async move {
-            get(&api1, "/api/nodes")
-                .await
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|n| n["name"] == "n3@127.0.0.1" && n["running"] == false)
-        }
-    })
-    .await;
-    let (status, body) = call(
-        reqwest::Method::DELETE,
-        format!("{api1}/api/cluster/nodes/n3@127.0.0.1"),
-        None,
-    )
-    .await;
-    assert_eq!(status, 204, "{body}");
+    kill_and_forget(&mut cluster, 2, "n3@127.0.0.1").await;
     let (status, _) = call(
         reqwest::Method::DELETE,
         format!("{api1}/api/cluster/nodes/nobody@nowhere"),
@@ -917,12 +898,7 @@ async fn a_forgotten_node_is_refused_when_it_comes_back() {
     // (a change made through it is refused), and the cluster does not
     // change.
     cluster.spawn(2, None);
-    let api3 = cluster.node(2).api.clone();
-    eventually("node 3 is refused", &cluster, || {
-        let api3 = api3.clone();
-        async move { put(&api3, "/api/vhosts/three", json!({})).await.0 == 503 }
-    })
-    .await;
+    refused_through(&cluster, 2, "three").await;
     assert!(!names_now(&api1).await.contains(&"three".to_owned()));
     eventually("node 1 refused node 3's link", &cluster, || async {
         cluster.log(0).contains("was removed from the cluster")
@@ -931,6 +907,48 @@ async fn a_forgotten_node_is_refused_when_it_comes_back() {
     .await;
     let nodes = get(&api1, "/api/nodes").await;
     assert_eq!(nodes.as_array().unwrap().len(), 2, "{nodes}");
+}
+
+/// Kills node `i` (named `name`), waits until node 1 sees it down, and
+/// forgets it through node 1's API.
+async fn kill_and_forget(cluster: &mut TestCluster, i: usize, name: &str) {
+    let api1 = cluster.node(0).api.clone();
+    cluster.kill(i);
+    eventually(&format!("node 1 sees {name} down"), cluster, || {
+        let api1 = api1.clone();
+        async move {
+            get(&api1, "/api/nodes")
+                .await
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|n| n["name"] == name && n["running"] == false)
+        }
+    })
+    .await;
+    let (status, body) = call(
+        reqwest::Method::DELETE,
+        format!("{api1}/api/cluster/nodes/{name}"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 204, "{body}");
+}
+
+/// Waits until creating vhost `vhost` through node `i` is refused (503:
+/// the node has no majority, or the others refuse it).
+async fn refused_through(cluster: &TestCluster, i: usize, vhost: &str) {
+    let api = cluster.node(i).api.clone();
+    eventually(&format!("node {} is refused", i + 1), cluster, || {
+        let api = api.clone();
+        async move {
+            put(&api, &format!("/api/vhosts/{vhost}"), json!({}))
+                .await
+                .0
+                == 503
+        }
+    })
+    .await;
 }
 
 async fn names_now(api: &str) -> Vec<String> {
@@ -1790,32 +1808,9 @@ async fn a_node_started_alone_joins_with_join_cluster_and_a_forgotten_node_joins
     // Forgotten, the node is refused when it comes back; join_cluster
     // makes it a member again, as a new one.
     drop(conn3);
-    cluster.kill(three);
-    eventually("node 1 sees node 3 down", &cluster, || {
-        let api1 = api1.clone();
-        async move {
-            get(&api1, "/api/nodes")
-                .await
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|n| n["name"] == "n3@127.0.0.1" && n["running"] == false)
-        }
-    })
-    .await;
-    let (status, body) = call(
-        reqwest::Method::DELETE,
-        format!("{api1}/api/cluster/nodes/n3@127.0.0.1"),
-        None,
-    )
-    .await;
-    assert_eq!(status, 204, "{body}");
+    kill_and_forget(&mut cluster, three, "n3@127.0.0.1").await;
     cluster.spawn(three, None);
-    eventually("node 3 is refused", &cluster, || {
-        let api3 = api3.clone();
-        async move { put(&api3, "/api/vhosts/refused", json!({})).await.0 == 503 }
-    })
-    .await;
+    refused_through(&cluster, three, "refused").await;
     let (status, body) = join(&api3, &target).await;
     assert_eq!(status, 200, "{body}");
     member_running(&cluster, "n3@127.0.0.1", 3).await;
@@ -1907,12 +1902,7 @@ async fn links_over_mutual_tls_carry_the_cluster_and_refuse_peers_without_a_trus
     cluster.kill(2);
     cluster.tls[2] = Some(rogue);
     cluster.spawn(2, None);
-    let api3 = cluster.node(2).api.clone();
-    eventually("node 3 is refused", &cluster, || {
-        let api3 = api3.clone();
-        async move { put(&api3, "/api/vhosts/rogue", json!({})).await.0 == 503 }
-    })
-    .await;
+    refused_through(&cluster, 2, "rogue").await;
     assert!(
         !names(&cluster.node(0).api, "/api/vhosts")
             .await

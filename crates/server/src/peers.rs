@@ -317,7 +317,7 @@ pub struct JoinTarget {
 /// (`rabbitmqctl join_cluster`). The `cluster` crate implements it: it
 /// checks that the target belongs to a formed cluster this node may join
 /// and records the join in the data directory; the node then restarts
-/// ([`crate::node::Node::request_restart`]), leaves whatever cluster it was
+/// (`Node::request_restart`), leaves whatever cluster it was
 /// in and joins the target's with none of its own definitions, as
 /// RabbitMQ's `join_cluster` resets a node first.
 pub trait ClusterJoin: Send + Sync + std::fmt::Debug {
