@@ -1955,3 +1955,62 @@ async fn a_connection_on_another_node_is_shown_and_closed_through_any_node() {
     let (status, _) = call(reqwest::Method::DELETE, format!("{api1}{path}"), None).await;
     assert_eq!(status, 404);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_over_its_flow_limit_pauses_publishers_on_other_nodes_and_loses_nothing() {
+    // 1 MiB per queue: about a thousand of these messages.
+    let cluster = TestCluster::start_flow_limited(CHILD, 3, 1 << 20);
+    formed(&cluster).await;
+    let conn2 = amqp(&cluster, 1).await;
+    let ch2 = conn2.create_channel().await.unwrap();
+    declare_durable_queue(&ch2, "slow").await;
+    let conn1 = amqp(&cluster, 0).await;
+    sees_queue(&cluster, &conn1, 0, "slow").await;
+    const N: usize = 50_000;
+    let ch1 = conn1.create_channel().await.unwrap();
+    let publisher = tokio::spawn(async move {
+        let body = vec![b'x'; 1000];
+        for _ in 0..N {
+            ch1.basic_publish(
+                "".into(),
+                "slow".into(),
+                lapin::options::BasicPublishOptions::default(),
+                &body,
+                lapin::BasicProperties::default(),
+            )
+            .await
+            .unwrap();
+        }
+    });
+    // The queue on node 2 goes over its limit and holds its answers to
+    // node 1, whose backlog of unanswered enqueues then pauses the
+    // publisher's connection: node 1 shows it in flow.
+    let api1 = cluster.node(0).api.clone();
+    eventually("node 1 pauses the publisher", &cluster, || {
+        let api1 = api1.clone();
+        async move {
+            get(&api1, "/api/connections")
+                .await
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|c| c["node"] == "n1@127.0.0.1" && c["state"] == "flow")
+        }
+    })
+    .await;
+    let held = ready_count(&ch2, "slow").await as usize;
+    assert!(
+        held < N / 2,
+        "the publisher was paused with {held} of {N} messages in the queue"
+    );
+    assert!(!publisher.is_finished());
+    // A consumer on node 3 drains it; the publisher goes on, and every
+    // message arrives.
+    let conn3 = amqp(&cluster, 2).await;
+    sees_queue(&cluster, &conn3, 2, "slow").await;
+    let ch3 = conn3.create_channel().await.unwrap();
+    let mut consumer = warren_tests::consume_no_ack(&ch3, "slow").await;
+    let got = warren_tests::next_deliveries(&mut consumer, N).await;
+    assert_eq!(got.len(), N);
+    publisher.await.unwrap();
+}

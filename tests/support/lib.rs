@@ -855,6 +855,8 @@ pub struct TestCluster {
     /// Each node's TLS files for its links (certificate, key, CA), if the
     /// cluster uses TLS.
     pub tls: Vec<Option<[PathBuf; 3]>>,
+    /// Every node's `queue_flow_limit` (octets; 0: none).
+    queue_flow_limit: u64,
 }
 
 impl TestCluster {
@@ -892,7 +894,25 @@ impl TestCluster {
             nodes: (0..n).map(|_| None).collect(),
             alone: vec![None; n],
             tls: vec![None; n],
+            queue_flow_limit: 0,
         };
+        for i in 0..n {
+            c.spawn(i, None);
+        }
+        c
+    }
+
+    /// Starts `n` nodes on loopback, each with `queue_flow_limit` octets.
+    pub fn start_flow_limited(child_test: &str, n: usize, queue_flow_limit: u64) -> TestCluster {
+        let mut c = Self::start_on(child_test, 0, None);
+        c.queue_flow_limit = queue_flow_limit;
+        for _ in 0..n {
+            c.ports.push(free_cluster_port());
+            c.hosts.push("127.0.0.1".into());
+            c.nodes.push(None);
+            c.alone.push(None);
+            c.tls.push(None);
+        }
         for i in 0..n {
             c.spawn(i, None);
         }
@@ -972,6 +992,7 @@ impl TestCluster {
         let spec = serde_json::json!({
             "ports": self.alone[i].map(|(amqp, api)| [amqp, api]),
             "tls": self.tls[i],
+            "queue_flow_limit": self.queue_flow_limit,
             "dir": self.data_dir(i),
             "name": format!("n{}@{}", i + 1, self.hosts[i]),
             "host": self.hosts[i],
@@ -1120,6 +1141,7 @@ pub fn serve_cluster_node_if_child() {
             bind: SocketAddr::from((host, amqp_port)),
             management: Some(SocketAddr::from((host, fixed.map_or(0, |f| f.1)))),
             prometheus: None,
+            queue_flow_limit: spec["queue_flow_limit"].as_u64().unwrap_or(0),
             ..server::Config::default()
         };
         drop(amqp_hold);

@@ -1113,13 +1113,16 @@ impl Handler {
         };
         match now() {
             Err(text) => Box::pin(std::future::ready(Response::Enqueued(Err(text)))),
-            Ok((published, commit)) => Box::pin(async move {
-                if let Some(commit) = commit {
+            Ok(done) => Box::pin(async move {
+                if let Some(commit) = done.commit {
                     if let Err(e) = commit.await {
                         return Response::Enqueued(Err(format!("store: {e}")));
                     }
                 }
-                Response::Enqueued(Ok(published.refused))
+                for gate in &done.congested {
+                    gate.wait_lowered().await;
+                }
+                Response::Enqueued(Ok(done.refused))
             }),
         }
     }

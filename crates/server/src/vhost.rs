@@ -45,6 +45,27 @@ pub struct Publish<'a> {
     pub publisher: crate::trace::Party<'a>,
 }
 
+/// What a queue here did with a message another node sent it.
+pub struct PeerEnqueue {
+    /// Refused (`x-overflow` reject-publish).
+    pub refused: bool,
+    /// The store commit to wait for before answering (a persistent message).
+    pub commit: Option<StoreCommit>,
+    /// Gates (the queue's, the store's) raised by it: the answer waits until
+    /// they are lowered.
+    pub congested: Vec<Arc<queue_store::FlowGate>>,
+}
+
+impl std::fmt::Debug for PeerEnqueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerEnqueue")
+            .field("refused", &self.refused)
+            .field("commit", &self.commit.is_some())
+            .field("congested", &self.congested.len())
+            .finish()
+    }
+}
+
 /// What publishing one message did.
 #[derive(Debug)]
 pub struct Enqueue {
@@ -1226,12 +1247,9 @@ impl Vhost {
     }
 
     /// Enqueues a message sent by another node into local queue `queue`
-    /// (its home is here). Returns what the queue did and, if it wrote to
-    /// the store, the commit to wait for before answering.
-    pub fn enqueue_from_peer(
-        &self,
-        p: crate::peers::RemotePublish,
-    ) -> Result<(crate::queue::Published, Option<StoreCommit>), String> {
+    /// (its home is here). Returns what the queue did, the store commit to
+    /// wait for and the gates to wait on before answering ([`PeerEnqueue`]).
+    pub fn enqueue_from_peer(&self, p: crate::peers::RemotePublish) -> Result<PeerEnqueue, String> {
         let queue = self.find_queue(&p.queue).ok_or_else(|| {
             format!(
                 "no queue '{}' in vhost '{}' on this node",
@@ -1253,19 +1271,31 @@ impl Vhost {
         self.node.alarms.note_published(message.size(), 1);
         self.apply(&mut fx);
         let Some(published) = published else {
-            return Ok((
-                crate::queue::Published {
-                    refused: false,
-                    wrote: false,
-                    congested: false,
-                },
-                None,
-            ));
+            return Ok(PeerEnqueue {
+                refused: false,
+                commit: None,
+                congested: Vec::new(),
+            });
         };
         let commit = published
             .wrote
             .then(|| -> StoreCommit { Box::pin(self.node.store.commit()) });
-        Ok((published, commit))
+        // As a local publisher's connection stops being read while the queue
+        // (`queue_flow_limit`) or the store is congested, the answer to the
+        // peer waits for their gates: the peer's backlog of unanswered
+        // enqueues then pauses its publishers.
+        let mut congested = Vec::new();
+        if published.congested {
+            congested.push(queue.flow.clone());
+        }
+        if published.wrote && self.node.store.flow().is_raised() {
+            congested.push(self.node.store.flow().clone());
+        }
+        Ok(PeerEnqueue {
+            refused: published.refused,
+            commit,
+            congested,
+        })
     }
 
     /// A queue's timer: expires messages as their TTL runs out (so an idle queue
