@@ -1138,7 +1138,6 @@ impl Wire {
                 Err(_) => {}
             }
             if st.buf.is_empty() {
-                st.buf.clear();
                 return Ok(());
             }
         }

@@ -399,6 +399,32 @@ impl ClusterPeers {
         })
     }
 
+    /// Sends `request` to node `node` in order with this node's other
+    /// requests to it; `answer_of` picks the expected answer out of the
+    /// response (or describes an unexpected one).
+    fn node_request<T: Send + 'static>(
+        &self,
+        node: &str,
+        request: Request,
+        answer_of: fn(Response) -> Result<T, String>,
+    ) -> Pin<Box<dyn std::future::Future<Output = Result<T, String>> + Send>> {
+        let Some(addr) = self.node.address_of(node) else {
+            let text = format!("node '{node}' is not a member of the cluster");
+            return Box::pin(std::future::ready(Err(text)));
+        };
+        let answer = self.node.links.send_ordered(&addr, request);
+        let node = node.to_owned();
+        Box::pin(async move {
+            match answer.await {
+                Ok(Ok(response)) => {
+                    answer_of(response).map_err(|other| format!("node '{node}' answered {other}"))
+                }
+                Ok(Err(e)) => Err(format!("node '{node}': {e}")),
+                Err(_) => Err(format!("node '{node}': no answer")),
+            }
+        })
+    }
+
     /// [`refusable_request`](Self::refusable_request) answered by a count.
     fn count_request(&self, home: &str, request: Request) -> server::peers::RemoteCount {
         self.refusable_request(home, request, |r| match r {
@@ -507,42 +533,21 @@ impl server::peers::Peers for ClusterPeers {
     }
 
     fn list_on(&self, node: &str, what: server::peers::Listing) -> server::peers::RemoteListing {
-        let Some(addr) = self.node.address_of(node) else {
-            let text = format!("node '{node}' is not a member of the cluster");
-            return Box::pin(std::future::ready(Err(text)));
-        };
-        let answer = self.node.links.send_ordered(&addr, Request::List(what));
-        let node = node.to_owned();
-        Box::pin(async move {
-            match answer.await {
-                Ok(Ok(Response::Listing(listing))) => listing,
-                Ok(Ok(other)) => Err(format!("node '{node}' answered {other:?}")),
-                Ok(Err(e)) => Err(format!("node '{node}': {e}")),
-                Err(_) => Err(format!("node '{node}': no answer")),
-            }
-        })
+        let listing = self.node_request(node, Request::List(what), |r| match r {
+            Response::Listing(listing) => Ok(listing),
+            other => Err(format!("{other:?}")),
+        });
+        Box::pin(async move { listing.await? })
     }
 
     fn close_connection(&self, node: &str, name: &str, reason: &str) -> server::peers::RemoteClose {
-        let Some(addr) = self.node.address_of(node) else {
-            let text = format!("node '{node}' is not a member of the cluster");
-            return Box::pin(std::future::ready(Err(text)));
+        let request = Request::CloseConnection {
+            name: name.to_owned(),
+            reason: reason.to_owned(),
         };
-        let answer = self.node.links.send_ordered(
-            &addr,
-            Request::CloseConnection {
-                name: name.to_owned(),
-                reason: reason.to_owned(),
-            },
-        );
-        let node = node.to_owned();
-        Box::pin(async move {
-            match answer.await {
-                Ok(Ok(Response::ConnectionClosed(closed))) => Ok(closed),
-                Ok(Ok(other)) => Err(format!("node '{node}' answered {other:?}")),
-                Ok(Err(e)) => Err(format!("node '{node}': {e}")),
-                Err(_) => Err(format!("node '{node}': no answer")),
-            }
+        self.node_request(node, request, |r| match r {
+            Response::ConnectionClosed(closed) => Ok(closed),
+            other => Err(format!("{other:?}")),
         })
     }
 
@@ -613,24 +618,14 @@ impl server::peers::Peers for ClusterPeers {
         vhost: &str,
         queue: &amqp_codec::ShortStr,
     ) -> server::peers::RemoteCounts {
-        let Some(addr) = self.node.address_of(home) else {
-            let text = format!("node '{home}' is not a member of the cluster");
-            return Box::pin(std::future::ready(Err(text)));
-        };
         let request = Request::QueueInfo {
             vhost: vhost.to_owned(),
             queue: queue.to_string(),
         };
         // Ordered with this node's enqueues to it: the counts include them.
-        let answer = self.node.links.send_ordered(&addr, request);
-        let home = home.to_owned();
-        Box::pin(async move {
-            match answer.await {
-                Ok(Ok(Response::QueueInfo(counts))) => Ok(counts),
-                Ok(Ok(other)) => Err(format!("node '{home}' answered {other:?}")),
-                Ok(Err(e)) => Err(format!("node '{home}': {e}")),
-                Err(_) => Err(format!("node '{home}': no answer")),
-            }
+        self.node_request(home, request, |r| match r {
+            Response::QueueInfo(counts) => Ok(counts),
+            other => Err(format!("{other:?}")),
         })
     }
 
