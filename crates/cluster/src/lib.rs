@@ -240,6 +240,7 @@ pub async fn start(mut settings: ClusterSettings) -> Result<ClusterHandle, Clust
         broker: std::sync::OnceLock::new(),
         me: std::sync::OnceLock::new(),
         outstanding: parking_lot::Mutex::default(),
+        in_burst: parking_lot::Mutex::default(),
         consumers: parking_lot::Mutex::default(),
     });
     let _ = handler.me.set(Arc::downgrade(&handler));

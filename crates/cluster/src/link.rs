@@ -122,6 +122,11 @@ pub trait RequestHandler: Send + Sync + 'static {
         request: Request,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Response> + Send>>;
 
+    /// Every request that arrived from `from` in one read of the link has
+    /// been handled (called before the link waits for more): work the
+    /// handler keeps for the end of a burst is done now.
+    fn end_of_burst(&self, _from: &NodeInfo) {}
+
     /// Whether a node with this id may talk to us (a forgotten node may not).
     fn admits(&self, id: u64) -> Result<(), String>;
 
@@ -1230,6 +1235,9 @@ async fn read_loop(
     // socket has data: a read covers many frames, and a frame is a slice
     // of it, not a copy.
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    // Requests were handled since the last read (the handler is told
+    // before the next one waits).
+    let mut in_burst = false;
     let result: Result<(), String> = async {
         loop {
             let mut frame = loop {
@@ -1246,6 +1254,11 @@ async fn read_loop(
                     // Room for the rest of it, but no more than a chunk
                     // ahead of what has arrived (a length is only a claim).
                     want = want.max((4 + len - buf.len()).min(READ_CHUNK * 4));
+                }
+                if std::mem::take(&mut in_burst) {
+                    if let Some(handler) = links.handler.get() {
+                        handler.end_of_burst(&peer);
+                    }
                 }
                 buf.reserve(want);
                 let n = tokio::select! {
@@ -1279,6 +1292,7 @@ async fn read_loop(
                     }
                 }
                 KIND_ONEWAY => {
+                    in_burst = true;
                     let request: Request =
                         decode(&frame).map_err(|e| format!("undecodable request: {e}"))?;
                     if let Some(handler) = links.handler.get() {
@@ -1320,6 +1334,11 @@ async fn read_loop(
         }
     }
     .await;
+    if in_burst {
+        if let Some(handler) = links.handler.get() {
+            handler.end_of_burst(&peer);
+        }
+    }
     if let Err(e) = result {
         if !conn.closed.is_cancelled() {
             tracing::info!(peer = %peer.name, id = peer.id, reason = %e, "cluster connection closed");

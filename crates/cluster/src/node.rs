@@ -744,6 +744,21 @@ pub(crate) struct Handler {
     /// Deliveries peers took with `basic.get` and have not settled, by peer,
     /// vhost and queue: returned to their queues if the peer goes away.
     pub(crate) outstanding: parking_lot::Mutex<Outstanding>,
+    /// Local remote consumers that took deliveries from a peer (by its id)
+    /// in the read being handled: told when it ends (`end_of_burst`).
+    pub(crate) in_burst: parking_lot::Mutex<InBurst>,
+}
+
+/// Remote consumers by the peer whose read is being handled.
+#[derive(Default)]
+pub(crate) struct InBurst(Vec<(u64, Arc<dyn server::peers::RemoteSink>)>);
+
+impl std::fmt::Debug for InBurst {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InBurst")
+            .field("sinks", &self.0.len())
+            .finish()
+    }
 }
 
 /// Unsettled deliveries by peer id, then (vhost, queue).
@@ -1178,6 +1193,26 @@ impl RequestHandler for Handler {
         }
     }
 
+    fn end_of_burst(&self, from: &NodeInfo) {
+        let ended: Vec<Arc<dyn server::peers::RemoteSink>> = {
+            let burst = &mut self.in_burst.lock().0;
+            if burst.is_empty() {
+                return;
+            }
+            let mut ended = Vec::new();
+            burst.retain(|(id, sink)| {
+                if *id == from.id {
+                    ended.push(sink.clone());
+                }
+                *id != from.id
+            });
+            ended
+        };
+        for sink in ended {
+            sink.end_of_burst();
+        }
+    }
+
     fn admits(&self, id: u64) -> Result<(), String> {
         match self.machine.forgotten(id) {
             Some(name) => Err(format!(
@@ -1309,7 +1344,16 @@ impl RequestHandler for Handler {
                     .node()
                     .and_then(|n| n.sinks.lock().get(&key).map(|(_, s)| s.clone()));
                 match (sink, remote_delivery(delivery)) {
-                    (Some(sink), Ok(d)) => sink.deliver(d),
+                    (Some(sink), Ok(d)) => {
+                        sink.deliver(d);
+                        let burst = &mut self.in_burst.lock().0;
+                        if !burst
+                            .iter()
+                            .any(|(id, s)| *id == from.id && Arc::ptr_eq(s, &sink))
+                        {
+                            burst.push((from.id, sink));
+                        }
+                    }
                     (None, Ok(_)) => {
                         // The consumer is gone here: back to the queue.
                         tracing::debug!(key, "a delivery for a consumer that is gone: requeued");

@@ -34,7 +34,7 @@ use amqp_codec::{
 use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::net::TcpStream;
 
 use crate::broker::Broker;
@@ -149,7 +149,20 @@ fn close_method(e: &AmqpError) -> Method {
 pub async fn serve(broker: Arc<Broker>, socket: TcpStream, peer: SocketAddr) {
     let local = socket.local_addr().unwrap_or(broker.config.bind);
     let (read, write) = socket.into_split();
-    serve_io(broker, Box::new(read), write, (peer, local), Tls::None).await;
+    // Senders write an idle connection's frames themselves (see outbox.rs).
+    let outbox = Arc::new(Outbox::tcp(write));
+    let writer = {
+        let outbox = outbox.clone();
+        tokio::spawn(async move { outbox.run_tcp_writer().await })
+    };
+    serve_io(
+        broker,
+        Box::new(read),
+        (outbox, writer),
+        (peer, local),
+        Tls::None,
+    )
+    .await;
 }
 
 /// What the transport says about the client.
@@ -180,28 +193,30 @@ pub async fn serve_tls(
         .local_addr()
         .unwrap_or(broker.config.bind);
     let (read, write) = tokio::io::split(stream);
+    let outbox = Arc::new(Outbox::default());
+    let writer = {
+        let outbox = outbox.clone();
+        tokio::spawn(async move { outbox.run_writer(write).await })
+    };
     serve_io(
         broker,
         Box::new(read),
-        write,
+        (outbox, writer),
         (peer, local),
         Tls::Verified(identity),
     )
     .await;
 }
 
-async fn serve_io<W: AsyncWrite + Unpin + Send + 'static>(
+/// Serves a connection whose frames go out through `outbox`, which
+/// `writer` (the outbox's writer task) sends.
+async fn serve_io(
     broker: Arc<Broker>,
     read: Box<dyn AsyncRead + Send + Unpin>,
-    write: W,
+    (outbox, writer): (Arc<Outbox>, tokio::task::JoinHandle<std::io::Result<()>>),
     (peer, local): (SocketAddr, SocketAddr),
     tls: Tls,
 ) {
-    let outbox = Arc::new(Outbox::default());
-    let writer = {
-        let outbox = outbox.clone();
-        tokio::spawn(async move { outbox.run_writer(write).await })
-    };
     let mut reader = Reader::new(read);
     let timeout = broker.config.handshake_timeout;
     // (A broker shutting down does not wait out a handshake in progress.)

@@ -168,6 +168,11 @@ pub trait RemoteSink: Send + Sync {
     /// One delivery (always to be settled: a no-ack consumer's sink acks
     /// it itself once written).
     fn deliver(&self, delivery: RemoteDelivery);
+    /// The deliveries that arrived together (one read of the link) have all
+    /// been handed over: what the sink keeps for the end of a burst (a
+    /// no-ack consumer's acknowledgements) goes now. Whoever calls
+    /// [`deliver`](Self::deliver) calls this after a burst's last delivery.
+    fn end_of_burst(&self);
     /// The home node cancelled the consumer (its queue is gone).
     fn cancelled(&self);
 }

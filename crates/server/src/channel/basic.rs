@@ -291,8 +291,7 @@ impl Channel {
                 vhost.name()
             )));
         };
-        let sink = Arc::new_cyclic(|me| super::remote::RemoteConsumer {
-            me: me.clone(),
+        let sink = Arc::new(super::remote::RemoteConsumer {
             acks: parking_lot::Mutex::default(),
             channel: Arc::downgrade(&self.shared),
             tag: tag.clone(),

@@ -6,7 +6,8 @@
 //! The home node runs the consumer with acknowledgements and the channel's
 //! per-consumer prefetch; for a `no-ack` consumer this node acknowledges
 //! each delivery once it is written to the client (the acknowledgements
-//! of a burst go back together), and the home node's prefetch is
+//! of a burst, the deliveries that arrived in one read of the link, go back
+//! together at its end: `end_of_burst`), and the home node's prefetch is
 //! [`NO_ACK_WINDOW`], so a fast producer cannot flood the link.
 //! Deliveries that arrive before `basic.consume-ok` is written wait for it;
 //! ones that arrive after the consumer is gone go back to the queue.
@@ -43,8 +44,6 @@ pub(super) fn home_down(
 
 /// A consumer of a queue on another node, as its channel here sees it.
 pub(super) struct RemoteConsumer {
-    /// Itself (the task that sends a burst's acknowledgements holds it).
-    pub(super) me: std::sync::Weak<RemoteConsumer>,
     /// A `no-ack` consumer's deliveries written and not yet acknowledged
     /// to the home node.
     pub(super) acks: Mutex<Vec<u64>>,
@@ -70,6 +69,7 @@ impl RemoteConsumer {
         for d in early {
             self.write(d);
         }
+        self.flush_acks();
     }
 
     fn give_back(&self, d: &RemoteDelivery) {
@@ -122,33 +122,10 @@ impl RemoteConsumer {
         let header = crate::queue::with_delivery_count(&header, d.delivery_count);
         channel.write_content(&method, &header, &d.body);
         if self.no_ack {
-            self.ack_soon(d.seq);
-        }
-    }
-
-    /// Acknowledges `seq` to the home node together with the rest of the
-    /// burst it arrived in: the first of a burst schedules one send, which
-    /// runs once the deliveries already received have been written.
-    fn ack_soon(&self, seq: u64) {
-        let first = {
-            let mut acks = self.acks.lock();
-            acks.push(seq);
-            acks.len() == 1
-        };
-        if !first {
-            return;
-        }
-        // The task holds the consumer, so a burst is always acknowledged
-        // (the home node keeps a cancelled consumer's deliveries until
-        // they are settled).
-        match self.me.upgrade() {
-            Some(me) => {
-                tokio::spawn(async move {
-                    tokio::task::yield_now().await;
-                    me.flush_acks();
-                });
-            }
-            None => self.flush_acks(),
+            // Acknowledged with the rest of its burst (`end_of_burst`),
+            // from the task that delivered it: no task of its own, whose
+            // wake-up would cost more than the delivery at low rates.
+            self.acks.lock().push(d.seq);
         }
     }
 
@@ -171,6 +148,10 @@ impl RemoteSink for RemoteConsumer {
             }
         }
         self.write(d);
+    }
+
+    fn end_of_burst(&self) {
+        self.flush_acks();
     }
 
     fn cancelled(&self) {
