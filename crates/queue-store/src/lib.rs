@@ -31,6 +31,7 @@ pub mod flow;
 mod index_runs;
 pub mod message;
 pub mod queue;
+pub mod quorum;
 mod removal_journal;
 mod segment_file;
 pub mod segment_log;
@@ -46,8 +47,8 @@ pub use error::{ArgError, ArgProblem, StoreError};
 pub use flow::FlowGate;
 pub use message::{Message, MessageId};
 pub use queue::{
-    DeadLetterRequest, Delivery, Effects, Enqueued, MessageRef, Queue, SpillIo, SpillIoDone,
-    SpilledRemoval, parse_expiration,
+    DeadLetterRequest, Delivery, Effects, Enqueued, ImageEntry, MessageRef, Queue, QueueImage,
+    SpillIo, SpillIoDone, SpilledRemoval, parse_expiration,
 };
 pub use segment_log::SegmentLogStorage;
 pub use storage::{IndexEntry, MessageCensus, Storage, Write};

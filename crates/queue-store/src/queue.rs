@@ -130,6 +130,34 @@ impl Entry {
     }
 }
 
+/// What [`Queue::image`] captures of a queue held in memory.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueueImage {
+    /// The sequence number the next message gets.
+    pub next_seq: u64,
+    /// Its last use, for `x-expires`.
+    pub last_used_ms: u64,
+    /// Ready messages, in delivery order.
+    pub ready: Vec<ImageEntry>,
+    /// Delivered, unsettled messages, by sequence number.
+    pub unacked: Vec<ImageEntry>,
+}
+
+/// One message of a [`QueueImage`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageEntry {
+    /// Its sequence number in the queue.
+    pub seq: u64,
+    /// The message.
+    pub message: Arc<Message>,
+    /// Expiry in ms since the epoch; 0 = never.
+    pub expires_at: u64,
+    /// Times returned unsettled (`x-delivery-count`).
+    pub delivery_count: u32,
+    /// Delivered before.
+    pub redelivered: bool,
+}
+
 /// A message handed to a consumer or `basic.get`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Delivery {
@@ -985,6 +1013,100 @@ impl Queue {
             }
         }
         taken
+    }
+
+    /// Every message of a queue that holds them all in memory (no spill
+    /// directory, nothing paged out), with the state a snapshot needs to
+    /// rebuild it exactly ([`Queue::from_image`]); `None` if some are on
+    /// disk. Ready messages come in delivery order, unacknowledged ones by
+    /// sequence number.
+    pub fn image(&self) -> Option<QueueImage> {
+        let entry_image = |e: &Entry| match &e.msg {
+            MessageRef::Loaded(m) => Some(ImageEntry {
+                seq: e.seq,
+                message: m.clone(),
+                expires_at: e.expires_at,
+                delivery_count: e.delivery_count,
+                redelivered: e.redelivered,
+            }),
+            MessageRef::Paged(_) => None,
+        };
+        let mut ready = Vec::new();
+        for bucket in self.buckets.iter().rev() {
+            if !bucket.spilled.is_empty() {
+                return None;
+            }
+            for e in bucket.front.iter().chain(&bucket.back) {
+                ready.push(entry_image(e)?);
+            }
+        }
+        let mut unacked = self
+            .unacked
+            .values()
+            .map(entry_image)
+            .collect::<Option<Vec<_>>>()?;
+        unacked.sort_unstable_by_key(|e| e.seq);
+        Some(QueueImage {
+            next_seq: self.next_seq,
+            last_used_ms: self.last_used_ms,
+            ready,
+            unacked,
+        })
+    }
+
+    /// A queue held in memory only (not durable, no spill directory, no
+    /// memory budget: nothing paged), rebuilt from an [`image`](Self::image)
+    /// of one made the same way. Used for a replicated queue's state, whose
+    /// durability is its log.
+    pub fn from_image(
+        id: u64,
+        name: ShortStr,
+        args: QueueArgs,
+        arguments: FieldTable,
+        image: QueueImage,
+    ) -> Queue {
+        let mut q = Queue::in_memory(id, name, args, arguments, image.last_used_ms);
+        q.next_seq = image.next_seq;
+        let ready = image.ready.into_iter().map(|e| (false, e));
+        let unacked = image.unacked.into_iter().map(|e| (true, e));
+        for (unacked, e) in ready.chain(unacked) {
+            let entry = Entry {
+                seq: e.seq,
+                size: u32::try_from(e.message.size()).unwrap_or(u32::MAX),
+                priority: q.level_of(&e.message),
+                msg: MessageRef::Loaded(e.message),
+                expires_at: e.expires_at,
+                delivery_count: e.delivery_count,
+                redelivered: e.redelivered,
+                indexed: false,
+                stored: false,
+            };
+            if unacked {
+                q.unacked_bytes += u64::from(entry.size);
+                q.unacked.insert(entry.seq, entry);
+            } else {
+                q.ready_bytes += u64::from(entry.size);
+                q.loaded_bytes += u64::from(entry.size);
+                q.insert_ready(entry);
+            }
+        }
+        q
+    }
+
+    /// An empty queue held in memory only: not durable (no storage
+    /// writes), no spill directory, no memory budget (nothing paged). Its
+    /// whole state is then a function of the calls made on it, which is what
+    /// a replicated queue's state machine needs.
+    pub fn in_memory(
+        id: u64,
+        name: ShortStr,
+        args: QueueArgs,
+        arguments: FieldTable,
+        now_ms: u64,
+    ) -> Queue {
+        let mut q = Queue::new(id, name, false, args, arguments, now_ms);
+        q.memory_budget = u64::MAX;
+        q
     }
 
     /// Enqueues a published message.
