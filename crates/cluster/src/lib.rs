@@ -14,18 +14,24 @@
 //! `joining` is `join_cluster`: a node records the cluster it joins and
 //! restarts into it.
 //!
+//! `group_log` is any group's log on the WAL; `queue_group` is a replicated
+//! queue's group (not yet started by the node).
+//!
 //! Module order (each imports only those before it): `identity`, `gossip`,
-//! `raft_wal` <- `meta_group` <- `rpc` <- `link` <- `node` <- `formation`,
+//! `raft_wal` <- `group_log` <- `queue_group`, `meta_group` <- `rpc` <- `link`
+//! <- `node` <- `formation`,
 //! `joining` <- `lib` (`meta_group` names `link::Links` and `rpc` for its network,
 //! the one cycle, between the group's types and the wire that carries them).
 
 mod formation;
 pub mod gossip;
+pub mod group_log;
 pub mod identity;
 pub mod joining;
 pub mod link;
 pub mod meta_group;
 pub mod node;
+pub mod queue_group;
 pub mod raft_wal;
 pub mod rpc;
 
@@ -265,7 +271,7 @@ pub async fn start(mut settings: ClusterSettings) -> Result<ClusterHandle, Clust
         meta_group::MetaNetworkFactory {
             links: links.clone(),
         },
-        meta_group::GroupLog::new(wal.clone(), meta_group::META_GROUP),
+        group_log::GroupLog::<meta_group::MetaTypes>::new(wal.clone(), meta_group::META_GROUP),
         machine.clone(),
     )
     .await

@@ -1,5 +1,5 @@
 //! The metadata Raft group: its openraft types ([`MetaTypes`]), its log on
-//! the node's [`RaftWal`] ([`GroupLog`]), its state machine
+//! the node's WAL (a [`GroupLog`](crate::group_log::GroupLog) in JSON), its state machine
 //! ([`MetaMachine`]: the server's `MetaState`, applied on every node and
 //! handed to the node's projection), and its network ([`MetaNetwork`], over
 //! the cluster [`Links`]).
@@ -18,7 +18,6 @@
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::io::Cursor;
-use std::ops::RangeBounds;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock, Weak};
 
@@ -32,10 +31,10 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
-use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
+use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{
-    Entry, EntryPayload, LogId, RaftLogReader, RaftSnapshotBuilder, SnapshotMeta, StorageError,
-    StorageIOError, StoredMembership, Vote,
+    Entry, EntryPayload, LogId, RaftSnapshotBuilder, SnapshotMeta, StorageError, StorageIOError,
+    StoredMembership,
 };
 use parking_lot::Mutex;
 use queue_store::DefKind;
@@ -44,11 +43,22 @@ use server::meta::{MetaCommand, MetaError, MetaProjection, MetaState};
 
 use crate::identity::NodeInfo;
 use crate::link::Links;
-use crate::raft_wal::RaftWal;
 use crate::rpc::{Request, Response};
 
 /// The metadata group's id on the links and in the WAL.
 pub const META_GROUP: u64 = 0;
+
+/// The metadata group's log: JSON records (what existing data directories
+/// hold).
+impl crate::group_log::LogFormat for MetaTypes {
+    fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, String> {
+        serde_json::to_vec(value).map_err(|e| e.to_string())
+    }
+
+    fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, String> {
+        serde_json::from_slice(bytes).map_err(|e| e.to_string())
+    }
+}
 
 openraft::declare_raft_types!(
     /// The metadata group's types.
@@ -121,137 +131,6 @@ impl From<WireError> for MetaError {
 
 fn io_err<E: std::fmt::Display>(e: E) -> std::io::Error {
     std::io::Error::other(e.to_string())
-}
-
-// ---- the log ----
-
-/// The metadata group's log: group [`META_GROUP`] of the node's WAL, each
-/// entry encoded as JSON.
-#[derive(Debug, Clone)]
-pub struct GroupLog {
-    wal: RaftWal,
-    group: u64,
-}
-
-impl GroupLog {
-    /// Group `group` of `wal`.
-    pub fn new(wal: RaftWal, group: u64) -> GroupLog {
-        GroupLog { wal, group }
-    }
-}
-
-// openraft's error type is large; it is what the trait returns.
-#[allow(clippy::result_large_err)]
-fn decode<T: for<'de> Deserialize<'de>>(b: &[u8]) -> Result<T, StorageError<u64>> {
-    serde_json::from_slice(b).map_err(|e| StorageIOError::read_logs(&e).into())
-}
-
-impl RaftLogReader<MetaTypes> for GroupLog {
-    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
-        &mut self,
-        range: RB,
-    ) -> Result<Vec<Entry<MetaTypes>>, StorageError<u64>> {
-        let mut out = Vec::new();
-        for b in self.wal.entries(self.group, range) {
-            out.push(decode::<Entry<MetaTypes>>(&b)?);
-        }
-        Ok(out)
-    }
-}
-
-impl RaftLogStorage<MetaTypes> for GroupLog {
-    type LogReader = GroupLog;
-
-    async fn get_log_state(&mut self) -> Result<LogState<MetaTypes>, StorageError<u64>> {
-        let g = self.wal.group(self.group);
-        let last_purged_log_id: Option<LogId<u64>> = match &g.purged {
-            Some((_, id)) => Some(decode(id)?),
-            None => None,
-        };
-        let last_log_id = match g.entries.last_key_value() {
-            Some((_, e)) => Some(decode::<Entry<MetaTypes>>(e)?.log_id),
-            None => last_purged_log_id,
-        };
-        Ok(LogState {
-            last_purged_log_id,
-            last_log_id,
-        })
-    }
-
-    async fn get_log_reader(&mut self) -> Self::LogReader {
-        self.clone()
-    }
-
-    async fn save_vote(&mut self, vote: &Vote<u64>) -> Result<(), StorageError<u64>> {
-        let b = serde_json::to_vec(vote).map_err(|e| StorageIOError::write_vote(&e))?;
-        self.wal
-            .save_vote(self.group, Bytes::from(b))
-            .await
-            .map_err(|e| StorageIOError::write_vote(&e).into())
-    }
-
-    async fn read_vote(&mut self) -> Result<Option<Vote<u64>>, StorageError<u64>> {
-        match self.wal.group(self.group).vote {
-            Some(v) => Ok(Some(
-                serde_json::from_slice(&v).map_err(|e| StorageIOError::read_vote(&e))?,
-            )),
-            None => Ok(None),
-        }
-    }
-
-    async fn save_committed(
-        &mut self,
-        committed: Option<LogId<u64>>,
-    ) -> Result<(), StorageError<u64>> {
-        let b = serde_json::to_vec(&committed).map_err(|e| StorageIOError::write(&e))?;
-        self.wal.save_committed(self.group, Bytes::from(b));
-        Ok(())
-    }
-
-    async fn read_committed(&mut self) -> Result<Option<LogId<u64>>, StorageError<u64>> {
-        match self.wal.group(self.group).committed {
-            Some(c) => Ok(serde_json::from_slice(&c).map_err(|e| StorageIOError::read(&e))?),
-            None => Ok(None),
-        }
-    }
-
-    async fn append<I>(
-        &mut self,
-        entries: I,
-        callback: LogFlushed<MetaTypes>,
-    ) -> Result<(), StorageError<u64>>
-    where
-        I: IntoIterator<Item = Entry<MetaTypes>> + Send,
-        I::IntoIter: Send,
-    {
-        let mut encoded = Vec::new();
-        for e in entries {
-            let b = serde_json::to_vec(&e)
-                .map_err(|err| StorageIOError::write_log_entry(e.log_id, &err))?;
-            encoded.push((e.log_id.index, Bytes::from(b)));
-        }
-        self.wal.append(
-            self.group,
-            &encoded,
-            Box::new(move |r| callback.log_io_completed(r)),
-        );
-        Ok(())
-    }
-
-    async fn truncate(&mut self, log_id: LogId<u64>) -> Result<(), StorageError<u64>> {
-        self.wal
-            .truncate(self.group, log_id.index)
-            .await
-            .map_err(|e| StorageIOError::write_logs(&e).into())
-    }
-
-    async fn purge(&mut self, log_id: LogId<u64>) -> Result<(), StorageError<u64>> {
-        let b = serde_json::to_vec(&log_id).map_err(|e| StorageIOError::write_logs(&e))?;
-        self.wal
-            .purge(self.group, log_id.index, Bytes::from(b))
-            .await
-            .map_err(|e| StorageIOError::write_logs(&e).into())
-    }
 }
 
 // ---- the state machine ----

@@ -1,0 +1,1124 @@
+//! A replicated (quorum) queue's Raft group: its openraft types
+//! ([`QueueTypes`]), the log on the node's shared WAL (a
+//! [`GroupLog`](crate::group_log::GroupLog) in bincode: entries carry message
+//! bodies), and its state machine ([`QueueMachine`]: the queue-store's
+//! [`QuorumState`], fed only by committed entries, with a durable snapshot
+//! per group that bounds the log).
+//!
+//! Every replica applies every entry; what applying one asks of the node
+//! (deliveries to consumers, dead letters) goes to the replica's
+//! [`ReplicaEvents`], which acts on what concerns its own node. The entry's
+//! answer (an enqueue accepted or refused, a `basic.get`'s message, a purge's
+//! count) goes back to whoever proposed it through openraft's
+//! `client_write`, only once a majority has the entry on disk.
+//!
+//! Not yet wired to the node (the links, the server's queue interface):
+//! this module is the group itself, tested with three replicas in one
+//! process.
+
+use std::fmt::Debug;
+use std::io::Cursor;
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock, Weak};
+
+use amqp_codec::{ContentHeader, FieldTable, ShortStr};
+use bytes::{Bytes, BytesMut};
+use openraft::storage::{RaftStateMachine, Snapshot};
+use openraft::{
+    Entry, EntryPayload, LogId, RaftSnapshotBuilder, SnapshotMeta, StorageError, StorageIOError,
+    StoredMembership,
+};
+use parking_lot::Mutex;
+use queue_store::quorum::{
+    ConsumerKey, ConsumerSpec, QuorumCommand, QuorumEffect, QuorumReply, QuorumSnapshot,
+    QuorumState, Settlement, SnapshotConsumer,
+};
+use queue_store::{
+    Delivery, Effects, Enqueued, ImageEntry, Message, MessageId, MessageRef, Overflow, QueueArgs,
+    QueueImage, QueueType,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::identity::NodeInfo;
+
+openraft::declare_raft_types!(
+    /// A replicated queue's group types.
+    pub QueueTypes:
+        D = QueueRequest,
+        R = QueueResponse,
+        NodeId = u64,
+        Node = NodeInfo,
+        Entry = Entry<QueueTypes>,
+        SnapshotData = Cursor<Vec<u8>>,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+/// Queue groups' records are bincode: compact, and bodies stay raw octets.
+impl crate::group_log::LogFormat for QueueTypes {
+    fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, String> {
+        bincode::serialize(value).map_err(|e| e.to_string())
+    }
+
+    fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, String> {
+        bincode::deserialize(bytes).map_err(|e| e.to_string())
+    }
+}
+
+// ---- what the log holds ----
+
+/// A message as the log holds it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WireMessage {
+    id: u64,
+    exchange: String,
+    routing_key: String,
+    /// The content header, encoded.
+    header: Bytes,
+    body: Bytes,
+}
+
+impl WireMessage {
+    /// The log's form of `message`.
+    pub fn of(message: &Message) -> WireMessage {
+        let mut header = BytesMut::new();
+        message.header.encode(&mut header);
+        WireMessage {
+            id: message.id.0,
+            exchange: message.exchange.to_string(),
+            routing_key: message.routing_key.to_string(),
+            header: header.freeze(),
+            body: message.body.clone(),
+        }
+    }
+
+    fn message(&self) -> Result<Arc<Message>, String> {
+        let short = |s: &str| ShortStr::try_from(s.to_owned()).map_err(|e| e.to_string());
+        let header = ContentHeader::decode(&self.header).map_err(|e| format!("{e:?}"))?;
+        Ok(Message::new(
+            MessageId(self.id),
+            short(&self.exchange)?,
+            short(&self.routing_key)?,
+            header,
+            self.body.clone(),
+        ))
+    }
+}
+
+/// A queue's effective arguments as the log holds them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WireArgs {
+    message_ttl: Option<u64>,
+    expires: Option<u64>,
+    max_length: Option<u64>,
+    max_length_bytes: Option<u64>,
+    /// 0 drop-head, 1 reject-publish, 2 reject-publish-dlx.
+    overflow: u8,
+    dead_letter_exchange: Option<String>,
+    dead_letter_routing_key: Option<String>,
+    max_priority: Option<u8>,
+    delivery_limit: Option<u64>,
+    single_active_consumer: bool,
+    consumer_timeout: Option<u64>,
+}
+
+impl WireArgs {
+    /// The log's form of `args`.
+    pub fn of(args: &QueueArgs) -> WireArgs {
+        WireArgs {
+            message_ttl: args.message_ttl,
+            expires: args.expires,
+            max_length: args.max_length,
+            max_length_bytes: args.max_length_bytes,
+            overflow: match args.overflow {
+                Overflow::DropHead => 0,
+                Overflow::RejectPublish => 1,
+                Overflow::RejectPublishDlx => 2,
+            },
+            dead_letter_exchange: args.dead_letter_exchange.as_ref().map(|s| s.to_string()),
+            dead_letter_routing_key: args.dead_letter_routing_key.as_ref().map(|s| s.to_string()),
+            max_priority: args.max_priority,
+            delivery_limit: args.delivery_limit,
+            single_active_consumer: args.single_active_consumer,
+            consumer_timeout: args.consumer_timeout,
+        }
+    }
+
+    fn args(&self) -> Result<QueueArgs, String> {
+        let short = |s: &Option<String>| {
+            s.as_ref()
+                .map(|s| ShortStr::try_from(s.clone()).map_err(|e| e.to_string()))
+                .transpose()
+        };
+        Ok(QueueArgs {
+            message_ttl: self.message_ttl,
+            expires: self.expires,
+            max_length: self.max_length,
+            max_length_bytes: self.max_length_bytes,
+            overflow: match self.overflow {
+                0 => Overflow::DropHead,
+                1 => Overflow::RejectPublish,
+                2 => Overflow::RejectPublishDlx,
+                other => return Err(format!("unknown overflow {other}")),
+            },
+            dead_letter_exchange: short(&self.dead_letter_exchange)?,
+            dead_letter_routing_key: short(&self.dead_letter_routing_key)?,
+            max_priority: self.max_priority,
+            delivery_limit: self.delivery_limit,
+            single_active_consumer: self.single_active_consumer,
+            consumer_timeout: self.consumer_timeout,
+            queue_type: QueueType::Quorum,
+        })
+    }
+}
+
+fn settlement_octet(how: Settlement) -> u8 {
+    match how {
+        Settlement::Ack => 0,
+        Settlement::Requeue => 1,
+        Settlement::Reject => 2,
+    }
+}
+
+/// One entry of a queue group's log: a [`QuorumCommand`] in wire form.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum QueueRequest {
+    /// [`QuorumCommand::Enqueue`].
+    Enqueue { message: WireMessage, now_ms: u64 },
+    /// [`QuorumCommand::Checkout`].
+    Checkout {
+        consumer: ConsumerKey,
+        prefetch: u32,
+        no_ack: bool,
+        priority: i32,
+        now_ms: u64,
+    },
+    /// [`QuorumCommand::Cancel`].
+    Cancel { consumer: ConsumerKey, now_ms: u64 },
+    /// [`QuorumCommand::Settle`]; `how` 0 ack, 1 requeue, 2 reject.
+    Settle {
+        consumer: ConsumerKey,
+        seqs: Vec<u64>,
+        how: u8,
+        now_ms: u64,
+    },
+    /// [`QuorumCommand::Get`].
+    Get {
+        requester: ConsumerKey,
+        no_ack: bool,
+        now_ms: u64,
+    },
+    /// [`QuorumCommand::Down`].
+    Down { consumer: ConsumerKey, now_ms: u64 },
+    /// [`QuorumCommand::NodeDown`].
+    NodeDown { node: u64, now_ms: u64 },
+    /// [`QuorumCommand::Purge`].
+    Purge,
+    /// [`QuorumCommand::Tick`].
+    Tick { now_ms: u64 },
+    /// [`QuorumCommand::SetArgs`].
+    SetArgs { args: WireArgs, now_ms: u64 },
+}
+
+impl QueueRequest {
+    /// The log's form of `command`.
+    pub fn of(command: &QuorumCommand) -> QueueRequest {
+        match command {
+            QuorumCommand::Enqueue { message, now_ms } => QueueRequest::Enqueue {
+                message: WireMessage::of(message),
+                now_ms: *now_ms,
+            },
+            QuorumCommand::Checkout {
+                consumer,
+                spec,
+                now_ms,
+            } => QueueRequest::Checkout {
+                consumer: *consumer,
+                prefetch: spec.prefetch,
+                no_ack: spec.no_ack,
+                priority: spec.priority,
+                now_ms: *now_ms,
+            },
+            QuorumCommand::Cancel { consumer, now_ms } => QueueRequest::Cancel {
+                consumer: *consumer,
+                now_ms: *now_ms,
+            },
+            QuorumCommand::Settle {
+                consumer,
+                seqs,
+                how,
+                now_ms,
+            } => QueueRequest::Settle {
+                consumer: *consumer,
+                seqs: seqs.clone(),
+                how: settlement_octet(*how),
+                now_ms: *now_ms,
+            },
+            QuorumCommand::Get {
+                requester,
+                no_ack,
+                now_ms,
+            } => QueueRequest::Get {
+                requester: *requester,
+                no_ack: *no_ack,
+                now_ms: *now_ms,
+            },
+            QuorumCommand::Down { consumer, now_ms } => QueueRequest::Down {
+                consumer: *consumer,
+                now_ms: *now_ms,
+            },
+            QuorumCommand::NodeDown { node, now_ms } => QueueRequest::NodeDown {
+                node: *node,
+                now_ms: *now_ms,
+            },
+            QuorumCommand::Purge => QueueRequest::Purge,
+            QuorumCommand::Tick { now_ms } => QueueRequest::Tick { now_ms: *now_ms },
+            QuorumCommand::SetArgs { args, now_ms } => QueueRequest::SetArgs {
+                args: WireArgs::of(args),
+                now_ms: *now_ms,
+            },
+        }
+    }
+
+    /// The command it carries.
+    pub fn command(&self) -> Result<QuorumCommand, String> {
+        Ok(match self {
+            QueueRequest::Enqueue { message, now_ms } => QuorumCommand::Enqueue {
+                message: message.message()?,
+                now_ms: *now_ms,
+            },
+            QueueRequest::Checkout {
+                consumer,
+                prefetch,
+                no_ack,
+                priority,
+                now_ms,
+            } => QuorumCommand::Checkout {
+                consumer: *consumer,
+                spec: ConsumerSpec {
+                    prefetch: *prefetch,
+                    no_ack: *no_ack,
+                    priority: *priority,
+                },
+                now_ms: *now_ms,
+            },
+            QueueRequest::Cancel { consumer, now_ms } => QuorumCommand::Cancel {
+                consumer: *consumer,
+                now_ms: *now_ms,
+            },
+            QueueRequest::Settle {
+                consumer,
+                seqs,
+                how,
+                now_ms,
+            } => QuorumCommand::Settle {
+                consumer: *consumer,
+                seqs: seqs.clone(),
+                how: match how {
+                    0 => Settlement::Ack,
+                    1 => Settlement::Requeue,
+                    2 => Settlement::Reject,
+                    other => return Err(format!("unknown settlement {other}")),
+                },
+                now_ms: *now_ms,
+            },
+            QueueRequest::Get {
+                requester,
+                no_ack,
+                now_ms,
+            } => QuorumCommand::Get {
+                requester: *requester,
+                no_ack: *no_ack,
+                now_ms: *now_ms,
+            },
+            QueueRequest::Down { consumer, now_ms } => QuorumCommand::Down {
+                consumer: *consumer,
+                now_ms: *now_ms,
+            },
+            QueueRequest::NodeDown { node, now_ms } => QuorumCommand::NodeDown {
+                node: *node,
+                now_ms: *now_ms,
+            },
+            QueueRequest::Purge => QuorumCommand::Purge,
+            QueueRequest::Tick { now_ms } => QuorumCommand::Tick { now_ms: *now_ms },
+            QueueRequest::SetArgs { args, now_ms } => QuorumCommand::SetArgs {
+                args: args.args()?,
+                now_ms: *now_ms,
+            },
+        })
+    }
+}
+
+/// A delivery as an answer carries it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WireGot {
+    /// The queue's sequence number (what settles it).
+    pub seq: u64,
+    /// The message.
+    pub message: WireMessage,
+    /// Delivered before.
+    pub redelivered: bool,
+    /// Times returned (`x-delivery-count`).
+    pub delivery_count: u32,
+    /// Ready messages left.
+    pub remaining: u64,
+}
+
+/// The answer to an entry, for its proposer.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub enum QueueResponse {
+    /// Nothing to say (also a blank or membership entry).
+    #[default]
+    Done,
+    /// An enqueue taken (`true`) or refused by `x-overflow: reject-publish`.
+    Enqueued(bool),
+    /// A `basic.get`'s message.
+    Got(Option<WireGot>),
+    /// Messages purged.
+    Purged(u64),
+    /// The entry could not be decoded (every replica says the same).
+    Invalid(String),
+}
+
+fn wire_got(d: &Delivery) -> Option<WireGot> {
+    match &d.message {
+        MessageRef::Loaded(m) => Some(WireGot {
+            seq: d.seq,
+            message: WireMessage::of(m),
+            redelivered: d.redelivered,
+            delivery_count: d.delivery_count,
+            remaining: d.remaining,
+        }),
+        // An in-memory queue pages nothing.
+        MessageRef::Paged(_) => None,
+    }
+}
+
+// ---- what a replica does with effects ----
+
+/// Where a replica hands what applying entries asks of its node.
+pub trait ReplicaEvents: Send + Sync {
+    /// Entries were applied: deliveries assigned to consumers (the node acts
+    /// on those of its own consumers) and the dead letters and drops they
+    /// caused (the leader routes the dead letters).
+    fn applied(&self, deliveries: Vec<QuorumEffect>, effects: Effects);
+}
+
+// ---- the state machine ----
+
+/// How a queue's state machine names its queue.
+#[derive(Debug, Clone)]
+pub struct QueueIdentity {
+    /// Its id (in dead letters' bookkeeping).
+    pub id: u64,
+    /// Its name.
+    pub name: ShortStr,
+    /// Its declared arguments.
+    pub arguments: FieldTable,
+    /// Its arguments when declared (a policy may change them by entry).
+    pub args: QueueArgs,
+}
+
+struct Replica {
+    state: QuorumState,
+    last_applied: Option<LogId<u64>>,
+    membership: StoredMembership<u64, NodeInfo>,
+}
+
+struct MachineShared {
+    identity: QueueIdentity,
+    replica: Mutex<Replica>,
+    events: OnceLock<Weak<dyn ReplicaEvents>>,
+    snapshot_path: PathBuf,
+}
+
+/// A replicated queue's state machine on this node (cheap to clone: a
+/// handle).
+#[derive(Clone)]
+pub struct QueueMachine {
+    shared: Arc<MachineShared>,
+}
+
+impl Debug for QueueMachine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QueueMachine")
+            .field("queue", &self.shared.identity.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A snapshot file's contents.
+#[derive(Serialize, Deserialize)]
+struct SnapshotBody {
+    meta: SnapshotMeta<u64, NodeInfo>,
+    args: WireArgs,
+    next_seq: u64,
+    last_used_ms: u64,
+    /// (seq, message, expires_at, delivery_count, redelivered)
+    ready: Vec<(u64, WireMessage, u64, u32, bool)>,
+    unacked: Vec<(u64, WireMessage, u64, u32, bool)>,
+    /// (key, prefetch, no_ack, priority, active, since)
+    consumers: Vec<(ConsumerKey, u32, bool, i32, bool, u64)>,
+    checked_out: Vec<(u64, ConsumerKey)>,
+    registrations: u64,
+}
+
+fn wire_entries(entries: &[ImageEntry]) -> Vec<(u64, WireMessage, u64, u32, bool)> {
+    entries
+        .iter()
+        .map(|e| {
+            (
+                e.seq,
+                WireMessage::of(&e.message),
+                e.expires_at,
+                e.delivery_count,
+                e.redelivered,
+            )
+        })
+        .collect()
+}
+
+fn image_entries(
+    entries: &[(u64, WireMessage, u64, u32, bool)],
+) -> Result<Vec<ImageEntry>, String> {
+    entries
+        .iter()
+        .map(|(seq, m, expires_at, delivery_count, redelivered)| {
+            Ok(ImageEntry {
+                seq: *seq,
+                message: m.message()?,
+                expires_at: *expires_at,
+                delivery_count: *delivery_count,
+                redelivered: *redelivered,
+            })
+        })
+        .collect()
+}
+
+fn body_of(replica: &Replica) -> SnapshotBody {
+    let s = replica.state.snapshot();
+    let id = replica.last_applied.map_or_else(
+        || "empty".to_owned(),
+        |l| format!("{}-{}", l.leader_id, l.index),
+    );
+    SnapshotBody {
+        meta: SnapshotMeta {
+            last_log_id: replica.last_applied,
+            last_membership: replica.membership.clone(),
+            snapshot_id: id,
+        },
+        args: WireArgs::of(&s.args),
+        next_seq: s.queue.next_seq,
+        last_used_ms: s.queue.last_used_ms,
+        ready: wire_entries(&s.queue.ready),
+        unacked: wire_entries(&s.queue.unacked),
+        consumers: s
+            .consumers
+            .iter()
+            .map(|c| {
+                (
+                    c.key,
+                    c.spec.prefetch,
+                    c.spec.no_ack,
+                    c.spec.priority,
+                    c.active,
+                    c.since,
+                )
+            })
+            .collect(),
+        checked_out: s.checked_out,
+        registrations: s.registrations,
+    }
+}
+
+fn replica_from(identity: &QueueIdentity, body: &SnapshotBody) -> Result<Replica, String> {
+    let snapshot = QuorumSnapshot {
+        args: body.args.args()?,
+        queue: QueueImage {
+            next_seq: body.next_seq,
+            last_used_ms: body.last_used_ms,
+            ready: image_entries(&body.ready)?,
+            unacked: image_entries(&body.unacked)?,
+        },
+        consumers: body
+            .consumers
+            .iter()
+            .map(
+                |&(key, prefetch, no_ack, priority, active, since)| SnapshotConsumer {
+                    key,
+                    spec: ConsumerSpec {
+                        prefetch,
+                        no_ack,
+                        priority,
+                    },
+                    active,
+                    since,
+                },
+            )
+            .collect(),
+        checked_out: body.checked_out.clone(),
+        registrations: body.registrations,
+    };
+    Ok(Replica {
+        state: QuorumState::restore(
+            identity.id,
+            identity.name.clone(),
+            identity.arguments.clone(),
+            snapshot,
+        ),
+        last_applied: body.meta.last_log_id,
+        membership: body.meta.last_membership.clone(),
+    })
+}
+
+fn io_err<E: std::fmt::Display>(e: E) -> std::io::Error {
+    std::io::Error::other(e.to_string())
+}
+
+impl QueueMachine {
+    /// The state machine of the queue `identity`, from its last snapshot
+    /// at `snapshot_path` if there is one.
+    pub fn open(identity: QueueIdentity, snapshot_path: PathBuf) -> Result<QueueMachine, String> {
+        let replica = match std::fs::read(&snapshot_path) {
+            Ok(bytes) => {
+                let body: SnapshotBody = bincode::deserialize(&bytes)
+                    .map_err(|e| format!("{}: {e}", snapshot_path.display()))?;
+                replica_from(&identity, &body)?
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Replica {
+                state: QuorumState::new(
+                    identity.id,
+                    identity.name.clone(),
+                    identity.args.clone(),
+                    identity.arguments.clone(),
+                    0,
+                ),
+                last_applied: None,
+                membership: StoredMembership::default(),
+            },
+            Err(e) => return Err(format!("{}: {e}", snapshot_path.display())),
+        };
+        Ok(QueueMachine {
+            shared: Arc::new(MachineShared {
+                identity,
+                replica: Mutex::new(replica),
+                events: OnceLock::new(),
+                snapshot_path,
+            }),
+        })
+    }
+
+    /// Where effects go from now on.
+    pub fn set_events(&self, events: Weak<dyn ReplicaEvents>) {
+        let _ = self.shared.events.set(events);
+    }
+
+    /// Reads the state (counts, consumers) under its lock.
+    pub fn with_state<R>(&self, f: impl FnOnce(&QuorumState) -> R) -> R {
+        f(&self.shared.replica.lock().state)
+    }
+
+    /// The last applied index.
+    pub fn applied_index(&self) -> u64 {
+        self.shared
+            .replica
+            .lock()
+            .last_applied
+            .map_or(0, |l| l.index)
+    }
+
+    async fn write_snapshot(&self, body: &SnapshotBody) -> Result<Vec<u8>, StorageError<u64>> {
+        let bytes = bincode::serialize(body)
+            .map_err(|e| StorageIOError::write_snapshot(None, &io_err(e)))?;
+        let path = self.shared.snapshot_path.clone();
+        let tmp = path.with_extension("snapshot.tmp");
+        let data = bytes.clone();
+        tokio::task::spawn_blocking(move || crate::identity::write_durably(&tmp, &path, &data))
+            .await
+            .map_err(|e| StorageIOError::write_snapshot(None, &io_err(e)))?
+            .map_err(|e| StorageIOError::write_snapshot(None, &e))?;
+        Ok(bytes)
+    }
+}
+
+impl RaftSnapshotBuilder<QueueTypes> for QueueMachine {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<QueueTypes>, StorageError<u64>> {
+        let body = body_of(&self.shared.replica.lock());
+        let bytes = self.write_snapshot(&body).await?;
+        Ok(Snapshot {
+            meta: body.meta,
+            snapshot: Box::new(Cursor::new(bytes)),
+        })
+    }
+}
+
+impl RaftStateMachine<QueueTypes> for QueueMachine {
+    type SnapshotBuilder = QueueMachine;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId<u64>>, StoredMembership<u64, NodeInfo>), StorageError<u64>> {
+        let r = self.shared.replica.lock();
+        Ok((r.last_applied, r.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<QueueResponse>, StorageError<u64>>
+    where
+        I: IntoIterator<Item = Entry<QueueTypes>> + Send,
+        I::IntoIter: Send,
+    {
+        let mut out = Vec::new();
+        let mut deliveries = Vec::new();
+        let mut effects = Effects::default();
+        {
+            let mut r = self.shared.replica.lock();
+            for entry in entries {
+                r.last_applied = Some(entry.log_id);
+                let response = match entry.payload {
+                    EntryPayload::Blank => QueueResponse::Done,
+                    EntryPayload::Membership(m) => {
+                        r.membership = StoredMembership::new(Some(entry.log_id), m);
+                        QueueResponse::Done
+                    }
+                    EntryPayload::Normal(request) => match request.command() {
+                        Ok(command) => {
+                            match r.state.apply(command, &mut effects, &mut deliveries) {
+                                QuorumReply::Done => QueueResponse::Done,
+                                QuorumReply::Enqueued(e) => {
+                                    QueueResponse::Enqueued(e == Enqueued::Accepted)
+                                }
+                                QuorumReply::Got(d) => {
+                                    QueueResponse::Got(d.as_ref().and_then(wire_got))
+                                }
+                                QuorumReply::Purged(n) => QueueResponse::Purged(n),
+                            }
+                        }
+                        Err(e) => QueueResponse::Invalid(e),
+                    },
+                };
+                out.push(response);
+            }
+        }
+        if !(deliveries.is_empty() && effects.is_empty()) {
+            if let Some(events) = self.shared.events.get().and_then(Weak::upgrade) {
+                events.applied(deliveries, effects);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(
+        &mut self,
+    ) -> Result<Box<Cursor<Vec<u8>>>, StorageError<u64>> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<u64, NodeInfo>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError<u64>> {
+        let bytes = snapshot.into_inner();
+        let mut body: SnapshotBody = bincode::deserialize(&bytes)
+            .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &io_err(e)))?;
+        body.meta = meta.clone();
+        let fresh = replica_from(&self.shared.identity, &body)
+            .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &io_err(e)))?;
+        self.write_snapshot(&body).await?;
+        *self.shared.replica.lock() = fresh;
+        Ok(())
+    }
+
+    async fn get_current_snapshot(
+        &mut self,
+    ) -> Result<Option<Snapshot<QueueTypes>>, StorageError<u64>> {
+        match std::fs::read(&self.shared.snapshot_path) {
+            Ok(bytes) => {
+                let body: SnapshotBody = bincode::deserialize(&bytes)
+                    .map_err(|e| StorageIOError::read_snapshot(None, &io_err(e)))?;
+                Ok(Some(Snapshot {
+                    meta: body.meta,
+                    snapshot: Box::new(Cursor::new(bytes)),
+                }))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(StorageIOError::read_snapshot(None, &e).into()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Three replicas of one queue group in one process, over a network
+    //! that calls the target's `Raft` directly (and can cut a replica off),
+    //! each with its own WAL and snapshot file in a temporary directory.
+
+    use super::*;
+    use crate::group_log::GroupLog;
+    use crate::raft_wal::RaftWal;
+    use amqp_codec::{BasicProperties, class_id};
+    use openraft::Raft;
+    use openraft::error::{InstallSnapshotError, RPCError, RaftError, RemoteError, Unreachable};
+    use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+    use openraft::raft::{
+        AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest,
+        InstallSnapshotResponse, VoteRequest, VoteResponse,
+    };
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::time::Duration;
+
+    const GROUP: u64 = 7;
+
+    #[derive(Default)]
+    struct Router {
+        rafts: Mutex<BTreeMap<u64, Raft<QueueTypes>>>,
+        /// Replicas cut off from every other.
+        cut: Mutex<BTreeSet<u64>>,
+    }
+
+    #[derive(Clone)]
+    struct Factory {
+        router: Arc<Router>,
+        from: u64,
+    }
+
+    struct Net {
+        router: Arc<Router>,
+        from: u64,
+        target: u64,
+    }
+
+    impl RaftNetworkFactory<QueueTypes> for Factory {
+        type Network = Net;
+        async fn new_client(&mut self, target: u64, _node: &NodeInfo) -> Net {
+            Net {
+                router: self.router.clone(),
+                from: self.from,
+                target,
+            }
+        }
+    }
+
+    impl Net {
+        // openraft's error type is large; it is what the network returns.
+        #[allow(clippy::result_large_err)]
+        fn raft<E: std::error::Error>(
+            &self,
+        ) -> Result<Raft<QueueTypes>, RPCError<u64, NodeInfo, E>> {
+            let cut = self.router.cut.lock();
+            let unreachable =
+                || RPCError::Unreachable(Unreachable::new(&std::io::Error::other("cut off")));
+            if cut.contains(&self.from) || cut.contains(&self.target) {
+                return Err(unreachable());
+            }
+            self.router
+                .rafts
+                .lock()
+                .get(&self.target)
+                .cloned()
+                .ok_or_else(unreachable)
+        }
+    }
+
+    impl RaftNetwork<QueueTypes> for Net {
+        async fn append_entries(
+            &mut self,
+            rpc: AppendEntriesRequest<QueueTypes>,
+            _option: RPCOption,
+        ) -> Result<AppendEntriesResponse<u64>, RPCError<u64, NodeInfo, RaftError<u64>>> {
+            let raft = self.raft()?;
+            raft.append_entries(rpc)
+                .await
+                .map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+        }
+
+        async fn install_snapshot(
+            &mut self,
+            rpc: InstallSnapshotRequest<QueueTypes>,
+            _option: RPCOption,
+        ) -> Result<
+            InstallSnapshotResponse<u64>,
+            RPCError<u64, NodeInfo, RaftError<u64, InstallSnapshotError>>,
+        > {
+            let raft = self.raft()?;
+            raft.install_snapshot(rpc)
+                .await
+                .map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+        }
+
+        async fn vote(
+            &mut self,
+            rpc: VoteRequest<u64>,
+            _option: RPCOption,
+        ) -> Result<VoteResponse<u64>, RPCError<u64, NodeInfo, RaftError<u64>>> {
+            let raft = self.raft()?;
+            raft.vote(rpc)
+                .await
+                .map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+        }
+    }
+
+    /// Deliveries a replica was told of, by consumer.
+    #[derive(Default)]
+    struct Seen {
+        deliveries: Mutex<Vec<(ConsumerKey, u64)>>,
+    }
+
+    impl ReplicaEvents for Seen {
+        fn applied(&self, deliveries: Vec<QuorumEffect>, _effects: Effects) {
+            let mut seen = self.deliveries.lock();
+            for QuorumEffect::Deliver { consumer, delivery } in deliveries {
+                seen.push((consumer, delivery.seq));
+            }
+        }
+    }
+
+    struct Replica {
+        raft: Raft<QueueTypes>,
+        machine: QueueMachine,
+        wal: RaftWal,
+        seen: Arc<Seen>,
+    }
+
+    fn identity() -> QueueIdentity {
+        QueueIdentity {
+            id: 1,
+            name: ShortStr::from_static("q"),
+            arguments: FieldTable::default(),
+            args: QueueArgs {
+                queue_type: QueueType::Quorum,
+                ..QueueArgs::default()
+            },
+        }
+    }
+
+    fn node(id: u64) -> NodeInfo {
+        NodeInfo {
+            id,
+            name: format!("n{id}@test"),
+            cluster_addr: format!("n{id}:25672"),
+            amqp_addr: format!("n{id}:5672"),
+        }
+    }
+
+    async fn start(router: &Arc<Router>, dir: &std::path::Path, id: u64) -> Replica {
+        let dir = dir.join(format!("n{id}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (wal, _) = RaftWal::open(&dir).unwrap();
+        let machine = QueueMachine::open(identity(), dir.join("q.snapshot")).unwrap();
+        let seen = Arc::new(Seen::default());
+        let events: Arc<dyn ReplicaEvents> = seen.clone();
+        machine.set_events(Arc::downgrade(&events));
+        let config = openraft::Config {
+            heartbeat_interval: 50,
+            election_timeout_min: 200,
+            election_timeout_max: 400,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(20),
+            max_in_snapshot_log_to_keep: 0,
+            purge_batch_size: 1,
+            ..Default::default()
+        }
+        .validate()
+        .unwrap();
+        let raft = Raft::new(
+            id,
+            Arc::new(config),
+            Factory {
+                router: router.clone(),
+                from: id,
+            },
+            GroupLog::<QueueTypes>::new(wal.clone(), GROUP),
+            machine.clone(),
+        )
+        .await
+        .unwrap();
+        router.rafts.lock().insert(id, raft.clone());
+        Replica {
+            raft,
+            machine,
+            wal,
+            seen,
+        }
+    }
+
+    fn message(n: u64) -> QueueRequest {
+        let header = ContentHeader {
+            class_id: class_id::BASIC,
+            weight: 0,
+            body_size: 8,
+            properties: BasicProperties {
+                delivery_mode: Some(2),
+                ..BasicProperties::default()
+            }
+            .to_raw()
+            .unwrap(),
+        };
+        let m = Message::new(
+            MessageId(n),
+            ShortStr::from_static(""),
+            ShortStr::from_static("q"),
+            header,
+            Bytes::copy_from_slice(&n.to_be_bytes()),
+        );
+        QueueRequest::of(&QuorumCommand::Enqueue {
+            message: m,
+            now_ms: n,
+        })
+    }
+
+    /// The leader, once a replica other than `not` sees one that is not `not`.
+    async fn leader(replicas: &BTreeMap<u64, Replica>, not: Option<u64>) -> u64 {
+        let (_, watcher) = replicas
+            .iter()
+            .find(|(id, _)| Some(**id) != not)
+            .expect("a replica");
+        let m = watcher
+            .raft
+            .wait(Some(Duration::from_secs(10)))
+            .metrics(
+                |m| m.current_leader.is_some() && m.current_leader != not,
+                "a leader",
+            )
+            .await
+            .expect("no leader elected");
+        m.current_leader.expect("a leader")
+    }
+
+    async fn applied_everywhere(replicas: &BTreeMap<u64, Replica>, index: u64) {
+        for r in replicas.values() {
+            r.raft
+                .wait(Some(Duration::from_secs(10)))
+                .applied_index_at_least(Some(index), "applied")
+                .await
+                .unwrap();
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn replicas_agree_survive_a_leader_cut_off_and_restart_from_snapshot_and_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let router = Arc::new(Router::default());
+        let mut replicas = BTreeMap::new();
+        for id in 1..=3 {
+            replicas.insert(id, start(&router, dir.path(), id).await);
+        }
+        let members: BTreeMap<u64, NodeInfo> = (1..=3).map(|id| (id, node(id))).collect();
+        replicas[&1].raft.initialize(members).await.unwrap();
+        let first = leader(&replicas, None).await;
+
+        // A consumer on node 2 with a prefetch of 10; 25 messages.
+        let checkout = QueueRequest::of(&QuorumCommand::Checkout {
+            consumer: (2, 1),
+            spec: ConsumerSpec {
+                prefetch: 10,
+                no_ack: false,
+                priority: 0,
+            },
+            now_ms: 0,
+        });
+        replicas[&first].raft.client_write(checkout).await.unwrap();
+        for n in 1..=25 {
+            let r = replicas[&first]
+                .raft
+                .client_write(message(n))
+                .await
+                .unwrap();
+            assert_eq!(r.data, QueueResponse::Enqueued(true));
+        }
+        // Every replica computed the same ten deliveries to node 2's consumer.
+        let index = replicas[&first].machine.applied_index();
+        applied_everywhere(&replicas, index).await;
+        let expected: Vec<(ConsumerKey, u64)> = (1..=10).map(|seq| ((2, 1), seq)).collect();
+        for r in replicas.values() {
+            assert_eq!(*r.seen.deliveries.lock(), expected);
+            assert_eq!(r.machine.with_state(|s| s.queue().ready_count()), 15);
+        }
+
+        // The leader is cut off: the other two elect one and go on; what
+        // the old leader is asked now is not committed.
+        router.cut.lock().insert(first);
+        let second = leader(&replicas, Some(first)).await;
+        assert_ne!(second, first);
+        let settle = QueueRequest::of(&QuorumCommand::Settle {
+            consumer: (2, 1),
+            seqs: (1..=10).collect(),
+            how: Settlement::Ack,
+            now_ms: 30,
+        });
+        replicas[&second].raft.client_write(settle).await.unwrap();
+        let lost = tokio::time::timeout(
+            Duration::from_millis(500),
+            replicas[&first].raft.client_write(message(999)),
+        )
+        .await;
+        assert!(
+            !matches!(lost, Ok(Ok(_))),
+            "a cut-off leader committed an entry"
+        );
+        for n in 26..=60 {
+            replicas[&second]
+                .raft
+                .client_write(message(n))
+                .await
+                .unwrap();
+        }
+
+        // Healed: the old leader catches up (log or snapshot) and agrees.
+        router.cut.lock().clear();
+        let index = replicas[&second].machine.applied_index();
+        applied_everywhere(&replicas, index).await;
+        let counts = |r: &Replica| {
+            r.machine
+                .with_state(|s| (s.queue().ready_count(), s.queue().unacked_count()))
+        };
+        let want = counts(&replicas[&second]);
+        assert_eq!(want, (40, 10), "15 left + 35 new - 10 more delivered");
+        for r in replicas.values() {
+            assert_eq!(counts(r), want);
+        }
+
+        // Snapshots were taken and the logs purged below them.
+        let snap = dir.path().join(format!("n{second}")).join("q.snapshot");
+        assert!(snap.exists(), "no snapshot at {}", snap.display());
+        assert!(replicas[&second].wal.group(GROUP).purged.is_some());
+
+        // A replica restarted from its snapshot and WAL has the same state.
+        let restarted = 3;
+        let old = replicas.remove(&restarted).unwrap();
+        old.raft.shutdown().await.unwrap();
+        old.wal.close();
+        router.rafts.lock().remove(&restarted);
+        let fresh = start(&router, dir.path(), restarted).await;
+        fresh
+            .raft
+            .wait(Some(Duration::from_secs(10)))
+            .applied_index_at_least(Some(index), "replayed")
+            .await
+            .unwrap();
+        assert_eq!(counts(&fresh), want);
+        for r in replicas.values() {
+            r.raft.shutdown().await.unwrap();
+        }
+        fresh.raft.shutdown().await.unwrap();
+    }
+
+    #[test]
+    fn a_request_survives_the_wire() {
+        let r = message(5);
+        let b = <QueueTypes as crate::group_log::LogFormat>::encode(&r).unwrap();
+        let back: QueueRequest = <QueueTypes as crate::group_log::LogFormat>::decode(&b).unwrap();
+        assert_eq!(back, r);
+        assert_eq!(back.command().unwrap(), r.command().unwrap());
+        let args = QueueArgs {
+            max_length: Some(3),
+            overflow: Overflow::RejectPublishDlx,
+            dead_letter_exchange: Some(ShortStr::from_static("dlx")),
+            queue_type: QueueType::Quorum,
+            ..QueueArgs::default()
+        };
+        assert_eq!(WireArgs::of(&args).args().unwrap(), args);
+    }
+}
