@@ -14,18 +14,19 @@
 //! `joining` is `join_cluster`: a node records the cluster it joins and
 //! restarts into it.
 //!
-//! `group_log` is any group's log on the WAL; `queue_group` is a replicated
-//! queue's group (not yet started by the node).
+//! `group_log` is any group's log on the WAL, `group_net` any group's Raft
+//! RPCs over the links (and `QueueGroups`, where a node serves its queue
+//! groups' RPCs); `queue_group` is a replicated queue's group (not yet
+//! started by the node for a declared queue).
 //!
 //! Module order (each imports only those before it): `identity`, `gossip`,
 //! `raft_wal` <- `group_log` <- `queue_group`, `meta_group` <- `rpc` <- `link`
-//! <- `node` <- `formation`,
-//! `joining` <- `lib` (`meta_group` names `link::Links` and `rpc` for its network,
-//! the one cycle, between the group's types and the wire that carries them).
+//! <- `group_net` <- `node` <- `formation`, `joining` <- `lib`.
 
 mod formation;
 pub mod gossip;
 pub mod group_log;
+pub mod group_net;
 pub mod identity;
 pub mod joining;
 pub mod link;
@@ -247,6 +248,7 @@ pub async fn start(mut settings: ClusterSettings) -> Result<ClusterHandle, Clust
         me: std::sync::OnceLock::new(),
         outstanding: parking_lot::Mutex::default(),
         in_burst: parking_lot::Mutex::default(),
+        queue_groups: Arc::default(),
         consumers: parking_lot::Mutex::default(),
     });
     let _ = handler.me.set(Arc::downgrade(&handler));
@@ -268,9 +270,10 @@ pub async fn start(mut settings: ClusterSettings) -> Result<ClusterHandle, Clust
     let raft = openraft::Raft::new(
         identity.id,
         Arc::new(config),
-        meta_group::MetaNetworkFactory {
-            links: links.clone(),
-        },
+        group_net::GroupNetworkFactory::<meta_group::MetaTypes>::new(
+            links.clone(),
+            meta_group::META_GROUP,
+        ),
         group_log::GroupLog::<meta_group::MetaTypes>::new(wal.clone(), meta_group::META_GROUP),
         machine.clone(),
     )

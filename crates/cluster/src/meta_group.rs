@@ -1,8 +1,8 @@
 //! The metadata Raft group: its openraft types ([`MetaTypes`]), its log on
 //! the node's WAL (a [`GroupLog`](crate::group_log::GroupLog) in JSON), its state machine
 //! ([`MetaMachine`]: the server's `MetaState`, applied on every node and
-//! handed to the node's projection), and its network ([`MetaNetwork`], over
-//! the cluster [`Links`]).
+//! handed to the node's projection). Its network is a
+//! [`GroupNetwork`](crate::group_net::GroupNetwork) over the cluster links.
 //!
 //! The state machine is in memory; what makes it durable is the log (every
 //! entry fsync'd before it is acknowledged) and snapshots
@@ -23,14 +23,6 @@ use std::sync::{Arc, OnceLock, Weak};
 
 use amqp_codec::FieldTable;
 use bytes::{Bytes, BytesMut};
-use openraft::error::{
-    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
-};
-use openraft::network::RPCOption;
-use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
-    VoteRequest, VoteResponse,
-};
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{
     Entry, EntryPayload, LogId, RaftSnapshotBuilder, SnapshotMeta, StorageError, StorageIOError,
@@ -42,8 +34,6 @@ use serde::{Deserialize, Serialize};
 use server::meta::{MetaCommand, MetaError, MetaProjection, MetaState};
 
 use crate::identity::NodeInfo;
-use crate::link::Links;
-use crate::rpc::{Request, Response};
 
 /// The metadata group's id on the links and in the WAL.
 pub const META_GROUP: u64 = 0;
@@ -428,132 +418,6 @@ impl RaftStateMachine<MetaTypes> for MetaMachine {
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(StorageIOError::read_snapshot(None, &e).into()),
-        }
-    }
-}
-
-// ---- the network ----
-
-/// Makes [`MetaNetwork`]s over the node's links.
-#[derive(Debug, Clone)]
-pub struct MetaNetworkFactory {
-    /// The links.
-    pub links: Arc<Links>,
-}
-
-/// Raft RPCs to one peer.
-#[derive(Debug)]
-pub struct MetaNetwork {
-    links: Arc<Links>,
-    target: u64,
-    node: NodeInfo,
-}
-
-impl openraft::RaftNetworkFactory<MetaTypes> for MetaNetworkFactory {
-    type Network = MetaNetwork;
-
-    async fn new_client(&mut self, target: u64, node: &NodeInfo) -> MetaNetwork {
-        MetaNetwork {
-            links: self.links.clone(),
-            target,
-            node: node.clone(),
-        }
-    }
-}
-
-impl MetaNetwork {
-    async fn call<E: std::error::Error>(
-        &self,
-        request: Request,
-        option: &RPCOption,
-    ) -> Result<Response, RPCError<u64, NodeInfo, E>> {
-        self.links
-            .request(
-                Some(self.target),
-                &self.node.cluster_addr,
-                &request,
-                option.hard_ttl(),
-            )
-            .await
-            .map(|(_, r)| r)
-            .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))
-    }
-
-    fn unexpected<E: std::error::Error>(r: Response) -> RPCError<u64, NodeInfo, E> {
-        RPCError::Network(NetworkError::new(&io_err(format!(
-            "unexpected response {r:?}"
-        ))))
-    }
-}
-
-impl openraft::RaftNetwork<MetaTypes> for MetaNetwork {
-    async fn append_entries(
-        &mut self,
-        rpc: AppendEntriesRequest<MetaTypes>,
-        option: RPCOption,
-    ) -> Result<AppendEntriesResponse<u64>, RPCError<u64, NodeInfo, RaftError<u64>>> {
-        match self
-            .call(
-                Request::Append {
-                    group: META_GROUP,
-                    rpc,
-                },
-                &option,
-            )
-            .await?
-        {
-            Response::Append(Ok(r)) => Ok(r),
-            Response::Append(Err(e)) => {
-                Err(RPCError::RemoteError(RemoteError::new(self.target, e)))
-            }
-            other => Err(Self::unexpected(other)),
-        }
-    }
-
-    async fn install_snapshot(
-        &mut self,
-        rpc: InstallSnapshotRequest<MetaTypes>,
-        option: RPCOption,
-    ) -> Result<
-        InstallSnapshotResponse<u64>,
-        RPCError<u64, NodeInfo, RaftError<u64, InstallSnapshotError>>,
-    > {
-        match self
-            .call(
-                Request::Snapshot {
-                    group: META_GROUP,
-                    rpc,
-                },
-                &option,
-            )
-            .await?
-        {
-            Response::Snapshot(Ok(r)) => Ok(r),
-            Response::Snapshot(Err(e)) => {
-                Err(RPCError::RemoteError(RemoteError::new(self.target, e)))
-            }
-            other => Err(Self::unexpected(other)),
-        }
-    }
-
-    async fn vote(
-        &mut self,
-        rpc: VoteRequest<u64>,
-        option: RPCOption,
-    ) -> Result<VoteResponse<u64>, RPCError<u64, NodeInfo, RaftError<u64>>> {
-        match self
-            .call(
-                Request::Vote {
-                    group: META_GROUP,
-                    rpc,
-                },
-                &option,
-            )
-            .await?
-        {
-            Response::Vote(Ok(r)) => Ok(r),
-            Response::Vote(Err(e)) => Err(RPCError::RemoteError(RemoteError::new(self.target, e))),
-            other => Err(Self::unexpected(other)),
         }
     }
 }

@@ -747,6 +747,8 @@ pub(crate) struct Handler {
     /// Local remote consumers that took deliveries from a peer (by its id)
     /// in the read being handled: told when it ends (`end_of_burst`).
     pub(crate) in_burst: parking_lot::Mutex<InBurst>,
+    /// The replicated queues' groups this node is a member of.
+    pub(crate) queue_groups: Arc<crate::group_net::QueueGroups>,
 }
 
 /// Remote consumers by the peer whose read is being handled.
@@ -1385,6 +1387,7 @@ impl RequestHandler for Handler {
             other => other,
         };
         let node = self.node();
+        let groups = self.queue_groups.clone();
         Box::pin(async move {
             let Some(node) = node else {
                 return Response::Unavailable("the node is starting or stopping".into());
@@ -1399,9 +1402,15 @@ impl RequestHandler for Handler {
                 Request::Snapshot { group, rpc } if group == META_GROUP => {
                     Response::Snapshot(node.raft.install_snapshot(rpc).await)
                 }
-                Request::Append { group, .. }
-                | Request::Vote { group, .. }
-                | Request::Snapshot { group, .. } => Response::NoSuchGroup(group),
+                request @ (Request::Vote { .. }
+                | Request::QueueAppend { .. }
+                | Request::QueueSnapshot { .. }) => match groups.serve(request).await {
+                    Ok(response) => response,
+                    Err(_) => Response::NoSuchGroup(u64::MAX),
+                },
+                Request::Append { group, .. } | Request::Snapshot { group, .. } => {
+                    Response::NoSuchGroup(group)
+                }
                 Request::Commit(req) => {
                     if !node.is_leader() {
                         return Response::NotLeader(node.leader());

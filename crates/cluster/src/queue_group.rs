@@ -12,9 +12,10 @@
 //! count) goes back to whoever proposed it through openraft's
 //! `client_write`, only once a majority has the entry on disk.
 //!
-//! Not yet wired to the node (the links, the server's queue interface):
-//! this module is the group itself, tested with three replicas in one
-//! process.
+//! Its RPCs travel over the links ([`crate::group_net`]). Not yet started
+//! by the node for a declared queue, nor reached from the server's queue
+//! interface: this module is the group itself, tested with three replicas
+//! in one process.
 
 use std::fmt::Debug;
 use std::io::Cursor;
@@ -750,16 +751,70 @@ impl RaftStateMachine<QueueTypes> for QueueMachine {
     }
 }
 
+/// What the tests of queue groups share: a queue's identity, a member's
+/// address, a persistent message.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use super::*;
+    use amqp_codec::{BasicProperties, class_id};
+
+    pub(crate) fn identity() -> QueueIdentity {
+        QueueIdentity {
+            id: 1,
+            name: ShortStr::from_static("q"),
+            arguments: FieldTable::default(),
+            args: QueueArgs {
+                queue_type: QueueType::Quorum,
+                ..QueueArgs::default()
+            },
+        }
+    }
+
+    pub(crate) fn node(id: u64) -> NodeInfo {
+        NodeInfo {
+            id,
+            name: format!("n{id}@test"),
+            cluster_addr: format!("n{id}:25672"),
+            amqp_addr: format!("n{id}:5672"),
+        }
+    }
+
+    pub(crate) fn message(n: u64) -> QueueRequest {
+        let header = ContentHeader {
+            class_id: class_id::BASIC,
+            weight: 0,
+            body_size: 8,
+            properties: BasicProperties {
+                delivery_mode: Some(2),
+                ..BasicProperties::default()
+            }
+            .to_raw()
+            .unwrap(),
+        };
+        let m = Message::new(
+            MessageId(n),
+            ShortStr::from_static(""),
+            ShortStr::from_static("q"),
+            header,
+            Bytes::copy_from_slice(&n.to_be_bytes()),
+        );
+        QueueRequest::of(&QuorumCommand::Enqueue {
+            message: m,
+            now_ms: n,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     //! Three replicas of one queue group in one process, over a network
     //! that calls the target's `Raft` directly (and can cut a replica off),
     //! each with its own WAL and snapshot file in a temporary directory.
 
+    use super::test_support::{identity, message, node};
     use super::*;
     use crate::group_log::GroupLog;
     use crate::raft_wal::RaftWal;
-    use amqp_codec::{BasicProperties, class_id};
     use openraft::Raft;
     use openraft::error::{InstallSnapshotError, RPCError, RaftError, RemoteError, Unreachable};
     use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
@@ -883,27 +938,6 @@ mod tests {
         seen: Arc<Seen>,
     }
 
-    fn identity() -> QueueIdentity {
-        QueueIdentity {
-            id: 1,
-            name: ShortStr::from_static("q"),
-            arguments: FieldTable::default(),
-            args: QueueArgs {
-                queue_type: QueueType::Quorum,
-                ..QueueArgs::default()
-            },
-        }
-    }
-
-    fn node(id: u64) -> NodeInfo {
-        NodeInfo {
-            id,
-            name: format!("n{id}@test"),
-            cluster_addr: format!("n{id}:25672"),
-            amqp_addr: format!("n{id}:5672"),
-        }
-    }
-
     async fn start(router: &Arc<Router>, dir: &std::path::Path, id: u64) -> Replica {
         let dir = dir.join(format!("n{id}"));
         std::fs::create_dir_all(&dir).unwrap();
@@ -942,31 +976,6 @@ mod tests {
             wal,
             seen,
         }
-    }
-
-    fn message(n: u64) -> QueueRequest {
-        let header = ContentHeader {
-            class_id: class_id::BASIC,
-            weight: 0,
-            body_size: 8,
-            properties: BasicProperties {
-                delivery_mode: Some(2),
-                ..BasicProperties::default()
-            }
-            .to_raw()
-            .unwrap(),
-        };
-        let m = Message::new(
-            MessageId(n),
-            ShortStr::from_static(""),
-            ShortStr::from_static("q"),
-            header,
-            Bytes::copy_from_slice(&n.to_be_bytes()),
-        );
-        QueueRequest::of(&QuorumCommand::Enqueue {
-            message: m,
-            now_ms: n,
-        })
     }
 
     /// The leader, once a replica other than `not` sees one that is not `not`.

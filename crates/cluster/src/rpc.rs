@@ -1,6 +1,6 @@
 //! What nodes ask each other on the cluster links ([`Request`]) and what
 //! they answer ([`Response`]): Raft's RPCs for a group (0 is the metadata
-//! group; replicated queues will add theirs), metadata commits forwarded to
+//! group, a replicated queue's is its id), metadata commits forwarded to
 //! the leader, joins, and status.
 
 use openraft::error::{InstallSnapshotError, RaftError};
@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::identity::NodeInfo;
 use crate::meta_group::{MetaRequest, MetaResponse, MetaTypes};
+use crate::queue_group::QueueTypes;
 
 /// A request from a peer.
 #[derive(Debug, Serialize, Deserialize)]
@@ -23,7 +24,21 @@ pub enum Request {
         /// The RPC.
         rpc: AppendEntriesRequest<MetaTypes>,
     },
-    /// Raft: a vote request in group `group`.
+    /// Raft: append entries (or heartbeat) to replicated queue group `group`.
+    QueueAppend {
+        /// Raft group (the queue's id).
+        group: u64,
+        /// The RPC.
+        rpc: AppendEntriesRequest<QueueTypes>,
+    },
+    /// Raft: a snapshot chunk for replicated queue group `group`.
+    QueueSnapshot {
+        /// Raft group (the queue's id).
+        group: u64,
+        /// The RPC.
+        rpc: InstallSnapshotRequest<QueueTypes>,
+    },
+    /// Raft: a vote request in group `group` (any group).
     Vote {
         /// Raft group.
         group: u64,

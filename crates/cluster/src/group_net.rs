@@ -1,0 +1,390 @@
+//! Raft's RPCs for any group over the cluster [`Links`]: one network type,
+//! [`GroupNetwork`], for the metadata group and every replicated queue's
+//! group. A request names its group; the receiving node hands it to that
+//! group's `Raft` (the metadata group's, or one of its [`QueueGroups`]), so
+//! all groups between two nodes share their one link.
+
+use std::collections::HashMap;
+use std::marker::PhantomData;
+use std::sync::Arc;
+
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use openraft::{Raft, RaftTypeConfig};
+use parking_lot::RwLock;
+
+use crate::identity::NodeInfo;
+use crate::link::Links;
+use crate::meta_group::MetaTypes;
+use crate::queue_group::QueueTypes;
+use crate::rpc::{Request, Response};
+
+/// How a group type's RPCs travel as [`Request`]s.
+pub trait GroupWire: RaftTypeConfig<NodeId = u64, Node = NodeInfo> {
+    /// An append-entries request for `group`.
+    fn append(group: u64, rpc: AppendEntriesRequest<Self>) -> Request;
+    /// A snapshot chunk for `group`.
+    fn snapshot(group: u64, rpc: InstallSnapshotRequest<Self>) -> Request;
+}
+
+impl GroupWire for MetaTypes {
+    fn append(group: u64, rpc: AppendEntriesRequest<Self>) -> Request {
+        Request::Append { group, rpc }
+    }
+
+    fn snapshot(group: u64, rpc: InstallSnapshotRequest<Self>) -> Request {
+        Request::Snapshot { group, rpc }
+    }
+}
+
+impl GroupWire for QueueTypes {
+    fn append(group: u64, rpc: AppendEntriesRequest<Self>) -> Request {
+        Request::QueueAppend { group, rpc }
+    }
+
+    fn snapshot(group: u64, rpc: InstallSnapshotRequest<Self>) -> Request {
+        Request::QueueSnapshot { group, rpc }
+    }
+}
+
+/// Makes [`GroupNetwork`]s for group `group` over the node's links.
+#[derive(Debug)]
+pub struct GroupNetworkFactory<C> {
+    links: Arc<Links>,
+    group: u64,
+    _types: PhantomData<fn() -> C>,
+}
+
+impl<C> GroupNetworkFactory<C> {
+    /// The network of group `group`.
+    pub fn new(links: Arc<Links>, group: u64) -> Self {
+        GroupNetworkFactory {
+            links,
+            group,
+            _types: PhantomData,
+        }
+    }
+}
+
+/// Raft RPCs of one group to one peer.
+#[derive(Debug)]
+pub struct GroupNetwork<C> {
+    links: Arc<Links>,
+    group: u64,
+    target: u64,
+    node: NodeInfo,
+    _types: PhantomData<fn() -> C>,
+}
+
+impl<C: GroupWire> RaftNetworkFactory<C> for GroupNetworkFactory<C> {
+    type Network = GroupNetwork<C>;
+
+    async fn new_client(&mut self, target: u64, node: &NodeInfo) -> GroupNetwork<C> {
+        GroupNetwork {
+            links: self.links.clone(),
+            group: self.group,
+            target,
+            node: node.clone(),
+            _types: PhantomData,
+        }
+    }
+}
+
+impl<C> GroupNetwork<C> {
+    async fn call<E: std::error::Error>(
+        &self,
+        request: Request,
+        option: &RPCOption,
+    ) -> Result<Response, RPCError<u64, NodeInfo, E>> {
+        self.links
+            .request(
+                Some(self.target),
+                &self.node.cluster_addr,
+                &request,
+                option.hard_ttl(),
+            )
+            .await
+            .map(|(_, r)| r)
+            .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))
+    }
+
+    fn unexpected<E: std::error::Error>(r: Response) -> RPCError<u64, NodeInfo, E> {
+        RPCError::Network(NetworkError::new(&std::io::Error::other(format!(
+            "unexpected response {r:?}"
+        ))))
+    }
+}
+
+impl<C: GroupWire> RaftNetwork<C> for GroupNetwork<C> {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<C>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<u64>, RPCError<u64, NodeInfo, RaftError<u64>>> {
+        match self.call(C::append(self.group, rpc), &option).await? {
+            Response::Append(Ok(r)) => Ok(r),
+            Response::Append(Err(e)) => {
+                Err(RPCError::RemoteError(RemoteError::new(self.target, e)))
+            }
+            other => Err(Self::unexpected(other)),
+        }
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<C>,
+        option: RPCOption,
+    ) -> Result<
+        InstallSnapshotResponse<u64>,
+        RPCError<u64, NodeInfo, RaftError<u64, InstallSnapshotError>>,
+    > {
+        match self.call(C::snapshot(self.group, rpc), &option).await? {
+            Response::Snapshot(Ok(r)) => Ok(r),
+            Response::Snapshot(Err(e)) => {
+                Err(RPCError::RemoteError(RemoteError::new(self.target, e)))
+            }
+            other => Err(Self::unexpected(other)),
+        }
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<u64>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<u64>, RPCError<u64, NodeInfo, RaftError<u64>>> {
+        let request = Request::Vote {
+            group: self.group,
+            rpc,
+        };
+        match self.call(request, &option).await? {
+            Response::Vote(Ok(r)) => Ok(r),
+            Response::Vote(Err(e)) => Err(RPCError::RemoteError(RemoteError::new(self.target, e))),
+            other => Err(Self::unexpected(other)),
+        }
+    }
+}
+
+/// The replicated queues' groups this node is a member of, by group id:
+/// where their peers' RPCs are handed.
+#[derive(Default)]
+pub struct QueueGroups {
+    groups: RwLock<HashMap<u64, Raft<QueueTypes>>>,
+}
+
+impl std::fmt::Debug for QueueGroups {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QueueGroups")
+            .field("groups", &self.groups.read().len())
+            .finish()
+    }
+}
+
+impl QueueGroups {
+    /// Serves group `group`'s RPCs with `raft` from now on.
+    pub fn insert(&self, group: u64, raft: Raft<QueueTypes>) {
+        self.groups.write().insert(group, raft);
+    }
+
+    /// Stops serving group `group`; its `Raft`, if it was served.
+    pub fn remove(&self, group: u64) -> Option<Raft<QueueTypes>> {
+        self.groups.write().remove(&group)
+    }
+
+    /// Group `group`'s `Raft`, if this node is a member.
+    pub fn get(&self, group: u64) -> Option<Raft<QueueTypes>> {
+        self.groups.read().get(&group).cloned()
+    }
+
+    /// The answer to a peer's Raft RPC for a queue group; `Err` gives back
+    /// a request that is not one.
+    pub async fn serve(&self, request: Request) -> Result<Response, Request> {
+        let group = match &request {
+            Request::QueueAppend { group, .. }
+            | Request::QueueSnapshot { group, .. }
+            | Request::Vote { group, .. } => *group,
+            _ => return Err(request),
+        };
+        let Some(raft) = self.get(group) else {
+            return Ok(Response::NoSuchGroup(group));
+        };
+        Ok(match request {
+            Request::QueueAppend { rpc, .. } => Response::Append(raft.append_entries(rpc).await),
+            Request::QueueSnapshot { rpc, .. } => {
+                Response::Snapshot(raft.install_snapshot(rpc).await)
+            }
+            Request::Vote { rpc, .. } => Response::Vote(raft.vote(rpc).await),
+            other => return Err(other),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! A replicated queue's group of three replicas in one process, each
+    //! with its own links on loopback (authenticated TCP, as between nodes)
+    //! and its own WAL.
+
+    use super::*;
+    use crate::group_log::GroupLog;
+    use crate::link::RequestHandler;
+    use crate::queue_group::test_support::{identity, message};
+    use crate::queue_group::{QueueMachine, QueueResponse};
+    use crate::raft_wal::RaftWal;
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    const GROUP: u64 = 42;
+
+    /// A node's handler that serves queue groups only.
+    struct GroupsOnly(Arc<QueueGroups>);
+
+    impl RequestHandler for GroupsOnly {
+        fn handle(
+            &self,
+            _from: NodeInfo,
+            request: Request,
+        ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Response> + Send>> {
+            let groups = self.0.clone();
+            Box::pin(async move {
+                groups
+                    .serve(request)
+                    .await
+                    .unwrap_or_else(|_| Response::Unavailable("not a queue group's RPC".into()))
+            })
+        }
+
+        fn admits(&self, _id: u64) -> Result<(), String> {
+            Ok(())
+        }
+
+        fn peer_gone(&self, _id: u64) {}
+    }
+
+    struct Member {
+        raft: Raft<QueueTypes>,
+        machine: QueueMachine,
+        links: Arc<Links>,
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_queue_group_replicates_over_the_links_and_survives_its_leader_leaving() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret: Arc<[u8]> = Arc::from(&b"a test secret of some length"[..]);
+        let mut listeners = Vec::new();
+        let mut nodes = BTreeMap::new();
+        for id in 1..=3u64 {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap().to_string();
+            nodes.insert(
+                id,
+                NodeInfo {
+                    id,
+                    name: format!("n{id}@127.0.0.1"),
+                    cluster_addr: addr.clone(),
+                    amqp_addr: addr,
+                },
+            );
+            listeners.push((id, listener));
+        }
+        let mut members = BTreeMap::new();
+        for (id, listener) in listeners {
+            let links = Links::new(nodes[&id].clone(), "test".into(), secret.clone());
+            let groups = Arc::new(QueueGroups::default());
+            links.set_handler(Arc::new(GroupsOnly(groups.clone())));
+            tokio::spawn(links.clone().serve(listener));
+            let d = dir.path().join(format!("n{id}"));
+            std::fs::create_dir_all(&d).unwrap();
+            let (wal, _) = RaftWal::open(&d).unwrap();
+            let machine = QueueMachine::open(identity(), d.join("q.snapshot")).unwrap();
+            let config = openraft::Config {
+                heartbeat_interval: 50,
+                election_timeout_min: 300,
+                election_timeout_max: 600,
+                ..Default::default()
+            }
+            .validate()
+            .unwrap();
+            let raft = Raft::new(
+                id,
+                Arc::new(config),
+                GroupNetworkFactory::<QueueTypes>::new(links.clone(), GROUP),
+                GroupLog::<QueueTypes>::new(wal, GROUP),
+                machine.clone(),
+            )
+            .await
+            .unwrap();
+            groups.insert(GROUP, raft.clone());
+            members.insert(
+                id,
+                Member {
+                    raft,
+                    machine,
+                    links,
+                },
+            );
+        }
+        members[&1].raft.initialize(nodes.clone()).await.unwrap();
+        let wait_leader = |m: &Member, not: Option<u64>| {
+            let raft = m.raft.clone();
+            async move {
+                raft.wait(Some(Duration::from_secs(10)))
+                    .metrics(
+                        |m| m.current_leader.is_some() && m.current_leader != not,
+                        "a leader",
+                    )
+                    .await
+                    .expect("no leader")
+                    .current_leader
+                    .expect("a leader")
+            }
+        };
+        let first = wait_leader(&members[&1], None).await;
+        for n in 1..=20 {
+            let r = members[&first].raft.client_write(message(n)).await.unwrap();
+            assert_eq!(r.data, QueueResponse::Enqueued(true));
+        }
+        let index = members[&first].machine.applied_index();
+        for m in members.values() {
+            m.raft
+                .wait(Some(Duration::from_secs(10)))
+                .applied_index_at_least(Some(index), "applied")
+                .await
+                .unwrap();
+            assert_eq!(m.machine.with_state(|s| s.queue().ready_count()), 20);
+        }
+
+        // The leader leaves (its Raft and its links stop): the other two
+        // elect a leader over their link and go on.
+        let gone = members.remove(&first).unwrap();
+        gone.raft.shutdown().await.unwrap();
+        gone.links.shutdown();
+        let other = members.values().next().unwrap();
+        let second = wait_leader(other, Some(first)).await;
+        for n in 21..=30 {
+            members[&second]
+                .raft
+                .client_write(message(n))
+                .await
+                .unwrap();
+        }
+        let index = members[&second].machine.applied_index();
+        for m in members.values() {
+            m.raft
+                .wait(Some(Duration::from_secs(10)))
+                .applied_index_at_least(Some(index), "applied")
+                .await
+                .unwrap();
+            assert_eq!(m.machine.with_state(|s| s.queue().ready_count()), 30);
+        }
+        for m in members.values() {
+            m.raft.shutdown().await.unwrap();
+            m.links.shutdown();
+        }
+    }
+}
