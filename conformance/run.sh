@@ -231,6 +231,23 @@ run_client java "$SCENARIO_COUNT" java -cp "$CLASSPATH_JAVA" Scenarios
 run_client kombu "$KOMBU_SCENARIO_COUNT" "$VENV/bin/python" "$HERE/kombu_scenarios.py"
 run_client amqplib "$AMQPLIB_SCENARIO_COUNT" env NODE_PATH="$NODE_DIR/node_modules" node "$HERE/amqplib/scenarios.js"
 
+# RabbitMQ 3.10's recorded replies to quorum-queue declares and consumers
+# (conformance/capture/probe_quorum.py, raw frames): this broker must give
+# the same replies, text for text (the file's first lines say when it was
+# captured).
+if [[ -z "${CONFORMANCE_ONLY:-}" || ",$CONFORMANCE_ONLY," == *,capture.quorum_replies,* ]]; then
+    say "recorded quorum-queue replies"
+    recorded=$ROOT/crates/queue-store/tests/data/rabbitmq_3_10_quorum.md
+    got=$(mktemp "${TMPDIR:-/tmp}/warren-conformance-quorum.XXXXXX")
+    if python3 "$HERE/capture/probe_quorum.py" --port "$PORT" --out "$got" >/dev/null \
+        && diff <(sed 1,3d "$recorded") <(sed 1,3d "$got") >&2; then
+        echo "PASS capture.quorum_replies" | tee -a "$RESULTS"
+    else
+        echo "FAIL capture.quorum_replies: replies differ from $recorded (diff above)" | tee -a "$RESULTS"
+    fi
+    rm -f "$got"
+fi
+
 # ------------------------------------------------------------ graceful shutdown
 
 if [[ ${#BROKER_PIDS[@]} -gt 0 ]]; then

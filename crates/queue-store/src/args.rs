@@ -152,6 +152,39 @@ impl Parser<'_> {
         }
     }
 
+    /// What RabbitMQ 3.10 refuses in a quorum queue's arguments (recorded
+    /// in `tests/data/rabbitmq_3_10_quorum.md`).
+    fn check_quorum(&self) -> Result<(), ArgError> {
+        for arg in ["x-max-priority", "x-queue-mode", "x-queue-master-locator"] {
+            if self.args.get(arg).is_some() {
+                return Err(ArgError::NotForQueueType {
+                    arg,
+                    queue: self.queue.to_owned(),
+                    vhost: self.vhost.to_owned(),
+                    queue_type: "rabbit_quorum_queue",
+                });
+            }
+        }
+        if let Some(l) = self.string("x-queue-leader-locator")? {
+            if !matches!(l.as_str(), "client-local" | "balanced") {
+                return Err(self.err("x-queue-leader-locator", ArgProblem::InvalidQueueLocator));
+            }
+        }
+        match self.int("x-quorum-initial-group-size")? {
+            Some(v) if v < 0 => {
+                return Err(self.err("x-quorum-initial-group-size", ArgProblem::Negative(v)));
+            }
+            Some(0) => return Err(self.err("x-quorum-initial-group-size", ArgProblem::Zero)),
+            _ => {}
+        }
+        if let Some(s) = self.string("x-dead-letter-strategy")? {
+            if !matches!(s.as_str(), "at-most-once" | "at-least-once") {
+                return Err(self.err("x-dead-letter-strategy", ArgProblem::InvalidDlxStrategy));
+            }
+        }
+        Ok(())
+    }
+
     fn boolean(&self, arg: &'static str) -> Result<bool, ArgError> {
         match self.args.get(arg) {
             None => Ok(false),
@@ -166,6 +199,23 @@ impl QueueArgs {
     /// arguments are ignored, as RabbitMQ does.
     pub fn parse(args: &FieldTable, queue: &str, vhost: &str) -> Result<QueueArgs, ArgError> {
         let p = Parser { args, queue, vhost };
+        let queue_type = match p.string("x-queue-type")? {
+            None => QueueType::Classic,
+            Some(t) => match t.as_str() {
+                "classic" => QueueType::Classic,
+                "quorum" => QueueType::Quorum,
+                other => {
+                    return Err(p.err(
+                        "x-queue-type",
+                        ArgProblem::UnsupportedQueueType(other.to_owned()),
+                    ));
+                }
+            },
+        };
+        let quorum = queue_type == QueueType::Quorum;
+        if quorum {
+            p.check_quorum()?;
+        }
         let overflow = match p.string("x-overflow")? {
             None => Overflow::DropHead,
             Some(s) => match s.as_str() {
@@ -206,18 +256,11 @@ impl QueueArgs {
                 ));
             }
         }
-        let queue_type = match p.string("x-queue-type")? {
-            None => QueueType::Classic,
-            Some(t) => match t.as_str() {
-                "classic" => QueueType::Classic,
-                "quorum" => QueueType::Quorum,
-                other => {
-                    return Err(p.err(
-                        "x-queue-type",
-                        ArgProblem::UnsupportedQueueType(other.to_owned()),
-                    ));
-                }
-            },
+        // A quorum queue takes a negative delivery limit as none (as
+        // RabbitMQ 3.10 accepts it).
+        let delivery_limit = match p.int("x-delivery-limit")? {
+            Some(v) if v < 0 && quorum => None,
+            _ => p.non_negative("x-delivery-limit")?,
         };
         Ok(QueueArgs {
             message_ttl: p.duration("x-message-ttl", true)?,
@@ -228,7 +271,7 @@ impl QueueArgs {
             dead_letter_exchange,
             dead_letter_routing_key,
             max_priority,
-            delivery_limit: p.non_negative("x-delivery-limit")?,
+            delivery_limit,
             single_active_consumer: p.boolean("x-single-active-consumer")?,
             consumer_timeout: p.non_negative("x-consumer-timeout")?,
             queue_type,
@@ -284,11 +327,33 @@ fn describe(v: Option<&FieldValue>) -> String {
 
 /// The first of [`EQUIVALENCE_ARGS`] whose value differs between an existing
 /// queue's arguments and a redeclare's, described as
-/// `(arg, received, current)` for the 406 message.
+/// `(arg, received, current)` for the 406 message. The queue type comes
+/// first: a classic queue is classic with or without `x-queue-type`; any
+/// other type must be named again (RabbitMQ 3.10's texts, recorded in
+/// `tests/data/rabbitmq_3_10_quorum.md`).
 pub fn first_difference(
     current: &FieldTable,
     received: &FieldTable,
 ) -> Option<(&'static str, String, String)> {
+    const TYPE: &str = "x-queue-type";
+    let type_of = |v: Option<&FieldValue>| match v {
+        Some(FieldValue::LongStr(s)) => String::from_utf8_lossy(s).into_owned(),
+        Some(other) => format!("{other:?}"),
+        None => "classic".to_owned(),
+    };
+    let (c, r) = (current.get(TYPE), received.get(TYPE));
+    let current_type = type_of(c);
+    match r {
+        Some(_) if type_of(r) != current_type => {
+            return Some((
+                TYPE,
+                format!("'{}'", type_of(r)),
+                format!("'{current_type}'"),
+            ));
+        }
+        None if current_type != "classic" => return Some((TYPE, describe(None), describe(c))),
+        _ => {}
+    }
     EQUIVALENCE_ARGS.iter().find_map(|&arg| {
         let (c, r) = (current.get(arg), received.get(arg));
         let same = match (c, r) {
@@ -447,5 +512,64 @@ mod tests {
             ("x-other", "x".into()),
         ]);
         assert_eq!(first_difference(&a, &d), None);
+    }
+
+    #[test]
+    fn quorum_queues_refuse_what_rabbitmq_refuses_in_its_words() {
+        let q = |extra: (&'static str, FieldValue)| {
+            parse(&[("x-queue-type", "quorum".into()), extra])
+                .unwrap_err()
+                .to_string()
+        };
+        assert_eq!(
+            q(("x-max-priority", FieldValue::I32(5))),
+            "invalid arg 'x-max-priority' for queue 'q' in vhost '/' of queue type rabbit_quorum_queue"
+        );
+        assert_eq!(
+            q(("x-queue-leader-locator", "bogus".into())),
+            "invalid arg 'x-queue-leader-locator' for queue 'q' in vhost '/': invalid_queue_locator_arg"
+        );
+        assert_eq!(
+            q(("x-quorum-initial-group-size", FieldValue::I32(0))),
+            "invalid arg 'x-quorum-initial-group-size' for queue 'q' in vhost '/': {value_zero,0}"
+        );
+        assert_eq!(
+            q(("x-dead-letter-strategy", "bogus".into())),
+            "invalid arg 'x-dead-letter-strategy' for queue 'q' in vhost '/': invalid_dlx_strategy"
+        );
+        // A negative delivery limit is no limit on a quorum queue, an error
+        // on a classic one.
+        let a = parse(&[
+            ("x-queue-type", "quorum".into()),
+            ("x-delivery-limit", FieldValue::I32(-1)),
+        ])
+        .unwrap();
+        assert_eq!(a.delivery_limit, None);
+        assert!(parse(&[("x-delivery-limit", FieldValue::I32(-1))]).is_err());
+        // Classic queues keep taking what they took.
+        assert!(parse(&[("x-max-priority", FieldValue::I32(5))]).is_ok());
+    }
+
+    #[test]
+    fn a_queue_type_other_than_classic_must_be_named_again() {
+        let quorum = table(&[("x-queue-type", "quorum".into())]);
+        let classic = table(&[("x-queue-type", "classic".into())]);
+        let none = FieldTable::new();
+        assert_eq!(
+            first_difference(&quorum, &classic),
+            Some(("x-queue-type", "'classic'".into(), "'quorum'".into()))
+        );
+        assert_eq!(
+            first_difference(&quorum, &none),
+            Some((
+                "x-queue-type",
+                "none".into(),
+                "the value 'quorum' of type 'longstr'".into()
+            ))
+        );
+        assert_eq!(first_difference(&quorum, &quorum), None);
+        // Classic is classic, named or not.
+        assert_eq!(first_difference(&none, &classic), None);
+        assert_eq!(first_difference(&classic, &none), None);
     }
 }

@@ -80,6 +80,10 @@ pub enum ArgProblem {
     UnsupportedQueueMode(String),
     /// An unknown or unsupported `x-queue-type`.
     UnsupportedQueueType(String),
+    /// `x-queue-leader-locator` other than `client-local` or `balanced`.
+    InvalidQueueLocator,
+    /// `x-dead-letter-strategy` other than `at-most-once` or `at-least-once`.
+    InvalidDlxStrategy,
     /// `x-dead-letter-routing-key` without `x-dead-letter-exchange`.
     RoutingKeyButNoDlx,
 }
@@ -97,6 +101,8 @@ impl std::fmt::Display for ArgProblem {
             ArgProblem::UnsupportedQueueMode(m) => write!(f, "\"unsupported queue mode '{m}'\""),
             ArgProblem::UnsupportedQueueType(t) => write!(f, "\"unsupported queue type '{t}'\""),
             ArgProblem::RoutingKeyButNoDlx => write!(f, "routing_key_but_no_dlx_defined"),
+            ArgProblem::InvalidQueueLocator => write!(f, "invalid_queue_locator_arg"),
+            ArgProblem::InvalidDlxStrategy => write!(f, "invalid_dlx_strategy"),
         }
     }
 }
@@ -127,6 +133,21 @@ pub enum ArgError {
         queue: String,
         /// Vhost name.
         vhost: String,
+    },
+    /// An argument the queue type does not take (a quorum queue's
+    /// `x-max-priority`, say); `queue_type` is RabbitMQ's module name.
+    #[error(
+        "invalid arg '{arg}' for queue '{queue}' in vhost '{vhost}' of queue type {queue_type}"
+    )]
+    NotForQueueType {
+        /// The argument's name.
+        arg: &'static str,
+        /// Queue name.
+        queue: String,
+        /// Vhost name.
+        vhost: String,
+        /// `rabbit_quorum_queue`.
+        queue_type: &'static str,
     },
     /// A queue property the queue type does not allow (`x-queue-type: quorum`
     /// must be durable, not exclusive, not auto-delete).

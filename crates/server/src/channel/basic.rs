@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use amqp_codec::methods::*;
-use amqp_codec::{Content, ContentHeader, Method, ShortStr, reply_code};
+use amqp_codec::{Content, ContentHeader, FieldValue, Method, ShortStr, reply_code};
 use bytes::Bytes;
 use queue_store::parse_expiration;
 
@@ -190,10 +190,14 @@ impl Channel {
                 None => return Err(e),
             },
         };
-        let queue_name = match &queue {
-            Ok(q) => q.name.clone(),
-            Err(remote) => remote.name.clone(),
+        let (queue_name, declared) = match &queue {
+            Ok(q) => (q.name.clone(), &q.arguments),
+            Err(remote) => (remote.name.clone(), &*remote.arguments),
         };
+        if matches!(declared.get("x-queue-type"), Some(FieldValue::LongStr(t)) if &t[..] == b"quorum")
+        {
+            quorum_consume_rules(&queue_name, vhost.name(), &m, self.shared.global_prefetch())?;
+        }
         let tag = if m.consumer_tag.is_empty() {
             server_name("amq.ctag-")
         } else {
@@ -754,4 +758,27 @@ impl Channel {
 /// The header with its `reply-to` property replaced.
 fn with_reply_to(header: ContentHeader, reply_to: ShortStr) -> ContentHeader {
     header.with_properties(|p| p.reply_to = Some(reply_to))
+}
+
+/// What RabbitMQ 3.10 refuses when consuming from a quorum queue (recorded
+/// in `crates/queue-store/tests/data/rabbitmq_3_10_quorum.md`): a channel
+/// with a global prefetch (540, a connection error), and
+/// `x-cancel-on-ha-failover`, a mirrored classic queue's argument (406).
+fn quorum_consume_rules(
+    queue: &str,
+    vhost: &str,
+    m: &BasicConsume,
+    global_prefetch: u16,
+) -> Result<(), AmqpError> {
+    if global_prefetch > 0 {
+        return Err(AmqpError::not_implemented(format!(
+            "queue '{queue}' in vhost '{vhost}' does not support global qos"
+        )));
+    }
+    if m.arguments.get("x-cancel-on-ha-failover").is_some() {
+        return Err(AmqpError::precondition_failed(format!(
+            "invalid arg 'x-cancel-on-ha-failover' for queue '{queue}' in vhost '{vhost}' of queue type rabbit_quorum_queue"
+        )));
+    }
+    Ok(())
 }

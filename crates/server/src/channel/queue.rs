@@ -91,6 +91,11 @@ impl Channel {
             }
             self.allow(node, vhost, Resource::Queue, &name, Access::Configure)?;
             let args = QueueArgs::parse(&m.arguments, &name, vhost.name())?;
+            if m.queue.is_empty() && args.queue_type == queue_store::QueueType::Quorum {
+                return Err(AmqpError::precondition_failed(
+                    "Cannot declare a server-named queue for type rabbit_quorum_queue",
+                ));
+            }
             // As RabbitMQ: naming a dead-letter exchange needs read access
             // to the queue and write access to the exchange.
             if let Some(dlx) = &args.dead_letter_exchange {
