@@ -82,6 +82,101 @@ const ARG_KEYS: [&str; 4] = [
     "consumer-timeout",
 ];
 
+/// RabbitMQ 3.x's mirrored-queue policy keys. Accepted, with RabbitMQ
+/// 3.10's validation, so that 3.x definitions import; a matched queue is
+/// not replicated yet.
+const MIRRORING_KEYS: [&str; 6] = [
+    "ha-mode",
+    "ha-params",
+    "ha-sync-mode",
+    "ha-promote-on-shutdown",
+    "ha-promote-on-failure",
+    "ha-sync-batch-size",
+];
+
+/// A JSON value as RabbitMQ's validation messages print it (an Erlang term).
+fn erlang_term(v: &Value) -> String {
+    match v {
+        Value::String(s) => format!("<<\"{s}\">>"),
+        Value::Array(items) => format!(
+            "[{}]",
+            items.iter().map(erlang_term).collect::<Vec<_>>().join(",")
+        ),
+        other => other.to_string(),
+    }
+}
+
+/// RabbitMQ 3.10's validation of the mirrored-queue keys, in its words
+/// (recorded in `tests/data/rabbitmq_3_10_ha_policies.md`).
+fn check_mirroring(definition: &Map<String, Value>) -> Result<(), String> {
+    let mode = definition.get("ha-mode");
+    let params = definition.get("ha-params");
+    if mode.is_none()
+        && ["ha-params", "ha-sync-mode", "ha-promote-on-shutdown"]
+            .iter()
+            .any(|k| definition.contains_key(*k))
+    {
+        return Err(
+            "ha-mode must be specified to specify ha-params, ha-sync-mode or ha-promote-on-shutdown"
+                .into(),
+        );
+    }
+    if let Some(mode) = mode {
+        let given = params.map_or_else(|| "none".to_owned(), erlang_term);
+        match mode.as_str() {
+            Some("all") if params.is_some() => {
+                return Err("ha-mode=\"all\" does not take parameters".into());
+            }
+            Some("all") => {}
+            Some("exactly") => {
+                if params.and_then(Value::as_i64).is_none_or(|n| n <= 0) {
+                    return Err(format!(
+                        "ha-mode=\"exactly\" takes an integer, {given} given"
+                    ));
+                }
+            }
+            Some("nodes") => {
+                if !params.is_some_and(Value::is_array) {
+                    return Err(format!("ha-mode=\"nodes\" takes a list, {given} given"));
+                }
+            }
+            _ => {
+                return Err(format!(
+                    "{} is not a valid ha-mode value",
+                    erlang_term(mode)
+                ));
+            }
+        }
+    }
+    if let Some(v) = definition.get("ha-sync-mode") {
+        if !matches!(v.as_str(), Some("manual" | "automatic")) {
+            return Err(format!(
+                "ha-sync-mode must be \"manual\" or \"automatic\", got {}",
+                erlang_term(v)
+            ));
+        }
+    }
+    for key in ["ha-promote-on-shutdown", "ha-promote-on-failure"] {
+        if let Some(v) = definition.get(key) {
+            if !matches!(v.as_str(), Some("always" | "when-synced")) {
+                return Err(format!(
+                    "{key} must be \"always\" or \"when-synced\", got {}",
+                    erlang_term(v)
+                ));
+            }
+        }
+    }
+    if let Some(v) = definition.get("ha-sync-batch-size") {
+        if v.as_i64().is_none_or(|n| n <= 0) {
+            return Err(format!(
+                "ha-sync-batch-size takes an integer greater than 0, {} given",
+                erlang_term(v)
+            ));
+        }
+    }
+    Ok(())
+}
+
 impl Policy {
     /// Validates and builds a policy (RabbitMQ's validation wording where it
     /// has one).
@@ -97,6 +192,7 @@ impl Policy {
         if definition.is_empty() {
             return Err("Validation failed\n\nno policy definition provided".into());
         }
+        check_mirroring(&definition).map_err(|e| format!("Validation failed\n\n{e}"))?;
         for (key, value) in &definition {
             let ok = match key.as_str() {
                 k if MIN_KEYS.contains(&k) || k == "consumer-timeout" => {
@@ -117,6 +213,8 @@ impl Policy {
                     value.as_str(),
                     Some("client-local" | "min-masters" | "random")
                 ),
+                // RabbitMQ 3.x's mirrored-queue keys (checked above).
+                k if MIRRORING_KEYS.contains(&k) => true,
                 other => {
                     return Err(format!(
                         "Validation failed\n\n[{{<<\"{other}\">>,{value}}}] are not recognised policy settings"
@@ -314,7 +412,7 @@ mod tests {
     fn bad_definitions_are_refused() {
         assert!(policy(serde_json::json!({"max-length": -1}), 0).is_err());
         assert!(policy(serde_json::json!({"overflow": "sideways"}), 0).is_err());
-        assert!(policy(serde_json::json!({"ha-mode": "all"}), 0).is_err());
+        assert!(policy(serde_json::json!({"ha-mode": "sometimes"}), 0).is_err());
         assert!(policy(serde_json::json!({}), 0).is_err());
         assert!(policy(serde_json::json!({"queue-mode": "lazy"}), 0).is_ok());
     }
@@ -331,5 +429,28 @@ mod tests {
             Some("b")
         );
         assert!(for_queue(&all, "other").is_none());
+    }
+
+    /// Every case RabbitMQ 3.10.8 was asked (`conformance/capture/probe_ha_policies.sh`):
+    /// the same definitions are accepted, and refused with the same text.
+    #[test]
+    fn mirrored_queue_keys_are_validated_as_rabbitmq_does() {
+        let recorded = include_str!("../tests/data/rabbitmq_3_10_ha_policies.md");
+        let mut cases = 0;
+        for line in recorded.lines().filter(|l| l.starts_with("| `{")) {
+            let cells: Vec<&str> = line.split(" | ").collect();
+            let definition = cells[0].trim_start_matches("| `").trim_end_matches('`');
+            let reply = cells[1].trim_end_matches(" |").trim_matches('`');
+            let Ok(Value::Object(m)) = serde_json::from_str::<Value>(definition) else {
+                panic!("unreadable case {line}");
+            };
+            let got = match Policy::new("/", "p1", "^q", ApplyTo::All, 0, m) {
+                Ok(_) => "ok".to_owned(),
+                Err(e) => e.trim_start_matches("Validation failed\n\n").to_owned(),
+            };
+            assert_eq!(got, reply, "{definition}");
+            cases += 1;
+        }
+        assert_eq!(cases, 22);
     }
 }
