@@ -1127,7 +1127,8 @@ async fn policies_apply_to_live_queues_at_once_and_survive_a_restart() {
     // dead-letter routing key needs a dead-letter exchange, as for arguments).
     for definition in [
         json!({"max-length": "many"}),
-        json!({"ha-mode": "all"}),
+        json!({"no-such-key": 1}),
+        json!({"ha-mode": "all", "ha-params": 2}),
         json!({"dead-letter-routing-key": "k"}),
     ] {
         assert_eq!(
