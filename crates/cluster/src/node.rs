@@ -224,6 +224,12 @@ impl ClusterNode {
                 .is_some_and(|ms| ms <= QUORUM_SILENCE.as_millis() as u64)
     }
 
+    /// This node leads and no follower has acknowledged it yet.
+    fn newly_elected(&self) -> bool {
+        let m = self.raft.metrics().borrow().clone();
+        m.state == ServerState::Leader && m.millis_since_quorum_ack.is_none()
+    }
+
     /// Appends as the leader, if it still has a majority. (A command
     /// refused here was appended nowhere. One appended just before the
     /// majority was lost may still commit once it returns: its caller times
@@ -232,6 +238,20 @@ impl ClusterNode {
         &self,
         request: MetaRequest,
     ) -> Result<(MetaResponse, u64), MetaError> {
+        if !self.has_majority() && self.newly_elected() {
+            // Elected a moment ago: no follower has acknowledged it yet.
+            // That comes with the first heartbeat; a leader that has lost
+            // its majority (acknowledged once, silent since) is refused at
+            // once instead.
+            let _ = self
+                .raft
+                .wait(Some(QUORUM_SILENCE))
+                .metrics(
+                    |m| m.state != ServerState::Leader || m.millis_since_quorum_ack.is_some(),
+                    "a newly elected leader's first quorum acknowledgement",
+                )
+                .await;
+        }
         if !self.has_majority() {
             let voters = self.status().voters.len();
             return Err(unavailable(format!(
