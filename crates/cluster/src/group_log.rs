@@ -3,11 +3,13 @@
 //! file, so one `fdatasync` covers many groups' appends). Each group type
 //! says how its records are encoded ([`LogFormat`]): the metadata group in
 //! JSON (what its data directories already hold), replicated queues in
-//! bincode (their entries carry message bodies).
+//! bincode (their entries carry message bodies). [`SnapshotFile`] is where
+//! a group's state machine keeps its last snapshot.
 
 use std::fmt::Debug;
 use std::marker::PhantomData;
 use std::ops::RangeBounds;
+use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
@@ -181,5 +183,44 @@ where
             .purge(self.group, log_id.index, Bytes::from(b))
             .await
             .map_err(|e| StorageIOError::write_logs(&e).into())
+    }
+}
+
+/// A group's last snapshot on disk: one file, replaced durably (temporary
+/// file, fsync, rename, directory fsync) before openraft purges the entries
+/// it covers.
+#[derive(Debug, Clone)]
+pub struct SnapshotFile {
+    path: PathBuf,
+}
+
+impl SnapshotFile {
+    /// The snapshot kept at `path`.
+    pub fn new(path: PathBuf) -> SnapshotFile {
+        SnapshotFile { path }
+    }
+
+    /// Where it is.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The last snapshot written, if there is one.
+    pub fn read(&self) -> std::io::Result<Option<Vec<u8>>> {
+        match std::fs::read(&self.path) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Replaces it with `bytes`, durably, off the runtime's workers.
+    pub async fn write(&self, bytes: Vec<u8>) -> Result<(), StorageError<u64>> {
+        let path = self.path.clone();
+        let tmp = path.with_extension("snapshot.tmp");
+        tokio::task::spawn_blocking(move || crate::identity::write_durably(&tmp, &path, &bytes))
+            .await
+            .map_err(|e| StorageIOError::write_snapshot(None, &io(e.to_string())))?
+            .map_err(|e| StorageIOError::write_snapshot(None, &e).into())
     }
 }

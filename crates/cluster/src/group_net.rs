@@ -233,11 +233,10 @@ mod tests {
     use super::*;
     use crate::group_log::GroupLog;
     use crate::link::RequestHandler;
-    use crate::queue_group::test_support::{identity, message};
+    use crate::queue_group::test_support::{applied, identity, leader_seen_by, message};
     use crate::queue_group::{QueueMachine, QueueResponse};
     use crate::raft_wal::RaftWal;
     use std::collections::BTreeMap;
-    use std::time::Duration;
 
     const GROUP: u64 = 42;
 
@@ -330,32 +329,14 @@ mod tests {
             );
         }
         members[&1].raft.initialize(nodes.clone()).await.unwrap();
-        let wait_leader = |m: &Member, not: Option<u64>| {
-            let raft = m.raft.clone();
-            async move {
-                raft.wait(Some(Duration::from_secs(10)))
-                    .metrics(
-                        |m| m.current_leader.is_some() && m.current_leader != not,
-                        "a leader",
-                    )
-                    .await
-                    .expect("no leader")
-                    .current_leader
-                    .expect("a leader")
-            }
-        };
-        let first = wait_leader(&members[&1], None).await;
+        let first = leader_seen_by(&members[&1].raft, None).await;
         for n in 1..=20 {
             let r = members[&first].raft.client_write(message(n)).await.unwrap();
             assert_eq!(r.data, QueueResponse::Enqueued(true));
         }
         let index = members[&first].machine.applied_index();
         for m in members.values() {
-            m.raft
-                .wait(Some(Duration::from_secs(10)))
-                .applied_index_at_least(Some(index), "applied")
-                .await
-                .unwrap();
+            applied(&m.raft, index).await;
             assert_eq!(m.machine.with_state(|s| s.queue().ready_count()), 20);
         }
 
@@ -365,7 +346,7 @@ mod tests {
         gone.raft.shutdown().await.unwrap();
         gone.links.shutdown();
         let other = members.values().next().unwrap();
-        let second = wait_leader(other, Some(first)).await;
+        let second = leader_seen_by(&other.raft, Some(first)).await;
         for n in 21..=30 {
             members[&second]
                 .raft
@@ -375,11 +356,7 @@ mod tests {
         }
         let index = members[&second].machine.applied_index();
         for m in members.values() {
-            m.raft
-                .wait(Some(Duration::from_secs(10)))
-                .applied_index_at_least(Some(index), "applied")
-                .await
-                .unwrap();
+            applied(&m.raft, index).await;
             assert_eq!(m.machine.with_state(|s| s.queue().ready_count()), 30);
         }
         for m in members.values() {

@@ -18,7 +18,6 @@
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::io::Cursor;
-use std::path::PathBuf;
 use std::sync::{Arc, OnceLock, Weak};
 
 use amqp_codec::FieldTable;
@@ -33,6 +32,7 @@ use queue_store::DefKind;
 use serde::{Deserialize, Serialize};
 use server::meta::{MetaCommand, MetaError, MetaProjection, MetaState};
 
+use crate::group_log::SnapshotFile;
 use crate::identity::NodeInfo;
 
 /// The metadata group's id on the links and in the WAL.
@@ -144,11 +144,10 @@ struct SnapshotBody {
     forgotten: BTreeMap<u64, String>,
 }
 
-#[derive(Default)]
 struct MachineShared {
     machine: Mutex<Machine>,
     projection: OnceLock<Weak<dyn MetaProjection>>,
-    snapshot_path: PathBuf,
+    snapshot: SnapshotFile,
 }
 
 impl Debug for MachineShared {
@@ -166,22 +165,18 @@ pub struct MetaMachine {
 impl MetaMachine {
     /// Loads the last snapshot from `dir` (if any).
     pub fn open(dir: &std::path::Path) -> Result<MetaMachine, String> {
-        let snapshot_path = dir.join("meta.snapshot");
+        let snapshot = SnapshotFile::new(dir.join("meta.snapshot"));
+        let at = |e: &dyn std::fmt::Display| format!("{}: {e}", snapshot.path().display());
         let mut machine = Machine::default();
-        match std::fs::read(&snapshot_path) {
-            Ok(bytes) => {
-                let body: SnapshotBody = serde_json::from_slice(&bytes)
-                    .map_err(|e| format!("{}: {e}", snapshot_path.display()))?;
-                machine = machine_from(&body)?;
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(format!("{}: {e}", snapshot_path.display())),
+        if let Some(bytes) = snapshot.read().map_err(|e| at(&e))? {
+            let body: SnapshotBody = serde_json::from_slice(&bytes).map_err(|e| at(&e))?;
+            machine = machine_from(&body)?;
         }
         Ok(MetaMachine {
             shared: Arc::new(MachineShared {
                 machine: Mutex::new(machine),
                 projection: OnceLock::new(),
-                snapshot_path,
+                snapshot,
             }),
         })
     }
@@ -278,13 +273,7 @@ impl RaftSnapshotBuilder<MetaTypes> for MetaMachine {
         let body = snapshot_of(&self.shared.machine.lock());
         let bytes =
             serde_json::to_vec(&body).map_err(|e| StorageIOError::write_snapshot(None, &e))?;
-        let path = self.shared.snapshot_path.clone();
-        let tmp = path.with_extension("snapshot.tmp");
-        let data = bytes.clone();
-        tokio::task::spawn_blocking(move || crate::identity::write_durably(&tmp, &path, &data))
-            .await
-            .map_err(|e| StorageIOError::write_snapshot(None, &io_err(e)))?
-            .map_err(|e| StorageIOError::write_snapshot(None, &e))?;
+        self.shared.snapshot.write(bytes.clone()).await?;
         Ok(Snapshot {
             meta: body.meta,
             snapshot: Box::new(Cursor::new(bytes)),
@@ -373,14 +362,9 @@ impl RaftStateMachine<MetaTypes> for MetaMachine {
         body.meta = meta.clone();
         let fresh = machine_from(&body)
             .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &io_err(e)))?;
-        let path = self.shared.snapshot_path.clone();
-        let tmp = path.with_extension("snapshot.tmp");
         let data =
             serde_json::to_vec(&body).map_err(|e| StorageIOError::write_snapshot(None, &e))?;
-        tokio::task::spawn_blocking(move || crate::identity::write_durably(&tmp, &path, &data))
-            .await
-            .map_err(|e| StorageIOError::write_snapshot(None, &io_err(e)))?
-            .map_err(|e| StorageIOError::write_snapshot(None, &e))?;
+        self.shared.snapshot.write(data).await?;
         // The runtime views follow: what the snapshot removes is deleted,
         // what it holds is put (puts of what exists change nothing).
         let old = std::mem::replace(&mut *self.shared.machine.lock(), fresh.clone());
@@ -407,8 +391,8 @@ impl RaftStateMachine<MetaTypes> for MetaMachine {
     async fn get_current_snapshot(
         &mut self,
     ) -> Result<Option<Snapshot<MetaTypes>>, StorageError<u64>> {
-        match std::fs::read(&self.shared.snapshot_path) {
-            Ok(bytes) => {
+        match self.shared.snapshot.read() {
+            Ok(Some(bytes)) => {
                 let body: SnapshotBody = serde_json::from_slice(&bytes)
                     .map_err(|e| StorageIOError::read_snapshot(None, &e))?;
                 Ok(Some(Snapshot {
@@ -416,7 +400,7 @@ impl RaftStateMachine<MetaTypes> for MetaMachine {
                     snapshot: Box::new(Cursor::new(bytes)),
                 }))
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Ok(None) => Ok(None),
             Err(e) => Err(StorageIOError::read_snapshot(None, &e).into()),
         }
     }

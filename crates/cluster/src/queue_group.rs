@@ -40,6 +40,7 @@ use queue_store::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::group_log::SnapshotFile;
 use crate::identity::NodeInfo;
 
 openraft::declare_raft_types!(
@@ -429,7 +430,7 @@ struct MachineShared {
     identity: QueueIdentity,
     replica: Mutex<Replica>,
     events: OnceLock<Weak<dyn ReplicaEvents>>,
-    snapshot_path: PathBuf,
+    snapshot: SnapshotFile,
 }
 
 /// A replicated queue's state machine on this node (cheap to clone: a
@@ -579,13 +580,14 @@ impl QueueMachine {
     /// The state machine of the queue `identity`, from its last snapshot
     /// at `snapshot_path` if there is one.
     pub fn open(identity: QueueIdentity, snapshot_path: PathBuf) -> Result<QueueMachine, String> {
-        let replica = match std::fs::read(&snapshot_path) {
-            Ok(bytes) => {
-                let body: SnapshotBody = bincode::deserialize(&bytes)
-                    .map_err(|e| format!("{}: {e}", snapshot_path.display()))?;
+        let snapshot = SnapshotFile::new(snapshot_path);
+        let at = |e: &dyn std::fmt::Display| format!("{}: {e}", snapshot.path().display());
+        let replica = match snapshot.read().map_err(|e| at(&e))? {
+            Some(bytes) => {
+                let body: SnapshotBody = bincode::deserialize(&bytes).map_err(|e| at(&e))?;
                 replica_from(&identity, &body)?
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Replica {
+            None => Replica {
                 state: QuorumState::new(
                     identity.id,
                     identity.name.clone(),
@@ -596,14 +598,13 @@ impl QueueMachine {
                 last_applied: None,
                 membership: StoredMembership::default(),
             },
-            Err(e) => return Err(format!("{}: {e}", snapshot_path.display())),
         };
         Ok(QueueMachine {
             shared: Arc::new(MachineShared {
                 identity,
                 replica: Mutex::new(replica),
                 events: OnceLock::new(),
-                snapshot_path,
+                snapshot,
             }),
         })
     }
@@ -630,13 +631,7 @@ impl QueueMachine {
     async fn write_snapshot(&self, body: &SnapshotBody) -> Result<Vec<u8>, StorageError<u64>> {
         let bytes = bincode::serialize(body)
             .map_err(|e| StorageIOError::write_snapshot(None, &io_err(e)))?;
-        let path = self.shared.snapshot_path.clone();
-        let tmp = path.with_extension("snapshot.tmp");
-        let data = bytes.clone();
-        tokio::task::spawn_blocking(move || crate::identity::write_durably(&tmp, &path, &data))
-            .await
-            .map_err(|e| StorageIOError::write_snapshot(None, &io_err(e)))?
-            .map_err(|e| StorageIOError::write_snapshot(None, &e))?;
+        self.shared.snapshot.write(bytes.clone()).await?;
         Ok(bytes)
     }
 }
@@ -736,8 +731,8 @@ impl RaftStateMachine<QueueTypes> for QueueMachine {
     async fn get_current_snapshot(
         &mut self,
     ) -> Result<Option<Snapshot<QueueTypes>>, StorageError<u64>> {
-        match std::fs::read(&self.shared.snapshot_path) {
-            Ok(bytes) => {
+        match self.shared.snapshot.read() {
+            Ok(Some(bytes)) => {
                 let body: SnapshotBody = bincode::deserialize(&bytes)
                     .map_err(|e| StorageIOError::read_snapshot(None, &io_err(e)))?;
                 Ok(Some(Snapshot {
@@ -745,14 +740,15 @@ impl RaftStateMachine<QueueTypes> for QueueMachine {
                     snapshot: Box::new(Cursor::new(bytes)),
                 }))
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Ok(None) => Ok(None),
             Err(e) => Err(StorageIOError::read_snapshot(None, &e).into()),
         }
     }
 }
 
 /// What the tests of queue groups share: a queue's identity, a member's
-/// address, a persistent message.
+/// address, a persistent message, and waits for a leader and for an index
+/// applied.
 #[cfg(test)]
 pub(crate) mod test_support {
     use super::*;
@@ -803,6 +799,27 @@ pub(crate) mod test_support {
             now_ms: n,
         })
     }
+
+    /// The leader `raft`'s replica sees, once it sees one other than `not`.
+    pub(crate) async fn leader_seen_by(raft: &openraft::Raft<QueueTypes>, not: Option<u64>) -> u64 {
+        raft.wait(Some(std::time::Duration::from_secs(10)))
+            .metrics(
+                |m| m.current_leader.is_some() && m.current_leader != not,
+                "a leader",
+            )
+            .await
+            .expect("no leader elected")
+            .current_leader
+            .expect("a leader")
+    }
+
+    /// Waits until `raft`'s replica has applied `index`.
+    pub(crate) async fn applied(raft: &openraft::Raft<QueueTypes>, index: u64) {
+        raft.wait(Some(std::time::Duration::from_secs(10)))
+            .applied_index_at_least(Some(index), "applied")
+            .await
+            .expect("not applied in time");
+    }
 }
 
 #[cfg(test)]
@@ -811,7 +828,7 @@ mod tests {
     //! that calls the target's `Raft` directly (and can cut a replica off),
     //! each with its own WAL and snapshot file in a temporary directory.
 
-    use super::test_support::{identity, message, node};
+    use super::test_support::{applied, identity, leader_seen_by, message, node};
     use super::*;
     use crate::group_log::GroupLog;
     use crate::raft_wal::RaftWal;
@@ -984,25 +1001,12 @@ mod tests {
             .iter()
             .find(|(id, _)| Some(**id) != not)
             .expect("a replica");
-        let m = watcher
-            .raft
-            .wait(Some(Duration::from_secs(10)))
-            .metrics(
-                |m| m.current_leader.is_some() && m.current_leader != not,
-                "a leader",
-            )
-            .await
-            .expect("no leader elected");
-        m.current_leader.expect("a leader")
+        leader_seen_by(&watcher.raft, not).await
     }
 
     async fn applied_everywhere(replicas: &BTreeMap<u64, Replica>, index: u64) {
         for r in replicas.values() {
-            r.raft
-                .wait(Some(Duration::from_secs(10)))
-                .applied_index_at_least(Some(index), "applied")
-                .await
-                .unwrap();
+            applied(&r.raft, index).await;
         }
     }
 
@@ -1101,12 +1105,7 @@ mod tests {
         old.wal.close();
         router.rafts.lock().remove(&restarted);
         let fresh = start(&router, dir.path(), restarted).await;
-        fresh
-            .raft
-            .wait(Some(Duration::from_secs(10)))
-            .applied_index_at_least(Some(index), "replayed")
-            .await
-            .unwrap();
+        applied(&fresh.raft, index).await;
         assert_eq!(counts(&fresh), want);
         for r in replicas.values() {
             r.raft.shutdown().await.unwrap();
