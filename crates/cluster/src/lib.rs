@@ -34,6 +34,7 @@ pub mod meta_group;
 pub mod node;
 pub mod queue_group;
 pub mod raft_wal;
+pub mod replica;
 pub mod rpc;
 
 use std::net::SocketAddr;
@@ -118,6 +119,7 @@ pub struct ClusterHandle {
     handler: Arc<node::Handler>,
     gossip: Arc<gossip::Gossip>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    projection: Arc<ClusterProjection>,
 }
 
 impl ClusterHandle {
@@ -127,6 +129,7 @@ impl ClusterHandle {
         server::ClusterParts {
             meta: Box::new(RaftMetaLog {
                 node: self.node.clone(),
+                projection: self.projection.clone(),
             }),
             peers: Arc::new(node::ClusterPeers {
                 node: self.node.clone(),
@@ -145,6 +148,7 @@ impl ClusterHandle {
         for t in &self.tasks {
             t.abort();
         }
+        self.node.replicas.shutdown().await;
         let _ = self.node.raft.shutdown().await;
         self.node.links.shutdown();
         if let Ok(g) = Arc::try_unwrap(self.gossip) {
@@ -279,6 +283,13 @@ pub async fn start(mut settings: ClusterSettings) -> Result<ClusterHandle, Clust
     )
     .await
     .map_err(|e| ClusterError::Raft(e.to_string()))?;
+    let replicas = replica::Replicas::new(
+        me.clone(),
+        links.clone(),
+        wal.clone(),
+        handler.queue_groups.clone(),
+        raft_dir.join("queues"),
+    );
     let node = Arc::new(ClusterNode::new(
         me.clone(),
         settings.cluster_name.clone(),
@@ -286,7 +297,12 @@ pub async fn start(mut settings: ClusterSettings) -> Result<ClusterHandle, Clust
         raft,
         machine,
         gossip.view(),
+        replicas.clone(),
     ));
+    let host: Arc<dyn replica::ReplicaHost> = node.clone();
+    replicas.set_host(Arc::downgrade(&host));
+    let projection = Arc::new(ClusterProjection::default());
+    let _ = projection.replicas.set(replicas);
     let _ = handler.node.set(Arc::downgrade(&node));
     let mut tasks = vec![tokio::spawn(links.clone().serve(listener))];
     tasks.push(tokio::spawn(gossip_rounds(
@@ -303,6 +319,7 @@ pub async fn start(mut settings: ClusterSettings) -> Result<ClusterHandle, Clust
         handler,
         gossip,
         tasks,
+        projection,
     })
 }
 
@@ -477,6 +494,59 @@ fn drop_transient_of(
 #[derive(Debug)]
 pub struct RaftMetaLog {
     node: Arc<ClusterNode>,
+    projection: Arc<ClusterProjection>,
+}
+
+/// What a committed metadata command changes on this node: the server's
+/// runtime views (its projection), then the replicated queues (a declared
+/// one's replica starts on its members, a deleted one's stops).
+#[derive(Default)]
+struct ClusterProjection {
+    server: std::sync::OnceLock<Weak<dyn MetaProjection>>,
+    replicas: std::sync::OnceLock<Arc<replica::Replicas>>,
+}
+
+impl std::fmt::Debug for ClusterProjection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterProjection").finish_non_exhaustive()
+    }
+}
+
+impl ClusterProjection {
+    fn replicated(&self, command: &MetaCommand) {
+        let Some(replicas) = self.replicas.get() else {
+            return;
+        };
+        match command {
+            MetaCommand::DeclareQueue { vhost, queue } => replicas.declared(vhost, queue),
+            MetaCommand::DeleteQueue { vhost, name } => replicas.deleted(vhost, name),
+            MetaCommand::DeleteVhost { name } => replicas.vhost_deleted(name),
+            _ => {}
+        }
+    }
+
+    /// Sets the server's projection on `node`'s machine behind this one;
+    /// the state as of then (its replicated queues known from now on).
+    fn attach(self: &Arc<Self>, node: &ClusterNode, server: Weak<dyn MetaProjection>) -> MetaState {
+        let _ = self.server.set(server);
+        let me: Arc<dyn MetaProjection> = self.clone();
+        let state = node.machine.attach(Arc::downgrade(&me));
+        for d in state.definitions() {
+            if let Ok(command) = MetaCommand::from_definition(d.kind, &d.key, &d.record) {
+                self.replicated(&command);
+            }
+        }
+        state
+    }
+}
+
+impl MetaProjection for ClusterProjection {
+    fn project(&self, command: &MetaCommand) {
+        if let Some(p) = self.server.get().and_then(Weak::upgrade) {
+            p.project(command);
+        }
+        self.replicated(command);
+    }
 }
 
 impl MetaLog for RaftMetaLog {
@@ -501,11 +571,11 @@ impl MetaLog for RaftMetaLog {
     }
 
     fn set_projection(&self, projection: Weak<dyn MetaProjection>) {
-        self.node.machine.set_projection(projection);
+        let _ = self.projection.attach(&self.node, projection);
     }
 
     fn attach(&self, projection: Weak<dyn MetaProjection>) -> Option<MetaState> {
-        Some(self.node.machine.attach(projection))
+        Some(self.projection.attach(&self.node, projection))
     }
 }
 

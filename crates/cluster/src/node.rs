@@ -25,6 +25,7 @@ use crate::gossip::{GossipView, SharedView};
 use crate::identity::NodeInfo;
 use crate::link::{Links, RequestHandler};
 use crate::meta_group::{META_GROUP, MetaMachine, MetaRequest, MetaResponse, MetaTypes};
+use crate::queue_group::{QueueRequest, QueueResponse};
 use crate::rpc::{Request, Response, Status};
 
 /// This node's consumers of queues elsewhere: key -> (home, sink).
@@ -59,6 +60,8 @@ pub struct ClusterNode {
     /// where their deliveries go).
     pub(crate) sinks: parking_lot::Mutex<RemoteSinks>,
     next_key: std::sync::atomic::AtomicU64,
+    /// The replicated queues.
+    pub replicas: Arc<crate::replica::Replicas>,
 }
 
 impl std::fmt::Debug for ClusterNode {
@@ -81,8 +84,10 @@ impl ClusterNode {
         raft: Raft<MetaTypes>,
         machine: MetaMachine,
         gossip: SharedView,
+        replicas: Arc<crate::replica::Replicas>,
     ) -> ClusterNode {
         ClusterNode {
+            replicas,
             me,
             cluster_name,
             links,
@@ -377,11 +382,66 @@ impl ClusterNode {
     }
 }
 
+impl crate::replica::ReplicaHost for ClusterNode {
+    fn member(&self, id: u64) -> Option<NodeInfo> {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow();
+        m.membership_config.membership().get_node(&id).cloned()
+    }
+
+    fn member_named(&self, name: &str) -> Option<NodeInfo> {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow();
+        m.membership_config
+            .membership()
+            .nodes()
+            .find(|(_, n)| n.name == name)
+            .map(|(_, n)| n.clone())
+    }
+
+    fn local_sink(&self, key: u64) -> Option<Arc<dyn server::peers::RemoteSink>> {
+        self.sinks.lock().get(&key).map(|(_, s)| s.clone())
+    }
+}
+
 /// The server's way to queues on other nodes: an enqueue goes in order on
 /// the link to the queue's home node.
 #[derive(Debug)]
 pub struct ClusterPeers {
     pub(crate) node: Arc<ClusterNode>,
+}
+
+impl ClusterPeers {
+    /// A replicated queue's ready messages and consumers: from this node's
+    /// replica, else from a member's.
+    fn replicated_counts(
+        &self,
+        q: &Arc<crate::replica::Replicated>,
+    ) -> server::peers::RemoteCounts {
+        if let Some(counts) = q.local_counts() {
+            return Box::pin(std::future::ready(Ok(Some(counts))));
+        }
+        let node = self.node.clone();
+        let q = q.clone();
+        Box::pin(async move {
+            let mut last = String::from("no member answered");
+            for m in &q.members {
+                let Some(addr) = node.address_of(m) else {
+                    continue;
+                };
+                let answer = node
+                    .links
+                    .send_ordered(&addr, Request::QueueCounts { group: q.id });
+                match answer.await {
+                    Ok(Ok(Response::QueueInfo(Some(counts)))) => return Ok(Some(counts)),
+                    Ok(Ok(other)) => last = format!("node '{m}' answered {other:?}"),
+                    Ok(Err(e)) => last = format!("node '{m}': {e}"),
+                    Err(_) => last = format!("node '{m}': no answer"),
+                }
+            }
+            Err(last)
+        })
+    }
 }
 
 /// What a home node did with a request: done, or its reply code and text.
@@ -528,6 +588,33 @@ impl server::peers::Peers for ClusterPeers {
         queue: &amqp_codec::ShortStr,
         ack: bool,
     ) -> server::peers::RemoteGet {
+        let replicas = &self.node.replicas;
+        if let Some(q) = replicas.by_name(vhost, queue) {
+            let request = QueueRequest::Get {
+                requester: (replicas.me(), 0),
+                no_ack: !ack,
+                now_ms: server::queue::now_ms(),
+            };
+            let answer = replicas.propose(&q, request);
+            return Box::pin(async move {
+                match answer.await? {
+                    QueueResponse::Got(None) => Ok(None),
+                    QueueResponse::Got(Some(g)) => Ok(Some(server::peers::RemoteDelivery {
+                        seq: g.seq,
+                        redelivered: g.redelivered,
+                        delivery_count: g.delivery_count,
+                        remaining: u32::try_from(g.remaining).unwrap_or(u32::MAX),
+                        exchange: amqp_codec::ShortStr::try_from(g.message.exchange())
+                            .map_err(|e| e.to_string())?,
+                        routing_key: amqp_codec::ShortStr::try_from(g.message.routing_key())
+                            .map_err(|e| e.to_string())?,
+                        header: g.message.header().clone(),
+                        body: g.message.body().clone(),
+                    })),
+                    other => Err(format!("a get answered {other:?}")),
+                }
+            });
+        }
         let Some(addr) = self.node.address_of(home) else {
             let text = format!("node '{home}' is not a member of the cluster");
             return Box::pin(std::future::ready(Err(text)));
@@ -582,6 +669,19 @@ impl server::peers::Peers for ClusterPeers {
         vhost: &str,
         queue: &amqp_codec::ShortStr,
     ) -> server::peers::RemoteCount {
+        if let Some(q) = self.node.replicas.by_name(vhost, queue) {
+            let answer = self.node.replicas.propose(&q, QueueRequest::Purge);
+            return Box::pin(async move {
+                match answer.await {
+                    Ok(QueueResponse::Purged(n)) => Ok(u32::try_from(n).unwrap_or(u32::MAX)),
+                    Ok(other) => Err(server::peers::Refusal {
+                        code: 0,
+                        text: format!("a purge answered {other:?}"),
+                    }),
+                    Err(text) => Err(server::peers::Refusal { code: 0, text }),
+                }
+            });
+        }
         let request = Request::Purge {
             vhost: vhost.to_owned(),
             queue: queue.to_string(),
@@ -597,6 +697,55 @@ impl server::peers::Peers for ClusterPeers {
         if_unused: bool,
         if_empty: bool,
     ) -> server::peers::RemoteCount {
+        if let Some(q) = self.node.replicas.by_name(vhost, queue) {
+            // A replicated queue is deleted by committing its deletion (its
+            // members stop their replicas as they apply it), after its
+            // counts are checked.
+            let counts = self.replicated_counts(&q);
+            let node = self.node.clone();
+            let vhost = vhost.to_owned();
+            let queue = queue.clone();
+            return Box::pin(async move {
+                use server::peers::Refusal;
+                let (ready, consumers) = counts
+                    .await
+                    .map_err(|text| Refusal { code: 0, text })?
+                    .unwrap_or((0, 0));
+                let refuse = |what: &str| Refusal {
+                    code: 406,
+                    text: format!(
+                        "PRECONDITION_FAILED - queue '{queue}' in vhost '{vhost}' {what}"
+                    ),
+                };
+                if if_unused && consumers > 0 {
+                    return Err(refuse("in use"));
+                }
+                if if_empty && ready > 0 {
+                    return Err(refuse("not empty"));
+                }
+                let command = server::meta::MetaCommand::DeleteQueue {
+                    vhost: vhost.clone(),
+                    name: queue.clone(),
+                };
+                let request = crate::meta_group::MetaRequest::Command(command.to_wire());
+                match node.commit(request).await {
+                    Ok(r) => match r.result {
+                        Some(Ok(_)) | None => Ok(ready),
+                        Some(Err(e)) => {
+                            let e = MetaError::from(e);
+                            Err(Refusal {
+                                code: 0,
+                                text: e.to_string(),
+                            })
+                        }
+                    },
+                    Err(e) => Err(Refusal {
+                        code: 0,
+                        text: e.to_string(),
+                    }),
+                }
+            });
+        }
         let request = Request::DeleteQueue {
             vhost: vhost.to_owned(),
             queue: queue.to_string(),
@@ -638,6 +787,9 @@ impl server::peers::Peers for ClusterPeers {
         vhost: &str,
         queue: &amqp_codec::ShortStr,
     ) -> server::peers::RemoteCounts {
+        if let Some(q) = self.node.replicas.by_name(vhost, queue) {
+            return self.replicated_counts(&q);
+        }
         let request = Request::QueueInfo {
             vhost: vhost.to_owned(),
             queue: queue.to_string(),
@@ -657,6 +809,26 @@ impl server::peers::Peers for ClusterPeers {
         seqs: Vec<u64>,
         how: server::queue::Settle,
     ) {
+        let replicas = &self.node.replicas;
+        if let Some(q) = replicas.by_name(vhost, queue) {
+            let request = QueueRequest::Settle {
+                consumer: (replicas.me(), 0),
+                seqs: seqs.clone(),
+                how: settle_octet(how),
+                now_ms: server::queue::now_ms(),
+            };
+            let answer = replicas.propose(&q, request);
+            tokio::spawn(async move {
+                if let Err(e) = answer.await {
+                    // Its leader hands them out again once elected.
+                    tracing::debug!(queue = %q.name, error = %e, "a settlement was not committed");
+                }
+                // Until now a new leader's second delivery of one of them
+                // was a duplicate (settled here, not yet there).
+                q.settled(&seqs);
+            });
+            return;
+        }
         let Some(addr) = self.node.address_of(home) else {
             tracing::warn!(node = %home, "settling deliveries of a node that is not a member");
             return;
@@ -678,6 +850,40 @@ impl server::peers::Peers for ClusterPeers {
         c: server::peers::RemoteConsume,
         sink: Arc<dyn server::peers::RemoteSink>,
     ) -> server::peers::RemoteConsumeOk {
+        let replicas = &self.node.replicas;
+        if let Some(q) = replicas.by_name(&c.vhost, &c.queue) {
+            let key = self
+                .node
+                .next_key
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            // No home node: a replicated queue's consumers outlive any one
+            // node's link (its leader moves).
+            self.node.sinks.lock().insert(key, (String::new(), sink));
+            replicas.add_consumer(key, &q);
+            let request = QueueRequest::Checkout {
+                consumer: (replicas.me(), key),
+                prefetch: if c.prefetch == 0 {
+                    PEER_CONSUMER_WINDOW
+                } else {
+                    u32::from(c.prefetch)
+                },
+                no_ack: false,
+                priority: c.priority,
+                now_ms: server::queue::now_ms(),
+            };
+            let answer = replicas.propose(&q, request);
+            let node = self.node.clone();
+            return Box::pin(async move {
+                match answer.await {
+                    Ok(_) => Ok(key),
+                    Err(e) => {
+                        node.sinks.lock().remove(&key);
+                        node.replicas.remove_consumer(key);
+                        Err(e)
+                    }
+                }
+            });
+        }
         let Some(addr) = self.node.address_of(home) else {
             let text = format!("node '{home}' is not a member of the cluster");
             return Box::pin(std::future::ready(Err(text)));
@@ -716,12 +922,44 @@ impl server::peers::Peers for ClusterPeers {
 
     fn cancel(&self, home: &str, key: u64) {
         self.node.sinks.lock().remove(&key);
+        let replicas = &self.node.replicas;
+        if let Some(q) = replicas.remove_consumer(key) {
+            // What it holds stays with it until its channel settles it.
+            let request = QueueRequest::Cancel {
+                consumer: (replicas.me(), key),
+                now_ms: server::queue::now_ms(),
+            };
+            tokio::spawn(replicas.propose(&q, request));
+            return;
+        }
         if let Some(addr) = self.node.address_of(home) {
             self.node.links.send_oneway(&addr, Request::Cancel { key });
         }
     }
 
     fn enqueue(&self, home: &str, p: server::peers::RemotePublish) -> server::peers::RemoteOutcome {
+        let replicas = &self.node.replicas;
+        if let Some(q) = replicas.by_name(&p.vhost, &p.queue) {
+            let request = QueueRequest::Enqueue {
+                message: crate::queue_group::WireMessage::from_parts(
+                    replicas.next_message_id(),
+                    p.exchange.to_string(),
+                    p.routing_key.to_string(),
+                    p.header,
+                    p.body,
+                ),
+                now_ms: server::queue::now_ms(),
+            };
+            let answer = replicas.propose(&q, request);
+            return Box::pin(async move {
+                match answer.await? {
+                    QueueResponse::Enqueued(taken) => {
+                        Ok(server::peers::RemoteEnqueued { refused: !taken })
+                    }
+                    other => Err(format!("an enqueue answered {other:?}")),
+                }
+            });
+        }
         let Some(addr) = self.node.address_of(home) else {
             let text = format!("node '{home}' is not a member of the cluster");
             return Box::pin(std::future::ready(Err(text)));
@@ -1181,6 +1419,7 @@ impl RequestHandler for Handler {
             self.cancel(id, key);
         }
         if let Some(node) = self.node() {
+            node.replicas.node_gone(id);
             let name = node.name_of(id);
             let ours: Vec<Arc<dyn server::peers::RemoteSink>> = {
                 let mut sinks = node.sinks.lock();
@@ -1397,6 +1636,39 @@ impl RequestHandler for Handler {
                 }
                 return Box::pin(std::future::ready(Response::Settled));
             }
+            Request::QueuePropose { group, request } => {
+                let Some(node) = self.node() else {
+                    return Box::pin(std::future::ready(Response::Unavailable(
+                        "the node is starting or stopping".into(),
+                    )));
+                };
+                return node.replicas.serve_propose(group, request);
+            }
+            Request::QueueDeliver {
+                group,
+                key,
+                delivery,
+            } => {
+                if let Some(node) = self.node() {
+                    if let Some(sink) = node.replicas.deliver_here(group, key, delivery) {
+                        let burst = &mut self.in_burst.lock().0;
+                        if !burst
+                            .iter()
+                            .any(|(id, s)| *id == from.id && Arc::ptr_eq(s, &sink))
+                        {
+                            burst.push((from.id, sink));
+                        }
+                    }
+                }
+                return Box::pin(std::future::ready(Response::Settled));
+            }
+            Request::QueueCounts { group } => {
+                let counts = self
+                    .node()
+                    .and_then(|n| n.replicas.get(group))
+                    .and_then(|q| q.local_counts());
+                return Box::pin(std::future::ready(Response::QueueInfo(counts)));
+            }
             Request::ConsumerCancelled { key } => {
                 let sink = self.node().and_then(|n| n.sinks.lock().remove(&key));
                 if let Some((_, sink)) = sink {
@@ -1473,6 +1745,9 @@ impl RequestHandler for Handler {
                 | Request::Consume { .. }
                 | Request::Cancel { .. }
                 | Request::Deliver { .. }
+                | Request::QueuePropose { .. }
+                | Request::QueueDeliver { .. }
+                | Request::QueueCounts { .. }
                 | Request::ConsumerCancelled { .. } => {
                     Response::Unavailable("handled above".into())
                 }

@@ -12,10 +12,9 @@
 //! count) goes back to whoever proposed it through openraft's
 //! `client_write`, only once a majority has the entry on disk.
 //!
-//! Its RPCs travel over the links ([`crate::group_net`]). Not yet started
-//! by the node for a declared queue, nor reached from the server's queue
-//! interface: this module is the group itself, tested with three replicas
-//! in one process.
+//! Its RPCs travel over the links ([`crate::group_net`]); the node starts
+//! and reaches its replicas through [`crate::replica`]. This module is the
+//! group itself, tested with three replicas in one process.
 
 use std::fmt::Debug;
 use std::io::Cursor;
@@ -91,6 +90,44 @@ impl WireMessage {
             header: header.freeze(),
             body: message.body.clone(),
         }
+    }
+
+    /// A message as a publish brought it (its content header encoded as
+    /// on the AMQP wire).
+    pub fn from_parts(
+        id: u64,
+        exchange: String,
+        routing_key: String,
+        header: Bytes,
+        body: Bytes,
+    ) -> WireMessage {
+        WireMessage {
+            id,
+            exchange,
+            routing_key,
+            header,
+            body,
+        }
+    }
+
+    /// The exchange it was published to.
+    pub fn exchange(&self) -> &str {
+        &self.exchange
+    }
+
+    /// Its routing key.
+    pub fn routing_key(&self) -> &str {
+        &self.routing_key
+    }
+
+    /// Its content header, encoded.
+    pub fn header(&self) -> &Bytes {
+        &self.header
+    }
+
+    /// Its body.
+    pub fn body(&self) -> &Bytes {
+        &self.body
     }
 
     fn message(&self) -> Result<Arc<Message>, String> {

@@ -174,6 +174,30 @@ pub enum Request {
         /// 0 ack, 1 requeue, 2 reject.
         how: u8,
     },
+    /// An entry for replicated queue `group`'s log, to its leader (who
+    /// answers once a majority has it on disk).
+    QueuePropose {
+        /// The queue's id.
+        group: u64,
+        /// The entry.
+        request: crate::queue_group::QueueRequest,
+    },
+    /// A replicated queue's delivery to the consumer `key` on the
+    /// receiving node, from its group's leader (one-way).
+    QueueDeliver {
+        /// The queue's id.
+        group: u64,
+        /// The consumer's key.
+        key: u64,
+        /// The delivery.
+        delivery: WireDelivery,
+    },
+    /// A replicated queue's ready messages and consumers, from a member's
+    /// replica.
+    QueueCounts {
+        /// The queue's id.
+        group: u64,
+    },
 }
 
 /// A message taken by a peer's `basic.get`.
@@ -264,6 +288,19 @@ pub enum Response {
     Unavailable(String),
     /// The group named does not exist here.
     NoSuchGroup(u64),
+    /// To `QueuePropose`: the entry's answer once committed, or why not.
+    QueueProposed(Result<crate::queue_group::QueueResponse, ProposeRefusal>),
+}
+
+/// Why a replicated queue's entry was not committed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ProposeRefusal {
+    /// The node asked does not lead the group; the leader it knows of.
+    NotLeader(Option<u64>),
+    /// The node asked holds no replica of the queue.
+    NotMember,
+    /// It could not be committed (no majority, shutting down).
+    Failed(String),
 }
 
 /// A node's view of the cluster.

@@ -88,9 +88,12 @@ pub enum QuorumCommand {
         /// The proposer's clock.
         now_ms: u64,
     },
-    /// Deliveries settled by the consumer (or requester) they went to.
+    /// Deliveries settled by the node of the consumer (or requester) they
+    /// went to.
     Settle {
-        /// Whose deliveries.
+        /// Whose deliveries: only those held by consumers on its node
+        /// (`consumer.0`) are settled, whichever consumer there holds them
+        /// (a node's channels know their deliveries by sequence number).
         consumer: ConsumerKey,
         /// Their sequence numbers.
         seqs: Vec<u64>,
@@ -302,13 +305,24 @@ impl QuorumState {
                 how,
                 now_ms,
             } => {
+                let mut holders = Vec::new();
                 for seq in seqs {
-                    if self.checked_out.get(&seq) != Some(&consumer) {
+                    // A node settles its own consumers' deliveries (by
+                    // sequence number, as its channels know them): one held
+                    // elsewhere (returned, and delivered again to a consumer
+                    // on another node) is not this settle's to touch.
+                    let Some(holder) = self.checked_out.get(&seq).copied() else {
+                        continue;
+                    };
+                    if holder.0 != consumer.0 {
                         continue;
                     }
                     self.checked_out.remove(&seq);
-                    if let Some(c) = self.consumers.get_mut(&consumer) {
+                    if let Some(c) = self.consumers.get_mut(&holder) {
                         c.in_flight = c.in_flight.saturating_sub(1);
+                    }
+                    if !holders.contains(&holder) {
+                        holders.push(holder);
                     }
                     match how {
                         Settlement::Ack => self.queue.ack(seq, fx),
@@ -316,7 +330,9 @@ impl QuorumState {
                         Settlement::Reject => self.queue.reject(seq, fx),
                     };
                 }
-                self.forget_if_idle(consumer);
+                for holder in holders {
+                    self.forget_if_idle(holder);
+                }
                 (QuorumReply::Done, now_ms)
             }
             QuorumCommand::Get {
@@ -451,6 +467,42 @@ impl QuorumState {
                 delivery,
             });
         }
+    }
+
+    /// Every unsettled delivery and its holder, in sequence order, marked
+    /// redelivered: what a new leader hands out again, since its
+    /// predecessor may have died before it sent them (the consuming node
+    /// drops one it has already).
+    pub fn checked_out(&self) -> Vec<(ConsumerKey, Delivery)> {
+        let Some(image) = self.queue.image() else {
+            return Vec::new();
+        };
+        let remaining = self.queue.ready_count();
+        image
+            .unacked
+            .into_iter()
+            .filter_map(|e| {
+                let holder = *self.checked_out.get(&e.seq)?;
+                Some((
+                    holder,
+                    Delivery {
+                        seq: e.seq,
+                        message: crate::queue::MessageRef::Loaded(e.message),
+                        redelivered: true,
+                        delivery_count: e.delivery_count,
+                        remaining,
+                    },
+                ))
+            })
+            .collect()
+    }
+
+    /// The nodes whose consumers (or `basic.get` requesters) the state
+    /// holds.
+    pub fn consumer_nodes(&self) -> Vec<u64> {
+        let mut nodes: Vec<u64> = self.consumers.keys().map(|k| k.0).collect();
+        nodes.dedup();
+        nodes
     }
 
     /// What a snapshot holds.
@@ -639,6 +691,35 @@ mod tests {
             },
         );
         assert_eq!(delivered(&fx), vec![((2, 1), 5, false)]);
+    }
+
+    #[test]
+    fn a_node_settles_only_what_its_own_consumers_hold_and_a_new_leader_can_list_it() {
+        let mut s = state(QueueArgs::default());
+        run(&mut s, checkout(1, 1, 1));
+        run(&mut s, checkout(2, 7, 1));
+        run(&mut s, enqueue(1));
+        run(&mut s, enqueue(2));
+        let held: Vec<(ConsumerKey, u64, bool)> = s
+            .checked_out()
+            .iter()
+            .map(|(k, d)| (*k, d.seq, d.redelivered))
+            .collect();
+        assert_eq!(held, vec![((1, 1), 1, true), ((2, 7), 2, true)]);
+        let settle = |node: u64, seq: u64| QuorumCommand::Settle {
+            consumer: (node, 0),
+            seqs: vec![seq],
+            how: Settlement::Ack,
+            now_ms: 2,
+        };
+        // Node 2 cannot settle node 1's delivery...
+        run(&mut s, settle(2, 1));
+        assert_eq!(s.queue().unacked_count(), 2);
+        // ...node 1 can, by sequence number alone.
+        run(&mut s, settle(1, 1));
+        assert_eq!(s.queue().unacked_count(), 1);
+        assert_eq!(s.checked_out().len(), 1);
+        assert_eq!(s.consumer_nodes(), vec![1, 2]);
     }
 
     #[test]

@@ -352,4 +352,15 @@ pub struct RemoteQueue {
     pub auto_delete: bool,
     /// Declare arguments as given (what a redeclare is compared with).
     pub arguments: Arc<FieldTable>,
+    /// A replicated (quorum) queue's members (empty for a queue homed on
+    /// one node): the [`Peers`] reach it through its group's leader,
+    /// wherever that is, and `home` is only where its group started.
+    pub members: Vec<String>,
+}
+
+impl RemoteQueue {
+    /// Whether it is replicated (a quorum queue in a cluster).
+    pub fn replicated(&self) -> bool {
+        !self.members.is_empty()
+    }
 }

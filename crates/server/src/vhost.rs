@@ -252,7 +252,11 @@ impl Vhost {
         let Some(home) = def.home.clone() else {
             return;
         };
-        if self.node.is_home(&def.home) {
+        let replicated = !def.members.is_empty();
+        if replicated && self.node.is_home(&def.home) {
+            self.node.note_queue_id(def.id);
+        }
+        if self.node.is_home(&def.home) && !replicated {
             // Declared here; or, if transient, by an earlier run whose ids
             // the new ones must stay above.
             self.node.note_queue_id(def.id);
@@ -275,8 +279,94 @@ impl Vhost {
                 exclusive: def.exclusive,
                 auto_delete: def.auto_delete,
                 arguments: Arc::new(def.arguments.clone()),
+                members: def.members.clone(),
             },
         );
+    }
+
+    /// Declares a replicated (quorum) queue in a cluster, on `members` (the
+    /// first one starts its group and leads it first). Committed for every
+    /// node; every node, its members too, reaches it through the cluster
+    /// (as a [`RemoteQueue`](crate::peers::RemoteQueue)).
+    pub async fn declare_replicated(
+        &self,
+        name: ShortStr,
+        arguments: FieldTable,
+        members: Vec<String>,
+    ) -> Result<crate::peers::RemoteQueue, AmqpError> {
+        if let Some(max) = self.limits.lock().max_queues {
+            if self.queues.len() + self.remote.len() >= max {
+                return Err(AmqpError::precondition_failed(format!(
+                    "cannot declare queue '{name}': queue limit in vhost '{}' ({max}) is reached",
+                    self.name
+                )));
+            }
+        }
+        let id = self.node.next_queue_id();
+        self.node
+            .meta
+            .commit(MetaCommand::DeclareQueue {
+                vhost: self.name.to_string(),
+                queue: QueueDef {
+                    name: name.clone(),
+                    id,
+                    durable: true,
+                    exclusive: false,
+                    auto_delete: false,
+                    arguments,
+                    home: members.first().cloned(),
+                    members,
+                },
+            })
+            .await?;
+        // Projected by the commit (another node may have declared it first).
+        self.find_remote_queue(&name).ok_or_else(|| {
+            AmqpError::not_found(format!("no queue '{name}' in vhost '{}'", self.name))
+        })
+    }
+
+    /// The members a new replicated queue `name` gets: its group size is
+    /// `x-quorum-initial-group-size` (default 3), at most the running
+    /// nodes; the node `queue-leader-locator` picks comes first (this one
+    /// for `client-local`), then the running nodes holding the fewest of
+    /// this vhost's replicated queues.
+    pub fn replica_members(&self, name: &str, arguments: &FieldTable) -> Vec<String> {
+        let me = self.node.config.node_name.clone();
+        let Some(peers) = self.node.peers.get() else {
+            return vec![me];
+        };
+        let size = arguments
+            .get("x-quorum-initial-group-size")
+            .and_then(FieldValue::as_i64)
+            .filter(|n| *n > 0)
+            .map_or(3, |n| usize::try_from(n).unwrap_or(usize::MAX));
+        let first = self
+            .placement(name, arguments)
+            .unwrap_or_else(|| me.clone());
+        let mut load: std::collections::BTreeMap<String, usize> = peers
+            .members()
+            .into_iter()
+            .filter(|m| m.running)
+            .map(|m| (m.name, 0))
+            .collect();
+        load.insert(me, 0);
+        for q in self.remote.iter() {
+            for m in &q.members {
+                if let Some(n) = load.get_mut(m) {
+                    *n += 1;
+                }
+            }
+        }
+        load.remove(&first);
+        let mut rest: Vec<(usize, String)> = load.into_iter().map(|(m, n)| (n, m)).collect();
+        rest.sort();
+        let mut members = vec![first];
+        members.extend(
+            rest.into_iter()
+                .map(|(_, m)| m)
+                .take(size.saturating_sub(1)),
+        );
+        members
     }
 
     /// Projects [`MetaCommand::DropTransient`]: the transient and exclusive
@@ -657,6 +747,7 @@ impl Vhost {
                         auto_delete,
                         arguments,
                         home: self.node.queue_home(),
+                        members: Vec::new(),
                     },
                 })
                 .await;

@@ -110,6 +110,35 @@ impl Channel {
                 ..m
             };
             let existing = vhost.find_queue(&name);
+            if existing.is_none()
+                && node.peers.get().is_some()
+                && args.queue_type == queue_store::QueueType::Quorum
+            {
+                // A quorum queue in a cluster is replicated: committed
+                // for every node with its members, reached through its
+                // group wherever its leader is.
+                let members = vhost.replica_members(&name, &m.arguments);
+                let remote = vhost
+                    .declare_replicated(name.clone(), m.arguments.clone(), members)
+                    .await?;
+                // Declared by another connection first: it must match.
+                crate::queue::check_equivalent(
+                    &remote.name,
+                    vhost.name(),
+                    (remote.durable, remote.auto_delete, &remote.arguments),
+                    &m,
+                )?;
+                self.last_queue = remote.name.clone();
+                if !m.nowait {
+                    self.shared
+                        .write_method(&Method::QueueDeclareOk(QueueDeclareOk {
+                            queue: remote.name,
+                            message_count: 0,
+                            consumer_count: 0,
+                        }));
+                }
+                return Ok(());
+            }
             // A new queue may belong on another node (queue-leader-locator).
             let placed = match (&existing, node.peers.get()) {
                 (None, Some(peers)) if !m.exclusive => vhost
@@ -319,6 +348,7 @@ async fn declare_on(
                 auto_delete: m.auto_delete,
                 arguments: m.arguments.clone(),
                 home: Some(home),
+                members: Vec::new(),
             });
             Ok(Some((name.clone(), u64::from(ready), consumers as usize)))
         }

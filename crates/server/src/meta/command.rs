@@ -123,8 +123,12 @@ pub struct QueueDef {
     pub auto_delete: bool,
     /// Declare arguments as given.
     pub arguments: FieldTable,
-    /// The node it lives on, in a cluster (`None`: this node, alone).
+    /// The node it lives on, in a cluster (`None`: this node, alone); for a
+    /// replicated queue, the member that started its group.
     pub home: Option<String>,
+    /// A replicated (quorum) queue's members: the nodes holding its
+    /// replicas (empty for any other queue).
+    pub members: Vec<String>,
 }
 
 /// One change to the metadata.
@@ -387,6 +391,18 @@ impl MetaCommand {
                     if let Some(home) = &queue.home {
                         r.insert(s("node"), FieldValue::from(home.as_str()));
                     }
+                    if !queue.members.is_empty() {
+                        r.insert(
+                            s("members"),
+                            FieldValue::Array(
+                                queue
+                                    .members
+                                    .iter()
+                                    .map(|m| FieldValue::from(m.as_str()))
+                                    .collect(),
+                            ),
+                        );
+                    }
                     // Written only when they differ from a stored queue's
                     // (durable, not exclusive), so stored records keep
                     // their form.
@@ -486,6 +502,14 @@ impl MetaCommand {
                         auto_delete: flag(t, "auto_delete"),
                         arguments: table(t, "arguments"),
                         home: text(t, "node").ok(),
+                        members: match t.get("members") {
+                            Some(FieldValue::Array(a)) => a
+                                .iter()
+                                .filter_map(FieldValue::as_str)
+                                .map(str::to_owned)
+                                .collect(),
+                            _ => Vec::new(),
+                        },
                     },
                 }
             }
@@ -808,6 +832,7 @@ mod tests {
                 auto_delete: false,
                 arguments: args.clone(),
                 home: None,
+                members: Vec::new(),
             },
         });
         // A cluster's log carries transient objects too.
@@ -821,6 +846,21 @@ mod tests {
                 auto_delete: true,
                 arguments: args.clone(),
                 home: Some("n1".into()),
+                members: Vec::new(),
+            },
+        });
+        // A replicated queue's record names its members.
+        round_trip(MetaCommand::DeclareQueue {
+            vhost: "v".into(),
+            queue: QueueDef {
+                name: s("qq"),
+                id: 44,
+                durable: true,
+                exclusive: false,
+                auto_delete: false,
+                arguments: args.clone(),
+                home: Some("n2".into()),
+                members: vec!["n2".into(), "n1".into(), "n3".into()],
             },
         });
         round_trip(MetaCommand::DeclareExchange {

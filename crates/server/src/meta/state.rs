@@ -632,6 +632,7 @@ mod tests {
             auto_delete: false,
             arguments: FieldTable::new(),
             home: Some(home.into()),
+            members: Vec::new(),
         }
     }
 
@@ -746,6 +747,7 @@ mod tests {
                 auto_delete: false,
                 arguments: FieldTable::new(),
                 home: None,
+                members: Vec::new(),
             },
         })
         .expect("queue");
@@ -896,6 +898,7 @@ mod tests {
                         auto_delete: false,
                         arguments: FieldTable::new(),
                         home: None,
+                        members: Vec::new(),
                     },
                 }
             }),

@@ -3,8 +3,9 @@
 //! kind of queue implements and the channel, the vhost and the management
 //! API are written against: publish, consume, cancel, get, settle (ack,
 //! requeue, reject), dispatch, purge, delete, counters, housekeeping.
-//! `x-queue-type` picks the implementation: `classic` (and, until the
-//! replicated one exists, `quorum`) is [`classic::ClassicQueue`].
+//! `x-queue-type` picks the implementation: `classic` (and `quorum` on a
+//! node alone) is [`classic::ClassicQueue`]; in a cluster a quorum queue is
+//! replicated and reached through [`crate::peers::Peers`], not from here.
 //!
 //! Deliveries leave through the consumer's channel (`Consumer::channel`),
 //! encoded straight into its connection's outbox. Whoever changes a queue (a

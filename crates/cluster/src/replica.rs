@@ -1,0 +1,843 @@
+//! Replicated (quorum) queues on this node: [`Replicas`] knows every
+//! replicated queue the metadata holds (by id and by vhost and name), runs
+//! the replica of each one this node is a member of (its Raft group on the
+//! shared WAL, its [`QueueMachine`], served to peers through
+//! [`QueueGroups`]), and is how the rest of the node reaches one:
+//!
+//! - **proposing** an entry (enqueue, checkout, settle, `basic.get`, purge):
+//!   to the local replica if it leads, else over the link to the leader it
+//!   knows of (a member that does not lead answers whom it follows); the
+//!   answer comes once a majority has the entry on disk;
+//! - **delivering**: only the leader acts on the deliveries its state
+//!   machine assigns, handing them to this node's consumers or sending them
+//!   to the consumer's node (`Request::QueueDeliver`). A newly elected
+//!   leader hands out again everything its replicas hold unsettled (its
+//!   predecessor may have died before sending it); the consuming node drops
+//!   a delivery it holds already ([`Replicated::first_delivery`]), and
+//!   returns one for a consumer that is gone (a `Down` entry).
+//!
+//! A consumer is keyed `(node id, key)`; key 0 is the node's `basic.get`
+//! requester. A node settles its deliveries by sequence number (the state
+//! machine checks the holder is on that node).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::Duration;
+
+use amqp_codec::{FieldTable, ShortStr};
+use futures_util::FutureExt;
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{Raft, ServerState};
+use parking_lot::{Mutex, RwLock};
+use queue_store::quorum::{ConsumerKey, QuorumEffect};
+use queue_store::{Delivery, Effects, MessageRef, QueueArgs};
+use server::peers::{RemoteDelivery, RemoteSink};
+
+use crate::group_log::GroupLog;
+use crate::group_net::{GroupNetworkFactory, QueueGroups};
+use crate::identity::NodeInfo;
+use crate::link::Links;
+use crate::queue_group::{
+    QueueIdentity, QueueMachine, QueueRequest, QueueResponse, QueueTypes, ReplicaEvents,
+};
+use crate::raft_wal::RaftWal;
+use crate::rpc::{ProposeRefusal, Request, Response, WireDelivery};
+
+/// How long an entry may take to commit before its proposer is told it
+/// failed (it may still commit: a publisher then gets a nack for a message
+/// that is queued, never the other way round).
+pub const PROPOSE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What a replica needs of its node: the cluster's members and this node's
+/// consumers.
+pub trait ReplicaHost: Send + Sync {
+    /// Member `id` of the cluster.
+    fn member(&self, id: u64) -> Option<NodeInfo>;
+    /// The member called `name`.
+    fn member_named(&self, name: &str) -> Option<NodeInfo>;
+    /// This node's consumer `key`'s sink.
+    fn local_sink(&self, key: u64) -> Option<Arc<dyn RemoteSink>>;
+}
+
+/// A replicated queue's group as this node runs it.
+struct LocalReplica {
+    raft: Raft<QueueTypes>,
+    machine: QueueMachine,
+    /// Kept alive for the machine, which holds it weakly.
+    _events: Arc<LeaderEffects>,
+}
+
+/// A replicated queue, as every node knows it.
+pub struct Replicated {
+    /// Its id (its group's id too).
+    pub id: u64,
+    /// Its vhost.
+    pub vhost: String,
+    /// Its name.
+    pub name: ShortStr,
+    /// The nodes holding its replicas.
+    pub members: Vec<String>,
+    arguments: FieldTable,
+    /// This node's replica, once started (members only).
+    local: OnceLock<LocalReplica>,
+    /// The leader last heard of (0: none).
+    leader_hint: AtomicU64,
+    /// Sequence numbers delivered to this node's consumers and not settled
+    /// here yet: a new leader's second delivery of one is dropped.
+    delivered: Mutex<HashSet<u64>>,
+}
+
+impl std::fmt::Debug for Replicated {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replicated")
+            .field("id", &self.id)
+            .field("vhost", &self.vhost)
+            .field("name", &self.name)
+            .field("members", &self.members)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Replicated {
+    /// Whether delivery `seq` is new to this node (else a duplicate: a new
+    /// leader hands out again what its predecessor may not have sent).
+    pub fn first_delivery(&self, seq: u64, redelivered: bool) -> bool {
+        let mut delivered = self.delivered.lock();
+        delivered.insert(seq) || !redelivered
+    }
+
+    /// Deliveries settled here.
+    pub fn settled(&self, seqs: &[u64]) {
+        let mut delivered = self.delivered.lock();
+        for s in seqs {
+            delivered.remove(s);
+        }
+    }
+
+    /// Ready messages and consumers, from this node's replica.
+    pub fn local_counts(&self) -> Option<(u32, u32)> {
+        let local = self.local.get()?;
+        Some(local.machine.with_state(|s| {
+            (
+                u32::try_from(s.queue().ready_count()).unwrap_or(u32::MAX),
+                u32::try_from(s.consumer_count()).unwrap_or(u32::MAX),
+            )
+        }))
+    }
+
+    /// Whether this node leads its group now.
+    fn leads(&self, me: u64) -> bool {
+        self.local.get().is_some_and(|l| {
+            let m = l.raft.metrics();
+            let m = m.borrow();
+            m.state == ServerState::Leader && m.current_leader == Some(me)
+        })
+    }
+
+    /// The leader this node knows of.
+    fn leader(&self) -> Option<u64> {
+        if let Some(l) = self.local.get() {
+            if let Some(id) = l.raft.metrics().borrow().current_leader {
+                return Some(id);
+            }
+        }
+        match self.leader_hint.load(Ordering::Relaxed) {
+            0 => None,
+            id => Some(id),
+        }
+    }
+}
+
+/// Every replicated queue this node knows of.
+pub struct Replicas {
+    me: NodeInfo,
+    links: Arc<Links>,
+    wal: RaftWal,
+    groups: Arc<QueueGroups>,
+    dir: PathBuf,
+    host: OnceLock<Weak<dyn ReplicaHost>>,
+    me_weak: OnceLock<Weak<Replicas>>,
+    queues: RwLock<HashMap<u64, Arc<Replicated>>>,
+    by_name: RwLock<HashMap<(String, String), u64>>,
+    count: AtomicUsize,
+    /// This node's consumers of replicated queues: key -> queue id.
+    consumers: Mutex<HashMap<u64, u64>>,
+    next_message: AtomicU64,
+}
+
+impl std::fmt::Debug for Replicas {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replicas")
+            .field("queues", &self.count.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+/// The group's Raft settings: elections within about a second.
+fn raft_config() -> Result<openraft::Config, String> {
+    openraft::Config {
+        heartbeat_interval: 150,
+        election_timeout_min: 600,
+        election_timeout_max: 1200,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(20_000),
+        max_in_snapshot_log_to_keep: 1_000,
+        ..Default::default()
+    }
+    .validate()
+    .map_err(|e| e.to_string())
+}
+
+fn now_ms() -> u64 {
+    server::queue::now_ms()
+}
+
+/// A delivery as it travels to the consumer's node.
+pub fn wire_delivery(d: &Delivery) -> Option<WireDelivery> {
+    let MessageRef::Loaded(m) = &d.message else {
+        // An in-memory queue pages nothing.
+        return None;
+    };
+    let mut header = bytes::BytesMut::new();
+    m.header.encode(&mut header);
+    Some(WireDelivery {
+        seq: d.seq,
+        redelivered: d.redelivered,
+        delivery_count: d.delivery_count,
+        remaining: u32::try_from(d.remaining).unwrap_or(u32::MAX),
+        exchange: m.exchange.to_string(),
+        routing_key: m.routing_key.to_string(),
+        header: header.freeze(),
+        body: m.body.clone(),
+    })
+}
+
+/// A delivery as a consumer's sink takes it.
+pub fn remote_delivery(d: WireDelivery) -> Result<RemoteDelivery, String> {
+    let short = |s: &str| ShortStr::try_from(s).map_err(|e| e.to_string());
+    Ok(RemoteDelivery {
+        seq: d.seq,
+        redelivered: d.redelivered,
+        delivery_count: d.delivery_count,
+        remaining: d.remaining,
+        exchange: short(&d.exchange)?,
+        routing_key: short(&d.routing_key)?,
+        header: d.header,
+        body: d.body,
+    })
+}
+
+type Answer = Pin<Box<dyn std::future::Future<Output = Result<QueueResponse, String>> + Send>>;
+
+impl Replicas {
+    /// The registry of node `me`, whose replicas keep their logs in `wal`
+    /// and their snapshots under `dir`, serving peers through `groups`.
+    pub fn new(
+        me: NodeInfo,
+        links: Arc<Links>,
+        wal: RaftWal,
+        groups: Arc<QueueGroups>,
+        dir: PathBuf,
+    ) -> Arc<Replicas> {
+        let r = Arc::new(Replicas {
+            me,
+            links,
+            wal,
+            groups,
+            dir,
+            host: OnceLock::new(),
+            me_weak: OnceLock::new(),
+            queues: RwLock::default(),
+            by_name: RwLock::default(),
+            count: AtomicUsize::new(0),
+            consumers: Mutex::default(),
+            next_message: AtomicU64::new(1),
+        });
+        let _ = r.me_weak.set(Arc::downgrade(&r));
+        r
+    }
+
+    /// Where members and local consumers are found from now on.
+    pub fn set_host(&self, host: Weak<dyn ReplicaHost>) {
+        let _ = self.host.set(host);
+    }
+
+    fn host(&self) -> Option<Arc<dyn ReplicaHost>> {
+        self.host.get().and_then(Weak::upgrade)
+    }
+
+    /// The replicated queue `name` of `vhost`, if there is one.
+    pub fn by_name(&self, vhost: &str, name: &str) -> Option<Arc<Replicated>> {
+        if self.count.load(Ordering::Relaxed) == 0 {
+            return None;
+        }
+        let id = *self
+            .by_name
+            .read()
+            .get(&(vhost.to_owned(), name.to_owned()))?;
+        self.get(id)
+    }
+
+    /// The replicated queue with id `id`.
+    pub fn get(&self, id: u64) -> Option<Arc<Replicated>> {
+        self.queues.read().get(&id).cloned()
+    }
+
+    /// Every replicated queue this node holds a replica of.
+    fn local(&self) -> Vec<Arc<Replicated>> {
+        self.queues
+            .read()
+            .values()
+            .filter(|q| q.local.get().is_some())
+            .cloned()
+            .collect()
+    }
+
+    /// A replicated queue the metadata now holds: known from now on, and
+    /// its replica started if this node is a member.
+    pub fn declared(&self, vhost: &str, def: &server::meta::QueueDef) {
+        if def.members.is_empty() {
+            return;
+        }
+        let q = {
+            let mut queues = self.queues.write();
+            if queues.contains_key(&def.id) {
+                return;
+            }
+            let q = Arc::new(Replicated {
+                id: def.id,
+                vhost: vhost.to_owned(),
+                name: def.name.clone(),
+                members: def.members.clone(),
+                arguments: def.arguments.clone(),
+                local: OnceLock::new(),
+                leader_hint: AtomicU64::new(0),
+                delivered: Mutex::default(),
+            });
+            queues.insert(def.id, q.clone());
+            self.by_name
+                .write()
+                .insert((vhost.to_owned(), def.name.to_string()), def.id);
+            self.count.fetch_add(1, Ordering::Relaxed);
+            q
+        };
+        if !q.members.contains(&self.me.name) {
+            return;
+        }
+        let Some(me) = self.me_weak.get().and_then(Weak::upgrade) else {
+            return;
+        };
+        tokio::spawn(async move {
+            if let Err(e) = me.start(&q).await {
+                tracing::error!(queue = %q.name, vhost = %q.vhost, error = %e, "cannot start this node's replica of a replicated queue");
+            }
+        });
+    }
+
+    /// Replicated queue `name` of `vhost` was deleted: its replica here
+    /// stops and its snapshot goes.
+    pub fn deleted(&self, vhost: &str, name: &str) {
+        let Some(id) = self
+            .by_name
+            .write()
+            .remove(&(vhost.to_owned(), name.to_owned()))
+        else {
+            return;
+        };
+        self.forget(id);
+    }
+
+    /// Vhost `vhost` was deleted, with its replicated queues.
+    pub fn vhost_deleted(&self, vhost: &str) {
+        let ids: Vec<u64> = {
+            let mut by_name = self.by_name.write();
+            let ids = by_name
+                .iter()
+                .filter(|((v, _), _)| v == vhost)
+                .map(|(_, id)| *id)
+                .collect();
+            by_name.retain(|(v, _), _| v != vhost);
+            ids
+        };
+        for id in ids {
+            self.forget(id);
+        }
+    }
+
+    fn forget(&self, id: u64) {
+        let Some(q) = self.queues.write().remove(&id) else {
+            return;
+        };
+        self.count.fetch_sub(1, Ordering::Relaxed);
+        self.groups.remove(id);
+        if let Some(local) = q.local.get() {
+            let raft = local.raft.clone();
+            let snapshot = self.snapshot_path(id);
+            tokio::spawn(async move {
+                let _ = raft.shutdown().await;
+                if let Err(e) = std::fs::remove_file(&snapshot) {
+                    if e.kind() != std::io::ErrorKind::NotFound {
+                        tracing::warn!(path = %snapshot.display(), error = %e, "cannot remove a deleted queue's snapshot");
+                    }
+                }
+            });
+        }
+    }
+
+    fn snapshot_path(&self, id: u64) -> PathBuf {
+        self.dir.join(format!("{id:016x}.snapshot"))
+    }
+
+    /// Starts this node's replica of `q`; the first member initialises
+    /// the group with all of them.
+    async fn start(self: &Arc<Self>, q: &Arc<Replicated>) -> Result<(), String> {
+        std::fs::create_dir_all(&self.dir).map_err(|e| format!("{}: {e}", self.dir.display()))?;
+        let args = QueueArgs::parse(&q.arguments, &q.name, &q.vhost).map_err(|e| e.to_string())?;
+        let identity = QueueIdentity {
+            id: q.id,
+            name: q.name.clone(),
+            arguments: q.arguments.clone(),
+            args,
+        };
+        let machine = QueueMachine::open(identity, self.snapshot_path(q.id))?;
+        let raft = Raft::new(
+            self.me.id,
+            Arc::new(raft_config()?),
+            GroupNetworkFactory::<QueueTypes>::new(self.links.clone(), q.id),
+            GroupLog::<QueueTypes>::new(self.wal.clone(), q.id),
+            machine.clone(),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        let events = Arc::new(LeaderEffects {
+            replicas: Arc::downgrade(self),
+            queue: Arc::downgrade(q),
+        });
+        let weak: Weak<dyn ReplicaEvents> =
+            Arc::downgrade(&(events.clone() as Arc<dyn ReplicaEvents>));
+        machine.set_events(weak);
+        if q.local
+            .set(LocalReplica {
+                raft: raft.clone(),
+                machine,
+                _events: events,
+            })
+            .is_err()
+        {
+            let _ = raft.shutdown().await;
+            return Ok(());
+        }
+        self.groups.insert(q.id, raft.clone());
+        tracing::info!(queue = %q.name, vhost = %q.vhost, members = ?q.members, "replica started");
+        tokio::spawn(watch_leadership(Arc::downgrade(self), Arc::downgrade(q)));
+        if q.members.first() == Some(&self.me.name) {
+            let host = self.host().ok_or("the node is stopping")?;
+            let nodes: BTreeMap<u64, NodeInfo> = q
+                .members
+                .iter()
+                .filter_map(|m| host.member_named(m))
+                .map(|n| (n.id, n))
+                .collect();
+            if nodes.len() != q.members.len() {
+                return Err(format!(
+                    "some members are not in the cluster: {:?}",
+                    q.members
+                ));
+            }
+            match raft.initialize(nodes).await {
+                Ok(()) => {}
+                // Initialised before (this node restarted).
+                Err(RaftError::APIError(_)) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        Ok(())
+    }
+
+    /// A fresh message id for an entry this node proposes.
+    pub fn next_message_id(&self) -> u64 {
+        // Informational only (an in-memory queue keys nothing by it).
+        ((self.me.id & 0xFFFF_FFFF) << 32)
+            | (self.next_message.fetch_add(1, Ordering::Relaxed) & 0xFFFF_FFFF)
+    }
+
+    /// This node's id.
+    pub fn me(&self) -> u64 {
+        self.me.id
+    }
+
+    /// Registers this node's consumer `key` of queue `q`.
+    pub fn add_consumer(&self, key: u64, q: &Replicated) {
+        self.consumers.lock().insert(key, q.id);
+    }
+
+    /// Forgets this node's consumer `key`; its queue, if it had one.
+    pub fn remove_consumer(&self, key: u64) -> Option<Arc<Replicated>> {
+        let id = self.consumers.lock().remove(&key)?;
+        self.get(id)
+    }
+
+    /// Proposes `request` for `q`'s log: to this node's replica if it
+    /// leads, else to the leader it knows of. The first attempt is made
+    /// before this returns (so entries proposed one after another reach
+    /// the leader in that order); the answer comes once it is committed.
+    pub fn propose(self: &Arc<Self>, q: &Arc<Replicated>, request: QueueRequest) -> Answer {
+        let first = self.attempt(q, request.clone(), 0);
+        let me = self.clone();
+        let q = q.clone();
+        Box::pin(async move {
+            let deadline = tokio::time::Instant::now() + PROPOSE_TIMEOUT;
+            let mut outcome = first.await;
+            let mut round = 1;
+            loop {
+                match outcome {
+                    Attempt::Done(r) => return r,
+                    Attempt::Retry(hint) => {
+                        if let Some(h) = hint {
+                            q.leader_hint.store(h, Ordering::Relaxed);
+                        } else {
+                            q.leader_hint.store(0, Ordering::Relaxed);
+                            // No leader known: an election is under way.
+                            // (No event reaches a non-member: poll.)
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    }
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(format!(
+                        "replicated queue '{}' in vhost '{}' has no leader within {} s",
+                        q.name,
+                        q.vhost,
+                        PROPOSE_TIMEOUT.as_secs()
+                    ));
+                }
+                outcome = me.attempt(&q, request.clone(), round).await;
+                round += 1;
+            }
+        })
+    }
+
+    /// One try at proposing; its send happens before this returns.
+    fn attempt(
+        self: &Arc<Self>,
+        q: &Arc<Replicated>,
+        request: QueueRequest,
+        round: usize,
+    ) -> Pin<Box<dyn std::future::Future<Output = Attempt> + Send>> {
+        let leader = q.leader();
+        if leader == Some(self.me.id) || (leader.is_none() && q.local.get().is_some()) {
+            let Some(local) = q.local.get() else {
+                return Box::pin(std::future::ready(Attempt::Retry(None)));
+            };
+            if leader.is_none() {
+                let raft = local.raft.clone();
+                return Box::pin(async move {
+                    let _ = raft
+                        .wait(Some(Duration::from_millis(500)))
+                        .metrics(|m| m.current_leader.is_some(), "a queue leader")
+                        .await;
+                    Attempt::Retry(raft.metrics().borrow().current_leader)
+                });
+            }
+            let mut write = Box::pin(write_local(local.raft.clone(), request));
+            if let Some(done) = (&mut write).now_or_never() {
+                return Box::pin(std::future::ready(done));
+            }
+            return write;
+        }
+        let target = match leader {
+            Some(id) => self.host().and_then(|h| h.member(id)),
+            // No leader known: ask the members in turn.
+            None => {
+                let name = &q.members[round % q.members.len().max(1)];
+                self.host().and_then(|h| h.member_named(name))
+            }
+        };
+        let Some(target) = target else {
+            return Box::pin(std::future::ready(Attempt::Retry(None)));
+        };
+        // A request to a node not connected now is sent only once a new
+        // connection is made: if that fails, it was never sent and may be
+        // tried again (elsewhere). One lost on a live connection may have
+        // been committed: not retried.
+        let was_connected = self.links.is_connected(target.id);
+        let answer = self.links.send_ordered(
+            &target.cluster_addr,
+            Request::QueuePropose {
+                group: q.id,
+                request,
+            },
+        );
+        Box::pin(async move {
+            match answer.await {
+                Ok(Ok(Response::QueueProposed(Ok(r)))) => Attempt::Done(Ok(r)),
+                Ok(Ok(Response::QueueProposed(Err(ProposeRefusal::NotLeader(hint))))) => {
+                    Attempt::Retry(hint.filter(|h| *h != target.id))
+                }
+                Ok(Ok(Response::QueueProposed(Err(ProposeRefusal::NotMember)))) => {
+                    Attempt::Retry(None)
+                }
+                Ok(Ok(Response::QueueProposed(Err(ProposeRefusal::Failed(e))))) => {
+                    Attempt::Done(Err(format!("node '{}': {e}", target.name)))
+                }
+                Ok(Ok(other)) => {
+                    Attempt::Done(Err(format!("node '{}' answered {other:?}", target.name)))
+                }
+                Ok(Err(crate::link::LinkError::Unreachable { .. })) if !was_connected => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    Attempt::Retry(None)
+                }
+                Ok(Err(e)) => Attempt::Done(Err(format!("node '{}': {e}", target.name))),
+                Err(_) => Attempt::Done(Err(format!("node '{}': no answer", target.name))),
+            }
+        })
+    }
+
+    /// A peer's proposal for group `group`, which this node may lead.
+    pub fn serve_propose(
+        &self,
+        group: u64,
+        request: QueueRequest,
+    ) -> Pin<Box<dyn std::future::Future<Output = Response> + Send>> {
+        let Some(local) = self
+            .get(group)
+            .and_then(|q| q.local.get().map(|l| l.raft.clone()))
+        else {
+            return Box::pin(std::future::ready(Response::QueueProposed(Err(
+                ProposeRefusal::NotMember,
+            ))));
+        };
+        let m = local.metrics().borrow().clone();
+        if m.current_leader != Some(self.me.id) {
+            return Box::pin(std::future::ready(Response::QueueProposed(Err(
+                ProposeRefusal::NotLeader(m.current_leader),
+            ))));
+        }
+        // Polled once here, in the link's order (see `propose`).
+        let mut write = Box::pin(write_local(local, request));
+        if let Some(done) = (&mut write).now_or_never() {
+            return Box::pin(std::future::ready(answer_of(done)));
+        }
+        Box::pin(async move { answer_of(write.await) })
+    }
+
+    /// A delivery from the leader of group `group` for this node's consumer
+    /// `key`: handed to its sink (`Some`, to be told when the burst ends),
+    /// dropped if this node has it already, or returned to the queue if
+    /// the consumer is gone.
+    pub fn deliver_here(
+        self: &Arc<Self>,
+        group: u64,
+        key: u64,
+        delivery: WireDelivery,
+    ) -> Option<Arc<dyn RemoteSink>> {
+        let q = self.get(group)?;
+        let sink = self.host().and_then(|h| h.local_sink(key));
+        let Some(sink) = sink.filter(|_| self.consumers.lock().get(&key) == Some(&group)) else {
+            tracing::debug!(queue = %q.name, key, "a delivery for a consumer that is gone: returned");
+            let down = QueueRequest::Down {
+                consumer: (self.me.id, key),
+                now_ms: now_ms(),
+            };
+            let answer = self.propose(&q, down);
+            tokio::spawn(answer);
+            return None;
+        };
+        if !q.first_delivery(delivery.seq, delivery.redelivered) {
+            return None;
+        }
+        match remote_delivery(delivery) {
+            Ok(d) => {
+                sink.deliver(d);
+                Some(sink)
+            }
+            Err(e) => {
+                tracing::warn!(queue = %q.name, error = %e, "an undecodable delivery");
+                None
+            }
+        }
+    }
+
+    /// As the leader of `q`: hands `deliveries` to their consumers.
+    fn hand_out(&self, q: &Replicated, deliveries: Vec<(ConsumerKey, Delivery)>) {
+        let host = self.host();
+        let mut local: Vec<Arc<dyn RemoteSink>> = Vec::new();
+        for ((node, key), d) in deliveries {
+            if key == 0 {
+                // A `basic.get` requester's: it has it from the answer.
+                continue;
+            }
+            let Some(wire) = wire_delivery(&d) else {
+                continue;
+            };
+            if node == self.me.id {
+                let Some(me) = self.me_weak.get().and_then(Weak::upgrade) else {
+                    return;
+                };
+                if let Some(sink) = me.deliver_here(q.id, key, wire) {
+                    if !local.iter().any(|s| Arc::ptr_eq(s, &sink)) {
+                        local.push(sink);
+                    }
+                }
+                continue;
+            }
+            let Some(to) = host.as_ref().and_then(|h| h.member(node)) else {
+                continue;
+            };
+            self.links.send_oneway(
+                &to.cluster_addr,
+                Request::QueueDeliver {
+                    group: q.id,
+                    key,
+                    delivery: wire,
+                },
+            );
+        }
+        for sink in local {
+            sink.end_of_burst();
+        }
+    }
+
+    /// Peer `id` is gone: as the leader of a queue, its consumers' and
+    /// requesters' deliveries go back to the queue.
+    pub fn node_gone(self: &Arc<Self>, id: u64) {
+        for q in self.local() {
+            if !q.leads(self.me.id) {
+                continue;
+            }
+            let holds = q
+                .local
+                .get()
+                .is_some_and(|l| l.machine.with_state(|s| s.consumer_nodes().contains(&id)));
+            if holds {
+                tracing::info!(queue = %q.name, vhost = %q.vhost, node = id, "a node went away: returning its consumers' deliveries to the queue");
+                let answer = self.propose(
+                    &q,
+                    QueueRequest::NodeDown {
+                        node: id,
+                        now_ms: now_ms(),
+                    },
+                );
+                tokio::spawn(answer);
+            }
+        }
+    }
+
+    /// Stops every replica (the node shuts down).
+    pub async fn shutdown(&self) {
+        let all: Vec<Arc<Replicated>> = self.queues.read().values().cloned().collect();
+        for q in all {
+            if let Some(l) = q.local.get() {
+                let _ = l.raft.shutdown().await;
+            }
+        }
+    }
+}
+
+/// The outcome of one try at proposing.
+enum Attempt {
+    Done(Result<QueueResponse, String>),
+    /// Not committed; the leader to try next, if known.
+    Retry(Option<u64>),
+}
+
+async fn write_local(raft: Raft<QueueTypes>, request: QueueRequest) -> Attempt {
+    match tokio::time::timeout(PROPOSE_TIMEOUT, raft.client_write(request)).await {
+        Ok(Ok(r)) => Attempt::Done(Ok(r.data)),
+        Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+            Attempt::Retry(f.leader_id)
+        }
+        Ok(Err(e)) => Attempt::Done(Err(e.to_string())),
+        Err(_) => Attempt::Done(Err(format!(
+            "not committed within {} s (it may still be)",
+            PROPOSE_TIMEOUT.as_secs()
+        ))),
+    }
+}
+
+fn answer_of(a: Attempt) -> Response {
+    Response::QueueProposed(match a {
+        Attempt::Done(Ok(r)) => Ok(r),
+        Attempt::Done(Err(e)) => Err(ProposeRefusal::Failed(e)),
+        Attempt::Retry(hint) => Err(ProposeRefusal::NotLeader(hint)),
+    })
+}
+
+/// Acts on a replica's effects when its node leads the group.
+struct LeaderEffects {
+    replicas: Weak<Replicas>,
+    queue: Weak<Replicated>,
+}
+
+impl ReplicaEvents for LeaderEffects {
+    fn applied(&self, deliveries: Vec<QuorumEffect>, effects: Effects) {
+        let (Some(replicas), Some(q)) = (self.replicas.upgrade(), self.queue.upgrade()) else {
+            return;
+        };
+        if !q.leads(replicas.me.id) {
+            return;
+        }
+        if !effects.dead_letters.is_empty() {
+            // Not routed yet: a replicated queue's dead letters are dropped
+            // (issue 18: dead-lettering from the leader).
+            tracing::warn!(queue = %q.name, messages = effects.dead_letters.len(), "dead letters of a replicated queue are dropped: not supported yet");
+        }
+        let deliveries = deliveries
+            .into_iter()
+            .map(|QuorumEffect::Deliver { consumer, delivery }| (consumer, delivery))
+            .collect();
+        replicas.hand_out(&q, deliveries);
+    }
+}
+
+/// Follows a replica's leadership: each time it becomes the leader, once
+/// it has applied what its predecessors committed, it hands out again
+/// every unsettled delivery and returns those of nodes it cannot reach.
+async fn watch_leadership(replicas: Weak<Replicas>, queue: Weak<Replicated>) {
+    let Some(mut metrics) = queue
+        .upgrade()
+        .and_then(|q| q.local.get().map(|l| l.raft.metrics()))
+    else {
+        return;
+    };
+    let mut led_term = None;
+    loop {
+        let (leads, term, last) = {
+            let m = metrics.borrow_and_update();
+            (
+                m.state == ServerState::Leader,
+                m.current_term,
+                m.last_log_index.unwrap_or(0),
+            )
+        };
+        if leads && led_term != Some(term) {
+            led_term = Some(term);
+            let (Some(r), Some(q)) = (replicas.upgrade(), queue.upgrade()) else {
+                return;
+            };
+            if let Some(local) = q.local.get() {
+                let _ = local
+                    .raft
+                    .wait(Some(Duration::from_secs(5)))
+                    .applied_index_at_least(Some(last), "the new leader's own entry")
+                    .await;
+                let held = local.machine.with_state(|s| s.checked_out());
+                if !held.is_empty() {
+                    tracing::info!(queue = %q.name, deliveries = held.len(), term, "elected: handing out unsettled deliveries again");
+                }
+                r.hand_out(&q, held);
+                let nodes = local.machine.with_state(|s| s.consumer_nodes());
+                for n in nodes {
+                    if n != r.me.id && !r.links.is_connected(n) {
+                        r.node_gone(n);
+                    }
+                }
+            }
+        }
+        if metrics.changed().await.is_err() {
+            return;
+        }
+    }
+}
