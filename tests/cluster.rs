@@ -2107,49 +2107,88 @@ async fn take_and_ack(consumer: &mut lapin::Consumer, n: usize) -> Vec<String> {
     bodies
 }
 
+/// Replicated queue `name` as node `i`'s `/api/queues` lists it, once it
+/// lists it with a leader.
+async fn listed_with_leader(cluster: &TestCluster, i: usize, name: &str) -> Value {
+    let api = cluster.node(i).api.clone();
+    let name = name.to_owned();
+    let mut found = Value::Null;
+    let deadline = Instant::now() + PATIENCE;
+    while Instant::now() < deadline {
+        found = get(&api, "/api/queues")
+            .await
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|q| q["name"] == name.as_str())
+            .cloned()
+            .unwrap_or(Value::Null);
+        if found["leader"].is_string() {
+            return found;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("node {} never listed {name} with a leader: {found}", i + 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_quorum_queue_is_replicated_and_keeps_every_confirmed_message_when_a_member_is_killed() {
+async fn a_quorum_queue_is_replicated_and_keeps_every_confirmed_message_when_its_leader_is_killed()
+{
     let mut cluster = TestCluster::start(CHILD, 3);
     formed(&cluster).await;
-    let conn1 = amqp(&cluster, 0).await;
-    let ch1 = conn1.create_channel().await.unwrap();
-    declare_quorum_queue(&ch1, "qq").await;
-    // Published on node 2, confirmed once a majority of the replicas
-    // have each message.
-    let conn2 = amqp(&cluster, 1).await;
-    sees_queue(&cluster, &conn2, 1, "qq").await;
-    let ch2 = conn2.create_channel().await.unwrap();
-    ch2.confirm_select(lapin::options::ConfirmSelectOptions::default())
+    {
+        let conn1 = amqp(&cluster, 0).await;
+        let ch1 = conn1.create_channel().await.unwrap();
+        declare_quorum_queue(&ch1, "qq").await;
+    }
+    // Listed by any node as RabbitMQ lists a quorum queue: on three
+    // members, all online, one of them its leader (and its node).
+    let listed = listed_with_leader(&cluster, 1, "qq").await;
+    assert_eq!(listed["type"], "quorum");
+    assert_eq!(listed["members"].as_array().unwrap().len(), 3, "{listed}");
+    assert_eq!(listed["online"].as_array().unwrap().len(), 3, "{listed}");
+    assert_eq!(listed["node"], listed["leader"]);
+    let leader = listed["leader"].as_str().unwrap().to_owned();
+    let l = (0..3)
+        .find(|&i| leader == format!("n{}@127.0.0.1", i + 1))
+        .unwrap();
+    // A publisher and a consumer on the two other nodes.
+    let (p, c) = ((l + 1) % 3, (l + 2) % 3);
+    let conn_p = amqp(&cluster, p).await;
+    sees_queue(&cluster, &conn_p, p, "qq").await;
+    let ch_p = conn_p.create_channel().await.unwrap();
+    ch_p.confirm_select(lapin::options::ConfirmSelectOptions::default())
         .await
         .unwrap();
-    publish_confirmed(&ch2, "qq", "first", 200).await;
+    // Confirmed once a majority of the replicas have each message.
+    publish_confirmed(&ch_p, "qq", "first", 200).await;
     // Every node sees the same queue: a redeclare anywhere is equivalent
     // and counts them all.
-    let conn3 = amqp(&cluster, 2).await;
-    sees_queue(&cluster, &conn3, 2, "qq").await;
-    let ch3 = conn3.create_channel().await.unwrap();
-    declare_quorum_queue(&ch3, "qq").await;
-    assert_eq!(ready_count(&ch3, "qq").await, 200);
-    // A consumer on node 3 takes half of them.
-    ch3.basic_qos(50, lapin::options::BasicQosOptions::default())
+    let conn_c = amqp(&cluster, c).await;
+    sees_queue(&cluster, &conn_c, c, "qq").await;
+    let ch_c = conn_c.create_channel().await.unwrap();
+    declare_quorum_queue(&ch_c, "qq").await;
+    assert_eq!(ready_count(&ch_c, "qq").await, 200);
+    ch_c.basic_qos(50, lapin::options::BasicQosOptions::default())
         .await
         .unwrap();
-    let mut consumer = ch3
+    let mut consumer = ch_c
         .basic_consume(
             "qq".into(),
-            "c3".into(),
+            "c".into(),
             lapin::options::BasicConsumeOptions::default(),
             lapin::types::FieldTable::default(),
         )
         .await
         .unwrap();
     let mut bodies = take_and_ack(&mut consumer, 100).await;
-    // Node 1, where the group started (its first leader), is killed: the
-    // other two elect a leader; publishing and consuming go on.
-    drop(ch1);
-    drop(conn1);
-    cluster.kill(0);
-    publish_until_confirmed(&ch2, "qq", "second", 100).await;
+    // The leader is killed: the other two elect one; publishing and
+    // consuming go on.
+    cluster.kill(l);
+    publish_until_confirmed(&ch_p, "qq", "second", 100).await;
+    let listed = listed_with_leader(&cluster, p, "qq").await;
+    assert_ne!(listed["leader"], leader.as_str(), "{listed}");
+    assert_eq!(listed["online"].as_array().unwrap().len(), 2, "{listed}");
     // Every confirmed message arrives. (One nacked and published again, or
     // delivered by the old leader and handed out again by the new one
     // after the consumer acknowledged it, may arrive twice: RabbitMQ's
@@ -2164,10 +2203,107 @@ async fn a_quorum_queue_is_replicated_and_keeps_every_confirmed_message_when_a_m
     bodies.dedup();
     assert_eq!(bodies.len(), 100);
     take_all(&mut consumer, &rest).await;
-    let ch = conn2.create_channel().await.unwrap();
+    let ch = conn_p.create_channel().await.unwrap();
     eventually("the queue is drained", &cluster, || {
         let ch = ch.clone();
         async move { ready_count(&ch, "qq").await == 0 }
     })
     .await;
+    // The killed node comes back and catches up: its replica has the
+    // same (empty) queue, and it is online again.
+    cluster.spawn(l, None);
+    let api = cluster.node(l).api.clone();
+    eventually(
+        "the old leader is back online with its replica",
+        &cluster,
+        || {
+            let api = api.clone();
+            async move {
+                get(&api, "/api/queues")
+                    .await
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|q| {
+                        q["name"] == "qq"
+                            && q["online"].as_array().is_some_and(|o| o.len() == 3)
+                            && q["messages"] == 0
+                    })
+            }
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn classic_queues_a_mirroring_policy_matches_are_replicated_whether_declared_or_imported() {
+    let mut cluster = TestCluster::start(CHILD, 3);
+    formed(&cluster).await;
+    let api1 = cluster.node(0).api.clone();
+    // As a RabbitMQ 3.x cluster exports them: mirroring policies (applied
+    // before the queues, as RabbitMQ imports them) and a queue one matches.
+    let defs = json!({
+        "policies": [
+            {"vhost": "/", "name": "ha-two", "pattern": "^ha\\.two", "apply-to": "queues",
+             "priority": 0, "definition": {"ha-mode": "exactly", "ha-params": 2,
+             "ha-sync-mode": "automatic"}},
+            {"vhost": "/", "name": "ha-all", "pattern": "^ha\\.all", "apply-to": "queues",
+             "priority": 0, "definition": {"ha-mode": "all", "ha-promote-on-failure": "always"}},
+        ],
+        "queues": [{"name": "ha.two.imported", "vhost": "/", "durable": true,
+                    "auto_delete": false, "arguments": {}}],
+    });
+    let (code, body) = call(
+        reqwest::Method::POST,
+        format!("{api1}/api/definitions"),
+        Some(defs),
+    )
+    .await;
+    assert!((200..300).contains(&code), "{code} {body}");
+    let imported = listed_with_leader(&cluster, 2, "ha.two.imported").await;
+    assert_eq!(imported["type"], "classic", "{imported}");
+    assert_eq!(
+        imported["members"].as_array().unwrap().len(),
+        2,
+        "{imported}"
+    );
+    // Declared over AMQP as a plain durable classic queue: replicated on
+    // every node. One the policies do not match is not.
+    let conn2 = amqp(&cluster, 1).await;
+    let ch2 = conn2.create_channel().await.unwrap();
+    declare_durable_queue(&ch2, "ha.all.declared").await;
+    declare_durable_queue(&ch2, "plain").await;
+    let all = listed_with_leader(&cluster, 0, "ha.all.declared").await;
+    assert_eq!(all["members"].as_array().unwrap().len(), 3, "{all}");
+    let plain = get(&api1, "/api/queues/%2f/plain").await;
+    assert_eq!(plain["name"], "plain", "{plain}");
+    assert!(plain.get("members").is_none(), "{plain}");
+    // Its confirmed messages survive its leader: the queue's own node in
+    // 3.x terms.
+    let leader = all["leader"].as_str().unwrap().to_owned();
+    let l = (0..3)
+        .find(|&i| leader == format!("n{}@127.0.0.1", i + 1))
+        .unwrap();
+    let o = (l + 1) % 3;
+    let conn = amqp(&cluster, o).await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    publish_confirmed(&ch, "ha.all.declared", "m", 50).await;
+    drop(ch2);
+    drop(conn2);
+    cluster.kill(l);
+    let ch = conn.create_channel().await.unwrap();
+    let mut consumer = ch
+        .basic_consume(
+            "ha.all.declared".into(),
+            "c".into(),
+            lapin::options::BasicConsumeOptions::default(),
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let wanted: Vec<String> = (0..50).map(|k| format!("m {k}")).collect();
+    take_all(&mut consumer, &wanted).await;
 }

@@ -96,7 +96,11 @@ impl ClusterNode {
             gossip,
             commits: tokio::sync::Mutex::new(()),
             sinks: parking_lot::Mutex::default(),
-            next_key: std::sync::atomic::AtomicU64::new(1),
+            // Keys differ from an earlier run's (a replicated queue's
+            // state may still name that run's consumers).
+            next_key: std::sync::atomic::AtomicU64::new(
+                server::queue::now_ms().saturating_mul(1 << 12).max(1),
+            ),
         }
     }
 
@@ -412,14 +416,14 @@ pub struct ClusterPeers {
 }
 
 impl ClusterPeers {
-    /// A replicated queue's ready messages and consumers: from this node's
-    /// replica, else from a member's.
-    fn replicated_counts(
+    /// A replicated queue's group and counts: from this node's replica,
+    /// else from a member's.
+    fn replicated_status(
         &self,
         q: &Arc<crate::replica::Replicated>,
-    ) -> server::peers::RemoteCounts {
-        if let Some(counts) = q.local_counts() {
-            return Box::pin(std::future::ready(Ok(Some(counts))));
+    ) -> server::peers::RemoteReplicaStatus {
+        if let Some(status) = q.local_status(&self.node.replicas) {
+            return Box::pin(std::future::ready(Ok(status)));
         }
         let node = self.node.clone();
         let q = q.clone();
@@ -431,15 +435,30 @@ impl ClusterPeers {
                 };
                 let answer = node
                     .links
-                    .send_ordered(&addr, Request::QueueCounts { group: q.id });
+                    .send_ordered(&addr, Request::QueueStatus { group: q.id });
                 match answer.await {
-                    Ok(Ok(Response::QueueInfo(Some(counts)))) => return Ok(Some(counts)),
+                    Ok(Ok(Response::ReplicaStatus(Some(status)))) => return Ok(status),
                     Ok(Ok(other)) => last = format!("node '{m}' answered {other:?}"),
                     Ok(Err(e)) => last = format!("node '{m}': {e}"),
                     Err(_) => last = format!("node '{m}': no answer"),
                 }
             }
             Err(last)
+        })
+    }
+
+    /// A replicated queue's ready messages and consumers.
+    fn replicated_counts(
+        &self,
+        q: &Arc<crate::replica::Replicated>,
+    ) -> server::peers::RemoteCounts {
+        let status = self.replicated_status(q);
+        Box::pin(async move {
+            let s = status.await?;
+            Ok(Some((
+                u32::try_from(s.ready).unwrap_or(u32::MAX),
+                u32::try_from(s.consumers).unwrap_or(u32::MAX),
+            )))
         })
     }
 }
@@ -918,6 +937,19 @@ impl server::peers::Peers for ClusterPeers {
             }
             result
         })
+    }
+
+    fn replica_status(
+        &self,
+        vhost: &str,
+        queue: &amqp_codec::ShortStr,
+    ) -> server::peers::RemoteReplicaStatus {
+        match self.node.replicas.by_name(vhost, queue) {
+            Some(q) => self.replicated_status(&q),
+            None => Box::pin(std::future::ready(Err(format!(
+                "no replicated queue '{queue}' in vhost '{vhost}'"
+            )))),
+        }
     }
 
     fn cancel(&self, home: &str, key: u64) {
@@ -1662,12 +1694,11 @@ impl RequestHandler for Handler {
                 }
                 return Box::pin(std::future::ready(Response::Settled));
             }
-            Request::QueueCounts { group } => {
-                let counts = self
+            Request::QueueStatus { group } => {
+                let status = self
                     .node()
-                    .and_then(|n| n.replicas.get(group))
-                    .and_then(|q| q.local_counts());
-                return Box::pin(std::future::ready(Response::QueueInfo(counts)));
+                    .and_then(|n| n.replicas.get(group)?.local_status(&n.replicas));
+                return Box::pin(std::future::ready(Response::ReplicaStatus(status)));
             }
             Request::ConsumerCancelled { key } => {
                 let sink = self.node().and_then(|n| n.sinks.lock().remove(&key));
@@ -1747,7 +1778,7 @@ impl RequestHandler for Handler {
                 | Request::Deliver { .. }
                 | Request::QueuePropose { .. }
                 | Request::QueueDeliver { .. }
-                | Request::QueueCounts { .. }
+                | Request::QueueStatus { .. }
                 | Request::ConsumerCancelled { .. } => {
                     Response::Unavailable("handled above".into())
                 }

@@ -250,6 +250,8 @@ pub enum QueueRequest {
     Down { consumer: ConsumerKey, now_ms: u64 },
     /// [`QuorumCommand::NodeDown`].
     NodeDown { node: u64, now_ms: u64 },
+    /// [`QuorumCommand::NodeUp`].
+    NodeUp { node: u64, now_ms: u64 },
     /// [`QuorumCommand::Purge`].
     Purge,
     /// [`QuorumCommand::Tick`].
@@ -306,6 +308,10 @@ impl QueueRequest {
                 now_ms: *now_ms,
             },
             QuorumCommand::NodeDown { node, now_ms } => QueueRequest::NodeDown {
+                node: *node,
+                now_ms: *now_ms,
+            },
+            QuorumCommand::NodeUp { node, now_ms } => QueueRequest::NodeUp {
                 node: *node,
                 now_ms: *now_ms,
             },
@@ -374,6 +380,10 @@ impl QueueRequest {
                 now_ms: *now_ms,
             },
             QueueRequest::NodeDown { node, now_ms } => QuorumCommand::NodeDown {
+                node: *node,
+                now_ms: *now_ms,
+            },
+            QueueRequest::NodeUp { node, now_ms } => QuorumCommand::NodeUp {
                 node: *node,
                 now_ms: *now_ms,
             },
@@ -495,8 +505,8 @@ struct SnapshotBody {
     /// (seq, message, expires_at, delivery_count, redelivered)
     ready: Vec<(u64, WireMessage, u64, u32, bool)>,
     unacked: Vec<(u64, WireMessage, u64, u32, bool)>,
-    /// (key, prefetch, no_ack, priority, active, since)
-    consumers: Vec<(ConsumerKey, u32, bool, i32, bool, u64)>,
+    /// (key, prefetch, no_ack, priority, active, suspected, since)
+    consumers: Vec<(ConsumerKey, u32, bool, i32, bool, bool, u64)>,
     checked_out: Vec<(u64, ConsumerKey)>,
     registrations: u64,
 }
@@ -560,6 +570,7 @@ fn body_of(replica: &Replica) -> SnapshotBody {
                     c.spec.no_ack,
                     c.spec.priority,
                     c.active,
+                    c.suspected,
                     c.since,
                 )
             })
@@ -582,7 +593,7 @@ fn replica_from(identity: &QueueIdentity, body: &SnapshotBody) -> Result<Replica
             .consumers
             .iter()
             .map(
-                |&(key, prefetch, no_ack, priority, active, since)| SnapshotConsumer {
+                |&(key, prefetch, no_ack, priority, active, suspected, since)| SnapshotConsumer {
                     key,
                     spec: ConsumerSpec {
                         prefetch,
@@ -590,6 +601,7 @@ fn replica_from(identity: &QueueIdentity, body: &SnapshotBody) -> Result<Replica
                         priority,
                     },
                     active,
+                    suspected,
                     since,
                 },
             )

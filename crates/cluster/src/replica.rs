@@ -88,6 +88,9 @@ pub struct Replicated {
     /// Sequence numbers delivered to this node's consumers and not settled
     /// here yet: a new leader's second delivery of one is dropped.
     delivered: Mutex<HashSet<u64>>,
+    /// As its leader: consumers' nodes found unreachable once (a link to
+    /// each was attempted); suspected if still so at the next look.
+    unreached: Mutex<HashSet<u64>>,
 }
 
 impl std::fmt::Debug for Replicated {
@@ -117,15 +120,42 @@ impl Replicated {
         }
     }
 
-    /// Ready messages and consumers, from this node's replica.
-    pub fn local_counts(&self) -> Option<(u32, u32)> {
+    /// Its group and counts as this node's replica sees them (`None`
+    /// unless this node is a member): its leader, and the members this
+    /// node reaches.
+    pub fn local_status(&self, replicas: &Replicas) -> Option<server::peers::ReplicaStatus> {
         let local = self.local.get()?;
-        Some(local.machine.with_state(|s| {
+        let leader = local.raft.metrics().borrow().current_leader;
+        let host = replicas.host();
+        let online = self
+            .members
+            .iter()
+            .filter(|m| {
+                **m == replicas.me.name
+                    || host
+                        .as_ref()
+                        .and_then(|h| h.member_named(m))
+                        .is_some_and(|n| replicas.links.is_connected(n.id))
+            })
+            .cloned()
+            .collect();
+        let (ready, unacked, consumers) = local.machine.with_state(|s| {
             (
-                u32::try_from(s.queue().ready_count()).unwrap_or(u32::MAX),
-                u32::try_from(s.consumer_count()).unwrap_or(u32::MAX),
+                s.queue().ready_count(),
+                s.queue().unacked_count(),
+                s.consumer_count() as u64,
             )
-        }))
+        });
+        Some(server::peers::ReplicaStatus {
+            leader: leader
+                .and_then(|id| host.as_ref()?.member(id))
+                .map(|n| n.name),
+            members: self.members.clone(),
+            online,
+            ready,
+            unacked,
+            consumers,
+        })
     }
 
     /// Whether this node leads its group now.
@@ -315,6 +345,7 @@ impl Replicas {
                 local: OnceLock::new(),
                 leader_hint: AtomicU64::new(0),
                 delivered: Mutex::default(),
+                unreached: Mutex::default(),
             });
             queues.insert(def.id, q.clone());
             self.by_name
@@ -700,28 +731,58 @@ impl Replicas {
         }
     }
 
-    /// Peer `id` is gone: as the leader of a queue, its consumers' and
-    /// requesters' deliveries go back to the queue.
-    pub fn node_gone(self: &Arc<Self>, id: u64) {
+    /// A peer's link is gone: every queue this node leads checks its
+    /// consumers' nodes.
+    pub fn node_gone(self: &Arc<Self>, _id: u64) {
         for q in self.local() {
-            if !q.leads(self.me.id) {
+            if let Some(local) = q.local.get().filter(|_| q.leads(self.me.id)) {
+                self.check_nodes(&q, local);
+            }
+        }
+    }
+
+    /// As the leader of `q`: suspects the consumers of nodes it cannot
+    /// reach (what they hold returns to the queue), and restores those of
+    /// nodes it reaches again.
+    fn check_nodes(self: &Arc<Self>, q: &Arc<Replicated>, local: &LocalReplica) {
+        let (nodes, suspected) = local
+            .machine
+            .with_state(|s| (s.consumer_nodes(), s.suspected_nodes()));
+        for n in nodes {
+            if n == self.me.id {
                 continue;
             }
-            let holds = q
-                .local
-                .get()
-                .is_some_and(|l| l.machine.with_state(|s| s.consumer_nodes().contains(&id)));
-            if holds {
-                tracing::info!(queue = %q.name, vhost = %q.vhost, node = id, "a node went away: returning its consumers' deliveries to the queue");
-                let answer = self.propose(
-                    &q,
-                    QueueRequest::NodeDown {
-                        node: id,
-                        now_ms: now_ms(),
-                    },
-                );
-                tokio::spawn(answer);
+            let reachable = self.links.is_connected(n);
+            if !reachable && !suspected.contains(&n) && q.unreached.lock().insert(n) {
+                // Not suspected on one look: a link to it is attempted
+                // (this node may never have needed one), and the next
+                // round decides.
+                if let Some(to) = self.host().and_then(|h| h.member(n)) {
+                    self.links.send_oneway(&to.cluster_addr, Request::Status);
+                }
+                continue;
             }
+            if reachable {
+                q.unreached.lock().remove(&n);
+            }
+            let request = match (reachable, suspected.contains(&n)) {
+                (false, false) => {
+                    tracing::info!(queue = %q.name, vhost = %q.vhost, node = n, "a consumer's node cannot be reached: its deliveries return to the queue");
+                    QueueRequest::NodeDown {
+                        node: n,
+                        now_ms: now_ms(),
+                    }
+                }
+                (true, true) => {
+                    tracing::info!(queue = %q.name, vhost = %q.vhost, node = n, "a consumer's node is back: its consumers take messages again");
+                    QueueRequest::NodeUp {
+                        node: n,
+                        now_ms: now_ms(),
+                    }
+                }
+                _ => continue,
+            };
+            tokio::spawn(self.propose(q, request));
         }
     }
 
@@ -792,9 +853,15 @@ impl ReplicaEvents for LeaderEffects {
     }
 }
 
+/// How often a leader checks which consumers' nodes it can reach.
+const LEADER_ROUND: Duration = Duration::from_secs(1);
+
 /// Follows a replica's leadership: each time it becomes the leader, once
 /// it has applied what its predecessors committed, it hands out again
-/// every unsettled delivery and returns those of nodes it cannot reach.
+/// every unsettled delivery; while it leads, it suspects the consumers of
+/// nodes it cannot reach (their deliveries return to the queue) and
+/// restores them once it can (`NodeDown`, `NodeUp`), checking on each
+/// link loss and once a second.
 async fn watch_leadership(replicas: Weak<Replicas>, queue: Weak<Replicated>) {
     let Some(mut metrics) = queue
         .upgrade()
@@ -803,6 +870,8 @@ async fn watch_leadership(replicas: Weak<Replicas>, queue: Weak<Replicated>) {
         return;
     };
     let mut led_term = None;
+    let mut round = tokio::time::interval(LEADER_ROUND);
+    round.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let (leads, term, last) = {
             let m = metrics.borrow_and_update();
@@ -812,12 +881,12 @@ async fn watch_leadership(replicas: Weak<Replicas>, queue: Weak<Replicated>) {
                 m.last_log_index.unwrap_or(0),
             )
         };
-        if leads && led_term != Some(term) {
-            led_term = Some(term);
-            let (Some(r), Some(q)) = (replicas.upgrade(), queue.upgrade()) else {
-                return;
-            };
-            if let Some(local) = q.local.get() {
+        let (Some(r), Some(q)) = (replicas.upgrade(), queue.upgrade()) else {
+            return;
+        };
+        if let (true, Some(local)) = (leads, q.local.get()) {
+            if led_term != Some(term) {
+                led_term = Some(term);
                 let _ = local
                     .raft
                     .wait(Some(Duration::from_secs(5)))
@@ -828,16 +897,17 @@ async fn watch_leadership(replicas: Weak<Replicas>, queue: Weak<Replicated>) {
                     tracing::info!(queue = %q.name, deliveries = held.len(), term, "elected: handing out unsettled deliveries again");
                 }
                 r.hand_out(&q, held);
-                let nodes = local.machine.with_state(|s| s.consumer_nodes());
-                for n in nodes {
-                    if n != r.me.id && !r.links.is_connected(n) {
-                        r.node_gone(n);
-                    }
+            }
+            r.check_nodes(&q, local);
+        }
+        drop((r, q));
+        tokio::select! {
+            changed = metrics.changed() => {
+                if changed.is_err() {
+                    return;
                 }
             }
-        }
-        if metrics.changed().await.is_err() {
-            return;
+            _ = round.tick() => {}
         }
     }
 }

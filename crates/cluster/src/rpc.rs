@@ -192,9 +192,8 @@ pub enum Request {
         /// The delivery.
         delivery: WireDelivery,
     },
-    /// A replicated queue's ready messages and consumers, from a member's
-    /// replica.
-    QueueCounts {
+    /// A replicated queue's group and counts, from a member's replica.
+    QueueStatus {
         /// The queue's id.
         group: u64,
     },
@@ -288,6 +287,8 @@ pub enum Response {
     Unavailable(String),
     /// The group named does not exist here.
     NoSuchGroup(u64),
+    /// To `QueueStatus`: `None` if the node holds no replica of it.
+    ReplicaStatus(Option<server::peers::ReplicaStatus>),
     /// To `QueuePropose`: the entry's answer once committed, or why not.
     QueueProposed(Result<crate::queue_group::QueueResponse, ProposeRefusal>),
 }

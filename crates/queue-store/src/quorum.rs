@@ -21,9 +21,12 @@
 //! its own: enqueue, checkout and settle are.
 //!
 //! A consumer is known by a [`ConsumerKey`]: the node it runs on and a
-//! number that node chose. When a node goes away ([`QuorumCommand::NodeDown`])
-//! or a consumer's channel closes ([`QuorumCommand::Down`]), what it had
-//! not settled goes back to the queue, marked redelivered.
+//! number that node chose. When a node cannot be reached
+//! ([`QuorumCommand::NodeDown`]) or a consumer's channel closes
+//! ([`QuorumCommand::Down`]), what it had not settled goes back to the
+//! queue, marked redelivered; a node's consumers are only suspected while
+//! it is unreachable, and take messages again once it is back
+//! ([`QuorumCommand::NodeUp`]).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
@@ -37,6 +40,10 @@ use crate::queue::{Delivery, Effects, Enqueued, Queue, QueueImage};
 /// A consumer (or a `basic.get` requester): the node it runs on, and its
 /// number there.
 pub type ConsumerKey = (u64, u64);
+
+/// The number of a node's `basic.get` requester (consumers are numbered
+/// from 1).
+pub const REQUESTER: u64 = 0;
 
 /// How a consumer takes messages.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -119,8 +126,20 @@ pub enum QuorumCommand {
         /// The proposer's clock.
         now_ms: u64,
     },
-    /// Every consumer and requester on a node is gone.
+    /// A node cannot be reached: its requesters are removed, and its
+    /// consumers are suspected (they take nothing, and what they held
+    /// returns to the queue) until [`NodeUp`](Self::NodeUp) or
+    /// [`Down`](Self::Down).
     NodeDown {
+        /// The node.
+        node: u64,
+        /// The proposer's clock.
+        now_ms: u64,
+    },
+    /// A node is reachable again: its suspected consumers take messages
+    /// again (one whose channel is gone meanwhile is `Down`ed by its node
+    /// when its next delivery finds no consumer).
+    NodeUp {
         /// The node.
         node: u64,
         /// The proposer's clock.
@@ -174,6 +193,8 @@ struct Consumer {
     spec: ConsumerSpec,
     /// Still taking messages (not cancelled); a `basic.get` requester never is.
     active: bool,
+    /// On a node that cannot be reached ([`QuorumCommand::NodeDown`]).
+    suspected: bool,
     /// Unsettled deliveries it holds.
     in_flight: u32,
     /// Order of registration (single active consumer: the earliest wins).
@@ -224,6 +245,8 @@ pub struct SnapshotConsumer {
     pub spec: ConsumerSpec,
     /// Not cancelled.
     pub active: bool,
+    /// On a node that could not be reached.
+    pub suspected: bool,
     /// Its registration order.
     pub since: u64,
 }
@@ -281,11 +304,13 @@ impl QuorumState {
                 let c = self.consumers.entry(consumer).or_insert(Consumer {
                     spec: spec.clone(),
                     active: true,
+                    suspected: false,
                     in_flight: 0,
                     since,
                 });
                 c.spec = spec;
                 c.active = true;
+                c.suspected = false;
                 if !self.order.contains(&consumer) {
                     self.order.push_back(consumer);
                 }
@@ -352,6 +377,7 @@ impl QuorumState {
                             priority: 0,
                         },
                         active: false,
+                        suspected: false,
                         in_flight: 0,
                         since,
                     });
@@ -371,7 +397,27 @@ impl QuorumState {
                     .copied()
                     .collect();
                 for key in gone {
-                    self.remove(key, fx);
+                    if key.1 == REQUESTER {
+                        self.remove(key, fx);
+                    } else {
+                        self.suspect(key, fx);
+                    }
+                }
+                (QuorumReply::Done, now_ms)
+            }
+            QuorumCommand::NodeUp { node, now_ms } => {
+                let back: Vec<ConsumerKey> = self
+                    .consumers
+                    .iter()
+                    .filter(|(k, c)| k.0 == node && c.suspected)
+                    .map(|(k, _)| *k)
+                    .collect();
+                for key in back {
+                    if let Some(c) = self.consumers.get_mut(&key) {
+                        c.suspected = false;
+                        c.active = true;
+                    }
+                    self.order.push_back(key);
                 }
                 (QuorumReply::Done, now_ms)
             }
@@ -405,12 +451,51 @@ impl QuorumState {
         self.order.retain(|k| *k != consumer);
     }
 
+    /// Suspects a consumer: it takes nothing, and what it held returns to
+    /// the queue (its node will not settle it: another consumer may get it).
+    fn suspect(&mut self, consumer: ConsumerKey, fx: &mut Effects) {
+        let held: Vec<u64> = self
+            .checked_out
+            .iter()
+            .filter(|(_, k)| **k == consumer)
+            .map(|(seq, _)| *seq)
+            .collect();
+        for seq in held {
+            self.checked_out.remove(&seq);
+            self.queue.requeue(seq, fx);
+        }
+        let Some(c) = self.consumers.get_mut(&consumer) else {
+            return;
+        };
+        if !c.active {
+            // Cancelled, and what it held is back in the queue: gone.
+            self.consumers.remove(&consumer);
+            return;
+        }
+        c.active = false;
+        c.suspected = true;
+        c.in_flight = 0;
+        self.order.retain(|k| *k != consumer);
+    }
+
+    /// The nodes whose consumers are suspected.
+    pub fn suspected_nodes(&self) -> Vec<u64> {
+        let mut nodes: Vec<u64> = self
+            .consumers
+            .iter()
+            .filter(|(_, c)| c.suspected)
+            .map(|(k, _)| k.0)
+            .collect();
+        nodes.dedup();
+        nodes
+    }
+
     /// Forgets a cancelled consumer (or requester) that holds nothing.
     fn forget_if_idle(&mut self, consumer: ConsumerKey) {
         if self
             .consumers
             .get(&consumer)
-            .is_some_and(|c| !c.active && c.in_flight == 0)
+            .is_some_and(|c| !c.active && !c.suspected && c.in_flight == 0)
         {
             self.consumers.remove(&consumer);
             self.order.retain(|k| *k != consumer);
@@ -524,6 +609,7 @@ impl QuorumState {
                 key: *k,
                 spec: c.spec.clone(),
                 active: c.active,
+                suspected: c.suspected,
                 since: c.since,
             })
             .collect();
@@ -536,6 +622,7 @@ impl QuorumState {
                     key: *k,
                     spec: c.spec.clone(),
                     active: c.active,
+                    suspected: c.suspected,
                     since: c.since,
                 }),
         );
@@ -570,6 +657,7 @@ impl QuorumState {
                 Consumer {
                     spec: c.spec,
                     active: c.active,
+                    suspected: c.suspected,
                     in_flight: u32::try_from(in_flight).unwrap_or(u32::MAX),
                     since: c.since,
                 },
@@ -735,6 +823,33 @@ mod tests {
     }
 
     #[test]
+    fn an_unreachable_nodes_consumers_take_nothing_until_it_is_back() {
+        let mut s = state(QueueArgs::default());
+        run(&mut s, checkout(1, 1, 1));
+        run(&mut s, enqueue(1));
+        // Node 1 is cut off: its delivery returns; nothing goes to it.
+        run(&mut s, QuorumCommand::NodeDown { node: 1, now_ms: 3 });
+        assert_eq!(s.queue().ready_count(), 1);
+        assert_eq!(s.suspected_nodes(), vec![1]);
+        assert!(delivered(&run(&mut s, enqueue(2)).1).is_empty());
+        // A settle of what it held before is too late: it is not its own.
+        run(
+            &mut s,
+            QuorumCommand::Settle {
+                consumer: (1, 1),
+                seqs: vec![1],
+                how: Settlement::Ack,
+                now_ms: 4,
+            },
+        );
+        assert_eq!(s.queue().ready_count(), 2);
+        // Back: it takes the first again, redelivered.
+        let (_, fx, _) = run(&mut s, QuorumCommand::NodeUp { node: 1, now_ms: 5 });
+        assert_eq!(delivered(&fx), vec![((1, 1), 1, true)]);
+        assert!(s.suspected_nodes().is_empty());
+    }
+
+    #[test]
     fn a_cancelled_consumer_keeps_and_settles_what_it_holds() {
         let mut s = state(QueueArgs::default());
         run(&mut s, checkout(1, 1, 0));
@@ -840,6 +955,7 @@ mod tests {
             1 => (key.clone(), any::<bool>()).prop_map(|(requester, no_ack)| QuorumCommand::Get { requester, no_ack, now_ms: 7 }),
             1 => key.prop_map(|consumer| QuorumCommand::Down { consumer, now_ms: 8 }),
             1 => (1u64..4).prop_map(|node| QuorumCommand::NodeDown { node, now_ms: 9 }),
+            1 => (1u64..4).prop_map(|node| QuorumCommand::NodeUp { node, now_ms: 10 }),
             1 => Just(QuorumCommand::Purge),
         ]
     }

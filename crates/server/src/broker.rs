@@ -269,7 +269,9 @@ impl Broker {
             }
             MetaCommand::DeclareQueue { vhost, queue } => {
                 if let Some(v) = self.vhost(vhost) {
-                    if !self.node.is_home(&queue.home) {
+                    if !self.node.is_home(&queue.home) || !queue.members.is_empty() {
+                        // Homed elsewhere, or replicated (reached through
+                        // its group wherever its leader is).
                         v.project_queue(queue);
                         return 0;
                     }

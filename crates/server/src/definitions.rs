@@ -6,10 +6,11 @@
 //! Served as `GET`/`POST /api/definitions` and loaded at boot with
 //! `--load-definitions FILE`.
 //!
-//! Import applies vhosts, users, permissions, exchanges, queues and bindings
-//! in that order, like RabbitMQ; an object that exists already must be
-//! equivalent (else the import stops with the 406 text). Policies are
-//! applied last (to the queues just made too). Vhost limits travel as
+//! Import applies vhosts, users, permissions, exchanges, policies, queues
+//! and bindings in that order (RabbitMQ too applies policies before queues:
+//! a queue a mirroring policy matches is declared replicated in a cluster);
+//! an object that exists already must be equivalent (else the import stops
+//! with the 406 text). Vhost limits travel as
 //! RabbitMQ keeps them, as `vhost-limits` runtime parameters; other runtime
 //! parameters are not supported yet: they are skipped, and each skipped one
 //! is logged and counted in [`Imported::skipped`].
@@ -338,6 +339,37 @@ pub async fn import(broker: &Arc<Broker>, defs: &Value) -> Result<Imported, Impo
         vhost.declare_exchange(decl, false).await?;
         done.applied += 1;
     }
+    // Policies before queues, as RabbitMQ imports them: a queue a
+    // mirroring policy (`ha-mode`) matches is declared replicated.
+    for p in section(defs, "policies")? {
+        let definition = match p.get("definition") {
+            Some(Value::Object(d)) => d.clone(),
+            _ => {
+                return Err(ImportError::Malformed(
+                    "policy: missing 'definition'".into(),
+                ));
+            }
+        };
+        let name = text(p, "name", "policy")?;
+        let apply_to = p.get("apply-to").and_then(Value::as_str).unwrap_or("all");
+        let policy = crate::policy::Policy::new(
+            text(p, "vhost", "policy")?,
+            name,
+            text(p, "pattern", "policy")?,
+            crate::policy::ApplyTo::parse(apply_to).ok_or_else(|| {
+                ImportError::Malformed(format!("policy '{name}': apply-to '{apply_to}'"))
+            })?,
+            p.get("priority").and_then(Value::as_i64).unwrap_or(0),
+            definition,
+        )
+        .map_err(|e| ImportError::Malformed(format!("policy '{name}': {e}")))?;
+        if broker.set_policy(policy).await?.is_none() {
+            return Err(ImportError::Malformed(format!(
+                "policy '{name}': no such vhost"
+            )));
+        }
+        done.applied += 1;
+    }
     for q in section(defs, "queues")? {
         let vhost = vhost_of(broker, q, "queue")?;
         let name = text(q, "name", "queue")?;
@@ -373,35 +405,6 @@ pub async fn import(broker: &Arc<Broker>, defs: &Value) -> Result<Imported, Impo
             continue; // the default exchange's bindings are implicit
         }
         vhost.bind(&def).await?;
-        done.applied += 1;
-    }
-    for p in section(defs, "policies")? {
-        let definition = match p.get("definition") {
-            Some(Value::Object(d)) => d.clone(),
-            _ => {
-                return Err(ImportError::Malformed(
-                    "policy: missing 'definition'".into(),
-                ));
-            }
-        };
-        let name = text(p, "name", "policy")?;
-        let apply_to = p.get("apply-to").and_then(Value::as_str).unwrap_or("all");
-        let policy = crate::policy::Policy::new(
-            text(p, "vhost", "policy")?,
-            name,
-            text(p, "pattern", "policy")?,
-            crate::policy::ApplyTo::parse(apply_to).ok_or_else(|| {
-                ImportError::Malformed(format!("policy '{name}': apply-to '{apply_to}'"))
-            })?,
-            p.get("priority").and_then(Value::as_i64).unwrap_or(0),
-            definition,
-        )
-        .map_err(|e| ImportError::Malformed(format!("policy '{name}': {e}")))?;
-        if broker.set_policy(policy).await?.is_none() {
-            return Err(ImportError::Malformed(format!(
-                "policy '{name}': no such vhost"
-            )));
-        }
         done.applied += 1;
     }
     for (vhost, limits) in vhost_limits {

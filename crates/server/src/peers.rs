@@ -228,6 +228,27 @@ pub struct NodeStats {
     pub uptime: u64,
 }
 
+/// A replicated queue's group and counts, as one of its members sees them
+/// (RabbitMQ's quorum-queue fields of `/api/queues`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ReplicaStatus {
+    /// The node leading its group, if one does.
+    pub leader: Option<String>,
+    /// The nodes holding its replicas.
+    pub members: Vec<String>,
+    /// The members running, as the answering member sees them.
+    pub online: Vec<String>,
+    /// Ready messages.
+    pub ready: u64,
+    /// Delivered, not yet settled.
+    pub unacked: u64,
+    /// Consumers taking messages.
+    pub consumers: u64,
+}
+
+/// The answer to [`Peers::replica_status`].
+pub type RemoteReplicaStatus = Pin<Box<dyn Future<Output = Result<ReplicaStatus, String>> + Send>>;
+
 /// Reaches queues on other nodes, and tells the management API about the
 /// cluster.
 pub trait Peers: Send + Sync + std::fmt::Debug {
@@ -307,6 +328,9 @@ pub trait Peers: Send + Sync + std::fmt::Debug {
     /// Cancels the consumer `key` on node `home` (its unsettled deliveries
     /// stay until settled).
     fn cancel(&self, home: &str, key: u64);
+
+    /// Replicated queue `queue`'s group and counts, from one of its members.
+    fn replica_status(&self, vhost: &str, queue: &ShortStr) -> RemoteReplicaStatus;
 }
 
 /// The node a `join_cluster` reached, and its cluster.

@@ -325,21 +325,90 @@ impl Vhost {
         })
     }
 
-    /// The members a new replicated queue `name` gets: its group size is
+    /// The members of new queue `name` if it is to be replicated (in a
+    /// cluster: a quorum queue, or a durable classic one a policy with
+    /// `ha-mode` matches), else `None`.
+    pub fn members_if_replicated(
+        &self,
+        name: &str,
+        durable: bool,
+        exclusive: bool,
+        auto_delete: bool,
+        args: &QueueArgs,
+        arguments: &FieldTable,
+    ) -> Option<Vec<String>> {
+        self.node.peers.get()?;
+        if args.queue_type == queue_store::QueueType::Quorum {
+            return Some(self.replica_members(name, arguments));
+        }
+        // RabbitMQ never mirrors an exclusive queue; Warren replicates
+        // only what survives a restart and outlives its consumers.
+        if !durable || exclusive || auto_delete {
+            return None;
+        }
+        self.mirrored_members(name, arguments)
+    }
+
+    /// The members a new quorum queue `name` gets: its group size is
     /// `x-quorum-initial-group-size` (default 3), at most the running
-    /// nodes; the node `queue-leader-locator` picks comes first (this one
-    /// for `client-local`), then the running nodes holding the fewest of
-    /// this vhost's replicated queues.
+    /// nodes (see [`Self::members_of_size`]).
     pub fn replica_members(&self, name: &str, arguments: &FieldTable) -> Vec<String> {
-        let me = self.node.config.node_name.clone();
-        let Some(peers) = self.node.peers.get() else {
-            return vec![me];
-        };
         let size = arguments
             .get("x-quorum-initial-group-size")
             .and_then(FieldValue::as_i64)
             .filter(|n| *n > 0)
             .map_or(3, |n| usize::try_from(n).unwrap_or(usize::MAX));
+        self.members_of_size(name, arguments, size)
+    }
+
+    /// The members a new durable classic queue `name` gets when a policy
+    /// with RabbitMQ 3.x's `ha-mode` matches it (`None` if none does):
+    /// Warren replicates it as a quorum queue on `all` running nodes,
+    /// `exactly` `ha-params` of them, or the `nodes` `ha-params` lists
+    /// (those of them in the cluster; this node first if it is one).
+    pub fn mirrored_members(&self, name: &str, arguments: &FieldTable) -> Option<Vec<String>> {
+        let peers = self.node.peers.get()?;
+        let (mode, params) = {
+            let policies = self.policies.read();
+            let p = crate::policy::for_queue(&policies, name)?;
+            let mode = p.definition.get("ha-mode")?.as_str()?.to_owned();
+            (mode, p.definition.get("ha-params").cloned())
+        };
+        match mode.as_str() {
+            "all" => Some(self.members_of_size(name, arguments, usize::MAX)),
+            "exactly" => {
+                let n = params.as_ref()?.as_u64()?;
+                Some(self.members_of_size(name, arguments, usize::try_from(n).ok()?))
+            }
+            "nodes" => {
+                let known: Vec<String> = peers.members().into_iter().map(|m| m.name).collect();
+                let me = &self.node.config.node_name;
+                let mut listed: Vec<String> = params?
+                    .as_array()?
+                    .iter()
+                    .filter_map(|v| v.as_str())
+                    .filter(|n| known.iter().any(|k| k == n) || *n == me.as_str())
+                    .map(str::to_owned)
+                    .collect();
+                listed.dedup();
+                if let Some(i) = listed.iter().position(|n| n == me) {
+                    listed.swap(0, i);
+                }
+                (!listed.is_empty()).then_some(listed)
+            }
+            _ => None,
+        }
+    }
+
+    /// `size` members (at most the running nodes) for a new replicated
+    /// queue `name`: the node `queue-leader-locator` picks comes first
+    /// (this one for `client-local`), then the running nodes holding the
+    /// fewest of this vhost's replicated queues.
+    fn members_of_size(&self, name: &str, arguments: &FieldTable, size: usize) -> Vec<String> {
+        let me = self.node.config.node_name.clone();
+        let Some(peers) = self.node.peers.get() else {
+            return vec![me];
+        };
         let first = self
             .placement(name, arguments)
             .unwrap_or_else(|| me.clone());
@@ -785,8 +854,24 @@ impl Vhost {
             existing.check_equivalent(&m, &self.name)?;
             return Ok(false);
         }
+        if let Some(remote) = self.find_remote_queue(&m.queue) {
+            crate::queue::check_equivalent(
+                &remote.name,
+                &self.name,
+                (remote.durable, remote.auto_delete, &remote.arguments),
+                &m,
+            )?;
+            return Ok(false);
+        }
         let args = QueueArgs::parse(&m.arguments, &m.queue, &self.name)?;
         args.check_properties(durable, false, auto_delete, &m.queue, &self.name)?;
+        if let Some(members) =
+            self.members_if_replicated(&m.queue, durable, false, auto_delete, &args, &m.arguments)
+        {
+            self.declare_replicated(m.queue, m.arguments, members)
+                .await?;
+            return Ok(true);
+        }
         self.declare_queue(m.queue, durable, auto_delete, None, args, m.arguments)
             .await?;
         Ok(true)

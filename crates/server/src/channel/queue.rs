@@ -110,14 +110,22 @@ impl Channel {
                 ..m
             };
             let existing = vhost.find_queue(&name);
-            if existing.is_none()
-                && node.peers.get().is_some()
-                && args.queue_type == queue_store::QueueType::Quorum
-            {
-                // A quorum queue in a cluster is replicated: committed
-                // for every node with its members, reached through its
-                // group wherever its leader is.
-                let members = vhost.replica_members(&name, &m.arguments);
+            let replicated = match existing {
+                None => vhost.members_if_replicated(
+                    &name,
+                    m.durable,
+                    m.exclusive,
+                    m.auto_delete,
+                    &args,
+                    &m.arguments,
+                ),
+                Some(_) => None,
+            };
+            if let Some(members) = replicated {
+                // A quorum queue in a cluster, or a classic one a
+                // mirroring policy matches, is replicated: committed for
+                // every node with its members, reached through its group
+                // wherever its leader is.
                 let remote = vhost
                     .declare_replicated(name.clone(), m.arguments.clone(), members)
                     .await?;

@@ -552,6 +552,9 @@ async fn remote_queues(b: &Broker, vhosts: &[Arc<Vhost>]) -> Vec<Value> {
                 .collect::<Vec<_>>()
         })
         .collect();
+    let (replicated, wanted): (Vec<_>, Vec<_>) =
+        wanted.into_iter().partition(|(_, q)| q.replicated());
+    let mut listed = replicated_queues(peers.as_ref(), replicated).await;
     let mut homes: Vec<String> = wanted.iter().map(|(_, q)| q.home.clone()).collect();
     homes.sort();
     homes.dedup();
@@ -581,6 +584,63 @@ async fn remote_queues(b: &Broker, vhosts: &[Arc<Vhost>]) -> Vec<Value> {
                         "auto_delete": false, "exclusive": q.exclusive, "type": "classic",
                         "node": q.home, "state": "down", "arguments": {}})
                 })
+        })
+        .chain(listed.drain(..))
+        .collect()
+}
+
+/// Replicated queues as RabbitMQ lists quorum queues: `node` is the leader,
+/// with `leader`, `members` and `online`; one whose members do not answer
+/// is listed with state `down`.
+async fn replicated_queues(
+    peers: &dyn crate::peers::Peers,
+    queues: Vec<(String, crate::peers::RemoteQueue)>,
+) -> Vec<Value> {
+    let answers = futures_util::future::join_all(queues.iter().map(|(vhost, q)| {
+        let status = peers.replica_status(vhost, &q.name);
+        async move {
+            tokio::time::timeout(PEER_LISTING_TIMEOUT, status)
+                .await
+                .map_err(|_| "timed out".to_owned())
+                .and_then(|r| r)
+        }
+    }))
+    .await;
+    queues
+        .into_iter()
+        .zip(answers)
+        .map(|((vhost, q), status)| {
+            let arguments = crate::json::table_to_json(&q.arguments);
+            // A classic queue a mirroring policy replicated is listed as
+            // classic (with its members), as 3.x lists a mirrored one.
+            let kind = match q
+                .arguments
+                .get("x-queue-type")
+                .and_then(amqp_codec::FieldValue::as_str)
+            {
+                Some("quorum") => "quorum",
+                _ => "classic",
+            };
+            match status {
+                Ok(s) => json!({
+                    "name": q.name.as_str(), "vhost": vhost, "durable": true,
+                    "auto_delete": false, "exclusive": false, "arguments": arguments,
+                    "type": kind, "state": if s.leader.is_some() { "running" } else { "minority" },
+                    "node": s.leader.clone().unwrap_or_default(), "leader": s.leader,
+                    "members": s.members, "online": s.online,
+                    "messages": s.ready + s.unacked, "messages_ready": s.ready,
+                    "messages_unacknowledged": s.unacked, "consumers": s.consumers,
+                }),
+                Err(e) => {
+                    tracing::debug!(queue = %q.name, error = %e, "a replicated queue's status");
+                    json!({
+                        "name": q.name.as_str(), "vhost": vhost, "durable": true,
+                        "auto_delete": false, "exclusive": false, "arguments": arguments,
+                        "type": kind, "state": "down", "node": q.home,
+                        "members": q.members, "online": [],
+                    })
+                }
+            }
         })
         .collect()
 }

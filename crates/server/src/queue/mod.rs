@@ -5,7 +5,7 @@
 //! requeue, reject), dispatch, purge, delete, counters, housekeeping.
 //! `x-queue-type` picks the implementation: `classic` (and `quorum` on a
 //! node alone) is [`classic::ClassicQueue`]; in a cluster a quorum queue is
-//! replicated and reached through [`crate::peers::Peers`], not from here.
+//! replicated and reached through the cluster (`peers`), not from here.
 //!
 //! Deliveries leave through the consumer's channel (`Consumer::channel`),
 //! encoded straight into its connection's outbox. Whoever changes a queue (a
