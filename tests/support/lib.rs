@@ -1048,6 +1048,16 @@ impl TestCluster {
         }
     }
 
+    /// Sends signal `sig` (`STOP`, `CONT`) to node `i`'s process.
+    pub fn signal(&self, i: usize, sig: &str) {
+        let pid = self.node(i).child.id().to_string();
+        let status = std::process::Command::new("kill")
+            .args([&format!("-{sig}"), &pid])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{sig} {pid}");
+    }
+
     /// Node `i`'s log so far (for assertion messages).
     pub fn log(&self, i: usize) -> String {
         std::fs::read_to_string(self.dir.path().join(format!("n{}.log", i + 1))).unwrap_or_default()

@@ -513,12 +513,12 @@ impl std::fmt::Debug for ClusterProjection {
 }
 
 impl ClusterProjection {
-    fn replicated(&self, command: &MetaCommand) {
+    fn replicated(&self, command: &MetaCommand, at_start: bool) {
         let Some(replicas) = self.replicas.get() else {
             return;
         };
         match command {
-            MetaCommand::DeclareQueue { vhost, queue } => replicas.declared(vhost, queue),
+            MetaCommand::DeclareQueue { vhost, queue } => replicas.declared(vhost, queue, at_start),
             MetaCommand::DeleteQueue { vhost, name } => replicas.deleted(vhost, name),
             MetaCommand::DeleteVhost { name } => replicas.vhost_deleted(name),
             _ => {}
@@ -533,7 +533,7 @@ impl ClusterProjection {
         let state = node.machine.attach(Arc::downgrade(&me));
         for d in state.definitions() {
             if let Ok(command) = MetaCommand::from_definition(d.kind, &d.key, &d.record) {
-                self.replicated(&command);
+                self.replicated(&command, true);
             }
         }
         state
@@ -545,7 +545,7 @@ impl MetaProjection for ClusterProjection {
         if let Some(p) = self.server.get().and_then(Weak::upgrade) {
             p.project(command);
         }
-        self.replicated(command);
+        self.replicated(command, false);
     }
 }
 

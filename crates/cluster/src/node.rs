@@ -86,6 +86,7 @@ impl ClusterNode {
         gossip: SharedView,
         replicas: Arc<crate::replica::Replicas>,
     ) -> ClusterNode {
+        let first_key = replicas.first_key();
         ClusterNode {
             replicas,
             me,
@@ -98,9 +99,7 @@ impl ClusterNode {
             sinks: parking_lot::Mutex::default(),
             // Keys differ from an earlier run's (a replicated queue's
             // state may still name that run's consumers).
-            next_key: std::sync::atomic::AtomicU64::new(
-                server::queue::now_ms().saturating_mul(1 << 12).max(1),
-            ),
+            next_key: std::sync::atomic::AtomicU64::new(first_key),
         }
     }
 
@@ -836,12 +835,15 @@ impl server::peers::Peers for ClusterPeers {
                 how: settle_octet(how),
                 now_ms: server::queue::now_ms(),
             };
-            let answer = replicas.propose(&q, request);
+            let first = replicas.propose(&q, request.clone());
+            let replicas = replicas.clone();
             tokio::spawn(async move {
-                if let Err(e) = answer.await {
-                    // Its leader hands them out again once elected.
-                    tracing::debug!(queue = %q.name, error = %e, "a settlement was not committed");
-                }
+                // Until committed: a settlement lost with a leader would
+                // leave its deliveries held by a consumer that has
+                // settled them (settling again is harmless).
+                replicas
+                    .until_committed(&q, request, first, "a settlement")
+                    .await;
                 // Until now a new leader's second delivery of one of them
                 // was a duplicate (settled here, not yet there).
                 q.settled(&seqs);

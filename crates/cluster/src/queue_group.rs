@@ -252,6 +252,12 @@ pub enum QueueRequest {
     NodeDown { node: u64, now_ms: u64 },
     /// [`QuorumCommand::NodeUp`].
     NodeUp { node: u64, now_ms: u64 },
+    /// [`QuorumCommand::NodeRestarted`].
+    NodeRestarted {
+        node: u64,
+        first_key: u64,
+        now_ms: u64,
+    },
     /// [`QuorumCommand::Purge`].
     Purge,
     /// [`QuorumCommand::Tick`].
@@ -313,6 +319,15 @@ impl QueueRequest {
             },
             QuorumCommand::NodeUp { node, now_ms } => QueueRequest::NodeUp {
                 node: *node,
+                now_ms: *now_ms,
+            },
+            QuorumCommand::NodeRestarted {
+                node,
+                first_key,
+                now_ms,
+            } => QueueRequest::NodeRestarted {
+                node: *node,
+                first_key: *first_key,
                 now_ms: *now_ms,
             },
             QuorumCommand::Purge => QueueRequest::Purge,
@@ -385,6 +400,15 @@ impl QueueRequest {
             },
             QueueRequest::NodeUp { node, now_ms } => QuorumCommand::NodeUp {
                 node: *node,
+                now_ms: *now_ms,
+            },
+            QueueRequest::NodeRestarted {
+                node,
+                first_key,
+                now_ms,
+            } => QuorumCommand::NodeRestarted {
+                node: *node,
+                first_key: *first_key,
                 now_ms: *now_ms,
             },
             QueueRequest::Purge => QuorumCommand::Purge,

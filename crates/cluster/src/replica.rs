@@ -46,6 +46,10 @@ use crate::queue_group::{
 use crate::raft_wal::RaftWal;
 use crate::rpc::{ProposeRefusal, Request, Response, WireDelivery};
 
+/// How long an entry that must be committed eventually (a settlement, a
+/// restarted node's word) is proposed again.
+pub const RETRY_FOR: Duration = Duration::from_secs(300);
+
 /// How long an entry may take to commit before its proposer is told it
 /// failed (it may still commit: a publisher then gets a nack for a message
 /// that is queued, never the other way round).
@@ -196,6 +200,8 @@ pub struct Replicas {
     /// This node's consumers of replicated queues: key -> queue id.
     consumers: Mutex<HashMap<u64, u64>>,
     next_message: AtomicU64,
+    /// This run's first consumer number (earlier runs' are below it).
+    first_key: u64,
 }
 
 impl std::fmt::Debug for Replicas {
@@ -284,6 +290,8 @@ impl Replicas {
             count: AtomicUsize::new(0),
             consumers: Mutex::default(),
             next_message: AtomicU64::new(1),
+            // Above every earlier run's (the clock moved on since).
+            first_key: now_ms().saturating_mul(1 << 12).max(1),
         });
         let _ = r.me_weak.set(Arc::downgrade(&r));
         r
@@ -326,8 +334,10 @@ impl Replicas {
     }
 
     /// A replicated queue the metadata now holds: known from now on, and
-    /// its replica started if this node is a member.
-    pub fn declared(&self, vhost: &str, def: &server::meta::QueueDef) {
+    /// its replica started if this node is a member. `at_start`: known
+    /// when this node started (its group is told that this node's
+    /// consumers of earlier runs are gone).
+    pub fn declared(&self, vhost: &str, def: &server::meta::QueueDef, at_start: bool) {
         if def.members.is_empty() {
             return;
         }
@@ -354,12 +364,25 @@ impl Replicas {
             self.count.fetch_add(1, Ordering::Relaxed);
             q
         };
-        if !q.members.contains(&self.me.name) {
-            return;
-        }
         let Some(me) = self.me_weak.get().and_then(Weak::upgrade) else {
             return;
         };
+        if at_start {
+            let request = QueueRequest::NodeRestarted {
+                node: self.me.id,
+                first_key: self.first_key,
+                now_ms: now_ms(),
+            };
+            let (me, q) = (me.clone(), q.clone());
+            tokio::spawn(async move {
+                let first = me.propose(&q, request.clone());
+                me.until_committed(&q, request, first, "a restarted node's word")
+                    .await;
+            });
+        }
+        if !q.members.contains(&self.me.name) {
+            return;
+        }
         tokio::spawn(async move {
             if let Err(e) = me.start(&q).await {
                 tracing::error!(queue = %q.name, vhost = %q.vhost, error = %e, "cannot start this node's replica of a replicated queue");
@@ -497,6 +520,39 @@ impl Replicas {
     /// This node's id.
     pub fn me(&self) -> u64 {
         self.me.id
+    }
+
+    /// This run's first consumer number.
+    pub fn first_key(&self) -> u64 {
+        self.first_key
+    }
+
+    /// Waits for `first` (a proposal of `request`), proposing it again
+    /// after each failure (for up to [`RETRY_FOR`]): for entries that must
+    /// be committed eventually and may be committed twice.
+    pub async fn until_committed(
+        self: &Arc<Self>,
+        q: &Arc<Replicated>,
+        request: QueueRequest,
+        first: Answer,
+        what: &str,
+    ) {
+        let deadline = tokio::time::Instant::now() + RETRY_FOR;
+        let mut answer = first;
+        loop {
+            match answer.await {
+                Ok(_) => return,
+                Err(e) if tokio::time::Instant::now() >= deadline => {
+                    tracing::warn!(queue = %q.name, vhost = %q.vhost, error = %e, "{what} was not committed; given up");
+                    return;
+                }
+                Err(e) => {
+                    tracing::debug!(queue = %q.name, error = %e, "{what} was not committed; proposed again");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+            answer = self.propose(q, request.clone());
+        }
     }
 
     /// Registers this node's consumer `key` of queue `q`.

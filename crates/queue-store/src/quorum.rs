@@ -136,6 +136,17 @@ pub enum QuorumCommand {
         /// The proposer's clock.
         now_ms: u64,
     },
+    /// A node started again: its consumers and requester from earlier runs
+    /// (numbered below `first_key`, the first number of this run) are gone,
+    /// and what they held returns to the queue.
+    NodeRestarted {
+        /// The node.
+        node: u64,
+        /// The first consumer number of its current run.
+        first_key: u64,
+        /// The proposer's clock.
+        now_ms: u64,
+    },
     /// A node is reachable again: its suspected consumers take messages
     /// again (one whose channel is gone meanwhile is `Down`ed by its node
     /// when its next delivery finds no consumer).
@@ -402,6 +413,22 @@ impl QuorumState {
                     } else {
                         self.suspect(key, fx);
                     }
+                }
+                (QuorumReply::Done, now_ms)
+            }
+            QuorumCommand::NodeRestarted {
+                node,
+                first_key,
+                now_ms,
+            } => {
+                let gone: Vec<ConsumerKey> = self
+                    .consumers
+                    .keys()
+                    .filter(|k| k.0 == node && k.1 < first_key)
+                    .copied()
+                    .collect();
+                for key in gone {
+                    self.remove(key, fx);
                 }
                 (QuorumReply::Done, now_ms)
             }
@@ -850,6 +877,26 @@ mod tests {
     }
 
     #[test]
+    fn a_restarted_nodes_earlier_consumers_are_gone_and_what_they_held_returns() {
+        let mut s = state(QueueArgs::default());
+        run(&mut s, checkout(1, 5, 1));
+        run(&mut s, enqueue(1));
+        run(&mut s, checkout(1, 9, 1));
+        assert_eq!(s.queue().unacked_count(), 1);
+        // Node 1 restarted; its first key now is 9.
+        let (_, fx, _) = run(
+            &mut s,
+            QuorumCommand::NodeRestarted {
+                node: 1,
+                first_key: 9,
+                now_ms: 3,
+            },
+        );
+        assert_eq!(delivered(&fx), vec![((1, 9), 1, true)]);
+        assert_eq!(s.consumer_count(), 1);
+    }
+
+    #[test]
     fn a_cancelled_consumer_keeps_and_settles_what_it_holds() {
         let mut s = state(QueueArgs::default());
         run(&mut s, checkout(1, 1, 0));
@@ -956,6 +1003,7 @@ mod tests {
             1 => key.prop_map(|consumer| QuorumCommand::Down { consumer, now_ms: 8 }),
             1 => (1u64..4).prop_map(|node| QuorumCommand::NodeDown { node, now_ms: 9 }),
             1 => (1u64..4).prop_map(|node| QuorumCommand::NodeUp { node, now_ms: 10 }),
+            1 => (1u64..4, 0u64..3).prop_map(|(node, first_key)| QuorumCommand::NodeRestarted { node, first_key, now_ms: 11 }),
             1 => Just(QuorumCommand::Purge),
         ]
     }
