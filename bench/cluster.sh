@@ -11,15 +11,20 @@
 #   X3  X1 with persistent messages, publisher confirms (256 outstanding)
 #       and manual acks (prefetch 256)
 #   X4  X1 at 1,000 msg/s: end-to-end latency
+# Replicated queues (x-queue-type: quorum, declared through node 2, which
+# leads them first; persistent messages, confirms, manual acks):
+#   Q1 (5)  one producer on node 1, one consumer on node 3
+#   Q2 (6)  ten producers and ten consumers over ten queues
+#   Q3 (7)  Q1 at 1,000 msg/s: end-to-end latency
 # Environment: RUNS (3), DURATION (10), BROKERS ("warren rabbitmq"),
-# SCENARIOS ("1 2 3 4"). Writes bench/cluster-results.md and
+# SCENARIOS ("1 2 3 4 5 6 7"). Writes bench/cluster-results.md and
 # bench/cluster-results-raw.jsonl (one line per run).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 RUNS=${RUNS:-3}
 DURATION=${DURATION:-10}
 BROKERS=${BROKERS:-"warren rabbitmq"}
-SCENARIOS=${SCENARIOS:-"1 2 3 4"}
+SCENARIOS=${SCENARIOS:-"1 2 3 4 5 6 7"}
 RABBITMQ_LIB=${RABBITMQ_LIB:-/usr/lib/rabbitmq/bin}
 WORK=$(mktemp -d /tmp/warren-cluster-bench.XXXXXX)
 chmod 755 "$WORK" # RabbitMQ runs as user rabbitmq
@@ -91,6 +96,9 @@ scenario_args() { # scenario broker
         2) echo --uri "$($u 1)" --declare-uri "$($u 2)" --consumer-uri "$($u 2)" ;;
         3) echo --uri "$($u 1)" --declare-uri "$($u 2)" --consumer-uri "$($u 3)" --persistent --confirm 256 --prefetch 256 --multi-ack-every 64 ;;
         4) echo --uri "$($u 1)" --declare-uri "$($u 2)" --consumer-uri "$($u 3)" --rate 1000 ;;
+        5) echo --uri "$($u 1)" --declare-uri "$($u 2)" --consumer-uri "$($u 3)" --queue-type quorum --persistent --confirm 256 --prefetch 256 --multi-ack-every 64 ;;
+        6) echo --uri "$($u 1)" --declare-uri "$($u 2)" --consumer-uri "$($u 3)" --queue-type quorum --persistent --confirm 256 --prefetch 256 --multi-ack-every 64 --producers 10 --consumers 10 --queues 10 ;;
+        7) echo --uri "$($u 1)" --declare-uri "$($u 2)" --consumer-uri "$($u 3)" --queue-type quorum --persistent --confirm 256 --prefetch 256 --rate 1000 ;;
     esac
 }
 
@@ -122,13 +130,17 @@ def med(b, s, f):
     v = [x for x in v if x is not None]
     return (statistics.median(v), v) if v else (None, v)
 names = {1: "X1 publish on 1, queue on 2, consume on 3", 2: "X2 publish on 1, queue on 2, consume on 2",
-         3: "X3 as X1, persistent, confirms, manual acks", 4: "X4 as X1 at 1,000 msg/s"}
+         3: "X3 as X1, persistent, confirms, manual acks", 4: "X4 as X1 at 1,000 msg/s",
+         5: "Q1 replicated queue, persistent, confirms, 1 producer (node 1), 1 consumer (node 3)",
+         6: "Q2 as Q1, 10 producers and 10 consumers over 10 queues",
+         7: "Q3 as Q1 at 1,000 msg/s"}
+latency = (4, 7)
 commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
 L = [f"# Cross-node: three-node Warren vs three-node RabbitMQ 3.10 (one machine)", "",
      f"Commit {commit}; {runs} runs per broker, taking turns; medians (every run in brackets).", "",
      "| scenario | metric | Warren | RabbitMQ | Warren / RabbitMQ |", "|---|---|---|---|---|"]
 for s in sorted({r["scenario"] for r in rows}):
-    if s == 4:
+    if s in latency:
         metric, f, unit = "p99 latency", lambda r: r.get("latency_us", {}).get("p99"), "µs"
     else:
         metric, f, unit = "consume rate", lambda r: r.get("consume_rate"), "msg/s"
@@ -136,12 +148,12 @@ for s in sorted({r["scenario"] for r in rows}):
     ratio = f"{w / q:.2f}×" if w and q else "n/a"
     fmt = lambda m, v: "n/a" if m is None else f"{m:,.0f} {unit} ({', '.join(f'{x:,.0f}' for x in v)})"
     L.append(f"| {names[s]} | {metric} | {fmt(w, wv)} | {fmt(q, qv)} | {ratio} |")
-    if s == 4:
+    if s in latency:
         f = lambda r: r.get("latency_us", {}).get("p50")
         (w, wv), (q, qv) = med("warren", s, f), med("rabbitmq", s, f)
         ratio = f"{w / q:.2f}×" if w and q else "n/a"
         L.append(f"| {names[s]} | p50 latency | {fmt(w, wv)} | {fmt(q, qv)} | {ratio} |")
-L += ["", "Reproduce: `bash bench/cluster.sh` as root with Debian's rabbitmq-server installed. Queues are durable classic queues declared through node 2 (so they live there); RabbitMQ's nodes run with Debian's defaults (no plugins), the client as user `bench` that the script makes. Unconfirmed publishers (X1, X2) run ahead of the consumers on both brokers (Warren pauses them by flow control when a peer's backlog passes 16,384 messages), so their latencies are backlog, not transit; X4 measures transit."]
+L += ["", "Reproduce: `bash bench/cluster.sh` as root with Debian's rabbitmq-server installed. Queues are durable classic queues (X) or quorum queues (Q: three replicas, on Warren and RabbitMQ alike) declared through node 2 (so they live, or are led first, there); RabbitMQ's nodes run with Debian's defaults (no plugins), the client as user `bench` that the script makes. Unconfirmed publishers (X1, X2) run ahead of the consumers on both brokers (Warren pauses them by flow control when a peer's backlog passes 16,384 messages), so their latencies are backlog, not transit; X4 measures transit."]
 # Sections measured by other scripts (bench/cluster-meta.py) are kept.
 try:
     old = open(out).read()

@@ -2182,6 +2182,16 @@ async fn a_quorum_queue_is_replicated_and_keeps_every_confirmed_message_when_its
         .await
         .unwrap();
     let mut bodies = take_and_ack(&mut consumer, 100).await;
+    // With every member online, no node is quorum critical.
+    let critical = |api: String| async move {
+        call(
+            reqwest::Method::GET,
+            format!("{api}/api/health/checks/node-is-quorum-critical"),
+            None,
+        )
+        .await
+    };
+    assert_eq!(critical(cluster.node(p).api.clone()).await.0, 200);
     // The leader is killed: the other two elect one; publishing and
     // consuming go on.
     cluster.kill(l);
@@ -2189,6 +2199,10 @@ async fn a_quorum_queue_is_replicated_and_keeps_every_confirmed_message_when_its
     let listed = listed_with_leader(&cluster, p, "qq").await;
     assert_ne!(listed["leader"], leader.as_str(), "{listed}");
     assert_eq!(listed["online"].as_array().unwrap().len(), 2, "{listed}");
+    // Two of three online: stopping either would leave one, no majority.
+    let (code, body) = critical(cluster.node(c).api.clone()).await;
+    assert_eq!(code, 503, "{body}");
+    assert_eq!(body["queues"][0]["name"], "qq", "{body}");
     // Every confirmed message arrives. (One nacked and published again, or
     // delivered by the old leader and handed out again by the new one
     // after the consumer acknowledged it, may arrive twice: RabbitMQ's
@@ -2306,4 +2320,281 @@ async fn classic_queues_a_mirroring_policy_matches_are_replicated_whether_declar
         .unwrap();
     let wanted: Vec<String> = (0..50).map(|k| format!("m {k}")).collect();
     take_all(&mut consumer, &wanted).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quorum_queues_leader_dead_letters_rejected_messages_and_those_over_the_delivery_limit() {
+    let cluster = TestCluster::start(CHILD, 3);
+    formed(&cluster).await;
+    let conn1 = amqp(&cluster, 0).await;
+    let ch1 = conn1.create_channel().await.unwrap();
+    declare_durable_queue(&ch1, "dlq").await;
+    let mut args = lapin::types::FieldTable::default();
+    for (k, v) in [
+        ("x-queue-type", "quorum"),
+        ("x-dead-letter-exchange", ""),
+        ("x-dead-letter-routing-key", "dlq"),
+    ] {
+        args.insert(k.into(), lapin::types::AMQPValue::LongString(v.into()));
+    }
+    args.insert(
+        "x-delivery-limit".into(),
+        lapin::types::AMQPValue::LongInt(1),
+    );
+    ch1.queue_declare(
+        "qq.dl".into(),
+        lapin::options::QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        args,
+    )
+    .await
+    .unwrap();
+    let conn2 = amqp(&cluster, 1).await;
+    sees_queue(&cluster, &conn2, 1, "qq.dl").await;
+    let ch2 = conn2.create_channel().await.unwrap();
+    ch2.confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    publish_confirmed(&ch2, "qq.dl", "m", 2).await;
+    let conn3 = amqp(&cluster, 2).await;
+    sees_queue(&cluster, &conn3, 2, "qq.dl").await;
+    let ch3 = conn3.create_channel().await.unwrap();
+    // The first is rejected.
+    let m0 = get_one(&ch3, "qq.dl", false).await.unwrap();
+    assert_eq!(m0.delivery.data, b"m 0");
+    m0.delivery
+        .reject(lapin::options::BasicRejectOptions { requeue: false })
+        .await
+        .unwrap();
+    // The second is returned twice: over its delivery limit of 1.
+    for _ in 0..2 {
+        let m1 = get_one(&ch3, "qq.dl", false).await.unwrap();
+        assert_eq!(m1.delivery.data, b"m 1");
+        m1.delivery
+            .nack(lapin::options::BasicNackOptions {
+                requeue: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    // Both are in the dead-letter queue, with x-death saying why.
+    let mut reasons = Vec::new();
+    let deadline = Instant::now() + PATIENCE;
+    while reasons.len() < 2 {
+        assert!(Instant::now() < deadline, "dead letters: {reasons:?}");
+        let Some(d) = get_one(&ch1, "dlq", true).await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let headers = d.delivery.properties.headers().clone().unwrap();
+        let death = match headers.inner().get("x-death") {
+            Some(lapin::types::AMQPValue::FieldArray(a)) => a.as_slice()[0].clone(),
+            other => panic!("no x-death: {other:?}"),
+        };
+        let lapin::types::AMQPValue::FieldTable(death) = death else {
+            panic!("x-death entry {death:?}");
+        };
+        let reason = match death.inner().get("reason") {
+            Some(lapin::types::AMQPValue::LongString(s)) => s.to_string(),
+            other => panic!("reason {other:?}"),
+        };
+        reasons.push((String::from_utf8(d.delivery.data.clone()).unwrap(), reason));
+    }
+    reasons.sort();
+    assert_eq!(
+        reasons,
+        vec![
+            ("m 0".to_owned(), "rejected".to_owned()),
+            ("m 1".to_owned(), "delivery_limit".to_owned())
+        ]
+    );
+    assert_eq!(ready_count(&ch1, "qq.dl").await, 0);
+    // Purged and deleted from a node: gone from every node.
+    publish_confirmed(&ch2, "qq.dl", "p", 3).await;
+    let purged = ch3
+        .queue_purge("qq.dl".into(), lapin::options::QueuePurgeOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(purged, 3);
+    ch3.queue_delete(
+        "qq.dl".into(),
+        lapin::options::QueueDeleteOptions::default(),
+    )
+    .await
+    .unwrap();
+    for conn in [&conn1, &conn2] {
+        eventually("the deletion is everywhere", &cluster, || async {
+            passive_queue(conn, "qq.dl").await == Some(404)
+        })
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_that_asked_for_x_cancel_on_ha_failover_is_cancelled_when_its_mirrored_queues_leader_dies()
+ {
+    let mut cluster = TestCluster::start(CHILD, 3);
+    formed(&cluster).await;
+    let api1 = cluster.node(0).api.clone();
+    let (code, body) = put(
+        &api1,
+        "/api/policies/%2f/ha-all",
+        json!({"pattern": "^mirrored$", "apply-to": "queues",
+               "definition": {"ha-mode": "all"}}),
+    )
+    .await;
+    assert!((200..300).contains(&code), "{code} {body}");
+    {
+        let conn = amqp(&cluster, 0).await;
+        let ch = conn.create_channel().await.unwrap();
+        declare_durable_queue(&ch, "mirrored").await;
+    }
+    let listed = listed_with_leader(&cluster, 0, "mirrored").await;
+    let leader = listed["leader"].as_str().unwrap().to_owned();
+    let l = (0..3)
+        .find(|&i| leader == format!("n{}@127.0.0.1", i + 1))
+        .unwrap();
+    let o = (l + 1) % 3;
+    let conn = amqp(&cluster, o).await;
+    let ch = conn.create_channel().await.unwrap();
+    let mut cancel = lapin::types::FieldTable::default();
+    cancel.insert(
+        "x-cancel-on-ha-failover".into(),
+        lapin::types::AMQPValue::Boolean(true),
+    );
+    let mut told = ch
+        .basic_consume(
+            "mirrored".into(),
+            "told".into(),
+            lapin::options::BasicConsumeOptions::default(),
+            cancel,
+        )
+        .await
+        .unwrap();
+    let mut kept = ch
+        .basic_consume(
+            "mirrored".into(),
+            "kept".into(),
+            lapin::options::BasicConsumeOptions::default(),
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    cluster.kill(l);
+    // The one that asked is cancelled (its stream ends); the other goes on
+    // and gets what is published after the failover.
+    use futures_util::StreamExt;
+    let end = tokio::time::timeout(PATIENCE, told.next()).await.unwrap();
+    assert!(end.is_none(), "{end:?}");
+    let ch2 = conn.create_channel().await.unwrap();
+    ch2.confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    publish_until_confirmed(&ch2, "mirrored", "after", 3).await;
+    let wanted: Vec<String> = (0..3).map(|k| format!("after {k}")).collect();
+    take_all(&mut kept, &wanted).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_added_to_a_quorum_queue_catches_up_and_a_deleted_one_goes() {
+    let cluster = TestCluster::start(CHILD, 3);
+    formed(&cluster).await;
+    let conn1 = amqp(&cluster, 0).await;
+    let ch1 = conn1.create_channel().await.unwrap();
+    let mut args = lapin::types::FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        lapin::types::AMQPValue::LongString("quorum".into()),
+    );
+    args.insert(
+        "x-quorum-initial-group-size".into(),
+        lapin::types::AMQPValue::LongInt(2),
+    );
+    ch1.queue_declare(
+        "qq.m".into(),
+        lapin::options::QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        args,
+    )
+    .await
+    .unwrap();
+    ch1.confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    publish_confirmed(&ch1, "qq.m", "m", 20).await;
+    let listed = listed_with_leader(&cluster, 0, "qq.m").await;
+    let members: Vec<String> = listed["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m.as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(members.len(), 2, "{listed}");
+    let x = (0..3)
+        .find(|i| !members.contains(&format!("n{}@127.0.0.1", i + 1)))
+        .unwrap();
+    let x_name = format!("n{}@127.0.0.1", x + 1);
+    let api1 = cluster.node(0).api.clone();
+    let (code, body) = call(
+        reqwest::Method::POST,
+        format!("{api1}/api/queues/quorum/%2f/qq.m/replicas/add"),
+        Some(json!({ "node": x_name })),
+    )
+    .await;
+    assert!((200..300).contains(&code), "{code} {body}");
+    // Adding it again is refused.
+    let (code, body) = call(
+        reqwest::Method::POST,
+        format!("{api1}/api/queues/quorum/%2f/qq.m/replicas/add"),
+        Some(json!({ "node": x_name })),
+    )
+    .await;
+    assert_eq!(code, 400, "{body}");
+    // Node x lists the queue from its own replica: it caught up.
+    let api_x = cluster.node(x).api.clone();
+    eventually("the new member has every message", &cluster, || {
+        let api_x = api_x.clone();
+        async move {
+            get(&api_x, "/api/queues")
+                .await
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|q| {
+                    q["name"] == "qq.m"
+                        && q["members"].as_array().is_some_and(|m| m.len() == 3)
+                        && q["online"].as_array().is_some_and(|o| o.len() == 3)
+                        && q["messages"] == 20
+                })
+        }
+    })
+    .await;
+    // Deleted again: two members, and every message still there.
+    let (code, body) = call(
+        reqwest::Method::DELETE,
+        format!("{api1}/api/queues/quorum/%2f/qq.m/replicas/delete"),
+        Some(json!({ "node": x_name })),
+    )
+    .await;
+    assert!((200..300).contains(&code), "{code} {body}");
+    eventually("the member is gone", &cluster, || {
+        let api1 = api1.clone();
+        async move {
+            get(&api1, "/api/queues")
+                .await
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|q| {
+                    q["name"] == "qq.m" && q["members"].as_array().is_some_and(|m| m.len() == 2)
+                })
+        }
+    })
+    .await;
+    assert_eq!(ready_count(&ch1, "qq.m").await, 20);
 }

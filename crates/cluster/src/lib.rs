@@ -141,6 +141,7 @@ impl ClusterHandle {
     /// queues homed here reach it from now on.
     pub fn serve(&self, broker: &Arc<server::broker::Broker>) {
         let _ = self.handler.broker.set(Arc::downgrade(broker));
+        self.node.replicas.set_broker(Arc::downgrade(broker));
     }
 
     /// Stops Raft, the links and formation; the log is flushed.

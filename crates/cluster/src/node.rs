@@ -405,6 +405,10 @@ impl crate::replica::ReplicaHost for ClusterNode {
     fn local_sink(&self, key: u64) -> Option<Arc<dyn server::peers::RemoteSink>> {
         self.sinks.lock().get(&key).map(|(_, s)| s.clone())
     }
+
+    fn remove_sink(&self, key: u64) -> Option<Arc<dyn server::peers::RemoteSink>> {
+        self.sinks.lock().remove(&key).map(|(_, s)| s)
+    }
 }
 
 /// The server's way to queues on other nodes: an enqueue goes in order on
@@ -428,7 +432,7 @@ impl ClusterPeers {
         let q = q.clone();
         Box::pin(async move {
             let mut last = String::from("no member answered");
-            for m in &q.members {
+            for m in &q.members() {
                 let Some(addr) = node.address_of(m) else {
                     continue;
                 };
@@ -880,7 +884,7 @@ impl server::peers::Peers for ClusterPeers {
             // No home node: a replicated queue's consumers outlive any one
             // node's link (its leader moves).
             self.node.sinks.lock().insert(key, (String::new(), sink));
-            replicas.add_consumer(key, &q);
+            replicas.add_consumer(key, &q, c.cancel_on_failover);
             let request = QueueRequest::Checkout {
                 consumer: (replicas.me(), key),
                 prefetch: if c.prefetch == 0 {
@@ -952,6 +956,96 @@ impl server::peers::Peers for ClusterPeers {
                 "no replicated queue '{queue}' in vhost '{vhost}'"
             )))),
         }
+    }
+
+    fn change_members(
+        &self,
+        vhost: &str,
+        queue: &amqp_codec::ShortStr,
+        node: &str,
+        add: bool,
+    ) -> Pin<Box<dyn std::future::Future<Output = Result<(), server::peers::Refusal>> + Send>> {
+        use server::peers::Refusal;
+        let refuse =
+            |code: u16,
+             text: String|
+             -> Pin<Box<dyn std::future::Future<Output = Result<(), Refusal>> + Send>> {
+                Box::pin(std::future::ready(Err(Refusal { code, text })))
+            };
+        let Some(q) = self.node.replicas.by_name(vhost, queue) else {
+            return refuse(
+                404,
+                format!("no replicated queue '{queue}' in vhost '{vhost}'"),
+            );
+        };
+        let Some(info) = crate::replica::ReplicaHost::member_named(self.node.as_ref(), node) else {
+            return refuse(404, format!("node '{node}' is not a member of the cluster"));
+        };
+        let members = q.members();
+        let present = members.iter().any(|m| m == node);
+        if add && present {
+            return refuse(
+                406,
+                format!("node '{node}' is already a member of queue '{queue}' in vhost '{vhost}'"),
+            );
+        }
+        if !add && !present {
+            return refuse(
+                404,
+                format!("node '{node}' is not a member of queue '{queue}' in vhost '{vhost}'"),
+            );
+        }
+        if !add && members.len() == 1 {
+            return refuse(
+                406,
+                format!("node '{node}' is the last member of queue '{queue}' in vhost '{vhost}'"),
+            );
+        }
+        let Some(mut def) = self.node.machine.state().queue(vhost, queue).cloned() else {
+            return refuse(404, format!("no queue '{queue}' in vhost '{vhost}'"));
+        };
+        if add {
+            def.members.push(node.to_owned());
+        } else {
+            def.members.retain(|m| m != node);
+        }
+        let command = server::meta::MetaCommand::DeclareQueue {
+            vhost: vhost.to_owned(),
+            queue: def,
+        };
+        let node = self.node.clone();
+        Box::pin(async move {
+            let unavailable = |text: String| Refusal { code: 0, text };
+            let commit = |command: server::meta::MetaCommand| {
+                let node = node.clone();
+                async move {
+                    let request = crate::meta_group::MetaRequest::Command(command.to_wire());
+                    match node.commit(request).await {
+                        Ok(r) => match r.result {
+                            Some(Err(e)) => Err(MetaError::from(e).to_string()),
+                            _ => Ok(()),
+                        },
+                        Err(e) => Err(e.to_string()),
+                    }
+                }
+            };
+            if add {
+                // The new member starts its replica as the commit is
+                // projected there; the leader then makes it a learner
+                // (it catches up) and a voter.
+                commit(command).await.map_err(unavailable)?;
+                node.replicas
+                    .change_voters_at_leader(&q, info, true)
+                    .await
+                    .map_err(unavailable)
+            } else {
+                node.replicas
+                    .change_voters_at_leader(&q, info, false)
+                    .await
+                    .map_err(unavailable)?;
+                commit(command).await.map_err(unavailable)
+            }
+        })
     }
 
     fn cancel(&self, home: &str, key: u64) {
@@ -1696,6 +1790,20 @@ impl RequestHandler for Handler {
                 }
                 return Box::pin(std::future::ready(Response::Settled));
             }
+            Request::QueueMembers { group, node, add } => {
+                let Some(n) = self.node() else {
+                    return Box::pin(std::future::ready(Response::Unavailable(
+                        "the node is starting or stopping".into(),
+                    )));
+                };
+                return Box::pin(async move { n.replicas.change_voters(group, node, add).await });
+            }
+            Request::QueueFailover { group } => {
+                if let Some(node) = self.node() {
+                    node.replicas.failed_over(group);
+                }
+                return Box::pin(std::future::ready(Response::Settled));
+            }
             Request::QueueStatus { group } => {
                 let status = self
                     .node()
@@ -1781,6 +1889,8 @@ impl RequestHandler for Handler {
                 | Request::QueuePropose { .. }
                 | Request::QueueDeliver { .. }
                 | Request::QueueStatus { .. }
+                | Request::QueueFailover { .. }
+                | Request::QueueMembers { .. }
                 | Request::ConsumerCancelled { .. } => {
                     Response::Unavailable("handled above".into())
                 }

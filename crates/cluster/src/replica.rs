@@ -64,6 +64,8 @@ pub trait ReplicaHost: Send + Sync {
     fn member_named(&self, name: &str) -> Option<NodeInfo>;
     /// This node's consumer `key`'s sink.
     fn local_sink(&self, key: u64) -> Option<Arc<dyn RemoteSink>>;
+    /// Forgets this node's consumer `key`; its sink.
+    fn remove_sink(&self, key: u64) -> Option<Arc<dyn RemoteSink>>;
 }
 
 /// A replicated queue's group as this node runs it.
@@ -82,11 +84,12 @@ pub struct Replicated {
     pub vhost: String,
     /// Its name.
     pub name: ShortStr,
-    /// The nodes holding its replicas.
-    pub members: Vec<String>,
+    /// The nodes holding its replicas (changed by `add_member` and
+    /// `delete_member`).
+    members: RwLock<Vec<String>>,
     arguments: FieldTable,
-    /// This node's replica, once started (members only).
-    local: OnceLock<LocalReplica>,
+    /// This node's replica, while it is a member.
+    local: RwLock<Option<Arc<LocalReplica>>>,
     /// The leader last heard of (0: none).
     leader_hint: AtomicU64,
     /// Sequence numbers delivered to this node's consumers and not settled
@@ -103,12 +106,22 @@ impl std::fmt::Debug for Replicated {
             .field("id", &self.id)
             .field("vhost", &self.vhost)
             .field("name", &self.name)
-            .field("members", &self.members)
+            .field("members", &*self.members.read())
             .finish_non_exhaustive()
     }
 }
 
 impl Replicated {
+    /// The nodes holding its replicas.
+    pub fn members(&self) -> Vec<String> {
+        self.members.read().clone()
+    }
+
+    /// This node's replica, if it has one now.
+    fn local(&self) -> Option<Arc<LocalReplica>> {
+        self.local.read().clone()
+    }
+
     /// Whether delivery `seq` is new to this node (else a duplicate: a new
     /// leader hands out again what its predecessor may not have sent).
     pub fn first_delivery(&self, seq: u64, redelivered: bool) -> bool {
@@ -128,11 +141,11 @@ impl Replicated {
     /// unless this node is a member): its leader, and the members this
     /// node reaches.
     pub fn local_status(&self, replicas: &Replicas) -> Option<server::peers::ReplicaStatus> {
-        let local = self.local.get()?;
+        let local = self.local()?;
         let leader = local.raft.metrics().borrow().current_leader;
         let host = replicas.host();
-        let online = self
-            .members
+        let members = self.members();
+        let online = members
             .iter()
             .filter(|m| {
                 **m == replicas.me.name
@@ -154,7 +167,7 @@ impl Replicated {
             leader: leader
                 .and_then(|id| host.as_ref()?.member(id))
                 .map(|n| n.name),
-            members: self.members.clone(),
+            members,
             online,
             ready,
             unacked,
@@ -164,7 +177,7 @@ impl Replicated {
 
     /// Whether this node leads its group now.
     fn leads(&self, me: u64) -> bool {
-        self.local.get().is_some_and(|l| {
+        self.local().is_some_and(|l| {
             let m = l.raft.metrics();
             let m = m.borrow();
             m.state == ServerState::Leader && m.current_leader == Some(me)
@@ -173,7 +186,7 @@ impl Replicated {
 
     /// The leader this node knows of.
     fn leader(&self) -> Option<u64> {
-        if let Some(l) = self.local.get() {
+        if let Some(l) = self.local() {
             if let Some(id) = l.raft.metrics().borrow().current_leader {
                 return Some(id);
             }
@@ -197,11 +210,15 @@ pub struct Replicas {
     queues: RwLock<HashMap<u64, Arc<Replicated>>>,
     by_name: RwLock<HashMap<(String, String), u64>>,
     count: AtomicUsize,
-    /// This node's consumers of replicated queues: key -> queue id.
-    consumers: Mutex<HashMap<u64, u64>>,
+    /// This node's consumers of replicated queues: key -> (queue id,
+    /// cancelled on failover).
+    consumers: Mutex<HashMap<u64, (u64, bool)>>,
     next_message: AtomicU64,
     /// This run's first consumer number (earlier runs' are below it).
     first_key: u64,
+    /// The broker, once started (the leader routes dead letters through
+    /// it).
+    broker: OnceLock<Weak<server::broker::Broker>>,
 }
 
 impl std::fmt::Debug for Replicas {
@@ -292,6 +309,7 @@ impl Replicas {
             next_message: AtomicU64::new(1),
             // Above every earlier run's (the clock moved on since).
             first_key: now_ms().saturating_mul(1 << 12).max(1),
+            broker: OnceLock::new(),
         });
         let _ = r.me_weak.set(Arc::downgrade(&r));
         r
@@ -300,6 +318,11 @@ impl Replicas {
     /// Where members and local consumers are found from now on.
     pub fn set_host(&self, host: Weak<dyn ReplicaHost>) {
         let _ = self.host.set(host);
+    }
+
+    /// The broker dead letters are routed through from now on.
+    pub fn set_broker(&self, broker: Weak<server::broker::Broker>) {
+        let _ = self.broker.set(broker);
     }
 
     fn host(&self) -> Option<Arc<dyn ReplicaHost>> {
@@ -328,66 +351,90 @@ impl Replicas {
         self.queues
             .read()
             .values()
-            .filter(|q| q.local.get().is_some())
+            .filter(|q| q.local().is_some())
             .cloned()
             .collect()
     }
 
-    /// A replicated queue the metadata now holds: known from now on, and
-    /// its replica started if this node is a member. `at_start`: known
-    /// when this node started (its group is told that this node's
-    /// consumers of earlier runs are gone).
+    /// A replicated queue the metadata now holds (or holds with other
+    /// members): known from now on, and this node's replica started if it
+    /// is a member now, stopped if it no longer is. `at_start`: known when
+    /// this node started (its group is told that this node's consumers of
+    /// earlier runs are gone).
     pub fn declared(&self, vhost: &str, def: &server::meta::QueueDef, at_start: bool) {
         if def.members.is_empty() {
             return;
         }
-        let q = {
-            let mut queues = self.queues.write();
-            if queues.contains_key(&def.id) {
-                return;
-            }
-            let q = Arc::new(Replicated {
-                id: def.id,
-                vhost: vhost.to_owned(),
-                name: def.name.clone(),
-                members: def.members.clone(),
-                arguments: def.arguments.clone(),
-                local: OnceLock::new(),
-                leader_hint: AtomicU64::new(0),
-                delivered: Mutex::default(),
-                unreached: Mutex::default(),
-            });
-            queues.insert(def.id, q.clone());
-            self.by_name
-                .write()
-                .insert((vhost.to_owned(), def.name.to_string()), def.id);
-            self.count.fetch_add(1, Ordering::Relaxed);
-            q
-        };
         let Some(me) = self.me_weak.get().and_then(Weak::upgrade) else {
             return;
         };
-        if at_start {
-            let request = QueueRequest::NodeRestarted {
-                node: self.me.id,
-                first_key: self.first_key,
-                now_ms: now_ms(),
-            };
-            let (me, q) = (me.clone(), q.clone());
-            tokio::spawn(async move {
-                let first = me.propose(&q, request.clone());
-                me.until_committed(&q, request, first, "a restarted node's word")
-                    .await;
-            });
-        }
-        if !q.members.contains(&self.me.name) {
-            return;
-        }
-        tokio::spawn(async move {
-            if let Err(e) = me.start(&q).await {
-                tracing::error!(queue = %q.name, vhost = %q.vhost, error = %e, "cannot start this node's replica of a replicated queue");
+        let known = self.get(def.id);
+        let q = match known {
+            Some(q) => {
+                if *q.members.read() == def.members {
+                    return;
+                }
+                tracing::info!(queue = %q.name, vhost = %q.vhost, members = ?def.members, "members changed");
+                *q.members.write() = def.members.clone();
+                q
             }
-        });
+            None => {
+                let q = Arc::new(Replicated {
+                    id: def.id,
+                    vhost: vhost.to_owned(),
+                    name: def.name.clone(),
+                    members: RwLock::new(def.members.clone()),
+                    arguments: def.arguments.clone(),
+                    local: RwLock::new(None),
+                    leader_hint: AtomicU64::new(0),
+                    delivered: Mutex::default(),
+                    unreached: Mutex::default(),
+                });
+                {
+                    let mut queues = self.queues.write();
+                    if queues.contains_key(&def.id) {
+                        return;
+                    }
+                    queues.insert(def.id, q.clone());
+                }
+                self.by_name
+                    .write()
+                    .insert((vhost.to_owned(), def.name.to_string()), def.id);
+                self.count.fetch_add(1, Ordering::Relaxed);
+                if at_start {
+                    let request = QueueRequest::NodeRestarted {
+                        node: self.me.id,
+                        first_key: self.first_key,
+                        now_ms: now_ms(),
+                    };
+                    let (me, q) = (me.clone(), q.clone());
+                    tokio::spawn(async move {
+                        let first = me.propose(&q, request.clone());
+                        me.until_committed(&q, request, first, "a restarted node's word")
+                            .await;
+                    });
+                }
+                q
+            }
+        };
+        let member = def.members.contains(&self.me.name);
+        match (member, q.local().is_some()) {
+            (true, false) => {
+                // Only the node that declared it initialises its group (at
+                // its declaration; later it has a log and this does nothing).
+                let initialise = def.members.first() == Some(&self.me.name);
+                tokio::spawn(async move {
+                    if let Err(e) = me.start(&q, initialise).await {
+                        tracing::error!(queue = %q.name, vhost = %q.vhost, error = %e, "cannot start this node's replica of a replicated queue");
+                    }
+                });
+            }
+            (false, true) => {
+                tracing::info!(queue = %q.name, vhost = %q.vhost, "no longer a member: this node's replica stops");
+                self.stop_local(&q);
+            }
+            _ => {}
+        }
     }
 
     /// Replicated queue `name` of `vhost` was deleted: its replica here
@@ -425,28 +472,39 @@ impl Replicas {
             return;
         };
         self.count.fetch_sub(1, Ordering::Relaxed);
+        self.stop_local(&q);
+    }
+
+    /// Stops this node's replica of `q`, dropping its entries from the
+    /// shared log (its last vote stays: a few octets) and its snapshot.
+    fn stop_local(&self, q: &Replicated) {
+        let Some(local) = q.local.write().take() else {
+            return;
+        };
+        let id = q.id;
         self.groups.remove(id);
-        if let Some(local) = q.local.get() {
-            let raft = local.raft.clone();
-            let snapshot = self.snapshot_path(id);
-            tokio::spawn(async move {
-                let _ = raft.shutdown().await;
-                if let Err(e) = std::fs::remove_file(&snapshot) {
-                    if e.kind() != std::io::ErrorKind::NotFound {
-                        tracing::warn!(path = %snapshot.display(), error = %e, "cannot remove a deleted queue's snapshot");
-                    }
+        let snapshot = self.snapshot_path(id);
+        let wal = self.wal.clone();
+        tokio::spawn(async move {
+            let _ = local.raft.shutdown().await;
+            if let Err(e) = wal.truncate(id, 0).await {
+                tracing::warn!(group = id, error = %e, "cannot drop a replica's Raft entries");
+            }
+            if let Err(e) = std::fs::remove_file(&snapshot) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(path = %snapshot.display(), error = %e, "cannot remove a replica's snapshot");
                 }
-            });
-        }
+            }
+        });
     }
 
     fn snapshot_path(&self, id: u64) -> PathBuf {
         self.dir.join(format!("{id:016x}.snapshot"))
     }
 
-    /// Starts this node's replica of `q`; the first member initialises
-    /// the group with all of them.
-    async fn start(self: &Arc<Self>, q: &Arc<Replicated>) -> Result<(), String> {
+    /// Starts this node's replica of `q`; with `initialise`, it initialises
+    /// the group with all of its members.
+    async fn start(self: &Arc<Self>, q: &Arc<Replicated>, initialise: bool) -> Result<(), String> {
         std::fs::create_dir_all(&self.dir).map_err(|e| format!("{}: {e}", self.dir.display()))?;
         let args = QueueArgs::parse(&q.arguments, &q.name, &q.vhost).map_err(|e| e.to_string())?;
         let identity = QueueIdentity {
@@ -472,33 +530,35 @@ impl Replicas {
         let weak: Weak<dyn ReplicaEvents> =
             Arc::downgrade(&(events.clone() as Arc<dyn ReplicaEvents>));
         machine.set_events(weak);
-        if q.local
-            .set(LocalReplica {
-                raft: raft.clone(),
-                machine,
-                _events: events,
-            })
-            .is_err()
-        {
+        let started_meanwhile = {
+            let mut local = q.local.write();
+            let started = local.is_some();
+            if !started {
+                *local = Some(Arc::new(LocalReplica {
+                    raft: raft.clone(),
+                    machine,
+                    _events: events,
+                }));
+            }
+            started
+        };
+        if started_meanwhile {
             let _ = raft.shutdown().await;
             return Ok(());
         }
         self.groups.insert(q.id, raft.clone());
-        tracing::info!(queue = %q.name, vhost = %q.vhost, members = ?q.members, "replica started");
+        let members = q.members();
+        tracing::info!(queue = %q.name, vhost = %q.vhost, ?members, "replica started");
         tokio::spawn(watch_leadership(Arc::downgrade(self), Arc::downgrade(q)));
-        if q.members.first() == Some(&self.me.name) {
+        if initialise {
             let host = self.host().ok_or("the node is stopping")?;
-            let nodes: BTreeMap<u64, NodeInfo> = q
-                .members
+            let nodes: BTreeMap<u64, NodeInfo> = members
                 .iter()
                 .filter_map(|m| host.member_named(m))
                 .map(|n| (n.id, n))
                 .collect();
-            if nodes.len() != q.members.len() {
-                return Err(format!(
-                    "some members are not in the cluster: {:?}",
-                    q.members
-                ));
+            if nodes.len() != members.len() {
+                return Err(format!("some members are not in the cluster: {members:?}"));
             }
             match raft.initialize(nodes).await {
                 Ok(()) => {}
@@ -508,6 +568,95 @@ impl Replicas {
             }
         }
         Ok(())
+    }
+
+    /// As the leader of group `group`: adds `node` to its voters (first as
+    /// a learner that catches up) or removes it.
+    pub async fn change_voters(&self, group: u64, node: NodeInfo, add: bool) -> Response {
+        let Some(local) = self.get(group).and_then(|q| q.local()) else {
+            return Response::QueueProposed(Err(ProposeRefusal::NotMember));
+        };
+        let m = local.raft.metrics().borrow().clone();
+        if m.current_leader != Some(self.me.id) {
+            return Response::QueueProposed(Err(ProposeRefusal::NotLeader(m.current_leader)));
+        }
+        let id = node.id;
+        let done = if add {
+            match local.raft.add_learner(id, node, true).await {
+                Ok(_) => local
+                    .raft
+                    .change_membership(openraft::ChangeMembers::AddVoterIds([id].into()), false)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            }
+        } else {
+            local
+                .raft
+                .change_membership(openraft::ChangeMembers::RemoveVoters([id].into()), false)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        Response::QueueProposed(match done {
+            Ok(()) => Ok(QueueResponse::Done),
+            Err(e) => Err(ProposeRefusal::Failed(e)),
+        })
+    }
+
+    /// Asks `q`'s leader (wherever it is) to add `node` to its voters or
+    /// remove it.
+    pub async fn change_voters_at_leader(
+        self: &Arc<Self>,
+        q: &Arc<Replicated>,
+        node: NodeInfo,
+        add: bool,
+    ) -> Result<(), String> {
+        let deadline = tokio::time::Instant::now() + PROPOSE_TIMEOUT;
+        let mut round = 0;
+        loop {
+            let members = q.members();
+            let target = match q.leader() {
+                Some(id) => self.host().and_then(|h| h.member(id)),
+                None => self
+                    .host()
+                    .and_then(|h| h.member_named(&members[round % members.len().max(1)])),
+            };
+            round += 1;
+            let answer = match target {
+                Some(t) if t.id == self.me.id => self.change_voters(q.id, node.clone(), add).await,
+                Some(t) => {
+                    let request = Request::QueueMembers {
+                        group: q.id,
+                        node: node.clone(),
+                        add,
+                    };
+                    match self.links.send_ordered(&t.cluster_addr, request).await {
+                        Ok(Ok(r)) => r,
+                        Ok(Err(e)) => Response::Unavailable(e.to_string()),
+                        Err(_) => Response::Unavailable("no answer".into()),
+                    }
+                }
+                None => Response::Unavailable("no member known".into()),
+            };
+            match answer {
+                Response::QueueProposed(Ok(_)) => return Ok(()),
+                Response::QueueProposed(Err(ProposeRefusal::Failed(e))) => return Err(e),
+                Response::QueueProposed(Err(ProposeRefusal::NotLeader(Some(h)))) => {
+                    q.leader_hint.store(h, Ordering::Relaxed);
+                }
+                _ => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(format!(
+                    "replicated queue '{}' in vhost '{}' has no leader within {} s",
+                    q.name,
+                    q.vhost,
+                    PROPOSE_TIMEOUT.as_secs()
+                ));
+            }
+        }
     }
 
     /// A fresh message id for an entry this node proposes.
@@ -555,15 +704,51 @@ impl Replicas {
         }
     }
 
-    /// Registers this node's consumer `key` of queue `q`.
-    pub fn add_consumer(&self, key: u64, q: &Replicated) {
-        self.consumers.lock().insert(key, q.id);
+    /// Registers this node's consumer `key` of queue `q` (which asked to
+    /// be cancelled when its leader changes, or not).
+    pub fn add_consumer(&self, key: u64, q: &Replicated, cancel_on_failover: bool) {
+        self.consumers
+            .lock()
+            .insert(key, (q.id, cancel_on_failover));
     }
 
     /// Forgets this node's consumer `key`; its queue, if it had one.
     pub fn remove_consumer(&self, key: u64) -> Option<Arc<Replicated>> {
-        let id = self.consumers.lock().remove(&key)?;
+        let (id, _) = self.consumers.lock().remove(&key)?;
         self.get(id)
+    }
+
+    /// Group `group` has a new leader: this node's consumers of it that
+    /// asked for `x-cancel-on-ha-failover` are cancelled (`basic.cancel`),
+    /// and what they held returns to the queue.
+    pub fn failed_over(self: &Arc<Self>, group: u64) {
+        let Some(q) = self.get(group) else {
+            return;
+        };
+        let keys: Vec<u64> = {
+            let mut consumers = self.consumers.lock();
+            let keys: Vec<u64> = consumers
+                .iter()
+                .filter(|(_, (g, cancel))| *g == group && *cancel)
+                .map(|(k, _)| *k)
+                .collect();
+            for k in &keys {
+                consumers.remove(k);
+            }
+            keys
+        };
+        let host = self.host();
+        for key in keys {
+            tracing::info!(queue = %q.name, vhost = %q.vhost, key, "the queue's leader changed: cancelling a consumer that asked for x-cancel-on-ha-failover");
+            if let Some(sink) = host.as_ref().and_then(|h| h.remove_sink(key)) {
+                sink.cancelled();
+            }
+            let down = QueueRequest::Down {
+                consumer: (self.me.id, key),
+                now_ms: now_ms(),
+            };
+            tokio::spawn(self.propose(&q, down));
+        }
     }
 
     /// Proposes `request` for `q`'s log: to this node's replica if it
@@ -614,8 +799,8 @@ impl Replicas {
         round: usize,
     ) -> Pin<Box<dyn std::future::Future<Output = Attempt> + Send>> {
         let leader = q.leader();
-        if leader == Some(self.me.id) || (leader.is_none() && q.local.get().is_some()) {
-            let Some(local) = q.local.get() else {
+        if leader == Some(self.me.id) || (leader.is_none() && q.local().is_some()) {
+            let Some(local) = q.local() else {
                 return Box::pin(std::future::ready(Attempt::Retry(None)));
             };
             if leader.is_none() {
@@ -638,7 +823,8 @@ impl Replicas {
             Some(id) => self.host().and_then(|h| h.member(id)),
             // No leader known: ask the members in turn.
             None => {
-                let name = &q.members[round % q.members.len().max(1)];
+                let members = q.members();
+                let name = &members[round % members.len().max(1)];
                 self.host().and_then(|h| h.member_named(name))
             }
         };
@@ -690,7 +876,7 @@ impl Replicas {
     ) -> Pin<Box<dyn std::future::Future<Output = Response> + Send>> {
         let Some(local) = self
             .get(group)
-            .and_then(|q| q.local.get().map(|l| l.raft.clone()))
+            .and_then(|q| q.local().map(|l| l.raft.clone()))
         else {
             return Box::pin(std::future::ready(Response::QueueProposed(Err(
                 ProposeRefusal::NotMember,
@@ -722,7 +908,12 @@ impl Replicas {
     ) -> Option<Arc<dyn RemoteSink>> {
         let q = self.get(group)?;
         let sink = self.host().and_then(|h| h.local_sink(key));
-        let Some(sink) = sink.filter(|_| self.consumers.lock().get(&key) == Some(&group)) else {
+        let ours = self
+            .consumers
+            .lock()
+            .get(&key)
+            .is_some_and(|(g, _)| *g == group);
+        let Some(sink) = sink.filter(|_| ours) else {
             tracing::debug!(queue = %q.name, key, "a delivery for a consumer that is gone: returned");
             let down = QueueRequest::Down {
                 consumer: (self.me.id, key),
@@ -791,8 +982,8 @@ impl Replicas {
     /// consumers' nodes.
     pub fn node_gone(self: &Arc<Self>, _id: u64) {
         for q in self.local() {
-            if let Some(local) = q.local.get().filter(|_| q.leads(self.me.id)) {
-                self.check_nodes(&q, local);
+            if let Some(local) = q.local().filter(|_| q.leads(self.me.id)) {
+                self.check_nodes(&q, &local);
             }
         }
     }
@@ -846,7 +1037,7 @@ impl Replicas {
     pub async fn shutdown(&self) {
         let all: Vec<Arc<Replicated>> = self.queues.read().values().cloned().collect();
         for q in all {
-            if let Some(l) = q.local.get() {
+            if let Some(l) = q.local() {
                 let _ = l.raft.shutdown().await;
             }
         }
@@ -896,10 +1087,27 @@ impl ReplicaEvents for LeaderEffects {
         if !q.leads(replicas.me.id) {
             return;
         }
-        if !effects.dead_letters.is_empty() {
-            // Not routed yet: a replicated queue's dead letters are dropped
-            // (issue 18: dead-lettering from the leader).
-            tracing::warn!(queue = %q.name, messages = effects.dead_letters.len(), "dead letters of a replicated queue are dropped: not supported yet");
+        if !(effects.dead_letters.is_empty() && effects.discarded.is_empty()) {
+            // The leader routes them, as RabbitMQ's `at-most-once`
+            // strategy: one applied just before the leader dies is lost.
+            // Only they are taken: the replica's other effects name no
+            // stored message (an in-memory queue writes nothing).
+            let mut routed = Effects {
+                dead_letters: effects.dead_letters,
+                discarded: effects.discarded,
+                ..Effects::default()
+            };
+            let vhost = replicas
+                .broker
+                .get()
+                .and_then(Weak::upgrade)
+                .and_then(|b| b.vhost(&q.vhost));
+            match vhost {
+                Some(v) => v.apply(&mut routed),
+                None => {
+                    tracing::warn!(queue = %q.name, messages = routed.dead_letters.len(), "dead letters of a replicated queue dropped: its vhost is not running here");
+                }
+            }
         }
         let deliveries = deliveries
             .into_iter()
@@ -921,7 +1129,7 @@ const LEADER_ROUND: Duration = Duration::from_secs(1);
 async fn watch_leadership(replicas: Weak<Replicas>, queue: Weak<Replicated>) {
     let Some(mut metrics) = queue
         .upgrade()
-        .and_then(|q| q.local.get().map(|l| l.raft.metrics()))
+        .and_then(|q| q.local().map(|l| l.raft.metrics()))
     else {
         return;
     };
@@ -940,7 +1148,7 @@ async fn watch_leadership(replicas: Weak<Replicas>, queue: Weak<Replicated>) {
         let (Some(r), Some(q)) = (replicas.upgrade(), queue.upgrade()) else {
             return;
         };
-        if let (true, Some(local)) = (leads, q.local.get()) {
+        if let (true, Some(local)) = (leads, q.local()) {
             if led_term != Some(term) {
                 led_term = Some(term);
                 let _ = local
@@ -948,13 +1156,25 @@ async fn watch_leadership(replicas: Weak<Replicas>, queue: Weak<Replicated>) {
                     .wait(Some(Duration::from_secs(5)))
                     .applied_index_at_least(Some(last), "the new leader's own entry")
                     .await;
-                let held = local.machine.with_state(|s| s.checked_out());
+                let (held, nodes) = local
+                    .machine
+                    .with_state(|s| (s.checked_out(), s.consumer_nodes()));
+                // A failover (3.x's mirror promotion): consumers that asked
+                // for x-cancel-on-ha-failover are cancelled by their nodes.
+                for n in nodes {
+                    if n == r.me.id {
+                        r.failed_over(q.id);
+                    } else if let Some(to) = r.host().and_then(|h| h.member(n)) {
+                        r.links
+                            .send_oneway(&to.cluster_addr, Request::QueueFailover { group: q.id });
+                    }
+                }
                 if !held.is_empty() {
                     tracing::info!(queue = %q.name, deliveries = held.len(), term, "elected: handing out unsettled deliveries again");
                 }
                 r.hand_out(&q, held);
             }
-            r.check_nodes(&q, local);
+            r.check_nodes(&q, &local);
         }
         drop((r, q));
         tokio::select! {

@@ -192,6 +192,22 @@ pub enum Request {
         /// The delivery.
         delivery: WireDelivery,
     },
+    /// To replicated queue `group`'s leader: add `node` to its voters (as
+    /// a learner first), or remove it.
+    QueueMembers {
+        /// The queue's id.
+        group: u64,
+        /// The node.
+        node: NodeInfo,
+        /// Add (else remove).
+        add: bool,
+    },
+    /// Replicated queue `group` has a new leader (one-way): the receiving
+    /// node cancels its consumers that asked for `x-cancel-on-ha-failover`.
+    QueueFailover {
+        /// The queue's id.
+        group: u64,
+    },
     /// A replicated queue's group and counts, from a member's replica.
     QueueStatus {
         /// The queue's id.

@@ -94,6 +94,10 @@ struct Args {
     /// Idle connections (one channel each) held open for the duration.
     #[arg(long, default_value_t = 0)]
     idle_connections: usize,
+    /// `x-queue-type` of the queues declared (`quorum`: durable, replicated
+    /// in a cluster); none by default.
+    #[arg(long)]
+    queue_type: Option<String>,
 }
 
 #[derive(Debug, Default)]
@@ -317,6 +321,18 @@ async fn wait_visible(uri: &Uri, args: &Args) -> Result<(), Error> {
     Ok(())
 }
 
+/// The queues' declare arguments.
+fn queue_arguments(args: &Args) -> amqp_codec::FieldTable {
+    let mut t = amqp_codec::FieldTable::default();
+    if let Some(kind) = &args.queue_type {
+        t.insert(
+            s("x-queue-type"),
+            amqp_codec::FieldValue::LongStr(bytes::Bytes::copy_from_slice(kind.as_bytes())),
+        );
+    }
+    t
+}
+
 async fn declare(uri: &Uri, args: &Args) -> Result<(), Error> {
     let mut c = Client::connect(uri).await?;
     for q in 0..args.queues {
@@ -324,7 +340,8 @@ async fn declare(uri: &Uri, args: &Args) -> Result<(), Error> {
             1,
             QueueDeclare {
                 queue: s(&format!("{}-{q}", args.queue)),
-                durable: args.persistent || args.durable,
+                durable: args.persistent || args.durable || args.queue_type.is_some(),
+                arguments: queue_arguments(args),
                 ..Default::default()
             }
             .into(),

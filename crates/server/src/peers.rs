@@ -144,6 +144,9 @@ pub struct RemoteConsume {
     pub exclusive: bool,
     /// `x-priority`.
     pub priority: i32,
+    /// `x-cancel-on-ha-failover`: told `basic.cancel` when a replicated
+    /// queue's leader changes.
+    pub cancel_on_failover: bool,
     /// Who consumes, for the home node's `/api/consumers`.
     pub client: RemoteClient,
 }
@@ -331,6 +334,17 @@ pub trait Peers: Send + Sync + std::fmt::Debug {
 
     /// Replicated queue `queue`'s group and counts, from one of its members.
     fn replica_status(&self, vhost: &str, queue: &ShortStr) -> RemoteReplicaStatus;
+
+    /// Adds node `node` to replicated queue `queue`'s members (`add`; its
+    /// replica catches up, then votes), or removes it
+    /// (`rabbitmq-queues add_member` / `delete_member`).
+    fn change_members(
+        &self,
+        vhost: &str,
+        queue: &ShortStr,
+        node: &str,
+        add: bool,
+    ) -> Pin<Box<dyn Future<Output = Result<(), Refusal>> + Send>>;
 }
 
 /// The node a `join_cluster` reached, and its cluster.

@@ -262,7 +262,11 @@ impl Vhost {
             self.node.note_queue_id(def.id);
             return;
         }
-        if self.remote.contains_key(&def.name) {
+        if let Some(mut known) = self.remote.get_mut(&def.name) {
+            // A replicated queue's members may have changed.
+            if known.id == def.id && known.members != def.members {
+                known.members = def.members.clone();
+            }
             return;
         }
         self.router

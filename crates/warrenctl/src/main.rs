@@ -155,6 +155,16 @@ enum Command {
     /// The cluster's name and nodes: running or not, and each one's part in
     /// the metadata group (leader, voter, learner).
     ClusterStatus,
+    /// Gives NODE a replica of replicated queue QUEUE in the vhost
+    /// (rabbitmq-queues add_member): it catches up, then votes.
+    AddMember { queue: String, node: String },
+    /// Removes NODE's replica of replicated queue QUEUE in the vhost
+    /// (rabbitmq-queues delete_member).
+    DeleteMember { queue: String, node: String },
+    /// Fails (exit status 69, as rabbitmq-queues) if stopping this node
+    /// would leave a replicated queue without a majority of its replicas
+    /// online; lists those queues.
+    CheckIfNodeIsQuorumCritical,
     /// Removes a node from the cluster for good; it cannot rejoin under the
     /// same identity (reset its data directory to join again as new).
     ForgetClusterNode { node: String },
@@ -231,6 +241,8 @@ enum Failure {
     Unreachable(String),
     /// A local problem (a file).
     Local(String),
+    /// A health check failed: the node is quorum critical.
+    QuorumCritical(String),
 }
 
 impl Failure {
@@ -238,7 +250,7 @@ impl Failure {
         match self {
             Failure::Refused(..) => ExitCode::from(1),
             Failure::Local(_) => ExitCode::from(1),
-            Failure::Unreachable(_) => ExitCode::from(69),
+            Failure::Unreachable(_) | Failure::QuorumCritical(_) => ExitCode::from(69),
         }
     }
 }
@@ -248,7 +260,7 @@ impl std::fmt::Display for Failure {
         match self {
             Failure::Refused(status, reason) => write!(f, "Error ({status}): {reason}"),
             Failure::Unreachable(e) => write!(f, "Error: unable to reach the management API: {e}"),
-            Failure::Local(e) => write!(f, "Error: {e}"),
+            Failure::Local(e) | Failure::QuorumCritical(e) => write!(f, "Error: {e}"),
         }
     }
 }
@@ -314,6 +326,23 @@ impl Api {
                 .map_or_else(|| json.to_string(), str::to_owned);
             Err(Failure::Refused(status.as_u16(), reason))
         }
+    }
+
+    /// `GET` whatever the status: the status and the JSON body.
+    async fn get_with_status(&self, path: &str) -> Result<(u16, Value), Failure> {
+        let resp = self
+            .http
+            .get(format!("{}{path}", self.base.trim_end_matches('/')))
+            .basic_auth(&self.user, Some(&self.pass))
+            .send()
+            .await
+            .map_err(|e| Failure::Unreachable(e.to_string()))?;
+        let status = resp.status().as_u16();
+        let body = resp
+            .json()
+            .await
+            .map_err(|e| Failure::Unreachable(e.to_string()))?;
+        Ok((status, body))
     }
 
     async fn get(&self, path: &str) -> Result<Value, Failure> {
@@ -702,6 +731,47 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     let role = n["metadata_role"].as_str().unwrap_or("single");
                     out!("node\t{}\t{running}\t{role}", column(n, "name"));
                 }
+            }
+        }
+        Command::AddMember { queue, node } => {
+            api.post(
+                &format!("/api/queues/quorum/{vh}/{}/replicas/add", seg(&queue)),
+                json!({ "node": node }),
+            )
+            .await?;
+        }
+        Command::DeleteMember { queue, node } => {
+            api.call(
+                reqwest::Method::DELETE,
+                &format!("/api/queues/quorum/{vh}/{}/replicas/delete", seg(&queue)),
+                Some(json!({ "node": node })),
+                None,
+            )
+            .await?;
+        }
+        Command::CheckIfNodeIsQuorumCritical => {
+            let (status, body) = api
+                .get_with_status("/api/health/checks/node-is-quorum-critical")
+                .await?;
+            match status {
+                200..=299 => {
+                    out!("ok: no replicated queue would lose its majority if this node stopped")
+                }
+                503 => {
+                    if json_out {
+                        out!("{body}");
+                    } else {
+                        for q in body["queues"]
+                            .as_array()
+                            .map(Vec::as_slice)
+                            .unwrap_or_default()
+                        {
+                            out!("{}", column(q, "readable_name"));
+                        }
+                    }
+                    return Err(Failure::QuorumCritical(column(&body, "reason")));
+                }
+                other => return Err(Failure::Refused(other, column(&body, "reason"))),
             }
         }
         Command::ForgetClusterNode { node } => {

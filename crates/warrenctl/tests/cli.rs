@@ -84,6 +84,17 @@ async fn listings_show_what_amqp_clients_made() {
     let status = stdout(&ctl(&broker, &["status"]).await);
     assert!(status.contains("queues\t1\n"), "{status}");
     assert!(status.contains("alarms\tnone"), "{status}");
+    // A node alone holds no replica: never quorum critical.
+    let check = stdout(&ctl(&broker, &["check_if_node_is_quorum_critical"]).await);
+    assert!(check.starts_with("ok:"), "{check}");
+    // ...and no replicated queue to add a member to.
+    let refused = ctl(&broker, &["add_member", "orders", "n2@127.0.0.1"]).await;
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("404"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
     broker.stop().await;
 }
 

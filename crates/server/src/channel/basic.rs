@@ -328,6 +328,10 @@ impl Channel {
             },
             exclusive: m.exclusive,
             priority,
+            cancel_on_failover: matches!(
+                m.arguments.get("x-cancel-on-ha-failover"),
+                Some(amqp_codec::FieldValue::Bool(true))
+            ),
             client: crate::peers::RemoteClient {
                 tag: tag.to_string(),
                 connection_name: self.shared.connection.name.clone(),

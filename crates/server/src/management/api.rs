@@ -64,6 +64,15 @@ pub(super) fn router(broker: Arc<Broker>) -> Router {
             get(get_queue).put(put_queue).delete(delete_queue),
         )
         .route("/api/queues/{vhost}/{name}/contents", delete(purge_queue))
+        // RabbitMQ 4's paths for rabbitmq-queues add_member / delete_member.
+        .route(
+            "/api/queues/quorum/{vhost}/{name}/replicas/add",
+            post(add_replica),
+        )
+        .route(
+            "/api/queues/quorum/{vhost}/{name}/replicas/delete",
+            delete(delete_replica),
+        )
         .route("/api/queues/{vhost}/{name}/get", post(get_messages))
         .route(
             "/api/exchanges/{vhost}/{name}/publish",
@@ -126,6 +135,10 @@ pub(super) fn router(broker: Arc<Broker>) -> Router {
         )
         .route("/api/health/checks/alarms", get(alarms))
         .route("/api/health/checks/local-alarms", get(alarms))
+        .route(
+            "/api/health/checks/node-is-quorum-critical",
+            get(node_is_quorum_critical),
+        )
         .layer(axum::extract::DefaultBodyLimit::max(20 << 20))
         .with_state(broker)
 }
@@ -768,6 +781,55 @@ async fn purge_queue(
     no_content()
 }
 
+/// `POST /api/queues/quorum/{vhost}/{name}/replicas/add` `{"node": N}`:
+/// node N gets a replica of the replicated queue (it catches up, then
+/// votes).
+async fn add_replica(
+    State(b): Shared,
+    caller: Caller,
+    Path((vhost, name)): Path<(String, String)>,
+    Json(body): Json<Value>,
+) -> ApiResult {
+    change_replicas(&b, &caller, &vhost, &name, &body, true).await
+}
+
+/// `DELETE /api/queues/quorum/{vhost}/{name}/replicas/delete` `{"node": N}`:
+/// node N's replica of the replicated queue goes.
+async fn delete_replica(
+    State(b): Shared,
+    caller: Caller,
+    Path((vhost, name)): Path<(String, String)>,
+    Json(body): Json<Value>,
+) -> ApiResult {
+    change_replicas(&b, &caller, &vhost, &name, &body, false).await
+}
+
+async fn change_replicas(
+    b: &Broker,
+    caller: &Caller,
+    vhost: &str,
+    name: &str,
+    body: &Value,
+    add: bool,
+) -> ApiResult {
+    caller.require_admin()?;
+    let v = visible_vhost(b, caller, vhost)?;
+    let node = body
+        .get("node")
+        .and_then(Value::as_str)
+        .ok_or_else(|| ApiError::bad_request("a 'node' is required"))?;
+    let q = v
+        .find_remote_queue(name)
+        .filter(crate::peers::RemoteQueue::replicated)
+        .ok_or_else(ApiError::not_found)?;
+    let peers = b.peers.get().ok_or_else(ApiError::not_found)?;
+    match peers.change_members(vhost, &q.name, node, add).await {
+        Ok(()) => no_content(),
+        Err(r) if r.code == 0 => Err(crate::meta::MetaError::Unavailable(r.text).into()),
+        Err(r) => Err(crate::error::AmqpError::channel(r.code, r.text).into()),
+    }
+}
+
 /// The default exchange, which the router keeps implicit but RabbitMQ lists.
 fn default_exchange() -> exchange::ExchangeDef {
     exchange::ExchangeDef {
@@ -1357,6 +1419,55 @@ async fn alarms(State(b): Shared, _caller: Caller) -> ApiResult {
     } else {
         ok(json!({"status": "ok"}))
     }
+}
+
+/// RabbitMQ's `node-is-quorum-critical` health check: failed (503) when a
+/// replicated queue with a replica on this node would lose its majority if
+/// this node stopped (its online members, this one aside, are not a
+/// majority of its members).
+async fn node_is_quorum_critical(State(b): Shared, _caller: Caller) -> ApiResult {
+    let me = b.config.node_name.clone();
+    let mut critical = Vec::new();
+    if let Some(peers) = b.peers.get() {
+        for v in b.vhost_list() {
+            for q in v.remote_queues() {
+                if !q.members.contains(&me) {
+                    continue;
+                }
+                let status = tokio::time::timeout(
+                    PEER_LISTING_TIMEOUT,
+                    peers.replica_status(v.name(), &q.name),
+                )
+                .await;
+                let online_others = match status {
+                    Ok(Ok(s)) => s.online.iter().filter(|m| **m != me).count(),
+                    // Its members cannot be asked: it has no majority to
+                    // lose, or none that answers.
+                    _ => continue,
+                };
+                if online_others < q.members.len() / 2 + 1 {
+                    critical.push(json!({
+                        "name": q.name.as_str(),
+                        "readable_name": format!("queue '{}' in vhost '{}'", q.name, v.name()),
+                        "virtual_host": v.name(),
+                        "type": "quorum",
+                    }));
+                }
+            }
+        }
+    }
+    if critical.is_empty() {
+        return ok(json!({"status": "ok"}));
+    }
+    Ok((
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(json!({
+            "status": "failed",
+            "reason": "There are quorum queues that would lose their quorum if the target node is shut down",
+            "queues": critical,
+        })),
+    )
+        .into_response())
 }
 
 async fn export_definitions(State(b): Shared, caller: Caller) -> ApiResult {

@@ -273,6 +273,11 @@ impl MetaState {
         self.vhosts.is_empty() && self.users.is_empty()
     }
 
+    /// Queue `name` of `vhost`, as declared.
+    pub fn queue(&self, vhost: &str, name: &str) -> Option<&QueueDef> {
+        self.vhosts.get(vhost)?.queues.get(name)
+    }
+
     fn vhost_mut(&mut self, name: &str) -> Result<&mut VhostMeta, MetaError> {
         self.vhosts
             .get_mut(name)
@@ -467,6 +472,14 @@ impl MetaState {
             MetaCommand::DeclareQueue { vhost, queue } => {
                 let v = self.vhost_mut(vhost)?;
                 match v.queues.get(&queue.name) {
+                    // A replicated queue's members changed (add_member,
+                    // delete_member): its record is replaced.
+                    Some(existing)
+                        if existing.id == queue.id && existing.members != queue.members =>
+                    {
+                        v.queues.insert(queue.name.clone(), queue.clone());
+                        out.puts.extend(command.definition());
+                    }
                     Some(existing) if existing.id == queue.id => {}
                     Some(_) => {
                         return Err(MetaError::Conflict(format!(
