@@ -17,8 +17,9 @@
 #   Q2 (6)  ten producers and ten consumers over ten queues
 #   Q3 (7)  Q1 at 1,000 msg/s: end-to-end latency
 # Environment: RUNS (3), DURATION (10), BROKERS ("warren rabbitmq"),
-# SCENARIOS ("1 2 3 4 5 6 7"). Writes bench/cluster-results.md and
-# bench/cluster-results-raw.jsonl (one line per run).
+# SCENARIOS ("1 2 3 4 5 6 7"), NAME (cluster). Writes bench/NAME-results.md
+# and bench/NAME-results-raw.jsonl (one line per run): the quorum
+# scenarios alone with SCENARIOS="5 6 7" NAME=quorum.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 RUNS=${RUNS:-3}
@@ -28,7 +29,8 @@ SCENARIOS=${SCENARIOS:-"1 2 3 4 5 6 7"}
 RABBITMQ_LIB=${RABBITMQ_LIB:-/usr/lib/rabbitmq/bin}
 WORK=$(mktemp -d /tmp/warren-cluster-bench.XXXXXX)
 chmod 755 "$WORK" # RabbitMQ runs as user rabbitmq
-RAW=$ROOT/bench/cluster-results-raw.jsonl
+NAME=${NAME:-cluster}
+RAW=$ROOT/bench/$NAME-results-raw.jsonl
 PERF=$ROOT/target/release/warren-perf
 HOST=$(hostname -s)
 
@@ -121,7 +123,7 @@ for run in $(seq 1 "$RUNS"); do
 done
 mv "$RAW.tmp" "$RAW"
 
-python3 - "$RAW" "$ROOT/bench/cluster-results.md" "$RUNS" <<'EOF'
+python3 - "$RAW" "$ROOT/bench/$NAME-results.md" "$RUNS" <<'EOF'
 import json, statistics, sys, subprocess
 raw, out, runs = sys.argv[1], sys.argv[2], int(sys.argv[3])
 rows = [json.loads(l) for l in open(raw)]
