@@ -657,7 +657,7 @@ impl server::peers::Peers for ClusterPeers {
                 Ok(Err(e)) => return Err(format!("node '{home}': {e}")),
                 Err(_) => return Err(format!("node '{home}': no answer")),
             };
-            remote_delivery(d).map(Some)
+            crate::replica::remote_delivery(d).map(Some)
         })
     }
 
@@ -1211,20 +1211,6 @@ fn wire_delivery(d: &server::peers::RemoteDelivery) -> crate::rpc::WireDelivery 
     }
 }
 
-fn remote_delivery(d: crate::rpc::WireDelivery) -> Result<server::peers::RemoteDelivery, String> {
-    let short = |s: &str| amqp_codec::ShortStr::try_from(s).map_err(|e| e.to_string());
-    Ok(server::peers::RemoteDelivery {
-        seq: d.seq,
-        redelivered: d.redelivered,
-        delivery_count: d.delivery_count,
-        remaining: d.remaining,
-        exchange: short(&d.exchange)?,
-        routing_key: short(&d.routing_key)?,
-        header: d.header,
-        body: d.body,
-    })
-}
-
 /// A peer's consumer of a queue homed here: the queue delivers to it as to
 /// a local channel, and each delivery goes over the link.
 struct PeerSink {
@@ -1732,7 +1718,7 @@ impl RequestHandler for Handler {
                 let sink = self
                     .node()
                     .and_then(|n| n.sinks.lock().get(&key).map(|(_, s)| s.clone()));
-                match (sink, remote_delivery(delivery)) {
+                match (sink, crate::replica::remote_delivery(delivery)) {
                     (Some(sink), Ok(d)) => {
                         sink.deliver(d);
                         let burst = &mut self.in_burst.lock().0;

@@ -462,8 +462,8 @@ impl QuorumState {
         reply
     }
 
-    /// Removes a consumer, returning what it held (in sequence order).
-    fn remove(&mut self, consumer: ConsumerKey, fx: &mut Effects) {
+    /// Returns to the queue what `consumer` holds (in sequence order).
+    fn return_held(&mut self, consumer: ConsumerKey, fx: &mut Effects) {
         let held: Vec<u64> = self
             .checked_out
             .iter()
@@ -474,6 +474,11 @@ impl QuorumState {
             self.checked_out.remove(&seq);
             self.queue.requeue(seq, fx);
         }
+    }
+
+    /// Removes a consumer, returning what it held (in sequence order).
+    fn remove(&mut self, consumer: ConsumerKey, fx: &mut Effects) {
+        self.return_held(consumer, fx);
         self.consumers.remove(&consumer);
         self.order.retain(|k| *k != consumer);
     }
@@ -481,16 +486,7 @@ impl QuorumState {
     /// Suspects a consumer: it takes nothing, and what it held returns to
     /// the queue (its node will not settle it: another consumer may get it).
     fn suspect(&mut self, consumer: ConsumerKey, fx: &mut Effects) {
-        let held: Vec<u64> = self
-            .checked_out
-            .iter()
-            .filter(|(_, k)| **k == consumer)
-            .map(|(seq, _)| *seq)
-            .collect();
-        for seq in held {
-            self.checked_out.remove(&seq);
-            self.queue.requeue(seq, fx);
-        }
+        self.return_held(consumer, fx);
         let Some(c) = self.consumers.get_mut(&consumer) else {
             return;
         };
