@@ -360,23 +360,12 @@ impl ClusterNode {
 
     /// The name of member `id`.
     pub fn name_of(&self, id: u64) -> Option<String> {
-        let metrics = self.raft.metrics();
-        let m = metrics.borrow();
-        m.membership_config
-            .membership()
-            .get_node(&id)
-            .map(|n| n.name.clone())
+        crate::replica::ReplicaHost::member(self, id).map(|n| n.name)
     }
 
     /// The cluster address of the member called `name`.
     pub fn address_of(&self, name: &str) -> Option<String> {
-        let metrics = self.raft.metrics();
-        let m = metrics.borrow();
-        m.membership_config
-            .membership()
-            .nodes()
-            .find(|(_, n)| n.name == name)
-            .map(|(_, n)| n.cluster_addr.clone())
+        crate::replica::ReplicaHost::member_named(self, name).map(|n| n.cluster_addr)
     }
 
     /// Whether this node is the metadata leader now.

@@ -175,6 +175,16 @@ impl Replicated {
         })
     }
 
+    /// Why an entry for it was given up: no leader in time.
+    fn no_leader(&self) -> String {
+        format!(
+            "replicated queue '{}' in vhost '{}' has no leader within {} s",
+            self.name,
+            self.vhost,
+            PROPOSE_TIMEOUT.as_secs()
+        )
+    }
+
     /// Whether this node leads its group now.
     fn leads(&self, me: u64) -> bool {
         self.local().is_some_and(|l| {
@@ -649,12 +659,7 @@ impl Replicas {
                 _ => tokio::time::sleep(Duration::from_millis(100)).await,
             }
             if tokio::time::Instant::now() >= deadline {
-                return Err(format!(
-                    "replicated queue '{}' in vhost '{}' has no leader within {} s",
-                    q.name,
-                    q.vhost,
-                    PROPOSE_TIMEOUT.as_secs()
-                ));
+                return Err(q.no_leader());
             }
         }
     }
@@ -778,12 +783,7 @@ impl Replicas {
                     }
                 }
                 if tokio::time::Instant::now() >= deadline {
-                    return Err(format!(
-                        "replicated queue '{}' in vhost '{}' has no leader within {} s",
-                        q.name,
-                        q.vhost,
-                        PROPOSE_TIMEOUT.as_secs()
-                    ));
+                    return Err(q.no_leader());
                 }
                 outcome = me.attempt(&q, request.clone(), round).await;
                 round += 1;
