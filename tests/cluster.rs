@@ -2094,19 +2094,6 @@ async fn take_all(consumer: &mut lapin::Consumer, wanted: &[String]) -> usize {
     twice
 }
 
-/// Receives `n` deliveries on `consumer` and acknowledges each; their bodies.
-async fn take_and_ack(consumer: &mut lapin::Consumer, n: usize) -> Vec<String> {
-    let mut bodies = Vec::new();
-    for _ in 0..n {
-        let d = warren_tests::next_deliveries(consumer, 1).await.remove(0);
-        bodies.push(String::from_utf8(d.data.clone()).unwrap());
-        d.ack(lapin::options::BasicAckOptions::default())
-            .await
-            .unwrap();
-    }
-    bodies
-}
-
 /// Replicated queue `name` as node `i`'s `/api/queues` lists it, once it
 /// lists it with a leader.
 async fn listed_with_leader(cluster: &TestCluster, i: usize, name: &str) -> Value {
@@ -2169,6 +2156,40 @@ async fn a_quorum_queue_is_replicated_and_keeps_every_confirmed_message_when_its
     let ch_c = conn_c.create_channel().await.unwrap();
     declare_quorum_queue(&ch_c, "qq").await;
     assert_eq!(ready_count(&ch_c, "qq").await, 200);
+    // A consumer that goes away holding deliveries: they return to the
+    // queue, and the next consumer on the same node gets them again,
+    // marked redelivered (not taken for a new leader's resend).
+    {
+        let conn_x = amqp(&cluster, c).await;
+        let ch_x = conn_x.create_channel().await.unwrap();
+        ch_x.basic_qos(10, lapin::options::BasicQosOptions::default())
+            .await
+            .unwrap();
+        let mut held = ch_x
+            .basic_consume(
+                "qq".into(),
+                "x".into(),
+                lapin::options::BasicConsumeOptions::default(),
+                lapin::types::FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let got = warren_tests::next_deliveries(&mut held, 10).await;
+        assert!(got.iter().all(|d| !d.redelivered));
+        // One requeued comes straight back to it (the leader hands it out
+        // before this node hears its settlement was committed).
+        got[0]
+            .nack(lapin::options::BasicNackOptions {
+                requeue: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let back = warren_tests::next_deliveries(&mut held, 1).await;
+        assert!(back[0].redelivered);
+        assert_eq!(back[0].data, got[0].data);
+        conn_x.close(200, "bye".into()).await.unwrap();
+    }
     ch_c.basic_qos(50, lapin::options::BasicQosOptions::default())
         .await
         .unwrap();
@@ -2181,7 +2202,19 @@ async fn a_quorum_queue_is_replicated_and_keeps_every_confirmed_message_when_its
         )
         .await
         .unwrap();
-    let mut bodies = take_and_ack(&mut consumer, 100).await;
+    let mut bodies = Vec::new();
+    for _ in 0..100 {
+        let d = warren_tests::next_deliveries(&mut consumer, 1)
+            .await
+            .remove(0);
+        let body = String::from_utf8(d.data.clone()).unwrap();
+        let returned = (0..10).any(|k| body == format!("first {k}"));
+        assert_eq!(d.redelivered, returned, "{body}");
+        bodies.push(body);
+        d.ack(lapin::options::BasicAckOptions::default())
+            .await
+            .unwrap();
+    }
     // With every member online, no node is quorum critical.
     let critical = |api: String| async move {
         call(

@@ -92,9 +92,9 @@ pub struct Replicated {
     local: RwLock<Option<Arc<LocalReplica>>>,
     /// The leader last heard of (0: none).
     leader_hint: AtomicU64,
-    /// Sequence numbers delivered to this node's consumers and not settled
-    /// here yet: a new leader's second delivery of one is dropped.
-    delivered: Mutex<HashSet<u64>>,
+    /// What this node's consumers were handed and have not settled here:
+    /// a new leader's second send of one hand-out is dropped.
+    delivered: Mutex<HandedOut>,
     /// As its leader: consumers' nodes found unreachable once (a link to
     /// each was attempted); suspected if still so at the next look.
     unreached: Mutex<HashSet<u64>>,
@@ -111,6 +111,28 @@ impl std::fmt::Debug for Replicated {
     }
 }
 
+/// The hand-outs a node's consumers hold of one queue, to tell a new
+/// leader's resend of one (dropped) from a later hand-out of the same
+/// message after it returned to the queue (a nack, a consumer that went
+/// away). A hand-out is a sequence number and its delivery count: every
+/// return to the queue counts one more, and a resend keeps it.
+#[derive(Debug, Default)]
+struct HandedOut(HashMap<u64, u32>);
+
+impl HandedOut {
+    /// Whether `d` is a hand-out this node has not had yet.
+    fn first(&mut self, d: &WireDelivery) -> bool {
+        let earlier = self.0.insert(d.seq, d.delivery_count);
+        !(d.redelivered && earlier == Some(d.delivery_count))
+    }
+
+    fn settled(&mut self, seqs: &[u64]) {
+        for s in seqs {
+            self.0.remove(s);
+        }
+    }
+}
+
 impl Replicated {
     /// The nodes holding its replicas.
     pub fn members(&self) -> Vec<String> {
@@ -122,19 +144,15 @@ impl Replicated {
         self.local.read().clone()
     }
 
-    /// Whether delivery `seq` is new to this node (else a duplicate: a new
+    /// Whether `delivery` is new to this node (else a duplicate: a new
     /// leader hands out again what its predecessor may not have sent).
-    pub fn first_delivery(&self, seq: u64, redelivered: bool) -> bool {
-        let mut delivered = self.delivered.lock();
-        delivered.insert(seq) || !redelivered
+    pub fn first_delivery(&self, delivery: &WireDelivery) -> bool {
+        self.delivered.lock().first(delivery)
     }
 
     /// Deliveries settled here.
     pub fn settled(&self, seqs: &[u64]) {
-        let mut delivered = self.delivered.lock();
-        for s in seqs {
-            delivered.remove(s);
-        }
+        self.delivered.lock().settled(seqs);
     }
 
     /// Its group and counts as this node's replica sees them (`None`
@@ -923,7 +941,7 @@ impl Replicas {
             tokio::spawn(answer);
             return None;
         };
-        if !q.first_delivery(delivery.seq, delivery.redelivered) {
+        if !q.first_delivery(&delivery) {
             return None;
         }
         match remote_delivery(delivery) {
@@ -1185,5 +1203,53 @@ async fn watch_leadership(replicas: Weak<Replicas>, queue: Weak<Replicated>) {
             }
             _ = round.tick() => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn handed(seq: u64, redelivered: bool, delivery_count: u32) -> WireDelivery {
+        WireDelivery {
+            seq,
+            redelivered,
+            delivery_count,
+            remaining: 0,
+            exchange: String::new(),
+            routing_key: "q".into(),
+            header: bytes::Bytes::new(),
+            body: bytes::Bytes::new(),
+        }
+    }
+
+    #[test]
+    fn a_new_leaders_resend_is_dropped() {
+        let mut h = HandedOut::default();
+        assert!(h.first(&handed(7, false, 0)));
+        assert!(!h.first(&handed(7, true, 0)), "the same hand-out again");
+    }
+
+    #[test]
+    fn a_message_handed_out_again_after_a_return_is_delivered() {
+        let mut h = HandedOut::default();
+        assert!(h.first(&handed(7, false, 0)));
+        // Returned (its consumer went away before settling it, or it was
+        // nacked, and the settlement was not seen here yet): delivered
+        // again, one count up.
+        assert!(h.first(&handed(7, true, 1)));
+        assert!(!h.first(&handed(7, true, 1)), "and its resend dropped");
+        assert!(h.first(&handed(7, true, 2)));
+    }
+
+    #[test]
+    fn a_settled_hand_out_is_forgotten() {
+        let mut h = HandedOut::default();
+        assert!(h.first(&handed(7, false, 0)));
+        h.settled(&[7]);
+        assert!(h.0.is_empty());
+        // Only a committed settlement is forgotten, and a new leader
+        // resends only what is not settled: delivered (at least once).
+        assert!(h.first(&handed(7, true, 0)));
     }
 }

@@ -549,21 +549,9 @@ async fn consume(
     let mut ack_buf = BytesMut::new();
     let mut n: u64 = 0;
     let mut quiet = 0;
-    while !stop.load(Ordering::Relaxed) {
-        let read =
-            tokio::time::timeout(Duration::from_millis(200), c.reader.read_buf(&mut c.buf)).await;
-        match read {
-            Err(_) if args.drain && n > 0 => {
-                quiet += 1;
-                if quiet >= 5 {
-                    break;
-                }
-                continue;
-            }
-            Err(_) => continue,
-            Ok(Ok(0)) | Ok(Err(_)) => break,
-            Ok(Ok(_)) => quiet = 0,
-        }
+    // Frames that arrived with basic.consume-ok are in the buffer
+    // already: decoded before the first read.
+    loop {
         let mut got = 0;
         while let Some(f) = decode_frame(&mut c.buf, 0)? {
             match f {
@@ -604,6 +592,23 @@ async fn consume(
             )?;
             c.writer.write_all(&ack_buf).await?;
             unacked = 0;
+        }
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let read =
+            tokio::time::timeout(Duration::from_millis(200), c.reader.read_buf(&mut c.buf)).await;
+        match read {
+            Err(_) if args.drain && n > 0 => {
+                quiet += 1;
+                if quiet >= 5 {
+                    break;
+                }
+                continue;
+            }
+            Err(_) => continue,
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(_)) => quiet = 0,
         }
     }
     if let Ok(mut l) = latencies.lock() {
