@@ -32,6 +32,7 @@ pub mod joining;
 pub mod link;
 pub mod meta_group;
 pub mod node;
+pub mod proposals;
 pub mod queue_group;
 pub mod raft_wal;
 pub mod replica;

@@ -264,6 +264,9 @@ pub enum QueueRequest {
     Tick { now_ms: u64 },
     /// [`QuorumCommand::SetArgs`].
     SetArgs { args: WireArgs, now_ms: u64 },
+    /// Several proposals in one entry, applied in order (none of them a
+    /// batch): see [`crate::proposals`].
+    Batch(Vec<QueueRequest>),
 }
 
 impl QueueRequest {
@@ -417,6 +420,7 @@ impl QueueRequest {
                 args: args.args()?,
                 now_ms: *now_ms,
             },
+            QueueRequest::Batch(_) => return Err("a batch is not one command".into()),
         })
     }
 }
@@ -450,6 +454,8 @@ pub enum QueueResponse {
     Purged(u64),
     /// The entry could not be decoded (every replica says the same).
     Invalid(String),
+    /// A batch's answers, one per proposal in its order.
+    Batch(Vec<QueueResponse>),
 }
 
 fn wire_got(d: &Delivery) -> Option<WireGot> {
@@ -645,6 +651,25 @@ fn replica_from(identity: &QueueIdentity, body: &SnapshotBody) -> Result<Replica
     })
 }
 
+/// Applies one proposal to `state`: its answer.
+fn apply_one(
+    state: &mut QuorumState,
+    request: &QueueRequest,
+    effects: &mut Effects,
+    deliveries: &mut Vec<QuorumEffect>,
+) -> QueueResponse {
+    let command = match request.command() {
+        Ok(c) => c,
+        Err(e) => return QueueResponse::Invalid(e),
+    };
+    match state.apply(command, effects, deliveries) {
+        QuorumReply::Done => QueueResponse::Done,
+        QuorumReply::Enqueued(e) => QueueResponse::Enqueued(e == Enqueued::Accepted),
+        QuorumReply::Got(d) => QueueResponse::Got(d.as_ref().and_then(wire_got)),
+        QuorumReply::Purged(n) => QueueResponse::Purged(n),
+    }
+}
+
 fn io_err<E: std::fmt::Display>(e: E) -> std::io::Error {
     std::io::Error::other(e.to_string())
 }
@@ -748,21 +773,15 @@ impl RaftStateMachine<QueueTypes> for QueueMachine {
                         r.membership = StoredMembership::new(Some(entry.log_id), m);
                         QueueResponse::Done
                     }
-                    EntryPayload::Normal(request) => match request.command() {
-                        Ok(command) => {
-                            match r.state.apply(command, &mut effects, &mut deliveries) {
-                                QuorumReply::Done => QueueResponse::Done,
-                                QuorumReply::Enqueued(e) => {
-                                    QueueResponse::Enqueued(e == Enqueued::Accepted)
-                                }
-                                QuorumReply::Got(d) => {
-                                    QueueResponse::Got(d.as_ref().and_then(wire_got))
-                                }
-                                QuorumReply::Purged(n) => QueueResponse::Purged(n),
-                            }
-                        }
-                        Err(e) => QueueResponse::Invalid(e),
-                    },
+                    EntryPayload::Normal(QueueRequest::Batch(requests)) => QueueResponse::Batch(
+                        requests
+                            .iter()
+                            .map(|q| apply_one(&mut r.state, q, &mut effects, &mut deliveries))
+                            .collect(),
+                    ),
+                    EntryPayload::Normal(request) => {
+                        apply_one(&mut r.state, &request, &mut effects, &mut deliveries)
+                    }
                 };
                 out.push(response);
             }
@@ -1186,6 +1205,75 @@ mod tests {
         fresh.raft.shutdown().await.unwrap();
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn proposals_queued_together_commit_as_batches_in_order_each_with_its_answer() {
+        let dir = tempfile::tempdir().unwrap();
+        let router = Arc::new(Router::default());
+        let mut replicas = BTreeMap::new();
+        for id in 1..=3 {
+            replicas.insert(id, start(&router, dir.path(), id).await);
+        }
+        let members: BTreeMap<u64, NodeInfo> = (1..=3).map(|id| (id, node(id))).collect();
+        replicas[&1].raft.initialize(members).await.unwrap();
+        let l = leader(&replicas, None).await;
+        let before = replicas[&l].machine.applied_index();
+        let proposer =
+            crate::proposals::Proposer::start(replicas[&l].raft.clone(), Duration::from_secs(10));
+        // 200 enqueues with a basic.get among them, proposed at once.
+        let get = QueueRequest::of(&QuorumCommand::Get {
+            requester: (1, 0),
+            no_ack: true,
+            now_ms: 1,
+        });
+        let mut answers = Vec::new();
+        for n in 1..=200u64 {
+            answers.push(proposer.propose(message(n)));
+            if n == 100 {
+                answers.push(proposer.propose(get.clone()));
+            }
+        }
+        let mut outcomes = Vec::new();
+        for a in answers {
+            outcomes.push(a.await);
+        }
+        for (i, o) in outcomes.iter().enumerate() {
+            let crate::proposals::Attempt::Done(Ok(r)) = o else {
+                panic!("proposal {i}: {o:?}");
+            };
+            if i == 100 {
+                // The get came after the first hundred: it took the first.
+                let QueueResponse::Got(Some(got)) = r else {
+                    panic!("the get answered {r:?}");
+                };
+                assert_eq!(got.seq, 1);
+                assert_eq!(&got.message.body()[..], &1u64.to_be_bytes());
+            } else {
+                assert_eq!(*r, QueueResponse::Enqueued(true), "proposal {i}");
+            }
+        }
+        // Fewer entries than proposals, and every replica has the 199
+        // left in the order proposed.
+        let index = replicas[&l].machine.applied_index();
+        assert!(index - before < 201, "{} entries", index - before);
+        applied_everywhere(&replicas, index).await;
+        for r in replicas.values() {
+            let ids: Vec<u64> = r.machine.with_state(|s| {
+                s.queue()
+                    .image()
+                    .unwrap()
+                    .ready
+                    .iter()
+                    .map(|e| e.message.id.0)
+                    .collect()
+            });
+            assert_eq!(ids, (2..=200).collect::<Vec<u64>>());
+        }
+        drop(proposer);
+        for r in replicas.values() {
+            r.raft.shutdown().await.unwrap();
+        }
+    }
+
     #[test]
     fn a_request_survives_the_wire() {
         let r = message(5);
@@ -1193,6 +1281,14 @@ mod tests {
         let back: QueueRequest = <QueueTypes as crate::group_log::LogFormat>::decode(&b).unwrap();
         assert_eq!(back, r);
         assert_eq!(back.command().unwrap(), r.command().unwrap());
+        let batch = QueueRequest::Batch(vec![message(1), message(2)]);
+        let b = <QueueTypes as crate::group_log::LogFormat>::encode(&batch).unwrap();
+        let back: QueueRequest = <QueueTypes as crate::group_log::LogFormat>::decode(&b).unwrap();
+        assert_eq!(back, batch);
+        assert!(
+            batch.command().is_err(),
+            "a batch is applied proposal by proposal"
+        );
         let args = QueueArgs {
             max_length: Some(3),
             overflow: Overflow::RejectPublishDlx,

@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use amqp_codec::{FieldTable, ShortStr};
 use futures_util::FutureExt;
-use openraft::error::{ClientWriteError, RaftError};
+use openraft::error::RaftError;
 use openraft::{Raft, ServerState};
 use parking_lot::{Mutex, RwLock};
 use queue_store::quorum::{ConsumerKey, QuorumEffect};
@@ -40,6 +40,7 @@ use crate::group_log::GroupLog;
 use crate::group_net::{GroupNetworkFactory, QueueGroups};
 use crate::identity::NodeInfo;
 use crate::link::Links;
+use crate::proposals::{Attempt, Proposer};
 use crate::queue_group::{
     QueueIdentity, QueueMachine, QueueRequest, QueueResponse, QueueTypes, ReplicaEvents,
 };
@@ -71,6 +72,8 @@ pub trait ReplicaHost: Send + Sync {
 /// A replicated queue's group as this node runs it.
 struct LocalReplica {
     raft: Raft<QueueTypes>,
+    /// Where this node, as leader, puts proposals into the log.
+    proposer: Proposer,
     machine: QueueMachine,
     /// Kept alive for the machine, which holds it weakly.
     _events: Arc<LeaderEffects>,
@@ -265,6 +268,10 @@ fn raft_config() -> Result<openraft::Config, String> {
         election_timeout_max: 1200,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(20_000),
         max_in_snapshot_log_to_keep: 1_000,
+        // An entry may be a batch of up to 256 KiB of messages
+        // (`proposals::MAX_BATCH_BYTES`): an AppendEntries stays well
+        // under a link frame.
+        max_payload_entries: 64,
         ..Default::default()
     }
     .validate()
@@ -564,6 +571,7 @@ impl Replicas {
             if !started {
                 *local = Some(Arc::new(LocalReplica {
                     raft: raft.clone(),
+                    proposer: Proposer::start(raft.clone(), PROPOSE_TIMEOUT),
                     machine,
                     _events: events,
                 }));
@@ -831,7 +839,7 @@ impl Replicas {
                     Attempt::Retry(raft.metrics().borrow().current_leader)
                 });
             }
-            let mut write = Box::pin(write_local(local.raft.clone(), request));
+            let mut write = Box::pin(local.proposer.propose(request));
             if let Some(done) = (&mut write).now_or_never() {
                 return Box::pin(std::future::ready(done));
             }
@@ -892,22 +900,19 @@ impl Replicas {
         group: u64,
         request: QueueRequest,
     ) -> Pin<Box<dyn std::future::Future<Output = Response> + Send>> {
-        let Some(local) = self
-            .get(group)
-            .and_then(|q| q.local().map(|l| l.raft.clone()))
-        else {
+        let Some(local) = self.get(group).and_then(|q| q.local()) else {
             return Box::pin(std::future::ready(Response::QueueProposed(Err(
                 ProposeRefusal::NotMember,
             ))));
         };
-        let m = local.metrics().borrow().clone();
-        if m.current_leader != Some(self.me.id) {
+        let leader = local.raft.metrics().borrow().current_leader;
+        if leader != Some(self.me.id) {
             return Box::pin(std::future::ready(Response::QueueProposed(Err(
-                ProposeRefusal::NotLeader(m.current_leader),
+                ProposeRefusal::NotLeader(leader),
             ))));
         }
-        // Polled once here, in the link's order (see `propose`).
-        let mut write = Box::pin(write_local(local, request));
+        // Queued here, in the link's order (see `propose`).
+        let mut write = Box::pin(local.proposer.propose(request));
         if let Some(done) = (&mut write).now_or_never() {
             return Box::pin(std::future::ready(answer_of(done)));
         }
@@ -1059,27 +1064,6 @@ impl Replicas {
                 let _ = l.raft.shutdown().await;
             }
         }
-    }
-}
-
-/// The outcome of one try at proposing.
-enum Attempt {
-    Done(Result<QueueResponse, String>),
-    /// Not committed; the leader to try next, if known.
-    Retry(Option<u64>),
-}
-
-async fn write_local(raft: Raft<QueueTypes>, request: QueueRequest) -> Attempt {
-    match tokio::time::timeout(PROPOSE_TIMEOUT, raft.client_write(request)).await {
-        Ok(Ok(r)) => Attempt::Done(Ok(r.data)),
-        Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
-            Attempt::Retry(f.leader_id)
-        }
-        Ok(Err(e)) => Attempt::Done(Err(e.to_string())),
-        Err(_) => Attempt::Done(Err(format!(
-            "not committed within {} s (it may still be)",
-            PROPOSE_TIMEOUT.as_secs()
-        ))),
     }
 }
 
