@@ -2356,7 +2356,8 @@ async fn classic_queues_a_mirroring_policy_matches_are_replicated_whether_declar
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_quorum_queues_leader_dead_letters_rejected_messages_and_those_over_the_delivery_limit() {
+async fn a_quorum_queues_leader_dead_letters_rejected_expired_and_over_the_delivery_limit_messages()
+{
     let cluster = TestCluster::start(CHILD, 3);
     formed(&cluster).await;
     let conn1 = amqp(&cluster, 0).await;
@@ -2384,13 +2385,66 @@ async fn a_quorum_queues_leader_dead_letters_rejected_messages_and_those_over_th
     )
     .await
     .unwrap();
+    // Another whose messages live 300 ms (RabbitMQ 3.10's quorum queues
+    // take x-message-ttl), dead-lettered the same way.
+    let mut ttl_args = lapin::types::FieldTable::default();
+    for (k, v) in [
+        ("x-queue-type", "quorum"),
+        ("x-dead-letter-exchange", ""),
+        ("x-dead-letter-routing-key", "dlq"),
+    ] {
+        ttl_args.insert(k.into(), lapin::types::AMQPValue::LongString(v.into()));
+    }
+    ttl_args.insert(
+        "x-message-ttl".into(),
+        lapin::types::AMQPValue::LongInt(300),
+    );
+    ch1.queue_declare(
+        "qq.ttl".into(),
+        lapin::options::QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        ttl_args,
+    )
+    .await
+    .unwrap();
+    // And one published to at once from another node, before its group
+    // has chosen a leader: its messages keep their order.
+    declare_quorum_queue(&ch1, "qq.order").await;
     let conn2 = amqp(&cluster, 1).await;
-    sees_queue(&cluster, &conn2, 1, "qq.dl").await;
+    sees_queue(&cluster, &conn2, 1, "qq.order").await;
     let ch2 = conn2.create_channel().await.unwrap();
     ch2.confirm_select(lapin::options::ConfirmSelectOptions::default())
         .await
         .unwrap();
+    publish_confirmed(&ch2, "qq.order", "o", 300).await;
+    ch1.basic_qos(300, lapin::options::BasicQosOptions::default())
+        .await
+        .unwrap();
+    let mut ordered = ch1
+        .basic_consume(
+            "qq.order".into(),
+            "o".into(),
+            lapin::options::BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let got: Vec<String> = warren_tests::next_deliveries(&mut ordered, 300)
+        .await
+        .iter()
+        .map(|d| String::from_utf8(d.data.clone()).unwrap())
+        .collect();
+    let sent: Vec<String> = (0..300).map(|k| format!("o {k}")).collect();
+    assert_eq!(got, sent);
+    sees_queue(&cluster, &conn2, 1, "qq.dl").await;
+    sees_queue(&cluster, &conn2, 1, "qq.ttl").await;
     publish_confirmed(&ch2, "qq.dl", "m", 2).await;
+    publish_confirmed(&ch2, "qq.ttl", "t", 1).await;
     let conn3 = amqp(&cluster, 2).await;
     sees_queue(&cluster, &conn3, 2, "qq.dl").await;
     let ch3 = conn3.create_channel().await.unwrap();
@@ -2413,10 +2467,10 @@ async fn a_quorum_queues_leader_dead_letters_rejected_messages_and_those_over_th
             .await
             .unwrap();
     }
-    // Both are in the dead-letter queue, with x-death saying why.
+    // All three are in the dead-letter queue, with x-death saying why.
     let mut reasons = Vec::new();
     let deadline = Instant::now() + PATIENCE;
-    while reasons.len() < 2 {
+    while reasons.len() < 3 {
         assert!(Instant::now() < deadline, "dead letters: {reasons:?}");
         let Some(d) = get_one(&ch1, "dlq", true).await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -2441,10 +2495,12 @@ async fn a_quorum_queues_leader_dead_letters_rejected_messages_and_those_over_th
         reasons,
         vec![
             ("m 0".to_owned(), "rejected".to_owned()),
-            ("m 1".to_owned(), "delivery_limit".to_owned())
+            ("m 1".to_owned(), "delivery_limit".to_owned()),
+            ("t 0".to_owned(), "expired".to_owned()),
         ]
     );
     assert_eq!(ready_count(&ch1, "qq.dl").await, 0);
+    assert_eq!(ready_count(&ch1, "qq.ttl").await, 0);
     // Purged and deleted from a node: gone from every node.
     publish_confirmed(&ch2, "qq.dl", "p", 3).await;
     let purged = ch3

@@ -508,6 +508,21 @@ struct MachineShared {
     replica: Mutex<Replica>,
     events: OnceLock<Weak<dyn ReplicaEvents>>,
     snapshot: SnapshotFile,
+    /// When the next ready message expires (ms since the epoch), as of the
+    /// last entry applied: the leader proposes a `Tick` then.
+    next_expiry: tokio::sync::watch::Sender<Option<u64>>,
+}
+
+impl MachineShared {
+    /// Publishes `replica`'s next expiry if it changed.
+    fn note_expiry(&self, replica: &Replica) {
+        let next = replica.state.queue().next_expiry();
+        self.next_expiry.send_if_modified(|known| {
+            let changed = *known != next;
+            *known = next;
+            changed
+        });
+    }
 }
 
 /// A replicated queue's state machine on this node (cheap to clone: a
@@ -700,6 +715,7 @@ impl QueueMachine {
         Ok(QueueMachine {
             shared: Arc::new(MachineShared {
                 identity,
+                next_expiry: tokio::sync::watch::Sender::new(replica.state.queue().next_expiry()),
                 replica: Mutex::new(replica),
                 events: OnceLock::new(),
                 snapshot,
@@ -715,6 +731,12 @@ impl QueueMachine {
     /// Reads the state (counts, consumers) under its lock.
     pub fn with_state<R>(&self, f: impl FnOnce(&QuorumState) -> R) -> R {
         f(&self.shared.replica.lock().state)
+    }
+
+    /// When the next ready message expires (ms since the epoch), and
+    /// whenever that changes.
+    pub fn next_expiry(&self) -> tokio::sync::watch::Receiver<Option<u64>> {
+        self.shared.next_expiry.subscribe()
     }
 
     /// The last applied index.
@@ -785,6 +807,7 @@ impl RaftStateMachine<QueueTypes> for QueueMachine {
                 };
                 out.push(response);
             }
+            self.shared.note_expiry(&r);
         }
         if !(deliveries.is_empty() && effects.is_empty()) {
             if let Some(events) = self.shared.events.get().and_then(Weak::upgrade) {
@@ -816,6 +839,7 @@ impl RaftStateMachine<QueueTypes> for QueueMachine {
         let fresh = replica_from(&self.shared.identity, &body)
             .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &io_err(e)))?;
         self.write_snapshot(&body).await?;
+        self.shared.note_expiry(&fresh);
         *self.shared.replica.lock() = fresh;
         Ok(())
     }

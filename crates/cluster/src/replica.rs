@@ -95,6 +95,9 @@ pub struct Replicated {
     local: RwLock<Option<Arc<LocalReplica>>>,
     /// The leader last heard of (0: none).
     leader_hint: AtomicU64,
+    /// Proposals of this node waiting to be sent, in order (see
+    /// `Replicas::propose`).
+    unsent: Mutex<Unsent>,
     /// What this node's consumers were handed and have not settled here:
     /// a new leader's second send of one hand-out is dropped.
     delivered: Mutex<HandedOut>,
@@ -112,6 +115,22 @@ impl std::fmt::Debug for Replicated {
             .field("members", &*self.members.read())
             .finish_non_exhaustive()
     }
+}
+
+/// A proposal in a waiting line: its deadline and proposer.
+type Waiting = (
+    QueueRequest,
+    tokio::time::Instant,
+    tokio::sync::oneshot::Sender<Result<QueueResponse, String>>,
+);
+
+/// A queue's proposals waiting for a leader to be sent to, in the order
+/// they were made, each with its deadline and proposer.
+#[derive(Default)]
+struct Unsent {
+    line: std::collections::VecDeque<Waiting>,
+    /// A task is sending the line.
+    draining: bool,
 }
 
 /// The hand-outs a node's consumers hold of one queue, to tell a new
@@ -422,6 +441,7 @@ impl Replicas {
                     arguments: def.arguments.clone(),
                     local: RwLock::new(None),
                     leader_hint: AtomicU64::new(0),
+                    unsent: Mutex::default(),
                     delivered: Mutex::default(),
                     unreached: Mutex::default(),
                 });
@@ -783,38 +803,96 @@ impl Replicas {
     }
 
     /// Proposes `request` for `q`'s log: to this node's replica if it
-    /// leads, else to the leader it knows of. The first attempt is made
-    /// before this returns (so entries proposed one after another reach
-    /// the leader in that order); the answer comes once it is committed.
+    /// leads, else to the leader it knows of; the answer comes once it is
+    /// committed. Entries this node proposes reach the leader in the order
+    /// proposed: while the leader is known and none waits, the first
+    /// attempt is sent before this returns; otherwise the proposal joins
+    /// the queue's waiting line (`Replicated::unsent`), which one task
+    /// sends in order, each once a leader is known.
     pub fn propose(self: &Arc<Self>, q: &Arc<Replicated>, request: QueueRequest) -> Answer {
-        let first = self.attempt(q, request.clone(), 0);
-        let me = self.clone();
+        let deadline = tokio::time::Instant::now() + PROPOSE_TIMEOUT;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        {
+            let mut unsent = q.unsent.lock();
+            if unsent.line.is_empty() && q.leader().is_some() {
+                let first = self.attempt(q, request.clone(), 0);
+                drop(unsent);
+                return Box::pin(self.clone().retry(q.clone(), request, first, deadline));
+            }
+            unsent.line.push_back((request, deadline, tx));
+            if !unsent.draining {
+                unsent.draining = true;
+                tokio::spawn(self.clone().send_in_order(q.clone()));
+            }
+        }
         let q = q.clone();
-        Box::pin(async move {
-            let deadline = tokio::time::Instant::now() + PROPOSE_TIMEOUT;
-            let mut outcome = first.await;
-            let mut round = 1;
-            loop {
-                match outcome {
-                    Attempt::Done(r) => return r,
-                    Attempt::Retry(hint) => {
-                        if let Some(h) = hint {
-                            q.leader_hint.store(h, Ordering::Relaxed);
-                        } else {
-                            q.leader_hint.store(0, Ordering::Relaxed);
-                            // No leader known: an election is under way.
-                            // (No event reaches a non-member: poll.)
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                        }
+        Box::pin(async move { rx.await.unwrap_or_else(|_| Err(q.no_leader())) })
+    }
+
+    /// Sends `q`'s waiting line in order: while no leader is known, the
+    /// first in line is proposed to completion (trying the members in turn
+    /// learns the leader) before the next is sent.
+    async fn send_in_order(self: Arc<Self>, q: Arc<Replicated>) {
+        loop {
+            let next = {
+                let mut unsent = q.unsent.lock();
+                let Some((request, deadline, tx)) = unsent.line.pop_front() else {
+                    unsent.draining = false;
+                    return;
+                };
+                if q.leader().is_some() {
+                    // Sent now, under the line's lock: in order.
+                    let first = self.attempt(&q, request.clone(), 0);
+                    let answer = self.clone().retry(q.clone(), request, first, deadline);
+                    tokio::spawn(async move {
+                        let _ = tx.send(answer.await);
+                    });
+                    continue;
+                }
+                (request, deadline, tx)
+            };
+            let (request, deadline, tx) = next;
+            let first = self.attempt(&q, request.clone(), 0);
+            let _ = tx.send(
+                self.clone()
+                    .retry(q.clone(), request, first, deadline)
+                    .await,
+            );
+        }
+    }
+
+    /// Follows a proposal's first attempt until it is answered, trying
+    /// again (at the leader named, or the members in turn) while it was
+    /// not taken, until `deadline`.
+    async fn retry(
+        self: Arc<Self>,
+        q: Arc<Replicated>,
+        request: QueueRequest,
+        first: Pin<Box<dyn std::future::Future<Output = Attempt> + Send>>,
+        deadline: tokio::time::Instant,
+    ) -> Result<QueueResponse, String> {
+        let mut outcome = first.await;
+        let mut round = 1;
+        loop {
+            match outcome {
+                Attempt::Done(r) => return r,
+                Attempt::Retry(hint) => {
+                    if let Some(h) = hint {
+                        q.leader_hint.store(h, Ordering::Relaxed);
+                    } else {
+                        q.leader_hint.store(0, Ordering::Relaxed);
+                        // No leader known: an election is under way.
+                        // (No event reaches a non-member: poll.)
+                        tokio::time::sleep(Duration::from_millis(50)).await;
                     }
                 }
-                if tokio::time::Instant::now() >= deadline {
-                    return Err(q.no_leader());
-                }
-                outcome = me.attempt(&q, request.clone(), round).await;
-                round += 1;
             }
-        })
+            if tokio::time::Instant::now() >= deadline {
+                return Err(q.no_leader());
+            }
+            outcome = self.attempt(&q, request.clone(), round).await;
+            round += 1;
+        }
     }
 
     /// One try at proposing; its send happens before this returns.
@@ -1001,6 +1079,34 @@ impl Replicas {
         }
     }
 
+    /// This node was elected leader of `q` in `term`: once its replica
+    /// applied what it has, consumers that asked for
+    /// `x-cancel-on-ha-failover` are cancelled (3.x's mirror promotion), and
+    /// every unsettled delivery is handed out again.
+    async fn take_over(self: &Arc<Self>, q: &Arc<Replicated>, local: &LocalReplica, term: u64) {
+        let last = local.raft.metrics().borrow().last_log_index.unwrap_or(0);
+        let _ = local
+            .raft
+            .wait(Some(Duration::from_secs(5)))
+            .applied_index_at_least(Some(last), "the new leader's own entry")
+            .await;
+        let (held, nodes) = local
+            .machine
+            .with_state(|s| (s.checked_out(), s.consumer_nodes()));
+        for n in nodes {
+            if n == self.me.id {
+                self.failed_over(q.id);
+            } else if let Some(to) = self.host().and_then(|h| h.member(n)) {
+                self.links
+                    .send_oneway(&to.cluster_addr, Request::QueueFailover { group: q.id });
+            }
+        }
+        if !held.is_empty() {
+            tracing::info!(queue = %q.name, deliveries = held.len(), term, "elected: handing out unsettled deliveries again");
+        }
+        self.hand_out(q, held);
+    }
+
     /// A peer's link is gone: every queue this node leads checks its
     /// consumers' nodes.
     pub fn node_gone(self: &Arc<Self>, _id: u64) {
@@ -1129,65 +1235,79 @@ const LEADER_ROUND: Duration = Duration::from_secs(1);
 /// restores them once it can (`NodeDown`, `NodeUp`), checking on each
 /// link loss and once a second.
 async fn watch_leadership(replicas: Weak<Replicas>, queue: Weak<Replicated>) {
-    let Some(mut metrics) = queue
+    let Some((raft, mut expiry)) = queue
         .upgrade()
-        .and_then(|q| q.local().map(|l| l.raft.metrics()))
+        .and_then(|q| q.local().map(|l| (l.raft.clone(), l.machine.next_expiry())))
     else {
         return;
     };
+    // Changes of vote, role and leader only (not every applied entry).
+    let mut server = raft.server_metrics();
     let mut led_term = None;
     let mut round = tokio::time::interval(LEADER_ROUND);
     round.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut wake = Wake::Changed;
     loop {
-        let (leads, term, last) = {
-            let m = metrics.borrow_and_update();
-            (
-                m.state == ServerState::Leader,
-                m.current_term,
-                m.last_log_index.unwrap_or(0),
-            )
+        let (leads, term) = {
+            let m = server.borrow_and_update();
+            (m.state == ServerState::Leader, m.vote.leader_id().term)
         };
         let (Some(r), Some(q)) = (replicas.upgrade(), queue.upgrade()) else {
             return;
         };
-        if let (true, Some(local)) = (leads, q.local()) {
+        let local = q.local().filter(|_| leads);
+        if let Some(local) = &local {
             if led_term != Some(term) {
                 led_term = Some(term);
-                let _ = local
-                    .raft
-                    .wait(Some(Duration::from_secs(5)))
-                    .applied_index_at_least(Some(last), "the new leader's own entry")
-                    .await;
-                let (held, nodes) = local
-                    .machine
-                    .with_state(|s| (s.checked_out(), s.consumer_nodes()));
-                // A failover (3.x's mirror promotion): consumers that asked
-                // for x-cancel-on-ha-failover are cancelled by their nodes.
-                for n in nodes {
-                    if n == r.me.id {
-                        r.failed_over(q.id);
-                    } else if let Some(to) = r.host().and_then(|h| h.member(n)) {
-                        r.links
-                            .send_oneway(&to.cluster_addr, Request::QueueFailover { group: q.id });
+                r.take_over(&q, local, term).await;
+            }
+            match wake {
+                Wake::Round => r.check_nodes(&q, local),
+                Wake::Expiry => {
+                    // Messages at the head passed their TTL: a tick entry
+                    // expires them on every replica alike.
+                    let tick = QueueRequest::Tick { now_ms: now_ms() };
+                    if let Err(e) = r.propose(&q, tick).await {
+                        tracing::debug!(queue = %q.name, error = %e, "an expiry tick was not committed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
                     }
                 }
-                if !held.is_empty() {
-                    tracing::info!(queue = %q.name, deliveries = held.len(), term, "elected: handing out unsettled deliveries again");
-                }
-                r.hand_out(&q, held);
+                Wake::Changed => {}
             }
-            r.check_nodes(&q, &local);
         }
         drop((r, q));
-        tokio::select! {
-            changed = metrics.changed() => {
+        // While leading: woken when the head's TTL runs out.
+        let due = local
+            .and_then(|_| *expiry.borrow_and_update())
+            .map(|at| Duration::from_millis(at.saturating_sub(now_ms())));
+        wake = tokio::select! {
+            changed = server.changed() => {
                 if changed.is_err() {
                     return;
                 }
+                Wake::Changed
             }
-            _ = round.tick() => {}
-        }
+            changed = expiry.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                Wake::Changed
+            }
+            _ = tokio::time::sleep(due.unwrap_or(LEADER_ROUND)), if due.is_some() => Wake::Expiry,
+            _ = round.tick() => Wake::Round,
+        };
     }
+}
+
+/// Why a replica's leadership watch woke.
+#[derive(Debug, Clone, Copy)]
+enum Wake {
+    /// Its role or the queue's next expiry changed.
+    Changed,
+    /// The leader's round: consumers' nodes are checked.
+    Round,
+    /// The head's TTL ran out.
+    Expiry,
 }
 
 #[cfg(test)]

@@ -161,6 +161,28 @@ enum Command {
     /// Removes NODE's replica of replicated queue QUEUE in the vhost
     /// (rabbitmq-queues delete_member).
     DeleteMember { queue: String, node: String },
+    /// Gives NODE a replica of every replicated queue (`all`) or of those
+    /// with an even number of replicas (`even`) that it has none of, in
+    /// the vhosts and queues the patterns match (rabbitmq-queues grow).
+    Grow {
+        node: String,
+        #[arg(value_parser = ["all", "even"])]
+        strategy: String,
+        /// Vhosts whose queues grow (a regular expression).
+        #[arg(long, default_value = ".*")]
+        vhost_pattern: String,
+        /// Queues that grow (a regular expression).
+        #[arg(long, default_value = ".*")]
+        queue_pattern: String,
+    },
+    /// Removes NODE's replica of every replicated queue it has one of
+    /// (rabbitmq-queues shrink).
+    Shrink {
+        node: String,
+        /// Lists only the queues whose replica could not be removed.
+        #[arg(long)]
+        errors_only: bool,
+    },
     /// Fails (exit status 69, as rabbitmq-queues) if stopping this node
     /// would leave a replicated queue without a majority of its replicas
     /// online; lists those queues.
@@ -416,6 +438,60 @@ fn print_rows(rows: &Value, columns: &[String], defaults: &[&str], json_out: boo
     for r in &rows {
         let cells: Vec<String> = columns.iter().map(|c| column(r, c)).collect();
         out!("{}", cells.join("\t"));
+    }
+}
+
+/// Every replicated queue of the cluster: vhost, name, members.
+async fn replicated_queues(api: &Api) -> Result<Vec<(String, String, Vec<String>)>, Failure> {
+    let all = api.get("/api/queues").await?;
+    Ok(all
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|q| {
+            let members = q["members"].as_array()?;
+            Some((
+                column(q, "vhost"),
+                column(q, "name"),
+                members
+                    .iter()
+                    .filter_map(|m| m.as_str().map(str::to_owned))
+                    .collect(),
+            ))
+        })
+        .collect())
+}
+
+/// One queue's row of `grow` or `shrink`: vhost, name, its size (after
+/// the change if it was made, before if not), result.
+fn membership_change<T>(
+    vhost: String,
+    name: String,
+    (before, after): (usize, usize),
+    result: Result<T, Failure>,
+) -> [String; 4] {
+    match result {
+        Ok(_) => [vhost, name, after.to_string(), "ok".into()],
+        Err(e) => [vhost, name, before.to_string(), format!("error: {e}")],
+    }
+}
+
+/// Prints `grow`'s or `shrink`'s rows as rabbitmq-queues does.
+fn print_membership_changes(rows: &[[String; 4]], errors_only: bool, json_out: bool) {
+    let rows = rows.iter().filter(|r| !errors_only || r[3] != "ok");
+    if json_out {
+        let out: Vec<Value> = rows
+            .map(|[vhost, name, size, result]| {
+                json!({"vhost": vhost, "name": name, "size": size, "result": result})
+            })
+            .collect();
+        out!("{}", Value::Array(out));
+        return;
+    }
+    out!("vhost\tname\tsize\tresult");
+    for r in rows {
+        out!("{}", r.join("\t"));
     }
 }
 
@@ -748,6 +824,61 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 None,
             )
             .await?;
+        }
+        Command::Grow {
+            node,
+            strategy,
+            vhost_pattern,
+            queue_pattern,
+        } => {
+            let pattern = |p: &str| {
+                regex::Regex::new(p).map_err(|e| Failure::Local(format!("pattern '{p}': {e}")))
+            };
+            let (vhosts, queues) = (pattern(&vhost_pattern)?, pattern(&queue_pattern)?);
+            let replicated = replicated_queues(&api).await?;
+            let chosen = replicated.into_iter().filter(|(vhost, name, members)| {
+                vhosts.is_match(vhost)
+                    && queues.is_match(name)
+                    && !members.contains(&node)
+                    && (strategy == "all" || members.len() % 2 == 0)
+            });
+            let mut results = Vec::new();
+            for (vhost, name, members) in chosen {
+                let path = format!(
+                    "/api/queues/quorum/{}/{}/replicas/add",
+                    seg(&vhost),
+                    seg(&name)
+                );
+                let result = api.post(&path, json!({ "node": node })).await;
+                let sizes = (members.len(), members.len() + 1);
+                results.push(membership_change(vhost, name, sizes, result));
+            }
+            print_membership_changes(&results, false, json_out);
+        }
+        Command::Shrink { node, errors_only } => {
+            let replicated = replicated_queues(&api).await?;
+            let mut results = Vec::new();
+            for (vhost, name, members) in replicated {
+                if !members.contains(&node) {
+                    continue;
+                }
+                let path = format!(
+                    "/api/queues/quorum/{}/{}/replicas/delete",
+                    seg(&vhost),
+                    seg(&name)
+                );
+                let result = api
+                    .call(
+                        reqwest::Method::DELETE,
+                        &path,
+                        Some(json!({ "node": node })),
+                        None,
+                    )
+                    .await;
+                let sizes = (members.len(), members.len() - 1);
+                results.push(membership_change(vhost, name, sizes, result));
+            }
+            print_membership_changes(&results, errors_only, json_out);
         }
         Command::CheckIfNodeIsQuorumCritical => {
             let (status, body) = api

@@ -6,11 +6,21 @@
 
 use std::process::Output;
 
-use warren_tests::{TestBroker, channel_with_queue, publish};
+use warren_tests::{TestBroker, TestCluster, channel_with_queue, publish};
+
+/// What every node of a `TestCluster` runs.
+#[test]
+fn cluster_node() {
+    warren_tests::serve_cluster_node_if_child();
+}
 
 /// Runs `warrenctl` against `broker` (as guest) with `args`.
 async fn ctl(broker: &TestBroker, args: &[&str]) -> Output {
-    let url = broker.management_url();
+    ctl_at(broker.management_url(), args).await
+}
+
+/// Runs `warrenctl` against the management API at `url` with `args`.
+async fn ctl_at(url: String, args: &[&str]) -> Output {
     let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
     tokio::task::spawn_blocking(move || {
         let mut out = std::process::Command::new(env!("CARGO_BIN_EXE_warrenctl"))
@@ -489,4 +499,111 @@ async fn trace_on_copies_publishes_and_deliveries_to_the_trace_exchange() {
     );
     assert_eq!(copies[2].data, b"traced");
     broker.stop().await;
+}
+
+/// Replicated queues of the cluster at `api` and their members.
+async fn members(api: &str) -> std::collections::BTreeMap<String, Vec<String>> {
+    let queues: serde_json::Value = reqwest::Client::new()
+        .get(format!("{api}/api/queues"))
+        .basic_auth("guest", Some("guest"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    queues
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|q| q["members"].is_array())
+        .map(|q| {
+            let mut m: Vec<String> = q["members"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|n| n.as_str().unwrap().to_owned())
+                .collect();
+            m.sort();
+            (q["name"].as_str().unwrap().to_owned(), m)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grow_and_shrink_give_a_node_replicas_of_every_replicated_queue_and_take_them_away() {
+    let cluster = TestCluster::start("cluster_node", 3);
+    let api = cluster.node(0).api.clone();
+    // Formed once the first node lists all three running.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let status = ctl_at(api.clone(), &["cluster_status"]).await;
+        let out = String::from_utf8_lossy(&status.stdout).to_string();
+        if out.matches("\trunning\t").count() == 3 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "not formed: {out}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let conn = lapin::Connection::connect(
+        &cluster.node(0).uri("guest", "guest", "%2f"),
+        lapin::ConnectionProperties::default(),
+    )
+    .await
+    .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    // Two quorum queues of two replicas each.
+    for name in ["qa", "qb"] {
+        let mut args = lapin::types::FieldTable::default();
+        args.insert(
+            "x-queue-type".into(),
+            lapin::types::AMQPValue::LongString("quorum".into()),
+        );
+        args.insert(
+            "x-quorum-initial-group-size".into(),
+            lapin::types::AMQPValue::LongInt(2),
+        );
+        ch.queue_declare(
+            name.into(),
+            lapin::options::QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            args,
+        )
+        .await
+        .unwrap();
+    }
+    let before = members(&api).await;
+    assert_eq!(before.len(), 2, "{before:?}");
+    assert!(before.values().all(|m| m.len() == 2), "{before:?}");
+    // n3 gets a replica of each queue it had none of (even: both have two).
+    let grown = stdout(&ctl_at(api.clone(), &["grow", "n3@127.0.0.1", "even"]).await);
+    let lacking = before
+        .values()
+        .filter(|m| !m.contains(&"n3@127.0.0.1".to_owned()))
+        .count();
+    assert_eq!(grown.lines().count(), 1 + lacking, "{grown}");
+    assert!(
+        grown.lines().skip(1).all(|l| l.ends_with("\t3\tok")),
+        "{grown}"
+    );
+    let after = members(&api).await;
+    assert!(
+        after
+            .values()
+            .all(|m| m.contains(&"n3@127.0.0.1".to_owned())),
+        "{after:?}"
+    );
+    // Nothing more to grow: every queue has it (and three is odd).
+    let again = stdout(&ctl_at(api.clone(), &["grow", "n3@127.0.0.1", "all"]).await);
+    assert_eq!(again, "vhost\tname\tsize\tresult\n");
+    // Shrunk: n3 holds no replica any more; the others keep theirs.
+    let shrunk = stdout(&ctl_at(api.clone(), &["shrink", "n3@127.0.0.1"]).await);
+    assert_eq!(shrunk.lines().count(), 3, "{shrunk}");
+    let without_n3: std::collections::BTreeMap<String, Vec<String>> = before
+        .into_iter()
+        .map(|(q, m)| (q, m.into_iter().filter(|n| n != "n3@127.0.0.1").collect()))
+        .collect();
+    assert_eq!(members(&api).await, without_n3);
 }
