@@ -23,6 +23,16 @@ const CHILD: &str = "cluster_node";
 const PATIENCE: Duration = Duration::from_secs(60);
 
 async fn call(method: reqwest::Method, url: String, body: Option<Value>) -> (u16, Value) {
+    call_or_err(method, url, body).await.unwrap()
+}
+
+/// [`call`], or the error when the node does not answer (not listening
+/// yet while it starts).
+async fn call_or_err(
+    method: reqwest::Method,
+    url: String,
+    body: Option<Value>,
+) -> Result<(u16, Value), reqwest::Error> {
     // guest on loopback; a lab cluster's nodes (own addresses) made admin.
     let user = if url.starts_with("http://127.0.0.1") {
         "guest"
@@ -35,10 +45,10 @@ async fn call(method: reqwest::Method, url: String, body: Option<Value>) -> (u16
     if let Some(b) = body {
         req = req.json(&b);
     }
-    let resp = req.send().await.unwrap();
+    let resp = req.send().await?;
     let status = resp.status().as_u16();
-    let text = resp.text().await.unwrap();
-    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    let text = resp.text().await?;
+    Ok((status, serde_json::from_str(&text).unwrap_or(Value::Null)))
 }
 
 async fn get(api: &str, path: &str) -> Value {
@@ -123,8 +133,12 @@ async fn formed(cluster: &TestCluster) {
             let api = api.clone();
             async move {
                 // The last of the defaults: guest's permissions on '/'.
-                let (status, body) =
-                    call(reqwest::Method::GET, format!("{api}/api/permissions"), None).await;
+                // (A node still starting is not listening yet.)
+                let Ok((status, body)) =
+                    call_or_err(reqwest::Method::GET, format!("{api}/api/permissions"), None).await
+                else {
+                    return false;
+                };
                 status == 200
                     && body.as_array().is_some_and(|p| {
                         p.iter()

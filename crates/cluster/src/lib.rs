@@ -544,10 +544,19 @@ impl ClusterProjection {
 
 impl MetaProjection for ClusterProjection {
     fn project(&self, command: &MetaCommand) {
+        // A replicated queue is known to `Replicas` before the vhost routes
+        // to it: a publish routed there in between would be sent to a home
+        // node as a classic queue's, and refused (a nack).
+        let declared = matches!(command, MetaCommand::DeclareQueue { .. });
+        if declared {
+            self.replicated(command, false);
+        }
         if let Some(p) = self.server.get().and_then(Weak::upgrade) {
             p.project(command);
         }
-        self.replicated(command, false);
+        if !declared {
+            self.replicated(command, false);
+        }
     }
 }
 
