@@ -2369,14 +2369,9 @@ async fn classic_queues_a_mirroring_policy_matches_are_replicated_whether_declar
     take_all(&mut consumer, &wanted).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_quorum_queues_leader_dead_letters_rejected_expired_and_over_the_delivery_limit_messages()
-{
-    let cluster = TestCluster::start(CHILD, 3);
-    formed(&cluster).await;
-    let conn1 = amqp(&cluster, 0).await;
-    let ch1 = conn1.create_channel().await.unwrap();
-    declare_durable_queue(&ch1, "dlq").await;
+/// Declares durable quorum queue `name` dead-lettering to queue `dlq`
+/// through the default exchange, with one more integer argument.
+async fn declare_dead_lettered_quorum_queue(ch: &lapin::Channel, name: &str, extra: (&str, i32)) {
     let mut args = lapin::types::FieldTable::default();
     for (k, v) in [
         ("x-queue-type", "quorum"),
@@ -2385,12 +2380,9 @@ async fn a_quorum_queues_leader_dead_letters_rejected_expired_and_over_the_deliv
     ] {
         args.insert(k.into(), lapin::types::AMQPValue::LongString(v.into()));
     }
-    args.insert(
-        "x-delivery-limit".into(),
-        lapin::types::AMQPValue::LongInt(1),
-    );
-    ch1.queue_declare(
-        "qq.dl".into(),
+    args.insert(extra.0.into(), lapin::types::AMQPValue::LongInt(extra.1));
+    ch.queue_declare(
+        name.into(),
         lapin::options::QueueDeclareOptions {
             durable: true,
             ..Default::default()
@@ -2399,30 +2391,20 @@ async fn a_quorum_queues_leader_dead_letters_rejected_expired_and_over_the_deliv
     )
     .await
     .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quorum_queues_leader_dead_letters_rejected_expired_and_over_the_delivery_limit_messages()
+{
+    let cluster = TestCluster::start(CHILD, 3);
+    formed(&cluster).await;
+    let conn1 = amqp(&cluster, 0).await;
+    let ch1 = conn1.create_channel().await.unwrap();
+    declare_durable_queue(&ch1, "dlq").await;
+    declare_dead_lettered_quorum_queue(&ch1, "qq.dl", ("x-delivery-limit", 1)).await;
     // Another whose messages live 300 ms (RabbitMQ 3.10's quorum queues
     // take x-message-ttl), dead-lettered the same way.
-    let mut ttl_args = lapin::types::FieldTable::default();
-    for (k, v) in [
-        ("x-queue-type", "quorum"),
-        ("x-dead-letter-exchange", ""),
-        ("x-dead-letter-routing-key", "dlq"),
-    ] {
-        ttl_args.insert(k.into(), lapin::types::AMQPValue::LongString(v.into()));
-    }
-    ttl_args.insert(
-        "x-message-ttl".into(),
-        lapin::types::AMQPValue::LongInt(300),
-    );
-    ch1.queue_declare(
-        "qq.ttl".into(),
-        lapin::options::QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        ttl_args,
-    )
-    .await
-    .unwrap();
+    declare_dead_lettered_quorum_queue(&ch1, "qq.ttl", ("x-message-ttl", 300)).await;
     // And one published to at once from another node, before its group
     // has chosen a leader: its messages keep their order.
     declare_quorum_queue(&ch1, "qq.order").await;

@@ -1126,8 +1126,9 @@ mod tests {
         }
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn replicas_agree_survive_a_leader_cut_off_and_restart_from_snapshot_and_log() {
+    /// Three replicas of one group, initialised by the first, in a fresh
+    /// directory (kept alive by the caller).
+    async fn three_replicas() -> (tempfile::TempDir, Arc<Router>, BTreeMap<u64, Replica>) {
         let dir = tempfile::tempdir().unwrap();
         let router = Arc::new(Router::default());
         let mut replicas = BTreeMap::new();
@@ -1136,6 +1137,12 @@ mod tests {
         }
         let members: BTreeMap<u64, NodeInfo> = (1..=3).map(|id| (id, node(id))).collect();
         replicas[&1].raft.initialize(members).await.unwrap();
+        (dir, router, replicas)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn replicas_agree_survive_a_leader_cut_off_and_restart_from_snapshot_and_log() {
+        let (dir, router, mut replicas) = three_replicas().await;
         let first = leader(&replicas, None).await;
 
         // A consumer on node 2 with a prefetch of 10; 25 messages.
@@ -1231,14 +1238,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn proposals_queued_together_commit_as_batches_in_order_each_with_its_answer() {
-        let dir = tempfile::tempdir().unwrap();
-        let router = Arc::new(Router::default());
-        let mut replicas = BTreeMap::new();
-        for id in 1..=3 {
-            replicas.insert(id, start(&router, dir.path(), id).await);
-        }
-        let members: BTreeMap<u64, NodeInfo> = (1..=3).map(|id| (id, node(id))).collect();
-        replicas[&1].raft.initialize(members).await.unwrap();
+        let (dir, router, mut replicas) = three_replicas().await;
         let l = leader(&replicas, None).await;
         let before = replicas[&l].machine.applied_index();
         let proposer =
