@@ -1238,7 +1238,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn proposals_queued_together_commit_as_batches_in_order_each_with_its_answer() {
-        let (dir, router, mut replicas) = three_replicas().await;
+        let (_dir, _router, replicas) = three_replicas().await;
         let l = leader(&replicas, None).await;
         let before = replicas[&l].machine.applied_index();
         let proposer =
