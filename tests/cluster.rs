@@ -2141,6 +2141,40 @@ async fn a_quorum_queue_is_replicated_and_keeps_every_confirmed_message_when_its
         let conn1 = amqp(&cluster, 0).await;
         let ch1 = conn1.create_channel().await.unwrap();
         declare_quorum_queue(&ch1, "qq").await;
+        // A queue just declared is usable at once through the node that
+        // declared it, while that node's replica may still be starting
+        // (it waits for it instead of asking itself over a link: once a
+        // 404 "home node ... is down").
+        // (Declared without waiting for declare-ok: the purge is handled
+        // right after the declaration, with no round trip between.)
+        for n in 0..5 {
+            let name = format!("fresh-{n}");
+            let mut args = lapin::types::FieldTable::default();
+            args.insert(
+                "x-queue-type".into(),
+                lapin::types::AMQPValue::LongString("quorum".into()),
+            );
+            let options = lapin::options::QueueDeclareOptions {
+                durable: true,
+                nowait: true,
+                ..Default::default()
+            };
+            ch1.queue_declare(name.as_str().into(), options, args)
+                .await
+                .unwrap();
+            ch1.queue_purge(
+                name.as_str().into(),
+                lapin::options::QueuePurgeOptions::default(),
+            )
+            .await
+            .unwrap();
+            ch1.queue_delete(
+                name.as_str().into(),
+                lapin::options::QueueDeleteOptions::default(),
+            )
+            .await
+            .unwrap();
+        }
     }
     // Listed by any node as RabbitMQ lists a quorum queue: on three
     // members, all online, one of them its leader (and its node).

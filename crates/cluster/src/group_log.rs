@@ -162,10 +162,15 @@ where
                 C::encode(&e).map_err(|err| StorageIOError::write_log_entry(e.log_id, &io(err)))?;
             encoded.push((e.log_id.index, Bytes::from(b)));
         }
+        let last = encoded.last().map_or(0, |e| e.0);
+        tracing::trace!(target: "latency", group = self.group, last, n = encoded.len(), "log append");
         self.wal.append(
             self.group,
             &encoded,
-            Box::new(move |r| callback.log_io_completed(r)),
+            Box::new(move |r| {
+                tracing::trace!(target: "latency", last, "log flushed");
+                callback.log_io_completed(r)
+            }),
         );
         Ok(())
     }

@@ -127,7 +127,12 @@ impl<C: GroupWire> RaftNetwork<C> for GroupNetwork<C> {
         rpc: AppendEntriesRequest<C>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<u64>, RPCError<u64, NodeInfo, RaftError<u64>>> {
-        match self.call(C::append(self.group, rpc), &option).await? {
+        let n = rpc.entries.len();
+        let target = self.target;
+        tracing::trace!(target: "latency", to = target, n, "append_entries send");
+        let r = self.call(C::append(self.group, rpc), &option).await;
+        tracing::trace!(target: "latency", to = target, n, "append_entries answered");
+        match r? {
             Response::Append(Ok(r)) => Ok(r),
             Response::Append(Err(e)) => {
                 Err(RPCError::RemoteError(RemoteError::new(self.target, e)))
@@ -214,7 +219,13 @@ impl QueueGroups {
             return Ok(Response::NoSuchGroup(group));
         };
         Ok(match request {
-            Request::QueueAppend { rpc, .. } => Response::Append(raft.append_entries(rpc).await),
+            Request::QueueAppend { rpc, .. } => {
+                let n = rpc.entries.len();
+                tracing::trace!(target: "latency", n, "append_entries received");
+                let r = raft.append_entries(rpc).await;
+                tracing::trace!(target: "latency", n, "append_entries served");
+                Response::Append(r)
+            }
             Request::QueueSnapshot { rpc, .. } => {
                 Response::Snapshot(raft.install_snapshot(rpc).await)
             }

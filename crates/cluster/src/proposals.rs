@@ -120,6 +120,7 @@ async fn write_proposals(
             (QueueRequest::Batch(requests), answers)
         };
         // Sent here, in order; waited for by a task of its own.
+        tracing::trace!(target: "latency", n = answers.len(), "client_write");
         let written = raft.client_write_ff(entry).await;
         tokio::spawn(async move {
             let outcome = match written {
@@ -138,6 +139,7 @@ async fn write_proposals(
                     Ok(Ok(Err(e))) => Outcome::Failed(e.to_string()),
                 },
             };
+            tracing::trace!(target: "latency", n = answers.len(), "client_write answered");
             drop(permit);
             outcome.answer(answers);
         });

@@ -788,6 +788,7 @@ impl RaftStateMachine<QueueTypes> for QueueMachine {
         {
             let mut r = self.shared.replica.lock();
             for entry in entries {
+                tracing::trace!(target: "latency", index = entry.log_id.index, "apply");
                 r.last_applied = Some(entry.log_id);
                 let response = match entry.payload {
                     EntryPayload::Blank => QueueResponse::Done,

@@ -62,12 +62,17 @@ pub struct GroupState {
 
 impl GroupState {
     fn live_bytes(&self) -> u64 {
-        let entries: usize = self.entries.values().map(|e| e.len() + 32).sum();
-        (entries
-            + self.vote.as_ref().map_or(0, |v| v.len() + 32)
-            + self.committed.as_ref().map_or(0, |v| v.len() + 32)
-            + self.purged.as_ref().map_or(0, |(_, v)| v.len() + 40)) as u64
+        let entries: u64 = self.entries.values().map(entry_bytes).sum();
+        entries
+            + self.vote.as_ref().map_or(0, entry_bytes)
+            + self.committed.as_ref().map_or(0, entry_bytes)
+            + self.purged.as_ref().map_or(0, |(_, v)| entry_bytes(v) + 8)
     }
+}
+
+/// What one live record costs in a rewritten file (about: its frame).
+fn entry_bytes(record: &Bytes) -> u64 {
+    record.len() as u64 + 32
 }
 
 /// One change, in memory and on disk.
@@ -107,20 +112,32 @@ fn encode(group: u64, change: &Change<'_>, out: &mut BytesMut) {
     out.put_slice(&frame);
 }
 
-fn apply(groups: &mut HashMap<u64, GroupState>, group: u64, change: &Change<'_>) {
+/// Applies `change` to the live state; how many octets of live records
+/// it added and removed (see [`entry_bytes`]), so that the writer knows
+/// the live size without counting every record.
+fn apply(groups: &mut HashMap<u64, GroupState>, group: u64, change: &Change<'_>) -> (u64, u64) {
     let g = groups.entry(group).or_default();
+    let gone = |old: Option<&Bytes>| old.map_or(0, entry_bytes);
+    let all = |entries: &BTreeMap<u64, Bytes>| entries.values().map(entry_bytes).sum::<u64>();
     match change {
-        Change::Entry(i, b) => {
-            g.entries.insert(*i, (*b).clone());
-        }
-        Change::Vote(b) => g.vote = Some((*b).clone()),
-        Change::Committed(b) => g.committed = Some((*b).clone()),
-        Change::Truncate(from) => {
-            g.entries.split_off(from);
-        }
+        Change::Entry(i, b) => (
+            entry_bytes(b),
+            gone(g.entries.insert(*i, (*b).clone()).as_ref()),
+        ),
+        Change::Vote(b) => (entry_bytes(b), gone(g.vote.replace((*b).clone()).as_ref())),
+        Change::Committed(b) => (
+            entry_bytes(b),
+            gone(g.committed.replace((*b).clone()).as_ref()),
+        ),
+        Change::Truncate(from) => (0, all(&g.entries.split_off(from))),
         Change::Purge(upto, b) => {
-            g.entries = g.entries.split_off(&(upto + 1));
-            g.purged = Some((*upto, (*b).clone()));
+            let kept = g.entries.split_off(&(upto + 1));
+            let removed = all(&std::mem::replace(&mut g.entries, kept));
+            let old = g.purged.replace((*upto, (*b).clone()));
+            (
+                entry_bytes(b) + 8,
+                removed + old.map_or(0, |(_, v)| entry_bytes(&v) + 8),
+            )
         }
     }
 }
@@ -134,23 +151,24 @@ fn replay(groups: &mut HashMap<u64, GroupState>, mut frame: Bytes) -> Result<(),
         f.try_get_u64()
             .map_err(|_| "record lacks its index".to_owned())
     };
-    match tag {
+    // Replayed at open: the live size is summed once afterwards.
+    let _ = match tag {
         TAG_ENTRY => {
             let i = index(&mut frame)?;
-            apply(groups, group, &Change::Entry(i, &frame));
+            apply(groups, group, &Change::Entry(i, &frame))
         }
         TAG_VOTE => apply(groups, group, &Change::Vote(&frame)),
         TAG_COMMITTED => apply(groups, group, &Change::Committed(&frame)),
         TAG_TRUNCATE => {
             let i = index(&mut frame)?;
-            apply(groups, group, &Change::Truncate(i));
+            apply(groups, group, &Change::Truncate(i))
         }
         TAG_PURGE => {
             let i = index(&mut frame)?;
-            apply(groups, group, &Change::Purge(i, &frame));
+            apply(groups, group, &Change::Purge(i, &frame))
         }
         other => return Err(format!("unknown record tag {other}")),
-    }
+    };
     Ok(())
 }
 
@@ -161,6 +179,9 @@ struct Job {
 
 struct Shared {
     groups: Mutex<HashMap<u64, GroupState>>,
+    /// The live records' size (changed under the `groups` lock): what a
+    /// rewrite would write.
+    live: std::sync::atomic::AtomicU64,
     /// Jobs go to the writer under the `groups` lock, so the file's order is
     /// the memory's order.
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
@@ -235,8 +256,10 @@ impl RaftWal {
             file.sync_all()?;
         }
         let (tx, rx) = mpsc::channel();
+        let live = groups.values().map(GroupState::live_bytes).sum();
         let shared = Arc::new(Shared {
             groups: Mutex::new(groups),
+            live: std::sync::atomic::AtomicU64::new(live),
             jobs: Mutex::new(Some(tx)),
             writer: Mutex::new(None),
         });
@@ -287,7 +310,14 @@ impl RaftWal {
         }
         let mut groups = self.shared.groups.lock();
         for c in changes {
-            apply(&mut groups, group, c);
+            let (added, removed) = apply(&mut groups, group, c);
+            // Under the lock: the sum stays exact.
+            let live = &self.shared.live;
+            let now = live.load(std::sync::atomic::Ordering::Relaxed);
+            live.store(
+                (now + added).saturating_sub(removed),
+                std::sync::atomic::Ordering::Relaxed,
+            );
         }
         let jobs = self.shared.jobs.lock();
         let failed = match jobs.as_ref() {
@@ -402,7 +432,9 @@ impl Writer {
         // next batch that is waited for, not an fsync of their own ahead
         // of it.
         if batch.iter().any(|job| job.done.is_some()) {
+            tracing::trace!(target: "latency", jobs = batch.len(), octets = all.len(), "wal fsync");
             self.file.sync_data()?;
+            tracing::trace!(target: "latency", "wal synced");
         }
         self.len += all.len() as u64;
         Ok(())
@@ -416,13 +448,17 @@ impl Writer {
         let Some(shared) = self.shared.upgrade() else {
             return Ok(());
         };
-        // Under the groups lock no job can be queued, so the snapshot and the
-        // file agree: everything queued before is already written.
-        let groups = shared.groups.lock();
-        let live: u64 = groups.values().map(GroupState::live_bytes).sum();
-        if self.len < live * 2 {
+        if self.len < shared.live.load(std::sync::atomic::Ordering::Relaxed) * 2 {
             return Ok(());
         }
+        // The live state is copied under the groups lock, and written
+        // without it: only this thread writes the file, so jobs queued
+        // meanwhile wait in the channel and are appended to the new file
+        // after the rename. Jobs queued before the copy and not yet written
+        // are in the copy and appended again: every record sets state
+        // (an entry, a vote, a mark, a cut), so replaying one twice in
+        // order changes nothing.
+        let groups = shared.groups.lock();
         let mut out = BytesMut::new();
         for (&group, g) in groups.iter() {
             if let Some((upto, purged)) = &g.purged {
@@ -438,6 +474,7 @@ impl Writer {
                 encode(group, &Change::Entry(*i, e), &mut out);
             }
         }
+        drop(groups);
         let tmp = self.path.with_extension("wal.tmp");
         {
             let mut f = File::create(&tmp)?;
@@ -564,5 +601,31 @@ mod tests {
         let g = wal.group(0);
         assert_eq!(g.entries.keys().copied().collect::<Vec<_>>(), vec![80]);
         assert_eq!(g.purged.map(|p| p.0), Some(79));
+    }
+
+    proptest::proptest! {
+        /// The live size kept as changes are made is what counting every
+        /// live record gives (what decides a rewrite).
+        #[test]
+        fn the_running_live_size_is_the_counted_one(
+            ops in proptest::collection::vec((0u8..5, 0u64..3, 0u64..40, 0usize..300), 1..200)
+        ) {
+            let mut groups = HashMap::new();
+            let mut live = 0u64;
+            for (op, group, index, len) in ops {
+                let b = Bytes::from(vec![1u8; len]);
+                let change = match op {
+                    0 => Change::Entry(index, &b),
+                    1 => Change::Vote(&b),
+                    2 => Change::Committed(&b),
+                    3 => Change::Truncate(index),
+                    _ => Change::Purge(index, &b),
+                };
+                let (added, removed) = apply(&mut groups, group, &change);
+                live = (live + added).checked_sub(removed).unwrap();
+                let counted: u64 = groups.values().map(GroupState::live_bytes).sum();
+                proptest::prop_assert_eq!(live, counted);
+            }
+        }
     }
 }

@@ -93,6 +93,9 @@ pub struct Replicated {
     arguments: FieldTable,
     /// This node's replica, while it is a member.
     local: RwLock<Option<Arc<LocalReplica>>>,
+    /// Told when `local` is set: a proposal made here while this node's
+    /// replica of a queue just declared is still starting waits for it.
+    started: tokio::sync::Notify,
     /// The leader last heard of (0: none).
     leader_hint: AtomicU64,
     /// Proposals of this node waiting to be sent, in order (see
@@ -440,6 +443,7 @@ impl Replicas {
                     members: RwLock::new(def.members.clone()),
                     arguments: def.arguments.clone(),
                     local: RwLock::new(None),
+                    started: tokio::sync::Notify::new(),
                     leader_hint: AtomicU64::new(0),
                     unsent: Mutex::default(),
                     delivered: Mutex::default(),
@@ -603,6 +607,7 @@ impl Replicas {
             return Ok(());
         }
         self.groups.insert(q.id, raft.clone());
+        q.started.notify_waiters();
         let members = q.members();
         tracing::info!(queue = %q.name, vhost = %q.vhost, ?members, "replica started");
         tokio::spawn(watch_leadership(Arc::downgrade(self), Arc::downgrade(q)));
@@ -810,6 +815,7 @@ impl Replicas {
     /// the queue's waiting line (`Replicated::unsent`), which one task
     /// sends in order, each once a leader is known.
     pub fn propose(self: &Arc<Self>, q: &Arc<Replicated>, request: QueueRequest) -> Answer {
+        tracing::trace!(target: "latency", "propose");
         let deadline = tokio::time::Instant::now() + PROPOSE_TIMEOUT;
         let (tx, rx) = tokio::sync::oneshot::channel();
         {
@@ -872,6 +878,7 @@ impl Replicas {
         deadline: tokio::time::Instant,
     ) -> Result<QueueResponse, String> {
         let mut outcome = first.await;
+        tracing::trace!(target: "latency", "proposal answered");
         let mut round = 1;
         loop {
             match outcome {
@@ -903,6 +910,30 @@ impl Replicas {
         round: usize,
     ) -> Pin<Box<dyn std::future::Future<Output = Attempt> + Send>> {
         let leader = q.leader();
+        if leader.is_none() && q.local().is_none() && q.members().contains(&self.me.name) {
+            // A member whose replica is still starting (the queue was
+            // declared a moment ago): it waits for it, then for a leader,
+            // instead of asking the members in turn (itself among them).
+            let q = q.clone();
+            return Box::pin(async move {
+                let started = q.started.notified();
+                tokio::pin!(started);
+                started.as_mut().enable();
+                if q.local().is_none() {
+                    let _ = tokio::time::timeout(Duration::from_secs(1), started).await;
+                }
+                let Some(local) = q.local() else {
+                    return Attempt::Retry(None);
+                };
+                let _ = local
+                    .raft
+                    .wait(Some(Duration::from_millis(500)))
+                    .metrics(|m| m.current_leader.is_some(), "a queue leader")
+                    .await;
+                let leader = local.raft.metrics().borrow().current_leader;
+                Attempt::Retry(leader)
+            });
+        }
         if leader == Some(self.me.id) || (leader.is_none() && q.local().is_some()) {
             let Some(local) = q.local() else {
                 return Box::pin(std::future::ready(Attempt::Retry(None)));
@@ -978,6 +1009,7 @@ impl Replicas {
         group: u64,
         request: QueueRequest,
     ) -> Pin<Box<dyn std::future::Future<Output = Response> + Send>> {
+        tracing::trace!(target: "latency", "serve propose");
         let Some(local) = self.get(group).and_then(|q| q.local()) else {
             return Box::pin(std::future::ready(Response::QueueProposed(Err(
                 ProposeRefusal::NotMember,
@@ -1007,6 +1039,7 @@ impl Replicas {
         key: u64,
         delivery: WireDelivery,
     ) -> Option<Arc<dyn RemoteSink>> {
+        tracing::trace!(target: "latency", "deliver here");
         let q = self.get(group)?;
         let sink = self.host().and_then(|h| h.local_sink(key));
         let ours = self
@@ -1065,6 +1098,7 @@ impl Replicas {
             let Some(to) = host.as_ref().and_then(|h| h.member(node)) else {
                 continue;
             };
+            tracing::trace!(target: "latency", to = node, "hand out");
             self.links.send_oneway(
                 &to.cluster_addr,
                 Request::QueueDeliver {
