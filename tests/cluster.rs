@@ -2403,14 +2403,19 @@ async fn classic_queues_a_mirroring_policy_matches_are_replicated_whether_declar
     take_all(&mut consumer, &wanted).await;
 }
 
-/// Declares durable quorum queue `name` dead-lettering to queue `dlq`
-/// through the default exchange, with one more integer argument.
-async fn declare_dead_lettered_quorum_queue(ch: &lapin::Channel, name: &str, extra: (&str, i32)) {
+/// Declares durable queue `name` of type `kind` dead-lettering to queue
+/// `dlq` through the default exchange, with one more integer argument.
+async fn declare_dead_lettered_queue(
+    ch: &lapin::Channel,
+    (name, kind): (&str, &str),
+    dlq: &str,
+    extra: (&str, i32),
+) {
     let mut args = lapin::types::FieldTable::default();
     for (k, v) in [
-        ("x-queue-type", "quorum"),
+        ("x-queue-type", kind),
         ("x-dead-letter-exchange", ""),
-        ("x-dead-letter-routing-key", "dlq"),
+        ("x-dead-letter-routing-key", dlq),
     ] {
         args.insert(k.into(), lapin::types::AMQPValue::LongString(v.into()));
     }
@@ -2435,10 +2440,10 @@ async fn a_quorum_queues_leader_dead_letters_rejected_expired_and_over_the_deliv
     let conn1 = amqp(&cluster, 0).await;
     let ch1 = conn1.create_channel().await.unwrap();
     declare_durable_queue(&ch1, "dlq").await;
-    declare_dead_lettered_quorum_queue(&ch1, "qq.dl", ("x-delivery-limit", 1)).await;
+    declare_dead_lettered_queue(&ch1, ("qq.dl", "quorum"), "dlq", ("x-delivery-limit", 1)).await;
     // Another whose messages live 300 ms (RabbitMQ 3.10's quorum queues
     // take x-message-ttl), dead-lettered the same way.
-    declare_dead_lettered_quorum_queue(&ch1, "qq.ttl", ("x-message-ttl", 300)).await;
+    declare_dead_lettered_queue(&ch1, ("qq.ttl", "quorum"), "dlq", ("x-message-ttl", 300)).await;
     // And one published to at once from another node, before its group
     // has chosen a leader: its messages keep their order.
     declare_quorum_queue(&ch1, "qq.order").await;
@@ -2531,6 +2536,36 @@ async fn a_quorum_queues_leader_dead_letters_rejected_expired_and_over_the_deliv
     );
     assert_eq!(ready_count(&ch1, "qq.dl").await, 0);
     assert_eq!(ready_count(&ch1, "qq.ttl").await, 0);
+    // Dead letters reach queues that do not live on the node dead-lettering
+    // them: a quorum queue's to a quorum queue, a classic queue's to a
+    // classic queue on another node (both were dropped).
+    declare_quorum_queue(&ch1, "qdlq").await;
+    let ch2b = conn2.create_channel().await.unwrap();
+    declare_durable_queue(&ch2b, "dlq.far").await;
+    declare_dead_lettered_queue(&ch1, ("qq.dl2", "quorum"), "qdlq", ("x-delivery-limit", 5)).await;
+    declare_dead_lettered_queue(&ch1, ("cq.dl", "classic"), "dlq.far", ("x-max-length", 100)).await;
+    sees_queue(&cluster, &conn2, 1, "qq.dl2").await;
+    sees_queue(&cluster, &conn2, 1, "cq.dl").await;
+    publish_confirmed(&ch2, "qq.dl2", "q", 1).await;
+    publish_confirmed(&ch2, "cq.dl", "c", 1).await;
+    for queue in ["qq.dl2", "cq.dl"] {
+        let m = get_one(&ch3, queue, false).await.unwrap();
+        m.delivery
+            .reject(lapin::options::BasicRejectOptions { requeue: false })
+            .await
+            .unwrap();
+    }
+    for (queue, body) in [("qdlq", "q 0"), ("dlq.far", "c 0")] {
+        let deadline = Instant::now() + PATIENCE;
+        let got = loop {
+            if let Some(d) = get_one(&ch3, queue, true).await {
+                break d;
+            }
+            assert!(Instant::now() < deadline, "no dead letter in {queue}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert_eq!(got.delivery.data, body.as_bytes(), "in {queue}");
+    }
     // Purged and deleted from a node: gone from every node.
     publish_confirmed(&ch2, "qq.dl", "p", 3).await;
     let purged = ch3

@@ -1184,6 +1184,7 @@ impl Vhost {
         );
         for qid in targets {
             let Some(q) = self.queue_by_id(qid.0) else {
+                self.dead_letter_remote(qid.0, &message, headers.as_ref());
                 continue;
             };
             if is_cycle(headers.as_ref(), &q.name) {
@@ -1191,6 +1192,49 @@ impl Vhost {
             }
             q.publish(&message, &self.node.store, fx);
         }
+    }
+
+    /// Sends a dead letter to queue `id` if it lives on another node (or is
+    /// replicated): as RabbitMQ's `at-most-once` dead-lettering, nothing
+    /// waits for it, and one its home does not take is logged.
+    fn dead_letter_remote(&self, id: u64, message: &Message, headers: Option<&FieldTable>) {
+        let Some(peers) = self.node.peers.get() else {
+            return;
+        };
+        let Some(name) = self.remote_ids.get(&id).map(|n| n.value().clone()) else {
+            return;
+        };
+        if is_cycle(headers, &name) {
+            return;
+        }
+        let Some(home) = self.remote.get(&name).map(|q| q.home.clone()) else {
+            return;
+        };
+        let mut header = bytes::BytesMut::new();
+        message.header.encode(&mut header);
+        let outcome = peers.enqueue(
+            &home,
+            crate::peers::RemotePublish {
+                vhost: self.name.to_string(),
+                queue: name.clone(),
+                exchange: message.exchange.clone(),
+                routing_key: message.routing_key.clone(),
+                header: header.freeze(),
+                body: message.body.clone(),
+            },
+        );
+        let vhost = self.name.clone();
+        self.node.tracker.spawn(async move {
+            match outcome.await {
+                Ok(e) if e.refused => {
+                    tracing::warn!(%vhost, queue = %name, "a dead letter was refused by its target queue (x-overflow reject-publish) and dropped");
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(%vhost, queue = %name, error = %e, "a dead letter could not reach its target queue on another node and was dropped");
+                }
+            }
+        });
     }
 
     /// Routes the firehose's pending copies through `amq.rabbitmq.trace`
