@@ -113,9 +113,14 @@ for run in $(seq 1 "$RUNS"); do
         "start_$broker"
         for s in $SCENARIOS; do
             # shellcheck disable=SC2046
+            err="$WORK/perf-$broker-$s-$run.err"
             out=$("$PERF" $(scenario_args "$s" "$broker") --durable --queue "x$s-$run" \
-                --duration "$DURATION" 2>"$WORK/perf.err" || echo '{}')
+                --duration "$DURATION" 2>"$err" || echo '{}')
             log "  X$s: $out"
+            # A run without a result says why (each run keeps its own).
+            if [[ "$out" == '{}' ]]; then
+                log "  X$s failed: $(tail -c 400 "$err")"
+            fi
             echo "{\"run\":$run,\"broker\":\"$broker\",\"scenario\":$s,\"result\":$out}" >>"$RAW.tmp"
         done
         "stop_$broker"

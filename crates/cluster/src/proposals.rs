@@ -73,10 +73,7 @@ impl Proposer {
 }
 
 fn octets(request: &QueueRequest) -> usize {
-    match request {
-        QueueRequest::Enqueue { message, .. } => message.body().len() + message.header().len(),
-        _ => 0,
-    }
+    usize::try_from(request.message_octets()).unwrap_or(usize::MAX)
 }
 
 async fn write_proposals(

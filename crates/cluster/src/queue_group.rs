@@ -270,6 +270,17 @@ pub enum QueueRequest {
 }
 
 impl QueueRequest {
+    /// The octets of message (header and body) this entry carries.
+    pub fn message_octets(&self) -> u64 {
+        match self {
+            QueueRequest::Enqueue { message, .. } => {
+                (message.body().len() + message.header().len()) as u64
+            }
+            QueueRequest::Batch(requests) => requests.iter().map(Self::message_octets).sum(),
+            _ => 0,
+        }
+    }
+
     /// The log's form of `command`.
     pub fn of(command: &QuorumCommand) -> QueueRequest {
         match command {
@@ -480,7 +491,20 @@ pub trait ReplicaEvents: Send + Sync {
     /// on those of its own consumers) and the dead letters and drops they
     /// caused (the leader routes the dead letters).
     fn applied(&self, deliveries: Vec<QuorumEffect>, effects: Effects);
+
+    /// The messages applied since the last snapshot passed
+    /// [`SNAPSHOT_AT_OCTETS`]: a snapshot is due (openraft's policy counts
+    /// entries, and an entry may be a batch of 256 KiB). Whether one was
+    /// asked for.
+    fn snapshot_due(&self) -> bool {
+        false
+    }
 }
+
+/// A replica snapshots once this many octets of messages were applied
+/// since its last snapshot (or after openraft's count of entries, whichever
+/// comes first), so that the log it keeps in memory stays bounded.
+pub const SNAPSHOT_AT_OCTETS: u64 = 64 << 20;
 
 // ---- the state machine ----
 
@@ -511,9 +535,28 @@ struct MachineShared {
     /// When the next ready message expires (ms since the epoch), as of the
     /// last entry applied: the leader proposes a `Tick` then.
     next_expiry: tokio::sync::watch::Sender<Option<u64>>,
+    /// Octets of messages applied since the last snapshot.
+    applied_octets: std::sync::atomic::AtomicU64,
+    /// A snapshot was asked for and has not been built yet.
+    snapshot_asked: std::sync::atomic::AtomicBool,
 }
 
 impl MachineShared {
+    /// A snapshot holds everything applied so far.
+    fn snapshot_taken(&self) {
+        use std::sync::atomic::Ordering;
+        self.applied_octets.store(0, Ordering::Relaxed);
+        self.snapshot_asked.store(false, Ordering::Relaxed);
+    }
+
+    /// Counts `octets` of messages applied; whether a snapshot is due and
+    /// not asked for yet.
+    fn count_applied(&self, octets: u64) -> bool {
+        use std::sync::atomic::Ordering;
+        let total = self.applied_octets.fetch_add(octets, Ordering::Relaxed) + octets;
+        total >= SNAPSHOT_AT_OCTETS && !self.snapshot_asked.load(Ordering::Relaxed)
+    }
+
     /// Publishes `replica`'s next expiry if it changed.
     fn note_expiry(&self, replica: &Replica) {
         let next = replica.state.queue().next_expiry();
@@ -719,6 +762,8 @@ impl QueueMachine {
                 replica: Mutex::new(replica),
                 events: OnceLock::new(),
                 snapshot,
+                applied_octets: std::sync::atomic::AtomicU64::new(0),
+                snapshot_asked: std::sync::atomic::AtomicBool::new(false),
             }),
         })
     }
@@ -758,7 +803,11 @@ impl QueueMachine {
 
 impl RaftSnapshotBuilder<QueueTypes> for QueueMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<QueueTypes>, StorageError<u64>> {
-        let body = body_of(&self.shared.replica.lock());
+        let body = {
+            let r = self.shared.replica.lock();
+            self.shared.snapshot_taken();
+            body_of(&r)
+        };
         let bytes = self.write_snapshot(&body).await?;
         Ok(Snapshot {
             meta: body.meta,
@@ -785,9 +834,13 @@ impl RaftStateMachine<QueueTypes> for QueueMachine {
         let mut out = Vec::new();
         let mut deliveries = Vec::new();
         let mut effects = Effects::default();
+        let mut octets = 0u64;
         {
             let mut r = self.shared.replica.lock();
             for entry in entries {
+                if let EntryPayload::Normal(request) = &entry.payload {
+                    octets += request.message_octets();
+                }
                 tracing::trace!(target: "latency", index = entry.log_id.index, "apply");
                 r.last_applied = Some(entry.log_id);
                 let response = match entry.payload {
@@ -810,9 +863,19 @@ impl RaftStateMachine<QueueTypes> for QueueMachine {
             }
             self.shared.note_expiry(&r);
         }
+        let events = self.shared.events.get().and_then(Weak::upgrade);
         if !(deliveries.is_empty() && effects.is_empty()) {
-            if let Some(events) = self.shared.events.get().and_then(Weak::upgrade) {
+            if let Some(events) = &events {
                 events.applied(deliveries, effects);
+            }
+        }
+        if self.shared.count_applied(octets) {
+            if let Some(events) = &events {
+                if events.snapshot_due() {
+                    self.shared
+                        .snapshot_asked
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                }
             }
         }
         Ok(out)
@@ -842,6 +905,7 @@ impl RaftStateMachine<QueueTypes> for QueueMachine {
         self.write_snapshot(&body).await?;
         self.shared.note_expiry(&fresh);
         *self.shared.replica.lock() = fresh;
+        self.shared.snapshot_taken();
         Ok(())
     }
 
@@ -893,10 +957,15 @@ pub(crate) mod test_support {
     }
 
     pub(crate) fn message(n: u64) -> QueueRequest {
+        message_with(n, Bytes::copy_from_slice(&n.to_be_bytes()))
+    }
+
+    /// An enqueue of persistent message `n` with body `body`.
+    pub(crate) fn message_with(n: u64, body: Bytes) -> QueueRequest {
         let header = ContentHeader {
             class_id: class_id::BASIC,
             weight: 0,
-            body_size: 8,
+            body_size: body.len() as u64,
             properties: BasicProperties {
                 delivery_mode: Some(2),
                 ..BasicProperties::default()
@@ -909,7 +978,7 @@ pub(crate) mod test_support {
             ShortStr::from_static(""),
             ShortStr::from_static("q"),
             header,
-            Bytes::copy_from_slice(&n.to_be_bytes()),
+            body,
         );
         QueueRequest::of(&QuorumCommand::Enqueue {
             message: m,
@@ -945,7 +1014,7 @@ mod tests {
     //! that calls the target's `Raft` directly (and can cut a replica off),
     //! each with its own WAL and snapshot file in a temporary directory.
 
-    use super::test_support::{applied, identity, leader_seen_by, message, node};
+    use super::test_support::{applied, identity, leader_seen_by, message, message_with, node};
     use super::*;
     use crate::group_log::GroupLog;
     use crate::raft_wal::RaftWal;
@@ -1050,10 +1119,12 @@ mod tests {
         }
     }
 
-    /// Deliveries a replica was told of, by consumer.
+    /// Deliveries a replica was told of, by consumer, and how often it
+    /// asked for a snapshot.
     #[derive(Default)]
     struct Seen {
         deliveries: Mutex<Vec<(ConsumerKey, u64)>>,
+        snapshots_asked: std::sync::atomic::AtomicUsize,
     }
 
     impl ReplicaEvents for Seen {
@@ -1063,6 +1134,50 @@ mod tests {
                 seen.push((consumer, delivery.seq));
             }
         }
+
+        fn snapshot_due(&self) -> bool {
+            self.snapshots_asked
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            true
+        }
+    }
+
+    #[tokio::test]
+    async fn a_replica_asks_for_a_snapshot_each_time_its_messages_since_the_last_pass_64_mib() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut machine = QueueMachine::open(identity(), dir.path().join("q.snapshot")).unwrap();
+        let seen = Arc::new(Seen::default());
+        let events: Arc<dyn ReplicaEvents> = seen.clone();
+        machine.set_events(Arc::downgrade(&events));
+        let mib = Bytes::from(vec![0u8; 1 << 20]);
+        let asked = || {
+            seen.snapshots_asked
+                .load(std::sync::atomic::Ordering::Relaxed)
+        };
+        let mut index = 0;
+        let mut apply = async |machine: &mut QueueMachine, n: u64| {
+            for _ in 0..n {
+                index += 1;
+                let entry = Entry {
+                    log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
+                    payload: EntryPayload::Normal(message_with(index, mib.clone())),
+                };
+                machine.apply([entry]).await.unwrap();
+            }
+        };
+        // 63 MiB of bodies (and their headers): not yet.
+        apply(&mut machine, 63).await;
+        assert_eq!(asked(), 0);
+        // Past 64 MiB: asked once, and not again until a snapshot is built.
+        apply(&mut machine, 2).await;
+        assert_eq!(asked(), 1);
+        apply(&mut machine, 10).await;
+        assert_eq!(asked(), 1);
+        machine.build_snapshot().await.unwrap();
+        apply(&mut machine, 63).await;
+        assert_eq!(asked(), 1);
+        apply(&mut machine, 2).await;
+        assert_eq!(asked(), 2);
     }
 
     struct Replica {

@@ -451,14 +451,15 @@ impl Writer {
         if self.len < shared.live.load(std::sync::atomic::Ordering::Relaxed) * 2 {
             return Ok(());
         }
-        // The live state is copied under the groups lock, and written
-        // without it: only this thread writes the file, so jobs queued
+        // The live state is copied under the groups lock, and encoded and
+        // written without it: only this thread writes the file, so jobs queued
         // meanwhile wait in the channel and are appended to the new file
         // after the rename. Jobs queued before the copy and not yet written
         // are in the copy and appended again: every record sets state
         // (an entry, a vote, a mark, a cut), so replaying one twice in
         // order changes nothing.
-        let groups = shared.groups.lock();
+        // (A copy of handles: the records are encoded after the lock.)
+        let groups = shared.groups.lock().clone();
         let mut out = BytesMut::new();
         for (&group, g) in groups.iter() {
             if let Some((upto, purged)) = &g.purged {
@@ -474,7 +475,6 @@ impl Writer {
                 encode(group, &Change::Entry(*i, e), &mut out);
             }
         }
-        drop(groups);
         let tmp = self.path.with_extension("wal.tmp");
         {
             let mut f = File::create(&tmp)?;

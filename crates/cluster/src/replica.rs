@@ -288,8 +288,10 @@ fn raft_config() -> Result<openraft::Config, String> {
         heartbeat_interval: 150,
         election_timeout_min: 600,
         election_timeout_max: 1200,
+        // Or after `queue_group::SNAPSHOT_AT_OCTETS` of messages.
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(20_000),
-        max_in_snapshot_log_to_keep: 1_000,
+        // At most 64 MiB of batches of 256 KiB kept for followers behind.
+        max_in_snapshot_log_to_keep: 256,
         // An entry may be a batch of up to 256 KiB of messages
         // (`proposals::MAX_BATCH_BYTES`): an AppendEntries stays well
         // under a link frame.
@@ -1215,7 +1217,8 @@ fn answer_of(a: Attempt) -> Response {
     })
 }
 
-/// Acts on a replica's effects when its node leads the group.
+/// Acts on a replica's effects when its node leads the group, and asks
+/// any replica for a snapshot when its messages since the last one call for it.
 struct LeaderEffects {
     replicas: Weak<Replicas>,
     queue: Weak<Replicated>,
@@ -1256,6 +1259,19 @@ impl ReplicaEvents for LeaderEffects {
             .map(|QuorumEffect::Deliver { consumer, delivery }| (consumer, delivery))
             .collect();
         replicas.hand_out(&q, deliveries);
+    }
+
+    fn snapshot_due(&self) -> bool {
+        let Some(local) = self.queue.upgrade().and_then(|q| q.local()) else {
+            return false;
+        };
+        let raft = local.raft.clone();
+        tokio::spawn(async move {
+            if let Err(e) = raft.trigger().snapshot().await {
+                tracing::warn!(error = %e, "cannot ask a replica for a snapshot");
+            }
+        });
+        true
     }
 }
 

@@ -544,6 +544,10 @@ async fn consume(
         return Err("expected basic.consume-ok".into());
     };
     let mut samples = Vec::with_capacity(1 << 16);
+    // The tag of the delivery whose body is awaited, and of the last one
+    // received whole (what an ack may cover: a read can end between a
+    // basic.deliver and its body, and acking the tag twice is a 406).
+    let mut delivering = 0u64;
     let mut last_tag = 0u64;
     let mut unacked = 0u64;
     let mut ack_buf = BytesMut::new();
@@ -558,8 +562,23 @@ async fn consume(
                 Frame::Method {
                     method: Method::BasicDeliver(d),
                     ..
-                } => last_tag = d.delivery_tag,
+                } => delivering = d.delivery_tag,
+                Frame::Method {
+                    method: Method::ChannelClose(c),
+                    ..
+                } => {
+                    return Err(format!("channel closed: {} {}", c.reply_code, c.reply_text).into());
+                }
+                Frame::Method {
+                    method: Method::ConnectionClose(c),
+                    ..
+                } => {
+                    return Err(
+                        format!("connection closed: {} {}", c.reply_code, c.reply_text).into(),
+                    );
+                }
                 Frame::Body { body, .. } => {
+                    last_tag = delivering;
                     got += 1;
                     n += 1;
                     // Sample one latency in 16 (enough for percentiles).
@@ -628,6 +647,15 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     let args = Arc::new(Args::parse());
+    // A consumer that acks only every N messages with fewer than N
+    // allowed unacknowledged would wait for ever.
+    if args.prefetch > 0 && args.multi_ack_every > u64::from(args.prefetch) {
+        return Err(format!(
+            "--multi-ack-every {} is above --prefetch {}: the consumer would stop before its first ack",
+            args.multi_ack_every, args.prefetch
+        )
+        .into());
+    }
     let uri = Arc::new(parse_uri(&args.uri)?);
     let consumer_uri = match &args.consumer_uri {
         Some(u) => Arc::new(parse_uri(u)?),
