@@ -2031,11 +2031,7 @@ async fn a_queue_over_its_flow_limit_pauses_publishers_on_other_nodes_and_loses_
 
 /// Declares durable quorum queue `name` on `ch`.
 async fn declare_quorum_queue(ch: &lapin::Channel, name: &str) {
-    let mut args = lapin::types::FieldTable::default();
-    args.insert(
-        "x-queue-type".into(),
-        lapin::types::AMQPValue::LongString("quorum".into()),
-    );
+    let args = warren_tests::quorum_queue_args();
     ch.queue_declare(
         name.into(),
         lapin::options::QueueDeclareOptions {
@@ -2149,11 +2145,7 @@ async fn a_quorum_queue_is_replicated_and_keeps_every_confirmed_message_when_its
         // right after the declaration, with no round trip between.)
         for n in 0..5 {
             let name = format!("fresh-{n}");
-            let mut args = lapin::types::FieldTable::default();
-            args.insert(
-                "x-queue-type".into(),
-                lapin::types::AMQPValue::LongString("quorum".into()),
-            );
+            let args = warren_tests::quorum_queue_args();
             let options = lapin::options::QueueDeclareOptions {
                 durable: true,
                 nowait: true,
@@ -2658,11 +2650,7 @@ async fn a_member_added_to_a_quorum_queue_catches_up_and_a_deleted_one_goes() {
     formed(&cluster).await;
     let conn1 = amqp(&cluster, 0).await;
     let ch1 = conn1.create_channel().await.unwrap();
-    let mut args = lapin::types::FieldTable::default();
-    args.insert(
-        "x-queue-type".into(),
-        lapin::types::AMQPValue::LongString("quorum".into()),
-    );
+    let mut args = warren_tests::quorum_queue_args();
     args.insert(
         "x-quorum-initial-group-size".into(),
         lapin::types::AMQPValue::LongInt(2),

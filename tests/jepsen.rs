@@ -349,11 +349,7 @@ async fn a_replicated_queue_loses_no_confirmed_message_under_kills_partitions_an
                 .await
                 .ok()?;
             let ch = conn.create_channel().await.ok()?;
-            let mut args = lapin::types::FieldTable::default();
-            args.insert(
-                "x-queue-type".into(),
-                lapin::types::AMQPValue::LongString("quorum".into()),
-            );
+            let args = warren_tests::quorum_queue_args();
             let options = lapin::options::QueueDeclareOptions {
                 durable: true,
                 ..Default::default()

@@ -305,6 +305,16 @@ pub async fn ready_count(ch: &lapin::Channel, queue: &str) -> u32 {
     .message_count()
 }
 
+/// A quorum queue's declaration arguments: `x-queue-type: quorum`.
+pub fn quorum_queue_args() -> lapin::types::FieldTable {
+    let mut args = lapin::types::FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        lapin::types::AMQPValue::LongString("quorum".into()),
+    );
+    args
+}
+
 /// Declares a durable queue with no arguments.
 pub async fn declare_durable_queue(ch: &lapin::Channel, queue: &str) {
     ch.queue_declare(
