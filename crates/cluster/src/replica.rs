@@ -924,16 +924,10 @@ impl Replicas {
                 if q.local().is_none() {
                     let _ = tokio::time::timeout(Duration::from_secs(1), started).await;
                 }
-                let Some(local) = q.local() else {
-                    return Attempt::Retry(None);
-                };
-                let _ = local
-                    .raft
-                    .wait(Some(Duration::from_millis(500)))
-                    .metrics(|m| m.current_leader.is_some(), "a queue leader")
-                    .await;
-                let leader = local.raft.metrics().borrow().current_leader;
-                Attempt::Retry(leader)
+                match q.local() {
+                    Some(local) => leader_known(local.raft.clone()).await,
+                    None => Attempt::Retry(None),
+                }
             });
         }
         if leader == Some(self.me.id) || (leader.is_none() && q.local().is_some()) {
@@ -941,14 +935,7 @@ impl Replicas {
                 return Box::pin(std::future::ready(Attempt::Retry(None)));
             };
             if leader.is_none() {
-                let raft = local.raft.clone();
-                return Box::pin(async move {
-                    let _ = raft
-                        .wait(Some(Duration::from_millis(500)))
-                        .metrics(|m| m.current_leader.is_some(), "a queue leader")
-                        .await;
-                    Attempt::Retry(raft.metrics().borrow().current_leader)
-                });
+                return Box::pin(leader_known(local.raft.clone()));
             }
             let mut write = Box::pin(local.proposer.propose(request));
             if let Some(done) = (&mut write).now_or_never() {
@@ -1207,6 +1194,16 @@ impl Replicas {
             }
         }
     }
+}
+
+/// Waits (up to 500 ms) for this node's replica `raft` to know a leader:
+/// a try again, at it if there is one.
+async fn leader_known(raft: Raft<QueueTypes>) -> Attempt {
+    let _ = raft
+        .wait(Some(Duration::from_millis(500)))
+        .metrics(|m| m.current_leader.is_some(), "a queue leader")
+        .await;
+    Attempt::Retry(raft.metrics().borrow().current_leader)
 }
 
 fn answer_of(a: Attempt) -> Response {

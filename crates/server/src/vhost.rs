@@ -1207,22 +1207,11 @@ impl Vhost {
         if is_cycle(headers, &name) {
             return;
         }
-        let Some(home) = self.remote.get(&name).map(|q| q.home.clone()) else {
+        let Some(q) = self.remote.get(&name) else {
             return;
         };
-        let mut header = bytes::BytesMut::new();
-        message.header.encode(&mut header);
-        let outcome = peers.enqueue(
-            &home,
-            crate::peers::RemotePublish {
-                vhost: self.name.to_string(),
-                queue: name.clone(),
-                exchange: message.exchange.clone(),
-                routing_key: message.routing_key.clone(),
-                header: header.freeze(),
-                body: message.body.clone(),
-            },
-        );
+        let outcome = self.send_remote(peers.as_ref(), &q.home, name.clone(), message);
+        drop(q);
         let vhost = self.name.clone();
         self.node.tracker.spawn(async move {
             match outcome.await {
@@ -1435,6 +1424,30 @@ impl Vhost {
         self.apply(&mut fx);
     }
 
+    /// Sends `message` to queue `queue` of this vhost on node `home` (or,
+    /// replicated, to its group): what the node does with it.
+    fn send_remote(
+        &self,
+        peers: &dyn crate::peers::Peers,
+        home: &str,
+        queue: ShortStr,
+        message: &Message,
+    ) -> crate::peers::RemoteOutcome {
+        let mut header = bytes::BytesMut::new();
+        message.header.encode(&mut header);
+        peers.enqueue(
+            home,
+            crate::peers::RemotePublish {
+                vhost: self.name.to_string(),
+                queue,
+                exchange: message.exchange.clone(),
+                routing_key: message.routing_key.clone(),
+                header: header.freeze(),
+                body: message.body.clone(),
+            },
+        )
+    }
+
     /// Sends `message` to the queue with id `id` on its home node, if it is
     /// a queue on another node.
     fn enqueue_remote(&self, id: u64, out: &mut Enqueue) {
@@ -1448,21 +1461,8 @@ impl Vhost {
         let Some(q) = self.remote.get(&name) else {
             return;
         };
-        let message = &out.message;
-        let mut header = bytes::BytesMut::new();
-        message.header.encode(&mut header);
-        let pending = crate::peers::Pending(peers.enqueue(
-            &q.home,
-            crate::peers::RemotePublish {
-                vhost: self.name.to_string(),
-                queue: name,
-                exchange: message.exchange.clone(),
-                routing_key: message.routing_key.clone(),
-                header: header.freeze(),
-                body: message.body.clone(),
-            },
-        ));
-        out.remote.push(pending);
+        let pending = self.send_remote(peers.as_ref(), &q.home, name, &out.message);
+        out.remote.push(crate::peers::Pending(pending));
         if let Some(gate) = peers.flow(&q.home) {
             if gate.is_raised() {
                 out.congested.push(gate);
