@@ -2644,6 +2644,117 @@ async fn a_consumer_that_asked_for_x_cancel_on_ha_failover_is_cancelled_when_its
     take_all(&mut kept, &wanted).await;
 }
 
+/// Index of the node that node `i` says leads the metadata group.
+async fn metadata_leader(cluster: &TestCluster, i: usize) -> Option<usize> {
+    let status = status_of(&cluster.cluster_addr(i)).await;
+    let leader = status.voters.iter().find(|v| Some(v.id) == status.leader)?;
+    (0..3).find(|&k| leader.name == format!("n{}@127.0.0.1", k + 1))
+}
+
+/// Whether one of the running nodes `survivors` says it leads queue
+/// `name` (asked once each, no waiting).
+async fn a_survivor_leads(cluster: &TestCluster, survivors: &[usize], name: &str) -> bool {
+    for &j in survivors {
+        let listed = get(&cluster.node(j).api, &format!("/api/queues/%2F/{name}")).await;
+        if listed["leader"] == format!("n{}@127.0.0.1", j + 1).as_str() {
+            return true;
+        }
+    }
+    false
+}
+
+/// Whether one of the running nodes `survivors` says it leads the
+/// metadata group (asked once each, no waiting).
+async fn a_survivor_leads_the_metadata(cluster: &TestCluster, survivors: &[usize]) -> bool {
+    for &j in survivors {
+        if metadata_leader(cluster, j).await == Some(j) {
+            return true;
+        }
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_stopped_gracefully_hands_its_leaderships_over_before_it_exits() {
+    let mut cluster = TestCluster::start(CHILD, 3);
+    formed(&cluster).await;
+    {
+        let conn = amqp(&cluster, 0).await;
+        let ch = conn.create_channel().await.unwrap();
+        declare_quorum_queue(&ch, "handed").await;
+    }
+    let listed = listed_with_leader(&cluster, 0, "handed").await;
+    let leader = listed["leader"].as_str().unwrap().to_owned();
+    let l = (0..3)
+        .find(|&i| leader == format!("n{}@127.0.0.1", i + 1))
+        .unwrap();
+    let m = metadata_leader(&cluster, l)
+        .await
+        .expect("a metadata leader");
+    let (a, b) = ((l + 1) % 3, (l + 2) % 3);
+    let conn = amqp(&cluster, a).await;
+    sees_queue(&cluster, &conn, a, "handed").await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    publish_confirmed(&ch, "handed", "before", 100).await;
+
+    // Stopped as an operator stops it: when it has exited, a survivor
+    // leads already. Without the hand-over both would still follow it
+    // until their election timeout (over a second) ran out.
+    cluster.stop(l);
+    assert!(
+        a_survivor_leads(&cluster, &[a, b], "handed").await,
+        "no survivor leads the queue when its leader has stopped; its log:\n{}",
+        cluster.log(l)
+    );
+    assert!(
+        cluster
+            .log(l)
+            .contains("stopping: handed the queue's leadership over"),
+        "{}",
+        cluster.log(l)
+    );
+    if m == l {
+        assert!(
+            a_survivor_leads_the_metadata(&cluster, &[a, b]).await,
+            "no survivor leads the metadata when its leader has stopped"
+        );
+    }
+    // The survivors go on with every confirmed message.
+    publish_confirmed(&ch, "handed", "after", 10).await;
+    let mut consumer = ch
+        .basic_consume(
+            "handed".into(),
+            "all".into(),
+            lapin::options::BasicConsumeOptions::default(),
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let wanted: Vec<String> = (0..100)
+        .map(|k| format!("before {k}"))
+        .chain((0..10).map(|k| format!("after {k}")))
+        .collect();
+    take_all(&mut consumer, &wanted).await;
+    drop(consumer);
+    drop(ch);
+    drop(conn);
+
+    if m != l {
+        // The metadata leader stops too: the last node is elected with
+        // the vote of the node that stops (two of three).
+        cluster.stop(m);
+        let last = (0..3).find(|&i| i != l && i != m).unwrap();
+        assert!(
+            a_survivor_leads_the_metadata(&cluster, &[last]).await,
+            "the last node does not lead the metadata when its leader has stopped; its log:\n{}",
+            cluster.log(m)
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_added_to_a_quorum_queue_catches_up_and_a_deleted_one_goes() {
     let cluster = TestCluster::start(CHILD, 3);

@@ -1050,6 +1050,16 @@ impl TestCluster {
         self.nodes[i] = Some(ClusterChild { child, amqp, api });
     }
 
+    /// Stops node `i` as an operator does (SIGTERM) and waits until it
+    /// has exited, successfully.
+    pub fn stop(&mut self, i: usize) {
+        self.signal(i, "TERM");
+        if let Some(mut n) = self.nodes[i].take() {
+            let status = n.child.wait().unwrap();
+            assert!(status.success(), "node {} stopped with {status}", i + 1);
+        }
+    }
+
     /// `kill -9` node `i` and reap it.
     pub fn kill(&mut self, i: usize) {
         if let Some(mut n) = self.nodes[i].take() {
@@ -1178,14 +1188,22 @@ pub fn serve_cluster_node_if_child() {
             handle.addr,
             handle.management_addr.unwrap()
         );
-        // Serves until killed, or restarts itself as the broker binary does
-        // after a join_cluster.
-        handle.broker.restart_requested().await;
+        // Serves until killed or stopped (SIGTERM: shut down as the broker
+        // binary does), or restarts itself as the broker binary does after
+        // a join_cluster.
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).unwrap();
+        let restart = tokio::select! {
+            _ = handle.broker.restart_requested() => true,
+            _ = terminate.recv() => false,
+        };
         handle.shutdown().await.unwrap();
         if let Some(c) = cluster {
             c.shutdown().await;
         }
-        panic!("cannot restart: {}", cluster::joining::restart_process());
+        if restart {
+            panic!("cannot restart: {}", cluster::joining::restart_process());
+        }
     });
 }
 

@@ -212,7 +212,8 @@ impl QueueGroups {
         let group = match &request {
             Request::QueueAppend { group, .. }
             | Request::QueueSnapshot { group, .. }
-            | Request::Vote { group, .. } => *group,
+            | Request::Vote { group, .. }
+            | Request::Elect { group } => *group,
             _ => return Err(request),
         };
         let Some(raft) = self.get(group) else {
@@ -230,6 +231,10 @@ impl QueueGroups {
                 Response::Snapshot(raft.install_snapshot(rpc).await)
             }
             Request::Vote { rpc, .. } => Response::Vote(raft.vote(rpc).await),
+            Request::Elect { .. } => match raft.trigger().elect().await {
+                Ok(()) => Response::Settled,
+                Err(e) => Response::Unavailable(e.to_string()),
+            },
             other => return Err(other),
         })
     }
@@ -248,6 +253,7 @@ mod tests {
     use crate::queue_group::{QueueMachine, QueueResponse};
     use crate::raft_wal::RaftWal;
     use std::collections::BTreeMap;
+    use std::time::Duration;
 
     const GROUP: u64 = 42;
 
@@ -282,9 +288,9 @@ mod tests {
         links: Arc<Links>,
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_queue_group_replicates_over_the_links_and_survives_its_leader_leaving() {
-        let dir = tempfile::tempdir().unwrap();
+    /// Three members of group `GROUP` in `dir`, each with its own links
+    /// on loopback and its own WAL, initialised by member 1.
+    async fn three_members(dir: &std::path::Path) -> BTreeMap<u64, Member> {
         let secret: Arc<[u8]> = Arc::from(&b"a test secret of some length"[..]);
         let mut listeners = Vec::new();
         let mut nodes = BTreeMap::new();
@@ -308,7 +314,7 @@ mod tests {
             let groups = Arc::new(QueueGroups::default());
             links.set_handler(Arc::new(GroupsOnly(groups.clone())));
             tokio::spawn(links.clone().serve(listener));
-            let d = dir.path().join(format!("n{id}"));
+            let d = dir.join(format!("n{id}"));
             std::fs::create_dir_all(&d).unwrap();
             let (wal, _) = RaftWal::open(&d).unwrap();
             let machine = QueueMachine::open(identity(), d.join("q.snapshot")).unwrap();
@@ -340,6 +346,13 @@ mod tests {
             );
         }
         members[&1].raft.initialize(nodes.clone()).await.unwrap();
+        members
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_queue_group_replicates_over_the_links_and_survives_its_leader_leaving() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut members = three_members(dir.path()).await;
         let first = leader_seen_by(&members[&1].raft, None).await;
         for n in 1..=20 {
             let r = members[&first].raft.client_write(message(n)).await.unwrap();
@@ -370,6 +383,68 @@ mod tests {
             applied(&m.raft, index).await;
             assert_eq!(m.machine.with_state(|s| s.queue().ready_count()), 30);
         }
+        for m in members.values() {
+            m.raft.shutdown().await.unwrap();
+            m.links.shutdown();
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_leader_hands_over_to_an_up_to_date_follower_that_goes_on_with_every_entry() {
+        use crate::handover::{HandOver, ask_to_stand, hand_over};
+        let dir = tempfile::tempdir().unwrap();
+        let members = three_members(dir.path()).await;
+        let first = leader_seen_by(&members[&1].raft, None).await;
+        for n in 1..=20 {
+            members[&first].raft.client_write(message(n)).await.unwrap();
+        }
+        // A follower cannot hand anything over.
+        let follower = members.keys().copied().find(|id| *id != first).unwrap();
+        let not_leader = hand_over(&members[&follower].raft, follower, None, |_| async {
+            Err::<(), String>("not asked".into())
+        })
+        .await;
+        assert_eq!(not_leader, HandOver::NotLeader);
+
+        // The leader, just elected, waits out its lease, then asks a
+        // follower holding its whole log to stand.
+        let leader = &members[&first];
+        let links = leader.links.clone();
+        let addr_of: BTreeMap<u64, String> = members
+            .iter()
+            .map(|(id, m)| (*id, m.links.me().cluster_addr.clone()))
+            .collect();
+        let outcome = hand_over(&leader.raft, first, Some(Duration::ZERO), |to| {
+            let addr = addr_of[&to].clone();
+            async move { ask_to_stand(&links, &addr, GROUP).await }
+        })
+        .await;
+        let HandOver::To(second) = outcome else {
+            panic!("not handed over: {outcome:?}");
+        };
+        assert_ne!(second, first);
+        assert_eq!(
+            members[&second].raft.metrics().borrow().current_leader,
+            Some(second)
+        );
+        // The new leader has every entry and takes new ones; the old one
+        // follows it.
+        for n in 21..=25 {
+            members[&second]
+                .raft
+                .client_write(message(n))
+                .await
+                .unwrap();
+        }
+        let index = members[&second].machine.applied_index();
+        for m in members.values() {
+            applied(&m.raft, index).await;
+            assert_eq!(m.machine.with_state(|s| s.queue().ready_count()), 25);
+        }
+        assert_eq!(
+            members[&first].raft.metrics().borrow().current_leader,
+            Some(second)
+        );
         for m in members.values() {
             m.raft.shutdown().await.unwrap();
             m.links.shutdown();

@@ -19,14 +19,18 @@
 //! groups' RPCs); `queue_group` is a replicated queue's group (not yet
 //! started by the node for a declared queue).
 //!
+//! `handover` moves a group's leadership away from a node that stops.
+//!
 //! Module order (each imports only those before it): `identity`, `gossip`,
-//! `raft_wal` <- `group_log` <- `queue_group`, `meta_group` <- `rpc` <- `link`
-//! <- `group_net` <- `node` <- `formation`, `joining` <- `lib`.
+//! `raft_wal` <- `group_log` <- `queue_group`, `meta_group` <- `proposals`,
+//! `rpc` <- `link` <- `handover`, `group_net` <- `replica` <- `node` <-
+//! `formation`, `joining` <- `lib`.
 
 mod formation;
 pub mod gossip;
 pub mod group_log;
 pub mod group_net;
+pub mod handover;
 pub mod identity;
 pub mod joining;
 pub mod link;
@@ -150,6 +154,11 @@ impl ClusterHandle {
         for t in &self.tasks {
             t.abort();
         }
+        // Leaders first hand over: the others need not wait out an
+        // election timeout (RabbitMQ transfers quorum queue leadership
+        // on shutdown too).
+        self.node.replicas.hand_over_all().await;
+        self.node.hand_over_metadata().await;
         self.node.replicas.shutdown().await;
         let _ = self.node.raft.shutdown().await;
         self.node.links.shutdown();
@@ -313,6 +322,9 @@ pub async fn start(mut settings: ClusterSettings) -> Result<ClusterHandle, Clust
         handler.clone(),
     )));
     tasks.push(tokio::spawn(formation::run(node.clone(), settings)));
+    tasks.push(tokio::spawn(ClusterNode::follow_leadership(
+        Arc::downgrade(&node),
+    )));
     tracing::info!(node = %me.name, id = me.id, cluster_addr = %me.cluster_addr, "cluster node started");
     Ok(ClusterHandle {
         node,

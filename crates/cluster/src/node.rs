@@ -62,6 +62,8 @@ pub struct ClusterNode {
     next_key: std::sync::atomic::AtomicU64,
     /// The replicated queues.
     pub replicas: Arc<crate::replica::Replicas>,
+    /// When this node last became the metadata leader.
+    led_since: parking_lot::Mutex<Option<std::time::Instant>>,
 }
 
 impl std::fmt::Debug for ClusterNode {
@@ -100,6 +102,33 @@ impl ClusterNode {
             // Keys differ from an earlier run's (a replicated queue's
             // state may still name that run's consumers).
             next_key: std::sync::atomic::AtomicU64::new(first_key),
+            led_since: parking_lot::Mutex::default(),
+        }
+    }
+
+    /// Notes when this node becomes the metadata leader (a hand-over
+    /// waits until it has led for openraft's lease), while `node` lives.
+    pub(crate) async fn follow_leadership(node: std::sync::Weak<ClusterNode>) {
+        let Some(mut server) = node.upgrade().map(|n| n.raft.server_metrics()) else {
+            return;
+        };
+        let mut led_term = None;
+        loop {
+            let (leads, term) = {
+                let m = server.borrow_and_update();
+                (m.state == ServerState::Leader, m.vote.leader_id().term)
+            };
+            let Some(n) = node.upgrade() else {
+                return;
+            };
+            if leads && led_term != Some(term) {
+                led_term = Some(term);
+                *n.led_since.lock() = Some(std::time::Instant::now());
+            }
+            drop(n);
+            if server.changed().await.is_err() {
+                return;
+            }
         }
     }
 
@@ -371,6 +400,34 @@ impl ClusterNode {
     /// Whether this node is the metadata leader now.
     pub fn is_leader(&self) -> bool {
         self.raft.metrics().borrow().state == ServerState::Leader
+    }
+
+    /// Hands the metadata group's leadership to another voter if this
+    /// node leads it (the node is stopping gracefully; see `handover`).
+    pub async fn hand_over_metadata(&self) {
+        use crate::handover::{HandOver, ask_to_stand, hand_over};
+        let led_for = self.led_since.lock().map(|t| t.elapsed());
+        let outcome = hand_over(&self.raft, self.me.id, led_for, |to| async move {
+            let addr = crate::replica::ReplicaHost::member(self, to)
+                .map(|m| m.cluster_addr)
+                .ok_or_else(|| format!("node {to} is not a known member"))?;
+            ask_to_stand(&self.links, &addr, META_GROUP).await
+        })
+        .await;
+        match outcome {
+            HandOver::To(id) => {
+                let to = crate::replica::ReplicaHost::member(self, id).map(|m| m.name);
+                tracing::info!(
+                    to = to.as_deref().unwrap_or("?"),
+                    "stopping: handed the metadata leadership over"
+                );
+            }
+            HandOver::Failed(why) => tracing::warn!(
+                why,
+                "stopping: the metadata leadership was not handed over; the other nodes elect a leader once this node has gone"
+            ),
+            HandOver::NotLeader => {}
+        }
     }
 }
 
@@ -1810,7 +1867,14 @@ impl RequestHandler for Handler {
                 Request::Snapshot { group, rpc } if group == META_GROUP => {
                     Response::Snapshot(node.raft.install_snapshot(rpc).await)
                 }
+                Request::Elect { group } if group == META_GROUP => {
+                    match node.raft.trigger().elect().await {
+                        Ok(()) => Response::Settled,
+                        Err(e) => Response::Unavailable(e.to_string()),
+                    }
+                }
                 request @ (Request::Vote { .. }
+                | Request::Elect { .. }
                 | Request::QueueAppend { .. }
                 | Request::QueueSnapshot { .. }) => match groups.serve(request).await {
                     Ok(response) => response,

@@ -44,10 +44,17 @@ pub enum Attempt {
 
 type Proposal = (QueueRequest, oneshot::Sender<Attempt>);
 
+/// What the proposal task takes, in order.
+enum Queued {
+    Proposal(Proposal),
+    /// Answered once everything queued before it is committed (or failed).
+    Barrier(oneshot::Sender<()>),
+}
+
 /// A replica's proposal queue (its task ends when this is dropped).
 #[derive(Debug)]
 pub struct Proposer {
-    queue: mpsc::UnboundedSender<Proposal>,
+    queue: mpsc::UnboundedSender<Queued>,
 }
 
 impl Proposer {
@@ -62,12 +69,24 @@ impl Proposer {
     /// Queues `request` (now: in the caller's order); its outcome.
     pub fn propose(&self, request: QueueRequest) -> impl Future<Output = Attempt> + Send + use<> {
         let (tx, rx) = oneshot::channel();
-        let queued = self.queue.send((request, tx)).is_ok();
+        let queued = self.queue.send(Queued::Proposal((request, tx))).is_ok();
         async move {
             if !queued {
                 return Attempt::Retry(None);
             }
             rx.await.unwrap_or(Attempt::Retry(None))
+        }
+    }
+
+    /// Done once every proposal queued before this call is committed or
+    /// has failed (at once if the task has ended).
+    pub fn flushed(&self) -> impl Future<Output = ()> + Send + use<> {
+        let (tx, rx) = oneshot::channel();
+        let queued = self.queue.send(Queued::Barrier(tx)).is_ok();
+        async move {
+            if queued {
+                let _ = rx.await;
+            }
         }
     }
 }
@@ -78,11 +97,11 @@ fn octets(request: &QueueRequest) -> usize {
 
 async fn write_proposals(
     raft: Raft<QueueTypes>,
-    mut proposals: mpsc::UnboundedReceiver<Proposal>,
+    mut proposals: mpsc::UnboundedReceiver<Queued>,
     timeout: std::time::Duration,
 ) {
     let in_flight = Arc::new(Semaphore::new(IN_FLIGHT));
-    let mut held: Option<Proposal> = None;
+    let mut held: Option<Queued> = None;
     loop {
         let Ok(permit) = in_flight.clone().acquire_owned().await else {
             return;
@@ -94,17 +113,34 @@ async fn write_proposals(
                 None => return,
             },
         };
+        let first = match first {
+            Queued::Proposal(p) => p,
+            Queued::Barrier(done) => {
+                // Every permit back: nothing written is still uncommitted.
+                drop(permit);
+                let all = u32::try_from(IN_FLIGHT).unwrap_or(u32::MAX);
+                if let Ok(all) = in_flight.acquire_many(all).await {
+                    drop(all);
+                }
+                let _ = done.send(());
+                continue;
+            }
+        };
         let mut bytes = octets(&first.0);
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
             match proposals.try_recv() {
-                Ok(p) => {
+                Ok(Queued::Proposal(p)) => {
                     bytes += octets(&p.0);
                     if bytes > MAX_BATCH_BYTES {
-                        held = Some(p);
+                        held = Some(Queued::Proposal(p));
                         break;
                     }
                     batch.push(p);
+                }
+                Ok(barrier @ Queued::Barrier(_)) => {
+                    held = Some(barrier);
+                    break;
                 }
                 Err(_) => break,
             }

@@ -107,6 +107,12 @@ pub struct Replicated {
     /// As its leader: consumers' nodes found unreachable once (a link to
     /// each was attempted); suspected if still so at the next look.
     unreached: Mutex<HashSet<u64>>,
+    /// Set while this node, stopping, hands its leadership over: new
+    /// proposals wait (a proposal is queued under a read of it, so none
+    /// slips in once it is set) and then go to the new leader.
+    handing_over: tokio::sync::watch::Sender<bool>,
+    /// When this node last became its leader.
+    led_since: Mutex<Option<std::time::Instant>>,
 }
 
 impl std::fmt::Debug for Replicated {
@@ -167,6 +173,26 @@ impl Replicated {
     /// This node's replica, if it has one now.
     fn local(&self) -> Option<Arc<LocalReplica>> {
         self.local.read().clone()
+    }
+
+    /// Done when no hand-over of leadership is under way.
+    async fn not_handing_over(&self) {
+        let mut rx = self.handing_over.subscribe();
+        let _ = rx.wait_for(|h| !*h).await;
+    }
+
+    /// `request` queued at this node's replica as leader, unless a
+    /// hand-over is under way (then `Err` gives it back).
+    fn propose_as_leader(
+        &self,
+        local: &LocalReplica,
+        request: QueueRequest,
+    ) -> Result<impl std::future::Future<Output = Attempt> + Send + use<>, Box<QueueRequest>> {
+        let handing_over = self.handing_over.borrow();
+        if *handing_over {
+            return Err(Box::new(request));
+        }
+        Ok(local.proposer.propose(request))
     }
 
     /// Whether `delivery` is new to this node (else a duplicate: a new
@@ -450,6 +476,8 @@ impl Replicas {
                     unsent: Mutex::default(),
                     delivered: Mutex::default(),
                     unreached: Mutex::default(),
+                    handing_over: tokio::sync::watch::Sender::new(false),
+                    led_since: Mutex::default(),
                 });
                 {
                     let mut queues = self.queues.write();
@@ -937,7 +965,17 @@ impl Replicas {
             if leader.is_none() {
                 return Box::pin(leader_known(local.raft.clone()));
             }
-            let mut write = Box::pin(local.proposer.propose(request));
+            let mut write = match q.propose_as_leader(&local, request) {
+                Ok(write) => Box::pin(write),
+                Err(_) => {
+                    // Tried again once the new leader is known.
+                    let q = q.clone();
+                    return Box::pin(async move {
+                        q.not_handing_over().await;
+                        Attempt::Retry(q.leader())
+                    });
+                }
+            };
             if let Some(done) = (&mut write).now_or_never() {
                 return Box::pin(std::future::ready(done));
             }
@@ -999,23 +1037,23 @@ impl Replicas {
         request: QueueRequest,
     ) -> Pin<Box<dyn std::future::Future<Output = Response> + Send>> {
         tracing::trace!(target: "latency", "serve propose");
-        let Some(local) = self.get(group).and_then(|q| q.local()) else {
+        let Some(q) = self.get(group) else {
             return Box::pin(std::future::ready(Response::QueueProposed(Err(
                 ProposeRefusal::NotMember,
             ))));
         };
-        let leader = local.raft.metrics().borrow().current_leader;
-        if leader != Some(self.me.id) {
-            return Box::pin(std::future::ready(Response::QueueProposed(Err(
-                ProposeRefusal::NotLeader(leader),
-            ))));
+        let me = self.me.id;
+        match serve_as_leader(&q, me, request) {
+            Ok(answer) => answer,
+            Err(request) => Box::pin(async move {
+                // A hand-over is under way: answered once it is over.
+                q.not_handing_over().await;
+                match serve_as_leader(&q, me, *request) {
+                    Ok(answer) => answer.await,
+                    Err(_) => Response::QueueProposed(Err(ProposeRefusal::NotLeader(None))),
+                }
+            }),
         }
-        // Queued here, in the link's order (see `propose`).
-        let mut write = Box::pin(local.proposer.propose(request));
-        if let Some(done) = (&mut write).now_or_never() {
-            return Box::pin(std::future::ready(answer_of(done)));
-        }
-        Box::pin(async move { answer_of(write.await) })
     }
 
     /// A delivery from the leader of group `group` for this node's consumer
@@ -1185,6 +1223,51 @@ impl Replicas {
         }
     }
 
+    /// Hands the leadership of every queue this node leads to another
+    /// member (the node is stopping gracefully; see `handover`), all at
+    /// once. Proposals made meanwhile wait and then go to the new leader.
+    pub async fn hand_over_all(self: &Arc<Self>) {
+        let led: Vec<(Arc<Replicated>, Arc<LocalReplica>)> = self
+            .queues
+            .read()
+            .values()
+            .filter_map(|q| {
+                let local = q.local()?;
+                let leads = local.raft.metrics().borrow().current_leader == Some(self.me.id);
+                leads.then(|| (q.clone(), local))
+            })
+            .collect();
+        let all = led.into_iter().map(|(q, local)| async move {
+            q.handing_over.send_replace(true);
+            // Nothing this node took is still on its way into the log.
+            local.proposer.flushed().await;
+            let led_for = q.led_since.lock().map(|t| t.elapsed());
+            let group = q.id;
+            let outcome =
+                crate::handover::hand_over(&local.raft, self.me.id, led_for, |to| async move {
+                    let addr = self
+                        .host()
+                        .and_then(|h| h.member(to))
+                        .map(|m| m.cluster_addr)
+                        .ok_or_else(|| format!("node {to} is not a known member"))?;
+                    crate::handover::ask_to_stand(&self.links, &addr, group).await
+                })
+                .await;
+            q.handing_over.send_replace(false);
+            match outcome {
+                crate::handover::HandOver::To(id) => {
+                    let to = self.host().and_then(|h| h.member(id)).map(|m| m.name);
+                    tracing::info!(queue = %q.name, vhost = %q.vhost, to = to.as_deref().unwrap_or("?"), "stopping: handed the queue's leadership over");
+                }
+                crate::handover::HandOver::Failed(why) => {
+                    tracing::warn!(queue = %q.name, vhost = %q.vhost, why, "stopping: the queue's leadership was not handed over; its members elect a leader once this node has gone");
+                }
+                crate::handover::HandOver::NotLeader => {}
+            }
+        });
+        futures_util::future::join_all(all).await;
+    }
+
     /// Stops every replica (the node shuts down).
     pub async fn shutdown(&self) {
         let all: Vec<Arc<Replicated>> = self.queues.read().values().cloned().collect();
@@ -1194,6 +1277,32 @@ impl Replicas {
             }
         }
     }
+}
+
+/// The answer to a peer's proposal to `q` if this node leads it (queued
+/// here, in the link's order: see `Replicas::propose`); `Err` while a
+/// hand-over is under way.
+fn serve_as_leader(
+    q: &Replicated,
+    me: u64,
+    request: QueueRequest,
+) -> Result<Pin<Box<dyn std::future::Future<Output = Response> + Send>>, Box<QueueRequest>> {
+    let Some(local) = q.local() else {
+        return Ok(Box::pin(std::future::ready(Response::QueueProposed(Err(
+            ProposeRefusal::NotMember,
+        )))));
+    };
+    let leader = local.raft.metrics().borrow().current_leader;
+    if leader != Some(me) {
+        return Ok(Box::pin(std::future::ready(Response::QueueProposed(Err(
+            ProposeRefusal::NotLeader(leader),
+        )))));
+    }
+    let mut write = Box::pin(q.propose_as_leader(&local, request)?);
+    if let Some(done) = (&mut write).now_or_never() {
+        return Ok(Box::pin(std::future::ready(answer_of(done))));
+    }
+    Ok(Box::pin(async move { answer_of(write.await) }))
 }
 
 /// Waits (up to 500 ms) for this node's replica `raft` to know a leader:
@@ -1306,6 +1415,7 @@ async fn watch_leadership(replicas: Weak<Replicas>, queue: Weak<Replicated>) {
         if let Some(local) = &local {
             if led_term != Some(term) {
                 led_term = Some(term);
+                *q.led_since.lock() = Some(std::time::Instant::now());
                 r.take_over(&q, local, term).await;
             }
             match wake {

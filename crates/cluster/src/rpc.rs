@@ -213,6 +213,13 @@ pub enum Request {
         /// The queue's id.
         group: u64,
     },
+    /// From the leader of group `group` (any group), which is stopping:
+    /// stand for election now (`handover`). Answered `Settled` once the
+    /// campaign has started.
+    Elect {
+        /// Raft group.
+        group: u64,
+    },
 }
 
 /// A message taken by a peer's `basic.get`.

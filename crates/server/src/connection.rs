@@ -235,7 +235,6 @@ async fn serve_io(
             slot,
         }))) => {
             tracing::info!(connection = shared.id, %peer, user = %shared.user, "connection opened");
-            broker.live_connections.insert(shared.id, shared.clone());
             let mut conn = Connection {
                 broker: broker.clone(),
                 vhost,
@@ -506,13 +505,6 @@ async fn handshake(
         ))
         .on(ConnectionOpen::CLASS_ID, ConnectionOpen::METHOD_ID));
     }
-    write_method(
-        outbox,
-        0,
-        &Method::ConnectionOpenOk(ConnectionOpenOk {
-            known_hosts: ShortStr::default(),
-        }),
-    );
     let shared = Arc::new(ConnectionShared {
         id: broker.next_connection_id(),
         outbox: outbox.clone(),
@@ -537,6 +529,17 @@ async fn handshake(
         close_reason: parking_lot::Mutex::new(String::new()),
         client_properties: compact_table(&start_ok.client_properties),
     });
+    // Listed (management API) before the client hears open-ok: a client
+    // that asks right after connecting finds itself. (Nothing awaits
+    // between here and the return: `serve_io` removes it when it closes.)
+    broker.live_connections.insert(shared.id, shared.clone());
+    write_method(
+        outbox,
+        0,
+        &Method::ConnectionOpenOk(ConnectionOpenOk {
+            known_hosts: ShortStr::default(),
+        }),
+    );
     Ok(Some(Opened {
         shared,
         vhost,
