@@ -2424,6 +2424,118 @@ async fn declare_dead_lettered_queue(
     .unwrap();
 }
 
+/// Takes one message from `queue` through `ch` (waiting for it), acks it;
+/// its body.
+async fn take_one(ch: &lapin::Channel, queue: &str, tag: &str) -> String {
+    let mut consumer = ch
+        .basic_consume(
+            queue.into(),
+            tag.into(),
+            lapin::options::BasicConsumeOptions::default(),
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let d = tokio::time::timeout(PATIENCE, warren_tests::next_deliveries(&mut consumer, 1))
+        .await
+        .expect("a message in time")
+        .remove(0);
+    d.ack(lapin::options::BasicAckOptions::default())
+        .await
+        .unwrap();
+    ch.basic_cancel(tag.into(), lapin::options::BasicCancelOptions::default())
+        .await
+        .unwrap();
+    String::from_utf8(d.data).unwrap()
+}
+
+/// Publishes `body` to `queue` on confirm-mode channel `ch`, takes it back
+/// and rejects it (dead-lettered).
+async fn publish_and_reject(ch: &lapin::Channel, queue: &str, body: &str) {
+    publish_until_confirmed(ch, queue, body, 1).await;
+    let mut consumer = ch
+        .basic_consume(
+            queue.into(),
+            "rejecter".into(),
+            lapin::options::BasicConsumeOptions::default(),
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let d = warren_tests::next_deliveries(&mut consumer, 1)
+        .await
+        .remove(0);
+    assert_eq!(d.data, format!("{body} 0").into_bytes());
+    d.reject(lapin::options::BasicRejectOptions { requeue: false })
+        .await
+        .unwrap();
+    ch.basic_cancel(
+        "rejecter".into(),
+        lapin::options::BasicCancelOptions::default(),
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_least_once_dead_letters_wait_for_a_route_and_for_their_queues_node_to_come_back() {
+    let mut cluster = TestCluster::start(CHILD, 3);
+    formed(&cluster).await;
+    let conn = amqp(&cluster, 0).await;
+    let ch = conn.create_channel().await.unwrap();
+    let mut args = warren_tests::quorum_queue_args();
+    for (k, v) in [
+        ("x-dead-letter-exchange", ""),
+        ("x-dead-letter-routing-key", "alo.dlq"),
+        ("x-dead-letter-strategy", "at-least-once"),
+        ("x-overflow", "reject-publish"),
+    ] {
+        args.insert(k.into(), lapin::types::AMQPValue::LongString(v.into()));
+    }
+    ch.queue_declare(
+        "alo".into(),
+        lapin::options::QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        args,
+    )
+    .await
+    .unwrap();
+    let listed = listed_with_leader(&cluster, 0, "alo").await;
+    let leader = listed["leader"].as_str().unwrap().to_owned();
+    let l = (0..3)
+        .find(|&i| leader == format!("n{}@127.0.0.1", i + 1))
+        .unwrap();
+    // The dead-letter queue will live on a node that does not lead `alo`,
+    // and the client works through the third.
+    let (t, c) = ((l + 1) % 3, (l + 2) % 3);
+    let conn = amqp(&cluster, c).await;
+    sees_queue(&cluster, &conn, c, "alo").await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+
+    // No queue to route it to yet: held (at-most-once would drop it)...
+    publish_and_reject(&ch, "alo", "unroutable").await;
+    // ... until one is declared (on node t).
+    let conn_t = amqp(&cluster, t).await;
+    let ch_t = conn_t.create_channel().await.unwrap();
+    declare_durable_queue(&ch_t, "alo.dlq").await;
+    assert_eq!(take_one(&ch_t, "alo.dlq", "first").await, "unroutable 0");
+    drop(ch_t);
+    drop(conn_t);
+
+    // Its queue's node is down: held until it is back.
+    cluster.kill(t);
+    publish_and_reject(&ch, "alo", "while down").await;
+    cluster.spawn(t, None);
+    let conn_t = amqp(&cluster, t).await;
+    let ch_t = conn_t.create_channel().await.unwrap();
+    assert_eq!(take_one(&ch_t, "alo.dlq", "second").await, "while down 0");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quorum_queues_leader_dead_letters_rejected_expired_and_over_the_delivery_limit_messages()
 {

@@ -113,6 +113,10 @@ pub struct Replicated {
     handing_over: tokio::sync::watch::Sender<bool>,
     /// When this node last became its leader.
     led_since: Mutex<Option<std::time::Instant>>,
+    /// As its leader (`at-least-once`): held dead letters being routed.
+    dead_letters_on_way: Mutex<HashSet<u64>>,
+    /// Batches of held dead letters take turns, in order.
+    dead_letter_turn: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Replicated {
@@ -478,6 +482,8 @@ impl Replicas {
                     unreached: Mutex::default(),
                     handing_over: tokio::sync::watch::Sender::new(false),
                     led_since: Mutex::default(),
+                    dead_letters_on_way: Mutex::default(),
+                    dead_letter_turn: tokio::sync::Mutex::new(()),
                 });
                 {
                     let mut queues = self.queues.write();
@@ -1166,6 +1172,93 @@ impl Replicas {
             tracing::info!(queue = %q.name, deliveries = held.len(), term, "elected: handing out unsettled deliveries again");
         }
         self.hand_out(q, held);
+        let dead_letters = local.machine.with_state(|s| s.held_dead_letters());
+        if !dead_letters.is_empty() {
+            tracing::info!(queue = %q.name, dead_letters = dead_letters.len(), term, "elected: routing the dead letters the queue holds");
+        }
+        self.route_held_dead_letters(q, dead_letters);
+    }
+
+    /// As leader of `q` (`x-dead-letter-strategy: at-least-once`): routes
+    /// `held` dead letters as confirmed publishes, again every little while
+    /// (up to 30 s apart) until their queues have them, then settles them
+    /// (`SettleDeadLetters`); batches take turns, in order. One already on
+    /// its way is skipped. Whatever is left when this node stops leading is
+    /// routed by the next leader (a queue may then get one twice).
+    fn route_held_dead_letters(
+        self: &Arc<Self>,
+        q: &Arc<Replicated>,
+        held: Vec<(u64, queue_store::DeadLetterRequest)>,
+    ) {
+        let held: Vec<_> = {
+            let mut on_way = q.dead_letters_on_way.lock();
+            held.into_iter()
+                .filter(|(id, _)| on_way.insert(*id))
+                .collect()
+        };
+        if held.is_empty() {
+            return;
+        }
+        let (replicas, q) = (self.clone(), q.clone());
+        tokio::spawn(async move {
+            let _turn = q.dead_letter_turn.lock().await;
+            let mut todo = held;
+            let mut settle: Vec<u64> = Vec::new();
+            let mut pause = Duration::from_millis(250);
+            while (!todo.is_empty() || !settle.is_empty()) && q.leads(replicas.me.id) {
+                let vhost = replicas
+                    .broker
+                    .get()
+                    .and_then(Weak::upgrade)
+                    .and_then(|b| b.vhost(&q.vhost));
+                let mut why = String::from("its vhost is not running here");
+                if let Some(vhost) = vhost {
+                    let sends: Vec<_> = todo
+                        .iter()
+                        .map(|(_, r)| vhost.dead_letter_confirmed(r))
+                        .collect();
+                    drop(vhost);
+                    let outcomes = futures_util::future::join_all(sends).await;
+                    let mut again = Vec::new();
+                    for ((id, r), outcome) in std::mem::take(&mut todo).into_iter().zip(outcomes) {
+                        match outcome {
+                            Ok(()) => settle.push(id),
+                            Err(e) => {
+                                why = e;
+                                again.push((id, r));
+                            }
+                        }
+                    }
+                    todo = again;
+                }
+                if !settle.is_empty() {
+                    let ids = settle.clone();
+                    match replicas
+                        .propose(&q, QueueRequest::SettleDeadLetters { ids })
+                        .await
+                    {
+                        Ok(_) => {
+                            let mut on_way = q.dead_letters_on_way.lock();
+                            for id in settle.drain(..) {
+                                on_way.remove(&id);
+                            }
+                        }
+                        Err(e) => why = e,
+                    }
+                }
+                if todo.is_empty() && settle.is_empty() {
+                    break;
+                }
+                tracing::warn!(queue = %q.name, vhost = %q.vhost, waiting = todo.len(), error = %why, "dead letters (at-least-once) not yet taken by their queues: trying again");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(30));
+            }
+            // Left to the next leader.
+            let mut on_way = q.dead_letters_on_way.lock();
+            for id in todo.iter().map(|(id, _)| *id).chain(settle) {
+                on_way.remove(&id);
+            }
+        });
     }
 
     /// A peer's link is gone: every queue this node leads checks its
@@ -1360,11 +1453,21 @@ impl ReplicaEvents for LeaderEffects {
                 }
             }
         }
+        let mut held = Vec::new();
         let deliveries = deliveries
             .into_iter()
-            .map(|QuorumEffect::Deliver { consumer, delivery }| (consumer, delivery))
+            .filter_map(|e| match e {
+                QuorumEffect::Deliver { consumer, delivery } => Some((consumer, delivery)),
+                QuorumEffect::DeadLetter { id, request } => {
+                    held.push((id, request));
+                    None
+                }
+            })
             .collect();
         replicas.hand_out(&q, deliveries);
+        if !held.is_empty() {
+            replicas.route_held_dead_letters(&q, held);
+        }
     }
 
     fn snapshot_due(&self) -> bool {

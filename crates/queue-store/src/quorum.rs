@@ -27,6 +27,14 @@
 //! queue, marked redelivered; a node's consumers are only suspected while
 //! it is unreachable, and take messages again once it is back
 //! ([`QuorumCommand::NodeUp`]).
+//!
+//! Dead letters leave in [`Effects::dead_letters`] for the leader to route
+//! once (RabbitMQ's `at-most-once`), unless the queue was declared with
+//! `x-dead-letter-strategy: at-least-once` and its overflow is
+//! `reject-publish` (RabbitMQ's conditions): then they stay in the state,
+//! each under a number, until [`QuorumCommand::SettleDeadLetters`] says
+//! the dead-letter exchange's queues have them ([`QuorumEffect::DeadLetter`]
+//! asks the leader to route one; a new leader routes every one still held).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
@@ -35,7 +43,7 @@ use amqp_codec::{FieldTable, ShortStr};
 
 use crate::args::QueueArgs;
 use crate::message::Message;
-use crate::queue::{Delivery, Effects, Enqueued, Queue, QueueImage};
+use crate::queue::{DeadLetterRequest, Delivery, Effects, Enqueued, Queue, QueueImage};
 
 /// A consumer (or a `basic.get` requester): the node it runs on, and its
 /// number there.
@@ -170,6 +178,12 @@ pub enum QuorumCommand {
         /// The proposer's clock.
         now_ms: u64,
     },
+    /// Held dead letters the dead-letter exchange's queues now have
+    /// (`at-least-once`): they go.
+    SettleDeadLetters {
+        /// Their numbers.
+        ids: Vec<u64>,
+    },
 }
 
 /// What applying a command asks of the node (acted on by the node the
@@ -182,6 +196,14 @@ pub enum QuorumEffect {
         consumer: ConsumerKey,
         /// The message.
         delivery: Delivery,
+    },
+    /// A dead letter held until its queues have it (`at-least-once`): the
+    /// leader routes it, then proposes [`QuorumCommand::SettleDeadLetters`].
+    DeadLetter {
+        /// Its number.
+        id: u64,
+        /// The message and why it left.
+        request: DeadLetterRequest,
     },
 }
 
@@ -228,6 +250,12 @@ pub struct QuorumState {
     /// Unsettled deliveries: sequence number -> holder.
     checked_out: BTreeMap<u64, ConsumerKey>,
     registrations: u64,
+    /// Declared with `x-dead-letter-strategy: at-least-once`.
+    at_least_once: bool,
+    /// Dead letters held until their queues have them (`at-least-once`).
+    dead_letters: BTreeMap<u64, DeadLetterRequest>,
+    /// The number the next held dead letter gets.
+    next_dead_letter: u64,
 }
 
 /// Everything of a [`QuorumState`] a snapshot holds: the ready and
@@ -245,6 +273,10 @@ pub struct QuorumSnapshot {
     pub checked_out: Vec<(u64, ConsumerKey)>,
     /// Registrations so far.
     pub registrations: u64,
+    /// Dead letters held (`at-least-once`), by number.
+    pub dead_letters: Vec<(u64, DeadLetterRequest)>,
+    /// The number the next held dead letter gets.
+    pub next_dead_letter: u64,
 }
 
 /// A consumer in a [`QuorumSnapshot`].
@@ -271,13 +303,36 @@ impl QuorumState {
         arguments: FieldTable,
         now_ms: u64,
     ) -> Self {
+        let at_least_once = declared_at_least_once(&arguments);
         QuorumState {
             queue: Queue::in_memory(id, name, args, arguments, now_ms),
             consumers: BTreeMap::new(),
             order: VecDeque::new(),
             checked_out: BTreeMap::new(),
             registrations: 0,
+            at_least_once,
+            dead_letters: BTreeMap::new(),
+            next_dead_letter: 0,
         }
+    }
+
+    /// Whether dead letters are held until their queues have them:
+    /// declared `at-least-once`, with `x-overflow: reject-publish` (else
+    /// RabbitMQ too falls back to `at-most-once`) and a dead-letter
+    /// exchange.
+    pub fn holds_dead_letters(&self) -> bool {
+        let args = self.queue.args();
+        self.at_least_once
+            && args.overflow == crate::args::Overflow::RejectPublish
+            && args.dead_letter_exchange.is_some()
+    }
+
+    /// The dead letters held (`at-least-once`), in order.
+    pub fn held_dead_letters(&self) -> Vec<(u64, DeadLetterRequest)> {
+        self.dead_letters
+            .iter()
+            .map(|(id, r)| (*id, r.clone()))
+            .collect()
     }
 
     /// The messages (counts, arguments).
@@ -448,7 +503,11 @@ impl QuorumState {
                 }
                 (QuorumReply::Done, now_ms)
             }
-            QuorumCommand::Purge => return QuorumReply::Purged(self.queue.purge(fx)),
+            QuorumCommand::Purge => {
+                let purged = self.queue.purge(fx);
+                self.hold_dead_letters(fx, effects);
+                return QuorumReply::Purged(purged);
+            }
             QuorumCommand::Tick { now_ms } => {
                 self.queue.expire(now_ms, fx);
                 (QuorumReply::Done, now_ms)
@@ -457,9 +516,30 @@ impl QuorumState {
                 self.queue.set_effective_args(args, fx);
                 (QuorumReply::Done, now_ms)
             }
+            QuorumCommand::SettleDeadLetters { ids } => {
+                for id in ids {
+                    self.dead_letters.remove(&id);
+                }
+                return QuorumReply::Done;
+            }
         };
         self.dispatch(now_ms, fx, effects);
+        self.hold_dead_letters(fx, effects);
         reply
+    }
+
+    /// With `at-least-once`, takes the dead letters out of `fx` and holds
+    /// them, each with a [`QuorumEffect::DeadLetter`] for the leader.
+    fn hold_dead_letters(&mut self, fx: &mut Effects, effects: &mut Vec<QuorumEffect>) {
+        if fx.dead_letters.is_empty() || !self.holds_dead_letters() {
+            return;
+        }
+        for request in fx.dead_letters.drain(..) {
+            let id = self.next_dead_letter;
+            self.next_dead_letter += 1;
+            self.dead_letters.insert(id, request.clone());
+            effects.push(QuorumEffect::DeadLetter { id, request });
+        }
     }
 
     /// Returns to the queue what `consumer` holds (in sequence order).
@@ -655,6 +735,8 @@ impl QuorumState {
             consumers,
             checked_out: self.checked_out.iter().map(|(s, k)| (*s, *k)).collect(),
             registrations: self.registrations,
+            dead_letters: self.held_dead_letters(),
+            next_dead_letter: self.next_dead_letter,
         }
     }
 
@@ -687,13 +769,25 @@ impl QuorumState {
             );
         }
         QuorumState {
+            at_least_once: declared_at_least_once(queue.arguments()),
             queue,
             consumers,
             order,
             checked_out,
             registrations: snapshot.registrations,
+            dead_letters: snapshot.dead_letters.into_iter().collect(),
+            next_dead_letter: snapshot.next_dead_letter,
         }
     }
+}
+
+/// Whether `arguments` (as declared) ask for `x-dead-letter-strategy:
+/// at-least-once`.
+fn declared_at_least_once(arguments: &FieldTable) -> bool {
+    matches!(
+        arguments.get("x-dead-letter-strategy"),
+        Some(amqp_codec::FieldValue::LongStr(s)) if s.as_ref() == b"at-least-once"
+    )
 }
 
 #[cfg(test)]
@@ -766,10 +860,108 @@ mod tests {
     fn delivered(effects: &[QuorumEffect]) -> Vec<(ConsumerKey, u64, bool)> {
         effects
             .iter()
-            .map(|QuorumEffect::Deliver { consumer, delivery }| {
-                (*consumer, delivery.seq, delivery.redelivered)
+            .filter_map(|e| match e {
+                QuorumEffect::Deliver { consumer, delivery } => {
+                    Some((*consumer, delivery.seq, delivery.redelivered))
+                }
+                QuorumEffect::DeadLetter { .. } => None,
             })
             .collect()
+    }
+
+    /// A queue declared with `x-dead-letter-strategy: at-least-once` and a
+    /// dead-letter exchange, overflowing as `overflow`.
+    fn at_least_once(overflow: crate::args::Overflow) -> QuorumState {
+        let mut arguments = FieldTable::default();
+        arguments.insert(
+            ShortStr::from_static("x-dead-letter-strategy"),
+            amqp_codec::FieldValue::LongStr(Bytes::from_static(b"at-least-once")),
+        );
+        QuorumState::new(
+            1,
+            ShortStr::from_static("q"),
+            QueueArgs {
+                overflow,
+                dead_letter_exchange: Some(ShortStr::from_static("dlx")),
+                ..QueueArgs::default()
+            },
+            arguments,
+            0,
+        )
+    }
+
+    fn reject(node: u64, n: u64, seq: u64) -> QuorumCommand {
+        QuorumCommand::Settle {
+            consumer: (node, n),
+            seqs: vec![seq],
+            how: Settlement::Reject,
+            now_ms: 2,
+        }
+    }
+
+    fn held_ids(effects: &[QuorumEffect]) -> Vec<u64> {
+        effects
+            .iter()
+            .filter_map(|e| match e {
+                QuorumEffect::DeadLetter { id, .. } => Some(*id),
+                QuorumEffect::Deliver { .. } => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn at_least_once_holds_a_dead_letter_until_settled_and_a_snapshot_keeps_it() {
+        let mut s = at_least_once(crate::args::Overflow::RejectPublish);
+        assert!(s.holds_dead_letters());
+        run(&mut s, checkout(1, 1, 10));
+        run(&mut s, enqueue(1));
+        run(&mut s, enqueue(2));
+        let (_, effects, fx) = run(&mut s, reject(1, 1, 1));
+        // Not handed out to route once: held, under number 0.
+        assert!(fx.dead_letters.is_empty());
+        assert_eq!(held_ids(&effects), vec![0]);
+        let (_, effects, _) = run(&mut s, reject(1, 1, 2));
+        assert_eq!(held_ids(&effects), vec![1]);
+        assert_eq!(
+            s.held_dead_letters()
+                .iter()
+                .map(|(id, r)| (*id, r.reason, r.exchange.to_string()))
+                .collect::<Vec<_>>(),
+            vec![
+                (0, crate::DeadLetterReason::Rejected, "dlx".to_owned()),
+                (1, crate::DeadLetterReason::Rejected, "dlx".to_owned())
+            ]
+        );
+        // A replica restored from a snapshot holds the same, and numbers on.
+        let mut restored = QuorumState::restore(
+            1,
+            ShortStr::from_static("q"),
+            s.queue().arguments().clone(),
+            s.snapshot(),
+        );
+        assert_eq!(restored.snapshot(), s.snapshot());
+        run(&mut s, QuorumCommand::SettleDeadLetters { ids: vec![0] });
+        run(
+            &mut restored,
+            QuorumCommand::SettleDeadLetters { ids: vec![0] },
+        );
+        assert_eq!(s.held_dead_letters().len(), 1);
+        assert_eq!(restored.snapshot(), s.snapshot());
+        run(&mut s, enqueue(3));
+        let (_, effects, _) = run(&mut s, reject(1, 1, 3));
+        assert_eq!(held_ids(&effects), vec![2]);
+    }
+
+    #[test]
+    fn at_least_once_without_reject_publish_routes_dead_letters_once_as_rabbitmq() {
+        let mut s = at_least_once(crate::args::Overflow::DropHead);
+        assert!(!s.holds_dead_letters());
+        run(&mut s, checkout(1, 1, 10));
+        run(&mut s, enqueue(1));
+        let (_, effects, fx) = run(&mut s, reject(1, 1, 1));
+        assert_eq!(fx.dead_letters.len(), 1);
+        assert!(held_ids(&effects).is_empty());
+        assert!(s.held_dead_letters().is_empty());
     }
 
     #[test]
@@ -1001,6 +1193,7 @@ mod tests {
             1 => (1u64..4).prop_map(|node| QuorumCommand::NodeUp { node, now_ms: 10 }),
             1 => (1u64..4, 0u64..3).prop_map(|(node, first_key)| QuorumCommand::NodeRestarted { node, first_key, now_ms: 11 }),
             1 => Just(QuorumCommand::Purge),
+            1 => proptest::collection::vec(0u64..10, 1..3).prop_map(|ids| QuorumCommand::SettleDeadLetters { ids }),
         ]
     }
 
@@ -1010,13 +1203,21 @@ mod tests {
             proptest::option::of(0u64..3),
             any::<bool>(),
             proptest::option::of(1u8..3),
+            any::<bool>(),
+            any::<bool>(),
         )
             .prop_map(
-                |(max_length, delivery_limit, sac, max_priority)| QueueArgs {
+                |(max_length, delivery_limit, sac, max_priority, reject_publish, dlx)| QueueArgs {
                     max_length,
                     delivery_limit,
                     single_active_consumer: sac,
                     max_priority,
+                    overflow: if reject_publish {
+                        crate::args::Overflow::RejectPublish
+                    } else {
+                        crate::args::Overflow::DropHead
+                    },
+                    dead_letter_exchange: dlx.then(|| ShortStr::from_static("dlx")),
                     ..QueueArgs::default()
                 },
             )
@@ -1030,15 +1231,24 @@ mod tests {
         #[test]
         fn replicas_agree_and_a_snapshot_changes_nothing(
             args in args(),
+            at_least_once in any::<bool>(),
             commands in proptest::collection::vec(command(), 1..80),
             cut in 0usize..80,
         ) {
-            let mut a = state(args.clone());
-            let mut b = state(args.clone());
+            let mut arguments = FieldTable::default();
+            if at_least_once {
+                arguments.insert(
+                    ShortStr::from_static("x-dead-letter-strategy"),
+                    amqp_codec::FieldValue::LongStr(Bytes::from_static(b"at-least-once")),
+                );
+            }
+            let new = || QuorumState::new(1, ShortStr::from_static("q"), args.clone(), arguments.clone(), 0);
+            let mut a = new();
+            let mut b = new();
             for (i, c) in commands.into_iter().enumerate() {
                 if i == cut {
                     let snap = b.snapshot();
-                    b = QuorumState::restore(1, ShortStr::from_static("q"), FieldTable::default(), snap);
+                    b = QuorumState::restore(1, ShortStr::from_static("q"), arguments.clone(), snap);
                 }
                 let ra = run(&mut a, c.clone());
                 let rb = run(&mut b, c);
@@ -1056,11 +1266,17 @@ mod tests {
                 for (key, c) in &a.consumers {
                     let held = a.checked_out.values().filter(|k| *k == key).count() as u32;
                     prop_assert_eq!(held, c.in_flight);
-                    let given = ra.1.iter().any(|QuorumEffect::Deliver { consumer, .. }| consumer == key);
+                    let given = ra.1.iter().any(|e| matches!(e, QuorumEffect::Deliver { consumer, .. } if consumer == key));
                     if given && !c.spec.no_ack && c.spec.prefetch > 0 {
                         prop_assert!(c.in_flight <= c.spec.prefetch);
                     }
                 }
+                // Dead letters are held, or handed out to route once.
+                if a.holds_dead_letters() {
+                    prop_assert!(ra.2.dead_letters.is_empty());
+                }
+                let held = ra.1.iter().filter(|e| matches!(e, QuorumEffect::DeadLetter { .. })).count();
+                prop_assert!(held == 0 || a.holds_dead_letters());
                 // Nothing ready while an active consumer has credit.
                 if a.queue.ready_count() > 0 {
                     prop_assert!(a.next_consumer().is_none());

@@ -20,7 +20,8 @@ use queue_store::DeadLetterReason;
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DeadLetterLabels {
     queue_type: &'static str,
-    /// `at_most_once` when dead-lettered, `disabled` when dropped (no DLX).
+    /// `at_most_once` when dead-lettered, `disabled` when dropped (no DLX),
+    /// `at_least_once` for a quorum queue's confirmed dead letters.
     dead_letter_strategy: &'static str,
 }
 
@@ -191,6 +192,24 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Counts a message a quorum queue dead-lettered `at-least-once` (its
+    /// queues confirmed it) for `reason`.
+    pub fn dead_letter_at_least_once(&self, reason: DeadLetterReason) {
+        let i = match reason {
+            DeadLetterReason::Expired => 0,
+            DeadLetterReason::Rejected => 1,
+            DeadLetterReason::MaxLen => 2,
+            DeadLetterReason::DeliveryLimit => 3,
+        };
+        if let Some(f) = self.dead_lettered.get(i) {
+            f.get_or_create(&DeadLetterLabels {
+                queue_type: "rabbit_quorum_queue",
+                dead_letter_strategy: "at_least_once",
+            })
+            .inc();
+        }
+    }
+
     /// Counts a message dead-lettered (`dead_lettered`) or dropped for `reason`.
     pub fn dead_letter(&self, reason: DeadLetterReason, dead_lettered: bool) {
         let i = match reason {

@@ -1158,19 +1158,39 @@ impl Vhost {
     /// Routes one dead letter through its dead-letter exchange and publishes
     /// it to the queues it reaches (never back to a queue it already died in).
     fn publish_dead_letter(&self, r: &DeadLetterRequest, original: &Message, fx: &mut Effects) {
+        let (message, headers, targets) = self.route_dead_letter(r, original);
+        for qid in targets {
+            let Some(q) = self.queue_by_id(qid) else {
+                self.dead_letter_remote(qid, &message, headers.as_ref());
+                continue;
+            };
+            if is_cycle(headers.as_ref(), &q.name) {
+                continue;
+            }
+            q.publish(&message, &self.node.store, fx);
+        }
+    }
+
+    /// Dead letter `r` of `original` as its dead-letter exchange routes it:
+    /// the copy to publish, its headers, and the ids of the queues it goes
+    /// to (a missing exchange routes it nowhere, as RabbitMQ drops it).
+    fn route_dead_letter(
+        &self,
+        r: &DeadLetterRequest,
+        original: &Message,
+    ) -> (Arc<Message>, Option<FieldTable>, Vec<u64>) {
         let dl = r.build(original, now_ms());
         let headers = dl.header.properties.headers().ok().flatten();
         let mut routed = exchange::Routed::default();
         let mut targets = Vec::new();
         for key in &dl.routing_keys {
-            // A missing dead-letter exchange drops the message (RabbitMQ).
             if self
                 .router
                 .read()
                 .route_dead_letter(&dl.exchange, key, headers.as_ref(), &mut routed)
                 .is_ok()
             {
-                targets.extend_from_slice(routed.queues());
+                targets.extend(routed.queues().iter().map(|q| q.0));
             }
         }
         targets.sort_unstable();
@@ -1182,16 +1202,90 @@ impl Vhost {
             dl.header,
             dl.body,
         );
+        (message, headers, targets)
+    }
+
+    /// Dead-letters `r` as a confirmed publish: RabbitMQ's `at-least-once`
+    /// strategy, for a replicated queue that holds its dead letters until
+    /// their queues have them. Done once every queue its dead-letter
+    /// exchange routes it to has it (on disk if it is persistent, a
+    /// majority's for a replicated queue); `Err` says why not (it routes
+    /// nowhere, a queue refused it, one could not be reached), and the
+    /// caller tries again later, to every queue (a queue that took it
+    /// before gets it twice: at least once). A dead letter that would
+    /// cycle back is dropped from the queues it would cycle through, as
+    /// every dead letter is.
+    pub fn dead_letter_confirmed(
+        &self,
+        r: &DeadLetterRequest,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>> {
+        let MessageRef::Loaded(original) = &r.message else {
+            return Box::pin(std::future::ready(Err(
+                "its body is not in memory".to_owned()
+            )));
+        };
+        let (message, headers, targets) = self.route_dead_letter(r, original);
+        if targets.is_empty() {
+            return Box::pin(std::future::ready(Err(format!(
+                "exchange '{}' routes it to no queue",
+                message.exchange
+            ))));
+        }
+        let mut fx = Effects::default();
+        let mut wrote = false;
+        let mut refused = Vec::new();
+        let mut remote = Vec::new();
+        let peers = self.node.peers.get();
         for qid in targets {
-            let Some(q) = self.queue_by_id(qid.0) else {
-                self.dead_letter_remote(qid.0, &message, headers.as_ref());
-                continue;
-            };
-            if is_cycle(headers.as_ref(), &q.name) {
+            if let Some(q) = self.queue_by_id(qid) {
+                if is_cycle(headers.as_ref(), &q.name) {
+                    continue;
+                }
+                match q.publish(&message, &self.node.store, &mut fx) {
+                    Some(p) if p.refused => refused.push(q.name.to_string()),
+                    Some(p) => wrote |= p.wrote,
+                    None => refused.push(q.name.to_string()),
+                }
                 continue;
             }
-            q.publish(&message, &self.node.store, fx);
+            let Some(name) = self.remote_ids.get(&qid).map(|n| n.value().clone()) else {
+                continue;
+            };
+            if is_cycle(headers.as_ref(), &name) {
+                continue;
+            }
+            let (Some(peers), Some(q)) = (peers, self.remote.get(&name)) else {
+                refused.push(name.to_string());
+                continue;
+            };
+            let outcome = self.send_remote(peers.as_ref(), &q.home, name.clone(), &message);
+            drop(q);
+            remote.push((name, outcome));
         }
+        self.apply(&mut fx);
+        let commit = wrote.then(|| self.node.store.commit());
+        let metrics = self.node.metrics.clone();
+        let reason = r.reason;
+        Box::pin(async move {
+            if let Some(commit) = commit {
+                commit.await.map_err(|e| e.to_string())?;
+            }
+            for (name, outcome) in remote {
+                match outcome.await {
+                    Ok(e) if e.refused => refused.push(name.to_string()),
+                    Ok(_) => {}
+                    Err(e) => return Err(format!("queue '{name}': {e}")),
+                }
+            }
+            if !refused.is_empty() {
+                return Err(format!(
+                    "refused by {} (x-overflow reject-publish, or deleted)",
+                    refused.join(", ")
+                ));
+            }
+            metrics.dead_letter_at_least_once(reason);
+            Ok(())
+        })
     }
 
     /// Sends a dead letter to queue `id` if it lives on another node (or is
