@@ -616,14 +616,15 @@ async fn objects_made_through_the_api_serve_amqp_clients() {
         StatusCode::NOT_FOUND
     );
     assert_eq!(api.delete("/api/users/alice").await, StatusCode::NO_CONTENT);
-    // Deleting a vhost takes its permissions and policies with it.
+    // Deleting a vhost takes its permissions and policies with it. (guest
+    // has full ones since it created the vhost, as in RabbitMQ: narrowed.)
     assert_eq!(
         api.put(
             "/api/permissions/shop/guest",
-            json!({"configure": ".*", "write": ".*", "read": ".*"})
+            json!({"configure": "^narrow", "write": ".*", "read": ".*"})
         )
         .await,
-        StatusCode::CREATED
+        StatusCode::NO_CONTENT
     );
     assert_eq!(
         api.put(
@@ -639,7 +640,11 @@ async fn objects_made_through_the_api_serve_amqp_clients() {
         api.put("/api/vhosts/shop", json!({})).await,
         StatusCode::CREATED
     );
-    assert_eq!(api.get("/api/vhosts/shop/permissions").await.1, json!([]));
+    // Only the creator's fresh grant: the narrowed one went with the vhost.
+    assert_eq!(
+        api.get("/api/vhosts/shop/permissions").await.1,
+        json!([{"user": "guest", "vhost": "shop", "configure": ".*", "write": ".*", "read": ".*"}])
+    );
     assert_eq!(api.get("/api/policies/shop").await.1, json!([]));
     broker.stop().await;
 }
@@ -1552,4 +1557,220 @@ async fn listings_are_paginated_filtered_and_sorted_as_rabbitmq_does() {
         let (status, reply) = api.get(bad).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {reply}");
     }
+}
+
+/// Routes RabbitMQ's tools and health checks use beyond the basic CRUD:
+/// listener and vhost checks, topic permissions, per-vhost and
+/// per-connection listings, a channel by name, a queue's and an exchange's
+/// bindings, the JSON 404 for any other path, `"arguments": []`, the
+/// overview's channel total and exchange types, and full permissions for
+/// whoever creates a vhost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tools_routes_answer_as_rabbitmq_does() {
+    let broker = TestBroker::start().await;
+    let api = Api::guest(&broker);
+    let conn = broker.connect().await;
+    let ch = channel_with_queue(&conn, "tooled").await;
+
+    // Any other path: RabbitMQ's JSON 404.
+    let (status, body) = api.get("/api/no-such-thing").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        body,
+        json!({"error": "Object Not Found", "reason": "Not Found"})
+    );
+
+    // Health checks.
+    assert_eq!(
+        api.get("/api/health/checks/virtual-hosts").await,
+        (StatusCode::OK, json!({"status": "ok"}))
+    );
+    let port = broker.addr.port();
+    assert_eq!(
+        api.get(&format!("/api/health/checks/port-listener/{port}"))
+            .await,
+        (StatusCode::OK, json!({"status": "ok", "port": port}))
+    );
+    let (status, body) = api.get("/api/health/checks/port-listener/1").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(body["reason"], "No active listener");
+    assert_eq!(body["missing"], 1);
+    assert!(
+        body["ports"].as_array().unwrap().contains(&json!(port)),
+        "{body}"
+    );
+    assert_eq!(
+        api.get("/api/health/checks/protocol-listener/amqp0-9-1")
+            .await,
+        (StatusCode::OK, json!({"status": "ok", "protocol": "amqp"}))
+    );
+    let (status, body) = api.get("/api/health/checks/protocol-listener/mqtt").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(body["missing"], "mqtt");
+    assert!(
+        body["protocols"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("amqp")),
+        "{body}"
+    );
+    assert_eq!(
+        api.get("/api/extensions").await,
+        (StatusCode::OK, json!([]))
+    );
+
+    // The overview counts channels and lists the exchange types.
+    let (_, overview) = api.get("/api/overview").await;
+    assert_eq!(overview["object_totals"]["channels"], 1, "{overview}");
+    let types: Vec<&str> = overview["exchange_types"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(types, ["direct", "fanout", "headers", "topic"]);
+
+    // `"arguments": []` is no arguments (rabbitmqadmin sends it).
+    assert_eq!(
+        api.put(
+            "/api/queues/%2F/from-admin",
+            json!({"durable": true, "arguments": []})
+        )
+        .await,
+        StatusCode::CREATED
+    );
+
+    // Topic permissions.
+    assert_eq!(
+        api.put(
+            "/api/topic-permissions/%2F/guest",
+            json!({"exchange": "amq.topic", "write": "^w", "read": "^r"})
+        )
+        .await,
+        StatusCode::CREATED
+    );
+    let one = json!({"user": "guest", "vhost": "/", "exchange": "amq.topic", "write": "^w", "read": "^r"});
+    for path in [
+        "/api/topic-permissions",
+        "/api/topic-permissions/%2F/guest",
+        "/api/vhosts/%2F/topic-permissions",
+        "/api/users/guest/topic-permissions",
+    ] {
+        assert_eq!(
+            api.get(path).await,
+            (StatusCode::OK, json!([one])),
+            "{path}"
+        );
+    }
+    let (status, body) = api
+        .send(
+            reqwest::Method::PUT,
+            "/api/topic-permissions/%2F/guest",
+            Some(json!({"write": ".*"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(
+        api.delete("/api/topic-permissions/%2F/guest").await,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        api.get("/api/topic-permissions/%2F/guest").await.0,
+        StatusCode::NOT_FOUND
+    );
+
+    // Connections and channels by vhost and by connection; a channel by name.
+    let (_, conns) = api.get("/api/vhosts/%2F/connections").await;
+    assert_eq!(conns.as_array().unwrap().len(), 1, "{conns}");
+    let name = conns[0]["name"].as_str().unwrap().to_owned();
+    let encoded: String = url_encode(&name);
+    let (_, channels) = api
+        .get(&format!("/api/connections/{encoded}/channels"))
+        .await;
+    assert_eq!(channels.as_array().unwrap().len(), 1, "{channels}");
+    assert_eq!(api.get("/api/vhosts/%2F/channels").await.1, channels);
+    let channel = channels[0]["name"].as_str().unwrap().to_owned();
+    let (status, one_channel) = api
+        .get(&format!("/api/channels/{}", url_encode(&channel)))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(one_channel, channels[0]);
+    assert_eq!(
+        api.get("/api/channels/nobody%20(1)").await.0,
+        StatusCode::NOT_FOUND
+    );
+
+    // A queue's bindings; an exchange's as source and as destination.
+    ch.exchange_declare(
+        "tools.x".into(),
+        lapin::ExchangeKind::Direct,
+        ExchangeDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_bind(
+        "tooled".into(),
+        "tools.x".into(),
+        "k".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.exchange_bind(
+        "tools.x".into(),
+        "amq.direct".into(),
+        "e".into(),
+        ExchangeBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let (_, bindings) = api.get("/api/queues/%2F/tooled/bindings").await;
+    let sources: Vec<&str> = bindings
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["source"].as_str().unwrap())
+        .collect();
+    assert_eq!(sources, ["", "tools.x"], "{bindings}");
+    let (_, from) = api.get("/api/exchanges/%2F/tools.x/bindings/source").await;
+    assert_eq!(from.as_array().unwrap().len(), 1, "{from}");
+    assert_eq!(from[0]["destination"], "tooled");
+    let (_, to) = api
+        .get("/api/exchanges/%2F/tools.x/bindings/destination")
+        .await;
+    assert_eq!(to.as_array().unwrap().len(), 1, "{to}");
+    assert_eq!(to[0]["source"], "amq.direct");
+    assert_eq!(
+        api.get("/api/exchanges/%2F/missing/bindings/source")
+            .await
+            .0,
+        StatusCode::NOT_FOUND
+    );
+
+    // Whoever creates a vhost may use it.
+    assert_eq!(
+        api.put("/api/vhosts/made", json!({})).await,
+        StatusCode::CREATED
+    );
+    let (status, p) = api.get("/api/permissions/made/guest").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        (&p["configure"], &p["write"], &p["read"]),
+        (&json!(".*"), &json!(".*"), &json!(".*"))
+    );
+}
+
+/// `s` percent-encoded for a path segment.
+fn url_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }

@@ -43,12 +43,24 @@ async fn counters_move_with_traffic() {
     assert_eq!(value(&before, "rabbitmq_alarms_memory_used_watermark"), 0.0);
     // The node's identity, as RabbitMQ labels it (a node alone: the
     // cluster is named after the node).
-    assert_eq!(
-        value(
-            &before,
-            "rabbitmq_identity_info{rabbitmq_node=\"warren@localhost\",rabbitmq_cluster=\"warren@localhost\"}"
-        ),
-        1.0
+    let identity = before
+        .lines()
+        .find(|l| l.starts_with("rabbitmq_identity_info{"))
+        .unwrap_or_else(|| panic!("no rabbitmq_identity_info in:\n{before}"));
+    assert!(
+        identity.starts_with(
+            "rabbitmq_identity_info{rabbitmq_node=\"warren@localhost\",rabbitmq_cluster=\"warren@localhost\",rabbitmq_cluster_permanent_id=\"rabbitmq-cluster-id-"
+        ) && identity.ends_with("} 1"),
+        "{identity}"
+    );
+    // The version series every RabbitMQ dashboard's header reads.
+    let build = before
+        .lines()
+        .find(|l| l.starts_with("rabbitmq_build_info{"))
+        .unwrap_or_else(|| panic!("no rabbitmq_build_info in:\n{before}"));
+    assert!(
+        build.contains("rabbitmq_version=\"3.10.0\"") && build.ends_with("} 1"),
+        "{build}"
     );
 
     let conn = broker.connect().await;

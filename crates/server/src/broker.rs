@@ -33,6 +33,11 @@ pub struct Broker {
     pub live_connections: DashMap<u64, Arc<crate::session::ConnectionShared>>,
     /// When the broker started (uptime).
     pub started: std::time::Instant,
+    /// This node's listeners once bound, as RabbitMQ names their
+    /// protocols (`amqp`, `amqp/ssl`, `http`, `http/prometheus`,
+    /// `clustering`): the health checks' `port-listener` and
+    /// `protocol-listener`.
+    pub listeners: std::sync::OnceLock<Vec<(&'static str, SocketAddr)>>,
 }
 
 impl std::ops::Deref for Broker {
@@ -54,6 +59,7 @@ impl Broker {
             connections: std::sync::atomic::AtomicUsize::new(0),
             live_connections: DashMap::new(),
             started: std::time::Instant::now(),
+            listeners: std::sync::OnceLock::new(),
         }
     }
 

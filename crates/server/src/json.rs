@@ -56,6 +56,9 @@ pub(crate) fn json_to_table(v: &Value) -> Result<FieldTable, String> {
                 t.insert(key, json_to_value(v)?);
             }
         }
+        // rabbitmqadmin and some clients send `[]` for no arguments
+        // (Erlang's empty proplist), which RabbitMQ accepts.
+        Value::Array(items) if items.is_empty() => {}
         _ => return Err("arguments must be an object".into()),
     }
     Ok(t)

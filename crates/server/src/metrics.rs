@@ -33,6 +33,36 @@ pub struct IdentityLabels {
     pub rabbitmq_node: String,
     /// The cluster's name (a node alone: its own name, as RabbitMQ's).
     pub rabbitmq_cluster: String,
+    /// A stable id of the cluster: `rabbitmq-cluster-id-` and a hash of
+    /// its name (RabbitMQ draws one at random when the cluster forms).
+    pub rabbitmq_cluster_permanent_id: String,
+}
+
+impl IdentityLabels {
+    /// The labels of node `node` in cluster `cluster`.
+    pub fn new(node: &str, cluster: &str) -> IdentityLabels {
+        // FNV-1a: the same id on every node and every run.
+        let hash = cluster.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+        });
+        IdentityLabels {
+            rabbitmq_node: node.to_owned(),
+            rabbitmq_cluster: cluster.to_owned(),
+            rabbitmq_cluster_permanent_id: format!("rabbitmq-cluster-id-{hash:016x}"),
+        }
+    }
+}
+
+/// Labels of `rabbitmq_build_info`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    /// The RabbitMQ release whose behaviour Warren follows.
+    rabbitmq_version: &'static str,
+    prometheus_plugin_version: &'static str,
+    prometheus_client_version: &'static str,
+    /// No Erlang here: `none`.
+    erlang_version: &'static str,
+    warren_version: &'static str,
 }
 
 /// The broker's counters and the gauges filled in at scrape time.
@@ -68,6 +98,9 @@ pub struct Metrics {
     store_fsyncs: Gauge,
     store_batches: Gauge,
     identity: Family<IdentityLabels, Gauge>,
+    /// Kept registered (one series, set once).
+    #[allow(dead_code)]
+    build: Family<BuildLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -177,6 +210,23 @@ impl Default for Metrics {
                 "warren_store_batches",
                 "Batches written by the message store since start",
             ),
+            build: {
+                let f = Family::<BuildLabels, Gauge>::default();
+                registry.register(
+                    "rabbitmq_build_info",
+                    "RabbitMQ & Erlang/OTP version info",
+                    f.clone(),
+                );
+                f.get_or_create(&BuildLabels {
+                    rabbitmq_version: "3.10.0",
+                    prometheus_plugin_version: env!("CARGO_PKG_VERSION"),
+                    prometheus_client_version: "prometheus-client (Rust)",
+                    erlang_version: "none",
+                    warren_version: env!("CARGO_PKG_VERSION"),
+                })
+                .set(1);
+                f
+            },
             identity: {
                 let f = Family::<IdentityLabels, Gauge>::default();
                 registry.register(

@@ -133,13 +133,12 @@ async fn metrics(State(b): State<Arc<Broker>>) -> impl IntoResponse {
         [(header::CONTENT_TYPE, CONTENT_TYPE)],
         b.metrics.render(
             &node_totals(&b),
-            &crate::metrics::IdentityLabels {
-                rabbitmq_node: b.config.node_name.clone(),
-                rabbitmq_cluster: b
-                    .peers
+            &crate::metrics::IdentityLabels::new(
+                &b.config.node_name,
+                &b.peers
                     .get()
                     .map_or_else(|| b.config.node_name.clone(), |p| p.cluster_name()),
-            },
+            ),
         ),
     )
 }

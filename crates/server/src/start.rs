@@ -249,6 +249,14 @@ pub async fn start_with(
         prometheus_addr = Some(a);
         crate::prometheus::spawn(&broker, listener);
     }
+    let mut listeners = Vec::new();
+    if broker.config.plain_listener {
+        listeners.push(("amqp", addr));
+    }
+    listeners.extend(tls_addr.map(|a| ("amqp/ssl", a)));
+    listeners.extend(management_addr.map(|a| ("http", a)));
+    listeners.extend(prometheus_addr.map(|a| ("http/prometheus", a)));
+    let _ = broker.listeners.set(listeners);
     Ok(BrokerHandle {
         broker,
         addr,

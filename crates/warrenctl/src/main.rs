@@ -108,7 +108,8 @@ enum Command {
     },
     /// Removes a user's permissions in the vhost.
     ClearPermissions { user: String },
-    /// Adds a virtual host.
+    /// Adds a virtual host (through the management API, which, as
+    /// RabbitMQ's, gives the calling user full permissions on it).
     AddVhost { name: String },
     /// Deletes a virtual host and everything in it.
     DeleteVhost { name: String },

@@ -128,9 +128,11 @@ async fn users_vhosts_and_permissions_are_managed() {
         )
         .await,
     );
+    // (guest, who created the vhost through the API, has full permissions
+    // on it: RabbitMQ's API grants them; its rabbitmqctl does not.)
     assert_eq!(
         stdout(&ctl(&broker, &["-p", "shop", "list_permissions"]).await),
-        "user\tconfigure\twrite\tread\nbob\t.*\t.*\t.*\n"
+        "user\tconfigure\twrite\tread\nbob\t.*\t.*\t.*\nguest\t.*\t.*\t.*\n"
     );
     let users = stdout(&ctl(&broker, &["list_users"]).await);
     assert!(users.contains("bob\t[monitoring, management]\n"), "{users}");

@@ -134,11 +134,51 @@ pub(super) fn router(broker: Arc<Broker>) -> Router {
             get(export_definitions).post(import_definitions),
         )
         .route("/api/health/checks/alarms", get(alarms))
+        .route("/api/health/checks/virtual-hosts", get(virtual_hosts_check))
+        .route(
+            "/api/health/checks/port-listener/{port}",
+            get(port_listener_check),
+        )
+        .route(
+            "/api/health/checks/protocol-listener/{protocol}",
+            get(protocol_listener_check),
+        )
+        .route("/api/extensions", get(extensions))
+        .route("/api/topic-permissions", get(list_topic_permissions))
+        .route(
+            "/api/topic-permissions/{vhost}/{user}",
+            get(get_topic_permissions)
+                .put(put_topic_permissions)
+                .delete(delete_topic_permissions),
+        )
+        .route(
+            "/api/vhosts/{vhost}/topic-permissions",
+            get(vhost_topic_permissions),
+        )
+        .route(
+            "/api/users/{user}/topic-permissions",
+            get(user_topic_permissions),
+        )
+        .route("/api/vhosts/{vhost}/connections", get(vhost_connections))
+        .route("/api/vhosts/{vhost}/channels", get(vhost_channels))
+        .route("/api/connections/{name}/channels", get(connection_channels))
+        .route("/api/channels/{name}", get(get_channel))
+        .route("/api/queues/{vhost}/{name}/bindings", get(queue_bindings))
+        .route(
+            "/api/exchanges/{vhost}/{name}/bindings/source",
+            get(exchange_bindings_source),
+        )
+        .route(
+            "/api/exchanges/{vhost}/{name}/bindings/destination",
+            get(exchange_bindings_destination),
+        )
         .route("/api/health/checks/local-alarms", get(alarms))
         .route(
             "/api/health/checks/node-is-quorum-critical",
             get(node_is_quorum_critical),
         )
+        // RabbitMQ's JSON 404 for a path it does not serve.
+        .fallback(|| async { ApiError::not_found() })
         .layer(axum::extract::DefaultBodyLimit::max(20 << 20))
         .with_state(broker)
 }
@@ -221,10 +261,12 @@ async fn overview(State(b): Shared, caller: Caller) -> ApiResult {
         "node": b.config.node_name,
         "object_totals": {
             "connections": b.connections.load(std::sync::atomic::Ordering::Relaxed),
+            "channels": super::local_listing(&b, crate::peers::Listing::Channels).len(),
             "queues": queues,
             "exchanges": exchanges,
             "consumers": consumers,
         },
+        "exchange_types": exchange_types(),
         "queue_totals": {
             "messages": ready + unacked,
             "messages_ready": ready,
@@ -233,6 +275,16 @@ async fn overview(State(b): Shared, caller: Caller) -> ApiResult {
         "message_stats": crate::json::message_stats((counts, rates)),
         "listeners": listeners(&b),
     }))
+}
+
+/// The exchange types this broker has, as `/api/overview` lists them.
+fn exchange_types() -> Value {
+    json!([
+        {"name": "direct", "description": "AMQP direct exchange, as per the AMQP specification", "enabled": true},
+        {"name": "fanout", "description": "AMQP fanout exchange, as per the AMQP specification", "enabled": true},
+        {"name": "headers", "description": "AMQP headers exchange, as per the AMQP specification", "enabled": true},
+        {"name": "topic", "description": "AMQP topic exchange, as per the AMQP specification", "enabled": true},
+    ])
 }
 
 /// Every node's AMQP listener (this node's, alone).
@@ -315,6 +367,12 @@ async fn put_vhost(
     };
     let was_new = b.vhost(&name).is_none();
     let v = b.add_vhost(&name).await?;
+    if was_new {
+        // As RabbitMQ's API: whoever creates a vhost gets full
+        // permissions on it.
+        b.set_permissions(&caller.name, &name, ".*", ".*", ".*")
+            .await?;
+    }
     if let Some(on) = tracing {
         v.tracer.set(on);
         tracing::info!(vhost = %name, on, "tracing");
@@ -2161,4 +2219,330 @@ async fn aliveness_test(State(b): Shared, caller: Caller, Path(vhost): Path<Stri
             "the aliveness-test message did not come back",
         )),
     }
+}
+
+/// A failed health check: 503 with RabbitMQ's body.
+fn check_failed(body: Value) -> ApiResult {
+    Ok((StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response())
+}
+
+/// `rabbitmq-diagnostics check_virtual_hosts`: every vhost is running.
+/// (A vhost here runs from its declaration on: none is ever down alone.)
+async fn virtual_hosts_check(State(_b): Shared, _caller: Caller) -> ApiResult {
+    ok(json!({"status": "ok"}))
+}
+
+/// This node's listeners, as RabbitMQ names their protocols (its
+/// inter-node listener, `clustering`, in a cluster).
+fn local_listeners(b: &Broker) -> Vec<(&'static str, u16)> {
+    let mut out: Vec<(&'static str, u16)> = b
+        .listeners
+        .get()
+        .map(|l| l.iter().map(|(p, a)| (*p, a.port())).collect())
+        .unwrap_or_default();
+    if let Some(peers) = b.peers.get() {
+        let me = peers
+            .members()
+            .into_iter()
+            .find(|m| m.name == b.config.node_name);
+        if let Some(port) = me.and_then(|m| m.cluster_addr.rsplit_once(':')?.1.parse().ok()) {
+            out.push(("clustering", port));
+        }
+    }
+    out
+}
+
+/// `rabbitmq-diagnostics check_port_listener`: this node listens on `port`.
+async fn port_listener_check(
+    State(b): Shared,
+    _caller: Caller,
+    Path(port): Path<String>,
+) -> ApiResult {
+    let port: u16 = port
+        .parse()
+        .map_err(|_| ApiError::bad_request("Invalid port"))?;
+    let listeners = local_listeners(&b);
+    if listeners.iter().any(|(_, p)| *p == port) {
+        return ok(json!({"status": "ok", "port": port}));
+    }
+    check_failed(json!({
+        "status": "failed",
+        "reason": "No active listener",
+        "missing": port,
+        "ports": listeners.iter().map(|(_, p)| *p).collect::<Vec<_>>(),
+    }))
+}
+
+/// RabbitMQ's spellings of a protocol, as its `protocol-listener` check
+/// takes them.
+fn normalize_protocol(p: &str) -> String {
+    let p = p.to_lowercase();
+    match p.as_str() {
+        "amqp091" | "amqp0.9.1" | "amqp0-9-1" | "amqp0_9_1" => "amqp".into(),
+        "amqps" => "amqp/ssl".into(),
+        "http1" | "http1.1" | "http_api" | "management" | "management_ui" | "ui" => "http".into(),
+        "prometheus" => "http/prometheus".into(),
+        "cli" | "distribution" => "clustering".into(),
+        _ => p,
+    }
+}
+
+/// `rabbitmq-diagnostics check_protocol_listener`: this node listens for
+/// `protocol`.
+async fn protocol_listener_check(
+    State(b): Shared,
+    _caller: Caller,
+    Path(protocol): Path<String>,
+) -> ApiResult {
+    let protocol = normalize_protocol(&protocol);
+    let listeners = local_listeners(&b);
+    if listeners.iter().any(|(p, _)| *p == protocol) {
+        return ok(json!({"status": "ok", "protocol": protocol}));
+    }
+    check_failed(json!({
+        "status": "failed",
+        "reason": "No active listener",
+        "missing": protocol,
+        "protocols": listeners.iter().map(|(p, _)| *p).collect::<Vec<_>>(),
+    }))
+}
+
+/// The management UI's extensions: none.
+async fn extensions(_caller: Caller) -> ApiResult {
+    ok(json!([]))
+}
+
+fn topic_permission_json(
+    (user, vhost, exchange, write, read): &(String, String, String, String, String),
+) -> Value {
+    json!({"user": user, "vhost": vhost, "exchange": exchange, "write": write, "read": read})
+}
+
+/// Topic permissions matching `keep`, as RabbitMQ lists them.
+fn topic_permissions_where(
+    b: &Broker,
+    keep: impl Fn(&(String, String, String, String, String)) -> bool,
+) -> Value {
+    Value::Array(
+        b.auth
+            .topic_permissions()
+            .iter()
+            .filter(|p| keep(p))
+            .map(topic_permission_json)
+            .collect(),
+    )
+}
+
+async fn list_topic_permissions(State(b): Shared, caller: Caller) -> ApiResult {
+    caller.require_admin()?;
+    ok(topic_permissions_where(&b, |_| true))
+}
+
+/// A user's topic permissions in a vhost (404 if it has none there).
+async fn get_topic_permissions(
+    State(b): Shared,
+    caller: Caller,
+    Path((vhost, user)): Path<(String, String)>,
+) -> ApiResult {
+    caller.require_admin()?;
+    let found = topic_permissions_where(&b, |p| p.0 == user && p.1 == vhost);
+    if found.as_array().is_none_or(Vec::is_empty) {
+        return Err(ApiError::not_found());
+    }
+    ok(found)
+}
+
+/// Sets a user's topic permissions on one exchange of a vhost:
+/// `{"exchange", "write", "read"}`, all required.
+async fn put_topic_permissions(
+    State(b): Shared,
+    caller: Caller,
+    Path((vhost, user)): Path<(String, String)>,
+    body: Body,
+) -> ApiResult {
+    caller.require_admin()?;
+    if b.vhost(&vhost).is_none() || b.auth.user(&user).is_none() {
+        return Err(ApiError::not_found());
+    }
+    let body = body_map(body);
+    let missing: Vec<&str> = ["exchange", "write", "read"]
+        .into_iter()
+        .filter(|k| !matches!(body.get(*k), Some(Value::String(_))))
+        .collect();
+    if !missing.is_empty() {
+        return Err(ApiError::bad_request(format!(
+            "Mandatory fields missing: {}",
+            missing.join(", ")
+        )));
+    }
+    let field = |k: &str| body.get(k).and_then(Value::as_str).unwrap_or_default();
+    let exchange = field("exchange");
+    let was_new = !b
+        .auth
+        .topic_permissions()
+        .iter()
+        .any(|p| p.0 == user && p.1 == vhost && p.2 == exchange);
+    b.set_topic_permissions(&user, &vhost, exchange, field("write"), field("read"))
+        .await?;
+    created(was_new)
+}
+
+/// Clears every topic permission of a user in a vhost.
+async fn delete_topic_permissions(
+    State(b): Shared,
+    caller: Caller,
+    Path((vhost, user)): Path<(String, String)>,
+) -> ApiResult {
+    caller.require_admin()?;
+    let theirs: Vec<String> = b
+        .auth
+        .topic_permissions()
+        .into_iter()
+        .filter(|p| p.0 == user && p.1 == vhost)
+        .map(|p| p.2)
+        .collect();
+    if theirs.is_empty() {
+        return Err(ApiError::not_found());
+    }
+    for exchange in theirs {
+        b.clear_topic_permissions(&user, &vhost, &exchange).await?;
+    }
+    no_content()
+}
+
+async fn vhost_topic_permissions(
+    State(b): Shared,
+    caller: Caller,
+    Path(vhost): Path<String>,
+) -> ApiResult {
+    caller.require_admin()?;
+    if b.vhost(&vhost).is_none() {
+        return Err(ApiError::not_found());
+    }
+    ok(topic_permissions_where(&b, |p| p.1 == vhost))
+}
+
+async fn user_topic_permissions(
+    State(b): Shared,
+    caller: Caller,
+    Path(user): Path<String>,
+) -> ApiResult {
+    caller.require_admin()?;
+    if b.auth.user(&user).is_none() {
+        return Err(ApiError::not_found());
+    }
+    ok(topic_permissions_where(&b, |p| p.0 == user))
+}
+
+/// A vhost's connections (every node's), as `/api/connections` lists them.
+async fn vhost_connections(
+    State(b): Shared,
+    caller: Caller,
+    Path(vhost): Path<String>,
+    Query(q): Listing,
+) -> ApiResult {
+    visible_vhost(&b, &caller, &vhost)?;
+    let mut items = cluster_listing(&b, crate::peers::Listing::Connections).await;
+    items.retain(|c| may_see_user(&caller, c) && c["vhost"] == vhost.as_str());
+    listing(&q, items)
+}
+
+/// A vhost's channels (every node's), as `/api/channels` lists them.
+async fn vhost_channels(
+    State(b): Shared,
+    caller: Caller,
+    Path(vhost): Path<String>,
+    Query(q): Listing,
+) -> ApiResult {
+    visible_vhost(&b, &caller, &vhost)?;
+    let mut items = cluster_listing(&b, crate::peers::Listing::Channels).await;
+    items.retain(|c| may_see_user(&caller, c) && c["vhost"] == vhost.as_str());
+    listing(&q, items)
+}
+
+/// A connection's channels.
+async fn connection_channels(
+    State(b): Shared,
+    caller: Caller,
+    Path(name): Path<String>,
+    Query(q): Listing,
+) -> ApiResult {
+    find_connection(&b, &caller, &name).await?;
+    let mut items = cluster_listing(&b, crate::peers::Listing::Channels).await;
+    items.retain(|c| c["connection_details"]["name"] == name.as_str());
+    listing(&q, items)
+}
+
+/// One channel, named as `/api/channels` names it (`<connection> (<n>)`).
+async fn get_channel(State(b): Shared, caller: Caller, Path(name): Path<String>) -> ApiResult {
+    cluster_listing(&b, crate::peers::Listing::Channels)
+        .await
+        .into_iter()
+        .find(|c| c["name"] == name.as_str() && may_see_user(&caller, c))
+        .map_or_else(|| Err(ApiError::not_found()), ok)
+}
+
+/// The bindings to queue `name` (the default exchange's among them).
+async fn queue_bindings(
+    State(b): Shared,
+    caller: Caller,
+    Path((vhost, name)): Path<(String, String)>,
+) -> ApiResult {
+    let v = visible_vhost(&b, &caller, &vhost)?;
+    if v.find_queue(&name).is_none() && v.find_remote_queue(&name).is_none() {
+        return Err(ApiError::not_found());
+    }
+    let dest = exchange::Destination::Queue(short(&name)?);
+    ok(Value::Array(
+        all_bindings(&v)
+            .iter()
+            .filter(|bd| bd.destination == dest)
+            .map(|bd| binding(v.name(), bd))
+            .collect(),
+    ))
+}
+
+/// The bindings of exchange `name`: from it (`source`) or to it.
+fn exchange_bindings(
+    b: &Broker,
+    caller: &Caller,
+    vhost: &str,
+    name: &str,
+    from: bool,
+) -> ApiResult {
+    let v = visible_vhost(b, caller, vhost)?;
+    let name = exchange_name(name);
+    if !v.router.read().exchanges().any(|x| x.name.as_str() == name) {
+        return Err(ApiError::not_found());
+    }
+    let dest = exchange::Destination::Exchange(short(name)?);
+    ok(Value::Array(
+        all_bindings(&v)
+            .iter()
+            .filter(|bd| {
+                if from {
+                    bd.source.as_str() == name
+                } else {
+                    bd.destination == dest
+                }
+            })
+            .map(|bd| binding(v.name(), bd))
+            .collect(),
+    ))
+}
+
+async fn exchange_bindings_source(
+    State(b): Shared,
+    caller: Caller,
+    Path((vhost, name)): Path<(String, String)>,
+) -> ApiResult {
+    exchange_bindings(&b, &caller, &vhost, &name, true)
+}
+
+async fn exchange_bindings_destination(
+    State(b): Shared,
+    caller: Caller,
+    Path((vhost, name)): Path<(String, String)>,
+) -> ApiResult {
+    exchange_bindings(&b, &caller, &vhost, &name, false)
 }
