@@ -1763,6 +1763,99 @@ async fn tools_routes_answer_as_rabbitmq_does() {
     );
 }
 
+/// Every list endpoint takes the listing parameters (pagination, name
+/// filter, columns), and `pagination=true` alone gives the envelope.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_list_endpoint_pages_filters_and_picks_columns() {
+    let broker = TestBroker::start().await;
+    let api = Api::guest(&broker);
+    let conn = broker.connect().await;
+    let ch = channel_with_queue(&conn, "listed").await;
+    let _consumer = ch
+        .basic_consume(
+            "listed".into(),
+            "c1".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    for user in ["ann", "ben"] {
+        assert_eq!(
+            api.put(
+                &format!("/api/users/{user}"),
+                json!({"password": "pw", "tags": ""})
+            )
+            .await,
+            StatusCode::CREATED
+        );
+        assert_eq!(
+            api.put(
+                &format!("/api/permissions/%2F/{user}"),
+                json!({"configure": ".*", "write": ".*", "read": ".*"})
+            )
+            .await,
+            StatusCode::CREATED
+        );
+    }
+    for name in ["p-one", "p-two"] {
+        assert_eq!(
+            api.put(
+                &format!("/api/policies/%2F/{name}"),
+                json!({"pattern": "^nothing$", "definition": {"max-length": 1}})
+            )
+            .await,
+            StatusCode::CREATED
+        );
+    }
+    assert_eq!(
+        api.put("/api/vhost-limits/%2F/max-queues", json!({"value": 100}))
+            .await,
+        StatusCode::NO_CONTENT
+    );
+
+    // Permissions: three (ann, ben, guest), one per page, filtered by user.
+    let (_, page) = api.get("/api/permissions?page=2&page_size=1").await;
+    assert_eq!(
+        (
+            &page["total_count"],
+            &page["page_count"],
+            &page["items"][0]["user"]
+        ),
+        (&json!(3), &json!(3), &json!("ben")),
+        "{page}"
+    );
+    let (_, mine) = api.get("/api/vhosts/%2F/permissions?name=ann").await;
+    assert_eq!(mine.as_array().unwrap().len(), 1, "{mine}");
+    let (_, users) = api.get("/api/users/ben/permissions?columns=vhost").await;
+    assert_eq!(users, json!([{"vhost": "/"}]));
+    // Policies, filtered by name, either list.
+    for path in ["/api/policies?name=two", "/api/policies/%2F?name=two"] {
+        let (_, found) = api.get(path).await;
+        assert_eq!(found.as_array().unwrap().len(), 1, "{path}: {found}");
+        assert_eq!(found[0]["name"], "p-two");
+    }
+    // Nodes, consumers and vhost limits: columns and pages.
+    let (_, nodes) = api.get("/api/nodes?columns=name").await;
+    assert_eq!(nodes, json!([{"name": "warren@localhost"}]));
+    let (_, consumers) = api.get("/api/consumers?page=1&page_size=10").await;
+    assert_eq!(consumers["item_count"], 1, "{consumers}");
+    assert_eq!(consumers["items"][0]["consumer_tag"], "c1");
+    let (_, limits) = api.get("/api/vhost-limits?columns=vhost").await;
+    assert_eq!(limits, json!([{"vhost": "/"}]));
+    // `pagination=true` alone: page 1 in the envelope.
+    let (_, queues) = api.get("/api/queues?pagination=true").await;
+    assert_eq!(
+        (
+            &queues["page"],
+            &queues["item_count"],
+            &queues["items"][0]["name"]
+        ),
+        (&json!(1), &json!(1), &json!("listed")),
+        "{queues}"
+    );
+}
+
 /// `s` percent-encoded for a path segment.
 fn url_encode(s: &str) -> String {
     s.bytes()

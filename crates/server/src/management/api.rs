@@ -27,10 +27,19 @@ type Listing = Query<ListQuery>;
 
 /// A listing of already rendered objects, filtered by their `name`.
 fn listing(query: &ListQuery, items: Vec<Value>) -> ApiResult {
+    // Items without a name (permissions, vhost limits) filter on their
+    // user, else their vhost.
     respond(
         query,
         items,
-        |v| std::borrow::Cow::Borrowed(v.get("name").and_then(Value::as_str).unwrap_or("")),
+        |v| {
+            std::borrow::Cow::Borrowed(
+                ["name", "user", "vhost"]
+                    .iter()
+                    .find_map(|k| v.get(*k).and_then(Value::as_str))
+                    .unwrap_or(""),
+            )
+        },
         Value::clone,
     )
 }
@@ -482,11 +491,12 @@ fn permission_json(p: &crate::auth::PermissionView) -> Value {
     })
 }
 
-async fn list_permissions(State(b): Shared, caller: Caller) -> ApiResult {
+async fn list_permissions(State(b): Shared, caller: Caller, Query(q): Listing) -> ApiResult {
     caller.require_admin()?;
-    ok(Value::Array(
+    listing(
+        &q,
         b.auth.permissions().iter().map(permission_json).collect(),
-    ))
+    )
 }
 
 async fn get_permission(
@@ -1224,10 +1234,10 @@ fn stats_json(name: &str, running: bool, stats: &crate::peers::NodeStats) -> Val
     v
 }
 
-async fn list_nodes(State(b): Shared, caller: Caller) -> ApiResult {
+async fn list_nodes(State(b): Shared, caller: Caller, Query(q): Listing) -> ApiResult {
     caller.require_monitoring()?;
     let Some(peers) = b.peers.get() else {
-        return ok(json!([node_json(&b)]));
+        return listing(&q, vec![node_json(&b)]);
     };
     // This node's figures now; the others' as they last gossiped them
     // (none for a node not heard from).
@@ -1249,7 +1259,7 @@ async fn list_nodes(State(b): Shared, caller: Caller) -> ApiResult {
             v
         })
         .collect();
-    ok(json!(nodes))
+    listing(&q, nodes)
 }
 
 fn role(m: &crate::peers::Member) -> &'static str {
@@ -1415,34 +1425,42 @@ async fn vhost_permissions(
     State(b): Shared,
     caller: Caller,
     Path(vhost): Path<String>,
+    Query(q): Listing,
 ) -> ApiResult {
     caller.require_admin()?;
     if b.vhost(&vhost).is_none() {
         return Err(ApiError::not_found());
     }
-    ok(Value::Array(
+    listing(
+        &q,
         b.auth
             .permissions()
             .iter()
             .filter(|p| p.vhost == vhost)
             .map(permission_json)
             .collect(),
-    ))
+    )
 }
 
-async fn user_permissions(State(b): Shared, caller: Caller, Path(user): Path<String>) -> ApiResult {
+async fn user_permissions(
+    State(b): Shared,
+    caller: Caller,
+    Path(user): Path<String>,
+    Query(q): Listing,
+) -> ApiResult {
     caller.require_admin()?;
     if b.auth.user(&user).is_none() {
         return Err(ApiError::not_found());
     }
-    ok(Value::Array(
+    listing(
+        &q,
         b.auth
             .permissions()
             .iter()
             .filter(|p| p.user == user)
             .map(permission_json)
             .collect(),
-    ))
+    )
 }
 
 /// Percent-encodes a path segment (RFC 3986 unreserved characters stay).
@@ -1768,7 +1786,7 @@ pub(super) fn local_consumers(b: &Broker) -> Vec<Value> {
     out
 }
 
-async fn list_consumers(State(b): Shared, caller: Caller) -> ApiResult {
+async fn list_consumers(State(b): Shared, caller: Caller, Query(q): Listing) -> ApiResult {
     let visible: Vec<String> = visible_vhosts(&b, &caller)
         .iter()
         .map(|v| v.name().to_owned())
@@ -1779,18 +1797,23 @@ async fn list_consumers(State(b): Shared, caller: Caller) -> ApiResult {
             .as_str()
             .is_some_and(|v| visible.iter().any(|n| n == v))
     });
-    ok(Value::Array(items))
+    listing(&q, items)
 }
 
-async fn list_all_policies(State(b): Shared, caller: Caller) -> ApiResult {
+async fn list_all_policies(State(b): Shared, caller: Caller, Query(q): Listing) -> ApiResult {
     let mut out = Vec::new();
     for v in visible_vhosts(&b, &caller) {
         out.extend(v.policies.read().iter().map(crate::policy::Policy::to_json));
     }
-    ok(Value::Array(out))
+    listing(&q, out)
 }
 
-async fn list_policies(State(b): Shared, caller: Caller, Path(vhost): Path<String>) -> ApiResult {
+async fn list_policies(
+    State(b): Shared,
+    caller: Caller,
+    Path(vhost): Path<String>,
+    Query(q): Listing,
+) -> ApiResult {
     let v = visible_vhost(&b, &caller, &vhost)?;
     let out = v
         .policies
@@ -1798,7 +1821,7 @@ async fn list_policies(State(b): Shared, caller: Caller, Path(vhost): Path<Strin
         .iter()
         .map(crate::policy::Policy::to_json)
         .collect();
-    ok(Value::Array(out))
+    listing(&q, out)
 }
 
 async fn get_policy(
@@ -1821,21 +1844,22 @@ fn vhost_limits_json(v: &Vhost) -> Option<Value> {
     (!limits.is_empty()).then(|| json!({"vhost": v.name(), "value": limits}))
 }
 
-async fn list_all_vhost_limits(State(b): Shared, caller: Caller) -> ApiResult {
+async fn list_all_vhost_limits(State(b): Shared, caller: Caller, Query(q): Listing) -> ApiResult {
     let out = visible_vhosts(&b, &caller)
         .iter()
         .filter_map(|v| vhost_limits_json(v))
         .collect();
-    ok(Value::Array(out))
+    listing(&q, out)
 }
 
 async fn list_vhost_limits(
     State(b): Shared,
     caller: Caller,
     Path(vhost): Path<String>,
+    Query(q): Listing,
 ) -> ApiResult {
     let v = visible_vhost(&b, &caller, &vhost)?;
-    ok(Value::Array(vhost_limits_json(&v).into_iter().collect()))
+    listing(&q, vhost_limits_json(&v).into_iter().collect())
 }
 
 /// `PUT /api/vhost-limits/{vhost}/{max-connections|max-queues}` with

@@ -4,7 +4,10 @@
 //! (dotted paths kept, the rest dropped), and pagination (`page`,
 //! `page_size` up to 500, default 100) answered with RabbitMQ's envelope
 //! `{items, page, page_count, page_size, filtered_count, item_count,
-//! total_count}`.
+//! total_count}` (also for `pagination=true` without a page: page 1).
+//! Other parameters RabbitMQ takes (`disable_stats`,
+//! `enable_queue_totals`, `lengths_age`, `msg_rates_age`) are accepted and
+//! change nothing: the figures are cheap here.
 //!
 //! Items are rendered to JSON one at a time, and only those the answer
 //! holds: a page of 100 out of 50,000 queues renders 100 (sorting by a field
@@ -37,6 +40,8 @@ pub(super) struct ListQuery {
     sort: Option<String>,
     sort_reverse: Option<String>,
     columns: Option<String>,
+    /// `pagination=true`: the envelope even without `page` (page 1).
+    pagination: Option<String>,
 }
 
 fn truthy(v: &Option<String>) -> bool {
@@ -78,7 +83,7 @@ pub(super) fn respond<T>(
     name_of: impl Fn(&T) -> Cow<'_, str>,
     render: impl Fn(&T) -> Value,
 ) -> Result<axum::response::Response, ApiError> {
-    let page = number(&query.page, "page")?;
+    let page = number(&query.page, "page")?.or(truthy(&query.pagination).then_some(1));
     let page_size = number(&query.page_size, "page_size")?.unwrap_or(DEFAULT_PAGE_SIZE);
     if page == Some(0) {
         return Err(ApiError::bad_request("page must be greater than 0"));
