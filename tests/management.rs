@@ -1856,6 +1856,67 @@ async fn every_list_endpoint_pages_filters_and_picks_columns() {
     );
 }
 
+/// One vhost's definitions, as RabbitMQ exports and imports them: only
+/// its scoped sections, without a `vhost` field, and imported into the
+/// vhost the path names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_vhosts_definitions_export_and_import_into_another() {
+    let broker = TestBroker::start().await;
+    let api = Api::guest(&broker);
+    for (path, body) in [
+        (
+            "/api/exchanges/%2F/vx",
+            json!({"type": "topic", "durable": true}),
+        ),
+        (
+            "/api/queues/%2F/vq",
+            json!({"durable": true, "arguments": {"x-max-length": 7}}),
+        ),
+        (
+            "/api/policies/%2F/vp",
+            json!({"pattern": "^vq$", "definition": {"message-ttl": 1000}}),
+        ),
+        ("/api/vhosts/copy", json!({})),
+    ] {
+        assert_eq!(api.put(path, body).await, StatusCode::CREATED, "{path}");
+    }
+    assert_eq!(
+        api.post("/api/bindings/%2F/e/vx/q/vq", json!({"routing_key": "a.#"}))
+            .await
+            .status(),
+        StatusCode::CREATED
+    );
+    let (status, defs) = api.get("/api/definitions/%2F").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        defs.get("users").is_none() && defs.get("vhosts").is_none(),
+        "{defs}"
+    );
+    assert_eq!(
+        defs["queues"],
+        json!([{"name": "vq", "durable": true, "auto_delete": false, "arguments": {"x-max-length": 7}}])
+    );
+    assert_eq!(defs["exchanges"][0]["name"], "vx");
+    assert!(defs["exchanges"][0].get("vhost").is_none());
+    assert_eq!(defs["bindings"][0]["routing_key"], "a.#");
+    assert_eq!(defs["policies"][0]["name"], "vp");
+    assert_eq!(
+        api.get("/api/definitions/nowhere").await.0,
+        StatusCode::NOT_FOUND
+    );
+
+    // Into vhost "copy": the same objects there.
+    let resp = api.post("/api/definitions/copy", defs).await;
+    assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+    let (status, q) = api.get("/api/queues/copy/vq").await;
+    assert_eq!(status, StatusCode::OK, "{q}");
+    assert_eq!(q["arguments"]["x-max-length"], 7);
+    assert_eq!(api.get("/api/exchanges/copy/vx").await.0, StatusCode::OK);
+    assert_eq!(api.get("/api/policies/copy/vp").await.0, StatusCode::OK);
+    let (_, bindings) = api.get("/api/exchanges/copy/vx/bindings/source").await;
+    assert_eq!(bindings[0]["destination"], "vq", "{bindings}");
+}
+
 /// `s` percent-encoded for a path segment.
 fn url_encode(s: &str) -> String {
     s.bytes()

@@ -196,6 +196,77 @@ pub fn export(broker: &Broker) -> Value {
     })
 }
 
+/// The sections of a definitions document that belong to one vhost.
+const VHOST_SECTIONS: [&str; 5] = ["parameters", "policies", "queues", "exchanges", "bindings"];
+
+/// Vhost `vhost`'s definitions, as RabbitMQ exports one vhost's
+/// (`GET /api/definitions/{vhost}`): its parameters, policies, queues,
+/// exchanges and bindings, without their `vhost` field.
+pub fn export_vhost(broker: &Broker, vhost: &str) -> Value {
+    let all = export(broker);
+    let mut out = Map::new();
+    for key in [
+        "rabbit_version",
+        "rabbitmq_version",
+        "product_name",
+        "product_version",
+    ] {
+        if let Some(v) = all.get(key) {
+            out.insert(key.to_owned(), v.clone());
+        }
+    }
+    for key in VHOST_SECTIONS {
+        let items: Vec<Value> = all
+            .get(key)
+            .and_then(Value::as_array)
+            .map(|items| {
+                items
+                    .iter()
+                    .filter(|i| i.get("vhost").and_then(Value::as_str) == Some(vhost))
+                    .map(|i| {
+                        let mut i = i.clone();
+                        if let Some(m) = i.as_object_mut() {
+                            m.remove("vhost");
+                        }
+                        i
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.insert(key.to_owned(), Value::Array(items));
+    }
+    Value::Object(out)
+}
+
+/// Applies a document of one vhost's definitions to vhost `vhost`
+/// (`POST /api/definitions/{vhost}`): its vhost-scoped sections, each item
+/// placed in `vhost` whatever vhost it names; users, vhosts and
+/// permissions are not imported this way (as RabbitMQ).
+pub async fn import_vhost(
+    broker: &Arc<Broker>,
+    vhost: &str,
+    defs: &Value,
+) -> Result<Imported, ImportError> {
+    let defs = defs
+        .as_object()
+        .ok_or_else(|| ImportError::Malformed("not a JSON object".into()))?;
+    let mut scoped = Map::new();
+    for key in VHOST_SECTIONS {
+        let items: Vec<Value> = section(defs, key)?
+            .iter()
+            .map(|i| {
+                let mut i = i.clone();
+                if let Some(m) = i.as_object_mut() {
+                    m.insert("vhost".to_owned(), Value::String(vhost.to_owned()));
+                }
+                i
+            })
+            .collect();
+        scoped.insert(key.to_owned(), Value::Array(items));
+    }
+    import(broker, &Value::Object(scoped)).await
+}
+
 fn section<'a>(defs: &'a Map<String, Value>, key: &str) -> Result<&'a [Value], ImportError> {
     match defs.get(key) {
         None | Some(Value::Null) => Ok(&[]),

@@ -142,6 +142,10 @@ pub(super) fn router(broker: Arc<Broker>) -> Router {
             "/api/definitions",
             get(export_definitions).post(import_definitions),
         )
+        .route(
+            "/api/definitions/{vhost}",
+            get(export_vhost_definitions).post(import_vhost_definitions),
+        )
         .route("/api/health/checks/alarms", get(alarms))
         .route("/api/health/checks/virtual-hosts", get(virtual_hosts_check))
         .route(
@@ -1558,6 +1562,35 @@ async fn import_definitions(
 ) -> ApiResult {
     caller.require_admin()?;
     match crate::definitions::import(&b, &defs).await {
+        Ok(_) => no_content(),
+        Err(crate::definitions::ImportError::Store(e)) => Err(ApiError::internal(e)),
+        Err(e) => Err(ApiError::bad_request(e.to_string())),
+    }
+}
+
+async fn export_vhost_definitions(
+    State(b): Shared,
+    caller: Caller,
+    Path(vhost): Path<String>,
+) -> ApiResult {
+    caller.require_admin()?;
+    if b.vhost(&vhost).is_none() {
+        return Err(ApiError::not_found());
+    }
+    ok(crate::definitions::export_vhost(&b, &vhost))
+}
+
+async fn import_vhost_definitions(
+    State(b): Shared,
+    caller: Caller,
+    Path(vhost): Path<String>,
+    Json(defs): Json<Value>,
+) -> ApiResult {
+    caller.require_admin()?;
+    if b.vhost(&vhost).is_none() {
+        return Err(ApiError::not_found());
+    }
+    match crate::definitions::import_vhost(&b, &vhost, &defs).await {
         Ok(_) => no_content(),
         Err(crate::definitions::ImportError::Store(e)) => Err(ApiError::internal(e)),
         Err(e) => Err(ApiError::bad_request(e.to_string())),
