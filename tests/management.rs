@@ -1689,6 +1689,15 @@ async fn tools_routes_answer_as_rabbitmq_does() {
         .await;
     assert_eq!(channels.as_array().unwrap().len(), 1, "{channels}");
     assert_eq!(api.get("/api/vhosts/%2F/channels").await.1, channels);
+    // A plain channel: no confirms, no transactions, no prefetch yet.
+    assert_eq!(
+        (
+            &channels[0]["confirm"],
+            &channels[0]["transactional"],
+            &channels[0]["prefetch_count"]
+        ),
+        (&json!(false), &json!(false), &json!(0))
+    );
     let channel = channels[0]["name"].as_str().unwrap().to_owned();
     let (status, one_channel) = api
         .get(&format!("/api/channels/{}", url_encode(&channel)))
@@ -1698,6 +1707,23 @@ async fn tools_routes_answer_as_rabbitmq_does() {
     assert_eq!(
         api.get("/api/channels/nobody%20(1)").await.0,
         StatusCode::NOT_FOUND
+    );
+    // Its mode and prefetch once set.
+    ch.basic_qos(5, BasicQosOptions::default()).await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let (_, one_channel) = api
+        .get(&format!("/api/channels/{}", url_encode(&channel)))
+        .await;
+    assert_eq!(
+        (
+            &one_channel["confirm"],
+            &one_channel["transactional"],
+            &one_channel["prefetch_count"]
+        ),
+        (&json!(true), &json!(false), &json!(5)),
+        "{one_channel}"
     );
 
     // A queue's bindings; an exchange's as source and as destination.

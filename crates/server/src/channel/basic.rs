@@ -35,6 +35,7 @@ impl Channel {
             self.shared.set_global_prefetch(m.prefetch_count);
         } else {
             self.prefetch = m.prefetch_count;
+            self.shared.note_prefetch(m.prefetch_count);
         }
         self.shared.write_method(&Method::BasicQosOk(BasicQosOk {}));
         self.dispatch_all(vhost);

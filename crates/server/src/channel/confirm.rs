@@ -46,6 +46,7 @@ impl Channel {
             Mode::Plain => self.mode = Mode::Confirm(Confirms::default()),
             Mode::Confirm(_) => {}
         }
+        self.shared.note_mode(true);
         if !m.nowait {
             self.shared
                 .write_method(&Method::ConfirmSelectOk(ConfirmSelectOk {}));

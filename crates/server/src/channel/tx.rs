@@ -33,6 +33,7 @@ impl Channel {
             Mode::Plain => self.mode = Mode::Transactional(Vec::new()),
             Mode::Transactional(_) => {}
         }
+        self.shared.note_mode(false);
         self.shared.write_method(&Method::TxSelectOk(TxSelectOk {}));
         Ok(())
     }

@@ -1758,6 +1758,7 @@ pub(super) fn local_channels(b: &Broker) -> Vec<Value> {
         channels.sort_by_key(|(n, _)| *n);
         for (number, ch) in channels {
             let (unacked, prefetch, consumers) = ch.stats();
+            let modes = ch.modes();
             out.push(json!({
                 "name": format!("{} ({number})", c.name),
                 "number": number,
@@ -1772,6 +1773,9 @@ pub(super) fn local_channels(b: &Broker) -> Vec<Value> {
                 "consumer_count": consumers,
                 "messages_unacknowledged": unacked,
                 "global_prefetch_count": prefetch,
+                "prefetch_count": modes.prefetch,
+                "confirm": modes.confirm,
+                "transactional": modes.transactional,
                 "state": "running",
             }));
         }

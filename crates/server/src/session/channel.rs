@@ -42,6 +42,22 @@ pub struct ChannelShared {
     /// Its connection.
     pub connection: Arc<ConnectionShared>,
     deliveries: Mutex<Deliveries>,
+    /// For the management API: 1 in confirm mode, 2 transactional.
+    mode: std::sync::atomic::AtomicU8,
+    /// For the management API: `basic.qos` per-consumer prefetch.
+    prefetch: std::sync::atomic::AtomicU16,
+}
+
+/// A channel's mode and per-consumer prefetch, as the management API
+/// shows them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChannelModes {
+    /// `basic.qos` prefetch for new consumers.
+    pub prefetch: u16,
+    /// `confirm.select` was sent.
+    pub confirm: bool,
+    /// `tx.select` was sent.
+    pub transactional: bool,
 }
 
 impl ChannelShared {
@@ -53,7 +69,31 @@ impl ChannelShared {
                 next_tag: 1,
                 ..Deliveries::default()
             }),
+            mode: std::sync::atomic::AtomicU8::new(0),
+            prefetch: std::sync::atomic::AtomicU16::new(0),
         })
+    }
+
+    /// Notes the channel's mode (`confirm`, else transactional) for the
+    /// management API.
+    pub(crate) fn note_mode(&self, confirm: bool) {
+        self.mode
+            .store(if confirm { 1 } else { 2 }, Ordering::Relaxed);
+    }
+
+    /// Notes the per-consumer prefetch for the management API.
+    pub(crate) fn note_prefetch(&self, prefetch: u16) {
+        self.prefetch.store(prefetch, Ordering::Relaxed);
+    }
+
+    /// Its mode and per-consumer prefetch.
+    pub fn modes(&self) -> ChannelModes {
+        let mode = self.mode.load(Ordering::Relaxed);
+        ChannelModes {
+            prefetch: self.prefetch.load(Ordering::Relaxed),
+            confirm: mode == 1,
+            transactional: mode == 2,
+        }
     }
 
     /// For listings: (unacknowledged deliveries, channel-wide prefetch, consumers).

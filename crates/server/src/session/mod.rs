@@ -9,5 +9,5 @@
 mod channel;
 mod connection;
 
-pub use channel::ChannelShared;
+pub use channel::{ChannelModes, ChannelShared};
 pub use connection::ConnectionShared;
