@@ -2436,10 +2436,14 @@ async fn take_one(ch: &lapin::Channel, queue: &str, tag: &str) -> String {
         )
         .await
         .unwrap();
-    let d = tokio::time::timeout(PATIENCE, warren_tests::next_deliveries(&mut consumer, 1))
+    // (A held dead letter is tried again up to 30 s apart: longer than
+    // `next_deliveries` waits.)
+    use futures_util::StreamExt;
+    let d = tokio::time::timeout(PATIENCE, consumer.next())
         .await
         .expect("a message in time")
-        .remove(0);
+        .expect("consumer ended")
+        .unwrap();
     d.ack(lapin::options::BasicAckOptions::default())
         .await
         .unwrap();

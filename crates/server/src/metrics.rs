@@ -241,16 +241,21 @@ impl Default for Metrics {
     }
 }
 
+/// Where `reason`'s counter family sits in `Metrics::dead_lettered`.
+fn reason_index(reason: DeadLetterReason) -> usize {
+    match reason {
+        DeadLetterReason::Expired => 0,
+        DeadLetterReason::Rejected => 1,
+        DeadLetterReason::MaxLen => 2,
+        DeadLetterReason::DeliveryLimit => 3,
+    }
+}
+
 impl Metrics {
     /// Counts a message a quorum queue dead-lettered `at-least-once` (its
     /// queues confirmed it) for `reason`.
     pub fn dead_letter_at_least_once(&self, reason: DeadLetterReason) {
-        let i = match reason {
-            DeadLetterReason::Expired => 0,
-            DeadLetterReason::Rejected => 1,
-            DeadLetterReason::MaxLen => 2,
-            DeadLetterReason::DeliveryLimit => 3,
-        };
+        let i = reason_index(reason);
         if let Some(f) = self.dead_lettered.get(i) {
             f.get_or_create(&DeadLetterLabels {
                 queue_type: "rabbit_quorum_queue",
@@ -262,12 +267,7 @@ impl Metrics {
 
     /// Counts a message dead-lettered (`dead_lettered`) or dropped for `reason`.
     pub fn dead_letter(&self, reason: DeadLetterReason, dead_lettered: bool) {
-        let i = match reason {
-            DeadLetterReason::Expired => 0,
-            DeadLetterReason::Rejected => 1,
-            DeadLetterReason::MaxLen => 2,
-            DeadLetterReason::DeliveryLimit => 3,
-        };
+        let i = reason_index(reason);
         if let Some(f) = self.dead_lettered.get(i) {
             f.get_or_create(&DeadLetterLabels {
                 queue_type: "rabbit_classic_queue",
