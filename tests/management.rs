@@ -132,6 +132,23 @@ async fn listings_have_rabbitmq_shapes_and_counts() {
     assert_eq!(nodes[0]["name"], "warren@localhost");
     assert_eq!(nodes[0]["mem_alarm"], false);
     assert!(nodes[0]["mem_used"].as_u64().unwrap() > 0);
+    // What monitoring agents read, under RabbitMQ's names.
+    for field in [
+        "fd_used",
+        "fd_total",
+        "sockets_used",
+        "sockets_total",
+        "proc_used",
+        "proc_total",
+        "disk_free_limit",
+        "uptime",
+    ] {
+        assert!(nodes[0][field].as_u64().is_some(), "{field}: {}", nodes[0]);
+    }
+    assert!(nodes[0]["sockets_total"].as_u64() < nodes[0]["fd_total"].as_u64());
+    assert!(nodes[0]["proc_used"].as_u64().unwrap() > 0);
+    assert!(nodes[0]["disk_free"].as_u64().is_some());
+    assert_eq!(nodes[0]["disk_free_alarm"], false);
 
     let (_, vhosts) = api.get("/api/vhosts").await;
     assert_eq!(vhosts[0]["name"], "/");
@@ -1226,18 +1243,28 @@ async fn messages_are_published_and_fetched_through_the_api() {
     )
     .await;
 
-    // Peek (requeue): nothing is consumed, the message comes back redelivered.
+    // Peek (requeue): nothing is consumed, the messages come back
+    // redelivered. Numbers as strings, as rabbitmqadmin sends them;
+    // `truncate` cuts payloads (not their reported size).
     let (status, got) = post(
         "/api/queues/%2F/inbox/get",
-        json!({"count": 1, "ackmode": "ack_requeue_true", "encoding": "auto"}),
+        json!({"count": "2", "ackmode": "ack_requeue_true", "encoding": "auto", "truncate": "3"}),
     )
     .await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(got[0]["payload"], "hello");
+    assert_eq!(got.as_array().unwrap().len(), 2, "{got}");
+    assert_eq!(got[0]["payload"], "hel");
+    assert_eq!(got[0]["payload_bytes"], 5);
     assert_eq!(got[0]["payload_encoding"], "string");
     assert_eq!(got[0]["redelivered"], false);
     assert_eq!(got[0]["message_count"], 1);
     assert_eq!(got[0]["properties"]["headers"], json!({"tenant": "a"}));
+    let (status, _) = post(
+        "/api/queues/%2F/inbox/get",
+        json!({"count": "many", "ackmode": "ack_requeue_true"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(got[0]["properties"]["message_id"], "m-1");
     assert_eq!(got[0]["properties"]["delivery_mode"], 2);
     let (_, got) = post(
@@ -1247,6 +1274,7 @@ async fn messages_are_published_and_fetched_through_the_api() {
     .await;
     assert_eq!(got.as_array().unwrap().len(), 2);
     assert_eq!(got[0]["redelivered"], true);
+    assert_eq!(got[0]["payload"], "hello");
     assert_eq!(got[1]["payload"], "//4=");
     assert_eq!(got[1]["payload_encoding"], "base64", "not UTF-8: base64");
     let (_, q) = api.get("/api/queues/%2F/inbox").await;

@@ -163,6 +163,32 @@ async fn counters_move_with_traffic() {
     assert_eq!(value(&after, "rabbitmq_queue_messages_ready"), 0.0);
     assert_eq!(value(&after, "rabbitmq_queue_messages_unacked"), 0.0);
     assert_eq!(value(&after, "rabbitmq_consumers"), 1.0);
+    // The same figures under the names RabbitMQ's Overview dashboard
+    // queries (summed over channels and queues).
+    for (series, expected) in [
+        ("rabbitmq_channel_messages_published_total", 11.0),
+        ("rabbitmq_global_messages_received_confirm_total", 11.0),
+        ("rabbitmq_channel_messages_confirmed_total", 11.0),
+        ("rabbitmq_channel_messages_unroutable_returned_total", 1.0),
+        ("rabbitmq_queue_messages_published_total", 10.0),
+        ("rabbitmq_channel_messages_delivered_ack_total", 10.0),
+        (
+            "rabbitmq_global_messages_delivered_consume_manual_ack_total",
+            10.0,
+        ),
+        ("rabbitmq_channel_messages_delivered_total", 0.0),
+        ("rabbitmq_channel_messages_acked_total", 9.0),
+        ("rabbitmq_channel_messages_unconfirmed", 0.0),
+        ("rabbitmq_channel_consumers", 1.0),
+        ("rabbitmq_global_consumers", 1.0),
+        ("rabbitmq_global_publishers", 1.0),
+        ("rabbitmq_queues_declared_total", 1.0),
+        ("rabbitmq_queues_created_total", 1.0),
+        ("rabbitmq_connections_opened_total", 1.0),
+        ("rabbitmq_channels_opened_total", 1.0),
+    ] {
+        assert_eq!(value(&after, series), expected, "{series}");
+    }
     let per_queue = scrape(&broker, "/metrics/per-object").await;
     for (name, expected) in [("published", 10.0), ("delivered", 10.0), ("acked", 9.0)] {
         assert_eq!(
@@ -174,5 +200,135 @@ async fn counters_move_with_traffic() {
             "{name}"
         );
     }
+    broker.stop().await;
+}
+
+/// `basic.get` (automatic and manual acknowledgement, and empty),
+/// redeliveries, consumers with automatic acknowledgement, and the churn of
+/// connections, channels and queues: each counted under RabbitMQ's names;
+/// and the node's resources (descriptors, sockets, disk, uptime).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gets_redeliveries_churn_and_resources_are_counted() {
+    let broker = TestBroker::start().await;
+    let conn = broker.connect().await;
+    let ch = channel_with_queue(&conn, "polled").await;
+    for i in 0..4u8 {
+        ch.basic_publish(
+            "".into(),
+            "polled".into(),
+            BasicPublishOptions::default(),
+            &[i],
+            lapin::BasicProperties::default(),
+        )
+        .await
+        .unwrap();
+    }
+    let get = |no_ack| {
+        let ch = ch.clone();
+        async move {
+            ch.basic_get("polled".into(), BasicGetOptions { no_ack })
+                .await
+                .unwrap()
+        }
+    };
+    get(true).await.expect("a message");
+    let manual = get(false).await.expect("a message");
+    // Requeued, then taken again: redelivered.
+    manual
+        .delivery
+        .nack(BasicNackOptions {
+            requeue: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let again = get(false).await.expect("a message");
+    assert!(again.delivery.redelivered);
+    again
+        .delivery
+        .ack(BasicAckOptions::default())
+        .await
+        .unwrap();
+    // The two left go to a consumer with automatic acknowledgement.
+    let mut consumer = ch
+        .basic_consume(
+            "polled".into(),
+            "auto".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    next_deliveries(&mut consumer, 2).await;
+    ch.basic_cancel("auto".into(), BasicCancelOptions::default())
+        .await
+        .unwrap();
+    assert!(get(true).await.is_none());
+    // Churn: a channel and a queue come and go, then a connection.
+    let other = channel_with_queue(&conn, "brief").await;
+    other
+        .queue_delete("brief".into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
+    other.close(200, "bye".into()).await.unwrap();
+    let brief = broker.connect().await;
+    brief.close(200, "bye".into()).await.unwrap();
+    // (The broker counts a connection closed once it has let it go.)
+    let text = loop {
+        let text = scrape(&broker, "/metrics").await;
+        if value(&text, "rabbitmq_connections_closed_total") >= 1.0 {
+            break text;
+        }
+        tokio::task::yield_now().await;
+    };
+    for (series, expected) in [
+        ("rabbitmq_channel_get_total", 1.0),
+        ("rabbitmq_channel_get_ack_total", 2.0),
+        (
+            "rabbitmq_global_messages_delivered_get_manual_ack_total",
+            2.0,
+        ),
+        ("rabbitmq_channel_get_empty_total", 1.0),
+        ("rabbitmq_global_messages_get_empty_total", 1.0),
+        ("rabbitmq_channel_messages_redelivered_total", 1.0),
+        ("rabbitmq_channel_messages_delivered_total", 2.0),
+        (
+            "rabbitmq_global_messages_delivered_consume_auto_ack_total",
+            2.0,
+        ),
+        ("rabbitmq_global_messages_delivered_total", 5.0),
+        ("rabbitmq_queues_declared_total", 2.0),
+        ("rabbitmq_queues_created_total", 2.0),
+        ("rabbitmq_queues_deleted_total", 1.0),
+        ("rabbitmq_queues", 1.0),
+        ("rabbitmq_channels_opened_total", 2.0),
+        ("rabbitmq_channels_closed_total", 1.0),
+        ("rabbitmq_channels", 1.0),
+        ("rabbitmq_connections_opened_total", 2.0),
+        ("rabbitmq_connections_closed_total", 1.0),
+        ("rabbitmq_connections", 1.0),
+        ("rabbitmq_process_open_tcp_sockets", 1.0),
+    ] {
+        assert_eq!(value(&text, series), expected, "{series}");
+    }
+    for series in [
+        "rabbitmq_process_open_fds",
+        "rabbitmq_process_max_fds",
+        "rabbitmq_process_max_tcp_sockets",
+        "rabbitmq_disk_space_available_limit_bytes",
+    ] {
+        assert!(value(&text, series) > 0.0, "{series}");
+    }
+    assert!(
+        value(&text, "rabbitmq_process_max_tcp_sockets") < value(&text, "rabbitmq_process_max_fds")
+    );
+    // (Free disk space is sampled every second; uptime counts whole
+    // seconds: both are present, at 0 or more.)
+    assert!(value(&text, "rabbitmq_disk_space_available_bytes") >= 0.0);
+    assert!(value(&text, "rabbitmq_erlang_uptime_seconds") >= 0.0);
+    conn.close(200, "bye".into()).await.unwrap();
     broker.stop().await;
 }

@@ -73,6 +73,8 @@ pub struct Alarms {
     memory_limit: AtomicU64,
     /// The free disk space limit in effect, in octets.
     disk_limit: AtomicU64,
+    /// Free space on the data directory's disk at the last sample, octets.
+    disk_free: AtomicU64,
     /// Wakes the monitor to re-evaluate at once (a limit changed).
     recheck: tokio::sync::Notify,
     /// Whether any alarm is raised: `state` mirrored for the publish path,
@@ -108,6 +110,7 @@ impl Alarms {
             body_permit: watch::channel(0).0,
             memory_limit: AtomicU64::new(memory_limit),
             disk_limit: AtomicU64::new(disk_limit),
+            disk_free: AtomicU64::new(0),
             recheck: tokio::sync::Notify::new(),
             raised: std::sync::atomic::AtomicBool::new(false),
         }
@@ -127,6 +130,16 @@ impl Alarms {
     /// The free disk space limit in effect (octets).
     pub fn disk_limit(&self) -> u64 {
         self.disk_limit.load(Ordering::Relaxed)
+    }
+
+    /// Notes the free space the monitor read on the data directory's disk.
+    pub fn record_disk_free(&self, octets: u64) {
+        self.disk_free.store(octets, Ordering::Relaxed);
+    }
+
+    /// Free space on the data directory's disk at the last sample (octets).
+    pub fn disk_free(&self) -> u64 {
+        self.disk_free.load(Ordering::Relaxed)
     }
 
     /// Changes the memory high watermark; the alarm follows at once.

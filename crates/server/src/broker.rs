@@ -95,9 +95,14 @@ impl Broker {
             mem_alarm: alarms.memory,
             disk_free_limit: self.alarms.disk_limit(),
             disk_free_alarm: alarms.disk,
+            disk_free: self.alarms.disk_free(),
             fd_used,
             fd_total,
             sockets_used: self.connections.load(Ordering::Relaxed) as u64,
+            sockets_total: fd_total / 10 * 9,
+            proc_used: tokio::runtime::Handle::try_current()
+                .map_or(0, |h| h.metrics().num_alive_tasks() as u64),
+            proc_total: 1_048_576,
             processors: std::thread::available_parallelism().map_or(1, |n| n.get() as u64),
             uptime: self.started.elapsed().as_millis() as u64,
         }

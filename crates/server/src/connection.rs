@@ -255,6 +255,7 @@ async fn serve_io(
             conn.run(&mut reader).await;
             conn.cleanup().await;
             broker.live_connections.remove(&shared.id);
+            broker.metrics.connections_closed.inc();
             tracing::info!(connection = shared.id, %peer, "connection closed");
             let client_closed = conn.client_closed;
             // Its place among the open connections and the bodies it was
@@ -533,6 +534,7 @@ async fn handshake(
     // that asks right after connecting finds itself. (Nothing awaits
     // between here and the return: `serve_io` removes it when it closes.)
     broker.live_connections.insert(shared.id, shared.clone());
+    broker.metrics.connections_opened.inc();
     write_method(
         outbox,
         0,
@@ -968,7 +970,7 @@ impl Connection {
                         .lock()
                         .insert(channel, Arc::downgrade(&ch.shared));
                     self.channels.insert(channel, ch);
-                    self.broker.metrics.channels.inc();
+                    self.broker.metrics.channel_opened();
                     Ok(false)
                 }
                 Frame::Method { method, .. } => {
@@ -994,7 +996,7 @@ impl Connection {
                 ChannelOutcome::Closed => {
                     if self.channels.remove(&channel).is_some() {
                         self.shared.channels.lock().remove(&channel);
-                        self.broker.metrics.channels.dec();
+                        self.broker.metrics.channel_closed();
                     }
                 }
                 ChannelOutcome::Open => {}
@@ -1104,7 +1106,7 @@ impl Connection {
             Ok(ChannelOutcome::Closed) => {
                 if self.channels.remove(&channel).is_some() {
                     self.shared.channels.lock().remove(&channel);
-                    self.broker.metrics.channels.dec();
+                    self.broker.metrics.channel_closed();
                 }
             }
             Err(e) if e.scope == Scope::Channel => ch.fail(&self.broker.node, &self.vhost, &e),
@@ -1185,7 +1187,7 @@ impl Connection {
         self.finish_waits().await;
         self.shared.channels.lock().clear();
         for (_, mut ch) in self.channels.drain() {
-            self.broker.metrics.channels.dec();
+            self.broker.metrics.channel_closed();
             ch.release(&self.broker.node, &self.vhost);
         }
         for q in self.vhost.queues() {

@@ -77,15 +77,52 @@ pub struct Metrics {
     pub unroutable_returned: Counter,
     /// Unroutable messages dropped (not mandatory).
     pub unroutable_dropped: Counter,
-    /// Deliveries to consumers and `basic.get`.
-    pub delivered: Counter,
+    /// Deliveries to consumers and `basic.get` (see [`Metrics::delivered`]).
+    delivered: Counter,
+    /// Deliveries split as RabbitMQ splits them: to consumers or by
+    /// `basic.get`, each with automatic or manual acknowledgement.
+    consume_auto_ack: Counter,
+    consume_manual_ack: Counter,
+    get_auto_ack: Counter,
+    get_manual_ack: Counter,
+    /// Deliveries flagged redelivered.
+    redelivered: Counter,
+    /// `basic.get` answered `get-empty`.
+    pub get_empty: Counter,
     /// Acknowledged deliveries.
     pub acknowledged: Counter,
     /// Publisher confirms sent (`basic.ack`).
     pub confirmed: Counter,
+    /// Messages received on channels in confirm mode.
+    pub received_confirm: Counter,
+    /// Copies enqueued: one per queue a message was routed to (RabbitMQ's
+    /// `rabbitmq_queue_messages_published_total`, summed over queues).
+    pub queue_published: Counter,
     dead_lettered: [Family<DeadLetterLabels, Counter>; 4],
+    /// Connections, channels and queues come and gone (RabbitMQ's churn
+    /// counters).
+    pub connections_opened: Counter,
+    /// Connections closed, however.
+    pub connections_closed: Counter,
+    channels_opened: Counter,
+    channels_closed: Counter,
+    /// `queue.declare` answered (also passive, and of existing queues).
+    pub queues_declared: Counter,
+    /// Queues created on this node.
+    pub queues_created: Counter,
+    /// Queues deleted on this node (by anyone, expiry and auto-delete too).
+    pub queues_deleted: Counter,
     /// Open channels.
-    pub channels: Gauge,
+    channels: Gauge,
+    publishers: Gauge,
+    unconfirmed: Gauge,
+    disk_free: Gauge,
+    disk_limit: Gauge,
+    open_fds: Gauge,
+    max_fds: Gauge,
+    open_sockets: Gauge,
+    max_sockets: Gauge,
+    uptime: Gauge,
     connections: Gauge,
     queues: Gauge,
     consumers: Gauge,
@@ -106,38 +143,136 @@ pub struct Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::default();
-        let mut counter = |name: &str, help: &str| {
+        let mut counter = |names: &[&str], help: &str| {
+            // One counter under each name: RabbitMQ reports some figures
+            // both globally and summed over channels (or queues), and
+            // dashboards query either.
             let c = Counter::default();
-            registry.register(name, help, c.clone());
+            for name in names {
+                registry.register(*name, help, c.clone());
+            }
             c
         };
         let received = counter(
-            "rabbitmq_global_messages_received",
+            &[
+                "rabbitmq_global_messages_received",
+                "rabbitmq_channel_messages_published",
+            ],
             "Total number of messages received from publishers",
         );
         let routed = counter(
-            "rabbitmq_global_messages_routed",
+            &["rabbitmq_global_messages_routed"],
             "Total number of messages routed to queues",
         );
         let unroutable_returned = counter(
-            "rabbitmq_global_messages_unroutable_returned",
+            &[
+                "rabbitmq_global_messages_unroutable_returned",
+                "rabbitmq_channel_messages_unroutable_returned",
+            ],
             "Total number of messages published as mandatory into an exchange and returned to the publisher as unroutable",
         );
         let unroutable_dropped = counter(
-            "rabbitmq_global_messages_unroutable_dropped",
+            &[
+                "rabbitmq_global_messages_unroutable_dropped",
+                "rabbitmq_channel_messages_unroutable_dropped",
+            ],
             "Total number of messages published as non-mandatory into an exchange and dropped as unroutable",
         );
         let delivered = counter(
-            "rabbitmq_global_messages_delivered",
+            &["rabbitmq_global_messages_delivered"],
             "Total number of messages delivered to consumers",
         );
         let acknowledged = counter(
-            "rabbitmq_global_messages_acknowledged",
+            &[
+                "rabbitmq_global_messages_acknowledged",
+                "rabbitmq_channel_messages_acked",
+            ],
             "Total number of messages acknowledged by consumers",
         );
         let confirmed = counter(
-            "rabbitmq_global_messages_confirmed",
+            &[
+                "rabbitmq_global_messages_confirmed",
+                "rabbitmq_channel_messages_confirmed",
+            ],
             "Total number of messages confirmed to publishers",
+        );
+        let consume_auto_ack = counter(
+            &[
+                "rabbitmq_global_messages_delivered_consume_auto_ack",
+                "rabbitmq_channel_messages_delivered",
+            ],
+            "Total number of messages delivered to consumers using basic.consume with automatic acknowledgment",
+        );
+        let consume_manual_ack = counter(
+            &[
+                "rabbitmq_global_messages_delivered_consume_manual_ack",
+                "rabbitmq_channel_messages_delivered_ack",
+            ],
+            "Total number of messages delivered to consumers using basic.consume with manual acknowledgment",
+        );
+        let get_auto_ack = counter(
+            &[
+                "rabbitmq_global_messages_delivered_get_auto_ack",
+                "rabbitmq_channel_get",
+            ],
+            "Total number of messages delivered to consumers using basic.get with automatic acknowledgment",
+        );
+        let get_manual_ack = counter(
+            &[
+                "rabbitmq_global_messages_delivered_get_manual_ack",
+                "rabbitmq_channel_get_ack",
+            ],
+            "Total number of messages delivered to consumers using basic.get with manual acknowledgment",
+        );
+        let redelivered = counter(
+            &[
+                "rabbitmq_global_messages_redelivered",
+                "rabbitmq_channel_messages_redelivered",
+            ],
+            "Total number of messages redelivered to consumers",
+        );
+        let get_empty = counter(
+            &[
+                "rabbitmq_global_messages_get_empty",
+                "rabbitmq_channel_get_empty",
+            ],
+            "Total number of times basic.get operations fetched no message",
+        );
+        let received_confirm = counter(
+            &["rabbitmq_global_messages_received_confirm"],
+            "Total number of messages received from publishers expecting confirmations",
+        );
+        let queue_published = counter(
+            &["rabbitmq_queue_messages_published"],
+            "Total number of messages published to queues",
+        );
+        let connections_opened = counter(
+            &["rabbitmq_connections_opened"],
+            "Total number of connections opened",
+        );
+        let connections_closed = counter(
+            &["rabbitmq_connections_closed"],
+            "Total number of connections closed or terminated",
+        );
+        let channels_opened = counter(
+            &["rabbitmq_channels_opened"],
+            "Total number of channels opened",
+        );
+        let channels_closed = counter(
+            &["rabbitmq_channels_closed"],
+            "Total number of channels closed",
+        );
+        let queues_declared = counter(
+            &["rabbitmq_queues_declared"],
+            "Total number of queues declared",
+        );
+        let queues_created = counter(
+            &["rabbitmq_queues_created"],
+            "Total number of queues created",
+        );
+        let queues_deleted = counter(
+            &["rabbitmq_queues_deleted"],
+            "Total number of queues deleted",
         );
         let dead_lettered = [
             ("expired", "expired"),
@@ -160,9 +295,11 @@ impl Default for Metrics {
             );
             f
         });
-        let mut gauge = |name: &str, help: &str| {
+        let mut gauge = |names: &[&str], help: &str| {
             let g = Gauge::default();
-            registry.register(name, help, g.clone());
+            for name in names {
+                registry.register(*name, help, g.clone());
+            }
             g
         };
         Metrics {
@@ -171,43 +308,92 @@ impl Default for Metrics {
             unroutable_returned,
             unroutable_dropped,
             delivered,
+            consume_auto_ack,
+            consume_manual_ack,
+            get_auto_ack,
+            get_manual_ack,
+            redelivered,
+            get_empty,
             acknowledged,
             confirmed,
+            received_confirm,
+            queue_published,
             dead_lettered,
-            channels: gauge("rabbitmq_channels", "Channels currently open"),
-            connections: gauge("rabbitmq_connections", "Connections currently open"),
-            queues: gauge("rabbitmq_queues", "Queues available"),
-            consumers: gauge("rabbitmq_consumers", "Consumers currently connected"),
+            connections_opened,
+            connections_closed,
+            channels_opened,
+            channels_closed,
+            queues_declared,
+            queues_created,
+            queues_deleted,
+            channels: gauge(&["rabbitmq_channels"], "Channels currently open"),
+            publishers: gauge(
+                &["rabbitmq_global_publishers"],
+                "Current number of publishers",
+            ),
+            unconfirmed: gauge(
+                &["rabbitmq_channel_messages_unconfirmed"],
+                "Published but not yet confirmed messages",
+            ),
+            disk_free: gauge(
+                &["rabbitmq_disk_space_available_bytes"],
+                "Disk space available in bytes",
+            ),
+            disk_limit: gauge(
+                &["rabbitmq_disk_space_available_limit_bytes"],
+                "Free disk space low watermark in bytes",
+            ),
+            open_fds: gauge(&["rabbitmq_process_open_fds"], "Open file descriptors"),
+            max_fds: gauge(&["rabbitmq_process_max_fds"], "Open file descriptors limit"),
+            open_sockets: gauge(&["rabbitmq_process_open_tcp_sockets"], "Open TCP sockets"),
+            max_sockets: gauge(
+                &["rabbitmq_process_max_tcp_sockets"],
+                "Open TCP sockets limit",
+            ),
+            uptime: gauge(
+                &["rabbitmq_erlang_uptime_seconds"],
+                "Node uptime (seconds since the broker started)",
+            ),
+            connections: gauge(&["rabbitmq_connections"], "Connections currently open"),
+            queues: gauge(&["rabbitmq_queues"], "Queues available"),
+            consumers: gauge(
+                &[
+                    "rabbitmq_consumers",
+                    "rabbitmq_global_consumers",
+                    "rabbitmq_channel_consumers",
+                ],
+                "Consumers currently connected",
+            ),
             ready: gauge(
-                "rabbitmq_queue_messages_ready",
+                &["rabbitmq_queue_messages_ready"],
                 "Messages ready to be delivered to consumers",
             ),
             unacked: gauge(
-                "rabbitmq_queue_messages_unacked",
+                &["rabbitmq_queue_messages_unacked"],
                 "Messages delivered to consumers but not yet acknowledged",
             ),
             resident_memory: gauge(
-                "rabbitmq_process_resident_memory_bytes",
+                &["rabbitmq_process_resident_memory_bytes"],
                 "Memory used in bytes (resident set)",
             ),
             memory_limit: gauge(
-                "rabbitmq_resident_memory_limit_bytes",
+                &["rabbitmq_resident_memory_limit_bytes"],
                 "Memory high watermark in bytes",
             ),
             memory_alarm: gauge(
-                "rabbitmq_alarms_memory_used_watermark",
+                &["rabbitmq_alarms_memory_used_watermark"],
                 "1 if the memory alarm is in effect",
             ),
             disk_alarm: gauge(
-                "rabbitmq_alarms_free_disk_space_watermark",
+                &["rabbitmq_alarms_free_disk_space_watermark"],
                 "1 if the free disk space alarm is in effect",
             ),
             store_fsyncs: gauge(
-                "warren_store_fsyncs",
+                &["warren_store_fsyncs"],
                 "fsyncs of the message store since start (group commits)",
             ),
             store_batches: gauge(
-                "warren_store_batches",
+                &["warren_store_batches"],
                 "Batches written by the message store since start",
             ),
             build: {
@@ -251,7 +437,43 @@ fn reason_index(reason: DeadLetterReason) -> usize {
     }
 }
 
+/// How a message was handed to a client, as RabbitMQ splits deliveries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliveryKind {
+    /// Pushed to a consumer (`basic.deliver`).
+    Consume,
+    /// Fetched by `basic.get`.
+    Get,
+}
+
 impl Metrics {
+    /// Counts a delivery of `kind`, acknowledged by the client if
+    /// `manual_ack`, flagged redelivered if `redelivered`.
+    pub fn delivered(&self, kind: DeliveryKind, manual_ack: bool, redelivered: bool) {
+        self.delivered.inc();
+        match (kind, manual_ack) {
+            (DeliveryKind::Consume, false) => self.consume_auto_ack.inc(),
+            (DeliveryKind::Consume, true) => self.consume_manual_ack.inc(),
+            (DeliveryKind::Get, false) => self.get_auto_ack.inc(),
+            (DeliveryKind::Get, true) => self.get_manual_ack.inc(),
+        };
+        if redelivered {
+            self.redelivered.inc();
+        }
+    }
+
+    /// A channel opened.
+    pub fn channel_opened(&self) {
+        self.channels.inc();
+        self.channels_opened.inc();
+    }
+
+    /// A channel closed (however).
+    pub fn channel_closed(&self) {
+        self.channels.dec();
+        self.channels_closed.inc();
+    }
+
     /// Counts a message a quorum queue dead-lettered `at-least-once` (its
     /// queues confirmed it) for `reason`.
     pub fn dead_letter_at_least_once(&self, reason: DeadLetterReason) {
@@ -301,6 +523,15 @@ impl Metrics {
         self.disk_alarm.set(i64::from(totals.disk_alarm));
         self.store_fsyncs.set(totals.store_fsyncs);
         self.store_batches.set(totals.store_batches);
+        self.publishers.set(totals.publishers);
+        self.unconfirmed.set(totals.unconfirmed);
+        self.disk_free.set(totals.disk_free);
+        self.disk_limit.set(totals.disk_limit);
+        self.open_fds.set(totals.open_fds);
+        self.max_fds.set(totals.max_fds);
+        self.open_sockets.set(totals.open_sockets);
+        self.max_sockets.set(totals.max_sockets);
+        self.uptime.set(totals.uptime_seconds);
         let mut out = String::new();
         if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
             tracing::error!(error = %e, "metrics encoding failed");
@@ -332,6 +563,24 @@ pub struct NodeTotals {
     pub store_fsyncs: i64,
     /// The store's write batches so far.
     pub store_batches: i64,
+    /// Channels that have published.
+    pub publishers: i64,
+    /// Publishes not yet confirmed, over every channel in confirm mode.
+    pub unconfirmed: i64,
+    /// Free space on the data directory's disk (octets; the last sample).
+    pub disk_free: i64,
+    /// The free disk space limit (octets).
+    pub disk_limit: i64,
+    /// Open file descriptors.
+    pub open_fds: i64,
+    /// The file descriptor limit.
+    pub max_fds: i64,
+    /// Open client sockets.
+    pub open_sockets: i64,
+    /// The client socket limit.
+    pub max_sockets: i64,
+    /// Seconds since the broker started.
+    pub uptime_seconds: i64,
 }
 
 /// This process's resident set in bytes (Linux; 0 elsewhere).

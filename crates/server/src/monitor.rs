@@ -46,7 +46,10 @@ pub fn spawn_monitor(broker: &Arc<Broker>) {
                 let dir = b.config.data_dir.clone();
                 let free = tokio::task::spawn_blocking(move || fs4::available_space(&dir)).await;
                 disk = match free {
-                    Ok(Ok(free)) => free < b.alarms.disk_limit(),
+                    Ok(Ok(free)) => {
+                        b.alarms.record_disk_free(free);
+                        free < b.alarms.disk_limit()
+                    }
                     Ok(Err(e)) => {
                         tracing::warn!(error = %e, "cannot read free disk space");
                         false

@@ -219,12 +219,26 @@ pub struct NodeStats {
     pub disk_free_limit: u64,
     /// The disk alarm is raised.
     pub disk_free_alarm: bool,
+    /// Free space on the data directory's disk, octets (last sample).
+    #[serde(default)]
+    pub disk_free: u64,
     /// Open file descriptors.
     pub fd_used: u64,
     /// The file descriptor limit (soft).
     pub fd_total: u64,
     /// Open client connections.
     pub sockets_used: u64,
+    /// The client connection limit: RabbitMQ's, 90% of the descriptor
+    /// limit (the rest is for files).
+    #[serde(default)]
+    pub sockets_total: u64,
+    /// Tasks alive on the runtime (RabbitMQ: Erlang processes).
+    #[serde(default)]
+    pub proc_used: u64,
+    /// RabbitMQ's process limit; Warren has none but memory (Erlang's
+    /// default, 1,048,576, for tools that compute a ratio).
+    #[serde(default)]
+    pub proc_total: u64,
     /// Cores.
     pub processors: u64,
     /// Milliseconds since the broker started.

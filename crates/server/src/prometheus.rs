@@ -42,6 +42,26 @@ fn node_totals(broker: &Broker) -> NodeTotals {
         }
     }
     t.connections = broker.connections.load(Ordering::Relaxed) as i64;
+    for c in broker.live_connections.iter() {
+        for ch in c
+            .channels
+            .lock()
+            .values()
+            .filter_map(std::sync::Weak::upgrade)
+        {
+            let (published, unconfirmed) = ch.publishing();
+            t.publishers += i64::from(published);
+            t.unconfirmed += unconfirmed as i64;
+        }
+    }
+    let stats = broker.node_stats();
+    t.disk_free = stats.disk_free as i64;
+    t.disk_limit = stats.disk_free_limit as i64;
+    t.open_fds = stats.fd_used as i64;
+    t.max_fds = stats.fd_total as i64;
+    t.open_sockets = stats.sockets_used as i64;
+    t.max_sockets = stats.sockets_total as i64;
+    t.uptime_seconds = (stats.uptime / 1000) as i64;
     t.memory_limit = broker.alarms.memory_limit() as i64;
     let alarms = broker.alarms.current();
     t.memory_alarm = alarms.memory;

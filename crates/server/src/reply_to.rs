@@ -14,6 +14,7 @@ use amqp_codec::methods::BasicDeliver;
 use amqp_codec::{ContentHeader, Method, ShortStr};
 use dashmap::DashMap;
 
+use crate::metrics::DeliveryKind;
 use crate::session::ChannelShared;
 
 /// The pseudo-queue clients consume from.
@@ -64,7 +65,7 @@ impl ReplyConsumers {
             return false;
         };
         let (channel, tag) = entry.value();
-        let delivery_tag = channel.next_delivery(None);
+        let delivery_tag = channel.next_delivery(DeliveryKind::Consume, false, None);
         // (A channel closing right now takes no more frames.)
         channel.write_content_if_open(
             &Method::BasicDeliver(BasicDeliver {

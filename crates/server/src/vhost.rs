@@ -323,6 +323,7 @@ impl Vhost {
                 },
             })
             .await?;
+        self.node.metrics.queues_created.inc();
         // Projected by the commit (another node may have declared it first).
         self.find_remote_queue(&name).ok_or_else(|| {
             AmqpError::not_found(format!("no queue '{name}' in vhost '{}'", self.name))
@@ -834,6 +835,7 @@ impl Vhost {
             }
         }
         self.spawn_housekeeping(handle.clone());
+        self.node.metrics.queues_created.inc();
         Ok(handle)
     }
 
@@ -920,6 +922,7 @@ impl Vhost {
         let Some((count, consumers)) = q.kind().delete(only_if_unused, &mut fx) else {
             return Ok(0);
         };
+        self.node.metrics.queues_deleted.inc();
         q.wake.notify_one();
         // Its publishers must not wait for a queue that is gone.
         q.flow.lower();
@@ -1421,6 +1424,7 @@ impl Vhost {
             congested: Vec::new(),
             remote: Vec::new(),
         };
+        let mut here = 0;
         for &qid in routed.queues() {
             let Some(queue) = self.queue_by_id(qid.0) else {
                 self.enqueue_remote(qid.0, &mut out);
@@ -1429,6 +1433,7 @@ impl Vhost {
             let Some(published) = queue.publish(&out.message, &self.node.store, fx) else {
                 continue;
             };
+            here += 1;
             out.refused |= published.refused;
             out.wrote |= published.wrote;
             if published.congested {
@@ -1439,6 +1444,8 @@ impl Vhost {
             out.congested.push(self.node.store.flow().clone());
         }
         self.node.metrics.received.inc();
+        // (Copies for queues on other nodes count there.)
+        self.node.metrics.queue_published.inc_by(here);
         match (out.unroutable, p.mandatory) {
             (false, _) => self.node.metrics.routed.inc(),
             (true, true) => self.node.metrics.unroutable_returned.inc(),
@@ -1586,6 +1593,9 @@ impl Vhost {
         let mut fx = Effects::default();
         let published = queue.publish(&message, &self.node.store, &mut fx);
         self.node.metrics.received.inc();
+        if published.is_some() {
+            self.node.metrics.queue_published.inc();
+        }
         self.node.alarms.note_published(message.size(), 1);
         self.apply(&mut fx);
         let Some(published) = published else {

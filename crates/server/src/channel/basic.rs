@@ -13,6 +13,7 @@ use queue_store::parse_expiration;
 use super::{Channel, Mode, Settle, TxAction, Unacked, server_name};
 use crate::auth::{Access, Resource};
 use crate::error::AmqpError;
+use crate::metrics::DeliveryKind;
 use crate::node::Node;
 use crate::queue::{ConsumeRefused, Consumer, now_ms};
 use crate::reply_to;
@@ -417,20 +418,19 @@ impl Channel {
         let mut fx = std::mem::take(&mut self.fx);
         let got = queue.get(!m.no_ack, &mut fx);
         match got {
-            None => self
-                .shared
-                .write_method(&Method::BasicGetEmpty(BasicGetEmpty {
-                    cluster_id: ShortStr::default(),
-                })),
+            None => self.get_empty(),
             Some(d) => match crate::queue::load_off_worker(&d.message, &node.store).await {
                 Some(msg) => {
-                    let tag = self.shared.next_delivery((!m.no_ack).then(|| Unacked {
+                    let unacked = (!m.no_ack).then(|| Unacked {
                         queue: queue.id,
                         seq: d.seq,
                         consumer_unacked: None,
                         consumer: None,
                         delivered_at: now_ms(),
-                    }));
+                    });
+                    let tag = self
+                        .shared
+                        .next_delivery(DeliveryKind::Get, d.redelivered, unacked);
                     let method = Method::BasicGetOk(BasicGetOk {
                         delivery_tag: tag,
                         redelivered: d.redelivered,
@@ -444,11 +444,7 @@ impl Channel {
                         self.shared.trace_delivery(&queue, &msg, d.redelivered);
                     }
                 }
-                None => self
-                    .shared
-                    .write_method(&Method::BasicGetEmpty(BasicGetEmpty {
-                        cluster_id: ShortStr::default(),
-                    })),
+                None => self.get_empty(),
             },
         }
         vhost.apply(&mut fx);
@@ -468,10 +464,12 @@ impl Channel {
         let seq = match &mut self.mode {
             Mode::Confirm(c) => {
                 c.published += 1;
+                node.metrics.received_confirm.inc();
                 Some(c.published)
             }
             _ => None,
         };
+        self.shared.note_published(seq.is_some());
         self.shared
             .connection
             .has_published
@@ -596,6 +594,15 @@ impl Channel {
         Ok(())
     }
 
+    /// Answers `basic.get` with `get-empty` (and counts it).
+    fn get_empty(&self) {
+        self.shared.connection.metrics.get_empty.inc();
+        self.shared
+            .write_method(&Method::BasicGetEmpty(BasicGetEmpty {
+                cluster_id: ShortStr::default(),
+            }));
+    }
+
     /// `basic.get` from a queue on another node.
     async fn get_remote(
         &mut self,
@@ -609,22 +616,22 @@ impl Channel {
             .await
             .map_err(|e| super::remote::home_down(&remote, vhost.name(), "get", &e))?;
         let Some(d) = got else {
-            self.shared
-                .write_method(&Method::BasicGetEmpty(BasicGetEmpty {
-                    cluster_id: ShortStr::default(),
-                }));
+            self.get_empty();
             return Ok(());
         };
         let header = amqp_codec::ContentHeader::decode(&d.header).map_err(|e| {
             AmqpError::internal(format!("a message from node '{}': {e}", remote.home))
         })?;
-        let tag = self.shared.next_delivery((!no_ack).then(|| Unacked {
+        let unacked = (!no_ack).then(|| Unacked {
             queue: remote.id,
             seq: d.seq,
             consumer_unacked: None,
             consumer: None,
             delivered_at: now_ms(),
-        }));
+        });
+        let tag = self
+            .shared
+            .next_delivery(DeliveryKind::Get, d.redelivered, unacked);
         let method = Method::BasicGetOk(BasicGetOk {
             delivery_tag: tag,
             redelivered: d.redelivered,

@@ -80,6 +80,7 @@ impl Channel {
             for f in &frames {
                 self.shared.write_method(f);
             }
+            self.shared.note_confirmed(to - from);
             node.metrics.confirmed.inc_by(confirmed);
             return;
         }
@@ -131,6 +132,7 @@ impl Channel {
                     })]);
                 }
             }
+            shared.note_confirmed(to - from);
             in_flight.fetch_sub(1, Ordering::AcqRel);
             let _ = done.send(());
         });

@@ -136,6 +136,7 @@ impl Channel {
                     (remote.durable, remote.auto_delete, &remote.arguments),
                     &m,
                 )?;
+                node.metrics.queues_declared.inc();
                 self.last_queue = remote.name.clone();
                 if !m.nowait {
                     self.shared
@@ -185,6 +186,7 @@ impl Channel {
                 }
             }
         };
+        node.metrics.queues_declared.inc();
         self.last_queue = queue.clone();
         if !m.nowait {
             self.shared

@@ -20,6 +20,7 @@ use amqp_codec::methods::*;
 use amqp_codec::{ContentHeader, Method};
 use parking_lot::Mutex;
 
+use crate::metrics::DeliveryKind;
 use crate::peers::{Peers, RemoteDelivery, RemoteSink};
 use crate::queue::{Settle, Unacked};
 use crate::session::ChannelShared;
@@ -102,13 +103,14 @@ impl RemoteConsumer {
             );
             return;
         };
-        let tag = channel.next_delivery((!self.no_ack).then(|| Unacked {
+        let unacked = (!self.no_ack).then(|| Unacked {
             queue: self.queue_id,
             seq: d.seq,
             consumer_unacked: Some(self.unacked.clone()),
             consumer: Some(self.tag.clone()),
             delivered_at: crate::queue::now_ms(),
-        }));
+        });
+        let tag = channel.next_delivery(DeliveryKind::Consume, d.redelivered, unacked);
         if !self.no_ack {
             self.unacked.fetch_add(1, Ordering::Relaxed);
         }

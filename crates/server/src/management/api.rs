@@ -2157,7 +2157,18 @@ async fn get_messages(
     let q = v.find_queue(&name).ok_or_else(ApiError::not_found)?;
     not_exclusive(&q, &vhost)?;
     let body = body_map(body);
-    let count = body.get("count").and_then(Value::as_u64).unwrap_or(1);
+    // (rabbitmqadmin sends numbers as strings; RabbitMQ parses either.)
+    let int = |field: &str| {
+        match body.get(field) {
+            None | Some(Value::Null) => Some(None),
+            Some(Value::Number(n)) => n.as_u64().map(Some),
+            Some(Value::String(s)) => s.trim().parse::<u64>().ok().map(Some),
+            Some(_) => None,
+        }
+        .ok_or_else(|| ApiError::bad_request(format!("{field} must be a non-negative integer")))
+    };
+    let count = int("count")?.unwrap_or(1);
+    let truncate = int("truncate")?;
     let ackmode = body
         .get("ackmode")
         .and_then(Value::as_str)
@@ -2199,12 +2210,17 @@ async fn get_messages(
             .decode()
             .map(|p| properties_to_json(&p))
             .unwrap_or(Value::Null);
-        let (payload, payload_encoding) = match (encoding, std::str::from_utf8(&m.body)) {
+        // `truncate`: at most that many octets of the body.
+        let body = match truncate {
+            Some(n) => m.body.slice(..m.body.len().min(n as usize)),
+            None => m.body.clone(),
+        };
+        let (payload, payload_encoding) = match (encoding, std::str::from_utf8(&body)) {
             ("auto", Ok(text)) => (text.to_owned(), "string"),
             _ => {
                 use base64::Engine as _;
                 (
-                    base64::engine::general_purpose::STANDARD.encode(&m.body),
+                    base64::engine::general_purpose::STANDARD.encode(&body),
                     "base64",
                 )
             }

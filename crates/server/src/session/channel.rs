@@ -14,6 +14,7 @@ use queue_store::Message;
 
 use super::ConnectionShared;
 use crate::error::AmqpError;
+use crate::metrics::DeliveryKind;
 use crate::queue::{
     DeliverySink, Outgoing, QueueHandle, SinkInfo, Unacked, encode_content, now_ms,
     with_delivery_count,
@@ -46,6 +47,10 @@ pub struct ChannelShared {
     mode: std::sync::atomic::AtomicU8,
     /// For the management API: `basic.qos` per-consumer prefetch.
     prefetch: std::sync::atomic::AtomicU16,
+    /// For metrics: it has published (RabbitMQ counts it a publisher).
+    published: std::sync::atomic::AtomicBool,
+    /// For metrics: publishes in confirm mode not yet confirmed or nacked.
+    unconfirmed: std::sync::atomic::AtomicU64,
 }
 
 /// A channel's mode and per-consumer prefetch, as the management API
@@ -71,6 +76,8 @@ impl ChannelShared {
             }),
             mode: std::sync::atomic::AtomicU8::new(0),
             prefetch: std::sync::atomic::AtomicU16::new(0),
+            published: std::sync::atomic::AtomicBool::new(false),
+            unconfirmed: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -84,6 +91,29 @@ impl ChannelShared {
     /// Notes the per-consumer prefetch for the management API.
     pub(crate) fn note_prefetch(&self, prefetch: u16) {
         self.prefetch.store(prefetch, Ordering::Relaxed);
+    }
+
+    /// Notes a publish (awaiting its confirm if `confirm`), for metrics.
+    pub(crate) fn note_published(&self, confirm: bool) {
+        if !self.published.load(Ordering::Relaxed) {
+            self.published.store(true, Ordering::Relaxed);
+        }
+        if confirm {
+            self.unconfirmed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Notes `n` publishes confirmed or nacked, for metrics.
+    pub(crate) fn note_confirmed(&self, n: u64) {
+        self.unconfirmed.fetch_sub(n, Ordering::Relaxed);
+    }
+
+    /// Whether it has published, and its publishes awaiting confirms.
+    pub fn publishing(&self) -> (bool, u64) {
+        (
+            self.published.load(Ordering::Relaxed),
+            self.unconfirmed.load(Ordering::Relaxed),
+        )
     }
 
     /// Its mode and per-consumer prefetch.
@@ -115,9 +145,17 @@ impl ChannelShared {
             && !self.connection.outbox.is_full()
     }
 
-    /// Allocates a delivery tag, remembering the delivery if it needs an ack.
-    pub fn next_delivery(&self, unacked: Option<Unacked>) -> u64 {
-        self.connection.metrics.delivered.inc();
+    /// Allocates a delivery tag, remembering the delivery if it needs an ack
+    /// (and counting it as a delivery of `kind`, `redelivered` or not).
+    pub fn next_delivery(
+        &self,
+        kind: DeliveryKind,
+        redelivered: bool,
+        unacked: Option<Unacked>,
+    ) -> u64 {
+        self.connection
+            .metrics
+            .delivered(kind, unacked.is_some(), redelivered);
         let mut d = self.deliveries.lock();
         let tag = d.next_tag;
         d.next_tag += 1;
@@ -348,13 +386,14 @@ impl DeliverySink for ChannelShared {
     }
 
     fn deliver(&self, out: Outgoing<'_>) {
-        let tag = self.next_delivery(out.consumer_unacked.map(|unacked| Unacked {
+        let unacked = out.consumer_unacked.map(|unacked| Unacked {
             queue: out.queue.id,
             seq: out.seq,
             consumer_unacked: Some(unacked.clone()),
             consumer: Some(out.consumer_tag.clone()),
             delivered_at: now_ms(),
-        }));
+        });
+        let tag = self.next_delivery(DeliveryKind::Consume, out.redelivered, unacked);
         if let Some(unacked) = out.consumer_unacked {
             unacked.fetch_add(1, Ordering::Relaxed);
         }
