@@ -950,6 +950,15 @@ async fn connections_channels_and_consumers_are_listed_and_a_connection_closed()
         true
     );
     assert!(conns[0].get("user_provided_name").is_none());
+    // Its traffic: the two channel.opens and a consume came in, their
+    // answers went out.
+    for field in ["recv_oct", "recv_cnt", "send_oct", "send_cnt"] {
+        assert!(
+            conns[0][field].as_u64().unwrap() > 0,
+            "{field}: {}",
+            conns[0]
+        );
+    }
     let named = lapin::Connection::connect(
         &broker.uri(),
         lapin::ConnectionProperties::default().with_connection_name("billing-worker".into()),

@@ -332,3 +332,169 @@ async fn gets_redeliveries_churn_and_resources_are_counted() {
     conn.close(200, "bye".into()).await.unwrap();
     broker.stop().await;
 }
+
+/// `/metrics/detailed`: only the families asked for (none without
+/// `family`), queues of the vhosts asked for, RabbitMQ's prefixes and
+/// labels; `/metrics/per-object` has channels and connections too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn detailed_serves_the_families_asked_for() {
+    let broker = TestBroker::start().await;
+    let conn = broker.connect().await;
+    let ch = channel_with_queue(&conn, "full").await;
+    for _ in 0..3 {
+        ch.basic_publish(
+            "".into(),
+            "full".into(),
+            BasicPublishOptions::default(),
+            b"x",
+            lapin::BasicProperties::default(),
+        )
+        .await
+        .unwrap();
+    }
+    ch.queue_declare(
+        "watched".into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_bind(
+        "watched".into(),
+        "amq.topic".into(),
+        "a.#".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    // (Kept: lapin cancels a consumer it drops.)
+    let _consumer = ch
+        .basic_consume(
+            "watched".into(),
+            "c".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    // (A round trip: the publishes were taken.)
+    assert_eq!(warren_tests::ready_count(&ch, "full").await, 3);
+
+    let none = scrape(&broker, "/metrics/detailed").await;
+    assert!(!none.contains("rabbitmq_detailed_"), "{none}");
+    assert!(none.contains("rabbitmq_identity_info{"), "{none}");
+
+    let coarse = scrape(
+        &broker,
+        "/metrics/detailed?family=queue_coarse_metrics&vhost=%2F",
+    )
+    .await;
+    for (series, expected) in [
+        (
+            "rabbitmq_detailed_queue_messages{vhost=\"/\",queue=\"full\"}",
+            3.0,
+        ),
+        (
+            "rabbitmq_detailed_queue_messages_ready{vhost=\"/\",queue=\"full\"}",
+            3.0,
+        ),
+        (
+            "rabbitmq_detailed_queue_messages{vhost=\"/\",queue=\"watched\"}",
+            0.0,
+        ),
+    ] {
+        assert_eq!(value(&coarse, series), expected, "{series}");
+    }
+    assert!(!coarse.contains("rabbitmq_detailed_queue_consumers"));
+    let elsewhere = scrape(
+        &broker,
+        "/metrics/detailed?family=queue_coarse_metrics&vhost=other",
+    )
+    .await;
+    assert!(!elsewhere.contains("queue=\"full\""), "{elsewhere}");
+
+    // Both consumer families: the count is served once.
+    let consumers = scrape(
+        &broker,
+        "/metrics/detailed?family=queue_consumer_count&family=queue_metrics",
+    )
+    .await;
+    assert_eq!(
+        consumers
+            .lines()
+            .filter(|l| l.starts_with("# TYPE rabbitmq_detailed_queue_consumers "))
+            .count(),
+        1,
+        "{consumers}"
+    );
+    assert_eq!(
+        value(
+            &consumers,
+            "rabbitmq_detailed_queue_consumers{vhost=\"/\",queue=\"watched\"}"
+        ),
+        1.0,
+        "{consumers}"
+    );
+
+    let cluster = scrape(
+        &broker,
+        "/metrics/detailed?family=exchange_bindings&family=exchange_names&family=vhost_status",
+    )
+    .await;
+    assert_eq!(
+        value(
+            &cluster,
+            "rabbitmq_cluster_exchange_bindings{vhost=\"/\",exchange=\"amq.topic\",type=\"topic\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &cluster,
+            "rabbitmq_cluster_exchange_name{vhost=\"/\",exchange=\"amq.direct\",type=\"direct\"}"
+        ),
+        1.0
+    );
+    assert!(!cluster.contains("exchange=\"\""), "no default exchange");
+    assert_eq!(
+        value(&cluster, "rabbitmq_cluster_vhost_status{vhost=\"/\"}"),
+        1.0
+    );
+
+    let node = scrape(
+        &broker,
+        "/metrics/detailed?family=connection_churn_metrics&family=node_metrics&family=node_coarse_metrics&family=channel_metrics&family=connection_coarse_metrics",
+    )
+    .await;
+    assert_eq!(
+        value(&node, "rabbitmq_detailed_connections_opened_total"),
+        1.0
+    );
+    assert_eq!(value(&node, "rabbitmq_detailed_queues_created_total"), 2.0);
+    assert!(value(&node, "rabbitmq_detailed_process_max_fds") > 0.0);
+    assert!(value(&node, "rabbitmq_detailed_process_open_fds") > 0.0);
+    let channel = node
+        .lines()
+        .find(|l| l.starts_with("rabbitmq_detailed_channel_consumers{channel=\"<0."))
+        .unwrap_or_else(|| panic!("no channel series in:\n{node}"));
+    assert!(channel.ends_with(".1>\"} 1"), "{channel}");
+    let incoming = node
+        .lines()
+        .find(|l| l.starts_with("rabbitmq_detailed_connection_incoming_bytes_total{channel=\"<0."))
+        .unwrap_or_else(|| panic!("no connection series in:\n{node}"));
+    let octets: f64 = incoming.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(octets > 100.0, "{incoming}");
+
+    let per_object = scrape(&broker, "/metrics/per-object").await;
+    for family in [
+        "rabbitmq_channel_consumers{channel=\"<0.",
+        "rabbitmq_connection_outgoing_bytes_total{channel=\"<0.",
+        "rabbitmq_connection_channels{channel=\"<0.",
+        "rabbitmq_queue_messages{vhost=\"/\",queue=\"full\"} 3",
+    ] {
+        assert!(per_object.contains(family), "{family} in:\n{per_object}");
+    }
+    conn.close(200, "bye".into()).await.unwrap();
+    broker.stop().await;
+}

@@ -528,6 +528,8 @@ async fn handshake(
         channels: parking_lot::Mutex::new(HashMap::new()),
         force_close: tokio_util::sync::CancellationToken::new(),
         close_reason: parking_lot::Mutex::new(String::new()),
+        recv_oct: std::sync::atomic::AtomicU64::new(0),
+        recv_cnt: std::sync::atomic::AtomicU64::new(0),
         client_properties: compact_table(&start_ok.client_properties),
     });
     // Listed (management API) before the client hears open-ok: a client
@@ -738,6 +740,8 @@ impl Connection {
                         Ok(0) | Err(_) => return,
                         Ok(n) => {
                             reader.note_read(n);
+                            self.shared.recv_oct.fetch_add(n as u64, Ordering::Relaxed);
+                            self.shared.recv_cnt.fetch_add(1, Ordering::Relaxed);
                             last_read = Instant::now();
                         }
                     }

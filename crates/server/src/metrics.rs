@@ -135,8 +135,7 @@ pub struct Metrics {
     store_fsyncs: Gauge,
     store_batches: Gauge,
     identity: Family<IdentityLabels, Gauge>,
-    /// Kept registered (one series, set once).
-    #[allow(dead_code)]
+    /// One series, set once.
     build: Family<BuildLabels, Gauge>,
 }
 
@@ -503,15 +502,77 @@ impl Metrics {
         }
     }
 
-    /// The node-wide exposition (`/metrics`), with the totals read from the
-    /// broker at scrape time.
-    pub fn render(&self, totals: &NodeTotals, identity: &IdentityLabels) -> String {
+    fn note_identity(&self, identity: &IdentityLabels) {
         if self.identity.get(identity).is_none() {
             // One series: the names are fixed for the process's life, but
             // a cluster's name may only be known once it formed.
             self.identity.clear();
             self.identity.get_or_create(identity).set(1);
         }
+    }
+
+    /// Registers `rabbitmq_build_info` and `rabbitmq_identity_info` in
+    /// `registry` too (`/metrics/detailed` serves them beside its families).
+    pub fn register_info(&self, registry: &mut Registry, identity: &IdentityLabels) {
+        self.note_identity(identity);
+        registry.register(
+            "rabbitmq_build_info",
+            "RabbitMQ & Erlang/OTP version info",
+            self.build.clone(),
+        );
+        registry.register(
+            "rabbitmq_identity_info",
+            "RabbitMQ node & cluster identity info",
+            self.identity.clone(),
+        );
+    }
+
+    /// The churn counters (RabbitMQ's `connection_churn_metrics`): name
+    /// (without prefix or `_total`), help, value.
+    pub fn churn(&self) -> [(&'static str, &'static str, u64); 7] {
+        [
+            (
+                "connections_opened",
+                "Total number of connections opened",
+                self.connections_opened.get(),
+            ),
+            (
+                "connections_closed",
+                "Total number of connections closed or terminated",
+                self.connections_closed.get(),
+            ),
+            (
+                "channels_opened",
+                "Total number of channels opened",
+                self.channels_opened.get(),
+            ),
+            (
+                "channels_closed",
+                "Total number of channels closed",
+                self.channels_closed.get(),
+            ),
+            (
+                "queues_declared",
+                "Total number of queues declared",
+                self.queues_declared.get(),
+            ),
+            (
+                "queues_created",
+                "Total number of queues created",
+                self.queues_created.get(),
+            ),
+            (
+                "queues_deleted",
+                "Total number of queues deleted",
+                self.queues_deleted.get(),
+            ),
+        ]
+    }
+
+    /// The node-wide exposition (`/metrics`), with the totals read from the
+    /// broker at scrape time.
+    pub fn render(&self, totals: &NodeTotals, identity: &IdentityLabels) -> String {
+        self.note_identity(identity);
         self.queues.set(totals.queues);
         self.consumers.set(totals.consumers);
         self.ready.set(totals.ready);

@@ -48,6 +48,10 @@ struct Pending {
     /// The socket, while senders may write it themselves (plain TCP, until
     /// the writer ends).
     socket: Option<Arc<OwnedWriteHalf>>,
+    /// Octets encoded for sending so far, and in how many writes (the
+    /// management API's `send_oct` and `send_cnt`).
+    octets: u64,
+    writes: u64,
 }
 
 impl Default for Pending {
@@ -57,6 +61,8 @@ impl Default for Pending {
             writing: false,
             last_write: Instant::now(),
             socket: None,
+            octets: 0,
+            writes: 0,
         }
     }
 }
@@ -88,7 +94,10 @@ impl Outbox {
     pub fn write<R>(&self, f: impl FnOnce(&mut BytesMut) -> R) -> R {
         let mut p = self.pending.lock();
         let was_empty = p.buf.is_empty();
+        let before = p.buf.len();
         let r = f(&mut p.buf);
+        p.octets += p.buf.len().saturating_sub(before) as u64;
+        p.writes += 1;
         if p.writing || p.buf.is_empty() {
             return r;
         }
@@ -118,6 +127,12 @@ impl Outbox {
         drop(p);
         self.ready.notify_one();
         r
+    }
+
+    /// Octets encoded for sending so far, and in how many writes.
+    pub fn sent(&self) -> (u64, u64) {
+        let p = self.pending.lock();
+        (p.octets, p.writes)
     }
 
     /// Whether deliveries should pause for this connection.

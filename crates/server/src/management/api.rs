@@ -1632,6 +1632,13 @@ fn connection_json(c: &crate::session::ConnectionShared, node: &str) -> Value {
         "state": if c.congested.lock().is_empty() { "running" } else { "flow" },
         "client_properties": crate::json::table_to_json(&c.client_properties),
     });
+    // Traffic, under RabbitMQ's names: octets read from and written to
+    // the socket, and reads and frames written.
+    let (send_oct, send_cnt) = c.outbox.sent();
+    out["recv_oct"] = json!(c.recv_oct.load(std::sync::atomic::Ordering::Relaxed));
+    out["recv_cnt"] = json!(c.recv_cnt.load(std::sync::atomic::Ordering::Relaxed));
+    out["send_oct"] = json!(send_oct);
+    out["send_cnt"] = json!(send_cnt);
     // As RabbitMQ: the name a client gave its connection, when it gave one.
     if let Some(amqp_codec::FieldValue::LongStr(name)) = c.client_properties.get("connection_name")
     {

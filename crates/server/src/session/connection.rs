@@ -53,6 +53,11 @@ pub struct ConnectionShared {
     pub force_close: tokio_util::sync::CancellationToken,
     /// See `force_close`.
     pub close_reason: parking_lot::Mutex<String>,
+    /// Octets read from the socket since open-ok, and in how many reads
+    /// (the management API's `recv_oct` and `recv_cnt`).
+    pub recv_oct: std::sync::atomic::AtomicU64,
+    /// Socket reads since open-ok.
+    pub recv_cnt: std::sync::atomic::AtomicU64,
     /// What the client said of itself in `connection.start-ok` (product,
     /// version, capabilities, `connection_name`), for the management API.
     pub client_properties: FieldTable,

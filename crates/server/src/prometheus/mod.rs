@@ -1,26 +1,28 @@
 //! The Prometheus endpoint: `/metrics` (the node's counters from
 //! `metrics.rs`, with totals read from every vhost, queue and connection at
-//! scrape time) and `/metrics/per-object` (per-queue series built at scrape
-//! time), served by axum on their own port (default 15692) without
-//! authentication, as RabbitMQ's `rabbitmq_prometheus` does.
+//! scrape time), `/metrics/per-object` and `/metrics/detailed` (per-object
+//! series built at scrape time, `objects.rs`), served by axum on their own
+//! port (default 15692) without authentication, as RabbitMQ's
+//! `rabbitmq_prometheus` does.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{RawQuery, State};
 use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
 use crate::broker::Broker;
 use crate::metrics::NodeTotals;
+
+mod objects;
 
 /// Labels of a per-queue series.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -72,51 +74,43 @@ fn node_totals(broker: &Broker) -> NodeTotals {
     t
 }
 
-/// Per-queue series (`/metrics/per-object`), built at scrape time.
+/// `/metrics/per-object`: the queue, connection and channel families for
+/// every object, and each queue's message counters, built at scrape time.
 fn render_per_object(broker: &Broker) -> String {
-    let mut registry = Registry::default();
-    let family = |registry: &mut Registry, name: &str, help: &str| {
-        let f = Family::<QueueLabels, Gauge>::default();
-        registry.register(name, help, f.clone());
-        f
+    use objects::ObjectFamily as F;
+    let req = objects::Request {
+        families: [
+            F::QueueCoarse,
+            F::Queue,
+            F::ConnectionCoarse,
+            F::Connection,
+            F::Channel,
+        ]
+        .into_iter()
+        .collect(),
+        vhosts: None,
     };
-    let ready = family(
-        &mut registry,
-        "rabbitmq_queue_messages_ready",
-        "Messages ready to be delivered to consumers",
+    let mut registry = objects::build(
+        broker,
+        &node_totals(broker),
+        &req,
+        "rabbitmq_",
+        Registry::default(),
     );
-    let unacked = family(
-        &mut registry,
-        "rabbitmq_queue_messages_unacked",
-        "Messages delivered to consumers but not yet acknowledged",
-    );
-    let consumers = family(
-        &mut registry,
-        "rabbitmq_queue_consumers",
-        "Consumers on a queue",
-    );
-    let memory = family(
-        &mut registry,
-        "rabbitmq_queue_process_memory_bytes",
-        "Memory a queue accounts for (bodies held in memory and entries)",
-    );
-    let counter = |registry: &mut Registry, name: &str, help: &str| {
+    let mut counter = |name: &str, help: &str| {
         let f = Family::<QueueLabels, Counter>::default();
         registry.register(name, help, f.clone());
         f
     };
     let published = counter(
-        &mut registry,
         "rabbitmq_queue_messages_published",
         "Messages published into a queue",
     );
     let delivered = counter(
-        &mut registry,
         "rabbitmq_queue_messages_delivered",
         "Messages delivered from a queue to consumers or gets",
     );
     let acked = counter(
-        &mut registry,
         "rabbitmq_queue_messages_acked",
         "Messages acknowledged from a queue",
     );
@@ -130,20 +124,45 @@ fn render_per_object(broker: &Broker) -> String {
             published.get_or_create(&labels).inc_by(p);
             delivered.get_or_create(&labels).inc_by(d);
             acked.get_or_create(&labels).inc_by(a);
-            let counts = q.counters();
-            ready.get_or_create(&labels).set(counts.ready as i64);
-            unacked.get_or_create(&labels).set(counts.unacked as i64);
-            consumers
-                .get_or_create(&labels)
-                .set(counts.consumers as i64);
-            memory.get_or_create(&labels).set(counts.memory as i64);
         }
     }
+    encode(&registry)
+}
+
+/// `/metrics/detailed?family=...&vhost=...`: only the families asked for,
+/// with the node's identity and build series, as RabbitMQ serves it.
+fn render_detailed(broker: &Broker, query: &str) -> String {
+    let req = objects::Request::from_query(query);
+    let mut registry = Registry::default();
+    broker
+        .metrics
+        .register_info(&mut registry, &identity(broker));
+    let registry = objects::build(
+        broker,
+        &node_totals(broker),
+        &req,
+        "rabbitmq_detailed_",
+        registry,
+    );
+    encode(&registry)
+}
+
+fn encode(registry: &Registry) -> String {
     let mut out = String::new();
-    if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &registry) {
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut out, registry) {
         tracing::error!(error = %e, "metrics encoding failed");
     }
     out
+}
+
+/// This node's identity labels.
+fn identity(b: &Broker) -> crate::metrics::IdentityLabels {
+    crate::metrics::IdentityLabels::new(
+        &b.config.node_name,
+        &b.peers
+            .get()
+            .map_or_else(|| b.config.node_name.clone(), |p| p.cluster_name()),
+    )
 }
 
 const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -151,15 +170,7 @@ const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset
 async fn metrics(State(b): State<Arc<Broker>>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, CONTENT_TYPE)],
-        b.metrics.render(
-            &node_totals(&b),
-            &crate::metrics::IdentityLabels::new(
-                &b.config.node_name,
-                &b.peers
-                    .get()
-                    .map_or_else(|| b.config.node_name.clone(), |p| p.cluster_name()),
-            ),
-        ),
+        b.metrics.render(&node_totals(&b), &identity(&b)),
     )
 }
 
@@ -170,11 +181,20 @@ async fn per_object(State(b): State<Arc<Broker>>) -> impl IntoResponse {
     )
 }
 
-/// Serves `/metrics` and `/metrics/per-object` on `listener` until shutdown.
+async fn detailed(State(b): State<Arc<Broker>>, RawQuery(q): RawQuery) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, CONTENT_TYPE)],
+        render_detailed(&b, q.as_deref().unwrap_or("")),
+    )
+}
+
+/// Serves `/metrics`, `/metrics/per-object` and `/metrics/detailed` on
+/// `listener` until shutdown.
 pub fn spawn(broker: &Arc<Broker>, listener: TcpListener) {
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/metrics/per-object", get(per_object))
+        .route("/metrics/detailed", get(detailed))
         .with_state(broker.clone());
     crate::management::serve_http(broker, listener, app, "metrics endpoint");
 }
