@@ -1,6 +1,7 @@
 """Starts Warren and Prometheus on free loopback ports, runs the dashboard
 and rabbitmqadmin checks against them (dashboard.py, rabbitmqadmin.py), and
-stops both whatever happens. Run by run.sh, which fetches the programs."""
+the rabbitmq.conf check (rabbitmq_conf.py, its own broker), and stops them
+whatever happens. Run by run.sh, which fetches the programs."""
 
 import argparse
 import os
@@ -12,6 +13,7 @@ import tempfile
 import time
 
 import dashboard
+import rabbitmq_conf
 import rabbitmqadmin
 
 NODE = "warren@localhost"
@@ -76,6 +78,7 @@ def main():
 
         failures = dashboard.check(amqp, f"http://127.0.0.1:{prom_web}", NODE)
         failures += rabbitmqadmin.check(a.rabbitmqadmin, mgmt, amqp)
+        failures += rabbitmq_conf.check(a.warren, free_port, wait_listening)
         if warren.poll() is not None:
             failures.append(f"warren exited ({warren.returncode})")
         if failures:

@@ -9,6 +9,9 @@
 #      from Debian's rabbitmq-server 3.10.8 package (only the script is
 #      unpacked; no Erlang), runs list/show/declare/delete/publish/get/
 #      export/import, per vhost with -V, sorted with -S, in every -f format.
+#   3. rabbitmq_conf.py: a RabbitMQ rabbitmq.conf given to --config sets the
+#      listeners, default user, tuning and ports (seen by pika and over
+#      HTTP); an unknown key stops the broker with an error naming it.
 #
 #     bash rabbitmq-tools/run.sh
 #

@@ -789,11 +789,69 @@ async fn definitions_round_trip_through_an_empty_broker() {
         let resp = api.post(path, json!({"routing_key": key})).await;
         assert_eq!(resp.status(), StatusCode::CREATED);
     }
+    // Transient objects are exported too (as RabbitMQ 3.10's export has
+    // them); an exclusive queue is not.
+    let client = lapin::Connection::connect(
+        &format!("amqp://guest:guest@{}/shop", source.addr),
+        lapin::ConnectionProperties::default(),
+    )
+    .await
+    .unwrap();
+    let ch = client.create_channel().await.unwrap();
+    ch.exchange_declare(
+        "scratch.x".into(),
+        lapin::ExchangeKind::Fanout,
+        ExchangeDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_declare(
+        "scratch".into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_bind(
+        "scratch".into(),
+        "scratch.x".into(),
+        "".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_declare(
+        "mine".into(),
+        QueueDeclareOptions {
+            exclusive: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
     let (status, exported) = api.get("/api/definitions").await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(exported["queues"].as_array().unwrap().len(), 1);
-    assert_eq!(exported["bindings"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        exported["queues"].as_array().unwrap().len(),
+        2,
+        "{exported}"
+    );
+    assert_eq!(exported["bindings"].as_array().unwrap().len(), 3);
     assert_eq!(exported["topic_permissions"][0]["exchange"], "orders");
+    let named = |section: &str, name: &str| {
+        exported[section]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|o| o["name"] == name)
+            .cloned()
+    };
+    assert_eq!(named("queues", "scratch").unwrap()["durable"], false);
+    assert_eq!(named("exchanges", "scratch.x").unwrap()["durable"], false);
+    assert!(named("queues", "mine").is_none(), "exclusive: not exported");
 
     let target = TestBroker::start().await;
     let target_api = Api::guest(&target);

@@ -1,6 +1,7 @@
 //! Definitions in RabbitMQ's JSON format: export everything an operator
 //! would recreate a broker from (users with their hashes, vhosts,
-//! permissions, topic permissions, durable exchanges and queues, and the
+//! permissions, topic permissions, exchanges and queues (transient ones too,
+//! as RabbitMQ 3.10 exports them; not exclusive queues), and the
 //! bindings between them), and import such a file — one exported by Warren
 //! or by RabbitMQ (`rabbitmqctl export_definitions`, the management UI).
 //! Served as `GET`/`POST /api/definitions` and loaded at boot with
@@ -93,33 +94,36 @@ pub fn export(broker: &Broker) -> Value {
     let mut policies = Vec::new();
     for v in &vhosts {
         policies.extend(v.policies.read().iter().map(crate::policy::Policy::to_json));
+        // Transient queues and exchanges too, as RabbitMQ 3.10 exports
+        // them (marked `"durable": false`); exclusive queues not, they
+        // belong to a connection.
         let qs: Vec<_> = v
             .queues()
             .into_iter()
-            .filter(|q| q.durable && q.exclusive_owner.is_none())
+            .filter(|q| q.exclusive_owner.is_none())
             .collect();
-        // In a cluster, the durable queues other nodes host too (every
-        // node exports the same definitions).
+        // In a cluster, the queues other nodes host too (every node
+        // exports the same definitions).
         let remote: Vec<_> = v
             .remote_queues()
             .into_iter()
-            .filter(|q| q.durable && !q.exclusive)
+            .filter(|q| !q.exclusive)
             .collect();
-        let mut listed: Vec<(&ShortStr, bool, &FieldTable)> = qs
+        let mut listed: Vec<(&ShortStr, bool, bool, &FieldTable)> = qs
             .iter()
-            .map(|q| (&q.name, q.auto_delete, &q.arguments))
+            .map(|q| (&q.name, q.durable, q.auto_delete, &q.arguments))
             .chain(
                 remote
                     .iter()
-                    .map(|q| (&q.name, q.auto_delete, &*q.arguments)),
+                    .map(|q| (&q.name, q.durable, q.auto_delete, &*q.arguments)),
             )
             .collect();
         listed.sort_by(|a, b| a.0.cmp(b.0));
-        for (name, auto_delete, arguments) in &listed {
+        for (name, durable, auto_delete, arguments) in &listed {
             queues.push(json!({
                 "name": name.as_str(),
                 "vhost": v.name(),
-                "durable": true,
+                "durable": durable,
                 "auto_delete": auto_delete,
                 "arguments": table_to_json(arguments),
             }));
@@ -127,7 +131,7 @@ pub fn export(broker: &Broker) -> Value {
         let router = v.router.read();
         let mut xs: Vec<_> = router
             .exchanges()
-            .filter(|x| x.durable && !x.name.starts_with("amq."))
+            .filter(|x| !x.name.is_empty() && !x.name.starts_with("amq."))
             .collect();
         xs.sort_by(|a, b| a.name.cmp(&b.name));
         for x in xs {
@@ -135,21 +139,20 @@ pub fn export(broker: &Broker) -> Value {
                 "name": x.name.as_str(),
                 "vhost": v.name(),
                 "type": x.kind.as_str(),
-                "durable": true,
+                "durable": x.durable,
                 "auto_delete": x.auto_delete,
                 "internal": x.internal,
                 "arguments": table_to_json(&x.arguments),
             }));
         }
-        let exported_exchange = |name: &str| {
-            name.starts_with("amq.") || router.exchange(name).is_some_and(|x| x.durable)
-        };
+        let exported_exchange =
+            |name: &str| name.starts_with("amq.") || router.exchange(name).is_some();
         for b in router.bindings() {
             let (destination, kind, durable) = match &b.destination {
                 exchange::Destination::Queue(q) => (
                     q.as_str().to_owned(),
                     "queue",
-                    listed.iter().any(|(name, _, _)| *name == q),
+                    listed.iter().any(|(name, _, _, _)| *name == q),
                 ),
                 exchange::Destination::Exchange(x) => {
                     (x.as_str().to_owned(), "exchange", exported_exchange(x))

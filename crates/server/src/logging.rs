@@ -10,9 +10,9 @@ use tracing_subscriber::EnvFilter;
 use tracing_subscriber::field::MakeExt as _;
 
 /// Installs the global subscriber: JSON lines or text, filtered by
-/// `WARREN_LOG` (default `info`).
-pub fn init(json: bool) {
-    let filter = EnvFilter::try_from_env("WARREN_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+/// `WARREN_LOG` (a tracing filter) or else `level`.
+pub fn init(json: bool, level: &str) {
+    let filter = EnvFilter::try_from_env("WARREN_LOG").unwrap_or_else(|_| EnvFilter::new(level));
     if json {
         tracing_subscriber::fmt()
             .json()

@@ -18,11 +18,14 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 use serde::Deserialize;
 use server::alarm::{Amount, parse_amount};
 
+mod rabbitmq_conf;
+
 /// Warren, an AMQP 0-9-1 message broker.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "warren", version, about)]
 struct Args {
-    /// TOML config file with any of the settings below (flags and env win).
+    /// Config file with any of the settings below (flags and env win): TOML,
+    /// or RabbitMQ's `rabbitmq.conf` format if its name ends in `.conf`.
     #[arg(long, env = "WARREN_CONFIG")]
     config: Option<PathBuf>,
     /// Data directory (sled database and message log) [default: data].
@@ -104,18 +107,38 @@ struct Args {
     /// Management HTTP API port (0: any free port) [default: 15672].
     #[arg(long, env = "WARREN_MANAGEMENT_PORT")]
     management_port: Option<u16>,
+    /// Address the management HTTP API listens on [default: --bind's].
+    #[arg(long, env = "WARREN_MANAGEMENT_BIND")]
+    management_bind: Option<IpAddr>,
     /// Do not serve the management HTTP API.
     #[arg(long, env = "WARREN_NO_MANAGEMENT", value_parser = clap::builder::BoolishValueParser::new())]
     no_management: bool,
     /// Prometheus metrics port (0: any free port) [default: 15692].
     #[arg(long, env = "WARREN_PROMETHEUS_PORT")]
     prometheus_port: Option<u16>,
+    /// Address Prometheus metrics are served on [default: --bind's].
+    #[arg(long, env = "WARREN_PROMETHEUS_BIND")]
+    prometheus_bind: Option<IpAddr>,
     /// Do not serve Prometheus metrics.
     #[arg(long, env = "WARREN_NO_PROMETHEUS", value_parser = clap::builder::BoolishValueParser::new())]
     no_prometheus: bool,
     /// Definitions file (RabbitMQ's JSON format) to import at boot.
     #[arg(long, env = "WARREN_LOAD_DEFINITIONS")]
     load_definitions: Option<PathBuf>,
+    /// Users who may log in from loopback only (RabbitMQ's `loopback_users`;
+    /// `none` lets guest in from anywhere) [default: guest].
+    #[arg(long, env = "WARREN_LOOPBACK_USERS", value_delimiter = ',')]
+    loopback_users: Option<Vec<String>>,
+    /// Largest channel number a client may open [default: 2047].
+    #[arg(long, env = "WARREN_CHANNEL_MAX")]
+    channel_max: Option<u16>,
+    /// Largest frame the broker accepts and offers, octets [default: 131072].
+    #[arg(long, env = "WARREN_FRAME_MAX")]
+    frame_max: Option<u32>,
+    /// Log level: error, warn, info, debug, trace or off (WARREN_LOG, a
+    /// tracing filter, wins) [default: info].
+    #[arg(long, env = "WARREN_LOG_LEVEL")]
+    log_level: Option<String>,
     /// Log as JSON lines instead of human-readable text.
     #[arg(long, env = "WARREN_LOG_JSON", value_parser = clap::builder::BoolishValueParser::new())]
     log_json: bool,
@@ -186,10 +209,16 @@ struct FileConfig {
     tls_fail_if_no_peer_cert: Option<bool>,
     no_plain_listener: Option<bool>,
     management_port: Option<u16>,
+    management_bind: Option<IpAddr>,
     no_management: Option<bool>,
     load_definitions: Option<PathBuf>,
     prometheus_port: Option<u16>,
+    prometheus_bind: Option<IpAddr>,
     no_prometheus: Option<bool>,
+    loopback_users: Option<Vec<String>>,
+    channel_max: Option<u16>,
+    frame_max: Option<u32>,
+    log_level: Option<String>,
     log_json: Option<bool>,
     node_name: Option<String>,
     cluster_name: Option<String>,
@@ -227,6 +256,9 @@ fn load_file(path: &Option<PathBuf>) -> Result<FileConfig, String> {
         return Ok(FileConfig::default());
     };
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if path.extension().is_some_and(|e| e == "conf") {
+        return rabbitmq_conf::parse(&text).map_err(|e| format!("{}: {e}", path.display()));
+    }
     toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
 }
 
@@ -404,14 +436,24 @@ fn config(args: Args, file: FileConfig) -> Result<server::Config, String> {
                 .prometheus_port
                 .or(file.prometheus_port)
                 .unwrap_or(d.prometheus.map_or(15692, |a| a.port()));
-            SocketAddr::new(bind_ip, port)
+            SocketAddr::new(
+                args.prometheus_bind
+                    .or(file.prometheus_bind)
+                    .unwrap_or(bind_ip),
+                port,
+            )
         }),
         management: (!(args.no_management || file.no_management.unwrap_or(false))).then(|| {
             let port = args
                 .management_port
                 .or(file.management_port)
                 .unwrap_or(d.management.map_or(15672, |a| a.port()));
-            SocketAddr::new(bind_ip, port)
+            SocketAddr::new(
+                args.management_bind
+                    .or(file.management_bind)
+                    .unwrap_or(bind_ip),
+                port,
+            )
         }),
         data_dir: args.data_dir.or(file.data_dir).unwrap_or(d.data_dir),
         bind: SocketAddr::new(bind_ip, args.port.or(file.port).unwrap_or(d.bind.port())),
@@ -420,6 +462,18 @@ fn config(args: Args, file: FileConfig) -> Result<server::Config, String> {
             .or(file.max_message_size)
             .unwrap_or(d.max_message_size),
         heartbeat: args.heartbeat.or(file.heartbeat).unwrap_or(d.heartbeat),
+        channel_max: args
+            .channel_max
+            .or(file.channel_max)
+            .unwrap_or(d.channel_max),
+        frame_max: args.frame_max.or(file.frame_max).unwrap_or(d.frame_max),
+        // Only guest is ever held to loopback (as RabbitMQ's default).
+        default_user_loopback_only: args
+            .loopback_users
+            .or(file.loopback_users)
+            .map_or(d.default_user_loopback_only, |users| {
+                users.iter().any(|u| u == "guest")
+            }),
         default_user: args
             .default_user
             .or(file.default_user)
@@ -465,7 +519,18 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    server::logging::init(args.log_json || file.log_json == Some(true));
+    let log_level = args
+        .log_level
+        .clone()
+        .or(file.log_level.clone())
+        .unwrap_or_else(|| "info".to_owned());
+    if !["error", "warn", "info", "debug", "trace", "off"].contains(&log_level.as_str()) {
+        eprintln!(
+            "invalid setting: log level '{log_level}' (error, warn, info, debug, trace or off)"
+        );
+        return std::process::ExitCode::FAILURE;
+    }
+    server::logging::init(args.log_json || file.log_json == Some(true), &log_level);
     // jemalloc purges freed memory from a thread of its own (after its
     // default 10 s decay), so memory comes back after a burst even when the
     // broker goes quiet.

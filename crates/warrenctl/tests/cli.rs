@@ -58,11 +58,58 @@ async fn listings_show_what_amqp_clients_made() {
     }
     assert_eq!(
         stdout(&ctl(&broker, &["list_queues"]).await),
-        "name\tmessages\norders\t3\n"
+        "Listing queues for vhost / ...\nname\tmessages\norders\t3\n"
     );
     assert_eq!(
-        stdout(&ctl(&broker, &["list_queues", "name", "durable", "consumers"]).await),
+        stdout(
+            &ctl(
+                &broker,
+                &["-q", "list_queues", "name", "durable", "consumers"]
+            )
+            .await
+        ),
         "name\tdurable\tconsumers\norders\tfalse\t0\n"
+    );
+    // rabbitmqctl's flags: -s (no banner, no header), --no-table-headers,
+    // comma-separated columns, CSV.
+    assert_eq!(
+        stdout(&ctl(&broker, &["list_queues", "-s", "name,messages"]).await),
+        "orders\t3\n"
+    );
+    assert_eq!(
+        stdout(&ctl(&broker, &["-q", "--no-table-headers", "list_queues"]).await),
+        "orders\t3\n"
+    );
+    assert_eq!(
+        stdout(
+            &ctl(
+                &broker,
+                &["--formatter", "csv", "list_queues", "name", "arguments"]
+            )
+            .await
+        ),
+        "name,arguments\norders,{}\n"
+    );
+    // An unknown column is a usage error (64), as rabbitmqctl's.
+    let bogus = ctl(&broker, &["list_queues", "name", "bogus"]).await;
+    assert_eq!(bogus.status.code(), Some(64));
+    assert!(
+        String::from_utf8_lossy(&bogus.stderr).contains("Info key(s) bogus are not supported"),
+        "{}",
+        String::from_utf8_lossy(&bogus.stderr)
+    );
+    assert!(bogus.stdout.is_empty());
+    // ... and so is an unknown flag or command.
+    assert_eq!(
+        ctl(&broker, &["list_queues", "--bogus"])
+            .await
+            .status
+            .code(),
+        Some(64)
+    );
+    assert_eq!(
+        ctl(&broker, &["no_such_command"]).await.status.code(),
+        Some(64)
     );
     let json: serde_json::Value = serde_json::from_str(&stdout(
         &ctl(
@@ -78,9 +125,10 @@ async fn listings_show_what_amqp_clients_made() {
         .await,
     ))
     .unwrap();
+    // Numbers stay numbers.
     assert_eq!(
         json,
-        serde_json::json!([{"name": "orders", "messages_ready": "3"}])
+        serde_json::json!([{"name": "orders", "messages_ready": 3}])
     );
     let exchanges = stdout(&ctl(&broker, &["list_exchanges"]).await);
     assert!(exchanges.contains("amq.topic\ttopic\n"), "{exchanges}");
@@ -99,7 +147,7 @@ async fn listings_show_what_amqp_clients_made() {
     assert!(check.starts_with("ok:"), "{check}");
     // ...and no replicated queue to add a member to.
     let refused = ctl(&broker, &["add_member", "orders", "n2@127.0.0.1"]).await;
-    assert_eq!(refused.status.code(), Some(1));
+    assert_eq!(refused.status.code(), Some(69));
     assert!(
         String::from_utf8_lossy(&refused.stderr).contains("404"),
         "{}",
@@ -131,12 +179,12 @@ async fn users_vhosts_and_permissions_are_managed() {
     // (guest, who created the vhost through the API, has full permissions
     // on it: RabbitMQ's API grants them; its rabbitmqctl does not.)
     assert_eq!(
-        stdout(&ctl(&broker, &["-p", "shop", "list_permissions"]).await),
+        stdout(&ctl(&broker, &["-q", "-p", "shop", "list_permissions"]).await),
         "user\tconfigure\twrite\tread\nbob\t.*\t.*\t.*\nguest\t.*\t.*\t.*\n"
     );
     let users = stdout(&ctl(&broker, &["list_users"]).await);
     assert!(users.contains("bob\t[monitoring, management]\n"), "{users}");
-    let vhosts = stdout(&ctl(&broker, &["list_vhosts"]).await);
+    let vhosts = stdout(&ctl(&broker, &["-q", "list_vhosts"]).await);
     assert_eq!(vhosts, "name\n/\nshop\n");
 
     // bob logs in over AMQP with the changed password.
@@ -149,18 +197,19 @@ async fn users_vhosts_and_permissions_are_managed() {
     let ch = channel_with_queue(&bob, "bobs").await;
     publish(&ch, "bobs", b"x").await;
     assert_eq!(
-        stdout(&ctl(&broker, &["-p", "shop", "list_queues"]).await),
+        stdout(&ctl(&broker, &["-q", "-p", "shop", "list_queues"]).await),
         "name\tmessages\nbobs\t1\n"
     );
     stdout(&ctl(&broker, &["-p", "shop", "purge_queue", "bobs"]).await);
     assert_eq!(
-        stdout(&ctl(&broker, &["-p", "shop", "list_queues"]).await),
+        stdout(&ctl(&broker, &["-q", "-p", "shop", "list_queues"]).await),
         "name\tmessages\nbobs\t0\n"
     );
     stdout(&ctl(&broker, &["-p", "shop", "delete_queue", "bobs"]).await);
     assert_eq!(
-        stdout(&ctl(&broker, &["-p", "shop", "list_queues"]).await),
-        "name\tmessages\n"
+        stdout(&ctl(&broker, &["-q", "-p", "shop", "list_queues"]).await),
+        "",
+        "no rows, no header"
     );
     // A policy set from the command line limits bob's queue at once.
     stdout(
@@ -191,7 +240,15 @@ async fn users_vhosts_and_permissions_are_managed() {
         stdout(
             &ctl(
                 &broker,
-                &["-p", "shop", "list_queues", "name", "messages", "policy"]
+                &[
+                    "-q",
+                    "-p",
+                    "shop",
+                    "list_queues",
+                    "name",
+                    "messages",
+                    "policy"
+                ]
             )
             .await
         ),
@@ -205,7 +262,7 @@ async fn users_vhosts_and_permissions_are_managed() {
     stdout(&ctl(&broker, &["-p", "shop", "clear_policy", "cap"]).await);
     assert_eq!(
         stdout(&ctl(&broker, &["-p", "shop", "list_policies"]).await),
-        "vhost\tname\tpattern\tapply-to\tdefinition\tpriority\n"
+        "Listing policies for vhost \"shop\" ...\n"
     );
     // Vhost limits: "capped" is the vhost's one queue, so a second is refused
     // until the limit is lifted.
@@ -217,7 +274,7 @@ async fn users_vhosts_and_permissions_are_managed() {
         .await,
     );
     assert_eq!(
-        stdout(&ctl(&broker, &["-p", "shop", "list_vhost_limits"]).await),
+        stdout(&ctl(&broker, &["-q", "-p", "shop", "list_vhost_limits"]).await),
         "vhost\tvalue\nshop\t{\"max-queues\":1}\n"
     );
     let ch = bob.create_channel().await.unwrap();
@@ -234,19 +291,23 @@ async fn users_vhosts_and_permissions_are_managed() {
         &["-p", "shop", "set_vhost_limits", r#"{"max-widgets": 1}"#],
     )
     .await;
-    assert_eq!(unknown.status.code(), Some(1));
+    assert_eq!(unknown.status.code(), Some(65));
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("unknown vhost limit 'max-widgets'"));
     stdout(&ctl(&broker, &["-p", "shop", "clear_vhost_limits"]).await);
     assert_eq!(
-        stdout(&ctl(&broker, &["-p", "shop", "list_vhost_limits"]).await),
-        "vhost\tvalue\n"
+        stdout(&ctl(&broker, &["-q", "-p", "shop", "list_vhost_limits"]).await),
+        "",
+        "no rows: no header, as rabbitmqctl"
     );
     channel_with_queue(&bob, "second").await;
     drop(bob);
     stdout(&ctl(&broker, &["-p", "shop", "clear_permissions", "bob"]).await);
     stdout(&ctl(&broker, &["delete_user", "bob"]).await);
     stdout(&ctl(&broker, &["delete_vhost", "shop"]).await);
-    assert_eq!(stdout(&ctl(&broker, &["list_vhosts"]).await), "name\n/\n");
+    assert_eq!(
+        stdout(&ctl(&broker, &["-q", "list_vhosts"]).await),
+        "name\n/\n"
+    );
     broker.stop().await;
 }
 
@@ -273,21 +334,22 @@ async fn definitions_move_between_brokers_and_errors_have_exit_codes() {
     let target = TestBroker::start().await;
     stdout(&ctl(&target, &["import_definitions", file.to_str().unwrap()]).await);
     assert_eq!(
-        stdout(&ctl(&target, &["list_queues"]).await),
+        stdout(&ctl(&target, &["-q", "list_queues"]).await),
         "name\tmessages\nkept\t0\n"
     );
     // Vhost limits travel as RabbitMQ's `vhost-limits` runtime parameters.
     assert_eq!(
-        stdout(&ctl(&target, &["list_vhost_limits"]).await),
+        stdout(&ctl(&target, &["-q", "list_vhost_limits"]).await),
         "vhost\tvalue\n/\t{\"max-connections\":50,\"max-queues\":9}\n"
     );
 
-    // A refusal: exit code 1 and the API's reason.
+    // rabbitmqctl's exit codes: 67 for a user that does not exist, 69 for
+    // a refusal (with the API's reason).
     let missing = ctl(&target, &["delete_user", "nobody"]).await;
-    assert_eq!(missing.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&missing.stderr).contains("Error (404): Not Found"));
+    assert_eq!(missing.status.code(), Some(67));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("User \"nobody\" does not exist"));
     let wrong = ctl(&target, &["--password", "nope", "list_queues"]).await;
-    assert_eq!(wrong.status.code(), Some(1));
+    assert_eq!(wrong.status.code(), Some(69));
     assert!(String::from_utf8_lossy(&wrong.stderr).contains("Error (401)"));
 
     // Nobody listening: exit code 69.
@@ -413,7 +475,7 @@ async fn memory_watermark_switch_holds_publishes_until_the_alarm_clears() {
     stdout(&ctl(&broker, &["set_disk_free_limit", "1MB"]).await);
     alarms.wait_for(|a| !a.disk).await.unwrap();
     let refused = ctl(&broker, &["set_vm_memory_high_watermark", "absolute"]).await;
-    assert_eq!(refused.status.code(), Some(1));
+    assert_eq!(refused.status.code(), Some(65), "a bad argument");
     broker.stop().await;
 }
 
@@ -576,6 +638,31 @@ async fn grow_and_shrink_give_a_node_replicas_of_every_replicated_queue_and_take
         .await
         .unwrap();
     }
+    // Each queue's group has elected a leader (a declare-ok does not wait
+    // for that; a membership change before it is refused).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let queues: serde_json::Value = reqwest::Client::new()
+            .get(format!("{api}/api/queues"))
+            .basic_auth("guest", Some("guest"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let led = queues
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|q| q["leader"].is_string())
+            .count();
+        if led == 2 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no leaders: {queues}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     let before = members(&api).await;
     assert_eq!(before.len(), 2, "{before:?}");
     assert!(before.values().all(|m| m.len() == 2), "{before:?}");
@@ -608,4 +695,236 @@ async fn grow_and_shrink_give_a_node_replicas_of_every_replicated_queue_and_take
         .map(|(q, m)| (q, m.into_iter().filter(|n| n != "n3@127.0.0.1").collect()))
         .collect();
     assert_eq!(members(&api).await, without_n3);
+}
+
+/// Runs the warrenctl binary under another name (a symlink, as an
+/// operator installs it as `rabbitmqctl`) against `broker`.
+async fn as_tool(tool: &str, broker: &TestBroker, args: &[&str]) -> Output {
+    let dir = tempfile::tempdir().unwrap();
+    let link = dir.path().join(tool);
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_warrenctl"), &link).unwrap();
+    let url = broker.management_url();
+    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    tokio::task::spawn_blocking(move || {
+        let out = std::process::Command::new(&link)
+            .arg("--url")
+            .arg(url)
+            .args(&args)
+            .output()
+            .unwrap();
+        drop(dir);
+        out
+    })
+    .await
+    .unwrap()
+}
+
+/// The commands of rabbitmqctl and rabbitmq-diagnostics that scripts and
+/// probes use: topic permissions, authenticate_user, list_channels,
+/// list_user_permissions, the health checks (passing and failing with 69),
+/// listeners, await_startup, report, `-n` and `-t`; and the tool chosen by
+/// the program's name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmqctl_and_diagnostics_commands_work_with_their_exit_codes() {
+    let broker = TestBroker::start().await;
+    let conn = broker.connect().await;
+    let _ch = channel_with_queue(&conn, "work").await;
+
+    // Topic permissions.
+    stdout(&ctl(&broker, &["add_user", "tina", "pw"]).await);
+    let set = stdout(
+        &ctl(
+            &broker,
+            &[
+                "set_topic_permissions",
+                "tina",
+                "amq.topic",
+                "^a\\.",
+                "^b\\.",
+            ],
+        )
+        .await,
+    );
+    assert_eq!(
+        set,
+        "Setting topic permissions on \"amq.topic\" for user \"tina\" in vhost \"/\" ...\n"
+    );
+    assert_eq!(
+        stdout(&ctl(&broker, &["-q", "list_topic_permissions"]).await),
+        "user\texchange\twrite\tread\ntina\tamq.topic\t^a\\.\t^b\\.\n"
+    );
+    let nobody = ctl(
+        &broker,
+        &["set_topic_permissions", "nobody", "amq.topic", ".*", ".*"],
+    )
+    .await;
+    assert_eq!(nobody.status.code(), Some(67));
+    stdout(&ctl(&broker, &["clear_topic_permissions", "tina", "amq.topic"]).await);
+    assert_eq!(
+        stdout(&ctl(&broker, &["-q", "list_topic_permissions"]).await),
+        ""
+    );
+
+    // authenticate_user: 0, or 65 with wrong credentials.
+    let ok = stdout(&ctl(&broker, &["authenticate_user", "tina", "pw"]).await);
+    assert_eq!(ok, "Authenticating user \"tina\" ...\nSuccess\n");
+    let wrong = ctl(&broker, &["authenticate_user", "tina", "nope"]).await;
+    assert_eq!(wrong.status.code(), Some(65));
+    assert!(String::from_utf8_lossy(&wrong.stderr).contains("invalid credentials"));
+
+    // list_user_permissions (69 for a user that does not exist, as
+    // rabbitmqctl's), list_channels.
+    assert_eq!(
+        stdout(&ctl(&broker, &["-q", "list_user_permissions", "guest"]).await),
+        "vhost\tconfigure\twrite\tread\n/\t.*\t.*\t.*\n"
+    );
+    assert_eq!(
+        ctl(&broker, &["list_user_permissions", "nobody"])
+            .await
+            .status
+            .code(),
+        Some(69)
+    );
+    let channels = stdout(
+        &ctl(
+            &broker,
+            &[
+                "-q",
+                "list_channels",
+                "user",
+                "number",
+                "confirm",
+                "prefetch_count",
+            ],
+        )
+        .await,
+    );
+    assert_eq!(
+        channels,
+        "user\tnumber\tconfirm\tprefetch_count\nguest\t1\tfalse\t0\n"
+    );
+
+    // Health checks that pass.
+    let node = "warren@localhost";
+    for (args, expected) in [
+        (vec!["ping"], "Ping succeeded\n".to_owned()),
+        (
+            vec!["check_running"],
+            format!("RabbitMQ on node {node} is fully booted and running\n"),
+        ),
+        (
+            vec!["check_local_alarms"],
+            format!("Node {node} reported no local alarms\n"),
+        ),
+        (
+            vec!["check_virtual_hosts"],
+            format!("Node {node} reported all vhosts as running\n"),
+        ),
+    ] {
+        let mut with_q = vec!["-q"];
+        with_q.extend(args.iter().copied());
+        assert_eq!(stdout(&ctl(&broker, &with_q).await), expected, "{args:?}");
+    }
+    let ports = stdout(&ctl(&broker, &["-q", "check_port_connectivity"]).await);
+    assert!(
+        ports.starts_with("Successfully connected to ports ")
+            && ports.contains(&broker.addr.port().to_string()),
+        "{ports}"
+    );
+    let listeners = stdout(&ctl(&broker, &["-q", "listeners"]).await);
+    assert!(
+        listeners.contains(&format!(
+            "port: {}, protocol: amqp, purpose: AMQP 0-9-1\n",
+            broker.addr.port()
+        )) && listeners.contains("protocol: http, purpose: HTTP API"),
+        "{listeners}"
+    );
+    let json: serde_json::Value = serde_json::from_str(&stdout(
+        &ctl(&broker, &["--formatter", "json", "check_local_alarms"]).await,
+    ))
+    .unwrap();
+    assert_eq!(json, serde_json::json!({"result": "ok"}));
+    assert_eq!(stdout(&ctl(&broker, &["await_startup"]).await), "");
+
+    // A memory alarm: check_local_alarms fails with 69 and says so.
+    stdout(&ctl(&broker, &["set_vm_memory_high_watermark", "0"]).await);
+    let alarmed = ctl(&broker, &["check_local_alarms"]).await;
+    assert_eq!(alarmed.status.code(), Some(69));
+    assert!(
+        String::from_utf8_lossy(&alarmed.stderr).contains(&format!("Memory alarm on node {node}")),
+        "{}",
+        String::from_utf8_lossy(&alarmed.stderr)
+    );
+    stdout(&ctl(&broker, &["set_vm_memory_high_watermark", "0.4"]).await);
+
+    // -n: a node of the cluster, or 69.
+    stdout(&ctl(&broker, &["-n", node, "ping"]).await);
+    assert_eq!(
+        ctl(&broker, &["-n", "rabbit@elsewhere", "ping"])
+            .await
+            .status
+            .code(),
+        Some(69)
+    );
+
+    // report: every section.
+    let report = stdout(&ctl(&broker, &["report"]).await);
+    for section in [
+        "Status",
+        "Connections",
+        "Channels",
+        "Queues on /",
+        "Policies on /",
+    ] {
+        assert!(
+            report.contains(&format!("\n{section}\n")),
+            "{section}: {report}"
+        );
+    }
+    assert!(
+        report.contains("work\tfalse\tfalse\t0\t0\tclassic"),
+        "{report}"
+    );
+
+    // environment: the settings in effect.
+    let env = stdout(&ctl(&broker, &["-q", "environment"]).await);
+    assert!(env.contains("heartbeat\t60\n"), "{env}");
+    assert!(env.contains("loopback_users\t[guest]\n"), "{env}");
+    assert!(!env.contains("default_pass"), "{env}");
+
+    // As rabbitmqctl and rabbitmq-diagnostics: each has its commands only.
+    let diag = as_tool("rabbitmq-diagnostics", &broker, &["-q", "check_running"]).await;
+    assert!(diag.status.success(), "{diag:?}");
+    let ctl_check = as_tool("rabbitmqctl", &broker, &["check_running"]).await;
+    assert_eq!(ctl_check.status.code(), Some(64));
+    assert!(
+        String::from_utf8_lossy(&ctl_check.stderr).contains("Command 'check_running' not found")
+    );
+    let diag_delete = as_tool("rabbitmq-diagnostics", &broker, &["delete_user", "tina"]).await;
+    assert_eq!(diag_delete.status.code(), Some(64));
+    let ctl_list = as_tool("rabbitmqctl", &broker, &["-q", "list_users"]).await;
+    assert!(
+        String::from_utf8_lossy(&ctl_list.stdout).contains("tina\t[]"),
+        "{ctl_list:?}"
+    );
+    broker.stop().await;
+}
+
+/// `-t`: a broker that does not answer in time gives 75.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_that_does_not_answer_in_time_gives_75() {
+    // Accepts connections and never answers.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let out = tokio::task::spawn_blocking(move || {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_warrenctl"))
+            .args(["--url", &url, "-t", "1", "list_queues"])
+            .output()
+            .unwrap();
+        drop(listener);
+        out
+    })
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(75), "{out:?}");
 }

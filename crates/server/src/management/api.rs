@@ -301,18 +301,31 @@ fn exchange_types() -> Value {
 }
 
 /// Every node's AMQP listener (this node's, alone).
+/// The overview's `listeners`: every listener this node bound (AMQP, AMQPS,
+/// HTTP, Prometheus, under RabbitMQ's protocol names) and, in a cluster,
+/// the other members' AMQP listeners as they gossip them.
 fn listeners(b: &Broker) -> Value {
-    let Some(peers) = b.peers.get() else {
-        return json!([{"node": b.config.node_name, "protocol": "amqp", "ip_address": b.config.bind.ip().to_string(), "port": b.config.bind.port()}]);
-    };
-    peers
-        .members()
+    let me = &b.config.node_name;
+    let mut out: Vec<Value> = b
+        .listeners
+        .get()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
         .iter()
-        .map(|m| {
-            let (ip, port) = m.amqp_addr.rsplit_once(':').unwrap_or((&m.amqp_addr, "5672"));
-            json!({"node": m.name, "protocol": "amqp", "ip_address": ip, "port": port.parse::<u16>().unwrap_or(5672)})
+        .map(|(protocol, addr)| {
+            json!({"node": me, "protocol": protocol, "ip_address": addr.ip().to_string(), "port": addr.port()})
         })
-        .collect()
+        .collect();
+    if let Some(peers) = b.peers.get() {
+        for m in peers.members().iter().filter(|m| &m.name != me) {
+            let (ip, port) = m
+                .amqp_addr
+                .rsplit_once(':')
+                .unwrap_or((&m.amqp_addr, "5672"));
+            out.push(json!({"node": m.name, "protocol": "amqp", "ip_address": ip, "port": port.parse::<u16>().unwrap_or(5672)}));
+        }
+    }
+    Value::Array(out)
 }
 
 async fn whoami(caller: Caller, State(b): Shared) -> ApiResult {
@@ -1422,7 +1435,39 @@ async fn get_node(State(b): Shared, caller: Caller, Path(name): Path<String>) ->
     if name != b.config.node_name {
         return Err(ApiError::not_found());
     }
-    ok(node_json(&b))
+    let mut v = node_json(&b);
+    v["environment"] = environment_json(&b);
+    ok(v)
+}
+
+/// The node's settings in effect (`warrenctl environment`, RabbitMQ's
+/// application environment): Warren's names, RabbitMQ's units (octets,
+/// milliseconds). The default user's password is left out.
+fn environment_json(b: &Broker) -> Value {
+    let c = &b.config;
+    let addr = |a: Option<std::net::SocketAddr>| a.map(|a| a.to_string());
+    json!({
+        "data_dir": c.data_dir.display().to_string(),
+        "amqp_listener": c.plain_listener.then(|| c.bind.to_string()),
+        "amqps_listener": c.tls.as_ref().map(|(a, _)| a.to_string()),
+        "management_listener": addr(c.management),
+        "prometheus_listener": addr(c.prometheus),
+        "heartbeat": c.heartbeat,
+        "frame_max": c.frame_max,
+        "channel_max": c.channel_max,
+        "max_message_size": c.max_message_size,
+        "handshake_timeout": c.handshake_timeout.as_millis() as u64,
+        "consumer_timeout": c.consumer_timeout.as_millis() as u64,
+        "max_connections": c.max_connections,
+        "max_consumers_per_channel": c.max_consumers_per_channel,
+        "vm_memory_high_watermark": b.alarms.memory_limit(),
+        "disk_free_limit": b.alarms.disk_limit(),
+        "queue_flow_limit": c.queue_flow_limit,
+        "store_backlog_limit": c.store_backlog_limit,
+        "default_user": c.default_user,
+        "loopback_users": if c.default_user_loopback_only { json!(["guest"]) } else { json!([]) },
+        "load_definitions": c.load_definitions.as_ref().map(|p| p.display().to_string()),
+    })
 }
 
 async fn vhost_permissions(
