@@ -11,7 +11,7 @@
 # exchanges, queues and bindings (queue, exchange-to-exchange and headers
 # bindings, queue and exchange arguments) with pika, exports the definitions,
 # pretty-prints them with `python3 -m json.tool`, then stops the node and
-# removes the temp dir.
+# removes the temp dir (node machinery: rabbitmq_node.sh).
 #
 #   bash conformance/capture/capture_definitions.sh
 #
@@ -31,98 +31,17 @@ RABBITMQ_LIB=${RABBITMQ_LIB:-/usr/lib/rabbitmq/bin}
 log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "capture_definitions: $*"; exit 1; }
 
-[[ $(id -u) == 0 ]] || die "run as root (the node runs as user rabbitmq)"
-[[ -x $RABBITMQ_LIB/rabbitmq-server ]] || die "$RABBITMQ_LIB/rabbitmq-server missing (apt-get install rabbitmq-server)"
-command -v rabbitmqctl >/dev/null || die "rabbitmqctl not on PATH"
-
-WORK=$(mktemp -d /tmp/warren-defs.XXXXXX)
-chmod 755 "$WORK"
-EPMD_BEFORE=$(pgrep -x epmd || true)
-RNODE="" BPID=""
-
-rmqctl() { timeout 60 rabbitmqctl -n "$RNODE" "$@"; }
-
-cleanup() {
-    local rc=$?
-    if [[ -n $RNODE ]]; then
-        rmqctl stop >>"$WORK/start.log" 2>&1 || true
-        if [[ -n $BPID ]]; then
-            local i
-            for ((i = 0; i < 300; i++)); do
-                kill -0 "$BPID" 2>/dev/null || break
-                sleep 0.1
-            done
-            if kill -0 "$BPID" 2>/dev/null; then
-                kill -TERM "$BPID" 2>/dev/null || true
-                sleep 2
-                kill -KILL "$BPID" 2>/dev/null || true
-            fi
-        fi
-    fi
-    local e
-    for e in $(pgrep -x epmd || true); do # only an epmd that our node started
-        [[ " $EPMD_BEFORE " == *" $e "* ]] || kill "$e" 2>/dev/null || true
-    done
-    if ((rc != 0)) && [[ -f $WORK/start.log ]]; then
-        log "node start log:"
-        tail -n 30 "$WORK/start.log" >&2 || true
-    fi
-    if [[ ${KEEP_WORK:-0} == 1 ]]; then log "kept $WORK"; else rm -rf "$WORK"; fi
-    [[ -z ${TMP_VENV:-} ]] || rm -rf "$TMP_VENV"
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-
-port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-
-wait_port() { # port seconds
-    local i
-    for ((i = 0; i < $2 * 10; i++)); do
-        port_open "$1" && return 0
-        sleep 0.1
-    done
-    return 1
-}
-
-# ------------------------------------------------------------------ pika --
-if [[ -z ${PYTHON:-} ]]; then
-    if "$ROOT/target/conformance-venv/bin/python" -c 'import pika' >/dev/null 2>&1; then
-        PYTHON=$ROOT/target/conformance-venv/bin/python
-    else
-        TMP_VENV=$(mktemp -d /tmp/warren-defs-venv.XXXXXX)
-        log "creating $TMP_VENV with pika"
-        python3 -m venv "$TMP_VENV"
-        "$TMP_VENV/bin/pip" install -q --disable-pip-version-check 'pika>=1.3,<2'
-        PYTHON=$TMP_VENV/bin/python
-    fi
-fi
-"$PYTHON" -c 'import pika' || die "$PYTHON cannot import pika"
+source "$(dirname "${BASH_SOURCE[0]}")/rabbitmq_node.sh"
+node_preflight
+node_init /tmp/warren-defs.XXXXXX
+find_pika /tmp/warren-defs-venv.XXXXXX "$ROOT/target/conformance-venv/bin/python"
 
 # ------------------------------------------------------------------ node --
-mkdir -p "$WORK/mnesia" "$WORK/log"
-echo '[].' >"$WORK/enabled_plugins"
-chown -R rabbitmq:rabbitmq "$WORK"
 PORT=$(free_port)
-DPORT=$(free_port)
-while [[ $DPORT == "$PORT" ]]; do DPORT=$(free_port); done
+DPORT=$(free_port_except "$PORT")
 RNODE="warrendefs$$@localhost"
 log "starting RabbitMQ node $RNODE on port $PORT"
-# setpriv instead of the package wrapper's `su` (as bench/compare.sh does).
-(cd /var/lib/rabbitmq && setpriv --reuid rabbitmq --regid rabbitmq --init-groups \
-    env HOME=/var/lib/rabbitmq \
-    RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 RABBITMQ_NODE_PORT="$PORT" \
-    RABBITMQ_DIST_PORT="$DPORT" RABBITMQ_NODENAME="$RNODE" \
-    RABBITMQ_MNESIA_BASE="$WORK/mnesia" RABBITMQ_LOG_BASE="$WORK/log" \
-    RABBITMQ_ENABLED_PLUGINS_FILE="$WORK/enabled_plugins" \
-    "$RABBITMQ_LIB/rabbitmq-server" -detached) >"$WORK/start.log" 2>&1
-wait_port "$PORT" 90 || die "rabbitmq did not open port $PORT"
-rmqctl await_startup >/dev/null
-BPID=$(rmqctl eval 'os:getpid().' 2>/dev/null | tr -dc 0-9 || true)
+start_node '[].'
 rmqctl version >&2
 
 # ----------------------------------------------------- users and policies --

@@ -95,7 +95,7 @@ pub(crate) fn user(u: &crate::auth::User) -> Value {
 pub(super) fn queue(vhost: &str, q: &QueueHandle, node: &str) -> Value {
     let counts = q.counters();
     let (ready, unacked) = (counts.ready, counts.unacked);
-    json!({
+    let mut out = json!({
         "name": q.name.as_str(),
         "vhost": vhost,
         "durable": q.durable,
@@ -115,8 +115,36 @@ pub(super) fn queue(vhost: &str, q: &QueueHandle, node: &str) -> Value {
         "memory": counts.memory,
         "flow": q.flow.is_raised(),
         "policy": *q.policy.lock(),
+        "operator_policy": null,
+        "exclusive_consumer_tag": null,
         "message_stats": message_stats(q.stats.snapshot()),
-    })
+    });
+    // How the depth moved over the last sampling period (5 s).
+    let [messages, ready_rate, unacked_rate] = q.stats.depth_rates();
+    out["messages_details"] = json!({"rate": messages});
+    out["messages_ready_details"] = json!({"rate": ready_rate});
+    out["messages_unacknowledged_details"] = json!({"rate": unacked_rate});
+    if let Some(at) = q.stats.idle_since() {
+        out["idle_since"] = json!(iso8601_ms(at));
+    }
+    out
+}
+
+/// A time (ms since the epoch) as RabbitMQ 3.10 writes `idle_since`:
+/// `2026-12-04T17:12:28.945+00:00`.
+pub(crate) fn iso8601_ms(ms: u64) -> String {
+    let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}+00:00",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        t.millisecond()
+    )
 }
 
 /// RabbitMQ's `message_stats` object from counts and rates of
@@ -320,6 +348,16 @@ mod tests {
         assert!(!names_binding("order.%23", &with_args));
         assert!(names_binding("~", &bound("", FieldTable::new())));
         assert!(names_binding("a+b%7Ec", &bound("a b~c", FieldTable::new())));
+    }
+
+    #[test]
+    fn idle_since_is_written_as_rabbitmq_writes_it() {
+        assert_eq!(iso8601_ms(0), "1970-01-01T00:00:00.000+00:00");
+        // 2026-12-04 17:12:28.945 UTC.
+        assert_eq!(
+            iso8601_ms(1_796_404_348_945),
+            "2026-12-04T17:12:28.945+00:00"
+        );
     }
 
     #[test]

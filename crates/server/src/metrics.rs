@@ -137,6 +137,17 @@ pub struct Metrics {
     identity: Family<IdentityLabels, Gauge>,
     /// One series, set once.
     build: Family<BuildLabels, Gauge>,
+    /// The overview's counters at the last sample and their rates since
+    /// the one before (see [`Metrics::sample_overview`]).
+    overview: parking_lot::Mutex<Option<OverviewSample>>,
+}
+
+/// A sample of [`Metrics::overview_counts`].
+#[derive(Debug, Clone)]
+struct OverviewSample {
+    at: std::time::Instant,
+    counts: Vec<u64>,
+    rates: Vec<f64>,
 }
 
 impl Default for Metrics {
@@ -422,6 +433,7 @@ impl Default for Metrics {
                 f
             },
             registry,
+            overview: parking_lot::Mutex::new(None),
         }
     }
 }
@@ -459,6 +471,70 @@ impl Metrics {
         if redelivered {
             self.redelivered.inc();
         }
+    }
+
+    /// The node's counters the management overview shows, under
+    /// RabbitMQ's names there: `message_stats` keys, then `churn_rates`
+    /// keys (prefixed `churn.`).
+    pub fn overview_counts(&self) -> [(&'static str, u64); 16] {
+        [
+            ("confirm", self.confirmed.get()),
+            ("deliver", self.consume_manual_ack.get()),
+            ("deliver_no_ack", self.consume_auto_ack.get()),
+            ("get", self.get_manual_ack.get()),
+            ("get_no_ack", self.get_auto_ack.get()),
+            ("get_empty", self.get_empty.get()),
+            ("redeliver", self.redelivered.get()),
+            ("drop_unroutable", self.unroutable_dropped.get()),
+            ("return_unroutable", self.unroutable_returned.get()),
+            ("churn.connection_created", self.connections_opened.get()),
+            ("churn.connection_closed", self.connections_closed.get()),
+            ("churn.channel_created", self.channels_opened.get()),
+            ("churn.channel_closed", self.channels_closed.get()),
+            ("churn.queue_declared", self.queues_declared.get()),
+            ("churn.queue_created", self.queues_created.get()),
+            ("churn.queue_deleted", self.queues_deleted.get()),
+        ]
+    }
+
+    /// Samples [`Metrics::overview_counts`]: rates become the change per
+    /// second since the previous sample (the monitor calls it every 5 s).
+    pub fn sample_overview(&self) {
+        let now = std::time::Instant::now();
+        let counts: Vec<u64> = self.overview_counts().iter().map(|(_, c)| *c).collect();
+        let mut last = self.overview.lock();
+        let rates = match &*last {
+            Some(prev) => {
+                let secs = now.duration_since(prev.at).as_secs_f64().max(1e-3);
+                counts
+                    .iter()
+                    .zip(&prev.counts)
+                    .map(|(c, p)| c.saturating_sub(*p) as f64 / secs)
+                    .collect()
+            }
+            None => vec![0.0; counts.len()],
+        };
+        *last = Some(OverviewSample {
+            at: now,
+            counts,
+            rates,
+        });
+    }
+
+    /// Each overview counter now, with its last sampled rate.
+    pub fn overview_stats(&self) -> Vec<(&'static str, u64, f64)> {
+        let last = self.overview.lock();
+        self.overview_counts()
+            .iter()
+            .enumerate()
+            .map(|(i, (name, count))| {
+                let rate = last
+                    .as_ref()
+                    .and_then(|s| s.rates.get(i).copied())
+                    .unwrap_or(0.0);
+                (*name, *count, rate)
+            })
+            .collect()
     }
 
     /// A channel opened.

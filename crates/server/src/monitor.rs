@@ -18,7 +18,8 @@ fn memory_and_stats(broker: &Broker, sample: bool) -> u64 {
         .flat_map(|v| v.queues())
         .map(|q| {
             if sample {
-                q.stats.sample();
+                let c = q.counters();
+                q.stats.sample([c.ready + c.unacked, c.ready, c.unacked]);
             }
             q.memory_in_use()
         })
@@ -41,6 +42,9 @@ pub fn spawn_monitor(broker: &Arc<Broker>) {
             }
             // Message rates are sampled every 5 s (50 ticks).
             let queued = memory_and_stats(&b, n % 50 == 0);
+            if n % 50 == 0 {
+                b.metrics.sample_overview();
+            }
             if n % 10 == 0 {
                 // (statvfs, on the blocking pool.)
                 let dir = b.config.data_dir.clone();

@@ -566,8 +566,9 @@ async fn trace_on_copies_publishes_and_deliveries_to_the_trace_exchange() {
 }
 
 /// Replicated queues of the cluster at `api` and their members.
-async fn members(api: &str) -> std::collections::BTreeMap<String, Vec<String>> {
-    let queues: serde_json::Value = reqwest::Client::new()
+/// `/api/queues` of the management API at `api`.
+async fn queues(api: &str) -> serde_json::Value {
+    reqwest::Client::new()
         .get(format!("{api}/api/queues"))
         .basic_auth("guest", Some("guest"))
         .send()
@@ -575,8 +576,12 @@ async fn members(api: &str) -> std::collections::BTreeMap<String, Vec<String>> {
         .unwrap()
         .json()
         .await
-        .unwrap();
-    queues
+        .unwrap()
+}
+
+async fn members(api: &str) -> std::collections::BTreeMap<String, Vec<String>> {
+    queues(api)
+        .await
         .as_array()
         .unwrap()
         .iter()
@@ -642,15 +647,7 @@ async fn grow_and_shrink_give_a_node_replicas_of_every_replicated_queue_and_take
     // for that; a membership change before it is refused).
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
-        let queues: serde_json::Value = reqwest::Client::new()
-            .get(format!("{api}/api/queues"))
-            .basic_auth("guest", Some("guest"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let queues = queues(&api).await;
         let led = queues
             .as_array()
             .unwrap()

@@ -157,6 +157,25 @@ pub(super) fn router(broker: Arc<Broker>) -> Router {
             get(protocol_listener_check),
         )
         .route("/api/extensions", get(extensions))
+        .route("/api/auth", get(auth_settings))
+        .route("/api/feature-flags", get(feature_flags))
+        .route("/api/global-parameters", get(global_parameters))
+        .route("/api/global-parameters/{name}", get(global_parameter))
+        .route("/api/parameters", get(no_parameters))
+        .route("/api/parameters/{component}", get(no_parameters))
+        .route("/api/parameters/{component}/{vhost}", get(no_parameters))
+        .route(
+            "/api/parameters/{component}/{vhost}/{name}",
+            get(no_parameter)
+                .put(unknown_component)
+                .delete(no_parameter),
+        )
+        .route("/api/operator-policies", get(no_operator_policies))
+        .route("/api/operator-policies/{vhost}", get(no_operator_policies))
+        .route(
+            "/api/operator-policies/{vhost}/{name}",
+            get(no_parameter).put(operator_policies_unsupported),
+        )
         .route("/api/topic-permissions", get(list_topic_permissions))
         .route(
             "/api/topic-permissions/{vhost}/{user}",
@@ -250,6 +269,7 @@ async fn overview(State(b): Shared, caller: Caller) -> ApiResult {
     let vhosts = visible_vhosts(&b, &caller);
     let (mut queues, mut ready, mut unacked, mut consumers, mut exchanges) = (0, 0, 0, 0, 0);
     let (mut counts, mut rates) = ([0u64; 3], [0f64; 3]);
+    let mut depth_rates = [0f64; 3];
     for v in &vhosts {
         exchanges += v.router.read().exchanges().count();
         for q in v.queues() {
@@ -258,6 +278,9 @@ async fn overview(State(b): Shared, caller: Caller) -> ApiResult {
                 counts[i] += c[i];
                 rates[i] += r[i];
             }
+            for (sum, r) in depth_rates.iter_mut().zip(q.stats.depth_rates()) {
+                *sum += r;
+            }
             let counts = q.counters();
             queues += 1;
             ready += counts.ready;
@@ -265,9 +288,31 @@ async fn overview(State(b): Shared, caller: Caller) -> ApiResult {
             consumers += counts.consumers;
         }
     }
+    // The node's own counters (with their rates) beside the queues' sums.
+    let mut message_stats = crate::json::message_stats((counts, rates));
+    let mut churn = Map::new();
+    for (name, count, rate) in b.metrics.overview_stats() {
+        let (target, key) = match name.strip_prefix("churn.") {
+            Some(key) => (&mut churn, key),
+            None => match message_stats.as_object_mut() {
+                Some(m) => (m, name),
+                None => continue,
+            },
+        };
+        target.insert(key.to_owned(), json!(count));
+        target.insert(format!("{key}_details"), json!({"rate": rate}));
+    }
     ok(json!({
         "management_version": env!("CARGO_PKG_VERSION"),
         "rabbitmq_version": "3.10.0",
+        // Not Erlang: "none", as rabbitmq_build_info says.
+        "erlang_version": "none",
+        "erlang_full_version": "none",
+        "release_series_support_status": "supported",
+        // Rates are sampled every 5 s and not kept: RabbitMQ's "basic".
+        "rates_mode": "basic",
+        "disable_stats": false,
+        "enable_queue_totals": false,
         "product_name": "Warren",
         "product_version": env!("CARGO_PKG_VERSION"),
         "cluster_name": b.peers.get().map_or_else(|| b.config.node_name.clone(), |p| p.cluster_name()),
@@ -284,8 +329,12 @@ async fn overview(State(b): Shared, caller: Caller) -> ApiResult {
             "messages": ready + unacked,
             "messages_ready": ready,
             "messages_unacknowledged": unacked,
+            "messages_details": {"rate": depth_rates[0]},
+            "messages_ready_details": {"rate": depth_rates[1]},
+            "messages_unacknowledged_details": {"rate": depth_rates[2]},
         },
-        "message_stats": crate::json::message_stats((counts, rates)),
+        "message_stats": message_stats,
+        "churn_rates": churn,
         "listeners": listeners(&b),
     }))
 }
@@ -337,21 +386,39 @@ async fn whoami(caller: Caller, State(b): Shared) -> ApiResult {
     ok(json!({"name": caller.name, "tags": tags}))
 }
 
-fn vhost_json(v: &Vhost) -> Value {
+fn vhost_json(b: &Broker, v: &Vhost) -> Value {
     let (mut ready, mut unacked) = (0, 0);
+    let mut rates = [0.0; 3];
     for q in v.queues() {
         let counts = q.counters();
         ready += counts.ready;
         unacked += counts.unacked;
+        for (sum, r) in rates.iter_mut().zip(q.stats.depth_rates()) {
+            *sum += r;
+        }
+    }
+    // Its connections' traffic on this node.
+    let (mut recv, mut send) = (0, 0);
+    for c in b.live_connections.iter().filter(|c| c.vhost == v.name()) {
+        recv += c.recv_oct.load(std::sync::atomic::Ordering::Relaxed);
+        send += c.outbox.sent().0;
     }
     json!({
         "name": v.name(),
         "description": "",
         "tags": [],
+        "metadata": {"description": "", "tags": []},
+        "default_queue_type": "undefined",
+        "cluster_state": {b.config.node_name.clone(): "running"},
         "tracing": v.tracer.is_on(),
         "messages": ready + unacked,
         "messages_ready": ready,
         "messages_unacknowledged": unacked,
+        "messages_details": {"rate": rates[0]},
+        "messages_ready_details": {"rate": rates[1]},
+        "messages_unacknowledged_details": {"rate": rates[2]},
+        "recv_oct": recv,
+        "send_oct": send,
     })
 }
 
@@ -361,13 +428,13 @@ async fn list_vhosts(State(b): Shared, caller: Caller, Query(q): Listing) -> Api
         &q,
         vhosts,
         |v| std::borrow::Cow::Borrowed(v.name()),
-        |v| vhost_json(v),
+        |v| vhost_json(&b, v),
     )
 }
 
 async fn get_vhost(State(b): Shared, caller: Caller, Path(name): Path<String>) -> ApiResult {
     let v = visible_vhost(&b, &caller, &name)?;
-    ok(vhost_json(&v))
+    ok(vhost_json(&b, &v))
 }
 
 /// Creates a vhost; `{"tracing": true|false}` turns its firehose on or off
@@ -774,7 +841,7 @@ async fn queue_listing(query: &ListQuery, b: &Broker, vhosts: &[Arc<Vhost>]) -> 
             }
         },
         |i| match i {
-            Listed::Local(v, q) => queue(v.name(), q, node),
+            Listed::Local(v, q) => local_queue_json(v, q, node),
             Listed::Remote(j) => j.clone(),
         },
     )
@@ -801,7 +868,11 @@ async fn get_queue(
 ) -> ApiResult {
     let v = visible_vhost(&b, &caller, &vhost)?;
     if let Some(q) = v.find_queue(&name) {
-        return ok(queue(v.name(), &q, &b.config.node_name));
+        // One queue: with its consumers and the definition its policy
+        // gives it, as RabbitMQ shows them.
+        let mut out = local_queue_json(&v, &q, &b.config.node_name);
+        out["consumer_details"] = Value::Array(queue_consumers(&v, &q, &b.config.node_name));
+        return ok(out);
     }
     // A queue on another node, as its node lists it.
     let remote = v.find_remote_queue(&name).ok_or_else(ApiError::not_found)?;
@@ -1239,6 +1310,26 @@ async fn bind(
 fn node_json(b: &Broker) -> Value {
     let mut v = stats_json(&b.config.node_name, true, &b.node_stats());
     v["partitions"] = json!([]);
+    v["cluster_links"] = json!([]);
+    v["os_pid"] = json!(std::process::id().to_string());
+    v["db_dir"] = json!(b.config.data_dir.display().to_string());
+    v["rates_mode"] = json!("basic");
+    v["mem_calculation_strategy"] = json!("rss");
+    v["exchange_types"] = exchange_types();
+    // What RabbitMQ needs plugins for, Warren has built in.
+    v["enabled_plugins"] = json!(["rabbitmq_management", "rabbitmq_prometheus"]);
+    v["auth_mechanisms"] = json!([
+        {"name": "PLAIN", "description": "SASL PLAIN authentication mechanism", "enabled": true},
+        {"name": "AMQPLAIN", "description": "QPid AMQPLAIN mechanism", "enabled": true},
+        {"name": "EXTERNAL", "description": "TLS client certificate (EXTERNAL)", "enabled": b.config.tls.is_some()},
+    ]);
+    // The node's churn, under RabbitMQ's names, with rates.
+    for (name, count, rate) in b.metrics.overview_stats() {
+        if let Some(key) = name.strip_prefix("churn.") {
+            v[key] = json!(count);
+            v[format!("{key}_details")] = json!({"rate": rate});
+        }
+    }
     v
 }
 
@@ -1676,7 +1767,25 @@ fn connection_json(c: &crate::session::ConnectionShared, node: &str) -> Value {
         "connected_at": c.connected_at,
         "state": if c.congested.lock().is_empty() { "running" } else { "flow" },
         "client_properties": crate::json::table_to_json(&c.client_properties),
+        "host": c.local.ip().to_canonical().to_string(),
+        "port": c.local.port(),
+        "auth_mechanism": c.auth_mechanism,
+        "timeout": c.heartbeat,
+        "send_pend": 0,
+        "user_who_performed_action": c.user,
     });
+    // A plain connection's TLS fields are empty, as RabbitMQ's.
+    for key in [
+        "ssl_protocol",
+        "ssl_key_exchange",
+        "ssl_cipher",
+        "ssl_hash",
+        "peer_cert_subject",
+        "peer_cert_issuer",
+        "peer_cert_validity",
+    ] {
+        out[key] = if c.tls { Value::Null } else { json!("") };
+    }
     // Traffic, under RabbitMQ's names: octets read from and written to
     // the socket, and reads and frames written.
     let (send_oct, send_cnt) = c.outbox.sent();
@@ -1828,6 +1937,8 @@ pub(super) fn local_channels(b: &Broker) -> Vec<Value> {
                 "prefetch_count": modes.prefetch,
                 "confirm": modes.confirm,
                 "transactional": modes.transactional,
+                "messages_unconfirmed": ch.publishing().1,
+                "user_who_performed_action": c.user,
                 "state": "running",
             }));
         }
@@ -1849,29 +1960,56 @@ pub(super) fn local_consumers(b: &Broker) -> Vec<Value> {
         let mut queues = v.queues();
         queues.sort_by(|a, c| a.name.cmp(&c.name));
         for q in queues {
-            q.kind().for_each_consumer(&mut |c| {
-                let sink = c.sink.describe();
-                out.push(json!({
-                    "consumer_tag": sink.tag.as_deref().unwrap_or(c.tag.as_str()),
-                    "queue": {"name": q.name.as_str(), "vhost": v.name()},
-                    "channel_details": {
-                        "name": format!("{} ({})", sink.connection_name, sink.channel),
-                        "number": sink.channel,
-                        "connection_name": sink.connection_name,
-                        "peer_host": sink.peer.ip().to_string(),
-                        "peer_port": sink.peer.port(),
-                        "user": sink.user,
-                    },
-                    "ack_required": !c.no_ack,
-                    "exclusive": c.exclusive,
-                    "prefetch_count": c.prefetch,
-                    "priority": c.priority,
-                    "active": true,
-                    "arguments": {},
-                }));
-            });
+            out.extend(queue_consumers(&v, &q, &b.config.node_name));
         }
     }
+    out
+}
+
+/// This node's queue `q` as `/api/queues` lists it, with the definition
+/// its policy gives it.
+fn local_queue_json(v: &Vhost, q: &crate::queue::QueueHandle, node: &str) -> Value {
+    let mut out = queue(v.name(), q, node);
+    let policy = q.policy.lock().clone();
+    out["effective_policy_definition"] = policy
+        .and_then(|p| {
+            v.policies
+                .read()
+                .iter()
+                .find(|x| x.name == p)
+                .map(|x| Value::Object(x.definition.clone()))
+        })
+        .unwrap_or_else(|| json!({}));
+    out
+}
+
+/// The consumers of this node's queue `q`, as `/api/consumers` lists
+/// them (and a queue's `consumer_details`).
+fn queue_consumers(v: &Vhost, q: &crate::queue::QueueHandle, node: &str) -> Vec<Value> {
+    let mut out = Vec::new();
+    q.kind().for_each_consumer(&mut |c| {
+        let sink = c.sink.describe();
+        out.push(json!({
+            "consumer_tag": sink.tag.as_deref().unwrap_or(c.tag.as_str()),
+            "queue": {"name": q.name.as_str(), "vhost": v.name()},
+            "channel_details": {
+                "name": format!("{} ({})", sink.connection_name, sink.channel),
+                "number": sink.channel,
+                "connection_name": sink.connection_name,
+                "peer_host": sink.peer.ip().to_string(),
+                "peer_port": sink.peer.port(),
+                "user": sink.user,
+                "node": node,
+            },
+            "ack_required": !c.no_ack,
+            "exclusive": c.exclusive,
+            "prefetch_count": c.prefetch,
+            "priority": c.priority,
+            "active": true,
+            "activity_status": "up",
+            "arguments": {},
+        }));
+    });
     out
 }
 
@@ -2439,6 +2577,122 @@ async fn protocol_listener_check(
 /// The management UI's extensions: none.
 async fn extensions(_caller: Caller) -> ApiResult {
     ok(json!([]))
+}
+
+/// `GET /api/auth`: the login settings the management UI reads; Warren
+/// has no OAuth 2 login (basic authentication only).
+async fn auth_settings() -> ApiResult {
+    ok(json!({"oauth_enabled": false, "enable_uaa": false}))
+}
+
+/// `GET /api/feature-flags`: RabbitMQ 3.10's flags, each enabled (Warren
+/// behaves as a 3.10 node with all of them on).
+async fn feature_flags(caller: Caller) -> ApiResult {
+    caller.require_monitoring()?;
+    let flags = [
+        (
+            "classic_mirrored_queue_version",
+            "rabbit",
+            "Classic mirrored queue versions",
+        ),
+        (
+            "drop_unroutable_metric",
+            "rabbitmq_management_agent",
+            "Unroutable drops counted in stats",
+        ),
+        (
+            "empty_basic_get_metric",
+            "rabbitmq_management_agent",
+            "Empty basic.get counted in stats",
+        ),
+        (
+            "implicit_default_bindings",
+            "rabbit",
+            "Default exchange bindings are implicit",
+        ),
+        (
+            "maintenance_mode_status",
+            "rabbit",
+            "Maintenance mode status",
+        ),
+        ("quorum_queue", "rabbit", "Quorum queues"),
+        ("stream_queue", "rabbit", "Stream queues"),
+        ("user_limits", "rabbit", "Per-user limits"),
+        ("virtual_host_metadata", "rabbit", "Virtual host metadata"),
+    ];
+    ok(Value::Array(
+        flags
+            .iter()
+            .map(|(name, by, desc)| {
+                json!({"name": name, "desc": desc, "doc_url": "", "provided_by": by, "stability": "stable", "state": "enabled"})
+            })
+            .collect(),
+    ))
+}
+
+/// RabbitMQ's global runtime parameters: `internal_cluster_id` (the id
+/// `rabbitmq_identity_info` carries), and `cluster_name` in a cluster.
+fn global_parameter_list(b: &Broker) -> Vec<Value> {
+    let cluster = b.peers.get().map(|p| p.cluster_name());
+    let id = crate::metrics::IdentityLabels::new(
+        &b.config.node_name,
+        cluster.as_deref().unwrap_or(&b.config.node_name),
+    );
+    let mut out = Vec::new();
+    if let Some(name) = cluster {
+        out.push(json!({"name": "cluster_name", "value": name}));
+    }
+    out.push(json!({"name": "internal_cluster_id", "value": id.rabbitmq_cluster_permanent_id}));
+    out
+}
+
+async fn global_parameters(State(b): Shared, caller: Caller, Query(q): Listing) -> ApiResult {
+    caller.require_monitoring()?;
+    listing(&q, global_parameter_list(&b))
+}
+
+async fn global_parameter(State(b): Shared, caller: Caller, Path(name): Path<String>) -> ApiResult {
+    caller.require_monitoring()?;
+    global_parameter_list(&b)
+        .into_iter()
+        .find(|p| p["name"] == name.as_str())
+        .map_or_else(|| Err(ApiError::not_found()), ok)
+}
+
+/// Runtime parameters: Warren has no component that keeps any (no
+/// federation or shovel; vhost limits are under `/api/vhost-limits`).
+async fn no_parameters(caller: Caller) -> ApiResult {
+    caller.require_monitoring()?;
+    ok(json!([]))
+}
+
+async fn no_parameter(_caller: Caller) -> ApiResult {
+    Err(ApiError::not_found())
+}
+
+/// `PUT /api/parameters/{component}/...`: no such component, in RabbitMQ's
+/// words for a plugin that is not enabled.
+async fn unknown_component(
+    caller: Caller,
+    Path((component, _, _)): Path<(String, String, String)>,
+) -> ApiResult {
+    caller.require_admin()?;
+    Err(ApiError::bad_request(format!(
+        "Validation failed\n\ncomponent {component} not found\n"
+    )))
+}
+
+/// Operator policies: none (Warren does not have them yet).
+async fn no_operator_policies(caller: Caller) -> ApiResult {
+    caller.require_monitoring()?;
+    ok(json!([]))
+}
+
+async fn operator_policies_unsupported(caller: Caller) -> ApiResult {
+    caller.require_admin()?;
+    Err(ApiError::bad_request(
+        "operator policies are not supported by Warren yet; use a policy",
+    ))
 }
 
 fn topic_permission_json(

@@ -466,7 +466,9 @@ pub struct Unacked {
 }
 
 /// A queue's message counters, and their rates over the last sampling
-/// period (RabbitMQ's `message_stats`: publish, deliver_get, ack).
+/// period (RabbitMQ's `message_stats`: publish, deliver_get, ack); also how
+/// its depth changed (RabbitMQ's `messages_details` and the like) and since
+/// when nothing happened (`idle_since`).
 #[derive(Debug, Default)]
 pub struct QueueStats {
     /// Messages enqueued.
@@ -483,6 +485,12 @@ struct StatsSample {
     at: std::time::Instant,
     counts: [u64; 3],
     rates: [f64; 3],
+    /// Messages, ready, unacknowledged at the sample.
+    depth: [u64; 3],
+    /// Their change per second since the previous sample.
+    depth_rates: [f64; 3],
+    /// When the counters last moved (ms since the epoch), as last seen.
+    active_at: u64,
 }
 
 impl QueueStats {
@@ -494,26 +502,57 @@ impl QueueStats {
         ]
     }
 
-    /// Takes a sample: rates become the change since the previous one per
-    /// second. Called periodically (every 5 s) by the broker's monitor.
-    pub fn sample(&self) {
+    /// Takes a sample, with the queue's `depth` (messages, ready,
+    /// unacknowledged) now: rates become the change since the previous one
+    /// per second. Called periodically (every 5 s) by the broker's monitor.
+    pub fn sample(&self, depth: [u64; 3]) {
         let now = std::time::Instant::now();
         let counts = self.counts();
         let mut last = self.last.lock();
-        let rates = match *last {
+        let (rates, depth_rates, active_at) = match *last {
             Some(prev) => {
                 let secs = now.duration_since(prev.at).as_secs_f64().max(1e-3);
-                [0, 1, 2].map(|i| {
+                let rates = [0, 1, 2].map(|i| {
                     counts[i].saturating_sub(prev.counts.get(i).copied().unwrap_or(0)) as f64 / secs
-                })
+                });
+                let depth_rates = [0, 1, 2].map(|i| {
+                    let (now, then) = (
+                        depth[i] as f64,
+                        prev.depth.get(i).copied().unwrap_or(0) as f64,
+                    );
+                    (now - then) / secs
+                });
+                let moved = counts != prev.counts;
+                (
+                    rates,
+                    depth_rates,
+                    if moved { now_ms() } else { prev.active_at },
+                )
             }
-            None => [0.0; 3],
+            None => ([0.0; 3], [0.0; 3], now_ms()),
         };
         *last = Some(StatsSample {
             at: now,
             counts,
             rates,
+            depth,
+            depth_rates,
+            active_at,
         });
+    }
+
+    /// How the depth (messages, ready, unacknowledged) changed per second
+    /// over the last sampling period.
+    pub fn depth_rates(&self) -> [f64; 3] {
+        self.last.lock().map_or([0.0; 3], |s| s.depth_rates)
+    }
+
+    /// Since when (ms since the epoch) the queue has been idle — nothing
+    /// published, delivered or acknowledged — if it was at the last two
+    /// samples; `None` while it is busy.
+    pub fn idle_since(&self) -> Option<u64> {
+        let last = (*self.last.lock())?;
+        (last.counts == self.counts() && last.rates == [0.0; 3]).then_some(last.active_at)
     }
 
     /// Counts (publish, deliver_get, ack) and their last sampled rates.

@@ -53,6 +53,12 @@ pub struct ConnectionShared {
     pub force_close: tokio_util::sync::CancellationToken,
     /// See `force_close`.
     pub close_reason: parking_lot::Mutex<String>,
+    /// The broker's end of the socket.
+    pub local: SocketAddr,
+    /// The SASL mechanism the client logged in with.
+    pub auth_mechanism: String,
+    /// The negotiated heartbeat, seconds (0: none).
+    pub heartbeat: u16,
     /// Octets read from the socket since open-ok, and in how many reads
     /// (the management API's `recv_oct` and `recv_cnt`).
     pub recv_oct: std::sync::atomic::AtomicU64,
