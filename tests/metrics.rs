@@ -189,6 +189,27 @@ async fn counters_move_with_traffic() {
     ] {
         assert_eq!(value(&after, series), expected, "{series}");
     }
+    // Body sizes (RabbitMQ's histogram): ten 1-octet bodies and one of 4.
+    for (series, expected) in [
+        (
+            "rabbitmq_message_size_bytes_bucket{le=\"100.0\",protocol=\"amqp091\"}",
+            11.0,
+        ),
+        (
+            "rabbitmq_message_size_bytes_bucket{le=\"+Inf\",protocol=\"amqp091\"}",
+            11.0,
+        ),
+        (
+            "rabbitmq_message_size_bytes_count{protocol=\"amqp091\"}",
+            11.0,
+        ),
+        (
+            "rabbitmq_message_size_bytes_sum{protocol=\"amqp091\"}",
+            14.0,
+        ),
+    ] {
+        assert_eq!(value(&after, series), expected, "{series}");
+    }
     let per_queue = scrape(&broker, "/metrics/per-object").await;
     for (name, expected) in [("published", 10.0), ("delivered", 10.0), ("acked", 9.0)] {
         assert_eq!(
@@ -325,6 +346,28 @@ async fn gets_redeliveries_churn_and_resources_are_counted() {
     assert!(
         value(&text, "rabbitmq_process_max_tcp_sockets") < value(&text, "rabbitmq_process_max_fds")
     );
+    // The queue's own split, as the management API shows it.
+    let polled: serde_json::Value = reqwest::Client::new()
+        .get(format!("{}/api/queues/%2F/polled", broker.management_url()))
+        .basic_auth("guest", Some("guest"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let stats = &polled["message_stats"];
+    for (kind, expected) in [
+        ("get_no_ack", 1),
+        ("get", 2),
+        ("get_empty", 1),
+        ("redeliver", 1),
+        ("deliver_no_ack", 2),
+        ("deliver", 0),
+        ("deliver_get", 5),
+    ] {
+        assert_eq!(stats[kind], expected, "{kind}: {stats}");
+    }
     // (Free disk space is sampled every second; uptime counts whole
     // seconds: both are present, at 0 or more.)
     assert!(value(&text, "rabbitmq_disk_space_available_bytes") >= 0.0);

@@ -65,6 +65,75 @@ struct BuildLabels {
     warren_version: &'static str,
 }
 
+/// Upper bounds (octets) of RabbitMQ's `rabbitmq_message_size_bytes`
+/// buckets (4.1+); a last bucket takes everything larger.
+const MESSAGE_SIZE_BOUNDS: [u64; 8] = [
+    100,
+    1_000,
+    10_000,
+    100_000,
+    1_000_000,
+    10_000_000,
+    50_000_000,
+    100_000_000,
+];
+
+/// Sizes of the message bodies publishers sent, as RabbitMQ's histogram
+/// `rabbitmq_message_size_bytes{protocol="amqp091"}`: one atomic per
+/// bucket and one for the sum, so a publish adds to two counters and takes
+/// no lock.
+#[derive(Debug, Clone, Default)]
+pub struct MessageSizes(std::sync::Arc<MessageSizeCounters>);
+
+#[derive(Debug, Default)]
+struct MessageSizeCounters {
+    buckets: [std::sync::atomic::AtomicU64; 9],
+    sum: std::sync::atomic::AtomicU64,
+}
+
+impl MessageSizes {
+    /// Counts a body of `octets`.
+    pub fn observe(&self, octets: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let i = MESSAGE_SIZE_BOUNDS
+            .iter()
+            .position(|b| octets <= *b)
+            .unwrap_or(MESSAGE_SIZE_BOUNDS.len());
+        if let Some(b) = self.0.buckets.get(i) {
+            b.fetch_add(1, Relaxed);
+        }
+        self.0.sum.fetch_add(octets, Relaxed);
+    }
+}
+
+impl prometheus_client::encoding::EncodeMetric for MessageSizes {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::MetricEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let counts: Vec<u64> = self.0.buckets.iter().map(|b| b.load(Relaxed)).collect();
+        let buckets: Vec<(f64, u64)> = MESSAGE_SIZE_BOUNDS
+            .iter()
+            .map(|b| *b as f64)
+            .chain(std::iter::once(f64::MAX))
+            .zip(counts.iter().copied())
+            .collect();
+        encoder
+            .encode_family(&[("protocol", "amqp091")])?
+            .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+                self.0.sum.load(Relaxed) as f64,
+                counts.iter().sum(),
+                &buckets,
+                None,
+            )
+    }
+
+    fn metric_type(&self) -> prometheus_client::metrics::MetricType {
+        prometheus_client::metrics::MetricType::Histogram
+    }
+}
+
 /// The broker's counters and the gauges filled in at scrape time.
 #[derive(Debug)]
 pub struct Metrics {
@@ -95,6 +164,8 @@ pub struct Metrics {
     pub confirmed: Counter,
     /// Messages received on channels in confirm mode.
     pub received_confirm: Counter,
+    /// Body sizes of messages received from publishers.
+    pub message_sizes: MessageSizes,
     /// Copies enqueued: one per queue a message was routed to (RabbitMQ's
     /// `rabbitmq_queue_messages_published_total`, summed over queues).
     pub queue_published: Counter,
@@ -305,6 +376,12 @@ impl Default for Metrics {
             );
             f
         });
+        let message_sizes = MessageSizes::default();
+        registry.register(
+            "rabbitmq_message_size_bytes",
+            "Size of messages received from publishers",
+            message_sizes.clone(),
+        );
         let mut gauge = |names: &[&str], help: &str| {
             let g = Gauge::default();
             for name in names {
@@ -327,6 +404,7 @@ impl Default for Metrics {
             acknowledged,
             confirmed,
             received_confirm,
+            message_sizes,
             queue_published,
             dead_lettered,
             connections_opened,

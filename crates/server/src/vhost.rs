@@ -1444,6 +1444,10 @@ impl Vhost {
             out.congested.push(self.node.store.flow().clone());
         }
         self.node.metrics.received.inc();
+        self.node
+            .metrics
+            .message_sizes
+            .observe(out.message.body.len() as u64);
         // (Copies for queues on other nodes count there.)
         self.node.metrics.queue_published.inc_by(here);
         match (out.unroutable, p.mandatory) {

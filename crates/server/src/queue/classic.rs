@@ -171,8 +171,9 @@ impl QueueType for ClassicQueue {
             let now = now_ms();
             st.queue.touch(now);
             let got = st.queue.deliver(now, ack, fx);
-            if got.is_some() {
-                q.stats.delivered.fetch_add(1, Ordering::Relaxed);
+            match &got {
+                Some(d) => q.stats.note_delivery(true, ack, d.redelivered),
+                None => q.stats.note_get_empty(),
             }
             got
         })
@@ -438,7 +439,7 @@ impl QueueState {
             let Some(delivery) = self.queue.deliver(now, ack, fx) else {
                 return;
             };
-            handle.stats.delivered.fetch_add(1, Ordering::Relaxed);
+            handle.stats.note_delivery(false, ack, delivery.redelivered);
             if self.until_prefetch > 0 {
                 self.until_prefetch -= 1;
             } else if self.queue.has_paged() {

@@ -477,14 +477,30 @@ pub struct QueueStats {
     pub delivered: AtomicU64,
     /// Acknowledgements.
     pub acked: AtomicU64,
+    /// Deliveries by kind, as RabbitMQ splits them ([`DELIVERY_KINDS`]).
+    kinds: [AtomicU64; 6],
     last: parking_lot::Mutex<Option<StatsSample>>,
 }
+
+/// RabbitMQ's names for a queue's deliveries by kind, in the order
+/// [`QueueStats::kinds`] counts them.
+pub const DELIVERY_KINDS: [&str; 6] = [
+    "deliver",
+    "deliver_no_ack",
+    "get",
+    "get_no_ack",
+    "get_empty",
+    "redeliver",
+];
 
 #[derive(Debug, Clone, Copy)]
 struct StatsSample {
     at: std::time::Instant,
     counts: [u64; 3],
     rates: [f64; 3],
+    /// [`DELIVERY_KINDS`] counts at the sample, and their rates.
+    kind_counts: [u64; 6],
+    kind_rates: [f64; 6],
     /// Messages, ready, unacknowledged at the sample.
     depth: [u64; 3],
     /// Their change per second since the previous sample.
@@ -502,13 +518,55 @@ impl QueueStats {
         ]
     }
 
+    fn kind_counts(&self) -> [u64; 6] {
+        [0, 1, 2, 3, 4, 5].map(|i| self.kinds[i].load(Ordering::Relaxed))
+    }
+
+    /// Counts a delivery: by `basic.get` or to a consumer, needing an ack
+    /// or not, redelivered or not.
+    pub fn note_delivery(&self, get: bool, ack: bool, redelivered: bool) {
+        self.delivered.fetch_add(1, Ordering::Relaxed);
+        let kind = match (get, ack) {
+            (false, true) => 0,
+            (false, false) => 1,
+            (true, true) => 2,
+            (true, false) => 3,
+        };
+        self.kinds[kind].fetch_add(1, Ordering::Relaxed);
+        if redelivered {
+            self.kinds[5].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts a `basic.get` that found the queue empty.
+    pub fn note_get_empty(&self) {
+        self.kinds[4].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// [`DELIVERY_KINDS`] counts now and their last sampled rates.
+    pub fn kinds_snapshot(&self) -> ([u64; 6], [f64; 6]) {
+        (
+            self.kind_counts(),
+            self.last.lock().map_or([0.0; 6], |s| s.kind_rates),
+        )
+    }
+
     /// Takes a sample, with the queue's `depth` (messages, ready,
     /// unacknowledged) now: rates become the change since the previous one
     /// per second. Called periodically (every 5 s) by the broker's monitor.
     pub fn sample(&self, depth: [u64; 3]) {
         let now = std::time::Instant::now();
         let counts = self.counts();
+        let kind_counts = self.kind_counts();
         let mut last = self.last.lock();
+        let kind_rates = match *last {
+            Some(prev) => {
+                let secs = now.duration_since(prev.at).as_secs_f64().max(1e-3);
+                [0, 1, 2, 3, 4, 5]
+                    .map(|i| kind_counts[i].saturating_sub(prev.kind_counts[i]) as f64 / secs)
+            }
+            None => [0.0; 6],
+        };
         let (rates, depth_rates, active_at) = match *last {
             Some(prev) => {
                 let secs = now.duration_since(prev.at).as_secs_f64().max(1e-3);
@@ -535,6 +593,8 @@ impl QueueStats {
             at: now,
             counts,
             rates,
+            kind_counts,
+            kind_rates,
             depth,
             depth_rates,
             active_at,
