@@ -2292,6 +2292,25 @@ async fn the_api_answers_with_rabbitmqs_fields() {
         stale.is_empty(),
         "no longer missing, remove from known_gaps.txt: {stale:?}"
     );
+    // The channels' counters follow what was done on them: 4 confirmed
+    // publishes on one, 1 delivery needing an ack on the other.
+    let (_, chans) = api.get("/api/channels").await;
+    let stats: Vec<&Value> = chans
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| &c["message_stats"])
+        .collect();
+    assert!(
+        stats.iter().any(|s| s["publish"] == 4 && s["confirm"] == 4),
+        "{chans}"
+    );
+    assert!(
+        stats
+            .iter()
+            .any(|s| s["deliver"] == 1 && s["deliver_get"] == 1 && s["ack"] == 0),
+        "{chans}"
+    );
     // Beyond shapes: the cluster id, no runtime-parameter components, no
     // operator policies (refused, not dropped), no OAuth.
     let (_, id) = api.get("/api/global-parameters/internal_cluster_id").await;

@@ -120,10 +120,10 @@ pub(super) fn queue(vhost: &str, q: &QueueHandle, node: &str) -> Value {
         "message_stats": message_stats(q.stats.snapshot()),
     });
     // Deliveries by kind, as RabbitMQ splits them.
-    let (kinds, kind_rates) = q.stats.kinds_snapshot();
-    for (i, name) in crate::queue::DELIVERY_KINDS.iter().enumerate() {
-        out["message_stats"][*name] = json!(kinds[i]);
-        out["message_stats"][format!("{name}_details")] = json!({"rate": kind_rates[i]});
+    if let Some(stats) = out["message_stats"].as_object_mut() {
+        q.stats
+            .kinds
+            .write_json(&crate::queue::DELIVERY_KINDS, stats);
     }
     // How the depth moved over the last sampling period (5 s).
     let [messages, ready_rate, unacked_rate] = q.stats.depth_rates();

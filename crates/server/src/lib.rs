@@ -44,6 +44,7 @@ pub mod peers;
 pub mod policy;
 pub mod prometheus;
 pub mod queue;
+pub mod rates;
 pub mod repair;
 pub mod reply_to;
 pub mod session;

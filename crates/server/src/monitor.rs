@@ -44,6 +44,16 @@ pub fn spawn_monitor(broker: &Arc<Broker>) {
             let queued = memory_and_stats(&b, n % 50 == 0);
             if n % 50 == 0 {
                 b.metrics.sample_overview();
+                for c in b.live_connections.iter() {
+                    for ch in c
+                        .channels
+                        .lock()
+                        .values()
+                        .filter_map(std::sync::Weak::upgrade)
+                    {
+                        ch.stats.sample();
+                    }
+                }
             }
             if n % 10 == 0 {
                 // (statvfs, on the blocking pool.)

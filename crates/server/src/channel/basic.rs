@@ -565,6 +565,14 @@ impl Channel {
         for gate in &congested {
             self.shared.connection.note_congested(gate);
         }
+        if unroutable {
+            let which = if m.mandatory {
+                crate::session::stat::RETURN_UNROUTABLE
+            } else {
+                crate::session::stat::DROP_UNROUTABLE
+            };
+            self.shared.stats.add(which, 1);
+        }
         if unroutable && m.mandatory {
             self.shared.write_content(
                 &Method::BasicReturn(BasicReturn {
@@ -597,6 +605,7 @@ impl Channel {
     /// Answers `basic.get` with `get-empty` (and counts it).
     fn get_empty(&self) {
         self.shared.connection.metrics.get_empty.inc();
+        self.shared.stats.add(crate::session::stat::GET_EMPTY, 1);
         self.shared
             .write_method(&Method::BasicGetEmpty(BasicGetEmpty {
                 cluster_id: ShortStr::default(),
@@ -696,6 +705,11 @@ impl Channel {
     /// (which would starve the others); those are dispatched after, for
     /// their consumers on other channels.
     pub(super) fn settle(&self, vhost: &Vhost, taken: Vec<Unacked>, how: Settle) {
+        if matches!(how, Settle::Ack) {
+            self.shared
+                .stats
+                .add(crate::session::stat::ACK, taken.len() as u64);
+        }
         if self.shared.global_prefetch() == 0 {
             vhost.settle(taken, how);
             return;

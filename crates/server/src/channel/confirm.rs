@@ -81,6 +81,9 @@ impl Channel {
                 self.shared.write_method(f);
             }
             self.shared.note_confirmed(to - from);
+            self.shared
+                .stats
+                .add(crate::session::stat::CONFIRM, confirmed);
             node.metrics.confirmed.inc_by(confirmed);
             return;
         }
@@ -121,6 +124,7 @@ impl Channel {
                 Ok(()) => {
                     if shared.write_methods_if_open(&frames) {
                         metrics.confirmed.inc_by(confirmed);
+                        shared.stats.add(crate::session::stat::CONFIRM, confirmed);
                     }
                 }
                 Err(e) => {

@@ -1939,8 +1939,15 @@ pub(super) fn local_channels(b: &Broker) -> Vec<Value> {
                 "transactional": modes.transactional,
                 "messages_unconfirmed": ch.publishing().1,
                 "user_who_performed_action": c.user,
+                "message_stats": {},
                 "state": "running",
             }));
+            if let Some(stats) = out
+                .last_mut()
+                .and_then(|c| c["message_stats"].as_object_mut())
+            {
+                ch.stats.write_json(&crate::session::CHANNEL_STATS, stats);
+            }
         }
     }
     out

@@ -478,7 +478,7 @@ pub struct QueueStats {
     /// Acknowledgements.
     pub acked: AtomicU64,
     /// Deliveries by kind, as RabbitMQ splits them ([`DELIVERY_KINDS`]).
-    kinds: [AtomicU64; 6],
+    pub kinds: crate::rates::RatedCounters<6>,
     last: parking_lot::Mutex<Option<StatsSample>>,
 }
 
@@ -498,9 +498,6 @@ struct StatsSample {
     at: std::time::Instant,
     counts: [u64; 3],
     rates: [f64; 3],
-    /// [`DELIVERY_KINDS`] counts at the sample, and their rates.
-    kind_counts: [u64; 6],
-    kind_rates: [f64; 6],
     /// Messages, ready, unacknowledged at the sample.
     depth: [u64; 3],
     /// Their change per second since the previous sample.
@@ -518,10 +515,6 @@ impl QueueStats {
         ]
     }
 
-    fn kind_counts(&self) -> [u64; 6] {
-        [0, 1, 2, 3, 4, 5].map(|i| self.kinds[i].load(Ordering::Relaxed))
-    }
-
     /// Counts a delivery: by `basic.get` or to a consumer, needing an ack
     /// or not, redelivered or not.
     pub fn note_delivery(&self, get: bool, ack: bool, redelivered: bool) {
@@ -532,23 +525,15 @@ impl QueueStats {
             (true, true) => 2,
             (true, false) => 3,
         };
-        self.kinds[kind].fetch_add(1, Ordering::Relaxed);
+        self.kinds.add(kind, 1);
         if redelivered {
-            self.kinds[5].fetch_add(1, Ordering::Relaxed);
+            self.kinds.add(5, 1);
         }
     }
 
     /// Counts a `basic.get` that found the queue empty.
     pub fn note_get_empty(&self) {
-        self.kinds[4].fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// [`DELIVERY_KINDS`] counts now and their last sampled rates.
-    pub fn kinds_snapshot(&self) -> ([u64; 6], [f64; 6]) {
-        (
-            self.kind_counts(),
-            self.last.lock().map_or([0.0; 6], |s| s.kind_rates),
-        )
+        self.kinds.add(4, 1);
     }
 
     /// Takes a sample, with the queue's `depth` (messages, ready,
@@ -556,17 +541,9 @@ impl QueueStats {
     /// per second. Called periodically (every 5 s) by the broker's monitor.
     pub fn sample(&self, depth: [u64; 3]) {
         let now = std::time::Instant::now();
+        self.kinds.sample();
         let counts = self.counts();
-        let kind_counts = self.kind_counts();
         let mut last = self.last.lock();
-        let kind_rates = match *last {
-            Some(prev) => {
-                let secs = now.duration_since(prev.at).as_secs_f64().max(1e-3);
-                [0, 1, 2, 3, 4, 5]
-                    .map(|i| kind_counts[i].saturating_sub(prev.kind_counts[i]) as f64 / secs)
-            }
-            None => [0.0; 6],
-        };
         let (rates, depth_rates, active_at) = match *last {
             Some(prev) => {
                 let secs = now.duration_since(prev.at).as_secs_f64().max(1e-3);
@@ -593,8 +570,6 @@ impl QueueStats {
             at: now,
             counts,
             rates,
-            kind_counts,
-            kind_rates,
             depth,
             depth_rates,
             active_at,

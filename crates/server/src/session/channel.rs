@@ -51,6 +51,39 @@ pub struct ChannelShared {
     published: std::sync::atomic::AtomicBool,
     /// For metrics: publishes in confirm mode not yet confirmed or nacked.
     unconfirmed: std::sync::atomic::AtomicU64,
+    /// The management API's `message_stats` of the channel
+    /// ([`CHANNEL_STATS`]), with rates the monitor samples.
+    pub stats: crate::rates::RatedCounters<12>,
+}
+
+/// RabbitMQ's names for a channel's message counters, in the order
+/// [`ChannelShared::stats`] keeps them.
+pub const CHANNEL_STATS: [&str; 12] = [
+    "publish",
+    "confirm",
+    "return_unroutable",
+    "drop_unroutable",
+    "deliver",
+    "deliver_no_ack",
+    "get",
+    "get_no_ack",
+    "get_empty",
+    "redeliver",
+    "deliver_get",
+    "ack",
+];
+
+/// Where each of [`CHANNEL_STATS`] is.
+pub(crate) mod stat {
+    pub(crate) const PUBLISH: usize = 0;
+    pub(crate) const CONFIRM: usize = 1;
+    pub(crate) const RETURN_UNROUTABLE: usize = 2;
+    pub(crate) const DROP_UNROUTABLE: usize = 3;
+    pub(crate) const DELIVER: usize = 4;
+    pub(crate) const GET_EMPTY: usize = 8;
+    pub(crate) const REDELIVER: usize = 9;
+    pub(crate) const DELIVER_GET: usize = 10;
+    pub(crate) const ACK: usize = 11;
 }
 
 /// A channel's mode and per-consumer prefetch, as the management API
@@ -78,6 +111,7 @@ impl ChannelShared {
             prefetch: std::sync::atomic::AtomicU16::new(0),
             published: std::sync::atomic::AtomicBool::new(false),
             unconfirmed: std::sync::atomic::AtomicU64::new(0),
+            stats: crate::rates::RatedCounters::default(),
         })
     }
 
@@ -95,6 +129,7 @@ impl ChannelShared {
 
     /// Notes a publish (awaiting its confirm if `confirm`), for metrics.
     pub(crate) fn note_published(&self, confirm: bool) {
+        self.stats.add(stat::PUBLISH, 1);
         if !self.published.load(Ordering::Relaxed) {
             self.published.store(true, Ordering::Relaxed);
         }
@@ -156,6 +191,15 @@ impl ChannelShared {
         self.connection
             .metrics
             .delivered(kind, unacked.is_some(), redelivered);
+        // deliver, deliver_no_ack, get, get_no_ack: in that order.
+        let by_kind = stat::DELIVER
+            + 2 * usize::from(kind == DeliveryKind::Get)
+            + usize::from(unacked.is_none());
+        self.stats.add(by_kind, 1);
+        self.stats.add(stat::DELIVER_GET, 1);
+        if redelivered {
+            self.stats.add(stat::REDELIVER, 1);
+        }
         let mut d = self.deliveries.lock();
         let tag = d.next_tag;
         d.next_tag += 1;

@@ -9,5 +9,6 @@
 mod channel;
 mod connection;
 
-pub use channel::{ChannelModes, ChannelShared};
+pub(crate) use channel::stat;
+pub use channel::{CHANNEL_STATS, ChannelModes, ChannelShared};
 pub use connection::ConnectionShared;
