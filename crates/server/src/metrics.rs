@@ -134,6 +134,25 @@ impl prometheus_client::encoding::EncodeMetric for MessageSizes {
     }
 }
 
+/// A counter that is the sum of others, read at scrape time: a total
+/// RabbitMQ reports beside its parts, costing nothing when the parts move.
+#[derive(Debug, Clone)]
+struct CounterSum(Vec<Counter>);
+
+impl prometheus_client::encoding::EncodeMetric for CounterSum {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::MetricEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        let total: u64 = self.0.iter().map(Counter::get).sum();
+        encoder.encode_counter::<prometheus_client::encoding::NoLabelSet, _, u64>(&total, None)
+    }
+
+    fn metric_type(&self) -> prometheus_client::metrics::MetricType {
+        prometheus_client::metrics::MetricType::Counter
+    }
+}
+
 /// The broker's counters and the gauges filled in at scrape time.
 #[derive(Debug)]
 pub struct Metrics {
@@ -146,8 +165,6 @@ pub struct Metrics {
     pub unroutable_returned: Counter,
     /// Unroutable messages dropped (not mandatory).
     pub unroutable_dropped: Counter,
-    /// Deliveries to consumers and `basic.get` (see [`Metrics::delivered`]).
-    delivered: Counter,
     /// Deliveries split as RabbitMQ splits them: to consumers or by
     /// `basic.get`, each with automatic or manual acknowledgement.
     consume_auto_ack: Counter,
@@ -258,10 +275,6 @@ impl Default for Metrics {
                 "rabbitmq_channel_messages_unroutable_dropped",
             ],
             "Total number of messages published as non-mandatory into an exchange and dropped as unroutable",
-        );
-        let delivered = counter(
-            &["rabbitmq_global_messages_delivered"],
-            "Total number of messages delivered to consumers",
         );
         let acknowledged = counter(
             &[
@@ -376,6 +389,18 @@ impl Default for Metrics {
             );
             f
         });
+        // All deliveries: the sum of the four kinds, added up at scrape time
+        // (a delivery bumps only its kind's counter).
+        registry.register(
+            "rabbitmq_global_messages_delivered",
+            "Total number of messages delivered to consumers",
+            CounterSum(vec![
+                consume_auto_ack.clone(),
+                consume_manual_ack.clone(),
+                get_auto_ack.clone(),
+                get_manual_ack.clone(),
+            ]),
+        );
         let message_sizes = MessageSizes::default();
         registry.register(
             "rabbitmq_message_size_bytes",
@@ -394,7 +419,6 @@ impl Default for Metrics {
             routed,
             unroutable_returned,
             unroutable_dropped,
-            delivered,
             consume_auto_ack,
             consume_manual_ack,
             get_auto_ack,
@@ -539,7 +563,6 @@ impl Metrics {
     /// Counts a delivery of `kind`, acknowledged by the client if
     /// `manual_ack`, flagged redelivered if `redelivered`.
     pub fn delivered(&self, kind: DeliveryKind, manual_ack: bool, redelivered: bool) {
-        self.delivered.inc();
         match (kind, manual_ack) {
             (DeliveryKind::Consume, false) => self.consume_auto_ack.inc(),
             (DeliveryKind::Consume, true) => self.consume_manual_ack.inc(),

@@ -45,12 +45,7 @@ pub fn spawn_monitor(broker: &Arc<Broker>) {
             if n % 50 == 0 {
                 b.metrics.sample_overview();
                 for c in b.live_connections.iter() {
-                    for ch in c
-                        .channels
-                        .lock()
-                        .values()
-                        .filter_map(std::sync::Weak::upgrade)
-                    {
+                    for (_, ch) in c.open_channels() {
                         ch.stats.sample();
                     }
                 }

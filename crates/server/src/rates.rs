@@ -34,6 +34,11 @@ impl<const N: usize> RatedCounters<N> {
         }
     }
 
+    /// Counter `i` now (0 if there is no such counter).
+    pub fn get(&self, i: usize) -> u64 {
+        self.counts.get(i).map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+
     fn counts(&self) -> [u64; N] {
         std::array::from_fn(|i| self.counts[i].load(Ordering::Relaxed))
     }

@@ -1910,14 +1910,7 @@ pub(super) fn close_local(b: &Broker, name: &str, reason: &str) -> bool {
 pub(super) fn local_channels(b: &Broker) -> Vec<Value> {
     let mut out = Vec::new();
     for c in connections_by_id(b) {
-        let mut channels: Vec<_> = c
-            .channels
-            .lock()
-            .iter()
-            .filter_map(|(n, ch)| Some((*n, ch.upgrade()?)))
-            .collect();
-        channels.sort_by_key(|(n, _)| *n);
-        for (number, ch) in channels {
+        for (number, ch) in c.open_channels() {
             let (unacked, prefetch, consumers) = ch.stats();
             let modes = ch.modes();
             out.push(json!({
@@ -1947,6 +1940,13 @@ pub(super) fn local_channels(b: &Broker) -> Vec<Value> {
                 .and_then(|c| c["message_stats"].as_object_mut())
             {
                 ch.stats.write_json(&crate::session::CHANNEL_STATS, stats);
+                // deliver_get: deliver, deliver_no_ack, get, get_no_ack.
+                let (counts, rates) = ch.stats.snapshot();
+                let all = crate::session::stat::DELIVER..crate::session::stat::DELIVER + 4;
+                let count: u64 = counts[all.clone()].iter().sum();
+                let rate: f64 = rates[all].iter().sum();
+                stats.insert("deliver_get".into(), json!(count));
+                stats.insert("deliver_get_details".into(), json!({"rate": rate}));
             }
         }
     }

@@ -45,12 +45,7 @@ fn node_totals(broker: &Broker) -> NodeTotals {
     }
     t.connections = broker.connections.load(Ordering::Relaxed) as i64;
     for c in broker.live_connections.iter() {
-        for ch in c
-            .channels
-            .lock()
-            .values()
-            .filter_map(std::sync::Weak::upgrade)
-        {
+        for (_, ch) in c.open_channels() {
             let (published, unconfirmed) = ch.publishing();
             t.publishers += i64::from(published);
             t.unconfirmed += unconfirmed as i64;

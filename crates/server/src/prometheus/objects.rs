@@ -347,13 +347,7 @@ fn connections_and_channels(broker: &Broker, req: &Request, x: &mut Exposition) 
             "Total limit of unacknowledged messages for all consumers on a channel",
         );
         for c in broker.live_connections.iter() {
-            let open: Vec<_> = c
-                .channels
-                .lock()
-                .iter()
-                .filter_map(|(n, ch)| Some((*n, ch.upgrade()?)))
-                .collect();
-            for (number, ch) in open {
+            for (number, ch) in c.open_channels() {
                 let labels = vec![("channel", format!("<0.{}.{number}>", c.id))];
                 let (held, global_prefetch, consumer_count) = ch.stats();
                 consumers.get_or_create(&labels).set(consumer_count as i64);

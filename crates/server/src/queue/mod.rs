@@ -473,11 +473,10 @@ pub struct Unacked {
 pub struct QueueStats {
     /// Messages enqueued.
     pub published: AtomicU64,
-    /// Deliveries to consumers and gets.
-    pub delivered: AtomicU64,
     /// Acknowledgements.
     pub acked: AtomicU64,
-    /// Deliveries by kind, as RabbitMQ splits them ([`DELIVERY_KINDS`]).
+    /// Deliveries by kind, as RabbitMQ splits them ([`DELIVERY_KINDS`]);
+    /// the first four add up to all deliveries (`deliver_get`).
     pub kinds: crate::rates::RatedCounters<6>,
     last: parking_lot::Mutex<Option<StatsSample>>,
 }
@@ -510,7 +509,7 @@ impl QueueStats {
     fn counts(&self) -> [u64; 3] {
         [
             self.published.load(Ordering::Relaxed),
-            self.delivered.load(Ordering::Relaxed),
+            (0..4).map(|i| self.kinds.get(i)).sum(),
             self.acked.load(Ordering::Relaxed),
         ]
     }
@@ -518,7 +517,6 @@ impl QueueStats {
     /// Counts a delivery: by `basic.get` or to a consumer, needing an ack
     /// or not, redelivered or not.
     pub fn note_delivery(&self, get: bool, ack: bool, redelivered: bool) {
-        self.delivered.fetch_add(1, Ordering::Relaxed);
         let kind = match (get, ack) {
             (false, true) => 0,
             (false, false) => 1,

@@ -47,18 +47,17 @@ pub struct ChannelShared {
     mode: std::sync::atomic::AtomicU8,
     /// For the management API: `basic.qos` per-consumer prefetch.
     prefetch: std::sync::atomic::AtomicU16,
-    /// For metrics: it has published (RabbitMQ counts it a publisher).
-    published: std::sync::atomic::AtomicBool,
     /// For metrics: publishes in confirm mode not yet confirmed or nacked.
     unconfirmed: std::sync::atomic::AtomicU64,
     /// The management API's `message_stats` of the channel
     /// ([`CHANNEL_STATS`]), with rates the monitor samples.
-    pub stats: crate::rates::RatedCounters<12>,
+    pub stats: crate::rates::RatedCounters<11>,
 }
 
 /// RabbitMQ's names for a channel's message counters, in the order
-/// [`ChannelShared::stats`] keeps them.
-pub const CHANNEL_STATS: [&str; 12] = [
+/// [`ChannelShared::stats`] keeps them (RabbitMQ's `deliver_get` is the sum
+/// of the four from `deliver` on).
+pub const CHANNEL_STATS: [&str; 11] = [
     "publish",
     "confirm",
     "return_unroutable",
@@ -69,7 +68,6 @@ pub const CHANNEL_STATS: [&str; 12] = [
     "get_no_ack",
     "get_empty",
     "redeliver",
-    "deliver_get",
     "ack",
 ];
 
@@ -82,8 +80,7 @@ pub(crate) mod stat {
     pub(crate) const DELIVER: usize = 4;
     pub(crate) const GET_EMPTY: usize = 8;
     pub(crate) const REDELIVER: usize = 9;
-    pub(crate) const DELIVER_GET: usize = 10;
-    pub(crate) const ACK: usize = 11;
+    pub(crate) const ACK: usize = 10;
 }
 
 /// A channel's mode and per-consumer prefetch, as the management API
@@ -109,7 +106,6 @@ impl ChannelShared {
             }),
             mode: std::sync::atomic::AtomicU8::new(0),
             prefetch: std::sync::atomic::AtomicU16::new(0),
-            published: std::sync::atomic::AtomicBool::new(false),
             unconfirmed: std::sync::atomic::AtomicU64::new(0),
             stats: crate::rates::RatedCounters::default(),
         })
@@ -130,9 +126,6 @@ impl ChannelShared {
     /// Notes a publish (awaiting its confirm if `confirm`), for metrics.
     pub(crate) fn note_published(&self, confirm: bool) {
         self.stats.add(stat::PUBLISH, 1);
-        if !self.published.load(Ordering::Relaxed) {
-            self.published.store(true, Ordering::Relaxed);
-        }
         if confirm {
             self.unconfirmed.fetch_add(1, Ordering::Relaxed);
         }
@@ -143,10 +136,11 @@ impl ChannelShared {
         self.unconfirmed.fetch_sub(n, Ordering::Relaxed);
     }
 
-    /// Whether it has published, and its publishes awaiting confirms.
+    /// Whether it has published (RabbitMQ then counts it a publisher), and
+    /// its publishes awaiting confirms.
     pub fn publishing(&self) -> (bool, u64) {
         (
-            self.published.load(Ordering::Relaxed),
+            self.stats.get(stat::PUBLISH) > 0,
             self.unconfirmed.load(Ordering::Relaxed),
         )
     }
@@ -196,7 +190,6 @@ impl ChannelShared {
             + 2 * usize::from(kind == DeliveryKind::Get)
             + usize::from(unacked.is_none());
         self.stats.add(by_kind, 1);
-        self.stats.add(stat::DELIVER_GET, 1);
         if redelivered {
             self.stats.add(stat::REDELIVER, 1);
         }

@@ -70,6 +70,19 @@ pub struct ConnectionShared {
 }
 
 impl ConnectionShared {
+    /// Its open channels, by number (for listings, metrics and sampling;
+    /// the lock is let go before the caller looks at them).
+    pub fn open_channels(&self) -> Vec<(u16, Arc<super::ChannelShared>)> {
+        let mut open: Vec<_> = self
+            .channels
+            .lock()
+            .iter()
+            .filter_map(|(n, ch)| Some((*n, ch.upgrade()?)))
+            .collect();
+        open.sort_by_key(|(n, _)| *n);
+        open
+    }
+
     /// Records that a publish found `gate` raised: the connection stops
     /// being read after the current batch of frames, until it lowers.
     pub fn note_congested(&self, gate: &Arc<FlowGate>) {
