@@ -166,6 +166,18 @@ def check(script, port, amqp_port):
       'definition={"max-length": 5}', "apply-to=queues")
     pols = a.json("-V", vh, "list", "policies")
     a.expect(f"list policies shows the policy: {pols}", names(pols) == ["tools-limit"])
+    # An operator policy caps the queue below the policy's limit.
+    a("-V", vh, "declare", "operator_policy", "name=tools-cap", "pattern=^tools-c$",
+      'definition={"max-length": 2}', "apply-to=queues")
+    ops = a.json("-V", vh, "list", "operator_policies")
+    a.expect(f"list operator_policies shows it: {ops}", names(ops) == ["tools-cap"])
+    capped = [q for q in a.json("-V", vh, "list", "queues") if q.get("name") == "tools-c"]
+    a.expect(f"the queue shows the operator policy and the lower cap: {capped}",
+             len(capped) == 1 and capped[0].get("operator_policy") == "tools-cap"
+             and capped[0].get("effective_policy_definition", {}).get("max-length") == 2)
+    a("-V", vh, "delete", "operator_policy", "name=tools-cap")
+    a.expect("delete operator_policy removes it",
+             a.json("-V", vh, "list", "operator_policies") == [])
 
     # export / import, whole broker and per vhost.
     work = tempfile.mkdtemp(prefix="rabbitmqadmin.")

@@ -218,6 +218,39 @@ async fn three_nodes_form_one_cluster_and_share_their_metadata() {
         .await;
     }
 
+    // An operator policy set on node 1 caps a queue homed on node 3 below
+    // the policy's limit: node 3 applies it when it applies the command.
+    let (status, body) = put(&api[2], "/api/queues/v2/q-capped", json!({"durable": true})).await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = put(
+        &api[0],
+        "/api/operator-policies/v2/cap",
+        json!({"pattern": "^q", "definition": {"max-length": 2}, "apply-to": "queues"}),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    eventually("node 3 applies the operator policy", &cluster, || {
+        let api = api[2].clone();
+        async move {
+            let q = get(&api, "/api/queues/v2/q-capped").await;
+            q["operator_policy"] == "cap" && q["effective_policy_definition"]["max-length"] == 2
+        }
+    })
+    .await;
+    for i in 0..4 {
+        let (status, body) = call(
+            reqwest::Method::POST,
+            format!("{}/api/exchanges/v2/amq.default/publish", api[2]),
+            Some(
+                json!({"routing_key": "q-capped", "payload": format!("m{i}"),
+                        "payload_encoding": "string", "properties": {}}),
+            ),
+        )
+        .await;
+        assert_eq!((status, &body["routed"]), (200, &json!(true)), "{body}");
+    }
+    assert_eq!(get(&api[2], "/api/queues/v2/q-capped").await["messages"], 2);
+
     // And a client logs in on node 3 with what was made on nodes 1 and 2.
     let conn = lapin::Connection::connect(
         &cluster.node(2).uri("alice", "wonderland", "v2"),

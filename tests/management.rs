@@ -684,12 +684,33 @@ async fn durable_objects_made_through_the_api_survive_a_restart() {
         .post("/api/bindings/%2F/e/events/q/audit", json!({}))
         .await;
     assert_eq!(resp.status(), StatusCode::CREATED);
+    // A policy and an operator policy of the same name, both kept.
+    for (path, cap) in [("policies", 10), ("operator-policies", 3)] {
+        assert_eq!(
+            api.put(
+                &format!("/api/{path}/%2F/cap"),
+                json!({"pattern": "^audit$", "definition": {"max-length": cap}})
+            )
+            .await,
+            StatusCode::CREATED
+        );
+    }
     let dir = broker.keep_dir();
     broker.stop().await;
 
     let mut broker = TestBroker::start_in(dir.path()).await;
     broker.own_dir(dir);
     let api = Api::guest(&broker);
+    let (_, q) = api.get("/api/queues/%2F/audit").await;
+    assert_eq!(
+        (
+            &q["policy"],
+            &q["operator_policy"],
+            &q["effective_policy_definition"]
+        ),
+        (&json!("cap"), &json!("cap"), &json!({"max-length": 3})),
+        "{q}"
+    );
     let (_, x) = api.get("/api/exchanges/%2F/events").await;
     assert_eq!(x["type"], "fanout");
     assert_eq!(api.get("/api/queues/%2F/audit").await.1["durable"], true);
@@ -2128,9 +2149,9 @@ fn missing_keys(rabbit: &Value, warren: &Value, prefix: &str, out: &mut Vec<Stri
 /// `path field` per line (`tests/data/rabbitmq_3_10_api/known_gaps.txt`):
 /// Erlang runtime internals (garbage collection, reductions, processes,
 /// the backing queue, mnesia, run queues, contexts, applications), figures
-/// Warren does not keep (per-queue deliveries split by kind, messages in
-/// RAM or persistent, per-exchange and per-channel message stats, I/O
-/// counts, consumer utilisation), and rates of gauges it does not sample.
+/// Warren does not keep (messages in RAM or persistent, per-exchange
+/// message stats, channels' uncommitted counts and per-exchange/per-queue
+/// breakdowns, the node's I/O and store counters and their rates).
 /// Anything else RabbitMQ has, Warren must have too: the test fails on a
 /// new gap, and on a gap closed but still listed.
 fn known_gaps() -> Vec<String> {
@@ -2312,7 +2333,7 @@ async fn the_api_answers_with_rabbitmqs_fields() {
         "{chans}"
     );
     // Beyond shapes: the cluster id, no runtime-parameter components, no
-    // operator policies (refused, not dropped), no OAuth.
+    // OAuth.
     let (_, id) = api.get("/api/global-parameters/internal_cluster_id").await;
     assert!(
         id["value"]
@@ -2334,14 +2355,216 @@ async fn the_api_answers_with_rabbitmqs_fields() {
             .unwrap()
             .contains("component federation-upstream not found")
     );
-    let (status, _) = api
-        .send(
-            reqwest::Method::PUT,
-            "/api/operator-policies/%2F/cap",
-            Some(json!({"pattern": ".*", "definition": {"max-length": 1}})),
-        )
-        .await;
-    assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(api.get("/api/auth").await.1["oauth_enabled"], false);
+    broker.stop().await;
+}
+
+/// One step of `tests/data/rabbitmq_3_10_operator_policies.md`: an API
+/// request and RabbitMQ 3.10.8's answer (rabbitmqctl steps are replayed by
+/// warrenctl's tests).
+struct RecordedStep {
+    title: String,
+    method: reqwest::Method,
+    path: String,
+    body: Option<Value>,
+    status: StatusCode,
+    answer: Option<Value>,
+}
+
+/// The recorded API steps, in order.
+fn recorded_operator_policy_steps() -> Vec<RecordedStep> {
+    let text = include_str!("data/rabbitmq_3_10_operator_policies.md");
+    let mut steps = Vec::new();
+    for section in text.split("\n## ").skip(1) {
+        let title = section.lines().next().unwrap().to_owned();
+        let field = |prefix: &str| {
+            section
+                .lines()
+                .find_map(|l| l.strip_prefix(prefix))
+                .map(|v| v.trim_matches('`').to_owned())
+        };
+        let Some(request) = field("request: ") else {
+            continue; // a rabbitmqctl step
+        };
+        let (method, path) = request.split_once(' ').unwrap();
+        let answer = section.split_once("```json\n").map(|(_, rest)| {
+            let json = rest.split_once("```").unwrap().0;
+            // (RabbitMQ 3.10 HTML-escapes some validation texts.)
+            serde_json::from_str(&json.replace("&lt;", "<").replace("&gt;", ">")).unwrap()
+        });
+        steps.push(RecordedStep {
+            title,
+            method: method.parse().unwrap(),
+            path: path.to_owned(),
+            body: field("body: ").map(|b| serde_json::from_str(&b).unwrap()),
+            status: field("status: ")
+                .unwrap()
+                .parse::<u16>()
+                .unwrap()
+                .try_into()
+                .unwrap(),
+            answer,
+        });
+    }
+    steps
+}
+
+/// Operator policies as RabbitMQ 3.10.8 answered them, step by step
+/// (`conformance/capture/probe_operator_policies.sh`): the same statuses and
+/// error texts, the same listings, and on each queue the same policy,
+/// operator policy and effective definition — the lower of the two limits
+/// where both set one — with the limit enforced (8 published, 5 kept).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_policies_cap_policies_as_rabbitmq_does() {
+    let broker = TestBroker::start().await;
+    let api = Api::guest(&broker);
+    let conn = broker.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    let steps = recorded_operator_policy_steps();
+    assert!(steps.len() >= 25, "{} steps", steps.len());
+    for step in &steps {
+        let (status, got) = api
+            .send(step.method.clone(), &step.path, step.body.clone())
+            .await;
+        let what = format!("{}: {} {}", step.title, step.method, step.path);
+        assert_eq!(status, step.status, "{what}: {got}");
+        match &step.answer {
+            None => assert_eq!(got, Value::Null, "{what}"),
+            // A queue: what the policies made of it.
+            Some(answer) if step.path.starts_with("/api/queues/") => {
+                for key in [
+                    "policy",
+                    "operator_policy",
+                    "effective_policy_definition",
+                    "arguments",
+                    "messages",
+                ] {
+                    assert_eq!(got[key], answer[key], "{what}: {key}");
+                }
+            }
+            // RabbitMQ 3.10 does not export operator policies.
+            Some(answer) if step.path == "/api/definitions" => {
+                assert!(answer.get("operator_policies").is_none());
+                assert!(got.get("operator_policies").is_none(), "{got}");
+                assert_eq!(got["policies"].as_array().map(Vec::len), Some(2));
+            }
+            Some(answer) => assert_eq!(&got, answer, "{what}"),
+        }
+        // The probe's client publishes 8 messages once the queues and
+        // policies are in place.
+        if step.title == "policy with a higher limit for q-op" {
+            for _ in 0..8 {
+                publish(&ch, "q-plain", b"m").await;
+            }
+            flushed(&ch).await;
+        }
+    }
+    // The limits are enforced, not only shown: the operator's 5 holds
+    // against the policy's 10 until it is deleted, then the policy's 10.
+    for _ in 0..8 {
+        publish(&ch, "q-plain", b"m").await;
+    }
+    flushed(&ch).await;
+    assert_eq!(ready_count(&ch, "q-plain").await, 10);
+    broker.stop().await;
+}
+
+/// RabbitMQ's consumer utilisation (and 3.10's `consumer_capacity`, the
+/// same figure): the fraction of the last sampling period (5 s) in which a
+/// consumer could take a message at once — 1 for an idle consumer with
+/// credit on an empty queue, 0 for one whose prefetch is full while
+/// messages wait, 0 without consumers. Also the store's message writes in
+/// the overview's `disk_writes`, and the rates beside the node's gauges.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_utilisation_follows_what_consumers_can_take() {
+    let broker = TestBroker::start().await;
+    let api = Api::guest(&broker);
+    let conn = broker.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    for q in ["idle", "blocked", "unconsumed"] {
+        declare_durable_queue(&ch, q).await;
+    }
+    // Three persistent messages into "blocked", confirmed (so written).
+    let (_, before) = api.get("/api/overview").await;
+    let writes_before = before["message_stats"]["disk_writes"].as_u64().unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        ch.basic_publish(
+            "".into(),
+            "blocked".into(),
+            BasicPublishOptions::default(),
+            b"m",
+            lapin::BasicProperties::default().with_delivery_mode(2),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    }
+    let (_, overview) = api.get("/api/overview").await;
+    let writes = overview["message_stats"]["disk_writes"].as_u64().unwrap();
+    assert!(writes >= writes_before + 3, "{writes_before} -> {writes}");
+    assert!(overview["message_stats"]["disk_writes_details"]["rate"].is_number());
+
+    let _idle = ch
+        .basic_consume(
+            "idle".into(),
+            "c-idle".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let ch2 = conn.create_channel().await.unwrap();
+    ch2.basic_qos(1, BasicQosOptions::default()).await.unwrap();
+    let mut blocked = ch2
+        .basic_consume(
+            "blocked".into(),
+            "c-blocked".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    next_deliveries(&mut blocked, 1).await; // never acked: prefetch full
+
+    // Sampled every 5 s: wait (at most 20 s) for a whole period of each.
+    let utilisation = |q: &Value| q["consumer_utilisation"].as_f64().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let (_, idle) = api.get("/api/queues/%2F/idle").await;
+        let (_, blocked) = api.get("/api/queues/%2F/blocked").await;
+        let (_, unconsumed) = api.get("/api/queues/%2F/unconsumed").await;
+        let got = [
+            utilisation(&idle),
+            utilisation(&blocked),
+            utilisation(&unconsumed),
+        ];
+        if got == [1.0, 0.0, 0.0] {
+            assert_eq!(idle["consumer_capacity"], idle["consumer_utilisation"]);
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "utilisation of idle, blocked, unconsumed: {got:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    let (_, nodes) = api.get("/api/nodes").await;
+    for gauge in [
+        "mem_used",
+        "disk_free",
+        "fd_used",
+        "sockets_used",
+        "proc_used",
+    ] {
+        assert!(
+            nodes[0][format!("{gauge}_details")]["rate"].is_number(),
+            "{gauge}: {}",
+            nodes[0]
+        );
+    }
     broker.stop().await;
 }

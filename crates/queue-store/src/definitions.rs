@@ -28,6 +28,8 @@ pub enum DefKind {
     Policy = 7,
     /// A user's topic permissions on one exchange in a vhost.
     TopicPermission = 8,
+    /// An operator policy (RabbitMQ's `set_operator_policy`).
+    OperatorPolicy = 9,
 }
 
 impl DefKind {
@@ -42,6 +44,7 @@ impl DefKind {
             6 => DefKind::Binding,
             7 => DefKind::Policy,
             8 => DefKind::TopicPermission,
+            9 => DefKind::OperatorPolicy,
             _ => return None,
         })
     }

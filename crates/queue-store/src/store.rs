@@ -66,6 +66,12 @@ pub struct StoreStats {
     pub syncs: AtomicU64,
     /// Commit waiters released (publishes confirmed, transactions committed...).
     pub commits: AtomicU64,
+    /// Messages written, one per queue that keeps it (RabbitMQ's
+    /// `disk_writes`).
+    pub messages_written: AtomicU64,
+    /// Messages read back from disk (paging in; not those still waiting to
+    /// be written; RabbitMQ's `disk_reads`).
+    pub messages_read: AtomicU64,
 }
 
 type Waiter = oneshot::Sender<Result<(), StoreError>>;
@@ -320,7 +326,11 @@ impl Store {
         if let Some(m) = self.unwritten.get(&id) {
             return Ok(Some(m.0.clone()));
         }
-        Ok(self.storage.message(id)?.map(Arc::new))
+        let read = self.storage.message(id)?;
+        if read.is_some() {
+            self.stats.messages_read.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(read.map(Arc::new))
     }
 
     /// Loads messages likely stored together (a queue's next paged bodies,
@@ -342,7 +352,15 @@ impl Store {
             .filter(|(_, m)| m.is_none())
             .map(|(id, _)| *id)
             .collect();
-        let mut from_storage = self.storage.messages_in_order(&stored).into_iter();
+        let from_storage = self.storage.messages_in_order(&stored);
+        let read = from_storage
+            .iter()
+            .filter(|m| matches!(m, Ok(Some(_))))
+            .count();
+        self.stats
+            .messages_read
+            .fetch_add(read as u64, Ordering::Relaxed);
+        let mut from_storage = from_storage.into_iter();
         unwritten
             .into_iter()
             .map(|m| match m {
@@ -453,8 +471,10 @@ fn write_loop(storage: &dyn Storage, shared: &Shared, stats: &StoreStats, unwrit
             }
             // Written (or failed for good): readers now go to the storage
             // once no other reference's put of the body is still pending.
+            let mut messages = 0;
             for w in &writes {
                 if let Write::PutMessage(m) = w {
+                    messages += 1;
                     if let dashmap::Entry::Occupied(mut e) = unwritten.entry(m.id) {
                         e.get_mut().1 -= 1;
                         if e.get().1 == 0 {
@@ -467,6 +487,9 @@ fn write_loop(storage: &dyn Storage, shared: &Shared, stats: &StoreStats, unwrit
             stats
                 .writes
                 .fetch_add(writes.len() as u64, Ordering::Relaxed);
+            stats
+                .messages_written
+                .fetch_add(messages, Ordering::Relaxed);
             writes.clear();
         }
         if result.is_ok() && (!waiters.is_empty() || closing) {

@@ -33,6 +33,12 @@ pub struct Broker {
     pub live_connections: DashMap<u64, Arc<crate::session::ConnectionShared>>,
     /// When the broker started (uptime).
     pub started: std::time::Instant,
+    /// How the node's gauges moved ([`crate::peers::GaugeRates`]'s order),
+    /// sampled every 5 s by the monitor.
+    gauge_rates: crate::rates::SampledRates<5>,
+    /// How many messages the store wrote and read (RabbitMQ's
+    /// `disk_writes`, `disk_reads`), sampled with them.
+    disk_io_rates: crate::rates::SampledRates<2>,
     /// This node's listeners once bound, as RabbitMQ names their
     /// protocols (`amqp`, `amqp/ssl`, `http`, `http/prometheus`,
     /// `clustering`): the health checks' `port-listener` and
@@ -59,6 +65,8 @@ impl Broker {
             connections: std::sync::atomic::AtomicUsize::new(0),
             live_connections: DashMap::new(),
             started: std::time::Instant::now(),
+            gauge_rates: Default::default(),
+            disk_io_rates: Default::default(),
             listeners: std::sync::OnceLock::new(),
         }
     }
@@ -71,6 +79,27 @@ impl Broker {
     /// Every vhost.
     pub fn vhost_list(&self) -> Vec<Arc<Vhost>> {
         self.vhosts.iter().map(|v| v.value().clone()).collect()
+    }
+
+    /// Samples the node's gauges and the store's message reads and writes
+    /// for their rates (the monitor, every 5 s).
+    pub fn sample_node(&self) {
+        self.gauge_rates.sample(self.node_stats().gauges());
+        self.disk_io_rates.sample(self.disk_io());
+    }
+
+    /// Messages the store read back from disk and wrote to it, with their
+    /// rates at the last sample (the overview's `disk_reads`, `disk_writes`).
+    pub fn disk_io_stats(&self) -> ([u64; 2], [f64; 2]) {
+        (self.disk_io(), self.disk_io_rates.rates())
+    }
+
+    fn disk_io(&self) -> [u64; 2] {
+        let stats = self.store.stats();
+        [
+            stats.messages_read.load(Ordering::Relaxed),
+            stats.messages_written.load(Ordering::Relaxed),
+        ]
     }
 
     /// This node's figures now (`/api/nodes`, and what it gossips).
@@ -105,6 +134,7 @@ impl Broker {
             proc_total: 1_048_576,
             processors: std::thread::available_parallelism().map_or(1, |n| n.get() as u64),
             uptime: self.started.elapsed().as_millis() as u64,
+            gauge_rates: crate::peers::GaugeRates::from(self.gauge_rates.rates()),
         }
     }
 
@@ -193,22 +223,29 @@ impl Broker {
                 if let Some((_, v)) = self.vhosts.remove(name) {
                     v.closed.cancel();
                     v.policies.write().clear();
+                    v.operator_policies.write().clear();
                     tracing::info!(vhost = %name, "vhost deleted (by another node)");
                 }
                 self.auth.clear_vhost(name);
             }
+            // Every node re-applies a vhost's policies to its queues here,
+            // the node that ran the operation too.
             MetaCommand::PutPolicy(policy) => {
                 if let Some(v) = self.vhost(&policy.vhost) {
-                    let mut policies = v.policies.write();
-                    match policies.iter_mut().find(|p| p.name == policy.name) {
-                        Some(existing) => *existing = policy.clone(),
-                        None => policies.push(policy.clone()),
+                    {
+                        let mut policies = v.policies_of(policy.kind).write();
+                        match policies.iter_mut().find(|p| p.name == policy.name) {
+                            Some(existing) => *existing = policy.clone(),
+                            None => policies.push(policy.clone()),
+                        }
                     }
+                    v.apply_policies();
                 }
             }
-            MetaCommand::DeletePolicy { vhost, name } => {
+            MetaCommand::DeletePolicy { vhost, name, kind } => {
                 if let Some(v) = self.vhost(vhost) {
-                    v.policies.write().retain(|p| p.name != *name);
+                    v.policies_of(*kind).write().retain(|p| p.name != *name);
+                    v.apply_policies();
                 }
             }
             // Router objects: the node that ran the operation changed its
@@ -484,44 +521,44 @@ impl Broker {
         commit.await.map(|_| Ok(()))
     }
 
-    /// Adds or replaces a policy in its vhost and applies it to live queues at
-    /// once. Returns whether it is new; `Ok(None)` if the vhost does not exist.
+    /// Adds or replaces a policy or an operator policy in its vhost; the
+    /// projection applies it to live queues before this returns. Returns
+    /// whether it is new; `Ok(None)` if the vhost does not exist.
     pub async fn set_policy(
         self: &Arc<Self>,
         policy: crate::policy::Policy,
     ) -> Result<Option<bool>, MetaError> {
-        let Some(v) = self.vhost(&policy.vhost) else {
+        if self.vhost(&policy.vhost).is_none() {
             return Ok(None);
-        };
+        }
         let created = self
             .commit_meta(MetaCommand::PutPolicy(policy))
             .await?
             .changed_existence;
-        v.apply_policies();
         Ok(Some(created))
     }
 
-    /// Removes a policy; queues fall back to their own arguments (or the next
-    /// matching policy) at once. Returns whether it existed.
+    /// Removes a policy or an operator policy; queues fall back to their own
+    /// arguments (or the next matching policy) before this returns. Returns
+    /// whether it existed.
     pub async fn clear_policy(
         self: &Arc<Self>,
         vhost: &str,
         name: &str,
+        kind: crate::policy::PolicyKind,
     ) -> Result<bool, MetaError> {
-        let Some(v) = self.vhost(vhost) else {
+        if self.vhost(vhost).is_none() {
             return Ok(false);
-        };
+        }
         match self
             .commit_meta(MetaCommand::DeletePolicy {
                 vhost: vhost.to_owned(),
                 name: name.to_owned(),
+                kind,
             })
             .await
         {
-            Ok(_) => {
-                v.apply_policies();
-                Ok(true)
-            }
+            Ok(_) => Ok(true),
             Err(MetaError::NotFound(_)) => Ok(false),
             Err(e) => Err(e),
         }

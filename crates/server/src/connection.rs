@@ -533,6 +533,7 @@ async fn handshake(
         close_reason: parking_lot::Mutex::new(String::new()),
         recv_oct: std::sync::atomic::AtomicU64::new(0),
         recv_cnt: std::sync::atomic::AtomicU64::new(0),
+        octet_rates: Default::default(),
         client_properties: compact_table(&start_ok.client_properties),
     });
     // Listed (management API) before the client hears open-ok: a client

@@ -95,6 +95,7 @@ pub(crate) fn user(u: &crate::auth::User) -> Value {
 pub(super) fn queue(vhost: &str, q: &QueueHandle, node: &str) -> Value {
     let counts = q.counters();
     let (ready, unacked) = (counts.ready, counts.unacked);
+    let applied = q.policy.lock().clone();
     let mut out = json!({
         "name": q.name.as_str(),
         "vhost": vhost,
@@ -114,8 +115,9 @@ pub(super) fn queue(vhost: &str, q: &QueueHandle, node: &str) -> Value {
         "consumers": counts.consumers,
         "memory": counts.memory,
         "flow": q.flow.is_raised(),
-        "policy": *q.policy.lock(),
-        "operator_policy": null,
+        "policy": applied.policy,
+        "operator_policy": applied.operator_policy,
+        "effective_policy_definition": applied.definition,
         "exclusive_consumer_tag": null,
         "message_stats": message_stats(q.stats.snapshot()),
     });
@@ -130,6 +132,10 @@ pub(super) fn queue(vhost: &str, q: &QueueHandle, node: &str) -> Value {
     out["messages_details"] = json!({"rate": messages});
     out["messages_ready_details"] = json!({"rate": ready_rate});
     out["messages_unacknowledged_details"] = json!({"rate": unacked_rate});
+    // RabbitMQ 3.10 shows the same figure under both names.
+    let utilisation = q.stats.utilisation();
+    out["consumer_utilisation"] = json!(utilisation);
+    out["consumer_capacity"] = json!(utilisation);
     if let Some(at) = q.stats.idle_since() {
         out["idle_since"] = json!(iso8601_ms(at));
     }

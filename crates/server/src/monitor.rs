@@ -1,7 +1,8 @@
 //! The resource monitor: a task that samples the whole broker — every
-//! queue's memory accounting (and, every 5 s, its message rates) every
-//! 100 ms, the data directory's free disk space every second — and hands
-//! the samples to the alarms (`alarm.rs`), which raise or clear them.
+//! queue's memory accounting every 100 ms, the data directory's free disk
+//! space every second, and every 5 s the rates the management API shows
+//! (queues', channels', connections', the node's) — and hands memory and
+//! disk to the alarms (`alarm.rs`), which raise or clear them.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,8 +19,7 @@ fn memory_and_stats(broker: &Broker, sample: bool) -> u64 {
         .flat_map(|v| v.queues())
         .map(|q| {
             if sample {
-                let c = q.counters();
-                q.stats.sample([c.ready + c.unacked, c.ready, c.unacked]);
+                q.sample_stats();
             }
             q.memory_in_use()
         })
@@ -44,7 +44,9 @@ pub fn spawn_monitor(broker: &Arc<Broker>) {
             let queued = memory_and_stats(&b, n % 50 == 0);
             if n % 50 == 0 {
                 b.metrics.sample_overview();
+                b.sample_node();
                 for c in b.live_connections.iter() {
+                    c.sample_octets();
                     for (_, ch) in c.open_channels() {
                         ch.stats.sample();
                     }

@@ -243,6 +243,50 @@ pub struct NodeStats {
     pub processors: u64,
     /// Milliseconds since the broker started.
     pub uptime: u64,
+    /// How the gauges above moved over the last sampling period (RabbitMQ's
+    /// `{name}_details`).
+    #[serde(default)]
+    pub gauge_rates: GaugeRates,
+}
+
+impl NodeStats {
+    /// The gauges RabbitMQ gives rates of, in [`GaugeRates`]'s order.
+    pub fn gauges(&self) -> [u64; 5] {
+        [
+            self.mem_used,
+            self.disk_free,
+            self.fd_used,
+            self.sockets_used,
+            self.proc_used,
+        ]
+    }
+}
+
+/// A node's gauges' change per second over the last sampling period (5 s).
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct GaugeRates {
+    /// Of `mem_used`.
+    pub mem_used: f64,
+    /// Of `disk_free`.
+    pub disk_free: f64,
+    /// Of `fd_used`.
+    pub fd_used: f64,
+    /// Of `sockets_used`.
+    pub sockets_used: f64,
+    /// Of `proc_used`.
+    pub proc_used: f64,
+}
+
+impl From<[f64; 5]> for GaugeRates {
+    fn from([mem_used, disk_free, fd_used, sockets_used, proc_used]: [f64; 5]) -> Self {
+        GaugeRates {
+            mem_used,
+            disk_free,
+            fd_used,
+            sockets_used,
+            proc_used,
+        }
+    }
 }
 
 /// A replicated queue's group and counts, as one of its members sees them

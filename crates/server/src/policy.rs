@@ -8,8 +8,16 @@
 //! Supported keys: `message-ttl`, `expires`, `max-length`,
 //! `max-length-bytes`, `delivery-limit` (the lower value wins), `overflow`,
 //! `dead-letter-exchange`, `dead-letter-routing-key`, `consumer-timeout`
-//! (the queue's argument wins), and `queue-mode` (accepted, no effect); for
-//! exchanges, `alternate-exchange` (the exchange's own argument wins).
+//! (the queue's argument wins), and `queue-mode`, `max-in-memory-length`,
+//! `max-in-memory-bytes` (accepted, no effect); for exchanges,
+//! `alternate-exchange` (the exchange's own argument wins).
+//!
+//! Operator policies (RabbitMQ's `set_operator_policy`) are the same records
+//! of [`PolicyKind::Operator`], limited to the limit keys. A queue gets the
+//! highest-priority policy and the highest-priority operator policy that
+//! match it; where both set a key the lower value wins ([`effective`]), and
+//! the result merges with the queue's own arguments as above — so an
+//! operator's cap holds whatever the users' policies and arguments say.
 
 use amqp_codec::{FieldTable, FieldValue, ShortStr};
 use bytes::Bytes;
@@ -48,10 +56,33 @@ impl ApplyTo {
     }
 }
 
+/// Whether a policy is a user's or an operator's (RabbitMQ keeps them apart:
+/// the same name may be both, and each kind has its own listing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum PolicyKind {
+    /// A policy (`set_policy`, `/api/policies`).
+    User,
+    /// An operator policy (`set_operator_policy`, `/api/operator-policies`):
+    /// caps on the limit keys that users' policies cannot lift.
+    Operator,
+}
+
+impl PolicyKind {
+    /// How logs and messages call it.
+    pub fn noun(self) -> &'static str {
+        match self {
+            PolicyKind::User => "policy",
+            PolicyKind::Operator => "operator policy",
+        }
+    }
+}
+
 /// One policy.
 #[derive(Debug, Clone)]
 pub struct Policy {
-    /// Name (unique in its vhost).
+    /// A user's or an operator's.
+    pub kind: PolicyKind,
+    /// Name (unique in its vhost among its kind).
     pub name: String,
     /// Its vhost.
     pub vhost: String,
@@ -72,6 +103,18 @@ const MIN_KEYS: [&str; 5] = [
     "expires",
     "max-length",
     "max-length-bytes",
+    "delivery-limit",
+];
+/// The keys an operator policy may set (RabbitMQ 3.10's
+/// `operator_policy_validator`s): limits only, each merged by taking the
+/// lower value.
+const OPERATOR_KEYS: [&str; 7] = [
+    "expires",
+    "message-ttl",
+    "max-length",
+    "max-length-bytes",
+    "max-in-memory-length",
+    "max-in-memory-bytes",
     "delivery-limit",
 ];
 /// Keys where the queue's own argument wins.
@@ -177,6 +220,25 @@ fn check_mirroring(definition: &Map<String, Value>) -> Result<(), String> {
     Ok(())
 }
 
+/// RabbitMQ's words for a key in "X is not a valid ..." (`rabbit_policies`).
+fn value_noun(key: &str) -> &str {
+    match key {
+        "message-ttl" => "message TTL",
+        "expires" => "queue expiry",
+        "max-length" => "maximum length",
+        "max-length-bytes" => "maximum length in bytes",
+        "max-in-memory-length" | "max-in-memory-bytes" => "maximum memory in bytes",
+        "delivery-limit" => "delivery limit",
+        "overflow" => "overflow value",
+        "queue-mode" => "queue-mode value",
+        "dead-letter-exchange" => "dead letter exchange name",
+        "dead-letter-routing-key" => "dead letter routing key",
+        "alternate-exchange" => "alternate exchange name",
+        "queue-leader-locator" => "queue leader locator value",
+        other => other,
+    }
+}
+
 impl Policy {
     /// Validates and builds a policy (RabbitMQ's validation wording where it
     /// has one).
@@ -188,14 +250,72 @@ impl Policy {
         priority: i64,
         definition: Map<String, Value>,
     ) -> Result<Policy, String> {
+        Policy::build(
+            PolicyKind::User,
+            vhost,
+            name,
+            pattern,
+            apply_to,
+            priority,
+            definition,
+        )
+    }
+
+    /// Validates and builds an operator policy: only [`OPERATOR_KEYS`], in
+    /// RabbitMQ's words otherwise.
+    pub fn new_operator(
+        vhost: &str,
+        name: &str,
+        pattern: &str,
+        apply_to: ApplyTo,
+        priority: i64,
+        definition: Map<String, Value>,
+    ) -> Result<Policy, String> {
+        Policy::build(
+            PolicyKind::Operator,
+            vhost,
+            name,
+            pattern,
+            apply_to,
+            priority,
+            definition,
+        )
+    }
+
+    fn build(
+        kind: PolicyKind,
+        vhost: &str,
+        name: &str,
+        pattern: &str,
+        apply_to: ApplyTo,
+        priority: i64,
+        definition: Map<String, Value>,
+    ) -> Result<Policy, String> {
         let regex = Regex::new(pattern).map_err(|e| format!("invalid pattern {pattern:?}: {e}"))?;
         if definition.is_empty() {
-            return Err("Validation failed\n\nno policy definition provided".into());
+            return Err("Validation failed\n\nno policy provided".into());
+        }
+        let unrecognised = |key: &str, value: &Value| {
+            format!(
+                "Validation failed\n\n[{{<<\"{key}\">>,{}}}] are not recognised policy settings",
+                erlang_term(value)
+            )
+        };
+        if kind == PolicyKind::Operator {
+            if let Some((key, value)) = definition
+                .iter()
+                .find(|(k, _)| !OPERATOR_KEYS.contains(&k.as_str()))
+            {
+                return Err(unrecognised(key, value));
+            }
         }
         check_mirroring(&definition).map_err(|e| format!("Validation failed\n\n{e}"))?;
         for (key, value) in &definition {
             let ok = match key.as_str() {
-                k if MIN_KEYS.contains(&k) || k == "consumer-timeout" => {
+                k if MIN_KEYS.contains(&k)
+                    || k == "consumer-timeout"
+                    || k.starts_with("max-in-memory-") =>
+                {
                     value.as_u64().is_some() && (k != "expires" || value.as_u64() != Some(0))
                 }
                 "overflow" => matches!(
@@ -215,17 +335,18 @@ impl Policy {
                 ),
                 // RabbitMQ 3.x's mirrored-queue keys (checked above).
                 k if MIRRORING_KEYS.contains(&k) => true,
-                other => {
-                    return Err(format!(
-                        "Validation failed\n\n[{{<<\"{other}\">>,{value}}}] are not recognised policy settings"
-                    ));
-                }
+                other => return Err(unrecognised(other, value)),
             };
             if !ok {
-                return Err(format!("Validation failed\n\n{value} is not a valid {key}"));
+                return Err(format!(
+                    "Validation failed\n\n{} is not a valid {}",
+                    erlang_term(value),
+                    value_noun(key)
+                ));
             }
         }
         let policy = Policy {
+            kind,
             name: name.to_owned(),
             vhost: vhost.to_owned(),
             pattern: pattern.to_owned(),
@@ -261,31 +382,7 @@ impl Policy {
 
     /// The queue's arguments with this policy merged in.
     pub fn merge_into(&self, declared: &FieldTable) -> FieldTable {
-        let mut merged = declared.clone();
-        for (key, value) in &self.definition {
-            let Ok(arg) = ShortStr::try_from(format!("x-{key}")) else {
-                continue;
-            };
-            if MIN_KEYS.contains(&key.as_str()) {
-                let Some(p) = value.as_u64().and_then(|v| i64::try_from(v).ok()) else {
-                    continue;
-                };
-                let own = declared.get(arg.as_str()).and_then(int_of);
-                let v = own.map_or(p, |o| o.min(p));
-                merged.insert(arg, FieldValue::I64(v));
-            } else if ARG_KEYS.contains(&key.as_str()) && declared.get(arg.as_str()).is_none() {
-                let v = match value {
-                    Value::String(s) => FieldValue::LongStr(Bytes::from(s.clone().into_bytes())),
-                    Value::Number(n) => match n.as_i64() {
-                        Some(i) => FieldValue::I64(i),
-                        None => continue,
-                    },
-                    _ => continue,
-                };
-                merged.insert(arg, v);
-            }
-        }
-        merged
+        merge_into(&self.definition, declared)
     }
 
     /// The definition record persisted for it.
@@ -306,14 +403,15 @@ impl Policy {
         .collect()
     }
 
-    /// Rebuilds a policy from its record.
-    pub fn from_record(t: &FieldTable) -> Option<Policy> {
+    /// Rebuilds a policy of `kind` from its record.
+    pub fn from_record(t: &FieldTable, kind: PolicyKind) -> Option<Policy> {
         let text = |k: &str| t.get(k).and_then(FieldValue::as_str);
         let definition = match serde_json::from_str(text("definition")?).ok()? {
             Value::Object(m) => m,
             _ => return None,
         };
-        Policy::new(
+        Policy::build(
+            kind,
             text("vhost")?,
             text("name")?,
             text("pattern")?,
@@ -335,6 +433,52 @@ impl Policy {
             "definition": self.definition,
         })
     }
+}
+
+/// `declared` (a queue's own arguments) with a policy definition merged in:
+/// limits take the lower value, the other keys yield to the queue's argument.
+pub fn merge_into(definition: &Map<String, Value>, declared: &FieldTable) -> FieldTable {
+    let mut merged = declared.clone();
+    for (key, value) in definition {
+        let Ok(arg) = ShortStr::try_from(format!("x-{key}")) else {
+            continue;
+        };
+        if MIN_KEYS.contains(&key.as_str()) {
+            let Some(p) = value.as_u64().and_then(|v| i64::try_from(v).ok()) else {
+                continue;
+            };
+            let own = declared.get(arg.as_str()).and_then(int_of);
+            let v = own.map_or(p, |o| o.min(p));
+            merged.insert(arg, FieldValue::I64(v));
+        } else if ARG_KEYS.contains(&key.as_str()) && declared.get(arg.as_str()).is_none() {
+            let v = match value {
+                Value::String(s) => FieldValue::LongStr(Bytes::from(s.clone().into_bytes())),
+                Value::Number(n) => match n.as_i64() {
+                    Some(i) => FieldValue::I64(i),
+                    None => continue,
+                },
+                _ => continue,
+            };
+            merged.insert(arg, v);
+        }
+    }
+    merged
+}
+
+/// The definition in effect where `policy` and `operator` (each the
+/// highest-priority match of its kind, if any) both apply: every key of
+/// either, and where both set one, the lower value (RabbitMQ's
+/// `merge_policy_value`: operator policies hold only limits).
+pub fn effective(policy: Option<&Policy>, operator: Option<&Policy>) -> Map<String, Value> {
+    let mut out = policy.map(|p| p.definition.clone()).unwrap_or_default();
+    for (key, value) in operator.map(|p| &p.definition).into_iter().flatten() {
+        let lower = match (out.get(key).and_then(Value::as_u64), value.as_u64()) {
+            (Some(a), Some(b)) if a <= b => continue,
+            _ => value.clone(),
+        };
+        out.insert(key.clone(), lower);
+    }
+    out
 }
 
 fn int_of(v: &FieldValue) -> Option<i64> {
@@ -404,7 +548,7 @@ mod tests {
             Some("own")
         );
         assert!(p.matches_queue("orders.paid") && !p.matches_queue("audit"));
-        let back = Policy::from_record(&p.record()).map(|q| q.to_json());
+        let back = Policy::from_record(&p.record(), PolicyKind::User).map(|q| q.to_json());
         assert_eq!(back, Some(p.to_json()));
     }
 

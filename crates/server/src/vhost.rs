@@ -24,7 +24,8 @@ use queue_store::{
 use crate::error::AmqpError;
 use crate::meta::{MetaCommand, QueueDef};
 use crate::node::Node;
-use crate::queue::{QueueHandle, Settle, Unacked, notify_cancel, now_ms};
+use crate::policy::PolicyKind;
+use crate::queue::{AppliedPolicies, QueueHandle, Settle, Unacked, notify_cancel, now_ms};
 
 /// A message to publish (see [`Vhost::enqueue`]).
 #[derive(Debug)]
@@ -109,6 +110,8 @@ pub struct Vhost {
     pub limits: parking_lot::Mutex<VhostLimits>,
     /// Policies of this vhost.
     pub policies: RwLock<Vec<crate::policy::Policy>>,
+    /// Operator policies of this vhost (lock order: `policies` first).
+    pub operator_policies: RwLock<Vec<crate::policy::Policy>>,
     /// The firehose switch and its pending copies (shared with the queues).
     pub tracer: Arc<crate::trace::Tracer>,
     /// What it shares with the node's other vhosts (store, metadata log,
@@ -146,37 +149,57 @@ impl Vhost {
             connections: std::sync::atomic::AtomicUsize::new(0),
             limits: parking_lot::Mutex::new(VhostLimits::default()),
             policies: RwLock::new(Vec::new()),
+            operator_policies: RwLock::new(Vec::new()),
             tracer,
             dead_letters_later: parking_lot::Mutex::new(None),
             dead_letters_behind: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
+    /// The policies of `kind`.
+    pub fn policies_of(&self, kind: PolicyKind) -> &RwLock<Vec<crate::policy::Policy>> {
+        match kind {
+            PolicyKind::User => &self.policies,
+            PolicyKind::Operator => &self.operator_policies,
+        }
+    }
+
     /// Puts the arguments in effect for `q` — its own merged with the policy
-    /// that applies to it, if any — and records which policy that is.
+    /// and the operator policy that apply to it, if any — and records which
+    /// those are.
     pub fn apply_policy(&self, q: &QueueHandle) {
         let mut fx = Effects::default();
         {
             // Policies are held until the queue has its arguments, so that
             // two policy changes cannot apply out of order (lock order:
-            // policies, then the queue's state).
+            // policies, operator policies, then the queue's state).
             let policies = self.policies.read();
+            let operator_policies = self.operator_policies.read();
             let policy = crate::policy::for_queue(&policies, &q.name);
-            let merged = policy.map(|p| p.merge_into(&q.arguments));
+            let operator = crate::policy::for_queue(&operator_policies, &q.name);
+            let applied = AppliedPolicies {
+                policy: policy.map(|p| p.name.clone()),
+                operator_policy: operator.map(|p| p.name.clone()),
+                definition: crate::policy::effective(policy, operator),
+            };
             let own = || QueueArgs::parse(&q.arguments, &q.name, &self.name).unwrap_or_default();
-            let (args, name) = match merged.map(|m| QueueArgs::parse(&m, &q.name, &self.name)) {
-                Some(Ok(args)) => (args, policy.map(|p| p.name.clone())),
-                Some(Err(e)) => {
-                    tracing::warn!(queue = %q.name, error = %e, "policy not applicable; the queue's own arguments apply");
-                    (own(), None)
+            let (args, applied) = if applied.definition.is_empty() {
+                (own(), AppliedPolicies::default())
+            } else {
+                let merged = crate::policy::merge_into(&applied.definition, &q.arguments);
+                match QueueArgs::parse(&merged, &q.name, &self.name) {
+                    Ok(args) => (args, applied),
+                    Err(e) => {
+                        tracing::warn!(queue = %q.name, error = %e, "policy not applicable; the queue's own arguments apply");
+                        (own(), AppliedPolicies::default())
+                    }
                 }
-                None => (own(), None),
             };
             q.set_consumer_timeout(args.consumer_timeout);
             if !q.set_effective_args(args, &mut fx) {
                 return;
             }
-            *q.policy.lock() = name;
+            *q.policy.lock() = applied;
         }
         q.wake.notify_one();
         self.apply(&mut fx);
@@ -804,7 +827,7 @@ impl Vhost {
         }
         self.by_id.insert(id, handle.clone());
         self.router.write().add_queue(name.clone(), QueueId(id));
-        if !self.policies.read().is_empty() {
+        if !self.policies.read().is_empty() || !self.operator_policies.read().is_empty() {
             self.apply_policy(&handle);
         }
         if logged {

@@ -50,6 +50,15 @@ impl Failure {
         }
     }
 
+    /// A 404 from the API for a runtime parameter (a policy, an operator
+    /// policy) as rabbitmqctl words it (69).
+    pub(crate) fn no_parameter(self) -> Failure {
+        match self {
+            Failure::Refused(404, _) => Failure::Refused(404, "Parameter does not exist".into()),
+            other => other,
+        }
+    }
+
     /// A 404 from the API as "no such vhost" (65).
     pub(crate) fn no_vhost(self, vhost: &str) -> Failure {
         match self {

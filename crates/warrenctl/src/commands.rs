@@ -139,6 +139,30 @@ const PERMISSION_KEYS: &[&str] = &["user", "configure", "write", "read"];
 /// The limits a vhost can have (RabbitMQ's names).
 const VHOST_LIMITS: [&str; 2] = ["max-connections", "max-queues"];
 
+/// What `list_policies` and `list_operator_policies` show, in rabbitmqctl's order.
+const POLICY_COLUMNS: [&str; 6] = [
+    "vhost",
+    "name",
+    "pattern",
+    "apply-to",
+    "definition",
+    "priority",
+];
+
+/// The API's body for `set_policy` and `set_operator_policy`.
+fn policy_body(
+    pattern: &str,
+    definition: &str,
+    priority: i64,
+    apply_to: &str,
+) -> Result<Value, Failure> {
+    let definition: Value = serde_json::from_str(definition)
+        .map_err(|e| Failure::DataErr(format!("definition is not JSON: {e}")))?;
+    Ok(
+        json!({"pattern": pattern, "definition": definition, "priority": priority, "apply-to": apply_to}),
+    )
+}
+
 /// A field of an API object as text.
 fn field(v: &Value, key: &str) -> String {
     output::text(&v[key])
@@ -664,21 +688,42 @@ pub(crate) async fn run(cli: Cli) -> Result<(), Failure> {
             priority,
             apply_to,
         } => {
-            let definition: Value = serde_json::from_str(&definition)
-                .map_err(|e| Failure::DataErr(format!("definition is not JSON: {e}")))?;
-            api.put(
-                &format!("/api/policies/{vh}/{}", seg(&name)),
-                json!({"pattern": pattern, "definition": definition, "priority": priority, "apply-to": apply_to}),
-            )
-            .await?;
+            let body = policy_body(&pattern, &definition, priority, &apply_to)?;
+            api.put(&format!("/api/policies/{vh}/{}", seg(&name)), body)
+                .await?;
             out.banner(&format!(
                 "Setting policy \"{name}\" for pattern \"{pattern}\" ..."
             ));
         }
         Command::ClearPolicy { name } => {
             api.delete(&format!("/api/policies/{vh}/{}", seg(&name)))
-                .await?;
+                .await
+                .map_err(Failure::no_parameter)?;
             out.banner(&format!("Clearing policy \"{name}\" ..."));
+        }
+        Command::SetOperatorPolicy {
+            name,
+            pattern,
+            definition,
+            priority,
+            apply_to,
+        } => {
+            let body = policy_body(&pattern, &definition, priority, &apply_to)?;
+            out.banner(&format!(
+                "Setting operator policy override \"{name}\" for pattern \"{pattern}\" to \"{definition}\" with priority \"{priority}\" for vhost \"{}\" ...",
+                cli.vhost
+            ));
+            api.put(&format!("/api/operator-policies/{vh}/{}", seg(&name)), body)
+                .await?;
+        }
+        Command::ClearOperatorPolicy { name } => {
+            out.banner(&format!(
+                "Clearing operator policy \"{name}\" on vhost \"{}\" ...",
+                cli.vhost
+            ));
+            api.delete(&format!("/api/operator-policies/{vh}/{}", seg(&name)))
+                .await
+                .map_err(Failure::no_parameter)?;
         }
         Command::SetVhostLimits { definition } => {
             let limits: Value = serde_json::from_str(&definition)
@@ -731,15 +776,14 @@ pub(crate) async fn run(cli: Cli) -> Result<(), Failure> {
         Command::ListPolicies => {
             out.banner(&format!("Listing policies for vhost \"{vhost}\" ..."));
             let rows = list(&api, &format!("/api/policies/{vh}")).await?;
-            let defaults = [
-                "vhost",
-                "name",
-                "pattern",
-                "apply-to",
-                "definition",
-                "priority",
-            ];
-            out.rows(&rows, &[], &defaults, &defaults)?;
+            out.rows(&rows, &[], &POLICY_COLUMNS, &POLICY_COLUMNS)?;
+        }
+        Command::ListOperatorPolicies => {
+            out.banner(&format!(
+                "Listing operator policy overrides for vhost \"{vhost}\" ..."
+            ));
+            let rows = list(&api, &format!("/api/operator-policies/{vh}")).await?;
+            out.rows(&rows, &[], &POLICY_COLUMNS, &POLICY_COLUMNS)?;
         }
         Command::PurgeQueue { name } => {
             api.delete(&format!("/api/queues/{vh}/{}/contents", seg(&name)))

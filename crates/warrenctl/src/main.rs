@@ -190,6 +190,25 @@ enum Command {
     ClearPolicy { name: String },
     /// Policies of the vhost [vhost name pattern apply-to definition priority].
     ListPolicies,
+    /// Sets an operator policy in the vhost: caps (`max-length`,
+    /// `max-length-bytes`, `message-ttl`, `expires`, `delivery-limit`) that
+    /// users' policies and queue arguments cannot lift, e.g.
+    /// `set_operator_policy cap '.*' '{"max-length":100000}' --apply-to queues`.
+    SetOperatorPolicy {
+        name: String,
+        pattern: String,
+        definition: String,
+        /// Higher wins when several operator policies match.
+        #[arg(long, default_value_t = 0)]
+        priority: i64,
+        /// queues, exchanges or all.
+        #[arg(long = "apply-to", default_value = "all")]
+        apply_to: String,
+    },
+    /// Removes an operator policy from the vhost.
+    ClearOperatorPolicy { name: String },
+    /// Operator policies of the vhost [vhost name pattern apply-to definition priority].
+    ListOperatorPolicies,
     /// Sets the vhost's limits from a JSON object, replacing any others, e.g.
     /// `set_vhost_limits '{"max-connections": 64, "max-queues": 256}'`
     /// (a negative value means no limit).
@@ -362,6 +381,7 @@ impl Tool {
                 | C::ListUserPermissions { .. }
                 | C::ListTopicPermissions
                 | C::ListPolicies
+                | C::ListOperatorPolicies
                 | C::ListVhostLimits
                 | C::Status
                 | C::Environment

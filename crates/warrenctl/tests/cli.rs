@@ -925,3 +925,93 @@ async fn a_broker_that_does_not_answer_in_time_gives_75() {
     .unwrap();
     assert_eq!(out.status.code(), Some(75), "{out:?}");
 }
+
+/// The rabbitmqctl steps of `tests/data/rabbitmq_3_10_operator_policies.md`
+/// (recorded from RabbitMQ 3.10.8 by
+/// `conformance/capture/probe_operator_policies.sh`), run by warrenctl
+/// against a broker holding the same three operator policies: the same exit
+/// codes, the same output where it succeeded, the same error text where not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_policy_commands_answer_as_rabbitmqctl_does() {
+    let broker = TestBroker::start().await;
+    for args in [
+        [
+            "set_operator_policy",
+            "--apply-to",
+            "queues",
+            "op-limits",
+            "^q",
+            r#"{"max-length":5,"message-ttl":60000}"#,
+        ],
+        [
+            "set_operator_policy",
+            "--apply-to",
+            "exchanges",
+            "op-exchanges",
+            "^x",
+            r#"{"max-length":5}"#,
+        ],
+        [
+            "set_operator_policy",
+            "--apply-to",
+            "queues",
+            "op-memory",
+            "^never$",
+            r#"{"max-in-memory-length":10,"max-in-memory-bytes":1000}"#,
+        ],
+    ] {
+        stdout(&ctl(&broker, &args).await);
+    }
+    let recorded = include_str!("../../../tests/data/rabbitmq_3_10_operator_policies.md");
+    let mut steps = 0;
+    for section in recorded.split("\n## ").skip(1) {
+        let Some(command) = section
+            .lines()
+            .find_map(|l| l.strip_prefix("rabbitmqctl: `"))
+            .map(|c| c.trim_end_matches('`'))
+        else {
+            continue; // an API step
+        };
+        let exit: i32 = section
+            .lines()
+            .find_map(|l| l.strip_prefix("exit: "))
+            .unwrap()
+            .parse()
+            .unwrap();
+        let output = section.split_once("```\n").unwrap().1;
+        let output = output.split_once("```").unwrap().0;
+        let args: Vec<&str> = command.split(' ').collect();
+        let got = ctl(&broker, &args).await;
+        assert_eq!(
+            got.status.code(),
+            Some(exit),
+            "{command}: {}",
+            String::from_utf8_lossy(&got.stderr)
+        );
+        if exit == 0 {
+            // The same lines; rows in any order (RabbitMQ's follow its
+            // table's hashing).
+            let lines = |text: &str| {
+                let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+                let rows = lines.split_off(lines.len().min(2));
+                let mut rows = rows;
+                rows.sort();
+                (lines, rows)
+            };
+            assert_eq!(
+                lines(&String::from_utf8_lossy(&got.stdout)),
+                lines(output),
+                "{command}"
+            );
+        } else {
+            let reason = output.lines().last().unwrap();
+            let stderr = String::from_utf8_lossy(&got.stderr);
+            assert!(
+                stderr.contains(reason),
+                "{command}: {stderr} lacks {reason}"
+            );
+        }
+        steps += 1;
+    }
+    assert_eq!(steps, 6);
+}

@@ -18,6 +18,7 @@ use super::{ApiError, Caller};
 use crate::auth::{Access, Resource};
 use crate::broker::Broker;
 use crate::json::{binding, exchange, flag, json_to_table, names_binding, properties_key, queue};
+use crate::policy::{Policy, PolicyKind};
 use crate::vhost::Vhost;
 
 type Shared = State<Arc<Broker>>;
@@ -170,11 +171,16 @@ pub(super) fn router(broker: Arc<Broker>) -> Router {
                 .put(unknown_component)
                 .delete(no_parameter),
         )
-        .route("/api/operator-policies", get(no_operator_policies))
-        .route("/api/operator-policies/{vhost}", get(no_operator_policies))
+        .route("/api/operator-policies", get(list_all_operator_policies))
+        .route(
+            "/api/operator-policies/{vhost}",
+            get(list_operator_policies),
+        )
         .route(
             "/api/operator-policies/{vhost}/{name}",
-            get(no_parameter).put(operator_policies_unsupported),
+            get(get_operator_policy)
+                .put(put_operator_policy)
+                .delete(delete_operator_policy),
         )
         .route("/api/topic-permissions", get(list_topic_permissions))
         .route(
@@ -302,6 +308,14 @@ async fn overview(State(b): Shared, caller: Caller) -> ApiResult {
         target.insert(key.to_owned(), json!(count));
         target.insert(format!("{key}_details"), json!({"rate": rate}));
     }
+    // Messages the store read back and wrote (this node's).
+    if let Some(m) = message_stats.as_object_mut() {
+        let (io, io_rates) = b.disk_io_stats();
+        for (i, key) in ["disk_reads", "disk_writes"].into_iter().enumerate() {
+            m.insert(key.to_owned(), json!(io[i]));
+            m.insert(format!("{key}_details"), json!({"rate": io_rates[i]}));
+        }
+    }
     ok(json!({
         "management_version": env!("CARGO_PKG_VERSION"),
         "rabbitmq_version": "3.10.0",
@@ -397,11 +411,15 @@ fn vhost_json(b: &Broker, v: &Vhost) -> Value {
             *sum += r;
         }
     }
-    // Its connections' traffic on this node.
-    let (mut recv, mut send) = (0, 0);
+    // Its connections' traffic on this node, and its rates.
+    let (mut octets, mut octet_rates) = ([0; 2], [0.0; 2]);
     for c in b.live_connections.iter().filter(|c| c.vhost == v.name()) {
-        recv += c.recv_oct.load(std::sync::atomic::Ordering::Relaxed);
-        send += c.outbox.sent().0;
+        for (sum, n) in octets.iter_mut().zip(c.octets()) {
+            *sum += n;
+        }
+        for (sum, r) in octet_rates.iter_mut().zip(c.octet_rates.rates()) {
+            *sum += r;
+        }
     }
     json!({
         "name": v.name(),
@@ -417,8 +435,10 @@ fn vhost_json(b: &Broker, v: &Vhost) -> Value {
         "messages_details": {"rate": rates[0]},
         "messages_ready_details": {"rate": rates[1]},
         "messages_unacknowledged_details": {"rate": rates[2]},
-        "recv_oct": recv,
-        "send_oct": send,
+        "recv_oct": octets[0],
+        "recv_oct_details": {"rate": octet_rates[0]},
+        "send_oct": octets[1],
+        "send_oct_details": {"rate": octet_rates[1]},
     })
 }
 
@@ -841,7 +861,7 @@ async fn queue_listing(query: &ListQuery, b: &Broker, vhosts: &[Arc<Vhost>]) -> 
             }
         },
         |i| match i {
-            Listed::Local(v, q) => local_queue_json(v, q, node),
+            Listed::Local(v, q) => queue(v.name(), q, node),
             Listed::Remote(j) => j.clone(),
         },
     )
@@ -870,7 +890,7 @@ async fn get_queue(
     if let Some(q) = v.find_queue(&name) {
         // One queue: with its consumers and the definition its policy
         // gives it, as RabbitMQ shows them.
-        let mut out = local_queue_json(&v, &q, &b.config.node_name);
+        let mut out = queue(v.name(), &q, &b.config.node_name);
         out["consumer_details"] = Value::Array(queue_consumers(&v, &q, &b.config.node_name));
         return ok(out);
     }
@@ -1333,9 +1353,15 @@ fn node_json(b: &Broker) -> Value {
     v
 }
 
-/// A node's entry of `/api/nodes` from its figures.
+/// A node's entry of `/api/nodes` from its figures (the gauges' rates as
+/// RabbitMQ's `{gauge}_details`).
 fn stats_json(name: &str, running: bool, stats: &crate::peers::NodeStats) -> Value {
     let mut v = serde_json::to_value(stats).unwrap_or_else(|_| json!({}));
+    if let Some(Value::Object(rates)) = v.as_object_mut().and_then(|m| m.remove("gauge_rates")) {
+        for (gauge, rate) in rates {
+            v[format!("{gauge}_details")] = json!({ "rate": rate });
+        }
+    }
     v["name"] = json!(name);
     v["type"] = json!("disc");
     v["running"] = json!(running);
@@ -1789,9 +1815,12 @@ fn connection_json(c: &crate::session::ConnectionShared, node: &str) -> Value {
     // Traffic, under RabbitMQ's names: octets read from and written to
     // the socket, and reads and frames written.
     let (send_oct, send_cnt) = c.outbox.sent();
+    let [recv_rate, send_rate] = c.octet_rates.rates();
     out["recv_oct"] = json!(c.recv_oct.load(std::sync::atomic::Ordering::Relaxed));
+    out["recv_oct_details"] = json!({"rate": recv_rate});
     out["recv_cnt"] = json!(c.recv_cnt.load(std::sync::atomic::Ordering::Relaxed));
     out["send_oct"] = json!(send_oct);
+    out["send_oct_details"] = json!({"rate": send_rate});
     out["send_cnt"] = json!(send_cnt);
     // As RabbitMQ: the name a client gave its connection, when it gave one.
     if let Some(amqp_codec::FieldValue::LongStr(name)) = c.client_properties.get("connection_name")
@@ -1973,23 +2002,6 @@ pub(super) fn local_consumers(b: &Broker) -> Vec<Value> {
     out
 }
 
-/// This node's queue `q` as `/api/queues` lists it, with the definition
-/// its policy gives it.
-fn local_queue_json(v: &Vhost, q: &crate::queue::QueueHandle, node: &str) -> Value {
-    let mut out = queue(v.name(), q, node);
-    let policy = q.policy.lock().clone();
-    out["effective_policy_definition"] = policy
-        .and_then(|p| {
-            v.policies
-                .read()
-                .iter()
-                .find(|x| x.name == p)
-                .map(|x| Value::Object(x.definition.clone()))
-        })
-        .unwrap_or_else(|| json!({}));
-    out
-}
-
 /// The consumers of this node's queue `q`, as `/api/consumers` lists
 /// them (and a queue's `consumer_details`).
 fn queue_consumers(v: &Vhost, q: &crate::queue::QueueHandle, node: &str) -> Vec<Value> {
@@ -2034,12 +2046,118 @@ async fn list_consumers(State(b): Shared, caller: Caller, Query(q): Listing) -> 
     listing(&q, items)
 }
 
-async fn list_all_policies(State(b): Shared, caller: Caller, Query(q): Listing) -> ApiResult {
+/// Every visible vhost's policies of `kind`, as the API lists them (RabbitMQ
+/// sorts them by priority unless asked otherwise).
+fn all_policies(b: &Broker, caller: &Caller, q: &ListQuery, kind: PolicyKind) -> ApiResult {
     let mut out = Vec::new();
-    for v in visible_vhosts(&b, &caller) {
-        out.extend(v.policies.read().iter().map(crate::policy::Policy::to_json));
+    for v in visible_vhosts(b, caller) {
+        out.extend(v.policies_of(kind).read().iter().map(Policy::to_json));
     }
-    listing(&q, out)
+    listing(q, by_priority(out))
+}
+
+/// A visible vhost's policies of `kind`.
+fn vhost_policies(
+    b: &Broker,
+    caller: &Caller,
+    vhost: &str,
+    q: &ListQuery,
+    kind: PolicyKind,
+) -> ApiResult {
+    let v = visible_vhost(b, caller, vhost)?;
+    let out = v
+        .policies_of(kind)
+        .read()
+        .iter()
+        .map(Policy::to_json)
+        .collect();
+    listing(q, by_priority(out))
+}
+
+/// Policies in RabbitMQ's default order for them: by priority, then vhost
+/// and name.
+fn by_priority(mut items: Vec<Value>) -> Vec<Value> {
+    let key = |p: &Value| {
+        (
+            p["priority"].as_i64().unwrap_or(0),
+            p["vhost"].as_str().unwrap_or("").to_owned(),
+            p["name"].as_str().unwrap_or("").to_owned(),
+        )
+    };
+    items.sort_by_cached_key(key);
+    items
+}
+
+fn one_policy(b: &Broker, vhost: &str, name: &str, kind: PolicyKind) -> ApiResult {
+    let v = b.vhost(vhost).ok_or_else(ApiError::not_found)?;
+    let policies = v.policies_of(kind).read();
+    let p = policies
+        .iter()
+        .find(|p| p.name == name)
+        .ok_or_else(ApiError::not_found)?;
+    ok(p.to_json())
+}
+
+/// A `PUT` body with `pattern`, `definition`, and optionally `priority` (0)
+/// and `apply-to` (`all`), validated as a policy of `kind`.
+fn policy_from_body(
+    vhost: &str,
+    name: &str,
+    body: Body,
+    kind: PolicyKind,
+) -> Result<Policy, ApiError> {
+    short(name)?;
+    let body = body_map(body);
+    let pattern = body
+        .get("pattern")
+        .and_then(Value::as_str)
+        .ok_or_else(|| ApiError::bad_request("Mandatory fields missing: pattern"))?;
+    let definition = match body.get("definition") {
+        Some(Value::Object(d)) => d.clone(),
+        _ => {
+            return Err(ApiError::bad_request(
+                "Mandatory fields missing: definition",
+            ));
+        }
+    };
+    let priority = match body.get("priority") {
+        None | Some(Value::Null) => 0,
+        Some(v) => v
+            .as_i64()
+            .ok_or_else(|| ApiError::bad_request("priority must be an integer"))?,
+    };
+    let apply_to = match body.get("apply-to").and_then(Value::as_str) {
+        None => crate::policy::ApplyTo::All,
+        Some(a) => crate::policy::ApplyTo::parse(a)
+            .ok_or_else(|| ApiError::bad_request(format!("invalid apply-to '{a}'")))?,
+    };
+    let built = match kind {
+        PolicyKind::User => Policy::new(vhost, name, pattern, apply_to, priority, definition),
+        PolicyKind::Operator => {
+            Policy::new_operator(vhost, name, pattern, apply_to, priority, definition)
+        }
+    };
+    // (RabbitMQ's validation texts end with a newline in the API.)
+    built.map_err(|e| ApiError::bad_request(format!("{e}\n")))
+}
+
+async fn store_policy(b: &Arc<Broker>, policy: Policy) -> ApiResult {
+    match b.set_policy(policy).await? {
+        None => Err(ApiError::vhost_not_found()),
+        Some(created) => self::created(created),
+    }
+}
+
+async fn remove_policy(b: &Arc<Broker>, vhost: &str, name: &str, kind: PolicyKind) -> ApiResult {
+    if b.clear_policy(vhost, name, kind).await? {
+        no_content()
+    } else {
+        Err(ApiError::not_found())
+    }
+}
+
+async fn list_all_policies(State(b): Shared, caller: Caller, Query(q): Listing) -> ApiResult {
+    all_policies(&b, &caller, &q, PolicyKind::User)
 }
 
 async fn list_policies(
@@ -2048,14 +2166,7 @@ async fn list_policies(
     Path(vhost): Path<String>,
     Query(q): Listing,
 ) -> ApiResult {
-    let v = visible_vhost(&b, &caller, &vhost)?;
-    let out = v
-        .policies
-        .read()
-        .iter()
-        .map(crate::policy::Policy::to_json)
-        .collect();
-    listing(&q, out)
+    vhost_policies(&b, &caller, &vhost, &q, PolicyKind::User)
 }
 
 async fn get_policy(
@@ -2063,13 +2174,83 @@ async fn get_policy(
     caller: Caller,
     Path((vhost, name)): Path<(String, String)>,
 ) -> ApiResult {
-    let v = visible_vhost(&b, &caller, &vhost)?;
-    let policies = v.policies.read();
-    let p = policies
-        .iter()
-        .find(|p| p.name == name)
-        .ok_or_else(ApiError::not_found)?;
-    ok(p.to_json())
+    visible_vhost(&b, &caller, &vhost)?;
+    one_policy(&b, &vhost, &name, PolicyKind::User)
+}
+
+/// `PUT /api/policies/{vhost}/{name}`: policymakers, in vhosts they see.
+async fn put_policy(
+    State(b): Shared,
+    caller: Caller,
+    Path((vhost, name)): Path<(String, String)>,
+    body: Body,
+) -> ApiResult {
+    caller.require_policymaker()?;
+    if !caller.may_see(&b, &vhost) {
+        return Err(ApiError::not_found());
+    }
+    let policy = policy_from_body(&vhost, &name, body, PolicyKind::User)?;
+    store_policy(&b, policy).await
+}
+
+async fn delete_policy(
+    State(b): Shared,
+    caller: Caller,
+    Path((vhost, name)): Path<(String, String)>,
+) -> ApiResult {
+    caller.require_policymaker()?;
+    if !caller.may_see(&b, &vhost) {
+        return Err(ApiError::not_found());
+    }
+    remove_policy(&b, &vhost, &name, PolicyKind::User).await
+}
+
+/// Operator policies are listed to anyone who sees the vhost (as RabbitMQ
+/// does); one of them is shown, set and cleared by administrators only.
+async fn list_all_operator_policies(
+    State(b): Shared,
+    caller: Caller,
+    Query(q): Listing,
+) -> ApiResult {
+    all_policies(&b, &caller, &q, PolicyKind::Operator)
+}
+
+async fn list_operator_policies(
+    State(b): Shared,
+    caller: Caller,
+    Path(vhost): Path<String>,
+    Query(q): Listing,
+) -> ApiResult {
+    vhost_policies(&b, &caller, &vhost, &q, PolicyKind::Operator)
+}
+
+async fn get_operator_policy(
+    State(b): Shared,
+    caller: Caller,
+    Path((vhost, name)): Path<(String, String)>,
+) -> ApiResult {
+    caller.require_admin()?;
+    one_policy(&b, &vhost, &name, PolicyKind::Operator)
+}
+
+async fn put_operator_policy(
+    State(b): Shared,
+    caller: Caller,
+    Path((vhost, name)): Path<(String, String)>,
+    body: Body,
+) -> ApiResult {
+    caller.require_admin()?;
+    let policy = policy_from_body(&vhost, &name, body, PolicyKind::Operator)?;
+    store_policy(&b, policy).await
+}
+
+async fn delete_operator_policy(
+    State(b): Shared,
+    caller: Caller,
+    Path((vhost, name)): Path<(String, String)>,
+) -> ApiResult {
+    caller.require_admin()?;
+    remove_policy(&b, &vhost, &name, PolicyKind::Operator).await
 }
 
 /// A vhost's limits as `/api/vhost-limits` lists them; none if it has none.
@@ -2130,64 +2311,6 @@ async fn delete_vhost_limit(
     .await?
     .map_err(ApiError::bad_request)?;
     no_content()
-}
-
-/// `PUT /api/policies/{vhost}/{name}` with `pattern`, `definition`, and
-/// optionally `priority` (0) and `apply-to` (`all`).
-async fn put_policy(
-    State(b): Shared,
-    caller: Caller,
-    Path((vhost, name)): Path<(String, String)>,
-    body: Body,
-) -> ApiResult {
-    caller.require_policymaker()?;
-    if !caller.may_see(&b, &vhost) {
-        return Err(ApiError::not_found());
-    }
-    short(&name)?;
-    let body = body_map(body);
-    let pattern = body
-        .get("pattern")
-        .and_then(Value::as_str)
-        .ok_or_else(|| ApiError::bad_request("Mandatory fields missing: pattern"))?;
-    let definition = match body.get("definition") {
-        Some(Value::Object(d)) => d.clone(),
-        _ => {
-            return Err(ApiError::bad_request(
-                "Mandatory fields missing: definition",
-            ));
-        }
-    };
-    let priority = match body.get("priority") {
-        None | Some(Value::Null) => 0,
-        Some(v) => v
-            .as_i64()
-            .ok_or_else(|| ApiError::bad_request("priority must be an integer"))?,
-    };
-    let apply_to = match body.get("apply-to").and_then(Value::as_str) {
-        None => crate::policy::ApplyTo::All,
-        Some(a) => crate::policy::ApplyTo::parse(a)
-            .ok_or_else(|| ApiError::bad_request(format!("invalid apply-to '{a}'")))?,
-    };
-    let policy = crate::policy::Policy::new(&vhost, &name, pattern, apply_to, priority, definition)
-        .map_err(ApiError::bad_request)?;
-    match b.set_policy(policy).await? {
-        None => Err(ApiError::not_found()),
-        Some(created) => self::created(created),
-    }
-}
-
-async fn delete_policy(
-    State(b): Shared,
-    caller: Caller,
-    Path((vhost, name)): Path<(String, String)>,
-) -> ApiResult {
-    caller.require_policymaker()?;
-    if caller.may_see(&b, &vhost) && b.clear_policy(&vhost, &name).await? {
-        no_content()
-    } else {
-        Err(ApiError::not_found())
-    }
 }
 
 /// Message properties from the API's JSON (RabbitMQ's field names).
@@ -2687,19 +2810,6 @@ async fn unknown_component(
     Err(ApiError::bad_request(format!(
         "Validation failed\n\ncomponent {component} not found\n"
     )))
-}
-
-/// Operator policies: none (Warren does not have them yet).
-async fn no_operator_policies(caller: Caller) -> ApiResult {
-    caller.require_monitoring()?;
-    ok(json!([]))
-}
-
-async fn operator_policies_unsupported(caller: Caller) -> ApiResult {
-    caller.require_admin()?;
-    Err(ApiError::bad_request(
-        "operator policies are not supported by Warren yet; use a policy",
-    ))
 }
 
 fn topic_permission_json(

@@ -109,6 +109,12 @@ impl ApiError {
         Self::new(StatusCode::NOT_FOUND, "Object Not Found", "Not Found")
     }
 
+    /// 404 for a write into a vhost that does not exist, as RabbitMQ's
+    /// policy and operator-policy endpoints answer it.
+    pub fn vhost_not_found() -> ApiError {
+        Self::new(StatusCode::NOT_FOUND, "not_found", "vhost_not_found")
+    }
+
     /// 400 with a reason.
     pub fn bad_request(reason: impl Into<String>) -> ApiError {
         Self::new(StatusCode::BAD_REQUEST, "bad_request", reason)

@@ -16,7 +16,7 @@ use queue_store::{DefKind, scoped_name};
 
 use regex::Regex;
 
-use crate::policy::Policy;
+use crate::policy::{Policy, PolicyKind};
 
 /// A user.
 #[derive(Debug, Clone)]
@@ -173,14 +173,16 @@ pub enum MetaCommand {
         /// Exchange.
         exchange: String,
     },
-    /// Adds or replaces a policy.
+    /// Adds or replaces a policy or an operator policy (its `kind`).
     PutPolicy(Policy),
-    /// Removes a policy.
+    /// Removes a policy or an operator policy.
     DeletePolicy {
         /// Vhost.
         vhost: String,
         /// Name.
         name: String,
+        /// Which of the two.
+        kind: PolicyKind,
     },
     /// Declares a durable exchange (or, in a cluster, a transient one).
     DeclareExchange {
@@ -298,6 +300,14 @@ pub fn binding_key(vhost: &str, b: &BindingDef) -> Bytes {
     )
 }
 
+/// Where a policy of `kind` is stored (the two kinds' names are apart).
+pub fn policy_def_kind(kind: PolicyKind) -> DefKind {
+    match kind {
+        PolicyKind::User => DefKind::Policy,
+        PolicyKind::Operator => DefKind::OperatorPolicy,
+    }
+}
+
 fn user_record(u: &User) -> FieldTable {
     let mut t = FieldTable::new();
     t.insert(s("name"), FieldValue::from(u.name.as_str()));
@@ -369,7 +379,7 @@ impl MetaCommand {
                 ]),
             ),
             MetaCommand::PutPolicy(p) => (
-                DefKind::Policy,
+                policy_def_kind(p.kind),
                 scoped_name(&p.vhost, &[p.name.as_bytes()]),
                 p.record(),
             ),
@@ -469,9 +479,13 @@ impl MetaCommand {
                 write: text(t, "write")?,
                 read: text(t, "read")?,
             }),
-            DefKind::Policy => {
-                MetaCommand::PutPolicy(Policy::from_record(t).ok_or("not a valid policy record")?)
-            }
+            DefKind::Policy => MetaCommand::PutPolicy(
+                Policy::from_record(t, PolicyKind::User).ok_or("not a valid policy record")?,
+            ),
+            DefKind::OperatorPolicy => MetaCommand::PutPolicy(
+                Policy::from_record(t, PolicyKind::Operator)
+                    .ok_or("not a valid operator policy record")?,
+            ),
             DefKind::Exchange => {
                 let kind = text(t, "type")?;
                 MetaCommand::DeclareExchange {
@@ -570,10 +584,14 @@ impl MetaCommand {
                     put("vhost", FieldValue::from(vhost.as_str()));
                     put("exchange", FieldValue::from(exchange.as_str()));
                 }
-                MetaCommand::DeletePolicy { vhost, name } => {
+                MetaCommand::DeletePolicy { vhost, name, kind } => {
                     put("op", FieldValue::from("delete_policy"));
                     put("vhost", FieldValue::from(vhost.as_str()));
                     put("name", FieldValue::from(name.as_str()));
+                    // (Absent before operator policies existed: a policy.)
+                    if *kind == PolicyKind::Operator {
+                        put("operator", FieldValue::Bool(true));
+                    }
                 }
                 MetaCommand::DeleteExchange { vhost, name } => {
                     put("op", FieldValue::from("delete_exchange"));
@@ -648,6 +666,10 @@ impl MetaCommand {
             "delete_policy" => MetaCommand::DeletePolicy {
                 vhost: text(&t, "vhost")?,
                 name: text(&t, "name")?,
+                kind: match t.get("operator") {
+                    Some(FieldValue::Bool(true)) => PolicyKind::Operator,
+                    _ => PolicyKind::User,
+                },
             },
             "delete_exchange" => MetaCommand::DeleteExchange {
                 vhost: text(&t, "vhost")?,
@@ -696,6 +718,7 @@ impl MetaCommand {
             MetaCommand::PutPolicy(p) => MetaCommand::DeletePolicy {
                 vhost: p.vhost.clone(),
                 name: p.name.clone(),
+                kind: p.kind,
             },
             MetaCommand::DeclareExchange { vhost, exchange } => MetaCommand::DeleteExchange {
                 vhost: vhost.clone(),
@@ -735,9 +758,11 @@ impl MetaCommand {
                 vhost,
                 exchange,
             } => format!("clear topic permissions of '{user}' on '{exchange}' in vhost '{vhost}'"),
-            MetaCommand::PutPolicy(p) => format!("put policy '{}' in vhost '{}'", p.name, p.vhost),
-            MetaCommand::DeletePolicy { vhost, name } => {
-                format!("delete policy '{name}' in vhost '{vhost}'")
+            MetaCommand::PutPolicy(p) => {
+                format!("put {} '{}' in vhost '{}'", p.kind.noun(), p.name, p.vhost)
+            }
+            MetaCommand::DeletePolicy { vhost, name, kind } => {
+                format!("delete {} '{name}' in vhost '{vhost}'", kind.noun())
             }
             MetaCommand::DeclareExchange { vhost, exchange } => {
                 format!("declare exchange '{}' in vhost '{vhost}'", exchange.name)
@@ -883,6 +908,39 @@ mod tests {
                 arguments: args,
             },
         });
+    }
+
+    /// An operator policy is stored and travels as one, apart from a
+    /// policy of the same name, and so does its deletion.
+    #[test]
+    fn operator_policies_keep_their_kind() {
+        let definition: serde_json::Map<String, serde_json::Value> =
+            [("max-length".to_owned(), serde_json::json!(5))]
+                .into_iter()
+                .collect();
+        let apply = crate::policy::ApplyTo::Queues;
+        let op =
+            Policy::new_operator("v", "cap", "^q", apply, 1, definition.clone()).expect("valid");
+        let user = Policy::new("v", "cap", "^q", apply, 1, definition).expect("valid");
+        let (op, user) = (MetaCommand::PutPolicy(op), MetaCommand::PutPolicy(user));
+        round_trip(op.clone());
+        round_trip(user.clone());
+        let (d_op, d_user) = (
+            op.definition().expect("put"),
+            user.definition().expect("put"),
+        );
+        assert_eq!(
+            (d_op.kind, d_user.kind),
+            (DefKind::OperatorPolicy, DefKind::Policy)
+        );
+        for (cmd, kind) in [(op, PolicyKind::Operator), (user, PolicyKind::User)] {
+            let back = MetaCommand::from_wire(&cmd.inverse().expect("inverse").to_wire())
+                .expect("decodes");
+            assert!(
+                matches!(&back, MetaCommand::DeletePolicy { kind: k, .. } if *k == kind),
+                "{back:?}"
+            );
+        }
     }
 
     #[test]

@@ -21,7 +21,7 @@ mod state;
 
 pub use command::{
     Definition, MetaCommand, PermissionDef, QueueDef, TopicPermissionDef, User, VhostLimits,
-    binding_key, compile_pattern,
+    binding_key, compile_pattern, policy_def_kind,
 };
 pub use error::MetaError;
 pub use log::{Commit, LocalMetaLog, MetaLog, MetaProjection};

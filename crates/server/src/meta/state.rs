@@ -26,10 +26,10 @@ use queue_store::{DefKind, scoped_name};
 
 use super::command::{
     Definition, MetaCommand, PermissionDef, QueueDef, TopicPermissionDef, User, VhostLimits,
-    binding_key, compile_pattern,
+    binding_key, compile_pattern, policy_def_kind,
 };
 use super::error::MetaError;
-use crate::policy::Policy;
+use crate::policy::{Policy, PolicyKind};
 
 /// What one command changed.
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -78,8 +78,8 @@ struct VhostMeta {
     permissions: BTreeMap<String, PermissionDef>,
     /// By (user, exchange).
     topic_permissions: BTreeMap<(String, String), TopicPermissionDef>,
-    /// By name.
-    policies: BTreeMap<String, Policy>,
+    /// Policies and operator policies, by kind and name.
+    policies: BTreeMap<(PolicyKind, String), Policy>,
     /// Exchanges by name, the system ones included (never stored).
     exchanges: BTreeMap<ShortStr, ExchangeDef>,
     /// Queues by name.
@@ -184,7 +184,7 @@ fn recovery_rank(kind: DefKind) -> u8 {
         DefKind::User => 1,
         DefKind::Permission => 2,
         DefKind::TopicPermission => 3,
-        DefKind::Policy => 4,
+        DefKind::Policy | DefKind::OperatorPolicy => 4,
         DefKind::Exchange => 5,
         DefKind::Queue => 6,
         DefKind::Binding => 7,
@@ -318,9 +318,9 @@ impl MetaState {
                             .push((DefKind::Exchange, scoped_name(name, &[x.as_bytes()])));
                     }
                 }
-                for p in v.policies.keys() {
+                for (kind, p) in v.policies.keys() {
                     out.deletes
-                        .push((DefKind::Policy, scoped_name(name, &[p.as_bytes()])));
+                        .push((policy_def_kind(*kind), scoped_name(name, &[p.as_bytes()])));
                 }
                 for (user, exchange) in v.topic_permissions.keys() {
                     out.deletes.push((
@@ -420,16 +420,23 @@ impl MetaState {
             }
             MetaCommand::PutPolicy(p) => {
                 let v = self.vhost_mut(&p.vhost)?;
-                out.changed_existence = v.policies.insert(p.name.clone(), p.clone()).is_none();
+                out.changed_existence = v
+                    .policies
+                    .insert((p.kind, p.name.clone()), p.clone())
+                    .is_none();
                 out.puts.extend(command.definition());
             }
-            MetaCommand::DeletePolicy { vhost, name } => {
+            MetaCommand::DeletePolicy { vhost, name, kind } => {
                 self.vhost_mut(vhost)?
                     .policies
-                    .remove(name)
-                    .ok_or_else(|| not_found(format!("no policy '{name}' in '{vhost}'")))?;
-                out.deletes
-                    .push((DefKind::Policy, scoped_name(vhost, &[name.as_bytes()])));
+                    .remove(&(*kind, name.clone()))
+                    .ok_or_else(|| {
+                        not_found(format!("no {} '{name}' in '{vhost}'", kind.noun()))
+                    })?;
+                out.deletes.push((
+                    policy_def_kind(*kind),
+                    scoped_name(vhost, &[name.as_bytes()]),
+                ));
                 out.changed_existence = true;
             }
             MetaCommand::DeclareExchange { vhost, exchange } => {
@@ -915,7 +922,7 @@ mod tests {
                     },
                 }
             }),
-            (vhost.clone(), name).prop_map(|(vhost, n)| MetaCommand::DeleteQueue {
+            (vhost.clone(), name.clone()).prop_map(|(vhost, n)| MetaCommand::DeleteQueue {
                 vhost,
                 name: ShortStr::try_from(n).expect("short"),
             }),
@@ -925,9 +932,39 @@ mod tests {
                     binding: binding(s, d),
                 }
             }),
-            (vhost, source, dest).prop_map(|(vhost, s, d)| MetaCommand::Unbind {
-                vhost,
-                binding: binding(s, d),
+            (vhost.clone(), source.clone(), dest.clone()).prop_map(|(vhost, s, d)| {
+                MetaCommand::Unbind {
+                    vhost,
+                    binding: binding(s, d),
+                }
+            }),
+            // A policy and an operator policy may share a name.
+            (vhost.clone(), name.clone(), any::<bool>(), 0..3u64).prop_map(
+                |(vhost, n, operator, cap)| {
+                    let definition = [("max-length".to_owned(), serde_json::json!(cap))]
+                        .into_iter()
+                        .collect();
+                    let apply = crate::policy::ApplyTo::Queues;
+                    MetaCommand::PutPolicy(
+                        if operator {
+                            Policy::new_operator(&vhost, n, "^a", apply, 0, definition)
+                        } else {
+                            Policy::new(&vhost, n, "^a", apply, 0, definition)
+                        }
+                        .expect("valid policy"),
+                    )
+                }
+            ),
+            (vhost, name, any::<bool>()).prop_map(|(vhost, n, operator)| {
+                MetaCommand::DeletePolicy {
+                    vhost,
+                    name: n.to_owned(),
+                    kind: if operator {
+                        PolicyKind::Operator
+                    } else {
+                        PolicyKind::User
+                    },
+                }
             }),
         ]
     }

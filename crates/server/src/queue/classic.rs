@@ -43,6 +43,9 @@ struct QueueState {
     /// The housekeeping task was woken for spill I/O and has not taken it
     /// yet ([`QueueType::wanted_spill_io`]).
     spill_io_asked: bool,
+    /// When a consumer could take a message at once (RabbitMQ's consumer
+    /// utilisation), updated after every dispatch.
+    deliverable: crate::rates::TimeInState,
 }
 
 /// How many paged bodies at the head are loaded at a time, and how many
@@ -88,6 +91,7 @@ impl ClassicQueue {
                 unloadable: Vec::new(),
                 until_prefetch: 0,
                 spill_io_asked: false,
+                deliverable: crate::rates::TimeInState::starting(now_ms()),
             }),
         }
     }
@@ -100,6 +104,15 @@ impl QueueType for ClassicQueue {
 
     fn counters(&self) -> QueueCounters {
         self.state.lock().counters()
+    }
+
+    fn take_utilisation(&self) -> f64 {
+        let mut st = self.state.lock();
+        // (A consumer that went without a dispatch after is seen here.)
+        let deliverable = st.can_deliver_now();
+        let now = now_ms();
+        st.deliverable.set(deliverable, || now);
+        st.deliverable.take(now)
     }
 
     fn touch(&self) -> Option<QueueCounters> {
@@ -382,6 +395,25 @@ impl QueueState {
         if handle.flow.is_raised() {
             handle.relieve_flow(self.ready_memory());
         }
+        let deliverable = self.can_deliver_now();
+        self.deliverable.set(deliverable, now_ms);
+    }
+
+    /// Whether a consumer that may be served could take a message now (after
+    /// a dispatch: none can while messages are ready).
+    fn can_deliver_now(&self) -> bool {
+        if self.deleted {
+            return false;
+        }
+        let n = if self.queue.args().single_active_consumer {
+            1
+        } else {
+            self.consumers.len()
+        };
+        self.consumers
+            .iter()
+            .take(n)
+            .any(|c| c.has_credit() && c.sink.can_deliver())
     }
 
     /// Hands ready messages to consumers with credit, round-robin, until the

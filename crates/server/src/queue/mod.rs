@@ -60,6 +60,19 @@ impl Consumer {
     }
 }
 
+/// The policies that apply to a queue, by name, and the definition they
+/// give together (RabbitMQ's `policy`, `operator_policy` and
+/// `effective_policy_definition`); set by the vhost when policies change.
+#[derive(Debug, Clone, Default)]
+pub struct AppliedPolicies {
+    /// The policy in effect.
+    pub policy: Option<String>,
+    /// The operator policy in effect.
+    pub operator_policy: Option<String>,
+    /// Both definitions merged (the lower limit where both set one).
+    pub definition: serde_json::Map<String, serde_json::Value>,
+}
+
 /// A queue and its identity.
 #[derive(Debug)]
 pub struct QueueHandle {
@@ -78,8 +91,8 @@ pub struct QueueHandle {
     /// `x-consumer-timeout` in effect (argument or policy), ms; `u64::MAX`
     /// for none (the broker's default applies).
     consumer_timeout: std::sync::atomic::AtomicU64,
-    /// The policy in effect, by name.
-    pub policy: parking_lot::Mutex<Option<String>>,
+    /// The policies in effect and the definition they give.
+    pub policy: parking_lot::Mutex<AppliedPolicies>,
     /// Message counters and their rates (management `message_stats`).
     pub stats: QueueStats,
     /// The queue itself (its type's state behind the interface).
@@ -241,6 +254,10 @@ pub trait QueueType: Send + Sync + std::fmt::Debug {
     /// Marks it deleted (unless `only_if_unused` and it has consumers):
     /// its ready count and its consumers, to be told.
     fn delete(&self, only_if_unused: bool, fx: &mut Effects) -> Option<(u64, Vec<Consumer>)>;
+    /// The fraction of the time since the last call (the monitor's
+    /// sampling period) during which a consumer could take a message at
+    /// once: RabbitMQ's `consumer_utilisation`.
+    fn take_utilisation(&self) -> f64;
     /// Applies the arguments in effect; `false` if deleted.
     fn set_effective_args(&self, q: &QueueHandle, args: QueueArgs, fx: &mut Effects) -> bool;
     /// The next TTL expiry and `x-expires` deadline; `None` once deleted.
@@ -299,7 +316,7 @@ impl QueueHandle {
             consumer_timeout: std::sync::atomic::AtomicU64::new(
                 queue.args().consumer_timeout.unwrap_or(u64::MAX),
             ),
-            policy: parking_lot::Mutex::new(None),
+            policy: parking_lot::Mutex::default(),
             stats: QueueStats::default(),
             kind: Box::new(classic::ClassicQueue::new(queue)),
             wake: Notify::new(),
@@ -354,6 +371,15 @@ impl QueueHandle {
     /// Counters (listings, metrics).
     pub fn counters(&self) -> QueueCounters {
         self.kind.counters()
+    }
+
+    /// Samples the queue's rates (the monitor, every 5 s): its counters'
+    /// and depth's, and its consumer utilisation since the last sample.
+    pub fn sample_stats(&self) {
+        let c = self.counters();
+        let utilisation = self.kind.take_utilisation();
+        self.stats
+            .sample([c.ready + c.unacked, c.ready, c.unacked], utilisation);
     }
 
     /// The 406 for redeclaring it with different properties or arguments
@@ -503,6 +529,8 @@ struct StatsSample {
     depth_rates: [f64; 3],
     /// When the counters last moved (ms since the epoch), as last seen.
     active_at: u64,
+    /// The fraction of the period a consumer could take a message at once.
+    utilisation: f64,
 }
 
 impl QueueStats {
@@ -535,9 +563,10 @@ impl QueueStats {
     }
 
     /// Takes a sample, with the queue's `depth` (messages, ready,
-    /// unacknowledged) now: rates become the change since the previous one
-    /// per second. Called periodically (every 5 s) by the broker's monitor.
-    pub fn sample(&self, depth: [u64; 3]) {
+    /// unacknowledged) now and its consumer `utilisation` over the period:
+    /// rates become the change since the previous one per second. Called
+    /// periodically (every 5 s) by the broker's monitor.
+    pub fn sample(&self, depth: [u64; 3], utilisation: f64) {
         let now = std::time::Instant::now();
         self.kinds.sample();
         let counts = self.counts();
@@ -571,7 +600,14 @@ impl QueueStats {
             depth,
             depth_rates,
             active_at,
+            utilisation,
         });
+    }
+
+    /// The fraction of the last sampling period during which a consumer
+    /// could take a message at once (RabbitMQ's `consumer_utilisation`).
+    pub fn utilisation(&self) -> f64 {
+        self.last.lock().map_or(0.0, |s| s.utilisation)
     }
 
     /// How the depth (messages, ready, unacknowledged) changed per second

@@ -64,6 +64,9 @@ pub struct ConnectionShared {
     pub recv_oct: std::sync::atomic::AtomicU64,
     /// Socket reads since open-ok.
     pub recv_cnt: std::sync::atomic::AtomicU64,
+    /// How `recv_oct` and the octets sent moved (`recv_oct_details`,
+    /// `send_oct_details`), sampled every 5 s by the monitor.
+    pub octet_rates: crate::rates::SampledRates<2>,
     /// What the client said of itself in `connection.start-ok` (product,
     /// version, capabilities, `connection_name`), for the management API.
     pub client_properties: FieldTable,
@@ -81,6 +84,19 @@ impl ConnectionShared {
             .collect();
         open.sort_by_key(|(n, _)| *n);
         open
+    }
+
+    /// Octets received and sent so far.
+    pub fn octets(&self) -> [u64; 2] {
+        [
+            self.recv_oct.load(std::sync::atomic::Ordering::Relaxed),
+            self.outbox.sent().0,
+        ]
+    }
+
+    /// Samples [`octets`](Self::octets) for their rates.
+    pub fn sample_octets(&self) {
+        self.octet_rates.sample(self.octets());
     }
 
     /// Records that a publish found `gate` raised: the connection stops
