@@ -2149,9 +2149,9 @@ fn missing_keys(rabbit: &Value, warren: &Value, prefix: &str, out: &mut Vec<Stri
 /// `path field` per line (`tests/data/rabbitmq_3_10_api/known_gaps.txt`):
 /// Erlang runtime internals (garbage collection, reductions, processes,
 /// the backing queue, mnesia, run queues, contexts, applications), figures
-/// Warren does not keep (messages in RAM or persistent, per-exchange
-/// message stats, channels' uncommitted counts and per-exchange/per-queue
-/// breakdowns, the node's I/O and store counters and their rates).
+/// Warren does not keep (messages in RAM, persistent or paged out, the
+/// head message's timestamp, channels' and exchanges' per-exchange and
+/// per-queue breakdowns, a vhost's channel-level counts).
 /// Anything else RabbitMQ has, Warren must have too: the test fails on a
 /// new gap, and on a gap closed but still listed.
 fn known_gaps() -> Vec<String> {
@@ -2242,7 +2242,8 @@ async fn the_api_answers_with_rabbitmqs_fields() {
             "order.new".into(),
             BasicPublishOptions::default(),
             b"order",
-            lapin::BasicProperties::default(),
+            // Persistent, as the capture's.
+            lapin::BasicProperties::default().with_delivery_mode(2),
         )
         .await
         .unwrap()
@@ -2332,6 +2333,31 @@ async fn the_api_answers_with_rabbitmqs_fields() {
             .any(|s| s["deliver"] == 1 && s["deliver_get"] == 1 && s["ack"] == 0),
         "{chans}"
     );
+    // The exchange counts the 4 publishes and the 4 queue copies; the
+    // vhost sums its queues; the node's store wrote the 4 persistent
+    // messages (and synced for their confirms).
+    let (_, events) = api.get("/api/exchanges/%2F/events").await;
+    assert_eq!(
+        (
+            &events["message_stats"]["publish_in"],
+            &events["message_stats"]["publish_out"]
+        ),
+        (&json!(4), &json!(4)),
+        "{events}"
+    );
+    let (_, amq_topic) = api.get("/api/exchanges/%2F/amq.topic").await;
+    assert!(amq_topic.get("message_stats").is_none(), "{amq_topic}");
+    let (_, root) = api.get("/api/vhosts/%2F").await;
+    assert_eq!(root["message_stats"]["publish"], 4, "{root}");
+    assert_eq!(root["message_stats"]["deliver"], 1, "{root}");
+    let (_, node) = api.get("/api/nodes/warren@localhost").await;
+    for (field, at_least) in [
+        ("msg_store_write_count", 4),
+        ("io_sync_count", 1),
+        ("io_write_bytes", 4),
+    ] {
+        assert!(node[field].as_u64().unwrap() >= at_least, "{field}: {node}");
+    }
     // Beyond shapes: the cluster id, no runtime-parameter components, no
     // OAuth.
     let (_, id) = api.get("/api/global-parameters/internal_cluster_id").await;
@@ -2566,5 +2592,54 @@ async fn consumer_utilisation_follows_what_consumers_can_take() {
             nodes[0]
         );
     }
+    broker.stop().await;
+}
+
+/// A transactional channel's `messages_uncommitted` and `acks_uncommitted`
+/// count what its open transaction holds, and go back to 0 at the commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_shows_what_it_holds() {
+    let broker = TestBroker::start().await;
+    let api = Api::guest(&broker);
+    let conn = broker.connect().await;
+    let ch = channel_with_queue(&conn, "txq").await;
+    publish(&ch, "txq", b"first").await;
+    ch.tx_select().await.unwrap();
+    let mut consumer = ch
+        .basic_consume(
+            "txq".into(),
+            "c".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let first = next_deliveries(&mut consumer, 1).await;
+    first[0].ack(BasicAckOptions::default()).await.unwrap();
+    publish(&ch, "txq", b"a").await;
+    publish(&ch, "txq", b"b").await;
+    flushed(&ch).await;
+    let held = |chans: &Value| {
+        let c = chans
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["transactional"] == true)
+            .cloned()
+            .unwrap();
+        (
+            c["messages_uncommitted"].clone(),
+            c["acks_uncommitted"].clone(),
+        )
+    };
+    assert_eq!(
+        held(&api.get("/api/channels").await.1),
+        (json!(2), json!(1))
+    );
+    ch.tx_commit().await.unwrap();
+    assert_eq!(
+        held(&api.get("/api/channels").await.1),
+        (json!(0), json!(0))
+    );
     broker.stop().await;
 }

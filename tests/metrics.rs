@@ -426,6 +426,41 @@ async fn detailed_serves_the_families_asked_for() {
 
     let none = scrape(&broker, "/metrics/detailed").await;
     assert!(!none.contains("rabbitmq_detailed_"), "{none}");
+
+    // The store's I/O: a durable queue's persistent, confirmed message is
+    // written and synced, in /metrics and in node_persister_metrics.
+    let durable = conn.create_channel().await.unwrap();
+    warren_tests::declare_durable_queue(&durable, "kept").await;
+    durable
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    durable
+        .basic_publish(
+            "".into(),
+            "kept".into(),
+            BasicPublishOptions::default(),
+            b"k",
+            lapin::BasicProperties::default().with_delivery_mode(2),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let persister = scrape(&broker, "/metrics/detailed?family=node_persister_metrics").await;
+    let node = scrape(&broker, "/metrics").await;
+    for series in [
+        "rabbitmq_msg_store_write_total",
+        "rabbitmq_io_sync_ops_total",
+        "rabbitmq_io_write_ops_total",
+        "rabbitmq_io_write_bytes_total",
+        "rabbitmq_queue_index_write_ops_total",
+    ] {
+        assert!(value(&node, series) >= 1.0, "{series}");
+        let detailed = series.replace("rabbitmq_", "rabbitmq_detailed_");
+        assert!(value(&persister, &detailed) >= 1.0, "{detailed}");
+    }
+    assert!(value(&node, "rabbitmq_io_sync_time_seconds_total") > 0.0);
     assert!(none.contains("rabbitmq_identity_info{"), "{none}");
 
     let coarse = scrape(
@@ -514,7 +549,8 @@ async fn detailed_serves_the_families_asked_for() {
         value(&node, "rabbitmq_detailed_connections_opened_total"),
         1.0
     );
-    assert_eq!(value(&node, "rabbitmq_detailed_queues_created_total"), 2.0);
+    // (full, watched and kept.)
+    assert_eq!(value(&node, "rabbitmq_detailed_queues_created_total"), 3.0);
     assert!(value(&node, "rabbitmq_detailed_process_max_fds") > 0.0);
     assert!(value(&node, "rabbitmq_detailed_process_open_fds") > 0.0);
     let channel = node

@@ -11,9 +11,14 @@
 //! that routes to nothing passes the message to its alternate exchange; queues
 //! are reported once however many paths lead to them. All scratch space lives
 //! in the caller's [`Routed`], so steady-state routing does not allocate.
+//! Each exchange counts what was published to it and how many queue copies
+//! that made (RabbitMQ's `publish_in` / `publish_out`): two relaxed atomic
+//! adds per publish.
 
 // Fx hashing: keys are names and ids; routing and binding are hot paths.
 use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
+
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use amqp_codec::{FieldTable, FieldValue, ShortStr};
 use bytes::{Bytes, BytesMut};
@@ -128,12 +133,38 @@ struct Exchange {
     alternate: Option<ShortStr>,
     matcher: Matcher,
     system: bool,
+    traffic: Traffic,
+}
+
+/// Messages published to an exchange, and the queue copies they made
+/// (RabbitMQ's `publish_in` and `publish_out`). Dead letters are not
+/// publishes and are not counted.
+#[derive(Debug, Default)]
+struct Traffic {
+    published_in: AtomicU64,
+    routed_out: AtomicU64,
+}
+
+impl Traffic {
+    fn count(&self, copies: usize) {
+        self.published_in.fetch_add(1, Ordering::Relaxed);
+        self.routed_out.fetch_add(copies as u64, Ordering::Relaxed);
+    }
+
+    fn get(&self) -> [u64; 2] {
+        [
+            self.published_in.load(Ordering::Relaxed),
+            self.routed_out.load(Ordering::Relaxed),
+        ]
+    }
 }
 
 /// The routing table of one vhost.
 #[derive(Debug)]
 pub struct Router {
     vhost: ShortStr,
+    /// The default exchange's counts (it is implicit, not in `exchanges`).
+    default_traffic: Traffic,
     exchanges: Vec<Option<Exchange>>,
     free: Vec<u32>,
     by_name: HashMap<ShortStr, ExchangeIdx>,
@@ -178,6 +209,7 @@ impl Router {
     pub fn new(vhost: ShortStr) -> Router {
         let mut router = Router {
             vhost,
+            default_traffic: Traffic::default(),
             exchanges: Vec::new(),
             free: Vec::new(),
             by_name: HashMap::default(),
@@ -234,6 +266,7 @@ impl Router {
             def,
             alternate,
             system,
+            traffic: Traffic::default(),
         };
         let idx = match self.free.pop() {
             Some(i) => {
@@ -275,6 +308,27 @@ impl Router {
     /// Every declared exchange (the default exchange is implicit and not listed).
     pub fn exchanges(&self) -> impl Iterator<Item = &ExchangeDef> {
         self.exchanges.iter().flatten().map(|x| &x.def)
+    }
+
+    /// Messages published to `exchange` (`""`: the default exchange) and
+    /// the queue copies they made; `None` if there is no such exchange.
+    pub fn traffic(&self, exchange: &str) -> Option<[u64; 2]> {
+        if exchange.is_empty() {
+            return Some(self.default_traffic.get());
+        }
+        let idx = *self.by_name.get(exchange)?;
+        self.get(idx).map(|x| x.traffic.get())
+    }
+
+    /// [`traffic`](Self::traffic) of every exchange, the default one (`""`)
+    /// first.
+    pub fn all_traffic(&self) -> impl Iterator<Item = (&str, [u64; 2])> {
+        std::iter::once(("", self.default_traffic.get())).chain(
+            self.exchanges
+                .iter()
+                .flatten()
+                .map(|x| (x.def.name.as_str(), x.traffic.get())),
+        )
     }
 
     /// Declares an exchange (`exchange.declare`). Returns whether it was created.
@@ -630,6 +684,8 @@ impl Router {
         };
         let many_keys = extra_keys().next().is_some();
 
+        // (A dead letter is not a publish: only publishes are counted.)
+        let counted = !allow_internal;
         if exchange.is_empty() {
             for key in std::iter::once(routing_key).chain(extra_keys()) {
                 if let Some(&id) = self.queues.get(key) {
@@ -638,6 +694,9 @@ impl Router {
             }
             if many_keys {
                 dedup(&mut out.queues, &mut out.marks);
+            }
+            if counted {
+                self.default_traffic.count(out.queues.len());
             }
             return Ok(());
         }
@@ -703,6 +762,11 @@ impl Router {
         }
         if may_duplicate || seen.len() > 1 {
             dedup(queues, marks);
+        }
+        if counted {
+            if let Some(x) = self.get(start) {
+                x.traffic.count(queues.len());
+            }
         }
         Ok(())
     }
@@ -873,6 +937,30 @@ mod tests {
             declare(&mut r, "", "direct", &FieldTable::new()),
             Err(ExchangeError::DefaultExchange)
         );
+    }
+
+    /// `publish_in` counts publishes to the exchange itself (not to those
+    /// it forwards to, nor dead letters), `publish_out` the queue copies.
+    #[test]
+    fn exchanges_count_what_they_took_and_the_copies_they_made() {
+        let mut r = router_with_queues(3);
+        declare(&mut r, "fan", "fanout", &FieldTable::new()).unwrap();
+        declare(&mut r, "inner", "fanout", &FieldTable::new()).unwrap();
+        r.bind(&qbind("fan", "q0", "")).unwrap();
+        r.bind(&xbind("fan", "inner", "")).unwrap();
+        r.bind(&qbind("inner", "q1", "")).unwrap();
+        r.bind(&qbind("inner", "q2", "")).unwrap();
+        assert_eq!(route(&r, "fan", "k"), [0, 1, 2]);
+        assert_eq!(route(&r, "", "q1"), [1]);
+        assert!(route(&r, "", "nope").is_empty());
+        let mut out = Routed::default();
+        r.route_dead_letter("fan", "k", None, &mut out).unwrap();
+        assert_eq!(r.traffic("fan"), Some([1, 3]));
+        assert_eq!(r.traffic("inner"), Some([0, 0]));
+        assert_eq!(r.traffic(""), Some([2, 1]));
+        assert_eq!(r.traffic("missing"), None);
+        let all: Vec<(&str, [u64; 2])> = r.all_traffic().filter(|(_, t)| *t != [0, 0]).collect();
+        assert_eq!(all, [("", [2, 1]), ("fan", [1, 3])]);
     }
 
     #[test]

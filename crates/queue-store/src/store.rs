@@ -72,6 +72,44 @@ pub struct StoreStats {
     /// Messages read back from disk (paging in; not those still waiting to
     /// be written; RabbitMQ's `disk_reads`).
     pub messages_read: AtomicU64,
+    /// Octets of message bodies (and their per-message overhead) in the
+    /// batches written.
+    pub bytes_written: AtomicU64,
+    /// Time spent applying batches (writing), microseconds.
+    pub write_micros: AtomicU64,
+    /// Time spent in fsyncs, microseconds.
+    pub sync_micros: AtomicU64,
+    /// Queue index entries written or removed.
+    pub index_writes: AtomicU64,
+    /// Definitions written or removed (metadata transactions).
+    pub definition_writes: AtomicU64,
+    /// Reads of stored messages (one per load, or per batch of a queue's
+    /// next bodies).
+    pub reads: AtomicU64,
+    /// Octets of message bodies read.
+    pub bytes_read: AtomicU64,
+    /// Time spent reading, microseconds.
+    pub read_micros: AtomicU64,
+}
+
+impl StoreStats {
+    fn timed<T>(micros: &AtomicU64, f: impl FnOnce() -> T) -> T {
+        let start = std::time::Instant::now();
+        let out = f();
+        micros.fetch_add(
+            u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+        out
+    }
+
+    fn note_read(&self, messages: &[&Message]) {
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        self.messages_read
+            .fetch_add(messages.len() as u64, Ordering::Relaxed);
+        let bytes: u64 = messages.iter().map(|m| m.size()).sum();
+        self.bytes_read.fetch_add(bytes, Ordering::Relaxed);
+    }
 }
 
 type Waiter = oneshot::Sender<Result<(), StoreError>>;
@@ -326,9 +364,10 @@ impl Store {
         if let Some(m) = self.unwritten.get(&id) {
             return Ok(Some(m.0.clone()));
         }
-        let read = self.storage.message(id)?;
-        if read.is_some() {
-            self.stats.messages_read.fetch_add(1, Ordering::Relaxed);
+        let read = StoreStats::timed(&self.stats.read_micros, || self.storage.message(id))?;
+        match &read {
+            Some(m) => self.stats.note_read(&[m]),
+            None => self.stats.note_read(&[]),
         }
         Ok(read.map(Arc::new))
     }
@@ -352,14 +391,14 @@ impl Store {
             .filter(|(_, m)| m.is_none())
             .map(|(id, _)| *id)
             .collect();
-        let from_storage = self.storage.messages_in_order(&stored);
-        let read = from_storage
+        let from_storage = StoreStats::timed(&self.stats.read_micros, || {
+            self.storage.messages_in_order(&stored)
+        });
+        let read: Vec<&Message> = from_storage
             .iter()
-            .filter(|m| matches!(m, Ok(Some(_))))
-            .count();
-        self.stats
-            .messages_read
-            .fetch_add(read as u64, Ordering::Relaxed);
+            .filter_map(|m| m.as_ref().ok().and_then(Option::as_ref))
+            .collect();
+        self.stats.note_read(&read);
         let mut from_storage = from_storage.into_iter();
         unwritten
             .into_iter()
@@ -443,7 +482,7 @@ fn write_loop(storage: &dyn Storage, shared: &Shared, stats: &StoreStats, unwrit
                 {
                     drop(pending);
                     // Removals can take a few syncs (see `Storage::needs_sync`).
-                    unsynced = match storage.sync() {
+                    unsynced = match StoreStats::timed(&stats.sync_micros, || storage.sync()) {
                         Ok(()) => storage.needs_sync(),
                         Err(e) => {
                             tracing::error!(error = %e, "store sync failed; refusing further commits");
@@ -467,12 +506,21 @@ fn write_loop(storage: &dyn Storage, shared: &Shared, stats: &StoreStats, unwrit
         let writes_were_empty = writes.is_empty();
         if !writes.is_empty() {
             if result.is_ok() {
-                result = storage.apply(&writes);
+                result = StoreStats::timed(&stats.write_micros, || storage.apply(&writes));
             }
             // Written (or failed for good): readers now go to the storage
             // once no other reference's put of the body is still pending.
-            let mut messages = 0;
+            let (mut messages, mut index, mut definitions) = (0, 0, 0);
             for w in &writes {
+                match w {
+                    Write::PutIndex { .. }
+                    | Write::DeleteIndex { .. }
+                    | Write::DeleteQueueIndex { .. } => index += 1,
+                    Write::PutDefinition { .. } | Write::DeleteDefinition { .. } => {
+                        definitions += 1;
+                    }
+                    _ => {}
+                }
                 if let Write::PutMessage(m) = w {
                     messages += 1;
                     if let dashmap::Entry::Occupied(mut e) = unwritten.entry(m.id) {
@@ -490,13 +538,20 @@ fn write_loop(storage: &dyn Storage, shared: &Shared, stats: &StoreStats, unwrit
             stats
                 .messages_written
                 .fetch_add(messages, Ordering::Relaxed);
+            stats.index_writes.fetch_add(index, Ordering::Relaxed);
+            stats
+                .definition_writes
+                .fetch_add(definitions, Ordering::Relaxed);
+            stats
+                .bytes_written
+                .fetch_add(batch_bytes, Ordering::Relaxed);
             writes.clear();
         }
         if result.is_ok() && (!waiters.is_empty() || closing) {
             // With nothing applied since the last sync, what the waiters wait
             // for is on disk already (a confirm for transient messages).
             if unsynced || !writes_were_empty || closing || storage.needs_sync() {
-                result = storage.sync();
+                result = StoreStats::timed(&stats.sync_micros, || storage.sync());
                 stats.syncs.fetch_add(1, Ordering::Relaxed);
             }
             unsynced = result.is_ok() && storage.needs_sync();

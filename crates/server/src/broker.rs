@@ -35,10 +35,12 @@ pub struct Broker {
     pub started: std::time::Instant,
     /// How the node's gauges moved ([`crate::peers::GaugeRates`]'s order),
     /// sampled every 5 s by the monitor.
-    gauge_rates: crate::rates::SampledRates<5>,
+    gauge_rates: crate::rates::SampledRates<6>,
     /// How many messages the store wrote and read (RabbitMQ's
     /// `disk_writes`, `disk_reads`), sampled with them.
     disk_io_rates: crate::rates::SampledRates<2>,
+    /// The store's I/O counters' rates ([`crate::metrics::IO_COUNTERS`]).
+    io_rates: crate::rates::SampledRates<12>,
     /// This node's listeners once bound, as RabbitMQ names their
     /// protocols (`amqp`, `amqp/ssl`, `http`, `http/prometheus`,
     /// `clustering`): the health checks' `port-listener` and
@@ -67,6 +69,7 @@ impl Broker {
             started: std::time::Instant::now(),
             gauge_rates: Default::default(),
             disk_io_rates: Default::default(),
+            io_rates: Default::default(),
             listeners: std::sync::OnceLock::new(),
         }
     }
@@ -86,6 +89,27 @@ impl Broker {
     pub fn sample_node(&self) {
         self.gauge_rates.sample(self.node_stats().gauges());
         self.disk_io_rates.sample(self.disk_io());
+        self.io_rates.sample(self.io_counts());
+    }
+
+    /// The store's I/O counters, in [`crate::metrics::IO_COUNTERS`]'s order.
+    pub fn io_counts(&self) -> [u64; 12] {
+        let s = self.store.stats();
+        [
+            &s.reads,
+            &s.bytes_read,
+            &s.batches,
+            &s.bytes_written,
+            &s.syncs,
+            &s.messages_read,
+            &s.messages_written,
+            &s.index_writes,
+            &s.definition_writes,
+            &s.read_micros,
+            &s.write_micros,
+            &s.sync_micros,
+        ]
+        .map(|c| c.load(Ordering::Relaxed))
     }
 
     /// Messages the store read back from disk and wrote to it, with their
@@ -134,7 +158,14 @@ impl Broker {
             proc_total: 1_048_576,
             processors: std::thread::available_parallelism().map_or(1, |n| n.get() as u64),
             uptime: self.started.elapsed().as_millis() as u64,
+            run_queue: tokio::runtime::Handle::try_current()
+                .map_or(0, |h| h.metrics().global_queue_depth() as u64),
+            context_switches: context_switches(),
             gauge_rates: crate::peers::GaugeRates::from(self.gauge_rates.rates()),
+            io: crate::peers::IoStats {
+                counts: self.io_counts(),
+                rates: self.io_rates.rates(),
+            },
         }
     }
 
@@ -585,6 +616,26 @@ impl Broker {
         tracing::info!(vhost = name, "vhost deleted");
         Ok(())
     }
+}
+
+/// The process's context switches so far: every thread's voluntary and
+/// involuntary ones (`/proc/self/task/*/status`); 0 where there is no
+/// `/proc`.
+fn context_switches() -> u64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+        .flat_map(|status| {
+            status
+                .lines()
+                .filter(|l| l.ends_with(char::is_numeric) && l.contains("ctxt_switches:"))
+                .filter_map(|l| l.rsplit(char::is_whitespace).next()?.parse::<u64>().ok())
+                .collect::<Vec<_>>()
+        })
+        .sum()
 }
 
 impl MetaProjection for Broker {

@@ -9,6 +9,9 @@
 //! the broker's state at scrape time by the endpoint (`prometheus.rs`), which
 //! also builds the per-object series.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -153,10 +156,122 @@ impl prometheus_client::encoding::EncodeMetric for CounterSum {
     }
 }
 
+/// RabbitMQ's node I/O counters (its `node_persister_metrics`), in the
+/// order [`NodeTotals::io`] holds them: the management API's field, the
+/// Prometheus counter (`_total` is added), its help, and whether it is a
+/// time in microseconds (exposed in seconds). Warren's store is one log:
+/// a write is a batch appended, a read a load of stored bodies, a sync an
+/// fsync; its metadata writes are RabbitMQ's schema (mnesia) disk
+/// transactions.
+pub const IO_COUNTERS: [(&str, &str, &str, bool); 12] = [
+    (
+        "io_read_count",
+        "rabbitmq_io_read_ops",
+        "Total number of I/O read operations",
+        false,
+    ),
+    (
+        "io_read_bytes",
+        "rabbitmq_io_read_bytes",
+        "Total number of I/O bytes read",
+        false,
+    ),
+    (
+        "io_write_count",
+        "rabbitmq_io_write_ops",
+        "Total number of I/O write operations",
+        false,
+    ),
+    (
+        "io_write_bytes",
+        "rabbitmq_io_write_bytes",
+        "Total number of I/O bytes written",
+        false,
+    ),
+    (
+        "io_sync_count",
+        "rabbitmq_io_sync_ops",
+        "Total number of I/O sync operations",
+        false,
+    ),
+    (
+        "msg_store_read_count",
+        "rabbitmq_msg_store_read",
+        "Total number of Message Store read operations",
+        false,
+    ),
+    (
+        "msg_store_write_count",
+        "rabbitmq_msg_store_write",
+        "Total number of Message Store write operations",
+        false,
+    ),
+    (
+        "queue_index_write_count",
+        "rabbitmq_queue_index_write_ops",
+        "Total number of Queue Index write operations",
+        false,
+    ),
+    (
+        "mnesia_disk_tx_count",
+        "rabbitmq_schema_db_disk_tx",
+        "Total number of Schema DB disk transactions",
+        false,
+    ),
+    (
+        "io_read_time",
+        "rabbitmq_io_read_time_seconds",
+        "Total I/O read time",
+        true,
+    ),
+    (
+        "io_write_time",
+        "rabbitmq_io_write_time_seconds",
+        "Total I/O write time",
+        true,
+    ),
+    (
+        "io_sync_time",
+        "rabbitmq_io_sync_time_seconds",
+        "Total I/O sync time",
+        true,
+    ),
+];
+
+/// A counter whose value is read from elsewhere at scrape time (set by
+/// [`Metrics::render`]); a time in microseconds is exposed in seconds.
+#[derive(Debug, Clone, Default)]
+struct ScrapedCounter {
+    value: Arc<AtomicU64>,
+    micros: bool,
+}
+
+impl prometheus_client::encoding::EncodeMetric for ScrapedCounter {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::MetricEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        let v = self.value.load(Ordering::Relaxed);
+        if self.micros {
+            let seconds = v as f64 / 1e6;
+            encoder
+                .encode_counter::<prometheus_client::encoding::NoLabelSet, _, u64>(&seconds, None)
+        } else {
+            encoder.encode_counter::<prometheus_client::encoding::NoLabelSet, _, u64>(&v, None)
+        }
+    }
+
+    fn metric_type(&self) -> prometheus_client::metrics::MetricType {
+        prometheus_client::metrics::MetricType::Counter
+    }
+}
+
 /// The broker's counters and the gauges filled in at scrape time.
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
+    /// The store's I/O counters ([`IO_COUNTERS`]), set at scrape time.
+    io: [ScrapedCounter; 12],
     /// Messages published to the broker.
     pub received: Counter,
     /// Messages routed to at least one queue.
@@ -401,6 +516,14 @@ impl Default for Metrics {
                 get_manual_ack.clone(),
             ]),
         );
+        let io = IO_COUNTERS.map(|(_, name, help, micros)| {
+            let c = ScrapedCounter {
+                micros,
+                ..ScrapedCounter::default()
+            };
+            registry.register(name, help, c.clone());
+            c
+        });
         let message_sizes = MessageSizes::default();
         registry.register(
             "rabbitmq_message_size_bytes",
@@ -415,6 +538,7 @@ impl Default for Metrics {
             g
         };
         Metrics {
+            io,
             received,
             routed,
             unroutable_returned,
@@ -770,6 +894,9 @@ impl Metrics {
         self.open_sockets.set(totals.open_sockets);
         self.max_sockets.set(totals.max_sockets);
         self.uptime.set(totals.uptime_seconds);
+        for (c, v) in self.io.iter().zip(totals.io) {
+            c.value.store(v, Ordering::Relaxed);
+        }
         let mut out = String::new();
         if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
             tracing::error!(error = %e, "metrics encoding failed");
@@ -781,6 +908,8 @@ impl Metrics {
 /// The node totals a scrape reports, read from the broker's state.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct NodeTotals {
+    /// The store's I/O counters, in [`IO_COUNTERS`]'s order.
+    pub io: [u64; 12],
     /// Queues.
     pub queues: i64,
     /// Consumers.

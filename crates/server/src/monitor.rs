@@ -45,6 +45,9 @@ pub fn spawn_monitor(broker: &Arc<Broker>) {
             if n % 50 == 0 {
                 b.metrics.sample_overview();
                 b.sample_node();
+                for v in b.vhost_list() {
+                    v.sample_exchange_rates();
+                }
                 for c in b.live_connections.iter() {
                     c.sample_octets();
                     for (_, ch) in c.open_channels() {

@@ -243,26 +243,49 @@ pub struct NodeStats {
     pub processors: u64,
     /// Milliseconds since the broker started.
     pub uptime: u64,
+    /// Tasks waiting in the runtime's global queue (RabbitMQ: the Erlang
+    /// schedulers' run queue).
+    #[serde(default)]
+    pub run_queue: u64,
+    /// The process's context switches so far, all threads (voluntary and
+    /// not).
+    #[serde(default)]
+    pub context_switches: u64,
     /// How the gauges above moved over the last sampling period (RabbitMQ's
     /// `{name}_details`).
     #[serde(default)]
     pub gauge_rates: GaugeRates,
+    /// The store's I/O counters and their rates.
+    #[serde(default)]
+    pub io: IoStats,
+}
+
+/// A node's store I/O counters (`crate::metrics::IO_COUNTERS`'s order)
+/// and their rates over the last sampling period.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct IoStats {
+    /// The counts.
+    pub counts: [u64; 12],
+    /// Their change per second.
+    pub rates: [f64; 12],
 }
 
 impl NodeStats {
-    /// The gauges RabbitMQ gives rates of, in [`GaugeRates`]'s order.
-    pub fn gauges(&self) -> [u64; 5] {
+    /// The figures RabbitMQ gives rates of, in [`GaugeRates`]'s order.
+    pub fn gauges(&self) -> [u64; 6] {
         [
             self.mem_used,
             self.disk_free,
             self.fd_used,
             self.sockets_used,
             self.proc_used,
+            self.context_switches,
         ]
     }
 }
 
-/// A node's gauges' change per second over the last sampling period (5 s).
+/// How a node's figures changed per second over the last sampling period
+/// (5 s).
 #[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct GaugeRates {
     /// Of `mem_used`.
@@ -275,16 +298,28 @@ pub struct GaugeRates {
     pub sockets_used: f64,
     /// Of `proc_used`.
     pub proc_used: f64,
+    /// Of `context_switches`.
+    pub context_switches: f64,
 }
 
-impl From<[f64; 5]> for GaugeRates {
-    fn from([mem_used, disk_free, fd_used, sockets_used, proc_used]: [f64; 5]) -> Self {
+impl From<[f64; 6]> for GaugeRates {
+    fn from(
+        [
+            mem_used,
+            disk_free,
+            fd_used,
+            sockets_used,
+            proc_used,
+            context_switches,
+        ]: [f64; 6],
+    ) -> Self {
         GaugeRates {
             mem_used,
             disk_free,
             fd_used,
             sockets_used,
             proc_used,
+            context_switches,
         }
     }
 }

@@ -26,6 +26,7 @@ use crate::meta::{MetaCommand, QueueDef};
 use crate::node::Node;
 use crate::policy::PolicyKind;
 use crate::queue::{AppliedPolicies, QueueHandle, Settle, Unacked, notify_cancel, now_ms};
+use crate::rates::SampledRates;
 
 /// A message to publish (see [`Vhost::enqueue`]).
 #[derive(Debug)]
@@ -112,6 +113,9 @@ pub struct Vhost {
     pub policies: RwLock<Vec<crate::policy::Policy>>,
     /// Operator policies of this vhost (lock order: `policies` first).
     pub operator_policies: RwLock<Vec<crate::policy::Policy>>,
+    /// Its exchanges' publish rates (of the router's counts: RabbitMQ's
+    /// `publish_in` and `publish_out`), by name, sampled every 5 s.
+    exchange_rates: parking_lot::Mutex<std::collections::HashMap<String, SampledRates<2>>>,
     /// The firehose switch and its pending copies (shared with the queues).
     pub tracer: Arc<crate::trace::Tracer>,
     /// What it shares with the node's other vhosts (store, metadata log,
@@ -150,10 +154,38 @@ impl Vhost {
             limits: parking_lot::Mutex::new(VhostLimits::default()),
             policies: RwLock::new(Vec::new()),
             operator_policies: RwLock::new(Vec::new()),
+            exchange_rates: Default::default(),
             tracer,
             dead_letters_later: parking_lot::Mutex::new(None),
             dead_letters_behind: std::sync::atomic::AtomicUsize::new(0),
         })
+    }
+
+    /// Samples its exchanges' counts for their rates (the monitor, every
+    /// 5 s); deleted exchanges' rates go.
+    pub fn sample_exchange_rates(&self) {
+        let traffic: Vec<(String, [u64; 2])> = self
+            .router
+            .read()
+            .all_traffic()
+            .map(|(name, t)| (name.to_owned(), t))
+            .collect();
+        let mut rates = self.exchange_rates.lock();
+        let mut before = std::mem::take(&mut *rates);
+        for (name, t) in traffic {
+            let r = before.remove(&name).unwrap_or_default();
+            r.sample(t);
+            rates.insert(name, r);
+        }
+    }
+
+    /// The publish rates of exchange `name` (`""`: the default exchange) at
+    /// the last sample: published to it, copies it routed.
+    pub fn exchange_rates(&self, name: &str) -> [f64; 2] {
+        self.exchange_rates
+            .lock()
+            .get(name)
+            .map_or([0.0; 2], SampledRates::rates)
     }
 
     /// The policies of `kind`.

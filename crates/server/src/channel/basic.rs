@@ -105,6 +105,9 @@ impl Channel {
         match &mut self.mode {
             Mode::Transactional(actions) => {
                 actions.push(TxAction::Publish(m, content.header, content.body));
+                self.shared
+                    .uncommitted_publishes
+                    .fetch_add(1, Ordering::Relaxed);
                 Ok(())
             }
             _ => self.publish(node, vhost, m, content.header, content.body),

@@ -49,6 +49,9 @@ impl Channel {
             ));
         };
         let actions = std::mem::take(actions);
+        self.shared
+            .uncommitted_publishes
+            .store(0, std::sync::atomic::Ordering::Relaxed);
         self.commit(node, vhost, actions)?;
         node.store.commit().await?;
         // Messages routed to queues on other nodes: commit-ok once their
@@ -78,6 +81,9 @@ impl Channel {
             ));
         };
         actions.clear();
+        self.shared
+            .uncommitted_publishes
+            .store(0, std::sync::atomic::Ordering::Relaxed);
         self.shared.restore_held();
         self.shared
             .write_method(&Method::TxRollbackOk(TxRollbackOk {}));

@@ -280,10 +280,7 @@ async fn overview(State(b): Shared, caller: Caller) -> ApiResult {
         exchanges += v.router.read().exchanges().count();
         for q in v.queues() {
             let (c, r) = q.stats.snapshot();
-            for i in 0..3 {
-                counts[i] += c[i];
-                rates[i] += r[i];
-            }
+            add_up(&mut counts, &mut rates, c, r);
             for (sum, r) in depth_rates.iter_mut().zip(q.stats.depth_rates()) {
                 *sum += r;
             }
@@ -403,25 +400,33 @@ async fn whoami(caller: Caller, State(b): Shared) -> ApiResult {
 fn vhost_json(b: &Broker, v: &Vhost) -> Value {
     let (mut ready, mut unacked) = (0, 0);
     let mut rates = [0.0; 3];
+    // Its queues' message counts and rates, summed (publish, deliver_get,
+    // ack; deliveries by kind).
+    let (mut counts, mut count_rates) = ([0u64; 3], [0f64; 3]);
+    let (mut kinds, mut kind_rates) = ([0u64; 6], [0f64; 6]);
     for q in v.queues() {
-        let counts = q.counters();
-        ready += counts.ready;
-        unacked += counts.unacked;
+        let c = q.counters();
+        ready += c.ready;
+        unacked += c.unacked;
         for (sum, r) in rates.iter_mut().zip(q.stats.depth_rates()) {
             *sum += r;
         }
+        let (qc, qr) = q.stats.snapshot();
+        let (kc, kr) = q.stats.kinds.snapshot();
+        add_up(&mut counts, &mut count_rates, qc, qr);
+        add_up(&mut kinds, &mut kind_rates, kc, kr);
     }
     // Its connections' traffic on this node, and its rates.
     let (mut octets, mut octet_rates) = ([0; 2], [0.0; 2]);
     for c in b.live_connections.iter().filter(|c| c.vhost == v.name()) {
-        for (sum, n) in octets.iter_mut().zip(c.octets()) {
-            *sum += n;
-        }
-        for (sum, r) in octet_rates.iter_mut().zip(c.octet_rates.rates()) {
-            *sum += r;
-        }
+        add_up(
+            &mut octets,
+            &mut octet_rates,
+            c.octets(),
+            c.octet_rates.rates(),
+        );
     }
-    json!({
+    let mut out = json!({
         "name": v.name(),
         "description": "",
         "tags": [],
@@ -439,7 +444,32 @@ fn vhost_json(b: &Broker, v: &Vhost) -> Value {
         "recv_oct_details": {"rate": octet_rates[0]},
         "send_oct": octets[1],
         "send_oct_details": {"rate": octet_rates[1]},
-    })
+    });
+    // As RabbitMQ, only once something happened in it.
+    if counts.iter().chain(&kinds).any(|n| *n > 0) {
+        let mut stats = crate::json::message_stats((counts, count_rates));
+        if let Some(m) = stats.as_object_mut() {
+            for (i, name) in crate::queue::DELIVERY_KINDS.iter().enumerate() {
+                m.insert((*name).to_owned(), json!(kinds[i]));
+                m.insert(format!("{name}_details"), json!({"rate": kind_rates[i]}));
+            }
+        }
+        out["message_stats"] = stats;
+    }
+    out
+}
+
+/// Adds one object's counts and rates to running sums.
+fn add_up<const N: usize>(
+    counts: &mut [u64; N],
+    rates: &mut [f64; N],
+    more: [u64; N],
+    more_rates: [f64; N],
+) {
+    for i in 0..N {
+        counts[i] += more[i];
+        rates[i] += more_rates[i];
+    }
 }
 
 async fn list_vhosts(State(b): Shared, caller: Caller, Query(q): Listing) -> ApiResult {
@@ -1025,7 +1055,25 @@ fn exchanges_of(v: &Vhost) -> Vec<Value> {
         .chain(router.exchanges())
         .collect();
     xs.sort_by(|a, b| a.name.cmp(&b.name));
-    xs.iter().map(|x| exchange(v.name(), x)).collect()
+    xs.iter().map(|x| exchange_json(v, &router, x)).collect()
+}
+
+/// An exchange as the API shows it, with its `message_stats` once it had a
+/// publish (as RabbitMQ: `publish_in`, and `publish_out`, the queue copies
+/// it made), counted on this node.
+fn exchange_json(v: &Vhost, router: &exchange::Router, x: &exchange::ExchangeDef) -> Value {
+    let mut out = exchange(v.name(), x);
+    let counts = router.traffic(x.name.as_str()).unwrap_or_default();
+    if counts[0] > 0 {
+        let rates = v.exchange_rates(x.name.as_str());
+        let mut stats = Map::new();
+        for (i, key) in ["publish_in", "publish_out"].into_iter().enumerate() {
+            stats.insert(key.to_owned(), json!(counts[i]));
+            stats.insert(format!("{key}_details"), json!({"rate": rates[i]}));
+        }
+        out["message_stats"] = Value::Object(stats);
+    }
+    out
 }
 
 async fn list_all_exchanges(State(b): Shared, caller: Caller, Query(q): Listing) -> ApiResult {
@@ -1054,12 +1102,12 @@ async fn get_exchange(
 ) -> ApiResult {
     let v = visible_vhost(&b, &caller, &vhost)?;
     let name = exchange_name(&name);
-    if name.is_empty() {
-        return ok(exchange(v.name(), &default_exchange()));
-    }
     let router = v.router.read();
+    if name.is_empty() {
+        return ok(exchange_json(&v, &router, &default_exchange()));
+    }
     let x = router.exchange(name).ok_or_else(ApiError::not_found)?;
-    ok(exchange(v.name(), x))
+    ok(exchange_json(&v, &router, x))
 }
 
 async fn put_exchange(
@@ -1360,6 +1408,31 @@ fn stats_json(name: &str, running: bool, stats: &crate::peers::NodeStats) -> Val
     if let Some(Value::Object(rates)) = v.as_object_mut().and_then(|m| m.remove("gauge_rates")) {
         for (gauge, rate) in rates {
             v[format!("{gauge}_details")] = json!({ "rate": rate });
+        }
+    }
+    // The store's I/O under RabbitMQ's names: counts with rates, and the
+    // average time per operation over the last period (ms; 0 without any).
+    if let Some(m) = v.as_object_mut() {
+        m.remove("io");
+        let io = &stats.io;
+        for (i, (name, _, _, micros)) in crate::metrics::IO_COUNTERS.iter().enumerate() {
+            if !micros {
+                m.insert((*name).to_owned(), json!(io.counts[i]));
+                m.insert(format!("{name}_details"), json!({"rate": io.rates[i]}));
+            }
+        }
+        // (Indexes into IO_COUNTERS: the operation's count, its time.)
+        for (name, ops, time) in [
+            ("io_read_avg_time", 0, 9),
+            ("io_write_avg_time", 2, 10),
+            ("io_sync_avg_time", 4, 11),
+        ] {
+            let avg = if io.rates[ops] > 0.0 {
+                io.rates[time] / io.rates[ops] / 1000.0
+            } else {
+                0.0
+            };
+            m.insert(name.to_owned(), json!(avg));
         }
     }
     v["name"] = json!(name);
@@ -1942,6 +2015,7 @@ pub(super) fn local_channels(b: &Broker) -> Vec<Value> {
         for (number, ch) in c.open_channels() {
             let (unacked, prefetch, consumers) = ch.stats();
             let modes = ch.modes();
+            let uncommitted = ch.uncommitted();
             out.push(json!({
                 "name": format!("{} ({number})", c.name),
                 "number": number,
@@ -1960,6 +2034,8 @@ pub(super) fn local_channels(b: &Broker) -> Vec<Value> {
                 "confirm": modes.confirm,
                 "transactional": modes.transactional,
                 "messages_unconfirmed": ch.publishing().1,
+                "messages_uncommitted": uncommitted.0,
+                "acks_uncommitted": uncommitted.1,
                 "user_who_performed_action": c.user,
                 "message_stats": {},
                 "state": "running",

@@ -63,6 +63,7 @@ fn node_totals(broker: &Broker) -> NodeTotals {
     let alarms = broker.alarms.current();
     t.memory_alarm = alarms.memory;
     t.disk_alarm = alarms.disk;
+    t.io = broker.io_counts();
     let stats = broker.store.stats();
     t.store_fsyncs = stats.syncs.load(Ordering::Relaxed) as i64;
     t.store_batches = stats.batches.load(Ordering::Relaxed) as i64;

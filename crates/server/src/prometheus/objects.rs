@@ -52,10 +52,12 @@ pub(super) enum ObjectFamily {
     ExchangeNames,
     /// Per exchange: bindings it is the source of (cluster-wide).
     ExchangeBindings,
+    /// The store's I/O counters (`metrics::IO_COUNTERS`).
+    NodePersister,
 }
 
 impl ObjectFamily {
-    const NAMES: [(&'static str, ObjectFamily); 12] = [
+    const NAMES: [(&'static str, ObjectFamily); 13] = [
         ("connection_churn_metrics", ObjectFamily::ConnectionChurn),
         ("node_coarse_metrics", ObjectFamily::NodeCoarse),
         ("node_metrics", ObjectFamily::Node),
@@ -68,6 +70,7 @@ impl ObjectFamily {
         ("vhost_status", ObjectFamily::VhostStatus),
         ("exchange_names", ObjectFamily::ExchangeNames),
         ("exchange_bindings", ObjectFamily::ExchangeBindings),
+        ("node_persister_metrics", ObjectFamily::NodePersister),
     ];
 
     /// The family RabbitMQ calls `name`, if Warren serves it.
@@ -168,6 +171,18 @@ pub(super) fn build(
     if has(ObjectFamily::ConnectionChurn) {
         for (name, help, value) in broker.metrics.churn() {
             x.one_counter(name, help, value);
+        }
+    }
+    if has(ObjectFamily::NodePersister) {
+        for ((_, name, help, micros), value) in crate::metrics::IO_COUNTERS.iter().zip(totals.io) {
+            let name = name.trim_start_matches("rabbitmq_");
+            if *micros {
+                let c = Counter::<f64, std::sync::atomic::AtomicU64>::default();
+                c.inc_by(value as f64 / 1e6);
+                x.registry.register(format!("{}{name}", x.prefix), *help, c);
+            } else {
+                x.one_counter(name, help, value);
+            }
         }
     }
     if has(ObjectFamily::NodeCoarse) {

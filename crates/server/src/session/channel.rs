@@ -52,6 +52,9 @@ pub struct ChannelShared {
     /// The management API's `message_stats` of the channel
     /// ([`CHANNEL_STATS`]), with rates the monitor samples.
     pub stats: crate::rates::RatedCounters<11>,
+    /// For the management API: publishes a transaction holds until its
+    /// commit (set by the channel's task).
+    pub uncommitted_publishes: std::sync::atomic::AtomicU64,
 }
 
 /// RabbitMQ's names for a channel's message counters, in the order
@@ -108,6 +111,7 @@ impl ChannelShared {
             prefetch: std::sync::atomic::AtomicU16::new(0),
             unconfirmed: std::sync::atomic::AtomicU64::new(0),
             stats: crate::rates::RatedCounters::default(),
+            uncommitted_publishes: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -142,6 +146,15 @@ impl ChannelShared {
         (
             self.stats.get(stat::PUBLISH) > 0,
             self.unconfirmed.load(Ordering::Relaxed),
+        )
+    }
+
+    /// What its open transaction holds: publishes, and deliveries it
+    /// acknowledged (RabbitMQ's `messages_uncommitted`, `acks_uncommitted`).
+    pub fn uncommitted(&self) -> (u64, u64) {
+        (
+            self.uncommitted_publishes.load(Ordering::Relaxed),
+            self.deliveries.lock().held.len() as u64,
         )
     }
 
