@@ -2643,3 +2643,52 @@ async fn a_transaction_shows_what_it_holds() {
     );
     broker.stop().await;
 }
+
+/// The web UI is served at `/` from the binary, with a same-origin content
+/// security policy; a 401 to the page's own requests (marked
+/// `X-Requested-With`) carries no basic-auth challenge, so browsers show
+/// the page's login form instead of their own prompt; other clients still
+/// get the challenge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_web_ui_is_served_and_its_requests_get_no_browser_prompt() {
+    let broker = TestBroker::start().await;
+    let base = broker.management_url();
+    let http = reqwest::Client::new();
+    for (path, kind) in [
+        ("/", "text/html"),
+        ("/ui/app.js", "text/javascript"),
+        ("/ui/app.css", "text/css"),
+    ] {
+        let r = http.get(format!("{base}{path}")).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "{path}");
+        let headers = r.headers().clone();
+        assert!(
+            headers["content-type"].to_str().unwrap().starts_with(kind),
+            "{path}"
+        );
+        assert!(
+            headers["content-security-policy"]
+                .to_str()
+                .unwrap()
+                .contains("default-src 'self'"),
+            "{path}"
+        );
+        assert!(!r.text().await.unwrap().is_empty(), "{path}");
+    }
+    let refused = |from_page: bool| {
+        let mut req = http
+            .get(format!("{base}/api/whoami"))
+            .basic_auth("guest", Some("wrong"));
+        if from_page {
+            req = req.header("x-requested-with", "XMLHttpRequest");
+        }
+        req.send()
+    };
+    let r = refused(false).await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert!(r.headers().contains_key("www-authenticate"));
+    let r = refused(true).await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert!(!r.headers().contains_key("www-authenticate"));
+    broker.stop().await;
+}

@@ -302,6 +302,9 @@ pub struct Metrics {
     /// `rabbitmq_queue_messages_published_total`, summed over queues).
     pub queue_published: Counter,
     dead_lettered: [Family<DeadLetterLabels, Counter>; 4],
+    /// Messages dead-lettered (not those dropped), whatever the reason: the
+    /// overview's `dead_lettered` (a Warren addition for its UI's chart).
+    dead_lettered_total: Counter,
     /// Connections, channels and queues come and gone (RabbitMQ's churn
     /// counters).
     pub connections_opened: Counter,
@@ -555,6 +558,7 @@ impl Default for Metrics {
             message_sizes,
             queue_published,
             dead_lettered,
+            dead_lettered_total: Counter::default(),
             connections_opened,
             connections_closed,
             channels_opened,
@@ -701,7 +705,7 @@ impl Metrics {
     /// The node's counters the management overview shows, under
     /// RabbitMQ's names there: `message_stats` keys, then `churn_rates`
     /// keys (prefixed `churn.`).
-    pub fn overview_counts(&self) -> [(&'static str, u64); 16] {
+    pub fn overview_counts(&self) -> [(&'static str, u64); 17] {
         [
             ("confirm", self.confirmed.get()),
             ("deliver", self.consume_manual_ack.get()),
@@ -712,6 +716,7 @@ impl Metrics {
             ("redeliver", self.redelivered.get()),
             ("drop_unroutable", self.unroutable_dropped.get()),
             ("return_unroutable", self.unroutable_returned.get()),
+            ("dead_lettered", self.dead_lettered_total.get()),
             ("churn.connection_created", self.connections_opened.get()),
             ("churn.connection_closed", self.connections_closed.get()),
             ("churn.channel_created", self.channels_opened.get()),
@@ -778,6 +783,7 @@ impl Metrics {
     /// queues confirmed it) for `reason`.
     pub fn dead_letter_at_least_once(&self, reason: DeadLetterReason) {
         let i = reason_index(reason);
+        self.dead_lettered_total.inc();
         if let Some(f) = self.dead_lettered.get(i) {
             f.get_or_create(&DeadLetterLabels {
                 queue_type: "rabbit_quorum_queue",
@@ -790,6 +796,9 @@ impl Metrics {
     /// Counts a message dead-lettered (`dead_lettered`) or dropped for `reason`.
     pub fn dead_letter(&self, reason: DeadLetterReason, dead_lettered: bool) {
         let i = reason_index(reason);
+        if dead_lettered {
+            self.dead_lettered_total.inc();
+        }
         if let Some(f) = self.dead_lettered.get(i) {
             f.get_or_create(&DeadLetterLabels {
                 queue_type: "rabbit_classic_queue",

@@ -215,8 +215,13 @@ pub(super) fn router(broker: Arc<Broker>) -> Router {
             "/api/health/checks/node-is-quorum-critical",
             get(node_is_quorum_critical),
         )
+        // The web UI at `/`.
+        .merge(super::ui::routes())
         // RabbitMQ's JSON 404 for a path it does not serve.
         .fallback(|| async { ApiError::not_found() })
+        .layer(axum::middleware::from_fn(
+            super::ui::no_challenge_for_the_page,
+        ))
         .layer(axum::extract::DefaultBodyLimit::max(20 << 20))
         .with_state(broker)
 }

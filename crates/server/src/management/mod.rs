@@ -16,11 +16,14 @@
 //! when declaring, deleting or binding through the API (they are for publish
 //! and get).
 //!
-//! The handlers live in [`api`]; JSON shapes of the objects in [`json`].
+//! The handlers live in [`api`]; JSON shapes of the objects in [`json`];
+//! the web UI served at `/` in [`ui`] (its files in `crates/server/ui/`).
 
 mod api;
 
 mod listing;
+
+mod ui;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
