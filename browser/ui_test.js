@@ -233,6 +233,30 @@ test('the overview chart shows the publish rate while a client publishes', async
   }
 });
 
+test('the exchange page says where a message would go, and a queue where its dead letters go', async () => {
+  check((await api('PUT', '/exchanges/%2F/ui-route', { type: 'topic', durable: true })).status < 300, 'exchange declared');
+  check((await api('POST', '/bindings/%2F/e/ui-route/q/ui-orders', { routing_key: 'order.#' })).status < 300, 'bound');
+  check((await api('PUT', '/queues/%2F/ui-dead', { durable: true })).status < 300, 'ui-dead declared');
+  check((await api('PUT', '/queues/%2F/ui-with-dlx', { durable: true, arguments: { 'x-dead-letter-exchange': '', 'x-dead-letter-routing-key': 'ui-dead' } })).status < 300, 'ui-with-dlx declared');
+  const page = await newPage();
+  await login(page, 'guest', 'guest');
+  await page.waitForSelector('#total-queues', { timeout: WAIT });
+  await page.goto(`${UI}/#/exchanges/%2F/ui-route`);
+  await page.waitForSelector('#trace-form', { timeout: WAIT });
+  await page.fill('#trace-key', 'order.created');
+  await page.click('#trace-form button[type=submit]');
+  await page.waitForSelector('#trace-queues a:has-text("ui-orders")', { timeout: WAIT });
+  check((await page.locator('#trace-result').textContent()).includes('binding with key "order.#"'), 'the matching binding is named');
+  await shot(page, 'exchange-trace');
+  await page.fill('#trace-key', 'invoice.paid');
+  await page.click('#trace-form button[type=submit]');
+  await page.waitForSelector('#trace-queues:has-text("Reaches no queue")', { timeout: WAIT });
+  await page.goto(`${UI}/#/queues/%2F/ui-with-dlx`);
+  await page.waitForSelector('#dead-letter-path a:has-text("ui-dead")', { timeout: WAIT });
+  await noStrayText(page);
+  await page.context().close();
+});
+
 test('a monitoring user sees everything and changes nothing', async () => {
   const page = await newPage();
   await login(page, 'ui-watcher', 'watch-it');

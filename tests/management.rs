@@ -2692,3 +2692,73 @@ async fn the_web_ui_is_served_and_its_requests_get_no_browser_prompt() {
     assert!(!r.headers().contains_key("www-authenticate"));
     broker.stop().await;
 }
+
+/// Warren's dry run of routing (`POST /api/exchanges/{vhost}/{name}/route`):
+/// the queues a routing key (or headers) would reach, the bindings that
+/// match hop by hop, an alternate exchange taking over, and nothing routed
+/// or counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_route_dry_run_explains_where_a_message_goes() {
+    let broker = TestBroker::start().await;
+    let api = Api::guest(&broker);
+    for (path, body) in [
+        ("/api/exchanges/%2F/lost", json!({"type": "fanout"})),
+        (
+            "/api/exchanges/%2F/orders",
+            json!({"type": "topic", "arguments": {"alternate-exchange": "lost"}}),
+        ),
+        ("/api/queues/%2F/eu", json!({})),
+        ("/api/queues/%2F/all", json!({})),
+        ("/api/queues/%2F/unrouted", json!({})),
+    ] {
+        assert_eq!(api.put(path, body).await, StatusCode::CREATED, "{path}");
+    }
+    for (source, queue, key) in [
+        ("orders", "eu", "order.*.eu"),
+        ("orders", "all", "order.#"),
+        ("lost", "unrouted", ""),
+    ] {
+        let r = api
+            .post(
+                &format!("/api/bindings/%2F/e/{source}/q/{queue}"),
+                json!({"routing_key": key}),
+            )
+            .await;
+        assert_eq!(r.status(), StatusCode::CREATED);
+    }
+    let trace = |key: &'static str| {
+        api.send(
+            reqwest::Method::POST,
+            "/api/exchanges/%2F/orders/route",
+            Some(json!({"routing_key": key})),
+        )
+    };
+    let (status, t) = trace("order.new.eu").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(t["routed"], true);
+    assert_eq!(t["queues"], json!(["all", "eu"]), "{t}");
+    let keys: Vec<&str> = t["hops"][0]["bindings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["routing_key"].as_str().unwrap())
+        .collect();
+    assert_eq!(keys, ["order.#", "order.*.eu"]);
+    let (_, t) = trace("invoice.paid").await;
+    assert_eq!(t["hops"][0]["alternate_exchange"], "lost", "{t}");
+    assert_eq!(t["queues"], json!(["unrouted"]));
+    // Nothing was routed, nothing counted.
+    let (_, q) = api.get("/api/queues/%2F/all").await;
+    assert_eq!(q["messages"], 0);
+    let (_, x) = api.get("/api/exchanges/%2F/orders").await;
+    assert!(x.get("message_stats").is_none(), "{x}");
+    let (status, _) = api
+        .send(
+            reqwest::Method::POST,
+            "/api/exchanges/%2F/missing/route",
+            Some(json!({"routing_key": "k"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    broker.stop().await;
+}

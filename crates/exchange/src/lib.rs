@@ -42,6 +42,6 @@ mod topic;
 pub use binding::{ExchangeKind, QueueId};
 pub use error::ExchangeError;
 pub use router::{
-    BindingDef, Destination, ExchangeDeclare, ExchangeDef, Removed, Routed, Router,
-    SYSTEM_EXCHANGES,
+    BindingDef, Destination, ExchangeDeclare, ExchangeDef, Removed, RouteHop, RouteTrace, Routed,
+    Router, SYSTEM_EXCHANGES,
 };

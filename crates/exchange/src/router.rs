@@ -80,6 +80,15 @@ pub struct BindingDef {
     pub arguments: FieldTable,
 }
 
+impl BindingDef {
+    /// The name of the queue or exchange it leads to.
+    pub fn destination_name(&self) -> &ShortStr {
+        match &self.destination {
+            Destination::Queue(n) | Destination::Exchange(n) => n,
+        }
+    }
+}
+
 /// What a delete or unbind took away, for the caller to persist and report.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct Removed {
@@ -772,6 +781,125 @@ impl Router {
     }
 }
 
+/// One exchange a dry run of routing passed through ([`Router::trace`]):
+/// its bindings that match the message and, when none does, the alternate
+/// exchange it hands the message to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouteHop {
+    /// The exchange.
+    pub exchange: ShortStr,
+    /// Its bindings that match, each tested alone by the exchange type's
+    /// own matcher.
+    pub matched: Vec<BindingDef>,
+    /// The alternate exchange it passed the message to (no binding matched).
+    pub alternate: Option<ShortStr>,
+}
+
+/// What routing a message would do, without routing it: each exchange it
+/// passes through, in the order routing visits them, and the queues it
+/// reaches (each once, by name).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RouteTrace {
+    /// The exchanges passed through.
+    pub hops: Vec<RouteHop>,
+    /// The queues reached.
+    pub queues: Vec<ShortStr>,
+}
+
+impl Router {
+    /// A dry run of [`Router::route`] that says why: which bindings of
+    /// which exchanges match the routing key and headers, and where
+    /// alternate exchanges took over. Counts nothing. The same refusals as
+    /// routing (no such exchange, an internal one).
+    pub fn trace(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        headers: Option<&FieldTable>,
+    ) -> Result<RouteTrace, ExchangeError> {
+        let mut out = RouteTrace::default();
+        if exchange.is_empty() {
+            if let Some(name) = self
+                .queues
+                .get(routing_key)
+                .and_then(|id| self.queue_names.get(id))
+            {
+                out.queues.push(name.clone());
+            }
+            return Ok(out);
+        }
+        let start = *self
+            .by_name
+            .get(exchange)
+            .ok_or_else(|| self.not_found(exchange))?;
+        if self.get(start).is_some_and(|x| x.def.internal) {
+            return Err(ExchangeError::Internal {
+                exchange: exchange.to_owned(),
+                vhost: self.vhost.to_string(),
+            });
+        }
+        let mut work = vec![start];
+        let mut next = 0;
+        let mut targets = Vec::new();
+        let mut scratch = TopicScratch::default();
+        while let Some(&idx) = work.get(next) {
+            next += 1;
+            let Some(x) = self.get(idx) else { continue };
+            let mut hop = RouteHop {
+                exchange: x.def.name.clone(),
+                matched: Vec::new(),
+                alternate: None,
+            };
+            let mut bindings: Vec<BindingDef> = self
+                .by_source
+                .get(&idx)
+                .into_iter()
+                .flatten()
+                .filter_map(|key| {
+                    let args = self.bindings.get(key)?;
+                    // The binding alone, through the type's own matcher.
+                    let mut one = Matcher::new(x.def.kind);
+                    one.bind(&key.routing_key, args, key.target).ok()?;
+                    targets.clear();
+                    one.route(routing_key, headers, &mut targets, &mut scratch);
+                    if targets.is_empty() {
+                        return None;
+                    }
+                    if let Target::Exchange(e) = key.target {
+                        if !work.contains(&e) {
+                            work.push(e);
+                        }
+                    }
+                    self.binding_def(key, args)
+                })
+                .collect();
+            bindings.sort_by(|a, b| {
+                (a.destination_name(), &a.routing_key).cmp(&(b.destination_name(), &b.routing_key))
+            });
+            for b in &bindings {
+                if let Destination::Queue(q) = &b.destination {
+                    if !out.queues.contains(q) {
+                        out.queues.push(q.clone());
+                    }
+                }
+            }
+            if bindings.is_empty() {
+                if let Some(ae) = &x.alternate {
+                    if let Some(&ae_idx) = self.by_name.get(ae.as_str()) {
+                        if !work.contains(&ae_idx) {
+                            work.push(ae_idx);
+                        }
+                        hop.alternate = Some(ae.clone());
+                    }
+                }
+            }
+            hop.matched = bindings;
+            out.hops.push(hop);
+        }
+        Ok(out)
+    }
+}
+
 /// `CC` / `BCC` header: an array of long strings naming extra routing keys.
 fn sender_selected<'a>(headers: Option<&'a FieldTable>, name: &str) -> Option<&'a [FieldValue]> {
     match headers?.get(name)? {
@@ -961,6 +1089,61 @@ mod tests {
         assert_eq!(r.traffic("missing"), None);
         let all: Vec<(&str, [u64; 2])> = r.all_traffic().filter(|(_, t)| *t != [0, 0]).collect();
         assert_eq!(all, [("", [2, 1]), ("fan", [1, 3])]);
+    }
+
+    /// The dry run names the bindings that match, hop by hop, reaches the
+    /// same queues as routing, and says where an alternate exchange took
+    /// over; it counts nothing.
+    #[test]
+    fn a_trace_says_which_bindings_match_and_reaches_what_routing_reaches() {
+        let mut r = router_with_queues(4);
+        declare(&mut r, "orders", "topic", &ae_args("lost")).unwrap();
+        declare(&mut r, "lost", "fanout", &FieldTable::new()).unwrap();
+        declare(&mut r, "audit", "fanout", &FieldTable::new()).unwrap();
+        r.bind(&qbind("orders", "q0", "order.*.eu")).unwrap();
+        r.bind(&qbind("orders", "q1", "order.#")).unwrap();
+        r.bind(&qbind("orders", "q1", "invoice.#")).unwrap();
+        r.bind(&xbind("orders", "audit", "#")).unwrap();
+        r.bind(&qbind("audit", "q2", "")).unwrap();
+        r.bind(&qbind("lost", "q3", "")).unwrap();
+        for key in ["order.new.eu", "order.new.us", "nothing"] {
+            let t = r.trace("orders", key, None).unwrap();
+            let mut names: Vec<u64> = t
+                .queues
+                .iter()
+                .map(|n| r.queue(n.as_str()).unwrap().0)
+                .collect();
+            names.sort_unstable();
+            assert_eq!(names, route(&r, "orders", key), "{key}");
+        }
+        // (Only the routing above was counted.)
+        let counted = r.traffic("orders");
+        let t = r.trace("orders", "order.new.eu", None).unwrap();
+        let first = &t.hops[0];
+        assert_eq!(first.exchange.as_str(), "orders");
+        let keys: Vec<&str> = first
+            .matched
+            .iter()
+            .map(|b| b.routing_key.as_str())
+            .collect();
+        assert_eq!(keys, ["#", "order.*.eu", "order.#"]);
+        assert_eq!(t.hops[1].exchange.as_str(), "audit");
+        assert!(first.alternate.is_none());
+        // Only the audit binding ("#") matches "nothing"; the alternate
+        // exchange takes over only when nothing matches at all.
+        let t = r.trace("orders", "nothing", None).unwrap();
+        assert_eq!(t.hops[0].matched.len(), 1);
+        r.unbind(&xbind("orders", "audit", "#")).unwrap();
+        let t = r.trace("orders", "nothing", None).unwrap();
+        assert!(t.hops[0].matched.is_empty());
+        assert_eq!(
+            t.hops[0].alternate.as_ref().map(ShortStr::as_str),
+            Some("lost")
+        );
+        assert_eq!(t.queues, [s("q3")]);
+        assert_eq!(r.traffic("orders"), counted);
+        assert!(r.trace("missing", "k", None).is_err());
+        assert_eq!(r.trace("", "q2", None).unwrap().queues, [s("q2")]);
     }
 
     #[test]

@@ -472,6 +472,8 @@ function queuePage(main, vhost, name) {
   const writable = can('manage');
   if (writable) main.append(queueActions(vhost, name, base));
   const key = `queue:${vhost}/${name}`;
+  let deadLetterKey = null;
+  let deadLetterQueues = null;
   poll(async () => {
     const q = await api('GET', base);
     const ms = q.message_stats || {};
@@ -494,6 +496,17 @@ function queuePage(main, vhost, name) {
       ['Arguments', Object.keys(args).length ? jsonText(args) : 'none'],
       ['Dead letters', dlx !== undefined ? el('span', { id: 'dead-letter-path' }, 'to exchange ', dlx === '' ? el('span', {}, '(AMQP default)') : el('a', { href: `#/exchanges/${enc(vhost)}/${enc(dlx)}` }, dlx), dlk !== undefined ? ` with routing key ${dlk}` : ' with their own routing keys') : 'dropped (no dead-letter exchange)'],
     ]));
+    if (dlx !== undefined && dlk !== undefined && deadLetterKey !== `${dlx}\u0000${dlk}`) {
+      deadLetterKey = `${dlx}\u0000${dlk}`;
+      deadLetterQueues = await api('POST', `/exchanges/${enc(vhost)}/${enc(dlx || 'amq.default')}/route`, { routing_key: dlk })
+        .then((t) => t.queues).catch(() => null);
+    }
+    const path = summary.querySelector('#dead-letter-path');
+    if (path && dlk !== undefined && deadLetterQueues) {
+      path.append(deadLetterQueues.length
+        ? el('span', {}, ', which reaches ', deadLetterQueues.map((d, i) => [i ? ', ' : '', el('a', { href: `#/queues/${enc(vhost)}/${enc(d)}` }, d)]))
+        : el('span', { class: 'alarm' }, ', which reaches no queue: they are lost'));
+    }
     charts.replaceChildren(chart('Messages per second', series(rates)), chart('Messages', series(depth)));
     const cs = q.consumer_details || [];
     consumers.replaceChildren(cs.length === 0 ? el('p', {}, 'None.') : el('table', {},
@@ -588,6 +601,7 @@ function exchangePage(main, vhost, name) {
   const to = el('div');
   main.append(el('h2', {}, 'Exchange ', el('span', { class: 'path' }, name || '(AMQP default)'), ` in ${vhost}`), summary,
     el('h3', {}, 'Bindings from it'), from, el('h3', {}, 'Bindings to it'), to);
+  main.append(el('h3', {}, "Why didn't my message arrive?"), traceForm(vhost, name));
   const writable = can('manage');
   if (writable) {
     const key = el('input', { id: 'xpublish-key' });
@@ -617,6 +631,43 @@ function exchangePage(main, vhost, name) {
     from.replaceChildren(bindingsTableFrom(vhost, src));
     to.replaceChildren(bindingsTable(vhost, dst, 'source', false));
   });
+}
+
+// Routing explained: the broker's router does a dry run for a routing key
+// (and headers) and says which bindings match, hop by hop.
+function traceForm(vhost, name) {
+  const key = el('input', { id: 'trace-key' });
+  const headers = el('textarea', { id: 'trace-headers', placeholder: '{"x-tenant": "a"} (for headers exchanges)' });
+  const result = el('div', { id: 'trace-result' });
+  const form = el('form', { class: 'stack', id: 'trace-form' },
+    el('label', { for: 'trace-key' }, 'Routing key', key),
+    el('label', { for: 'trace-headers' }, 'Headers (JSON, optional)', headers),
+    el('button', { type: 'submit' }, 'Show where it goes'), result);
+  form.addEventListener('submit', (ev) => {
+    ev.preventDefault();
+    act(result, async () => {
+      let h;
+      if (headers.value.trim()) {
+        try { h = JSON.parse(headers.value); } catch (e) { throw new Error(`The headers are not JSON: ${e.message}`); }
+      }
+      return api('POST', `/exchanges/${enc(vhost)}/${enc(name || 'amq.default')}/route`, { routing_key: key.value, headers: h });
+    }).then((t) => { if (t) result.append(traceView(vhost, t)); });
+  });
+  return form;
+}
+
+function traceView(vhost, t) {
+  const qlink = (q) => el('a', { href: `#/queues/${enc(vhost)}/${enc(q)}` }, q);
+  const hops = t.hops.map((h) => el('li', {},
+    `Exchange ${h.exchange}: `,
+    h.bindings.length === 0 ? 'no binding matches' : el('ul', {}, h.bindings.map((b) => el('li', {},
+      `binding with key "${b.routing_key}"${Object.keys(b.arguments || {}).length ? ` and arguments ${JSON.stringify(b.arguments)}` : ''} → ${b.destination_type} `,
+      b.destination_type === 'queue' ? qlink(b.destination) : b.destination))),
+    h.alternate_exchange ? el('span', {}, `; passed to its alternate exchange ${h.alternate_exchange}`) : null));
+  return el('div', { class: 'notice', role: 'status' },
+    hops.length ? el('ol', {}, hops) : null,
+    t.routed ? el('p', { id: 'trace-queues' }, 'Reaches: ', t.queues.map((q, i) => [i ? ', ' : '', qlink(q)])) :
+      el('p', { id: 'trace-queues' }, 'Reaches no queue: the message is dropped, or returned to its publisher if it was mandatory.'));
 }
 
 function bindingsTableFrom(vhost, bs) {

@@ -88,6 +88,7 @@ pub(super) fn router(broker: Arc<Broker>) -> Router {
             "/api/exchanges/{vhost}/{name}/publish",
             post(publish_message),
         )
+        .route("/api/exchanges/{vhost}/{name}/route", post(trace_route))
         .route("/api/aliveness-test/{vhost}", get(aliveness_test))
         .route("/api/exchanges", get(list_all_exchanges))
         .route("/api/exchanges/{vhost}", get(list_exchanges))
@@ -2453,6 +2454,58 @@ fn properties_to_json(p: &amqp_codec::BasicProperties) -> Value {
 
 /// `POST /api/exchanges/{vhost}/{name}/publish`: publishes as the caller
 /// (who needs write permission on the exchange); answers whether it was routed.
+/// `POST /api/exchanges/{vhost}/{name}/route` with `routing_key` (and
+/// optionally `headers`): a dry run of routing (Warren's, for its UI's
+/// "why didn't my message arrive?"), answered as `{routed, queues, hops}`,
+/// each hop `{exchange, bindings, alternate_exchange}` with the bindings
+/// that match in the API's binding shape. Publishes and counts nothing;
+/// anyone who sees the vhost may ask.
+async fn trace_route(
+    State(b): Shared,
+    caller: Caller,
+    Path((vhost, name)): Path<(String, String)>,
+    body: Body,
+) -> ApiResult {
+    let v = visible_vhost(&b, &caller, &vhost)?;
+    let name = exchange_name(&name);
+    let body = body_map(body);
+    let routing_key = body
+        .get("routing_key")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    let headers = match body.get("headers") {
+        None | Some(Value::Null) => None,
+        Some(h) => Some(json_to_table(h).map_err(ApiError::bad_request)?),
+    };
+    let trace = v
+        .router
+        .read()
+        .trace(name, routing_key, headers.as_ref())
+        .map_err(|e| {
+            if matches!(e, exchange::ExchangeError::ExchangeNotFound { .. }) {
+                ApiError::not_found()
+            } else {
+                ApiError::bad_request(e.to_string())
+            }
+        })?;
+    let hops: Vec<Value> = trace
+        .hops
+        .iter()
+        .map(|h| {
+            json!({
+                "exchange": h.exchange.as_str(),
+                "bindings": h.matched.iter().map(|d| binding(v.name(), d)).collect::<Vec<_>>(),
+                "alternate_exchange": h.alternate.as_ref().map(ShortStr::as_str),
+            })
+        })
+        .collect();
+    ok(json!({
+        "routed": !trace.queues.is_empty(),
+        "queues": trace.queues.iter().map(ShortStr::as_str).collect::<Vec<_>>(),
+        "hops": hops,
+    }))
+}
+
 async fn publish_message(
     State(b): Shared,
     caller: Caller,
