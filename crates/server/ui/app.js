@@ -74,6 +74,7 @@ function get(obj, path) {
 function can(what) {
   const t = state.tags;
   if (t.includes('administrator')) return true;
+  if (what === 'monitor') return t.includes('monitoring');
   if (what === 'policy') return t.includes('policymaker');
   if (what === 'manage') return t.includes('management') || t.includes('policymaker');
   return false;
@@ -95,8 +96,12 @@ async function api(method, path, body, headers) {
   }
   const r = await fetch(`api${path}`, init);
   if (r.status === 401) {
-    logout('Your session has ended: log in again.');
-    throw new ApiError(401, 'not authorised');
+    // Refused for want of a tag, or no longer logged in at all?
+    const me = await fetch('api/whoami', { headers: { authorization: h.authorization, 'x-requested-with': 'XMLHttpRequest' } });
+    if (me.status === 401) {
+      logout('Your session has ended: log in again.');
+      throw new ApiError(401, 'not authorised');
+    }
   }
   const text = await r.text();
   let json = null;
@@ -299,7 +304,8 @@ function overviewPage(main) {
   const body = el('div');
   main.append(el('h2', {}, 'Overview'), body);
   poll(async () => {
-    const [o, nodes] = await Promise.all([api('GET', '/overview'), api('GET', '/nodes')]);
+    // (Nodes are for the monitoring and administrator tags, as in RabbitMQ.)
+    const [o, nodes] = await Promise.all([api('GET', '/overview'), can('monitor') ? api('GET', '/nodes') : null]);
     const ms = o.message_stats || {};
     const rate = (k) => get(ms, `${k}_details.rate`) || 0;
     const rates = remember('overview-rates', {
@@ -318,7 +324,7 @@ function overviewPage(main) {
           el('div', { class: 'tile' }, el('b', {}, fmtNum(qt.messages || 0)), el('span', {}, 'messages queued')))),
       el('section', {}, el('h3', {}, 'Message rates (last 5 minutes)'), chart('Messages per second', series(rates))),
       el('section', {}, el('h3', {}, 'Queued messages'), chart('Messages', series(queued))),
-      el('section', {}, el('h3', {}, 'Nodes'), nodesTable(nodes, o.listeners || [])),
+      el('section', {}, el('h3', {}, 'Nodes'), nodes ? nodesTable(nodes, o.listeners || []) : el('p', {}, `Node ${o.node}: its details need the monitoring tag.`)),
       el('p', {}, `${o.product_name || 'Warren'} ${o.product_version || ''}, cluster ${o.cluster_name || ''}`));
   });
 }
@@ -720,7 +726,7 @@ function adminPage(main) {
   main.append(sections);
   const load = async () => {
     const parts = [];
-    if (can('admin')) parts.push(await usersSection(), await vhostsSection(), await permissionsSection());
+    if (can('admin')) parts.push(await usersSection(), await vhostsSection(), await permissionsSection(), await topicPermissionsSection());
     parts.push(await policiesSection());
     if (can('admin')) parts.push(definitionsSection());
     sections.replaceChildren(...parts);
@@ -794,6 +800,27 @@ async function permissionsSection() {
   return el('section', { id: 'permissions' }, el('h3', {}, 'Permissions'),
     simpleTable(['User', 'Virtual host', 'Configure', 'Write', 'Read', ''], perms.map((p) => [p.user, p.vhost, p.configure, p.write, p.read,
       el('button', { class: 'danger', 'aria-label': `Clear permissions of ${p.user} in ${p.vhost}`, onclick: () => act(status, () => api('DELETE', `/permissions/${enc(p.vhost)}/${enc(p.user)}`)).then(() => route()) }, 'Clear')])),
+    form);
+}
+
+async function topicPermissionsSection() {
+  const perms = await api('GET', '/topic-permissions');
+  const status = el('div');
+  const f = (id, label, value) => { const i = el('input', { id, value }); return [i, el('label', { for: id }, label, i)]; };
+  const [user, ul] = f('topic-user', 'User', '');
+  const [vhost, vl] = f('topic-vhost', 'Virtual host', state.vhost || '/');
+  const [exchange, xl] = f('topic-exchange', 'Topic exchange', 'amq.topic');
+  const [write, wl] = f('topic-write', 'Write (routing keys)', '.*');
+  const [read, rl] = f('topic-read', 'Read (binding keys)', '.*');
+  const form = el('form', { class: 'inline', id: 'topic-form' }, ul, vl, xl, wl, rl, el('button', { type: 'submit' }, 'Set topic permissions'), status);
+  form.addEventListener('submit', (ev) => {
+    ev.preventDefault();
+    act(status, () => api('PUT', `/topic-permissions/${enc(vhost.value)}/${enc(user.value)}`, { exchange: exchange.value, write: write.value, read: read.value }), () => 'Set.').then((r) => { if (r !== undefined) route(); });
+  });
+  return el('section', { id: 'topic-permissions' }, el('h3', {}, 'Topic permissions'),
+    perms.length === 0 ? el('p', {}, 'None: topic exchanges check nothing beyond the permissions above.') :
+      simpleTable(['User', 'Virtual host', 'Exchange', 'Write', 'Read', ''], perms.map((p) => [p.user, p.vhost, p.exchange, p.write, p.read,
+        el('button', { class: 'danger', 'aria-label': `Clear the topic permissions of ${p.user} in ${p.vhost}`, onclick: () => act(status, () => api('DELETE', `/topic-permissions/${enc(p.vhost)}/${enc(p.user)}`)).then(() => route()) }, 'Clear')])),
     form);
 }
 
