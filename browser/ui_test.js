@@ -111,6 +111,7 @@ test('a queue an AMQP client declares appears in the list', async () => {
   await page.waitForSelector('text=Nothing matches the filter.', { timeout: WAIT });
   await page.fill('#filter', '');
   await page.waitForSelector('#list a:has-text("ui-orders")', { timeout: WAIT });
+  await noStrayText(page);
   await shot(page, 'queues');
   await page.context().close();
 });
@@ -339,6 +340,55 @@ test('topic permissions are set from the admin page', async () => {
   await page.context().close();
 });
 
+test('definitions download, a vhost with a limit, and a user deleted', async () => {
+  const page = await newPage();
+  page.on('dialog', (d) => d.accept());
+  await login(page, 'guest', 'guest');
+  await page.waitForSelector('#total-queues', { timeout: WAIT });
+  await page.click('nav a:has-text("Admin")');
+  await page.waitForSelector('#export', { timeout: WAIT });
+  const [download] = await Promise.all([page.waitForEvent('download', { timeout: WAIT }), page.click('#export')]);
+  const file = path.join(WORK, 'exported.json');
+  await download.saveAs(file);
+  const defs = JSON.parse(fs.readFileSync(file, 'utf8'));
+  check(defs.queues.some((q) => q.name === 'ui-orders'), 'the download holds the broker\'s queues');
+  await page.fill('#vhost-name', 'ui-limited');
+  await page.click('#vhost-form button[type=submit]');
+  await page.waitForSelector('#vhosts td:text-is("ui-limited")', { timeout: WAIT });
+  await page.selectOption('#limit-vhost', 'ui-limited');
+  await page.selectOption('#limit-name', 'max-queues');
+  await page.fill('#limit-value', '3');
+  await page.click('#limit-form button[type=submit]');
+  await page.waitForSelector('#vhosts td:has-text("max-queues")', { timeout: WAIT });
+  const limits = await api('GET', '/vhost-limits/ui-limited');
+  check(JSON.stringify(limits.json).includes('"max-queues":3'), `limits: ${JSON.stringify(limits.json)}`);
+  await page.click('button[aria-label="Delete user ui-watcher"]');
+  await page.waitForSelector('#users td:text-is("ui-watcher")', { state: 'detached', timeout: WAIT });
+  check((await api('GET', '/users/ui-watcher')).status === 404, 'the user is gone');
+  await page.context().close();
+});
+
+test('a connection is closed from its page with a reason the client hears', async () => {
+  const conn = await amqp.connect(AMQP, { clientProperties: { connection_name: 'ui-to-close' } });
+  const closed = new Promise((resolve) => conn.on('close', (e) => resolve(e ? e.message : 'closed without error')));
+  conn.on('error', () => {});
+  const page = await newPage();
+  await login(page, 'guest', 'guest');
+  await page.waitForSelector('#total-queues', { timeout: WAIT });
+  await page.click('nav a:has-text("Connections")');
+  await page.waitForSelector('#list tbody tr', { timeout: WAIT });
+  const rows = await page.locator('#list tbody tr a').allTextContents();
+  const mine = (await api('GET', '/connections')).json.find((c) => c.user_provided_name === 'ui-to-close');
+  check(mine && rows.includes(mine.name), `listed: ${rows}`);
+  await page.goto(`${UI}/#/connections/${encodeURIComponent(mine.name)}`);
+  await page.waitForSelector('text=Client properties', { timeout: WAIT });
+  await page.fill('#close-reason', 'maintenance window');
+  await page.click('button:has-text("Close connection")');
+  const why = await closed;
+  check(why.includes('maintenance window'), `the client was told: ${why}`);
+  await page.context().close();
+});
+
 test('the pages fit a phone screen', async () => {
   const page = await newPage(390);
   await login(page, 'guest', 'guest');
@@ -375,6 +425,7 @@ test('ten thousand queues stay usable: pages, filter, sort', async () => {
   await page.waitForSelector('th[aria-sort="descending"]:has-text("Name")', { timeout: WAIT });
   const first = await page.locator('#list tbody tr td a').first().textContent();
   check(first === 'bulk-00004', `sorted descending: ${first}`);
+  await noStrayText(page);
   await shot(page, 'queues-10000');
   await page.context().close();
 });

@@ -443,7 +443,7 @@ function listPage(main, spec, extra) {
     };
     const td = (c, row) => {
       const v = get(row, c.key);
-      return el('td', { class: [c.num ? 'num' : '', c.phone === false ? 'hide-narrow' : ''].join(' ').trim() || null }, c.render ? c.render(row) : c.fmt ? c.fmt(v) : v === undefined ? '' : String(v));
+      return el('td', { class: [c.num ? 'num' : '', c.phone === false ? 'hide-narrow' : ''].join(' ').trim() || null }, c.render ? c.render(row) : c.fmt ? c.fmt(v) : v === undefined || v === null ? '' : String(v));
     };
     table.replaceChildren(r.items.length === 0
       ? el('p', { class: 'notice' }, opts.name ? 'Nothing matches the filter.' : `No ${spec.title.toLowerCase()}.`)
@@ -771,7 +771,7 @@ async function vhostsSection() {
   const lname = el('select', { id: 'limit-name' }, ['max-connections', 'max-queues'].map((n) => el('option', { value: n }, n)));
   const lvhost = el('select', { id: 'limit-vhost' }, vhosts.map((v) => el('option', { value: v.name }, v.name)));
   const lvalue = el('input', { id: 'limit-value', type: 'number', value: -1 });
-  const lform = el('form', { class: 'inline' }, el('label', { for: 'limit-vhost' }, 'Virtual host', lvhost), el('label', { for: 'limit-name' }, 'Limit', lname),
+  const lform = el('form', { class: 'inline', id: 'limit-form' }, el('label', { for: 'limit-vhost' }, 'Virtual host', lvhost), el('label', { for: 'limit-name' }, 'Limit', lname),
     el('label', { for: 'limit-value' }, 'Value (negative: none)', lvalue), el('button', { type: 'submit' }, 'Set limit'));
   lform.addEventListener('submit', (ev) => {
     ev.preventDefault();
