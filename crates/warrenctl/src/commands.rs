@@ -150,16 +150,11 @@ const POLICY_COLUMNS: [&str; 6] = [
 ];
 
 /// The API's body for `set_policy` and `set_operator_policy`.
-fn policy_body(
-    pattern: &str,
-    definition: &str,
-    priority: i64,
-    apply_to: &str,
-) -> Result<Value, Failure> {
-    let definition: Value = serde_json::from_str(definition)
+fn policy_body(p: &crate::PolicyArgs) -> Result<Value, Failure> {
+    let definition: Value = serde_json::from_str(&p.definition)
         .map_err(|e| Failure::DataErr(format!("definition is not JSON: {e}")))?;
     Ok(
-        json!({"pattern": pattern, "definition": definition, "priority": priority, "apply-to": apply_to}),
+        json!({"pattern": p.pattern, "definition": definition, "priority": p.priority, "apply-to": p.apply_to}),
     )
 }
 
@@ -681,18 +676,13 @@ pub(crate) async fn run(cli: Cli) -> Result<(), Failure> {
             api.delete(&format!("/api/vhosts/{}", seg(&name))).await?;
             out.banner(&format!("Deleting vhost \"{name}\" ..."));
         }
-        Command::SetPolicy {
-            name,
-            pattern,
-            definition,
-            priority,
-            apply_to,
-        } => {
-            let body = policy_body(&pattern, &definition, priority, &apply_to)?;
-            api.put(&format!("/api/policies/{vh}/{}", seg(&name)), body)
+        Command::SetPolicy(p) => {
+            let body = policy_body(&p)?;
+            api.put(&format!("/api/policies/{vh}/{}", seg(&p.name)), body)
                 .await?;
             out.banner(&format!(
-                "Setting policy \"{name}\" for pattern \"{pattern}\" ..."
+                "Setting policy \"{}\" for pattern \"{}\" ...",
+                p.name, p.pattern
             ));
         }
         Command::ClearPolicy { name } => {
@@ -701,20 +691,17 @@ pub(crate) async fn run(cli: Cli) -> Result<(), Failure> {
                 .map_err(Failure::no_parameter)?;
             out.banner(&format!("Clearing policy \"{name}\" ..."));
         }
-        Command::SetOperatorPolicy {
-            name,
-            pattern,
-            definition,
-            priority,
-            apply_to,
-        } => {
-            let body = policy_body(&pattern, &definition, priority, &apply_to)?;
+        Command::SetOperatorPolicy(p) => {
+            let body = policy_body(&p)?;
             out.banner(&format!(
-                "Setting operator policy override \"{name}\" for pattern \"{pattern}\" to \"{definition}\" with priority \"{priority}\" for vhost \"{}\" ...",
-                cli.vhost
+                "Setting operator policy override \"{}\" for pattern \"{}\" to \"{}\" with priority \"{}\" for vhost \"{}\" ...",
+                p.name, p.pattern, p.definition, p.priority, cli.vhost
             ));
-            api.put(&format!("/api/operator-policies/{vh}/{}", seg(&name)), body)
-                .await?;
+            api.put(
+                &format!("/api/operator-policies/{vh}/{}", seg(&p.name)),
+                body,
+            )
+            .await?;
         }
         Command::ClearOperatorPolicy { name } => {
             out.banner(&format!(

@@ -33,7 +33,7 @@ mod checks;
 mod commands;
 mod output;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -175,17 +175,7 @@ enum Command {
     DeleteVhost { name: String },
     /// Sets a policy in the vhost: a regular expression on names and a JSON
     /// definition, e.g. `set_policy cap '^orders\.' '{"max-length":1000}'`.
-    SetPolicy {
-        name: String,
-        pattern: String,
-        definition: String,
-        /// Higher wins when several policies match.
-        #[arg(long, default_value_t = 0)]
-        priority: i64,
-        /// queues, exchanges or all.
-        #[arg(long = "apply-to", default_value = "all")]
-        apply_to: String,
-    },
+    SetPolicy(PolicyArgs),
     /// Removes a policy from the vhost.
     ClearPolicy { name: String },
     /// Policies of the vhost [vhost name pattern apply-to definition priority].
@@ -194,17 +184,7 @@ enum Command {
     /// `max-length-bytes`, `message-ttl`, `expires`, `delivery-limit`) that
     /// users' policies and queue arguments cannot lift, e.g.
     /// `set_operator_policy cap '.*' '{"max-length":100000}' --apply-to queues`.
-    SetOperatorPolicy {
-        name: String,
-        pattern: String,
-        definition: String,
-        /// Higher wins when several operator policies match.
-        #[arg(long, default_value_t = 0)]
-        priority: i64,
-        /// queues, exchanges or all.
-        #[arg(long = "apply-to", default_value = "all")]
-        apply_to: String,
-    },
+    SetOperatorPolicy(PolicyArgs),
     /// Removes an operator policy from the vhost.
     ClearOperatorPolicy { name: String },
     /// Operator policies of the vhost [vhost name pattern apply-to definition priority].
@@ -404,6 +384,22 @@ impl Tool {
             Tool::Queues => queues,
         }
     }
+}
+
+/// What `set_policy` and `set_operator_policy` take, as rabbitmqctl's.
+#[derive(Args, Debug)]
+pub(crate) struct PolicyArgs {
+    pub(crate) name: String,
+    /// A regular expression on queue and exchange names.
+    pub(crate) pattern: String,
+    /// The definition, a JSON object.
+    pub(crate) definition: String,
+    /// Higher wins when several match.
+    #[arg(long, default_value_t = 0)]
+    pub(crate) priority: i64,
+    /// queues, exchanges or all.
+    #[arg(long = "apply-to", default_value = "all")]
+    pub(crate) apply_to: String,
 }
 
 fn main() -> ExitCode {
