@@ -250,7 +250,7 @@ impl Policy {
         priority: i64,
         definition: Map<String, Value>,
     ) -> Result<Policy, String> {
-        Policy::build(
+        Policy::of_kind(
             PolicyKind::User,
             vhost,
             name,
@@ -261,28 +261,9 @@ impl Policy {
         )
     }
 
-    /// Validates and builds an operator policy: only [`OPERATOR_KEYS`], in
-    /// RabbitMQ's words otherwise.
-    pub fn new_operator(
-        vhost: &str,
-        name: &str,
-        pattern: &str,
-        apply_to: ApplyTo,
-        priority: i64,
-        definition: Map<String, Value>,
-    ) -> Result<Policy, String> {
-        Policy::build(
-            PolicyKind::Operator,
-            vhost,
-            name,
-            pattern,
-            apply_to,
-            priority,
-            definition,
-        )
-    }
-
-    fn build(
+    /// Validates and builds a policy of `kind`: an operator policy takes
+    /// only [`OPERATOR_KEYS`], in RabbitMQ's words otherwise.
+    pub fn of_kind(
         kind: PolicyKind,
         vhost: &str,
         name: &str,
@@ -410,7 +391,7 @@ impl Policy {
             Value::Object(m) => m,
             _ => return None,
         };
-        Policy::build(
+        Policy::of_kind(
             kind,
             text("vhost")?,
             text("name")?,

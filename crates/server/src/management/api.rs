@@ -2213,14 +2213,9 @@ fn policy_from_body(
         Some(a) => crate::policy::ApplyTo::parse(a)
             .ok_or_else(|| ApiError::bad_request(format!("invalid apply-to '{a}'")))?,
     };
-    let built = match kind {
-        PolicyKind::User => Policy::new(vhost, name, pattern, apply_to, priority, definition),
-        PolicyKind::Operator => {
-            Policy::new_operator(vhost, name, pattern, apply_to, priority, definition)
-        }
-    };
     // (RabbitMQ's validation texts end with a newline in the API.)
-    built.map_err(|e| ApiError::bad_request(format!("{e}\n")))
+    Policy::of_kind(kind, vhost, name, pattern, apply_to, priority, definition)
+        .map_err(|e| ApiError::bad_request(format!("{e}\n")))
 }
 
 async fn store_policy(b: &Arc<Broker>, policy: Policy) -> ApiResult {

@@ -919,8 +919,16 @@ mod tests {
                 .into_iter()
                 .collect();
         let apply = crate::policy::ApplyTo::Queues;
-        let op =
-            Policy::new_operator("v", "cap", "^q", apply, 1, definition.clone()).expect("valid");
+        let op = Policy::of_kind(
+            PolicyKind::Operator,
+            "v",
+            "cap",
+            "^q",
+            apply,
+            1,
+            definition.clone(),
+        )
+        .expect("valid");
         let user = Policy::new("v", "cap", "^q", apply, 1, definition).expect("valid");
         let (op, user) = (MetaCommand::PutPolicy(op), MetaCommand::PutPolicy(user));
         round_trip(op.clone());

@@ -945,13 +945,14 @@ mod tests {
                         .into_iter()
                         .collect();
                     let apply = crate::policy::ApplyTo::Queues;
+                    let kind = if operator {
+                        PolicyKind::Operator
+                    } else {
+                        PolicyKind::User
+                    };
                     MetaCommand::PutPolicy(
-                        if operator {
-                            Policy::new_operator(&vhost, n, "^a", apply, 0, definition)
-                        } else {
-                            Policy::new(&vhost, n, "^a", apply, 0, definition)
-                        }
-                        .expect("valid policy"),
+                        Policy::of_kind(kind, &vhost, n, "^a", apply, 0, definition)
+                            .expect("valid policy"),
                     )
                 }
             ),
