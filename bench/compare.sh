@@ -9,7 +9,7 @@
 # RabbitMQ (its node runs as user `rabbitmq`; the Debian package
 # rabbitmq-server must be installed). Optional environment: RUNS (3),
 # DURATION (10), DRAIN_DURATION (120), IDLE_CONNECTIONS (1000),
-# BROKERS ("warren rabbitmq"), SCENARIOS ("1 2 3 4 5 6 7"), KEEP_WORK=1 (keep
+# BROKERS ("warren rabbitmq"), SCENARIOS ("1 2 3 4 5 6 7 8 9"), KEEP_WORK=1 (keep
 # the broker data and log directories), RESULTS, RAW (output paths).
 #
 # Before/after mode: BASELINE_BIN=/path/to/an/older/warren compares this
@@ -37,7 +37,7 @@ DURATION=${DURATION:-10}
 DRAIN_DURATION=${DRAIN_DURATION:-120}
 IDLE_CONNECTIONS=${IDLE_CONNECTIONS:-1000}
 BROKERS=${BROKERS:-"warren rabbitmq"}
-SCENARIOS=${SCENARIOS:-"1 2 3 4 5 6 7"}
+SCENARIOS=${SCENARIOS:-"1 2 3 4 5 6 7 8 9"}
 RABBITMQ_LIB=${RABBITMQ_LIB:-/usr/lib/rabbitmq/bin}
 
 if [[ -z ${WARREN_BIN:-} || -z ${PERF_BIN:-} ]]; then
@@ -254,6 +254,52 @@ throughput_scenario() { # n warren-perf-args...
     stop_broker
 }
 
+proc_ticks() { # the broker's CPU time so far (user + system), in clock ticks
+    local v=""
+    [[ -n $BPID ]] && v=$(awk '{print $14 + $15}' "/proc/$BPID/stat" 2>/dev/null || true)
+    echo "${v:-0}"
+}
+CLK_TCK=$(getconf CLK_TCK)
+
+load_latency_scenario() { # 8: latency at half the broker's own saturation rate
+    start_broker 8 || { start_failed 8 "$(seq 1 "$RUNS")" main; return 0; }
+    log "$BROKER scenario 8: saturation"
+    run_perf "s8-sat" "$LIMIT" --queue s8 --duration 5 --producers 1 --consumers 1 --size 16
+    record 8 0 saturation
+    local sat rate run
+    sat=$(jq -r '.consume_rate // 0' <<<"$PERF_JSON" 2>/dev/null || echo 0)
+    rate=$(((${sat%.*} + 1) / 2))
+    for ((run = 1; run <= RUNS; run++)); do
+        log "$BROKER scenario 8 run $run (--rate $rate)"
+        if ((rate < 1)); then
+            PERF_RC=255 PERF_JSON=null PERF_ERR="no saturation rate measured"
+        else
+            run_perf "s8-r$run" "$LIMIT" --queue s8 --duration "$DURATION" --producers 1 --consumers 1 \
+                --size 16 --rate "$rate"
+        fi
+        record 8 "$run" main --argjson target_rate "$rate" --argjson quiesce_s "$(quiesce)" \
+            --argjson hwm_kb "$(proc_kb VmHWM)" --argjson alive "$(alive)"
+        sleep 1
+    done
+    stop_broker
+}
+
+many_queues_scenario() { # 9: 1,000 queues × 10 msg/s, 10 producers, 10 consumers
+    start_broker 9 || { start_failed 9 "$(seq 1 "$RUNS")" main; return 0; }
+    local run t0 t1
+    for ((run = 1; run <= RUNS; run++)); do
+        log "$BROKER scenario 9 run $run"
+        t0=$(proc_ticks)
+        run_perf "s9-r$run" "$LIMIT" --queue s9 --duration "$DURATION" --queues 1000 \
+            --producers 10 --consumers 10 --rate 1000 --size 16
+        t1=$(proc_ticks)
+        record 9 "$run" main --argjson cpu_s "$(awk -v a="$t0" -v b="$t1" -v hz="$CLK_TCK" 'BEGIN {print (b - a) / hz}')" \
+            --argjson quiesce_s "$(quiesce)" --argjson hwm_kb "$(proc_kb VmHWM)" --argjson alive "$(alive)"
+        sleep 1
+    done
+    stop_broker
+}
+
 backlog_scenario() { # 6: publish-only backlog, then drain it (fresh broker per run)
     local run before after hwm q
     for ((run = 1; run <= RUNS; run++)); do
@@ -320,6 +366,8 @@ run_scenario() { # scenario, for $BROKER
     5) throughput_scenario 5 --producers 10 --consumers 10 --queues 10 --size 256 ;;
     6) backlog_scenario ;;
     7) idle_scenario ;;
+    8) load_latency_scenario ;;
+    9) many_queues_scenario ;;
     *) log "unknown scenario $s" ;;
     esac
 }
@@ -481,6 +529,20 @@ scen = {
          ("messages drained in B", drained, ""),
          ("RSS growth over A (VmRSS after A − before A)", backlog_delta, " MiB"),
          ("broker RSS per backlog message", backlog, " B")]),
+    8: ("latency under load: 1 producer, 1 consumer, 16 B, at half the broker's own saturation rate (a 5 s scenario-1 run on the same instance first)",
+        ["--producers 1 --consumers 1 --size 16 --duration 5 (the saturation run)",
+         "--producers 1 --consumers 1 --size 16 --rate R (R = half the saturation run's consume rate)"],
+        [("offered rate R", lambda b: med([r.get("target_rate") for r in by(b, 8) if ok(r)]), " msg/s"),
+         ("consume rate", rate(8, "consume_rate"), " msg/s"),
+         ("latency p50", lat(8, "p50"), " µs"), ("latency p99", lat(8, "p99"), " µs"),
+         ("latency p99.9", lat(8, "p999"), " µs"), ("latency max", lat(8, "max"), " µs")]),
+    9: ("many queues: 1,000 queues × 10 msg/s (10 producers and 10 consumers, each with 100 queues), 16 B",
+        ["--queues 1000 --producers 10 --consumers 10 --rate 1000 --size 16"],
+        [("consume rate", rate(9, "consume_rate"), " msg/s"),
+         ("latency p50", lat(9, "p50"), " µs"), ("latency p99", lat(9, "p99"), " µs"),
+         ("latency max", lat(9, "max"), " µs"),
+         ("broker CPU (share of one core over the run)",
+          lambda b: med([100 * r["cpu_s"] / float(env["DURATION"]) for r in by(b, 9) if ok(r) and "cpu_s" in r]), " %")]),
     7: (f"idle: {env['IDLE_CONNECTIONS']} idle connections (one channel each) for DURATION s",
         [f"--producers 0 --consumers 0 --idle-connections {env['IDLE_CONNECTIONS']}"],
         [("connections opened", idle_opened, ""), ("broker RSS before", idle_base, " MiB"),

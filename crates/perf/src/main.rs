@@ -47,7 +47,9 @@ struct Args {
     /// Consumers (one connection each).
     #[arg(long, default_value_t = 1)]
     consumers: usize,
-    /// Queues; producers and consumers are spread over them round-robin.
+    /// Queues. Producers and consumers are spread over them round-robin;
+    /// with more queues than producers (consumers), each takes several,
+    /// publishing to them in turn (consuming from each).
     #[arg(long, default_value_t = 1)]
     queues: usize,
     /// Queue name prefix.
@@ -98,6 +100,15 @@ struct Args {
     /// in a cluster); none by default.
     #[arg(long)]
     queue_type: Option<String>,
+    /// Sample the latency of one message in N (default: every message with
+    /// a `--rate` of at most 20,000 per producer; one in 16 otherwise).
+    #[arg(long)]
+    latency_every: Option<u64>,
+    /// Print to stderr every sampled message slower than this many
+    /// microseconds, with the wall-clock time it was published at (to line
+    /// up a stall with the broker's log or a profile); 0 = none.
+    #[arg(long, default_value_t = 0)]
+    slow_us: u64,
 }
 
 #[derive(Debug, Default)]
@@ -404,7 +415,7 @@ async fn declare(uri: &Uri, args: &Args) -> Result<(), Error> {
 async fn produce(
     uri: Arc<Uri>,
     args: Arc<Args>,
-    queue: String,
+    queues: Vec<String>,
     stats: Arc<Stats>,
     stop: Arc<AtomicBool>,
 ) -> Result<(), Error> {
@@ -416,12 +427,18 @@ async fn produce(
             return Err("expected confirm.select-ok".into());
         };
     }
-    let publish: Method = BasicPublish {
-        exchange: s(&args.exchange),
-        routing_key: s(&queue),
-        ..Default::default()
-    }
-    .into();
+    // One publish per queue, taken in turn.
+    let publishes: Vec<Method> = queues
+        .iter()
+        .map(|queue| {
+            BasicPublish {
+                exchange: s(&args.exchange),
+                routing_key: s(queue),
+                ..Default::default()
+            }
+            .into()
+        })
+        .collect();
     let header = ContentHeader {
         class_id: 60,
         weight: 0,
@@ -477,11 +494,16 @@ async fn produce(
     let mut sent: u64 = 0;
     let start = Instant::now();
     while !stop.load(Ordering::Relaxed) {
+        // With a rate: the messages due by now (those a late timer owes
+        // go in one write), at least one, at most a batch.
+        let mut n = batch;
         if args.rate > 0 {
             let due = Duration::from_secs_f64(sent as f64 / args.rate as f64);
             if let Some(wait) = due.checked_sub(start.elapsed()) {
                 tokio::time::sleep(wait).await;
             }
+            let owed = (start.elapsed().as_secs_f64() * args.rate as f64) as u64;
+            n = owed.saturating_sub(sent).clamp(1, batch);
         }
         if confirms {
             while sent - confirmed.load(Ordering::Acquire) + batch > args.confirm {
@@ -491,11 +513,11 @@ async fn produce(
                 }
             }
         }
-        let n = if args.rate > 0 { 1 } else { batch };
         out.clear();
-        for _ in 0..n {
+        for i in 0..n {
             body[..8].copy_from_slice(&now_ns().to_be_bytes());
-            encode_method(&mut out, 1, &publish)?;
+            let publish = &publishes[((sent + i) % publishes.len() as u64) as usize];
+            encode_method(&mut out, 1, publish)?;
             encode_content_header(&mut out, 1, &header)?;
             encode_body(&mut out, 1, &body[..args.size.max(8)], frame_max)?;
         }
@@ -509,7 +531,7 @@ async fn produce(
 async fn consume(
     uri: Arc<Uri>,
     args: Arc<Args>,
-    queue: String,
+    queues: Vec<String>,
     stats: Arc<Stats>,
     stop: Arc<AtomicBool>,
     latencies: Arc<std::sync::Mutex<Vec<u64>>>,
@@ -530,19 +552,27 @@ async fn consume(
             return Err("expected basic.qos-ok".into());
         };
     }
-    c.send(
-        1,
-        BasicConsume {
-            queue: s(&queue),
-            no_ack: !manual,
-            ..Default::default()
+    // One consumer per queue, all on channel 1. The first consume-ok is
+    // awaited; the others are not (deliveries from the first queue may
+    // come before them): the loop below skips them, and a refusal closes
+    // the channel, which it reports.
+    for (i, queue) in queues.iter().enumerate() {
+        c.send(
+            1,
+            BasicConsume {
+                queue: s(queue),
+                no_ack: !manual,
+                ..Default::default()
+            }
+            .into(),
+        )
+        .await?;
+        if i == 0 {
+            let Method::BasicConsumeOk(_) = c.method().await? else {
+                return Err("expected basic.consume-ok".into());
+            };
         }
-        .into(),
-    )
-    .await?;
-    let Method::BasicConsumeOk(_) = c.method().await? else {
-        return Err("expected basic.consume-ok".into());
-    };
+    }
     let mut samples = Vec::with_capacity(1 << 16);
     // The tag of the delivery whose body is awaited, and of the last one
     // received whole (what an ack may cover: a read can end between a
@@ -553,6 +583,15 @@ async fn consume(
     let mut ack_buf = BytesMut::new();
     let mut n: u64 = 0;
     let mut quiet = 0;
+    let every = args
+        .latency_every
+        .unwrap_or(if args.rate > 0 && args.rate <= 20_000 {
+            1
+        } else {
+            16
+        })
+        .max(1);
+    let slow_ns = args.slow_us.saturating_mul(1000);
     // Frames that arrived with basic.consume-ok are in the buffer
     // already: decoded before the first read.
     loop {
@@ -581,10 +620,19 @@ async fn consume(
                     last_tag = delivering;
                     got += 1;
                     n += 1;
-                    // Sample one latency in 16 (enough for percentiles).
-                    if n % 16 == 0 {
+                    if n % every == 0 {
                         if let Some(ts) = body.get(..8).and_then(|b| <[u8; 8]>::try_from(b).ok()) {
-                            samples.push(now_ns().saturating_sub(u64::from_be_bytes(ts)));
+                            let sent = u64::from_be_bytes(ts);
+                            let took = now_ns().saturating_sub(sent);
+                            if slow_ns > 0 && took >= slow_ns {
+                                eprintln!(
+                                    "slow: {} us, published at {}.{:06}",
+                                    took / 1000,
+                                    sent / 1_000_000_000,
+                                    sent % 1_000_000_000 / 1000
+                                );
+                            }
+                            samples.push(took);
                         }
                     }
                     unacked += 1;
@@ -672,13 +720,25 @@ async fn main() -> Result<(), Error> {
     let stats = Arc::new(Stats::default());
     let stop = Arc::new(AtomicBool::new(false));
     let latencies = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let queue = |i: usize| format!("{}-{}", args.queue, i % args.queues.max(1));
+    // Task i of n takes queue i % queues, or, with more queues than
+    // tasks, every queue j with j % n == i (published to in turn).
+    let queues_of = |i: usize, n: usize| -> Vec<String> {
+        let queues = args.queues.max(1);
+        if queues <= n {
+            vec![format!("{}-{}", args.queue, i % queues)]
+        } else {
+            (0..queues)
+                .filter(|j| j % n == i)
+                .map(|j| format!("{}-{j}", args.queue))
+                .collect()
+        }
+    };
     let mut tasks = Vec::new();
     for i in 0..args.consumers {
         tasks.push(tokio::spawn(consume(
             consumer_uri.clone(),
             args.clone(),
-            queue(i),
+            queues_of(i, args.consumers),
             stats.clone(),
             stop.clone(),
             latencies.clone(),
@@ -688,7 +748,7 @@ async fn main() -> Result<(), Error> {
         tasks.push(tokio::spawn(produce(
             uri.clone(),
             args.clone(),
-            queue(i),
+            queues_of(i, args.producers),
             stats.clone(),
             stop.clone(),
         )));
@@ -749,7 +809,7 @@ async fn main() -> Result<(), Error> {
     l.sort_unstable();
     let us = |ns: u64| ns / 1000;
     println!(
-        "{{\"published\":{},\"confirmed\":{},\"consumed\":{},\"seconds\":{:.2},\"publish_rate\":{:.0},\"consume_rate\":{:.0},\"idle_connections\":{},\"latency_us\":{{\"p50\":{},\"p95\":{},\"p99\":{},\"max\":{}}}}}",
+        "{{\"published\":{},\"confirmed\":{},\"consumed\":{},\"seconds\":{:.2},\"publish_rate\":{:.0},\"consume_rate\":{:.0},\"idle_connections\":{},\"latency_us\":{{\"p50\":{},\"p95\":{},\"p99\":{},\"p999\":{},\"max\":{}}}}}",
         stats.published.load(Ordering::Relaxed),
         stats.confirmed.load(Ordering::Relaxed),
         stats.consumed.load(Ordering::Relaxed),
@@ -760,6 +820,7 @@ async fn main() -> Result<(), Error> {
         us(percentile(&l, 0.5)),
         us(percentile(&l, 0.95)),
         us(percentile(&l, 0.99)),
+        us(percentile(&l, 0.999)),
         us(l.last().copied().unwrap_or(0)),
     );
     Ok(())

@@ -27,7 +27,7 @@ use amqp_codec::methods::*;
 use amqp_codec::{Command, CommandAssembler, Method, ShortStr};
 use queue_store::Effects;
 
-use crate::auth::{Access, Resource};
+use crate::auth::{Access, AuthzCache, Resource};
 use crate::error::AmqpError;
 use crate::node::Node;
 use crate::queue::QueueHandle;
@@ -94,6 +94,8 @@ pub struct Channel {
     /// The queue this channel declared last (empty: none yet), which an
     /// empty queue name stands for.
     last_queue: ShortStr,
+    /// Operations this channel was allowed (see [`AuthzCache`]).
+    authz: parking_lot::Mutex<AuthzCache>,
 }
 
 /// A server-chosen name: `prefix` and 22 random characters (128 bits,
@@ -125,6 +127,7 @@ impl Channel {
             reply_consumer: None,
             dispatch_turn: AtomicUsize::new(0),
             last_queue: ShortStr::default(),
+            authz: parking_lot::Mutex::new(AuthzCache::default()),
         }
     }
 
@@ -217,7 +220,8 @@ impl Channel {
         } else {
             name
         };
-        node.auth.check(
+        node.auth.check_cached(
+            &mut self.authz.lock(),
             &self.shared.connection.user,
             vhost.name(),
             resource,
@@ -275,13 +279,25 @@ impl Channel {
         vhost.settle(unacked, Settle::Requeue);
     }
 
-    /// Handles one complete command.
+    /// Handles one complete command, waiting if its handler waits.
     pub async fn handle(
         &mut self,
         node: &Arc<Node>,
         vhost: &Arc<Vhost>,
         cmd: Command,
     ) -> Result<ChannelOutcome, AmqpError> {
+        match self.handle_now(node, vhost, cmd) {
+            Handled::Done(outcome) => outcome,
+            Handled::Waits(cmd) => Box::pin(self.handle_waiting(node, vhost, cmd)).await,
+        }
+    }
+
+    /// Handles one complete command if its handler does not wait (publish,
+    /// ack, qos, ...: every frame's path, so no future is made for it: a
+    /// future per command, copied as it was made, was the largest single
+    /// cost of S1). A command whose handler waits comes back as
+    /// [`Handled::Waits`], for [`handle_waiting`](Self::handle_waiting).
+    pub fn handle_now(&mut self, node: &Arc<Node>, vhost: &Arc<Vhost>, cmd: Command) -> Handled {
         let (class_id, method_id) = (cmd.method.class_id(), cmd.method.method_id());
         if self.state == State::Closing {
             // The broker sent channel.close. A client channel.close that
@@ -289,7 +305,7 @@ impl Channel {
             // client's close-ok for ours arrives (as RabbitMQ's reader does),
             // so that close-ok is not mistaken for a stray one (504).
             // Everything else is dropped.
-            return Ok(match cmd.method {
+            return Handled::Done(Ok(match cmd.method {
                 Method::ChannelCloseOk(_) => ChannelOutcome::Closed,
                 Method::ChannelClose(_) => {
                     self.shared
@@ -299,27 +315,39 @@ impl Channel {
                 // Reopening before the close-ok: the channel is still open
                 // as far as the broker knows (RabbitMQ's 504).
                 Method::ChannelOpen(_) => {
-                    return Err(AmqpError::channel_error("second 'channel.open' seen")
-                        .on(ChannelOpen::CLASS_ID, ChannelOpen::METHOD_ID));
+                    return Handled::Done(Err(AmqpError::channel_error(
+                        "second 'channel.open' seen",
+                    )
+                    .on(ChannelOpen::CLASS_ID, ChannelOpen::METHOD_ID)));
                 }
                 _ => ChannelOutcome::Open,
-            });
+            }));
         }
-        self.dispatch(node, vhost, cmd).await.map_err(|e| {
-            if e.class_id == 0 {
-                e.on(class_id, method_id)
-            } else {
-                e
-            }
-        })
+        if waits(&cmd.method) {
+            return Handled::Waits(cmd);
+        }
+        Handled::Done(
+            self.dispatch_now(node, vhost, cmd)
+                .map_err(|e| on_method(e, class_id, method_id)),
+        )
     }
 
-    /// One method, to its handler (`handle_<class>_<method>`, in the file
-    /// of its class). The handlers that wait (declares, binds, deletes,
-    /// consume, get, commit: rare, and some wait on other nodes) are boxed,
-    /// so that this future, made for every publish and ack, stays small: a
-    /// large one cost S1 about 5% in copies.
-    async fn dispatch(
+    /// Handles a command that [`handle_now`](Self::handle_now) gave back.
+    pub async fn handle_waiting(
+        &mut self,
+        node: &Arc<Node>,
+        vhost: &Arc<Vhost>,
+        cmd: Command,
+    ) -> Result<ChannelOutcome, AmqpError> {
+        let (class_id, method_id) = (cmd.method.class_id(), cmd.method.method_id());
+        self.dispatch_waiting(node, vhost, cmd)
+            .await
+            .map_err(|e| on_method(e, class_id, method_id))
+    }
+
+    /// One method whose handler does not wait, to its handler
+    /// (`handle_<class>_<method>`, in the file of its class).
+    fn dispatch_now(
         &mut self,
         node: &Arc<Node>,
         vhost: &Arc<Vhost>,
@@ -343,26 +371,9 @@ impl Channel {
             Method::AccessRequest(_) => self
                 .shared
                 .write_method(&Method::AccessRequestOk(AccessRequestOk { ticket: 1 })),
-            Method::ExchangeDeclare(m) => {
-                Box::pin(self.handle_exchange_declare(node, vhost, m)).await?
-            }
-            Method::ExchangeDelete(m) => {
-                Box::pin(self.handle_exchange_delete(node, vhost, m)).await?
-            }
-            Method::ExchangeBind(m) => Box::pin(self.handle_exchange_bind(node, vhost, m)).await?,
-            Method::ExchangeUnbind(m) => {
-                Box::pin(self.handle_exchange_unbind(node, vhost, m)).await?
-            }
-            Method::QueueDeclare(m) => Box::pin(self.handle_queue_declare(node, vhost, m)).await?,
-            Method::QueueBind(m) => Box::pin(self.handle_queue_bind(node, vhost, m)).await?,
-            Method::QueueUnbind(m) => Box::pin(self.handle_queue_unbind(node, vhost, m)).await?,
-            Method::QueuePurge(m) => Box::pin(self.handle_queue_purge(node, vhost, m)).await?,
-            Method::QueueDelete(m) => Box::pin(self.handle_queue_delete(node, vhost, m)).await?,
             Method::BasicQos(m) => self.handle_basic_qos(node, vhost, m)?,
-            Method::BasicConsume(m) => Box::pin(self.handle_basic_consume(node, vhost, m)).await?,
             Method::BasicCancel(m) => self.handle_basic_cancel(node, vhost, m),
             Method::BasicPublish(m) => self.handle_basic_publish(node, vhost, m, content)?,
-            Method::BasicGet(m) => Box::pin(self.handle_basic_get(node, vhost, m)).await?,
             Method::BasicAck(m) => self.handle_basic_ack(node, vhost, m)?,
             Method::BasicNack(m) => self.handle_basic_nack(node, vhost, m)?,
             Method::BasicReject(m) => self.handle_basic_reject(node, vhost, m)?,
@@ -370,11 +381,44 @@ impl Channel {
             Method::BasicRecoverAsync(m) => self.handle_basic_recover_async(node, vhost, m)?,
             Method::ConfirmSelect(m) => self.handle_confirm_select(m)?,
             Method::TxSelect(_) => self.handle_tx_select()?,
-            Method::TxCommit(_) => Box::pin(self.handle_tx_commit(node, vhost)).await?,
             Method::TxRollback(_) => self.handle_tx_rollback()?,
             other => {
                 return Err(AmqpError::command_invalid(format!(
                     "unexpected method {} on a channel",
+                    other.name()
+                )));
+            }
+        }
+        Ok(ChannelOutcome::Open)
+    }
+
+    /// One method whose handler waits (declares, binds, deletes, consume,
+    /// get, commit: rare, and some wait on other nodes), to its handler.
+    async fn dispatch_waiting(
+        &mut self,
+        node: &Arc<Node>,
+        vhost: &Arc<Vhost>,
+        cmd: Command,
+    ) -> Result<ChannelOutcome, AmqpError> {
+        let mut method = cmd.method;
+        self.resolve_names(&mut method)?;
+        match method {
+            Method::ExchangeDeclare(m) => self.handle_exchange_declare(node, vhost, m).await?,
+            Method::ExchangeDelete(m) => self.handle_exchange_delete(node, vhost, m).await?,
+            Method::ExchangeBind(m) => self.handle_exchange_bind(node, vhost, m).await?,
+            Method::ExchangeUnbind(m) => self.handle_exchange_unbind(node, vhost, m).await?,
+            Method::QueueDeclare(m) => Box::pin(self.handle_queue_declare(node, vhost, m)).await?,
+            Method::QueueBind(m) => self.handle_queue_bind(node, vhost, m).await?,
+            Method::QueueUnbind(m) => self.handle_queue_unbind(node, vhost, m).await?,
+            Method::QueuePurge(m) => self.handle_queue_purge(node, vhost, m).await?,
+            Method::QueueDelete(m) => self.handle_queue_delete(node, vhost, m).await?,
+            Method::BasicConsume(m) => Box::pin(self.handle_basic_consume(node, vhost, m)).await?,
+            Method::BasicGet(m) => self.handle_basic_get(node, vhost, m).await?,
+            Method::TxCommit(_) => Box::pin(self.handle_tx_commit(node, vhost)).await?,
+            // (`waits` and these arms list the same methods.)
+            other => {
+                return Err(AmqpError::internal(format!(
+                    "{} is not a waiting method",
                     other.name()
                 )));
             }
@@ -403,6 +447,44 @@ impl Channel {
         self.shared
             .write_method(&Method::ChannelFlowOk(ChannelFlowOk { active: true }));
         Ok(())
+    }
+}
+
+/// What [`Channel::handle_now`] came to.
+#[derive(Debug)]
+pub enum Handled {
+    /// Handled (or refused) without waiting.
+    Done(Result<ChannelOutcome, AmqpError>),
+    /// The command's handler waits: [`Channel::handle_waiting`] takes it.
+    Waits(Command),
+}
+
+/// Whether a method's handler waits (for a commit, another node or the
+/// store): [`Channel::dispatch_waiting`]'s methods.
+fn waits(method: &Method) -> bool {
+    matches!(
+        method,
+        Method::ExchangeDeclare(_)
+            | Method::ExchangeDelete(_)
+            | Method::ExchangeBind(_)
+            | Method::ExchangeUnbind(_)
+            | Method::QueueDeclare(_)
+            | Method::QueueBind(_)
+            | Method::QueueUnbind(_)
+            | Method::QueuePurge(_)
+            | Method::QueueDelete(_)
+            | Method::BasicConsume(_)
+            | Method::BasicGet(_)
+            | Method::TxCommit(_)
+    )
+}
+
+/// An error that names no method names the one it answers.
+fn on_method(e: AmqpError, class_id: u16, method_id: u16) -> AmqpError {
+    if e.class_id == 0 {
+        e.on(class_id, method_id)
+    } else {
+        e
     }
 }
 
