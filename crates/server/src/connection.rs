@@ -239,8 +239,8 @@ async fn serve_io(
                 broker: broker.clone(),
                 vhost,
                 shared: shared.clone(),
-                channels: HashMap::new(),
-                waiting: HashMap::new(),
+                channels: rustc_hash::FxHashMap::default(),
+                waiting: rustc_hash::FxHashMap::default(),
                 in_flight: FuturesUnordered::new(),
                 held: 0,
                 heartbeat,
@@ -609,10 +609,10 @@ struct Connection {
     broker: Arc<Broker>,
     vhost: Arc<Vhost>,
     shared: Arc<ConnectionShared>,
-    channels: HashMap<u16, Channel>,
+    channels: rustc_hash::FxHashMap<u16, Channel>,
     /// Channels out of `channels` while a command waits for its commit, with
     /// the frames that arrived for them since, in order.
-    waiting: HashMap<u16, VecDeque<Frame>>,
+    waiting: rustc_hash::FxHashMap<u16, VecDeque<Frame>>,
     /// The waits in flight (polled by the read loop).
     in_flight: FuturesUnordered<ChannelWait>,
     /// Octets held in `waiting`.
@@ -819,7 +819,9 @@ impl Connection {
                 // Read-complete: with nothing more from this peer for now,
                 // the batch's frames go out at once; with more coming, the
                 // writers take them (see `Cork::more_coming`).
-                cork.more_coming(self.shared.outbox.peer_has_sent());
+                if cork.gathered() {
+                    cork.more_coming(self.shared.outbox.peer_has_sent());
+                }
                 processed
             };
             match processed {

@@ -342,6 +342,12 @@ impl Cork {
         self.more_coming = more;
     }
 
+    /// Whether any outbox waits for this cork (then it matters whether
+    /// more is coming; otherwise the peek can be saved).
+    pub fn gathered(&self) -> bool {
+        CORKED.with(|c| c.borrow().as_ref().is_some_and(|list| !list.is_empty()))
+    }
+
     /// Takes `outbox` into this thread's cork; `false` if none is held.
     fn add(outbox: &Arc<Outbox>) -> bool {
         CORKED.with(|c| match c.borrow_mut().as_mut() {
@@ -416,6 +422,7 @@ mod tests {
             drop(inner);
             // Nothing written yet, not even the first (the connection was idle).
             assert_eq!(outbox.pending.lock().buf.len(), 12);
+            assert!(cork.gathered());
             cork.more_coming(Some(false));
         }
         // No writer task runs: the bytes can only arrive if the cork wrote them.

@@ -97,7 +97,8 @@ pub struct Vhost {
     /// Exchanges and bindings.
     pub router: RwLock<Router>,
     queues: DashMap<ShortStr, Arc<QueueHandle>>,
-    by_id: DashMap<u64, Arc<QueueHandle>>,
+    /// (FxHash: looked up for every routed message; ids are ours, not a peer's.)
+    by_id: DashMap<u64, Arc<QueueHandle>, rustc_hash::FxBuildHasher>,
     /// Queues that live on other nodes of the cluster, by name; the router
     /// knows them by their ids.
     remote: DashMap<ShortStr, crate::peers::RemoteQueue>,
@@ -146,7 +147,7 @@ impl Vhost {
             router: RwLock::new(Router::new(name.clone())),
             name,
             queues: DashMap::new(),
-            by_id: DashMap::new(),
+            by_id: DashMap::default(),
             remote: DashMap::new(),
             remote_ids: DashMap::new(),
             closed: tokio_util::sync::CancellationToken::new(),
