@@ -449,7 +449,13 @@ impl QueueHandle {
             return false;
         }
         let (loaded, failed) = load_all_off_worker(wanted, store).await;
+        // A backlog coming back from disk: its deliveries gather for the
+        // consumers' writers (one write per batch, not one per delivery;
+        // see `outbox.rs`).
+        let mut cork = crate::outbox::Cork::new();
+        cork.more_coming(Some(true));
         self.kind.page_in(self, loaded, failed, fx);
+        drop(cork);
         true
     }
 
@@ -462,7 +468,13 @@ impl QueueHandle {
             return false;
         };
         match tokio::task::spawn_blocking(move || io.run()).await {
-            Ok(done) => self.kind.spill_io_done(self, done, fx),
+            Ok(done) => {
+                // (As `page_in`: a backlog's deliveries, for the writers.)
+                let mut cork = crate::outbox::Cork::new();
+                cork.more_coming(Some(true));
+                self.kind.spill_io_done(self, done, fx);
+                drop(cork);
+            }
             Err(e) => tracing::error!(queue = %self.name, error = %e, "spill I/O did not finish"),
         }
         true
