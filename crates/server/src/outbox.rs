@@ -332,6 +332,14 @@ impl Cork {
         }
     }
 
+    /// A cork whose batch is one of many (a backlog coming back from
+    /// disk): what it gathers is left to the writers.
+    pub fn for_writers() -> Cork {
+        let mut cork = Cork::new();
+        cork.more_coming(Some(true));
+        cork
+    }
+
     /// Tells the cork whether more is coming from the peer whose frames
     /// made this batch (`None`: unknown). Nothing more: what gathered is
     /// written when the cork drops (the batch was the last for now, and a
@@ -439,9 +447,8 @@ mod tests {
         let (_r, w) = client.into_split();
         let outbox = Arc::new(Outbox::tcp(w));
         {
-            let mut cork = Cork::new();
+            let _cork = Cork::for_writers();
             outbox.write(|b| b.put_slice(b"abc"));
-            cork.more_coming(Some(true));
         }
         // Handed to the writer, which has not run yet.
         assert_eq!(outbox.pending.lock().buf.len(), 3);

@@ -452,8 +452,7 @@ impl QueueHandle {
         // A backlog coming back from disk: its deliveries gather for the
         // consumers' writers (one write per batch, not one per delivery;
         // see `outbox.rs`).
-        let mut cork = crate::outbox::Cork::new();
-        cork.more_coming(Some(true));
+        let cork = crate::outbox::Cork::for_writers();
         self.kind.page_in(self, loaded, failed, fx);
         drop(cork);
         true
@@ -470,8 +469,7 @@ impl QueueHandle {
         match tokio::task::spawn_blocking(move || io.run()).await {
             Ok(done) => {
                 // (As `page_in`: a backlog's deliveries, for the writers.)
-                let mut cork = crate::outbox::Cork::new();
-                cork.more_coming(Some(true));
+                let cork = crate::outbox::Cork::for_writers();
                 self.kind.spill_io_done(self, done, fx);
                 drop(cork);
             }
