@@ -18,172 +18,353 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 use serde::Deserialize;
 use server::alarm::{Amount, parse_amount};
 
+#[cfg(test)]
+mod configuration_reference;
 mod rabbitmq_conf;
 
 /// Warren, an AMQP 0-9-1 message broker.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "warren", version, about)]
+#[command(name = "warren", version)]
 struct Args {
     /// Config file with any of the settings below (flags and env win): TOML,
     /// or RabbitMQ's `rabbitmq.conf` format if its name ends in `.conf`.
-    #[arg(long, env = "WARREN_CONFIG")]
+    #[arg(
+        long,
+        value_name = "FILE",
+        help_heading = "General",
+        env = "WARREN_CONFIG"
+    )]
     config: Option<PathBuf>,
     /// Data directory (sled database and message log) [default: data].
-    #[arg(long, env = "WARREN_DATA_DIR")]
+    #[arg(
+        long,
+        value_name = "DIR",
+        help_heading = "General",
+        env = "WARREN_DATA_DIR"
+    )]
     data_dir: Option<PathBuf>,
+    /// Definitions file (RabbitMQ's JSON format) to import at boot.
+    #[arg(
+        long,
+        value_name = "FILE",
+        help_heading = "General",
+        env = "WARREN_LOAD_DEFINITIONS"
+    )]
+    load_definitions: Option<PathBuf>,
+    /// Log level: error, warn, info, debug, trace or off (WARREN_LOG, a
+    /// tracing filter, wins) [default: info].
+    #[arg(
+        long,
+        value_name = "LEVEL",
+        help_heading = "General",
+        env = "WARREN_LOG_LEVEL"
+    )]
+    log_level: Option<String>,
+    /// Log as JSON lines instead of human-readable text.
+    #[arg(long, help_heading = "General", env = "WARREN_LOG_JSON", value_parser = clap::builder::BoolishValueParser::new())]
+    log_json: bool,
+    /// Repair a damaged data directory instead of starting: damaged parts
+    /// are moved to `<data dir>/quarantine/` and the messages they cost are
+    /// listed. Run it with the broker stopped, then start as usual.
+    #[arg(long, help_heading = "General")]
+    repair_store: bool,
     /// Address to listen on for AMQP, TLS, management and Prometheus
     /// [default: `::`, IPv6 and IPv4 (dual-stack)].
-    #[arg(long, env = "WARREN_BIND")]
+    #[arg(
+        long,
+        value_name = "ADDRESS",
+        help_heading = "AMQP listeners",
+        env = "WARREN_BIND"
+    )]
     bind: Option<IpAddr>,
     /// AMQP port [default: 5672].
-    #[arg(long, env = "WARREN_PORT")]
+    #[arg(
+        long,
+        value_name = "PORT",
+        help_heading = "AMQP listeners",
+        env = "WARREN_PORT"
+    )]
     port: Option<u16>,
-    /// Largest message body accepted, in octets [default: 134217728].
-    #[arg(long, env = "WARREN_MAX_MESSAGE_SIZE")]
-    max_message_size: Option<u64>,
+    /// Do not run the plain (non-TLS) AMQP listener.
+    #[arg(long, help_heading = "AMQP listeners", env = "WARREN_NO_PLAIN_LISTENER", value_parser = clap::builder::BoolishValueParser::new())]
+    no_plain_listener: bool,
+    /// AMQPS port; the TLS listener runs when a certificate and key are given [default: 5671].
+    #[arg(
+        long,
+        value_name = "PORT",
+        help_heading = "AMQP listeners",
+        env = "WARREN_TLS_PORT"
+    )]
+    tls_port: Option<u16>,
+    /// Server certificate chain (PEM) for AMQPS.
+    #[arg(
+        long,
+        value_name = "FILE",
+        help_heading = "AMQP listeners",
+        env = "WARREN_TLS_CERT"
+    )]
+    tls_cert: Option<PathBuf>,
+    /// Server private key (PEM) for AMQPS.
+    #[arg(
+        long,
+        value_name = "FILE",
+        help_heading = "AMQP listeners",
+        env = "WARREN_TLS_KEY"
+    )]
+    tls_key: Option<PathBuf>,
+    /// CA certificates (PEM) that client certificates are verified against.
+    #[arg(
+        long,
+        value_name = "FILE",
+        help_heading = "AMQP listeners",
+        env = "WARREN_TLS_CA"
+    )]
+    tls_ca: Option<PathBuf>,
+    /// Verify client certificates (enables SASL EXTERNAL).
+    #[arg(long, help_heading = "AMQP listeners", env = "WARREN_TLS_VERIFY_PEER", value_parser = clap::builder::BoolishValueParser::new())]
+    tls_verify_peer: bool,
+    /// Refuse TLS clients without a certificate.
+    #[arg(long, help_heading = "AMQP listeners", env = "WARREN_TLS_FAIL_IF_NO_PEER_CERT", value_parser = clap::builder::BoolishValueParser::new())]
+    tls_fail_if_no_peer_cert: bool,
     /// Heartbeat interval offered to clients, in seconds; 0 disables [default: 60].
-    #[arg(long, env = "WARREN_HEARTBEAT")]
+    #[arg(
+        value_name = "SECONDS",
+        help_heading = "Connections, channels and messages",
+        long,
+        env = "WARREN_HEARTBEAT"
+    )]
     heartbeat: Option<u16>,
-    /// Default user, created on first boot [default: guest].
-    #[arg(long, env = "WARREN_DEFAULT_USER")]
-    default_user: Option<String>,
-    /// Default user's password [default: guest].
-    #[arg(long, env = "WARREN_DEFAULT_PASS")]
-    default_pass: Option<String>,
+    /// Largest channel number a client may open [default: 2047].
+    #[arg(
+        value_name = "NUMBER",
+        help_heading = "Connections, channels and messages",
+        long,
+        env = "WARREN_CHANNEL_MAX"
+    )]
+    channel_max: Option<u16>,
+    /// Largest frame the broker accepts and offers, octets [default: 131072].
+    #[arg(
+        value_name = "OCTETS",
+        help_heading = "Connections, channels and messages",
+        long,
+        env = "WARREN_FRAME_MAX"
+    )]
+    frame_max: Option<u32>,
+    /// Largest message body accepted, in octets [default: 134217728].
+    #[arg(
+        value_name = "OCTETS",
+        help_heading = "Connections, channels and messages",
+        long,
+        env = "WARREN_MAX_MESSAGE_SIZE"
+    )]
+    max_message_size: Option<u64>,
+    /// Most client connections at once; 0 = no limit [default: 0].
+    #[arg(
+        value_name = "NUMBER",
+        help_heading = "Connections, channels and messages",
+        long,
+        env = "WARREN_MAX_CONNECTIONS"
+    )]
+    max_connections: Option<usize>,
+    /// Most consumers per channel; 0 = no limit [default: 0].
+    #[arg(
+        value_name = "NUMBER",
+        help_heading = "Connections, channels and messages",
+        long,
+        env = "WARREN_MAX_CONSUMERS_PER_CHANNEL"
+    )]
+    max_consumers_per_channel: Option<usize>,
     /// Consumer (delivery acknowledgement) timeout in ms [default: 1800000].
-    #[arg(long, env = "WARREN_CONSUMER_TIMEOUT")]
+    #[arg(
+        value_name = "MILLISECONDS",
+        help_heading = "Connections, channels and messages",
+        long,
+        env = "WARREN_CONSUMER_TIMEOUT"
+    )]
     consumer_timeout: Option<u64>,
     /// On a consumer timeout, cancel only that consumer (and requeue its
     /// messages) instead of closing the channel.
-    #[arg(long, env = "WARREN_CONSUMER_TIMEOUT_CANCELS_CONSUMER", value_parser = clap::builder::BoolishValueParser::new())]
+    #[arg(long, help_heading = "Connections, channels and messages", env = "WARREN_CONSUMER_TIMEOUT_CANCELS_CONSUMER", value_parser = clap::builder::BoolishValueParser::new())]
     consumer_timeout_cancels_consumer: bool,
+    /// Default user, created on first boot [default: guest].
+    #[arg(
+        long,
+        value_name = "USER",
+        help_heading = "Users",
+        env = "WARREN_DEFAULT_USER"
+    )]
+    default_user: Option<String>,
+    /// Default user's password [default: guest].
+    #[arg(
+        long,
+        value_name = "PASSWORD",
+        help_heading = "Users",
+        env = "WARREN_DEFAULT_PASS"
+    )]
+    default_pass: Option<String>,
+    /// Users who may log in from loopback only (RabbitMQ's `loopback_users`;
+    /// `none` lets guest in from anywhere) [default: guest].
+    #[arg(
+        value_name = "USERS",
+        help_heading = "Users",
+        long,
+        env = "WARREN_LOOPBACK_USERS",
+        value_delimiter = ','
+    )]
+    loopback_users: Option<Vec<String>>,
     /// Memory high watermark: a fraction of RAM (`0.4`) or an amount
     /// (`2GB`, `512MiB`, `1073741824`), as RabbitMQ's
     /// `vm_memory_high_watermark` [default: 0.4].
-    #[arg(long, env = "WARREN_MEMORY_HIGH_WATERMARK", value_parser = parse_amount)]
+    #[arg(long, value_name = "AMOUNT", help_heading = "Alarms and flow control", env = "WARREN_MEMORY_HIGH_WATERMARK", value_parser = parse_amount)]
     memory_high_watermark: Option<Amount>,
     /// Free disk space limit: an amount (`50MB`, `1GiB`, octets) or a
     /// multiple of RAM (`1.5`), as RabbitMQ's `disk_free_limit`
     /// [default: 50MB].
-    #[arg(long, env = "WARREN_DISK_FREE_LIMIT", value_parser = parse_amount)]
+    #[arg(long, value_name = "AMOUNT", help_heading = "Alarms and flow control", env = "WARREN_DISK_FREE_LIMIT", value_parser = parse_amount)]
     disk_free_limit: Option<Amount>,
     /// Memory one queue may hold (by the broker's accounting) before its
     /// publishers are paused, in octets; 0 = no per-queue limit [default: 0].
     /// Set it below the watermark to keep one queue's flood from blocking
     /// every publisher.
-    #[arg(long, env = "WARREN_QUEUE_FLOW_LIMIT")]
+    #[arg(
+        value_name = "OCTETS",
+        help_heading = "Alarms and flow control",
+        long,
+        env = "WARREN_QUEUE_FLOW_LIMIT"
+    )]
     queue_flow_limit: Option<u64>,
     /// Message octets waiting for the store's writer before publishers that
     /// write to disk are paused [default: 67108864].
-    #[arg(long, env = "WARREN_STORE_BACKLOG_LIMIT")]
+    #[arg(
+        value_name = "OCTETS",
+        help_heading = "Alarms and flow control",
+        long,
+        env = "WARREN_STORE_BACKLOG_LIMIT"
+    )]
     store_backlog_limit: Option<u64>,
-    /// Most client connections at once; 0 = no limit [default: 0].
-    #[arg(long, env = "WARREN_MAX_CONNECTIONS")]
-    max_connections: Option<usize>,
-    /// Most consumers per channel; 0 = no limit [default: 0].
-    #[arg(long, env = "WARREN_MAX_CONSUMERS_PER_CHANNEL")]
-    max_consumers_per_channel: Option<usize>,
-    /// AMQPS port; the TLS listener runs when a certificate and key are given [default: 5671].
-    #[arg(long, env = "WARREN_TLS_PORT")]
-    tls_port: Option<u16>,
-    /// Server certificate chain (PEM) for AMQPS.
-    #[arg(long, env = "WARREN_TLS_CERT")]
-    tls_cert: Option<PathBuf>,
-    /// Server private key (PEM) for AMQPS.
-    #[arg(long, env = "WARREN_TLS_KEY")]
-    tls_key: Option<PathBuf>,
-    /// CA certificates (PEM) that client certificates are verified against.
-    #[arg(long, env = "WARREN_TLS_CA")]
-    tls_ca: Option<PathBuf>,
-    /// Verify client certificates (enables SASL EXTERNAL).
-    #[arg(long, env = "WARREN_TLS_VERIFY_PEER", value_parser = clap::builder::BoolishValueParser::new())]
-    tls_verify_peer: bool,
-    /// Refuse TLS clients without a certificate.
-    #[arg(long, env = "WARREN_TLS_FAIL_IF_NO_PEER_CERT", value_parser = clap::builder::BoolishValueParser::new())]
-    tls_fail_if_no_peer_cert: bool,
-    /// Do not run the plain (non-TLS) AMQP listener.
-    #[arg(long, env = "WARREN_NO_PLAIN_LISTENER", value_parser = clap::builder::BoolishValueParser::new())]
-    no_plain_listener: bool,
     /// Management HTTP API port (0: any free port) [default: 15672].
-    #[arg(long, env = "WARREN_MANAGEMENT_PORT")]
+    #[arg(
+        value_name = "PORT",
+        help_heading = "Management API and Prometheus",
+        long,
+        env = "WARREN_MANAGEMENT_PORT"
+    )]
     management_port: Option<u16>,
-    /// Address the management HTTP API listens on [default: --bind's].
-    #[arg(long, env = "WARREN_MANAGEMENT_BIND")]
+    /// Address the management HTTP API listens on [default: as --bind].
+    #[arg(
+        value_name = "ADDRESS",
+        help_heading = "Management API and Prometheus",
+        long,
+        env = "WARREN_MANAGEMENT_BIND"
+    )]
     management_bind: Option<IpAddr>,
     /// Do not serve the management HTTP API.
-    #[arg(long, env = "WARREN_NO_MANAGEMENT", value_parser = clap::builder::BoolishValueParser::new())]
+    #[arg(long, help_heading = "Management API and Prometheus", env = "WARREN_NO_MANAGEMENT", value_parser = clap::builder::BoolishValueParser::new())]
     no_management: bool,
     /// Prometheus metrics port (0: any free port) [default: 15692].
-    #[arg(long, env = "WARREN_PROMETHEUS_PORT")]
+    #[arg(
+        value_name = "PORT",
+        help_heading = "Management API and Prometheus",
+        long,
+        env = "WARREN_PROMETHEUS_PORT"
+    )]
     prometheus_port: Option<u16>,
-    /// Address Prometheus metrics are served on [default: --bind's].
-    #[arg(long, env = "WARREN_PROMETHEUS_BIND")]
+    /// Address Prometheus metrics are served on [default: as --bind].
+    #[arg(
+        value_name = "ADDRESS",
+        help_heading = "Management API and Prometheus",
+        long,
+        env = "WARREN_PROMETHEUS_BIND"
+    )]
     prometheus_bind: Option<IpAddr>,
     /// Do not serve Prometheus metrics.
-    #[arg(long, env = "WARREN_NO_PROMETHEUS", value_parser = clap::builder::BoolishValueParser::new())]
+    #[arg(long, help_heading = "Management API and Prometheus", env = "WARREN_NO_PROMETHEUS", value_parser = clap::builder::BoolishValueParser::new())]
     no_prometheus: bool,
-    /// Definitions file (RabbitMQ's JSON format) to import at boot.
-    #[arg(long, env = "WARREN_LOAD_DEFINITIONS")]
-    load_definitions: Option<PathBuf>,
-    /// Users who may log in from loopback only (RabbitMQ's `loopback_users`;
-    /// `none` lets guest in from anywhere) [default: guest].
-    #[arg(long, env = "WARREN_LOOPBACK_USERS", value_delimiter = ',')]
-    loopback_users: Option<Vec<String>>,
-    /// Largest channel number a client may open [default: 2047].
-    #[arg(long, env = "WARREN_CHANNEL_MAX")]
-    channel_max: Option<u16>,
-    /// Largest frame the broker accepts and offers, octets [default: 131072].
-    #[arg(long, env = "WARREN_FRAME_MAX")]
-    frame_max: Option<u32>,
-    /// Log level: error, warn, info, debug, trace or off (WARREN_LOG, a
-    /// tracing filter, wins) [default: info].
-    #[arg(long, env = "WARREN_LOG_LEVEL")]
-    log_level: Option<String>,
-    /// Log as JSON lines instead of human-readable text.
-    #[arg(long, env = "WARREN_LOG_JSON", value_parser = clap::builder::BoolishValueParser::new())]
-    log_json: bool,
-    /// Repair a damaged data directory instead of starting: damaged parts
-    /// are moved to `<data dir>/quarantine/` and the messages they cost are
-    /// listed. Run it with the broker stopped, then start as usual.
-    #[arg(long)]
-    repair_store: bool,
     /// This node's name, `name@host`; `host` is where other nodes reach it
     /// (stored in the data directory on first start) [default: warren@<hostname>].
-    #[arg(long, env = "WARREN_NODE_NAME")]
+    #[arg(
+        long,
+        value_name = "NAME",
+        help_heading = "Cluster",
+        env = "WARREN_NODE_NAME"
+    )]
     node_name: Option<String>,
     /// The cluster's name [default: warren].
-    #[arg(long, env = "WARREN_CLUSTER_NAME")]
+    #[arg(
+        long,
+        value_name = "NAME",
+        help_heading = "Cluster",
+        env = "WARREN_CLUSTER_NAME"
+    )]
     cluster_name: Option<String>,
     /// Inter-node port (RabbitMQ's 25672) [default: 25672].
-    #[arg(long, env = "WARREN_CLUSTER_PORT")]
+    #[arg(
+        long,
+        value_name = "PORT",
+        help_heading = "Cluster",
+        env = "WARREN_CLUSTER_PORT"
+    )]
     cluster_port: Option<u16>,
     /// A seed node's cluster address, `host:port` (repeatable; RabbitMQ's
     /// `classic_config`). With any seed, the node runs as a cluster node.
-    #[arg(long = "peer", env = "WARREN_PEERS", value_delimiter = ',')]
+    #[arg(
+        value_name = "HOST:PORT",
+        help_heading = "Cluster",
+        long = "peer",
+        env = "WARREN_PEERS",
+        value_delimiter = ','
+    )]
     peers: Vec<String>,
     /// A DNS name whose every A/AAAA record is a seed node (repeatable:
     /// docker-compose services, Kubernetes headless services).
-    #[arg(long = "peer-dns", env = "WARREN_PEER_DNS", value_delimiter = ',')]
+    #[arg(
+        value_name = "NAME",
+        help_heading = "Cluster",
+        long = "peer-dns",
+        env = "WARREN_PEER_DNS",
+        value_delimiter = ','
+    )]
     peer_dns: Vec<String>,
     /// File holding the secret every node of the cluster shares (like
     /// RabbitMQ's Erlang cookie); required for a cluster node.
-    #[arg(long, env = "WARREN_CLUSTER_SECRET_FILE")]
+    #[arg(
+        long,
+        value_name = "FILE",
+        help_heading = "Cluster",
+        env = "WARREN_CLUSTER_SECRET_FILE"
+    )]
     cluster_secret_file: Option<PathBuf>,
     /// This node's certificate chain (PEM) for TLS between nodes; with
     /// --cluster-tls-key and --cluster-tls-ca every link is mutual TLS
     /// (RabbitMQ's inter-node TLS). Every node of the cluster must use it.
-    #[arg(long, env = "WARREN_CLUSTER_TLS_CERT")]
+    #[arg(
+        long,
+        value_name = "FILE",
+        help_heading = "Cluster",
+        env = "WARREN_CLUSTER_TLS_CERT"
+    )]
     cluster_tls_cert: Option<PathBuf>,
     /// This node's private key (PEM) for TLS between nodes.
-    #[arg(long, env = "WARREN_CLUSTER_TLS_KEY")]
+    #[arg(
+        long,
+        value_name = "FILE",
+        help_heading = "Cluster",
+        env = "WARREN_CLUSTER_TLS_KEY"
+    )]
     cluster_tls_key: Option<PathBuf>,
     /// The CA certificates (PEM) that sign every node's certificate.
-    #[arg(long, env = "WARREN_CLUSTER_TLS_CA")]
+    #[arg(
+        long,
+        value_name = "FILE",
+        help_heading = "Cluster",
+        env = "WARREN_CLUSTER_TLS_CA"
+    )]
     cluster_tls_ca: Option<PathBuf>,
 }
 
 /// The config file: the same settings as the flags, all optional.
 #[derive(Debug, Clone, Default, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     data_dir: Option<PathBuf>,
@@ -234,6 +415,7 @@ struct FileConfig {
 /// An amount in the config file: a number (octets, or with a decimal point
 /// a multiple of RAM) or a string in [`parse_amount`]'s forms.
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(untagged)]
 enum FileAmount {
     Octets(u64),

@@ -125,6 +125,9 @@ fn set(c: &mut FileConfig, key: &str, value: &str) -> Result<(), String> {
         "channel_max" => c.channel_max = Some(number(value)?),
         "frame_max" => c.frame_max = Some(number(value)?),
         "max_message_size" => c.max_message_size = Some(number(value)?),
+        // RabbitMQ's `infinity` is Warren's 0, no limit.
+        "connection_max" if value == "infinity" => c.max_connections = Some(0),
+        "connection_max" => c.max_connections = Some(number(value)?),
         // (RabbitMQ's consumer_timeout is in milliseconds, as Warren's.)
         "consumer_timeout" => c.consumer_timeout = Some(number(value)?),
         "log.console" => {
@@ -142,6 +145,13 @@ fn set(c: &mut FileConfig, key: &str, value: &str) -> Result<(), String> {
                 }
                 .to_owned(),
             );
+        }
+        "log.console.formatter" => {
+            c.log_json = Some(match value {
+                "json" => true,
+                "plaintext" => false,
+                other => return Err(format!("expected json or plaintext, got `{other}`")),
+            });
         }
         "log.file" if value == "false" => {}
         "load_definitions" => c.load_definitions = path(),
@@ -165,7 +175,11 @@ fn set(c: &mut FileConfig, key: &str, value: &str) -> Result<(), String> {
                 .get_or_insert_with(Vec::new)
                 .push(value.to_owned());
         }
-        _ => return Err("not a setting Warren has (see docs/configuration in the README)".into()),
+        _ => {
+            return Err(
+                "not a setting Warren has (docs/configuration.md lists those it has)".into(),
+            );
+        }
     }
     Ok(())
 }
