@@ -27,8 +27,8 @@ die() { echo "browser: $*" >&2; exit 1; }
 if [[ -n "${WARREN_BIN:-}" ]]; then
     BIN=$WARREN_BIN
 else
-    say "cargo build --release -p warren"
-    (cd "$ROOT" && cargo build --release -p warren)
+    say "cargo build --release (warren and warrenctl, the build cargo run --release uses)"
+    (cd "$ROOT" && cargo build --release)
     BIN=$TARGET/release/warren
 fi
 [[ -x "$BIN" ]] || die "broker binary $BIN is missing or not executable"

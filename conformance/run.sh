@@ -10,7 +10,7 @@
 # throwaway PKI made by make_pki.sh, verifying client certificates (tls_*).
 #
 # Environment:
-#   WARREN_BIN          use this broker binary and skip `cargo build --release -p warren`
+#   WARREN_BIN          use this broker binary and skip `cargo build --release`
 #   WARREN_AMQP_PORT    do not start brokers; run the scenarios against 127.0.0.1:PORT
 #                       (e.g. a RabbitMQ node, to check the suite itself; no shutdown check)
 #   WARREN_ALARM_AMQP_PORT, WARREN_TIMEOUT_AMQP_PORT
@@ -49,8 +49,8 @@ if [[ -z "${WARREN_AMQP_PORT:-}" ]]; then
         BIN=$WARREN_BIN
         say "using WARREN_BIN=$BIN (no build)"
     else
-        say "cargo build --release -p warren"
-        (cd "$ROOT" && cargo build --release -p warren)
+        say "cargo build --release (warren and warrenctl, the build cargo run --release uses)"
+        (cd "$ROOT" && cargo build --release)
         BIN=$TARGET/release/warren
     fi
     [[ -x "$BIN" ]] || die "broker binary $BIN is missing or not executable"

@@ -25,8 +25,8 @@ die() { echo "cluster.sh: $*" >&2; exit 1; }
 
 build() {
     if [[ -z "${WARREN_BIN:-}" && ( ! -x "$BIN" || ! -x "$CTL" ) ]]; then
-        say "cargo build --release -p warren -p warrenctl"
-        (cd "$ROOT" && cargo build --release -p warren -p warrenctl)
+        say "cargo build --release"
+        (cd "$ROOT" && cargo build --release)
     fi
     [[ -x "$BIN" ]] || die "broker binary $BIN is missing"
 }
