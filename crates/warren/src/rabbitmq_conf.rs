@@ -54,6 +54,22 @@ fn listener(value: &str) -> Result<(Option<IpAddr>, u16), String> {
     Ok((Some(addr.ip()), addr.port()))
 }
 
+/// A listener's address, if it names one: Warren's AMQP and AMQPS
+/// listeners share one address (`bind`), so two different ones are an error
+/// rather than one of them silently ignored.
+fn listen_on(c: &mut FileConfig, ip: Option<IpAddr>) -> Result<(), String> {
+    match (ip, c.bind) {
+        (Some(ip), Some(bind)) if ip != bind => Err(format!(
+            "Warren's AMQP and AMQPS listeners share one address: {bind} and {ip} differ"
+        )),
+        (Some(ip), _) => {
+            c.bind = Some(ip);
+            Ok(())
+        }
+        (None, _) => Ok(()),
+    }
+}
+
 /// A RabbitMQ node name `name@host` as a seed's cluster address.
 fn seed(node: &str) -> String {
     let host = node.split_once('@').map_or(node, |(_, h)| h);
@@ -72,9 +88,7 @@ fn set(c: &mut FileConfig, key: &str, value: &str) -> Result<(), String> {
             }
             let (ip, port) = listener(value)?;
             c.port = Some(port);
-            if ip.is_some() {
-                c.bind = ip;
-            }
+            listen_on(c, ip)?;
         }
         k if k.starts_with("listeners.ssl.") => {
             if c.tls_port.is_some() {
@@ -82,7 +96,9 @@ fn set(c: &mut FileConfig, key: &str, value: &str) -> Result<(), String> {
                     "Warren listens on one AMQPS address: give one listeners.ssl key".into(),
                 );
             }
-            c.tls_port = Some(listener(value)?.1);
+            let (ip, port) = listener(value)?;
+            c.tls_port = Some(port);
+            listen_on(c, ip)?;
         }
         "ssl_options.cacertfile" => c.tls_ca = path(),
         "ssl_options.certfile" => c.tls_cert = path(),
@@ -130,8 +146,11 @@ fn set(c: &mut FileConfig, key: &str, value: &str) -> Result<(), String> {
         "connection_max" => c.max_connections = Some(number(value)?),
         // (RabbitMQ's consumer_timeout is in milliseconds, as Warren's.)
         "consumer_timeout" => c.consumer_timeout = Some(number(value)?),
+        // Warren always logs to standard output: `false` cannot be honoured.
         "log.console" => {
-            boolean(value)?;
+            if !boolean(value)? {
+                return Err("Warren logs to standard output only: it cannot be turned off".into());
+            }
         }
         "log.console.level" => {
             c.log_level = Some(
@@ -265,6 +284,13 @@ mod tests {
         assert!(e.contains("expected `key = value`"), "{e}");
         let e = parse("listeners.tcp.1 = 5672\nlisteners.tcp.2 = 5673\n").unwrap_err();
         assert!(e.contains("one AMQP address"), "{e}");
+        let e = parse(
+            "listeners.tcp.default = 127.0.0.1:5672\nlisteners.ssl.default = 10.0.0.1:5671\n",
+        )
+        .unwrap_err();
+        assert!(e.contains("share one address"), "{e}");
+        let e = parse("log.console = false\n").unwrap_err();
+        assert!(e.contains("standard output only"), "{e}");
     }
 
     #[test]
@@ -273,6 +299,14 @@ mod tests {
         assert_eq!(
             (c.bind, c.port),
             (Some("127.0.0.1".parse().unwrap()), Some(5672))
+        );
+        let c = parse(
+            "listeners.ssl.default = 127.0.0.1:5671\nlisteners.tcp.default = 127.0.0.1:5672\n",
+        )
+        .unwrap();
+        assert_eq!(
+            (c.bind, c.tls_port),
+            (Some("127.0.0.1".parse().unwrap()), Some(5671))
         );
         let c = parse("listeners.tcp.default = [::1]:5672\nloopback_users = none\n").unwrap();
         assert_eq!(c.bind, Some("::1".parse().unwrap()));
