@@ -592,22 +592,47 @@ fn config(args: Args, file: FileConfig) -> Result<server::Config, String> {
         .or(from_file(&file.disk_free_limit, "disk_free_limit")?)
         .map_or(d.disk_free_limit, Amount::octets);
     let bind_ip = args.bind.or(file.bind).unwrap_or(d.bind.ip());
+    let tls_port = args.tls_port.or(file.tls_port);
+    let tls_ca = args.tls_ca.or(file.tls_ca);
+    let verify_peer = args.tls_verify_peer || file.tls_verify_peer.unwrap_or(false);
+    let fail_if_no_peer_cert =
+        args.tls_fail_if_no_peer_cert || file.tls_fail_if_no_peer_cert.unwrap_or(false);
+    // A TLS setting that cannot take effect is an error, not a listener
+    // that silently is not there or a client check that silently is not made.
     let tls = match (
         args.tls_cert.or(file.tls_cert),
         args.tls_key.or(file.tls_key),
     ) {
-        (Some(cert), Some(key)) => Some((
-            SocketAddr::new(bind_ip, args.tls_port.or(file.tls_port).unwrap_or(5671)),
-            server::tls::TlsSettings {
-                cert,
-                key,
-                ca: args.tls_ca.or(file.tls_ca),
-                verify_peer: args.tls_verify_peer || file.tls_verify_peer.unwrap_or(false),
-                fail_if_no_peer_cert: args.tls_fail_if_no_peer_cert
-                    || file.tls_fail_if_no_peer_cert.unwrap_or(false),
-            },
-        )),
-        _ => None,
+        (Some(cert), Some(key)) => {
+            if (verify_peer || fail_if_no_peer_cert) && tls_ca.is_none() {
+                return Err(
+                    "tls_verify_peer and tls_fail_if_no_peer_cert need tls_ca (the CA that client certificates are verified against)"
+                        .into(),
+                );
+            }
+            Some((
+                SocketAddr::new(bind_ip, tls_port.unwrap_or(5671)),
+                server::tls::TlsSettings {
+                    cert,
+                    key,
+                    ca: tls_ca,
+                    verify_peer,
+                    fail_if_no_peer_cert,
+                },
+            ))
+        }
+        (Some(_), None) | (None, Some(_)) => {
+            return Err("AMQPS needs both tls_cert and tls_key".into());
+        }
+        (None, None) => {
+            if tls_port.is_some() || tls_ca.is_some() || verify_peer || fail_if_no_peer_cert {
+                return Err(
+                    "TLS settings given without tls_cert and tls_key: the AMQPS listener needs both"
+                        .into(),
+                );
+            }
+            None
+        }
     };
     Ok(server::Config {
         tls,
@@ -735,11 +760,15 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    if let Some(c) = &cluster {
-        config.node_name = c.node_name.clone();
-    } else if let Some(name) = args.node_name.clone().or(file.node_name.clone()) {
-        config.node_name = name;
-    }
+    // A node alone is `warren@<hostname>` too, as RabbitMQ's `rabbit@<hostname>`.
+    config.node_name = match &cluster {
+        Some(c) => c.node_name.clone(),
+        None => args
+            .node_name
+            .clone()
+            .or(file.node_name.clone())
+            .unwrap_or_else(default_node_name),
+    };
     if repair {
         return match server::repair::repair_store(&config.data_dir) {
             Ok(lines) => {
@@ -862,6 +891,40 @@ mod tests {
             toml::from_str::<FileConfig>("bogus = 1").is_err(),
             "unknown keys are refused"
         );
+    }
+
+    #[test]
+    fn tls_settings_that_cannot_take_effect_are_refused() {
+        let refused = |argv: &[&str]| {
+            let mut all = vec!["warren"];
+            all.extend_from_slice(argv);
+            config(Args::parse_from(all), FileConfig::default()).unwrap_err()
+        };
+        assert!(refused(&["--tls-cert", "c.pem"]).contains("both tls_cert and tls_key"));
+        assert!(refused(&["--tls-key", "k.pem"]).contains("both tls_cert and tls_key"));
+        let e = refused(&[
+            "--tls-cert",
+            "c.pem",
+            "--tls-key",
+            "k.pem",
+            "--tls-verify-peer",
+        ]);
+        assert!(e.contains("need tls_ca"), "{e}");
+        assert!(refused(&["--tls-port", "5671"]).contains("without tls_cert and tls_key"));
+        let ok = Args::parse_from([
+            "warren",
+            "--tls-cert",
+            "c.pem",
+            "--tls-key",
+            "k.pem",
+            "--tls-ca",
+            "ca.pem",
+            "--tls-fail-if-no-peer-cert",
+        ]);
+        let c = config(ok, FileConfig::default()).unwrap();
+        let (addr, tls) = c.tls.unwrap();
+        assert_eq!(addr.port(), 5671);
+        assert!(tls.fail_if_no_peer_cert && !tls.verify_peer);
     }
 
     #[test]

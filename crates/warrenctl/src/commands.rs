@@ -431,6 +431,11 @@ pub(crate) async fn run(cli: Cli) -> Result<(), Failure> {
         silent: cli.silent,
         no_headers: cli.no_table_headers,
     };
+    // await_startup waits for the broker before anything asks it which node
+    // it is (which fails at once while it is still starting).
+    if matches!(cli.command, Command::AwaitStartup) {
+        checks::await_startup(&api, &out, timeout).await?;
+    }
     let node = target_node(&api, cli.target_node.as_deref()).await?;
     let vh = seg(&cli.vhost);
     let vhost = cli.vhost.as_str();

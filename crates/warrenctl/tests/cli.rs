@@ -365,6 +365,16 @@ async fn definitions_move_between_brokers_and_errors_have_exit_codes() {
     .await
     .unwrap();
     assert_eq!(unreachable.status.code(), Some(69));
+    // await_startup waits for a broker that is not there yet, until its
+    // timeout (75), rather than failing at once (69).
+    let closed = format!("http://{}", {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    });
+    let started = std::time::Instant::now();
+    let waited = ctl_at(closed, &["-t", "1", "await_startup"]).await;
+    assert_eq!(waited.status.code(), Some(75), "{waited:?}");
+    assert!(started.elapsed() >= std::time::Duration::from_secs(1));
     source.stop().await;
     target.stop().await;
 }
