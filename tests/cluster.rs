@@ -1120,6 +1120,51 @@ async fn a_queue_on_another_node_is_purged_and_deleted_from_any_node() {
         )
         .await;
     }
+
+    // The management API does the same from any node, for a classic queue
+    // on node 2 and for a replicated queue: purge through node 1's API,
+    // delete through node 3's.
+    declare_durable_queue(&ch2, "q.api").await;
+    declare_quorum_queue(&ch2, "q.api.qq").await;
+    for queue in ["q.api", "q.api.qq"] {
+        publish_confirmed(&ch2, queue, "a", 4).await;
+        sees_queue(&cluster, &first, 0, queue).await;
+        sees_queue(&cluster, &third, 2, queue).await;
+        let api1 = &cluster.node(0).api;
+        let (status, body) = call(
+            reqwest::Method::DELETE,
+            format!("{api1}/api/queues/%2F/{queue}/contents"),
+            None,
+        )
+        .await;
+        assert_eq!(status, 204, "purge {queue} through node 1: {body}");
+        assert_eq!(ready(&home, queue).await, 0, "{queue} purged");
+        let api3 = &cluster.node(2).api;
+        let (status, body) = call(
+            reqwest::Method::DELETE,
+            format!("{api3}/api/queues/%2F/{queue}"),
+            None,
+        )
+        .await;
+        assert_eq!(status, 204, "delete {queue} through node 3: {body}");
+        for (i, conn) in [&first, &home, &third].into_iter().enumerate() {
+            eventually(
+                &format!("{queue} is gone on node {}", i + 1),
+                &cluster,
+                || async { !queue_known(conn, queue).await },
+            )
+            .await;
+        }
+    }
+    // A queue no node has is still 404.
+    let api1 = &cluster.node(0).api;
+    let (status, _) = call(
+        reqwest::Method::DELETE,
+        format!("{api1}/api/queues/%2F/no-such-queue"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 404);
 }
 
 /// Publishes `n` persistent messages `"{prefix} {k}"` to `queue` on `ch`
@@ -3010,4 +3055,44 @@ async fn a_member_added_to_a_quorum_queue_catches_up_and_a_deleted_one_goes() {
     })
     .await;
     assert_eq!(ready_count(&ch1, "qq.m").await, 20);
+}
+
+/// A node that lost its data comes back under its old name: it is refused
+/// (the old member of that name still votes) with a reason naming the fix,
+/// and once the old member is forgotten it joins as a new node; the
+/// cluster never lists the name twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_lost_its_data_joins_again_once_its_old_self_is_forgotten() {
+    let mut cluster = TestCluster::start(CHILD, 3);
+    formed(&cluster).await;
+    cluster.kill(2);
+    let dir = cluster.data_dir(2);
+    std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::create_dir_all(&dir).unwrap();
+    cluster.spawn(2, None);
+    eventually("the wiped node's join is refused", &cluster, || async {
+        cluster
+            .log(2)
+            .contains("a node named 'n3@127.0.0.1' is already a member")
+    })
+    .await;
+    let api1 = cluster.node(0).api.clone();
+    let named = |nodes: &Value| {
+        nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|n| n["name"] == "n3@127.0.0.1")
+            .count()
+    };
+    assert_eq!(named(&get(&api1, "/api/nodes").await), 1);
+    let (status, body) = call(
+        reqwest::Method::DELETE,
+        format!("{api1}/api/cluster/nodes/n3@127.0.0.1"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 204, "{body}");
+    member_running(&cluster, "n3@127.0.0.1", 3).await;
+    assert_eq!(named(&get(&api1, "/api/nodes").await), 1);
 }

@@ -69,6 +69,31 @@ async fn guest_only_from_loopback_and_passwords_are_checked() {
     broker.stop().await;
 }
 
+/// `loopback_users` names any users, as RabbitMQ's: those it lists are
+/// held to loopback, and guest is not once the list leaves it out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loopback_users_holds_the_users_it_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start_with(dir.path(), |c| {
+        c.loopback_users = vec!["bob".to_owned()];
+    })
+    .await;
+    let b = broker.broker();
+    b.add_user("bob", Some("b0b"), &[]).await.unwrap();
+    let remote = "192.0.2.10:40000".parse().unwrap();
+    let refused = b.authenticate("bob", "b0b", remote).unwrap_err();
+    assert!(
+        refused.contains("can only connect via localhost"),
+        "{refused}"
+    );
+    assert!(
+        b.authenticate("bob", "b0b", "127.0.0.1:1".parse().unwrap())
+            .is_ok()
+    );
+    assert!(b.authenticate("guest", "guest", remote).is_ok());
+    broker.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_permission_class_allows_and_denies() {
     let broker = TestBroker::start().await;

@@ -314,6 +314,21 @@ impl ClusterNode {
                 node.id
             ));
         }
+        // A node that lost its data comes back under its old name with a
+        // new id: two members of one name would leave the old one voting
+        // for good and make the name ambiguous, so the old one must go first.
+        let status = self.status();
+        if let Some(old) = status
+            .voters
+            .iter()
+            .chain(status.learners.iter())
+            .find(|n| n.name == node.name && n.id != node.id)
+        {
+            return Err(format!(
+                "a node named '{}' is already a member (id {}); if it lost its data, run forget_cluster_node {} on a node of the cluster first",
+                old.name, old.id, old.name
+            ));
+        }
         self.raft
             .add_learner(node.id, node.clone(), true)
             .await

@@ -188,8 +188,7 @@ impl Broker {
         }
         // (An IPv4 client of a dual-stack listener arrives as ::ffff:a.b.c.d:
         // canonical, 127.0.0.1 is loopback.)
-        if user == "guest"
-            && self.config.default_user_loopback_only
+        if self.config.loopback_users.iter().any(|u| u == user)
             && !peer.ip().to_canonical().is_loopback()
         {
             return Err(format!("user '{user}' can only connect via localhost"));

@@ -33,9 +33,9 @@ pub struct Config {
     pub default_user: String,
     /// Its password.
     pub default_pass: String,
-    /// Whether the default user may log in only from loopback (RabbitMQ's
-    /// `loopback_users`).
-    pub default_user_loopback_only: bool,
+    /// Users who may log in only from loopback (RabbitMQ's `loopback_users`;
+    /// `guest` by default).
+    pub loopback_users: Vec<String>,
     /// How long a delivery may stay unacknowledged before the consumer is
     /// considered stuck (RabbitMQ's `consumer_timeout`; queues can set
     /// `x-consumer-timeout`).
@@ -93,7 +93,7 @@ impl Default for Config {
             handshake_timeout: Duration::from_secs(10),
             default_user: "guest".into(),
             default_pass: "guest".into(),
-            default_user_loopback_only: true,
+            loopback_users: vec!["guest".to_owned()],
             consumer_timeout: Duration::from_secs(30 * 60),
             consumer_timeout_cancels_consumer: false,
             max_connections: 0,

@@ -494,4 +494,28 @@ impl RemoteQueue {
     pub fn replicated(&self) -> bool {
         !self.members.is_empty()
     }
+
+    /// RabbitMQ's 404 for a durable queue whose home node cannot be
+    /// reached; `cause` (what the link said) is logged, not sent.
+    pub fn home_down(&self, vhost: &str, operation: &str, cause: &str) -> crate::error::AmqpError {
+        tracing::debug!(queue = %self.name, home = %self.home, operation, error = %cause, "home node unreachable");
+        crate::error::AmqpError::not_found(format!(
+            "home node '{}' of durable queue '{}' in vhost '{vhost}' is down or inaccessible",
+            self.home, self.name
+        ))
+    }
+
+    /// What its home answered to a purge or delete, as a client is told
+    /// it: the count, the home's own refusal, or [`Self::home_down`].
+    pub fn answered(
+        &self,
+        done: Result<u32, Refusal>,
+        vhost: &str,
+    ) -> Result<u32, crate::error::AmqpError> {
+        match done {
+            Ok(n) => Ok(n),
+            Err(r) if r.code != 0 => Err(crate::error::AmqpError::channel(r.code, r.text)),
+            Err(r) => Err(self.home_down(vhost, "purge or delete", &r.text)),
+        }
+    }
 }

@@ -24,6 +24,15 @@ enum Rabbit {
     Elsewhere(&'static str),
 }
 
+/// `rabbitmq.conf` keys Warren accepts that set none of its settings, each
+/// with a value the reader takes (a test checks it).
+const ACCEPTED_WITHOUT_SETTING: &[(&str, &str)] = &[
+    ("log.console", "true"),
+    ("log.file", "false"),
+    ("cluster_formation.peer_discovery_backend", "classic_config"),
+    ("cluster_formation.peer_discovery_backend", "dns"),
+];
+
 /// RabbitMQ's name for every setting (the flag's id). A test fails if a
 /// flag is missing here, so a new setting must say how it maps.
 const RABBITMQ: &[(&str, Rabbit)] = &[
@@ -266,7 +275,7 @@ fn settings() -> Vec<Setting> {
                 .map(|(k, v)| format!("`{k} = {v}`"))
                 .collect::<Vec<_>>()
                 .join("<br>"),
-            Some(Rabbit::Elsewhere(text)) => text.to_string(),
+            Some(Rabbit::Elsewhere(text)) => format!("*{text}*"),
             None => panic!("setting {id} is missing from configuration_reference::RABBITMQ"),
         };
         out.push(Setting {
@@ -295,6 +304,18 @@ fn default_cell(default: &str) -> String {
     }
 }
 
+/// The sentence naming [`ACCEPTED_WITHOUT_SETTING`].
+fn accepted_without_setting() -> String {
+    let pairs: Vec<String> = ACCEPTED_WITHOUT_SETTING
+        .iter()
+        .map(|(k, v)| format!("`{k} = {v}`"))
+        .collect();
+    format!(
+        "It also accepts {}, which change nothing in Warren.",
+        pairs.join(", ")
+    )
+}
+
 /// `|` inside a table cell.
 fn cell(text: &str) -> String {
     text.replace('|', "\\|")
@@ -303,7 +324,7 @@ fn cell(text: &str) -> String {
 /// The whole of `docs/configuration.md`.
 fn render() -> String {
     let mut md = String::new();
-    md.push_str(
+    md.push_str(&format!(
         "<!-- Generated from the code by crates/warren/src/configuration_reference.rs: do not edit.\n     \
          WARREN_WRITE_DOCS=1 cargo test -p warren configuration_reference rewrites it. -->\n\n\
          # Configuration\n\n\
@@ -314,21 +335,27 @@ fn render() -> String {
          ```toml\n\
          data_dir = \"/var/lib/warren\"\n\
          port = 5672\n\
-         memory_high_watermark = 0.4          # a fraction of RAM, or \"2GB\"\n\
+         memory_high_watermark = 0.4          # a fraction of RAM (with a decimal point), or \"2GB\"\n\
          disk_free_limit = \"2GB\"\n\
          loopback_users = []                  # let guest log in from other hosts\n\
          ```\n\n\
-         A file whose name ends in `.conf` is read as RabbitMQ's `rabbitmq.conf` instead,\n\
-         for the keys in the *rabbitmq.conf* column, so an existing file works unchanged as\n\
-         long as it only uses those keys. A key Warren does not have, in either format, stops\n\
-         the broker with an error naming it (and its line), rather than being ignored.\n\n\
+         A file whose name ends in `.conf` is read as RabbitMQ's `rabbitmq.conf` instead.\n\
+         The *RabbitMQ* column shows, as `key = value`, the `rabbitmq.conf` keys Warren reads\n\
+         for each setting; in italics, RabbitMQ's equivalent that Warren does not read (an\n\
+         environment variable, a plugin, the Erlang cookie), for reference. {accepted}\n\
+         An existing file works unchanged as long as it only uses those keys: a key Warren\n\
+         does not have, in either format, stops the broker with an error naming it (and its\n\
+         line), rather than being ignored.\n\n\
          Flags that switch something on (`--log-json`, `--no-management`, ...) take no value;\n\
          as environment variables and file keys they take `true` or `false` (the environment\n\
          also `1` or `0`). Sizes (`memory_high_watermark`, `disk_free_limit`) are written as\n\
-         RabbitMQ writes them: octets, `512MiB`, `2GB`, or a fraction or multiple of RAM.\n\
+         RabbitMQ writes them: octets, `512MiB`, `2GB`, or a fraction or multiple of RAM. In\n\
+         the TOML file a number with a decimal point is a fraction or multiple of RAM (`0.4`,\n\
+         `1.0`) and a whole number is octets (`1` is one octet, not all of RAM).\n\
          Settings that take a list (`--peer`, `--peer-dns`, `--loopback-users`) repeat the flag\n\
          or separate values with commas; in the file they are TOML arrays.\n",
-    );
+        accepted = accepted_without_setting(),
+    ));
     let mut heading = String::new();
     for s in settings() {
         if s.heading != heading {
@@ -336,7 +363,7 @@ fn render() -> String {
             let _ = write!(
                 md,
                 "\n## {heading}\n\n\
-                 | Flag | Environment | Config file key | rabbitmq.conf | Default | Meaning |\n\
+                 | Flag | Environment | Config file key | RabbitMQ | Default | Meaning |\n\
                  |---|---|---|---|---|---|\n"
             );
         }
@@ -411,6 +438,14 @@ fn every_rabbitmq_conf_key_listed_sets_its_setting() {
 }
 
 #[test]
+fn keys_accepted_without_a_setting_are_accepted() {
+    for (key, value) in ACCEPTED_WITHOUT_SETTING {
+        super::rabbitmq_conf::parse(&format!("{key} = {value}\n"))
+            .unwrap_or_else(|e| panic!("{key} = {value}: {e}"));
+    }
+}
+
+#[test]
 fn documented_defaults_are_the_defaults() {
     let c = super::config(
         <Args as clap::Parser>::parse_from(["warren"]),
@@ -445,7 +480,10 @@ fn documented_defaults_are_the_defaults() {
     assert_eq!(s("data_dir"), c.data_dir.display().to_string());
     assert_eq!(s("default_user"), c.default_user);
     assert_eq!(s("default_pass"), c.default_pass);
-    assert!(c.default_user_loopback_only && s("loopback_users") == "guest");
+    assert_eq!(
+        c.loopback_users.join(","),
+        s("loopback_users").trim_matches('`')
+    );
     assert!(c.plain_listener && s("no_plain_listener") == "off");
 }
 
@@ -458,5 +496,5 @@ fn the_example_config_file_is_read() {
     let c = super::config(<Args as clap::Parser>::parse_from(["warren"]), file).unwrap();
     assert_eq!(c.data_dir, std::path::PathBuf::from("/var/lib/warren"));
     assert_eq!(c.disk_free_limit, 2_000_000_000);
-    assert!(!c.default_user_loopback_only);
+    assert!(c.loopback_users.is_empty());
 }

@@ -68,8 +68,9 @@ struct Args {
     /// listed. Run it with the broker stopped, then start as usual.
     #[arg(long, help_heading = "General")]
     repair_store: bool,
-    /// Address to listen on for AMQP, TLS, management and Prometheus
-    /// [default: `::`, IPv6 and IPv4 (dual-stack)].
+    /// Address to listen on for AMQP, AMQPS, management, Prometheus and, in
+    /// a cluster, the inter-node port (management and Prometheus have their
+    /// own settings too) [default: `::`, IPv6 and IPv4 (dual-stack)].
     #[arg(
         long,
         value_name = "ADDRESS",
@@ -674,12 +675,12 @@ fn config(args: Args, file: FileConfig) -> Result<server::Config, String> {
             .or(file.channel_max)
             .unwrap_or(d.channel_max),
         frame_max: args.frame_max.or(file.frame_max).unwrap_or(d.frame_max),
-        // Only guest is ever held to loopback (as RabbitMQ's default).
-        default_user_loopback_only: args
+        // `none` (RabbitMQ's word for no one) is no user name.
+        loopback_users: args
             .loopback_users
             .or(file.loopback_users)
-            .map_or(d.default_user_loopback_only, |users| {
-                users.iter().any(|u| u == "guest")
+            .map_or(d.loopback_users, |users| {
+                users.into_iter().filter(|u| u != "none").collect()
             }),
         default_user: args
             .default_user

@@ -126,12 +126,16 @@ fn set(c: &mut FileConfig, key: &str, value: &str) -> Result<(), String> {
         "default_user" => c.default_user = Some(value.to_owned()),
         "default_pass" => c.default_pass = Some(value.to_owned()),
         "loopback_users" if value == "none" => c.loopback_users = Some(Vec::new()),
-        "loopback_users.guest" => {
-            c.loopback_users = Some(if boolean(value)? {
-                vec!["guest".to_owned()]
-            } else {
-                Vec::new()
-            });
+        // `loopback_users.NAME = true` holds NAME to loopback; the list is
+        // the names set to true (as RabbitMQ builds it: naming any user
+        // replaces the default `guest`).
+        k if k.starts_with("loopback_users.") => {
+            let name = &k["loopback_users.".len()..];
+            let users = c.loopback_users.get_or_insert_with(Vec::new);
+            users.retain(|u| u != name);
+            if boolean(value)? {
+                users.push(name.to_owned());
+            }
         }
         "management.tcp.port" => c.management_port = Some(number(value)?),
         "management.tcp.ip" => c.management_bind = Some(number_ip(value)?),
@@ -308,6 +312,8 @@ mod tests {
             (c.bind, c.tls_port),
             (Some("127.0.0.1".parse().unwrap()), Some(5671))
         );
+        let c = parse("loopback_users.alice = true\nloopback_users.guest = false\n").unwrap();
+        assert_eq!(c.loopback_users, Some(vec!["alice".to_owned()]));
         let c = parse("listeners.tcp.default = [::1]:5672\nloopback_users = none\n").unwrap();
         assert_eq!(c.bind, Some("::1".parse().unwrap()));
         assert_eq!(c.loopback_users, Some(Vec::new()));

@@ -353,7 +353,7 @@ impl Channel {
                 return Err(if e.contains("exclusive use") {
                     AmqpError::access_refused(e)
                 } else {
-                    super::remote::home_down(&remote, vhost.name(), "consume", &e)
+                    remote.home_down(vhost.name(), "consume", &e)
                 });
             }
         };
@@ -626,7 +626,7 @@ impl Channel {
         let got = peers
             .get(&remote.home, vhost.name(), &remote.name, !no_ack)
             .await
-            .map_err(|e| super::remote::home_down(&remote, vhost.name(), "get", &e))?;
+            .map_err(|e| remote.home_down(vhost.name(), "get", &e))?;
         let Some(d) = got else {
             self.get_empty();
             return Ok(());

@@ -70,12 +70,7 @@ impl Channel {
                     )));
                 }
                 Err(e) => {
-                    return Err(super::remote::home_down(
-                        &remote,
-                        vhost.name(),
-                        "declare",
-                        &e,
-                    ));
+                    return Err(remote.home_down(vhost.name(), "declare", &e));
                 }
             }
         } else if m.passive {
@@ -275,7 +270,7 @@ impl Channel {
             Err(e) => match (vhost.usable_remote_queue(&m.queue)?, node.peers.get()) {
                 (Some(remote), Some(peers)) => {
                     let done = peers.purge(&remote.home, vhost.name(), &remote.name).await;
-                    u64::from(on_home(done, &remote, vhost)?)
+                    u64::from(remote.answered(done, vhost.name())?)
                 }
                 _ => return Err(e),
             },
@@ -315,7 +310,7 @@ impl Channel {
                             m.if_empty,
                         )
                         .await;
-                    u64::from(on_home(done, &remote, vhost)?)
+                    u64::from(remote.answered(done, vhost.name())?)
                 }
                 _ => 0,
             },
@@ -367,25 +362,5 @@ async fn declare_on(
             tracing::warn!(node = %home, queue = %name, error = %r.text, "cannot place the queue on that node; declaring it here");
             Ok(None)
         }
-    }
-}
-
-/// What the home node of `remote` answered, as this channel answers it: its
-/// refusal as is; no answer as RabbitMQ's 404 for a queue whose home node
-/// is down.
-fn on_home(
-    done: Result<u32, crate::peers::Refusal>,
-    remote: &crate::peers::RemoteQueue,
-    vhost: &Vhost,
-) -> Result<u32, AmqpError> {
-    match done {
-        Ok(n) => Ok(n),
-        Err(r) if r.code != 0 => Err(AmqpError::channel(r.code, r.text)),
-        Err(r) => Err(super::remote::home_down(
-            remote,
-            vhost.name(),
-            "purge or delete",
-            &r.text,
-        )),
     }
 }

@@ -28,21 +28,6 @@ use crate::session::ChannelShared;
 /// The home node's prefetch for a remote `no-ack` consumer.
 pub(super) const NO_ACK_WINDOW: u16 = 1024;
 
-/// RabbitMQ's 404 for a durable queue whose home node cannot be reached;
-/// `cause` (what the link said) is logged, not sent.
-pub(super) fn home_down(
-    remote: &crate::peers::RemoteQueue,
-    vhost: &str,
-    operation: &str,
-    cause: &str,
-) -> crate::error::AmqpError {
-    tracing::debug!(queue = %remote.name, home = %remote.home, operation, error = %cause, "home node unreachable");
-    crate::error::AmqpError::not_found(format!(
-        "home node '{}' of durable queue '{}' in vhost '{vhost}' is down or inaccessible",
-        remote.home, remote.name
-    ))
-}
-
 /// A consumer of a queue on another node, as its channel here sees it.
 pub(super) struct RemoteConsumer {
     /// A `no-ack` consumer's deliveries written and not yet acknowledged

@@ -974,10 +974,34 @@ async fn delete_queue(
 ) -> ApiResult {
     let v = visible_vhost(&b, &caller, &vhost)?;
     caller.require_access(&b, &vhost, Resource::Queue, &name, Access::Configure)?;
-    let q = v.find_queue(&name).ok_or_else(ApiError::not_found)?;
+    let Some(q) = v.find_queue(&name) else {
+        // On its home node (a replicated queue's leader), which commits
+        // the deletion for every node, as `queue.delete` from a client.
+        let (remote, peers) = on_another_node(&b, &v, &name)?;
+        let done = peers
+            .delete(&remote.home, v.name(), &remote.name, false, false)
+            .await;
+        remote.answered(done, v.name())?;
+        return no_content();
+    };
     not_exclusive(&q, &vhost)?;
     v.delete_queue(&q, false).await?;
     no_content()
+}
+
+/// Queue `name` when another node holds it (its home, or a replicated
+/// queue's leader), with the way to reach it; 404 when no node does, and
+/// RabbitMQ's 405 for another connection's exclusive queue.
+fn on_another_node<'a>(
+    b: &'a Broker,
+    v: &Vhost,
+    name: &str,
+) -> Result<(crate::peers::RemoteQueue, &'a Arc<dyn crate::peers::Peers>), ApiError> {
+    let remote = v
+        .usable_remote_queue(name)?
+        .ok_or_else(ApiError::not_found)?;
+    let peers = b.peers.get().ok_or_else(ApiError::not_found)?;
+    Ok((remote, peers))
 }
 
 async fn purge_queue(
@@ -987,7 +1011,12 @@ async fn purge_queue(
 ) -> ApiResult {
     let v = visible_vhost(&b, &caller, &vhost)?;
     caller.require_access(&b, &vhost, Resource::Queue, &name, Access::Read)?;
-    let q = v.find_queue(&name).ok_or_else(ApiError::not_found)?;
+    let Some(q) = v.find_queue(&name) else {
+        let (remote, peers) = on_another_node(&b, &v, &name)?;
+        let done = peers.purge(&remote.home, v.name(), &remote.name).await;
+        remote.answered(done, v.name())?;
+        return no_content();
+    };
     not_exclusive(&q, &vhost)?;
     v.purge(&q);
     no_content()
@@ -1661,7 +1690,7 @@ fn environment_json(b: &Broker) -> Value {
         "queue_flow_limit": c.queue_flow_limit,
         "store_backlog_limit": c.store_backlog_limit,
         "default_user": c.default_user,
-        "loopback_users": if c.default_user_loopback_only { json!(["guest"]) } else { json!([]) },
+        "loopback_users": c.loopback_users,
         "load_definitions": c.load_definitions.as_ref().map(|p| p.display().to_string()),
     })
 }
