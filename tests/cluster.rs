@@ -3096,3 +3096,62 @@ async fn a_node_that_lost_its_data_joins_again_once_its_old_self_is_forgotten() 
     member_running(&cluster, "n3@127.0.0.1", 3).await;
     assert_eq!(named(&get(&api1, "/api/nodes").await), 1);
 }
+
+/// A policy reaches replicated queues as it reaches classic ones: one
+/// declared after the policy and one declared before it both get its
+/// `max-length` (entries of their logs, so every replica keeps the same
+/// three messages), and removing the policy lifts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policies_apply_to_replicated_queues_declared_before_and_after_them() {
+    let cluster = TestCluster::start(CHILD, 3);
+    formed(&cluster).await;
+    let conn = amqp(&cluster, 0).await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    declare_quorum_queue(&ch, "qq.before").await;
+    publish_confirmed(&ch, "qq.before", "b", 5).await;
+    assert_eq!(ready(&conn, "qq.before").await, 5);
+
+    let api1 = cluster.node(0).api.clone();
+    let (status, body) = put(
+        &api1,
+        "/api/policies/%2F/cap",
+        json!({"pattern": "^qq\\.", "apply-to": "queues", "definition": {"max-length": 3}}),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    eventually("qq.before is cut to the policy's 3", &cluster, || async {
+        ready(&conn, "qq.before").await == 3
+    })
+    .await;
+
+    declare_quorum_queue(&ch, "qq.after").await;
+    publish_confirmed(&ch, "qq.after", "a", 5).await;
+    eventually("qq.after holds the policy's 3", &cluster, || async {
+        ready(&conn, "qq.after").await == 3
+    })
+    .await;
+    // Read through another node: the replicas agree.
+    let other = amqp(&cluster, 2).await;
+    assert_eq!(ready(&other, "qq.after").await, 3);
+
+    let (status, body) = call(
+        reqwest::Method::DELETE,
+        format!("{api1}/api/policies/%2F/cap"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 204, "{body}");
+    // Without the policy, a publish is kept: 3 + 2 once its removal applied.
+    eventually(
+        "the policy's removal reaches qq.after",
+        &cluster,
+        || async {
+            publish_confirmed(&ch, "qq.after", "c", 1).await;
+            ready(&conn, "qq.after").await > 3
+        },
+    )
+    .await;
+}

@@ -746,6 +746,35 @@ impl server::peers::Peers for ClusterPeers {
         Some(self.node.links.backlog(&addr).gate.clone())
     }
 
+    fn set_replica_args(
+        &self,
+        vhost: &str,
+        queue: &amqp_codec::ShortStr,
+        args: queue_store::QueueArgs,
+    ) {
+        let Some(q) = self.node.replicas.by_name(vhost, queue) else {
+            return;
+        };
+        let answer = self.node.replicas.propose(
+            &q,
+            QueueRequest::SetArgs {
+                args: crate::queue_group::WireArgs::of(&args),
+                now_ms: server::queue::now_ms(),
+            },
+        );
+        let (vhost, queue) = (vhost.to_owned(), queue.clone());
+        tokio::spawn(async move {
+            match answer.await {
+                Ok(_) => {
+                    tracing::debug!(%vhost, %queue, "replicated queue has the arguments in effect")
+                }
+                Err(error) => {
+                    tracing::warn!(%vhost, %queue, %error, "cannot give a replicated queue the arguments its policy sets")
+                }
+            }
+        });
+    }
+
     fn purge(
         &self,
         home: &str,

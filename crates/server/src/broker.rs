@@ -270,12 +270,14 @@ impl Broker {
                         }
                     }
                     v.apply_policies();
+                    v.apply_policies_to_replicated();
                 }
             }
             MetaCommand::DeletePolicy { vhost, name, kind } => {
                 if let Some(v) = self.vhost(vhost) {
                     v.policies_of(*kind).write().retain(|p| p.name != *name);
                     v.apply_policies();
+                    v.apply_policies_to_replicated();
                 }
             }
             // Router objects: the node that ran the operation changed its
@@ -295,6 +297,14 @@ impl Broker {
             MetaCommand::DeclareQueue { vhost, queue } => {
                 if let Some(v) = self.vhost(vhost) {
                     v.project_queue(queue);
+                    // A new replicated queue's group starts from its own
+                    // arguments; the policies that apply to it follow in
+                    // its log.
+                    if !queue.members.is_empty() {
+                        if let Some(remote) = v.find_remote_queue(&queue.name) {
+                            v.apply_policy_to_replicated(&remote);
+                        }
+                    }
                 }
             }
             MetaCommand::DeleteQueue { vhost, name } => {

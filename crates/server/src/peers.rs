@@ -384,6 +384,12 @@ pub trait Peers: Send + Sync + std::fmt::Debug {
     /// Purges queue `queue` on node `home`.
     fn purge(&self, home: &str, vhost: &str, queue: &ShortStr) -> RemoteCount;
 
+    /// Proposes `args`, the arguments in effect, to replicated queue `queue`
+    /// of `vhost` (a policy changed, or it was just declared), in the
+    /// background: its log orders them with everything else, so every
+    /// replica applies them at the same point. A failure is logged.
+    fn set_replica_args(&self, vhost: &str, queue: &ShortStr, args: queue_store::QueueArgs);
+
     /// Deletes queue `queue` on node `home` (which checks `if_unused` and
     /// `if_empty` there, and commits the deletion for every node).
     fn delete(

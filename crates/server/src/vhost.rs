@@ -197,9 +197,39 @@ impl Vhost {
         }
     }
 
-    /// Puts the arguments in effect for `q` — its own merged with the policy
-    /// and the operator policy that apply to it, if any — and records which
-    /// those are.
+    /// The arguments in effect for queue `name`, declared with `arguments`:
+    /// its own merged with the policy and the operator policy that apply to
+    /// it, if any, and which those are. (The caller holds the policies.)
+    fn effective_args(
+        &self,
+        policies: &[crate::policy::Policy],
+        operator_policies: &[crate::policy::Policy],
+        name: &ShortStr,
+        arguments: &FieldTable,
+    ) -> (QueueArgs, AppliedPolicies) {
+        let policy = crate::policy::for_queue(policies, name);
+        let operator = crate::policy::for_queue(operator_policies, name);
+        let applied = AppliedPolicies {
+            policy: policy.map(|p| p.name.clone()),
+            operator_policy: operator.map(|p| p.name.clone()),
+            definition: crate::policy::effective(policy, operator),
+        };
+        let own = || QueueArgs::parse(arguments, name, &self.name).unwrap_or_default();
+        if applied.definition.is_empty() {
+            return (own(), AppliedPolicies::default());
+        }
+        let merged = crate::policy::merge_into(&applied.definition, arguments);
+        match QueueArgs::parse(&merged, name, &self.name) {
+            Ok(args) => (args, applied),
+            Err(e) => {
+                tracing::warn!(queue = %name, error = %e, "policy not applicable; the queue's own arguments apply");
+                (own(), AppliedPolicies::default())
+            }
+        }
+    }
+
+    /// Puts the arguments in effect for `q` (see [`Self::effective_args`])
+    /// and records which policies those come from.
     pub fn apply_policy(&self, q: &QueueHandle) {
         let mut fx = Effects::default();
         {
@@ -208,26 +238,8 @@ impl Vhost {
             // policies, operator policies, then the queue's state).
             let policies = self.policies.read();
             let operator_policies = self.operator_policies.read();
-            let policy = crate::policy::for_queue(&policies, &q.name);
-            let operator = crate::policy::for_queue(&operator_policies, &q.name);
-            let applied = AppliedPolicies {
-                policy: policy.map(|p| p.name.clone()),
-                operator_policy: operator.map(|p| p.name.clone()),
-                definition: crate::policy::effective(policy, operator),
-            };
-            let own = || QueueArgs::parse(&q.arguments, &q.name, &self.name).unwrap_or_default();
-            let (args, applied) = if applied.definition.is_empty() {
-                (own(), AppliedPolicies::default())
-            } else {
-                let merged = crate::policy::merge_into(&applied.definition, &q.arguments);
-                match QueueArgs::parse(&merged, &q.name, &self.name) {
-                    Ok(args) => (args, applied),
-                    Err(e) => {
-                        tracing::warn!(queue = %q.name, error = %e, "policy not applicable; the queue's own arguments apply");
-                        (own(), AppliedPolicies::default())
-                    }
-                }
-            };
+            let (args, applied) =
+                self.effective_args(&policies, &operator_policies, &q.name, &q.arguments);
             q.set_consumer_timeout(args.consumer_timeout);
             if !q.set_effective_args(args, &mut fx) {
                 return;
@@ -236,6 +248,42 @@ impl Vhost {
         }
         q.wake.notify_one();
         self.apply(&mut fx);
+    }
+
+    /// Proposes the arguments in effect to replicated queue `remote`, if
+    /// this node holds one of its replicas (each member proposes them, so
+    /// that one node down does not keep a policy from it; the same
+    /// arguments twice change nothing). Its log orders them with its
+    /// messages, so every replica applies them at the same point.
+    pub fn apply_policy_to_replicated(&self, remote: &crate::peers::RemoteQueue) {
+        let me = &self.node.config.node_name;
+        if !remote.members.iter().any(|m| m == me) {
+            return;
+        }
+        let Some(peers) = self.node.peers.get() else {
+            return;
+        };
+        let args = {
+            let policies = self.policies.read();
+            let operator_policies = self.operator_policies.read();
+            self.effective_args(
+                &policies,
+                &operator_policies,
+                &remote.name,
+                &remote.arguments,
+            )
+            .0
+        };
+        peers.set_replica_args(&self.name, &remote.name, args);
+    }
+
+    /// Re-applies policies to every replicated queue (a policy changed).
+    pub fn apply_policies_to_replicated(&self) {
+        for remote in self.remote_queues() {
+            if remote.replicated() {
+                self.apply_policy_to_replicated(&remote);
+            }
+        }
     }
 
     /// Re-applies policies to every queue and exchange (a policy changed).
