@@ -1130,6 +1130,37 @@ async fn a_queue_on_another_node_is_purged_and_deleted_from_any_node() {
         publish_confirmed(&ch2, queue, "a", 4).await;
         sees_queue(&cluster, &first, 0, queue).await;
         sees_queue(&cluster, &third, 2, queue).await;
+        // Messages got through node 3's API: requeued, then taken.
+        let api3 = &cluster.node(2).api;
+        let get = |ackmode: &'static str, count: u32| {
+            call(
+                reqwest::Method::POST,
+                format!("{api3}/api/queues/%2F/{queue}/get"),
+                Some(json!({"count": count, "ackmode": ackmode, "encoding": "auto"})),
+            )
+        };
+        let (status, got) = get("ack_requeue_true", 2).await;
+        assert_eq!(status, 200, "get {queue} through node 3: {got}");
+        let payloads: Vec<&str> = got
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["payload"].as_str().unwrap())
+            .collect();
+        assert_eq!(payloads, ["a 0", "a 1"], "{got}");
+        // (Settling on another node is not waited for, as for a client's
+        // basic.get there.)
+        eventually(&format!("{queue}: requeued"), &cluster, || async {
+            ready(&home, queue).await == 4
+        })
+        .await;
+        let (status, got) = get("ack_requeue_false", 1).await;
+        assert_eq!(status, 200, "{got}");
+        assert_eq!(got[0]["redelivered"], true, "{got}");
+        eventually(&format!("{queue}: one taken"), &cluster, || async {
+            ready(&home, queue).await == 3
+        })
+        .await;
         let api1 = &cluster.node(0).api;
         let (status, body) = call(
             reqwest::Method::DELETE,

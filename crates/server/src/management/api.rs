@@ -2632,8 +2632,10 @@ async fn get_messages(
         &name,
         crate::auth::Access::Read,
     )?;
-    let q = v.find_queue(&name).ok_or_else(ApiError::not_found)?;
-    not_exclusive(&q, &vhost)?;
+    let local = v.find_queue(&name);
+    if let Some(q) = &local {
+        not_exclusive(q, &vhost)?;
+    }
     let body = body_map(body);
     // (rabbitmqadmin sends numbers as strings; RabbitMQ parses either.)
     let int = |field: &str| {
@@ -2657,10 +2659,52 @@ async fn get_messages(
         other => return Err(ApiError::bad_request(format!("invalid ackmode '{other}'"))),
     };
     let reject = ackmode.starts_with("reject");
-    let encoding = body
-        .get("encoding")
-        .and_then(Value::as_str)
-        .unwrap_or("auto");
+    let got = GotMessage {
+        truncate,
+        encoding: body
+            .get("encoding")
+            .and_then(Value::as_str)
+            .unwrap_or("auto")
+            .to_owned(),
+    };
+    let how = if requeue {
+        crate::queue::Settle::Requeue
+    } else if reject {
+        crate::queue::Settle::Reject
+    } else {
+        crate::queue::Settle::Ack
+    };
+    let Some(q) = local else {
+        // A queue another node holds: taken and settled there, as
+        // `basic.get` from a client here does.
+        let (remote, peers) = on_another_node(&b, &v, &name)?;
+        let mut taken = Vec::new();
+        for _ in 0..count {
+            match peers.get(&remote.home, v.name(), &remote.name, true).await {
+                Ok(Some(d)) => taken.push(d),
+                Ok(None) => break,
+                Err(e) => return Err(remote.home_down(v.name(), "get", &e).into()),
+            }
+        }
+        let seqs = taken.iter().map(|d| d.seq).collect();
+        peers.settle(&remote.home, v.name(), &remote.name, seqs, how);
+        let mut out = Vec::new();
+        for d in &taken {
+            let props = amqp_codec::ContentHeader::decode(&d.header)
+                .ok()
+                .and_then(|h| h.properties.decode().ok())
+                .map_or(Value::Null, |p| properties_to_json(&p));
+            out.push(got.json(
+                &d.body,
+                props,
+                d.redelivered,
+                &d.exchange,
+                &d.routing_key,
+                d.remaining,
+            ));
+        }
+        return ok(Value::Array(out));
+    };
     let mut fx = queue_store::Effects::default();
     let mut taken = Vec::new();
     for _ in 0..count {
@@ -2669,13 +2713,6 @@ async fn get_messages(
             None => break,
         }
     }
-    let how = if requeue {
-        crate::queue::Settle::Requeue
-    } else if reject {
-        crate::queue::Settle::Reject
-    } else {
-        crate::queue::Settle::Ack
-    };
     q.settle(how, &mut taken.iter().map(|d| d.seq), requeue, &mut fx);
     let mut out = Vec::new();
     for d in &taken {
@@ -2688,34 +2725,64 @@ async fn get_messages(
             .decode()
             .map(|p| properties_to_json(&p))
             .unwrap_or(Value::Null);
-        // `truncate`: at most that many octets of the body.
-        let body = match truncate {
-            Some(n) => m.body.slice(..m.body.len().min(n as usize)),
-            None => m.body.clone(),
-        };
-        let (payload, payload_encoding) = match (encoding, std::str::from_utf8(&body)) {
-            ("auto", Ok(text)) => (text.to_owned(), "string"),
-            _ => {
-                use base64::Engine as _;
-                (
-                    base64::engine::general_purpose::STANDARD.encode(&body),
-                    "base64",
-                )
-            }
-        };
-        out.push(json!({
-            "payload_bytes": m.body.len(),
-            "redelivered": d.redelivered,
-            "exchange": m.exchange.as_str(),
-            "routing_key": m.routing_key.as_str(),
-            "message_count": d.remaining,
-            "properties": props,
-            "payload": payload,
-            "payload_encoding": payload_encoding,
-        }));
+        out.push(got.json(
+            &m.body,
+            props,
+            d.redelivered,
+            &m.exchange,
+            &m.routing_key,
+            d.remaining as u32,
+        ));
     }
     v.apply(&mut fx);
     ok(Value::Array(out))
+}
+
+/// How `POST .../get` shows the messages it took.
+struct GotMessage {
+    /// At most this many octets of each body.
+    truncate: Option<u64>,
+    /// `auto` (text when it is UTF-8) or `base64`.
+    encoding: String,
+}
+
+impl GotMessage {
+    /// One message, as RabbitMQ's API shows it.
+    fn json(
+        &self,
+        body: &bytes::Bytes,
+        properties: Value,
+        redelivered: bool,
+        exchange: &str,
+        routing_key: &str,
+        remaining: u32,
+    ) -> Value {
+        let shown = match self.truncate {
+            Some(n) => body.slice(..body.len().min(usize::try_from(n).unwrap_or(usize::MAX))),
+            None => body.clone(),
+        };
+        let (payload, payload_encoding) =
+            match (self.encoding.as_str(), std::str::from_utf8(&shown)) {
+                ("auto", Ok(text)) => (text.to_owned(), "string"),
+                _ => {
+                    use base64::Engine as _;
+                    (
+                        base64::engine::general_purpose::STANDARD.encode(&shown),
+                        "base64",
+                    )
+                }
+            };
+        json!({
+            "payload_bytes": body.len(),
+            "redelivered": redelivered,
+            "exchange": exchange,
+            "routing_key": routing_key,
+            "message_count": remaining,
+            "properties": properties,
+            "payload": payload,
+            "payload_encoding": payload_encoding,
+        })
+    }
 }
 
 /// `GET /api/aliveness-test/{vhost}`: declares `aliveness-test`, publishes
