@@ -1161,6 +1161,28 @@ async fn a_rabbitmq_3x_definitions_file_with_mirroring_policies_imports() {
     );
 }
 
+/// A quorum queue on a node alone is listed under its type, as RabbitMQ
+/// lists it (it has one copy, and keeps the quorum-queue rules).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quorum_queue_on_a_node_alone_is_listed_as_quorum() {
+    let broker = TestBroker::start().await;
+    let api = Api::guest(&broker);
+    for (name, args) in [("qq", json!({"x-queue-type": "quorum"})), ("cq", json!({}))] {
+        let (status, body) = api
+            .send(
+                reqwest::Method::PUT,
+                &format!("/api/queues/%2F/{name}"),
+                Some(json!({"durable": true, "arguments": args})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+    }
+    let (_, qq) = api.get("/api/queues/%2F/qq").await;
+    assert_eq!(qq["type"], "quorum", "{qq}");
+    let (_, cq) = api.get("/api/queues/%2F/cq").await;
+    assert_eq!(cq["type"], "classic", "{cq}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn policies_apply_to_live_queues_at_once_and_survive_a_restart() {
     let mut broker = TestBroker::start().await;

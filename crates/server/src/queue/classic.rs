@@ -56,10 +56,14 @@ const PAGE_IN_BYTES: u64 = 4 << 20;
 /// while the one before it is being delivered.
 const PAGE_IN_SCAN: usize = 2 * PAGE_IN_BATCH;
 
-/// A classic queue.
+/// A classic queue (or a quorum queue on a node alone, which keeps
+/// RabbitMQ's quorum-queue rules but has one copy).
 #[derive(Debug)]
 pub struct ClassicQueue {
     state: Mutex<QueueState>,
+    /// `classic`, or `quorum` for one declared with `x-queue-type: quorum`
+    /// (the type RabbitMQ lists it under).
+    type_name: &'static str,
 }
 
 impl ClassicQueue {
@@ -81,7 +85,12 @@ impl ClassicQueue {
 
     /// Wraps the store's queue state machine.
     pub fn new(queue: Queue) -> ClassicQueue {
+        let type_name = match queue.args().queue_type {
+            queue_store::QueueType::Quorum => "quorum",
+            queue_store::QueueType::Classic => "classic",
+        };
         ClassicQueue {
+            type_name,
             state: Mutex::new(QueueState {
                 queue,
                 consumers: Vec::new(),
@@ -99,7 +108,7 @@ impl ClassicQueue {
 
 impl QueueType for ClassicQueue {
     fn type_name(&self) -> &'static str {
-        "classic"
+        self.type_name
     }
 
     fn counters(&self) -> QueueCounters {
