@@ -2784,3 +2784,106 @@ async fn the_route_dry_run_explains_where_a_message_goes() {
     assert_eq!(status, StatusCode::NOT_FOUND);
     broker.stop().await;
 }
+
+/// A data directory on a tiny file system (a tmpfs; mounting needs root,
+/// which CI has), unmounted (lazily) on drop.
+struct TinyDisk {
+    dir: tempfile::TempDir,
+}
+
+impl TinyDisk {
+    fn mount(octets: u64) -> Result<TinyDisk, String> {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={octets}"), "tmpfs"])
+            .arg(dir.path())
+            .output()
+            .map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        Ok(TinyDisk { dir })
+    }
+}
+
+impl Drop for TinyDisk {
+    fn drop(&mut self) {
+        // Lazily: the broker's store may still hold its files open (its
+        // writer failed, so it does not close cleanly).
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// A full disk stops the store's writer for good (what is on disk stays
+/// recoverable): publishes are nacked, and the health check operators
+/// watch, `virtual-hosts` (`check_virtual_hosts`), fails with the reason,
+/// as RabbitMQ's fails when a vhost's message store crashed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_fails_the_virtual_hosts_health_check() {
+    let disk = match TinyDisk::mount(6 << 20) {
+        Ok(disk) => disk,
+        Err(e) if std::env::var_os("CI").is_none() => {
+            eprintln!("skipped: a tmpfs needs root: {e}");
+            return;
+        }
+        Err(e) => panic!("{e}"),
+    };
+    // No disk alarm: the point is the disk filling up under the store.
+    let broker = TestBroker::start_with(disk.dir.path(), |c| c.disk_free_limit = 0).await;
+    let api = Api::guest(&broker);
+    let (status, body) = api.get("/api/health/checks/virtual-hosts").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    let conn = broker.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_declare(
+        "fill".into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let body = vec![b'x'; 256 << 10];
+    let mut nacked = false;
+    for _ in 0..64 {
+        let confirm = ch
+            .basic_publish(
+                "".into(),
+                "fill".into(),
+                BasicPublishOptions::default(),
+                &body,
+                lapin::BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        if confirm.is_nack() {
+            nacked = true;
+            break;
+        }
+    }
+    assert!(nacked, "a 6 MiB disk took 16 MiB of persistent messages");
+    let (status, body) = api.get("/api/health/checks/virtual-hosts").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["status"], "failed", "{body}");
+    assert!(
+        body["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("the message store") && r.contains("failed")),
+        "{body}"
+    );
+    assert_eq!(body["virtual-hosts"], json!(["/"]), "{body}");
+    drop(conn);
+    drop(broker);
+    drop(disk);
+}

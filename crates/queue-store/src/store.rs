@@ -287,6 +287,13 @@ impl Store {
         &self.stats
     }
 
+    /// Why the writer stopped, if a write or sync failed (a full disk, an
+    /// I/O error): every commit since fails with it, until a restart
+    /// recovers what is on disk.
+    pub fn failure(&self) -> Option<StoreError> {
+        lock(&self.shared.pending).failed.clone()
+    }
+
     /// The gate raised while the writer is behind by more than the backlog
     /// limit: publishers whose messages were written should stop reading
     /// from their sockets until it lowers (at half the limit).

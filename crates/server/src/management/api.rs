@@ -438,7 +438,7 @@ fn vhost_json(b: &Broker, v: &Vhost) -> Value {
         "tags": [],
         "metadata": {"description": "", "tags": []},
         "default_queue_type": "undefined",
-        "cluster_state": {b.config.node_name.clone(): "running"},
+        "cluster_state": {b.config.node_name.clone(): if b.store.failure().is_some() { "stopped" } else { "running" }},
         "tracing": v.tracer.is_on(),
         "messages": ready + unacked,
         "messages_ready": ready,
@@ -2850,8 +2850,32 @@ fn check_failed(body: Value) -> ApiResult {
 
 /// `rabbitmq-diagnostics check_virtual_hosts`: every vhost is running.
 /// (A vhost here runs from its declaration on: none is ever down alone.)
-async fn virtual_hosts_check(State(_b): Shared, _caller: Caller) -> ApiResult {
-    ok(json!({"status": "ok"}))
+/// `/api/health/checks/virtual-hosts`: every vhost can take messages. A
+/// store whose writer failed (a full disk, an I/O error) takes none until a
+/// restart, as RabbitMQ's vhosts are down when their message store crashed:
+/// then every vhost is reported down, with the reason.
+async fn virtual_hosts_check(State(b): Shared, _caller: Caller) -> ApiResult {
+    let Some(failure) = b.store.failure() else {
+        return ok(json!({"status": "ok"}));
+    };
+    let down: Vec<String> = b
+        .vhost_list()
+        .iter()
+        .map(|v| v.name().to_string())
+        .collect();
+    Ok((
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(json!({
+            "status": "failed",
+            "reason": format!(
+                "the message store on node {} failed ({failure}): restart the node; down: {}",
+                b.config.node_name,
+                down.join(", ")
+            ),
+            "virtual-hosts": down,
+        })),
+    )
+        .into_response())
 }
 
 /// This node's listeners, as RabbitMQ names their protocols (its
