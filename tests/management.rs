@@ -1161,6 +1161,103 @@ async fn a_rabbitmq_3x_definitions_file_with_mirroring_policies_imports() {
     );
 }
 
+/// An administrator needs permissions in a vhost to change things there
+/// through the API, as in RabbitMQ 3.10 (checked against a 3.10.8 node:
+/// 401 `not_authorised` for declare, bind, delete, purge, get and publish;
+/// reads and policies need none).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_administrator_needs_permissions_in_a_vhost_to_change_it() {
+    let broker = TestBroker::start().await;
+    let b = broker.broker();
+    b.add_vhost("other").await.unwrap();
+    b.add_user("boss", Some("b0ss"), &["administrator"])
+        .await
+        .unwrap();
+    b.set_permissions("guest", "other", ".*", ".*", ".*")
+        .await
+        .unwrap();
+    let guest = Api::guest(&broker);
+    let (status, body) = guest
+        .send(
+            reqwest::Method::PUT,
+            "/api/queues/other/q0",
+            Some(json!({"durable": true})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let boss = Api::new(&broker, "boss", "b0ss");
+    let refused = [
+        (
+            reqwest::Method::PUT,
+            "/api/queues/other/q1",
+            Some(json!({"durable": true})),
+        ),
+        (
+            reqwest::Method::PUT,
+            "/api/exchanges/other/x1",
+            Some(json!({"type": "fanout"})),
+        ),
+        (
+            reqwest::Method::POST,
+            "/api/bindings/other/e/amq.fanout/q/q0",
+            Some(json!({})),
+        ),
+        (
+            reqwest::Method::DELETE,
+            "/api/queues/other/q0/contents",
+            None,
+        ),
+        (
+            reqwest::Method::POST,
+            "/api/queues/other/q0/get",
+            Some(json!({"count": 1, "ackmode": "ack_requeue_true", "encoding": "auto"})),
+        ),
+        (reqwest::Method::DELETE, "/api/queues/other/q0", None),
+        (
+            reqwest::Method::POST,
+            "/api/exchanges/other/amq.default/publish",
+            Some(
+                json!({"properties": {}, "routing_key": "q0", "payload": "x", "payload_encoding": "string"}),
+            ),
+        ),
+    ];
+    for (method, path, body) in refused {
+        let (status, answer) = boss.send(method.clone(), path, body).await;
+        assert_eq!(
+            status,
+            StatusCode::UNAUTHORIZED,
+            "{method} {path}: {answer}"
+        );
+        assert_eq!(
+            answer["error"], "not_authorised",
+            "{method} {path}: {answer}"
+        );
+    }
+    let (status, queues) = boss.get("/api/queues/other").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(queues.as_array().map(Vec::len), Some(1), "{queues}");
+    let (status, body) = boss
+        .send(
+            reqwest::Method::PUT,
+            "/api/policies/other/p1",
+            Some(json!({"pattern": "^x", "definition": {"max-length": 1}})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    // With permissions, the same declare is made.
+    b.set_permissions("boss", "other", ".*", ".*", ".*")
+        .await
+        .unwrap();
+    let (status, body) = boss
+        .send(
+            reqwest::Method::PUT,
+            "/api/queues/other/q1",
+            Some(json!({"durable": true})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+}
+
 /// A quorum queue on a node alone is listed under its type, as RabbitMQ
 /// lists it (it has one copy, and keeps the quorum-queue rules).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2538,13 +2538,7 @@ async fn publish_message(
 ) -> ApiResult {
     let v = visible_vhost(&b, &caller, &vhost)?;
     let name = exchange_name(&name).to_owned();
-    b.auth.check(
-        &caller.name,
-        v.name(),
-        crate::auth::Resource::Exchange,
-        &name,
-        crate::auth::Access::Write,
-    )?;
+    caller.require_access(&b, v.name(), Resource::Exchange, &name, Access::Write)?;
     let body = body_map(body);
     let routing_key = body
         .get("routing_key")
@@ -2625,13 +2619,7 @@ async fn get_messages(
     body: Body,
 ) -> ApiResult {
     let v = visible_vhost(&b, &caller, &vhost)?;
-    b.auth.check(
-        &caller.name,
-        v.name(),
-        crate::auth::Resource::Queue,
-        &name,
-        crate::auth::Access::Read,
-    )?;
+    caller.require_access(&b, v.name(), Resource::Queue, &name, Access::Read)?;
     let local = v.find_queue(&name);
     if let Some(q) = &local {
         not_exclusive(q, &vhost)?;
