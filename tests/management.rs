@@ -803,6 +803,16 @@ async fn definitions_round_trip_through_an_empty_broker() {
         .await,
         StatusCode::CREATED
     );
+    // An operator policy travels as RabbitMQ 3.10 exports it: an
+    // `operator_policy` runtime parameter.
+    assert_eq!(
+        api.put(
+            "/api/operator-policies/shop/cap",
+            json!({"pattern": "^orders", "apply-to": "queues", "definition": {"max-length": 100}})
+        )
+        .await,
+        StatusCode::CREATED
+    );
     for (path, key) in [
         ("/api/bindings/shop/e/orders/q/orders.paid", "order.paid"),
         ("/api/bindings/shop/e/unrouted/q/orders.paid", ""),
@@ -885,7 +895,15 @@ async fn definitions_round_trip_through_an_empty_broker() {
         .await;
     assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
     let (_, again) = target_api.get("/api/definitions").await;
+    assert_eq!(
+        named("parameters", "cap").unwrap()["component"],
+        "operator_policy",
+        "{exported}"
+    );
     assert_eq!(normalized(again), normalized(exported));
+    let (status, cap) = target_api.get("/api/operator-policies/shop/cap").await;
+    assert_eq!(status, StatusCode::OK, "{cap}");
+    assert_eq!(cap["definition"]["max-length"], 100, "{cap}");
 
     // The imported user logs in with the password set on the source broker.
     let conn = lapin::Connection::connect(
@@ -2551,10 +2569,25 @@ async fn operator_policies_cap_policies_as_rabbitmq_does() {
                     assert_eq!(got[key], answer[key], "{what}: {key}");
                 }
             }
-            // RabbitMQ 3.10 does not export operator policies.
+            // RabbitMQ 3.10 exports operator policies as `operator_policy`
+            // runtime parameters (no `operator_policies` section); so does
+            // Warren, with the same values.
             Some(answer) if step.path == "/api/definitions" => {
+                let operator = |defs: &Value| {
+                    let mut found: Vec<Value> = defs["parameters"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .filter(|p| p["component"] == "operator_policy")
+                        .cloned()
+                        .collect();
+                    found.sort_by_key(|p| p["name"].as_str().unwrap_or_default().to_owned());
+                    found
+                };
                 assert!(answer.get("operator_policies").is_none());
                 assert!(got.get("operator_policies").is_none(), "{got}");
+                assert_eq!(operator(&got), operator(answer), "{what}");
+                assert_eq!(operator(&got).len(), 3, "{got}");
                 assert_eq!(got["policies"].as_array().map(Vec::len), Some(2));
             }
             Some(answer) => assert_eq!(&got, answer, "{what}"),

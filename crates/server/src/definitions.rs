@@ -11,10 +11,11 @@
 //! and bindings in that order (RabbitMQ too applies policies before queues:
 //! a queue a mirroring policy matches is declared replicated in a cluster);
 //! an object that exists already must be equivalent (else the import stops
-//! with the 406 text). Vhost limits travel as
-//! RabbitMQ keeps them, as `vhost-limits` runtime parameters; other runtime
-//! parameters are not supported yet: they are skipped, and each skipped one
-//! is logged and counted in [`Imported::skipped`].
+//! with the 406 text). Vhost limits and operator policies travel as
+//! RabbitMQ 3.10 exports them, as `vhost-limits` and `operator_policy`
+//! runtime parameters; other runtime parameters (shovels, federation) are
+//! not supported yet: they are skipped, and each skipped one is logged and
+//! counted in [`Imported::skipped`].
 
 use std::sync::Arc;
 
@@ -27,6 +28,9 @@ use crate::json::{json_to_table, limits_from_json, limits_json, table_to_json};
 
 /// The runtime-parameter component RabbitMQ keeps vhost limits in.
 const VHOST_LIMITS: &str = "vhost-limits";
+
+/// The runtime-parameter component RabbitMQ exports operator policies as.
+const OPERATOR_POLICY: &str = "operator_policy";
 
 /// What an import did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -92,8 +96,31 @@ pub fn export(broker: &Broker) -> Value {
         .collect();
     let (mut queues, mut exchanges, mut bindings) = (Vec::new(), Vec::new(), Vec::new());
     let mut policies = Vec::new();
+    let mut parameters = Vec::new();
     for v in &vhosts {
         policies.extend(v.policies.read().iter().map(crate::policy::Policy::to_json));
+        let limits = limits_json(&v.limits.lock());
+        if !limits.is_empty() {
+            parameters.push(json!({
+                "vhost": v.name(),
+                "component": VHOST_LIMITS,
+                "name": "limits",
+                "value": limits,
+            }));
+        }
+        for p in v.operator_policies.read().iter() {
+            parameters.push(json!({
+                "vhost": v.name(),
+                "component": OPERATOR_POLICY,
+                "name": p.name,
+                "value": {
+                    "pattern": p.pattern,
+                    "apply-to": p.apply_to.as_str(),
+                    "priority": p.priority,
+                    "definition": p.definition,
+                },
+            }));
+        }
         // Transient queues and exchanges too, as RabbitMQ 3.10 exports
         // them (marked `"durable": false`); exclusive queues not, they
         // belong to a connection.
@@ -179,18 +206,7 @@ pub fn export(broker: &Broker) -> Value {
         "vhosts": vhosts.iter().map(|v| json!({"name": v.name(), "limits": [], "metadata": {"description": "", "tags": []}})).collect::<Vec<_>>(),
         "permissions": permissions,
         "topic_permissions": topic_permissions,
-        "parameters": vhosts
-            .iter()
-            .filter_map(|v| {
-                let limits = limits_json(&v.limits.lock());
-                (!limits.is_empty()).then(|| json!({
-                    "vhost": v.name(),
-                    "component": VHOST_LIMITS,
-                    "name": "limits",
-                    "value": limits,
-                }))
-            })
-            .collect::<Vec<_>>(),
+        "parameters": parameters,
         "global_parameters": [],
         "policies": policies,
         "queues": queues,
@@ -328,15 +344,24 @@ pub async fn import(broker: &Arc<Broker>, defs: &Value) -> Result<Imported, Impo
     // Vhost limits are applied last, so that a limit below what the file
     // itself declares (an export may hold one) does not stop the import.
     let mut vhost_limits = Vec::new();
+    let mut operator_policies = Vec::new();
     for entry in section(defs, "parameters")? {
         let name = entry.get("name").and_then(Value::as_str).unwrap_or("?");
-        if entry.get("component").and_then(Value::as_str) != Some(VHOST_LIMITS) {
-            tracing::warn!(
-                name,
-                "definitions: runtime parameters other than vhost limits are not supported yet, skipped"
-            );
-            done.skipped.push(format!("parameters: {name}"));
-            continue;
+        match entry.get("component").and_then(Value::as_str) {
+            Some(VHOST_LIMITS) => {}
+            // Applied with the policies, once the vhosts exist.
+            Some(OPERATOR_POLICY) => {
+                operator_policies.push(entry);
+                continue;
+            }
+            _ => {
+                tracing::warn!(
+                    name,
+                    "definitions: runtime parameters other than vhost limits and operator policies are not supported yet, skipped"
+                );
+                done.skipped.push(format!("parameters: {name}"));
+                continue;
+            }
         }
         let vhost = text(entry, "vhost", "vhost limits")?;
         let limits = limits_from_json(entry.get("value").unwrap_or(&Value::Null))
@@ -413,33 +438,58 @@ pub async fn import(broker: &Arc<Broker>, defs: &Value) -> Result<Imported, Impo
         vhost.declare_exchange(decl, false).await?;
         done.applied += 1;
     }
-    // Policies before queues, as RabbitMQ imports them: a queue a
-    // mirroring policy (`ha-mode`) matches is declared replicated.
-    for p in section(defs, "policies")? {
+    // Policies (and operator policies) before queues, as RabbitMQ imports
+    // them: a queue a mirroring policy (`ha-mode`) matches is declared
+    // replicated, and one an operator policy caps is capped from the start.
+    let operator = operator_policies.into_iter().map(|entry| {
+        let value = entry.get("value").unwrap_or(&Value::Null);
+        (
+            crate::policy::PolicyKind::Operator,
+            entry.get("vhost").unwrap_or(&Value::Null),
+            entry.get("name").unwrap_or(&Value::Null),
+            value,
+        )
+    });
+    let user = section(defs, "policies")?.iter().map(|p| {
+        (
+            crate::policy::PolicyKind::User,
+            p.get("vhost").unwrap_or(&Value::Null),
+            p.get("name").unwrap_or(&Value::Null),
+            p,
+        )
+    });
+    for (kind, vhost, name, p) in user.chain(operator) {
+        let what = kind.noun();
         let definition = match p.get("definition") {
             Some(Value::Object(d)) => d.clone(),
             _ => {
-                return Err(ImportError::Malformed(
-                    "policy: missing 'definition'".into(),
-                ));
+                return Err(ImportError::Malformed(format!(
+                    "{what}: missing 'definition'"
+                )));
             }
         };
-        let name = text(p, "name", "policy")?;
+        let name = name
+            .as_str()
+            .ok_or_else(|| ImportError::Malformed(format!("{what}: missing 'name'")))?;
+        let vhost = vhost
+            .as_str()
+            .ok_or_else(|| ImportError::Malformed(format!("{what} '{name}': missing 'vhost'")))?;
         let apply_to = p.get("apply-to").and_then(Value::as_str).unwrap_or("all");
-        let policy = crate::policy::Policy::new(
-            text(p, "vhost", "policy")?,
+        let policy = crate::policy::Policy::of_kind(
+            kind,
+            vhost,
             name,
-            text(p, "pattern", "policy")?,
+            text(p, "pattern", what)?,
             crate::policy::ApplyTo::parse(apply_to).ok_or_else(|| {
-                ImportError::Malformed(format!("policy '{name}': apply-to '{apply_to}'"))
+                ImportError::Malformed(format!("{what} '{name}': apply-to '{apply_to}'"))
             })?,
             p.get("priority").and_then(Value::as_i64).unwrap_or(0),
             definition,
         )
-        .map_err(|e| ImportError::Malformed(format!("policy '{name}': {e}")))?;
+        .map_err(|e| ImportError::Malformed(format!("{what} '{name}': {e}")))?;
         if broker.set_policy(policy).await?.is_none() {
             return Err(ImportError::Malformed(format!(
-                "policy '{name}': no such vhost"
+                "{what} '{name}': no such vhost"
             )));
         }
         done.applied += 1;
