@@ -1204,28 +1204,18 @@ async fn an_administrator_needs_permissions_in_a_vhost_to_change_it() {
         .await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
     let boss = Api::new(&broker, "boss", "b0ss");
-    let recorded = include_str!("data/rabbitmq_3_10_admin_permissions.md");
-    let mut steps = 0;
-    for section in recorded.split("\n## ").skip(1) {
-        let field = |name: &str| {
-            section
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .map(|v| v.trim().trim_matches('`').to_owned())
-        };
-        let request = field("request:").unwrap();
-        let (method, path) = request.split_once(' ').unwrap();
-        let body = field("body:").map(|b| serde_json::from_str::<Value>(&b).unwrap());
-        let expected: u16 = field("status:").unwrap().parse().unwrap();
-        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
-        let (status, answer) = boss.send(method, path, body).await;
-        assert_eq!(status.as_u16(), expected, "{request}: {answer}");
-        if expected == 401 {
-            assert_eq!(answer["error"], "not_authorised", "{request}: {answer}");
+    let steps = recorded_steps(include_str!("data/rabbitmq_3_10_admin_permissions.md"));
+    assert_eq!(steps.len(), 9, "every recorded request replayed");
+    for step in &steps {
+        let what = format!("{}: {} {}", step.title, step.method, step.path);
+        let (status, answer) = boss
+            .send(step.method.clone(), &step.path, step.body.clone())
+            .await;
+        assert_eq!(status, step.status, "{what}: {answer}");
+        if step.status == StatusCode::UNAUTHORIZED {
+            assert_eq!(answer["error"], "not_authorised", "{what}: {answer}");
         }
-        steps += 1;
     }
-    assert_eq!(steps, 9, "every recorded request replayed");
     // With permissions, the refused declare is made.
     b.set_permissions("boss", "other", ".*", ".*", ".*")
         .await
@@ -2498,9 +2488,9 @@ struct RecordedStep {
     answer: Option<Value>,
 }
 
-/// The recorded API steps, in order.
-fn recorded_operator_policy_steps() -> Vec<RecordedStep> {
-    let text = include_str!("data/rabbitmq_3_10_operator_policies.md");
+/// The API steps recorded from RabbitMQ in `text` (one of `data/`'s
+/// capture files), in order.
+fn recorded_steps(text: &str) -> Vec<RecordedStep> {
     let mut steps = Vec::new();
     for section in text.split("\n## ").skip(1) {
         let title = section.lines().next().unwrap().to_owned();
@@ -2547,7 +2537,7 @@ async fn operator_policies_cap_policies_as_rabbitmq_does() {
     let api = Api::guest(&broker);
     let conn = broker.connect().await;
     let ch = conn.create_channel().await.unwrap();
-    let steps = recorded_operator_policy_steps();
+    let steps = recorded_steps(include_str!("data/rabbitmq_3_10_operator_policies.md"));
     assert!(steps.len() >= 25, "{} steps", steps.len());
     for step in &steps {
         let (status, got) = api
@@ -2933,16 +2923,7 @@ async fn a_full_disk_fails_the_virtual_hosts_health_check() {
 
     let conn = broker.connect().await;
     let ch = conn.create_channel().await.unwrap();
-    ch.queue_declare(
-        "fill".into(),
-        QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
+    declare_durable_queue(&ch, "fill").await;
     ch.confirm_select(ConfirmSelectOptions::default())
         .await
         .unwrap();

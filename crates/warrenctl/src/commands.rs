@@ -1061,7 +1061,8 @@ pub(crate) async fn run(cli: Cli) -> Result<(), Failure> {
                 }
             }
         }
-        Command::AwaitStartup => checks::await_startup(&api, &out, timeout).await?,
+        // (Waited for before the node was asked for, above.)
+        Command::AwaitStartup => {}
         Command::Ping => checks::ping(&api, &out, &node).await?,
         Command::CheckRunning => checks::running(&api, &out, &node).await?,
         Command::CheckLocalAlarms => checks::local_alarms(&api, &out, &node).await?,
