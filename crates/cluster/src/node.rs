@@ -918,11 +918,14 @@ impl server::peers::Peers for ClusterPeers {
         home: &str,
         vhost: &str,
         queue: &amqp_codec::ShortStr,
+        queue_id: u64,
         seqs: Vec<u64>,
         how: server::queue::Settle,
     ) {
         let replicas = &self.node.replicas;
-        if let Some(q) = replicas.by_name(vhost, queue) {
+        // By id: a classic queue that became replicated under its name is
+        // still settled on its old home for what it handed out before.
+        if let Some(q) = replicas.get(queue_id) {
             let request = QueueRequest::Settle {
                 consumer: (replicas.me(), 0),
                 seqs: seqs.clone(),
@@ -1588,6 +1591,9 @@ impl Handler {
         match now() {
             Err(text) => Box::pin(std::future::ready(Response::Enqueued(Err(text)))),
             Ok(done) => Box::pin(async move {
+                if let Some(forwarded) = done.forwarded {
+                    return Response::Enqueued(forwarded.await.map(|e| e.refused));
+                }
                 if let Some(commit) = done.commit {
                     if let Err(e) = commit.await {
                         return Response::Enqueued(Err(format!("store: {e}")));

@@ -526,6 +526,42 @@ impl Router {
         removed
     }
 
+    /// Gives queue `name` a new id, keeping its bindings (a classic queue
+    /// that became replicated: from now on messages route to `id`). No
+    /// exchange is auto-deleted on the way. A queue not known is added.
+    pub fn replace_queue(&mut self, name: ShortStr, id: QueueId) {
+        let Some(old) = self.queue(&name) else {
+            self.add_queue(name, id);
+            return;
+        };
+        if old == id {
+            return;
+        }
+        let keys: Vec<BindingKey> = self
+            .by_target
+            .get(&Target::Queue(old))
+            .map(|s| s.iter().cloned().collect())
+            .unwrap_or_default();
+        let defs: Vec<BindingDef> = keys
+            .iter()
+            .filter_map(|k| {
+                let args = self.bindings.get(k)?;
+                self.binding_def(k, args)
+            })
+            .collect();
+        let mut removed = Removed::default();
+        for key in keys {
+            self.remove_binding(&key, &mut removed, false);
+        }
+        self.by_target.remove(&Target::Queue(old));
+        self.queue_names.remove(&old);
+        self.add_queue(name, id);
+        for def in defs {
+            // (They resolved a moment ago; the queue's name is unchanged.)
+            let _ = self.bind(&def);
+        }
+    }
+
     fn resolve(&self, def: &BindingDef) -> Result<BindingKey, ExchangeError> {
         if def.source.is_empty()
             || matches!(&def.destination, Destination::Exchange(d) if d.is_empty())
@@ -1427,6 +1463,36 @@ mod tests {
             route(&r, "", "q1").is_empty(),
             "queue forgotten by the default exchange"
         );
+    }
+
+    #[test]
+    fn a_queue_given_a_new_id_keeps_its_bindings_and_their_exchanges() {
+        let mut r = router_with_queues(2);
+        r.declare_exchange(
+            ExchangeDeclare {
+                name: "ad",
+                kind: "fanout",
+                durable: false,
+                auto_delete: true,
+                internal: false,
+                arguments: &FieldTable::new(),
+            },
+            false,
+        )
+        .unwrap();
+        r.bind(&qbind("ad", "q1", "")).unwrap();
+        r.bind(&qbind("amq.direct", "q1", "k")).unwrap();
+        r.bind(&qbind("amq.direct", "q0", "k")).unwrap();
+        r.replace_queue(s("q1"), QueueId(9));
+        assert!(r.exchange("ad").is_some(), "its only binding moved with it");
+        assert_eq!(route(&r, "ad", ""), [9]);
+        assert_eq!(route(&r, "amq.direct", "k"), [0, 9]);
+        assert_eq!(route(&r, "", "q1"), [9]);
+        assert_eq!(r.queue("q1"), Some(QueueId(9)));
+        assert_eq!(r.bindings().count(), 3);
+        // A queue it did not know is added.
+        r.replace_queue(s("new"), QueueId(10));
+        assert_eq!(route(&r, "", "new"), [10]);
     }
 
     #[test]

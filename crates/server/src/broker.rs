@@ -271,6 +271,7 @@ impl Broker {
                     }
                     v.apply_policies();
                     v.apply_policies_to_replicated();
+                    v.convert_mirrored();
                 }
             }
             MetaCommand::DeletePolicy { vhost, name, kind } => {
@@ -278,6 +279,7 @@ impl Broker {
                     v.policies_of(*kind).write().retain(|p| p.name != *name);
                     v.apply_policies();
                     v.apply_policies_to_replicated();
+                    v.convert_mirrored();
                 }
             }
             // Router objects: the node that ran the operation changed its
@@ -361,7 +363,9 @@ impl Broker {
                         // Homed elsewhere, or replicated (reached through
                         // its group wherever its leader is).
                         v.project_queue(queue);
-                        return 0;
+                        // A classic queue of this node it took over may
+                        // still hold messages to move into it.
+                        return usize::from(v.recover_moving(queue, recovered));
                     }
                     if !queue.durable || queue.exclusive {
                         // A cluster's transient queue of this node's

@@ -408,13 +408,15 @@ pub trait Peers: Send + Sync + std::fmt::Debug {
     /// Queue `queue`'s counts on node `home` (`queue.declare`).
     fn counts(&self, home: &str, vhost: &str, queue: &ShortStr) -> RemoteCounts;
 
-    /// Settles deliveries of queue `queue` on node `home` (in order with
-    /// this node's other requests to it; not waited for).
+    /// Settles deliveries of queue `queue` (id `queue_id`, which tells a
+    /// replicated queue from the classic one it took over) on node `home`
+    /// (in order with this node's other requests to it; not waited for).
     fn settle(
         &self,
         home: &str,
         vhost: &str,
         queue: &ShortStr,
+        queue_id: u64,
         seqs: Vec<u64>,
         how: crate::queue::Settle,
     );

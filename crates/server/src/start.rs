@@ -166,6 +166,7 @@ pub async fn start_with(
     for v in broker.vhost_list() {
         v.apply_exchange_policies();
         v.apply_policies();
+        v.convert_mirrored();
     }
     broker.node.begin_run();
     if broker.peers.get().is_some() {

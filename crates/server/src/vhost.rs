@@ -28,6 +28,8 @@ use crate::policy::PolicyKind;
 use crate::queue::{AppliedPolicies, QueueHandle, Settle, Unacked, notify_cancel, now_ms};
 use crate::rates::SampledRates;
 
+mod mirroring;
+
 /// A message to publish (see [`Vhost::enqueue`]).
 #[derive(Debug)]
 pub struct Publish<'a> {
@@ -56,6 +58,9 @@ pub struct PeerEnqueue {
     /// Gates (the queue's, the store's) raised by it: the answer waits until
     /// they are lowered.
     pub congested: Vec<Arc<queue_store::FlowGate>>,
+    /// Sent on to the replicated queue that took over the classic queue it
+    /// was sent to: its answer is the answer.
+    pub forwarded: Option<crate::peers::RemoteOutcome>,
 }
 
 impl std::fmt::Debug for PeerEnqueue {
@@ -64,6 +69,7 @@ impl std::fmt::Debug for PeerEnqueue {
             .field("refused", &self.refused)
             .field("commit", &self.commit.is_some())
             .field("congested", &self.congested.len())
+            .field("forwarded", &self.forwarded.is_some())
             .finish()
     }
 }
@@ -104,6 +110,15 @@ pub struct Vhost {
     remote: DashMap<ShortStr, crate::peers::RemoteQueue>,
     /// The same, by id.
     remote_ids: DashMap<u64, ShortStr>,
+    /// Classic queues of this node that a mirroring policy turned into
+    /// replicated ones, by name, while their messages move into the group
+    /// (see `mirroring`): no longer routed to or listed, still settled.
+    moving: DashMap<ShortStr, Arc<QueueHandle>>,
+    /// Other nodes' classic queues that became replicated, by their old
+    /// ids: deliveries taken from them before are still settled there.
+    moved: DashMap<u64, crate::peers::RemoteQueue>,
+    /// Classic queues of this node whose takeover is being committed.
+    converting: DashMap<ShortStr, ()>,
     /// Cancelled when the vhost is deleted: its connections close.
     pub closed: tokio_util::sync::CancellationToken,
     /// Open connections to this vhost.
@@ -150,6 +165,9 @@ impl Vhost {
             by_id: DashMap::default(),
             remote: DashMap::new(),
             remote_ids: DashMap::new(),
+            moving: DashMap::new(),
+            moved: DashMap::new(),
+            converting: DashMap::new(),
             closed: tokio_util::sync::CancellationToken::new(),
             connections: std::sync::atomic::AtomicUsize::new(0),
             limits: parking_lot::Mutex::new(VhostLimits::default()),
@@ -356,6 +374,9 @@ impl Vhost {
         let Some(home) = def.home.clone() else {
             return;
         };
+        if let Some(old) = def.replaces {
+            self.take_over(def, old);
+        }
         let replicated = !def.members.is_empty();
         if replicated && self.node.is_home(&def.home) {
             self.node.note_queue_id(def.id);
@@ -424,6 +445,7 @@ impl Vhost {
                     arguments,
                     home: members.first().cloned(),
                     members,
+                    replaces: None,
                 },
             })
             .await?;
@@ -926,6 +948,7 @@ impl Vhost {
                         arguments,
                         home: self.node.queue_home(),
                         members: Vec::new(),
+                        replaces: None,
                     },
                 })
                 .await;
@@ -1569,20 +1592,23 @@ impl Vhost {
     /// Settles deliveries of the queue with id `id`, if it lives on another
     /// node: the settlement goes to its home.
     fn settle_remote(&self, id: u64, unacked: &[Unacked], how: Settle) {
-        let (Some(peers), Some(name)) = (
-            self.node.peers.get(),
-            self.remote_ids.get(&id).map(|n| n.value().clone()),
-        ) else {
+        let Some(peers) = self.node.peers.get() else {
             return;
         };
-        let Some(q) = self.find_remote_queue(&name) else {
+        // A queue that was classic when they were taken is settled on its
+        // old home, which is moving what is left of it into the group.
+        let q = match self.remote_ids.get(&id).map(|n| n.value().clone()) {
+            Some(name) => self.find_remote_queue(&name),
+            None => self.moved.get(&id).map(|q| q.value().clone()),
+        };
+        let Some(q) = q else {
             return;
         };
         if how == Settle::Ack {
             self.node.metrics.acknowledged.inc_by(unacked.len() as u64);
         }
         let seqs = unacked.iter().map(|u| u.seq).collect();
-        peers.settle(&q.home, &self.name, &name, seqs, how);
+        peers.settle(&q.home, &self.name, &q.name, id, seqs, how);
     }
 
     /// `basic.get` for another node, on a queue homed here.
@@ -1620,7 +1646,10 @@ impl Vhost {
 
     /// Settles deliveries another node took from queue `queue` (homed here).
     pub fn settle_from_peer(&self, queue: &str, seqs: &[u64], how: Settle) {
-        let Some(q) = self.find_queue(queue) else {
+        let Some(q) = self
+            .find_queue(queue)
+            .or_else(|| self.moving.get(queue).map(|q| q.value().clone()))
+        else {
             return;
         };
         let mut fx = Effects::default();
@@ -1683,12 +1712,26 @@ impl Vhost {
     /// (its home is here). Returns what the queue did, the store commit to
     /// wait for and the gates to wait on before answering ([`PeerEnqueue`]).
     pub fn enqueue_from_peer(&self, p: crate::peers::RemotePublish) -> Result<PeerEnqueue, String> {
-        let queue = self.find_queue(&p.queue).ok_or_else(|| {
-            format!(
+        let Some(queue) = self.find_queue(&p.queue) else {
+            // Sent while the queue was classic and homed here; it has been
+            // replicated since: on to its group.
+            if let (Some(peers), Some(q)) = (self.node.peers.get(), self.remote.get(&p.queue)) {
+                if q.replicated() {
+                    let home = q.home.clone();
+                    drop(q);
+                    return Ok(PeerEnqueue {
+                        refused: false,
+                        commit: None,
+                        congested: Vec::new(),
+                        forwarded: Some(peers.enqueue(&home, p)),
+                    });
+                }
+            }
+            return Err(format!(
                 "no queue '{}' in vhost '{}' on this node",
                 p.queue, self.name
-            )
-        })?;
+            ));
+        };
         let header = amqp_codec::ContentHeader::decode(&p.header)
             .map_err(|e| format!("content header: {e}"))?;
         let message = Message::new(
@@ -1711,6 +1754,7 @@ impl Vhost {
                 refused: false,
                 commit: None,
                 congested: Vec::new(),
+                forwarded: None,
             });
         };
         let commit = published
@@ -1731,6 +1775,7 @@ impl Vhost {
             refused: published.refused,
             commit,
             congested,
+            forwarded: None,
         })
     }
 

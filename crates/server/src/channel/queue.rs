@@ -354,6 +354,7 @@ async fn declare_on(
                 arguments: m.arguments.clone(),
                 home: Some(home),
                 members: Vec::new(),
+                replaces: None,
             });
             Ok(Some((name.clone(), u64::from(ready), consumers as usize)))
         }

@@ -63,6 +63,7 @@ impl RemoteConsumer {
             &self.home,
             &self.vhost,
             &self.queue,
+            self.queue_id,
             vec![d.seq],
             Settle::Requeue,
         );
@@ -83,6 +84,7 @@ impl RemoteConsumer {
                 &self.home,
                 &self.vhost,
                 &self.queue,
+                self.queue_id,
                 vec![d.seq],
                 Settle::Reject,
             );
@@ -119,8 +121,14 @@ impl RemoteConsumer {
     fn flush_acks(&self) {
         let seqs = std::mem::take(&mut *self.acks.lock());
         if !seqs.is_empty() {
-            self.peers
-                .settle(&self.home, &self.vhost, &self.queue, seqs, Settle::Ack);
+            self.peers.settle(
+                &self.home,
+                &self.vhost,
+                &self.queue,
+                self.queue_id,
+                seqs,
+                Settle::Ack,
+            );
         }
     }
 }

@@ -2675,7 +2675,7 @@ async fn get_messages(
             }
         }
         let seqs = taken.iter().map(|d| d.seq).collect();
-        peers.settle(&remote.home, v.name(), &remote.name, seqs, how);
+        peers.settle(&remote.home, v.name(), &remote.name, remote.id, seqs, how);
         let mut out = Vec::new();
         for d in &taken {
             let props = amqp_codec::ContentHeader::decode(&d.header)

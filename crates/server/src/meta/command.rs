@@ -129,6 +129,11 @@ pub struct QueueDef {
     /// A replicated (quorum) queue's members: the nodes holding its
     /// replicas (empty for any other queue).
     pub members: Vec<String>,
+    /// For a replicated queue that took over a durable classic queue of
+    /// the same name when a mirroring policy (`ha-mode`) came to match it:
+    /// that queue's id. Its home moves its messages into the group (the
+    /// vhost's `mirroring` module), after a restart too.
+    pub replaces: Option<u64>,
 }
 
 /// One change to the metadata.
@@ -422,6 +427,9 @@ impl MetaCommand {
                     if queue.exclusive {
                         r.insert(s("exclusive"), FieldValue::Bool(true));
                     }
+                    if let Some(old) = queue.replaces {
+                        r.insert(s("replaces"), FieldValue::I64(old as i64));
+                    }
                     r
                 },
             ),
@@ -523,6 +531,10 @@ impl MetaCommand {
                                 .map(str::to_owned)
                                 .collect(),
                             _ => Vec::new(),
+                        },
+                        replaces: match t.get("replaces") {
+                            Some(FieldValue::I64(old)) => u64::try_from(*old).ok(),
+                            _ => None,
                         },
                     },
                 }
@@ -858,6 +870,7 @@ mod tests {
                 arguments: args.clone(),
                 home: None,
                 members: Vec::new(),
+                replaces: None,
             },
         });
         // A cluster's log carries transient objects too.
@@ -872,6 +885,7 @@ mod tests {
                 arguments: args.clone(),
                 home: Some("n1".into()),
                 members: Vec::new(),
+                replaces: None,
             },
         });
         // A replicated queue's record names its members.
@@ -886,6 +900,22 @@ mod tests {
                 arguments: args.clone(),
                 home: Some("n2".into()),
                 members: vec!["n2".into(), "n1".into(), "n3".into()],
+                replaces: None,
+            },
+        });
+        // One that took over a classic queue names it.
+        round_trip(MetaCommand::DeclareQueue {
+            vhost: "v".into(),
+            queue: QueueDef {
+                name: s("mirrored"),
+                id: 46,
+                durable: true,
+                exclusive: false,
+                auto_delete: false,
+                arguments: args.clone(),
+                home: Some("n1".into()),
+                members: vec!["n1".into(), "n2".into()],
+                replaces: Some(45),
             },
         });
         round_trip(MetaCommand::DeclareExchange {

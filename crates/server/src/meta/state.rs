@@ -488,6 +488,19 @@ impl MetaState {
                         out.puts.extend(command.definition());
                     }
                     Some(existing) if existing.id == queue.id => {}
+                    // A durable classic queue a mirroring policy came to
+                    // match becomes replicated under a new id (its
+                    // bindings, by name, stay).
+                    Some(existing)
+                        if queue.replaces == Some(existing.id)
+                            && existing.members.is_empty()
+                            && !queue.members.is_empty()
+                            && existing.durable
+                            && queue.durable =>
+                    {
+                        v.queues.insert(queue.name.clone(), queue.clone());
+                        out.puts.extend(command.definition());
+                    }
                     Some(_) => {
                         return Err(MetaError::Conflict(format!(
                             "queue '{}' in vhost '{vhost}' exists",
@@ -653,6 +666,7 @@ mod tests {
             arguments: FieldTable::new(),
             home: Some(home.into()),
             members: Vec::new(),
+            replaces: None,
         }
     }
 
@@ -768,6 +782,7 @@ mod tests {
                 arguments: FieldTable::new(),
                 home: None,
                 members: Vec::new(),
+                replaces: None,
             },
         })
         .expect("queue");
@@ -809,6 +824,73 @@ mod tests {
                 .contains(&(DefKind::Exchange, scoped_name("v", &[b"x"])))
         );
         assert!(st.definitions().is_empty());
+    }
+
+    #[test]
+    fn a_mirrored_queue_takes_over_its_classic_namesake_and_keeps_its_bindings() {
+        let mut st = MetaState::default();
+        let v = || "v".to_owned();
+        st.apply(&MetaCommand::PutVhost {
+            name: v(),
+            limits: VhostLimits::default(),
+        })
+        .expect("vhost");
+        let classic = cluster_queue("q", 1, true, false, "n2");
+        st.apply(&MetaCommand::DeclareQueue {
+            vhost: v(),
+            queue: classic.clone(),
+        })
+        .expect("classic");
+        st.apply(&MetaCommand::Bind {
+            vhost: v(),
+            binding: binding("amq.topic", q("q")),
+        })
+        .expect("bind");
+        let replicated = |id: u64, replaces: Option<u64>| QueueDef {
+            id,
+            members: vec!["n2".into(), "n1".into()],
+            replaces,
+            ..classic.clone()
+        };
+        // Without naming the queue it replaces, a second queue of that name
+        // is a conflict; naming another id is too.
+        assert!(
+            st.apply(&MetaCommand::DeclareQueue {
+                vhost: v(),
+                queue: replicated(2, None),
+            })
+            .is_err()
+        );
+        assert!(
+            st.apply(&MetaCommand::DeclareQueue {
+                vhost: v(),
+                queue: replicated(2, Some(7)),
+            })
+            .is_err()
+        );
+        let applied = st
+            .apply(&MetaCommand::DeclareQueue {
+                vhost: v(),
+                queue: replicated(2, Some(1)),
+            })
+            .expect("takeover");
+        assert_eq!(applied.puts.len(), 1, "the new record is stored");
+        assert_eq!(st.vhosts["v"].queues["q"], replicated(2, Some(1)));
+        assert_eq!(st.vhosts["v"].bindings.len(), 1, "the binding stays");
+        // Applied again (a replayed log), nothing changes; a replicated
+        // queue is never taken over again.
+        st.apply(&MetaCommand::DeclareQueue {
+            vhost: v(),
+            queue: replicated(2, Some(1)),
+        })
+        .expect("replay");
+        assert!(
+            st.apply(&MetaCommand::DeclareQueue {
+                vhost: v(),
+                queue: replicated(3, Some(2)),
+            })
+            .is_err()
+        );
     }
 
     #[test]
@@ -919,6 +1001,7 @@ mod tests {
                         arguments: FieldTable::new(),
                         home: None,
                         members: Vec::new(),
+                        replaces: None,
                     },
                 }
             }),

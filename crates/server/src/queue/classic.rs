@@ -184,6 +184,12 @@ impl QueueType for ClassicQueue {
         before > 0 && st.consumers.is_empty()
     }
 
+    fn take_consumers(&self) -> Vec<Consumer> {
+        let mut st = self.state.lock();
+        st.queue.touch(now_ms());
+        std::mem::take(&mut st.consumers)
+    }
+
     fn for_each_consumer(&self, f: &mut dyn FnMut(&Consumer)) {
         self.state.lock().consumers.iter().for_each(f);
     }

@@ -234,6 +234,9 @@ pub trait QueueType: Send + Sync + std::fmt::Debug {
     -> Result<(), ConsumeRefused>;
     /// Detaches a consumer; whether that left the queue without consumers.
     fn cancel(&self, tag: &ShortStr) -> bool;
+    /// Detaches every consumer (the queue is handed over to another type
+    /// of queue): they are to be told.
+    fn take_consumers(&self) -> Vec<Consumer>;
     /// Looks at each consumer (listings).
     fn for_each_consumer(&self, f: &mut dyn FnMut(&Consumer));
     /// Takes one message, to be acknowledged if `ack`.

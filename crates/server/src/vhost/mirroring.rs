@@ -1,0 +1,307 @@
+//! A durable classic queue that a mirroring policy (RabbitMQ 3.x's
+//! `ha-mode`) comes to match after it was declared becomes replicated, as
+//! one declared under the policy is. The queue's home node does it:
+//!
+//! 1. **Commit** ([`Vhost::convert_mirrored`]): a `DeclareQueue` of a
+//!    replicated queue of the same name and arguments, with a new id and
+//!    `replaces` naming the classic queue's id. The metadata swaps the
+//!    records (bindings are by name and stay); every node's projection
+//!    ([`Vhost::take_over`]) routes the name to the group from then on; the
+//!    members start its replicas.
+//! 2. **Move** (`move_into_group`): on the home, the classic queue is no
+//!    longer routed to or listed; its consumers are cancelled (told with
+//!    `basic.cancel`, as when a queue goes: they consume again from the
+//!    replicated queue); its ready messages are taken in order, enqueued
+//!    into the group (answered once a majority has them on disk) and only
+//!    then removed. Deliveries its consumers still hold are settled here as
+//!    before (by id locally; by old id from other nodes, see `moved`); one
+//!    returned to the queue is moved too. When nothing is left, the classic
+//!    queue is deleted.
+//! 3. **Restart**: a home that stopped in the middle finds the classic
+//!    queue's stored messages under the id `replaces` names, rebuilds it
+//!    ([`Vhost::recover_moving`]) and moves what is left. A message moved
+//!    and not yet removed when the node stopped is moved again: at least
+//!    once, never lost.
+//!
+//! Messages published while the move runs go to the group at once, so they
+//! can be delivered before older messages still being moved.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use amqp_codec::ShortStr;
+use exchange::QueueId;
+use queue_store::{Effects, Queue, QueueArgs};
+
+use super::Vhost;
+use crate::meta::{MetaCommand, QueueDef};
+use crate::queue::{QueueHandle, Settle, notify_cancel, now_ms};
+
+/// Messages taken from the classic queue and enqueued into the group at a
+/// time.
+const MOVE_BATCH: usize = 256;
+
+/// How long the move waits before trying again after the group refused
+/// or failed a batch, and between looks at deliveries still held.
+const MOVE_RETRY: Duration = Duration::from_millis(200);
+
+impl Vhost {
+    /// After policies changed (or at start): every durable classic queue of
+    /// this node a mirroring policy now matches becomes replicated (see the
+    /// module comment). In a cluster only.
+    pub fn convert_mirrored(&self) {
+        if self.node.peers.get().is_none() {
+            return;
+        }
+        for q in self.queues() {
+            if !q.durable
+                || q.auto_delete
+                || q.exclusive_owner.is_some()
+                || q.kind().type_name() != "classic"
+            {
+                continue;
+            }
+            let Some(members) = self.mirrored_members(&q.name, &q.arguments) else {
+                continue;
+            };
+            if self.converting.insert(q.name.clone(), ()).is_some() {
+                continue;
+            }
+            let Some(me) = self.me.upgrade() else {
+                return;
+            };
+            self.node.tracker.spawn(async move {
+                me.commit_takeover(q.clone(), members).await;
+                me.converting.remove(&q.name);
+            });
+        }
+    }
+
+    /// Commits the replicated queue that takes over classic queue `q`,
+    /// trying again while the cluster cannot commit (a minority, an
+    /// election) and the queue is still here and still matched.
+    async fn commit_takeover(&self, q: Arc<QueueHandle>, mut members: Vec<String>) {
+        let id = self.node.next_queue_id();
+        loop {
+            let command = MetaCommand::DeclareQueue {
+                vhost: self.name.to_string(),
+                queue: QueueDef {
+                    name: q.name.clone(),
+                    id,
+                    durable: true,
+                    exclusive: false,
+                    auto_delete: false,
+                    arguments: q.arguments.clone(),
+                    home: members.first().cloned(),
+                    members: members.clone(),
+                    replaces: Some(q.id),
+                },
+            };
+            match self.node.meta.commit(command).await {
+                Ok(_) => {
+                    tracing::info!(queue = %q.name, vhost = %self.name, ?members, "a mirroring policy matches this classic queue: it is replicated from now on and its messages move into its group");
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(queue = %q.name, vhost = %self.name, error = %e, "cannot make the queue a mirroring policy matches replicated yet; trying again");
+                }
+            }
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_secs(2)) => {}
+                () = self.closed.cancelled() => return,
+            }
+            let still_here = self.find_queue(&q.name).is_some_and(|h| h.id == q.id);
+            match self.mirrored_members(&q.name, &q.arguments) {
+                Some(now) if still_here => members = now,
+                _ => return,
+            }
+        }
+    }
+
+    /// Projects a replicated queue `def` that took over classic queue `old`
+    /// of the same name: the name routes to the group (bindings kept); on
+    /// the classic queue's home its messages start moving; elsewhere the old
+    /// queue is kept by id for settling what was taken from it.
+    pub(super) fn take_over(&self, def: &QueueDef, old: u64) {
+        let here = self
+            .queues
+            .remove_if(&def.name, |_, q| q.id == old)
+            .map(|(_, q)| q);
+        if let Some((_, known)) = self.remote.remove_if(&def.name, |_, q| q.id == old) {
+            self.remote_ids.remove(&old);
+            self.moved.insert(old, known);
+        }
+        self.router
+            .write()
+            .replace_queue(def.name.clone(), QueueId(def.id));
+        if let Some(q) = here {
+            self.start_move(q, def.id);
+        }
+    }
+
+    /// At start, on the home of a classic queue that a replicated one
+    /// (`def`) took over: rebuilds the classic queue from what the store
+    /// still holds of it and moves that into the group. Returns whether
+    /// there was anything.
+    pub fn recover_moving(
+        self: &Arc<Self>,
+        def: &QueueDef,
+        recovered: &mut queue_store::Recovered,
+    ) -> bool {
+        let Some(old) = def.replaces else {
+            return false;
+        };
+        let Some(entries) = recovered.queues.remove(&old) else {
+            return false;
+        };
+        let args = QueueArgs::parse(&def.arguments, &def.name, &self.name).unwrap_or_default();
+        let mut queue = Queue::new(
+            old,
+            def.name.clone(),
+            true,
+            args,
+            def.arguments.clone(),
+            now_ms(),
+        );
+        queue.set_memory_budget(self.node.config.queue_memory_budget);
+        queue.set_spill_dir(self.node.spill_dir.clone());
+        queue.restore(entries, recovered.clean_shutdown);
+        self.node.note_queue_id(old);
+        let handle = QueueHandle::new(
+            queue,
+            false,
+            None,
+            self.node.config.queue_flow_limit,
+            self.tracer.clone(),
+        );
+        tracing::info!(queue = %def.name, vhost = %self.name, ready = handle.counters().ready, "moving the rest of a classic queue into the replicated queue that took it over");
+        self.spawn_housekeeping(handle.clone());
+        self.start_move(handle, def.id);
+        true
+    }
+
+    /// Detaches classic queue `q` (its name now routes to replicated queue
+    /// `successor`) and moves its messages there.
+    fn start_move(&self, q: Arc<QueueHandle>, successor: u64) {
+        self.by_id.insert(q.id, q.clone());
+        self.moving.insert(q.name.clone(), q.clone());
+        for c in q.kind().take_consumers() {
+            notify_cancel(&c);
+        }
+        q.wake.notify_one();
+        // Its publishers must not wait for a queue no longer routed to.
+        q.flow.lower();
+        let Some(me) = self.me.upgrade() else {
+            return;
+        };
+        self.node.tracker.spawn(async move {
+            me.move_into_group(q, successor).await;
+        });
+    }
+
+    /// Moves classic queue `q`'s messages, in order, into replicated queue
+    /// `successor` (same name), then deletes `q`. Stops, deleting `q`, if
+    /// the replicated queue is deleted meanwhile (its messages go with it,
+    /// as they would have).
+    async fn move_into_group(&self, q: Arc<QueueHandle>, successor: u64) {
+        let mut moved = 0u64;
+        let mut warned = false;
+        loop {
+            if self.closed.is_cancelled() {
+                return;
+            }
+            let Some(target) = self
+                .find_remote_queue(&q.name)
+                .filter(|r| r.id == successor)
+            else {
+                tracing::info!(queue = %q.name, vhost = %self.name, "the replicated queue went before the classic one's messages had moved");
+                break;
+            };
+            let Some(peers) = self.node.peers.get() else {
+                return;
+            };
+            let mut batch = Vec::new();
+            {
+                let mut fx = Effects::default();
+                while batch.len() < MOVE_BATCH {
+                    match q.get(true, &mut fx) {
+                        Some(d) => batch.push(d),
+                        None => break,
+                    }
+                }
+                self.apply(&mut fx);
+            }
+            if batch.is_empty() {
+                if q.counters().unacked == 0 {
+                    break;
+                }
+                // Deliveries its consumers hold: they are acked (gone) or
+                // returned (moved next time round).
+                tokio::select! {
+                    () = tokio::time::sleep(MOVE_RETRY) => {}
+                    () = self.closed.cancelled() => return,
+                }
+                continue;
+            }
+            // Enqueued in order (the group's log keeps the order of these
+            // calls), then all answers awaited.
+            let mut sent = Vec::with_capacity(batch.len());
+            let mut unreadable = Vec::new();
+            for d in batch {
+                match crate::queue::load_off_worker(&d.message, &self.node.store).await {
+                    Some(m) => sent.push((
+                        d.seq,
+                        self.send_remote(peers.as_ref(), &target.home, q.name.clone(), &m),
+                    )),
+                    None => unreadable.push(d.seq),
+                }
+            }
+            let (mut done, mut back) = (Vec::new(), Vec::new());
+            for (seq, outcome) in sent {
+                match outcome.await {
+                    Ok(e) if !e.refused => done.push(seq),
+                    Ok(_) => back.push(seq),
+                    Err(e) => {
+                        tracing::debug!(queue = %q.name, error = %e, "a message could not move yet");
+                        back.push(seq);
+                    }
+                }
+            }
+            moved += done.len() as u64;
+            let mut fx = Effects::default();
+            q.settle(Settle::Ack, &mut done.into_iter(), false, &mut fx);
+            if !unreadable.is_empty() {
+                // (Logged by the load.) Rejected: dead-lettered if the queue
+                // says where to.
+                q.settle(Settle::Reject, &mut unreadable.into_iter(), false, &mut fx);
+            }
+            let refused = !back.is_empty();
+            q.settle(Settle::Requeue, &mut back.into_iter(), false, &mut fx);
+            self.apply(&mut fx);
+            if refused && !std::mem::replace(&mut warned, true) {
+                tracing::warn!(queue = %q.name, vhost = %self.name, "the replicated queue did not take every message moved into it (no leader yet, or x-overflow reject-publish); trying again");
+            }
+            if refused {
+                tokio::select! {
+                    () = tokio::time::sleep(MOVE_RETRY) => {}
+                    () = self.closed.cancelled() => return,
+                }
+            } else {
+                warned = false;
+            }
+        }
+        self.moving.remove_if(&q.name, |_, h| h.id == q.id);
+        self.by_id.remove(&q.id);
+        let mut fx = Effects::default();
+        let _ = q.kind().delete(false, &mut fx);
+        q.wake.notify_one();
+        self.apply(&mut fx);
+        tracing::info!(queue = %q.name, vhost = %self.name, moved, "the classic queue's messages are in its replicated successor; the classic queue is gone");
+    }
+
+    /// The classic queue of this node called `name` whose messages are
+    /// moving into its replicated successor, if one is.
+    pub fn moving_queue(&self, name: &ShortStr) -> Option<Arc<QueueHandle>> {
+        self.moving.get(name).map(|q| q.value().clone())
+    }
+}
