@@ -3428,3 +3428,71 @@ async fn a_classic_queues_home_that_restarts_while_its_messages_move_moves_the_r
     // once.)
     take_all(&mut consumer, &wanted).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policys_dead_letter_strategy_makes_a_quorum_queues_dead_letters_wait_for_a_route() {
+    let cluster = TestCluster::start(CHILD, 3);
+    formed(&cluster).await;
+    let api1 = cluster.node(0).api.clone();
+    // Declared without a strategy: the policy gives it at-least-once (and
+    // the reject-publish overflow RabbitMQ requires with it).
+    let (code, body) = put(
+        &api1,
+        "/api/policies/%2f/alo-policy",
+        json!({"pattern": "^alo\\.pol$", "apply-to": "queues",
+               "definition": {"dead-letter-strategy": "at-least-once",
+                              "overflow": "reject-publish",
+                              "max-length": 1,
+                              "dead-letter-exchange": "",
+                              "dead-letter-routing-key": "alo.pol.dlq"}}),
+    )
+    .await;
+    assert!((200..300).contains(&code), "{code} {body}");
+    let conn = amqp(&cluster, 0).await;
+    let ch = conn.create_channel().await.unwrap();
+    declare_quorum_queue(&ch, "alo.pol").await;
+    let listed = listed_with_leader(&cluster, 0, "alo.pol").await;
+    assert_eq!(
+        listed["effective_policy_definition"]["dead-letter-strategy"], "at-least-once",
+        "{listed}"
+    );
+    // The policy reaches the group through its log, an instant after the
+    // declare: once a second message is refused (its max-length, with
+    // reject-publish), what follows is under it.
+    ch.confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let confirm = ch
+            .basic_publish(
+                "".into(),
+                "alo.pol".into(),
+                lapin::options::BasicPublishOptions::default(),
+                b"probe",
+                lapin::BasicProperties::default(),
+            )
+            .await
+            .unwrap();
+        if !confirm.await.unwrap().is_ack() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the policy never reached the queue"
+        );
+    }
+    ch.queue_purge(
+        "alo.pol".into(),
+        lapin::options::QueuePurgeOptions::default(),
+    )
+    .await
+    .unwrap();
+    // No queue to route it to yet: held (at-most-once would drop it)...
+    publish_and_reject(&ch, "alo.pol", "unroutable").await;
+    // ... until one is declared.
+    let conn3 = amqp(&cluster, 2).await;
+    let ch3 = conn3.create_channel().await.unwrap();
+    declare_durable_queue(&ch3, "alo.pol.dlq").await;
+    assert_eq!(take_one(&ch3, "alo.pol.dlq", "dl").await, "unroutable 0");
+}

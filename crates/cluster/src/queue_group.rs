@@ -34,8 +34,8 @@ use queue_store::quorum::{
     QuorumState, Settlement, SnapshotConsumer,
 };
 use queue_store::{
-    DeadLetterReason, DeadLetterRequest, Delivery, Effects, Enqueued, ImageEntry, Message,
-    MessageId, MessageRef, Overflow, QueueArgs, QueueImage, QueueType,
+    DeadLetterReason, DeadLetterRequest, DeadLetterStrategy, Delivery, Effects, Enqueued,
+    ImageEntry, Message, MessageId, MessageRef, Overflow, QueueArgs, QueueImage, QueueType,
 };
 use serde::{Deserialize, Serialize};
 
@@ -150,7 +150,11 @@ pub struct WireArgs {
     expires: Option<u64>,
     max_length: Option<u64>,
     max_length_bytes: Option<u64>,
-    /// 0 drop-head, 1 reject-publish, 2 reject-publish-dlx.
+    /// Low bits: 0 drop-head, 1 reject-publish, 2 reject-publish-dlx.
+    /// Bit 7 ([`AT_LEAST_ONCE`]): dead-letter strategy at-least-once. (The
+    /// strategy joined this octet later, so that entries and snapshots
+    /// written before read as they were: at-most-once unless declared,
+    /// which the state machine keeps.)
     overflow: u8,
     dead_letter_exchange: Option<String>,
     dead_letter_routing_key: Option<String>,
@@ -159,6 +163,9 @@ pub struct WireArgs {
     single_active_consumer: bool,
     consumer_timeout: Option<u64>,
 }
+
+/// [`WireArgs`]' `overflow` bit for `dead-letter-strategy: at-least-once`.
+const AT_LEAST_ONCE: u8 = 0x80;
 
 impl WireArgs {
     /// The log's form of `args`.
@@ -172,6 +179,9 @@ impl WireArgs {
                 Overflow::DropHead => 0,
                 Overflow::RejectPublish => 1,
                 Overflow::RejectPublishDlx => 2,
+            } | match args.dead_letter_strategy {
+                DeadLetterStrategy::AtMostOnce => 0,
+                DeadLetterStrategy::AtLeastOnce => AT_LEAST_ONCE,
             },
             dead_letter_exchange: args.dead_letter_exchange.as_ref().map(|s| s.to_string()),
             dead_letter_routing_key: args.dead_letter_routing_key.as_ref().map(|s| s.to_string()),
@@ -193,7 +203,7 @@ impl WireArgs {
             expires: self.expires,
             max_length: self.max_length,
             max_length_bytes: self.max_length_bytes,
-            overflow: match self.overflow {
+            overflow: match self.overflow & !AT_LEAST_ONCE {
                 0 => Overflow::DropHead,
                 1 => Overflow::RejectPublish,
                 2 => Overflow::RejectPublishDlx,
@@ -206,6 +216,11 @@ impl WireArgs {
             single_active_consumer: self.single_active_consumer,
             consumer_timeout: self.consumer_timeout,
             queue_type: QueueType::Quorum,
+            dead_letter_strategy: if self.overflow & AT_LEAST_ONCE == 0 {
+                DeadLetterStrategy::AtMostOnce
+            } else {
+                DeadLetterStrategy::AtLeastOnce
+            },
         })
     }
 }
@@ -1549,5 +1564,12 @@ mod tests {
             ..QueueArgs::default()
         };
         assert_eq!(WireArgs::of(&args).args().unwrap(), args);
+        let held = QueueArgs {
+            dead_letter_strategy: DeadLetterStrategy::AtLeastOnce,
+            ..args
+        };
+        let wire = WireArgs::of(&held);
+        assert_eq!(wire.overflow, 2 | AT_LEAST_ONCE);
+        assert_eq!(wire.args().unwrap(), held);
     }
 }

@@ -18,6 +18,19 @@ pub enum Overflow {
     RejectPublishDlx,
 }
 
+/// What happens to a quorum queue's dead letters on their way
+/// (`x-dead-letter-strategy`, or a policy's `dead-letter-strategy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeadLetterStrategy {
+    /// Routed once; lost if nothing takes them (the default).
+    #[default]
+    AtMostOnce,
+    /// Held by the queue until the queues they route to have them
+    /// (with `x-overflow: reject-publish`; otherwise as at-most-once, as
+    /// RabbitMQ does).
+    AtLeastOnce,
+}
+
 /// A queue's parsed arguments.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct QueueArgs {
@@ -45,6 +58,8 @@ pub struct QueueArgs {
     pub consumer_timeout: Option<u64>,
     /// `x-queue-type`.
     pub queue_type: QueueType,
+    /// `x-dead-letter-strategy` (quorum queues; ignored by classic ones).
+    pub dead_letter_strategy: DeadLetterStrategy,
 }
 
 /// RabbitMQ's name for a field type, as its error messages use it.
@@ -194,6 +209,19 @@ impl Parser<'_> {
     }
 }
 
+impl DeadLetterStrategy {
+    /// The strategy a queue's declare arguments name, if they name one
+    /// (what a policy cannot override).
+    pub fn declared(arguments: &FieldTable) -> Option<DeadLetterStrategy> {
+        match arguments.get("x-dead-letter-strategy")? {
+            FieldValue::LongStr(s) if s.as_ref() == b"at-least-once" => {
+                Some(DeadLetterStrategy::AtLeastOnce)
+            }
+            _ => Some(DeadLetterStrategy::AtMostOnce),
+        }
+    }
+}
+
 impl QueueArgs {
     /// Parses and validates `x-` arguments of `queue.declare`. Unknown
     /// arguments are ignored, as RabbitMQ does.
@@ -275,6 +303,8 @@ impl QueueArgs {
             single_active_consumer: p.boolean("x-single-active-consumer")?,
             consumer_timeout: p.non_negative("x-consumer-timeout")?,
             queue_type,
+            // (Checked for quorum queues above; a classic queue ignores it.)
+            dead_letter_strategy: DeadLetterStrategy::declared(args).unwrap_or_default(),
         })
     }
 

@@ -39,7 +39,7 @@ mod spill;
 pub mod storage;
 pub mod store;
 
-pub use args::{Overflow, QueueArgs, QueueType};
+pub use args::{DeadLetterStrategy, Overflow, QueueArgs, QueueType};
 pub use damage::{Damage, RepairReport};
 pub use dead_letter::{DeadLetter, DeadLetterReason};
 pub use definitions::{DefKind, scoped_name};

@@ -41,7 +41,7 @@ use std::sync::Arc;
 
 use amqp_codec::{FieldTable, ShortStr};
 
-use crate::args::QueueArgs;
+use crate::args::{DeadLetterStrategy, QueueArgs};
 use crate::message::Message;
 use crate::queue::{DeadLetterRequest, Delivery, Effects, Enqueued, Queue, QueueImage};
 
@@ -250,8 +250,10 @@ pub struct QuorumState {
     /// Unsettled deliveries: sequence number -> holder.
     checked_out: BTreeMap<u64, ConsumerKey>,
     registrations: u64,
-    /// Declared with `x-dead-letter-strategy: at-least-once`.
-    at_least_once: bool,
+    /// The `x-dead-letter-strategy` it was declared with, if any: it wins
+    /// over a policy's (as RabbitMQ's), and over arguments in entries
+    /// written before policies could set one.
+    declared_strategy: Option<DeadLetterStrategy>,
     /// Dead letters held until their queues have them (`at-least-once`).
     dead_letters: BTreeMap<u64, DeadLetterRequest>,
     /// The number the next held dead letter gets.
@@ -303,26 +305,27 @@ impl QuorumState {
         arguments: FieldTable,
         now_ms: u64,
     ) -> Self {
-        let at_least_once = declared_at_least_once(&arguments);
+        let declared_strategy = DeadLetterStrategy::declared(&arguments);
         QuorumState {
             queue: Queue::in_memory(id, name, args, arguments, now_ms),
             consumers: BTreeMap::new(),
             order: VecDeque::new(),
             checked_out: BTreeMap::new(),
             registrations: 0,
-            at_least_once,
+            declared_strategy,
             dead_letters: BTreeMap::new(),
             next_dead_letter: 0,
         }
     }
 
     /// Whether dead letters are held until their queues have them:
-    /// declared `at-least-once`, with `x-overflow: reject-publish` (else
-    /// RabbitMQ too falls back to `at-most-once`) and a dead-letter
-    /// exchange.
+    /// `at-least-once` (declared, or else by a policy), with `x-overflow:
+    /// reject-publish` (else RabbitMQ too falls back to `at-most-once`) and
+    /// a dead-letter exchange.
     pub fn holds_dead_letters(&self) -> bool {
         let args = self.queue.args();
-        self.at_least_once
+        self.declared_strategy.unwrap_or(args.dead_letter_strategy)
+            == DeadLetterStrategy::AtLeastOnce
             && args.overflow == crate::args::Overflow::RejectPublish
             && args.dead_letter_exchange.is_some()
     }
@@ -769,7 +772,7 @@ impl QuorumState {
             );
         }
         QuorumState {
-            at_least_once: declared_at_least_once(queue.arguments()),
+            declared_strategy: DeadLetterStrategy::declared(queue.arguments()),
             queue,
             consumers,
             order,
@@ -779,15 +782,6 @@ impl QuorumState {
             next_dead_letter: snapshot.next_dead_letter,
         }
     }
-}
-
-/// Whether `arguments` (as declared) ask for `x-dead-letter-strategy:
-/// at-least-once`.
-fn declared_at_least_once(arguments: &FieldTable) -> bool {
-    matches!(
-        arguments.get("x-dead-letter-strategy"),
-        Some(amqp_codec::FieldValue::LongStr(s)) if s.as_ref() == b"at-least-once"
-    )
 }
 
 #[cfg(test)]
@@ -962,6 +956,52 @@ mod tests {
         assert_eq!(fx.dead_letters.len(), 1);
         assert!(held_ids(&effects).is_empty());
         assert!(s.held_dead_letters().is_empty());
+    }
+
+    #[test]
+    fn a_policys_strategy_applies_unless_the_queue_declared_its_own() {
+        let held_by_policy = QueueArgs {
+            overflow: crate::args::Overflow::RejectPublish,
+            dead_letter_exchange: Some(ShortStr::from_static("dlx")),
+            dead_letter_strategy: DeadLetterStrategy::AtLeastOnce,
+            ..QueueArgs::default()
+        };
+        let set = |args: &QueueArgs| QuorumCommand::SetArgs {
+            args: args.clone(),
+            now_ms: 1,
+        };
+        // Declared without one: a policy's at-least-once holds dead letters
+        // from its entry on, and a snapshot keeps it.
+        let mut s = state(QueueArgs {
+            dead_letter_strategy: DeadLetterStrategy::AtMostOnce,
+            ..held_by_policy.clone()
+        });
+        assert!(!s.holds_dead_letters());
+        run(&mut s, set(&held_by_policy));
+        assert!(s.holds_dead_letters());
+        run(&mut s, checkout(1, 1, 10));
+        run(&mut s, enqueue(1));
+        let (_, effects, fx) = run(&mut s, reject(1, 1, 1));
+        assert!(fx.dead_letters.is_empty());
+        assert_eq!(held_ids(&effects), vec![0]);
+        let restored = QuorumState::restore(
+            1,
+            ShortStr::from_static("q"),
+            s.queue().arguments().clone(),
+            s.snapshot(),
+        );
+        assert!(restored.holds_dead_letters());
+        // Declared at-least-once: arguments without it (a policy's, or an
+        // entry written before policies carried one) do not turn it off.
+        let mut declared = at_least_once(crate::args::Overflow::RejectPublish);
+        run(
+            &mut declared,
+            set(&QueueArgs {
+                dead_letter_strategy: DeadLetterStrategy::AtMostOnce,
+                ..held_by_policy
+            }),
+        );
+        assert!(declared.holds_dead_letters());
     }
 
     #[test]

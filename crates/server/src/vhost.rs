@@ -295,6 +295,20 @@ impl Vhost {
         peers.set_replica_args(&self.name, &remote.name, args);
     }
 
+    /// The policies that apply to replicated queue `remote` and the
+    /// definition they give (for listings: each member holds the same).
+    pub fn policies_of_replicated(&self, remote: &crate::peers::RemoteQueue) -> AppliedPolicies {
+        let policies = self.policies.read();
+        let operator_policies = self.operator_policies.read();
+        self.effective_args(
+            &policies,
+            &operator_policies,
+            &remote.name,
+            &remote.arguments,
+        )
+        .1
+    }
+
     /// Re-applies policies to every replicated queue (a policy changed).
     pub fn apply_policies_to_replicated(&self) {
         for remote in self.remote_queues() {

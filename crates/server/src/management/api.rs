@@ -776,6 +776,22 @@ async fn remote_queues(b: &Broker, vhosts: &[Arc<Vhost>]) -> Vec<Value> {
     let (replicated, wanted): (Vec<_>, Vec<_>) =
         wanted.into_iter().partition(|(_, q)| q.replicated());
     let mut listed = replicated_queues(peers.as_ref(), replicated).await;
+    // The policies that apply to them, as to a local queue.
+    for entry in &mut listed {
+        let (Some(vhost), Some(name)) = (entry["vhost"].as_str(), entry["name"].as_str()) else {
+            continue;
+        };
+        let Some(v) = vhosts.iter().find(|v| v.name() == vhost) else {
+            continue;
+        };
+        let Some(q) = v.find_remote_queue(name) else {
+            continue;
+        };
+        let applied = v.policies_of_replicated(&q);
+        entry["policy"] = json!(applied.policy);
+        entry["operator_policy"] = json!(applied.operator_policy);
+        entry["effective_policy_definition"] = Value::Object(applied.definition);
+    }
     let mut homes: Vec<String> = wanted.iter().map(|(_, q)| q.home.clone()).collect();
     homes.sort();
     homes.dedup();
