@@ -3496,3 +3496,55 @@ async fn a_policys_dead_letter_strategy_makes_a_quorum_queues_dead_letters_wait_
     declare_durable_queue(&ch3, "alo.pol.dlq").await;
     assert_eq!(take_one(&ch3, "alo.pol.dlq", "dl").await, "unroutable 0");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_quorum_queues_declare_ok_waits_for_a_leader_and_its_policy() {
+    let cluster = TestCluster::start(CHILD, 3);
+    formed(&cluster).await;
+    let api1 = cluster.node(0).api.clone();
+    let (code, body) = put(
+        &api1,
+        "/api/policies/%2f/capped",
+        json!({"pattern": "^capped\\.", "apply-to": "queues",
+               "definition": {"max-length": 1, "overflow": "reject-publish"}}),
+    )
+    .await;
+    assert!((200..300).contains(&code), "{code} {body}");
+    // Through each node: declare-ok comes once the group has a leader (as
+    // RabbitMQ's) and the policy's arguments, so the second message is
+    // refused at once.
+    for i in 0..3 {
+        let conn = amqp(&cluster, i).await;
+        let ch = conn.create_channel().await.unwrap();
+        let name = format!("capped.{i}");
+        declare_quorum_queue(&ch, &name).await;
+        // (Asked of the declaring node: its replica started the group.)
+        let listed = queue_entry(&cluster.node(i).api, &name).await;
+        assert!(
+            listed["leader"].is_string(),
+            "a leader at declare-ok: {listed}"
+        );
+        ch.confirm_select(lapin::options::ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        let mut acks = Vec::new();
+        for k in 0..2 {
+            let confirm = ch
+                .basic_publish(
+                    "".into(),
+                    name.as_str().into(),
+                    lapin::options::BasicPublishOptions::default(),
+                    format!("m {k}").as_bytes(),
+                    lapin::BasicProperties::default().with_delivery_mode(2),
+                )
+                .await
+                .unwrap();
+            acks.push(confirm.await.unwrap().is_ack());
+        }
+        assert_eq!(
+            acks,
+            [true, false],
+            "{name}: the first taken, the second refused"
+        );
+    }
+}

@@ -746,14 +746,15 @@ impl server::peers::Peers for ClusterPeers {
         Some(self.node.links.backlog(&addr).gate.clone())
     }
 
-    fn set_replica_args(
+    fn propose_replica_args(
         &self,
         vhost: &str,
         queue: &amqp_codec::ShortStr,
         args: queue_store::QueueArgs,
-    ) {
+    ) -> server::peers::RemoteDone {
         let Some(q) = self.node.replicas.by_name(vhost, queue) else {
-            return;
+            let text = format!("no replicated queue '{queue}' in vhost '{vhost}'");
+            return Box::pin(std::future::ready(Err(text)));
         };
         let answer = self.node.replicas.propose(
             &q,
@@ -762,17 +763,7 @@ impl server::peers::Peers for ClusterPeers {
                 now_ms: server::queue::now_ms(),
             },
         );
-        let (vhost, queue) = (vhost.to_owned(), queue.clone());
-        tokio::spawn(async move {
-            match answer.await {
-                Ok(_) => {
-                    tracing::debug!(%vhost, %queue, "replicated queue has the arguments in effect")
-                }
-                Err(error) => {
-                    tracing::warn!(%vhost, %queue, %error, "cannot give a replicated queue the arguments its policy sets")
-                }
-            }
-        });
+        Box::pin(async move { answer.await.map(|_| ()) })
     }
 
     fn purge(

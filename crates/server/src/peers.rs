@@ -342,6 +342,9 @@ pub struct ReplicaStatus {
     pub consumers: u64,
 }
 
+/// Done, or why not.
+pub type RemoteDone = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
+
 /// The answer to [`Peers::replica_status`].
 pub type RemoteReplicaStatus = Pin<Box<dyn Future<Output = Result<ReplicaStatus, String>> + Send>>;
 
@@ -385,10 +388,32 @@ pub trait Peers: Send + Sync + std::fmt::Debug {
     fn purge(&self, home: &str, vhost: &str, queue: &ShortStr) -> RemoteCount;
 
     /// Proposes `args`, the arguments in effect, to replicated queue `queue`
-    /// of `vhost` (a policy changed, or it was just declared), in the
-    /// background: its log orders them with everything else, so every
-    /// replica applies them at the same point. A failure is logged.
-    fn set_replica_args(&self, vhost: &str, queue: &ShortStr, args: queue_store::QueueArgs);
+    /// of `vhost` (a policy changed, or it was just declared): its log
+    /// orders them with everything else, so every replica applies them at
+    /// the same point. Answered once committed (so its group has a leader).
+    fn propose_replica_args(
+        &self,
+        vhost: &str,
+        queue: &ShortStr,
+        args: queue_store::QueueArgs,
+    ) -> RemoteDone;
+
+    /// [`Self::propose_replica_args`] in the background; a failure is
+    /// logged.
+    fn set_replica_args(&self, vhost: &str, queue: &ShortStr, args: queue_store::QueueArgs) {
+        let done = self.propose_replica_args(vhost, queue, args);
+        let (vhost, queue) = (vhost.to_owned(), queue.clone());
+        tokio::spawn(async move {
+            match done.await {
+                Ok(()) => {
+                    tracing::debug!(%vhost, %queue, "replicated queue has the arguments in effect")
+                }
+                Err(error) => {
+                    tracing::warn!(%vhost, %queue, %error, "cannot give a replicated queue the arguments its policy sets")
+                }
+            }
+        });
+    }
 
     /// Deletes queue `queue` on node `home` (which checks `if_unused` and
     /// `if_empty` there, and commits the deletion for every node).

@@ -30,6 +30,10 @@ use crate::rates::SampledRates;
 
 mod mirroring;
 
+/// How long `declare-ok` of a new replicated queue waits for its group to
+/// elect a leader (and commit its arguments) before it goes anyway.
+const DECLARE_WAITS_FOR_LEADER: Duration = Duration::from_secs(10);
+
 /// A message to publish (see [`Vhost::enqueue`]).
 #[derive(Debug)]
 pub struct Publish<'a> {
@@ -281,23 +285,13 @@ impl Vhost {
         let Some(peers) = self.node.peers.get() else {
             return;
         };
-        let args = {
-            let policies = self.policies.read();
-            let operator_policies = self.operator_policies.read();
-            self.effective_args(
-                &policies,
-                &operator_policies,
-                &remote.name,
-                &remote.arguments,
-            )
-            .0
-        };
+        let args = self.replicated_args(remote).0;
         peers.set_replica_args(&self.name, &remote.name, args);
     }
 
-    /// The policies that apply to replicated queue `remote` and the
-    /// definition they give (for listings: each member holds the same).
-    pub fn policies_of_replicated(&self, remote: &crate::peers::RemoteQueue) -> AppliedPolicies {
+    /// The arguments in effect for replicated queue `remote` (its own
+    /// merged with the policies that apply), and those policies.
+    fn replicated_args(&self, remote: &crate::peers::RemoteQueue) -> (QueueArgs, AppliedPolicies) {
         let policies = self.policies.read();
         let operator_policies = self.operator_policies.read();
         self.effective_args(
@@ -306,7 +300,12 @@ impl Vhost {
             &remote.name,
             &remote.arguments,
         )
-        .1
+    }
+
+    /// The policies that apply to replicated queue `remote` and the
+    /// definition they give (for listings: each member holds the same).
+    pub fn policies_of_replicated(&self, remote: &crate::peers::RemoteQueue) -> AppliedPolicies {
+        self.replicated_args(remote).1
     }
 
     /// Re-applies policies to every replicated queue (a policy changed).
@@ -465,9 +464,26 @@ impl Vhost {
             .await?;
         self.node.metrics.queues_created.inc();
         // Projected by the commit (another node may have declared it first).
-        self.find_remote_queue(&name).ok_or_else(|| {
+        let remote = self.find_remote_queue(&name).ok_or_else(|| {
             AmqpError::not_found(format!("no queue '{name}' in vhost '{}'", self.name))
-        })
+        })?;
+        // As RabbitMQ's declare-ok, this one waits for the group to have a
+        // leader: the arguments in effect (its policies) are committed to
+        // its log first, so that they hold from its first message.
+        if let Some(peers) = self.node.peers.get() {
+            let args = self.replicated_args(&remote).0;
+            let committed = peers.propose_replica_args(&self.name, &name, args);
+            match tokio::time::timeout(DECLARE_WAITS_FOR_LEADER, committed).await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => {
+                    tracing::warn!(queue = %name, vhost = %self.name, %error, "a new replicated queue's group has no leader yet");
+                }
+                Err(_) => {
+                    tracing::warn!(queue = %name, vhost = %self.name, "a new replicated queue's group has no leader yet (declare-ok sent anyway)");
+                }
+            }
+        }
+        Ok(remote)
     }
 
     /// The members of new queue `name` if it is to be replicated (in a
