@@ -3353,6 +3353,10 @@ async fn a_classic_queue_a_mirroring_policy_comes_to_match_is_replicated_with_it
         .unwrap();
     let twice = take_all(&mut consumer, &wanted).await;
     assert_eq!(twice, 0, "nothing was moved twice");
+    // Nothing else is left before a last message published now.
+    warren_tests::publish(&ch, "conv", b"end").await;
+    let next = warren_tests::next_deliveries(&mut consumer, 1).await;
+    assert_eq!(next[0].data, b"end", "nothing but the wanted messages");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

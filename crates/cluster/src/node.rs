@@ -945,6 +945,7 @@ impl server::peers::Peers for ClusterPeers {
         let request = Request::Settle {
             vhost: vhost.to_owned(),
             queue: queue.to_string(),
+            queue_id,
             seqs,
             how: settle_octet(how),
         };
@@ -1460,7 +1461,15 @@ impl Handler {
     }
 
     /// Settles a peer's deliveries, now (in the link's order).
-    fn settle(&self, from: u64, vhost: String, queue: String, seqs: Vec<u64>, how: u8) -> Response {
+    fn settle(
+        &self,
+        from: u64,
+        vhost: String,
+        queue: String,
+        queue_id: u64,
+        seqs: Vec<u64>,
+        how: u8,
+    ) -> Response {
         {
             let mut o = self.outstanding.lock();
             if let Some(by_queue) = o.get_mut(&from) {
@@ -1474,7 +1483,7 @@ impl Handler {
             }
         }
         if let Some(v) = self.broker().and_then(|b| b.vhost(&vhost)) {
-            v.settle_from_peer(&queue, &seqs, settle_from_octet(how));
+            v.settle_from_peer(&queue, queue_id, &seqs, settle_from_octet(how));
         }
         Response::Settled
     }
@@ -1650,7 +1659,7 @@ impl RequestHandler for Handler {
             tracing::info!(peer = id, %vhost, %queue, messages = seqs.len(), "a node went away: returning its unsettled deliveries to the queue");
             if let Some(v) = broker.vhost(&vhost) {
                 let seqs: Vec<u64> = seqs.into_keys().collect();
-                v.settle_from_peer(&queue, &seqs, server::queue::Settle::Requeue);
+                v.settle_from_peer(&queue, 0, &seqs, server::queue::Settle::Requeue);
             }
         }
     }
@@ -1771,10 +1780,11 @@ impl RequestHandler for Handler {
             Request::Settle {
                 vhost,
                 queue,
+                queue_id,
                 seqs,
                 how,
             } => {
-                let done = self.settle(from.id, vhost, queue, seqs, how);
+                let done = self.settle(from.id, vhost, queue, queue_id, seqs, how);
                 return Box::pin(std::future::ready(done));
             }
             Request::Consume {
@@ -1825,6 +1835,7 @@ impl RequestHandler for Handler {
                                 Request::Settle {
                                     vhost,
                                     queue,
+                                    queue_id: 0,
                                     seqs: vec![seq],
                                     how: settle_octet(server::queue::Settle::Requeue),
                                 },

@@ -169,6 +169,10 @@ pub enum Request {
         vhost: String,
         /// Queue.
         queue: String,
+        /// Its id (0: whichever queue has the name now): a queue deleted
+        /// and declared again, or a classic queue moving into the
+        /// replicated one that took its name, is told apart by it.
+        queue_id: u64,
         /// Their places in the queue.
         seqs: Vec<u64>,
         /// 0 ack, 1 requeue, 2 reject.

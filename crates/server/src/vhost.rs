@@ -387,9 +387,17 @@ impl Vhost {
         let Some(home) = def.home.clone() else {
             return;
         };
-        if let Some(old) = def.replaces {
-            self.take_over(def, old);
+        // A classic queue it took over moves in once the name reaches it
+        // (below).
+        let moving = def.replaces.and_then(|old| self.take_over(def, old));
+        self.project_new_queue(def, home);
+        if let Some(q) = moving {
+            self.start_move(q, def.id);
         }
+    }
+
+    /// [`Self::project_queue`] of a queue new to this node's view.
+    fn project_new_queue(&self, def: &QueueDef, home: String) {
         let replicated = !def.members.is_empty();
         if replicated && self.node.is_home(&def.home) {
             self.node.note_queue_id(def.id);
@@ -468,12 +476,31 @@ impl Vhost {
             AmqpError::not_found(format!("no queue '{name}' in vhost '{}'", self.name))
         })?;
         // As RabbitMQ's declare-ok, this one waits for the group to have a
-        // leader: the arguments in effect (its policies) are committed to
-        // its log first, so that they hold from its first message.
+        // leader. A member commits the arguments in effect (its policies)
+        // first, after its own earlier proposal of them, so that they hold
+        // from the queue's first message. A node that is not a member
+        // proposes nothing (its arguments could land after a newer
+        // policy's): it waits until a member knows the leader.
         if let Some(peers) = self.node.peers.get() {
-            let args = self.replicated_args(&remote).0;
-            let committed = peers.propose_replica_args(&self.name, &name, args);
-            match tokio::time::timeout(DECLARE_WAITS_FOR_LEADER, committed).await {
+            let member = remote
+                .members
+                .iter()
+                .any(|m| *m == self.node.config.node_name);
+            let ready = async {
+                if member {
+                    let args = self.replicated_args(&remote).0;
+                    return peers.propose_replica_args(&self.name, &name, args).await;
+                }
+                loop {
+                    if let Ok(s) = peers.replica_status(&self.name, &name).await {
+                        if s.leader.is_some() {
+                            return Ok(());
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            };
+            match tokio::time::timeout(DECLARE_WAITS_FOR_LEADER, ready).await {
                 Ok(Ok(())) => {}
                 Ok(Err(error)) => {
                     tracing::warn!(queue = %name, vhost = %self.name, %error, "a new replicated queue's group has no leader yet");
@@ -1674,12 +1701,17 @@ impl Vhost {
         }))
     }
 
-    /// Settles deliveries another node took from queue `queue` (homed here).
-    pub fn settle_from_peer(&self, queue: &str, seqs: &[u64], how: Settle) {
-        let Some(q) = self
-            .find_queue(queue)
-            .or_else(|| self.moving.get(queue).map(|q| q.value().clone()))
-        else {
+    /// Settles deliveries another node took from queue `queue` (homed
+    /// here) with id `id` (0: whichever has the name; a classic queue
+    /// moving into its replicated successor is still found by it).
+    pub fn settle_from_peer(&self, queue: &str, id: u64, seqs: &[u64], how: Settle) {
+        let q = if id == 0 {
+            self.find_queue(queue)
+                .or_else(|| self.moving.get(queue).map(|q| q.value().clone()))
+        } else {
+            self.queue_by_id(id).filter(|q| q.name.as_str() == queue)
+        };
+        let Some(q) = q else {
             return;
         };
         let mut fx = Effects::default();
@@ -1722,7 +1754,14 @@ impl Vhost {
         let Some(peers) = self.node.peers.get() else {
             return;
         };
-        let Some(name) = self.remote_ids.get(&id).map(|n| n.value().clone()) else {
+        // (A classic queue that became replicated since the message was
+        // routed: its name now reaches its successor.)
+        let Some(name) = self
+            .remote_ids
+            .get(&id)
+            .map(|n| n.value().clone())
+            .or_else(|| self.moved.get(&id).map(|q| q.name.clone()))
+        else {
             return;
         };
         // (Read in place: nothing of the entry is copied per message.)
@@ -1846,7 +1885,9 @@ impl Vhost {
                     _ = sleep => {}
                 }
                 let now = now_ms();
-                if unused_deadline.is_some_and(|d| d <= now) {
+                // (A classic queue moving into its replicated successor is
+                // unused by design; expiring it would delete the successor.)
+                if unused_deadline.is_some_and(|d| d <= now) && !vhost.is_moving(&q) {
                     let still_unused = q.kind().unused_since_deadline(now);
                     if still_unused {
                         tracing::info!(queue = %q.name, "queue expired (x-expires)");

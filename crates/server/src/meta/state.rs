@@ -891,6 +891,15 @@ mod tests {
             })
             .is_err()
         );
+        // Its stored record recovers as it is (alone, at boot).
+        let defs: Vec<_> = st
+            .definitions()
+            .into_iter()
+            .map(|d| (d.kind, d.key, d.record))
+            .collect();
+        let (recovered, _, problems) = MetaState::recover(&defs);
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(recovered.vhosts["v"].queues["q"], replicated(2, Some(1)));
     }
 
     #[test]

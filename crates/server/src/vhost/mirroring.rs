@@ -34,7 +34,7 @@ use exchange::QueueId;
 use queue_store::{Effects, Queue, QueueArgs};
 
 use super::Vhost;
-use crate::meta::{MetaCommand, QueueDef};
+use crate::meta::{MetaCommand, MetaError, QueueDef};
 use crate::queue::{QueueHandle, Settle, notify_cancel, now_ms};
 
 /// Messages taken from the classic queue and enqueued into the group at a
@@ -42,8 +42,12 @@ use crate::queue::{QueueHandle, Settle, notify_cancel, now_ms};
 const MOVE_BATCH: usize = 256;
 
 /// How long the move waits before trying again after the group refused
-/// or failed a batch, and between looks at deliveries still held.
+/// or failed a batch (doubling up to [`MOVE_RETRY_MAX`]), and between
+/// looks at deliveries still held.
 const MOVE_RETRY: Duration = Duration::from_millis(200);
+
+/// The longest wait between tries of a message the group refuses.
+const MOVE_RETRY_MAX: Duration = Duration::from_secs(5);
 
 impl Vhost {
     /// After policies changed (or at start): every durable classic queue of
@@ -83,6 +87,10 @@ impl Vhost {
     async fn commit_takeover(&self, q: Arc<QueueHandle>, mut members: Vec<String>) {
         let id = self.node.next_queue_id();
         loop {
+            let still_here = self.find_queue(&q.name).is_some_and(|h| h.id == q.id);
+            if !still_here {
+                return;
+            }
             let command = MetaCommand::DeclareQueue {
                 vhost: self.name.to_string(),
                 queue: QueueDef {
@@ -102,6 +110,13 @@ impl Vhost {
                     tracing::info!(queue = %q.name, vhost = %self.name, ?members, "a mirroring policy matches this classic queue: it is replicated from now on and its messages move into its group");
                     return;
                 }
+                // Deleted or redeclared meanwhile: nothing to take over.
+                Err(
+                    e @ (MetaError::NotFound(_) | MetaError::Conflict(_) | MetaError::Invalid(_)),
+                ) => {
+                    tracing::info!(queue = %q.name, vhost = %self.name, error = %e, "the classic queue a mirroring policy matches was not taken over");
+                    return;
+                }
                 Err(e) => {
                     tracing::warn!(queue = %q.name, vhost = %self.name, error = %e, "cannot make the queue a mirroring policy matches replicated yet; trying again");
                 }
@@ -110,19 +125,19 @@ impl Vhost {
                 () = tokio::time::sleep(Duration::from_secs(2)) => {}
                 () = self.closed.cancelled() => return,
             }
-            let still_here = self.find_queue(&q.name).is_some_and(|h| h.id == q.id);
             match self.mirrored_members(&q.name, &q.arguments) {
-                Some(now) if still_here => members = now,
-                _ => return,
+                Some(now) => members = now,
+                None => return,
             }
         }
     }
 
     /// Projects a replicated queue `def` that took over classic queue `old`
     /// of the same name: the name routes to the group (bindings kept); on
-    /// the classic queue's home its messages start moving; elsewhere the old
-    /// queue is kept by id for settling what was taken from it.
-    pub(super) fn take_over(&self, def: &QueueDef, old: u64) {
+    /// another node the old queue is kept by id for settling what was taken
+    /// from it. On the classic queue's home, returns it: its messages are to
+    /// move ([`Self::start_move`]) once the name reaches the group.
+    pub(super) fn take_over(&self, def: &QueueDef, old: u64) -> Option<Arc<QueueHandle>> {
         let here = self
             .queues
             .remove_if(&def.name, |_, q| q.id == old)
@@ -134,9 +149,13 @@ impl Vhost {
         self.router
             .write()
             .replace_queue(def.name.clone(), QueueId(def.id));
-        if let Some(q) = here {
-            self.start_move(q, def.id);
-        }
+        here
+    }
+
+    /// Whether `q` is a classic queue of this node moving into its
+    /// replicated successor.
+    pub(super) fn is_moving(&self, q: &QueueHandle) -> bool {
+        self.moving.get(&q.name).is_some_and(|m| m.id == q.id)
     }
 
     /// At start, on the home of a classic queue that a replicated one
@@ -182,7 +201,7 @@ impl Vhost {
 
     /// Detaches classic queue `q` (its name now routes to replicated queue
     /// `successor`) and moves its messages there.
-    fn start_move(&self, q: Arc<QueueHandle>, successor: u64) {
+    pub(super) fn start_move(&self, q: Arc<QueueHandle>, successor: u64) {
         self.by_id.insert(q.id, q.clone());
         self.moving.insert(q.name.clone(), q.clone());
         for c in q.kind().take_consumers() {
@@ -201,14 +220,20 @@ impl Vhost {
 
     /// Moves classic queue `q`'s messages, in order, into replicated queue
     /// `successor` (same name), then deletes `q`. Stops, deleting `q`, if
-    /// the replicated queue is deleted meanwhile (its messages go with it,
-    /// as they would have).
+    /// the replicated queue is deleted meanwhile, or the vhost (their
+    /// messages go with them, as they would have).
+    ///
+    /// A batch the group does not take whole (no leader yet, or its
+    /// `x-overflow: reject-publish` refused some) goes back to the queue;
+    /// then one message at a time is tried, backing off, until one is
+    /// taken. With `reject-publish-dlx` a refused message is the group's
+    /// to dead-letter: it counts as moved.
     async fn move_into_group(&self, q: Arc<QueueHandle>, successor: u64) {
         let mut moved = 0u64;
-        let mut warned = false;
+        let mut backoff: Option<Duration> = None;
         loop {
             if self.closed.is_cancelled() {
-                return;
+                break;
             }
             let Some(target) = self
                 .find_remote_queue(&q.name)
@@ -222,8 +247,9 @@ impl Vhost {
             };
             let mut batch = Vec::new();
             {
+                let limit = if backoff.is_some() { 1 } else { MOVE_BATCH };
                 let mut fx = Effects::default();
-                while batch.len() < MOVE_BATCH {
+                while batch.len() < limit {
                     match q.get(true, &mut fx) {
                         Some(d) => batch.push(d),
                         None => break,
@@ -239,7 +265,7 @@ impl Vhost {
                 // returned (moved next time round).
                 tokio::select! {
                     () = tokio::time::sleep(MOVE_RETRY) => {}
-                    () = self.closed.cancelled() => return,
+                    () = self.closed.cancelled() => break,
                 }
                 continue;
             }
@@ -256,10 +282,12 @@ impl Vhost {
                     None => unreadable.push(d.seq),
                 }
             }
+            let dead_letters_refused =
+                self.replicated_args(&target).0.overflow == queue_store::Overflow::RejectPublishDlx;
             let (mut done, mut back) = (Vec::new(), Vec::new());
             for (seq, outcome) in sent {
                 match outcome.await {
-                    Ok(e) if !e.refused => done.push(seq),
+                    Ok(e) if !e.refused || dead_letters_refused => done.push(seq),
                     Ok(_) => back.push(seq),
                     Err(e) => {
                         tracing::debug!(queue = %q.name, error = %e, "a message could not move yet");
@@ -278,19 +306,29 @@ impl Vhost {
             let refused = !back.is_empty();
             q.settle(Settle::Requeue, &mut back.into_iter(), false, &mut fx);
             self.apply(&mut fx);
-            if refused && !std::mem::replace(&mut warned, true) {
-                tracing::warn!(queue = %q.name, vhost = %self.name, "the replicated queue did not take every message moved into it (no leader yet, or x-overflow reject-publish); trying again");
+            if !refused {
+                backoff = None;
+                continue;
             }
-            if refused {
-                tokio::select! {
-                    () = tokio::time::sleep(MOVE_RETRY) => {}
-                    () = self.closed.cancelled() => return,
+            let wait = match backoff {
+                None => {
+                    tracing::warn!(queue = %q.name, vhost = %self.name, "the replicated queue did not take every message moved into it (no leader yet, or x-overflow reject-publish); trying one at a time");
+                    MOVE_RETRY
                 }
-            } else {
-                warned = false;
+                Some(last) => (last * 2).min(MOVE_RETRY_MAX),
+            };
+            backoff = Some(wait);
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = self.closed.cancelled() => break,
             }
         }
         self.moving.remove_if(&q.name, |_, h| h.id == q.id);
+        // A message routed to the old id an instant ago reaches the group
+        // by name (`enqueue_remote`).
+        if let Some(target) = self.find_remote_queue(&q.name) {
+            self.moved.insert(q.id, target);
+        }
         self.by_id.remove(&q.id);
         let mut fx = Effects::default();
         let _ = q.kind().delete(false, &mut fx);
