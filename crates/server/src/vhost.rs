@@ -1921,12 +1921,29 @@ impl Vhost {
     /// Rebuilds a durable queue and its messages (at boot). Policies are
     /// applied once everything is recovered.
     pub fn recover_queue(self: &Arc<Self>, def: &QueueDef, recovered: &mut queue_store::Recovered) {
+        let handle = self.rebuild_queue(def, def.id, def.auto_delete, recovered);
+        self.queues.insert(def.name.clone(), handle.clone());
+        self.by_id.insert(def.id, handle.clone());
+        self.router
+            .write()
+            .add_queue(def.name.clone(), QueueId(def.id));
+        self.spawn_housekeeping(handle);
+    }
+
+    /// Durable queue `def` (stored under id `id`) with the messages the
+    /// store still holds of it (at boot), spilling set up first so that a
+    /// deep queue is rebuilt a window at a time.
+    fn rebuild_queue(
+        &self,
+        def: &QueueDef,
+        id: u64,
+        auto_delete: bool,
+        recovered: &mut queue_store::Recovered,
+    ) -> Arc<QueueHandle> {
         let args = QueueArgs::parse(&def.arguments, &def.name, &self.name).unwrap_or_default();
-        let entries = recovered.queues.remove(&def.id).unwrap_or_default();
-        // Spilling is set up first, so a deep queue is rebuilt a window at a
-        // time.
+        let entries = recovered.queues.remove(&id).unwrap_or_default();
         let mut queue = Queue::new(
-            def.id,
+            id,
             def.name.clone(),
             true,
             args,
@@ -1936,20 +1953,14 @@ impl Vhost {
         queue.set_memory_budget(self.node.config.queue_memory_budget);
         queue.set_spill_dir(self.node.spill_dir.clone());
         queue.restore(entries, recovered.clean_shutdown);
-        self.node.note_queue_id(def.id);
-        let handle = QueueHandle::new(
+        self.node.note_queue_id(id);
+        QueueHandle::new(
             queue,
-            def.auto_delete,
+            auto_delete,
             None,
             self.node.config.queue_flow_limit,
             self.tracer.clone(),
-        );
-        self.queues.insert(def.name.clone(), handle.clone());
-        self.by_id.insert(def.id, handle.clone());
-        self.router
-            .write()
-            .add_queue(def.name.clone(), QueueId(def.id));
-        self.spawn_housekeeping(handle);
+        )
     }
 
     /// Rebuilds a durable binding (at boot).

@@ -31,11 +31,11 @@ use std::time::Duration;
 
 use amqp_codec::ShortStr;
 use exchange::QueueId;
-use queue_store::{Effects, Queue, QueueArgs};
+use queue_store::Effects;
 
 use super::Vhost;
 use crate::meta::{MetaCommand, MetaError, QueueDef};
-use crate::queue::{QueueHandle, Settle, notify_cancel, now_ms};
+use crate::queue::{QueueHandle, Settle, notify_cancel};
 
 /// Messages taken from the classic queue and enqueued into the group at a
 /// time.
@@ -170,29 +170,10 @@ impl Vhost {
         let Some(old) = def.replaces else {
             return false;
         };
-        let Some(entries) = recovered.queues.remove(&old) else {
+        if !recovered.queues.contains_key(&old) {
             return false;
-        };
-        let args = QueueArgs::parse(&def.arguments, &def.name, &self.name).unwrap_or_default();
-        let mut queue = Queue::new(
-            old,
-            def.name.clone(),
-            true,
-            args,
-            def.arguments.clone(),
-            now_ms(),
-        );
-        queue.set_memory_budget(self.node.config.queue_memory_budget);
-        queue.set_spill_dir(self.node.spill_dir.clone());
-        queue.restore(entries, recovered.clean_shutdown);
-        self.node.note_queue_id(old);
-        let handle = QueueHandle::new(
-            queue,
-            false,
-            None,
-            self.node.config.queue_flow_limit,
-            self.tracer.clone(),
-        );
+        }
+        let handle = self.rebuild_queue(def, old, false, recovered);
         tracing::info!(queue = %def.name, vhost = %self.name, ready = handle.counters().ready, "moving the rest of a classic queue into the replicated queue that took it over");
         self.spawn_housekeeping(handle.clone());
         self.start_move(handle, def.id);
