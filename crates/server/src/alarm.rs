@@ -348,7 +348,11 @@ pub fn parse_amount(s: &str) -> Result<Amount, String> {
     n.checked_mul(scale).map(Amount::Octets).ok_or_else(bad)
 }
 
-/// Total RAM, for the default watermark (0.4 of it, as RabbitMQ).
+/// The memory this process may use, for the default watermark (0.4 of it,
+/// as RabbitMQ) and watermarks given as a fraction: the machine's RAM, or
+/// less where its control group allows less (a container's memory limit,
+/// cgroup v2 `memory.max` or v1 `memory.limit_in_bytes`), so that the
+/// alarm comes before the kernel's OOM killer.
 pub fn total_memory() -> Option<u64> {
     let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
     let kib: u64 = meminfo
@@ -358,12 +362,117 @@ pub fn total_memory() -> Option<u64> {
         .nth(1)?
         .parse()
         .ok()?;
-    Some(kib * 1024)
+    let ram = kib * 1024;
+    let limit = std::fs::read_to_string("/proc/self/cgroup")
+        .ok()
+        .and_then(|own| cgroup_memory_limit(&own, |path| std::fs::read_to_string(path).ok()));
+    Some(limit.map_or(ram, |l| l.min(ram)))
+}
+
+/// The memory limit of the control group `own` (`/proc/self/cgroup`'s
+/// lines) places this process in, its files read through `read`; `None`
+/// when none is set or none can be read.
+fn cgroup_memory_limit(own: &str, read: impl Fn(&str) -> Option<String>) -> Option<u64> {
+    for line in own.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (Some(_), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
+        let path = path.trim_end_matches('/');
+        // The group's own file; inside a container's namespace the group is
+        // the root of the mount, whatever the path says.
+        let files = if controllers.is_empty() {
+            [
+                format!("/sys/fs/cgroup{path}/memory.max"),
+                "/sys/fs/cgroup/memory.max".to_owned(),
+            ]
+        } else if controllers.split(',').any(|c| c == "memory") {
+            [
+                format!("/sys/fs/cgroup/memory{path}/memory.limit_in_bytes"),
+                "/sys/fs/cgroup/memory/memory.limit_in_bytes".to_owned(),
+            ]
+        } else {
+            continue;
+        };
+        for file in &files {
+            let Some(text) = read(file) else {
+                continue;
+            };
+            // v2 says "max" for none; v1 a number near 2^63.
+            return text.trim().parse().ok();
+        }
+    }
+    None
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_control_groups_memory_limit_is_read_in_either_version() {
+        let files = |pairs: &'static [(&'static str, &'static str)]| {
+            move |path: &str| {
+                pairs
+                    .iter()
+                    .find(|(p, _)| *p == path)
+                    .map(|(_, v)| (*v).to_owned())
+            }
+        };
+        // v2, a container's group (its own path, or the namespace's root).
+        assert_eq!(
+            cgroup_memory_limit(
+                "0::/docker/abc\n",
+                files(&[("/sys/fs/cgroup/docker/abc/memory.max", "536870912\n")])
+            ),
+            Some(512 << 20)
+        );
+        assert_eq!(
+            cgroup_memory_limit(
+                "0::/docker/abc\n",
+                files(&[("/sys/fs/cgroup/memory.max", "268435456\n")])
+            ),
+            Some(256 << 20)
+        );
+        assert_eq!(
+            cgroup_memory_limit("0::/\n", files(&[("/sys/fs/cgroup/memory.max", "max\n")])),
+            None
+        );
+        // v1 (a hybrid host lists both; the v2 line has no memory file).
+        let hybrid = "4:memory:/process_api/x\n1:cpu:/\n0::/\n";
+        assert_eq!(
+            cgroup_memory_limit(
+                hybrid,
+                files(&[(
+                    "/sys/fs/cgroup/memory/process_api/x/memory.limit_in_bytes",
+                    "1073741824\n"
+                )])
+            ),
+            Some(1 << 30)
+        );
+        assert_eq!(
+            cgroup_memory_limit(
+                "5:cpuacct,memory:/\n",
+                files(&[(
+                    "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                    "9223372036854771712\n"
+                )])
+            ),
+            Some(9_223_372_036_854_771_712)
+        );
+        assert_eq!(cgroup_memory_limit(hybrid, files(&[])), None);
+        assert_eq!(cgroup_memory_limit("", files(&[])), None);
+        // On this machine: never more than its RAM.
+        let ram = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        });
+        if let (Some(kib), Some(total)) = (ram, total_memory()) {
+            assert!(total <= kib * 1024);
+        }
+    }
 
     #[test]
     fn amounts_read_as_rabbitmq_reads_them() {
