@@ -301,10 +301,17 @@ pub enum Amount {
 impl Amount {
     /// The octets it stands for (RAM taken as 1 GiB if unknown).
     pub fn octets(self) -> u64 {
+        self.octets_of(None)
+    }
+
+    /// The octets it stands for, a fraction being of `total` if given
+    /// (RabbitMQ's `total_memory_available_override_value`), else of
+    /// [`total_memory`].
+    pub fn octets_of(self, total: Option<u64>) -> u64 {
         match self {
             Amount::Octets(n) => n,
             Amount::OfRam(f) => {
-                let ram = total_memory().unwrap_or(1 << 30);
+                let ram = total.or_else(total_memory).unwrap_or(1 << 30);
                 (ram as f64 * f) as u64
             }
         }

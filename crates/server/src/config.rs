@@ -51,6 +51,10 @@ pub struct Config {
     pub memory_high_watermark: u64,
     /// Free disk space below which publishers are blocked.
     pub disk_free_limit: u64,
+    /// The memory a fractional watermark is a fraction of, if set (RabbitMQ's
+    /// `total_memory_available_override_value`); else the machine's RAM or
+    /// the container's limit ([`crate::alarm::total_memory`]).
+    pub total_memory_available: Option<u64>,
     /// Body octets of ready messages each queue keeps in memory before paging
     /// the rest out to the store.
     pub queue_memory_budget: u64,
@@ -99,6 +103,7 @@ impl Default for Config {
             max_connections: 0,
             max_consumers_per_channel: 0,
             memory_high_watermark: default_watermark(),
+            total_memory_available: None,
             queue_flow_limit: 0,
             store_backlog_limit: queue_store::DEFAULT_BACKLOG_LIMIT,
             disk_free_limit: 50 * 1000 * 1000,

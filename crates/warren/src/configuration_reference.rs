@@ -134,6 +134,10 @@ const RABBITMQ: &[(&str, Rabbit)] = &[
         ]),
     ),
     (
+        "total_memory_available",
+        Rabbit::Conf(&[("total_memory_available_override_value", "4GB")]),
+    ),
+    (
         "queue_flow_limit",
         Rabbit::Elsewhere("none (RabbitMQ's internal credit flow)"),
     ),

@@ -223,6 +223,12 @@ struct Args {
     /// [default: 50MB].
     #[arg(long, value_name = "AMOUNT", help_heading = "Alarms and flow control", env = "WARREN_DISK_FREE_LIMIT", value_parser = parse_amount)]
     disk_free_limit: Option<Amount>,
+    /// The memory a fractional watermark (and disk limit) is a fraction of:
+    /// an amount (`4GB`, `512MiB`, octets), as RabbitMQ's
+    /// `total_memory_available_override_value` [default: the machine's RAM,
+    /// or its control group's memory limit (a container's) if lower].
+    #[arg(long, value_name = "AMOUNT", help_heading = "Alarms and flow control", env = "WARREN_TOTAL_MEMORY_AVAILABLE", value_parser = parse_amount)]
+    total_memory_available: Option<Amount>,
     /// Memory one queue may hold (by the broker's accounting) before its
     /// publishers are paused, in octets; 0 = no per-queue limit [default: 0].
     /// Set it below the watermark to keep one queue's flood from blocking
@@ -379,6 +385,7 @@ struct FileConfig {
     consumer_timeout_cancels_consumer: Option<bool>,
     memory_high_watermark: Option<FileAmount>,
     disk_free_limit: Option<FileAmount>,
+    total_memory_available: Option<FileAmount>,
     queue_flow_limit: Option<u64>,
     store_backlog_limit: Option<u64>,
     max_connections: Option<usize>,
@@ -581,17 +588,36 @@ fn config(args: Args, file: FileConfig) -> Result<server::Config, String> {
             .map(|a| a.amount().map_err(|e| format!("{key}: {e}")))
             .transpose()
     };
+    let total_memory_available = match args.total_memory_available.or(from_file(
+        &file.total_memory_available,
+        "total_memory_available",
+    )?) {
+        None => None,
+        Some(Amount::Octets(n)) if n > 0 => Some(n),
+        Some(_) => {
+            return Err(
+                "total_memory_available: give an amount of memory (4GB, 512MiB, octets)".into(),
+            );
+        }
+    };
+    // (The default watermark, 0.4, is of that memory too.)
     let memory_high_watermark = args
         .memory_high_watermark
         .or(from_file(
             &file.memory_high_watermark,
             "memory_high_watermark",
         )?)
-        .map_or(d.memory_high_watermark, Amount::octets);
+        .map_or(
+            match total_memory_available {
+                Some(_) => Amount::OfRam(0.4).octets_of(total_memory_available),
+                None => d.memory_high_watermark,
+            },
+            |a| a.octets_of(total_memory_available),
+        );
     let disk_free_limit = args
         .disk_free_limit
         .or(from_file(&file.disk_free_limit, "disk_free_limit")?)
-        .map_or(d.disk_free_limit, Amount::octets);
+        .map_or(d.disk_free_limit, |a| a.octets_of(total_memory_available));
     let bind_ip = args.bind.or(file.bind).unwrap_or(d.bind.ip());
     let tls_port = args.tls_port.or(file.tls_port);
     let tls_ca = args.tls_ca.or(file.tls_ca);
@@ -706,6 +732,7 @@ fn config(args: Args, file: FileConfig) -> Result<server::Config, String> {
             .or(file.store_backlog_limit)
             .unwrap_or(d.store_backlog_limit),
         disk_free_limit,
+        total_memory_available,
         max_connections: args
             .max_connections
             .or(file.max_connections)
@@ -940,5 +967,33 @@ mod tests {
         assert_eq!(c.disk_free_limit, 1000);
         let file: FileConfig = toml::from_str("memory_high_watermark = \"much\"").unwrap();
         assert!(config(Args::parse_from(["warren"]), file).is_err());
+    }
+
+    #[test]
+    fn fractions_are_of_the_total_memory_available_when_it_is_given() {
+        // The default watermark (0.4) and fractions given, of 1 GiB.
+        let args = Args::parse_from(["warren", "--total-memory-available", "1GiB"]);
+        let c = config(args, FileConfig::default()).unwrap();
+        assert_eq!(c.memory_high_watermark, (f64::from(1 << 30) * 0.4) as u64);
+        assert_eq!(c.total_memory_available, Some(1 << 30));
+        let args = Args::parse_from([
+            "warren",
+            "--total-memory-available",
+            "1GiB",
+            "--memory-high-watermark",
+            "0.5",
+            "--disk-free-limit",
+            "2.0",
+        ]);
+        let c = config(args, FileConfig::default()).unwrap();
+        assert_eq!(c.memory_high_watermark, 512 << 20);
+        assert_eq!(c.disk_free_limit, 2 << 30);
+        // As the RabbitMQ cluster operator writes it.
+        let file = rabbitmq_conf::parse("total_memory_available_override_value = 2GB\n").unwrap();
+        let c = config(Args::parse_from(["warren"]), file).unwrap();
+        assert_eq!(c.memory_high_watermark, 800_000_000);
+        // A fraction of itself means nothing.
+        let args = Args::parse_from(["warren", "--total-memory-available", "0.5"]);
+        assert!(config(args, FileConfig::default()).is_err());
     }
 }

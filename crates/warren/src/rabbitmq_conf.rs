@@ -123,6 +123,11 @@ fn set(c: &mut FileConfig, key: &str, value: &str) -> Result<(), String> {
         }
         "disk_free_limit.absolute" => c.disk_free_limit = Some(FileAmount::Text(value.to_owned())),
         "disk_free_limit.relative" => c.disk_free_limit = Some(FileAmount::OfRam(number(value)?)),
+        // (The RabbitMQ cluster operator for Kubernetes writes it: the
+        // container's memory limit.)
+        "total_memory_available_override_value" => {
+            c.total_memory_available = Some(FileAmount::Text(value.to_owned()));
+        }
         "default_user" => c.default_user = Some(value.to_owned()),
         "default_pass" => c.default_pass = Some(value.to_owned()),
         "loopback_users" if value == "none" => c.loopback_users = Some(Vec::new()),

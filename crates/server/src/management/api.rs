@@ -1597,7 +1597,11 @@ async fn join_cluster(State(b): Shared, caller: Caller, body: Body) -> ApiResult
 /// The octets a limit body names: `{"absolute": octets}`, or a fraction of
 /// the machine's memory as `{"fraction": f}` (memory watermark) or
 /// `{"mem_relative": f}` (disk limit), as rabbitmqctl takes them.
-fn limit_octets(body: &Map<String, Value>, relative: &str) -> Result<u64, ApiError> {
+fn limit_octets(
+    body: &Map<String, Value>,
+    relative: &str,
+    total_memory_available: Option<u64>,
+) -> Result<u64, ApiError> {
     if let Some(v) = body.get("absolute") {
         // Octets, or a string with a unit ("2GB", "512MiB") as in the
         // configuration.
@@ -1623,7 +1627,8 @@ fn limit_octets(body: &Map<String, Value>, relative: &str) -> Result<u64, ApiErr
         .as_f64()
         .filter(|f| f.is_finite() && *f >= 0.0)
         .ok_or_else(|| ApiError::bad_request(format!("{relative} must be a number >= 0")))?;
-    let total = crate::alarm::total_memory()
+    let total = total_memory_available
+        .or_else(crate::alarm::total_memory)
         .ok_or_else(|| ApiError::internal("cannot read the machine's memory size"))?;
     Ok((total as f64 * f) as u64)
 }
@@ -1668,7 +1673,7 @@ fn node_limit(
     if name != b.config.node_name {
         return Err(ApiError::not_found());
     }
-    limit_octets(&body_map(body), relative)
+    limit_octets(&body_map(body), relative, b.config.total_memory_available)
 }
 
 async fn get_node(State(b): Shared, caller: Caller, Path(name): Path<String>) -> ApiResult {
