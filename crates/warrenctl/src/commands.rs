@@ -841,10 +841,15 @@ pub(crate) async fn run(cli: Cli) -> Result<(), Failure> {
                 cli.vhost
             ));
         }
+        // (RabbitMQ 3.10.8's banners, recorded: "to 2GB bytes ..." for an
+        // absolute amount, "to 0.5 ..." for a fraction, "to 1.5 times the
+        // total RAM ..." for a relative disk limit.)
         Command::SetVmMemoryHighWatermark { value, amount } => {
-            out.banner(&format!(
-                "Setting memory threshold on {node} to {value} ..."
-            ));
+            let to = match amount.as_deref() {
+                Some(a) if value == "absolute" => format!("{a} bytes"),
+                _ => value.clone(),
+            };
+            out.banner(&format!("Setting memory threshold on {node} to {to} ..."));
             let body = limit_body(&value, amount.as_deref(), "absolute", "fraction")?;
             api.put(
                 &format!("/api/nodes/{}/vm_memory_high_watermark", seg(&node)),
@@ -853,7 +858,11 @@ pub(crate) async fn run(cli: Cli) -> Result<(), Failure> {
             .await?;
         }
         Command::SetDiskFreeLimit { value, fraction } => {
-            out.banner(&format!("Setting disk free limit on {node} to {value} ..."));
+            let to = match fraction.as_deref() {
+                Some(f) if value == "mem_relative" => format!("{f} times the total RAM"),
+                _ => format!("{value} bytes"),
+            };
+            out.banner(&format!("Setting disk free limit on {node} to {to} ..."));
             let body = limit_body(&value, fraction.as_deref(), "mem_relative", "mem_relative")?;
             api.put(&format!("/api/nodes/{}/disk_free_limit", seg(&node)), body)
                 .await?;

@@ -432,7 +432,12 @@ async fn memory_watermark_switch_holds_publishes_until_the_alarm_clears() {
     ));
 
     let mut alarms = broker.broker().alarms.subscribe();
-    stdout(&ctl(&broker, &["set_vm_memory_high_watermark", "absolute", "0"]).await);
+    let node = broker.broker().config.node_name.clone();
+    // (Banners as RabbitMQ 3.10.8 prints them.)
+    assert_eq!(
+        stdout(&ctl(&broker, &["set_vm_memory_high_watermark", "absolute", "0"]).await),
+        format!("Setting memory threshold on {node} to 0 bytes ...\n")
+    );
     alarms.wait_for(|a| a.memory).await.unwrap();
 
     let mut frames = bytes::BytesMut::new();
@@ -467,7 +472,10 @@ async fn memory_watermark_switch_holds_publishes_until_the_alarm_clears() {
         "not routed under the alarm"
     );
 
-    stdout(&ctl(&broker, &["set_vm_memory_high_watermark", "0.4"]).await);
+    assert_eq!(
+        stdout(&ctl(&broker, &["set_vm_memory_high_watermark", "0.4"]).await),
+        format!("Setting memory threshold on {node} to 0.4 ...\n")
+    );
     assert!(matches!(
         publisher.method().await,
         Some(Method::ConnectionUnblocked(_))
@@ -480,7 +488,10 @@ async fn memory_watermark_switch_holds_publishes_until_the_alarm_clears() {
     }
 
     // The disk limit switch, likewise.
-    stdout(&ctl(&broker, &["set_disk_free_limit", "1000000GB"]).await);
+    assert_eq!(
+        stdout(&ctl(&broker, &["set_disk_free_limit", "1000000GB"]).await),
+        format!("Setting disk free limit on {node} to 1000000GB bytes ...\n")
+    );
     alarms.wait_for(|a| a.disk).await.unwrap();
     stdout(&ctl(&broker, &["set_disk_free_limit", "1MB"]).await);
     alarms.wait_for(|a| !a.disk).await.unwrap();
