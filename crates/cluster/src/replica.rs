@@ -430,8 +430,12 @@ impl Replicas {
         self.get(id)
     }
 
-    /// The replicated queue with id `id`.
+    /// The replicated queue with id `id` (no lock taken while there are
+    /// none: a classic queue's settles ask on every ack).
     pub fn get(&self, id: u64) -> Option<Arc<Replicated>> {
+        if self.count.load(Ordering::Relaxed) == 0 {
+            return None;
+        }
         self.queues.read().get(&id).cloned()
     }
 
@@ -491,11 +495,13 @@ impl Replicas {
                         return;
                     }
                     queues.insert(def.id, q.clone());
+                    // (Counted as it is inserted: `get` looks only when
+                    // there are some.)
+                    self.count.fetch_add(1, Ordering::Relaxed);
                 }
                 self.by_name
                     .write()
                     .insert((vhost.to_owned(), def.name.to_string()), def.id);
-                self.count.fetch_add(1, Ordering::Relaxed);
                 if at_start {
                     let request = QueueRequest::NodeRestarted {
                         node: self.me.id,

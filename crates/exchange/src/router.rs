@@ -1066,6 +1066,21 @@ mod tests {
         queues
     }
 
+    fn declare_auto_delete_fanout(r: &mut Router, name: &str) {
+        r.declare_exchange(
+            ExchangeDeclare {
+                name,
+                kind: "fanout",
+                durable: false,
+                auto_delete: true,
+                internal: false,
+                arguments: &FieldTable::new(),
+            },
+            false,
+        )
+        .unwrap();
+    }
+
     fn router_with_queues(n: u64) -> Router {
         let mut r = Router::new(s("/"));
         for i in 0..n {
@@ -1435,18 +1450,7 @@ mod tests {
     #[test]
     fn auto_delete_exchange_goes_with_its_last_binding() {
         let mut r = router_with_queues(2);
-        r.declare_exchange(
-            ExchangeDeclare {
-                name: "ad",
-                kind: "fanout",
-                durable: false,
-                auto_delete: true,
-                internal: false,
-                arguments: &FieldTable::new(),
-            },
-            false,
-        )
-        .unwrap();
+        declare_auto_delete_fanout(&mut r, "ad");
         r.bind(&qbind("ad", "q0", "")).unwrap();
         r.bind(&qbind("ad", "q1", "")).unwrap();
         assert!(
@@ -1468,18 +1472,7 @@ mod tests {
     #[test]
     fn a_queue_given_a_new_id_keeps_its_bindings_and_their_exchanges() {
         let mut r = router_with_queues(2);
-        r.declare_exchange(
-            ExchangeDeclare {
-                name: "ad",
-                kind: "fanout",
-                durable: false,
-                auto_delete: true,
-                internal: false,
-                arguments: &FieldTable::new(),
-            },
-            false,
-        )
-        .unwrap();
+        declare_auto_delete_fanout(&mut r, "ad");
         r.bind(&qbind("ad", "q1", "")).unwrap();
         r.bind(&qbind("amq.direct", "q1", "k")).unwrap();
         r.bind(&qbind("amq.direct", "q0", "k")).unwrap();

@@ -122,7 +122,7 @@ pub struct Vhost {
     /// ids: deliveries taken from them before are still settled there.
     moved: DashMap<u64, crate::peers::RemoteQueue>,
     /// Classic queues of this node whose takeover is being committed.
-    converting: DashMap<ShortStr, ()>,
+    converting: dashmap::DashSet<ShortStr>,
     /// Cancelled when the vhost is deleted: its connections close.
     pub closed: tokio_util::sync::CancellationToken,
     /// Open connections to this vhost.
@@ -171,7 +171,7 @@ impl Vhost {
             remote_ids: DashMap::new(),
             moving: DashMap::new(),
             moved: DashMap::new(),
-            converting: DashMap::new(),
+            converting: dashmap::DashSet::new(),
             closed: tokio_util::sync::CancellationToken::new(),
             connections: std::sync::atomic::AtomicUsize::new(0),
             limits: parking_lot::Mutex::new(VhostLimits::default()),

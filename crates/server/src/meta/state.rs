@@ -656,6 +656,17 @@ mod tests {
         assert!(matches!(st.apply(&bad), Err(MetaError::Invalid(_))));
     }
 
+    /// A state holding vhost `v`.
+    fn with_vhost_v() -> MetaState {
+        let mut st = MetaState::default();
+        st.apply(&MetaCommand::PutVhost {
+            name: "v".into(),
+            limits: VhostLimits::default(),
+        })
+        .expect("vhost");
+        st
+    }
+
     fn cluster_queue(name: &str, id: u64, durable: bool, exclusive: bool, home: &str) -> QueueDef {
         QueueDef {
             name: ShortStr::try_from(name).expect("short"),
@@ -672,13 +683,8 @@ mod tests {
 
     #[test]
     fn transient_objects_are_held_but_never_stored_and_go_with_their_node_s_run() {
-        let mut st = MetaState::default();
+        let mut st = with_vhost_v();
         let v = || "v".to_owned();
-        st.apply(&MetaCommand::PutVhost {
-            name: v(),
-            limits: VhostLimits::default(),
-        })
-        .expect("vhost");
         let mut transient_x = exchange("tx", ExchangeKind::Fanout);
         transient_x.durable = false;
         let applied = st
@@ -759,13 +765,8 @@ mod tests {
 
     #[test]
     fn deleting_a_queue_takes_its_bindings_and_a_vhost_everything() {
-        let mut st = MetaState::default();
+        let mut st = with_vhost_v();
         let v = || "v".to_owned();
-        st.apply(&MetaCommand::PutVhost {
-            name: v(),
-            limits: VhostLimits::default(),
-        })
-        .expect("vhost");
         st.apply(&MetaCommand::DeclareExchange {
             vhost: v(),
             exchange: exchange("x", ExchangeKind::Topic),
@@ -828,13 +829,8 @@ mod tests {
 
     #[test]
     fn a_mirrored_queue_takes_over_its_classic_namesake_and_keeps_its_bindings() {
-        let mut st = MetaState::default();
+        let mut st = with_vhost_v();
         let v = || "v".to_owned();
-        st.apply(&MetaCommand::PutVhost {
-            name: v(),
-            limits: VhostLimits::default(),
-        })
-        .expect("vhost");
         let classic = cluster_queue("q", 1, true, false, "n2");
         st.apply(&MetaCommand::DeclareQueue {
             vhost: v(),
@@ -904,12 +900,7 @@ mod tests {
 
     #[test]
     fn a_redeclare_with_other_properties_is_a_conflict_and_changes_nothing() {
-        let mut st = MetaState::default();
-        st.apply(&MetaCommand::PutVhost {
-            name: "v".into(),
-            limits: VhostLimits::default(),
-        })
-        .expect("vhost");
+        let mut st = with_vhost_v();
         let declare = |kind| MetaCommand::DeclareExchange {
             vhost: "v".into(),
             exchange: exchange("x", kind),

@@ -29,7 +29,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use amqp_codec::ShortStr;
 use exchange::QueueId;
 use queue_store::Effects;
 
@@ -68,7 +67,7 @@ impl Vhost {
             let Some(members) = self.mirrored_members(&q.name, &q.arguments) else {
                 continue;
             };
-            if self.converting.insert(q.name.clone(), ()).is_some() {
+            if !self.converting.insert(q.name.clone()) {
                 continue;
             }
             let Some(me) = self.me.upgrade() else {
@@ -316,11 +315,5 @@ impl Vhost {
         q.wake.notify_one();
         self.apply(&mut fx);
         tracing::info!(queue = %q.name, vhost = %self.name, moved, "the classic queue's messages are in its replicated successor; the classic queue is gone");
-    }
-
-    /// The classic queue of this node called `name` whose messages are
-    /// moving into its replicated successor, if one is.
-    pub fn moving_queue(&self, name: &ShortStr) -> Option<Arc<QueueHandle>> {
-        self.moving.get(name).map(|q| q.value().clone())
     }
 }
