@@ -897,6 +897,61 @@ async fn a_no_ack_consumer_on_another_node_drains_the_queue_in_order_and_is_told
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_no_ack_consumer_on_another_node_that_cancels_leaves_nothing_unacknowledged_on_the_home()
+{
+    // Its node holds its acknowledgements back for a few milliseconds
+    // (one settle for many deliveries); a cancel sends them first.
+    let cluster = TestCluster::start(CHILD, 3);
+    formed(&cluster).await;
+    let home = amqp(&cluster, 1).await;
+    let ch2 = home.create_channel().await.unwrap();
+    declare_durable_queue(&ch2, "q.noack-cancel").await;
+    let first = amqp(&cluster, 0).await;
+    sees_queue(&cluster, &first, 0, "q.noack-cancel").await;
+    let ch1 = first.create_channel().await.unwrap();
+    for round in 0..3 {
+        let tag = format!("c{round}");
+        let mut consumer = ch1
+            .basic_consume(
+                "q.noack-cancel".into(),
+                tag.as_str().into(),
+                lapin::options::BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                lapin::types::FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        for i in 0..50 {
+            warren_tests::publish(&ch2, "q.noack-cancel", format!("{round}.{i}").as_bytes()).await;
+        }
+        let got = warren_tests::next_deliveries(&mut consumer, 50).await;
+        assert!(got.iter().all(|d| !d.redelivered), "round {round}");
+        ch1.basic_cancel(
+            tag.as_str().into(),
+            lapin::options::BasicCancelOptions::default(),
+        )
+        .await
+        .unwrap();
+        // Nothing left held by the cancelled consumer, nothing queued again.
+        let api2 = cluster.node(1).api.clone();
+        eventually(
+            "the home holds nothing for the cancelled consumer",
+            &cluster,
+            || {
+                let api2 = api2.clone();
+                async move {
+                    let q = get(&api2, "/api/queues/%2F/q.noack-cancel").await;
+                    q["messages_unacknowledged"] == 0 && q["messages"] == 0
+                }
+            },
+        )
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forgotten_node_is_refused_when_it_comes_back() {
     let mut cluster = TestCluster::start(CHILD, 3);
     formed(&cluster).await;

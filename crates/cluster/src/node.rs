@@ -1134,7 +1134,13 @@ impl server::peers::Peers for ClusterPeers {
     }
 
     fn cancel(&self, home: &str, key: u64) {
-        self.node.sinks.lock().remove(&key);
+        let sink = self.node.sinks.lock().remove(&key);
+        // Its held acknowledgements first (sends to one node keep their
+        // order; a replicated queue keeps a cancelled consumer's
+        // deliveries until they are settled anyway).
+        if let Some((_, sink)) = sink {
+            sink.settle_held();
+        }
         let replicas = &self.node.replicas;
         if let Some(q) = replicas.remove_consumer(key) {
             // What it holds stays with it until its channel settles it.

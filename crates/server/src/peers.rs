@@ -172,10 +172,15 @@ pub trait RemoteSink: Send + Sync {
     /// it itself once written).
     fn deliver(&self, delivery: RemoteDelivery);
     /// The deliveries that arrived together (one read of the link) have all
-    /// been handed over: what the sink keeps for the end of a burst (a
-    /// no-ack consumer's acknowledgements) goes now. Whoever calls
-    /// [`deliver`](Self::deliver) calls this after a burst's last delivery.
+    /// been handed over. Whoever calls [`deliver`](Self::deliver) calls
+    /// this after a burst's last delivery: a no-ack consumer's sink sends
+    /// its acknowledgements now if enough are held, else soon.
     fn end_of_burst(&self);
+    /// Sends at once whatever settlements the sink holds back. Called just
+    /// before its consumer's cancel goes to the home node, so that none is
+    /// left behind (the home would otherwise keep those deliveries
+    /// unacknowledged, and requeue them when the link goes).
+    fn settle_held(&self) {}
     /// The home node cancelled the consumer (its queue is gone).
     fn cancelled(&self);
 }

@@ -300,8 +300,10 @@ impl Channel {
                 vhost.name()
             )));
         };
-        let sink = Arc::new(super::remote::RemoteConsumer {
+        let sink = Arc::new_cyclic(|me| super::remote::RemoteConsumer {
             acks: parking_lot::Mutex::default(),
+            ack_timer: std::sync::atomic::AtomicBool::new(false),
+            me: me.clone(),
             channel: Arc::downgrade(&self.shared),
             tag: tag.clone(),
             queue_id: remote.id,
