@@ -53,11 +53,20 @@ impl GroupWire for QueueTypes {
     }
 }
 
+/// The most octets of entries one append-entries request carries when it
+/// has more than one entry. openraft bounds a request by its number of
+/// entries only (`max_payload_entries`), and an entry may hold a message of
+/// up to 512 MiB: a follower far behind would be sent more than a link
+/// frame holds, for ever. A longer run goes in parts instead (openraft's
+/// `PartialSuccess`: it sends the rest next).
+pub const MAX_APPEND_OCTETS: u64 = 16 << 20;
+
 /// Makes [`GroupNetwork`]s for group `group` over the node's links.
 #[derive(Debug)]
 pub struct GroupNetworkFactory<C> {
     links: Arc<Links>,
     group: u64,
+    max_append: u64,
     _types: PhantomData<fn() -> C>,
 }
 
@@ -67,6 +76,7 @@ impl<C> GroupNetworkFactory<C> {
         GroupNetworkFactory {
             links,
             group,
+            max_append: MAX_APPEND_OCTETS,
             _types: PhantomData,
         }
     }
@@ -79,6 +89,8 @@ pub struct GroupNetwork<C> {
     group: u64,
     target: u64,
     node: NodeInfo,
+    /// [`MAX_APPEND_OCTETS`] (smaller in tests).
+    max_append: u64,
     _types: PhantomData<fn() -> C>,
 }
 
@@ -91,9 +103,23 @@ impl<C: GroupWire> RaftNetworkFactory<C> for GroupNetworkFactory<C> {
             group: self.group,
             target,
             node: node.clone(),
+            max_append: self.max_append,
             _types: PhantomData,
         }
     }
+}
+
+/// How many of `entries`, from the first, fit in `max` octets (at least
+/// one: a single entry always goes, and a frame holds the largest).
+fn entries_that_fit<E: serde::Serialize>(entries: &[E], max: u64) -> usize {
+    let mut octets = 0u64;
+    for (i, e) in entries.iter().enumerate() {
+        octets = octets.saturating_add(crate::link::encoded_len(e).unwrap_or(u64::MAX));
+        if octets > max {
+            return i.max(1);
+        }
+    }
+    entries.len()
 }
 
 impl<C> GroupNetwork<C> {
@@ -124,15 +150,31 @@ impl<C> GroupNetwork<C> {
 impl<C: GroupWire> RaftNetwork<C> for GroupNetwork<C> {
     async fn append_entries(
         &mut self,
-        rpc: AppendEntriesRequest<C>,
+        mut rpc: AppendEntriesRequest<C>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<u64>, RPCError<u64, NodeInfo, RaftError<u64>>> {
+        // Only what fits [`MAX_APPEND_OCTETS`]; then the rest, as openraft
+        // sends what follows a partial success.
+        let mut sent_up_to = None;
+        if rpc.entries.len() > 1 {
+            let fit = entries_that_fit(&rpc.entries, self.max_append);
+            if fit < rpc.entries.len() {
+                rpc.entries.truncate(fit);
+                sent_up_to = rpc
+                    .entries
+                    .last()
+                    .map(|e| *openraft::RaftLogId::get_log_id(e));
+            }
+        }
         let n = rpc.entries.len();
         let target = self.target;
         tracing::trace!(target: "latency", to = target, n, "append_entries send");
         let r = self.call(C::append(self.group, rpc), &option).await;
         tracing::trace!(target: "latency", to = target, n, "append_entries answered");
         match r? {
+            Response::Append(Ok(AppendEntriesResponse::Success)) if sent_up_to.is_some() => {
+                Ok(AppendEntriesResponse::PartialSuccess(sent_up_to))
+            }
             Response::Append(Ok(r)) => Ok(r),
             Response::Append(Err(e)) => {
                 Err(RPCError::RemoteError(RemoteError::new(self.target, e)))
@@ -257,8 +299,16 @@ mod tests {
 
     const GROUP: u64 = 42;
 
-    /// A node's handler that serves queue groups only.
-    struct GroupsOnly(Arc<QueueGroups>);
+    /// A node's handler that serves queue groups only; while `refusing`,
+    /// it refuses appends. It notes the most octets of entries one append
+    /// carried.
+    struct GroupsOnly(Arc<QueueGroups>, Arc<Appends>);
+
+    #[derive(Default)]
+    struct Appends {
+        refusing: std::sync::atomic::AtomicBool,
+        most_octets: std::sync::atomic::AtomicU64,
+    }
 
     impl RequestHandler for GroupsOnly {
         fn handle(
@@ -266,7 +316,21 @@ mod tests {
             _from: NodeInfo,
             request: Request,
         ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Response> + Send>> {
+            use std::sync::atomic::Ordering;
             let groups = self.0.clone();
+            if let Request::QueueAppend { rpc, .. } = &request {
+                if self.1.refusing.load(Ordering::Acquire) {
+                    return Box::pin(std::future::ready(Response::Unavailable(
+                        "refusing appends".into(),
+                    )));
+                }
+                let octets = rpc
+                    .entries
+                    .iter()
+                    .filter_map(crate::link::encoded_len)
+                    .sum::<u64>();
+                self.1.most_octets.fetch_max(octets, Ordering::AcqRel);
+            }
             Box::pin(async move {
                 groups
                     .serve(request)
@@ -286,11 +350,21 @@ mod tests {
         raft: Raft<QueueTypes>,
         machine: QueueMachine,
         links: Arc<Links>,
+        appends: Arc<Appends>,
     }
 
     /// Three members of group `GROUP` in `dir`, each with its own links
     /// on loopback and its own WAL, initialised by member 1.
     async fn three_members(dir: &std::path::Path) -> BTreeMap<u64, Member> {
+        three_members_sending(dir, MAX_APPEND_OCTETS).await
+    }
+
+    /// [`three_members`], whose appends carry at most `max_append` octets
+    /// of entries (but one).
+    async fn three_members_sending(
+        dir: &std::path::Path,
+        max_append: u64,
+    ) -> BTreeMap<u64, Member> {
         let secret: Arc<[u8]> = Arc::from(&b"a test secret of some length"[..]);
         let mut listeners = Vec::new();
         let mut nodes = BTreeMap::new();
@@ -312,7 +386,8 @@ mod tests {
         for (id, listener) in listeners {
             let links = Links::new(nodes[&id].clone(), "test".into(), secret.clone());
             let groups = Arc::new(QueueGroups::default());
-            links.set_handler(Arc::new(GroupsOnly(groups.clone())));
+            let appends = Arc::new(Appends::default());
+            links.set_handler(Arc::new(GroupsOnly(groups.clone(), appends.clone())));
             tokio::spawn(links.clone().serve(listener));
             let d = dir.join(format!("n{id}"));
             std::fs::create_dir_all(&d).unwrap();
@@ -329,7 +404,10 @@ mod tests {
             let raft = Raft::new(
                 id,
                 Arc::new(config),
-                GroupNetworkFactory::<QueueTypes>::new(links.clone(), GROUP),
+                GroupNetworkFactory::<QueueTypes> {
+                    max_append,
+                    ..GroupNetworkFactory::new(links.clone(), GROUP)
+                },
                 GroupLog::<QueueTypes>::new(wal, GROUP),
                 machine.clone(),
             )
@@ -342,6 +420,7 @@ mod tests {
                     raft,
                     machine,
                     links,
+                    appends,
                 },
             );
         }
@@ -383,6 +462,63 @@ mod tests {
             applied(&m.raft, index).await;
             assert_eq!(m.machine.with_state(|s| s.queue().ready_count()), 30);
         }
+        for m in members.values() {
+            m.raft.shutdown().await.unwrap();
+            m.links.shutdown();
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_follower_far_behind_catches_up_in_appends_of_bounded_size() {
+        use std::sync::atomic::Ordering;
+        // Entries of 20 KiB, appends of at most 64 KiB: three of them.
+        const BODY: usize = 20 << 10;
+        let dir = tempfile::tempdir().unwrap();
+        let members = three_members_sending(dir.path(), 64 << 10).await;
+        let first = leader_seen_by(&members[&1].raft, None).await;
+        let behind = members.keys().copied().find(|id| *id != first).unwrap();
+        members[&behind]
+            .appends
+            .refusing
+            .store(true, Ordering::Release);
+        // Committed by the other two while it refuses every append.
+        for n in 1..=60 {
+            let body = bytes::Bytes::from(vec![n as u8; BODY]);
+            let r = members[&first]
+                .raft
+                .client_write(crate::queue_group::test_support::message_with(n, body))
+                .await
+                .unwrap();
+            assert_eq!(r.data, QueueResponse::Enqueued(true));
+        }
+        assert_eq!(
+            members[&behind]
+                .machine
+                .with_state(|s| s.queue().ready_count()),
+            0
+        );
+        members[&behind]
+            .appends
+            .most_octets
+            .store(0, Ordering::Release);
+        members[&behind]
+            .appends
+            .refusing
+            .store(false, Ordering::Release);
+        // It gets all sixty (1.2 MiB), in appends of at most 64 KiB.
+        let index = members[&first].machine.applied_index();
+        applied(&members[&behind].raft, index).await;
+        assert_eq!(
+            members[&behind]
+                .machine
+                .with_state(|s| s.queue().ready_count()),
+            60
+        );
+        let most = members[&behind].appends.most_octets.load(Ordering::Acquire);
+        assert!(
+            (BODY as u64..=64 << 10).contains(&most),
+            "an append of {most} octets"
+        );
         for m in members.values() {
             m.raft.shutdown().await.unwrap();
             m.links.shutdown();

@@ -45,8 +45,11 @@ use crate::rpc::{Request, Response};
 type HmacSha256 = Hmac<Sha256>;
 
 const MAGIC: &[u8; 16] = b"WARREN-CLUSTER/1";
-/// Largest frame accepted from a peer (a Raft snapshot chunk fits).
-const MAX_FRAME: usize = 64 << 20;
+/// Largest frame accepted from a peer: the largest message a broker may
+/// accept, with room for what travels with it (an enqueue, a delivery, a
+/// Raft entry of a batch of messages). A peer's length is only a claim:
+/// the read buffer grows as the octets arrive.
+pub(crate) const MAX_FRAME: usize = server::config::MAX_MESSAGE_SIZE_LIMIT as usize + (16 << 20);
 /// How much a link's read asks the socket for at a time.
 const READ_CHUNK: usize = 64 << 10;
 /// Largest handshake message (identities and nonces).
@@ -68,6 +71,12 @@ fn decode<T: for<'de> Deserialize<'de>>(payload: &[u8]) -> Result<T, String> {
     wire_options()
         .deserialize(payload)
         .map_err(|e| e.to_string())
+}
+
+/// How many octets `value` takes on the wire, if it fits a frame.
+pub(crate) fn encoded_len<T: Serialize>(value: &T) -> Option<u64> {
+    use bincode::Options as _;
+    wire_options().serialized_size(value).ok()
 }
 
 fn wire_options() -> impl bincode::Options {

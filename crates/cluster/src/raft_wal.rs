@@ -38,8 +38,9 @@ const TAG_COMMITTED: u8 = 3;
 const TAG_TRUNCATE: u8 = 4;
 const TAG_PURGE: u8 = 5;
 
-/// Largest frame accepted at open (a larger length is damage).
-const MAX_FRAME: usize = 256 << 20;
+/// Largest frame accepted at open (a larger length is damage): an entry
+/// may carry the largest message a broker accepts, with its batch.
+const MAX_FRAME: usize = server::config::MAX_MESSAGE_SIZE_LIMIT as usize + (16 << 20);
 /// The file is rewritten from the live state once it is this large and at
 /// least twice the live records.
 const REWRITE_AT: u64 = 64 << 20;

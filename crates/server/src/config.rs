@@ -12,6 +12,11 @@ use std::time::Duration;
 pub const NODE_NAME: &str = "warren@localhost";
 
 /// Broker settings.
+/// The largest `max_message_size` allowed: RabbitMQ's (512 MiB). The
+/// cluster's link frames and Raft log records are sized to carry a message
+/// this large.
+pub const MAX_MESSAGE_SIZE_LIMIT: u64 = 512 << 20;
+
 #[derive(Debug, Clone)]
 pub struct Config {
     /// Where sled keeps its files.

@@ -151,7 +151,7 @@ struct Args {
         env = "WARREN_FRAME_MAX"
     )]
     frame_max: Option<u32>,
-    /// Largest message body accepted, in octets [default: 134217728].
+    /// Largest message body accepted, in octets, at most 536870912 (512 MiB, as RabbitMQ) [default: 134217728].
     #[arg(
         value_name = "OCTETS",
         help_heading = "Connections, channels and messages",
@@ -618,6 +618,17 @@ fn config(args: Args, file: FileConfig) -> Result<server::Config, String> {
         .disk_free_limit
         .or(from_file(&file.disk_free_limit, "disk_free_limit")?)
         .map_or(d.disk_free_limit, |a| a.octets_of(total_memory_available));
+    let max_message_size = args
+        .max_message_size
+        .or(file.max_message_size)
+        .unwrap_or(d.max_message_size);
+    // RabbitMQ's limit and text (its schema's max_message_size validator);
+    // the cluster's link and Raft log are sized for it.
+    if max_message_size == 0 || max_message_size > server::config::MAX_MESSAGE_SIZE_LIMIT {
+        return Err(format!(
+            "max_message_size: Max message size should be between 0 and 512MB (got {max_message_size})"
+        ));
+    }
     let bind_ip = args.bind.or(file.bind).unwrap_or(d.bind.ip());
     let tls_port = args.tls_port.or(file.tls_port);
     let tls_ca = args.tls_ca.or(file.tls_ca);
@@ -691,10 +702,7 @@ fn config(args: Args, file: FileConfig) -> Result<server::Config, String> {
         }),
         data_dir: args.data_dir.or(file.data_dir).unwrap_or(d.data_dir),
         bind: SocketAddr::new(bind_ip, args.port.or(file.port).unwrap_or(d.bind.port())),
-        max_message_size: args
-            .max_message_size
-            .or(file.max_message_size)
-            .unwrap_or(d.max_message_size),
+        max_message_size,
         heartbeat: args.heartbeat.or(file.heartbeat).unwrap_or(d.heartbeat),
         channel_max: args
             .channel_max
@@ -953,6 +961,28 @@ mod tests {
         let (addr, tls) = c.tls.unwrap();
         assert_eq!(addr.port(), 5671);
         assert!(tls.fail_if_no_peer_cert && !tls.verify_peer);
+    }
+
+    #[test]
+    fn a_max_message_size_outside_rabbitmqs_range_is_refused() {
+        let with = |n: &str| {
+            config(
+                Args::parse_from(["warren", "--max-message-size", n]),
+                FileConfig::default(),
+            )
+        };
+        assert_eq!(with("536870912").unwrap().max_message_size, 512 << 20);
+        for bad in ["536870913", "0"] {
+            let e = with(bad).unwrap_err();
+            assert_eq!(
+                e,
+                format!(
+                    "max_message_size: Max message size should be between 0 and 512MB (got {bad})"
+                )
+            );
+        }
+        let file: FileConfig = toml::from_str("max_message_size = 1073741824").unwrap();
+        assert!(config(Args::parse_from(["warren"]), file).is_err());
     }
 
     #[test]
