@@ -3415,6 +3415,46 @@ async fn a_classic_queue_a_mirroring_policy_comes_to_match_is_replicated_with_it
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_goes_returns_only_its_own_deliveries_not_those_of_a_queue_declared_again_under_the_name()
+ {
+    let mut cluster = TestCluster::start(CHILD, 3);
+    formed(&cluster).await;
+    let home = amqp(&cluster, 1).await;
+    let ch2 = home.create_channel().await.unwrap();
+    ch2.confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    declare_durable_queue(&ch2, "q.again").await;
+    publish_confirmed(&ch2, "q.again", "old", 5).await;
+    // Node 3 holds the first queue's five when it is deleted.
+    let third = amqp(&cluster, 2).await;
+    sees_queue(&cluster, &third, 2, "q.again").await;
+    let (_ch3, _c3, _held3) = hold_deliveries(&third, "q.again", "c3", 5, 5).await;
+    ch2.queue_delete(
+        "q.again".into(),
+        lapin::options::QueueDeleteOptions::default(),
+    )
+    .await
+    .unwrap();
+    // Declared again: its five (the same places in their queue) are held
+    // by a consumer on the home.
+    declare_durable_queue(&ch2, "q.again").await;
+    publish_confirmed(&ch2, "q.again", "new", 5).await;
+    let (_ch2c, _c2, held2) = hold_deliveries(&home, "q.again", "c2", 5, 5).await;
+    assert!(held2.iter().all(|d| d.data.starts_with(b"new")));
+    // Node 3 goes: what it held was of a queue that is gone; the new one's
+    // deliveries stay with their consumer.
+    cluster.kill(2);
+    eventually("node 2 sees node 3 down", &cluster, || async {
+        node_entry(&cluster, 1, "n3@127.0.0.1").await["running"] == false
+    })
+    .await;
+    let q = queue_entry(&cluster.node(1).api, "q.again").await;
+    assert_eq!(q["messages_ready"], 0, "{q}");
+    assert_eq!(q["messages_unacknowledged"], 5, "{q}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_classic_queues_home_that_restarts_while_its_messages_move_moves_the_rest_after() {
     let mut cluster = TestCluster::start(CHILD, 3);
     formed(&cluster).await;

@@ -1240,14 +1240,46 @@ impl std::fmt::Debug for InBurst {
     }
 }
 
-/// Unsettled deliveries by peer id, then (vhost, queue).
-pub(crate) type Outstanding = std::collections::HashMap<
-    u64,
-    std::collections::HashMap<
-        (String, String),
-        std::collections::BTreeMap<u64, Option<Arc<AtomicU32>>>,
-    >,
->;
+/// Unsettled deliveries by peer id, then by the id of their queue (not its
+/// name: a queue deleted and declared again, or replaced by a replicated
+/// one, is another queue, whose places are not these).
+pub(crate) type Outstanding =
+    std::collections::HashMap<u64, std::collections::HashMap<u64, PeerHeld>>;
+
+/// What a peer holds of one queue here.
+#[derive(Debug, Default)]
+pub(crate) struct PeerHeld {
+    vhost: String,
+    queue: String,
+    /// Places in the queue, with the consumer's count of unsettled
+    /// deliveries (none for a `basic.get`).
+    seqs: std::collections::BTreeMap<u64, Option<Arc<AtomicU32>>>,
+}
+
+impl Handler {
+    /// Notes that peer `from` holds delivery `seq` of queue `queue_id`.
+    fn note_held(
+        &self,
+        from: u64,
+        queue_id: u64,
+        (vhost, queue): (&str, &str),
+        seq: u64,
+        counter: Option<Arc<AtomicU32>>,
+    ) {
+        self.outstanding
+            .lock()
+            .entry(from)
+            .or_default()
+            .entry(queue_id)
+            .or_insert_with(|| PeerHeld {
+                vhost: vhost.to_owned(),
+                queue: queue.to_owned(),
+                seqs: Default::default(),
+            })
+            .seqs
+            .insert(seq, counter);
+    }
+}
 
 /// A peer's consumers here: (peer, key) -> (vhost, queue, tag on the queue).
 pub(crate) type PeerConsumers =
@@ -1311,6 +1343,8 @@ struct PeerSink {
     key: u64,
     vhost: String,
     queue: String,
+    /// The queue's id (what its held deliveries are noted under).
+    queue_id: u64,
     unacked: Arc<AtomicU32>,
     prefetch: u16,
     /// Who consumes, on the peer.
@@ -1339,13 +1373,13 @@ impl server::queue::DeliverySink for PeerSink {
             c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         if let Some(h) = self.handler.upgrade() {
-            h.outstanding
-                .lock()
-                .entry(self.peer.id)
-                .or_default()
-                .entry((self.vhost.clone(), self.queue.clone()))
-                .or_default()
-                .insert(out.seq, counter);
+            h.note_held(
+                self.peer.id,
+                self.queue_id,
+                (&self.vhost, &self.queue),
+                out.seq,
+                counter,
+            );
         }
         let mut header = bytes::BytesMut::new();
         out.message.header.encode(&mut header);
@@ -1445,17 +1479,13 @@ impl Handler {
             let Some(v) = broker.and_then(|b| b.vhost(&vhost)) else {
                 return Response::Got(Err(format!("no vhost '{vhost}' on this node")));
             };
+            // (By id; 0, by name, if the queue is gone meanwhile.)
+            let queue_id = v.find_queue(&queue).map_or(0, |q| q.id);
             match v.get_from_peer(&queue, ack).await {
                 Ok(Some(d)) => {
                     if ack {
                         if let Some(o) = outstanding.upgrade() {
-                            o.outstanding
-                                .lock()
-                                .entry(from)
-                                .or_default()
-                                .entry((vhost.clone(), queue.clone()))
-                                .or_default()
-                                .insert(d.seq, None);
+                            o.note_held(from, queue_id, (&vhost, &queue), d.seq, None);
                         }
                     }
                     Response::Got(Ok(Some(wire_delivery(&d))))
@@ -1479,9 +1509,17 @@ impl Handler {
         {
             let mut o = self.outstanding.lock();
             if let Some(by_queue) = o.get_mut(&from) {
-                if let Some(set) = by_queue.get_mut(&(vhost.clone(), queue.clone())) {
+                // (A settle by name, id 0, from an older peer: whichever
+                // queue of that name it holds deliveries of.)
+                let held = match queue_id {
+                    0 => by_queue
+                        .values_mut()
+                        .find(|h| h.vhost == vhost && h.queue == queue),
+                    id => by_queue.get_mut(&id),
+                };
+                if let Some(held) = held {
                     for s in &seqs {
-                        if let Some(Some(counter)) = set.remove(s) {
+                        if let Some(Some(counter)) = held.seqs.remove(s) {
                             counter.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
                         }
                     }
@@ -1530,6 +1568,7 @@ impl Handler {
             key,
             vhost: vhost.clone(),
             queue: queue.clone(),
+            queue_id: q.id,
             unacked: unacked.clone(),
             prefetch,
             client,
@@ -1658,14 +1697,15 @@ impl RequestHandler for Handler {
         let Some(broker) = self.broker() else {
             return;
         };
-        for ((vhost, queue), seqs) in by_queue {
+        for (queue_id, held) in by_queue {
+            let PeerHeld { vhost, queue, seqs } = held;
             if seqs.is_empty() {
                 continue;
             }
             tracing::info!(peer = id, %vhost, %queue, messages = seqs.len(), "a node went away: returning its unsettled deliveries to the queue");
             if let Some(v) = broker.vhost(&vhost) {
                 let seqs: Vec<u64> = seqs.into_keys().collect();
-                v.settle_from_peer(&queue, 0, &seqs, server::queue::Settle::Requeue);
+                v.settle_from_peer(&queue, queue_id, &seqs, server::queue::Settle::Requeue);
             }
         }
     }
