@@ -3183,6 +3183,72 @@ async fn a_node_that_lost_its_data_joins_again_once_its_old_self_is_forgotten() 
     assert_eq!(named(&get(&api1, "/api/nodes").await), 1);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_raft_log_is_damaged_refuses_to_start_and_is_rebuilt_from_the_others() {
+    let mut cluster = TestCluster::start(CHILD, 3);
+    formed(&cluster).await;
+    let conn = amqp(&cluster, 0).await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    declare_quorum_queue(&ch, "qq.wal").await;
+    publish_confirmed(&ch, "qq.wal", "m", 20).await;
+    // One octet in the middle of node 3's Raft log goes bad.
+    cluster.kill(2);
+    let wal = cluster.data_dir(2).join("raft").join("raft.wal");
+    let mut damaged = std::fs::read(&wal).unwrap();
+    let middle = damaged.len() / 2;
+    damaged[middle] ^= 0x5a;
+    std::fs::write(&wal, &damaged).unwrap();
+    let log = cluster.spawn_refused(2);
+    assert!(
+        log.contains("is damaged, and") && log.contains("not a write torn by a crash"),
+        "{log}"
+    );
+    assert!(
+        log.contains("warrenctl forget_cluster_node n3@127.0.0.1"),
+        "{log}"
+    );
+    assert_eq!(std::fs::read(&wal).unwrap(), damaged, "nothing was changed");
+    // What the error says to do: forget it, move its Raft log and identity
+    // aside, start it. It joins as a new member.
+    let api1 = cluster.node(0).api.clone();
+    eventually("node 1 sees node 3 down", &cluster, || async {
+        node_entry(&cluster, 0, "n3@127.0.0.1").await["running"] == false
+    })
+    .await;
+    let (status, body) = call(
+        reqwest::Method::DELETE,
+        format!("{api1}/api/cluster/nodes/n3@127.0.0.1"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 204, "{body}");
+    // As RabbitMQ's forget_cluster_node shrinks every quorum queue: its
+    // replica is no longer counted.
+    let listed = queue_entry(&api1, "qq.wal").await;
+    let mut members: Vec<&str> = listed["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    members.sort_unstable();
+    assert_eq!(members, ["n1@127.0.0.1", "n2@127.0.0.1"], "{listed}");
+    for part in ["raft", "cluster"] {
+        let from = cluster.data_dir(2).join(part);
+        std::fs::rename(&from, from.with_extension("damaged")).unwrap();
+    }
+    cluster.spawn(2, None);
+    member_running(&cluster, "n3@127.0.0.1", 3).await;
+    let third = amqp(&cluster, 2).await;
+    eventually("node 3 serves the replicated queue", &cluster, || async {
+        ready(&third, "qq.wal").await == 20
+    })
+    .await;
+}
+
 /// A policy reaches replicated queues as it reaches classic ones: one
 /// declared after the policy and one declared before it both get its
 /// `max-length` (entries of their logs, so every replica keeps the same

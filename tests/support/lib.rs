@@ -992,6 +992,46 @@ impl TestCluster {
     /// its AMQP listener is up (formation goes on in the background).
     pub fn spawn(&mut self, i: usize, secret_file: Option<&Path>) {
         use std::io::BufRead;
+        let mut child = self.command(i, secret_file).spawn().unwrap();
+        let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let (amqp, api) = loop {
+            let line = lines.next().expect("cluster node exited").unwrap();
+            if let Some((_, rest)) = line.split_once("listening ") {
+                let mut parts = rest.split_whitespace();
+                break (
+                    parts.next().unwrap().to_owned(),
+                    format!("http://{}", parts.next().unwrap()),
+                );
+            }
+        };
+        // The node prints again when it restarts itself (join_cluster): the
+        // pipe stays read so that it can.
+        std::thread::spawn(move || lines.for_each(drop));
+        self.nodes[i] = Some(ClusterChild { child, amqp, api });
+    }
+
+    /// Starts node `i`, which must refuse to start: waits until it exited,
+    /// unsuccessfully, without listening, and returns its log.
+    pub fn spawn_refused(&mut self, i: usize) -> String {
+        use std::io::BufRead;
+        let mut child = self.command(i, None).spawn().unwrap();
+        let lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        for line in lines {
+            let line = line.unwrap();
+            assert!(
+                !line.contains("listening "),
+                "node {} started: {line}",
+                i + 1
+            );
+        }
+        let status = child.wait().unwrap();
+        assert!(!status.success(), "node {} exited with {status}", i + 1);
+        self.log(i)
+    }
+
+    /// The command that runs node `i` (its stdout piped, its log to
+    /// `n<i>.log`).
+    fn command(&self, i: usize, secret_file: Option<&Path>) -> std::process::Command {
         let peers: Vec<String> = match self.alone[i] {
             Some(_) => Vec::new(),
             None => (0..self.ports.len())
@@ -1032,22 +1072,7 @@ impl TestCluster {
         .env("RUST_LOG", "info,openraft=warn")
         .stdout(std::process::Stdio::piped())
         .stderr(log);
-        let mut child = cmd.spawn().unwrap();
-        let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
-        let (amqp, api) = loop {
-            let line = lines.next().expect("cluster node exited").unwrap();
-            if let Some((_, rest)) = line.split_once("listening ") {
-                let mut parts = rest.split_whitespace();
-                break (
-                    parts.next().unwrap().to_owned(),
-                    format!("http://{}", parts.next().unwrap()),
-                );
-            }
-        };
-        // The node prints again when it restarts itself (join_cluster): the
-        // pipe stays read so that it can.
-        std::thread::spawn(move || lines.for_each(drop));
-        self.nodes[i] = Some(ClusterChild { child, amqp, api });
+        cmd
     }
 
     /// Stops node `i` as an operator does (SIGTERM) and waits until it
@@ -1163,7 +1188,14 @@ pub fn serve_cluster_node_if_child() {
         let cluster = if settings.peers.is_empty() && !joined {
             None
         } else {
-            Some(cluster::start(settings).await.unwrap())
+            // As the broker binary: the error logged, and an exit.
+            match cluster::start(settings).await {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    eprintln!("cannot start the cluster node: {e}");
+                    std::process::exit(1);
+                }
+            }
         };
         let config = server::Config {
             data_dir: dir,

@@ -242,12 +242,24 @@ pub async fn start(mut settings: ClusterSettings) -> Result<ClusterHandle, Clust
     };
     let gossip = Arc::new(start_gossip(&settings, &me, cluster_addr).await?);
     let raft_dir = settings.data_dir.join("raft");
-    let (wal, opened) =
-        raft_wal::RaftWal::open(&raft_dir).map_err(|e| ClusterError::State(e.to_string()))?;
+    let (wal, opened) = raft_wal::RaftWal::open(&raft_dir).map_err(|e| {
+        ClusterError::State(if e.kind() == std::io::ErrorKind::InvalidData {
+            // This node's votes and log cannot be trusted: the others
+            // rebuild it, as a new member.
+            format!(
+                "{e}. To rebuild this node from the others: on another node run `warrenctl forget_cluster_node {}`, then move {} and {} aside and start this node again; it joins as a new member",
+                identity.name,
+                raft_dir.display(),
+                settings.data_dir.join("cluster").display()
+            )
+        } else {
+            e.to_string()
+        })
+    })?;
     if opened.torn_tail > 0 {
         tracing::warn!(
             octets = opened.torn_tail,
-            "the Raft log had an unsynced tail; cut"
+            "the Raft log ended in a write torn by a crash; cut"
         );
     }
     let machine = meta_group::MetaMachine::open(&raft_dir).map_err(ClusterError::State)?;

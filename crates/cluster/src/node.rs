@@ -399,7 +399,52 @@ impl ClusterNode {
         }
         self.links.disconnect(node.id);
         tracing::info!(node = %node, "node forgotten");
+        self.shrink_all(&node).await;
         Ok(())
+    }
+
+    /// Takes forgotten node `node` out of every replicated queue it held a
+    /// replica of, as RabbitMQ's `forget_cluster_node` shrinks every quorum
+    /// queue: their groups stop counting it, and a new node that later
+    /// joins under its name is not taken for a member with a replica it
+    /// never had. A queue whose only replica it was is left as it is (it
+    /// is gone with the node; deleting it is the operator's call).
+    async fn shrink_all(&self, node: &NodeInfo) {
+        for q in self.replicas.with_member(&node.name) {
+            let members = q.members();
+            if members.len() <= 1 {
+                tracing::warn!(queue = %q.name, vhost = %q.vhost, node = %node.name, "the forgotten node held the queue's only replica: left as it is");
+                continue;
+            }
+            let removed = async {
+                self.replicas
+                    .change_voters_at_leader(&q, node.clone(), false)
+                    .await?;
+                let Some(mut def) = self.machine.state().queue(&q.vhost, &q.name).cloned() else {
+                    return Ok(());
+                };
+                def.members.retain(|m| *m != node.name);
+                let command = server::meta::MetaCommand::DeclareQueue {
+                    vhost: q.vhost.clone(),
+                    queue: def,
+                };
+                match self.commit(MetaRequest::Command(command.to_wire())).await {
+                    Ok(r) => match r.result {
+                        Some(Err(e)) => Err(MetaError::from(e).to_string()),
+                        _ => Ok(()),
+                    },
+                    Err(e) => Err(e.to_string()),
+                }
+            };
+            match removed.await {
+                Ok(()) => {
+                    tracing::info!(queue = %q.name, vhost = %q.vhost, node = %node.name, "forgotten node's replica removed")
+                }
+                Err(e) => {
+                    tracing::warn!(queue = %q.name, vhost = %q.vhost, node = %node.name, error = %e, "cannot remove the forgotten node's replica")
+                }
+            }
+        }
     }
 
     /// The name of member `id`.

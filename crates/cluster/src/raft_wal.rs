@@ -208,8 +208,58 @@ pub struct Opened {
     pub torn_tail: u64,
 }
 
+/// The length of the record at `at` in `data` if it is whole and passes its
+/// checksum (a record is never empty: it starts with its tag).
+fn intact_record(data: &[u8], at: usize) -> Option<usize> {
+    let rest = data.get(at..)?;
+    let head: [u8; 8] = rest.get(..8)?.try_into().ok()?;
+    let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
+    let crc = u32::from_be_bytes([head[4], head[5], head[6], head[7]]);
+    if len == 0 || len > MAX_FRAME {
+        return None;
+    }
+    let frame = rest.get(8..8 + len)?;
+    (crc32fast::hash(frame) == crc).then_some(len)
+}
+
+/// The length of the record whose header is at `at` if the header is
+/// plausible: a length that fits before the end, and a known tag first.
+fn plausible_record(data: &[u8], at: usize) -> Option<usize> {
+    let head = data.get(at..at + 9)?;
+    let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
+    let fits = (1..=MAX_FRAME).contains(&len) && at + 8 + len <= data.len();
+    (fits && (TAG_ENTRY..=TAG_PURGE).contains(&head[8])).then_some(len)
+}
+
+/// Where, after the failing record at `bad`, intact records run exactly to
+/// the end of `data`, and how many: damage, not a torn tail (a crash cuts
+/// the end of what it was writing). Offsets are tried one by one, headers
+/// first (checksums only for a run of headers that ends at the end): a run
+/// that starts inside a torn record's octets ends in its cut, not at the
+/// end.
+fn intact_run_to_the_end(data: &[u8], bad: usize) -> Option<(usize, usize)> {
+    (bad + 1..data.len()).find_map(|from| {
+        let (mut at, mut records) = (from, 0);
+        while let Some(len) = plausible_record(data, at) {
+            at += 8 + len;
+            records += 1;
+        }
+        if records == 0 || at != data.len() {
+            return None;
+        }
+        let mut at = from;
+        while at < data.len() {
+            at += 8 + intact_record(data, at)?;
+        }
+        Some((from, records))
+    })
+}
+
 impl RaftWal {
     /// Opens (or creates) the log in `dir` and starts its writer thread.
+    /// A tail torn by a crash is cut (kept beside it as
+    /// `raft.wal.torn-at-<octet>.<time>`); a damaged record that intact ones
+    /// follow is an error, and nothing is changed.
     pub fn open(dir: &Path) -> io::Result<(RaftWal, Opened)> {
         std::fs::create_dir_all(dir)?;
         let path = dir.join("raft.wal");
@@ -225,19 +275,10 @@ impl RaftWal {
         let data = Bytes::from(data);
         let mut at = 0usize;
         while at < data.len() {
-            let rest = &data[at..];
-            if rest.len() < 8 {
+            let Some(len) = intact_record(&data, at) else {
                 break;
-            }
-            let len = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
-            let crc = u32::from_be_bytes([rest[4], rest[5], rest[6], rest[7]]);
-            if len > MAX_FRAME || rest.len() < 8 + len {
-                break;
-            }
+            };
             let frame = data.slice(at + 8..at + 8 + len);
-            if crc32fast::hash(&frame) != crc {
-                break;
-            }
             if let Err(e) = replay(&mut groups, frame) {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
@@ -247,11 +288,29 @@ impl RaftWal {
             at += 8 + len;
         }
         if at < data.len() {
+            // A crash leaves at most a tail that fails: intact records
+            // from somewhere after it to the very end are not that.
+            if let Some((from, records)) = intact_run_to_the_end(&data, at) {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "{}: the record at octet {at} is damaged, and {records} intact record(s) follow it from octet {from} to the end: not a write torn by a crash. Nothing was changed",
+                        path.display()
+                    ),
+                ));
+            }
             opened.torn_tail = (data.len() - at) as u64;
+            // Kept, as the store keeps what it cuts.
+            let since = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let kept = dir.join(format!("raft.wal.torn-at-{at}.{since}"));
+            std::fs::write(&kept, &data[at..])?;
             tracing::warn!(
                 file = %path.display(),
                 octets = opened.torn_tail,
-                "cutting an unsynced tail from the Raft log"
+                kept = %kept.display(),
+                "cutting a tail torn by a crash (written after the last sync) from the Raft log"
             );
             file.set_len(at as u64)?;
             file.sync_all()?;
@@ -572,6 +631,56 @@ mod tests {
         let (wal, opened) = RaftWal::open(dir.path()).unwrap();
         assert!(opened.torn_tail > 0);
         assert_eq!(wal.entries(0, ..), vec![Bytes::from_static(b"one")]);
+        // What was cut is kept beside the log.
+        let kept: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.starts_with("raft.wal.torn-at-"))
+            .collect();
+        assert_eq!(kept.len(), 1, "{kept:?}");
+        let kept = std::fs::read(dir.path().join(&kept[0])).unwrap();
+        assert_eq!(kept.len() as u64, opened.torn_tail);
+    }
+
+    /// A record that fails its checksum with intact ones after it to the
+    /// end is damage, not a crash's torn write: refused, nothing changed.
+    #[tokio::test]
+    async fn a_damaged_record_that_intact_ones_follow_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (wal, _) = RaftWal::open(dir.path()).unwrap();
+            for i in 1..=3u64 {
+                let (done, rx) = flushed();
+                wal.append(0, &[(i, Bytes::from(format!("entry {i}")))], done);
+                rx.recv().unwrap().unwrap();
+            }
+            wal.close();
+        }
+        let path = dir.path().join("raft.wal");
+        let mut data = std::fs::read(&path).unwrap();
+        // The second record's last octet.
+        let first = 8 + u32::from_be_bytes(data[..4].try_into().unwrap()) as usize;
+        let second = 8 + u32::from_be_bytes(data[first..first + 4].try_into().unwrap()) as usize;
+        data[first + second - 1] ^= 1;
+        std::fs::write(&path, &data).unwrap();
+        let e = RaftWal::open(dir.path()).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        let text = e.to_string();
+        assert!(
+            text.contains(&format!("the record at octet {first} is damaged"))
+                && text.contains("1 intact record(s) follow it"),
+            "{text}"
+        );
+        assert_eq!(std::fs::read(&path).unwrap(), data, "nothing was changed");
+        // The same octet bad in the last record: a torn write, cut.
+        let mut data = data.clone();
+        data[first + second - 1] ^= 1;
+        let last = data.len() - 1;
+        data[last] ^= 1;
+        std::fs::write(&path, &data).unwrap();
+        let (wal, opened) = RaftWal::open(dir.path()).unwrap();
+        assert!(opened.torn_tail > 0);
+        assert_eq!(wal.entries(0, ..).len(), 2);
     }
 
     /// A rewrite keeps exactly the live records.

@@ -439,6 +439,16 @@ impl Replicas {
         self.queues.read().get(&id).cloned()
     }
 
+    /// Every replicated queue with a replica on node `name`.
+    pub fn with_member(&self, name: &str) -> Vec<Arc<Replicated>> {
+        self.queues
+            .read()
+            .values()
+            .filter(|q| q.members.read().iter().any(|m| m == name))
+            .cloned()
+            .collect()
+    }
+
     /// Every replicated queue this node holds a replica of.
     fn local(&self) -> Vec<Arc<Replicated>> {
         self.queues
