@@ -193,11 +193,16 @@ where
 
 /// A group's last snapshot on disk: one file, replaced durably (temporary
 /// file, fsync, rename, directory fsync) before openraft purges the entries
-/// it covers.
+/// it covers. It starts with [`SNAPSHOT_MAGIC`] and the CRC-32 of the rest,
+/// so a damaged snapshot is refused rather than loaded (a file without the
+/// magic was written before it had one, and is read as it is).
 #[derive(Debug, Clone)]
 pub struct SnapshotFile {
     path: PathBuf,
 }
+
+/// What a checksummed snapshot file starts with.
+const SNAPSHOT_MAGIC: &[u8; 8] = b"WSNAP\x001\n";
 
 impl SnapshotFile {
     /// The snapshot kept at `path`.
@@ -211,21 +216,72 @@ impl SnapshotFile {
     }
 
     /// The last snapshot written, if there is one.
+    /// A snapshot that fails its checksum is an error (`InvalidData`).
     pub fn read(&self) -> std::io::Result<Option<Vec<u8>>> {
-        match std::fs::read(&self.path) {
-            Ok(bytes) => Ok(Some(bytes)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e),
+        let bytes = match std::fs::read(&self.path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let Some(rest) = bytes.strip_prefix(SNAPSHOT_MAGIC.as_slice()) else {
+            return Ok(Some(bytes));
+        };
+        let (crc, body) = rest.split_at_checked(4).ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "the snapshot is shorter than its header (damaged)",
+            )
+        })?;
+        let crc = u32::from_be_bytes([crc[0], crc[1], crc[2], crc[3]]);
+        if crc32fast::hash(body) != crc {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "the snapshot ({} octets) fails its checksum (damaged)",
+                    body.len()
+                ),
+            ));
         }
+        Ok(Some(body.to_vec()))
     }
 
     /// Replaces it with `bytes`, durably, off the runtime's workers.
     pub async fn write(&self, bytes: Vec<u8>) -> Result<(), StorageError<u64>> {
+        let mut framed = Vec::with_capacity(SNAPSHOT_MAGIC.len() + 4 + bytes.len());
+        framed.extend_from_slice(SNAPSHOT_MAGIC);
+        framed.extend_from_slice(&crc32fast::hash(&bytes).to_be_bytes());
+        framed.extend_from_slice(&bytes);
+        let bytes = framed;
         let path = self.path.clone();
         let tmp = path.with_extension("snapshot.tmp");
         tokio::task::spawn_blocking(move || crate::identity::write_durably(&tmp, &path, &bytes))
             .await
             .map_err(|e| StorageIOError::write_snapshot(None, &io(e.to_string())))?
             .map_err(|e| StorageIOError::write_snapshot(None, &e).into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_snapshot_comes_back_as_written_and_a_damaged_one_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = SnapshotFile::new(dir.path().join("q.snapshot"));
+        assert_eq!(file.read().unwrap(), None);
+        file.write(b"the state".to_vec()).await.unwrap();
+        assert_eq!(file.read().unwrap(), Some(b"the state".to_vec()));
+        // One octet of the state goes bad.
+        let mut raw = std::fs::read(file.path()).unwrap();
+        let last = raw.len() - 1;
+        raw[last] ^= 0x20;
+        std::fs::write(file.path(), &raw).unwrap();
+        let e = file.read().unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidData);
+        assert!(e.to_string().contains("fails its checksum"), "{e}");
+        // One written before snapshots had a checksum is read as it is.
+        std::fs::write(file.path(), b"{\"older\": true}").unwrap();
+        assert_eq!(file.read().unwrap(), Some(b"{\"older\": true}".to_vec()));
     }
 }

@@ -13,9 +13,12 @@
 //!   it was acknowledged.
 //!
 //! Frames are `len u32 | crc32 u32 | payload`. At open, the first frame that
-//! is short or fails its checksum ends the log: it can only be the last
-//! batch, which no fsync completed, so nothing acknowledged is cut (the cut
-//! is logged with its size). When the file has grown past [`REWRITE_AT`] and
+//! is short or fails its checksum ends the log if nothing intact follows it
+//! to the end: a crash can only tear what no fsync completed, so nothing
+//! acknowledged is cut (the cut is logged with its size and its octets are
+//! kept beside the log). Intact frames after it to the end are damage, not
+//! a crash: the open fails and changes nothing, since dropping a vote or an
+//! acknowledged entry would break Raft. When the file has grown past [`REWRITE_AT`] and
 //! is mostly dead records, the writer rewrites it from the live state
 //! (temporary file, fsync, rename, directory fsync).
 //!
