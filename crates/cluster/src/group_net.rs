@@ -58,8 +58,10 @@ impl GroupWire for QueueTypes {
 /// entries only (`max_payload_entries`), and an entry may hold a message of
 /// up to 512 MiB: a follower far behind would be sent more than a link
 /// frame holds, for ever. A longer run goes in parts instead (openraft's
-/// `PartialSuccess`: it sends the rest next).
-pub const MAX_APPEND_OCTETS: u64 = 16 << 20;
+/// `PartialSuccess`: it sends the rest next). Small enough to be sent,
+/// written and fsync'd within openraft's time for one append (the
+/// heartbeat interval, 150 ms) on a 1 Gb/s link.
+pub const MAX_APPEND_OCTETS: u64 = 4 << 20;
 
 /// Makes [`GroupNetwork`]s for group `group` over the node's links.
 #[derive(Debug)]

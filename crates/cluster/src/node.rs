@@ -410,11 +410,23 @@ impl ClusterNode {
     /// never had. A queue whose only replica it was is left as it is (it
     /// is gone with the node; deleting it is the operator's call).
     async fn shrink_all(&self, node: &NodeInfo) {
-        for q in self.replicas.with_member(&node.name) {
+        // Together: one that cannot commit (the node was one of two) waits
+        // out its timeout without holding up the others.
+        let shrinks = self
+            .replicas
+            .with_member(&node.name)
+            .into_iter()
+            .map(|q| self.shrink(q, node));
+        futures_util::future::join_all(shrinks).await;
+    }
+
+    /// [`shrink_all`](Self::shrink_all) for one queue.
+    async fn shrink(&self, q: Arc<crate::replica::Replicated>, node: &NodeInfo) {
+        {
             let members = q.members();
             if members.len() <= 1 {
                 tracing::warn!(queue = %q.name, vhost = %q.vhost, node = %node.name, "the forgotten node held the queue's only replica: left as it is");
-                continue;
+                return;
             }
             let removed = async {
                 self.replicas

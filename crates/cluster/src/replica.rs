@@ -849,6 +849,9 @@ impl Replicas {
         for key in keys {
             tracing::info!(queue = %q.name, vhost = %q.vhost, key, "the queue's leader changed: cancelling a consumer that asked for x-cancel-on-ha-failover");
             if let Some(sink) = host.as_ref().and_then(|h| h.remove_sink(key)) {
+                // Its held acknowledgements first: `Down` returns what it
+                // has not settled.
+                sink.settle_held();
                 sink.cancelled();
             }
             let down = QueueRequest::Down {

@@ -52,7 +52,7 @@ pub(super) struct RemoteConsumer {
     pub(super) acks: Mutex<Vec<u64>>,
     /// A task will send `acks` after [`ACK_DELAY`].
     pub(super) ack_timer: AtomicBool,
-    /// Itself (for that task).
+    /// Itself (what that task holds).
     pub(super) me: Weak<RemoteConsumer>,
     pub(super) channel: std::sync::Weak<ChannelShared>,
     pub(super) tag: ShortStr,
@@ -180,15 +180,19 @@ impl RemoteSink for RemoteConsumer {
             self.flush_acks();
             return;
         };
-        let me = self.me.clone();
+        // The task holds the consumer: an acknowledgement held just after
+        // its cancel took the others still goes.
+        let Some(consumer) = self.me.upgrade() else {
+            self.ack_timer.store(false, Ordering::Release);
+            self.flush_acks();
+            return;
+        };
         runtime.spawn(async move {
             tokio::time::sleep(ACK_DELAY).await;
-            if let Some(consumer) = me.upgrade() {
-                // Lowered first: an acknowledgement held after the take
-                // below arms the next timer at its burst's end.
-                consumer.ack_timer.store(false, Ordering::Release);
-                consumer.flush_acks();
-            }
+            // Lowered first: an acknowledgement held after the take below
+            // arms the next timer at its burst's end.
+            consumer.ack_timer.store(false, Ordering::Release);
+            consumer.flush_acks();
         });
     }
 
