@@ -857,18 +857,7 @@ async fn a_no_ack_consumer_on_another_node_drains_the_queue_in_order_and_is_told
     let first = amqp(&cluster, 0).await;
     sees_queue(&cluster, &first, 0, "q.drain").await;
     let ch1 = first.create_channel().await.unwrap();
-    let mut consumer = ch1
-        .basic_consume(
-            "q.drain".into(),
-            "drain".into(),
-            lapin::options::BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            lapin::types::FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let mut consumer = warren_tests::consume_no_ack_as(&ch1, "q.drain", "drain").await;
     // More than the home node's window for a no-ack consumer (256).
     for i in 0..1000 {
         warren_tests::publish(&ch2, "q.drain", format!("m{i}").as_bytes()).await;
@@ -911,18 +900,7 @@ async fn a_no_ack_consumer_on_another_node_that_cancels_leaves_nothing_unacknowl
     let ch1 = first.create_channel().await.unwrap();
     for round in 0..3 {
         let tag = format!("c{round}");
-        let mut consumer = ch1
-            .basic_consume(
-                "q.noack-cancel".into(),
-                tag.as_str().into(),
-                lapin::options::BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
-                lapin::types::FieldTable::default(),
-            )
-            .await
-            .unwrap();
+        let mut consumer = warren_tests::consume_no_ack_as(&ch1, "q.noack-cancel", &tag).await;
         for i in 0..50 {
             warren_tests::publish(&ch2, "q.noack-cancel", format!("{round}.{i}").as_bytes()).await;
         }

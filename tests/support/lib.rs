@@ -360,9 +360,14 @@ pub async fn publish(ch: &lapin::Channel, queue: &str, body: &[u8]) {
 
 /// A no-ack consumer (tag `c`) on `queue`.
 pub async fn consume_no_ack(ch: &lapin::Channel, queue: &str) -> lapin::Consumer {
+    consume_no_ack_as(ch, queue, "c").await
+}
+
+/// A no-ack consumer with tag `tag` on `queue`.
+pub async fn consume_no_ack_as(ch: &lapin::Channel, queue: &str, tag: &str) -> lapin::Consumer {
     ch.basic_consume(
         queue.into(),
-        "c".into(),
+        tag.into(),
         lapin::options::BasicConsumeOptions {
             no_ack: true,
             ..Default::default()

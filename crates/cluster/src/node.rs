@@ -422,39 +422,36 @@ impl ClusterNode {
 
     /// [`shrink_all`](Self::shrink_all) for one queue.
     async fn shrink(&self, q: Arc<crate::replica::Replicated>, node: &NodeInfo) {
-        {
-            let members = q.members();
-            if members.len() <= 1 {
-                tracing::warn!(queue = %q.name, vhost = %q.vhost, node = %node.name, "the forgotten node held the queue's only replica: left as it is");
-                return;
-            }
-            let removed = async {
-                self.replicas
-                    .change_voters_at_leader(&q, node.clone(), false)
-                    .await?;
-                let Some(mut def) = self.machine.state().queue(&q.vhost, &q.name).cloned() else {
-                    return Ok(());
-                };
-                def.members.retain(|m| *m != node.name);
-                let command = server::meta::MetaCommand::DeclareQueue {
-                    vhost: q.vhost.clone(),
-                    queue: def,
-                };
-                match self.commit(MetaRequest::Command(command.to_wire())).await {
-                    Ok(r) => match r.result {
-                        Some(Err(e)) => Err(MetaError::from(e).to_string()),
-                        _ => Ok(()),
-                    },
-                    Err(e) => Err(e.to_string()),
-                }
+        if q.members().len() <= 1 {
+            tracing::warn!(queue = %q.name, vhost = %q.vhost, node = %node.name, "the forgotten node held the queue's only replica: left as it is");
+            return;
+        }
+        let removed = async {
+            self.replicas
+                .change_voters_at_leader(&q, node.clone(), false)
+                .await?;
+            let Some(mut def) = self.machine.state().queue(&q.vhost, &q.name).cloned() else {
+                return Ok(());
             };
-            match removed.await {
-                Ok(()) => {
-                    tracing::info!(queue = %q.name, vhost = %q.vhost, node = %node.name, "forgotten node's replica removed")
-                }
-                Err(e) => {
-                    tracing::warn!(queue = %q.name, vhost = %q.vhost, node = %node.name, error = %e, "cannot remove the forgotten node's replica")
-                }
+            def.members.retain(|m| *m != node.name);
+            let command = server::meta::MetaCommand::DeclareQueue {
+                vhost: q.vhost.clone(),
+                queue: def,
+            };
+            match self.commit(MetaRequest::Command(command.to_wire())).await {
+                Ok(r) => match r.result {
+                    Some(Err(e)) => Err(MetaError::from(e).to_string()),
+                    _ => Ok(()),
+                },
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        match removed.await {
+            Ok(()) => {
+                tracing::info!(queue = %q.name, vhost = %q.vhost, node = %node.name, "forgotten node's replica removed")
+            }
+            Err(e) => {
+                tracing::warn!(queue = %q.name, vhost = %q.vhost, node = %node.name, error = %e, "cannot remove the forgotten node's replica")
             }
         }
     }
