@@ -48,6 +48,16 @@ impl<C> GroupLog<C> {
     }
 }
 
+impl<C: LogFormat> GroupLog<C> {
+    /// The index of the last entry this replica knows committed (what it
+    /// last saved of it; `None` before any, or if it cannot be read).
+    pub fn committed_index(&self) -> Option<u64> {
+        let mark = self.wal.committed(self.group)?;
+        let committed: Option<LogId<u64>> = C::decode(&mark).ok()?;
+        committed.map(|id| id.index)
+    }
+}
+
 impl<C> Clone for GroupLog<C> {
     fn clone(&self) -> Self {
         GroupLog::new(self.wal.clone(), self.group)

@@ -37,6 +37,9 @@ pub(crate) type RemoteSinks =
 pub const QUORUM_SILENCE: Duration = Duration::from_millis(600);
 /// How long a commit may take before it is reported unavailable.
 pub const COMMIT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long `quorum_status` waits for a member's node before showing it
+/// `noproc`.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
 /// Most voting members; more nodes join as learners.
 pub const MAX_VOTERS: usize = 5;
 
@@ -1097,6 +1100,49 @@ impl server::peers::Peers for ClusterPeers {
         }
     }
 
+    fn quorum_status(
+        &self,
+        vhost: &str,
+        queue: &amqp_codec::ShortStr,
+    ) -> server::peers::RemoteQuorumStatus {
+        let Some(q) = self.node.replicas.by_name(vhost, queue) else {
+            return Box::pin(std::future::ready(Err(format!(
+                "no replicated queue '{queue}' in vhost '{vhost}'"
+            ))));
+        };
+        let node = self.node.clone();
+        Box::pin(async move {
+            // Every member at once, each for itself: one that is down or
+            // cut off is `noproc` after the timeout, as RabbitMQ shows it.
+            let rows = q.members().into_iter().map(|m| {
+                let (node, q) = (node.clone(), q.clone());
+                async move {
+                    if m == node.me.name {
+                        return q
+                            .raft_member(&node.replicas)
+                            .unwrap_or_else(|| server::peers::QuorumMember::noproc(&m));
+                    }
+                    let Some(addr) = node.address_of(&m) else {
+                        return server::peers::QuorumMember::noproc(&m);
+                    };
+                    let asked = Request::QueueRaftStatus { group: q.id };
+                    match node.links.request(None, &addr, &asked, STATUS_TIMEOUT).await {
+                        Ok((_, Response::QueueRaftStatus(Some(row)))) => row,
+                        Ok((_, other)) => {
+                            tracing::debug!(node = %m, answer = ?other, "no replica status from a member");
+                            server::peers::QuorumMember::noproc(&m)
+                        }
+                        Err(error) => {
+                            tracing::debug!(node = %m, %error, "no replica status from a member");
+                            server::peers::QuorumMember::noproc(&m)
+                        }
+                    }
+                }
+            });
+            Ok(futures_util::future::join_all(rows).await)
+        })
+    }
+
     fn change_members(
         &self,
         vhost: &str,
@@ -1994,6 +2040,12 @@ impl RequestHandler for Handler {
                     .and_then(|n| n.replicas.get(group)?.local_status(&n.replicas));
                 return Box::pin(std::future::ready(Response::ReplicaStatus(status)));
             }
+            Request::QueueRaftStatus { group } => {
+                let row = self
+                    .node()
+                    .and_then(|n| n.replicas.get(group)?.raft_member(&n.replicas));
+                return Box::pin(std::future::ready(Response::QueueRaftStatus(row)));
+            }
             Request::ConsumerCancelled { key } => {
                 let sink = self.node().and_then(|n| n.sinks.lock().remove(&key));
                 if let Some((_, sink)) = sink {
@@ -2080,6 +2132,7 @@ impl RequestHandler for Handler {
                 | Request::QueuePropose { .. }
                 | Request::QueueDeliver { .. }
                 | Request::QueueStatus { .. }
+                | Request::QueueRaftStatus { .. }
                 | Request::QueueFailover { .. }
                 | Request::QueueMembers { .. }
                 | Request::ConsumerCancelled { .. } => {

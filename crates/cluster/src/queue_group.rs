@@ -54,6 +54,12 @@ openraft::declare_raft_types!(
         AsyncRuntime = openraft::TokioRuntime,
 );
 
+/// The version of the replicated queue's state machine (what its entries
+/// and snapshots mean), reported per member by `quorum_status` as RabbitMQ
+/// reports its own. To be raised with any change that would make replicas
+/// of two versions apply the same log differently.
+pub const MACHINE_VERSION: u64 = 1;
+
 /// Queue groups' records are bincode: compact, and bodies stay raw octets.
 impl crate::group_log::LogFormat for QueueTypes {
     fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, String> {

@@ -12,13 +12,20 @@
 //! - truncations and purges are records too, so a restart sees the log as
 //!   it was acknowledged.
 //!
-//! Frames are `len u32 | crc32 u32 | payload`. At open, the first frame that
-//! is short or fails its checksum ends the log if nothing intact follows it
-//! to the end: a crash can only tear what no fsync completed, so nothing
-//! acknowledged is cut (the cut is logged with its size and its octets are
-//! kept beside the log). Intact frames after it to the end are damage, not
-//! a crash: the open fails and changes nothing, since dropping a vote or an
-//! acknowledged entry would break Raft. When the file has grown past [`REWRITE_AT`] and
+//! Frames are `len u32 | crc32 u32 | payload`. A file starts with its
+//! identity (a random number; a file from before identities gets one at
+//! its next open), and every batch starts with a mark: the file's identity
+//! and how far the file was on disk (fsync'd) before the batch. At open, the
+//! first frame that is short or fails its checksum is judged:
+//! - damage, if a later intact mark of this file says the file was on disk
+//!   past it (a crash tears only what no fsync completed), or if intact
+//!   frames follow it to the very end (as before marks: a crash cuts the
+//!   end of what it was writing). The open fails and changes nothing, since
+//!   dropping a vote or an acknowledged entry would break Raft;
+//! - else a tail torn by a crash: cut (logged with its size, its octets
+//!   kept beside the log).
+//!
+//! When the file has grown past [`REWRITE_AT`] and
 //! is mostly dead records, the writer rewrites it from the live state
 //! (temporary file, fsync, rename, directory fsync).
 //!
@@ -40,6 +47,15 @@ const TAG_VOTE: u8 = 2;
 const TAG_COMMITTED: u8 = 3;
 const TAG_TRUNCATE: u8 = 4;
 const TAG_PURGE: u8 = 5;
+/// The file's identity (no group: 0): a random `u64`, so that a mark is
+/// known for one of this file's, not octets that look like one inside an
+/// entry (a message body).
+const TAG_FILE: u8 = 6;
+/// At the head of every batch (no group: 0): the file's identity and its
+/// length on disk (fsync'd) when the batch was written.
+const TAG_SYNCED: u8 = 7;
+/// A mark's record: header, tag, group, identity, length.
+const SYNCED_RECORD: usize = 8 + 1 + 8 + 8 + 8;
 
 /// Largest frame accepted at open (a larger length is damage): an entry
 /// may carry the largest message a broker accepts, with its batch.
@@ -116,6 +132,20 @@ fn encode(group: u64, change: &Change<'_>, out: &mut BytesMut) {
     out.put_slice(&frame);
 }
 
+/// Encodes a record that is about the file, not a group (`TAG_FILE`,
+/// `TAG_SYNCED`): its fields after the tag and the group 0.
+fn encode_file_record(tag: u8, fields: &[u64], out: &mut BytesMut) {
+    let mut frame = BytesMut::with_capacity(9 + 8 * fields.len());
+    frame.put_u8(tag);
+    frame.put_u64(0);
+    for f in fields {
+        frame.put_u64(*f);
+    }
+    out.put_u32(frame.len() as u32);
+    out.put_u32(crc32fast::hash(&frame));
+    out.put_slice(&frame);
+}
+
 /// Applies `change` to the live state; how many octets of live records
 /// it added and removed (see [`entry_bytes`]), so that the writer knows
 /// the live size without counting every record.
@@ -171,6 +201,8 @@ fn replay(groups: &mut HashMap<u64, GroupState>, mut frame: Bytes) -> Result<(),
             let i = index(&mut frame)?;
             apply(groups, group, &Change::Purge(i, &frame))
         }
+        // Read at open (`RaftWal::open`), no group state.
+        TAG_FILE | TAG_SYNCED => (0, 0),
         other => return Err(format!("unknown record tag {other}")),
     };
     Ok(())
@@ -231,7 +263,7 @@ fn plausible_record(data: &[u8], at: usize) -> Option<usize> {
     let head = data.get(at..at + 9)?;
     let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
     let fits = (1..=MAX_FRAME).contains(&len) && at + 8 + len <= data.len();
-    (fits && (TAG_ENTRY..=TAG_PURGE).contains(&head[8])).then_some(len)
+    (fits && (TAG_ENTRY..=TAG_SYNCED).contains(&head[8])).then_some(len)
 }
 
 /// Where, after the failing record at `bad`, intact records run exactly to
@@ -267,6 +299,32 @@ fn intact_run_to_the_end(data: &[u8], bad: usize) -> Option<(usize, usize)> {
     Some((from + first, records))
 }
 
+/// The identity a file's record at `at` gives it, if it is an intact
+/// `TAG_FILE` record.
+fn file_identity(data: &[u8], at: usize) -> Option<u64> {
+    let len = intact_record(data, at)?;
+    let frame = &data[at + 8..at + 8 + len];
+    (len == 17 && frame[0] == TAG_FILE)
+        .then(|| u64::from_be_bytes(frame[9..17].try_into().unwrap_or_default()))
+}
+
+/// The first intact mark of file `identity` after the failing record at
+/// `bad` that says the file was on disk past `bad`: (the mark's offset, the
+/// length it gives). A mark never gives more than its own offset.
+fn synced_past(data: &[u8], bad: usize, identity: u64) -> Option<(usize, u64)> {
+    let head = (SYNCED_RECORD as u32 - 8).to_be_bytes();
+    let last = data.len().checked_sub(SYNCED_RECORD)?;
+    (bad + 1..=last).find_map(|at| {
+        let r = &data[at..at + SYNCED_RECORD];
+        if r[..4] != head || r[8] != TAG_SYNCED || r[17..25] != identity.to_be_bytes() {
+            return None;
+        }
+        intact_record(data, at)?;
+        let synced = u64::from_be_bytes(r[25..33].try_into().ok()?);
+        (synced > bad as u64 && synced <= at as u64).then_some((at, synced))
+    })
+}
+
 impl RaftWal {
     /// Opens (or creates) the log in `dir` and starts its writer thread.
     /// A tail torn by a crash is cut (kept beside it as
@@ -286,10 +344,14 @@ impl RaftWal {
         file.read_to_end(&mut data)?;
         let data = Bytes::from(data);
         let mut at = 0usize;
+        let mut identity = None;
         while at < data.len() {
             let Some(len) = intact_record(&data, at) else {
                 break;
             };
+            if let Some(id) = file_identity(&data, at) {
+                identity = Some(id);
+            }
             let frame = data.slice(at + 8..at + 8 + len);
             if let Err(e) = replay(&mut groups, frame) {
                 return Err(io::Error::new(
@@ -300,6 +362,17 @@ impl RaftWal {
             at += 8 + len;
         }
         if at < data.len() {
+            // A crash tears only what no fsync completed: a mark saying the
+            // file was on disk past the failing record proves damage.
+            if let Some((mark, synced)) = identity.and_then(|id| synced_past(&data, at, id)) {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "{}: the record at octet {at} is damaged, and the mark at octet {mark} says the log was on disk up to octet {synced}: not a write torn by a crash. Nothing was changed",
+                        path.display()
+                    ),
+                ));
+            }
             // A crash leaves at most a tail that fails: intact records
             // from somewhere after it to the very end are not that.
             if let Some((from, records)) = intact_run_to_the_end(&data, at) {
@@ -325,8 +398,24 @@ impl RaftWal {
                 "cutting a tail torn by a crash (written after the last sync) from the Raft log"
             );
             file.set_len(at as u64)?;
-            file.sync_all()?;
         }
+        // What was read is on disk before any mark says so (a process
+        // crash leaves written octets in the page cache, not on disk).
+        file.sync_all()?;
+        let mut len = at as u64;
+        let identity = match identity {
+            Some(id) => id,
+            None => {
+                // A new file, or one from before identities.
+                let id = rand::random::<u64>();
+                let mut record = BytesMut::new();
+                encode_file_record(TAG_FILE, &[id], &mut record);
+                file.write_all(&record)?;
+                file.sync_data()?;
+                len += record.len() as u64;
+                id
+            }
+        };
         let (tx, rx) = mpsc::channel();
         let live = groups.values().map(GroupState::live_bytes).sum();
         let shared = Arc::new(Shared {
@@ -338,7 +427,9 @@ impl RaftWal {
         let writer = Writer {
             path,
             file,
-            len: at as u64,
+            len,
+            synced: len,
+            identity,
             shared: Arc::downgrade(&shared),
         };
         let thread = std::thread::Builder::new()
@@ -356,6 +447,12 @@ impl RaftWal {
             .get(&group)
             .cloned()
             .unwrap_or_default()
+    }
+
+    /// The last committed mark of `group` (encoded), without copying the
+    /// rest of its state.
+    pub fn committed(&self, group: u64) -> Option<Bytes> {
+        self.shared.groups.lock().get(&group)?.committed.clone()
     }
 
     /// Reads entries of `group` in `range` (their encoded bytes).
@@ -457,6 +554,10 @@ struct Writer {
     path: PathBuf,
     file: File,
     len: u64,
+    /// The file's length at the last completed fsync.
+    synced: u64,
+    /// The file's identity, in each batch's mark.
+    identity: u64,
     shared: std::sync::Weak<Shared>,
 }
 
@@ -496,19 +597,21 @@ impl Writer {
 
     fn write(&mut self, batch: &[Job]) -> io::Result<()> {
         let mut all = BytesMut::new();
+        encode_file_record(TAG_SYNCED, &[self.identity, self.synced], &mut all);
         for job in batch {
             all.put_slice(&job.frames);
         }
         self.file.write_all(&all)?;
+        self.len += all.len() as u64;
         // Only committed marks (nobody waits for them): on disk with the
         // next batch that is waited for, not an fsync of their own ahead
         // of it.
         if batch.iter().any(|job| job.done.is_some()) {
             tracing::trace!(target: "latency", jobs = batch.len(), octets = all.len(), "wal fsync");
             self.file.sync_data()?;
+            self.synced = self.len;
             tracing::trace!(target: "latency", "wal synced");
         }
-        self.len += all.len() as u64;
         Ok(())
     }
 
@@ -533,6 +636,7 @@ impl Writer {
         // (A copy of handles: the records are encoded after the lock.)
         let groups = shared.groups.lock().clone();
         let mut out = BytesMut::new();
+        encode_file_record(TAG_FILE, &[self.identity], &mut out);
         for (&group, g) in groups.iter() {
             if let Some((upto, purged)) = &g.purged {
                 encode(group, &Change::Purge(*upto, purged), &mut out);
@@ -560,6 +664,7 @@ impl Writer {
         self.file = OpenOptions::new().append(true).open(&self.path)?;
         tracing::info!(file = %self.path.display(), from = self.len, to = out.len(), "Raft log rewritten");
         self.len = out.len() as u64;
+        self.synced = self.len;
         Ok(())
     }
 }
@@ -654,45 +759,186 @@ mod tests {
         assert_eq!(kept.len() as u64, opened.torn_tail);
     }
 
-    /// A record that fails its checksum with intact ones after it to the
-    /// end is damage, not a crash's torn write: refused, nothing changed.
-    #[tokio::test]
-    async fn a_damaged_record_that_intact_ones_follow_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let (wal, _) = RaftWal::open(dir.path()).unwrap();
-            for i in 1..=3u64 {
-                let (done, rx) = flushed();
-                wal.append(0, &[(i, Bytes::from(format!("entry {i}")))], done);
-                rx.recv().unwrap().unwrap();
-            }
-            wal.close();
+    /// A log's intact records from the start: (offset, tag).
+    fn records(data: &[u8]) -> Vec<(usize, u8)> {
+        let mut out = Vec::new();
+        let mut at = 0;
+        while let Some(len) = intact_record(data, at) {
+            out.push((at, data[at + 8]));
+            at += 8 + len;
         }
+        out
+    }
+
+    /// Three appends, each waited for (each its own batch), in a log in
+    /// `dir`; the file's octets and its entries' offsets.
+    fn three_entries(dir: &Path) -> (Vec<u8>, Vec<usize>) {
+        let (wal, _) = RaftWal::open(dir).unwrap();
+        for i in 1..=3u64 {
+            let (done, rx) = flushed();
+            wal.append(0, &[(i, Bytes::from(format!("entry {i}")))], done);
+            rx.recv().unwrap().unwrap();
+        }
+        wal.close();
+        let data = std::fs::read(dir.join("raft.wal")).unwrap();
+        let entries: Vec<usize> = records(&data)
+            .into_iter()
+            .filter(|(_, tag)| *tag == TAG_ENTRY)
+            .map(|(at, _)| at)
+            .collect();
+        assert_eq!(entries.len(), 3);
+        (data, entries)
+    }
+
+    /// The offset of the record after the one at `at`.
+    fn next_record(data: &[u8], at: usize) -> usize {
+        at + 8 + u32::from_be_bytes(data[at..at + 4].try_into().unwrap()) as usize
+    }
+
+    /// A record that fails its checksum while a later mark says it was on
+    /// disk is damage, not a crash's torn write: refused, nothing changed.
+    /// The same octet bad in the last record, which no later mark covers,
+    /// is a torn write: cut.
+    #[tokio::test]
+    async fn a_damaged_record_a_later_mark_covers_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut data, entries) = three_entries(dir.path());
         let path = dir.path().join("raft.wal");
-        let mut data = std::fs::read(&path).unwrap();
-        // The second record's last octet.
-        let first = 8 + u32::from_be_bytes(data[..4].try_into().unwrap()) as usize;
-        let second = 8 + u32::from_be_bytes(data[first..first + 4].try_into().unwrap()) as usize;
-        data[first + second - 1] ^= 1;
+        let second = entries[1];
+        let second_end = next_record(&data, second);
+        data[second_end - 1] ^= 1;
         std::fs::write(&path, &data).unwrap();
         let e = RaftWal::open(dir.path()).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::InvalidData);
         let text = e.to_string();
         assert!(
-            text.contains(&format!("the record at octet {first} is damaged"))
-                && text.contains("1 intact record(s) follow it"),
+            text.contains(&format!("the record at octet {second} is damaged"))
+                && text.contains("says the log was on disk up to octet"),
             "{text}"
         );
         assert_eq!(std::fs::read(&path).unwrap(), data, "nothing was changed");
         // The same octet bad in the last record: a torn write, cut.
-        let mut data = data.clone();
-        data[first + second - 1] ^= 1;
+        data[second_end - 1] ^= 1;
         let last = data.len() - 1;
         data[last] ^= 1;
         std::fs::write(&path, &data).unwrap();
         let (wal, opened) = RaftWal::open(dir.path()).unwrap();
-        assert!(opened.torn_tail > 0);
+        assert_eq!(opened.torn_tail, (data.len() - entries[2]) as u64);
         assert_eq!(wal.entries(0, ..).len(), 2);
+    }
+
+    /// Damage, then a crash that tore the end: no intact run reaches the
+    /// end, but the marks after the damaged record say it was on disk, so
+    /// it is refused (it used to be cut, with every record after it).
+    #[tokio::test]
+    async fn damage_followed_by_a_torn_tail_is_refused_not_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut data, entries) = three_entries(dir.path());
+        let path = dir.path().join("raft.wal");
+        data[entries[0] + 12] ^= 0x40;
+        data.truncate(data.len() - 2);
+        std::fs::write(&path, &data).unwrap();
+        let e = RaftWal::open(dir.path()).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains(&format!("the record at octet {} is damaged", entries[0])),
+            "{e}"
+        );
+        assert_eq!(std::fs::read(&path).unwrap(), data, "nothing was changed");
+    }
+
+    /// Octets that look like a mark inside a torn entry (a message body can
+    /// hold anything) count only with the file's identity, which no client
+    /// knows: with another, the torn tail is cut.
+    #[tokio::test]
+    async fn a_mark_inside_a_torn_entry_counts_only_with_the_files_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let (wal, _) = RaftWal::open(dir.path()).unwrap();
+        let (done, rx) = flushed();
+        wal.append(0, &[(1, Bytes::from_static(b"kept"))], done);
+        rx.recv().unwrap().unwrap();
+        wal.close();
+        drop(wal);
+        let path = dir.path().join("raft.wal");
+        let whole = std::fs::read(&path).unwrap();
+        let identity = file_identity(&whole, 0).unwrap();
+        // The log, then an entry torn (its last octet lost) whose body
+        // holds a mark of `mark_identity` claiming the log was on disk
+        // past the entry's start.
+        let with_torn_entry = |mark_identity: u64| {
+            let mut body = BytesMut::new();
+            encode_file_record(
+                TAG_SYNCED,
+                &[mark_identity, whole.len() as u64 + 1],
+                &mut body,
+            );
+            // (More of the body after it: what the tear loses.)
+            body.put_slice(b"and more");
+            let mut record = BytesMut::new();
+            encode(0, &Change::Entry(2, &body.freeze()), &mut record);
+            let mut data = whole.clone();
+            data.extend_from_slice(&record[..record.len() - 1]);
+            data
+        };
+        let data = with_torn_entry(identity ^ 1);
+        std::fs::write(&path, &data).unwrap();
+        let (wal, opened) = RaftWal::open(dir.path()).unwrap();
+        assert_eq!(opened.torn_tail, (data.len() - whole.len()) as u64);
+        assert_eq!(wal.entries(0, ..), vec![Bytes::from_static(b"kept")]);
+        wal.close();
+        drop(wal);
+        assert_eq!(std::fs::read(&path).unwrap(), whole);
+        // With the file's identity it would be believed (why the identity
+        // is random): refused.
+        std::fs::write(&path, with_torn_entry(identity)).unwrap();
+        let e = RaftWal::open(dir.path()).unwrap_err();
+        assert!(e.to_string().contains("says the log was on disk"), "{e}");
+    }
+
+    /// A log written before files had an identity and marks opens as it
+    /// was, gains an identity, and its old records are covered by the
+    /// marks written after.
+    #[tokio::test]
+    async fn a_log_from_before_marks_opens_and_gains_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("raft.wal");
+        let mut old = BytesMut::new();
+        encode(
+            0,
+            &Change::Entry(1, &Bytes::from_static(b"old one")),
+            &mut old,
+        );
+        encode(
+            0,
+            &Change::Entry(2, &Bytes::from_static(b"old two")),
+            &mut old,
+        );
+        std::fs::write(&path, &old).unwrap();
+        {
+            let (wal, opened) = RaftWal::open(dir.path()).unwrap();
+            assert_eq!(opened.torn_tail, 0);
+            assert_eq!(wal.entries(0, ..).len(), 2);
+            let (done, rx) = flushed();
+            wal.append(0, &[(3, Bytes::from_static(b"new"))], done);
+            rx.recv().unwrap().unwrap();
+            wal.close();
+        }
+        let mut data = std::fs::read(&path).unwrap();
+        let tags: Vec<u8> = records(&data).into_iter().map(|(_, t)| t).collect();
+        assert_eq!(
+            tags,
+            vec![TAG_ENTRY, TAG_ENTRY, TAG_FILE, TAG_SYNCED, TAG_ENTRY]
+        );
+        // The old first entry damaged: refused (the identity comes after
+        // it, so the rule from before marks judges: intact records to the
+        // end).
+        data[12] ^= 1;
+        std::fs::write(&path, &data).unwrap();
+        let e = RaftWal::open(dir.path()).unwrap_err();
+        assert!(
+            e.to_string().contains("the record at octet 0 is damaged"),
+            "{e}"
+        );
     }
 
     /// A torn tail that looks like records throughout (headers that fit,

@@ -248,6 +248,35 @@ impl Replicated {
         })
     }
 
+    /// This node's replica as a row of `quorum_status` (`None` unless
+    /// this node runs one): its Raft state, its log's last index, the last
+    /// it knows committed, its snapshot's, its term.
+    pub fn raft_member(&self, replicas: &Replicas) -> Option<server::peers::QuorumMember> {
+        let local = self.local()?;
+        let metrics = local.raft.metrics();
+        let m = metrics.borrow();
+        let raft_state = match m.state {
+            ServerState::Leader => "leader",
+            ServerState::Follower => "follower",
+            ServerState::Candidate => "candidate",
+            ServerState::Learner => "learner",
+            ServerState::Shutdown => "noproc",
+        };
+        let commit_index = GroupLog::<QueueTypes>::new(replicas.wal.clone(), self.id)
+            .committed_index()
+            // Applied entries are committed: a floor until a mark is saved.
+            .max(m.last_applied.map(|id| id.index));
+        Some(server::peers::QuorumMember {
+            node: replicas.me.name.clone(),
+            raft_state: raft_state.to_owned(),
+            log_index: Some(m.last_log_index.unwrap_or(0)),
+            commit_index: Some(commit_index.unwrap_or(0)),
+            snapshot_index: Some(m.snapshot.map_or(0, |id| id.index)),
+            term: Some(m.current_term),
+            machine_version: Some(crate::queue_group::MACHINE_VERSION),
+        })
+    }
+
     /// Why an entry for it was given up: no leader in time.
     fn no_leader(&self) -> String {
         format!(

@@ -224,6 +224,12 @@ pub enum Request {
         /// Raft group.
         group: u64,
     },
+    /// This node's replica of replicated queue `group`, as a row of
+    /// `quorum_status` (added last: earlier variants keep their wire tags).
+    QueueRaftStatus {
+        /// The queue's id.
+        group: u64,
+    },
 }
 
 /// A message taken by a peer's `basic.get`.
@@ -318,6 +324,8 @@ pub enum Response {
     ReplicaStatus(Option<server::peers::ReplicaStatus>),
     /// To `QueuePropose`: the entry's answer once committed, or why not.
     QueueProposed(Result<crate::queue_group::QueueResponse, ProposeRefusal>),
+    /// To `QueueRaftStatus`: `None` if the node runs no replica of it.
+    QueueRaftStatus(Option<server::peers::QuorumMember>),
 }
 
 /// Why a replicated queue's entry was not committed.

@@ -347,6 +347,44 @@ pub struct ReplicaStatus {
     pub consumers: u64,
 }
 
+/// One member of a replicated queue's Raft group as its own node reports
+/// it: a row of `rabbitmq-queues quorum_status` (RabbitMQ 3.10's columns).
+/// A member whose node does not answer, or that runs no replica, is
+/// `noproc` with no indexes, as RabbitMQ shows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QuorumMember {
+    /// The member's node.
+    pub node: String,
+    /// `leader`, `follower`, `candidate`, `learner` (a member still
+    /// catching up, not yet voting) or `noproc`.
+    pub raft_state: String,
+    /// The last entry in its log (`None` with `noproc`).
+    pub log_index: Option<u64>,
+    /// The last entry it knows committed.
+    pub commit_index: Option<u64>,
+    /// The last entry its snapshot covers.
+    pub snapshot_index: Option<u64>,
+    /// Its Raft term.
+    pub term: Option<u64>,
+    /// The version of the queue's state machine it runs.
+    pub machine_version: Option<u64>,
+}
+
+impl QuorumMember {
+    /// The row of a member that did not answer.
+    pub fn noproc(node: &str) -> QuorumMember {
+        QuorumMember {
+            node: node.to_owned(),
+            raft_state: "noproc".to_owned(),
+            ..QuorumMember::default()
+        }
+    }
+}
+
+/// The answer to [`Peers::quorum_status`]: a row per member.
+pub type RemoteQuorumStatus =
+    Pin<Box<dyn Future<Output = Result<Vec<QuorumMember>, String>> + Send>>;
+
 /// Done, or why not.
 pub type RemoteDone = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
 
@@ -465,6 +503,11 @@ pub trait Peers: Send + Sync + std::fmt::Debug {
 
     /// Replicated queue `queue`'s group and counts, from one of its members.
     fn replica_status(&self, vhost: &str, queue: &ShortStr) -> RemoteReplicaStatus;
+
+    /// Every member of replicated queue `queue`'s group, each as its node
+    /// reports it (`rabbitmq-queues quorum_status`): how far each replica's
+    /// log is behind the leader's.
+    fn quorum_status(&self, vhost: &str, queue: &ShortStr) -> RemoteQuorumStatus;
 
     /// Adds node `node` to replicated queue `queue`'s members (`add`; its
     /// replica catches up, then votes), or removes it

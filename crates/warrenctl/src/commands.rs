@@ -417,6 +417,17 @@ fn print_membership_changes(rows: &[[String; 4]], errors_only: bool, out: &Outpu
     }
 }
 
+/// `quorum_status`'s columns: RabbitMQ 3.10's, in its order.
+const QUORUM_STATUS_COLUMNS: [&str; 7] = [
+    "Node Name",
+    "Raft State",
+    "Log Index",
+    "Commit Index",
+    "Snapshot Index",
+    "Term",
+    "Machine Version",
+];
+
 /// Runs the command `cli` names.
 pub(crate) async fn run(cli: Cli) -> Result<(), Failure> {
     let timeout = cli.timeout.map(Duration::from_secs);
@@ -885,6 +896,17 @@ pub(crate) async fn run(cli: Cli) -> Result<(), Failure> {
                     out!("node\t{}\t{running}\t{role}", field(n, "name"));
                 }
             }
+        }
+        Command::QuorumStatus { queue } => {
+            out.banner(&format!(
+                "Status of quorum queue {queue} on node {node} ..."
+            ));
+            let rows = api
+                .get(&format!("/api/queues/quorum/{vh}/{}/status", seg(&queue)))
+                .await?;
+            let rows = rows.as_array().map(Vec::as_slice).unwrap_or_default();
+            let columns = QUORUM_STATUS_COLUMNS.map(str::to_owned);
+            out.table(rows, &columns);
         }
         Command::AddMember { queue, node } => {
             api.post(

@@ -237,6 +237,12 @@ enum Command {
     /// The cluster's name and nodes: running or not, and each one's part in
     /// the metadata group (leader, voter, learner).
     ClusterStatus,
+    /// Each member of replicated queue QUEUE in the vhost as its node
+    /// reports it: Raft state, last log index, commit index, snapshot
+    /// index, term (rabbitmq-queues quorum_status). A follower whose log
+    /// index trails the leader's is behind; `noproc`: its node did not
+    /// answer.
+    QuorumStatus { queue: String },
     /// Gives NODE a replica of replicated queue QUEUE in the vhost
     /// (rabbitmq-queues add_member): it catches up, then votes.
     AddMember { queue: String, node: String },
@@ -372,6 +378,7 @@ impl Tool {
         let queues = matches!(
             c,
             C::AddMember { .. }
+                | C::QuorumStatus { .. }
                 | C::DeleteMember { .. }
                 | C::Grow { .. }
                 | C::Shrink { .. }

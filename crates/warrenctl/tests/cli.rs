@@ -620,14 +620,11 @@ async fn members(api: &str) -> std::collections::BTreeMap<String, Vec<String>> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn grow_and_shrink_give_a_node_replicas_of_every_replicated_queue_and_take_them_away() {
-    let cluster = TestCluster::start("cluster_node", 3);
-    let api = cluster.node(0).api.clone();
-    // Formed once the first node lists all three running.
+/// Waits until the node whose API is `api` lists all three nodes running.
+async fn formed(api: &str) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     loop {
-        let status = ctl_at(api.clone(), &["cluster_status"]).await;
+        let status = ctl_at(api.to_owned(), &["cluster_status"]).await;
         let out = String::from_utf8_lossy(&status.stdout).to_string();
         if out.matches("\trunning\t").count() == 3 {
             break;
@@ -635,6 +632,13 @@ async fn grow_and_shrink_give_a_node_replicas_of_every_replicated_queue_and_take
         assert!(std::time::Instant::now() < deadline, "not formed: {out}");
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grow_and_shrink_give_a_node_replicas_of_every_replicated_queue_and_take_them_away() {
+    let cluster = TestCluster::start("cluster_node", 3);
+    let api = cluster.node(0).api.clone();
+    formed(&api).await;
     let conn = lapin::Connection::connect(
         &cluster.node(0).uri("guest", "guest", "%2f"),
         lapin::ConnectionProperties::default(),
@@ -713,6 +717,168 @@ async fn grow_and_shrink_give_a_node_replicas_of_every_replicated_queue_and_take
         .map(|(q, m)| (q, m.into_iter().filter(|n| n != "n3@127.0.0.1").collect()))
         .collect();
     assert_eq!(members(&api).await, without_n3);
+}
+
+/// `quorum_status`'s rows (`--formatter json`), by node name.
+async fn quorum_status(
+    api: &str,
+    queue: &str,
+) -> std::collections::BTreeMap<String, serde_json::Value> {
+    let out = stdout(
+        &ctl_at(
+            api.to_owned(),
+            &["--formatter", "json", "quorum_status", queue],
+        )
+        .await,
+    );
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    rows.into_iter()
+        .map(|r| (r["Node Name"].as_str().unwrap().to_owned(), r))
+        .collect()
+}
+
+/// Polls `quorum_status` until `done` holds for its rows (30 s at most).
+async fn quorum_status_until(
+    api: &str,
+    queue: &str,
+    what: &str,
+    done: impl Fn(&std::collections::BTreeMap<String, serde_json::Value>) -> bool,
+) -> std::collections::BTreeMap<String, serde_json::Value> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let rows = quorum_status(api, queue).await;
+        if done(&rows) {
+            return rows;
+        }
+        assert!(std::time::Instant::now() < deadline, "{what}: {rows:#?}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// `quorum_status` shows every member of a replicated queue's group as its
+/// own node reports it, under RabbitMQ's columns: one leader and followers
+/// at its log index; a killed member `noproc` while the others go on
+/// without it; back, it catches up to the leader's index. A classic queue
+/// is refused as RabbitMQ refuses it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quorum_status_shows_each_member_a_stopped_one_as_noproc_and_its_catching_up() {
+    let mut cluster = TestCluster::start("cluster_node", 3);
+    let api = cluster.node(0).api.clone();
+    formed(&api).await;
+    let conn = lapin::Connection::connect(
+        &cluster.node(0).uri("guest", "guest", "%2f"),
+        lapin::ConnectionProperties::default(),
+    )
+    .await
+    .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_declare(
+        "qs".into(),
+        lapin::options::QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        warren_tests::quorum_queue_args(),
+    )
+    .await
+    .unwrap();
+    let _classic = channel_with_queue(&conn, "classic").await;
+    ch.confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let publish_confirmed = |n: usize| {
+        let ch = ch.clone();
+        async move {
+            for _ in 0..n {
+                let confirm = ch
+                    .basic_publish(
+                        "".into(),
+                        "qs".into(),
+                        lapin::options::BasicPublishOptions::default(),
+                        b"m",
+                        lapin::BasicProperties::default().with_delivery_mode(2),
+                    )
+                    .await
+                    .unwrap()
+                    .await
+                    .unwrap();
+                assert!(confirm.is_ack(), "{confirm:?}");
+            }
+        }
+    };
+    publish_confirmed(20).await;
+    let index = |r: &serde_json::Value, column: &str| r[column].as_u64();
+    let leader_of = |rows: &std::collections::BTreeMap<String, serde_json::Value>| {
+        let leaders: Vec<&String> = rows
+            .iter()
+            .filter(|(_, r)| r["Raft State"] == "leader")
+            .map(|(n, _)| n)
+            .collect();
+        (leaders.len() == 1).then(|| leaders[0].clone())
+    };
+    // Three members, one leader, every log at the leader's index, all of
+    // it committed, one term.
+    let rows = quorum_status_until(&api, "qs", "three members in step", |rows| {
+        let Some(leader) = leader_of(rows) else {
+            return false;
+        };
+        let top = index(&rows[&leader], "Log Index");
+        rows.len() == 3
+            && rows.values().all(|r| {
+                (r["Raft State"] == "leader" || r["Raft State"] == "follower")
+                    && index(r, "Log Index") == top
+                    && index(r, "Commit Index") == top
+                    && index(r, "Term") == index(&rows[&leader], "Term")
+                    && index(r, "Machine Version") == Some(1)
+            })
+    })
+    .await;
+    let leader = leader_of(&rows).unwrap();
+    let before = index(&rows[&leader], "Log Index").unwrap();
+    assert!(before >= 20, "20 enqueues are in the log: {rows:#?}");
+    // The table as rabbitmq-queues prints it.
+    let table = stdout(&ctl_at(api.clone(), &["quorum_status", "qs"]).await);
+    assert!(
+        table.starts_with("Status of quorum queue qs on node n1@127.0.0.1 ...\nNode Name\tRaft State\tLog Index\tCommit Index\tSnapshot Index\tTerm\tMachine Version\n"),
+        "{table}"
+    );
+    assert_eq!(table.lines().count(), 5, "{table}");
+    // A classic queue has no Raft group.
+    let refused = ctl_at(api.clone(), &["quorum_status", "classic"]).await;
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("classic_queue_not_supported"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+
+    // A follower other than node 1 (which answers) is killed; the queue
+    // goes on with two.
+    let f = (1..3)
+        .find(|&i| format!("n{}@127.0.0.1", i + 1) != leader)
+        .unwrap();
+    let f_name = format!("n{}@127.0.0.1", f + 1);
+    cluster.kill(f);
+    publish_confirmed(30).await;
+    let rows = quorum_status_until(&api, "qs", "the killed member is noproc", |rows| {
+        rows.len() == 3
+            && rows[&f_name]["Raft State"] == "noproc"
+            && rows[&f_name]["Log Index"] == ""
+            && leader_of(rows).is_some_and(|l| index(&rows[&l], "Log Index") >= Some(before + 30))
+    })
+    .await;
+    let leader = leader_of(&rows).unwrap();
+    let after = index(&rows[&leader], "Log Index").unwrap();
+    // Back, it catches up to the leader.
+    cluster.spawn(f, None);
+    quorum_status_until(&api, "qs", "the member caught up", |rows| {
+        rows[&f_name]["Raft State"] == "follower"
+            && leader_of(rows).is_some_and(|l| {
+                let top = index(&rows[&l], "Log Index");
+                top >= Some(after) && index(&rows[&f_name], "Log Index") == top
+            })
+    })
+    .await;
 }
 
 /// Runs the warrenctl binary under another name (a symlink, as an

@@ -83,6 +83,11 @@ pub(super) fn router(broker: Arc<Broker>) -> Router {
             "/api/queues/quorum/{vhost}/{name}/replicas/delete",
             delete(delete_replica),
         )
+        // Warren's own, beside those: rabbitmq-queues quorum_status.
+        .route(
+            "/api/queues/quorum/{vhost}/{name}/status",
+            get(quorum_status),
+        )
         .route("/api/queues/{vhost}/{name}/get", post(get_messages))
         .route(
             "/api/exchanges/{vhost}/{name}/publish",
@@ -1059,6 +1064,49 @@ async fn delete_replica(
     Json(body): Json<Value>,
 ) -> ApiResult {
     change_replicas(&b, &caller, &vhost, &name, &body, false).await
+}
+
+/// `GET /api/queues/quorum/{vhost}/{name}/status`: a row per member of
+/// the replicated queue's group, as its own node reports it, under the
+/// column names of RabbitMQ 3.10's `rabbitmq-queues quorum_status` (a
+/// member whose node does not answer is `noproc`, its indexes empty).
+async fn quorum_status(
+    State(b): Shared,
+    caller: Caller,
+    Path((vhost, name)): Path<(String, String)>,
+) -> ApiResult {
+    let v = visible_vhost(&b, &caller, &vhost)?;
+    let replicated = v
+        .find_remote_queue(&name)
+        .filter(crate::peers::RemoteQueue::replicated);
+    let Some(q) = replicated else {
+        // RabbitMQ's error for a classic queue.
+        return match v.find_queue(&name).is_some() || v.find_remote_queue(&name).is_some() {
+            true => Err(ApiError::bad_request("classic_queue_not_supported")),
+            false => Err(ApiError::not_found()),
+        };
+    };
+    let peers = b.peers.get().ok_or_else(ApiError::not_found)?;
+    let rows = peers
+        .quorum_status(&vhost, &q.name)
+        .await
+        .map_err(crate::meta::MetaError::Unavailable)?;
+    let index = |i: Option<u64>| i.map_or_else(|| json!(""), |i| json!(i));
+    ok(Value::Array(
+        rows.into_iter()
+            .map(|r| {
+                json!({
+                    "Node Name": r.node,
+                    "Raft State": r.raft_state,
+                    "Log Index": index(r.log_index),
+                    "Commit Index": index(r.commit_index),
+                    "Snapshot Index": index(r.snapshot_index),
+                    "Term": index(r.term),
+                    "Machine Version": index(r.machine_version),
+                })
+            })
+            .collect(),
+    ))
 }
 
 async fn change_replicas(
