@@ -471,10 +471,13 @@ async fn gossip_rounds(
             (gossip::keys::SEES, linked.join(",")),
             (gossip::keys::PARTITIONS, partitions.join(",")),
         ];
-        // Figures every second (reading /proc costs a little).
+        // Figures every second (reading /proc costs a little: on the
+        // blocking pool).
         if round % 4 == 1 {
             if let Some(b) = handler.broker.get().and_then(Weak::upgrade) {
-                if let Ok(stats) = serde_json::to_string(&b.node_stats()) {
+                let stats =
+                    tokio::task::spawn_blocking(move || serde_json::to_string(&b.node_stats()));
+                if let Ok(Ok(stats)) = stats.await {
                     keys.push((gossip::keys::STATS, stats));
                 }
             }

@@ -54,6 +54,9 @@ const TAG_FILE: u8 = 6;
 /// At the head of every batch (no group: 0): the file's identity and its
 /// length on disk (fsync'd) when the batch was written.
 const TAG_SYNCED: u8 = 7;
+/// A group's entries, committed mark and purge dropped, its vote kept
+/// (its replica here stopped for good, or to start again from nothing).
+const TAG_RESET: u8 = 8;
 /// A mark's record: header, tag, group, identity, length.
 const SYNCED_RECORD: usize = 8 + 1 + 8 + 8 + 8;
 
@@ -102,6 +105,7 @@ enum Change<'a> {
     Committed(&'a Bytes),
     Truncate(u64),
     Purge(u64, &'a Bytes),
+    Reset,
 }
 
 fn encode(group: u64, change: &Change<'_>, out: &mut BytesMut) {
@@ -121,6 +125,7 @@ fn encode(group: u64, change: &Change<'_>, out: &mut BytesMut) {
             payload.put_u64(*i);
             (TAG_PURGE, b)
         }
+        Change::Reset => (TAG_RESET, &[]),
     };
     let mut frame = BytesMut::with_capacity(9 + payload.len() + body.len());
     frame.put_u8(tag);
@@ -173,6 +178,12 @@ fn apply(groups: &mut HashMap<u64, GroupState>, group: u64, change: &Change<'_>)
                 removed + old.map_or(0, |(_, v)| entry_bytes(&v) + 8),
             )
         }
+        Change::Reset => {
+            let removed = all(&std::mem::take(&mut g.entries))
+                + gone(g.committed.take().as_ref())
+                + g.purged.take().map_or(0, |(_, v)| entry_bytes(&v) + 8);
+            (0, removed)
+        }
     }
 }
 
@@ -201,6 +212,7 @@ fn replay(groups: &mut HashMap<u64, GroupState>, mut frame: Bytes) -> Result<(),
             let i = index(&mut frame)?;
             apply(groups, group, &Change::Purge(i, &frame))
         }
+        TAG_RESET => apply(groups, group, &Change::Reset),
         // Read at open (`RaftWal::open`), no group state.
         TAG_FILE | TAG_SYNCED => (0, 0),
         other => return Err(format!("unknown record tag {other}")),
@@ -263,7 +275,7 @@ fn plausible_record(data: &[u8], at: usize) -> Option<usize> {
     let head = data.get(at..at + 9)?;
     let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
     let fits = (1..=MAX_FRAME).contains(&len) && at + 8 + len <= data.len();
-    (fits && (TAG_ENTRY..=TAG_SYNCED).contains(&head[8])).then_some(len)
+    (fits && (TAG_ENTRY..=TAG_RESET).contains(&head[8])).then_some(len)
 }
 
 /// Where, after the failing record at `bad`, intact records run exactly to
@@ -541,6 +553,21 @@ impl RaftWal {
             .unwrap_or_else(|_| Err(io::Error::other("the Raft log's writer has stopped")))
     }
 
+    /// Drops `group`'s entries, committed mark and purge (its vote stays:
+    /// a vote is never taken back); completes once on disk.
+    pub async fn reset(&self, group: u64) -> io::Result<()> {
+        self.durable(group, &[Change::Reset]).await
+    }
+
+    /// Whether `group` has entries, a committed mark or a purge here.
+    pub fn holds(&self, group: u64) -> bool {
+        self.shared
+            .groups
+            .lock()
+            .get(&group)
+            .is_some_and(|g| !g.entries.is_empty() || g.committed.is_some() || g.purged.is_some())
+    }
+
     /// Stops the writer once what is queued is on disk, and waits for it.
     pub fn close(&self) {
         self.shared.jobs.lock().take();
@@ -721,6 +748,43 @@ mod tests {
         assert_eq!(g.vote.as_deref(), Some(&b"vote-2"[..]));
         assert_eq!(g.purged, Some((3, Bytes::from_static(b"id-3"))));
         assert_eq!(wal.entries(7, ..), vec![Bytes::from_static(b"other")]);
+    }
+
+    /// A reset drops a group's entries, committed mark and purge, keeps its
+    /// vote, leaves other groups alone, and stays so after a reopen.
+    #[tokio::test]
+    async fn a_reset_keeps_only_the_vote() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (wal, _) = RaftWal::open(dir.path()).unwrap();
+            for group in [1, 2] {
+                let (done, rx) = flushed();
+                wal.append(
+                    group,
+                    &[(1, Bytes::from_static(b"a")), (2, Bytes::from_static(b"b"))],
+                    done,
+                );
+                rx.recv().unwrap().unwrap();
+                wal.save_vote(group, Bytes::from_static(b"vote"))
+                    .await
+                    .unwrap();
+                wal.save_committed(group, Bytes::from_static(b"2"));
+                wal.purge(group, 1, Bytes::from_static(b"id-1"))
+                    .await
+                    .unwrap();
+            }
+            assert!(wal.holds(1));
+            wal.reset(1).await.unwrap();
+            assert!(!wal.holds(1));
+            wal.close();
+        }
+        let (wal, _) = RaftWal::open(dir.path()).unwrap();
+        let g = wal.group(1);
+        assert!(g.entries.is_empty() && g.committed.is_none() && g.purged.is_none());
+        assert_eq!(g.vote.as_deref(), Some(&b"vote"[..]));
+        assert!(!wal.holds(1));
+        assert!(wal.holds(2));
+        assert_eq!(wal.entries(2, ..), vec![Bytes::from_static(b"b")]);
     }
 
     /// A torn last frame is cut; everything before it stays.
@@ -1004,7 +1068,7 @@ mod tests {
         /// live record gives (what decides a rewrite).
         #[test]
         fn the_running_live_size_is_the_counted_one(
-            ops in proptest::collection::vec((0u8..5, 0u64..3, 0u64..40, 0usize..300), 1..200)
+            ops in proptest::collection::vec((0u8..6, 0u64..3, 0u64..40, 0usize..300), 1..200)
         ) {
             let mut groups = HashMap::new();
             let mut live = 0u64;
@@ -1015,7 +1079,8 @@ mod tests {
                     1 => Change::Vote(&b),
                     2 => Change::Committed(&b),
                     3 => Change::Truncate(index),
-                    _ => Change::Purge(index, &b),
+                    4 => Change::Purge(index, &b),
+                    _ => Change::Reset,
                 };
                 let (added, removed) = apply(&mut groups, group, &change);
                 live = (live + added).checked_sub(removed).unwrap();

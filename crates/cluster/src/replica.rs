@@ -331,6 +331,9 @@ pub struct Replicas {
     /// The broker, once started (the leader routes dead letters through
     /// it).
     broker: OnceLock<Weak<server::broker::Broker>>,
+    /// Replicas being stopped and their state removed, by queue id: a
+    /// replica started again (the node added back) waits for it.
+    stopping: Mutex<HashMap<u64, tokio::task::JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for Replicas {
@@ -428,6 +431,7 @@ impl Replicas {
             // Above every earlier run's (the clock moved on since).
             first_key: now_ms().saturating_mul(1 << 12).max(1),
             broker: OnceLock::new(),
+            stopping: Mutex::default(),
         });
         let _ = r.me_weak.set(Arc::downgrade(&r));
         r
@@ -573,6 +577,11 @@ impl Replicas {
                 tracing::info!(queue = %q.name, vhost = %q.vhost, "no longer a member: this node's replica stops");
                 self.stop_local(&q);
             }
+            // Not a member, and no replica running: whatever an earlier
+            // membership left (a replica that could not start, or state
+            // from before this node was removed while down) goes, so that
+            // the node starts from nothing if it is added again.
+            (false, false) => self.stop_local(&q),
             _ => {}
         }
     }
@@ -615,19 +624,32 @@ impl Replicas {
         self.stop_local(&q);
     }
 
-    /// Stops this node's replica of `q`, dropping its entries from the
-    /// shared log (its last vote stays: a few octets) and its snapshot.
+    /// Stops this node's replica of `q` if it runs, and drops what it
+    /// kept: its entries, committed mark and purge in the shared log (its
+    /// last vote stays: a few octets, and a vote is never taken back) and
+    /// its snapshot. Also when no replica runs (one that could not start,
+    /// say on a damaged snapshot): a node added back starts from nothing
+    /// and catches up from the leader. A start of the same queue's replica
+    /// waits until this is done.
     fn stop_local(&self, q: &Replicated) {
-        let Some(local) = q.local.write().take() else {
-            return;
-        };
+        let local = q.local.write().take();
         let id = q.id;
-        self.groups.remove(id);
         let snapshot = self.snapshot_path(id);
+        if local.is_none() && !self.wal.holds(id) && !snapshot.exists() {
+            return;
+        }
+        self.groups.remove(id);
         let wal = self.wal.clone();
-        tokio::spawn(async move {
-            let _ = local.raft.shutdown().await;
-            if let Err(e) = wal.truncate(id, 0).await {
+        let mut stopping = self.stopping.lock();
+        let before = stopping.remove(&id);
+        let task = tokio::spawn(async move {
+            if let Some(before) = before {
+                let _ = before.await;
+            }
+            if let Some(local) = local {
+                let _ = local.raft.shutdown().await;
+            }
+            if let Err(e) = wal.reset(id).await {
                 tracing::warn!(group = id, error = %e, "cannot drop a replica's Raft entries");
             }
             if let Err(e) = std::fs::remove_file(&snapshot) {
@@ -636,6 +658,7 @@ impl Replicas {
                 }
             }
         });
+        stopping.insert(id, task);
     }
 
     fn snapshot_path(&self, id: u64) -> PathBuf {
@@ -645,6 +668,11 @@ impl Replicas {
     /// Starts this node's replica of `q`; with `initialise`, it initialises
     /// the group with all of its members.
     async fn start(self: &Arc<Self>, q: &Arc<Replicated>, initialise: bool) -> Result<(), String> {
+        // A stop of an earlier replica of it finishes first.
+        let stopping = self.stopping.lock().remove(&q.id);
+        if let Some(stopping) = stopping {
+            let _ = stopping.await;
+        }
         std::fs::create_dir_all(&self.dir).map_err(|e| format!("{}: {e}", self.dir.display()))?;
         let args = QueueArgs::parse(&q.arguments, &q.name, &q.vhost).map_err(|e| e.to_string())?;
         let identity = QueueIdentity {

@@ -44,7 +44,9 @@ pub fn spawn_monitor(broker: &Arc<Broker>) {
             let queued = memory_and_stats(&b, n % 50 == 0);
             if n % 50 == 0 {
                 b.metrics.sample_overview();
-                b.sample_node();
+                // (It reads /proc: on the blocking pool.)
+                let node = b.clone();
+                let _ = tokio::task::spawn_blocking(move || node.sample_node()).await;
                 for v in b.vhost_list() {
                     v.sample_exchange_rates();
                 }
