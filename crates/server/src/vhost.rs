@@ -1615,6 +1615,12 @@ impl Vhost {
                 continue;
             };
             let Some(published) = queue.publish(&out.message, &self.node.store, fx) else {
+                // Deleted since it was routed to. A classic queue whose
+                // messages moved into its replicated successor: on to it
+                // (`vhost/mirroring.rs`); any other: gone, as in RabbitMQ.
+                if self.moved.contains_key(&qid.0) {
+                    self.enqueue_remote(qid.0, &mut out);
+                }
                 continue;
             };
             here += 1;

@@ -257,6 +257,12 @@ pub trait QueueType: Send + Sync + std::fmt::Debug {
     /// Marks it deleted (unless `only_if_unused` and it has consumers):
     /// its ready count and its consumers, to be told.
     fn delete(&self, only_if_unused: bool, fx: &mut Effects) -> Option<(u64, Vec<Consumer>)>;
+    /// Marks it deleted if it holds no message, ready or delivered, in one
+    /// step with its publishes: a message published before is still in it
+    /// (false), one after is refused. A classic queue whose messages moved
+    /// into its replicated successor goes so (`vhost/mirroring.rs`).
+    /// Whether it is deleted.
+    fn delete_if_drained(&self, fx: &mut Effects) -> bool;
     /// The fraction of the time since the last call (the monitor's
     /// sampling period) during which a consumer could take a message at
     /// once: RabbitMQ's `consumer_utilisation`.

@@ -16,7 +16,10 @@
 //!    then removed. Deliveries its consumers still hold are settled here as
 //!    before (by id locally; by old id from other nodes, see `moved`); one
 //!    returned to the queue is moved too. When nothing is left, the classic
-//!    queue is deleted.
+//!    queue is deleted, in one step with its publishes
+//!    (`delete_if_drained`): a message routed to it before its name reached
+//!    the group is either in it, and moved, or refused by the deleted queue
+//!    and sent on to the group (`Vhost::enqueue`, by `moved`).
 //! 3. **Restart**: a home that stopped in the middle finds the classic
 //!    queue's stored messages under the id `replaces` names, rebuilds it
 //!    ([`Vhost::recover_moving`]) and moves what is left. A message moved
@@ -239,7 +242,19 @@ impl Vhost {
             }
             if batch.is_empty() {
                 if q.counters().unacked == 0 {
-                    break;
+                    // The end. From here a message routed to the old id
+                    // (before the name reached the group) and meeting the
+                    // deleted queue goes on to the group (`moved`); one
+                    // that reached the queue since it was found empty keeps
+                    // it from going, and is moved next time round.
+                    self.moved.insert(q.id, target.clone());
+                    let mut fx = Effects::default();
+                    let gone = q.kind().delete_if_drained(&mut fx);
+                    self.apply(&mut fx);
+                    if gone {
+                        break;
+                    }
+                    continue;
                 }
                 // Deliveries its consumers hold: they are acked (gone) or
                 // returned (moved next time round).
