@@ -167,6 +167,16 @@ pub struct MetaState {
     users: BTreeMap<String, User>,
 }
 
+/// Where a command being applied comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    /// The metadata log: something asked for now (or replayed in order).
+    Log,
+    /// A stored definition, recovered alone (`MetaState::recover`): the
+    /// state it was applied in is gone.
+    Stored,
+}
+
 fn not_found(what: String) -> MetaError {
     MetaError::NotFound(what)
 }
@@ -209,7 +219,7 @@ impl MetaState {
             let printable = String::from_utf8_lossy(key).replace('\0', "/");
             match MetaCommand::from_definition(*kind, key, record) {
                 Err(e) => problems.push(format!("{kind:?} '{printable}': {e}")),
-                Ok(cmd) => match state.apply(&cmd) {
+                Ok(cmd) => match state.apply_as(&cmd, Origin::Stored) {
                     Ok(_) => commands.push(cmd),
                     Err(e) => problems.push(format!("{kind:?} '{printable}': {e}")),
                 },
@@ -286,6 +296,10 @@ impl MetaState {
 
     /// Validates `command` and applies it. On error nothing changed.
     pub fn apply(&mut self, command: &MetaCommand) -> Result<Applied, MetaError> {
+        self.apply_as(command, Origin::Log)
+    }
+
+    fn apply_as(&mut self, command: &MetaCommand, origin: Origin) -> Result<Applied, MetaError> {
         let mut out = Applied::default();
         match command {
             MetaCommand::PutVhost { name, limits } => {
@@ -504,6 +518,16 @@ impl MetaState {
                     Some(_) => {
                         return Err(MetaError::Conflict(format!(
                             "queue '{}' in vhost '{vhost}' exists",
+                            queue.name
+                        )));
+                    }
+                    // The classic queue to take over was deleted after
+                    // the takeover was asked for: nothing to replicate.
+                    // (A stored record of a takeover has no classic
+                    // queue beside it: it is recovered as it is.)
+                    None if queue.replaces.is_some() && origin == Origin::Log => {
+                        return Err(not_found(format!(
+                            "queue '{}' in vhost '{vhost}' was deleted before it could be replicated",
                             queue.name
                         )));
                     }
@@ -896,6 +920,21 @@ mod tests {
         let (recovered, _, problems) = MetaState::recover(&defs);
         assert!(problems.is_empty(), "{problems:?}");
         assert_eq!(recovered.vhosts["v"].queues["q"], replicated(2, Some(1)));
+        // A takeover of a classic queue deleted meanwhile is refused: it
+        // does not bring the queue back.
+        st.apply(&MetaCommand::DeleteQueue {
+            vhost: v(),
+            name: ShortStr::from_static("q"),
+        })
+        .expect("delete");
+        assert!(matches!(
+            st.apply(&MetaCommand::DeclareQueue {
+                vhost: v(),
+                queue: replicated(3, Some(2)),
+            }),
+            Err(MetaError::NotFound(_))
+        ));
+        assert!(!st.vhosts["v"].queues.contains_key("q"));
     }
 
     #[test]
