@@ -1295,15 +1295,29 @@ async fn read_loop(
                     let Some(waiting) = conn.pending.lock().remove(&id) else {
                         continue;
                     };
+                    // (A frame is whole and authenticated: one this node
+                    // cannot read, from a node of another version, is
+                    // that one request's failure, not the link's.)
                     match decode::<Response>(&frame) {
                         Ok(resp) => waiting.answer(Ok(resp)),
-                        Err(e) => return Err(format!("undecodable response: {e}")),
+                        Err(e) => {
+                            tracing::warn!(peer = %peer.name, error = %e, "an answer from a peer this node cannot read (does it run another version?)");
+                            waiting.answer(Ok(Response::Unavailable(format!(
+                                "node '{}' answered in a form this node cannot read (another version of Warren?): {e}",
+                                peer.name
+                            ))));
+                        }
                     }
                 }
                 KIND_ONEWAY => {
                     in_burst = true;
-                    let request: Request =
-                        decode(&frame).map_err(|e| format!("undecodable request: {e}"))?;
+                    let request: Request = match decode(&frame) {
+                        Ok(request) => request,
+                        Err(e) => {
+                            tracing::warn!(peer = %peer.name, error = %e, "a one-way request from a peer this node cannot read (does it run another version?); ignored");
+                            continue;
+                        }
+                    };
                     if let Some(handler) = links.handler.get() {
                         // Handled in the connection's order; nothing answers.
                         // Most are done at once: a task only for the rest.
@@ -1314,12 +1328,24 @@ async fn read_loop(
                     }
                 }
                 KIND_REQUEST => {
-                    let request: Request =
-                        decode(&frame).map_err(|e| format!("undecodable request: {e}"))?;
+                    let out = conn.out.clone();
+                    let request: Request = match decode(&frame) {
+                        Ok(request) => request,
+                        Err(e) => {
+                            tracing::warn!(peer = %peer.name, error = %e, "a request from a peer this node cannot read (does it run another version?)");
+                            let refusal = Response::Unavailable(format!(
+                                "node '{}' cannot read this request (another version of Warren?): {e}",
+                                links.me.name
+                            ));
+                            if let Ok(body) = encode(&refusal) {
+                                let _ = out.send((KIND_RESPONSE, id, Bytes::from(body)));
+                            }
+                            continue;
+                        }
+                    };
                     let Some(handler) = links.handler.get().cloned() else {
                         continue;
                     };
-                    let out = conn.out.clone();
                     // Called here, in the connection's order: what a handler
                     // does before its future's first await happens in the
                     // order requests arrived (an enqueue's ordering).
@@ -1373,5 +1399,90 @@ async fn read_loop(
         if let Some(handler) = links.handler.get() {
             handler.peer_gone(peer.id);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    /// Answers every request it can read with `Settled`.
+    struct Settles;
+
+    impl RequestHandler for Settles {
+        fn handle(
+            &self,
+            _from: NodeInfo,
+            _request: Request,
+        ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Response> + Send>> {
+            Box::pin(std::future::ready(Response::Settled))
+        }
+
+        fn admits(&self, _id: u64) -> Result<(), String> {
+            Ok(())
+        }
+
+        fn peer_gone(&self, _id: u64) {}
+    }
+
+    fn node(id: u64, addr: &str) -> NodeInfo {
+        NodeInfo {
+            id,
+            name: format!("n{id}@127.0.0.1"),
+            cluster_addr: addr.to_owned(),
+            amqp_addr: addr.to_owned(),
+        }
+    }
+
+    /// A request the receiving node cannot read (a kind a newer version
+    /// added, as in a rolling upgrade) is answered as unavailable, naming
+    /// why, and the link goes on: the next request on the same connection
+    /// is served. (It used to close the link, failing everything in flight
+    /// on it.)
+    #[tokio::test]
+    async fn a_request_a_node_cannot_read_is_refused_and_the_link_goes_on() {
+        let secret: Arc<[u8]> = Arc::from(&b"a test secret of some length"[..]);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let server = Links::new(node(2, &addr), "test".into(), secret.clone());
+        server.set_handler(Arc::new(Settles));
+        tokio::spawn(server.clone().serve(listener));
+        let client = Links::new(node(1, "127.0.0.1:1"), "test".into(), secret);
+        client.set_handler(Arc::new(Settles));
+        let conn = client.conn(Some(2), &addr).await.unwrap();
+        // A variant index no version has yet (bincode: its index first).
+        let rid = client.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        conn.pending.lock().insert(
+            rid,
+            Waiting {
+                answer: tx,
+                backlog: None,
+                enqueue: false,
+            },
+        );
+        conn.out
+            .send((KIND_REQUEST, rid, Bytes::from_static(&[250])))
+            .unwrap();
+        match rx.await.unwrap().unwrap() {
+            Response::Unavailable(text) => {
+                assert!(text.contains("cannot read this request"), "{text}")
+            }
+            other => panic!("answered {other:?}"),
+        }
+        let (_, answer) = client
+            .request(
+                Some(2),
+                &addr,
+                &Request::QueueStatus { group: 1 },
+                Duration::from_secs(5),
+            )
+            .await
+            .unwrap();
+        assert!(matches!(answer, Response::Settled), "{answer:?}");
+        let now = client.conn(Some(2), &addr).await.unwrap();
+        assert!(Arc::ptr_eq(&conn, &now), "the same connection");
     }
 }
