@@ -3119,6 +3119,24 @@ async fn a_member_added_to_a_quorum_queue_catches_up_and_a_deleted_one_goes() {
     })
     .await;
     assert_eq!(ready_count(&ch1, "qq.m").await, 20);
+    // Added back (as `shrink` then `grow` do): its replica starts from
+    // nothing and catches up again.
+    let (code, body) = call(
+        reqwest::Method::POST,
+        format!("{api1}/api/queues/quorum/%2f/qq.m/replicas/add"),
+        Some(json!({ "node": x_name })),
+    )
+    .await;
+    assert!((200..300).contains(&code), "{code} {body}");
+    eventually("the member added back caught up", &cluster, || async {
+        // (Its own replica's row: one that did not start is noproc.)
+        let rows = quorum_rows(&cluster, 0, "qq.m").await;
+        let Some(top) = rows.values().find(|r| r["Raft State"] == "leader") else {
+            return false;
+        };
+        rows[&x_name]["Raft State"] == "follower" && rows[&x_name]["Log Index"] == top["Log Index"]
+    })
+    .await;
 }
 
 /// Rows of `GET /api/queues/quorum/%2f/{queue}/status` through node `i`,
