@@ -3264,6 +3264,102 @@ async fn a_replica_with_a_damaged_snapshot_stays_stopped_and_catches_up_once_rem
     .await;
 }
 
+/// The value of series `series` (its name and `{labels}` exactly as
+/// served) at `url`, if served.
+async fn scraped(url: &str, series: &str) -> Option<f64> {
+    let text = reqwest::get(url).await.unwrap().text().await.unwrap();
+    text.lines().find_map(|l| {
+        let (name, value) = l.rsplit_once(' ')?;
+        (name == series).then(|| value.parse().ok())?
+    })
+}
+
+/// Each node serves RabbitMQ's Raft figures (`ra_metrics`) for its replicas
+/// of replicated queues: per queue in `/metrics/per-object` and in
+/// `/metrics/detailed?family=ra_metrics`, summed over its replicas in
+/// `/metrics`; they are what `quorum_status` reports for that node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_node_serves_the_raft_figures_of_its_replicas_under_rabbitmqs_names() {
+    let cluster = TestCluster::start(CHILD, 3);
+    formed(&cluster).await;
+    let conn = amqp(&cluster, 0).await;
+    let ch = conn.create_channel().await.unwrap();
+    declare_quorum_queue(&ch, "qq.r1").await;
+    declare_quorum_queue(&ch, "qq.r2").await;
+    ch.confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    publish_confirmed(&ch, "qq.r1", "a", 20).await;
+    publish_confirmed(&ch, "qq.r2", "b", 5).await;
+    let labels = |q: &str| format!("{{vhost=\"/\",queue=\"{q}\"}}");
+    for i in 0..3 {
+        let node = format!("n{}@127.0.0.1", i + 1);
+        let metrics = cluster.node(i).metrics.clone();
+        let per_object = format!("{metrics}/metrics/per-object");
+        eventually(
+            "a node's Raft figures are quorum_status's",
+            &cluster,
+            || {
+                let (per_object, node) = (per_object.clone(), node.clone());
+                let cluster = &cluster;
+                async move {
+                    for q in ["qq.r1", "qq.r2"] {
+                        let row = &quorum_rows(cluster, 0, q).await[&node];
+                        let figure = |name: &str| {
+                            let url = per_object.clone();
+                            let series = format!("rabbitmq_{name}{}", labels(q));
+                            async move { scraped(&url, &series).await }
+                        };
+                        let as_f64 = |column: &str| row[column].as_u64().map(|v| v as f64);
+                        if figure("raft_log_commit_index").await != as_f64("Commit Index")
+                            || figure("raft_log_last_written_index").await != as_f64("Log Index")
+                            || figure("raft_log_snapshot_index").await != as_f64("Snapshot Index")
+                            || figure("raft_term_total").await != as_f64("Term")
+                        {
+                            return false;
+                        }
+                    }
+                    true
+                }
+            },
+        )
+        .await;
+        let one = |q: &str, name: &str| {
+            let url = per_object.clone();
+            let series = format!("rabbitmq_{name}{}", labels(q));
+            async move { scraped(&url, &series).await.unwrap() }
+        };
+        let commit = one("qq.r1", "raft_log_commit_index").await;
+        // (Enqueues proposed together share an entry: not one each.)
+        assert!(commit > 0.0, "the enqueues are committed: {commit}");
+        assert!(one("qq.r1", "raft_log_last_applied_index").await <= commit);
+        let latency = one("qq.r1", "raft_entry_commit_latency_seconds").await;
+        assert!((0.0..10.0).contains(&latency), "{latency}");
+        // Summed over the node's replicas in /metrics.
+        let aggregated = format!("{metrics}/metrics");
+        let sum = commit + one("qq.r2", "raft_log_commit_index").await;
+        assert_eq!(
+            scraped(&aggregated, "rabbitmq_raft_log_commit_index").await,
+            Some(sum)
+        );
+        let terms = one("qq.r1", "raft_term_total").await + one("qq.r2", "raft_term_total").await;
+        assert_eq!(
+            scraped(&aggregated, "rabbitmq_raft_term_total").await,
+            Some(terms)
+        );
+        // The detailed family, one queue's vhost.
+        let detailed = format!("{metrics}/metrics/detailed?family=ra_metrics&vhost=%2F");
+        assert_eq!(
+            scraped(
+                &detailed,
+                &format!("rabbitmq_detailed_raft_log_commit_index{}", labels("qq.r1"))
+            )
+            .await,
+            Some(commit)
+        );
+    }
+}
+
 /// Every file under `dir`.
 fn walkdir(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();

@@ -838,6 +838,8 @@ pub struct ClusterChild {
     pub amqp: String,
     /// Its management API's base URL.
     pub api: String,
+    /// Its Prometheus endpoint's base URL (`/metrics` below it).
+    pub metrics: String,
 }
 
 impl ClusterChild {
@@ -999,12 +1001,13 @@ impl TestCluster {
         use std::io::BufRead;
         let mut child = self.command(i, secret_file).spawn().unwrap();
         let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
-        let (amqp, api) = loop {
+        let (amqp, api, metrics) = loop {
             let line = lines.next().expect("cluster node exited").unwrap();
             if let Some((_, rest)) = line.split_once("listening ") {
                 let mut parts = rest.split_whitespace();
                 break (
                     parts.next().unwrap().to_owned(),
+                    format!("http://{}", parts.next().unwrap()),
                     format!("http://{}", parts.next().unwrap()),
                 );
             }
@@ -1012,7 +1015,12 @@ impl TestCluster {
         // The node prints again when it restarts itself (join_cluster): the
         // pipe stays read so that it can.
         std::thread::spawn(move || lines.for_each(drop));
-        self.nodes[i] = Some(ClusterChild { child, amqp, api });
+        self.nodes[i] = Some(ClusterChild {
+            child,
+            amqp,
+            api,
+            metrics,
+        });
     }
 
     /// Starts node `i`, which must refuse to start: waits until it exited,
@@ -1207,7 +1215,7 @@ pub fn serve_cluster_node_if_child() {
             node_name: settings_name,
             bind: SocketAddr::from((host, amqp_port)),
             management: Some(SocketAddr::from((host, fixed.map_or(0, |f| f.1)))),
-            prometheus: None,
+            prometheus: Some(SocketAddr::from((host, 0))),
             queue_flow_limit: spec["queue_flow_limit"].as_u64().unwrap_or(0),
             ..server::Config::default()
         };
@@ -1221,9 +1229,10 @@ pub fn serve_cluster_node_if_child() {
         }
         let _ = handle.broker.cluster_join.set(std::sync::Arc::new(joiner));
         println!(
-            "listening {} {}",
+            "listening {} {} {}",
             handle.addr,
-            handle.management_addr.unwrap()
+            handle.management_addr.unwrap(),
+            handle.prometheus_addr.unwrap()
         );
         // Serves until killed or stopped (SIGTERM: shut down as the broker
         // binary does), or restarts itself as the broker binary does after

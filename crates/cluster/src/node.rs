@@ -1100,6 +1100,10 @@ impl server::peers::Peers for ClusterPeers {
         }
     }
 
+    fn raft_metrics(&self) -> Vec<server::peers::RaftMetrics> {
+        self.node.replicas.raft_metrics()
+    }
+
     fn quorum_status(
         &self,
         vhost: &str,

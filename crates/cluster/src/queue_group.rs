@@ -294,6 +294,26 @@ pub enum QueueRequest {
 }
 
 impl QueueRequest {
+    /// When it was proposed (ms since the epoch, the proposer's clock), if
+    /// it says: a batch, by its last.
+    pub fn proposed_ms(&self) -> Option<u64> {
+        match self {
+            QueueRequest::Enqueue { now_ms, .. }
+            | QueueRequest::Checkout { now_ms, .. }
+            | QueueRequest::Cancel { now_ms, .. }
+            | QueueRequest::Settle { now_ms, .. }
+            | QueueRequest::Get { now_ms, .. }
+            | QueueRequest::Down { now_ms, .. }
+            | QueueRequest::NodeDown { now_ms, .. }
+            | QueueRequest::NodeUp { now_ms, .. }
+            | QueueRequest::NodeRestarted { now_ms, .. }
+            | QueueRequest::Tick { now_ms }
+            | QueueRequest::SetArgs { now_ms, .. } => Some(*now_ms),
+            QueueRequest::Batch(requests) => requests.iter().rev().find_map(Self::proposed_ms),
+            QueueRequest::Purge | QueueRequest::SettleDeadLetters { .. } => None,
+        }
+    }
+
     /// The octets of message (header and body) this entry carries.
     pub fn message_octets(&self) -> u64 {
         match self {
@@ -569,6 +589,9 @@ struct MachineShared {
     applied_octets: std::sync::atomic::AtomicU64,
     /// A snapshot was asked for and has not been built yet.
     snapshot_asked: std::sync::atomic::AtomicBool,
+    /// From its proposal to its application here, of the last entry
+    /// applied that says when it was proposed (ms).
+    commit_latency_ms: std::sync::atomic::AtomicU64,
 }
 
 impl MachineShared {
@@ -895,6 +918,7 @@ impl QueueMachine {
                 snapshot,
                 applied_octets: std::sync::atomic::AtomicU64::new(0),
                 snapshot_asked: std::sync::atomic::AtomicBool::new(false),
+                commit_latency_ms: std::sync::atomic::AtomicU64::new(0),
             }),
         })
     }
@@ -902,6 +926,14 @@ impl QueueMachine {
     /// Where effects go from now on.
     pub fn set_events(&self, events: Weak<dyn ReplicaEvents>) {
         let _ = self.shared.events.set(events);
+    }
+
+    /// From its proposal to its application here, of the last entry applied
+    /// that says when it was proposed (ms; 0 before any).
+    pub fn commit_latency_ms(&self) -> u64 {
+        self.shared
+            .commit_latency_ms
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Reads the state (counts, consumers) under its lock.
@@ -968,9 +1000,11 @@ impl RaftStateMachine<QueueTypes> for QueueMachine {
         let mut octets = 0u64;
         {
             let mut r = self.shared.replica.lock();
+            let mut proposed = None;
             for entry in entries {
                 if let EntryPayload::Normal(request) = &entry.payload {
                     octets += request.message_octets();
+                    proposed = request.proposed_ms().or(proposed);
                 }
                 tracing::trace!(target: "latency", index = entry.log_id.index, "apply");
                 r.last_applied = Some(entry.log_id);
@@ -991,6 +1025,12 @@ impl RaftStateMachine<QueueTypes> for QueueMachine {
                     }
                 };
                 out.push(response);
+            }
+            if let Some(proposed) = proposed {
+                self.shared.commit_latency_ms.store(
+                    server::queue::now_ms().saturating_sub(proposed),
+                    std::sync::atomic::Ordering::Relaxed,
+                );
             }
             self.shared.note_expiry(&r);
         }

@@ -277,6 +277,29 @@ impl Replicated {
         })
     }
 
+    /// This node's replica's Raft figures (`None` unless it runs one).
+    pub fn raft_metrics(&self, replicas: &Replicas) -> Option<server::peers::RaftMetrics> {
+        let local = self.local()?;
+        let commit_latency = local.machine.commit_latency_ms();
+        let metrics = local.raft.metrics();
+        let m = metrics.borrow();
+        let last_applied = m.last_applied.map_or(0, |id| id.index);
+        let commit_index = GroupLog::<QueueTypes>::new(replicas.wal.clone(), self.id)
+            .committed_index()
+            .unwrap_or(0)
+            .max(last_applied);
+        Some(server::peers::RaftMetrics {
+            vhost: self.vhost.clone(),
+            queue: self.name.to_string(),
+            term: m.current_term,
+            snapshot_index: m.snapshot.map_or(0, |id| id.index),
+            last_applied,
+            commit_index,
+            last_written: m.last_log_index.unwrap_or(0),
+            commit_latency_seconds: commit_latency as f64 / 1000.0,
+        })
+    }
+
     /// Why an entry for it was given up: no leader in time.
     fn no_leader(&self) -> String {
         format!(
@@ -479,6 +502,14 @@ impl Replicas {
             .values()
             .filter(|q| q.members.read().iter().any(|m| m == name))
             .cloned()
+            .collect()
+    }
+
+    /// The Raft figures of every replica this node runs.
+    pub fn raft_metrics(&self) -> Vec<server::peers::RaftMetrics> {
+        self.local()
+            .iter()
+            .filter_map(|q| q.raft_metrics(self))
             .collect()
     }
 

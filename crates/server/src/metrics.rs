@@ -340,6 +340,15 @@ pub struct Metrics {
     disk_alarm: Gauge,
     store_fsyncs: Gauge,
     store_batches: Gauge,
+    /// RabbitMQ's `ra_metrics`, summed over this node's replicas of
+    /// replicated queues (the commit latency averaged), as RabbitMQ
+    /// aggregates them.
+    raft_term: ScrapedCounter,
+    raft_snapshot_index: Gauge,
+    raft_last_applied: Gauge,
+    raft_commit_index: Gauge,
+    raft_last_written: Gauge,
+    raft_commit_latency: Gauge<f64, AtomicU64>,
     identity: Family<IdentityLabels, Gauge>,
     /// One series, set once.
     build: Family<BuildLabels, Gauge>,
@@ -533,6 +542,18 @@ impl Default for Metrics {
             "Size of messages received from publishers",
             message_sizes.clone(),
         );
+        let raft_term = ScrapedCounter::default();
+        registry.register(
+            "rabbitmq_raft_term",
+            "Current Raft term number",
+            raft_term.clone(),
+        );
+        let raft_commit_latency = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "rabbitmq_raft_entry_commit_latency_seconds",
+            "Time taken for a log entry to be committed",
+            raft_commit_latency.clone(),
+        );
         let mut gauge = |names: &[&str], help: &str| {
             let g = Gauge::default();
             for name in names {
@@ -636,6 +657,21 @@ impl Default for Metrics {
                 &["warren_store_batches"],
                 "Batches written by the message store since start",
             ),
+            raft_term,
+            raft_snapshot_index: gauge(
+                &["rabbitmq_raft_log_snapshot_index"],
+                "Raft log snapshot index",
+            ),
+            raft_last_applied: gauge(
+                &["rabbitmq_raft_log_last_applied_index"],
+                "Raft log last applied index",
+            ),
+            raft_commit_index: gauge(&["rabbitmq_raft_log_commit_index"], "Raft log commit index"),
+            raft_last_written: gauge(
+                &["rabbitmq_raft_log_last_written_index"],
+                "Raft log last written index",
+            ),
+            raft_commit_latency,
             build: {
                 let f = Family::<BuildLabels, Gauge>::default();
                 registry.register(
@@ -894,6 +930,13 @@ impl Metrics {
         self.disk_alarm.set(i64::from(totals.disk_alarm));
         self.store_fsyncs.set(totals.store_fsyncs);
         self.store_batches.set(totals.store_batches);
+        let raft = &totals.raft;
+        self.raft_term.value.store(raft.term, Ordering::Relaxed);
+        self.raft_snapshot_index.set(raft.snapshot_index as i64);
+        self.raft_last_applied.set(raft.last_applied as i64);
+        self.raft_commit_index.set(raft.commit_index as i64);
+        self.raft_last_written.set(raft.last_written as i64);
+        self.raft_commit_latency.set(raft.commit_latency_seconds);
         self.publishers.set(totals.publishers);
         self.unconfirmed.set(totals.unconfirmed);
         self.disk_free.set(totals.disk_free);
@@ -957,6 +1000,45 @@ pub struct NodeTotals {
     pub max_sockets: i64,
     /// Seconds since the broker started.
     pub uptime_seconds: i64,
+    /// This node's replicas of replicated queues, their Raft figures summed.
+    pub raft: RaftTotals,
+}
+
+/// The Raft figures of a node's replicas, summed as RabbitMQ's aggregated
+/// `/metrics` sums its `ra_metrics` (the commit latency is their average).
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct RaftTotals {
+    /// Terms.
+    pub term: u64,
+    /// Snapshot indexes.
+    pub snapshot_index: u64,
+    /// Last applied indexes.
+    pub last_applied: u64,
+    /// Commit indexes.
+    pub commit_index: u64,
+    /// Last written indexes.
+    pub last_written: u64,
+    /// The average commit latency (seconds).
+    pub commit_latency_seconds: f64,
+}
+
+impl RaftTotals {
+    /// The totals of `replicas`.
+    pub fn of(replicas: &[crate::peers::RaftMetrics]) -> RaftTotals {
+        let mut t = RaftTotals::default();
+        for r in replicas {
+            t.term += r.term;
+            t.snapshot_index += r.snapshot_index;
+            t.last_applied += r.last_applied;
+            t.commit_index += r.commit_index;
+            t.last_written += r.last_written;
+            t.commit_latency_seconds += r.commit_latency_seconds;
+        }
+        if !replicas.is_empty() {
+            t.commit_latency_seconds /= replicas.len() as f64;
+        }
+        t
+    }
 }
 
 /// This process's resident set in bytes (Linux; 0 elsewhere).

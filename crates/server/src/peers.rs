@@ -381,6 +381,29 @@ impl QuorumMember {
     }
 }
 
+/// This node's replica of one replicated queue, for Prometheus (RabbitMQ's
+/// `ra_metrics` family: `rabbitmq_raft_*`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RaftMetrics {
+    /// The queue's vhost.
+    pub vhost: String,
+    /// The queue.
+    pub queue: String,
+    /// Its Raft term (`rabbitmq_raft_term_total`).
+    pub term: u64,
+    /// The last entry its snapshot covers.
+    pub snapshot_index: u64,
+    /// The last entry applied to its state.
+    pub last_applied: u64,
+    /// The last entry it knows committed.
+    pub commit_index: u64,
+    /// The last entry in its log (`rabbitmq_raft_log_last_written_index`).
+    pub last_written: u64,
+    /// From an entry's proposal to its application here, for the last
+    /// entry applied (`rabbitmq_raft_entry_commit_latency_seconds`).
+    pub commit_latency_seconds: f64,
+}
+
 /// The answer to [`Peers::quorum_status`]: a row per member.
 pub type RemoteQuorumStatus =
     Pin<Box<dyn Future<Output = Result<Vec<QuorumMember>, String>> + Send>>;
@@ -508,6 +531,9 @@ pub trait Peers: Send + Sync + std::fmt::Debug {
     /// reports it (`rabbitmq-queues quorum_status`): how far each replica's
     /// log is behind the leader's.
     fn quorum_status(&self, vhost: &str, queue: &ShortStr) -> RemoteQuorumStatus;
+
+    /// This node's replicas of replicated queues, their Raft figures.
+    fn raft_metrics(&self) -> Vec<RaftMetrics>;
 
     /// Adds node `node` to replicated queue `queue`'s members (`add`; its
     /// replica catches up, then votes), or removes it

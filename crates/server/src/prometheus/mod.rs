@@ -64,6 +64,9 @@ fn node_totals(broker: &Broker) -> NodeTotals {
     t.memory_alarm = alarms.memory;
     t.disk_alarm = alarms.disk;
     t.io = broker.io_counts();
+    if let Some(peers) = broker.peers.get() {
+        t.raft = crate::metrics::RaftTotals::of(&peers.raft_metrics());
+    }
     let stats = broker.store.stats();
     t.store_fsyncs = stats.syncs.load(Ordering::Relaxed) as i64;
     t.store_batches = stats.batches.load(Ordering::Relaxed) as i64;
@@ -78,6 +81,7 @@ fn render_per_object(broker: &Broker) -> String {
         families: [
             F::QueueCoarse,
             F::Queue,
+            F::Ra,
             F::ConnectionCoarse,
             F::Connection,
             F::Channel,

@@ -54,10 +54,13 @@ pub(super) enum ObjectFamily {
     ExchangeBindings,
     /// The store's I/O counters (`metrics::IO_COUNTERS`).
     NodePersister,
+    /// Per replica of a replicated queue on this node: its Raft term and
+    /// indexes, and its commit latency (`rabbitmq_raft_*`).
+    Ra,
 }
 
 impl ObjectFamily {
-    const NAMES: [(&'static str, ObjectFamily); 13] = [
+    const NAMES: [(&'static str, ObjectFamily); 14] = [
         ("connection_churn_metrics", ObjectFamily::ConnectionChurn),
         ("node_coarse_metrics", ObjectFamily::NodeCoarse),
         ("node_metrics", ObjectFamily::Node),
@@ -71,6 +74,7 @@ impl ObjectFamily {
         ("exchange_names", ObjectFamily::ExchangeNames),
         ("exchange_bindings", ObjectFamily::ExchangeBindings),
         ("node_persister_metrics", ObjectFamily::NodePersister),
+        ("ra_metrics", ObjectFamily::Ra),
     ];
 
     /// The family RabbitMQ calls `name`, if Warren serves it.
@@ -237,6 +241,9 @@ pub(super) fn build(
         );
     }
     queues(broker, req, &mut x);
+    if has(ObjectFamily::Ra) {
+        raft(broker, req, &mut x);
+    }
     connections_and_channels(broker, req, &mut x);
     cluster_wide(broker, req, x.registry)
 }
@@ -299,6 +306,39 @@ fn queues(broker: &Broker, req: &Request, x: &mut Exposition) {
                 mem.get_or_create(&labels).set(counts.memory as i64);
             }
         }
+    }
+}
+
+/// `ra_metrics`: a series per replica of a replicated queue on this node,
+/// labelled as RabbitMQ labels a quorum queue's.
+fn raft(broker: &Broker, req: &Request, x: &mut Exposition) {
+    let term = x.counter("raft_term", "Current Raft term number");
+    let snapshot = x.gauge("raft_log_snapshot_index", "Raft log snapshot index");
+    let applied = x.gauge("raft_log_last_applied_index", "Raft log last applied index");
+    let commit = x.gauge("raft_log_commit_index", "Raft log commit index");
+    let written = x.gauge("raft_log_last_written_index", "Raft log last written index");
+    let latency = Family::<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+    x.registry.register(
+        format!("{}raft_entry_commit_latency_seconds", x.prefix),
+        "Time taken for a log entry to be committed",
+        latency.clone(),
+    );
+    let Some(peers) = broker.peers.get() else {
+        return;
+    };
+    for r in peers.raft_metrics() {
+        if let Some(only) = &req.vhosts {
+            if !only.contains(&r.vhost) {
+                continue;
+            }
+        }
+        let labels = vec![("vhost", r.vhost), ("queue", r.queue)];
+        term.get_or_create(&labels).inc_by(r.term);
+        snapshot.get_or_create(&labels).set(r.snapshot_index as i64);
+        applied.get_or_create(&labels).set(r.last_applied as i64);
+        commit.get_or_create(&labels).set(r.commit_index as i64);
+        written.get_or_create(&labels).set(r.last_written as i64);
+        latency.get_or_create(&labels).set(r.commit_latency_seconds);
     }
 }
 
