@@ -1,7 +1,9 @@
 """Starts Warren and Prometheus on free loopback ports, runs the dashboard
-and rabbitmqadmin checks against them (dashboard.py, rabbitmqadmin.py), and
-the rabbitmq.conf check (rabbitmq_conf.py, its own broker), and stops them
-whatever happens. Run by run.sh, which fetches the programs."""
+and rabbitmqadmin checks against them (dashboard.py, rabbitmqadmin.py), the
+rabbitmq.conf check (rabbitmq_conf.py, its own broker), and the Raft
+dashboard's check against a three-node Warren cluster and a Prometheus
+scraping its nodes (raft_dashboard.py), and stops them whatever happens. Run
+by run.sh, which fetches the programs."""
 
 import argparse
 import os
@@ -12,11 +14,16 @@ import sys
 import tempfile
 import time
 
+import json
+import urllib.request
+
 import dashboard
 import rabbitmq_conf
 import rabbitmqadmin
+import raft_dashboard
 
 NODE = "warren@localhost"
+CLUSTER = "warren-raft-dash"
 
 
 def free_port():
@@ -38,6 +45,83 @@ def wait_listening(port, proc, name, log, deadline):
         if time.monotonic() > deadline:
             sys.exit(f"{name} is not listening on {port} after 30 s")
         time.sleep(0.1)
+
+
+def start_prometheus(binary, work, name, targets, procs):
+    """A Prometheus scraping `targets` (ports on 127.0.0.1) every second;
+    its web port and log."""
+    web = free_port()
+    config = os.path.join(work, f"{name}.yml")
+    with open(config, "w") as f:
+        f.write("global:\n  scrape_interval: 1s\n"
+                f"scrape_configs:\n  - job_name: {name}\n    static_configs:\n"
+                f"      - targets: [{', '.join(repr(f'127.0.0.1:{t}') for t in targets)}]\n")
+    log = os.path.join(work, f"{name}.log")
+    proc = subprocess.Popen(
+        [binary, f"--config.file={config}",
+         f"--storage.tsdb.path={os.path.join(work, name + '-tsdb')}",
+         f"--web.listen-address=127.0.0.1:{web}"],
+        stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    procs.append(proc)
+    return web, proc, log
+
+
+def running_nodes(mgmt):
+    """How many nodes node `mgmt`'s API lists as running."""
+    req = urllib.request.Request(f"http://127.0.0.1:{mgmt}/api/nodes")
+    req.add_header("Authorization", "Basic Z3Vlc3Q6Z3Vlc3Q=")  # guest:guest
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return sum(1 for n in json.load(r) if n.get("running"))
+    except OSError:
+        return 0
+
+
+def raft_dashboard_check(a, work, env, procs):
+    """Three Warren nodes as one cluster, a Prometheus scraping them, and the
+    Raft dashboard's checks; what failed."""
+    secret = os.path.join(work, "cluster-secret")
+    with open(secret, "w") as f:
+        f.write("a-secret-for-the-raft-dashboard-check")
+    os.chmod(secret, 0o600)
+    ports = [{k: free_port() for k in ("amqp", "mgmt", "prom", "cluster")} for _ in range(3)]
+    peers = [arg for p in ports for arg in ("--peer", f"127.0.0.1:{p['cluster']}")]
+    nodes, logs, node_procs = [], [], []
+    for i, p in enumerate(ports, 1):
+        name = f"warren-{i}@127.0.0.1"
+        log = os.path.join(work, f"cluster-node-{i}.log")
+        node_procs.append(subprocess.Popen(
+            [a.warren, "--data-dir", os.path.join(work, f"cluster-node-{i}"),
+             "--bind", "127.0.0.1", "--node-name", name, "--cluster-name", CLUSTER,
+             "--port", str(p["amqp"]), "--management-port", str(p["mgmt"]),
+             "--prometheus-port", str(p["prom"]), "--cluster-port", str(p["cluster"]),
+             "--cluster-secret-file", secret, *peers],
+            env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT))
+        procs.append(node_procs[-1])
+        nodes.append(name)
+        logs.append(log)
+    web, prometheus, prom_log = start_prometheus(
+        a.prometheus, work, "warren-cluster", [p["prom"] for p in ports], procs)
+    deadline = time.monotonic() + 60
+    for p, proc, log in zip(ports, node_procs, logs):
+        wait_listening(p["mgmt"], proc, "warren cluster node", log, deadline)
+    wait_listening(web, prometheus, "prometheus", prom_log, deadline)
+    while running_nodes(ports[0]["mgmt"]) < 3:
+        if time.monotonic() > deadline:
+            return [f"the three nodes did not form a cluster in 60 s (logs: {', '.join(logs)})"]
+        time.sleep(0.2)
+
+    def wait_scrapes(count, more_than):
+        while count() <= more_than:
+            if time.monotonic() > deadline + 120:
+                raise RuntimeError(f"Prometheus scraped the cluster only {count()} times")
+            time.sleep(0.2)
+
+    failures = raft_dashboard.check(ports[0]["amqp"], f"http://127.0.0.1:{web}", CLUSTER,
+                                    nodes, wait_scrapes)
+    if failures:
+        failures.append(f"(cluster logs: {', '.join(logs)}, {prom_log})")
+    return failures
 
 
 def main():
@@ -81,6 +165,7 @@ def main():
         failures += rabbitmq_conf.check(a.warren, free_port, wait_listening)
         if warren.poll() is not None:
             failures.append(f"warren exited ({warren.returncode})")
+        failures += raft_dashboard_check(a, work, env, procs)
         if failures:
             for f in failures:
                 print("FAIL:", f)

@@ -12,6 +12,10 @@
 #   3. rabbitmq_conf.py: a RabbitMQ rabbitmq.conf given to --config sets the
 #      listeners, default user, tuning and ports (seen by pika and over
 #      HTTP); an unknown key stops the broker with an error naming it.
+#   4. raft_dashboard.py: three Warren nodes as one cluster and a Prometheus
+#      scraping them; the 5 panels of RabbitMQ's RabbitMQ-Quorum-Queues-Raft
+#      dashboard must show every node, with figures that follow 5,200
+#      confirmed enqueues into a quorum queue.
 #
 #     bash rabbitmq-tools/run.sh
 #

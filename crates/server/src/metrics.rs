@@ -1022,25 +1022,6 @@ pub struct RaftTotals {
     pub commit_latency_seconds: f64,
 }
 
-impl RaftTotals {
-    /// The totals of `replicas`.
-    pub fn of(replicas: &[crate::peers::RaftMetrics]) -> RaftTotals {
-        let mut t = RaftTotals::default();
-        for r in replicas {
-            t.term += r.term;
-            t.snapshot_index += r.snapshot_index;
-            t.last_applied += r.last_applied;
-            t.commit_index += r.commit_index;
-            t.last_written += r.last_written;
-            t.commit_latency_seconds += r.commit_latency_seconds;
-        }
-        if !replicas.is_empty() {
-            t.commit_latency_seconds /= replicas.len() as f64;
-        }
-        t
-    }
-}
-
 /// This process's resident set in bytes (Linux; 0 elsewhere).
 pub fn resident_memory() -> u64 {
     std::fs::read_to_string("/proc/self/statm")

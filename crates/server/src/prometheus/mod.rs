@@ -65,11 +65,29 @@ fn node_totals(broker: &Broker) -> NodeTotals {
     t.disk_alarm = alarms.disk;
     t.io = broker.io_counts();
     if let Some(peers) = broker.peers.get() {
-        t.raft = crate::metrics::RaftTotals::of(&peers.raft_metrics());
+        t.raft = raft_totals(&peers.raft_metrics());
     }
     let stats = broker.store.stats();
     t.store_fsyncs = stats.syncs.load(Ordering::Relaxed) as i64;
     t.store_batches = stats.batches.load(Ordering::Relaxed) as i64;
+    t
+}
+
+/// The Raft figures of a node's replicas summed, the commit latency
+/// averaged, as RabbitMQ's aggregated `/metrics` does.
+fn raft_totals(replicas: &[crate::peers::RaftMetrics]) -> crate::metrics::RaftTotals {
+    let mut t = crate::metrics::RaftTotals::default();
+    for r in replicas {
+        t.term += r.term;
+        t.snapshot_index += r.snapshot_index;
+        t.last_applied += r.last_applied;
+        t.commit_index += r.commit_index;
+        t.last_written += r.last_written;
+        t.commit_latency_seconds += r.commit_latency_seconds;
+    }
+    if !replicas.is_empty() {
+        t.commit_latency_seconds /= replicas.len() as f64;
+    }
     t
 }
 
