@@ -417,14 +417,36 @@ impl RaftWal {
         let mut len = at as u64;
         let identity = match identity {
             Some(id) => id,
-            None => {
-                // A new file, or one from before identities.
+            None if at == 0 => {
+                // A new file.
                 let id = rand::random::<u64>();
                 let mut record = BytesMut::new();
                 encode_file_record(TAG_FILE, &[id], &mut record);
                 file.write_all(&record)?;
                 file.sync_data()?;
                 len += record.len() as u64;
+                id
+            }
+            None => {
+                // A file from before identities: written again with its
+                // identity first, so that the marks after cover its old
+                // records too (temporary file, fsync, rename, directory
+                // fsync, as a rewrite).
+                let id = rand::random::<u64>();
+                let mut out = BytesMut::with_capacity(at + 32);
+                encode_file_record(TAG_FILE, &[id], &mut out);
+                out.put_slice(&data[..at]);
+                let tmp = path.with_extension("wal.tmp");
+                {
+                    let mut f = File::create(&tmp)?;
+                    f.write_all(&out)?;
+                    f.sync_all()?;
+                }
+                std::fs::rename(&tmp, &path)?;
+                File::open(dir)?.sync_all()?;
+                file = OpenOptions::new().read(true).append(true).open(&path)?;
+                tracing::info!(file = %path.display(), "Raft log written again with an identity at its head");
+                len = out.len() as u64;
                 id
             }
         };
@@ -663,7 +685,10 @@ impl Writer {
         // (A copy of handles: the records are encoded after the lock.)
         let groups = shared.groups.lock().clone();
         let mut out = BytesMut::new();
-        encode_file_record(TAG_FILE, &[self.identity], &mut out);
+        // A new identity: octets of the old file a crash could leave
+        // visible are not this file's marks.
+        let identity = rand::random::<u64>();
+        encode_file_record(TAG_FILE, &[identity], &mut out);
         for (&group, g) in groups.iter() {
             if let Some((upto, purged)) = &g.purged {
                 encode(group, &Change::Purge(*upto, purged), &mut out);
@@ -692,6 +717,7 @@ impl Writer {
         tracing::info!(file = %self.path.display(), from = self.len, to = out.len(), "Raft log rewritten");
         self.len = out.len() as u64;
         self.synced = self.len;
+        self.identity = identity;
         Ok(())
     }
 }
@@ -960,8 +986,8 @@ mod tests {
     }
 
     /// A log written before files had an identity and marks opens as it
-    /// was, gains an identity, and its old records are covered by the
-    /// marks written after.
+    /// was and is written again with an identity at its head, so that the
+    /// marks written after cover its old records too.
     #[tokio::test]
     async fn a_log_from_before_marks_opens_and_gains_them() {
         let dir = tempfile::tempdir().unwrap();
@@ -991,16 +1017,19 @@ mod tests {
         let tags: Vec<u8> = records(&data).into_iter().map(|(_, t)| t).collect();
         assert_eq!(
             tags,
-            vec![TAG_ENTRY, TAG_ENTRY, TAG_FILE, TAG_SYNCED, TAG_ENTRY]
+            vec![TAG_FILE, TAG_ENTRY, TAG_ENTRY, TAG_SYNCED, TAG_ENTRY]
         );
-        // The old first entry damaged: refused (the identity comes after
-        // it, so the rule from before marks judges: intact records to the
-        // end).
-        data[12] ^= 1;
+        // The old first entry damaged, and the end torn by a crash: the
+        // mark after it says it was on disk, so it is refused, not cut.
+        let first_entry = records(&data)[1].0;
+        data[first_entry + 12] ^= 1;
+        data.truncate(data.len() - 1);
         std::fs::write(&path, &data).unwrap();
         let e = RaftWal::open(dir.path()).unwrap_err();
         assert!(
-            e.to_string().contains("the record at octet 0 is damaged"),
+            e.to_string()
+                .contains(&format!("the record at octet {first_entry} is damaged"))
+                && e.to_string().contains("says the log was on disk"),
             "{e}"
         );
     }

@@ -117,6 +117,9 @@ pub struct Replicated {
     dead_letters_on_way: Mutex<HashSet<u64>>,
     /// Batches of held dead letters take turns, in order.
     dead_letter_turn: tokio::sync::Mutex<()>,
+    /// One start or stop of this node's replica at a time: each looks at
+    /// the membership again once it has its turn.
+    lifecycle: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Replicated {
@@ -354,9 +357,6 @@ pub struct Replicas {
     /// The broker, once started (the leader routes dead letters through
     /// it).
     broker: OnceLock<Weak<server::broker::Broker>>,
-    /// Replicas being stopped and their state removed, by queue id: a
-    /// replica started again (the node added back) waits for it.
-    stopping: Mutex<HashMap<u64, tokio::task::JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for Replicas {
@@ -454,7 +454,6 @@ impl Replicas {
             // Above every earlier run's (the clock moved on since).
             first_key: now_ms().saturating_mul(1 << 12).max(1),
             broker: OnceLock::new(),
-            stopping: Mutex::default(),
         });
         let _ = r.me_weak.set(Arc::downgrade(&r));
         r
@@ -562,6 +561,7 @@ impl Replicas {
                     led_since: Mutex::default(),
                     dead_letters_on_way: Mutex::default(),
                     dead_letter_turn: tokio::sync::Mutex::new(()),
+                    lifecycle: tokio::sync::Mutex::new(()),
                 });
                 {
                     let mut queues = self.queues.write();
@@ -660,27 +660,31 @@ impl Replicas {
     /// last vote stays: a few octets, and a vote is never taken back) and
     /// its snapshot. Also when no replica runs (one that could not start,
     /// say on a damaged snapshot): a node added back starts from nothing
-    /// and catches up from the leader. A start of the same queue's replica
-    /// waits until this is done.
-    fn stop_local(&self, q: &Replicated) {
-        let local = q.local.write().take();
-        let id = q.id;
-        let snapshot = self.snapshot_path(id);
-        if local.is_none() && !self.wal.holds(id) && !snapshot.exists() {
+    /// and catches up from the leader. Done in the queue's turn
+    /// (`lifecycle`), and only if, by then, this node is still not a member
+    /// of the queue, or the queue is gone.
+    fn stop_local(&self, q: &Arc<Replicated>) {
+        let Some(me) = self.me_weak.get().and_then(Weak::upgrade) else {
             return;
-        }
-        self.groups.remove(id);
-        let wal = self.wal.clone();
-        let mut stopping = self.stopping.lock();
-        let before = stopping.remove(&id);
-        let task = tokio::spawn(async move {
-            if let Some(before) = before {
-                let _ = before.await;
+        };
+        let q = q.clone();
+        tokio::spawn(async move {
+            let _turn = q.lifecycle.lock().await;
+            if me.get(q.id).is_some() && q.members().contains(&me.me.name) {
+                // Added back meanwhile: its replica keeps what it has.
+                return;
             }
+            let id = q.id;
+            let local = q.local.write().take();
             if let Some(local) = local {
+                me.groups.remove(id);
                 let _ = local.raft.shutdown().await;
             }
-            if let Err(e) = wal.reset(id).await {
+            let snapshot = me.snapshot_path(id);
+            if !me.wal.holds(id) && !snapshot.exists() {
+                return;
+            }
+            if let Err(e) = me.wal.reset(id).await {
                 tracing::warn!(group = id, error = %e, "cannot drop a replica's Raft entries");
             }
             if let Err(e) = std::fs::remove_file(&snapshot) {
@@ -689,7 +693,6 @@ impl Replicas {
                 }
             }
         });
-        stopping.insert(id, task);
     }
 
     fn snapshot_path(&self, id: u64) -> PathBuf {
@@ -699,10 +702,12 @@ impl Replicas {
     /// Starts this node's replica of `q`; with `initialise`, it initialises
     /// the group with all of its members.
     async fn start(self: &Arc<Self>, q: &Arc<Replicated>, initialise: bool) -> Result<(), String> {
-        // A stop of an earlier replica of it finishes first.
-        let stopping = self.stopping.lock().remove(&q.id);
-        if let Some(stopping) = stopping {
-            let _ = stopping.await;
+        // In the queue's turn: a stop asked for before this start is done,
+        // and one asked for meanwhile waits for it.
+        let _turn = q.lifecycle.lock().await;
+        let wanted = self.get(q.id).is_some() && q.members().contains(&self.me.name);
+        if !wanted || q.local().is_some() {
+            return Ok(());
         }
         std::fs::create_dir_all(&self.dir).map_err(|e| format!("{}: {e}", self.dir.display()))?;
         let args = QueueArgs::parse(&q.arguments, &q.name, &q.vhost).map_err(|e| e.to_string())?;
