@@ -87,7 +87,7 @@ impl Vhost {
     /// trying again while the cluster cannot commit (a minority, an
     /// election) and the queue is still here and still matched.
     async fn commit_takeover(&self, q: Arc<QueueHandle>, mut members: Vec<String>) {
-        let id = self.node.next_queue_id();
+        let mut id = self.node.next_queue_id();
         loop {
             let still_here = self.find_queue(&q.name).is_some_and(|h| h.id == q.id);
             if !still_here {
@@ -128,7 +128,17 @@ impl Vhost {
                 () = self.closed.cancelled() => return,
             }
             match self.mirrored_members(&q.name, &q.arguments) {
-                Some(now) => members = now,
+                // Other members under a new id: an attempt whose answer was
+                // lost may have committed, and the same id with other
+                // members would be taken for a membership change of that
+                // group, which its Raft group never made (the nodes left
+                // out would drop their replicas). Under a new id, a
+                // committed earlier attempt makes this one a conflict.
+                Some(now) if now != members => {
+                    members = now;
+                    id = self.node.next_queue_id();
+                }
+                Some(_) => {}
                 None => return,
             }
         }
