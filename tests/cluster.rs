@@ -3128,15 +3128,21 @@ async fn a_member_added_to_a_quorum_queue_catches_up_and_a_deleted_one_goes() {
     )
     .await;
     assert!((200..300).contains(&code), "{code} {body}");
-    eventually("the member added back caught up", &cluster, || async {
-        // (Its own replica's row: one that did not start is noproc.)
-        let rows = quorum_rows(&cluster, 0, "qq.m").await;
-        let Some(top) = rows.values().find(|r| r["Raft State"] == "leader") else {
-            return false;
-        };
-        rows[&x_name]["Raft State"] == "follower" && rows[&x_name]["Log Index"] == top["Log Index"]
+    eventually("the member added back caught up", &cluster, || {
+        caught_up(&cluster, "qq.m", &x_name)
     })
     .await;
+}
+
+/// Whether `node`'s replica of `queue` follows at the leader's log index,
+/// by its own row of `quorum_status` (one that did not start is noproc).
+async fn caught_up(cluster: &TestCluster, queue: &str, node: &str) -> bool {
+    let rows = quorum_rows(cluster, 0, queue).await;
+    let Some(top) = rows.values().find(|r| r["Raft State"] == "leader") else {
+        return false;
+    };
+    rows.get(node)
+        .is_some_and(|r| r["Raft State"] == "follower" && r["Log Index"] == top["Log Index"])
 }
 
 /// Rows of `GET /api/queues/quorum/%2f/{queue}/status` through node `i`,
@@ -3240,12 +3246,8 @@ async fn a_replica_with_a_damaged_snapshot_stays_stopped_and_catches_up_once_rem
         .await;
         assert!((200..300).contains(&code), "{path}: {code} {body}");
     }
-    eventually("the replica added back caught up", &cluster, || async {
-        let rows = quorum_rows(&cluster, 0, "qq.snap").await;
-        let Some(top) = rows.values().find(|r| r["Raft State"] == "leader") else {
-            return false;
-        };
-        rows[&x_name]["Raft State"] == "follower" && rows[&x_name]["Log Index"] == top["Log Index"]
+    eventually("the replica added back caught up", &cluster, || {
+        caught_up(&cluster, "qq.snap", &x_name)
     })
     .await;
     let api_x = cluster.node(x).api.clone();

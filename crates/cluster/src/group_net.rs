@@ -63,6 +63,43 @@ impl GroupWire for QueueTypes {
 /// heartbeat interval, 150 ms) on a 1 Gb/s link.
 pub const MAX_APPEND_OCTETS: u64 = 4 << 20;
 
+/// The smallest part an append of several entries is cut down to when
+/// appends are slow (a slow link or follower; a debug build).
+const MIN_APPEND_OCTETS: u64 = 64 << 10;
+
+/// How an append of several entries went, for the size of the next part.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AppendOutcome {
+    /// Answered, after this long.
+    Answered(std::time::Duration),
+    /// Not answered within openraft's time for it.
+    TimedOut,
+}
+
+/// The size of the next part of an append to one follower (see
+/// [`MAX_APPEND_OCTETS`]), from how the last one went within openraft's
+/// `budget` for one append: a quarter after a timeout, half when it took
+/// over half the budget, twice (up to `max`) when it took under an eighth
+/// and used most of its part. What fits the time left to the link and
+/// the follower, whatever they are.
+fn next_part(
+    part: u64,
+    max: u64,
+    used: u64,
+    outcome: AppendOutcome,
+    budget: std::time::Duration,
+) -> u64 {
+    let floor = MIN_APPEND_OCTETS.min(max);
+    match outcome {
+        AppendOutcome::TimedOut => (part / 4).max(floor),
+        AppendOutcome::Answered(took) if took > budget / 2 => (part / 2).max(floor),
+        AppendOutcome::Answered(took) if took < budget / 8 && used >= part / 2 => {
+            part.saturating_mul(2).min(max)
+        }
+        AppendOutcome::Answered(_) => part,
+    }
+}
+
 /// Makes [`GroupNetwork`]s for group `group` over the node's links.
 #[derive(Debug)]
 pub struct GroupNetworkFactory<C> {
@@ -93,6 +130,11 @@ pub struct GroupNetwork<C> {
     node: NodeInfo,
     /// [`MAX_APPEND_OCTETS`] (smaller in tests).
     max_append: u64,
+    /// The part of a long append sent now (see [`next_part`]).
+    part: u64,
+    /// The last append of several entries: its octets, if it was not
+    /// answered (openraft drops a call that runs out of time).
+    unanswered: Option<u64>,
     _types: PhantomData<fn() -> C>,
 }
 
@@ -106,22 +148,26 @@ impl<C: GroupWire> RaftNetworkFactory<C> for GroupNetworkFactory<C> {
             target,
             node: node.clone(),
             max_append: self.max_append,
+            part: self.max_append,
+            unanswered: None,
             _types: PhantomData,
         }
     }
 }
 
 /// How many of `entries`, from the first, fit in `max` octets (at least
-/// one: a single entry always goes, and a frame holds the largest).
-fn entries_that_fit<E: serde::Serialize>(entries: &[E], max: u64) -> usize {
+/// one: a single entry always goes, and a frame holds the largest), and
+/// their octets.
+fn entries_that_fit<E: serde::Serialize>(entries: &[E], max: u64) -> (usize, u64) {
     let mut octets = 0u64;
     for (i, e) in entries.iter().enumerate() {
-        octets = octets.saturating_add(crate::link::encoded_len(e).unwrap_or(u64::MAX));
-        if octets > max {
-            return i.max(1);
+        let more = octets.saturating_add(crate::link::encoded_len(e).unwrap_or(u64::MAX));
+        if more > max {
+            return if i == 0 { (1, more) } else { (i, octets) };
         }
+        octets = more;
     }
-    entries.len()
+    (entries.len(), octets)
 }
 
 impl<C> GroupNetwork<C> {
@@ -155,11 +201,23 @@ impl<C: GroupWire> RaftNetwork<C> for GroupNetwork<C> {
         mut rpc: AppendEntriesRequest<C>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<u64>, RPCError<u64, NodeInfo, RaftError<u64>>> {
-        // Only what fits [`MAX_APPEND_OCTETS`]; then the rest, as openraft
-        // sends what follows a partial success.
+        // Only what fits the part (at most [`MAX_APPEND_OCTETS`]); then
+        // the rest, as openraft sends what follows a partial success.
+        let budget = option.hard_ttl();
+        if let Some(used) = self.unanswered.take() {
+            self.part = next_part(
+                self.part,
+                self.max_append,
+                used,
+                AppendOutcome::TimedOut,
+                budget,
+            );
+        }
         let mut sent_up_to = None;
+        let mut several = None;
         if rpc.entries.len() > 1 {
-            let fit = entries_that_fit(&rpc.entries, self.max_append);
+            let (fit, octets) = entries_that_fit(&rpc.entries, self.part);
+            several = Some(octets);
             if fit < rpc.entries.len() {
                 rpc.entries.truncate(fit);
                 sent_up_to = rpc
@@ -171,7 +229,27 @@ impl<C: GroupWire> RaftNetwork<C> for GroupNetwork<C> {
         let n = rpc.entries.len();
         let target = self.target;
         tracing::trace!(target: "latency", to = target, n, "append_entries send");
+        let started = std::time::Instant::now();
+        self.unanswered = several;
         let r = self.call(C::append(self.group, rpc), &option).await;
+        self.unanswered = None;
+        if let Some(used) = several {
+            let outcome = match &r {
+                Ok(_) => AppendOutcome::Answered(started.elapsed()),
+                Err(_) => AppendOutcome::TimedOut,
+            };
+            let part = next_part(self.part, self.max_append, used, outcome, budget);
+            if part != self.part {
+                tracing::debug!(
+                    to = target,
+                    from = self.part,
+                    to_octets = part,
+                    ?outcome,
+                    "append part resized"
+                );
+                self.part = part;
+            }
+        }
         tracing::trace!(target: "latency", to = target, n, "append_entries answered");
         match r? {
             Response::Append(Ok(AppendEntriesResponse::Success)) if sent_up_to.is_some() => {
@@ -293,6 +371,43 @@ mod tests {
     use super::*;
     use crate::group_log::GroupLog;
     use crate::link::RequestHandler;
+
+    /// The part of a long append shrinks when appends time out or take
+    /// over half of openraft's time for one, down to a floor, and grows
+    /// back (up to the most) while they are quick and fill their part.
+    #[test]
+    fn the_append_part_follows_how_long_appends_take() {
+        use std::time::Duration;
+        let budget = Duration::from_millis(150);
+        let max = MAX_APPEND_OCTETS;
+        let quick = AppendOutcome::Answered(Duration::from_millis(5));
+        let slow = AppendOutcome::Answered(Duration::from_millis(100));
+        assert_eq!(
+            next_part(max, max, max, AppendOutcome::TimedOut, budget),
+            max / 4
+        );
+        assert_eq!(next_part(max, max, max, slow, budget), max / 2);
+        assert_eq!(
+            next_part(MIN_APPEND_OCTETS, max, 0, AppendOutcome::TimedOut, budget),
+            MIN_APPEND_OCTETS
+        );
+        assert_eq!(next_part(max / 4, max, max / 4, quick, budget), max / 2);
+        assert_eq!(
+            next_part(max, max, max, quick, budget),
+            max,
+            "never past the most"
+        );
+        // A quick append that used little of its part says nothing of a
+        // bigger one.
+        assert_eq!(next_part(max / 4, max, 1000, quick, budget), max / 4);
+        let middling = AppendOutcome::Answered(Duration::from_millis(40));
+        assert_eq!(next_part(max / 4, max, max / 4, middling, budget), max / 4);
+        // With a smaller most (tests), the floor is that most.
+        assert_eq!(
+            next_part(4096, 4096, 4096, AppendOutcome::TimedOut, budget),
+            4096
+        );
+    }
     use crate::queue_group::test_support::{applied, identity, leader_seen_by, message};
     use crate::queue_group::{QueueMachine, QueueResponse};
     use crate::raft_wal::RaftWal;

@@ -117,9 +117,11 @@ pub struct Replicated {
     dead_letters_on_way: Mutex<HashSet<u64>>,
     /// Batches of held dead letters take turns, in order.
     dead_letter_turn: tokio::sync::Mutex<()>,
-    /// One start or stop of this node's replica at a time: each looks at
-    /// the membership again once it has its turn.
-    lifecycle: tokio::sync::Mutex<()>,
+    /// The last start or stop of this node's replica asked for: each
+    /// waits for the one asked for before it, so that they happen in the
+    /// order the metadata asked for them (see [`Replicas::in_turn`]).
+    lifecycle:
+        Mutex<Option<futures_util::future::Shared<futures_util::future::BoxFuture<'static, ()>>>>,
 }
 
 impl std::fmt::Debug for Replicated {
@@ -561,7 +563,7 @@ impl Replicas {
                     led_since: Mutex::default(),
                     dead_letters_on_way: Mutex::default(),
                     dead_letter_turn: tokio::sync::Mutex::new(()),
-                    lifecycle: tokio::sync::Mutex::new(()),
+                    lifecycle: Mutex::new(None),
                 });
                 {
                     let mut queues = self.queues.write();
@@ -593,28 +595,44 @@ impl Replicas {
             }
         };
         let member = def.members.contains(&self.me.name);
-        match (member, q.local().is_some()) {
-            (true, false) => {
-                // Only the node that declared it initialises its group (at
-                // its declaration; later it has a log and this does nothing).
-                let initialise = def.members.first() == Some(&self.me.name);
-                tokio::spawn(async move {
-                    if let Err(e) = me.start(&q, initialise).await {
-                        tracing::error!(queue = %q.name, vhost = %q.vhost, error = %e, "cannot start this node's replica of a replicated queue");
-                    }
-                });
-            }
-            (false, true) => {
-                tracing::info!(queue = %q.name, vhost = %q.vhost, "no longer a member: this node's replica stops");
-                self.stop_local(&q);
-            }
-            // Not a member, and no replica running: whatever an earlier
-            // membership left (a replica that could not start, or state
-            // from before this node was removed while down) goes, so that
-            // the node starts from nothing if it is added again.
-            (false, false) => self.stop_local(&q),
-            _ => {}
+        if member {
+            // Only the node that declared it initialises its group (at
+            // its declaration; later it has a log and this does nothing).
+            // (Asked for even if a replica runs: a stop asked for before
+            // may be pending.)
+            let initialise = def.members.first() == Some(&self.me.name);
+            let (r, q2) = (me.clone(), q.clone());
+            Self::in_turn(&q, async move {
+                if let Err(e) = r.start(&q2, initialise).await {
+                    tracing::error!(queue = %q2.name, vhost = %q2.vhost, error = %e, "cannot start this node's replica of a replicated queue");
+                }
+            });
+        } else {
+            // Not a member: its replica stops, and whatever this node kept
+            // of the queue goes (also when none ran: one that could not
+            // start, or state from before this node was removed while
+            // down), so that the node starts from nothing if added again.
+            self.stop_local(&q);
         }
+    }
+
+    /// Runs `op`, a start or stop of this node's replica of `q`, after
+    /// every one asked for before it: in the order the metadata asked.
+    fn in_turn(q: &Arc<Replicated>, op: impl std::future::Future<Output = ()> + Send + 'static) {
+        use futures_util::FutureExt as _;
+        let mut last = q.lifecycle.lock();
+        let before = last.take();
+        let turn = async move {
+            if let Some(before) = before {
+                before.await;
+            }
+            op.await;
+        }
+        .boxed()
+        .shared();
+        *last = Some(turn.clone());
+        drop(last);
+        tokio::spawn(turn);
     }
 
     /// Replicated queue `name` of `vhost` was deleted: its replica here
@@ -660,23 +678,19 @@ impl Replicas {
     /// last vote stays: a few octets, and a vote is never taken back) and
     /// its snapshot. Also when no replica runs (one that could not start,
     /// say on a damaged snapshot): a node added back starts from nothing
-    /// and catches up from the leader. Done in the queue's turn
-    /// (`lifecycle`), and only if, by then, this node is still not a member
-    /// of the queue, or the queue is gone.
+    /// and catches up from the leader. In turn with the replica's starts
+    /// ([`Self::in_turn`]): one asked for after this runs after it.
     fn stop_local(&self, q: &Arc<Replicated>) {
         let Some(me) = self.me_weak.get().and_then(Weak::upgrade) else {
             return;
         };
-        let q = q.clone();
-        tokio::spawn(async move {
-            let _turn = q.lifecycle.lock().await;
-            if me.get(q.id).is_some() && q.members().contains(&me.me.name) {
-                // Added back meanwhile: its replica keeps what it has.
-                return;
-            }
+        let q2 = q.clone();
+        Self::in_turn(q, async move {
+            let q = q2;
             let id = q.id;
             let local = q.local.write().take();
             if let Some(local) = local {
+                tracing::info!(queue = %q.name, vhost = %q.vhost, "no longer a member: this node's replica stops");
                 me.groups.remove(id);
                 let _ = local.raft.shutdown().await;
             }
@@ -702,9 +716,8 @@ impl Replicas {
     /// Starts this node's replica of `q`; with `initialise`, it initialises
     /// the group with all of its members.
     async fn start(self: &Arc<Self>, q: &Arc<Replicated>, initialise: bool) -> Result<(), String> {
-        // In the queue's turn: a stop asked for before this start is done,
-        // and one asked for meanwhile waits for it.
-        let _turn = q.lifecycle.lock().await;
+        // (In turn with the replica's stops: see `in_turn`.) Not if the
+        // queue went or this node left it since this was asked for.
         let wanted = self.get(q.id).is_some() && q.members().contains(&self.me.name);
         if !wanted || q.local().is_some() {
             return Ok(());
