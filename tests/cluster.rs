@@ -3184,19 +3184,7 @@ async fn a_replica_with_a_damaged_snapshot_stays_stopped_and_catches_up_once_rem
     // 70 MiB applied: past the 64 MiB at which every replica snapshots.
     let body = vec![b'x'; 1 << 20];
     for _ in 0..70 {
-        let confirm = ch
-            .basic_publish(
-                "".into(),
-                "qq.snap".into(),
-                lapin::options::BasicPublishOptions::default(),
-                &body,
-                lapin::BasicProperties::default().with_delivery_mode(2),
-            )
-            .await
-            .unwrap()
-            .await
-            .unwrap();
-        assert!(confirm.is_ack());
+        warren_tests::publish_acked(&ch, "qq.snap", &body).await;
     }
     eventually("every replica has a snapshot", &cluster, || async {
         let rows = quorum_rows(&cluster, 0, "qq.snap").await;

@@ -358,6 +358,26 @@ pub async fn publish(ch: &lapin::Channel, queue: &str, body: &[u8]) {
     .unwrap();
 }
 
+/// Publishes `body` persistently to the default exchange for `queue` on
+/// confirm-mode channel `ch` and waits for its confirm, which must be an
+/// ack: one at a time, each enqueue is an entry of its own in a replicated
+/// queue's log.
+pub async fn publish_acked(ch: &lapin::Channel, queue: &str, body: &[u8]) {
+    let confirm = ch
+        .basic_publish(
+            "".into(),
+            queue.into(),
+            lapin::options::BasicPublishOptions::default(),
+            body,
+            lapin::BasicProperties::default().with_delivery_mode(2),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(confirm.is_ack(), "{confirm:?}");
+}
+
 /// A no-ack consumer (tag `c`) on `queue`.
 pub async fn consume_no_ack(ch: &lapin::Channel, queue: &str) -> lapin::Consumer {
     consume_no_ack_as(ch, queue, "c").await

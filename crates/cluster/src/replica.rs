@@ -253,6 +253,16 @@ impl Replicated {
         })
     }
 
+    /// The last entry this node's replica knows committed: its saved
+    /// committed mark, and at least what it applied (applied entries are
+    /// committed: a floor until a mark is saved).
+    fn commit_index(&self, replicas: &Replicas, last_applied: u64) -> u64 {
+        GroupLog::<QueueTypes>::new(replicas.wal.clone(), self.id)
+            .committed_index()
+            .unwrap_or(0)
+            .max(last_applied)
+    }
+
     /// This node's replica as a row of `quorum_status` (`None` unless
     /// this node runs one): its Raft state, its log's last index, the last
     /// it knows committed, its snapshot's, its term.
@@ -267,15 +277,12 @@ impl Replicated {
             ServerState::Learner => "learner",
             ServerState::Shutdown => "noproc",
         };
-        let commit_index = GroupLog::<QueueTypes>::new(replicas.wal.clone(), self.id)
-            .committed_index()
-            // Applied entries are committed: a floor until a mark is saved.
-            .max(m.last_applied.map(|id| id.index));
+        let commit_index = self.commit_index(replicas, m.last_applied.map_or(0, |id| id.index));
         Some(server::peers::QuorumMember {
             node: replicas.me.name.clone(),
             raft_state: raft_state.to_owned(),
             log_index: Some(m.last_log_index.unwrap_or(0)),
-            commit_index: Some(commit_index.unwrap_or(0)),
+            commit_index: Some(commit_index),
             snapshot_index: Some(m.snapshot.map_or(0, |id| id.index)),
             term: Some(m.current_term),
             machine_version: Some(crate::queue_group::MACHINE_VERSION),
@@ -289,10 +296,7 @@ impl Replicated {
         let metrics = local.raft.metrics();
         let m = metrics.borrow();
         let last_applied = m.last_applied.map_or(0, |id| id.index);
-        let commit_index = GroupLog::<QueueTypes>::new(replicas.wal.clone(), self.id)
-            .committed_index()
-            .unwrap_or(0)
-            .max(last_applied);
+        let commit_index = self.commit_index(replicas, last_applied);
         Some(server::peers::RaftMetrics {
             vhost: self.vhost.clone(),
             queue: self.name.to_string(),

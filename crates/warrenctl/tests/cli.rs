@@ -790,19 +790,7 @@ async fn quorum_status_shows_each_member_a_stopped_one_as_noproc_and_its_catchin
         let ch = ch.clone();
         async move {
             for _ in 0..n {
-                let confirm = ch
-                    .basic_publish(
-                        "".into(),
-                        "qs".into(),
-                        lapin::options::BasicPublishOptions::default(),
-                        b"m",
-                        lapin::BasicProperties::default().with_delivery_mode(2),
-                    )
-                    .await
-                    .unwrap()
-                    .await
-                    .unwrap();
-                assert!(confirm.is_ack(), "{confirm:?}");
+                warren_tests::publish_acked(&ch, "qs", b"m").await;
             }
         }
     };
